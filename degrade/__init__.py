@@ -1,0 +1,61 @@
+"""degrade: the DASR degradation space as a library (spec: shared/spec/degradation.md).
+
+Sample, then apply::
+
+    rng = np.random.default_rng(0)
+    params = degrade.sample_params(2, rng)   # every random choice, recorded
+    lr = degrade.apply(hr, params)           # deterministic given the record
+    v = degrade.encode(params)               # (33,) float32, layout "dasr33-v1"
+    replay = degrade.decode(v)               # a record again, for any image
+
+Importing this package does not import torch.
+"""
+
+from degrade.io import read_image, write_image
+from degrade.kernels import gaussian_kernel, sinc_kernel
+from degrade.params import (
+    BlurParams,
+    DegradationParams,
+    FinalParams,
+    JpegParams,
+    NoiseParams,
+    ResizeParams,
+    SincParams,
+    sample_params,
+)
+from degrade.pipeline import SCALE, apply
+from degrade.recipe import LEVELS, MIX_PROBS, FinalRecipe, LevelRecipe, StageRecipe, parse_level
+from degrade.samples import sample_images
+from degrade.vector import VECTOR_FIELDS, VECTOR_LAYOUT, VECTOR_LENGTH, VectorField, decode, encode
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LEVELS",
+    "MIX_PROBS",
+    "SCALE",
+    "VECTOR_FIELDS",
+    "VECTOR_LAYOUT",
+    "VECTOR_LENGTH",
+    "BlurParams",
+    "DegradationParams",
+    "FinalParams",
+    "FinalRecipe",
+    "JpegParams",
+    "LevelRecipe",
+    "NoiseParams",
+    "ResizeParams",
+    "SincParams",
+    "StageRecipe",
+    "VectorField",
+    "apply",
+    "decode",
+    "encode",
+    "gaussian_kernel",
+    "parse_level",
+    "read_image",
+    "sample_images",
+    "sample_params",
+    "sinc_kernel",
+    "write_image",
+]

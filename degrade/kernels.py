@@ -1,0 +1,56 @@
+"""Blur kernels, exactly the formulas of spec section 5.1.
+
+Both return ``(size, size)`` float64 arrays that sum to 1, to be applied by correlation
+(:func:`degrade.ops.blur`). Row index is y (down), column index is x (right).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.special import j1
+
+
+def _grid(size: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"kernel size must be a positive odd integer, got {size}")
+    r = (size - 1) / 2
+    axis = np.arange(-r, r + 1, dtype=np.float64)
+    x, y = np.meshgrid(axis, axis)  # x: column offset, y: row offset
+    return x, y
+
+
+def gaussian_kernel(size: int, sigma_x: float, sigma_y: float, theta: float) -> NDArray[np.float64]:
+    """Anisotropic Gaussian: K(x, y) ~ exp(-1/2 [x y] S^-1 [x y]^T), S = R diag(sx^2, sy^2) R^T.
+
+    R is the rotation by `theta` (radians), so `sigma_x` lies along the direction at angle theta
+    from the x axis (towards +y, i.e. downwards in image rows). Sigmas are in pixels and must be > 0.
+    """
+    if not (sigma_x > 0 and sigma_y > 0):
+        raise ValueError(f"Gaussian sigmas must be > 0, got {sigma_x}, {sigma_y}")
+    x, y = _grid(size)
+    c, s = math.cos(theta), math.sin(theta)
+    # S^-1 = R diag(1/sx^2, 1/sy^2) R^T, written out to avoid a matrix inverse.
+    a, b = 1.0 / sigma_x**2, 1.0 / sigma_y**2
+    inv_xx = c * c * a + s * s * b
+    inv_xy = c * s * (a - b)
+    inv_yy = s * s * a + c * c * b
+    k = np.exp(-0.5 * (inv_xx * x * x + 2.0 * inv_xy * x * y + inv_yy * y * y))
+    return k / k.sum()
+
+
+def sinc_kernel(size: int, omega_c: float) -> NDArray[np.float64]:
+    """Circular low-pass: h(r) = omega_c J1(omega_c r) / (2 pi r), centre omega_c^2 / (4 pi).
+
+    `omega_c` is the cut-off in radians per pixel, in (0, pi].
+    """
+    if not 0 < omega_c <= math.pi:
+        raise ValueError(f"sinc cut-off omega_c must be in (0, pi], got {omega_c}")
+    x, y = _grid(size)
+    r = np.hypot(x, y)
+    centre = r == 0
+    r_safe = np.where(centre, 1.0, r)
+    k = np.where(centre, omega_c**2 / (4 * math.pi), omega_c * j1(omega_c * r_safe) / (2 * math.pi * r_safe))
+    return k / k.sum()

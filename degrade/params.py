@@ -1,0 +1,394 @@
+"""The per-sample record of what the pipeline did, and how it is drawn from a level recipe.
+
+"Sample, then apply": every random choice happens in :func:`sample_params`; :func:`degrade.apply`
+is deterministic given the record. Records are frozen dataclasses with a JSON round trip.
+
+Absent steps are ``None``. Kernels are stored canonically (spec 5.3): sigma_x >= sigma_y,
+theta in [0, pi), isotropic kernels with theta = 0. A resize that keeps the size (s = 1, stage 1)
+is the identity and is stored as absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from degrade.kernels import gaussian_kernel, sinc_kernel
+from degrade.recipe import (
+    FINAL_ORDERS,
+    LEVELS,
+    MIX_PROBS,
+    NOISE_TYPES,
+    RESIZE_MODES,
+    FinalOrder,
+    LevelChoice,
+    LevelRecipe,
+    NoiseType,
+    ResizeMode,
+    StageRecipe,
+)
+
+SEED_LIMIT = 2**53  # noise seeds stay exact in JSON readers that hold numbers as doubles
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlurParams:
+    """Gaussian blur kernel of spec 5.1: odd `size`, sigmas in pixels, `theta` in radians."""
+
+    size: int
+    sigma_x: float
+    sigma_y: float
+    theta: float
+
+    @classmethod
+    def canonical(cls, *, size: int, sigma_x: float, sigma_y: float, theta: float) -> BlurParams:
+        """The same kernel written canonically: sigma_x >= sigma_y, theta in [0, pi) (spec 5.3)."""
+        if sigma_x < sigma_y:
+            sigma_x, sigma_y, theta = sigma_y, sigma_x, theta + math.pi / 2
+        theta = math.fmod(theta, math.pi)
+        if theta < 0:
+            theta += math.pi
+        if theta >= math.pi:  # fmod of a value just below a multiple of pi can round up to pi
+            theta = 0.0
+        if sigma_x == sigma_y:
+            theta = 0.0
+        return cls(size=int(size), sigma_x=float(sigma_x), sigma_y=float(sigma_y), theta=float(theta))
+
+    @property
+    def isotropic(self) -> bool:
+        return self.sigma_x == self.sigma_y
+
+    def kernel(self) -> NDArray[np.float64]:
+        return gaussian_kernel(self.size, self.sigma_x, self.sigma_y, self.theta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SincParams:
+    """Circular low-pass of spec 5.1: odd `size`, cut-off `omega_c` in radians per pixel."""
+
+    size: int
+    omega_c: float
+
+    def kernel(self) -> NDArray[np.float64]:
+        return sinc_kernel(self.size, self.omega_c)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResizeParams:
+    """Resize by `scale` (stage 1: relative to the current size; stage 2: relative to P/4)."""
+
+    scale: float
+    mode: ResizeMode
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoiseParams:
+    """Additive noise. `strength` is the Gaussian sigma in 0-255 units, or the Poisson scale.
+
+    `seed` seeds the generator of this step's pixel field, so the record reproduces the pixels.
+    """
+
+    type: NoiseType
+    strength: float
+    gray: bool
+    seed: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class JpegParams:
+    """JPEG at the integer `quality` actually used by the codec."""
+
+    quality: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinalParams:
+    """The last resize to (P/4, P/4) with `mode`; `order` is "A"/"B" for level 3, None otherwise."""
+
+    order: FinalOrder | None
+    mode: ResizeMode
+
+
+_STEP_TYPES: dict[str, type] = {
+    "blur1": BlurParams,
+    "blur2": BlurParams,
+    "sinc": SincParams,
+    "resize1": ResizeParams,
+    "resize2": ResizeParams,
+    "noise1": NoiseParams,
+    "noise2": NoiseParams,
+    "jpeg1": JpegParams,
+    "jpeg2": JpegParams,
+    "final": FinalParams,
+}
+_TWO_STAGE_ONLY = ("blur2", "resize2", "noise2", "sinc", "jpeg2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DegradationParams:
+    """Everything one sample's pipeline used (spec section 4). Steps that did not happen are None.
+
+    `level` is the level the record was drawn at (None for a record decoded from a vector, which
+    does not say). One-stage pipelines (levels 1-2) have `final.order` None and no stage-2 steps.
+    """
+
+    level: int | None
+    blur1: BlurParams | None
+    resize1: ResizeParams | None
+    noise1: NoiseParams | None
+    jpeg1: JpegParams | None
+    final: FinalParams
+    blur2: BlurParams | None = None
+    resize2: ResizeParams | None = None
+    noise2: NoiseParams | None = None
+    sinc: SincParams | None = None
+    jpeg2: JpegParams | None = None
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def two_stage(self) -> bool:
+        return self.final.order is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DegradationParams:
+        """Strict inverse of :meth:`to_dict`: unknown or missing keys and bad values raise ValueError."""
+        if not isinstance(data, Mapping):
+            raise ValueError("a parameter record must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown keys in parameter record: {sorted(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for name in known:
+            if name not in data:
+                if name in _TWO_STAGE_ONLY:
+                    continue
+                raise ValueError(f"parameter record lacks {name!r}")
+            value = data[name]
+            if name == "level":
+                kwargs[name] = None if value is None else int(value)
+            else:
+                kwargs[name] = None if value is None else _step_from_dict(name, value)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> DegradationParams:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON: {exc.msg} (line {exc.lineno})") from None
+        return cls.from_dict(data)
+
+
+def _step_from_dict(name: str, value: Any) -> Any:
+    step_type = _STEP_TYPES[name]
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name}: expected an object, got {type(value).__name__}")
+    expected = {f.name: f for f in fields(step_type)}
+    if set(value) != set(expected):
+        raise ValueError(f"{name}: expected keys {sorted(expected)}, got {sorted(value)}")
+    kwargs = {}
+    for key, raw in value.items():
+        annotation = str(expected[key].type)
+        try:
+            if annotation == "int":
+                if isinstance(raw, bool) or float(raw) != int(raw):
+                    raise ValueError
+                kwargs[key] = int(raw)
+            elif annotation == "float":
+                if isinstance(raw, bool):
+                    raise ValueError
+                kwargs[key] = float(raw)
+            elif annotation == "bool":
+                if not isinstance(raw, bool):
+                    raise ValueError
+                kwargs[key] = raw
+            else:  # Literal choices, checked by _validate
+                kwargs[key] = raw
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}.{key}: bad value {raw!r} (expected {annotation})") from None
+    return step_type(**kwargs)
+
+
+def _validate(p: DegradationParams) -> None:
+    """Structural checks that make a record applicable; ranges of the vector layout are encode's job."""
+
+    def fail(msg: str) -> None:
+        raise ValueError(f"invalid parameter record: {msg}")
+
+    if p.level not in (None, 1, 2, 3):
+        fail(f"level must be 1, 2, 3 or null, got {p.level!r}")
+    for name, step_type in _STEP_TYPES.items():
+        step = getattr(p, name)
+        if step is not None and not isinstance(step, step_type):
+            fail(f"{name} must be a {step_type.__name__} or None")
+    for name in ("blur1", "blur2"):
+        b = getattr(p, name)
+        if b is None:
+            continue
+        if b.size < 3 or b.size % 2 == 0:
+            fail(f"{name}.size must be odd and >= 3, got {b.size}")
+        if not (b.sigma_x >= b.sigma_y > 0):
+            fail(f"{name} sigmas must satisfy sigma_x >= sigma_y > 0, got {b.sigma_x}, {b.sigma_y}")
+        if not 0 <= b.theta < math.pi:
+            fail(f"{name}.theta must be in [0, pi), got {b.theta}")
+    if p.sinc is not None:
+        if p.sinc.size < 3 or p.sinc.size % 2 == 0:
+            fail(f"sinc.size must be odd and >= 3, got {p.sinc.size}")
+        if not 0 < p.sinc.omega_c <= math.pi:
+            fail(f"sinc.omega_c must be in (0, pi], got {p.sinc.omega_c}")
+    for name in ("resize1", "resize2"):
+        r = getattr(p, name)
+        if r is not None:
+            if not (math.isfinite(r.scale) and r.scale > 0):
+                fail(f"{name}.scale must be > 0, got {r.scale}")
+            if r.mode not in RESIZE_MODES:
+                fail(f"{name}.mode must be one of {RESIZE_MODES}, got {r.mode!r}")
+    for name in ("noise1", "noise2"):
+        n = getattr(p, name)
+        if n is not None:
+            if n.type not in NOISE_TYPES:
+                fail(f"{name}.type must be one of {NOISE_TYPES}, got {n.type!r}")
+            if not (math.isfinite(n.strength) and n.strength >= 0):
+                fail(f"{name}.strength must be >= 0, got {n.strength}")
+            if not 0 <= n.seed:
+                fail(f"{name}.seed must be >= 0, got {n.seed}")
+    for name in ("jpeg1", "jpeg2"):
+        j = getattr(p, name)
+        if j is not None and not 1 <= j.quality <= 100:
+            fail(f"{name}.quality must be an integer in [1, 100], got {j.quality}")
+    if p.final.mode not in RESIZE_MODES:
+        fail(f"final.mode must be one of {RESIZE_MODES}, got {p.final.mode!r}")
+    if p.final.order not in (None, *FINAL_ORDERS):
+        fail(f"final.order must be 'A', 'B' or null, got {p.final.order!r}")
+    if p.two_stage:
+        if p.resize2 is None:
+            fail("a two-stage record (final.order set) needs resize2")
+    else:
+        present = [name for name in _TWO_STAGE_ONLY if getattr(p, name) is not None]
+        if present:
+            fail(f"a one-stage record (final.order null) cannot have {', '.join(present)}")
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+
+def _pick(options: tuple, rng: np.random.Generator):
+    return options[int(rng.integers(len(options)))]
+
+
+def _sample_blur(stage: StageRecipe, rng: np.random.Generator) -> BlurParams | None:
+    if stage.blur_prob < 1.0 and rng.random() >= stage.blur_prob:
+        return None
+    size = _pick(stage.kernel_sizes, rng)
+    lo, hi = stage.blur_sigma_range
+    if rng.random() < stage.isotropic_prob:
+        sigma = float(rng.uniform(lo, hi))
+        return BlurParams.canonical(size=size, sigma_x=sigma, sigma_y=sigma, theta=0.0)
+    sigma_x, sigma_y = (float(s) for s in rng.uniform(lo, hi, size=2))
+    theta = float(rng.uniform(0.0, math.pi))
+    return BlurParams.canonical(size=size, sigma_x=sigma_x, sigma_y=sigma_y, theta=theta)
+
+
+def _sample_scale(stage: StageRecipe, rng: np.random.Generator) -> float:
+    up, down, _keep = stage.resize_probs
+    u = rng.random()
+    lo, hi = stage.resize_range
+    if u < up:
+        return float(rng.uniform(1.0, hi))
+    if u < up + down:
+        return float(rng.uniform(lo, 1.0))
+    return 1.0
+
+
+def _sample_noise(stage: StageRecipe, rng: np.random.Generator) -> NoiseParams:
+    if rng.random() < stage.gaussian_noise_prob:
+        noise_type: NoiseType = "gaussian"
+        strength = float(rng.uniform(*stage.gaussian_sigma_range))
+    else:
+        noise_type = "poisson"
+        strength = float(rng.uniform(*stage.poisson_scale_range))
+    gray = bool(rng.random() < stage.gray_noise_prob)
+    seed = int(rng.integers(SEED_LIMIT))
+    return NoiseParams(type=noise_type, strength=strength, gray=gray, seed=seed)
+
+
+def _sample_jpeg(quality_range: tuple[float, float], rng: np.random.Generator) -> JpegParams:
+    # Continuous quality as in DASR, rounded to the integer the codec uses (spec 5.2).
+    return JpegParams(quality=round(float(rng.uniform(*quality_range))))
+
+
+def draw_level(level: LevelChoice, rng: np.random.Generator) -> int:
+    """Resolve "mix" to 1/2/3 with the probabilities of spec section 2; pass 1/2/3 through."""
+    if level == "mix":
+        u = rng.random()
+        cumulative = 0.0
+        for candidate, prob in MIX_PROBS.items():
+            cumulative += prob
+            if u < cumulative:
+                return candidate
+        return max(MIX_PROBS)
+    if level not in (1, 2, 3):
+        raise ValueError(f"unknown level {level!r}: expected 1, 2, 3 or 'mix'")
+    return int(level)
+
+
+def sample_params(
+    level: LevelChoice, rng: np.random.Generator, *, recipes: Mapping[int, LevelRecipe] = LEVELS
+) -> DegradationParams:
+    """Draw one sample's record at `level` (1, 2, 3 or "mix") from `rng` (spec sections 2-4)."""
+    from degrade.vector import check_recipe  # the layout must be able to encode what we draw
+
+    lv = draw_level(level, rng)
+    recipe = recipes[lv]
+    check_recipe(recipe)
+    s1 = recipe.stage1
+    blur1 = _sample_blur(s1, rng)
+    scale1 = _sample_scale(s1, rng)
+    resize1 = None if scale1 == 1.0 else ResizeParams(scale=scale1, mode=_pick(s1.resize_modes, rng))
+    noise1 = _sample_noise(s1, rng)
+    if s1.jpeg_range is None:
+        raise ValueError(f"level {lv}: stage 1 needs a jpeg_range")
+    jpeg1 = _sample_jpeg(s1.jpeg_range, rng)
+    if recipe.stage2 is None or recipe.final is None:
+        final = FinalParams(order=None, mode=_pick(recipe.final_modes, rng))
+        return DegradationParams(level=lv, blur1=blur1, resize1=resize1, noise1=noise1, jpeg1=jpeg1, final=final)
+
+    s2, fin = recipe.stage2, recipe.final
+    blur2 = _sample_blur(s2, rng)
+    # Stage 2 resizes to round(P/4 * s2): a real resize even when s2 = 1, so it always has a mode.
+    resize2 = ResizeParams(scale=_sample_scale(s2, rng), mode=_pick(s2.resize_modes, rng))
+    noise2 = _sample_noise(s2, rng)
+    sinc = None
+    if rng.random() < fin.sinc_prob:
+        sinc = SincParams(size=_pick(fin.sinc_sizes, rng), omega_c=float(rng.uniform(*fin.omega_c_range)))
+    order: FinalOrder = "A" if rng.random() < fin.order_a_prob else "B"
+    jpeg2 = _sample_jpeg(fin.jpeg_range, rng)
+    final = FinalParams(order=order, mode=_pick(recipe.final_modes, rng))
+    return DegradationParams(
+        level=lv,
+        blur1=blur1,
+        resize1=resize1,
+        noise1=noise1,
+        jpeg1=jpeg1,
+        final=final,
+        blur2=blur2,
+        resize2=resize2,
+        noise2=noise2,
+        sinc=sinc,
+        jpeg2=jpeg2,
+    )

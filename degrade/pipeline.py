@@ -1,0 +1,79 @@
+"""Apply a record to an HR image: the deterministic half of "sample, then apply" (spec section 4)."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from degrade import ops
+from degrade.params import DegradationParams, NoiseParams
+
+SCALE = 4  # HR P x P -> LR P/4 x P/4 (spec section 1)
+MIN_HR_SIDE = 32  # smallest HR side accepted (LR 8 px): smaller images carry no usable patch
+
+
+def _noise(img: ops.Image, noise: NoiseParams | None) -> ops.Image:
+    if noise is None:
+        return img
+    rng = np.random.default_rng(noise.seed)
+    if noise.type == "gaussian":
+        img = ops.add_gaussian_noise(img, noise.strength, gray=noise.gray, rng=rng)
+    else:
+        img = ops.add_poisson_noise(img, noise.strength, gray=noise.gray, rng=rng)
+    return ops.clamp(img)
+
+
+def check_hr(hr: NDArray) -> None:
+    """Raise ValueError unless `hr` is an (H, W, 3) float32 image with H, W multiples of 4, >= 32."""
+    if not isinstance(hr, np.ndarray) or hr.ndim != 3 or hr.shape[2] != 3:
+        raise ValueError(f"HR image must be an (H, W, 3) array, got shape {getattr(hr, 'shape', None)}")
+    if hr.dtype != np.float32:
+        raise ValueError(f"HR image must be float32 in [0, 1], got {hr.dtype}")
+    h, w = hr.shape[:2]
+    if h % SCALE or w % SCALE:
+        raise ValueError(f"HR size {w}x{h} is not a multiple of {SCALE}; crop it first")
+    if min(h, w) < MIN_HR_SIDE:
+        raise ValueError(f"HR size {w}x{h} is too small: both sides must be >= {MIN_HR_SIDE}")
+
+
+def apply(hr: NDArray[np.float32], params: DegradationParams) -> NDArray[np.float32]:
+    """Degrade `hr` (H, W, 3) float32 in [0, 1], H and W multiples of 4, as `params` says.
+
+    Returns the LR image (H/4, W/4, 3) float32 in [0, 1], rounded to 8-bit levels. Deterministic:
+    the record alone (noise seeds included) reproduces the output. `hr` is not modified.
+    """
+    check_hr(hr)
+    h, w = hr.shape[:2]
+    target = (h // SCALE, w // SCALE)
+
+    x = hr
+    if params.blur1 is not None:
+        x = ops.blur(x, params.blur1.kernel())
+    if params.resize1 is not None:
+        x = ops.resize(x, ops.scaled_size(x.shape, params.resize1.scale), mode=params.resize1.mode)
+    x = _noise(x, params.noise1)
+    if params.jpeg1 is not None:
+        x = ops.jpeg(x, params.jpeg1.quality)  # clamps before encoding
+
+    if not params.two_stage:
+        x = ops.resize(x, target, mode=params.final.mode)
+        return ops.quantise(x)
+
+    # Stage 2 (level 3): blur -> resize to round(P/4 * s2) -> noise.
+    if params.blur2 is not None:
+        x = ops.blur(x, params.blur2.kernel())
+    assert params.resize2 is not None  # guaranteed by DegradationParams validation
+    x = ops.resize(x, ops.scaled_size(target, params.resize2.scale), mode=params.resize2.mode)
+    x = _noise(x, params.noise2)
+
+    def sinc(img: ops.Image) -> ops.Image:
+        return img if params.sinc is None else ops.blur(img, params.sinc.kernel())
+
+    def jpeg2(img: ops.Image) -> ops.Image:
+        return img if params.jpeg2 is None else ops.jpeg(img, params.jpeg2.quality)
+
+    if params.final.order == "A":  # resize -> sinc -> JPEG
+        x = jpeg2(sinc(ops.resize(x, target, mode=params.final.mode)))
+    else:  # "B": JPEG -> resize -> sinc
+        x = sinc(ops.resize(jpeg2(x), target, mode=params.final.mode))
+    return ops.quantise(x)

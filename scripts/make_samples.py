@@ -1,0 +1,55 @@
+"""Rebuild the bundled sample photos in degrade/data/samples/ from the project's photo corpus.
+
+Run from the repository root with the shared corpus beside it (../shared/data/photos). Each photo is
+CC0-1.0 (see the corpus MANIFEST.tsv); it is downscaled with area averaging so its long side is
+512 px and saved as lossless PNG. SOURCES.tsv records origin, licence and processing per file.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+CHOSEN = {
+    "macaw.png": "gcompris-animals-scarlet_macaw.webp",
+    "giraffe.png": "gcompris-animals-giraffe.webp",
+    "kingfisher.png": "gcompris-erase-kingfisher.webp",
+    "castle.png": "gcompris-monuments-neuschwansteincastle.webp",
+    "seabed.png": "gcompris-clickgame-sea1.webp",
+    "sheep.png": "gcompris-farm-sheep.webp",
+}
+LONG_SIDE = 512
+
+
+def main(corpus: Path, out: Path) -> None:
+    with open(corpus / "MANIFEST.tsv", newline="") as f:
+        manifest = {row["file"]: row for row in csv.DictReader(f, delimiter="\t")}
+    rows = []
+    for name, source in CHOSEN.items():
+        entry = manifest[source]
+        if not entry["license"].startswith("CC0-1.0"):
+            sys.exit(f"{source}: licence is not CC0: {entry['license']}")
+        img = cv2.imdecode(np.fromfile(corpus / source, np.uint8), cv2.IMREAD_COLOR)
+        h, w = img.shape[:2]
+        f = LONG_SIDE / max(h, w)
+        size = (round(w * f), round(h * f))
+        small = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+        ok, buf = cv2.imencode(".png", small, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        assert ok
+        buf.tofile(out / name)
+        rows.append([name, f"{size[0]}x{size[1]}", entry["license"],
+                     f"{source} from Debian package {entry['source_package']} {entry['source_version']} "
+                     f"({entry['original_path']}); {entry['processing']}; then area-downscaled to long "
+                     f"side {LONG_SIDE}, PNG"])
+    with open(out / "SOURCES.tsv", "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["file", "size", "license", "origin"])
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main(Path("../shared/data/photos"), Path("degrade/data/samples"))
