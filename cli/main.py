@@ -19,6 +19,7 @@ from rich.table import Table
 import degrade
 from degrade.io import ImageError, crop_to_multiple, write_bytes_atomic
 from degrade.pipeline import MIN_HR_SIDE
+from degrade.recipe import describe_levels
 
 console = Console()
 err_console = Console(stderr=True)
@@ -55,43 +56,15 @@ def main() -> None:
 @main.command()
 def levels() -> None:
     """Print the degradation space: the level recipes of spec section 3, from the code."""
-    for recipe in degrade.LEVELS.values():
-        table = Table(title=f"level {recipe.level} ({recipe.name})", title_justify="left")
-        table.add_column("parameter")
-        stages = [("stage 1", recipe.stage1)] + ([("stage 2", recipe.stage2)] if recipe.stage2 else [])
-        for label, _ in stages:
-            table.add_column(label)
-        rows: list[tuple[str, object]] = [
-            ("blur applied (prob)", lambda s: f"{s.blur_prob:g}"),
-            ("kernel sizes", lambda s: f"{min(s.kernel_sizes)}..{max(s.kernel_sizes)} (odd)"),
-            ("isotropic prob", lambda s: f"{s.isotropic_prob:g}"),
-            ("blur sigma (px)", lambda s: "U[{:g}, {:g}]".format(*s.blur_sigma_range)),
-            ("resize up / down / keep", lambda s: " / ".join(f"{p:g}" for p in s.resize_probs)),
-            ("resize scale", lambda s: "[{:g}, {:g}]".format(*s.resize_range)),
-            ("resize modes", lambda s: ", ".join(s.resize_modes)),
-            ("Gaussian noise prob", lambda s: f"{s.gaussian_noise_prob:g} (else Poisson)"),
-            ("Gaussian sigma (/255)", lambda s: "U[{:g}, {:g}]".format(*s.gaussian_sigma_range)),
-            ("Poisson scale", lambda s: "U[{:g}, {:g}]".format(*s.poisson_scale_range)),
-            ("gray noise prob", lambda s: f"{s.gray_noise_prob:g}"),
-            ("JPEG quality", lambda s: "U[{:g}, {:g}]".format(*s.jpeg_range) if s.jpeg_range else "-"),
-        ]
-        for name, fmt in rows:
-            table.add_row(name, *(fmt(s) for _, s in stages))  # type: ignore[operator]
-        console.print(table)
-        if recipe.final is not None:
-            f = recipe.final
-            console.print(
-                f"  final block: sinc with prob {f.sinc_prob:g} (size {min(f.sinc_sizes)}..{max(f.sinc_sizes)}, "
-                f"omega_c U[{f.omega_c_range[0]:.4f}, {f.omega_c_range[1]:.4f}]), JPEG quality "
-                f"U[{f.jpeg_range[0]:g}, {f.jpeg_range[1]:g}], order A (resize-sinc-JPEG) with prob "
-                f"{f.order_a_prob:g}, else B (JPEG-resize-sinc); final resize mode: "
-                f"{', '.join(recipe.final_modes)}"
-            )
-        else:
-            console.print(f"  final resize to P/4: mode uniform over {', '.join(recipe.final_modes)}")
-        console.print()
-    mix = " / ".join(f"{p:g}" for p in degrade.MIX_PROBS.values())
-    console.print(f"level mix: levels 1 / 2 / 3 drawn per sample with probabilities {mix}")
+    header, rows, notes = describe_levels()
+    table = Table(title="degradation levels (DASR ranges)", title_justify="left")
+    for name in header:
+        table.add_column(name)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for note in notes:
+        console.print(f"- {note}", soft_wrap=True)
 
 
 @main.command()

@@ -165,30 +165,38 @@ def add_poisson_noise(img: Image, scale: float, *, gray: bool, rng: np.random.Ge
     return img + noise * np.float32(scale)
 
 
-def jpeg(img: Image, quality: int) -> Image:
-    """Baseline JPEG encode/decode with libjpeg (OpenCV) at integer `quality`, 4:2:0 chroma.
-
-    The input is clamped to [0, 1] and quantised to 8 bit (a JPEG holds 8-bit samples); the result
-    is the decoded 8-bit image as float32.
-    """
+def encode_jpeg(img: Image, quality: int) -> bytes:
+    """Baseline JPEG bytes of `img` (clamped, quantised to 8 bit) at integer `quality`, 4:2:0 chroma."""
     _check_image(img)
     q = int(quality)
     if not 1 <= q <= 100:
         raise ValueError(f"JPEG quality must be an integer in [1, 100], got {quality}")
-    bgr = np.ascontiguousarray(_quantise_8bit(img)[..., ::-1])
+    bgr = np.ascontiguousarray(_quantise_8bit(img)[..., ::-1])  # OpenCV encodes BGR
     params = [cv2.IMWRITE_JPEG_QUALITY, q, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420]
     ok, buf = cv2.imencode(".jpg", bgr, params)
     if not ok:
         raise RuntimeError("OpenCV failed to encode a JPEG")
-    out = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    return buf.tobytes()
+
+
+def jpeg(img: Image, quality: int) -> Image:
+    """JPEG round trip through libjpeg (OpenCV) at integer `quality`, 4:2:0 chroma (spec 5.2).
+
+    The input is clamped to [0, 1] and quantised to 8 bit (a JPEG holds 8-bit samples); the result
+    is the decoded 8-bit image as float32.
+    """
+    data = np.frombuffer(encode_jpeg(img, quality), dtype=np.uint8)
+    out = cv2.imdecode(data, cv2.IMREAD_COLOR)
     return out[..., ::-1].astype(np.float32) / np.float32(255)
 
 
 def clamp(img: Image) -> Image:
     """Clip to [0, 1] (spec section 4: after every noise step and before every JPEG)."""
+    _check_image(img)
     return np.clip(img, 0.0, 1.0)
 
 
 def quantise(img: Image) -> Image:
     """Clip to [0, 1] and round to the nearest 8-bit level, staying float32 (the final LR)."""
+    _check_image(img)
     return _quantise_8bit(img).astype(np.float32) / np.float32(255)

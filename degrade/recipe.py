@@ -7,7 +7,8 @@ sample. Recipes are frozen dataclasses so they can be serialised into shard attr
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 ResizeMode = Literal["area", "bilinear", "bicubic"]
@@ -130,3 +131,62 @@ def parse_level(value: int | str) -> LevelChoice:
     if text in {"1", "2", "3"}:
         return int(text)  # type: ignore[return-value]
     raise ValueError(f"unknown level {value!r}: expected 1, 2, 3 or mix")
+
+
+def describe_levels(levels: Mapping[int, LevelRecipe] | None = None) -> tuple[list[str], list[list[str]], list[str]]:
+    """The level recipes as a table in words: (column headers, rows, notes), as in spec section 3.
+
+    Rendered as Markdown by :func:`levels_markdown` (docs) and as a rich table by `degrade levels`.
+    """
+    levels = LEVELS if levels is None else levels
+    columns: list[tuple[str, StageRecipe]] = []
+    for recipe in levels.values():
+        if recipe.stage2 is None:
+            columns.append((f"level {recipe.level}", recipe.stage1))
+        else:
+            columns += [(f"level {recipe.level} stage 1", recipe.stage1), (f"level {recipe.level} stage 2", recipe.stage2)]
+
+    def span(r: tuple[float, float]) -> str:
+        return f"U[{r[0]:g}, {r[1]:g}]"
+
+    cells: list[tuple[str, Callable[[StageRecipe], str]]] = [
+        ("blur applied", lambda s: "always" if s.blur_prob == 1 else f"with prob {s.blur_prob:g}"),
+        ("kernel size", lambda s: f"odd {min(s.kernel_sizes)}..{max(s.kernel_sizes)}"),
+        ("isotropic / anisotropic", lambda s: f"{s.isotropic_prob:g} / {1 - s.isotropic_prob:g}"),
+        ("blur sigma (each axis, px)", lambda s: span(s.blur_sigma_range)),
+        ("resize up / down / keep prob", lambda s: " / ".join(f"{p:g}" for p in s.resize_probs)),
+        ("resize scale range", lambda s: "[{:g}, {:g}]".format(*s.resize_range)),
+        ("resize mode (uniform)", lambda s: " / ".join(s.resize_modes)),
+        ("noise: Gaussian vs Poisson", lambda s: f"{s.gaussian_noise_prob:g} / {1 - s.gaussian_noise_prob:g}"),
+        ("Gaussian sigma (0-255 units)", lambda s: span(s.gaussian_sigma_range)),
+        ("Poisson scale", lambda s: span(s.poisson_scale_range)),
+        ("gray (luma-only) noise prob", lambda s: f"{s.gray_noise_prob:g}"),
+        ("JPEG quality", lambda s: span(s.jpeg_range) if s.jpeg_range else "(final block)"),
+    ]
+    header = ["parameter"] + [name for name, _ in columns]
+    rows = [[label] + [fmt(stage) for _, stage in columns] for label, fmt in cells]
+    notes = []
+    for recipe in levels.values():
+        f = recipe.final
+        if f is None:
+            notes.append(f"Level {recipe.level}: final resize to P/4 with mode uniform over {', '.join(recipe.final_modes)}.")
+        else:
+            notes.append(
+                f"Level {recipe.level} final block: sinc with prob {f.sinc_prob:g}, size odd "
+                f"{min(f.sinc_sizes)}..{max(f.sinc_sizes)}, omega_c U[{f.omega_c_range[0]:.4f}, "
+                f"{f.omega_c_range[1]:.4f}] (pi/3 to pi); JPEG quality {span(f.jpeg_range)}; order A "
+                f"(resize-sinc-JPEG) with prob {f.order_a_prob:g}, else B (JPEG-resize-sinc); final resize "
+                f"mode uniform over {', '.join(recipe.final_modes)}."
+            )
+    mix = " / ".join(f"{p:g}" for p in MIX_PROBS.values())
+    notes.append(f"Level mix: level 1 / 2 / 3 drawn per sample with probabilities {mix}.")
+    return header, rows, notes
+
+
+def levels_markdown(levels: Mapping[int, LevelRecipe] | None = None) -> str:
+    """The level recipes as Markdown (embedded in docs/degradation.md; a test keeps it in sync)."""
+    header, rows, notes = describe_levels(levels)
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [""] + [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"

@@ -55,6 +55,7 @@ class VectorField:
     unit: str = ""
     choices: tuple[str, ...] = ()
     ranges: tuple[tuple[str, float, float], ...] = ()
+    always: bool = False  # set in every record (never absent)
 
     @property
     def width(self) -> int:
@@ -127,7 +128,7 @@ VECTOR_FIELDS: tuple[VectorField, ...] = (
     VectorField("jpeg2.quality", 27, "scalar", "stage-2 JPEG quality q (level 3, final block)", 30, 100, 100),
     VectorField("final.order", 28, "onehot", "final-block order (A: resize-sinc-JPEG, B: JPEG-resize-sinc)",
                 choices=FINAL_ORDERS),
-    VectorField("final.mode", 30, "onehot", "final resize mode", choices=RESIZE_MODES),
+    VectorField("final.mode", 30, "onehot", "final resize mode", choices=RESIZE_MODES, always=True),
 )
 VECTOR_LENGTH = sum(f.width for f in VECTOR_FIELDS)
 FIELDS_BY_NAME: dict[str, VectorField] = {f.name: f for f in VECTOR_FIELDS}
@@ -248,7 +249,7 @@ def decode(v: ArrayLike, noise_seed: int = 0) -> DegradationParams:
     mode1 = choice("resize1.mode")
     resize1 = None if mode1 is None else ResizeParams(scale=value("resize1.scale"), mode=mode1)
     order = choice("final.order")
-    final = FinalParams(order=order, mode=choice("final.mode", required=True))
+    final = FinalParams(order=order, mode=choice("final.mode", required=FIELDS_BY_NAME["final.mode"].always))
     common = dict(
         level=None, blur1=blur("blur1"), resize1=resize1, noise1=noise("noise1", noise_seed),
         jpeg1=jpeg("jpeg1"), final=final,
@@ -308,7 +309,7 @@ def _encoding_text(f: VectorField) -> str:
     if f.kind == "flag":
         return "0 / 1; 0 when absent"
     if f.kind == "onehot":
-        return f"one-hot ({', '.join(f.choices)}); all 0 when absent"
+        return f"one-hot ({', '.join(f.choices)}); " + ("always set" if f.always else "all 0 when absent")
     x = f.attr
 
     def formula(lo: float, hi: float) -> str:

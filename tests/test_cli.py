@@ -1,0 +1,141 @@
+"""The `degrade` command line: every command's --help, the happy paths, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import degrade
+from cli.main import main
+
+
+@pytest.fixture()
+def run():
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+@pytest.mark.parametrize("command", [[], ["levels"], ["apply"]])
+def test_help_of_every_command(run, command):
+    result = run(*command, "--help")
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_levels_prints_the_recipes_from_code(run):
+    result = run("levels")
+    assert result.exit_code == 0
+    for recipe in degrade.LEVELS.values():
+        lo, hi = recipe.stage1.gaussian_sigma_range
+        assert f"U[{lo:g}, {hi:g}]" in result.output
+    assert "0.3 / 0.3 / 0.4" in result.output
+
+
+def test_apply_on_the_bundled_sample_and_replays(run, tmp_path):
+    out, params = tmp_path / "lr.png", tmp_path / "p.json"
+    result = run("apply", "-o", out, "--level", "3", "--seed", "7", "--params-out", params)
+    assert result.exit_code == 0, result.output
+    lr = degrade.read_image(out)
+    hr = degrade.read_image(degrade.sample_images()[0])
+    assert lr.shape == (hr.shape[0] // 4, hr.shape[1] // 4, 3)
+    record = degrade.DegradationParams.from_json(params.read_text())
+    assert record.level == 3
+
+    # Replaying the record gives the same bytes.
+    again = tmp_path / "again.png"
+    assert run("apply", "-o", again, "--params", params).exit_code == 0
+    assert again.read_bytes() == out.read_bytes()
+
+    # The printed vector replays to an image close to the original (float32 parameters, same seeds).
+    line = next(x for x in result.output.splitlines() if x.startswith("v = "))
+    v = np.array([float(x) for x in line[4:].split(",")])
+    np.testing.assert_allclose(v, degrade.encode(record), atol=1e-4)
+    vec_out = tmp_path / "vec.png"
+    result = run("apply", "-o", vec_out, "--vector", ",".join(map(str, degrade.encode(record))),
+                 "--noise-seed", str(record.noise1.seed))
+    assert result.exit_code == 0, result.output
+    assert degrade.read_image(vec_out).shape == lr.shape
+
+
+def test_same_seed_same_bytes(run, tmp_path):
+    for name in ("a.png", "b.png"):
+        assert run("apply", "-o", tmp_path / name, "--level", "mix", "--seed", "3").exit_code == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_any_size_is_cropped_to_a_multiple_of_4(run, tmp_path):
+    src = tmp_path / "odd.png"
+    cv2.imwrite(str(src), np.random.default_rng(0).integers(0, 255, (70, 130, 3), dtype=np.uint8))
+    result = run("apply", src, "-o", tmp_path / "lr.png", "--level", "1")
+    assert result.exit_code == 0, result.output
+    assert "cropped 130x70 to 128x68" in result.output
+    assert degrade.read_image(tmp_path / "lr.png").shape == (17, 32, 3)
+
+
+@pytest.mark.parametrize("kind", ["16bit", "gray", "alpha"])
+def test_converted_inputs_work(run, tmp_path, kind):
+    rng = np.random.default_rng(1)
+    array = {
+        "16bit": rng.integers(0, 65535, (64, 64, 3), dtype=np.uint16),
+        "gray": rng.integers(0, 255, (64, 64), dtype=np.uint8),
+        "alpha": rng.integers(0, 255, (64, 64, 4), dtype=np.uint8),
+    }[kind]
+    cv2.imwrite(str(tmp_path / "in.png"), array)
+    result = run("apply", tmp_path / "in.png", "-o", tmp_path / "lr.png")
+    assert result.exit_code == 0, result.output
+    assert degrade.read_image(tmp_path / "lr.png").shape == (16, 16, 3)
+
+
+def _bad_inputs(tmp_path):
+    (tmp_path / "text.png").write_text("not an image")
+    cv2.imwrite(str(tmp_path / "tiny.png"), np.zeros((16, 40, 3), np.uint8))
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "bad_record.json").write_text(json.dumps({"level": 2}))
+    out = str(tmp_path / "o.png")
+    return {
+        "missing file": (["apply", tmp_path / "nope.png", "-o", out], "no such file", 1),
+        "not an image": (["apply", tmp_path / "text.png", "-o", out], "not a readable image", 1),
+        "tiny image": (["apply", tmp_path / "tiny.png", "-o", out], "too small", 1),
+        "short vector": (["apply", "-o", out, "--vector", "0.1,0.2"], "33 values", 1),
+        "vector out of range": (["apply", "-o", out, "--vector", ",".join(["0"] * 32 + ["2"])], "outside [0, 1]", 1),
+        "vector not numbers": (["apply", "-o", out, "--vector", "a,b"], "not a number", 1),
+        "unknown level": (["apply", "-o", out, "--level", "4"], "unknown level", 2),
+        "bad json": (["apply", "-o", out, "--params", tmp_path / "bad.json"], "not valid JSON", 1),
+        "bad record": (["apply", "-o", out, "--params", tmp_path / "bad_record.json"], "lacks", 1),
+        "missing params": (["apply", "-o", out, "--params", tmp_path / "none.json"], "cannot read", 1),
+        "both replays": (["apply", "-o", out, "--params", tmp_path / "bad.json", "--vector", "0"], "not both", 2),
+        "seed with replay": (["apply", "-o", out, "--seed", "3", "--vector", "0"], "cannot be combined", 2),
+        "lossy output": (["apply", "-o", tmp_path / "o.jpg"], "lossless", 1),
+        "missing output folder": (["apply", "-o", tmp_path / "no" / "o.png"], "does not exist", 1),
+        "negative seed": (["apply", "-o", out, "--seed", "-1"], "-1", 2),
+    }
+
+
+BAD_CASES = [
+    "missing file", "not an image", "tiny image", "short vector", "vector out of range", "vector not numbers",
+    "unknown level", "bad json", "bad record", "missing params", "both replays", "seed with replay",
+    "lossy output", "missing output folder", "negative seed",
+]
+
+
+def test_bad_cases_are_all_listed(tmp_path):
+    assert sorted(_bad_inputs(tmp_path)) == sorted(BAD_CASES)
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_gives_one_clear_line_and_nonzero_exit(run, tmp_path, case):
+    args, message, code = _bad_inputs(tmp_path)[case]
+    result = run(*args)
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(error_lines) == 1
+    assert not (tmp_path / "o.png").exists()

@@ -1,0 +1,81 @@
+"""Image I/O conversions: 16-bit, gray, alpha, bad files, atomic lossless writes."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+import degrade
+from degrade.io import ImageError, crop_to_multiple, read_image, write_image
+
+
+def _write_raw(path, array) -> None:
+    assert cv2.imwrite(str(path), array)
+
+
+def test_bundled_samples_are_real_rgb_photos_with_sources():
+    paths = degrade.sample_images()
+    assert 4 <= len(paths) <= 8
+    sources = (paths[0].parent / "SOURCES.tsv").read_text().splitlines()
+    listed = {line.split("\t")[0] for line in sources[1:]}
+    assert listed == {p.name for p in paths}
+    assert all("CC0" in line for line in sources[1:])
+    for p in paths:
+        img = read_image(p)
+        assert img.ndim == 3 and min(img.shape[:2]) >= 256 and img.std() > 0.05
+
+
+def test_16bit_is_scaled_by_65535(tmp_path):
+    raw = np.array([[[0, 32768, 65535]]], np.uint16).repeat(4, 0).repeat(4, 1)  # BGR on disk
+    _write_raw(tmp_path / "deep.png", raw)
+    img = read_image(tmp_path / "deep.png")
+    np.testing.assert_allclose(img[0, 0], [1.0, 32768 / 65535, 0.0], rtol=1e-6)  # RGB
+
+
+def test_gray_becomes_rgb(tmp_path):
+    _write_raw(tmp_path / "gray.png", np.full((8, 8), 51, np.uint8))
+    img = read_image(tmp_path / "gray.png")
+    assert img.shape == (8, 8, 3)
+    np.testing.assert_allclose(img, 0.2, atol=1e-7)
+
+
+def test_alpha_is_dropped(tmp_path):
+    raw = np.zeros((8, 8, 4), np.uint8)
+    raw[..., 2] = 255  # red in BGRA
+    raw[..., 3] = 0  # fully transparent: still red, alpha is ignored
+    _write_raw(tmp_path / "alpha.png", raw)
+    img = read_image(tmp_path / "alpha.png")
+    assert img.shape == (8, 8, 3)
+    np.testing.assert_array_equal(img[0, 0], [1.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("content,message", [(None, "no such file"), (b"", "not a readable image"),
+                                             (b"hello, not an image", "not a readable image")])
+def test_bad_files_raise_image_error(tmp_path, content, message):
+    path = tmp_path / "x.png"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ImageError, match=message):
+        read_image(path)
+
+
+def test_directory_raises_image_error(tmp_path):
+    with pytest.raises(ImageError, match="directory"):
+        read_image(tmp_path)
+
+
+def test_write_read_round_trip_and_refusals(tmp_path):
+    img = np.random.default_rng(0).random((10, 12, 3)).astype(np.float32)
+    write_image(tmp_path / "out.png", img)
+    back = read_image(tmp_path / "out.png")
+    np.testing.assert_allclose(back, np.round(img * 255) / 255, atol=1e-7)
+    with pytest.raises(ImageError, match="lossless"):
+        write_image(tmp_path / "out.jpg", img)
+    with pytest.raises(ImageError, match="does not exist"):
+        write_image(tmp_path / "missing" / "out.png", img)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]  # no temp files left
+
+
+def test_crop_to_multiple():
+    assert crop_to_multiple(np.zeros((130, 70, 3)), 4).shape == (128, 68, 3)

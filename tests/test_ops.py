@@ -1,0 +1,234 @@
+"""Ops of spec 5.2: a contract over every op, then each op's own semantics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage, stats
+
+from degrade import ops
+from degrade.kernels import gaussian_kernel, sinc_kernel
+
+from .conftest import rng_for
+
+OPS = {
+    "blur_iso": lambda x: ops.blur(x, gaussian_kernel(21, 1.5, 1.5, 0.0)),
+    "blur_aniso": lambda x: ops.blur(x, gaussian_kernel(15, 2.0, 0.4, 1.0)),
+    "sinc": lambda x: ops.blur(x, sinc_kernel(13, 1.1)),
+    "resize_area": lambda x: ops.resize(x, (50, 70), mode="area"),
+    "resize_bilinear": lambda x: ops.resize(x, (150, 90), mode="bilinear"),
+    "resize_bicubic": lambda x: ops.resize(x, (33, 200), mode="bicubic"),
+    "gaussian_color": lambda x: ops.add_gaussian_noise(x, 12.0, gray=False, rng=rng_for(1)),
+    "gaussian_gray": lambda x: ops.add_gaussian_noise(x, 12.0, gray=True, rng=rng_for(1)),
+    "poisson_color": lambda x: ops.add_poisson_noise(x, 1.0, gray=False, rng=rng_for(1)),
+    "poisson_gray": lambda x: ops.add_poisson_noise(x, 1.0, gray=True, rng=rng_for(1)),
+    "jpeg": lambda x: ops.jpeg(x, 40),
+    "clamp": ops.clamp,
+    "quantise": ops.quantise,
+}
+# Ops whose output may leave [0, 1] by design: the pipeline clamps after noise (spec section 4),
+# bicubic and sinc overshoot.
+UNBOUNDED = {"resize_bicubic", "sinc", "gaussian_color", "gaussian_gray", "poisson_color", "poisson_gray"}
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_op_contract(name, hr_patch):
+    before = hr_patch.copy()
+    out = OPS[name](hr_patch)  # hr_patch is read-only: an in-place write would raise
+    np.testing.assert_array_equal(hr_patch, before)
+    assert out.dtype == np.float32 and out.ndim == 3 and out.shape[2] == 3
+    assert out is not hr_patch and not np.shares_memory(out, hr_patch)
+    assert np.all(np.isfinite(out))
+    if name.startswith("resize"):
+        assert out.shape[:2] == {"resize_area": (50, 70), "resize_bilinear": (150, 90), "resize_bicubic": (33, 200)}[name]
+    else:
+        assert out.shape == hr_patch.shape
+    if name not in UNBOUNDED:
+        assert out.min() >= 0.0 and out.max() <= 1.0
+    assert OPS[name](hr_patch).tobytes() == out.tobytes()  # deterministic, rng included
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_ops_refuse_non_float32_rgb(name):
+    for bad in (np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.float32), np.zeros((8, 8, 4), np.float32)):
+        with pytest.raises(ValueError):
+            OPS[name](bad)
+
+
+KERNELS = {
+    "iso": gaussian_kernel(21, 1.5, 1.5, 0.0),
+    "axis_aligned": gaussian_kernel(21, 2.5, 0.5, 0.0),
+    "aniso_wide": gaussian_kernel(21, 3.0, 0.2, 0.7),
+    "aniso_small": gaussian_kernel(11, 0.6, 0.2, 2.0),
+    "sinc": sinc_kernel(21, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_blur_is_correlation_with_reflect101_borders(name, hr_patch):
+    """Equals scipy's float64 correlation with mode='mirror' (= reflect-101) within 1e-6."""
+    k = KERNELS[name]
+    expected = np.stack([ndimage.correlate(hr_patch[..., c].astype(np.float64), k, mode="mirror") for c in range(3)], -1)
+    np.testing.assert_allclose(ops.blur(hr_patch, k), expected, atol=1e-6)
+
+
+def test_blur_correlates_rather_than_convolves():
+    img = np.zeros((15, 15, 3), np.float32)
+    img[7, 7] = 1.0
+    k = np.zeros((3, 3))
+    k[0, 2] = 1.0  # correlation: out[y, x] = in[y - 1, x + 1]
+    out = ops.blur(img, k)
+    assert out[8, 6, 0] == 1.0 and out.sum() == 3.0
+
+
+def test_blur_keeps_a_constant_image():
+    flat = np.full((40, 40, 3), 0.3, np.float32)
+    for k in KERNELS.values():
+        np.testing.assert_allclose(ops.blur(flat, k), 0.3, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["area", "bilinear", "bicubic"])
+def test_resize_keeps_a_constant_image_and_rounds_sizes(mode):
+    flat = np.full((64, 48, 3), 0.7, np.float32)
+    out = ops.resize(flat, ops.scaled_size(flat.shape, 0.37), mode=mode)
+    assert out.shape == (24, 18, 3)  # round(64 * 0.37) = 24, round(48 * 0.37) = 18
+    np.testing.assert_allclose(out, 0.7, atol=1e-6)
+
+
+def test_scaled_size_is_at_least_one_pixel():
+    assert ops.scaled_size((4, 4), 0.1) == (1, 1)
+    assert ops.resize(np.ones((4, 4, 3), np.float32), (1, 1), mode="bicubic").shape == (1, 1, 3)
+
+
+def test_resize_area_by_an_integer_factor_is_block_averaging(hr_patch):
+    expected = hr_patch.reshape(32, 4, 32, 4, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose(ops.resize(hr_patch, (32, 32), mode="area"), expected, atol=1e-6)
+
+
+def test_resize_rejects_unknown_mode(hr_patch):
+    with pytest.raises(ValueError, match="unknown resize mode"):
+        ops.resize(hr_patch, (10, 10), mode="nearest")  # type: ignore[arg-type]
+
+
+# --- noise: strength measured on a flat image matches its parameter ------------------------------
+
+FLAT = np.full((256, 256, 3), 0.5, np.float32)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 10.0, 30.0])
+def test_gaussian_noise_std_matches_sigma(sigma):
+    noise = (ops.add_gaussian_noise(FLAT, sigma, gray=False, rng=rng_for(3)) - 0.5) * 255
+    # 196,608 draws: the standard error of the std is 0.16 %; 2 % is > 10 standard errors.
+    assert noise.std() == pytest.approx(sigma, rel=0.02)
+    assert abs(noise.mean()) < 5 * sigma / math.sqrt(noise.size)
+    corr = np.corrcoef(noise[..., 0].ravel(), noise[..., 1].ravel())[0, 1]
+    assert abs(corr) < 0.02  # independent per channel
+
+
+def test_gray_gaussian_noise_is_one_field_for_all_channels():
+    noise = (ops.add_gaussian_noise(FLAT, 8.0, gray=True, rng=rng_for(3)) - 0.5) * 255
+    np.testing.assert_array_equal(noise[..., 0], noise[..., 1])
+    np.testing.assert_array_equal(noise[..., 0], noise[..., 2])
+    assert noise.std() == pytest.approx(8.0, rel=0.02)
+
+
+def _ramp_plus_flat(level: int) -> np.ndarray:
+    """Rows 0-3: all 256 8-bit values (so V = 256); rows 4-: flat at `level` / 255."""
+    img = np.full((516, 512, 3), level / 255, np.float32)
+    img[:4] = (np.arange(512) % 256 / 255).astype(np.float32)[None, :, None]
+    return img
+
+
+@pytest.mark.parametrize("level,scale", [(64, 1.0), (200, 2.5), (128, 0.3)])
+def test_poisson_noise_variance_matches_shot_noise(level, scale):
+    img = _ramp_plus_flat(level)
+    noise = ops.add_poisson_noise(img, scale, gray=False, rng=rng_for(4))[4:] - img[4:]
+    # Poisson(x V) / V - x with V = 256 has mean 0 and variance x / V; times the scale.
+    expected_var = level / 255 / 256 * scale**2
+    assert noise.var() == pytest.approx(expected_var, rel=0.03)  # SE of the variance ~0.3 %
+    assert abs(noise.mean()) < 5 * math.sqrt(expected_var / noise.size)
+
+
+def test_poisson_levels_follow_the_distinct_value_count():
+    # 3 distinct values -> V = 4: the noisy flat region is (k / 4 - x_q) * scale + x, k an integer.
+    img = np.full((64, 64, 3), 0.5, np.float32)
+    img[0, 0], img[0, 1] = 0.0, 1.0
+    out = ops.add_poisson_noise(img, 1.0, gray=False, rng=rng_for(5))
+    x_q = round(0.5 * 255) / 255
+    k = (out[1:] - 0.5 + x_q) * 4
+    np.testing.assert_allclose(k, np.round(k), atol=1e-4)
+    assert np.round(k).std() > 0.5
+
+
+def test_gray_poisson_noise_is_one_field_on_the_luma():
+    img = _ramp_plus_flat(100)
+    noise = ops.add_poisson_noise(img, 1.0, gray=True, rng=rng_for(6)) - img
+    np.testing.assert_allclose(noise[..., 0], noise[..., 2], atol=1e-6)
+    assert noise[4:].var() == pytest.approx(100 / 255 / 256, rel=0.03)
+
+
+@pytest.mark.parametrize("levels", [1, 8, 256])
+def test_poisson_sampler_matches_the_poisson_pmf(levels):
+    """The table sampler against scipy's pmf: chi-square over the bulk of the support."""
+    q = np.full(200_000, 77, np.uint8)
+    lam = 77 / 255 * levels
+    counts = ops._poisson_counts(q, levels, rng_for(7))
+    assert counts.mean() == pytest.approx(lam, rel=0.01, abs=0.005)
+    assert counts.var() == pytest.approx(lam, rel=0.02, abs=0.005)
+    ks = np.arange(counts.max() + 1)
+    observed = np.bincount(counts, minlength=ks.size)
+    expected = stats.poisson.pmf(ks, lam) * counts.size
+    keep = expected > 20
+    observed_kept = np.append(observed[keep], observed[~keep].sum())
+    expected_kept = np.append(expected[keep], counts.size - expected[keep].sum())
+    assert stats.chisquare(observed_kept, expected_kept).pvalue > 1e-4
+
+
+def test_poisson_of_zero_is_zero():
+    assert not ops._poisson_counts(np.zeros(1000, np.uint8), 256, rng_for(8)).any()
+
+
+# --- JPEG --------------------------------------------------------------------------------------
+
+
+def _sof_sampling(data: bytes) -> list[tuple[int, int]]:
+    """(H, V) sampling factors per component from a baseline JPEG's SOF0 segment."""
+    i = data.index(b"\xff\xc0")
+    n = data[i + 9]
+    return [(data[i + 11 + 3 * c] >> 4, data[i + 11 + 3 * c] & 15) for c in range(n)]
+
+
+def test_jpeg_is_baseline_420(hr_patch):
+    data = ops.encode_jpeg(hr_patch, 75)
+    assert data[:2] == b"\xff\xd8"
+    assert _sof_sampling(data) == [(2, 2), (1, 1), (1, 1)]  # luma 2x2, chroma 1x1: 4:2:0
+
+
+def test_jpeg_output_is_8bit_and_quality_orders_the_error(hr_patch):
+    errors = []
+    for q in (20, 60, 95):
+        out = ops.jpeg(hr_patch, q)
+        np.testing.assert_allclose(out * 255, np.round(out * 255), atol=1e-4)
+        errors.append(np.abs(out - hr_patch).mean())
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.02
+
+
+def test_jpeg_keeps_rgb_order():
+    red = np.zeros((32, 32, 3), np.float32)
+    red[..., 0] = 1.0
+    out = ops.jpeg(red, 90)
+    assert out[..., 0].mean() > 0.9 and out[..., 2].mean() < 0.1
+
+
+@pytest.mark.parametrize("q", [0, 101])
+def test_jpeg_rejects_bad_quality(q, hr_patch):
+    with pytest.raises(ValueError):
+        ops.jpeg(hr_patch, q)
+
+
+def test_quantise_rounds_to_8bit_levels_and_clips():
+    x = np.array([[[-0.2, 0.5, 1.3]]], np.float32)
+    np.testing.assert_array_equal(ops.quantise(x) * 255, [[[0, 128, 255]]])

@@ -1,0 +1,205 @@
+"""Sampling against spec section 3, canonical kernels, and the record's JSON round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import degrade
+from degrade import LEVELS, BlurParams, DegradationParams, sample_params
+
+from .conftest import rng_for
+
+N = 4000  # draws per level
+
+
+def _draws(level) -> list[DegradationParams]:
+    return [sample_params(level, rng_for(100 + (level if level != "mix" else 9), i)) for i in range(N)]
+
+
+@pytest.fixture(scope="module")
+def draws() -> dict:
+    return {level: _draws(level) for level in (1, 2, 3, "mix")}
+
+
+def assert_share(hits: int, n: int, prob: float) -> None:
+    """Observed share within 4.5 binomial standard errors of `prob` (false alarm ~1e-5 per check)."""
+    se = math.sqrt(prob * (1 - prob) / n)
+    assert abs(hits / n - prob) <= 4.5 * se + 1e-12, f"share {hits / n:.4f} vs expected {prob}"
+
+
+def in_range(x: float, lo: float, hi: float) -> bool:
+    return lo - 1e-12 <= x <= hi + 1e-12
+
+
+def check_blur(blurs: list[BlurParams | None], stage, n: int) -> None:
+    present = [b for b in blurs if b is not None]
+    assert_share(len(present), n, stage.blur_prob)
+    iso = [b for b in present if b.isotropic]
+    assert_share(len(iso), len(present), stage.isotropic_prob)
+    lo, hi = stage.blur_sigma_range
+    for b in present:
+        assert b.size in stage.kernel_sizes
+        assert in_range(b.sigma_x, lo, hi) and in_range(b.sigma_y, lo, hi)
+        assert b.sigma_x >= b.sigma_y and 0 <= b.theta < math.pi  # canonical (spec 5.3)
+    assert all(b.theta == 0.0 for b in iso)
+    for size in stage.kernel_sizes:
+        assert_share(sum(b.size == size for b in present), len(present), 1 / len(stage.kernel_sizes))
+    thetas = np.array([b.theta for b in present if not b.isotropic])
+    # theta ~ U[0, pi): mean pi/2 with SE pi / sqrt(12 n); each quarter holds 1/4.
+    assert abs(thetas.mean() - math.pi / 2) < 4.5 * math.pi / math.sqrt(12 * thetas.size)
+    for quarter in range(4):
+        assert_share(int(((thetas >= quarter * math.pi / 4) & (thetas < (quarter + 1) * math.pi / 4)).sum()),
+                     thetas.size, 0.25)
+    # Sigmas uniform: isotropic sigma mean at the middle of the range.
+    sig = np.array([b.sigma_x for b in iso])
+    assert abs(sig.mean() - (lo + hi) / 2) < 4.5 * (hi - lo) / math.sqrt(12 * sig.size)
+
+
+def check_noise(noises, stage, n: int) -> None:
+    assert all(x is not None for x in noises)
+    gauss = [x for x in noises if x.type == "gaussian"]
+    assert_share(len(gauss), n, stage.gaussian_noise_prob)
+    assert_share(sum(x.gray for x in noises), n, stage.gray_noise_prob)
+    for x in noises:
+        rng_ = stage.gaussian_sigma_range if x.type == "gaussian" else stage.poisson_scale_range
+        assert in_range(x.strength, *rng_)
+    assert len({x.seed for x in noises}) == n  # a fresh seed per step
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_stage1_matches_spec_section_3(draws, level):
+    recipe, ps = LEVELS[level], draws[level]
+    s1 = recipe.stage1
+    assert all(p.level == level for p in ps)
+    check_blur([p.blur1 for p in ps], s1, N)
+    up, down, keep = s1.resize_probs
+    scales = [p.resize1.scale if p.resize1 else 1.0 for p in ps]
+    assert_share(sum(s > 1 for s in scales), N, up)
+    assert_share(sum(s < 1 for s in scales), N, down)
+    assert_share(sum(p.resize1 is None for p in ps), N, keep)
+    assert all(in_range(s, *s1.resize_range) for s in scales)
+    modes = [p.resize1.mode for p in ps if p.resize1]
+    for mode in s1.resize_modes:
+        assert_share(modes.count(mode), len(modes), 1 / 3)
+    check_noise([p.noise1 for p in ps], s1, N)
+    qualities = [p.jpeg1.quality for p in ps]
+    lo, hi = s1.jpeg_range
+    assert min(qualities) == lo and max(qualities) == hi
+    assert all(isinstance(q, int) for q in qualities)
+    final_modes = [p.final.mode for p in ps]
+    for mode in recipe.final_modes:
+        assert_share(final_modes.count(mode), N, 1 / 3)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_one_stage_levels_have_no_stage_2(draws, level):
+    for p in draws[level]:
+        assert not p.two_stage
+        assert p.blur2 is p.resize2 is p.noise2 is p.sinc is p.jpeg2 is None
+
+
+def test_level3_stage2_and_final_block_match_spec_section_3(draws):
+    recipe, ps = LEVELS[3], draws[3]
+    s2, fin = recipe.stage2, recipe.final
+    check_blur([p.blur2 for p in ps], s2, N)
+    up, down, keep = s2.resize_probs
+    scales = [p.resize2.scale for p in ps]
+    assert_share(sum(s > 1 for s in scales), N, up)
+    assert_share(sum(s < 1 for s in scales), N, down)
+    assert_share(sum(s == 1 for s in scales), N, keep)
+    assert all(in_range(s, *s2.resize_range) for s in scales)
+    check_noise([p.noise2 for p in ps], s2, N)
+    sincs = [p.sinc for p in ps if p.sinc]
+    assert_share(len(sincs), N, fin.sinc_prob)
+    assert all(s.size in fin.sinc_sizes and in_range(s.omega_c, *fin.omega_c_range) for s in sincs)
+    assert_share(sum(p.final.order == "A" for p in ps), N, fin.order_a_prob)
+    assert all(p.final.order in ("A", "B") for p in ps)
+    q = [p.jpeg2.quality for p in ps]
+    assert min(q) == fin.jpeg_range[0] and max(q) == fin.jpeg_range[1]
+
+
+def test_mix_draws_levels_with_spec_probabilities(draws):
+    levels = [p.level for p in draws["mix"]]
+    for level, prob in degrade.MIX_PROBS.items():
+        assert_share(levels.count(level), N, prob)
+
+
+def test_same_seed_same_record_different_seed_different_record():
+    a = sample_params("mix", rng_for(5, 7))
+    assert sample_params("mix", rng_for(5, 7)) == a
+    assert sample_params("mix", rng_for(5, 8)) != a
+
+
+def test_unknown_level_is_refused():
+    with pytest.raises(ValueError, match="unknown level"):
+        sample_params(4, rng_for(0))  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        degrade.parse_level("hard")
+    assert degrade.parse_level("MIX") == "mix" and degrade.parse_level("3") == 3
+
+
+@pytest.mark.parametrize(
+    "sx,sy,theta",
+    [(0.5, 2.0, 0.3), (2.0, 0.5, -0.3), (1.0, 1.0, 2.0), (2.0, 1.0, 7.5), (0.4, 0.9, math.pi - 1e-17)],
+)
+def test_canonical_kernel_is_the_same_kernel(sx, sy, theta):
+    b = BlurParams.canonical(size=9, sigma_x=sx, sigma_y=sy, theta=theta)
+    assert b.sigma_x >= b.sigma_y and 0 <= b.theta < math.pi
+    np.testing.assert_allclose(b.kernel(), degrade.gaussian_kernel(9, sx, sy, theta), atol=1e-14)
+
+
+def test_json_round_trip_is_exact(draws):
+    for p in draws["mix"][:1000]:
+        text = p.to_json()
+        json.loads(text)
+        assert DegradationParams.from_json(text) == p
+
+
+def _record_dict() -> dict:
+    return sample_params(3, rng_for(11)).to_dict()
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda d: d.update(extra=1), "unknown keys"),
+        (lambda d: d.pop("final"), "lacks 'final'"),
+        (lambda d: d["blur1"].update(size=8), "odd"),
+        (lambda d: d["blur1"].update(size="seven"), "blur1.size"),
+        (lambda d: d["blur1"].pop("theta"), "expected keys"),
+        (lambda d: d["noise1"].update(type="salt"), "noise1.type"),
+        (lambda d: d["noise1"].update(gray=1), "noise1.gray"),
+        (lambda d: d["jpeg1"].update(quality=101), "jpeg1.quality"),
+        (lambda d: d["jpeg1"].update(quality=55.5), "jpeg1.quality"),
+        (lambda d: d["resize2"].update(scale=-1.0), "resize2.scale"),
+        (lambda d: d["final"].update(order=None), "one-stage"),
+        (lambda d: d.update(resize2=None), "needs resize2"),
+        (lambda d: d["final"].update(mode="nearest"), "final.mode"),
+        (lambda d: d.update(level=5), "level"),
+    ],
+)
+def test_from_dict_refuses_bad_records(mutate, message):
+    d = _record_dict()
+    if mutate is not None:
+        mutate(d)
+    with pytest.raises(ValueError, match=message):
+        DegradationParams.from_dict(d)
+
+
+def test_from_json_refuses_non_json_and_non_objects():
+    with pytest.raises(ValueError, match="not valid JSON"):
+        DegradationParams.from_json("{oops")
+    with pytest.raises(ValueError, match="JSON object"):
+        DegradationParams.from_json("[1, 2]")
+
+
+def test_records_are_frozen():
+    p = sample_params(1, rng_for(0))
+    with pytest.raises(AttributeError):
+        p.level = 2  # type: ignore[misc]
+    assert replace(p, level=2).level == 2

@@ -1,0 +1,222 @@
+"""The vector layout "dasr33-v1" (spec section 7): table, golden encodings, absent steps, round trips."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import degrade
+from degrade import (
+    VECTOR_FIELDS,
+    BlurParams,
+    DegradationParams,
+    FinalParams,
+    JpegParams,
+    NoiseParams,
+    ResizeParams,
+    SincParams,
+    decode,
+    encode,
+    sample_params,
+)
+from degrade.vector import check_recipe
+
+from .conftest import rng_for
+
+SPEC_FIELDS = [  # (first index, name) as listed in spec section 7
+    (0, "blur1.size"), (1, "blur1.sigma_x"), (2, "blur1.sigma_y"), (3, "blur1.theta"),
+    (4, "blur2.size"), (5, "blur2.sigma_x"), (6, "blur2.sigma_y"), (7, "blur2.theta"),
+    (8, "sinc.size"), (9, "sinc.omega_c"), (10, "resize1.scale"), (11, "resize1.mode"),
+    (14, "resize2.scale"), (15, "resize2.mode"), (18, "noise1.strength"), (19, "noise1.gray"),
+    (20, "noise1.type"), (22, "noise2.strength"), (23, "noise2.gray"), (24, "noise2.type"),
+    (26, "jpeg1.quality"), (27, "jpeg2.quality"), (28, "final.order"), (30, "final.mode"),
+]
+RESIZE_AT_1 = (1 - 0.15) / 1.35  # 0.6296...
+
+
+def test_layout_matches_the_spec_table():
+    assert [(f.index, f.name) for f in VECTOR_FIELDS] == SPEC_FIELDS
+    assert degrade.VECTOR_LENGTH == 33 and degrade.VECTOR_LAYOUT == "dasr33-v1"
+    assert sum(f.width for f in VECTOR_FIELDS) == 33
+
+
+@pytest.fixture(scope="module")
+def records() -> list[DegradationParams]:
+    return [sample_params(level, rng_for(200, i)) for i in range(1000) for level in (1, 2, 3)]
+
+
+def test_every_entry_is_in_unit_interval(records):
+    vs = np.stack([encode(p) for p in records])
+    assert vs.dtype == np.float32 and vs.shape == (len(records), 33)
+    assert vs.min() >= 0.0 and vs.max() <= 1.0
+
+
+def _golden_record() -> DegradationParams:
+    return DegradationParams(
+        level=3,
+        blur1=BlurParams(size=21, sigma_x=3.0, sigma_y=1.5, theta=math.pi / 2),
+        resize1=ResizeParams(scale=0.825, mode="bilinear"),
+        noise1=NoiseParams(type="gaussian", strength=15.0, gray=True, seed=1),
+        jpeg1=JpegParams(quality=65),
+        final=FinalParams(order="B", mode="area"),
+        blur2=BlurParams(size=11, sigma_x=0.6, sigma_y=0.3, theta=0.0),
+        resize2=ResizeParams(scale=1.5, mode="bicubic"),
+        noise2=NoiseParams(type="poisson", strength=0.75, gray=False, seed=2),
+        sinc=SincParams(size=7, omega_c=2 * math.pi / 3),
+        jpeg2=JpegParams(quality=30),
+    )
+
+
+def test_golden_encoding():
+    expected = [
+        1.0, 1.0, 0.5, 0.5,          # blur1: (21-1)/20, 3/3, 1.5/3, (pi/2)/pi
+        0.5, 0.2, 0.1, 0.0,          # blur2: (11-1)/20, 0.6/3, 0.3/3, 0
+        0.3, 0.5,                    # sinc: (7-1)/20, (2pi/3 - pi/3)/(2pi/3)
+        0.5, 0, 1, 0,                # resize1: (0.825-0.15)/1.35, bilinear
+        1.0, 0, 0, 1,                # resize2: (1.5-0.15)/1.35, bicubic
+        0.5, 1, 1, 0,                # noise1: 15/30, gray, gaussian
+        0.25, 0, 0, 1,               # noise2: 0.75/3, colour, poisson
+        0.5, 0.0,                    # jpeg: (65-30)/70, (30-30)/70
+        0, 1,                        # order B
+        1, 0, 0,                     # final mode area
+    ]
+    np.testing.assert_allclose(encode(_golden_record()), expected, atol=1e-7)
+
+
+def test_absent_steps_are_identity_values_for_one_stage_levels(records):
+    for p in records:
+        if p.level == 3:
+            continue
+        v = encode(p)
+        np.testing.assert_array_equal(v[4:8], 0)  # no blur2
+        assert v[8] == 0 and v[9] == 1  # no sinc: size 1, omega_c = pi
+        assert v[14] == pytest.approx(RESIZE_AT_1) and not v[15:18].any()
+        np.testing.assert_array_equal(v[22:26], 0)  # no noise2
+        assert v[27] == 1  # no second JPEG: quality 100
+        np.testing.assert_array_equal(v[28:30], 0)  # no final order
+        assert v[30:33].sum() == 1
+
+
+def test_absent_steps_within_level3(records):
+    seen = set()
+    for p in records:
+        v = encode(p)
+        if p.blur2 is None and p.two_stage:
+            np.testing.assert_array_equal(v[4:8], 0)
+            seen.add("blur2")
+        if p.sinc is None and p.two_stage:
+            assert v[8] == 0 and v[9] == 1
+            seen.add("sinc")
+        if p.resize1 is None:
+            assert v[10] == pytest.approx(RESIZE_AT_1) and not v[11:14].any()
+            seen.add("resize1")
+    assert seen == {"blur2", "sinc", "resize1"}
+
+
+def _assert_records_close(a: DegradationParams, b: DegradationParams) -> None:
+    """Equal up to float32 storage: same structure, integers exact, reals within 1e-6 relative."""
+    assert b.level is None and a.two_stage == b.two_stage and a.final == b.final
+    for name in ("blur1", "blur2", "sinc", "resize1", "resize2", "noise1", "noise2", "jpeg1", "jpeg2"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is None:
+            continue
+        for key, xv in vars(x).items():
+            yv = getattr(y, key)
+            if key == "seed":
+                continue
+            if key == "theta":  # theta is periodic in pi; near pi it may come back as ~0
+                d = abs(xv - yv) % math.pi
+                assert min(d, math.pi - d) < 1e-5, (name, xv, yv)
+            elif isinstance(xv, float):
+                assert yv == pytest.approx(xv, rel=1e-6, abs=1e-6), (name, key)
+            else:
+                assert yv == xv, (name, key)
+
+
+def test_encode_decode_round_trip(records):
+    for p in records:
+        v = encode(p)
+        back = decode(v)
+        _assert_records_close(p, back)
+        np.testing.assert_allclose(encode(back), v, atol=1e-6)
+
+
+def test_decode_sets_noise_seeds():
+    p = decode(encode(_golden_record()), noise_seed=41)
+    assert p.noise1.seed == 41 and p.noise2.seed == 42
+
+
+def test_replaying_a_vector_reproduces_the_image(hr_patch):
+    """apply(decode(encode(p))) equals apply(p) with the same noise seeds, up to float32 parameter rounding."""
+    for i in range(12):
+        p = sample_params("mix", rng_for(300, i))
+        q = decode(encode(p), noise_seed=p.noise1.seed)
+        if p.noise2 is not None:
+            p = replace(p, noise2=replace(p.noise2, seed=q.noise2.seed))
+        a, b = degrade.apply(hr_patch, p), degrade.apply(hr_patch, q)
+        assert np.mean(a == b) > 0.98 and np.abs(a - b).max() <= 3 / 255 + 1e-6
+
+
+def test_encode_refuses_values_outside_the_layout():
+    p = _golden_record()
+    for bad in (
+        replace(p, blur1=BlurParams(size=21, sigma_x=3.5, sigma_y=1.0, theta=0.0)),
+        replace(p, blur1=BlurParams(size=23, sigma_x=1.0, sigma_y=1.0, theta=0.0)),
+        replace(p, noise1=replace(p.noise1, strength=31.0)),
+        replace(p, noise2=replace(p.noise2, strength=3.5)),
+        replace(p, jpeg1=JpegParams(quality=20)),
+        replace(p, resize1=ResizeParams(scale=0.1, mode="area")),
+    ):
+        with pytest.raises(ValueError, match="outside the dasr33-v1 range"):
+            encode(bad)
+
+
+def test_check_recipe_refuses_ranges_beyond_the_layout():
+    lv = degrade.LEVELS[2]
+    with pytest.raises(ValueError, match="blur1.sigma_x"):
+        check_recipe(replace(lv, stage1=replace(lv.stage1, blur_sigma_range=(0.2, 4.0))))
+    with pytest.raises(ValueError, match="noise1.strength"):
+        check_recipe(replace(lv, stage1=replace(lv.stage1, poisson_scale_range=(0.05, 5.0))))
+    with pytest.raises(ValueError, match="jpeg1.quality"):
+        check_recipe(replace(lv, stage1=replace(lv.stage1, jpeg_range=(10.0, 95.0))))
+    wide = replace(lv, stage1=replace(lv.stage1, resize_range=(0.1, 1.2)))
+    with pytest.raises(ValueError, match="resize1.scale"):
+        sample_params(2, rng_for(0), recipes={2: wide})
+    for recipe in degrade.LEVELS.values():
+        check_recipe(recipe)
+
+
+@pytest.mark.parametrize(
+    "v,message",
+    [
+        (np.zeros(32), "33 values"),
+        (np.zeros(34), "33 values"),
+        (np.full(33, np.nan), "NaN"),
+        (np.r_[np.zeros(18), 1.5, np.zeros(14)], r"entry 18 \(noise1.strength\)"),
+        (np.r_[-0.1, np.zeros(32)], "outside"),
+    ],
+)
+def test_decode_refuses_bad_vectors(v, message):
+    with pytest.raises(ValueError, match=message):
+        decode(v)
+
+
+def test_decode_rules_for_edited_vectors():
+    v = encode(_golden_record()).astype(np.float64)
+    v[0] = 0.42  # size 1 + 8.4 = 9.4 -> nearest odd is 9
+    assert decode(v).blur1.size == 9
+    v[0] = 0.0  # size 1 -> no blur
+    assert decode(v).blur1 is None
+    v[20:22] = [0.2, 0.7]  # soft one-hot: largest entry wins
+    assert decode(v).noise1.type == "poisson"
+    v[20:22] = [0.1, 0.2]  # sums below 0.5: no noise
+    assert decode(v).noise1 is None
+    v[27] = 1.0  # quality 100: no second JPEG
+    assert decode(v).jpeg2 is None
+    v[28:30] = 0  # no final order: one-stage, stage-2 fields ignored
+    p = decode(v)
+    assert not p.two_stage and p.blur2 is None and p.sinc is None and p.noise2 is None
