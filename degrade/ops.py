@@ -21,7 +21,8 @@ Image = NDArray[np.float32]
 # Luma weights of spec 5.2 (ITU-R BT.601), used by the gray noise variants.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
-_CV_MODES: dict[str, int] = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+_CV_MODES: dict[str, int] = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+RESIZE_MODES = ("area", *_CV_MODES)
 
 # Kernel taps below this absolute value are trimmed from the border of a kernel before filtering:
 # a full 21x21 border of such taps moves an output value by < 441e-10 ~ 4e-8, below half a float32
@@ -69,19 +70,40 @@ def scaled_size(shape: tuple[int, ...], scale: float) -> tuple[int, int]:
     return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
 
 
-def resize(img: Image, size: tuple[int, int], *, mode: ResizeMode) -> Image:
-    """Resize to `size` = (height, width) with `mode` area / bilinear / bicubic.
+def _adaptive_average(x: NDArray, out_len: int, axis: int) -> NDArray[np.float64]:
+    """Average over windows [floor(i n / m), ceil((i + 1) n / m)) along `axis` (n inputs, m outputs)."""
+    n = x.shape[axis]
+    i = np.arange(out_len)
+    start = (i * n) // out_len
+    end = -((-(i + 1) * n) // out_len)
+    csum = np.cumsum(x, axis=axis, dtype=np.float64)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (1, 0)
+    csum = np.pad(csum, pad)
+    shape = [1] * x.ndim
+    shape[axis] = out_len
+    width = (end - start).reshape(shape)
+    return (np.take(csum, end, axis=axis) - np.take(csum, start, axis=axis)) / width
 
-    OpenCV INTER_AREA / INTER_LINEAR / INTER_CUBIC (no antialiasing, half-pixel centres, bicubic
-    a = -0.75), the CPU equivalents spec 5.2 allows for PyTorch's `F.interpolate`; the measured
-    differences are in docs/degradation.md. Bicubic may overshoot [0, 1].
+
+def resize(img: Image, size: tuple[int, int], *, mode: ResizeMode) -> Image:
+    """Resize to `size` = (height, width) with `mode` area / bilinear / bicubic (spec 5.2).
+
+    Semantics of PyTorch `F.interpolate(..., align_corners=False)` without antialiasing:
+    `area` is adaptive average pooling (output pixel i averages inputs floor(i n/m) .. ceil((i+1) n/m) - 1),
+    computed here exactly; `bilinear` / `bicubic` (a = -0.75, may overshoot [0, 1]) are OpenCV
+    INTER_LINEAR / INTER_CUBIC, which equal PyTorch to float32 precision (docs/degradation.md).
     """
     _check_image(img)
-    if mode not in _CV_MODES:
-        raise ValueError(f"unknown resize mode {mode!r}: expected one of {sorted(_CV_MODES)}")
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}: expected one of {list(RESIZE_MODES)}")
     h, w = size
+    if h < 1 or w < 1:
+        raise ValueError(f"resize target must be at least 1x1, got {w}x{h}")
     if (h, w) == img.shape[:2]:
         return img.copy()
+    if mode == "area":
+        return _adaptive_average(_adaptive_average(img, h, 0), w, 1).astype(np.float32)
     out = cv2.resize(img, (w, h), interpolation=_CV_MODES[mode])
     return out.reshape(h, w, 3)  # OpenCV drops a unit axis for 1-pixel-wide results
 

@@ -232,3 +232,17 @@ def test_jpeg_rejects_bad_quality(q, hr_patch):
 def test_quantise_rounds_to_8bit_levels_and_clips():
     x = np.array([[[-0.2, 0.5, 1.3]]], np.float32)
     np.testing.assert_array_equal(ops.quantise(x) * 255, [[[0, 128, 255]]])
+
+
+@pytest.mark.parametrize("size", [(38, 38), (77, 50), (159, 128), (218, 300), (307, 128), (1, 3)])
+def test_area_resize_is_adaptive_average_pooling(size, hr_patch):
+    """PyTorch's `area`: output (i, j) averages rows floor(iH/h)..ceil((i+1)H/h)-1, likewise columns."""
+    h, w = size
+    H, W = hr_patch.shape[:2]
+    expected = np.empty((h, w, 3))
+    for i in range(h):
+        r0, r1 = (i * H) // h, -(-(i + 1) * H // h)
+        for j in range(w):
+            c0, c1 = (j * W) // w, -(-(j + 1) * W // w)
+            expected[i, j] = hr_patch[r0:r1, c0:c1].astype(np.float64).mean(axis=(0, 1))
+    np.testing.assert_allclose(ops.resize(hr_patch, size, mode="area"), expected, atol=1e-6)
