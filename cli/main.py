@@ -7,13 +7,16 @@ cause (bad files, bad options) end as one line on stderr and exit status 1 (clic
 from __future__ import annotations
 
 import json
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 import numpy as np
 from click.core import ParameterSource
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 import degrade
@@ -126,6 +129,108 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
         console.print("v = " + ",".join(f"{x:.4g}" for x in v), soft_wrap=True)
     except ValueError as exc:  # a hand-written record may lie outside the layout's ranges
         err_console.print(f"note: no vector: {exc}")
+
+
+@main.command("make-dataset")
+@click.argument("src", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("degrade-dataset"), show_default=True,
+              help="Dataset folder (created; an existing one with the same options is resumed).")
+@click.option("--level", type=LevelType(), default="2", show_default=True, help="1, 2, 3 or mix.")
+@click.option("--count", type=click.IntRange(min=1), default=256, show_default=True, help="Number of samples.")
+@click.option("--patch-size", type=click.IntRange(min=32), default=256, show_default=True,
+              help="HR patch side (multiple of 4); LR is a quarter of it.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--jobs", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default="all cores",
+              help="Worker processes (the output does not depend on it).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True, help="Samples per shard.")
+@click.option("--compression", type=click.Choice(["lzf", "gzip", "none"]), default="lzf", show_default=True,
+              help="HDF5 compression of the image datasets.")
+@click.option("--dask-scheduler", metavar="ADDRESS",
+              help="Run the workers on a Dask cluster (needs the 'dask' extra); bytes equal a local run.")
+def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, patch_size: int, seed: int,
+                         jobs: int, shard_size: int, compression: str, dask_scheduler: str | None) -> None:
+    """Degrade random HR patches of SRC images (files or folders; default: the bundled photos) into shards.
+
+    Each sample picks a source image uniformly, a patch position uniformly, and parameters at
+    --level, all from its own random stream (--seed, sample index). Writes DIR/shard-*.h5 and
+    DIR/manifest.json (docs/dataset-format.md).
+    """
+    from degrade import dataset as ds
+
+    try:
+        with _progress() as progress:
+            task = progress.add_task("scanning sources", total=None)
+            scan = ds.scan_sources(src, patch_size, lambda n, total: progress.update(task, completed=n, total=total))
+            config = ds.DatasetConfig(level=level, count=count, patch_size=patch_size, seed=seed,
+                                      shard_size=shard_size, compression=compression, source_root=scan.root,
+                                      sources=tuple(scan.sources))
+            for path, reason in scan.unreadable:
+                err_console.print(f"skipped unreadable {path}: {reason}")
+            progress.update(task, description=f"{len(scan.sources)} usable source images")
+            task = progress.add_task(f"level {level} samples", total=count)
+            with _dask_client(dask_scheduler):
+                report = ds.make_dataset(config, out, jobs=jobs, backend="dask" if dask_scheduler else None,
+                                         progress=lambda n: progress.advance(task, n))
+    except ds.DatasetError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: {out} is incomplete; run the same command again to finish it")
+        sys.exit(130)
+
+    rate = report.made / report.seconds if report.seconds > 0 else 0.0
+    levels = ", ".join(f"level {k}: {v}" for k, v in report.level_counts.items() if v)
+    console.print(f"{out}: {count} samples in {config.shard_count} shard(s), {report.bytes_on_disk / 1e6:.1f} MB on disk")
+    if report.made:
+        console.print(f"made {report.made} samples ({levels}) in {report.seconds:.1f} s, {rate:.1f} samples/s"
+                      + (f"; {report.reused_shards} shard(s) were already complete" if report.reused_shards else ""))
+    else:
+        console.print(f"nothing to do: all {report.reused_shards} shard(s) were already complete")
+    console.print(f"sources: {len(scan.sources)} used, {len(scan.too_small)} smaller than {patch_size} px skipped, "
+                  f"{len(scan.unreadable)} unreadable")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--regenerate", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Re-create this many random samples from their sources and compare bit for bit.")
+@click.option("--sources", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder holding the source images, if not where they were when the dataset was made.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Which samples to regenerate.")
+def verify(directory: Path, regenerate: int, sources: Path | None, seed: int) -> None:
+    """Check a dataset: structure, shapes, value ranges, checksums, and optionally regenerate samples."""
+    from degrade import dataset as ds
+
+    try:
+        problems = ds.verify_dataset(directory, regenerate=regenerate, seed=seed, source_root=sources)
+    except ds.DatasetError as exc:
+        raise click.ClickException(str(exc)) from None
+    if problems:
+        for line in problems:
+            err_console.print(f"problem: {line}")
+        raise click.ClickException(f"{directory}: {len(problems)} problem(s) found")
+    console.print(f"{directory}: OK" + (f" ({regenerate} samples regenerated bit for bit)" if regenerate else ""))
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=err_console)
+
+
+@contextmanager
+def _dask_client(address: str | None):
+    if address is None:
+        yield None
+        return
+    try:
+        from dask.distributed import Client
+    except ImportError:
+        raise click.ClickException("--dask-scheduler needs the dask extra: pip install 'dasr-toolkit[dask]'") from None
+    try:
+        client = Client(address, timeout="10s")
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    with client:
+        yield client
 
 
 if __name__ == "__main__":

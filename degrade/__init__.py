@@ -11,6 +11,7 @@ Sample, then apply::
 Importing this package does not import torch.
 """
 
+from degrade.dataset import Sample, ShardDataset, open_dataset
 from degrade.io import read_image, write_image
 from degrade.kernels import gaussian_kernel, sinc_kernel
 from degrade.params import (
@@ -45,6 +46,8 @@ __all__ = [
     "LevelRecipe",
     "NoiseParams",
     "ResizeParams",
+    "Sample",
+    "ShardDataset",
     "SincParams",
     "StageRecipe",
     "VectorField",
@@ -52,6 +55,7 @@ __all__ = [
     "decode",
     "encode",
     "gaussian_kernel",
+    "open_dataset",
     "parse_level",
     "read_image",
     "sample_images",

@@ -1,0 +1,691 @@
+"""Training shards: reproducible, resumable HDF5 files of (HR patch, LR patch, v, params).
+
+Format (docs/dataset-format.md is the public contract): ``DIR/shard-00000.h5, ...`` plus
+``DIR/manifest.json``. Sample ``i`` of a dataset depends only on (seed, i) and the sources: its
+random stream is ``SeedSequence(seed, spawn_key=(i,))``, from which it draws, in this order, the
+source image (uniform over usable images), the crop position (uniform), then the degradation
+parameters. So the output is the same for any number of workers, and any sample can be
+regenerated alone.
+
+Libraries print nothing: progress is reported through a callback; the CLI draws the bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from degrade.io import ImageError, read_image, to_uint8, write_bytes_atomic
+from degrade.params import DegradationParams, sample_params
+from degrade.pipeline import SCALE, apply
+from degrade.recipe import LEVELS, MIX_PROBS, LevelChoice, parse_level
+from degrade.samples import sample_dir, sample_images
+from degrade.vector import VECTOR_LAYOUT, VECTOR_LENGTH, encode
+
+FORMAT_NAME = "degrade-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+COMPRESSIONS = ("lzf", "gzip", "none")
+CHUNK = 16  # samples per unit of parallel work
+BUNDLED = "<bundled>"  # source root of the bundled sample photos
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be made, resumed, read or verified; the message says why in one line."""
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.h5"
+
+
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+    """The random stream of global sample `index` of a dataset made with `seed`."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+
+
+# --- sources ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """One usable source image: its path relative to the source root, content hash and size."""
+
+    path: str
+    sha256: str
+    height: int
+    width: int
+
+
+@dataclass
+class SourceScan:
+    """What a scan of the SRC arguments found."""
+
+    root: str
+    sources: list[Source]
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    too_small: list[str] = field(default_factory=list)
+
+
+def list_source_files(srcs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files named directly, plus image files under folders (recursive), in a stable sorted order."""
+    found: list[Path] = []
+    for src in srcs:
+        p = Path(src)
+        if p.is_dir():
+            found += sorted(
+                (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES),
+                key=lambda f: f.relative_to(p).as_posix(),
+            )
+        elif p.exists():
+            found.append(p)
+        else:
+            raise DatasetError(f"{p}: no such file or folder")
+    unique: dict[Path, Path] = {}
+    for f in found:
+        unique.setdefault(f.resolve(), f)
+    return list(unique.keys())
+
+
+def scan_sources(srcs: Sequence[str | os.PathLike], patch_size: int,
+                 progress: Callable[[int, int], None] | None = None) -> SourceScan:
+    """Decode every candidate once: keep readable images with both sides >= `patch_size`.
+
+    No SRC means the bundled sample photos. Paths are stored relative to the sources' common folder.
+    """
+    if srcs:
+        files = list_source_files(srcs)
+        root = Path(os.path.commonpath([f.parent for f in files])) if files else Path(".")
+        root_text = str(root)
+    else:
+        files = [p.resolve() for p in sample_images()]
+        root, root_text = sample_dir().resolve(), BUNDLED
+    if not files:
+        raise DatasetError("no source images found (looked for " + ", ".join(IMAGE_SUFFIXES) + ")")
+    scan = SourceScan(root=root_text, sources=[])
+    for n, f in enumerate(files):
+        rel = f.relative_to(root).as_posix()
+        try:
+            data = f.read_bytes()
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH) if data else None
+            if img is None:
+                raise ImageError("not a readable image")
+        except (OSError, ImageError) as exc:
+            scan.unreadable.append((rel, str(exc) if isinstance(exc, ImageError) else exc.strerror or str(exc)))
+        else:
+            h, w = img.shape[:2]
+            if min(h, w) < patch_size:
+                scan.too_small.append(rel)
+            else:
+                scan.sources.append(Source(rel, hashlib.sha256(data).hexdigest(), h, w))
+        if progress:
+            progress(n + 1, len(files))
+    return scan
+
+
+def resolve_source(root: str, rel: str) -> Path:
+    """The file of a recorded source path, refusing paths that would leave the recorded root."""
+    base = sample_dir().resolve() if root == BUNDLED else Path(root).resolve()
+    candidate = Path(rel)
+    if candidate.is_absolute() or ".." in candidate.parts:
+        raise DatasetError(f"refusing source path {rel!r}: it must be relative and inside {base}")
+    path = (base / candidate).resolve()
+    if base not in path.parents:
+        raise DatasetError(f"refusing source path {rel!r}: it resolves outside {base}")
+    return path
+
+
+@lru_cache(maxsize=32)
+def _load_source_u8(path: str) -> NDArray[np.uint8]:
+    """A source image as 8-bit RGB (16-bit rounded to 8 bit, gray copied, alpha dropped)."""
+    return to_uint8(read_image(path))
+
+
+# --- configuration and per-sample generation -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Everything that determines a dataset's bytes (the worker count does not)."""
+
+    level: LevelChoice
+    count: int
+    patch_size: int
+    seed: int
+    shard_size: int
+    compression: str
+    source_root: str
+    sources: tuple[Source, ...]
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise DatasetError(f"--count must be >= 1, got {self.count}")
+        if self.patch_size < 32 or self.patch_size % SCALE:
+            raise DatasetError(f"--patch-size must be a multiple of {SCALE} and >= 32, got {self.patch_size}")
+        if self.shard_size < 1:
+            raise DatasetError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.compression not in COMPRESSIONS:
+            raise DatasetError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
+        if not self.sources:
+            raise DatasetError("no usable source images (all unreadable or smaller than the patch)")
+
+    @property
+    def shard_count(self) -> int:
+        return -(-self.count // self.shard_size)
+
+    def shard_range(self, k: int) -> range:
+        return range(k * self.shard_size, min(self.count, (k + 1) * self.shard_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sources"] = [asdict(s) for s in self.sources]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DatasetConfig:
+        try:
+            return cls(
+                level=parse_level(d["level"]),
+                count=int(d["count"]),
+                patch_size=int(d["patch_size"]),
+                seed=int(d["seed"]),
+                shard_size=int(d["shard_size"]),
+                compression=str(d["compression"]),
+                source_root=str(d["source_root"]),
+                sources=tuple(Source(str(s["path"]), str(s["sha256"]), int(s["height"]), int(s["width"]))
+                              for s in d["sources"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DatasetError(f"malformed dataset configuration: {exc}") from None
+
+    def source_path(self, i: int) -> Path:
+        return resolve_source(self.source_root, self.sources[i].path)
+
+
+class Sample(NamedTuple):
+    """One stored sample: HR (P, P, 3) uint8, LR (P/4, P/4, 3) uint8, v (33,) float32, its record."""
+
+    hr: NDArray[np.uint8]
+    lr: NDArray[np.uint8]
+    v: NDArray[np.float32]
+    params: DegradationParams
+
+
+def draw_sample(config: DatasetConfig, index: int) -> tuple[int, tuple[int, int], DegradationParams]:
+    """Sample `index`'s source, crop corner (y, x) and record, from its own stream only."""
+    rng = sample_rng(config.seed, index)
+    src = int(rng.integers(len(config.sources)))
+    s = config.sources[src]
+    y = int(rng.integers(s.height - config.patch_size + 1))
+    x = int(rng.integers(s.width - config.patch_size + 1))
+    return src, (y, x), sample_params(config.level, rng)
+
+
+def make_sample(config: DatasetConfig, index: int) -> tuple[int, tuple[int, int], Sample]:
+    src, (y, x), params = draw_sample(config, index)
+    image = _load_source_u8(str(config.source_path(src)))
+    p = config.patch_size
+    if image.shape[0] < y + p or image.shape[1] < x + p:
+        raise DatasetError(f"{config.sources[src].path}: changed since it was scanned (smaller now)")
+    hr = np.ascontiguousarray(image[y : y + p, x : x + p])
+    lr = to_uint8(apply(hr.astype(np.float32) / np.float32(255), params))
+    return src, (y, x), Sample(hr, lr, encode(params), params)
+
+
+def make_chunk(config: DatasetConfig, indices: range) -> dict[str, Any]:
+    """Samples `indices` as arrays ready to store (runs in a worker process)."""
+    n, p = len(indices), config.patch_size
+    out: dict[str, Any] = {
+        "hr": np.empty((n, p, p, 3), np.uint8),
+        "lr": np.empty((n, p // SCALE, p // SCALE, 3), np.uint8),
+        "v": np.empty((n, VECTOR_LENGTH), np.float32),
+        "level": np.empty(n, np.uint8),
+        "index": np.asarray(indices, np.int64),
+        "source": np.empty(n, np.int32),
+        "crop": np.empty((n, 4), np.int32),
+        "params": [],
+    }
+    for j, i in enumerate(indices):
+        src, (y, x), s = make_sample(config, i)
+        out["hr"][j], out["lr"][j], out["v"][j] = s.hr, s.lr, s.v
+        out["level"][j] = s.params.level
+        out["source"][j] = src
+        out["crop"][j] = (y, x, p, p)
+        out["params"].append(s.params.to_json())
+    return out
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _recipes_json(level: LevelChoice) -> str:
+    levels = [1, 2, 3] if level == "mix" else [level]
+    data: dict[str, Any] = {str(lv): LEVELS[lv].to_dict() for lv in levels}
+    if level == "mix":
+        data["mix_probs"] = {str(k): v for k, v in MIX_PROBS.items()}
+    return json.dumps(data, sort_keys=True)
+
+
+def _write_shard(path: Path, config: DatasetConfig, k: int, chunks: Iterator[dict[str, Any]],
+                 on_chunk: Callable[[dict[str, Any]], None]) -> None:
+    """Write shard k to `path` from its chunks, in order."""
+    import h5py
+
+    from degrade import __version__
+
+    rows = config.shard_range(k)
+    n, p, q = len(rows), config.patch_size, config.patch_size // SCALE
+    comp = {} if config.compression == "none" else {"compression": config.compression}
+    text = h5py.string_dtype("utf-8")
+    with h5py.File(path, "w", libver=("earliest", "v110")) as f:
+
+        def dataset(name, shape, dtype, chunk, compressed=False):
+            return f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunk, track_times=False,
+                                    **(comp if compressed else {}))
+
+        hr = dataset("hr", (n, p, p, 3), np.uint8, (1, p, p, 3), True)
+        lr = dataset("lr", (n, q, q, 3), np.uint8, (1, q, q, 3), True)
+        v = dataset("v", (n, VECTOR_LENGTH), np.float32, None)
+        level = dataset("level", (n,), np.uint8, None)
+        index = dataset("index", (n,), np.int64, None)
+        source = dataset("source", (n,), np.int32, None)
+        crop = dataset("crop", (n, 4), np.int32, None)
+        params = dataset("params", (n,), text, None)
+        f.create_dataset("sources", data=np.array([s.path for s in config.sources], dtype=text), track_times=False)
+        f.attrs["format"] = FORMAT_NAME
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["vector_layout"] = VECTOR_LAYOUT
+        f.attrs["recipes"] = _recipes_json(config.level)
+        f.attrs["package_version"] = __version__
+        f.attrs["command"] = json.dumps({k_: v_ for k_, v_ in config.to_dict().items() if k_ != "sources"},
+                                        sort_keys=True)
+        f.attrs["source_root"] = config.source_root
+        f.attrs["shard"] = k
+        f.attrs["first_index"] = rows.start
+        at = 0
+        for chunk in chunks:
+            m = len(chunk["index"])
+            sl = slice(at, at + m)
+            hr[sl], lr[sl], v[sl], level[sl] = chunk["hr"], chunk["lr"], chunk["v"], chunk["level"]
+            index[sl], source[sl], crop[sl] = chunk["index"], chunk["source"], chunk["crop"]
+            params[sl] = chunk["params"]
+            at += m
+            on_chunk(chunk)
+        if at != n:
+            raise RuntimeError(f"shard {k}: wrote {at} samples, expected {n}")
+
+
+def _chunk_ranges(rows: range) -> list[range]:
+    return [range(s, min(s + CHUNK, rows.stop)) for s in range(rows.start, rows.stop, CHUNK)]
+
+
+@dataclass
+class MakeReport:
+    """What a make-dataset run did."""
+
+    made: int = 0  # samples generated in this run
+    reused_shards: int = 0
+    level_counts: dict[int, int] = field(default_factory=lambda: {1: 0, 2: 0, 3: 0})
+    seconds: float = 0.0
+    bytes_on_disk: int = 0
+
+
+def _manifest(config: DatasetConfig, shards: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    from degrade import __version__
+
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "vector_layout": VECTOR_LAYOUT,
+        "package_version": __version__,
+        "config": config.to_dict(),
+        "shards": [shards[k] for k in sorted(shards)],
+        "complete": len(shards) == config.shard_count,
+    }
+
+
+def _save_manifest(out: Path, config: DatasetConfig, shards: dict[int, dict[str, Any]]) -> None:
+    text = json.dumps(_manifest(config, shards), indent=1, sort_keys=True) + "\n"
+    write_bytes_atomic(out / MANIFEST, text.encode())
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    path = out / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{out}: no {MANIFEST}: not a dataset folder") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise DatasetError(f"{path}: not a {FORMAT_NAME} manifest")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(f"{path}: format version {data.get('format_version')} (this code reads {FORMAT_VERSION})")
+    return data
+
+
+def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    diffs = []
+    for key in new:
+        if key == "sources":
+            if old.get(key) != new[key]:
+                diffs.append("the source images")
+        elif old.get(key) != new[key]:
+            diffs.append(f"{key} {old.get(key)!r} -> {new[key]!r}")
+    return ", ".join(diffs)
+
+
+def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1,
+                 progress: Callable[[int], None] | None = None, backend: str | None = None) -> MakeReport:
+    """Write (or finish) the dataset `config` in folder `out`; returns what was done.
+
+    Shards are written under a temporary name and renamed when complete; the manifest is rewritten
+    after every shard. Re-running with the same config finishes only what is missing, giving the same
+    bytes as an uninterrupted run. A different config for an existing dataset raises DatasetError.
+    `progress(n)` is called with the number of samples just made (or found complete).
+    """
+    out = Path(out)
+    start = time.perf_counter()
+    report = MakeReport()
+    shards: dict[int, dict[str, Any]] = {}
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out}: exists and is not a folder")
+    if (out / MANIFEST).exists():
+        old = read_manifest(out)
+        if old["config"] != config.to_dict():
+            raise DatasetError(
+                f"{out} holds a dataset made by a different command ({_config_difference(old['config'], config.to_dict())}); "
+                "use a new --out or the original options"
+            )
+        shards = {int(s["shard"]): s for s in old["shards"]}
+    elif out.exists() and any(out.iterdir()):
+        raise DatasetError(f"{out}: folder is not empty and holds no {MANIFEST}; choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".shard-*.partial"):
+        stale.unlink()  # left by an interrupted run; never looks complete
+
+    todo = []
+    for k in range(config.shard_count):
+        path = out / shard_name(k)
+        entry = shards.get(k)
+        if entry is not None and path.is_file() and path.stat().st_size == entry["bytes"]:
+            report.reused_shards += 1
+            if progress:
+                progress(entry["count"])
+            continue
+        shards.pop(k, None)
+        todo.append(k)
+    if report.reused_shards or not (out / MANIFEST).exists():
+        _save_manifest(out, config, shards)
+
+    def count(chunk: dict[str, Any]) -> None:
+        report.made += len(chunk["index"])
+        for lv in chunk["level"]:
+            report.level_counts[int(lv)] += 1
+        if progress:
+            progress(len(chunk["index"]))
+
+    with _chunk_runner(jobs, backend) as run_chunks:
+        for k in todo:
+            final, tmp = out / shard_name(k), out / f".{shard_name(k)}.partial"
+            try:
+                _write_shard(tmp, config, k, run_chunks(config, _chunk_ranges(config.shard_range(k))), count)
+                os.replace(tmp, final)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            shards[k] = {"shard": k, "file": final.name, "first_index": config.shard_range(k).start,
+                         "count": len(config.shard_range(k)), "bytes": final.stat().st_size,
+                         "sha256": _sha256_file(final)}
+            _save_manifest(out, config, shards)
+    report.seconds = time.perf_counter() - start
+    report.bytes_on_disk = sum(s["bytes"] for s in shards.values())
+    return report
+
+
+class _chunk_runner:
+    """Context manager giving `run(config, ranges) -> iterator of chunks, in order`.
+
+    jobs == 1 runs in this process; otherwise joblib (loky processes, or `backend`, e.g. "dask")
+    computes chunks ahead while this process writes them.
+    """
+
+    def __init__(self, jobs: int, backend: str | None):
+        self.jobs, self.backend, self.parallel = jobs, backend, None
+
+    def __enter__(self):
+        if self.jobs != 1 or self.backend:
+            import joblib
+
+            self.parallel = joblib.Parallel(n_jobs=self.jobs, backend=self.backend, return_as="generator",
+                                            pre_dispatch="2*n_jobs")
+            self.parallel.__enter__()
+        return self.run
+
+    def __exit__(self, *exc):
+        if self.parallel is not None:
+            self.parallel.__exit__(*exc)
+        return False
+
+    def run(self, config: DatasetConfig, ranges: list[range]) -> Iterator[dict[str, Any]]:
+        if self.parallel is None:
+            return (make_chunk(config, r) for r in ranges)
+        import joblib
+
+        return self.parallel(joblib.delayed(make_chunk)(config, r) for r in ranges)
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+class ShardDataset:
+    """Read access to a dataset folder (or one shard file): `len()`, indexing, iteration.
+
+    `ds[i]` returns a :class:`Sample` (hr, lr, v, params). Files are opened lazily, once per
+    process, so an instance can be handed to PyTorch DataLoader worker processes.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False):
+        path = Path(path)
+        if path.is_dir():
+            manifest = read_manifest(path)
+            if not manifest["complete"] and not allow_incomplete:
+                raise DatasetError(f"{path}: the dataset is incomplete; re-run the same make-dataset command")
+            names = [str(s["file"]) for s in manifest["shards"]]
+            bad = [n for n in names if Path(n).name != n or not n.endswith(".h5")]
+            if bad:  # names come from a file: never follow them out of the folder
+                raise DatasetError(f"{path}: manifest names an unsafe shard file {bad[0]!r}")
+            self.files = [path / n for n in names]
+            counts = [int(s["count"]) for s in manifest["shards"]]
+            self.config: DatasetConfig | None = DatasetConfig.from_dict(manifest["config"])
+        elif path.is_file():
+            self.files = [path]
+            counts = [self._count_of(path)]
+            self.config = None
+        else:
+            raise DatasetError(f"{path}: no such file or folder")
+        for f in self.files:
+            if not f.is_file():
+                raise DatasetError(f"{f}: shard file is missing")
+        self.offsets = np.cumsum([0, *counts])
+        self._pid: int | None = None
+        self._handles: list[Any] = []
+
+    @staticmethod
+    def _count_of(path: Path) -> int:
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as f:
+                if f.attrs.get("format") != FORMAT_NAME:
+                    raise DatasetError(f"{path}: not a {FORMAT_NAME} shard")
+                return int(f["v"].shape[0])
+        except OSError:
+            raise DatasetError(f"{path}: not an HDF5 file") from None
+
+    def _open(self) -> list[Any]:
+        import h5py
+
+        if self._pid != os.getpid():  # a fresh process (e.g. a DataLoader worker): reopen
+            self._handles = [h5py.File(f, "r") for f in self.files]
+            self._pid = os.getpid()
+        return self._handles
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """Global index -> (shard number, row in shard); negative indices count from the end."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} out of range: the dataset has {n} samples")
+        i %= n
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return k, i - int(self.offsets[k])
+
+    def __getitem__(self, i: int) -> Sample:
+        k, row = self.locate(int(i))
+        f = self._open()[k]
+        return Sample(f["hr"][row], f["lr"][row], f["v"][row], DegradationParams.from_json(_text(f["params"][row])))
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.close()
+        self._handles, self._pid = [], None
+
+    def __getstate__(self) -> dict[str, Any]:  # open HDF5 handles do not cross processes
+        state = self.__dict__.copy()
+        state["_handles"], state["_pid"] = [], None
+        return state
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def open_dataset(path: str | os.PathLike, *, allow_incomplete: bool = False) -> ShardDataset:
+    """Open a dataset folder (or a single shard file) written by :func:`make_dataset`."""
+    return ShardDataset(path, allow_incomplete=allow_incomplete)
+
+
+# --- verification ------------------------------------------------------------------------------
+
+
+def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 0,
+                   source_root: str | os.PathLike | None = None) -> list[str]:
+    """Check a dataset folder; returns a list of problems (empty when all is well).
+
+    Checks the manifest, every shard's checksum, structure, shapes, dtypes and value ranges, that
+    each stored v equals the encoding of its stored record, and then re-creates `regenerate` random
+    samples from their source, crop, seed and record, comparing bit for bit. `source_root` replaces
+    the recorded source folder (for a dataset moved to another machine).
+    """
+    import h5py
+
+    out = Path(path)
+    manifest = read_manifest(out)
+    config = DatasetConfig.from_dict(manifest["config"])
+    if source_root is not None:
+        config = DatasetConfig(**{**config.__dict__, "source_root": str(source_root)})
+    problems: list[str] = []
+    if not manifest["complete"]:
+        problems.append("the dataset is incomplete (re-run the same make-dataset command to finish it)")
+    p, q = config.patch_size, config.patch_size // SCALE
+    expected_shapes = {"hr": (p, p, 3), "lr": (q, q, 3), "v": (VECTOR_LENGTH,), "level": (), "index": (),
+                       "source": (), "crop": (4,), "params": ()}
+    seen = 0
+    for entry in manifest["shards"]:
+        name = str(entry["file"])
+        f_path = out / name
+        if Path(name).name != name or not f_path.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        if _sha256_file(f_path) != entry["sha256"]:
+            problems.append(f"{name}: checksum differs from the manifest")
+        try:
+            with h5py.File(f_path, "r") as f:
+                rows = config.shard_range(int(entry["shard"]))
+                structure = []
+                for key, shape in expected_shapes.items():
+                    if key not in f:
+                        structure.append(f"{name}: dataset {key!r} missing")
+                    elif f[key].shape != (len(rows), *shape):
+                        structure.append(f"{name}: {key} has shape {f[key].shape}, expected {(len(rows), *shape)}")
+                problems += structure
+                seen += int(entry["count"])
+                if structure:
+                    continue
+                v, level = f["v"][:], f["level"][:]
+                if f["hr"].dtype != np.uint8 or f["lr"].dtype != np.uint8 or v.dtype != np.float32:
+                    problems.append(f"{name}: wrong dtypes")
+                if not (np.all(np.isfinite(v)) and v.min() >= 0 and v.max() <= 1):
+                    problems.append(f"{name}: v outside [0, 1]")
+                if not np.isin(level, [1, 2, 3]).all():
+                    problems.append(f"{name}: level outside 1-3")
+                if not np.array_equal(f["index"][:], np.arange(rows.start, rows.stop)):
+                    problems.append(f"{name}: sample indices are not {rows.start}..{rows.stop - 1}")
+                for row, raw in enumerate(f["params"][:]):
+                    try:
+                        record = DegradationParams.from_json(_text(raw))
+                    except ValueError as exc:
+                        problems.append(f"{name} row {row}: bad parameter record ({exc})")
+                        continue
+                    if record.level != level[row] or not np.allclose(encode(record), v[row], atol=1e-6):
+                        problems.append(f"{name} row {row}: v or level does not match the parameter record")
+        except OSError as exc:
+            problems.append(f"{name}: unreadable HDF5 ({exc})")
+    if manifest["complete"] and seen != config.count:
+        problems.append(f"the shards hold {seen} samples, the manifest says {config.count}")
+    if regenerate and not problems:
+        problems += _regenerate(out, config, regenerate, seed)
+    return problems
+
+
+def _regenerate(out: Path, config: DatasetConfig, k: int, seed: int) -> list[str]:
+    problems = []
+    ds = open_dataset(out)
+    picks = np.random.default_rng(seed).choice(len(ds), size=min(k, len(ds)), replace=False)
+    for i in sorted(int(x) for x in picks):
+        shard, row = ds.locate(i)
+        stored = ds[i]
+        f = ds._open()[shard]
+        src_path = config.source_path(int(f["source"][row]))
+        if not src_path.is_file():
+            problems.append(f"sample {i}: source {src_path} not found (give --sources to point at the photos)")
+            continue
+        if hashlib.sha256(src_path.read_bytes()).hexdigest() != config.sources[int(f["source"][row])].sha256:
+            problems.append(f"sample {i}: source {src_path} changed since the dataset was made")
+            continue
+        src, (y, x), fresh = make_sample(config, i)
+        if src != int(f["source"][row]) or [y, x] != list(f["crop"][row][:2]):
+            problems.append(f"sample {i}: source or crop differs from its stream")
+        elif fresh.params != stored.params:
+            problems.append(f"sample {i}: parameter record differs from its stream")
+        elif not (np.array_equal(fresh.hr, stored.hr) and np.array_equal(fresh.lr, stored.lr)
+                  and np.array_equal(fresh.v, stored.v)):
+            problems.append(f"sample {i}: regenerated pixels or v differ from the stored ones")
+    ds.close()
+    return problems

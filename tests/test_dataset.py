@@ -1,0 +1,304 @@
+"""make-dataset shards: schema, determinism, resume, bad inputs, refusal, verify, the reading API."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import degrade
+from cli.main import main
+from degrade import dataset as dsm
+
+
+def _config(scan: dsm.SourceScan, **kw) -> dsm.DatasetConfig:
+    base = dict(level="mix", count=20, patch_size=64, seed=3, shard_size=8, compression="lzf",
+                source_root=scan.root, sources=tuple(scan.sources))
+    return dsm.DatasetConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def bundled() -> dsm.SourceScan:
+    return dsm.scan_sources([], 64)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, bundled) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "ds"
+    dsm.make_dataset(_config(bundled), out)
+    return out
+
+
+def test_shard_schema(reference, bundled):
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["vector_layout"] == "dasr33-v1"
+    assert [s["file"] for s in manifest["shards"]] == ["shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
+    assert [s["count"] for s in manifest["shards"]] == [8, 8, 4]
+    with h5py.File(reference / "shard-00002.h5", "r") as f:
+        assert f["hr"].shape == (4, 64, 64, 3) and f["hr"].dtype == np.uint8
+        assert f["lr"].shape == (4, 16, 16, 3) and f["lr"].dtype == np.uint8
+        assert f["v"].shape == (4, 33) and f["v"].dtype == np.float32
+        assert f["level"].dtype == np.uint8 and f["index"][:].tolist() == [16, 17, 18, 19]
+        assert f["crop"].shape == (4, 4) and f["source"].dtype == np.int32
+        assert f["hr"].chunks == (1, 64, 64, 3) and f["hr"].compression == "lzf"
+        assert h5py.check_string_dtype(f["params"].dtype).encoding == "utf-8"
+        assert [s.decode() for s in f["sources"][:]] == [s.path for s in bundled.sources]
+        assert f.attrs["vector_layout"] == "dasr33-v1" and f.attrs["format_version"] == 1
+        assert set(json.loads(f.attrs["recipes"])) == {"1", "2", "3", "mix_probs"}
+        assert json.loads(f.attrs["command"])["level"] == "mix"
+        assert f.attrs["package_version"] == degrade.__version__
+        for row in range(4):
+            record = degrade.DegradationParams.from_json(f["params"][row].decode())
+            np.testing.assert_array_equal(degrade.encode(record), f["v"][row])
+            assert record.level == f["level"][row]
+            y, x, h, w = f["crop"][row]
+            src = bundled.sources[f["source"][row]]
+            assert 0 <= y <= src.height - h and 0 <= x <= src.width - w and h == w == 64
+
+
+def test_stored_hr_is_the_source_crop_and_lr_its_degradation(reference, bundled):
+    ds = degrade.open_dataset(reference)
+    with h5py.File(reference / "shard-00001.h5", "r") as f:
+        y, x, h, w = f["crop"][2]
+        source = bundled.sources[f["source"][2]]
+    photo = degrade.io.to_uint8(degrade.read_image(degrade.samples.sample_dir() / source.path))
+    sample = ds[10]
+    np.testing.assert_array_equal(sample.hr, photo[y : y + h, x : x + w])
+    lr = degrade.apply(sample.hr.astype(np.float32) / np.float32(255), sample.params)
+    np.testing.assert_array_equal(sample.lr, degrade.io.to_uint8(lr))
+
+
+def test_same_bytes_for_any_number_of_jobs(reference, bundled, tmp_path):
+    dsm.make_dataset(_config(bundled), tmp_path / "j2", jobs=2)
+    assert _digests(tmp_path / "j2") == _digests(reference)
+
+
+def test_shard_size_changes_only_the_packing(reference, bundled, tmp_path):
+    dsm.make_dataset(_config(bundled, shard_size=20), tmp_path / "one")
+    a, b = degrade.open_dataset(reference), degrade.open_dataset(tmp_path / "one")
+    for i in (0, 9, 19):
+        assert a[i].params == b[i].params and np.array_equal(a[i].lr, b[i].lr)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(reference, bundled, tmp_path):
+    out = tmp_path / "ds"
+    done = []
+
+    def stop_after_12(n: int) -> None:
+        done.append(n)
+        if sum(done) >= 12:  # during the second shard
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dsm.make_dataset(_config(bundled), out, progress=stop_after_12)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["manifest.json", "shard-00000.h5"]  # nothing half-written that looks complete
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    with pytest.raises(dsm.DatasetError, match="incomplete"):
+        degrade.open_dataset(out)
+    report = dsm.make_dataset(_config(bundled), out)
+    assert report.reused_shards == 1 and report.made == 12
+    assert _digests(out) == _digests(reference)
+
+
+def test_resume_recovers_from_a_crash_between_rename_and_manifest(reference, bundled, tmp_path):
+    out = tmp_path / "ds"
+    dsm.make_dataset(_config(bundled), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:1]
+    manifest["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / ".shard-00002.h5.partial").write_bytes(b"half a shard")
+    dsm.make_dataset(_config(bundled), out)
+    assert _digests(out) == _digests(reference)
+
+
+def test_a_changed_command_is_refused(reference, bundled):
+    before = _digests(reference)
+    for change in ({"level": 2}, {"seed": 4}, {"count": 21}, {"compression": "gzip"}):
+        with pytest.raises(dsm.DatasetError, match="different command"):
+            dsm.make_dataset(_config(bundled, **change), reference)
+    assert _digests(reference) == before
+
+
+def test_a_foreign_non_empty_folder_is_refused(bundled, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(dsm.DatasetError, match="not empty"):
+        dsm.make_dataset(_config(bundled), tmp_path)
+
+
+def _write(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), array)
+
+
+@pytest.fixture()
+def messy_folder(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    src = tmp_path / "photos"
+    _write(src / "a_rgb.png", rng.integers(0, 255, (80, 96, 3), dtype=np.uint8))
+    _write(src / "sub" / "b_16bit.png", rng.integers(0, 65535, (72, 72, 3), dtype=np.uint16))
+    _write(src / "sub" / "c_gray.png", rng.integers(0, 255, (70, 90), dtype=np.uint8))
+    _write(src / "d_alpha.png", rng.integers(0, 255, (64, 64, 4), dtype=np.uint8))
+    _write(src / "e_tiny.png", rng.integers(0, 255, (40, 200, 3), dtype=np.uint8))
+    (src / "f_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (src / "g_text.png").write_text("this is not a picture")
+    (src / "readme.txt").write_text("ignored: not an image suffix")
+    return src
+
+
+def test_bad_inputs_are_reported_not_fatal(messy_folder, tmp_path):
+    scan = dsm.scan_sources([messy_folder], 64)
+    assert [s.path for s in scan.sources] == ["a_rgb.png", "d_alpha.png", "sub/b_16bit.png", "sub/c_gray.png"]
+    assert scan.too_small == ["e_tiny.png"]
+    assert [p for p, _ in scan.unreadable] == ["f_corrupt.jpg", "g_text.png"]
+    out = tmp_path / "ds"
+    dsm.make_dataset(_config(scan, count=24), out)
+    ds = degrade.open_dataset(out)
+    with h5py.File(out / "shard-00000.h5", "r") as f:
+        used = set(f["source"][:].tolist())
+    assert len(ds) == 24 and used <= {0, 1, 2, 3}
+    for i in range(len(ds)):
+        assert ds[i].hr.dtype == np.uint8 and ds[i].hr.shape == (64, 64, 3)
+    assert dsm.verify_dataset(out, regenerate=6) == []
+
+
+def test_gray_source_gives_gray_rgb_patches(tmp_path):
+    _write(tmp_path / "g" / "gray.png", np.random.default_rng(1).integers(0, 255, (64, 64), dtype=np.uint8))
+    scan = dsm.scan_sources([tmp_path / "g"], 64)
+    dsm.make_dataset(_config(scan, count=2), tmp_path / "ds")
+    hr = degrade.open_dataset(tmp_path / "ds")[0].hr
+    assert np.array_equal(hr[..., 0], hr[..., 1]) and np.array_equal(hr[..., 1], hr[..., 2])
+
+
+def test_empty_or_unusable_sources_are_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(dsm.DatasetError, match="no source images"):
+        dsm.scan_sources([tmp_path / "empty"], 64)
+    with pytest.raises(dsm.DatasetError, match="no such file"):
+        dsm.scan_sources([tmp_path / "missing"], 64)
+    _write(tmp_path / "small" / "s.png", np.zeros((10, 10, 3), np.uint8))
+    scan = dsm.scan_sources([tmp_path / "small"], 64)
+    with pytest.raises(dsm.DatasetError, match="no usable source images"):
+        _config(scan)
+
+
+@pytest.mark.parametrize("bad", [{"patch_size": 66}, {"count": 0}, {"shard_size": 0}, {"compression": "zstd"}])
+def test_bad_options_are_refused(bundled, bad):
+    with pytest.raises(dsm.DatasetError):
+        _config(bundled, **bad)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_verify_catches_tampering(reference, tmp_path):
+    assert dsm.verify_dataset(reference, regenerate=20) == []
+
+    pixels = _copy(reference, tmp_path / "pixels")
+    with h5py.File(pixels / "shard-00001.h5", "r+") as f:
+        f["lr"][3, 5, 5, 0] ^= 1
+    assert any("checksum" in p for p in dsm.verify_dataset(pixels))
+    # A forger who also fixes the manifest checksum is caught by regeneration.
+    manifest = json.loads((pixels / "manifest.json").read_text())
+    manifest["shards"][1]["sha256"] = hashlib.sha256((pixels / "shard-00001.h5").read_bytes()).hexdigest()
+    (pixels / "manifest.json").write_text(json.dumps(manifest))
+    assert dsm.verify_dataset(pixels) == []
+    assert dsm.verify_dataset(pixels, regenerate=20) == ["sample 11: regenerated pixels or v differ from the stored ones"]
+
+    vector = _copy(reference, tmp_path / "vector")
+    with h5py.File(vector / "shard-00000.h5", "r+") as f:
+        f["v"][2, 18] = 0.99
+    assert any("row 2: v or level does not match" in p for p in dsm.verify_dataset(vector))
+
+
+def test_verify_refuses_source_paths_that_leave_the_root(reference, tmp_path):
+    forged = _copy(reference, tmp_path / "forged")
+    manifest = json.loads((forged / "manifest.json").read_text())
+    manifest["config"]["sources"][0]["path"] = "../../../etc/passwd"
+    (forged / "manifest.json").write_text(json.dumps(manifest))
+    config = dsm.DatasetConfig.from_dict(manifest["config"])
+    with pytest.raises(dsm.DatasetError, match="refusing source path"):
+        config.source_path(0)
+
+
+def test_reading_api(reference, bundled):
+    ds = degrade.open_dataset(reference)
+    assert len(ds) == 20
+    s = ds[13]
+    assert s.hr.shape == (64, 64, 3) and s.lr.shape == (16, 16, 3) and s.v.shape == (33,)
+    assert isinstance(s.params, degrade.DegradationParams)
+    assert np.array_equal(ds[-1].lr, ds[19].lr)
+    with pytest.raises(IndexError):
+        ds[20]
+    assert sum(1 for _ in ds) == 20
+    # Any single sample can be regenerated alone from (seed, index).
+    _, _, fresh = dsm.make_sample(_config(bundled), 13)
+    assert np.array_equal(fresh.lr, s.lr) and fresh.params == s.params
+    # Picklable for DataLoader workers; reopens its files lazily in the new process.
+    clone = pickle.loads(pickle.dumps(ds))
+    assert np.array_equal(clone[5].hr, ds[5].hr)
+    one = degrade.open_dataset(reference / "shard-00001.h5")
+    assert len(one) == 8 and np.array_equal(one[0].lr, ds[8].lr)
+
+
+def test_open_dataset_refuses_non_datasets(tmp_path):
+    with pytest.raises(dsm.DatasetError, match="not a dataset folder"):
+        degrade.open_dataset(tmp_path)
+    (tmp_path / "x.h5").write_bytes(b"nope")
+    with pytest.raises(dsm.DatasetError, match="not an HDF5 file"):
+        degrade.open_dataset(tmp_path / "x.h5")
+
+
+def test_cli_make_dataset_and_verify(tmp_path, messy_folder):
+    runner = CliRunner()
+    out = tmp_path / "ds"
+    args = ["make-dataset", str(messy_folder), "--out", str(out), "--count", "10", "--patch-size", "64",
+            "--jobs", "1", "--level", "3"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "made 10 samples (level 3: 10)" in result.output
+    assert "1 smaller than 64 px skipped, 2 unreadable" in result.output
+    assert "skipped unreadable f_corrupt.jpg" in result.output
+    again = runner.invoke(main, args)
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    changed = runner.invoke(main, [*args[:-1], "2"])
+    assert changed.exit_code == 1 and "different command (level 3 -> 2)" in changed.output
+    verified = runner.invoke(main, ["verify", str(out), "--regenerate", "3"])
+    assert verified.exit_code == 0 and "OK" in verified.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["make-dataset", "nowhere"], "no such file"),
+    (["make-dataset", "--patch-size", "66"], "multiple of 4"),
+    (["make-dataset", "--compression", "zstd"], "zstd"),
+    (["verify", "."], "not a dataset folder"),
+])
+def test_cli_bad_input(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["make-dataset", "verify"])
+def test_cli_help(command):
+    assert CliRunner().invoke(main, [command, "--help"]).exit_code == 0
