@@ -12,6 +12,7 @@ Libraries print nothing: progress is reported through a callback; the CLI draws 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -471,20 +472,19 @@ class _chunk_runner:
 
     def __init__(self, jobs: int, backend: str | None):
         self.jobs, self.backend, self.parallel = jobs, backend, None
+        self.stack = contextlib.ExitStack()
 
     def __enter__(self):
         if self.jobs != 1 or self.backend:
             import joblib
 
-            self.parallel = joblib.Parallel(n_jobs=self.jobs, backend=self.backend, return_as="generator",
-                                            pre_dispatch="2*n_jobs")
-            self.parallel.__enter__()
+            # parallel_config (not Parallel(backend=...)) registers external backends such as dask.
+            self.stack.enter_context(joblib.parallel_config(backend=self.backend or "loky", n_jobs=self.jobs))
+            self.parallel = self.stack.enter_context(joblib.Parallel(return_as="generator", pre_dispatch="2*n_jobs"))
         return self.run
 
     def __exit__(self, *exc):
-        if self.parallel is not None:
-            self.parallel.__exit__(*exc)
-        return False
+        return self.stack.__exit__(*exc)
 
     def run(self, config: DatasetConfig, ranges: list[range]) -> Iterator[dict[str, Any]]:
         if self.parallel is None:

@@ -302,3 +302,22 @@ def test_cli_bad_input(tmp_path, monkeypatch, args, message):
 @pytest.mark.parametrize("command", ["make-dataset", "verify"])
 def test_cli_help(command):
     assert CliRunner().invoke(main, [command, "--help"]).exit_code == 0
+
+
+def test_dask_cluster_on_loopback_gives_the_same_bytes(reference, tmp_path):
+    distributed = pytest.importorskip("dask.distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as cluster:
+        result = CliRunner().invoke(main, [
+            "make-dataset", "--out", str(tmp_path / "dask"), "--level", "mix", "--count", "20", "--patch-size", "64",
+            "--seed", "3", "--shard-size", "8", "--dask-scheduler", cluster.scheduler_address,
+        ])
+    assert result.exit_code == 0, result.output
+    assert _digests(tmp_path / "dask") == _digests(reference)
+
+
+def test_unreachable_dask_scheduler_is_a_clear_error(tmp_path):
+    pytest.importorskip("dask.distributed")
+    result = CliRunner().invoke(main, ["make-dataset", "--out", str(tmp_path / "d"), "--count", "2",
+                                       "--dask-scheduler", "tcp://127.0.0.1:9"])
+    assert result.exit_code == 1 and "cannot reach the Dask scheduler" in result.output
