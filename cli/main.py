@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import degrade
+from degrade.allocator import tune_allocator
 from degrade.io import ImageError, crop_to_multiple, write_bytes_atomic
 from degrade.pipeline import MIN_HR_SIDE
 from degrade.recipe import describe_levels
@@ -54,6 +55,7 @@ def parse_vector(text: str) -> np.ndarray:
 @click.version_option(degrade.__version__, prog_name="degrade")
 def main() -> None:
     """Synthesise realistic low-resolution images with labelled DASR degradations."""
+    tune_allocator()
 
 
 @main.command()

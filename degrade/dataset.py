@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from degrade.allocator import tune_allocator
 from degrade.io import ImageError, read_image, to_uint8, write_bytes_atomic
 from degrade.params import DegradationParams, sample_params
 from degrade.pipeline import SCALE, apply
@@ -244,8 +245,10 @@ def make_sample(config: DatasetConfig, index: int) -> tuple[int, tuple[int, int]
     return src, (y, x), Sample(hr, lr, encode(params), params)
 
 
-def make_chunk(config: DatasetConfig, indices: range) -> dict[str, Any]:
-    """Samples `indices` as arrays ready to store (runs in a worker process)."""
+def make_chunk(config: DatasetConfig, indices: range, *, worker: bool = False) -> dict[str, Any]:
+    """Samples `indices` as arrays ready to store; `worker`: running in a worker process of ours."""
+    if worker:
+        tune_allocator()
     n, p = len(indices), config.patch_size
     out: dict[str, Any] = {
         "hr": np.empty((n, p, p, 3), np.uint8),
@@ -491,7 +494,7 @@ class _chunk_runner:
             return (make_chunk(config, r) for r in ranges)
         import joblib
 
-        return self.parallel(joblib.delayed(make_chunk)(config, r) for r in ranges)
+        return self.parallel(joblib.delayed(make_chunk)(config, r, worker=True) for r in ranges)
 
 
 # --- reading ------------------------------------------------------------------------------------

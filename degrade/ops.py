@@ -70,20 +70,33 @@ def scaled_size(shape: tuple[int, ...], scale: float) -> tuple[int, int]:
     return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
 
 
-def _adaptive_average(x: NDArray, out_len: int, axis: int) -> NDArray[np.float64]:
-    """Average over windows [floor(i n / m), ceil((i + 1) n / m)) along `axis` (n inputs, m outputs)."""
-    n = x.shape[axis]
-    i = np.arange(out_len)
-    start = (i * n) // out_len
-    end = -((-(i + 1) * n) // out_len)
-    csum = np.cumsum(x, axis=axis, dtype=np.float64)
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (1, 0)
-    csum = np.pad(csum, pad)
-    shape = [1] * x.ndim
-    shape[axis] = out_len
-    width = (end - start).reshape(shape)
-    return (np.take(csum, end, axis=axis) - np.take(csum, start, axis=axis)) / width
+@lru_cache(maxsize=256)
+def _pool_taps(n: int, m: int) -> tuple[NDArray[np.intp], NDArray[np.float32], NDArray[np.float32]]:
+    """Adaptive average pooling from n to m samples as a few shifted taps.
+
+    Window i is [floor(i n / m), ceil((i + 1) n / m)), PyTorch's `area` (adaptive_avg_pool). Returns
+    (index (d, m), mask (d, m) of 0/1, width (m,)) for the d = widest window's taps: output i is
+    sum_t x[index[t, i]] * mask[t, i] / width[i].
+    """
+    i = np.arange(m)
+    start = (i * n) // m
+    end = -((-(i + 1) * n) // m)
+    width = end - start
+    taps = np.arange(int(width.max()))[:, None]
+    index = np.minimum(start[None, :] + taps, n - 1)
+    mask = (taps < width[None, :]).astype(np.float32)
+    return index, mask, width.astype(np.float32)
+
+
+def _adaptive_average_rows(x: NDArray[np.float32], m: int) -> NDArray[np.float32]:
+    """Pool axis 0 of `x` (n, ...) to m rows; each tap gathers whole rows (contiguous copies)."""
+    index, mask, width = _pool_taps(x.shape[0], m)
+    extra = (1,) * (x.ndim - 1)
+    acc = x[index[0]] * mask[0].reshape(m, *extra)
+    for t in range(1, index.shape[0]):
+        acc += x[index[t]] * mask[t].reshape(m, *extra)
+    acc /= width.reshape(m, *extra)
+    return acc
 
 
 def resize(img: Image, size: tuple[int, int], *, mode: ResizeMode) -> Image:
@@ -103,7 +116,12 @@ def resize(img: Image, size: tuple[int, int], *, mode: ResizeMode) -> Image:
     if (h, w) == img.shape[:2]:
         return img.copy()
     if mode == "area":
-        return _adaptive_average(_adaptive_average(img, h, 0), w, 1).astype(np.float32)
+        H, W = img.shape[:2]
+        if H % h == 0 and W % w == 0:  # integer factors: OpenCV's box average is the same windows, faster
+            return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA).reshape(h, w, 3)
+        rows = _adaptive_average_rows(img, h)  # (h, W, 3)
+        cols = _adaptive_average_rows(np.ascontiguousarray(rows.transpose(1, 0, 2)), w)  # (w, h, 3)
+        return np.ascontiguousarray(cols.transpose(1, 0, 2))
     out = cv2.resize(img, (w, h), interpolation=_CV_MODES[mode])
     return out.reshape(h, w, 3)  # OpenCV drops a unit axis for 1-pixel-wide results
 
@@ -120,53 +138,72 @@ def add_gaussian_noise(img: Image, sigma: float, *, gray: bool, rng: np.random.G
 
 
 def _quantise_8bit(x: NDArray[np.float32]) -> NDArray[np.uint8]:
-    return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+    y = np.multiply(x, np.float32(255))  # float32 temporaries, rounded in place
+    np.clip(y, 0.0, 255.0, out=y)
+    return np.rint(y, out=y).astype(np.uint8)
+
+
+_POISSON_BUCKETS = 2048  # uniform buckets per rate in the direct lookup table (a power of 2: exact edges)
 
 
 @lru_cache(maxsize=16)
-def _poisson_tables(levels: int) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.int64], int]:
+def _poisson_tables(levels: int) -> tuple[NDArray[np.float64], NDArray[np.int16], int]:
     """Inverse-CDF tables for Poisson(q / 255 * levels), q = 0..255 (the 256 possible 8-bit values).
 
-    Returns (cdf, guide, offset, width): row q of the flat `cdf` starts at offset[q] and holds
-    P(N <= k) for k = 0 .. width-1, its last entry forced to 1 (the mass cut off is < 1e-30);
-    guide[q, b] is the smallest k with cdf >= b / width, so a lookup needs about one step.
+    Returns (cdf, direct, width). Row q of the flat `cdf` holds F_q(k) = P(N <= k), k = 0 .. width-1,
+    its last entry forced to 1 (the mass cut off is < 1e-30). `direct[q * B + b]` is the draw for
+    every u in [b / B, (b + 1) / B) when that bucket holds no step of F_q, else -1 - k0 with
+    k0 = min{k : F_q(k) >= b / B}, where a search starts.
     """
+    from scipy.special import gammaln
+
     lam = np.arange(256, dtype=np.float64) / 255.0 * levels
     width = int(levels + 12.0 * math.sqrt(levels) + 40)  # > lam + 12 sd: the tail is < 1e-30
     k = np.arange(width, dtype=np.float64)
-    from scipy.special import gammaln
-
     with np.errstate(divide="ignore", invalid="ignore"):  # log(0) at lam = 0, fixed below
         log_pmf = k[None, :] * np.log(lam[:, None]) - lam[:, None] - gammaln(k + 1)[None, :]
     log_pmf[0] = np.where(k == 0, 0.0, -np.inf)  # lam = 0: all mass at 0
-    cdf = np.cumsum(np.exp(log_pmf), axis=1)
+    cdf = np.minimum(np.cumsum(np.exp(log_pmf), axis=1), 1.0)
     cdf[:, -1] = 1.0
-    cdf = np.minimum(cdf, 1.0)
-    bucket_lo = np.arange(width, dtype=np.float64) / width
-    guide = np.stack([np.searchsorted(row, bucket_lo, side="left") for row in cdf]).astype(np.int64)
-    offset = np.arange(256, dtype=np.int64) * width
-    return cdf.ravel(), guide, offset, width
+    edges = np.arange(_POISSON_BUCKETS + 1, dtype=np.float64) / _POISSON_BUCKETS
+    first = np.stack([np.searchsorted(row, edges, side="left") for row in cdf])  # k(u) at every edge
+    lo, hi = first[:, :-1], first[:, 1:]
+    direct = np.where(lo == hi, lo, -1 - lo).astype(np.int16)
+    return cdf.ravel(), direct.ravel(), width
 
 
 def _poisson_counts(q: NDArray[np.uint8], levels: int, rng: np.random.Generator) -> NDArray[np.int64]:
-    """Poisson(q / 255 * levels) draws, one per element of `q`, by guided inverse-CDF lookup.
+    """Poisson(q / 255 * levels) draws, one per element of `q`: k = min{k : u <= F_q(k)}, u uniform.
 
-    Exact up to the 2^-53 resolution of the uniforms; about 5x faster than `rng.poisson` because
-    the rate takes at most 256 values whose tables are built once per `levels`.
+    Most draws are one lookup in the direct table; the rest (u in a bucket where F_q steps) walk up
+    from the bucket's first candidate, and the rare long walks (tail buckets) finish by bisection.
+    An exact Poisson sampler up to the float64 resolution of u and F_q.
     """
-    cdf, guide, offset, width = _poisson_tables(levels)
-    u = rng.random(q.shape)
-    qi = q.astype(np.intp)
-    k = guide[qi, (u * width).astype(np.intp)]
-    base = offset[qi]
-    # Walk forward to the first k with u <= cdf[k] (usually zero or one step).
-    active = np.flatnonzero(cdf[base.ravel() + k.ravel()] < u.ravel())
-    flat_k = k.ravel()
-    flat_base, flat_u = base.ravel(), u.ravel()
-    while active.size:
-        flat_k[active] += 1
-        active = active[cdf[flat_base[active] + flat_k[active]] < flat_u[active]]
-    return flat_k.reshape(q.shape)
+    cdf, direct, width = _poisson_tables(levels)
+    qi = q.ravel().astype(np.intp)
+    u = rng.random(qi.size)
+    k = direct[qi * _POISSON_BUCKETS + (u * _POISSON_BUCKETS).astype(np.intp)].astype(np.int64)
+    pending = np.flatnonzero(k < 0)
+    if pending.size:
+        start = -1 - k[pending]
+        base = qi[pending] * width
+        up = u[pending]
+        for _ in range(3):  # walk: F(start) < u means the draw is larger
+            step = cdf[base + start] < up
+            if not step.any():
+                break
+            start += step
+        lo, hi = start, np.full_like(start, width - 1)  # bisection for what is left: F(hi) = 1 >= u
+        while True:
+            open_ = lo < hi
+            if not open_.any():
+                break
+            mid = (lo + hi) // 2
+            below = cdf[base + mid] < up
+            lo = np.where(open_ & below, mid + 1, lo)
+            hi = np.where(open_ & ~below, mid, hi)
+        k[pending] = lo
+    return k.reshape(q.shape)
 
 
 def add_poisson_noise(img: Image, scale: float, *, gray: bool, rng: np.random.Generator) -> Image:
@@ -193,7 +230,7 @@ def encode_jpeg(img: Image, quality: int) -> bytes:
     q = int(quality)
     if not 1 <= q <= 100:
         raise ValueError(f"JPEG quality must be an integer in [1, 100], got {quality}")
-    bgr = np.ascontiguousarray(_quantise_8bit(img)[..., ::-1])  # OpenCV encodes BGR
+    bgr = cv2.cvtColor(_quantise_8bit(img), cv2.COLOR_RGB2BGR)  # OpenCV encodes BGR
     params = [cv2.IMWRITE_JPEG_QUALITY, q, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420]
     ok, buf = cv2.imencode(".jpg", bgr, params)
     if not ok:
@@ -208,8 +245,8 @@ def jpeg(img: Image, quality: int) -> Image:
     is the decoded 8-bit image as float32.
     """
     data = np.frombuffer(encode_jpeg(img, quality), dtype=np.uint8)
-    out = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    return out[..., ::-1].astype(np.float32) / np.float32(255)
+    out = cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return out.astype(np.float32) / np.float32(255)
 
 
 def clamp(img: Image) -> Image:

@@ -246,3 +246,22 @@ def test_area_resize_is_adaptive_average_pooling(size, hr_patch):
             c0, c1 = (j * W) // w, -(-(j + 1) * W // w)
             expected[i, j] = hr_patch[r0:r1, c0:c1].astype(np.float64).mean(axis=(0, 1))
     np.testing.assert_allclose(ops.resize(hr_patch, size, mode="area"), expected, atol=1e-6)
+
+
+class _FixedUniforms:
+    """Stands in for a Generator whose `random` returns chosen uniforms."""
+
+    def __init__(self, u: np.ndarray):
+        self.u = u
+
+    def random(self, size):
+        assert size == self.u.size
+        return self.u
+
+
+@pytest.mark.parametrize("levels,q", [(256, 255), (256, 40), (16, 128), (2, 200)])
+def test_poisson_sampler_is_the_exact_inverse_cdf(levels, q):
+    """k = min{k : u <= F(k)} for uniforms across the whole range, tails included (scipy's ppf)."""
+    u = np.concatenate([[1e-15, 1e-9, 1e-4, 0.001, 0.003], np.linspace(0.01, 0.99, 99), [0.997, 0.9999, 1 - 1e-9]])
+    counts = ops._poisson_counts(np.full(u.size, q, np.uint8), levels, _FixedUniforms(u))
+    np.testing.assert_array_equal(counts, stats.poisson.ppf(u, q / 255 * levels).astype(np.int64))
