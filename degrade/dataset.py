@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
+import queue
+import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -148,10 +151,25 @@ def resolve_source(root: str, rel: str) -> Path:
     return path
 
 
-@lru_cache(maxsize=32)
+SOURCE_CACHE_BYTES = 1 << 30  # decoded source images kept per process (LRU by size)
+_source_cache: OrderedDict[str, NDArray[np.uint8]] = OrderedDict()
+
+
 def _load_source_u8(path: str) -> NDArray[np.uint8]:
-    """A source image as 8-bit RGB (16-bit rounded to 8 bit, gray copied, alpha dropped)."""
-    return to_uint8(read_image(path))
+    """A source image as 8-bit RGB (16-bit rounded to 8 bit, gray copied, alpha dropped).
+
+    Decoded images stay in a per-process LRU cache of up to SOURCE_CACHE_BYTES, so a corpus that
+    fits is decoded once per worker; beyond that, decoding a source costs once per sample.
+    """
+    image = _source_cache.pop(path, None)
+    if image is None:
+        image = to_uint8(read_image(path))
+        image.setflags(write=False)
+    _source_cache[path] = image
+    total = sum(a.nbytes for a in _source_cache.values())
+    while total > SOURCE_CACHE_BYTES and len(_source_cache) > 1:
+        total -= _source_cache.popitem(last=False)[1].nbytes
+    return image
 
 
 # --- configuration and per-sample generation -----------------------------------------------------
@@ -405,7 +423,9 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
     Shards are written under a temporary name and renamed when complete; the manifest is rewritten
     after every shard. Re-running with the same config finishes only what is missing, giving the same
     bytes as an uninterrupted run. A different config for an existing dataset raises DatasetError.
-    `progress(n)` is called with the number of samples just made (or found complete).
+    `progress(n)` is called with the number of samples just made (or found complete). `jobs` is the
+    number of degrading workers: 1 is a thread of this process, more are worker processes; this
+    process writes the shards meanwhile.
     """
     out = Path(out)
     start = time.perf_counter()
@@ -466,35 +486,104 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
     return report
 
 
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Iterate `items` in a background thread, at most `depth` ahead of the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(_Failure(exc))
+
+    thread = threading.Thread(target=produce, name="degrade-producer", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 class _chunk_runner:
     """Context manager giving `run(config, ranges) -> iterator of chunks, in order`.
 
-    jobs == 1 runs in this process; otherwise joblib (loky processes, or `backend`, e.g. "dask")
-    computes chunks ahead while this process writes them.
+    The caller writes the chunks (h5py releases the GIL while it compresses and writes).
+    jobs == 1 computes in a background thread of this process, a few chunks ahead of the writer;
+    jobs >= 2 computes in that many worker processes (loky), up to 2 * jobs + 1 chunks in flight.
+    `backend` (e.g. "dask") hands the chunks to joblib's backend of that name instead.
     """
 
     def __init__(self, jobs: int, backend: str | None):
-        self.jobs, self.backend, self.parallel = jobs, backend, None
+        if jobs < 1:
+            raise DatasetError(f"jobs must be >= 1, got {jobs}")
+        self.jobs, self.backend = jobs, backend
+        self.parallel: Any = None
+        self.executor: Any = None
         self.stack = contextlib.ExitStack()
 
     def __enter__(self):
-        if self.jobs != 1 or self.backend:
+        if self.backend:
             import joblib
 
             # parallel_config (not Parallel(backend=...)) registers external backends such as dask.
-            self.stack.enter_context(joblib.parallel_config(backend=self.backend or "loky", n_jobs=self.jobs))
+            self.stack.enter_context(joblib.parallel_config(backend=self.backend, n_jobs=max(self.jobs, 1)))
             self.parallel = self.stack.enter_context(joblib.Parallel(return_as="generator", pre_dispatch="2*n_jobs"))
+        elif self.jobs >= 2:
+            from joblib.externals.loky import get_reusable_executor
+
+            self.executor = get_reusable_executor(max_workers=self.jobs)
         return self.run
 
     def __exit__(self, *exc):
         return self.stack.__exit__(*exc)
 
     def run(self, config: DatasetConfig, ranges: list[range]) -> Iterator[dict[str, Any]]:
-        if self.parallel is None:
-            return (make_chunk(config, r) for r in ranges)
-        import joblib
+        if self.parallel is not None:
+            import joblib
 
-        return self.parallel(joblib.delayed(make_chunk)(config, r, worker=True) for r in ranges)
+            yield from self.parallel(joblib.delayed(make_chunk)(config, r, worker=True) for r in ranges)
+        elif self.executor is None:
+            yield from _prefetched((make_chunk(config, r) for r in ranges), depth=2)
+        else:
+            pending = iter(ranges)
+            window = deque(self.executor.submit(make_chunk, config, r, worker=True)
+                           for r in itertools.islice(pending, 2 * self.jobs + 1))
+            try:
+                while window:
+                    result = window.popleft().result()
+                    nxt = next(pending, None)
+                    if nxt is not None:
+                        window.append(self.executor.submit(make_chunk, config, nxt, worker=True))
+                    yield result
+            finally:
+                for future in window:
+                    future.cancel()
 
 
 # --- reading ------------------------------------------------------------------------------------

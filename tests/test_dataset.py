@@ -310,7 +310,7 @@ def test_dask_cluster_on_loopback_gives_the_same_bytes(reference, tmp_path):
                                   dashboard_address=None) as cluster:
         result = CliRunner().invoke(main, [
             "make-dataset", "--out", str(tmp_path / "dask"), "--level", "mix", "--count", "20", "--patch-size", "64",
-            "--seed", "3", "--shard-size", "8", "--dask-scheduler", cluster.scheduler_address,
+            "--seed", "3", "--shard-size", "8", "--compression", "lzf", "--dask-scheduler", cluster.scheduler_address,
         ])
     assert result.exit_code == 0, result.output
     assert _digests(tmp_path / "dask") == _digests(reference)
@@ -321,3 +321,14 @@ def test_unreachable_dask_scheduler_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(main, ["make-dataset", "--out", str(tmp_path / "d"), "--count", "2",
                                        "--dask-scheduler", "tcp://127.0.0.1:9"])
     assert result.exit_code == 1 and "cannot reach the Dask scheduler" in result.output
+
+
+def test_source_cache_is_bounded_by_bytes(monkeypatch):
+    paths = [str(p) for p in degrade.sample_images()[:3]]
+    monkeypatch.setattr(dsm, "_source_cache", dsm.OrderedDict())
+    first = dsm._load_source_u8(paths[0])
+    monkeypatch.setattr(dsm, "SOURCE_CACHE_BYTES", first.nbytes + 1)
+    assert dsm._load_source_u8(paths[0]) is first  # cached
+    dsm._load_source_u8(paths[1])
+    assert list(dsm._source_cache) == [paths[1]]  # the older image was evicted
+    assert not first.flags.writeable

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""make-dataset end to end: samples/s including writing, vs the bare degradation rate; bytes/sample.
+
+For --level (default 2) on the bundled sample photos with 256x256 patches:
+
+- bare: `degrade.dataset.make_sample(config, i)` for every sample (source crop + sample_params +
+  apply + encode), nothing written: the degradation rate the writer should not slow down;
+- make-dataset with --jobs 1 and --jobs N for each compression (lzf, gzip, none): wall time of
+  `degrade.dataset.make_dataset` into a fresh folder, including scanning nothing (the scan is done
+  once before timing), HDF5 writing, checksums and the manifest.
+
+Reports samples/s, the ratio to the bare rate, and bytes on disk per sample. Each figure is the
+median of --repeats runs. Like the CLI, it tunes glibc's allocator first (degrade.allocator).
+
+Usage: python benchmarks/bench_make_dataset.py [--count 300] [--level 2] [--jobs 2] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+import degrade
+from degrade import dataset as dsm
+from degrade.allocator import tune_allocator
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--count", type=int, default=300)
+    ap.add_argument("--level", default="2")
+    ap.add_argument("--patch", type=int, default=256)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    tune_allocator()
+    level = degrade.parse_level(args.level)
+    scan = dsm.scan_sources([], args.patch)
+
+    def config(compression: str) -> dsm.DatasetConfig:
+        return dsm.DatasetConfig(level=level, count=args.count, patch_size=args.patch, seed=0,
+                                 shard_size=args.shard_size, compression=compression,
+                                 source_root=scan.root, sources=tuple(scan.sources))
+
+    print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    print(f"cpu: {cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}, numpy {np.__version__}, "
+          f"opencv {cv2.__version__}, degrade {degrade.__version__}")
+    print(f"level {args.level}, {args.count} samples of {args.patch}x{args.patch}, shard size {args.shard_size}, "
+          f"median of {args.repeats}\n")
+
+    bare_cfg = config("none")
+    for i in range(8):  # warm-up: source cache, Poisson tables
+        dsm.make_sample(bare_cfg, i)
+    bare = statistics.median(
+        args.count / timed(lambda: [dsm.make_sample(bare_cfg, i) for i in range(args.count)])
+        for _ in range(args.repeats)
+    )
+    rows = [("bare degradation (no writing)", "-", 1, bare, None)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for compression in ("lzf", "gzip", "none"):
+            for jobs in sorted({1, args.jobs}):
+                rates, size = [], 0
+                for r in range(args.repeats):
+                    out = Path(tmp) / f"{compression}-{jobs}-{r}"
+                    seconds = timed(lambda: dsm.make_dataset(config(compression), out, jobs=jobs))
+                    rates.append(args.count / seconds)
+                    size = sum(p.stat().st_size for p in out.iterdir())
+                    shutil.rmtree(out)
+                rows.append(("make-dataset", compression, jobs, statistics.median(rates), size / args.count))
+
+    print("| run | compression | jobs | samples/s | vs bare (1 process) | bytes/sample |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, compression, jobs, rate, per_sample in rows:
+        size = f"{per_sample / 1e3:,.1f} kB" if per_sample else "-"
+        print(f"| {name} | {compression} | {jobs} | {rate:.1f} | {rate / bare:.2f}x | {size} |")
+    raw = (args.patch**2 + (args.patch // 4) ** 2) * 3
+    print(f"\nuncompressed pixels per sample: {raw / 1e3:,.1f} kB")
+
+
+if __name__ == "__main__":
+    main()
