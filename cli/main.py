@@ -16,6 +16,7 @@ import click
 import numpy as np
 from click.core import ParameterSource
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -212,6 +213,105 @@ def verify(directory: Path, regenerate: int, sources: Path | None, seed: int) ->
             err_console.print(f"problem: {line}")
         raise click.ClickException(f"{directory}: {len(problems)} problem(s) found")
     console.print(f"{directory}: OK" + (f" ({regenerate} samples regenerated bit for bit)" if regenerate else ""))
+
+
+@main.command()
+@click.argument("target", required=False, type=click.Path(path_type=Path))
+@click.option("--index", "index", type=int, help="Show one sample (default: statistics of the whole dataset).")
+@click.option("--vector", help='Decode a 33-value vector "v0,...,v32" instead of reading a dataset.')
+@click.option("--png", type=click.Path(path_type=Path),
+              help="Also draw a picture: the sample (HR, LR, v), or the dataset's 33 histograms by level.")
+@click.option("--grid", type=click.IntRange(min=1, max=64),
+              help="With --png, draw a contact sheet of this many random HR/LR pairs instead of histograms.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Which samples --grid shows.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON instead of tables.")
+def inspect(target: Path | None, index: int | None, vector: str | None, png: Path | None, grid: int | None,
+            seed: int, as_json: bool) -> None:
+    """Show what v says: for one sample (--index), a whole dataset, or any --vector.
+
+    TARGET is a dataset folder or a single shard file.
+    """
+    from degrade import dataset as ds
+    from degrade import inspect as insp
+
+    if (target is None) == (vector is None):
+        raise click.UsageError("give a dataset (folder or shard) or --vector, not both")
+    if vector is not None and (index is not None or png or grid):
+        raise click.UsageError("--index, --png and --grid need a dataset")
+    if grid is not None and (png is None or index is not None):
+        raise click.UsageError("--grid needs --png (the contact sheet's file) and no --index")
+    try:
+        if vector is not None:
+            params = degrade.decode(parse_vector(vector))
+            rows = insp.read_fields(parse_vector(vector), params)
+            _report_sample(rows, params, None, "decoded vector", as_json)
+            return
+        data = ds.open_dataset(target, allow_incomplete=True)
+        if index is not None:
+            sample = data[index]
+            rows = insp.read_fields(sample.v, sample.params)
+            _report_sample(rows, sample.params, sample.hr.shape[0], f"{target} sample {index}", as_json,
+                           extra={"index": index})
+            if png:
+                insp_png = _plots().sample_figure(png, sample.hr, sample.lr, sample.v, sample.params,
+                                                  f"{target.name} #{index}: {insp.caption(sample.params)}")
+                err_console.print(f"wrote {png} ({insp_png[0]}x{insp_png[1]})")
+            return
+        stats = insp.dataset_stats(data)
+        _report_dataset(stats, target, as_json)
+        if png and grid:
+            picks = np.random.default_rng(seed).choice(len(data), size=min(grid, len(data)), replace=False)
+            size = _plots().contact_sheet(png, data, sorted(int(i) for i in picks))
+            err_console.print(f"wrote {png} ({size[0]}x{size[1]})")
+        elif png:
+            size = _plots().histogram_figure(png, stats)
+            err_console.print(f"wrote {png} ({size[0]}x{size[1]})")
+    except IndexError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (ValueError, RuntimeError) as exc:  # DatasetError and ImageError are ValueErrors
+        raise click.ClickException(str(exc)) from None
+
+
+def _plots():
+    from degrade import plots
+
+    return plots
+
+
+def _report_sample(rows, params, hr_size: int | None, title: str, as_json: bool, extra: dict | None = None) -> None:
+    from degrade import inspect as insp
+
+    steps = insp.pipeline_steps(params, hr_size)
+    if as_json:
+        out = {**(extra or {}), "level": params.level, "pipeline": steps, "fields": insp.readings_to_json(rows)}
+        click.echo(json.dumps(out, indent=1))
+        return
+    table = Table(title=f"{title}: level {params.level if params.level else 'not recorded (decoded)'}",
+                  title_justify="left")
+    for name in ("index", "block", "field", "stored v", "value"):
+        table.add_column(name)
+    for r in rows:
+        stored = ", ".join(f"{x:.4f}" for x in r.stored)
+        table.add_row(r.index, r.block, r.name, stored, r.text if r.present else "[dim]absent[/dim]")
+    console.print(table)
+    console.print("pipeline: " + " -> ".join(steps), soft_wrap=True)
+
+
+def _report_dataset(stats: dict, target: Path, as_json: bool) -> None:
+    from degrade import inspect as insp
+
+    if as_json:
+        click.echo(json.dumps(stats, indent=1))
+        return
+    levels = ", ".join(f"level {k}: {n}" for k, n in stats["levels"].items())
+    table = Table(title=f"{target}: {stats['samples']} samples ({levels})", title_justify="left")
+    for name in ("index", "field", "min", "mean", "max", "present", "histogram [0, 1]"):
+        table.add_column(name, justify="right" if name in ("min", "mean", "max", "present") else "left",
+                         no_wrap=True)
+    for f in stats["fields"]:
+        table.add_row(str(f["index"]), escape(f["field"]), f"{f['min']:.3f}", f"{f['mean']:.3f}", f"{f['max']:.3f}",
+                      f"{100 * f['present_share']:.0f}%", insp.sparkline(f["histogram"]))
+    console.print(table)
 
 
 def _progress() -> Progress:

@@ -663,6 +663,16 @@ class ShardDataset:
         for i in range(len(self)):
             yield self[i]
 
+    def column(self, name: str) -> Any:
+        """A per-sample metadata dataset of every shard, concatenated: `v`, `level`, `index`,
+        `source`, `crop` as arrays, `params` as a list of JSON strings."""
+        if name not in ("v", "level", "index", "source", "crop", "params"):
+            raise ValueError(f"no per-sample metadata column {name!r}")
+        parts = [f[name][:] for f in self._open()]
+        if name == "params":
+            return [_text(x) for part in parts for x in part]
+        return np.concatenate(parts)
+
     def close(self) -> None:
         for h in self._handles:
             h.close()

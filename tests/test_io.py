@@ -79,3 +79,12 @@ def test_write_read_round_trip_and_refusals(tmp_path):
 
 def test_crop_to_multiple():
     assert crop_to_multiple(np.zeros((130, 70, 3)), 4).shape == (128, 68, 3)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    write_image(tmp_path / "p.png", np.zeros((4, 4, 3), np.float32))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "p.png").stat().st_mode & 0o777 == 0o666 & ~mask

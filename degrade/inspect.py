@@ -1,0 +1,205 @@
+"""What a vector says: per-field readings, the applied pipeline, and dataset statistics.
+
+Pure functions returning data; `degrade inspect` renders them as rich tables, sparklines, JSON, and
+(with matplotlib, :mod:`degrade.plots`) pictures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from degrade.dataset import ShardDataset
+from degrade.params import BlurParams, DegradationParams, NoiseParams
+from degrade.pipeline import SCALE
+from degrade.vector import VECTOR_FIELDS, VectorField, check_vector, decode
+
+# Blocks of v for grouping in tables and charts (spec section 7's order).
+BLOCKS: dict[str, tuple[int, int]] = {"kernel": (0, 10), "resize": (10, 18), "noise": (18, 26), "JPEG/final": (26, 33)}
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def block_of(index: int) -> str:
+    for name, (lo, hi) in BLOCKS.items():
+        if lo <= index < hi:
+            return name
+    raise IndexError(index)
+
+
+@dataclass(frozen=True)
+class FieldReading:
+    """One field of v: where it sits, the stored value(s), and what it means physically."""
+
+    index: str  # "5" or "11-13"
+    name: str
+    block: str
+    stored: tuple[float, ...]
+    present: bool
+    value: float | str | None  # physical value (number or choice); None when absent
+    text: str  # the value in words with units, or "absent"
+
+
+def _physical_text(f: VectorField, value: Any, step: Any) -> str:
+    attr = f.attr
+    if f.kind == "onehot":
+        if f.name == "final.order":
+            return {"A": "A (resize, sinc, JPEG)", "B": "B (JPEG, resize, sinc)"}[value]
+        return {"gaussian": "Gaussian", "poisson": "Poisson"}.get(value, value)
+    if f.kind == "flag":
+        return "gray (luma only)" if value else "colour"
+    if attr == "size":
+        return f"{value} px"
+    if attr in ("sigma_x", "sigma_y"):
+        return f"{value:.2f} px"
+    if attr == "theta":
+        return f"{math.degrees(value):.1f} deg"
+    if attr == "omega_c":
+        return f"{value:.3f} rad/px ({value / math.pi:.2f} pi)"
+    if attr == "scale":
+        return f"x{value:.3f}"
+    if attr == "strength":
+        if isinstance(step, NoiseParams) and step.type == "gaussian":
+            return f"sigma {value:.1f} / 255"
+        return f"Poisson scale {value:.2f}"
+    if attr == "quality":
+        return f"JPEG q {value}"
+    return f"{value}"
+
+
+def read_fields(v: ArrayLike, params: DegradationParams | None = None) -> list[FieldReading]:
+    """Per-field readings of v. Physical values come from `params` (a stored record) or decode(v)."""
+    arr = check_vector(v)
+    record = decode(arr) if params is None else params
+    rows = []
+    for f in VECTOR_FIELDS:
+        step = getattr(record, f.step)
+        value = None if step is None else getattr(step, f.attr)
+        present = value is not None
+        index = str(f.index) if f.width == 1 else f"{f.index}-{f.index + f.width - 1}"
+        stored = tuple(float(x) for x in arr[f.slice])
+        text = _physical_text(f, value, step) if present else "absent"
+        rows.append(FieldReading(index, f.name, block_of(f.index), stored, present, value, text))
+    return rows
+
+
+def _blur_text(name: str, b: BlurParams) -> str:
+    shape = f"isotropic sigma {b.sigma_x:.2f} px" if b.isotropic else (
+        f"anisotropic sigma {b.sigma_x:.2f} x {b.sigma_y:.2f} px at {math.degrees(b.theta):.0f} deg")
+    return f"{name}: {b.size}x{b.size} Gaussian, {shape}"
+
+
+def _noise_text(name: str, n: NoiseParams) -> str:
+    kind = "gray" if n.gray else "colour"
+    if n.type == "gaussian":
+        return f"{name}: {kind} Gaussian noise, sigma {n.strength:.1f} / 255"
+    return f"{name}: {kind} Poisson noise, scale {n.strength:.2f}"
+
+
+def pipeline_steps(params: DegradationParams, hr_size: int | None = None) -> list[str]:
+    """The steps actually applied, in order, in words (sizes when the HR side `hr_size` is known)."""
+    steps: list[str] = []
+    size = hr_size
+
+    def sized(scale_of: int | None, scale: float) -> str:
+        return "" if scale_of is None else f" to {max(1, round(scale_of * scale))} px"
+
+    if params.blur1:
+        steps.append(_blur_text("blur", params.blur1))
+    if params.resize1:
+        steps.append(f"resize x{params.resize1.scale:.3f} ({params.resize1.mode}){sized(size, params.resize1.scale)}")
+    if params.noise1:
+        steps.append(_noise_text("noise", params.noise1))
+    if params.jpeg1:
+        steps.append(f"JPEG q {params.jpeg1.quality}")
+    target = None if hr_size is None else hr_size // SCALE
+    final_resize = f"resize to {'P/4' if target is None else f'{target} px'} ({params.final.mode})"
+    if not params.two_stage:
+        return [*steps, final_resize]
+    if params.blur2:
+        steps.append(_blur_text("blur 2", params.blur2))
+    assert params.resize2 is not None
+    steps.append(f"resize 2 x{params.resize2.scale:.3f} of P/4 ({params.resize2.mode}){sized(target, params.resize2.scale)}")
+    if params.noise2:
+        steps.append(_noise_text("noise 2", params.noise2))
+    sinc = (f"sinc {params.sinc.size}x{params.sinc.size}, omega_c {params.sinc.omega_c / math.pi:.2f} pi"
+            if params.sinc else None)
+    jpeg2 = f"JPEG 2 q {params.jpeg2.quality}" if params.jpeg2 else None
+    block = [final_resize, sinc, jpeg2] if params.final.order == "A" else [jpeg2, final_resize, sinc]
+    return steps + [s for s in block if s]
+
+
+def caption(params: DegradationParams) -> str:
+    """A one-line summary of the main parameters (for picture captions)."""
+    parts = [f"L{params.level}" if params.level else "decoded"]
+    if params.blur1:
+        parts.append(f"blur {params.blur1.sigma_x:.1f}" + ("" if params.blur1.isotropic else f"x{params.blur1.sigma_y:.1f}"))
+    if params.resize1:
+        parts.append(f"x{params.resize1.scale:.2f}")
+    for n in (params.noise1, params.noise2):
+        if n:
+            parts.append(f"{'G' if n.type == 'gaussian' else 'P'}{n.strength:.1f}{'g' if n.gray else ''}")
+    for j in (params.jpeg1, params.jpeg2):
+        if j:
+            parts.append(f"q{j.quality}")
+    if params.sinc:
+        parts.append(f"sinc {params.sinc.omega_c / math.pi:.2f}pi")
+    return " ".join(parts)
+
+
+# --- datasets -----------------------------------------------------------------------------------
+
+
+def _present_matrix(records: list[DegradationParams]) -> NDArray[np.bool_]:
+    """(n, 33) True where the field's step happened in that sample's record."""
+    out = np.zeros((len(records), len(VECTOR_FIELDS)), bool)
+    for i, r in enumerate(records):
+        for j, f in enumerate(VECTOR_FIELDS):
+            out[i, j] = getattr(r, f.step) is not None
+    return out
+
+
+def dataset_stats(ds: ShardDataset, *, bins: int = 16) -> dict[str, Any]:
+    """Counts per level and, per field of v: min/mean/max, the share of samples where its step is
+    present, and a histogram over [0, 1] (overall and per level). Plain data, JSON-ready."""
+    v = ds.column("v").astype(np.float64)
+    level = ds.column("level").astype(int)
+    records = [DegradationParams.from_json(t) for t in ds.column("params")]
+    present = _present_matrix(records)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    fields = []
+    for j, f in enumerate(VECTOR_FIELDS):
+        for k in range(f.width):
+            col = v[:, f.index + k]
+            label = f.name if f.width == 1 else f"{f.name}[{f.choices[k]}]"
+            fields.append({
+                "index": f.index + k,
+                "field": label,
+                "block": block_of(f.index),
+                "min": float(col.min()),
+                "mean": float(col.mean()),
+                "max": float(col.max()),
+                "present_share": float(present[:, j].mean()),
+                "histogram": np.histogram(col, edges)[0].tolist(),
+                "histogram_by_level": {str(lv): np.histogram(col[level == lv], edges)[0].tolist() for lv in (1, 2, 3)},
+            })
+    return {
+        "samples": int(len(level)),
+        "levels": {str(lv): int((level == lv).sum()) for lv in (1, 2, 3)},
+        "bin_edges": edges.tolist(),
+        "fields": fields,
+    }
+
+
+def sparkline(counts: list[int]) -> str:
+    top = max(counts) if counts else 0
+    if top == 0:
+        return " " * len(counts)
+    return "".join(" " if c == 0 else SPARKS[min(len(SPARKS) - 1, int(c / top * (len(SPARKS) - 1) + 0.5))] for c in counts)
+
+
+def readings_to_json(rows: list[FieldReading]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]

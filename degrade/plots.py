@@ -1,0 +1,147 @@
+"""Pictures of samples and datasets (matplotlib, an optional extra: pip install 'dasr-toolkit[plot]')."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from degrade.dataset import ShardDataset
+from degrade.inspect import BLOCKS, caption, pipeline_steps, read_fields
+from degrade.params import DegradationParams
+from degrade.vector import VECTOR_FIELDS
+
+BLOCK_COLOURS = {"kernel": "#4C72B0", "resize": "#55A868", "noise": "#C44E52", "JPEG/final": "#8172B2"}
+LEVEL_COLOURS = {1: "#8ecae6", 2: "#219ebc", 3: "#fb8500"}
+ABSENT_COLOUR = "#d9d9d9"
+DPI = 100
+
+
+def Patch(**kw: Any) -> Any:
+    from matplotlib.patches import Patch as _Patch
+
+    return _Patch(**kw)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("pictures need matplotlib: pip install 'dasr-toolkit[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    import io
+
+    from degrade.io import write_bytes_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    write_bytes_atomic(Path(path), buf.getvalue())
+
+
+def _upscale_nearest(lr: np.ndarray, size: int) -> np.ndarray:
+    f = size // lr.shape[0]
+    return np.repeat(np.repeat(lr, f, axis=0), f, axis=1)
+
+
+def sample_figure(path: Path, hr: np.ndarray, lr: np.ndarray, v: np.ndarray, params: DegradationParams,
+                  title: str) -> tuple[int, int]:
+    """HR, LR (nearest-upscaled to the HR size) and a bar chart of v by block, with the pipeline
+    written underneath; returns the picture's (width, height) in pixels."""
+    plt = _pyplot()
+    fig, (ax_hr, ax_lr, ax) = plt.subplots(1, 3, figsize=(16, 7), gridspec_kw={"width_ratios": [1, 1, 2.6]})
+    for a, img, label in ((ax_hr, hr, f"HR {hr.shape[1]}x{hr.shape[0]}"),
+                          (ax_lr, _upscale_nearest(lr, hr.shape[0]), f"LR {lr.shape[1]}x{lr.shape[0]} (nearest x4)")):
+        a.imshow(img, interpolation="nearest")
+        a.set_title(label)
+        a.axis("off")
+    present = [r.present for r in read_fields(v, params) for _ in r.stored]
+    colours = [BLOCK_COLOURS[next(b for b, (lo, hi) in BLOCKS.items() if lo <= i < hi)] if present[i] else ABSENT_COLOUR
+               for i in range(len(v))]
+    ax.bar(range(len(v)), v, color=colours)
+    labels = []
+    for f in VECTOR_FIELDS:
+        labels += [f.name] if f.width == 1 else [f"{f.name}:{c}" for c in f.choices]
+    ax.set_xticks(range(len(v)), labels, rotation=90, fontsize=7)
+    for tick, is_present in zip(ax.get_xticklabels(), present):
+        tick.set_color("black" if is_present else "#999999")
+    ax.set_xlim(-0.7, len(v) - 0.3)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("v")
+    ax.set_title("degradation vector v (dasr33-v1)")
+    handles = [Patch(color=c, label=name) for name, c in BLOCK_COLOURS.items()]
+    handles.append(Patch(color=ABSENT_COLOUR, label="absent step (identity value)"))
+    ax.legend(handles=handles, loc="upper center", fontsize=8, ncols=5, frameon=False)
+    steps = pipeline_steps(params, hr.shape[0])
+    lines = ["  ->  ".join(steps[k : k + 3]) for k in range(0, len(steps), 3)]
+    fig.text(0.01, 0.13, "pipeline:  " + "\n   ->  ".join(lines), va="top", family="monospace", fontsize=9)
+    fig.suptitle(title)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.3, wspace=0.12)
+    _save(fig, path)
+    size = fig.canvas.get_width_height()
+    plt.close(fig)
+    return size
+
+
+def histogram_figure(path: Path, stats: dict[str, Any]) -> tuple[int, int]:
+    """A grid of the 33 histograms of v, stacked by level."""
+    plt = _pyplot()
+    fields = stats["fields"]
+    cols = 6
+    rows = math.ceil(len(fields) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.1 * rows))
+    edges = np.array(stats["bin_edges"])
+    centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+    for ax, f in zip(axes.ravel(), fields):
+        bottom = np.zeros(len(centres))
+        for lv in (1, 2, 3):
+            counts = np.array(f["histogram_by_level"][str(lv)])
+            ax.bar(centres, counts, width=width * 0.95, bottom=bottom, color=LEVEL_COLOURS[lv], label=f"level {lv}")
+            bottom += counts
+        ax.set_title(f"{f['index']}: {f['field']}", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.tick_params(labelsize=6)
+    for ax in axes.ravel()[len(fields):]:
+        ax.axis("off")
+    axes.ravel()[0].legend(fontsize=6)
+    levels = ", ".join(f"level {k}: {n}" for k, n in stats["levels"].items() if n)
+    fig.suptitle(f"v over {stats['samples']} samples ({levels})")
+    fig.tight_layout()
+    _save(fig, path)
+    size = fig.canvas.get_width_height()
+    plt.close(fig)
+    return size
+
+
+def contact_sheet(path: Path, ds: ShardDataset, indices: list[int]) -> tuple[int, int]:
+    """HR / LR pairs of the given samples, captioned with index, level and main parameters."""
+    plt = _pyplot()
+    cols = min(4, len(indices))
+    rows = math.ceil(len(indices) / cols)
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(4.4 * cols, 2.7 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for n, i in enumerate(indices):
+        s = ds[i]
+        r, c = divmod(n, cols)
+        axes[r, 2 * c].imshow(s.hr)
+        axes[r, 2 * c + 1].imshow(_upscale_nearest(s.lr, s.hr.shape[0]), interpolation="nearest")
+        axes[r, 2 * c].set_title(f"#{i} HR", fontsize=8)
+        axes[r, 2 * c + 1].set_title(textwrap.fill(caption(s.params), 34), fontsize=7)
+    fig.suptitle("HR / LR (nearest x4) pairs")
+    fig.tight_layout()
+    _save(fig, path)
+    size = fig.canvas.get_width_height()
+    plt.close(fig)
+    return size
+
+
+__all__ = ["contact_sheet", "histogram_figure", "read_fields", "sample_figure"]

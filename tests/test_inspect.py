@@ -1,0 +1,151 @@
+"""degrade inspect: readings equal the stored records, statistics equal independent numbers, valid pictures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import degrade
+from cli.main import main
+from degrade import dataset as dsm
+from degrade import inspect as insp
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("insp") / "ds"
+    scan = dsm.scan_sources([], 64)
+    config = dsm.DatasetConfig(level="mix", count=40, patch_size=64, seed=5, shard_size=16, compression="none",
+                               source_root=scan.root, sources=tuple(scan.sources))
+    dsm.make_dataset(config, out)
+    return str(out)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_sample_readings_equal_the_stored_record(small):
+    ds = degrade.open_dataset(small)
+    for i in range(len(ds)):
+        s = ds[i]
+        rows = {r.name: r for r in insp.read_fields(s.v, s.params)}
+        for name, row in rows.items():
+            step_name, attr = name.split(".")
+            step = getattr(s.params, step_name)
+            value = None if step is None else getattr(step, attr)
+            assert row.present == (value is not None), name
+            assert row.value == value
+        if s.params.blur1 is not None:
+            assert rows["blur1.sigma_x"].text == f"{s.params.blur1.sigma_x:.2f} px"
+        if s.params.jpeg1 is not None:
+            assert rows["jpeg1.quality"].text == f"JPEG q {s.params.jpeg1.quality}"
+
+
+def test_cli_sample_json_matches_the_record(small):
+    result = run("inspect", small, "--index", 7, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    record = degrade.open_dataset(small)[7].params
+    assert data["level"] == record.level and data["index"] == 7
+    fields = {f["name"]: f for f in data["fields"]}
+    assert len(data["fields"]) == len(degrade.VECTOR_FIELDS)
+    assert fields["noise1.type"]["value"] == record.noise1.type
+    assert fields["final.mode"]["value"] == record.final.mode
+    assert data["pipeline"][-1].startswith(("resize to 16 px", "sinc", "JPEG 2"))
+    assert fields["jpeg2.quality"]["present"] == (record.jpeg2 is not None)
+
+
+def test_cli_sample_table_names_fields_and_pipeline(small):
+    result = run("inspect", small, "--index", 0)
+    assert result.exit_code == 0
+    assert "blur1.sigma_x" in result.output and "pipeline:" in result.output
+    record = degrade.open_dataset(small)[0].params
+    assert f"JPEG q {record.jpeg1.quality}" in result.output
+
+
+def test_pipeline_steps_follow_the_record_order():
+    p = degrade.sample_params(3, np.random.default_rng(2))
+    steps = insp.pipeline_steps(p, 256)
+    assert steps[0].startswith("blur") and "JPEG q" in " ".join(steps)
+    final = [s for s in steps if s.startswith(("resize to", "sinc", "JPEG 2"))]
+    expected = ["resize to", "sinc", "JPEG 2"] if p.final.order == "A" else ["JPEG 2", "resize to", "sinc"]
+    expected = [e for e in expected if (e != "sinc" or p.sinc) and (e != "JPEG 2" or p.jpeg2)]
+    assert [next(e for e in expected if s.startswith(e)) for s in final] == expected
+
+
+def test_dataset_statistics_equal_independent_numbers(small):
+    ds = degrade.open_dataset(small)
+    stats = insp.dataset_stats(ds)
+    v = np.stack([ds[i].v for i in range(len(ds))]).astype(np.float64)
+    levels = [ds[i].params.level for i in range(len(ds))]
+    assert stats["samples"] == 40
+    assert stats["levels"] == {str(k): levels.count(k) for k in (1, 2, 3)}
+    by_index = {f["index"]: f for f in stats["fields"]}
+    assert sorted(by_index) == list(range(33))
+    for j in range(33):
+        assert by_index[j]["min"] == pytest.approx(v[:, j].min())
+        assert by_index[j]["mean"] == pytest.approx(v[:, j].mean())
+        assert by_index[j]["max"] == pytest.approx(v[:, j].max())
+        assert sum(by_index[j]["histogram"]) == 40
+    # blur2 happens only at level 3; the share counts records where the step is present.
+    blur2_share = sum(ds[i].params.blur2 is not None for i in range(len(ds))) / 40
+    assert by_index[4]["present_share"] == pytest.approx(blur2_share)
+    assert by_index[0]["present_share"] == 1.0
+
+
+def test_cli_dataset_json_is_valid_and_table_has_sparklines(small):
+    result = run("inspect", small, "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.output)["samples"] == 40
+    table = run("inspect", small)
+    assert "resize1.mode[" in table.output and any(c in table.output for c in insp.SPARKS)
+
+
+def test_sparkline():
+    assert insp.sparkline([0, 1, 2, 4]) == " ▃▅█"
+    assert insp.sparkline([0, 0]) == "  "
+
+
+def test_cli_vector_decodes_any_vector():
+    v = degrade.encode(degrade.sample_params(3, np.random.default_rng(9)))
+    result = run("inspect", "--vector", ",".join(f"{x:.6f}" for x in v), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["level"] is None and len(data["fields"]) == len(degrade.VECTOR_FIELDS)
+
+
+def _png_size(path) -> tuple[int, int]:
+    img = cv2.imread(str(path))
+    assert img is not None, f"{path} is not a readable image"
+    return img.shape[1], img.shape[0]
+
+
+def test_pictures_are_valid_pngs_of_the_expected_size(small, tmp_path):
+    pytest.importorskip("matplotlib")
+    assert run("inspect", small, "--index", 3, "--png", tmp_path / "s.png").exit_code == 0
+    assert _png_size(tmp_path / "s.png") == (1600, 700)
+    assert run("inspect", small, "--png", tmp_path / "h.png").exit_code == 0
+    assert _png_size(tmp_path / "h.png") == (1800, 1260)
+    assert run("inspect", small, "--png", tmp_path / "g.png", "--grid", 6).exit_code == 0
+    assert _png_size(tmp_path / "g.png") == (1760, math.ceil(6 / 4) * 270)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["inspect", "missing-folder"], "no such file"),
+    (["inspect", "README.md"], "not an HDF5 file"),
+    (["inspect", "{small}", "--index", "40"], "out of range"),
+    (["inspect", "--vector", "0.1,0.2"], "33 values"),
+    (["inspect"], "not both"),
+    (["inspect", "{small}", "--grid", "4"], "--grid needs --png"),
+])
+def test_bad_input_is_one_clear_line(small, args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("not a shard")
+    result = CliRunner().invoke(main, [a.replace("{small}", small) for a in args])
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
