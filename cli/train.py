@@ -1,0 +1,63 @@
+"""`dasr-train`: train DASR on `degrade make-dataset` shards (a thin shell over dasr_model.train)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+err_console = Console(stderr=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--shards", required=True, type=click.Path(path_type=Path), help="Training dataset folder.")
+@click.option("--val-shards", type=click.Path(path_type=Path), help="Held-out dataset folder for validation.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder (checkpoints, metrics).")
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lr-crop", type=click.IntRange(min=4), default=64, show_default=True, help="LR crop side (HR: x4).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--resume", is_flag=True, help="Continue from the latest RUN/ckpt-*.pt.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Data loader processes.")
+@click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--ckpt-every", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--experts", type=click.IntRange(min=1), default=5, show_default=True, help="1 = plain SRResNet baseline.")
+@click.option("--blocks", type=click.IntRange(min=1), default=16, show_default=True, help="Residual blocks.")
+@click.option("--features", type=click.IntRange(min=4), default=64, show_default=True, help="Feature channels.")
+@click.option("--no-sharpen", is_flag=True, help="Train against the plain HR instead of the unsharp-masked one.")
+def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, seed, workers, val_every, ckpt_every,
+         experts, blocks, features, no_sharpen) -> None:
+    """Train DASR (degradation predictor + expert MSRResNet) on HDF5 shards: L1 + v regression."""
+    from dasr_model.model import DASRConfig
+    from dasr_model.train import TrainConfig, train
+
+    cfg = TrainConfig(shards=str(shards), out=str(out), steps=steps, batch_size=batch_size, lr_crop=lr_crop,
+                      val_shards=str(val_shards) if val_shards else None, val_every=val_every, ckpt_every=ckpt_every,
+                      seed=seed, workers=workers, device=device, sharpen_gt=not no_sharpen,
+                      model=DASRConfig(num_experts=experts, num_block=blocks, num_feat=features))
+    err_console.print("GAN and perceptual (VGG) losses are not implemented yet: training with L1 + v regression")
+    columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=err_console) as bar:
+            task = bar.add_task("train", total=steps, info="")
+
+            def report(step: int, m: dict) -> None:
+                info = f"loss {m['loss']:.4f}  {m['samples_per_s']:.1f} samples/s"
+                if "val" in m:
+                    info += "  val PSNR-Y " + " ".join(f"L{k} {v:.2f}" for k, v in m["val"]["psnr_y"].items())
+                bar.update(task, completed=step, info=info)
+
+            last = train(cfg, resume=resume, progress=report)
+    except (FileNotFoundError, ValueError, FloatingPointError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if last:
+        err_console.print(f"stopped at step {last['step']}; checkpoints and metrics.jsonl in {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The DASR training loop (spec model.md section 4), readable top to bottom.
+
+Losses: L1(SR, unsharp-masked GT) + L1(v_hat, v), weights 1 and 1. Adam (1e-4, betas 0.9/0.99) over
+G, P and the mapping net together; EMA 0.999 of G. bf16 autocast on CUDA, float32 on CPU.
+Batches are a pure function of (seed, step) (dasr_model.data), so `resume` continues exactly.
+Not implemented yet: the GAN and perceptual terms, DistributedDataParallel, torch.compile.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from dasr_model.data import PairedShards, StepBatchSampler, block_mae, psnr_y, unsharp_mask
+from dasr_model.model import DASR, DASRConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    shards: str
+    out: str
+    steps: int = 1000
+    batch_size: int = 16
+    lr_crop: int = 64
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    pixel_weight: float = 1.0
+    regression_weight: float = 1.0
+    ema_decay: float = 0.999
+    sharpen_gt: bool = True
+    val_shards: str | None = None
+    val_every: int = 500
+    val_samples: int = 64
+    ckpt_every: int = 1000
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    model: DASRConfig = field(default_factory=DASRConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        d["model"] = DASRConfig(**d["model"])
+        d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def save_checkpoint(path: Path, cfg: TrainConfig, model: DASR, ema: torch.nn.Module, opt: torch.optim.Optimizer,
+                    step: int) -> None:
+    """Everything to continue exactly: config, weights, EMA, optimiser, step (the data is keyed by step)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"config": cfg.to_dict(), "model": model.state_dict(), "ema_generator": ema.state_dict(),
+                "optimizer": opt.state_dict(), "step": step,
+                "torch_rng": torch.get_rng_state()}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted(out.glob("ckpt-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+@torch.no_grad()
+def validate(model: DASR, ema_generator: torch.nn.Module, val: PairedShards, device: torch.device,
+             n: int) -> dict[str, Any]:
+    """PSNR-Y (4-px crop) per level of the EMA generator, bicubic PSNR, and predictor MAE per block."""
+    model.eval()
+    psnr: dict[int, list[float]] = {1: [], 2: [], 3: []}
+    bicubic: dict[int, list[float]] = {1: [], 2: [], 3: []}
+    v_hats, vs = [], []
+    for i in range(min(n, len(val))):
+        item = val[(0, 0, i)]
+        lr, hr = item["lr"][None].to(device), item["hr"][None].to(device)
+        v_hat, a = model.predict(lr)
+        sr = ema_generator(lr, a)
+        level = int(item["level"])
+        psnr[level].append(float(psnr_y(sr, hr)))
+        bic = F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False)
+        bicubic[level].append(float(psnr_y(bic, hr)))
+        v_hats.append(v_hat.cpu())
+        vs.append(item["v"][None])
+    model.train()
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {
+        "psnr_y": {str(k): mean(v) for k, v in psnr.items() if v},
+        "bicubic_psnr_y": {str(k): mean(v) for k, v in bicubic.items() if v},
+        "mae": block_mae(torch.cat(v_hats), torch.cat(vs)),
+    }
+
+
+def train(cfg: TrainConfig, *, resume: bool = False,
+          progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train as `cfg` says; returns the last metrics. Ctrl-C (SIGINT) saves a checkpoint, then stops."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    use_bf16 = device.type == "cuda"
+
+    # --- model, EMA, optimiser (or their state from the latest checkpoint) ---
+    torch.manual_seed(cfg.seed)
+    model = DASR(cfg.model).to(device)
+    ema = copy.deepcopy(model.generator).requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    step = 0
+    ckpt_path = latest_checkpoint(out) if resume else None
+    if resume and ckpt_path is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path)
+        if TrainConfig.from_dict(ckpt["config"]).model != cfg.model:
+            raise ValueError(f"{ckpt_path}: the checkpoint's model config differs from this run's")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema_generator"])
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        step = int(ckpt["step"])
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    # --- data: batches keyed by step ---
+    train_set = PairedShards(cfg.shards, lr_crop=cfg.lr_crop, seed=cfg.seed)
+    val_set = PairedShards(cfg.val_shards, lr_crop=None, augment=False) if cfg.val_shards else None
+    sampler = StepBatchSampler(len(train_set), cfg.batch_size, start=step, stop=cfg.steps, seed=cfg.seed)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+
+    stop = {"now": False}
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):  # finish the step, save, then stop
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_sigint)
+    metrics_file = open(out / "metrics.jsonl", "a")
+    last: dict[str, Any] = {}
+    t0, seen = time.perf_counter(), 0
+    try:
+        for batch in loader:
+            lr_img = batch["lr"].to(device, non_blocking=True)
+            hr = batch["hr"].to(device, non_blocking=True)
+            v = batch["v"].to(device, non_blocking=True)
+            target = unsharp_mask(hr) if cfg.sharpen_gt else hr
+
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                v_hat, a = model.predict(lr_img)
+                sr = model.sr(lr_img, a)
+                pixel = F.l1_loss(sr.float(), target)
+                regression = F.l1_loss(v_hat.float(), v)
+                loss = cfg.pixel_weight * pixel + cfg.regression_weight * regression
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), model.generator.parameters()):
+                    pe.lerp_(pm, 1 - cfg.ema_decay)
+            step += 1
+            seen += lr_img.shape[0]
+
+            last = {"step": step, "loss": loss_value, "l1": float(pixel.detach()),
+                    "regression": float(regression.detach()),
+                    "samples_per_s": seen / (time.perf_counter() - t0)}
+            if val_set is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+                last["val"] = validate(model, ema, val_set, device, cfg.val_samples)
+            metrics_file.write(json.dumps(last) + "\n")
+            metrics_file.flush()
+            if progress:
+                progress(step, last)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop["now"]:
+                save_checkpoint(out / f"ckpt-{step}.pt", cfg, model, ema, opt, step)
+            if stop["now"]:
+                break
+    finally:
+        metrics_file.close()
+        signal.signal(signal.SIGINT, previous)
+    return last
