@@ -35,6 +35,12 @@ from degrade.recipe import (
 )
 
 SEED_LIMIT = 2**53  # noise seeds stay exact in JSON readers that hold numbers as doubles
+# Bounds that keep a hand-written record applicable in bounded time and memory (far wider than the
+# vector layout's ranges, which encode() checks).
+MAX_KERNEL_SIZE = 51
+MIN_SIGMA, MAX_SIGMA = 1e-3, 20.0
+MIN_OMEGA_C = 0.05
+MIN_SCALE, MAX_SCALE = 0.01, 4.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,7 +186,9 @@ class DegradationParams:
                 raise ValueError(f"parameter record lacks {name!r}")
             value = data[name]
             if name == "level":
-                kwargs[name] = None if value is None else int(value)
+                kwargs[name] = None if value is None else _strict_int("level", value)
+            elif name == "final" and value is None:
+                raise ValueError("final: expected an object, got null")
             else:
                 kwargs[name] = None if value is None else _step_from_dict(name, value)
         return cls(**kwargs)
@@ -194,6 +202,19 @@ class DegradationParams:
         return cls.from_dict(data)
 
 
+def _strict_int(where: str, raw: Any) -> int:
+    """A JSON integer (or an integral float such as 7.0); bools, strings and non-finite values are refused."""
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) or raw != int(raw):
+        raise ValueError(f"{where}: bad value {raw!r} (expected an integer)")
+    return int(raw)
+
+
+def _strict_float(where: str, raw: Any) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+        raise ValueError(f"{where}: bad value {raw!r} (expected a finite number)")
+    return float(raw)
+
+
 def _step_from_dict(name: str, value: Any) -> Any:
     step_type = _STEP_TYPES[name]
     if not isinstance(value, Mapping):
@@ -204,23 +225,19 @@ def _step_from_dict(name: str, value: Any) -> Any:
     kwargs = {}
     for key, raw in value.items():
         annotation = str(expected[key].type)
-        try:
-            if annotation == "int":
-                if isinstance(raw, bool) or float(raw) != int(raw):
-                    raise ValueError
-                kwargs[key] = int(raw)
-            elif annotation == "float":
-                if isinstance(raw, bool):
-                    raise ValueError
-                kwargs[key] = float(raw)
-            elif annotation == "bool":
-                if not isinstance(raw, bool):
-                    raise ValueError
-                kwargs[key] = raw
-            else:  # Literal choices, checked by _validate
-                kwargs[key] = raw
-        except (TypeError, ValueError):
-            raise ValueError(f"{name}.{key}: bad value {raw!r} (expected {annotation})") from None
+        where = f"{name}.{key}"
+        if annotation == "int":
+            kwargs[key] = _strict_int(where, raw)
+        elif annotation == "float":
+            kwargs[key] = _strict_float(where, raw)
+        elif annotation == "bool":
+            if not isinstance(raw, bool):
+                raise ValueError(f"{where}: bad value {raw!r} (expected true or false)")
+            kwargs[key] = raw
+        else:  # Literal choices, checked by _validate
+            if not (raw is None or isinstance(raw, str)):
+                raise ValueError(f"{where}: bad value {raw!r} (expected a string)")
+            kwargs[key] = raw
     return step_type(**kwargs)
 
 
@@ -230,8 +247,12 @@ def _validate(p: DegradationParams) -> None:
     def fail(msg: str) -> None:
         raise ValueError(f"invalid parameter record: {msg}")
 
-    if p.level not in (None, 1, 2, 3):
+    if p.level not in (None, 1, 2, 3) or isinstance(p.level, bool):
         fail(f"level must be 1, 2, 3 or null, got {p.level!r}")
+    if not isinstance(p.final, FinalParams):
+        fail("final must be a FinalParams")
+    if p.level is not None and (p.level == 3) != (p.final.order is not None):
+        fail(f"level {p.level} does not match the pipeline (final.order {p.final.order!r})")
     for name, step_type in _STEP_TYPES.items():
         step = getattr(p, name)
         if step is not None and not isinstance(step, step_type):
@@ -240,22 +261,23 @@ def _validate(p: DegradationParams) -> None:
         b = getattr(p, name)
         if b is None:
             continue
-        if b.size < 3 or b.size % 2 == 0:
-            fail(f"{name}.size must be odd and >= 3, got {b.size}")
-        if not (b.sigma_x >= b.sigma_y > 0):
-            fail(f"{name} sigmas must satisfy sigma_x >= sigma_y > 0, got {b.sigma_x}, {b.sigma_y}")
+        if not 3 <= b.size <= MAX_KERNEL_SIZE or b.size % 2 == 0:
+            fail(f"{name}.size must be odd, in [3, {MAX_KERNEL_SIZE}], got {b.size}")
+        if not (MAX_SIGMA >= b.sigma_x >= b.sigma_y >= MIN_SIGMA):
+            fail(f"{name} sigmas must satisfy {MAX_SIGMA:g} >= sigma_x >= sigma_y >= {MIN_SIGMA:g}, "
+                 f"got {b.sigma_x}, {b.sigma_y}")
         if not 0 <= b.theta < math.pi:
             fail(f"{name}.theta must be in [0, pi), got {b.theta}")
     if p.sinc is not None:
-        if p.sinc.size < 3 or p.sinc.size % 2 == 0:
-            fail(f"sinc.size must be odd and >= 3, got {p.sinc.size}")
-        if not 0 < p.sinc.omega_c <= math.pi:
-            fail(f"sinc.omega_c must be in (0, pi], got {p.sinc.omega_c}")
+        if not 3 <= p.sinc.size <= MAX_KERNEL_SIZE or p.sinc.size % 2 == 0:
+            fail(f"sinc.size must be odd, in [3, {MAX_KERNEL_SIZE}], got {p.sinc.size}")
+        if not MIN_OMEGA_C <= p.sinc.omega_c <= math.pi:
+            fail(f"sinc.omega_c must be in [{MIN_OMEGA_C:g}, pi], got {p.sinc.omega_c}")
     for name in ("resize1", "resize2"):
         r = getattr(p, name)
         if r is not None:
-            if not (math.isfinite(r.scale) and r.scale > 0):
-                fail(f"{name}.scale must be > 0, got {r.scale}")
+            if not MIN_SCALE <= r.scale <= MAX_SCALE:
+                fail(f"{name}.scale must be in [{MIN_SCALE:g}, {MAX_SCALE:g}], got {r.scale}")
             if r.mode not in RESIZE_MODES:
                 fail(f"{name}.mode must be one of {RESIZE_MODES}, got {r.mode!r}")
     for name in ("noise1", "noise2"):
@@ -265,12 +287,12 @@ def _validate(p: DegradationParams) -> None:
                 fail(f"{name}.type must be one of {NOISE_TYPES}, got {n.type!r}")
             if not (math.isfinite(n.strength) and n.strength >= 0):
                 fail(f"{name}.strength must be >= 0, got {n.strength}")
-            if not 0 <= n.seed:
-                fail(f"{name}.seed must be >= 0, got {n.seed}")
+            if not 0 <= n.seed < SEED_LIMIT:
+                fail(f"{name}.seed must be in [0, 2**53), got {n.seed}")
     for name in ("jpeg1", "jpeg2"):
         j = getattr(p, name)
-        if j is not None and not 1 <= j.quality <= 100:
-            fail(f"{name}.quality must be an integer in [1, 100], got {j.quality}")
+        if j is not None and not 1 <= j.quality <= 99:  # 100 encodes "no JPEG" in v (spec 7)
+            fail(f"{name}.quality must be an integer in [1, 99], got {j.quality}")
     if p.final.mode not in RESIZE_MODES:
         fail(f"final.mode must be one of {RESIZE_MODES}, got {p.final.mode!r}")
     if p.final.order not in (None, *FINAL_ORDERS):

@@ -177,7 +177,22 @@ def _record_dict() -> dict:
         (lambda d: d["jpeg1"].update(quality=101), "jpeg1.quality"),
         (lambda d: d["jpeg1"].update(quality=55.5), "jpeg1.quality"),
         (lambda d: d["resize2"].update(scale=-1.0), "resize2.scale"),
-        (lambda d: d["final"].update(order=None), "one-stage"),
+        (lambda d: d["final"].update(order=None), "does not match the pipeline"),
+        (lambda d: d.update(level=None) or d["final"].update(order=None), "one-stage"),
+        (lambda d: d.update(level=[1]), "level: bad value"),
+        (lambda d: d.update(level=True), "level: bad value"),
+        (lambda d: d.update(level=2.5), "level: bad value"),
+        (lambda d: d.update(level=1), "does not match the pipeline"),
+        (lambda d: d.update(final=None), "final: expected an object"),
+        (lambda d: d["blur1"].update(size=float("inf")), "blur1.size: bad value"),
+        (lambda d: d["blur1"].update(size="7"), "blur1.size: bad value"),
+        (lambda d: d["blur1"].update(sigma_x="1"), "blur1.sigma_x: bad value"),
+        (lambda d: d["blur1"].update(sigma_y=1e-300), "sigmas must satisfy"),
+        (lambda d: d["blur1"].update(size=100001), "blur1.size must be odd"),
+        (lambda d: d["resize2"].update(scale=1e6), "resize2.scale must be in"),
+        (lambda d: d["noise1"].update(seed=2**70), "noise1.seed must be in"),
+        (lambda d: d["jpeg1"].update(quality=100), "jpeg1.quality"),
+        (lambda d: d["final"].update(mode=3), "final.mode: bad value"),
         (lambda d: d.update(resize2=None), "needs resize2"),
         (lambda d: d["final"].update(mode="nearest"), "final.mode"),
         (lambda d: d.update(level=5), "level"),
@@ -185,8 +200,7 @@ def _record_dict() -> dict:
 )
 def test_from_dict_refuses_bad_records(mutate, message):
     d = _record_dict()
-    if mutate is not None:
-        mutate(d)
+    mutate(d)
     with pytest.raises(ValueError, match=message):
         DegradationParams.from_dict(d)
 
