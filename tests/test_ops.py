@@ -265,3 +265,52 @@ def test_poisson_sampler_is_the_exact_inverse_cdf(levels, q):
     u = np.concatenate([[1e-15, 1e-9, 1e-4, 0.001, 0.003], np.linspace(0.01, 0.99, 99), [0.997, 0.9999, 1 - 1e-9]])
     counts = ops._poisson_counts(np.full(u.size, q, np.uint8), levels, _FixedUniforms(u))
     np.testing.assert_array_equal(counts, stats.poisson.ppf(u, q / 255 * levels).astype(np.int64))
+
+
+def test_gray_noise_uses_bt601_luma_of_a_coloured_image():
+    """On a pure-colour image the luma is 0.299 R + 0.587 G + 0.114 B: pure red has luma 0.299."""
+    img = np.zeros((64, 64, 3), np.float32)
+    img[..., 0] = 1.0
+    img[0, :, :] = (np.arange(64) * 4 / 255)[:, None]  # many distinct values: V = 64 levels at least
+    noisy = ops.add_poisson_noise(img, 1.0, gray=True, rng=rng_for(9))
+    q = round(0.299 * 255)  # the quantised luma of the red rows
+    counts = (noisy[1:, :, 0] - 1.0 + q / 255)  # = k / V for integer k
+    levels = 2 ** math.ceil(math.log2(len(np.unique(np.rint(np.clip(img @ ops.LUMA, 0, 1) * 255)))))
+    np.testing.assert_allclose(counts * levels, np.round(counts * levels), atol=1e-3)
+    assert (counts * levels).mean() == pytest.approx(q / 255 * levels, rel=0.05)  # Poisson mean = luma * V
+
+
+def _torch_like_resize_1d(n: int, m: int, mode: str) -> np.ndarray:
+    """(m, n) interpolation matrix of F.interpolate(align_corners=False): half-pixel centres, clamped edges."""
+    out = np.zeros((m, n))
+    for i in range(m):
+        src = (i + 0.5) * n / m - 0.5
+        if mode == "bilinear":
+            src = max(src, 0.0)
+            j = int(math.floor(src))
+            t = src - j
+            for jj, wt in ((j, 1 - t), (j + 1, t)):
+                out[i, min(max(jj, 0), n - 1)] += wt
+        else:  # bicubic, a = -0.75 (Keys), indices clamped
+            j = math.floor(src)
+            t = src - j
+            a = -0.75
+
+            def cubic(x):
+                x = abs(x)
+                if x <= 1:
+                    return (a + 2) * x**3 - (a + 3) * x**2 + 1
+                return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a if x < 2 else 0.0
+
+            for d in (-1, 0, 1, 2):
+                out[i, min(max(j + d, 0), n - 1)] += cubic(t - d)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("size", [(38, 38), (77, 50), (218, 300), (5, 3)])
+def test_bilinear_and_bicubic_follow_pytorch_semantics(mode, size, hr_patch):
+    rows = _torch_like_resize_1d(hr_patch.shape[0], size[0], mode)
+    cols = _torch_like_resize_1d(hr_patch.shape[1], size[1], mode)
+    expected = np.einsum("ih,hwc,jw->ijc", rows, hr_patch.astype(np.float64), cols)
+    np.testing.assert_allclose(ops.resize(hr_patch, size, mode=mode), expected, atol=2e-5)
