@@ -24,6 +24,7 @@ import degrade
 from degrade.allocator import tune_allocator
 from degrade.io import ImageError, crop_to_multiple, write_bytes_atomic
 from degrade.pipeline import MIN_HR_SIDE
+from degrade.dataset import COMPRESSIONS
 from degrade.recipe import describe_levels
 
 console = Console()
@@ -97,6 +98,13 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
         raise click.UsageError("give --params or --vector, not both")
     if (params_in is not None or vector is not None) and explicit:
         raise click.UsageError(f"--{explicit[0]} draws new parameters; it cannot be combined with a replay")
+    if ctx.get_parameter_source("noise_seed") != ParameterSource.DEFAULT and vector is None:
+        raise click.UsageError("--noise-seed only applies to --vector replays")
+    for target in (output, params_out):
+        if target is not None and not (target.parent if str(target.parent) else Path(".")).is_dir():
+            raise click.ClickException(f"{target}: folder {target.parent} does not exist")
+        if target is not None and target.is_dir():
+            raise click.ClickException(f"{target}: is a folder")
     if image is None:
         image = degrade.sample_images()[0]
         err_console.print(f"no IMAGE given: using the bundled sample {image.name}")
@@ -124,6 +132,8 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
             write_bytes_atomic(params_out, (json.dumps(params.to_dict(), indent=2, sort_keys=True) + "\n").encode())
     except ValueError as exc:  # ImageError is a ValueError
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(_os_error(exc)) from None
 
     source = "replayed" if (params_in or vector) else f"level {params.level}, seed {seed}"
     console.print(f"wrote {output} ({lr.shape[1]}x{lr.shape[0]}, {source})")
@@ -146,7 +156,7 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
 @click.option("--jobs", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default="all cores",
               help="Worker processes (the output does not depend on it).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True, help="Samples per shard.")
-@click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none", show_default=True,
+@click.option("--compression", type=click.Choice(COMPRESSIONS), default="none", show_default=True,
               help="HDF5 compression of hr/lr (lzf saves ~17 %, gzip ~28 % on photos; both run in the writing "
                    "process and cap throughput, see docs/benchmarks.md).")
 @click.option("--dask-scheduler", metavar="ADDRESS",
@@ -175,10 +185,12 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
             with _dask_client(dask_scheduler):
                 report = ds.make_dataset(config, out, jobs=jobs, backend="dask" if dask_scheduler else None,
                                          progress=lambda n: progress.advance(task, n))
-    except ds.DatasetError as exc:
+    except ValueError as exc:  # DatasetError, ImageError
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(_os_error(exc)) from None
     except KeyboardInterrupt:
-        err_console.print(f"interrupted: {out} is incomplete; run the same command again to finish it")
+        err_console.print("interrupted: run the same command again to finish the dataset")
         sys.exit(130)
 
     rate = report.made / report.seconds if report.seconds > 0 else 0.0
@@ -206,13 +218,16 @@ def verify(directory: Path, regenerate: int, sources: Path | None, seed: int) ->
 
     try:
         problems = ds.verify_dataset(directory, regenerate=regenerate, seed=seed, source_root=sources)
-    except ds.DatasetError as exc:
+        checked = min(regenerate, len(ds.open_dataset(directory, allow_incomplete=True))) if regenerate else 0
+    except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(_os_error(exc)) from None
     if problems:
         for line in problems:
             err_console.print(f"problem: {line}")
         raise click.ClickException(f"{directory}: {len(problems)} problem(s) found")
-    console.print(f"{directory}: OK" + (f" ({regenerate} samples regenerated bit for bit)" if regenerate else ""))
+    console.print(f"{directory}: OK" + (f" ({checked} samples regenerated bit for bit)" if checked else ""))
 
 
 @main.command()
@@ -270,6 +285,14 @@ def inspect(target: Path | None, index: int | None, vector: str | None, png: Pat
         raise click.ClickException(str(exc)) from None
     except (ValueError, RuntimeError) as exc:  # DatasetError and ImageError are ValueErrors
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(_os_error(exc)) from None
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError as one line: 'path: reason'."""
+    where = exc.filename if exc.filename is not None else ""
+    return f"{where}: {exc.strerror}" if where and exc.strerror else str(exc)
 
 
 def _plots():

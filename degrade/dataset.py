@@ -31,7 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from degrade.allocator import tune_allocator
-from degrade.io import ImageError, read_image, to_uint8, write_bytes_atomic
+from degrade.io import ImageError, decode_image, read_image, to_uint8, write_bytes_atomic
 from degrade.params import DegradationParams, sample_params
 from degrade.pipeline import SCALE, apply
 from degrade.recipe import LEVELS, MIX_PROBS, LevelChoice, parse_level
@@ -42,7 +42,7 @@ FORMAT_NAME = "degrade-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-COMPRESSIONS = ("lzf", "gzip", "none")
+COMPRESSIONS = ("none", "lzf", "gzip")
 CHUNK = 16  # samples per unit of parallel work
 BUNDLED = "<bundled>"  # source root of the bundled sample photos
 
@@ -123,11 +123,11 @@ def scan_sources(srcs: Sequence[str | os.PathLike], patch_size: int,
         rel = f.relative_to(root).as_posix()
         try:
             data = f.read_bytes()
-            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH) if data else None
-            if img is None:
-                raise ImageError("not a readable image")
-        except (OSError, ImageError) as exc:
-            scan.unreadable.append((rel, str(exc) if isinstance(exc, ImageError) else exc.strerror or str(exc)))
+            img = decode_image(data)  # the same decoding and checks as the workers' read_image
+        except OSError as exc:
+            scan.unreadable.append((rel, exc.strerror or str(exc)))
+        except ImageError as exc:
+            scan.unreadable.append((rel, str(exc)))
         else:
             h, w = img.shape[:2]
             if min(h, w) < patch_size:
@@ -387,7 +387,10 @@ def _manifest(config: DatasetConfig, shards: dict[int, dict[str, Any]]) -> dict[
 
 def _save_manifest(out: Path, config: DatasetConfig, shards: dict[int, dict[str, Any]]) -> None:
     text = json.dumps(_manifest(config, shards), indent=1, sort_keys=True) + "\n"
-    write_bytes_atomic(out / MANIFEST, text.encode())
+    path = out / MANIFEST
+    if path.is_file() and path.read_text() == text:
+        return
+    write_bytes_atomic(path, text.encode())
 
 
 def read_manifest(out: Path) -> dict[str, Any]:
@@ -402,6 +405,13 @@ def read_manifest(out: Path) -> dict[str, Any]:
         raise DatasetError(f"{path}: not a {FORMAT_NAME} manifest")
     if data.get("format_version") != FORMAT_VERSION:
         raise DatasetError(f"{path}: format version {data.get('format_version')} (this code reads {FORMAT_VERSION})")
+    shards = data.get("shards")
+    ok = (isinstance(data.get("config"), dict) and isinstance(data.get("complete"), bool) and isinstance(shards, list)
+          and all(isinstance(e, dict) and {"shard", "file", "first_index", "count", "bytes", "sha256"} <= set(e)
+                  and isinstance(e["file"], str) and isinstance(e["count"], int) for e in shards))
+    if not ok:
+        raise DatasetError(f"{path}: malformed manifest (missing or mistyped keys)")
+    DatasetConfig.from_dict(data["config"])  # raises DatasetError when malformed
     return data
 
 
@@ -433,17 +443,49 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
     shards: dict[int, dict[str, Any]] = {}
     if out.exists() and not out.is_dir():
         raise DatasetError(f"{out}: exists and is not a folder")
-    if (out / MANIFEST).exists():
-        old = read_manifest(out)
-        if old["config"] != config.to_dict():
-            raise DatasetError(
-                f"{out} holds a dataset made by a different command ({_config_difference(old['config'], config.to_dict())}); "
-                "use a new --out or the original options"
-            )
-        shards = {int(s["shard"]): s for s in old["shards"]}
-    elif out.exists() and any(out.iterdir()):
+    if not (out / MANIFEST).exists() and out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise DatasetError(f"{out}: folder is not empty and holds no {MANIFEST}; choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        held.enter_context(_exclusive_lock(out))
+        if (out / MANIFEST).exists():
+            old = read_manifest(out)
+            if old["config"] != config.to_dict():
+                raise DatasetError(
+                    f"{out} holds a dataset made by a different command "
+                    f"({_config_difference(old['config'], config.to_dict())}); use a new --out or the original options"
+                )
+            shards = {int(s["shard"]): s for s in old["shards"]}
+        _make(config, out, shards, report, jobs, progress, backend)
+    report.seconds = time.perf_counter() - start
+    report.bytes_on_disk = sum(s["bytes"] for s in shards.values())
+    return report
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def _exclusive_lock(out: Path) -> Iterator[None]:
+    """Hold DIR/.lock exclusively (POSIX flock) so two runs never write one dataset at once."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    with open(out / LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DatasetError(f"{out}: another make-dataset run is writing this dataset") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], report: MakeReport, jobs: int,
+          progress: Callable[[int], None] | None, backend: str | None) -> None:
     for stale in out.glob(".shard-*.partial"):
         stale.unlink()  # left by an interrupted run; never looks complete
 
@@ -451,15 +493,14 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
     for k in range(config.shard_count):
         path = out / shard_name(k)
         entry = shards.get(k)
-        if entry is not None and path.is_file() and path.stat().st_size == entry["bytes"]:
+        if entry is not None and path.is_file() and _sha256_file(path) == entry["sha256"]:
             report.reused_shards += 1
             if progress:
                 progress(entry["count"])
             continue
         shards.pop(k, None)
         todo.append(k)
-    if report.reused_shards or not (out / MANIFEST).exists():
-        _save_manifest(out, config, shards)
+    _save_manifest(out, config, shards)  # writes only if it changed
 
     def count(chunk: dict[str, Any]) -> None:
         report.made += len(chunk["index"])
@@ -481,9 +522,6 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
                          "count": len(config.shard_range(k)), "bytes": final.stat().st_size,
                          "sha256": _sha256_file(final)}
             _save_manifest(out, config, shards)
-    report.seconds = time.perf_counter() - start
-    report.bytes_on_disk = sum(s["bytes"] for s in shards.values())
-    return report
 
 
 class _Failure:
@@ -620,7 +658,7 @@ class ShardDataset:
                 raise DatasetError(f"{f}: shard file is missing")
         self.offsets = np.cumsum([0, *counts])
         self._pid: int | None = None
-        self._handles: list[Any] = []
+        self._handles: OrderedDict[int, Any] = OrderedDict()
 
     @staticmethod
     def _count_of(path: Path) -> int:
@@ -634,13 +672,24 @@ class ShardDataset:
         except OSError:
             raise DatasetError(f"{path}: not an HDF5 file") from None
 
-    def _open(self) -> list[Any]:
+    MAX_OPEN = 32  # shard files kept open per process (LRU); a dataset may have thousands
+
+    def _handle(self, k: int) -> Any:
+        """Shard k's open h5py file, opened lazily in this process (e.g. a DataLoader worker)."""
         import h5py
 
-        if self._pid != os.getpid():  # a fresh process (e.g. a DataLoader worker): reopen
-            self._handles = [h5py.File(f, "r") for f in self.files]
-            self._pid = os.getpid()
-        return self._handles
+        if self._pid != os.getpid():  # a fresh process: handles of the parent are not ours
+            self._handles, self._pid = OrderedDict(), os.getpid()
+        handle = self._handles.pop(k, None)
+        if handle is None:
+            try:
+                handle = h5py.File(self.files[k], "r")
+            except OSError as exc:
+                raise DatasetError(f"{self.files[k]}: unreadable shard ({exc})") from None
+            while len(self._handles) >= self.MAX_OPEN:
+                self._handles.popitem(last=False)[1].close()
+        self._handles[k] = handle
+        return handle
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -656,7 +705,7 @@ class ShardDataset:
 
     def __getitem__(self, i: int) -> Sample:
         k, row = self.locate(int(i))
-        f = self._open()[k]
+        f = self._handle(k)
         return Sample(f["hr"][row], f["lr"][row], f["v"][row], DegradationParams.from_json(_text(f["params"][row])))
 
     def __iter__(self) -> Iterator[Sample]:
@@ -668,19 +717,19 @@ class ShardDataset:
         `source`, `crop` as arrays, `params` as a list of JSON strings."""
         if name not in ("v", "level", "index", "source", "crop", "params"):
             raise ValueError(f"no per-sample metadata column {name!r}")
-        parts = [f[name][:] for f in self._open()]
+        parts = [self._handle(k)[name][:] for k in range(len(self.files))]
         if name == "params":
             return [_text(x) for part in parts for x in part]
         return np.concatenate(parts)
 
     def close(self) -> None:
-        for h in self._handles:
+        for h in self._handles.values():
             h.close()
-        self._handles, self._pid = [], None
+        self._handles, self._pid = OrderedDict(), None
 
     def __getstate__(self) -> dict[str, Any]:  # open HDF5 handles do not cross processes
         state = self.__dict__.copy()
-        state["_handles"], state["_pid"] = [], None
+        state["_handles"], state["_pid"] = OrderedDict(), None
         return state
 
 
@@ -773,7 +822,7 @@ def _regenerate(out: Path, config: DatasetConfig, k: int, seed: int) -> list[str
     for i in sorted(int(x) for x in picks):
         shard, row = ds.locate(i)
         stored = ds[i]
-        f = ds._open()[shard]
+        f = ds._handle(shard)
         src_path = config.source_path(int(f["source"][row]))
         if not src_path.is_file():
             problems.append(f"sample {i}: source {src_path} not found (give --sources to point at the photos)")

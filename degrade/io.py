@@ -34,16 +34,28 @@ def read_image(path: str | os.PathLike) -> NDArray[np.float32]:
         raise ImageError(f"{path}: is a directory, not an image") from None
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        return decode_image(data.tobytes())
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None
+
+
+def decode_image(data: bytes) -> NDArray[np.float32]:
+    """Encoded image bytes -> (H, W, 3) float32 RGB in [0, 1], with the conversions of read_image.
+
+    Raises ImageError (message without a file name) for undecodable data or unsupported sample types.
+    """
+    buf = np.frombuffer(data, dtype=np.uint8)
     # ANYCOLOR|ANYDEPTH keeps 16 bit and gray, drops alpha and honours EXIF orientation.
-    img = cv2.imdecode(data, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH) if data.size else None
+    img = cv2.imdecode(buf, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH) if buf.size else None
     if img is None or img.size == 0:
-        raise ImageError(f"{path}: not a readable image")
+        raise ImageError("not a readable image")
     if img.dtype == np.uint8:
         scaled = img.astype(np.float32) / np.float32(255)
     elif img.dtype == np.uint16:
         scaled = img.astype(np.float32) / np.float32(65535)
     else:
-        raise ImageError(f"{path}: unsupported sample type {img.dtype} (expected 8 or 16 bit)")
+        raise ImageError(f"unsupported sample type {img.dtype} (expected 8 or 16 bit)")
     if scaled.ndim == 2:
         scaled = np.repeat(scaled[..., None], 3, axis=2)
     elif scaled.shape[2] == 4:  # defensive: some decoders keep alpha

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from degrade.recipe import ResizeMode
+from degrade.recipe import RESIZE_MODES, ResizeMode
 
 Image = NDArray[np.float32]
 
@@ -22,7 +22,6 @@ Image = NDArray[np.float32]
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 _CV_MODES: dict[str, int] = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
-RESIZE_MODES = ("area", *_CV_MODES)
 
 # Kernel taps below this absolute value are trimmed from the border of a kernel before filtering:
 # a full 21x21 border of such taps moves an output value by < 441e-10 ~ 4e-8, below half a float32

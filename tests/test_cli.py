@@ -115,13 +115,18 @@ def _bad_inputs(tmp_path):
         "lossy output": (["apply", "-o", tmp_path / "o.jpg"], "lossless", 1),
         "missing output folder": (["apply", "-o", tmp_path / "no" / "o.png"], "does not exist", 1),
         "negative seed": (["apply", "-o", out, "--seed", "-1"], "-1", 2),
+        "output is a folder": (["apply", "-o", tmp_path], "is a folder", 1),
+        "params-out folder missing": (["apply", "-o", out, "--params-out", tmp_path / "no" / "p.json"],
+                                      "does not exist", 1),
+        "noise seed without vector": (["apply", "-o", out, "--noise-seed", "3"], "only applies to --vector", 2),
     }
 
 
 BAD_CASES = [
     "missing file", "not an image", "tiny image", "short vector", "vector out of range", "vector not numbers",
     "unknown level", "bad json", "bad record", "missing params", "both replays", "seed with replay",
-    "lossy output", "missing output folder", "negative seed",
+    "lossy output", "missing output folder", "negative seed", "output is a folder", "params-out folder missing",
+    "noise seed without vector",
 ]
 
 

@@ -107,7 +107,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(reference, bundled, tmp_p
     with pytest.raises(KeyboardInterrupt):
         dsm.make_dataset(_config(bundled), out, progress=stop_after_12)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["manifest.json", "shard-00000.h5"]  # nothing half-written that looks complete
+    assert names == [".lock", "manifest.json", "shard-00000.h5"]  # nothing half-written that looks complete
     assert not json.loads((out / "manifest.json").read_text())["complete"]
     with pytest.raises(dsm.DatasetError, match="incomplete"):
         degrade.open_dataset(out)
@@ -292,11 +292,15 @@ def test_cli_make_dataset_and_verify(tmp_path, messy_folder):
     (["make-dataset", "--patch-size", "66"], "multiple of 4"),
     (["make-dataset", "--compression", "zstd"], "zstd"),
     (["verify", "."], "not a dataset folder"),
+    (["make-dataset", "--out", "afile/sub", "--count", "2"], "Not a directory"),
+    (["inspect", "--help"], "Usage"),
 ])
 def test_cli_bad_input(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("a file, not a folder")
     result = CliRunner().invoke(main, args)
-    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+    assert (result.exit_code != 0) == (args[-1] != "--help")
+    assert message in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("command", ["make-dataset", "verify"])
@@ -332,3 +336,53 @@ def test_source_cache_is_bounded_by_bytes(monkeypatch):
     dsm._load_source_u8(paths[1])
     assert list(dsm._source_cache) == [paths[1]]  # the older image was evicted
     assert not first.flags.writeable
+
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_the_lock(bundled, tmp_path):
+    out = tmp_path / "ds"
+    out.mkdir()
+    with dsm._exclusive_lock(out):
+        with pytest.raises(dsm.DatasetError, match="another make-dataset run"):
+            dsm.make_dataset(_config(bundled), out)
+
+
+def test_resume_replaces_a_damaged_shard_of_the_same_size(reference, bundled, tmp_path):
+    out = _copy(reference, tmp_path / "ds")
+    data = bytearray((out / "shard-00001.h5").read_bytes())
+    data[-100] ^= 0xFF
+    (out / "shard-00001.h5").write_bytes(bytes(data))
+    report = dsm.make_dataset(_config(bundled), out)
+    assert report.reused_shards == 2 and report.made == 8
+    assert _digests(out) == _digests(reference)
+
+
+def test_many_shards_keep_few_files_open(bundled, tmp_path, monkeypatch):
+    monkeypatch.setattr(dsm.ShardDataset, "MAX_OPEN", 2)
+    dsm.make_dataset(_config(bundled, count=6, shard_size=1), tmp_path / "ds")
+    ds = degrade.open_dataset(tmp_path / "ds")
+    assert [ds[i].params.level for i in range(6)] == ds.column("level").tolist()
+    assert len(ds._handles) == 2
+
+
+def test_float_tiff_is_reported_unreadable_by_the_scan(tmp_path):
+    _write(tmp_path / "src" / "ok.png", np.zeros((64, 64, 3), np.uint8))
+    assert cv2.imwrite(str(tmp_path / "src" / "float.tiff"), np.random.default_rng(0).random((64, 64, 3)).astype(np.float32))
+    scan = dsm.scan_sources([tmp_path / "src"], 64)
+    assert [s.path for s in scan.sources] == ["ok.png"]
+    assert scan.unreadable[0][0] == "float.tiff" and "unsupported sample type" in scan.unreadable[0][1]
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda m: m.pop("config"), "malformed manifest"),
+    (lambda m: m["shards"][0].pop("file"), "malformed manifest"),
+    (lambda m: m.update(complete="yes"), "malformed manifest"),
+    (lambda m: m["config"].update(count="many"), "malformed dataset configuration"),
+])
+def test_hand_edited_manifests_give_one_clear_error(reference, tmp_path, mutate, message):
+    out = _copy(reference, tmp_path / "ds")
+    manifest = json.loads((out / "manifest.json").read_text())
+    mutate(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for call in (lambda: dsm.verify_dataset(out), lambda: degrade.open_dataset(out)):
+        with pytest.raises(dsm.DatasetError, match=message):
+            call()
