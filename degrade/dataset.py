@@ -509,7 +509,7 @@ def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], r
         if progress:
             progress(len(chunk["index"]))
 
-    with _chunk_runner(jobs, backend) as run_chunks:
+    with _chunk_runner(jobs, backend, config) as run_chunks:
         for k in todo:
             final, tmp = out / shard_name(k), out / f".{shard_name(k)}.partial"
             try:
@@ -522,6 +522,21 @@ def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], r
                          "count": len(config.shard_range(k)), "bytes": final.stat().st_size,
                          "sha256": _sha256_file(final)}
             _save_manifest(out, config, shards)
+
+
+_installed_config: DatasetConfig | None = None
+
+
+def _install_config(config: DatasetConfig) -> None:
+    """Worker-process initialiser: keep the dataset config for the chunks this worker will make."""
+    global _installed_config
+    _installed_config = config
+    tune_allocator()
+
+
+def _make_installed_chunk(indices: range) -> dict[str, Any]:
+    assert _installed_config is not None, "worker started without a dataset config"
+    return make_chunk(_installed_config, indices)
 
 
 class _Failure:
@@ -577,10 +592,10 @@ class _chunk_runner:
     `backend` (e.g. "dask") hands the chunks to joblib's backend of that name instead.
     """
 
-    def __init__(self, jobs: int, backend: str | None):
+    def __init__(self, jobs: int, backend: str | None, config: DatasetConfig):
         if jobs < 1:
             raise DatasetError(f"jobs must be >= 1, got {jobs}")
-        self.jobs, self.backend = jobs, backend
+        self.jobs, self.backend, self.config = jobs, backend, config
         self.parallel: Any = None
         self.executor: Any = None
         self.stack = contextlib.ExitStack()
@@ -595,7 +610,10 @@ class _chunk_runner:
         elif self.jobs >= 2:
             from joblib.externals.loky import get_reusable_executor
 
-            self.executor = get_reusable_executor(max_workers=self.jobs)
+            # The config (with its possibly very long source list) goes to each worker once, at start-up;
+            # tasks then carry only their index ranges. A different config restarts the workers.
+            self.executor = get_reusable_executor(max_workers=self.jobs, initializer=_install_config,
+                                                  initargs=(self.config,))
         return self.run
 
     def __exit__(self, *exc):
@@ -610,14 +628,14 @@ class _chunk_runner:
             yield from _prefetched((make_chunk(config, r) for r in ranges), depth=2)
         else:
             pending = iter(ranges)
-            window = deque(self.executor.submit(make_chunk, config, r, worker=True)
+            window = deque(self.executor.submit(_make_installed_chunk, r)
                            for r in itertools.islice(pending, 2 * self.jobs + 1))
             try:
                 while window:
                     result = window.popleft().result()
                     nxt = next(pending, None)
                     if nxt is not None:
-                        window.append(self.executor.submit(make_chunk, config, nxt, worker=True))
+                        window.append(self.executor.submit(_make_installed_chunk, nxt))
                     yield result
             finally:
                 for future in window:
