@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
 
     for level, per_impl in prof_results.items():
-        (acc_o, calls_o, tot_o), (acc_b, calls_b, tot_b) = per_impl["ours"], per_impl["baseline"]
+        (acc_o, calls_o, tot_o), (acc_b, _calls_b, tot_b) = per_impl["ours"], per_impl["baseline"]
         prows = []
         for cat in CATEGORIES:
             so, sb = acc_o.get(cat, 0.0), acc_b.get(cat, 0.0)

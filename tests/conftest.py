@@ -22,3 +22,14 @@ def hr_patch(photo: np.ndarray) -> np.ndarray:
 
 def rng_for(seed: int, index: int = 0) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, index]))
+
+
+def make_small_dataset(out, *, count: int, seed: int, shard_size: int, level="mix", compression: str = "none") -> str:
+    """A dataset of 64-px patches from the bundled photos, written to `out`; returns its path."""
+    from degrade import dataset as dsm
+
+    scan = dsm.scan_sources([], 64)
+    config = dsm.DatasetConfig(level=level, count=count, patch_size=64, seed=seed, shard_size=shard_size,
+                               compression=compression, source_root=scan.root, sources=tuple(scan.sources))
+    dsm.make_dataset(config, out)
+    return str(out)

@@ -12,18 +12,14 @@ from click.testing import CliRunner
 
 import degrade
 from cli.main import main
-from degrade import dataset as dsm
 from degrade import inspect as insp
+
+from .conftest import make_small_dataset
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("insp") / "ds"
-    scan = dsm.scan_sources([], 64)
-    config = dsm.DatasetConfig(level="mix", count=40, patch_size=64, seed=5, shard_size=16, compression="none",
-                               source_root=scan.root, sources=tuple(scan.sources))
-    dsm.make_dataset(config, out)
-    return str(out)
+    return make_small_dataset(tmp_path_factory.mktemp("insp") / "ds", count=40, seed=5, shard_size=16)
 
 
 def run(*args):

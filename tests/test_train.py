@@ -11,24 +11,19 @@ torch = pytest.importorskip("torch")
 from click.testing import CliRunner  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-import degrade  # noqa: E402
 from cli.train import main as train_cli  # noqa: E402
 from dasr_model.data import PairedShards, StepBatchSampler, psnr_y, unsharp_mask  # noqa: E402
 from dasr_model.model import DASR, DASRConfig  # noqa: E402
 from dasr_model.train import TrainConfig, load_checkpoint, train  # noqa: E402
-from degrade import dataset as dsm  # noqa: E402
+
+from .conftest import make_small_dataset  # noqa: E402
 
 TINY = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("train") / "ds"
-    scan = dsm.scan_sources([], 64)
-    config = dsm.DatasetConfig(level="mix", count=12, patch_size=64, seed=1, shard_size=12, compression="none",
-                               source_root=scan.root, sources=tuple(scan.sources))
-    dsm.make_dataset(config, out)
-    return str(out)
+    return make_small_dataset(tmp_path_factory.mktemp("train") / "ds", count=12, seed=1, shard_size=12)
 
 
 def test_unsharp_mask_matches_an_independent_computation():
