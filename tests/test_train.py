@@ -136,3 +136,17 @@ def test_cli_bad_input(tmp_path):
     result = CliRunner().invoke(train_cli, ["--shards", str(tmp_path), "--out", str(tmp_path / "r"), "--resume"])
     assert result.exit_code == 1 and "no checkpoint" in result.output
     assert "Usage" in CliRunner().invoke(train_cli, ["--help"]).output
+
+
+def test_dataloader_worker_processes_give_the_same_batches(shards):
+    """The shard reader opens its files lazily per process, and batches depend only on (seed, step)."""
+    from torch.utils.data import DataLoader
+
+    ds = PairedShards(shards, lr_crop=8, seed=4)
+
+    def batches(workers):
+        sampler = StepBatchSampler(len(ds), 3, start=0, stop=4, seed=4)
+        return [b["lr"] for b in DataLoader(ds, batch_sampler=sampler, num_workers=workers)]
+
+    for a, b in zip(batches(0), batches(2)):
+        assert torch.equal(a, b)
