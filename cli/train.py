@@ -29,17 +29,28 @@ err_console = Console(stderr=True)
 @click.option("--blocks", type=click.IntRange(min=1), default=16, show_default=True, help="Residual blocks.")
 @click.option("--features", type=click.IntRange(min=4), default=64, show_default=True, help="Feature channels.")
 @click.option("--no-sharpen", is_flag=True, help="Train against the plain HR instead of the unsharp-masked one.")
+@click.option("--gan", is_flag=True, help="Add the GAN term (0.1, U-Net SN discriminator).")
+@click.option("--vgg-weights", type=click.Path(path_type=Path, dir_okay=False),
+              help="Local VGG19 weights (torchvision layout) for the perceptual term; without it the term is off.")
 def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, seed, workers, val_every, ckpt_every,
-         experts, blocks, features, no_sharpen) -> None:
-    """Train DASR (degradation predictor + expert MSRResNet) on HDF5 shards: L1 + v regression."""
+         experts, blocks, features, no_sharpen, gan, vgg_weights) -> None:
+    """Train DASR (degradation predictor + expert MSRResNet) on HDF5 shards.
+
+    Losses: L1 + v regression, plus GAN with --gan and perceptual with --vgg-weights. Several GPUs:
+    torchrun --nproc_per_node N $(which dasr-train) ... (--batch-size is per process).
+    """
     from dasr_model.model import DASRConfig
     from dasr_model.train import TrainConfig, train
 
     cfg = TrainConfig(shards=str(shards), out=str(out), steps=steps, batch_size=batch_size, lr_crop=lr_crop,
                       val_shards=str(val_shards) if val_shards else None, val_every=val_every, ckpt_every=ckpt_every,
-                      seed=seed, workers=workers, device=device, sharpen_gt=not no_sharpen,
+                      seed=seed, workers=workers, device=device, sharpen_gt=not no_sharpen, gan=gan,
+                      vgg_weights=str(vgg_weights) if vgg_weights else None,
                       model=DASRConfig(num_experts=experts, num_block=blocks, num_feat=features))
-    err_console.print("GAN and perceptual (VGG) losses are not implemented yet: training with L1 + v regression")
+    if vgg_weights is None:
+        err_console.print("perceptual loss off: no --vgg-weights given (VGG19 weights cannot be downloaded here)")
+    if vgg_weights is not None and not vgg_weights.is_file():
+        raise click.ClickException(f"{vgg_weights}: no such file")
     columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
     try:
@@ -53,7 +64,7 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, se
                 bar.update(task, completed=step, info=info)
 
             last = train(cfg, resume=resume, progress=report)
-    except (FileNotFoundError, ValueError, FloatingPointError) as exc:
+    except (OSError, ValueError, RuntimeError, FloatingPointError) as exc:
         raise click.ClickException(str(exc)) from None
     if last:
         err_console.print(f"stopped at step {last['step']}; checkpoints and metrics.jsonl in {out}")

@@ -150,9 +150,10 @@ class DASR(nn.Module):
     def sr(self, lr: Tensor, a: Tensor) -> Tensor:
         return self.generator(lr, a)
 
-    def forward(self, lr: Tensor) -> Tensor:
-        _, a = self.predict(lr)
-        return self.sr(lr, a)
+    def forward(self, lr: Tensor, return_v: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        v_hat, a = self.predict(lr)
+        sr = self.sr(lr, a)
+        return (sr, v_hat) if return_v else sr
 
 
 def _state_dict_from(source: dict[str, Tensor] | str | Path, prefer_ema: bool) -> dict[str, Tensor]:

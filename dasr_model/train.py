@@ -1,9 +1,11 @@
 """The DASR training loop (spec model.md section 4), readable top to bottom.
 
-Losses: L1(SR, unsharp-masked GT) + L1(v_hat, v), weights 1 and 1. Adam (1e-4, betas 0.9/0.99) over
-G, P and the mapping net together; EMA 0.999 of G. bf16 autocast on CUDA, float32 on CPU.
-Batches are a pure function of (seed, step) (dasr_model.data), so `resume` continues exactly.
-Not implemented yet: the GAN and perceptual terms, DistributedDataParallel, torch.compile.
+Losses: L1(SR, unsharp-masked GT) + L1(v_hat, v), weights 1 and 1; optionally + 0.1 GAN (U-Net SN
+discriminator, `gan`) and + 1 perceptual (VGG19, only when a local weights file is given). Adam (1e-4,
+betas 0.9/0.99) over G, P and the mapping net together; EMA 0.999 of G. bf16 autocast on CUDA,
+float32 on CPU. Batches are a pure function of (seed, step) (dasr_model.data), so `resume` continues
+exactly. Under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel and each
+rank takes its slice of the global batch; rank 0 writes metrics and checkpoints.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dasr_model.data import PairedShards, StepBatchSampler, block_mae, psnr_y, unsharp_mask
+from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
 from dasr_model.model import DASR, DASRConfig
 
 
@@ -46,6 +50,10 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     device: str = "auto"
+    gan: bool = False
+    gan_weight: float = 0.1
+    vgg_weights: str | None = None
+    perceptual_weight: float = 1.0
     model: DASRConfig = field(default_factory=DASRConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,12 +74,14 @@ def pick_device(name: str) -> torch.device:
 
 
 def save_checkpoint(path: Path, cfg: TrainConfig, model: DASR, ema: torch.nn.Module, opt: torch.optim.Optimizer,
-                    step: int) -> None:
-    """Everything to continue exactly: config, weights, EMA, optimiser, step (the data is keyed by step)."""
+                    step: int, disc: torch.nn.Module | None = None, opt_d: torch.optim.Optimizer | None = None) -> None:
+    """Everything to continue exactly: config, weights, EMA, optimisers, step (the data is keyed by step)."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"config": cfg.to_dict(), "model": model.state_dict(), "ema_generator": ema.state_dict(),
-                "optimizer": opt.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state()}, tmp)
+    state = {"config": cfg.to_dict(), "model": model.state_dict(), "ema_generator": ema.state_dict(),
+             "optimizer": opt.state_dict(), "step": step, "torch_rng": torch.get_rng_state()}
+    if disc is not None and opt_d is not None:
+        state["discriminator"], state["optimizer_d"] = disc.state_dict(), opt_d.state_dict()
+    torch.save(state, tmp)
     tmp.replace(path)
 
 
@@ -117,14 +127,27 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     """Train as `cfg` says; returns the last metrics. Ctrl-C (SIGINT) saves a checkpoint, then stops."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
     device = pick_device(cfg.device)
-    use_bf16 = device.type == "cuda"
+    if world > 1:
+        import torch.distributed as dist
 
-    # --- model, EMA, optimiser (or their state from the latest checkpoint) ---
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    use_bf16 = device.type == "cuda"
+    main_rank = rank == 0
+
+    # --- model, EMA, optimisers (or their state from the latest checkpoint) ---
     torch.manual_seed(cfg.seed)
     model = DASR(cfg.model).to(device)
     ema = copy.deepcopy(model.generator).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    disc = UNetDiscriminatorSN().to(device) if cfg.gan else None
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc is not None else None
+    perceptual = VGGPerceptualLoss(cfg.vgg_weights).to(device) if cfg.vgg_weights else None
     step = 0
     ckpt_path = latest_checkpoint(out) if resume else None
     if resume and ckpt_path is None:
@@ -136,14 +159,28 @@ def train(cfg: TrainConfig, *, resume: bool = False,
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema_generator"])
         opt.load_state_dict(ckpt["optimizer"])
+        if disc is not None and opt_d is not None:
+            if "discriminator" not in ckpt:
+                raise ValueError(f"{ckpt_path}: no discriminator in the checkpoint; resume without --gan")
+            disc.load_state_dict(ckpt["discriminator"])
+            opt_d.load_state_dict(ckpt["optimizer_d"])
         torch.set_rng_state(ckpt["torch_rng"])
         step = int(ckpt["step"])
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    if main_rank:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    net: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
 
-    # --- data: batches keyed by step ---
+        net = DistributedDataParallel(model)
+        if disc is not None:
+            disc = DistributedDataParallel(disc)
+
+    # --- data: batches keyed by step, each rank its slice ---
     train_set = PairedShards(cfg.shards, lr_crop=cfg.lr_crop, seed=cfg.seed)
-    val_set = PairedShards(cfg.val_shards, lr_crop=None, augment=False) if cfg.val_shards else None
-    sampler = StepBatchSampler(len(train_set), cfg.batch_size, start=step, stop=cfg.steps, seed=cfg.seed)
+    val_set = PairedShards(cfg.val_shards, lr_crop=None, augment=False) if cfg.val_shards and main_rank else None
+    sampler = StepBatchSampler(len(train_set), cfg.batch_size, start=step, stop=cfg.steps, seed=cfg.seed,
+                               rank=rank, world_size=world)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         persistent_workers=False)
 
@@ -154,7 +191,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
         stop["now"] = True
 
     signal.signal(signal.SIGINT, on_sigint)
-    metrics_file = open(out / "metrics.jsonl", "a")
+    metrics_file = open(out / "metrics.jsonl", "a") if main_rank else open(os.devnull, "w")
     last: dict[str, Any] = {}
     t0, seen = time.perf_counter(), 0
     try:
@@ -165,17 +202,33 @@ def train(cfg: TrainConfig, *, resume: bool = False,
             target = unsharp_mask(hr) if cfg.sharpen_gt else hr
 
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                v_hat, a = model.predict(lr_img)
-                sr = model.sr(lr_img, a)
-                pixel = F.l1_loss(sr.float(), target)
-                regression = F.l1_loss(v_hat.float(), v)
+                sr, v_hat = net(lr_img, return_v=True)
+                sr, v_hat = sr.float(), v_hat.float()
+                pixel = F.l1_loss(sr, target)
+                regression = F.l1_loss(v_hat, v)
                 loss = cfg.pixel_weight * pixel + cfg.regression_weight * regression
+                terms = {}
+                if perceptual is not None:
+                    terms["perceptual"] = perceptual(sr, target)
+                    loss = loss + cfg.perceptual_weight * terms["perceptual"]
+                if disc is not None:
+                    disc.requires_grad_(False)
+                    terms["gan"] = gan_loss(disc(sr).float(), real=True)
+                    loss = loss + cfg.gan_weight * terms["gan"]
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss became {loss_value} at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if disc is not None and opt_d is not None:
+                disc.requires_grad_(True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    d_loss = gan_loss(disc(target).float(), real=True) + gan_loss(disc(sr.detach()).float(), real=False)
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                opt_d.step()
+                terms["discriminator"] = d_loss
             with torch.no_grad():
                 for pe, pm in zip(ema.parameters(), model.generator.parameters()):
                     pe.lerp_(pm, 1 - cfg.ema_decay)
@@ -183,19 +236,29 @@ def train(cfg: TrainConfig, *, resume: bool = False,
             seen += lr_img.shape[0]
 
             last = {"step": step, "loss": loss_value, "l1": float(pixel.detach()),
-                    "regression": float(regression.detach()),
+                    "regression": float(regression.detach()), **{k: float(t.detach()) for k, t in terms.items()},
                     "samples_per_s": seen / (time.perf_counter() - t0)}
             if val_set is not None and (step % cfg.val_every == 0 or step == cfg.steps):
                 last["val"] = validate(model, ema, val_set, device, cfg.val_samples)
-            metrics_file.write(json.dumps(last) + "\n")
-            metrics_file.flush()
+            if main_rank:
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
             if progress:
                 progress(step, last)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop["now"]:
-                save_checkpoint(out / f"ckpt-{step}.pt", cfg, model, ema, opt, step)
+            if main_rank and (step % cfg.ckpt_every == 0 or step == cfg.steps or stop["now"]):
+                save_checkpoint(out / f"ckpt-{step}.pt", cfg, model, ema, opt, step,
+                                _unwrap(disc) if disc is not None else None, opt_d)
             if stop["now"]:
                 break
     finally:
         metrics_file.close()
         signal.signal(signal.SIGINT, previous)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return last
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "module", module)

@@ -1,0 +1,94 @@
+"""Optional training terms of model.md section 4: the U-Net SN discriminator and the VGG19 perceptual loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import spectral_norm
+
+
+class UNetDiscriminatorSN(nn.Module):
+    """U-Net discriminator with spectral norm (Real-ESRGAN / DASR): per-pixel logits (B, 1, H, W)."""
+
+    def __init__(self, in_ch: int = 3, num_feat: int = 64):
+        super().__init__()
+        f = num_feat
+        self.conv0 = nn.Conv2d(in_ch, f, 3, 1, 1)
+        self.conv1 = spectral_norm(nn.Conv2d(f, f * 2, 4, 2, 1, bias=False))
+        self.conv2 = spectral_norm(nn.Conv2d(f * 2, f * 4, 4, 2, 1, bias=False))
+        self.conv3 = spectral_norm(nn.Conv2d(f * 4, f * 8, 4, 2, 1, bias=False))
+        self.conv4 = spectral_norm(nn.Conv2d(f * 8, f * 4, 3, 1, 1, bias=False))
+        self.conv5 = spectral_norm(nn.Conv2d(f * 4, f * 2, 3, 1, 1, bias=False))
+        self.conv6 = spectral_norm(nn.Conv2d(f * 2, f, 3, 1, 1, bias=False))
+        self.conv7 = spectral_norm(nn.Conv2d(f, f, 3, 1, 1, bias=False))
+        self.conv8 = spectral_norm(nn.Conv2d(f, f, 3, 1, 1, bias=False))
+        self.conv9 = nn.Conv2d(f, 1, 3, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        act = lambda t: F.leaky_relu(t, 0.2)  # noqa: E731
+        up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)  # noqa: E731
+        x0 = act(self.conv0(x))
+        x1 = act(self.conv1(x0))
+        x2 = act(self.conv2(x1))
+        x3 = act(self.conv3(x2))
+        x4 = act(self.conv4(up(x3))) + x2
+        x5 = act(self.conv5(up(x4))) + x1
+        x6 = act(self.conv6(up(x5))) + x0
+        return self.conv9(act(self.conv8(act(self.conv7(x6)))))
+
+
+def gan_loss(logits: Tensor, real: bool) -> Tensor:
+    """Vanilla GAN loss: binary cross-entropy with logits against all-real or all-fake targets."""
+    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+# VGG19 "features": (out_channels or "M" for max-pool); conv indices follow torchvision's layout.
+_VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]
+# Features before ReLU: conv1_2, conv2_2, conv3_4, conv4_4, conv5_4 -> torchvision indices, weights (model.md 4).
+PERCEPTUAL_LAYERS = {2: 0.1, 7: 0.1, 16: 1.0, 25: 1.0, 34: 1.0}
+
+
+class VGGPerceptualLoss(nn.Module):
+    """L1 between VGG19 features (before ReLU) of SR and GT, ImageNet-normalised input, frozen weights.
+
+    `weights` is a local file holding a state dict in torchvision's layout (`features.N.weight/bias`,
+    optionally with `classifier.*`, which is ignored); nothing is downloaded.
+    """
+
+    def __init__(self, weights: str | Path):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for item in _VGG19:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(in_ch, int(item), 3, padding=1), nn.ReLU(inplace=False)]
+                in_ch = int(item)
+        self.features = nn.Sequential(*layers[: max(PERCEPTUAL_LAYERS) + 1])
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+        features = {k: v for k, v in features.items() if int(k.split(".")[0]) < len(self.features)}
+        self.features.load_state_dict(features, strict=True)
+        self.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def _taps(self, x: Tensor) -> dict[int, Tensor]:
+        out = {}
+        x = (x - self.mean) / self.std
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in PERCEPTUAL_LAYERS:
+                out[i] = x
+        return out
+
+    def forward(self, sr: Tensor, gt: Tensor) -> Tensor:
+        a, b = self._taps(sr), self._taps(gt.detach())
+        return sum(w * F.l1_loss(a[i], b[i]) for i, w in PERCEPTUAL_LAYERS.items())
