@@ -21,13 +21,12 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
-from dasr_model.losses import UNetDiscriminatorSN, gan_loss
+from dasr_model.losses import UNetDiscriminatorSN
 from dasr_model.model import DASR
-from dasr_model.train import pick_device
+from dasr_model.train import StepParts, TrainConfig, pick_device, train_step
 
 
 def bench_loader(shards: str, batch: int, workers: int, steps: int) -> float:
@@ -41,49 +40,30 @@ def bench_loader(shards: str, batch: int, workers: int, steps: int) -> float:
 
 
 def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats: int) -> float:
+    """Median seconds of `dasr_model.train.train_step` (the loop's own step) on random data."""
     torch.manual_seed(0)
-    model = DASR().to(device)
-    ema = copy.deepcopy(model.generator).requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.99))
+    cfg = TrainConfig(shards="", out="", gan=gan)
+    model = DASR(cfg.model).to(device)
     disc = UNetDiscriminatorSN().to(device) if gan else None
-    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.9, 0.99)) if disc else None
+    parts = StepParts(net=model, model=model, ema=copy.deepcopy(model.generator).requires_grad_(False),
+                      opt=torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas), disc=disc,
+                      opt_d=torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc else None)
     lr = torch.rand(batch, 3, 64, 64, device=device)
     hr = unsharp_mask(torch.rand(batch, 3, 256, 256, device=device))
     v = torch.rand(batch, 33, device=device)
     bf16 = device.type == "cuda"
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            sr, v_hat = model(lr, return_v=True)
-            loss = F.l1_loss(sr.float(), hr) + F.l1_loss(v_hat.float(), v)
-            if disc is not None:
-                disc.requires_grad_(False)
-                loss = loss + 0.1 * gan_loss(disc(sr).float(), real=True)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if disc is not None and opt_d is not None:
-            disc.requires_grad_(True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                d = gan_loss(disc(hr).float(), real=True) + gan_loss(disc(sr.detach()).float(), real=False)
-            opt_d.zero_grad(set_to_none=True)
-            d.backward()
-            opt_d.step()
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.generator.parameters()):
-                pe.lerp_(pm, 0.001)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     for _ in range(warmup):
-        step()
+        train_step(parts, cfg, lr, hr, v, bf16)
     times = []
     for _ in range(repeats):
         sync()
         start = time.perf_counter()
-        step()
+        train_step(parts, cfg, lr, hr, v, bf16)
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)

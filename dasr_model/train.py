@@ -175,6 +175,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
         net = DistributedDataParallel(model)
         if disc is not None:
             disc = DistributedDataParallel(disc)
+    parts = StepParts(net=net, model=model, ema=ema, opt=opt, disc=disc, opt_d=opt_d, perceptual=perceptual)
 
     # --- data: batches keyed by step, each rank its slice ---
     train_set = PairedShards(cfg.shards, lr_crop=cfg.lr_crop, seed=cfg.seed)
@@ -201,43 +202,13 @@ def train(cfg: TrainConfig, *, resume: bool = False,
             v = batch["v"].to(device, non_blocking=True)
             target = unsharp_mask(hr) if cfg.sharpen_gt else hr
 
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                sr, v_hat = net(lr_img, return_v=True)
-                sr, v_hat = sr.float(), v_hat.float()
-                pixel = F.l1_loss(sr, target)
-                regression = F.l1_loss(v_hat, v)
-                loss = cfg.pixel_weight * pixel + cfg.regression_weight * regression
-                terms = {}
-                if perceptual is not None:
-                    terms["perceptual"] = perceptual(sr, target)
-                    loss = loss + cfg.perceptual_weight * terms["perceptual"]
-                if disc is not None:
-                    disc.requires_grad_(False)
-                    terms["gan"] = gan_loss(disc(sr).float(), real=True)
-                    loss = loss + cfg.gan_weight * terms["gan"]
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if disc is not None and opt_d is not None:
-                disc.requires_grad_(True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    d_loss = gan_loss(disc(target).float(), real=True) + gan_loss(disc(sr.detach()).float(), real=False)
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
-                terms["discriminator"] = d_loss
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.generator.parameters()):
-                    pe.lerp_(pm, 1 - cfg.ema_decay)
+            losses = train_step(parts, cfg, lr_img, target, v, use_bf16)
+            if not math.isfinite(losses["loss"]):
+                raise FloatingPointError(f"loss became {losses['loss']} at step {step}")
             step += 1
             seen += lr_img.shape[0]
 
-            last = {"step": step, "loss": loss_value, "l1": float(pixel.detach()),
-                    "regression": float(regression.detach()), **{k: float(t.detach()) for k, t in terms.items()},
-                    "samples_per_s": seen / (time.perf_counter() - t0)}
+            last = {"step": step, **losses, "samples_per_s": seen / (time.perf_counter() - t0)}
             if val_set is not None and (step % cfg.val_every == 0 or step == cfg.steps):
                 last["val"] = validate(model, ema, val_set, device, cfg.val_samples)
             if main_rank:
@@ -258,6 +229,55 @@ def train(cfg: TrainConfig, *, resume: bool = False,
 
             dist.destroy_process_group()
     return last
+
+
+@dataclass
+class StepParts:
+    """What one optimisation step touches. `net` is `model`, or its DistributedDataParallel wrapper."""
+
+    net: torch.nn.Module
+    model: DASR
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    disc: torch.nn.Module | None = None
+    opt_d: torch.optim.Optimizer | None = None
+    perceptual: torch.nn.Module | None = None
+
+
+def train_step(p: StepParts, cfg: TrainConfig, lr: torch.Tensor, target: torch.Tensor, v: torch.Tensor,
+               bf16: bool) -> dict[str, float]:
+    """One step: G (and P) on L1 + regression (+ perceptual, + GAN), then D, then the EMA of G.
+
+    lr (B, 3, h, w), target (B, 3, 4h, 4w), v (B, 33), all on the device. Returns the loss terms.
+    """
+    device_type = lr.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        sr, v_hat = p.net(lr, return_v=True)
+        sr, v_hat = sr.float(), v_hat.float()
+        terms = {"l1": F.l1_loss(sr, target), "regression": F.l1_loss(v_hat, v)}
+        loss = cfg.pixel_weight * terms["l1"] + cfg.regression_weight * terms["regression"]
+        if p.perceptual is not None:
+            terms["perceptual"] = p.perceptual(sr, target)
+            loss = loss + cfg.perceptual_weight * terms["perceptual"]
+        if p.disc is not None:
+            p.disc.requires_grad_(False)
+            terms["gan"] = gan_loss(p.disc(sr).float(), real=True)
+            loss = loss + cfg.gan_weight * terms["gan"]
+    p.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    p.opt.step()
+    if p.disc is not None and p.opt_d is not None:
+        p.disc.requires_grad_(True)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            d_loss = gan_loss(p.disc(target).float(), real=True) + gan_loss(p.disc(sr.detach()).float(), real=False)
+        p.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        p.opt_d.step()
+        terms["discriminator"] = d_loss
+    with torch.no_grad():
+        for pe, pm in zip(p.ema.parameters(), p.model.generator.parameters()):
+            pe.lerp_(pm, 1 - cfg.ema_decay)
+    return {"loss": float(loss.detach()), **{k: float(t.detach()) for k, t in terms.items()}}
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
