@@ -177,13 +177,30 @@ def test_perceptual_loss_is_zero_for_equal_images_and_positive_otherwise(tmp_pat
     assert float(loss(a, a)) == 0.0 and float(loss(a, b)) > 0
 
 
-def test_gan_and_perceptual_terms_train_and_resume(shards, tmp_path):
+def test_gan_and_perceptual_terms_train_and_resume_exactly(shards, tmp_path):
     vgg = str(_vgg_file(tmp_path / "vgg.pth"))
     train(_cfg(shards, tmp_path / "run", 2, gan=True, vgg_weights=vgg))
     last = train(_cfg(shards, tmp_path / "run", 3, gan=True, vgg_weights=vgg), resume=True)
     assert {"gan", "discriminator", "perceptual"} <= set(last) and last["step"] == 3
-    ckpt = load_checkpoint(tmp_path / "run" / "ckpt-3.pt")
-    assert "discriminator" in ckpt and "optimizer_d" in ckpt
+    train(_cfg(shards, tmp_path / "full", 3, gan=True, vgg_weights=vgg))
+    a, b = load_checkpoint(tmp_path / "run" / "ckpt-3.pt"), load_checkpoint(tmp_path / "full" / "ckpt-3.pt")
+    for key in ("model", "ema_generator", "discriminator"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops(shards, tmp_path):
+    import os
+    import signal
+
+    def interrupt(step, metrics):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    last = train(_cfg(shards, tmp_path / "run", 5), progress=interrupt)
+    assert last["step"] == 1
+    assert sorted(p.name for p in (tmp_path / "run").glob("ckpt-*.pt")) == ["ckpt-1.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
 def test_discriminator_gives_per_pixel_logits():
