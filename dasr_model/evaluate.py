@@ -1,0 +1,69 @@
+"""dasr-eval's core: per-level scores of a model and of bicubic upsampling, predictor MAE per block."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dasr_model.data import block_mae
+from dasr_model.infer import to_image, to_tensor
+from dasr_model.metrics import psnr_rgb, psnr_y, ssim_y
+
+Pair = tuple[int, np.ndarray, np.ndarray, np.ndarray | None]  # level, HR, LR (float32 [0, 1]), v or None
+
+
+def pairs_from_shards(path: str | Path) -> Iterator[Pair]:
+    import degrade
+
+    ds = degrade.open_dataset(path)
+    for s in ds:
+        yield int(s.params.level or 0), s.hr.astype(np.float32) / 255, s.lr.astype(np.float32) / 255, s.v
+
+
+def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Iterator[Pair]:
+    """Each HR image (cropped to a multiple of 4) degraded at each level, with a seed fixed by
+    (seed, image position in sorted order, level), so numbers compare across runs and models."""
+    import degrade
+    from degrade.dataset import IMAGE_SUFFIXES
+    from degrade.io import crop_to_multiple, to_uint8
+
+    files = sorted(f for f in Path(folder).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder}: no images")
+    for i, f in enumerate(files):
+        hr = to_uint8(crop_to_multiple(degrade.read_image(f), 4)).astype(np.float32) / 255
+        for level in levels:
+            params = degrade.sample_params(level, np.random.default_rng(np.random.SeedSequence([seed, i, level])))
+            yield level, hr, degrade.apply(hr, params), degrade.encode(params)
+
+
+@torch.no_grad()
+def evaluate_pairs(model: torch.nn.Module, pairs: Iterator[Pair], device: torch.device) -> dict[str, Any]:
+    scores: dict[int, dict[str, list[float]]] = {}
+    v_hats, vs = [], []
+    for level, hr, lr, v in pairs:
+        lr_t = to_tensor(lr).to(device)
+        v_hat, a = model.predict(lr_t)
+        sr = to_image(model.sr(lr_t, a))
+        bic = to_image(F.interpolate(lr_t, scale_factor=4, mode="bicubic", align_corners=False))
+        s = scores.setdefault(level, {k: [] for k in ("psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y",
+                                                       "bicubic_ssim_y")})
+        s["psnr_y"].append(psnr_y(sr, hr))
+        s["ssim_y"].append(ssim_y(sr, hr))
+        s["psnr_rgb"].append(psnr_rgb(sr, hr))
+        s["bicubic_psnr_y"].append(psnr_y(bic, hr))
+        s["bicubic_ssim_y"].append(ssim_y(bic, hr))
+        if v is not None:
+            v_hats.append(v_hat.cpu())
+            vs.append(torch.from_numpy(np.asarray(v, np.float32))[None])
+    if not scores:
+        raise ValueError("nothing to evaluate")
+    levels = {str(lv): {"images": len(s["psnr_y"]), **{k: float(np.mean(x)) for k, x in s.items()}}
+              for lv, s in sorted(scores.items())}
+    mae = block_mae(torch.cat(v_hats), torch.cat(vs)) if vs else {}
+    return {"levels": levels, "mae": mae}

@@ -1,0 +1,135 @@
+"""Inference: load a trained or released model, predict v once per image, steer it, super-resolve in tiles.
+
+Modulation (model.md section 6): fields of the predicted v are overridden in physical units through
+the vector layout (`degrade.VECTOR_FIELDS`) before the mapping net, or the expert mix a is set directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dasr_model.model import DASR, DASRConfig, load_release_weights
+
+
+def load_checkpoint_model(path: str | Path, *, ema: bool = True) -> DASR:
+    """A DASR from a `dasr-train` checkpoint (config stored inside), with the EMA generator by default."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for foreign files
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path}: not a dasr-train checkpoint")
+    model = DASR(DASRConfig(**ckpt["config"]["model"]))
+    model.load_state_dict(ckpt["model"])
+    if ema and "ema_generator" in ckpt:
+        model.generator.load_state_dict(ckpt["ema_generator"])
+    return model.eval()
+
+
+def load_model(checkpoint: str | Path | None = None, release: tuple[str | Path, str | Path] | None = None) -> DASR:
+    if (checkpoint is None) == (release is None):
+        raise ValueError("give a checkpoint or the release weights (G and P), not both")
+    if checkpoint is not None:
+        return load_checkpoint_model(checkpoint)
+    assert release is not None
+    return load_release_weights(*release).eval()
+
+
+def parse_settings(items: list[str]) -> dict[str, str]:
+    """['noise1.strength=5', ...] -> {'noise1.strength': '5'}; field names are checked by `edit_vector`."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE, e.g. noise1.strength=5")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def edit_vector(v: Tensor, settings: dict[str, str]) -> Tensor:
+    """Override named fields of v (B, 33) in physical units, leaving every other entry untouched.
+
+    Scalars take a number in the field's units (noise strength in the units of the step's noise type:
+    Gaussian sigma / 255 or Poisson scale); flags take 0/1; one-hot fields take a choice name.
+    """
+    from degrade.vector import FIELDS_BY_NAME
+
+    v = v.clone()
+    for name, text in settings.items():
+        f = FIELDS_BY_NAME.get(name)
+        if f is None:
+            raise ValueError(f"unknown field {name!r}; names are listed by `degrade inspect --vector` and in docs")
+        if f.kind == "onehot":
+            if text not in f.choices:
+                raise ValueError(f"{name}: {text!r} is not one of {', '.join(f.choices)}")
+            v[:, f.slice] = 0
+            v[:, f.index + f.choices.index(text)] = 1
+            continue
+        try:
+            x = float(text)
+        except ValueError:
+            raise ValueError(f"{name}: {text!r} is not a number") from None
+        if f.kind == "flag":
+            v[:, f.index] = 1.0 if x >= 0.5 else 0.0
+            continue
+        step_type = None
+        if f.ranges:  # noise strength: units follow the noise type currently in v
+            group = FIELDS_BY_NAME[f"{f.step}.type"]
+            choice = v[:, group.slice].argmax(dim=1)
+            step_type = [group.choices[int(c)] for c in choice]
+        for row in range(v.shape[0]):
+            st = step_type[row] if step_type else None
+            lo, hi = f.range_for(st)
+            if not lo <= x <= hi:
+                raise ValueError(f"{name}: {x:g} is outside [{lo:g}, {hi:g}]")
+            v[row, f.index] = f.normalise(x, st)
+    return v
+
+
+def to_tensor(img: np.ndarray) -> Tensor:
+    """(H, W, 3) float32 in [0, 1] -> (1, 3, H, W)."""
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
+
+
+def to_image(t: Tensor) -> np.ndarray:
+    return t[0].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
+
+
+@torch.no_grad()
+def predict(model: DASR, lr: Tensor, *, max_side: int = 1024) -> tuple[Tensor, Tensor]:
+    """v_hat and a from the whole image (area-downscaled first if a side exceeds `max_side`)."""
+    h, w = lr.shape[-2:]
+    if max(h, w) > max_side:
+        f = max_side / max(h, w)
+        lr = F.interpolate(lr, size=(max(1, round(h * f)), max(1, round(w * f))), mode="area")
+    return model.predict(lr)
+
+
+@torch.no_grad()
+def super_resolve(model: DASR, lr: Tensor, a: Tensor, *, tile: int | None = None, overlap: int = 32) -> Tensor:
+    """G with expert mix `a` over the LR image (1, 3, h, w), whole or in `tile`-sized LR tiles.
+
+    Tiles overlap by `overlap` LR pixels on each side; each output tile keeps only its own region, so
+    with an overlap at least the network's receptive-field radius the result equals the whole-image pass.
+    """
+    if tile is None or (lr.shape[-2] <= tile and lr.shape[-1] <= tile):
+        return model.sr(lr, a)
+    s = model.config.scale
+    h, w = lr.shape[-2:]
+    out = lr.new_zeros(lr.shape[0], 3, h * s, w * s)
+    for y in range(0, h, tile):
+        for x in range(0, w, tile):
+            y0, x0 = max(0, y - overlap), max(0, x - overlap)
+            y1, x1 = min(h, y + tile + overlap), min(w, x + tile + overlap)
+            part = model.sr(lr[..., y0:y1, x0:x1], a)
+            ty, tx = min(tile, h - y), min(tile, w - x)
+            out[..., y * s : (y + ty) * s, x * s : (x + tx) * s] = part[
+                ..., (y - y0) * s : (y - y0 + ty) * s, (x - x0) * s : (x - x0 + tx) * s]
+    return out

@@ -1,0 +1,134 @@
+"""dasr-sr / dasr-eval on CPU with a tiny model: tiling, --set, eval numbers, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import cv2  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+import degrade  # noqa: E402
+from cli.sr import eval_main, sr_main  # noqa: E402
+from dasr_model.infer import edit_vector, load_checkpoint_model, super_resolve  # noqa: E402
+from dasr_model.metrics import psnr, psnr_y, ssim_y, y_channel  # noqa: E402
+from dasr_model.model import DASR, DASRConfig  # noqa: E402
+from dasr_model.train import TrainConfig, save_checkpoint  # noqa: E402
+
+from .conftest import make_small_dataset  # noqa: E402
+
+TINY = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = DASR(TINY)
+    path = tmp_path_factory.mktemp("ck") / "ckpt-1.pt"
+    opt = torch.optim.Adam(model.parameters())
+    save_checkpoint(path, TrainConfig(shards="", out="", model=TINY), model, model.generator, opt, 1)
+    return path
+
+
+def test_tiled_output_equals_untiled(ckpt):
+    model = load_checkpoint_model(ckpt)
+    lr = torch.rand(1, 3, 37, 29)
+    _, a = model.predict(lr)
+    with torch.no_grad():
+        whole = model.sr(lr, a)
+        tiled = super_resolve(model, lr, a, tile=12, overlap=8)  # receptive-field radius of TINY: 6 px
+    torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
+
+
+def test_set_changes_exactly_the_named_field():
+    v = torch.rand(2, 33)
+    v[:, 20:22] = torch.tensor([1.0, 0.0])  # stage-1 noise is Gaussian
+    edited = edit_vector(v, {"noise1.strength": "15", "blur1.sigma_x": "1.5", "final.mode": "bicubic"})
+    changed = (edited != v).any(dim=0).nonzero().ravel().tolist()
+    assert set(changed) <= {18, 1, 30, 31, 32}
+    assert torch.allclose(edited[:, 18], torch.tensor(0.5)) and torch.allclose(edited[:, 1], torch.tensor(0.5))
+    assert edited[:, 30:33].tolist() == [[0, 0, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="unknown field"):
+        edit_vector(v, {"noise9.strength": "1"})
+    with pytest.raises(ValueError, match="outside"):
+        edit_vector(v, {"noise1.strength": "50"})
+
+
+def test_metrics_against_independent_numbers():
+    rng = np.random.default_rng(0)
+    hr = rng.random((40, 40, 3)).astype(np.float32)
+    assert psnr_y(hr, hr) == float("inf") and ssim_y(hr, hr) == pytest.approx(1.0)
+    sr = np.clip(hr + 4 / 255, 0, 1)
+    y_hr, y_sr = y_channel(hr)[4:-4, 4:-4], y_channel(sr)[4:-4, 4:-4]
+    assert psnr_y(sr, hr) == pytest.approx(10 * np.log10(255**2 / np.mean((y_sr - y_hr) ** 2)))
+    assert psnr(np.zeros(4), np.full(4, 255.0)) == pytest.approx(0.0)
+    # Flat images: the variance terms vanish, SSIM = (2 mu_a mu_b + C1) / (mu_a^2 + mu_b^2 + C1).
+    a, b = np.full((40, 40, 3), 100 / 255, np.float32), np.full((40, 40, 3), 150 / 255, np.float32)
+    ya, yb = y_channel(a)[0, 0], y_channel(b)[0, 0]
+    c1 = (0.01 * 255) ** 2
+    assert ssim_y(a, b) == pytest.approx((2 * ya * yb + c1) / (ya**2 + yb**2 + c1), rel=1e-9)
+    noisy = np.clip(hr + rng.normal(0, 0.1, hr.shape), 0, 1).astype(np.float32)
+    assert ssim_y(noisy, hr) < ssim_y(np.clip(hr + rng.normal(0, 0.02, hr.shape), 0, 1), hr) < 1
+
+
+def test_sr_cli_writes_x4_pngs_and_prints_v(ckpt, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.png"), np.random.default_rng(1).integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    result = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / "out"), "--checkpoint", str(ckpt),
+                                          "--tile", "8", "--print-v", "--set", "jpeg1.quality=60", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert degrade.read_image(tmp_path / "out" / "a_x4.png").shape == (80, 96, 3)
+    assert "reads as:" in result.output and "JPEG q 60" in result.output
+    mixed = CliRunner().invoke(sr_main, [str(src / "a.png"), "-o", str(tmp_path / "m"), "--checkpoint", str(ckpt),
+                                         "--mix", "1,0", "--device", "cpu"])
+    assert mixed.exit_code == 0, mixed.output
+
+
+def test_eval_on_shards_equals_an_independent_computation(ckpt, tmp_path):
+    shards = make_small_dataset(tmp_path / "ds", count=6, seed=2, shard_size=6, level=2)
+    result = CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--shards", shards, "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    model = load_checkpoint_model(ckpt)
+    ds = degrade.open_dataset(shards)
+    ours = []
+    with torch.no_grad():
+        for s in ds:
+            lr = torch.from_numpy(s.lr.astype(np.float32).transpose(2, 0, 1) / 255)[None]
+            sr = model(lr)[0].clamp(0, 1).permute(1, 2, 0).numpy()
+            y_sr = 16 + (np.round(sr * 255) @ np.array([65.481, 128.553, 24.966])) / 255
+            y_hr = 16 + (s.hr.astype(np.float64) @ np.array([65.481, 128.553, 24.966])) / 255
+            ours.append(10 * np.log10(255**2 / np.mean((y_sr[4:-4, 4:-4] - y_hr[4:-4, 4:-4]) ** 2)))
+    assert data["levels"]["2"]["images"] == 6
+    assert data["levels"]["2"]["psnr_y"] == pytest.approx(np.mean(ours), abs=1e-6)
+    assert set(data["mae"]) == {"all", "kernel", "resize", "noise", "jpeg"}
+
+
+def test_eval_from_an_hr_folder_is_reproducible(ckpt, tmp_path):
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    cv2.imwrite(str(hr_dir / "x.png"), np.random.default_rng(3).integers(0, 255, (66, 70, 3), dtype=np.uint8))
+    args = ["--checkpoint", str(ckpt), "--hr-dir", str(hr_dir), "--levels", "1,3", "--json", "--device", "cpu"]
+    first, second = CliRunner().invoke(eval_main, args), CliRunner().invoke(eval_main, args)
+    assert first.exit_code == 0, first.output
+    assert first.output == second.output and set(json.loads(first.output)["levels"]) == {"1", "3"}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["x.png", "-o", "out", "--checkpoint", "missing.pt"], "no such"),
+    (["notes.txt", "-o", "out", "--checkpoint", "{ckpt}"], "not a readable image"),
+    (["x.png", "-o", "out", "--checkpoint", "{ckpt}", "--set", "bogus.field=1"], "unknown field"),
+    (["x.png", "-o", "out", "--checkpoint", "{ckpt}", "--set", "noformat"], "NAME=VALUE"),
+    (["x.png", "-o", "out", "--checkpoint", "{ckpt}", "--mix", "1,2,3"], "--mix needs 2"),
+    (["x.png", "-o", "out", "--checkpoint", "notes.txt"], "not a readable checkpoint"),
+])
+def test_sr_bad_input_is_one_line(ckpt, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    cv2.imwrite("x.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "notes.txt").write_text("not an image")
+    result = CliRunner().invoke(sr_main, [a.replace("{ckpt}", str(ckpt)) for a in args] + ["--device", "cpu"])
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
