@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 import degrade
+from degrade.inspect import BLOCKS
 
 SCALE = 4
 
@@ -114,23 +115,8 @@ def unsharp_mask(img: Tensor, *, weight: float = 0.5, threshold: float = 10.0) -
     return soft * sharp + (1 - soft) * img
 
 
-def psnr_y(sr: Tensor, hr: Tensor, crop: int = 4) -> Tensor:
-    """PSNR on the Y channel (BT.601, 16-235), `crop` pixels off each border; per image, in dB.
-
-    sr, hr (B, 3, H, W) in [0, 1]; sr is rounded to 8 bit first, as the release's metric scripts do.
-    """
-    def y(img: Tensor) -> Tensor:
-        img = (img.clamp(0, 1) * 255).round()
-        return 16 + (65.481 * img[:, 0] + 128.553 * img[:, 1] + 24.966 * img[:, 2]) / 255
-
-    a, b = y(sr), y(hr)
-    if crop:
-        a, b = a[:, crop:-crop, crop:-crop], b[:, crop:-crop, crop:-crop]
-    mse = ((a - b) ** 2).mean(dim=(1, 2))
-    return 10 * torch.log10(255**2 / mse.clamp_min(1e-10))
-
-
-VECTOR_BLOCKS = {"kernel": (0, 10), "resize": (10, 18), "noise": (18, 26), "jpeg": (26, 33)}
+# The blocks of v as degrade.inspect defines them, with the JPEG/final block reported as "jpeg".
+VECTOR_BLOCKS = {("jpeg" if name == "JPEG/final" else name): span for name, span in BLOCKS.items()}
 
 
 def block_mae(v_hat: Tensor, v: Tensor) -> dict[str, float]:
@@ -142,4 +128,4 @@ def block_mae(v_hat: Tensor, v: Tensor) -> dict[str, float]:
     return out
 
 
-__all__ = ["PairedShards", "StepBatchSampler", "block_mae", "psnr_y", "unsharp_mask"]
+__all__ = ["PairedShards", "StepBatchSampler", "block_mae", "unsharp_mask"]

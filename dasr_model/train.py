@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from dasr_model.data import PairedShards, StepBatchSampler, block_mae, psnr_y, unsharp_mask
+from dasr_model.data import PairedShards, StepBatchSampler, block_mae, unsharp_mask
+from dasr_model.infer import to_image
+from dasr_model.metrics import psnr_y
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
 from dasr_model.model import DASR, DASRConfig
 
@@ -108,9 +110,10 @@ def validate(model: DASR, ema_generator: torch.nn.Module, val: PairedShards, dev
         v_hat, a = model.predict(lr)
         sr = ema_generator(lr, a)
         level = int(item["level"])
-        psnr[level].append(float(psnr_y(sr, hr)))
+        hr_img = to_image(hr)
+        psnr[level].append(psnr_y(to_image(sr), hr_img))
         bic = F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False)
-        bicubic[level].append(float(psnr_y(bic, hr)))
+        bicubic[level].append(psnr_y(to_image(bic), hr_img))
         v_hats.append(v_hat.cpu())
         vs.append(item["v"][None])
     model.train()

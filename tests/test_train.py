@@ -12,7 +12,8 @@ from click.testing import CliRunner  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from cli.train import main as train_cli  # noqa: E402
-from dasr_model.data import PairedShards, StepBatchSampler, psnr_y, unsharp_mask  # noqa: E402
+from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask  # noqa: E402
+from dasr_model.metrics import psnr_y  # noqa: E402
 from dasr_model.model import DASR, DASRConfig  # noqa: E402
 from dasr_model.train import TrainConfig, load_checkpoint, train  # noqa: E402
 
@@ -46,9 +47,9 @@ def test_unsharp_mask_matches_an_independent_computation():
 
 
 def test_psnr_y_of_a_known_error():
-    hr = torch.full((1, 3, 16, 16), 0.5)
-    sr = hr.clone()
-    sr[:, :, 4:-4, 4:-4] += 10 / 255  # Y moves by 10 * (65.481 + 128.553 + 24.966) / 255 = 8.588
+    hr = np.full((16, 16, 3), 0.5)
+    sr = hr.copy()
+    sr[4:-4, 4:-4, :] += 10 / 255  # Y moves by 10 * (65.481 + 128.553 + 24.966) / 255 = 8.588
     expected = 10 * np.log10(255**2 / (10 * 219 / 255) ** 2)
     assert float(psnr_y(sr, hr)) == pytest.approx(expected, abs=0.05)
 
