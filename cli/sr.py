@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from cli.main import _os_error
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -88,7 +90,7 @@ def sr_main(inputs, out_dir, checkpoint, release_weights, device, tile, settings
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
-        raise click.ClickException(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)) from None
+        raise click.ClickException(_os_error(exc)) from None
     err_console.print(f"wrote {len(files)} image(s) to {out_dir}")
 
 
@@ -121,7 +123,7 @@ def eval_main(checkpoint, release_weights, shards, hr_dir, levels, seed, device,
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
-        raise click.ClickException(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)) from None
+        raise click.ClickException(_os_error(exc)) from None
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return
