@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 import degrade
+from degrade.augment import dihedral_image, dihedral_vector
 from degrade.inspect import BLOCKS
 
 SCALE = 4
@@ -25,8 +26,9 @@ SCALE = 4
 class PairedShards(Dataset):
     """Items are keyed by (step, slot, index): a paired random crop of sample `index`, augmented.
 
-    Returns dict(lr (3, c, c), hr (3, 4c, 4c) float32 in [0, 1], v (33,) float32 as stored, level).
-    `lr_crop` None keeps the whole patch; flips and 90-degree rotations are applied to LR and HR alike.
+    Returns dict(lr (3, c, c), hr (3, 4c, 4c) float32 in [0, 1], v (33,) float32, level).
+    `lr_crop` None keeps the whole patch; flips and 90-degree rotations are applied to LR and HR alike,
+    and v follows them (an anisotropic kernel's theta turns with the image: degrade.augment).
     """
 
     def __init__(self, source: str | Sequence[degrade.Sample], *, lr_crop: int | None = 64, augment: bool = True,
@@ -49,18 +51,17 @@ class PairedShards(Dataset):
             y, x = int(rng.integers(lr.shape[0] - c + 1)), int(rng.integers(lr.shape[1] - c + 1))
             lr = lr[y : y + c, x : x + c]
             hr = hr[SCALE * y : SCALE * (y + c), SCALE * x : SCALE * (x + c)]
-        if self.augment:
-            if rng.random() < 0.5:
-                lr, hr = lr[:, ::-1], hr[:, ::-1]
-            if rng.random() < 0.5:
-                lr, hr = lr[::-1], hr[::-1]
-            k = int(rng.integers(4))
-            lr, hr = np.rot90(lr, k), np.rot90(hr, k)
+        v = np.asarray(s.v, np.float32)
+        if self.augment:  # one of the 8 flips/rotations, applied to LR and HR alike, and v kept true to them
+            turn = {"flip_lr": bool(rng.random() < 0.5), "flip_ud": bool(rng.random() < 0.5),
+                    "rot90": int(rng.integers(4))}
+            lr, hr = dihedral_image(lr, **turn), dihedral_image(hr, **turn)
+            v = dihedral_vector(v, **turn)
 
         def to_tensor(img: np.ndarray) -> Tensor:
             return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255)
 
-        return {"lr": to_tensor(lr), "hr": to_tensor(hr), "v": torch.from_numpy(np.array(s.v, np.float32)),
+        return {"lr": to_tensor(lr), "hr": to_tensor(hr), "v": torch.from_numpy(np.array(v, np.float32)),
                 "level": torch.tensor(int(s.params.level or 0))}
 
 

@@ -12,6 +12,7 @@ from click.testing import CliRunner  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from cli.train import main as train_cli  # noqa: E402
+from degrade.augment import dihedral_image, dihedral_vector  # noqa: E402
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask  # noqa: E402
 from dasr_model.metrics import psnr_y  # noqa: E402
 from dasr_model.model import DASR, DASRConfig  # noqa: E402
@@ -62,6 +63,13 @@ class _Sample:
         self.params = type("P", (), {"level": 2})()
 
 
+TURNS = [dict(flip_lr=a, flip_ud=b, rot90=k) for a in (False, True) for b in (False, True) for k in range(4)]
+
+
+def _crops(img, c):
+    return [img[:, y : y + c, x : x + c] for y in range(img.shape[1] - c + 1) for x in range(img.shape[2] - c + 1)]
+
+
 def test_paired_crops_flips_and_rotations_stay_aligned():
     rng = np.random.default_rng(0)
     data = [_Sample(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(3)]
@@ -72,7 +80,11 @@ def test_paired_crops_flips_and_rotations_stay_aligned():
         lr, hr = item["lr"].numpy(), item["hr"].numpy()
         assert lr.shape == (3, 6, 6) and hr.shape == (3, 24, 24)
         np.testing.assert_array_equal(np.kron(lr, np.ones((1, 4, 4))), hr)
-        np.testing.assert_array_equal(item["v"].numpy(), data[0].v)  # v carried untouched
+        # v follows the transform the picture went through (found by trying all 8 on the stored LR)
+        stored = data[step % 3].lr.transpose(2, 0, 1)[None].astype(np.float32) / 255
+        turns = [t for t in TURNS if any(np.array_equal(lr, c) for c in _crops(dihedral_image(
+            stored[0].transpose(1, 2, 0), **t).transpose(2, 0, 1), 6))]
+        assert turns and all(np.array_equal(item["v"].numpy(), dihedral_vector(data[0].v, **t)) for t in turns)
         seen.add(lr.tobytes())
     assert len(seen) > 20
     assert ds[(5, 1, 2)]["lr"].equal(ds[(5, 1, 2)]["lr"])  # a key always gives the same crop
