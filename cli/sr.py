@@ -76,7 +76,7 @@ def sr_main(inputs, out_dir, checkpoint, release_weights, device, tile, settings
                     v_hat, a = predict(model, lr)
                     if overrides:
                         v_hat = edit_vector(v_hat, overrides)
-                        a = model.predictor.MappingNet(v_hat)
+                        a = model.mix(v_hat)
                     if a_fixed is not None:
                         a = a_fixed
                     sr = super_resolve(model, lr, a, tile=tile)
@@ -135,6 +135,11 @@ def eval_main(checkpoint, release_weights, shards, hr_dir, levels, seed, device,
                       f"{r['bicubic_psnr_y']:.2f}", f"{r['bicubic_ssim_y']:.4f}")
     console.print(table)
     console.print("predictor MAE: " + ", ".join(f"{k} {v:.4f}" for k, v in result["mae"].items()))
+    mix = result["mixing"]
+    console.print(f"expert mix a: std over images {mix['std']:.4f} (within a level {mix['std_within_level']:.4f}), "
+                  f"between level means {mix['between_level']:.4f}")
+    for level, mean in mix["mean_by_level"].items():
+        console.print(f"  level {level} mean a: " + " ".join(f"{x:.3f}" for x in mean))
 
 
 if __name__ == "__main__":

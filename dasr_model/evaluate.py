@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dasr_model.data import block_mae
+from dasr_model.diagnostics import mixing_stats
 from dasr_model.infer import to_image, to_tensor
 from dasr_model.metrics import psnr_rgb, psnr_y, ssim_y
 
@@ -45,10 +46,12 @@ def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Itera
 @torch.no_grad()
 def evaluate_pairs(model: torch.nn.Module, pairs: Iterator[Pair], device: torch.device) -> dict[str, Any]:
     scores: dict[int, dict[str, list[float]]] = {}
-    v_hats, vs = [], []
+    v_hats, vs, mixes, mix_levels = [], [], [], []
     for level, hr, lr, v in pairs:
         lr_t = to_tensor(lr).to(device)
         v_hat, a = model.predict(lr_t)
+        mixes.append(a.float().cpu())
+        mix_levels.append(level)
         sr = to_image(model.sr(lr_t, a))
         bic = to_image(F.interpolate(lr_t, scale_factor=4, mode="bicubic", align_corners=False))
         s = scores.setdefault(level, {k: [] for k in ("psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y",
@@ -66,4 +69,5 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterator[Pair], device: torch.
     levels = {str(lv): {"images": len(s["psnr_y"]), **{k: float(np.mean(x)) for k, x in s.items()}}
               for lv, s in sorted(scores.items())}
     mae = block_mae(torch.cat(v_hats), torch.cat(vs)) if vs else {}
-    return {"levels": levels, "mae": mae}
+    mixing = mixing_stats(torch.cat(mixes), torch.tensor(mix_levels))
+    return {"levels": levels, "mae": mae, "mixing": mixing}

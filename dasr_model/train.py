@@ -44,6 +44,7 @@ class TrainConfig:
     pixel_weight: float = 1.0
     regression_weight: float = 1.0
     ema_decay: float = 0.999
+    teacher_steps: int = 0  # steps at the start whose expert mix comes from the true v, not v_hat
     sharpen_gt: bool = True
     val_shards: str | None = None
     val_every: int = 500
@@ -205,7 +206,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
             v = batch["v"].to(device, non_blocking=True)
             target = unsharp_mask(hr) if cfg.sharpen_gt else hr
 
-            losses = train_step(parts, cfg, lr_img, target, v, use_bf16)
+            losses = train_step(parts, cfg, lr_img, target, v, use_bf16, teacher=step < cfg.teacher_steps)
             if not math.isfinite(losses["loss"]):
                 raise FloatingPointError(f"loss became {losses['loss']} at step {step}")
             step += 1
@@ -248,14 +249,15 @@ class StepParts:
 
 
 def train_step(p: StepParts, cfg: TrainConfig, lr: torch.Tensor, target: torch.Tensor, v: torch.Tensor,
-               bf16: bool) -> dict[str, float]:
+               bf16: bool, *, teacher: bool = False) -> dict[str, float]:
     """One step: G (and P) on L1 + regression (+ perceptual, + GAN), then D, then the EMA of G.
 
-    lr (B, 3, h, w), target (B, 3, 4h, 4w), v (B, 33), all on the device. Returns the loss terms.
+    lr (B, 3, h, w), target (B, 3, 4h, 4w), v (B, 33), all on the device. `teacher`: the expert mix
+    comes from the true v (the predictor still learns v from the regression term). Returns the loss terms.
     """
     device_type = lr.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-        sr, v_hat = p.net(lr, return_v=True)
+        sr, v_hat = p.net(lr, return_v=True, v_mix=v if teacher else None)
         sr, v_hat = sr.float(), v_hat.float()
         terms = {"l1": F.l1_loss(sr, target), "regression": F.l1_loss(v_hat, v)}
         loss = cfg.pixel_weight * terms["l1"] + cfg.regression_weight * terms["regression"]

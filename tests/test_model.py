@@ -33,16 +33,59 @@ def test_shapes(experts):
     assert torch.equal(model.sr(lr, a), sr)
 
 
-def test_initial_mix_is_near_uniform_and_output_near_bilinear():
+def test_initial_mix_is_near_uniform_and_experts_are_distinct():
+    from dasr_model.diagnostics import expert_stats
+
     torch.manual_seed(0)
     model = DASR().eval()
-    lr = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
-        _, a = model.predict(lr)
-        sr = model(lr)
+        _, a = model.predict(torch.rand(1, 3, 16, 16))
     assert torch.allclose(a, torch.full_like(a, 0.2), atol=0.1)
+    assert expert_stats(model.generator)["relative_distance"] > 1.0  # independent draws: about sqrt(2)
+
+
+@pytest.mark.parametrize("experts", [1, 5])
+def test_untrained_network_is_its_bilinear_base_on_a_photo(experts):
+    """MSRResNet's x0.1 init on every layer: the untrained SR scores within 0.1 dB of bilinear upsampling
+    (with conv_first/upconv/conv_hr at scale 1 it was ~3.7 dB below bicubic)."""
+    import degrade
+    from dasr_model.infer import to_image, to_tensor
+    from dasr_model.metrics import psnr_y
+
+    hr = degrade.read_image(degrade.sample_images()[1])
+    hr = hr[: hr.shape[0] // 4 * 4, : hr.shape[1] // 4 * 4]
+    lr = F.interpolate(to_tensor(hr), scale_factor=0.25, mode="area")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        sr = DASR(DASRConfig(num_experts=experts)).eval()(lr)
     bilinear = F.interpolate(lr, scale_factor=4, mode="bilinear", align_corners=False)
-    assert (sr - bilinear).abs().mean() < 0.5  # starts as a perturbation of the bilinear upsampling
+    assert abs(psnr_y(to_image(sr), hr) - psnr_y(to_image(bilinear), hr)) < 0.1
+
+
+def test_softmax_mixing_is_convex_and_keeps_the_release_keys():
+    torch.manual_seed(0)
+    linear, soft = DASR(DASRConfig(num_block=1)), DASR(DASRConfig(num_block=1, mixing="softmax",
+                                                                   mixing_temperature=0.1, mapping_gain=1.0))
+    assert linear.state_dict().keys() == soft.state_dict().keys()
+    v = torch.rand(64, 33)
+    a = soft.mix(v)
+    torch.testing.assert_close(a.sum(1), torch.ones(64))
+    assert (a > 0).all() and a.std(0).mean() > 0.05  # full gain and a low temperature: a varies with v
+    with pytest.raises(ValueError, match="mixing"):
+        DASRConfig(mixing="max")
+    with pytest.raises(ValueError, match="temperature"):
+        DASRConfig(mixing_temperature=0)
+
+
+def test_given_vector_sets_the_mix_and_v_hat_is_still_predicted():
+    torch.manual_seed(0)
+    model = DASR(DASRConfig(num_block=1, mapping_gain=1.0)).eval()
+    lr, v = torch.rand(2, 3, 8, 8), torch.rand(2, 33)
+    with torch.no_grad():
+        sr, v_hat = model(lr, return_v=True, v_mix=v)
+        torch.testing.assert_close(sr, model.sr(lr, model.mix(v)))
+        torch.testing.assert_close(v_hat, model.predict(lr)[0])
+        assert not torch.allclose(sr, model(lr), atol=1e-7)
 
 
 def _release_state_dicts(seed: int = 1):
