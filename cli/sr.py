@@ -31,7 +31,8 @@ def _model(checkpoint: Path | None, release: tuple[Path, Path] | None, device: s
 @click.command("dasr-sr", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="A dasr-train checkpoint (ckpt-*.pt).")
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="A dasr-train checkpoint (ckpt-*.pt) or its exported RUN/model.pt.")
 @click.option("--release-weights", nargs=2, type=click.Path(path_type=Path), help="Released G.pth and P.pth.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tile", type=click.IntRange(min=8), help="Process the LR image in tiles of this size (same v/a).")
@@ -95,7 +96,7 @@ def sr_main(inputs, out_dir, checkpoint, release_weights, device, tile, settings
 
 
 @click.command("dasr-eval", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--checkpoint", type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="A dasr-train checkpoint or RUN/model.pt.")
 @click.option("--release-weights", nargs=2, type=click.Path(path_type=Path))
 @click.option("--shards", type=click.Path(path_type=Path), help="Evaluate on a dataset's (HR, LR, v) samples.")
 @click.option("--hr-dir", type=click.Path(path_type=Path, file_okay=False),

@@ -28,12 +28,25 @@ err_console = Console(stderr=True)
 @click.option("--experts", type=click.IntRange(min=1), default=5, show_default=True, help="1 = plain SRResNet baseline.")
 @click.option("--blocks", type=click.IntRange(min=1), default=16, show_default=True, help="Residual blocks.")
 @click.option("--features", type=click.IntRange(min=4), default=64, show_default=True, help="Feature channels.")
+@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Adam learning rate.")
+@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True)
+@click.option("--mixing", type=click.Choice(["linear", "softmax"]), default="linear", show_default=True,
+              help="How v becomes the expert mix: linear (as released) or softmax(. / --mixing-temperature).")
+@click.option("--mixing-temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--mapping-gain", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="Init scale of the mapping net's last layer (0.1: a starts at 1/K for every image).")
+@click.option("--teacher-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="First steps whose expert mix comes from the true v instead of the predicted one.")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True),
+              help="Wall-clock budget: save a checkpoint and stop when it is spent.")
 @click.option("--no-sharpen", is_flag=True, help="Train against the plain HR instead of the unsharp-masked one.")
 @click.option("--gan", is_flag=True, help="Add the GAN term (0.1, U-Net SN discriminator).")
 @click.option("--vgg-weights", type=click.Path(path_type=Path, dir_okay=False),
               help="Local VGG19 weights (torchvision layout) for the perceptual term; without it the term is off.")
 def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, seed, workers, val_every, ckpt_every,
-         experts, blocks, features, no_sharpen, gan, vgg_weights) -> None:
+         experts, blocks, features, learning_rate, ema_decay, mixing, mixing_temperature, mapping_gain, teacher_steps,
+         max_minutes, no_sharpen, gan, vgg_weights) -> None:
     """Train DASR (degradation predictor + expert MSRResNet) on HDF5 shards.
 
     Losses: L1 + v regression, plus GAN with --gan and perceptual with --vgg-weights. Several GPUs:
@@ -45,8 +58,10 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, se
     cfg = TrainConfig(shards=str(shards), out=str(out), steps=steps, batch_size=batch_size, lr_crop=lr_crop,
                       val_shards=str(val_shards) if val_shards else None, val_every=val_every, ckpt_every=ckpt_every,
                       seed=seed, workers=workers, device=device, sharpen_gt=not no_sharpen, gan=gan,
-                      vgg_weights=str(vgg_weights) if vgg_weights else None,
-                      model=DASRConfig(num_experts=experts, num_block=blocks, num_feat=features))
+                      vgg_weights=str(vgg_weights) if vgg_weights else None, lr=learning_rate, ema_decay=ema_decay,
+                      teacher_steps=teacher_steps, max_minutes=max_minutes,
+                      model=DASRConfig(num_experts=experts, num_block=blocks, num_feat=features, mixing=mixing,
+                                       mixing_temperature=mixing_temperature, mapping_gain=mapping_gain))
     if vgg_weights is None:
         err_console.print("perceptual loss off: no --vgg-weights given (VGG19 weights cannot be downloaded here)")
     if vgg_weights is not None and not vgg_weights.is_file():

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dasr_model.data import PairedShards, StepBatchSampler, block_mae, unsharp_mask
-from dasr_model.infer import to_image
+from dasr_model.infer import MODEL_FILE, export_model, to_image
 from dasr_model.metrics import psnr_y
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
 from dasr_model.model import DASR, DASRConfig
@@ -50,6 +50,7 @@ class TrainConfig:
     val_every: int = 500
     val_samples: int = 64
     ckpt_every: int = 1000
+    max_minutes: float | None = None  # wall-clock budget of this invocation: save and stop when spent
     seed: int = 0
     workers: int = 2
     device: str = "auto"
@@ -128,7 +129,8 @@ def validate(model: DASR, ema_generator: torch.nn.Module, val: PairedShards, dev
 
 def train(cfg: TrainConfig, *, resume: bool = False,
           progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train as `cfg` says; returns the last metrics. Ctrl-C (SIGINT) saves a checkpoint, then stops."""
+    """Train as `cfg` says; returns the last metrics. Ctrl-C (SIGINT) or the `max_minutes` budget saves a
+    checkpoint, then stops. The last step also writes RUN/model.pt (predictor + EMA generator, bf16)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -220,9 +222,14 @@ def train(cfg: TrainConfig, *, resume: bool = False,
                 metrics_file.flush()
             if progress:
                 progress(step, last)
-            if main_rank and (step % cfg.ckpt_every == 0 or step == cfg.steps or stop["now"]):
+            if cfg.max_minutes is not None and time.perf_counter() - t0 >= 60 * cfg.max_minutes:
+                stop["now"] = True
+            final = step == cfg.steps or stop["now"]
+            if main_rank and (step % cfg.ckpt_every == 0 or final):
                 save_checkpoint(out / f"ckpt-{step}.pt", cfg, model, ema, opt, step,
                                 _unwrap(disc) if disc is not None else None, opt_d)
+            if main_rank and final:
+                export_model(model, ema, out / MODEL_FILE)
             if stop["now"]:
                 break
     finally:

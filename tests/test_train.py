@@ -99,8 +99,9 @@ def test_batches_are_a_function_of_the_step():
 
 
 def _cfg(shards, out, steps, **kw):
+    kw = {"model": TINY, **kw}
     return TrainConfig(shards=shards, out=str(out), steps=steps, batch_size=2, lr_crop=8, workers=0, ckpt_every=2,
-                       model=TINY, device="cpu", **kw)
+                       device="cpu", **kw)
 
 
 def test_resume_equals_uninterrupted(shards, tmp_path):
@@ -242,3 +243,40 @@ def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path
     for name, tensor in a["model"].items():
         torch.testing.assert_close(tensor, b["model"][name], rtol=1e-4, atol=1e-6, msg=name)
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 only
+
+
+def test_time_budget_saves_a_checkpoint_and_a_small_model_file(shards, tmp_path):
+    from dasr_model.infer import load_checkpoint_model
+
+    last = train(_cfg(shards, tmp_path / "run", 50, max_minutes=1e-9))
+    assert last["step"] == 1
+    assert [p.name for p in (tmp_path / "run").glob("ckpt-*.pt")] == ["ckpt-1.pt"]
+    exported = load_checkpoint_model(tmp_path / "run" / "model.pt")
+    full = load_checkpoint_model(tmp_path / "run" / "ckpt-1.pt")  # EMA generator, float32
+    lr = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(lr), full(lr), atol=2e-2, rtol=0)  # bf16 weights
+
+
+def test_exported_release_size_model_is_under_16_mib(tmp_path):
+    from dasr_model.infer import export_model
+
+    model = DASR()
+    path = export_model(model, None, tmp_path / "model.pt")
+    assert path.stat().st_size < 16 * 2**20
+
+
+def test_teacher_steps_mix_the_experts_from_the_true_vector(shards, tmp_path):
+    """With the mix from the true v, the SR loss reaches the mapping net but not the predictor's convs."""
+    model = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8, mapping_gain=1.0)
+    runs = {}
+    for name, teacher in (("student", 0), ("teacher", 1)):
+        train(_cfg(shards, tmp_path / name, 1, teacher_steps=teacher, model=model, regression_weight=0.0))
+        runs[name] = load_checkpoint(tmp_path / name / "ckpt-1.pt")["model"]
+    conv = "predictor.ConvNet.0.weight"
+    mapping = "predictor.MappingNet.0.weight"
+    torch.manual_seed(0)
+    init = DASR(model).state_dict()
+    assert not torch.equal(runs["student"][conv], init[conv])  # v_hat feeds the mix: the SR loss reaches P
+    assert torch.equal(runs["teacher"][conv], init[conv])  # true v feeds the mix, no regression: P untouched
+    assert not torch.equal(runs["teacher"][mapping], init[mapping])
