@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Small-scale CPU study: do 5 experts beat 1 at the same steps, and which lever makes them specialise?
 
-Trains a tiny DASR (4 blocks x 32 features, predictor 32 features) with `dasr_model.train.train`
+Trains a tiny DASR (4 blocks x 16 features, predictor 32 features) with `dasr_model.train.train`
 for a fixed number of steps per run, on level-`mix` shards made from the training photos, then scores
 the EMA model on held-out photos (never trained on: benchmarks/_study.py) per level: PSNR-Y / SSIM-Y
 (4-px crop) beside bicubic, predictor MAE per block of v, the spread of the expert mix a across
@@ -134,15 +134,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, required=True, help="Datasets, runs and results go here.")
     ap.add_argument("--runs", default="single,release,teacher,softmax,softmax_teacher")
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--crop", type=int, default=24, help="LR crop (HR patches are 4x).")
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--ema", type=float, default=0.99)
-    ap.add_argument("--features", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--features", type=int, default=16)
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--predictor-feat", type=int, default=32)
-    ap.add_argument("--train-count", type=int, default=4000)
+    ap.add_argument("--train-count", type=int, default=8000)
     ap.add_argument("--val-count", type=int, default=64, help="Held-out samples per level (192-px HR patches).")
     ap.add_argument("--jobs", type=int, default=2, help="Runs trained at once (one thread each).")
     ap.add_argument("--smoke", action="store_true", help="Tiny sizes, bundled photos: checks the path in a minute.")

@@ -24,6 +24,8 @@ err_console = Console(stderr=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Data loader processes.")
 @click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--val-samples", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Validation samples scored at each --val-every.")
 @click.option("--ckpt-every", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--experts", type=click.IntRange(min=1), default=5, show_default=True, help="1 = plain SRResNet baseline.")
 @click.option("--blocks", type=click.IntRange(min=1), default=16, show_default=True, help="Residual blocks.")
@@ -44,9 +46,9 @@ err_console = Console(stderr=True)
 @click.option("--gan", is_flag=True, help="Add the GAN term (0.1, U-Net SN discriminator).")
 @click.option("--vgg-weights", type=click.Path(path_type=Path, dir_okay=False),
               help="Local VGG19 weights (torchvision layout) for the perceptual term; without it the term is off.")
-def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, seed, workers, val_every, ckpt_every,
-         experts, blocks, features, learning_rate, ema_decay, mixing, mixing_temperature, mapping_gain, teacher_steps,
-         max_minutes, no_sharpen, gan, vgg_weights) -> None:
+def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, seed, workers, val_every, val_samples,
+         ckpt_every, experts, blocks, features, learning_rate, ema_decay, mixing, mixing_temperature, mapping_gain,
+         teacher_steps, max_minutes, no_sharpen, gan, vgg_weights) -> None:
     """Train DASR (degradation predictor + expert MSRResNet) on HDF5 shards.
 
     Losses: L1 + v regression, plus GAN with --gan and perceptual with --vgg-weights. Several GPUs:
@@ -56,7 +58,8 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, se
     from dasr_model.train import TrainConfig, train
 
     cfg = TrainConfig(shards=str(shards), out=str(out), steps=steps, batch_size=batch_size, lr_crop=lr_crop,
-                      val_shards=str(val_shards) if val_shards else None, val_every=val_every, ckpt_every=ckpt_every,
+                      val_shards=str(val_shards) if val_shards else None, val_every=val_every, val_samples=val_samples,
+                      ckpt_every=ckpt_every,
                       seed=seed, workers=workers, device=device, sharpen_gt=not no_sharpen, gan=gan,
                       vgg_weights=str(vgg_weights) if vgg_weights else None, lr=learning_rate, ema_decay=ema_decay,
                       teacher_steps=teacher_steps, max_minutes=max_minutes,

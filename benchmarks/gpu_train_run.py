@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""The first real DASR model, unattended in one GPU call: data, 5 experts vs 1 expert, evaluation, export.
+
+Steps, each writing into OUT as it finishes (a run cut short still leaves what it did):
+  1. split the photos by file (a fixed ~10 % held out: benchmarks/_study.py);
+  2. `degrade make-dataset` on all cores: level mix from the training photos; a small mix set from the
+     held-out photos for validation during training;
+  3. `dasr-train` with 5 experts for --minutes (the trainer's own wall-clock budget), then with 1 expert
+     for exactly as many steps (capped by the same budget), bf16 on CUDA;
+  4. `dasr-eval --hr-dir` on the held-out photos at levels 1, 2, 3 (fixed seeds) for both models:
+     PSNR-Y / SSIM-Y (4-px crop), bicubic beside, predictor MAE per block, expert-mix statistics;
+  5. OUT/model.pt: the 5-expert model (predictor + EMA generator, bf16, under 16 MiB) and
+     OUT/compare.png: LR / bicubic / 1 expert / 5 experts / HR crops at each level; OUT/summary.md.
+
+Usage (GPU): python benchmarks/gpu_train_run.py --photos PHOTOS --out $OUT
+       (CPU dry run of the same path in a couple of minutes): python benchmarks/gpu_train_run.py --smoke --out /tmp/o
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _study import make_dataset, split_photos  # noqa: E402
+
+# The expert-mixing lever chosen by benchmarks/expert_study.py (docs/training.md), passed to dasr-train.
+LEVER_ARGS = ["--mixing", "softmax", "--mixing-temperature", "0.1", "--mapping-gain", "1.0"]
+
+
+def log(out: Path, text: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {text}"
+    print(line, flush=True)
+    with open(out / "log.txt", "a") as f:
+        f.write(line + "\n")
+
+
+def run(out: Path, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    log(out, "$ " + shlex.join(cmd))
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def last_step(run_dir: Path) -> int:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def val_table(run_dir: Path) -> list[str]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "val" in r]
+    out = ["| step | L1 PSNR-Y | L2 PSNR-Y | L3 PSNR-Y | bicubic L1/L2/L3 | predictor MAE | samples/s |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p, b = r["val"]["psnr_y"], r["val"]["bicubic_psnr_y"]
+        out.append(f"| {r['step']} | " + " | ".join(f"{p.get(k, float('nan')):.2f}" for k in "123")
+                   + " | " + "/".join(f"{b.get(k, float('nan')):.2f}" for k in "123")
+                   + f" | {r['val']['mae']['all']:.4f} | {r['samples_per_s']:.0f} |")
+    return out
+
+
+def final_table(evals: dict[str, dict]) -> list[str]:
+    out = ["| level | bicubic PSNR-Y / SSIM-Y | " + " | ".join(f"{k} PSNR-Y / SSIM-Y" for k in evals)
+           + " | 5 experts - bicubic | 5 experts - 1 expert |", "|---" * (len(evals) + 4) + "|"]
+    first = next(iter(evals.values()))["levels"]
+    for lv in first:
+        b = first[lv]
+        cells = [f"{e['levels'][lv]['psnr_y']:.2f} / {e['levels'][lv]['ssim_y']:.4f}" for e in evals.values()]
+        five, one = evals.get("5 experts"), evals.get("1 expert")
+        gain = f"{five['levels'][lv]['psnr_y'] - b['bicubic_psnr_y']:+.2f} dB" if five else "-"
+        vs1 = f"{five['levels'][lv]['psnr_y'] - one['levels'][lv]['psnr_y']:+.2f} dB" if five and one else "-"
+        out.append(f"| {lv} | {b['bicubic_psnr_y']:.2f} / {b['bicubic_ssim_y']:.4f} | " + " | ".join(cells)
+                   + f" | {gain} | {vs1} |")
+    return out
+
+
+def picture(models: dict[str, Path], held: list[Path], path: Path, seed: int) -> None:
+    """LR (nearest x4) / bicubic / each model / HR, one row per level, a 96-px HR crop of one held-out photo."""
+    import cv2
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    import degrade
+    from dasr_model.infer import load_checkpoint_model, to_image, to_tensor
+    from degrade.io import crop_to_multiple, to_uint8
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    nets = {k: load_checkpoint_model(p).to(dev) for k, p in models.items()}
+    hr = to_uint8(crop_to_multiple(degrade.read_image(held[0]), 4)).astype(np.float32) / 255
+    c = 96
+    y0, x0 = (hr.shape[0] // 2) // 4 * 4, (hr.shape[1] // 2) // 4 * 4
+    rows = []
+    for level in (1, 2, 3):
+        params = degrade.sample_params(level, np.random.default_rng(np.random.SeedSequence([seed, 0, level])))
+        lr = degrade.apply(hr, params)
+        lr_t = to_tensor(lr).to(dev)
+        tiles = {"LR": np.kron(lr, np.ones((4, 4, 1), np.float32)),
+                 "bicubic": to_image(F.interpolate(lr_t, scale_factor=4, mode="bicubic", align_corners=False))}
+        with torch.no_grad():
+            for k, m in nets.items():
+                tiles[k] = to_image(m(lr_t))
+        tiles["HR"] = hr
+        crops = [np.clip(t[y0 : y0 + c, x0 : x0 + c], 0, 1) for t in tiles.values()]
+        big = [cv2.resize(cr, (2 * c, 2 * c), interpolation=cv2.INTER_NEAREST) for cr in crops]
+        row = np.concatenate([np.pad(b, ((24, 4), (2, 2), (0, 0)), constant_values=1.0) for b in big], axis=1)
+        row = (row * 255).round().astype(np.uint8)[..., ::-1].copy()  # BGR for cv2
+        for i, name in enumerate(tiles):
+            cv2.putText(row, f"L{level} {name}", (i * (2 * c + 4) + 6, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                        (0, 0, 0), 1, cv2.LINE_AA)
+        rows.append(row)
+    cv2.imwrite(str(path), np.concatenate(rows, axis=0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--photos", type=Path, help="Photo folder (default with --smoke: the bundled samples).")
+    ap.add_argument("--out", type=Path, required=True, help="Results (log, tables, model.pt, picture).")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/dasr-gpu-run"), help="Datasets and runs.")
+    ap.add_argument("--minutes", type=float, default=3.0, help="Training budget of each of the two runs.")
+    ap.add_argument("--batch-size", type=int, default=48)
+    ap.add_argument("--train-count", type=int, default=16000)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 4), help="Loader processes.")
+    ap.add_argument("--val-every", type=int, default=250)
+    ap.add_argument("--extra", default="", help="More dasr-train arguments, e.g. '--lr 2e-4'.")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, bundled photos, ~2 minutes.")
+    a = ap.parse_args(argv)
+    out, work = a.out, a.work
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    size = []
+    if a.smoke:
+        import degrade
+
+        a.photos = a.photos or Path(degrade.sample_images()[0]).parent
+        a.minutes, a.batch_size, a.train_count, a.val_every, a.workers = 0.25, 4, 64, 5, 1
+        size = ["--blocks", "2", "--features", "16", "--device", "cpu"]
+    if a.photos is None:
+        ap.error("--photos is required (except with --smoke)")
+
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    command = "python benchmarks/gpu_train_run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    head = [f"# DASR training run ({datetime.date.today()})", "",
+            f"- device: {device}; torch {torch.__version__}; {os.cpu_count()} CPU cores",
+            f"- command: `{command}`"]
+    log(out, " | ".join(head[2:]))
+
+    # 1-2. photos and datasets
+    train_files, held = split_photos(a.photos)
+    patch = 64 if a.smoke else 256
+    crop = patch // 4
+    log(out, f"photos: {len(train_files)} for training, {len(held)} held out ({', '.join(p.name for p in held)})")
+    t = time.perf_counter()
+    train_ds = make_dataset(train_files, work / "train", level="mix", count=a.train_count, patch=patch, seed=1,
+                            jobs=a.jobs)
+    val_ds = make_dataset(held, work / "val-mix", level="mix", count=8 if a.smoke else 96, patch=patch, seed=7,
+                          jobs=a.jobs)
+    log(out, f"datasets made in {time.perf_counter() - t:.0f} s")
+    held_dir = work / "held-out"
+    held_dir.mkdir(exist_ok=True)
+    for p in held:
+        link = held_dir / p.name
+        if not link.exists():
+            link.symlink_to(p.resolve())
+
+    # 3. two runs with the same steps: 5 experts within the budget, then 1 expert for as many steps
+    runs = {"5 experts": work / "run-e5", "1 expert": work / "run-e1"}
+    steps = None
+    for name, run_dir in runs.items():
+        experts = "5" if name == "5 experts" else "1"
+        cmd = [sys.executable, "-m", "cli.train", "--shards", str(train_ds), "--val-shards", str(val_ds),
+               "--out", str(run_dir), "--experts", experts, "--steps", str(steps or 1_000_000),
+               "--max-minutes", str(a.minutes), "--batch-size", str(a.batch_size), "--lr-crop", str(crop),
+               "--workers", str(a.workers), "--val-every", str(a.val_every), "--ckpt-every", "100000",
+               "--val-samples", "8" if a.smoke else "96", *LEVER_ARGS, *size, *shlex.split(a.extra)]
+        t = time.perf_counter()
+        run(out, cmd, stdout=subprocess.DEVNULL)
+        steps = steps or last_step(run_dir)
+        log(out, f"{name}: {last_step(run_dir)} steps in {time.perf_counter() - t:.0f} s")
+        (out / f"metrics-e{experts}.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+
+    # 4. evaluation on the held-out photos, per level
+    evals = {}
+    for name, run_dir in runs.items():
+        res = run(out, [sys.executable, "-c", "from cli.sr import eval_main; eval_main()", "--checkpoint",
+                        str(run_dir / "model.pt"), "--hr-dir", str(held_dir), "--levels", "1,2,3", "--seed", "0",
+                        "--json"], capture_output=True, text=True)
+        evals[name] = json.loads(res.stdout)
+        (out / "eval.json").write_text(json.dumps(evals, indent=1))
+        log(out, f"{name}: " + ", ".join(f"L{k} {v['psnr_y']:.2f} dB (bicubic {v['bicubic_psnr_y']:.2f})"
+                                         for k, v in evals[name]["levels"].items()))
+
+    # 5. the model, a picture, the summary
+    (out / "model.pt").write_bytes((runs["5 experts"] / "model.pt").read_bytes())
+    picture({k: d / "model.pt" for k, d in runs.items()}, held, out / "compare.png", seed=0)
+    lines = head + ["", f"Training: level mix, {a.train_count} patches of {patch} px from {len(train_files)} photos; "
+                    f"batch {a.batch_size}, LR crop {crop}, {steps} steps each; lever: `{' '.join(LEVER_ARGS)}` "
+                    f"{a.extra}".rstrip(), ""]
+    for name, run_dir in runs.items():
+        lines += [f"## Validation over steps, {name} (held-out mix patches, EMA generator)", "", *val_table(run_dir), ""]
+    lines += [f"## Held-out photos ({len(held)}), per level (`dasr-eval --hr-dir`, seed 0)", "", *final_table(evals), ""]
+    for name, e in evals.items():
+        mix = e["mixing"]
+        lines += [f"- {name}: predictor MAE " + ", ".join(f"{k} {v:.4f}" for k, v in e["mae"].items())
+                  + f"; a std {mix['std']:.4f} (within level {mix['std_within_level']:.4f}), between levels "
+                  f"{mix['between_level']:.4f}; mean a by level {mix['mean_by_level']}"]
+    lines += ["", f"Total wall time: {time.perf_counter() - started:.0f} s"]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    log(out, f"done in {time.perf_counter() - started:.0f} s; model.pt {(out / 'model.pt').stat().st_size / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
