@@ -6,9 +6,13 @@
 - steps: one full optimiser step of the DASR model (L1 + regression, EMA update; with --gan also the
   discriminator step) on random tensors already on the device, for each --batch-sizes, median of
   --repeats timed steps after --warmup steps. bf16 autocast on CUDA, float32 on CPU, as dasr-train.
+  With --impl, once per expert-conv strategy (`dasr_model.model.set_expert_impl`: grouped, dense,
+  bmm; exact alternatives, tests/test_expert_impl.py); --channels-last adds rows with the model and
+  the batch in channels_last memory format. Peak GPU memory per step on CUDA.
 
 Needs a dataset made with `degrade make-dataset` (patch 256) for the loader part.
 Usage: python benchmarks/bench_train.py --shards DIR [--device auto] [--batch-sizes 6,16,48] [--gan]
+       [--impl grouped,dense,bmm] [--channels-last]
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import argparse
 import copy
 import datetime
 import platform
+import shlex
 import statistics
+import sys
 import time
 
 import torch
@@ -25,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
 from dasr_model.losses import UNetDiscriminatorSN
-from dasr_model.model import DASR
+from dasr_model.model import DASR, EXPERT_IMPLS, set_expert_impl
 from dasr_model.train import StepParts, TrainConfig, pick_device, train_step
 
 
@@ -39,17 +45,23 @@ def bench_loader(shards: str, batch: int, workers: int, steps: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats: int) -> float:
-    """Median seconds of `dasr_model.train.train_step` (the loop's own step) on random data."""
+def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats: int, impl: str = "grouped",
+               channels_last: bool = False, lr_size: int = 64) -> tuple[float, float | None]:
+    """Median seconds of `dasr_model.train.train_step` (the loop's own step) on random data, with the
+    expert convolutions computed by `impl`; and the peak GPU memory in GiB (None on CPU)."""
     torch.manual_seed(0)
     cfg = TrainConfig(shards="", out="", gan=gan)
-    model = DASR(cfg.model).to(device)
-    disc = UNetDiscriminatorSN().to(device) if gan else None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = set_expert_impl(DASR(cfg.model), impl).to(device)
+    # Only 4-D weights have a channels_last layout: the predictor's (the experts' are 5-D; "dense" views
+    # them as 4-D and convolves channels_last input into channels_last output).
+    model.predictor.to(memory_format=fmt)
+    disc = UNetDiscriminatorSN().to(device, memory_format=fmt) if gan else None
     parts = StepParts(net=model, model=model, ema=copy.deepcopy(model.generator).requires_grad_(False),
                       opt=torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas), disc=disc,
                       opt_d=torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc else None)
-    lr = torch.rand(batch, 3, 64, 64, device=device)
-    hr = unsharp_mask(torch.rand(batch, 3, 256, 256, device=device))
+    lr = torch.rand(batch, 3, lr_size, lr_size, device=device).contiguous(memory_format=fmt)
+    hr = unsharp_mask(torch.rand(batch, 3, 4 * lr_size, 4 * lr_size, device=device)).contiguous(memory_format=fmt)
     v = torch.rand(batch, 33, device=device)
     bf16 = device.type == "cuda"
 
@@ -59,6 +71,9 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
 
     for _ in range(warmup):
         train_step(parts, cfg, lr, hr, v, bf16)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeats):
         sync()
@@ -66,7 +81,8 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
         train_step(parts, cfg, lr, hr, v, bf16)
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return statistics.median(times), peak
 
 
 def main() -> None:
@@ -81,10 +97,19 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--impl", default="grouped",
+                    help=f"expert-conv strategies to time, comma-separated: {','.join(EXPERT_IMPLS)}")
+    ap.add_argument("--channels-last", action="store_true", help="also time each strategy in channels_last")
+    ap.add_argument("--lr-size", type=int, default=64, help="LR crop side of the timed steps (HR: 4x)")
     args = ap.parse_args()
+    impls = [s.strip() for s in args.impl.split(",")]
+    if unknown := [s for s in impls if s not in EXPERT_IMPLS]:
+        ap.error(f"--impl: unknown {', '.join(unknown)}; choose from {', '.join(EXPERT_IMPLS)}")
     device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-    print(f"date: {datetime.date.today()}; torch {torch.__version__}; device: {device} ({name})\n")
+    print(f"command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
+    print(f"date: {datetime.date.today()}; torch {torch.__version__}; device: {device} ({name}); "
+          f"machine: {platform.node()}\n")
     if args.shards:
         print("| loader workers | batch | samples/s |\n|---:|---:|---:|")
         for w in (int(x) for x in args.loader_workers.split(",")):
@@ -92,11 +117,21 @@ def main() -> None:
             print(f"| {w} | {args.loader_batch} | {rate:.1f} |")
         print()
     if not args.skip_steps:
-        print("| batch | GAN | ms/step |\n|---:|---|---:|")
+        print("| batch | GAN | expert impl | memory format | ms/step | speed-up vs grouped | peak GiB |\n"
+              "|---:|---|---|---|---:|---:|---:|")
         for b in (int(x) for x in args.batch_sizes.split(",")):
             for gan in ((False, True) if args.gan else (False,)):
-                ms = 1000 * bench_step(device, b, gan, args.warmup, args.repeats)
-                print(f"| {b} | {'yes' if gan else 'no'} | {ms:.1f} |")
+                base = None
+                for cl in ((False, True) if args.channels_last else (False,)):
+                    for impl in impls:
+                        sec, peak = bench_step(device, b, gan, args.warmup, args.repeats, impl, cl, args.lr_size)
+                        if impl == "grouped" and not cl:
+                            base = sec
+                        ratio = f"{base / sec:.2f}x" if base else "-"
+                        print(f"| {b} | {'yes' if gan else 'no'} | {impl} | {'channels_last' if cl else 'NCHW'} | "
+                              f"{1000 * sec:.1f} | {ratio} | {'-' if peak is None else f'{peak:.2f}'} |", flush=True)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

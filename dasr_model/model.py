@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 VECTOR_LENGTH = 33  # layout "dasr33-v1" (degrade.VECTOR_LENGTH; not imported, to keep this light)
 MIXINGS = ("linear", "softmax")
+ExpertImpl = Literal["grouped", "dense", "bmm"]
+EXPERT_IMPLS: tuple[str, ...] = get_args(ExpertImpl)
 
 
 @dataclass(frozen=True)
@@ -82,15 +84,24 @@ class DegradationPredictor(nn.Module):
 class ExpertConv2d(nn.Module):
     """3x3 convolution whose kernel is a per-sample mix of K experts: W_n = sum_k a[n, k] W_k (same for b).
 
-    weight (K, out, in, 3, 3), bias (K, out). The mix is fused once per sample and applied as one
-    grouped convolution over the batch.
+    weight (K, out, in, 3, 3), bias (K, out). Convolution is linear in its weights, so three ways of
+    computing it give the same result (up to float rounding) and the same gradients; `impl` picks one
+    (:func:`set_expert_impl` sets it on every expert conv of a model; it is not saved in state dicts):
+
+    - "grouped" (default, the reference): the mix is fused once per sample, W_n (N, out, in, 3, 3), and
+      applied as one grouped convolution with groups = N;
+    - "dense": one ordinary convolution with all K experts as K*out output channels (the weight viewed as
+      (K*out, in, 3, 3)), then y combined per sample: out[n] = sum_k a[n, k] y[n, k]. K times the FLOPs,
+      but a plain dense conv (cuDNN/oneDNN's best kernels, channels_last, no per-sample weights);
+    - "bmm": the fused W_n as one batched GEMM over the im2col columns (F.unfold + torch.baddbmm).
     """
 
     def __init__(self, in_ch: int, out_ch: int, *, num_experts: int, init_scale: float = 0.1,
-                 negative_slope: float = 0.1):
+                 negative_slope: float = 0.1, impl: ExpertImpl = "grouped"):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, out_ch, in_ch, 3, 3))
         self.bias = nn.Parameter(torch.zeros(num_experts, out_ch))
+        self.impl = impl
         # Kaiming per expert, experts drawn independently (symmetry breaking), times 0.1 as MSRResNet does
         # for every layer: the untrained network then outputs its bilinear base almost exactly. The
         # initial mix is about uniform (1/K each), whose variance is 1/K of one expert's: sqrt(K) compensates.
@@ -99,6 +110,20 @@ class ExpertConv2d(nn.Module):
         with torch.no_grad():
             self.weight.mul_(init_scale * math.sqrt(num_experts))
 
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, name: str) -> None:
+        if name not in EXPERT_IMPLS:
+            raise ValueError(f"expert impl must be one of {', '.join(EXPERT_IMPLS)}, got {name!r}")
+        self._impl = name
+
+    def extra_repr(self) -> str:
+        k, o, i = self.weight.shape[:3]
+        return f"{i}, {o}, num_experts={k}, impl={self.impl!r}"
+
     def fused(self, a: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample kernels (N, out, in, 3, 3) and biases (N, out) for mixing coefficients a (N, K)."""
         w = torch.einsum("nk,koihw->noihw", a, self.weight)
@@ -106,11 +131,51 @@ class ExpertConv2d(nn.Module):
         return w, b
 
     def forward(self, x: Tensor, a: Tensor) -> Tensor:
+        """x (N, in, H, W), a (N, K) -> (N, out, H, W)."""
+        if self._impl == "dense":
+            return self._forward_dense(x, a)
+        if self._impl == "bmm":
+            return self._forward_bmm(x, a)
+        return self._forward_grouped(x, a)
+
+    def _forward_grouped(self, x: Tensor, a: Tensor) -> Tensor:
         n, c, h, w_ = x.shape
         weight, bias = self.fused(a)
         out = F.conv2d(x.reshape(1, n * c, h, w_), weight.reshape(-1, c, 3, 3), bias.reshape(-1),
                        padding=1, groups=n)
         return out.reshape(n, -1, h, w_)
+
+    def _forward_dense(self, x: Tensor, a: Tensor) -> Tensor:
+        k, out_ch = self.weight.shape[:2]
+        # (K, out, in, 3, 3) -> (K*out, in, 3, 3) is a view: expert k owns output channels k*out .. k*out+out-1.
+        y = F.conv2d(x, self.weight.flatten(0, 1), self.bias.flatten(), padding=1)  # (N, K*out, H, W)
+        y = y.unflatten(1, (k, out_ch))  # (N, K, out, H, W), a view in either memory format
+        a = a.to(y.dtype)[:, :, None, None, None]  # (N, K, 1, 1, 1)
+        # K element-wise steps rather than (y * a).sum(1): a reduction's output is NCHW-contiguous, these
+        # keep y's memory format (channels_last stays channels_last for the next conv).
+        out = y[:, 0] * a[:, 0]
+        for i in range(1, k):
+            out = torch.addcmul(out, y[:, i], a[:, i])
+        return out
+
+    def _forward_bmm(self, x: Tensor, a: Tensor) -> Tensor:
+        n, c, h, w_ = x.shape
+        weight, bias = self.fused(a)  # (N, out, in, 3, 3), (N, out)
+        cols = F.unfold(x, 3, padding=1)  # (N, in*9, H*W), rows ordered (in, ky, kx) like the kernel
+        out = torch.baddbmm(bias.unsqueeze(2).to(cols.dtype), weight.flatten(2).to(cols.dtype), cols)
+        return out.reshape(n, -1, h, w_)
+
+
+def set_expert_impl(module: nn.Module, impl: ExpertImpl) -> nn.Module:
+    """Set how every :class:`ExpertConv2d` inside `module` (a DASR, its generator, an EMA copy) computes
+    itself: "grouped", "dense" or "bmm" (see ExpertConv2d). Exact either way; parameters, state-dict keys
+    and checkpoints do not change. Returns `module`."""
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"expert impl must be one of {', '.join(EXPERT_IMPLS)}, got {impl!r}")
+    for m in module.modules():
+        if isinstance(m, ExpertConv2d):
+            m.impl = impl
+    return module
 
 
 class ResidualBlock(nn.Module):
@@ -150,6 +215,69 @@ class ExpertMSRResNet(nn.Module):
         x = self.conv_last(act(self.conv_hr(x, a), 0.1), a)
         base = F.interpolate(lr, scale_factor=self.scale, mode="bilinear", align_corners=False)
         return x + base
+
+    @torch.no_grad()
+    def fuse(self, a: Tensor) -> MSRResNet:
+        """The plain MSRResNet that this generator is for ONE image's mix a (1, K) or (K,): every expert
+        conv mixed once into an ordinary nn.Conv2d (same device and dtype, eval mode, no gradients).
+        `self.fuse(a)(lr)` equals `self(lr, a)` up to float rounding, for any number of images sharing a."""
+        k = self.conv_first.weight.shape[0]
+        if a.numel() != k or a.dim() > 2:
+            raise ValueError(f"fuse takes one image's mix, (1, {k}) or ({k},); got {tuple(a.shape)}")
+        ref = self.conv_first.weight
+        plain = MSRResNet(num_feat=ref.shape[1], num_block=len(self.body), scale=self.scale, device=ref.device,
+                          dtype=ref.dtype)
+        for name, module in self.named_modules():
+            if isinstance(module, ExpertConv2d):
+                w, b = module.fused(a.reshape(1, k).to(ref.device, ref.dtype))
+                conv = plain.get_submodule(name)
+                conv.weight.copy_(w[0])
+                conv.bias.copy_(b[0])
+        return plain.requires_grad_(False).eval()
+
+
+class PlainResidualBlock(nn.Module):
+    def __init__(self, conv1: nn.Conv2d, conv2: nn.Conv2d):
+        super().__init__()
+        self.conv1, self.conv2 = conv1, conv2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.relu(self.conv1(x)))
+
+
+class MSRResNet(nn.Module):
+    """The x4 MSRResNet of G with ordinary convolutions, as :meth:`ExpertMSRResNet.fuse` builds it for one
+    expert mix. Same module names and the same forward as ExpertMSRResNet, without a."""
+
+    def __init__(self, *, num_feat: int = 64, num_block: int = 16, scale: int = 4, device=None, dtype=None):
+        super().__init__()
+        if scale != 4:
+            raise ValueError("only x4 is implemented (two PixelShuffle(2) stages)")
+
+        def conv(i: int, o: int) -> nn.Conv2d:
+            return nn.Conv2d(i, o, 3, padding=1, device=device, dtype=dtype)
+
+        self.conv_first = conv(3, num_feat)
+        self.body = nn.ModuleList(PlainResidualBlock(conv(num_feat, num_feat), conv(num_feat, num_feat))
+                                  for _ in range(num_block))
+        self.upconv1 = conv(num_feat, num_feat * 4)
+        self.upconv2 = conv(num_feat, num_feat * 4)
+        self.conv_hr = conv(num_feat, num_feat)
+        self.conv_last = conv(num_feat, 3)
+        self.scale = scale
+
+    def forward(self, lr: Tensor) -> Tensor:
+        """lr (B, 3, h, w) -> (B, 3, 4h, 4w). The convolutions run in the weights' dtype; the bilinear base
+        and the final sum in lr's, so a bf16 net fed float32 keeps full precision around the base."""
+        act = nn.functional.leaky_relu
+        x = act(self.conv_first(lr.to(self.conv_first.weight.dtype)), 0.1)
+        for block in self.body:
+            x = block(x)
+        x = act(F.pixel_shuffle(self.upconv1(x), 2), 0.1)
+        x = act(F.pixel_shuffle(self.upconv2(x), 2), 0.1)
+        x = self.conv_last(act(self.conv_hr(x), 0.1))
+        base = F.interpolate(lr, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        return x.to(base.dtype) + base
 
 
 class DASR(nn.Module):

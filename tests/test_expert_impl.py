@@ -1,0 +1,279 @@
+"""Expert convolutions: the "dense" and "bmm" strategies against the "grouped" reference, and the per-image
+fused plain generator of inference.
+
+Tolerances (all strategies are exact in real arithmetic; convolution is linear in its weights, so only
+float rounding differs): every float32 result x is compared with the grouped result r as
+max|x - r| <= 1e-5 * max|r| (REL32), elementwise over the whole tensor; in float64 the bound is 1e-12
+(REL64), which shows the agreement is not a tolerance hiding a real difference. Whole networks in float32
+keep the absolute 1e-5 of tests/test_model.py (outputs are images in about [0, 1]).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+from dasr_model.infer import fuse_experts, super_resolve  # noqa: E402
+from dasr_model.model import (EXPERT_IMPLS, DASR, DASRConfig, ExpertConv2d, MSRResNet,  # noqa: E402
+                              load_release_weights, set_expert_impl)
+
+from .test_model import _reference, _release_state_dicts  # noqa: E402
+
+REL32, REL64 = 1e-5, 1e-12
+OTHERS = [impl for impl in EXPERT_IMPLS if impl != "grouped"]
+TINY = DASRConfig(num_experts=5, num_feat=8, num_block=2, predictor_feat=8, mapping_gain=1.0)
+
+
+def assert_rel_close(x, ref, rel: float, what: str = "") -> None:
+    scale = ref.abs().max().item()
+    err = (x - ref).abs().max().item()
+    assert err <= rel * max(scale, 1e-30), f"{what}: max|diff| {err:.3g} > {rel:g} * max|ref| ({scale:.3g})"
+
+
+def _conv_and_grads(conv: ExpertConv2d, x, a, g):
+    """Output of conv(x, a) and the gradients of <out, g> w.r.t. x, weight, bias and a."""
+    conv.zero_grad(set_to_none=True)
+    x, a = x.detach().requires_grad_(True), a.detach().requires_grad_(True)
+    out = conv(x, a)
+    (out * g).sum().backward()
+    return {"out": out.detach(), "x": x.grad, "weight": conv.weight.grad, "bias": conv.bias.grad, "a": a.grad}
+
+
+def _case(k, n, c_in, c_out, h, w, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    conv = ExpertConv2d(c_in, c_out, num_experts=k).to(dtype)
+    with torch.no_grad():  # non-zero biases, so their mixing is tested too
+        conv.bias.copy_(torch.randn(k, c_out, generator=gen, dtype=dtype))
+    x = torch.randn(n, c_in, h, w, generator=gen, dtype=dtype)
+    a = torch.randn(n, k, generator=gen, dtype=dtype)  # signed and not summing to 1: the linear mapping allows both
+    g = torch.randn(n, c_out, h, w, generator=gen, dtype=dtype)
+    return conv, x, a, g
+
+
+SHAPES = [  # (K, N, in, out, H, W): K = 1 and 5, batch 1 and 3, non-square images, in != out
+    (1, 1, 3, 8, 5, 9),
+    (1, 3, 4, 6, 7, 11),
+    (5, 1, 8, 3, 6, 4),
+    (5, 3, 4, 6, 7, 11),
+    (5, 3, 3, 16, 1, 13),
+]
+
+
+@pytest.mark.parametrize("impl", OTHERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "K{}-N{}-{}to{}-{}x{}".format(*s))
+def test_strategies_match_grouped_forward_and_gradients(impl, shape):
+    conv, x, a, g = _case(*shape, dtype=torch.float32)
+    ref = _conv_and_grads(conv, x, a, g)
+    conv.impl = impl
+    got = _conv_and_grads(conv, x, a, g)
+    for name in ref:
+        assert got[name].shape == ref[name].shape
+        assert_rel_close(got[name], ref[name], REL32, f"{impl} {name}")
+
+
+@pytest.mark.parametrize("impl", OTHERS)
+def test_strategies_are_exact_in_float64(impl):
+    conv, x, a, g = _case(5, 3, 4, 6, 7, 11, dtype=torch.float64, seed=1)
+    ref = _conv_and_grads(conv, x, a, g)
+    conv.impl = impl
+    got = _conv_and_grads(conv, x, a, g)
+    for name in ref:
+        assert_rel_close(got[name], ref[name], REL64, f"{impl} {name}")
+
+
+def test_dense_keeps_channels_last():
+    conv, x, a, g = _case(5, 3, 4, 6, 7, 11, dtype=torch.float32, seed=2)
+    ref = _conv_and_grads(conv, x, a, g)
+    conv.impl = "dense"
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    got = _conv_and_grads(conv, x_cl, a, g)
+    assert got["out"].is_contiguous(memory_format=torch.channels_last)
+    for name in ref:
+        assert_rel_close(got[name], ref[name], REL32, f"dense channels_last {name}")
+
+
+@pytest.mark.parametrize("impl", EXPERT_IMPLS)
+def test_strategies_run_under_bf16_autocast(impl):
+    """Training runs under bf16 autocast on CUDA; here CPU autocast checks the dtypes fit together and the
+    result stays within bf16 rounding (8 mantissa bits: 3e-2 of the magnitude) of the float32 reference."""
+    conv, x, a, g = _case(5, 3, 16, 16, 7, 11, dtype=torch.float32, seed=3)
+    ref = _conv_and_grads(conv, x, a, g)
+    conv.impl = impl
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _conv_and_grads(conv, x, a, g)
+    for name in ref:
+        assert got[name].dtype == ref[name].dtype or name == "out"
+        assert_rel_close(got[name].float(), ref[name], 3e-2, f"bf16 {impl} {name}")
+
+
+def test_the_switch_changes_no_parameters_and_refuses_unknown_names():
+    model = DASR(TINY)
+    keys = {k: t.shape for k, t in model.state_dict().items()}
+    assert {m.impl for m in model.modules() if isinstance(m, ExpertConv2d)} == {"grouped"}  # the default
+    for impl in EXPERT_IMPLS:
+        assert set_expert_impl(model, impl) is model
+        assert {m.impl for m in model.modules() if isinstance(m, ExpertConv2d)} == {impl}
+        assert {k: t.shape for k, t in model.state_dict().items()} == keys
+        assert copy.deepcopy(model.generator).conv_first.impl == impl  # the EMA copy keeps it
+    with pytest.raises(ValueError, match="expert impl"):
+        set_expert_impl(model, "winograd")
+    with pytest.raises(ValueError, match="expert impl"):
+        model.generator.conv_last.impl = "fft"
+
+
+@pytest.mark.parametrize("experts", [1, 5])
+def test_whole_model_same_output_and_gradients_with_every_strategy(experts):
+    torch.manual_seed(0)
+    model = DASR(DASRConfig(num_experts=experts, num_feat=8, num_block=2, predictor_feat=8, mapping_gain=1.0))
+    lr, hr = torch.rand(3, 3, 9, 13), torch.rand(3, 3, 36, 52)
+
+    def run(impl):
+        set_expert_impl(model, impl)
+        model.zero_grad(set_to_none=True)
+        sr, v_hat = model(lr, return_v=True)
+        (F.l1_loss(sr, hr) + F.l1_loss(v_hat, torch.full_like(v_hat, 0.5))).backward()
+        return sr.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    ref_sr, ref_grads = run("grouped")
+    for impl in OTHERS:
+        sr, grads = run(impl)
+        torch.testing.assert_close(sr, ref_sr, rtol=0, atol=1e-5)
+        for k, grad in grads.items():
+            assert_rel_close(grad, ref_grads[k], REL32, f"{impl} grad {k}")
+
+
+@pytest.fixture(scope="module")
+def release():
+    """Release-layout weights, an LR batch and the independent per-sample reference output of
+    tests/test_model.py (computed once: it is the slow part)."""
+    gs, ps = _release_state_dicts()
+    lr = torch.rand(2, 3, 8, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return gs, ps, lr, _reference(gs, ps, lr)
+
+
+@pytest.mark.parametrize("impl", OTHERS)
+def test_release_weights_give_the_release_output_with_every_strategy(impl, release):
+    """The full released architecture (16 blocks, 64 features, 5 experts) against the independent
+    reference, at the tolerance of tests/test_model.py (which checks "grouped")."""
+    gs, ps, lr, expected = release
+    model = set_expert_impl(load_release_weights(gs, ps).eval(), impl)
+    with torch.no_grad():
+        torch.testing.assert_close(model(lr), expected, rtol=0, atol=1e-5)
+
+
+# --- inference: the experts fused once per image into a plain network ---
+
+@pytest.mark.parametrize("experts", [1, 5])
+def test_fused_generator_equals_the_expert_generator(experts):
+    torch.manual_seed(0)
+    model = DASR(DASRConfig(num_experts=experts, num_feat=8, num_block=2, predictor_feat=8, mapping_gain=1.0)).eval()
+    lr = torch.rand(1, 3, 11, 7)
+    with torch.no_grad():
+        _, a = model.predict(lr)
+        a = a + torch.randn_like(a)  # any mix, not only a predicted one
+        fused = fuse_experts(model, a)
+        torch.testing.assert_close(fused(lr), model.sr(lr, a), rtol=0, atol=1e-5)
+        # One mix for several images: the plain net takes any batch.
+        two = torch.rand(2, 3, 6, 10)
+        torch.testing.assert_close(fused(two), model.sr(two, a.expand(2, -1)), rtol=0, atol=1e-5)
+    assert isinstance(fused, MSRResNet) and not fused.training
+    convs = [m for m in fused.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 2 * 2 + 5 and all(type(m) is torch.nn.Conv2d for m in convs)
+    assert not any(isinstance(m, ExpertConv2d) for m in fused.modules())
+    assert not any(p.requires_grad for p in fused.parameters())
+    # The same module names as the expert generator, with one expert's shapes.
+    expert_shapes = {k: t.shape[1:] for k, t in model.generator.state_dict().items()}
+    assert {k: t.shape for k, t in fused.state_dict().items()} == expert_shapes
+
+
+def test_fused_release_generator_gives_the_release_output(release):
+    gs, ps, lr, expected = release
+    model = load_release_weights(gs, ps).eval()
+    with torch.no_grad():
+        _, a = model.predict(lr)
+        for i in range(lr.shape[0]):  # each image with its own mix
+            torch.testing.assert_close(fuse_experts(model, a[i : i + 1])(lr[i : i + 1]), expected[i : i + 1],
+                                       rtol=0, atol=1e-5)
+
+
+def test_fuse_takes_one_mix():
+    model = DASR(TINY)
+    with pytest.raises(ValueError, match="one image's mix"):
+        model.generator.fuse(torch.rand(2, 5))
+    with pytest.raises(ValueError, match="one image's mix"):
+        model.generator.fuse(torch.rand(1, 4))
+    model.generator.fuse(torch.rand(5))  # (K,) is one mix too
+
+
+def test_super_resolve_fuses_per_image_and_keeps_tiling():
+    torch.manual_seed(0)
+    model = DASR(TINY).eval()
+    lr = torch.rand(2, 3, 23, 17)
+    a = torch.randn(2, 5)  # a different mix per image
+    with torch.no_grad():
+        whole = model.sr(lr, a)
+        torch.testing.assert_close(super_resolve(model, lr, a), whole, rtol=0, atol=1e-5)
+        torch.testing.assert_close(super_resolve(model, lr, a, tile=8, overlap=8), whole, rtol=0, atol=1e-5)
+        cl = super_resolve(model, lr, a, tile=8, overlap=8, channels_last=True)
+        torch.testing.assert_close(cl, whole, rtol=0, atol=1e-5)
+        assert cl.is_contiguous()
+    with pytest.raises(ValueError, match="one expert mix per image"):
+        super_resolve(model, lr, a[:1])
+
+
+def test_super_resolve_in_bfloat16_is_close():
+    """bf16 (8 mantissa bits) on CPU: the path runs and returns float32 within 3e-2 of the magnitude of
+    G's residual (output - bilinear base; the base itself stays float32) of the float32 result."""
+    torch.manual_seed(0)
+    model = DASR(TINY).eval()
+    with torch.no_grad():
+        for m in model.generator.modules():  # at init the residual is ~1e-2: make it O(1), as after training
+            if isinstance(m, ExpertConv2d):
+                m.weight.mul_(2)
+    lr, a = torch.rand(1, 3, 12, 10), torch.rand(1, 5)
+    with torch.no_grad():
+        ref = model.sr(lr, a)
+        residual = ref - F.interpolate(lr, scale_factor=4, mode="bilinear", align_corners=False)
+        assert residual.abs().max() > 0.1
+        out = super_resolve(model, lr, a, dtype=torch.bfloat16, channels_last=True)
+        assert out.dtype == torch.float32 and out.is_contiguous()
+        assert_rel_close(out - ref + residual, residual, 3e-2, "bf16 fused")
+
+
+# --- the same checks on a GPU, skipped without CUDA ---
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("impl", OTHERS)
+def test_cuda_strategies_match_grouped(impl, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # TF32 would round at 1e-3
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    conv, x, a, g = _case(5, 3, 64, 64, 24, 40, dtype=torch.float32)
+    conv, x, a, g = conv.cuda(), x.cuda(), a.cuda(), g.cuda()
+    ref = _conv_and_grads(conv, x, a, g)
+    conv.impl = impl
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = _conv_and_grads(conv, x.contiguous(memory_format=layout), a, g)
+        for name in ref:
+            assert_rel_close(got[name], ref[name], REL32, f"cuda {impl} {layout} {name}")
+
+
+@cuda
+def test_cuda_fused_bf16_channels_last_is_close():
+    torch.manual_seed(0)
+    model = DASR(DASRConfig()).cuda().eval()
+    lr = torch.rand(1, 3, 48, 40, device="cuda")
+    with torch.no_grad():
+        _, a = model.predict(lr)
+        ref = model.sr(lr, a)
+        torch.testing.assert_close(super_resolve(model, lr, a), ref, rtol=0, atol=1e-3)  # TF32 at most
+        fast = super_resolve(model, lr, a, dtype=torch.bfloat16, channels_last=True)
+        torch.testing.assert_close(fast, ref, rtol=0, atol=3e-2)
