@@ -198,6 +198,23 @@ def main(argv: list[str] | None = None) -> None:
     print(summarise(results, runs))
     print("\nPredictor MAE of v_hat per block (held-out, all levels):\n")
     print(mae_table(results, runs))
+    print("\n" + constant_mae(cfg))
+
+
+def constant_mae(cfg: dict) -> str:
+    """The MAE of a predictor that knows nothing: the per-entry median v of the training set, for every image."""
+    import numpy as np
+    import torch
+
+    import degrade
+    from dasr_model.data import block_mae
+
+    train_v = np.stack([s.v for s in degrade.open_dataset(cfg["train"])])
+    val_v = np.concatenate([np.stack([s.v for s in degrade.open_dataset(cfg[f"val{lv}"])]) for lv in (1, 2, 3)])
+    guess = np.broadcast_to(np.median(train_v, axis=0), val_v.shape)
+    mae = block_mae(torch.from_numpy(np.ascontiguousarray(guess)), torch.from_numpy(val_v))
+    return "Reference, the training set's median v for every image: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in mae.items())
 
 
 if __name__ == "__main__":

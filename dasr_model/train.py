@@ -29,7 +29,7 @@ from dasr_model.data import PairedShards, StepBatchSampler, block_mae, unsharp_m
 from dasr_model.infer import MODEL_FILE, export_model, to_image
 from dasr_model.metrics import psnr_y
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
-from dasr_model.model import DASR, DASRConfig
+from dasr_model.model import DASR, DASRConfig, set_expert_impl
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class TrainConfig:
     gan_weight: float = 0.1
     vgg_weights: str | None = None
     perceptual_weight: float = 1.0
+    expert_impl: str = "grouped"  # how expert convs compute (model.set_expert_impl); exact either way
     model: DASRConfig = field(default_factory=DASRConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,7 +149,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
 
     # --- model, EMA, optimisers (or their state from the latest checkpoint) ---
     torch.manual_seed(cfg.seed)
-    model = DASR(cfg.model).to(device)
+    model = set_expert_impl(DASR(cfg.model), cfg.expert_impl).to(device)
     ema = copy.deepcopy(model.generator).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
     disc = UNetDiscriminatorSN().to(device) if cfg.gan else None
