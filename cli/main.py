@@ -159,10 +159,14 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
 @click.option("--compression", type=click.Choice(COMPRESSIONS), default="none", show_default=True,
               help="HDF5 compression of hr/lr (lzf saves ~17 %, gzip ~28 % on photos; both run in the writing "
                    "process and cap throughput, see docs/benchmarks.md).")
+@click.option("--sharpen-hr", is_flag=True,
+              help="Degrade the unsharp-masked HR (the DASR release's pairing for its sharpened target; "
+                   "trains better, docs/training.md). The stored HR stays plain.")
 @click.option("--dask-scheduler", metavar="ADDRESS",
               help="Run the workers on a Dask cluster (needs the 'dask' extra); bytes equal a local run.")
 def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, patch_size: int, seed: int,
-                         jobs: int, shard_size: int, compression: str, dask_scheduler: str | None) -> None:
+                         jobs: int, shard_size: int, compression: str, sharpen_hr: bool,
+                         dask_scheduler: str | None) -> None:
     """Degrade random HR patches of SRC images (files or folders; default: the bundled photos) into shards.
 
     Each sample picks a source image uniformly, a patch position uniformly, and parameters at
@@ -177,7 +181,7 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
             scan = ds.scan_sources(src, patch_size, lambda n, total: progress.update(task, completed=n, total=total))
             config = ds.DatasetConfig(level=level, count=count, patch_size=patch_size, seed=seed,
                                       shard_size=shard_size, compression=compression, source_root=scan.root,
-                                      sources=tuple(scan.sources))
+                                      sources=tuple(scan.sources), sharpen_hr=sharpen_hr)
             for path, reason in scan.unreadable:
                 err_console.print(f"skipped unreadable {path}: {reason}")
             progress.update(task, description=f"{len(scan.sources)} usable source images")

@@ -67,6 +67,15 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, se
                       teacher_steps=teacher_steps, max_minutes=max_minutes, expert_impl=expert_impl,
                       model=DASRConfig(num_experts=experts, num_block=blocks, num_feat=features, mixing=mixing,
                                        mixing_temperature=mixing_temperature, mapping_gain=mapping_gain))
+    try:
+        import degrade
+
+        made = degrade.open_dataset(shards).config
+    except (ValueError, OSError):
+        made = None  # the trainer reports a bad dataset folder itself
+    if made is not None and not no_sharpen and not made.sharpen_hr:
+        err_console.print("note: these shards degrade the plain HR; with the sharpened target, shards made with "
+                          "`degrade make-dataset --sharpen-hr` trained better (docs/training.md)")
     if vgg_weights is None:
         err_console.print("perceptual loss off: no --vgg-weights given (VGG19 weights cannot be downloaded here)")
     if vgg_weights is not None and not vgg_weights.is_file():

@@ -35,6 +35,7 @@ from degrade.params import DegradationParams, sample_params
 from degrade.pipeline import SCALE, apply
 from degrade.recipe import LEVELS, MIX_PROBS, LevelChoice, parse_level
 from degrade.samples import sample_dir, sample_images
+from degrade.sharpen import unsharp_mask
 from degrade.vector import VECTOR_LAYOUT, VECTOR_LENGTH, encode
 
 FORMAT_NAME = "degrade-shards"
@@ -186,6 +187,7 @@ class DatasetConfig:
     compression: str
     source_root: str
     sources: tuple[Source, ...]
+    sharpen_hr: bool = False  # degrade the unsharp-masked HR (degrade.sharpen); the stored HR stays plain
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -209,6 +211,8 @@ class DatasetConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["sources"] = [asdict(s) for s in self.sources]
+        if not self.sharpen_hr:  # absent when off: datasets made before the option keep their bytes and resume
+            del d["sharpen_hr"]
         return d
 
     @classmethod
@@ -224,12 +228,19 @@ class DatasetConfig:
                 source_root=str(d["source_root"]),
                 sources=tuple(Source(str(s["path"]), str(s["sha256"]), int(s["height"]), int(s["width"]))
                               for s in d["sources"]),
+                sharpen_hr=_strict_bool(d.get("sharpen_hr", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DatasetError(f"malformed dataset configuration: {exc}") from None
 
     def source_path(self, i: int) -> Path:
         return resolve_source(self.source_root, self.sources[i].path)
+
+
+def _strict_bool(raw: Any) -> bool:
+    if not isinstance(raw, bool):
+        raise ValueError(f"sharpen_hr must be true or false, got {raw!r}")
+    return raw
 
 
 class Sample(NamedTuple):
@@ -258,7 +269,8 @@ def make_sample(config: DatasetConfig, index: int) -> tuple[int, tuple[int, int]
     if image.shape[0] < y + p or image.shape[1] < x + p:
         raise DatasetError(f"{config.sources[src].path}: changed since it was scanned (smaller now)")
     hr = np.ascontiguousarray(image[y : y + p, x : x + p])
-    lr = to_uint8(apply(hr.astype(np.float32) / np.float32(255), params))
+    source = hr.astype(np.float32) / np.float32(255)
+    lr = to_uint8(apply(unsharp_mask(source) if config.sharpen_hr else source, params))
     return src, (y, x), Sample(hr, lr, encode(params), params)
 
 

@@ -386,3 +386,42 @@ def test_hand_edited_manifests_give_one_clear_error(reference, tmp_path, mutate,
     for call in (lambda: dsm.verify_dataset(out), lambda: degrade.open_dataset(out)):
         with pytest.raises(dsm.DatasetError, match=message):
             call()
+
+
+def test_unsharp_mask_numpy_equals_the_trainers_torch_version(hr_patch):
+    """degrade.sharpen (cv2, float32) against dasr_model.data.unsharp_mask (torch, float64), 1e-5."""
+    torch = pytest.importorskip("torch")
+    from dasr_model.data import unsharp_mask as torch_usm
+    from degrade.sharpen import unsharp_mask
+
+    got = unsharp_mask(hr_patch)
+    ref = torch_usm(torch.from_numpy(np.asarray(hr_patch, np.float64).transpose(2, 0, 1))[None])[0]
+    np.testing.assert_allclose(got, ref.numpy().transpose(1, 2, 0), atol=1e-5)
+    assert np.abs(got - hr_patch).max() > 0.05  # it does sharpen a photo
+    with pytest.raises(ValueError, match="sides"):
+        unsharp_mask(np.zeros((20, 40, 3), np.float32))
+
+
+def test_sharpen_hr_degrades_the_sharpened_patch_and_stores_the_plain_one(tmp_path):
+    from degrade import dataset as dsm
+    from degrade.sharpen import unsharp_mask
+    from degrade.io import to_uint8
+
+    scan = dsm.scan_sources([], 64)
+    common = dict(level=2, count=3, patch_size=64, seed=4, shard_size=3, compression="none",
+                  source_root=scan.root, sources=tuple(scan.sources))
+    plain = dsm.DatasetConfig(**common)
+    sharp = dsm.DatasetConfig(**common, sharpen_hr=True)
+    assert "sharpen_hr" not in plain.to_dict() and sharp.to_dict()["sharpen_hr"] is True
+    assert dsm.DatasetConfig.from_dict(sharp.to_dict()) == sharp
+    assert dsm.DatasetConfig.from_dict(plain.to_dict()) == plain
+    dsm.make_dataset(sharp, tmp_path / "s")
+    ds = degrade.open_dataset(tmp_path / "s")
+    for i, s in enumerate(ds):
+        _, _, ref = dsm.make_sample(plain, i)
+        np.testing.assert_array_equal(s.hr, ref.hr)  # the same plain patch is stored
+        expected = to_uint8(degrade.apply(unsharp_mask(s.hr.astype(np.float32) / 255), s.params))
+        np.testing.assert_array_equal(s.lr, expected)
+        assert not np.array_equal(s.lr, ref.lr)
+    with pytest.raises(dsm.DatasetError, match="sharpen_hr"):  # resuming with other options is refused
+        dsm.make_dataset(plain, tmp_path / "s")
