@@ -29,10 +29,12 @@ def split_photos(folder: str | Path) -> tuple[list[Path], list[Path]]:
     return train, held
 
 
-def make_dataset(files: list[Path], out: Path, *, level: str, count: int, patch: int, seed: int, jobs: int) -> Path:
+def make_dataset(files: list[Path], out: Path, *, level: str, count: int, patch: int, seed: int, jobs: int,
+                 sharpen_hr: bool = False) -> Path:
     """`degrade make-dataset` on `files` (resumable: an existing complete dataset is kept)."""
     cmd = [sys.executable, "-m", "cli.main", "make-dataset", *map(str, files), "--out", str(out), "--level", level,
            "--count", str(count), "--patch-size", str(patch), "--seed", str(seed), "--jobs", str(jobs)]
+    cmd += ["--sharpen-hr"] if sharpen_hr else []
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return out
 

@@ -3,8 +3,8 @@
 
 Steps, each writing into OUT as it finishes (a run cut short still leaves what it did):
   1. split the photos by file (a fixed ~10 % held out: benchmarks/_study.py);
-  2. `degrade make-dataset` on all cores: level mix from the training photos; a small mix set from the
-     held-out photos for validation during training;
+  2. `degrade make-dataset` on all cores: level mix from the training photos (`--sharpen-hr`); a small
+     mix set from the held-out photos (plain HR, as real images are) for validation during training;
   3. `dasr-train` with 5 experts for --minutes (the trainer's own wall-clock budget), then with 1 expert
      for exactly as many steps (capped by the same budget), bf16 on CUDA;
   4. `dasr-eval --hr-dir` on the held-out photos at levels 1, 2, 3 (fixed seeds) for both models:
@@ -32,8 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _study import make_dataset, split_photos  # noqa: E402
 
-# The expert-mixing lever chosen by benchmarks/expert_study.py (docs/training.md), passed to dasr-train.
-LEVER_ARGS = ["--mixing", "softmax", "--mixing-temperature", "0.1", "--mapping-gain", "1.0"]
+# The expert-mixing lever to try at scale (docs/training.md, small-scale study): a convex mix that varies
+# with v from step 0, taught from the true v for the first steps (about a quarter of a 3-minute H100 run).
+LEVER_ARGS = ["--mixing", "softmax", "--mixing-temperature", "0.1", "--mapping-gain", "1.0", "--teacher-steps", "800"]
 
 
 def log(out: Path, text: str) -> None:
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 4), help="Loader processes.")
     ap.add_argument("--val-every", type=int, default=250)
     ap.add_argument("--extra", default="", help="More dasr-train arguments, e.g. '--lr 2e-4'.")
-    ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, bundled photos, ~2 minutes.")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, bundled photos, about a minute.")
     a = ap.parse_args(argv)
     out, work = a.out, a.work
     out.mkdir(parents=True, exist_ok=True)
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
 
         a.photos = a.photos or Path(degrade.sample_images()[0]).parent
         a.minutes, a.batch_size, a.train_count, a.val_every, a.workers = 0.25, 4, 64, 5, 1
+        LEVER_ARGS[LEVER_ARGS.index("--teacher-steps") + 1] = "10"
         size = ["--blocks", "2", "--features", "16", "--device", "cpu"]
     if a.photos is None:
         ap.error("--photos is required (except with --smoke)")
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     log(out, f"photos: {len(train_files)} for training, {len(held)} held out ({', '.join(p.name for p in held)})")
     t = time.perf_counter()
     train_ds = make_dataset(train_files, work / "train", level="mix", count=a.train_count, patch=patch, seed=1,
-                            jobs=a.jobs)
+                            jobs=a.jobs, sharpen_hr=True)  # LR from the sharpened HR: the measured better pairing
     val_ds = make_dataset(held, work / "val-mix", level="mix", count=8 if a.smoke else 96, patch=patch, seed=7,
                           jobs=a.jobs)
     log(out, f"datasets made in {time.perf_counter() - t:.0f} s")
@@ -208,8 +210,10 @@ def main(argv: list[str] | None = None) -> None:
                     f"batch {a.batch_size}, LR crop {crop}, {steps} steps each; lever: `{' '.join(LEVER_ARGS)}` "
                     f"{a.extra}".rstrip(), ""]
     for name, run_dir in runs.items():
-        lines += [f"## Validation over steps, {name} (held-out mix patches, EMA generator)", "", *val_table(run_dir), ""]
-    lines += [f"## Held-out photos ({len(held)}), per level (`dasr-eval --hr-dir`, seed 0)", "", *final_table(evals), ""]
+        lines += [f"## Validation over steps, {name} (held-out mix patches, EMA generator)", "",
+                  *val_table(run_dir), ""]
+    lines += [f"## Held-out photos ({len(held)}), per level (`dasr-eval --hr-dir`, seed 0)", "",
+              *final_table(evals), ""]
     for name, e in evals.items():
         mix = e["mixing"]
         lines += [f"- {name}: predictor MAE " + ", ".join(f"{k} {v:.4f}" for k, v in e["mae"].items())
@@ -217,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{mix['between_level']:.4f}; mean a by level {mix['mean_by_level']}"]
     lines += ["", f"Total wall time: {time.perf_counter() - started:.0f} s"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    log(out, f"done in {time.perf_counter() - started:.0f} s; model.pt {(out / 'model.pt').stat().st_size / 2**20:.1f} MiB")
+    size_mib = (out / "model.pt").stat().st_size / 2**20
+    log(out, f"done in {time.perf_counter() - started:.0f} s; model.pt {size_mib:.1f} MiB")
 
 
 if __name__ == "__main__":
