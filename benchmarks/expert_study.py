@@ -81,14 +81,33 @@ def run_one(name: str, seed: int, a: dict) -> dict:
     pairs = (p for level in (1, 2, 3) for p in pairs_from_shards(a[f"val{level}"]))
     result = evaluate_pairs(model, pairs, torch.device("cpu"))
     return {"run": name, "seed": seed, "train_seconds": seconds, "final_loss": last.get("loss"),
-            "experts": expert_stats(model.generator, initial), **result}
+            "experts": expert_stats(model.generator, initial), "mixing_true_v": true_v_mixing(model, a), **result}
+
+
+def true_v_mixing(model, a: dict) -> dict:
+    """The mix the mapping net gives for the held-out samples' TRUE v: what the experts could be steered by,
+    whatever the predictor has learnt."""
+    import numpy as np
+    import torch
+
+    import degrade
+    from dasr_model.diagnostics import mixing_stats
+
+    vs, levels = [], []
+    for level in (1, 2, 3):
+        for s in degrade.open_dataset(a[f"val{level}"]):
+            vs.append(s.v)
+            levels.append(level)
+    with torch.no_grad():
+        mix = model.mix(torch.from_numpy(np.stack(vs)))
+    return mixing_stats(mix, torch.tensor(levels))
 
 
 def summarise(results: list[dict], runs: list[str]) -> str:
     """A Markdown table: one row per run (mean over seeds, min-max), bicubic beside."""
     lines = ["| run | seeds | L1 PSNR-Y | L2 PSNR-Y | L3 PSNR-Y | SSIM-Y L1/L2/L3 | a std (within level) "
-             "| a between levels | expert update cosine | predictor MAE |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| a between levels | a std from true v | expert update cosine | predictor MAE |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in runs:
         rs = [r for r in results if r["run"] == name]
         if not rs:
@@ -108,12 +127,12 @@ def summarise(results: list[dict], runs: list[str]) -> str:
         lines.append(
             f"| {name} | {len(rs)} | {cell('1')} | {cell('2')} | {cell('3')} | {ssim} "
             f"| {mean(lambda r: r['mixing']['std'])} ({mean(lambda r: r['mixing']['std_within_level'])}) "
-            f"| {mean(lambda r: r['mixing']['between_level'])} "
+            f"| {mean(lambda r: r['mixing']['between_level'])} | {mean(lambda r: r['mixing_true_v']['std'])} "
             f"| {mean(lambda r: r['experts'].get('update_cosine'))} | {mean(lambda r: r['mae']['all'])} |")
     r0 = results[0]["levels"]
     lines.append(f"| bicubic | - | {r0['1']['bicubic_psnr_y']:.2f} | {r0['2']['bicubic_psnr_y']:.2f} "
                  f"| {r0['3']['bicubic_psnr_y']:.2f} | " + "/".join(f"{r0[lv]['bicubic_ssim_y']:.3f}" for lv in "123")
-                 + " | | | | |")
+                 + " | | | | | |")
     return "\n".join(lines)
 
 
@@ -191,6 +210,13 @@ def main(argv: list[str] | None = None) -> None:
             bar.advance(task)
 
     results = [json.loads((work / "results" / f"{r}-s{s}.json").read_text()) for r in runs for s in seeds]
+    for res in results:  # results written before this statistic existed: score it from the saved checkpoint
+        if "mixing_true_v" not in res:
+            from dasr_model.infer import load_checkpoint_model
+
+            ckpt = work / "runs" / f"{res['run']}-s{res['seed']}" / f"ckpt-{a.steps}.pt"
+            res["mixing_true_v"] = true_v_mixing(load_checkpoint_model(ckpt), cfg)
+            (work / "results" / f"{res['run']}-s{res['seed']}.json").write_text(json.dumps(res, indent=1))
     print(f"\n# Expert study (benchmarks/expert_study.py), {datetime.date.today()}, {platform.processor() or platform.machine()}")
     print(f"command: python benchmarks/expert_study.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"{a.steps} steps, batch {a.batch}, LR crop {a.crop}, Adam {a.lr:g}, EMA {a.ema}, "
