@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
             ckpt = work / "runs" / f"{res['run']}-s{res['seed']}" / f"ckpt-{a.steps}.pt"
             res["mixing_true_v"] = true_v_mixing(load_checkpoint_model(ckpt), cfg)
             (work / "results" / f"{res['run']}-s{res['seed']}.json").write_text(json.dumps(res, indent=1))
-    print(f"\n# Expert study (benchmarks/expert_study.py), {datetime.date.today()}, {platform.processor() or platform.machine()}")
+    machine = platform.processor() or platform.machine()
+    print(f"\n# Expert study (benchmarks/expert_study.py), {datetime.date.today()}, {machine}")
     print(f"command: python benchmarks/expert_study.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"{a.steps} steps, batch {a.batch}, LR crop {a.crop}, Adam {a.lr:g}, EMA {a.ema}, "
           f"{a.blocks} blocks x {a.features} features, held-out PSNR-Y mean (min-max over seeds)\n")

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--photos", type=Path, help="Photo folder (default with --smoke: the bundled samples).")
     ap.add_argument("--out", type=Path, required=True, help="Results (log, tables, model.pt, picture).")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dasr-gpu-run"), help="Datasets and runs.")
-    ap.add_argument("--minutes", type=float, default=3.0, help="Training budget of each of the two runs.")
+    ap.add_argument("--minutes", type=float, help="Training budget of each of the two runs (default 3; smoke 0.25).")
     ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--train-count", type=int, default=16000)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -143,9 +143,11 @@ def main(argv: list[str] | None = None) -> None:
         import degrade
 
         a.photos = a.photos or Path(degrade.sample_images()[0]).parent
-        a.minutes, a.batch_size, a.train_count, a.val_every, a.workers = 0.25, 4, 64, 5, 1
+        a.minutes = a.minutes or 0.25
+        a.batch_size, a.train_count, a.val_every, a.workers = 4, 64, 5, 1
         LEVER_ARGS[LEVER_ARGS.index("--teacher-steps") + 1] = "10"
         size = ["--blocks", "2", "--features", "16", "--device", "cpu"]
+    a.minutes = a.minutes or 3.0
     if a.photos is None:
         ap.error("--photos is required (except with --smoke)")
 

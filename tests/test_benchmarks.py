@@ -1,0 +1,42 @@
+"""The prepared study scripts run end to end on CPU (their --smoke modes), so a GPU session never
+finds them broken. Sizes are tiny; the figures mean nothing, only the outputs' shape is checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_train_run_smoke_leaves_every_result(tmp_path):
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "benchmarks/gpu_train_run.py", "--smoke", "--minutes", "0.02", "--out", str(out),
+                    "--work", str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["compare.png", "eval.json", "log.txt", "metrics-e1.jsonl", "metrics-e5.jsonl", "model.pt",
+                     "summary.md"]
+    assert all(p.stat().st_size < 16 * 2**20 for p in out.iterdir())  # what the device returns: 8 files, 16 MiB
+    steps = [json.loads((out / f"metrics-e{k}.jsonl").read_text().splitlines()[-1])["step"] for k in (5, 1)]
+    assert steps[0] == steps[1] >= 1  # 1 expert trains exactly as many steps as 5 experts did
+    evals = json.loads((out / "eval.json").read_text())
+    assert set(evals) == {"5 experts", "1 expert"} and set(evals["5 experts"]["levels"]) == {"1", "2", "3"}
+    summary = (out / "summary.md").read_text()
+    assert "Validation over steps" in summary and "5 experts - bicubic" in summary
+
+    from dasr_model.infer import load_checkpoint_model
+
+    assert load_checkpoint_model(out / "model.pt").config.num_experts == 5
+
+
+def test_expert_study_smoke_writes_results_and_a_table(tmp_path):
+    res = subprocess.run([sys.executable, "benchmarks/expert_study.py", "--smoke", "--work", str(tmp_path),
+                          "--runs", "single,softmax_teacher", "--jobs", "1"],
+                         cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["single-s0.json", "softmax_teacher-s0.json"]
+    assert "| softmax_teacher | 1 |" in res.stdout and "median v for every image" in res.stdout
