@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
                "--workers", str(a.workers), "--val-every", str(a.val_every), "--ckpt-every", "100000",
                "--val-samples", "8" if a.smoke else "96", *LEVER_ARGS, *size, *shlex.split(a.extra)]
         t = time.perf_counter()
+        shutil.rmtree(run_dir, ignore_errors=True)  # a rerun of this script starts its runs afresh
         run(out, cmd, stdout=subprocess.DEVNULL)
         steps = steps or last_step(run_dir)
         log(out, f"{name}: {last_step(run_dir)} steps in {time.perf_counter() - t:.0f} s")

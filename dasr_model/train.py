@@ -133,6 +133,8 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     """Train as `cfg` says; returns the last metrics. Ctrl-C (SIGINT) or the `max_minutes` budget saves a
     checkpoint, then stops. The last step also writes RUN/model.pt (predictor + EMA generator, bf16)."""
     out = Path(cfg.out)
+    if not resume and (latest_checkpoint(out) is not None or (out / "metrics.jsonl").exists()):
+        raise ValueError(f"{out} already holds a run; continue it with --resume or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -281,3 +281,14 @@ def test_teacher_steps_mix_the_experts_from_the_true_vector(shards, tmp_path):
     assert not torch.equal(runs["student"][conv], init[conv])  # v_hat feeds the mix: the SR loss reaches P
     assert torch.equal(runs["teacher"][conv], init[conv])  # true v feeds the mix, no regression: P untouched
     assert not torch.equal(runs["teacher"][mapping], init[mapping])
+
+
+def test_an_existing_run_is_never_overwritten_without_resume(shards, tmp_path):
+    train(_cfg(shards, tmp_path / "run", 1))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(_cfg(shards, tmp_path / "run", 2))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / "run"), "--workers", "0",
+                                            "--device", "cpu", "--blocks", "1", "--features", "8"])
+    assert result.exit_code == 1 and "already holds a run" in result.output
