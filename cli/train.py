@@ -82,9 +82,20 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, se
         raise click.ClickException(f"{vgg_weights}: no such file")
     columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
+    start = 0
+    if resume:
+        from dasr_model.train import latest_checkpoint
+
+        ckpt = latest_checkpoint(out)
+        start = int(ckpt.stem.split("-")[1]) if ckpt is not None else 0
+        if ckpt is not None and start >= steps:
+            err_console.print(f"{out} is already at step {start} (--steps {steps}): nothing to train")
+            return
+        if ckpt is not None:
+            err_console.print(f"resuming from {ckpt.name} (step {start} of {steps})")
     try:
         with Progress(*columns, console=err_console) as bar:
-            task = bar.add_task("train", total=steps, info="")
+            task = bar.add_task("train", total=steps, completed=start, info="")
 
             def report(step: int, m: dict) -> None:
                 info = f"loss {m['loss']:.4f}  {m['samples_per_s']:.1f} samples/s"

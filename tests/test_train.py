@@ -292,3 +292,15 @@ def test_an_existing_run_is_never_overwritten_without_resume(shards, tmp_path):
     result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / "run"), "--workers", "0",
                                             "--device", "cpu", "--blocks", "1", "--features", "8"])
     assert result.exit_code == 1 and "already holds a run" in result.output
+
+
+def test_cli_resume_says_from_where_and_stops_when_done(shards, tmp_path):
+    args = ["--shards", shards, "--out", str(tmp_path / "run"), "--workers", "0", "--device", "cpu", "--blocks",
+            "1", "--features", "8", "--experts", "2", "--lr-crop", "8", "--batch-size", "2", "--ckpt-every", "1"]
+    assert CliRunner().invoke(train_cli, [*args, "--steps", "1"]).exit_code == 0
+    result = CliRunner().invoke(train_cli, [*args, "--steps", "2", "--resume"])
+    assert result.exit_code == 0 and "resuming from ckpt-1.pt (step 1 of 2)" in " ".join(result.output.split())
+    result = CliRunner().invoke(train_cli, [*args, "--steps", "2", "--resume"])
+    text = " ".join(result.output.split())  # rich wraps long lines
+    assert result.exit_code == 0 and "already at step 2 (--steps 2): nothing to train" in text
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
