@@ -13,6 +13,7 @@ Runs (`--runs`, each for every `--seeds`):
   teacher           5 experts, linear mapping at full init scale, a from the true v for the first half
   softmax           5 experts, a = softmax(mapping / 0.1), full init scale, a from v_hat
   softmax_teacher   softmax and teacher together
+  hp_<run>          the same with the predictor fed the LR's high-pass residual (--predictor-input highpass)
   <run>+usmlr       the same, trained on LR degraded from the sharpened HR (the release's pairing)
   <run>+plain       the same, trained against the plain HR (no unsharp-masked target)
 
@@ -43,6 +44,10 @@ LEVERS = {
     "teacher": {"mapping_gain": 1.0, "teacher": True},
     "softmax": {"mixing": "softmax", "mixing_temperature": 0.1, "mapping_gain": 1.0},
     "softmax_teacher": {"mixing": "softmax", "mixing_temperature": 0.1, "mapping_gain": 1.0, "teacher": True},
+    "hp_single": {"num_experts": 1, "predictor_input": "highpass"},
+    "hp_release": {"predictor_input": "highpass"},
+    "hp_softmax_teacher": {"mixing": "softmax", "mixing_temperature": 0.1, "mapping_gain": 1.0, "teacher": True,
+                           "predictor_input": "highpass"},
 }
 
 

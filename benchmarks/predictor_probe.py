@@ -56,12 +56,16 @@ def train_probe(a: argparse.Namespace) -> None:
                 torch.nn.init.zeros_(m.bias)
 
     def predict(x):
+        if a.input == "highpass":  # the image minus its 3x3 local mean, x10: texture and noise, no brightness
+            x = 10 * (x - F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1))
+        elif a.input == "standardize":  # per image and channel: zero mean, unit std
+            x = (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + 1e-3)
         return p((x - 0.5) * 4 if a.center else x)[0]
 
     opt = torch.optim.Adam(p.parameters(), a.lr)
     ours, base = [], []
     print(f"predictor alone: crop {a.crop}, {a.features} features, Adam {a.lr:g}, init {a.init}, "
-          f"center {a.center}, loss {a.loss}, shards {shards}")
+          f"center {a.center}, loss {a.loss}, input {a.input}, shards {shards}")
     for step, batch in enumerate(StepBatchSampler(len(ds), a.batch, start=0, stop=a.steps, seed=0)):
         items = [ds[k] for k in batch]
         x, v = torch.stack([i["lr"] for i in items]), torch.stack([i["v"] for i in items])
@@ -118,6 +122,8 @@ def main() -> None:
     t.add_argument("--init", choices=["default", "kaiming"], default="default")
     t.add_argument("--center", action="store_true", help="Feed (lr - 0.5) * 4.")
     t.add_argument("--loss", choices=["l1", "mse"], default="l1")
+    t.add_argument("--input", choices=["raw", "highpass", "standardize"], default="raw",
+                   help="What the predictor sees: the LR, its high-pass residual, or the LR standardised per image.")
     c = sub.add_parser("correlate")
     c.add_argument("--shards", type=Path, required=True)
     c.add_argument("--count", type=int, default=3000)

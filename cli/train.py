@@ -38,6 +38,8 @@ err_console = Console(stderr=True)
 @click.option("--mixing-temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--mapping-gain", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
               help="Init scale of the mapping net's last layer (0.1: a starts at 1/K for every image).")
+@click.option("--predictor-input", type=click.Choice(["lr", "highpass"]), default="lr", show_default=True,
+              help="What the degradation predictor sees: the LR (as released) or its high-pass residual.")
 @click.option("--teacher-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="First steps whose expert mix comes from the true v instead of the predicted one.")
 @click.option("--expert-impl", type=click.Choice(["grouped", "dense", "bmm"]), default="grouped", show_default=True,
@@ -50,7 +52,7 @@ err_console = Console(stderr=True)
               help="Local VGG19 weights (torchvision layout) for the perceptual term; without it the term is off.")
 def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, seed, workers, val_every, val_samples,
          ckpt_every, experts, blocks, features, learning_rate, ema_decay, mixing, mixing_temperature, mapping_gain,
-         teacher_steps, expert_impl, max_minutes, no_sharpen, gan, vgg_weights) -> None:
+         predictor_input, teacher_steps, expert_impl, max_minutes, no_sharpen, gan, vgg_weights) -> None:
     """Train DASR (degradation predictor + expert MSRResNet) on HDF5 shards.
 
     Losses: L1 + v regression, plus GAN with --gan and perceptual with --vgg-weights. Several GPUs:
@@ -66,7 +68,8 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, se
                       vgg_weights=str(vgg_weights) if vgg_weights else None, lr=learning_rate, ema_decay=ema_decay,
                       teacher_steps=teacher_steps, max_minutes=max_minutes, expert_impl=expert_impl,
                       model=DASRConfig(num_experts=experts, num_block=blocks, num_feat=features, mixing=mixing,
-                                       mixing_temperature=mixing_temperature, mapping_gain=mapping_gain))
+                                       mixing_temperature=mixing_temperature, mapping_gain=mapping_gain,
+                                       predictor_input=predictor_input))
     try:
         import degrade
 

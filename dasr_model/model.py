@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 VECTOR_LENGTH = 33  # layout "dasr33-v1" (degrade.VECTOR_LENGTH; not imported, to keep this light)
 MIXINGS = ("linear", "softmax")
+PREDICTOR_INPUTS = ("lr", "highpass")
 ExpertImpl = Literal["grouped", "dense", "bmm"]
 EXPERT_IMPLS: tuple[str, ...] = get_args(ExpertImpl)
 
@@ -37,10 +38,16 @@ class DASRConfig:
     mixing_temperature: float = 1.0
     # Scale of the mapping net's last layer at init: 0.1 starts a near 1/K for every v; 1 lets a vary with v.
     mapping_gain: float = 0.1
+    # What the predictor sees: "lr" (as released) or "highpass", the LR minus its 3x3 local mean, x10
+    # (texture, noise and JPEG traces without brightness; learns where "lr" stays constant, docs/training.md).
+    predictor_input: str = "lr"
 
     def __post_init__(self) -> None:
         if self.mixing not in MIXINGS:
             raise ValueError(f"mixing must be one of {', '.join(MIXINGS)}, got {self.mixing!r}")
+        if self.predictor_input not in PREDICTOR_INPUTS:
+            raise ValueError(f"predictor_input must be one of {', '.join(PREDICTOR_INPUTS)}, "
+                             f"got {self.predictor_input!r}")
         if not self.mixing_temperature > 0:
             raise ValueError(f"mixing_temperature must be > 0, got {self.mixing_temperature}")
 
@@ -57,8 +64,9 @@ class DegradationPredictor(nn.Module):
     """
 
     def __init__(self, *, num_experts: int = 5, num_feat: int = 64, hidden: int = 15, mixing: str = "linear",
-                 temperature: float = 1.0, mapping_gain: float = 0.1):
+                 temperature: float = 1.0, mapping_gain: float = 0.1, input_mode: str = "lr"):
         super().__init__()
+        self.input_mode = input_mode
         chans = [3, num_feat, num_feat, num_feat, num_feat, num_feat, VECTOR_LENGTH]
         layers: list[nn.Module] = []
         for i in range(6):
@@ -77,7 +85,10 @@ class DegradationPredictor(nn.Module):
         return torch.softmax(a / self.temperature, dim=-1) if self.mixing == "softmax" else a
 
     def forward(self, lr: Tensor) -> tuple[Tensor, Tensor]:
-        v_hat = self.ConvNet(lr).mean(dim=(2, 3))
+        x = lr
+        if self.input_mode == "highpass":  # replicate padding: exactly blind to a constant brightness offset
+            x = 10 * (lr - F.avg_pool2d(F.pad(lr, (1, 1, 1, 1), mode="replicate"), 3, stride=1))
+        v_hat = self.ConvNet(x).mean(dim=(2, 3))
         return v_hat, self.mix(v_hat)
 
 
@@ -292,7 +303,8 @@ class DASR(nn.Module):
         c = self.config
         self.predictor = DegradationPredictor(num_experts=c.num_experts, num_feat=c.predictor_feat,
                                               hidden=c.mapping_hidden, mixing=c.mixing,
-                                              temperature=c.mixing_temperature, mapping_gain=c.mapping_gain)
+                                              temperature=c.mixing_temperature, mapping_gain=c.mapping_gain,
+                                              input_mode=c.predictor_input)
         self.generator = ExpertMSRResNet(num_experts=c.num_experts, num_feat=c.num_feat, num_block=c.num_block,
                                          scale=c.scale)
 
@@ -340,7 +352,7 @@ def load_release_weights(g: dict[str, Tensor] | str | Path, p: dict[str, Tensor]
     g_state = _state_dict_from(g, prefer_ema)
     p_state = _state_dict_from(p, prefer_ema=False)
     num_experts = g_state["conv_first.weight"].shape[0]
-    model = DASR(DASRConfig(num_experts=num_experts, mixing="linear"))  # the release's mapping: no softmax
+    model = DASR(DASRConfig(num_experts=num_experts, mixing="linear", predictor_input="lr"))  # as released
     model.generator.load_state_dict(g_state, strict=True)
     model.predictor.load_state_dict(p_state, strict=True)
     return model

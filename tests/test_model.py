@@ -183,3 +183,17 @@ def test_one_optimiser_step_lowers_the_loss_on_a_fixed_batch():
     opt.step()
     with torch.no_grad():
         assert loss() < before
+
+
+def test_highpass_predictor_is_blind_to_brightness_and_keeps_the_release_keys():
+    torch.manual_seed(0)
+    hp = DASR(DASRConfig(num_block=1, predictor_input="highpass")).eval()
+    assert hp.state_dict().keys() == DASR(DASRConfig(num_block=1)).state_dict().keys()
+    lr = torch.rand(2, 3, 16, 16) * 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(hp.predict(lr + 0.3)[0], hp.predict(lr)[0], atol=1e-5, rtol=0)
+        plain = DASR(DASRConfig(num_block=1)).eval()
+        plain.load_state_dict(hp.state_dict())
+        assert not torch.allclose(plain.predict(lr + 0.3)[0], plain.predict(lr)[0], atol=1e-3)
+    with pytest.raises(ValueError, match="predictor_input"):
+        DASRConfig(predictor_input="edges")
