@@ -33,9 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _study import make_dataset, split_photos  # noqa: E402
 
-# The expert-mixing lever to try at scale (docs/training.md, small-scale study): a convex mix that varies
-# with v from step 0, taught from the true v for the first steps (about a quarter of a 3-minute H100 run).
-LEVER_ARGS = ["--mixing", "softmax", "--mixing-temperature", "0.1", "--mapping-gain", "1.0", "--teacher-steps", "800"]
+# The levers to try at scale (docs/training.md, small-scale study): a predictor fed the LR's high-pass residual
+# (the only input it learnt from), and a convex mix that varies with v from step 0, taught from the true v for
+# the first steps (about a quarter of a 3-minute H100 run).
+LEVER_ARGS = ["--predictor-input", "highpass", "--mixing", "softmax", "--mixing-temperature", "0.1",
+              "--mapping-gain", "1.0", "--teacher-steps", "800"]
 
 
 def log(out: Path, text: str) -> None:
