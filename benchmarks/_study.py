@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+from degrade.dataset import IMAGE_SUFFIXES
 
 
 def split_photos(folder: str | Path) -> tuple[list[Path], list[Path]]:

@@ -28,6 +28,7 @@ import argparse
 import datetime
 import json
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -73,10 +74,7 @@ def run_one(name: str, seed: int, a: dict) -> dict:
                       lr=a["lr"], ema_decay=a["ema"], teacher_steps=a["steps"] // 2 if teacher else 0,
                       sharpen_gt=variant != "plain", ckpt_every=a["steps"], seed=seed, workers=0, device="cpu",
                       model=model_cfg)
-    for old in out.glob("ckpt-*.pt"):
-        old.unlink()
-    if (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+    shutil.rmtree(out, ignore_errors=True)  # a run is redone whole (dasr-train refuses to overwrite one)
     t0 = time.perf_counter()
     last = train(cfg)
     seconds = time.perf_counter() - t0

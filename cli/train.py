@@ -87,10 +87,10 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, se
                TimeRemainingColumn())
     start = 0
     if resume:
-        from dasr_model.train import latest_checkpoint
+        from dasr_model.train import checkpoint_step, latest_checkpoint
 
         ckpt = latest_checkpoint(out)
-        start = int(ckpt.stem.split("-")[1]) if ckpt is not None else 0
+        start = checkpoint_step(ckpt) if ckpt is not None else 0
         if ckpt is not None and start >= steps:
             err_console.print(f"{out} is already at step {start} (--steps {steps}): nothing to train")
             return

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, Sampler
 import degrade
 from degrade.augment import dihedral_image, dihedral_vector
 from degrade.inspect import BLOCKS
+from degrade.sharpen import USM_SIGMA, USM_SIZE, USM_THRESHOLD, USM_WEIGHT  # one definition
 
 SCALE = 4
 
@@ -93,7 +94,7 @@ def _gaussian_1d(size: int, sigma: float, device, dtype) -> Tensor:
     return k / k.sum()
 
 
-def _blur(img: Tensor, size: int = 51, sigma: float = 8.0) -> Tensor:
+def _blur(img: Tensor, size: int = USM_SIZE, sigma: float = USM_SIGMA) -> Tensor:
     """Separable Gaussian blur with reflect padding, per channel. img (B, C, H, W)."""
     k = _gaussian_1d(size, sigma, img.device, img.dtype)
     c, r = img.shape[1], size // 2
@@ -103,7 +104,7 @@ def _blur(img: Tensor, size: int = 51, sigma: float = 8.0) -> Tensor:
     return F.conv2d(x, k.view(1, 1, size, 1).expand(c, 1, size, 1), groups=c)
 
 
-def unsharp_mask(img: Tensor, *, weight: float = 0.5, threshold: float = 10.0) -> Tensor:
+def unsharp_mask(img: Tensor, *, weight: float = USM_WEIGHT, threshold: float = USM_THRESHOLD) -> Tensor:
     """DASR's sharpened target (degradation spec 8): img (B, 3, H, W) in [0, 1], H and W > 25.
 
     R = I - blur(I); mask M = |R| * 255 > threshold, softened by the same blur;

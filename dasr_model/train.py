@@ -94,8 +94,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of RUN/ckpt-STEP.pt."""
+    return int(path.stem.split("-")[1])
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted(out.glob("ckpt-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    ckpts = sorted(out.glob("ckpt-*.pt"), key=checkpoint_step)
     return ckpts[-1] if ckpts else None
 
 
