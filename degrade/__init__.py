@@ -12,6 +12,7 @@ Importing this package does not import torch.
 """
 
 from degrade.dataset import Sample, ShardDataset, open_dataset
+from degrade.errors import DatasetError, DegradeError, ImageError
 from degrade.io import read_image, write_image
 from degrade.kernels import gaussian_kernel, sinc_kernel
 from degrade.params import (
@@ -39,9 +40,12 @@ __all__ = [
     "VECTOR_LAYOUT",
     "VECTOR_LENGTH",
     "BlurParams",
+    "DatasetError",
+    "DegradeError",
     "DegradationParams",
     "FinalParams",
     "FinalRecipe",
+    "ImageError",
     "JpegParams",
     "LevelRecipe",
     "NoiseParams",

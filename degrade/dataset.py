@@ -30,6 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from degrade.allocator import tune_allocator
+from degrade.errors import DatasetError
 from degrade.io import ImageError, decode_image, read_image, to_uint8, write_bytes_atomic
 from degrade.params import DegradationParams, sample_params
 from degrade.pipeline import SCALE, apply
@@ -45,10 +46,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 COMPRESSIONS = ("none", "lzf", "gzip")
 CHUNK = 16  # samples per unit of parallel work
 BUNDLED = "<bundled>"  # source root of the bundled sample photos
-
-
-class DatasetError(ValueError):
-    """A dataset cannot be made, resumed, read or verified; the message says why in one line."""
 
 
 def shard_name(k: int) -> str:

@@ -16,11 +16,9 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from degrade.errors import ImageError
+
 LOSSLESS_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
-
-
-class ImageError(ValueError):
-    """An image file could not be read or written; the message names the file and the reason."""
 
 
 def read_image(path: str | os.PathLike) -> NDArray[np.float32]:

@@ -1,0 +1,19 @@
+"""The library's refusals: one base type, so a caller (or a CLI) catches exactly these and `OSError`.
+
+`DegradeError` subclasses `ValueError`, so code written against the older `ValueError`s keeps working.
+Anything else that escapes the library is a bug and should keep its traceback.
+"""
+
+from __future__ import annotations
+
+
+class DegradeError(ValueError):
+    """Bad input refused by the library; the message says what and why in one line."""
+
+
+class ImageError(DegradeError):
+    """An image file could not be read or written; the message names the file and the reason."""
+
+
+class DatasetError(DegradeError):
+    """A dataset cannot be made, resumed, read or verified; the message says why in one line."""
