@@ -61,13 +61,15 @@ def decode_image(data: bytes) -> NDArray[np.float32]:
     return np.ascontiguousarray(scaled[..., ::-1])  # BGR -> RGB
 
 
-def to_uint8(img: NDArray[np.floating]) -> NDArray[np.uint8]:
-    """float [0, 1] -> uint8, rounding to the nearest level (values outside [0, 1] are clipped)."""
+def to_uint8(img: NDArray[np.floating] | NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """float [0, 1] -> uint8, rounding to the nearest level (values outside [0, 1] are clipped); uint8 as is."""
+    if img.dtype == np.uint8:
+        return img
     return np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def write_image(path: str | os.PathLike, img: NDArray[np.floating]) -> None:
-    """Write (H, W, 3) RGB in [0, 1] as 8 bit to a lossless file, atomically (temp file + rename)."""
+def write_image(path: str | os.PathLike, img: NDArray[np.floating] | NDArray[np.uint8]) -> None:
+    """Write (H, W, 3) RGB, float in [0, 1] or uint8, as 8 bit to a lossless file, atomically (temp + rename)."""
     path = Path(path)
     if path.suffix.lower() not in LOSSLESS_SUFFIXES:
         raise ImageError(f"{path}: output must be a lossless image ({', '.join(LOSSLESS_SUFFIXES)})")
