@@ -9,7 +9,7 @@ Steps, each writing into OUT as it finishes (a run cut short still leaves what i
      for exactly as many steps (capped by the same budget), bf16 on CUDA;
   4. `dasr-eval --hr-dir` on the held-out photos at levels 1, 2, 3 (fixed seeds) for both models:
      PSNR-Y / SSIM-Y (4-px crop), bicubic beside, predictor MAE per block, expert-mix statistics;
-  5. OUT/model.pt: the 5-expert model (predictor + EMA generator, bf16, under 16 MiB) and
+  5. OUT/model.safetensors: the 5-expert model (predictor + EMA generator, bf16, under 16 MiB) and
      OUT/compare.png: LR / bicubic / 1 expert / 5 experts / HR crops at each level; OUT/summary.md.
 
 Usage (GPU): python benchmarks/gpu_train_run.py --photos PHOTOS --out $OUT
@@ -126,7 +126,7 @@ def picture(models: dict[str, Path], held: list[Path], path: Path, seed: int) ->
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=Path, help="Photo folder (default with --smoke: the bundled samples).")
-    ap.add_argument("--out", type=Path, required=True, help="Results (log, tables, model.pt, picture).")
+    ap.add_argument("--out", type=Path, required=True, help="Results (log, tables, model.safetensors, picture).")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dasr-gpu-run"), help="Datasets and runs.")
     ap.add_argument("--minutes", type=float, help="Training budget of each of the two runs (default 3; smoke 0.25).")
     ap.add_argument("--batch-size", type=int, default=48)
@@ -202,17 +202,17 @@ def main(argv: list[str] | None = None) -> None:
     # 4. evaluation on the held-out photos, per level
     evals = {}
     for name, run_dir in runs.items():
-        res = run(out, [sys.executable, "-c", "from cli.sr import eval_main; eval_main()", "--checkpoint",
-                        str(run_dir / "model.pt"), "--hr-dir", str(held_dir), "--levels", "1,2,3", "--seed", "0",
-                        "--json"], capture_output=True, text=True)
+        res = run(out, [sys.executable, "-c", "from cli.sr import eval_main; eval_main()", "--model",
+                        str(run_dir / "model.safetensors"), "--hr-dir", str(held_dir), "--levels", "1,2,3",
+                        "--seed", "0", "--json"], capture_output=True, text=True)
         evals[name] = json.loads(res.stdout)
         (out / "eval.json").write_text(json.dumps(evals, indent=1))
         log(out, f"{name}: " + ", ".join(f"L{k} {v['psnr_y']:.2f} dB (bicubic {v['bicubic_psnr_y']:.2f})"
                                          for k, v in evals[name]["levels"].items()))
 
     # 5. the model, a picture, the summary
-    (out / "model.pt").write_bytes((runs["5 experts"] / "model.pt").read_bytes())
-    picture({k: d / "model.pt" for k, d in runs.items()}, held, out / "compare.png", seed=0)
+    (out / "model.safetensors").write_bytes((runs["5 experts"] / "model.safetensors").read_bytes())
+    picture({k: d / "model.safetensors" for k, d in runs.items()}, held, out / "compare.png", seed=0)
     lines = head + ["", f"Training: level mix, {a.train_count} patches of {patch} px from {len(train_files)} photos; "
                     f"batch {a.batch_size}, LR crop {crop}, {steps} steps each; lever: `{' '.join(LEVER_ARGS)}` "
                     f"{a.extra}".rstrip(), ""]
@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{mix['between_level']:.4f}; mean a by level {mix['mean_by_level']}"]
     lines += ["", f"Total wall time: {time.perf_counter() - started:.0f} s"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    size_mib = (out / "model.pt").stat().st_size / 2**20
-    log(out, f"done in {time.perf_counter() - started:.0f} s; model.pt {size_mib:.1f} MiB")
+    size_mib = (out / "model.safetensors").stat().st_size / 2**20
+    log(out, f"done in {time.perf_counter() - started:.0f} s; model.safetensors {size_mib:.1f} MiB")
 
 
 if __name__ == "__main__":

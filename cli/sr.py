@@ -1,103 +1,125 @@
-"""`dasr-sr` (super-resolve images, steer through v) and `dasr-eval` (score a model per level)."""
+"""`dasr-sr` (super-resolve images, steer through v), `dasr-eval` (score a model per level) and
+`dasr-export` (a small model file to hand on): thin shells over dasr_model.infer / evaluate."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cli.main import _os_error
+from cli.common import os_error, require_torch
+from degrade.errors import DegradeError
 
 console = Console()
 err_console = Console(stderr=True)
+SETTINGS = {"help_option_names": ["-h", "--help"]}
+MODEL_HELP = "A model file (dasr-export), a dasr-train checkpoint (ckpt-*.pt), or a run folder (its newest checkpoint)."
 
 
-def _model(checkpoint: Path | None, release: tuple[Path, Path] | None, device: str):
-    import torch
-
+def _load(model_path: Path | None, release: tuple[Path, Path] | None, device: str):
+    """(model on its device, device), saying what was loaded."""
     from dasr_model.infer import load_model
     from dasr_model.train import pick_device
 
     dev = pick_device(device)
-    model = load_model(checkpoint, tuple(release) if release else None).to(dev)
-    return model, dev, torch
+    loaded = load_model(model_path, tuple(release) if release else None,
+                        warn=lambda m: err_console.print(f"warning: {m}"))
+    err_console.print(loaded.describe(), soft_wrap=True)
+    return loaded.model.to(dev), dev
 
 
-@click.command("dasr-sr", context_settings={"help_option_names": ["-h", "--help"]})
+def _bar(description: str) -> Progress:
+    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=err_console, transient=True)
+
+
+def _parse_mix(text: str | None, experts: int):
+    import torch
+
+    if text is None:
+        return None
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated numbers", param_hint="--mix") from None
+    if not all(math.isfinite(x) for x in values):
+        raise click.BadParameter(f"{text!r}: every coefficient must be a finite number", param_hint="--mix")
+    if len(values) != experts:
+        raise click.BadParameter(f"the model has {experts} experts: --mix needs {experts} values, got {len(values)}",
+                                 param_hint="--mix")
+    return torch.tensor([values])
+
+
+def model_options(f):
+    f = click.option("--release-weights", nargs=2, type=click.Path(path_type=Path), metavar="G.pth P.pth",
+                     help="The released G and P weights instead of --model.")(f)
+    f = click.option("--checkpoint", "checkpoint", type=click.Path(path_type=Path), hidden=True)(f)  # older name
+    return click.option("--model", "model_path", type=click.Path(path_type=Path), help=MODEL_HELP)(f)
+
+
+@click.command("dasr-sr", context_settings=SETTINGS)
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
-@click.option("--checkpoint", type=click.Path(path_type=Path),
-              help="A dasr-train checkpoint (ckpt-*.pt) or its exported RUN/model.pt.")
-@click.option("--release-weights", nargs=2, type=click.Path(path_type=Path), help="Released G.pth and P.pth.")
+@model_options
 @click.option("--device", default="auto", show_default=True)
-@click.option("--tile", type=click.IntRange(min=8), help="Process the LR image in tiles of this size (same v/a).")
+@click.option("--tile", type=click.IntRange(min=8), help="Process the LR image in tiles of this size (same v/a); "
+              "memory then follows the tile.")
 @click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
               help="Override a field of the predicted v in physical units, e.g. noise1.strength=5.")
 @click.option("--mix", help="Set the expert coefficients a directly: a0,a1,...")
 @click.option("--print-v", is_flag=True, help="Print each image's predicted v, decoded.")
-def sr_main(inputs, out_dir, checkpoint, release_weights, device, tile, settings, mix, print_v) -> None:
-    """Super-resolve INPUT images or folders x4 into OUT_DIR as PNG."""
-    import degrade
-    from degrade.dataset import IMAGE_SUFFIXES
-    from degrade.inspect import pipeline_steps
-    from dasr_model.infer import edit_vector, parse_settings, predict, super_resolve, to_image, to_tensor
+def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, tile, settings, mix, print_v) -> None:
+    """Super-resolve INPUT images or folders x4 into OUT_DIR as PNG.
 
+    A file that cannot be read is reported and skipped; the exit status is then 1.
+    """
+    require_torch()
+    import degrade
+    from dasr_model.infer import parse_settings, upscale
+    from degrade.discover import find_images
+    from degrade.inspect import pipeline_steps
+
+    failed = []
     try:
-        files = []
-        for p in inputs:
-            if p.is_dir():
-                files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-            elif p.is_file():
-                files.append(p)
-            else:
-                raise ValueError(f"{p}: no such file or folder")
-        if not files:
-            raise ValueError("no input images")
+        files = find_images(inputs)
         overrides = parse_settings(list(settings))
-        model, dev, torch = _model(checkpoint, release_weights, device)
-        a_fixed = None
-        if mix is not None:
-            try:
-                a_fixed = torch.tensor([[float(x) for x in mix.split(",")]], device=dev)
-            except ValueError:
-                raise ValueError(f"--mix {mix!r}: expected comma-separated numbers") from None
-            if a_fixed.shape[1] != model.config.num_experts:
-                raise ValueError(f"--mix needs {model.config.num_experts} values, got {a_fixed.shape[1]}")
+        model, dev = _load(model_path or checkpoint, release_weights, device)
+        a_fixed = _parse_mix(mix, model.config.num_experts)
         out_dir.mkdir(parents=True, exist_ok=True)
-        with Progress(console=err_console, transient=True) as bar:
-            task = bar.add_task("super-resolving", total=len(files))
+        with _bar("super-resolving") as bar:
+            task = bar.add_task("sr", total=len(files))
             for f in files:
-                lr = to_tensor(degrade.read_image(f)).to(dev)
-                with torch.no_grad():
-                    v_hat, a = predict(model, lr)
-                    if overrides:
-                        v_hat = edit_vector(v_hat, overrides)
-                        a = model.mix(v_hat)
-                    if a_fixed is not None:
-                        a = a_fixed
-                    sr = super_resolve(model, lr, a, tile=tile)
-                degrade.write_image(out_dir / f"{f.stem}_x4.png", to_image(sr))
+                try:
+                    img = degrade.read_image(f)
+                except (DegradeError, OSError) as exc:
+                    failed.append(f)
+                    err_console.print(f"skipped {os_error(exc) if isinstance(exc, OSError) else exc}", soft_wrap=True)
+                    bar.advance(task)
+                    continue
+                sr, v_hat = upscale(model, img, overrides=overrides, mix=a_fixed, tile=tile, device=dev)
+                degrade.write_image(out_dir / f"{f.stem}_x4.png", sr)
                 if print_v:
                     v = v_hat[0].clamp(0, 1).cpu().numpy()
-                    steps = pipeline_steps(degrade.decode(v))
                     console.print(f"{f.name}: v = " + ",".join(f"{x:.3f}" for x in v), soft_wrap=True)
-                    console.print(f"  reads as: {' -> '.join(steps)}", soft_wrap=True)
+                    console.print(f"  reads as: {' -> '.join(pipeline_steps(degrade.decode(v)))}", soft_wrap=True)
                 bar.advance(task)
-    except (ValueError, RuntimeError) as exc:
+    except DegradeError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
-        raise click.ClickException(_os_error(exc)) from None
-    err_console.print(f"wrote {len(files)} image(s) to {out_dir}")
+        raise click.ClickException(os_error(exc)) from None
+    err_console.print(f"wrote {len(files) - len(failed)} image(s) to {out_dir}")
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(files)} input(s) could not be read (listed above)")
 
 
-@click.command("dasr-eval", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--checkpoint", type=click.Path(path_type=Path), help="A dasr-train checkpoint or RUN/model.pt.")
-@click.option("--release-weights", nargs=2, type=click.Path(path_type=Path))
+@click.command("dasr-eval", context_settings=SETTINGS)
+@model_options
 @click.option("--shards", type=click.Path(path_type=Path), help="Evaluate on a dataset's (HR, LR, v) samples.")
 @click.option("--hr-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Degrade these HR images at each --levels with fixed seeds and evaluate.")
@@ -105,26 +127,29 @@ def sr_main(inputs, out_dir, checkpoint, release_weights, device, tile, settings
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def eval_main(checkpoint, release_weights, shards, hr_dir, levels, seed, device, as_json) -> None:
+def eval_main(model_path, checkpoint, release_weights, shards, hr_dir, levels, seed, device, as_json) -> None:
     """PSNR/SSIM on Y (4-px crop) and RGB PSNR per level, for the model and bicubic; predictor MAE per block."""
+    require_torch()
     from dasr_model.evaluate import evaluate_pairs, pairs_from_hr_dir, pairs_from_shards
 
+    if (shards is None) == (hr_dir is None):
+        raise click.UsageError("give --shards or --hr-dir")
     try:
-        if (shards is None) == (hr_dir is None):
-            raise click.UsageError("give --shards or --hr-dir")
-        model, dev, _ = _model(checkpoint, release_weights, device)
-        if shards is not None:
-            pairs = pairs_from_shards(shards)
-        else:
-            lv = [int(x) for x in levels.split(",")]
-            if not set(lv) <= {1, 2, 3}:
-                raise ValueError(f"--levels {levels!r}: expected a subset of 1,2,3")
-            pairs = pairs_from_hr_dir(hr_dir, lv, seed)
-        result = evaluate_pairs(model, pairs, dev)
-    except (ValueError, RuntimeError) as exc:
+        lv = [int(x) for x in levels.split(",")]
+    except ValueError:
+        lv = []
+    if not lv or not set(lv) <= {1, 2, 3}:
+        raise click.BadParameter(f"{levels!r}: expected a subset of 1,2,3", param_hint="--levels")
+    try:
+        model, dev = _load(model_path or checkpoint, release_weights, device)
+        pairs = pairs_from_shards(shards) if shards is not None else pairs_from_hr_dir(hr_dir, lv, seed)
+        with _bar("evaluating") as bar:
+            task = bar.add_task("eval", total=len(pairs))
+            result = evaluate_pairs(model, pairs, dev, progress=lambda: bar.advance(task))
+    except DegradeError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
-        raise click.ClickException(_os_error(exc)) from None
+        raise click.ClickException(os_error(exc)) from None
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return
@@ -141,6 +166,36 @@ def eval_main(checkpoint, release_weights, shards, hr_dir, levels, seed, device,
                   f"between level means {mix['between_level']:.4f}")
     for level, mean in mix["mean_by_level"].items():
         console.print(f"  level {level} mean a: " + " ".join(f"{x:.3f}" for x in mean))
+
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@click.command("dasr-export", context_settings=SETTINGS)
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_file", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="The model file to write (.safetensors).")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="bf16", show_default=True,
+              help="Precision of the stored weights (they are read back as float32).")
+def export_main(source, out_file, dtype) -> None:
+    """Write the model of SOURCE (a checkpoint, or a run folder: its newest checkpoint) as a small model file:
+    predictor + EMA generator + config, safetensors format (no pickle), for dasr-sr / dasr-eval --model."""
+    require_torch()
+    import torch
+
+    from dasr_model.infer import export_model
+
+    if out_file.suffix != ".safetensors":
+        raise click.BadParameter(f"{out_file}: the model file's name must end in .safetensors", param_hint="-o")
+    try:
+        loaded = export_model(source, out_file, dtype=getattr(torch, DTYPES[dtype]),
+                              warn=lambda m: err_console.print(f"warning: {m}"))
+    except DegradeError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(os_error(exc)) from None
+    err_console.print(loaded.describe(), soft_wrap=True)
+    err_console.print(f"wrote {out_file} ({out_file.stat().st_size / 2**20:.1f} MiB, {dtype})")
 
 
 if __name__ == "__main__":

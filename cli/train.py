@@ -9,6 +9,9 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from cli.common import os_error, require_torch
+from degrade.errors import DegradeError
+
 err_console = Console(stderr=True)
 
 
@@ -20,14 +23,19 @@ err_console = Console(stderr=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lr-crop", type=click.IntRange(min=4), default=64, show_default=True, help="LR crop side (HR: x4).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--resume", is_flag=True, help="Continue from the latest RUN/ckpt-*.pt.")
+@click.option("--resume", is_flag=True, help="Continue from the newest intact RUN/ckpt-*.pt.")
+@click.option("--restart", is_flag=True,
+              help="Delete the run's checkpoints, metrics, config and model file in --out, then start over.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Data loader processes.")
 @click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--val-samples", type=click.IntRange(min=1), default=64, show_default=True,
               help="Validation samples scored at each --val-every.")
 @click.option("--ckpt-every", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--experts", type=click.IntRange(min=1), default=5, show_default=True, help="1 = plain SRResNet baseline.")
+@click.option("--keep-checkpoints", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Keep the newest N ckpt-*.pt (about 130 MB each at the default size); 0 keeps all.")
+@click.option("--experts", type=click.IntRange(min=1), default=5, show_default=True,
+              help="1 = plain SRResNet baseline.")
 @click.option("--blocks", type=click.IntRange(min=1), default=16, show_default=True, help="Residual blocks.")
 @click.option("--features", type=click.IntRange(min=4), default=64, show_default=True, help="Feature channels.")
 @click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
@@ -50,53 +58,66 @@ err_console = Console(stderr=True)
 @click.option("--gan", is_flag=True, help="Add the GAN term (0.1, U-Net SN discriminator).")
 @click.option("--vgg-weights", type=click.Path(path_type=Path, dir_okay=False),
               help="Local VGG19 weights (torchvision layout) for the perceptual term; without it the term is off.")
-def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, seed, workers, val_every, val_samples,
-         ckpt_every, experts, blocks, features, learning_rate, ema_decay, mixing, mixing_temperature, mapping_gain,
-         predictor_input, teacher_steps, expert_impl, max_minutes, no_sharpen, gan, vgg_weights) -> None:
+def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, restart, seed, workers, val_every,
+         val_samples, ckpt_every, keep_checkpoints, experts, blocks, features, learning_rate, ema_decay, mixing,
+         mixing_temperature, mapping_gain, predictor_input, teacher_steps, expert_impl, max_minutes, no_sharpen, gan,
+         vgg_weights) -> None:
     """Train DASR (degradation predictor + expert MSRResNet) on HDF5 shards.
 
     Losses: L1 + v regression, plus GAN with --gan and perceptual with --vgg-weights. Several GPUs:
-    torchrun --nproc_per_node N $(which dasr-train) ... (--batch-size is per process).
+    torchrun --nproc_per_node N $(which dasr-train) ... (--batch-size is per process). Ctrl-C or SIGTERM
+    saves a checkpoint and exits 130 / 143; --resume continues exactly.
     """
-    from dasr_model.model import DASRConfig
-    from dasr_model.train import TrainConfig, train
+    require_torch()
+    if resume and restart:
+        raise click.UsageError("--resume continues a run, --restart deletes it: give one")
+    import torch
 
+    from dasr_model.checkpoints import checkpoint_step, latest_checkpoint
+    from dasr_model.errors import DASRError
+    from dasr_model.model import DASRConfig
+    from dasr_model.train import TrainConfig, pick_device, train
+
+    try:
+        model_cfg = DASRConfig(num_experts=experts, num_block=blocks, num_feat=features, mixing=mixing,
+                               mixing_temperature=mixing_temperature, mapping_gain=mapping_gain,
+                               predictor_input=predictor_input)
+    except DASRError as exc:
+        raise click.ClickException(str(exc)) from None
     cfg = TrainConfig(shards=str(shards), out=str(out), steps=steps, batch_size=batch_size, lr_crop=lr_crop,
                       val_shards=str(val_shards) if val_shards else None, val_every=val_every, val_samples=val_samples,
-                      ckpt_every=ckpt_every,
+                      ckpt_every=ckpt_every, keep_checkpoints=keep_checkpoints,
                       seed=seed, workers=workers, device=device, sharpen_gt=not no_sharpen, gan=gan,
                       vgg_weights=str(vgg_weights) if vgg_weights else None, lr=learning_rate, ema_decay=ema_decay,
-                      teacher_steps=teacher_steps, max_minutes=max_minutes, expert_impl=expert_impl,
-                      model=DASRConfig(num_experts=experts, num_block=blocks, num_feat=features, mixing=mixing,
-                                       mixing_temperature=mixing_temperature, mapping_gain=mapping_gain,
-                                       predictor_input=predictor_input))
+                      teacher_steps=teacher_steps, max_minutes=max_minutes, expert_impl=expert_impl, model=model_cfg)
+    if vgg_weights is not None and not vgg_weights.is_file():
+        raise click.ClickException(f"{vgg_weights}: no such file")
     try:
         import degrade
 
         made = degrade.open_dataset(shards).config
-    except (ValueError, OSError):
+    except (DegradeError, OSError):
         made = None  # the trainer reports a bad dataset folder itself
     if made is not None and not no_sharpen and not made.sharpen_hr:
         err_console.print("note: these shards degrade the plain HR; with the sharpened target, shards made with "
                           "`degrade make-dataset --sharpen-hr` trained better (docs/training.md)")
     if vgg_weights is None:
         err_console.print("perceptual loss off: no --vgg-weights given (VGG19 weights cannot be downloaded here)")
-    if vgg_weights is not None and not vgg_weights.is_file():
-        raise click.ClickException(f"{vgg_weights}: no such file")
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is not None and checkpoint_step(ckpt) >= steps:
+            err_console.print(f"{out} is already at step {checkpoint_step(ckpt)} (--steps {steps}): nothing to train")
+            return
     columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
-    start = 0
-    if resume:
-        from dasr_model.train import checkpoint_step, latest_checkpoint
 
-        ckpt = latest_checkpoint(out)
-        start = checkpoint_step(ckpt) if ckpt is not None else 0
-        if ckpt is not None and start >= steps:
-            err_console.print(f"{out} is already at step {start} (--steps {steps}): nothing to train")
-            return
-        if ckpt is not None:
-            err_console.print(f"resuming from {ckpt.name} (step {start} of {steps})")
+    start = 0
+    if resume and latest_checkpoint(out) is not None:
+        start = checkpoint_step(latest_checkpoint(out))
     try:
+        if pick_device(device).type == "cpu":
+            err_console.print("note: training on the CPU is slow; a real run (100k steps) needs a CUDA GPU "
+                              "(docs/training.md)")
         with Progress(*columns, console=err_console) as bar:
             task = bar.add_task("train", total=steps, completed=start, info="")
 
@@ -106,11 +127,25 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, se
                     info += "  val PSNR-Y " + " ".join(f"L{k} {v:.2f}" for k, v in m["val"]["psnr_y"].items())
                 bar.update(task, completed=step, info=info)
 
-            last = train(cfg, resume=resume, progress=report)
-    except (OSError, ValueError, RuntimeError, FloatingPointError) as exc:
+            last = train(cfg, resume=resume, restart=restart, progress=report,
+                         notify=lambda m: err_console.print(m, soft_wrap=True))
+    except DegradeError as exc:
         raise click.ClickException(str(exc)) from None
-    if last:
-        err_console.print(f"stopped at step {last['step']}; checkpoints and metrics.jsonl in {out}")
+    except OSError as exc:
+        raise click.ClickException(os_error(exc)) from None
+    except FloatingPointError as exc:
+        raise click.ClickException(f"{exc}; the last checkpoint before it is intact (lower --lr?)") from None
+    except torch.OutOfMemoryError:
+        raise click.ClickException(f"out of device memory at --batch-size {batch_size} --lr-crop {lr_crop}; "
+                                   "lower one of them") from None
+    if not last:
+        return
+    stopped = last.get("stopped_by")
+    if stopped in ("SIGINT", "SIGTERM"):
+        err_console.print(f"{stopped}: saved ckpt-{last['step']}.pt in {out}; continue with --resume")
+        sys.exit(130 if stopped == "SIGINT" else 143)
+    reason = " (--max-minutes spent)" if stopped == "max_minutes" else ""
+    err_console.print(f"stopped at step {last['step']}{reason}; checkpoints and metrics.jsonl in {out}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,16 @@ per-image fused plain generator for inference (`ExpertMSRResNet.fuse`). Not yet:
 those and a real training run (issue 5).
 """
 
-from dasr_model.model import (EXPERT_IMPLS, DASR, DASRConfig, DegradationPredictor, ExpertMSRResNet, MSRResNet,
-                              load_release_weights, set_expert_impl)
+from dasr_model.model import (
+                              DASR,
+                              EXPERT_IMPLS,
+                              DASRConfig,
+                              DegradationPredictor,
+                              ExpertMSRResNet,
+                              MSRResNet,
+                              load_release_weights,
+                              set_expert_impl,
+)
 
 __all__ = ["DASR", "DASRConfig", "DegradationPredictor", "EXPERT_IMPLS", "ExpertMSRResNet", "MSRResNet",
            "load_release_weights", "set_expert_impl"]

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 import degrade
+from dasr_model.errors import DASRError
 from degrade.augment import dihedral_image, dihedral_vector
 from degrade.inspect import BLOCKS
 from degrade.sharpen import USM_SIGMA, USM_SIZE, USM_THRESHOLD, USM_WEIGHT  # one definition
@@ -48,7 +49,7 @@ class PairedShards(Dataset):
         c = self.lr_crop
         if c is not None:
             if c > lr.shape[0] or c > lr.shape[1]:
-                raise ValueError(f"LR crop {c} is larger than the stored LR patch {lr.shape[1]}x{lr.shape[0]}")
+                raise DASRError(f"LR crop {c} is larger than the stored LR patch {lr.shape[1]}x{lr.shape[0]}")
             y, x = int(rng.integers(lr.shape[0] - c + 1)), int(rng.integers(lr.shape[1] - c + 1))
             lr = lr[y : y + c, x : x + c]
             hr = hr[SCALE * y : SCALE * (y + c), SCALE * x : SCALE * (x + c)]

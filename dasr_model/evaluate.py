@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,39 +12,61 @@ import torch.nn.functional as F
 
 from dasr_model.data import block_mae
 from dasr_model.diagnostics import mixing_stats
+from dasr_model.errors import DASRError
 from dasr_model.infer import to_image, to_tensor
 from dasr_model.metrics import psnr_rgb, psnr_y, ssim_y
 
 Pair = tuple[int, np.ndarray, np.ndarray, np.ndarray | None]  # level, HR, LR (float32 [0, 1]), v or None
 
 
-def pairs_from_shards(path: str | Path) -> Iterator[Pair]:
+class Pairs:
+    """The pairs to evaluate, with their number known up front (for a progress bar); iterated lazily."""
+
+    def __init__(self, count: int, make: Callable[[], Iterator[Pair]]):
+        self.count, self.make = count, make
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Pair]:
+        return self.make()
+
+
+def pairs_from_shards(path: str | Path) -> Pairs:
     import degrade
 
     ds = degrade.open_dataset(path)
-    for s in ds:
-        yield int(s.params.level or 0), s.hr.astype(np.float32) / 255, s.lr.astype(np.float32) / 255, s.v
+
+    def make() -> Iterator[Pair]:
+        for s in ds:
+            yield int(s.params.level or 0), s.hr.astype(np.float32) / 255, s.lr.astype(np.float32) / 255, s.v
+
+    return Pairs(len(ds), make)
 
 
-def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Iterator[Pair]:
+def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Pairs:
     """Each HR image (cropped to a multiple of 4) degraded at each level, with a seed fixed by
     (seed, image position in sorted order, level), so numbers compare across runs and models."""
     import degrade
-    from degrade.dataset import IMAGE_SUFFIXES
+    from degrade.discover import find_images
     from degrade.io import crop_to_multiple, to_uint8
 
-    files = sorted(f for f in Path(folder).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"{folder}: no images")
-    for i, f in enumerate(files):
-        hr = to_uint8(crop_to_multiple(degrade.read_image(f), 4)).astype(np.float32) / 255
-        for level in levels:
-            params = degrade.sample_params(level, np.random.default_rng(np.random.SeedSequence([seed, i, level])))
-            yield level, hr, degrade.apply(hr, params), degrade.encode(params)
+    files = find_images([folder])
+
+    def make() -> Iterator[Pair]:
+        for i, f in enumerate(files):
+            hr = to_uint8(crop_to_multiple(degrade.read_image(f), 4)).astype(np.float32) / 255
+            for level in levels:
+                params = degrade.sample_params(level, np.random.default_rng(np.random.SeedSequence([seed, i, level])))
+                yield level, hr, degrade.apply(hr, params), degrade.encode(params)
+
+    return Pairs(len(files) * len(levels), make)
 
 
 @torch.no_grad()
-def evaluate_pairs(model: torch.nn.Module, pairs: Iterator[Pair], device: torch.device) -> dict[str, Any]:
+def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.device, *,
+                   progress: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Scores per level; `progress()` is called after each pair."""
     scores: dict[int, dict[str, list[float]]] = {}
     v_hats, vs, mixes, mix_levels = [], [], [], []
     for level, hr, lr, v in pairs:
@@ -64,8 +86,10 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterator[Pair], device: torch.
         if v is not None:
             v_hats.append(v_hat.cpu())
             vs.append(torch.from_numpy(np.asarray(v, np.float32))[None])
+        if progress is not None:
+            progress()
     if not scores:
-        raise ValueError("nothing to evaluate")
+        raise DASRError("nothing to evaluate")
     levels = {str(lv): {"images": len(s["psnr_y"]), **{k: float(np.mean(x)) for k, x in s.items()}}
               for lv, s in sorted(scores.items())}
     mae = block_mae(torch.cat(v_hats), torch.cat(vs)) if vs else {}

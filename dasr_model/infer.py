@@ -1,79 +1,114 @@
 """Inference: load a trained or released model, predict v once per image, steer it, super-resolve in tiles.
 
-Modulation (model.md section 6): fields of the predicted v are overridden in physical units through
+Modulation: fields of the predicted v are overridden in physical units through
 the vector layout (`degrade.VECTOR_FIELDS`) before the mapping net, or the expert mix a is set directly.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dasr_model.checkpoints import latest_intact, load_checkpoint
+from dasr_model.errors import DASRError
 from dasr_model.model import DASR, DASRConfig, ExpertMSRResNet, MSRResNet, load_release_weights
+from dasr_model.modelfile import is_model_file, read_model_file, save_model_file
+from degrade.io import to_uint8
 
 
-MODEL_FILE = "model.pt"
-MODEL_FORMAT = "dasr-model"
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model and where it came from, to say what was loaded."""
+
+    model: DASR
+    path: str
+    kind: str  # "model file", "checkpoint" or "release weights"
+    step: int | None = None
+
+    def describe(self) -> str:
+        c = self.model.config
+        step = f"step {self.step}, " if self.step is not None else ""
+        return (f"loaded {self.path} ({self.kind}): {step}{c.num_experts} experts x {c.num_block} blocks x "
+                f"{c.num_feat} features, mixing {c.mixing}")
 
 
-def export_model(model: DASR, ema_generator: torch.nn.Module | None, path: str | Path, *,
-                 dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write the model alone (predictor + generator, the EMA one when given) in `dtype`: a small file to
-    share or to give `dasr-sr` (5 experts, bf16: about 16 MB). Its config travels inside."""
-    state = {f"predictor.{k}": t for k, t in model.predictor.state_dict().items()}
-    gen = ema_generator if ema_generator is not None else model.generator
-    state |= {f"generator.{k}": t for k, t in gen.state_dict().items()}
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"format": MODEL_FORMAT, "version": 1, "config": model.config.to_dict(),
-                "model": {k: t.detach().to("cpu", dtype) for k, t in state.items()}}, tmp)
-    tmp.replace(path)
-    return path
-
-
-def load_checkpoint_model(path: str | Path, *, ema: bool = True) -> DASR:
-    """A DASR from a `dasr-train` checkpoint (config stored inside; the EMA generator by default) or an
-    exported model file (:func:`export_model`), in float32."""
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path, *, ema: bool = True) -> DASR:
+    """The DASR of a checkpoint's contents (:func:`checkpoints.load_checkpoint`), EMA generator by default."""
+    model = DASR(DASRConfig.from_dict(ckpt["config"].get("model")))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such checkpoint") from None
-    except Exception as exc:  # noqa: BLE001 - torch raises several types for foreign files
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
-    if isinstance(ckpt, dict) and ckpt.get("format") == MODEL_FORMAT:
-        model = DASR(DASRConfig(**ckpt["config"]))
-        model.load_state_dict({k: t.float() for k, t in ckpt["model"].items()})
-        return model.eval()
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path}: not a dasr-train checkpoint")
-    model = DASR(DASRConfig(**ckpt["config"]["model"]))
-    model.load_state_dict(ckpt["model"])
-    if ema and "ema_generator" in ckpt:
-        model.generator.load_state_dict(ckpt["ema_generator"])
+        model.load_state_dict(ckpt["model"])
+        if ema and "ema_generator" in ckpt:
+            model.generator.load_state_dict(ckpt["ema_generator"])
+    except (RuntimeError, TypeError, AttributeError) as exc:  # the weights do not fit the stored config
+        raise DASRError(f"{path}: its weights do not fit its config ({str(exc).splitlines()[0][:200]})") from None
     return model.eval()
 
 
-def load_model(checkpoint: str | Path | None = None, release: tuple[str | Path, str | Path] | None = None) -> DASR:
-    if (checkpoint is None) == (release is None):
-        raise ValueError("give a checkpoint or the release weights (G and P), not both")
-    if checkpoint is not None:
-        return load_checkpoint_model(checkpoint)
-    assert release is not None
-    return load_release_weights(*release).eval()
+def load_checkpoint_model(path: str | Path, *, ema: bool = True) -> DASR:
+    """A DASR (float32, eval mode) from a model file (model.safetensors) or a `dasr-train` checkpoint."""
+    if is_model_file(path):
+        return read_model_file(path)[0]
+    return model_from_checkpoint(load_checkpoint(path), path, ema=ema)
+
+
+def load_model(path: str | Path | None = None, release: tuple[str | Path, str | Path] | None = None, *,
+               warn: Callable[[str], None] | None = None) -> LoadedModel:
+    """What `dasr-sr`/`dasr-eval --model` take: a model file, a checkpoint, or a run folder (its newest
+    intact checkpoint, EMA generator; a damaged newer one is skipped with a note to `warn`); or the
+    released G and P files."""
+    if (path is None) == (release is None):
+        raise DASRError("give a model (file, checkpoint or run folder) or the release weights (G and P), not both")
+    if release is not None:
+        return LoadedModel(load_release_weights(*release).eval(), f"{release[0]} + {release[1]}", "release weights")
+    path = Path(path)
+    if path.is_dir():
+        found = latest_intact(path, warn=warn)
+        if found is None:
+            raise DASRError(f"{path}: no readable ckpt-*.pt in this run folder")
+        ckpt_path, ckpt = found
+        return LoadedModel(model_from_checkpoint(ckpt, ckpt_path), str(ckpt_path), "checkpoint", int(ckpt["step"]))
+    if not path.exists():
+        raise FileNotFoundError(2, "no such model file, checkpoint or run folder", str(path))
+    if is_model_file(path):
+        model, meta = read_model_file(path)
+        step = int(meta["step"]) if meta.get("step", "").isdigit() else None
+        return LoadedModel(model, str(path), "model file", step)
+    ckpt = load_checkpoint(path)
+    step = ckpt.get("step")
+    return LoadedModel(model_from_checkpoint(ckpt, path), str(path), "checkpoint",
+                       int(step) if isinstance(step, int) else None)
+
+
+def export_model(source: str | Path, out: str | Path, *, dtype: torch.dtype = torch.bfloat16,
+                 warn: Callable[[str], None] | None = None) -> LoadedModel:
+    """`dasr-export`: the model of a checkpoint or run folder (EMA generator + predictor + config) as a
+    model file in `dtype`; returns what was exported."""
+    loaded = load_model(source, warn=warn)
+    save_model_file(loaded.model, out, dtype=dtype, step=loaded.step, source=Path(loaded.path).name)
+    return loaded
 
 
 def parse_settings(items: list[str]) -> dict[str, str]:
-    """['noise1.strength=5', ...] -> {'noise1.strength': '5'}; field names are checked by `edit_vector`."""
+    """['noise1.strength=5', ...] -> {'noise1.strength': '5'}; unknown field names are refused here, values
+    (whose range may depend on the image's v) by `edit_vector`."""
+    from degrade.vector import FIELDS_BY_NAME
+
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name or not value:
-            raise ValueError(f"--set {item!r}: expected NAME=VALUE, e.g. noise1.strength=5")
+            raise DASRError(f"--set {item!r}: expected NAME=VALUE, e.g. noise1.strength=5")
+        if name.strip() not in FIELDS_BY_NAME:
+            raise DASRError(f"--set: unknown field {name.strip()!r}; names are listed by `degrade inspect --vector` "
+                            "and in docs/inference.md")
         out[name.strip()] = value.strip()
     return out
 
@@ -90,17 +125,19 @@ def edit_vector(v: Tensor, settings: dict[str, str]) -> Tensor:
     for name, text in settings.items():
         f = FIELDS_BY_NAME.get(name)
         if f is None:
-            raise ValueError(f"unknown field {name!r}; names are listed by `degrade inspect --vector` and in docs")
+            raise DASRError(f"unknown field {name!r}; names are listed by `degrade inspect --vector` and in docs")
         if f.kind == "onehot":
             if text not in f.choices:
-                raise ValueError(f"{name}: {text!r} is not one of {', '.join(f.choices)}")
+                raise DASRError(f"{name}: {text!r} is not one of {', '.join(f.choices)}")
             v[:, f.slice] = 0
             v[:, f.index + f.choices.index(text)] = 1
             continue
         try:
             x = float(text)
         except ValueError:
-            raise ValueError(f"{name}: {text!r} is not a number") from None
+            raise DASRError(f"{name}: {text!r} is not a number") from None
+        if not math.isfinite(x):
+            raise DASRError(f"{name}: {text!r} is not a finite number")
         if f.kind == "flag":
             v[:, f.index] = 1.0 if x >= 0.5 else 0.0
             continue
@@ -113,7 +150,7 @@ def edit_vector(v: Tensor, settings: dict[str, str]) -> Tensor:
             st = step_type[row] if step_type else None
             lo, hi = f.range_for(st)
             if not lo <= x <= hi:
-                raise ValueError(f"{name}: {x:g} is outside [{lo:g}, {hi:g}]")
+                raise DASRError(f"{name}: {x:g} is outside [{lo:g}, {hi:g}]")
             v[row, f.index] = f.normalise(x, st)
     return v
 
@@ -124,6 +161,7 @@ def to_tensor(img: np.ndarray) -> Tensor:
 
 
 def to_image(t: Tensor) -> np.ndarray:
+    """(1, 3, H, W) -> (H, W, 3) float32 clamped to [0, 1]."""
     return t[0].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
 
 
@@ -165,7 +203,7 @@ def super_resolve(model: DASR, lr: Tensor, a: Tensor, *, tile: int | None = None
     torch.bfloat16 and True); the result is returned in lr's dtype and standard layout.
     """
     if a.shape[0] != lr.shape[0]:
-        raise ValueError(f"one expert mix per image: lr has {lr.shape[0]} image(s), a has {a.shape[0]} row(s)")
+        raise DASRError(f"one expert mix per image: lr has {lr.shape[0]} image(s), a has {a.shape[0]} row(s)")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     outs = []
     for i in range(lr.shape[0]):
@@ -178,18 +216,52 @@ def super_resolve(model: DASR, lr: Tensor, a: Tensor, *, tile: int | None = None
     return torch.cat(outs).contiguous()
 
 
+@torch.no_grad()
+def upscale(model: DASR, image: np.ndarray, *, overrides: dict[str, str] | None = None, mix: Tensor | None = None,
+            tile: int | None = None, overlap: int = 32, device: torch.device | str = "cpu",
+            dtype: torch.dtype | None = None) -> tuple[np.ndarray, Tensor]:
+    """One image, x4, as `dasr-sr` does it: predict v once from the whole image, override named fields of
+    it (`overrides`, :func:`edit_vector`) or set the expert mix (`mix`, (1, K)), then run the fused
+    generator whole or tile by tile. image (H, W, 3) float32 in [0, 1] -> ((4H, 4W, 3) uint8, v_hat (1, 33)).
+
+    The output is assembled in 8 bit tile by tile, so memory follows the tile size plus the uint8 result.
+    """
+    if mix is not None and (mix.shape != (1, model.config.num_experts) or not bool(torch.isfinite(mix).all())):
+        raise DASRError(f"the expert mix must be {model.config.num_experts} finite numbers")
+    lr = to_tensor(image).to(device)
+    v_hat, a = predict(model, lr)
+    if overrides:
+        v_hat = edit_vector(v_hat, overrides)
+        a = model.mix(v_hat)
+    if mix is not None:
+        a = mix.to(lr.device, lr.dtype)
+    net = fuse_experts(model, a, dtype=dtype)
+    s = model.config.scale
+    out = np.empty((lr.shape[-2] * s, lr.shape[-1] * s, 3), np.uint8)
+    for (y, x), part in _tiles(lambda t: net(t).to(t.dtype), lr, s, tile, overlap):
+        out[y : y + part.shape[-2], x : x + part.shape[-1]] = to_uint8(to_image(part))
+    return out, v_hat
+
+
 def _tiled(run: Callable[[Tensor], Tensor], lr: Tensor, s: int, tile: int | None, overlap: int) -> Tensor:
     """`run` (LR -> x`s` SR) over lr (1, 3, h, w) whole, or tile by tile with `overlap` LR pixels of context."""
-    if tile is None or (lr.shape[-2] <= tile and lr.shape[-1] <= tile):
-        return run(lr)
+    out = lr.new_zeros(lr.shape[0], 3, lr.shape[-2] * s, lr.shape[-1] * s)
+    for (y, x), part in _tiles(run, lr, s, tile, overlap):
+        out[..., y : y + part.shape[-2], x : x + part.shape[-1]] = part
+    return out
+
+
+def _tiles(run: Callable[[Tensor], Tensor], lr: Tensor, s: int, tile: int | None, overlap: int):
+    """((y, x), SR region) pieces that cover the x`s` output of lr (1, 3, h, w): the whole image at once, or
+    one `tile` x `tile` LR tile at a time, each run with `overlap` LR pixels of context, which is then cut off."""
     h, w = lr.shape[-2:]
-    out = lr.new_zeros(lr.shape[0], 3, h * s, w * s)
+    if tile is None or (h <= tile and w <= tile):
+        yield (0, 0), run(lr)
+        return
     for y in range(0, h, tile):
         for x in range(0, w, tile):
             y0, x0 = max(0, y - overlap), max(0, x - overlap)
             y1, x1 = min(h, y + tile + overlap), min(w, x + tile + overlap)
             part = run(lr[..., y0:y1, x0:x1])
             ty, tx = min(tile, h - y), min(tile, w - x)
-            out[..., y * s : (y + ty) * s, x * s : (x + tx) * s] = part[
-                ..., (y - y0) * s : (y - y0 + ty) * s, (x - x0) * s : (x - x0 + tx) * s]
-    return out
+            yield (y * s, x * s), part[..., (y - y0) * s : (y - y0 + ty) * s, (x - x0) * s : (x - x0 + tx) * s]

@@ -7,7 +7,8 @@ dict loads with `load_state_dict(strict=True)`; :func:`load_release_weights` doe
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import pickle
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -15,11 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dasr_model.errors import DASRError
+
 VECTOR_LENGTH = 33  # layout "dasr33-v1" (degrade.VECTOR_LENGTH; not imported, to keep this light)
 MIXINGS = ("linear", "softmax")
 PREDICTOR_INPUTS = ("lr", "highpass")
 ExpertImpl = Literal["grouped", "dense", "bmm"]
 EXPERT_IMPLS: tuple[str, ...] = get_args(ExpertImpl)
+# A config read from a file is data: sizes are bounded before anything is allocated. 100M parameters
+# (400 MB in float32) is 13x the released 5-expert model; larger nets are refused, not attempted.
+MAX_PARAMETERS = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -43,16 +49,59 @@ class DASRConfig:
     predictor_input: str = "lr"
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            want = type(f.default)  # every field has a default of its type (int, float or str)
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                object.__setattr__(self, f.name, value)
+            if type(value) is not want:
+                raise DASRError(f"model config: {f.name} must be {want.__name__}, got {value!r}")
+        for name in ("num_experts", "num_feat", "num_block", "predictor_feat", "mapping_hidden"):
+            if getattr(self, name) < 1:
+                raise DASRError(f"model config: {name} must be at least 1, got {getattr(self, name)}")
+        if self.scale != 4:
+            raise DASRError(f"model config: only scale 4 is implemented, got {self.scale}")
         if self.mixing not in MIXINGS:
-            raise ValueError(f"mixing must be one of {', '.join(MIXINGS)}, got {self.mixing!r}")
+            raise DASRError(f"model config: mixing must be one of {', '.join(MIXINGS)}, got {self.mixing!r}")
         if self.predictor_input not in PREDICTOR_INPUTS:
-            raise ValueError(f"predictor_input must be one of {', '.join(PREDICTOR_INPUTS)}, "
-                             f"got {self.predictor_input!r}")
-        if not self.mixing_temperature > 0:
-            raise ValueError(f"mixing_temperature must be > 0, got {self.mixing_temperature}")
+            raise DASRError(f"model config: predictor_input must be one of {', '.join(PREDICTOR_INPUTS)}, "
+                            f"got {self.predictor_input!r}")
+        for name in ("mixing_temperature", "mapping_gain"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise DASRError(f"model config: {name} must be a finite number > 0, got {getattr(self, name)}")
+        if self.parameter_count() > MAX_PARAMETERS:
+            raise DASRError(f"model config: {self.parameter_count():,} parameters is over the limit of "
+                            f"{MAX_PARAMETERS:,} (num_experts {self.num_experts}, num_feat {self.num_feat}, "
+                            f"num_block {self.num_block})")
+
+    def parameter_count(self) -> int:
+        """The number of parameters DASR(self) holds, from the sizes alone (nothing is allocated)."""
+        k, f, p, h = self.num_experts, self.num_feat, self.predictor_feat, self.mapping_hidden
+
+        def conv(i: int, o: int, side: int) -> int:
+            return o * i * side * side + o
+
+        gen = (conv(3, f, 3) + 2 * self.num_block * conv(f, f, 3) + 2 * conv(f, 4 * f, 3) + conv(f, f, 3)
+               + conv(f, 3, 3))
+        chans = [3, p, p, p, p, p, VECTOR_LENGTH]
+        pred = sum(conv(chans[i], chans[i + 1], 5) for i in range(6))
+        mapping = (VECTOR_LENGTH * h + h) + (h * k + k)
+        return k * gen + pred + mapping
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> DASRConfig:
+        """A config read from a file: unknown or missing keys and out-of-range sizes are refused."""
+        if not isinstance(d, dict):
+            raise DASRError("model config: expected a mapping of field names to values")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DASRError(f"model config: unknown field(s) {', '.join(map(str, unknown))}")
+        return cls(**d)
 
 
 class DegradationPredictor(nn.Module):
@@ -128,7 +177,7 @@ class ExpertConv2d(nn.Module):
     @impl.setter
     def impl(self, name: str) -> None:
         if name not in EXPERT_IMPLS:
-            raise ValueError(f"expert impl must be one of {', '.join(EXPERT_IMPLS)}, got {name!r}")
+            raise DASRError(f"expert impl must be one of {', '.join(EXPERT_IMPLS)}, got {name!r}")
         self._impl = name
 
     def extra_repr(self) -> str:
@@ -182,7 +231,7 @@ def set_expert_impl(module: nn.Module, impl: ExpertImpl) -> nn.Module:
     itself: "grouped", "dense" or "bmm" (see ExpertConv2d). Exact either way; parameters, state-dict keys
     and checkpoints do not change. Returns `module`."""
     if impl not in EXPERT_IMPLS:
-        raise ValueError(f"expert impl must be one of {', '.join(EXPERT_IMPLS)}, got {impl!r}")
+        raise DASRError(f"expert impl must be one of {', '.join(EXPERT_IMPLS)}, got {impl!r}")
     for m in module.modules():
         if isinstance(m, ExpertConv2d):
             m.impl = impl
@@ -205,7 +254,7 @@ class ExpertMSRResNet(nn.Module):
     def __init__(self, *, num_experts: int = 5, num_feat: int = 64, num_block: int = 16, scale: int = 4):
         super().__init__()
         if scale != 4:
-            raise ValueError("only x4 is implemented (two PixelShuffle(2) stages)")
+            raise DASRError("only x4 is implemented (two PixelShuffle(2) stages)")
         k = num_experts
         self.conv_first = ExpertConv2d(3, num_feat, num_experts=k)
         self.body = nn.ModuleList(ResidualBlock(num_feat, k) for _ in range(num_block))
@@ -234,7 +283,7 @@ class ExpertMSRResNet(nn.Module):
         `self.fuse(a)(lr)` equals `self(lr, a)` up to float rounding, for any number of images sharing a."""
         k = self.conv_first.weight.shape[0]
         if a.numel() != k or a.dim() > 2:
-            raise ValueError(f"fuse takes one image's mix, (1, {k}) or ({k},); got {tuple(a.shape)}")
+            raise DASRError(f"fuse takes one image's mix, (1, {k}) or ({k},); got {tuple(a.shape)}")
         ref = self.conv_first.weight
         plain = MSRResNet(num_feat=ref.shape[1], num_block=len(self.body), scale=self.scale, device=ref.device,
                           dtype=ref.dtype)
@@ -263,7 +312,7 @@ class MSRResNet(nn.Module):
     def __init__(self, *, num_feat: int = 64, num_block: int = 16, scale: int = 4, device=None, dtype=None):
         super().__init__()
         if scale != 4:
-            raise ValueError("only x4 is implemented (two PixelShuffle(2) stages)")
+            raise DASRError("only x4 is implemented (two PixelShuffle(2) stages)")
 
         def conv(i: int, o: int) -> nn.Conv2d:
             return nn.Conv2d(i, o, 3, padding=1, device=device, dtype=dtype)
@@ -330,11 +379,16 @@ class DASR(nn.Module):
 
 def _state_dict_from(source: dict[str, Tensor] | str | Path, prefer_ema: bool) -> dict[str, Tensor]:
     if isinstance(source, (str, Path)):
-        data = torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            data = torch.load(source, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
+            raise DASRError(f"{source}: refused: not a file of tensors (pickled Python objects)") from None
+        except (RuntimeError, EOFError, ValueError):
+            raise DASRError(f"{source}: not a readable weights file (damaged or truncated)") from None
     else:
         data = source
     if not isinstance(data, dict):
-        raise ValueError("a release checkpoint must hold a dict")
+        raise DASRError(f"{source if isinstance(source, (str, Path)) else 'weights'}: a release file must hold a dict")
     if prefer_ema and "params_ema" in data:
         return data["params_ema"]
     if "params" in data:
@@ -347,12 +401,18 @@ def load_release_weights(g: dict[str, Tensor] | str | Path, p: dict[str, Tensor]
     """A DASR holding the release's weights: G and P as state dicts or paths to the release `.pth` files.
 
     Files are read with `torch.load(weights_only=True)`; the G file's `params_ema` is used when present
-    (`prefer_ema`), else `params`. Keys and shapes must match the release layout exactly.
+    (`prefer_ema`), else `params`. Keys and shapes must match the release layout exactly (else DASRError).
     """
     g_state = _state_dict_from(g, prefer_ema)
     p_state = _state_dict_from(p, prefer_ema=False)
-    num_experts = g_state["conv_first.weight"].shape[0]
-    model = DASR(DASRConfig(num_experts=num_experts, mixing="linear", predictor_input="lr"))  # as released
-    model.generator.load_state_dict(g_state, strict=True)
-    model.predictor.load_state_dict(p_state, strict=True)
+    first = g_state.get("conv_first.weight")
+    if not isinstance(first, Tensor) or first.dim() != 5:
+        raise DASRError("release G weights: no expert conv_first.weight (K, 64, 3, 3, 3); is this DASR's G file?")
+    model = DASR(DASRConfig(num_experts=int(first.shape[0]), mixing="linear", predictor_input="lr"))  # as released
+    for name, module, state in (("G", model.generator, g_state), ("P", model.predictor, p_state)):
+        try:
+            module.load_state_dict(state, strict=True)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            detail = " ".join(line.strip() for line in str(exc).splitlines()[1:2]) or str(exc)
+            raise DASRError(f"release {name} weights do not fit the released layout ({detail[:200]})") from None
     return model

@@ -1,4 +1,4 @@
-"""The DASR training loop (spec model.md section 4), readable top to bottom.
+"""The DASR training loop, readable top to bottom (docs/training.md).
 
 Losses: L1(SR, unsharp-masked GT) + L1(v_hat, v), weights 1 and 1; optionally + 0.1 GAN (U-Net SN
 discriminator, `gan`) and + 1 perceptual (VGG19, only when a local weights file is given). Adam (1e-4,
@@ -14,10 +14,12 @@ import copy
 import json
 import math
 import os
+import re
 import signal
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from dasr_model.checkpoints import latest_intact, list_checkpoints, prune_checkpoints, save_checkpoint
 from dasr_model.data import PairedShards, StepBatchSampler, block_mae, unsharp_mask
-from dasr_model.infer import MODEL_FILE, export_model, to_image
-from dasr_model.metrics import psnr_y
+from dasr_model.errors import DASRError
+from dasr_model.infer import to_image
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
+from dasr_model.metrics import psnr_y
 from dasr_model.model import DASR, DASRConfig, set_expert_impl
+from dasr_model.modelfile import MODEL_FILE, save_model_file
+from degrade.errors import DegradeError
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class TrainConfig:
     val_every: int = 500
     val_samples: int = 64
     ckpt_every: int = 1000
+    keep_checkpoints: int = 3  # the newest N ckpt-*.pt stay, older ones are deleted; 0 keeps all
     max_minutes: float | None = None  # wall-clock budget of this invocation: save and stop when spent
     seed: int = 0
     workers: int = 2
@@ -65,43 +72,82 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: Any) -> TrainConfig:
+        """A config read from a checkpoint: unknown keys and a bad model config are refused."""
+        if not isinstance(d, dict):
+            raise DASRError("train config: expected a mapping")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise DASRError(f"train config: unknown field(s) {', '.join(map(str, unknown))}")
         d = dict(d)
-        d["model"] = DASRConfig(**d["model"])
-        d["betas"] = tuple(d["betas"])
-        return cls(**d)
+        d["model"] = DASRConfig.from_dict(d.get("model", {}))
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        try:
+            return cls(**d)
+        except TypeError as exc:  # a required field missing
+            raise DASRError(f"train config: {exc}") from None
 
 
 def pick_device(name: str) -> torch.device:
+    """'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...; a device that is not there is refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DASRError(f"--device {name!r}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DASRError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DASRError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise DASRError(f"--device {name!r}: only cpu and cuda are supported")
+    return device
 
 
-def save_checkpoint(path: Path, cfg: TrainConfig, model: DASR, ema: torch.nn.Module, opt: torch.optim.Optimizer,
-                    step: int, disc: torch.nn.Module | None = None, opt_d: torch.optim.Optimizer | None = None) -> None:
-    """Everything to continue exactly: config, weights, EMA, optimisers, step (the data is keyed by step)."""
-    tmp = path.with_suffix(".tmp")
-    state = {"config": cfg.to_dict(), "model": model.state_dict(), "ema_generator": ema.state_dict(),
-             "optimizer": opt.state_dict(), "step": step, "torch_rng": torch.get_rng_state()}
-    if disc is not None and opt_d is not None:
-        state["discriminator"], state["optimizer_d"] = disc.state_dict(), opt_d.state_dict()
-    torch.save(state, tmp)
+def describe_device(device: torch.device) -> str:
+    """'cuda:0 (NVIDIA H100 80GB HBM3)' or 'cpu (8 threads)'."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+ERROR_PREFIX = re.compile(r"^[\w.]+(Error|Exception): ")  # "degrade.errors.DatasetError: " in a worker's message
+RUN_FILES = ("config.json", "metrics.jsonl", MODEL_FILE)
+
+
+def start_over(out: Path) -> list[Path]:
+    """Delete a run's own files (checkpoints, metrics, config, model file), nothing else; returns them."""
+    doomed = [*list_checkpoints(out), *(p for p in (Path(out) / name for name in RUN_FILES) if p.exists())]
+    for path in doomed:
+        path.unlink()
+    return doomed
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the metrics of steps 1..step (a resumed run writes the later ones again); a torn last line
+    from a kill is dropped. Rewritten atomically; returns the number of lines kept."""
+    if not path.exists():
+        return 0
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    return len(kept)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     tmp.replace(path)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def checkpoint_step(path: Path) -> int:
-    """The step of RUN/ckpt-STEP.pt."""
-    return int(path.stem.split("-")[1])
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted(out.glob("ckpt-*.pt"), key=checkpoint_step)
-    return ckpts[-1] if ckpts else None
 
 
 @torch.no_grad()
@@ -133,17 +179,32 @@ def validate(model: DASR, ema_generator: torch.nn.Module, val: PairedShards, dev
     }
 
 
-def train(cfg: TrainConfig, *, resume: bool = False,
-          progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train as `cfg` says; returns the last metrics. Ctrl-C (SIGINT) or the `max_minutes` budget saves a
-    checkpoint, then stops. The last step also writes RUN/model.pt (predictor + EMA generator, bf16)."""
+def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
+          progress: Callable[[int, dict[str, Any]], None] | None = None,
+          notify: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train as `cfg` says; returns the last metrics. SIGINT, SIGTERM or the `max_minutes` budget saves a
+    checkpoint, then stops (`last["stopped_by"]` says which). The last step also writes RUN/model.safetensors
+    (predictor + EMA generator, bf16). `notify` receives one-line notes: what runs where, where a resume
+    starts, a damaged checkpoint skipped. A run folder that already holds a run needs `resume`, or `restart`,
+    which deletes that run's files (:func:`start_over`) once the data and the model have passed their checks."""
     out = Path(cfg.out)
-    if not resume and (latest_checkpoint(out) is not None or (out / "metrics.jsonl").exists()):
-        raise ValueError(f"{out} already holds a run; continue it with --resume or choose a new --out")
-    out.mkdir(parents=True, exist_ok=True)
+    say = notify or (lambda message: None)
+    if resume and restart:
+        raise DASRError("resume continues a run, restart deletes it: not both")
+    if not resume and not restart and (list_checkpoints(out) or (out / "metrics.jsonl").exists()):
+        raise DASRError(f"{out} already holds a run; continue it with --resume, start it over with --restart, "
+                        "or choose a new --out")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = pick_device(cfg.device)
+    main_rank = rank == 0
+
+    # --- data first: a bad dataset or crop is refused before anything is built or written ---
+    train_set = PairedShards(cfg.shards, lr_crop=cfg.lr_crop, seed=cfg.seed)
+    check_crop(train_set, cfg.lr_crop, cfg.shards)
+    val_set = PairedShards(cfg.val_shards, lr_crop=None, augment=False) if cfg.val_shards and main_rank else None
+
+    # --- model, EMA, optimisers (or their state from the newest intact checkpoint) ---
     if world > 1:
         import torch.distributed as dist
 
@@ -152,9 +213,6 @@ def train(cfg: TrainConfig, *, resume: bool = False,
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     use_bf16 = device.type == "cuda"
-    main_rank = rank == 0
-
-    # --- model, EMA, optimisers (or their state from the latest checkpoint) ---
     torch.manual_seed(cfg.seed)
     model = set_expert_impl(DASR(cfg.model), cfg.expert_impl).to(device)
     ema = copy.deepcopy(model.generator).requires_grad_(False)
@@ -162,55 +220,57 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     disc = UNetDiscriminatorSN().to(device) if cfg.gan else None
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc is not None else None
     perceptual = VGGPerceptualLoss(cfg.vgg_weights).to(device) if cfg.vgg_weights else None
+    parts = StepParts(net=model, model=model, ema=ema, opt=opt, disc=disc, opt_d=opt_d, perceptual=perceptual)
     step = 0
-    ckpt_path = latest_checkpoint(out) if resume else None
-    if resume and ckpt_path is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {out}")
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
-        if TrainConfig.from_dict(ckpt["config"]).model != cfg.model:
-            raise ValueError(f"{ckpt_path}: the checkpoint's model config differs from this run's")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema_generator"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if disc is not None and opt_d is not None:
-            if "discriminator" not in ckpt:
-                raise ValueError(f"{ckpt_path}: no discriminator in the checkpoint; resume without --gan")
-            disc.load_state_dict(ckpt["discriminator"])
-            opt_d.load_state_dict(ckpt["optimizer_d"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        step = int(ckpt["step"])
+    if restart:
+        gone = start_over(out)
+        if gone:
+            say(f"--restart: deleted {len(gone)} file(s) of the earlier run in {out}")
+    if resume:
+        found = latest_intact(out, warn=say)
+        if found is None:
+            raise DASRError(f"--resume: no readable checkpoint in {out}")
+        step = restore(parts, found[1], cfg, found[0])
+        say(f"resuming from {found[0].name} (step {step} of {cfg.steps})")
+    run_info = {"device": describe_device(device), "dtype": "bfloat16 autocast" if use_bf16 else "float32",
+                "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
+                "world_size": world, "samples": len(train_set), "start_step": step}
+    say(f"{run_info['device']}, {run_info['dtype']}, {run_info['parameters']:,} parameters "
+        f"({cfg.model.num_experts} experts x {cfg.model.num_block} blocks x {cfg.model.num_feat} features), "
+        f"{len(train_set)} training samples")
     if main_rank:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    net: torch.nn.Module = model
+        out.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(out / "metrics.jsonl", step)
+        write_text_atomic(out / "config.json", json.dumps({**cfg.to_dict(), "run": run_info}, indent=1))
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model)
+        parts.net = DistributedDataParallel(model)
         if disc is not None:
-            disc = DistributedDataParallel(disc)
-    parts = StepParts(net=net, model=model, ema=ema, opt=opt, disc=disc, opt_d=opt_d, perceptual=perceptual)
+            parts.disc = DistributedDataParallel(disc)
 
     # --- data: batches keyed by step, each rank its slice ---
-    train_set = PairedShards(cfg.shards, lr_crop=cfg.lr_crop, seed=cfg.seed)
-    val_set = PairedShards(cfg.val_shards, lr_crop=None, augment=False) if cfg.val_shards and main_rank else None
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, start=step, stop=cfg.steps, seed=cfg.seed,
                                rank=rank, world_size=world)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         persistent_workers=False)
 
-    stop = {"now": False}
-    previous = signal.getsignal(signal.SIGINT)
+    stop: dict[str, str | None] = {"by": None}
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in handled}
+    in_main_thread = threading.current_thread() is threading.main_thread()
 
-    def on_sigint(signum, frame):  # finish the step, save, then stop
-        stop["now"] = True
+    def on_signal(signum, frame):  # finish the step, save, then stop
+        stop["by"] = signal.Signals(signum).name
 
-    signal.signal(signal.SIGINT, on_sigint)
+    if in_main_thread:
+        for sig in handled:
+            signal.signal(sig, on_signal)
     metrics_file = open(out / "metrics.jsonl", "a") if main_rank else open(os.devnull, "w")
     last: dict[str, Any] = {}
     t0, seen = time.perf_counter(), 0
     try:
-        for batch in loader:
+        for batch in _batches(loader):
             lr_img = batch["lr"].to(device, non_blocking=True)
             hr = batch["hr"].to(device, non_blocking=True)
             v = batch["v"].to(device, non_blocking=True)
@@ -231,23 +291,78 @@ def train(cfg: TrainConfig, *, resume: bool = False,
             if progress:
                 progress(step, last)
             if cfg.max_minutes is not None and time.perf_counter() - t0 >= 60 * cfg.max_minutes:
-                stop["now"] = True
-            final = step == cfg.steps or stop["now"]
+                stop["by"] = stop["by"] or "max_minutes"
+            final = step == cfg.steps or stop["by"] is not None
             if main_rank and (step % cfg.ckpt_every == 0 or final):
-                save_checkpoint(out / f"ckpt-{step}.pt", cfg, model, ema, opt, step,
-                                _unwrap(disc) if disc is not None else None, opt_d)
+                save_checkpoint(out / f"ckpt-{step}.pt", checkpoint_state(parts, cfg, step))
+                prune_checkpoints(out, cfg.keep_checkpoints)
             if main_rank and final:
-                export_model(model, ema, out / MODEL_FILE)
-            if stop["now"]:
+                save_model_file(model, out / MODEL_FILE, ema_generator=ema, step=step, source=f"ckpt-{step}.pt")
+            if stop["by"] is not None:
+                last["stopped_by"] = stop["by"]
                 break
     finally:
         metrics_file.close()
-        signal.signal(signal.SIGINT, previous)
+        if in_main_thread:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if world > 1:
             import torch.distributed as dist
 
             dist.destroy_process_group()
     return last
+
+
+def check_crop(data: PairedShards, lr_crop: int | None, where: str) -> None:
+    """Refuse an empty dataset, or a crop larger than its LR patches, before the first step."""
+    if len(data) == 0:
+        raise DASRError(f"{where}: the dataset holds no samples")
+    h, w = data.data[0].lr.shape[:2]
+    if lr_crop is not None and lr_crop > min(h, w):
+        raise DASRError(f"--lr-crop {lr_crop} is larger than the dataset's LR patches ({w}x{h}); "
+                        f"use at most {min(h, w)}")
+
+
+def _batches(loader: DataLoader):
+    """The loader's batches; a refusal raised inside a loader worker (a damaged shard) becomes one line."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (DegradeError, OSError) as exc:  # from a worker, the message ends with the original's last line
+            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise DASRError("training data: " + ERROR_PREFIX.sub("", message)) from exc
+        yield batch
+
+
+def checkpoint_state(p: StepParts, cfg: TrainConfig, step: int) -> dict[str, Any]:
+    """Everything to continue exactly: config, weights, EMA, optimisers, step (the data is keyed by step)."""
+    state = {"config": cfg.to_dict(), "model": p.model.state_dict(), "ema_generator": p.ema.state_dict(),
+             "optimizer": p.opt.state_dict(), "step": step, "torch_rng": torch.get_rng_state()}
+    if p.disc is not None and p.opt_d is not None:
+        state["discriminator"], state["optimizer_d"] = _unwrap(p.disc).state_dict(), p.opt_d.state_dict()
+    return state
+
+
+def restore(p: StepParts, ckpt: dict[str, Any], cfg: TrainConfig, path: Path) -> int:
+    """Load a checkpoint's state into the parts; returns its step. A mismatch is a DASRError."""
+    if TrainConfig.from_dict(ckpt["config"]).model != cfg.model:
+        raise DASRError(f"{path}: the checkpoint's model config differs from this run's")
+    if p.disc is not None and "discriminator" not in ckpt:
+        raise DASRError(f"{path}: no discriminator in the checkpoint; resume without --gan")
+    try:
+        p.model.load_state_dict(ckpt["model"])
+        p.ema.load_state_dict(ckpt["ema_generator"])
+        p.opt.load_state_dict(ckpt["optimizer"])
+        if p.disc is not None and p.opt_d is not None:
+            _unwrap(p.disc).load_state_dict(ckpt["discriminator"])
+            p.opt_d.load_state_dict(ckpt["optimizer_d"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        return int(ckpt["step"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # a checkpoint is data: its contents can lie
+        raise DASRError(f"{path}: does not fit this run ({str(exc).splitlines()[0]})") from None
 
 
 @dataclass

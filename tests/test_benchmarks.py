@@ -19,8 +19,8 @@ def test_gpu_train_run_smoke_leaves_every_result(tmp_path):
     subprocess.run([sys.executable, "benchmarks/gpu_train_run.py", "--smoke", "--minutes", "0.02", "--out", str(out),
                     "--work", str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True, timeout=300)
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["compare.png", "eval.json", "log.txt", "metrics-e1.jsonl", "metrics-e5.jsonl", "model.pt",
-                     "summary.md"]
+    assert files == ["compare.png", "eval.json", "log.txt", "metrics-e1.jsonl", "metrics-e5.jsonl",
+                     "model.safetensors", "summary.md"]
     assert all(p.stat().st_size < 16 * 2**20 for p in out.iterdir())  # what the device returns: 8 files, 16 MiB
     steps = [json.loads((out / f"metrics-e{k}.jsonl").read_text().splitlines()[-1])["step"] for k in (5, 1)]
     assert steps[0] == steps[1] >= 1  # 1 expert trains exactly as many steps as 5 experts did
@@ -31,7 +31,7 @@ def test_gpu_train_run_smoke_leaves_every_result(tmp_path):
 
     from dasr_model.infer import load_checkpoint_model
 
-    assert load_checkpoint_model(out / "model.pt").config.num_experts == 5
+    assert load_checkpoint_model(out / "model.safetensors").config.num_experts == 5
 
 
 def test_expert_study_smoke_writes_results_and_a_table(tmp_path):

@@ -16,7 +16,8 @@ from cli.sr import eval_main, sr_main  # noqa: E402
 from dasr_model.infer import edit_vector, load_checkpoint_model, super_resolve  # noqa: E402
 from dasr_model.metrics import psnr, psnr_y, ssim_y, y_channel  # noqa: E402
 from dasr_model.model import DASR, DASRConfig  # noqa: E402
-from dasr_model.train import TrainConfig, save_checkpoint  # noqa: E402
+from dasr_model.checkpoints import save_checkpoint  # noqa: E402
+from dasr_model.train import TrainConfig  # noqa: E402
 
 from .conftest import make_small_dataset  # noqa: E402
 
@@ -28,8 +29,8 @@ def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     model = DASR(TINY)
     path = tmp_path_factory.mktemp("ck") / "ckpt-1.pt"
-    opt = torch.optim.Adam(model.parameters())
-    save_checkpoint(path, TrainConfig(shards="", out="", model=TINY), model, model.generator, opt, 1)
+    save_checkpoint(path, {"config": TrainConfig(shards="", out="", model=TINY).to_dict(), "step": 1,
+                           "model": model.state_dict(), "ema_generator": model.generator.state_dict()})
     return path
 
 
@@ -78,21 +79,21 @@ def test_sr_cli_writes_x4_pngs_and_prints_v(ckpt, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     cv2.imwrite(str(src / "a.png"), np.random.default_rng(1).integers(0, 255, (20, 24, 3), dtype=np.uint8))
-    result = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / "out"), "--checkpoint", str(ckpt),
+    result = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / "out"), "--model", str(ckpt),
                                           "--tile", "8", "--print-v", "--set", "jpeg1.quality=60", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert degrade.read_image(tmp_path / "out" / "a_x4.png").shape == (80, 96, 3)
     assert "reads as:" in result.output and "JPEG q 60" in result.output
-    mixed = CliRunner().invoke(sr_main, [str(src / "a.png"), "-o", str(tmp_path / "m"), "--checkpoint", str(ckpt),
+    mixed = CliRunner().invoke(sr_main, [str(src / "a.png"), "-o", str(tmp_path / "m"), "--model", str(ckpt),
                                          "--mix", "1,0", "--device", "cpu"])
     assert mixed.exit_code == 0, mixed.output
 
 
 def test_eval_on_shards_equals_an_independent_computation(ckpt, tmp_path):
     shards = make_small_dataset(tmp_path / "ds", count=6, seed=2, shard_size=6, level=2)
-    result = CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--shards", shards, "--json", "--device", "cpu"])
+    result = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--shards", shards, "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     model = load_checkpoint_model(ckpt)
     ds = degrade.open_dataset(shards)
     ours = []
@@ -112,19 +113,19 @@ def test_eval_from_an_hr_folder_is_reproducible(ckpt, tmp_path):
     hr_dir = tmp_path / "hr"
     hr_dir.mkdir()
     cv2.imwrite(str(hr_dir / "x.png"), np.random.default_rng(3).integers(0, 255, (66, 70, 3), dtype=np.uint8))
-    args = ["--checkpoint", str(ckpt), "--hr-dir", str(hr_dir), "--levels", "1,3", "--json", "--device", "cpu"]
+    args = ["--model", str(ckpt), "--hr-dir", str(hr_dir), "--levels", "1,3", "--json", "--device", "cpu"]
     first, second = CliRunner().invoke(eval_main, args), CliRunner().invoke(eval_main, args)
     assert first.exit_code == 0, first.output
-    assert first.output == second.output and set(json.loads(first.output)["levels"]) == {"1", "3"}
+    assert first.stdout == second.stdout and set(json.loads(first.stdout)["levels"]) == {"1", "3"}
 
 
 @pytest.mark.parametrize("args,message", [
-    (["x.png", "-o", "out", "--checkpoint", "missing.pt"], "no such"),
-    (["notes.txt", "-o", "out", "--checkpoint", "{ckpt}"], "not a readable image"),
-    (["x.png", "-o", "out", "--checkpoint", "{ckpt}", "--set", "bogus.field=1"], "unknown field"),
-    (["x.png", "-o", "out", "--checkpoint", "{ckpt}", "--set", "noformat"], "NAME=VALUE"),
-    (["x.png", "-o", "out", "--checkpoint", "{ckpt}", "--mix", "1,2,3"], "--mix needs 2"),
-    (["x.png", "-o", "out", "--checkpoint", "notes.txt"], "not a readable checkpoint"),
+    (["x.png", "-o", "out", "--model", "missing.pt"], "no such"),
+    (["notes.txt", "-o", "out", "--model", "{ckpt}"], "not a readable image"),
+    (["x.png", "-o", "out", "--model", "{ckpt}", "--set", "bogus.field=1"], "unknown field"),
+    (["x.png", "-o", "out", "--model", "{ckpt}", "--set", "noformat"], "NAME=VALUE"),
+    (["x.png", "-o", "out", "--model", "{ckpt}", "--mix", "1,2,3"], "--mix needs 2"),
+    (["x.png", "-o", "out", "--model", "notes.txt"], "not a readable checkpoint"),
 ])
 def test_sr_bad_input_is_one_line(ckpt, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)

@@ -164,7 +164,7 @@ def test_release_weights_give_the_release_output(tmp_path):
 def test_release_loader_refuses_a_wrong_layout():
     gs, ps = _release_state_dicts()
     gs.pop("conv_hr.bias")
-    with pytest.raises(RuntimeError, match="conv_hr.bias"):
+    with pytest.raises(ValueError, match="conv_hr.bias"):  # a DASRError
         load_release_weights(gs, ps)
 
 

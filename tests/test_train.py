@@ -16,7 +16,9 @@ from degrade.augment import dihedral_image, dihedral_vector  # noqa: E402
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask  # noqa: E402
 from dasr_model.metrics import psnr_y  # noqa: E402
 from dasr_model.model import DASR, DASRConfig  # noqa: E402
-from dasr_model.train import TrainConfig, load_checkpoint, train  # noqa: E402
+from dasr_model.checkpoints import load_checkpoint  # noqa: E402
+from dasr_model.modelfile import MODEL_FILE  # noqa: E402
+from dasr_model.train import TrainConfig, train  # noqa: E402
 
 from .conftest import make_small_dataset  # noqa: E402
 
@@ -148,7 +150,7 @@ def test_cli_bad_input(tmp_path):
     result = CliRunner().invoke(train_cli, ["--shards", str(tmp_path), "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "not a dataset folder" in result.output
     result = CliRunner().invoke(train_cli, ["--shards", str(tmp_path), "--out", str(tmp_path / "r"), "--resume"])
-    assert result.exit_code == 1 and "no checkpoint" in result.output
+    assert result.exit_code == 1 and "not a dataset folder" in result.output
     assert "Usage" in CliRunner().invoke(train_cli, ["--help"]).output
 
 
@@ -213,7 +215,7 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(shards, tmp_path):
 
     before = signal.getsignal(signal.SIGINT)  # the default handler, or SIG_IGN under nohup / a background job
     last = train(_cfg(shards, tmp_path / "run", 5), progress=interrupt)
-    assert last["step"] == 1
+    assert last["step"] == 1 and last["stopped_by"] == "SIGINT"
     assert sorted(p.name for p in (tmp_path / "run").glob("ckpt-*.pt")) == ["ckpt-1.pt"]
     assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
@@ -252,7 +254,7 @@ def test_time_budget_saves_a_checkpoint_and_a_small_model_file(shards, tmp_path)
     last = train(_cfg(shards, tmp_path / "run", 50, max_minutes=1e-9))
     assert last["step"] == 1
     assert [p.name for p in (tmp_path / "run").glob("ckpt-*.pt")] == ["ckpt-1.pt"]
-    exported = load_checkpoint_model(tmp_path / "run" / "model.pt")
+    exported = load_checkpoint_model(tmp_path / "run" / MODEL_FILE)
     full = load_checkpoint_model(tmp_path / "run" / "ckpt-1.pt")  # EMA generator, float32
     lr = torch.rand(1, 3, 8, 8)
     with torch.no_grad():
@@ -260,10 +262,9 @@ def test_time_budget_saves_a_checkpoint_and_a_small_model_file(shards, tmp_path)
 
 
 def test_exported_release_size_model_is_under_16_mib(tmp_path):
-    from dasr_model.infer import export_model
+    from dasr_model.modelfile import save_model_file
 
-    model = DASR()
-    path = export_model(model, None, tmp_path / "model.pt")
+    path = save_model_file(DASR(), tmp_path / MODEL_FILE)
     assert path.stat().st_size < 16 * 2**20
 
 

@@ -1,0 +1,86 @@
+"""Training checkpoints: RUN/ckpt-STEP.pt, written atomically, read with weights_only=True.
+
+A checkpoint holds everything to continue exactly: the train config (with the model config), the
+weights, the EMA generator, the optimisers and the step (the data is keyed by step). Reading refuses a
+file that is not one, with one line saying why; `latest_intact` skips a damaged newest checkpoint
+(a kill during a copy, a full disk) and says so.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dasr_model.errors import DASRError
+
+CHECKPOINT = re.compile(r"ckpt-(\d+)\.pt")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive (since torch 1.6)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temporary name, then rename: a kill never leaves a half-written ckpt-*.pt."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents (tensors on the CPU). Pickled Python objects are refused, not run."""
+    path = Path(path)
+    with open(path, "rb") as f:  # a missing file is the OSError it is
+        magic = f.read(4)
+    if magic != ZIP_MAGIC:
+        raise DASRError(f"{path}: not a readable checkpoint (not a torch.save file)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
+        raise DASRError(f"{path}: refused: it is not a checkpoint of tensors (it holds pickled Python objects, "
+                        "or is not a torch file at all)") from None
+    except (RuntimeError, EOFError, ValueError):  # torch's errors for a damaged or truncated zip
+        raise DASRError(f"{path}: not a readable checkpoint (damaged or truncated)") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
+        raise DASRError(f"{path}: not a dasr-train checkpoint")
+    return ckpt
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of RUN/ckpt-STEP.pt."""
+    m = CHECKPOINT.fullmatch(path.name)
+    if m is None:
+        raise DASRError(f"{path}: not named ckpt-STEP.pt")
+    return int(m.group(1))
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """RUN/ckpt-STEP.pt files, oldest step first (other names, e.g. ckpt-best.pt, are not ours)."""
+    return sorted((p for p in Path(out).glob("ckpt-*.pt") if CHECKPOINT.fullmatch(p.name)), key=checkpoint_step)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = list_checkpoints(out)
+    return ckpts[-1] if ckpts else None
+
+
+def latest_intact(out: Path, warn: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that reads, and its contents; each damaged newer one is reported to `warn`."""
+    for path in reversed(list_checkpoints(out)):
+        try:
+            return path, load_checkpoint(path)
+        except DASRError as exc:
+            if warn is not None:
+                warn(f"skipping {path.name}: {str(exc).split(': ', 1)[-1]}")
+    return None
+
+
+def prune_checkpoints(out: Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest ckpt-*.pt (0 keeps all); returns what was deleted."""
+    ckpts = list_checkpoints(out)
+    doomed = ckpts[:-keep] if 0 < keep < len(ckpts) else []
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed

@@ -1,0 +1,30 @@
+"""Finding images: files named directly, plus image files under folders (recursive), in a stable order."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from degrade.errors import DegradeError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Each path that is a file, as given (whatever its suffix: reading it says whether it is an image), and
+    the files with an image suffix under each folder, sorted by their path relative to it. A path that does
+    not exist, or nothing found at all, is a DegradeError."""
+    found: list[Path] = []
+    for src in paths:
+        p = Path(src)
+        if p.is_dir():
+            found += sorted((f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()),
+                            key=lambda f: f.relative_to(p).as_posix())
+        elif p.exists():
+            found.append(p)
+        else:
+            raise DegradeError(f"{p}: no such file or folder")
+    if not found:
+        raise DegradeError("no input images (looked for " + ", ".join(IMAGE_SUFFIXES) + ")")
+    return found

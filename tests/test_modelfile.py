@@ -1,0 +1,225 @@
+"""The model file (dasr-export): safetensors layout checked against the `safetensors` package, round trips,
+hostile files refused before allocation, and export -> dasr-sr == the checkpoint's image."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import cv2  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+import degrade  # noqa: E402
+from cli.sr import export_main, sr_main  # noqa: E402
+from dasr_model.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
+from dasr_model.errors import DASRError  # noqa: E402
+from dasr_model.infer import load_model  # noqa: E402
+from dasr_model.model import DASR, MAX_PARAMETERS, DASRConfig, load_release_weights  # noqa: E402
+from dasr_model.modelfile import read_model_file, save_model_file  # noqa: E402
+from dasr_model.train import TrainConfig  # noqa: E402
+
+TINY = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8, mixing="softmax", mapping_gain=1.0)
+
+
+def _model(seed: int = 0) -> DASR:
+    torch.manual_seed(seed)
+    return DASR(TINY).eval()
+
+
+def _ckpt(path, model: DASR, step: int = 7):
+    ema = DASR(TINY).generator  # a different EMA generator: the file must carry the EMA one
+    save_checkpoint(path, {"config": TrainConfig(shards="", out="", model=TINY).to_dict(), "step": step,
+                           "model": model.state_dict(), "ema_generator": ema.state_dict()})
+    return path
+
+
+def _outputs(model: DASR, seed: int = 1) -> torch.Tensor:
+    lr = torch.rand(1, 3, 12, 10, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(lr)
+
+
+def test_float32_round_trip_is_exact_and_bf16_close(tmp_path):
+    model = _model()
+    back, meta = read_model_file(save_model_file(model, tmp_path / "m.safetensors", dtype=torch.float32, step=5))
+    assert back.config == TINY and meta["step"] == "5" and meta["format"] == "dasr-model"
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, back.state_dict()[name]), name
+    half, _ = read_model_file(save_model_file(model, tmp_path / "h.safetensors"))  # bf16 by default
+    torch.testing.assert_close(_outputs(half), _outputs(model), atol=2e-2, rtol=0)
+
+
+def test_the_safetensors_package_reads_our_file_and_we_read_its(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    from safetensors import safe_open
+
+    model = _model()
+    path = save_model_file(model, tmp_path / "m.safetensors", dtype=torch.float16)
+    theirs = st.load_file(str(path))
+    ours = {f"predictor.{k}": t for k, t in model.predictor.state_dict().items()}
+    ours |= {f"generator.{k}": t for k, t in model.generator.state_dict().items()}
+    assert set(theirs) == set(ours)
+    for name, t in ours.items():
+        assert theirs[name].dtype == torch.float16 and torch.equal(theirs[name], t.half()), name
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["config"]) == TINY.to_dict()
+    other = tmp_path / "theirs.safetensors"
+    st.save_file({k: t.float() for k, t in ours.items()}, str(other),
+                 metadata={"format": "dasr-model", "version": "1", "config": json.dumps(TINY.to_dict())})
+    back, _ = read_model_file(other)
+    torch.testing.assert_close(_outputs(back), _outputs(model), atol=0, rtol=0)
+
+
+def _write(path, header: dict | bytes, data: bytes = b"", length: int | None = None):
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text) if length is None else length) + text + data)
+    return path
+
+
+def _good_header(tmp_path):
+    path = save_model_file(_model(), tmp_path / "good.safetensors", dtype=torch.float32)
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def _deep(n: int) -> bytes:
+    return b"[" * n + b"]" * n
+
+
+@pytest.mark.parametrize("case,message", [
+    ("huge header length", "header length"),
+    ("header not JSON", "not JSON"),
+    ("deep JSON", "not JSON"),
+    ("other format", "not a dasr model file"),
+    ("unknown config key", "unknown field"),
+    ("0 experts", "num_experts must be at least 1"),
+    ("huge model", "over the limit"),
+    ("wrong shape", "shape"),
+    ("byte range outside the file", "byte range"),
+    ("missing tensor", "missing"),
+    ("pickle dtype", "dtype"),
+])
+def test_hostile_model_files_are_refused_in_one_line(tmp_path, case, message):
+    header, data = _good_header(tmp_path)
+    meta = header["__metadata__"]
+    first = next(k for k in header if k != "__metadata__")
+    path = tmp_path / "bad.safetensors"
+    if case == "huge header length":
+        _write(path, b"{}", length=2**62)
+    elif case == "header not JSON":
+        _write(path, b"{nope")
+    elif case == "deep JSON":
+        _write(path, _deep(100_000))
+    else:
+        if case == "other format":
+            meta["format"] = "something-else"
+        elif case == "unknown config key":
+            meta["config"] = json.dumps({**TINY.to_dict(), "run_this": "rm -rf /"})
+        elif case == "0 experts":
+            meta["config"] = json.dumps({**TINY.to_dict(), "num_experts": 0})
+        elif case == "huge model":  # would be terabytes: refused from the sizes, before anything is allocated
+            meta["config"] = json.dumps({**TINY.to_dict(), "num_feat": 100_000})
+        elif case == "wrong shape":
+            header[first]["shape"] = [1]
+        elif case == "byte range outside the file":
+            header[first]["data_offsets"] = [0, 10**12]
+        elif case == "missing tensor":
+            del header[first]
+        elif case == "pickle dtype":
+            header[first]["dtype"] = "object"
+        _write(path, header, data)
+    with pytest.raises(DASRError, match=message):
+        read_model_file(path)
+    assert MAX_PARAMETERS < 10**9
+
+
+def test_truncated_model_file_is_refused(tmp_path):
+    path = save_model_file(_model(), tmp_path / "m.safetensors")
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DASRError, match="byte range|truncated"):
+        read_model_file(path)
+
+
+def test_config_sizes_are_exact_and_bounded():
+    for cfg in (DASRConfig(), TINY, DASRConfig(num_experts=1, num_block=3, num_feat=12, mapping_hidden=4)):
+        assert cfg.parameter_count() == sum(p.numel() for p in DASR(cfg).parameters())
+    with pytest.raises(DASRError, match="unknown field"):
+        DASRConfig.from_dict({"num_experts": 5, "bogus": 1})
+    with pytest.raises(DASRError, match="must be int"):
+        DASRConfig.from_dict({"num_feat": "64"})
+    with pytest.raises(DASRError, match="over the limit"):
+        DASRConfig(num_feat=4096)  # the 28.8 GB allocation the issue saw is refused from the sizes
+
+
+class _Evil:
+    def __reduce__(self):  # unpickling this would run a shell command
+        import os
+
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_pickle_bearing_checkpoint_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "ckpt-1.pt"
+    torch.save({"config": {"model": {}}, "model": {}, "evil": _Evil()}, path)
+    with pytest.raises(DASRError, match="refused"):
+        load_checkpoint(path)
+    result = CliRunner().invoke(sr_main, [str(path), "-o", str(tmp_path / "o"), "--model", str(path)])
+    assert result.exit_code == 1 and "refused" in result.output and "Traceback" not in result.output
+    assert "weights_only" not in result.output and not (tmp_path / "pwned.txt").exists()
+    (tmp_path / "ckpt-2.pt").write_bytes(b"PK\x03\x04" + b"\0" * 50)  # looks like a zip, is not one
+    with pytest.raises(DASRError, match="damaged or truncated"):
+        load_checkpoint(tmp_path / "ckpt-2.pt")
+
+
+def test_checkpoint_with_a_bad_config_or_weights_is_refused(tmp_path):
+    model = _model()
+    bad = {"config": {**TrainConfig(shards="", out="", model=TINY).to_dict(), "model": {**TINY.to_dict(),
+                                                                                        "num_experts": 0}},
+           "model": model.state_dict(), "step": 1}
+    save_checkpoint(tmp_path / "a.pt", bad)
+    with pytest.raises(DASRError, match="num_experts"):
+        load_model(tmp_path / "a.pt")
+    state = model.state_dict()
+    state.pop("generator.conv_hr.bias")
+    save_checkpoint(tmp_path / "b.pt", {"config": TrainConfig(shards="", out="", model=TINY).to_dict(),
+                                        "model": state, "step": 1})
+    with pytest.raises(DASRError, match="do not fit"):
+        load_model(tmp_path / "b.pt")
+
+
+def test_release_weights_with_wrong_keys_are_one_line():
+    with pytest.raises(DASRError, match="conv_first"):
+        load_release_weights({"something": torch.zeros(1)}, {})
+
+
+def test_export_then_dasr_sr_gives_the_checkpoints_image(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = _ckpt(run / "ckpt-7.pt", _model())
+    src = tmp_path / "a.png"
+    cv2.imwrite(str(src), np.random.default_rng(2).integers(0, 255, (18, 22, 3), dtype=np.uint8))
+    result = CliRunner().invoke(export_main, [str(run), "-o", str(tmp_path / "m.safetensors"), "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "ckpt-7.pt (checkpoint): step 7, 2 experts" in text and "wrote" in text
+    images = {}
+    for name, model in (("checkpoint", ckpt), ("run folder", run), ("model file", tmp_path / "m.safetensors")):
+        res = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / name), "--model", str(model),
+                                           "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        images[name] = cv2.imread(str(tmp_path / name / "a_x4.png"))
+    assert np.array_equal(images["model file"], images["checkpoint"])
+    assert np.array_equal(images["run folder"], images["checkpoint"])
+    loaded = load_model(tmp_path / "m.safetensors")
+    assert loaded.step == 7 and loaded.kind == "model file"
+    bf16 = CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "small.safetensors")])
+    assert bf16.exit_code == 0, bf16.output
+    assert (tmp_path / "small.safetensors").stat().st_size < (tmp_path / "m.safetensors").stat().st_size * 0.6
+    assert CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "x.pt")]).exit_code == 2
+    assert degrade.read_image(tmp_path / "checkpoint" / "a_x4.png").shape == (72, 88, 3)
