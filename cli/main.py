@@ -22,9 +22,10 @@ from rich.table import Table
 
 import degrade
 from degrade.allocator import tune_allocator
+from degrade.dataset import COMPRESSIONS
+from degrade.errors import DegradeError
 from degrade.io import ImageError, crop_to_multiple, write_bytes_atomic
 from degrade.pipeline import MIN_HR_SIDE
-from degrade.dataset import COMPRESSIONS
 from degrade.recipe import describe_levels
 
 console = Console()
@@ -189,10 +190,13 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
             with _dask_client(dask_scheduler):
                 report = ds.make_dataset(config, out, jobs=jobs, backend="dask" if dask_scheduler else None,
                                          progress=lambda n: progress.advance(task, n))
-    except ValueError as exc:  # DatasetError, ImageError
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(_os_error(exc)) from None
+    except (DegradeError, OSError) as exc:
+        if ds.abandoned_writes():  # HDF5 could crash finalising a failed shard (docs/dataset-format.md)
+            click.echo(f"Error: {_one_line(exc)}", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        raise click.ClickException(_one_line(exc)) from None
     except KeyboardInterrupt:
         err_console.print("interrupted: run the same command again to finish the dataset")
         sys.exit(130)
@@ -296,7 +300,12 @@ def inspect(target: Path | None, index: int | None, vector: str | None, png: Pat
 def _os_error(exc: OSError) -> str:
     """An OSError as one line: 'path: reason'."""
     where = exc.filename if exc.filename is not None else ""
-    return f"{where}: {exc.strerror}" if where and exc.strerror else str(exc)
+    return f"{where}: {exc.strerror}" if where and exc.strerror else " ".join(str(exc).split())
+
+
+def _one_line(exc: DegradeError | OSError) -> str:
+    """A refusal or an OSError as the one line the commands print."""
+    return _os_error(exc) if isinstance(exc, OSError) else " ".join(str(exc).split())
 
 
 def _plots():

@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import queue
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -326,20 +327,36 @@ def _write_shard(path: Path, config: DatasetConfig, k: int, chunks: Iterator[dic
     n, p, q = len(rows), config.patch_size, config.patch_size // SCALE
     comp = {} if config.compression == "none" else {"compression": config.compression}
     text = h5py.string_dtype("utf-8")
-    with h5py.File(path, "w", libver=("earliest", "v110")) as f:
+    # Not `with h5py.File(...)`: h5py 3.16 reports some failed writes (disk full) only as "exception
+    # ignored" while it frees temporaries, then cannot close the file, and segfaults at interpreter exit
+    # while finalising the half-closed datasets. So: record those swallowed errors, and on any error
+    # free the file's blocks, release the datasets while the file is open, then close it.
+    swallowed: list[BaseException] = []
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, (OSError, RuntimeError)):
+            swallowed.append(unraisable.exc_value)
+        else:
+            previous_hook(unraisable)
+
+    sys.unraisablehook = hook
+    f = h5py.File(path, "w", libver=("earliest", "v110"))
+    sets: dict[str, Any] = {}
+    try:
 
         def dataset(name, shape, dtype, chunk, compressed=False):
             return f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunk, track_times=False,
                                     **(comp if compressed else {}))
 
-        hr = dataset("hr", (n, p, p, 3), np.uint8, (1, p, p, 3), True)
-        lr = dataset("lr", (n, q, q, 3), np.uint8, (1, q, q, 3), True)
-        v = dataset("v", (n, VECTOR_LENGTH), np.float32, None)
-        level = dataset("level", (n,), np.uint8, None)
-        index = dataset("index", (n,), np.int64, None)
-        source = dataset("source", (n,), np.int32, None)
-        crop = dataset("crop", (n, 4), np.int32, None)
-        params = dataset("params", (n,), text, None)
+        sets.update(hr=dataset("hr", (n, p, p, 3), np.uint8, (1, p, p, 3), True),
+                    lr=dataset("lr", (n, q, q, 3), np.uint8, (1, q, q, 3), True),
+                    v=dataset("v", (n, VECTOR_LENGTH), np.float32, None),
+                    level=dataset("level", (n,), np.uint8, None),
+                    index=dataset("index", (n,), np.int64, None),
+                    source=dataset("source", (n,), np.int32, None),
+                    crop=dataset("crop", (n, 4), np.int32, None),
+                    params=dataset("params", (n,), text, None))
         f.create_dataset("sources", data=np.array([s.path for s in config.sources], dtype=text), track_times=False)
         f.attrs["format"] = FORMAT_NAME
         f.attrs["format_version"] = FORMAT_VERSION
@@ -355,13 +372,50 @@ def _write_shard(path: Path, config: DatasetConfig, k: int, chunks: Iterator[dic
         for chunk in chunks:
             m = len(chunk["index"])
             sl = slice(at, at + m)
-            hr[sl], lr[sl], v[sl], level[sl] = chunk["hr"], chunk["lr"], chunk["v"], chunk["level"]
-            index[sl], source[sl], crop[sl] = chunk["index"], chunk["source"], chunk["crop"]
-            params[sl] = chunk["params"]
+            for name, target in sets.items():
+                target[sl] = chunk[name]
+            _raise_swallowed(swallowed)
             at += m
             on_chunk(chunk)
         if at != n:
             raise RuntimeError(f"shard {k}: wrote {at} samples, expected {n}")
+        f.flush()
+        _raise_swallowed(swallowed)
+        sets.clear()
+        f.close()
+        _raise_swallowed(swallowed)
+    except BaseException:
+        _discard_h5(f, path, sets)
+        raise
+    finally:
+        sys.unraisablehook = previous_hook
+
+
+def _raise_swallowed(errors: list[BaseException]) -> None:
+    if errors:
+        exc = errors[0]
+        raise exc if isinstance(exc, OSError) else OSError(getattr(exc, "errno", None), " ".join(str(exc).split()))
+
+
+_ABANDONED: list[Any] = []  # h5py objects of shards that failed to write (see _discard_h5)
+
+
+def abandoned_writes() -> bool:
+    """True once a shard write failed in this process. HDF5 may then crash while the interpreter
+    finalises the abandoned objects, so a command-line program should end with os._exit."""
+    return bool(_ABANDONED)
+
+
+def _discard_h5(f: Any, path: Path, sets: dict[str, Any]) -> None:
+    """Abandon a shard after an error, even on a full disk (its content is discarded).
+
+    Truncating frees the file's blocks. The h5py objects are kept, unclosed, until the process ends:
+    closing them after a failed write fails, and finalising them later crashes HDF5.
+    """
+    with contextlib.suppress(OSError):
+        os.truncate(path, 0)
+    _ABANDONED.append((f, dict(sets)))
+    sets.clear()
 
 
 def _chunk_ranges(rows: range) -> list[range]:
@@ -520,9 +574,14 @@ def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], r
     with _chunk_runner(jobs, backend, config) as run_chunks:
         for k in todo:
             final, tmp = out / shard_name(k), out / f".{shard_name(k)}.partial"
+            _check_free_space(out, config, k)
             try:
                 _write_shard(tmp, config, k, run_chunks(config, _chunk_ranges(config.shard_range(k))), count)
                 os.replace(tmp, final)
+            except OSError as exc:  # disk full, quota, I/O error: earlier shards stay valid, so say how to resume
+                tmp.unlink(missing_ok=True)
+                raise DatasetError(f"{final}: cannot write ({_os_reason(exc)}); the shards written so far are "
+                                   "kept: fix the cause and run the same command again to resume") from None
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
@@ -532,14 +591,71 @@ def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], r
             _save_manifest(out, config, shards)
 
 
+PARAMS_JSON_BYTES = 1024  # more than any record's JSON (about 600 bytes at level 3)
+
+
+def shard_bytes_bound(config: DatasetConfig, k: int) -> int:
+    """An upper bound of shard k's file size: uncompressed pixels (+1 % for filters that do not
+    shrink a chunk), per-sample metadata, the source table and 1 MiB of HDF5 structure."""
+    n, p, q = len(config.shard_range(k)), config.patch_size, config.patch_size // SCALE
+    pixels = n * 3 * (p * p + q * q)
+    per_sample = VECTOR_LENGTH * 4 + 1 + 8 + 4 + 16 + PARAMS_JSON_BYTES + 64  # v, level, index, source, crop, params
+    table = sum(len(s.path.encode()) + 32 for s in config.sources)
+    return pixels + pixels // 100 + n * per_sample + table + (1 << 20)
+
+
+def _check_free_space(out: Path, config: DatasetConfig, k: int) -> None:
+    """Refuse to start shard k when the disk cannot hold it: h5py does not survive a full disk mid-write
+    (a failed write leaves a file it cannot close; see _write_shard)."""
+    try:
+        st = os.statvfs(out)
+    except (OSError, AttributeError):  # not POSIX: write and rely on _write_shard's error path
+        return
+    free, need = st.f_bavail * st.f_frsize, shard_bytes_bound(config, k)
+    if free < need:
+        raise DatasetError(f"{out}: not enough free space for {shard_name(k)} (needs up to {need / 1e6:.1f} MB, "
+                           f"{free / 1e6:.1f} MB free); the shards written so far are kept: free some space and run "
+                           "the same command again to resume")
+
+
+def _os_reason(exc: OSError) -> str:
+    """The reason of an OSError in one line (h5py's messages span lines and repeat the file name)."""
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return " ".join(str(exc).split())
+
+
 _installed_config: DatasetConfig | None = None
 
 
-def _install_config(config: DatasetConfig) -> None:
-    """Worker-process initialiser: keep the dataset config for the chunks this worker will make."""
+def _install_config(config: DatasetConfig, parent: int | None = None) -> None:
+    """Worker-process initialiser: keep the dataset config for the chunks this worker will make, and
+    end this worker when `parent` (the process that writes the shards) is gone."""
     global _installed_config
     _installed_config = config
     tune_allocator()
+    if parent is not None:
+        watch_parent(parent)
+
+
+PARENT_POLL_SECONDS = 0.5
+
+
+def watch_parent(parent: int) -> None:
+    """End this process (os._exit) within PARENT_POLL_SECONDS once process `parent` is no longer its parent.
+
+    loky's workers outlive a parent killed with SIGKILL or SIGTERM (they were seen alive, ~270 MB each,
+    20 minutes later); an orphan is re-parented, so its parent id changes.
+    """
+
+    def poll() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=poll, name="degrade-parent-watch", daemon=True).start()
 
 
 def _make_installed_chunk(indices: range) -> dict[str, Any]:
@@ -621,10 +737,12 @@ class _chunk_runner:
             # The config (with its possibly very long source list) goes to each worker once, at start-up;
             # tasks then carry only their index ranges. A different config restarts the workers.
             self.executor = get_reusable_executor(max_workers=self.jobs, initializer=_install_config,
-                                                  initargs=(self.config,))
+                                                  initargs=(self.config, os.getpid()))
         return self.run
 
     def __exit__(self, *exc):
+        if exc[0] is not None and self.executor is not None:  # after a failure, do not leave workers busy
+            self.executor.shutdown(wait=True, kill_workers=True)
         return self.stack.__exit__(*exc)
 
     def run(self, config: DatasetConfig, ranges: list[range]) -> Iterator[dict[str, Any]]:
