@@ -1,0 +1,226 @@
+"""dasr-train runs as a user meets them: never overwritten, signals save, resume is clean, damaged
+checkpoints skipped, old ones pruned, errors in one line before the first step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import cv2  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from cli.sr import eval_main, sr_main  # noqa: E402
+from cli.train import main as train_cli  # noqa: E402
+from dasr_model.checkpoints import latest_intact, load_checkpoint  # noqa: E402
+from dasr_model.evaluate import evaluate_pairs, pairs_from_shards  # noqa: E402
+from dasr_model.infer import load_checkpoint_model, super_resolve, to_image, to_tensor, upscale  # noqa: E402
+from dasr_model.model import DASRConfig  # noqa: E402
+from dasr_model.train import TrainConfig, train  # noqa: E402
+from degrade.io import to_uint8  # noqa: E402
+
+from .conftest import make_small_dataset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)
+TINY_ARGS = ["--workers", "0", "--device", "cpu", "--blocks", "1", "--features", "8", "--experts", "2",
+             "--lr-crop", "8", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return make_small_dataset(tmp_path_factory.mktemp("runs") / "ds", count=8, seed=3, shard_size=8)
+
+
+def _cfg(shards, out, steps, **kw):
+    return TrainConfig(shards=shards, out=str(out), steps=steps, batch_size=2, lr_crop=8, workers=0, device="cpu",
+                       model=TINY, **kw)
+
+
+def _steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _ckpts(run: Path) -> list[str]:
+    return sorted((p.name for p in run.glob("ckpt-*.pt")), key=lambda n: int(n[5:-3]))
+
+
+def test_restart_deletes_the_old_run_only_when_asked(shards, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(shards, run, 2, ckpt_every=1))
+    (run / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    refused = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(run), "--steps", "1", *TINY_ARGS])
+    assert refused.exit_code == 1 and "already holds a run" in refused.output and "--restart" in refused.output
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # refused: nothing touched
+    both = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(run), "--resume", "--restart", *TINY_ARGS])
+    assert both.exit_code == 2
+    again = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(run), "--steps", "1", "--restart",
+                                           *TINY_ARGS])
+    assert again.exit_code == 0, again.output
+    assert _ckpts(run) == ["ckpt-1.pt"] and _steps(run) == [1] and (run / "notes.txt").read_text() == "mine"
+
+
+def test_sigterm_leaves_a_resumable_checkpoint(shards, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "cli.train", "--shards", shards, "--out", str(run),
+                             "--steps", "100000", "--ckpt-every", "100000", *TINY_ARGS],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else "slow"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, output
+    assert "SIGTERM: saved" in output
+    (ckpt,) = run.glob("ckpt-*.pt")
+    step = load_checkpoint(ckpt)["step"]
+    assert step >= 2 and _steps(run) == list(range(1, step + 1))
+    resumed = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(run), "--steps", str(step + 1),
+                                             "--resume", *TINY_ARGS])
+    assert resumed.exit_code == 0, resumed.output
+    assert _steps(run) == list(range(1, step + 2))
+
+
+def test_resume_after_a_kill_keeps_each_step_once_and_skips_a_damaged_checkpoint(shards, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(shards, run, 4, ckpt_every=2))
+    # What kill -9 during step 5 of a longer run leaves: metrics past the checkpoint, a torn last line,
+    # and a newer checkpoint that was half copied (restored from a backup, say).
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + '{"step": 6, "lo')
+    (run / "ckpt-6.pt").write_bytes((run / "ckpt-4.pt").read_bytes()[:1000])
+    (run / "ckpt-best.pt").write_bytes(b"not ours")
+    notes = []
+    last = train(_cfg(shards, run, 6, ckpt_every=2), resume=True, notify=notes.append)
+    assert last["step"] == 6
+    assert any("skipping ckpt-6.pt" in n for n in notes) and any("resuming from ckpt-4.pt" in n for n in notes)
+    assert _steps(run) == [1, 2, 3, 4, 5, 6]
+    assert (run / "ckpt-best.pt").read_bytes() == b"not ours"
+    reference = tmp_path / "ref"
+    train(_cfg(shards, reference, 6, ckpt_every=2))
+    a, b = load_checkpoint(run / "ckpt-6.pt"), load_checkpoint(reference / "ckpt-6.pt")
+    assert all(torch.equal(t, b["model"][k]) for k, t in a["model"].items())
+
+
+def test_old_checkpoints_are_pruned_and_config_records_what_ran(shards, tmp_path):
+    run = tmp_path / "run"
+    notes = []
+    train(_cfg(shards, run, 5, ckpt_every=1, keep_checkpoints=2), notify=notes.append)
+    assert _ckpts(run) == ["ckpt-4.pt", "ckpt-5.pt"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["device"] == "cpu" and config["run"]["device"].startswith("cpu (")
+    assert config["run"]["parameters"] == TINY.parameter_count() and config["run"]["dtype"] == "float32"
+    assert not list(run.glob("*.tmp"))
+    assert any("float32" in n and f"{TINY.parameter_count():,} parameters" in n for n in notes)
+    train(_cfg(shards, tmp_path / "all", 3, ckpt_every=1, keep_checkpoints=0))
+    assert _ckpts(tmp_path / "all") == ["ckpt-1.pt", "ckpt-2.pt", "ckpt-3.pt"]
+    assert latest_intact(tmp_path / "nothing-here") is None
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr-crop", "40"], "--lr-crop 40 is larger than the dataset's LR patches (16x16)"),
+    (["--features", "4096"], "over the limit"),
+    (["--device", "tpu"], "not a device name"),
+    (["--device", "cuda:7"], "cuda"),
+])
+def test_bad_runs_are_one_line_before_anything_is_written(shards, tmp_path, args, message):
+    if args[-1].startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    run = tmp_path / "run"
+    result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(run), "--steps", "1", *TINY_ARGS, *args])
+    assert result.exit_code == 1 and message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output and not run.exists()
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_truncated_shard_stops_training_with_one_line(tmp_path, workers):
+    src = Path(make_small_dataset(tmp_path / "ds", count=8, seed=3, shard_size=4))
+    shard = sorted(src.glob("shard-*.h5"))[1]  # opened lazily: by a loader worker when there are workers
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size * 2 // 3])  # a copy cut short
+    result = CliRunner().invoke(train_cli, ["--shards", str(src), "--out", str(tmp_path / "run"), "--steps", "4",
+                                            *TINY_ARGS, "--workers", workers])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    last = " ".join(result.output.split()).rsplit("Error: ", 1)[1]
+    assert "shard-00001.h5" in last and "truncated" in last and len(last) < 300
+
+
+def test_commands_say_when_torch_is_missing(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    for command, args in ((train_cli, ["--shards", str(tmp_path), "--out", str(tmp_path / "r")]),
+                          (sr_main, ["x.png", "-o", str(tmp_path)]), (eval_main, ["--hr-dir", str(tmp_path)])):
+        result = CliRunner().invoke(command, args)
+        assert result.exit_code == 1 and "PyTorch is not installed" in result.output, result.output
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    torch.manual_seed(0)
+    from dasr_model.model import DASR
+
+    return DASR(TINY).eval()
+
+
+def test_upscale_assembles_uint8_tiles_equal_to_the_whole_image(model):
+    img = np.random.default_rng(5).random((37, 29, 3)).astype(np.float32)
+    whole, v_hat = upscale(model, img)
+    tiled, v_tiled = upscale(model, img, tile=12, overlap=8)  # receptive-field radius of TINY: 6 px
+    assert whole.dtype == np.uint8 and whole.shape == (148, 116, 3)
+    assert torch.equal(v_hat, v_tiled)
+    assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1  # float rounding at the .5 boundary only
+    with torch.no_grad():
+        lr = to_tensor(img)
+        reference = to_uint8(to_image(super_resolve(model, lr, model.predict(lr)[1])))
+    assert np.abs(whole.astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_sr_skips_unreadable_files_and_exits_1(tmp_path, model):
+    from dasr_model.modelfile import save_model_file
+
+    path = save_model_file(model, tmp_path / "m.safetensors", dtype=torch.float32)
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    (src / "b.png").write_bytes(b"not a png")
+    cv2.imwrite(str(src / "c.png"), np.full((8, 8, 3), 200, np.uint8))
+    result = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / "out"), "--model", str(path)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "skipped" in text and "b.png" in text and "1 of 3 input(s)" in text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_x4.png", "c_x4.png"]
+    for bad in ("nan,1", "inf,0", "1,2,3"):
+        res = CliRunner().invoke(sr_main, [str(src / "a.png"), "-o", str(tmp_path / "o2"), "--model", str(path),
+                                           "--mix", bad])
+        assert res.exit_code == 2 and "--mix" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(sr_main, [str(src / "a.png"), "-o", str(tmp_path / "o3"), "--model", str(path),
+                                       "--set", "noise1.strength=nan"])
+    assert res.exit_code == 1 and "finite" in res.output
+
+
+def test_eval_reports_progress_for_every_pair(shards, model):
+    calls = []
+    pairs = pairs_from_shards(shards)
+    result = evaluate_pairs(model, pairs, torch.device("cpu"), progress=lambda: calls.append(1))
+    assert len(calls) == len(pairs) == 8 == sum(r["images"] for r in result["levels"].values())
+
+
+def test_checkpoint_and_model_file_load_the_same_network(shards, tmp_path):
+    last = train(_cfg(shards, tmp_path / "run", 1))
+    assert last["step"] == 1
+    a = load_checkpoint_model(tmp_path / "run" / "ckpt-1.pt")
+    b = load_checkpoint_model(tmp_path / "run" / "model.safetensors")
+    lr = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(a(lr), b(lr), atol=2e-2, rtol=0)  # bf16 weights in the model file
+    assert os.path.getsize(tmp_path / "run" / "model.safetensors") < os.path.getsize(tmp_path / "run" / "ckpt-1.pt")
