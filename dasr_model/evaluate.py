@@ -32,16 +32,19 @@ class Pairs:
         return self.make()
 
 
-def pairs_from_shards(path: str | Path) -> Pairs:
+def pairs_from_shards(path: str | Path, *, limit: int | None = None) -> Pairs:
+    """A dataset's samples (the first `limit` of them), as stored: no crop, no augmentation."""
     import degrade
 
     ds = degrade.open_dataset(path)
+    n = len(ds) if limit is None else min(limit, len(ds))
 
     def make() -> Iterator[Pair]:
-        for s in ds:
+        for i in range(n):
+            s = ds[i]
             yield int(s.params.level or 0), s.hr.astype(np.float32) / 255, s.lr.astype(np.float32) / 255, s.v
 
-    return Pairs(len(ds), make)
+    return Pairs(n, make)
 
 
 def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Pairs:
@@ -65,8 +68,10 @@ def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Pairs
 
 @torch.no_grad()
 def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.device, *,
+                   generator: torch.nn.Module | None = None,
                    progress: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Scores per level; `progress()` is called after each pair."""
+    """Scores per level of `model` (its predictor, and `generator` for SR when given, e.g. the trainer's
+    EMA generator, else its own); `progress()` is called after each pair."""
     scores: dict[int, dict[str, list[float]]] = {}
     v_hats, vs, mixes, mix_levels = [], [], [], []
     for level, hr, lr, v in pairs:
@@ -74,7 +79,7 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
         v_hat, a = model.predict(lr_t)
         mixes.append(a.float().cpu())
         mix_levels.append(level)
-        sr = to_image(model.sr(lr_t, a))
+        sr = to_image(model.sr(lr_t, a) if generator is None else generator(lr_t, a))
         bic = to_image(F.interpolate(lr_t, scale_factor=4, mode="bicubic", align_corners=False))
         s = scores.setdefault(level, {k: [] for k in ("psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y",
                                                        "bicubic_ssim_y")})

@@ -28,11 +28,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dasr_model.checkpoints import latest_intact, list_checkpoints, prune_checkpoints, save_checkpoint
-from dasr_model.data import PairedShards, StepBatchSampler, block_mae, unsharp_mask
+from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
 from dasr_model.errors import DASRError
-from dasr_model.infer import to_image
+from dasr_model.evaluate import Pairs, evaluate_pairs, pairs_from_shards
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
-from dasr_model.metrics import psnr_y
 from dasr_model.model import DASR, DASRConfig, set_expert_impl
 from dasr_model.modelfile import MODEL_FILE, save_model_file
 from degrade.errors import DegradeError
@@ -150,33 +149,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-@torch.no_grad()
-def validate(model: DASR, ema_generator: torch.nn.Module, val: PairedShards, device: torch.device,
-             n: int) -> dict[str, Any]:
-    """PSNR-Y (4-px crop) per level of the EMA generator, bicubic PSNR, and predictor MAE per block."""
+def validate(model: DASR, ema_generator: torch.nn.Module, val: Pairs, device: torch.device) -> dict[str, Any]:
+    """PSNR-Y (4-px crop) per level of the EMA generator, bicubic PSNR, and predictor MAE per block:
+    `evaluate_pairs` (dasr-eval's core) with the EMA generator, on the first samples of the val shards."""
     model.eval()
-    psnr: dict[int, list[float]] = {1: [], 2: [], 3: []}
-    bicubic: dict[int, list[float]] = {1: [], 2: [], 3: []}
-    v_hats, vs = [], []
-    for i in range(min(n, len(val))):
-        item = val[(0, 0, i)]
-        lr, hr = item["lr"][None].to(device), item["hr"][None].to(device)
-        v_hat, a = model.predict(lr)
-        sr = ema_generator(lr, a)
-        level = int(item["level"])
-        hr_img = to_image(hr)
-        psnr[level].append(psnr_y(to_image(sr), hr_img))
-        bic = F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False)
-        bicubic[level].append(psnr_y(to_image(bic), hr_img))
-        v_hats.append(v_hat.cpu())
-        vs.append(item["v"][None])
+    result = evaluate_pairs(model, val, device, generator=ema_generator)
     model.train()
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    return {
-        "psnr_y": {str(k): mean(v) for k, v in psnr.items() if v},
-        "bicubic_psnr_y": {str(k): mean(v) for k, v in bicubic.items() if v},
-        "mae": block_mae(torch.cat(v_hats), torch.cat(vs)),
-    }
+    return {"psnr_y": {k: r["psnr_y"] for k, r in result["levels"].items()},
+            "bicubic_psnr_y": {k: r["bicubic_psnr_y"] for k, r in result["levels"].items()},
+            "mae": result["mae"]}
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
@@ -202,7 +183,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     # --- data first: a bad dataset or crop is refused before anything is built or written ---
     train_set = PairedShards(cfg.shards, lr_crop=cfg.lr_crop, seed=cfg.seed)
     check_crop(train_set, cfg.lr_crop, cfg.shards)
-    val_set = PairedShards(cfg.val_shards, lr_crop=None, augment=False) if cfg.val_shards and main_rank else None
+    val_set = pairs_from_shards(cfg.val_shards, limit=cfg.val_samples) if cfg.val_shards and main_rank else None
 
     # --- model, EMA, optimisers (or their state from the newest intact checkpoint) ---
     if world > 1:
@@ -213,11 +194,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     use_bf16 = device.type == "cuda"
-    torch.manual_seed(cfg.seed)
-    model = set_expert_impl(DASR(cfg.model), cfg.expert_impl).to(device)
+    with torch.random.fork_rng(devices=[]):  # the weights' init comes from cfg.seed; the caller's RNG is untouched
+        torch.manual_seed(cfg.seed)
+        model = set_expert_impl(DASR(cfg.model), cfg.expert_impl).to(device)
+        disc = UNetDiscriminatorSN().to(device) if cfg.gan else None
     ema = copy.deepcopy(model.generator).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
-    disc = UNetDiscriminatorSN().to(device) if cfg.gan else None
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc is not None else None
     perceptual = VGGPerceptualLoss(cfg.vgg_weights).to(device) if cfg.vgg_weights else None
     parts = StepParts(net=model, model=model, ema=ema, opt=opt, disc=disc, opt_d=opt_d, perceptual=perceptual)
@@ -230,7 +212,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         found = latest_intact(out, warn=say)
         if found is None:
             raise DASRError(f"--resume: no readable checkpoint in {out}")
-        step = restore(parts, found[1], cfg, found[0])
+        step = parts.load_state_dict(found[1], cfg, found[0])
         say(f"resuming from {found[0].name} (step {step} of {cfg.steps})")
     run_info = {"device": describe_device(device), "dtype": "bfloat16 autocast" if use_bf16 else "float32",
                 "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
@@ -253,7 +235,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, start=step, stop=cfg.steps, seed=cfg.seed,
                                rank=rank, world_size=world)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+                        persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed))
 
     stop: dict[str, str | None] = {"by": None}
     handled = (signal.SIGINT, signal.SIGTERM)
@@ -284,7 +266,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
 
             last = {"step": step, **losses, "samples_per_s": seen / (time.perf_counter() - t0)}
             if val_set is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-                last["val"] = validate(model, ema, val_set, device, cfg.val_samples)
+                last["val"] = validate(model, ema, val_set, device)
             if main_rank:
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()
@@ -294,7 +276,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 stop["by"] = stop["by"] or "max_minutes"
             final = step == cfg.steps or stop["by"] is not None
             if main_rank and (step % cfg.ckpt_every == 0 or final):
-                save_checkpoint(out / f"ckpt-{step}.pt", checkpoint_state(parts, cfg, step))
+                save_checkpoint(out / f"ckpt-{step}.pt", parts.state_dict(cfg, step))
                 prune_checkpoints(out, cfg.keep_checkpoints)
             if main_rank and final:
                 save_model_file(model, out / MODEL_FILE, ema_generator=ema, step=step, source=f"ckpt-{step}.pt")
@@ -337,37 +319,10 @@ def _batches(loader: DataLoader):
         yield batch
 
 
-def checkpoint_state(p: StepParts, cfg: TrainConfig, step: int) -> dict[str, Any]:
-    """Everything to continue exactly: config, weights, EMA, optimisers, step (the data is keyed by step)."""
-    state = {"config": cfg.to_dict(), "model": p.model.state_dict(), "ema_generator": p.ema.state_dict(),
-             "optimizer": p.opt.state_dict(), "step": step, "torch_rng": torch.get_rng_state()}
-    if p.disc is not None and p.opt_d is not None:
-        state["discriminator"], state["optimizer_d"] = _unwrap(p.disc).state_dict(), p.opt_d.state_dict()
-    return state
-
-
-def restore(p: StepParts, ckpt: dict[str, Any], cfg: TrainConfig, path: Path) -> int:
-    """Load a checkpoint's state into the parts; returns its step. A mismatch is a DASRError."""
-    if TrainConfig.from_dict(ckpt["config"]).model != cfg.model:
-        raise DASRError(f"{path}: the checkpoint's model config differs from this run's")
-    if p.disc is not None and "discriminator" not in ckpt:
-        raise DASRError(f"{path}: no discriminator in the checkpoint; resume without --gan")
-    try:
-        p.model.load_state_dict(ckpt["model"])
-        p.ema.load_state_dict(ckpt["ema_generator"])
-        p.opt.load_state_dict(ckpt["optimizer"])
-        if p.disc is not None and p.opt_d is not None:
-            _unwrap(p.disc).load_state_dict(ckpt["discriminator"])
-            p.opt_d.load_state_dict(ckpt["optimizer_d"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        return int(ckpt["step"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # a checkpoint is data: its contents can lie
-        raise DASRError(f"{path}: does not fit this run ({str(exc).splitlines()[0]})") from None
-
-
 @dataclass
 class StepParts:
-    """What one optimisation step touches. `net` is `model`, or its DistributedDataParallel wrapper."""
+    """What one optimisation step touches, and the training state a checkpoint holds. `net` is `model`,
+    or its DistributedDataParallel wrapper."""
 
     net: torch.nn.Module
     model: DASR
@@ -376,6 +331,32 @@ class StepParts:
     disc: torch.nn.Module | None = None
     opt_d: torch.optim.Optimizer | None = None
     perceptual: torch.nn.Module | None = None
+
+    def state_dict(self, cfg: TrainConfig, step: int) -> dict[str, Any]:
+        """Everything to continue exactly: config, weights, EMA, optimisers, step (the data is keyed by step;
+        no global RNG state is needed: nothing in a step draws from torch's RNG)."""
+        state = {"config": cfg.to_dict(), "model": self.model.state_dict(), "ema_generator": self.ema.state_dict(),
+                 "optimizer": self.opt.state_dict(), "step": step}
+        if self.disc is not None and self.opt_d is not None:
+            state["discriminator"], state["optimizer_d"] = _unwrap(self.disc).state_dict(), self.opt_d.state_dict()
+        return state
+
+    def load_state_dict(self, ckpt: dict[str, Any], cfg: TrainConfig, path: Path) -> int:
+        """Load a checkpoint's state (:meth:`state_dict`); returns its step. A mismatch is a DASRError."""
+        if TrainConfig.from_dict(ckpt["config"]).model != cfg.model:
+            raise DASRError(f"{path}: the checkpoint's model config differs from this run's")
+        if self.disc is not None and "discriminator" not in ckpt:
+            raise DASRError(f"{path}: no discriminator in the checkpoint; resume without --gan")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.ema.load_state_dict(ckpt["ema_generator"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            if self.disc is not None and self.opt_d is not None:
+                _unwrap(self.disc).load_state_dict(ckpt["discriminator"])
+                self.opt_d.load_state_dict(ckpt["optimizer_d"])
+            return int(ckpt["step"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # a checkpoint is data: its contents can lie
+            raise DASRError(f"{path}: does not fit this run ({str(exc).splitlines()[0]})") from None
 
 
 def train_step(p: StepParts, cfg: TrainConfig, lr: torch.Tensor, target: torch.Tensor, v: torch.Tensor,

@@ -224,3 +224,11 @@ def test_checkpoint_and_model_file_load_the_same_network(shards, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(a(lr), b(lr), atol=2e-2, rtol=0)  # bf16 weights in the model file
     assert os.path.getsize(tmp_path / "run" / "model.safetensors") < os.path.getsize(tmp_path / "run" / "ckpt-1.pt")
+
+
+def test_training_leaves_the_callers_torch_rng_alone(shards, tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(_cfg(shards, tmp_path / "run", 1, val_shards=shards, val_every=1, val_samples=2))
+    assert torch.equal(torch.rand(3), expected)
