@@ -7,6 +7,7 @@ Both return ``(size, size)`` float64 arrays that sum to 1, to be applied by corr
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 from numpy.typing import NDArray
@@ -16,9 +17,16 @@ from scipy.special import j1
 def _grid(size: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     if size < 1 or size % 2 == 0:
         raise ValueError(f"kernel size must be a positive odd integer, got {size}")
+    return _cached_grid(size)
+
+
+@lru_cache(maxsize=32)
+def _cached_grid(size: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """(x, y) offsets of a size x size kernel, read-only (shared between calls)."""
     r = (size - 1) / 2
     axis = np.arange(-r, r + 1, dtype=np.float64)
     x, y = np.meshgrid(axis, axis)  # x: column offset, y: row offset
+    x.flags.writeable = y.flags.writeable = False
     return x, y
 
 
