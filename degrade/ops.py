@@ -8,6 +8,7 @@ same dtype and never modifies its input. Ops that draw random numbers take an ex
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import cv2
@@ -23,10 +24,26 @@ LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 _CV_MODES: dict[str, int] = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
 
-# Kernel taps below this absolute value are trimmed from the border of a kernel before filtering:
-# a full 21x21 border of such taps moves an output value by < 441e-10 ~ 4e-8, below half a float32
-# ulp at 1.0, so the result is the untrimmed correlation to float32 precision (tests check 1e-6).
-_NEGLIGIBLE_TAP = 1e-10
+# Blur plans (see `_blur_plan`) may leave out parts of the kernel whose L1 norm, summed, is at most
+# this: for an image in [0, 1] every output value then moves by at most 1e-7, under one float32 ulp at
+# 1.0 (1.19e-7) and far under the 1/255/4 = 9.8e-4 an 8-bit label could notice. Tests check it on the
+# kernels and on real images against scipy's float64 correlation (atol 1e-6, as for exact filters).
+BLUR_TOLERANCE = 1e-7
+
+# OpenCV's filter2D switches to a DFT (about 4.5 ms at 256x256x3, whatever the taps) for float32
+# kernels of area >= 130 (imgproc filter.dispatch.cpp, dftFilter2D); below that it loops over the
+# non-zero taps only (about 7 us per tap at 256x256x3). Pieces stay below this area.
+_DFT_AREA = 130
+
+# Cost model of the plan chooser (seconds; `n` = H * W * 3 float32 values; 1 OpenCV thread, fitted on
+# 64-256 px images, benchmarks/profile_degrade.py): a call costs _CALL + n * _PER_VALUE (borders, the
+# output, accumulating it) plus n * _TAP_2D per non-zero 2-D tap or n * _TAP_1D per 1-D tap.
+_CALL = 5e-6
+_PER_VALUE = 4.5e-10
+_TAP_2D = 4.0e-11
+_TAP_1D = 4.5e-11
+# Above this modelled cost of the 2-D plan, a truncated SVD is also tried (about 0.1 ms of planning).
+_TRY_SVD_ABOVE = 4e-4
 
 
 def _check_image(img: NDArray) -> None:
@@ -34,34 +51,149 @@ def _check_image(img: NDArray) -> None:
         raise ValueError(f"expected an (H, W, 3) float32 image, got shape {img.shape} dtype {img.dtype}")
 
 
-def _trim(kernel: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Drop border rows/columns whose taps are all negligible, keeping the kernel centred."""
-    k = kernel
-    while k.shape[0] > 1 and np.abs(k[[0, -1], :]).max() < _NEGLIGIBLE_TAP:
-        k = k[1:-1, :]
-    while k.shape[1] > 1 and np.abs(k[:, [0, -1]]).max() < _NEGLIGIBLE_TAP:
-        k = k[:, 1:-1]
-    return k
+def _trim_ends(v: NDArray[np.float64], budget: float) -> NDArray[np.float64]:
+    """Drop taps from both ends of the 1-D `v` (the same number each side, so it stays centred) while
+    the dropped absolute sum stays <= `budget`."""
+    a = np.abs(v)
+    half = v.size // 2
+    dropped = np.cumsum(a[:half] + a[::-1][:half])
+    n = int(np.searchsorted(dropped, budget, side="right"))
+    return v[n : v.size - n] if n else v
+
+
+@dataclass(frozen=True)
+class _BlurPlan:
+    """How `blur` applies a kernel: separable terms and/or 2-D pieces, whose sum is `approx`.
+
+    terms: (column taps, row taps) pairs, each centred on the kernel centre, for cv2.sepFilter2D;
+    pieces: (2-D taps with zeros where left out, (x, y) of the kernel centre in them) for cv2.filter2D.
+    """
+
+    terms: tuple[tuple[NDArray[np.float32], NDArray[np.float32]], ...]
+    pieces: tuple[tuple[NDArray[np.float32], tuple[int, int]], ...]
+    approx: NDArray[np.float64]  # (kh, kw): the kernel actually applied, for tests
+    error: float  # sum |kernel - approx| (L1), <= BLUR_TOLERANCE
+
+    def cost(self, values: int) -> float:
+        """Modelled seconds to apply the plan to `values` float32 values (H * W * 3)."""
+        t = sum(_CALL + (_PER_VALUE + _TAP_1D * (c.size + r.size)) * values for c, r in self.terms)
+        return t + sum(_CALL + (_PER_VALUE + _TAP_2D * np.count_nonzero(p)) * values for p, _ in self.pieces)
+
+
+def _terms_plan(k: NDArray[np.float64], cols: NDArray[np.float64], rows: NDArray[np.float64]) -> _BlurPlan:
+    """Rank-1 terms outer(cols[:, i], rows[:, i]), each trimmed at its ends (half of what `k - sum`
+    leaves of BLUR_TOLERANCE, shared out evenly)."""
+    kh, kw = k.shape
+    rank = cols.shape[1]
+    rest = BLUR_TOLERANCE - float(np.abs(k - cols @ rows.T).sum())
+    share = max(rest, 0.0) / rank / 4  # per term and side; |c r' - c' r'| <= |c - c'| |r| + |c'| |r - r'|
+    terms, approx = [], np.zeros_like(k)
+    for i in range(rank):
+        c = _trim_ends(cols[:, i], share / max(float(np.abs(rows[:, i]).sum()), 1e-300))
+        r = _trim_ends(rows[:, i], share / max(float(np.abs(c).sum()), 1e-300))
+        y0, x0 = (kh - c.size) // 2, (kw - r.size) // 2
+        approx[y0 : y0 + c.size, x0 : x0 + r.size] += np.outer(c, r)
+        terms.append((c.astype(np.float32), r.astype(np.float32)))
+    return _BlurPlan(terms=tuple(terms), pieces=(), approx=approx, error=float(np.abs(k - approx).sum()))
+
+
+def _rank1_plan(k: NDArray[np.float64]) -> _BlurPlan | None:
+    """One separable term when `k` is rank 1 to within half the tolerance (isotropic and
+    axis-aligned Gaussians): column and row through the centre tap, no SVD needed."""
+    cy, cx = k.shape[0] // 2, k.shape[1] // 2
+    centre = k[cy, cx]
+    if not centre > 0:
+        return None
+    col, row = k[:, cx] / math.sqrt(centre), k[cy, :] / math.sqrt(centre)
+    if float(np.abs(k - np.outer(col, row)).sum()) > 0.5 * BLUR_TOLERANCE:
+        return None
+    return _terms_plan(k, col[:, None], row[:, None])
+
+
+def _svd_plan(k: NDArray[np.float64]) -> _BlurPlan | None:
+    """The fewest SVD terms whose sum is within half the tolerance of `k` (L1), each then trimmed."""
+    u, s, vt = np.linalg.svd(k)
+    root = np.sqrt(s)
+    for rank in range(2, s.size + 1):
+        cols, rows = u[:, :rank] * root[:rank], vt[:rank].T * root[:rank]
+        if float(np.abs(k - cols @ rows.T).sum()) <= 0.5 * BLUR_TOLERANCE:
+            return _terms_plan(k, cols, rows)
+    return None
+
+
+def _pieces_plan(k: NDArray[np.float64]) -> _BlurPlan | None:
+    """2-D taps with the smallest ones (L1 sum <= tolerance) set to zero, split into pieces that each
+    contain the centre and stay below OpenCV's DFT area, so every piece loops over its non-zero taps."""
+    kh, kw = k.shape
+    cy, cx = kh // 2, kw // 2
+    a = np.abs(k).ravel()
+    order = np.argsort(a, kind="stable")
+    n_drop = int(np.searchsorted(np.cumsum(a[order]), BLUR_TOLERANCE, side="right"))
+    kept = k.copy()
+    kept.ravel()[order[:n_drop]] = 0.0
+    kept[cy, cx] = k[cy, cx]  # the centre always stays (every piece is anchored on it)
+    nz_rows, nz_cols = np.flatnonzero(kept.any(axis=1)), np.flatnonzero(kept.any(axis=0))
+    y0, y1 = min(nz_rows[0], cy), max(nz_rows[-1], cy) + 1
+    x0, x1 = min(nz_cols[0], cx), max(nz_cols[-1], cx) + 1
+    if (y1 - y0) * (x1 - x0) < _DFT_AREA:
+        boxes = [(y0, y1, x0, x1)]
+    elif max(cy + 1 - y0, y1 - cy) * max(cx + 1 - x0, x1 - cx) < _DFT_AREA:
+        # Quadrants, each grown to hold the centre (zero taps cost nothing); they share no tap.
+        boxes = [(y0, cy + 1, x0, cx + 1), (y0, cy, cx + 1, x1), (cy + 1, y1, x0, cx + 1), (cy, y1, cx + 1, x1)]
+    else:
+        return None  # too large to split this way (only hand-written records have kernels > 21)
+    pieces = []
+    for ya, yb, xa, xb in boxes:
+        if yb <= ya or xb <= xa or not kept[ya:yb, xa:xb].any():
+            continue
+        ya2, yb2, xa2, xb2 = min(ya, cy), max(yb, cy + 1), min(xa, cx), max(xb, cx + 1)
+        taps = np.zeros((yb2 - ya2, xb2 - xa2), np.float32)
+        taps[ya - ya2 : yb - ya2, xa - xa2 : xb - xa2] = kept[ya:yb, xa:xb]
+        pieces.append((taps, (cx - xa2, cy - ya2)))
+    return _BlurPlan(terms=(), pieces=tuple(pieces), approx=kept, error=float(np.abs(k - kept).sum()))
+
+
+def _blur_plan(kernel: NDArray[np.floating], values: int) -> _BlurPlan | None:
+    """How to apply `kernel` to `values` float32 values within BLUR_TOLERANCE: one separable term if
+    the kernel is rank 1, else the cheaper (by the cost model) of the 2-D pieces and a truncated SVD.
+    None when neither fits (kernels larger than 21 that are not rank 1): blur then applies it whole."""
+    k = np.asarray(kernel, dtype=np.float64)
+    plan = _rank1_plan(k)
+    if plan is not None:
+        return plan
+    plan = _pieces_plan(k)
+    if plan is None or plan.cost(values) > _TRY_SVD_ABOVE:
+        svd = _svd_plan(k)
+        if svd is not None and (plan is None or svd.cost(values) < plan.cost(values)):
+            plan = svd
+    return plan
 
 
 def blur(img: Image, kernel: NDArray[np.floating]) -> Image:
     """Correlate each channel with `kernel` (odd-sized), reflect-101 borders (spec 5.2).
 
-    Rank-1 kernels (isotropic or axis-aligned Gaussians) run as two 1-D passes; others as one 2-D pass
-    over the kernel with its negligible border trimmed. Both equal the plain 2-D correlation to float32
-    precision.
+    The kernel is applied as planned by `_blur_plan`: separable 1-D passes for rank-1 kernels
+    (isotropic and axis-aligned Gaussians); otherwise the 2-D taps in pieces small enough for OpenCV
+    to loop over their non-zero taps, or a truncated SVD (a short sum of separable passes), whichever
+    the cost model finds cheaper. A plan leaves out at most BLUR_TOLERANCE = 1e-7 of the kernel's L1
+    norm, so for an image in [0, 1] each output is within 1e-7 (plus float32 rounding) of the exact
+    2-D correlation.
     """
     _check_image(img)
     if kernel.ndim != 2 or kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
         raise ValueError(f"kernel must be 2-D with odd sides, got shape {kernel.shape}")
-    k = _trim(np.asarray(kernel, dtype=np.float64))
-    u, s, vt = np.linalg.svd(k)
-    if s.size == 1 or s[1] <= 1e-12 * s[0]:
-        root = math.sqrt(s[0])
-        col = (u[:, 0] * root).astype(np.float32)  # vertical pass
-        row = (vt[0] * root).astype(np.float32)  # horizontal pass
-        return cv2.sepFilter2D(img, -1, row, col, borderType=cv2.BORDER_REFLECT_101)
-    return cv2.filter2D(img, -1, k.astype(np.float32), borderType=cv2.BORDER_REFLECT_101)
+    plan = _blur_plan(kernel, img.size)
+    border = cv2.BORDER_REFLECT_101
+    if plan is None:
+        return cv2.filter2D(img, -1, np.asarray(kernel, dtype=np.float32), borderType=border)
+    out = None
+    for col, row in plan.terms:
+        y = cv2.sepFilter2D(img, -1, row, col, borderType=border)
+        out = y if out is None else cv2.add(out, y, dst=out)
+    for taps, anchor in plan.pieces:
+        y = cv2.filter2D(img, -1, taps, anchor=anchor, borderType=border)
+        out = y if out is None else cv2.add(out, y, dst=out)
+    return out
 
 
 def scaled_size(shape: tuple[int, ...], scale: float) -> tuple[int, int]:
@@ -70,31 +202,37 @@ def scaled_size(shape: tuple[int, ...], scale: float) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=256)
-def _pool_taps(n: int, m: int) -> tuple[NDArray[np.intp], NDArray[np.float32], NDArray[np.float32]]:
+def _pool_taps(n: int, m: int) -> tuple[list[NDArray[np.intp]], list[tuple[NDArray[np.intp], NDArray[np.intp]]], NDArray[np.float32]]:
     """Adaptive average pooling from n to m samples as a few shifted taps.
 
     Window i is [floor(i n / m), ceil((i + 1) n / m)), PyTorch's `area` (adaptive_avg_pool). Returns
-    (index (d, m), mask (d, m) of 0/1, width (m,)) for the d = widest window's taps: output i is
-    sum_t x[index[t, i]] * mask[t, i] / width[i].
+    (full, partial, width): `full[t]` (m,) indexes tap t of every window (t < the narrowest width);
+    `partial` lists (windows, index) for the further taps of the wider windows; `width` (m,). Output i
+    is (x[full[0][i]] + x[full[1][i]] + ... + the partial taps of window i) / width[i].
     """
     i = np.arange(m)
     start = (i * n) // m
     end = -((-(i + 1) * n) // m)
     width = end - start
-    taps = np.arange(int(width.max()))[:, None]
-    index = np.minimum(start[None, :] + taps, n - 1)
-    mask = (taps < width[None, :]).astype(np.float32)
-    return index, mask, width.astype(np.float32)
+    narrow, wide = int(width.min()), int(width.max())
+    full = [start + t for t in range(narrow)]
+    partial = []
+    for t in range(narrow, wide):
+        sel = np.flatnonzero(width > t)
+        partial.append((sel, start[sel] + t))
+    return full, partial, width.astype(np.float32)
 
 
 def _adaptive_average_rows(x: NDArray[np.float32], m: int) -> NDArray[np.float32]:
-    """Pool axis 0 of `x` (n, ...) to m rows; each tap gathers whole rows (contiguous copies)."""
-    index, mask, width = _pool_taps(x.shape[0], m)
-    extra = (1,) * (x.ndim - 1)
-    acc = x[index[0]] * mask[0].reshape(m, *extra)
-    for t in range(1, index.shape[0]):
-        acc += x[index[t]] * mask[t].reshape(m, *extra)
-    acc /= width.reshape(m, *extra)
+    """Pool axis 0 of `x` (n, ...) to m rows; each tap gathers whole rows (contiguous copies), summed
+    tap by tap in order, then divided by the window width."""
+    full, partial, width = _pool_taps(x.shape[0], m)
+    acc = np.take(x, full[0], axis=0)
+    for index in full[1:]:
+        acc += np.take(x, index, axis=0)
+    for sel, index in partial:
+        acc[sel] += np.take(x, index, axis=0)
+    acc /= width.reshape(m, *(1,) * (x.ndim - 1))
     return acc
 
 
@@ -128,31 +266,45 @@ def resize(img: Image, size: tuple[int, int], *, mode: ResizeMode) -> Image:
 def add_gaussian_noise(img: Image, sigma: float, *, gray: bool, rng: np.random.Generator) -> Image:
     """img + N(0, 1) * sigma / 255; `sigma` in 0-255 units. Gray: one field copied to all channels.
 
-    Not clipped: the pipeline clamps after every noise step (spec section 4).
+    The normals are NumPy's float32 draws (`standard_normal(dtype=float32)`). Not clipped: the
+    pipeline clamps after every noise step (spec section 4).
     """
     _check_image(img)
     h, w = img.shape[:2]
     field = rng.standard_normal((h, w, 1 if gray else 3), dtype=np.float32)
-    return img + field * np.float32(sigma / 255.0)
+    field *= np.float32(sigma / 255.0)  # in place: the field is ours, so no temporaries
+    if gray:
+        return img + field
+    field += img
+    return field
 
 
 def _quantise_8bit(x: NDArray[np.float32]) -> NDArray[np.uint8]:
+    """round(clip(x, 0, 1) * 255) as uint8, ties to even: one OpenCV pass (saturating, cvRound)."""
+    if x.ndim == 3 and x.shape[2] == 3:  # negatives to 0 first: the abs is then the identity
+        return cv2.convertScaleAbs(cv2.threshold(x, 0.0, 0.0, cv2.THRESH_TOZERO)[1], alpha=255.0)
     y = np.multiply(x, np.float32(255))  # float32 temporaries, rounded in place
     np.clip(y, 0.0, 255.0, out=y)
     return np.rint(y, out=y).astype(np.uint8)
 
 
+# 8-bit value -> float32 value / 255, as `u8.astype(float32) / float32(255)` computes it.
+_U8_TO_FLOAT = (np.arange(256, dtype=np.float32) / np.float32(255)).astype(np.float32)
+
 _POISSON_BUCKETS = 2048  # uniform buckets per rate in the direct lookup table (a power of 2: exact edges)
+_BUCKET_BITS = 11  # log2(_POISSON_BUCKETS)
 
 
 @lru_cache(maxsize=16)
-def _poisson_tables(levels: int) -> tuple[NDArray[np.float64], NDArray[np.int16], int]:
+def _poisson_tables(levels: int) -> tuple[NDArray[np.float64], NDArray[np.int16], NDArray[np.float32], int]:
     """Inverse-CDF tables for Poisson(q / 255 * levels), q = 0..255 (the 256 possible 8-bit values).
 
-    Returns (cdf, direct, width). Row q of the flat `cdf` holds F_q(k) = P(N <= k), k = 0 .. width-1,
-    its last entry forced to 1 (the mass cut off is < 1e-30). `direct[q * B + b]` is the draw for
-    every u in [b / B, (b + 1) / B) when that bucket holds no step of F_q, else -1 - k0 with
-    k0 = min{k : F_q(k) >= b / B}, where a search starts.
+    Returns (cdf, direct, direct_noise, width). Row q of the flat `cdf` holds F_q(k) = P(N <= k),
+    k = 0 .. width-1, its last entry forced to 1 (the mass cut off is < 1e-30). `direct[q * B + b]`
+    is the draw for every u in [b / B, (b + 1) / B) when that bucket holds no step of F_q, else
+    -1 - k0 with k0 = min{k : F_q(k) >= b / B}, where a search starts. `direct_noise` holds the
+    noise k / levels - q / 255 of decided buckets (computed in float64, then rounded to float32),
+    NaN where a search is needed.
     """
     from scipy.special import gammaln
 
@@ -168,41 +320,81 @@ def _poisson_tables(levels: int) -> tuple[NDArray[np.float64], NDArray[np.int16]
     first = np.stack([np.searchsorted(row, edges, side="left") for row in cdf])  # k(u) at every edge
     lo, hi = first[:, :-1], first[:, 1:]
     direct = np.where(lo == hi, lo, -1 - lo).astype(np.int16)
-    return cdf.ravel(), direct.ravel(), width
+    q = np.arange(256, dtype=np.float64)[:, None]
+    noise = np.where(lo == hi, (lo / levels - q / 255.0).astype(np.float32), np.float32(np.nan))
+    return cdf.ravel(), direct.ravel(), noise.astype(np.float32).ravel(), width
 
 
-def _poisson_counts(q: NDArray[np.uint8], levels: int, rng: np.random.Generator) -> NDArray[np.int64]:
-    """Poisson(q / 255 * levels) draws, one per element of `q`: k = min{k : u <= F_q(k)}, u uniform.
+def _uniform_buckets(q: NDArray[np.uint8], rng: np.random.Generator) -> tuple[NDArray[np.int32], NDArray[np.float64]]:
+    """One uniform u per element of `q` (flattened); returns (q * B + floor(u * B) as int32, u)."""
+    u = rng.random(q.size)
+    idx = q.ravel().astype(np.int32)
+    idx <<= _BUCKET_BITS
+    idx |= (u * _POISSON_BUCKETS).astype(np.int32)  # exact: B is a power of 2
+    return idx, u
 
-    Most draws are one lookup in the direct table; the rest (u in a bucket where F_q steps) walk up
-    from the bucket's first candidate, and the rare long walks (tail buckets) finish by bisection.
-    An exact Poisson sampler up to the float64 resolution of u and F_q.
+
+def _search_pending(
+    start: NDArray[np.int64], q: NDArray[np.intp], u: NDArray[np.float64], levels: int
+) -> NDArray[np.int64]:
+    """k = min{k >= start : u <= F_q(k)} for the draws the direct table left open.
+
+    Walks up a few steps from the bucket's first candidate; the rare long walks (tail buckets)
+    finish by bisection.
     """
-    cdf, direct, width = _poisson_tables(levels)
-    qi = q.ravel().astype(np.intp)
-    u = rng.random(qi.size)
-    k = direct[qi * _POISSON_BUCKETS + (u * _POISSON_BUCKETS).astype(np.intp)].astype(np.int64)
-    pending = np.flatnonzero(k < 0)
-    if pending.size:
-        start = -1 - k[pending]
-        base = qi[pending] * width
-        up = u[pending]
-        for _ in range(3):  # walk: F(start) < u means the draw is larger
-            step = cdf[base + start] < up
-            if not step.any():
-                break
-            start += step
-        lo, hi = start, np.full_like(start, width - 1)  # bisection for what is left: F(hi) = 1 >= u
+    cdf, _direct, _noise, width = _poisson_tables(levels)
+    base = q * width
+    k = start.copy()
+    walking = np.arange(k.size)  # positions still below their draw: F(k) < u
+    for _ in range(3):  # walk: F(k) < u means the draw is larger
+        walking = walking[cdf[base[walking] + k[walking]] < u[walking]]
+        if not walking.size:
+            return k
+        k[walking] += 1
+    walking = walking[cdf[base[walking] + k[walking]] < u[walking]]
+    if walking.size:  # bisection for the few left, on (k, width - 1]: F(width - 1) = 1 >= u
+        b, uu = base[walking], u[walking]
+        lo, hi = k[walking] + 1, np.full(walking.size, width - 1, dtype=k.dtype)
         while True:
             open_ = lo < hi
             if not open_.any():
                 break
             mid = (lo + hi) // 2
-            below = cdf[base + mid] < up
+            below = cdf[b + mid] < uu
             lo = np.where(open_ & below, mid + 1, lo)
             hi = np.where(open_ & ~below, mid, hi)
-        k[pending] = lo
+        k[walking] = lo
+    return k
+
+
+def _poisson_counts(q: NDArray[np.uint8], levels: int, rng: np.random.Generator) -> NDArray[np.int64]:
+    """Poisson(q / 255 * levels) draws, one per element of `q`: k = min{k : u <= F_q(k)}, u uniform.
+
+    Most draws are one lookup in the direct table; the rest (u in a bucket where F_q steps) are
+    searched (`_search_pending`). An exact Poisson sampler up to the float64 resolution of u and F_q.
+    """
+    _cdf, direct, _noise, _width = _poisson_tables(levels)
+    idx, u = _uniform_buckets(q, rng)
+    k = np.take(direct, idx).astype(np.int64)
+    pending = np.flatnonzero(k < 0)
+    if pending.size:
+        k[pending] = _search_pending(-1 - k[pending], idx[pending] >> _BUCKET_BITS, u[pending], levels)
     return k.reshape(q.shape)
+
+
+def _poisson_noise(q: NDArray[np.uint8], levels: int, rng: np.random.Generator) -> NDArray[np.float32]:
+    """float32(k / levels - q / 255) for k = `_poisson_counts(q, levels, rng)`, from the same uniforms,
+    without the int64 counts: decided buckets read the noise straight from the table."""
+    _cdf, direct, direct_noise, _width = _poisson_tables(levels)
+    idx, u = _uniform_buckets(q, rng)
+    noise = np.take(direct_noise, idx)
+    pending = np.flatnonzero(np.isnan(noise))
+    if pending.size:
+        ip = idx[pending]
+        qp = ip >> _BUCKET_BITS
+        k = _search_pending(-1 - direct[ip].astype(np.int64), qp, u[pending], levels)
+        noise[pending] = (k / levels - qp / 255.0).astype(np.float32)
+    return noise.reshape(q.shape)
 
 
 def add_poisson_noise(img: Image, scale: float, *, gray: bool, rng: np.random.Generator) -> Image:
@@ -214,17 +406,23 @@ def add_poisson_noise(img: Image, scale: float, *, gray: bool, rng: np.random.Ge
     _check_image(img)
     src = img @ LUMA if gray else img  # (H, W) or (H, W, 3)
     q = _quantise_8bit(src)
-    distinct = int(np.count_nonzero(np.bincount(q.ravel(), minlength=256)))
+    hist = cv2.calcHist([q.reshape(q.shape[0], -1)], [0], None, [256], [0, 256])  # one channel view
+    distinct = int(np.count_nonzero(hist))
     levels = 2 ** math.ceil(math.log2(max(distinct, 1)))
-    counts = _poisson_counts(q, levels, rng)
-    noise = (counts / levels - q / 255.0).astype(np.float32)
+    noise = _poisson_noise(q, levels, rng)
+    noise *= np.float32(scale)
     if gray:
-        noise = noise[..., None]
-    return img + noise * np.float32(scale)
+        return img + noise[..., None]
+    noise += img
+    return noise
 
 
 def encode_jpeg(img: Image, quality: int) -> bytes:
     """Baseline JPEG bytes of `img` (clamped, quantised to 8 bit) at integer `quality`, 4:2:0 chroma."""
+    return _encode_jpeg(img, quality).tobytes()
+
+
+def _encode_jpeg(img: Image, quality: int) -> NDArray[np.uint8]:
     _check_image(img)
     q = int(quality)
     if not 1 <= q <= 100:
@@ -234,18 +432,17 @@ def encode_jpeg(img: Image, quality: int) -> bytes:
     ok, buf = cv2.imencode(".jpg", bgr, params)
     if not ok:
         raise RuntimeError("OpenCV failed to encode a JPEG")
-    return buf.tobytes()
+    return buf
 
 
 def jpeg(img: Image, quality: int) -> Image:
     """JPEG round trip through libjpeg (OpenCV) at integer `quality`, 4:2:0 chroma (spec 5.2).
 
     The input is clamped to [0, 1] and quantised to 8 bit (a JPEG holds 8-bit samples); the result
-    is the decoded 8-bit image as float32.
+    is the decoded 8-bit image as float32 (value / 255).
     """
-    data = np.frombuffer(encode_jpeg(img, quality), dtype=np.uint8)
-    out = cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    return out.astype(np.float32) / np.float32(255)
+    decoded = cv2.imdecode(_encode_jpeg(img, quality), cv2.IMREAD_COLOR_RGB)  # the encoded buffer, no copy
+    return cv2.LUT(decoded, _U8_TO_FLOAT)
 
 
 def clamp(img: Image) -> Image:
@@ -257,4 +454,4 @@ def clamp(img: Image) -> Image:
 def quantise(img: Image) -> Image:
     """Clip to [0, 1] and round to the nearest 8-bit level, staying float32 (the final LR)."""
     _check_image(img)
-    return _quantise_8bit(img).astype(np.float32) / np.float32(255)
+    return cv2.LUT(_quantise_8bit(img), _U8_TO_FLOAT)

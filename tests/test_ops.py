@@ -314,3 +314,120 @@ def test_bilinear_and_bicubic_follow_pytorch_semantics(mode, size, hr_patch):
     cols = _torch_like_resize_1d(hr_patch.shape[1], size[1], mode)
     expected = np.einsum("ih,hwc,jw->ijc", rows, hr_patch.astype(np.float64), cols)
     np.testing.assert_allclose(ops.resize(hr_patch, size, mode=mode), expected, atol=2e-5)
+
+
+# --- blur plans: what is left out of a kernel, bounded and tested ----------------------------------
+
+
+def _kernels_of_every_level(n: int) -> list[np.ndarray]:
+    """Every blur and sinc kernel of `n` records per level (sizes 7-21, all shapes the recipes draw)."""
+    from degrade import sample_params
+
+    out = []
+    for level in (1, 2, 3):
+        for i in range(n):
+            p = sample_params(level, rng_for(700 + level, i))
+            out += [s.kernel() for s in (p.blur1, p.blur2, p.sinc) if s is not None]
+    return out
+
+
+def _plan_kernel(plan: ops._BlurPlan, shape: tuple[int, int]) -> np.ndarray:
+    """The 2-D kernel a plan applies, rebuilt from its float32 terms and pieces."""
+    kh, kw = shape
+    cy, cx = kh // 2, kw // 2
+    k = np.zeros(shape)
+    for col, row in plan.terms:
+        y0, x0 = cy - col.size // 2, cx - row.size // 2
+        k[y0 : y0 + col.size, x0 : x0 + row.size] += np.outer(col.astype(np.float64), row.astype(np.float64))
+    for taps, (ax, ay) in plan.pieces:
+        k[cy - ay : cy - ay + taps.shape[0], cx - ax : cx - ax + taps.shape[1]] += taps
+    return k
+
+
+@pytest.mark.parametrize("values", [64 * 64 * 3, 256 * 256 * 3])
+def test_blur_plans_leave_out_at_most_the_tolerance(values):
+    """For every kernel the recipes draw: a plan exists, its L1 error <= BLUR_TOLERANCE (1e-7), it is
+    what its OpenCV taps add up to (to float32 rounding), and no piece is big enough for OpenCV's DFT."""
+    for k in _kernels_of_every_level(40):
+        plan = ops._blur_plan(k, values)
+        assert plan is not None
+        assert plan.error <= ops.BLUR_TOLERANCE
+        assert np.abs(k - plan.approx).sum() == pytest.approx(plan.error, abs=1e-15)
+        # OpenCV filters with float32 taps: each rounds by <= 2^-24 relative (a product of two: 3 of them).
+        eps = 2.0**-24
+        rounding = sum(3 * eps * np.abs(c).sum() * np.abs(r).sum() for c, r in plan.terms)
+        rounding += sum(eps * np.abs(t).sum() for t, _ in plan.pieces)
+        assert np.abs(_plan_kernel(plan, k.shape) - plan.approx).sum() <= rounding
+        for taps, (ax, ay) in plan.pieces:
+            assert taps.size < ops._DFT_AREA and 0 <= ax < taps.shape[1] and 0 <= ay < taps.shape[0]
+        for col, row in plan.terms:
+            assert col.size % 2 == 1 and row.size % 2 == 1
+
+
+def test_blur_of_real_images_is_within_1e6_of_the_exact_correlation(photo):
+    """Every recipe kernel on real photo content (256 px and 64 px) against scipy's float64 2-D
+    correlation with reflect-101 borders: max abs difference < 1e-6 (the exact filters' tolerance)."""
+    big = np.ascontiguousarray(photo[:256, :256])
+    small = np.ascontiguousarray(photo[300:364, 100:164])
+    worst = 0.0
+    for j, k in enumerate(_kernels_of_every_level(12)):
+        img = big if j % 3 == 0 else small
+        expected = np.stack([ndimage.correlate(img[..., c].astype(np.float64), k, mode="mirror") for c in range(3)], -1)
+        worst = max(worst, float(np.abs(ops.blur(img, k) - expected).max()))
+    assert worst < 1e-6
+
+
+def test_blur_svd_plan_and_full_kernel_fallback(hr_patch):
+    """The truncated-SVD plan is exact to the tolerance too, and a kernel too large to split into
+    pieces (hand-written records allow sizes up to 51) is applied whole."""
+    k = gaussian_kernel(21, 3.0, 2.5, 0.3)  # fat anisotropic: few SVD terms
+    plan = ops._svd_plan(k)
+    assert plan is not None and 1 < len(plan.terms) < 10 and plan.error <= ops.BLUR_TOLERANCE
+    big = gaussian_kernel(41, 6.0, 2.0, 0.5)
+    assert ops._pieces_plan(big) is None
+    expected = np.stack([ndimage.correlate(hr_patch[..., c].astype(np.float64), big, mode="mirror") for c in range(3)], -1)
+    np.testing.assert_allclose(ops.blur(hr_patch, big), expected, atol=1e-6)
+
+
+# --- the fast paths equal the plain formulas bit for bit --------------------------------------------
+
+
+def test_quantise_8bit_equals_round_of_clip_including_ties():
+    steps = (np.arange(256) + 0.5) / 255
+    ties = np.concatenate([np.nextafter(steps, -1), steps, np.nextafter(steps, 2)]).astype(np.float32)
+    x = np.concatenate([ties, rng_for(10).uniform(-0.3, 1.3, 30_000).astype(np.float32), [-0.0, 0.0, 1.0]])
+    x = x[: x.size // 3 * 3].reshape(-1, 1, 3).astype(np.float32)
+    expected = np.rint(np.clip(x.astype(np.float32) * np.float32(255), 0, 255)).astype(np.uint8)
+    np.testing.assert_array_equal(ops._quantise_8bit(x), expected)
+    np.testing.assert_array_equal(ops.quantise(x), expected.astype(np.float32) / np.float32(255))
+
+
+def test_jpeg_is_the_decoded_encoding(hr_patch):
+    """jpeg(x) is exactly the 8-bit image that libjpeg decodes from encode_jpeg(x), over 255."""
+    import cv2
+
+    for q in (30, 90):
+        decoded = cv2.imdecode(np.frombuffer(ops.encode_jpeg(hr_patch, q), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+        np.testing.assert_array_equal(ops.jpeg(hr_patch, q), decoded.astype(np.float32) / np.float32(255))
+
+
+@pytest.mark.parametrize("levels", [2, 64, 256])
+def test_poisson_noise_table_equals_counts(levels, hr_patch):
+    """The noise read from the table is (k / levels - q / 255) in float64, rounded to float32, for the
+    same draws k as `_poisson_counts` with the same seed."""
+    q = ops._quantise_8bit(hr_patch)
+    counts = ops._poisson_counts(q, levels, rng_for(11))
+    expected = (counts / levels - q / 255.0).astype(np.float32)
+    np.testing.assert_array_equal(ops._poisson_noise(q, levels, rng_for(11)), expected)
+
+
+def test_noise_ops_equal_their_formulas(hr_patch):
+    g = np.random.default_rng(12).standard_normal((128, 128, 3), dtype=np.float32)
+    np.testing.assert_array_equal(ops.add_gaussian_noise(hr_patch, 7.0, gray=False, rng=np.random.default_rng(12)),
+                                  hr_patch + g * np.float32(7.0 / 255.0))
+    q = ops._quantise_8bit(hr_patch)
+    levels = 2 ** math.ceil(math.log2(len(np.unique(q))))
+    counts = ops._poisson_counts(q, levels, np.random.default_rng(13))
+    noise = (counts / levels - q / 255.0).astype(np.float32)
+    np.testing.assert_array_equal(ops.add_poisson_noise(hr_patch, 1.5, gray=False, rng=np.random.default_rng(13)),
+                                  hr_patch + noise * np.float32(1.5))
