@@ -20,7 +20,7 @@ def _noise(img: ops.Image, noise: NoiseParams | None) -> ops.Image:
         img = ops.add_gaussian_noise(img, noise.strength, gray=noise.gray, rng=rng)
     else:
         img = ops.add_poisson_noise(img, noise.strength, gray=noise.gray, rng=rng)
-    return ops.clamp(img)
+    return np.clip(img, 0.0, 1.0, out=img)  # = ops.clamp, in place: the noisy image is a new array
 
 
 def check_hr(hr: NDArray) -> None:
