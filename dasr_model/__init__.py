@@ -1,22 +1,15 @@
-"""dasr_model: the DASR network (spec: shared/spec/model.md).
+"""dasr_model: the DASR network, its training and its use (needs PyTorch).
 
-Implemented: the network (`DASR`: predictor + K-expert MSRResNet), the released-weights loader, the
-shard data pipeline and the training loop with optional GAN / perceptual terms and DDP (`dasr-train`,
-docs/training.md), three exact ways to compute the expert convolutions (`set_expert_impl`) and the
-per-image fused plain generator for inference (`ExpertMSRResNet.fuse`). Not yet: GPU measurements of
-those and a real training run (issue 5).
+The flow: `degrade make-dataset` shards -> `data` (paired crops, flips and rotations with v kept
+true) -> `model` (`DASR`: predictor + K-expert MSRResNet; `config`: its hyper-parameters) -> `train`
+(`dasr-train`; `checkpoints`) -> `modelfile` (the pickle-free model file, `dasr-export`) -> `infer`
+(`dasr-sr`) and `evaluate` (`dasr-eval`). `release` loads the released DASR weights. docs/training.md
+and docs/inference.md describe them; no GPU-trained model exists yet.
 """
 
-from dasr_model.model import (
-                              DASR,
-                              EXPERT_IMPLS,
-                              DASRConfig,
-                              DegradationPredictor,
-                              ExpertMSRResNet,
-                              MSRResNet,
-                              load_release_weights,
-                              set_expert_impl,
-)
+from dasr_model.config import DASRConfig
+from dasr_model.model import DASR, EXPERT_IMPLS, DegradationPredictor, ExpertMSRResNet, MSRResNet, set_expert_impl
+from dasr_model.release import load_release_weights
 
 __all__ = ["DASR", "DASRConfig", "DegradationPredictor", "EXPERT_IMPLS", "ExpertMSRResNet", "MSRResNet",
            "load_release_weights", "set_expert_impl"]

@@ -20,9 +20,8 @@ import degrade
 from dasr_model.errors import DASRError
 from degrade.augment import dihedral_image, dihedral_vector
 from degrade.inspect import BLOCKS
+from degrade.pipeline import SCALE
 from degrade.sharpen import USM_SIGMA, USM_SIZE, USM_THRESHOLD, USM_WEIGHT  # one definition
-
-SCALE = 4
 
 
 class PairedShards(Dataset):

@@ -19,8 +19,9 @@ from torch import Tensor
 
 from dasr_model.checkpoints import latest_intact, load_checkpoint
 from dasr_model.errors import DASRError
-from dasr_model.model import DASR, DASRConfig, ExpertMSRResNet, MSRResNet, load_release_weights
+from dasr_model.model import DASR, DASRConfig, ExpertMSRResNet, MSRResNet
 from dasr_model.modelfile import is_model_file, read_model_file, save_model_file
+from dasr_model.release import load_release_weights
 from degrade.io import to_uint8
 
 

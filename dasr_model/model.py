@@ -1,107 +1,22 @@
-"""The DASR network (shared/spec/model.md): degradation predictor P and the K-expert MSRResNet G.
+"""The DASR network: degradation predictor P and the K-expert MSRResNet G.
 
-Module and parameter names follow the released checkpoints (spec section 3), so a released state
-dict loads with `load_state_dict(strict=True)`; :func:`load_release_weights` does that from files.
+Module and parameter names follow the released checkpoints, so a released state dict loads with
+`load_state_dict(strict=True)`; :func:`dasr_model.release.load_release_weights` does that from files.
 """
 
 from __future__ import annotations
 
 import math
-import pickle
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dasr_model.config import EXPERT_IMPLS, MAX_PARAMETERS, VECTOR_LENGTH, DASRConfig, ExpertImpl
 from dasr_model.errors import DASRError
 
-VECTOR_LENGTH = 33  # layout "dasr33-v1" (degrade.VECTOR_LENGTH; not imported, to keep this light)
-MIXINGS = ("linear", "softmax")
-PREDICTOR_INPUTS = ("lr", "highpass")
-ExpertImpl = Literal["grouped", "dense", "bmm"]
-EXPERT_IMPLS: tuple[str, ...] = get_args(ExpertImpl)
-# A config read from a file is data: sizes are bounded before anything is allocated. 100M parameters
-# (400 MB in float32) is 13x the released 5-expert model; larger nets are refused, not attempted.
-MAX_PARAMETERS = 100_000_000
-
-
-@dataclass(frozen=True)
-class DASRConfig:
-    """Hyper-parameters, stored in every checkpoint (never guessed from tensor shapes)."""
-
-    num_experts: int = 5
-    num_feat: int = 64
-    num_block: int = 16
-    scale: int = 4
-    predictor_feat: int = 64
-    mapping_hidden: int = 15
-    # How v becomes the expert mix a. "linear": a = MappingNet(v) as released (released weights need it);
-    # "softmax": a = softmax(MappingNet(v) / mixing_temperature), a convex mix (docs/training.md).
-    mixing: str = "linear"
-    mixing_temperature: float = 1.0
-    # Scale of the mapping net's last layer at init: 0.1 starts a near 1/K for every v; 1 lets a vary with v.
-    mapping_gain: float = 0.1
-    # What the predictor sees: "lr" (as released) or "highpass", the LR minus its 3x3 local mean, x10
-    # (texture, noise and JPEG traces without brightness; learns where "lr" stays constant, docs/training.md).
-    predictor_input: str = "lr"
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            want = type(f.default)  # every field has a default of its type (int, float or str)
-            if want is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-                object.__setattr__(self, f.name, value)
-            if type(value) is not want:
-                raise DASRError(f"model config: {f.name} must be {want.__name__}, got {value!r}")
-        for name in ("num_experts", "num_feat", "num_block", "predictor_feat", "mapping_hidden"):
-            if getattr(self, name) < 1:
-                raise DASRError(f"model config: {name} must be at least 1, got {getattr(self, name)}")
-        if self.scale != 4:
-            raise DASRError(f"model config: only scale 4 is implemented, got {self.scale}")
-        if self.mixing not in MIXINGS:
-            raise DASRError(f"model config: mixing must be one of {', '.join(MIXINGS)}, got {self.mixing!r}")
-        if self.predictor_input not in PREDICTOR_INPUTS:
-            raise DASRError(f"model config: predictor_input must be one of {', '.join(PREDICTOR_INPUTS)}, "
-                            f"got {self.predictor_input!r}")
-        for name in ("mixing_temperature", "mapping_gain"):
-            if not 0 < getattr(self, name) < math.inf:
-                raise DASRError(f"model config: {name} must be a finite number > 0, got {getattr(self, name)}")
-        if self.parameter_count() > MAX_PARAMETERS:
-            raise DASRError(f"model config: {self.parameter_count():,} parameters is over the limit of "
-                            f"{MAX_PARAMETERS:,} (num_experts {self.num_experts}, num_feat {self.num_feat}, "
-                            f"num_block {self.num_block})")
-
-    def parameter_count(self) -> int:
-        """The number of parameters DASR(self) holds, from the sizes alone (nothing is allocated)."""
-        k, f, p, h = self.num_experts, self.num_feat, self.predictor_feat, self.mapping_hidden
-
-        def conv(i: int, o: int, side: int) -> int:
-            return o * i * side * side + o
-
-        gen = (conv(3, f, 3) + 2 * self.num_block * conv(f, f, 3) + 2 * conv(f, 4 * f, 3) + conv(f, f, 3)
-               + conv(f, 3, 3))
-        chans = [3, p, p, p, p, p, VECTOR_LENGTH]
-        pred = sum(conv(chans[i], chans[i + 1], 5) for i in range(6))
-        mapping = (VECTOR_LENGTH * h + h) + (h * k + k)
-        return k * gen + pred + mapping
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Any) -> DASRConfig:
-        """A config read from a file: unknown or missing keys and out-of-range sizes are refused."""
-        if not isinstance(d, dict):
-            raise DASRError("model config: expected a mapping of field names to values")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DASRError(f"model config: unknown field(s) {', '.join(map(str, unknown))}")
-        return cls(**d)
+__all__ = ["DASR", "DASRConfig", "DegradationPredictor", "EXPERT_IMPLS", "ExpertConv2d", "ExpertMSRResNet",
+           "MAX_PARAMETERS", "MSRResNet", "set_expert_impl"]
 
 
 class DegradationPredictor(nn.Module):
@@ -375,44 +290,3 @@ class DASR(nn.Module):
             a = self.mix(v_mix)
         sr = self.sr(lr, a)
         return (sr, v_hat) if return_v else sr
-
-
-def _state_dict_from(source: dict[str, Tensor] | str | Path, prefer_ema: bool) -> dict[str, Tensor]:
-    if isinstance(source, (str, Path)):
-        try:
-            data = torch.load(source, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
-            raise DASRError(f"{source}: refused: not a file of tensors (pickled Python objects)") from None
-        except (RuntimeError, EOFError, ValueError):
-            raise DASRError(f"{source}: not a readable weights file (damaged or truncated)") from None
-    else:
-        data = source
-    if not isinstance(data, dict):
-        raise DASRError(f"{source if isinstance(source, (str, Path)) else 'weights'}: a release file must hold a dict")
-    if prefer_ema and "params_ema" in data:
-        return data["params_ema"]
-    if "params" in data:
-        return data["params"]
-    return data  # already a bare state dict
-
-
-def load_release_weights(g: dict[str, Tensor] | str | Path, p: dict[str, Tensor] | str | Path, *,
-                         prefer_ema: bool = True) -> DASR:
-    """A DASR holding the release's weights: G and P as state dicts or paths to the release `.pth` files.
-
-    Files are read with `torch.load(weights_only=True)`; the G file's `params_ema` is used when present
-    (`prefer_ema`), else `params`. Keys and shapes must match the release layout exactly (else DASRError).
-    """
-    g_state = _state_dict_from(g, prefer_ema)
-    p_state = _state_dict_from(p, prefer_ema=False)
-    first = g_state.get("conv_first.weight")
-    if not isinstance(first, Tensor) or first.dim() != 5:
-        raise DASRError("release G weights: no expert conv_first.weight (K, 64, 3, 3, 3); is this DASR's G file?")
-    model = DASR(DASRConfig(num_experts=int(first.shape[0]), mixing="linear", predictor_input="lr"))  # as released
-    for name, module, state in (("G", model.generator, g_state), ("P", model.predictor, p_state)):
-        try:
-            module.load_state_dict(state, strict=True)
-        except (RuntimeError, TypeError, AttributeError) as exc:
-            detail = " ".join(line.strip() for line in str(exc).splitlines()[1:2]) or str(exc)
-            raise DASRError(f"release {name} weights do not fit the released layout ({detail[:200]})") from None
-    return model

@@ -18,8 +18,8 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 from dasr_model.infer import fuse_experts, super_resolve  # noqa: E402
-from dasr_model.model import (EXPERT_IMPLS, DASR, DASRConfig, ExpertConv2d, MSRResNet,  # noqa: E402
-                              load_release_weights, set_expert_impl)
+from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, ExpertConv2d, MSRResNet, set_expert_impl  # noqa: E402
+from dasr_model.release import load_release_weights  # noqa: E402
 
 from .test_model import _reference, _release_state_dicts  # noqa: E402
 

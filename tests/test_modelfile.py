@@ -18,8 +18,9 @@ from cli.sr import export_main, sr_main  # noqa: E402
 from dasr_model.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
 from dasr_model.errors import DASRError  # noqa: E402
 from dasr_model.infer import load_model  # noqa: E402
-from dasr_model.model import DASR, MAX_PARAMETERS, DASRConfig, load_release_weights  # noqa: E402
+from dasr_model.model import DASR, MAX_PARAMETERS, DASRConfig  # noqa: E402
 from dasr_model.modelfile import read_model_file, save_model_file  # noqa: E402
+from dasr_model.release import load_release_weights  # noqa: E402
 from dasr_model.train import TrainConfig  # noqa: E402
 
 TINY = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8, mixing="softmax", mapping_gain=1.0)

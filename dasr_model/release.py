@@ -1,0 +1,54 @@
+"""The released DASR weights (G.pth and P.pth) as a `DASR`, read with weights_only=True and checked key by key."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dasr_model.config import DASRConfig
+from dasr_model.errors import DASRError
+from dasr_model.model import DASR
+
+
+def _state_dict_from(source: dict[str, Tensor] | str | Path, prefer_ema: bool) -> dict[str, Tensor]:
+    if isinstance(source, (str, Path)):
+        try:
+            data = torch.load(source, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
+            raise DASRError(f"{source}: refused: not a file of tensors (pickled Python objects)") from None
+        except (RuntimeError, EOFError, ValueError):
+            raise DASRError(f"{source}: not a readable weights file (damaged or truncated)") from None
+    else:
+        data = source
+    if not isinstance(data, dict):
+        raise DASRError(f"{source if isinstance(source, (str, Path)) else 'weights'}: a release file must hold a dict")
+    if prefer_ema and "params_ema" in data:
+        return data["params_ema"]
+    if "params" in data:
+        return data["params"]
+    return data  # already a bare state dict
+
+
+def load_release_weights(g: dict[str, Tensor] | str | Path, p: dict[str, Tensor] | str | Path, *,
+                         prefer_ema: bool = True) -> DASR:
+    """A DASR holding the release's weights: G and P as state dicts or paths to the release `.pth` files.
+
+    Files are read with `torch.load(weights_only=True)`; the G file's `params_ema` is used when present
+    (`prefer_ema`), else `params`. Keys and shapes must match the release layout exactly (else DASRError).
+    """
+    g_state = _state_dict_from(g, prefer_ema)
+    p_state = _state_dict_from(p, prefer_ema=False)
+    first = g_state.get("conv_first.weight")
+    if not isinstance(first, Tensor) or first.dim() != 5:
+        raise DASRError("release G weights: no expert conv_first.weight (K, 64, 3, 3, 3); is this DASR's G file?")
+    model = DASR(DASRConfig(num_experts=int(first.shape[0]), mixing="linear", predictor_input="lr"))  # as released
+    for name, module, state in (("G", model.generator, g_state), ("P", model.predictor, p_state)):
+        try:
+            module.load_state_dict(state, strict=True)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            detail = " ".join(line.strip() for line in str(exc).splitlines()[1:2]) or str(exc)
+            raise DASRError(f"release {name} weights do not fit the released layout ({detail[:200]})") from None
+    return model
