@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Sampler
 import degrade
 from dasr_model.errors import DASRError
 from degrade.augment import dihedral_image, dihedral_vector
-from degrade.inspect import BLOCKS
+from degrade.layout import BLOCKS
 from degrade.pipeline import SCALE
 from degrade.sharpen import USM_SIGMA, USM_SIZE, USM_THRESHOLD, USM_WEIGHT  # one definition
 
@@ -117,15 +117,13 @@ def unsharp_mask(img: Tensor, *, weight: float = USM_WEIGHT, threshold: float = 
     return soft * sharp + (1 - soft) * img
 
 
-# The blocks of v as degrade.inspect defines them, with the JPEG/final block reported as "jpeg".
-VECTOR_BLOCKS = {("jpeg" if name == "JPEG/final" else name): span for name, span in BLOCKS.items()}
 
 
 def block_mae(v_hat: Tensor, v: Tensor) -> dict[str, float]:
     """Mean absolute error of v_hat against v, overall and per block of the layout."""
     err = (v_hat - v).abs()
     out = {"all": float(err.mean())}
-    for name, (lo, hi) in VECTOR_BLOCKS.items():
+    for name, (lo, hi) in BLOCKS.items():
         out[name] = float(err[:, lo:hi].mean())
     return out
 
