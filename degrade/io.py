@@ -1,14 +1,21 @@
 """Image I/O: the one place where files become float32 RGB arrays and back (spec section 1).
 
-Reading accepts anything OpenCV decodes (PNG, JPEG, WebP, BMP, TIFF, ...) and converts, as
-documented in docs/degradation.md: 8-bit and 16-bit samples are scaled to [0, 1] (x / 255,
-x / 65535); gray becomes RGB by copying; an alpha channel is dropped (not composited); EXIF
-orientation is applied. Writing stores 8-bit RGB in a lossless format (PNG, BMP, TIFF).
+Reading accepts PNG, JPEG, WebP, BMP, TIFF and PNM/PAM files and converts, as documented in
+docs/degradation.md: 8-bit and 16-bit samples are scaled to [0, 1] (x / 255, x / 65535); gray
+becomes RGB by copying; an alpha channel is dropped (not composited); EXIF orientation is applied.
+Writing stores 8-bit RGB in a lossless format (PNG, BMP, TIFF).
+
+Reading is bounded (docs/dataset-format.md, trust model): only regular files, at most
+max_file_bytes() long, are read, and the image size declared in the file's header is checked
+against pixel_limit() before anything is decoded, so a small file that claims a huge image costs
+nothing. Decoding then needs about 15 bytes per pixel at its peak (8-bit input).
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import struct
 import tempfile
 from pathlib import Path
 
@@ -19,46 +26,225 @@ from numpy.typing import NDArray
 from degrade.errors import ImageError
 
 LOSSLESS_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: above real photos (a 61 MP full-frame camera), below a 10 GiB decode
+MAX_PIXELS_ENV = "DEGRADE_MAX_PIXELS"  # raises (or lowers) the cap; `--max-pixels` of the CLIs sets it
+FORMATS = "PNG, JPEG, WebP, BMP, TIFF or PNM"
 
 
-def read_image(path: str | os.PathLike) -> NDArray[np.float32]:
-    """Read an image file as (H, W, 3) float32 RGB in [0, 1]."""
+def pixel_limit() -> int:
+    """The largest image (width x height) that will be decoded: $DEGRADE_MAX_PIXELS or DEFAULT_MAX_PIXELS."""
+    raw = os.environ.get(MAX_PIXELS_ENV)
+    if raw is None:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ImageError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive number of pixels")
+    return value
+
+
+def max_file_bytes(pixels: int | None = None) -> int:
+    """The largest image file read: an uncompressed 16-bit RGBA image of `pixels` pixels plus 64 MiB."""
+    return 8 * (pixel_limit() if pixels is None else pixels) + (64 << 20)
+
+
+def read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `limit` bytes.
+
+    A FIFO, device or socket is refused before it is opened (reading /dev/zero never ends, a FIFO
+    blocks); the file is opened non-blocking and checked again, against a swap in between.
+    Raises ImageError (a missing file, a folder, too large) or OSError (unreadable).
+    """
     path = Path(path)
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        info = os.stat(path)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image") from None
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror})") from None
+    _check_regular(path, info, limit)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        _check_regular(path, os.fstat(fd), limit)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ImageError(f"{path}: larger than {limit} bytes")
+    return data
+
+
+def _check_regular(path: Path, info: os.stat_result, limit: int) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError(f"{path}: is a directory, not an image")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError(f"{path}: not a regular file (a device, FIFO or socket is never read)")
+    if info.st_size > limit:
+        raise ImageError(f"{path}: {info.st_size} bytes, larger than the {limit}-byte limit")
+
+
+def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> NDArray[np.float32]:
+    """Read an image file as (H, W, 3) float32 RGB in [0, 1].
+
+    Refuses (ImageError) anything but a regular file of at most max_file_bytes(), and images whose
+    header declares more than `max_pixels` pixels (default: :func:`pixel_limit`), before decoding.
+    """
+    path = Path(path)
     try:
-        return decode_image(data.tobytes())
+        data = read_regular_file(path, max_file_bytes(max_pixels))
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return decode_image(data, max_pixels=max_pixels)
     except ImageError as exc:
         raise ImageError(f"{path}: {exc}") from None
 
 
-def decode_image(data: bytes) -> NDArray[np.float32]:
+def decode_image(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.float32]:
     """Encoded image bytes -> (H, W, 3) float32 RGB in [0, 1], with the conversions of read_image.
 
-    Raises ImageError (message without a file name) for undecodable data or unsupported sample types.
+    Raises ImageError (message without a file name) for undecodable data, unsupported sample types,
+    and images whose header declares more than `max_pixels` pixels (checked before decoding).
     """
+    limit = pixel_limit() if max_pixels is None else max_pixels
+    width, height = image_size(data)
+    if width * height > limit:
+        raise ImageError(f"{width}x{height} is {width * height / 1e6:.1f} MP, above the {limit / 1e6:g} MP limit "
+                         f"(raise it with --max-pixels or {MAX_PIXELS_ENV})")
     buf = np.frombuffer(data, dtype=np.uint8)
     # ANYCOLOR|ANYDEPTH keeps 16 bit and gray, drops alpha and honours EXIF orientation.
-    img = cv2.imdecode(buf, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH) if buf.size else None
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH) if buf.size else None
+    except cv2.error as exc:  # e.g. OpenCV's own size limits: a refusal, not a crash
+        raise ImageError(f"not a readable image ({' '.join(str(exc).split())[-120:]})") from None
     if img is None or img.size == 0:
         raise ImageError("not a readable image")
-    if img.dtype == np.uint8:
-        scaled = img.astype(np.float32) / np.float32(255)
-    elif img.dtype == np.uint16:
-        scaled = img.astype(np.float32) / np.float32(65535)
-    else:
+    if img.dtype not in (np.uint8, np.uint16):
         raise ImageError(f"unsupported sample type {img.dtype} (expected 8 or 16 bit)")
-    if scaled.ndim == 2:
-        scaled = np.repeat(scaled[..., None], 3, axis=2)
-    elif scaled.shape[2] == 4:  # defensive: some decoders keep alpha
-        scaled = scaled[..., :3]
-    return np.ascontiguousarray(scaled[..., ::-1])  # BGR -> RGB
+    # To RGB while still 8/16-bit (a third of the memory of float32); values equal the older float path.
+    if img.ndim == 2:
+        rgb = np.repeat(img[..., None], 3, axis=2)
+    else:  # BGR or BGRA (defensive: some decoders keep alpha)
+        rgb = np.ascontiguousarray(img[..., 2::-1])
+    del img
+    out = rgb.astype(np.float32)
+    np.divide(out, np.float32(255 if rgb.dtype == np.uint8 else 65535), out=out)
+    return out
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) declared in the header of a PNG, JPEG, WebP, BMP, TIFF or PNM/PAM file.
+
+    Reads only the header, so the size can be checked before decoding. Raises ImageError for other
+    formats and for headers that are cut short or declare an empty image.
+    """
+    try:
+        size = _header_size(data)
+    except (struct.error, IndexError, KeyError, ValueError):
+        size = None
+    if size is None:
+        raise ImageError(f"not a readable image (not {FORMATS}, or its header is damaged)")
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageError(f"not a readable image (its header declares {width}x{height})")
+    return width, height
+
+
+def _header_size(d: bytes) -> tuple[int, int] | None:
+    if d[:8] == b"\x89PNG\r\n\x1a\n" and d[12:16] == b"IHDR":
+        return struct.unpack(">II", d[16:24])
+    if d[:2] == b"\xff\xd8":
+        return _jpeg_size(d)
+    if d[:4] == b"RIFF" and d[8:12] == b"WEBP":
+        return _webp_size(d)
+    if d[:2] == b"BM":
+        if struct.unpack("<I", d[14:18])[0] == 12:  # BITMAPCOREHEADER: 16-bit sizes
+            return struct.unpack("<HH", d[18:22])
+        w, h = struct.unpack("<ii", d[18:26])
+        return abs(w), abs(h)  # negative height: top-down rows
+    if d[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return _tiff_size(d)
+    if d[:1] == b"P" and d[1:2] in b"123456" and d[1:2] != b"":
+        tokens = _pnm_tokens(d[2:], 2)
+        return int(tokens[0]), int(tokens[1])
+    if d[:3] == b"P7\n":  # PAM: WIDTH and HEIGHT lines before ENDHDR
+        fields = dict(line.split(None, 1) for line in d[3:d.index(b"ENDHDR")].decode("ascii").splitlines()
+                      if line.strip() and not line.startswith("#"))
+        return int(fields["WIDTH"]), int(fields["HEIGHT"])
+    return None
+
+
+def _jpeg_size(d: bytes) -> tuple[int, int] | None:
+    """Frame size from the first SOF marker (SOF0-15 except DHT C4, JPG C8, DAC CC)."""
+    i = 2
+    while i + 4 <= len(d):
+        if d[i] != 0xFF:
+            return None
+        marker = d[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # stand-alone markers
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        length = struct.unpack(">H", d[i + 2:i + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", d[i + 5:i + 9])
+            return w, h
+        if length < 2:
+            return None
+        i += 2 + length
+    return None
+
+
+def _webp_size(d: bytes) -> tuple[int, int] | None:
+    chunk = d[12:16]
+    if chunk == b"VP8X":
+        w = int.from_bytes(d[24:27], "little") + 1
+        h = int.from_bytes(d[27:30], "little") + 1
+        return w, h
+    if chunk == b"VP8L" and d[20] == 0x2F:
+        bits = struct.unpack("<I", d[21:25])[0]
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 " and d[23:26] == b"\x9d\x01\x2a":
+        w, h = struct.unpack("<HH", d[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    return None
+
+
+def _tiff_size(d: bytes) -> tuple[int, int] | None:
+    """ImageWidth (256) and ImageLength (257) of the first IFD (the page OpenCV decodes); BigTIFF too."""
+    e = "<" if d[:2] == b"II" else ">"
+    big = struct.unpack(e + "H", d[2:4])[0] == 43
+    if big:
+        ifd = struct.unpack(e + "Q", d[8:16])[0]
+        count, size, at = struct.unpack(e + "Q", d[ifd:ifd + 8])[0], 20, ifd + 8
+    else:
+        ifd = struct.unpack(e + "I", d[4:8])[0]
+        count, size, at = struct.unpack(e + "H", d[ifd:ifd + 2])[0], 12, ifd + 2
+    found: dict[int, int] = {}
+    for n in range(min(count, 4096)):
+        entry = d[at + n * size:at + (n + 1) * size]
+        tag, kind = struct.unpack(e + "HH", entry[:4])
+        if tag in (256, 257):
+            value = entry[12:] if big else entry[8:]
+            fmt = {3: "H", 4: "I", 16: "Q"}.get(kind)
+            if fmt is None:
+                return None
+            found[tag] = struct.unpack(e + fmt, value[:struct.calcsize(fmt)])[0]
+    if 256 in found and 257 in found:
+        return found[256], found[257]
+    return None
+
+
+def _pnm_tokens(d: bytes, n: int) -> list[bytes]:
+    """The first `n` whitespace-separated header tokens of a PNM file, skipping # comments."""
+    tokens: list[bytes] = []
+    for line in d[:4096].split(b"\n"):
+        tokens += line.split(b"#", 1)[0].split()
+        if len(tokens) >= n:
+            return tokens[:n]
+    raise ValueError("short PNM header")
 
 
 def to_uint8(img: NDArray[np.floating] | NDArray[np.uint8]) -> NDArray[np.uint8]:

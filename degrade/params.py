@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from degrade.errors import DegradeError
 from degrade.kernels import gaussian_kernel, sinc_kernel
 from degrade.recipe import (
     FINAL_ORDERS,
@@ -41,6 +42,9 @@ MAX_KERNEL_SIZE = 51
 MIN_SIGMA, MAX_SIGMA = 1e-3, 20.0
 MIN_OMEGA_C = 0.05
 MIN_SCALE, MAX_SCALE = 0.01, 4.0
+MAX_GAUSSIAN_SIGMA = 255.0  # in 0-255 units: noise as large as the whole range (recipes stop at 30)
+MAX_POISSON_SCALE = 50.0  # recipes stop at 3
+MAX_GROWTH, MIN_WORK_CAP = 4, 1 << 24  # resize1 may make at most max(4 x the input's pixels, 16.8 MP)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,24 +175,24 @@ class DegradationParams:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DegradationParams:
-        """Strict inverse of :meth:`to_dict`: unknown or missing keys and bad values raise ValueError."""
+        """Strict inverse of :meth:`to_dict`: unknown or missing keys and bad values raise DegradeError."""
         if not isinstance(data, Mapping):
-            raise ValueError("a parameter record must be a JSON object")
+            raise DegradeError("a parameter record must be a JSON object")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown keys in parameter record: {sorted(unknown)}")
+            raise DegradeError(f"unknown keys in parameter record: {sorted(unknown)}")
         kwargs: dict[str, Any] = {}
         for name in known:
             if name not in data:
                 if name in _TWO_STAGE_ONLY:
                     continue
-                raise ValueError(f"parameter record lacks {name!r}")
+                raise DegradeError(f"parameter record lacks {name!r}")
             value = data[name]
             if name == "level":
                 kwargs[name] = None if value is None else _strict_int("level", value)
             elif name == "final" and value is None:
-                raise ValueError("final: expected an object, got null")
+                raise DegradeError("final: expected an object, got null")
             else:
                 kwargs[name] = None if value is None else _step_from_dict(name, value)
         return cls(**kwargs)
@@ -198,30 +202,32 @@ class DegradationParams:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"not valid JSON: {exc.msg} (line {exc.lineno})") from None
+            raise DegradeError(f"not valid JSON: {exc.msg} (line {exc.lineno})") from None
+        except RecursionError:  # JSON nested thousands deep: a refusal, not a crash
+            raise DegradeError("not a parameter record: JSON nested too deeply") from None
         return cls.from_dict(data)
 
 
 def _strict_int(where: str, raw: Any) -> int:
     """A JSON integer (or an integral float such as 7.0); bools, strings and non-finite values are refused."""
     if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) or raw != int(raw):
-        raise ValueError(f"{where}: bad value {raw!r} (expected an integer)")
+        raise DegradeError(f"{where}: bad value {raw!r} (expected an integer)")
     return int(raw)
 
 
 def _strict_float(where: str, raw: Any) -> float:
     if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
-        raise ValueError(f"{where}: bad value {raw!r} (expected a finite number)")
+        raise DegradeError(f"{where}: bad value {raw!r} (expected a finite number)")
     return float(raw)
 
 
 def _step_from_dict(name: str, value: Any) -> Any:
     step_type = _STEP_TYPES[name]
     if not isinstance(value, Mapping):
-        raise ValueError(f"{name}: expected an object, got {type(value).__name__}")
+        raise DegradeError(f"{name}: expected an object, got {type(value).__name__}")
     expected = {f.name: f for f in fields(step_type)}
     if set(value) != set(expected):
-        raise ValueError(f"{name}: expected keys {sorted(expected)}, got {sorted(value)}")
+        raise DegradeError(f"{name}: expected keys {sorted(expected)}, got {sorted(value)}")
     kwargs = {}
     for key, raw in value.items():
         annotation = str(expected[key].type)
@@ -232,11 +238,11 @@ def _step_from_dict(name: str, value: Any) -> Any:
             kwargs[key] = _strict_float(where, raw)
         elif annotation == "bool":
             if not isinstance(raw, bool):
-                raise ValueError(f"{where}: bad value {raw!r} (expected true or false)")
+                raise DegradeError(f"{where}: bad value {raw!r} (expected true or false)")
             kwargs[key] = raw
         else:  # Literal choices, checked by _validate
             if not (raw is None or isinstance(raw, str)):
-                raise ValueError(f"{where}: bad value {raw!r} (expected a string)")
+                raise DegradeError(f"{where}: bad value {raw!r} (expected a string)")
             kwargs[key] = raw
     return step_type(**kwargs)
 
@@ -245,7 +251,7 @@ def _validate(p: DegradationParams) -> None:
     """Structural checks that make a record applicable; ranges of the vector layout are encode's job."""
 
     def fail(msg: str) -> None:
-        raise ValueError(f"invalid parameter record: {msg}")
+        raise DegradeError(f"invalid parameter record: {msg}")
 
     if p.level not in (None, 1, 2, 3) or isinstance(p.level, bool):
         fail(f"level must be 1, 2, 3 or null, got {p.level!r}")
@@ -285,8 +291,9 @@ def _validate(p: DegradationParams) -> None:
         if n is not None:
             if n.type not in NOISE_TYPES:
                 fail(f"{name}.type must be one of {NOISE_TYPES}, got {n.type!r}")
-            if not (math.isfinite(n.strength) and n.strength >= 0):
-                fail(f"{name}.strength must be >= 0, got {n.strength}")
+            top = MAX_GAUSSIAN_SIGMA if n.type == "gaussian" else MAX_POISSON_SCALE
+            if not (math.isfinite(n.strength) and 0 <= n.strength <= top):
+                fail(f"{name}.strength must be in [0, {top:g}] for {n.type} noise, got {n.strength}")
             if not 0 <= n.seed < SEED_LIMIT:
                 fail(f"{name}.seed must be in [0, 2**53), got {n.seed}")
     for name in ("jpeg1", "jpeg2"):
@@ -365,7 +372,7 @@ def draw_level(level: LevelChoice, rng: np.random.Generator) -> int:
                 return candidate
         return max(MIX_PROBS)
     if level not in (1, 2, 3):
-        raise ValueError(f"unknown level {level!r}: expected 1, 2, 3 or 'mix'")
+        raise DegradeError(f"unknown level {level!r}: expected 1, 2, 3 or 'mix'")
     return int(level)
 
 
@@ -384,7 +391,7 @@ def sample_params(
     resize1 = None if scale1 == 1.0 else ResizeParams(scale=scale1, mode=_pick(s1.resize_modes, rng))
     noise1 = _sample_noise(s1, rng)
     if s1.jpeg_range is None:
-        raise ValueError(f"level {lv}: stage 1 needs a jpeg_range")
+        raise DegradeError(f"level {lv}: stage 1 needs a jpeg_range")
     jpeg1 = _sample_jpeg(s1.jpeg_range, rng)
     if recipe.stage2 is None or recipe.final is None:
         final = FinalParams(order=None, mode=_pick(recipe.final_modes, rng))
@@ -414,3 +421,31 @@ def sample_params(
         sinc=sinc,
         jpeg2=jpeg2,
     )
+
+
+def check_work(hr: Any, params: DegradationParams) -> None:
+    """Refuse (DegradeError) an HR input that degrade.apply cannot take, or a record whose work is out
+    of proportion to the image: stage 1's resize may make at most max(MAX_GROWTH x the input's pixels,
+    MIN_WORK_CAP) pixels (recipes reach 2.25x). Every other step works on at most that many pixels with
+    kernels of at most MAX_KERNEL_SIZE taps a side, so time and memory stay proportional to the input.
+    """
+    from degrade.pipeline import MIN_HR_SIDE, SCALE  # here: pipeline imports this module
+
+    if not isinstance(hr, np.ndarray) or hr.ndim != 3 or hr.shape[2] != 3:
+        raise DegradeError(f"HR image must be an (H, W, 3) array, got shape {getattr(hr, 'shape', None)}")
+    if hr.dtype != np.float32:
+        raise DegradeError(f"HR image must be float32 in [0, 1], got {hr.dtype}")
+    h, w = hr.shape[:2]
+    if h % SCALE or w % SCALE:
+        raise DegradeError(f"HR size {w}x{h} is not a multiple of {SCALE}; crop it first")
+    if min(h, w) < MIN_HR_SIDE:
+        raise DegradeError(f"HR size {w}x{h} is too small: both sides must be >= {MIN_HR_SIDE}")
+    if not isinstance(params, DegradationParams):
+        raise DegradeError(f"params must be a DegradationParams, got {type(params).__name__}")
+    if params.resize1 is not None:
+        s = params.resize1.scale
+        made = max(1, round(h * s)) * max(1, round(w * s))
+        cap = max(MAX_GROWTH * h * w, MIN_WORK_CAP)
+        if made > cap:
+            raise DegradeError(f"resize1 x{s:g} would turn the {w}x{h} image into {made / 1e6:.1f} MP, more than "
+                               f"{cap / 1e6:.1f} MP (max({MAX_GROWTH} x the input, {MIN_WORK_CAP / 1e6:.1f} MP))")

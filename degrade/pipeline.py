@@ -6,7 +6,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from degrade import ops
-from degrade.params import DegradationParams, NoiseParams
+from degrade.params import DegradationParams, NoiseParams, check_work
 
 SCALE = 4  # HR P x P -> LR P/4 x P/4 (spec section 1)
 MIN_HR_SIDE = 32  # smallest HR side accepted (LR 8 px): smaller images carry no usable patch
@@ -42,6 +42,7 @@ def apply(hr: NDArray[np.float32], params: DegradationParams) -> NDArray[np.floa
     Returns the LR image (H/4, W/4, 3) float32 in [0, 1], rounded to 8-bit levels. Deterministic:
     the record alone (noise seeds included) reproduces the output. `hr` is not modified.
     """
+    check_work(hr, params)  # DegradeError for a bad input or a record out of proportion to the image
     check_hr(hr)
     h, w = hr.shape[:2]
     target = (h // SCALE, w // SCALE)

@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from degrade.errors import DegradeError
+
 ResizeMode = Literal["area", "bilinear", "bicubic"]
 RESIZE_MODES: tuple[ResizeMode, ...] = ("area", "bilinear", "bicubic")
 NoiseType = Literal["gaussian", "poisson"]
@@ -124,13 +126,13 @@ MIX_PROBS: dict[int, float] = {1: 0.3, 2: 0.3, 3: 0.4}
 
 
 def parse_level(value: int | str) -> LevelChoice:
-    """'1'/'2'/'3'/'mix' (or the ints) -> a level choice; anything else is a ValueError."""
+    """'1'/'2'/'3'/'mix' (or the ints) -> a level choice; anything else is a DegradeError (a ValueError)."""
     text = str(value).strip().lower()
     if text == "mix":
         return "mix"
     if text in {"1", "2", "3"}:
         return int(text)  # type: ignore[return-value]
-    raise ValueError(f"unknown level {value!r}: expected 1, 2, 3 or mix")
+    raise DegradeError(f"unknown level {value!r}: expected 1, 2, 3 or mix")
 
 
 def describe_levels(levels: Mapping[int, LevelRecipe] | None = None) -> tuple[list[str], list[list[str]], list[str]]:
