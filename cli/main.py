@@ -24,7 +24,14 @@ import degrade
 from degrade.allocator import tune_allocator
 from degrade.dataset import COMPRESSIONS
 from degrade.errors import DegradeError
-from degrade.io import ImageError, crop_to_multiple, write_bytes_atomic
+from degrade.io import (
+    DEFAULT_MAX_PIXELS,
+    MAX_PIXELS_ENV,
+    ImageError,
+    crop_to_multiple,
+    read_regular_file,
+    write_bytes_atomic,
+)
 from degrade.pipeline import MIN_HR_SIDE
 from degrade.recipe import describe_levels
 
@@ -38,8 +45,11 @@ class LevelType(click.ParamType):
     def convert(self, value, param, ctx):
         try:
             return degrade.parse_level(value)
-        except ValueError as exc:
+        except DegradeError as exc:
             self.fail(str(exc), param, ctx)
+
+
+PARAMS_FILE_BYTES = 1 << 20  # a parameter record is about 600 bytes
 
 
 def parse_vector(text: str) -> np.ndarray:
@@ -50,8 +60,38 @@ def parse_vector(text: str) -> np.ndarray:
         try:
             values.append(float(item))
         except ValueError:
-            raise ValueError(f"--vector: {item!r} is not a number") from None
-    return degrade.vector.check_vector(values)
+            raise DegradeError(f"--vector: {item!r} is not a number") from None
+    try:
+        return degrade.vector.check_vector(values)
+    except ValueError as exc:  # degrade.vector's refusals are plain ValueErrors
+        raise DegradeError(f"--vector: {exc}") from None
+
+
+def decode_vector(text: str, noise_seed: int = 0) -> degrade.DegradationParams:
+    v = parse_vector(text)
+    try:
+        return degrade.decode(v, noise_seed=noise_seed)
+    except ValueError as exc:
+        raise DegradeError(f"--vector: {exc}") from None
+
+
+def _max_pixels_option(command):
+    return click.option(
+        "--max-pixels", type=click.IntRange(min=1), default=None, metavar="N",
+        help=f"Largest image decoded, in pixels (default {DEFAULT_MAX_PIXELS:,}, or ${MAX_PIXELS_ENV}); checked "
+             "from the file's header before decoding.")(command)
+
+
+def _set_max_pixels(value: int | None) -> None:
+    if value is not None:  # through the environment, so worker processes started later see it too
+        os.environ[MAX_PIXELS_ENV] = str(value)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,9 +125,10 @@ def levels() -> None:
 @click.option("--vector", help='Replay a 33-value vector "v0,v1,...,v32" (decoded, see docs).')
 @click.option("--noise-seed", type=click.IntRange(0, 2**53 - 1), default=0, show_default=True,
               help="Noise seed for --vector replays.")
+@_max_pixels_option
 @click.pass_context
 def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int, params_out: Path | None,
-          params_in: Path | None, vector: str | None, noise_seed: int) -> None:
+          params_in: Path | None, vector: str | None, noise_seed: int, max_pixels: int | None) -> None:
     """Degrade IMAGE (default: a bundled sample photo) to a x4-smaller LR image.
 
     Parameters are drawn at --level with --seed, or replayed from --params or --vector. The image
@@ -109,6 +150,12 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
     if image is None:
         image = degrade.sample_images()[0]
         err_console.print(f"no IMAGE given: using the bundled sample {image.name}")
+    for other, what in ((output, "the -o image"), (image, "the input image")):
+        if params_out is not None and _same_file(params_out, other):
+            raise click.ClickException(f"{params_out}: --params-out would overwrite {what}")
+    if _same_file(output, image):
+        raise click.ClickException(f"{output}: -o would overwrite the input image")
+    _set_max_pixels(max_pixels)
     try:
         hr = degrade.read_image(image)
         h, w = hr.shape[:2]
@@ -118,23 +165,26 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
         if hr.shape[:2] != (h, w):
             err_console.print(f"cropped {w}x{h} to {hr.shape[1]}x{hr.shape[0]} (a multiple of {degrade.SCALE})")
         if params_in is not None:
-            try:
-                text = params_in.read_text()
+            try:  # a regular file of at most 1 MiB: never a FIFO or /dev/zero
+                text = read_regular_file(params_in, PARAMS_FILE_BYTES).decode("utf-8", errors="replace")
             except OSError as exc:
-                raise ValueError(f"{params_in}: cannot read ({exc.strerror})") from None
-            params = degrade.DegradationParams.from_json(text)
+                raise DegradeError(f"{params_in}: cannot read ({exc.strerror or exc})") from None
+            except ImageError as exc:  # missing, not a regular file, too large
+                raise DegradeError(f"--params: cannot read {exc}") from None
+            try:
+                params = degrade.DegradationParams.from_json(text)
+            except DegradeError as exc:
+                raise DegradeError(f"{params_in}: {exc}") from None
         elif vector is not None:
-            params = degrade.decode(parse_vector(vector), noise_seed=noise_seed)
+            params = decode_vector(vector, noise_seed)
         else:
             params = degrade.sample_params(level, np.random.default_rng(np.random.SeedSequence(seed)))
         lr = degrade.apply(hr, params)
         degrade.write_image(output, lr)
         if params_out is not None:
             write_bytes_atomic(params_out, (json.dumps(params.to_dict(), indent=2, sort_keys=True) + "\n").encode())
-    except ValueError as exc:  # ImageError is a ValueError
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(_os_error(exc)) from None
+    except (DegradeError, OSError) as exc:
+        raise click.ClickException(_one_line(exc)) from None
 
     source = "replayed" if (params_in or vector) else f"level {params.level}, seed {seed}"
     console.print(f"wrote {output} ({lr.shape[1]}x{lr.shape[0]}, {source})")
@@ -165,9 +215,10 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
                    "trains better, docs/training.md). The stored HR stays plain.")
 @click.option("--dask-scheduler", metavar="ADDRESS",
               help="Run the workers on a Dask cluster (needs the 'dask' extra); bytes equal a local run.")
+@_max_pixels_option
 def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, patch_size: int, seed: int,
                          jobs: int, shard_size: int, compression: str, sharpen_hr: bool,
-                         dask_scheduler: str | None) -> None:
+                         dask_scheduler: str | None, max_pixels: int | None) -> None:
     """Degrade random HR patches of SRC images (files or folders; default: the bundled photos) into shards.
 
     Each sample picks a source image uniformly, a patch position uniformly, and parameters at
@@ -176,6 +227,8 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
     """
     from degrade import dataset as ds
 
+    abandoned = ds.abandoned_writes()
+    _set_max_pixels(max_pixels)
     try:
         with _progress() as progress:
             task = progress.add_task("scanning sources", total=None)
@@ -191,7 +244,7 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
                 report = ds.make_dataset(config, out, jobs=jobs, backend="dask" if dask_scheduler else None,
                                          progress=lambda n: progress.advance(task, n))
     except (DegradeError, OSError) as exc:
-        if ds.abandoned_writes():  # HDF5 could crash finalising a failed shard (docs/dataset-format.md)
+        if ds.abandoned_writes() > abandoned:  # HDF5 could crash finalising a failed shard (docs/dataset-format.md)
             click.echo(f"Error: {_one_line(exc)}", err=True)
             sys.stdout.flush()
             sys.stderr.flush()
@@ -227,10 +280,8 @@ def verify(directory: Path, regenerate: int, sources: Path | None, seed: int) ->
     try:
         problems = ds.verify_dataset(directory, regenerate=regenerate, seed=seed, source_root=sources)
         checked = min(regenerate, len(ds.open_dataset(directory, allow_incomplete=True))) if regenerate else 0
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(_os_error(exc)) from None
+    except (DegradeError, OSError) as exc:
+        raise click.ClickException(_one_line(exc)) from None
     if problems:
         for line in problems:
             err_console.print(f"problem: {line}")
@@ -248,8 +299,10 @@ def verify(directory: Path, regenerate: int, sources: Path | None, seed: int) ->
               help="With --png, draw a contact sheet of this many random HR/LR pairs instead of histograms.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Which samples --grid shows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON instead of tables.")
+@click.option("--checksums", is_flag=True,
+              help="First compare every shard's SHA-256 with the manifest (reads the whole dataset once).")
 def inspect(target: Path | None, index: int | None, vector: str | None, png: Path | None, grid: int | None,
-            seed: int, as_json: bool) -> None:
+            seed: int, as_json: bool, checksums: bool) -> None:
     """Show what v says: for one sample (--index), a whole dataset, or any --vector.
 
     TARGET is a dataset folder or a single shard file.
@@ -265,11 +318,11 @@ def inspect(target: Path | None, index: int | None, vector: str | None, png: Pat
         raise click.UsageError("--grid needs --png (the contact sheet's file) and no --index")
     try:
         if vector is not None:
-            params = degrade.decode(parse_vector(vector))
+            params = decode_vector(vector)
             rows = insp.read_fields(parse_vector(vector), params)
             _report_sample(rows, params, None, "decoded vector", as_json)
             return
-        data = ds.open_dataset(target, allow_incomplete=True)
+        data = ds.open_dataset(target, allow_incomplete=True, checksums=checksums)
         if index is not None:
             sample = data[index]
             rows = insp.read_fields(sample.v, sample.params)
@@ -289,12 +342,8 @@ def inspect(target: Path | None, index: int | None, vector: str | None, png: Pat
         elif png:
             size = _plots().histogram_figure(png, stats)
             err_console.print(f"wrote {png} ({size[0]}x{size[1]})")
-    except IndexError as exc:
-        raise click.ClickException(str(exc)) from None
-    except (ValueError, RuntimeError) as exc:  # DatasetError and ImageError are ValueErrors
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(_os_error(exc)) from None
+    except (DegradeError, OSError) as exc:  # a sample index out of range is a DatasetError too
+        raise click.ClickException(_one_line(exc)) from None
 
 
 def _os_error(exc: OSError) -> str:

@@ -5,21 +5,34 @@ Each test names the attack or fault it tries; docs/dataset-format.md has the tab
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
+import cv2
 import h5py
+import numpy as np
 import pytest
+from click.testing import CliRunner
 
+import degrade
+from cli.main import main
 from degrade import dataset as dsm
-from degrade.errors import DatasetError
+from degrade.errors import DatasetError, DegradeError, ImageError
+from degrade.io import MAX_PIXELS_ENV, image_size, max_file_bytes
+from degrade.params import check_work
+
+from .conftest import make_small_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -199,3 +212,274 @@ def test_a_disk_that_fills_during_a_shard_still_ends_with_one_line_and_exit_1(tm
             assert not list((disk / "d").glob(".*.partial"))
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+# --- one error type -----------------------------------------------------------------------------------
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A small valid PNG whose IHDR is rewritten to claim width x height (CRC fixed)."""
+    ok, buf = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))
+    data = bytearray(buf.tobytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_library_refusals_are_degrade_errors(tmp_path):
+    ds = degrade.open_dataset(make_small_dataset(tmp_path / "ds", count=4, seed=1, shard_size=4))
+    refusals = [
+        lambda: degrade.parse_level("4"),
+        lambda: degrade.DegradationParams.from_json("{"),
+        lambda: degrade.DegradationParams.from_dict({"level": 2}),
+        lambda: degrade.read_image(tmp_path / "missing.png"),
+        lambda: degrade.read_image(_png_claiming(tmp_path / "huge.png", 100000, 100000)),
+        lambda: degrade.open_dataset(tmp_path / "missing"),
+        lambda: ds[4],
+        lambda: ds.column("hr"),
+        lambda: degrade.apply(np.zeros((30, 30, 3), np.float32), degrade.sample_params(1, np.random.default_rng(0))),
+        lambda: degrade.apply(np.zeros((32, 32, 3), np.float64), degrade.sample_params(1, np.random.default_rng(0))),
+    ]
+    for refuse in refusals:
+        with pytest.raises(DegradeError):
+            refuse()
+    with pytest.raises(IndexError):  # still an IndexError for code that expects sequences to raise one
+        ds[-5]
+
+
+# --- resource bounds: images --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".webp", ".bmp", ".tif", ".ppm", ".pgm", ".pam"])
+def test_header_sizes_match_the_decoded_sizes(ext):
+    image = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(ext, image[..., 0] if ext == ".pgm" else image)
+    assert ok and image_size(buf.tobytes()) == (53, 37)
+
+
+@pytest.mark.parametrize("claim", [(100000, 100000), (30000, 30000), (10001, 10000)])
+def test_an_image_claiming_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch, claim):
+    path = _png_claiming(tmp_path / "bomb.png", *claim)
+    assert path.stat().st_size < 1000
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded despite the header"))
+    with pytest.raises(ImageError, match="above the 100 MP limit"):
+        degrade.read_image(path)
+
+
+def test_the_pixel_cap_can_be_raised_or_lowered(tmp_path, monkeypatch):
+    path = tmp_path / "a.png"
+    assert cv2.imwrite(str(path), np.zeros((40, 50, 3), np.uint8))
+    assert degrade.read_image(path, max_pixels=2000).shape == (40, 50, 3)
+    with pytest.raises(ImageError, match="above"):
+        degrade.read_image(path, max_pixels=1999)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "1999")
+    with pytest.raises(ImageError, match="above"):
+        degrade.read_image(path)
+    result = CliRunner().invoke(main, ["apply", str(path), "-o", str(tmp_path / "o.png"), "--max-pixels", "1000"])
+    assert result.exit_code == 1 and "above the 0.001 MP limit" in result.output
+
+
+def test_only_regular_files_are_read(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(ImageError, match="not a regular file"):
+            degrade.read_image(path)
+    scan = dsm.scan_sources([fifo, "/dev/zero", *degrade.sample_images()[:1]], 64)
+    assert [reason for _, reason in scan.unreadable] == [f"{fifo}: not a regular file (a device, FIFO or socket "
+                                                         "is never read)", "/dev/zero: not a regular file (a device, "
+                                                         "FIFO or socket is never read)"]
+    assert len(scan.sources) == 1
+
+
+def test_files_above_the_byte_bound_are_refused_unread(tmp_path):
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:  # sparse: takes no disk
+        f.truncate(max_file_bytes() + 1)
+    with pytest.raises(ImageError, match="larger than"):
+        degrade.read_image(big)
+
+
+def test_make_dataset_skips_a_bomb_and_goes_on(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _png_claiming(src / "bomb.png", 100000, 100000)
+    shutil.copy(degrade.sample_images()[0], src / "photo.png")
+    result = CliRunner().invoke(main, ["make-dataset", str(src), "--out", str(tmp_path / "ds"), "--count", "4",
+                                       "--patch-size", "64", "--jobs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "skipped unreadable bomb.png" in result.output and "above the 100 MP limit" in result.output
+
+
+def test_records_out_of_proportion_to_the_image_are_refused():
+    big = np.zeros((2048, 2048, 3), np.float32)
+    params = degrade.sample_params(2, np.random.default_rng(0))
+    grown = dataclasses.replace(params, resize1=degrade.ResizeParams(scale=4.0, mode="bicubic"))
+    with pytest.raises(DegradeError, match="resize1 x4 would turn the 2048x2048 image into 67.1 MP"):
+        degrade.apply(big, grown)
+    small = np.zeros((64, 64, 3), np.float32)  # the same record on a patch: 256x256 is fine
+    assert degrade.apply(small, grown).shape == (16, 16, 3)
+    for seed in range(200):  # every record the recipes draw passes on any image size
+        record = degrade.sample_params("mix", np.random.default_rng(seed))
+        check_work(big, record)
+
+
+def test_noise_strength_is_bounded():
+    record = degrade.sample_params(1, np.random.default_rng(0)).to_dict()
+    record["noise1"] = {"type": "gaussian", "strength": 1e300, "gray": False, "seed": 1}
+    with pytest.raises(DegradeError, match="strength must be in"):
+        degrade.DegradationParams.from_dict(record)
+
+
+def test_deeply_nested_json_is_a_refusal(tmp_path):
+    deep = "[" * 100000 + "]" * 100000
+    with pytest.raises(DegradeError, match="nested too deeply"):
+        degrade.DegradationParams.from_json(deep)
+    (tmp_path / "deep.json").write_text(deep)
+    result = CliRunner().invoke(main, ["apply", "-o", str(tmp_path / "o.png"), "--params", str(tmp_path / "deep.json")])
+    assert result.exit_code == 1 and "nested too deeply" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("case", ["fifo params", "params-out is -o", "params-out is the image", "-o is the image"])
+def test_apply_refuses_hostile_file_arguments(tmp_path, case):
+    image = tmp_path / "in.png"
+    shutil.copy(degrade.sample_images()[0], image)
+    before = image.read_bytes()
+    out = tmp_path / "x.png"
+    fifo = tmp_path / "p.json"
+    os.mkfifo(fifo)
+    args = {"fifo params": [str(image), "-o", str(out), "--params", str(fifo)],
+            "params-out is -o": [str(image), "-o", str(out), "--params-out", str(out)],
+            "params-out is the image": [str(image), "-o", str(out), "--params-out", str(image)],
+            "-o is the image": [str(image), "-o", str(image)]}[case]
+    result = CliRunner().invoke(main, ["apply", *args])
+    assert result.exit_code == 1, result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
+    assert image.read_bytes() == before and not out.exists()
+
+
+# --- resource bounds and trust: datasets ------------------------------------------------------------------
+
+
+@pytest.fixture()
+def small(tmp_path) -> Path:
+    return Path(make_small_dataset(tmp_path / "small", count=6, seed=2, shard_size=3))
+
+
+def _forge_shard(path: Path, **shapes) -> None:
+    """Replace a shard by a tiny file that declares the given shapes (nothing allocated on disk)."""
+    with h5py.File(path, "r") as f:
+        attrs = dict(f.attrs)
+    path.unlink()
+    with h5py.File(path, "w") as f:
+        f.attrs.update(attrs)
+        n = shapes.get("n", 3)
+        layout = {"hr": ((n, 64, 64, 3), "u1"), "lr": ((n, 16, 16, 3), "u1"), "v": ((n, 33), "f4"),
+                  "level": ((n,), "u1"), "index": ((n,), "i8"), "source": ((n,), "i4"), "crop": ((n, 4), "i4")}
+        for key, (shape, dtype) in layout.items():
+            if key in shapes.get("drop", ()):
+                continue
+            shape = shapes.get(key, shape)
+            chunks = (1, *shape[1:]) if len(shape) == 4 else None
+            f.create_dataset(key, shape=shape, dtype=dtype, chunks=chunks)
+        f.create_dataset("params", shape=(n,), dtype=h5py.string_dtype())
+    assert path.stat().st_size < 20000
+
+
+@pytest.mark.parametrize("forgery,message", [
+    ({"n": 100_000_000}, "declares 100000000 samples"),
+    ({"v": (100_000_000, 33)}, "v is float32 (100000000, 33)"),
+    ({"hr": (1, 60000, 60000, 3)}, "hr is uint8 (1, 60000, 60000, 3)"),
+    ({"drop": ("v",)}, "dataset 'v' missing"),
+])
+def test_crafted_shards_are_refused_before_any_read(small, forgery, message, monkeypatch):
+    lone = small / "shard-00001.h5"
+    _forge_shard(lone, **forgery)
+    real_read = h5py.Dataset.__getitem__
+
+    def guarded(self, *args):
+        if Path(self.file.filename).name == lone.name:
+            pytest.fail("the forged shard was read before the check")
+        return real_read(self, *args)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", guarded)
+    ds = degrade.open_dataset(small)
+    with pytest.raises(DatasetError):
+        ds[4]
+    with pytest.raises(DatasetError):
+        ds.column("v")
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", real_read)
+    for args in (["inspect", str(small)], ["inspect", str(lone)], ["inspect", str(small), "--index", "4"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    if "n" not in forgery:
+        assert message in CliRunner().invoke(main, ["inspect", str(small)]).output
+    assert any(message in p or "(100000000," in p for p in dsm.verify_dataset(small))
+
+
+def test_a_lone_shard_with_a_huge_patch_is_refused(small):
+    lone = small / "shard-00000.h5"
+    _forge_shard(lone, hr=(3, 60000, 60000, 3), lr=(3, 15000, 15000, 3))
+    with pytest.raises(DatasetError, match="patch size 60000"):
+        degrade.open_dataset(lone)
+
+
+def test_a_byte_flipped_shard_is_caught_when_checksums_are_asked_for(small):
+    path = small / "shard-00001.h5"
+    with h5py.File(path, "r+") as f:
+        f["lr"][0, 0, 0, 0] ^= 1
+    assert degrade.open_dataset(small)[3] is not None  # the cheap path does not hash
+    with pytest.raises(DatasetError, match="checksum differs"):
+        degrade.open_dataset(small, checksums=True)
+    result = CliRunner().invoke(main, ["inspect", str(small), "--checksums"])
+    assert result.exit_code == 1 and "checksum differs" in result.output
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda m: m["shards"][0].update(file="../../outside.h5"), "does not match the configuration"),
+    (lambda m: m["shards"][0].update(count=10**8), "does not match the configuration"),
+    (lambda m: m["shards"][1].update(shard=0), "does not match the configuration"),
+    (lambda m: m.update(complete=False), "says complete=False"),
+])
+def test_a_manifest_cannot_point_outside_or_lie_about_counts(small, mutate, message):
+    manifest = json.loads((small / "manifest.json").read_text())
+    mutate(manifest)
+    (small / "manifest.json").write_text(json.dumps(manifest))
+    for call in (lambda: dsm.verify_dataset(small), lambda: degrade.open_dataset(small)):
+        with pytest.raises(DatasetError, match=message):
+            call()
+
+
+def test_a_shard_link_out_of_the_folder_is_refused(small, tmp_path):
+    outside = tmp_path / "outside.h5"
+    shutil.move(small / "shard-00000.h5", outside)
+    (small / "shard-00000.h5").symlink_to(outside)
+    with pytest.raises(DatasetError, match="inside the dataset folder"):
+        degrade.open_dataset(small)
+    assert any("inside the dataset folder" in p for p in dsm.verify_dataset(small))
+
+
+def test_deeply_nested_manifest_is_a_refusal(small):
+    (small / "manifest.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(DatasetError, match="nested too deeply"):
+        degrade.open_dataset(small)
+
+
+def test_verify_regenerate_reads_no_file_the_manifest_points_at_outside_images(small, tmp_path):
+    """source_root "/etc" + "passwd": not an image name; a huge "image": refused by size, unread."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "passwd").write_text("root:x:0:0")
+    with open(secret / "huge.png", "wb") as f:
+        f.truncate(max_file_bytes() + 1)  # sparse; reading it whole would take gigabytes
+    manifest = json.loads((small / "manifest.json").read_text())
+    manifest["config"]["source_root"] = str(secret)
+    sources = manifest["config"]["sources"]
+    for i, s in enumerate(sources):
+        s["path"] = "passwd" if i % 2 == 0 else "huge.png"
+    (small / "manifest.json").write_text(json.dumps(manifest))
+    problems = dsm.verify_dataset(small, regenerate=6)
+    assert problems and all("refusing source" in p for p in problems), problems
+    result = CliRunner().invoke(main, ["verify", str(small), "--regenerate", "6"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
