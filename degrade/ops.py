@@ -257,8 +257,8 @@ def resize(img: Image, size: tuple[int, int], *, mode: ResizeMode) -> Image:
         if H % h == 0 and W % w == 0:  # integer factors: OpenCV's box average is the same windows, faster
             return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA).reshape(h, w, 3)
         rows = _adaptive_average_rows(img, h)  # (h, W, 3)
-        cols = _adaptive_average_rows(np.ascontiguousarray(rows.transpose(1, 0, 2)), w)  # (w, h, 3)
-        return np.ascontiguousarray(cols.transpose(1, 0, 2))
+        cols = _adaptive_average_rows(cv2.transpose(rows).reshape(W, h, 3), w)  # (w, h, 3); OpenCV's
+        return cv2.transpose(cols).reshape(h, w, 3)  # transpose is ~5x NumPy's contiguous copy here
     out = cv2.resize(img, (w, h), interpolation=_CV_MODES[mode])
     return out.reshape(h, w, 3)  # OpenCV drops a unit axis for 1-pixel-wide results
 
@@ -339,31 +339,35 @@ def _search_pending(
 ) -> NDArray[np.int64]:
     """k = min{k >= start : u <= F_q(k)} for the draws the direct table left open.
 
-    Walks up a few steps from the bucket's first candidate; the rare long walks (tail buckets)
-    finish by bisection.
+    About 97 % of them are start or start + 1 (a bucket mostly holds one step of F_q): two vectorised
+    steps, then the rare rest (tail buckets) by a binary search over the row of F_q, one by one when
+    they are few (per-call overhead dominates at small sizes), vectorised otherwise.
     """
     cdf, _direct, _noise, width = _poisson_tables(levels)
     base = q * width
     k = start.copy()
     walking = np.arange(k.size)  # positions still below their draw: F(k) < u
-    for _ in range(3):  # walk: F(k) < u means the draw is larger
+    for _ in range(2):
         walking = walking[cdf[base[walking] + k[walking]] < u[walking]]
         if not walking.size:
             return k
         k[walking] += 1
     walking = walking[cdf[base[walking] + k[walking]] < u[walking]]
-    if walking.size:  # bisection for the few left, on (k, width - 1]: F(width - 1) = 1 >= u
-        b, uu = base[walking], u[walking]
-        lo, hi = k[walking] + 1, np.full(walking.size, width - 1, dtype=k.dtype)
-        while True:
-            open_ = lo < hi
-            if not open_.any():
-                break
-            mid = (lo + hi) // 2
-            below = cdf[b + mid] < uu
-            lo = np.where(open_ & below, mid + 1, lo)
-            hi = np.where(open_ & ~below, mid, hi)
-        k[walking] = lo
+    if walking.size <= 32:
+        for j in walking.tolist():  # min{k : F(k) >= u} on row q, F(width - 1) = 1 >= u
+            k[j] = np.searchsorted(cdf[base[j] : base[j] + width], u[j], side="left")
+        return k
+    b, uu = base[walking], u[walking]  # bisection on (k, width - 1]
+    lo, hi = k[walking] + 1, np.full(walking.size, width - 1, dtype=k.dtype)
+    while True:
+        open_ = lo < hi
+        if not open_.any():
+            break
+        mid = (lo + hi) // 2
+        below = cdf[b + mid] < uu
+        lo = np.where(open_ & below, mid + 1, lo)
+        hi = np.where(open_ & ~below, mid, hi)
+    k[walking] = lo
     return k
 
 
