@@ -108,7 +108,7 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.fl
     width, height = image_size(data)
     if width * height > limit:
         raise ImageError(f"{width}x{height} is {width * height / 1e6:.1f} MP, above the {limit / 1e6:g} MP limit "
-                         f"(raise it with --max-pixels or {MAX_PIXELS_ENV})")
+                         f"(raise it with {MAX_PIXELS_ENV} or a command's --max-pixels)")
     buf = np.frombuffer(data, dtype=np.uint8)
     # ANYCOLOR|ANYDEPTH keeps 16 bit and gray, drops alpha and honours EXIF orientation.
     try:

@@ -483,3 +483,30 @@ def test_verify_regenerate_reads_no_file_the_manifest_points_at_outside_images(s
     assert problems and all("refusing source" in p for p in problems), problems
     result = CliRunner().invoke(main, ["verify", str(small), "--regenerate", "6"])
     assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_sr_and_eval_report_a_bomb_in_one_line(tmp_path):
+    pytest.importorskip("torch")
+    try:
+        from cli.sr import eval_main, sr_main
+        from dasr_model.checkpoints import save_checkpoint
+        from dasr_model.model import DASR, DASRConfig
+        from dasr_model.train import TrainConfig
+    except ImportError as exc:  # the dasr_model API is another module's; this test only needs a tiny model
+        pytest.skip(f"dasr_model API not available: {exc}")
+    import torch
+
+    tiny = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)
+    torch.manual_seed(0)
+    model = DASR(tiny)
+    ckpt = tmp_path / "ckpt-1.pt"
+    save_checkpoint(ckpt, {"config": TrainConfig(shards="", out="", model=tiny).to_dict(), "step": 1,
+                           "model": model.state_dict(), "ema_generator": model.generator.state_dict()})
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    bomb = _png_claiming(hr / "bomb.png", 100000, 100000)
+    sr = CliRunner().invoke(sr_main, [str(bomb), "-o", str(tmp_path / "out"), "--model", str(ckpt), "--device", "cpu"])
+    ev = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--hr-dir", str(hr), "--device", "cpu"])
+    for result in (sr, ev):
+        assert result.exit_code == 1 and "above the 100 MP limit" in result.output, result.output
+        assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
