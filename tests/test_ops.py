@@ -422,7 +422,7 @@ def test_poisson_noise_table_equals_counts(levels, hr_patch):
 
 
 def test_noise_ops_equal_their_formulas(hr_patch):
-    g = np.random.default_rng(12).standard_normal((128, 128, 3), dtype=np.float32)
+    g = ops.standard_normal((128, 128, 3), np.random.default_rng(12))
     np.testing.assert_array_equal(ops.add_gaussian_noise(hr_patch, 7.0, gray=False, rng=np.random.default_rng(12)),
                                   hr_patch + g * np.float32(7.0 / 255.0))
     q = ops._quantise_8bit(hr_patch)
@@ -431,3 +431,21 @@ def test_noise_ops_equal_their_formulas(hr_patch):
     noise = (counts / levels - q / 255.0).astype(np.float32)
     np.testing.assert_array_equal(ops.add_poisson_noise(hr_patch, 1.5, gray=False, rng=np.random.default_rng(13)),
                                   hr_patch + noise * np.float32(1.5))
+
+
+def test_standard_normal_is_normal():
+    """Box-Muller draws of a fixed seed: Kolmogorov-Smirnov against N(0, 1),
+    moments, tail frequencies, and no dependence between the two halves (the two normals of a pair)."""
+    z = ops.standard_normal((1000, 1001), rng_for(14)).astype(np.float64).ravel()
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    se = 1 / math.sqrt(z.size)
+    assert abs(z.mean()) < 5 * se and abs(z.var() - 1) < 5 * math.sqrt(2) * se
+    assert abs(stats.kurtosis(z)) < 5 * math.sqrt(24) * se
+    for k in (2.0, 3.0, 4.0):  # two-sided tail frequencies within 5 binomial standard errors
+        p = 2 * stats.norm.sf(k)
+        assert abs(np.mean(np.abs(z) > k) - p) < 5 * math.sqrt(p / z.size)
+    half = z.size // 2
+    a, b = z[:half], z[half : 2 * half]
+    assert abs(np.corrcoef(a, b)[0, 1]) < 5 * se and abs(np.corrcoef(a * a, b * b)[0, 1]) < 5 * se
+    assert ops.standard_normal((7, 5, 3), rng_for(15)).shape == (7, 5, 3)  # odd counts
+    np.testing.assert_array_equal(ops.standard_normal((9,), rng_for(16)), ops.standard_normal((9,), rng_for(16)))
