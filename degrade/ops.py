@@ -110,11 +110,21 @@ def _rank1_plan(k: NDArray[np.float64]) -> _BlurPlan | None:
     return _terms_plan(k, col[:, None], row[:, None])
 
 
-def _svd_plan(k: NDArray[np.float64]) -> _BlurPlan | None:
-    """The fewest SVD terms whose sum is within half the tolerance of `k` (L1), each then trimmed."""
+def _svd_plan(k: NDArray[np.float64], values: int = 0, beat: float = math.inf) -> _BlurPlan | None:
+    """The fewest SVD terms whose sum is within half the tolerance of `k` (L1), each then trimmed.
+
+    None when there is none, or when even the fewest possible terms (the Frobenius norm of a
+    rank-r residual, sqrt(sum of the squared dropped singular values), is a lower bound of its L1
+    norm) at half their full length would cost more than `beat` on `values` values.
+    """
+    s = np.linalg.svd(k, compute_uv=False)  # singular values alone first: about 3x cheaper
+    tail = np.sqrt(np.cumsum((s * s)[::-1])[::-1])  # tail[r]: Frobenius norm of the rank-r residual
+    first = max(2, int(np.argmax(np.append(tail, 0.0) <= 0.5 * BLUR_TOLERANCE)))
+    if first * (_CALL + (_PER_VALUE + _TAP_1D * 0.5 * sum(k.shape)) * values) >= beat:
+        return None
     u, s, vt = np.linalg.svd(k)
     root = np.sqrt(s)
-    for rank in range(2, s.size + 1):
+    for rank in range(first, s.size + 1):
         cols, rows = u[:, :rank] * root[:rank], vt[:rank].T * root[:rank]
         if float(np.abs(k - cols @ rows.T).sum()) <= 0.5 * BLUR_TOLERANCE:
             return _terms_plan(k, cols, rows)
@@ -162,9 +172,10 @@ def _blur_plan(kernel: NDArray[np.floating], values: int) -> _BlurPlan | None:
     if plan is not None:
         return plan
     plan = _pieces_plan(k)
-    if plan is None or plan.cost(values) > _TRY_SVD_ABOVE:
-        svd = _svd_plan(k)
-        if svd is not None and (plan is None or svd.cost(values) < plan.cost(values)):
+    cost = math.inf if plan is None else plan.cost(values)
+    if cost > _TRY_SVD_ABOVE:
+        svd = _svd_plan(k, values, cost)
+        if svd is not None and svd.cost(values) < cost:
             plan = svd
     return plan
 
