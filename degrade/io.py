@@ -74,7 +74,7 @@ def read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
 
 def _check_regular(path: Path, info: os.stat_result, limit: int) -> None:
     if stat.S_ISDIR(info.st_mode):
-        raise ImageError(f"{path}: is a directory, not an image")
+        raise ImageError(f"{path}: is a directory")
     if not stat.S_ISREG(info.st_mode):
         raise ImageError(f"{path}: not a regular file (a device, FIFO or socket is never read)")
     if info.st_size > limit:

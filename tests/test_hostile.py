@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 import zlib
 from pathlib import Path
 
@@ -510,3 +511,29 @@ def test_sr_and_eval_report_a_bomb_in_one_line(tmp_path):
     for result in (sr, ev):
         assert result.exit_code == 1 and "above the 100 MP limit" in result.output, result.output
         assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+
+
+def test_a_write_error_that_h5py_only_reports_as_ignored_fails_the_shard(tmp_path, monkeypatch):
+    """h5py 3.16 reports some failed writes (disk full) only through sys.unraisablehook ("exception
+    ignored") and carries on; such a shard must not be renamed complete."""
+    real_setitem = h5py.Dataset.__setitem__
+    calls = {"n": 0}
+
+    def swallowing(self, key, value):
+        calls["n"] += 1
+        if calls["n"] == 12:  # the second shard
+            error = OSError(errno.ENOSPC, "Can't write data")
+            sys.unraisablehook(types.SimpleNamespace(exc_type=OSError, exc_value=error, exc_traceback=None,
+                                                     err_msg="Exception ignored in", object=None))
+        return real_setitem(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", swallowing)
+    out = tmp_path / "ds"
+    with pytest.raises(DatasetError, match="No space left on device"):
+        dsm.make_dataset(_config(), out)
+    assert [p.name for p in out.glob("*.h5")] == ["shard-00000.h5"] and not list(out.glob(".*.partial"))
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", real_setitem)
+    dsm.make_dataset(_config(), out)
+    reference = tmp_path / "ref"
+    dsm.make_dataset(_config(), reference)
+    assert _digests(out) == _digests(reference)
