@@ -375,8 +375,7 @@ def _search_pending(
     """k = min{k >= start : u <= F_q(k)} for the draws the direct table left open.
 
     About 97 % of them are start or start + 1 (a bucket mostly holds one step of F_q): two vectorised
-    steps, then the rare rest (tail buckets) by a binary search over the row of F_q, one by one when
-    they are few (per-call overhead dominates at small sizes), vectorised otherwise.
+    steps; the rest (tail buckets) by one binary search over all rows at once, in `_poisson_keys`.
     """
     cdf, _direct, _noise, width = _poisson_tables(levels)
     base = q * width
@@ -388,22 +387,20 @@ def _search_pending(
             return k
         k[walking] += 1
     walking = walking[cdf[base[walking] + k[walking]] < u[walking]]
-    if walking.size <= 32:
-        for j in walking.tolist():  # min{k : F(k) >= u} on row q, F(width - 1) = 1 >= u
-            k[j] = np.searchsorted(cdf[base[j] : base[j] + width], u[j], side="left")
-        return k
-    b, uu = base[walking], u[walking]  # bisection on (k, width - 1]
-    lo, hi = k[walking] + 1, np.full(walking.size, width - 1, dtype=k.dtype)
-    while True:
-        open_ = lo < hi
-        if not open_.any():
-            break
-        mid = (lo + hi) // 2
-        below = cdf[b + mid] < uu
-        lo = np.where(open_ & below, mid + 1, lo)
-        hi = np.where(open_ & ~below, mid, hi)
-    k[walking] = lo
+    if walking.size:
+        qw = q[walking]
+        k[walking] = np.searchsorted(_poisson_keys(levels), qw + 1j * u[walking], side="left") - qw * width
     return k
+
+
+@lru_cache(maxsize=16)
+def _poisson_keys(levels: int) -> NDArray[np.complex128]:
+    """The CDF table as complex keys q + i F_q(k), in row order. NumPy orders complex numbers by real,
+    then imaginary part, so searchsorted(keys, q + i u, side="left") is the first k of row q with
+    F_q(k) >= u, exactly (no rounding: each part is compared as it is); F_q(width - 1) = 1 >= u
+    keeps the answer inside row q."""
+    cdf, _direct, _noise, width = _poisson_tables(levels)
+    return np.repeat(np.arange(256, dtype=np.float64), width) + 1j * cdf
 
 
 def _poisson_counts(q: NDArray[np.uint8], levels: int, rng: np.random.Generator) -> NDArray[np.int64]:
