@@ -996,6 +996,10 @@ def check_shard(f: Any, path: Path, *, count: int | None, patch_size: int | None
         ds = f[key]
         if ds.shape != shape or ds.dtype != np.dtype(dtype):
             raise DatasetError(f"{path}: {key} is {ds.dtype} {ds.shape}, expected {np.dtype(dtype)} {shape}")
+    for key in ("hr", "lr"):  # one sample per chunk (or contiguous): reading a row decompresses one patch
+        chunks = f[key].chunks
+        if chunks is not None and chunks != (1, *f[key].shape[1:]):
+            raise DatasetError(f"{path}: {key} is stored in chunks of {chunks}, expected one sample per chunk")
     params = f["params"]
     if params.shape != (n,) or h5py.check_string_dtype(params.dtype) is None:
         raise DatasetError(f"{path}: params is {params.dtype} {params.shape}, expected strings ({n},)")

@@ -382,7 +382,7 @@ def _forge_shard(path: Path, **shapes) -> None:
             if key in shapes.get("drop", ()):
                 continue
             shape = shapes.get(key, shape)
-            chunks = (1, *shape[1:]) if len(shape) == 4 else None
+            chunks = shapes.get(f"{key}_chunks", (1, *shape[1:]) if len(shape) == 4 else None)
             f.create_dataset(key, shape=shape, dtype=dtype, chunks=chunks)
         f.create_dataset("params", shape=(n,), dtype=h5py.string_dtype())
     assert path.stat().st_size < 20000
@@ -393,6 +393,7 @@ def _forge_shard(path: Path, **shapes) -> None:
     ({"v": (100_000_000, 33)}, "v is float32 (100000000, 33)"),
     ({"hr": (1, 60000, 60000, 3)}, "hr is uint8 (1, 60000, 60000, 3)"),
     ({"drop": ("v",)}, "dataset 'v' missing"),
+    ({"hr_chunks": (3, 64, 64, 3)}, "expected one sample per chunk"),
 ])
 def test_crafted_shards_are_refused_before_any_read(small, forgery, message, monkeypatch):
     lone = small / "shard-00001.h5"
