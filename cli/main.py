@@ -233,11 +233,11 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
         with _progress() as progress:
             task = progress.add_task("scanning sources", total=None)
             scan = ds.scan_sources(src, patch_size, lambda n, total: progress.update(task, completed=n, total=total))
+            for path, reason in scan.unreadable:  # before the config, which refuses a scan with no usable image
+                err_console.print(f"skipped unreadable {path}: {reason}", soft_wrap=True, markup=False)
             config = ds.DatasetConfig(level=level, count=count, patch_size=patch_size, seed=seed,
                                       shard_size=shard_size, compression=compression, source_root=scan.root,
                                       sources=tuple(scan.sources), sharpen_hr=sharpen_hr)
-            for path, reason in scan.unreadable:
-                err_console.print(f"skipped unreadable {path}: {reason}")
             progress.update(task, description=f"{len(scan.sources)} usable source images")
             task = progress.add_task(f"level {level} samples", total=count)
             with _dask_client(dask_scheduler):

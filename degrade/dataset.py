@@ -135,7 +135,7 @@ def scan_sources(srcs: Sequence[str | os.PathLike], patch_size: int,
         except OSError as exc:
             scan.unreadable.append((rel, exc.strerror or str(exc)))
         except ImageError as exc:
-            scan.unreadable.append((rel, str(exc)))
+            scan.unreadable.append((rel, str(exc).removeprefix(f"{f}: ")))  # the reason, without the path
         else:
             h, w = img.shape[:2]
             if min(h, w) < patch_size:
@@ -1093,7 +1093,8 @@ def _regenerate(out: Path, config: DatasetConfig, k: int, seed: int) -> list[str
         f = ds._handle(shard)
         src_path = config.source_path(int(f["source"][row]))  # refuses paths that leave the source root
         if src_path.suffix.lower() not in IMAGE_SUFFIXES:
-            problems.append(f"sample {i}: refusing source {src_path}: not an image file name ({', '.join(IMAGE_SUFFIXES)})")
+            problems.append(f"sample {i}: refusing source {src_path}: not an image file name "
+                            f"({', '.join(IMAGE_SUFFIXES)})")
             continue
         if not src_path.is_file():
             problems.append(f"sample {i}: source {src_path} not found (give --sources to point at the photos)")

@@ -288,9 +288,8 @@ def test_only_regular_files_are_read(tmp_path):
         with pytest.raises(ImageError, match="not a regular file"):
             degrade.read_image(path)
     scan = dsm.scan_sources([fifo, "/dev/zero", *degrade.sample_images()[:1]], 64)
-    assert [reason for _, reason in scan.unreadable] == [f"{fifo}: not a regular file (a device, FIFO or socket "
-                                                         "is never read)", "/dev/zero: not a regular file (a device, "
-                                                         "FIFO or socket is never read)"]
+    reason = "not a regular file (a device, FIFO or socket is never read)"
+    assert [r for _, r in scan.unreadable] == [reason, reason]
     assert len(scan.sources) == 1
 
 
