@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import cv2
 import numpy as np
@@ -63,38 +63,62 @@ def _trim_ends(v: NDArray[np.float64], budget: float) -> NDArray[np.float64]:
 
 @dataclass(frozen=True)
 class _BlurPlan:
-    """How `blur` applies a kernel: separable terms and/or 2-D pieces, whose sum is `approx`.
+    """How `blur` applies `kernel`: separable terms and/or 2-D pieces, whose sum is `approx`.
 
-    terms: (column taps, row taps) pairs, each centred on the kernel centre, for cv2.sepFilter2D;
-    pieces: (2-D taps with zeros where left out, (x, y) of the kernel centre in them) for cv2.filter2D.
+    terms: (column taps, row taps) float64 pairs, each centred on the kernel centre (cv2.sepFilter2D);
+    pieces: (2-D float64 taps, zeros where left out; (x, y) of the kernel centre in them) (cv2.filter2D).
+    OpenCV gets them as float32 (`float32_terms`, `float32_pieces`).
     """
 
-    terms: tuple[tuple[NDArray[np.float32], NDArray[np.float32]], ...]
-    pieces: tuple[tuple[NDArray[np.float32], tuple[int, int]], ...]
-    approx: NDArray[np.float64]  # (kh, kw): the kernel actually applied, for tests
-    error: float  # sum |kernel - approx| (L1), <= BLUR_TOLERANCE
+    kernel: NDArray[np.float64]
+    terms: tuple[tuple[NDArray[np.float64], NDArray[np.float64]], ...] = ()
+    pieces: tuple[tuple[NDArray[np.float64], tuple[int, int]], ...] = ()
+    taps: tuple[int, ...] = ()  # 1-D taps (col + row) per term, then non-zero taps per piece
 
     def cost(self, values: int) -> float:
         """Modelled seconds to apply the plan to `values` float32 values (H * W * 3)."""
-        t = sum(_CALL + (_PER_VALUE + _TAP_1D * (c.size + r.size)) * values for c, r in self.terms)
-        return t + sum(_CALL + (_PER_VALUE + _TAP_2D * np.count_nonzero(p)) * values for p, _ in self.pieces)
+        per_tap = [_TAP_1D] * len(self.terms) + [_TAP_2D] * len(self.pieces)
+        return sum(_CALL + (_PER_VALUE + c * t) * values for c, t in zip(per_tap, self.taps))
+
+    @cached_property
+    def float32_terms(self) -> list[tuple[NDArray[np.float32], NDArray[np.float32]]]:
+        return [(c.astype(np.float32), r.astype(np.float32)) for c, r in self.terms]
+
+    @cached_property
+    def float32_pieces(self) -> list[tuple[NDArray[np.float32], tuple[int, int]]]:
+        return [(p.astype(np.float32), anchor) for p, anchor in self.pieces]
+
+    @cached_property
+    def approx(self) -> NDArray[np.float64]:
+        """(kh, kw): the kernel the plan applies (before OpenCV's float32 rounding of the taps)."""
+        kh, kw = self.kernel.shape
+        cy, cx = kh // 2, kw // 2
+        out = np.zeros((kh, kw))
+        for c, r in self.terms:
+            out[cy - c.size // 2 : cy + c.size // 2 + 1, cx - r.size // 2 : cx + r.size // 2 + 1] += np.outer(c, r)
+        for p, (ax, ay) in self.pieces:
+            out[cy - ay : cy - ay + p.shape[0], cx - ax : cx - ax + p.shape[1]] += p
+        return out
+
+    @cached_property
+    def error(self) -> float:
+        """sum |kernel - approx| (L1): <= BLUR_TOLERANCE by construction."""
+        return float(np.abs(self.kernel - self.approx).sum())
 
 
-def _terms_plan(k: NDArray[np.float64], cols: NDArray[np.float64], rows: NDArray[np.float64]) -> _BlurPlan:
-    """Rank-1 terms outer(cols[:, i], rows[:, i]), each trimmed at its ends (half of what `k - sum`
-    leaves of BLUR_TOLERANCE, shared out evenly)."""
-    kh, kw = k.shape
+def _terms_plan(k: NDArray[np.float64], cols: NDArray[np.float64], rows: NDArray[np.float64], left: float) -> _BlurPlan:
+    """Rank-1 terms outer(cols[:, i], rows[:, i]), whose sum is `left` (L1) from `k`, each trimmed at
+    its ends within an even share of what is left of BLUR_TOLERANCE: since
+    |c r - c' r'| <= |c - c'| |r| + |c'| |r - r'| (L1), the plan's error stays <= the tolerance."""
     rank = cols.shape[1]
-    rest = BLUR_TOLERANCE - float(np.abs(k - cols @ rows.T).sum())
-    share = max(rest, 0.0) / rank / 4  # per term and side; |c r' - c' r'| <= |c - c'| |r| + |c'| |r - r'|
-    terms, approx = [], np.zeros_like(k)
+    share = max(BLUR_TOLERANCE - left, 0.0) / rank / 2  # per term and side
+    terms, taps = [], []
     for i in range(rank):
         c = _trim_ends(cols[:, i], share / max(float(np.abs(rows[:, i]).sum()), 1e-300))
         r = _trim_ends(rows[:, i], share / max(float(np.abs(c).sum()), 1e-300))
-        y0, x0 = (kh - c.size) // 2, (kw - r.size) // 2
-        approx[y0 : y0 + c.size, x0 : x0 + r.size] += np.outer(c, r)
-        terms.append((c.astype(np.float32), r.astype(np.float32)))
-    return _BlurPlan(terms=tuple(terms), pieces=(), approx=approx, error=float(np.abs(k - approx).sum()))
+        terms.append((c, r))
+        taps.append(c.size + r.size)
+    return _BlurPlan(kernel=k, terms=tuple(terms), taps=tuple(taps))
 
 
 def _rank1_plan(k: NDArray[np.float64]) -> _BlurPlan | None:
@@ -105,9 +129,10 @@ def _rank1_plan(k: NDArray[np.float64]) -> _BlurPlan | None:
     if not centre > 0:
         return None
     col, row = k[:, cx] / math.sqrt(centre), k[cy, :] / math.sqrt(centre)
-    if float(np.abs(k - np.outer(col, row)).sum()) > 0.5 * BLUR_TOLERANCE:
+    left = float(np.abs(k - np.outer(col, row)).sum())
+    if left > 0.5 * BLUR_TOLERANCE:
         return None
-    return _terms_plan(k, col[:, None], row[:, None])
+    return _terms_plan(k, col[:, None], row[:, None], left)
 
 
 def _svd_plan(k: NDArray[np.float64], values: int = 0, beat: float = math.inf) -> _BlurPlan | None:
@@ -126,8 +151,9 @@ def _svd_plan(k: NDArray[np.float64], values: int = 0, beat: float = math.inf) -
     root = np.sqrt(s)
     for rank in range(first, s.size + 1):
         cols, rows = u[:, :rank] * root[:rank], vt[:rank].T * root[:rank]
-        if float(np.abs(k - cols @ rows.T).sum()) <= 0.5 * BLUR_TOLERANCE:
-            return _terms_plan(k, cols, rows)
+        left = float(np.abs(k - cols @ rows.T).sum())
+        if left <= 0.5 * BLUR_TOLERANCE:
+            return _terms_plan(k, cols, rows, left)
     return None
 
 
@@ -152,15 +178,19 @@ def _pieces_plan(k: NDArray[np.float64]) -> _BlurPlan | None:
         boxes = [(y0, cy + 1, x0, cx + 1), (y0, cy, cx + 1, x1), (cy + 1, y1, x0, cx + 1), (cy, y1, cx + 1, x1)]
     else:
         return None  # too large to split this way (only hand-written records have kernels > 21)
-    pieces = []
+    pieces, counts = [], []
     for ya, yb, xa, xb in boxes:
-        if yb <= ya or xb <= xa or not kept[ya:yb, xa:xb].any():
+        if yb <= ya or xb <= xa:
+            continue
+        nnz = int(np.count_nonzero(kept[ya:yb, xa:xb]))
+        if not nnz:
             continue
         ya2, yb2, xa2, xb2 = min(ya, cy), max(yb, cy + 1), min(xa, cx), max(xb, cx + 1)
-        taps = np.zeros((yb2 - ya2, xb2 - xa2), np.float32)
+        taps = np.zeros((yb2 - ya2, xb2 - xa2))
         taps[ya - ya2 : yb - ya2, xa - xa2 : xb - xa2] = kept[ya:yb, xa:xb]
         pieces.append((taps, (cx - xa2, cy - ya2)))
-    return _BlurPlan(terms=(), pieces=tuple(pieces), approx=kept, error=float(np.abs(k - kept).sum()))
+        counts.append(nnz)
+    return _BlurPlan(kernel=k, pieces=tuple(pieces), taps=tuple(counts))
 
 
 def _blur_plan(kernel: NDArray[np.floating], values: int) -> _BlurPlan | None:
@@ -198,10 +228,10 @@ def blur(img: Image, kernel: NDArray[np.floating]) -> Image:
     if plan is None:
         return cv2.filter2D(img, -1, np.asarray(kernel, dtype=np.float32), borderType=border)
     out = None
-    for col, row in plan.terms:
+    for col, row in plan.float32_terms:
         y = cv2.sepFilter2D(img, -1, row, col, borderType=border)
         out = y if out is None else cv2.add(out, y, dst=out)
-    for taps, anchor in plan.pieces:
+    for taps, anchor in plan.float32_pieces:
         y = cv2.filter2D(img, -1, taps, anchor=anchor, borderType=border)
         out = y if out is None else cv2.add(out, y, dst=out)
     return out

@@ -332,14 +332,14 @@ def _kernels_of_every_level(n: int) -> list[np.ndarray]:
 
 
 def _plan_kernel(plan: ops._BlurPlan, shape: tuple[int, int]) -> np.ndarray:
-    """The 2-D kernel a plan applies, rebuilt from its float32 terms and pieces."""
+    """The 2-D kernel a plan applies, rebuilt from the float32 taps OpenCV gets."""
     kh, kw = shape
     cy, cx = kh // 2, kw // 2
     k = np.zeros(shape)
-    for col, row in plan.terms:
+    for col, row in plan.float32_terms:
         y0, x0 = cy - col.size // 2, cx - row.size // 2
         k[y0 : y0 + col.size, x0 : x0 + row.size] += np.outer(col.astype(np.float64), row.astype(np.float64))
-    for taps, (ax, ay) in plan.pieces:
+    for taps, (ax, ay) in plan.float32_pieces:
         k[cy - ay : cy - ay + taps.shape[0], cx - ax : cx - ax + taps.shape[1]] += taps
     return k
 
@@ -351,15 +351,16 @@ def test_blur_plans_leave_out_at_most_the_tolerance(values):
     for k in _kernels_of_every_level(40):
         plan = ops._blur_plan(k, values)
         assert plan is not None
-        assert plan.error <= ops.BLUR_TOLERANCE
         assert np.abs(k - plan.approx).sum() == pytest.approx(plan.error, abs=1e-15)
+        assert plan.error <= ops.BLUR_TOLERANCE
         # OpenCV filters with float32 taps: each rounds by <= 2^-24 relative (a product of two: 3 of them).
         eps = 2.0**-24
         rounding = sum(3 * eps * np.abs(c).sum() * np.abs(r).sum() for c, r in plan.terms)
         rounding += sum(eps * np.abs(t).sum() for t, _ in plan.pieces)
         assert np.abs(_plan_kernel(plan, k.shape) - plan.approx).sum() <= rounding
-        for taps, (ax, ay) in plan.pieces:
+        for (taps, (ax, ay)), nnz in zip(plan.pieces, plan.taps[len(plan.terms) :]):
             assert taps.size < ops._DFT_AREA and 0 <= ax < taps.shape[1] and 0 <= ay < taps.shape[0]
+            assert np.count_nonzero(taps) == nnz
         for col, row in plan.terms:
             assert col.size % 2 == 1 and row.size % 2 == 1
 
