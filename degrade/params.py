@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -21,12 +21,15 @@ from numpy.typing import NDArray
 
 from degrade.errors import DegradeError
 from degrade.kernels import gaussian_kernel, sinc_kernel
+from degrade.layout import check_recipe  # the layout must be able to encode what we draw
 from degrade.recipe import (
     FINAL_ORDERS,
     LEVELS,
+    MIN_HR_SIDE,
     MIX_PROBS,
     NOISE_TYPES,
     RESIZE_MODES,
+    SCALE,
     FinalOrder,
     LevelChoice,
     LevelRecipe,
@@ -228,23 +231,37 @@ def _step_from_dict(name: str, value: Any) -> Any:
     expected = {f.name: f for f in fields(step_type)}
     if set(value) != set(expected):
         raise DegradeError(f"{name}: expected keys {sorted(expected)}, got {sorted(value)}")
-    kwargs = {}
-    for key, raw in value.items():
-        annotation = str(expected[key].type)
-        where = f"{name}.{key}"
-        if annotation == "int":
-            kwargs[key] = _strict_int(where, raw)
-        elif annotation == "float":
-            kwargs[key] = _strict_float(where, raw)
-        elif annotation == "bool":
-            if not isinstance(raw, bool):
-                raise DegradeError(f"{where}: bad value {raw!r} (expected true or false)")
-            kwargs[key] = raw
-        else:  # Literal choices, checked by _validate
-            if not (raw is None or isinstance(raw, str)):
-                raise DegradeError(f"{where}: bad value {raw!r} (expected a string)")
-            kwargs[key] = raw
-    return step_type(**kwargs)
+    parsers = _FIELD_PARSERS[step_type]
+    return step_type(**{key: parsers[key](f"{name}.{key}", raw) for key, raw in value.items()})
+
+
+def _strict_bool(where: str, raw: Any) -> bool:
+    if not isinstance(raw, bool):
+        raise DegradeError(f"{where}: bad value {raw!r} (expected true or false)")
+    return raw
+
+
+def _choice(where: str, raw: Any) -> str:  # Literal choices: the set of names is checked by _validate
+    if not isinstance(raw, str):
+        raise DegradeError(f"{where}: bad value {raw!r} (expected a string)")
+    return raw
+
+
+def _optional_choice(where: str, raw: Any) -> str | None:
+    return None if raw is None else _choice(where, raw)
+
+
+# How each field of a step record is read from JSON, written out (not derived from type annotations,
+# which are strings under `from __future__ import annotations` and would silently miss `int | None`).
+_FIELD_PARSERS: dict[type, dict[str, Callable[[str, Any], Any]]] = {
+    BlurParams: {"size": _strict_int, "sigma_x": _strict_float, "sigma_y": _strict_float, "theta": _strict_float},
+    SincParams: {"size": _strict_int, "omega_c": _strict_float},
+    ResizeParams: {"scale": _strict_float, "mode": _choice},
+    NoiseParams: {"type": _choice, "strength": _strict_float, "gray": _strict_bool, "seed": _strict_int},
+    JpegParams: {"quality": _strict_int},
+    FinalParams: {"order": _optional_choice, "mode": _choice},
+}
+assert all({f.name for f in fields(t)} == set(p) for t, p in _FIELD_PARSERS.items())  # every field, once
 
 
 def _validate(p: DegradationParams) -> None:
@@ -379,9 +396,7 @@ def draw_level(level: LevelChoice, rng: np.random.Generator) -> int:
 def sample_params(
     level: LevelChoice, rng: np.random.Generator, *, recipes: Mapping[int, LevelRecipe] = LEVELS
 ) -> DegradationParams:
-    """Draw one sample's record at `level` (1, 2, 3 or "mix") from `rng` (spec sections 2-4)."""
-    from degrade.vector import check_recipe  # the layout must be able to encode what we draw
-
+    """Draw one sample's record at `level` (1, 2, 3 or "mix") from `rng` (docs/degradation.md)."""
     lv = draw_level(level, rng)
     recipe = recipes[lv]
     check_recipe(recipe)
@@ -429,8 +444,6 @@ def check_work(hr: Any, params: DegradationParams) -> None:
     MIN_WORK_CAP) pixels (recipes reach 2.25x). Every other step works on at most that many pixels with
     kernels of at most MAX_KERNEL_SIZE taps a side, so time and memory stay proportional to the input.
     """
-    from degrade.pipeline import MIN_HR_SIDE, SCALE  # here: pipeline imports this module
-
     if not isinstance(hr, np.ndarray) or hr.ndim != 3 or hr.shape[2] != 3:
         raise DegradeError(f"HR image must be an (H, W, 3) array, got shape {getattr(hr, 'shape', None)}")
     if hr.dtype != np.float32:

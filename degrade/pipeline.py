@@ -1,4 +1,4 @@
-"""Apply a record to an HR image: the deterministic half of "sample, then apply" (spec section 4)."""
+"""Apply a record to an HR image: the deterministic half of "sample, then apply" (docs/degradation.md)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ from numpy.typing import NDArray
 
 from degrade import ops
 from degrade.params import DegradationParams, NoiseParams, check_work
-
-SCALE = 4  # HR P x P -> LR P/4 x P/4 (spec section 1)
-MIN_HR_SIDE = 32  # smallest HR side accepted (LR 8 px): smaller images carry no usable patch
+from degrade.recipe import MIN_HR_SIDE, SCALE  # noqa: F401 - MIN_HR_SIDE re-exported (the CLI's import)
 
 
 def _noise(img: ops.Image, noise: NoiseParams | None) -> ops.Image:
@@ -23,27 +21,16 @@ def _noise(img: ops.Image, noise: NoiseParams | None) -> ops.Image:
     return np.clip(img, 0.0, 1.0, out=img)  # = ops.clamp, in place: the noisy image is a new array
 
 
-def check_hr(hr: NDArray) -> None:
-    """Raise ValueError unless `hr` is an (H, W, 3) float32 image with H, W multiples of 4, >= 32."""
-    if not isinstance(hr, np.ndarray) or hr.ndim != 3 or hr.shape[2] != 3:
-        raise ValueError(f"HR image must be an (H, W, 3) array, got shape {getattr(hr, 'shape', None)}")
-    if hr.dtype != np.float32:
-        raise ValueError(f"HR image must be float32 in [0, 1], got {hr.dtype}")
-    h, w = hr.shape[:2]
-    if h % SCALE or w % SCALE:
-        raise ValueError(f"HR size {w}x{h} is not a multiple of {SCALE}; crop it first")
-    if min(h, w) < MIN_HR_SIDE:
-        raise ValueError(f"HR size {w}x{h} is too small: both sides must be >= {MIN_HR_SIDE}")
-
-
-def apply(hr: NDArray[np.float32], params: DegradationParams) -> NDArray[np.float32]:
-    """Degrade `hr` (H, W, 3) float32 in [0, 1], H and W multiples of 4, as `params` says.
+def apply(hr: NDArray[np.float32] | NDArray[np.uint8], params: DegradationParams) -> NDArray[np.float32]:
+    """Degrade `hr` (H, W, 3) float32 in [0, 1], H and W multiples of 4, as `params` says. A uint8 image
+    (as a dataset's `Sample.hr`) is converted first: x / 255, exact.
 
     Returns the LR image (H/4, W/4, 3) float32 in [0, 1], rounded to 8-bit levels. Deterministic:
     the record alone (noise seeds included) reproduces the output. `hr` is not modified.
     """
+    if isinstance(hr, np.ndarray) and hr.dtype == np.uint8:
+        hr = hr.astype(np.float32) / np.float32(255)
     check_work(hr, params)  # DegradeError for a bad input or a record out of proportion to the image
-    check_hr(hr)
     h, w = hr.shape[:2]
     target = (h // SCALE, w // SCALE)
 

@@ -22,7 +22,9 @@ FINAL_ORDERS: tuple[FinalOrder, ...] = ("A", "B")
 Level = Literal[1, 2, 3]
 LevelChoice = Literal[1, 2, 3, "mix"]
 
-KERNEL_SIZES: tuple[int, ...] = tuple(range(7, 22, 2))  # {7, 9, ..., 21}, spec 3 / section 6
+SCALE = 4  # the space's one scale factor: an HR image P x P becomes an LR image P/4 x P/4
+MIN_HR_SIDE = 32  # smallest HR side accepted (LR 8 px): smaller images carry no usable patch
+KERNEL_SIZES: tuple[int, ...] = tuple(range(7, 22, 2))  # {7, 9, ..., 21}
 
 
 @dataclass(frozen=True)

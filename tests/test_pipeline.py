@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -64,13 +64,26 @@ def test_non_square_images_work(photo):
     [
         (np.zeros((130, 128, 3), np.float32), "multiple of 4"),
         (np.zeros((28, 28, 3), np.float32), "too small"),
-        (np.zeros((128, 128, 3), np.uint8), "float32"),
+        (np.zeros((128, 128, 3), np.float64), "float32"),
         (np.zeros((128, 128), np.float32), "shape"),
     ],
 )
 def test_bad_hr_is_refused(hr, message):
     with pytest.raises(ValueError, match=message):
         apply(hr, sample_params(1, rng_for(0)))
+
+
+def test_a_uint8_hr_is_read_as_x_over_255(hr_patch, tmp_path):
+    params = sample_params(3, rng_for(4))
+    hr8 = np.rint(hr_patch * 255).astype(np.uint8)
+    assert np.array_equal(apply(hr8, params), apply(hr8.astype(np.float32) / 255, params))
+    import degrade
+
+    from .conftest import make_small_dataset
+
+    ds = degrade.open_dataset(make_small_dataset(tmp_path / "ds", count=3, seed=2, shard_size=3, level=3))
+    for s in ds:  # a stored pair replays from the stored (uint8) HR and record
+        assert np.array_equal(np.rint(apply(s.hr, s.params) * 255).astype(np.uint8), s.lr)
 
 
 def _noise_only(noise: NoiseParams) -> DegradationParams:
