@@ -161,6 +161,7 @@ def load_before(path: Path):
     for name in ("ops", "kernels"):
         spec = importlib.util.spec_from_file_location(f"before_{name}", path / "degrade" / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up while it is executed
         spec.loader.exec_module(mod)
         mods.append(mod)
     return mods
