@@ -36,6 +36,9 @@ from degrade.pipeline import MIN_HR_SIDE
 from degrade.recipe import describe_levels
 
 console = Console()
+PIPED_WIDTH = 400  # columns a table may take when stdout is not a terminal (it is drawn at its natural width)
+SHOW_SKIPPED = 20  # make-dataset names at most this many sources skipped as too small
+DEFAULT_DATASET = Path("degrade-dataset")  # make-dataset's --out, and what inspect looks at by default
 err_console = Console(stderr=True)
 
 
@@ -197,7 +200,7 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
 
 @main.command("make-dataset")
 @click.argument("src", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=Path("degrade-dataset"), show_default=True,
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_DATASET, show_default=True,
               help="Dataset folder (created; an existing one with the same options is resumed).")
 @click.option("--level", type=LevelType(), default="2", show_default=True, help="1, 2, 3 or mix.")
 @click.option("--count", type=click.IntRange(min=1), default=256, show_default=True, help="Number of samples.")
@@ -235,6 +238,11 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
             scan = ds.scan_sources(src, patch_size, lambda n, total: progress.update(task, completed=n, total=total))
             for path, reason in scan.unreadable:  # before the config, which refuses a scan with no usable image
                 err_console.print(f"skipped unreadable {path}: {reason}", soft_wrap=True, markup=False)
+            for path in scan.too_small[:SHOW_SKIPPED]:
+                err_console.print(f"skipped {path}: smaller than --patch-size {patch_size}", soft_wrap=True,
+                                  markup=False)
+            if len(scan.too_small) > SHOW_SKIPPED:
+                err_console.print(f"... and {len(scan.too_small) - SHOW_SKIPPED} more smaller than {patch_size} px")
             config = ds.DatasetConfig(level=level, count=count, patch_size=patch_size, seed=seed,
                                       shard_size=shard_size, compression=compression, source_root=scan.root,
                                       sources=tuple(scan.sources), sharpen_hr=sharpen_hr)
@@ -294,7 +302,7 @@ def verify(directory: Path, regenerate: int, sources: Path | None, seed: int) ->
 @click.option("--index", "index", type=int, help="Show one sample (default: statistics of the whole dataset).")
 @click.option("--vector", help='Decode a 33-value vector "v0,...,v32" instead of reading a dataset.')
 @click.option("--png", type=click.Path(path_type=Path),
-              help="Also draw a picture: the sample (HR, LR, v), or the dataset's 33 histograms by level.")
+              help="Also draw a picture: the sample (HR, LR, v), a --vector's v, or the dataset's histograms by level.")
 @click.option("--grid", type=click.IntRange(min=1, max=64),
               help="With --png, draw a contact sheet of this many random HR/LR pairs instead of histograms.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Which samples --grid shows.")
@@ -305,22 +313,32 @@ def inspect(target: Path | None, index: int | None, vector: str | None, png: Pat
             seed: int, as_json: bool, checksums: bool) -> None:
     """Show what v says: for one sample (--index), a whole dataset, or any --vector.
 
-    TARGET is a dataset folder or a single shard file.
+    TARGET is a dataset folder or a single shard file; without it and without --vector, the folder
+    make-dataset writes by default (./degrade-dataset).
     """
     from degrade import dataset as ds
     from degrade import inspect as insp
 
-    if (target is None) == (vector is None):
+    if target is not None and vector is not None:
         raise click.UsageError("give a dataset (folder or shard) or --vector, not both")
-    if vector is not None and (index is not None or png or grid):
-        raise click.UsageError("--index, --png and --grid need a dataset")
+    if target is None and vector is None:
+        target = DEFAULT_DATASET
+        if not target.exists():
+            raise click.UsageError(f"give a dataset (folder or shard) or --vector; there is no ./{target} here "
+                                   "(make one with `degrade make-dataset`)")
+    if vector is not None and (index is not None or grid):
+        raise click.UsageError("--index and --grid need a dataset")
     if grid is not None and (png is None or index is not None):
         raise click.UsageError("--grid needs --png (the contact sheet's file) and no --index")
     try:
         if vector is not None:
             params = decode_vector(vector)
-            rows = insp.read_fields(parse_vector(vector), params)
+            v = parse_vector(vector)
+            rows = insp.read_fields(v, params)
             _report_sample(rows, params, None, "decoded vector", as_json)
+            if png:
+                size = _plots().sample_figure(png, None, None, v, params, f"decoded vector: {insp.caption(params)}")
+                err_console.print(f"wrote {png} ({size[0]}x{size[1]})")
             return
         data = ds.open_dataset(target, allow_incomplete=True, checksums=checksums)
         if index is not None:
@@ -378,7 +396,7 @@ def _report_sample(rows, params, hr_size: int | None, title: str, as_json: bool,
     for r in rows:
         stored = ", ".join(f"{x:.4f}" for x in r.stored)
         table.add_row(r.index, r.block, r.name, stored, r.text if r.present else "[dim]absent[/dim]")
-    console.print(table)
+    _print_table(table)
     console.print("pipeline: " + " -> ".join(steps), soft_wrap=True)
 
 
@@ -394,9 +412,23 @@ def _report_dataset(stats: dict, target: Path, as_json: bool) -> None:
         table.add_column(name, justify="right" if name in ("min", "mean", "max", "present") else "left",
                          no_wrap=True)
     for f in stats["fields"]:
-        table.add_row(str(f["index"]), escape(f["field"]), f"{f['min']:.3f}", f"{f['mean']:.3f}", f"{f['max']:.3f}",
+        num = {k: "-" if f[k] is None else f"{f[k]:.3f}" for k in ("min", "mean", "max")}
+        table.add_row(str(f["index"]), escape(f["field"]), num["min"], num["mean"], num["max"],
                       f"{100 * f['present_share']:.0f}%", insp.sparkline(f["histogram"]))
-    console.print(table)
+    _print_table(table)
+    console.print("min / mean / max and the histogram are over the samples where the field's step is present")
+
+
+def _print_table(table: Table) -> None:
+    """A table at its natural width: on a terminal as wide as the terminal allows; when piped (where rich
+    would assume 80 columns) never cut, so numbers are not truncated to '0.3…'."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    wide = Console(width=PIPED_WIDTH, no_color=True)
+    with wide.capture() as captured:
+        wide.print(table)
+    click.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 def _progress() -> Progress:

@@ -14,20 +14,18 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from degrade.dataset import ShardDataset
+from degrade.layout import BLOCK_LABELS
+from degrade.layout import block_of as layout_block_of
 from degrade.params import BlurParams, DegradationParams, NoiseParams
 from degrade.pipeline import SCALE
 from degrade.vector import VECTOR_FIELDS, VectorField, check_vector, decode
 
-# Blocks of v for grouping in tables and charts (spec section 7's order).
-BLOCKS: dict[str, tuple[int, int]] = {"kernel": (0, 10), "resize": (10, 18), "noise": (18, 26), "JPEG/final": (26, 33)}
 SPARKS = "▁▂▃▄▅▆▇█"
 
 
 def block_of(index: int) -> str:
-    for name, (lo, hi) in BLOCKS.items():
-        if lo <= index < hi:
-            return name
-    raise IndexError(index)
+    """How tables title the block of v holding entry `index` ("kernel", ..., "JPEG/final")."""
+    return BLOCK_LABELS[layout_block_of(index)]
 
 
 @dataclass(frozen=True)
@@ -132,8 +130,13 @@ def pipeline_steps(params: DegradationParams, hr_size: int | None = None) -> lis
     return steps + [s for s in block if s]
 
 
+CAPTION_LEGEND = ("L1-L3 level (decoded: from a vector); blur sigma_x[xsigma_y] in px; x1.00 stage-1 resize "
+                  "scale; G/P Gaussian sigma / Poisson scale (g: gray); qNN JPEG quality; sinc cut-off as a "
+                  "fraction of pi")
+
+
 def caption(params: DegradationParams) -> str:
-    """A one-line summary of the main parameters (for picture captions)."""
+    """A one-line summary of the main parameters (for picture captions; CAPTION_LEGEND explains it)."""
     parts = [f"L{params.level}" if params.level else "decoded"]
     if params.blur1:
         parts.append(f"blur {params.blur1.sigma_x:.1f}" + ("" if params.blur1.isotropic else f"x{params.blur1.sigma_y:.1f}"))
@@ -163,8 +166,9 @@ def _present_matrix(records: list[DegradationParams]) -> NDArray[np.bool_]:
 
 
 def dataset_stats(ds: ShardDataset, *, bins: int = 16) -> dict[str, Any]:
-    """Counts per level and, per field of v: min/mean/max, the share of samples where its step is
-    present, and a histogram over [0, 1] (overall and per level). Plain data, JSON-ready."""
+    """Counts per level and, per entry of v: the share of samples where its step is present, and over
+    those samples only, min/mean/max and a histogram over [0, 1] (overall and per level); an absent
+    step's identity value is counted in `absent`, not in the histogram. Plain data, JSON-ready."""
     v = ds.column("v").astype(np.float64)
     level = ds.column("level").astype(int)
     records = [DegradationParams.from_json(t) for t in ds.column("params")]
@@ -172,19 +176,22 @@ def dataset_stats(ds: ShardDataset, *, bins: int = 16) -> dict[str, Any]:
     edges = np.linspace(0.0, 1.0, bins + 1)
     fields = []
     for j, f in enumerate(VECTOR_FIELDS):
+        here = present[:, j]
         for k in range(f.width):
-            col = v[:, f.index + k]
+            col = v[here, f.index + k]
+            lv = level[here]
             label = f.name if f.width == 1 else f"{f.name}[{f.choices[k]}]"
             fields.append({
                 "index": f.index + k,
                 "field": label,
                 "block": block_of(f.index),
-                "min": float(col.min()),
-                "mean": float(col.mean()),
-                "max": float(col.max()),
-                "present_share": float(present[:, j].mean()),
+                "min": float(col.min()) if col.size else None,
+                "mean": float(col.mean()) if col.size else None,
+                "max": float(col.max()) if col.size else None,
+                "present_share": float(here.mean()),
+                "absent": int((~here).sum()),
                 "histogram": np.histogram(col, edges)[0].tolist(),
-                "histogram_by_level": {str(lv): np.histogram(col[level == lv], edges)[0].tolist() for lv in (1, 2, 3)},
+                "histogram_by_level": {str(n): np.histogram(col[lv == n], edges)[0].tolist() for n in (1, 2, 3)},
             })
     return {
         "samples": int(len(level)),

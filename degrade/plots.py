@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 
 from degrade.dataset import ShardDataset
-from degrade.inspect import BLOCKS, caption, pipeline_steps, read_fields
+from degrade.inspect import CAPTION_LEGEND, caption, pipeline_steps, read_fields
+from degrade.layout import BLOCK_LABELS, VECTOR_FIELDS, block_of
 from degrade.params import DegradationParams
-from degrade.vector import VECTOR_FIELDS
 
-BLOCK_COLOURS = {"kernel": "#4C72B0", "resize": "#55A868", "noise": "#C44E52", "JPEG/final": "#8172B2"}
+BLOCK_COLOURS = {"kernel": "#4C72B0", "resize": "#55A868", "noise": "#C44E52", "jpeg": "#8172B2"}
 LEVEL_COLOURS = {1: "#8ecae6", 2: "#219ebc", 3: "#fb8500"}
 ABSENT_COLOUR = "#d9d9d9"
 DPI = 100
@@ -52,20 +52,24 @@ def _upscale_nearest(lr: np.ndarray, size: int) -> np.ndarray:
     return np.repeat(np.repeat(lr, f, axis=0), f, axis=1)
 
 
-def sample_figure(path: Path, hr: np.ndarray, lr: np.ndarray, v: np.ndarray, params: DegradationParams,
-                  title: str) -> tuple[int, int]:
+def sample_figure(path: Path, hr: np.ndarray | None, lr: np.ndarray | None, v: np.ndarray,
+                  params: DegradationParams, title: str) -> tuple[int, int]:
     """HR, LR (nearest-upscaled to the HR size) and a bar chart of v by block, with the pipeline
-    written underneath; returns the picture's (width, height) in pixels."""
+    written underneath; without `hr` and `lr` (a vector alone), the chart and the pipeline only.
+    Returns the picture's (width, height) in pixels."""
     plt = _pyplot()
-    fig, (ax_hr, ax_lr, ax) = plt.subplots(1, 3, figsize=(16, 7), gridspec_kw={"width_ratios": [1, 1, 2.6]})
-    for a, img, label in ((ax_hr, hr, f"HR {hr.shape[1]}x{hr.shape[0]}"),
-                          (ax_lr, _upscale_nearest(lr, hr.shape[0]), f"LR {lr.shape[1]}x{lr.shape[0]} (nearest x4)")):
-        a.imshow(img, interpolation="nearest")
-        a.set_title(label)
-        a.axis("off")
+    if hr is not None and lr is not None:
+        fig, (ax_hr, ax_lr, ax) = plt.subplots(1, 3, figsize=(16, 7), gridspec_kw={"width_ratios": [1, 1, 2.6]})
+        for a, img, label in ((ax_hr, hr, f"HR {hr.shape[1]}x{hr.shape[0]}"),
+                              (ax_lr, _upscale_nearest(lr, hr.shape[0]),
+                               f"LR {lr.shape[1]}x{lr.shape[0]} (nearest x4)")):
+            a.imshow(img, interpolation="nearest")
+            a.set_title(label)
+            a.axis("off")
+    else:
+        fig, ax = plt.subplots(1, 1, figsize=(10, 7))
     present = [r.present for r in read_fields(v, params) for _ in r.stored]
-    colours = [BLOCK_COLOURS[next(b for b, (lo, hi) in BLOCKS.items() if lo <= i < hi)] if present[i] else ABSENT_COLOUR
-               for i in range(len(v))]
+    colours = [BLOCK_COLOURS[block_of(i)] if present[i] else ABSENT_COLOUR for i in range(len(v))]
     ax.bar(range(len(v)), v, color=colours)
     labels = []
     for f in VECTOR_FIELDS:
@@ -77,14 +81,14 @@ def sample_figure(path: Path, hr: np.ndarray, lr: np.ndarray, v: np.ndarray, par
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("v")
     ax.set_title("degradation vector v (dasr33-v1)")
-    handles = [Patch(color=c, label=name) for name, c in BLOCK_COLOURS.items()]
+    handles = [Patch(color=c, label=BLOCK_LABELS[key]) for key, c in BLOCK_COLOURS.items()]
     handles.append(Patch(color=ABSENT_COLOUR, label="absent step (identity value)"))
     ax.legend(handles=handles, loc="upper center", fontsize=8, ncols=5, frameon=False)
-    steps = pipeline_steps(params, hr.shape[0])
+    steps = pipeline_steps(params, hr.shape[0] if hr is not None else None)
     lines = ["  ->  ".join(steps[k : k + 3]) for k in range(0, len(steps), 3)]
     fig.text(0.01, 0.13, "pipeline:  " + "\n   ->  ".join(lines), va="top", family="monospace", fontsize=9)
     fig.suptitle(title)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.3, wspace=0.12)
+    fig.subplots_adjust(left=0.01 if hr is not None else 0.07, right=0.99, top=0.88, bottom=0.3, wspace=0.12)
     _save(fig, path)
     size = fig.canvas.get_width_height()
     plt.close(fig)
@@ -92,7 +96,9 @@ def sample_figure(path: Path, hr: np.ndarray, lr: np.ndarray, v: np.ndarray, par
 
 
 def histogram_figure(path: Path, stats: dict[str, Any]) -> tuple[int, int]:
-    """A grid of the 33 histograms of v, stacked by level."""
+    """A grid of the 33 histograms of v, stacked by level, over the samples where the field's step is
+    present (an absent step's identity value would be a spike that says nothing); titles give the
+    absent count."""
     plt = _pyplot()
     fields = stats["fields"]
     cols = 6
@@ -106,7 +112,8 @@ def histogram_figure(path: Path, stats: dict[str, Any]) -> tuple[int, int]:
             counts = np.array(f["histogram_by_level"][str(lv)])
             ax.bar(centres, counts, width=width * 0.95, bottom=bottom, color=LEVEL_COLOURS[lv], label=f"level {lv}")
             bottom += counts
-        ax.set_title(f"{f['index']}: {f['field']}", fontsize=8)
+        absent = f" ({f['absent']} absent)" if f.get("absent") else ""
+        ax.set_title(f"{f['index']}: {f['field']}{absent}", fontsize=8)
         ax.set_xlim(0, 1)
         ax.tick_params(labelsize=6)
     for ax in axes.ravel()[len(fields):]:
@@ -137,7 +144,8 @@ def contact_sheet(path: Path, ds: ShardDataset, indices: list[int]) -> tuple[int
         axes[r, 2 * c].set_title(f"#{i} HR", fontsize=8)
         axes[r, 2 * c + 1].set_title(textwrap.fill(caption(s.params), 34), fontsize=7)
     fig.suptitle("HR / LR (nearest x4) pairs")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 / rows, 1, 1))
+    fig.text(0.01, 0.01, textwrap.fill("captions: " + CAPTION_LEGEND, 40 * cols), fontsize=7, va="bottom")
     _save(fig, path)
     size = fig.canvas.get_width_height()
     plt.close(fig)

@@ -144,3 +144,16 @@ def test_bad_input_gives_one_clear_line_and_nonzero_exit(run, tmp_path, case):
     error_lines = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(error_lines) == 1
     assert not (tmp_path / "o.png").exists()
+
+
+def test_make_dataset_names_the_sources_it_skips(run, tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    cv2.imwrite(str(src / "big.png"), np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8))
+    cv2.imwrite(str(src / "tiny.png"), np.zeros((40, 40, 3), np.uint8))
+    (src / "broken.png").write_bytes(b"not a png")
+    result = run("make-dataset", str(src), "--out", str(tmp_path / "ds"), "--count", "2", "--patch-size", "64")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "skipped" in text and "tiny.png: smaller than --patch-size 64" in text
+    assert "skipped unreadable" in text and "broken.png" in text

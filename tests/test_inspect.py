@@ -84,11 +84,20 @@ def test_dataset_statistics_equal_independent_numbers(small):
     assert stats["levels"] == {str(k): levels.count(k) for k in (1, 2, 3)}
     by_index = {f["index"]: f for f in stats["fields"]}
     assert sorted(by_index) == list(range(33))
+    # Which step each entry belongs to, written out from the layout table in docs/degradation.md.
+    steps = ["blur1"] * 4 + ["blur2"] * 4 + ["sinc"] * 2 + ["resize1"] * 4 + ["resize2"] * 4 + ["noise1"] * 4 \
+        + ["noise2"] * 4 + ["jpeg1", "jpeg2"] + ["final"] * 5
     for j in range(33):
-        assert by_index[j]["min"] == pytest.approx(v[:, j].min())
-        assert by_index[j]["mean"] == pytest.approx(v[:, j].mean())
-        assert by_index[j]["max"] == pytest.approx(v[:, j].max())
-        assert sum(by_index[j]["histogram"]) == 40
+        here = np.array([getattr(ds[i].params, steps[j]) is not None for i in range(len(ds))])
+        col = v[here, j]
+        assert by_index[j]["absent"] == int((~here).sum())
+        assert sum(by_index[j]["histogram"]) == here.sum()  # absent steps are not in the histogram
+        if here.any():
+            assert by_index[j]["min"] == pytest.approx(col.min())
+            assert by_index[j]["mean"] == pytest.approx(col.mean())
+            assert by_index[j]["max"] == pytest.approx(col.max())
+        else:
+            assert by_index[j]["min"] is None and by_index[j]["mean"] is None
     # blur2 happens only at level 3; the share counts records where the step is present.
     blur2_share = sum(ds[i].params.blur2 is not None for i in range(len(ds))) / 40
     assert by_index[4]["present_share"] == pytest.approx(blur2_share)
@@ -137,7 +146,8 @@ def test_pictures_are_valid_pngs_of_the_expected_size(small, tmp_path):
     (["inspect", "README.md"], "not an HDF5 file"),
     (["inspect", "{small}", "--index", "40"], "out of range"),
     (["inspect", "--vector", "0.1,0.2"], "33 values"),
-    (["inspect"], "not both"),
+    (["inspect"], "there is no ./degrade-dataset here"),
+    (["inspect", "{small}", "--vector", "0.1"], "not both"),
     (["inspect", "{small}", "--grid", "4"], "--grid needs --png"),
 ])
 def test_bad_input_is_one_clear_line(small, args, message, tmp_path, monkeypatch):
@@ -145,3 +155,29 @@ def test_bad_input_is_one_clear_line(small, args, message, tmp_path, monkeypatch
     (tmp_path / "README.md").write_text("not a shard")
     result = CliRunner().invoke(main, [a.replace("{small}", small) for a in args])
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+
+
+def test_inspect_defaults_to_the_folder_make_dataset_writes(small, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(small, tmp_path / "degrade-dataset")
+    result = CliRunner().invoke(main, ["inspect", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["samples"] == 40
+
+
+def test_piped_tables_are_never_cut(small):
+    result = run("inspect", small)  # CliRunner is not a terminal: rich would assume 80 columns
+    assert result.exit_code == 0 and "…" not in result.output
+    assert max(len(line) for line in result.output.splitlines()) > 80
+    sample = run("inspect", small, "--index", "3")
+    assert sample.exit_code == 0 and "…" not in sample.output
+
+
+def test_a_vector_alone_can_be_drawn(tmp_path):
+    v = ",".join(["0.5"] * 4 + ["0"] * 4 + ["0", "1"] + ["0.6", "1", "0", "0"] + ["0"] * 4
+                 + ["0.3", "0", "1", "0"] + ["0"] * 4 + ["0.5", "1"] + ["0", "0"] + ["1", "0", "0"])
+    result = run("inspect", "--vector", v, "--png", tmp_path / "v.png")
+    assert result.exit_code == 0, result.output
+    assert _png_size(tmp_path / "v.png") == (1000, 700)
