@@ -337,7 +337,7 @@ def inspect(target: Path | None, index: int | None, vector: str | None, png: Pat
             rows = insp.read_fields(v, params)
             _report_sample(rows, params, None, "decoded vector", as_json)
             if png:
-                size = _plots().sample_figure(png, None, None, v, params, f"decoded vector: {insp.caption(params)}")
+                size = _plots().sample_figure(png, None, None, v, params, f"a vector: {insp.caption(params)}")
                 err_console.print(f"wrote {png} ({size[0]}x{size[1]})")
             return
         data = ds.open_dataset(target, allow_incomplete=True, checksums=checksums)

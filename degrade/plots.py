@@ -85,7 +85,8 @@ def sample_figure(path: Path, hr: np.ndarray | None, lr: np.ndarray | None, v: n
     handles.append(Patch(color=ABSENT_COLOUR, label="absent step (identity value)"))
     ax.legend(handles=handles, loc="upper center", fontsize=8, ncols=5, frameon=False)
     steps = pipeline_steps(params, hr.shape[0] if hr is not None else None)
-    lines = ["  ->  ".join(steps[k : k + 3]) for k in range(0, len(steps), 3)]
+    per_line = 3 if hr is not None else 2  # the chart alone is narrower
+    lines = ["  ->  ".join(steps[k : k + per_line]) for k in range(0, len(steps), per_line)]
     fig.text(0.01, 0.13, "pipeline:  " + "\n   ->  ".join(lines), va="top", family="monospace", fontsize=9)
     fig.suptitle(title)
     fig.subplots_adjust(left=0.01 if hr is not None else 0.07, right=0.99, top=0.88, bottom=0.3, wspace=0.12)
