@@ -362,9 +362,6 @@ def _quantise_8bit(x: NDArray[np.float32]) -> NDArray[np.uint8]:
     return np.rint(y, out=y).astype(np.uint8)
 
 
-# 8-bit value -> float32 value / 255, as `u8.astype(float32) / float32(255)` computes it.
-_U8_TO_FLOAT = (np.arange(256, dtype=np.float32) / np.float32(255)).astype(np.float32)
-
 _POISSON_BUCKETS = 2048  # uniform buckets per rate in the direct lookup table (a power of 2: exact edges)
 _BUCKET_BITS = 11  # log2(_POISSON_BUCKETS)
 
@@ -517,7 +514,7 @@ def jpeg(img: Image, quality: int) -> Image:
     is the decoded 8-bit image as float32 (value / 255).
     """
     decoded = cv2.imdecode(_encode_jpeg(img, quality), cv2.IMREAD_COLOR_RGB)  # the encoded buffer, no copy
-    return cv2.LUT(decoded, _U8_TO_FLOAT)
+    return np.divide(decoded, np.float32(255), dtype=np.float32)  # one pass, = astype(float32) / 255
 
 
 def clamp(img: Image) -> Image:
@@ -529,4 +526,4 @@ def clamp(img: Image) -> Image:
 def quantise(img: Image) -> Image:
     """Clip to [0, 1] and round to the nearest 8-bit level, staying float32 (the final LR)."""
     _check_image(img)
-    return cv2.LUT(_quantise_8bit(img), _U8_TO_FLOAT)
+    return np.divide(_quantise_8bit(img), np.float32(255), dtype=np.float32)
