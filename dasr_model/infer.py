@@ -167,13 +167,14 @@ def to_image(t: Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict(model: DASR, lr: Tensor, *, max_side: int = 1024) -> tuple[Tensor, Tensor]:
-    """v_hat and a from the whole image (area-downscaled first if a side exceeds `max_side`)."""
+def predict(model: DASR, lr: Tensor, *, max_side: int = 1024, tile: int | None = None) -> tuple[Tensor, Tensor]:
+    """v_hat and a from the whole image (area-downscaled first if a side exceeds `max_side`); with `tile`,
+    the predictor runs tile by tile (the same result, in memory that follows the tile)."""
     h, w = lr.shape[-2:]
     if max(h, w) > max_side:
         f = max_side / max(h, w)
         lr = F.interpolate(lr, size=(max(1, round(h * f)), max(1, round(w * f))), mode="area")
-    return model.predict(lr)
+    return model.predict(lr, tile=tile)
 
 
 def fuse_experts(model: DASR | ExpertMSRResNet, a: Tensor, *, dtype: torch.dtype | None = None,
@@ -225,12 +226,13 @@ def upscale(model: DASR, image: np.ndarray, *, overrides: dict[str, str] | None 
     it (`overrides`, :func:`edit_vector`) or set the expert mix (`mix`, (1, K)), then run the fused
     generator whole or tile by tile. image (H, W, 3) float32 in [0, 1] -> ((4H, 4W, 3) uint8, v_hat (1, 33)).
 
-    The output is assembled in 8 bit tile by tile, so memory follows the tile size plus the uint8 result.
+    With `tile`, the predictor runs tile by tile too (at least 256 px a side) and the output is assembled
+    in 8 bit tile by tile, so memory follows the tile size plus the uint8 result.
     """
     if mix is not None and (mix.shape != (1, model.config.num_experts) or not bool(torch.isfinite(mix).all())):
         raise DASRError(f"the expert mix must be {model.config.num_experts} finite numbers")
     lr = to_tensor(image).to(device)
-    v_hat, a = predict(model, lr)
+    v_hat, a = predict(model, lr, tile=None if tile is None else max(tile, 256))
     if overrides:
         v_hat = edit_vector(v_hat, overrides)
         a = model.mix(v_hat)

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from dasr_model.config import EXPERT_IMPLS, MAX_PARAMETERS, VECTOR_LENGTH, DASRConfig, ExpertImpl
 from dasr_model.errors import DASRError
 
+PREDICTOR_HALO = 32  # input pixels of context per predictor tile: even, and twice its 16-px receptive radius
+
 __all__ = ["DASR", "DASRConfig", "DegradationPredictor", "EXPERT_IMPLS", "ExpertConv2d", "ExpertMSRResNet",
            "MAX_PARAMETERS", "MSRResNet", "set_expert_impl"]
 
@@ -48,12 +50,36 @@ class DegradationPredictor(nn.Module):
         a = self.MappingNet(v)
         return torch.softmax(a / self.temperature, dim=-1) if self.mixing == "softmax" else a
 
-    def forward(self, lr: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, lr: Tensor, *, tile: int | None = None) -> tuple[Tensor, Tensor]:
+        """(v_hat (B, 33), a (B, K)) for lr (B, 3, h, w). With `tile`, the conv net runs on `tile`-sized
+        pieces (with PREDICTOR_HALO pixels of context each) and their outputs are pooled together: the
+        same v_hat as the whole-image pass (up to float summation order), in memory that follows the tile."""
         x = lr
         if self.input_mode == "highpass":  # replicate padding: exactly blind to a constant brightness offset
             x = 10 * (lr - F.avg_pool2d(F.pad(lr, (1, 1, 1, 1), mode="replicate"), 3, stride=1))
-        v_hat = self.ConvNet(x).mean(dim=(2, 3))
+        if tile is None or max(x.shape[-2:]) <= tile:
+            v_hat = self.ConvNet(x).mean(dim=(2, 3))
+        else:
+            v_hat = self._tiled_mean(x, tile)
         return v_hat, self.mix(v_hat)
+
+    def _tiled_mean(self, x: Tensor, tile: int) -> Tensor:
+        """The conv net's global mean over x, computed tile by tile. The net halves the resolution once
+        (its 4th conv, stride 2, padding 2: output j looks at input 2j), so tiles start at even offsets and
+        each keeps the output positions of its own region; a position's receptive field reaches 16 input
+        pixels, inside the halo, so every kept value equals the whole-image pass's."""
+        h, w = x.shape[-2:]
+        tile += tile % 2
+        total = x.new_zeros(x.shape[0], VECTOR_LENGTH)
+        for y in range(0, h, tile):
+            for x0 in range(0, w, tile):
+                ya, xa = max(0, y - PREDICTOR_HALO), max(0, x0 - PREDICTOR_HALO)
+                yb, xb = min(h, y + tile + PREDICTOR_HALO), min(w, x0 + tile + PREDICTOR_HALO)
+                out = self.ConvNet(x[..., ya:yb, xa:xb])
+                oy, ox = (y - ya) // 2, (x0 - xa) // 2
+                ny, nx = -(-min(tile, h - y) // 2), -(-min(tile, w - x0) // 2)  # own output rows / cols
+                total += out[..., oy : oy + ny, ox : ox + nx].sum(dim=(2, 3))
+        return total / (-(-h // 2) * -(-w // 2))
 
 
 class ExpertConv2d(nn.Module):
@@ -272,8 +298,9 @@ class DASR(nn.Module):
         self.generator = ExpertMSRResNet(num_experts=c.num_experts, num_feat=c.num_feat, num_block=c.num_block,
                                          scale=c.scale)
 
-    def predict(self, lr: Tensor) -> tuple[Tensor, Tensor]:
-        return self.predictor(lr)
+    def predict(self, lr: Tensor, *, tile: int | None = None) -> tuple[Tensor, Tensor]:
+        """(v_hat, a) for lr; `tile` bounds the predictor's memory without changing the result."""
+        return self.predictor(lr, tile=tile)
 
     def mix(self, v: Tensor) -> Tensor:
         return self.predictor.mix(v)

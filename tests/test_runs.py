@@ -232,3 +232,19 @@ def test_training_leaves_the_callers_torch_rng_alone(shards, tmp_path):
     torch.manual_seed(123)
     train(_cfg(shards, tmp_path / "run", 1, val_shards=shards, val_every=1, val_samples=2))
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("mode", ["lr", "highpass"])
+def test_the_tiled_predictor_equals_the_whole_image_pass(mode):
+    from dasr_model.model import DASR
+
+    torch.manual_seed(1)
+    model = DASR(DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8, predictor_input=mode)).eval()
+    for h, w in ((70, 58), (131, 97)):  # odd sizes: the stride-2 layer's last row/column
+        lr = torch.rand(2, 3, h, w)
+        with torch.no_grad():
+            whole = model.predict(lr)
+            for tile in (16, 20, 33):
+                tiled = model.predict(lr, tile=tile)
+                torch.testing.assert_close(tiled[0], whole[0], rtol=0, atol=1e-6)
+                torch.testing.assert_close(tiled[1], whole[1], rtol=0, atol=1e-6)
