@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import click
+
+from degrade.io import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
 
 
 def os_error(exc: OSError) -> str:
@@ -19,3 +22,16 @@ def require_torch() -> None:
         raise click.ClickException("PyTorch is not installed; the dasr-* commands need it: "
                                    "pip install 'dasr-toolkit[train]' (on a CPU-only machine first: "
                                    "pip install torch --index-url https://download.pytorch.org/whl/cpu)")
+
+
+def max_pixels_option(command):
+    """--max-pixels N: the decoded-image cap of degrade.read_image, for this command and its workers."""
+    return click.option(
+        "--max-pixels", type=click.IntRange(min=1), default=None, metavar="N",
+        help=f"Largest image decoded, in pixels (default {DEFAULT_MAX_PIXELS:,}, or ${MAX_PIXELS_ENV}); checked "
+             "from the file's header before decoding.")(command)
+
+
+def set_max_pixels(value: int | None) -> None:
+    if value is not None:  # through the environment, so worker processes started later see it too
+        os.environ[MAX_PIXELS_ENV] = str(value)

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cli.common import os_error, require_torch
+from cli.common import max_pixels_option, os_error, require_torch, set_max_pixels
 from degrade.errors import DegradeError
 
 console = Console()
@@ -74,7 +74,9 @@ def model_options(f):
               help="Override a field of the predicted v in physical units, e.g. noise1.strength=5.")
 @click.option("--mix", help="Set the expert coefficients a directly: a0,a1,...")
 @click.option("--print-v", is_flag=True, help="Print each image's predicted v, decoded.")
-def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, tile, settings, mix, print_v) -> None:
+@max_pixels_option
+def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, tile, settings, mix, print_v,
+            max_pixels) -> None:
     """Super-resolve INPUT images or folders x4 into OUT_DIR as PNG.
 
     A file that cannot be read is reported and skipped; the exit status is then 1.
@@ -127,9 +129,12 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def eval_main(model_path, checkpoint, release_weights, shards, hr_dir, levels, seed, device, as_json) -> None:
+@max_pixels_option
+def eval_main(model_path, checkpoint, release_weights, shards, hr_dir, levels, seed, device, as_json,
+              max_pixels) -> None:
     """PSNR/SSIM on Y (4-px crop) and RGB PSNR per level, for the model and bicubic; predictor MAE per block."""
     require_torch()
+    set_max_pixels(max_pixels)
     from dasr_model.evaluate import evaluate_pairs, pairs_from_hr_dir, pairs_from_shards
 
     if (shards is None) == (hr_dir is None):
