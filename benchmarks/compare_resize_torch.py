@@ -1,4 +1,4 @@
-"""Measure how `degrade.ops.resize` differs from PyTorch `F.interpolate` (spec section 5.2).
+"""Measure how `degrade.ops.resize` differs from PyTorch `F.interpolate` (docs/degradation.md).
 
 Spec 5.2 defines resize by `torch.nn.functional.interpolate` semantics (align_corners=False, no
 antialias, bicubic a = -0.75) and allows OpenCV equivalents on the CPU path provided the measured
@@ -100,7 +100,7 @@ def ops_quantise(x: np.ndarray) -> np.ndarray:
 
 
 def torch_resize(img: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
-    """F.interpolate on an (H, W, 3) float32 image, spec 5.2 settings."""
+    """F.interpolate on an (H, W, 3) float32 image, with the settings docs/degradation.md gives."""
     x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
     if mode == "area":  # area takes neither align_corners nor antialias
         y = F.interpolate(x, size=size, mode="area")

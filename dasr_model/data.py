@@ -1,4 +1,4 @@
-"""Training data from `degrade make-dataset` shards, and the unsharp-masked target (degradation spec 8).
+"""Training data from `degrade make-dataset` shards, and the unsharp-masked target (docs/training.md).
 
 Batches are a pure function of (seed, step): step s draws its sample indices and every crop / flip /
 rotation from `SeedSequence([seed, s])`, so resuming at step s reproduces exactly what an
@@ -105,7 +105,7 @@ def _blur(img: Tensor, size: int = USM_SIZE, sigma: float = USM_SIGMA) -> Tensor
 
 
 def unsharp_mask(img: Tensor, *, weight: float = USM_WEIGHT, threshold: float = USM_THRESHOLD) -> Tensor:
-    """DASR's sharpened target (degradation spec 8): img (B, 3, H, W) in [0, 1], H and W > 25.
+    """DASR's sharpened target (docs/training.md): img (B, 3, H, W) in [0, 1], H and W > 25.
 
     R = I - blur(I); mask M = |R| * 255 > threshold, softened by the same blur;
     K = clip(I + weight R, 0, 1); target = M_soft K + (1 - M_soft) I. Blur: size 51, sigma 8, reflect.

@@ -1,4 +1,4 @@
-"""Image I/O: the one place where files become float32 RGB arrays and back (spec section 1).
+"""Image I/O: the one place where files become float32 RGB arrays and back (docs/degradation.md).
 
 Reading accepts PNG, JPEG, WebP, BMP, TIFF and PNM/PAM files and converts, as documented in
 docs/degradation.md: 8-bit and 16-bit samples are scaled to [0, 1] (x / 255, x / 65535); gray

@@ -3,7 +3,7 @@
 "Sample, then apply": every random choice happens in :func:`sample_params`; :func:`degrade.apply`
 is deterministic given the record. Records are frozen dataclasses with a JSON round trip.
 
-Absent steps are ``None``. Kernels are stored canonically (spec 5.3): sigma_x >= sigma_y,
+Absent steps are ``None``. Kernels are stored canonically (docs/degradation.md): sigma_x >= sigma_y,
 theta in [0, pi), isotropic kernels with theta = 0. A resize that keeps the size (s = 1, stage 1)
 is the identity and is stored as absent.
 """
@@ -52,7 +52,7 @@ MAX_GROWTH, MIN_WORK_CAP = 4, 1 << 24  # resize1 may make at most max(4 x the in
 
 @dataclass(frozen=True, kw_only=True)
 class BlurParams:
-    """Gaussian blur kernel of spec 5.1: odd `size`, sigmas in pixels, `theta` in radians."""
+    """Gaussian blur kernel of docs/degradation.md: odd `size`, sigmas in pixels, `theta` in radians."""
 
     size: int
     sigma_x: float
@@ -61,7 +61,7 @@ class BlurParams:
 
     @classmethod
     def canonical(cls, *, size: int, sigma_x: float, sigma_y: float, theta: float) -> BlurParams:
-        """The same kernel written canonically: sigma_x >= sigma_y, theta in [0, pi) (spec 5.3)."""
+        """The same kernel written canonically: sigma_x >= sigma_y, theta in [0, pi) (docs/degradation.md)."""
         if sigma_x < sigma_y:
             sigma_x, sigma_y, theta = sigma_y, sigma_x, theta + math.pi / 2
         theta = math.fmod(theta, math.pi)
@@ -83,7 +83,7 @@ class BlurParams:
 
 @dataclass(frozen=True, kw_only=True)
 class SincParams:
-    """Circular low-pass of spec 5.1: odd `size`, cut-off `omega_c` in radians per pixel."""
+    """Circular low-pass of docs/degradation.md: odd `size`, cut-off `omega_c` in radians per pixel."""
 
     size: int
     omega_c: float
@@ -145,7 +145,7 @@ _TWO_STAGE_ONLY = ("blur2", "resize2", "noise2", "sinc", "jpeg2")
 
 @dataclass(frozen=True, kw_only=True)
 class DegradationParams:
-    """Everything one sample's pipeline used (spec section 4). Steps that did not happen are None.
+    """Everything one sample's pipeline used (docs/degradation.md). Steps that did not happen are None.
 
     `level` is the level the record was drawn at (None for a record decoded from a vector, which
     does not say). One-stage pipelines (levels 1-2) have `final.order` None and no stage-2 steps.
@@ -315,7 +315,7 @@ def _validate(p: DegradationParams) -> None:
                 fail(f"{name}.seed must be in [0, 2**53), got {n.seed}")
     for name in ("jpeg1", "jpeg2"):
         j = getattr(p, name)
-        if j is not None and not 1 <= j.quality <= 99:  # 100 encodes "no JPEG" in v (spec 7)
+        if j is not None and not 1 <= j.quality <= 99:  # 100 encodes "no JPEG" in v (docs/degradation.md)
             fail(f"{name}.quality must be an integer in [1, 99], got {j.quality}")
     if p.final.mode not in RESIZE_MODES:
         fail(f"final.mode must be one of {RESIZE_MODES}, got {p.final.mode!r}")
@@ -374,12 +374,12 @@ def _sample_noise(stage: StageRecipe, rng: np.random.Generator) -> NoiseParams:
 
 
 def _sample_jpeg(quality_range: tuple[float, float], rng: np.random.Generator) -> JpegParams:
-    # Continuous quality as in DASR, rounded to the integer the codec uses (spec 5.2).
+    # Continuous quality as in DASR, rounded to the integer the codec uses (docs/degradation.md).
     return JpegParams(quality=round(float(rng.uniform(*quality_range))))
 
 
 def draw_level(level: LevelChoice, rng: np.random.Generator) -> int:
-    """Resolve "mix" to 1/2/3 with the probabilities of spec section 2; pass 1/2/3 through."""
+    """Resolve "mix" to 1/2/3 with the probabilities of docs/degradation.md; pass 1/2/3 through."""
     if level == "mix":
         u = rng.random()
         cumulative = 0.0

@@ -1,4 +1,4 @@
-"""Level recipes: the ranges and probabilities that parameters are drawn from (spec sections 2-3).
+"""Level recipes: the ranges and probabilities that parameters are drawn from (docs/degradation.md).
 
 A recipe says what *may* happen; a record (:mod:`degrade.params`) says what *did* happen to one
 sample. Recipes are frozen dataclasses so they can be serialised into shard attributes and compared.
@@ -29,7 +29,7 @@ KERNEL_SIZES: tuple[int, ...] = tuple(range(7, 22, 2))  # {7, 9, ..., 21}
 
 @dataclass(frozen=True)
 class StageRecipe:
-    """One stage of blur -> resize -> noise (-> JPEG for stage 1), spec section 3.
+    """One stage of blur -> resize -> noise (-> JPEG for stage 1) (docs/degradation.md).
 
     `resize_probs` is (up, down, keep); "up" draws s ~ U[1, max], "down" s ~ U[min, 1], "keep" s = 1.
     Gaussian sigma is in 0-255 units; the Poisson scale multiplies the shot-noise residual.
@@ -123,7 +123,7 @@ LEVELS: dict[int, LevelRecipe] = {
     ),
 }
 
-# `mix` draws the level per sample (spec section 2).
+# `mix` draws the level per sample (docs/degradation.md).
 MIX_PROBS: dict[int, float] = {1: 0.3, 2: 0.3, 3: 0.4}
 
 
@@ -138,7 +138,7 @@ def parse_level(value: int | str) -> LevelChoice:
 
 
 def describe_levels(levels: Mapping[int, LevelRecipe] | None = None) -> tuple[list[str], list[list[str]], list[str]]:
-    """The level recipes as a table in words: (column headers, rows, notes), as in spec section 3.
+    """The level recipes as a table in words: (column headers, rows, notes), as in docs/degradation.md.
 
     Rendered as Markdown by :func:`levels_markdown` (docs) and as a rich table by `degrade levels`.
     """

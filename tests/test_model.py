@@ -1,4 +1,4 @@
-"""dasr_model: shapes, parameter counts of spec model.md, release-weight loading against an independent reference."""
+"""dasr_model: shapes, parameter counts of the DASR release, release-weight loading against an independent reference."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def n_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def test_parameter_counts_match_the_spec():
+def test_parameter_counts_match_the_release():
     model = DASR()
     assert n_params(model.predictor) == 468_143
     assert n_params(model.generator) == 7_587_855
@@ -89,7 +89,7 @@ def test_given_vector_sets_the_mix_and_v_hat_is_still_predicted():
 
 
 def _release_state_dicts(seed: int = 1):
-    """Random weights in the released layout (spec model.md section 3)."""
+    """Random weights in the released layout (as released)."""
     g = torch.Generator().manual_seed(seed)
 
     def conv(out_ch, in_ch, k=5):

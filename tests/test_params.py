@@ -1,4 +1,4 @@
-"""Sampling against spec section 3, canonical kernels, and the record's JSON round trip."""
+"""Sampling against the level recipes (docs/degradation.md), canonical kernels, and the record's JSON round trip."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def check_blur(blurs: list[BlurParams | None], stage, n: int) -> None:
     for b in present:
         assert b.size in stage.kernel_sizes
         assert in_range(b.sigma_x, lo, hi) and in_range(b.sigma_y, lo, hi)
-        assert b.sigma_x >= b.sigma_y and 0 <= b.theta < math.pi  # canonical (spec 5.3)
+        assert b.sigma_x >= b.sigma_y and 0 <= b.theta < math.pi  # canonical (docs/degradation.md)
     assert all(b.theta == 0.0 for b in iso)
     for size in stage.kernel_sizes:
         assert_share(sum(b.size == size for b in present), len(present), 1 / len(stage.kernel_sizes))

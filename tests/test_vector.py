@@ -1,4 +1,4 @@
-"""The vector layout "dasr33-v1" (spec section 7): table, golden encodings, absent steps, round trips."""
+"""The vector layout "dasr33-v1" (docs/degradation.md): table, golden encodings, absent steps, round trips."""
 
 from __future__ import annotations
 
