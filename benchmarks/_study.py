@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from degrade.dataset import IMAGE_SUFFIXES
+from degrade.discover import IMAGE_SUFFIXES
 
 
 def split_photos(folder: str | Path) -> tuple[list[Path], list[Path]]:

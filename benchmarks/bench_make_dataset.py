@@ -3,10 +3,10 @@
 
 For --level (default 2) on the bundled sample photos with 256x256 patches:
 
-- bare: `degrade.dataset.make_sample(config, i)` for every sample (source crop + sample_params +
+- bare: `degrade.shards.SampleMaker(config).sample(i)` for every sample (source crop + sample_params +
   apply + encode), nothing written: the degradation rate the writer should not slow down;
 - make-dataset with --jobs 1 and --jobs N for each compression (lzf, gzip, none): wall time of
-  `degrade.dataset.make_dataset` into a fresh folder, including scanning nothing (the scan is done
+  `degrade.shards.make_dataset` into a fresh folder, including scanning nothing (the scan is done
   once before timing), HDF5 writing, checksums and the manifest.
 
 Reports samples/s, the ratio to the bare rate, and bytes on disk per sample. Each figure is the
@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 import degrade
-from degrade import dataset as dsm
+from degrade import shards as dsm
 from degrade.allocator import tune_allocator
 
 
@@ -76,11 +76,11 @@ def main() -> None:
     print(f"level {args.level}, {args.count} samples of {args.patch}x{args.patch}, shard size {args.shard_size}, "
           f"median of {args.repeats}\n")
 
-    bare_cfg = config("none")
+    maker = dsm.SampleMaker(config("none"))  # one maker: its source cache decodes each photo once
     for i in range(8):  # warm-up: source cache, Poisson tables
-        dsm.make_sample(bare_cfg, i)
+        maker.sample(i)
     bare = statistics.median(
-        args.count / timed(lambda: [dsm.make_sample(bare_cfg, i) for i in range(args.count)])
+        args.count / timed(lambda: [maker.sample(i) for i in range(args.count)])
         for _ in range(args.repeats)
     )
     rows = [("bare degradation (no writing)", "-", 1, bare, None)]

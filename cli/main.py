@@ -22,7 +22,6 @@ from rich.table import Table
 
 import degrade
 from degrade.allocator import tune_allocator
-from degrade.dataset import COMPRESSIONS
 from degrade.errors import DegradeError
 from degrade.io import (
     DEFAULT_MAX_PIXELS,
@@ -34,6 +33,7 @@ from degrade.io import (
 )
 from degrade.pipeline import MIN_HR_SIDE
 from degrade.recipe import describe_levels
+from degrade.shards.format import COMPRESSIONS
 
 console = Console()
 PIPED_WIDTH = 400  # columns a table may take when stdout is not a terminal (it is drawn at its natural width)
@@ -228,7 +228,7 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
     --level, all from its own random stream (--seed, sample index). Writes DIR/shard-*.h5 and
     DIR/manifest.json (docs/dataset-format.md).
     """
-    from degrade import dataset as ds
+    from degrade import shards as ds
 
     abandoned = ds.abandoned_writes()
     _set_max_pixels(max_pixels)
@@ -283,7 +283,7 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Which samples to regenerate.")
 def verify(directory: Path, regenerate: int, sources: Path | None, seed: int) -> None:
     """Check a dataset: structure, shapes, value ranges, checksums, and optionally regenerate samples."""
-    from degrade import dataset as ds
+    from degrade import shards as ds
 
     try:
         problems = ds.verify_dataset(directory, regenerate=regenerate, seed=seed, source_root=sources)
@@ -316,8 +316,8 @@ def inspect(target: Path | None, index: int | None, vector: str | None, png: Pat
     TARGET is a dataset folder or a single shard file; without it and without --vector, the folder
     make-dataset writes by default (./degrade-dataset).
     """
-    from degrade import dataset as ds
     from degrade import inspect as insp
+    from degrade import shards as ds
 
     if target is not None and vector is not None:
         raise click.UsageError("give a dataset (folder or shard) or --vector, not both")

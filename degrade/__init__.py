@@ -1,4 +1,4 @@
-"""degrade: the DASR degradation space as a library (spec: shared/spec/degradation.md).
+"""degrade: the DASR degradation space as a library (docs/degradation.md).
 
 Sample, then apply::
 
@@ -11,7 +11,7 @@ Sample, then apply::
 Importing this package does not import torch.
 """
 
-from degrade.dataset import Sample, ShardDataset, open_dataset
+from degrade._version import __version__ as __version__  # re-exported
 from degrade.errors import DatasetError, DegradeError, ImageError
 from degrade.io import read_image, write_image
 from degrade.kernels import gaussian_kernel, sinc_kernel
@@ -28,9 +28,8 @@ from degrade.params import (
 from degrade.pipeline import SCALE, apply
 from degrade.recipe import LEVELS, MIX_PROBS, FinalRecipe, LevelRecipe, StageRecipe, parse_level
 from degrade.samples import sample_images
+from degrade.shards import Sample, ShardDataset, open_dataset
 from degrade.vector import VECTOR_FIELDS, VECTOR_LAYOUT, VECTOR_LENGTH, VectorField, decode, encode
-
-__version__ = "0.1.0"
 
 __all__ = [
     "LEVELS",

@@ -11,10 +11,10 @@ from degrade.errors import DegradeError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
-def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+def find_images(paths: Sequence[str | os.PathLike], *, what: str = "input images") -> list[Path]:
     """Each path that is a file, as given (whatever its suffix: reading it says whether it is an image), and
     the files with an image suffix under each folder, sorted by their path relative to it. A path that does
-    not exist, or nothing found at all, is a DegradeError."""
+    not exist, or nothing found at all ("no {what}"), is a DegradeError."""
     found: list[Path] = []
     for src in paths:
         p = Path(src)
@@ -26,5 +26,5 @@ def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
         else:
             raise DegradeError(f"{p}: no such file or folder")
     if not found:
-        raise DegradeError("no input images (looked for " + ", ".join(IMAGE_SUFFIXES) + ")")
+        raise DegradeError(f"no {what} (looked for " + ", ".join(IMAGE_SUFFIXES) + ")")
     return found

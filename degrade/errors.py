@@ -17,3 +17,7 @@ class ImageError(DegradeError):
 
 class DatasetError(DegradeError):
     """A dataset cannot be made, resumed, read or verified; the message says why in one line."""
+
+
+class SampleIndexError(DatasetError, IndexError):
+    """A sample index outside a dataset (an IndexError too, as sequences raise)."""

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from degrade.dataset import ShardDataset
 from degrade.inspect import CAPTION_LEGEND, caption, pipeline_steps, read_fields
 from degrade.layout import BLOCK_LABELS, VECTOR_FIELDS, block_of
 from degrade.params import DegradationParams
+from degrade.shards.read import ShardDataset
 
 BLOCK_COLOURS = {"kernel": "#4C72B0", "resize": "#55A868", "noise": "#C44E52", "jpeg": "#8172B2"}
 LEVEL_COLOURS = {1: "#8ecae6", 2: "#219ebc", 3: "#fb8500"}

@@ -26,7 +26,7 @@ def rng_for(seed: int, index: int = 0) -> np.random.Generator:
 
 def make_small_dataset(out, *, count: int, seed: int, shard_size: int, level="mix", compression: str = "none") -> str:
     """A dataset of 64-px patches from the bundled photos, written to `out`; returns its path."""
-    from degrade import dataset as dsm
+    from degrade import shards as dsm
 
     scan = dsm.scan_sources([], 64)
     config = dsm.DatasetConfig(level=level, count=count, patch_size=64, seed=seed, shard_size=shard_size,

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 import degrade
 from cli.main import main
-from degrade import dataset as dsm
+from degrade import shards as dsm
+from degrade.shards.write import _exclusive_lock
 
 
 def _config(scan: dsm.SourceScan, **kw) -> dsm.DatasetConfig:
@@ -223,7 +224,8 @@ def test_verify_catches_tampering(reference, tmp_path):
     manifest["shards"][1]["sha256"] = hashlib.sha256((pixels / "shard-00001.h5").read_bytes()).hexdigest()
     (pixels / "manifest.json").write_text(json.dumps(manifest))
     assert dsm.verify_dataset(pixels) == []
-    assert dsm.verify_dataset(pixels, regenerate=20) == ["sample 11: regenerated pixels or v differ from the stored ones"]
+    assert dsm.verify_dataset(pixels, regenerate=20) == [
+        "sample 11: regenerated pixels or v differ from the stored ones"]
 
     vector = _copy(reference, tmp_path / "vector")
     with h5py.File(vector / "shard-00000.h5", "r+") as f:
@@ -327,21 +329,22 @@ def test_unreachable_dask_scheduler_is_a_clear_error(tmp_path):
     assert result.exit_code == 1 and "cannot reach the Dask scheduler" in result.output
 
 
-def test_source_cache_is_bounded_by_bytes(monkeypatch):
+def test_source_cache_is_bounded_by_bytes():
     paths = [str(p) for p in degrade.sample_images()[:3]]
-    monkeypatch.setattr(dsm, "_source_cache", dsm.OrderedDict())
-    first = dsm._load_source_u8(paths[0])
-    monkeypatch.setattr(dsm, "SOURCE_CACHE_BYTES", first.nbytes + 1)
-    assert dsm._load_source_u8(paths[0]) is first  # cached
-    dsm._load_source_u8(paths[1])
-    assert list(dsm._source_cache) == [paths[1]]  # the older image was evicted
+    cache = dsm.SourceCache()
+    first = cache.load(paths[0])
+    cache.max_bytes = first.nbytes + 1
+    assert cache.load(paths[0]) is first  # cached
+    cache.load(paths[1])
+    assert cache.paths == [paths[1]]  # the older image was evicted
     assert not first.flags.writeable
+    assert pickle.loads(pickle.dumps(cache)).paths == []  # decoded images never travel between processes
 
 
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_the_lock(bundled, tmp_path):
     out = tmp_path / "ds"
     out.mkdir()
-    with dsm._exclusive_lock(out):
+    with _exclusive_lock(out):
         with pytest.raises(dsm.DatasetError, match="another make-dataset run"):
             dsm.make_dataset(_config(bundled), out)
 
@@ -366,7 +369,8 @@ def test_many_shards_keep_few_files_open(bundled, tmp_path, monkeypatch):
 
 def test_float_tiff_is_reported_unreadable_by_the_scan(tmp_path):
     _write(tmp_path / "src" / "ok.png", np.zeros((64, 64, 3), np.uint8))
-    assert cv2.imwrite(str(tmp_path / "src" / "float.tiff"), np.random.default_rng(0).random((64, 64, 3)).astype(np.float32))
+    floats = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
+    assert cv2.imwrite(str(tmp_path / "src" / "float.tiff"), floats)
     scan = dsm.scan_sources([tmp_path / "src"], 64)
     assert [s.path for s in scan.sources] == ["ok.png"]
     assert scan.unreadable[0][0] == "float.tiff" and "unsupported sample type" in scan.unreadable[0][1]
@@ -403,9 +407,9 @@ def test_unsharp_mask_numpy_equals_the_trainers_torch_version(hr_patch):
 
 
 def test_sharpen_hr_degrades_the_sharpened_patch_and_stores_the_plain_one(tmp_path):
-    from degrade import dataset as dsm
-    from degrade.sharpen import unsharp_mask
+    from degrade import shards as dsm
     from degrade.io import to_uint8
+    from degrade.sharpen import unsharp_mask
 
     scan = dsm.scan_sources([], 64)
     common = dict(level=2, count=3, patch_size=64, seed=4, shard_size=3, compression="none",

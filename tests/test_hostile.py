@@ -28,7 +28,7 @@ from click.testing import CliRunner
 
 import degrade
 from cli.main import main
-from degrade import dataset as dsm
+from degrade import shards as dsm
 from degrade.errors import DatasetError, DegradeError, ImageError
 from degrade.io import MAX_PIXELS_ENV, image_size, max_file_bytes
 from degrade.params import check_work
@@ -87,7 +87,7 @@ def test_too_little_free_space_is_refused_before_the_shard_is_started(tmp_path, 
     class Full:
         f_bavail, f_frsize = 10, 4096
 
-    monkeypatch.setattr(dsm.os, "statvfs", lambda path: Full())
+    monkeypatch.setattr(os, "statvfs", lambda path: Full())
     with pytest.raises(DatasetError, match="not enough free space for shard-00000.h5"):
         dsm.make_dataset(_config(), out)
     assert not list(out.glob("*.h5")) and not list(out.glob(".*.partial"))
@@ -196,7 +196,7 @@ def test_a_disk_that_fills_during_a_shard_still_ends_with_one_line_and_exit_1(tm
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "5m"):
         pytest.skip("needs root to mount a small tmpfs")
-    code = ("import sys; import degrade.dataset as d; d._check_free_space = lambda *a: None; "
+    code = ("import sys; import degrade.shards.write as d; d._check_free_space = lambda *a: None; "
             "from cli.main import main; sys.argv[0] = 'degrade'; main()")
     try:
         for filler in (0, 1500, 3500):

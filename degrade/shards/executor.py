@@ -1,0 +1,180 @@
+"""One ordered map over a thread, loky worker processes, or a joblib backend such as Dask.
+
+``with OrderedMap(task, jobs=J, backend=B) as run: for result in run(items): ...`` yields ``task(item)``
+for every item, in the order of `items`, while the caller consumes the results (make-dataset writes them):
+
+- jobs == 1: `task` runs in a background thread of this process, a few items ahead of the consumer
+  (h5py releases the GIL while it compresses and writes);
+- jobs >= 2: `task` runs in that many loky worker processes; it is pickled once per worker, at start-up
+  (a dataset configuration may list many sources), and tasks then carry only their item; up to
+  2 * jobs + 1 items are in flight;
+- backend (e.g. "dask"): joblib's backend of that name runs the items; `task` travels with every item.
+
+`task` is a picklable callable, typically a bound method of an object that owns its state (its caches are
+then per worker process). Worker processes tune the allocator and end when the consuming process is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
+
+from degrade.allocator import tune_allocator
+from degrade.errors import DatasetError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+PARENT_POLL_SECONDS = 0.5
+
+
+def watch_parent(parent: int) -> None:
+    """End this process (os._exit) within PARENT_POLL_SECONDS once process `parent` is no longer its parent.
+
+    loky's workers outlive a parent killed with SIGKILL or SIGTERM (they were seen alive, ~270 MB each,
+    20 minutes later); an orphan is re-parented, so its parent id changes.
+    """
+
+    def poll() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=poll, name="degrade-parent-watch", daemon=True).start()
+
+
+class _WorkerSlot:
+    """The task a loky worker process was started with. A worker's initialiser can hand its tasks
+    something only through process state, so this one slot exists; it is set in worker processes only."""
+
+    task: Callable[[Any], Any] | None = None
+
+    @classmethod
+    def install(cls, task: Callable[[Any], Any], parent: int | None) -> None:
+        cls.task = task
+        tune_allocator()
+        if parent is not None:
+            watch_parent(parent)
+
+    @classmethod
+    def call(cls, item: Any) -> Any:
+        if cls.task is None:
+            raise RuntimeError("worker process started without a task")
+        return cls.task(item)
+
+
+def _call_in_worker(task: Callable[[T], R], item: T) -> R:
+    """One item on a joblib backend's worker (a Dask worker: a long-lived process of someone else's)."""
+    tune_allocator()
+    return task(item)
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Iterate `items` in a background thread, at most `depth` ahead of the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(_Failure(exc))
+
+    thread = threading.Thread(target=produce, name="degrade-producer", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class OrderedMap(Generic[T, R]):
+    """Context manager giving `run(items) -> iterator of task(item), in order` (see the module's docstring)."""
+
+    def __init__(self, task: Callable[[T], R], *, jobs: int, backend: str | None = None):
+        if jobs < 1:
+            raise DatasetError(f"jobs must be >= 1, got {jobs}")
+        self.task, self.jobs, self.backend = task, jobs, backend
+        self._parallel: Any = None
+        self._executor: Any = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> Callable[[Iterable[T]], Iterator[R]]:
+        if self.backend:
+            import joblib
+
+            # parallel_config (not Parallel(backend=...)) registers external backends such as dask.
+            self._stack.enter_context(joblib.parallel_config(backend=self.backend, n_jobs=self.jobs))
+            self._parallel = self._stack.enter_context(joblib.Parallel(return_as="generator",
+                                                                       pre_dispatch="2*n_jobs"))
+        elif self.jobs >= 2:
+            from joblib.externals.loky import get_reusable_executor
+
+            # The task reaches each worker once, at start-up; a different task (initargs) restarts the workers.
+            self._executor = get_reusable_executor(max_workers=self.jobs, initializer=_WorkerSlot.install,
+                                                   initargs=(self.task, os.getpid()))
+        return self.run
+
+    def __exit__(self, *exc: Any) -> Any:
+        if exc[0] is not None and self._executor is not None:  # after a failure, do not leave workers busy
+            self._executor.shutdown(wait=True, kill_workers=True)
+        return self._stack.__exit__(*exc)
+
+    def run(self, items: Iterable[T]) -> Iterator[R]:
+        if self._parallel is not None:
+            import joblib
+
+            yield from self._parallel(joblib.delayed(_call_in_worker)(self.task, item) for item in items)
+        elif self._executor is None:
+            yield from _prefetched((self.task(item) for item in items), depth=2)
+        else:
+            pending = iter(items)
+            window = deque(self._executor.submit(_WorkerSlot.call, item)
+                           for item in itertools.islice(pending, 2 * self.jobs + 1))
+            try:
+                while window:
+                    result = window.popleft().result()
+                    nxt = next(pending, _END)
+                    if nxt is not _END:
+                        window.append(self._executor.submit(_WorkerSlot.call, nxt))
+                    yield result
+            finally:
+                for future in window:
+                    future.cancel()
+
+
+_END = object()

@@ -1,0 +1,288 @@
+"""The shard format: its constants, the dataset configuration, the manifest and the checks a reader makes.
+
+docs/dataset-format.md is the public contract (format version 1, vector layout ``dasr33-v1``):
+``DIR/manifest.json`` plus ``DIR/shard-00000.h5, ...``. Everything here is what a writer, a reader and a
+verifier must agree on; each constant is defined here once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from degrade.errors import DatasetError
+from degrade.io import ImageError, pixel_limit, read_regular_file
+from degrade.params import DegradationParams
+from degrade.recipe import SCALE, LevelChoice, parse_level
+from degrade.samples import sample_dir
+from degrade.vector import VECTOR_LAYOUT, VECTOR_LENGTH
+
+FORMAT_NAME = "degrade-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LOCK = ".lock"  # DIR/.lock, held (flock) by the run that writes the dataset
+COMPRESSIONS = ("none", "lzf", "gzip")
+BUNDLED = "<bundled>"  # source root of the bundled sample photos
+SHARD_DATASETS = ("hr", "lr", "v", "level", "index", "source", "crop", "params")
+SHARD_ROW_BYTES = VECTOR_LENGTH * 4 + 1 + 8 + 4 + 16  # v, level, index, source, crop: stored contiguously
+PARAMS_JSON_BYTES = 1024  # more than any record's JSON (about 600 bytes at level 3)
+MAX_MANIFEST_BYTES = 256 << 20  # a manifest listing a million sources is about 120 MB
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.h5"
+
+
+def shard_path(out: Path, name: str) -> Path:
+    """DIR/name for a shard file named by a manifest: a plain name, and not a link that leaves DIR."""
+    path = out / name
+    if Path(name).name != name or name in ("", ".", "..") or path.resolve().parent != out.resolve():
+        raise DatasetError(f"{out}: refusing shard file {name!r}: shard files must lie inside the dataset folder")
+    return path
+
+
+# --- the configuration: everything that determines a dataset's bytes ---------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """One usable source image: its path relative to the source root, content hash and size."""
+
+    path: str
+    sha256: str
+    height: int
+    width: int
+
+
+def resolve_source(root: str, rel: str) -> Path:
+    """The file of a recorded source path, refusing paths that would leave the recorded root."""
+    base = sample_dir().resolve() if root == BUNDLED else Path(root).resolve()
+    candidate = Path(rel)
+    if candidate.is_absolute() or ".." in candidate.parts:
+        raise DatasetError(f"refusing source path {rel!r}: it must be relative and inside {base}")
+    path = (base / candidate).resolve()
+    if base not in path.parents:
+        raise DatasetError(f"refusing source path {rel!r}: it resolves outside {base}")
+    return path
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Everything that determines a dataset's bytes (the worker count does not)."""
+
+    level: LevelChoice
+    count: int
+    patch_size: int
+    seed: int
+    shard_size: int
+    compression: str
+    source_root: str
+    sources: tuple[Source, ...]
+    sharpen_hr: bool = False  # degrade the unsharp-masked HR (degrade.sharpen); the stored HR stays plain
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise DatasetError(f"--count must be >= 1, got {self.count}")
+        if self.patch_size < 32 or self.patch_size % SCALE:
+            raise DatasetError(f"--patch-size must be a multiple of {SCALE} and >= 32, got {self.patch_size}")
+        if self.shard_size < 1:
+            raise DatasetError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.compression not in COMPRESSIONS:
+            raise DatasetError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
+        if not self.sources:
+            raise DatasetError("no usable source images (all unreadable or smaller than the patch)")
+
+    @property
+    def shard_count(self) -> int:
+        return -(-self.count // self.shard_size)
+
+    def shard_range(self, k: int) -> range:
+        return range(k * self.shard_size, min(self.count, (k + 1) * self.shard_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sources"] = [asdict(s) for s in self.sources]
+        if not self.sharpen_hr:  # absent when off: datasets made before the option keep their bytes and resume
+            del d["sharpen_hr"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DatasetConfig:
+        try:
+            return cls(
+                level=parse_level(d["level"]),
+                count=int(d["count"]),
+                patch_size=int(d["patch_size"]),
+                seed=int(d["seed"]),
+                shard_size=int(d["shard_size"]),
+                compression=str(d["compression"]),
+                source_root=str(d["source_root"]),
+                sources=tuple(Source(str(s["path"]), str(s["sha256"]), int(s["height"]), int(s["width"]))
+                              for s in d["sources"]),
+                sharpen_hr=_strict_bool(d.get("sharpen_hr", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DatasetError(f"malformed dataset configuration: {exc}") from None
+
+    def source_path(self, i: int) -> Path:
+        return resolve_source(self.source_root, self.sources[i].path)
+
+
+def _strict_bool(raw: Any) -> bool:
+    if not isinstance(raw, bool):
+        raise ValueError(f"sharpen_hr must be true or false, got {raw!r}")
+    return raw
+
+
+class Sample(NamedTuple):
+    """One stored sample: HR (P, P, 3) uint8, LR (P/4, P/4, 3) uint8, v (33,) float32, its record."""
+
+    hr: NDArray[np.uint8]
+    lr: NDArray[np.uint8]
+    v: NDArray[np.float32]
+    params: DegradationParams
+
+
+# --- the manifest ---------------------------------------------------------------------------------------
+
+
+def manifest_dict(config: DatasetConfig, shards: dict[int, dict[str, Any]], version: str) -> dict[str, Any]:
+    """The manifest of `config` listing the finished `shards` (shard number -> entry)."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "vector_layout": VECTOR_LAYOUT,
+        "package_version": version,
+        "config": config.to_dict(),
+        "shards": [shards[k] for k in sorted(shards)],
+        "complete": len(shards) == config.shard_count,
+    }
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    """DIR/manifest.json, checked: a manifest is data from a file, so its shard list must be exactly
+    what its configuration implies (names, first indices, counts) before anything is opened."""
+    path = out / MANIFEST
+    try:
+        text = read_regular_file(path, MAX_MANIFEST_BYTES).decode("utf-8")
+        data = json.loads(text)
+    except ImageError as exc:
+        if not path.exists() and not path.is_symlink():
+            raise DatasetError(f"{out}: no {MANIFEST}: not a dataset folder") from None
+        raise DatasetError(f"{path}: unreadable manifest ({str(exc).removeprefix(f'{path}: ')})") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: unreadable manifest ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: unreadable manifest ({exc})") from None
+    except RecursionError:
+        raise DatasetError(f"{path}: unreadable manifest (JSON nested too deeply)") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise DatasetError(f"{path}: not a {FORMAT_NAME} manifest")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(f"{path}: format version {data.get('format_version')} (this code reads {FORMAT_VERSION})")
+    shards = data.get("shards")
+    keys = {"shard", "file", "first_index", "count", "bytes", "sha256"}
+    ok = (isinstance(data.get("config"), dict) and isinstance(data.get("complete"), bool) and isinstance(shards, list)
+          and all(isinstance(e, dict) and keys <= set(e) and isinstance(e["file"], str)
+                  and all(_is_int(e[k]) for k in ("shard", "first_index", "count", "bytes"))
+                  and isinstance(e["sha256"], str) for e in shards))
+    if not ok:
+        raise DatasetError(f"{path}: malformed manifest (missing or mistyped keys)")
+    config = DatasetConfig.from_dict(data["config"])  # raises DatasetError when malformed
+    seen: set[int] = set()
+    for e in shards:
+        k = e["shard"]
+        rows = config.shard_range(k) if 0 <= k < config.shard_count else range(0)
+        if (k in seen or not rows or e["file"] != shard_name(k) or e["first_index"] != rows.start
+                or e["count"] != len(rows) or e["bytes"] < 0 or len(e["sha256"]) != 64):
+            raise DatasetError(f"{path}: shard entry {k!r} does not match the configuration "
+                               f"(file {e['file']!r}, first index {e['first_index']}, count {e['count']})")
+        seen.add(k)
+    if data["complete"] != (len(seen) == config.shard_count):
+        raise DatasetError(f"{path}: says complete={data['complete']} but lists {len(seen)} of "
+                           f"{config.shard_count} shards")
+    return data
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# --- a shard file -----------------------------------------------------------------------------------
+
+
+def check_shard(f: Any, path: Path, *, count: int | None, patch_size: int | None) -> int:
+    """Check an open shard's datasets (shapes, types) before anything is read; returns its sample count.
+
+    `count` and `patch_size` come from the manifest (None for a lone shard file: taken from the file).
+    A shard must also be large enough to hold its own per-sample metadata, and a patch must be within
+    the pixel cap, so a small file cannot declare arrays that would take gigabytes to read.
+    """
+    import h5py
+
+    for key in SHARD_DATASETS:
+        # Only plain datasets stored in this file: an external or soft link, external raw storage or a
+        # virtual dataset would make reading open other files.
+        if not isinstance(f.get(key, getlink=True), h5py.HardLink) or not isinstance(f[key], h5py.Dataset):
+            raise DatasetError(f"{path}: not a {FORMAT_NAME} shard (dataset {key!r} missing or a link)")
+        if f[key].external or f[key].is_virtual:
+            raise DatasetError(f"{path}: dataset {key!r} keeps its data outside the file; refusing to read it")
+    n = f["v"].shape[0] if count is None else count
+    p = f["hr"].shape[1] if patch_size is None and f["hr"].ndim == 4 else patch_size
+    if not isinstance(p, int) or p < 32 or p % SCALE or p * p > pixel_limit():
+        raise DatasetError(f"{path}: patch size {p} is not a multiple of {SCALE} in [32, sqrt({pixel_limit()})]")
+    q = p // SCALE
+    expected = {"hr": ((n, p, p, 3), "u1"), "lr": ((n, q, q, 3), "u1"), "v": ((n, VECTOR_LENGTH), "f4"),
+                "level": ((n,), "u1"), "index": ((n,), "i8"), "source": ((n,), "i4"), "crop": ((n, 4), "i4")}
+    for key, (shape, dtype) in expected.items():
+        ds = f[key]
+        if ds.shape != shape or ds.dtype != np.dtype(dtype):
+            raise DatasetError(f"{path}: {key} is {ds.dtype} {ds.shape}, expected {np.dtype(dtype)} {shape}")
+    for key in ("hr", "lr"):  # one sample per chunk (or contiguous): reading a row decompresses one patch
+        chunks = f[key].chunks
+        if chunks is not None and chunks != (1, *f[key].shape[1:]):
+            raise DatasetError(f"{path}: {key} is stored in chunks of {chunks}, expected one sample per chunk")
+    params = f["params"]
+    if params.shape != (n,) or h5py.check_string_dtype(params.dtype) is None:
+        raise DatasetError(f"{path}: params is {params.dtype} {params.shape}, expected strings ({n},)")
+    size = os.stat(path).st_size
+    if n * SHARD_ROW_BYTES > size:
+        raise DatasetError(f"{path}: declares {n} samples but its {size} bytes cannot hold them")
+    return n
+
+
+# --- small helpers shared by the writer, the reader and the verifier -----------------------------------
+
+
+def sha256_file(path: Path, limit: int | None = None) -> str:
+    """SHA-256 of a regular file, read in 4 MiB blocks; DatasetError for anything else or above `limit` bytes."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise DatasetError(f"{path}: not a regular file")
+    if limit is not None and info.st_size > limit:
+        raise DatasetError(f"{path}: {info.st_size} bytes, above the {limit}-byte limit")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def os_reason(exc: OSError) -> str:
+    """The reason of an OSError in one line (h5py's messages span lines and repeat the file name)."""
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return " ".join(str(exc).split())
+
+
+def as_text(value: bytes | str) -> str:
+    """A stored UTF-8 string (h5py gives bytes) as str."""
+    return value.decode("utf-8") if isinstance(value, bytes) else value

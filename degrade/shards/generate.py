@@ -1,0 +1,101 @@
+"""Per-sample generation: sample `i` of a dataset depends only on (seed, i), the options and the sources.
+
+Its random stream is ``SeedSequence(seed, spawn_key=(i,))``, from which it draws, in this order, the source
+image (uniform over usable images), the crop position (uniform), then the degradation parameters
+(docs/dataset-format.md, "How each sample is drawn"). So the output is the same for any number of
+workers, and any sample can be regenerated alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from degrade.errors import DatasetError
+from degrade.io import to_uint8
+from degrade.params import DegradationParams, sample_params
+from degrade.pipeline import apply
+from degrade.recipe import SCALE
+from degrade.shards.format import DatasetConfig, Sample
+from degrade.shards.sources import SourceCache
+from degrade.sharpen import unsharp_mask
+from degrade.vector import VECTOR_LENGTH, encode
+
+CHUNK = 16  # samples per unit of parallel work
+
+
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+    """The random stream of global sample `index` of a dataset made with `seed`."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+
+
+def draw_sample(config: DatasetConfig, index: int) -> tuple[int, tuple[int, int], DegradationParams]:
+    """Sample `index`'s source, crop corner (y, x) and record, from its own stream only."""
+    rng = sample_rng(config.seed, index)
+    src = int(rng.integers(len(config.sources)))
+    s = config.sources[src]
+    y = int(rng.integers(s.height - config.patch_size + 1))
+    x = int(rng.integers(s.width - config.patch_size + 1))
+    return src, (y, x), sample_params(config.level, rng)
+
+
+def chunk_ranges(rows: range) -> list[range]:
+    """`rows` cut into units of parallel work of CHUNK samples."""
+    return [range(s, min(s + CHUNK, rows.stop)) for s in range(rows.start, rows.stop, CHUNK)]
+
+
+@dataclass(eq=True)
+class SampleMaker:
+    """Makes the samples of one dataset configuration; owns the cache of decoded sources it reads.
+
+    Picklable (the cache travels empty) and compared by configuration only, so a worker process can be
+    handed one at start-up and keep it, and an equal one does not restart the workers.
+    """
+
+    config: DatasetConfig
+    cache: SourceCache = field(default_factory=SourceCache, compare=False, repr=False)
+
+    def sample(self, index: int) -> tuple[int, tuple[int, int], Sample]:
+        """Sample `index`: (source row, crop corner (y, x), the sample)."""
+        config = self.config
+        src, (y, x), params = draw_sample(config, index)
+        image = self.cache.load(str(config.source_path(src)))
+        p = config.patch_size
+        if image.shape[0] < y + p or image.shape[1] < x + p:
+            raise DatasetError(f"{config.sources[src].path}: changed since it was scanned (smaller now)")
+        hr = np.ascontiguousarray(image[y : y + p, x : x + p])
+        source = hr.astype(np.float32) / np.float32(255)
+        lr = to_uint8(apply(unsharp_mask(source) if config.sharpen_hr else source, params))
+        return src, (y, x), Sample(hr, lr, encode(params), params)
+
+    def chunk(self, indices: range) -> dict[str, Any]:
+        """Samples `indices` as arrays ready to store (the shard datasets' rows; `params` as JSON strings)."""
+        n, p = len(indices), self.config.patch_size
+        out: dict[str, Any] = {
+            "hr": np.empty((n, p, p, 3), np.uint8),
+            "lr": np.empty((n, p // SCALE, p // SCALE, 3), np.uint8),
+            "v": np.empty((n, VECTOR_LENGTH), np.float32),
+            "level": np.empty(n, np.uint8),
+            "index": np.asarray(indices, np.int64),
+            "source": np.empty(n, np.int32),
+            "crop": np.empty((n, 4), np.int32),
+            "params": [],
+        }
+        for j, i in enumerate(indices):
+            src, (y, x), s = self.sample(i)
+            out["hr"][j], out["lr"][j], out["v"][j] = s.hr, s.lr, s.v
+            out["level"][j] = s.params.level
+            out["source"][j] = src
+            out["crop"][j] = (y, x, p, p)
+            out["params"].append(s.params.to_json())
+        return out
+
+
+def make_sample(config: DatasetConfig, index: int) -> tuple[int, tuple[int, int], Sample]:
+    """Re-create sample `index` of `config` alone: (source row, crop corner (y, x), the sample).
+
+    Decodes its source image each call; to make many samples, keep one :class:`SampleMaker`.
+    """
+    return SampleMaker(config).sample(index)

@@ -1,0 +1,111 @@
+"""Source images of a dataset: the scan that lists and checks them, and a per-worker cache of decoded images."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from degrade.discover import find_images
+from degrade.errors import DatasetError, DegradeError
+from degrade.io import ImageError, decode_image, max_file_bytes, read_image, read_regular_file, to_uint8
+from degrade.samples import sample_dir, sample_images
+from degrade.shards.format import BUNDLED, Source
+
+SOURCE_CACHE_BYTES = 1 << 30  # decoded source images kept per process (LRU by size)
+
+
+@dataclass
+class SourceScan:
+    """What a scan of the SRC arguments found."""
+
+    root: str
+    sources: list[Source]
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    too_small: list[str] = field(default_factory=list)
+
+
+def list_source_files(srcs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files named directly, plus image files under folders (recursive), in a stable sorted order
+    (`degrade.discover.find_images`), each file once (resolved)."""
+    try:
+        found = find_images(srcs, what="source images")
+    except DegradeError as exc:  # a missing path or nothing found: a dataset's refusal
+        raise DatasetError(str(exc)) from None
+    unique: dict[Path, Path] = {}
+    for f in found:
+        unique.setdefault(f.resolve(), f)
+    return list(unique.keys())
+
+
+def scan_sources(srcs: Sequence[str | os.PathLike], patch_size: int,
+                 progress: Callable[[int, int], None] | None = None) -> SourceScan:
+    """Decode every candidate once: keep readable images with both sides >= `patch_size`.
+
+    No SRC means the bundled sample photos. Paths are stored relative to the sources' common folder.
+    """
+    if srcs:
+        files = list_source_files(srcs)
+        root = Path(os.path.commonpath([f.parent for f in files]))
+        root_text = str(root)
+    else:
+        files = [p.resolve() for p in sample_images()]
+        root, root_text = sample_dir().resolve(), BUNDLED
+    scan = SourceScan(root=root_text, sources=[])
+    for n, f in enumerate(files):
+        rel = f.relative_to(root).as_posix()
+        try:
+            data = read_regular_file(f, max_file_bytes())  # never a FIFO or device; bounded size
+            img = decode_image(data)  # the same decoding and checks (pixel cap first) as the workers' read_image
+        except OSError as exc:
+            scan.unreadable.append((rel, exc.strerror or str(exc)))
+        except ImageError as exc:
+            scan.unreadable.append((rel, str(exc).removeprefix(f"{f}: ")))  # the reason, without the path
+        else:
+            h, w = img.shape[:2]
+            if min(h, w) < patch_size:
+                scan.too_small.append(rel)
+            else:
+                scan.sources.append(Source(rel, hashlib.sha256(data).hexdigest(), h, w))
+        if progress:
+            progress(n + 1, len(files))
+    return scan
+
+
+class SourceCache:
+    """Decoded source images as 8-bit RGB (16-bit rounded to 8 bit, gray copied, alpha dropped), LRU by size.
+
+    Up to `max_bytes` of images stay decoded, so a corpus that fits is decoded once per cache (one per
+    worker); beyond that, decoding a source costs once per sample. Images are read-only. A pickled cache
+    arrives empty: decoded images never travel between processes.
+    """
+
+    def __init__(self, max_bytes: int = SOURCE_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self._images: OrderedDict[str, NDArray[np.uint8]] = OrderedDict()
+
+    def load(self, path: str) -> NDArray[np.uint8]:
+        image = self._images.pop(path, None)
+        if image is None:
+            image = to_uint8(read_image(path))
+            image.setflags(write=False)
+        self._images[path] = image
+        total = sum(a.nbytes for a in self._images.values())
+        while total > self.max_bytes and len(self._images) > 1:
+            total -= self._images.popitem(last=False)[1].nbytes
+        return image
+
+    @property
+    def paths(self) -> list[str]:
+        """The cached images' paths, least recently used first."""
+        return list(self._images)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"max_bytes": self.max_bytes, "_images": OrderedDict()}

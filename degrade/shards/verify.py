@@ -1,0 +1,131 @@
+"""Verifying a dataset: structure, checksums, value ranges, v against its record, and regeneration."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from degrade.discover import IMAGE_SUFFIXES
+from degrade.errors import DatasetError, DegradeError
+from degrade.io import max_file_bytes
+from degrade.params import DegradationParams
+from degrade.shards.format import (
+    DatasetConfig,
+    as_text,
+    check_shard,
+    os_reason,
+    read_manifest,
+    sha256_file,
+    shard_path,
+)
+from degrade.shards.generate import SampleMaker
+from degrade.shards.read import open_dataset
+from degrade.vector import encode
+
+
+def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 0,
+                   source_root: str | os.PathLike | None = None) -> list[str]:
+    """Check a dataset folder; returns a list of problems (empty when all is well).
+
+    Checks the manifest, every shard's checksum, structure, shapes, dtypes and value ranges, that
+    each stored v equals the encoding of its stored record, and then re-creates `regenerate` random
+    samples from their source, crop, seed and record, comparing bit for bit. `source_root` replaces
+    the recorded source folder (for a dataset moved to another machine).
+    """
+    import h5py
+
+    out = Path(path)
+    manifest = read_manifest(out)
+    config = DatasetConfig.from_dict(manifest["config"])
+    if source_root is not None:
+        config = replace(config, source_root=str(source_root))
+    problems: list[str] = []
+    if not manifest["complete"]:
+        problems.append("the dataset is incomplete (re-run the same make-dataset command to finish it)")
+    seen = 0
+    for entry in manifest["shards"]:
+        name = str(entry["file"])
+        try:
+            f_path = shard_path(out, name)
+        except DatasetError as exc:
+            problems.append(str(exc))
+            continue
+        if not f_path.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        if sha256_file(f_path) != entry["sha256"]:
+            problems.append(f"{name}: checksum differs from the manifest")
+        try:
+            with h5py.File(f_path, "r") as f:
+                rows = config.shard_range(int(entry["shard"]))
+                try:  # shapes and types first: nothing is read from a shard that declares the wrong ones
+                    check_shard(f, f_path, count=len(rows), patch_size=config.patch_size)
+                except DatasetError as exc:
+                    problems.append(str(exc).replace(str(f_path), name))
+                    continue
+                seen += int(entry["count"])
+                v, level = f["v"][:], f["level"][:]
+                if not (np.all(np.isfinite(v)) and v.min() >= 0 and v.max() <= 1):
+                    problems.append(f"{name}: v outside [0, 1]")
+                if not np.isin(level, [1, 2, 3]).all():
+                    problems.append(f"{name}: level outside 1-3")
+                if not np.array_equal(f["index"][:], np.arange(rows.start, rows.stop)):
+                    problems.append(f"{name}: sample indices are not {rows.start}..{rows.stop - 1}")
+                sources = f["source"][:]
+                if sources.size and not (sources.min() >= 0 and sources.max() < len(config.sources)):
+                    problems.append(f"{name}: source rows outside 0..{len(config.sources) - 1}")
+                for row, raw in enumerate(f["params"][:]):
+                    try:
+                        record = DegradationParams.from_json(as_text(raw))
+                    except DegradeError as exc:
+                        problems.append(f"{name} row {row}: bad parameter record ({exc})")
+                        continue
+                    if record.level != level[row] or not np.allclose(encode(record), v[row], atol=1e-6):
+                        problems.append(f"{name} row {row}: v or level does not match the parameter record")
+        except OSError as exc:
+            problems.append(f"{name}: unreadable HDF5 ({os_reason(exc)})")
+    if manifest["complete"] and seen != config.count:
+        problems.append(f"the shards hold {seen} samples, the manifest says {config.count}")
+    if regenerate and not problems:
+        problems += _regenerate(out, config, regenerate, seed)
+    return problems
+
+
+def _regenerate(out: Path, config: DatasetConfig, k: int, seed: int) -> list[str]:
+    problems = []
+    ds = open_dataset(out)
+    maker = SampleMaker(config)
+    picks = np.random.default_rng(seed).choice(len(ds), size=min(k, len(ds)), replace=False)
+    for i in sorted(int(x) for x in picks):
+        shard, row = ds.locate(i)
+        stored = ds[i]
+        f = ds._handle(shard)
+        src_path = config.source_path(int(f["source"][row]))  # refuses paths that leave the source root
+        if src_path.suffix.lower() not in IMAGE_SUFFIXES:
+            problems.append(f"sample {i}: refusing source {src_path}: not an image file name "
+                            f"({', '.join(IMAGE_SUFFIXES)})")
+            continue
+        if not src_path.is_file():
+            problems.append(f"sample {i}: source {src_path} not found (give --sources to point at the photos)")
+            continue
+        try:  # a regular file of bounded size, hashed in blocks
+            digest = sha256_file(src_path, max_file_bytes())
+        except DatasetError as exc:
+            problems.append(f"sample {i}: refusing source: {exc}")
+            continue
+        if digest != config.sources[int(f["source"][row])].sha256:
+            problems.append(f"sample {i}: source {src_path} changed since the dataset was made")
+            continue
+        src, (y, x), fresh = maker.sample(i)
+        if src != int(f["source"][row]) or [y, x] != list(f["crop"][row][:2]):
+            problems.append(f"sample {i}: source or crop differs from its stream")
+        elif fresh.params != stored.params:
+            problems.append(f"sample {i}: parameter record differs from its stream")
+        elif not (np.array_equal(fresh.hr, stored.hr) and np.array_equal(fresh.lr, stored.lr)
+                  and np.array_equal(fresh.v, stored.v)):
+            problems.append(f"sample {i}: regenerated pixels or v differ from the stored ones")
+    ds.close()
+    return problems

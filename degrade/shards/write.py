@@ -1,0 +1,325 @@
+"""Writing a dataset: `make_dataset` makes (or finishes) one, shard by shard, crash-safe and resumable.
+
+Shards are written as ``.shard-NNNNN.h5.partial`` and renamed when complete; the manifest is rewritten
+(atomically) after every shard; DIR/.lock keeps a second run out. The samples come from
+:class:`~degrade.shards.generate.SampleMaker` through :class:`~degrade.shards.executor.OrderedMap`, while
+this process writes. Libraries print nothing: progress is reported through a callback; the CLI draws the bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from degrade._version import __version__
+from degrade.errors import DatasetError
+from degrade.io import write_bytes_atomic
+from degrade.recipe import LEVELS, MIX_PROBS, SCALE, LevelChoice
+from degrade.shards.executor import OrderedMap
+from degrade.shards.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LOCK,
+    MANIFEST,
+    PARAMS_JSON_BYTES,
+    SHARD_ROW_BYTES,
+    DatasetConfig,
+    manifest_dict,
+    os_reason,
+    read_manifest,
+    sha256_file,
+    shard_name,
+)
+from degrade.shards.generate import SampleMaker, chunk_ranges
+from degrade.vector import VECTOR_LAYOUT, VECTOR_LENGTH
+
+
+@dataclass
+class MakeReport:
+    """What a make-dataset run did."""
+
+    made: int = 0  # samples generated in this run
+    reused_shards: int = 0
+    level_counts: dict[int, int] = field(default_factory=lambda: {1: 0, 2: 0, 3: 0})
+    seconds: float = 0.0
+    bytes_on_disk: int = 0
+
+
+def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1,
+                 progress: Callable[[int], None] | None = None, backend: str | None = None) -> MakeReport:
+    """Write (or finish) the dataset `config` in folder `out`; returns what was done.
+
+    Shards are written under a temporary name and renamed when complete; the manifest is rewritten
+    after every shard. Re-running with the same config finishes only what is missing, giving the same
+    bytes as an uninterrupted run. A different config for an existing dataset raises DatasetError.
+    `progress(n)` is called with the number of samples just made (or found complete). `jobs` is the
+    number of degrading workers: 1 is a thread of this process, more are worker processes; this
+    process writes the shards meanwhile. `backend` (e.g. "dask") runs the workers through joblib.
+    """
+    out = Path(out)
+    start = time.perf_counter()
+    report = MakeReport()
+    shards: dict[int, dict[str, Any]] = {}
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out}: exists and is not a folder")
+    if not (out / MANIFEST).exists() and out.exists() and any(p.name != LOCK for p in out.iterdir()):
+        raise DatasetError(f"{out}: folder is not empty and holds no {MANIFEST}; choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        held.enter_context(_exclusive_lock(out))
+        if (out / MANIFEST).exists():
+            old = read_manifest(out)
+            if old["config"] != config.to_dict():
+                raise DatasetError(
+                    f"{out} holds a dataset made by a different command "
+                    f"({_config_difference(old['config'], config.to_dict())}); use a new --out or the original options"
+                )
+            shards = {int(s["shard"]): s for s in old["shards"]}
+        _make(config, out, shards, report, jobs, progress, backend)
+    report.seconds = time.perf_counter() - start
+    report.bytes_on_disk = sum(s["bytes"] for s in shards.values())
+    return report
+
+
+def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    diffs = []
+    for key in new:
+        if key == "sources":
+            if old.get(key) != new[key]:
+                diffs.append("the source images")
+        elif old.get(key) != new[key]:
+            diffs.append(f"{key} {old.get(key)!r} -> {new[key]!r}")
+    return ", ".join(diffs)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(out: Path) -> Iterator[None]:
+    """Hold DIR/.lock exclusively (POSIX flock) so two runs never write one dataset at once."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    with open(out / LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DatasetError(f"{out}: another make-dataset run is writing this dataset") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], report: MakeReport, jobs: int,
+          progress: Callable[[int], None] | None, backend: str | None) -> None:
+    for stale in out.glob(".shard-*.partial"):
+        stale.unlink()  # left by an interrupted run; never looks complete
+
+    todo = []
+    for k in range(config.shard_count):
+        path = out / shard_name(k)
+        entry = shards.get(k)
+        if entry is not None and path.is_file() and sha256_file(path) == entry["sha256"]:
+            report.reused_shards += 1
+            if progress:
+                progress(entry["count"])
+            continue
+        shards.pop(k, None)
+        todo.append(k)
+    _save_manifest(out, config, shards)  # writes only if it changed
+
+    def count(chunk: dict[str, Any]) -> None:
+        report.made += len(chunk["index"])
+        for lv in chunk["level"]:
+            report.level_counts[int(lv)] += 1
+        if progress:
+            progress(len(chunk["index"]))
+
+    with OrderedMap(SampleMaker(config).chunk, jobs=jobs, backend=backend) as run_chunks:
+        for k in todo:
+            final, tmp = out / shard_name(k), out / f".{shard_name(k)}.partial"
+            _check_free_space(out, config, k)
+            try:
+                _write_shard(tmp, config, k, run_chunks(chunk_ranges(config.shard_range(k))), count)
+                os.replace(tmp, final)
+            except OSError as exc:  # disk full, quota, I/O error: earlier shards stay valid, so say how to resume
+                tmp.unlink(missing_ok=True)
+                raise DatasetError(f"{final}: cannot write ({os_reason(exc)}); the shards written so far are "
+                                   "kept: fix the cause and run the same command again to resume") from None
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            shards[k] = {"shard": k, "file": final.name, "first_index": config.shard_range(k).start,
+                         "count": len(config.shard_range(k)), "bytes": final.stat().st_size,
+                         "sha256": sha256_file(final)}
+            _save_manifest(out, config, shards)
+
+
+def _save_manifest(out: Path, config: DatasetConfig, shards: dict[int, dict[str, Any]]) -> None:
+    text = json.dumps(manifest_dict(config, shards, __version__), indent=1, sort_keys=True) + "\n"
+    path = out / MANIFEST
+    if path.is_file() and path.read_text() == text:
+        return
+    write_bytes_atomic(path, text.encode())
+
+
+# --- free space -------------------------------------------------------------------------------------
+
+
+def shard_bytes_bound(config: DatasetConfig, k: int) -> int:
+    """An upper bound of shard k's file size: uncompressed pixels (+1 % for filters that do not
+    shrink a chunk), per-sample metadata, the source table and 1 MiB of HDF5 structure."""
+    n, p, q = len(config.shard_range(k)), config.patch_size, config.patch_size // SCALE
+    pixels = n * 3 * (p * p + q * q)
+    per_sample = SHARD_ROW_BYTES + PARAMS_JSON_BYTES + 64  # v, level, index, source, crop; params; slack
+    table = sum(len(s.path.encode()) + 32 for s in config.sources)
+    return pixels + pixels // 100 + n * per_sample + table + (1 << 20)
+
+
+def _check_free_space(out: Path, config: DatasetConfig, k: int) -> None:
+    """Refuse to start shard k when the disk cannot hold it: h5py does not survive a full disk mid-write
+    (a failed write leaves a file it cannot close; see _write_shard)."""
+    try:
+        st = os.statvfs(out)
+    except (OSError, AttributeError):  # not POSIX: write and rely on _write_shard's error path
+        return
+    free, need = st.f_bavail * st.f_frsize, shard_bytes_bound(config, k)
+    if free < need:
+        raise DatasetError(f"{out}: not enough free space for {shard_name(k)} (needs up to {need / 1e6:.1f} MB, "
+                           f"{free / 1e6:.1f} MB free); the shards written so far are kept: free some space and run "
+                           "the same command again to resume")
+
+
+# --- one shard file ------------------------------------------------------------------------------------
+
+
+def _recipes_json(level: LevelChoice) -> str:
+    levels = [1, 2, 3] if level == "mix" else [level]
+    data: dict[str, Any] = {str(lv): LEVELS[lv].to_dict() for lv in levels}
+    if level == "mix":
+        data["mix_probs"] = {str(k): v for k, v in MIX_PROBS.items()}
+    return json.dumps(data, sort_keys=True)
+
+
+def _write_shard(path: Path, config: DatasetConfig, k: int, chunks: Iterator[dict[str, Any]],
+                 on_chunk: Callable[[dict[str, Any]], None]) -> None:
+    """Write shard k to `path` from its chunks, in order."""
+    import h5py
+
+    rows = config.shard_range(k)
+    n, p, q = len(rows), config.patch_size, config.patch_size // SCALE
+    comp = {} if config.compression == "none" else {"compression": config.compression}
+    text = h5py.string_dtype("utf-8")
+    # Not `with h5py.File(...)`: h5py 3.16 reports some failed writes (disk full) only as "exception
+    # ignored" while it frees temporaries, then cannot close the file, and segfaults at interpreter exit
+    # while finalising the half-closed datasets. So: record those swallowed errors, and on any error
+    # free the file's blocks, release the datasets while the file is open, then close it.
+    swallowed: list[BaseException] = []
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, (OSError, RuntimeError)):
+            swallowed.append(unraisable.exc_value)
+        else:
+            previous_hook(unraisable)
+
+    sys.unraisablehook = hook
+    f = h5py.File(path, "w", libver=("earliest", "v110"))
+    sets: dict[str, Any] = {}
+    try:
+
+        def dataset(name, shape, dtype, chunk, compressed=False):
+            return f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunk, track_times=False,
+                                    **(comp if compressed else {}))
+
+        sets.update(hr=dataset("hr", (n, p, p, 3), np.uint8, (1, p, p, 3), True),
+                    lr=dataset("lr", (n, q, q, 3), np.uint8, (1, q, q, 3), True),
+                    v=dataset("v", (n, VECTOR_LENGTH), np.float32, None),
+                    level=dataset("level", (n,), np.uint8, None),
+                    index=dataset("index", (n,), np.int64, None),
+                    source=dataset("source", (n,), np.int32, None),
+                    crop=dataset("crop", (n, 4), np.int32, None),
+                    params=dataset("params", (n,), text, None))
+        f.create_dataset("sources", data=np.array([s.path for s in config.sources], dtype=text), track_times=False)
+        f.attrs["format"] = FORMAT_NAME
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["vector_layout"] = VECTOR_LAYOUT
+        f.attrs["recipes"] = _recipes_json(config.level)
+        f.attrs["package_version"] = __version__
+        f.attrs["command"] = json.dumps({k_: v_ for k_, v_ in config.to_dict().items() if k_ != "sources"},
+                                        sort_keys=True)
+        f.attrs["source_root"] = config.source_root
+        f.attrs["shard"] = k
+        f.attrs["first_index"] = rows.start
+        at = 0
+        for chunk in chunks:
+            m = len(chunk["index"])
+            sl = slice(at, at + m)
+            for name, target in sets.items():
+                target[sl] = chunk[name]
+            _raise_swallowed(swallowed)
+            at += m
+            on_chunk(chunk)
+        if at != n:
+            raise RuntimeError(f"shard {k}: wrote {at} samples, expected {n}")
+        f.flush()
+        _raise_swallowed(swallowed)
+        sets.clear()
+        f.close()
+        _raise_swallowed(swallowed)
+    except BaseException as exc:
+        if isinstance(exc, OSError) or swallowed:
+            _ABANDONED.discard(f, path, sets)
+        else:  # an interruption or a failed sample, not a failed write: close as usual
+            sets.clear()
+            f.close()
+        raise
+    finally:
+        sys.unraisablehook = previous_hook
+
+
+def _raise_swallowed(errors: list[BaseException]) -> None:
+    if errors:
+        exc = errors[0]
+        raise exc if isinstance(exc, OSError) else OSError(getattr(exc, "errno", None), " ".join(str(exc).split()))
+
+
+class _AbandonedShards:
+    """h5py objects of shards whose write failed, kept unclosed until the process ends.
+
+    Closing them after a failed write fails, and finalising them crashes HDF5, so they must outlive every
+    other object: this keeper is process-wide by nature (there is one per process, `_ABANDONED`).
+    """
+
+    def __init__(self) -> None:
+        self._kept: list[Any] = []
+
+    def discard(self, f: Any, path: Path, sets: dict[str, Any]) -> None:
+        """Abandon a shard after a failed write, even on a full disk (its content is discarded):
+        truncating frees the file's blocks; the h5py objects are kept."""
+        with contextlib.suppress(OSError):
+            os.truncate(path, 0)
+        self._kept.append((f, dict(sets)))
+        sets.clear()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
+_ABANDONED = _AbandonedShards()
+
+
+def abandoned_writes() -> int:
+    """How many shard writes failed in this process so far. After one, HDF5 may crash while the
+    interpreter finalises the abandoned objects, so a command-line program should end with os._exit."""
+    return len(_ABANDONED)
