@@ -324,7 +324,9 @@ def standard_normal(shape: tuple[int, ...], rng: np.random.Generator) -> NDArray
     """
     n = math.prod(shape)
     half = (n + 1) // 2
-    radius = np.subtract(1.0, rng.random(half), dtype=np.float32)  # 1 - u in (0, 1]: ln is finite
+    u = rng.random(half)
+    np.subtract(1.0, u, out=u)  # 1 - u in (0, 1], exact in float64 ...
+    radius = u.astype(np.float32)  # ... and still > 0 in float32 (>= 2^-53): ln is finite
     np.log(radius, out=radius)
     radius *= np.float32(-2.0)
     np.sqrt(radius, out=radius)

@@ -450,3 +450,26 @@ def test_standard_normal_is_normal():
     assert abs(np.corrcoef(a, b)[0, 1]) < 5 * se and abs(np.corrcoef(a * a, b * b)[0, 1]) < 5 * se
     assert ops.standard_normal((7, 5, 3), rng_for(15)).shape == (7, 5, 3)  # odd counts
     np.testing.assert_array_equal(ops.standard_normal((9,), rng_for(16)), ops.standard_normal((9,), rng_for(16)))
+
+
+class _FixedDraws:
+    """Stands in for a Generator whose `random` returns chosen float64 / float32 uniforms."""
+
+    def __init__(self, u64: np.ndarray, u32: np.ndarray):
+        self.u64, self.u32 = u64, u32
+
+    def random(self, size, dtype=np.float64):
+        out = self.u64 if dtype == np.float64 else self.u32
+        assert out.size == size
+        return out.astype(dtype)
+
+
+def test_standard_normal_tails_are_finite_and_reach_8_sigma():
+    """u next to 1 (1 - 2^-53, the largest float64 uniform) gives the largest radius, sqrt(-2 ln 2^-53)
+    = 8.57, not an infinity; u = 0 gives radius 0; the angle picks cos / sin."""
+    u64 = np.array([1 - 2.0**-53, 1 - 2.0**-40, 0.0, 0.5])
+    u32 = np.zeros(4, np.float32)  # angle 0: cos = 1 in the first half, sin = 0 in the second
+    z = ops.standard_normal((8,), _FixedDraws(u64, u32))
+    np.testing.assert_allclose(z[:4], np.sqrt(-2 * np.log(1 - u64)), rtol=1e-6)
+    np.testing.assert_array_equal(z[4:], 0.0)
+    assert np.all(np.isfinite(z)) and z[0] == pytest.approx(8.572, abs=1e-3)
