@@ -44,6 +44,10 @@ _TAP_2D = 4.0e-11
 _TAP_1D = 4.5e-11
 # Above this modelled cost of the 2-D plan, a truncated SVD is also tried (about 0.1 ms of planning).
 _TRY_SVD_ABOVE = 4e-4
+# From this many float32 values on, a separable term runs as two 1-D cv2.filter2D passes (row, then
+# column) instead of cv2.sepFilter2D: the same correlation with the same borders, 17 % faster for 21
+# taps at 256x256x3 (0.36 vs 0.43 ms); equal at 64 px.
+_TWO_FILTER2D_FROM = 100_000
 
 
 def _check_image(img: NDArray) -> None:
@@ -238,7 +242,10 @@ def blur(img: Image, kernel: NDArray[np.floating]) -> Image:
         return cv2.filter2D(img, -1, np.asarray(kernel, dtype=np.float32), borderType=border)
     out = None
     for col, row in plan.float32_terms:
-        y = cv2.sepFilter2D(img, -1, row, col, borderType=border)
+        if img.size >= _TWO_FILTER2D_FROM:  # two 1-D filter2D passes beat sepFilter2D on large images
+            y = cv2.filter2D(cv2.filter2D(img, -1, row[None, :], borderType=border), -1, col[:, None], borderType=border)
+        else:
+            y = cv2.sepFilter2D(img, -1, row, col, borderType=border)
         out = y if out is None else cv2.add(out, y, dst=out)
     for taps, anchor in plan.float32_pieces:
         y = cv2.filter2D(img, -1, taps, anchor=anchor, borderType=border)
