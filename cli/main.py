@@ -21,11 +21,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import degrade
+from cli.common import max_pixels_option, set_max_pixels
 from degrade.allocator import tune_allocator
 from degrade.errors import DegradeError
 from degrade.io import (
-    DEFAULT_MAX_PIXELS,
-    MAX_PIXELS_ENV,
     ImageError,
     crop_to_multiple,
     read_regular_file,
@@ -78,18 +77,6 @@ def decode_vector(text: str, noise_seed: int = 0) -> degrade.DegradationParams:
         raise DegradeError(f"--vector: {exc}") from None
 
 
-def _max_pixels_option(command):
-    return click.option(
-        "--max-pixels", type=click.IntRange(min=1), default=None, metavar="N",
-        help=f"Largest image decoded, in pixels (default {DEFAULT_MAX_PIXELS:,}, or ${MAX_PIXELS_ENV}); checked "
-             "from the file's header before decoding.")(command)
-
-
-def _set_max_pixels(value: int | None) -> None:
-    if value is not None:  # through the environment, so worker processes started later see it too
-        os.environ[MAX_PIXELS_ENV] = str(value)
-
-
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
@@ -106,7 +93,7 @@ def main() -> None:
 
 @main.command()
 def levels() -> None:
-    """Print the degradation space: the level recipes of spec section 3, from the code."""
+    """Print the degradation space: the level recipes (docs/degradation.md), from the code."""
     header, rows, notes = describe_levels()
     table = Table(title="degradation levels (DASR ranges)", title_justify="left")
     for name in header:
@@ -128,7 +115,7 @@ def levels() -> None:
 @click.option("--vector", help='Replay a 33-value vector "v0,v1,...,v32" (decoded, see docs).')
 @click.option("--noise-seed", type=click.IntRange(0, 2**53 - 1), default=0, show_default=True,
               help="Noise seed for --vector replays.")
-@_max_pixels_option
+@max_pixels_option
 @click.pass_context
 def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int, params_out: Path | None,
           params_in: Path | None, vector: str | None, noise_seed: int, max_pixels: int | None) -> None:
@@ -158,7 +145,7 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
             raise click.ClickException(f"{params_out}: --params-out would overwrite {what}")
     if _same_file(output, image):
         raise click.ClickException(f"{output}: -o would overwrite the input image")
-    _set_max_pixels(max_pixels)
+    set_max_pixels(max_pixels)
     try:
         hr = degrade.read_image(image)
         h, w = hr.shape[:2]
@@ -218,7 +205,7 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
                    "trains better, docs/training.md). The stored HR stays plain.")
 @click.option("--dask-scheduler", metavar="ADDRESS",
               help="Run the workers on a Dask cluster (needs the 'dask' extra); bytes equal a local run.")
-@_max_pixels_option
+@max_pixels_option
 def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, patch_size: int, seed: int,
                          jobs: int, shard_size: int, compression: str, sharpen_hr: bool,
                          dask_scheduler: str | None, max_pixels: int | None) -> None:
@@ -231,7 +218,7 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
     from degrade import shards as ds
 
     abandoned = ds.abandoned_writes()
-    _set_max_pixels(max_pixels)
+    set_max_pixels(max_pixels)
     try:
         with _progress() as progress:
             task = progress.add_task("scanning sources", total=None)
