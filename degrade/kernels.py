@@ -1,4 +1,4 @@
-"""Blur kernels, exactly the formulas of spec section 5.1.
+"""Blur kernels, exactly the formulas of docs/degradation.md.
 
 Both return ``(size, size)`` float64 arrays that sum to 1, to be applied by correlation
 (:func:`degrade.ops.blur`). Row index is y (down), column index is x (right).

@@ -1,4 +1,4 @@
-"""Image operations of spec section 5.2: pure functions over float32 RGB arrays.
+"""Image operations of docs/degradation.md: pure functions over float32 RGB arrays.
 
 Every op takes ``img: (H, W, 3) float32`` (values nominally in [0, 1]), returns a new array of the
 same dtype and never modifies its input. Ops that draw random numbers take an explicit
@@ -19,7 +19,7 @@ from degrade.recipe import RESIZE_MODES, ResizeMode
 
 Image = NDArray[np.float32]
 
-# Luma weights of spec 5.2 (ITU-R BT.601), used by the gray noise variants.
+# Luma weights of docs/degradation.md (ITU-R BT.601), used by the gray noise variants.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 _CV_MODES: dict[str, int] = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
@@ -224,7 +224,7 @@ def _blur_plan(kernel: NDArray[np.floating], values: int) -> _BlurPlan | None:
 
 
 def blur(img: Image, kernel: NDArray[np.floating]) -> Image:
-    """Correlate each channel with `kernel` (odd-sized), reflect-101 borders (spec 5.2).
+    """Correlate each channel with `kernel` (odd-sized), reflect-101 borders (docs/degradation.md).
 
     The kernel is applied as planned by `_blur_plan`: separable 1-D passes for rank-1 kernels
     (isotropic and axis-aligned Gaussians); otherwise the 2-D taps in pieces small enough for OpenCV
@@ -254,7 +254,7 @@ def blur(img: Image, kernel: NDArray[np.floating]) -> Image:
 
 
 def scaled_size(shape: tuple[int, ...], scale: float) -> tuple[int, int]:
-    """(H, W) -> (round(H * s), round(W * s)), each at least 1 (spec section 4)."""
+    """(H, W) -> (round(H * s), round(W * s)), each at least 1 (docs/degradation.md)."""
     return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
 
 
@@ -294,7 +294,7 @@ def _adaptive_average_rows(x: NDArray[np.float32], m: int) -> NDArray[np.float32
 
 
 def resize(img: Image, size: tuple[int, int], *, mode: ResizeMode) -> Image:
-    """Resize to `size` = (height, width) with `mode` area / bilinear / bicubic (spec 5.2).
+    """Resize to `size` = (height, width), `mode` area / bilinear / bicubic (docs/degradation.md).
 
     Semantics of PyTorch `F.interpolate(..., align_corners=False)` without antialiasing:
     `area` is adaptive average pooling (output pixel i averages inputs floor(i n/m) .. ceil((i+1) n/m) - 1),
@@ -351,7 +351,7 @@ def add_gaussian_noise(img: Image, sigma: float, *, gray: bool, rng: np.random.G
     """img + N(0, 1) * sigma / 255; `sigma` in 0-255 units. Gray: one field copied to all channels.
 
     The N(0, 1) field is `standard_normal` (float32 Box-Muller on `rng`). Not clipped: the pipeline
-    clamps after every noise step (spec section 4).
+    clamps after every noise step (docs/degradation.md).
     """
     _check_image(img)
     h, w = img.shape[:2]
@@ -480,7 +480,7 @@ def _poisson_noise(q: NDArray[np.uint8], levels: int, rng: np.random.Generator) 
 
 
 def add_poisson_noise(img: Image, scale: float, *, gray: bool, rng: np.random.Generator) -> Image:
-    """Shot noise as spec 5.2: quantise to 8 bit, V = 2^ceil(log2 #distinct values), Poisson(x_q V) / V.
+    """Shot noise (docs/degradation.md): quantise to 8 bit, V = 2^ceil(log2 #distinct values), Poisson(x_q V) / V.
 
     The noise (that draw minus x_q) times `scale` is added to the unquantised image. Gray: the same
     on the luma, copied to the three channels. Not clipped (the pipeline clamps).
@@ -518,7 +518,7 @@ def _encode_jpeg(img: Image, quality: int) -> NDArray[np.uint8]:
 
 
 def jpeg(img: Image, quality: int) -> Image:
-    """JPEG round trip through libjpeg (OpenCV) at integer `quality`, 4:2:0 chroma (spec 5.2).
+    """JPEG round trip through libjpeg (OpenCV) at integer `quality`, 4:2:0 chroma (docs/degradation.md).
 
     The input is clamped to [0, 1] and quantised to 8 bit (a JPEG holds 8-bit samples); the result
     is the decoded 8-bit image as float32 (value / 255).
@@ -528,7 +528,7 @@ def jpeg(img: Image, quality: int) -> Image:
 
 
 def clamp(img: Image) -> Image:
-    """Clip to [0, 1] (spec section 4: after every noise step and before every JPEG)."""
+    """Clip to [0, 1] (after every noise step and before every JPEG; docs/degradation.md)."""
     _check_image(img)
     return np.clip(img, 0.0, 1.0)
 

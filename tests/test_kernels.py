@@ -1,4 +1,4 @@
-"""Kernels of spec 5.1: golden values and invariants."""
+"""Kernels of docs/degradation.md: golden values and invariants."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_gaussian_orientation_follows_theta():
 
 
 @pytest.mark.parametrize("sx,sy,theta", [(2.0, 0.6, 0.3), (1.1, 0.9, 2.9), (3.0, 0.2, 1.5)])
-def test_gaussian_symmetries_of_spec_5_3(sx, sy, theta):
+def test_gaussian_kernel_symmetries(sx, sy, theta):
     k = gaussian_kernel(15, sx, sy, theta)
     np.testing.assert_allclose(gaussian_kernel(15, sx, sy, theta + math.pi), k, atol=1e-14)
     np.testing.assert_allclose(gaussian_kernel(15, sy, sx, theta + math.pi / 2), k, atol=1e-14)

@@ -1,4 +1,4 @@
-"""Ops of spec 5.2: a contract over every op, then each op's own semantics."""
+"""Ops (docs/degradation.md): a contract over every op, then each op's own semantics."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ OPS = {
     "clamp": ops.clamp,
     "quantise": ops.quantise,
 }
-# Ops whose output may leave [0, 1] by design: the pipeline clamps after noise (spec section 4),
+# Ops whose output may leave [0, 1] by design: the pipeline clamps after noise (docs/degradation.md),
 # bicubic and sinc overshoot.
 UNBOUNDED = {"resize_bicubic", "sinc", "gaussian_color", "gaussian_gray", "poisson_color", "poisson_gray"}
 
