@@ -26,7 +26,7 @@ from degrade.vector import check_recipe
 
 from .conftest import rng_for
 
-SPEC_FIELDS = [  # (first index, name) as listed in spec section 7
+SPEC_FIELDS = [  # (first index, name), written out from the DASR paper's layout, independently of the code
     (0, "blur1.size"), (1, "blur1.sigma_x"), (2, "blur1.sigma_y"), (3, "blur1.theta"),
     (4, "blur2.size"), (5, "blur2.sigma_x"), (6, "blur2.sigma_y"), (7, "blur2.theta"),
     (8, "sinc.size"), (9, "sinc.omega_c"), (10, "resize1.scale"), (11, "resize1.mode"),
