@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 import degrade  # noqa: E402
 import degrade.params  # noqa: E402
-from degrade import ops  # noqa: E402
+from degrade import filters, ops, pixels  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_degrade import build_pool  # noqa: E402
@@ -116,7 +116,7 @@ def floors(calls) -> dict[str, float]:
     for name, args, kw in calls:
         img = args[0]
         if name == "jpeg":
-            bgr = cv2.cvtColor(ops._quantise_8bit(img), cv2.COLOR_RGB2BGR)
+            bgr = cv2.cvtColor(pixels.quantise_8bit(img), cv2.COLOR_RGB2BGR)
             params = [cv2.IMWRITE_JPEG_QUALITY, int(args[1]), cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
                       cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420]
             t0 = time.perf_counter()
@@ -134,7 +134,7 @@ def floors(calls) -> dict[str, float]:
             t0 = time.perf_counter()
             g.random(n)
         elif name == "blur":
-            plan = ops._blur_plan(args[1], img.size)
+            plan = filters._blur_plan(args[1], img.size)
             t0 = time.perf_counter()
             if plan is None:
                 cv2.filter2D(img, -1, args[1].astype(np.float32), borderType=cv2.BORDER_REFLECT_101)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage, stats
 
-from degrade import ops
+from degrade import filters, noise, ops, pixels
 from degrade.kernels import gaussian_kernel, sinc_kernel
 
 from .conftest import rng_for
@@ -174,7 +174,7 @@ def test_poisson_sampler_matches_the_poisson_pmf(levels):
     """The table sampler against scipy's pmf: chi-square over the bulk of the support."""
     q = np.full(200_000, 77, np.uint8)
     lam = 77 / 255 * levels
-    counts = ops._poisson_counts(q, levels, rng_for(7))
+    counts = noise._poisson_counts(q, levels, rng_for(7))
     assert counts.mean() == pytest.approx(lam, rel=0.01, abs=0.005)
     assert counts.var() == pytest.approx(lam, rel=0.02, abs=0.005)
     ks = np.arange(counts.max() + 1)
@@ -187,7 +187,7 @@ def test_poisson_sampler_matches_the_poisson_pmf(levels):
 
 
 def test_poisson_of_zero_is_zero():
-    assert not ops._poisson_counts(np.zeros(1000, np.uint8), 256, rng_for(8)).any()
+    assert not noise._poisson_counts(np.zeros(1000, np.uint8), 256, rng_for(8)).any()
 
 
 # --- JPEG --------------------------------------------------------------------------------------
@@ -263,7 +263,7 @@ class _FixedUniforms:
 def test_poisson_sampler_is_the_exact_inverse_cdf(levels, q):
     """k = min{k : u <= F(k)} for uniforms across the whole range, tails included (scipy's ppf)."""
     u = np.concatenate([[1e-15, 1e-9, 1e-4, 0.001, 0.003], np.linspace(0.01, 0.99, 99), [0.997, 0.9999, 1 - 1e-9]])
-    counts = ops._poisson_counts(np.full(u.size, q, np.uint8), levels, _FixedUniforms(u))
+    counts = noise._poisson_counts(np.full(u.size, q, np.uint8), levels, _FixedUniforms(u))
     np.testing.assert_array_equal(counts, stats.poisson.ppf(u, q / 255 * levels).astype(np.int64))
 
 
@@ -331,7 +331,7 @@ def _kernels_of_every_level(n: int) -> list[np.ndarray]:
     return out
 
 
-def _plan_kernel(plan: ops._BlurPlan, shape: tuple[int, int]) -> np.ndarray:
+def _plan_kernel(plan: filters._BlurPlan, shape: tuple[int, int]) -> np.ndarray:
     """The 2-D kernel a plan applies, rebuilt from the float32 taps OpenCV gets."""
     kh, kw = shape
     cy, cx = kh // 2, kw // 2
@@ -349,7 +349,7 @@ def test_blur_plans_leave_out_at_most_the_tolerance(values):
     """For every kernel the recipes draw: a plan exists, its L1 error <= BLUR_TOLERANCE (1e-7), it is
     what its OpenCV taps add up to (to float32 rounding), and no piece is big enough for OpenCV's DFT."""
     for k in _kernels_of_every_level(40):
-        plan = ops._blur_plan(k, values)
+        plan = filters._blur_plan(k, values)
         assert plan is not None
         assert np.abs(k - plan.approx).sum() == pytest.approx(plan.error, abs=1e-15)
         assert plan.error <= ops.BLUR_TOLERANCE
@@ -359,7 +359,7 @@ def test_blur_plans_leave_out_at_most_the_tolerance(values):
         rounding += sum(eps * np.abs(t).sum() for t, _ in plan.pieces)
         assert np.abs(_plan_kernel(plan, k.shape) - plan.approx).sum() <= rounding
         for (taps, (ax, ay)), nnz in zip(plan.pieces, plan.taps[len(plan.terms) :]):
-            assert taps.size < ops._DFT_AREA and 0 <= ax < taps.shape[1] and 0 <= ay < taps.shape[0]
+            assert taps.size < filters._DFT_AREA and 0 <= ax < taps.shape[1] and 0 <= ay < taps.shape[0]
             assert np.count_nonzero(taps) == nnz
         for col, row in plan.terms:
             assert col.size % 2 == 1 and row.size % 2 == 1
@@ -382,10 +382,10 @@ def test_blur_svd_plan_and_full_kernel_fallback(hr_patch):
     """The truncated-SVD plan is exact to the tolerance too, and a kernel too large to split into
     pieces (hand-written records allow sizes up to 51) is applied whole."""
     k = gaussian_kernel(21, 3.0, 2.5, 0.3)  # fat anisotropic: few SVD terms
-    plan = ops._svd_plan(k)
+    plan = filters._svd_plan(k)
     assert plan is not None and 1 < len(plan.terms) < 10 and plan.error <= ops.BLUR_TOLERANCE
     big = gaussian_kernel(41, 6.0, 2.0, 0.5)
-    assert ops._pieces_plan(big) is None
+    assert filters._pieces_plan(big) is None
     expected = np.stack([ndimage.correlate(hr_patch[..., c].astype(np.float64), big, mode="mirror") for c in range(3)], -1)
     np.testing.assert_allclose(ops.blur(hr_patch, big), expected, atol=1e-6)
 
@@ -399,7 +399,7 @@ def test_quantise_8bit_equals_round_of_clip_including_ties():
     x = np.concatenate([ties, rng_for(10).uniform(-0.3, 1.3, 30_000).astype(np.float32), [-0.0, 0.0, 1.0]])
     x = x[: x.size // 3 * 3].reshape(-1, 1, 3).astype(np.float32)
     expected = np.rint(np.clip(x.astype(np.float32) * np.float32(255), 0, 255)).astype(np.uint8)
-    np.testing.assert_array_equal(ops._quantise_8bit(x), expected)
+    np.testing.assert_array_equal(pixels.quantise_8bit(x), expected)
     np.testing.assert_array_equal(ops.quantise(x), expected.astype(np.float32) / np.float32(255))
 
 
@@ -416,22 +416,22 @@ def test_jpeg_is_the_decoded_encoding(hr_patch):
 def test_poisson_noise_table_equals_counts(levels, hr_patch):
     """The noise read from the table is (k / levels - q / 255) in float64, rounded to float32, for the
     same draws k as `_poisson_counts` with the same seed."""
-    q = ops._quantise_8bit(hr_patch)
-    counts = ops._poisson_counts(q, levels, rng_for(11))
+    q = pixels.quantise_8bit(hr_patch)
+    counts = noise._poisson_counts(q, levels, rng_for(11))
     expected = (counts / levels - q / 255.0).astype(np.float32)
-    np.testing.assert_array_equal(ops._poisson_noise(q, levels, rng_for(11)), expected)
+    np.testing.assert_array_equal(noise._poisson_noise(q, levels, rng_for(11)), expected)
 
 
 def test_noise_ops_equal_their_formulas(hr_patch):
     g = ops.standard_normal((128, 128, 3), np.random.default_rng(12))
     np.testing.assert_array_equal(ops.add_gaussian_noise(hr_patch, 7.0, gray=False, rng=np.random.default_rng(12)),
                                   hr_patch + g * np.float32(7.0 / 255.0))
-    q = ops._quantise_8bit(hr_patch)
+    q = pixels.quantise_8bit(hr_patch)
     levels = 2 ** math.ceil(math.log2(len(np.unique(q))))
-    counts = ops._poisson_counts(q, levels, np.random.default_rng(13))
-    noise = (counts / levels - q / 255.0).astype(np.float32)
+    counts = noise._poisson_counts(q, levels, np.random.default_rng(13))
+    shot = (counts / levels - q / 255.0).astype(np.float32)
     np.testing.assert_array_equal(ops.add_poisson_noise(hr_patch, 1.5, gray=False, rng=np.random.default_rng(13)),
-                                  hr_patch + noise * np.float32(1.5))
+                                  hr_patch + shot * np.float32(1.5))
 
 
 def test_standard_normal_is_normal():
