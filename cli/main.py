@@ -30,8 +30,7 @@ from degrade.io import (
     read_regular_file,
     write_bytes_atomic,
 )
-from degrade.pipeline import MIN_HR_SIDE
-from degrade.recipe import describe_levels
+from degrade.recipe import MIN_HR_SIDE, describe_levels
 from degrade.shards.format import COMPRESSIONS
 
 console = Console()

@@ -20,7 +20,7 @@ import degrade
 from dasr_model.errors import DASRError
 from degrade.augment import dihedral_image, dihedral_vector
 from degrade.layout import BLOCKS
-from degrade.pipeline import SCALE
+from degrade.recipe import SCALE
 from degrade.sharpen import USM_SIGMA, USM_SIZE, USM_THRESHOLD, USM_WEIGHT  # one definition
 
 

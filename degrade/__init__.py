@@ -23,11 +23,11 @@ from degrade.params import (
     NoiseParams,
     ResizeParams,
     SincParams,
-    sample_params,
 )
-from degrade.pipeline import SCALE, apply
-from degrade.recipe import LEVELS, MIX_PROBS, FinalRecipe, LevelRecipe, StageRecipe, parse_level
+from degrade.pipeline import apply
+from degrade.recipe import LEVELS, MIX_PROBS, SCALE, FinalRecipe, LevelRecipe, StageRecipe, parse_level
 from degrade.samples import sample_images
+from degrade.sampling import sample_params
 from degrade.shards import Sample, ShardDataset, open_dataset
 from degrade.vector import VECTOR_FIELDS, VECTOR_LAYOUT, VECTOR_LENGTH, VectorField, decode, encode
 

@@ -16,7 +16,7 @@ from numpy.typing import ArrayLike, NDArray
 from degrade.layout import BLOCK_LABELS
 from degrade.layout import block_of as layout_block_of
 from degrade.params import BlurParams, DegradationParams, NoiseParams
-from degrade.pipeline import SCALE
+from degrade.recipe import SCALE
 from degrade.shards.read import ShardDataset
 from degrade.vector import VECTOR_FIELDS, VectorField, check_vector, decode
 

@@ -1,7 +1,7 @@
-"""The per-sample record of what the pipeline did, and how it is drawn from a level recipe.
+"""The per-sample record of what the pipeline did, its validation and its JSON round trip.
 
-"Sample, then apply": every random choice happens in :func:`sample_params`; :func:`degrade.apply`
-is deterministic given the record. Records are frozen dataclasses with a JSON round trip.
+"Sample, then apply": every random choice happens in :func:`degrade.sampling.sample_params`;
+:func:`degrade.apply` is deterministic given the record. Records are frozen dataclasses.
 
 Absent steps are ``None``. Kernels are stored canonically (docs/degradation.md): sigma_x >= sigma_y,
 theta in [0, pi), isotropic kernels with theta = 0. A resize that keeps the size (s = 1, stage 1)
@@ -21,21 +21,13 @@ from numpy.typing import NDArray
 
 from degrade.errors import DegradeError
 from degrade.kernels import gaussian_kernel, sinc_kernel
-from degrade.layout import check_recipe  # the layout must be able to encode what we draw
 from degrade.recipe import (
     FINAL_ORDERS,
-    LEVELS,
-    MIN_HR_SIDE,
-    MIX_PROBS,
     NOISE_TYPES,
     RESIZE_MODES,
-    SCALE,
     FinalOrder,
-    LevelChoice,
-    LevelRecipe,
     NoiseType,
     ResizeMode,
-    StageRecipe,
 )
 
 SEED_LIMIT = 2**53  # noise seeds stay exact in JSON readers that hold numbers as doubles
@@ -47,7 +39,6 @@ MIN_OMEGA_C = 0.05
 MIN_SCALE, MAX_SCALE = 0.01, 4.0
 MAX_GAUSSIAN_SIGMA = 255.0  # in 0-255 units: noise as large as the whole range (recipes stop at 30)
 MAX_POISSON_SCALE = 50.0  # recipes stop at 3
-MAX_GROWTH, MIN_WORK_CAP = 4, 1 << 24  # resize1 may make at most max(4 x the input's pixels, 16.8 MP)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -328,137 +319,3 @@ def _validate(p: DegradationParams) -> None:
         present = [name for name in _TWO_STAGE_ONLY if getattr(p, name) is not None]
         if present:
             fail(f"a one-stage record (final.order null) cannot have {', '.join(present)}")
-
-
-# --- sampling -----------------------------------------------------------------------------------
-
-
-def _pick(options: tuple, rng: np.random.Generator):
-    return options[int(rng.integers(len(options)))]
-
-
-def _sample_blur(stage: StageRecipe, rng: np.random.Generator) -> BlurParams | None:
-    if stage.blur_prob < 1.0 and rng.random() >= stage.blur_prob:
-        return None
-    size = _pick(stage.kernel_sizes, rng)
-    lo, hi = stage.blur_sigma_range
-    if rng.random() < stage.isotropic_prob:
-        sigma = float(rng.uniform(lo, hi))
-        return BlurParams.canonical(size=size, sigma_x=sigma, sigma_y=sigma, theta=0.0)
-    sigma_x, sigma_y = (float(s) for s in rng.uniform(lo, hi, size=2))
-    theta = float(rng.uniform(0.0, math.pi))
-    return BlurParams.canonical(size=size, sigma_x=sigma_x, sigma_y=sigma_y, theta=theta)
-
-
-def _sample_scale(stage: StageRecipe, rng: np.random.Generator) -> float:
-    up, down, _keep = stage.resize_probs
-    u = rng.random()
-    lo, hi = stage.resize_range
-    if u < up:
-        return float(rng.uniform(1.0, hi))
-    if u < up + down:
-        return float(rng.uniform(lo, 1.0))
-    return 1.0
-
-
-def _sample_noise(stage: StageRecipe, rng: np.random.Generator) -> NoiseParams:
-    if rng.random() < stage.gaussian_noise_prob:
-        noise_type: NoiseType = "gaussian"
-        strength = float(rng.uniform(*stage.gaussian_sigma_range))
-    else:
-        noise_type = "poisson"
-        strength = float(rng.uniform(*stage.poisson_scale_range))
-    gray = bool(rng.random() < stage.gray_noise_prob)
-    seed = int(rng.integers(SEED_LIMIT))
-    return NoiseParams(type=noise_type, strength=strength, gray=gray, seed=seed)
-
-
-def _sample_jpeg(quality_range: tuple[float, float], rng: np.random.Generator) -> JpegParams:
-    # Continuous quality as in DASR, rounded to the integer the codec uses (docs/degradation.md).
-    return JpegParams(quality=round(float(rng.uniform(*quality_range))))
-
-
-def draw_level(level: LevelChoice, rng: np.random.Generator) -> int:
-    """Resolve "mix" to 1/2/3 with the probabilities of docs/degradation.md; pass 1/2/3 through."""
-    if level == "mix":
-        u = rng.random()
-        cumulative = 0.0
-        for candidate, prob in MIX_PROBS.items():
-            cumulative += prob
-            if u < cumulative:
-                return candidate
-        return max(MIX_PROBS)
-    if level not in (1, 2, 3):
-        raise DegradeError(f"unknown level {level!r}: expected 1, 2, 3 or 'mix'")
-    return int(level)
-
-
-def sample_params(
-    level: LevelChoice, rng: np.random.Generator, *, recipes: Mapping[int, LevelRecipe] = LEVELS
-) -> DegradationParams:
-    """Draw one sample's record at `level` (1, 2, 3 or "mix") from `rng` (docs/degradation.md)."""
-    lv = draw_level(level, rng)
-    recipe = recipes[lv]
-    check_recipe(recipe)
-    s1 = recipe.stage1
-    blur1 = _sample_blur(s1, rng)
-    scale1 = _sample_scale(s1, rng)
-    resize1 = None if scale1 == 1.0 else ResizeParams(scale=scale1, mode=_pick(s1.resize_modes, rng))
-    noise1 = _sample_noise(s1, rng)
-    if s1.jpeg_range is None:
-        raise DegradeError(f"level {lv}: stage 1 needs a jpeg_range")
-    jpeg1 = _sample_jpeg(s1.jpeg_range, rng)
-    if recipe.stage2 is None or recipe.final is None:
-        final = FinalParams(order=None, mode=_pick(recipe.final_modes, rng))
-        return DegradationParams(level=lv, blur1=blur1, resize1=resize1, noise1=noise1, jpeg1=jpeg1, final=final)
-
-    s2, fin = recipe.stage2, recipe.final
-    blur2 = _sample_blur(s2, rng)
-    # Stage 2 resizes to round(P/4 * s2): a real resize even when s2 = 1, so it always has a mode.
-    resize2 = ResizeParams(scale=_sample_scale(s2, rng), mode=_pick(s2.resize_modes, rng))
-    noise2 = _sample_noise(s2, rng)
-    sinc = None
-    if rng.random() < fin.sinc_prob:
-        sinc = SincParams(size=_pick(fin.sinc_sizes, rng), omega_c=float(rng.uniform(*fin.omega_c_range)))
-    order: FinalOrder = "A" if rng.random() < fin.order_a_prob else "B"
-    jpeg2 = _sample_jpeg(fin.jpeg_range, rng)
-    final = FinalParams(order=order, mode=_pick(recipe.final_modes, rng))
-    return DegradationParams(
-        level=lv,
-        blur1=blur1,
-        resize1=resize1,
-        noise1=noise1,
-        jpeg1=jpeg1,
-        final=final,
-        blur2=blur2,
-        resize2=resize2,
-        noise2=noise2,
-        sinc=sinc,
-        jpeg2=jpeg2,
-    )
-
-
-def check_work(hr: Any, params: DegradationParams) -> None:
-    """Refuse (DegradeError) an HR input that degrade.apply cannot take, or a record whose work is out
-    of proportion to the image: stage 1's resize may make at most max(MAX_GROWTH x the input's pixels,
-    MIN_WORK_CAP) pixels (recipes reach 2.25x). Every other step works on at most that many pixels with
-    kernels of at most MAX_KERNEL_SIZE taps a side, so time and memory stay proportional to the input.
-    """
-    if not isinstance(hr, np.ndarray) or hr.ndim != 3 or hr.shape[2] != 3:
-        raise DegradeError(f"HR image must be an (H, W, 3) array, got shape {getattr(hr, 'shape', None)}")
-    if hr.dtype != np.float32:
-        raise DegradeError(f"HR image must be float32 in [0, 1], got {hr.dtype}")
-    h, w = hr.shape[:2]
-    if h % SCALE or w % SCALE:
-        raise DegradeError(f"HR size {w}x{h} is not a multiple of {SCALE}; crop it first")
-    if min(h, w) < MIN_HR_SIDE:
-        raise DegradeError(f"HR size {w}x{h} is too small: both sides must be >= {MIN_HR_SIDE}")
-    if not isinstance(params, DegradationParams):
-        raise DegradeError(f"params must be a DegradationParams, got {type(params).__name__}")
-    if params.resize1 is not None:
-        s = params.resize1.scale
-        made = max(1, round(h * s)) * max(1, round(w * s))
-        cap = max(MAX_GROWTH * h * w, MIN_WORK_CAP)
-        if made > cap:
-            raise DegradeError(f"resize1 x{s:g} would turn the {w}x{h} image into {made / 1e6:.1f} MP, more than "
-                               f"{cap / 1e6:.1f} MP (max({MAX_GROWTH} x the input, {MIN_WORK_CAP / 1e6:.1f} MP))")

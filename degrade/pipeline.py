@@ -6,8 +6,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from degrade import ops
-from degrade.params import DegradationParams, NoiseParams, check_work
-from degrade.recipe import MIN_HR_SIDE, SCALE  # noqa: F401 - MIN_HR_SIDE re-exported (the CLI's import)
+from degrade.errors import DegradeError
+from degrade.params import DegradationParams, NoiseParams
+from degrade.recipe import MIN_HR_SIDE, SCALE
 
 
 def _noise(img: ops.Image, noise: NoiseParams | None) -> ops.Image:
@@ -19,6 +20,35 @@ def _noise(img: ops.Image, noise: NoiseParams | None) -> ops.Image:
     else:
         img = ops.add_poisson_noise(img, noise.strength, gray=noise.gray, rng=rng)
     return np.clip(img, 0.0, 1.0, out=img)  # = ops.clamp, in place: the noisy image is a new array
+
+
+MAX_GROWTH, MIN_WORK_CAP = 4, 1 << 24  # resize1 may make at most max(4 x the input's pixels, 16.8 MP)
+
+
+def check_work(hr: object, params: DegradationParams) -> None:
+    """Refuse (DegradeError) an HR input that degrade.apply cannot take, or a record whose work is out
+    of proportion to the image: stage 1's resize may make at most max(MAX_GROWTH x the input's pixels,
+    MIN_WORK_CAP) pixels (recipes reach 2.25x). Every other step works on at most that many pixels with
+    kernels of at most MAX_KERNEL_SIZE taps a side, so time and memory stay proportional to the input.
+    """
+    if not isinstance(hr, np.ndarray) or hr.ndim != 3 or hr.shape[2] != 3:
+        raise DegradeError(f"HR image must be an (H, W, 3) array, got shape {getattr(hr, 'shape', None)}")
+    if hr.dtype != np.float32:
+        raise DegradeError(f"HR image must be float32 in [0, 1], got {hr.dtype}")
+    h, w = hr.shape[:2]
+    if h % SCALE or w % SCALE:
+        raise DegradeError(f"HR size {w}x{h} is not a multiple of {SCALE}; crop it first")
+    if min(h, w) < MIN_HR_SIDE:
+        raise DegradeError(f"HR size {w}x{h} is too small: both sides must be >= {MIN_HR_SIDE}")
+    if not isinstance(params, DegradationParams):
+        raise DegradeError(f"params must be a DegradationParams, got {type(params).__name__}")
+    if params.resize1 is not None:
+        s = params.resize1.scale
+        made = max(1, round(h * s)) * max(1, round(w * s))
+        cap = max(MAX_GROWTH * h * w, MIN_WORK_CAP)
+        if made > cap:
+            raise DegradeError(f"resize1 x{s:g} would turn the {w}x{h} image into {made / 1e6:.1f} MP, more than "
+                               f"{cap / 1e6:.1f} MP (max({MAX_GROWTH} x the input, {MIN_WORK_CAP / 1e6:.1f} MP))")
 
 
 def apply(hr: NDArray[np.float32] | NDArray[np.uint8], params: DegradationParams) -> NDArray[np.float32]:

@@ -31,7 +31,7 @@ from cli.main import main
 from degrade import shards as dsm
 from degrade.errors import DatasetError, DegradeError, ImageError
 from degrade.io import MAX_PIXELS_ENV, image_size, max_file_bytes
-from degrade.params import check_work
+from degrade.pipeline import check_work
 
 from .conftest import make_small_dataset
 

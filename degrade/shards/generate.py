@@ -15,9 +15,10 @@ import numpy as np
 
 from degrade.errors import DatasetError
 from degrade.io import to_uint8
-from degrade.params import DegradationParams, sample_params
+from degrade.params import DegradationParams
 from degrade.pipeline import apply
 from degrade.recipe import SCALE
+from degrade.sampling import sample_params
 from degrade.shards.format import DatasetConfig, Sample
 from degrade.shards.sources import SourceCache
 from degrade.sharpen import unsharp_mask
