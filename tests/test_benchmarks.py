@@ -40,3 +40,10 @@ def test_expert_study_smoke_writes_results_and_a_table(tmp_path):
                          cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["single-s0.json", "softmax_teacher-s0.json"]
     assert "| softmax_teacher | 1 |" in res.stdout and "median v for every image" in res.stdout
+
+
+def test_profile_degrade_smoke_prints_a_per_op_table():
+    res = subprocess.run([sys.executable, "benchmarks/profile_degrade.py", "--samples", "4", "--repeats", "1"],
+                         cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| ")]
+    assert any(r.startswith("| blur ") for r in rows) and any(r.startswith("| all ops ") for r in rows)
