@@ -21,3 +21,7 @@ class DatasetError(DegradeError):
 
 class SampleIndexError(DatasetError, IndexError):
     """A sample index outside a dataset (an IndexError too, as sequences raise)."""
+
+
+class SampleIndexTypeError(DatasetError, TypeError):
+    """A dataset index that is neither an integer nor a slice (a TypeError too, as sequences raise)."""

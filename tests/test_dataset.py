@@ -117,6 +117,38 @@ def test_interrupted_then_resumed_equals_uninterrupted(reference, bundled, tmp_p
     assert _digests(out) == _digests(reference)
 
 
+def test_interrupted_with_worker_processes_then_resumed_equals_uninterrupted(reference, bundled, tmp_path):
+    """With --jobs 2 the workers run ahead across shard boundaries (one stream of chunks); an interruption
+    must still leave only whole shards, and resuming must give the same bytes."""
+    out = tmp_path / "ds"
+    done = []
+
+    def stop_in_the_second_shard(n: int) -> None:
+        done.append(n)
+        if sum(done) >= 12:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dsm.make_dataset(_config(bundled), out, jobs=2, progress=stop_in_the_second_shard)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "manifest.json", "shard-00000.h5"]
+    report = dsm.make_dataset(_config(bundled), out, jobs=2)
+    assert report.reused_shards == 1 and report.made == 12
+    assert _digests(out) == _digests(reference)
+
+
+def test_a_sample_maker_is_compared_by_configuration_and_pickles_without_its_cache(bundled):
+    """Equal makers let loky reuse its worker processes across runs (initargs compare equal)."""
+    maker = dsm.SampleMaker(_config(bundled))
+    maker.sample(0)
+    assert maker.cache.paths  # a decoded source
+    assert maker == dsm.SampleMaker(_config(bundled)) and maker != dsm.SampleMaker(_config(bundled, seed=4))
+    clone = pickle.loads(pickle.dumps(maker))
+    assert clone == maker and clone.cache.paths == []
+    chunk = clone(range(2, 4))  # the executor's task: a chunk of samples
+    assert chunk["index"].tolist() == [2, 3] and chunk["hr"].shape == (2, 64, 64, 3)
+    np.testing.assert_array_equal(chunk["lr"][1], dsm.make_sample(_config(bundled), 3)[2].lr)
+
+
 def test_resume_recovers_from_a_crash_between_rename_and_manifest(reference, bundled, tmp_path):
     out = tmp_path / "ds"
     dsm.make_dataset(_config(bundled), out)

@@ -4,6 +4,7 @@ docs/dataset-format.md is the public contract. The package, one job per module (
 later one in this list):
 
 - ``format``: the format's constants, :class:`DatasetConfig`, the manifest, the checks of a shard file;
+- ``sample``: :class:`Sample` and :class:`SampleBatch`, what reading gives;
 - ``sources``: the scan of the source images and the per-worker cache of decoded ones;
 - ``generate``: sample `i` from (seed, i) alone (:class:`SampleMaker`, :func:`make_sample`);
 - ``executor``: one ordered map over a thread, loky worker processes or a joblib backend (Dask);
@@ -13,9 +14,10 @@ later one in this list):
 """
 
 from degrade.errors import DatasetError, SampleIndexError
-from degrade.shards.format import COMPRESSIONS, DatasetConfig, Sample, Source, read_manifest
+from degrade.shards.format import COMPRESSIONS, DatasetConfig, Source, read_manifest
 from degrade.shards.generate import SampleMaker, make_sample, sample_rng
 from degrade.shards.read import ShardDataset, open_dataset
+from degrade.shards.sample import Sample, SampleBatch
 from degrade.shards.sources import SourceCache, SourceScan, scan_sources
 from degrade.shards.verify import verify_dataset
 from degrade.shards.write import MakeReport, abandoned_writes, make_dataset, shard_bytes_bound
@@ -26,6 +28,7 @@ __all__ = [
     "DatasetError",
     "MakeReport",
     "Sample",
+    "SampleBatch",
     "SampleIndexError",
     "SampleMaker",
     "ShardDataset",

@@ -13,14 +13,12 @@ import os
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
 
 from degrade.errors import DatasetError
 from degrade.io import ImageError, pixel_limit, read_regular_file
-from degrade.params import DegradationParams
 from degrade.recipe import SCALE, LevelChoice, parse_level
 from degrade.samples import sample_dir
 from degrade.vector import VECTOR_LAYOUT, VECTOR_LENGTH
@@ -140,15 +138,6 @@ def _strict_bool(raw: Any) -> bool:
     if not isinstance(raw, bool):
         raise ValueError(f"sharpen_hr must be true or false, got {raw!r}")
     return raw
-
-
-class Sample(NamedTuple):
-    """One stored sample: HR (P, P, 3) uint8, LR (P/4, P/4, 3) uint8, v (33,) float32, its record."""
-
-    hr: NDArray[np.uint8]
-    lr: NDArray[np.uint8]
-    v: NDArray[np.float32]
-    params: DegradationParams
 
 
 # --- the manifest ---------------------------------------------------------------------------------------

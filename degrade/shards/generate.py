@@ -19,7 +19,8 @@ from degrade.params import DegradationParams
 from degrade.pipeline import apply
 from degrade.recipe import SCALE
 from degrade.sampling import sample_params
-from degrade.shards.format import DatasetConfig, Sample
+from degrade.shards.format import DatasetConfig
+from degrade.shards.sample import Sample
 from degrade.shards.sources import SourceCache
 from degrade.sharpen import unsharp_mask
 from degrade.vector import VECTOR_LENGTH, encode
@@ -92,6 +93,8 @@ class SampleMaker:
             out["crop"][j] = (y, x, p, p)
             out["params"].append(s.params.to_json())
         return out
+
+    __call__ = chunk  # the task of an OrderedMap: compared (hence reused by loky's workers) by configuration
 
 
 def make_sample(config: DatasetConfig, index: int) -> tuple[int, tuple[int, int], Sample]:

@@ -1,11 +1,15 @@
-"""Reading a dataset: `open_dataset` gives a `ShardDataset`, a sequence of `Sample`s over the shard files.
+"""Reading a dataset: `open_dataset` gives a `ShardDataset`, a sequence of samples over the shard files.
 
-Files are opened lazily, once per process, and checked against the manifest before any row is read, so
-an instance can be handed to PyTorch DataLoader worker processes (open handles are never pickled).
+Files are opened lazily, once per process, and checked against the manifest before any row is read; each
+open shard keeps its h5py dataset objects, so reading a sample is one h5py read per array. An instance can
+be handed to PyTorch DataLoader worker processes: open files are never pickled, and a process that did
+not open them (a forked or spawned worker) opens its own.
 """
 
 from __future__ import annotations
 
+import bisect
+import operator
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -14,12 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from degrade.errors import DatasetError, SampleIndexError
-from degrade.params import DegradationParams
+from degrade.errors import DatasetError, SampleIndexError, SampleIndexTypeError
+from degrade.recipe import SCALE
 from degrade.shards.format import (
     FORMAT_NAME,
     DatasetConfig,
-    Sample,
     as_text,
     check_shard,
     os_reason,
@@ -27,12 +30,26 @@ from degrade.shards.format import (
     sha256_file,
     shard_path,
 )
+from degrade.shards.sample import Sample, SampleBatch
+from degrade.vector import VECTOR_LENGTH
+
+
+class _OpenShard:
+    """One shard file open in this process, with its datasets looked up once (a lookup by name costs
+    more than reading a row)."""
+
+    __slots__ = ("file", "hr", "lr", "v", "params")
+
+    def __init__(self, file: Any):
+        self.file = file
+        self.hr, self.lr, self.v, self.params = file["hr"], file["lr"], file["v"], file["params"]
 
 
 class ShardDataset:
-    """Read access to a dataset folder (or one shard file): `len()`, indexing, iteration.
+    """Read access to a dataset folder (or one shard file): `len()`, indexing, slicing, iteration.
 
-    `ds[i]` returns a :class:`Sample` (hr, lr, v, params). Files are opened lazily, once per
+    `ds[i]` is a :class:`Sample` (hr, lr uint8, v float32, the record parsed on first use of `.params`);
+    `ds[a:b]` (any step) a :class:`SampleBatch` with the arrays stacked. Files are opened lazily, once per
     process, so an instance can be handed to PyTorch DataLoader worker processes.
     """
 
@@ -52,7 +69,8 @@ class ShardDataset:
             digests = [str(s["sha256"]) for s in manifest["shards"]]
         elif path.is_file():
             self.files = [path]
-            counts = [self._count_of(path)]
+            count, self.patch_size = self._shape_of(path)
+            counts = [count]
             self.config = None
             digests = []
         else:
@@ -68,43 +86,52 @@ class ShardDataset:
                     raise DatasetError(f"{f}: checksum differs from the manifest (damaged or altered)")
         self.counts = counts
         self.offsets = np.cumsum([0, *counts])
+        self._starts = [int(x) for x in self.offsets[:-1]]  # first global index of each shard, for bisect
         self._pid: int | None = None
-        self._handles: OrderedDict[int, Any] = OrderedDict()
+        self._handles: OrderedDict[int, _OpenShard] = OrderedDict()
 
     @staticmethod
-    def _count_of(path: Path) -> int:
+    def _shape_of(path: Path) -> tuple[int, int]:
+        """A lone shard's sample count and patch size, from the file (checked like any shard)."""
         import h5py
 
         try:
             with h5py.File(path, "r") as f:
                 if f.attrs.get("format") != FORMAT_NAME:
                     raise DatasetError(f"{path}: not a {FORMAT_NAME} shard")
-                return check_shard(f, path, count=None, patch_size=None)
+                return check_shard(f, path, count=None, patch_size=None), int(f["hr"].shape[1])
         except OSError:
             raise DatasetError(f"{path}: not an HDF5 file") from None
 
-    def _handle(self, k: int) -> Any:
-        """Shard k's open h5py file, opened lazily in this process (e.g. a DataLoader worker), its
-        structure checked against the manifest before any data is read."""
+    def _shard(self, k: int) -> _OpenShard:
+        """Shard k, opened lazily in this process (e.g. a DataLoader worker), its structure checked against
+        the manifest before any data is read; at most MAX_OPEN stay open (least recently used closed)."""
+        if self._pid != os.getpid():  # a fresh process: files the parent opened are not ours to use
+            self._handles, self._pid = OrderedDict(), os.getpid()
+        shard = self._handles.get(k)
+        if shard is not None:
+            self._handles.move_to_end(k)
+            return shard
         import h5py
 
-        if self._pid != os.getpid():  # a fresh process: handles of the parent are not ours
-            self._handles, self._pid = OrderedDict(), os.getpid()
-        handle = self._handles.pop(k, None)
-        if handle is None:
-            try:
-                handle = h5py.File(self.files[k], "r")
-            except OSError as exc:
-                raise DatasetError(f"{self.files[k]}: unreadable shard ({os_reason(exc)})") from None
-            try:
-                check_shard(handle, self.files[k], count=self.counts[k], patch_size=self.patch_size)
-            except BaseException:
-                handle.close()
-                raise
-            while len(self._handles) >= self.MAX_OPEN:
-                self._handles.popitem(last=False)[1].close()
-        self._handles[k] = handle
-        return handle
+        try:
+            handle = h5py.File(self.files[k], "r")
+        except OSError as exc:
+            raise DatasetError(f"{self.files[k]}: unreadable shard ({os_reason(exc)})") from None
+        try:
+            check_shard(handle, self.files[k], count=self.counts[k], patch_size=self.patch_size)
+            shard = _OpenShard(handle)
+        except BaseException:
+            handle.close()
+            raise
+        while len(self._handles) >= self.MAX_OPEN:
+            self._handles.popitem(last=False)[1].file.close()
+        self._handles[k] = shard
+        return shard
+
+    def _handle(self, k: int) -> Any:
+        """Shard k's open h5py file (see `_shard`)."""
+        return self._shard(k).file
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -115,13 +142,49 @@ class ShardDataset:
         if not -n <= i < n:
             raise SampleIndexError(f"sample {i} out of range: the dataset has {n} samples")
         i %= n
-        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        return k, i - int(self.offsets[k])
+        k = bisect.bisect_right(self._starts, i) - 1
+        return k, i - self._starts[k]
 
-    def __getitem__(self, i: int) -> Sample:
-        k, row = self.locate(int(i))
-        f = self._handle(k)
-        return Sample(f["hr"][row], f["lr"][row], f["v"][row], DegradationParams.from_json(as_text(f["params"][row])))
+    def __getitem__(self, key: int | slice) -> Any:
+        if isinstance(key, slice):
+            return self._batch(range(len(self))[key])
+        try:
+            i = operator.index(key)
+        except TypeError:
+            raise SampleIndexTypeError(f"a sample index must be an integer or a slice, not {key!r}") from None
+        k, row = self.locate(i)
+        s = self._shard(k)
+        return Sample(s.hr[row], s.lr[row], s.v[row], record_json=as_text(s.params[row]))
+
+    def _batch(self, indices: range) -> SampleBatch:
+        """The samples `indices` (a range of valid indices, any step) stacked, read one run per shard."""
+        n, p = len(indices), self._patch()
+        q = p // SCALE
+        hr, lr = np.empty((n, p, p, 3), np.uint8), np.empty((n, q, q, 3), np.uint8)
+        v, texts = np.empty((n, VECTOR_LENGTH), np.float32), []
+        step, at = indices.step, 0
+        while at < n:
+            k, row = self.locate(indices[at])
+            # The run of indices from `at` that lies in shard k: rows row, row + step, ... inside the shard.
+            m = min(n - at, ((self.counts[k] - 1 - row) // step if step > 0 else row // -step) + 1)
+            lo = row if step > 0 else row + (m - 1) * step
+            rows = slice(lo, lo + (m - 1) * abs(step) + 1, abs(step))  # ascending; h5py reads no other order
+            flip = slice(None, None, 1 if step > 0 else -1)
+            s, out = self._shard(k), slice(at, at + m)
+            if step > 0:  # straight into the batch's arrays: no temporary copy
+                s.hr.read_direct(hr, rows, out)
+                s.lr.read_direct(lr, rows, out)
+                s.v.read_direct(v, rows, out)
+            else:
+                hr[out], lr[out], v[out] = s.hr[rows][flip], s.lr[rows][flip], s.v[rows][flip]
+            texts += [as_text(t) for t in s.params[rows][flip]]
+            at += m
+        return SampleBatch(hr, lr, v, np.asarray(indices, np.int64), texts)
+
+    def _patch(self) -> int:
+        if self.patch_size is None:  # never: a folder has its config, a lone shard its file's
+            raise DatasetError("patch size unknown")
+        return self.patch_size
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self)):
@@ -132,14 +195,15 @@ class ShardDataset:
         `source`, `crop` as arrays, `params` as a list of JSON strings."""
         if name not in ("v", "level", "index", "source", "crop", "params"):
             raise DatasetError(f"no per-sample metadata column {name!r}")
-        parts = [self._handle(k)[name][:] for k in range(len(self.files))]
+        parts = [self._shard(k).file[name][:] for k in range(len(self.files))]
         if name == "params":
             return [as_text(x) for part in parts for x in part]
         return np.concatenate(parts)
 
     def close(self) -> None:
-        for h in self._handles.values():
-            h.close()
+        if self._pid == os.getpid():  # close only what this process opened
+            for shard in self._handles.values():
+                shard.file.close()
         self._handles, self._pid = OrderedDict(), None
 
     def __getstate__(self) -> dict[str, Any]:  # open HDF5 handles do not cross processes

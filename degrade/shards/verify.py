@@ -102,7 +102,7 @@ def _regenerate(out: Path, config: DatasetConfig, k: int, seed: int) -> list[str
     for i in sorted(int(x) for x in picks):
         shard, row = ds.locate(i)
         stored = ds[i]
-        f = ds._handle(shard)
+        f = ds._shard(shard).file
         src_path = config.source_path(int(f["source"][row]))  # refuses paths that leave the source root
         if src_path.suffix.lower() not in IMAGE_SUFFIXES:
             problems.append(f"sample {i}: refusing source {src_path}: not an image file name "

@@ -9,6 +9,7 @@ this process writes. Libraries print nothing: progress is reported through a cal
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -145,12 +146,16 @@ def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], r
         if progress:
             progress(len(chunk["index"]))
 
-    with OrderedMap(SampleMaker(config).chunk, jobs=jobs, backend=backend) as run_chunks:
+    # One stream of chunks over all the shards to make: the workers go on with the next shard's chunks
+    # while this process closes, hashes and records the previous one (no drain at every shard boundary).
+    per_shard = {k: chunk_ranges(config.shard_range(k)) for k in todo}
+    with OrderedMap(SampleMaker(config), jobs=jobs, backend=backend) as run_chunks, \
+            contextlib.closing(run_chunks(r for k in todo for r in per_shard[k])) as stream:
         for k in todo:
             final, tmp = out / shard_name(k), out / f".{shard_name(k)}.partial"
             _check_free_space(out, config, k)
             try:
-                _write_shard(tmp, config, k, run_chunks(chunk_ranges(config.shard_range(k))), count)
+                _write_shard(tmp, config, k, itertools.islice(stream, len(per_shard[k])), count)
                 os.replace(tmp, final)
             except OSError as exc:  # disk full, quota, I/O error: earlier shards stay valid, so say how to resume
                 tmp.unlink(missing_ok=True)

@@ -1,0 +1,183 @@
+"""The reading API: samples and slices, uint8 out, lazy records, cached h5py objects, one set of open files
+per process (DataLoader workers), refusals. Speed is measured in benchmarks/bench_read.py, not here."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import degrade
+from degrade.errors import DatasetError, DegradeError, SampleIndexTypeError
+from degrade.shards import Sample, SampleBatch
+
+from .conftest import make_small_dataset
+from .test_hostile import _forge_shard
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """20 samples of 64 px in shards of 8, 8 and 4."""
+    return Path(make_small_dataset(tmp_path_factory.mktemp("read") / "ds", count=20, seed=3, shard_size=8))
+
+
+def test_a_sample_is_uint8_pixels_and_unpacks_as_before(folder):
+    ds = degrade.open_dataset(folder)
+    s = ds[9]
+    assert isinstance(s, Sample)
+    assert s.hr.dtype == np.uint8 and s.hr.shape == (64, 64, 3) and s.hr.flags.c_contiguous
+    assert s.lr.dtype == np.uint8 and s.lr.shape == (16, 16, 3)
+    assert s.v.dtype == np.float32 and s.v.shape == (33,)
+    hr, lr, v, params = s
+    assert hr is s.hr and lr is s.lr and v is s.v and params == s.params and len(s) == 4
+    assert s[0] is s.hr and s[-2] is s.v and s[3] == s.params
+    with h5py.File(folder / "shard-00001.h5", "r") as f:  # exactly the stored rows
+        np.testing.assert_array_equal(s.hr, f["hr"][1])
+        np.testing.assert_array_equal(s.lr, f["lr"][1])
+        np.testing.assert_array_equal(s.v, f["v"][1])
+        assert s.record_json == f["params"][1].decode()
+    assert s.params == degrade.DegradationParams.from_json(s.record_json)
+    np.testing.assert_array_equal(degrade.encode(s.params), s.v)
+
+
+def test_the_record_is_parsed_once_and_only_when_used(folder, monkeypatch):
+    ds = degrade.open_dataset(folder)
+    calls = []
+    real = degrade.DegradationParams.from_json.__func__
+
+    def counting(cls, text):
+        calls.append(text)
+        return real(cls, text)
+
+    monkeypatch.setattr(degrade.DegradationParams, "from_json", classmethod(counting))
+    s = ds[4]
+    assert s.hr.shape == (64, 64, 3) and s.lr.shape == (16, 16, 3) and s[2].shape == (33,)
+    assert calls == []
+    assert s.params is s.params and s.params.level in (1, 2, 3)
+    assert len(calls) == 1
+    batch = ds[0:5]
+    assert len(calls) == 1 and len(batch.params) == 5 and len(calls) == 6
+
+
+def test_a_record_that_does_not_parse_is_refused_when_used(folder, tmp_path):
+    copy = tmp_path / "ds"
+    copy.mkdir()
+    for p in folder.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    with h5py.File(copy / "shard-00000.h5", "r+") as f:
+        f["params"][2] = "{"
+    s = degrade.open_dataset(copy)[2]
+    assert s.hr.shape == (64, 64, 3)
+    with pytest.raises(DegradeError):
+        s.params
+
+
+@pytest.mark.parametrize("key", [
+    slice(1, 3), slice(6, 11), slice(0, 20), slice(None, None, -1), slice(17, 3, -5), slice(None, None, 3),
+    slice(-3, None), slice(15, 2, -1), slice(5, 5), slice(100, 200), slice(2, 19, 7),
+])
+def test_slices_are_batches_of_the_same_samples(folder, key):
+    ds = degrade.open_dataset(folder)
+    batch = ds[key]
+    indices = list(range(len(ds)))[key]
+    assert isinstance(batch, SampleBatch) and len(batch) == len(indices)
+    assert batch.indices.tolist() == indices and batch.indices.dtype == np.int64
+    assert batch.hr.shape == (len(indices), 64, 64, 3) and batch.hr.dtype == np.uint8
+    assert batch.lr.shape == (len(indices), 16, 16, 3) and batch.lr.dtype == np.uint8
+    assert batch.v.shape == (len(indices), 33) and batch.v.dtype == np.float32
+    for j, i in enumerate(indices):
+        one = ds[i]
+        np.testing.assert_array_equal(batch.hr[j], one.hr)
+        np.testing.assert_array_equal(batch.lr[j], one.lr)
+        np.testing.assert_array_equal(batch.v[j], one.v)
+        assert batch.record_json[j] == one.record_json and batch[j].params == one.params
+    assert [s.record_json for s in batch] == [ds[i].record_json for i in indices]
+    if indices:
+        assert batch[-1].hr.base is not None  # a view into the batch, not a copy
+        with pytest.raises(IndexError):
+            batch[len(indices)]
+
+
+def test_batches_and_samples_pickle(folder):
+    ds = degrade.open_dataset(folder)
+    s, batch = ds[3], ds[2:6]
+    s2, batch2 = pickle.loads(pickle.dumps(s)), pickle.loads(pickle.dumps(batch))
+    np.testing.assert_array_equal(s2.hr, s.hr)
+    assert s2.params == s.params and batch2.params == batch.params
+    np.testing.assert_array_equal(batch2.lr, batch.lr)
+
+
+@pytest.mark.parametrize("key", [1.5, "3", [1, 2], np.array([1, 2]), None])
+def test_an_index_that_is_not_an_integer_or_a_slice_is_refused(folder, key):
+    ds = degrade.open_dataset(folder)
+    with pytest.raises(SampleIndexTypeError) as info:
+        ds[key]
+    assert isinstance(info.value, DatasetError) and isinstance(info.value, TypeError)
+    assert ds[np.int64(4)].record_json == ds[4].record_json  # NumPy integers are integers
+
+
+def test_datasets_are_looked_up_once_per_open_shard(folder, monkeypatch):
+    ds = degrade.open_dataset(folder)
+    ds[0], ds[8], ds[16]  # every shard opened
+    lookups = []
+    real = h5py.Group.__getitem__
+
+    def counting(self, name):
+        lookups.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(h5py.Group, "__getitem__", counting)
+    for i in range(len(ds)):
+        ds[i]
+    ds[0:20]
+    assert lookups == []
+
+
+def test_slices_of_a_crafted_shard_are_refused_before_any_read(tmp_path, monkeypatch):
+    small = Path(make_small_dataset(tmp_path / "small", count=6, seed=2, shard_size=3))
+    _forge_shard(small / "shard-00001.h5", v=(100_000_000, 33))
+    real_read = h5py.Dataset.__getitem__
+
+    def guarded(self, *args):
+        if Path(self.file.filename).name == "shard-00001.h5":
+            pytest.fail("the forged shard was read before the check")
+        return real_read(self, *args)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", guarded)
+    ds = degrade.open_dataset(small)
+    assert len(ds[0:3]) == 3  # the good shard
+    with pytest.raises(DatasetError, match="v is float32"):
+        ds[1:5]
+
+
+def _read_in_child(ds, indices, queue):
+    parent_pid = ds._pid
+    rows = [ds[i].hr.tobytes() for i in indices]
+    queue.put((parent_pid, ds._pid, os.getpid(), rows))
+
+
+def test_each_process_opens_its_own_files(folder):
+    """A DataLoader worker is forked (or spawned with a pickled copy): it must not use the parent's open
+    HDF5 files, and a pickled dataset carries none."""
+    ds = degrade.open_dataset(folder)
+    expected = [ds[i].hr.tobytes() for i in (0, 9, 19)]  # the parent's files are open now
+    assert ds._pid == os.getpid() and len(ds._handles) == 3
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._handles == {} and clone._pid is None
+    for method in ("fork", "spawn"):
+        ctx = multiprocessing.get_context(method)
+        queue = ctx.Queue()
+        child = ctx.Process(target=_read_in_child, args=(ds, (0, 9, 19), queue))
+        child.start()
+        before, after, pid, rows = queue.get(timeout=120)
+        child.join(timeout=60)
+        assert child.exitcode == 0
+        assert pid != os.getpid() and after == pid  # the child opened its own files
+        assert before == (os.getpid() if method == "fork" else None)  # forked: it saw the parent's, unused
+        assert rows == expected
+    assert [ds[i].hr.tobytes() for i in (0, 9, 19)] == expected  # the parent's files still work
