@@ -98,6 +98,7 @@ def main() -> None:
                                           sources=tuple(scan.sources))
             shards.make_dataset(config, folder, jobs=min(2, os.cpu_count() or 1))
         ds = degrade.open_dataset(folder)
+        compression = ds.config.compression if ds.config is not None else "?"
         raw = RawReader(folder)
         n = len(ds)
         rng = np.random.default_rng(0)
@@ -128,7 +129,7 @@ def main() -> None:
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(f"cpu: {cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}, numpy {np.__version__}, "
           f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), degrade {degrade.__version__}")
-    print(f"{n} samples ({sample}), compression {args.compression}, {args.reads} random reads per pass, "
+    print(f"{n} samples ({sample}), compression {compression}, {args.reads} random reads per pass, "
           f"median of {args.repeats} passes\n")
     floor = statistics.median(times["raw h5py (cached datasets)"])
     print("| read | us/sample (median) | min-max | vs raw h5py |")

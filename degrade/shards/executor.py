@@ -7,8 +7,7 @@ for every item, in the order of `items`, while the caller consumes the results (
   (h5py releases the GIL while it compresses and writes);
 - jobs >= 2: `task` runs in that many loky worker processes; it is pickled once per worker, at start-up
   (a dataset configuration may list many sources), and tasks then carry only their item; up to `ahead`
-  (default 4 * jobs + 2) items are in flight; while the next result is not ready, the consuming process
-  runs an item no worker has taken yet itself (so the workers' start-up, about a second, is not idle time);
+  (default 2 * jobs + 1) items are in flight;
 - backend (e.g. "dask"): joblib's backend of that name runs the items; `task` travels with every item.
 
 `task` is a picklable callable, typically a bound method of an object that owns its state (its caches are
@@ -130,9 +129,9 @@ class OrderedMap(Generic[T, R]):
         if jobs < 1:
             raise DatasetError(f"jobs must be >= 1, got {jobs}")
         self.task, self.jobs, self.backend = task, jobs, backend
-        # Items submitted ahead of the consumer with worker processes: enough that the workers seldom wait for
-        # a writer that is descheduled or busy closing a shard (measured: 4J + 2 beat 2J + 1 on 2 busy cores).
-        self.ahead = 4 * jobs + 2 if ahead is None else ahead
+        # Items submitted ahead of the consumer with worker processes. 4J + 2 (and making items in the
+        # consuming process while the workers start) measured no faster on 2 cores (docs/benchmarks.md).
+        self.ahead = 2 * jobs + 1 if ahead is None else ahead
         self._parallel: Any = None
         self._executor: Any = None
         self._stack = contextlib.ExitStack()
@@ -169,35 +168,17 @@ class OrderedMap(Generic[T, R]):
             yield from self._run_in_workers(items)
 
     def _run_in_workers(self, items: Iterable[T]) -> Iterator[R]:
-        """Items in flight as [future, item, result]; while the next result is not ready (the workers are
-        still starting, or busy), this process makes, itself, the first item no worker has taken yet
-        (cancelling its future), rather than wait idle. Results do not depend on who made them."""
+        # Futures left in the window when the consumer stops early are not cancelled: after a failure
+        # __exit__ kills the workers (loky then fails every pending future, and one cancelled first makes
+        # its manager thread raise InvalidStateError); otherwise they finish and are dropped.
         pending = iter(items)
-        window: deque[list[Any]] = deque()
-
-        def submit(item: T) -> None:
-            window.append([self._executor.submit(_WorkerSlot.call, item), item, _NOT_YET])
-
-        for item in itertools.islice(pending, self.ahead):
-            submit(item)
-        try:
-            while window:
-                head = window[0]
-                while head[2] is _NOT_YET and not head[0].done():
-                    spare = next((w for w in window if w[2] is _NOT_YET and w[0].cancel()), None)
-                    if spare is None:  # every item is taken: wait for the head
-                        break
-                    spare[2] = self.task(spare[1])
-                result = head[0].result() if head[2] is _NOT_YET else head[2]
-                window.popleft()
-                nxt = next(pending, _END)
-                if nxt is not _END:
-                    submit(nxt)
-                yield result
-        finally:
-            for future, _, _ in window:
-                future.cancel()
+        window = deque(self._executor.submit(_WorkerSlot.call, item) for item in itertools.islice(pending, self.ahead))
+        while window:
+            result = window.popleft().result()
+            nxt = next(pending, _END)
+            if nxt is not _END:
+                window.append(self._executor.submit(_WorkerSlot.call, nxt))
+            yield result
 
 
 _END = object()
-_NOT_YET = object()
