@@ -16,6 +16,7 @@ then per worker process). Worker processes tune the allocator and end when the c
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import os
@@ -134,6 +135,7 @@ class OrderedMap(Generic[T, R]):
         self.ahead = 2 * jobs + 1 if ahead is None else ahead
         self._parallel: Any = None
         self._executor: Any = None
+        self._window: deque[Any] = deque()  # futures submitted and not yet consumed
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Callable[[Iterable[T]], Iterator[R]]:
@@ -154,6 +156,9 @@ class OrderedMap(Generic[T, R]):
 
     def __exit__(self, *exc: Any) -> Any:
         if exc[0] is not None and self._executor is not None:  # after a failure, do not leave workers busy
+            # Let the few items in flight finish first (at most `ahead` chunks): killing the workers with
+            # items still queued races loky's manager thread, which then prints a KeyError traceback.
+            concurrent.futures.wait(self._window, timeout=FINISH_IN_FLIGHT_S)
             self._executor.shutdown(wait=True, kill_workers=True)
         return self._stack.__exit__(*exc)
 
@@ -172,7 +177,8 @@ class OrderedMap(Generic[T, R]):
         # __exit__ kills the workers (loky then fails every pending future, and one cancelled first makes
         # its manager thread raise InvalidStateError); otherwise they finish and are dropped.
         pending = iter(items)
-        window = deque(self._executor.submit(_WorkerSlot.call, item) for item in itertools.islice(pending, self.ahead))
+        window = self._window
+        window.extend(self._executor.submit(_WorkerSlot.call, item) for item in itertools.islice(pending, self.ahead))
         while window:
             result = window.popleft().result()
             nxt = next(pending, _END)
@@ -182,3 +188,4 @@ class OrderedMap(Generic[T, R]):
 
 
 _END = object()
+FINISH_IN_FLIGHT_S = 60  # after a failure, how long the items already in flight may take to finish
