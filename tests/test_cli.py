@@ -157,3 +157,19 @@ def test_make_dataset_names_the_sources_it_skips(run, tmp_path):
     text = " ".join(result.output.split())
     assert "skipped" in text and "tiny.png: smaller than --patch-size 64" in text
     assert "skipped unreadable" in text and "broken.png" in text
+
+
+def test_make_dataset_picks_worker_processes_by_the_work(run, tmp_path, monkeypatch):
+    import os
+
+    from cli import main as cli_main
+    from degrade import shards
+
+    seen = []
+    real = shards.make_dataset
+    monkeypatch.setattr(shards, "make_dataset", lambda *a, **k: seen.append(k["jobs"]) or real(*a, **k))
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert run("make-dataset", "--out", str(tmp_path / "a"), "--count", "8").exit_code == 0
+    assert run("make-dataset", "--out", str(tmp_path / "b"), "--count", "8", "--jobs", "2").exit_code == 0
+    assert seen == [1, 2]
+    assert [cli_main.auto_jobs(n) for n in (256, 999, 1000, 2600, 10**6)] == [1, 1, 2, 5, 8]
