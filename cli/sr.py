@@ -34,6 +34,12 @@ def _load(model_path: Path | None, release: tuple[Path, Path] | None, device: st
     return loaded.model.to(dev), dev
 
 
+def _one_model(model_path: Path | None, checkpoint: Path | None) -> Path | None:
+    if model_path is not None and checkpoint is not None:
+        raise click.UsageError("give --model (or its older name --checkpoint), not both")
+    return model_path or checkpoint
+
+
 def _bar(description: str) -> Progress:
     return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=err_console, transient=True)
@@ -82,6 +88,7 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
     A file that cannot be read is reported and skipped; the exit status is then 1.
     """
     require_torch()
+    set_max_pixels(max_pixels)
     import degrade
     from dasr_model.infer import parse_settings, upscale
     from degrade.discover import find_images
@@ -90,8 +97,14 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
     failed = []
     try:
         files = find_images(inputs)
+        names: dict[str, Path] = {}
+        for f in files:  # NAME_x4.png: two inputs with one stem would silently overwrite each other
+            other = names.setdefault(f"{f.stem}_x4.png", f)
+            if other != f:
+                raise click.ClickException(f"{other} and {f} would both be written as {f.stem}_x4.png; "
+                                           "give them separately with different --out folders")
         overrides = parse_settings(list(settings))
-        model, dev = _load(model_path or checkpoint, release_weights, device)
+        model, dev = _load(_one_model(model_path, checkpoint), release_weights, device)
         a_fixed = _parse_mix(mix, model.config.num_experts)
         out_dir.mkdir(parents=True, exist_ok=True)
         with _bar("super-resolving") as bar:
@@ -146,7 +159,7 @@ def eval_main(model_path, checkpoint, release_weights, shards, hr_dir, levels, s
     if not lv or not set(lv) <= {1, 2, 3}:
         raise click.BadParameter(f"{levels!r}: expected a subset of 1,2,3", param_hint="--levels")
     try:
-        model, dev = _load(model_path or checkpoint, release_weights, device)
+        model, dev = _load(_one_model(model_path, checkpoint), release_weights, device)
         pairs = pairs_from_shards(shards) if shards is not None else pairs_from_hr_dir(hr_dir, lv, seed)
         with _bar("evaluating") as bar:
             task = bar.add_task("eval", total=len(pairs))

@@ -73,7 +73,6 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, re
         raise click.UsageError("--resume continues a run, --restart deletes it: give one")
     import torch
 
-    from dasr_model.checkpoints import checkpoint_step, latest_checkpoint
     from dasr_model.errors import DASRError
     from dasr_model.model import DASRConfig
     from dasr_model.train import TrainConfig, pick_device, train
@@ -103,25 +102,21 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, re
                           "`degrade make-dataset --sharpen-hr` trained better (docs/training.md)")
     if vgg_weights is None:
         err_console.print("perceptual loss off: no --vgg-weights given (VGG19 weights cannot be downloaded here)")
-    if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is not None and checkpoint_step(ckpt) >= steps:
-            err_console.print(f"{out} is already at step {checkpoint_step(ckpt)} (--steps {steps}): nothing to train")
-            return
     columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
 
-    start = 0
-    if resume and latest_checkpoint(out) is not None:
-        start = checkpoint_step(latest_checkpoint(out))
     try:
         if pick_device(device).type == "cpu":
             err_console.print("note: training on the CPU is slow; a real run (100k steps) needs a CUDA GPU "
                               "(docs/training.md)")
         with Progress(*columns, console=err_console) as bar:
-            task = bar.add_task("train", total=steps, completed=start, info="")
+            task = bar.add_task("train", total=steps, completed=0, info="")
+            first = [True]
 
             def report(step: int, m: dict) -> None:
+                if first[0]:  # a resumed run starts at its checkpoint's step: no false speed for the ETA
+                    bar.reset(task, total=steps, completed=step - 1)
+                    first[0] = False
                 info = f"loss {m['loss']:.4f}  {m['samples_per_s']:.1f} samples/s"
                 if "val" in m:
                     info += "  val PSNR-Y " + " ".join(f"L{k} {v:.2f}" for k, v in m["val"]["psnr_y"].items())
@@ -138,7 +133,7 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, re
     except torch.OutOfMemoryError:
         raise click.ClickException(f"out of device memory at --batch-size {batch_size} --lr-crop {lr_crop}; "
                                    "lower one of them") from None
-    if not last:
+    if not last or last.get("nothing_to_train"):
         return
     stopped = last.get("stopped_by")
     if stopped in ("SIGINT", "SIGTERM"):

@@ -45,6 +45,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DASRError(f"{path}: not a readable checkpoint (damaged or truncated)") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
         raise DASRError(f"{path}: not a dasr-train checkpoint")
+    if type(ckpt.get("step")) is not int or ckpt["step"] < 0:
+        raise DASRError(f"{path}: not a dasr-train checkpoint (its step is {ckpt.get('step')!r})")
     return ckpt
 
 

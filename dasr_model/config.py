@@ -84,11 +84,14 @@ class DASRConfig:
 
     @classmethod
     def from_dict(cls, d: Any) -> DASRConfig:
-        """A config read from a file: unknown or missing keys and out-of-range sizes are refused."""
+        """A config read from a file: every field must be there, nothing else; sizes are bounded."""
         if not isinstance(d, dict):
             raise DASRError("model config: expected a mapping of field names to values")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
             raise DASRError(f"model config: unknown field(s) {', '.join(map(str, unknown))}")
+        missing = sorted(known - set(d))
+        if missing:  # a default would silently change the model (mixing, predictor_input, ...)
+            raise DASRError(f"model config: missing field(s) {', '.join(missing)}")
         return cls(**d)

@@ -7,6 +7,7 @@ the vector layout (`degrade.VECTOR_FIELDS`) before the mapping net, or the exper
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,11 @@ class LoadedModel:
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path, *, ema: bool = True) -> DASR:
     """The DASR of a checkpoint's contents (:func:`checkpoints.load_checkpoint`), EMA generator by default."""
-    model = DASR(DASRConfig.from_dict(ckpt["config"].get("model")))
+    try:
+        config = DASRConfig.from_dict(ckpt["config"].get("model"))
+    except DASRError as exc:
+        raise DASRError(f"{path}: {exc}") from None
+    model = DASR(config)
     try:
         model.load_state_dict(ckpt["model"])
         if ema and "ema_generator" in ckpt:
@@ -78,14 +83,14 @@ def load_model(path: str | Path | None = None, release: tuple[str | Path, str | 
         return LoadedModel(model_from_checkpoint(ckpt, ckpt_path), str(ckpt_path), "checkpoint", int(ckpt["step"]))
     if not path.exists():
         raise FileNotFoundError(2, "no such model file, checkpoint or run folder", str(path))
+    if not path.is_file():
+        raise DASRError(f"{path}: not a regular file")
     if is_model_file(path):
         model, meta = read_model_file(path)
-        step = int(meta["step"]) if meta.get("step", "").isdigit() else None
+        step = int(meta["step"]) if re.fullmatch(r"[0-9]{1,18}", meta.get("step", "")) else None
         return LoadedModel(model, str(path), "model file", step)
     ckpt = load_checkpoint(path)
-    step = ckpt.get("step")
-    return LoadedModel(model_from_checkpoint(ckpt, path), str(path), "checkpoint",
-                       int(step) if isinstance(step, int) else None)
+    return LoadedModel(model_from_checkpoint(ckpt, path), str(path), "checkpoint", ckpt["step"])
 
 
 def export_model(source: str | Path, out: str | Path, *, dtype: torch.dtype = torch.bfloat16,

@@ -74,6 +74,8 @@ def save_model_file(model: DASR, path: str | os.PathLike, *, ema_generator: torc
 
 def is_model_file(path: str | os.PathLike) -> bool:
     """True if the file starts like a safetensors file (a sane header length, then '{')."""
+    if not Path(path).is_file():
+        return False
     try:
         with open(path, "rb") as f:
             head = f.read(9)
@@ -86,6 +88,8 @@ def read_model_file(path: str | os.PathLike) -> tuple[DASR, dict[str, str]]:
     """The model (float32, eval mode) and the file's metadata. Anything off is a DASRError, raised before
     the weights are read: the config, then every tensor's name, dtype, shape and byte range."""
     path = Path(path)
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise DASRError(f"{path}: not a regular file")
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -101,6 +105,8 @@ def read_model_file(path: str | os.PathLike) -> tuple[DASR, dict[str, str]]:
         if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
             raise DASRError(f"{path}: not a model file (no metadata)")
         meta = header.pop("__metadata__")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise DASRError(f"{path}: not a model file (metadata values must be strings)")
         if meta.get("format") != FORMAT:
             raise DASRError(f"{path}: not a dasr model file (format {meta.get('format')!r})")
         if meta.get("version") != VERSION:
@@ -136,7 +142,8 @@ def _check_entries(path: Path, header: dict[str, Any], expected: dict[str, tuple
         if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
             raise DASRError(f"{path}: tensor {name}: dtype must be one of {', '.join(DTYPES)}")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(shape, list) or tuple(shape) != expected[name]:
+        if (not isinstance(shape, list) or not all(type(n) is int for n in shape)
+                or tuple(shape) != expected[name]):
             raise DASRError(f"{path}: tensor {name}: shape {shape}, the config needs {list(expected[name])}")
         dtype = DTYPES[entry["dtype"]]
         ok = (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
@@ -145,4 +152,11 @@ def _check_entries(path: Path, header: dict[str, Any], expected: dict[str, tuple
         if not ok:
             raise DASRError(f"{path}: tensor {name}: byte range {offsets} does not fit the file")
         spans[name] = (dtype, tuple(shape), offsets[0], offsets[1])
+    end = 0  # as the format requires: the byte ranges tile the data exactly, no overlap, gap or tail
+    for name, (_, _, begin, stop) in sorted(spans.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin != end:
+            raise DASRError(f"{path}: tensor {name}: byte range starts at {begin}, expected {end} (overlap or gap)")
+        end = stop
+    if end != data_size:
+        raise DASRError(f"{path}: {data_size - end} bytes after the last tensor")
     return spans

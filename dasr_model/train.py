@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from dasr_model.checkpoints import latest_intact, list_checkpoints, prune_checkpoints, save_checkpoint
+from dasr_model.checkpoints import (
+    CHECKPOINT,
+    checkpoint_step,
+    latest_intact,
+    list_checkpoints,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
 from dasr_model.errors import DASRError
 from dasr_model.evaluate import Pairs, evaluate_pairs, pairs_from_shards
@@ -72,19 +79,24 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Any) -> TrainConfig:
-        """A config read from a checkpoint: unknown keys and a bad model config are refused."""
+        """A config read from a checkpoint: unknown keys, a missing or bad model config and values of the
+        wrong type are refused (DASRError)."""
         if not isinstance(d, dict):
             raise DASRError("train config: expected a mapping")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        unknown = sorted(set(d) - {f.name for f in fields(cls)}, key=str)
         if unknown:
             raise DASRError(f"train config: unknown field(s) {', '.join(map(str, unknown))}")
+        if "model" not in d:
+            raise DASRError("train config: no model config")
         d = dict(d)
-        d["model"] = DASRConfig.from_dict(d.get("model", {}))
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
+        d["model"] = DASRConfig.from_dict(d["model"])
         try:
+            if "betas" in d:
+                d["betas"] = tuple(float(b) for b in d["betas"])
+                if len(d["betas"]) != 2:
+                    raise ValueError("betas must be two numbers")
             return cls(**d)
-        except TypeError as exc:  # a required field missing
+        except (TypeError, ValueError) as exc:  # a required field missing, betas not two numbers
             raise DASRError(f"train config: {exc}") from None
 
 
@@ -119,25 +131,34 @@ RUN_FILES = ("config.json", "metrics.jsonl", MODEL_FILE)
 
 
 def start_over(out: Path) -> list[Path]:
-    """Delete a run's own files (checkpoints, metrics, config, model file), nothing else; returns them."""
-    doomed = [*list_checkpoints(out), *(p for p in (Path(out) / name for name in RUN_FILES) if p.exists())]
+    """Delete a run's own files (checkpoints, metrics, config, model file, and their half-written .tmp
+    copies, or set-aside damaged checkpoints), nothing else; returns them."""
+    out = Path(out)
+    doomed = [*list_checkpoints(out), *(p for p in (out / name for name in RUN_FILES) if p.exists())]
+    doomed += [p for p in out.glob("*.tmp") if p.name[: -len(".tmp")] in RUN_FILES or CHECKPOINT.fullmatch(p.stem)]
+    doomed += [p for p in out.glob("ckpt-*.pt.damaged") if CHECKPOINT.fullmatch(p.name[: -len(".damaged")])]
     for path in doomed:
         path.unlink()
     return doomed
 
 
+def holds_a_run(out: Path) -> bool:
+    return bool(list_checkpoints(out)) or any((Path(out) / name).exists() for name in ("metrics.jsonl", MODEL_FILE))
+
+
 def truncate_metrics(path: Path, step: int) -> int:
-    """Keep the metrics of steps 1..step (a resumed run writes the later ones again); a torn last line
-    from a kill is dropped. Rewritten atomically; returns the number of lines kept."""
+    """Keep the metrics of steps 1..step (a resumed run writes the later ones again); a torn or
+    undecodable line from a kill is dropped. Rewritten atomically; returns the number of lines kept."""
     if not path.exists():
         return 0
     kept = []
-    for line in path.read_text().splitlines():
+    for raw in path.read_bytes().splitlines():
         try:
+            line = raw.decode()
             row = json.loads(line)
-        except ValueError:
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+        if isinstance(row, dict) and type(row.get("step")) is int and 1 <= row["step"] <= step:
             kept.append(line)
     write_text_atomic(path, "".join(f"{line}\n" for line in kept))
     return len(kept)
@@ -172,7 +193,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     say = notify or (lambda message: None)
     if resume and restart:
         raise DASRError("resume continues a run, restart deletes it: not both")
-    if not resume and not restart and (list_checkpoints(out) or (out / "metrics.jsonl").exists()):
+    if not resume and not restart and holds_a_run(out):
         raise DASRError(f"{out} already holds a run; continue it with --resume, start it over with --restart, "
                         "or choose a new --out")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -213,6 +234,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if found is None:
             raise DASRError(f"--resume: no readable checkpoint in {out}")
         step = parts.load_state_dict(found[1], cfg, found[0])
+        for newer in list_checkpoints(out):  # damaged ones latest_intact skipped: out of pruning's way
+            if checkpoint_step(newer) > step:
+                newer.replace(newer.with_name(newer.name + ".damaged"))
+                say(f"set {newer.name} aside as {newer.name}.damaged")
+        if step >= cfg.steps:
+            say(f"{out} is already at step {step} (--steps {cfg.steps}): nothing to train")
+            return {"step": step, "nothing_to_train": True}
         say(f"resuming from {found[0].name} (step {step} of {cfg.steps})")
     run_info = {"device": describe_device(device), "dtype": "bfloat16 autocast" if use_bf16 else "float32",
                 "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
@@ -274,14 +302,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 progress(step, last)
             if cfg.max_minutes is not None and time.perf_counter() - t0 >= 60 * cfg.max_minutes:
                 stop["by"] = stop["by"] or "max_minutes"
-            final = step == cfg.steps or stop["by"] is not None
+            stopped_by = stop["by"]  # read once: a signal arriving below waits for the next step
+            final = step == cfg.steps or stopped_by is not None
             if main_rank and (step % cfg.ckpt_every == 0 or final):
                 save_checkpoint(out / f"ckpt-{step}.pt", parts.state_dict(cfg, step))
                 prune_checkpoints(out, cfg.keep_checkpoints)
             if main_rank and final:
                 save_model_file(model, out / MODEL_FILE, ema_generator=ema, step=step, source=f"ckpt-{step}.pt")
-            if stop["by"] is not None:
-                last["stopped_by"] = stop["by"]
+            if stopped_by is not None:
+                last["stopped_by"] = stopped_by
                 break
     finally:
         metrics_file.close()

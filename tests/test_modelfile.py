@@ -104,6 +104,10 @@ def _deep(n: int) -> bytes:
     ("byte range outside the file", "byte range"),
     ("missing tensor", "missing"),
     ("pickle dtype", "dtype"),
+    ("config not a string", "metadata values must be strings"),
+    ("float shape", "shape"),
+    ("overlapping tensors", "overlap or gap"),
+    ("bytes after the last tensor", "after the last tensor"),
 ])
 def test_hostile_model_files_are_refused_in_one_line(tmp_path, case, message):
     header, data = _good_header(tmp_path)
@@ -133,6 +137,16 @@ def test_hostile_model_files_are_refused_in_one_line(tmp_path, case, message):
             del header[first]
         elif case == "pickle dtype":
             header[first]["dtype"] = "object"
+        elif case == "config not a string":
+            meta["config"] = TINY.to_dict()
+        elif case == "float shape":
+            header[first]["shape"] = [float(n) for n in header[first]["shape"]]
+        elif case == "overlapping tensors":
+            a, b = next((a, b) for a in header for b in header if a < b != "__metadata__" != a
+                        and header[a]["shape"] == header[b]["shape"])  # two tensors of one shape
+            header[b]["data_offsets"] = list(header[a]["data_offsets"])  # b reads a's bytes too
+        elif case == "bytes after the last tensor":
+            data += b"\0" * 100
         _write(path, header, data)
     with pytest.raises(DASRError, match=message):
         read_model_file(path)
@@ -152,7 +166,11 @@ def test_config_sizes_are_exact_and_bounded():
     with pytest.raises(DASRError, match="unknown field"):
         DASRConfig.from_dict({"num_experts": 5, "bogus": 1})
     with pytest.raises(DASRError, match="must be int"):
-        DASRConfig.from_dict({"num_feat": "64"})
+        DASRConfig.from_dict({**DASRConfig().to_dict(), "num_feat": "64"})
+    without_mixing = TINY.to_dict()
+    del without_mixing["mixing"]  # a default would silently turn this softmax model linear
+    with pytest.raises(DASRError, match="missing field.*mixing"):
+        DASRConfig.from_dict(without_mixing)
     with pytest.raises(DASRError, match="over the limit"):
         DASRConfig(num_feat=4096)  # the 28.8 GB allocation the issue saw is refused from the sizes
 
@@ -224,3 +242,34 @@ def test_export_then_dasr_sr_gives_the_checkpoints_image(tmp_path):
     assert (tmp_path / "small.safetensors").stat().st_size < (tmp_path / "m.safetensors").stat().st_size * 0.6
     assert CliRunner().invoke(export_main, [str(ckpt), "-o", str(tmp_path / "x.pt")]).exit_code == 2
     assert degrade.read_image(tmp_path / "checkpoint" / "a_x4.png").shape == (72, 88, 3)
+
+
+def test_a_model_file_step_and_checkpoint_step_are_checked(tmp_path):
+    import re
+
+    path = save_model_file(_model(), tmp_path / "m.safetensors", dtype=torch.float32, step=3)
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"]["step"] = "\u00b2"  # isdigit() is True, int() refuses it
+    _write(tmp_path / "odd.safetensors", header, raw[8 + n :])
+    assert load_model(tmp_path / "odd.safetensors").step is None
+    run = tmp_path / "run"
+    run.mkdir()
+    for bad in ("abc", [1], 7.9, True, -5, None):
+        state = {"config": TrainConfig(shards="", out="", model=TINY).to_dict(), "model": _model().state_dict(),
+                 "ema_generator": _model().generator.state_dict(), "step": bad}
+        save_checkpoint(run / "ckpt-7.pt", state)
+        with pytest.raises(DASRError, match=re.escape("its step is")):
+            load_model(run / "ckpt-7.pt")
+        with pytest.raises(DASRError, match="no readable"):  # the run folder skips it
+            load_model(run)
+
+
+def test_a_fifo_is_not_opened_as_a_model(tmp_path):
+    import os
+
+    fifo = tmp_path / "m.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(DASRError, match="not a regular file"):
+        load_model(fifo)

@@ -248,3 +248,77 @@ def test_the_tiled_predictor_equals_the_whole_image_pass(mode):
                 tiled = model.predict(lr, tile=tile)
                 torch.testing.assert_close(tiled[0], whole[0], rtol=0, atol=1e-6)
                 torch.testing.assert_close(tiled[1], whole[1], rtol=0, atol=1e-6)
+
+
+def test_a_damaged_newer_checkpoint_is_set_aside_not_kept_by_pruning(shards, tmp_path):
+    run = tmp_path / "run"
+    args = ["--shards", shards, "--out", str(run), "--ckpt-every", "1", *TINY_ARGS]
+    assert CliRunner().invoke(train_cli, [*args, "--steps", "6", "--keep-checkpoints", "0"]).exit_code == 0
+    (run / "ckpt-6.pt").write_bytes(b"PK\x03\x04garbage")
+    args += ["--keep-checkpoints", "1"]
+    result = CliRunner().invoke(train_cli, [*args, "--steps", "6", "--resume"])  # really at step 5: trains one
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "nothing to train" not in text and "resuming from ckpt-5.pt" in text, text
+    assert _ckpts(run) == ["ckpt-6.pt"] and (run / "ckpt-6.pt.damaged").exists()
+    assert load_checkpoint(run / "ckpt-6.pt")["step"] == 6
+    again = CliRunner().invoke(train_cli, [*args, "--steps", "6", "--resume"])
+    assert again.exit_code == 0 and "nothing to train" in " ".join(again.output.split())
+    assert _steps(run) == [1, 2, 3, 4, 5, 6]
+
+
+def test_undecodable_metrics_lines_are_dropped_on_resume(shards, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(shards, run, 2, ckpt_every=1))
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b"\xff\xfe garbage\n" + b'{"step": true}\n' + b'{"step": 2.0}\n')
+    train(_cfg(shards, run, 3, ckpt_every=1), resume=True)
+    assert _steps(run) == [1, 2, 3]
+
+
+def test_checkpoint_configs_are_checked_field_by_field():
+    from dasr_model.errors import DASRError
+
+    good = TrainConfig(shards="s", out="o", model=TINY).to_dict()
+    assert TrainConfig.from_dict(good) == TrainConfig(shards="s", out="o", model=TINY)
+    for bad, message in (({**good, "betas": 5}, "train config"), ({**good, "betas": [1, 2, 3]}, "two numbers"),
+                         ({k: v for k, v in good.items() if k != "model"}, "no model config"),
+                         ({**good, "model": {**TINY.to_dict(), "num_experts": 0}}, "num_experts")):
+        with pytest.raises(DASRError, match=message):
+            TrainConfig.from_dict(bad)
+
+
+def test_restart_also_removes_half_written_files_and_a_model_file_counts_as_a_run(shards, tmp_path):
+    from dasr_model.model import DASR
+    from dasr_model.modelfile import save_model_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_model_file(DASR(TINY), run / "model.safetensors")
+    (run / "ckpt-9.pt.tmp").write_bytes(b"half")
+    (run / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(_cfg(shards, run, 1))
+    train(_cfg(shards, run, 1), restart=True)
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt-1.pt", "config.json", "keep.txt", "metrics.jsonl",
+                                                       "model.safetensors"]
+
+
+def test_sr_refuses_two_inputs_that_would_share_an_output_and_honours_max_pixels(tmp_path, model, monkeypatch):
+    from dasr_model.modelfile import save_model_file
+    from degrade.io import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
+
+    monkeypatch.setenv(MAX_PIXELS_ENV, str(DEFAULT_MAX_PIXELS))  # restored after the test: --max-pixels sets it
+
+    path = save_model_file(model, tmp_path / "m.safetensors")
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "in" / "a.png"), np.zeros((12, 12, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "in" / "sub" / "a.jpg"), np.zeros((12, 12, 3), np.uint8))
+    result = CliRunner().invoke(sr_main, [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(path)])
+    assert result.exit_code == 1 and "would both be written as a_x4.png" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+    capped = CliRunner().invoke(sr_main, [str(tmp_path / "in" / "a.png"), "-o", str(tmp_path / "o2"), "--model",
+                                          str(path), "--max-pixels", "100"])
+    assert capped.exit_code == 1 and "1 of 1 input(s) could not be read" in " ".join(capped.output.split())
+    both = CliRunner().invoke(sr_main, [str(tmp_path / "in" / "a.png"), "-o", str(tmp_path / "o3"), "--model",
+                                        str(path), "--checkpoint", str(path)])
+    assert both.exit_code == 2 and "not both" in both.output
