@@ -33,7 +33,7 @@ import torch
 
 from dasr_model.infer import fuse_experts, super_resolve
 from dasr_model.model import DASR, DASRConfig
-from dasr_model.train import pick_device
+from dasr_model.runs import pick_device
 
 
 def timed(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, repeats: int

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
 from dasr_model.losses import UNetDiscriminatorSN
 from dasr_model.model import DASR, EXPERT_IMPLS, set_expert_impl
-from dasr_model.train import StepParts, TrainConfig, pick_device, train_step
+from dasr_model.runs import pick_device
+from dasr_model.train import StepParts, TrainConfig, train_step
 
 
 def bench_loader(shards: str, batch: int, workers: int, steps: int) -> float:

@@ -25,7 +25,7 @@ MODEL_HELP = "A model file (dasr-export), a dasr-train checkpoint (ckpt-*.pt), o
 def _load(model_path: Path | None, release: tuple[Path, Path] | None, device: str):
     """(model on its device, device), saying what was loaded."""
     from dasr_model.infer import load_model
-    from dasr_model.train import pick_device
+    from dasr_model.runs import pick_device
 
     dev = pick_device(device)
     loaded = load_model(model_path, tuple(release) if release else None,

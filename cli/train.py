@@ -75,7 +75,8 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, re
 
     from dasr_model.errors import DASRError
     from dasr_model.model import DASRConfig
-    from dasr_model.train import TrainConfig, pick_device, train
+    from dasr_model.runs import pick_device
+    from dasr_model.train import TrainConfig, train
 
     try:
         model_cfg = DASRConfig(num_experts=experts, num_block=blocks, num_feat=features, mixing=mixing,

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dasr_model.checkpoints import (
-    CHECKPOINT,
     checkpoint_step,
     latest_intact,
     list_checkpoints,
@@ -41,6 +40,7 @@ from dasr_model.evaluate import Pairs, evaluate_pairs, pairs_from_shards
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
 from dasr_model.model import DASR, DASRConfig, set_expert_impl
 from dasr_model.modelfile import MODEL_FILE, save_model_file
+from dasr_model.runs import describe_device, holds_a_run, pick_device, start_over, truncate_metrics, write_text_atomic
 from degrade.errors import DegradeError
 
 
@@ -100,75 +100,7 @@ class TrainConfig:
             raise DASRError(f"train config: {exc}") from None
 
 
-def pick_device(name: str) -> torch.device:
-    """'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...; a device that is not there is refused."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise DASRError(f"--device {name!r}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DASRError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DASRError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise DASRError(f"--device {name!r}: only cpu and cuda are supported")
-    return device
-
-
-def describe_device(device: torch.device) -> str:
-    """'cuda:0 (NVIDIA H100 80GB HBM3)' or 'cpu (8 threads)'."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
 ERROR_PREFIX = re.compile(r"^[\w.]+(Error|Exception): ")  # "degrade.errors.DatasetError: " in a worker's message
-RUN_FILES = ("config.json", "metrics.jsonl", MODEL_FILE)
-
-
-def start_over(out: Path) -> list[Path]:
-    """Delete a run's own files (checkpoints, metrics, config, model file, and their half-written .tmp
-    copies, or set-aside damaged checkpoints), nothing else; returns them."""
-    out = Path(out)
-    doomed = [*list_checkpoints(out), *(p for p in (out / name for name in RUN_FILES) if p.exists())]
-    doomed += [p for p in out.glob("*.tmp") if p.name[: -len(".tmp")] in RUN_FILES or CHECKPOINT.fullmatch(p.stem)]
-    doomed += [p for p in out.glob("ckpt-*.pt.damaged") if CHECKPOINT.fullmatch(p.name[: -len(".damaged")])]
-    for path in doomed:
-        path.unlink()
-    return doomed
-
-
-def holds_a_run(out: Path) -> bool:
-    return bool(list_checkpoints(out)) or any((Path(out) / name).exists() for name in ("metrics.jsonl", MODEL_FILE))
-
-
-def truncate_metrics(path: Path, step: int) -> int:
-    """Keep the metrics of steps 1..step (a resumed run writes the later ones again); a torn or
-    undecodable line from a kill is dropped. Rewritten atomically; returns the number of lines kept."""
-    if not path.exists():
-        return 0
-    kept = []
-    for raw in path.read_bytes().splitlines():
-        try:
-            line = raw.decode()
-            row = json.loads(line)
-        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            continue
-        if isinstance(row, dict) and type(row.get("step")) is int and 1 <= row["step"] <= step:
-            kept.append(line)
-    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
-    return len(kept)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
 
 def validate(model: DASR, ema_generator: torch.nn.Module, val: Pairs, device: torch.device) -> dict[str, Any]:
     """PSNR-Y (4-px crop) per level of the EMA generator, bicubic PSNR, and predictor MAE per block:
@@ -303,6 +235,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             if cfg.max_minutes is not None and time.perf_counter() - t0 >= 60 * cfg.max_minutes:
                 stop["by"] = stop["by"] or "max_minutes"
             stopped_by = stop["by"]  # read once: a signal arriving below waits for the next step
+            if world > 1:  # every rank stops at the same step, or the others would wait in the next all-reduce
+                import torch.distributed as dist
+
+                flag = torch.tensor([0 if stopped_by is None else 1], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                if flag.item() and stopped_by is None:
+                    stopped_by = "another rank"
             final = step == cfg.steps or stopped_by is not None
             if main_rank and (step % cfg.ckpt_every == 0 or final):
                 save_checkpoint(out / f"ckpt-{step}.pt", parts.state_dict(cfg, step))

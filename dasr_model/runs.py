@@ -1,0 +1,82 @@
+"""The run folder and the device: what a dasr-train run folder holds, starting it over, cutting its
+metrics back on resume, atomic writes; which device a run uses and how to name it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dasr_model.checkpoints import CHECKPOINT, list_checkpoints
+from dasr_model.errors import DASRError
+from dasr_model.modelfile import MODEL_FILE
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...; a device that is not there is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DASRError(f"--device {name!r}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DASRError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DASRError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise DASRError(f"--device {name!r}: only cpu and cuda are supported")
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    """'cuda:0 (NVIDIA H100 80GB HBM3)' or 'cpu (8 threads)'."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", MODEL_FILE)
+
+
+def start_over(out: Path) -> list[Path]:
+    """Delete a run's own files (checkpoints, metrics, config, model file, and their half-written .tmp
+    copies, or set-aside damaged checkpoints), nothing else; returns them."""
+    out = Path(out)
+    doomed = [*list_checkpoints(out), *(p for p in (out / name for name in RUN_FILES) if p.exists())]
+    doomed += [p for p in out.glob("*.tmp") if p.name[: -len(".tmp")] in RUN_FILES or CHECKPOINT.fullmatch(p.stem)]
+    doomed += [p for p in out.glob("ckpt-*.pt.damaged") if CHECKPOINT.fullmatch(p.name[: -len(".damaged")])]
+    for path in doomed:
+        path.unlink()
+    return doomed
+
+
+def holds_a_run(out: Path) -> bool:
+    return bool(list_checkpoints(out)) or any((Path(out) / name).exists() for name in ("metrics.jsonl", MODEL_FILE))
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the metrics of steps 1..step (a resumed run writes the later ones again); a torn or
+    undecodable line from a kill is dropped. Rewritten atomically; returns the number of lines kept."""
+    if not path.exists():
+        return 0
+    kept = []
+    for raw in path.read_bytes().splitlines():
+        try:
+            line = raw.decode()
+            row = json.loads(line)
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            continue
+        if isinstance(row, dict) and type(row.get("step")) is int and 1 <= row["step"] <= step:
+            kept.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    return len(kept)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
