@@ -55,13 +55,14 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 import degrade  # noqa: E402
-from degrade.allocator import tune_allocator  # noqa: E402
 import degrade.params  # noqa: E402
 from degrade import ops  # noqa: E402
+from degrade.allocator import tune_allocator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _baseline  # noqa: E402
 from _baseline import apply_baseline  # noqa: E402
+from _machine import cpu_model  # noqa: E402
 
 LEVELS: tuple = (1, 2, 3, "mix")
 IMPLS = ("ours", "baseline")
@@ -323,12 +324,6 @@ def table(headers: list[str], rows: list[list], align: str | None = None) -> str
     return "\n".join([line(headers), sep, *(line(r) for r in cells)])
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def library_version() -> str:

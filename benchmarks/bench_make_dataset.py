@@ -34,20 +34,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from _machine import cpu_model  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 
 import degrade
 from degrade import shards as dsm
 from degrade.allocator import tune_allocator
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed(fn) -> float:

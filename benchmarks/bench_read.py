@@ -38,16 +38,7 @@ try:
     from degrade import shards
 except ImportError:  # an older checkout, before degrade.shards (to measure the reader as it was)
     from degrade import dataset as shards  # type: ignore[no-redef]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from _machine import cpu_model  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 
 
 class RawReader:
