@@ -13,7 +13,12 @@ from degrade.io import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
 def os_error(exc: OSError) -> str:
     """An OSError as one line: 'path: reason'."""
     where = exc.filename if exc.filename is not None else ""
-    return f"{where}: {exc.strerror}" if where and exc.strerror else str(exc)
+    return f"{where}: {exc.strerror}" if where and exc.strerror else " ".join(str(exc).split())
+
+
+def one_line(exc: BaseException) -> str:
+    """A refusal (DegradeError) or an OSError as the one line the commands print."""
+    return os_error(exc) if isinstance(exc, OSError) else " ".join(str(exc).split())
 
 
 def require_torch() -> None:

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import degrade
-from cli.common import max_pixels_option, set_max_pixels
+from cli.common import max_pixels_option, one_line, set_max_pixels
 from degrade.allocator import tune_allocator
 from degrade.errors import DegradeError
 from degrade.io import (
@@ -180,7 +180,7 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
         if params_out is not None:
             write_bytes_atomic(params_out, (json.dumps(params.to_dict(), indent=2, sort_keys=True) + "\n").encode())
     except (DegradeError, OSError) as exc:
-        raise click.ClickException(_one_line(exc)) from None
+        raise click.ClickException(one_line(exc)) from None
 
     source = "replayed" if (params_in or vector) else f"level {params.level}, seed {seed}"
     console.print(f"wrote {output} ({lr.shape[1]}x{lr.shape[0]}, {source})")
@@ -249,11 +249,11 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
                                          progress=lambda n: progress.advance(task, n))
     except (DegradeError, OSError) as exc:
         if ds.abandoned_writes() > abandoned:  # HDF5 could crash finalising a failed shard (docs/dataset-format.md)
-            click.echo(f"Error: {_one_line(exc)}", err=True)
+            click.echo(f"Error: {one_line(exc)}", err=True)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)
-        raise click.ClickException(_one_line(exc)) from None
+        raise click.ClickException(one_line(exc)) from None
     except KeyboardInterrupt:
         err_console.print("interrupted: run the same command again to finish the dataset")
         sys.exit(130)
@@ -285,7 +285,7 @@ def verify(directory: Path, regenerate: int, sources: Path | None, seed: int) ->
         problems = ds.verify_dataset(directory, regenerate=regenerate, seed=seed, source_root=sources)
         checked = min(regenerate, len(ds.open_dataset(directory, allow_incomplete=True))) if regenerate else 0
     except (DegradeError, OSError) as exc:
-        raise click.ClickException(_one_line(exc)) from None
+        raise click.ClickException(one_line(exc)) from None
     if problems:
         for line in problems:
             err_console.print(f"problem: {line}")
@@ -357,18 +357,7 @@ def inspect(target: Path | None, index: int | None, vector: str | None, png: Pat
             size = _plots().histogram_figure(png, stats)
             err_console.print(f"wrote {png} ({size[0]}x{size[1]})")
     except (DegradeError, OSError) as exc:  # a sample index out of range is a DatasetError too
-        raise click.ClickException(_one_line(exc)) from None
-
-
-def _os_error(exc: OSError) -> str:
-    """An OSError as one line: 'path: reason'."""
-    where = exc.filename if exc.filename is not None else ""
-    return f"{where}: {exc.strerror}" if where and exc.strerror else " ".join(str(exc).split())
-
-
-def _one_line(exc: DegradeError | OSError) -> str:
-    """A refusal or an OSError as the one line the commands print."""
-    return _os_error(exc) if isinstance(exc, OSError) else " ".join(str(exc).split())
+        raise click.ClickException(one_line(exc)) from None
 
 
 def _plots():

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cli.common import max_pixels_option, os_error, require_torch, set_max_pixels
+from cli.common import max_pixels_option, one_line, os_error, require_torch, set_max_pixels
 from degrade.errors import DegradeError
 
 console = Console()
@@ -114,7 +114,7 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
                     img = degrade.read_image(f)
                 except (DegradeError, OSError) as exc:
                     failed.append(f)
-                    err_console.print(f"skipped {os_error(exc) if isinstance(exc, OSError) else exc}", soft_wrap=True)
+                    err_console.print(f"skipped {one_line(exc)}", soft_wrap=True)
                     bar.advance(task)
                     continue
                 sr, v_hat = upscale(model, img, overrides=overrides, mix=a_fixed, tile=tile, device=dev)

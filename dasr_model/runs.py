@@ -11,6 +11,7 @@ import torch
 from dasr_model.checkpoints import CHECKPOINT, list_checkpoints
 from dasr_model.errors import DASRError
 from dasr_model.modelfile import MODEL_FILE
+from degrade.io import write_bytes_atomic
 
 
 def pick_device(name: str) -> torch.device:
@@ -47,11 +48,18 @@ def start_over(out: Path) -> list[Path]:
     copies, or set-aside damaged checkpoints), nothing else; returns them."""
     out = Path(out)
     doomed = [*list_checkpoints(out), *(p for p in (out / name for name in RUN_FILES) if p.exists())]
-    doomed += [p for p in out.glob("*.tmp") if p.name[: -len(".tmp")] in RUN_FILES or CHECKPOINT.fullmatch(p.stem)]
+    doomed += [p for p in out.glob("*.tmp") if _half_written(p.name)]
     doomed += [p for p in out.glob("ckpt-*.pt.damaged") if CHECKPOINT.fullmatch(p.name[: -len(".damaged")])]
     for path in doomed:
         path.unlink()
     return doomed
+
+
+def _half_written(name: str) -> bool:
+    """A temporary file of an atomic write of ours: `ckpt-N.pt.tmp`, `model.safetensors.tmp`, or
+    degrade.io.write_bytes_atomic's `.config.json.XXXXXX.tmp` / `.metrics.jsonl.XXXXXX.tmp`."""
+    stem = name[: -len(".tmp")]
+    return stem in RUN_FILES or bool(CHECKPOINT.fullmatch(stem)) or any(stem.startswith(f".{n}.") for n in RUN_FILES)
 
 
 def holds_a_run(out: Path) -> bool:
@@ -72,11 +80,5 @@ def truncate_metrics(path: Path, step: int) -> int:
             continue
         if isinstance(row, dict) and type(row.get("step")) is int and 1 <= row["step"] <= step:
             kept.append(line)
-    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    write_bytes_atomic(path, "".join(f"{line}\n" for line in kept).encode())
     return len(kept)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

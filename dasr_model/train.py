@@ -40,8 +40,9 @@ from dasr_model.evaluate import Pairs, evaluate_pairs, pairs_from_shards
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
 from dasr_model.model import DASR, DASRConfig, set_expert_impl
 from dasr_model.modelfile import MODEL_FILE, save_model_file
-from dasr_model.runs import describe_device, holds_a_run, pick_device, start_over, truncate_metrics, write_text_atomic
+from dasr_model.runs import describe_device, holds_a_run, pick_device, start_over, truncate_metrics
 from degrade.errors import DegradeError
+from degrade.io import write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(out / "metrics.jsonl", step)
-        write_text_atomic(out / "config.json", json.dumps({**cfg.to_dict(), "run": run_info}, indent=1))
+        write_bytes_atomic(out / "config.json", json.dumps({**cfg.to_dict(), "run": run_info}, indent=1).encode())
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
