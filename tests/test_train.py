@@ -243,8 +243,12 @@ def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path
     subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "2"], check=True, capture_output=True,
                    timeout=240)
     a, b = load_checkpoint(tmp_path / "ddp" / "ckpt-2.pt"), load_checkpoint(tmp_path / "single" / "ckpt-2.pt")
+    # Summing the gradients in another order changes them by float rounding, and Adam turns a gradient
+    # near zero into a step of up to lr = 1e-4 whatever its size: on such elements the two runs differ
+    # by a few percent of a step (2e-6 seen). A broken sync (each rank on its own sample) moves weights
+    # by whole steps, 1e-4.
     for name, tensor in a["model"].items():
-        torch.testing.assert_close(tensor, b["model"][name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(tensor, b["model"][name], rtol=1e-4, atol=1e-5, msg=name)
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 only
 
 
