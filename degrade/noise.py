@@ -4,6 +4,7 @@ each drawing only from the `rng` it is given (docs/degradation.md)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 
 import cv2
@@ -90,13 +91,47 @@ def _poisson_tables(levels: int) -> tuple[NDArray[np.float64], NDArray[np.int16]
     return cdf.ravel(), direct.ravel(), noise.astype(np.float32).ravel(), width
 
 
-def _uniform_buckets(q: NDArray[np.uint8], rng: np.random.Generator) -> tuple[NDArray[np.int32], NDArray[np.float64]]:
-    """One uniform u per element of `q` (flattened); returns (q * B + floor(u * B) as int32, u)."""
-    u = rng.random(q.size)
-    idx = q.ravel().astype(np.int32)
-    idx <<= _BUCKET_BITS
-    idx |= (u * _POISSON_BUCKETS).astype(np.int32)  # exact: B is a power of 2
-    return idx, u
+_RANDOM_BITS = 32  # each draw starts from 32 random bits: the top _BUCKET_BITS pick the bucket
+_FINE_SHIFT = _RANDOM_BITS - _BUCKET_BITS
+
+
+def _random_bits(n: int, rng: np.random.Generator) -> NDArray[np.uint32]:
+    """n uniform 32-bit integers: the two halves of ceil(n / 2) raw 64-bit outputs of `rng`'s bit
+    generator, low half first on every platform (half the generator work of n float64 uniforms)."""
+    raw = rng.bit_generator.random_raw((n + 1) // 2)
+    return raw.astype("<u8", copy=False).view("<u4")[:n]
+
+
+def _bucket_index(q: NDArray[np.uint8], bits: NDArray[np.uint32]) -> NDArray[np.uint32]:
+    """q * B + (the top _BUCKET_BITS of bits): the row of the direct tables for each draw (flattened)."""
+    idx = np.left_shift(q.ravel(), _BUCKET_BITS, dtype=np.uint32)
+    idx |= bits >> _FINE_SHIFT
+    return idx
+
+
+def _fine_uniforms(bits: NDArray[np.uint32], rng: np.random.Generator) -> NDArray[np.float64]:
+    """u = (bits + e) / 2^32 with e a fresh float64 uniform: uniform on [bits / 2^32, (bits + 1) / 2^32],
+    so together with the 32 bits a uniform on [0, 1] to float64 resolution. Drawn only for the draws
+    the direct table leaves open."""
+    u = rng.random(bits.size)
+    u += bits
+    u *= 2.0 ** -_RANDOM_BITS  # exact: a power of 2
+    return u
+
+
+def _invert(idx: NDArray[np.uint32], levels: int, uniforms: Callable[[NDArray[np.intp]], NDArray[np.float64]]
+            ) -> tuple[NDArray[np.float32], NDArray[np.intp], NDArray[np.int64]]:
+    """The draws for bucket indices `idx`: (noise, pending, k). `noise` is the table's float32 noise,
+    NaN at `pending`, the positions whose bucket holds a step of F_q; `k` are their counts, searched
+    from the uniforms `uniforms(pending)` gives (each inside its position's bucket)."""
+    _cdf, direct, direct_noise, _width = _poisson_tables(levels)
+    noise = np.take(direct_noise, idx)
+    pending = np.flatnonzero(np.isnan(noise))
+    if not pending.size:
+        return noise, pending, np.empty(0, np.int64)
+    ip = idx[pending]
+    start = -1 - direct[ip].astype(np.int64)
+    return noise, pending, _search_pending(start, (ip >> _BUCKET_BITS).astype(np.intp), uniforms(pending), levels)
 
 
 def _search_pending(
@@ -136,29 +171,34 @@ def _poisson_keys(levels: int) -> NDArray[np.complex128]:
 def _poisson_counts(q: NDArray[np.uint8], levels: int, rng: np.random.Generator) -> NDArray[np.int64]:
     """Poisson(q / 255 * levels) draws, one per element of `q`: k = min{k : u <= F_q(k)}, u uniform.
 
-    Most draws are one lookup in the direct table; the rest (u in a bucket where F_q steps) are
-    searched (`_search_pending`). An exact Poisson sampler up to the float64 resolution of u and F_q.
+    u starts as 32 random bits (`_random_bits`); most draws are decided by their bucket (the top 11
+    bits) in the direct table; the rest get a fine uniform inside their bits' interval
+    (`_fine_uniforms`) and are searched (`_search_pending`). An exact Poisson sampler up to the float64
+    resolution of u and F_q.
     """
+    bits = _random_bits(q.size, rng)
+    return _counts_from_bits(q, levels, bits, lambda pending: _fine_uniforms(bits[pending], rng))
+
+
+def _counts_from_bits(q: NDArray[np.uint8], levels: int, bits: NDArray[np.uint32],
+                      uniforms: Callable[[NDArray[np.intp]], NDArray[np.float64]]) -> NDArray[np.int64]:
+    """`_poisson_counts` for given bits, and `uniforms(pending)` for the draws the table leaves open."""
     _cdf, direct, _noise, _width = _poisson_tables(levels)
-    idx, u = _uniform_buckets(q, rng)
+    idx = _bucket_index(q, bits)
     k = np.take(direct, idx).astype(np.int64)
-    pending = np.flatnonzero(k < 0)
-    if pending.size:
-        k[pending] = _search_pending(-1 - k[pending], idx[pending] >> _BUCKET_BITS, u[pending], levels)
+    _, pending, searched = _invert(idx, levels, uniforms)
+    k[pending] = searched
     return k.reshape(q.shape)
 
 
 def _poisson_noise(q: NDArray[np.uint8], levels: int, rng: np.random.Generator) -> NDArray[np.float32]:
-    """float32(k / levels - q / 255) for k = `_poisson_counts(q, levels, rng)`, from the same uniforms,
-    without the int64 counts: decided buckets read the noise straight from the table."""
-    _cdf, direct, direct_noise, _width = _poisson_tables(levels)
-    idx, u = _uniform_buckets(q, rng)
-    noise = np.take(direct_noise, idx)
-    pending = np.flatnonzero(np.isnan(noise))
+    """float32(k / levels - q / 255) for k = `_poisson_counts(q, levels, rng)`, from the same random
+    numbers, without the int64 counts: decided buckets read the noise straight from the table."""
+    bits = _random_bits(q.size, rng)
+    idx = _bucket_index(q, bits)
+    noise, pending, k = _invert(idx, levels, lambda pending: _fine_uniforms(bits[pending], rng))
     if pending.size:
-        ip = idx[pending]
-        qp = ip >> _BUCKET_BITS
-        k = _search_pending(-1 - direct[ip].astype(np.int64), qp, u[pending], levels)
+        qp = idx[pending] >> _BUCKET_BITS
         noise[pending] = (k / levels - qp / 255.0).astype(np.float32)
     return noise.reshape(q.shape)
 

@@ -248,23 +248,36 @@ def test_area_resize_is_adaptive_average_pooling(size, hr_patch):
     np.testing.assert_allclose(ops.resize(hr_patch, size, mode="area"), expected, atol=1e-6)
 
 
-class _FixedUniforms:
-    """Stands in for a Generator whose `random` returns chosen uniforms."""
-
-    def __init__(self, u: np.ndarray):
-        self.u = u
-
-    def random(self, size):
-        assert size == self.u.size
-        return self.u
-
-
 @pytest.mark.parametrize("levels,q", [(256, 255), (256, 40), (16, 128), (2, 200)])
 def test_poisson_sampler_is_the_exact_inverse_cdf(levels, q):
-    """k = min{k : u <= F(k)} for uniforms across the whole range, tails included (scipy's ppf)."""
+    """k = min{k : u <= F(k)} for uniforms across the whole range, tails included (scipy's ppf). Each u
+    goes in as the sampler sees it: its top 32 bits (bucket and table lookup), and u itself for the
+    draws the table leaves open (the search)."""
     u = np.concatenate([[1e-15, 1e-9, 1e-4, 0.001, 0.003], np.linspace(0.01, 0.99, 99), [0.997, 0.9999, 1 - 1e-9]])
-    counts = noise._poisson_counts(np.full(u.size, q, np.uint8), levels, _FixedUniforms(u))
+    bits = np.floor(u * 2.0**32).astype(np.uint32)
+    asked = []
+
+    def uniforms(pending):
+        asked.append(pending)
+        return u[pending]
+
+    counts = noise._counts_from_bits(np.full(u.size, q, np.uint8), levels, bits, uniforms)
     np.testing.assert_array_equal(counts, stats.poisson.ppf(u, q / 255 * levels).astype(np.int64))
+    assert asked and 0 < asked[0].size < u.size  # both paths were taken
+
+
+def test_poisson_uniforms_are_uniform():
+    """The uniforms behind the draws: 32 random bits, refined by a fresh float64 uniform inside their
+    interval, are uniform on [0, 1] (Kolmogorov-Smirnov, 10^6 values), and the bits are the generator's
+    raw output, low half first."""
+    rng = rng_for(15)
+    bits = noise._random_bits(10**6 + 1, rng)
+    u = noise._fine_uniforms(bits, rng)
+    assert stats.kstest(u, "uniform").pvalue > 1e-3
+    assert np.all(np.floor(u * 2.0**32) >= bits) and np.all(np.floor(u * 2.0**32) <= bits.astype(np.int64) + 1)
+    raw = rng_for(15).bit_generator.random_raw(2)
+    assert [int(b) for b in noise._random_bits(3, rng_for(15))] == [int(raw[0]) & 0xFFFFFFFF, int(raw[0]) >> 32,
+                                                                      int(raw[1]) & 0xFFFFFFFF]
 
 
 def test_gray_noise_uses_bt601_luma_of_a_coloured_image():
