@@ -47,3 +47,12 @@ def test_profile_degrade_smoke_prints_a_per_op_table():
                          cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
     rows = [line for line in res.stdout.splitlines() if line.startswith("| ")]
     assert any(r.startswith("| blur ") for r in rows) and any(r.startswith("| all ops ") for r in rows)
+
+
+def test_bench_make_dataset_smoke_prints_the_scaling_lines():
+    res = subprocess.run([sys.executable, "benchmarks/bench_make_dataset.py", "--count", "8", "--repeats", "1",
+                          "--compressions", "none", "--jobs", "2", "--one-core"],
+                         cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| make-dataset | none |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["1", "1 (1 core)", "2"]
+    assert "- none: " in res.stdout and "x --jobs 1 on one core (" in res.stdout
