@@ -21,7 +21,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # must happen before numpy is imported
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
@@ -156,15 +155,26 @@ def floors(calls) -> dict[str, float]:
 
 
 def load_before(path: Path):
-    """`degrade/ops.py` and `degrade/kernels.py` of another checkout, as modules beside ours."""
-    mods = []
-    for name in ("ops", "kernels"):
-        spec = importlib.util.spec_from_file_location(f"before_{name}", path / "degrade" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod  # dataclasses look their module up while it is executed
-        spec.loader.exec_module(mod)
-        mods.append(mod)
-    return mods
+    """`degrade.ops` and `degrade.kernels` of another checkout, with everything they import from it
+    (blur and noise live in their own modules since the ops split): that checkout's `degrade` package
+    is imported in place of ours for a moment, then ours is put back. The old functions keep their
+    own modules' globals, so they call the old code throughout."""
+    ours = {name: mod for name, mod in sys.modules.items() if name == "degrade" or name.startswith("degrade.")}
+    for name in ours:
+        del sys.modules[name]
+    sys.path.insert(0, str(path))
+    try:
+        import degrade.kernels as before_kernels
+        import degrade.ops as before_ops
+
+        if not Path(before_ops.__file__).resolve().is_relative_to(path.resolve()):
+            raise SystemExit(f"--before {path}: imported {before_ops.__file__} instead")
+        return before_ops, before_kernels
+    finally:
+        sys.path.remove(str(path))
+        for name in [n for n in sys.modules if n == "degrade" or n.startswith("degrade.")]:
+            del sys.modules[name]
+        sys.modules.update(ours)
 
 
 def main(argv: list[str] | None = None) -> int:
