@@ -4,6 +4,7 @@ processes), failures raised at the consumer, refusals."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -54,3 +55,29 @@ def test_a_failing_item_raises_at_the_consumer(jobs):
 def test_jobs_below_one_are_refused():
     with pytest.raises(DatasetError, match="jobs must be >= 1"):
         OrderedMap(Square(), jobs=0)
+
+
+class Block:
+    """A picklable task returning 3 MiB of bytes: results far larger than a default pipe buffer."""
+
+    def __eq__(self, other):
+        return isinstance(other, Block)
+
+    def __call__(self, item: int) -> bytes:
+        return bytes([item % 256]) * (3 << 20)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipe sizes are a Linux feature")
+def test_results_travel_through_a_1_mib_pipe_intact():
+    """Linux: the pipe that brings the workers' results has a 1 MiB buffer (64 KiB by default; fewer
+    rounds of write and read per 3.4 MB chunk), and 3 MiB results arrive whole and in order."""
+    import fcntl
+
+    from degrade.shards.executor import RESULT_PIPE_BYTES
+
+    ordered = OrderedMap(Block(), jobs=2)
+    with ordered as run:
+        results = list(run(range(6)))
+        size = fcntl.fcntl(ordered._executor._result_queue._reader.fileno(), fcntl.F_GETPIPE_SZ)
+    assert results == [bytes([i]) * (3 << 20) for i in range(6)]
+    assert size == RESULT_PIPE_BYTES == 1 << 20

@@ -152,6 +152,7 @@ class OrderedMap(Generic[T, R]):
             # The task reaches each worker once, at start-up; a different task (initargs) restarts the workers.
             self._executor = get_reusable_executor(max_workers=self.jobs, initializer=_WorkerSlot.install,
                                                    initargs=(self.task, os.getpid()))
+            _widen_result_pipe(self._executor)
         return self.run
 
     def __exit__(self, *exc: Any) -> Any:
@@ -185,6 +186,23 @@ class OrderedMap(Generic[T, R]):
             if nxt is not _END:
                 window.append(self._executor.submit(_WorkerSlot.call, nxt))
             yield result
+
+
+RESULT_PIPE_BYTES = 1 << 20  # Linux's default limit for one pipe (/proc/sys/fs/pipe-max-size)
+
+
+def _widen_result_pipe(executor: Any) -> None:
+    """Give the pipe that carries the workers' results to this process a 1 MiB buffer (Linux; 64 KiB by
+    default). A chunk of 16 samples of 256 px is 3.4 MB; through 64 KiB it takes ~50 rounds of write,
+    wake-up and read: 0.52 ms of CPU per sample (both ends) against 0.20 ms with 1 MiB, measured with
+    two threads and a pipe on the 2-core machine (docs/benchmarks.md). Best effort: another loky, a
+    lower system limit or another OS leave the pipe as it is."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(executor._result_queue._reader.fileno(), fcntl.F_SETPIPE_SZ, RESULT_PIPE_BYTES)
+    except (ImportError, AttributeError, OSError, ValueError):
+        pass
 
 
 _END = object()
