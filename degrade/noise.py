@@ -95,11 +95,20 @@ _RANDOM_BITS = 32  # each draw starts from 32 random bits: the top _BUCKET_BITS 
 _FINE_SHIFT = _RANDOM_BITS - _BUCKET_BITS
 
 
+# Bit generators whose raw output is 64 random bits (MT19937's holds 32): `_random_bits` reads those directly.
+_RAW_64_BITS = (np.random.PCG64, np.random.PCG64DXSM, np.random.Philox, np.random.SFC64)
+
+
 def _random_bits(n: int, rng: np.random.Generator) -> NDArray[np.uint32]:
-    """n uniform 32-bit integers: the two halves of ceil(n / 2) raw 64-bit outputs of `rng`'s bit
-    generator, low half first on every platform (half the generator work of n float64 uniforms)."""
-    raw = rng.bit_generator.random_raw((n + 1) // 2)
-    return raw.astype("<u8", copy=False).view("<u4")[:n]
+    """n uniform 32-bit integers: `rng.integers(0, 2**32, n, dtype=np.uint32)`. For the bit generators
+    whose raw output is 64 random bits (PCG64, NumPy's default; PCG64DXSM, Philox, SFC64) the same
+    numbers are read straight from ceil(n / 2) raw outputs, low half first on every platform, which
+    costs 0.22 ms instead of 0.37 per 196,608 values. (They are the same numbers for a generator with
+    no 32-bit half left over from an earlier 32-bit draw, as every generator the pipeline makes.)"""
+    if type(rng.bit_generator) in _RAW_64_BITS:
+        raw = rng.bit_generator.random_raw((n + 1) // 2)
+        return raw.astype("<u8", copy=False).view("<u4")[:n]
+    return rng.integers(0, 1 << 32, n, dtype=np.uint32)
 
 
 def _bucket_index(q: NDArray[np.uint8], bits: NDArray[np.uint32]) -> NDArray[np.uint32]:

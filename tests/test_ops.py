@@ -268,16 +268,45 @@ def test_poisson_sampler_is_the_exact_inverse_cdf(levels, q):
 
 def test_poisson_uniforms_are_uniform():
     """The uniforms behind the draws: 32 random bits, refined by a fresh float64 uniform inside their
-    interval, are uniform on [0, 1] (Kolmogorov-Smirnov, 10^6 values), and the bits are the generator's
-    raw output, low half first."""
+    interval, are uniform on [0, 1] (Kolmogorov-Smirnov, 10^6 values), and so is the refinement inside
+    the interval (the float64 resolution below the 32 bits); the bits are the generator's raw output,
+    low half first."""
     rng = rng_for(15)
     bits = noise._random_bits(10**6 + 1, rng)
     u = noise._fine_uniforms(bits, rng)
     assert stats.kstest(u, "uniform").pvalue > 1e-3
-    assert np.all(np.floor(u * 2.0**32) >= bits) and np.all(np.floor(u * 2.0**32) <= bits.astype(np.int64) + 1)
+    inside = u * 2.0**32 - bits  # exact: a power-of-2 scale and a difference of nearby numbers
+    assert inside.min() >= 0.0 and inside.max() <= 1.0
+    assert stats.kstest(inside, "uniform").pvalue > 1e-3
     raw = rng_for(15).bit_generator.random_raw(2)
     assert [int(b) for b in noise._random_bits(3, rng_for(15))] == [int(raw[0]) & 0xFFFFFFFF, int(raw[0]) >> 32,
                                                                       int(raw[1]) & 0xFFFFFFFF]
+
+
+@pytest.mark.parametrize("bit_generator", [np.random.PCG64, np.random.PCG64DXSM, np.random.Philox, np.random.SFC64,
+                                           np.random.MT19937])
+def test_random_bits_equal_numpys_32_bit_integers_for_every_bit_generator(bit_generator):
+    """Whatever the generator: the numbers of rng.integers(0, 2**32, dtype=uint32) (odd n too), uniform in
+    all 32 bits. MT19937's raw output holds only 32 bits: read as 64 it would leave every other value 0."""
+    bits = noise._random_bits(100_001, np.random.Generator(bit_generator(16)))
+    expected = np.random.Generator(bit_generator(16)).integers(0, 2**32, 100_001, dtype=np.uint32)
+    np.testing.assert_array_equal(bits, expected)
+    top = (bits >> 31).mean()
+    assert abs(top - 0.5) < 0.005 and (bits == 0).mean() < 1e-4  # 0.5 +- 3 sd of 100,001 fair bits
+
+
+def test_poisson_draws_on_bucket_edges_and_at_one():
+    """u exactly on a bucket's upper edge (the next bucket's lower edge, where `_fine_uniforms` can
+    round to) gives scipy's inverse CDF there; u = 1.0 gives a finite count inside the table."""
+    levels, q = 256, 128
+    last_in_bucket = (np.arange(0, 2048, 37, dtype=np.uint32) << 21) | np.uint32((1 << 21) - 1)
+    u = (last_in_bucket.astype(np.float64) + 1.0) / 2.0**32  # = (b + 1) / 2048 exactly
+    counts = noise._counts_from_bits(np.full(u.size, q, np.uint8), levels, last_in_bucket, lambda p: u[p])
+    np.testing.assert_array_equal(counts[u < 1], stats.poisson.ppf(u[u < 1], q / 255 * levels).astype(np.int64))
+    top = noise._counts_from_bits(np.full(1, q, np.uint8), levels, np.array([2**32 - 1], np.uint32),
+                                  lambda p: np.ones(p.size))
+    _cdf, _direct, _noise, width = noise._poisson_tables(levels)
+    assert 0 < top[0] < width and stats.poisson.cdf(top[0], q / 255 * levels) > 1 - 1e-12
 
 
 def test_gray_noise_uses_bt601_luma_of_a_coloured_image():
