@@ -72,27 +72,32 @@ def children_cpu() -> dict[int, float]:
     return out
 
 
-def _set_affinity_of_all_threads(cpus: set[int]) -> None:
-    """Every thread of this process, not just the calling one (OpenCV's and h5py's pools were started
-    before and keep their own mask; threads started later inherit the caller's)."""
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError):  # a thread that just ended
-            os.sched_setaffinity(int(tid), cpus)
+def _thread_ids() -> list[int]:
+    return [int(tid) for tid in os.listdir("/proc/self/task")]
 
 
 @contextlib.contextmanager
 def pinned(one_core: bool):
-    """Run the block with every thread of this process on one CPU (its first allowed one) when `one_core`;
-    threads started inside inherit it. Restores the previous affinity."""
+    """Run the block with every thread of this process on one CPU (its first allowed one) when `one_core`:
+    OpenCV's and h5py's pools were started before and keep their own masks, so each thread is pinned
+    (threads started inside inherit the caller's). Restores each thread's own mask afterwards."""
     if not one_core:
         yield
         return
-    before = os.sched_getaffinity(0)
-    _set_affinity_of_all_threads({min(before)})
+    masks = {}
+    for tid in _thread_ids():
+        with contextlib.suppress(OSError):  # a thread that just ended
+            masks[tid] = os.sched_getaffinity(tid)
+    cpu = {min(os.sched_getaffinity(0))}
+    for tid in masks:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(tid, cpu)
     try:
         yield
     finally:
-        _set_affinity_of_all_threads(before)
+        for tid, mask in masks.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, mask)
 
 
 def main() -> None:
@@ -174,7 +179,7 @@ def main() -> None:
     rate_of = {(c, str(j)): rate for _, c, j, rate, *_ in rows[1:]}
     if args.jobs != 1:
         print(f"\n--jobs {args.jobs} against --jobs 1, ratio of the medians (in brackets: lowest and highest ratio "
-              "of one round, the two timed back to back):")
+              "of the two runs of one warm round):")
         for c in args.compressions.split(","):
             parts = []
             for label, key, base in (("--jobs 1", "False", "1"), ("--jobs 1 on one core", "True", "1 (1 core)")):

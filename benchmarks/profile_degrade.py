@@ -5,8 +5,9 @@
    records of each level (256x256 HR patches of the bundled photos, the records of bench_degrade.py),
    with copies of the arguments.
 2. Replays the recorded calls op by op: ms per sample for this checkout's ops and, with --before DIR
-   (a checkout of an older commit, e.g. a `git worktree`), for that checkout's `degrade/ops.py` on
-   the same inputs, the two alternating, best of --repeats passes (robust on a shared machine).
+   (a checkout of an older commit, e.g. a `git worktree`), for that checkout's `degrade.ops` and
+   `degrade.kernels` (its whole package imported for the purpose, then ours restored) on the same
+   inputs, the two alternating, best of --repeats passes (robust on a shared machine).
 3. Times the floor of each op: the part no rewrite of ours can remove (OpenCV's own JPEG
    encode + decode, NumPy's random draws, one OpenCV pass over the image, ...), on the same sizes.
 

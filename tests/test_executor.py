@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,4 +81,7 @@ def test_results_travel_through_a_1_mib_pipe_intact():
         results = list(run(range(6)))
         size = fcntl.fcntl(ordered._executor._result_queue._reader.fileno(), fcntl.F_GETPIPE_SZ)
     assert results == [bytes([i]) * (3 << 20) for i in range(6)]
+    limit = Path("/proc/sys/fs/pipe-max-size")
+    if limit.exists() and int(limit.read_text()) < RESULT_PIPE_BYTES:
+        pytest.skip("this system caps pipes below 1 MiB; the widening is best effort")
     assert size == RESULT_PIPE_BYTES == 1 << 20
