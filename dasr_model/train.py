@@ -212,6 +212,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     metrics_file = open(out / "metrics.jsonl", "a") if main_rank else open(os.devnull, "w")
     last: dict[str, Any] = {}
     t0, seen = time.perf_counter(), 0
+    ended = False  # the loop ran to its end (or a stop): every rank is alive for the barrier below
     try:
         for batch in _batches(loader):
             lr_img = batch["lr"].to(device, non_blocking=True)
@@ -252,6 +253,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             if stopped_by is not None:
                 last["stopped_by"] = stopped_by
                 break
+        ended = True
     finally:
         metrics_file.close()
         if in_main_thread:
@@ -260,6 +262,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if world > 1:
             import torch.distributed as dist
 
+            if ended:  # a normal end: wait until rank 0 has saved, then tear down together
+                dist.barrier()
+            parts.net, parts.disc = model, disc  # the DDP wrappers hold the group: release them first
             dist.destroy_process_group()
     return last
 
