@@ -12,7 +12,7 @@
 
 Needs a dataset made with `degrade make-dataset` (patch 256) for the loader part.
 Usage: python benchmarks/bench_train.py --shards DIR [--device auto] [--batch-sizes 6,16,48] [--gan]
-       [--impl grouped,dense,bmm] [--channels-last]
+       [--impl grouped,dense,bmm] [--channels-last] [--fp32-baseline]
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ def bench_loader(shards: str, batch: int, workers: int, steps: int) -> float:
 
 
 def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats: int, impl: str = "grouped",
-               channels_last: bool = False, lr_size: int = 64) -> tuple[float, float | None]:
+               channels_last: bool = False, lr_size: int = 64, bf16: bool | None = None) -> tuple[float, float | None]:
     """Median seconds of `dasr_model.train.train_step` (the loop's own step) on random data, with the
-    expert convolutions computed by `impl`; and the peak GPU memory in GiB (None on CPU)."""
+    expert convolutions computed by `impl`; and the peak GPU memory in GiB (None on CPU). `bf16`: autocast
+    to bfloat16 (default: on CUDA, as dasr-train; False times the float32 step)."""
     torch.manual_seed(0)
     cfg = TrainConfig(shards="", out="", gan=gan)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -64,7 +65,7 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
     lr = torch.rand(batch, 3, lr_size, lr_size, device=device).contiguous(memory_format=fmt)
     hr = unsharp_mask(torch.rand(batch, 3, 4 * lr_size, 4 * lr_size, device=device)).contiguous(memory_format=fmt)
     v = torch.rand(batch, 33, device=device)
-    bf16 = device.type == "cuda"
+    bf16 = device.type == "cuda" if bf16 is None else bf16
 
     def sync() -> None:
         if device.type == "cuda":
@@ -102,6 +103,9 @@ def main() -> None:
                     help=f"expert-conv strategies to time, comma-separated: {','.join(EXPERT_IMPLS)}")
     ap.add_argument("--channels-last", action="store_true", help="also time each strategy in channels_last")
     ap.add_argument("--lr-size", type=int, default=64, help="LR crop side of the timed steps (HR: 4x)")
+    ap.add_argument("--fp32-baseline", action="store_true",
+                    help="also time the float32 step with the grouped strategy in NCHW (the release's way; on "
+                         "CUDA the other rows are bf16), the base of the speed-up column")
     args = ap.parse_args()
     impls = [s.strip() for s in args.impl.split(",")]
     if unknown := [s for s in impls if s not in EXPERT_IMPLS]:
@@ -118,21 +122,30 @@ def main() -> None:
             print(f"| {w} | {args.loader_batch} | {rate:.1f} |")
         print()
     if not args.skip_steps:
-        print("| batch | GAN | expert impl | memory format | ms/step | speed-up vs grouped | peak GiB |\n"
-              "|---:|---|---|---|---:|---:|---:|")
+        if device.type == "cuda":
+            print(f"TF32 for float32 convolutions / matmuls: {torch.backends.cudnn.allow_tf32} / "
+                  f"{torch.backends.cuda.matmul.allow_tf32}")
+        precision = "bf16 autocast" if device.type == "cuda" else "float32"
+        fp32_base = args.fp32_baseline and precision != "float32"  # on CPU every row is float32 already
+        base_name = "float32 grouped NCHW" if fp32_base else f"{precision} {impls[0]} NCHW"
+        print("| batch | GAN | precision | expert impl | memory format | ms/step "
+              f"| speed-up vs {base_name} | peak GiB |\n|---:|---|---|---|---|---:|---:|---:|")
         for b in (int(x) for x in args.batch_sizes.split(",")):
             for gan in ((False, True) if args.gan else (False,)):
+                runs = [("float32", "grouped", False)] if fp32_base else []
+                runs += [(precision, impl, cl) for cl in ((False, True) if args.channels_last else (False,))
+                         for impl in impls]
                 base = None
-                for cl in ((False, True) if args.channels_last else (False,)):
-                    for impl in impls:
-                        sec, peak = bench_step(device, b, gan, args.warmup, args.repeats, impl, cl, args.lr_size)
-                        if impl == "grouped" and not cl:
-                            base = sec
-                        ratio = f"{base / sec:.2f}x" if base else "-"
-                        print(f"| {b} | {'yes' if gan else 'no'} | {impl} | {'channels_last' if cl else 'NCHW'} | "
-                              f"{1000 * sec:.1f} | {ratio} | {'-' if peak is None else f'{peak:.2f}'} |", flush=True)
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
+                for prec, impl, cl in runs:
+                    sec, peak = bench_step(device, b, gan, args.warmup, args.repeats, impl, cl, args.lr_size,
+                                           bf16=prec != "float32")
+                    if base is None:
+                        base = sec  # the first row: the float32 baseline, or the first strategy in NCHW
+                    print(f"| {b} | {'yes' if gan else 'no'} | {prec} | {impl} | {'channels_last' if cl else 'NCHW'} | "
+                          f"{1000 * sec:.1f} | {base / sec:.2f}x | {'-' if peak is None else f'{peak:.2f}'} |",
+                          flush=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -60,3 +60,17 @@ def test_bench_make_dataset_smoke_prints_the_scaling_lines():
     rows = [line for line in res.stdout.splitlines() if line.startswith("| make-dataset | none |")]
     assert [r.split("|")[3].strip() for r in rows] == ["1", "1 (1 core)", "2"]
     assert "- none: " in res.stdout and "x --jobs 1 on one core (" in res.stdout
+
+
+def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
+    """Issue 10's unattended GPU script, its --smoke path on CPU: every file, every table filled."""
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "benchmarks/gpu_speed_run.py", "--smoke", "--out", str(out),
+                    "--work", str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert sorted(p.name for p in out.iterdir()) == ["bf16.md", "environment.txt", "infer.md", "log.txt",
+                                                      "summary.md", "train.md"]
+    train = (out / "train.md").read_text()
+    rows = [r for r in train.splitlines() if r.startswith("| 2 |")]
+    assert len(rows) == 12  # 2 GAN settings x 3 strategies x 2 memory formats (on CPU no separate fp32 row)
+    assert "| loader workers |" in train and "| 16 | experts fp32 |" in (out / "infer.md").read_text()
+    assert "| mean |" in (out / "bf16.md").read_text() and "exit 0" in (out / "log.txt").read_text()
