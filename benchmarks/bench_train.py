@@ -66,6 +66,7 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
     hr = unsharp_mask(torch.rand(batch, 3, 4 * lr_size, 4 * lr_size, device=device)).contiguous(memory_format=fmt)
     v = torch.rand(batch, 33, device=device)
     bf16 = device.type == "cuda" if bf16 is None else bf16
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as dasr-train: fixed shapes, algorithms timed once
 
     def sync() -> None:
         if device.type == "cuda":

@@ -212,6 +212,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     metrics_file = open(out / "metrics.jsonl", "a") if main_rank else open(os.devnull, "w")
     last: dict[str, Any] = {}
     t0, seen = time.perf_counter(), 0
+    # Every step has the same shapes (batch x crop): let cuDNN time its algorithms once and keep the fastest.
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = cudnn_benchmark or device.type == "cuda"
     ended = False  # the loop ran to its end (or a stop): every rank is alive for the barrier below
     try:
         for batch in _batches(loader):
@@ -255,6 +258,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 break
         ended = True
     finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         metrics_file.close()
         if in_main_thread:
             for sig, handler in previous.items():
@@ -364,9 +368,8 @@ def train_step(p: StepParts, cfg: TrainConfig, lr: torch.Tensor, target: torch.T
         d_loss.backward()
         p.opt_d.step()
         terms["discriminator"] = d_loss
-    with torch.no_grad():
-        for pe, pm in zip(p.ema.parameters(), p.model.generator.parameters()):
-            pe.lerp_(pm, 1 - cfg.ema_decay)
+    with torch.no_grad():  # one multi-tensor kernel for all parameters, the same numbers as a lerp_ per parameter
+        torch._foreach_lerp_(list(p.ema.parameters()), list(p.model.generator.parameters()), 1 - cfg.ema_decay)
     return {"loss": float(loss.detach()), **{k: float(t.detach()) for k, t in terms.items()}}
 
 

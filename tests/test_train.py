@@ -309,3 +309,26 @@ def test_cli_resume_says_from_where_and_stops_when_done(shards, tmp_path):
     text = " ".join(result.output.split())  # rich wraps long lines
     assert result.exit_code == 0 and "already at step 2 (--steps 2): nothing to train" in text
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_ema_update_is_a_lerp_of_every_generator_parameter():
+    """After one step the EMA generator is exactly ema + (1 - decay) (model - ema) per parameter, the
+    update computed independently here with a lerp_ per parameter (the step uses one multi-tensor op)."""
+    import copy
+
+    from dasr_model.train import StepParts, train_step
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(shards="", out="", model=TINY, ema_decay=0.9)
+    model = DASR(TINY)
+    ema = copy.deepcopy(model.generator).requires_grad_(False)
+    with torch.no_grad():
+        for q in ema.parameters():
+            q.add_(0.01 * torch.randn_like(q))  # differs from the model, so the update does something
+    before = copy.deepcopy(ema)
+    parts = StepParts(net=model, model=model, ema=ema, opt=torch.optim.Adam(model.parameters(), lr=1e-3))
+    train_step(parts, cfg, torch.rand(2, 3, 8, 8), torch.rand(2, 3, 32, 32), torch.rand(2, 33), bf16=False)
+    with torch.no_grad():
+        for old, new, m in zip(before.parameters(), ema.parameters(), model.generator.parameters()):
+            assert torch.equal(new, old.clone().lerp_(m, 1 - 0.9))
+            assert not torch.equal(new, old)
