@@ -68,7 +68,7 @@ def train_probe(a: argparse.Namespace) -> None:
           f"center {a.center}, loss {a.loss}, input {a.input}, shards {shards}")
     for step, batch in enumerate(StepBatchSampler(len(ds), a.batch, start=0, stop=a.steps, seed=0)):
         items = [ds[k] for k in batch]
-        x, v = torch.stack([i["lr"] for i in items]), torch.stack([i["v"] for i in items])
+        x, v = torch.stack([i["lr"] for i in items]).float() / 255, torch.stack([i["v"] for i in items])
         v_hat = predict(x)
         loss = F.mse_loss(v_hat, v) if a.loss == "mse" else F.l1_loss(v_hat, v)
         opt.zero_grad()

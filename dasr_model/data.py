@@ -27,7 +27,9 @@ from degrade.sharpen import USM_SIGMA, USM_SIZE, USM_THRESHOLD, USM_WEIGHT  # on
 class PairedShards(Dataset):
     """Items are keyed by (step, slot, index): a paired random crop of sample `index`, augmented.
 
-    Returns dict(lr (3, c, c), hr (3, 4c, 4c) float32 in [0, 1], v (33,) float32, level).
+    Returns dict(lr (3, c, c), hr (3, 4c, 4c) uint8, v (33,) float32): pixels travel as stored, a quarter
+    of float32's bytes through the loader's workers, pinned memory and the copy to the GPU; `as_float`
+    turns a batch's into float32 in [0, 1] on the device. The record is not parsed (no JSON per item).
     `lr_crop` None keeps the whole patch; flips and 90-degree rotations are applied to LR and HR alike,
     and v follows them (an anisotropic kernel's theta turns with the image: degrade.augment).
     """
@@ -60,10 +62,15 @@ class PairedShards(Dataset):
             v = dihedral_vector(v, **turn)
 
         def to_tensor(img: np.ndarray) -> Tensor:
-            return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255)
+            return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
 
-        return {"lr": to_tensor(lr), "hr": to_tensor(hr), "v": torch.from_numpy(np.array(v, np.float32)),
-                "level": torch.tensor(int(s.params.level or 0))}
+        return {"lr": to_tensor(lr), "hr": to_tensor(hr), "v": torch.from_numpy(np.array(v, np.float32))}
+
+
+def as_float(pixels: Tensor, device: torch.device | str) -> Tensor:
+    """A batch's uint8 pixels (B, 3, H, W) on `device` as float32 in [0, 1] (x / 255, the same numbers on
+    any device)."""
+    return pixels.to(device, non_blocking=True).float().div_(255)
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int, int]]]):
@@ -128,4 +135,4 @@ def block_mae(v_hat: Tensor, v: Tensor) -> dict[str, float]:
     return out
 
 
-__all__ = ["PairedShards", "StepBatchSampler", "block_mae", "unsharp_mask"]
+__all__ = ["PairedShards", "StepBatchSampler", "as_float", "block_mae", "unsharp_mask"]

@@ -34,7 +34,7 @@ from dasr_model.checkpoints import (
     prune_checkpoints,
     save_checkpoint,
 )
-from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
+from dasr_model.data import PairedShards, StepBatchSampler, as_float, unsharp_mask
 from dasr_model.errors import DASRError
 from dasr_model.evaluate import Pairs, evaluate_pairs, pairs_from_shards
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
@@ -218,8 +218,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     ended = False  # the loop ran to its end (or a stop): every rank is alive for the barrier below
     try:
         for batch in _batches(loader):
-            lr_img = batch["lr"].to(device, non_blocking=True)
-            hr = batch["hr"].to(device, non_blocking=True)
+            lr_img, hr = as_float(batch["lr"], device), as_float(batch["hr"], device)
             v = batch["v"].to(device, non_blocking=True)
             target = unsharp_mask(hr) if cfg.sharpen_gt else hr
 

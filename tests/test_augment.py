@@ -107,8 +107,8 @@ def test_training_pairs_carry_the_vector_of_their_own_image(hr_patch):
     stale, turned = 0, 0
     for step in range(24):
         item = ds[(step, 0, step % len(samples))]
-        lr_aug = item["lr"].numpy().transpose(1, 2, 0)
-        hr_aug = np.ascontiguousarray(item["hr"].numpy().transpose(1, 2, 0))
+        lr_aug = item["lr"].numpy().transpose(1, 2, 0).astype(np.float32) / 255
+        hr_aug = np.ascontiguousarray(item["hr"].numpy().transpose(1, 2, 0)).astype(np.float32) / 255
         redone = degrade.apply(hr_aug, decode(item["v"].numpy()))
         assert np.abs(redone - lr_aug).max() <= 1.01 / 255
         stale_v = samples[step % len(samples)].v
