@@ -67,10 +67,22 @@ class PairedShards(Dataset):
         return {"lr": to_tensor(lr), "hr": to_tensor(hr), "v": torch.from_numpy(np.array(v, np.float32))}
 
 
+# x / 255 for each 8-bit value, computed once by true division on the CPU. A lookup gives those numbers on
+# any device (CUDA divides a tensor by a Python scalar as x * (1 / 255), 1 ulp off for 126 of the 256 values).
+_LEVELS = torch.arange(256, dtype=torch.float32) / 255
+_levels_on: dict[torch.device, Tensor] = {}
+
+
 def as_float(pixels: Tensor, device: torch.device | str) -> Tensor:
-    """A batch's uint8 pixels (B, 3, H, W) on `device` as float32 in [0, 1] (x / 255, the same numbers on
-    any device)."""
-    return pixels.to(device, non_blocking=True).float().div_(255)
+    """A batch's uint8 pixels (B, 3, H, W) on `device` as float32 in [0, 1]: x / 255, the same numbers on
+    any device (a table lookup)."""
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"as_float takes uint8 pixels, got {pixels.dtype}")
+    device = torch.device(device)
+    table = _levels_on.get(device)
+    if table is None:
+        table = _levels_on.setdefault(device, _LEVELS.to(device))
+    return table[pixels.to(device, non_blocking=True).int()]
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int, int]]]):

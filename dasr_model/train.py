@@ -140,13 +140,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     val_set = pairs_from_shards(cfg.val_shards, limit=cfg.val_samples) if cfg.val_shards and main_rank else None
 
     # --- model, EMA, optimisers (or their state from the newest intact checkpoint) ---
-    if world > 1:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     use_bf16 = device.type == "cuda"
     with torch.random.fork_rng(devices=[]):  # the weights' init comes from cfg.seed; the caller's RNG is untouched
         torch.manual_seed(cfg.seed)
@@ -185,13 +181,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(out / "metrics.jsonl", step)
         write_bytes_atomic(out / "config.json", json.dumps({**cfg.to_dict(), "run": run_info}, indent=1).encode())
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        parts.net = DistributedDataParallel(model)
-        if disc is not None:
-            parts.disc = DistributedDataParallel(disc)
-
     # --- data: batches keyed by step, each rank its slice ---
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, start=step, stop=cfg.steps, seed=cfg.seed,
                                rank=rank, world_size=world)
@@ -216,7 +205,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     cudnn_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = cudnn_benchmark or device.type == "cuda"
     ended = False  # the loop ran to its end (or a stop): every rank is alive for the barrier below
+    grouped = False  # a process group is up: the finally below ends it (left to the interpreter's exit, it
+    # can abort the process with SIGABRT)
     try:
+        if world > 1:
+            import torch.distributed as dist
+            from torch.nn.parallel import DistributedDataParallel
+
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            grouped = True
+            parts.net = DistributedDataParallel(model)
+            if disc is not None:
+                parts.disc = DistributedDataParallel(disc)
         for batch in _batches(loader):
             lr_img, hr = as_float(batch["lr"], device), as_float(batch["hr"], device)
             v = batch["v"].to(device, non_blocking=True)
@@ -262,10 +262,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if in_main_thread:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if world > 1:
-            import torch.distributed as dist
-
-            if ended:  # a normal end: wait until rank 0 has saved, then tear down together
+        if grouped:
+            if ended:  # a normal end: wait until rank 0 has saved, then tear down together. (Should rank 0
+                # fail in that last save, the others wait here until torchrun, seeing rank 0 fail, stops them.)
                 dist.barrier()
             parts.net, parts.disc = model, disc  # the DDP wrappers hold the group: release them first
             dist.destroy_process_group()

@@ -336,3 +336,18 @@ def test_ema_update_is_a_lerp_of_every_generator_parameter():
         for old, new, m in zip(before.parameters(), ema.parameters(), model.generator.parameters()):
             assert torch.equal(new, old.clone().lerp_(m, 1 - 0.9))
             assert not torch.equal(new, old)
+
+
+def test_as_float_is_x_over_255_exactly():
+    """Every 8-bit value becomes exactly x / 255 (float32 true division, as the loader did on the CPU);
+    anything but uint8 is refused (dividing twice would be silent). On CUDA too, where a plain
+    .div_(255) would be 1 ulp off for about half the values."""
+    from dasr_model.data import as_float
+
+    x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    expected = torch.tensor([v / 255 for v in range(256)], dtype=torch.float64).float().reshape(1, 1, 16, 16)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        assert torch.equal(as_float(x, device).cpu(), expected)
+    with pytest.raises(TypeError, match="uint8"):
+        as_float(x.float(), "cpu")
