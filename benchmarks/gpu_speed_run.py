@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """DASR speed on the GPU, unattended in one call: training steps, inference, bf16 vs float32, the loader.
 
-Steps, each writing into OUT as it finishes (a run cut short still leaves what it did), each with its
-share of the --minutes budget as a timeout:
+Steps, each writing into OUT as it finishes (a run cut short still leaves what it did), each a separate
+process with a timeout: its share of the --minutes budget plus what the steps before it left, less the
+shares the steps after it keep:
   1. OUT/environment.txt: GPU, driver, torch / CUDA / cuDNN versions, cores, date, the command;
   2. a level-2 dataset on all cores (`degrade make-dataset`), for the loader;
   3. OUT/train.md: `benchmarks/bench_train.py`: ms per step at batch 6 / 16 / 48 (LR 64), without and with
@@ -10,10 +11,11 @@ share of the --minutes budget as a timeout:
      grouped-conv step (the release's way) in the same run; the loader's samples/s with 0 to all cores;
   4. OUT/infer.md: `benchmarks/bench_infer.py`: ms per image at LR 128 / 256 / 512, per-sample experts
      in float32 (the baseline) against the experts fused once per image, bf16 and channels_last;
-  5. OUT/bf16.md: bf16 against float32 on real images: PSNR-Y of `dasr-sr`'s output (experts fused, tiled)
-     against the HR for each bundled photo (HR: a 256-px centre crop; LR: degraded at level 1, fixed
-     seed), with --model if given (e.g. issue 11's model.safetensors), else seeded untrained weights
-     (then the difference measures the arithmetic only);
+  5. OUT/bf16.md: bf16 against float32 on real images: PSNR-Y of `dasr-sr`'s output (experts fused once,
+     whole image, rounded to 8 bit) against the HR for each bundled photo (HR: a 256-px centre crop; LR:
+     degraded at level 1, fixed seed), and the outputs' largest difference before rounding; with --model
+     if given (e.g. issue 11's model.safetensors), else seeded untrained weights, whose output is almost
+     the interpolated input, so only the difference before rounding says anything there;
   6. OUT/summary.md: all of it in one page.
 
 Usage (GPU): python benchmarks/gpu_speed_run.py --out $OUT [--model model.safetensors] [--minutes 8]
@@ -37,8 +39,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-# Seconds of the budget each step may take at most (shares of --minutes; what a step leaves goes to the next).
-SHARES = {"dataset": 0.10, "train": 0.50, "infer": 0.20, "bf16": 0.10}
+# Shares of the --minutes budget per step, in order: a step may take its share plus what the steps before
+# it left, less the shares the steps after it keep.
+SHARES = {"dataset": 0.10, "train": 0.50, "infer": 0.25, "bf16": 0.10}
 
 
 def log(out: Path, text: str) -> None:
@@ -49,14 +52,14 @@ def log(out: Path, text: str) -> None:
 
 
 def step(out: Path, name: str, cmd: list[str], target: Path, timeout: float) -> bool:
-    """Run `cmd`, its output into `target` as it comes; False (logged) when it fails or runs out of time."""
+    """Run `cmd` (unbuffered), its output into `target` as it comes; False (logged) when it fails or runs
+    out of time."""
     log(out, f"{name}: $ {shlex.join(cmd)} (at most {timeout:.0f} s)")
     start = time.perf_counter()
     with open(target, "w") as f:
-        f.write(f"command: {shlex.join(cmd)}\n\n")
-        f.flush()
         try:
-            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=max(timeout, 1.0), cwd=ROOT)
+            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=max(timeout, 1.0), cwd=ROOT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
         except subprocess.TimeoutExpired:
             log(out, f"{name}: stopped after {timeout:.0f} s; {target.name} holds what it finished")
             return False
@@ -87,7 +90,7 @@ def bf16_table(model_path: str | None, device_name: str, smoke: bool) -> str:
 
     import degrade
     from dasr_model.config import DASRConfig
-    from dasr_model.infer import load_model, upscale
+    from dasr_model.infer import load_model, predict, super_resolve, to_tensor, upscale
     from dasr_model.metrics import psnr_y
     from dasr_model.model import DASR
     from degrade.io import read_image
@@ -99,11 +102,12 @@ def bf16_table(model_path: str | None, device_name: str, smoke: bool) -> str:
     else:
         torch.manual_seed(0)
         cfg = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8) if smoke else DASRConfig()
-        model, what = DASR(cfg), "seeded untrained weights (torch.manual_seed(0)): the arithmetic only"
+        model, what = DASR(cfg), ("seeded untrained weights (torch.manual_seed(0)): the output is almost the "
+                                  "interpolated input; read the difference before rounding")
     model = model.to(device).eval()
     side = 64 if smoke else 256
-    rows = ["| photo | PSNR-Y float32 | PSNR-Y bf16 | bf16 - float32 (dB) | max abs diff (0-255) |",
-            "|---|---:|---:|---:|---:|"]
+    rows = ["| photo | PSNR-Y float32 | PSNR-Y bf16 | bf16 - float32 (dB) | max abs diff, 8-bit output (0-255) "
+            "| max abs diff before rounding (0-255) |", "|---|---:|---:|---:|---:|---:|"]
     diffs = []
     for i, path in enumerate(degrade.sample_images()[: 2 if smoke else None]):
         img = read_image(path)
@@ -113,15 +117,18 @@ def bf16_table(model_path: str | None, device_name: str, smoke: bool) -> str:
         params = degrade.sample_params(1, np.random.default_rng(np.random.SeedSequence([10, i])))
         lr = degrade.apply(hr, params)  # float32 on 8-bit levels
         with torch.no_grad():
-            sr32, _ = upscale(model, lr, device=device)
+            sr32, _ = upscale(model, lr, device=device)  # what dasr-sr writes: uint8
             sr16, _ = upscale(model, lr, device=device, dtype=torch.bfloat16)
+            lr_t = to_tensor(lr).to(device)
+            _, a = predict(model, lr_t)
+            raw = (super_resolve(model, lr_t, a) - super_resolve(model, lr_t, a, dtype=torch.bfloat16)).abs().max()
         p32, p16 = psnr_y(sr32 / 255.0, hr), psnr_y(sr16 / 255.0, hr)
         diffs.append(p16 - p32)
         big = int(np.abs(sr32.astype(np.int16) - sr16.astype(np.int16)).max())
-        rows.append(f"| {path.name} | {p32:.3f} | {p16:.3f} | {p16 - p32:+.4f} | {big} |")
+        rows.append(f"| {path.name} | {p32:.3f} | {p16:.3f} | {p16 - p32:+.4f} | {big} | {255 * float(raw):.2e} |")
     rows.append(f"| mean | | | {np.mean(diffs):+.4f} | |")
     return (f"model: {what}; device: {device}; HR {side}x{side} centre crops, LR at level 1 (seeds [10, i]); "
-            "PSNR-Y with a 4-px crop\n\n" + "\n".join(rows) + "\n")
+            "PSNR-Y with a 4-px crop; experts fused once per image, whole image\n\n" + "\n".join(rows) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,31 +137,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="scratch folder for the dataset (default: OUT/../gpu-speed-work)")
     ap.add_argument("--model", help="a trained model for the bf16 check (model file, checkpoint or run folder)")
     ap.add_argument("--minutes", type=float, default=8.0, help="the whole run's budget")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: the same path in about a minute")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: the same path in under a minute")
+    ap.add_argument("--bf16-only", action="store_true", help=argparse.SUPPRESS)  # step 5, run as its own process
     args = ap.parse_args(argv)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    work = args.work or out.parent / "gpu-speed-work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    budget_end = time.perf_counter() + 60 * args.minutes
-    (out / "environment.txt").write_text(environment(args))
-    log(out, "environment.txt written")
 
     import torch
 
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    if args.bf16_only:
+        print(bf16_table(args.model, device, args.smoke), end="")
+        return 0
+    work = args.work or out.parent / "gpu-speed-work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    total = 60 * args.minutes
+    budget_end = time.perf_counter() + total
+    (out / "environment.txt").write_text(environment(args))
+    log(out, "environment.txt written")
     cores = os.cpu_count() or 1
     py = sys.executable
 
-    def left(share: str) -> float:
-        return min(SHARES[share] * 60 * args.minutes * 2, budget_end - time.perf_counter())
+    def allowed(name: str) -> float:
+        """Seconds for step `name`: what is left of the budget, less the shares of the steps after it."""
+        later = list(SHARES)[list(SHARES).index(name) + 1 :]
+        return budget_end - time.perf_counter() - total * sum(SHARES[k] for k in later)
 
     shards = work / "ds"
     count = 64 if args.smoke else 1200
-    step(out, "dataset", [py, "-m", "cli.main", "make-dataset", "--out", str(shards), "--count", str(count),
-                          "--level", "2", "--jobs", str(min(cores, max(1, count // 100)))],
-         work / "dataset.txt", left("dataset"))
+    made = step(out, "dataset", [py, "-m", "cli.main", "make-dataset", "--out", str(shards), "--count", str(count),
+                                 "--level", "2", "--jobs", str(min(cores, max(1, count // 100)))],
+                work / "dataset.txt", allowed("dataset"))
     if args.smoke:
         train_args = ["--batch-sizes", "2", "--lr-size", "8", "--warmup", "0", "--repeats", "1",
                       "--loader-workers", "0", "--loader-batch", "2", "--loader-steps", "2"]
@@ -164,17 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         train_args = ["--batch-sizes", "6,16,48", "--warmup", "3", "--repeats", "5",
                       "--loader-workers", ",".join(map(str, workers)), "--loader-batch", "48", "--loader-steps", "30"]
         infer_args = ["--sizes", "128,256,512", "--warmup", "2", "--repeats", "5"]
-    step(out, "train", [py, "benchmarks/bench_train.py", "--device", device, "--shards", str(shards), "--gan",
+    loader = ["--shards", str(shards)] if made else []  # without the dataset: the step times alone
+    step(out, "train", [py, "benchmarks/bench_train.py", "--device", device, *loader, "--gan",
                         "--impl", "grouped,dense,bmm", "--channels-last", "--fp32-baseline", *train_args],
-         out / "train.md", left("train"))
+         out / "train.md", allowed("train"))
     step(out, "infer", [py, "benchmarks/bench_infer.py", "--device", device, *infer_args],
-         out / "infer.md", left("infer"))
-    log(out, "bf16: bf16 vs float32 on the bundled photos")
-    try:
-        (out / "bf16.md").write_text(bf16_table(args.model, device, args.smoke))
-    except Exception as exc:  # noqa: BLE001 - a report: the other results stay, the failure is written down
-        (out / "bf16.md").write_text(f"failed: {type(exc).__name__}: {exc}\n")
-        log(out, f"bf16: failed: {exc}")
+         out / "infer.md", allowed("infer"))
+    step(out, "bf16", [py, "benchmarks/gpu_speed_run.py", "--bf16-only", "--out", str(out),
+                       *(["--model", args.model] if args.model else []), *(["--smoke"] if args.smoke else [])],
+         out / "bf16.md", allowed("bf16"))
     parts = ["environment.txt", "train.md", "infer.md", "bf16.md"]
     (out / "summary.md").write_text("# DASR speed run\n\n" + "\n".join(
         f"## {p}\n\n" + ((out / p).read_text() if (out / p).exists() else "(missing)\n") for p in parts))
