@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                # the 1-expert run stops at the 5-expert run's step count; its time cap is only a safety net
                "--max-minutes", str(a.minutes if steps is None else a.minutes + 0.5), "--batch-size", str(a.batch_size), "--lr-crop", str(crop),
                "--workers", str(a.workers), "--val-every", str(a.val_every), "--ckpt-every", "100000",
+               "--log-every", "10",  # losses read back every 10 steps: the GPU does not wait for the host
                "--val-samples", "8" if a.smoke else "96", *LEVER_ARGS, *size, *shlex.split(a.extra)]
         t = time.perf_counter()
         shutil.rmtree(run_dir, ignore_errors=True)  # a rerun of this script starts its runs afresh

@@ -32,6 +32,9 @@ err_console = Console(stderr=True)
 @click.option("--val-samples", type=click.IntRange(min=1), default=64, show_default=True,
               help="Validation samples scored at each --val-every.")
 @click.option("--ckpt-every", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--log-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Read the losses back and write a metrics line every N steps (and at validation, checkpoint "
+                   "and final steps); on a GPU, N > 1 spares the device a wait for the host at every step.")
 @click.option("--keep-checkpoints", type=click.IntRange(min=0), default=3, show_default=True,
               help="Keep the newest N ckpt-*.pt (about 130 MB each at the default size); 0 keeps all.")
 @click.option("--experts", type=click.IntRange(min=1), default=5, show_default=True,
@@ -59,9 +62,9 @@ err_console = Console(stderr=True)
 @click.option("--vgg-weights", type=click.Path(path_type=Path, dir_okay=False),
               help="Local VGG19 weights (torchvision layout) for the perceptual term; without it the term is off.")
 def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, restart, seed, workers, val_every,
-         val_samples, ckpt_every, keep_checkpoints, experts, blocks, features, learning_rate, ema_decay, mixing,
-         mixing_temperature, mapping_gain, predictor_input, teacher_steps, expert_impl, max_minutes, no_sharpen, gan,
-         vgg_weights) -> None:
+         val_samples, ckpt_every, log_every, keep_checkpoints, experts, blocks, features, learning_rate, ema_decay,
+         mixing, mixing_temperature, mapping_gain, predictor_input, teacher_steps, expert_impl, max_minutes,
+         no_sharpen, gan, vgg_weights) -> None:
     """Train DASR (degradation predictor + expert MSRResNet) on HDF5 shards.
 
     Losses: L1 + v regression, plus GAN with --gan and perceptual with --vgg-weights. Several GPUs:
@@ -86,7 +89,7 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, re
         raise click.ClickException(str(exc)) from None
     cfg = TrainConfig(shards=str(shards), out=str(out), steps=steps, batch_size=batch_size, lr_crop=lr_crop,
                       val_shards=str(val_shards) if val_shards else None, val_every=val_every, val_samples=val_samples,
-                      ckpt_every=ckpt_every, keep_checkpoints=keep_checkpoints,
+                      ckpt_every=ckpt_every, log_every=log_every, keep_checkpoints=keep_checkpoints,
                       seed=seed, workers=workers, device=device, sharpen_gt=not no_sharpen, gan=gan,
                       vgg_weights=str(vgg_weights) if vgg_weights else None, lr=learning_rate, ema_decay=ema_decay,
                       teacher_steps=teacher_steps, max_minutes=max_minutes, expert_impl=expert_impl, model=model_cfg)
@@ -118,7 +121,10 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, re
                 if first[0]:  # a resumed run starts at its checkpoint's step: no false speed for the ETA
                     bar.reset(task, total=steps, completed=step - 1)
                     first[0] = False
-                info = f"loss {m['loss']:.4f}  {m['samples_per_s']:.1f} samples/s"
+                if "loss" not in m:  # --log-every N: nothing read back yet
+                    bar.update(task, completed=step)
+                    return
+                info = f"loss {m['loss']:.4f}  {m['samples_per_s']:.1f} samples/s (step {m['step']})"
                 if "val" in m:
                     info += "  val PSNR-Y " + " ".join(f"L{k} {v:.2f}" for k, v in m["val"]["psnr_y"].items())
                 bar.update(task, completed=step, info=info)

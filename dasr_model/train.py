@@ -63,6 +63,9 @@ class TrainConfig:
     val_every: int = 500
     val_samples: int = 64
     ckpt_every: int = 1000
+    # Read the loss values back (a host-device sync) and write a metrics line every N steps, and at every
+    # validation, checkpoint and final step; between them the GPU never waits for the host.
+    log_every: int = 1
     keep_checkpoints: int = 3  # the newest N ckpt-*.pt stay, older ones are deleted; 0 keeps all
     max_minutes: float | None = None  # wall-clock budget of this invocation: save and stop when spent
     seed: int = 0
@@ -223,17 +226,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             target = unsharp_mask(hr) if cfg.sharpen_gt else hr
 
             losses = train_step(parts, cfg, lr_img, target, v, use_bf16, teacher=step < cfg.teacher_steps)
-            if not math.isfinite(losses["loss"]):
-                raise FloatingPointError(f"loss became {losses['loss']} at step {step}")
             step += 1
             seen += lr_img.shape[0]
 
-            last = {"step": step, **losses, "samples_per_s": seen / (time.perf_counter() - t0)}
-            if val_set is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-                last["val"] = validate(model, ema, val_set, device)
-            if main_rank:
-                metrics_file.write(json.dumps(last) + "\n")
-                metrics_file.flush()
+            def record() -> dict[str, Any]:
+                """Read this step's loss values (the one host-device sync of a step), check them, write the line."""
+                values = {k: float(t) for k, t in losses.items()}
+                if not math.isfinite(values["loss"]):  # checked before any checkpoint can hold it
+                    raise FloatingPointError(f"loss became {values['loss']} at step {step - 1}")
+                line = {"step": step, **values, "samples_per_s": seen / (time.perf_counter() - t0)}
+                if val_set is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+                    line["val"] = validate(model, ema, val_set, device)
+                if main_rank:
+                    metrics_file.write(json.dumps(line) + "\n")
+                    metrics_file.flush()
+                return line
+
+            due = (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps
+                   or (val_set is not None and step % cfg.val_every == 0))
+            if due:
+                last = record()
             if progress:
                 progress(step, last)
             if cfg.max_minutes is not None and time.perf_counter() - t0 >= 60 * cfg.max_minutes:
@@ -247,6 +259,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 if flag.item() and stopped_by is None:
                     stopped_by = "another rank"
             final = step == cfg.steps or stopped_by is not None
+            if final and not due:  # a stop between two logged steps: its line (and check) before its checkpoint
+                last = record()
             if main_rank and (step % cfg.ckpt_every == 0 or final):
                 save_checkpoint(out / f"ckpt-{step}.pt", parts.state_dict(cfg, step))
                 prune_checkpoints(out, cfg.keep_checkpoints)
@@ -336,11 +350,13 @@ class StepParts:
 
 
 def train_step(p: StepParts, cfg: TrainConfig, lr: torch.Tensor, target: torch.Tensor, v: torch.Tensor,
-               bf16: bool, *, teacher: bool = False) -> dict[str, float]:
+               bf16: bool, *, teacher: bool = False) -> dict[str, torch.Tensor]:
     """One step: G (and P) on L1 + regression (+ perceptual, + GAN), then D, then the EMA of G.
 
     lr (B, 3, h, w), target (B, 3, 4h, 4w), v (B, 33), all on the device. `teacher`: the expert mix
-    comes from the true v (the predictor still learns v from the regression term). Returns the loss terms.
+    comes from the true v (the predictor still learns v from the regression term). Returns the loss terms
+    as detached 0-d tensors: reading them (float) makes the host wait for the device, so the loop does it
+    only when it logs.
     """
     device_type = lr.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
@@ -368,7 +384,7 @@ def train_step(p: StepParts, cfg: TrainConfig, lr: torch.Tensor, target: torch.T
         terms["discriminator"] = d_loss
     with torch.no_grad():  # one multi-tensor kernel for all parameters, the same numbers as a lerp_ per parameter
         torch._foreach_lerp_(list(p.ema.parameters()), list(p.model.generator.parameters()), 1 - cfg.ema_decay)
-    return {"loss": float(loss.detach()), **{k: float(t.detach()) for k, t in terms.items()}}
+    return {"loss": loss.detach(), **{k: t.detach() for k, t in terms.items()}}
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:

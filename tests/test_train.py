@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -105,9 +106,9 @@ def test_batches_are_a_function_of_the_step():
 
 
 def _cfg(shards, out, steps, **kw):
-    kw = {"model": TINY, **kw}
-    return TrainConfig(shards=shards, out=str(out), steps=steps, batch_size=2, lr_crop=8, workers=0, ckpt_every=2,
-                       device="cpu", **kw)
+    kw = {"model": TINY, "ckpt_every": 2, **kw}
+    return TrainConfig(shards=shards, out=str(out), steps=steps, batch_size=2, lr_crop=8, workers=0, device="cpu",
+                       **kw)
 
 
 def test_resume_equals_uninterrupted(shards, tmp_path):
@@ -351,3 +352,79 @@ def test_as_float_is_x_over_255_exactly():
         assert torch.equal(as_float(x, device).cpu(), expected)
     with pytest.raises(TypeError, match="uint8"):
         as_float(x.float(), "cpu")
+
+
+def test_log_every_reads_losses_only_when_it_logs_and_trains_the_same(shards, tmp_path, monkeypatch):
+    """--log-every 3 over 7 steps (checkpoints every 5): metrics lines at 3, 5 (a checkpoint), 6 and 7
+    (the last); the host reads the losses at those steps only; the weights equal a run that logs every step."""
+    import dasr_model.train as train_module
+
+    reads = []
+    real_step = train_module.train_step
+
+    def watched_step(*args, **kwargs):
+        losses = real_step(*args, **kwargs)
+        step_no = len(reads)
+        reads.append(False)
+
+        class Loss(torch.Tensor):  # reading it (float) marks this step as read
+            def __float__(self, _i=step_no):
+                reads[_i] = True
+                return float(self.as_subclass(torch.Tensor))
+
+        return {k: v.as_subclass(Loss) for k, v in losses.items()}
+
+    monkeypatch.setattr(train_module, "train_step", watched_step)
+    train(_cfg(shards, tmp_path / "sparse", 7, ckpt_every=5, log_every=3))
+    monkeypatch.undo()
+    lines = [json.loads(x) for x in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [3, 5, 6, 7]
+    assert [i + 1 for i, r in enumerate(reads) if r] == [3, 5, 6, 7]
+    train(_cfg(shards, tmp_path / "dense", 7, ckpt_every=5))
+    a, b = load_checkpoint(tmp_path / "sparse" / "ckpt-7.pt"), load_checkpoint(tmp_path / "dense" / "ckpt-7.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_log_every_a_stop_between_logged_steps_logs_and_saves_that_step(shards, tmp_path):
+    import os
+    import signal
+
+    def interrupt(step, metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    last = train(_cfg(shards, tmp_path / "run", 9, log_every=4, ckpt_every=100), progress=interrupt)
+    assert last["step"] == 2 and last["stopped_by"] == "SIGINT" and math.isfinite(last["loss"])
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [2]
+    assert (tmp_path / "run" / "ckpt-2.pt").exists()
+
+
+def test_log_every_a_non_finite_loss_stops_before_any_checkpoint_holds_it(shards, tmp_path, monkeypatch):
+    """A NaN loss from step 2 on (log every 4, checkpoint every 3) is seen at step 3, because a checkpoint
+    step is always read back first: the error comes before any checkpoint could hold the NaN weights."""
+    import dasr_model.train as train_module
+
+    real_step, calls = train_module.train_step, []
+
+    def nan_from_step_2(*args, **kwargs):
+        losses = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) >= 2:
+            losses["loss"] = torch.tensor(float("nan"))
+        return losses
+
+    monkeypatch.setattr(train_module, "train_step", nan_from_step_2)
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        train(_cfg(shards, tmp_path / "run", 9, log_every=4, ckpt_every=3))
+    assert not list((tmp_path / "run").glob("ckpt-*.pt")) and len(calls) == 3
+
+
+def test_cli_log_every_writes_sparse_metrics_and_shows_progress(shards, tmp_path):
+    args = ["--shards", shards, "--out", str(tmp_path / "run"), "--workers", "0", "--device", "cpu", "--blocks",
+            "1", "--features", "8", "--experts", "2", "--lr-crop", "8", "--batch-size", "2", "--steps", "5",
+            "--log-every", "2"]
+    result = CliRunner().invoke(train_cli, args)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [2, 4, 5]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["log_every"] == 2
