@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, "-m", "cli.train", "--shards", str(train_ds), "--val-shards", str(val_ds),
                "--out", str(run_dir), "--experts", experts, "--steps", str(steps or 1_000_000),
                # the 1-expert run stops at the 5-expert run's step count; its time cap is only a safety net
-               "--max-minutes", str(a.minutes if steps is None else a.minutes + 0.5), "--batch-size", str(a.batch_size), "--lr-crop", str(crop),
+               "--max-minutes", str(a.minutes if steps is None else a.minutes + 0.5),
+               "--batch-size", str(a.batch_size), "--lr-crop", str(crop),
                "--workers", str(a.workers), "--val-every", str(a.val_every), "--ckpt-every", "100000",
                "--log-every", "10",  # losses read back every 10 steps: the GPU does not wait for the host
                "--val-samples", "8" if a.smoke else "96", *LEVER_ARGS, *size, *shlex.split(a.extra)]
