@@ -128,19 +128,12 @@ def _fine_uniforms(bits: NDArray[np.uint32], rng: np.random.Generator) -> NDArra
     return u
 
 
-def _invert(idx: NDArray[np.uint32], levels: int, uniforms: Callable[[NDArray[np.intp]], NDArray[np.float64]]
-            ) -> tuple[NDArray[np.float32], NDArray[np.intp], NDArray[np.int64]]:
-    """The draws for bucket indices `idx`: (noise, pending, k). `noise` is the table's float32 noise,
-    NaN at `pending`, the positions whose bucket holds a step of F_q; `k` are their counts, searched
-    from the uniforms `uniforms(pending)` gives (each inside its position's bucket)."""
-    _cdf, direct, direct_noise, _width = _poisson_tables(levels)
-    noise = np.take(direct_noise, idx)
-    pending = np.flatnonzero(np.isnan(noise))
-    if not pending.size:
-        return noise, pending, np.empty(0, np.int64)
-    ip = idx[pending]
+def _search_open(ip: NDArray[np.uint32], u: NDArray[np.float64], levels: int) -> NDArray[np.int64]:
+    """Counts for the draws whose bucket (`ip`: their bucket indices) holds a step of F_q, searched from
+    their fine uniforms `u` (each inside its bucket), starting where the bucket's CDF range starts."""
+    _cdf, direct, _noise, _width = _poisson_tables(levels)
     start = -1 - direct[ip].astype(np.int64)
-    return noise, pending, _search_pending(start, (ip >> _BUCKET_BITS).astype(np.intp), uniforms(pending), levels)
+    return _search_pending(start, (ip >> _BUCKET_BITS).astype(np.intp), u, levels)
 
 
 def _search_pending(
@@ -195,20 +188,25 @@ def _counts_from_bits(q: NDArray[np.uint8], levels: int, bits: NDArray[np.uint32
     _cdf, direct, _noise, _width = _poisson_tables(levels)
     idx = _bucket_index(q, bits)
     k = np.take(direct, idx).astype(np.int64)
-    _, pending, searched = _invert(idx, levels, uniforms)
-    k[pending] = searched
+    pending = np.flatnonzero(k < 0)
+    if pending.size:
+        k[pending] = _search_open(idx[pending], uniforms(pending), levels)
     return k.reshape(q.shape)
 
 
 def _poisson_noise(q: NDArray[np.uint8], levels: int, rng: np.random.Generator) -> NDArray[np.float32]:
     """float32(k / levels - q / 255) for k = `_poisson_counts(q, levels, rng)`, from the same random
-    numbers, without the int64 counts: decided buckets read the noise straight from the table."""
+    numbers, without the int64 counts: decided buckets read the noise straight from the table (NaN where
+    the bucket holds a step of F_q and the draw is searched)."""
+    _cdf, _direct, direct_noise, _width = _poisson_tables(levels)
     bits = _random_bits(q.size, rng)
     idx = _bucket_index(q, bits)
-    noise, pending, k = _invert(idx, levels, lambda pending: _fine_uniforms(bits[pending], rng))
+    noise = np.take(direct_noise, idx)
+    pending = np.flatnonzero(np.isnan(noise))
     if pending.size:
-        qp = idx[pending] >> _BUCKET_BITS
-        noise[pending] = (k / levels - qp / 255.0).astype(np.float32)
+        ip = idx[pending]
+        k = _search_open(ip, _fine_uniforms(bits[pending], rng), levels)
+        noise[pending] = (k / levels - (ip >> _BUCKET_BITS) / 255.0).astype(np.float32)
     return noise.reshape(q.shape)
 
 
