@@ -207,6 +207,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     # Every step has the same shapes (batch x crop): let cuDNN time its algorithms once and keep the fastest.
     cudnn_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = cudnn_benchmark or device.type == "cuda"
+    def record(losses: dict[str, torch.Tensor], step: int, validating: bool) -> dict[str, Any]:
+        """Read a step's loss values (the one host-device sync of a step), check them, write its line."""
+        values = {k: float(t) for k, t in losses.items()}
+        if not math.isfinite(values["loss"]):  # checked before any checkpoint can hold it
+            raise FloatingPointError(f"loss became {values['loss']} at step {step - 1}")
+        line = {"step": step, **values, "samples_per_s": seen / (time.perf_counter() - t0)}
+        if validating:
+            line["val"] = validate(model, ema, val_set, device)
+        if main_rank:
+            metrics_file.write(json.dumps(line) + "\n")
+            metrics_file.flush()
+        return line
+
     ended = False  # the loop ran to its end (or a stop): every rank is alive for the barrier below
     grouped = False  # a process group is up: the finally below ends it (left to the interpreter's exit, it
     # can abort the process with SIGABRT)
@@ -229,23 +242,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             step += 1
             seen += lr_img.shape[0]
 
-            def record() -> dict[str, Any]:
-                """Read this step's loss values (the one host-device sync of a step), check them, write the line."""
-                values = {k: float(t) for k, t in losses.items()}
-                if not math.isfinite(values["loss"]):  # checked before any checkpoint can hold it
-                    raise FloatingPointError(f"loss became {values['loss']} at step {step - 1}")
-                line = {"step": step, **values, "samples_per_s": seen / (time.perf_counter() - t0)}
-                if val_set is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-                    line["val"] = validate(model, ema, val_set, device)
-                if main_rank:
-                    metrics_file.write(json.dumps(line) + "\n")
-                    metrics_file.flush()
-                return line
-
-            due = (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps
-                   or (val_set is not None and step % cfg.val_every == 0))
+            validating = val_set is not None and (step % cfg.val_every == 0 or step == cfg.steps)
+            due = step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps or validating
             if due:
-                last = record()
+                last = record(losses, step, validating)
             if progress:
                 progress(step, last)
             if cfg.max_minutes is not None and time.perf_counter() - t0 >= 60 * cfg.max_minutes:
@@ -260,7 +260,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                     stopped_by = "another rank"
             final = step == cfg.steps or stopped_by is not None
             if final and not due:  # a stop between two logged steps: its line (and check) before its checkpoint
-                last = record()
+                last = record(losses, step, False)
             if main_rank and (step % cfg.ckpt_every == 0 or final):
                 save_checkpoint(out / f"ckpt-{step}.pt", parts.state_dict(cfg, step))
                 prune_checkpoints(out, cfg.keep_checkpoints)
