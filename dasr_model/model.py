@@ -85,7 +85,7 @@ class DegradationPredictor(nn.Module):
 class ExpertConv2d(nn.Module):
     """3x3 convolution whose kernel is a per-sample mix of K experts: W_n = sum_k a[n, k] W_k (same for b).
 
-    weight (K, out, in, 3, 3), bias (K, out). Convolution is linear in its weights, so three ways of
+    weight (K, out, in, 3, 3), bias (K, out). Convolution is linear in its weights, so four ways of
     computing it give the same result (up to float rounding) and the same gradients; `impl` picks one
     (:func:`set_expert_impl` sets it on every expert conv of a model; it is not saved in state dicts):
 
@@ -94,6 +94,10 @@ class ExpertConv2d(nn.Module):
     - "dense": one ordinary convolution with all K experts as K*out output channels (the weight viewed as
       (K*out, in, 3, 3)), then y combined per sample: out[n] = sum_k a[n, k] y[n, k]. K times the FLOPs,
       but a plain dense conv (cuDNN/oneDNN's best kernels, channels_last, no per-sample weights);
+    - "stacked": the input stacked K times, copy k scaled by a[n, k] (N, K*in, H, W), through one ordinary
+      convolution with K*in input channels (the weight viewed as (out, K*in, 3, 3)): the sum over experts
+      happens inside the convolution's own sum. K times the FLOPs, like "dense", but the large tensor is the
+      scaled input rather than K outputs, and no per-expert combination pass follows; keeps channels_last;
     - "bmm": the fused W_n as one batched GEMM over the im2col columns (F.unfold + torch.baddbmm).
     """
 
@@ -135,6 +139,8 @@ class ExpertConv2d(nn.Module):
         """x (N, in, H, W), a (N, K) -> (N, out, H, W)."""
         if self._impl == "dense":
             return self._forward_dense(x, a)
+        if self._impl == "stacked":
+            return self._forward_stacked(x, a)
         if self._impl == "bmm":
             return self._forward_bmm(x, a)
         return self._forward_grouped(x, a)
@@ -159,6 +165,17 @@ class ExpertConv2d(nn.Module):
             out = torch.addcmul(out, y[:, i], a[:, i])
         return out
 
+    def _forward_stacked(self, x: Tensor, a: Tensor) -> Tensor:
+        a = a.to(x.dtype)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # (N, H, W, K, in) in memory: the stack is channels_last with channel k*in + i, as the weight's
+            xs = (x.permute(0, 2, 3, 1).unsqueeze(3) * a[:, None, None, :, None]).flatten(3).permute(0, 3, 1, 2)
+        else:
+            xs = (x.unsqueeze(1) * a[:, :, None, None, None]).flatten(1, 2)  # (N, K*in, H, W), channel k*in + i
+        weight = self.weight.transpose(0, 1).flatten(1, 2)  # (out, K*in, 3, 3): input channel k*in + i is expert k's i
+        out = F.conv2d(xs, weight, padding=1)
+        return out + (a @ self.bias).to(out.dtype)[:, :, None, None]
+
     def _forward_bmm(self, x: Tensor, a: Tensor) -> Tensor:
         n, c, h, w_ = x.shape
         weight, bias = self.fused(a)  # (N, out, in, 3, 3), (N, out)
@@ -169,7 +186,7 @@ class ExpertConv2d(nn.Module):
 
 def set_expert_impl(module: nn.Module, impl: ExpertImpl) -> nn.Module:
     """Set how every :class:`ExpertConv2d` inside `module` (a DASR, its generator, an EMA copy) computes
-    itself: "grouped", "dense" or "bmm" (see ExpertConv2d). Exact either way; parameters, state-dict keys
+    itself: "grouped", "dense", "stacked" or "bmm" (see ExpertConv2d). Exact either way; parameters, state-dict keys
     and checkpoints do not change. Returns `module`."""
     if impl not in EXPERT_IMPLS:
         raise DASRError(f"expert impl must be one of {', '.join(EXPERT_IMPLS)}, got {impl!r}")

@@ -1,4 +1,4 @@
-"""Expert convolutions: the "dense" and "bmm" strategies against the "grouped" reference, and the per-image
+"""Expert convolutions: the "dense", "stacked" and "bmm" strategies against the "grouped" reference, and the per-image
 fused plain generator of inference.
 
 Tolerances (all strategies are exact in real arithmetic; convolution is linear in its weights, so only
@@ -86,15 +86,17 @@ def test_strategies_are_exact_in_float64(impl):
         assert_rel_close(got[name], ref[name], REL64, f"{impl} {name}")
 
 
-def test_dense_keeps_channels_last():
+@pytest.mark.parametrize("impl", ["dense", "stacked"])
+def test_dense_strategies_keep_channels_last(impl):
     conv, x, a, g = _case(5, 3, 4, 6, 7, 11, dtype=torch.float32, seed=2)
     ref = _conv_and_grads(conv, x, a, g)
-    conv.impl = "dense"
+    conv.impl = impl
     x_cl = x.contiguous(memory_format=torch.channels_last)
     got = _conv_and_grads(conv, x_cl, a, g)
     assert got["out"].is_contiguous(memory_format=torch.channels_last)
+    assert got["x"].is_contiguous(memory_format=torch.channels_last)
     for name in ref:
-        assert_rel_close(got[name], ref[name], REL32, f"dense channels_last {name}")
+        assert_rel_close(got[name], ref[name], REL32, f"{impl} channels_last {name}")
 
 
 @pytest.mark.parametrize("impl", EXPERT_IMPLS)
@@ -128,23 +130,27 @@ def test_the_switch_changes_no_parameters_and_refuses_unknown_names():
 
 @pytest.mark.parametrize("experts", [1, 5])
 def test_whole_model_same_output_and_gradients_with_every_strategy(experts):
+    """Outputs in float32; gradients in float64. A whole network's float32 gradients are not a fair test:
+    a leaky-ReLU input whose true value is 2e-10 (there is one in upconv2 here) comes out with either sign
+    under float32 rounding, and that pixel's gradient then differs 10x, whatever the strategy (it happens
+    to one of them with this seed). Layer by layer, float32 gradients are compared above."""
     torch.manual_seed(0)
     model = DASR(DASRConfig(num_experts=experts, num_feat=8, num_block=2, predictor_feat=8, mapping_gain=1.0))
     lr, hr = torch.rand(3, 3, 9, 13), torch.rand(3, 3, 36, 52)
 
-    def run(impl):
-        set_expert_impl(model, impl)
+    def run(impl, dtype):
+        set_expert_impl(model.to(dtype), impl)
         model.zero_grad(set_to_none=True)
-        sr, v_hat = model(lr, return_v=True)
-        (F.l1_loss(sr, hr) + F.l1_loss(v_hat, torch.full_like(v_hat, 0.5))).backward()
+        sr, v_hat = model(lr.to(dtype), return_v=True)
+        (F.l1_loss(sr, hr.to(dtype)) + F.l1_loss(v_hat, torch.full_like(v_hat, 0.5))).backward()
         return sr.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
-    ref_sr, ref_grads = run("grouped")
+    ref_sr = run("grouped", torch.float32)[0]
+    ref_grads = run("grouped", torch.float64)[1]
     for impl in OTHERS:
-        sr, grads = run(impl)
-        torch.testing.assert_close(sr, ref_sr, rtol=0, atol=1e-5)
-        for k, grad in grads.items():
-            assert_rel_close(grad, ref_grads[k], REL32, f"{impl} grad {k}")
+        torch.testing.assert_close(run(impl, torch.float32)[0], ref_sr, rtol=0, atol=1e-5)
+        for k, grad in run(impl, torch.float64)[1].items():
+            assert_rel_close(grad, ref_grads[k], REL64, f"{impl} grad {k}")
 
 
 @pytest.fixture(scope="module")
