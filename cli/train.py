@@ -53,8 +53,17 @@ err_console = Console(stderr=True)
               help="What the degradation predictor sees: the LR (as released) or its high-pass residual.")
 @click.option("--teacher-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="First steps whose expert mix comes from the true v instead of the predicted one.")
-@click.option("--expert-impl", type=click.Choice(["grouped", "dense", "bmm"]), default="grouped", show_default=True,
+@click.option("--expert-impl", type=click.Choice(["grouped", "dense", "stacked", "bmm"]), default="grouped",
+              show_default=True,  # dasr_model.config.EXPERT_IMPLS, spelt out: importing it would import torch
               help="How expert convolutions are computed (exact either way; speed differs by device).")
+@click.option("--channels-last", is_flag=True,
+              help="Batches, predictor and discriminator in channels_last memory (with --expert-impl dense or "
+                   "stacked, the generator too): what GPU tensor cores read natively.")
+@click.option("--compile", "compile_mode",
+              type=click.Choice(["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
+              default="off", show_default=True,  # dasr_model.train.COMPILE_MODES
+              help="torch.compile the network (predictor + generator) in this inductor mode; reduce-overhead adds "
+                   "CUDA graphs. Compiling takes a minute or more at the first step, within --max-minutes.")
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True),
               help="Wall-clock budget: save a checkpoint and stop when it is spent.")
 @click.option("--no-sharpen", is_flag=True, help="Train against the plain HR instead of the unsharp-masked one.")
@@ -63,8 +72,8 @@ err_console = Console(stderr=True)
               help="Local VGG19 weights (torchvision layout) for the perceptual term; without it the term is off.")
 def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, restart, seed, workers, val_every,
          val_samples, ckpt_every, log_every, keep_checkpoints, experts, blocks, features, learning_rate, ema_decay,
-         mixing, mixing_temperature, mapping_gain, predictor_input, teacher_steps, expert_impl, max_minutes,
-         no_sharpen, gan, vgg_weights) -> None:
+         mixing, mixing_temperature, mapping_gain, predictor_input, teacher_steps, expert_impl, channels_last,
+         compile_mode, max_minutes, no_sharpen, gan, vgg_weights) -> None:
     """Train DASR (degradation predictor + expert MSRResNet) on HDF5 shards.
 
     Losses: L1 + v regression, plus GAN with --gan and perceptual with --vgg-weights. Several GPUs:
@@ -92,7 +101,8 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, re
                       ckpt_every=ckpt_every, log_every=log_every, keep_checkpoints=keep_checkpoints,
                       seed=seed, workers=workers, device=device, sharpen_gt=not no_sharpen, gan=gan,
                       vgg_weights=str(vgg_weights) if vgg_weights else None, lr=learning_rate, ema_decay=ema_decay,
-                      teacher_steps=teacher_steps, max_minutes=max_minutes, expert_impl=expert_impl, model=model_cfg)
+                      teacher_steps=teacher_steps, max_minutes=max_minutes, expert_impl=expert_impl,
+                      channels_last=channels_last, compile=compile_mode, model=model_cfg)
     if vgg_weights is not None and not vgg_weights.is_file():
         raise click.ClickException(f"{vgg_weights}: no such file")
     try:

@@ -76,6 +76,13 @@ class TrainConfig:
     vgg_weights: str | None = None
     perceptual_weight: float = 1.0
     expert_impl: str = "grouped"  # how expert convs compute (model.set_expert_impl); exact either way
+    # Batches, the predictor and the discriminator in channels_last (NHWC) memory: what tensor-core
+    # convolutions read natively. The expert weights are 5-D and keep theirs; "dense" and "stacked" carry
+    # channels_last through the generator, "grouped" and "bmm" turn it back into NCHW at every layer.
+    channels_last: bool = False
+    # torch.compile the network of the step (predictor + generator): "off", or an inductor mode, one of
+    # COMPILE_MODES ("reduce-overhead" adds CUDA graphs). The discriminator and the optimiser stay eager.
+    compile: str = "off"
     model: DASRConfig = field(default_factory=DASRConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +111,7 @@ class TrainConfig:
             raise DASRError(f"train config: {exc}") from None
 
 
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ERROR_PREFIX = re.compile(r"^[\w.]+(Error|Exception): ")  # "degrade.errors.DatasetError: " in a worker's message
 
 def validate(model: DASR, ema_generator: torch.nn.Module, val: Pairs, device: torch.device) -> dict[str, Any]:
@@ -132,6 +140,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     if not resume and not restart and holds_a_run(out):
         raise DASRError(f"{out} already holds a run; continue it with --resume, start it over with --restart, "
                         "or choose a new --out")
+    if cfg.compile not in COMPILE_MODES:
+        raise DASRError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = pick_device(cfg.device)
@@ -151,6 +161,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         torch.manual_seed(cfg.seed)
         model = set_expert_impl(DASR(cfg.model), cfg.expert_impl).to(device)
         disc = UNetDiscriminatorSN().to(device) if cfg.gan else None
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.predictor.to(memory_format=fmt)  # only 4-D weights have the layout: the experts' are 5-D
+    if disc is not None:
+        disc.to(memory_format=fmt)
     ema = copy.deepcopy(model.generator).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc is not None else None
@@ -175,6 +189,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             return {"step": step, "nothing_to_train": True}
         say(f"resuming from {found[0].name} (step {step} of {cfg.steps})")
     run_info = {"device": describe_device(device), "dtype": "bfloat16 autocast" if use_bf16 else "float32",
+                "expert_impl": cfg.expert_impl, "memory_format": "channels_last" if cfg.channels_last else "NCHW",
+                "compile": cfg.compile,
                 "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
                 "world_size": world, "samples": len(train_set), "start_step": step}
     say(f"{run_info['device']}, {run_info['dtype']}, {run_info['parameters']:,} parameters "
@@ -233,8 +249,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             parts.net = DistributedDataParallel(model)
             if disc is not None:
                 parts.disc = DistributedDataParallel(disc)
+        if cfg.compile != "off":  # compiled at the first step (and once more where --teacher-steps ends)
+            parts.net = compile_net(parts.net, cfg.compile)
         for batch in _batches(loader):
-            lr_img, hr = as_float(batch["lr"], device), as_float(batch["hr"], device)
+            lr_img = as_float(batch["lr"], device).contiguous(memory_format=fmt)
+            hr = as_float(batch["hr"], device).contiguous(memory_format=fmt)
             v = batch["v"].to(device, non_blocking=True)
             target = unsharp_mask(hr) if cfg.sharpen_gt else hr
 
@@ -283,6 +302,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             parts.net, parts.disc = model, disc  # the DDP wrappers hold the group: release them first
             dist.destroy_process_group()
     return last
+
+
+def compile_net(net: torch.nn.Module, mode: str, backend: str = "inductor") -> torch.nn.Module:
+    """`net` compiled by torch.compile with inductor in `mode` (one of COMPILE_MODES but "off"); shapes are
+    static (every step has the same batch and crop). The parameters stay `net`'s own: checkpoints, the EMA
+    and validation use the uncompiled model. Another `backend` (e.g. "aot_eager": the same tracing, no
+    code generation; for dry runs) ignores `mode`."""
+    if backend != "inductor":
+        return torch.compile(net, backend=backend, dynamic=False)
+    return torch.compile(net, mode=None if mode == "default" else mode, dynamic=False)
 
 
 def check_crop(data: PairedShards, lr_crop: int | None, where: str) -> None:

@@ -106,9 +106,8 @@ def test_batches_are_a_function_of_the_step():
 
 
 def _cfg(shards, out, steps, **kw):
-    kw = {"model": TINY, "ckpt_every": 2, **kw}
-    return TrainConfig(shards=shards, out=str(out), steps=steps, batch_size=2, lr_crop=8, workers=0, device="cpu",
-                       **kw)
+    kw = {"model": TINY, "ckpt_every": 2, "batch_size": 2, **kw}
+    return TrainConfig(shards=shards, out=str(out), steps=steps, lr_crop=8, workers=0, device="cpu", **kw)
 
 
 def test_resume_equals_uninterrupted(shards, tmp_path):
@@ -428,3 +427,164 @@ def test_cli_log_every_writes_sparse_metrics_and_shows_progress(shards, tmp_path
     assert result.exit_code == 0, result.output
     assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [2, 4, 5]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["log_every"] == 2
+
+
+def _weights(run_dir, step):
+    return load_checkpoint(run_dir / f"ckpt-{step}.pt")
+
+
+def _assert_trained_alike(a, b, init, atol):
+    """Every weight of runs a and b within atol, and the runs moved the weights by far more than atol.
+
+    The runs use batch 3: with an even batch, the regression term's gradient on a bias of v_hat (a sum of
+    +-1 signs) can cancel exactly, and Adam turns a gradient of float-rounding size (1e-9, near its eps)
+    into an update of 1e-5, which then differs between two exact computations."""
+    moved = max((a["model"][k] - init[k]).abs().max().item() for k in init)
+    assert moved > 30 * atol, f"the runs barely trained ({moved:.2g}): the comparison would say nothing"
+    for key in ("model", "ema_generator"):
+        for name, tensor in a[key].items():
+            torch.testing.assert_close(tensor, b[key][name], rtol=0, atol=atol, msg=f"{key} {name}")
+
+
+@pytest.mark.parametrize("impl,gan", [("stacked", True), ("dense", False)])
+def test_channels_last_trains_like_nchw(shards, tmp_path, impl, gan):
+    """--channels-last with a strategy that keeps it, against the grouped NCHW reference: the same weights
+    after 3 Adam steps to 1e-6 (they move by 3e-4 at lr 1e-4; float rounding differs, nothing else), the
+    model file written from the channels_last weights the same as the checkpoint's, and config.json says."""
+    from dasr_model.infer import load_checkpoint_model
+
+    model = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8, mapping_gain=1.0)
+    train(_cfg(shards, tmp_path / "ref", 3, model=model, gan=gan, batch_size=3))
+    train(_cfg(shards, tmp_path / "cl", 3, model=model, gan=gan, batch_size=3, expert_impl=impl, channels_last=True))
+    torch.manual_seed(0)
+    a, b = _weights(tmp_path / "cl", 3), _weights(tmp_path / "ref", 3)
+    _assert_trained_alike(a, b, DASR(model).state_dict(), atol=1e-6)
+    # Not the discriminator's weights: 27k of its 4.4M gradients are under 1e-7 at init, where Adam turns
+    # float rounding into updates of up to its learning rate; its gradients are compared in the next test.
+    run = json.loads((tmp_path / "cl" / "config.json").read_text())
+    assert run["channels_last"] is True and run["run"]["memory_format"] == "channels_last"
+    assert run["run"]["expert_impl"] == impl
+    lr = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():  # bf16 weights in the model file, float32 in the checkpoint
+        torch.testing.assert_close(load_checkpoint_model(tmp_path / "cl" / MODEL_FILE)(lr),
+                                   load_checkpoint_model(tmp_path / "cl" / "ckpt-3.pt")(lr), atol=2e-2, rtol=0)
+
+
+def test_compile_trains_like_eager_without_graph_breaks(shards, tmp_path, monkeypatch):
+    """--compile: the step's network goes through torch.compile in the mode asked for, in one graph per
+    variant (no graph breaks; a second graph where --teacher-steps ends), and trains like eager (1e-6 after
+    3 steps). Inductor needs a C++ compiler and ~40 s per graph on CPU, so the test traces through
+    dynamo and AOT autograd with the aot_eager backend; benchmarks/gpu_speed_run.py runs inductor on CUDA."""
+    from torch._dynamo.utils import counters
+
+    import dasr_model.train as train_module
+
+    real_compile, modes = torch.compile, []
+
+    def aot_eager(net, mode=None, dynamic=None):
+        modes.append(mode)
+        return real_compile(net, backend="aot_eager", dynamic=dynamic)
+
+    model = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8, mapping_gain=1.0)
+    train(_cfg(shards, tmp_path / "eager", 3, model=model, teacher_steps=1, batch_size=3))
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(train_module.torch, "compile", aot_eager)
+    train(_cfg(shards, tmp_path / "compiled", 3, model=model, teacher_steps=1, batch_size=3, compile="reduce-overhead"))
+    monkeypatch.undo()
+    assert modes == ["reduce-overhead"]
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2  # teacher step (v_mix given) and the rest
+    torch.manual_seed(0)
+    _assert_trained_alike(_weights(tmp_path / "compiled", 3), _weights(tmp_path / "eager", 3),
+                          DASR(model).state_dict(), atol=1e-6)
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["compile"] == "reduce-overhead"
+    torch._dynamo.reset()
+
+
+def test_compile_mode_is_checked_and_the_cli_passes_both_options(shards, tmp_path):
+    with pytest.raises(ValueError, match="compile must be one of"):
+        train(_cfg(shards, tmp_path / "bad", 1, compile="fast"))
+    assert not (tmp_path / "bad").exists()
+    result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / "bad"), "--compile", "fast"])
+    assert result.exit_code == 2 and "fast" in result.output
+    args = ["--shards", shards, "--out", str(tmp_path / "run"), "--workers", "0", "--device", "cpu", "--blocks",
+            "1", "--features", "8", "--experts", "2", "--lr-crop", "8", "--batch-size", "2", "--steps", "1",
+            "--channels-last", "--expert-impl", "stacked"]
+    result = CliRunner().invoke(train_cli, args)
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (run["channels_last"], run["expert_impl"], run["compile"]) == (True, "stacked", "off")
+
+
+def test_cli_choices_match_the_library():
+    from dasr_model.config import EXPERT_IMPLS
+    from dasr_model.train import COMPILE_MODES
+
+    params = {p.name: p for p in train_cli.params}
+    assert tuple(params["expert_impl"].type.choices) == EXPERT_IMPLS
+    assert tuple(params["compile_mode"].type.choices) == COMPILE_MODES
+
+
+@pytest.mark.parametrize("impl", ["grouped", "stacked"])
+def test_channels_last_step_gives_the_same_gradients(impl):
+    """One train_step with the GAN term from the same weights and batch, NCHW against channels_last:
+    every gradient of G and P within 1e-4 of its tensor's largest (float32 rounding: ~3e-6). D's gradients
+    within 1e-2: D sees sr, which differs by float rounding (1e-7), and D's leaky ReLUs turn that into up
+    to 1.2e-3 between two exact NCHW strategies too; D alone, fed the same input, is held to 1e-4 below."""
+    import copy
+
+    from dasr_model.losses import UNetDiscriminatorSN
+    from dasr_model.model import set_expert_impl
+    from dasr_model.train import StepParts, train_step
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(shards="", out="", gan=True, model=DASRConfig(num_experts=2, num_feat=8, num_block=1,
+                                                                     predictor_feat=8, mapping_gain=1.0))
+    model0, disc0 = DASR(cfg.model), UNetDiscriminatorSN()
+    lr, hr, v = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 32, 32), torch.rand(3, 33)
+    grads = []
+    for fmt, strategy in ((torch.contiguous_format, "grouped"), (torch.channels_last, impl)):
+        model, disc = set_expert_impl(copy.deepcopy(model0), strategy), copy.deepcopy(disc0)
+        model.predictor.to(memory_format=fmt)
+        disc.to(memory_format=fmt)
+        parts = StepParts(net=model, model=model, ema=copy.deepcopy(model.generator).requires_grad_(False),
+                          opt=torch.optim.Adam(model.parameters()), disc=disc,
+                          opt_d=torch.optim.Adam(disc.parameters()))
+        train_step(parts, cfg, lr.contiguous(memory_format=fmt), unsharp_mask(hr).contiguous(memory_format=fmt), v,
+                   bf16=False)
+        if fmt == torch.channels_last:
+            assert disc.conv1.weight_orig.is_contiguous(memory_format=torch.channels_last)
+        grads.append({f"{part} {k}": p.grad.clone() for part, m in (("G+P", model), ("D", disc))
+                      for k, p in m.named_parameters()})
+    ref, got = grads
+    assert ref.keys() == got.keys()
+    for name, g in ref.items():
+        err, rel = (got[name] - g).abs().max().item(), 1e-2 if name.startswith("D ") else 1e-4
+        assert 0 < g.abs().max().item(), f"{name}: no gradient"
+        assert err <= rel * g.abs().max().item(), f"{name}: {err:.3g} vs max {g.abs().max().item():.3g}"
+
+
+def test_channels_last_discriminator_gives_the_same_gradients_and_power_iteration():
+    """The spectral-norm discriminator in channels_last, fed the same images as in NCHW (three forward
+    passes, as a step makes, each one power iteration): gradients and the u, v vectors within 1e-4 of
+    each tensor's largest value (float32 rounding: ~3e-6)."""
+    import copy
+
+    from dasr_model.losses import UNetDiscriminatorSN, gan_loss
+
+    torch.manual_seed(0)
+    disc0 = UNetDiscriminatorSN()
+    images = [torch.rand(3, 3, 32, 32) for _ in range(3)]
+    states = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        disc = copy.deepcopy(disc0).to(memory_format=fmt)
+        loss = sum(gan_loss(disc(x.contiguous(memory_format=fmt)), real=i % 2 == 0) for i, x in enumerate(images))
+        loss.backward()
+        states.append({**{k: p.grad for k, p in disc.named_parameters()},
+                       **{k: b for k, b in disc.named_buffers() if k.endswith(("_u", "_v"))}})
+    ref, got = states
+    assert len(ref) == 2 + 3 * 8 + 2  # conv0 weight + bias; 8 spectral-norm convs: weight_orig, u, v; conv9 w + b
+    for name, t in ref.items():
+        err = (got[name] - t).abs().max().item()
+        assert err <= 1e-4 * t.abs().max().item(), f"{name}: {err:.3g} vs max {t.abs().max().item():.3g}"
