@@ -7,12 +7,17 @@
   discriminator step) on random tensors already on the device, for each --batch-sizes, median of
   --repeats timed steps after --warmup steps. bf16 autocast on CUDA, float32 on CPU, as dasr-train.
   With --impl, once per expert-conv strategy (`dasr_model.model.set_expert_impl`: grouped, dense,
-  bmm; exact alternatives, tests/test_expert_impl.py); --channels-last adds rows with the model and
-  the batch in channels_last memory format. Peak GPU memory per step on CUDA.
+  stacked, bmm; exact alternatives, tests/test_expert_impl.py); an item `IMPL:cl` times that strategy
+  with the batch, predictor and discriminator in channels_last memory format, and --channels-last adds
+  such a row for each strategy that keeps the format through the generator (dense, stacked; the others
+  turn it back into NCHW at every layer). --compile MODES adds, per row, the step with the network
+  compiled by torch.compile in each mode (as `dasr-train --compile`; reduce-overhead adds CUDA graphs),
+  warmed up at least 3 steps. Peak GPU memory per step on CUDA; the first step's seconds (cuDNN's
+  algorithm search with cudnn.benchmark, or the compilation).
 
 Needs a dataset made with `degrade make-dataset` (patch 256) for the loader part.
 Usage: python benchmarks/bench_train.py --shards DIR [--device auto] [--batch-sizes 6,16,48] [--gan]
-       [--impl grouped,dense,bmm] [--channels-last] [--fp32-baseline]
+       [--impl grouped,dense,stacked,bmm] [--channels-last] [--fp32-baseline] [--compile default,reduce-overhead]
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
 from dasr_model.losses import UNetDiscriminatorSN
 from dasr_model.model import DASR, EXPERT_IMPLS, set_expert_impl
 from dasr_model.runs import pick_device
-from dasr_model.train import StepParts, TrainConfig, train_step
+from dasr_model.train import COMPILE_MODES, StepParts, TrainConfig, compile_net, train_step
+
+KEEPS_CHANNELS_LAST = ("dense", "stacked")  # the strategies whose generator runs in channels_last throughout
 
 
 def bench_loader(shards: str, batch: int, workers: int, steps: int) -> float:
@@ -47,10 +54,12 @@ def bench_loader(shards: str, batch: int, workers: int, steps: int) -> float:
 
 
 def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats: int, impl: str = "grouped",
-               channels_last: bool = False, lr_size: int = 64, bf16: bool | None = None) -> tuple[float, float | None]:
+               channels_last: bool = False, lr_size: int = 64, bf16: bool | None = None,
+               compile_mode: str = "off", compile_backend: str = "inductor") -> tuple[float, float | None, float]:
     """Median seconds of `dasr_model.train.train_step` (the loop's own step) on random data, with the
-    expert convolutions computed by `impl`; and the peak GPU memory in GiB (None on CPU). `bf16`: autocast
-    to bfloat16 (default: on CUDA, as dasr-train; False times the float32 step)."""
+    expert convolutions computed by `impl`; the peak GPU memory in GiB (None on CPU); the first step's
+    seconds. `bf16`: autocast to bfloat16 (default: on CUDA, as dasr-train; False times the float32 step).
+    `compile_mode`: the network through torch.compile as `dasr-train --compile` does ("off": eager)."""
     torch.manual_seed(0)
     cfg = TrainConfig(shards="", out="", gan=gan)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -62,6 +71,10 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
     parts = StepParts(net=model, model=model, ema=copy.deepcopy(model.generator).requires_grad_(False),
                       opt=torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas), disc=disc,
                       opt_d=torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc else None)
+    if compile_mode != "off":
+        torch._dynamo.reset()  # each row compiles afresh: its first step is its compile time
+        parts.net = compile_net(model, compile_mode, compile_backend)
+        warmup = max(warmup, 3)  # CUDA graphs record on the step after the compiled warm-up
     lr = torch.rand(batch, 3, lr_size, lr_size, device=device).contiguous(memory_format=fmt)
     hr = unsharp_mask(torch.rand(batch, 3, 4 * lr_size, 4 * lr_size, device=device)).contiguous(memory_format=fmt)
     v = torch.rand(batch, 33, device=device)
@@ -72,7 +85,12 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(warmup):
+    sync()
+    start = time.perf_counter()
+    train_step(parts, cfg, lr, hr, v, bf16)
+    sync()
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
         train_step(parts, cfg, lr, hr, v, bf16)
     sync()
     if device.type == "cuda":
@@ -85,7 +103,26 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
         sync()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return statistics.median(times), peak
+    return statistics.median(times), peak, first
+
+
+def compiled_name(mode: str, backend: str) -> str:
+    return "eager" if mode == "off" else mode if backend == "inductor" else f"{mode} ({backend})"
+
+
+def parse_impls(spec: str, channels_last: bool) -> list[tuple[str, bool]]:
+    """--impl items ("dense", "dense:cl") as (strategy, channels_last) pairs, in order; with `channels_last`,
+    a channels_last row follows each strategy that keeps the format. ValueError names an unknown item."""
+    runs: list[tuple[str, bool]] = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        impl, _, layout = item.partition(":")
+        if impl not in EXPERT_IMPLS or layout not in ("", "cl"):
+            raise ValueError(f"unknown {item!r}; choose from {', '.join(EXPERT_IMPLS)}, each optionally with :cl")
+        runs.append((impl, layout == "cl"))
+    if channels_last:
+        runs += [(impl, True) for impl, cl in list(runs) if not cl and impl in KEEPS_CHANNELS_LAST
+                 and (impl, True) not in runs]
+    return runs
 
 
 def main() -> None:
@@ -101,16 +138,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--impl", default="grouped",
-                    help=f"expert-conv strategies to time, comma-separated: {','.join(EXPERT_IMPLS)}")
-    ap.add_argument("--channels-last", action="store_true", help="also time each strategy in channels_last")
+                    help=f"expert-conv strategies to time, comma-separated: {','.join(EXPERT_IMPLS)}; "
+                         "IMPL:cl for channels_last")
+    ap.add_argument("--channels-last", action="store_true",
+                    help=f"also time {' and '.join(KEEPS_CHANNELS_LAST)} (when listed) in channels_last")
+    ap.add_argument("--compile", default="", help=f"also time each row compiled in these modes, comma-separated: "
+                                                  f"{','.join(COMPILE_MODES[1:])}")
+    ap.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # aot_eager: CPU dry runs
     ap.add_argument("--lr-size", type=int, default=64, help="LR crop side of the timed steps (HR: 4x)")
     ap.add_argument("--fp32-baseline", action="store_true",
                     help="also time the float32 step with the grouped strategy in NCHW (the release's way; on "
                          "CUDA the other rows are bf16), the base of the speed-up column")
     args = ap.parse_args()
-    impls = [s.strip() for s in args.impl.split(",")]
-    if unknown := [s for s in impls if s not in EXPERT_IMPLS]:
-        ap.error(f"--impl: unknown {', '.join(unknown)}; choose from {', '.join(EXPERT_IMPLS)}")
+    try:
+        impl_runs = parse_impls(args.impl, args.channels_last)
+    except ValueError as exc:
+        ap.error(f"--impl: {exc}")
+    modes = [m.strip() for m in args.compile.split(",") if m.strip()]
+    if unknown := [m for m in modes if m not in COMPILE_MODES[1:]]:
+        ap.error(f"--compile: unknown {', '.join(unknown)}; choose from {', '.join(COMPILE_MODES[1:])}")
     device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     print(f"command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
@@ -128,23 +174,26 @@ def main() -> None:
                   f"{torch.backends.cuda.matmul.allow_tf32}")
         precision = "bf16 autocast" if device.type == "cuda" else "float32"
         fp32_base = args.fp32_baseline and precision != "float32"  # on CPU every row is float32 already
-        base_name = "float32 grouped NCHW" if fp32_base else f"{precision} {impls[0]} NCHW"
-        print("| batch | GAN | precision | expert impl | memory format | ms/step "
-              f"| speed-up vs {base_name} | peak GiB |\n|---:|---|---|---|---|---:|---:|---:|")
+        first_impl, first_cl = impl_runs[0]
+        base_name = ("float32 grouped NCHW eager" if fp32_base else
+                     f"{precision} {first_impl} {'channels_last' if first_cl else 'NCHW'} eager")
+        print("| batch | GAN | precision | expert impl | memory format | compile | ms/step "
+              f"| speed-up vs {base_name} | peak GiB | first step s |\n"
+              "|---:|---|---|---|---|---|---:|---:|---:|---:|")
         for b in (int(x) for x in args.batch_sizes.split(",")):
             for gan in ((False, True) if args.gan else (False,)):
-                runs = [("float32", "grouped", False)] if fp32_base else []
-                runs += [(precision, impl, cl) for cl in ((False, True) if args.channels_last else (False,))
-                         for impl in impls]
+                runs = [("float32", "grouped", False, "off")] if fp32_base else []
+                runs += [(precision, impl, cl, mode) for impl, cl in impl_runs for mode in ("off", *modes)]
                 base = None
-                for prec, impl, cl in runs:
-                    sec, peak = bench_step(device, b, gan, args.warmup, args.repeats, impl, cl, args.lr_size,
-                                           bf16=prec != "float32")
+                for prec, impl, cl, mode in runs:
+                    sec, peak, first = bench_step(device, b, gan, args.warmup, args.repeats, impl, cl, args.lr_size,
+                                                  bf16=prec != "float32", compile_mode=mode,
+                                                  compile_backend=args.compile_backend)
                     if base is None:
-                        base = sec  # the first row: the float32 baseline, or the first strategy in NCHW
+                        base = sec  # the first row: the float32 baseline, or the first strategy eager
                     print(f"| {b} | {'yes' if gan else 'no'} | {prec} | {impl} | {'channels_last' if cl else 'NCHW'} | "
-                          f"{1000 * sec:.1f} | {base / sec:.2f}x | {'-' if peak is None else f'{peak:.2f}'} |",
-                          flush=True)
+                          f"{compiled_name(mode, args.compile_backend)} | {1000 * sec:.1f} | {base / sec:.2f}x | "
+                          f"{'-' if peak is None else f'{peak:.2f}'} | {first:.1f} |", flush=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
 

@@ -7,8 +7,12 @@ shares the steps after it keep:
   1. OUT/environment.txt: GPU, driver, torch / CUDA / cuDNN versions, cores, date, the command;
   2. a level-2 dataset on all cores (`degrade make-dataset`), for the loader;
   3. OUT/train.md: `benchmarks/bench_train.py`: ms per step at batch 6 / 16 / 48 (LR 64), without and with
-     the GAN term, every expert-conv strategy in NCHW and channels_last (bf16 autocast), beside the float32
-     grouped-conv step (the release's way) in the same run; the loader's samples/s with 0 to all cores;
+     the GAN term, every expert-conv strategy in NCHW and those that keep it in channels_last (bf16
+     autocast), beside the float32 grouped-conv step (the release's way) in the same run; the loader's
+     samples/s with 0 to all cores;
+  3b. OUT/compile.md: the fastest eager strategy and memory format of train.md at the largest batch
+     without GAN, compiled (`torch.compile`, as `dasr-train --compile`) in the default mode and in
+     reduce-overhead (CUDA graphs), with and without GAN, beside its eager step and the float32 baseline;
   4. OUT/infer.md: `benchmarks/bench_infer.py`: ms per image at LR 128 / 256 / 512, per-sample experts
      in float32 (the baseline) against the experts fused once per image, bf16 and channels_last;
   5. OUT/bf16.md: bf16 against float32 on real images: PSNR-Y of `dasr-sr`'s output (experts fused once,
@@ -16,7 +20,7 @@ shares the steps after it keep:
      degraded at level 1, fixed seed), and the outputs' largest difference before rounding; with --model
      if given (e.g. issue 11's model.safetensors), else seeded untrained weights, whose output is almost
      the interpolated input, so only the difference before rounding says anything there;
-  6. OUT/summary.md: all of it in one page.
+  6. OUT/summary.md: all of it in one page, led by the fastest training step per batch and GAN setting.
 
 Usage (GPU): python benchmarks/gpu_speed_run.py --out $OUT [--model model.safetensors] [--minutes 8]
 CPU dry run of the same path with tiny sizes (under a minute):
@@ -41,7 +45,48 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 # Shares of the --minutes budget per step, in order: a step may take its share plus what the steps before
 # it left, less the shares the steps after it keep.
-SHARES = {"dataset": 0.10, "train": 0.50, "infer": 0.25, "bf16": 0.10}
+SHARES = {"dataset": 0.08, "train": 0.40, "compile": 0.22, "infer": 0.20, "bf16": 0.10}
+STEP_COLUMNS = ("batch", "GAN", "precision", "expert impl", "memory format", "compile", "ms/step")
+
+
+def step_rows(text: str) -> list[dict[str, str]]:
+    """The training-step rows of bench_train's table in `text` (columns STEP_COLUMNS, then more)."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) >= len(STEP_COLUMNS) and cells[0].isdigit():
+            try:
+                float(cells[6])
+            except ValueError:
+                continue
+            rows.append(dict(zip(STEP_COLUMNS, cells)))
+    return rows
+
+
+def fastest_eager(rows: list[dict[str, str]]) -> str | None:
+    """bench_train's --impl item (IMPL or IMPL:cl) of the fastest eager row at the largest batch without
+    GAN, outside the float32 baseline; None without such rows."""
+    pool = [r for r in rows if r["GAN"] == "no" and r["compile"] == "eager" and r["precision"] != "float32"]
+    pool = pool or [r for r in rows if r["GAN"] == "no" and r["compile"] == "eager"]  # CPU: all float32
+    if not pool:
+        return None
+    top = max(int(r["batch"]) for r in pool)
+    best = min((r for r in pool if int(r["batch"]) == top), key=lambda r: float(r["ms/step"]))
+    return best["expert impl"] + (":cl" if best["memory format"] == "channels_last" else "")
+
+
+def fastest_table(rows: list[dict[str, str]]) -> str:
+    """The fastest row per (batch, GAN), with its speed-up over the float32 grouped eager row where present."""
+    lines = ["| batch | GAN | fastest step | ms/step | vs float32 grouped NCHW eager |", "|---:|---|---|---:|---:|"]
+    for key in sorted({(int(r["batch"]), r["GAN"]) for r in rows}):
+        group = [r for r in rows if (int(r["batch"]), r["GAN"]) == key]
+        best = min(group, key=lambda r: float(r["ms/step"]))
+        base = [r for r in group if (r["precision"], r["expert impl"], r["memory format"], r["compile"])
+                == ("float32", "grouped", "NCHW", "eager")]
+        ratio = f"{float(base[0]['ms/step']) / float(best['ms/step']):.2f}x" if base else "-"
+        what = f"{best['precision']}, {best['expert impl']}, {best['memory format']}, {best['compile']}"
+        lines.append(f"| {key[0]} | {key[1]} | {what} | {best['ms/step']} | {ratio} |")
+    return "\n".join(lines) + "\n"
 
 
 def log(out: Path, text: str) -> None:
@@ -180,15 +225,29 @@ def main(argv: list[str] | None = None) -> int:
         infer_args = ["--sizes", "128,256,512", "--warmup", "2", "--repeats", "5"]
     loader = ["--shards", str(shards)] if made else []  # without the dataset: the step times alone
     step(out, "train", [py, "benchmarks/bench_train.py", "--device", device, *loader, "--gan",
-                        "--impl", "grouped,dense,bmm", "--channels-last", "--fp32-baseline", *train_args],
+                        "--impl", "grouped,dense,stacked,bmm", "--channels-last", "--fp32-baseline", *train_args],
          out / "train.md", allowed("train"))
+    eager_rows = step_rows((out / "train.md").read_text()) if (out / "train.md").exists() else []
+    best = fastest_eager(eager_rows) or "dense:cl"
+    log(out, f"compile: the fastest eager step at the largest batch without GAN: {best}")
+    if args.smoke:  # inductor needs minutes on a CPU for this model: the same path, traced without codegen
+        compile_args = ["--batch-sizes", "2", "--lr-size", "8", "--warmup", "0", "--repeats", "1",
+                        "--compile", "default", "--compile-backend", "aot_eager"]
+    else:
+        largest = max([int(r["batch"]) for r in eager_rows] or [48])
+        compile_args = ["--batch-sizes", str(largest), "--warmup", "3", "--repeats", "5",
+                        "--compile", "default,reduce-overhead"]
+    step(out, "compile", [py, "benchmarks/bench_train.py", "--device", device, "--gan", "--impl", best,
+                          "--fp32-baseline", *compile_args], out / "compile.md", allowed("compile"))
     step(out, "infer", [py, "benchmarks/bench_infer.py", "--device", device, *infer_args],
          out / "infer.md", allowed("infer"))
     step(out, "bf16", [py, "benchmarks/gpu_speed_run.py", "--bf16-only", "--out", str(out),
                        *(["--model", args.model] if args.model else []), *(["--smoke"] if args.smoke else [])],
          out / "bf16.md", allowed("bf16"))
-    parts = ["environment.txt", "train.md", "infer.md", "bf16.md"]
-    (out / "summary.md").write_text("# DASR speed run\n\n" + "\n".join(
+    parts = ["environment.txt", "train.md", "compile.md", "infer.md", "bf16.md"]
+    rows = [r for p in ("train.md", "compile.md") if (out / p).exists() for r in step_rows((out / p).read_text())]
+    (out / "summary.md").write_text("# DASR speed run\n\n## The fastest training step\n\n" + fastest_table(rows)
+                                    + "\n" + "\n".join(
         f"## {p}\n\n" + ((out / p).read_text() if (out / p).exists() else "(missing)\n") for p in parts))
     log(out, "summary.md written")
     return 0

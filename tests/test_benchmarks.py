@@ -67,12 +67,22 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     out = tmp_path / "out"
     subprocess.run([sys.executable, "benchmarks/gpu_speed_run.py", "--smoke", "--out", str(out),
                     "--work", str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True, timeout=300)
-    assert sorted(p.name for p in out.iterdir()) == ["bf16.md", "environment.txt", "infer.md", "log.txt",
-                                                      "summary.md", "train.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["bf16.md", "compile.md", "environment.txt", "infer.md",
+                                                      "log.txt", "summary.md", "train.md"]
     train = (out / "train.md").read_text()
     rows = [r for r in train.splitlines() if r.startswith("| 2 |")]
-    assert len(rows) == 12  # 2 GAN settings x 3 strategies x 2 memory formats (on CPU no separate fp32 row)
+    # 2 GAN settings x (4 strategies in NCHW + dense and stacked in channels_last); on CPU no fp32 row
+    assert len(rows) == 12 and sum("| channels_last |" in r for r in rows) == 4
+    log = (out / "log.txt").read_text()
+    best = log.split("without GAN: ")[1].split()[0]  # the fastest eager no-GAN row of train.md, compiled next
+    no_gan = [r.split("|") for r in rows if r.startswith("| 2 | no |")]
+    fastest = min(no_gan, key=lambda c: float(c[7]))
+    assert best == fastest[4].strip() + (":cl" if fastest[5].strip() == "channels_last" else "")
+    compiled = [r for r in (out / "compile.md").read_text().splitlines() if r.startswith("| 2 |")]
+    assert len(compiled) == 4 and sum("| default (aot_eager) |" in r for r in compiled) == 2
     assert "| loader workers |" in train and "| 16 | experts fp32 |" in (out / "infer.md").read_text()
     assert "| mean |" in (out / "bf16.md").read_text()
-    log = (out / "log.txt").read_text()
-    assert all(f"{name}: exit 0" in log for name in ("dataset", "train", "infer", "bf16"))
+    assert all(f"{name}: exit 0" in log for name in ("dataset", "train", "compile", "infer", "bf16"))
+    summary = (out / "summary.md").read_text()
+    fastest_rows = [r for r in summary.split("## environment.txt")[0].splitlines() if r.startswith("| 2 |")]
+    assert [r.split("|")[2].strip() for r in fastest_rows] == ["no", "yes"]
