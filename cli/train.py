@@ -53,9 +53,11 @@ err_console = Console(stderr=True)
               help="What the degradation predictor sees: the LR (as released) or its high-pass residual.")
 @click.option("--teacher-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="First steps whose expert mix comes from the true v instead of the predicted one.")
-@click.option("--expert-impl", type=click.Choice(["grouped", "dense", "stacked", "bmm"]), default="grouped",
-              show_default=True,  # dasr_model.config.EXPERT_IMPLS, spelt out: importing it would import torch
-              help="How expert convolutions are computed (exact either way; speed differs by device).")
+@click.option("--expert-impl", type=click.Choice(["auto", "grouped", "dense", "stacked", "bmm"]), default="auto",
+              show_default=True,  # auto + dasr_model.config.EXPERT_IMPLS, spelt out: importing it would import torch
+              help="How expert convolutions are computed (exact either way; speed differs by device). auto: on a "
+                   "GPU the fastest, timed at this run's batch shape before the first step (memory format "
+                   "included); on a CPU grouped.")
 @click.option("--channels-last", is_flag=True,
               help="Batches, predictor and discriminator in channels_last memory (with --expert-impl dense or "
                    "stacked, the generator too): what GPU tensor cores read natively.")

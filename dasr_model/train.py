@@ -38,7 +38,7 @@ from dasr_model.data import PairedShards, StepBatchSampler, as_float, unsharp_ma
 from dasr_model.errors import DASRError
 from dasr_model.evaluate import Pairs, evaluate_pairs, pairs_from_shards
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
-from dasr_model.model import DASR, DASRConfig, set_expert_impl
+from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, set_expert_impl
 from dasr_model.modelfile import MODEL_FILE, save_model_file
 from dasr_model.runs import describe_device, holds_a_run, pick_device, start_over, truncate_metrics
 from degrade.errors import DegradeError
@@ -75,10 +75,14 @@ class TrainConfig:
     gan_weight: float = 0.1
     vgg_weights: str | None = None
     perceptual_weight: float = 1.0
-    expert_impl: str = "grouped"  # how expert convs compute (model.set_expert_impl); exact either way
+    # How expert convs compute (model.set_expert_impl; exact either way), or "auto": on a GPU the fastest
+    # of AUTO_CANDIDATES timed at the run's batch shape before the first step (memory format included), on a
+    # CPU "grouped" (the fastest there: docs/benchmarks.md)
+    expert_impl: str = "auto"
     # Batches, the predictor and the discriminator in channels_last (NHWC) memory: what tensor-core
     # convolutions read natively. The expert weights are 5-D and keep theirs; "dense" and "stacked" carry
     # channels_last through the generator, "grouped" and "bmm" turn it back into NCHW at every layer.
+    # With expert_impl "auto" on a GPU, the probe picks the format too (True: channels_last candidates only).
     channels_last: bool = False
     # torch.compile the network of the step (predictor + generator): "off", or an inductor mode, one of
     # COMPILE_MODES ("reduce-overhead" adds CUDA graphs). The discriminator and the optimiser stay eager.
@@ -111,6 +115,8 @@ class TrainConfig:
             raise DASRError(f"train config: {exc}") from None
 
 
+# (strategy, channels_last) pairs that expert_impl "auto" times on a GPU: each strategy in its best layout
+AUTO_CANDIDATES = (("grouped", False), ("dense", True), ("stacked", True), ("bmm", False))
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ERROR_PREFIX = re.compile(r"^[\w.]+(Error|Exception): ")  # "degrade.errors.DatasetError: " in a worker's message
 
@@ -140,6 +146,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     if not resume and not restart and holds_a_run(out):
         raise DASRError(f"{out} already holds a run; continue it with --resume, start it over with --restart, "
                         "or choose a new --out")
+    if cfg.expert_impl != "auto" and cfg.expert_impl not in EXPERT_IMPLS:
+        raise DASRError(f"expert_impl must be auto or one of {', '.join(EXPERT_IMPLS)}, got {cfg.expert_impl!r}")
     if cfg.compile not in COMPILE_MODES:
         raise DASRError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -159,7 +167,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     use_bf16 = device.type == "cuda"
     with torch.random.fork_rng(devices=[]):  # the weights' init comes from cfg.seed; the caller's RNG is untouched
         torch.manual_seed(cfg.seed)
-        model = set_expert_impl(DASR(cfg.model), cfg.expert_impl).to(device)
+        model = DASR(cfg.model).to(device)  # "grouped" until "auto" has chosen (below)
+        if cfg.expert_impl != "auto":
+            set_expert_impl(model, cfg.expert_impl)
         disc = UNetDiscriminatorSN().to(device) if cfg.gan else None
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.predictor.to(memory_format=fmt)  # only 4-D weights have the layout: the experts' are 5-D
@@ -246,6 +256,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
 
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             grouped = True
+        if cfg.expert_impl == "auto":  # before DDP and compile wrap the model
+            impl, channels_last, probe = choose_expert_impl(model, cfg, device, use_bf16, world)
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            for module in (model, ema):
+                set_expert_impl(module, impl)
+            for module in (model.predictor, disc):
+                if module is not None:
+                    module.to(memory_format=fmt)
+            run_info.update(expert_impl=impl, memory_format="channels_last" if channels_last else "NCHW")
+            if probe:
+                run_info["expert_impl_probe_ms"] = probe
+                say("--expert-impl auto: " + ", ".join(f"{k} {v:.1f} ms" for k, v in probe.items())
+                    + f" per forward + backward; training with {impl}, {run_info['memory_format']}")
+            if main_rank:
+                write_bytes_atomic(out / "config.json", json.dumps({**cfg.to_dict(), "run": run_info},
+                                                                   indent=1).encode())
+        if world > 1:
             parts.net = DistributedDataParallel(model)
             if disc is not None:
                 parts.disc = DistributedDataParallel(disc)
@@ -302,6 +329,87 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             parts.net, parts.disc = model, disc  # the DDP wrappers hold the group: release them first
             dist.destroy_process_group()
     return last
+
+
+def choose_expert_impl(model: DASR, cfg: TrainConfig, device: torch.device, bf16: bool,
+                       world: int = 1) -> tuple[str, bool, dict[str, float]]:
+    """expert_impl "auto": (strategy, channels_last, probe ms per candidate). On a CPU, "grouped" in the
+    configured format without timing anything (the K-times-the-work strategies are ~4x slower there). On a
+    GPU, the fastest of AUTO_CANDIDATES (channels_last ones only with cfg.channels_last) by
+    :func:`probe_expert_impls` at this process's batch shape; under DDP every rank takes rank 0's choice."""
+    if device.type != "cuda":
+        return "grouped", cfg.channels_last, {}
+    candidates = [(impl, cl or cfg.channels_last) for impl, cl in AUTO_CANDIDATES]
+    shape = (cfg.batch_size // world, 3, cfg.lr_crop, cfg.lr_crop)
+    times = probe_expert_impls(model, shape, bf16, candidates)
+    if not times:
+        raise DASRError(f"--expert-impl auto: every strategy ran out of GPU memory at batch {shape[0]}, "
+                        f"crop {cfg.lr_crop}")
+    best = min(times, key=times.get)
+    if world > 1:  # the ranks' timings differ a little: all take rank 0's choice
+        import torch.distributed as dist
+
+        index = torch.tensor([candidates.index(best)], device=device)
+        dist.broadcast(index, 0)
+        best = candidates[int(index.item())]
+    return best[0], best[1], {f"{impl}{' channels_last' if cl else ''}": 1000 * t for (impl, cl), t in times.items()}
+
+
+def probe_expert_impls(model: DASR, shape: tuple[int, int, int, int], bf16: bool,
+                       candidates=AUTO_CANDIDATES, *, repeats: int = 3,
+                       clock: Callable[[], float] = time.perf_counter) -> dict[tuple[str, bool], float]:
+    """Median seconds of one forward + backward (L1 + regression loss, bf16 autocast if `bf16`) of `model`
+    on a random LR batch of `shape` for each (strategy, channels_last) candidate, after one untimed pass
+    (where cuDNN times its algorithms). The weights are untouched (no optimiser step; gradients are left
+    None), and the strategy and the predictor's memory format are restored. A candidate that runs out of
+    GPU memory is left out."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(0)  # the global RNG is untouched
+    n, c, h, w = shape
+    lr = torch.rand(shape, generator=gen, device=device)
+    hr = torch.rand((n, c, 4 * h, 4 * w), generator=gen, device=device)
+    v = torch.rand((n, model.predictor.MappingNet[0].in_features), generator=gen, device=device)
+    impl_before = model.generator.conv_first.impl
+    fmt_before = (torch.channels_last if model.predictor.ConvNet[0].weight.is_contiguous(
+        memory_format=torch.channels_last) and not model.predictor.ConvNet[0].weight.is_contiguous()
+        else torch.contiguous_format)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times: dict[tuple[str, bool], float] = {}
+    try:
+        for impl, channels_last in candidates:
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            set_expert_impl(model, impl)
+            model.predictor.to(memory_format=fmt)
+            x, y = lr.contiguous(memory_format=fmt), hr.contiguous(memory_format=fmt)
+            samples: list[float] = []
+            sr = v_hat = loss = None
+            try:
+                for i in range(repeats + 1):
+                    sync()
+                    start = clock()
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        sr, v_hat = model(x, return_v=True)
+                        loss = F.l1_loss(sr.float(), y) + F.l1_loss(v_hat.float(), v)
+                    loss.backward()
+                    sync()
+                    if i:
+                        samples.append(clock() - start)
+                times[(impl, channels_last)] = sorted(samples)[len(samples) // 2]
+            except torch.cuda.OutOfMemoryError:
+                pass
+            finally:
+                x = y = sr = v_hat = loss = None  # noqa: F841 (freed before the cache is emptied)
+                model.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        set_expert_impl(model, impl_before)
+        model.predictor.to(memory_format=fmt_before)
+    return times
 
 
 def compile_net(net: torch.nn.Module, mode: str, backend: str = "inductor") -> torch.nn.Module:

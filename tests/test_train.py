@@ -13,13 +13,13 @@ from click.testing import CliRunner  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from cli.train import main as train_cli  # noqa: E402
-from degrade.augment import dihedral_image, dihedral_vector  # noqa: E402
+from dasr_model.checkpoints import load_checkpoint  # noqa: E402
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask  # noqa: E402
 from dasr_model.metrics import psnr_y  # noqa: E402
 from dasr_model.model import DASR, DASRConfig  # noqa: E402
-from dasr_model.checkpoints import load_checkpoint  # noqa: E402
 from dasr_model.modelfile import MODEL_FILE  # noqa: E402
 from dasr_model.train import TrainConfig, train  # noqa: E402
+from degrade.augment import dihedral_image, dihedral_vector  # noqa: E402
 
 from .conftest import make_small_dataset  # noqa: E402
 
@@ -238,7 +238,8 @@ def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path
     code = (
         "import sys; from dasr_model.train import TrainConfig, train; from dasr_model.model import DASRConfig;"
         f"train(TrainConfig(shards={shards!r}, out=sys.argv[1], steps=2, batch_size=int(sys.argv[2]), lr_crop=8,"
-        "workers=0, ckpt_every=2, device='cpu', model=DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)))"
+        "workers=0, ckpt_every=2, device='cpu', "
+        "model=DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)))"
     )
     script = tmp_path / "run.py"
     script.write_text(code)
@@ -522,7 +523,7 @@ def test_cli_choices_match_the_library():
     from dasr_model.train import COMPILE_MODES
 
     params = {p.name: p for p in train_cli.params}
-    assert tuple(params["expert_impl"].type.choices) == EXPERT_IMPLS
+    assert tuple(params["expert_impl"].type.choices) == ("auto", *EXPERT_IMPLS)
     assert tuple(params["compile_mode"].type.choices) == COMPILE_MODES
 
 
@@ -588,3 +589,101 @@ def test_channels_last_discriminator_gives_the_same_gradients_and_power_iteratio
     for name, t in ref.items():
         err = (got[name] - t).abs().max().item()
         assert err <= 1e-4 * t.abs().max().item(), f"{name}: {err:.3g} vs max {t.abs().max().item():.3g}"
+
+
+def test_auto_expert_impl_on_cpu_is_grouped_and_trains_exactly_like_it(shards, tmp_path):
+    train(_cfg(shards, tmp_path / "auto", 2))  # expert_impl "auto" is the default
+    train(_cfg(shards, tmp_path / "grouped", 2, expert_impl="grouped"))
+    a, b = _weights(tmp_path / "auto", 2), _weights(tmp_path / "grouped", 2)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    run = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert run["expert_impl"] == "auto" and run["run"]["expert_impl"] == "grouped"
+    assert run["run"]["memory_format"] == "NCHW" and "expert_impl_probe_ms" not in run["run"]
+    with pytest.raises(ValueError, match="expert_impl must be auto or one of"):
+        train(_cfg(shards, tmp_path / "bad", 1, expert_impl="winograd"))
+
+
+def test_probe_times_each_candidate_in_its_layout_and_leaves_the_model_as_it_was():
+    """A clock that advances by a set duration per strategy: the probe reports exactly those durations,
+    ran each candidate's generator on input in the candidate's memory format, and leaves weights,
+    gradients, strategy and the predictor's memory format as they were."""
+    from dasr_model.model import set_expert_impl
+    from dasr_model.train import AUTO_CANDIDATES, probe_expert_impls
+
+    torch.manual_seed(0)
+    model = set_expert_impl(DASR(TINY), "bmm")
+    model.predictor.to(memory_format=torch.channels_last)
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    cost = {"grouped": 5.0, "dense": 3.0, "stacked": 1.0, "bmm": 4.0}
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += cost[model.generator.conv_first.impl]
+        return now[0]
+
+    seen = []
+    hook = model.generator.conv_first.register_forward_pre_hook(
+        lambda m, args: seen.append((m.impl, args[0].is_contiguous(memory_format=torch.channels_last)
+                                     and not args[0].is_contiguous())))
+    times = probe_expert_impls(model, (2, 3, 8, 8), False, AUTO_CANDIDATES, repeats=2, clock=clock)
+    hook.remove()
+    assert times == {(impl, cl): cost[impl] for impl, cl in AUTO_CANDIDATES}
+    assert seen == [c for c in AUTO_CANDIDATES for _ in range(3)]  # one untimed pass + 2 timed each
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert {m.impl for m in model.modules() if hasattr(m, "impl")} == {"bmm"}
+    w = model.predictor.ConvNet[0].weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+
+def test_auto_on_a_gpu_takes_the_fastest_candidate_and_training_applies_it(shards, tmp_path, monkeypatch):
+    """choose_expert_impl on a (named) CUDA device picks the probe's fastest candidate, restricted to
+    channels_last ones by --channels-last; train() applies what "auto" chose to the model, the EMA copy,
+    the predictor, the discriminator and the batches (the same weights as that strategy set by hand), and
+    records it with the probe's times."""
+    import dasr_model.train as train_module
+
+    fake = {("grouped", False): 0.004, ("dense", True): 0.003, ("stacked", True): 0.002, ("bmm", False): 0.005}
+    asked = []
+
+    def probe(model, shape, bf16, candidates):
+        asked.append((shape, list(candidates)))
+        return {c: fake.get(c, 0.001 if c == ("grouped", True) else 0.009) for c in candidates}
+
+    monkeypatch.setattr(train_module, "probe_expert_impls", probe)
+    cfg = _cfg(shards, tmp_path / "x", 1, batch_size=4)
+    impl, cl, ms = train_module.choose_expert_impl(DASR(TINY), cfg, torch.device("cuda"), True)
+    assert (impl, cl) == ("stacked", True) and ms["stacked channels_last"] == pytest.approx(2.0)
+    assert asked[-1] == ((4, 3, 8, 8), list(train_module.AUTO_CANDIDATES))
+    impl, cl, _ = train_module.choose_expert_impl(DASR(TINY), _cfg(shards, tmp_path / "x", 1, channels_last=True),
+                                                  torch.device("cuda"), True)
+    assert (impl, cl) == ("grouped", True)  # channels_last candidates only: grouped in channels_last was fastest
+    assert all(layout for _, layout in asked[-1][1])
+
+    monkeypatch.setattr(train_module, "choose_expert_impl",
+                        lambda *a: ("stacked", True, {"grouped": 4.0, "stacked channels_last": 2.0}))
+    model = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8, mapping_gain=1.0)
+    train(_cfg(shards, tmp_path / "auto", 2, model=model, gan=True, batch_size=3))
+    monkeypatch.undo()
+    train(_cfg(shards, tmp_path / "hand", 2, model=model, gan=True, batch_size=3, expert_impl="stacked",
+               channels_last=True))
+    a, b = _weights(tmp_path / "auto", 2), _weights(tmp_path / "hand", 2)
+    for key in ("model", "ema_generator", "discriminator"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key} {name}"
+    run = json.loads((tmp_path / "auto" / "config.json").read_text())["run"]
+    assert (run["expert_impl"], run["memory_format"]) == ("stacked", "channels_last")
+    assert run["expert_impl_probe_ms"] == {"grouped": 4.0, "stacked channels_last": 2.0}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_probe_times_every_candidate_and_auto_trains(shards, tmp_path):
+    from dasr_model.train import AUTO_CANDIDATES, probe_expert_impls
+
+    model = DASR(TINY).cuda()
+    times = probe_expert_impls(model, (4, 3, 16, 16), True)
+    assert set(times) == set(AUTO_CANDIDATES) and all(t > 0 for t in times.values())
+    train(_cfg(shards, tmp_path / "run", 2, device="cuda"))
+    run = json.loads((tmp_path / "run" / "config.json").read_text())["run"]
+    assert len(run["expert_impl_probe_ms"]) == len(AUTO_CANDIDATES)
