@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     # 3. two runs with the same steps: 5 experts within the budget, then 1 expert for as many steps
     runs = {"5 experts": work / "run-e5", "1 expert": work / "run-e1"}
     steps = None
+    chosen: dict[str, str] = {}  # what --expert-impl auto chose per run
     for name, run_dir in runs.items():
         experts = "5" if name == "5 experts" else "1"
         cmd = [sys.executable, "-m", "cli.train", "--shards", str(train_ds), "--val-shards", str(val_ds),
@@ -198,7 +199,12 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)  # a rerun of this script starts its runs afresh
         run(out, cmd, stdout=subprocess.DEVNULL)
         steps = steps or last_step(run_dir)
-        log(out, f"{name}: {last_step(run_dir)} steps in {time.perf_counter() - t:.0f} s")
+        info = json.loads((run_dir / "config.json").read_text())["run"]
+        chosen[name] = f"{info['expert_impl']}, {info['memory_format']}"
+        if "expert_impl_probe_ms" in info:  # on a GPU: what auto timed
+            probe = ", ".join(f"{k} {v:.1f}" for k, v in info["expert_impl_probe_ms"].items())
+            chosen[name] += f" (probe, ms per forward + backward: {probe})"
+        log(out, f"{name}: {last_step(run_dir)} steps in {time.perf_counter() - t:.0f} s; expert convs {chosen[name]}")
         (out / f"metrics-e{experts}.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
 
     # 4. evaluation on the held-out photos, per level
@@ -217,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     picture({k: d / "model.safetensors" for k, d in runs.items()}, held, out / "compare.png", seed=0)
     lines = head + ["", f"Training: level mix, {a.train_count} patches of {patch} px from {len(train_files)} photos; "
                     f"batch {a.batch_size}, LR crop {crop}, {steps} steps each; lever: `{' '.join(LEVER_ARGS)}` "
-                    f"{a.extra}".rstrip(), ""]
+                    f"{a.extra}".rstrip(), "",
+                    *[f"- expert convolutions ({name}, `--expert-impl auto`): {how}" for name, how in chosen.items()],
+                    ""]
     for name, run_dir in runs.items():
         lines += [f"## Validation over steps, {name} (held-out mix patches, EMA generator)", "",
                   *val_table(run_dir), ""]

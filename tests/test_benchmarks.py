@@ -28,6 +28,7 @@ def test_gpu_train_run_smoke_leaves_every_result(tmp_path):
     assert set(evals) == {"5 experts", "1 expert"} and set(evals["5 experts"]["levels"]) == {"1", "2", "3"}
     summary = (out / "summary.md").read_text()
     assert "Validation over steps" in summary and "5 experts - bicubic" in summary
+    assert "- expert convolutions (5 experts, `--expert-impl auto`): grouped, NCHW" in summary  # CPU: no probe
 
     from dasr_model.infer import load_checkpoint_model
 
