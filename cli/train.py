@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,12 @@ from cli.common import os_error, require_torch
 from degrade.errors import DegradeError
 
 err_console = Console(stderr=True)
+
+
+def default_workers() -> int:
+    """--workers when not given: half the cores this process may use, at least 1, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return min(8, max(1, cores // 2))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,7 +34,8 @@ err_console = Console(stderr=True)
 @click.option("--restart", is_flag=True,
               help="Delete the run's checkpoints, metrics, config and model file in --out, then start over.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Data loader processes.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Data loader processes (the batches do not depend on it).  [default: half the cores, 1 to 8]")
 @click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--val-samples", type=click.IntRange(min=1), default=64, show_default=True,
               help="Validation samples scored at each --val-every.")
@@ -98,6 +106,8 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, re
                                predictor_input=predictor_input)
     except DASRError as exc:
         raise click.ClickException(str(exc)) from None
+    if workers is None:  # enough to feed a fast GPU step on a 16-core machine, without crowding a small one
+        workers = default_workers()
     cfg = TrainConfig(shards=str(shards), out=str(out), steps=steps, batch_size=batch_size, lr_crop=lr_crop,
                       val_shards=str(val_shards) if val_shards else None, val_every=val_every, val_samples=val_samples,
                       ckpt_every=ckpt_every, log_every=log_every, keep_checkpoints=keep_checkpoints,

@@ -687,3 +687,21 @@ def test_cuda_probe_times_every_candidate_and_auto_trains(shards, tmp_path):
     train(_cfg(shards, tmp_path / "run", 2, device="cuda"))
     run = json.loads((tmp_path / "run" / "config.json").read_text())["run"]
     assert len(run["expert_impl_probe_ms"]) == len(AUTO_CANDIDATES)
+
+
+@pytest.mark.parametrize("cores,workers", [(1, 1), (2, 1), (5, 2), (16, 8), (64, 8)])
+def test_default_loader_workers_follow_the_cores(monkeypatch, cores, workers):
+    import cli.train as cli_train
+
+    monkeypatch.setattr(cli_train.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert cli_train.default_workers() == workers
+
+
+def test_cli_without_workers_uses_the_default(shards, tmp_path, monkeypatch):
+    import cli.train as cli_train
+
+    monkeypatch.setattr(cli_train, "default_workers", lambda: 0)  # no worker processes in this test
+    args = ["--shards", shards, "--out", str(tmp_path / "run"), "--device", "cpu", "--blocks", "1", "--features",
+            "8", "--experts", "2", "--lr-crop", "8", "--batch-size", "2", "--steps", "1"]
+    assert CliRunner().invoke(train_cli, args).exit_code == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["workers"] == 0
