@@ -151,6 +151,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     if cfg.compile not in COMPILE_MODES:
         raise DASRError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and cfg.compile in ("reduce-overhead", "max-autotune"):  # both record CUDA graphs
+        raise DASRError(f"--compile {cfg.compile} records CUDA graphs, which this trainer does not run under "
+                        "DDP (several processes); use --compile default or max-autotune-no-cudagraphs")
     rank = int(os.environ.get("RANK", "0"))
     device = pick_device(cfg.device)
     main_rank = rank == 0
@@ -257,7 +260,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             grouped = True
         if cfg.expert_impl == "auto":  # before DDP and compile wrap the model
-            impl, channels_last, probe = choose_expert_impl(model, cfg, device, use_bf16, world)
+            lr_hw = (cfg.lr_crop, cfg.lr_crop) if cfg.lr_crop else tuple(train_set.data[0].lr.shape[:2])
+            impl, channels_last, probe = choose_expert_impl(parts, cfg, device, use_bf16, lr_hw, world)
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             for module in (model, ema):
                 set_expert_impl(module, impl)
@@ -331,48 +335,77 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     return last
 
 
-def choose_expert_impl(model: DASR, cfg: TrainConfig, device: torch.device, bf16: bool,
+def choose_expert_impl(parts: StepParts, cfg: TrainConfig, device: torch.device, bf16: bool, lr_hw: tuple[int, int],
                        world: int = 1) -> tuple[str, bool, dict[str, float]]:
     """expert_impl "auto": (strategy, channels_last, probe ms per candidate). On a CPU, "grouped" in the
     configured format without timing anything (the K-times-the-work strategies are ~4x slower there). On a
     GPU, the fastest of AUTO_CANDIDATES (channels_last ones only with cfg.channels_last) by
-    :func:`probe_expert_impls` at this process's batch shape; under DDP every rank takes rank 0's choice."""
+    :func:`probe_expert_impls`, on this process's batch of LR crops `lr_hw`; under DDP every candidate
+    counts at its slowest rank's time (a rank where it ran out of memory rules it out), so all ranks choose
+    the same."""
     if device.type != "cuda":
         return "grouped", cfg.channels_last, {}
     candidates = [(impl, cl or cfg.channels_last) for impl, cl in AUTO_CANDIDATES]
-    shape = (cfg.batch_size // world, 3, cfg.lr_crop, cfg.lr_crop)
-    times = probe_expert_impls(model, shape, bf16, candidates)
-    if not times:
-        raise DASRError(f"--expert-impl auto: every strategy ran out of GPU memory at batch {shape[0]}, "
-                        f"crop {cfg.lr_crop}")
-    best = min(times, key=times.get)
-    if world > 1:  # the ranks' timings differ a little: all take rank 0's choice
+    shape = (max(1, cfg.batch_size // world), 3, *lr_hw)
+    times = probe_expert_impls(parts, cfg, shape, bf16, candidates)
+    if world > 1:
         import torch.distributed as dist
 
-        index = torch.tensor([candidates.index(best)], device=device)
-        dist.broadcast(index, 0)
-        best = candidates[int(index.item())]
+        worst = torch.tensor([times.get(c, math.inf) for c in candidates], dtype=torch.float64, device=device)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        times = {c: t for c, t in zip(candidates, worst.tolist()) if math.isfinite(t)}
+    if not times:
+        raise DASRError(f"--expert-impl auto: every strategy ran out of GPU memory at batch {shape[0]}, "
+                        f"LR crop {lr_hw[0]}x{lr_hw[1]}; use a smaller --batch-size or --lr-crop")
+    best = min(times, key=times.get)
     return best[0], best[1], {f"{impl}{' channels_last' if cl else ''}": 1000 * t for (impl, cl), t in times.items()}
 
 
-def probe_expert_impls(model: DASR, shape: tuple[int, int, int, int], bf16: bool,
+class _NoStep:
+    """An optimiser stand-in for the probe: zero_grad clears the gradients, step changes nothing."""
+
+    def __init__(self, params) -> None:
+        self.params = list(params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        pass
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A CUDA allocation failure: torch's own error, or cuDNN's / cuBLAS's, which arrive as RuntimeError."""
+    text = str(exc)
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
+
+
+def probe_expert_impls(parts: StepParts, cfg: TrainConfig, shape: tuple[int, int, int, int], bf16: bool,
                        candidates=AUTO_CANDIDATES, *, repeats: int = 3,
                        clock: Callable[[], float] = time.perf_counter) -> dict[tuple[str, bool], float]:
-    """Median seconds of one forward + backward (L1 + regression loss, bf16 autocast if `bf16`) of `model`
-    on a random LR batch of `shape` for each (strategy, channels_last) candidate, after one untimed pass
-    (where cuDNN times its algorithms). The weights are untouched (no optimiser step; gradients are left
-    None), and the strategy and the predictor's memory format are restored. A candidate that runs out of
-    GPU memory is left out."""
+    """Median seconds of the training step (:func:`train_step`: G and P, with the GAN and perceptual terms
+    and the discriminator's step where the run has them, bf16 autocast if `bf16`) on a random batch of LR
+    `shape` for each (strategy, channels_last) candidate, after one untimed step (where cuDNN times its
+    algorithms). Nothing is learnt: the optimisers are stand-ins that do not step, the EMA update is aimed
+    at the generator itself (a lerp of x to x), the discriminator's power-iteration vectors are put back,
+    gradients are left None, and the strategy and memory formats are restored. So the time is the step's
+    less the two Adam updates, which no candidate changes, and the memory is the step's but for Adam's
+    state. A candidate that runs out of GPU memory is left out."""
+    model, disc = parts.model, parts.disc
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(0)  # the global RNG is untouched
     n, c, h, w = shape
     lr = torch.rand(shape, generator=gen, device=device)
-    hr = torch.rand((n, c, 4 * h, 4 * w), generator=gen, device=device)
+    target = torch.rand((n, c, 4 * h, 4 * w), generator=gen, device=device)
     v = torch.rand((n, model.predictor.MappingNet[0].in_features), generator=gen, device=device)
+    probe = StepParts(net=model, model=model, ema=model.generator, opt=_NoStep(model.parameters()), disc=disc,
+                      opt_d=_NoStep(disc.parameters()) if disc is not None else None, perceptual=parts.perceptual)
     impl_before = model.generator.conv_first.impl
-    fmt_before = (torch.channels_last if model.predictor.ConvNet[0].weight.is_contiguous(
-        memory_format=torch.channels_last) and not model.predictor.ConvNet[0].weight.is_contiguous()
-        else torch.contiguous_format)
+    weight = model.predictor.ConvNet[0].weight
+    fmt_before = (torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last)
+                  and not weight.is_contiguous() else torch.contiguous_format)
+    disc_state = {k: t.clone() for k, t in disc.state_dict().items()} if disc is not None else None
 
     def sync() -> None:
         if device.type == "cuda":
@@ -383,32 +416,38 @@ def probe_expert_impls(model: DASR, shape: tuple[int, int, int, int], bf16: bool
         for impl, channels_last in candidates:
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             set_expert_impl(model, impl)
-            model.predictor.to(memory_format=fmt)
-            x, y = lr.contiguous(memory_format=fmt), hr.contiguous(memory_format=fmt)
+            for module in (model.predictor, disc):
+                if module is not None:
+                    module.to(memory_format=fmt)
+            x, y = lr.contiguous(memory_format=fmt), target.contiguous(memory_format=fmt)
             samples: list[float] = []
-            sr = v_hat = loss = None
             try:
                 for i in range(repeats + 1):
                     sync()
                     start = clock()
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        sr, v_hat = model(x, return_v=True)
-                        loss = F.l1_loss(sr.float(), y) + F.l1_loss(v_hat.float(), v)
-                    loss.backward()
+                    train_step(probe, cfg, x, y, v, bf16)
                     sync()
                     if i:
                         samples.append(clock() - start)
                 times[(impl, channels_last)] = sorted(samples)[len(samples) // 2]
-            except torch.cuda.OutOfMemoryError:
-                pass
+            except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
+                if not _out_of_memory(exc):
+                    raise
             finally:
-                x = y = sr = v_hat = loss = None  # noqa: F841 (freed before the cache is emptied)
-                model.zero_grad(set_to_none=True)
+                x = y = None  # noqa: F841 (freed before the cache is emptied)
+                probe.opt.zero_grad()
+                if probe.opt_d is not None:
+                    probe.opt_d.zero_grad()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     finally:
         set_expert_impl(model, impl_before)
-        model.predictor.to(memory_format=fmt_before)
+        for module in (model.predictor, disc):
+            if module is not None:
+                module.to(memory_format=fmt_before)
+        if disc is not None:
+            disc.load_state_dict(disc_state)
+            disc.requires_grad_(True)  # train_step freezes it for G's step: a failure there must not leave it so
     return times
 
 

@@ -430,6 +430,28 @@ def test_cli_log_every_writes_sparse_metrics_and_shows_progress(shards, tmp_path
     assert json.loads((tmp_path / "run" / "config.json").read_text())["log_every"] == 2
 
 
+def _channels_last(t) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _watch_steps(monkeypatch) -> list[tuple]:
+    """Wrap train_step: for every step, (model's strategy, EMA's strategy, predictor weights channels_last,
+    LR batch channels_last, discriminator present, its weights channels_last or None)."""
+    import dasr_model.train as train_module
+
+    seen, real = [], train_module.train_step
+
+    def watched(p, cfg, lr, target, v, bf16, **kw):
+        disc = getattr(p.disc, "module", p.disc)
+        seen.append((p.model.generator.conv_first.impl, p.ema.conv_first.impl,
+                     _channels_last(p.model.predictor.ConvNet[0].weight), _channels_last(lr), disc is not None,
+                     _channels_last(disc.conv1.weight_orig) if disc is not None else True))
+        return real(p, cfg, lr, target, v, bf16, **kw)
+
+    monkeypatch.setattr(train_module, "train_step", watched)
+    return seen
+
+
 def _weights(run_dir, step):
     return load_checkpoint(run_dir / f"ckpt-{step}.pt")
 
@@ -448,15 +470,18 @@ def _assert_trained_alike(a, b, init, atol):
 
 
 @pytest.mark.parametrize("impl,gan", [("stacked", True), ("dense", False)])
-def test_channels_last_trains_like_nchw(shards, tmp_path, impl, gan):
+def test_channels_last_trains_like_nchw(shards, tmp_path, monkeypatch, impl, gan):
     """--channels-last with a strategy that keeps it, against the grouped NCHW reference: the same weights
     after 3 Adam steps to 1e-6 (they move by 3e-4 at lr 1e-4; float rounding differs, nothing else), the
     model file written from the channels_last weights the same as the checkpoint's, and config.json says."""
     from dasr_model.infer import load_checkpoint_model
 
     model = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8, mapping_gain=1.0)
-    train(_cfg(shards, tmp_path / "ref", 3, model=model, gan=gan, batch_size=3))
+    train(_cfg(shards, tmp_path / "ref", 3, model=model, gan=gan, batch_size=3, expert_impl="grouped"))
+    seen = _watch_steps(monkeypatch)
     train(_cfg(shards, tmp_path / "cl", 3, model=model, gan=gan, batch_size=3, expert_impl=impl, channels_last=True))
+    monkeypatch.undo()
+    assert len(seen) == 3 and all(s == (impl, impl, True, True, gan, True) for s in seen), seen
     torch.manual_seed(0)
     a, b = _weights(tmp_path / "cl", 3), _weights(tmp_path / "ref", 3)
     _assert_trained_alike(a, b, DASR(model).state_dict(), atol=1e-6)
@@ -503,9 +528,14 @@ def test_compile_trains_like_eager_without_graph_breaks(shards, tmp_path, monkey
     torch._dynamo.reset()
 
 
-def test_compile_mode_is_checked_and_the_cli_passes_both_options(shards, tmp_path):
+def test_compile_mode_is_checked_and_the_cli_passes_both_options(shards, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="compile must be one of"):
         train(_cfg(shards, tmp_path / "bad", 1, compile="fast"))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under DDP: no CUDA-graph modes, refused before anything starts
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ValueError, match="records CUDA graphs"):
+            train(_cfg(shards, tmp_path / "bad", 1, compile=mode))
+    monkeypatch.delenv("WORLD_SIZE")
     assert not (tmp_path / "bad").exists()
     result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / "bad"), "--compile", "fast"])
     assert result.exit_code == 2 and "fast" in result.output
@@ -604,17 +634,32 @@ def test_auto_expert_impl_on_cpu_is_grouped_and_trains_exactly_like_it(shards, t
         train(_cfg(shards, tmp_path / "bad", 1, expert_impl="winograd"))
 
 
-def test_probe_times_each_candidate_in_its_layout_and_leaves_the_model_as_it_was():
-    """A clock that advances by a set duration per strategy: the probe reports exactly those durations,
-    ran each candidate's generator on input in the candidate's memory format, and leaves weights,
-    gradients, strategy and the predictor's memory format as they were."""
+def _probe_parts(gan: bool):
+    import copy
+
+    from dasr_model.losses import UNetDiscriminatorSN
     from dasr_model.model import set_expert_impl
-    from dasr_model.train import AUTO_CANDIDATES, probe_expert_impls
+    from dasr_model.train import StepParts
 
     torch.manual_seed(0)
     model = set_expert_impl(DASR(TINY), "bmm")
     model.predictor.to(memory_format=torch.channels_last)
-    before = {k: t.clone() for k, t in model.state_dict().items()}
+    disc = UNetDiscriminatorSN(num_feat=8).to(memory_format=torch.channels_last) if gan else None
+    return StepParts(net=model, model=model, ema=copy.deepcopy(model.generator),
+                     opt=torch.optim.Adam(model.parameters()), disc=disc,
+                     opt_d=torch.optim.Adam(disc.parameters()) if gan else None)
+
+
+def test_probe_times_each_candidate_in_its_layout_and_leaves_everything_as_it_was():
+    """A clock that advances by a set duration per strategy: the probe reports exactly those durations;
+    each candidate ran whole training steps (G, P and D) on input in its own memory format, with the
+    predictor and discriminator in that format; afterwards weights, EMA, the discriminator's power-iteration
+    vectors, gradients, optimiser state, strategy and memory formats are as they were."""
+    from dasr_model.train import AUTO_CANDIDATES, probe_expert_impls
+
+    parts = _probe_parts(gan=True)
+    model, disc = parts.model, parts.disc
+    before = {k: t.clone() for m in (model, disc, parts.ema) for k, t in m.state_dict().items()}
     cost = {"grouped": 5.0, "dense": 3.0, "stacked": 1.0, "bmm": 4.0}
     now = [0.0]
 
@@ -623,18 +668,51 @@ def test_probe_times_each_candidate_in_its_layout_and_leaves_the_model_as_it_was
         return now[0]
 
     seen = []
-    hook = model.generator.conv_first.register_forward_pre_hook(
-        lambda m, args: seen.append((m.impl, args[0].is_contiguous(memory_format=torch.channels_last)
-                                     and not args[0].is_contiguous())))
-    times = probe_expert_impls(model, (2, 3, 8, 8), False, AUTO_CANDIDATES, repeats=2, clock=clock)
-    hook.remove()
+    hooks = [model.generator.conv_first.register_forward_pre_hook(
+                 lambda m, args: seen.append(("G", m.impl, _channels_last(args[0])))),
+             model.predictor.register_forward_pre_hook(
+                 lambda m, args: seen.append(("P", _channels_last(m.ConvNet[0].weight), _channels_last(args[0])))),
+             disc.register_forward_pre_hook(
+                 lambda m, args: seen.append(("D", _channels_last(m.conv1.weight_orig), _channels_last(args[0]))))]
+    cfg = TrainConfig(shards="", out="", gan=True, model=TINY)
+    times = probe_expert_impls(parts, cfg, (2, 3, 8, 8), False, AUTO_CANDIDATES, repeats=2, clock=clock)
+    for h in hooks:
+        h.remove()
     assert times == {(impl, cl): cost[impl] for impl, cl in AUTO_CANDIDATES}
-    assert seen == [c for c in AUTO_CANDIDATES for _ in range(3)]  # one untimed pass + 2 timed each
-    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
-    assert all(p.grad is None for p in model.parameters())
+    # per step: P, G, then D three times (G's GAN term, real, fake); 3 steps per candidate. D's fake input is
+    # G's output, channels_last for the channels_last candidates (dense and stacked keep the format).
+    expected = [x for impl, cl in AUTO_CANDIDATES for _ in range(3)
+                for x in (("P", cl, cl), ("G", impl, cl), ("D", cl, cl), ("D", cl, cl), ("D", cl, cl))]
+    assert seen == expected
+    after = {k: t for m in (model, disc, parts.ema) for k, t in m.state_dict().items()}
+    assert all(torch.equal(t, before[k]) for k, t in after.items())
+    assert all(p.grad is None for m in (model, disc) for p in m.parameters())
+    assert not parts.opt.state and not parts.opt_d.state and all(p.requires_grad for p in disc.parameters())
     assert {m.impl for m in model.modules() if hasattr(m, "impl")} == {"bmm"}
-    w = model.predictor.ConvNet[0].weight
-    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    assert _channels_last(model.predictor.ConvNet[0].weight) and _channels_last(disc.conv1.weight_orig)
+
+
+def test_probe_skips_a_candidate_out_of_memory_and_raises_other_errors():
+    from dasr_model.train import AUTO_CANDIDATES, probe_expert_impls
+
+    parts = _probe_parts(gan=False)
+    cfg = TrainConfig(shards="", out="", model=TINY)
+    failing = {"dense": torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB"),
+               "stacked": RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED")}
+
+    def fail(m, args):
+        if m.impl in failing:
+            raise failing[m.impl]
+
+    hook = parts.model.generator.conv_first.register_forward_pre_hook(fail)
+    times = probe_expert_impls(parts, cfg, (2, 3, 8, 8), False, AUTO_CANDIDATES, repeats=1)
+    assert set(times) == {("grouped", False), ("bmm", False)}
+    assert parts.model.generator.conv_first.impl == "bmm"
+    failing["grouped"] = RuntimeError("expected scalar type Float but found Half")  # a bug, not memory
+    with pytest.raises(RuntimeError, match="expected scalar type"):
+        probe_expert_impls(parts, cfg, (2, 3, 8, 8), False, AUTO_CANDIDATES, repeats=1)
+    hook.remove()
+    assert parts.model.generator.conv_first.impl == "bmm"  # restored on the way out too
 
 
 def test_auto_on_a_gpu_takes_the_fastest_candidate_and_training_applies_it(shards, tmp_path, monkeypatch):
@@ -647,25 +725,30 @@ def test_auto_on_a_gpu_takes_the_fastest_candidate_and_training_applies_it(shard
     fake = {("grouped", False): 0.004, ("dense", True): 0.003, ("stacked", True): 0.002, ("bmm", False): 0.005}
     asked = []
 
-    def probe(model, shape, bf16, candidates):
+    def probe(parts, cfg, shape, bf16, candidates):
         asked.append((shape, list(candidates)))
         return {c: fake.get(c, 0.001 if c == ("grouped", True) else 0.009) for c in candidates}
 
     monkeypatch.setattr(train_module, "probe_expert_impls", probe)
     cfg = _cfg(shards, tmp_path / "x", 1, batch_size=4)
-    impl, cl, ms = train_module.choose_expert_impl(DASR(TINY), cfg, torch.device("cuda"), True)
+    impl, cl, ms = train_module.choose_expert_impl(None, cfg, torch.device("cuda"), True, (8, 6))
     assert (impl, cl) == ("stacked", True) and ms["stacked channels_last"] == pytest.approx(2.0)
-    assert asked[-1] == ((4, 3, 8, 8), list(train_module.AUTO_CANDIDATES))
-    impl, cl, _ = train_module.choose_expert_impl(DASR(TINY), _cfg(shards, tmp_path / "x", 1, channels_last=True),
-                                                  torch.device("cuda"), True)
+    assert asked[-1] == ((4, 3, 8, 6), list(train_module.AUTO_CANDIDATES))
+    impl, cl, _ = train_module.choose_expert_impl(None, _cfg(shards, tmp_path / "x", 1, channels_last=True),
+                                                  torch.device("cuda"), True, (8, 8))
     assert (impl, cl) == ("grouped", True)  # channels_last candidates only: grouped in channels_last was fastest
     assert all(layout for _, layout in asked[-1][1])
+    monkeypatch.setattr(train_module, "probe_expert_impls", lambda *a: {})
+    with pytest.raises(ValueError, match="every strategy ran out of GPU memory at batch 4"):
+        train_module.choose_expert_impl(None, cfg, torch.device("cuda"), True, (8, 8))
 
     monkeypatch.setattr(train_module, "choose_expert_impl",
                         lambda *a: ("stacked", True, {"grouped": 4.0, "stacked channels_last": 2.0}))
+    seen = _watch_steps(monkeypatch)
     model = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8, mapping_gain=1.0)
     train(_cfg(shards, tmp_path / "auto", 2, model=model, gan=True, batch_size=3))
     monkeypatch.undo()
+    assert seen == [("stacked", "stacked", True, True, True, True)] * 2  # model, EMA, P, batch, D: as chosen
     train(_cfg(shards, tmp_path / "hand", 2, model=model, gan=True, batch_size=3, expert_impl="stacked",
                channels_last=True))
     a, b = _weights(tmp_path / "auto", 2), _weights(tmp_path / "hand", 2)
