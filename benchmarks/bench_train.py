@@ -12,8 +12,9 @@
   such a row for each strategy that keeps the format through the generator (dense, stacked; the others
   turn it back into NCHW at every layer). --compile MODES adds, per row, the step with the network
   compiled by torch.compile in each mode (as `dasr-train --compile`; reduce-overhead adds CUDA graphs),
-  warmed up at least 3 steps. Peak GPU memory per step on CUDA; the first step's seconds (cuDNN's
-  algorithm search with cudnn.benchmark, or the compilation).
+  warmed up at least 3 steps (--compile-only: those rows without their eager twins). Peak GPU memory
+  per step on CUDA; the first step's seconds (cuDNN's algorithm search with cudnn.benchmark, or the
+  compilation, which later rows may shorten by reusing inductor's on-disk caches).
 
 Needs a dataset made with `degrade make-dataset` (patch 256) for the loader part.
 Usage: python benchmarks/bench_train.py --shards DIR [--device auto] [--batch-sizes 6,16,48] [--gan]
@@ -122,6 +123,8 @@ def parse_impls(spec: str, channels_last: bool) -> list[tuple[str, bool]]:
     if channels_last:
         runs += [(impl, True) for impl, cl in list(runs) if not cl and impl in KEEPS_CHANNELS_LAST
                  and (impl, True) not in runs]
+    if not runs:
+        raise ValueError("no strategy given")
     return runs
 
 
@@ -144,6 +147,8 @@ def main() -> None:
                     help=f"also time {' and '.join(KEEPS_CHANNELS_LAST)} (when listed) in channels_last")
     ap.add_argument("--compile", default="", help=f"also time each row compiled in these modes, comma-separated: "
                                                   f"{','.join(COMPILE_MODES[1:])}")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="with --compile: time the --impl rows compiled only, not eager (the float32 baseline stays)")
     ap.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # aot_eager: CPU dry runs
     ap.add_argument("--lr-size", type=int, default=64, help="LR crop side of the timed steps (HR: 4x)")
     ap.add_argument("--fp32-baseline", action="store_true",
@@ -176,14 +181,16 @@ def main() -> None:
         fp32_base = args.fp32_baseline and precision != "float32"  # on CPU every row is float32 already
         first_impl, first_cl = impl_runs[0]
         base_name = ("float32 grouped NCHW eager" if fp32_base else
-                     f"{precision} {first_impl} {'channels_last' if first_cl else 'NCHW'} eager")
+                     f"{precision} {first_impl} {'channels_last' if first_cl else 'NCHW'} "
+                     + (compiled_name(modes[0], args.compile_backend) if args.compile_only and modes else "eager"))
         print("| batch | GAN | precision | expert impl | memory format | compile | ms/step "
               f"| speed-up vs {base_name} | peak GiB | first step s |\n"
               "|---:|---|---|---|---|---|---:|---:|---:|---:|")
         for b in (int(x) for x in args.batch_sizes.split(",")):
             for gan in ((False, True) if args.gan else (False,)):
                 runs = [("float32", "grouped", False, "off")] if fp32_base else []
-                runs += [(precision, impl, cl, mode) for impl, cl in impl_runs for mode in ("off", *modes)]
+                eager = () if args.compile_only and modes else ("off",)
+                runs += [(precision, impl, cl, mode) for impl, cl in impl_runs for mode in (*eager, *modes)]
                 base = None
                 for prec, impl, cl, mode in runs:
                     sec, peak, first = bench_step(device, b, gan, args.warmup, args.repeats, impl, cl, args.lr_size,
