@@ -304,10 +304,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             if world > 1:  # every rank stops at the same step, or the others would wait in the next all-reduce
                 import torch.distributed as dist
 
-                flag = torch.tensor([0 if stopped_by is None else 1], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                if flag.item() and stopped_by is None:
-                    stopped_by = "another rank"
+                # The ranks agree at logged, checkpoint and last steps only (steps every rank knows alike;
+                # the flag's read is a host sync): a stop asked for in between waits for the next of them.
+                if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps:
+                    flag = torch.tensor([0 if stopped_by is None else 1], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    if flag.item() and stopped_by is None:
+                        stopped_by = "another rank"
+                else:
+                    stopped_by = None
             final = step == cfg.steps or stopped_by is not None
             if final and not due:  # a stop between two logged steps: its line (and check) before its checkpoint
                 last = record(losses, step, False)

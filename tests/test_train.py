@@ -231,22 +231,32 @@ def test_discriminator_gives_per_pixel_logits():
 
 
 def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path):
-    """torchrun, 2 CPU processes x batch 1 == 1 process x batch 2 (gradients are averaged)."""
+    """torchrun, 2 CPU processes x batch 1 == 1 process x batch 2 (gradients are averaged). The DDP run is
+    asked for 6 steps with metrics every 4, and rank 1 sends itself SIGINT after step 1: the ranks agree on
+    stopping only at logged, checkpoint and last steps (no host sync per step), so both stop at step 2,
+    the first checkpoint step, and are compared there with a 2-step single-process run."""
     import subprocess
     import sys
 
     code = (
-        "import sys; from dasr_model.train import TrainConfig, train; from dasr_model.model import DASRConfig;"
-        f"train(TrainConfig(shards={shards!r}, out=sys.argv[1], steps=2, batch_size=int(sys.argv[2]), lr_crop=8,"
-        "workers=0, ckpt_every=2, device='cpu', "
-        "model=DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)))"
+        "import os, signal, sys; from dasr_model.train import TrainConfig, train;"
+        "from dasr_model.model import DASRConfig;"
+        "hit = lambda step, m: os.environ.get('RANK') == '1' and step == 1 and os.kill(os.getpid(), signal.SIGINT);"
+        f"last = train(TrainConfig(shards={shards!r}, out=sys.argv[1], steps=int(sys.argv[3]), lr_crop=8,"
+        "batch_size=int(sys.argv[2]), log_every=4, workers=0, ckpt_every=2, device='cpu', "
+        "model=DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)), progress=hit);"
+        "result = f\"{last['step']} {last.get('stopped_by')}\";"
+        "open(sys.argv[1] + '.rank' + os.environ.get('RANK', '0'), 'w').write(result)"
     )
     script = tmp_path / "run.py"
     script.write_text(code)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(script), str(tmp_path / "ddp"), "1"], check=True, capture_output=True, timeout=240)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "2"], check=True, capture_output=True,
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path / "ddp"), "1", "6"], capture_output=True, text=True, timeout=240)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert [(tmp_path / f"ddp.rank{r}").read_text() for r in (0, 1)] == ["2 another rank", "2 SIGINT"], ddp.stderr
+    subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "2", "2"], check=True, capture_output=True,
                    timeout=240)
+    assert sorted(p.name for p in (tmp_path / "ddp").glob("ckpt-*.pt")) == ["ckpt-2.pt"]
     a, b = load_checkpoint(tmp_path / "ddp" / "ckpt-2.pt"), load_checkpoint(tmp_path / "single" / "ckpt-2.pt")
     # Summing the gradients in another order changes them by float rounding, and Adam turns a gradient
     # near zero into a step of up to lr = 1e-4 whatever its size: on such elements the two runs differ
@@ -254,7 +264,7 @@ def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path
     # by whole steps, 1e-4.
     for name, tensor in a["model"].items():
         torch.testing.assert_close(tensor, b["model"][name], rtol=1e-4, atol=1e-5, msg=name)
-    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2  # rank 0 only
+    assert [json.loads(x)["step"] for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()] == [2]
 
 
 def test_time_budget_saves_a_checkpoint_and_a_small_model_file(shards, tmp_path):
