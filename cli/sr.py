@@ -80,9 +80,12 @@ def model_options(f):
               help="Override a field of the predicted v in physical units, e.g. noise1.strength=5.")
 @click.option("--mix", help="Set the expert coefficients a directly: a0,a1,...")
 @click.option("--print-v", is_flag=True, help="Print each image's predicted v, decoded.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="The fused generator's precision (bf16: on a GPU also channels_last; the predictor and the "
+                   "bilinear base stay fp32).")
 @max_pixels_option
 def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, tile, settings, mix, print_v,
-            max_pixels) -> None:
+            precision, max_pixels) -> None:
     """Super-resolve INPUT images or folders x4 into OUT_DIR as PNG.
 
     A file that cannot be read is reported and skipped; the exit status is then 1.
@@ -106,6 +109,9 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
         overrides = parse_settings(list(settings))
         model, dev = _load(_one_model(model_path, checkpoint), release_weights, device)
         a_fixed = _parse_mix(mix, model.config.num_experts)
+        import torch
+
+        fast = {"dtype": torch.bfloat16, "channels_last": dev.type == "cuda"} if precision == "bf16" else {}
         out_dir.mkdir(parents=True, exist_ok=True)
         with _bar("super-resolving") as bar:
             task = bar.add_task("sr", total=len(files))
@@ -117,7 +123,7 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
                     err_console.print(f"skipped {one_line(exc)}", soft_wrap=True)
                     bar.advance(task)
                     continue
-                sr, v_hat = upscale(model, img, overrides=overrides, mix=a_fixed, tile=tile, device=dev)
+                sr, v_hat = upscale(model, img, overrides=overrides, mix=a_fixed, tile=tile, device=dev, **fast)
                 degrade.write_image(out_dir / f"{f.stem}_x4.png", sr)
                 if print_v:
                     v = v_hat[0].clamp(0, 1).cpu().numpy()

@@ -226,10 +226,12 @@ def super_resolve(model: DASR, lr: Tensor, a: Tensor, *, tile: int | None = None
 @torch.no_grad()
 def upscale(model: DASR, image: np.ndarray, *, overrides: dict[str, str] | None = None, mix: Tensor | None = None,
             tile: int | None = None, overlap: int = 32, device: torch.device | str = "cpu",
-            dtype: torch.dtype | None = None) -> tuple[np.ndarray, Tensor]:
+            dtype: torch.dtype | None = None, channels_last: bool = False) -> tuple[np.ndarray, Tensor]:
     """One image, x4, as `dasr-sr` does it: predict v once from the whole image, override named fields of
     it (`overrides`, :func:`edit_vector`) or set the expert mix (`mix`, (1, K)), then run the fused
     generator whole or tile by tile. image (H, W, 3) float32 in [0, 1] -> ((4H, 4W, 3) uint8, v_hat (1, 33)).
+    `dtype` / `channels_last`: the fused generator's precision and memory format (:func:`fuse_experts`);
+    the predictor and the bilinear base stay float32.
 
     With `tile`, the predictor runs tile by tile too (at least 256 px a side) and the output is assembled
     in 8 bit tile by tile, so memory follows the tile size plus the uint8 result.
@@ -243,10 +245,11 @@ def upscale(model: DASR, image: np.ndarray, *, overrides: dict[str, str] | None 
         a = model.mix(v_hat)
     if mix is not None:
         a = mix.to(lr.device, lr.dtype)
-    net = fuse_experts(model, a, dtype=dtype)
+    net = fuse_experts(model, a, dtype=dtype, channels_last=channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     s = model.config.scale
     out = np.empty((lr.shape[-2] * s, lr.shape[-1] * s, 3), np.uint8)
-    for (y, x), part in _tiles(lambda t: net(t).to(t.dtype), lr, s, tile, overlap):
+    for (y, x), part in _tiles(lambda t: net(t.contiguous(memory_format=fmt)).to(t.dtype), lr, s, tile, overlap):
         out[y : y + part.shape[-2], x : x + part.shape[-1]] = to_uint8(to_image(part))
     return out, v_hat
 
