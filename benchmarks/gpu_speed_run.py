@@ -164,7 +164,8 @@ def bf16_table(model_path: str | None, device_name: str, smoke: bool) -> str:
         lr = degrade.apply(hr, params)  # float32 on 8-bit levels
         with torch.no_grad():
             sr32, _ = upscale(model, lr, device=device)  # what dasr-sr writes: uint8
-            sr16, _ = upscale(model, lr, device=device, dtype=torch.bfloat16)
+            # what `dasr-sr --precision bf16` runs: bf16, channels_last on a GPU
+            sr16, _ = upscale(model, lr, device=device, dtype=torch.bfloat16, channels_last=device.type == "cuda")
             lr_t = to_tensor(lr).to(device)
             _, a = predict(model, lr_t)
             raw = (super_resolve(model, lr_t, a) - super_resolve(model, lr_t, a, dtype=torch.bfloat16)).abs().max()
