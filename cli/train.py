@@ -52,6 +52,9 @@ def default_workers() -> int:
 @click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
               help="Adam learning rate.")
 @click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True)
+@click.option("--no-ema-warmup", is_flag=True,
+              help="Use --ema-decay from the first step (default: min(decay, (1 + t) / (10 + t)) at update t, so "
+                   "a short run's EMA does not keep its initial weights).")
 @click.option("--mixing", type=click.Choice(["linear", "softmax"]), default="linear", show_default=True,
               help="How v becomes the expert mix: linear (as released) or softmax(. / --mixing-temperature).")
 @click.option("--mixing-temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
@@ -82,8 +85,8 @@ def default_workers() -> int:
               help="Local VGG19 weights (torchvision layout) for the perceptual term; without it the term is off.")
 def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, restart, seed, workers, val_every,
          val_samples, ckpt_every, log_every, keep_checkpoints, experts, blocks, features, learning_rate, ema_decay,
-         mixing, mixing_temperature, mapping_gain, predictor_input, teacher_steps, expert_impl, channels_last,
-         compile_mode, max_minutes, no_sharpen, gan, vgg_weights) -> None:
+         no_ema_warmup, mixing, mixing_temperature, mapping_gain, predictor_input, teacher_steps, expert_impl,
+         channels_last, compile_mode, max_minutes, no_sharpen, gan, vgg_weights) -> None:
     """Train DASR (degradation predictor + expert MSRResNet) on HDF5 shards.
 
     Losses: L1 + v regression, plus GAN with --gan and perceptual with --vgg-weights. Several GPUs:
@@ -113,6 +116,7 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, re
                       ckpt_every=ckpt_every, log_every=log_every, keep_checkpoints=keep_checkpoints,
                       seed=seed, workers=workers, device=device, sharpen_gt=not no_sharpen, gan=gan,
                       vgg_weights=str(vgg_weights) if vgg_weights else None, lr=learning_rate, ema_decay=ema_decay,
+                      ema_warmup=not no_ema_warmup,
                       teacher_steps=teacher_steps, max_minutes=max_minutes, expert_impl=expert_impl,
                       channels_last=channels_last, compile=compile_mode, model=model_cfg)
     if vgg_weights is not None and not vgg_weights.is_file():

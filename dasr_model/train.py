@@ -57,6 +57,10 @@ class TrainConfig:
     pixel_weight: float = 1.0
     regression_weight: float = 1.0
     ema_decay: float = 0.999
+    # The EMA's decay at update t (0, 1, ...) is min(ema_decay, (1 + t) / (10 + t)), the warm-up of
+    # TensorFlow's ExponentialMovingAverage: early on the EMA follows the model instead of keeping the
+    # initial weights (with 0.999 alone they would still weigh 0.999^t: 6 % after 2750 steps).
+    ema_warmup: bool = True
     teacher_steps: int = 0  # steps at the start whose expert mix comes from the true v, not v_hat
     sharpen_gt: bool = True
     val_shards: str | None = None
@@ -288,7 +292,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             v = batch["v"].to(device, non_blocking=True)
             target = unsharp_mask(hr) if cfg.sharpen_gt else hr
 
-            losses = train_step(parts, cfg, lr_img, target, v, use_bf16, teacher=step < cfg.teacher_steps)
+            losses = train_step(parts, cfg, lr_img, target, v, use_bf16, teacher=step < cfg.teacher_steps,
+                                ema_decay=ema_decay_at(step, cfg))
             step += 1
             seen += lr_img.shape[0]
 
@@ -530,14 +535,20 @@ class StepParts:
             raise DASRError(f"{path}: does not fit this run ({str(exc).splitlines()[0]})") from None
 
 
+def ema_decay_at(step: int, cfg: TrainConfig) -> float:
+    """The EMA decay of update `step` (0-based): cfg.ema_decay, or with cfg.ema_warmup the smaller
+    (1 + step) / (10 + step) while that is below it (0.1 at step 0, 0.99 at 890, 0.999 from 8990 on)."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+
+
 def train_step(p: StepParts, cfg: TrainConfig, lr: torch.Tensor, target: torch.Tensor, v: torch.Tensor,
-               bf16: bool, *, teacher: bool = False) -> dict[str, torch.Tensor]:
+               bf16: bool, *, teacher: bool = False, ema_decay: float | None = None) -> dict[str, torch.Tensor]:
     """One step: G (and P) on L1 + regression (+ perceptual, + GAN), then D, then the EMA of G.
 
     lr (B, 3, h, w), target (B, 3, 4h, 4w), v (B, 33), all on the device. `teacher`: the expert mix
     comes from the true v (the predictor still learns v from the regression term). Returns the loss terms
     as detached 0-d tensors: reading them (float) makes the host wait for the device, so the loop does it
-    only when it logs.
+    only when it logs. `ema_decay`: this update's decay (:func:`ema_decay_at`; default cfg.ema_decay).
     """
     device_type = lr.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
@@ -564,7 +575,8 @@ def train_step(p: StepParts, cfg: TrainConfig, lr: torch.Tensor, target: torch.T
         p.opt_d.step()
         terms["discriminator"] = d_loss
     with torch.no_grad():  # one multi-tensor kernel for all parameters, the same numbers as a lerp_ per parameter
-        torch._foreach_lerp_(list(p.ema.parameters()), list(p.model.generator.parameters()), 1 - cfg.ema_decay)
+        decay = cfg.ema_decay if ema_decay is None else ema_decay
+        torch._foreach_lerp_(list(p.ema.parameters()), list(p.model.generator.parameters()), 1 - decay)
     return {"loss": loss.detach(), **{k: t.detach() for k, t in terms.items()}}
 
 

@@ -326,6 +326,36 @@ def test_cli_resume_says_from_where_and_stops_when_done(shards, tmp_path):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_ema_decay_warms_up_like_tensorflows_and_reaches_the_set_decay():
+    from dasr_model.train import ema_decay_at
+
+    cfg = TrainConfig(shards="", out="", ema_decay=0.999)
+    assert ema_decay_at(0, cfg) == pytest.approx(0.1) and ema_decay_at(90, cfg) == pytest.approx(0.91)
+    assert ema_decay_at(8990, cfg) == pytest.approx(0.999) and ema_decay_at(10**6, cfg) == 0.999
+    assert all(ema_decay_at(t, cfg) <= ema_decay_at(t + 1, cfg) for t in range(0, 10000, 7))
+    off = TrainConfig(shards="", out="", ema_decay=0.999, ema_warmup=False)
+    assert ema_decay_at(0, off) == 0.999
+    # The initial weights' share in the EMA after 2750 updates: 0.999^2750 without the warm-up, ~0 with it.
+    share = math.prod(ema_decay_at(t, cfg) for t in range(2750))
+    assert 0.999**2750 > 0.06 and share < 1e-6
+
+
+def test_training_updates_the_ema_with_the_warmed_up_decay(shards, tmp_path):
+    """Two steps: the EMA after them, recomputed here from the two checkpoints' models with the decays of
+    updates 0 and 1 (0.1 and 2/11), equals the run's; with --no-ema-warmup, 0.999 both times."""
+    for warm in (True, False):
+        out = tmp_path / f"w{warm}"
+        train(_cfg(shards, out, 2, ckpt_every=1, keep_checkpoints=0, ema_warmup=warm))
+        torch.manual_seed(0)
+        ema = DASR(TINY).generator.state_dict()  # the EMA starts as the initial generator
+        for step, decay in ((1, 0.1 if warm else 0.999), (2, 2 / 11 if warm else 0.999)):
+            model = load_checkpoint(out / f"ckpt-{step}.pt")["model"]
+            ema = {k: t.lerp(model[f"generator.{k}"], 1 - decay) for k, t in ema.items()}
+        got = load_checkpoint(out / "ckpt-2.pt")["ema_generator"]
+        for k, t in got.items():
+            torch.testing.assert_close(t, ema[k], rtol=0, atol=1e-7, msg=k)
+
+
 def test_ema_update_is_a_lerp_of_every_generator_parameter():
     """After one step the EMA generator is exactly ema + (1 - decay) (model - ema) per parameter, the
     update computed independently here with a lerp_ per parameter (the step uses one multi-tensor op)."""
