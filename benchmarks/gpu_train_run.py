@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         chosen[name] = f"{info['expert_impl']}, {info['memory_format']}"
         if "expert_impl_probe_ms" in info:  # on a GPU: what auto timed
             probe = ", ".join(f"{k} {v:.1f}" for k, v in info["expert_impl_probe_ms"].items())
-            chosen[name] += f" (probe, ms per forward + backward: {probe})"
+            chosen[name] += f" (probe, ms per training step: {probe})"
         log(out, f"{name}: {last_step(run_dir)} steps in {time.perf_counter() - t:.0f} s; expert convs {chosen[name]}")
         (out / f"metrics-e{experts}.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
 

@@ -17,9 +17,11 @@ err_console = Console(stderr=True)
 
 
 def default_workers() -> int:
-    """--workers when not given: half the cores this process may use, at least 1, at most 8."""
+    """--workers when not given: half the cores this process may use, shared among the processes torchrun
+    started on this machine (LOCAL_WORLD_SIZE), at least 1, at most 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-    return min(8, max(1, cores // 2))
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(8, max(1, cores // (2 * local)))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,7 +37,8 @@ def default_workers() -> int:
               help="Delete the run's checkpoints, metrics, config and model file in --out, then start over.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Data loader processes (the batches do not depend on it).  [default: half the cores, 1 to 8]")
+              help="Data loader processes (the batches do not depend on it).  [default: half the cores, shared "
+                   "among torchrun's processes on this machine, 1 to 8]")
 @click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--val-samples", type=click.IntRange(min=1), default=64, show_default=True,
               help="Validation samples scored at each --val-every.")

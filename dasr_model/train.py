@@ -109,6 +109,7 @@ class TrainConfig:
             raise DASRError("train config: no model config")
         d = dict(d)
         d["model"] = DASRConfig.from_dict(d["model"])
+        d.setdefault("ema_warmup", False)  # configs written before the warm-up existed trained without it
         try:
             if "betas" in d:
                 d["betas"] = tuple(float(b) for b in d["betas"])
@@ -121,6 +122,7 @@ class TrainConfig:
 
 # (strategy, channels_last) pairs that expert_impl "auto" times on a GPU: each strategy in its best layout
 AUTO_CANDIDATES = (("grouped", False), ("dense", True), ("stacked", True), ("bmm", False))
+STOP_AGREE_EVERY = 20  # under DDP, the ranks agree on stopping at least every this many steps
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ERROR_PREFIX = re.compile(r"^[\w.]+(Error|Exception): ")  # "degrade.errors.DatasetError: " in a worker's message
 
@@ -197,8 +199,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if found is None:
             raise DASRError(f"--resume: no readable checkpoint in {out}")
         step = parts.load_state_dict(found[1], cfg, found[0])
-        for newer in list_checkpoints(out):  # damaged ones latest_intact skipped: out of pruning's way
-            if checkpoint_step(newer) > step:
+        before = TrainConfig.from_dict(found[1]["config"])
+        if (before.ema_decay, before.ema_warmup) != (cfg.ema_decay, cfg.ema_warmup):
+            say(f"note: {found[0].name} was trained with EMA decay {before.ema_decay}"
+                f"{'' if before.ema_warmup else ' without'} warm-up; continuing with {cfg.ema_decay}"
+                f"{'' if cfg.ema_warmup else ' without'} warm-up")
+        for newer in list_checkpoints(out) if main_rank else []:  # damaged ones latest_intact skipped: out of
+            if checkpoint_step(newer) > step:  # pruning's way (rank 0 alone: ranks renaming at once would collide)
                 newer.replace(newer.with_name(newer.name + ".damaged"))
                 say(f"set {newer.name} aside as {newer.name}.damaged")
         if step >= cfg.steps:
@@ -276,7 +283,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             if probe:
                 run_info["expert_impl_probe_ms"] = probe
                 say("--expert-impl auto: " + ", ".join(f"{k} {v:.1f} ms" for k, v in probe.items())
-                    + f" per forward + backward; training with {impl}, {run_info['memory_format']}")
+                    + f" per training step; training with {impl}, {run_info['memory_format']}")
             if main_rank:
                 write_bytes_atomic(out / "config.json", json.dumps({**cfg.to_dict(), "run": run_info},
                                                                    indent=1).encode())
@@ -309,9 +316,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             if world > 1:  # every rank stops at the same step, or the others would wait in the next all-reduce
                 import torch.distributed as dist
 
-                # The ranks agree at logged, checkpoint and last steps only (steps every rank knows alike;
-                # the flag's read is a host sync): a stop asked for in between waits for the next of them.
-                if step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps:
+                # The ranks agree at logged steps (at least every STOP_AGREE_EVERY), checkpoint and last steps
+                # only: steps every rank knows alike, and the flag's read is a host sync. A stop asked for in
+                # between waits for the next of them (at most 19 steps: well within torchrun's 30 s between
+                # passing on a signal and killing the workers).
+                if (step % min(cfg.log_every, STOP_AGREE_EVERY) == 0 or step % cfg.ckpt_every == 0
+                        or step == cfg.steps):
                     flag = torch.tensor([0 if stopped_by is None else 1], device=device)
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                     if flag.item() and stopped_by is None:
@@ -350,18 +360,19 @@ def choose_expert_impl(parts: StepParts, cfg: TrainConfig, device: torch.device,
     """expert_impl "auto": (strategy, channels_last, probe ms per candidate). On a CPU, "grouped" in the
     configured format without timing anything (the K-times-the-work strategies are ~4x slower there). On a
     GPU, the fastest of AUTO_CANDIDATES (channels_last ones only with cfg.channels_last) by
-    :func:`probe_expert_impls`, on this process's batch of LR crops `lr_hw`; under DDP every candidate
+    :func:`probe_expert_impls`, on a batch (per process) of LR crops `lr_hw`; under DDP every candidate
     counts at its slowest rank's time (a rank where it ran out of memory rules it out), so all ranks choose
     the same."""
     if device.type != "cuda":
         return "grouped", cfg.channels_last, {}
     candidates = [(impl, cl or cfg.channels_last) for impl, cl in AUTO_CANDIDATES]
-    shape = (max(1, cfg.batch_size // world), 3, *lr_hw)
+    shape = (cfg.batch_size, 3, *lr_hw)  # --batch-size is per process
     times = probe_expert_impls(parts, cfg, shape, bf16, candidates)
     if world > 1:
         import torch.distributed as dist
 
-        worst = torch.tensor([times.get(c, math.inf) for c in candidates], dtype=torch.float64, device=device)
+        where = "cpu" if dist.get_backend() == "gloo" else device  # NCCL reduces on the GPU, gloo on the CPU
+        worst = torch.tensor([times.get(c, math.inf) for c in candidates], dtype=torch.float64, device=where)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         times = {c: t for c, t in zip(candidates, worst.tolist()) if math.isfinite(t)}
     if not times:

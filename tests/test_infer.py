@@ -13,10 +13,10 @@ from click.testing import CliRunner  # noqa: E402
 
 import degrade  # noqa: E402
 from cli.sr import eval_main, sr_main  # noqa: E402
+from dasr_model.checkpoints import save_checkpoint  # noqa: E402
 from dasr_model.infer import edit_vector, load_checkpoint_model, super_resolve, upscale  # noqa: E402
 from dasr_model.metrics import psnr, psnr_y, ssim_y, y_channel  # noqa: E402
 from dasr_model.model import DASR, DASRConfig  # noqa: E402
-from dasr_model.checkpoints import save_checkpoint  # noqa: E402
 from dasr_model.train import TrainConfig  # noqa: E402
 
 from .conftest import make_small_dataset  # noqa: E402
@@ -125,11 +125,26 @@ def test_sr_cli_precision_bf16_runs_the_fused_net_in_bf16(ckpt, tmp_path, monkey
     assert 0 < diff.max() <= 3 and diff.mean() < 0.25
 
 
-def test_upscale_channels_last_equals_the_default_layout(ckpt):
+def test_upscale_channels_last_equals_the_default_layout(ckpt, monkeypatch):
+    """channels_last: the fused net's weights and every tile it sees are channels_last; the output is the
+    default layout's up to float rounding."""
+    import dasr_model.infer as infer
+
     model = load_checkpoint_model(ckpt)
     img = np.random.default_rng(3).random((19, 23, 3)).astype(np.float32)
     a, _ = upscale(model, img, tile=8)
+    layouts, real = [], infer.fuse_experts
+
+    def spy(*args, **kwargs):
+        net = real(*args, **kwargs)
+        net.register_forward_pre_hook(lambda m, x: layouts.append(
+            (x[0].is_contiguous(memory_format=torch.channels_last) and not x[0].is_contiguous(),
+             m.conv_first.weight.is_contiguous(memory_format=torch.channels_last))))
+        return net
+
+    monkeypatch.setattr(infer, "fuse_experts", spy)
     b, _ = upscale(model, img, tile=8, channels_last=True)
+    assert len(layouts) == 9 and all(x and w for x, w in layouts)  # 3 x 3 tiles of at most 8 px
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # the same numbers up to float rounding
 
 

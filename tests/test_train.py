@@ -232,9 +232,10 @@ def test_discriminator_gives_per_pixel_logits():
 
 def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path):
     """torchrun, 2 CPU processes x batch 1 == 1 process x batch 2 (gradients are averaged). The DDP run is
-    asked for 6 steps with metrics every 4, and rank 1 sends itself SIGINT after step 1: the ranks agree on
-    stopping only at logged, checkpoint and last steps (no host sync per step), so both stop at step 2,
-    the first checkpoint step, and are compared there with a 2-step single-process run."""
+    asked for 6 steps with metrics every 2 and checkpoints every 3, and rank 1 sends itself SIGINT after
+    step 1: the ranks agree on stopping only at logged, checkpoint and last steps (no host sync per step),
+    so both stop at step 2, the first logged step, save there, and are compared with a 2-step
+    single-process run."""
     import subprocess
     import sys
 
@@ -243,7 +244,7 @@ def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path
         "from dasr_model.model import DASRConfig;"
         "hit = lambda step, m: os.environ.get('RANK') == '1' and step == 1 and os.kill(os.getpid(), signal.SIGINT);"
         f"last = train(TrainConfig(shards={shards!r}, out=sys.argv[1], steps=int(sys.argv[3]), lr_crop=8,"
-        "batch_size=int(sys.argv[2]), log_every=4, workers=0, ckpt_every=2, device='cpu', "
+        "batch_size=int(sys.argv[2]), log_every=2, workers=0, ckpt_every=3, device='cpu', "
         "model=DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)), progress=hit);"
         "result = f\"{last['step']} {last.get('stopped_by')}\";"
         "open(sys.argv[1] + '.rank' + os.environ.get('RANK', '0'), 'w').write(result)"
@@ -338,6 +339,19 @@ def test_ema_decay_warms_up_like_tensorflows_and_reaches_the_set_decay():
     # The initial weights' share in the EMA after 2750 updates: 0.999^2750 without the warm-up, ~0 with it.
     share = math.prod(ema_decay_at(t, cfg) for t in range(2750))
     assert 0.999**2750 > 0.06 and share < 1e-6
+
+
+def test_resume_says_when_the_ema_settings_change_and_old_configs_had_no_warmup(shards, tmp_path):
+    notes = []
+    train(_cfg(shards, tmp_path / "run", 1))
+    train(_cfg(shards, tmp_path / "run", 2, ema_warmup=False), resume=True, notify=notes.append)
+    assert any("was trained with EMA decay 0.999 warm-up; continuing with 0.999 without warm-up" in n for n in notes)
+    notes.clear()
+    train(_cfg(shards, tmp_path / "run", 3, ema_warmup=False), resume=True, notify=notes.append)
+    assert not any("EMA" in n for n in notes)
+    old = load_checkpoint(tmp_path / "run" / "ckpt-2.pt")["config"]
+    del old["ema_warmup"]  # a checkpoint written before the warm-up existed
+    assert TrainConfig.from_dict(old).ema_warmup is False
 
 
 def test_training_updates_the_ema_with_the_warmed_up_decay(shards, tmp_path):
@@ -778,7 +792,19 @@ def test_auto_on_a_gpu_takes_the_fastest_candidate_and_training_applies_it(shard
                                                   torch.device("cuda"), True, (8, 8))
     assert (impl, cl) == ("grouped", True)  # channels_last candidates only: grouped in channels_last was fastest
     assert all(layout for _, layout in asked[-1][1])
+    # Under DDP: the probe runs at the per-process batch (--batch-size is per process), and each candidate
+    # counts at its slowest rank: here the other rank ran out of memory with stacked, so dense wins.
+    import torch.distributed as dist
+
+    def other_rank(t, op=None):
+        t.copy_(torch.maximum(t, torch.tensor([0.004, 0.003, float("inf"), 0.005], dtype=t.dtype)))
+
+    monkeypatch.setattr(dist, "all_reduce", other_rank)
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")  # the reduction's tensor on the CPU here
+    impl, cl, ms = train_module.choose_expert_impl(None, cfg, torch.device("cuda"), True, (8, 8), world=2)
+    assert asked[-1][0] == (4, 3, 8, 8) and (impl, cl) == ("dense", True) and "stacked channels_last" not in ms
     monkeypatch.setattr(train_module, "probe_expert_impls", lambda *a: {})
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: None)
     with pytest.raises(ValueError, match="every strategy ran out of GPU memory at batch 4"):
         train_module.choose_expert_impl(None, cfg, torch.device("cuda"), True, (8, 8))
 
@@ -812,11 +838,17 @@ def test_cuda_probe_times_every_candidate_and_auto_trains(shards, tmp_path):
     assert len(run["expert_impl_probe_ms"]) == len(AUTO_CANDIDATES)
 
 
-@pytest.mark.parametrize("cores,workers", [(1, 1), (2, 1), (5, 2), (16, 8), (64, 8)])
-def test_default_loader_workers_follow_the_cores(monkeypatch, cores, workers):
+@pytest.mark.parametrize("cores,local,workers", [(1, None, 1), (2, None, 1), (5, None, 2), (16, None, 8),
+                                                 (64, None, 8), (16, "2", 4), (16, "8", 1), (64, "4", 8)])
+def test_default_loader_workers_follow_the_cores(monkeypatch, cores, local, workers):
+    """Half the cores, shared among torchrun's processes on the machine (LOCAL_WORLD_SIZE), 1 to 8."""
     import cli.train as cli_train
 
     monkeypatch.setattr(cli_train.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
     assert cli_train.default_workers() == workers
 
 
