@@ -39,7 +39,7 @@ from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
 from dasr_model.losses import UNetDiscriminatorSN
 from dasr_model.model import DASR, EXPERT_IMPLS, set_expert_impl
 from dasr_model.runs import pick_device
-from dasr_model.train import COMPILE_MODES, StepParts, TrainConfig, compile_net, train_step
+from dasr_model.train import COMPILE_MODES, StepParts, TrainConfig, compile_net, out_of_memory, train_step
 
 KEEPS_CHANNELS_LAST = ("dense", "stacked")  # the strategies whose generator runs in channels_last throughout
 
@@ -193,14 +193,26 @@ def main() -> None:
                 runs += [(precision, impl, cl, mode) for impl, cl in impl_runs for mode in (*eager, *modes)]
                 base = None
                 for prec, impl, cl, mode in runs:
-                    sec, peak, first = bench_step(device, b, gan, args.warmup, args.repeats, impl, cl, args.lr_size,
-                                                  bf16=prec != "float32", compile_mode=mode,
-                                                  compile_backend=args.compile_backend)
+                    row = (f"| {b} | {'yes' if gan else 'no'} | {prec} | {impl} | {'channels_last' if cl else 'NCHW'} "
+                           f"| {compiled_name(mode, args.compile_backend)} |")
+                    try:
+                        timed = bench_step(device, b, gan, args.warmup, args.repeats, impl, cl, args.lr_size,
+                                           bf16=prec != "float32", compile_mode=mode,
+                                           compile_backend=args.compile_backend)
+                    except RuntimeError as exc:  # one row out of memory must not cost the rows after it
+                        if not out_of_memory(exc):
+                            raise
+                        timed = None
+                    if timed is None:  # out of the except block: its traceback no longer holds the row's tensors
+                        print(f"{row} out of memory | - | - | - |", flush=True)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
+                    sec, peak, first = timed
                     if base is None:
                         base = sec  # the first row: the float32 baseline, or the first strategy eager
-                    print(f"| {b} | {'yes' if gan else 'no'} | {prec} | {impl} | {'channels_last' if cl else 'NCHW'} | "
-                          f"{compiled_name(mode, args.compile_backend)} | {1000 * sec:.1f} | {base / sec:.2f}x | "
-                          f"{'-' if peak is None else f'{peak:.2f}'} | {first:.1f} |", flush=True)
+                    print(f"{row} {1000 * sec:.1f} | {base / sec:.2f}x | {'-' if peak is None else f'{peak:.2f}'} "
+                          f"| {first:.1f} |", flush=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
 

@@ -396,7 +396,7 @@ class _NoStep:
         pass
 
 
-def _out_of_memory(exc: BaseException) -> bool:
+def out_of_memory(exc: BaseException) -> bool:
     """A CUDA allocation failure: torch's own error, or cuDNN's / cuBLAS's, which arrive as RuntimeError."""
     text = str(exc)
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
@@ -452,7 +452,7 @@ def probe_expert_impls(parts: StepParts, cfg: TrainConfig, shape: tuple[int, int
                         samples.append(clock() - start)
                 times[(impl, channels_last)] = sorted(samples)[len(samples) // 2]
             except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
-                if not _out_of_memory(exc):
+                if not out_of_memory(exc):
                     raise
             finally:
                 x = y = None  # noqa: F841 (freed before the cache is emptied)

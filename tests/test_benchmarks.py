@@ -87,3 +87,39 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     summary = (out / "summary.md").read_text()
     fastest_rows = [r for r in summary.split("## environment.txt")[0].splitlines() if r.startswith("| 2 |")]
     assert [r.split("|")[2].strip() for r in fastest_rows] == ["no", "yes"]
+
+
+def test_bench_train_row_out_of_memory_is_reported_and_the_rest_still_run(monkeypatch, capsys):
+    """One row out of GPU memory prints 'out of memory' and the next rows still run; gpu_speed_run's parser
+    skips that row. Any other error stops the script."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_train_under_test", ROOT / "benchmarks" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec.loader.exec_module(bench)
+    error = {"dense": torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")}
+
+    def fake_step(device, batch, gan, warmup, repeats, impl, *args, **kwargs):
+        if impl in error:
+            raise error[impl]
+        return 0.01, None, 0.1
+
+    monkeypatch.setattr(bench, "bench_step", fake_step)
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--device", "cpu", "--batch-sizes", "2",
+                                      "--impl", "grouped,dense,stacked"])
+    bench.main()
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 2 |")]
+    assert [r.split("|")[4].strip() for r in rows] == ["grouped", "dense", "stacked"]
+    assert "| out of memory |" in rows[1] and "| 10.0 |" in rows[2]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu_speed_run import step_rows
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert [r["expert impl"] for r in step_rows("\n".join(rows))] == ["grouped", "stacked"]
+    error["stacked"] = RuntimeError("expected scalar type Float but found BFloat16")
+    with pytest.raises(RuntimeError, match="expected scalar type"):
+        bench.main()
