@@ -235,7 +235,8 @@ def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path
     asked for 6 steps with metrics every 2 and checkpoints every 3, and rank 1 sends itself SIGINT after
     step 1: the ranks agree on stopping only at logged, checkpoint and last steps (no host sync per step),
     so both stop at step 2, the first logged step, save there, and are compared with a 2-step
-    single-process run."""
+    single-process run. Rank 0 alone validates, every step, which must not make it wait for an agreement
+    the other rank does not join (step 1 is no agreement step)."""
     import subprocess
     import sys
 
@@ -245,6 +246,7 @@ def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path
         "hit = lambda step, m: os.environ.get('RANK') == '1' and step == 1 and os.kill(os.getpid(), signal.SIGINT);"
         f"last = train(TrainConfig(shards={shards!r}, out=sys.argv[1], steps=int(sys.argv[3]), lr_crop=8,"
         "batch_size=int(sys.argv[2]), log_every=2, workers=0, ckpt_every=3, device='cpu', "
+        f"val_shards={shards!r}, val_every=1, val_samples=4, "
         "model=DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)), progress=hit);"
         "result = f\"{last['step']} {last.get('stopped_by')}\";"
         "open(sys.argv[1] + '.rank' + os.environ.get('RANK', '0'), 'w').write(result)"
@@ -265,7 +267,8 @@ def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path
     # by whole steps, 1e-4.
     for name, tensor in a["model"].items():
         torch.testing.assert_close(tensor, b["model"][name], rtol=1e-4, atol=1e-5, msg=name)
-    assert [json.loads(x)["step"] for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()] == [2]
+    lines = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2] and all("val" in m for m in lines)
 
 
 def test_time_budget_saves_a_checkpoint_and_a_small_model_file(shards, tmp_path):
