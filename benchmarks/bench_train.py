@@ -39,7 +39,15 @@ from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
 from dasr_model.losses import UNetDiscriminatorSN
 from dasr_model.model import DASR, EXPERT_IMPLS, set_expert_impl
 from dasr_model.runs import pick_device
-from dasr_model.train import COMPILE_MODES, StepParts, TrainConfig, compile_net, out_of_memory, train_step
+from dasr_model.train import (
+    COMPILE_MODES,
+    StepParts,
+    TrainConfig,
+    compile_net,
+    lay_out,
+    out_of_memory,
+    train_step,
+)
 
 KEEPS_CHANNELS_LAST = ("dense", "stacked")  # the strategies whose generator runs in channels_last throughout
 
@@ -63,12 +71,9 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
     `compile_mode`: the network through torch.compile as `dasr-train --compile` does ("off": eager)."""
     torch.manual_seed(0)
     cfg = TrainConfig(shards="", out="", gan=gan)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = set_expert_impl(DASR(cfg.model), impl).to(device)
-    # Only 4-D weights have a channels_last layout: the predictor's (the experts' are 5-D; "dense" views
-    # them as 4-D and convolves channels_last input into channels_last output).
-    model.predictor.to(memory_format=fmt)
-    disc = UNetDiscriminatorSN().to(device, memory_format=fmt) if gan else None
+    disc = UNetDiscriminatorSN().to(device) if gan else None
+    fmt = lay_out(channels_last, model.predictor, disc)  # as dasr-train does
     parts = StepParts(net=model, model=model, ema=copy.deepcopy(model.generator).requires_grad_(False),
                       opt=torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas), disc=disc,
                       opt_d=torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc else None)

@@ -18,7 +18,7 @@ from dasr_model.errors import DASRError
 PREDICTOR_HALO = 32  # input pixels of context per predictor tile: even, and twice its 16-px receptive radius
 
 __all__ = ["DASR", "DASRConfig", "DegradationPredictor", "EXPERT_IMPLS", "ExpertConv2d", "ExpertMSRResNet",
-           "MAX_PARAMETERS", "MSRResNet", "set_expert_impl"]
+           "MAX_PARAMETERS", "MSRResNet", "is_channels_last", "set_expert_impl"]
 
 
 class DegradationPredictor(nn.Module):
@@ -167,7 +167,7 @@ class ExpertConv2d(nn.Module):
 
     def _forward_stacked(self, x: Tensor, a: Tensor) -> Tensor:
         a = a.to(x.dtype)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if is_channels_last(x):
             # (N, H, W, K, in) in memory: the stack is channels_last with channel k*in + i, as the weight's
             xs = (x.permute(0, 2, 3, 1).unsqueeze(3) * a[:, None, None, :, None]).flatten(3).permute(0, 3, 1, 2)
         else:
@@ -182,6 +182,11 @@ class ExpertConv2d(nn.Module):
         cols = F.unfold(x, 3, padding=1)  # (N, in*9, H*W), rows ordered (in, ky, kx) like the kernel
         out = torch.baddbmm(bias.unsqueeze(2).to(cols.dtype), weight.flatten(2).to(cols.dtype), cols)
         return out.reshape(n, -1, h, w_)
+
+
+def is_channels_last(t: Tensor) -> bool:
+    """t is laid out channels_last (NHWC) and not also plain contiguous (as a 1x1 image is both)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def set_expert_impl(module: nn.Module, impl: ExpertImpl) -> nn.Module:

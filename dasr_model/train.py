@@ -38,7 +38,7 @@ from dasr_model.data import PairedShards, StepBatchSampler, as_float, unsharp_ma
 from dasr_model.errors import DASRError
 from dasr_model.evaluate import Pairs, evaluate_pairs, pairs_from_shards
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
-from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, set_expert_impl
+from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, is_channels_last, set_expert_impl
 from dasr_model.modelfile import MODEL_FILE, save_model_file
 from dasr_model.runs import describe_device, holds_a_run, pick_device, start_over, truncate_metrics
 from degrade.errors import DegradeError
@@ -180,10 +180,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if cfg.expert_impl != "auto":
             set_expert_impl(model, cfg.expert_impl)
         disc = UNetDiscriminatorSN().to(device) if cfg.gan else None
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.predictor.to(memory_format=fmt)  # only 4-D weights have the layout: the experts' are 5-D
-    if disc is not None:
-        disc.to(memory_format=fmt)
+    fmt = lay_out(cfg.channels_last, model.predictor, disc)
     ema = copy.deepcopy(model.generator).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc is not None else None
@@ -220,10 +217,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     say(f"{run_info['device']}, {run_info['dtype']}, {run_info['parameters']:,} parameters "
         f"({cfg.model.num_experts} experts x {cfg.model.num_block} blocks x {cfg.model.num_feat} features), "
         f"{len(train_set)} training samples")
+
+    def write_config() -> None:  # the full config and what this run runs on (rewritten once "auto" has chosen)
+        write_bytes_atomic(out / "config.json", json.dumps({**cfg.to_dict(), "run": run_info}, indent=1).encode())
+
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(out / "metrics.jsonl", step)
-        write_bytes_atomic(out / "config.json", json.dumps({**cfg.to_dict(), "run": run_info}, indent=1).encode())
+        write_config()
     # --- data: batches keyed by step, each rank its slice ---
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, start=step, stop=cfg.steps, seed=cfg.seed,
                                rank=rank, world_size=world)
@@ -273,20 +274,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if cfg.expert_impl == "auto":  # before DDP and compile wrap the model
             lr_hw = (cfg.lr_crop, cfg.lr_crop) if cfg.lr_crop else tuple(train_set.data[0].lr.shape[:2])
             impl, channels_last, probe = choose_expert_impl(parts, cfg, device, use_bf16, lr_hw, world)
-            fmt = torch.channels_last if channels_last else torch.contiguous_format
             for module in (model, ema):
                 set_expert_impl(module, impl)
-            for module in (model.predictor, disc):
-                if module is not None:
-                    module.to(memory_format=fmt)
+            fmt = lay_out(channels_last, model.predictor, disc)
             run_info.update(expert_impl=impl, memory_format="channels_last" if channels_last else "NCHW")
             if probe:
                 run_info["expert_impl_probe_ms"] = probe
                 say("--expert-impl auto: " + ", ".join(f"{k} {v:.1f} ms" for k, v in probe.items())
                     + f" per training step; training with {impl}, {run_info['memory_format']}")
             if main_rank:
-                write_bytes_atomic(out / "config.json", json.dumps({**cfg.to_dict(), "run": run_info},
-                                                                   indent=1).encode())
+                write_config()
         if world > 1:
             parts.net = DistributedDataParallel(model)
             if disc is not None:
@@ -314,8 +311,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 stop["by"] = stop["by"] or "max_minutes"
             stopped_by = stop["by"]  # read once: a signal arriving below waits for the next step
             if world > 1:  # every rank stops at the same step, or the others would wait in the next all-reduce
-                import torch.distributed as dist
-
                 # The ranks agree at logged steps (at least every STOP_AGREE_EVERY), checkpoint and last steps
                 # only: steps every rank knows alike, and the flag's read is a host sync. A stop asked for in
                 # between waits for the next of them (at most 19 steps: well within torchrun's 30 s between
@@ -423,9 +418,7 @@ def probe_expert_impls(parts: StepParts, cfg: TrainConfig, shape: tuple[int, int
     probe = StepParts(net=model, model=model, ema=model.generator, opt=_NoStep(model.parameters()), disc=disc,
                       opt_d=_NoStep(disc.parameters()) if disc is not None else None, perceptual=parts.perceptual)
     impl_before = model.generator.conv_first.impl
-    weight = model.predictor.ConvNet[0].weight
-    fmt_before = (torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last)
-                  and not weight.is_contiguous() else torch.contiguous_format)
+    channels_last_before = is_channels_last(model.predictor.ConvNet[0].weight)
     disc_state = {k: t.clone() for k, t in disc.state_dict().items()} if disc is not None else None
 
     def sync() -> None:
@@ -435,11 +428,8 @@ def probe_expert_impls(parts: StepParts, cfg: TrainConfig, shape: tuple[int, int
     times: dict[tuple[str, bool], float] = {}
     try:
         for impl, channels_last in candidates:
-            fmt = torch.channels_last if channels_last else torch.contiguous_format
             set_expert_impl(model, impl)
-            for module in (model.predictor, disc):
-                if module is not None:
-                    module.to(memory_format=fmt)
+            fmt = lay_out(channels_last, model.predictor, disc)
             x, y = lr.contiguous(memory_format=fmt), target.contiguous(memory_format=fmt)
             samples: list[float] = []
             try:
@@ -463,13 +453,22 @@ def probe_expert_impls(parts: StepParts, cfg: TrainConfig, shape: tuple[int, int
                     torch.cuda.empty_cache()
     finally:
         set_expert_impl(model, impl_before)
-        for module in (model.predictor, disc):
-            if module is not None:
-                module.to(memory_format=fmt_before)
+        lay_out(channels_last_before, model.predictor, disc)
         if disc is not None:
             disc.load_state_dict(disc_state)
             disc.requires_grad_(True)  # train_step freezes it for G's step: a failure there must not leave it so
     return times
+
+
+def lay_out(channels_last: bool, *modules: torch.nn.Module | None) -> torch.memory_format:
+    """Put the 4-D weights of `modules` (the predictor, the discriminator; None is skipped) in channels_last
+    or the standard layout; returns that memory format, for the batches. The experts' 5-D weights have no
+    channels_last layout: "dense" and "stacked" carry it through the generator from its input."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for module in modules:
+        if module is not None:
+            module.to(memory_format=fmt)
+    return fmt
 
 
 def compile_net(net: torch.nn.Module, mode: str, backend: str = "inductor") -> torch.nn.Module:
