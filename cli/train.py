@@ -80,6 +80,9 @@ def default_workers() -> int:
               default="off", show_default=True,  # dasr_model.train.COMPILE_MODES
               help="torch.compile the network (predictor + generator) in this inductor mode; reduce-overhead adds "
                    "CUDA graphs. Compiling takes a minute or more at the first step, within --max-minutes.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="The step's arithmetic: bf16 autocast (weights, optimiser state and EMA stay float32) or "
+                   "float32. auto: bf16 on CUDA, fp32 on a CPU.")
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True),
               help="Wall-clock budget: save a checkpoint and stop when it is spent.")
 @click.option("--no-sharpen", is_flag=True, help="Train against the plain HR instead of the unsharp-masked one.")
@@ -89,7 +92,7 @@ def default_workers() -> int:
 def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, restart, seed, workers, val_every,
          val_samples, ckpt_every, log_every, keep_checkpoints, experts, blocks, features, learning_rate, ema_decay,
          no_ema_warmup, mixing, mixing_temperature, mapping_gain, predictor_input, teacher_steps, expert_impl,
-         channels_last, compile_mode, max_minutes, no_sharpen, gan, vgg_weights) -> None:
+         channels_last, compile_mode, precision, max_minutes, no_sharpen, gan, vgg_weights) -> None:
     """Train DASR (degradation predictor + expert MSRResNet) on HDF5 shards.
 
     Losses: L1 + v regression, plus GAN with --gan and perceptual with --vgg-weights. Several GPUs:
@@ -121,7 +124,8 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, re
                       vgg_weights=str(vgg_weights) if vgg_weights else None, lr=learning_rate, ema_decay=ema_decay,
                       ema_warmup=not no_ema_warmup,
                       teacher_steps=teacher_steps, max_minutes=max_minutes, expert_impl=expert_impl,
-                      channels_last=channels_last, compile=compile_mode, model=model_cfg)
+                      channels_last=channels_last, compile=compile_mode, precision=precision,
+                      model=model_cfg)
     if vgg_weights is not None and not vgg_weights.is_file():
         raise click.ClickException(f"{vgg_weights}: no such file")
     try:

@@ -3,7 +3,7 @@
 Losses: L1(SR, unsharp-masked GT) + L1(v_hat, v), weights 1 and 1; optionally + 0.1 GAN (U-Net SN
 discriminator, `gan`) and + 1 perceptual (VGG19, only when a local weights file is given). Adam (1e-4,
 betas 0.9/0.99) over G, P and the mapping net together; EMA 0.999 of G. bf16 autocast on CUDA,
-float32 on CPU. Batches are a pure function of (seed, step) (dasr_model.data), so `resume` continues
+float32 on CPU (`precision`). Batches are a pure function of (seed, step) (dasr_model.data), so `resume` continues
 exactly. Under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel and each
 rank takes its slice of the global batch; rank 0 writes metrics and checkpoints.
 """
@@ -91,6 +91,9 @@ class TrainConfig:
     # torch.compile the network of the step (predictor + generator): "off", or an inductor mode, one of
     # COMPILE_MODES ("reduce-overhead" adds CUDA graphs). The discriminator and the optimiser stay eager.
     compile: str = "off"
+    # "bf16": the step under bfloat16 autocast (weights, optimiser state and EMA stay float32); "fp32"; "auto":
+    # bf16 on CUDA, fp32 elsewhere (bf16 on a CPU runs, mostly slower; it is there to test the GPU's path)
+    precision: str = "auto"
     model: DASRConfig = field(default_factory=DASRConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,6 +126,7 @@ class TrainConfig:
 # (strategy, channels_last) pairs that expert_impl "auto" times on a GPU: each strategy in its best layout
 AUTO_CANDIDATES = (("grouped", False), ("dense", True), ("stacked", True), ("bmm", False))
 STOP_AGREE_EVERY = 20  # under DDP, the ranks agree on stopping at least every this many steps
+PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ERROR_PREFIX = re.compile(r"^[\w.]+(Error|Exception): ")  # "degrade.errors.DatasetError: " in a worker's message
 
@@ -156,6 +160,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         raise DASRError(f"expert_impl must be auto or one of {', '.join(EXPERT_IMPLS)}, got {cfg.expert_impl!r}")
     if cfg.compile not in COMPILE_MODES:
         raise DASRError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile!r}")
+    if cfg.precision not in PRECISIONS:
+        raise DASRError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and cfg.compile in ("reduce-overhead", "max-autotune"):  # both record CUDA graphs
         raise DASRError(f"--compile {cfg.compile} records CUDA graphs, which this trainer does not run under "
@@ -173,7 +179,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    use_bf16 = device.type == "cuda"
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     with torch.random.fork_rng(devices=[]):  # the weights' init comes from cfg.seed; the caller's RNG is untouched
         torch.manual_seed(cfg.seed)
         model = DASR(cfg.model).to(device)  # "grouped" until "auto" has chosen (below)

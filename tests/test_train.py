@@ -598,20 +598,23 @@ def test_compile_mode_is_checked_and_the_cli_passes_both_options(shards, tmp_pat
     assert result.exit_code == 2 and "fast" in result.output
     args = ["--shards", shards, "--out", str(tmp_path / "run"), "--workers", "0", "--device", "cpu", "--blocks",
             "1", "--features", "8", "--experts", "2", "--lr-crop", "8", "--batch-size", "2", "--steps", "1",
-            "--channels-last", "--expert-impl", "stacked"]
+            "--channels-last", "--expert-impl", "stacked", "--precision", "bf16"]
     result = CliRunner().invoke(train_cli, args)
     assert result.exit_code == 0, result.output
     run = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (run["channels_last"], run["expert_impl"], run["compile"]) == (True, "stacked", "off")
+    assert (run["channels_last"], run["expert_impl"], run["compile"], run["precision"]) == (True, "stacked", "off",
+                                                                                          "bf16")
+    assert run["run"]["dtype"] == "bfloat16 autocast"
 
 
 def test_cli_choices_match_the_library():
     from dasr_model.config import EXPERT_IMPLS
-    from dasr_model.train import COMPILE_MODES
+    from dasr_model.train import COMPILE_MODES, PRECISIONS
 
     params = {p.name: p for p in train_cli.params}
     assert tuple(params["expert_impl"].type.choices) == ("auto", *EXPERT_IMPLS)
     assert tuple(params["compile_mode"].type.choices) == COMPILE_MODES
+    assert tuple(params["precision"].type.choices) == PRECISIONS
 
 
 @pytest.mark.parametrize("impl", ["grouped", "stacked"])
@@ -829,16 +832,73 @@ def test_auto_on_a_gpu_takes_the_fastest_candidate_and_training_applies_it(shard
     assert run["expert_impl_probe_ms"] == {"grouped": 4.0, "stacked channels_last": 2.0}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_probe_times_every_candidate_and_auto_trains(shards, tmp_path):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probe_times_every_candidate_for_real_under_bf16(device):
+    """The probe as a GPU run calls it (bf16 autocast, GAN): every candidate runs real training steps
+    and gets a positive time. On the CPU, CPU autocast stands in for the GPU's: the dtypes must fit."""
     from dasr_model.train import AUTO_CANDIDATES, probe_expert_impls
 
-    model = DASR(TINY).cuda()
-    times = probe_expert_impls(model, (4, 3, 16, 16), True)
+    parts = _probe_parts(gan=True)
+    parts.model.to(device), parts.disc.to(device), parts.ema.to(device)
+    cfg = TrainConfig(shards="", out="", gan=True, model=TINY)
+    times = probe_expert_impls(parts, cfg, (2, 3, 8, 8), True, AUTO_CANDIDATES, repeats=1)
     assert set(times) == set(AUTO_CANDIDATES) and all(t > 0 for t in times.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_probes_and_trains(shards, tmp_path):
+    from dasr_model.train import AUTO_CANDIDATES
+
     train(_cfg(shards, tmp_path / "run", 2, device="cuda"))
     run = json.loads((tmp_path / "run" / "config.json").read_text())["run"]
-    assert len(run["expert_impl_probe_ms"]) == len(AUTO_CANDIDATES)
+    assert len(run["expert_impl_probe_ms"]) == len(AUTO_CANDIDATES) and run["dtype"] == "bfloat16 autocast"
+
+
+@pytest.mark.parametrize("impl,channels_last", [("grouped", False), ("stacked", True)])
+def test_bf16_precision_runs_the_step_in_bf16_and_trains_close_to_fp32(shards, tmp_path, monkeypatch, impl,
+                                                                       channels_last):
+    """--precision bf16 on the CPU (CPU autocast): the path a GPU run takes by default, with the GAN, the
+    teacher phase and validation. The generator's convolutions compute in bf16, weights and EMA stay
+    float32, and after 3 steps the weights are within bf16's rounding of the fp32 run's but not equal to
+    them (the precision took effect); config.json says which arithmetic ran."""
+    import dasr_model.train as train_module
+
+    dtypes = []
+    real_step = train_module.train_step
+
+    def watched(parts, *args, **kwargs):
+        hook = parts.model.generator.conv_first.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+        try:
+            return real_step(parts, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(train_module, "train_step", watched)
+    runs = {}
+    for precision in ("bf16", "fp32"):
+        cfg = _cfg(shards, tmp_path / precision, 3, gan=True, teacher_steps=1, val_shards=shards, val_every=2,
+                   val_samples=2, expert_impl=impl, channels_last=channels_last, precision=precision)
+        last = train(cfg)
+        assert last["step"] == 3 and math.isfinite(last["loss"]) and "val" in last
+        runs[precision] = load_checkpoint(tmp_path / precision / "ckpt-3.pt")
+        run = json.loads((tmp_path / precision / "config.json").read_text())
+        assert run["precision"] == precision
+        assert run["run"]["dtype"] == ("bfloat16 autocast" if precision == "bf16" else "float32")
+    assert dtypes == [torch.bfloat16] * 3 + [torch.float32] * 3
+    moved = 0
+    for key in ("model", "ema_generator"):
+        for name, a in runs["bf16"][key].items():
+            b = runs["fp32"][key][name]
+            assert a.dtype == b.dtype, name  # float32 weights (and int buffers) either way
+            if a.is_floating_point():
+                torch.testing.assert_close(a, b, atol=2e-3, rtol=0, msg=name)  # 3 Adam steps of 1e-4 each
+                moved += not torch.equal(a, b)
+    assert moved > 0
+    with pytest.raises(ValueError, match="precision must be one of"):  # DASRError is a ValueError
+        train(_cfg(shards, tmp_path / "bad", 1, precision="fp16"))
 
 
 @pytest.mark.parametrize("cores,local,workers", [(1, None, 1), (2, None, 1), (5, None, 2), (16, None, 8),
