@@ -8,14 +8,14 @@ at the release's init), milliseconds per image, median of --repeats after --warm
   expert conv: fused per-sample kernel + grouped conv), float32 (the baseline of the ratio column);
 - `fused fp32`: `dasr_model.infer.super_resolve(model, lr, a)`, which mixes every layer once into a
   plain MSRResNet (`fuse_experts`) and runs that; the fuse is part of the time and also shown alone;
-- on CUDA also `experts bf16 (autocast)` and `fused bf16 channels_last`
+- on CUDA (or with --bf16) also `experts bf16 (autocast)` and `fused bf16 channels_last`
   (`super_resolve(..., dtype=torch.bfloat16, channels_last=True)`).
 
 max|diff| is against the `experts fp32` output (float32 images in about [0, 1]). CUDA fp32 convolutions
 use TF32 when torch.backends.cudnn.allow_tf32 is on (printed at the top; PyTorch's default is on).
 
 Usage: python benchmarks/bench_infer.py [--device auto] [--sizes 128,256,512] [--experts 5]
-       [--warmup 2] [--repeats 5]
+       [--warmup 2] [--repeats 5] [--bf16]
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--bf16", action="store_true",
+                    help="time the bf16 paths on a CPU too (on CUDA they always run): the GPU's path, for dry runs")
     args = ap.parse_args()
     device = pick_device(args.device)
     cuda = device.type == "cuda"
@@ -93,9 +95,9 @@ def main() -> None:
             ("experts fp32", lambda: model.sr(lr, a), {}),
             ("fused fp32", lambda: super_resolve(model, lr, a), {}),
         ]
-        if cuda:
+        if cuda or args.bf16:
             def experts_bf16() -> torch.Tensor:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+                with torch.autocast(device.type, dtype=torch.bfloat16):
                     return model.sr(lr, a).float()
 
             paths += [("experts bf16 (autocast)", experts_bf16, {}),

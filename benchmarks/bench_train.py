@@ -5,7 +5,8 @@
   (LR crop 64 -> HR 256, flips/rotations), batches per second times batch size, nothing else running;
 - steps: one full optimiser step of the DASR model (L1 + regression, EMA update; with --gan also the
   discriminator step) on random tensors already on the device, for each --batch-sizes, median of
-  --repeats timed steps after --warmup steps. bf16 autocast on CUDA, float32 on CPU, as dasr-train.
+  --repeats timed steps after --warmup steps. bf16 autocast on CUDA, float32 on CPU, as dasr-train
+  (--precision bf16 / fp32 forces one).
   With --impl, once per expert-conv strategy (`dasr_model.model.set_expert_impl`: grouped, dense,
   stacked, bmm; exact alternatives, tests/test_expert_impl.py); an item `IMPL:cl` times that strategy
   with the batch, predictor and discriminator in channels_last memory format, and --channels-last adds
@@ -156,6 +157,9 @@ def main() -> None:
                     help="with --compile: time the --impl rows compiled only, not eager (the float32 baseline stays)")
     ap.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # aot_eager: CPU dry runs
     ap.add_argument("--lr-size", type=int, default=64, help="LR crop side of the timed steps (HR: 4x)")
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="the step rows' arithmetic, as dasr-train --precision (auto: bf16 autocast on CUDA, "
+                         "float32 on CPU; bf16 on a CPU: the GPU's path, for dry runs)")
     ap.add_argument("--fp32-baseline", action="store_true",
                     help="also time the float32 step with the grouped strategy in NCHW (the release's way; on "
                          "CUDA the other rows are bf16), the base of the speed-up column")
@@ -182,8 +186,9 @@ def main() -> None:
         if device.type == "cuda":
             print(f"TF32 for float32 convolutions / matmuls: {torch.backends.cudnn.allow_tf32} / "
                   f"{torch.backends.cuda.matmul.allow_tf32}")
-        precision = "bf16 autocast" if device.type == "cuda" else "float32"
-        fp32_base = args.fp32_baseline and precision != "float32"  # on CPU every row is float32 already
+        bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+        precision = "bf16 autocast" if bf16 else "float32"
+        fp32_base = args.fp32_baseline and bf16  # with float32 rows the first row is the baseline already
         first_impl, first_cl = impl_runs[0]
         base_name = ("float32 grouped NCHW eager" if fp32_base else
                      f"{precision} {first_impl} {'channels_last' if first_cl else 'NCHW'} "

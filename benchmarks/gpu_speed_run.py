@@ -217,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                                  "--level", "2", "--jobs", str(min(cores, max(1, count // 100)))],
                 work / "dataset.txt", allowed("dataset"))
     if args.smoke:
-        train_args = ["--batch-sizes", "2", "--lr-size", "8", "--warmup", "0", "--repeats", "1",
+        # bf16 as on the GPU (CPU autocast), so the smoke run takes the GPU's arithmetic path and tables
+        train_args = ["--batch-sizes", "2", "--lr-size", "8", "--warmup", "0", "--repeats", "1", "--precision", "bf16",
                       "--loader-workers", "0", "--loader-batch", "2", "--loader-steps", "2"]
-        infer_args = ["--sizes", "16", "--warmup", "0", "--repeats", "1", "--experts", "2"]
+        infer_args = ["--sizes", "16", "--warmup", "0", "--repeats", "1", "--experts", "2", "--bf16"]
     else:
         workers = sorted({0, 4, cores // 2, cores})
         train_args = ["--batch-sizes", "6,16,48", "--warmup", "3", "--repeats", "5",
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     log(out, f"compile: the fastest eager step at batch {largest} without GAN: {best}")
     if args.smoke:  # inductor needs minutes on a CPU for this model: the same path, traced without codegen
         compile_args = ["--lr-size", "8", "--warmup", "0", "--repeats", "1", "--compile", "default",
-                        "--compile-backend", "aot_eager"]
+                        "--compile-backend", "aot_eager", "--precision", "bf16"]
     else:
         compile_args = ["--warmup", "3", "--repeats", "5", "--compile", "default,reduce-overhead"]
     compiler = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)

@@ -72,16 +72,22 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
                                                       "log.txt", "summary.md", "train.md"]
     train = (out / "train.md").read_text()
     rows = [r for r in train.splitlines() if r.startswith("| 2 |")]
-    # 2 GAN settings x (4 strategies in NCHW + dense and stacked in channels_last); on CPU no fp32 row
-    assert len(rows) == 12 and sum("| channels_last |" in r for r in rows) == 4
+    # The smoke run takes the GPU's arithmetic (bf16 under CPU autocast) and so its tables' shape: per GAN
+    # setting the float32 grouped baseline, then 4 strategies in NCHW + dense and stacked in channels_last
+    assert len(rows) == 14 and sum("| channels_last |" in r for r in rows) == 4
+    assert sum("| float32 | grouped | NCHW | eager |" in r for r in rows) == 2
+    assert sum("| bf16 autocast |" in r for r in rows) == 12
     log = (out / "log.txt").read_text()
-    best = log.split("at batch 2 without GAN: ")[1].split()[0]  # train.md's fastest eager no-GAN row
-    no_gan = [r.split("|") for r in rows if r.startswith("| 2 | no |")]
+    best = log.split("at batch 2 without GAN: ")[1].split()[0]  # train.md's fastest eager bf16 no-GAN row
+    no_gan = [r.split("|") for r in rows if r.startswith("| 2 | no | bf16 autocast |")]
     fastest = min(no_gan, key=lambda c: float(c[7]))
     assert best == fastest[4].strip() + (":cl" if fastest[5].strip() == "channels_last" else "")
     compiled = [r for r in (out / "compile.md").read_text().splitlines() if r.startswith("| 2 |")]
-    assert len(compiled) == 2 and all("| default (aot_eager) |" in r for r in compiled)  # no GAN, GAN
-    assert "| loader workers |" in train and "| 16 | experts fp32 |" in (out / "infer.md").read_text()
+    assert len(compiled) == 4 and sum("| bf16 autocast |" in r and "| default (aot_eager) |" in r
+                                      for r in compiled) == 2  # no GAN, GAN, each beside its float32 base
+    infer = (out / "infer.md").read_text()
+    assert "| loader workers |" in train and "| 16 | experts fp32 |" in infer
+    assert "| 16 | experts bf16 (autocast) |" in infer and "| 16 | fused bf16 channels_last |" in infer
     assert "| mean |" in (out / "bf16.md").read_text()
     assert all(f"{name}: exit 0" in log for name in ("dataset", "train", "compile", "infer", "bf16"))
     summary = (out / "summary.md").read_text()
