@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         a.minutes = a.minutes or 0.25
         a.batch_size, a.train_count, a.val_every, a.workers = 4, 64, 5, 1
         LEVER_ARGS[LEVER_ARGS.index("--teacher-steps") + 1] = "10"
-        size = ["--blocks", "2", "--features", "16", "--device", "cpu"]
+        size = ["--blocks", "2", "--features", "16", "--device", "cpu", "--precision", "bf16"]  # the GPU's arithmetic
     a.minutes = a.minutes or 3.0
     if a.photos is None:
         ap.error("--photos is required (except with --smoke)")

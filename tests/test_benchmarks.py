@@ -29,6 +29,8 @@ def test_gpu_train_run_smoke_leaves_every_result(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "Validation over steps" in summary and "5 experts - bicubic" in summary
     assert "- expert convolutions (5 experts, `--expert-impl auto`): grouped, NCHW" in summary  # CPU: no probe
+    for run in ("run-e5", "run-e1"):  # the GPU's arithmetic, under CPU autocast
+        assert json.loads((tmp_path / "work" / run / "config.json").read_text())["run"]["dtype"] == "bfloat16 autocast"
 
     from dasr_model.infer import load_checkpoint_model
 
