@@ -47,13 +47,39 @@ def log(out: Path, text: str) -> None:
         f.write(line + "\n")
 
 
-def run(out: Path, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+def log_cmd(out: Path, cmd: list[str]) -> list[str]:
     log(out, "$ " + shlex.join(cmd))
-    return subprocess.run(cmd, check=True, **kw)
+    return cmd
+
+
+def run(out: Path, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(log_cmd(out, cmd), check=True, **kw)
+
+
+def train_run(out: Path, run_dir: Path, name: str, cmd: list[str]) -> bool:
+    """Run dasr-train `cmd` into a fresh `run_dir` (its console in run_dir.stderr). A failure before the first
+    logged step (a path only the GPU takes, such as the expert-impl probe) is logged with the end of its
+    console and retried once with --expert-impl grouped, the reference path, which needs no probe. False
+    when the run failed for good, so the caller keeps what the other run made."""
+    for attempt in ([], ["--expert-impl", "grouped"]):  # click keeps an option's last value
+        shutil.rmtree(run_dir, ignore_errors=True)  # a rerun of this script starts its runs afresh
+        err = run_dir.with_suffix(".stderr")
+        with open(err, "w") as console:
+            started = time.perf_counter()
+            code = subprocess.run(log_cmd(out, cmd + attempt), stdout=subprocess.DEVNULL, stderr=console).returncode
+        if code == 0:
+            return True
+        tail = err.read_text(errors="replace")[-3000:]
+        log(out, f"{name}: dasr-train exit {code} after {time.perf_counter() - started:.0f} s; its last lines:\n{tail}")
+        if attempt or last_step(run_dir) > 0:  # it trained before failing: a rerun would not fit the budget
+            return False
+        log(out, f"{name}: failed before its first logged step; once more with --expert-impl grouped")
+    return False
 
 
 def last_step(run_dir: Path) -> int:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
     return json.loads(lines[-1])["step"] if lines else 0
 
 
@@ -184,8 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     # 3. two runs with the same steps: 5 experts within the budget, then 1 expert for as many steps
     runs = {"5 experts": work / "run-e5", "1 expert": work / "run-e1"}
     steps = None
-    chosen: dict[str, str] = {}  # what --expert-impl auto chose per run
-    for name, run_dir in runs.items():
+    chosen: dict[str, tuple[str, str]] = {}  # --expert-impl asked for (auto; grouped on a retry), what ran
+    for name, run_dir in list(runs.items()):
         experts = "5" if name == "5 experts" else "1"
         cmd = [sys.executable, "-m", "cli.train", "--shards", str(train_ds), "--val-shards", str(val_ds),
                "--out", str(run_dir), "--experts", experts, "--steps", str(steps or 1_000_000),
@@ -196,15 +222,20 @@ def main(argv: list[str] | None = None) -> None:
                "--log-every", "10",  # losses read back every 10 steps: the GPU does not wait for the host
                "--val-samples", "8" if a.smoke else "96", *LEVER_ARGS, *size, *shlex.split(a.extra)]
         t = time.perf_counter()
-        shutil.rmtree(run_dir, ignore_errors=True)  # a rerun of this script starts its runs afresh
-        run(out, cmd, stdout=subprocess.DEVNULL)
+        if not train_run(out, run_dir, name, cmd):
+            if name == "5 experts":
+                raise SystemExit(f"{name}: dasr-train failed (log.txt has its errors)")
+            del runs[name]  # the 5-expert model is still evaluated and exported
+            break
         steps = steps or last_step(run_dir)
-        info = json.loads((run_dir / "config.json").read_text())["run"]
-        chosen[name] = f"{info['expert_impl']}, {info['memory_format']}"
+        config = json.loads((run_dir / "config.json").read_text())
+        info = config["run"]
+        how = f"{info['expert_impl']}, {info['memory_format']}"
         if "expert_impl_probe_ms" in info:  # on a GPU: what auto timed
             probe = ", ".join(f"{k} {v:.1f}" for k, v in info["expert_impl_probe_ms"].items())
-            chosen[name] += f" (probe, ms per training step: {probe})"
-        log(out, f"{name}: {last_step(run_dir)} steps in {time.perf_counter() - t:.0f} s; expert convs {chosen[name]}")
+            how += f" (probe, ms per training step: {probe})"
+        chosen[name] = (config["expert_impl"], how)
+        log(out, f"{name}: {last_step(run_dir)} steps in {time.perf_counter() - t:.0f} s; expert convs {how}")
         (out / f"metrics-e{experts}.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
 
     # 4. evaluation on the held-out photos, per level
@@ -224,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = head + ["", f"Training: level mix, {a.train_count} patches of {patch} px from {len(train_files)} photos; "
                     f"batch {a.batch_size}, LR crop {crop}, {steps} steps each; lever: `{' '.join(LEVER_ARGS)}` "
                     f"{a.extra}".rstrip(), "",
-                    *[f"- expert convolutions ({name}, `--expert-impl auto`): {how}" for name, how in chosen.items()],
+                    *[f"- expert convolutions ({name}, `--expert-impl {asked}`): {how}"
+                      for name, (asked, how) in chosen.items()],
                     ""]
     for name, run_dir in runs.items():
         lines += [f"## Validation over steps, {name} (held-out mix patches, EMA generator)", "",

@@ -37,6 +37,29 @@ def test_gpu_train_run_smoke_leaves_every_result(tmp_path):
     assert load_checkpoint_model(out / "model.safetensors").config.num_experts == 5
 
 
+def test_gpu_train_run_retries_an_early_failure_once_on_the_reference_path(tmp_path, monkeypatch):
+    """A dasr-train that fails before its first logged step (a GPU-only path such as the expert-impl probe)
+    is run once more with --expert-impl grouped; one that fails after training, or twice, is not, and the
+    end of its console reaches log.txt. Stand-in commands play dasr-train."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_train_run import train_run
+
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    out.mkdir()
+    only_grouped = [sys.executable, "-c", "import sys; print('probe failed', file=sys.stderr); "
+                    "sys.exit(0 if sys.argv[-2:] == ['--expert-impl', 'grouped'] else 3)"]
+    assert train_run(out, run_dir, "5 experts", only_grouped)
+    log = (out / "log.txt").read_text()
+    assert "exit 3" in log and "probe failed" in log and log.count("--expert-impl grouped") == 2  # note, command
+    always = [sys.executable, "-c", "import sys; sys.exit(4)"]
+    assert not train_run(out, run_dir, "1 expert", always)
+    assert (out / "log.txt").read_text().count("1 expert: dasr-train exit 4") == 2
+    trained_then_failed = [sys.executable, "-c", f"import pathlib, sys; d = pathlib.Path({str(run_dir)!r}); "
+                           "d.mkdir(); (d / 'metrics.jsonl').write_text('{\"step\": 10}\\n'); sys.exit(5)"]
+    assert not train_run(out, run_dir, "5 experts", trained_then_failed)
+    assert (out / "log.txt").read_text().count("5 experts: dasr-train exit 5") == 1  # no second attempt
+
+
 def test_expert_study_smoke_writes_results_and_a_table(tmp_path):
     res = subprocess.run([sys.executable, "benchmarks/expert_study.py", "--smoke", "--work", str(tmp_path),
                           "--runs", "single,softmax_teacher", "--jobs", "1"],
