@@ -6,7 +6,7 @@ process with a timeout: its share of the --minutes budget plus what the steps be
 shares the steps after it keep:
   1. OUT/environment.txt: GPU, driver, torch / CUDA / cuDNN versions, cores, date, the command;
   2. a level-2 dataset on all cores (`degrade make-dataset`), for the loader;
-  3. OUT/train.md: `benchmarks/bench_train.py`: ms per step at batch 6 / 16 / 48 (LR 64), without and with
+  3. OUT/train.md: `benchmarks/bench_train.py`: ms per step at batch 48 / 16 / 6 (LR 64), without and with
      the GAN term, every expert-conv strategy in NCHW and those that keep it in channels_last (bf16
      autocast), beside the float32 grouped-conv step (the release's way) in the same run; the loader's
      samples/s with 0 to all cores;
@@ -97,6 +97,13 @@ def log(out: Path, text: str) -> None:
         f.write(line + "\n")
 
 
+def child_env() -> dict[str, str]:
+    """The environment of the steps: unbuffered, and the checkout importable (benchmarks/X.py puts only
+    benchmarks/ on the path) even where the project is not installed."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+
+
 def step(out: Path, name: str, cmd: list[str], target: Path, timeout: float) -> bool:
     """Run `cmd` (unbuffered), its output into `target` as it comes; False (logged) when it fails or runs
     out of time."""
@@ -105,7 +112,7 @@ def step(out: Path, name: str, cmd: list[str], target: Path, timeout: float) -> 
     with open(target, "w") as f:
         try:
             done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=max(timeout, 1.0), cwd=ROOT,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                  env=child_env())
         except subprocess.TimeoutExpired:
             log(out, f"{name}: stopped after {timeout:.0f} s; {target.name} holds what it finished")
             return False
@@ -223,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         infer_args = ["--sizes", "16", "--warmup", "0", "--repeats", "1", "--experts", "2", "--bf16"]
     else:
         workers = sorted({0, 4, cores // 2, cores})
-        train_args = ["--batch-sizes", "6,16,48", "--warmup", "3", "--repeats", "5",
+        # the largest batch first: the headline rows, and what the compile step builds on, come before any cut
+        train_args = ["--batch-sizes", "48,16,6", "--warmup", "3", "--repeats", "5",
                       "--loader-workers", ",".join(map(str, workers)), "--loader-batch", "48", "--loader-steps", "30"]
         infer_args = ["--sizes", "128,256,512", "--warmup", "2", "--repeats", "5"]
     loader = ["--shards", str(shards)] if made else []  # without the dataset: the step times alone

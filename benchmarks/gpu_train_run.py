@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]  # the checkout importable even where it is not installed
 from _study import make_dataset, split_photos  # noqa: E402
 
 # The levers to try at scale (docs/training.md, small-scale study): a predictor fed the LR's high-pass residual
@@ -50,10 +51,6 @@ def log(out: Path, text: str) -> None:
 def log_cmd(out: Path, cmd: list[str]) -> list[str]:
     log(out, "$ " + shlex.join(cmd))
     return cmd
-
-
-def run(out: Path, cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(log_cmd(out, cmd), check=True, **kw)
 
 
 def train_run(out: Path, run_dir: Path, name: str, cmd: list[str]) -> bool:
@@ -163,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--extra", default="", help="More dasr-train arguments, e.g. '--lr 2e-4'.")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, bundled photos, about a minute.")
     a = ap.parse_args(argv)
+    # the steps' processes (python -m cli.train, ...) import the checkout from any folder, installed or not
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     out, work = a.out, a.work
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -188,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
             f"- device: {device}; torch {torch.__version__}; {os.cpu_count()} CPU cores",
             f"- command: `{command}`"]
     log(out, " | ".join(head[2:]))
+    if Path("/dev/shm").is_dir():  # the loader's workers hand batches over there: a small one kills them
+        log(out, f"/dev/shm: {shutil.disk_usage('/dev/shm').free / 2**30:.1f} GiB free")
 
     # 1-2. photos and datasets
     train_files, held = split_photos(a.photos)
@@ -237,21 +238,28 @@ def main(argv: list[str] | None = None) -> None:
         chosen[name] = (config["expert_impl"], how)
         log(out, f"{name}: {last_step(run_dir)} steps in {time.perf_counter() - t:.0f} s; expert convs {how}")
         (out / f"metrics-e{experts}.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+        if name == "5 experts":  # the product, in OUT before anything else can fail
+            (out / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes())
 
     # 4. evaluation on the held-out photos, per level
     evals = {}
-    for name, run_dir in runs.items():
-        res = run(out, [sys.executable, "-c", "from cli.sr import eval_main; eval_main()", "--model",
-                        str(run_dir / "model.safetensors"), "--hr-dir", str(held_dir), "--levels", "1,2,3",
-                        "--seed", "0", "--json"], capture_output=True, text=True)
+    for name, run_dir in list(runs.items()):
+        cmd = [sys.executable, "-c", "from cli.sr import eval_main; eval_main()", "--model",
+               str(run_dir / "model.safetensors"), "--hr-dir", str(held_dir), "--levels", "1,2,3", "--seed", "0",
+               "--json"]
+        res = subprocess.run(log_cmd(out, cmd), capture_output=True, text=True)
+        if res.returncode != 0:
+            log(out, f"{name}: dasr-eval exit {res.returncode}; its last lines:\n{res.stderr[-3000:]}")
+            if name == "5 experts":
+                raise SystemExit(f"{name}: dasr-eval failed (log.txt has its errors)")
+            del runs[name]  # the 5-expert results still make the summary
+            continue
         evals[name] = json.loads(res.stdout)
         (out / "eval.json").write_text(json.dumps(evals, indent=1))
         log(out, f"{name}: " + ", ".join(f"L{k} {v['psnr_y']:.2f} dB (bicubic {v['bicubic_psnr_y']:.2f})"
                                          for k, v in evals[name]["levels"].items()))
 
-    # 5. the model, a picture, the summary
-    (out / "model.safetensors").write_bytes((runs["5 experts"] / "model.safetensors").read_bytes())
-    picture({k: d / "model.safetensors" for k, d in runs.items()}, held, out / "compare.png", seed=0)
+    # 5. the summary, then the picture (the model is in OUT already)
     lines = head + ["", f"Training: level mix, {a.train_count} patches of {patch} px from {len(train_files)} photos; "
                     f"batch {a.batch_size}, LR crop {crop}, {steps} steps each; lever: `{' '.join(LEVER_ARGS)}` "
                     f"{a.extra}".rstrip(), "",
@@ -270,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{mix['between_level']:.4f}; mean a by level {mix['mean_by_level']}"]
     lines += ["", f"Total wall time: {time.perf_counter() - started:.0f} s"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+    picture({k: d / "model.safetensors" for k, d in runs.items()}, held, out / "compare.png", seed=0)
     size_mib = (out / "model.safetensors").stat().st_size / 2**20
     log(out, f"done in {time.perf_counter() - started:.0f} s; model.safetensors {size_mib:.1f} MiB")
 
