@@ -250,7 +250,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             signal.signal(sig, on_signal)
     metrics_file = open(out / "metrics.jsonl", "a") if main_rank else open(os.devnull, "w")
     last: dict[str, Any] = {}
-    t0, seen = time.perf_counter(), 0
+    started = t0 = time.perf_counter()  # the --max-minutes budget counts from `started`; samples/s from t0
+    seen = 0
     # Every step has the same shapes (batch x crop): let cuDNN time its algorithms once and keep the fastest.
     cudnn_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = cudnn_benchmark or device.type == "cuda"
@@ -290,6 +291,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                     + f" per training step; training with {impl}, {run_info['memory_format']}")
             if main_rank:
                 write_config()
+            t0 = time.perf_counter()  # samples/s is the training's, without the probe's seconds
         if world > 1:
             parts.net = DistributedDataParallel(model)
             if disc is not None:
@@ -313,7 +315,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 last = record(losses, step, validating)
             if progress:
                 progress(step, last)
-            if cfg.max_minutes is not None and time.perf_counter() - t0 >= 60 * cfg.max_minutes:
+            if cfg.max_minutes is not None and time.perf_counter() - started >= 60 * cfg.max_minutes:
                 stop["by"] = stop["by"] or "max_minutes"
             stopped_by = stop["by"]  # read once: a signal arriving below waits for the next step
             if world > 1:  # every rank stops at the same step, or the others would wait in the next all-reduce

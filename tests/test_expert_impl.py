@@ -255,6 +255,9 @@ def test_super_resolve_in_bfloat16_is_close():
 # --- the same checks on a GPU, skipped without CUDA ---
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# cuDNN picks its float32 algorithms itself (Winograd and FFT ones among them, whose rounding reaches
+# about 1e-5 of the magnitude, and gradient sums in other orders); a wrong strategy is off by O(1)
+REL_CUDA = 1e-4
 
 
 @cuda
@@ -269,7 +272,7 @@ def test_cuda_strategies_match_grouped(impl, monkeypatch):
     for layout in (torch.contiguous_format, torch.channels_last):
         got = _conv_and_grads(conv, x.contiguous(memory_format=layout), a, g)
         for name in ref:
-            assert_rel_close(got[name], ref[name], REL32, f"cuda {impl} {layout} {name}")
+            assert_rel_close(got[name], ref[name], REL_CUDA, f"cuda {impl} {layout} {name}")
 
 
 @cuda

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -106,8 +107,8 @@ def test_batches_are_a_function_of_the_step():
 
 
 def _cfg(shards, out, steps, **kw):
-    kw = {"model": TINY, "ckpt_every": 2, "batch_size": 2, **kw}
-    return TrainConfig(shards=shards, out=str(out), steps=steps, lr_crop=8, workers=0, device="cpu", **kw)
+    kw = {"model": TINY, "ckpt_every": 2, "batch_size": 2, "device": "cpu", **kw}
+    return TrainConfig(shards=shards, out=str(out), steps=steps, lr_crop=8, workers=0, **kw)
 
 
 def test_resume_equals_uninterrupted(shards, tmp_path):
@@ -773,6 +774,21 @@ def test_probe_skips_a_candidate_out_of_memory_and_raises_other_errors():
         probe_expert_impls(parts, cfg, (2, 3, 8, 8), False, AUTO_CANDIDATES, repeats=1)
     hook.remove()
     assert parts.model.generator.conv_first.impl == "bmm"  # restored on the way out too
+
+
+def test_probe_seconds_count_in_the_budget_but_not_in_samples_per_s(shards, tmp_path, monkeypatch):
+    """The expert-impl probe (a stand-in sleeping 1 s here) is spent within --max-minutes, but the logged
+    samples/s is the training's: with the probe's second in it, step 1's 2 samples would read under 2/s."""
+    import dasr_model.train as train_module
+
+    def slow_choice(*args):
+        time.sleep(1.0)
+        return "grouped", False, {"grouped": 1.0}
+
+    monkeypatch.setattr(train_module, "choose_expert_impl", slow_choice)
+    last = train(_cfg(shards, tmp_path / "run", 5, max_minutes=0.9 / 60))  # 0.9 s: spent by the probe
+    assert last["step"] == 1 and last["stopped_by"] == "max_minutes"
+    assert last["samples_per_s"] > 2.0
 
 
 def test_auto_on_a_gpu_takes_the_fastest_candidate_and_training_applies_it(shards, tmp_path, monkeypatch):
