@@ -41,6 +41,16 @@ LEVER_ARGS = ["--predictor-input", "highpass", "--mixing", "softmax", "--mixing-
               "--mapping-gain", "1.0", "--teacher-steps", "800"]
 
 
+RESERVE_S = 120  # of --total-minutes, kept for what --max-minutes does not count: 2 trainer start-ups, evaluation
+
+
+def run_minutes(asked: float, total_minutes: float, elapsed_s: float) -> float:
+    """Each training run's budget: `asked`, or less where the time left of `total_minutes` after `elapsed_s`
+    and RESERVE_S does not hold two of it; never under a tenth of `asked` (the runs must still train)."""
+    fits = (60 * total_minutes - elapsed_s - RESERVE_S) / 2 / 60
+    return max(min(asked, fits), asked / 10)
+
+
 def log(out: Path, text: str) -> None:
     line = f"[{time.strftime('%H:%M:%S')}] {text}"
     print(line, flush=True)
@@ -152,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="Results (log, tables, model.safetensors, picture).")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dasr-gpu-run"), help="Datasets and runs.")
     ap.add_argument("--minutes", type=float, help="Training budget of each of the two runs (default 3; smoke 0.25).")
+    ap.add_argument("--total-minutes", type=float, default=9.5,
+                    help="The whole script's budget: where the datasets took long, each run gets less than --minutes "
+                         f"so that the runs, their start-up and the evaluation ({RESERVE_S} s kept) still fit.")
     ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--train-count", type=int, default=16000)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -209,6 +222,10 @@ def main(argv: list[str] | None = None) -> None:
             link.symlink_to(p.resolve())
 
     # 3. two runs with the same steps: 5 experts within the budget, then 1 expert for as many steps
+    minutes = run_minutes(a.minutes, a.total_minutes, time.perf_counter() - started)
+    if minutes < a.minutes:
+        log(out, f"{time.perf_counter() - started:.0f} s spent before training: each run gets {minutes:.2f} minutes "
+                 f"(not {a.minutes}) to fit --total-minutes {a.total_minutes}")
     runs = {"5 experts": work / "run-e5", "1 expert": work / "run-e1"}
     steps = None
     chosen: dict[str, tuple[str, str]] = {}  # --expert-impl asked for (auto; grouped on a retry), what ran
@@ -217,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd = [sys.executable, "-m", "cli.train", "--shards", str(train_ds), "--val-shards", str(val_ds),
                "--out", str(run_dir), "--experts", experts, "--steps", str(steps or 1_000_000),
                # the 1-expert run stops at the 5-expert run's step count; its time cap is only a safety net
-               "--max-minutes", str(a.minutes if steps is None else a.minutes + 0.5),
+               "--max-minutes", f"{minutes if steps is None else minutes + 0.5:.3f}",
                "--batch-size", str(a.batch_size), "--lr-crop", str(crop),
                "--workers", str(a.workers), "--val-every", str(a.val_every), "--ckpt-every", "100000",
                "--log-every", "10",  # losses read back every 10 steps: the GPU does not wait for the host
@@ -261,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # 5. the summary, then the picture (the model is in OUT already)
     lines = head + ["", f"Training: level mix, {a.train_count} patches of {patch} px from {len(train_files)} photos; "
-                    f"batch {a.batch_size}, LR crop {crop}, {steps} steps each; lever: `{' '.join(LEVER_ARGS)}` "
+                    f"batch {a.batch_size}, LR crop {crop}, {steps} steps each ({minutes:.2f} minutes for 5 experts); "
+                    f"lever: `{' '.join(LEVER_ARGS)}` "
                     f"{a.extra}".rstrip(), "",
                     *[f"- expert convolutions ({name}, `--expert-impl {asked}`): {how}"
                       for name, (asked, how) in chosen.items()],

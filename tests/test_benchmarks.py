@@ -60,6 +60,18 @@ def test_gpu_train_run_retries_an_early_failure_once_on_the_reference_path(tmp_p
     assert (out / "log.txt").read_text().count("5 experts: dasr-train exit 5") == 1  # no second attempt
 
 
+def test_gpu_train_run_shrinks_the_runs_to_fit_its_total_budget(monkeypatch):
+    """--total-minutes 9.5 with 120 s kept: after 40 s of datasets two 3-minute runs fit; after 300 s each
+    gets (570 - 300 - 120) / 2 s = 1.25 minutes; never under a tenth of what was asked."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_train_run import RESERVE_S, run_minutes
+
+    assert RESERVE_S == 120
+    assert run_minutes(3.0, 9.5, 40) == 3.0
+    assert run_minutes(3.0, 9.5, 300) == pytest.approx(1.25)
+    assert run_minutes(3.0, 9.5, 560) == pytest.approx(0.3)
+
+
 def test_expert_study_smoke_writes_results_and_a_table(tmp_path):
     res = subprocess.run([sys.executable, "benchmarks/expert_study.py", "--smoke", "--work", str(tmp_path),
                           "--runs", "single,softmax_teacher", "--jobs", "1"],
