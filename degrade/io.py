@@ -13,11 +13,14 @@ nothing. Decoding then needs about 15 bytes per pixel at its peak (8-bit input).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -269,18 +272,47 @@ def write_image(path: str | os.PathLike, img: NDArray[np.floating] | NDArray[np.
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file in the same folder, so no partial file is left."""
+    with atomic_writer(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file that becomes `path` when the `with` block ends without an error.
+
+    It is a new file with a unique name in `path`'s folder (`.NAME.XXXXXXXX.tmp`, created exclusively:
+    never a fixed name, never through a symlink), renamed over `path` at the end (a symlink at `path`
+    is replaced, not written through). On any failure it is removed and `path` is left as it was; an
+    OSError then names `path` (with its errno and reason), not the temporary file.
+    """
+    path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise ImageError(f"{path}: folder {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise _naming(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise _naming(exc, path) from None
         raise
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """`exc` (same errno and reason, so the same OSError subclass) as an error about `path`."""
+    if exc.errno is None:
+        return OSError(f"{path}: {exc}")
+    return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
 
 
 def _umask() -> int:

@@ -88,3 +88,32 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "p.png").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_failed_atomic_write_names_the_target_and_leaves_no_temporary_file(tmp_path):
+    import errno
+
+    from degrade.io import write_bytes_atomic
+
+    folder = tmp_path / "od"
+    target = folder / "rgb_x4.png"
+    target.mkdir(parents=True)  # the target path is a folder: the rename fails
+    with pytest.raises(IsADirectoryError) as caught:
+        write_bytes_atomic(target, b"data")
+    assert caught.value.filename == str(target) and caught.value.errno == errno.EISDIR
+    assert str(caught.value) == f"[Errno {errno.EISDIR}] Is a directory: '{target}'"
+    assert [p.name for p in folder.iterdir()] == ["rgb_x4.png"]  # no .rgb_x4.png.XXXX.tmp left
+
+
+def test_atomic_writer_keeps_the_old_file_when_a_write_fails(tmp_path):
+    import errno
+
+    from degrade.io import atomic_writer
+
+    kept = tmp_path / "kept.bin"
+    kept.write_bytes(b"old")
+    with pytest.raises(OSError) as caught, atomic_writer(kept) as f:  # a write fails half-way (a full disk)
+        f.write(b"new, half")
+        raise OSError(errno.EFBIG, "File too large")
+    assert caught.value.errno == errno.EFBIG and caught.value.filename == str(kept)
+    assert kept.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["kept.bin"]
