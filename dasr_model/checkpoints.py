@@ -17,16 +17,17 @@ from typing import Any
 import torch
 
 from dasr_model.errors import DASRError
+from degrade.io import atomic_writer
 
 CHECKPOINT = re.compile(r"ckpt-(\d+)\.pt")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive (since torch 1.6)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary name, then rename: a kill never leaves a half-written ckpt-*.pt."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    """torch.save to a new temporary file (degrade.io.atomic_writer), then rename: a kill never leaves a
+    half-written ckpt-*.pt, a failed write leaves nothing, and its error names `path`."""
+    with atomic_writer(path) as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import torch
 
 from dasr_model.errors import DASRError
 from dasr_model.model import DASR, DASRConfig
+from degrade.io import atomic_writer
 
 MODEL_FILE = "model.safetensors"  # what dasr-train writes into its run folder at the last step
 FORMAT = "dasr-model"
@@ -62,13 +63,11 @@ def save_model_file(model: DASR, path: str | os.PathLike, *, ema_generator: torc
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the format pads the header so the data starts 8-byte aligned
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_writer(path) as f:  # a unique temporary file, renamed over `path`; removed if a write fails
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for blob in blobs:
             f.write(blob)
-    tmp.replace(path)
     return path
 
 
