@@ -33,22 +33,31 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint's contents (tensors on the CPU). Pickled Python objects are refused, not run."""
     path = Path(path)
-    with open(path, "rb") as f:  # a missing file is the OSError it is
-        magic = f.read(4)
-    if magic != ZIP_MAGIC:
-        raise DASRError(f"{path}: not a readable checkpoint (not a torch.save file)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
-        raise DASRError(f"{path}: refused: it is not a checkpoint of tensors (it holds pickled Python objects, "
-                        "or is not a torch file at all)") from None
-    except (RuntimeError, EOFError, ValueError):  # torch's errors for a damaged or truncated zip
-        raise DASRError(f"{path}: not a readable checkpoint (damaged or truncated)") from None
+    ckpt = load_torch_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
         raise DASRError(f"{path}: not a dasr-train checkpoint")
     if type(ckpt.get("step")) is not int or ckpt["step"] < 0:
         raise DASRError(f"{path}: not a dasr-train checkpoint (its step is {ckpt.get('step')!r})")
     return ckpt
+
+
+def load_torch_file(path: Path, what: str) -> Any:
+    """The contents of a torch.save file, read with weights_only=True onto the CPU; `what` names the file
+    kind in refusals ("checkpoint", "weights file").
+
+    The file is read by its content through an open file object, never by its name: torch.load(PATH)
+    hands any PATH ending in .safetensors to the safetensors package, whose errors are none of ours.
+    """
+    with open(path, "rb") as f:  # a missing file is the OSError it is
+        if f.read(4) != ZIP_MAGIC:
+            raise DASRError(f"{path}: not a readable {what} (not a torch.save file)")
+        f.seek(0)
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True, mmap=False)
+        except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
+            raise DASRError(f"{path}: refused: not a {what} of tensors (it holds pickled Python objects)") from None
+        except (RuntimeError, EOFError, ValueError):  # torch's errors for a damaged or truncated zip
+            raise DASRError(f"{path}: not a readable {what} (damaged or truncated)") from None
 
 
 def checkpoint_step(path: Path) -> int:

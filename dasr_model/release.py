@@ -16,7 +16,8 @@ from dasr_model.model import DASR
 def _state_dict_from(source: dict[str, Tensor] | str | Path, prefer_ema: bool) -> dict[str, Tensor]:
     if isinstance(source, (str, Path)):
         try:
-            data = torch.load(source, map_location="cpu", weights_only=True)
+            with open(source, "rb") as f:  # by content: torch.load(PATH) sends a *.safetensors PATH elsewhere
+                data = torch.load(f, map_location="cpu", weights_only=True, mmap=False)
         except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
             raise DASRError(f"{source}: refused: not a file of tensors (pickled Python objects)") from None
         except (RuntimeError, EOFError, ValueError):

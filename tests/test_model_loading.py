@@ -15,6 +15,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from cli.sr import export_main  # noqa: E402
 from dasr_model.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
+from dasr_model.errors import DASRError  # noqa: E402
 from dasr_model.model import DASR, DASRConfig  # noqa: E402
 from dasr_model.modelfile import save_model_file  # noqa: E402
 from dasr_model.train import TrainConfig  # noqa: E402
@@ -72,3 +73,42 @@ def test_save_model_file_replaces_a_symlink_and_leaves_its_target_alone(tmp_path
     (tmp_path / "m.safetensors").symlink_to(victim)
     save_model_file(_model(), tmp_path / "m.safetensors")
     assert victim.read_text() == "precious" and not (tmp_path / "m.safetensors").is_symlink()
+
+
+def test_a_checkpoint_named_safetensors_is_read_by_its_content(tmp_path):
+    from dasr_model.infer import load_checkpoint_model, load_model
+    from dasr_model.release import load_release_weights
+
+    model = _model()
+    save_checkpoint(tmp_path / "ckpt-2.pt", _state(model))
+    renamed = tmp_path / "x.safetensors"
+    renamed.write_bytes((tmp_path / "ckpt-2.pt").read_bytes())
+    loaded = load_model(renamed)
+    assert loaded.kind == "checkpoint" and loaded.step == 7
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in loaded.model.state_dict().items())
+    assert load_checkpoint(renamed)["step"] == 7 and load_checkpoint_model(renamed).config == TINY
+    result = CliRunner().invoke(export_main, [str(renamed), "-o", str(tmp_path / "y.safetensors")])
+    assert result.exit_code == 0, result.output
+    exported = load_model(tmp_path / "y.safetensors")  # a real model file still reads as one
+    assert exported.kind == "model file" and exported.step == 7
+    truncated = tmp_path / "bad.safetensors"  # a torch file cut short, named like a model file
+    truncated.write_bytes(renamed.read_bytes()[:3000])
+    for load in (load_checkpoint, lambda p: load_release_weights(p, p)):
+        with pytest.raises(DASRError, match="damaged or truncated"):
+            load(truncated)
+    release = _release_model()
+    g, p = _release_files(tmp_path, release, ".safetensors")
+    back = load_release_weights(g, p)  # the released .pth files under another name read as they are
+    assert torch.equal(back.generator.conv_first.weight, release.generator.conv_first.weight)
+
+
+def _release_model() -> DASR:
+    torch.manual_seed(3)
+    return DASR(DASRConfig(num_experts=1, mixing="linear", predictor_input="lr"))  # the released layout
+
+
+def _release_files(folder: Path, model: DASR, suffix: str = ".pth") -> tuple[Path, Path]:
+    g, p = folder / f"G{suffix}", folder / f"P{suffix}"
+    torch.save({"params_ema": model.generator.state_dict()}, g)
+    torch.save({"params": model.predictor.state_dict()}, p)
+    return g, p
