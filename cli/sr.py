@@ -40,6 +40,20 @@ def _one_model(model_path: Path | None, checkpoint: Path | None) -> Path | None:
     return model_path or checkpoint
 
 
+def _inputs(inputs: tuple[Path, ...], out_dir: Path) -> list[Path]:
+    """The images to upscale: files as given, folders searched, but not this tool's own outputs (NAME_x4.png)
+    found in OUT_DIR by a folder search (an output folder inside an input folder would feed them back in)."""
+    from degrade.discover import find_images
+
+    given = {p.resolve() for p in inputs if not p.is_dir()}
+    out = out_dir.resolve()
+    files = [f for f in find_images(inputs) if f.resolve() in given
+             or not (f.name.endswith("_x4.png") and f.resolve().parent == out)]
+    if not files:
+        raise click.ClickException(f"no input images besides this tool's own outputs in {out_dir}")
+    return files
+
+
 def _bar(description: str) -> Progress:
     return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=err_console, transient=True)
@@ -62,6 +76,23 @@ def _parse_mix(text: str | None, experts: int):
     return torch.tensor([values])
 
 
+def _tile(ctx, param, value: int) -> int | None:
+    if value == 0:
+        return None
+    if value < MIN_TILE:
+        raise click.BadParameter(f"{value}: at least {MIN_TILE} LR px (tiles overlap by the network's receptive "
+                                 "field, 35 px for the full model), or 0 for the whole image at once",
+                                 param_hint="--tile")
+    return value
+
+
+MIN_TILE = 64
+tile_option = click.option(
+    "--tile", type=int, default=512, show_default=True, callback=_tile,  # dasr_model.infer.DEFAULT_TILE
+    help="LR tile side: larger images are processed in tiles overlapping by the network's receptive field, "
+         "which gives the whole-image result with memory that follows the tile. 0: the whole image at once.")
+
+
 def model_options(f):
     f = click.option("--release-weights", nargs=2, type=click.Path(path_type=Path), metavar="G.pth P.pth",
                      help="The released G and P weights instead of --model.")(f)
@@ -74,8 +105,7 @@ def model_options(f):
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
 @model_options
 @click.option("--device", default="auto", show_default=True)
-@click.option("--tile", type=click.IntRange(min=8), help="Process the LR image in tiles of this size (same v/a); "
-              "memory then follows the tile.")
+@tile_option
 @click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
               help="Override a field of the predicted v in physical units, e.g. noise1.strength=5.")
 @click.option("--mix", help="Set the expert coefficients a directly: a0,a1,...")
@@ -94,12 +124,14 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
     set_max_pixels(max_pixels)
     import degrade
     from dasr_model.infer import parse_settings, upscale
-    from degrade.discover import find_images
     from degrade.inspect import pipeline_steps
 
+    if mix is not None and settings:
+        raise click.UsageError("--set edits v, which only chooses the expert mix; --mix sets the mix directly: "
+                               "give one of them")
     failed = []
     try:
-        files = find_images(inputs)
+        files = _inputs(inputs, out_dir)
         names: dict[str, Path] = {}
         for f in files:  # NAME_x4.png: two inputs with one stem would silently overwrite each other
             other = names.setdefault(f"{f.stem}_x4.png", f)
@@ -118,12 +150,16 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
             for f in files:
                 try:
                     img = degrade.read_image(f)
+                    # --set values are checked against each image's own v (a noise strength's range
+                    # follows the predicted noise type): a refusal is that image's
+                    sr, v_hat = upscale(model, img, overrides=overrides, mix=a_fixed, tile=tile, device=dev, **fast)
                 except (DegradeError, OSError) as exc:
                     failed.append(f)
-                    err_console.print(f"skipped {one_line(exc)}", soft_wrap=True)
+                    text = one_line(exc)
+                    err_console.print(f"skipped {text if text.startswith(str(f)) else f'{f}: {text}'}",
+                                      soft_wrap=True)
                     bar.advance(task)
                     continue
-                sr, v_hat = upscale(model, img, overrides=overrides, mix=a_fixed, tile=tile, device=dev, **fast)
                 degrade.write_image(out_dir / f"{f.stem}_x4.png", sr)
                 if print_v:
                     v = v_hat[0].clamp(0, 1).cpu().numpy()
@@ -136,7 +172,8 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
         raise click.ClickException(os_error(exc)) from None
     err_console.print(f"wrote {len(files) - len(failed)} image(s) to {out_dir}")
     if failed:
-        raise click.ClickException(f"{len(failed)} of {len(files)} input(s) could not be read (listed above)")
+        raise click.ClickException(f"{len(failed)} of {len(files)} input(s) could not be read or upscaled "
+                                   "(listed above)")
 
 
 @click.command("dasr-eval", context_settings=SETTINGS)
@@ -147,9 +184,10 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
 @click.option("--levels", default="1,2,3", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@tile_option
 @click.option("--json", "as_json", is_flag=True)
 @max_pixels_option
-def eval_main(model_path, checkpoint, release_weights, shards, hr_dir, levels, seed, device, as_json,
+def eval_main(model_path, checkpoint, release_weights, shards, hr_dir, levels, seed, device, tile, as_json,
               max_pixels) -> None:
     """PSNR/SSIM on Y (4-px crop) and RGB PSNR per level, for the model and bicubic; predictor MAE per block."""
     require_torch()
@@ -169,13 +207,13 @@ def eval_main(model_path, checkpoint, release_weights, shards, hr_dir, levels, s
         pairs = pairs_from_shards(shards) if shards is not None else pairs_from_hr_dir(hr_dir, lv, seed)
         with _bar("evaluating") as bar:
             task = bar.add_task("eval", total=len(pairs))
-            result = evaluate_pairs(model, pairs, dev, progress=lambda: bar.advance(task))
+            result = evaluate_pairs(model, pairs, dev, tile=tile, progress=lambda: bar.advance(task))
     except DegradeError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(os_error(exc)) from None
-    if as_json:
-        click.echo(json.dumps(result, indent=1))
+    if as_json:  # strict JSON: an infinite PSNR (SR equal to HR) is null, as JSON has no Infinity
+        click.echo(json.dumps(_finite_or_null(result), indent=1, allow_nan=False))
         return
     table = Table(title="evaluation (Y: BT.601, 4-px crop)", title_justify="left")
     for name in ("level", "images", "PSNR-Y", "SSIM-Y", "PSNR-RGB", "bicubic PSNR-Y", "bicubic SSIM-Y"):
@@ -190,6 +228,16 @@ def eval_main(model_path, checkpoint, release_weights, shards, hr_dir, levels, s
                   f"between level means {mix['between_level']:.4f}")
     for level, mean in mix["mean_by_level"].items():
         console.print(f"  level {level} mean a: " + " ".join(f"{x:.3f}" for x in mean))
+
+
+def _finite_or_null(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite_or_null(v) for v in x]
+    return x
 
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from dasr_model.data import block_mae
 from dasr_model.diagnostics import mixing_stats
 from dasr_model.errors import DASRError
-from dasr_model.infer import to_image, to_tensor
+from dasr_model.infer import DEFAULT_TILE, fuse_experts, predict, receptive_radius, tiled, to_image, to_tensor
 from dasr_model.metrics import psnr_rgb, psnr_y, ssim_y
+from degrade.errors import DegradeError
 
 Pair = tuple[int, np.ndarray, np.ndarray, np.ndarray | None]  # level, HR, LR (float32 [0, 1]), v or None
+MIN_HR_SIDE = 64  # an HR side below this leaves an LR of under 16 px: too little for the degradations and SSIM
 
 
 class Pairs:
@@ -56,9 +58,19 @@ def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Pairs
 
     files = find_images([folder])
 
+    def read(f: Path) -> np.ndarray:  # a refusal names the file (a folder may hold hundreds)
+        try:
+            hr = crop_to_multiple(degrade.read_image(f), 4)
+        except DegradeError as exc:
+            raise DASRError(str(exc) if str(exc).startswith(str(f)) else f"{f}: {exc}") from None
+        if min(hr.shape[:2]) < MIN_HR_SIDE:
+            raise DASRError(f"{f}: {hr.shape[1]}x{hr.shape[0]} px (cropped to a multiple of 4) is too small to "
+                            f"evaluate: at least {MIN_HR_SIDE} px a side")
+        return to_uint8(hr).astype(np.float32) / 255
+
     def make() -> Iterator[Pair]:
         for i, f in enumerate(files):
-            hr = to_uint8(crop_to_multiple(degrade.read_image(f), 4)).astype(np.float32) / 255
+            hr = read(f)
             for level in levels:
                 params = degrade.sample_params(level, np.random.default_rng(np.random.SeedSequence([seed, i, level])))
                 yield level, hr, degrade.apply(hr, params), degrade.encode(params)
@@ -68,18 +80,23 @@ def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Pairs
 
 @torch.no_grad()
 def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.device, *,
-                   generator: torch.nn.Module | None = None,
+                   generator: torch.nn.Module | None = None, tile: int | None = DEFAULT_TILE,
                    progress: Callable[[], None] | None = None) -> dict[str, Any]:
     """Scores per level of `model` (its predictor, and `generator` for SR when given, e.g. the trainer's
-    EMA generator, else its own); `progress()` is called after each pair."""
+    EMA generator, else its own), computed as dasr-sr computes its output: v_hat and a from the whole LR
+    (area-downscaled above 1024 px a side), the experts fused once per image, tiles of at most `tile`
+    LR px overlapping by G's receptive-field radius (the whole-image result, in bounded memory).
+    `progress()` is called after each pair."""
     scores: dict[int, dict[str, list[float]]] = {}
     v_hats, vs, mixes, mix_levels = [], [], [], []
+    gen = model.generator if generator is None else generator
+    overlap = receptive_radius(model.config)
     for level, hr, lr, v in pairs:
         lr_t = to_tensor(lr).to(device)
-        v_hat, a = model.predict(lr_t)
+        v_hat, a = predict(model, lr_t, tile=None if tile is None else max(tile, 256))
         mixes.append(a.float().cpu())
         mix_levels.append(level)
-        sr = to_image(model.sr(lr_t, a) if generator is None else generator(lr_t, a))
+        sr = to_image(tiled(fuse_experts(gen, a), lr_t, model.config.scale, tile, overlap))
         bic = to_image(F.interpolate(lr_t, scale_factor=4, mode="bicubic", align_corners=False))
         s = scores.setdefault(level, {k: [] for k in ("psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y",
                                                        "bicubic_ssim_y")})

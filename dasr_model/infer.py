@@ -21,7 +21,7 @@ from torch import Tensor
 from dasr_model.checkpoints import latest_intact, load_checkpoint
 from dasr_model.errors import DASRError
 from dasr_model.model import DASR, DASRConfig, ExpertMSRResNet, MSRResNet
-from dasr_model.modelfile import is_model_file, read_model_file, save_model_file
+from dasr_model.modelfile import MODEL_FILE, is_model_file, read_model_file, save_model_file
 from dasr_model.release import load_release_weights
 from degrade.io import to_uint8
 
@@ -78,7 +78,9 @@ def load_model(path: str | Path | None = None, release: tuple[str | Path, str | 
     if path.is_dir():
         found = latest_intact(path, warn=warn)
         if found is None:
-            raise DASRError(f"{path}: no readable ckpt-*.pt in this run folder")
+            if (path / MODEL_FILE).is_file():  # a run folder handed on with its model file alone
+                return load_model(path / MODEL_FILE, warn=warn)
+            raise DASRError(f"{path}: no readable ckpt-*.pt or {MODEL_FILE} in this run folder")
         ckpt_path, ckpt = found
         return LoadedModel(model_from_checkpoint(ckpt, ckpt_path), str(ckpt_path), "checkpoint", int(ckpt["step"]))
     if not path.exists():
@@ -198,14 +200,25 @@ def fuse_experts(model: DASR | ExpertMSRResNet, a: Tensor, *, dtype: torch.dtype
     return fused
 
 
+DEFAULT_TILE = 512  # dasr-sr / dasr-eval: LR tiles of at most this side (larger images are tiled, exactly)
+
+
+def receptive_radius(config) -> int:
+    """How far, in LR pixels, an output pixel of G sees: conv_first and upconv1 1 each, 2 per residual
+    block, upconv2 at x2 (1/2), conv_hr and conv_last at x4 (1/4 each): 2 * num_block + 3 (the bilinear
+    base sees 1). Tiles overlapping by this much give the whole-image result (tested against G itself)."""
+    return 2 * config.num_block + 3
+
+
 @torch.no_grad()
-def super_resolve(model: DASR, lr: Tensor, a: Tensor, *, tile: int | None = None, overlap: int = 32,
+def super_resolve(model: DASR, lr: Tensor, a: Tensor, *, tile: int | None = None, overlap: int | None = None,
                   dtype: torch.dtype | None = None, channels_last: bool = False) -> Tensor:
     """G with expert mix `a` (B, K) over the LR images (B, 3, h, w), whole or in `tile`-sized LR tiles.
 
     The experts are fused once per image (:func:`fuse_experts`) and every tile runs the plain network.
-    Tiles overlap by `overlap` LR pixels on each side; each output tile keeps only its own region, so
-    with an overlap at least the network's receptive-field radius the result equals the whole-image pass.
+    Tiles overlap by `overlap` LR pixels on each side (default: G's receptive-field radius,
+    :func:`receptive_radius`); each output tile keeps only its own region, so the result equals the
+    whole-image pass.
     `dtype` / `channels_last` run the fused network in that precision / memory format (on a GPU:
     torch.bfloat16 and True); the result is returned in lr's dtype and standard layout.
     """
@@ -219,13 +232,14 @@ def super_resolve(model: DASR, lr: Tensor, a: Tensor, *, tile: int | None = None
         def run(x: Tensor, net: MSRResNet = net) -> Tensor:  # x float32: the net casts for its convolutions
             return net(x.contiguous(memory_format=fmt)).to(x.dtype)
 
-        outs.append(_tiled(run, lr[i : i + 1], model.config.scale, tile, overlap))
+        outs.append(tiled(run, lr[i : i + 1], model.config.scale, tile,
+                           receptive_radius(model.config) if overlap is None else overlap))
     return torch.cat(outs).contiguous()
 
 
 @torch.no_grad()
 def upscale(model: DASR, image: np.ndarray, *, overrides: dict[str, str] | None = None, mix: Tensor | None = None,
-            tile: int | None = None, overlap: int = 32, device: torch.device | str = "cpu",
+            tile: int | None = DEFAULT_TILE, overlap: int | None = None, device: torch.device | str = "cpu",
             dtype: torch.dtype | None = None, channels_last: bool = False) -> tuple[np.ndarray, Tensor]:
     """One image, x4, as `dasr-sr` does it: predict v once from the whole image, override named fields of
     it (`overrides`, :func:`edit_vector`) or set the expert mix (`mix`, (1, K)), then run the fused
@@ -233,8 +247,10 @@ def upscale(model: DASR, image: np.ndarray, *, overrides: dict[str, str] | None 
     `dtype` / `channels_last`: the fused generator's precision and memory format (:func:`fuse_experts`);
     the predictor and the bilinear base stay float32.
 
-    With `tile`, the predictor runs tile by tile too (at least 256 px a side) and the output is assembled
-    in 8 bit tile by tile, so memory follows the tile size plus the uint8 result.
+    With `tile` (default DEFAULT_TILE; None: the whole image at once), the predictor runs tile by tile too
+    (at least 256 px a side) and the output is assembled in 8 bit tile by tile, so memory follows the tile
+    size plus the uint8 result. Tiles overlap by `overlap` (default: G's receptive-field radius, which
+    gives the whole-image result).
     """
     if mix is not None and (mix.shape != (1, model.config.num_experts) or not bool(torch.isfinite(mix).all())):
         raise DASRError(f"the expert mix must be {model.config.num_experts} finite numbers")
@@ -248,13 +264,14 @@ def upscale(model: DASR, image: np.ndarray, *, overrides: dict[str, str] | None 
     net = fuse_experts(model, a, dtype=dtype, channels_last=channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     s = model.config.scale
+    overlap = receptive_radius(model.config) if overlap is None else overlap
     out = np.empty((lr.shape[-2] * s, lr.shape[-1] * s, 3), np.uint8)
     for (y, x), part in _tiles(lambda t: net(t.contiguous(memory_format=fmt)).to(t.dtype), lr, s, tile, overlap):
         out[y : y + part.shape[-2], x : x + part.shape[-1]] = to_uint8(to_image(part))
     return out, v_hat
 
 
-def _tiled(run: Callable[[Tensor], Tensor], lr: Tensor, s: int, tile: int | None, overlap: int) -> Tensor:
+def tiled(run: Callable[[Tensor], Tensor], lr: Tensor, s: int, tile: int | None, overlap: int) -> Tensor:
     """`run` (LR -> x`s` SR) over lr (1, 3, h, w) whole, or tile by tile with `overlap` LR pixels of context."""
     out = lr.new_zeros(lr.shape[0], 3, lr.shape[-2] * s, lr.shape[-1] * s)
     for (y, x), part in _tiles(run, lr, s, tile, overlap):

@@ -270,7 +270,8 @@ class PlainResidualBlock(nn.Module):
 
 class MSRResNet(nn.Module):
     """The x4 MSRResNet of G with ordinary convolutions, as :meth:`ExpertMSRResNet.fuse` builds it for one
-    expert mix. Same module names and the same forward as ExpertMSRResNet, without a."""
+    expert mix. Same module names and the same forward as ExpertMSRResNet, without a. Its weights are left
+    uninitialised (fuse writes every one): no random init to pay for, and torch's RNG is not drawn from."""
 
     def __init__(self, *, num_feat: int = 64, num_block: int = 16, scale: int = 4, device=None, dtype=None):
         super().__init__()
@@ -278,7 +279,7 @@ class MSRResNet(nn.Module):
             raise DASRError("only x4 is implemented (two PixelShuffle(2) stages)")
 
         def conv(i: int, o: int) -> nn.Conv2d:
-            return nn.Conv2d(i, o, 3, padding=1, device=device, dtype=dtype)
+            return torch.nn.utils.skip_init(nn.Conv2d, i, o, 3, padding=1, device=device, dtype=dtype)
 
         self.conv_first = conv(3, num_feat)
         self.body = nn.ModuleList(PlainResidualBlock(conv(num_feat, num_feat), conv(num_feat, num_feat))

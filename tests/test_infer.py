@@ -44,6 +44,51 @@ def test_tiled_output_equals_untiled(ckpt):
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
 
 
+def _random_generator(config: DASRConfig, seed: int = 0) -> DASR:
+    """A model whose every generator weight is random (the release init zeroes the residual's last layers,
+    which would hide how far a pixel reaches), in float64."""
+    torch.manual_seed(seed)
+    model = DASR(config).double().eval()
+    with torch.no_grad():
+        for p in model.generator.parameters():
+            p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_receptive_radius_is_how_far_one_lr_pixel_reaches(blocks):
+    """Oracle: change one LR pixel and find the output pixels that move; the farthest, in LR cells, is
+    receptive_radius (2 * blocks + 3) exactly: the default tile overlap is neither short nor wasteful."""
+    from dasr_model.infer import receptive_radius
+
+    model = _random_generator(DASRConfig(num_experts=2, num_feat=4, num_block=blocks, predictor_feat=8))
+    r = receptive_radius(model.config)
+    n = 2 * r + 9
+    c = n // 2
+    lr = torch.rand(1, 3, n, n, dtype=torch.float64)
+    a = torch.tensor([[0.3, 0.7]], dtype=torch.float64)
+    with torch.no_grad():
+        poked = lr.clone()
+        poked[..., c, c] += 0.5
+        moved = (model.sr(poked, a) - model.sr(lr, a)).abs().amax(1)[0] > 0
+    ys, xs = torch.nonzero(moved, as_tuple=True)
+    assert r == 2 * blocks + 3
+    assert max(int((ys // 4 - c).abs().max()), int((xs // 4 - c).abs().max())) == r
+
+
+def test_tiles_with_the_default_overlap_give_the_whole_image_and_one_less_does_not():
+    from dasr_model.infer import receptive_radius
+
+    model = _random_generator(DASRConfig(num_experts=2, num_feat=4, num_block=2, predictor_feat=8))
+    lr = torch.rand(1, 3, 45, 38, dtype=torch.float64)
+    a = torch.tensor([[0.6, 0.4]], dtype=torch.float64)
+    with torch.no_grad():
+        whole = model.sr(lr, a)
+        torch.testing.assert_close(super_resolve(model, lr, a, tile=16), whole, rtol=0, atol=1e-12)
+        short = super_resolve(model, lr, a, tile=16, overlap=receptive_radius(model.config) - 1)
+    assert float((short - whole).abs().max()) > 1e-6
+
+
 def test_set_changes_exactly_the_named_field():
     v = torch.rand(2, 33)
     v[:, 20:22] = torch.tensor([1.0, 0.0])  # stage-1 noise is Gaussian
@@ -79,10 +124,16 @@ def test_sr_cli_writes_x4_pngs_and_prints_v(ckpt, tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     cv2.imwrite(str(src / "a.png"), np.random.default_rng(1).integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    cv2.imwrite(str(src / "b.png"), np.random.default_rng(2).integers(0, 255, (150, 140, 3), dtype=np.uint8))
     result = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / "out"), "--model", str(ckpt),
-                                          "--tile", "8", "--print-v", "--set", "jpeg1.quality=60", "--device", "cpu"])
+                                          "--tile", "64", "--print-v", "--set", "jpeg1.quality=60", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert degrade.read_image(tmp_path / "out" / "a_x4.png").shape == (80, 96, 3)
+    whole = CliRunner().invoke(sr_main, [str(src / "b.png"), "-o", str(tmp_path / "whole"), "--model", str(ckpt),
+                                         "--tile", "0", "--set", "jpeg1.quality=60", "--device", "cpu"])
+    assert whole.exit_code == 0, whole.output
+    tiled = cv2.imread(str(tmp_path / "out" / "b_x4.png"))  # 3 x 3 tiles of 64
+    assert tiled.shape == (600, 560, 3) and np.array_equal(tiled, cv2.imread(str(tmp_path / "whole" / "b_x4.png")))
     assert "reads as:" in result.output and "JPEG q 60" in result.output
     mixed = CliRunner().invoke(sr_main, [str(src / "a.png"), "-o", str(tmp_path / "m"), "--model", str(ckpt),
                                          "--mix", "1,0", "--device", "cpu"])
@@ -178,7 +229,105 @@ def test_eval_from_an_hr_folder_is_reproducible(ckpt, tmp_path):
     assert first.stdout == second.stdout and set(json.loads(first.stdout)["levels"]) == {"1", "3"}
 
 
+def test_eval_tiles_like_dasr_sr_with_the_whole_image_result(ckpt, tmp_path):
+    """dasr-eval computes SR as dasr-sr does (fused experts, tiles overlapping by the receptive field): its
+    scores with 64-px tiles equal the whole-image ones."""
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    cv2.imwrite(str(hr_dir / "x.png"), np.random.default_rng(4).integers(0, 255, (320, 300, 3), dtype=np.uint8))
+    runs = {}
+    for tile in ("64", "0"):
+        res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--hr-dir", str(hr_dir), "--levels", "2", "--json",
+                                             "--device", "cpu", "--tile", tile])
+        assert res.exit_code == 0, res.output
+        runs[tile] = json.loads(res.stdout)["levels"]["2"]
+    for key in ("psnr_y", "ssim_y", "psnr_rgb"):
+        assert runs["64"][key] == pytest.approx(runs["0"][key], abs=1e-6)
+
+
+@pytest.mark.parametrize("content,message", [("tiny", "is too small to evaluate"), ("text", "x.png")])
+def test_eval_names_the_hr_image_it_cannot_use(ckpt, tmp_path, content, message):
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    cv2.imwrite(str(hr_dir / "a.png"), np.zeros((80, 80, 3), np.uint8))
+    if content == "tiny":
+        cv2.imwrite(str(hr_dir / "x.png"), np.zeros((3, 3, 3), np.uint8))
+    else:
+        (hr_dir / "x.png").write_text("not an image")
+    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--hr-dir", str(hr_dir), "--device", "cpu"])
+    assert res.exit_code == 1 and str(hr_dir / "x.png") in res.output and message in res.output
+    assert "Traceback" not in res.output
+
+
+def test_eval_json_is_strict_json():
+    """JSON has no Infinity or NaN: a PSNR of SR equal to HR (infinite) is written as null."""
+    from cli.sr import _finite_or_null
+
+    result = {"levels": {"1": {"psnr_y": float("inf"), "ssim_y": 1.0, "images": 2}}, "mix": [[0.5, float("nan")]]}
+    text = json.dumps(_finite_or_null(result), allow_nan=False)
+    assert json.loads(text) == {"levels": {"1": {"psnr_y": None, "ssim_y": 1.0, "images": 2}}, "mix": [[0.5, None]]}
+
+
+def test_a_run_folder_with_only_its_model_file_loads(ckpt, tmp_path):
+    from dasr_model.infer import load_model
+    from dasr_model.modelfile import save_model_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_model_file(load_checkpoint_model(ckpt), run / "model.safetensors")
+    loaded = load_model(run)
+    assert loaded.kind == "model file" and loaded.path == str(run / "model.safetensors")
+    (run / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no readable ckpt-\\*.pt or model.safetensors"):
+        load_model(run)
+
+
+def test_sr_cli_skips_an_image_it_cannot_upscale_and_names_it(ckpt, tmp_path, monkeypatch):
+    """A refusal for one image (a --set value outside the range of that image's predicted noise type) skips
+    that image, named, and the others are still written; exit 1."""
+    import dasr_model.infer as infer
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, level in (("a", 20), ("b", 120), ("c", 220)):
+        cv2.imwrite(str(src / f"{name}.png"), np.full((12, 12, 3), level, np.uint8))
+    real = infer.upscale
+
+    def refuse_b(model, image, **kw):
+        if abs(float(image.mean()) * 255 - 120) < 10:
+            raise infer.DASRError("noise1.strength: 5 is outside [0, 3]")
+        return real(model, image, **kw)
+
+    monkeypatch.setattr(infer, "upscale", refuse_b)
+    result = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / "out"), "--model", str(ckpt),
+                                          "--device", "cpu"])
+    assert result.exit_code == 1 and f"skipped {src / 'b.png'}: noise1.strength: 5 is outside" in result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_x4.png", "c_x4.png"]
+    assert "1 of 3 input(s) could not be read or upscaled" in result.output
+
+
+def test_sr_cli_does_not_feed_its_own_outputs_back(ckpt, tmp_path):
+    """OUT_DIR inside (or equal to) an input folder: a second run finds NAME_x4.png there but does not
+    upscale it again; a NAME_x4.png given by name is still taken."""
+    for case in ("same", "inside"):
+        src = tmp_path / case
+        src.mkdir()
+        cv2.imwrite(str(src / "a.png"), np.zeros((8, 8, 3), np.uint8))
+        out = src if case == "same" else src / "sr"
+        for _ in range(2):
+            result = CliRunner().invoke(sr_main, [str(src), "-o", str(out), "--model", str(ckpt), "--device", "cpu"])
+            assert result.exit_code == 0, result.output
+        assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*.png")) == (
+            ["a.png", "a_x4.png"] if case == "same" else ["a.png", "sr/a_x4.png"])
+    same = tmp_path / "same"
+    named = CliRunner().invoke(sr_main, [str(same / "a_x4.png"), "-o", str(same), "--model", str(ckpt), "--device",
+                                         "cpu"])
+    assert named.exit_code == 0 and (same / "a_x4_x4.png").exists()
+
+
 @pytest.mark.parametrize("args,message", [
+    (["x.png", "-o", "out", "--model", "{ckpt}", "--tile", "8"], "at least 64 LR px"),
+    (["x.png", "-o", "out", "--model", "{ckpt}", "--mix", "1,0", "--set", "noise1.strength=5"], "give one of them"),
     (["x.png", "-o", "out", "--model", "missing.pt"], "no such"),
     (["notes.txt", "-o", "out", "--model", "{ckpt}"], "not a readable image"),
     (["x.png", "-o", "out", "--model", "{ckpt}", "--set", "bogus.field=1"], "unknown field"),
