@@ -54,8 +54,8 @@ def _inputs(inputs: tuple[Path, ...], out_dir: Path) -> list[Path]:
     return files
 
 
-def _bar(description: str) -> Progress:
-    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+def _bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=err_console, transient=True)
 
 
@@ -145,14 +145,20 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
 
         fast = {"dtype": torch.bfloat16, "channels_last": dev.type == "cuda"} if precision == "bf16" else {}
         out_dir.mkdir(parents=True, exist_ok=True)
-        with _bar("super-resolving") as bar:
-            task = bar.add_task("sr", total=len(files))
+        with _bar() as bar:
+            task = bar.add_task("super-resolving", total=len(files))
+            parts = bar.add_task("  its tiles", total=1, visible=False)  # while an image takes several tiles
+
+            def on_tile(done: int, total: int) -> None:
+                bar.update(parts, completed=done, total=total, visible=total > 1 and done < total)
+
             for f in files:
                 try:
                     img = degrade.read_image(f)
                     # --set values are checked against each image's own v (a noise strength's range
                     # follows the predicted noise type): a refusal is that image's
-                    sr, v_hat = upscale(model, img, overrides=overrides, mix=a_fixed, tile=tile, device=dev, **fast)
+                    sr, v_hat = upscale(model, img, overrides=overrides, mix=a_fixed, tile=tile, device=dev,
+                                        on_tile=on_tile, **fast)
                 except (DegradeError, OSError) as exc:
                     failed.append(f)
                     text = one_line(exc)
@@ -205,8 +211,8 @@ def eval_main(model_path, checkpoint, release_weights, shards, hr_dir, levels, s
     try:
         model, dev = _load(_one_model(model_path, checkpoint), release_weights, device)
         pairs = pairs_from_shards(shards) if shards is not None else pairs_from_hr_dir(hr_dir, lv, seed)
-        with _bar("evaluating") as bar:
-            task = bar.add_task("eval", total=len(pairs))
+        with _bar() as bar:
+            task = bar.add_task("evaluating", total=len(pairs))
             result = evaluate_pairs(model, pairs, dev, tile=tile, progress=lambda: bar.advance(task))
     except DegradeError as exc:
         raise click.ClickException(str(exc)) from None

@@ -240,7 +240,8 @@ def super_resolve(model: DASR, lr: Tensor, a: Tensor, *, tile: int | None = None
 @torch.no_grad()
 def upscale(model: DASR, image: np.ndarray, *, overrides: dict[str, str] | None = None, mix: Tensor | None = None,
             tile: int | None = DEFAULT_TILE, overlap: int | None = None, device: torch.device | str = "cpu",
-            dtype: torch.dtype | None = None, channels_last: bool = False) -> tuple[np.ndarray, Tensor]:
+            dtype: torch.dtype | None = None, channels_last: bool = False,
+            on_tile: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, Tensor]:
     """One image, x4, as `dasr-sr` does it: predict v once from the whole image, override named fields of
     it (`overrides`, :func:`edit_vector`) or set the expert mix (`mix`, (1, K)), then run the fused
     generator whole or tile by tile. image (H, W, 3) float32 in [0, 1] -> ((4H, 4W, 3) uint8, v_hat (1, 33)).
@@ -250,7 +251,7 @@ def upscale(model: DASR, image: np.ndarray, *, overrides: dict[str, str] | None 
     With `tile` (default DEFAULT_TILE; None: the whole image at once), the predictor runs tile by tile too
     (at least 256 px a side) and the output is assembled in 8 bit tile by tile, so memory follows the tile
     size plus the uint8 result. Tiles overlap by `overlap` (default: G's receptive-field radius, which
-    gives the whole-image result).
+    gives the whole-image result). `on_tile(done, total)` is called after each output tile (a progress bar).
     """
     if mix is not None and (mix.shape != (1, model.config.num_experts) or not bool(torch.isfinite(mix).all())):
         raise DASRError(f"the expert mix must be {model.config.num_experts} finite numbers")
@@ -266,9 +267,18 @@ def upscale(model: DASR, image: np.ndarray, *, overrides: dict[str, str] | None 
     s = model.config.scale
     overlap = receptive_radius(model.config) if overlap is None else overlap
     out = np.empty((lr.shape[-2] * s, lr.shape[-1] * s, 3), np.uint8)
-    for (y, x), part in _tiles(lambda t: net(t.contiguous(memory_format=fmt)).to(t.dtype), lr, s, tile, overlap):
+    total = tile_count(lr.shape[-2], lr.shape[-1], tile)
+    pieces = _tiles(lambda t: net(t.contiguous(memory_format=fmt)).to(t.dtype), lr, s, tile, overlap)
+    for done, ((y, x), part) in enumerate(pieces, 1):
         out[y : y + part.shape[-2], x : x + part.shape[-1]] = to_uint8(to_image(part))
+        if on_tile is not None:
+            on_tile(done, total)
     return out, v_hat
+
+
+def tile_count(h: int, w: int, tile: int | None) -> int:
+    """How many pieces :func:`_tiles` cuts an h x w LR image into."""
+    return 1 if tile is None or (h <= tile and w <= tile) else math.ceil(h / tile) * math.ceil(w / tile)
 
 
 def tiled(run: Callable[[Tensor], Tensor], lr: Tensor, s: int, tile: int | None, overlap: int) -> Tensor:

@@ -89,6 +89,16 @@ def test_tiles_with_the_default_overlap_give_the_whole_image_and_one_less_does_n
     assert float((short - whole).abs().max()) > 1e-6
 
 
+def test_upscale_reports_each_tile(ckpt):
+    """on_tile(done, total) after each output tile: what dasr-sr's second bar shows for a large image."""
+    model = load_checkpoint_model(ckpt)
+    img = np.random.default_rng(5).random((150, 140, 3), dtype=np.float32)
+    for tile, total in ((64, 9), (100, 4), (None, 1), (512, 1)):
+        seen = []
+        upscale(model, img, tile=tile, on_tile=lambda d, t: seen.append((d, t)))
+        assert seen == [(d, total) for d in range(1, total + 1)], tile
+
+
 def test_set_changes_exactly_the_named_field():
     v = torch.rand(2, 33)
     v[:, 20:22] = torch.tensor([1.0, 0.0])  # stage-1 noise is Gaussian
