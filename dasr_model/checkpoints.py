@@ -8,11 +8,13 @@ file that is not one, with one line saying why; `latest_intact` skips a damaged 
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -47,8 +49,9 @@ def load_torch_file(path: Path, what: str) -> Any:
 
     The file is read by its content through an open file object, never by its name: torch.load(PATH)
     hands any PATH ending in .safetensors to the safetensors package, whose errors are none of ours.
+    Only a regular file is opened (a FIFO would block for ever, a device never end).
     """
-    with open(path, "rb") as f:  # a missing file is the OSError it is
+    with open_regular(path) as f:
         if f.read(4) != ZIP_MAGIC:
             raise DASRError(f"{path}: not a readable {what} (not a torch.save file)")
         f.seek(0)
@@ -58,6 +61,19 @@ def load_torch_file(path: Path, what: str) -> Any:
             raise DASRError(f"{path}: refused: not a {what} of tensors (it holds pickled Python objects)") from None
         except (RuntimeError, EOFError, ValueError):  # torch's errors for a damaged or truncated zip
             raise DASRError(f"{path}: not a readable {what} (damaged or truncated)") from None
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading if it is a regular file, else DASRError; a missing or unreadable file is the
+    OSError it is. A FIFO or device is refused before it is opened, and again after (against a swap)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise DASRError(f"{path}: not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # a swapped-in FIFO: no block
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise DASRError(f"{path}: not a regular file")
+    return f
 
 
 def checkpoint_step(path: Path) -> int:

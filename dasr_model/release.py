@@ -1,27 +1,23 @@
-"""The released DASR weights (G.pth and P.pth) as a `DASR`, read with weights_only=True and checked key by key."""
+"""The released DASR weights (G.pth and P.pth) as a `DASR`, read with weights_only=True and checked key by key.
+
+The files must be regular files written by torch.save (a zip archive); anything else is a one-line DASRError.
+"""
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
+from dasr_model.checkpoints import load_torch_file
 from dasr_model.config import DASRConfig
 from dasr_model.errors import DASRError
 from dasr_model.model import DASR
 
 
 def _state_dict_from(source: dict[str, Tensor] | str | Path, prefer_ema: bool) -> dict[str, Tensor]:
-    if isinstance(source, (str, Path)):
-        try:
-            with open(source, "rb") as f:  # by content: torch.load(PATH) sends a *.safetensors PATH elsewhere
-                data = torch.load(f, map_location="cpu", weights_only=True, mmap=False)
-        except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
-            raise DASRError(f"{source}: refused: not a file of tensors (pickled Python objects)") from None
-        except (RuntimeError, EOFError, ValueError):
-            raise DASRError(f"{source}: not a readable weights file (damaged or truncated)") from None
+    if isinstance(source, (str, Path)):  # a regular file and a torch zip, else a one-line DASRError
+        data = load_torch_file(Path(source), "weights file")
     else:
         data = source
     if not isinstance(data, dict):

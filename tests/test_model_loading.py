@@ -112,3 +112,33 @@ def _release_files(folder: Path, model: DASR, suffix: str = ".pth") -> tuple[Pat
     torch.save({"params_ema": model.generator.state_dict()}, g)
     torch.save({"params": model.predictor.state_dict()}, p)
     return g, p
+
+
+def test_release_weights_must_be_regular_torch_files(tmp_path):
+    import cv2
+    import numpy as np
+
+    from dasr_model.checkpoints import latest_intact
+    from dasr_model.release import load_release_weights
+
+    g, p = _release_files(tmp_path, _release_model())
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer for ever
+    png = tmp_path / "photo.png"
+    cv2.imwrite(str(png), np.zeros((8, 8, 3), np.uint8))
+    for bad, message in ((fifo, "not a regular file"), (tmp_path, "not a regular file"),
+                         (png, r"not a readable weights file \(not a torch.save file\)")):
+        with pytest.raises(DASRError, match=f"^{bad}: {message}") as caught:
+            load_release_weights(bad, p)
+        assert "pickled" not in str(caught.value)
+        with pytest.raises(DASRError, match=f"^{bad}: {message}"):
+            load_release_weights(g, bad)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run / "ckpt-1.pt", _state(_model(), step=1))
+    os.mkfifo(run / "ckpt-5.pt")  # a checkpoint name on a FIFO: skipped, not waited on
+    notes = []
+    found = latest_intact(run, warn=notes.append)
+    assert found is not None and found[0].name == "ckpt-1.pt" and notes == ["skipping ckpt-5.pt: not a regular file"]
+    with pytest.raises(FileNotFoundError):
+        load_release_weights(tmp_path / "missing.pth", p)
