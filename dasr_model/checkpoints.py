@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import stat
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,6 +24,7 @@ from degrade.io import atomic_writer
 
 CHECKPOINT = re.compile(r"ckpt-(\d+)\.pt")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive (since torch 1.6)
+MAX_ZIP_DIRECTORY = 4 * 2**20  # bytes; torch.save writes about 100 per tensor, a checkpoint holds hundreds
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -54,6 +56,7 @@ def load_torch_file(path: Path, what: str) -> Any:
     with open_regular(path) as f:
         if f.read(4) != ZIP_MAGIC:
             raise DASRError(f"{path}: not a readable {what} (not a torch.save file)")
+        _check_zip(path, f, what)
         f.seek(0)
         try:
             return torch.load(f, map_location="cpu", weights_only=True, mmap=False)
@@ -61,6 +64,37 @@ def load_torch_file(path: Path, what: str) -> Any:
             raise DASRError(f"{path}: refused: not a {what} of tensors (it holds pickled Python objects)") from None
         except (RuntimeError, EOFError, ValueError):  # torch's errors for a damaged or truncated zip
             raise DASRError(f"{path}: not a readable {what} (damaged or truncated)") from None
+
+
+def _check_zip(path: Path, f: BinaryIO, what: str) -> None:
+    """Refuse a zip that could unpack to more than the file holds, before torch.load allocates anything.
+
+    torch.save stores its entries uncompressed, so torch.load's memory is about the file's size; a
+    deflated entry could claim gigabytes in a few megabytes (torch inflates it to the size it claims).
+    The central directory is read with the zipfile module, its size bounded first.
+    """
+    size = os.fstat(f.fileno()).st_size
+    end = getattr(zipfile, "_EndRecData", None)  # what ZipFile reads first (zip64 records included)
+    try:
+        record = end(f) if end is not None else None
+    except (zipfile.BadZipFile, ValueError, EOFError):
+        record = None  # ZipFile below says what is wrong
+    if record is not None and record[zipfile._ECD_SIZE] > MAX_ZIP_DIRECTORY:  # ZipFile would read it all
+        raise DASRError(f"{path}: refused: its zip directory is {record[zipfile._ECD_SIZE]} bytes "
+                        f"(a {what} needs under {MAX_ZIP_DIRECTORY})")
+    try:
+        with zipfile.ZipFile(f) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):  # a name not UTF-8, a zip version
+        raise DASRError(f"{path}: not a readable {what} (damaged or truncated)") from None
+    total = 0
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED or entry.compress_size != entry.file_size:
+            raise DASRError(f"{path}: refused: its entry {entry.filename[:80]!r} is compressed (torch.save stores "
+                            "entries uncompressed; a compressed one can unpack to far more than the file)")
+        total += entry.file_size
+    if total > size:
+        raise DASRError(f"{path}: refused: its entries unpack to {total} bytes, more than the file's {size}")
 
 
 def open_regular(path: Path) -> BinaryIO:

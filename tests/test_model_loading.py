@@ -142,3 +142,69 @@ def test_release_weights_must_be_regular_torch_files(tmp_path):
     assert found is not None and found[0].name == "ckpt-1.pt" and notes == ["skipping ckpt-5.pt: not a regular file"]
     with pytest.raises(FileNotFoundError):
         load_release_weights(tmp_path / "missing.pth", p)
+
+
+def _rezip(src: Path, dst: Path, change) -> Path:
+    """A copy of the torch.save zip `src` with each entry passed through change(name, data) -> (data, method)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w") as new:
+        for info in old.infolist():
+            data, method = change(info.filename, old.read(info.filename))
+            new.writestr(info.filename, data, compress_type=method)
+    return dst
+
+
+def test_a_compressed_or_oversized_zip_is_refused_before_torch_load(tmp_path):
+    import struct
+    import zipfile
+
+    n = 4_000_000  # floats: 16 MB that deflate to a few kilobytes
+    small = tmp_path / "small.pt"
+    torch.save({"a": torch.zeros(3)}, small)
+
+    def bomb(name, data):
+        if name.endswith("data.pkl"):  # the tensor and its storage hold n elements, not 3
+            big = b"J" + struct.pack("<i", n)
+            return data.replace(b"K\x03tq", big + b"tq").replace(b"K\x03\x85", big + b"\x85"), zipfile.ZIP_STORED
+        if name.endswith("/data/0"):
+            return bytes(4 * n), zipfile.ZIP_DEFLATED
+        return data, zipfile.ZIP_STORED
+
+    bombed = _rezip(small, tmp_path / "bomb.pt", bomb)
+    assert bombed.stat().st_size < 100_000
+    from dasr_model.release import load_release_weights
+
+    for load in (load_checkpoint, lambda p: load_release_weights(p, p)):
+        with pytest.raises(DASRError, match=r"bomb.pt: refused: its entry 'small/data/0' is compressed"):
+            load(bombed)
+    raw = bytearray(small.read_bytes())  # stored, but its directory claims an entry larger than the file
+    entry = raw.index(b"PK\x01\x02")  # the first directory entry: its compressed and uncompressed sizes
+    raw[entry + 20:entry + 28] = struct.pack("<II", 10**9, 10**9)
+    (tmp_path / "claims.pt").write_bytes(bytes(raw))
+    with pytest.raises(DASRError, match=r"refused: its entries unpack to \d+ bytes, more than the file's"):
+        load_checkpoint(tmp_path / "claims.pt")
+    raw = bytearray(small.read_bytes())  # a zip directory claimed far larger than any checkpoint's
+    end = raw.rindex(b"PK\x06\x06")  # the zip64 end record (torch writes one), which ZipFile believes
+    raw[end + 40:end + 48] = struct.pack("<Q", 2**30)
+    (tmp_path / "directory.pt").write_bytes(bytes(raw))
+    with pytest.raises(DASRError, match="refused: its zip directory is 1073741824 bytes"):
+        load_checkpoint(tmp_path / "directory.pt")
+
+
+def test_real_checkpoints_and_torch_save_files_still_load(tmp_path):
+    from dasr_model.infer import load_model
+    from dasr_model.release import load_release_weights
+    from dasr_model.train import train
+
+    from .conftest import make_small_dataset
+
+    shards = make_small_dataset(tmp_path / "ds", count=4, seed=3, shard_size=4)
+    cfg = TrainConfig(shards=shards, out=str(tmp_path / "run"), steps=2, batch_size=2, lr_crop=8, workers=0,
+                      device="cpu", model=TINY)
+    train(cfg)
+    ckpt = load_checkpoint(tmp_path / "run" / "ckpt-2.pt")
+    assert ckpt["step"] == 2 and {"model", "ema_generator"} <= set(ckpt)
+    assert load_model(tmp_path / "run").step == 2
+    g, p = _release_files(tmp_path, _release_model())
+    assert load_release_weights(g, p).config.num_experts == 1
