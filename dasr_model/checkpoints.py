@@ -42,7 +42,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DASRError(f"{path}: not a dasr-train checkpoint")
     if type(ckpt.get("step")) is not int or ckpt["step"] < 0:
         raise DASRError(f"{path}: not a dasr-train checkpoint (its step is {ckpt.get('step')!r})")
+    for part in ("model", "ema_generator"):  # the weights a model is made of (optimiser state is left alone)
+        refuse_non_finite(ckpt.get(part), f"{path}: refused: its {part} weight")
     return ckpt
+
+
+def refuse_non_finite(state: Any, what: str) -> None:
+    """DASRError "`what` NAME holds NaN or infinite values" for the first such floating-point tensor of a
+    state dict (anything else in it is left to load_state_dict); a model of them would output NaN."""
+    if not isinstance(state, dict):
+        return
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DASRError(f"{what} {str(name)[:200]!r} holds NaN or infinite values")
 
 
 def load_torch_file(path: Path, what: str) -> Any:

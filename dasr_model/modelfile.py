@@ -85,7 +85,8 @@ def is_model_file(path: str | os.PathLike) -> bool:
 
 def read_model_file(path: str | os.PathLike) -> tuple[DASR, dict[str, str]]:
     """The model (float32, eval mode) and the file's metadata. Anything off is a DASRError, raised before
-    the weights are read: the config, then every tensor's name, dtype, shape and byte range."""
+    the weights are read: the config, then every tensor's name, dtype, shape and byte range; then a tensor
+    holding NaN or infinite values."""
     path = Path(path)
     if not path.is_file():  # a FIFO or a device would block or never end
         raise DASRError(f"{path}: not a regular file")
@@ -124,6 +125,8 @@ def read_model_file(path: str | os.PathLike) -> tuple[DASR, dict[str, str]]:
             if len(buf) != end - begin:
                 raise DASRError(f"{path}: truncated (tensor {name})")
             state[name] = torch.frombuffer(buf, dtype=dtype).reshape(shape).float()
+            if not bool(torch.isfinite(state[name]).all()):  # such a model outputs NaN: a black image
+                raise DASRError(f"{path}: refused: tensor {name} holds NaN or infinite values")
     model.predictor.load_state_dict({k[10:]: t for k, t in state.items() if k.startswith("predictor.")})
     model.generator.load_state_dict({k[10:]: t for k, t in state.items() if k.startswith("generator.")})
     return model.eval(), {k: str(v) for k, v in meta.items()}

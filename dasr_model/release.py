@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from dasr_model.checkpoints import load_torch_file
+from dasr_model.checkpoints import load_torch_file, refuse_non_finite
 from dasr_model.config import DASRConfig
 from dasr_model.errors import DASRError
 from dasr_model.model import DASR
@@ -34,10 +34,14 @@ def load_release_weights(g: dict[str, Tensor] | str | Path, p: dict[str, Tensor]
     """A DASR holding the release's weights: G and P as state dicts or paths to the release `.pth` files.
 
     Files are read with `torch.load(weights_only=True)`; the G file's `params_ema` is used when present
-    (`prefer_ema`), else `params`. Keys and shapes must match the release layout exactly (else DASRError).
+    (`prefer_ema`), else `params`. Keys and shapes must match the release layout exactly, and the weights be
+    finite (else DASRError).
     """
     g_state = _state_dict_from(g, prefer_ema)
     p_state = _state_dict_from(p, prefer_ema=False)
+    for name, source, state in (("G", g, g_state), ("P", p, p_state)):
+        where = f"{source}: refused: its" if isinstance(source, (str, Path)) else f"release {name} weights:"
+        refuse_non_finite(state, f"{where} weight")
     first = g_state.get("conv_first.weight")
     if not isinstance(first, Tensor) or first.dim() != 5:
         raise DASRError("release G weights: no expert conv_first.weight (K, 64, 3, 3, 3); is this DASR's G file?")

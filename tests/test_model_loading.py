@@ -208,3 +208,49 @@ def test_real_checkpoints_and_torch_save_files_still_load(tmp_path):
     assert load_model(tmp_path / "run").step == 2
     g, p = _release_files(tmp_path, _release_model())
     assert load_release_weights(g, p).config.num_experts == 1
+
+
+def test_non_finite_weights_are_refused_in_one_line(tmp_path):
+    from dasr_model.infer import load_model
+    from dasr_model.modelfile import read_model_file
+    from dasr_model.release import load_release_weights
+
+    model = _model()
+    with torch.no_grad():
+        model.generator.conv_hr.bias[0] = float("nan")
+    nan_file = save_model_file(model, tmp_path / "nan.safetensors", dtype=torch.float32)
+    with pytest.raises(DASRError, match=r"nan.safetensors: refused: tensor generator.conv_hr.bias holds NaN"):
+        read_model_file(nan_file)
+    good = _model()
+    with torch.no_grad():
+        good.predictor.state_dict()[next(iter(good.predictor.state_dict()))].view(-1)[0] = 1e6
+    inf_file = save_model_file(good, tmp_path / "inf.safetensors", dtype=torch.float16)  # 1e6 is inf in fp16
+    with pytest.raises(DASRError, match="refused: tensor predictor.* holds NaN or infinite values"):
+        load_model(inf_file)
+    save_checkpoint(tmp_path / "ckpt-nan.pt", _state(model))
+    ema_nan = _state(_model())
+    ema_nan["ema_generator"]["conv_last.weight"] = torch.full_like(ema_nan["ema_generator"]["conv_last.weight"],
+                                                                   float("-inf"))
+    save_checkpoint(tmp_path / "ckpt-ema.pt", ema_nan)
+    for name, message in (("ckpt-nan.pt", r"its model weight 'generator.conv_hr.bias' holds NaN"),
+                          ("ckpt-ema.pt", r"its ema_generator weight 'conv_last.weight' holds NaN")):
+        with pytest.raises(DASRError, match=f"{name}: refused: {message}"):
+            load_model(tmp_path / name)
+        result = CliRunner().invoke(export_main, [str(tmp_path / name), "-o", str(tmp_path / "out.safetensors")])
+        assert result.exit_code == 1 and "NaN or infinite" in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out.safetensors").exists()
+    optimiser = {**_state(_model()), "optimizer": {"state": {0: {"exp_avg": torch.tensor([float("nan")])}}}}
+    save_checkpoint(tmp_path / "ckpt-opt.pt", optimiser)
+    assert load_checkpoint(tmp_path / "ckpt-opt.pt")["step"] == 7  # optimiser state is not a model's weight
+    release = _release_model()
+    g, p = _release_files(tmp_path, release)
+    gs = {k: t.clone() for k, t in release.generator.state_dict().items()}
+    ps = {k: t.clone() for k, t in release.predictor.state_dict().items()}
+    assert torch.equal(load_release_weights(gs, ps).generator.conv_first.weight, gs["conv_first.weight"])
+    gs["conv_first.weight"][0, 0, 0, 0, 0] = float("nan")
+    torch.save({"params_ema": gs}, tmp_path / "G-nan.pth")
+    with pytest.raises(DASRError, match=r"G-nan.pth: refused: its weight 'conv_first.weight' holds NaN"):
+        load_release_weights(tmp_path / "G-nan.pth", p)
+    ps[next(iter(ps))].view(-1)[0] = float("inf")
+    with pytest.raises(DASRError, match="^release P weights: weight .* holds NaN or infinite values$"):
+        load_release_weights(release.generator.state_dict(), ps)
