@@ -56,10 +56,14 @@ def start_over(out: Path) -> list[Path]:
 
 
 def _half_written(name: str) -> bool:
-    """A temporary file of an atomic write of ours: `ckpt-N.pt.tmp`, `model.safetensors.tmp`, or
-    degrade.io.write_bytes_atomic's `.config.json.XXXXXX.tmp` / `.metrics.jsonl.XXXXXX.tmp`."""
+    """A temporary file of an atomic write of ours: degrade.io.atomic_writer's `.NAME.XXXXXXXX.tmp` for a
+    checkpoint, the model file, config.json or metrics.jsonl, or the older fixed `ckpt-N.pt.tmp` /
+    `model.safetensors.tmp`."""
     stem = name[: -len(".tmp")]
-    return stem in RUN_FILES or bool(CHECKPOINT.fullmatch(stem)) or any(stem.startswith(f".{n}.") for n in RUN_FILES)
+    if stem in RUN_FILES or CHECKPOINT.fullmatch(stem):
+        return True
+    target = stem[1:].rsplit(".", 1)[0] if stem.startswith(".") else ""  # ".ckpt-9.pt.k2j4x8ab" -> "ckpt-9.pt"
+    return target in RUN_FILES or bool(CHECKPOINT.fullmatch(target))
 
 
 def holds_a_run(out: Path) -> bool:

@@ -294,13 +294,16 @@ def test_restart_also_removes_half_written_files_and_a_model_file_counts_as_a_ru
     run = tmp_path / "run"
     run.mkdir()
     save_model_file(DASR(TINY), run / "model.safetensors")
-    (run / "ckpt-9.pt.tmp").write_bytes(b"half")
+    (run / "ckpt-9.pt.tmp").write_bytes(b"half")  # the older fixed name
+    (run / ".ckpt-9.pt.k2j4x8ab.tmp").write_bytes(b"half")  # degrade.io.atomic_writer's, after a hard kill
+    (run / ".model.safetensors.q0w9e8r7.tmp").write_bytes(b"half")
     (run / "keep.txt").write_text("mine")
+    (run / ".notes.txt.abcdefgh.tmp").write_text("not ours")
     with pytest.raises(ValueError, match="already holds a run"):
         train(_cfg(shards, run, 1))
     train(_cfg(shards, run, 1), restart=True)
-    assert sorted(p.name for p in run.iterdir()) == ["ckpt-1.pt", "config.json", "keep.txt", "metrics.jsonl",
-                                                       "model.safetensors"]
+    assert sorted(p.name for p in run.iterdir()) == [".notes.txt.abcdefgh.tmp", "ckpt-1.pt", "config.json",
+                                                       "keep.txt", "metrics.jsonl", "model.safetensors"]
 
 
 def test_sr_refuses_two_inputs_that_would_share_an_output_and_honours_max_pixels(tmp_path, model, monkeypatch):
