@@ -53,7 +53,14 @@ def refuse_non_finite(state: Any, what: str) -> None:
     if not isinstance(state, dict):
         return
     for name, t in state.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        # A view larger than its storage (torch.save keeps views: a stride-0 expand of one number can claim
+        # any shape in a few bytes) would make any whole-tensor operation, this check's too, allocate it all
+        if t.numel() * t.element_size() > t.untyped_storage().nbytes():
+            raise DASRError(f"{what} {str(name)[:200]!r} claims {tuple(t.shape)} but stores "
+                            f"{t.untyped_storage().nbytes()} bytes")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise DASRError(f"{what} {str(name)[:200]!r} holds NaN or infinite values")
 
 
@@ -74,7 +81,8 @@ def load_torch_file(path: Path, what: str) -> Any:
             return torch.load(f, map_location="cpu", weights_only=True, mmap=False)
         except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
             raise DASRError(f"{path}: refused: not a {what} of tensors (it holds pickled Python objects)") from None
-        except (RuntimeError, EOFError, ValueError):  # torch's errors for a damaged or truncated zip
+        except (RuntimeError, EOFError, ValueError,  # torch's errors for a damaged or truncated zip, and
+                KeyError, IndexError, TypeError, AttributeError):  # the unpickler's on damaged data.pkl bytes
             raise DASRError(f"{path}: not a readable {what} (damaged or truncated)") from None
 
 
@@ -96,11 +104,17 @@ def _check_zip(path: Path, f: BinaryIO, what: str) -> None:
                         f"(a {what} needs under {MAX_ZIP_DIRECTORY})")
     try:
         with zipfile.ZipFile(f) as archive:
-            entries = archive.infolist()
+            entries, start = archive.infolist(), archive.start_dir
     except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):  # a name not UTF-8, a zip version
         raise DASRError(f"{path}: not a readable {what} (damaged or truncated)") from None
+    # zipfile reads the directory just before the end record; torch's reader goes to the offset the end
+    # record states. Where the two differ, a harmless directory could be checked and another one loaded.
+    if record is None or start != record[zipfile._ECD_OFFSET]:
+        raise DASRError(f"{path}: refused: its zip directory is not where its end record says")
     total = 0
     for entry in entries:
+        if entry.header_offset + entry.compress_size > start:  # every entry's bytes lie before the directory
+            raise DASRError(f"{path}: refused: its entry {entry.filename[:80]!r} runs past the zip's data")
         if entry.compress_type != zipfile.ZIP_STORED or entry.compress_size != entry.file_size:
             raise DASRError(f"{path}: refused: its entry {entry.filename[:80]!r} is compressed (torch.save stores "
                             "entries uncompressed; a compressed one can unpack to far more than the file)")

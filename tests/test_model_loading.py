@@ -182,7 +182,7 @@ def test_a_compressed_or_oversized_zip_is_refused_before_torch_load(tmp_path):
     entry = raw.index(b"PK\x01\x02")  # the first directory entry: its compressed and uncompressed sizes
     raw[entry + 20:entry + 28] = struct.pack("<II", 10**9, 10**9)
     (tmp_path / "claims.pt").write_bytes(bytes(raw))
-    with pytest.raises(DASRError, match=r"refused: its entries unpack to \d+ bytes, more than the file's"):
+    with pytest.raises(DASRError, match=r"refused: its entry 'small/data.pkl' runs past the zip's data"):
         load_checkpoint(tmp_path / "claims.pt")
     raw = bytearray(small.read_bytes())  # a zip directory claimed far larger than any checkpoint's
     end = raw.rindex(b"PK\x06\x06")  # the zip64 end record (torch writes one), which ZipFile believes
@@ -190,6 +190,72 @@ def test_a_compressed_or_oversized_zip_is_refused_before_torch_load(tmp_path):
     (tmp_path / "directory.pt").write_bytes(bytes(raw))
     with pytest.raises(DASRError, match="refused: its zip directory is 1073741824 bytes"):
         load_checkpoint(tmp_path / "directory.pt")
+
+
+def test_a_second_zip_directory_or_a_stretched_view_is_refused(tmp_path):
+    """Two ways past the checks above, each refused before anything large is allocated:
+    - a zip with two directories: zipfile (which the checks use) reads the one just before the end record,
+      torch the one at the offset the end record states; a stored-looking copy placed last would pass the
+      checks while torch inflated the compressed entry the other one describes;
+    - a tensor that is a view larger than its storage (torch.save keeps views): a stride-0 expand of one
+      number claims 20000 x 20000 in a 2 KB file, and checking it for NaN would allocate 400M flags."""
+    import struct
+    import zipfile
+
+    n = 1_000_000
+    small = tmp_path / "small.pt"
+    torch.save({"a": torch.zeros(3)}, small)
+
+    def bomb(name, data):
+        if name.endswith("data.pkl"):
+            big = b"J" + struct.pack("<i", n)
+            return data.replace(b"K\x03tq", big + b"tq").replace(b"K\x03\x85", big + b"\x85"), zipfile.ZIP_STORED
+        return (bytes(4 * n), zipfile.ZIP_DEFLATED) if name.endswith("/data/0") else (data, zipfile.ZIP_STORED)
+
+    raw = _rezip(small, tmp_path / "bomb.pt", bomb).read_bytes()
+    end = raw.rindex(b"PK\x05\x06")
+    size, offset = struct.unpack("<II", raw[end + 12 : end + 20])
+    copy = bytearray(raw[offset : offset + size])  # the directory again, every entry marked stored
+    p = 0
+    while p < len(copy):
+        if struct.unpack("<H", copy[p + 10 : p + 12])[0]:
+            copy[p + 10 : p + 12] = struct.pack("<H", 0)
+            copy[p + 24 : p + 28] = copy[p + 20 : p + 24]  # uncompressed size = compressed size
+        p += 46 + sum(struct.unpack("<HHH", copy[p + 28 : p + 34]))
+    (tmp_path / "two.pt").write_bytes(raw[:end] + bytes(copy) + raw[end:])
+    with zipfile.ZipFile(tmp_path / "two.pt") as z:  # what the checks would otherwise have seen
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
+    with pytest.raises(DASRError, match="two.pt: refused: its zip directory is not where its end record says"):
+        load_checkpoint(tmp_path / "two.pt")
+    state = _state(_model())
+    state["model"]["generator.conv_first.bias"] = torch.zeros(1).expand(20000, 20000)
+    torch.save(state, tmp_path / "ckpt-1.pt")
+    assert (tmp_path / "ckpt-1.pt").stat().st_size < 10**7
+    with pytest.raises(DASRError, match=r"'generator.conv_first.bias' claims \(20000, 20000\) but stores 4 bytes"):
+        load_checkpoint(tmp_path / "ckpt-1.pt")
+
+
+def test_damaged_pickle_bytes_are_a_damaged_checkpoint(tmp_path):
+    """Byte flips in data.pkl make torch's unpickler raise KeyError, IndexError or TypeError; each is
+    'damaged or truncated' (latest_intact then skips the file), never a traceback."""
+    from dasr_model.checkpoints import latest_intact
+
+    save_checkpoint(tmp_path / "ckpt-1.pt", _state(_model(), step=1))
+    good = (tmp_path / "ckpt-1.pt").read_bytes()
+    start = good.index(b"data.pkl") + len(b"data.pkl")  # the pickle's bytes follow its local header
+    outcomes = set()
+    for i in range(400):
+        raw = bytearray(good)
+        raw[start + 40 + i] ^= 0x5A
+        (tmp_path / "ckpt-2.pt").write_bytes(bytes(raw))
+        try:
+            load_checkpoint(tmp_path / "ckpt-2.pt")
+            outcomes.add("loaded")
+        except DASRError as exc:
+            outcomes.add("refused")
+            assert "ckpt-2.pt" in str(exc)
+    assert "refused" in outcomes
+    assert latest_intact(tmp_path, warn=lambda m: None) is not None
 
 
 def test_real_checkpoints_and_torch_save_files_still_load(tmp_path):
