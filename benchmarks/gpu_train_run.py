@@ -66,9 +66,14 @@ def log_cmd(out: Path, cmd: list[str]) -> list[str]:
 def train_run(out: Path, run_dir: Path, name: str, cmd: list[str]) -> bool:
     """Run dasr-train `cmd` into a fresh `run_dir` (its console in run_dir.stderr). A failure before the first
     logged step (a path only the GPU takes, such as the expert-impl probe) is logged with the end of its
-    console and retried once with --expert-impl grouped, the reference path, which needs no probe. False
-    when the run failed for good, so the caller keeps what the other run made."""
+    console and retried once with --expert-impl grouped, the reference path, which needs no probe, and
+    --max-minutes less the failed attempt's time (the script's total must hold). False when the run
+    failed for good, so the caller keeps what the other run made."""
+    spent = 0.0  # seconds of a failed first attempt: the retry's --max-minutes gives them back
     for attempt in ([], ["--expert-impl", "grouped"]):  # click keeps an option's last value
+        if attempt and "--max-minutes" in cmd:
+            budget = float(cmd[cmd.index("--max-minutes") + 1])
+            attempt += ["--max-minutes", f"{max(budget / 10, budget - spent / 60):.3f}"]
         shutil.rmtree(run_dir, ignore_errors=True)  # a rerun of this script starts its runs afresh
         err = run_dir.with_suffix(".stderr")
         with open(err, "w") as console:
@@ -76,8 +81,9 @@ def train_run(out: Path, run_dir: Path, name: str, cmd: list[str]) -> bool:
             code = subprocess.run(log_cmd(out, cmd + attempt), stdout=subprocess.DEVNULL, stderr=console).returncode
         if code == 0:
             return True
+        spent = time.perf_counter() - started
         tail = err.read_text(errors="replace")[-3000:]
-        log(out, f"{name}: dasr-train exit {code} after {time.perf_counter() - started:.0f} s; its last lines:\n{tail}")
+        log(out, f"{name}: dasr-train exit {code} after {spent:.0f} s; its last lines:\n{tail}")
         if attempt or last_step(run_dir) > 0:  # it trained before failing: a rerun would not fit the budget
             return False
         log(out, f"{name}: failed before its first logged step; once more with --expert-impl grouped")

@@ -46,11 +46,18 @@ def test_gpu_train_run_retries_an_early_failure_once_on_the_reference_path(tmp_p
 
     out, run_dir = tmp_path / "out", tmp_path / "run"
     out.mkdir()
-    only_grouped = [sys.executable, "-c", "import sys; print('probe failed', file=sys.stderr); "
-                    "sys.exit(0 if sys.argv[-2:] == ['--expert-impl', 'grouped'] else 3)"]
+    argv = tmp_path / "argv.txt"
+    only_grouped = [sys.executable, "-c", "import sys, time; print('probe failed', file=sys.stderr); "
+                    f"open({str(argv)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n'); "
+                    "ok = '--expert-impl' in sys.argv; time.sleep(0 if ok else 1.5); sys.exit(0 if ok else 3)",
+                    "--max-minutes", "1.0"]
     assert train_run(out, run_dir, "5 experts", only_grouped)
     log = (out / "log.txt").read_text()
     assert "exit 3" in log and "probe failed" in log and log.count("--expert-impl grouped") == 2  # note, command
+    first, second = argv.read_text().splitlines()
+    assert first == "--max-minutes 1.0"  # the retry gets the minutes the failed attempt left
+    impl, minutes = second.split(" --max-minutes ")
+    assert impl == "--max-minutes 1.0 --expert-impl grouped" and 0.9 < float(minutes) < 0.975
     always = [sys.executable, "-c", "import sys; sys.exit(4)"]
     assert not train_run(out, run_dir, "1 expert", always)
     assert (out / "log.txt").read_text().count("1 expert: dasr-train exit 4") == 2
