@@ -30,8 +30,11 @@ MAX_ZIP_DIRECTORY = 4 * 2**20  # bytes; torch.save writes about 100 per tensor, 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save to a new temporary file (degrade.io.atomic_writer), then rename: a kill never leaves a
     half-written ckpt-*.pt, a failed write leaves nothing, and its error names `path`."""
-    with atomic_writer(path) as f:
-        torch.save(state, f)
+    try:
+        with atomic_writer(path) as f:
+            torch.save(state, f)
+    except RuntimeError as exc:  # torch's zip writer reports a failed write (a full disk) as a RuntimeError
+        raise OSError(f"{path}: could not write the checkpoint ({str(exc).splitlines()[0][:200]})") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -296,7 +296,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; the usual permissions, on our file
         os.replace(tmp, path)
     except BaseException as exc:
         try:

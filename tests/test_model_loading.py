@@ -67,6 +67,23 @@ def test_a_failed_export_leaves_no_temporary_file_and_names_the_target(tmp_path)
     assert list(out.iterdir()) == []
 
 
+def test_a_failed_checkpoint_write_is_an_os_error_naming_it(tmp_path):
+    """torch's zip writer reports a failed write (here a 100 kB file-size limit; a full disk alike) as a
+    RuntimeError naming no file; save_checkpoint makes it an OSError naming the checkpoint, which dasr-train
+    reports in one line, and leaves nothing behind."""
+    script = ("import resource, signal, sys, torch; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
+              "from dasr_model.checkpoints import save_checkpoint; "
+              f"save_checkpoint(__import__('pathlib').Path({str(tmp_path / 'ckpt-1.pt')!r}), "
+              "{'w': torch.zeros(100_000)})")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("OSError: ") and f"{tmp_path / 'ckpt-1.pt'}: could not write the checkpoint" in last
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_save_model_file_replaces_a_symlink_and_leaves_its_target_alone(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
