@@ -55,7 +55,13 @@ def save_model_file(model: DASR, path: str | os.PathLike, *, ema_generator: torc
     header: dict[str, Any] = {"__metadata__": meta}
     blobs, offset = [], 0
     for name, t in sorted(model_state(model, ema_generator).items()):
-        data = t.detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        cast = t.detach().to("cpu", dtype)
+        if not bool(torch.isfinite(cast).all()):  # the reader refuses such a file: refuse to write it
+            if not bool(torch.isfinite(t.detach()).all()):
+                raise DASRError(f"{name} holds NaN or infinite values: not a model to hand on")
+            raise DASRError(f"{name}: a weight of {float(t.detach().abs().max()):.4g} does not fit "
+                            f"{str(dtype).removeprefix('torch.')} (at most 65504); export in bf16 or fp32")
+        data = cast.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)

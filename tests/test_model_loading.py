@@ -4,6 +4,7 @@ name), through unique temporary files, refusing non-finite weights, compressed z
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,18 @@ def test_a_failed_checkpoint_write_is_an_os_error_naming_it(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("OSError: ") and f"{tmp_path / 'ckpt-1.pt'}: could not write the checkpoint" in last
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_whose_weights_do_not_fit_the_dtype_is_refused(tmp_path):
+    """A weight of 1e5 becomes inf in fp16, which the reader would refuse: the writer refuses first, writes
+    nothing, and names the weight; bf16 holds it."""
+    model = _model()
+    with torch.no_grad():
+        model.generator.conv_first.weight.view(-1)[0] = 1e5
+    with pytest.raises(DASRError, match=r"generator.conv_first.weight: a weight of 1e\+05 does not fit float16"):
+        save_model_file(model, tmp_path / "m.safetensors", dtype=torch.float16)
+    assert list(tmp_path.iterdir()) == []
+    save_model_file(model, tmp_path / "m.safetensors", dtype=torch.bfloat16)
 
 
 def test_save_model_file_replaces_a_symlink_and_leaves_its_target_alone(tmp_path):
@@ -293,24 +306,40 @@ def test_real_checkpoints_and_torch_save_files_still_load(tmp_path):
     assert load_release_weights(g, p).config.num_experts == 1
 
 
+def _poke(path: Path, name: str, value: bytes) -> Path:
+    """Overwrite the first element of tensor `name` in the safetensors file `path` with `value`'s bytes."""
+    import json
+
+    raw = bytearray(path.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    start = 8 + n + json.loads(raw[8 : 8 + n])[name]["data_offsets"][0]
+    raw[start : start + len(value)] = value
+    path.write_bytes(bytes(raw))
+    return path
+
+
 def test_non_finite_weights_are_refused_in_one_line(tmp_path):
     from dasr_model.infer import load_model
     from dasr_model.modelfile import read_model_file
     from dasr_model.release import load_release_weights
 
     model = _model()
-    with torch.no_grad():
-        model.generator.conv_hr.bias[0] = float("nan")
-    nan_file = save_model_file(model, tmp_path / "nan.safetensors", dtype=torch.float32)
+    with pytest.raises(DASRError, match="generator.conv_hr.bias holds NaN or infinite values"):
+        with torch.no_grad():
+            broken = _model()
+            broken.generator.conv_hr.bias[0] = float("nan")
+        save_model_file(broken, tmp_path / "never.safetensors")  # the writer refuses such a model
+    assert not (tmp_path / "never.safetensors").exists()
+    nan_file = _poke(save_model_file(model, tmp_path / "nan.safetensors", dtype=torch.float32),
+                     "generator.conv_hr.bias", struct.pack("<f", float("nan")))  # as damage or tampering would
     with pytest.raises(DASRError, match=r"nan.safetensors: refused: tensor generator.conv_hr.bias holds NaN"):
         read_model_file(nan_file)
-    good = _model()
-    with torch.no_grad():
-        good.predictor.state_dict()[next(iter(good.predictor.state_dict()))].view(-1)[0] = 1e6
-    inf_file = save_model_file(good, tmp_path / "inf.safetensors", dtype=torch.float16)  # 1e6 is inf in fp16
+    first = sorted(k for k in model.state_dict() if k.startswith("predictor."))[0]
+    inf_file = _poke(save_model_file(model, tmp_path / "inf.safetensors", dtype=torch.float16), first,
+                     struct.pack("<e", float("inf")))
     with pytest.raises(DASRError, match="refused: tensor predictor.* holds NaN or infinite values"):
         load_model(inf_file)
-    save_checkpoint(tmp_path / "ckpt-nan.pt", _state(model))
+    save_checkpoint(tmp_path / "ckpt-nan.pt", _state(broken))
     ema_nan = _state(_model())
     ema_nan["ema_generator"]["conv_last.weight"] = torch.full_like(ema_nan["ema_generator"]["conv_last.weight"],
                                                                    float("-inf"))
