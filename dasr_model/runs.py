@@ -48,11 +48,17 @@ def start_over(out: Path) -> list[Path]:
     copies, or set-aside damaged checkpoints), nothing else; returns them."""
     out = Path(out)
     doomed = [*list_checkpoints(out), *(p for p in (out / name for name in RUN_FILES) if p.exists())]
-    doomed += [p for p in out.glob("*.tmp") if _half_written(p.name)]
+    doomed += half_written(out)
     doomed += [p for p in out.glob("ckpt-*.pt.damaged") if CHECKPOINT.fullmatch(p.name[: -len(".damaged")])]
     for path in doomed:
         path.unlink()
     return doomed
+
+
+def half_written(out: Path) -> list[Path]:
+    """The temporary files our atomic writes left in run folder `out` when a kill or crash cut them short
+    (each is unique, so nothing overwrites them later: a preempted run would collect them)."""
+    return [p for p in Path(out).glob("*.tmp") if _half_written(p.name)]
 
 
 def _half_written(name: str) -> bool:

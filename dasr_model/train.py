@@ -40,7 +40,7 @@ from dasr_model.evaluate import Pairs, evaluate_pairs, pairs_from_shards
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
 from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, is_channels_last, set_expert_impl
 from dasr_model.modelfile import MODEL_FILE, save_model_file
-from dasr_model.runs import describe_device, holds_a_run, pick_device, start_over, truncate_metrics
+from dasr_model.runs import describe_device, half_written, holds_a_run, pick_device, start_over, truncate_metrics
 from degrade.errors import DegradeError
 from degrade.io import write_bytes_atomic
 
@@ -207,6 +207,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             say(f"note: {found[0].name} was trained with EMA decay {before.ema_decay}"
                 f"{'' if before.ema_warmup else ' without'} warm-up; continuing with {cfg.ema_decay}"
                 f"{'' if cfg.ema_warmup else ' without'} warm-up")
+        for tmp in half_written(out) if main_rank else []:  # a kill during a save (rank 0 alone writes them)
+            tmp.unlink(missing_ok=True)
         for newer in list_checkpoints(out) if main_rank else []:  # damaged ones latest_intact skipped: out of
             if checkpoint_step(newer) > step:  # pruning's way (rank 0 alone: ranks renaming at once would collide)
                 newer.replace(newer.with_name(newer.name + ".damaged"))

@@ -287,6 +287,17 @@ def test_checkpoint_configs_are_checked_field_by_field():
             TrainConfig.from_dict(bad)
 
 
+def test_resume_removes_the_half_written_files_of_a_kill(shards, tmp_path):
+    """Each save writes a uniquely named temporary file, so one a kill left behind is never overwritten:
+    --resume removes ours (a preempted run would otherwise collect checkpoint-sized hidden files)."""
+    run = tmp_path / "run"
+    train(_cfg(shards, run, 2))
+    (run / ".ckpt-4.pt.k2j4x8ab.tmp").write_bytes(b"half")
+    (run / ".notes.txt.abcdefgh.tmp").write_text("not ours")
+    train(_cfg(shards, run, 3), resume=True)
+    assert not (run / ".ckpt-4.pt.k2j4x8ab.tmp").exists() and (run / ".notes.txt.abcdefgh.tmp").exists()
+
+
 def test_restart_also_removes_half_written_files_and_a_model_file_counts_as_a_run(shards, tmp_path):
     from dasr_model.model import DASR
     from dasr_model.modelfile import save_model_file
