@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from dasr_model.checkpoints import open_regular
 from dasr_model.errors import DASRError
 from dasr_model.model import DASR, DASRConfig
 from degrade.io import atomic_writer
@@ -79,12 +80,10 @@ def save_model_file(model: DASR, path: str | os.PathLike, *, ema_generator: torc
 
 def is_model_file(path: str | os.PathLike) -> bool:
     """True if the file starts like a safetensors file (a sane header length, then '{')."""
-    if not Path(path).is_file():
-        return False
     try:
-        with open(path, "rb") as f:
+        with open_regular(Path(path)) as f:  # never blocks on a FIFO swapped in after a check
             head = f.read(9)
-    except OSError:
+    except (OSError, DASRError):
         return False
     return len(head) == 9 and struct.unpack("<Q", head[:8])[0] <= MAX_HEADER and head[8:9] == b"{"
 
@@ -94,10 +93,8 @@ def read_model_file(path: str | os.PathLike) -> tuple[DASR, dict[str, str]]:
     the weights are read: the config, then every tensor's name, dtype, shape and byte range; then a tensor
     holding NaN or infinite values."""
     path = Path(path)
-    if not path.is_file():  # a FIFO or a device would block or never end
-        raise DASRError(f"{path}: not a regular file")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO or a device would block or never end: refused, even if swapped in
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) < 8:
             raise DASRError(f"{path}: not a model file (too short)")
