@@ -1,4 +1,4 @@
-"""Optional training terms of model.md section 4: the U-Net SN discriminator and the VGG19 perceptual loss."""
+"""Optional training terms of DASR: the U-Net SN discriminator and the VGG19 perceptual loss."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def gan_loss(logits: Tensor, real: bool) -> Tensor:
 
 # VGG19 "features": (out_channels or "M" for max-pool); conv indices follow torchvision's layout.
 _VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]
-# Features before ReLU: conv1_2, conv2_2, conv3_4, conv4_4, conv5_4 -> torchvision indices, weights (model.md 4).
+# Features before ReLU: conv1_2, conv2_2, conv3_4, conv4_4, conv5_4 -> torchvision indices, weights (DASR).
 PERCEPTUAL_LAYERS = {2: 0.1, 7: 0.1, 16: 1.0, 25: 1.0, 34: 1.0}
 
 

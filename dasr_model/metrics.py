@@ -1,4 +1,5 @@
-"""Evaluation metrics of model.md section 5, on 8-bit-rounded images as the release's scripts use."""
+"""Evaluation metrics (PSNR and SSIM on BT.601 Y with a 4-px crop, RGB PSNR), on 8-bit-rounded images
+as the DASR release's scripts compute them."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Rebuild the bundled sample photos in degrade/data/samples/ from the project's photo corpus.
 
-Run from the repository root with the shared corpus beside it (../shared/data/photos). Each photo is
+Usage, from the repository root: python scripts/make_samples.py PHOTO_CORPUS_FOLDER. Each photo is
 CC0-1.0 (see the corpus MANIFEST.tsv); it is downscaled with area averaging so its long side is
 512 px and saved as lossless PNG. SOURCES.tsv records origin, licence and processing per file.
 """
@@ -52,4 +52,7 @@ def main(corpus: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path("../shared/data/photos"), Path("degrade/data/samples"))
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python scripts/make_samples.py PHOTO_CORPUS_FOLDER (the folder with MANIFEST.tsv)")
+    main(Path(sys.argv[1]), Path("degrade/data/samples"))

@@ -124,7 +124,8 @@ def test_import_does_not_import_torch():
 
 
 def _reference_apply(hr: np.ndarray, p: DegradationParams) -> np.ndarray:
-    """Spec section 4 written out step by step, independently of pipeline.py's structure."""
+    """The degradation pipeline of docs/degradation.md written out step by step, independently of
+    pipeline.py's structure."""
     from degrade import ops
 
     h, w = hr.shape[:2]
