@@ -57,7 +57,7 @@ def test_gpu_train_run_retries_an_early_failure_once_on_the_reference_path(tmp_p
     first, second = argv.read_text().splitlines()
     assert first == "--max-minutes 1.0"  # the retry gets the minutes the failed attempt left
     impl, minutes = second.split(" --max-minutes ")
-    assert impl == "--max-minutes 1.0 --expert-impl grouped" and 0.9 < float(minutes) < 0.975
+    assert impl == "--max-minutes 1.0 --expert-impl grouped" and 0.9 < float(minutes) <= 0.975  # 1 - 1.5 s
     always = [sys.executable, "-c", "import sys; sys.exit(4)"]
     assert not train_run(out, run_dir, "1 expert", always)
     assert (out / "log.txt").read_text().count("1 expert: dasr-train exit 4") == 2
