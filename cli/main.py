@@ -260,7 +260,8 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
 
     rate = report.made / report.seconds if report.seconds > 0 else 0.0
     levels = ", ".join(f"level {k}: {v}" for k, v in report.level_counts.items() if v)
-    console.print(f"{out}: {count} samples in {config.shard_count} shard(s), {report.bytes_on_disk / 1e6:.1f} MB on disk")
+    console.print(f"{out}: {count} samples in {config.shard_count} shard(s), "
+                  f"{report.bytes_on_disk / 1e6:.1f} MB on disk")
     if report.made:
         console.print(f"made {report.made} samples ({levels}) in {report.seconds:.1f} s, {rate:.1f} samples/s"
                       + (f"; {report.reused_shards} shard(s) were already complete" if report.reused_shards else ""))
@@ -326,6 +327,8 @@ def inspect(target: Path | None, index: int | None, vector: str | None, png: Pat
         raise click.UsageError("--index and --grid need a dataset")
     if grid is not None and (png is None or index is not None):
         raise click.UsageError("--grid needs --png (the contact sheet's file) and no --index")
+    if png is not None:
+        _check_picture_path(png, target)
     try:
         if vector is not None:
             params = decode_vector(vector)
@@ -358,6 +361,18 @@ def inspect(target: Path | None, index: int | None, vector: str | None, png: Pat
             err_console.print(f"wrote {png} ({size[0]}x{size[1]})")
     except (DegradeError, OSError) as exc:  # a sample index out of range is a DatasetError too
         raise click.ClickException(one_line(exc)) from None
+
+
+def _check_picture_path(png: Path, target: Path | None) -> None:
+    """--png writes a new picture: a .png name, never the dataset it shows (a shard, the manifest, any file
+    in its folder), which the write would replace."""
+    if png.suffix.lower() != ".png":
+        raise click.BadParameter(f"{png}: the picture's name must end in .png", param_hint="--png")
+    if target is None:
+        return
+    if _same_file(png, target) or (target.is_dir() and target.resolve() in png.resolve().parents):
+        raise click.BadParameter(f"{png}: would overwrite part of the dataset {target}; write the picture "
+                                 "elsewhere", param_hint="--png")
 
 
 def _plots():

@@ -173,3 +173,21 @@ def test_make_dataset_picks_worker_processes_by_the_work(run, tmp_path, monkeypa
     assert run("make-dataset", "--out", str(tmp_path / "b"), "--count", "8", "--jobs", "2").exit_code == 0
     assert seen == [1, 2]
     assert [cli_main.auto_jobs(n) for n in (256, 999, 1000, 2600, 10**6)] == [1, 1, 2, 5, 8]
+
+
+def test_inspect_png_never_overwrites_the_dataset(run, tmp_path):
+    """--png writes a new .png outside the dataset: a shard, the manifest or a file inside the dataset
+    folder is refused before anything is written (a shard given as --png became a PNG, exit 0)."""
+    from .conftest import make_small_dataset
+
+    ds = tmp_path / "ds"
+    make_small_dataset(ds, count=4, seed=0, shard_size=2)
+    before = {p.name: p.read_bytes() for p in ds.iterdir()}
+    shard = ds / "shard-00000.h5"
+    for target, png, message in ((ds, shard, "must end in .png"), (ds, ds / "manifest.json", "must end in .png"),
+                                 (ds, ds / "sub" / "pic.png", "would overwrite part of the dataset"),
+                                 (shard, shard, "must end in .png"), (ds, tmp_path / "pic.PNG.h5", ".png")):
+        args = ["inspect", target, "--png", png] + (["--index", "0"] if png != ds / "sub" / "pic.png" else [])
+        result = run(*args)
+        assert result.exit_code == 2 and message in result.output, (png, result.output)
+    assert {p.name: p.read_bytes() for p in ds.iterdir()} == before and not (tmp_path / "pic.PNG.h5").exists()
