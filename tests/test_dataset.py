@@ -463,3 +463,73 @@ def test_sharpen_hr_degrades_the_sharpened_patch_and_stores_the_plain_one(tmp_pa
         assert not np.array_equal(s.lr, ref.lr)
     with pytest.raises(dsm.DatasetError, match="sharpen_hr"):  # resuming with other options is refused
         dsm.make_dataset(plain, tmp_path / "s")
+
+
+def _small_config(count: int = 4, shard_size: int = 2):
+    from degrade import shards as dsm
+
+    scan = dsm.scan_sources([], 64)
+    return dsm.DatasetConfig(level="mix", count=count, patch_size=64, seed=0, shard_size=shard_size,
+                             compression="none", source_root=scan.root, sources=tuple(scan.sources))
+
+
+def test_the_lock_file_is_never_followed_or_waited_on(tmp_path):
+    """DIR/.lock as a symlink (it created its target outside the dataset) or a FIFO (the open waited for a
+    reader for ever) is refused in one line, touching nothing; a folder refused for its foreign manifest
+    is left without a stray .lock."""
+    import os
+
+    from degrade import shards as dsm
+    from degrade.errors import DatasetError
+
+    outside = tmp_path / "outside"
+    for kind in ("symlink", "fifo"):
+        out = tmp_path / kind
+        out.mkdir()
+        if kind == "symlink":
+            (out / ".lock").symlink_to(outside)
+        else:
+            os.mkfifo(out / ".lock")
+        with pytest.raises(DatasetError, match=r"\.lock: is (a symlink|not a regular file)"):
+            dsm.make_dataset(_small_config(), out)
+        assert not outside.exists() and sorted(p.name for p in out.iterdir()) == [".lock"]
+    foreign = tmp_path / "webapp"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"name": "a web app"}')
+    with pytest.raises(DatasetError):
+        dsm.make_dataset(_small_config(), foreign)
+    assert sorted(p.name for p in foreign.iterdir()) == ["manifest.json"]
+
+
+def test_resume_makes_a_symlinked_shard_again(tmp_path):
+    """A shard replaced by a symlink to an identical copy elsewhere was 'already complete' on resume, while
+    the reader refuses symlinks; it is made again, as a regular file, with the same bytes."""
+    from degrade import shards as dsm
+
+    out = tmp_path / "ds"
+    dsm.make_dataset(_small_config(), out)
+    original = (out / "shard-00001.h5").read_bytes()
+    (tmp_path / "elsewhere.h5").write_bytes(original)
+    (out / "shard-00001.h5").unlink()
+    (out / "shard-00001.h5").symlink_to(tmp_path / "elsewhere.h5")
+    report = dsm.make_dataset(_small_config(), out)
+    assert report.reused_shards == 1 and not (out / "shard-00001.h5").is_symlink()
+    assert (out / "shard-00001.h5").read_bytes() == original
+    assert len(dsm.open_dataset(out)) == 4
+
+
+def test_a_dataset_too_large_to_plan_is_refused_first(tmp_path, run_cli=None):
+    """--count had no bound: a billion samples took 6.6 GB of plan before the first sample, 10**30 hung.
+    Now at most 100M samples in at most 100,000 shards, refused before anything is made."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+    from degrade import shards as dsm
+    from degrade.errors import DatasetError
+
+    for count, shard_size in ((10**8 + 1, 10**6), (200_001, 2)):
+        with pytest.raises(DatasetError, match="at most 100,000,000 samples in at most 100,000 shards"):
+            dsm.make_dataset(_small_config(count, shard_size), tmp_path / "big")
+    assert not (tmp_path / "big").exists()
+    result = CliRunner().invoke(main, ["make-dataset", "--out", str(tmp_path / "big"), "--count", str(10**9)])
+    assert result.exit_code == 2 and "--count" in result.output and not (tmp_path / "big").exists()

@@ -9,9 +9,11 @@ this process writes. Libraries print nothing: progress is reported through a cal
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +57,10 @@ class MakeReport:
     bytes_on_disk: int = 0
 
 
+MAX_COUNT = 10**8  # samples in one dataset: 100M patches of 256 px are about 20 TB
+MAX_SHARDS = 100_000
+
+
 def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1,
                  progress: Callable[[int], None] | None = None, backend: str | None = None) -> MakeReport:
     """Write (or finish) the dataset `config` in folder `out`; returns what was done.
@@ -67,6 +73,10 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
     process writes the shards meanwhile. `backend` (e.g. "dask") runs the workers through joblib.
     """
     out = Path(out)
+    if config.count > MAX_COUNT or config.shard_count > MAX_SHARDS:  # before any folder or plan is made
+        raise DatasetError(f"{config.count} samples in {config.shard_count} shard(s): at most {MAX_COUNT:,} samples "
+                           f"in at most {MAX_SHARDS:,} shards (the manifest lists every shard and is rewritten "
+                           "after each); raise --shard-size or make several datasets")
     start = time.perf_counter()
     report = MakeReport()
     shards: dict[int, dict[str, Any]] = {}
@@ -75,15 +85,21 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
     if not (out / MANIFEST).exists() and out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise DatasetError(f"{out}: folder is not empty and holds no {MANIFEST}; choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
+    lock_was_there = os.path.lexists(out / LOCK)
     with contextlib.ExitStack() as held:
         held.enter_context(_exclusive_lock(out))
         if (out / MANIFEST).exists():
-            old = read_manifest(out)
-            if old["config"] != config.to_dict():
-                raise DatasetError(
-                    f"{out} holds a dataset made by a different command "
-                    f"({_config_difference(old['config'], config.to_dict())}); use a new --out or the original options"
-                )
+            try:
+                old = read_manifest(out)
+                if old["config"] != config.to_dict():
+                    raise DatasetError(
+                        f"{out} holds a dataset made by a different command "
+                        f"({_config_difference(old['config'], config.to_dict())}); use a new --out or the "
+                        "original options")
+            except DatasetError:  # not ours to write: leave the folder as it was found
+                if not lock_was_there:
+                    (out / LOCK).unlink(missing_ok=True)
+                raise
             shards = {int(s["shard"]): s for s in old["shards"]}
         _make(config, out, shards, report, jobs, progress, backend)
     report.seconds = time.perf_counter() - start
@@ -110,7 +126,21 @@ def _exclusive_lock(out: Path) -> Iterator[None]:
     except ImportError:  # not POSIX: no locking
         yield
         return
-    with open(out / LOCK, "a") as handle:
+    # Never through a symlink (it could create or touch a file outside the dataset), never a FIFO (opening
+    # one waits for a reader for ever): O_NOFOLLOW | O_NONBLOCK, then a regular file or a refusal.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK
+    try:
+        fd = os.open(out / LOCK, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DatasetError(f"{out / LOCK}: is a symlink; remove it (make-dataset makes its own)") from None
+        if exc.errno == errno.ENXIO:  # a FIFO without a reader
+            raise DatasetError(f"{out / LOCK}: is not a regular file; remove it (make-dataset makes its own)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DatasetError(f"{out / LOCK}: is not a regular file; remove it (make-dataset makes its own)")
+    with os.fdopen(fd, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -119,6 +149,13 @@ def _exclusive_lock(out: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], report: MakeReport, jobs: int,
@@ -130,7 +167,8 @@ def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], r
     for k in range(config.shard_count):
         path = out / shard_name(k)
         entry = shards.get(k)
-        if entry is not None and path.is_file() and sha256_file(path) == entry["sha256"]:
+        # a regular file, not a symlink (the reader refuses those): anything else is made again
+        if entry is not None and _regular(path) and sha256_file(path) == entry["sha256"]:
             report.reused_shards += 1
             if progress:
                 progress(entry["count"])
@@ -148,14 +186,15 @@ def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], r
 
     # One stream of chunks over all the shards to make: the workers go on with the next shard's chunks
     # while this process closes, hashes and records the previous one (no drain at every shard boundary).
-    per_shard = {k: chunk_ranges(config.shard_range(k)) for k in todo}
+    # The chunk plan is made shard by shard as the stream reaches it: memory does not grow with --count.
     with OrderedMap(SampleMaker(config), jobs=jobs, backend=backend) as run_chunks, \
-            contextlib.closing(run_chunks(r for k in todo for r in per_shard[k])) as stream:
+            contextlib.closing(run_chunks(r for k in todo for r in chunk_ranges(config.shard_range(k)))) as stream:
         for k in todo:
             final, tmp = out / shard_name(k), out / f".{shard_name(k)}.partial"
             _check_free_space(out, config, k)
             try:
-                _write_shard(tmp, config, k, itertools.islice(stream, len(per_shard[k])), count)
+                chunks = len(chunk_ranges(config.shard_range(k)))
+                _write_shard(tmp, config, k, itertools.islice(stream, chunks), count)
                 os.replace(tmp, final)
             except OSError as exc:  # disk full, quota, I/O error: earlier shards stay valid, so say how to resume
                 tmp.unlink(missing_ok=True)
