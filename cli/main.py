@@ -331,6 +331,8 @@ def inspect(target: Path | None, index: int | None, vector: str | None, png: Pat
     if png is not None:
         _check_picture_path(png, target)
     try:
+        if png is not None:
+            _plots()._pyplot()  # without matplotlib: say so before any table is printed
         if vector is not None:
             params = decode_vector(vector)
             v = parse_vector(vector)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from degrade.errors import DegradeError
 from degrade.inspect import CAPTION_LEGEND, caption, pipeline_steps, read_fields
 from degrade.layout import BLOCK_LABELS, VECTOR_FIELDS, block_of
 from degrade.params import DegradationParams
@@ -30,7 +31,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError("pictures need matplotlib: pip install 'dasr-toolkit[plot]'") from None
+        raise DegradeError("pictures need matplotlib: pip install 'dasr-toolkit[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

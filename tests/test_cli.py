@@ -191,3 +191,17 @@ def test_inspect_png_never_overwrites_the_dataset(run, tmp_path):
         result = run(*args)
         assert result.exit_code == 2 and message in result.output, (png, result.output)
     assert {p.name: p.read_bytes() for p in ds.iterdir()} == before and not (tmp_path / "pic.PNG.h5").exists()
+
+
+def test_inspect_png_without_matplotlib_is_one_line_before_any_output(run, tmp_path, monkeypatch):
+    """The picture needs the optional matplotlib: without it, a one-line error and exit 1 before the
+    table (it was a RuntimeError traceback after the table)."""
+    import sys
+
+    from .conftest import make_small_dataset
+
+    ds = make_small_dataset(tmp_path / "ds", count=2, seed=0, shard_size=2)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    result = CliRunner().invoke(main, ["inspect", ds, "--index", "0", "--png", str(tmp_path / "s.png")])
+    assert result.exit_code == 1 and result.output.strip() == (
+        "Error: pictures need matplotlib: pip install 'dasr-toolkit[plot]'")
