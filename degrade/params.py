@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -199,6 +200,9 @@ class DegradationParams:
             raise DegradeError(f"not valid JSON: {exc.msg} (line {exc.lineno})") from None
         except RecursionError:  # JSON nested thousands deep: a refusal, not a crash
             raise DegradeError("not a parameter record: JSON nested too deeply") from None
+        except ValueError:  # the only other ValueError of json.loads: an integer beyond int's digit limit
+            raise DegradeError(f"not a parameter record: a number of more than {sys.get_int_max_str_digits()} "
+                               "digits") from None
         return cls.from_dict(data)
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import numpy as np
 
 from degrade.errors import DatasetError
 from degrade.io import ImageError, pixel_limit, read_regular_file
-from degrade.recipe import SCALE, LevelChoice, parse_level
+from degrade.recipe import SCALE, LevelChoice
 from degrade.samples import sample_dir
 from degrade.vector import VECTOR_LAYOUT, VECTOR_LENGTH
 
@@ -33,6 +35,8 @@ SHARD_DATASETS = ("hr", "lr", "v", "level", "index", "source", "crop", "params")
 SHARD_ROW_BYTES = VECTOR_LENGTH * 4 + 1 + 8 + 4 + 16  # v, level, index, source, crop: stored contiguously
 PARAMS_JSON_BYTES = 1024  # more than any record's JSON (about 600 bytes at level 3)
 MAX_MANIFEST_BYTES = 256 << 20  # a manifest listing a million sources is about 120 MB
+INT64_LIMIT = 2**63  # counts and shard sizes are below this (the reader sums them as int64); seeds below 2**64
+MAX_SIDE = 2**31  # image sides and patch sizes are below this (crops are stored as int32)
 
 
 def shard_name(k: int) -> str:
@@ -58,6 +62,14 @@ class Source:
     sha256: str
     height: int
     width: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not isinstance(self.sha256, str):
+            raise DatasetError(f"source path and sha256 must be strings, got {self.path!r}, {self.sha256!r}")
+        if not re.fullmatch("[0-9a-f]{64}", self.sha256):
+            raise DatasetError(f"source {self.path!r}: sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+        for side in (self.height, self.width):
+            _check_int(f"source {self.path!r}: height and width", side, 1, MAX_SIDE)
 
 
 def resolve_source(root: str, rel: str) -> Path:
@@ -87,16 +99,29 @@ class DatasetConfig:
     sharpen_hr: bool = False  # degrade the unsharp-masked HR (degrade.sharpen); the stored HR stays plain
 
     def __post_init__(self) -> None:
-        if self.count < 1:
-            raise DatasetError(f"--count must be >= 1, got {self.count}")
-        if self.patch_size < 32 or self.patch_size % SCALE:
+        # Exact types and ranges, nothing coerced: a configuration also comes from a manifest, which is data.
+        if not (self.level == "mix" or _is_int(self.level) and self.level in (1, 2, 3)):
+            raise DatasetError(f"--level must be 1, 2, 3 or mix, got {self.level!r}")
+        _check_int("--count", self.count, 1, INT64_LIMIT)
+        _check_int("--patch-size", self.patch_size, 32, MAX_SIDE)
+        if self.patch_size % SCALE:
             raise DatasetError(f"--patch-size must be a multiple of {SCALE} and >= 32, got {self.patch_size}")
-        if self.shard_size < 1:
-            raise DatasetError(f"--shard-size must be >= 1, got {self.shard_size}")
-        if self.compression not in COMPRESSIONS:
+        _check_int("--seed", self.seed, 0, 2**64)
+        _check_int("--shard-size", self.shard_size, 1, INT64_LIMIT)
+        if not isinstance(self.compression, str) or self.compression not in COMPRESSIONS:
             raise DatasetError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
+        if not isinstance(self.source_root, str):
+            raise DatasetError(f"source_root must be a string, got {self.source_root!r}")
+        if not isinstance(self.sharpen_hr, bool):
+            raise DatasetError(f"sharpen_hr must be true or false, got {self.sharpen_hr!r}")
+        if not isinstance(self.sources, tuple) or not all(isinstance(s, Source) for s in self.sources):
+            raise DatasetError("sources must be a tuple of Source")
         if not self.sources:
             raise DatasetError("no usable source images (all unreadable or smaller than the patch)")
+        for s in self.sources:
+            if min(s.height, s.width) < self.patch_size:
+                raise DatasetError(f"source {s.path!r} is {s.height}x{s.width}, smaller than the "
+                                   f"{self.patch_size}-px patch")
 
     @property
     def shard_count(self) -> int:
@@ -114,30 +139,41 @@ class DatasetConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DatasetConfig:
+        """The configuration a manifest records: every value of the type and range the writer writes
+        (integers are JSON integers, not strings, floats or booleans); DatasetError otherwise."""
         try:
+            if not isinstance(d["sources"], list) or not all(isinstance(s, dict) for s in d["sources"]):
+                raise DatasetError("sources must be a list of objects")
             return cls(
-                level=parse_level(d["level"]),
-                count=int(d["count"]),
-                patch_size=int(d["patch_size"]),
-                seed=int(d["seed"]),
-                shard_size=int(d["shard_size"]),
-                compression=str(d["compression"]),
-                source_root=str(d["source_root"]),
-                sources=tuple(Source(str(s["path"]), str(s["sha256"]), int(s["height"]), int(s["width"]))
-                              for s in d["sources"]),
-                sharpen_hr=_strict_bool(d.get("sharpen_hr", False)),
+                level=d["level"],
+                count=d["count"],
+                patch_size=d["patch_size"],
+                seed=d["seed"],
+                shard_size=d["shard_size"],
+                compression=d["compression"],
+                source_root=d["source_root"],
+                sources=tuple(Source(s["path"], s["sha256"], s["height"], s["width"]) for s in d["sources"]),
+                sharpen_hr=d.get("sharpen_hr", False),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except KeyError as exc:
+            raise DatasetError(f"malformed dataset configuration: {exc} missing") from None
+        except (TypeError, ValueError) as exc:  # DatasetError is a ValueError
             raise DatasetError(f"malformed dataset configuration: {exc}") from None
 
     def source_path(self, i: int) -> Path:
         return resolve_source(self.source_root, self.sources[i].path)
 
 
-def _strict_bool(raw: Any) -> bool:
-    if not isinstance(raw, bool):
-        raise ValueError(f"sharpen_hr must be true or false, got {raw!r}")
-    return raw
+def _check_int(what: str, raw: Any, lo: int, hi: int) -> None:
+    """`raw` must be an int (not a bool, a float or a string) in [lo, hi)."""
+    if not _is_int(raw):
+        raise DatasetError(f"{what} must be an integer, got {raw!r}")
+    if not lo <= raw < hi:
+        raise DatasetError(f"{what} must be in [{lo}, {_power(hi)}), got {raw}")
+
+
+def _power(n: int) -> str:
+    return f"2**{n.bit_length() - 1}" if n > 1 << 20 and n & (n - 1) == 0 else str(n)
 
 
 # --- the manifest ---------------------------------------------------------------------------------------
@@ -171,6 +207,9 @@ def read_manifest(out: Path) -> dict[str, Any]:
         raise DatasetError(f"{path}: unreadable manifest ({exc.strerror or exc})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DatasetError(f"{path}: unreadable manifest ({exc})") from None
+    except ValueError:  # the only other ValueError of json.loads: an integer beyond int's digit limit
+        raise DatasetError(f"{path}: unreadable manifest (a number of more than "
+                           f"{sys.get_int_max_str_digits()} digits)") from None
     except RecursionError:
         raise DatasetError(f"{path}: unreadable manifest (JSON nested too deeply)") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:

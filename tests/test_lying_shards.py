@@ -1,0 +1,139 @@
+"""Manifests and shards that lie (about sizes, types, numbers or text) are refused in one line before
+anything large is allocated; what reading returns is what the files store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import degrade
+from cli.main import main
+from degrade import shards as dsm
+from degrade.errors import DatasetError, DegradeError
+from degrade.params import DegradationParams
+
+from .conftest import make_small_dataset
+
+HUGE = "9" * 5000  # more digits than Python turns into an int by default (4300)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """9 samples of 64 px in shards of 3."""
+    return Path(make_small_dataset(tmp_path_factory.mktemp("lying") / "ds", count=9, seed=2, shard_size=3))
+
+
+@pytest.fixture()
+def small(reference, tmp_path) -> Path:
+    """A fresh copy of `reference` to damage."""
+    return Path(shutil.copytree(reference, tmp_path / "ds"))
+
+
+def _edit_manifest(folder: Path, edit) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _cli(*args) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    return result.output
+
+
+# --- 2: numbers too large -----------------------------------------------------------------------------------
+
+
+def test_a_number_with_thousands_of_digits_is_a_refusal(reference, small, tmp_path):
+    config = degrade.open_dataset(reference).config
+    text = (small / "manifest.json").read_text().replace('"seed": 2', f'"seed": {HUGE}')
+    (small / "manifest.json").write_text(text)
+    for call in (lambda: degrade.open_dataset(small), lambda: dsm.verify_dataset(small),
+                 lambda: dsm.make_dataset(config, small)):  # a resume reads the manifest
+        with pytest.raises(DatasetError, match="unreadable manifest .a number of more than 4300 digits.$"):
+            call()
+    assert "more than 4300 digits" in _cli("inspect", small)
+    with pytest.raises(DegradeError, match="not a parameter record: a number of more than 4300 digits$"):
+        DegradationParams.from_json(f'{{"level": {HUGE}}}')
+    (tmp_path / "p.json").write_text(f'{{"level": {HUGE}}}')
+    result = CliRunner().invoke(main, ["apply", "-o", str(tmp_path / "o.png"), "--params", str(tmp_path / "p.json")])
+    assert result.exit_code == 1 and "more than 4300 digits" in result.output, result.output
+
+
+@pytest.mark.parametrize("count", ["1e400", "Infinity", "-Infinity", "NaN", str(10**30), str(2**63)])
+def test_counts_beyond_int64_are_refused(small, count):
+    text = (small / "manifest.json").read_text()
+    (small / "manifest.json").write_text(text.replace('"count": 9', f'"count": {count}'))
+    for call in (lambda: degrade.open_dataset(small), lambda: dsm.verify_dataset(small)):
+        with pytest.raises(DatasetError, match="malformed dataset configuration: --count must be"):
+            call()
+
+
+@pytest.mark.parametrize("n", [10**30, 2**62])
+def test_a_huge_count_with_a_matching_shard_entry_is_refused(small, n):
+    """count = shard_size = n and one shard entry of n samples: len(range) overflowed for 10**30; below
+    2**63 the shard's shapes (or its size) give it away before anything is read."""
+    def edit(m):
+        m["config"].update(count=n, shard_size=n)
+        m["shards"] = [dict(m["shards"][0], count=n)]
+    _edit_manifest(small, edit)
+    message = "--count must be in" if n >= 2**63 else f"expected uint8 \\({n}, 64, 64, 3\\)"
+    with pytest.raises(DatasetError, match=message):
+        degrade.open_dataset(small)[0]
+    assert "count must be in" in _cli("inspect", small) if n >= 2**63 else "expected uint8" in _cli("inspect", small)
+    if n >= 2**63:
+        with pytest.raises(DatasetError, match=message):
+            dsm.verify_dataset(small)
+    else:
+        assert any(str(n) in p for p in dsm.verify_dataset(small))
+
+
+# --- 3: the configuration is validated, not coerced ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("seed", -5, "--seed must be in"),
+    ("seed", True, "--seed must be an integer"),
+    ("seed", 2.0, "--seed must be an integer"),
+    ("count", "9", "--count must be an integer"),
+    ("count", 9.0, "--count must be an integer"),
+    ("count", 9.7, "--count must be an integer"),
+    ("count", True, "--count must be an integer"),
+    ("patch_size", "64", "--patch-size must be an integer"),
+    ("shard_size", 0, "--shard-size must be in"),
+    ("level", "2", "--level must be"),
+    ("level", True, "--level must be"),
+    ("level", 2.0, "--level must be"),
+    ("compression", 1, "--compression must be"),
+    ("source_root", 7, "source_root must be a string"),
+    ("sharpen_hr", 1, "sharpen_hr must be true or false"),
+    ("sources", {}, "sources must be a list"),
+    ("height", 10, "smaller than the 64-px patch"),
+    ("height", -1, "height and width must be in"),
+    ("width", "512", "height and width must be an integer"),
+    ("width", 2**40, "height and width must be in"),
+    ("sha256", 5, "must be strings"),
+    ("sha256", "../x", "sha256 must be 64 lowercase hex digits"),
+])
+def test_the_configuration_is_checked_not_coerced(small, key, value, message):
+    def edit(m):
+        if key in ("height", "width", "sha256"):
+            for s in m["config"]["sources"]:
+                s[key] = value
+        else:
+            m["config"][key] = value
+    _edit_manifest(small, edit)
+    for call in (lambda: degrade.open_dataset(small), lambda: dsm.verify_dataset(small, regenerate=3)):
+        with pytest.raises(DatasetError, match=f"malformed dataset configuration: .*{message}"):
+            call()
+    assert message.split()[0] in _cli("verify", small, "--regenerate", 3)
+
+
+def test_the_writers_configuration_reads_back_equal(reference):
+    config = degrade.open_dataset(reference).config
+    assert dsm.DatasetConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
