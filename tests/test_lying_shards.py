@@ -7,13 +7,15 @@ import json
 import shutil
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import degrade
 from cli.main import main
 from degrade import shards as dsm
-from degrade.errors import DatasetError, DegradeError
+from degrade.errors import DatasetError, DegradeError, SampleIndexError, SampleIndexTypeError
 from degrade.params import DegradationParams
 
 from .conftest import make_small_dataset
@@ -44,6 +46,31 @@ def _cli(*args) -> str:
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
     return result.output
+
+
+# --- 1: a fixed-length `params` dataset -------------------------------------------------------------------
+
+
+def test_fixed_length_params_are_refused_before_they_are_read(small, monkeypatch):
+    """A few MB of file declaring S100000 x n gzip-chunked rows that were never written (2 GB to read)."""
+    path = small / "shard-00001.h5"
+    with h5py.File(path, "r+") as f:
+        del f["params"]
+        f.create_dataset("params", (3,), dtype="S100000", chunks=(1,), compression="gzip")
+    real_read = h5py.Dataset.__getitem__
+
+    def guarded(self, *args):
+        if self.name == "/params" and Path(self.file.filename).name == path.name:
+            pytest.fail("params was read before the check")
+        return real_read(self, *args)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", guarded)
+    for target in (small, path):
+        with pytest.raises(DatasetError, match="params is |S100000 .*expected variable-length strings"):
+            degrade.open_dataset(target).column("params")
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", real_read)
+    assert "expected variable-length strings" in _cli("inspect", path, "--json")
+    assert any("expected variable-length strings" in p for p in dsm.verify_dataset(small))
 
 
 # --- 2: numbers too large -----------------------------------------------------------------------------------
@@ -137,3 +164,83 @@ def test_the_configuration_is_checked_not_coerced(small, key, value, message):
 def test_the_writers_configuration_reads_back_equal(reference):
     config = degrade.open_dataset(reference).config
     assert dsm.DatasetConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+# --- 4: text that is not UTF-8 --------------------------------------------------------------------------------
+
+
+def test_a_record_that_is_not_utf8_is_refused(small):
+    path = small / "shard-00001.h5"
+    with h5py.File(path, "r+") as f:
+        del f["params"]
+        f.create_dataset("params", (3,), dtype=h5py.string_dtype("utf-8"))[:] = [b"\xff\xfe{"] * 3
+    ds = degrade.open_dataset(small)
+    message = f"{path}: params: not valid UTF-8 .byte 0xff at offset 0.$"
+    for call in (lambda: ds[3], lambda: ds[2:5], lambda: ds[::-1], lambda: ds.column("params"),
+                 lambda: degrade.open_dataset(path)[0]):
+        with pytest.raises(DatasetError, match=message):
+            call()
+    assert ds[2].params is not None  # the other shards read as before
+    assert "not valid UTF-8" in _cli("inspect", small, "--index", 3)
+    assert "not valid UTF-8" in _cli("inspect", path)
+    assert any("not valid UTF-8" in p for p in dsm.verify_dataset(small))
+
+
+# --- 5: a slice checks its shards before allocating -------------------------------------------------------
+
+
+def test_a_slice_checks_the_shards_before_allocating_the_batch(small):
+    """A patch of 2**20 px (its sources claiming to be as large): a batch of 3 would be 9 PB."""
+    def edit(m):
+        m["config"]["patch_size"] = 2**20
+        for s in m["config"]["sources"]:
+            s.update(height=2**20, width=2**20)
+    _edit_manifest(small, edit)
+    ds = degrade.open_dataset(small)
+    for key in (slice(0, 3), slice(None, None, -1)):
+        with pytest.raises(DatasetError, match="patch size 1048576"):
+            ds[key]
+
+
+# --- 6: malformed lone shards ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["scalar v", "null v", "null hr", "format pair", "format number"])
+def test_malformed_lone_shards_are_refused_in_one_line(small, damage):
+    path = small / "shard-00000.h5"
+    with h5py.File(path, "r+") as f:
+        if damage.endswith(" v") or damage.endswith(" hr"):
+            key = damage.split()[1]
+            dtype = f[key].dtype
+            del f[key]
+            f.create_dataset(key, data=np.zeros((), dtype) if damage.startswith("scalar") else h5py.Empty(dtype))
+        elif damage == "format pair":
+            f.attrs["format"] = ["degrade-shards", "degrade-shards"]
+        else:
+            f.attrs["format"] = 1
+    with pytest.raises(DatasetError):
+        degrade.open_dataset(path)
+    _cli("inspect", path)
+
+
+# --- 7: the indices a batch reports are the stored ones -------------------------------------------------------
+
+
+def test_batches_report_the_stored_global_indices(small):
+    lone = degrade.open_dataset(small / "shard-00001.h5")
+    assert lone[0:2].indices.tolist() == [3, 4] and lone[::-1].indices.tolist() == [5, 4, 3]
+    assert [lone.stored_index(i) for i in (0, 1, 2, -1, np.int64(1))] == [3, 4, 5, 5, 4]
+    with pytest.raises(SampleIndexTypeError):
+        lone.stored_index(1.0)
+    with pytest.raises(SampleIndexError):
+        lone.stored_index(3)
+
+    def drop_the_middle_shard(m):
+        m["shards"].pop(1)
+        m["complete"] = False
+    _edit_manifest(small, drop_the_middle_shard)
+    gap = degrade.open_dataset(small, allow_incomplete=True)
+    assert gap[:].indices.tolist() == [0, 1, 2, 6, 7, 8]
+    assert gap[::-2].indices.tolist() == [8, 6, 1] and gap[1:5:3].indices.tolist() == [1, 7]
+    assert gap.stored_index(3) == 6
+    assert gap[0:6].indices.tolist() == gap.column("index").tolist()

@@ -263,7 +263,11 @@ def check_shard(f: Any, path: Path, *, count: int | None, patch_size: int | None
             raise DatasetError(f"{path}: not a {FORMAT_NAME} shard (dataset {key!r} missing or a link)")
         if f[key].external or f[key].is_virtual:
             raise DatasetError(f"{path}: dataset {key!r} keeps its data outside the file; refusing to read it")
-    n = f["v"].shape[0] if count is None else count
+    if count is None:  # a lone shard: its sample count is v's first dimension
+        if f["v"].ndim != 2:  # a scalar or null dataspace has no first dimension
+            raise DatasetError(f"{path}: v is {f['v'].dtype} {f['v'].shape}, expected float32 (n, {VECTOR_LENGTH})")
+        count = f["v"].shape[0]
+    n = count
     p = f["hr"].shape[1] if patch_size is None and f["hr"].ndim == 4 else patch_size
     if not isinstance(p, int) or p < 32 or p % SCALE or p * p > pixel_limit():
         raise DatasetError(f"{path}: patch size {p} is not a multiple of {SCALE} in [32, sqrt({pixel_limit()})]")
@@ -278,9 +282,10 @@ def check_shard(f: Any, path: Path, *, count: int | None, patch_size: int | None
         chunks = f[key].chunks
         if chunks is not None and chunks != (1, *f[key].shape[1:]):
             raise DatasetError(f"{path}: {key} is stored in chunks of {chunks}, expected one sample per chunk")
-    params = f["params"]
-    if params.shape != (n,) or h5py.check_string_dtype(params.dtype) is None:
-        raise DatasetError(f"{path}: params is {params.dtype} {params.shape}, expected strings ({n},)")
+    params = f["params"]  # variable-length strings, as written: a fixed length could declare gigabytes per row
+    info = h5py.check_string_dtype(params.dtype)
+    if params.shape != (n,) or info is None or info.length is not None:
+        raise DatasetError(f"{path}: params is {params.dtype} {params.shape}, expected variable-length strings ({n},)")
     size = os.stat(path).st_size
     if n * SHARD_ROW_BYTES > size:
         raise DatasetError(f"{path}: declares {n} samples but its {size} bytes cannot hold them")
@@ -311,6 +316,11 @@ def os_reason(exc: OSError) -> str:
     return " ".join(str(exc).split())
 
 
-def as_text(value: bytes | str) -> str:
-    """A stored UTF-8 string (h5py gives bytes) as str."""
-    return value.decode("utf-8") if isinstance(value, bytes) else value
+def as_text(value: bytes | str, where: str = "a stored parameter record") -> str:
+    """A stored UTF-8 string (h5py gives bytes) as str; DatasetError naming `where` if it is not UTF-8."""
+    if not isinstance(value, bytes):
+        return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{where}: not valid UTF-8 (byte {value[exc.start]:#04x} at offset {exc.start})") from None

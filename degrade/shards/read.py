@@ -38,11 +38,13 @@ class _OpenShard:
     """One shard file open in this process, with its datasets looked up once (a lookup by name costs
     more than reading a row)."""
 
-    __slots__ = ("file", "hr", "lr", "v", "params")
+    __slots__ = ("file", "hr", "lr", "v", "params", "index", "where")
 
-    def __init__(self, file: Any):
+    def __init__(self, file: Any, path: Path):
         self.file = file
         self.hr, self.lr, self.v, self.params = file["hr"], file["lr"], file["v"], file["params"]
+        self.index = file["index"]
+        self.where = f"{path}: params"  # how as_text names a record that is not UTF-8
 
 
 class ShardDataset:
@@ -97,7 +99,8 @@ class ShardDataset:
 
         try:
             with h5py.File(path, "r") as f:
-                if f.attrs.get("format") != FORMAT_NAME:
+                fmt = f.attrs.get("format")  # any attribute type: compare only a string
+                if not isinstance(fmt, str) or fmt != FORMAT_NAME:
                     raise DatasetError(f"{path}: not a {FORMAT_NAME} shard")
                 return check_shard(f, path, count=None, patch_size=None), int(f["hr"].shape[1])
         except OSError:
@@ -120,7 +123,7 @@ class ShardDataset:
             raise DatasetError(f"{self.files[k]}: unreadable shard ({os_reason(exc)})") from None
         try:
             check_shard(handle, self.files[k], count=self.counts[k], patch_size=self.patch_size)
-            shard = _OpenShard(handle)
+            shard = _OpenShard(handle, self.files[k])
         except BaseException:
             handle.close()
             raise
@@ -154,32 +157,49 @@ class ShardDataset:
             raise SampleIndexTypeError(f"a sample index must be an integer or a slice, not {key!r}") from None
         k, row = self.locate(i)
         s = self._shard(k)
-        return Sample(s.hr[row], s.lr[row], s.v[row], record_json=as_text(s.params[row]))
+        return Sample(s.hr[row], s.lr[row], s.v[row], record_json=as_text(s.params[row], s.where))
+
+    def stored_index(self, i: int) -> int:
+        """The global sample index stored with the sample at position `i` (its `index` dataset): the key of
+        its random stream. It differs from `i` in a lone shard file other than the first and after a
+        missing shard of an incomplete dataset."""
+        try:
+            i = operator.index(i)
+        except TypeError:
+            raise SampleIndexTypeError(f"a sample index must be an integer, not {i!r}") from None
+        k, row = self.locate(i)
+        return int(self._shard(k).index[row])
 
     def _batch(self, indices: range) -> SampleBatch:
         """The samples `indices` (a range of valid indices, any step) stacked, read one run per shard."""
         n, p = len(indices), self._patch()
         q = p // SCALE
-        hr, lr = np.empty((n, p, p, 3), np.uint8), np.empty((n, q, q, 3), np.uint8)
-        v, texts = np.empty((n, VECTOR_LENGTH), np.float32), []
         step, at = indices.step, 0
+        runs = []
         while at < n:
             k, row = self.locate(indices[at])
             # The run of indices from `at` that lies in shard k: rows row, row + step, ... inside the shard.
             m = min(n - at, ((self.counts[k] - 1 - row) // step if step > 0 else row // -step) + 1)
             lo = row if step > 0 else row + (m - 1) * step
             rows = slice(lo, lo + (m - 1) * abs(step) + 1, abs(step))  # ascending; h5py reads no other order
-            flip = slice(None, None, 1 if step > 0 else -1)
-            s, out = self._shard(k), slice(at, at + m)
+            self._shard(k)  # checked against the manifest before anything is allocated for it
+            runs.append((k, rows, slice(at, at + m)))
+            at += m
+        hr, lr = np.empty((n, p, p, 3), np.uint8), np.empty((n, q, q, 3), np.uint8)
+        v, index, texts = np.empty((n, VECTOR_LENGTH), np.float32), np.empty(n, np.int64), []
+        flip = slice(None, None, 1 if step > 0 else -1)
+        for k, rows, out in runs:
+            s = self._shard(k)  # open already, unless the slice spans more than MAX_OPEN shards
             if step > 0:  # straight into the batch's arrays: no temporary copy
                 s.hr.read_direct(hr, rows, out)
                 s.lr.read_direct(lr, rows, out)
                 s.v.read_direct(v, rows, out)
+                s.index.read_direct(index, rows, out)
             else:
                 hr[out], lr[out], v[out] = s.hr[rows][flip], s.lr[rows][flip], s.v[rows][flip]
-            texts += [as_text(t) for t in s.params[rows][flip]]
-            at += m
-        return SampleBatch(hr, lr, v, np.asarray(indices, np.int64), texts)
+                index[out] = s.index[rows][flip]
+            texts += [as_text(t, s.where) for t in s.params[rows][flip]]
+        return SampleBatch(hr, lr, v, index, texts)
 
     def _patch(self) -> int:
         if self.patch_size is None:  # never: a folder has its config, a lone shard its file's
@@ -195,9 +215,13 @@ class ShardDataset:
         `source`, `crop` as arrays, `params` as a list of JSON strings."""
         if name not in ("v", "level", "index", "source", "crop", "params"):
             raise DatasetError(f"no per-sample metadata column {name!r}")
-        parts = [self._shard(k).file[name][:] for k in range(len(self.files))]
         if name == "params":
-            return [as_text(x) for part in parts for x in part]
+            texts: list[str] = []
+            for k in range(len(self.files)):
+                s = self._shard(k)
+                texts += [as_text(x, s.where) for x in s.params[:]]
+            return texts
+        parts = [self._shard(k).file[name][:] for k in range(len(self.files))]
         return np.concatenate(parts)
 
     def close(self) -> None:
