@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from degrade.errors import DatasetError
 from degrade.layout import BLOCK_LABELS
 from degrade.layout import block_of as layout_block_of
 from degrade.params import BlurParams, DegradationParams, NoiseParams
@@ -120,7 +121,8 @@ def pipeline_steps(params: DegradationParams, hr_size: int | None = None) -> lis
     if params.blur2:
         steps.append(_blur_text("blur 2", params.blur2))
     assert params.resize2 is not None
-    steps.append(f"resize 2 x{params.resize2.scale:.3f} of P/4 ({params.resize2.mode}){sized(target, params.resize2.scale)}")
+    steps.append(f"resize 2 x{params.resize2.scale:.3f} of P/4 ({params.resize2.mode})"
+                 f"{sized(target, params.resize2.scale)}")
     if params.noise2:
         steps.append(_noise_text("noise 2", params.noise2))
     sinc = (f"sinc {params.sinc.size}x{params.sinc.size}, omega_c {params.sinc.omega_c / math.pi:.2f} pi"
@@ -139,7 +141,8 @@ def caption(params: DegradationParams) -> str:
     """A one-line summary of the main parameters (for picture captions; CAPTION_LEGEND explains it)."""
     parts = [f"L{params.level}" if params.level else "decoded"]
     if params.blur1:
-        parts.append(f"blur {params.blur1.sigma_x:.1f}" + ("" if params.blur1.isotropic else f"x{params.blur1.sigma_y:.1f}"))
+        parts.append(f"blur {params.blur1.sigma_x:.1f}"
+                     + ("" if params.blur1.isotropic else f"x{params.blur1.sigma_y:.1f}"))
     if params.resize1:
         parts.append(f"x{params.resize1.scale:.2f}")
     for n in (params.noise1, params.noise2):
@@ -169,6 +172,8 @@ def dataset_stats(ds: ShardDataset, *, bins: int = 16) -> dict[str, Any]:
     """Counts per level and, per entry of v: the share of samples where its step is present, and over
     those samples only, min/mean/max and a histogram over [0, 1] (overall and per level); an absent
     step's identity value is counted in `absent`, not in the histogram. Plain data, JSON-ready."""
+    if len(ds) == 0:
+        raise DatasetError("the dataset holds no samples yet (no shard is finished)")
     v = ds.column("v").astype(np.float64)
     level = ds.column("level").astype(int)
     records = [DegradationParams.from_json(t) for t in ds.column("params")]
@@ -185,9 +190,9 @@ def dataset_stats(ds: ShardDataset, *, bins: int = 16) -> dict[str, Any]:
                 "index": f.index + k,
                 "field": label,
                 "block": block_of(f.index),
-                "min": float(col.min()) if col.size else None,
-                "mean": float(col.mean()) if col.size else None,
-                "max": float(col.max()) if col.size else None,
+                "min": _finite(col.min()) if col.size else None,
+                "mean": _finite(col.mean()) if col.size else None,
+                "max": _finite(col.max()) if col.size else None,
                 "present_share": float(here.mean()),
                 "absent": int((~here).sum()),
                 "histogram": np.histogram(col, edges)[0].tolist(),
@@ -201,11 +206,19 @@ def dataset_stats(ds: ShardDataset, *, bins: int = 16) -> dict[str, Any]:
     }
 
 
+def _finite(x: Any) -> float | None:
+    """A statistic as a float, or None (JSON null) when it is NaN or infinite (a damaged v): the
+    NaN and Infinity tokens Python's json writes are not JSON."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
 def sparkline(counts: list[int]) -> str:
     top = max(counts) if counts else 0
     if top == 0:
         return " " * len(counts)
-    return "".join(" " if c == 0 else SPARKS[min(len(SPARKS) - 1, int(c / top * (len(SPARKS) - 1) + 0.5))] for c in counts)
+    top_spark = len(SPARKS) - 1
+    return "".join(" " if c == 0 else SPARKS[min(top_spark, int(c / top * top_spark + 0.5))] for c in counts)
 
 
 def readings_to_json(rows: list[FieldReading]) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ import degrade
 from cli.main import main
 from degrade import shards as dsm
 from degrade.errors import DatasetError, DegradeError, SampleIndexError, SampleIndexTypeError
+from degrade.inspect import dataset_stats
 from degrade.params import DegradationParams
 
 from .conftest import make_small_dataset
@@ -190,7 +191,7 @@ def test_a_record_that_is_not_utf8_is_refused(small):
 
 
 def test_a_slice_checks_the_shards_before_allocating_the_batch(small):
-    """A patch of 2**20 px (its sources claiming to be as large): a batch of 3 would be 9 PB."""
+    """A patch of 2**20 px (its sources claiming to be as large): a batch of 3 would be about 10 TB."""
     def edit(m):
         m["config"]["patch_size"] = 2**20
         for s in m["config"]["sources"]:
@@ -244,3 +245,34 @@ def test_batches_report_the_stored_global_indices(small):
     assert gap[::-2].indices.tolist() == [8, 6, 1] and gap[1:5:3].indices.tolist() == [1, 7]
     assert gap.stored_index(3) == 6
     assert gap[0:6].indices.tolist() == gap.column("index").tolist()
+
+
+# --- 8: JSON output stays JSON ----------------------------------------------------------------------------
+
+
+def test_statistics_of_a_v_holding_nan_are_null_in_json(small):
+    with h5py.File(small / "shard-00000.h5", "r+") as f:
+        v = f["v"][:]
+        v[0, 0] = np.nan
+        f["v"][:] = v
+    result = CliRunner().invoke(main, ["inspect", str(small), "--json"])
+    assert result.exit_code == 0, result.output
+
+    def refuse(token):
+        raise AssertionError(f"{token} is not JSON")
+    stats = json.loads(result.output, parse_constant=refuse)
+    first = stats["fields"][0]
+    assert first["min"] is None and first["mean"] is None and first["max"] is None
+    assert all(f["mean"] is not None for f in stats["fields"][1:] if f["absent"] < 9)
+
+
+def test_a_dataset_with_no_finished_shard_is_one_line(small):
+    def no_shards(m):
+        m["shards"] = []
+        m["complete"] = False
+    _edit_manifest(small, no_shards)
+    ds = degrade.open_dataset(small, allow_incomplete=True)
+    assert ds.column("v").shape == (0, 33) and ds.column("params") == [] and len(ds[:]) == 0
+    with pytest.raises(DatasetError, match="no samples yet"):
+        dataset_stats(ds)
+    assert "no samples yet" in _cli("inspect", small)

@@ -222,6 +222,9 @@ class ShardDataset:
                 texts += [as_text(x, s.where) for x in s.params[:]]
             return texts
         parts = [self._shard(k).file[name][:] for k in range(len(self.files))]
+        if not parts:  # an incomplete dataset with no finished shard yet
+            shape, dtype = _COLUMNS[name]
+            return np.empty((0, *shape), dtype)
         return np.concatenate(parts)
 
     def close(self) -> None:
@@ -234,6 +237,10 @@ class ShardDataset:
         state = self.__dict__.copy()
         state["_handles"], state["_pid"] = OrderedDict(), None
         return state
+
+
+_COLUMNS = {"v": ((VECTOR_LENGTH,), np.float32), "level": ((), np.uint8), "index": ((), np.int64),
+            "source": ((), np.int32), "crop": ((4,), np.int32)}  # a row's shape and type, as check_shard wants
 
 
 def open_dataset(path: str | os.PathLike, *, allow_incomplete: bool = False, checksums: bool = False) -> ShardDataset:
