@@ -200,7 +200,7 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
               help="Number of samples (at most 100M, in at most 100,000 shards).")
 @click.option("--patch-size", type=click.IntRange(min=32), default=256, show_default=True,
               help="HR patch side (multiple of 4); LR is a quarter of it.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0, max=2**64 - 1), default=0, show_default=True)
 @click.option("--jobs", type=click.IntRange(min=1), default=None, show_default="auto",
               help="Worker processes (the output does not depend on it). Auto: one per "
                    f"{SAMPLES_PER_JOB} samples, up to all cores (starting workers costs about a second).")
@@ -345,12 +345,14 @@ def inspect(target: Path | None, index: int | None, vector: str | None, png: Pat
         data = ds.open_dataset(target, allow_incomplete=True, checksums=checksums)
         if index is not None:
             sample = data[index]
+            stored = data.stored_index(index)  # the sample's own index (a lone later shard: not its position)
+            label = f"sample {stored}" + (f" (position {index})" if stored != index else "")
             rows = insp.read_fields(sample.v, sample.params)
-            _report_sample(rows, sample.params, sample.hr.shape[0], f"{target} sample {index}", as_json,
-                           extra={"index": index})
+            _report_sample(rows, sample.params, sample.hr.shape[0], f"{target} {label}", as_json,
+                           extra={"index": stored})
             if png:
                 insp_png = _plots().sample_figure(png, sample.hr, sample.lr, sample.v, sample.params,
-                                                  f"{target.name} #{index}: {insp.caption(sample.params)}")
+                                                  f"{target.name} #{stored}: {insp.caption(sample.params)}")
                 err_console.print(f"wrote {png} ({insp_png[0]}x{insp_png[1]})")
             return
         stats = insp.dataset_stats(data)

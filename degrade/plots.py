@@ -143,7 +143,7 @@ def contact_sheet(path: Path, ds: ShardDataset, indices: list[int]) -> tuple[int
         r, c = divmod(n, cols)
         axes[r, 2 * c].imshow(s.hr)
         axes[r, 2 * c + 1].imshow(_upscale_nearest(s.lr, s.hr.shape[0]), interpolation="nearest")
-        axes[r, 2 * c].set_title(f"#{i} HR", fontsize=8)
+        axes[r, 2 * c].set_title(f"#{ds.stored_index(i)} HR", fontsize=8)
         axes[r, 2 * c + 1].set_title(textwrap.fill(caption(s.params), 34), fontsize=7)
     fig.suptitle("HR / LR (nearest x4) pairs")
     fig.tight_layout(rect=(0, 0.06 / rows, 1, 1))

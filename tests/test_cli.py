@@ -205,3 +205,17 @@ def test_inspect_png_without_matplotlib_is_one_line_before_any_output(run, tmp_p
     result = CliRunner().invoke(main, ["inspect", ds, "--index", "0", "--png", str(tmp_path / "s.png")])
     assert result.exit_code == 1 and result.output.strip() == (
         "Error: pictures need matplotlib: pip install 'dasr-toolkit[plot]'")
+
+
+def test_inspect_labels_a_sample_by_its_stored_index(run, tmp_path):
+    """A lone shard file other than the first: --index is a position in it, the label and --json give the
+    sample's own index (the key of its random stream)."""
+    from .conftest import make_small_dataset
+
+    ds = tmp_path / "ds"
+    make_small_dataset(ds, count=4, seed=0, shard_size=2)
+    result = run("inspect", ds / "shard-00001.h5", "--index", "1", "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["index"] == 3
+    text = " ".join(run("inspect", ds / "shard-00001.h5", "--index", "1").output.split())
+    assert "shard-00001.h5 sample 3 (position 1):" in text
+    assert "ds sample 1:" in run("inspect", ds, "--index", "1").output
