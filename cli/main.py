@@ -200,7 +200,7 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
               help="Number of samples (at most 100M, in at most 100,000 shards).")
 @click.option("--patch-size", type=click.IntRange(min=32), default=256, show_default=True,
               help="HR patch side (multiple of 4); LR is a quarter of it.")
-@click.option("--seed", type=click.IntRange(min=0, max=2**64 - 1), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--jobs", type=click.IntRange(min=1), default=None, show_default="auto",
               help="Worker processes (the output does not depend on it). Auto: one per "
                    f"{SAMPLES_PER_JOB} samples, up to all cores (starting workers costs about a second).")

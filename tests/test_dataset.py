@@ -501,6 +501,19 @@ def test_the_lock_file_is_never_followed_or_waited_on(tmp_path):
     assert sorted(p.name for p in foreign.iterdir()) == ["manifest.json"]
 
 
+def test_configs_of_earlier_versions_still_hold(tmp_path):
+    """What earlier versions accepted stays accepted: a seed of any size (SeedSequence takes it; a bound
+    would strand datasets made with one), and sources given as the list scan_sources returns."""
+    from degrade import shards as dsm
+
+    scan = dsm.scan_sources([], 64)
+    config = dsm.DatasetConfig(level=2, count=2, patch_size=64, seed=4611686018427387904000, shard_size=2,
+                               compression="none", source_root=scan.root, sources=list(scan.sources))
+    assert isinstance(config.sources, tuple)
+    dsm.make_dataset(config, tmp_path / "ds")
+    assert len(dsm.open_dataset(tmp_path / "ds")) == 2
+
+
 def test_resume_makes_a_symlinked_shard_again(tmp_path):
     """A shard replaced by a symlink to an identical copy elsewhere was 'already complete' on resume, while
     the reader refuses symlinks; it is made again, as a regular file, with the same bytes."""

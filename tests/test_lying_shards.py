@@ -4,6 +4,7 @@ anything large is allocated; what reading returns is what the files store."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def test_fixed_length_params_are_refused_before_they_are_read(small, monkeypatch
 
     monkeypatch.setattr(h5py.Dataset, "__getitem__", guarded)
     for target in (small, path):
-        with pytest.raises(DatasetError, match="params is |S100000 .*expected variable-length strings"):
+        with pytest.raises(DatasetError, match=re.escape("params is |S100000") + ".*expected variable-length strings"):
             degrade.open_dataset(target).column("params")
     monkeypatch.setattr(h5py.Dataset, "__getitem__", real_read)
     assert "expected variable-length strings" in _cli("inspect", path, "--json")
@@ -125,9 +126,9 @@ def test_a_huge_count_with_a_matching_shard_entry_is_refused(small, n):
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("seed", -5, "--seed must be in"),
-    ("seed", True, "--seed must be an integer"),
-    ("seed", 2.0, "--seed must be an integer"),
+    ("seed", -5, "--seed must be a non-negative integer"),
+    ("seed", True, "--seed must be a non-negative integer"),
+    ("seed", 2.0, "--seed must be a non-negative integer"),
     ("count", "9", "--count must be an integer"),
     ("count", 9.0, "--count must be an integer"),
     ("count", 9.7, "--count must be an integer"),

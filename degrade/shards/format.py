@@ -35,7 +35,7 @@ SHARD_DATASETS = ("hr", "lr", "v", "level", "index", "source", "crop", "params")
 SHARD_ROW_BYTES = VECTOR_LENGTH * 4 + 1 + 8 + 4 + 16  # v, level, index, source, crop: stored contiguously
 PARAMS_JSON_BYTES = 1024  # more than any record's JSON (about 600 bytes at level 3)
 MAX_MANIFEST_BYTES = 256 << 20  # a manifest listing a million sources is about 120 MB
-INT64_LIMIT = 2**63  # counts and shard sizes are below this (the reader sums them as int64); seeds below 2**64
+INT64_LIMIT = 2**63  # counts and shard sizes are below this (the reader sums them as int64)
 MAX_SIDE = 2**31  # image sides and patch sizes are below this (crops are stored as int32)
 
 
@@ -106,7 +106,8 @@ class DatasetConfig:
         _check_int("--patch-size", self.patch_size, 32, MAX_SIDE)
         if self.patch_size % SCALE:
             raise DatasetError(f"--patch-size must be a multiple of {SCALE} and >= 32, got {self.patch_size}")
-        _check_int("--seed", self.seed, 0, 2**64)
+        if not _is_int(self.seed) or self.seed < 0:  # any size: SeedSequence takes it, and earlier versions did
+            raise DatasetError(f"--seed must be a non-negative integer, got {self.seed!r}")
         _check_int("--shard-size", self.shard_size, 1, INT64_LIMIT)
         if not isinstance(self.compression, str) or self.compression not in COMPRESSIONS:
             raise DatasetError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
@@ -114,8 +115,10 @@ class DatasetConfig:
             raise DatasetError(f"source_root must be a string, got {self.source_root!r}")
         if not isinstance(self.sharpen_hr, bool):
             raise DatasetError(f"sharpen_hr must be true or false, got {self.sharpen_hr!r}")
+        if isinstance(self.sources, list):  # scan_sources() returns a list; the config keeps a tuple
+            object.__setattr__(self, "sources", tuple(self.sources))
         if not isinstance(self.sources, tuple) or not all(isinstance(s, Source) for s in self.sources):
-            raise DatasetError("sources must be a tuple of Source")
+            raise DatasetError("sources must be a sequence of Source")
         if not self.sources:
             raise DatasetError("no usable source images (all unreadable or smaller than the patch)")
         for s in self.sources:
