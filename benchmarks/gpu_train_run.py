@@ -73,7 +73,10 @@ def train_run(out: Path, run_dir: Path, name: str, cmd: list[str]) -> bool:
     for attempt in ([], ["--expert-impl", "grouped"]):  # click keeps an option's last value
         if attempt and "--max-minutes" in cmd:
             budget = float(cmd[cmd.index("--max-minutes") + 1])
-            attempt += ["--max-minutes", f"{max(budget / 10, budget - spent / 60):.3f}"]
+            if budget - spent / 60 < budget / 10:  # too little left to train anything: keep the total instead
+                log(out, f"{name}: no retry, {spent:.0f} s of its {budget:.2f} minutes are spent")
+                return False
+            attempt += ["--max-minutes", f"{budget - spent / 60:.3f}"]
         shutil.rmtree(run_dir, ignore_errors=True)  # a rerun of this script starts its runs afresh
         err = run_dir.with_suffix(".stderr")
         with open(err, "w") as console:

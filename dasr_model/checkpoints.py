@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import stat
+import struct
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,8 @@ def refuse_non_finite(state: Any, what: str) -> None:
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             continue
+        if t.layout != torch.strided:  # sparse and the like: no model weight is one
+            raise DASRError(f"{what} {str(name)[:200]!r} is a {t.layout} tensor, not a plain one")
         # A view larger than its storage (torch.save keeps views: a stride-0 expand of one number can claim
         # any shape in a few bytes) would make any whole-tensor operation, this check's too, allocate it all
         if t.numel() * t.element_size() > t.untyped_storage().nbytes():
@@ -85,7 +88,8 @@ def load_torch_file(path: Path, what: str) -> Any:
         except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
             raise DASRError(f"{path}: refused: not a {what} of tensors (it holds pickled Python objects)") from None
         except (RuntimeError, EOFError, ValueError,  # torch's errors for a damaged or truncated zip, and
-                KeyError, IndexError, TypeError, AttributeError):  # the unpickler's on damaged data.pkl bytes
+                KeyError, IndexError, TypeError, AttributeError,  # the unpickler's on damaged data.pkl bytes,
+                AssertionError, NotImplementedError):  # ("saved_id must be a tuple", a storage type it lacks)
             raise DASRError(f"{path}: not a readable {what} (damaged or truncated)") from None
 
 
@@ -97,23 +101,18 @@ def _check_zip(path: Path, f: BinaryIO, what: str) -> None:
     The central directory is read with the zipfile module, its size bounded first.
     """
     size = os.fstat(f.fileno()).st_size
-    end = getattr(zipfile, "_EndRecData", None)  # what ZipFile reads first (zip64 records included)
+    offset, length = _directory(path, f, size, what)
     try:
-        record = end(f) if end is not None else None
-    except (zipfile.BadZipFile, ValueError, EOFError):
-        record = None  # ZipFile below says what is wrong
-    if record is not None and record[zipfile._ECD_SIZE] > MAX_ZIP_DIRECTORY:  # ZipFile would read it all
-        raise DASRError(f"{path}: refused: its zip directory is {record[zipfile._ECD_SIZE]} bytes "
-                        f"(a {what} needs under {MAX_ZIP_DIRECTORY})")
-    try:
+        f.seek(0)
         with zipfile.ZipFile(f) as archive:
             entries, start = archive.infolist(), archive.start_dir
     except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):  # a name not UTF-8, a zip version
         raise DASRError(f"{path}: not a readable {what} (damaged or truncated)") from None
-    # zipfile reads the directory just before the end record; torch's reader goes to the offset the end
-    # record states. Where the two differ, a harmless directory could be checked and another one loaded.
-    if record is None or start != record[zipfile._ECD_OFFSET]:
-        raise DASRError(f"{path}: refused: its zip directory is not where its end record says")
+    # zipfile finds the directory by its own rules, torch's reader (miniz) by the offsets the end records
+    # state: both must find the one directory _directory located, or a harmless one could be checked here
+    # and another one loaded
+    if start != offset:
+        raise DASRError(f"{path}: refused: its zip directory is not where its end records say")
     total = 0
     for entry in entries:
         if entry.header_offset + entry.compress_size > start:  # every entry's bytes lie before the directory
@@ -126,12 +125,55 @@ def _check_zip(path: Path, f: BinaryIO, what: str) -> None:
         raise DASRError(f"{path}: refused: its entries unpack to {total} bytes, more than the file's {size}")
 
 
+_EOCD, _LOCATOR, _ZIP64 = struct.Struct("<4s4H2IH"), struct.Struct("<4sIQI"), struct.Struct("<4sQ2H2I4Q")
+
+
+def _directory(path: Path, f: BinaryIO, size: int, what: str) -> tuple[int, int]:
+    """(offset, length) of the zip's central directory, from a layout as torch.save writes it and nothing
+    looser: the end record last (no comment), before it the zip64 locator and the zip64 record it points
+    to (or neither), and the directory ending where they begin; the 32-bit and 64-bit records agree."""
+    def refuse(why: str) -> DASRError:
+        return DASRError(f"{path}: refused: {why} (not laid out as torch.save writes a {what})")
+
+    if size < _EOCD.size:
+        raise DASRError(f"{path}: not a readable {what} (damaged or truncated)")
+    f.seek(size - _EOCD.size)
+    sig, disk, cd_disk, n_here, n_total, cd_size, cd_offset, comment = _EOCD.unpack(f.read(_EOCD.size))
+    if sig != b"PK\x05\x06":  # cut short (a kill during a copy, a full disk), or not a zip at all
+        raise DASRError(f"{path}: not a readable {what} (damaged or truncated)")
+    if comment or disk or cd_disk or n_here != n_total:
+        raise refuse("its zip end record has a comment or names other disks")
+    end = size - _EOCD.size  # where the directory must end
+    tail = size - _EOCD.size - _LOCATOR.size - _ZIP64.size
+    if tail >= 0:
+        f.seek(tail)
+        record, locator = f.read(_ZIP64.size), f.read(_LOCATOR.size)
+        if locator[:4] == b"PK\x06\x07":
+            _, z_disk, z_offset, disks = _LOCATOR.unpack(locator)
+            fields = _ZIP64.unpack(record)
+            if z_disk or disks != 1 or z_offset != tail or fields[0] != b"PK\x06\x06" or fields[1] != 44:
+                raise refuse("its zip64 records are not where its locator says")
+            z_n_here, z_n_total, z_size, z_offset_cd = fields[6:10]
+            for short, full, saturated in ((n_total, z_n_total, 0xFFFF), (cd_size, z_size, 0xFFFFFFFF),
+                                           (cd_offset, z_offset_cd, 0xFFFFFFFF)):
+                if short not in (full, saturated):
+                    raise refuse("its zip and zip64 end records disagree")
+            n_total, cd_size, cd_offset, end = z_n_total, z_size, z_offset_cd, tail
+    if cd_size > MAX_ZIP_DIRECTORY:
+        raise DASRError(f"{path}: refused: its zip directory is {cd_size} bytes (a {what} needs under "
+                        f"{MAX_ZIP_DIRECTORY})")
+    if cd_offset + cd_size != end:
+        raise refuse("its zip directory does not end where its end records begin")
+    return cd_offset, cd_size
+
+
 def open_regular(path: Path) -> BinaryIO:
     """`path` opened for reading if it is a regular file, else DASRError; a missing or unreadable file is the
     OSError it is. A FIFO or device is refused before it is opened, and again after (against a swap)."""
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise DASRError(f"{path}: not a regular file")
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # a swapped-in FIFO: no block
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)  # a swapped-in FIFO: no block
+    fd = os.open(path, flags)
     f = os.fdopen(fd, "rb")
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         f.close()

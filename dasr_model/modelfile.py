@@ -61,7 +61,8 @@ def save_model_file(model: DASR, path: str | os.PathLike, *, ema_generator: torc
             if not bool(torch.isfinite(t.detach()).all()):
                 raise DASRError(f"{name} holds NaN or infinite values: not a model to hand on")
             raise DASRError(f"{name}: a weight of {float(t.detach().abs().max()):.4g} does not fit "
-                            f"{str(dtype).removeprefix('torch.')} (at most 65504); export in bf16 or fp32")
+                            f"{str(dtype).removeprefix('torch.')} (at most {torch.finfo(dtype).max:.4g}); "
+                            "export in a wider dtype (bf16 or fp32)")
         data = cast.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(data)]}

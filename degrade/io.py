@@ -66,7 +66,7 @@ def read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     _check_regular(path, info, limit)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(fd, "rb") as f:
         _check_regular(path, os.fstat(fd), limit)
         data = f.read(limit + 1)
@@ -296,7 +296,11 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; the usual permissions, on our file
+            mode = 0o666 & ~_umask()  # mkstemp makes 0600: the usual permissions, on our own file where we can
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), mode)
+            else:  # Windows before Python 3.13
+                os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as exc:
         try:

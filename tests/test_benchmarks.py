@@ -4,6 +4,7 @@ finds them broken. Sizes are tiny; the figures mean nothing, only the outputs' s
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,9 @@ def test_gpu_train_run_retries_an_early_failure_once_on_the_reference_path(tmp_p
     assert first == "--max-minutes 1.0"  # the retry gets the minutes the failed attempt left
     impl, minutes = second.split(" --max-minutes ")
     assert impl == "--max-minutes 1.0 --expert-impl grouped" and 0.9 < float(minutes) <= 0.975  # 1 - 1.5 s
+    late = [sys.executable, "-c", "import time; time.sleep(1.0); raise SystemExit(6)", "--max-minutes", "0.01"]
+    assert not train_run(out, run_dir, "5 experts", late)  # 1 s of a 0.6 s budget spent: no retry
+    assert re.search(r"5 experts: no retry, \d+ s of its 0.01 minutes are spent", (out / "log.txt").read_text())
     always = [sys.executable, "-c", "import sys; sys.exit(4)"]
     assert not train_run(out, run_dir, "1 expert", always)
     assert (out / "log.txt").read_text().count("1 expert: dasr-train exit 4") == 2

@@ -218,6 +218,11 @@ def test_a_compressed_or_oversized_zip_is_refused_before_torch_load(tmp_path):
     end = raw.rindex(b"PK\x06\x06")  # the zip64 end record (torch writes one), which ZipFile believes
     raw[end + 40:end + 48] = struct.pack("<Q", 2**30)
     (tmp_path / "directory.pt").write_bytes(bytes(raw))
+    with pytest.raises(DASRError, match="refused: its zip and zip64 end records disagree"):
+        load_checkpoint(tmp_path / "directory.pt")
+    eocd = raw.rindex(b"PK\x05\x06")  # the 32-bit record saturated, as for a huge file: the zip64 one counts
+    raw[eocd + 12:eocd + 20] = struct.pack("<II", 0xFFFFFFFF, 0xFFFFFFFF)
+    (tmp_path / "directory.pt").write_bytes(bytes(raw))
     with pytest.raises(DASRError, match="refused: its zip directory is 1073741824 bytes"):
         load_checkpoint(tmp_path / "directory.pt")
 
@@ -255,8 +260,27 @@ def test_a_second_zip_directory_or_a_stretched_view_is_refused(tmp_path):
     (tmp_path / "two.pt").write_bytes(raw[:end] + bytes(copy) + raw[end:])
     with zipfile.ZipFile(tmp_path / "two.pt") as z:  # what the checks would otherwise have seen
         assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
-    with pytest.raises(DASRError, match="two.pt: refused: its zip directory is not where its end record says"):
+    with pytest.raises(DASRError, match="two.pt: refused: its zip directory does not end where its end records"):
         load_checkpoint(tmp_path / "two.pt")
+    # The same through zip64: zipfile reads the zip64 record just before the locator, torch's reader the
+    # one the locator points to; two records, two directories
+    cnt = struct.unpack("<H", raw[end + 10 : end + 12])[0]
+
+    def record(at: int, length: int) -> bytes:
+        return struct.pack("<4sQ2H2I4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, cnt, cnt, length, at)
+
+    body = bytearray(raw[:end])
+    first = len(body)
+    body += record(offset, size)  # torch's: the compressed entry
+    second = len(body)
+    body += bytes(copy) + record(second, len(copy))  # zipfile's: the stored-looking copy
+    body += struct.pack("<4sIQI", b"PK\x06\x07", 0, first, 1)
+    body += struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, cnt, cnt, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    (tmp_path / "two64.pt").write_bytes(bytes(body))
+    with zipfile.ZipFile(tmp_path / "two64.pt") as z:
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
+    with pytest.raises(DASRError, match="two64.pt: refused: its zip64 records are not where its locator says"):
+        load_checkpoint(tmp_path / "two64.pt")
     state = _state(_model())
     state["model"]["generator.conv_first.bias"] = torch.zeros(1).expand(20000, 20000)
     torch.save(state, tmp_path / "ckpt-1.pt")
@@ -286,6 +310,42 @@ def test_damaged_pickle_bytes_are_a_damaged_checkpoint(tmp_path):
             assert "ckpt-2.pt" in str(exc)
     assert "refused" in outcomes
     assert latest_intact(tmp_path, warn=lambda m: None) is not None
+
+
+def test_every_error_of_torch_load_on_damage_is_a_damaged_checkpoint(tmp_path, monkeypatch):
+    """Besides the errors byte flips give (above), two-byte damage made the weights-only unpickler fail an
+    assert ('saved_id must be a tuple'), and a storage it lacks raises NotImplementedError: both are
+    'damaged or truncated', never a traceback out of --resume. A sparse tensor is refused by name."""
+    import dasr_model.checkpoints as checkpoints
+
+    save_checkpoint(tmp_path / "ckpt-1.pt", _state(_model(), step=1))
+    for error in (AssertionError("saved_id must be a tuple"), NotImplementedError("no storage for it")):
+        def broken(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(checkpoints.torch, "load", broken)
+        with pytest.raises(DASRError, match="ckpt-1.pt: not a readable checkpoint \\(damaged or truncated\\)"):
+            load_checkpoint(tmp_path / "ckpt-1.pt")
+    monkeypatch.undo()
+    state = _state(_model())
+    state["model"]["generator.conv_first.bias"] = torch.zeros(4, 4).to_sparse()
+    torch.save(state, tmp_path / "ckpt-2.pt")
+    with pytest.raises(DASRError, match="'generator.conv_first.bias' is a torch.sparse_coo tensor"):
+        load_checkpoint(tmp_path / "ckpt-2.pt")
+
+
+def test_reading_and_writing_work_without_posix_only_calls(tmp_path, monkeypatch):
+    """Windows before Python 3.13 has no os.fchmod, and no O_NONBLOCK: atomic writes and reads fall back."""
+    import os
+
+    from degrade.io import write_bytes_atomic
+
+    monkeypatch.delattr(os, "fchmod")
+    monkeypatch.delattr(os, "O_NONBLOCK")
+    write_bytes_atomic(tmp_path / "a.bin", b"data")
+    assert (tmp_path / "a.bin").read_bytes() == b"data"
+    save_checkpoint(tmp_path / "ckpt-1.pt", _state(_model(), step=1))
+    assert load_checkpoint(tmp_path / "ckpt-1.pt")["step"] == 1
 
 
 def test_real_checkpoints_and_torch_save_files_still_load(tmp_path):

@@ -128,7 +128,7 @@ def _exclusive_lock(out: Path) -> Iterator[None]:
         return
     # Never through a symlink (it could create or touch a file outside the dataset), never a FIFO (opening
     # one waits for a reader for ever): O_NOFOLLOW | O_NONBLOCK, then a regular file or a refusal.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(out / LOCK, flags, 0o644)
     except OSError as exc:
