@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import stat
 import struct
 import zipfile
 from collections.abc import Callable
@@ -21,7 +20,9 @@ from typing import Any, BinaryIO
 import torch
 
 from dasr_model.errors import DASRError
+from degrade.errors import ImageError
 from degrade.io import atomic_writer
+from degrade.io import open_regular as open_regular_file
 
 CHECKPOINT = re.compile(r"ckpt-(\d+)\.pt")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive (since torch 1.6)
@@ -168,17 +169,12 @@ def _directory(path: Path, f: BinaryIO, size: int, what: str) -> tuple[int, int]
 
 
 def open_regular(path: Path) -> BinaryIO:
-    """`path` opened for reading if it is a regular file, else DASRError; a missing or unreadable file is the
-    OSError it is. A FIFO or device is refused before it is opened, and again after (against a swap)."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise DASRError(f"{path}: not a regular file")
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)  # a swapped-in FIFO: no block
-    fd = os.open(path, flags)
-    f = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
-        raise DASRError(f"{path}: not a regular file")
-    return f
+    """degrade.io.open_regular (a regular file, opened non-blocking and checked again), its refusal a
+    DASRError; a missing or unreadable file is the OSError it is."""
+    try:
+        return open_regular_file(path)
+    except ImageError:
+        raise DASRError(f"{path}: not a regular file") from None
 
 
 def checkpoint_step(path: Path) -> int:

@@ -93,7 +93,7 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
     overlap = receptive_radius(model.config)
     for level, hr, lr, v in pairs:
         lr_t = to_tensor(lr).to(device)
-        v_hat, a = predict(model, lr_t, tile=None if tile is None else max(tile, 256))
+        v_hat, a = predict(model, lr_t, tile=tile)
         mixes.append(a.float().cpu())
         mix_levels.append(level)
         sr = to_image(tiled(fuse_experts(gen, a), lr_t, model.config.scale, tile, overlap))

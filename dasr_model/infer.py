@@ -173,10 +173,17 @@ def to_image(t: Tensor) -> np.ndarray:
     return t[0].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
 
 
+PREDICTOR_MIN_TILE = 256  # the predictor's tiles are at least this side, whatever G's tile
+DEFAULT_TILE = 512  # dasr-sr / dasr-eval: LR tiles of at most this side (larger images are tiled, exactly)
+
+
 @torch.no_grad()
 def predict(model: DASR, lr: Tensor, *, max_side: int = 1024, tile: int | None = None) -> tuple[Tensor, Tensor]:
     """v_hat and a from the whole image (area-downscaled first if a side exceeds `max_side`); with `tile`,
-    the predictor runs tile by tile (the same result, in memory that follows the tile)."""
+    the predictor runs tile by tile, at least PREDICTOR_MIN_TILE px a side (the same result, in memory that
+    follows the tile)."""
+    if tile is not None:
+        tile = max(tile, PREDICTOR_MIN_TILE)
     h, w = lr.shape[-2:]
     if max(h, w) > max_side:
         f = max_side / max(h, w)
@@ -198,9 +205,6 @@ def fuse_experts(model: DASR | ExpertMSRResNet, a: Tensor, *, dtype: torch.dtype
     if channels_last:
         fused = fused.to(memory_format=torch.channels_last)
     return fused
-
-
-DEFAULT_TILE = 512  # dasr-sr / dasr-eval: LR tiles of at most this side (larger images are tiled, exactly)
 
 
 def receptive_radius(config) -> int:
@@ -256,7 +260,7 @@ def upscale(model: DASR, image: np.ndarray, *, overrides: dict[str, str] | None 
     if mix is not None and (mix.shape != (1, model.config.num_experts) or not bool(torch.isfinite(mix).all())):
         raise DASRError(f"the expert mix must be {model.config.num_experts} finite numbers")
     lr = to_tensor(image).to(device)
-    v_hat, a = predict(model, lr, tile=None if tile is None else max(tile, 256))
+    v_hat, a = predict(model, lr, tile=tile)
     if overrides:
         v_hat = edit_vector(v_hat, overrides)
         a = model.mix(v_hat)

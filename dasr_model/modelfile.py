@@ -56,11 +56,12 @@ def save_model_file(model: DASR, path: str | os.PathLike, *, ema_generator: torc
     header: dict[str, Any] = {"__metadata__": meta}
     blobs, offset = [], 0
     for name, t in sorted(model_state(model, ema_generator).items()):
-        cast = t.detach().to("cpu", dtype)
+        t = t.detach()
+        cast = t.to("cpu", dtype)
         if not bool(torch.isfinite(cast).all()):  # the reader refuses such a file: refuse to write it
-            if not bool(torch.isfinite(t.detach()).all()):
+            if not bool(torch.isfinite(t).all()):
                 raise DASRError(f"{name} holds NaN or infinite values: not a model to hand on")
-            raise DASRError(f"{name}: a weight of {float(t.detach().abs().max()):.4g} does not fit "
+            raise DASRError(f"{name}: a weight of {float(t.abs().max()):.4g} does not fit "
                             f"{str(dtype).removeprefix('torch.')} (at most {torch.finfo(dtype).max:.4g}); "
                             "export in a wider dtype (bf16 or fp32)")
         data = cast.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

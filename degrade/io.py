@@ -62,25 +62,38 @@ def read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
     """
     path = Path(path)
     try:
-        info = os.stat(path)
+        f = open_regular(path, limit)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
-    _check_regular(path, info, limit)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as f:
-        _check_regular(path, os.fstat(fd), limit)
+    with f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ImageError(f"{path}: larger than {limit} bytes")
     return data
 
 
-def _check_regular(path: Path, info: os.stat_result, limit: int) -> None:
+def open_regular(path: str | os.PathLike, limit: int | None = None) -> BinaryIO:
+    """`path` opened for binary reading if it is a regular file (of at most `limit` bytes), else ImageError;
+    a missing or unreadable file is the OSError it is. A FIFO or device is refused before it is opened, and
+    the file is opened non-blocking and checked again, against a swap in between."""
+    path = Path(path)
+    _check_regular(path, os.stat(path), limit)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    f = os.fdopen(fd, "rb")
+    try:
+        _check_regular(path, os.fstat(fd), limit)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _check_regular(path: Path, info: os.stat_result, limit: int | None) -> None:
     if stat.S_ISDIR(info.st_mode):
         raise ImageError(f"{path}: is a directory")
     if not stat.S_ISREG(info.st_mode):
         raise ImageError(f"{path}: not a regular file (a device, FIFO or socket is never read)")
-    if info.st_size > limit:
+    if limit is not None and info.st_size > limit:
         raise ImageError(f"{path}: {info.st_size} bytes, larger than the {limit}-byte limit")
 
 

@@ -129,17 +129,17 @@ def _exclusive_lock(out: Path) -> Iterator[None]:
     # Never through a symlink (it could create or touch a file outside the dataset), never a FIFO (opening
     # one waits for a reader for ever): O_NOFOLLOW | O_NONBLOCK, then a regular file or a refusal.
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    what = "is not a regular file"
     try:
         fd = os.open(out / LOCK, flags, 0o644)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise DatasetError(f"{out / LOCK}: is a symlink; remove it (make-dataset makes its own)") from None
-        if exc.errno == errno.ENXIO:  # a FIFO without a reader
-            raise DatasetError(f"{out / LOCK}: is not a regular file; remove it (make-dataset makes its own)") from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise DatasetError(f"{out / LOCK}: is not a regular file; remove it (make-dataset makes its own)")
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):  # ENXIO: a FIFO without a reader
+            raise
+        fd, what = None, "is a symlink" if exc.errno == errno.ELOOP else what
+    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd is not None:
+            os.close(fd)
+        raise DatasetError(f"{out / LOCK}: {what}; remove it (make-dataset makes its own)")
     with os.fdopen(fd, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
