@@ -16,6 +16,8 @@ Runs (`--runs`, each for every `--seeds`):
   hp_<run>          the same with the predictor fed the LR's high-pass residual (--predictor-input highpass)
   <run>+usmlr       the same, trained on LR degraded from the sharpened HR (the release's pairing)
   <run>+plain       the same, trained against the plain HR (no unsharp-masked target)
+  <run>@<opts>      the same with other optimiser settings, '-'-separated: cos (--lr-schedule cosine),
+                    x<F> (--lr times F), w<N> (--warmup-steps N); e.g. single+usmlr@cos-x2-w100
 
 Each finished run is written to WORK/results/<run>-s<seed>.json, so a rerun only does what is missing.
 Usage: python benchmarks/expert_study.py --photos DIR --work DIR [--steps 600] [--seeds 0,1,2]
@@ -63,7 +65,8 @@ def run_one(name: str, seed: int, a: dict) -> dict:
     from dasr_model.model import DASR, DASRConfig
     from dasr_model.train import TrainConfig, train
 
-    lever, _, variant = name.partition("+")
+    base, optim = split_optim(name)
+    lever, _, variant = base.partition("+")
     opts = dict(LEVERS[lever])
     teacher = opts.pop("teacher", False)
     model_cfg = DASRConfig(num_feat=a["features"], num_block=a["blocks"], predictor_feat=a["predictor_feat"],
@@ -71,7 +74,8 @@ def run_one(name: str, seed: int, a: dict) -> dict:
     out = Path(a["work"]) / "runs" / f"{name}-s{seed}"
     shards = a["train_usmlr"] if variant == "usmlr" else a["train"]
     cfg = TrainConfig(shards=shards, out=str(out), steps=a["steps"], batch_size=a["batch"], lr_crop=a["crop"],
-                      lr=a["lr"], ema_decay=a["ema"], teacher_steps=a["steps"] // 2 if teacher else 0,
+                      lr=a["lr"] * optim["scale"], lr_schedule=optim["schedule"],
+                      warmup_steps=optim["warmup"], ema_decay=a["ema"], teacher_steps=a["steps"] // 2 if teacher else 0,
                       sharpen_gt=variant != "plain", ckpt_every=a["steps"], seed=seed, workers=0, device="cpu",
                       model=model_cfg)
     shutil.rmtree(out, ignore_errors=True)  # a run is redone whole (dasr-train refuses to overwrite one)
@@ -85,6 +89,23 @@ def run_one(name: str, seed: int, a: dict) -> dict:
     result = evaluate_pairs(model, pairs, torch.device("cpu"))
     return {"run": name, "seed": seed, "train_seconds": seconds, "final_loss": last.get("loss"),
             "experts": expert_stats(model.generator, initial), "mixing_true_v": true_v_mixing(model, a), **result}
+
+
+def split_optim(name: str) -> tuple[str, dict]:
+    """'single+usmlr@cos-x2-w100' -> ('single+usmlr', {'schedule': 'cosine', 'scale': 2.0, 'warmup': 100});
+    a bad option is a ValueError."""
+    base, _, spec = name.partition("@")
+    optim = {"schedule": "constant", "scale": 1.0, "warmup": 0}
+    for token in spec.split("-") if spec else []:
+        if token == "cos":
+            optim["schedule"] = "cosine"
+        elif token[:1] == "x":
+            optim["scale"] = float(token[1:])
+        elif token[:1] == "w":
+            optim["warmup"] = int(token[1:])
+        else:
+            raise ValueError(f"unknown optimiser option {token!r} in {name!r}")
+    return base, optim
 
 
 def true_v_mixing(model, a: dict) -> dict:
@@ -173,7 +194,11 @@ def main(argv: list[str] | None = None) -> None:
         a.steps, a.train_count, a.val_count, a.features, a.blocks, a.predictor_feat = 4, 48, 4, 8, 1, 8
     runs, seeds = a.runs.split(","), [int(s) for s in a.seeds.split(",")]
     for name in runs:
-        lever, _, variant = name.partition("+")
+        try:
+            base, _ = split_optim(name)
+        except ValueError as exc:
+            ap.error(str(exc))
+        lever, _, variant = base.partition("+")
         if lever not in LEVERS or variant not in ("", "usmlr", "plain"):
             ap.error(f"unknown run {name!r}")
     if a.photos is None:
@@ -193,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     for level in (1, 2, 3):
         cfg[f"val{level}"] = str(make_dataset(held, work / f"val-L{level}", level=str(level), count=a.val_count,
                                               patch=192 if not a.smoke else 64, seed=100 + level, jobs=jobs_make))
-    if any(r.endswith("+usmlr") for r in runs):
+    if any(split_optim(r)[0].endswith("+usmlr") for r in runs):
         cfg["train_usmlr"] = str(make_sharpened_lr_copy(work / "train", work / "train-usmlr"))
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.items()}
 

@@ -53,7 +53,13 @@ def default_workers() -> int:
 @click.option("--blocks", type=click.IntRange(min=1), default=16, show_default=True, help="Residual blocks.")
 @click.option("--features", type=click.IntRange(min=4), default=64, show_default=True, help="Feature channels.")
 @click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
-              help="Adam learning rate.")
+              help="Adam learning rate (the peak, with --lr-schedule cosine or --warmup-steps).")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="constant (as released), or cosine: from --lr down to 0 at --steps; with --max-minutes, at the "
+                   "step the speed measured over the first steps reaches within the budget (a short run then ends "
+                   "annealed instead of cut off).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="First steps whose learning rate ramps linearly up to --lr.")
 @click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True)
 @click.option("--no-ema-warmup", is_flag=True,
               help="Use --ema-decay from the first step (default: min(decay, (1 + t) / (10 + t)) at update t, so "
@@ -90,7 +96,8 @@ def default_workers() -> int:
 @click.option("--vgg-weights", type=click.Path(path_type=Path, dir_okay=False),
               help="Local VGG19 weights (torchvision layout) for the perceptual term; without it the term is off.")
 def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, restart, seed, workers, val_every,
-         val_samples, ckpt_every, log_every, keep_checkpoints, experts, blocks, features, learning_rate, ema_decay,
+         val_samples, ckpt_every, log_every, keep_checkpoints, experts, blocks, features, learning_rate, lr_schedule,
+         warmup_steps, ema_decay,
          no_ema_warmup, mixing, mixing_temperature, mapping_gain, predictor_input, teacher_steps, expert_impl,
          channels_last, compile_mode, precision, max_minutes, no_sharpen, gan, vgg_weights) -> None:
     """Train DASR (degradation predictor + expert MSRResNet) on HDF5 shards.
@@ -121,7 +128,8 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, re
                       val_shards=str(val_shards) if val_shards else None, val_every=val_every, val_samples=val_samples,
                       ckpt_every=ckpt_every, log_every=log_every, keep_checkpoints=keep_checkpoints,
                       seed=seed, workers=workers, device=device, sharpen_gt=not no_sharpen, gan=gan,
-                      vgg_weights=str(vgg_weights) if vgg_weights else None, lr=learning_rate, ema_decay=ema_decay,
+                      vgg_weights=str(vgg_weights) if vgg_weights else None, lr=learning_rate, lr_schedule=lr_schedule,
+                      warmup_steps=warmup_steps, ema_decay=ema_decay,
                       ema_warmup=not no_ema_warmup,
                       teacher_steps=teacher_steps, max_minutes=max_minutes, expert_impl=expert_impl,
                       channels_last=channels_last, compile=compile_mode, precision=precision,
@@ -179,7 +187,8 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, re
     if stopped in ("SIGINT", "SIGTERM"):
         err_console.print(f"{stopped}: saved ckpt-{last['step']}.pt in {out}; continue with --resume")
         sys.exit(130 if stopped == "SIGINT" else 143)
-    reason = " (--max-minutes spent)" if stopped == "max_minutes" else ""
+    reason = {"max_minutes": " (--max-minutes spent)",
+              "schedule": " (the end of --lr-schedule, fitted to --max-minutes)"}.get(stopped, "")
     err_console.print(f"stopped at step {last['step']}{reason}; checkpoints and metrics.jsonl in {out}")
 
 

@@ -54,6 +54,11 @@ class TrainConfig:
     lr_crop: int = 64
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.99)
+    # The learning rate over the steps (lr_at): "constant" (the release's), or "cosine", from lr down to 0 at
+    # the schedule's end: `steps`, or on a fresh run with max_minutes the step that the speed measured over
+    # its first steps reaches within the budget (fit_schedule). warmup_steps: a linear ramp up to lr first.
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     pixel_weight: float = 1.0
     regression_weight: float = 1.0
     ema_decay: float = 0.999
@@ -127,6 +132,11 @@ class TrainConfig:
 AUTO_CANDIDATES = (("grouped", False), ("dense", True), ("stacked", True), ("bmm", False))
 STOP_AGREE_EVERY = 20  # under DDP, the ranks agree on stopping at least every this many steps
 PRECISIONS = ("auto", "bf16", "fp32")
+LR_SCHEDULES = ("constant", "cosine")
+# A cosine schedule fitted to max_minutes: the speed is measured over FIT_STEPS steps from the FIT_FROM-th of
+# the run (the first ones compile, tune cuDNN and start the loader) and the end set where FIT_MARGIN of the
+# budget left would run out (validations and checkpoints take the rest; the budget still stops the run).
+FIT_FROM, FIT_STEPS, FIT_MARGIN = 5, 50, 0.95
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ERROR_PREFIX = re.compile(r"^[\w.]+(Error|Exception): ")  # "degrade.errors.DatasetError: " in a worker's message
 
@@ -162,6 +172,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         raise DASRError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile!r}")
     if cfg.precision not in PRECISIONS:
         raise DASRError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise DASRError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
+    if cfg.warmup_steps < 0:
+        raise DASRError(f"warmup_steps must be 0 or more, got {cfg.warmup_steps}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and cfg.compile in ("reduce-overhead", "max-autotune"):  # both record CUDA graphs
         raise DASRError(f"--compile {cfg.compile} records CUDA graphs, which this trainer does not run under "
@@ -193,6 +207,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     perceptual = VGGPerceptualLoss(cfg.vgg_weights).to(device) if cfg.vgg_weights else None
     parts = StepParts(net=model, model=model, ema=ema, opt=opt, disc=disc, opt_d=opt_d, perceptual=perceptual)
     step = 0
+    end = cfg.steps  # the schedule's last step, where the run ends: --steps, or fitted to --max-minutes below
     if restart:
         gone = start_over(out)
         if gone:
@@ -202,6 +217,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if found is None:
             raise DASRError(f"--resume: no readable checkpoint in {out}")
         step = parts.load_state_dict(found[1], cfg, found[0])
+        end = min(cfg.steps, schedule_steps(found[1], found[0]) or cfg.steps)  # a fitted end is kept
         before = TrainConfig.from_dict(found[1]["config"])
         if (before.ema_decay, before.ema_warmup) != (cfg.ema_decay, cfg.ema_warmup):
             say(f"note: {found[0].name} was trained with EMA decay {before.ema_decay}"
@@ -213,15 +229,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             if checkpoint_step(newer) > step:  # pruning's way (rank 0 alone: ranks renaming at once would collide)
                 newer.replace(newer.with_name(newer.name + ".damaged"))
                 say(f"set {newer.name} aside as {newer.name}.damaged")
-        if step >= cfg.steps:
-            say(f"{out} is already at step {step} (--steps {cfg.steps}): nothing to train")
+        if step >= end:
+            why = f"--steps {cfg.steps}" if end == cfg.steps else f"its schedule fitted to --max-minutes ends at {end}"
+            say(f"{out} is already at step {step} ({why}): nothing to train")
             return {"step": step, "nothing_to_train": True}
-        say(f"resuming from {found[0].name} (step {step} of {cfg.steps})")
+        say(f"resuming from {found[0].name} (step {step} of {end})")
     run_info = {"device": describe_device(device), "dtype": "bfloat16 autocast" if use_bf16 else "float32",
                 "expert_impl": cfg.expert_impl, "memory_format": "channels_last" if cfg.channels_last else "NCHW",
                 "compile": cfg.compile,
                 "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
-                "world_size": world, "samples": len(train_set), "start_step": step}
+                "world_size": world, "samples": len(train_set), "start_step": step, "schedule_steps": end}
     say(f"{run_info['device']}, {run_info['dtype']}, {run_info['parameters']:,} parameters "
         f"({cfg.model.num_experts} experts x {cfg.model.num_block} blocks x {cfg.model.num_feat} features), "
         f"{len(train_set)} training samples")
@@ -254,15 +271,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     last: dict[str, Any] = {}
     started = t0 = time.perf_counter()  # the --max-minutes budget counts from `started`; samples/s from t0
     seen = 0
+    start_step = step
+    fitting = cfg.lr_schedule != "constant" and cfg.max_minutes is not None and step == 0 and end > FIT_FROM + FIT_STEPS
+    fit_t = started
     # Every step has the same shapes (batch x crop): let cuDNN time its algorithms once and keep the fastest.
     cudnn_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = cudnn_benchmark or device.type == "cuda"
     def record(losses: dict[str, torch.Tensor], step: int, validating: bool) -> dict[str, Any]:
-        """Read a step's loss values (the one host-device sync of a step), check them, write its line."""
+        """Read a step's loss values (the one host-device sync of a step), check them, write its line (with
+        the learning rate its update took)."""
         values = {k: float(t) for k, t in losses.items()}
         if not math.isfinite(values["loss"]):  # checked before any checkpoint can hold it
             raise FloatingPointError(f"loss became {values['loss']} at step {step - 1}")
-        line = {"step": step, **values, "samples_per_s": seen / (time.perf_counter() - t0)}
+        line = {"step": step, **values, "lr": rate,
+                "samples_per_s": seen / (time.perf_counter() - t0)}
         if validating:
             line["val"] = validate(model, ema, val_set, device)
         if main_rank:
@@ -305,14 +327,31 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             hr = as_float(batch["hr"], device).contiguous(memory_format=fmt)
             v = batch["v"].to(device, non_blocking=True)
             target = unsharp_mask(hr) if cfg.sharpen_gt else hr
+            rate = lr_at(step, cfg, end)  # set every step: a resume restores the checkpoint's rate with Adam's state
+            for group in (g for o in (opt, opt_d) if o is not None for g in o.param_groups):
+                group["lr"] = rate
 
             losses = train_step(parts, cfg, lr_img, target, v, use_bf16, teacher=step < cfg.teacher_steps,
                                 ema_decay=ema_decay_at(step, cfg))
             step += 1
             seen += lr_img.shape[0]
+            if fitting and step - start_step in (FIT_FROM, FIT_FROM + FIT_STEPS):
+                if device.type == "cuda":  # the device's time, not the host's: queued work finishes first
+                    torch.cuda.synchronize(device)
+                if step - start_step == FIT_FROM:
+                    fit_t = time.perf_counter()
+                else:
+                    fitting = False
+                    end = fit_schedule(step, FIT_STEPS / (time.perf_counter() - fit_t),
+                                       60 * cfg.max_minutes - (time.perf_counter() - started), cfg.steps, world, device)
+                    run_info["schedule_steps"] = end
+                    if main_rank:
+                        write_config()
+                    say(f"--lr-schedule {cfg.lr_schedule} fitted to --max-minutes {cfg.max_minutes:g}: "
+                        f"it ends at step {end}")
 
-            validating = val_set is not None and (step % cfg.val_every == 0 or step == cfg.steps)
-            due = step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps or validating
+            validating = val_set is not None and (step % cfg.val_every == 0 or step == end)
+            due = step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == end or validating
             if due:
                 last = record(losses, step, validating)
             if progress:
@@ -326,21 +365,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 # between waits for the next of them (at most 19 steps: well within torchrun's 30 s between
                 # passing on a signal and killing the workers).
                 if (step % min(cfg.log_every, STOP_AGREE_EVERY) == 0 or step % cfg.ckpt_every == 0
-                        or step == cfg.steps):
+                        or step == end):
                     flag = torch.tensor([0 if stopped_by is None else 1], device=device)
                     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                     if flag.item() and stopped_by is None:
                         stopped_by = "another rank"
                 else:
                     stopped_by = None
-            final = step == cfg.steps or stopped_by is not None
+            final = step == end or stopped_by is not None
             if final and not due:  # a stop between two logged steps: its line (and check) before its checkpoint
                 last = record(losses, step, False)
             if main_rank and (step % cfg.ckpt_every == 0 or final):
-                save_checkpoint(out / f"ckpt-{step}.pt", parts.state_dict(cfg, step))
+                save_checkpoint(out / f"ckpt-{step}.pt", parts.state_dict(cfg, step, end))
                 prune_checkpoints(out, cfg.keep_checkpoints)
             if main_rank and final:
                 save_model_file(model, out / MODEL_FILE, ema_generator=ema, step=step, source=f"ckpt-{step}.pt")
+            if stopped_by is None and final and end < cfg.steps:
+                stopped_by = "schedule"  # the end fitted to --max-minutes
             if stopped_by is not None:
                 last["stopped_by"] = stopped_by
                 break
@@ -528,11 +569,14 @@ class StepParts:
     opt_d: torch.optim.Optimizer | None = None
     perceptual: torch.nn.Module | None = None
 
-    def state_dict(self, cfg: TrainConfig, step: int) -> dict[str, Any]:
+    def state_dict(self, cfg: TrainConfig, step: int, end: int | None = None) -> dict[str, Any]:
         """Everything to continue exactly: config, weights, EMA, optimisers, step (the data is keyed by step;
-        no global RNG state is needed: nothing in a step draws from torch's RNG)."""
+        no global RNG state is needed: nothing in a step draws from torch's RNG), and the learning-rate
+        schedule's end where it is not cfg.steps (fitted to max_minutes)."""
         state = {"config": cfg.to_dict(), "model": self.model.state_dict(), "ema_generator": self.ema.state_dict(),
                  "optimizer": self.opt.state_dict(), "step": step}
+        if end is not None and end != cfg.steps:
+            state["schedule_steps"] = end
         if self.disc is not None and self.opt_d is not None:
             state["discriminator"], state["optimizer_d"] = _unwrap(self.disc).state_dict(), self.opt_d.state_dict()
         return state
@@ -553,6 +597,42 @@ class StepParts:
             return int(ckpt["step"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # a checkpoint is data: its contents can lie
             raise DASRError(f"{path}: does not fit this run ({str(exc).splitlines()[0]})") from None
+
+
+def lr_at(step: int, cfg: TrainConfig, end: int) -> float:
+    """The learning rate of update `step` (0-based) in a schedule that ends at `end` steps: cfg.lr * (step + 1) /
+    cfg.warmup_steps during the warm-up, then cfg.lr ("constant") or cfg.lr * (1 + cos(pi * p)) / 2 with p
+    going from 0 at the warm-up's end to 1 at `end` ("cosine")."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    p = min(1.0, (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps))
+    return cfg.lr * (1 + math.cos(math.pi * p)) / 2
+
+
+def fit_schedule(step: int, steps_per_s: float, seconds_left: float, steps: int, world: int,
+                 device: torch.device) -> int:
+    """The schedule's end for a run at `step` with `seconds_left` of its budget, at `steps_per_s`: where
+    FIT_MARGIN of the time left runs out, at most `steps`, at least the next step. Under DDP every rank calls
+    it at the same step and all take the smallest answer."""
+    end = max(step + 1, min(steps, step + int(FIT_MARGIN * steps_per_s * max(0.0, seconds_left))))
+    if world > 1:
+        import torch.distributed as dist
+
+        agreed = torch.tensor([end], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        end = int(agreed.item())
+    return end
+
+
+def schedule_steps(ckpt: dict[str, Any], path: Path) -> int | None:
+    """The fitted schedule end a checkpoint holds (None: its config's steps). A checkpoint is data: a value
+    that is not a positive integer is a DASRError."""
+    end = ckpt.get("schedule_steps")
+    if end is not None and (type(end) is not int or end < 1):
+        raise DASRError(f"{path}: schedule_steps must be a positive integer, got {end!r}")
+    return end
 
 
 def ema_decay_at(step: int, cfg: TrainConfig) -> float:
