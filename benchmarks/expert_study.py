@@ -17,7 +17,7 @@ Runs (`--runs`, each for every `--seeds`):
   <run>+usmlr       the same, trained on LR degraded from the sharpened HR (the release's pairing)
   <run>+plain       the same, trained against the plain HR (no unsharp-masked target)
   <run>@<opts>      the same with other optimiser settings, '-'-separated: cos (--lr-schedule cosine),
-                    x<F> (--lr times F), w<N> (--warmup-steps N); e.g. single+usmlr@cos-x2-w100
+                    x<F> (--lr times F, a plain decimal), w<N> (--warmup-steps N); e.g. single+usmlr@cos-x2-w100
 
 Each finished run is written to WORK/results/<run>-s<seed>.json, so a rerun only does what is missing.
 Usage: python benchmarks/expert_study.py --photos DIR --work DIR [--steps 600] [--seeds 0,1,2]
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import shutil
 import statistics
@@ -99,8 +100,10 @@ def split_optim(name: str) -> tuple[str, dict]:
     for token in spec.split("-") if spec else []:
         if token == "cos":
             optim["schedule"] = "cosine"
-        elif token[:1] == "x":
+        elif token[:1] == "x":  # a plain decimal: '-' separates the options, so no 1e-3
             optim["scale"] = float(token[1:])
+            if not (math.isfinite(optim["scale"]) and optim["scale"] > 0):
+                raise ValueError(f"the learning-rate factor in {name!r} must be a positive number")
         elif token[:1] == "w":
             optim["warmup"] = int(token[1:])
         else:

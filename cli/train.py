@@ -57,7 +57,7 @@ def default_workers() -> int:
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
               help="constant (as released), or cosine: from --lr down to 0 at --steps; with --max-minutes, at the "
                    "step the speed measured over the first steps reaches within the budget (a short run then ends "
-                   "annealed instead of cut off).")
+                   "annealed instead of cut off; --resume keeps that end).")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="First steps whose learning rate ramps linearly up to --lr.")
 @click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True)
@@ -160,8 +160,10 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, re
 
             def report(step: int, m: dict) -> None:
                 if first[0]:  # a resumed run starts at its checkpoint's step: no false speed for the ETA
-                    bar.reset(task, total=steps, completed=step - 1)
+                    bar.reset(task, total=m["end"], completed=step - 1)
                     first[0] = False
+                elif m["end"] != bar.tasks[0].total:  # the end fitted to --max-minutes (--lr-schedule cosine)
+                    bar.update(task, total=m["end"])
                 if "loss" not in m:  # --log-every N: nothing read back yet
                     bar.update(task, completed=step)
                     return

@@ -55,8 +55,9 @@ class TrainConfig:
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.99)
     # The learning rate over the steps (lr_at): "constant" (the release's), or "cosine", from lr down to 0 at
-    # the schedule's end: `steps`, or on a fresh run with max_minutes the step that the speed measured over
-    # its first steps reaches within the budget (fit_schedule). warmup_steps: a linear ramp up to lr first.
+    # the schedule's end: `steps`, or with max_minutes the step that the speed measured over the run's first
+    # steps reaches within the budget (fit_schedule; kept by every checkpoint). warmup_steps: a linear ramp
+    # up to lr first (the discriminator's Adam, with gan, follows the same rates).
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     pixel_weight: float = 1.0
@@ -176,6 +177,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         raise DASRError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
     if cfg.warmup_steps < 0:
         raise DASRError(f"warmup_steps must be 0 or more, got {cfg.warmup_steps}")
+    if cfg.lr_schedule == "cosine" and cfg.warmup_steps >= cfg.steps:
+        raise DASRError(f"--warmup-steps {cfg.warmup_steps} leaves no step of --steps {cfg.steps} to anneal")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and cfg.compile in ("reduce-overhead", "max-autotune"):  # both record CUDA graphs
         raise DASRError(f"--compile {cfg.compile} records CUDA graphs, which this trainer does not run under "
@@ -207,7 +210,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     perceptual = VGGPerceptualLoss(cfg.vgg_weights).to(device) if cfg.vgg_weights else None
     parts = StepParts(net=model, model=model, ema=ema, opt=opt, disc=disc, opt_d=opt_d, perceptual=perceptual)
     step = 0
-    end = cfg.steps  # the schedule's last step, where the run ends: --steps, or fitted to --max-minutes below
+    fitted: int | None = None  # the schedule's end fitted to --max-minutes (below), or kept by the checkpoint
     if restart:
         gone = start_over(out)
         if gone:
@@ -217,8 +220,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if found is None:
             raise DASRError(f"--resume: no readable checkpoint in {out}")
         step = parts.load_state_dict(found[1], cfg, found[0])
-        end = min(cfg.steps, schedule_steps(found[1], found[0]) or cfg.steps)  # a fitted end is kept
+        fitted = schedule_steps(found[1], found[0])
         before = TrainConfig.from_dict(found[1]["config"])
+        if (before.lr, before.lr_schedule, before.warmup_steps) != (cfg.lr, cfg.lr_schedule, cfg.warmup_steps):
+            say(f"note: {found[0].name} was trained with {schedule_text(before)}; continuing with "
+                f"{schedule_text(cfg)}")
         if (before.ema_decay, before.ema_warmup) != (cfg.ema_decay, cfg.ema_warmup):
             say(f"note: {found[0].name} was trained with EMA decay {before.ema_decay}"
                 f"{'' if before.ema_warmup else ' without'} warm-up; continuing with {cfg.ema_decay}"
@@ -229,11 +235,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             if checkpoint_step(newer) > step:  # pruning's way (rank 0 alone: ranks renaming at once would collide)
                 newer.replace(newer.with_name(newer.name + ".damaged"))
                 say(f"set {newer.name} aside as {newer.name}.damaged")
+        end = schedule_end(cfg, fitted)
         if step >= end:
             why = f"--steps {cfg.steps}" if end == cfg.steps else f"its schedule fitted to --max-minutes ends at {end}"
             say(f"{out} is already at step {step} ({why}): nothing to train")
             return {"step": step, "nothing_to_train": True}
         say(f"resuming from {found[0].name} (step {step} of {end})")
+    end = schedule_end(cfg, fitted)  # the schedule's last step, where the run ends
     run_info = {"device": describe_device(device), "dtype": "bfloat16 autocast" if use_bf16 else "float32",
                 "expert_impl": cfg.expert_impl, "memory_format": "channels_last" if cfg.channels_last else "NCHW",
                 "compile": cfg.compile,
@@ -271,8 +279,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     last: dict[str, Any] = {}
     started = t0 = time.perf_counter()  # the --max-minutes budget counts from `started`; samples/s from t0
     seen = 0
+    # A cosine run with a budget fits its end once, over FIT_STEPS steps from the FIT_FROM-th of this process
+    # (a run resumed before its fit, e.g. after a preemption, fits then); its rates until then follow `steps`
     start_step = step
-    fitting = cfg.lr_schedule != "constant" and cfg.max_minutes is not None and step == 0 and end > FIT_FROM + FIT_STEPS
+    fitting = (cfg.lr_schedule == "cosine" and cfg.max_minutes is not None and fitted is None
+               and step < FIT_FROM + FIT_STEPS and end > step + FIT_FROM + FIT_STEPS)
     fit_t = started
     # Every step has the same shapes (batch x crop): let cuDNN time its algorithms once and keep the fastest.
     cudnn_benchmark = torch.backends.cudnn.benchmark
@@ -342,20 +353,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                     fit_t = time.perf_counter()
                 else:
                     fitting = False
-                    end = fit_schedule(step, FIT_STEPS / (time.perf_counter() - fit_t),
-                                       60 * cfg.max_minutes - (time.perf_counter() - started), cfg.steps, world, device)
+                    end = fitted = fit_schedule(step, FIT_STEPS / (time.perf_counter() - fit_t),
+                                                60 * cfg.max_minutes - (time.perf_counter() - started), cfg.steps,
+                                                world, device)
                     run_info["schedule_steps"] = end
                     if main_rank:
                         write_config()
-                    say(f"--lr-schedule {cfg.lr_schedule} fitted to --max-minutes {cfg.max_minutes:g}: "
-                        f"it ends at step {end}")
+                    say(f"--lr-schedule cosine fitted to --max-minutes {cfg.max_minutes:g}: it ends at step {end}"
+                        + (f"; warning: inside the {cfg.warmup_steps}-step warm-up, so the rate never anneals "
+                           "(use fewer --warmup-steps)" if end <= cfg.warmup_steps else ""))
 
             validating = val_set is not None and (step % cfg.val_every == 0 or step == end)
             due = step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == end or validating
             if due:
                 last = record(losses, step, validating)
             if progress:
-                progress(step, last)
+                progress(step, {**last, "end": end})  # where the run ends: a fit can move it
             if cfg.max_minutes is not None and time.perf_counter() - started >= 60 * cfg.max_minutes:
                 stop["by"] = stop["by"] or "max_minutes"
             stopped_by = stop["by"]  # read once: a signal arriving below waits for the next step
@@ -376,11 +389,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             if final and not due:  # a stop between two logged steps: its line (and check) before its checkpoint
                 last = record(losses, step, False)
             if main_rank and (step % cfg.ckpt_every == 0 or final):
-                save_checkpoint(out / f"ckpt-{step}.pt", parts.state_dict(cfg, step, end))
+                save_checkpoint(out / f"ckpt-{step}.pt", parts.state_dict(cfg, step, fitted))
                 prune_checkpoints(out, cfg.keep_checkpoints)
             if main_rank and final:
                 save_model_file(model, out / MODEL_FILE, ema_generator=ema, step=step, source=f"ckpt-{step}.pt")
-            if stopped_by is None and final and end < cfg.steps:
+            if stopped_by is None and final and end < cfg.steps:  # only a fitted end is below --steps
                 stopped_by = "schedule"  # the end fitted to --max-minutes
             if stopped_by is not None:
                 last["stopped_by"] = stopped_by
@@ -569,14 +582,14 @@ class StepParts:
     opt_d: torch.optim.Optimizer | None = None
     perceptual: torch.nn.Module | None = None
 
-    def state_dict(self, cfg: TrainConfig, step: int, end: int | None = None) -> dict[str, Any]:
+    def state_dict(self, cfg: TrainConfig, step: int, fitted: int | None = None) -> dict[str, Any]:
         """Everything to continue exactly: config, weights, EMA, optimisers, step (the data is keyed by step;
-        no global RNG state is needed: nothing in a step draws from torch's RNG), and the learning-rate
-        schedule's end where it is not cfg.steps (fitted to max_minutes)."""
+        no global RNG state is needed: nothing in a step draws from torch's RNG), and the cosine schedule's end
+        where it was fitted to max_minutes (whatever this run's steps: a later resume may ask for more)."""
         state = {"config": cfg.to_dict(), "model": self.model.state_dict(), "ema_generator": self.ema.state_dict(),
                  "optimizer": self.opt.state_dict(), "step": step}
-        if end is not None and end != cfg.steps:
-            state["schedule_steps"] = end
+        if fitted is not None:
+            state["schedule_steps"] = fitted
         if self.disc is not None and self.opt_d is not None:
             state["discriminator"], state["optimizer_d"] = _unwrap(self.disc).state_dict(), self.opt_d.state_dict()
         return state
@@ -609,6 +622,17 @@ def lr_at(step: int, cfg: TrainConfig, end: int) -> float:
         return cfg.lr
     p = min(1.0, (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps))
     return cfg.lr * (1 + math.cos(math.pi * p)) / 2
+
+
+def schedule_end(cfg: TrainConfig, fitted: int | None) -> int:
+    """The step a run ends at: cfg.steps, or for a cosine schedule the end fitted to max_minutes when that is
+    earlier (a constant rate ignores a fitted end: resuming with it trains on to cfg.steps)."""
+    return min(cfg.steps, fitted) if fitted is not None and cfg.lr_schedule == "cosine" else cfg.steps
+
+
+def schedule_text(cfg: TrainConfig) -> str:
+    """'lr 0.0002, cosine, 200 warm-up steps': how a config sets the rate, for notes."""
+    return f"lr {cfg.lr:g}, {cfg.lr_schedule}, {cfg.warmup_steps} warm-up steps"
 
 
 def fit_schedule(step: int, steps_per_s: float, seconds_left: float, steps: int, world: int,

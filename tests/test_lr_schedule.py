@@ -72,7 +72,7 @@ def test_adam_takes_the_scheduled_rate(shards, tmp_path):
     torch.manual_seed(0)  # train() builds its model right after this call: the same initial weights
     start = DASR(TINY).state_dict()
     runs = {}
-    for name, kw in {"const": {}, "warm": {"lr_schedule": "cosine", "warmup_steps": 4}}.items():
+    for name, kw in {"const": {}, "warm": {"warmup_steps": 4}}.items():
         train(_cfg(shards, tmp_path / name, 1, ckpt_every=1, **kw))
         runs[name] = load_checkpoint(tmp_path / name / "ckpt-1.pt")["model"]
     key = "generator.conv_first.weight"
@@ -103,10 +103,11 @@ def test_a_cosine_schedule_is_fitted_to_the_time_budget_and_kept_on_resume(shard
     """A fake clock: every step takes 0.125 s, the budget is 6 s. The speed is measured from step 2 to step 7
     (FIT_FROM, FIT_STEPS made small), so the end is where 95 % of the 5.25 s left runs out at 8 steps/s."""
     clock = _fake_clock(monkeypatch)
-    notes = []
+    notes, ends = [], {}
 
     def tick(step, m):
         clock[0] += 0.125
+        ends[step] = m["end"]
 
     cfg = _cfg(shards, tmp_path / "run", 1000, lr_schedule="cosine", max_minutes=0.1)
     last = train(cfg, progress=tick, notify=notes.append)
@@ -114,6 +115,7 @@ def test_a_cosine_schedule_is_fitted_to_the_time_budget_and_kept_on_resume(shard
     assert end == 46
     assert last["step"] == end and last["stopped_by"] == "schedule"
     assert "--lr-schedule cosine fitted to --max-minutes 0.1: it ends at step 46" in notes
+    assert (ends[6], ends[7], ends[46]) == (1000, 46, 46)  # what the progress bar is told
     run = tmp_path / "run"
     assert json.loads((run / "config.json").read_text())["run"]["schedule_steps"] == end
     assert load_checkpoint(run / "ckpt-46.pt")["schedule_steps"] == end
@@ -125,12 +127,55 @@ def test_a_cosine_schedule_is_fitted_to_the_time_budget_and_kept_on_resume(shard
     again = train(_cfg(shards, run, 1000, lr_schedule="cosine", max_minutes=5), resume=True, notify=notes.append)
     assert again == {"step": end, "nothing_to_train": True}
     assert any("its schedule fitted to --max-minutes ends at 46" in n for n in notes)
+    # a constant rate ignores the fitted end (and says what changed), trains on, and still passes the end on
+    last = train(_cfg(shards, run, 48), resume=True, notify=notes.append)
+    assert last["step"] == 48 and "stopped_by" not in last
+    assert ("note: ckpt-46.pt was trained with lr 0.001, cosine, 0 warm-up steps; continuing with lr 0.001, "
+            "constant, 0 warm-up steps") in notes
+    assert load_checkpoint(run / "ckpt-48.pt")["schedule_steps"] == end
     # a hostile checkpoint's end is refused, not trusted
     ckpt = load_checkpoint(run / "ckpt-46.pt")
     ckpt["schedule_steps"] = -3
+    (run / "ckpt-48.pt").unlink()  # the newest checkpoint is the one resumed
     save_checkpoint(run / "ckpt-46.pt", ckpt)
     with pytest.raises(DASRError, match="schedule_steps must be a positive integer"):
         train(_cfg(shards, run, 1000, lr_schedule="cosine"), resume=True)
+
+
+def test_a_run_resumed_before_its_fit_fits_then(shards, tmp_path, monkeypatch):
+    """A first session too short to fit (0.5 s: 4 steps) saves no end; the resumed one measures steps 9 to 14
+    of the run (its 5th to 10th) and fits where 95 % of the 5.25 s left of its 6 s runs out at 8 steps/s."""
+    clock = _fake_clock(monkeypatch)
+
+    def tick(step, m):
+        clock[0] += 0.125
+
+    last = train(_cfg(shards, tmp_path / "run", 1000, lr_schedule="cosine", max_minutes=0.5 / 60), progress=tick)
+    assert last["step"] == 4 and last["stopped_by"] == "max_minutes"
+    assert "schedule_steps" not in load_checkpoint(tmp_path / "run" / "ckpt-4.pt")
+    notes = []
+    last = train(_cfg(shards, tmp_path / "run", 1000, lr_schedule="cosine", max_minutes=0.1), resume=True,
+                 progress=tick, notify=notes.append)
+    end = 4 + 7 + int(0.95 * 8 * (6 - 0.75))
+    assert last["step"] == end == 50 and last["stopped_by"] == "schedule"
+    assert f"--lr-schedule cosine fitted to --max-minutes 0.1: it ends at step {end}" in notes
+
+
+def test_a_fit_inside_the_warmup_warns_and_a_warmup_longer_than_the_run_is_refused(shards, tmp_path, monkeypatch):
+    clock = _fake_clock(monkeypatch)
+
+    def tick(step, m):
+        clock[0] += 0.125
+
+    notes = []
+    last = train(_cfg(shards, tmp_path / "run", 1000, lr_schedule="cosine", warmup_steps=100, max_minutes=0.1),
+                 progress=tick, notify=notes.append)
+    assert last["step"] == 46
+    assert ("--lr-schedule cosine fitted to --max-minutes 0.1: it ends at step 46; warning: inside the 100-step "
+            "warm-up, so the rate never anneals (use fewer --warmup-steps)") in notes
+    with pytest.raises(DASRError, match="--warmup-steps 10 leaves no step of --steps 10 to anneal"):
+        train(_cfg(shards, tmp_path / "b", 10, lr_schedule="cosine", warmup_steps=10))
+    assert train(_cfg(shards, tmp_path / "c", 2, warmup_steps=10))["step"] == 2  # a constant rate: only a ramp
 
 
 def test_a_constant_rate_or_a_short_run_is_never_fitted(shards, tmp_path, monkeypatch):
@@ -175,3 +220,20 @@ def test_a_resume_takes_the_new_rate_not_the_checkpoints(shards, tmp_path):
     train(_cfg(shards, tmp_path / "run", 3, lr=5e-4, ckpt_every=1), resume=True)
     assert [m["lr"] for m in _metrics(tmp_path / "run")] == [1e-3, 1e-3, 5e-4]
     assert load_checkpoint(tmp_path / "run" / "ckpt-3.pt")["optimizer"]["param_groups"][0]["lr"] == 5e-4
+
+
+def test_cli_bar_follows_the_fitted_end_and_says_why_it_stopped(shards, tmp_path, monkeypatch):
+    """The trainer tells the bar where the run ends (a fit moves it); the CLI names the fitted end as the stop."""
+    def fake_train(cfg, *, resume, restart, progress, notify):
+        progress(1, {"end": 1000})
+        progress(7, {"end": 46})
+        progress(46, {"end": 46, "step": 46, "loss": 0.1, "samples_per_s": 1.0})
+        return {"step": 46, "stopped_by": "schedule"}
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / "run"), "--device", "cpu",
+                                            "--steps", "1000", "--lr-schedule", "cosine", "--max-minutes", "1"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "46/46" in text and "/1000" not in text
+    assert "stopped at step 46 (the end of --lr-schedule, fitted to --max-minutes)" in text
