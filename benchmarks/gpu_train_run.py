@@ -112,7 +112,7 @@ def val_table(run_dir: Path) -> list[str]:
         p, b = r["val"]["psnr_y"], r["val"]["bicubic_psnr_y"]
         out.append(f"| {r['step']} | " + " | ".join(f"{p.get(k, float('nan')):.2f}" for k in "123")
                    + " | " + "/".join(f"{b.get(k, float('nan')):.2f}" for k in "123")
-                   + f" | {r['val']['mae']['all']:.4f} | {r.get('lr', float('nan')):.2e} | {r['samples_per_s']:.0f} |")
+                   + f" | {r['val']['mae']['all']:.4f} | {r['lr']:.2e} | {r['samples_per_s']:.0f} |")
     return out
 
 
@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{name}: dasr-train failed (log.txt has its errors)")
             del runs[name]  # the 5-expert model is still evaluated and exported
             break
-        steps = steps or last_step(run_dir)
+        done = last_step(run_dir)
+        steps = steps or done
         config = json.loads((run_dir / "config.json").read_text())
         info = config["run"]
         how = f"{info['expert_impl']}, {info['memory_format']}"
@@ -268,10 +269,10 @@ def main(argv: list[str] | None = None) -> None:
             probe = ", ".join(f"{k} {v:.1f}" for k, v in info["expert_impl_probe_ms"].items())
             how += f" (probe, ms per training step: {probe})"
         chosen[name] = (config["expert_impl"], how)
-        log(out, f"{name}: {last_step(run_dir)} steps in {time.perf_counter() - t:.0f} s; expert convs {how}")
-        (out / f"metrics-e{experts}.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+        log(out, f"{name}: {done} steps in {time.perf_counter() - t:.0f} s; expert convs {how}")
+        shutil.copyfile(run_dir / "metrics.jsonl", out / f"metrics-e{experts}.jsonl")
         if name == "5 experts":  # the product, in OUT before anything else can fail
-            (out / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes())
+            shutil.copyfile(run_dir / "model.safetensors", out / "model.safetensors")
 
     # 4. evaluation on the held-out photos, per level
     evals = {}

@@ -211,6 +211,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     parts = StepParts(net=model, model=model, ema=ema, opt=opt, disc=disc, opt_d=opt_d, perceptual=perceptual)
     step = 0
     fitted: int | None = None  # the schedule's end fitted to --max-minutes (below), or kept by the checkpoint
+    end = cfg.steps  # the schedule's last step, where the run ends (schedule_end)
     if restart:
         gone = start_over(out)
         if gone:
@@ -241,7 +242,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             say(f"{out} is already at step {step} ({why}): nothing to train")
             return {"step": step, "nothing_to_train": True}
         say(f"resuming from {found[0].name} (step {step} of {end})")
-    end = schedule_end(cfg, fitted)  # the schedule's last step, where the run ends
     run_info = {"device": describe_device(device), "dtype": "bfloat16 autocast" if use_bf16 else "float32",
                 "expert_impl": cfg.expert_impl, "memory_format": "channels_last" if cfg.channels_last else "NCHW",
                 "compile": cfg.compile,
