@@ -31,7 +31,7 @@ from degrade.io import (
     write_bytes_atomic,
 )
 from degrade.recipe import MIN_HR_SIDE, describe_levels
-from degrade.shards.format import COMPRESSIONS
+from degrade.shards.format import COMPRESSIONS, MAX_COUNT, MAX_SHARDS
 
 console = Console()
 PIPED_WIDTH = 400  # columns a table may take when stdout is not a terminal (it is drawn at its natural width)
@@ -196,8 +196,8 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_DATASET, show_default=True,
               help="Dataset folder (created; an existing one with the same options is resumed).")
 @click.option("--level", type=LevelType(), default="2", show_default=True, help="1, 2, 3 or mix.")
-@click.option("--count", type=click.IntRange(min=1, max=10**8), default=256, show_default=True,
-              help="Number of samples (at most 100M, in at most 100,000 shards).")
+@click.option("--count", type=click.IntRange(min=1, max=MAX_COUNT), default=256, show_default=True,
+              help=f"Number of samples (at most {MAX_COUNT // 10**6}M, in at most {MAX_SHARDS:,} shards).")
 @click.option("--patch-size", type=click.IntRange(min=32), default=256, show_default=True,
               help="HR patch side (multiple of 4); LR is a quarter of it.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)

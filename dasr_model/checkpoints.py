@@ -102,7 +102,7 @@ def _check_zip(path: Path, f: BinaryIO, what: str) -> None:
     The central directory is read with the zipfile module, its size bounded first.
     """
     size = os.fstat(f.fileno()).st_size
-    offset, length = _directory(path, f, size, what)
+    offset = _directory(path, f, size, what)
     try:
         f.seek(0)
         with zipfile.ZipFile(f) as archive:
@@ -129,8 +129,8 @@ def _check_zip(path: Path, f: BinaryIO, what: str) -> None:
 _EOCD, _LOCATOR, _ZIP64 = struct.Struct("<4s4H2IH"), struct.Struct("<4sIQI"), struct.Struct("<4sQ2H2I4Q")
 
 
-def _directory(path: Path, f: BinaryIO, size: int, what: str) -> tuple[int, int]:
-    """(offset, length) of the zip's central directory, from a layout as torch.save writes it and nothing
+def _directory(path: Path, f: BinaryIO, size: int, what: str) -> int:
+    """The offset of the zip's central directory, from a layout as torch.save writes it and nothing
     looser: the end record last (no comment), before it the zip64 locator and the zip64 record it points
     to (or neither), and the directory ending where they begin; the 32-bit and 64-bit records agree."""
     def refuse(why: str) -> DASRError:
@@ -154,18 +154,18 @@ def _directory(path: Path, f: BinaryIO, size: int, what: str) -> tuple[int, int]
             fields = _ZIP64.unpack(record)
             if z_disk or disks != 1 or z_offset != tail or fields[0] != b"PK\x06\x06" or fields[1] != 44:
                 raise refuse("its zip64 records are not where its locator says")
-            z_n_here, z_n_total, z_size, z_offset_cd = fields[6:10]
+            _, z_n_total, z_size, z_offset_cd = fields[6:10]
             for short, full, saturated in ((n_total, z_n_total, 0xFFFF), (cd_size, z_size, 0xFFFFFFFF),
                                            (cd_offset, z_offset_cd, 0xFFFFFFFF)):
                 if short not in (full, saturated):
                     raise refuse("its zip and zip64 end records disagree")
-            n_total, cd_size, cd_offset, end = z_n_total, z_size, z_offset_cd, tail
+            cd_size, cd_offset, end = z_size, z_offset_cd, tail
     if cd_size > MAX_ZIP_DIRECTORY:
         raise DASRError(f"{path}: refused: its zip directory is {cd_size} bytes (a {what} needs under "
                         f"{MAX_ZIP_DIRECTORY})")
     if cd_offset + cd_size != end:
         raise refuse("its zip directory does not end where its end records begin")
-    return cd_offset, cd_size
+    return cd_offset
 
 
 def open_regular(path: Path) -> BinaryIO:

@@ -15,7 +15,6 @@ from dasr_model.diagnostics import mixing_stats
 from dasr_model.errors import DASRError
 from dasr_model.infer import DEFAULT_TILE, fuse_experts, predict, receptive_radius, tiled, to_image, to_tensor
 from dasr_model.metrics import psnr_rgb, psnr_y, ssim_y
-from degrade.errors import DegradeError
 
 Pair = tuple[int, np.ndarray, np.ndarray, np.ndarray | None]  # level, HR, LR (float32 [0, 1]), v or None
 MIN_HR_SIDE = 64  # an HR side below this leaves an LR of under 16 px: too little for the degradations and SSIM
@@ -58,11 +57,8 @@ def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Pairs
 
     files = find_images([folder])
 
-    def read(f: Path) -> np.ndarray:  # a refusal names the file (a folder may hold hundreds)
-        try:
-            hr = crop_to_multiple(degrade.read_image(f), 4)
-        except DegradeError as exc:
-            raise DASRError(str(exc) if str(exc).startswith(str(f)) else f"{f}: {exc}") from None
+    def read(f: Path) -> np.ndarray:  # a refusal names the file (read_image's own do)
+        hr = crop_to_multiple(degrade.read_image(f), 4)
         if min(hr.shape[:2]) < MIN_HR_SIDE:
             raise DASRError(f"{f}: {hr.shape[1]}x{hr.shape[0]} px (cropped to a multiple of 4) is too small to "
                             f"evaluate: at least {MIN_HR_SIDE} px a side")

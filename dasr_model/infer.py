@@ -229,6 +229,7 @@ def super_resolve(model: DASR, lr: Tensor, a: Tensor, *, tile: int | None = None
     if a.shape[0] != lr.shape[0]:
         raise DASRError(f"one expert mix per image: lr has {lr.shape[0]} image(s), a has {a.shape[0]} row(s)")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    overlap = receptive_radius(model.config) if overlap is None else overlap
     outs = []
     for i in range(lr.shape[0]):
         net = fuse_experts(model, a[i : i + 1], dtype=dtype, channels_last=channels_last)
@@ -236,8 +237,7 @@ def super_resolve(model: DASR, lr: Tensor, a: Tensor, *, tile: int | None = None
         def run(x: Tensor, net: MSRResNet = net) -> Tensor:  # x float32: the net casts for its convolutions
             return net(x.contiguous(memory_format=fmt)).to(x.dtype)
 
-        outs.append(tiled(run, lr[i : i + 1], model.config.scale, tile,
-                           receptive_radius(model.config) if overlap is None else overlap))
+        outs.append(tiled(run, lr[i : i + 1], model.config.scale, tile, overlap))
     return torch.cat(outs).contiguous()
 
 
@@ -297,7 +297,7 @@ def _tiles(run: Callable[[Tensor], Tensor], lr: Tensor, s: int, tile: int | None
     """((y, x), SR region) pieces that cover the x`s` output of lr (1, 3, h, w): the whole image at once, or
     one `tile` x `tile` LR tile at a time, each run with `overlap` LR pixels of context, which is then cut off."""
     h, w = lr.shape[-2:]
-    if tile is None or (h <= tile and w <= tile):
+    if tile_count(h, w, tile) == 1:
         yield (0, 0), run(lr)
         return
     for y in range(0, h, tile):

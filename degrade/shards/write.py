@@ -33,6 +33,8 @@ from degrade.shards.format import (
     FORMAT_VERSION,
     LOCK,
     MANIFEST,
+    MAX_COUNT,
+    MAX_SHARDS,
     PARAMS_JSON_BYTES,
     SHARD_ROW_BYTES,
     DatasetConfig,
@@ -57,8 +59,6 @@ class MakeReport:
     bytes_on_disk: int = 0
 
 
-MAX_COUNT = 10**8  # samples in one dataset: 100M patches of 256 px are about 20 TB
-MAX_SHARDS = 100_000
 
 
 def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1,
