@@ -192,16 +192,25 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
 @click.option("--device", default="auto", show_default=True)
 @tile_option
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--lpips-alexnet", type=click.Path(path_type=Path, dir_okay=False),
+              help="With --lpips-lin: also LPIPS (v0.1, AlexNet). torchvision's AlexNet ImageNet weights file "
+                   "(alexnet-owt-7be5be79.pth); nothing is downloaded.")
+@click.option("--lpips-lin", type=click.Path(path_type=Path, dir_okay=False),
+              help="With --lpips-alexnet: LPIPS's AlexNet linear layers (the lpips package's weights/v0.1/alex.pth).")
 @max_pixels_option
 def eval_main(model_path, checkpoint, release_weights, shards, hr_dir, levels, seed, device, tile, as_json,
-              max_pixels) -> None:
-    """PSNR/SSIM on Y (4-px crop) and RGB PSNR per level, for the model and bicubic; predictor MAE per block."""
+              lpips_alexnet, lpips_lin, max_pixels) -> None:
+    """PSNR/SSIM on Y (4-px crop) and RGB PSNR per level, for the model and bicubic; predictor MAE per block;
+    LPIPS when given its weights."""
     require_torch()
     set_max_pixels(max_pixels)
     from dasr_model.evaluate import evaluate_pairs, pairs_from_hr_dir, pairs_from_shards
+    from dasr_model.lpips import LPIPS
 
     if (shards is None) == (hr_dir is None):
         raise click.UsageError("give --shards or --hr-dir")
+    if (lpips_alexnet is None) != (lpips_lin is None):
+        raise click.UsageError("LPIPS needs both --lpips-alexnet and --lpips-lin")
     try:
         lv = [int(x) for x in levels.split(",")]
     except ValueError:
@@ -210,10 +219,11 @@ def eval_main(model_path, checkpoint, release_weights, shards, hr_dir, levels, s
         raise click.BadParameter(f"{levels!r}: expected a subset of 1,2,3", param_hint="--levels")
     try:
         model, dev = _load(_one_model(model_path, checkpoint), release_weights, device)
+        lpips = LPIPS(lpips_alexnet, lpips_lin).to(dev) if lpips_alexnet is not None else None
         pairs = pairs_from_shards(shards) if shards is not None else pairs_from_hr_dir(hr_dir, lv, seed)
         with _bar() as bar:
             task = bar.add_task("evaluating", total=len(pairs))
-            result = evaluate_pairs(model, pairs, dev, tile=tile, progress=lambda: bar.advance(task))
+            result = evaluate_pairs(model, pairs, dev, tile=tile, lpips=lpips, progress=lambda: bar.advance(task))
     except DegradeError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
@@ -222,11 +232,13 @@ def eval_main(model_path, checkpoint, release_weights, shards, hr_dir, levels, s
         click.echo(json.dumps(_finite_or_null(result), indent=1, allow_nan=False))
         return
     table = Table(title="evaluation (Y: BT.601, 4-px crop)", title_justify="left")
-    for name in ("level", "images", "PSNR-Y", "SSIM-Y", "PSNR-RGB", "bicubic PSNR-Y", "bicubic SSIM-Y"):
+    lp = ("LPIPS", "bicubic LPIPS") if lpips is not None else ()
+    for name in ("level", "images", "PSNR-Y", "SSIM-Y", "PSNR-RGB", "bicubic PSNR-Y", "bicubic SSIM-Y", *lp):
         table.add_column(name, justify="right")
     for level, r in result["levels"].items():
         table.add_row(level, str(r["images"]), f"{r['psnr_y']:.2f}", f"{r['ssim_y']:.4f}", f"{r['psnr_rgb']:.2f}",
-                      f"{r['bicubic_psnr_y']:.2f}", f"{r['bicubic_ssim_y']:.4f}")
+                      f"{r['bicubic_psnr_y']:.2f}", f"{r['bicubic_ssim_y']:.4f}",
+                      *(f"{r[k]:.4f}" for k in ("lpips", "bicubic_lpips") if lp))
     console.print(table)
     console.print("predictor MAE: " + ", ".join(f"{k} {v:.4f}" for k, v in result["mae"].items()))
     mix = result["mixing"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+from torch import Tensor
 
 from dasr_model.errors import DASRError
 from degrade.errors import ImageError
@@ -26,6 +27,9 @@ from degrade.io import open_regular as open_regular_file
 
 CHECKPOINT = re.compile(r"ckpt-(\d+)\.pt")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive (since torch 1.6)
+# Before torch 1.6, torch.save wrote pickles: protocol 2, then torch's magic number 0x1950a86a20f9469cfc6c
+# as a 10-byte LONG1. torchvision's ImageNet weights and the LPIPS package's layers are still in this format.
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 MAX_ZIP_DIRECTORY = 4 * 2**20  # bytes; torch.save writes about 100 per tensor, a checkpoint holds hundreds
 
 
@@ -71,18 +75,25 @@ def refuse_non_finite(state: Any, what: str) -> None:
             raise DASRError(f"{what} {str(name)[:200]!r} holds NaN or infinite values")
 
 
-def load_torch_file(path: Path, what: str) -> Any:
+def load_torch_file(path: Path, what: str, *, legacy: bool = False) -> Any:
     """The contents of a torch.save file, read with weights_only=True onto the CPU; `what` names the file
     kind in refusals ("checkpoint", "weights file").
 
     The file is read by its content through an open file object, never by its name: torch.load(PATH)
     hands any PATH ending in .safetensors to the safetensors package, whose errors are none of ours.
     Only a regular file is opened (a FIFO would block for ever, a device never end).
+
+    `legacy` also accepts the pre-1.6 pickle format (weights published years ago, such as torchvision's).
+    It has no compressed entries to bound: torch reads each storage from the bytes that follow the
+    pickle and refuses one whose size there differs from the size the pickle claims, so what a load
+    fills is what the file holds.
     """
     with open_regular(path) as f:
-        if f.read(4) != ZIP_MAGIC:
-            raise DASRError(f"{path}: not a readable {what} (not a torch.save file)")
-        _check_zip(path, f, what)
+        head = f.read(len(LEGACY_MAGIC))
+        if not (legacy and head == LEGACY_MAGIC):
+            if head[:4] != ZIP_MAGIC:
+                raise DASRError(f"{path}: not a readable {what} (not a torch.save file)")
+            _check_zip(path, f, what)
         f.seek(0)
         try:
             return torch.load(f, map_location="cpu", weights_only=True, mmap=False)
@@ -92,6 +103,29 @@ def load_torch_file(path: Path, what: str) -> Any:
                 KeyError, IndexError, TypeError, AttributeError,  # the unpickler's on damaged data.pkl bytes,
                 AssertionError, NotImplementedError):  # ("saved_id must be a tuple", a storage type it lacks)
             raise DASRError(f"{path}: not a readable {what} (damaged or truncated)") from None
+
+
+def load_weights_state(path: str | Path, what: str, expected: dict[str, tuple[int, ...]], *,
+                       prefix: str = "") -> dict[str, Tensor]:
+    """The tensors named in `expected` (keys without `prefix`) from a torch.save file of a state dict (or
+    {"state_dict": ...}), each of the expected shape and finite; anything else is a one-line DASRError
+    naming the file. Keys not in `expected` are ignored (a classifier head, say)."""
+    path = Path(path)
+    state = load_torch_file(path, what, legacy=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise DASRError(f"{path}: not a {what} (it holds no state dict)")
+    out = {}
+    for key, shape in expected.items():
+        t = state.get(prefix + key)
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise DASRError(f"{path}: not a {what}: no tensor {prefix + key!r}")
+        if tuple(t.shape) != shape:
+            raise DASRError(f"{path}: not a {what}: {prefix + key!r} is {tuple(t.shape)}, not {shape}")
+        out[key] = t
+    refuse_non_finite(out, f"{path}: refused: its weight")
+    return {key: t.float() for key, t in out.items()}
 
 
 def _check_zip(path: Path, f: BinaryIO, what: str) -> None:

@@ -77,12 +77,14 @@ def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Pairs
 @torch.no_grad()
 def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.device, *,
                    generator: torch.nn.Module | None = None, tile: int | None = DEFAULT_TILE,
+                   lpips: torch.nn.Module | None = None,
                    progress: Callable[[], None] | None = None) -> dict[str, Any]:
     """Scores per level of `model` (its predictor, and `generator` for SR when given, e.g. the trainer's
     EMA generator, else its own), computed as dasr-sr computes its output: v_hat and a from the whole LR
     (area-downscaled above 1024 px a side), the experts fused once per image, tiles of at most `tile`
     LR px overlapping by G's receptive-field radius (the whole-image result, in bounded memory).
-    `progress()` is called after each pair."""
+    With `lpips` (dasr_model.lpips.LPIPS on `device`), also the LPIPS distance of SR and of bicubic to HR,
+    on the whole 8-bit images (no crop, as LPIPS is usually reported). `progress()` is called after each pair."""
     scores: dict[int, dict[str, list[float]]] = {}
     v_hats, vs, mixes, mix_levels = [], [], [], []
     gen = model.generator if generator is None else generator
@@ -101,6 +103,10 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
         s["psnr_rgb"].append(psnr_rgb(sr, hr))
         s["bicubic_psnr_y"].append(psnr_y(bic, hr))
         s["bicubic_ssim_y"].append(ssim_y(bic, hr))
+        if lpips is not None:
+            hr_t = to_tensor(hr).to(device)
+            s.setdefault("lpips", []).append(float(lpips(_levels(sr, device), hr_t)[0]))
+            s.setdefault("bicubic_lpips", []).append(float(lpips(_levels(bic, device), hr_t)[0]))
         if v is not None:
             v_hats.append(v_hat.cpu())
             vs.append(torch.from_numpy(np.asarray(v, np.float32))[None])
@@ -113,3 +119,8 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
     mae = block_mae(torch.cat(v_hats), torch.cat(vs)) if vs else {}
     mixing = mixing_stats(torch.cat(mixes), torch.tensor(mix_levels))
     return {"levels": levels, "mae": mae, "mixing": mixing}
+
+
+def _levels(img: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An (H, W, 3) image in [0, 1] rounded to 8-bit levels, as the other scores see it, as (1, 3, H, W)."""
+    return to_tensor((np.round(np.clip(img, 0, 1) * 255) / 255).astype(np.float32)).to(device)

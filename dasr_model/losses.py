@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import spectral_norm
 
+from dasr_model.checkpoints import load_weights_state
+
 
 class UNetDiscriminatorSN(nn.Module):
     """U-Net discriminator with spectral norm (Real-ESRGAN / DASR): per-pixel logits (B, 1, H, W)."""
@@ -70,12 +72,10 @@ class VGGPerceptualLoss(nn.Module):
                 layers += [nn.Conv2d(in_ch, int(item), 3, padding=1), nn.ReLU(inplace=False)]
                 in_ch = int(item)
         self.features = nn.Sequential(*layers[: max(PERCEPTUAL_LAYERS) + 1])
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
-        features = {k: v for k, v in features.items() if int(k.split(".")[0]) < len(self.features)}
-        self.features.load_state_dict(features, strict=True)
+        expected = {f"{i}.{part}": shape for i, layer in enumerate(self.features) if isinstance(layer, nn.Conv2d)
+                    for part, shape in (("weight", tuple(layer.weight.shape)), ("bias", tuple(layer.bias.shape)))}
+        self.features.load_state_dict(load_weights_state(weights, "torchvision VGG19 weights file", expected,
+                                                         prefix="features."), strict=True)
         self.requires_grad_(False)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
