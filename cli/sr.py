@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -186,7 +187,11 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
 @model_options
 @click.option("--shards", type=click.Path(path_type=Path), help="Evaluate on a dataset's (HR, LR, v) samples.")
 @click.option("--hr-dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Degrade these HR images at each --levels with fixed seeds and evaluate.")
+              help="Degrade these HR images at each --levels with fixed seeds and evaluate (or, with --lr-dir, "
+                   "their given LR partners).")
+@click.option("--lr-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="With --hr-dir: evaluate on these given LR images (a real-world test set), each paired with "
+                   "the HR of its name (ignoring a tag such as x4, _LR4, _HR).")
 @click.option("--levels", default="1,2,3", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -198,17 +203,26 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
 @click.option("--lpips-lin", type=click.Path(path_type=Path, dir_okay=False),
               help="With --lpips-alexnet: LPIPS's AlexNet linear layers (the lpips package's weights/v0.1/alex.pth).")
 @max_pixels_option
-def eval_main(model_path, checkpoint, release_weights, shards, hr_dir, levels, seed, device, tile, as_json,
-              lpips_alexnet, lpips_lin, max_pixels) -> None:
+@click.pass_context
+def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_dir, levels, seed, device, tile,
+              as_json, lpips_alexnet, lpips_lin, max_pixels) -> None:
     """PSNR/SSIM on Y (4-px crop) and RGB PSNR per level, for the model and bicubic; predictor MAE per block;
-    LPIPS when given its weights."""
+    LPIPS when given its weights. Given LR/HR pairs (--lr-dir) have no level: they are reported as level 0."""
     require_torch()
     set_max_pixels(max_pixels)
-    from dasr_model.evaluate import evaluate_pairs, pairs_from_hr_dir, pairs_from_shards
+    from dasr_model.evaluate import evaluate_pairs, pairs_from_hr_dir, pairs_from_lr_hr_dirs, pairs_from_shards
     from dasr_model.lpips import LPIPS
 
+    if lr_dir is not None and hr_dir is None:
+        raise click.UsageError("--lr-dir needs --hr-dir (the HR partners)")
     if (shards is None) == (hr_dir is None):
         raise click.UsageError("give --shards or --hr-dir")
+    if lr_dir is not None:
+        given = [f"--{p}" for p in ("levels", "seed")
+                 if ctx.get_parameter_source(p) is not ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{' and '.join(given)} choose how --hr-dir is degraded; with --lr-dir the LR "
+                                   "images are given")
     if (lpips_alexnet is None) != (lpips_lin is None):
         raise click.UsageError("LPIPS needs both --lpips-alexnet and --lpips-lin")
     try:
@@ -220,7 +234,12 @@ def eval_main(model_path, checkpoint, release_weights, shards, hr_dir, levels, s
     try:
         model, dev = _load(_one_model(model_path, checkpoint), release_weights, device)
         lpips = LPIPS(lpips_alexnet, lpips_lin).to(dev) if lpips_alexnet is not None else None
-        pairs = pairs_from_shards(shards) if shards is not None else pairs_from_hr_dir(hr_dir, lv, seed)
+        if shards is not None:
+            pairs = pairs_from_shards(shards)
+        elif lr_dir is not None:
+            pairs = pairs_from_lr_hr_dirs(lr_dir, hr_dir, model.config.scale)
+        else:
+            pairs = pairs_from_hr_dir(hr_dir, lv, seed)
         with _bar() as bar:
             task = bar.add_task("evaluating", total=len(pairs))
             result = evaluate_pairs(model, pairs, dev, tile=tile, lpips=lpips, progress=lambda: bar.advance(task))
@@ -240,7 +259,8 @@ def eval_main(model_path, checkpoint, release_weights, shards, hr_dir, levels, s
                       f"{r['bicubic_psnr_y']:.2f}", f"{r['bicubic_ssim_y']:.4f}",
                       *(f"{r[k]:.4f}" for k in ("lpips", "bicubic_lpips") if lp))
     console.print(table)
-    console.print("predictor MAE: " + ", ".join(f"{k} {v:.4f}" for k, v in result["mae"].items()))
+    console.print("predictor MAE: " + (", ".join(f"{k} {v:.4f}" for k, v in result["mae"].items())
+                                       or "none (the pairs carry no true v)"))
     mix = result["mixing"]
     console.print(f"expert mix a: std over images {mix['std']:.4f} (within a level {mix['std_within_level']:.4f}), "
                   f"between level means {mix['between_level']:.4f}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,62 @@ def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Pairs
                 yield level, hr, degrade.apply(hr, params), degrade.encode(params)
 
     return Pairs(len(files) * len(levels), make)
+
+
+# A trailing scale or role tag that names a file of an LR/HR pair (DIV2K's 0801x4, RealSR's Canon_001_LR4 and
+# Canon_001_HR, DRealSR's _x1 / _x4): left out when pairing LR and HR files by name
+PAIR_TAG = re.compile(r"(?:[_-]?x\d+|[_-](?:lr|hr)\d*)$", re.IGNORECASE)
+
+
+def pair_name(path: Path, root: Path) -> str:
+    """What pairs an LR file with its HR file: the path relative to its folder, without suffix or PAIR_TAG."""
+    rel = path.relative_to(root)
+    return (rel.parent / PAIR_TAG.sub("", rel.stem)).as_posix()
+
+
+def pairs_from_lr_hr_dirs(lr_dir: str | Path, hr_dir: str | Path, scale: int = 4) -> Pairs:
+    """Given LR/HR pairs (a real-world test set such as DRealSR, or LR made elsewhere), matched by
+    `pair_name`; every file must have its partner. Each HR must be `scale` x its LR, up to scale - 1 px
+    more a side (cropped at the bottom/right, as mod-crop test sets are made). The pairs carry no v and
+    no level (level 0). The LR is read as dasr-sr reads it; the HR on 8-bit levels."""
+    import degrade
+    from degrade.discover import find_images
+    from degrade.io import to_uint8
+
+    found = {}
+    for side, folder in (("LR", Path(lr_dir)), ("HR", Path(hr_dir))):
+        names: dict[str, Path] = {}
+        for f in find_images([folder], what=f"{side} images"):
+            name = pair_name(f, folder)
+            if name in names:
+                raise DASRError(f"{names[name]} and {f}: two {side} images of one pair name {name!r}")
+            names[name] = f
+        found[side] = names
+    for side, other in (("HR", "LR"), ("LR", "HR")):
+        alone = sorted(found[side].keys() - found[other].keys())
+        if alone:
+            raise DASRError(f"{len(alone)} {side} image(s) without an {other} partner, e.g. {found[side][alone[0]]} "
+                            f"(pairs match by relative path, ignoring a tag such as x4, _LR4, _HR)")
+    names = sorted(found["HR"])
+
+    def read(name: str) -> tuple[np.ndarray, np.ndarray]:
+        lr_file, hr_file = found["LR"][name], found["HR"][name]
+        lr, hr = degrade.read_image(lr_file), degrade.read_image(hr_file)
+        (h, w), (hh, hw) = lr.shape[:2], hr.shape[:2]
+        if not (scale * h <= hh < scale * (h + 1) and scale * w <= hw < scale * (w + 1)):
+            raise DASRError(f"{hr_file}: {hw}x{hh} px is not {scale}x its LR {lr_file} ({w}x{h} px): expected "
+                            f"{scale * w}x{scale * h}, or up to {scale - 1} px more a side")
+        if scale * min(h, w) < MIN_HR_SIDE:
+            raise DASRError(f"{lr_file}: {w}x{h} px is too small to evaluate: at least {MIN_HR_SIDE // scale} px "
+                            "a side")
+        return lr, to_uint8(hr[: scale * h, : scale * w]).astype(np.float32) / 255
+
+    def make() -> Iterator[Pair]:
+        for name in names:
+            lr, hr = read(name)
+            yield 0, hr, lr, None
+
+    return Pairs(len(names), make)
 
 
 @torch.no_grad()

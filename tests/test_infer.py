@@ -351,3 +351,71 @@ def test_sr_bad_input_is_one_line(ckpt, tmp_path, monkeypatch, args, message):
     (tmp_path / "notes.txt").write_text("not an image")
     result = CliRunner().invoke(sr_main, [a.replace("{ckpt}", str(ckpt)) for a in args] + ["--device", "cpu"])
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+
+
+def _real_pairs(tmp_path, names: dict[str, tuple[str, str]]):
+    """LR/HR folders of bundled-photo crops under the given (LR name, HR name) per pair; each HR is
+    3 px wider and 2 px taller than 4x its LR (mod-crop leftovers), the LR a level-2 degradation of it."""
+    lr_dir, hr_dir = tmp_path / "lr", tmp_path / "hr"
+    lr_dir.mkdir()
+    hr_dir.mkdir()
+    truth = {}
+    for i, (key, (lr_name, hr_name)) in enumerate(names.items()):
+        hr = degrade.read_image(degrade.sample_images()[i])[:98, :135]
+        lr = degrade.apply(hr[:96, :132], degrade.sample_params(2, np.random.default_rng(i)))
+        degrade.write_image(lr_dir / lr_name, lr)
+        degrade.write_image(hr_dir / hr_name, hr)
+        truth[key] = (degrade.read_image(lr_dir / lr_name), np.round(hr[:96, :132] * 255) / 255)
+    return lr_dir, hr_dir, truth
+
+
+def test_eval_on_given_lr_hr_pairs_equals_an_independent_computation(ckpt, tmp_path):
+    """Pairs match by name without a scale/role tag (DIV2K's x4, RealSR's _LR4 / _HR); each HR is cropped
+    to 4x its LR. Oracle: the whole-image model output and the Y PSNR formula, per pair."""
+    lr_dir, hr_dir, truth = _real_pairs(tmp_path, {"a": ("0801x4.png", "0801.png"),
+                                                   "b": ("Canon_001_LR4.png", "Canon_001_HR.png")})
+    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--lr-dir", str(lr_dir), "--hr-dir", str(hr_dir),
+                                         "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    model = load_checkpoint_model(ckpt)
+    ours = []
+    with torch.no_grad():
+        for lr, hr in truth.values():
+            sr = model(torch.from_numpy(lr.transpose(2, 0, 1).copy())[None])[0].clamp(0, 1).permute(1, 2, 0).numpy()
+            y_sr = 16 + (np.round(sr * 255) @ np.array([65.481, 128.553, 24.966])) / 255
+            y_hr = 16 + (np.round(hr * 255) @ np.array([65.481, 128.553, 24.966])) / 255
+            ours.append(10 * np.log10(255**2 / np.mean((y_sr[4:-4, 4:-4] - y_hr[4:-4, 4:-4]) ** 2)))
+    assert set(data["levels"]) == {"0"} and data["levels"]["0"]["images"] == 2
+    assert data["levels"]["0"]["psnr_y"] == pytest.approx(np.mean(ours), abs=1e-6)
+    assert data["mae"] == {}
+    table = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--lr-dir", str(lr_dir), "--hr-dir", str(hr_dir),
+                                           "--device", "cpu"])
+    assert table.exit_code == 0 and "predictor MAE: none (the pairs carry no true v)" in table.stdout
+
+
+@pytest.mark.parametrize("case,message", [
+    ("unpaired", "1 HR image(s) without an LR partner, e.g. "),
+    ("twice", "two LR images of one pair name 'a'"),
+    ("size", "is not 4x its LR"),
+])
+def test_eval_refuses_lr_hr_folders_that_do_not_pair(ckpt, tmp_path, case, message):
+    lr_dir, hr_dir, _ = _real_pairs(tmp_path, {"a": ("a_x4.png", "a.png"), "b": ("b.png", "b_HR.png")})
+    if case == "unpaired":
+        (lr_dir / "b.png").unlink()
+    elif case == "twice":
+        (lr_dir / "a_LR.png").write_bytes((lr_dir / "a_x4.png").read_bytes())
+    else:
+        degrade.write_image(hr_dir / "b_HR.png", np.zeros((100, 135, 3), np.float32))  # 4 px too tall
+    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--lr-dir", str(lr_dir), "--hr-dir", str(hr_dir),
+                                         "--device", "cpu"])
+    assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output, res.output
+
+
+@pytest.mark.parametrize("extra,message", [([], "--lr-dir needs --hr-dir"),
+                                           (["--hr-dir", "H", "--seed", "3"], "--seed choose how --hr-dir")])
+def test_eval_lr_dir_options_that_cannot_apply_are_usage_errors(ckpt, tmp_path, extra, message):
+    (tmp_path / "H").mkdir()
+    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--lr-dir", str(tmp_path), "--device", "cpu",
+                                         *[str(tmp_path / x) if x == "H" else x for x in extra]])
+    assert res.exit_code == 2 and message in res.output, res.output
