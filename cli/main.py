@@ -328,10 +328,9 @@ def inspect(target: Path | None, index: int | None, vector: str | None, png: Pat
         raise click.UsageError("--index and --grid need a dataset")
     if grid is not None and (png is None or index is not None):
         raise click.UsageError("--grid needs --png (the contact sheet's file) and no --index")
-    if png is not None:
-        _check_picture_path(png, target)
     try:
         if png is not None:
+            _check_picture_path(png, target)
             _plots()._pyplot()  # without matplotlib: say so before any table is printed
         if vector is not None:
             params = decode_vector(vector)
