@@ -33,8 +33,12 @@ COMPRESSIONS = ("none", "lzf", "gzip")
 MAX_COUNT = 10**8  # samples in one dataset: 100M patches of 256 px are about 20 TB
 MAX_SHARDS = 100_000
 BUNDLED = "<bundled>"  # source root of the bundled sample photos
-SHARD_DATASETS = ("hr", "lr", "v", "level", "index", "source", "crop", "params")
-SHARD_ROW_BYTES = VECTOR_LENGTH * 4 + 1 + 8 + 4 + 16  # v, level, index, source, crop: stored contiguously
+# A shard's per-sample metadata beside the hr / lr patches and the params records: each row's shape and type
+ROW_COLUMNS = {"v": ((VECTOR_LENGTH,), np.dtype(np.float32)), "level": ((), np.dtype(np.uint8)),
+               "index": ((), np.dtype(np.int64)), "source": ((), np.dtype(np.int32)),
+               "crop": ((4,), np.dtype(np.int32))}
+SHARD_DATASETS = ("hr", "lr", *ROW_COLUMNS, "params")
+SHARD_ROW_BYTES = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in ROW_COLUMNS.values())  # contiguous
 PARAMS_JSON_BYTES = 1024  # more than any record's JSON (about 600 bytes at level 3)
 MAX_MANIFEST_BYTES = 256 << 20  # a manifest listing a million sources is about 120 MB
 INT64_LIMIT = 2**63  # counts and shard sizes are below this (the reader sums them as int64)
@@ -277,12 +281,12 @@ def check_shard(f: Any, path: Path, *, count: int | None, patch_size: int | None
     if not isinstance(p, int) or p < 32 or p % SCALE or p * p > pixel_limit():
         raise DatasetError(f"{path}: patch size {p} is not a multiple of {SCALE} in [32, sqrt({pixel_limit()})]")
     q = p // SCALE
-    expected = {"hr": ((n, p, p, 3), "u1"), "lr": ((n, q, q, 3), "u1"), "v": ((n, VECTOR_LENGTH), "f4"),
-                "level": ((n,), "u1"), "index": ((n,), "i8"), "source": ((n,), "i4"), "crop": ((n, 4), "i4")}
+    expected = {"hr": ((n, p, p, 3), np.dtype(np.uint8)), "lr": ((n, q, q, 3), np.dtype(np.uint8)),
+                **{key: ((n, *shape), dtype) for key, (shape, dtype) in ROW_COLUMNS.items()}}
     for key, (shape, dtype) in expected.items():
         ds = f[key]
-        if ds.shape != shape or ds.dtype != np.dtype(dtype):
-            raise DatasetError(f"{path}: {key} is {ds.dtype} {ds.shape}, expected {np.dtype(dtype)} {shape}")
+        if ds.shape != shape or ds.dtype != dtype:
+            raise DatasetError(f"{path}: {key} is {ds.dtype} {ds.shape}, expected {dtype} {shape}")
     for key in ("hr", "lr"):  # one sample per chunk (or contiguous): reading a row decompresses one patch
         chunks = f[key].chunks
         if chunks is not None and chunks != (1, *f[key].shape[1:]):

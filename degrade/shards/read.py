@@ -22,6 +22,7 @@ from degrade.errors import DatasetError, SampleIndexError, SampleIndexTypeError
 from degrade.recipe import SCALE
 from degrade.shards.format import (
     FORMAT_NAME,
+    ROW_COLUMNS,
     DatasetConfig,
     as_text,
     check_shard,
@@ -223,7 +224,7 @@ class ShardDataset:
             return texts
         parts = [self._shard(k).file[name][:] for k in range(len(self.files))]
         if not parts:  # an incomplete dataset with no finished shard yet
-            shape, dtype = _COLUMNS[name]
+            shape, dtype = ROW_COLUMNS[name]
             return np.empty((0, *shape), dtype)
         return np.concatenate(parts)
 
@@ -237,10 +238,6 @@ class ShardDataset:
         state = self.__dict__.copy()
         state["_handles"], state["_pid"] = OrderedDict(), None
         return state
-
-
-_COLUMNS = {"v": ((VECTOR_LENGTH,), np.float32), "level": ((), np.uint8), "index": ((), np.int64),
-            "source": ((), np.int32), "crop": ((4,), np.int32)}  # a row's shape and type, as check_shard wants
 
 
 def open_dataset(path: str | os.PathLike, *, allow_incomplete: bool = False, checksums: bool = False) -> ShardDataset:

@@ -36,6 +36,7 @@ from degrade.shards.format import (
     MAX_COUNT,
     MAX_SHARDS,
     PARAMS_JSON_BYTES,
+    ROW_COLUMNS,
     SHARD_ROW_BYTES,
     DatasetConfig,
     manifest_dict,
@@ -45,7 +46,7 @@ from degrade.shards.format import (
     shard_name,
 )
 from degrade.shards.generate import SampleMaker, chunk_ranges
-from degrade.vector import VECTOR_LAYOUT, VECTOR_LENGTH
+from degrade.vector import VECTOR_LAYOUT
 
 
 @dataclass
@@ -288,11 +289,7 @@ def _write_shard(path: Path, config: DatasetConfig, k: int, chunks: Iterator[dic
 
         sets.update(hr=dataset("hr", (n, p, p, 3), np.uint8, (1, p, p, 3), True),
                     lr=dataset("lr", (n, q, q, 3), np.uint8, (1, q, q, 3), True),
-                    v=dataset("v", (n, VECTOR_LENGTH), np.float32, None),
-                    level=dataset("level", (n,), np.uint8, None),
-                    index=dataset("index", (n,), np.int64, None),
-                    source=dataset("source", (n,), np.int32, None),
-                    crop=dataset("crop", (n, 4), np.int32, None),
+                    **{key: dataset(key, (n, *shape), dtype, None) for key, (shape, dtype) in ROW_COLUMNS.items()},
                     params=dataset("params", (n,), text, None))
         f.create_dataset("sources", data=np.array([s.path for s in config.sources], dtype=text), track_times=False)
         f.attrs["format"] = FORMAT_NAME
