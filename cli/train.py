@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -95,11 +97,19 @@ def default_workers() -> int:
 @click.option("--gan", is_flag=True, help="Add the GAN term (0.1, U-Net SN discriminator).")
 @click.option("--vgg-weights", type=click.Path(path_type=Path, dir_okay=False),
               help="Local VGG19 weights (torchvision layout) for the perceptual term; without it the term is off.")
-def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, restart, seed, workers, val_every,
+@click.option("--init-from", type=click.Path(path_type=Path),
+              help="Start from this model's weights (a model file, checkpoint or run folder: its EMA generator and "
+                   "predictor) instead of a random init, e.g. a GAN stage after a PSNR one. The model options "
+                   "default to its own; optimisers and step start afresh.")
+@click.option("--init-release", nargs=2, type=click.Path(path_type=Path, dir_okay=False),
+              metavar="G P", help="Start from the released DASR weights (G.pth and P.pth), as --init-from does.")
+@click.pass_context
+def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resume, restart, seed, workers, val_every,
          val_samples, ckpt_every, log_every, keep_checkpoints, experts, blocks, features, learning_rate, lr_schedule,
          warmup_steps, ema_decay,
          no_ema_warmup, mixing, mixing_temperature, mapping_gain, predictor_input, teacher_steps, expert_impl,
-         channels_last, compile_mode, precision, max_minutes, no_sharpen, gan, vgg_weights) -> None:
+         channels_last, compile_mode, precision, max_minutes, no_sharpen, gan, vgg_weights, init_from,
+         init_release) -> None:
     """Train DASR (degradation predictor + expert MSRResNet) on HDF5 shards.
 
     Losses: L1 + v regression, plus GAN with --gan and perceptual with --vgg-weights. Several GPUs:
@@ -111,17 +121,37 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, re
         raise click.UsageError("--resume continues a run, --restart deletes it: give one")
     import torch
 
-    from dasr_model.errors import DASRError
     from dasr_model.model import DASRConfig
     from dasr_model.runs import pick_device
     from dasr_model.train import TrainConfig, train
 
+    if init_from is not None and init_release:
+        raise click.UsageError("start from --init-from or from --init-release, not both")
+    options = {"num_experts": ("experts", experts), "num_block": ("blocks", blocks), "num_feat": ("features", features),
+               "mixing": ("mixing", mixing), "mixing_temperature": ("mixing_temperature", mixing_temperature),
+               "mapping_gain": ("mapping_gain", mapping_gain), "predictor_input": ("predictor_input", predictor_input)}
+    starting = init_from is not None or bool(init_release)
+    # From a source, the model options not given are the source's (a GAN stage keeps its PSNR stage's network)
+    given = {name: value for name, (option, value) in options.items()
+             if not starting or ctx.get_parameter_source(option) is not ParameterSource.DEFAULT}
     try:
-        model_cfg = DASRConfig(num_experts=experts, num_block=blocks, num_feat=features, mixing=mixing,
-                               mixing_temperature=mixing_temperature, mapping_gain=mapping_gain,
-                               predictor_input=predictor_input)
-    except DASRError as exc:
+        if starting:
+            from dasr_model.checkpoints import latest_intact
+            from dasr_model.infer import load_model
+
+            # A resume's model is its checkpoint's (the source it started from may be gone by now)
+            found = latest_intact(out) if resume else None
+            if found is not None:
+                base = TrainConfig.from_dict(found[1]["config"]).model
+            else:
+                base = load_model(init_from, tuple(map(str, init_release)) if init_release else None).model.config
+            model_cfg = dataclasses.replace(base, **given)
+        else:
+            model_cfg = DASRConfig(**given)
+    except DegradeError as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(os_error(exc)) from None
     if workers is None:  # enough to feed a fast GPU step on a 16-core machine, without crowding a small one
         workers = default_workers()
     cfg = TrainConfig(shards=str(shards), out=str(out), steps=steps, batch_size=batch_size, lr_crop=lr_crop,
@@ -133,7 +163,8 @@ def main(shards, val_shards, out, steps, batch_size, lr_crop, device, resume, re
                       ema_warmup=not no_ema_warmup,
                       teacher_steps=teacher_steps, max_minutes=max_minutes, expert_impl=expert_impl,
                       channels_last=channels_last, compile=compile_mode, precision=precision,
-                      model=model_cfg)
+                      init_from=str(init_from) if init_from is not None else None,
+                      init_release=tuple(map(str, init_release)) if init_release else None, model=model_cfg)
     if vgg_weights is not None and not vgg_weights.is_file():
         raise click.ClickException(f"{vgg_weights}: no such file")
     try:

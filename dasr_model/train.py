@@ -37,6 +37,7 @@ from dasr_model.checkpoints import (
 from dasr_model.data import PairedShards, StepBatchSampler, as_float, unsharp_mask
 from dasr_model.errors import DASRError
 from dasr_model.evaluate import Pairs, evaluate_pairs, pairs_from_shards
+from dasr_model.infer import LoadedModel, load_model
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
 from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, is_channels_last, set_expert_impl
 from dasr_model.modelfile import MODEL_FILE, save_model_file
@@ -100,6 +101,12 @@ class TrainConfig:
     # "bf16": the step under bfloat16 autocast (weights, optimiser state and EMA stay float32); "fp32"; "auto":
     # bf16 on CUDA, fp32 elsewhere (bf16 on a CPU runs, mostly slower; it is there to test the GPU's path)
     precision: str = "auto"
+    # Weights to start from instead of a random init (a fresh run only; a resume takes its checkpoint's): a
+    # model file, checkpoint or run folder (`init_from`; its EMA generator), or the released G and P files
+    # (`init_release`). Their predictor and generator, with this run's architecture (start_from); the
+    # optimisers, the discriminator and the step start afresh: a second stage, or fine-tuning on new data.
+    init_from: str | None = None
+    init_release: tuple[str, str] | None = None
     model: DASRConfig = field(default_factory=DASRConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,6 +131,10 @@ class TrainConfig:
                 d["betas"] = tuple(float(b) for b in d["betas"])
                 if len(d["betas"]) != 2:
                     raise ValueError("betas must be two numbers")
+            if d.get("init_release") is not None:
+                d["init_release"] = tuple(d["init_release"])
+                if len(d["init_release"]) != 2 or not all(isinstance(x, str) for x in d["init_release"]):
+                    raise ValueError("init_release must be two paths (G and P)")
             return cls(**d)
         except (TypeError, ValueError) as exc:  # a required field missing, betas not two numbers
             raise DASRError(f"train config: {exc}") from None
@@ -150,6 +161,27 @@ def validate(model: DASR, ema_generator: torch.nn.Module, val: Pairs, device: to
     return {"psnr_y": {k: r["psnr_y"] for k, r in result["levels"].items()},
             "bicubic_psnr_y": {k: r["bicubic_psnr_y"] for k, r in result["levels"].items()},
             "mae": result["mae"]}
+
+
+def init_source(cfg: TrainConfig, warn: Callable[[str], None] | None = None) -> LoadedModel | None:
+    """The model `cfg.init_from` or `cfg.init_release` names (None when neither does; both: DASRError)."""
+    if cfg.init_from is not None and cfg.init_release is not None:
+        raise DASRError("start from a model (init_from) or from the release weights (init_release), not both")
+    if cfg.init_from is None and cfg.init_release is None:
+        return None
+    return load_model(cfg.init_from, cfg.init_release, warn=warn)
+
+
+def start_from(model: DASR, source: LoadedModel) -> None:
+    """Copy the predictor and generator of `source` into `model`, whose architecture must be the source's:
+    every model setting but mapping_gain (a scale of the random init, which this replaces), else DASRError."""
+    ours, theirs = asdict(model.config), asdict(source.model.config)
+    differ = [f"{k} {theirs[k]!r} (this run: {ours[k]!r})" for k in ours
+              if k != "mapping_gain" and ours[k] != theirs[k]]
+    if differ:
+        raise DASRError(f"{source.path}: its model cannot start this run: " + ", ".join(differ))
+    with torch.no_grad():
+        model.load_state_dict(source.model.state_dict())
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
@@ -199,10 +231,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     with torch.random.fork_rng(devices=[]):  # the weights' init comes from cfg.seed; the caller's RNG is untouched
         torch.manual_seed(cfg.seed)
-        model = DASR(cfg.model).to(device)  # "grouped" until "auto" has chosen (below)
-        if cfg.expert_impl != "auto":
-            set_expert_impl(model, cfg.expert_impl)
+        model = DASR(cfg.model)
         disc = UNetDiscriminatorSN().to(device) if cfg.gan else None
+    source = init_source(cfg, warn=say) if not resume else None  # a resume's weights are its checkpoint's
+    if source is not None:
+        start_from(model, source)
+        say(f"starting from the weights of {source.path} ({source.kind}"
+            + (f", step {source.step})" if source.step is not None else ")"))
+    model.to(device)  # "grouped" until "auto" has chosen (below)
+    if cfg.expert_impl != "auto":
+        set_expert_impl(model, cfg.expert_impl)
     fmt = lay_out(cfg.channels_last, model.predictor, disc)
     ema = copy.deepcopy(model.generator).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
