@@ -8,8 +8,10 @@ file that is not one, with one line saying why; `latest_intact` skips a damaged 
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import pickletools
 import re
 import struct
 import zipfile
@@ -84,25 +86,123 @@ def load_torch_file(path: Path, what: str, *, legacy: bool = False) -> Any:
     Only a regular file is opened (a FIFO would block for ever, a device never end).
 
     `legacy` also accepts the pre-1.6 pickle format (weights published years ago, such as torchvision's).
-    It has no compressed entries to bound: torch reads each storage from the bytes that follow the
-    pickle and refuses one whose size there differs from the size the pickle claims, so what a load
-    fills is what the file holds.
+
+    Before torch.load runs, every pickle in the file is scanned opcode by opcode (pickletools, no object
+    built): it may name only the few globals torch.save writes for tensors in containers (SAVED_GLOBALS).
+    torch's weights-only reader would also run others it allows (bytearray(N), a chain of codec calls,
+    a device copy of a stride-0 view), each of which can fill gigabytes from a file of a few hundred
+    bytes. After loading, the tensors' distinct storages must fit in the file's bytes: a legacy pickle
+    can claim storages that are never read (uninitialised memory as weights).
     """
     with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(len(LEGACY_MAGIC))
-        if not (legacy and head == LEGACY_MAGIC):
-            if head[:4] != ZIP_MAGIC:
-                raise DASRError(f"{path}: not a readable {what} (not a torch.save file)")
+        keys = None  # a legacy file's storage keys: the storages torch reads from the file
+        if legacy and head == LEGACY_MAGIC:
+            f.seek(0)
+            stream = _Capped(f, size)
+            for _ in range(LEGACY_PICKLES - 1):
+                _check_pickle(stream, path, what)
+            keys = _legacy_keys(stream, path, what)
+        elif head[:4] != ZIP_MAGIC:
+            raise DASRError(f"{path}: not a readable {what} (not a torch.save file)")
+        else:
             _check_zip(path, f, what)
         f.seek(0)
         try:
-            return torch.load(f, map_location="cpu", weights_only=True, mmap=False)
-        except pickle.UnpicklingError:  # weights_only refuses anything but tensors and plain containers
-            raise DASRError(f"{path}: refused: not a {what} of tensors (it holds pickled Python objects)") from None
+            data = torch.load(f, map_location="cpu", weights_only=True, mmap=False)
+        except pickle.UnpicklingError:  # the weights-only reader refuses anything but tensors in containers
+            raise DASRError(f"{path}: refused: not a {what} of tensors (torch's weights-only reader refused "
+                            "its contents)") from None
         except (RuntimeError, EOFError, ValueError,  # torch's errors for a damaged or truncated zip, and
                 KeyError, IndexError, TypeError, AttributeError,  # the unpickler's on damaged data.pkl bytes,
-                AssertionError, NotImplementedError):  # ("saved_id must be a tuple", a storage type it lacks)
+                AssertionError, NotImplementedError,  # ("saved_id must be a tuple", a storage type it lacks)
+                struct.error, OverflowError, MemoryError):  # a short read, a size it cannot allocate
             raise DASRError(f"{path}: not a readable {what} (damaged or truncated)") from None
+    count, claimed = _storages(data)
+    if claimed > size or (keys is not None and count > len(keys)):
+        raise DASRError(f"{path}: refused: its tensors claim {count} storages of {claimed} bytes, more than the file "
+                        "holds")
+    return data
+
+
+# What torch.save's pickles name (protocol 2 GLOBAL opcodes) for tensors in dicts and lists, in both formats
+SAVED_GLOBALS = frozenset({"collections OrderedDict", "torch._utils _rebuild_tensor", "torch._utils _rebuild_tensor_v2",
+                           "torch._utils _rebuild_parameter",
+                           *(f"torch {t}Storage" for t in ("Float", "Double", "Half", "BFloat16", "Long", "Int",
+                                                           "Short", "Char", "Byte", "Bool"))})
+LEGACY_PICKLES = 5  # magic number, protocol version, system info, the object, its storage keys
+
+
+class _Capped:
+    """A file object for pickletools: a read never asks for more than the file has left (a pickle's length
+    field can claim any size, and a buffered read allocates what it is asked for)."""
+
+    def __init__(self, f: BinaryIO, size: int):
+        self.f, self.size = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.size - self.f.tell())
+        return self.f.read(left if n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self.f.readline(max(1, self.size - self.f.tell()))
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+def _check_pickle(stream: Any, path: Path, what: str) -> None:
+    """Scan one pickle's opcodes up to its STOP: only SAVED_GLOBALS may be named, by GLOBAL (the opcodes that
+    take a name from the stack or build objects by class name are refused: torch.save writes none)."""
+    try:
+        for op, arg, _ in pickletools.genops(stream):
+            if op.name == "GLOBAL" and arg not in SAVED_GLOBALS:
+                name = str(arg)[:80].replace(" ", ".")
+                raise DASRError(f"{path}: refused: not a {what} of tensors (it calls {name})")
+            if op.name in ("STACK_GLOBAL", "INST", "OBJ"):
+                raise DASRError(f"{path}: refused: not a {what} as torch.save writes it (pickle opcode {op.name})")
+    except DASRError:  # a ValueError too
+        raise
+    except (ValueError, struct.error, OverflowError, EOFError):  # an unknown opcode, a truncated argument
+        raise DASRError(f"{path}: not a readable {what} (damaged or truncated)") from None
+
+
+def _legacy_keys(stream: Any, path: Path, what: str) -> set[str]:
+    """The keys of the storages a legacy file holds, from its last pickle: a list of strings, as torch.save
+    writes it (any other opcode is refused, so every string scanned is an item of the list)."""
+    keys, plain = set(), {"PROTO", "EMPTY_LIST", "MARK", "APPEND", "APPENDS", "BINPUT", "LONG_BINPUT", "MEMOIZE",
+                          "STOP"}
+    try:
+        for op, arg, _ in pickletools.genops(stream):
+            if isinstance(arg, str) and op.name not in plain:
+                keys.add(arg)
+            elif op.name not in plain:
+                raise DASRError(f"{path}: not a readable {what} (its storage list is not a list of keys)")
+    except DASRError:
+        raise
+    except (ValueError, struct.error, OverflowError, EOFError):
+        raise DASRError(f"{path}: not a readable {what} (damaged or truncated)") from None
+    return keys
+
+
+def _storages(data: Any) -> tuple[int, int]:
+    """The number and bytes of the distinct non-empty storages of the tensors in `data` (dicts, lists and
+    tuples walked without recursion: a pickle can nest deeper than Python's stack)."""
+    total, seen, stack = 0, set(), [data]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if storage.nbytes() and key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(x, dict):
+            stack += [*x.keys(), *x.values()]
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack += list(x)
+    return len(seen), total
 
 
 def load_weights_state(path: str | Path, what: str, expected: dict[str, tuple[int, ...]], *,
@@ -140,9 +240,22 @@ def _check_zip(path: Path, f: BinaryIO, what: str) -> None:
     try:
         f.seek(0)
         with zipfile.ZipFile(f) as archive:
-            entries, start = archive.infolist(), archive.start_dir
+            _check_entries(path, what, archive, offset, size)
+            # torch unpickles the archive's data.pkl: every pickle in it is scanned first (each is stored, so
+            # no larger than the file)
+            pickles = [archive.read(entry) for entry in archive.infolist() if entry.filename.endswith(".pkl")]
+    except DASRError:
+        raise
     except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError):  # a name not UTF-8, a zip version
         raise DASRError(f"{path}: not a readable {what} (damaged or truncated)") from None
+    for pickled in pickles:
+        _check_pickle(io.BytesIO(pickled), path, what)
+
+
+def _check_entries(path: Path, what: str, archive: zipfile.ZipFile, offset: int, size: int) -> None:
+    """Refuse an archive whose entries could unpack to more than the file holds (`offset`: where
+    _directory found the central directory)."""
+    entries, start = archive.infolist(), archive.start_dir
     # zipfile finds the directory by its own rules, torch's reader (miniz) by the offsets the end records
     # state: both must find the one directory _directory located, or a harmless one could be checked here
     # and another one loaded

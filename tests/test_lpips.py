@@ -112,13 +112,75 @@ def test_a_legacy_file_claiming_a_huge_tensor_is_refused_without_allocating_it(t
         load_torch_file(path, "checkpoint")
 
 
+class _Bomb:
+    """Pickles as bytearray(n): torch's weights-only reader allows the call, which fills n bytes."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __reduce__(self):
+        return bytearray, (self.n,)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_a_file_that_calls_an_allocator_is_refused_before_torch_load_runs(tmp_path, legacy):
+    """Oracle: torch.load(weights_only=True) itself returns the bytearray of such a file (so a 2 GiB one would
+    fill 2 GiB from a few hundred bytes); ours refuses it from its pickle's opcodes, at once."""
+    from dasr_model.checkpoints import load_torch_file
+
+    small, big = tmp_path / "small.pth", tmp_path / "big.pth"
+    for path, n in ((small, 1000), (big, 2**31)):
+        torch.save({"w": torch.ones(3), "x": _Bomb(n)}, path, _use_new_zipfile_serialization=not legacy)
+    assert torch.load(small, weights_only=True)["x"] == bytearray(1000)
+    start = time.perf_counter()
+    with pytest.raises(DASRError, match=r"big.pth: refused: not a weights file of tensors \(it calls "
+                                        r"__builtin__.bytearray\)"):
+        load_torch_file(big, "weights file", legacy=True)
+    assert time.perf_counter() - start < 1  # filling 2 GiB takes seconds (not a speed test)
+
+
+def test_every_truncation_of_a_legacy_file_is_a_one_line_refusal(weights, tmp_path):
+    """A short read inside the pickle raised struct.error out of torch's reader (a traceback)."""
+    from dasr_model.checkpoints import load_torch_file
+
+    data = weights[1].read_bytes()
+    for cut in range(1, len(data), 7):
+        (tmp_path / "cut.pth").write_bytes(data[:cut])
+        with pytest.raises(DASRError, match="cut.pth: not a readable"):
+            load_torch_file(tmp_path / "cut.pth", "weights file", legacy=True)
+
+
+def test_a_legacy_file_whose_storages_are_not_all_in_it_is_refused(tmp_path):
+    """torch reads only the storages its last pickle lists; one left off would be uninitialised memory
+    read as weights. Oracle: the file rebuilt with an empty list loads in torch with a tensor of 3 floats."""
+    from dasr_model.checkpoints import load_torch_file
+
+    path = tmp_path / "w.pth"
+    torch.save({"w": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    import io
+    import pickle
+    import pickletools
+
+    stream = io.BytesIO(data)
+    for _ in range(4):  # magic, protocol, system info, the object
+        for _ in pickletools.genops(stream):
+            pass
+    (tmp_path / "gap.pth").write_bytes(data[: stream.tell()] + pickle.dumps([], protocol=2))
+    assert torch.load(tmp_path / "gap.pth", weights_only=True)["w"].shape == (3,)
+    with pytest.raises(DASRError, match="gap.pth: refused: its tensors claim 1 storages of 12 bytes"):
+        load_torch_file(tmp_path / "gap.pth", "weights file", legacy=True)
+    assert torch.equal(load_torch_file(path, "weights file", legacy=True)["w"], torch.ones(3))
+
+
 def test_images_must_match_and_be_large_enough(weights):
     model = LPIPS(*weights)
     with pytest.raises(DASRError, match="one shape"):
         model(torch.zeros(1, 3, 40, 40), torch.zeros(1, 3, 40, 44))
-    with pytest.raises(DASRError, match=f"at least {MIN_SIDE}x{MIN_SIDE}"):
-        model(torch.zeros(1, 3, MIN_SIDE - 1, 64), torch.zeros(1, 3, MIN_SIDE - 1, 64))
-    assert model(torch.zeros(1, 3, MIN_SIDE, MIN_SIDE), torch.ones(1, 3, MIN_SIDE, MIN_SIDE)).isfinite().all()
+    assert MIN_SIDE == 31  # 30 px leave 2 px before AlexNet's second pool, which needs 3
+    with pytest.raises(DASRError, match="at least 31x31"):
+        model(torch.zeros(1, 3, 30, 64), torch.zeros(1, 3, 30, 64))
+    assert model(torch.zeros(1, 3, 31, 31), torch.ones(1, 3, 31, 31)).isfinite().all()
 
 
 def test_vgg_weights_with_the_wrong_layout_are_a_one_line_refusal(tmp_path):
@@ -159,11 +221,22 @@ def test_dasr_eval_reports_lpips_for_the_model_and_for_bicubic(ckpt, weights, tm
     bic = torch.nn.functional.interpolate(to_tensor(degrade.apply(hr, params)), scale_factor=4, mode="bicubic",
                                           align_corners=False)
     bic = np.round(to_image(bic) * 255) / 255
-    assert level["bicubic_lpips"] == pytest.approx(float(LPIPS(*weights)(_t(bic.astype(np.float32)), _t(hr))[0]),
-                                                   rel=1e-5)
-    assert 0 < level["lpips"] < 2
+    lpips = LPIPS(*weights)
+    assert level["bicubic_lpips"] == pytest.approx(float(lpips(_t(bic.astype(np.float32)), _t(hr))[0]), rel=1e-5)
+    from dasr_model.infer import load_checkpoint_model
+
+    with torch.no_grad():  # the model's column: its whole-image output on 8-bit levels (dasr-eval tiles it)
+        sr = load_checkpoint_model(ckpt)(to_tensor(degrade.apply(hr, params)))
+    sr = (np.round(to_image(sr) * 255) / 255).astype(np.float32)
+    assert level["lpips"] == pytest.approx(float(lpips(_t(sr), _t(hr))[0]), rel=1e-4)
+    assert level["lpips"] != pytest.approx(level["bicubic_lpips"], rel=1e-3)
     plain = json.loads(CliRunner().invoke(eval_main, args).stdout)["levels"]["2"]
     assert "lpips" not in plain and plain["psnr_y"] == level["psnr_y"]  # LPIPS changes nothing else
+    table = CliRunner().invoke(eval_main, [*args[:-3], "--device", "cpu", "--lpips-alexnet", str(weights[0]),
+                                           "--lpips-lin", str(weights[1])], terminal_width=80)
+    assert table.exit_code == 0, table.output
+    assert "LPIPS (lower: closer)" in table.stdout
+    assert f"{level['lpips']:.4f}" in table.stdout and f"{level['bicubic_lpips']:.4f}" in table.stdout
 
 
 def test_dasr_eval_needs_both_lpips_files(ckpt, weights, tmp_path):
