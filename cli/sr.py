@@ -221,8 +221,8 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
         given = [f"--{p}" for p in ("levels", "seed")
                  if ctx.get_parameter_source(p) is not ParameterSource.DEFAULT]
         if given:
-            raise click.UsageError(f"{' and '.join(given)} choose how --hr-dir is degraded; with --lr-dir the LR "
-                                   "images are given")
+            raise click.UsageError(f"{' and '.join(given)} {'choose' if len(given) > 1 else 'chooses'} how "
+                                   "--hr-dir is degraded; with --lr-dir the LR images are given")
     if (lpips_alexnet is None) != (lpips_lin is None):
         raise click.UsageError("LPIPS needs both --lpips-alexnet and --lpips-lin")
     try:

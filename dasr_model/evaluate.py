@@ -75,44 +75,63 @@ def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Pairs
     return Pairs(len(files) * len(levels), make)
 
 
-# A trailing scale or role tag that names a file of an LR/HR pair (DIV2K's 0801x4, RealSR's Canon_001_LR4 and
-# Canon_001_HR, DRealSR's _x1 / _x4): left out when pairing LR and HR files by name
-PAIR_TAG = re.compile(r"(?:[_-]?x\d+|[_-](?:lr|hr)\d*)$", re.IGNORECASE)
+# A trailing scale or role tag that names a file of an LR/HR pair (DIV2K's 0801x4 and 0801x4m, RealSR's
+# Canon_001_LR4 and Canon_001_HR, DRealSR's _x1 / _x4): left out when pairing LR and HR files by name
+PAIR_TAG = re.compile(r"(?:[_-]?x\d+[mdw]?|[_-](?:lr|hr)\d*)$", re.IGNORECASE)
 
 
-def pair_name(path: Path, root: Path) -> str:
-    """What pairs an LR file with its HR file: the path relative to its folder, without suffix or PAIR_TAG."""
+def pair_name(path: Path, root: Path, *, strip: bool = True) -> str:
+    """A file's path relative to its folder, without suffix, and without PAIR_TAG when `strip`."""
     rel = path.relative_to(root)
-    return (rel.parent / PAIR_TAG.sub("", rel.stem)).as_posix()
+    return (rel.parent / (PAIR_TAG.sub("", rel.stem) if strip else rel.stem)).as_posix()
+
+
+def match_pairs(lr_files: list[Path], lr_root: Path, hr_files: list[Path], hr_root: Path) -> list[tuple[Path, Path]]:
+    """Each LR file with its HR file, by name: the same name; else the LR's name without its tag equal to an
+    HR's name (0801x4 -> 0801); else both without their tags (Canon_001_LR4 -> Canon_001 <- Canon_001_HR).
+    The first rule that finds one partner decides; several at once, an HR claimed twice or a file left
+    without a partner is a DASRError naming it."""
+    hr_by_name, hr_by_stem = {}, {}
+    for f in hr_files:
+        hr_by_name[pair_name(f, hr_root, strip=False)] = f
+        hr_by_stem.setdefault(pair_name(f, hr_root), []).append(f)
+    pairs, taken = [], {}
+    for lr in lr_files:
+        name, stem = pair_name(lr, lr_root, strip=False), pair_name(lr, lr_root)
+        for found in ([hr_by_name[name]] if name in hr_by_name else [],
+                      [hr_by_name[stem]] if stem in hr_by_name else [], hr_by_stem.get(stem, [])):
+            if found:
+                break
+        if len(found) > 1:
+            raise DASRError(f"{lr}: pairs with {len(found)} HR images ({found[0].name}, {found[1].name}); "
+                            "rename one")
+        if not found:
+            raise DASRError(f"{lr}: no HR partner in {hr_root} (pairs match by relative path, ignoring a tag such "
+                            "as x4, _LR4, _HR)")
+        if found[0] in taken:
+            raise DASRError(f"{taken[found[0]]} and {lr}: two LR images pair with {found[0]}")
+        taken[found[0]] = lr
+        pairs.append((lr, found[0]))
+    alone = [f for f in hr_files if f not in taken]
+    if alone:
+        raise DASRError(f"{len(alone)} HR image(s) without an LR partner, e.g. {alone[0]}")
+    return sorted(pairs, key=lambda pair: pair_name(pair[1], hr_root, strip=False))
 
 
 def pairs_from_lr_hr_dirs(lr_dir: str | Path, hr_dir: str | Path, scale: int = 4) -> Pairs:
-    """Given LR/HR pairs (a real-world test set such as DRealSR, or LR made elsewhere), matched by
-    `pair_name`; every file must have its partner. Each HR must be `scale` x its LR, up to scale - 1 px
+    """Given LR/HR pairs (a real-world test set such as DRealSR, or LR made elsewhere), matched by name
+    (match_pairs); every file must have its partner. Each HR must be `scale` x its LR, up to scale - 1 px
     more a side (cropped at the bottom/right, as mod-crop test sets are made). The pairs carry no v and
     no level (level 0). The LR is read as dasr-sr reads it; the HR on 8-bit levels."""
     import degrade
     from degrade.discover import find_images
     from degrade.io import to_uint8
 
-    found = {}
-    for side, folder in (("LR", Path(lr_dir)), ("HR", Path(hr_dir))):
-        names: dict[str, Path] = {}
-        for f in find_images([folder], what=f"{side} images"):
-            name = pair_name(f, folder)
-            if name in names:
-                raise DASRError(f"{names[name]} and {f}: two {side} images of one pair name {name!r}")
-            names[name] = f
-        found[side] = names
-    for side, other in (("HR", "LR"), ("LR", "HR")):
-        alone = sorted(found[side].keys() - found[other].keys())
-        if alone:
-            raise DASRError(f"{len(alone)} {side} image(s) without an {other} partner, e.g. {found[side][alone[0]]} "
-                            f"(pairs match by relative path, ignoring a tag such as x4, _LR4, _HR)")
-    names = sorted(found["HR"])
+    lr_root, hr_root = Path(lr_dir), Path(hr_dir)
+    pairs = match_pairs(find_images([lr_root], what="LR images"), lr_root,
+                        find_images([hr_root], what="HR images"), hr_root)
 
-    def read(name: str) -> tuple[np.ndarray, np.ndarray]:
-        lr_file, hr_file = found["LR"][name], found["HR"][name]
+    def read(lr_file: Path, hr_file: Path) -> tuple[np.ndarray, np.ndarray]:
         lr, hr = degrade.read_image(lr_file), degrade.read_image(hr_file)
         (h, w), (hh, hw) = lr.shape[:2], hr.shape[:2]
         if not (scale * h <= hh < scale * (h + 1) and scale * w <= hw < scale * (w + 1)):
@@ -124,11 +143,11 @@ def pairs_from_lr_hr_dirs(lr_dir: str | Path, hr_dir: str | Path, scale: int = 4
         return lr, to_uint8(hr[: scale * h, : scale * w]).astype(np.float32) / 255
 
     def make() -> Iterator[Pair]:
-        for name in names:
-            lr, hr = read(name)
+        for lr_file, hr_file in pairs:
+            lr, hr = read(lr_file, hr_file)
             yield 0, hr, lr, None
 
-    return Pairs(len(names), make)
+    return Pairs(len(pairs), make)
 
 
 @torch.no_grad()

@@ -46,13 +46,19 @@ RUN_FILES = ("config.json", "metrics.jsonl", MODEL_FILE)
 def start_over(out: Path) -> list[Path]:
     """Delete a run's own files (checkpoints, metrics, config, model file, and their half-written .tmp
     copies, or set-aside damaged checkpoints), nothing else; returns them."""
-    out = Path(out)
-    doomed = [*list_checkpoints(out), *(p for p in (out / name for name in RUN_FILES) if p.exists())]
-    doomed += half_written(out)
-    doomed += [p for p in out.glob("ckpt-*.pt.damaged") if CHECKPOINT.fullmatch(p.name[: -len(".damaged")])]
+    doomed = run_files(out)
     for path in doomed:
         path.unlink()
     return doomed
+
+
+def run_files(out: Path) -> list[Path]:
+    """What start_over deletes: a run folder's checkpoints, metrics, config, model file, and their half-written
+    .tmp copies or set-aside damaged checkpoints."""
+    out = Path(out)
+    files = [*list_checkpoints(out), *(p for p in (out / name for name in RUN_FILES) if p.exists())]
+    files += half_written(out)
+    return files + [p for p in out.glob("ckpt-*.pt.damaged") if CHECKPOINT.fullmatch(p.name[: -len(".damaged")])]
 
 
 def half_written(out: Path) -> list[Path]:

@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,15 @@ from dasr_model.infer import LoadedModel, load_model
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
 from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, is_channels_last, set_expert_impl
 from dasr_model.modelfile import MODEL_FILE, save_model_file
-from dasr_model.runs import describe_device, half_written, holds_a_run, pick_device, start_over, truncate_metrics
+from dasr_model.runs import (
+    describe_device,
+    half_written,
+    holds_a_run,
+    pick_device,
+    run_files,
+    start_over,
+    truncate_metrics,
+)
 from degrade.errors import DegradeError
 from degrade.io import write_bytes_atomic
 
@@ -184,6 +192,15 @@ def start_from(model: DASR, source: LoadedModel) -> None:
         model.load_state_dict(source.model.state_dict())
 
 
+def refuse_deleting(cfg: TrainConfig, out: Path) -> None:
+    """DASRError if --restart would delete the weights the run starts from (`out` itself, or its run files)."""
+    files = {p.resolve() for p in run_files(out)}
+    for path in (Path(p) for p in ([cfg.init_from] if cfg.init_from else cfg.init_release or ())):
+        if path.resolve() == out.resolve() or path.resolve() in files:
+            raise DASRError(f"{path}: --restart would delete the weights this run starts from; copy them out of "
+                            f"{out} first, or choose another --out")
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
           progress: Callable[[int, dict[str, Any]], None] | None = None,
           notify: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -233,11 +250,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         torch.manual_seed(cfg.seed)
         model = DASR(cfg.model)
         disc = UNetDiscriminatorSN().to(device) if cfg.gan else None
-    source = init_source(cfg, warn=say) if not resume else None  # a resume's weights are its checkpoint's
+        source = init_source(cfg, warn=say) if not resume else None  # a resume's weights are its checkpoint's
     if source is not None:
+        if restart:
+            refuse_deleting(cfg, out)
         start_from(model, source)
-        say(f"starting from the weights of {source.path} ({source.kind}"
-            + (f", step {source.step})" if source.step is not None else ")"))
+        if main_rank:
+            say(f"starting from the weights of {source.path} ({source.kind}"
+                + (f", step {source.step})" if source.step is not None else ")"))
+        del source
     model.to(device)  # "grouped" until "auto" has chosen (below)
     if cfg.expert_impl != "auto":
         set_expert_impl(model, cfg.expert_impl)
@@ -250,7 +271,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     step = 0
     fitted: int | None = None  # the schedule's end fitted to --max-minutes (below), or kept by the checkpoint
     end = cfg.steps  # the schedule's last step, where the run ends (schedule_end)
-    if restart:
+    if restart and main_rank:  # rank 0 alone writes the run's files, and alone deletes them
         gone = start_over(out)
         if gone:
             say(f"--restart: deleted {len(gone)} file(s) of the earlier run in {out}")
@@ -261,6 +282,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         step = parts.load_state_dict(found[1], cfg, found[0])
         fitted = schedule_steps(found[1], found[0])
         before = TrainConfig.from_dict(found[1]["config"])
+        if (cfg.init_from, cfg.init_release) not in ((None, None), (before.init_from, before.init_release)):
+            say(f"note: {found[0].name} continues a run that started from "
+                f"{before.init_from or before.init_release or 'a random init'}; its weights are the checkpoint's")
+        cfg = replace(cfg, init_from=before.init_from, init_release=before.init_release)  # the record
         if (before.lr, before.lr_schedule, before.warmup_steps) != (cfg.lr, cfg.lr_schedule, cfg.warmup_steps):
             say(f"note: {found[0].name} was trained with {schedule_text(before)}; continuing with "
                 f"{schedule_text(cfg)}")
@@ -635,7 +660,8 @@ class StepParts:
     def load_state_dict(self, ckpt: dict[str, Any], cfg: TrainConfig, path: Path) -> int:
         """Load a checkpoint's state (:meth:`state_dict`); returns its step. A mismatch is a DASRError."""
         if TrainConfig.from_dict(ckpt["config"]).model != cfg.model:
-            raise DASRError(f"{path}: the checkpoint's model config differs from this run's")
+            raise DASRError(f"{path}: the checkpoint's model config differs from this run's (give the model "
+                            "options it was trained with, or repeat --init-from if it started from one)")
         if self.disc is not None and "discriminator" not in ckpt:
             raise DASRError(f"{path}: no discriminator in the checkpoint; resume without --gan")
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -394,9 +395,28 @@ def test_eval_on_given_lr_hr_pairs_equals_an_independent_computation(ckpt, tmp_p
     assert table.exit_code == 0 and "predictor MAE: none (the pairs carry no true v)" in table.stdout
 
 
+@pytest.mark.parametrize("lr_name,hr_name", [("box2x4.png", "box2.png"), ("tile_1920x1080.png", "tile_1920x1080.png"),
+                                             ("0801x4m.png", "0801.png"), ("scene_x4.jpg", "scene_x1.png"),
+                                             ("sub/Canon_001_LR4.png", "sub/Canon_001_HR.png")])
+def test_lr_hr_names_pair_by_the_first_rule_that_finds_one_partner(tmp_path, lr_name, hr_name):
+    """The same name, else the LR's name without its tag, else both without (a name ending in x + digits,
+    such as box2 or tile_1920x1080, is not cut where it pairs as it is)."""
+    from dasr_model.evaluate import match_pairs
+
+    files = {}
+    for side, name in (("lr", lr_name), ("hr", hr_name), ("hr", "box.png"), ("lr", "box_x4.png")):
+        (tmp_path / side / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / side / name).touch()
+        files.setdefault(side, []).append(tmp_path / side / name)
+    pairs = match_pairs(files["lr"], tmp_path / "lr", files["hr"], tmp_path / "hr")
+    assert {(lr.name, hr.name) for lr, hr in pairs} == {(Path(lr_name).name, Path(hr_name).name),
+                                                        ("box_x4.png", "box.png")}
+
+
 @pytest.mark.parametrize("case,message", [
     ("unpaired", "1 HR image(s) without an LR partner, e.g. "),
-    ("twice", "two LR images of one pair name 'a'"),
+    ("twice", "two LR images pair with "),
+    ("ambiguous", "pairs with 2 HR images"),
     ("size", "is not 4x its LR"),
 ])
 def test_eval_refuses_lr_hr_folders_that_do_not_pair(ckpt, tmp_path, case, message):
@@ -405,6 +425,8 @@ def test_eval_refuses_lr_hr_folders_that_do_not_pair(ckpt, tmp_path, case, messa
         (lr_dir / "b.png").unlink()
     elif case == "twice":
         (lr_dir / "a_LR.png").write_bytes((lr_dir / "a_x4.png").read_bytes())
+    elif case == "ambiguous":  # b.png pairs by name with neither b_HR.png nor b_x1.png, and with both untagged
+        (hr_dir / "b_x1.png").write_bytes((hr_dir / "b_HR.png").read_bytes())
     else:
         degrade.write_image(hr_dir / "b_HR.png", np.zeros((100, 135, 3), np.float32))  # 4 px too tall
     res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--lr-dir", str(lr_dir), "--hr-dir", str(hr_dir),
@@ -413,7 +435,7 @@ def test_eval_refuses_lr_hr_folders_that_do_not_pair(ckpt, tmp_path, case, messa
 
 
 @pytest.mark.parametrize("extra,message", [([], "--lr-dir needs --hr-dir"),
-                                           (["--hr-dir", "H", "--seed", "3"], "--seed choose how --hr-dir")])
+                                           (["--hr-dir", "H", "--seed", "3"], "--seed chooses how --hr-dir")])
 def test_eval_lr_dir_options_that_cannot_apply_are_usage_errors(ckpt, tmp_path, extra, message):
     (tmp_path / "H").mkdir()
     res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--lr-dir", str(tmp_path), "--device", "cpu",

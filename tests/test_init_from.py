@@ -144,3 +144,32 @@ def test_cli_model_options_default_to_the_sources_and_a_conflicting_one_is_refus
     assert res.exit_code == 2 and "not both" in res.output
     res = CliRunner().invoke(train_cli, [*args, "--out", str(tmp_path / "c"), "--init-from", str(tmp_path / "x")])
     assert res.exit_code == 1 and str(tmp_path / "x") in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("inside", ["", "ckpt-2.pt", MODEL_FILE])
+def test_restart_refuses_to_delete_the_weights_it_starts_from(shards, source, tmp_path, inside):
+    """--restart deletes the run in --out: a source there (the folder, or one of its run files) would be gone
+    once loaded, with nothing on disk if the run then failed. Refused before anything is deleted."""
+    folder, _ = source
+    run = tmp_path / "run"
+    shutil.copytree(folder, run)
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(DASRError, match="--restart would delete the weights this run starts from"):
+        train(_cfg(shards, run, 1, init_from=str(run / inside) if inside else str(run)), restart=True)
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_config_json_keeps_the_source_across_resumes_and_the_callers_rng(shards, source, tmp_path):
+    import json
+
+    folder, _ = source
+    state = torch.random.get_rng_state()
+    train(_cfg(shards, tmp_path / "b", 1, init_from=str(folder)))
+    assert torch.equal(torch.random.get_rng_state(), state)  # loading the source drew nothing from it
+    notes = []
+    train(_cfg(shards, tmp_path / "b", 2), resume=True, notify=notes.append)  # no --init-from given this time
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["init_from"] == str(folder)
+    assert not any("started from" in n for n in notes)
+    train(_cfg(shards, tmp_path / "b", 3, init_from=str(tmp_path / "other")), resume=True, notify=notes.append)
+    assert any(f"continues a run that started from {folder}" in n for n in notes)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["init_from"] == str(folder)
