@@ -227,3 +227,37 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@click.command("dasr-curves", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_file", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="The picture to write (.png).")
+@click.option("--label", "labels", multiple=True,
+              help="A name for each RUN, in order (default: the run folder's name, or the file's stem).")
+@click.option("--smooth", type=click.IntRange(min=1), default=50, show_default=True,
+              help="The training loss is a running mean over this many logged steps.")
+def curves_main(runs, out_file, labels, smooth) -> None:
+    """Draw training curves from RUNS (dasr-train run folders, or their metrics.jsonl files): the loss, the
+    predictor's error, the learning rate, and validation PSNR-Y per level against bicubic, a line per run.
+    Needs matplotlib (pip install 'dasr-toolkit[plot]')."""
+    from dasr_model.curves import metrics_path, plot_curves, read_metrics
+
+    if out_file.suffix.lower() != ".png":
+        raise click.BadParameter(f"{out_file}: the picture's name must end in .png", param_hint="-o")
+    if labels and len(labels) != len(runs):
+        raise click.BadParameter(f"{len(labels)} label(s) for {len(runs)} run(s)", param_hint="--label")
+    names = list(labels) or [(run.stem if run.is_file() else run.resolve().name) for run in runs]
+    if len(set(names)) != len(names):
+        raise click.BadParameter(f"two runs are both called {next(n for n in names if names.count(n) > 1)!r}; "
+                                 "name them with --label", param_hint="--label")
+    if any(metrics_path(run).resolve() == out_file.resolve() for run in runs):
+        raise click.BadParameter(f"{out_file}: would overwrite a run's metrics", param_hint="-o")
+    try:
+        series = {name: read_metrics(run) for name, run in zip(names, runs)}
+        width, height = plot_curves(series, out_file, window=smooth)
+    except DegradeError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(os_error(exc)) from None
+    err_console.print(f"wrote {out_file} ({width}x{height})", soft_wrap=True)

@@ -1,0 +1,145 @@
+"""Training curves from `dasr-train`'s metrics.jsonl, for `dasr-curves`: the loss, the predictor's error, the
+learning rate and validation PSNR-Y per level against bicubic, one line per run (matplotlib, the plot extra)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dasr_model.errors import DASRError
+
+METRICS = "metrics.jsonl"
+MAX_LINE = 1 << 16  # bytes; a line of ours is under 1 kB: a longer one is not ours
+SERIES = ("loss", "l1", "regression", "lr")  # the per-step values drawn
+
+
+def metrics_path(run: str | Path) -> Path:
+    """A run folder's metrics.jsonl, or the file itself."""
+    run = Path(run)
+    return run / METRICS if run.is_dir() else run
+
+
+def read_metrics(run: str | Path) -> dict[str, Any]:
+    """The series of a run's metrics.jsonl: `step`, `loss`, `l1`, `regression`, `lr` (NaN where a line lacks
+    one), and at the
+    validated steps `val_step`, `mae` and per level `psnr_y` / `bicubic_psnr_y`. A torn last line (a kill
+    mid-write) is left out; any other line that is not a metrics line is a DASRError naming it."""
+    path = metrics_path(run)
+    steps, validated = [], []  # values only: a long run logs 100k lines
+    values: dict[str, list[float]] = {key: [] for key in SERIES}
+    with open(path, "rb") as f:
+        lines = iter(lambda: f.readline(MAX_LINE + 1), b"")
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line) if len(line) <= MAX_LINE else None
+                if not isinstance(row, dict) or type(row.get("step")) is not int:
+                    raise ValueError
+            except ValueError:
+                if not line.endswith(b"\n") and not f.read(1):  # the last line, torn
+                    break
+                raise DASRError(f"{path}: line {number} is not a dasr-train metrics line") from None
+            steps.append(row["step"])
+            for key, series in values.items():
+                series.append(_number(row.get(key)))
+            if isinstance(row.get("val"), dict):
+                val = row["val"]
+                validated.append((row["step"], _number(_get(val, "mae", "all")),
+                                  {lv: (_number(_get(val, "psnr_y", lv)), _number(_get(val, "bicubic_psnr_y", lv)))
+                                   for lv in (val.get("psnr_y") if isinstance(val.get("psnr_y"), dict) else {})}))
+    if not steps:
+        raise DASRError(f"{path}: no metrics yet")
+    levels = sorted({lv for _, _, scores in validated for lv in scores}, key=str)
+    nan = (math.nan, math.nan)
+    return {"step": np.array(steps), **{key: np.array(series) for key, series in values.items()},
+            "val_step": np.array([v[0] for v in validated]), "mae": np.array([v[1] for v in validated]),
+            "psnr_y": {lv: np.array([v[2].get(lv, nan)[0] for v in validated]) for lv in levels},
+            "bicubic_psnr_y": {lv: np.array([v[2].get(lv, nan)[1] for v in validated]) for lv in levels}}
+
+
+def _get(d: dict, key: str, sub: str) -> Any:
+    inner = d.get(key)
+    return inner.get(sub) if isinstance(inner, dict) else None
+
+
+def _number(x: Any) -> float:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
+
+
+def smooth(y: np.ndarray, n: int) -> np.ndarray:
+    """The running mean of the last `n` values (fewer at the start), NaNs left out."""
+    if n <= 1 or len(y) == 0:
+        return y
+    ok = ~np.isnan(y)
+    sums = np.cumsum(np.where(ok, y, 0.0))
+    counts = np.cumsum(ok)
+    lag = np.arange(len(y)) - n
+    before = np.where(lag >= 0, sums[np.maximum(lag, 0)], 0.0)
+    seen = counts - np.where(lag >= 0, counts[np.maximum(lag, 0)], 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(seen > 0, (sums - before) / seen, np.nan)
+
+
+def plot_curves(runs: dict[str, dict[str, Any]], out: str | Path, *, window: int = 50) -> tuple[int, int]:
+    """Draw the runs' curves (name -> read_metrics) into the PNG `out`; returns its size in pixels."""
+    from degrade.plots import DPI, _pyplot
+
+    plt = _pyplot()
+    levels = sorted({lv for r in runs.values() for lv in r["psnr_y"]}, key=str)
+    cols = max(3, len(levels) + 1)
+    rows = 2 if any(len(r["val_step"]) for r in runs.values()) else 1  # the second: validation
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.5 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    shared_bicubic = _shared_bicubic(runs.values(), levels)
+    (l1, regression, rate), psnr = axes[0][:3], dict(zip(levels, axes[-1]))
+    mae = axes[-1][len(levels)] if rows == 2 else None
+    for i, (name, r) in enumerate(runs.items()):
+        c = colours[i % len(colours)]
+        l1.plot(r["step"], smooth(r["l1"], window), color=c, label=name)
+        regression.plot(r["step"], smooth(r["regression"], window), color=c, label=name)
+        rate.plot(r["step"], r["lr"], color=c, label=name)
+        if mae is not None and len(r["val_step"]):
+            mae.plot(r["val_step"], r["mae"], color=c, marker=".", label=name)
+        for lv, ax in psnr.items():
+            if lv in r["psnr_y"]:
+                ax.plot(r["val_step"], r["psnr_y"][lv], color=c, marker=".", label=name)
+                if not shared_bicubic:  # the runs validated on different sets: each its own bicubic
+                    ax.plot(r["val_step"], r["bicubic_psnr_y"][lv], color=c, linestyle="--", alpha=0.6,
+                            label=f"{name}: bicubic")
+    for lv, ax in psnr.items():
+        if shared_bicubic:
+            ax.axhline(shared_bicubic[lv], color="black", linestyle="--", linewidth=1, label="bicubic")
+        ax.set(title=f"validation PSNR-Y (dB), level {lv}" if lv != "0" else "validation PSNR-Y (dB), no level",
+               xlabel="step")
+    rate.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useOffset=False)
+    l1.set(title=f"pixel L1 loss (mean of {window} logged steps)", xlabel="step", yscale="log")
+    regression.set(title=f"v regression loss (mean of {window} logged steps)", xlabel="step", yscale="log")
+    rate.set(title="learning rate", xlabel="step")
+    if mae is not None:
+        mae.set(title="predictor MAE of v (validation, all blocks)", xlabel="step")
+    for ax in axes.flat:
+        if ax.has_data():
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        else:
+            ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI)
+    size = fig.canvas.get_width_height()
+    plt.close(fig)
+    return size
+
+
+def _shared_bicubic(runs: Any, levels: list[str]) -> dict[str, float] | None:
+    """Per level, the one bicubic PSNR-Y every run measured at every validation (the runs validated on one
+    set, so bicubic is a constant line), else None."""
+    shared = {}
+    for lv in levels:
+        values = np.concatenate([r["bicubic_psnr_y"].get(lv, np.array([math.nan])) for r in runs])
+        if len(values) == 0 or np.isnan(values).any() or np.ptp(values) > 1e-9:
+            return None
+        shared[lv] = float(values[0])
+    return shared
