@@ -41,15 +41,16 @@ def _one_model(model_path: Path | None, checkpoint: Path | None) -> Path | None:
     return model_path or checkpoint
 
 
-def _inputs(inputs: tuple[Path, ...], out_dir: Path) -> list[Path]:
-    """The images to upscale: files as given, folders searched, but not this tool's own outputs (NAME_x4.png)
-    found in OUT_DIR by a folder search (an output folder inside an input folder would feed them back in)."""
+def _inputs(inputs: tuple[Path, ...], out_dir: Path, suffix: str) -> list[Path]:
+    """The images to upscale: files as given, folders searched, but not this tool's own outputs (NAME`suffix`,
+    NAME_x4.png by default) found in OUT_DIR by a folder search (an output folder inside an input folder
+    would feed them back in)."""
     from degrade.discover import find_images
 
     given = {p.resolve() for p in inputs if not p.is_dir()}
     out = out_dir.resolve()
     files = [f for f in find_images(inputs) if f.resolve() in given
-             or not (f.name.endswith("_x4.png") and f.resolve().parent == out)]
+             or not (f.name.endswith(suffix) and f.resolve().parent == out)]
     if not files:
         raise click.ClickException(f"no input images besides this tool's own outputs in {out_dir}")
     return files
@@ -114,30 +115,37 @@ def model_options(f):
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="The fused generator's precision (bf16: on a GPU also channels_last; the predictor and the "
                    "bilinear base stay fp32).")
+@click.option("--outscale", type=click.FloatRange(1, 16), default=4.0, show_default=True,
+              help="The output's scale: the x4 result resized (area averaging below 4, Lanczos above); "
+                   "outputs are named NAME_x{scale}.png.")
 @max_pixels_option
 def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, tile, settings, mix, print_v,
-            precision, max_pixels) -> None:
-    """Super-resolve INPUT images or folders x4 into OUT_DIR as PNG.
+            precision, outscale, max_pixels) -> None:
+    """Super-resolve INPUT images or folders x4 (or --outscale) into OUT_DIR as PNG; an alpha channel is
+    kept (upscaled bicubic).
 
     A file that cannot be read is reported and skipped; the exit status is then 1.
     """
     require_torch()
     set_max_pixels(max_pixels)
     import degrade
-    from dasr_model.infer import parse_settings, upscale
+    from dasr_model.infer import finish, output_size, parse_settings, upscale
     from degrade.inspect import pipeline_steps
+    from degrade.io import read_image_alpha
+
+    suffix = f"_x{outscale:g}.png"
 
     if mix is not None and settings:
         raise click.UsageError("--set edits v, which only chooses the expert mix; --mix sets the mix directly: "
                                "give one of them")
     failed = []
     try:
-        files = _inputs(inputs, out_dir)
+        files = _inputs(inputs, out_dir, suffix)
         names: dict[str, Path] = {}
         for f in files:  # NAME_x4.png: two inputs with one stem would silently overwrite each other
-            other = names.setdefault(f"{f.stem}_x4.png", f)
+            other = names.setdefault(f"{f.stem}{suffix}", f)
             if other != f:
-                raise click.ClickException(f"{other} and {f} would both be written as {f.stem}_x4.png; "
+                raise click.ClickException(f"{other} and {f} would both be written as {f.stem}{suffix}; "
                                            "give them separately with different --out folders")
         overrides = parse_settings(list(settings))
         model, dev = _load(_one_model(model_path, checkpoint), release_weights, device)
@@ -155,11 +163,14 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
 
             for f in files:
                 try:
-                    img = degrade.read_image(f)
+                    img, alpha = read_image_alpha(f)
+                    output_size(img.shape[0], img.shape[1], outscale)  # refused before the work, not after
                     # --set values are checked against each image's own v (a noise strength's range
                     # follows the predicted noise type): a refusal is that image's
                     sr, v_hat = upscale(model, img, overrides=overrides, mix=a_fixed, tile=tile, device=dev,
                                         on_tile=on_tile, **fast)
+                    del img
+                    sr = finish(sr, alpha, outscale)
                 except (DegradeError, OSError) as exc:
                     failed.append(f)
                     text = one_line(exc)
@@ -167,7 +178,7 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
                                       soft_wrap=True)
                     bar.advance(task)
                     continue
-                degrade.write_image(out_dir / f"{f.stem}_x4.png", sr)
+                degrade.write_image(out_dir / f"{f.stem}{suffix}", sr)
                 if print_v:
                     v = v_hat[0].clamp(0, 1).cpu().numpy()
                     console.print(f"{f.name}: v = " + ",".join(f"{x:.3f}" for x in v), soft_wrap=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -278,6 +279,36 @@ def upscale(model: DASR, image: np.ndarray, *, overrides: dict[str, str] | None 
         if on_tile is not None:
             on_tile(done, total)
     return out, v_hat
+
+
+def output_size(h: int, w: int, outscale: float) -> tuple[int, int]:
+    """(width, height) of `outscale` x an h x w input, rounded; DASRError outside 1-16 or above 16 x
+    pixel_limit() pixels (what x4 of the largest readable input makes)."""
+    from degrade.io import pixel_limit
+
+    if not 1 <= outscale <= 16:
+        raise DASRError(f"the output scale must be between 1 and 16, not {outscale:g}")
+    size = (max(1, round(w * outscale)), max(1, round(h * outscale)))
+    if size[0] * size[1] > 16 * pixel_limit():
+        raise DASRError(f"x{outscale:g} of {w}x{h} px is {size[0]}x{size[1]} px, above 16 x the "
+                        f"{pixel_limit() / 1e6:g} MP input limit")
+    return size
+
+
+def finish(sr: np.ndarray, alpha: np.ndarray | None = None, outscale: float = 4.0) -> np.ndarray:
+    """dasr-sr's output from `upscale`'s x4 RGB (uint8): the input's alpha channel ((H, W) uint8, or None),
+    upscaled bicubic to the RGB's size, as a fourth channel; then, for `outscale` other than 4, the whole
+    resized to `outscale` x the input's size (area averaging to shrink, Lanczos to enlarge). The output may
+    hold at most 16 x pixel_limit() pixels (what x4 of the largest readable input makes), else DASRError."""
+    h, w = sr.shape[0] // 4, sr.shape[1] // 4
+    size = output_size(h, w, outscale)
+    if alpha is not None:
+        if alpha.shape != (h, w):
+            raise DASRError(f"an alpha channel of {alpha.shape} does not fit an image of {h}x{w} px")
+        sr = np.dstack([sr, cv2.resize(alpha, (4 * w, 4 * h), interpolation=cv2.INTER_CUBIC)])
+    if outscale != 4:
+        sr = cv2.resize(sr, size, interpolation=cv2.INTER_AREA if outscale < 4 else cv2.INTER_LANCZOS4)
+    return sr
 
 
 def tile_count(h: int, w: int, tile: int | None) -> int:

@@ -2,8 +2,8 @@
 
 Reading accepts PNG, JPEG, WebP, BMP, TIFF and PNM/PAM files and converts, as documented in
 docs/degradation.md: 8-bit and 16-bit samples are scaled to [0, 1] (x / 255, x / 65535); gray
-becomes RGB by copying; an alpha channel is dropped (not composited); EXIF orientation is applied.
-Writing stores 8-bit RGB in a lossless format (PNG, BMP, TIFF).
+becomes RGB by copying; an alpha channel is dropped (not composited; read_image_alpha returns it
+apart); EXIF orientation is applied. Writing stores 8-bit RGB or RGBA in a lossless format (PNG, BMP, TIFF).
 
 Reading is bounded (docs/dataset-format.md, trust model): only regular files, at most
 max_file_bytes() long, are read, and the image size declared in the file's header is checked
@@ -112,6 +112,42 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> NDA
         return decode_image(data, max_pixels=max_pixels)
     except ImageError as exc:
         raise ImageError(f"{path}: {exc}") from None
+
+
+def read_image_alpha(path: str | os.PathLike, *, max_pixels: int | None = None
+                     ) -> tuple[NDArray[np.float32], NDArray[np.uint8] | None]:
+    """read_image's RGB, and the image's alpha channel as (H, W) uint8 (16-bit alpha rounded), or None for
+    an image without one (JPEG and PNM never have one; a PNG has one when its header says so)."""
+    path = Path(path)
+    try:
+        data = read_regular_file(path, max_file_bytes(max_pixels))
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        rgb = decode_image(data, max_pixels=max_pixels)
+        return rgb, decode_alpha(data, rgb.shape[:2])
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None
+
+
+def decode_alpha(data: bytes, shape: tuple[int, ...]) -> NDArray[np.uint8] | None:
+    """The alpha channel of encoded image bytes whose decode_image result has `shape` (H, W), as uint8; None
+    where there is none, or where the decoded RGB was turned by its EXIF orientation (which a decode with
+    alpha does not apply, so the channel would not fit). Call after decode_image, which checked the size."""
+    if data[:2] == b"\xff\xd8" or data[:1] == b"P" and data[1:2] in b"123456":  # JPEG, PNM: no alpha
+        return None
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[25:26] not in (b"\x04", b"\x06"):  # colour type: no alpha
+        return None
+    try:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        return None  # decode_image read it: what it cannot read here is no alpha
+    if img is None or img.ndim != 3 or img.shape[2] not in (2, 4) or img.shape[:2] != tuple(shape[:2]):
+        return None
+    alpha = img[..., -1]
+    if alpha.dtype == np.uint16:
+        return np.rint(alpha / 257.0).astype(np.uint8)
+    return np.ascontiguousarray(alpha) if alpha.dtype == np.uint8 else None
 
 
 def decode_image(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.float32]:
@@ -271,13 +307,15 @@ def to_uint8(img: NDArray[np.floating] | NDArray[np.uint8]) -> NDArray[np.uint8]
 
 
 def write_image(path: str | os.PathLike, img: NDArray[np.floating] | NDArray[np.uint8]) -> None:
-    """Write (H, W, 3) RGB, float in [0, 1] or uint8, as 8 bit to a lossless file, atomically (temp + rename)."""
+    """Write (H, W, 3) RGB or (H, W, 4) RGBA, float in [0, 1] or uint8, as 8 bit to a lossless file,
+    atomically (temp + rename)."""
     path = Path(path)
     if path.suffix.lower() not in LOSSLESS_SUFFIXES:
         raise ImageError(f"{path}: output must be a lossless image ({', '.join(LOSSLESS_SUFFIXES)})")
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ImageError(f"{path}: expected an (H, W, 3) image, got shape {img.shape}")
-    ok, buf = cv2.imencode(path.suffix.lower(), np.ascontiguousarray(to_uint8(img)[..., ::-1]))
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise ImageError(f"{path}: expected an (H, W, 3) or (H, W, 4) image, got shape {img.shape}")
+    order = [2, 1, 0, 3][: img.shape[2]]  # RGB(A) -> OpenCV's BGR(A)
+    ok, buf = cv2.imencode(path.suffix.lower(), np.ascontiguousarray(to_uint8(img)[..., order]))
     if not ok:
         raise ImageError(f"{path}: OpenCV could not encode the image")
     write_bytes_atomic(path, buf.tobytes())

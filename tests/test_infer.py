@@ -441,3 +441,76 @@ def test_eval_lr_dir_options_that_cannot_apply_are_usage_errors(ckpt, tmp_path, 
     res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--lr-dir", str(tmp_path), "--device", "cpu",
                                          *[str(tmp_path / x) if x == "H" else x for x in extra]])
     assert res.exit_code == 2 and message in res.output, res.output
+
+
+def _sr(ckpt, src, out, *extra):
+    res = CliRunner().invoke(sr_main, [str(src), "-o", str(out), "--model", str(ckpt), "--device", "cpu", *extra])
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def test_sr_keeps_an_alpha_channel_upscaled_bicubic(ckpt, tmp_path):
+    """Oracle: the RGB is what the same image without alpha gives; the alpha is torch's bicubic x4 (the same
+    a = -0.75 kernel, edge pixels repeated) of the input's, to one level."""
+    rng = np.random.default_rng(5)
+    rgb = (degrade.read_image(degrade.sample_images()[2])[:30, :44] * 255).round().astype(np.uint8)
+    yy, xx = np.mgrid[:30, :44]
+    alpha = np.clip(xx * 6 + rng.integers(0, 20, (30, 44)), 0, 255).astype(np.uint8)
+    (tmp_path / "in").mkdir()
+    cv2.imwrite(str(tmp_path / "in" / "a.png"), np.dstack([rgb[..., ::-1], alpha]))
+    cv2.imwrite(str(tmp_path / "plain.png"), rgb[..., ::-1])
+    _sr(ckpt, tmp_path / "in" / "a.png", tmp_path / "out")
+    _sr(ckpt, tmp_path / "plain.png", tmp_path / "ref")
+    got = cv2.imread(str(tmp_path / "out" / "a_x4.png"), cv2.IMREAD_UNCHANGED)
+    assert got.shape == (120, 176, 4)
+    np.testing.assert_array_equal(got[..., :3], cv2.imread(str(tmp_path / "ref" / "plain_x4.png")))
+    t = torch.from_numpy(alpha.astype(np.float64))[None, None]
+    expected = torch.nn.functional.interpolate(t, scale_factor=4, mode="bicubic", align_corners=False)
+    expected = expected[0, 0].clamp(0, 255).round().numpy()
+    assert np.abs(got[..., 3].astype(float) - expected).max() <= 1
+
+
+def test_sr_outscale_resizes_the_x4_result_and_names_it(ckpt, tmp_path):
+    """Oracle for x2: INTER_AREA at a factor of 2 is the mean of each 2x2 block of the x4 output."""
+    src = tmp_path / "a.png"
+    cv2.imwrite(str(src), (degrade.read_image(degrade.sample_images()[0])[:25, :33, ::-1] * 255).round()
+                .astype(np.uint8))
+    _sr(ckpt, src, tmp_path / "x4")
+    x4 = cv2.imread(str(tmp_path / "x4" / "a_x4.png")).astype(float)
+    _sr(ckpt, src, tmp_path / "x2", "--outscale", "2")
+    x2 = cv2.imread(str(tmp_path / "x2" / "a_x2.png")).astype(float)
+    assert x2.shape == (50, 66, 3)
+    blocks = x4.reshape(50, 2, 66, 2, 3).mean((1, 3))
+    assert np.abs(x2 - blocks).max() <= 1
+    _sr(ckpt, src, tmp_path / "x2", "--outscale", "2.5")
+    assert cv2.imread(str(tmp_path / "x2" / "a_x2.5.png")).shape == (62, 82, 3)  # round(25 x 2.5), round(33 x 2.5)
+    _sr(ckpt, tmp_path / "x2", tmp_path / "x2", "--outscale", "2")  # its own a_x2.png is not fed back in
+    assert sorted(p.name for p in (tmp_path / "x2").iterdir()) == ["a_x2.5.png", "a_x2.5_x2.png", "a_x2.png"]
+
+
+def test_sr_outscale_beyond_the_pixel_cap_is_refused_before_the_work(ckpt, tmp_path, monkeypatch):
+    from degrade.io import MAX_PIXELS_ENV
+
+    monkeypatch.setenv(MAX_PIXELS_ENV, "400")  # --max-pixels sets it for the process: put back afterwards
+    src = tmp_path / "a.png"
+    cv2.imwrite(str(src), np.zeros((20, 20, 3), np.uint8))
+    args = [str(src), "-o", str(tmp_path / "o"), "--model", str(ckpt), "--device", "cpu", "--max-pixels", "400"]
+    res = CliRunner().invoke(sr_main, [*args, "--outscale", "16"])
+    assert res.exit_code == 1 and "x16 of 20x20 px is 320x320 px, above 16 x the 0.0004 MP input limit" in res.output
+    assert "Traceback" not in res.output
+    assert CliRunner().invoke(sr_main, [*args, "--outscale", "4"]).exit_code == 0  # x4 of the largest input: fine
+
+
+def test_alpha_is_read_where_the_file_has_one(tmp_path):
+    from degrade.io import read_image_alpha
+
+    rng = np.random.default_rng(1)
+    bgra = rng.integers(0, 256, (9, 11, 4), np.uint8)
+    for name, data in (("a.png", bgra), ("a16.png", bgra.astype(np.uint16) * 257), ("a.webp", bgra)):
+        cv2.imwrite(str(tmp_path / name), data, [cv2.IMWRITE_WEBP_QUALITY, 101] if name.endswith("webp") else [])
+        rgb, alpha = read_image_alpha(tmp_path / name)
+        np.testing.assert_array_equal(alpha, bgra[..., 3])
+        np.testing.assert_allclose(rgb, bgra[..., 2::-1] / 255, atol=1e-6)
+    for name in ("b.png", "b.jpg"):
+        cv2.imwrite(str(tmp_path / name), bgra[..., :3])
+        assert read_image_alpha(tmp_path / name)[1] is None
