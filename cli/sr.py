@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -41,16 +42,19 @@ def _one_model(model_path: Path | None, checkpoint: Path | None) -> Path | None:
     return model_path or checkpoint
 
 
-def _inputs(inputs: tuple[Path, ...], out_dir: Path, suffix: str) -> list[Path]:
-    """The images to upscale: files as given, folders searched, but not this tool's own outputs (NAME`suffix`,
-    NAME_x4.png by default) found in OUT_DIR by a folder search (an output folder inside an input folder
+OUTPUT_NAME = re.compile(r".+_x[0-9]+(\.[0-9]+)?\.png")  # NAME_x4.png, NAME_x2.5.png: what dasr-sr writes
+
+
+def _inputs(inputs: tuple[Path, ...], out_dir: Path) -> list[Path]:
+    """The images to upscale: files as given, folders searched, but not this tool's own outputs (NAME_x4.png,
+    or at any other --outscale) found in OUT_DIR by a folder search (an output folder inside an input folder
     would feed them back in)."""
     from degrade.discover import find_images
 
     given = {p.resolve() for p in inputs if not p.is_dir()}
     out = out_dir.resolve()
     files = [f for f in find_images(inputs) if f.resolve() in given
-             or not (f.name.endswith(suffix) and f.resolve().parent == out)]
+             or not (OUTPUT_NAME.fullmatch(f.name) and f.resolve().parent == out)]
     if not files:
         raise click.ClickException(f"no input images besides this tool's own outputs in {out_dir}")
     return files
@@ -133,14 +137,16 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
     from degrade.inspect import pipeline_steps
     from degrade.io import read_image_alpha
 
-    suffix = f"_x{outscale:g}.png"
+    if not math.isfinite(outscale):  # click's FloatRange lets nan through
+        raise click.BadParameter(f"{outscale}: not a number from 1 to 16", param_hint="--outscale")
+    suffix = f"_x{outscale:.10g}.png"
 
     if mix is not None and settings:
         raise click.UsageError("--set edits v, which only chooses the expert mix; --mix sets the mix directly: "
                                "give one of them")
     failed = []
     try:
-        files = _inputs(inputs, out_dir, suffix)
+        files = _inputs(inputs, out_dir)
         names: dict[str, Path] = {}
         for f in files:  # NAME_x4.png: two inputs with one stem would silently overwrite each other
             other = names.setdefault(f"{f.stem}{suffix}", f)

@@ -247,7 +247,8 @@ def curves_main(runs, out_file, labels, smooth) -> None:
         raise click.BadParameter(f"{out_file}: the picture's name must end in .png", param_hint="-o")
     if labels and len(labels) != len(runs):
         raise click.BadParameter(f"{len(labels)} label(s) for {len(runs)} run(s)", param_hint="--label")
-    names = list(labels) or [(run.stem if run.is_file() else run.resolve().name) for run in runs]
+    names = list(labels) or [run.resolve().parent.name if run.name == "metrics.jsonl"  # runs/a/metrics.jsonl: a
+                             else run.stem if run.is_file() else run.resolve().name for run in runs]
     if len(set(names)) != len(names):
         raise click.BadParameter(f"two runs are both called {next(n for n in names if names.count(n) > 1)!r}; "
                                  "name them with --label", param_hint="--label")

@@ -14,7 +14,7 @@ from dasr_model.errors import DASRError
 
 METRICS = "metrics.jsonl"
 MAX_LINE = 1 << 16  # bytes; a line of ours is under 1 kB: a longer one is not ours
-SERIES = ("loss", "l1", "regression", "lr")  # the per-step values drawn
+SERIES = ("loss", "l1", "regression", "gan", "perceptual", "lr")  # the per-step values drawn
 
 
 def metrics_path(run: str | Path) -> Path:
@@ -24,14 +24,15 @@ def metrics_path(run: str | Path) -> Path:
 
 
 def read_metrics(run: str | Path) -> dict[str, Any]:
-    """The series of a run's metrics.jsonl: `step`, `loss`, `l1`, `regression`, `lr` (NaN where a line lacks
-    one), and at the
+    """The series of a run's metrics.jsonl: `step` and SERIES (NaN where a line lacks one), and at the
     validated steps `val_step`, `mae` and per level `psnr_y` / `bicubic_psnr_y`. A torn last line (a kill
     mid-write) is left out; any other line that is not a metrics line is a DASRError naming it."""
+    from degrade.io import open_regular
+
     path = metrics_path(run)
     steps, validated = [], []  # values only: a long run logs 100k lines
     values: dict[str, list[float]] = {key: [] for key in SERIES}
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO would block for ever
         lines = iter(lambda: f.readline(MAX_LINE + 1), b"")
         for number, line in enumerate(lines, 1):
             try:
@@ -70,22 +71,20 @@ def _number(x: Any) -> float:
 
 
 def smooth(y: np.ndarray, n: int) -> np.ndarray:
-    """The running mean of the last `n` values (fewer at the start), NaNs left out."""
+    """The running mean of the last `n` values (fewer at the start), values that are not finite left out
+    (window sums, not differences of a cumulative sum: one huge value cannot cancel what follows it)."""
     if n <= 1 or len(y) == 0:
         return y
-    ok = ~np.isnan(y)
-    sums = np.cumsum(np.where(ok, y, 0.0))
-    counts = np.cumsum(ok)
-    lag = np.arange(len(y)) - n
-    before = np.where(lag >= 0, sums[np.maximum(lag, 0)], 0.0)
-    seen = counts - np.where(lag >= 0, counts[np.maximum(lag, 0)], 0)
+    ok = np.isfinite(y)
+    sums = np.convolve(np.where(ok, y, 0.0), np.ones(n))[: len(y)]
+    seen = np.convolve(ok.astype(np.float64), np.ones(n))[: len(y)]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(seen > 0, (sums - before) / seen, np.nan)
+        return np.where(seen > 0.5, sums / np.maximum(seen, 1), np.nan)
 
 
 def plot_curves(runs: dict[str, dict[str, Any]], out: str | Path, *, window: int = 50) -> tuple[int, int]:
     """Draw the runs' curves (name -> read_metrics) into the PNG `out`; returns its size in pixels."""
-    from degrade.plots import DPI, _pyplot
+    from degrade.plots import _pyplot, _save
 
     plt = _pyplot()
     levels = sorted({lv for r in runs.values() for lv in r["psnr_y"]}, key=str)
@@ -95,12 +94,18 @@ def plot_curves(runs: dict[str, dict[str, Any]], out: str | Path, *, window: int
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     shared_bicubic = _shared_bicubic(runs.values(), levels)
     (l1, regression, rate), psnr = axes[0][:3], dict(zip(levels, axes[-1]))
+    adversarial = axes[0][3] if cols > 3 else regression  # the GAN and perceptual terms, where a run has them
+    mark = {"marker": "."} if max(len(r["step"]) for r in runs.values()) == 1 else {}  # one point: no line
     mae = axes[-1][len(levels)] if rows == 2 else None
     for i, (name, r) in enumerate(runs.items()):
         c = colours[i % len(colours)]
-        l1.plot(r["step"], smooth(r["l1"], window), color=c, label=name)
-        regression.plot(r["step"], smooth(r["regression"], window), color=c, label=name)
-        rate.plot(r["step"], r["lr"], color=c, label=name)
+        l1.plot(r["step"], smooth(r["l1"], window), color=c, label=name, **mark)
+        regression.plot(r["step"], smooth(r["regression"], window), color=c, label=name, **mark)
+        rate.plot(r["step"], r["lr"], color=c, label=name, **mark)
+        for key, style in (("gan", "-"), ("perceptual", ":")):
+            if np.isfinite(r[key]).any():
+                adversarial.plot(r["step"], smooth(r[key], window), color=c, linestyle=style, label=f"{name}: {key}",
+                                 **mark)
         if mae is not None and len(r["val_step"]):
             mae.plot(r["val_step"], r["mae"], color=c, marker=".", label=name)
         for lv, ax in psnr.items():
@@ -118,6 +123,8 @@ def plot_curves(runs: dict[str, dict[str, Any]], out: str | Path, *, window: int
     l1.set(title=f"pixel L1 loss (mean of {window} logged steps)", xlabel="step", yscale="log")
     regression.set(title=f"v regression loss (mean of {window} logged steps)", xlabel="step", yscale="log")
     rate.set(title="learning rate", xlabel="step")
+    if adversarial is not regression:
+        adversarial.set(title=f"GAN and perceptual terms (mean of {window} logged steps)", xlabel="step")
     if mae is not None:
         mae.set(title="predictor MAE of v (validation, all blocks)", xlabel="step")
     for ax in axes.flat:
@@ -126,11 +133,12 @@ def plot_curves(runs: dict[str, dict[str, Any]], out: str | Path, *, window: int
             ax.legend(fontsize=7)
         else:
             ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(out, dpi=DPI)
-    size = fig.canvas.get_width_height()
-    plt.close(fig)
-    return size
+    try:
+        fig.tight_layout()
+        _save(fig, Path(out))  # atomic: a failed write leaves no half picture
+        return fig.canvas.get_width_height()
+    finally:
+        plt.close(fig)
 
 
 def _shared_bicubic(runs: Any, levels: list[str]) -> dict[str, float] | None:

@@ -83,7 +83,8 @@ PAIR_TAG = re.compile(r"(?:[_-]?x\d+[mdw]?|[_-](?:lr|hr)\d*)$", re.IGNORECASE)
 def pair_name(path: Path, root: Path, *, strip: bool = True) -> str:
     """A file's path relative to its folder, without suffix, and without PAIR_TAG when `strip`."""
     rel = path.relative_to(root)
-    return (rel.parent / (PAIR_TAG.sub("", rel.stem) if strip else rel.stem)).as_posix()
+    stem = PAIR_TAG.sub("", rel.stem) if strip else rel.stem
+    return (rel.parent / (stem or rel.stem)).as_posix()  # a name that is all tag (x4.png) stays itself
 
 
 def match_pairs(lr_files: list[Path], lr_root: Path, hr_files: list[Path], hr_root: Path) -> list[tuple[Path, Path]]:
@@ -91,9 +92,12 @@ def match_pairs(lr_files: list[Path], lr_root: Path, hr_files: list[Path], hr_ro
     HR's name (0801x4 -> 0801); else both without their tags (Canon_001_LR4 -> Canon_001 <- Canon_001_HR).
     The first rule that finds one partner decides; several at once, an HR claimed twice or a file left
     without a partner is a DASRError naming it."""
-    hr_by_name, hr_by_stem = {}, {}
+    hr_by_name: dict[str, Path] = {}
+    hr_by_stem: dict[str, list[Path]] = {}
     for f in hr_files:
-        hr_by_name[pair_name(f, hr_root, strip=False)] = f
+        other = hr_by_name.setdefault(pair_name(f, hr_root, strip=False), f)
+        if other != f:  # a.png and a.jpg
+            raise DASRError(f"{other} and {f}: two HR images of one name; keep one")
         hr_by_stem.setdefault(pair_name(f, hr_root), []).append(f)
     pairs, taken = [], {}
     for lr in lr_files:

@@ -288,7 +288,7 @@ def output_size(h: int, w: int, outscale: float) -> tuple[int, int]:
 
     if not 1 <= outscale <= 16:
         raise DASRError(f"the output scale must be between 1 and 16, not {outscale:g}")
-    size = (max(1, round(w * outscale)), max(1, round(h * outscale)))
+    size = (max(1, math.floor(w * outscale + 0.5)), max(1, math.floor(h * outscale + 0.5)))  # halves up
     if size[0] * size[1] > 16 * pixel_limit():
         raise DASRError(f"x{outscale:g} of {w}x{h} px is {size[0]}x{size[1]} px, above 16 x the "
                         f"{pixel_limit() / 1e6:g} MP input limit")
@@ -302,13 +302,20 @@ def finish(sr: np.ndarray, alpha: np.ndarray | None = None, outscale: float = 4.
     hold at most 16 x pixel_limit() pixels (what x4 of the largest readable input makes), else DASRError."""
     h, w = sr.shape[0] // 4, sr.shape[1] // 4
     size = output_size(h, w, outscale)
-    if alpha is not None:
-        if alpha.shape != (h, w):
-            raise DASRError(f"an alpha channel of {alpha.shape} does not fit an image of {h}x{w} px")
-        sr = np.dstack([sr, cv2.resize(alpha, (4 * w, 4 * h), interpolation=cv2.INTER_CUBIC)])
-    if outscale != 4:
+    if alpha is not None and alpha.shape != (h, w):
+        raise DASRError(f"an alpha channel of {alpha.shape} does not fit an image of {h}x{w} px")
+    if outscale != 4:  # the RGB resized first: the x4 alpha is never made beside a larger RGBA
         sr = cv2.resize(sr, size, interpolation=cv2.INTER_AREA if outscale < 4 else cv2.INTER_LANCZOS4)
-    return sr
+    if alpha is None:
+        return sr
+    if outscale != 4:  # the x4 bicubic alpha, resized as the RGB was
+        alpha = cv2.resize(cv2.resize(alpha, (4 * w, 4 * h), interpolation=cv2.INTER_CUBIC), size,
+                           interpolation=cv2.INTER_AREA if outscale < 4 else cv2.INTER_LANCZOS4)
+    else:
+        alpha = cv2.resize(alpha, (4 * w, 4 * h), interpolation=cv2.INTER_CUBIC)
+    out = np.empty((*sr.shape[:2], 4), np.uint8)
+    out[..., :3], out[..., 3] = sr, alpha
+    return out
 
 
 def tile_count(h: int, w: int, tile: int | None) -> int:

@@ -117,7 +117,7 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> NDA
 def read_image_alpha(path: str | os.PathLike, *, max_pixels: int | None = None
                      ) -> tuple[NDArray[np.float32], NDArray[np.uint8] | None]:
     """read_image's RGB, and the image's alpha channel as (H, W) uint8 (16-bit alpha rounded), or None for
-    an image without one (JPEG and PNM never have one; a PNG has one when its header says so)."""
+    an image without one (decode_alpha says which formats can hold one)."""
     path = Path(path)
     try:
         data = read_regular_file(path, max_file_bytes(max_pixels))
@@ -125,29 +125,60 @@ def read_image_alpha(path: str | os.PathLike, *, max_pixels: int | None = None
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
         rgb = decode_image(data, max_pixels=max_pixels)
-        return rgb, decode_alpha(data, rgb.shape[:2])
+        return rgb, decode_alpha(data, rgb)
     except ImageError as exc:
         raise ImageError(f"{path}: {exc}") from None
 
 
-def decode_alpha(data: bytes, shape: tuple[int, ...]) -> NDArray[np.uint8] | None:
-    """The alpha channel of encoded image bytes whose decode_image result has `shape` (H, W), as uint8; None
-    where there is none, or where the decoded RGB was turned by its EXIF orientation (which a decode with
-    alpha does not apply, so the channel would not fit). Call after decode_image, which checked the size."""
-    if data[:2] == b"\xff\xd8" or data[:1] == b"P" and data[1:2] in b"123456":  # JPEG, PNM: no alpha
-        return None
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[25:26] not in (b"\x04", b"\x06"):  # colour type: no alpha
+def decode_alpha(data: bytes, rgb: NDArray[np.float32]) -> NDArray[np.uint8] | None:
+    """The alpha channel of encoded image bytes, as (H, W) uint8 aligned with `rgb`, their decode_image
+    result; None where the file has none. Decoded only where the format can hold one (a PNG of colour
+    type 4 or 6 or with a tRNS chunk, a WebP with alpha, a 32-bit BMP, TIFF, PAM). Reading with alpha
+    does not apply the EXIF orientation decode_image applied, so the colour of that decode is matched
+    to `rgb` under the 8 flips and turns and the alpha turned alike (None if none matches). A BMP's
+    all-zero alpha means none was stored (as browsers read it)."""
+    if not _may_have_alpha(data):
         return None
     try:
         img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error:
         return None  # decode_image read it: what it cannot read here is no alpha
-    if img is None or img.ndim != 3 or img.shape[2] not in (2, 4) or img.shape[:2] != tuple(shape[:2]):
+    if img is None or img.ndim != 3 or img.shape[2] not in (2, 4) or img.dtype not in (np.uint8, np.uint16):
         return None
     alpha = img[..., -1]
+    colour = np.repeat(img[..., :1], 3, axis=2) if img.shape[2] == 2 else img[..., 2::-1]
+    del img
+    colour = colour.astype(np.float32)
+    np.divide(colour, np.float32(255 if alpha.dtype == np.uint8 else 65535), out=colour)
+    for k in range(8):  # the identity first: without an orientation tag, the one comparison
+        turned = np.rot90(colour if k < 4 else colour[:, ::-1], k % 4)
+        if turned.shape == rgb.shape and np.array_equal(turned, rgb):
+            alpha = np.rot90(alpha if k < 4 else alpha[:, ::-1], k % 4)
+            break
+    else:
+        return None
     if alpha.dtype == np.uint16:
-        return np.rint(alpha / 257.0).astype(np.uint8)
-    return np.ascontiguousarray(alpha) if alpha.dtype == np.uint8 else None
+        alpha = ((alpha.astype(np.uint32) + 128) // 257).astype(np.uint8)  # rounded to the nearest 8-bit level
+    if data[:2] == b"BM" and not alpha.any():
+        return None
+    return np.ascontiguousarray(alpha)
+
+
+def _may_have_alpha(d: bytes) -> bool:
+    if d[:8] == b"\x89PNG\r\n\x1a\n":
+        if d[25:26] in (b"\x04", b"\x06"):  # colour type: gray + alpha, RGBA
+            return True
+        i = 8  # a tRNS chunk (transparency of a palette, gray or RGB image) comes before the first IDAT
+        while i + 8 <= len(d) and d[i + 4:i + 8] != b"IDAT":
+            if d[i + 4:i + 8] == b"tRNS":
+                return True
+            i += 12 + struct.unpack(">I", d[i:i + 4])[0]
+        return False
+    if d[:4] == b"RIFF" and d[8:12] == b"WEBP":
+        return (d[12:16] == b"VP8X" and len(d) > 20 and bool(d[20] & 0x10)) or d[12:16] == b"VP8L"
+    if d[:2] == b"BM":
+        return len(d) >= 30 and struct.unpack("<H", d[28:30])[0] == 32
+    return d[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") or d[:3] == b"P7\n"  # TIFF, PAM
 
 
 def decode_image(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.float32]:
@@ -314,8 +345,8 @@ def write_image(path: str | os.PathLike, img: NDArray[np.floating] | NDArray[np.
         raise ImageError(f"{path}: output must be a lossless image ({', '.join(LOSSLESS_SUFFIXES)})")
     if img.ndim != 3 or img.shape[2] not in (3, 4):
         raise ImageError(f"{path}: expected an (H, W, 3) or (H, W, 4) image, got shape {img.shape}")
-    order = [2, 1, 0, 3][: img.shape[2]]  # RGB(A) -> OpenCV's BGR(A)
-    ok, buf = cv2.imencode(path.suffix.lower(), np.ascontiguousarray(to_uint8(img)[..., order]))
+    bgr = cv2.cvtColor(to_uint8(img), cv2.COLOR_RGB2BGR if img.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)  # one copy
+    ok, buf = cv2.imencode(path.suffix.lower(), bgr)
     if not ok:
         raise ImageError(f"{path}: OpenCV could not encode the image")
     write_bytes_atomic(path, buf.tobytes())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -72,6 +73,9 @@ def test_smooth_is_the_running_mean_of_the_last_n_values_without_nans():
         expected.append(np.mean(window) if window else np.nan)
     np.testing.assert_allclose(smooth(y, 3), expected, equal_nan=True)
     np.testing.assert_array_equal(smooth(y, 1), y)
+    spiky = np.array([1.0, np.inf, 1.0, 1e20, 1.0, 1.0, 1.0])  # neither poisons nor cancels what follows
+    np.testing.assert_allclose(smooth(spiky, 2)[-2:], [1.0, 1.0])
+    assert np.isfinite(smooth(spiky, 2)[:3]).all()
 
 
 def test_cli_draws_the_runs_and_refuses_what_it_cannot(run, tmp_path):
@@ -96,5 +100,14 @@ def test_cli_draws_the_runs_and_refuses_what_it_cannot(run, tmp_path):
     res = CliRunner().invoke(curves_main, [str(plain), "-o", str(tmp_path / "plain.png")])
     assert res.exit_code == 0, res.output
     assert cv2.imread(str(tmp_path / "plain.png")).shape[0] < h * 0.6
+    gan = tmp_path / "gan" / "metrics.jsonl"  # a GAN run's terms get a panel; its default name is its folder's
+    gan.parent.mkdir()
+    gan.write_text("".join(json.dumps({"step": i, "l1": 0.1, "regression": 0.2, "gan": 0.7, "perceptual": 0.3,
+                                       "lr": 1e-4}) + "\n" for i in range(1, 5)))
+    res = CliRunner().invoke(curves_main, [str(gan), str(run), "-o", str(tmp_path / "gan.png")])
+    assert res.exit_code == 0, res.output
+    os.mkfifo(tmp_path / "fifo.jsonl")  # a FIFO would block for ever: refused
+    res = CliRunner().invoke(curves_main, [str(tmp_path / "fifo.jsonl"), "-o", str(out)])
+    assert res.exit_code == 1 and "not a regular file" in res.output
     res = CliRunner().invoke(curves_main, [str(tmp_path / "nothing"), "-o", str(out)])
     assert res.exit_code == 1 and str(tmp_path / "nothing") in res.output and "Traceback" not in res.output

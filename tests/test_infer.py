@@ -417,6 +417,7 @@ def test_lr_hr_names_pair_by_the_first_rule_that_finds_one_partner(tmp_path, lr_
     ("unpaired", "1 HR image(s) without an LR partner, e.g. "),
     ("twice", "two LR images pair with "),
     ("ambiguous", "pairs with 2 HR images"),
+    ("same name", "two HR images of one name"),
     ("size", "is not 4x its LR"),
 ])
 def test_eval_refuses_lr_hr_folders_that_do_not_pair(ckpt, tmp_path, case, message):
@@ -425,6 +426,8 @@ def test_eval_refuses_lr_hr_folders_that_do_not_pair(ckpt, tmp_path, case, messa
         (lr_dir / "b.png").unlink()
     elif case == "twice":
         (lr_dir / "a_LR.png").write_bytes((lr_dir / "a_x4.png").read_bytes())
+    elif case == "same name":
+        cv2.imwrite(str(hr_dir / "a.jpg"), np.zeros((8, 8, 3), np.uint8))
     elif case == "ambiguous":  # b.png pairs by name with neither b_HR.png nor b_x1.png, and with both untagged
         (hr_dir / "b_x1.png").write_bytes((hr_dir / "b_HR.png").read_bytes())
     else:
@@ -483,9 +486,18 @@ def test_sr_outscale_resizes_the_x4_result_and_names_it(ckpt, tmp_path):
     blocks = x4.reshape(50, 2, 66, 2, 3).mean((1, 3))
     assert np.abs(x2 - blocks).max() <= 1
     _sr(ckpt, src, tmp_path / "x2", "--outscale", "2.5")
-    assert cv2.imread(str(tmp_path / "x2" / "a_x2.5.png")).shape == (62, 82, 3)  # round(25 x 2.5), round(33 x 2.5)
-    _sr(ckpt, tmp_path / "x2", tmp_path / "x2", "--outscale", "2")  # its own a_x2.png is not fed back in
-    assert sorted(p.name for p in (tmp_path / "x2").iterdir()) == ["a_x2.5.png", "a_x2.5_x2.png", "a_x2.png"]
+    assert cv2.imread(str(tmp_path / "x2" / "a_x2.5.png")).shape == (63, 83, 3)  # 62.5, 82.5: halves round up
+    res = CliRunner().invoke(sr_main, [str(tmp_path / "x2"), "-o", str(tmp_path / "x2"), "--model", str(ckpt),
+                                       "--device", "cpu"])  # its own outputs, at any scale, are not fed back in
+    assert res.exit_code == 1 and "no input images besides this tool's own outputs" in res.output
+    assert sorted(p.name for p in (tmp_path / "x2").iterdir()) == ["a_x2.5.png", "a_x2.png"]
+    src7 = tmp_path / "b.png"
+    cv2.imwrite(str(src7), np.zeros((5, 7, 3), np.uint8))
+    _sr(ckpt, src7, tmp_path / "x2", "--outscale", "2.5")  # 17.5 and 12.5 px: halves round up
+    assert cv2.imread(str(tmp_path / "x2" / "b_x2.5.png")).shape == (13, 18, 3)
+    res = CliRunner().invoke(sr_main, [str(src7), "-o", str(tmp_path / "n"), "--model", str(ckpt), "--outscale",
+                                       "nan"])
+    assert res.exit_code == 2 and "not a number from 1 to 16" in res.output
 
 
 def test_sr_outscale_beyond_the_pixel_cap_is_refused_before_the_work(ckpt, tmp_path, monkeypatch):
@@ -514,3 +526,42 @@ def test_alpha_is_read_where_the_file_has_one(tmp_path):
     for name in ("b.png", "b.jpg"):
         cv2.imwrite(str(tmp_path / name), bgra[..., :3])
         assert read_image_alpha(tmp_path / name)[1] is None
+
+
+def _png_with_chunk(bgr_or_bgra: np.ndarray, kind: bytes, data: bytes) -> bytes:
+    """A PNG of the image with one more chunk before its first IDAT."""
+    import struct
+    import zlib
+
+    png = cv2.imencode(".png", bgr_or_bgra)[1].tobytes()
+    at = png.index(b"IDAT") - 4
+    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return png[:at] + chunk + png[at:]
+
+
+@pytest.mark.parametrize("orientation", [1, 2, 3, 6, 8])
+def test_alpha_is_turned_with_an_exif_orientation(tmp_path, orientation):
+    """OpenCV turns the colour by a PNG's eXIf orientation but reads alpha without it. Oracle: the alpha is
+    the red channel, so wherever the colour lands the alpha must equal it there."""
+    import struct
+
+    from degrade.io import read_image_alpha
+
+    bgr = np.random.default_rng(orientation).integers(0, 256, (10, 16, 3), np.uint8)
+    exif = b"MM\x00*" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + bytes(4)
+    (tmp_path / "a.png").write_bytes(_png_with_chunk(np.dstack([bgr, bgr[..., 2]]), b"eXIf", exif))
+    rgb, alpha = read_image_alpha(tmp_path / "a.png")
+    assert rgb.shape == ((16, 10, 3) if orientation in (6, 8) else (10, 16, 3))
+    np.testing.assert_array_equal(alpha, np.round(rgb[..., 0] * 255))
+
+
+def test_a_png_transparency_chunk_is_an_alpha_channel(tmp_path):
+    import struct
+
+    from degrade.io import read_image_alpha
+
+    bgr = np.zeros((6, 9, 3), np.uint8)
+    bgr[:, 4:] = 200
+    (tmp_path / "t.png").write_bytes(_png_with_chunk(bgr, b"tRNS", struct.pack(">HHH", 0, 0, 0)))  # black: clear
+    _, alpha = read_image_alpha(tmp_path / "t.png")
+    np.testing.assert_array_equal(alpha, np.where(bgr[..., 0] == 0, 0, 255))
