@@ -207,8 +207,8 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
               help="Degrade these HR images at each --levels with fixed seeds and evaluate (or, with --lr-dir, "
                    "their given LR partners).")
 @click.option("--lr-dir", type=click.Path(path_type=Path, file_okay=False),
-              help="With --hr-dir: evaluate on these given LR images (a real-world test set), each paired with "
-                   "the HR of its name (ignoring a tag such as x4, _LR4, _HR).")
+              help="Evaluate on these given LR images (a real-world test set): with --hr-dir each paired with the "
+                   "HR of its name (ignoring a tag such as x4, _LR4, _HR); alone, no-reference NIQE only.")
 @click.option("--levels", default="1,2,3", show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -219,21 +219,34 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
                    "(alexnet-owt-7be5be79.pth); nothing is downloaded.")
 @click.option("--lpips-lin", type=click.Path(path_type=Path, dir_okay=False),
               help="With --lpips-alexnet: LPIPS's AlexNet linear layers (the lpips package's weights/v0.1/alex.pth).")
+@click.option("--niqe-params", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also NIQE (no reference; lower: more natural): the pristine model's .npz (BasicSR's "
+                   "niqe_pris_params.npz); nothing is downloaded.")
 @max_pixels_option
 @click.pass_context
 def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_dir, levels, seed, device, tile,
-              as_json, lpips_alexnet, lpips_lin, max_pixels) -> None:
+              as_json, lpips_alexnet, lpips_lin, niqe_params, max_pixels) -> None:
     """PSNR/SSIM on Y (4-px crop) and RGB PSNR per level, for the model and bicubic; predictor MAE per block;
     LPIPS when given its weights. Given LR/HR pairs (--lr-dir) have no level: they are reported as level 0."""
     require_torch()
     set_max_pixels(max_pixels)
-    from dasr_model.evaluate import evaluate_pairs, pairs_from_hr_dir, pairs_from_lr_hr_dirs, pairs_from_shards
+    from dasr_model.evaluate import (
+        evaluate_pairs,
+        pairs_from_hr_dir,
+        pairs_from_lr_dir,
+        pairs_from_lr_hr_dirs,
+        pairs_from_shards,
+    )
     from dasr_model.lpips import LPIPS
+    from dasr_model.niqe import load_niqe_params
 
-    if lr_dir is not None and hr_dir is None:
-        raise click.UsageError("--lr-dir needs --hr-dir (the HR partners)")
-    if (shards is None) == (hr_dir is None):
-        raise click.UsageError("give --shards or --hr-dir")
+    if lr_dir is not None and hr_dir is None and niqe_params is None:
+        raise click.UsageError("--lr-dir alone has nothing to compare with: add --hr-dir (PSNR, SSIM) or "
+                               "--niqe-params (no-reference NIQE)")
+    if sum(x is not None for x in (shards, hr_dir or lr_dir)) != 1:
+        raise click.UsageError("give --shards, --hr-dir or --lr-dir")
+    if lr_dir is not None and hr_dir is None and lpips_alexnet is not None:
+        raise click.UsageError("LPIPS compares with an HR image: --lr-dir alone has none")
     if lr_dir is not None:
         given = [f"--{p}" for p in ("levels", "seed")
                  if ctx.get_parameter_source(p) is not ParameterSource.DEFAULT]
@@ -251,15 +264,19 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
     try:
         model, dev = _load(_one_model(model_path, checkpoint), release_weights, device)
         lpips = LPIPS(lpips_alexnet, lpips_lin).to(dev) if lpips_alexnet is not None else None
+        niqe = load_niqe_params(niqe_params) if niqe_params is not None else None
         if shards is not None:
             pairs = pairs_from_shards(shards)
+        elif lr_dir is not None and hr_dir is None:
+            pairs = pairs_from_lr_dir(lr_dir)
         elif lr_dir is not None:
             pairs = pairs_from_lr_hr_dirs(lr_dir, hr_dir, model.config.scale)
         else:
             pairs = pairs_from_hr_dir(hr_dir, lv, seed)
         with _bar() as bar:
             task = bar.add_task("evaluating", total=len(pairs))
-            result = evaluate_pairs(model, pairs, dev, tile=tile, lpips=lpips, progress=lambda: bar.advance(task))
+            result = evaluate_pairs(model, pairs, dev, tile=tile, lpips=lpips, niqe_params=niqe,
+                                    progress=lambda: bar.advance(task))
     except DegradeError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
@@ -267,20 +284,22 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
     if as_json:  # strict JSON: an infinite PSNR (SR equal to HR) is null, as JSON has no Infinity
         click.echo(json.dumps(_finite_or_null(result), indent=1, allow_nan=False))
         return
-    table = Table(title="evaluation (Y: BT.601, 4-px crop)", title_justify="left")
-    for name in ("level", "images", "PSNR-Y", "SSIM-Y", "PSNR-RGB", "bicubic PSNR-Y", "bicubic SSIM-Y"):
-        table.add_column(name, justify="right")
-    for level, r in result["levels"].items():
-        table.add_row(level, str(r["images"]), f"{r['psnr_y']:.2f}", f"{r['ssim_y']:.4f}", f"{r['psnr_rgb']:.2f}",
-                      f"{r['bicubic_psnr_y']:.2f}", f"{r['bicubic_ssim_y']:.4f}")
-    console.print(table)
-    if lpips is not None:  # a table of its own: nine columns do not fit 80 characters
-        table = Table(title="LPIPS (lower: closer)", title_justify="left")
-        for name in ("level", "LPIPS", "bicubic LPIPS"):
+    if hr_dir is not None or shards is not None:
+        table = Table(title="evaluation (Y: BT.601, 4-px crop)", title_justify="left")
+        for name in ("level", "images", "PSNR-Y", "SSIM-Y", "PSNR-RGB", "bicubic PSNR-Y", "bicubic SSIM-Y"):
             table.add_column(name, justify="right")
         for level, r in result["levels"].items():
-            table.add_row(level, f"{r['lpips']:.4f}", f"{r['bicubic_lpips']:.4f}")
+            table.add_row(level, str(r["images"]), f"{r['psnr_y']:.2f}", f"{r['ssim_y']:.4f}",
+                          f"{r['psnr_rgb']:.2f}", f"{r['bicubic_psnr_y']:.2f}", f"{r['bicubic_ssim_y']:.4f}")
         console.print(table)
+    for key, title in (("lpips", "LPIPS (lower: closer)"), ("niqe", "NIQE (no reference; lower: more natural)")):
+        if any(key in r for r in result["levels"].values()):  # tables of their own: 80 characters hold no more
+            table = Table(title=title, title_justify="left")
+            for name in ("level", "images", key.upper(), f"bicubic {key.upper()}"):
+                table.add_column(name, justify="right")
+            for level, r in result["levels"].items():
+                table.add_row(level, str(r["images"]), f"{r[key]:.4f}", f"{r['bicubic_' + key]:.4f}")
+            console.print(table)
     console.print("predictor MAE: " + (", ".join(f"{k} {v:.4f}" for k, v in result["mae"].items())
                                        or "none (the pairs carry no true v)"))
     mix = result["mixing"]

@@ -15,9 +15,10 @@ from dasr_model.data import block_mae
 from dasr_model.diagnostics import mixing_stats
 from dasr_model.errors import DASRError
 from dasr_model.infer import DEFAULT_TILE, fuse_experts, predict, receptive_radius, tiled, to_image, to_tensor
-from dasr_model.metrics import psnr_rgb, psnr_y, ssim_y
+from dasr_model.metrics import psnr_rgb, psnr_y, ssim_y, y_channel
+from dasr_model.niqe import niqe
 
-Pair = tuple[int, np.ndarray, np.ndarray, np.ndarray | None]  # level, HR, LR (float32 [0, 1]), v or None
+Pair = tuple[int, np.ndarray | None, np.ndarray, np.ndarray | None]  # level, HR or None, LR (float32 [0, 1]), v
 MIN_HR_SIDE = 64  # an HR side below this leaves an LR of under 16 px: too little for the degradations and SSIM
 
 
@@ -122,6 +123,20 @@ def match_pairs(lr_files: list[Path], lr_root: Path, hr_files: list[Path], hr_ro
     return sorted(pairs, key=lambda pair: pair_name(pair[1], hr_root, strip=False))
 
 
+def pairs_from_lr_dir(lr_dir: str | Path) -> Pairs:
+    """Real LR images alone (no HR): for no-reference scores. Read as dasr-sr reads them; level 0."""
+    import degrade
+    from degrade.discover import find_images
+
+    files = find_images([lr_dir], what="LR images")
+
+    def make() -> Iterator[Pair]:
+        for f in files:
+            yield 0, None, degrade.read_image(f), None
+
+    return Pairs(len(files), make)
+
+
 def pairs_from_lr_hr_dirs(lr_dir: str | Path, hr_dir: str | Path, scale: int = 4) -> Pairs:
     """Given LR/HR pairs (a real-world test set such as DRealSR, or LR made elsewhere), matched by name
     (match_pairs); every file must have its partner. Each HR must be `scale` x its LR, up to scale - 1 px
@@ -157,15 +172,18 @@ def pairs_from_lr_hr_dirs(lr_dir: str | Path, hr_dir: str | Path, scale: int = 4
 @torch.no_grad()
 def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.device, *,
                    generator: torch.nn.Module | None = None, tile: int | None = DEFAULT_TILE,
-                   lpips: torch.nn.Module | None = None,
+                   lpips: torch.nn.Module | None = None, niqe_params: dict[str, np.ndarray] | None = None,
                    progress: Callable[[], None] | None = None) -> dict[str, Any]:
     """Scores per level of `model` (its predictor, and `generator` for SR when given, e.g. the trainer's
     EMA generator, else its own), computed as dasr-sr computes its output: v_hat and a from the whole LR
     (area-downscaled above 1024 px a side), the experts fused once per image, tiles of at most `tile`
     LR px overlapping by G's receptive-field radius (the whole-image result, in bounded memory).
     With `lpips` (dasr_model.lpips.LPIPS on `device`), also the LPIPS distance of SR and of bicubic to HR,
-    on the whole 8-bit images (no crop, as LPIPS is usually reported). `progress()` is called after each pair."""
+    on the whole 8-bit images (no crop, as LPIPS is usually reported). With `niqe_params`
+    (dasr_model.niqe.load_niqe_params), the no-reference NIQE of SR and of bicubic (Y, 4-px crop). A pair
+    whose HR is None (real LR alone) gets NIQE only. `progress()` is called after each pair."""
     scores: dict[int, dict[str, list[float]]] = {}
+    counts: dict[int, int] = {}
     v_hats, vs, mixes, mix_levels = [], [], [], []
     gen = model.generator if generator is None else generator
     overlap = receptive_radius(model.config)
@@ -176,17 +194,24 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
         mix_levels.append(level)
         sr = to_image(tiled(fuse_experts(gen, a), lr_t, model.config.scale, tile, overlap))
         bic = to_image(F.interpolate(lr_t, scale_factor=4, mode="bicubic", align_corners=False))
-        s = scores.setdefault(level, {k: [] for k in ("psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y",
-                                                       "bicubic_ssim_y")})
-        s["psnr_y"].append(psnr_y(sr, hr))
-        s["ssim_y"].append(ssim_y(sr, hr))
-        s["psnr_rgb"].append(psnr_rgb(sr, hr))
-        s["bicubic_psnr_y"].append(psnr_y(bic, hr))
-        s["bicubic_ssim_y"].append(ssim_y(bic, hr))
-        if lpips is not None:
-            hr_t = to_tensor(hr).to(device)
-            s.setdefault("lpips", []).append(float(lpips(_levels(sr, device), hr_t)[0]))
-            s.setdefault("bicubic_lpips", []).append(float(lpips(_levels(bic, device), hr_t)[0]))
+        counts[level] = counts.get(level, 0) + 1
+        s = scores.setdefault(level, {})
+
+        def add(key: str, value: float) -> None:
+            s.setdefault(key, []).append(value)
+
+        if hr is not None:
+            for prefix, out in (("", sr), ("bicubic_", bic)):
+                add(prefix + "psnr_y", psnr_y(out, hr))
+                add(prefix + "ssim_y", ssim_y(out, hr))
+            add("psnr_rgb", psnr_rgb(sr, hr))
+            if lpips is not None:
+                hr_t = to_tensor(hr).to(device)
+                add("lpips", float(lpips(_levels(sr, device), hr_t)[0]))
+                add("bicubic_lpips", float(lpips(_levels(bic, device), hr_t)[0]))
+        if niqe_params is not None:
+            add("niqe", niqe(y_channel(sr)[4:-4, 4:-4], niqe_params))
+            add("bicubic_niqe", niqe(y_channel(bic)[4:-4, 4:-4], niqe_params))
         if v is not None:
             v_hats.append(v_hat.cpu())
             vs.append(torch.from_numpy(np.asarray(v, np.float32))[None])
@@ -194,7 +219,7 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
             progress()
     if not scores:
         raise DASRError("nothing to evaluate")
-    levels = {str(lv): {"images": len(s["psnr_y"]), **{k: float(np.mean(x)) for k, x in s.items()}}
+    levels = {str(lv): {"images": counts[lv], **{k: float(np.mean(x)) for k, x in s.items()}}
               for lv, s in sorted(scores.items())}
     mae = block_mae(torch.cat(v_hats), torch.cat(vs)) if vs else {}
     mixing = mixing_stats(torch.cat(mixes), torch.tensor(mix_levels))

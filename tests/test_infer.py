@@ -437,7 +437,7 @@ def test_eval_refuses_lr_hr_folders_that_do_not_pair(ckpt, tmp_path, case, messa
     assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output, res.output
 
 
-@pytest.mark.parametrize("extra,message", [([], "--lr-dir needs --hr-dir"),
+@pytest.mark.parametrize("extra,message", [([], "--lr-dir alone has nothing to compare with"),
                                            (["--hr-dir", "H", "--seed", "3"], "--seed chooses how --hr-dir")])
 def test_eval_lr_dir_options_that_cannot_apply_are_usage_errors(ckpt, tmp_path, extra, message):
     (tmp_path / "H").mkdir()

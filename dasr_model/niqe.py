@@ -1,0 +1,141 @@
+"""NIQE (Mittal, Soundararajan and Bovik, 2013): the no-reference quality score real-world SR papers report
+where there is no HR (lower is more natural), for `dasr-eval --niqe-params FILE`. numpy and scipy only.
+
+The score compares natural-scene statistics of an image's 96 x 96 blocks, at full and at half size, with
+a multivariate Gaussian fitted to pristine photos. That model is data (`mu_pris_param` (36,),
+`cov_pris_param` (36, 36), `gaussian_window` (7, 7) in an .npz file, as BasicSR ships it in
+`basicsr/metrics/niqe_pris_params.npz`, from the official MATLAB release); nothing is downloaded.
+The computation follows the MATLAB release as BasicSR's `calculate_niqe` does (Y of BT.601 on 8-bit
+levels, rounded; MATLAB's bicubic imresize with antialiasing for the half scale; blocks without overlap);
+tests/test_niqe.py checks it against BasicSR.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from scipy.special import gamma
+
+from dasr_model.errors import DASRError
+
+BLOCK = 96  # px, the release's block side (its model was fitted on blocks of this size)
+FEATURES = 36  # 18 per scale
+PARAMS = {"mu_pris_param": (FEATURES,), "cov_pris_param": (FEATURES, FEATURES), "gaussian_window": (7, 7)}
+MAX_PARAMS_BYTES = 1 << 20  # the file is about 11 kB
+
+
+def load_niqe_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The pristine model from an .npz file (read without pickles): the three arrays of PARAMS, of their
+    shapes and finite, else a one-line DASRError naming the file."""
+    from dasr_model.checkpoints import open_regular
+
+    path = Path(path)
+    with open_regular(path) as f:
+        if os.fstat(f.fileno()).st_size > MAX_PARAMS_BYTES:
+            raise DASRError(f"{path}: not a NIQE parameter file (over {MAX_PARAMS_BYTES} bytes)")
+        try:
+            with np.load(f, allow_pickle=False) as npz:
+                arrays = {key: np.array(npz[key], dtype=np.float64) for key in PARAMS if key in npz.files}
+        except (ValueError, OSError, EOFError, KeyError) as exc:  # not an npz, a damaged member, an object array
+            raise DASRError(f"{path}: not a readable NIQE parameter file ({str(exc)[:120]})") from None
+    for key, shape in PARAMS.items():
+        if key not in arrays:
+            raise DASRError(f"{path}: not a NIQE parameter file (no {key!r})")
+        if arrays[key].shape != shape or not np.isfinite(arrays[key]).all():
+            raise DASRError(f"{path}: its {key} is {arrays[key].shape}, expected finite values of shape {shape}")
+    return arrays
+
+
+def niqe(y: np.ndarray, params: dict[str, np.ndarray]) -> float:
+    """NIQE of a luma image (H, W) on the 0-255 scale (rounded to integers first, as the release does).
+    At least two 96 x 96 blocks are needed (the covariance of one is undefined), else DASRError."""
+    img = np.round(np.asarray(y, np.float64))
+    rows, cols = img.shape[0] // BLOCK, img.shape[1] // BLOCK
+    if rows * cols < 2:
+        raise DASRError(f"NIQE needs two {BLOCK} x {BLOCK} blocks at least, not a {img.shape[1]}x{img.shape[0]} "
+                        "image")
+    img = img[: rows * BLOCK, : cols * BLOCK]
+    window = params["gaussian_window"]
+    per_scale = []
+    for scale in (1, 2):
+        mu = ndimage.convolve(img, window, mode="nearest")
+        sigma = np.sqrt(np.abs(ndimage.convolve(img * img, window, mode="nearest") - mu * mu))
+        normalised = (img - mu) / (sigma + 1)
+        side = BLOCK // scale
+        per_scale.append(np.array([_features(normalised[r * side:(r + 1) * side, c * side:(c + 1) * side])
+                                   for c in range(cols) for r in range(rows)]))
+        if scale == 1:
+            img = imresize_half(img / 255) * 255
+    feats = np.concatenate(per_scale, axis=1)
+    mu_d = np.nanmean(feats, axis=0)
+    cov_d = np.cov(feats[~np.isnan(feats).any(axis=1)], rowvar=False)
+    d = params["mu_pris_param"] - mu_d
+    quality = d @ np.linalg.pinv((params["cov_pris_param"] + cov_d) / 2) @ d
+    return float(np.sqrt(quality))
+
+
+@functools.lru_cache(maxsize=1)
+def _shape_table() -> tuple[np.ndarray, np.ndarray]:
+    """The shape parameters searched (0.2 to 10 by 0.001) and the moment ratio of each."""
+    shape = np.arange(0.2, 10.001, 0.001)
+    return shape, gamma(2 / shape) ** 2 / (gamma(1 / shape) * gamma(3 / shape))
+
+
+def _aggd(x: np.ndarray) -> tuple[float, float, float]:
+    """Shape, left and right scale of an asymmetric generalised Gaussian fitted to x by moment matching."""
+    x = x.ravel()
+    left, right = np.sqrt(np.mean(x[x < 0] ** 2)), np.sqrt(np.mean(x[x > 0] ** 2))
+    g = left / right
+    r = np.mean(np.abs(x)) ** 2 / np.mean(x * x)
+    r_norm = r * (g**3 + 1) * (g + 1) / (g**2 + 1) ** 2
+    shapes, ratios = _shape_table()
+    a = shapes[np.argmin((ratios - r_norm) ** 2)]
+    spread = math.sqrt(gamma(1 / a) / gamma(3 / a))
+    return float(a), float(left * spread), float(right * spread)
+
+
+def _features(block: np.ndarray) -> list[float]:
+    """The 18 features of a block: its own AGGD fit (shape, mean scale), then for the products with its four
+    neighbours (circularly shifted, as MATLAB's circshift) shape, mean, left and right scales."""
+    a, left, right = _aggd(block)
+    out = [a, (left + right) / 2]
+    for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        a, left, right = _aggd(block * np.roll(block, shift, axis=(0, 1)))
+        out += [a, (right - left) * gamma(2 / a) / gamma(1 / a), left, right]
+    return out
+
+
+def imresize_half(img: np.ndarray) -> np.ndarray:
+    """MATLAB's imresize(img, 0.5) (bicubic, a = -0.5, antialiased: the kernel stretched by 2; edges
+    mirrored) of a 2-D float image; each output side is the input's halved, rounded up."""
+    for axis in (0, 1):
+        img = np.moveaxis(np.tensordot(_half_weights(img.shape[axis]), np.moveaxis(img, axis, 0), axes=1), 0, axis)
+    return img
+
+
+@functools.lru_cache(maxsize=8)
+def _half_weights(n: int) -> np.ndarray:
+    """The (ceil(n / 2), n) matrix of imresize's x0.5 along one axis."""
+    scale, width = 0.5, 8.0  # the antialiasing kernel covers 4 / scale input pixels
+    out = math.ceil(n * scale)
+    centre = np.arange(1, out + 1) / scale + 0.5 * (1 - 1 / scale)  # 1-based input coordinates
+    first = np.floor(centre - width / 2)
+    taps = first[:, None] + np.arange(int(math.ceil(width)) + 2)[None, :]
+    w = scale * _cubic(scale * (centre[:, None] - taps))
+    w /= w.sum(axis=1, keepdims=True)
+    mirrored = np.concatenate([np.arange(n), np.arange(n)[::-1]])  # MATLAB's symmetric edge
+    index = mirrored[np.mod(taps.astype(np.int64) - 1, 2 * n)]
+    matrix = np.zeros((out, n))
+    np.add.at(matrix, (np.repeat(np.arange(out), taps.shape[1]), index.ravel()), w.ravel())
+    return matrix
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+    ax = np.abs(x)
+    return np.where(ax <= 1, 1.5 * ax**3 - 2.5 * ax**2 + 1,
+                    np.where(ax <= 2, -0.5 * ax**3 + 2.5 * ax**2 - 4 * ax + 2, 0.0))

@@ -1,0 +1,141 @@
+"""NIQE (dasr_model.niqe) against BasicSR's implementation of the MATLAB release, its parameter file, and
+dasr-eval's NIQE columns."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from dasr_model.errors import DASRError
+from dasr_model.niqe import _features, imresize_half, load_niqe_params, niqe
+
+from .niqe_golden import FEATURES, GOLDEN, HALF, feature_block, half_input, luma_images, make_params
+
+
+def test_scores_equal_basicsr():
+    """Oracle: BasicSR 1.4.2's niqe() (tests/niqe_golden.py). It resizes the half scale in float32 (torch),
+    this in float64 as MATLAB does; the shape fit's 0.001 grid turns that into up to 6e-5 relative here."""
+    params = make_params()
+    images = luma_images()
+    assert set(images) == set(GOLDEN)
+    for name, y in images.items():
+        assert niqe(y, params) == pytest.approx(GOLDEN[name], rel=2e-4), name
+    assert niqe(images["blurred"], params) > niqe(images["photo"], params)  # blur is less natural
+
+
+def test_the_block_features_and_the_half_scale_equal_basicsr():
+    np.testing.assert_allclose(_features(feature_block()), FEATURES, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(imresize_half(half_input()), HALF, atol=2e-7)  # BasicSR's float32
+    assert imresize_half(np.ones((13, 10))).shape == (7, 5)
+    np.testing.assert_allclose(imresize_half(np.full((9, 8), 3.0)), 3.0)  # weights sum to 1 at the edges too
+
+
+def test_too_small_an_image_is_refused():
+    params = make_params()
+    with pytest.raises(DASRError, match="two 96 x 96 blocks at least"):
+        niqe(np.zeros((100, 190)), params)
+    assert np.isfinite(niqe(luma_images()["photo"][:96, :192], params))
+
+
+def _save(path, **arrays):
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+def test_the_parameter_file_is_read_without_pickles_and_checked(tmp_path):
+    params = make_params()
+    loaded = load_niqe_params(_save(tmp_path / "p.npz", **params, extra=np.zeros(3)))
+    for key, value in params.items():
+        np.testing.assert_array_equal(loaded[key], value)
+    bad = {"missing": ({k: v for k, v in params.items() if k != "gaussian_window"}, "no 'gaussian_window'"),
+           "shape": ({**params, "mu_pris_param": np.zeros(18)}, "expected finite values of shape (36,)"),
+           "nan": ({**params, "cov_pris_param": np.full((36, 36), np.nan)}, "expected finite values"),
+           "object": ({**params, "mu_pris_param": np.array([object()] * 36)}, "not a readable NIQE parameter file")}
+    for name, (arrays, message) in bad.items():
+        with pytest.raises(DASRError, match=re.escape(message)):
+            load_niqe_params(_save(tmp_path / f"{name}.npz", **arrays))
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(DASRError, match="not a readable NIQE parameter file"):
+        load_niqe_params(tmp_path / "text.npz")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from dasr_model.checkpoints import save_checkpoint
+    from dasr_model.model import DASR, DASRConfig
+    from dasr_model.train import TrainConfig
+
+    torch.manual_seed(0)
+    config = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)
+    model = DASR(config)
+    path = tmp_path_factory.mktemp("ck") / "ckpt-1.pt"
+    save_checkpoint(path, {"config": TrainConfig(shards="", out="", model=config).to_dict(), "step": 1,
+                           "model": model.state_dict(), "ema_generator": model.generator.state_dict()})
+    return path
+
+
+def test_dasr_eval_scores_real_lr_alone_with_niqe(ckpt, tmp_path):
+    """Oracle: NIQE of the model's whole-image output and of torch's bicubic x4 (Y on 8-bit levels, 4-px crop),
+    computed here; no HR, so no PSNR."""
+    import json
+
+    import torch
+    from click.testing import CliRunner
+
+    import degrade
+    from cli.sr import eval_main
+    from dasr_model.infer import load_checkpoint_model, to_image, to_tensor
+    from dasr_model.metrics import y_channel
+
+    params_file = _save(tmp_path / "p.npz", **make_params())
+    lr_dir = tmp_path / "lr"
+    lr_dir.mkdir()
+    for i in range(2):
+        degrade.write_image(lr_dir / f"{i}.png", degrade.read_image(degrade.sample_images()[i])[:30, :56])
+    args = ["--model", str(ckpt), "--lr-dir", str(lr_dir), "--device", "cpu", "--niqe-params", str(params_file)]
+    res = CliRunner().invoke(eval_main, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    level = json.loads(res.stdout)["levels"]["0"]
+    assert set(level) == {"images", "niqe", "bicubic_niqe"} and level["images"] == 2
+    model, params = load_checkpoint_model(ckpt), make_params()
+    ours, bicubic = [], []
+    with torch.no_grad():
+        for i in range(2):
+            lr = to_tensor(degrade.read_image(lr_dir / f"{i}.png"))
+            ours.append(niqe(y_channel(to_image(model(lr)))[4:-4, 4:-4], params))
+            bic = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False)
+            bicubic.append(niqe(y_channel(to_image(bic))[4:-4, 4:-4], params))
+    assert level["niqe"] == pytest.approx(np.mean(ours), rel=1e-3)
+    assert level["bicubic_niqe"] == pytest.approx(np.mean(bicubic), rel=1e-6)
+    table = CliRunner().invoke(eval_main, args, terminal_width=80)
+    assert table.exit_code == 0 and "NIQE (no reference; lower: more natural)" in table.stdout
+    assert "PSNR" not in table.stdout
+
+
+def test_dasr_eval_niqe_beside_psnr_and_its_refusals(ckpt, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    import degrade
+    from cli.sr import eval_main
+
+    params_file = _save(tmp_path / "p.npz", **make_params())
+    hr_dir = tmp_path / "hr"
+    hr_dir.mkdir()
+    degrade.write_image(hr_dir / "a.png", degrade.read_image(degrade.sample_images()[0])[:120, :224])
+    base = ["--model", str(ckpt), "--device", "cpu"]
+    res = CliRunner().invoke(eval_main, [*base, "--hr-dir", str(hr_dir), "--levels", "2", "--json", "--niqe-params",
+                                         str(params_file)])
+    assert res.exit_code == 0, res.output
+    assert {"psnr_y", "niqe", "bicubic_niqe"} <= set(json.loads(res.stdout)["levels"]["2"])
+    for extra, code, message in (([], 2, "--lr-dir alone has nothing to compare with"),
+                                 (["--niqe-params", str(params_file), "--lpips-alexnet", "a", "--lpips-lin", "b"], 2,
+                                  "LPIPS compares with an HR image"),
+                                 (["--niqe-params", str(hr_dir / "a.png")], 1, "not a readable NIQE parameter file")):
+        res = CliRunner().invoke(eval_main, [*base, "--lr-dir", str(hr_dir), *extra])
+        assert res.exit_code == code and message in res.output and "Traceback" not in res.output, res.output
