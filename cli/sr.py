@@ -227,7 +227,8 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
 def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_dir, levels, seed, device, tile,
               as_json, lpips_alexnet, lpips_lin, niqe_params, max_pixels) -> None:
     """PSNR/SSIM on Y (4-px crop) and RGB PSNR per level, for the model and bicubic; predictor MAE per block;
-    LPIPS when given its weights. Given LR/HR pairs (--lr-dir) have no level: they are reported as level 0."""
+    LPIPS and NIQE when given their files. Given LR/HR pairs (--lr-dir with --hr-dir) have no level: they are
+    reported as level 0; so are real LR images alone (--lr-dir with --niqe-params), scored by NIQE only."""
     require_torch()
     set_max_pixels(max_pixels)
     from dasr_model.evaluate import (
@@ -240,11 +241,11 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
     from dasr_model.lpips import LPIPS
     from dasr_model.niqe import load_niqe_params
 
+    if sum(x is not None for x in (shards, hr_dir or lr_dir)) != 1:
+        raise click.UsageError("give --shards, --hr-dir or --lr-dir")
     if lr_dir is not None and hr_dir is None and niqe_params is None:
         raise click.UsageError("--lr-dir alone has nothing to compare with: add --hr-dir (PSNR, SSIM) or "
                                "--niqe-params (no-reference NIQE)")
-    if sum(x is not None for x in (shards, hr_dir or lr_dir)) != 1:
-        raise click.UsageError("give --shards, --hr-dir or --lr-dir")
     if lr_dir is not None and hr_dir is None and lpips_alexnet is not None:
         raise click.UsageError("LPIPS compares with an HR image: --lr-dir alone has none")
     if lr_dir is not None:
@@ -297,8 +298,9 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
             table = Table(title=title, title_justify="left")
             for name in ("level", "images", key.upper(), f"bicubic {key.upper()}"):
                 table.add_column(name, justify="right")
-            for level, r in result["levels"].items():
-                table.add_row(level, str(r["images"]), f"{r[key]:.4f}", f"{r['bicubic_' + key]:.4f}")
+            for level, r in result["levels"].items():  # NIQE's count: the images it could score
+                table.add_row(level, str(r.get(f"{key}_images", r["images"])),
+                              *(f"{r[k]:.4f}" if math.isfinite(r[k]) else "-" for k in (key, "bicubic_" + key)))
             console.print(table)
     console.print("predictor MAE: " + (", ".join(f"{k} {v:.4f}" for k, v in result["mae"].items())
                                        or "none (the pairs carry no true v)"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -210,8 +211,10 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
                 add("lpips", float(lpips(_levels(sr, device), hr_t)[0]))
                 add("bicubic_lpips", float(lpips(_levels(bic, device), hr_t)[0]))
         if niqe_params is not None:
-            add("niqe", niqe(y_channel(sr)[4:-4, 4:-4], niqe_params))
-            add("bicubic_niqe", niqe(y_channel(bic)[4:-4, 4:-4], niqe_params))
+            add("niqe", _niqe_or_nan(sr, niqe_params))
+            add("bicubic_niqe", _niqe_or_nan(bic, niqe_params))
+        elif hr is None:
+            raise DASRError("an image without HR has no score but NIQE: give its parameters")
         if v is not None:
             v_hats.append(v_hat.cpu())
             vs.append(torch.from_numpy(np.asarray(v, np.float32))[None])
@@ -219,11 +222,29 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
             progress()
     if not scores:
         raise DASRError("nothing to evaluate")
-    levels = {str(lv): {"images": counts[lv], **{k: float(np.mean(x)) for k, x in s.items()}}
+    levels = {str(lv): {"images": counts[lv], **{k: _mean(x) for k, x in s.items()}}
               for lv, s in sorted(scores.items())}
+    for s, out in zip((s for _, s in sorted(scores.items())), levels.values()):
+        if "niqe" in s:  # the images NIQE could score (too small or flat ones have no statistics)
+            out["niqe_images"] = int(np.isfinite(s["niqe"]).sum())
     mae = block_mae(torch.cat(v_hats), torch.cat(vs)) if vs else {}
     mixing = mixing_stats(torch.cat(mixes), torch.tensor(mix_levels))
     return {"levels": levels, "mae": mae, "mixing": mixing}
+
+
+def _niqe_or_nan(img: np.ndarray, params: dict[str, np.ndarray]) -> float:
+    """NIQE of an RGB image (BT.601 Y on 8-bit levels, 4-px crop), or NaN where it has no score (fewer than
+    two textured 96-px blocks): such an image is left out of the level's mean, not the end of the run."""
+    try:
+        return niqe(y_channel(img)[4:-4, 4:-4], params)
+    except DASRError:
+        return math.nan
+
+
+def _mean(values: list[float]) -> float:
+    """The mean; for NIQE, of the images it could score (NaN where it scored none)."""
+    finite = [x for x in values if not math.isnan(x)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 def _levels(img: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
 from scipy.special import gamma
 
 from dasr_model.errors import DASRError
@@ -30,8 +32,10 @@ MAX_PARAMS_BYTES = 1 << 20  # the file is about 11 kB
 
 
 def load_niqe_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The pristine model from an .npz file (read without pickles): the three arrays of PARAMS, of their
-    shapes and finite, else a one-line DASRError naming the file."""
+    """The pristine model from an .npz file (read without pickles): the three arrays of PARAMS (the mean may
+    be stored (1, 36), as BasicSR's is), real numbers of their shapes and finite, the window non-negative
+    and summing to 1, the covariance symmetric; else a one-line DASRError naming the file. Each member's
+    unpacked size is checked before it is read (a small file could inflate to gigabytes)."""
     from dasr_model.checkpoints import open_regular
 
     path = Path(path)
@@ -39,22 +43,46 @@ def load_niqe_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if os.fstat(f.fileno()).st_size > MAX_PARAMS_BYTES:
             raise DASRError(f"{path}: not a NIQE parameter file (over {MAX_PARAMS_BYTES} bytes)")
         try:
-            with np.load(f, allow_pickle=False) as npz:
-                arrays = {key: np.array(npz[key], dtype=np.float64) for key in PARAMS if key in npz.files}
-        except (ValueError, OSError, EOFError, KeyError) as exc:  # not an npz, a damaged member, an object array
+            npz = np.load(f, allow_pickle=False)
+            if not isinstance(npz, np.lib.npyio.NpzFile):  # a single .npy array
+                raise ValueError("not an .npz archive")
+            with npz:
+                arrays = {}
+                for key in PARAMS:
+                    if key not in npz.files:
+                        raise DASRError(f"{path}: not a NIQE parameter file (no {key!r})")
+                    if npz.zip.getinfo(f"{key}.npy").file_size > MAX_PARAMS_BYTES:
+                        raise DASRError(f"{path}: refused: its {key} unpacks to over {MAX_PARAMS_BYTES} bytes")
+                    arrays[key] = npz[key]
+        except DASRError:
+            raise
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:  # not an npz, damaged
             raise DASRError(f"{path}: not a readable NIQE parameter file ({str(exc)[:120]})") from None
+    out = {}
     for key, shape in PARAMS.items():
-        if key not in arrays:
-            raise DASRError(f"{path}: not a NIQE parameter file (no {key!r})")
-        if arrays[key].shape != shape or not np.isfinite(arrays[key]).all():
-            raise DASRError(f"{path}: its {key} is {arrays[key].shape}, expected finite values of shape {shape}")
-    return arrays
+        a = arrays[key]
+        if a.dtype.kind not in "fiu" or a.size != math.prod(shape):
+            raise DASRError(f"{path}: its {key} is {a.dtype} {a.shape}, expected real numbers of shape {shape}")
+        out[key] = a.astype(np.float64).reshape(shape)
+        if not np.isfinite(out[key]).all():
+            raise DASRError(f"{path}: its {key} holds NaN or infinite values")
+    window, cov = out["gaussian_window"], out["cov_pris_param"]
+    if window.min() < 0 or abs(window.sum() - 1) > 1e-6 or not np.allclose(cov, cov.T):
+        raise DASRError(f"{path}: not a NIQE model (its window must be non-negative and sum to 1, its "
+                        "covariance symmetric)")
+    return out
 
 
 def niqe(y: np.ndarray, params: dict[str, np.ndarray]) -> float:
-    """NIQE of a luma image (H, W) on the 0-255 scale (rounded to integers first, as the release does).
-    At least two 96 x 96 blocks are needed (the covariance of one is undefined), else DASRError."""
-    img = np.round(np.asarray(y, np.float64))
+    """NIQE of a luma image (H, W) on the 0-255 scale (rounded to integers first, halves up, as MATLAB's
+    round does). At least two 96 x 96 blocks whose statistics exist are needed (a flat block has none, and
+    the covariance of one block is undefined), else DASRError."""
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a flat block's features are NaN: left out below
+        return _niqe(np.floor(np.asarray(y, np.float64) + 0.5), params)
+
+
+def _niqe(img: np.ndarray, params: dict[str, np.ndarray]) -> float:
     rows, cols = img.shape[0] // BLOCK, img.shape[1] // BLOCK
     if rows * cols < 2:
         raise DASRError(f"NIQE needs two {BLOCK} x {BLOCK} blocks at least, not a {img.shape[1]}x{img.shape[0]} "
@@ -72,9 +100,13 @@ def niqe(y: np.ndarray, params: dict[str, np.ndarray]) -> float:
         if scale == 1:
             img = imresize_half(img / 255) * 255
     feats = np.concatenate(per_scale, axis=1)
+    whole = feats[np.isfinite(feats).all(axis=1)]
+    if len(whole) < 2:
+        raise DASRError(f"NIQE needs two {BLOCK} x {BLOCK} blocks with texture, and this image has "
+                        f"{len(whole)} (flat blocks have no statistics)")
     mu_d = np.nanmean(feats, axis=0)
-    cov_d = np.cov(feats[~np.isnan(feats).any(axis=1)], rowvar=False)
-    d = params["mu_pris_param"] - mu_d
+    cov_d = np.cov(whole, rowvar=False)
+    d = np.ravel(params["mu_pris_param"]) - mu_d  # the mean as (36,) or BasicSR's (1, 36)
     quality = d @ np.linalg.pinv((params["cov_pris_param"] + cov_d) / 2) @ d
     return float(np.sqrt(quality))
 
@@ -113,14 +145,13 @@ def _features(block: np.ndarray) -> list[float]:
 def imresize_half(img: np.ndarray) -> np.ndarray:
     """MATLAB's imresize(img, 0.5) (bicubic, a = -0.5, antialiased: the kernel stretched by 2; edges
     mirrored) of a 2-D float image; each output side is the input's halved, rounded up."""
-    for axis in (0, 1):
-        img = np.moveaxis(np.tensordot(_half_weights(img.shape[axis]), np.moveaxis(img, axis, 0), axes=1), 0, axis)
-    return img
+    img = _half_weights(img.shape[0]) @ img
+    return (_half_weights(img.shape[1]) @ img.T).T
 
 
 @functools.lru_cache(maxsize=8)
-def _half_weights(n: int) -> np.ndarray:
-    """The (ceil(n / 2), n) matrix of imresize's x0.5 along one axis."""
+def _half_weights(n: int) -> sparse.csr_matrix:
+    """The (ceil(n / 2), n) matrix of imresize's x0.5 along one axis, sparse (10 taps a row)."""
     scale, width = 0.5, 8.0  # the antialiasing kernel covers 4 / scale input pixels
     out = math.ceil(n * scale)
     centre = np.arange(1, out + 1) / scale + 0.5 * (1 - 1 / scale)  # 1-based input coordinates
@@ -130,9 +161,8 @@ def _half_weights(n: int) -> np.ndarray:
     w /= w.sum(axis=1, keepdims=True)
     mirrored = np.concatenate([np.arange(n), np.arange(n)[::-1]])  # MATLAB's symmetric edge
     index = mirrored[np.mod(taps.astype(np.int64) - 1, 2 * n)]
-    matrix = np.zeros((out, n))
-    np.add.at(matrix, (np.repeat(np.arange(out), taps.shape[1]), index.ravel()), w.ravel())
-    return matrix
+    rows = np.repeat(np.arange(out), taps.shape[1])
+    return sparse.csr_matrix((w.ravel(), (rows, index.ravel())), shape=(out, n))  # repeated entries add up
 
 
 def _cubic(x: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
 """A pristine model, images and reference NIQE scores for tests/test_niqe.py.
 
 `make_params` draws a valid stand-in for the pristine model (the real one is BasicSR's data file, not
-ours to ship): a mean, a symmetric positive definite covariance, and MATLAB's 7 x 7 Gaussian window
-(sigma 7/6). `luma_images` gives Y images of bundled-photo crops. GOLDEN holds BasicSR 1.4.2's
+ours to ship), in its layout: a (1, 36) mean, a symmetric positive definite covariance, and MATLAB's
+7 x 7 Gaussian window (sigma 7/6). `luma_images` gives Y images of bundled-photo crops. GOLDEN holds BasicSR 1.4.2's
 `niqe()` on them, and HALF its MATLAB-style `imresize(x, 0.5)` checks, printed by:
 
     pip install --no-deps basicsr==1.4.2   (or unpack its sdist and put it on PYTHONPATH)
@@ -44,7 +44,7 @@ def make_params() -> dict[str, np.ndarray]:
     a = rng.normal(0, 1, (36, 36))
     x = np.arange(7) - 3
     g = np.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * (7 / 6) ** 2))
-    return {"mu_pris_param": rng.normal(1, 0.5, 36), "cov_pris_param": a @ a.T / 36 + 0.1 * np.eye(36),
+    return {"mu_pris_param": rng.normal(1, 0.5, (1, 36)), "cov_pris_param": a @ a.T / 36 + 0.1 * np.eye(36),
             "gaussian_window": g / g.sum()}
 
 

@@ -48,18 +48,41 @@ def _save(path, **arrays):
 def test_the_parameter_file_is_read_without_pickles_and_checked(tmp_path):
     params = make_params()
     loaded = load_niqe_params(_save(tmp_path / "p.npz", **params, extra=np.zeros(3)))
-    for key, value in params.items():
-        np.testing.assert_array_equal(loaded[key], value)
+    for key, value in params.items():  # the mean as BasicSR stores it, (1, 36), read as (36,)
+        np.testing.assert_array_equal(loaded[key], value.reshape(loaded[key].shape))
+    assert loaded["mu_pris_param"].shape == (36,)
+    window = params["gaussian_window"]
     bad = {"missing": ({k: v for k, v in params.items() if k != "gaussian_window"}, "no 'gaussian_window'"),
-           "shape": ({**params, "mu_pris_param": np.zeros(18)}, "expected finite values of shape (36,)"),
-           "nan": ({**params, "cov_pris_param": np.full((36, 36), np.nan)}, "expected finite values"),
+           "shape": ({**params, "mu_pris_param": np.zeros(18)}, "expected real numbers of shape (36,)"),
+           "complex": ({**params, "mu_pris_param": np.zeros(36, complex)}, "expected real numbers"),
+           "nan": ({**params, "cov_pris_param": np.full((36, 36), np.nan)}, "holds NaN or infinite values"),
+           "window": ({**params, "gaussian_window": window * 2}, "its window must be non-negative and sum to 1"),
            "object": ({**params, "mu_pris_param": np.array([object()] * 36)}, "not a readable NIQE parameter file")}
     for name, (arrays, message) in bad.items():
         with pytest.raises(DASRError, match=re.escape(message)):
             load_niqe_params(_save(tmp_path / f"{name}.npz", **arrays))
     (tmp_path / "text.npz").write_text("not a zip")
-    with pytest.raises(DASRError, match="not a readable NIQE parameter file"):
-        load_niqe_params(tmp_path / "text.npz")
+    np.save(tmp_path / "one.npy", params["cov_pris_param"])
+    for name in ("text.npz", "one.npy"):
+        with pytest.raises(DASRError, match="not a readable NIQE parameter file"):
+            load_niqe_params(tmp_path / name)
+    import zipfile  # a member that inflates far past the file: refused from the archive's directory
+
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        for key, value in params.items():
+            buf = __import__("io").BytesIO()
+            np.save(buf, np.zeros(2**24, np.uint8) if key == "mu_pris_param" else value)
+            z.writestr(f"{key}.npy", buf.getvalue())
+    assert (tmp_path / "bomb.npz").stat().st_size < 2**16
+    with pytest.raises(DASRError, match="its mu_pris_param unpacks to over"):
+        load_niqe_params(tmp_path / "bomb.npz")
+
+
+def test_an_image_without_two_textured_blocks_is_refused():
+    params = make_params()
+    flat = np.full((200, 300), 120.0)
+    with pytest.raises(DASRError, match="two 96 x 96 blocks with texture, and this image has 0"):
+        niqe(flat, params)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +123,7 @@ def test_dasr_eval_scores_real_lr_alone_with_niqe(ckpt, tmp_path):
     res = CliRunner().invoke(eval_main, [*args, "--json"])
     assert res.exit_code == 0, res.output
     level = json.loads(res.stdout)["levels"]["0"]
-    assert set(level) == {"images", "niqe", "bicubic_niqe"} and level["images"] == 2
+    assert set(level) == {"images", "niqe", "bicubic_niqe", "niqe_images"} and level["images"] == 2
     model, params = load_checkpoint_model(ckpt), make_params()
     ours, bicubic = [], []
     with torch.no_grad():
@@ -114,6 +137,12 @@ def test_dasr_eval_scores_real_lr_alone_with_niqe(ckpt, tmp_path):
     table = CliRunner().invoke(eval_main, args, terminal_width=80)
     assert table.exit_code == 0 and "NIQE (no reference; lower: more natural)" in table.stdout
     assert "PSNR" not in table.stdout
+    degrade.write_image(lr_dir / "flat.png", np.full((30, 56, 3), 0.5, np.float32))  # no statistics: left out
+    res = CliRunner().invoke(eval_main, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    with_flat = json.loads(res.stdout)["levels"]["0"]
+    assert with_flat["images"] == 3 and with_flat["niqe_images"] == 2
+    assert with_flat["niqe"] == pytest.approx(level["niqe"], rel=1e-9)
 
 
 def test_dasr_eval_niqe_beside_psnr_and_its_refusals(ckpt, tmp_path):
