@@ -440,6 +440,9 @@ def _progress() -> Progress:
                     TimeRemainingColumn(), console=err_console)
 
 
+DASK_CONNECT_TIMEOUT = "10s"  # how long --dask-scheduler waits for the scheduler before saying it is unreachable
+
+
 @contextmanager
 def _dask_client(address: str | None):
     if address is None:
@@ -450,7 +453,7 @@ def _dask_client(address: str | None):
     except ImportError:
         raise click.ClickException("--dask-scheduler needs the dask extra: pip install 'dasr-toolkit[dask]'") from None
     try:
-        client = Client(address, timeout="10s")
+        client = Client(address, timeout=DASK_CONNECT_TIMEOUT)
     except OSError as exc:
         raise click.ClickException(f"cannot reach the Dask scheduler at {address}: {exc}") from None
     with client:
