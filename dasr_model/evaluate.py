@@ -222,7 +222,8 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
             progress()
     if not scores:
         raise DASRError("nothing to evaluate")
-    levels = {str(lv): {"images": counts[lv], **{k: _mean(x) for k, x in s.items()}}
+    levels = {str(lv): {"images": counts[lv], **{k: _mean(x) if k in NIQE_KEYS else float(np.mean(x))
+                                                 for k, x in s.items()}}
               for lv, s in sorted(scores.items())}
     for s, out in zip((s for _, s in sorted(scores.items())), levels.values()):
         if "niqe" in s:  # the images NIQE could score (too small or flat ones have no statistics)
@@ -241,8 +242,11 @@ def _niqe_or_nan(img: np.ndarray, params: dict[str, np.ndarray]) -> float:
         return math.nan
 
 
+NIQE_KEYS = ("niqe", "bicubic_niqe")  # NaN there means "no score" (any other NaN stays visible)
+
+
 def _mean(values: list[float]) -> float:
-    """The mean; for NIQE, of the images it could score (NaN where it scored none)."""
+    """The mean of the images NIQE could score (NaN where it scored none)."""
     finite = [x for x in values if not math.isnan(x)]
     return float(np.mean(finite)) if finite else math.nan
 
