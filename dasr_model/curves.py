@@ -71,15 +71,29 @@ def _number(x: Any) -> float:
 
 
 def smooth(y: np.ndarray, n: int) -> np.ndarray:
-    """The running mean of the last `n` values (fewer at the start), values that are not finite left out
-    (window sums, not differences of a cumulative sum: one huge value cannot cancel what follows it)."""
-    if n <= 1 or len(y) == 0:
+    """The running mean of the last `n` values (fewer at the start), values that are not finite left out.
+    O(len(y)) at any `n`: each window is the tail of one block of `n` plus the head of the next (sums
+    within blocks, so one huge value cannot cancel what follows its window)."""
+    n = min(n, len(y))
+    if n <= 1:
         return y
     ok = np.isfinite(y)
-    sums = np.convolve(np.where(ok, y, 0.0), np.ones(n))[: len(y)]
-    seen = np.convolve(ok.astype(np.float64), np.ones(n))[: len(y)]
+    sums, seen = _window_sums(np.where(ok, y, 0.0), n), _window_sums(ok.astype(np.float64), n)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(seen > 0.5, sums / np.maximum(seen, 1), np.nan)
+
+
+def _window_sums(x: np.ndarray, n: int) -> np.ndarray:
+    """Sums of x[max(0, i - n + 1) : i + 1] for every i."""
+    blocks = np.zeros(-(-len(x) // n) * n)
+    blocks[: len(x)] = x
+    blocks = blocks.reshape(-1, n)
+    head = np.cumsum(blocks, axis=1).ravel()  # from its block's start to i
+    tail = np.cumsum(blocks[:, ::-1], axis=1)[:, ::-1].ravel()  # from i to its block's end
+    i = np.arange(len(x))
+    start = i - n + 1  # in the block before i's, unless it is i's block's start or before the series
+    spans = (start >= 0) & (start < (i // n) * n)
+    return head[i] + np.where(spans, tail[np.maximum(start, 0)], 0.0)
 
 
 def plot_curves(runs: dict[str, dict[str, Any]], out: str | Path, *, window: int = 50) -> tuple[int, int]:
@@ -88,22 +102,23 @@ def plot_curves(runs: dict[str, dict[str, Any]], out: str | Path, *, window: int
 
     plt = _pyplot()
     levels = sorted({lv for r in runs.values() for lv in r["psnr_y"]}, key=str)
-    cols = max(3, len(levels) + 1)
+    adversarial_terms = any(np.isfinite(r[k]).any() for r in runs.values() for k in ("gan", "perceptual"))
+    cols = max(3 + adversarial_terms, len(levels) + 1)
     rows = 2 if any(len(r["val_step"]) for r in runs.values()) else 1  # the second: validation
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.5 * rows), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     shared_bicubic = _shared_bicubic(runs.values(), levels)
     (l1, regression, rate), psnr = axes[0][:3], dict(zip(levels, axes[-1]))
-    adversarial = axes[0][3] if cols > 3 else regression  # the GAN and perceptual terms, where a run has them
-    mark = {"marker": "."} if max(len(r["step"]) for r in runs.values()) == 1 else {}  # one point: no line
+    adversarial = axes[0][3] if adversarial_terms else None  # the GAN and perceptual terms, where a run has them
     mae = axes[-1][len(levels)] if rows == 2 else None
     for i, (name, r) in enumerate(runs.items()):
         c = colours[i % len(colours)]
+        mark = {"marker": "."} if len(r["step"]) == 1 else {}  # one point draws no line
         l1.plot(r["step"], smooth(r["l1"], window), color=c, label=name, **mark)
         regression.plot(r["step"], smooth(r["regression"], window), color=c, label=name, **mark)
         rate.plot(r["step"], r["lr"], color=c, label=name, **mark)
         for key, style in (("gan", "-"), ("perceptual", ":")):
-            if np.isfinite(r[key]).any():
+            if adversarial is not None and np.isfinite(r[key]).any():
                 adversarial.plot(r["step"], smooth(r[key], window), color=c, linestyle=style, label=f"{name}: {key}",
                                  **mark)
         if mae is not None and len(r["val_step"]):
@@ -123,7 +138,7 @@ def plot_curves(runs: dict[str, dict[str, Any]], out: str | Path, *, window: int
     l1.set(title=f"pixel L1 loss (mean of {window} logged steps)", xlabel="step", yscale="log")
     regression.set(title=f"v regression loss (mean of {window} logged steps)", xlabel="step", yscale="log")
     rate.set(title="learning rate", xlabel="step")
-    if adversarial is not regression:
+    if adversarial is not None:
         adversarial.set(title=f"GAN and perceptual terms (mean of {window} logged steps)", xlabel="step")
     if mae is not None:
         mae.set(title="predictor MAE of v (validation, all blocks)", xlabel="step")

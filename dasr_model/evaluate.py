@@ -210,9 +210,11 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
                 hr_t = to_tensor(hr).to(device)
                 add("lpips", float(lpips(_levels(sr, device), hr_t)[0]))
                 add("bicubic_lpips", float(lpips(_levels(bic, device), hr_t)[0]))
-        if niqe_params is not None:
-            add("niqe", _niqe_or_nan(sr, niqe_params))
-            add("bicubic_niqe", _niqe_or_nan(bic, niqe_params))
+        if niqe_params is not None:  # an image without a score for either is left out of both columns
+            pair = _niqe_or_nan(sr, niqe_params), _niqe_or_nan(bic, niqe_params)
+            scored = all(math.isfinite(x) for x in pair)
+            add("niqe", pair[0] if scored else math.nan)
+            add("bicubic_niqe", pair[1] if scored else math.nan)
         elif hr is None:
             raise DASRError("an image without HR has no score but NIQE: give its parameters")
         if v is not None:
@@ -226,7 +228,7 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
                                                  for k, x in s.items()}}
               for lv, s in sorted(scores.items())}
     for s, out in zip((s for _, s in sorted(scores.items())), levels.values()):
-        if "niqe" in s:  # the images NIQE could score (too small or flat ones have no statistics)
+        if "niqe" in s:  # the images NIQE scored, model and bicubic alike (too small or flat ones have none)
             out["niqe_images"] = int(np.isfinite(s["niqe"]).sum())
     mae = block_mae(torch.cat(v_hats), torch.cat(vs)) if vs else {}
     mixing = mixing_stats(torch.cat(mixes), torch.tensor(mix_levels))

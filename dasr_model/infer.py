@@ -296,25 +296,25 @@ def output_size(h: int, w: int, outscale: float) -> tuple[int, int]:
 
 
 def finish(sr: np.ndarray, alpha: np.ndarray | None = None, outscale: float = 4.0) -> np.ndarray:
-    """dasr-sr's output from `upscale`'s x4 RGB (uint8): the input's alpha channel ((H, W) uint8, or None),
-    upscaled bicubic to the RGB's size, as a fourth channel; then, for `outscale` other than 4, the whole
-    resized to `outscale` x the input's size (area averaging to shrink, Lanczos to enlarge). The output may
-    hold at most 16 x pixel_limit() pixels (what x4 of the largest readable input makes), else DASRError."""
+    """dasr-sr's output from `upscale`'s x4 RGB (uint8): resized for `outscale` other than 4 to `outscale` x
+    the input's size (area averaging to shrink, Lanczos to enlarge), with the input's alpha channel ((H, W)
+    uint8, or None) upscaled bicubic as a fourth channel. The output may hold at most 16 x pixel_limit()
+    pixels (what x4 of the largest readable input makes), else DASRError."""
     h, w = sr.shape[0] // 4, sr.shape[1] // 4
     size = output_size(h, w, outscale)
     if alpha is not None and alpha.shape != (h, w):
         raise DASRError(f"an alpha channel of {alpha.shape} does not fit an image of {h}x{w} px")
-    if outscale != 4:  # the RGB resized first: the x4 alpha is never made beside a larger RGBA
+    if alpha is not None and outscale > 4:  # the small x4 RGBA resized once: no larger RGB and alpha beside it
+        x4 = np.empty((4 * h, 4 * w, 4), np.uint8)
+        x4[..., :3], x4[..., 3] = sr, cv2.resize(alpha, (4 * w, 4 * h), interpolation=cv2.INTER_CUBIC)
+        return cv2.resize(x4, size, interpolation=cv2.INTER_LANCZOS4)
+    if outscale != 4:
         sr = cv2.resize(sr, size, interpolation=cv2.INTER_AREA if outscale < 4 else cv2.INTER_LANCZOS4)
     if alpha is None:
         return sr
-    if outscale != 4:  # the x4 bicubic alpha, resized as the RGB was
-        alpha = cv2.resize(cv2.resize(alpha, (4 * w, 4 * h), interpolation=cv2.INTER_CUBIC), size,
-                           interpolation=cv2.INTER_AREA if outscale < 4 else cv2.INTER_LANCZOS4)
-    else:
-        alpha = cv2.resize(alpha, (4 * w, 4 * h), interpolation=cv2.INTER_CUBIC)
     out = np.empty((*sr.shape[:2], 4), np.uint8)
-    out[..., :3], out[..., 3] = sr, alpha
+    out[..., :3] = sr
+    out[..., 3] = cv2.resize(alpha, size, interpolation=cv2.INTER_CUBIC)  # bicubic straight to the output size
     return out
 
 

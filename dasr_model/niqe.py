@@ -53,6 +53,15 @@ def load_niqe_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
                         raise DASRError(f"{path}: not a NIQE parameter file (no {key!r})")
                     if npz.zip.getinfo(f"{key}.npy").file_size > MAX_PARAMS_BYTES:
                         raise DASRError(f"{path}: refused: its {key} unpacks to over {MAX_PARAMS_BYTES} bytes")
+                    with npz.zip.open(f"{key}.npy") as member:  # the header's shape, before numpy allocates it
+                        version = np.lib.format.read_magic(member)
+                        read = {(1, 0): np.lib.format.read_array_header_1_0,
+                                (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                        if read is None:
+                            raise ValueError(f"npy format version {version}")
+                        shape, _, dtype = read(member)
+                    if math.prod(shape) * dtype.itemsize > MAX_PARAMS_BYTES:
+                        raise DASRError(f"{path}: refused: its {key} declares {shape} of {dtype}")
                     arrays[key] = npz[key]
         except DASRError:
             raise
@@ -67,16 +76,17 @@ def load_niqe_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if not np.isfinite(out[key]).all():
             raise DASRError(f"{path}: its {key} holds NaN or infinite values")
     window, cov = out["gaussian_window"], out["cov_pris_param"]
-    if window.min() < 0 or abs(window.sum() - 1) > 1e-6 or not np.allclose(cov, cov.T):
+    if (window.min() < 0 or abs(window.sum() - 1) > 1e-6 or not np.allclose(cov, cov.T)
+            or np.linalg.eigvalsh(cov).min() < -1e-9 * np.abs(cov).max()):
         raise DASRError(f"{path}: not a NIQE model (its window must be non-negative and sum to 1, its "
-                        "covariance symmetric)")
+                        "covariance symmetric and positive semi-definite)")
     return out
 
 
 def niqe(y: np.ndarray, params: dict[str, np.ndarray]) -> float:
-    """NIQE of a luma image (H, W) on the 0-255 scale (rounded to integers first, halves up, as MATLAB's
-    round does). At least two 96 x 96 blocks whose statistics exist are needed (a flat block has none, and
-    the covariance of one block is undefined), else DASRError."""
+    """NIQE of a luma image (H, W) on the 0-255 scale (rounded to integers first, halves up: MATLAB's round
+    for the non-negative values of a luma image). At least two 96 x 96 blocks whose statistics exist are
+    needed (a flat block has none, and the covariance of one block is undefined), else DASRError."""
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a flat block's features are NaN: left out below
         return _niqe(np.floor(np.asarray(y, np.float64) + 0.5), params)

@@ -134,28 +134,35 @@ def decode_alpha(data: bytes, rgb: NDArray[np.float32]) -> NDArray[np.uint8] | N
     """The alpha channel of encoded image bytes, as (H, W) uint8 aligned with `rgb`, their decode_image
     result; None where the file has none. Decoded only where the format can hold one (a PNG of colour
     type 4 or 6 or with a tRNS chunk, a WebP with alpha, a 32-bit BMP, TIFF, PAM). Reading with alpha
-    does not apply the EXIF orientation decode_image applied, so the colour of that decode is matched
-    to `rgb` under the 8 flips and turns and the alpha turned alike (None if none matches). A BMP's
-    all-zero alpha means none was stored (as browsers read it)."""
-    if not _may_have_alpha(data):
+    does not apply the EXIF orientation decode_image applied, so the alpha is turned as the file's
+    orientation tag says (PNG eXIf, WebP EXIF, TIFF); a sample of the colour must then match `rgb`, or
+    there is no alpha. A BMP's all-zero alpha means none was stored (as browsers read it)."""
+    may, key = _alpha_source(data)
+    if not may:
         return None
     try:
         img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error:
         return None  # decode_image read it: what it cannot read here is no alpha
-    if img is None or img.ndim != 3 or img.shape[2] not in (2, 4) or img.dtype not in (np.uint8, np.uint16):
+    if img is None or img.dtype not in (np.uint8, np.uint16):
         return None
-    alpha = img[..., -1]
-    colour = np.repeat(img[..., :1], 3, axis=2) if img.shape[2] == 2 else img[..., 2::-1]
-    del img
-    colour = colour.astype(np.float32)
-    np.divide(colour, np.float32(255 if alpha.dtype == np.uint8 else 65535), out=colour)
-    for k in range(8):  # the identity first: without an orientation tag, the one comparison
-        turned = np.rot90(colour if k < 4 else colour[:, ::-1], k % 4)
-        if turned.shape == rgb.shape and np.array_equal(turned, rgb):
-            alpha = np.rot90(alpha if k < 4 else alpha[:, ::-1], k % 4)
-            break
+    if img.ndim == 2 and key is not None:  # a gray PNG whose tRNS names one transparent gray level
+        alpha = np.where(img == key, 0, 255).astype(np.uint8)
+        colour = img[..., None]
+    elif img.ndim == 3 and img.shape[2] in (2, 4):
+        alpha, colour = img[..., -1], img[..., :-1]
     else:
+        return None
+    turn = ORIENTATIONS.get(_exif_orientation(data), ORIENTATIONS[1])
+    alpha, colour = turn(alpha), turn(colour)
+    if alpha.shape != rgb.shape[:2]:
+        return None
+    # The colour of this decode must be decode_image's (a PAM's comes in file order, so RGB or BGR)
+    scale = np.float32(255 if colour.dtype == np.uint8 else 65535)
+    step = max(1, int(np.sqrt(alpha.size / 4096)))  # a sample of about 4096 pixels: the check costs no copy
+    got, want = colour[::step, ::step].astype(np.float32) / scale, rgb[::step, ::step]
+    if not any(np.array_equal(got[..., order], want) for order in ([2, 1, 0], [0, 1, 2], [0, 0, 0])
+               if got.shape[2] == 3 or order == [0, 0, 0]):
         return None
     if alpha.dtype == np.uint16:
         alpha = ((alpha.astype(np.uint32) + 128) // 257).astype(np.uint8)  # rounded to the nearest 8-bit level
@@ -164,21 +171,67 @@ def decode_alpha(data: bytes, rgb: NDArray[np.float32]) -> NDArray[np.uint8] | N
     return np.ascontiguousarray(alpha)
 
 
-def _may_have_alpha(d: bytes) -> bool:
+# EXIF orientation -> the turn that shows an image as stored the way the tag says (what OpenCV applies)
+ORIENTATIONS = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+                5: lambda a: np.swapaxes(a, 0, 1), 6: lambda a: np.rot90(a, -1),
+                7: lambda a: np.rot90(a[:, ::-1], -1), 8: lambda a: np.rot90(a, 1)}
+
+
+def _png_chunks(d: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(type, data) of a PNG's chunks up to its first IDAT (each walk step moves on: bounded by the file)."""
+    i = 8
+    while i + 8 <= len(d) and d[i + 4:i + 8] != b"IDAT":
+        n = struct.unpack(">I", d[i:i + 4])[0]
+        yield d[i + 4:i + 8], d[i + 8:i + 8 + n]
+        i += 12 + n
+
+
+def _alpha_source(d: bytes) -> tuple[bool, int | None]:
+    """Whether the file's format can hold alpha, and a gray PNG's transparent level (its tRNS), if any."""
     if d[:8] == b"\x89PNG\r\n\x1a\n":
         if d[25:26] in (b"\x04", b"\x06"):  # colour type: gray + alpha, RGBA
-            return True
-        i = 8  # a tRNS chunk (transparency of a palette, gray or RGB image) comes before the first IDAT
-        while i + 8 <= len(d) and d[i + 4:i + 8] != b"IDAT":
-            if d[i + 4:i + 8] == b"tRNS":
-                return True
-            i += 12 + struct.unpack(">I", d[i:i + 4])[0]
-        return False
+            return True, None
+        trns = next((data for kind, data in _png_chunks(d) if kind == b"tRNS"), None)
+        if trns is None:
+            return False, None
+        return True, (struct.unpack(">H", trns[:2])[0] if d[25:26] == b"\x00" and len(trns) >= 2 else None)
     if d[:4] == b"RIFF" and d[8:12] == b"WEBP":
-        return (d[12:16] == b"VP8X" and len(d) > 20 and bool(d[20] & 0x10)) or d[12:16] == b"VP8L"
+        return (d[12:16] == b"VP8X" and len(d) > 20 and bool(d[20] & 0x10)) or d[12:16] == b"VP8L", None
     if d[:2] == b"BM":
-        return len(d) >= 30 and struct.unpack("<H", d[28:30])[0] == 32
-    return d[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") or d[:3] == b"P7\n"  # TIFF, PAM
+        return len(d) >= 30 and struct.unpack("<H", d[28:30])[0] == 32, None
+    return d[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") or d[:3] == b"P7\n", None  # TIFF, PAM
+
+
+def _exif_orientation(d: bytes) -> int:
+    """The EXIF orientation tag (1-8) of a PNG (eXIf chunk), WebP (EXIF chunk) or TIFF; 1 where there is none
+    or it cannot be read."""
+    tiff = None
+    if d[:8] == b"\x89PNG\r\n\x1a\n":
+        tiff = next((data for kind, data in _png_chunks(d) if kind == b"eXIf"), None)
+    elif d[:4] == b"RIFF" and d[8:12] == b"WEBP":
+        i = 12
+        while i + 8 <= len(d) and tiff is None:
+            n = struct.unpack("<I", d[i + 4:i + 8])[0]
+            if d[i:i + 4] == b"EXIF":
+                tiff = d[i + 8:i + 8 + n]
+            i += 8 + n + (n & 1)
+    elif d[:4] in (b"II*\x00", b"MM\x00*"):
+        tiff = d
+    if not tiff:
+        return 1
+    tiff = tiff[6:] if tiff[:6] == b"Exif\x00\x00" else tiff
+    try:
+        order = {b"II": "<", b"MM": ">"}[tiff[:2]]
+        ifd = struct.unpack(order + "I", tiff[4:8])[0]
+        for k in range(min(struct.unpack(order + "H", tiff[ifd:ifd + 2])[0], 1000)):
+            entry = tiff[ifd + 2 + 12 * k:ifd + 14 + 12 * k]
+            tag, kind = struct.unpack(order + "HH", entry[:4])
+            if tag == 0x0112 and kind == 3:
+                value = struct.unpack(order + "H", entry[8:10])[0]
+                return value if value in ORIENTATIONS else 1
+    except (KeyError, struct.error):
+        pass
+    return 1
 
 
 def decode_image(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.float32]:
@@ -193,15 +246,21 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.fl
         raise ImageError(f"{width}x{height} is {width * height / 1e6:.1f} MP, above the {limit / 1e6:g} MP limit "
                          f"(raise it with {MAX_PIXELS_ENV} or a command's --max-pixels)")
     buf = np.frombuffer(data, dtype=np.uint8)
-    # ANYCOLOR|ANYDEPTH keeps 16 bit and gray, drops alpha and honours EXIF orientation.
+    # ANYCOLOR|ANYDEPTH keeps 16 bit and gray, drops alpha and honours EXIF orientation. A PAM with alpha
+    # comes out scrambled that way (OpenCV 4.x-5.0): it is read as stored (file order: RGB or gray, then
+    # alpha) and its alpha dropped here; a PAM has no EXIF to honour.
+    pam = data[:3] == b"P7\n"
     try:
-        img = cv2.imdecode(buf, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH) if buf.size else None
+        flags = cv2.IMREAD_UNCHANGED if pam else cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH
+        img = cv2.imdecode(buf, flags) if buf.size else None
     except cv2.error as exc:  # e.g. OpenCV's own size limits: a refusal, not a crash
         raise ImageError(f"not a readable image ({' '.join(str(exc).split())[-120:]})") from None
     if img is None or img.size == 0:
         raise ImageError("not a readable image")
     if img.dtype not in (np.uint8, np.uint16):
         raise ImageError(f"unsupported sample type {img.dtype} (expected 8 or 16 bit)")
+    if pam and img.ndim == 3:
+        img = img[..., 0] if img.shape[2] <= 2 else np.ascontiguousarray(img[..., 2::-1])  # RGB(A) -> BGR
     # To RGB while still 8/16-bit (a third of the memory of float32); values equal the older float path.
     if img.ndim == 2:
         rgb = np.repeat(img[..., None], 3, axis=2)

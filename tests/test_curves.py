@@ -73,6 +73,15 @@ def test_smooth_is_the_running_mean_of_the_last_n_values_without_nans():
         expected.append(np.mean(window) if window else np.nan)
     np.testing.assert_allclose(smooth(y, 3), expected, equal_nan=True)
     np.testing.assert_array_equal(smooth(y, 1), y)
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 7, 10):  # every window size against windows cut out one by one, across block edges
+        for length in (1, 5, 13, 40):
+            z = rng.random(length)
+            z[rng.random(length) < 0.2] = np.nan
+            windows = [z[max(0, i - n + 1) : i + 1] for i in range(length)]
+            want = [np.mean(w[np.isfinite(w)]) if np.isfinite(w).any() else np.nan for w in windows]
+            np.testing.assert_allclose(smooth(z, n), want, equal_nan=True)
+    np.testing.assert_allclose(smooth(np.arange(10.0), 10**9), np.arange(10.0) / 2)  # a window past the series
     spiky = np.array([1.0, np.inf, 1.0, 1e20, 1.0, 1.0, 1.0])  # neither poisons nor cancels what follows
     np.testing.assert_allclose(smooth(spiky, 2)[-2:], [1.0, 1.0])
     assert np.isfinite(smooth(spiky, 2)[:3]).all()

@@ -555,6 +555,41 @@ def test_alpha_is_turned_with_an_exif_orientation(tmp_path, orientation):
     np.testing.assert_array_equal(alpha, np.round(rgb[..., 0] * 255))
 
 
+@pytest.mark.parametrize("orientation", [2, 3, 5, 6, 7])
+def test_the_alpha_of_a_one_colour_logo_follows_the_exif_orientation(tmp_path, orientation):
+    """A solid colour looks the same under every turn: only the orientation tag can say how to turn the alpha.
+    Oracle: OpenCV's own oriented decode of a PNG whose colour is that alpha, with the same tag."""
+    import struct
+
+    from degrade.io import read_image_alpha
+
+    alpha = np.zeros((10, 16), np.uint8)
+    alpha[:, :3] = 255  # a strip down one side
+    alpha[:2, :] = 128  # and one along the top: every turn moves it somewhere else
+    exif = b"MM\x00*" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + bytes(4)
+    (tmp_path / "logo.png").write_bytes(_png_with_chunk(np.dstack([np.full((10, 16, 3), 255, np.uint8), alpha]),
+                                                        b"eXIf", exif))
+    (tmp_path / "oracle.png").write_bytes(_png_with_chunk(np.repeat(alpha[..., None], 3, 2), b"eXIf", exif))
+    expected = cv2.imread(str(tmp_path / "oracle.png"), cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(read_image_alpha(tmp_path / "logo.png")[1], expected)
+
+
+def test_a_gray_png_transparency_key_and_pam_alpha_are_read(tmp_path):
+    import struct
+
+    from degrade.io import read_image_alpha
+
+    gray = np.array([[0, 50, 50], [200, 50, 0]], np.uint8).repeat(20, 0).repeat(20, 1)
+    (tmp_path / "g.png").write_bytes(_png_with_chunk(gray, b"tRNS", struct.pack(">H", 50)))  # level 50: clear
+    np.testing.assert_array_equal(read_image_alpha(tmp_path / "g.png")[1], np.where(gray == 50, 0, 255))
+    rgba = np.random.default_rng(2).integers(0, 256, (6, 5, 4), np.uint8)
+    header = b"P7\nWIDTH 5\nHEIGHT 6\nDEPTH 4\nMAXVAL 255\nTUPLTYPE RGB_ALPHA\nENDHDR\n"
+    (tmp_path / "a.pam").write_bytes(header + rgba.tobytes())
+    rgb, alpha = read_image_alpha(tmp_path / "a.pam")
+    np.testing.assert_array_equal(alpha, rgba[..., 3])
+    np.testing.assert_allclose(rgb, rgba[..., :3] / 255, atol=1e-6)
+
+
 def test_a_png_transparency_chunk_is_an_alpha_channel(tmp_path):
     import struct
 

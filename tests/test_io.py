@@ -117,3 +117,15 @@ def test_atomic_writer_keeps_the_old_file_when_a_write_fails(tmp_path):
         raise OSError(errno.EFBIG, "File too large")
     assert caught.value.errno == errno.EFBIG and caught.value.filename == str(kept)
     assert kept.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["kept.bin"]
+
+
+@pytest.mark.parametrize("depth,tupltype", [(4, "RGB_ALPHA"), (2, "GRAYSCALE_ALPHA"), (3, "RGB"), (1, "GRAYSCALE")])
+def test_pam_with_or_without_alpha_reads_its_colour_as_stored(tmp_path, depth, tupltype):
+    """OpenCV's colour decode scrambles a PAM with alpha (its samples read 3 at a time from 4 per pixel).
+    Oracle: the bytes written."""
+    samples = np.random.default_rng(depth).integers(0, 256, (6, 5, depth), np.uint8)
+    path = tmp_path / "a.pam"
+    path.write_bytes(f"P7\nWIDTH 5\nHEIGHT 6\nDEPTH {depth}\nMAXVAL 255\nTUPLTYPE {tupltype}\nENDHDR\n".encode()
+                     + samples.tobytes())
+    want = samples[..., :3] if depth >= 3 else np.repeat(samples[..., :1], 3, axis=2)
+    np.testing.assert_array_equal(np.round(degrade.read_image(path) * 255), want)

@@ -3,6 +3,7 @@ dasr-eval's NIQE columns."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -76,6 +77,18 @@ def test_the_parameter_file_is_read_without_pickles_and_checked(tmp_path):
     assert (tmp_path / "bomb.npz").stat().st_size < 2**16
     with pytest.raises(DASRError, match="its mu_pris_param unpacks to over"):
         load_niqe_params(tmp_path / "bomb.npz")
+    with zipfile.ZipFile(tmp_path / "header.npz", "w") as z:  # a short member whose header claims 728 TiB
+        for key, value in params.items():
+            buf = __import__("io").BytesIO()
+            np.save(buf, value)
+            data = buf.getvalue()
+            if key == "cov_pris_param":
+                data = data.replace(b"(36, 36)", b"(9999999, 9999999)").replace(b"  \n", b"\n", 1)
+            z.writestr(f"{key}.npy", data)
+    with pytest.raises(DASRError, match=re.escape("its cov_pris_param declares (9999999, 9999999)")):
+        load_niqe_params(tmp_path / "header.npz")
+    with pytest.raises(DASRError, match="positive semi-definite"):  # symmetric, but every score would be NaN
+        load_niqe_params(_save(tmp_path / "neg.npz", **{**params, "cov_pris_param": -np.eye(36)}))
 
 
 def test_an_image_without_two_textured_blocks_is_refused():
@@ -168,3 +181,32 @@ def test_dasr_eval_niqe_beside_psnr_and_its_refusals(ckpt, tmp_path):
                                  (["--niqe-params", str(hr_dir / "a.png")], 1, "not a readable NIQE parameter file")):
         res = CliRunner().invoke(eval_main, [*base, "--lr-dir", str(hr_dir), *extra])
         assert res.exit_code == code and message in res.output and "Traceback" not in res.output, res.output
+
+
+def test_an_image_that_either_column_cannot_score_is_left_out_of_both(ckpt, tmp_path, monkeypatch):
+    """Otherwise the model's and bicubic's means would be over different images. Oracle: NIQE refused for
+    bicubic on the second image only; both columns are the first image's, and one image counts."""
+    import json
+
+    from click.testing import CliRunner
+
+    import dasr_model.evaluate as evaluate
+    import degrade
+    from cli.sr import eval_main
+
+    calls = []
+
+    def fake(img, params):
+        calls.append(len(calls))
+        return math.nan if len(calls) == 4 else float(len(calls))  # model, bicubic; model, bicubic (refused)
+
+    monkeypatch.setattr(evaluate, "_niqe_or_nan", fake)
+    lr_dir = tmp_path / "lr"
+    lr_dir.mkdir()
+    for i in range(2):
+        degrade.write_image(lr_dir / f"{i}.png", np.full((30, 56, 3), 0.5, np.float32))
+    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--lr-dir", str(lr_dir), "--device", "cpu", "--json",
+                                         "--niqe-params", str(_save(tmp_path / "p.npz", **make_params()))])
+    assert res.exit_code == 0, res.output
+    level = json.loads(res.stdout)["levels"]["0"]
+    assert (level["niqe"], level["bicubic_niqe"], level["niqe_images"], level["images"]) == (1.0, 2.0, 1, 2)
