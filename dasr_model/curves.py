@@ -75,8 +75,8 @@ def smooth(y: np.ndarray, n: int) -> np.ndarray:
     O(len(y)) at any `n`: each window is the tail of one block of `n` plus the head of the next (sums
     within blocks, so one huge value cannot cancel what follows its window)."""
     n = min(n, len(y))
-    if n <= 1:
-        return y
+    if n <= 1:  # each value its own mean
+        return np.where(np.isfinite(y), y, np.nan)
     ok = np.isfinite(y)
     sums, seen = _window_sums(np.where(ok, y, 0.0), n), _window_sums(ok.astype(np.float64), n)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -16,10 +16,12 @@ read_image's 0.35 GB, 2026-11-26).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat
 import struct
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -136,9 +138,9 @@ def decode_alpha(data: bytes, rgb: NDArray[np.float32]) -> NDArray[np.uint8] | N
     """The alpha channel of encoded image bytes, as (H, W) uint8 aligned with `rgb`, their decode_image
     result; None where the file has none. Decoded only where the format can hold one (a PNG of colour
     type 4 or 6 or with a tRNS chunk, a WebP with alpha, a 32-bit BMP, TIFF, PAM). Reading with alpha
-    does not apply the EXIF orientation decode_image applied, so the alpha is turned as the file's
-    orientation tag says (PNG eXIf, WebP EXIF, TIFF); a sample of the colour must then match `rgb`, or
-    there is no alpha. A BMP's all-zero alpha means none was stored (as browsers read it)."""
+    does not apply the EXIF orientation decode_image applied (PNG, and WebP where this OpenCV honours its
+    tag), so the alpha is turned as the file's tag says (_exif_orientation); a sample of the colour must
+    then match `rgb`, or there is no alpha. A BMP's all-zero alpha means none was stored (as browsers read it)."""
     may, key = _alpha_source(data)
     if not may:
         return None
@@ -149,7 +151,7 @@ def decode_alpha(data: bytes, rgb: NDArray[np.float32]) -> NDArray[np.uint8] | N
     if img is None or img.dtype not in (np.uint8, np.uint16):
         return None
     if img.ndim == 2 and key is not None:  # a gray PNG whose tRNS names one transparent gray level
-        alpha = np.where(img == key, 0, 255).astype(np.uint8)
+        alpha = np.where(img == key, np.uint8(0), np.uint8(255))
         colour = img[..., None]
     elif img.ndim == 3 and img.shape[2] in (2, 4):
         alpha, colour = img[..., -1], img[..., :-1]
@@ -179,10 +181,10 @@ ORIENTATIONS = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::
                 7: lambda a: np.rot90(a[:, ::-1], -1), 8: lambda a: np.rot90(a, 1)}
 
 
-def _png_chunks(d: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """(type, data) of a PNG's chunks up to its first IDAT (each walk step moves on: bounded by the file)."""
+def _png_chunks(d: bytes, past_idat: bool = False) -> Iterator[tuple[bytes, bytes]]:
+    """(type, data) of a PNG's chunks up to its first IDAT, or all of them (each step moves on: bounded)."""
     i = 8
-    while i + 8 <= len(d) and d[i + 4:i + 8] != b"IDAT":
+    while i + 8 <= len(d) and (past_idat or d[i + 4:i + 8] != b"IDAT"):
         n = struct.unpack(">I", d[i:i + 4])[0]
         yield d[i + 4:i + 8], d[i + 8:i + 8 + n]
         i += 12 + n
@@ -196,7 +198,10 @@ def _alpha_source(d: bytes) -> tuple[bool, int | None]:
         trns = next((data for kind, data in _png_chunks(d) if kind == b"tRNS"), None)
         if trns is None:
             return False, None
-        return True, (struct.unpack(">H", trns[:2])[0] if d[25:26] == b"\x00" and len(trns) >= 2 else None)
+        if d[25:26] != b"\x00" or len(trns) < 2:  # palette and RGB: OpenCV expands tRNS to an alpha channel
+            return True, None
+        depth = d[24]  # a gray level of 1, 2 or 4 bits is decoded to 8 bits (x 255, 85, 17)
+        return True, struct.unpack(">H", trns[:2])[0] * (255 // ((1 << depth) - 1) if depth < 8 else 1)
     if d[:4] == b"RIFF" and d[8:12] == b"WEBP":
         return (d[12:16] == b"VP8X" and len(d) > 20 and bool(d[20] & 0x10)) or d[12:16] == b"VP8L", None
     if d[:2] == b"BM":
@@ -205,35 +210,60 @@ def _alpha_source(d: bytes) -> tuple[bool, int | None]:
 
 
 def _exif_orientation(d: bytes) -> int:
-    """The EXIF orientation tag (1-8) of a PNG (eXIf chunk), WebP (EXIF chunk) or TIFF; 1 where there is none
-    or it cannot be read."""
+    """The EXIF orientation (1-8) this OpenCV applies to decode_image's colour but not to a decode with alpha:
+    a PNG's eXIf or a WebP's EXIF tag, where this build honours the format's tag (_opencv_turns; OpenCV 4.x
+    does not for WebP); 1 for anything else (a TIFF's decoder turns both decodes alike)."""
     tiff = None
-    if d[:8] == b"\x89PNG\r\n\x1a\n":
-        tiff = next((data for kind, data in _png_chunks(d) if kind == b"eXIf"), None)
-    elif d[:4] == b"RIFF" and d[8:12] == b"WEBP":
+    if d[:8] == b"\x89PNG\r\n\x1a\n" and _opencv_turns("png"):
+        tiff = next((data for kind, data in _png_chunks(d, past_idat=True) if kind == b"eXIf"), None)
+    elif (d[:4] == b"RIFF" and d[8:12] == b"WEBP" and d[12:16] == b"VP8X" and len(d) > 20 and d[20] & 0x08
+          and _opencv_turns("webp")):  # the VP8X header says an EXIF chunk follows
         i = 12
         while i + 8 <= len(d) and tiff is None:
             n = struct.unpack("<I", d[i + 4:i + 8])[0]
-            if d[i:i + 4] == b"EXIF":
+            if d[i:i + 4] == b"EXIF" and i + 8 + n <= len(d):
                 tiff = d[i + 8:i + 8 + n]
+                tiff = tiff[6:] if tiff[:6] == b"Exif\x00\x00" else tiff  # some writers keep JPEG's prefix
             i += 8 + n + (n & 1)
-    elif d[:4] in (b"II*\x00", b"MM\x00*"):
-        tiff = d
     if not tiff:
         return 1
-    tiff = tiff[6:] if tiff[:6] == b"Exif\x00\x00" else tiff
     try:
         order = {b"II": "<", b"MM": ">"}[tiff[:2]]
         ifd = struct.unpack(order + "I", tiff[4:8])[0]
-        for k in range(min(struct.unpack(order + "H", tiff[ifd:ifd + 2])[0], 1000)):
-            entry = tiff[ifd + 2 + 12 * k:ifd + 14 + 12 * k]
-            tag, kind = struct.unpack(order + "HH", entry[:4])
+        for k in range(struct.unpack(order + "H", tiff[ifd:ifd + 2])[0]):  # IFD0 only: at most 65535 steps
+            tag, kind = struct.unpack(order + "HH", tiff[ifd + 2 + 12 * k:ifd + 6 + 12 * k])
             if tag == 0x0112 and kind == 3:
-                value = struct.unpack(order + "H", entry[8:10])[0]
+                value = struct.unpack(order + "H", tiff[ifd + 10 + 12 * k:ifd + 12 + 12 * k])[0]
                 return value if value in ORIENTATIONS else 1
     except (KeyError, struct.error):
         pass
     return 1
+
+
+@functools.lru_cache(maxsize=None)
+def _opencv_turns(fmt: str) -> bool:
+    """Whether this OpenCV build turns a `fmt` ("png" or "webp") image's colour by its EXIF orientation:
+    probed once with a 1 x 2 image tagged 6 (turned, it is 2 x 1)."""
+    exif = b"MM\x00*" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, 6, 0) + bytes(4)
+    img = np.zeros((1, 2, 4), np.uint8)
+    img[..., 3] = 255
+    ok, buf = cv2.imencode("." + fmt, img, [cv2.IMWRITE_WEBP_QUALITY, 101] if fmt == "webp" else [])
+    if not ok:
+        return False
+    data = buf.tobytes()
+    if fmt == "png":
+        at = data.index(b"IDAT") - 4
+        chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+        data = data[:at] + chunk + data[at:]
+    else:  # RIFF WEBP VP8L... -> VP8X (alpha and EXIF flags, canvas 2 x 1) + VP8L + EXIF
+        vp8x = b"VP8X" + struct.pack("<I", 10) + bytes([0x18, 0, 0, 0]) + (1).to_bytes(3, "little") + bytes(3)
+        body = vp8x + data[12:] + b"EXIF" + struct.pack("<I", len(exif)) + exif
+        data = b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+    try:
+        out = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+    except cv2.error:
+        return False
+    return out is not None and out.shape[:2] == (2, 1)
 
 
 def decode_image(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.float32]:

@@ -73,6 +73,7 @@ def test_smooth_is_the_running_mean_of_the_last_n_values_without_nans():
         expected.append(np.mean(window) if window else np.nan)
     np.testing.assert_allclose(smooth(y, 3), expected, equal_nan=True)
     np.testing.assert_array_equal(smooth(y, 1), y)
+    np.testing.assert_array_equal(smooth(np.array([np.inf]), 5), [np.nan])  # one value: still not finite
     rng = np.random.default_rng(0)
     for n in (2, 3, 7, 10):  # every window size against windows cut out one by one, across block edges
         for length in (1, 5, 13, 40):

@@ -600,3 +600,68 @@ def test_a_png_transparency_chunk_is_an_alpha_channel(tmp_path):
     (tmp_path / "t.png").write_bytes(_png_with_chunk(bgr, b"tRNS", struct.pack(">HHH", 0, 0, 0)))  # black: clear
     _, alpha = read_image_alpha(tmp_path / "t.png")
     np.testing.assert_array_equal(alpha, np.where(bgr[..., 0] == 0, 0, 255))
+
+
+def _tiff_with_orientation(bgra: np.ndarray, orientation: int) -> bytes:
+    """OpenCV's TIFF of the image with an Orientation tag added: IFD0 copied to the end with the extra entry
+    (its other entries point where they did), the header pointed at it."""
+    import struct
+
+    data = bytearray(cv2.imencode(".tiff", bgra)[1].tobytes())
+    order = "<" if data[:2] == b"II" else ">"
+    ifd = struct.unpack(order + "I", data[4:8])[0]
+    n = struct.unpack(order + "H", data[ifd:ifd + 2])[0]
+    entries = [bytes(data[ifd + 2 + 12 * k:ifd + 14 + 12 * k]) for k in range(n)]
+    entries.append(struct.pack(order + "HHIHH", 0x0112, 3, 1, orientation, 0))
+    entries.sort(key=lambda e: struct.unpack(order + "H", e[:2])[0])
+    if len(data) % 2:
+        data += b"\x00"
+    data[4:8] = struct.pack(order + "I", len(data))
+    return bytes(data) + struct.pack(order + "H", len(entries)) + b"".join(entries) + bytes(4)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6])
+def test_tiff_and_webp_alpha_line_up_with_their_colour_under_an_orientation_tag(tmp_path, orientation):
+    """OpenCV's TIFF decoder turns the colour and the alpha alike; whether it turns a WebP by its EXIF
+    depends on the build (probed). Oracle: the alpha equals the red channel wherever the colour lands."""
+    import struct
+
+    from degrade.io import read_image_alpha
+
+    bgr = np.random.default_rng(orientation).integers(1, 256, (10, 16, 3), np.uint8)
+    bgra = np.dstack([bgr, bgr[..., 2]])
+    (tmp_path / "a.tiff").write_bytes(_tiff_with_orientation(bgra, orientation))
+    exif = b"MM\x00*" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + bytes(4)
+    webp = cv2.imencode(".webp", bgra, [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes()
+    vp8x = b"VP8X" + struct.pack("<I", 10) + bytes([0x18, 0, 0, 0]) + (15).to_bytes(3, "little") + \
+        (9).to_bytes(3, "little")
+    body = vp8x + webp[12:] + b"EXIF" + struct.pack("<I", len(exif)) + exif
+    (tmp_path / "a.webp").write_bytes(b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body)
+    for name in ("a.tiff", "a.webp"):
+        rgb, alpha = read_image_alpha(tmp_path / name)
+        assert alpha is not None, name
+        np.testing.assert_array_equal(alpha, np.round(rgb[..., 0] * 255), err_msg=name)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4, 8])
+def test_a_low_bit_gray_png_transparency_key_is_matched_after_expansion(tmp_path, depth):
+    """A 1/2/4-bit gray PNG's tRNS names a level in its own depth; OpenCV expands the samples to 8 bits.
+    The PNG is written here byte by byte (OpenCV writes no low-bit gray)."""
+    import struct
+    import zlib
+
+    levels = np.array([[0, 1, 1, 0], [1, 0, 0, 1]], np.uint8) * ((1 << depth) - 1)  # black and white
+    rows = b"".join(b"\x00" + np.packbits(np.unpackbits(r[:, None], axis=1)[:, 8 - depth:]).tobytes()
+                    for r in levels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 2, depth, 0, 0, 0, 0))
+           + chunk(b"tRNS", struct.pack(">H", (1 << depth) - 1)) + chunk(b"IDAT", zlib.compress(rows))
+           + chunk(b"IEND", b""))
+    (tmp_path / "g.png").write_bytes(png)
+    from degrade.io import read_image_alpha
+
+    rgb, alpha = read_image_alpha(tmp_path / "g.png")
+    np.testing.assert_array_equal(alpha, np.where(levels == 0, 255, 0))  # white (the key) is transparent
