@@ -182,11 +182,14 @@ ORIENTATIONS = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::
 
 
 def _png_chunks(d: bytes, past_idat: bool = False) -> Iterator[tuple[bytes, bytes]]:
-    """(type, data) of a PNG's chunks up to its first IDAT, or all of them (each step moves on: bounded)."""
+    """(type, data) of a PNG's chunks whose CRC holds (libpng drops the others), up to its first IDAT, or up
+    to IEND (what follows is not the image's); each step moves on, so the walk is bounded by the file."""
     i = 8
-    while i + 8 <= len(d) and (past_idat or d[i + 4:i + 8] != b"IDAT"):
+    while i + 8 <= len(d) and (past_idat or d[i + 4:i + 8] != b"IDAT") and d[i + 4:i + 8] != b"IEND":
         n = struct.unpack(">I", d[i:i + 4])[0]
-        yield d[i + 4:i + 8], d[i + 8:i + 8 + n]
+        kind, data, crc = d[i + 4:i + 8], d[i + 8:i + 8 + n], d[i + 8 + n:i + 12 + n]
+        if len(crc) == 4 and zlib.crc32(kind + data) == struct.unpack(">I", crc)[0]:
+            yield kind, data
         i += 12 + n
 
 
@@ -242,28 +245,33 @@ def _exif_orientation(d: bytes) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _opencv_turns(fmt: str) -> bool:
-    """Whether this OpenCV build turns a `fmt` ("png" or "webp") image's colour by its EXIF orientation:
-    probed once with a 1 x 2 image tagged 6 (turned, it is 2 x 1)."""
+    """Whether this OpenCV build turns a `fmt` ("png" or "webp") image's colour by its EXIF orientation, and
+    not its decode with alpha: probed once with a white-then-black 1 x 2 image tagged 6 (turned a quarter
+    clockwise, white above black). False where it cannot say (no encoder for the format, say)."""
     exif = b"MM\x00*" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, 6, 0) + bytes(4)
-    img = np.zeros((1, 2, 4), np.uint8)
-    img[..., 3] = 255
-    ok, buf = cv2.imencode("." + fmt, img, [cv2.IMWRITE_WEBP_QUALITY, 101] if fmt == "webp" else [])
-    if not ok:
-        return False
-    data = buf.tobytes()
-    if fmt == "png":
-        at = data.index(b"IDAT") - 4
-        chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
-        data = data[:at] + chunk + data[at:]
-    else:  # RIFF WEBP VP8L... -> VP8X (alpha and EXIF flags, canvas 2 x 1) + VP8L + EXIF
-        vp8x = b"VP8X" + struct.pack("<I", 10) + bytes([0x18, 0, 0, 0]) + (1).to_bytes(3, "little") + bytes(3)
-        body = vp8x + data[12:] + b"EXIF" + struct.pack("<I", len(exif)) + exif
-        data = b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+    img = np.full((1, 2, 4), 255, np.uint8)
+    img[0, 1, :3] = 0  # white, then black
     try:
-        out = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
-    except cv2.error:
+        ok, buf = cv2.imencode("." + fmt, img, [cv2.IMWRITE_WEBP_QUALITY, 101] if fmt == "webp" else [])
+        if not ok:
+            return False
+        data = buf.tobytes()
+        if fmt == "png":
+            at = data.index(b"IDAT") - 4
+            chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+            data = data[:at] + chunk + data[at:]
+        else:  # RIFF WEBP VP8L... -> VP8X (alpha and EXIF flags, canvas 2 x 1) + VP8L + EXIF
+            vp8x = b"VP8X" + struct.pack("<I", 10) + bytes([0x18, 0, 0, 0]) + (1).to_bytes(3, "little") + bytes(3)
+            body = vp8x + data[12:] + b"EXIF" + struct.pack("<I", len(exif)) + exif
+            data = b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+        buf = np.frombuffer(data, np.uint8)
+        colour = cv2.imdecode(buf, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+        unchanged = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except (cv2.error, ValueError):  # no encoder or decoder for the format in this build
         return False
-    return out is not None and out.shape[:2] == (2, 1)
+    if colour is None or unchanged is None or colour.shape[:2] != (2, 1) or unchanged.shape[:2] != (1, 2):
+        return False
+    return bool(colour[0, 0].min() > 127 and colour[1, 0].max() < 128)  # clockwise: white above black
 
 
 def decode_image(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.float32]:

@@ -665,3 +665,31 @@ def test_a_low_bit_gray_png_transparency_key_is_matched_after_expansion(tmp_path
 
     rgb, alpha = read_image_alpha(tmp_path / "g.png")
     np.testing.assert_array_equal(alpha, np.where(levels == 0, 255, 0))  # white (the key) is transparent
+
+
+@pytest.mark.parametrize("where", ["after IEND", "bad CRC"])
+def test_an_exif_chunk_libpng_ignores_does_not_turn_the_alpha(tmp_path, where):
+    """libpng reads nothing after IEND and drops a chunk whose CRC fails; the alpha must not be turned by
+    such a tag either. Oracle: OpenCV's own decode of a PNG whose colour is that alpha, with the same bytes."""
+    import struct
+    import zlib
+
+    from degrade.io import read_image_alpha
+
+    alpha = np.zeros((10, 16), np.uint8)
+    alpha[:, :3], alpha[:2, :] = 255, 128
+    exif = b"MM\x00*" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, 3, 0) + bytes(4)
+    chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+
+    def tagged(img: np.ndarray) -> bytes:
+        png = cv2.imencode(".png", img)[1].tobytes()
+        if where == "after IEND":
+            return png + chunk
+        at = png.index(b"IDAT") - 4
+        return png[:at] + chunk[:-4] + bytes(4) + png[at:]
+
+    (tmp_path / "logo.png").write_bytes(tagged(np.dstack([np.full((10, 16, 3), 255, np.uint8), alpha])))
+    (tmp_path / "oracle.png").write_bytes(tagged(np.repeat(alpha[..., None], 3, 2)))
+    expected = cv2.imread(str(tmp_path / "oracle.png"), cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(expected, alpha)  # OpenCV did not turn it
+    np.testing.assert_array_equal(read_image_alpha(tmp_path / "logo.png")[1], expected)
