@@ -33,3 +33,21 @@ def make_small_dataset(out, *, count: int, seed: int, shard_size: int, level="mi
                                compression=compression, source_root=scan.root, sources=tuple(scan.sources))
     dsm.make_dataset(config, out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """A dasr-train checkpoint of a tiny untrained model (2 experts, 1 block, 8 features; seed 0), for the
+    inference and evaluation tests."""
+    torch = pytest.importorskip("torch")
+    from dasr_model.checkpoints import save_checkpoint
+    from dasr_model.model import DASR, DASRConfig
+    from dasr_model.train import TrainConfig
+
+    torch.manual_seed(0)
+    config = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)
+    model = DASR(config)
+    path = tmp_path_factory.mktemp("ck") / "ckpt-1.pt"
+    save_checkpoint(path, {"config": TrainConfig(shards="", out="", model=config).to_dict(), "step": 1,
+                           "model": model.state_dict(), "ema_generator": model.generator.state_dict()})
+    return path

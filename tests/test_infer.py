@@ -25,16 +25,6 @@ from .conftest import make_small_dataset  # noqa: E402
 TINY = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = DASR(TINY)
-    path = tmp_path_factory.mktemp("ck") / "ckpt-1.pt"
-    save_checkpoint(path, {"config": TrainConfig(shards="", out="", model=TINY).to_dict(), "step": 1,
-                           "model": model.state_dict(), "ema_generator": model.generator.state_dict()})
-    return path
-
-
 def test_tiled_output_equals_untiled(ckpt):
     model = load_checkpoint_model(ckpt)
     lr = torch.rand(1, 3, 37, 29)

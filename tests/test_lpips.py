@@ -15,11 +15,8 @@ import cv2  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from cli.sr import eval_main  # noqa: E402
-from dasr_model.checkpoints import save_checkpoint  # noqa: E402
 from dasr_model.errors import DASRError  # noqa: E402
 from dasr_model.lpips import LPIPS, MIN_SIDE  # noqa: E402
-from dasr_model.model import DASR, DASRConfig  # noqa: E402
-from dasr_model.train import TrainConfig  # noqa: E402
 
 from .lpips_golden import GOLDEN, image_pairs, make_weights  # noqa: E402
 
@@ -189,17 +186,6 @@ def test_vgg_weights_with_the_wrong_layout_are_a_one_line_refusal(tmp_path):
     torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "vgg.pth")
     with pytest.raises(DASRError, match="VGG19 weights file: no tensor 'features.0.bias'"):
         VGGPerceptualLoss(tmp_path / "vgg.pth")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    config = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)
-    model = DASR(config)
-    path = tmp_path_factory.mktemp("ck") / "ckpt-1.pt"
-    save_checkpoint(path, {"config": TrainConfig(shards="", out="", model=config).to_dict(), "step": 1,
-                           "model": model.state_dict(), "ema_generator": model.generator.state_dict()})
-    return path
 
 
 def test_dasr_eval_reports_lpips_for_the_model_and_for_bicubic(ckpt, weights, tmp_path):

@@ -98,22 +98,6 @@ def test_an_image_without_two_textured_blocks_is_refused():
         niqe(flat, params)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    from dasr_model.checkpoints import save_checkpoint
-    from dasr_model.model import DASR, DASRConfig
-    from dasr_model.train import TrainConfig
-
-    torch.manual_seed(0)
-    config = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)
-    model = DASR(config)
-    path = tmp_path_factory.mktemp("ck") / "ckpt-1.pt"
-    save_checkpoint(path, {"config": TrainConfig(shards="", out="", model=config).to_dict(), "step": 1,
-                           "model": model.state_dict(), "ema_generator": model.generator.state_dict()})
-    return path
-
-
 def test_dasr_eval_scores_real_lr_alone_with_niqe(ckpt, tmp_path):
     """Oracle: NIQE of the model's whole-image output and of torch's bicubic x4 (Y on 8-bit levels, 4-px crop),
     computed here; no HR, so no PSNR."""
