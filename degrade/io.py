@@ -22,15 +22,17 @@ import stat
 import struct
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 
 from degrade.errors import ImageError
+
+T = TypeVar("T")
 
 LOSSLESS_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: above real photos (a 61 MP full-frame camera), below a 10 GiB decode
@@ -107,13 +109,18 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> NDA
     Refuses (ImageError) anything but a regular file of at most max_file_bytes(), and images whose
     header declares more than `max_pixels` pixels (default: :func:`pixel_limit`), before decoding.
     """
+    return _read(path, max_pixels, lambda data: decode_image(data, max_pixels=max_pixels))
+
+
+def _read(path: str | os.PathLike, max_pixels: int | None, decode: Callable[[bytes], T]) -> T:
+    """decode(the file's bytes), read bounded; a refusal or failure is an ImageError naming the file."""
     path = Path(path)
     try:
         data = read_regular_file(path, max_file_bytes(max_pixels))
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        return decode_image(data, max_pixels=max_pixels)
+        return decode(data)
     except ImageError as exc:
         raise ImageError(f"{path}: {exc}") from None
 
@@ -122,16 +129,11 @@ def read_image_alpha(path: str | os.PathLike, *, max_pixels: int | None = None
                      ) -> tuple[NDArray[np.float32], NDArray[np.uint8] | None]:
     """read_image's RGB, and the image's alpha channel as (H, W) uint8 (16-bit alpha rounded), or None for
     an image without one (decode_alpha says which formats can hold one)."""
-    path = Path(path)
-    try:
-        data = read_regular_file(path, max_file_bytes(max_pixels))
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
+    def decode(data: bytes) -> tuple[NDArray[np.float32], NDArray[np.uint8] | None]:
         rgb = decode_image(data, max_pixels=max_pixels)
         return rgb, decode_alpha(data, rgb)
-    except ImageError as exc:
-        raise ImageError(f"{path}: {exc}") from None
+
+    return _read(path, max_pixels, decode)
 
 
 def decode_alpha(data: bytes, rgb: NDArray[np.float32]) -> NDArray[np.uint8] | None:
