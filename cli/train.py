@@ -127,6 +127,7 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
 
     if init_from is not None and init_release:
         raise click.UsageError("start from --init-from or from --init-release, not both")
+    source = None  # the model --init-from / --init-release names, once read
     options = {"num_experts": ("experts", experts), "num_block": ("blocks", blocks), "num_feat": ("features", features),
                "mixing": ("mixing", mixing), "mixing_temperature": ("mixing_temperature", mixing_temperature),
                "mapping_gain": ("mapping_gain", mapping_gain), "predictor_input": ("predictor_input", predictor_input)}
@@ -143,8 +144,10 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
             found = latest_intact(out) if resume else None
             if found is not None:
                 base = TrainConfig.from_dict(found[1]["config"]).model
-            else:
-                base = load_model(init_from, tuple(map(str, init_release)) if init_release else None).model.config
+            else:  # loaded once: the trainer starts from it too
+                source = load_model(init_from, tuple(map(str, init_release)) if init_release else None,
+                                    warn=lambda m: err_console.print(f"warning: {m}"))
+                base = source.model.config
             model_cfg = dataclasses.replace(base, **given)
         else:
             model_cfg = DASRConfig(**given)
@@ -203,7 +206,7 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
                     info += "  val PSNR-Y " + " ".join(f"L{k} {v:.2f}" for k, v in m["val"]["psnr_y"].items())
                 bar.update(task, completed=step, info=info)
 
-            last = train(cfg, resume=resume, restart=restart, progress=report,
+            last = train(cfg, resume=resume, restart=restart, progress=report, source=source,
                          notify=lambda m: err_console.print(m, soft_wrap=True))
     except DegradeError as exc:
         raise click.ClickException(str(exc)) from None

@@ -203,12 +203,13 @@ def refuse_deleting(cfg: TrainConfig, out: Path) -> None:
 
 def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
           progress: Callable[[int, dict[str, Any]], None] | None = None,
-          notify: Callable[[str], None] | None = None) -> dict[str, Any]:
+          notify: Callable[[str], None] | None = None, source: LoadedModel | None = None) -> dict[str, Any]:
     """Train as `cfg` says; returns the last metrics. SIGINT, SIGTERM or the `max_minutes` budget saves a
     checkpoint, then stops (`last["stopped_by"]` says which). The last step also writes RUN/model.safetensors
     (predictor + EMA generator, bf16). `notify` receives one-line notes: what runs where, where a resume
     starts, a damaged checkpoint skipped. A run folder that already holds a run needs `resume`, or `restart`,
-    which deletes that run's files (:func:`start_over`) once the data and the model have passed their checks."""
+    which deletes that run's files (:func:`start_over`) once the data and the model have passed their checks.
+    `source`: the model cfg.init_from / init_release names, where the caller has loaded it already."""
     out = Path(cfg.out)
     say = notify or (lambda message: None)
     if resume and restart:
@@ -250,7 +251,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         torch.manual_seed(cfg.seed)
         model = DASR(cfg.model)
         disc = UNetDiscriminatorSN().to(device) if cfg.gan else None
-        source = init_source(cfg, warn=say) if not resume else None  # a resume's weights are its checkpoint's
+        if resume:  # a resume's weights are its checkpoint's
+            source = None
+        elif source is None:
+            source = init_source(cfg, warn=say)
     if source is not None:
         if restart:
             refuse_deleting(cfg, out)
