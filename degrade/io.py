@@ -24,15 +24,13 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 
 from degrade.errors import ImageError
-
-T = TypeVar("T")
 
 LOSSLESS_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: above real photos (a 61 MP full-frame camera), below a 10 GiB decode
@@ -112,7 +110,7 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> NDA
     return _read(path, max_pixels, lambda data: decode_image(data, max_pixels=max_pixels))
 
 
-def _read(path: str | os.PathLike, max_pixels: int | None, decode: Callable[[bytes], T]) -> T:
+def _read(path: str | os.PathLike, max_pixels: int | None, decode: Callable[[bytes], Any]) -> Any:
     """decode(the file's bytes), read bounded; a refusal or failure is an ImageError naming the file."""
     path = Path(path)
     try:
