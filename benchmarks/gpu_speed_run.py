@@ -183,8 +183,12 @@ def bf16_table(model_path: str | None, device_name: str, smoke: bool) -> str:
         big = int(np.abs(sr32.astype(np.int16) - sr16.astype(np.int16)).max())
         rows.append(f"| {path.name} | {p32:.3f} | {p16:.3f} | {p16 - p32:+.4f} | {big} | {255 * float(raw):.2e} |")
     rows.append(f"| mean | | | {np.mean(diffs):+.4f} | |")
+    tf32 = (f"; float32 is what `dasr-sr --precision fp32` runs here: cuDNN may use TF32 for its convolutions "
+            f"(torch.backends.cudnn.allow_tf32 = {torch.backends.cudnn.allow_tf32}, PyTorch's default; a 10-bit "
+            "mantissa against bf16's 7)" if device.type == "cuda" else "")
     return (f"model: {what}; device: {device}; HR {side}x{side} centre crops, LR at level 1 (seeds [10, i]); "
-            "PSNR-Y with a 4-px crop; experts fused once per image, whole image\n\n" + "\n".join(rows) + "\n")
+            f"PSNR-Y with a 4-px crop; experts fused once per image, whole image{tf32}\n\n" + "\n".join(rows)
+            + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,13 @@ def run_minutes(asked: float, total_minutes: float, elapsed_s: float) -> float:
     return max(min(asked, fits), asked / 10)
 
 
+def shm_workers(free: int, batch: int, patch: int) -> int:
+    """Loader workers whose batches in flight (2 each, PyTorch's prefetch; uint8 HR and LR patches) take at
+    most half of `free` bytes of /dev/shm (at least 1: a 64 MiB container default still gets a worker)."""
+    batch_bytes = batch * 3 * (patch * patch + (patch // 4) ** 2)
+    return max(1, int(free // 2 // (2 * batch_bytes)))
+
+
 def log(out: Path, text: str) -> None:
     line = f"[{time.strftime('%H:%M:%S')}] {text}"
     print(line, flush=True)
@@ -215,7 +222,12 @@ def main(argv: list[str] | None = None) -> None:
             f"- command: `{command}`"]
     log(out, " | ".join(head[2:]))
     if Path("/dev/shm").is_dir():  # the loader's workers hand batches over there: a small one kills them
-        log(out, f"/dev/shm: {shutil.disk_usage('/dev/shm').free / 2**30:.1f} GiB free")
+        free = shutil.disk_usage("/dev/shm").free
+        log(out, f"/dev/shm: {free / 2**30:.1f} GiB free")
+        fit = shm_workers(free, a.batch_size, 64 if a.smoke else 256)
+        if fit < a.workers:
+            log(out, f"--workers {a.workers} -> {fit}: their batches in flight must fit in half of /dev/shm")
+            a.workers = fit
 
     # 1-2. photos and datasets
     train_files, held = split_photos(a.photos)
@@ -242,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"(not {a.minutes}) to fit --total-minutes {a.total_minutes}")
     runs = {"5 experts": work / "run-e5", "1 expert": work / "run-e1"}
     steps = None
+    done_steps: dict[str, int] = {}  # the steps each run made (the 1-expert run's time cap could stop it early)
     chosen: dict[str, tuple[str, str]] = {}  # --expert-impl asked for (auto; grouped on a retry), what ran
     for name, run_dir in list(runs.items()):
         experts = "5" if name == "5 experts" else "1"
@@ -260,58 +273,72 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{name}: dasr-train failed (log.txt has its errors)")
             del runs[name]  # the 5-expert model is still evaluated and exported
             break
-        done = last_step(run_dir)
+        done = done_steps[name] = last_step(run_dir)
         steps = steps or done
         config = json.loads((run_dir / "config.json").read_text())
         info = config["run"]
         how = f"{info['expert_impl']}, {info['memory_format']}"
         if "expert_impl_probe_ms" in info:  # on a GPU: what auto timed
             probe = ", ".join(f"{k} {v:.1f}" for k, v in info["expert_impl_probe_ms"].items())
-            how += f" (probe, ms per training step: {probe})"
+            how += f" (probe, ms per step of forward + backward, no optimiser update: {probe})"
         chosen[name] = (config["expert_impl"], how)
         log(out, f"{name}: {done} steps in {time.perf_counter() - t:.0f} s; expert convs {how}")
         shutil.copyfile(run_dir / "metrics.jsonl", out / f"metrics-e{experts}.jsonl")
         if name == "5 experts":  # the product, in OUT before anything else can fail
             shutil.copyfile(run_dir / "model.safetensors", out / "model.safetensors")
 
-    # 4. evaluation on the held-out photos, per level
-    evals = {}
-    for name, run_dir in list(runs.items()):
+    # 4. the summary so far (a run cut short during evaluation still has it), then the evaluation on the
+    # held-out photos per level, both models at once (it degrades on the CPU: the two share the cores)
+    evals: dict[str, dict] = {}
+
+    def summary() -> None:
+        lines = head + ["", f"Training: level mix, {a.train_count} patches of {patch} px from {len(train_files)} "
+                        f"photos; batch {a.batch_size}, LR crop {crop}; steps: "
+                        + ", ".join(f"{k} {v}" for k, v in done_steps.items())
+                        + f" ({minutes:.2f} minutes for 5 experts); lever: `{' '.join(LEVER_ARGS)}`; optimiser: "
+                        f"`{' '.join(OPTIM_ARGS)}` {a.extra}".rstrip(), "",
+                        *[f"- expert convolutions ({name}, `--expert-impl {asked}`): {how}"
+                          for name, (asked, how) in chosen.items()],
+                        ""]
+        for name, run_dir in runs.items():
+            lines += [f"## Validation over steps, {name} (held-out mix patches, EMA generator)", "",
+                      *val_table(run_dir), ""]
+        if evals:
+            lines += [f"## Held-out photos ({len(held)}), per level (`dasr-eval --hr-dir`, seed 0)", "",
+                      *final_table(evals), ""]
+        for name, e in evals.items():
+            mix = e["mixing"]
+            lines += [f"- {name}: predictor MAE " + ", ".join(f"{k} {v:.4f}" for k, v in e["mae"].items())
+                      + f"; a std {mix['std']:.4f} (within level {mix['std_within_level']:.4f}), between levels "
+                      f"{mix['between_level']:.4f}; mean a by level {mix['mean_by_level']}"]
+        lines += ["", f"Total wall time: {time.perf_counter() - started:.0f} s"
+                  + ("" if evals else " (before the evaluation)")]
+        (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+    summary()
+    procs = {}
+    for name, run_dir in runs.items():
         cmd = [sys.executable, "-c", "from cli.sr import eval_main; eval_main()", "--model",
                str(run_dir / "model.safetensors"), "--hr-dir", str(held_dir), "--levels", "1,2,3", "--seed", "0",
                "--json"]
-        res = subprocess.run(log_cmd(out, cmd), capture_output=True, text=True)
-        if res.returncode != 0:
-            log(out, f"{name}: dasr-eval exit {res.returncode}; its last lines:\n{res.stderr[-3000:]}")
-            if name == "5 experts":
-                raise SystemExit(f"{name}: dasr-eval failed (log.txt has its errors)")
-            del runs[name]  # the 5-expert results still make the summary
+        files = run_dir.with_suffix(".eval.json"), run_dir.with_suffix(".eval.stderr")  # files: no pipe to fill
+        with open(files[0], "w") as stdout, open(files[1], "w") as stderr:
+            procs[name] = subprocess.Popen(log_cmd(out, cmd), stdout=stdout, stderr=stderr), files
+    for name, (proc, files) in procs.items():
+        if proc.wait() != 0:
+            tail = files[1].read_text(errors="replace")[-3000:]
+            log(out, f"{name}: dasr-eval exit {proc.returncode}; its last lines:\n{tail}")
             continue
-        evals[name] = json.loads(res.stdout)
+        evals[name] = json.loads(files[0].read_text())
         (out / "eval.json").write_text(json.dumps(evals, indent=1))
         log(out, f"{name}: " + ", ".join(f"L{k} {v['psnr_y']:.2f} dB (bicubic {v['bicubic_psnr_y']:.2f})"
                                          for k, v in evals[name]["levels"].items()))
+    if "5 experts" not in evals:
+        raise SystemExit("5 experts: dasr-eval failed (log.txt has its errors)")
+    runs = {k: d for k, d in runs.items() if k in evals}  # the 5-expert results still make the summary
 
     # 5. the summary, then the picture (the model is in OUT already)
-    lines = head + ["", f"Training: level mix, {a.train_count} patches of {patch} px from {len(train_files)} photos; "
-                    f"batch {a.batch_size}, LR crop {crop}, {steps} steps each ({minutes:.2f} minutes for 5 experts); "
-                    f"lever: `{' '.join(LEVER_ARGS)}`; optimiser: `{' '.join(OPTIM_ARGS)}` "
-                    f"{a.extra}".rstrip(), "",
-                    *[f"- expert convolutions ({name}, `--expert-impl {asked}`): {how}"
-                      for name, (asked, how) in chosen.items()],
-                    ""]
-    for name, run_dir in runs.items():
-        lines += [f"## Validation over steps, {name} (held-out mix patches, EMA generator)", "",
-                  *val_table(run_dir), ""]
-    lines += [f"## Held-out photos ({len(held)}), per level (`dasr-eval --hr-dir`, seed 0)", "",
-              *final_table(evals), ""]
-    for name, e in evals.items():
-        mix = e["mixing"]
-        lines += [f"- {name}: predictor MAE " + ", ".join(f"{k} {v:.4f}" for k, v in e["mae"].items())
-                  + f"; a std {mix['std']:.4f} (within level {mix['std_within_level']:.4f}), between levels "
-                  f"{mix['between_level']:.4f}; mean a by level {mix['mean_by_level']}"]
-    lines += ["", f"Total wall time: {time.perf_counter() - started:.0f} s"]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    summary()
     picture({k: d / "model.safetensors" for k, d in runs.items()}, held, out / "compare.png", seed=0)
     size_mib = (out / "model.safetensors").stat().st_size / 2**20
     log(out, f"done in {time.perf_counter() - started:.0f} s; model.safetensors {size_mib:.1f} MiB")

@@ -77,6 +77,84 @@ def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Pairs
     return Pairs(len(files) * len(levels), make)
 
 
+class ValidationSet:
+    """Validation during training, batched on the device: the EMA generator's PSNR-Y (4-px crop) per level,
+    bicubic's (computed once), and the predictor's MAE per block, on a dataset's first samples (as stored).
+
+    The numbers are dasr-eval's on those samples (`evaluate_pairs`), computed faster: the samples stay on the
+    device, the generator mixes its experts per sample in batches of up to VAL_BATCH_PIXELS LR pixels
+    instead of being fused image by image, and PSNR-Y is reduced on the device in float64 (the same 8-bit
+    rounding, BT.601 weights and crop as dasr_model.metrics). They agree with `evaluate_pairs` up to float
+    rounding of the generator's output (tested). Samples of several sizes are batched by size."""
+
+    def __init__(self, pairs: Pairs, device: torch.device):
+        self.device = device
+        self.levels: list[int] = []
+        self.lr: list[torch.Tensor] = []  # (3, h, w) float32 on the device
+        self.hr_y: list[torch.Tensor] = []  # (H - 8, W - 8) float64 on the device: HR's Y, cropped
+        self.v: list[torch.Tensor] = []
+        bicubic: dict[int, list[float]] = {}
+        for level, hr, lr, v in pairs:
+            if hr is None or v is None:
+                raise DASRError("a validation sample needs its HR and its v")
+            lr_t = to_tensor(lr).to(device)
+            bic = to_image(F.interpolate(lr_t, scale_factor=4, mode="bicubic", align_corners=False))
+            bicubic.setdefault(level, []).append(psnr_y(bic, hr))
+            self.levels.append(level)
+            self.lr.append(lr_t[0])
+            self.hr_y.append(_crop_y(to_tensor(hr).to(device))[0])
+            self.v.append(torch.from_numpy(np.asarray(v, np.float32)))
+        if not self.levels:
+            raise DASRError("no validation samples")
+        self.bicubic = {str(k): float(np.mean(x)) for k, x in sorted(bicubic.items())}
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, t in enumerate(self.lr):
+            by_shape.setdefault(tuple(t.shape), []).append(i)
+        self.batches = []  # lists of sample indices, each one shape and at most VAL_BATCH_PIXELS LR pixels
+        for shape, idx in by_shape.items():
+            per = max(1, VAL_BATCH_PIXELS // (shape[1] * shape[2]))
+            self.batches += [idx[i : i + per] for i in range(0, len(idx), per)]
+
+    def __len__(self) -> int:
+        return len(self.levels)
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, generator: torch.nn.Module) -> dict[str, Any]:
+        """{"psnr_y": {level: mean}, "bicubic_psnr_y": {level: mean}, "mae": {block: MAE}} for `model`'s
+        predictor and `generator` (an ExpertMSRResNet, e.g. the EMA copy), in float32, in eval mode."""
+        was = model.training, generator.training
+        model.eval()
+        generator.eval()
+        try:
+            psnrs = torch.empty(len(self), dtype=torch.float64)
+            v_hats = torch.empty(len(self), len(self.v[0]))
+            for idx in self.batches:
+                lr = torch.stack([self.lr[i] for i in idx])
+                v_hat, a = model.predict(lr)
+                sr = generator(lr, a)
+                mse = ((_crop_y(sr) - torch.stack([self.hr_y[i] for i in idx])) ** 2).mean(dim=(1, 2))
+                psnrs[idx] = (10 * torch.log10(255.0**2 / mse)).cpu()  # mse 0: inf, as metrics.psnr
+                v_hats[idx] = v_hat.float().cpu()
+        finally:
+            model.train(was[0])
+            generator.train(was[1])
+        levels = torch.tensor(self.levels)
+        return {"psnr_y": {str(k): float(psnrs[levels == k].mean()) for k in sorted(set(self.levels))},
+                "bicubic_psnr_y": dict(self.bicubic),
+                "mae": block_mae(v_hats, torch.stack(self.v))}
+
+
+VAL_BATCH_PIXELS = 1 << 16  # LR pixels per validation forward pass (16 samples of 64 x 64)
+
+
+def _crop_y(img: torch.Tensor, crop: int = 4) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, H - 2 crop, W - 2 crop) float64 BT.601 Y on 8-bit levels, as
+    dasr_model.metrics.y_channel computes it (the same operations in the same order)."""
+    x = torch.round(img.clamp(0, 1) * 255).double()
+    y = 16 + (65.481 * x[:, 0] + 128.553 * x[:, 1] + 24.966 * x[:, 2]) / 255
+    return y[:, crop:-crop, crop:-crop] if crop else y
+
+
 # A trailing scale or role tag that names a file of an LR/HR pair (DIV2K's 0801x4 and 0801x4m, RealSR's
 # Canon_001_LR4 and Canon_001_HR, DRealSR's _x1 / _x4): left out when pairing LR and HR files by name
 PAIR_TAG = re.compile(r"(?:[_-]?x\d+[mdw]?|[_-](?:lr|hr)\d*)$", re.IGNORECASE)

@@ -36,7 +36,7 @@ from dasr_model.checkpoints import (
 )
 from dasr_model.data import PairedShards, StepBatchSampler, as_float, unsharp_mask
 from dasr_model.errors import DASRError
-from dasr_model.evaluate import Pairs, evaluate_pairs, pairs_from_shards
+from dasr_model.evaluate import ValidationSet, pairs_from_shards
 from dasr_model.infer import LoadedModel, load_model
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
 from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, is_channels_last, set_expert_impl
@@ -160,17 +160,6 @@ FIT_FROM, FIT_STEPS, FIT_MARGIN = 5, 50, 0.95
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ERROR_PREFIX = re.compile(r"^[\w.]+(Error|Exception): ")  # "degrade.errors.DatasetError: " in a worker's message
 
-def validate(model: DASR, ema_generator: torch.nn.Module, val: Pairs, device: torch.device) -> dict[str, Any]:
-    """PSNR-Y (4-px crop) per level of the EMA generator, bicubic PSNR, and predictor MAE per block:
-    `evaluate_pairs` (dasr-eval's core) with the EMA generator, on the first samples of the val shards."""
-    model.eval()
-    result = evaluate_pairs(model, val, device, generator=ema_generator)
-    model.train()
-    return {"psnr_y": {k: r["psnr_y"] for k, r in result["levels"].items()},
-            "bicubic_psnr_y": {k: r["bicubic_psnr_y"] for k, r in result["levels"].items()},
-            "mae": result["mae"]}
-
-
 def init_source(cfg: TrainConfig, warn: Callable[[str], None] | None = None) -> LoadedModel | None:
     """The model `cfg.init_from` or `cfg.init_release` names (None when neither does; both: DASRError)."""
     if cfg.init_from is not None and cfg.init_release is not None:
@@ -240,13 +229,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     # --- data first: a bad dataset or crop is refused before anything is built or written ---
     train_set = PairedShards(cfg.shards, lr_crop=cfg.lr_crop, seed=cfg.seed)
     check_crop(train_set, cfg.lr_crop, cfg.shards)
-    val_set = pairs_from_shards(cfg.val_shards, limit=cfg.val_samples) if cfg.val_shards and main_rank else None
+    val_pairs = pairs_from_shards(cfg.val_shards, limit=cfg.val_samples) if cfg.val_shards and main_rank else None
 
     # --- model, EMA, optimisers (or their state from the newest intact checkpoint) ---
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    val_set = ValidationSet(val_pairs, device) if val_pairs is not None else None  # held on the device
     with torch.random.fork_rng(devices=[]):  # the weights' init comes from cfg.seed; the caller's RNG is untouched
         torch.manual_seed(cfg.seed)
         model = DASR(cfg.model)
@@ -345,6 +335,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     metrics_file = open(out / "metrics.jsonl", "a") if main_rank else open(os.devnull, "w")
     last: dict[str, Any] = {}
     started = t0 = time.perf_counter()  # the --max-minutes budget counts from `started`; samples/s from t0
+    paused = [0.0]  # seconds since t0 spent validating: left out of samples/s (not out of the budget)
     seen = 0
     # A cosine run with a budget fits its end once, over FIT_STEPS steps from the FIT_FROM-th of this process
     # (a run resumed before its fit, e.g. after a preemption, fits then); its rates until then follow `steps`
@@ -362,9 +353,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if not math.isfinite(values["loss"]):  # checked before any checkpoint can hold it
             raise FloatingPointError(f"loss became {values['loss']} at step {step - 1}")
         line = {"step": step, **values, "lr": rate,
-                "samples_per_s": seen / (time.perf_counter() - t0)}
+                "samples_per_s": seen / (time.perf_counter() - t0 - paused[0])}
         if validating:
-            line["val"] = validate(model, ema, val_set, device)
+            clock = time.perf_counter()
+            line["val"] = val_set(model, ema)
+            line["val_s"] = time.perf_counter() - clock
+            paused[0] += line["val_s"]
         if main_rank:
             metrics_file.write(json.dumps(line) + "\n")
             metrics_file.flush()
@@ -393,7 +387,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                     + f" per training step; training with {impl}, {run_info['memory_format']}")
             if main_rank:
                 write_config()
-            t0 = time.perf_counter()  # samples/s is the training's, without the probe's seconds
+            t0, paused[0] = time.perf_counter(), 0.0  # samples/s is the training's, without the probe's seconds
         if world > 1:
             parts.net = DistributedDataParallel(model)
             if disc is not None:

@@ -29,6 +29,7 @@ def test_gpu_train_run_smoke_leaves_every_result(tmp_path):
     assert set(evals) == {"5 experts", "1 expert"} and set(evals["5 experts"]["levels"]) == {"1", "2", "3"}
     summary = (out / "summary.md").read_text()
     assert "Validation over steps" in summary and "5 experts - bicubic" in summary
+    assert f"steps: 5 experts {steps[0]}, 1 expert {steps[1]} (" in summary
     assert "- expert convolutions (5 experts, `--expert-impl auto`): grouped, NCHW" in summary  # CPU: no probe
     for run in ("run-e5", "run-e1"):  # the GPU's arithmetic, under CPU autocast
         assert json.loads((tmp_path / "work" / run / "config.json").read_text())["run"]["dtype"] == "bfloat16 autocast"
@@ -81,6 +82,20 @@ def test_gpu_train_run_shrinks_the_runs_to_fit_its_total_budget(monkeypatch):
     assert run_minutes(3.0, 9.5, 40) == 3.0
     assert run_minutes(3.0, 9.5, 300) == pytest.approx(1.25)
     assert run_minutes(3.0, 9.5, 560) == pytest.approx(0.3)
+
+
+def test_gpu_train_run_fits_its_loader_workers_to_dev_shm(monkeypatch):
+    """Batches in flight (2 per worker, 48 x 3 x (256^2 + 64^2) bytes = 10.0 MB each) take at most half of
+    /dev/shm: 12 workers need 241 MB, so a 64 MiB container default gets 1, 256 MiB gets 6, 8 GiB all 12."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_train_run import shm_workers
+
+    batch = 48 * 3 * (256 * 256 + 64 * 64)
+    assert batch == 10_027_008
+    assert shm_workers(64 * 2**20, 48, 256) == 1
+    assert shm_workers(256 * 2**20, 48, 256) == 6  # 128 MiB / 19.5 MB = 6.9
+    assert shm_workers(8 * 2**30, 48, 256) >= 12
+    assert shm_workers(4 * batch, 48, 256) == 1 and shm_workers(4 * batch - 1, 48, 256) == 1
 
 
 def test_expert_study_smoke_writes_results_and_a_table(tmp_path):

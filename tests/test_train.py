@@ -151,6 +151,33 @@ def test_tiny_end_to_end_cli_run(shards, tmp_path):
     assert "perceptual loss off" in result.output
 
 
+def test_validation_during_training_scores_as_dasr_eval_does(shards):
+    """ValidationSet (batched, on the device, experts mixed per sample, PSNR-Y reduced in torch) against
+    evaluate_pairs (dasr-eval's path: one image at a time, experts fused, numpy metrics) on the same samples:
+    the same PSNR-Y and bicubic PSNR-Y per level and the same predictor MAE. The tolerance, 1e-6 dB, leaves
+    room for a pixel rounding to the other 8-bit level between the two float paths (measured: 1e-14)."""
+    from dasr_model.evaluate import ValidationSet, evaluate_pairs, pairs_from_shards
+
+    torch.manual_seed(0)
+    model = DASR(DASRConfig(num_experts=3, num_block=2, num_feat=16, mapping_gain=1.0))
+    with torch.no_grad():  # an untrained generator is almost its bilinear base: give it some output of its own
+        for p in model.generator.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    pairs = pairs_from_shards(shards)
+    want = evaluate_pairs(model, pairs, torch.device("cpu"))
+    val = ValidationSet(pairs, torch.device("cpu"))
+    val.batches = [idx[i : i + 5] for idx in val.batches for i in range(0, len(idx), 5)]  # several batches
+    got = val(model, model.generator)
+    assert len(val) == len(pairs) == 12 and len(val.batches) == 3
+    assert set(got["psnr_y"]) == set(want["levels"]) and len(want["levels"]) > 1
+    for level, r in want["levels"].items():
+        assert got["psnr_y"][level] == pytest.approx(r["psnr_y"], abs=1e-6)
+        assert got["bicubic_psnr_y"][level] == pytest.approx(r["bicubic_psnr_y"], abs=1e-9)
+        assert abs(r["psnr_y"] - r["bicubic_psnr_y"]) > 0.01  # the generator is not bicubic: the test can tell
+    assert got["mae"] == pytest.approx(want["mae"], abs=1e-7)
+    assert model.training and model.generator.training  # put back as it was
+
+
 def test_cli_bad_input(tmp_path):
     result = CliRunner().invoke(train_cli, ["--shards", str(tmp_path), "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "not a dataset folder" in result.output
