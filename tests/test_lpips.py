@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import time
 
@@ -102,7 +103,9 @@ def test_a_legacy_file_claiming_a_huge_tensor_is_refused_without_allocating_it(t
     from dasr_model.checkpoints import load_torch_file
 
     start = time.perf_counter()
-    with pytest.raises(DASRError, match="damaged or truncated"):
+    # torch 2.11 and 2.13 read the pickle and find the storage short; torch 2.1.2's weights-only reader
+    # refuses the edited pickle itself
+    with pytest.raises(DASRError, match="damaged or truncated|weights-only reader refused"):
         load_torch_file(path, "weights file", legacy=True)
     assert time.perf_counter() - start < 5  # a real 8 GiB fill would take far longer (not a speed test)
     with pytest.raises(DASRError, match="not a torch.save file"):  # only where a caller accepts the format
@@ -128,7 +131,10 @@ def test_a_file_that_calls_an_allocator_is_refused_before_torch_load_runs(tmp_pa
     small, big = tmp_path / "small.pth", tmp_path / "big.pth"
     for path, n in ((small, 1000), (big, 2**31)):
         torch.save({"w": torch.ones(3), "x": _Bomb(n)}, path, _use_new_zipfile_serialization=not legacy)
-    assert torch.load(small, weights_only=True)["x"] == bytearray(1000)
+    try:  # torch 2.11 and 2.13 hand it over; torch 2.1.2's weights-only reader still refused bytearray
+        assert torch.load(small, weights_only=True)["x"] == bytearray(1000)
+    except pickle.UnpicklingError as exc:
+        assert "bytearray" in str(exc)
     start = time.perf_counter()
     with pytest.raises(DASRError, match=r"big.pth: refused: not a weights file of tensors \(it calls "
                                         r"__builtin__.bytearray\)"):
@@ -143,7 +149,8 @@ def test_every_truncation_of_a_legacy_file_is_a_one_line_refusal(weights, tmp_pa
     data = weights[1].read_bytes()
     for cut in range(1, len(data), 7):
         (tmp_path / "cut.pth").write_bytes(data[:cut])
-        with pytest.raises(DASRError, match="cut.pth: not a readable"):
+        # torch 2.1.2's weights-only reader refuses some cuts itself: another line, one line still
+        with pytest.raises(DASRError, match="cut.pth: (not a readable|refused: not a weights file)"):
             load_torch_file(tmp_path / "cut.pth", "weights file", legacy=True)
 
 
