@@ -272,6 +272,52 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
                   f"{len(scan.unreadable)} unreadable")
 
 
+@main.command("make-testset")
+@click.argument("hr_dir", required=False, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="The test set's folder (new, or an empty one).")
+@click.option("--levels", default="1,2,3", show_default=True, help="Levels to degrade each image at.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The set's seed (dasr-eval --hr-dir --seed draws the same).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes (the bytes do not depend on it); each holds one image at a time.")
+@max_pixels_option
+def make_testset_command(hr_dir: Path | None, out: Path, levels: str, seed: int, jobs: int,
+                         max_pixels: int | None) -> None:
+    """Degrade whole HR images (a folder, searched recursively; default: the bundled photos) into a test set
+    of image folders: OUT/HR/NAME.png, OUT/LR/level{L}/NAME.png, OUT/params/level{L}/NAME.json and
+    OUT/manifest.json (docs/degradation.md).
+
+    Image i (sorted order) at level L is drawn from (--seed, i, L), as dasr-eval --hr-dir draws it:
+    `dasr-eval --testset OUT` scores as `dasr-eval --hr-dir HR_DIR` does, and the folders pair by name for
+    any other tool (`dasr-eval --lr-dir OUT/LR/level2 --hr-dir OUT/HR`).
+    """
+    from degrade.testset import make_testset
+
+    try:
+        wanted = [int(x) for x in levels.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{levels!r}: expected a subset of 1,2,3", param_hint="--levels") from None
+    if hr_dir is None:
+        hr_dir = degrade.sample_images()[0].parent
+        err_console.print(f"no HR_DIR given: using the bundled photos in {hr_dir}")
+    set_max_pixels(max_pixels)
+    try:
+        with _progress() as progress:
+            from degrade.discover import find_images
+
+            task = progress.add_task("test images", total=len(find_images([hr_dir], what="HR images")))
+            manifest = make_testset(hr_dir, out, levels=wanted, seed=seed, jobs=jobs,
+                                    progress=lambda n: progress.advance(task, n))
+    except (DegradeError, OSError) as exc:
+        raise click.ClickException(one_line(exc)) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted: nothing was written")
+        sys.exit(130)
+    console.print(f"{out}: {len(manifest['images'])} HR images at level(s) {', '.join(map(str, manifest['levels']))}"
+                  f", seed {seed}")
+
+
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--regenerate", type=click.IntRange(min=0), default=0, show_default=True,

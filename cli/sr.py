@@ -209,11 +209,16 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
 @click.option("--lr-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Evaluate on these given LR images (a real-world test set): with --hr-dir each paired with the "
                    "HR of its name (ignoring a tag such as x4, _LR4, _HR); alone, no-reference NIQE only.")
-@click.option("--levels", default="1,2,3", show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--testset", type=click.Path(path_type=Path, file_okay=False),
+              help="Evaluate on a saved test set (degrade make-testset): its levels (or those of --levels), "
+                   "the numbers --hr-dir gives on its HR folder and seed.")
+@click.option("--levels", default="1,2,3", show_default=True,
+              help="With --hr-dir: the levels to degrade at; with --testset: the set's levels to score.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --hr-dir: the draw of each image's degradations (image i at level L: seed, i, L).")
 @click.option("--device", default="auto", show_default=True)
 @tile_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (no tables).")
 @click.option("--lpips-alexnet", type=click.Path(path_type=Path, dir_okay=False),
               help="With --lpips-lin: also LPIPS (v0.1, AlexNet). torchvision's AlexNet ImageNet weights file "
                    "(alexnet-owt-7be5be79.pth); nothing is downloaded.")
@@ -224,8 +229,8 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
                    "niqe_pris_params.npz); nothing is downloaded.")
 @max_pixels_option
 @click.pass_context
-def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_dir, levels, seed, device, tile,
-              as_json, lpips_alexnet, lpips_lin, niqe_params, max_pixels) -> None:
+def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_dir, testset, levels, seed, device,
+              tile, as_json, lpips_alexnet, lpips_lin, niqe_params, max_pixels) -> None:
     """PSNR/SSIM on Y (4-px crop) and RGB PSNR per level, for the model and bicubic; predictor MAE per block;
     LPIPS and NIQE when given their files. Given LR/HR pairs (--lr-dir with --hr-dir) have no level: they are
     reported as level 0; so are real LR images alone (--lr-dir with --niqe-params), scored by NIQE only."""
@@ -237,23 +242,25 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
         pairs_from_lr_dir,
         pairs_from_lr_hr_dirs,
         pairs_from_shards,
+        pairs_from_testset,
     )
     from dasr_model.lpips import LPIPS
     from dasr_model.niqe import load_niqe_params
 
-    if sum(x is not None for x in (shards, hr_dir or lr_dir)) != 1:
-        raise click.UsageError("give --shards, --hr-dir or --lr-dir")
+    if sum(x is not None for x in (shards, hr_dir or lr_dir, testset)) != 1:
+        raise click.UsageError("give --shards, --hr-dir, --lr-dir or --testset")
     if lr_dir is not None and hr_dir is None and niqe_params is None:
         raise click.UsageError("--lr-dir alone has nothing to compare with: add --hr-dir (PSNR, SSIM) or "
                                "--niqe-params (no-reference NIQE)")
     if lr_dir is not None and hr_dir is None and lpips_alexnet is not None:
         raise click.UsageError("LPIPS compares with an HR image: --lr-dir alone has none")
-    if lr_dir is not None:
-        given = [f"--{p}" for p in ("levels", "seed")
-                 if ctx.get_parameter_source(p) is not ParameterSource.DEFAULT]
-        if given:
-            raise click.UsageError(f"{' and '.join(given)} {'choose' if len(given) > 1 else 'chooses'} how "
-                                   "--hr-dir is degraded; with --lr-dir the LR images are given")
+    given = [p for p in ("levels", "seed") if ctx.get_parameter_source(p) is not ParameterSource.DEFAULT]
+    held = {"--lr-dir": lr_dir, "--shards": shards, "--testset": testset}
+    for option, value in held.items():  # their LR images are given: nothing is drawn
+        refused = [f"--{p}" for p in given if value is not None and not (option == "--testset" and p == "levels")]
+        if refused:
+            raise click.UsageError(f"{' and '.join(refused)} {'choose' if len(refused) > 1 else 'chooses'} how "
+                                   f"--hr-dir is degraded; with {option} the LR images are given")
     if (lpips_alexnet is None) != (lpips_lin is None):
         raise click.UsageError("LPIPS needs both --lpips-alexnet and --lpips-lin")
     try:
@@ -272,6 +279,8 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
             pairs = pairs_from_lr_dir(lr_dir)
         elif lr_dir is not None:
             pairs = pairs_from_lr_hr_dirs(lr_dir, hr_dir, model.config.scale)
+        elif testset is not None:
+            pairs = pairs_from_testset(testset, lv if "levels" in given else None)
         else:
             pairs = pairs_from_hr_dir(hr_dir, lv, seed)
         with _bar() as bar:
@@ -285,7 +294,7 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
     if as_json:  # strict JSON: an infinite PSNR (SR equal to HR) is null, as JSON has no Infinity
         click.echo(json.dumps(_finite_or_null(result), indent=1, allow_nan=False))
         return
-    if hr_dir is not None or shards is not None:
+    if hr_dir is not None or shards is not None or testset is not None:
         table = Table(title="evaluation (Y: BT.601, 4-px crop)", title_justify="left")
         for name in ("level", "images", "PSNR-Y", "SSIM-Y", "PSNR-RGB", "bicubic PSNR-Y", "bicubic SSIM-Y"):
             table.add_column(name, justify="right")

@@ -18,9 +18,10 @@ from dasr_model.errors import DASRError
 from dasr_model.infer import DEFAULT_TILE, fuse_experts, predict, receptive_radius, tiled, to_image, to_tensor
 from dasr_model.metrics import psnr_rgb, psnr_y, ssim_y, y_channel
 from dasr_model.niqe import niqe
+from degrade.testset import MIN_TEST_SIDE
 
 Pair = tuple[int, np.ndarray | None, np.ndarray, np.ndarray | None]  # level, HR or None, LR (float32 [0, 1]), v
-MIN_HR_SIDE = 64  # an HR side below this leaves an LR of under 16 px: too little for the degradations and SSIM
+MIN_HR_SIDE = MIN_TEST_SIDE  # an HR side below this leaves an LR of under 16 px: too little for degrading and SSIM
 
 
 class Pairs:
@@ -53,28 +54,37 @@ def pairs_from_shards(path: str | Path, *, limit: int | None = None) -> Pairs:
 
 def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Pairs:
     """Each HR image (cropped to a multiple of 4) degraded at each level, with a seed fixed by
-    (seed, image position in sorted order, level), so numbers compare across runs and models."""
+    (seed, image position in sorted order, level), so numbers compare across runs and models: the test set
+    `degrade make-testset` writes (degrade.testset), made on the fly."""
     import degrade
     from degrade.discover import find_images
-    from degrade.io import crop_to_multiple, to_uint8
+    from degrade.testset import read_test_hr, testset_params
 
     files = find_images([folder])
 
-    def read(f: Path) -> np.ndarray:  # a refusal names the file (read_image's own do)
-        hr = crop_to_multiple(degrade.read_image(f), 4)
-        if min(hr.shape[:2]) < MIN_HR_SIDE:
-            raise DASRError(f"{f}: {hr.shape[1]}x{hr.shape[0]} px (cropped to a multiple of 4) is too small to "
-                            f"evaluate: at least {MIN_HR_SIDE} px a side")
-        return to_uint8(hr).astype(np.float32) / 255
-
     def make() -> Iterator[Pair]:
         for i, f in enumerate(files):
-            hr = read(f)
+            hr = read_test_hr(f).astype(np.float32) / 255
             for level in levels:
-                params = degrade.sample_params(level, np.random.default_rng(np.random.SeedSequence([seed, i, level])))
+                params = testset_params(level, seed, i)
                 yield level, hr, degrade.apply(hr, params), degrade.encode(params)
 
     return Pairs(len(files) * len(levels), make)
+
+
+def pairs_from_testset(folder: str | Path, levels: list[int] | None = None) -> Pairs:
+    """A saved test set's pairs (degrade make-testset), each file checked against its manifest, with their
+    levels and v: the pairs pairs_from_hr_dir makes from the set's HR folder and seed."""
+    from degrade.testset import open_testset
+
+    ts = open_testset(folder)
+    wanted = ts.levels if levels is None else levels
+
+    def make() -> Iterator[Pair]:
+        for level, _, hr, lr, v in ts.pairs(wanted):
+            yield level, hr, lr, v
+
+    return Pairs(len(ts.images) * len(wanted), make)
 
 
 class ValidationSet:

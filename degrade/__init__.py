@@ -29,6 +29,7 @@ from degrade.recipe import LEVELS, MIX_PROBS, SCALE, FinalRecipe, LevelRecipe, S
 from degrade.samples import sample_images
 from degrade.sampling import sample_params
 from degrade.shards import Sample, ShardDataset, open_dataset
+from degrade.testset import TestSet, make_testset, open_testset
 from degrade.vector import VECTOR_FIELDS, VECTOR_LAYOUT, VECTOR_LENGTH, VectorField, decode, encode
 
 __all__ = [
@@ -53,12 +54,15 @@ __all__ = [
     "ShardDataset",
     "SincParams",
     "StageRecipe",
+    "TestSet",
     "VectorField",
     "apply",
     "decode",
     "encode",
     "gaussian_kernel",
+    "make_testset",
     "open_dataset",
+    "open_testset",
     "parse_level",
     "read_image",
     "sample_images",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import stat
 import struct
@@ -108,6 +109,12 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> NDA
     header declares more than `max_pixels` pixels (default: :func:`pixel_limit`), before decoding.
     """
     return _read(path, max_pixels, lambda data: decode_image(data, max_pixels=max_pixels))
+
+
+def read_image_sha256(path: str | os.PathLike, *, max_pixels: int | None = None) -> tuple[NDArray[np.float32], str]:
+    """read_image's result and the SHA-256 (hex) of the bytes it was decoded from (one read)."""
+    return _read(path, max_pixels, lambda data: (decode_image(data, max_pixels=max_pixels),
+                                                 hashlib.sha256(data).hexdigest()))
 
 
 def _read(path: str | os.PathLike, max_pixels: int | None, decode: Callable[[bytes], Any]) -> Any:
@@ -440,15 +447,24 @@ def write_image(path: str | os.PathLike, img: NDArray[np.floating] | NDArray[np.
     """Write (H, W, 3) RGB or (H, W, 4) RGBA, float in [0, 1] or uint8, as 8 bit to a lossless file,
     atomically (temp + rename)."""
     path = Path(path)
-    if path.suffix.lower() not in LOSSLESS_SUFFIXES:
-        raise ImageError(f"{path}: output must be a lossless image ({', '.join(LOSSLESS_SUFFIXES)})")
+    try:
+        data = encode_image(img, path.suffix)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None
+    write_bytes_atomic(path, data)
+
+
+def encode_image(img: NDArray[np.floating] | NDArray[np.uint8], suffix: str = ".png") -> bytes:
+    """The bytes write_image writes for a file with this suffix (8-bit RGB or RGBA, lossless)."""
+    if suffix.lower() not in LOSSLESS_SUFFIXES:
+        raise ImageError(f"output must be a lossless image ({', '.join(LOSSLESS_SUFFIXES)})")
     if img.ndim != 3 or img.shape[2] not in (3, 4):
-        raise ImageError(f"{path}: expected an (H, W, 3) or (H, W, 4) image, got shape {img.shape}")
+        raise ImageError(f"expected an (H, W, 3) or (H, W, 4) image, got shape {img.shape}")
     bgr = cv2.cvtColor(to_uint8(img), cv2.COLOR_RGB2BGR if img.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)  # one copy
-    ok, buf = cv2.imencode(path.suffix.lower(), bgr)
+    ok, buf = cv2.imencode(suffix.lower(), bgr)
     if not ok:
-        raise ImageError(f"{path}: OpenCV could not encode the image")
-    write_bytes_atomic(path, buf.tobytes())
+        raise ImageError("OpenCV could not encode the image")
+    return buf.tobytes()
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -246,7 +246,7 @@ def test_eval_tiles_like_dasr_sr_with_the_whole_image_result(ckpt, tmp_path):
         assert runs["64"][key] == pytest.approx(runs["0"][key], abs=1e-6)
 
 
-@pytest.mark.parametrize("content,message", [("tiny", "is too small to evaluate"), ("text", "x.png")])
+@pytest.mark.parametrize("content,message", [("tiny", "is too small for a test image"), ("text", "x.png")])
 def test_eval_names_the_hr_image_it_cannot_use(ckpt, tmp_path, content, message):
     hr_dir = tmp_path / "hr"
     hr_dir.mkdir()

@@ -1,0 +1,297 @@
+"""Test sets to keep and share: whole HR images degraded at fixed levels and seeds, as image folders.
+
+`make_testset(HR_DIR, OUT)` (`degrade make-testset`) writes
+
+    OUT/HR/NAME.png                   each HR image, cropped at the bottom/right to a multiple of 4, 8-bit RGB
+    OUT/LR/level{L}/NAME.png          its x4 LR at level L (8-bit RGB, as degrade.apply made it: exact)
+    OUT/params/level{L}/NAME.json     the parameter record (`degrade apply HR/NAME.png --params ...` replays it)
+    OUT/manifest.json                 the set: format, seed, levels, and each file's SHA-256 and v
+
+NAME is the image's path under HR_DIR without its suffix, so HR and LR files pair by name (the layout of
+DIV2K-style paired folders: BasicSR's paired datasets, `dasr-eval --lr-dir OUT/LR/level2 --hr-dir OUT/HR`).
+The LR of image i (its position in sorted order) at level L comes from the parameter draw
+SeedSequence([seed, i, L]): the draw `dasr-eval --hr-dir HR_DIR --seed S` makes, so `dasr-eval --testset OUT`
+gives the numbers `dasr-eval --hr-dir` gives, with v for the predictor's MAE, without degrading again.
+
+`open_testset(OUT)` reads a set back. A manifest is data, not instructions: its names must be plain
+relative paths inside the set, every file is read bounded and checked against its SHA-256, and the
+vectors must be the layout's length and finite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from degrade._version import __version__
+from degrade.discover import find_images
+from degrade.errors import DegradeError
+from degrade.io import (
+    crop_to_multiple,
+    encode_image,
+    read_image,
+    read_image_sha256,
+    read_regular_file,
+    to_uint8,
+    write_bytes_atomic,
+)
+from degrade.params import DegradationParams
+from degrade.pipeline import apply
+from degrade.recipe import SCALE
+from degrade.sampling import sample_params
+from degrade.vector import VECTOR_LAYOUT, VECTOR_LENGTH, encode
+
+TESTSET_FORMAT = "degrade-testset-v1"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_BYTES = 64 << 20  # about 1.2 kB an image at 3 levels: room for 50,000 images
+MIN_TEST_SIDE = 64  # an HR side below this leaves an LR under 16 px: too little for the degradations and SSIM
+TEST_LEVELS = (1, 2, 3)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def testset_params(level: int, seed: int, index: int) -> DegradationParams:
+    """The parameters of image `index` (its position in sorted order) at `level` in a test set of `seed`."""
+    return sample_params(level, np.random.default_rng(np.random.SeedSequence([seed, index, level])))
+
+
+def read_test_hr(path: str | os.PathLike) -> np.ndarray:
+    """An HR image as a test set holds it: cropped at the bottom/right to a multiple of 4, 8-bit RGB (uint8);
+    DegradeError where a side is under MIN_TEST_SIDE."""
+    hr = to_uint8(crop_to_multiple(read_image(path), SCALE))
+    if min(hr.shape[:2]) < MIN_TEST_SIDE:
+        raise DegradeError(f"{path}: {hr.shape[1]}x{hr.shape[0]} px (cropped to a multiple of {SCALE}) is too "
+                           f"small for a test image: at least {MIN_TEST_SIDE} px a side")
+    return hr
+
+
+def testset_names(files: Sequence[Path], root: Path) -> list[str]:
+    """Each file's name in a test set: its path under `root` without suffix (posix). Two files that would
+    share one (a.png and a.jpg) are a DegradeError."""
+    names: dict[str, Path] = {}
+    for f in files:
+        name = f.relative_to(root).with_suffix("").as_posix()
+        if name in names:
+            raise DegradeError(f"{names[name]} and {f}: two images of one name in a test set; keep one")
+        names[name] = f
+    return list(names)
+
+
+class _Degrade:
+    """One image of a test set, in a worker: its HR and each level's LR, encoded, with record and v."""
+
+    def __init__(self, files: Sequence[Path], levels: Sequence[int], seed: int):
+        self.files, self.levels, self.seed = list(files), list(levels), seed
+
+    def __call__(self, index: int) -> tuple[bytes, list[tuple[bytes, bytes, list[float]]]]:
+        hr = read_test_hr(self.files[index])
+        out = []
+        for level in self.levels:
+            params = testset_params(level, self.seed, index)
+            lr = apply(hr, params)
+            record = (json.dumps(params.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+            out.append((encode_image(lr), record, [float(x) for x in encode(params)]))
+        return encode_image(hr), out
+
+
+def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequence[int] = TEST_LEVELS,
+                 seed: int = 0, jobs: int = 1, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Write the test set of the images in folder `src` (searched recursively) into `out`, which must not
+    exist or be an empty folder. The set is built in a hidden folder beside `out` and renamed into place
+    when complete: `out` never holds half a set. The bytes do not depend on `jobs` (worker processes).
+    `progress(n)` is called after each image. Returns the manifest."""
+    src, out = Path(src), Path(out)
+    levels = _check_levels(levels)
+    if seed < 0:
+        raise DegradeError(f"seed must be >= 0, got {seed}")
+    if not src.is_dir():
+        raise DegradeError(f"{src}: not a folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DegradeError(f"{out}: exists and is not an empty folder; a test set is written into a new one")
+    if not out.parent.is_dir():
+        raise DegradeError(f"{out.parent}: no such folder")
+    files = find_images([src], what="HR images")
+    names = testset_names(files, src)
+    from degrade.shards.executor import OrderedMap
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        images = []
+        with OrderedMap(_Degrade(files, levels, seed), jobs=jobs) as run:
+            for name, f, (hr_png, lrs) in zip(names, files, run(range(len(files)))):
+                entry: dict[str, Any] = {"name": name, "source": f.relative_to(src).as_posix(),
+                                         "hr": _put(tmp / "HR" / f"{name}.png", hr_png), "lr": {}}
+                for level, (lr_png, record, v) in zip(levels, lrs):
+                    entry["lr"][str(level)] = {"sha256": _put(tmp / "LR" / f"level{level}" / f"{name}.png", lr_png),
+                                               "v": v}
+                    _put(tmp / "params" / f"level{level}" / f"{name}.json", record)
+                images.append(entry)
+                if progress is not None:
+                    progress(1)
+        manifest = {"format": TESTSET_FORMAT, "degrade_version": __version__, "vector_layout": VECTOR_LAYOUT,
+                    "scale": SCALE, "seed": seed, "levels": levels, "source": str(src.resolve()), "images": images}
+        write_bytes_atomic(tmp / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: give the set the usual permissions
+        os.rename(tmp, out)  # replaces an empty folder; a non-empty one (made meanwhile) fails, nothing lost
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _put(path: Path, data: bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check_levels(levels: Sequence[int]) -> list[int]:
+    out = [int(x) for x in levels]
+    if not out or len(set(out)) != len(out) or not set(out) <= set(TEST_LEVELS):
+        raise DegradeError(f"levels {list(levels)}: expected distinct levels among 1, 2, 3")
+    return out
+
+
+@dataclass(frozen=True)
+class TestImage:
+    __test__ = False  # not a pytest class
+    name: str
+    hr_sha256: str
+    lr: dict[int, tuple[str, np.ndarray]]  # level -> (SHA-256 of the LR file, v)
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """A test set read back (open_testset): its folder, seed, levels and images, in the order written."""
+
+    __test__ = False  # not a pytest class
+
+    root: Path
+    seed: int
+    levels: list[int]
+    images: list[TestImage]
+
+    def hr_path(self, image: TestImage) -> Path:
+        return self.root / "HR" / f"{image.name}.png"
+
+    def lr_path(self, image: TestImage, level: int) -> Path:
+        return self.root / "LR" / f"level{level}" / f"{image.name}.png"
+
+    def pairs(self, levels: Sequence[int] | None = None
+              ) -> Iterator[tuple[int, str, np.ndarray, np.ndarray, np.ndarray]]:
+        """(level, name, HR, LR, v) for each image and each of `levels` (default: all the set's), image by
+        image; HR and LR as read_image gives them (float32 in [0, 1]). A file whose bytes do not match
+        the manifest's SHA-256 is a DegradeError naming it."""
+        wanted = self.levels if levels is None else list(levels)
+        missing = [lv for lv in wanted if lv not in self.levels]
+        if missing:
+            raise DegradeError(f"{self.root}: no level {missing[0]} in this test set (it has "
+                               f"{', '.join(map(str, self.levels))})")
+        for image in self.images:
+            hr = _read_checked(self.hr_path(image), image.hr_sha256)
+            for level in wanted:
+                sha, v = image.lr[level]
+                lr = _read_checked(self.lr_path(image, level), sha)
+                if hr.shape[:2] != (SCALE * lr.shape[0], SCALE * lr.shape[1]):
+                    raise DegradeError(f"{self.lr_path(image, level)}: {lr.shape[1]}x{lr.shape[0]} px is not "
+                                       f"1/{SCALE} of its HR ({hr.shape[1]}x{hr.shape[0]} px)")
+                yield level, image.name, hr, lr, v
+
+
+def _read_checked(path: Path, sha256: str) -> np.ndarray:
+    img, digest = read_image_sha256(path)
+    if digest != sha256:
+        raise DegradeError(f"{path}: its bytes differ from the test set's manifest (SHA-256); the set is damaged "
+                           "or was edited")
+    return img
+
+
+def open_testset(path: str | os.PathLike) -> TestSet:
+    """Read the manifest of the test set in folder `path` (make_testset); DegradeError naming what is wrong."""
+    root = Path(path)
+    where = root / MANIFEST_NAME
+    if not where.exists() and not where.is_symlink():
+        raise DegradeError(f"{root}: not a test set (no {MANIFEST_NAME}; `degrade make-testset` writes one)")
+    try:  # a regular file, bounded (ImageError otherwise: a DegradeError naming it)
+        text = read_regular_file(where, MANIFEST_BYTES)
+    except OSError as exc:
+        raise DegradeError(f"{where}: cannot read ({exc.strerror or exc})") from None
+    try:
+        m = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DegradeError(f"{where}: not valid JSON ({exc})") from None
+
+    def bad(what: str) -> DegradeError:
+        return DegradeError(f"{where}: {what}")
+
+    if not isinstance(m, dict) or m.get("format") != TESTSET_FORMAT:
+        raise bad(f"not a {TESTSET_FORMAT} manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
+    if m.get("vector_layout") != VECTOR_LAYOUT or m.get("scale") != SCALE:
+        raise bad(f"vector layout {m.get('vector_layout')!r}, scale {m.get('scale')!r}: this version reads "
+                  f"{VECTOR_LAYOUT}, x{SCALE}")
+    seed, levels, images = m.get("seed"), m.get("levels"), m.get("images")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise bad(f"seed {seed!r}: expected an integer >= 0")
+    if not isinstance(levels, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in levels):
+        raise bad(f"levels {levels!r}: expected a list of levels")
+    try:
+        levels = _check_levels(levels)
+    except DegradeError as exc:
+        raise bad(str(exc)) from None
+    if not isinstance(images, list) or not images:
+        raise bad("no images")
+    seen: set[str] = set()
+    out = []
+    for i, e in enumerate(images):
+        if not isinstance(e, dict):
+            raise bad(f"image {i}: expected an object")
+        name = e.get("name")
+        if not _plain_name(name):
+            raise bad(f"image {i}: name {name!r} is not a plain relative path inside the set")
+        if name in seen:
+            raise bad(f"image {i}: name {name!r} appears twice")
+        seen.add(name)
+        lr = e.get("lr")
+        if not _sha(e.get("hr")) or not isinstance(lr, dict) or sorted(lr) != sorted(map(str, levels)):
+            raise bad(f"{name}: expected its HR's SHA-256 and one LR entry per level {levels}")
+        entries = {}
+        for level in levels:
+            item = lr[str(level)]
+            v = item.get("v") if isinstance(item, dict) else None
+            if not isinstance(item, dict) or not _sha(item.get("sha256")) or not _vector(v):
+                raise bad(f"{name}, level {level}: expected a SHA-256 and a vector of {VECTOR_LENGTH} finite numbers")
+            entries[level] = (item["sha256"], np.asarray(v, np.float32))
+        out.append(TestImage(name, e["hr"], entries))
+    return TestSet(root, seed, levels, out)
+
+
+def _plain_name(name: Any) -> bool:
+    """A relative posix path of plain parts: no empty, '.' or '..' part, no backslash, no NUL, not absolute."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name or name.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/")) and not PurePosixPath(name).is_absolute()
+
+
+def _sha(x: Any) -> bool:
+    return isinstance(x, str) and _SHA256.fullmatch(x) is not None
+
+
+def _vector(v: Any) -> bool:
+    return (isinstance(v, list) and len(v) == VECTOR_LENGTH
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))

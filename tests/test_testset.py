@@ -1,0 +1,175 @@
+"""degrade make-testset / degrade.testset: whole images degraded at fixed seeds into image folders, read back
+checked, and scored by dasr-eval --testset exactly as dasr-eval --hr-dir scores the same HR folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import degrade
+from cli.main import main as degrade_cli
+from degrade.errors import DegradeError
+from degrade.testset import make_testset, open_testset, read_test_hr
+from degrade.testset import testset_params as draw  # imported as a name pytest does not collect
+
+
+@pytest.fixture(scope="module")
+def hr_dir(tmp_path_factory) -> Path:
+    """Three bundled photos, one in a subfolder, one 16-bit with odd sides (cropped to a multiple of 4)."""
+    root = tmp_path_factory.mktemp("hr")
+    photos = degrade.sample_images()
+    (root / "sub").mkdir()
+    shutil.copy(photos[0], root / "a.png")
+    shutil.copy(photos[1], root / "sub" / "b.png")
+    img = cv2.imread(str(photos[2]), cv2.IMREAD_UNCHANGED)[:201, :303]
+    cv2.imwrite(str(root / "c.png"), img.astype(np.uint16) * 257)
+    return root
+
+
+@pytest.fixture(scope="module")
+def testset(hr_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ts") / "set"
+    make_testset(hr_dir, out, levels=(1, 2, 3), seed=5)
+    return out
+
+
+def test_the_files_are_the_degradations_of_the_cropped_hr(hr_dir, testset):
+    """Oracle: read_test_hr + degrade.apply with the draw (seed, i, L), image by image."""
+    names = ["a", "c", "sub/b"]  # sorted by relative path
+    m = json.loads((testset / "manifest.json").read_text())
+    assert [e["name"] for e in m["images"]] == names and m["levels"] == [1, 2, 3] and m["seed"] == 5
+    for i, name in enumerate(names):
+        src = hr_dir / f"{name}.png"
+        hr = read_test_hr(src)
+        assert hr.dtype == np.uint8 and hr.shape[0] % 4 == 0 and hr.shape[1] % 4 == 0
+        assert np.array_equal(degrade.read_image(testset / "HR" / f"{name}.png"), hr.astype(np.float32) / 255)
+        for level in (1, 2, 3):
+            params = draw(level, 5, i)
+            lr = degrade.apply(hr, params)
+            assert np.array_equal(degrade.read_image(testset / "LR" / f"level{level}" / f"{name}.png"), lr)
+            record = json.loads((testset / "params" / f"level{level}" / f"{name}.json").read_text())
+            assert degrade.DegradationParams.from_dict(record) == params and record["level"] == level
+            assert m["images"][i]["lr"][str(level)]["v"] == [float(x) for x in degrade.encode(params)]
+    assert read_test_hr(hr_dir / "c.png").shape == (200, 300, 3)
+
+
+def test_a_record_replays_to_the_same_lr_bytes(testset, tmp_path):
+    """`degrade apply HR/NAME.png --params params/levelL/NAME.json` writes the set's LR file, byte for byte."""
+    out = tmp_path / "replay.png"
+    res = CliRunner().invoke(degrade_cli, ["apply", str(testset / "HR" / "sub" / "b.png"), "-o", str(out),
+                                           "--params", str(testset / "params" / "level3" / "sub" / "b.json")])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes() == (testset / "LR" / "level3" / "sub" / "b.png").read_bytes()
+
+
+def test_the_bytes_do_not_depend_on_the_number_of_workers(hr_dir, testset, tmp_path):
+    make_testset(hr_dir, tmp_path / "j2", levels=(1, 2, 3), seed=5, jobs=2)
+    files = sorted(p.relative_to(testset) for p in testset.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "j2") for p in (tmp_path / "j2").rglob("*") if p.is_file())
+    assert len(files) == 1 + 3 + 3 * 3 * 2
+    for f in files:
+        same = (testset / f).read_bytes() == (tmp_path / "j2" / f).read_bytes()
+        assert same or f.name == "manifest.json", f
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (testset, tmp_path / "j2"))
+    assert a == b  # the source folder too: the same
+
+
+def test_read_back_equals_the_pairs_dasr_eval_makes_from_the_hr_folder(hr_dir, testset):
+    pytest.importorskip("torch")
+    from dasr_model.evaluate import pairs_from_hr_dir, pairs_from_testset
+
+    want, got = list(pairs_from_hr_dir(hr_dir, [1, 2, 3], 5)), list(pairs_from_testset(testset))
+    assert len(want) == len(got) == 9
+    for (lv, hr, lr, v), (lv2, hr2, lr2, v2) in zip(want, got):
+        assert lv == lv2 and np.array_equal(hr, hr2) and np.array_equal(lr, lr2) and np.array_equal(v, v2)
+    assert [p[0] for p in pairs_from_testset(testset, [3, 1])] == [3, 1] * 3
+
+
+def test_dasr_eval_scores_a_testset_as_it_scores_the_hr_folder(ckpt, hr_dir, testset):
+    pytest.importorskip("torch")
+    from cli.sr import eval_main
+
+    def run(*args: str) -> dict:
+        res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--device", "cpu", "--json", *args])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)
+
+    fresh = run("--hr-dir", str(hr_dir), "--levels", "1,3", "--seed", "5")
+    saved = run("--testset", str(testset), "--levels", "1,3")
+    assert fresh == saved and set(saved["levels"]) == {"1", "3"} and saved["mae"]
+    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--testset", str(testset), "--seed", "1"])
+    assert res.exit_code == 2 and "with --testset the LR images are given" in res.output
+
+
+def test_a_changed_file_or_a_hostile_manifest_is_refused(testset, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(testset, bad)
+    lr = bad / "LR" / "level2" / "a.png"
+    img = cv2.imread(str(lr))
+    img[0, 0] ^= 1
+    cv2.imwrite(str(lr), img)
+    with pytest.raises(DegradeError, match=r"a\.png: its bytes differ from the test set's manifest"):
+        list(open_testset(bad).pairs([2]))
+    m = json.loads((testset / "manifest.json").read_text())
+    for name in ("../a", "/etc/passwd", "sub/../../a", "a\\..\\b", "", "./a"):
+        m["images"][0]["name"] = name
+        (bad / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(DegradeError, match="not a plain relative path"):
+            open_testset(bad)
+    m["images"][0]["name"] = "c"
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DegradeError, match="appears twice"):
+        open_testset(bad)
+    m["images"][0]["name"] = "a"
+    m["images"][0]["lr"]["1"]["v"] = [float("nan")] * 33
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DegradeError, match="finite numbers"):
+        open_testset(bad)
+    with pytest.raises(DegradeError, match="not a test set"):
+        open_testset(tmp_path)
+
+
+def test_make_testset_refuses_and_leaves_nothing_behind(hr_dir, tmp_path, monkeypatch):
+    res = CliRunner().invoke(degrade_cli, ["make-testset", str(hr_dir), "--out", str(hr_dir)])
+    assert res.exit_code == 1 and "exists and is not an empty folder" in res.output
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    shutil.copy(hr_dir / "a.png", twins / "x.png")
+    cv2.imwrite(str(twins / "x.jpg"), cv2.imread(str(hr_dir / "a.png")))
+    with pytest.raises(DegradeError, match="two images of one name"):
+        make_testset(twins, tmp_path / "t1")
+    with pytest.raises(DegradeError, match="distinct levels among 1, 2, 3"):
+        make_testset(hr_dir, tmp_path / "t1", levels=(2, 4))
+    calls = []
+
+    def fail_second(self, index):
+        calls.append(index)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, index)
+
+    from degrade.testset import _Degrade
+
+    real = _Degrade.__call__
+    monkeypatch.setattr(_Degrade, "__call__", fail_second)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        make_testset(hr_dir, tmp_path / "empty", levels=(1,))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "twins"]  # no half set, no hidden folder
+    assert not any((tmp_path / "empty").iterdir())
+
+
+def test_make_testset_cli_writes_a_set_of_the_bundled_photos(tmp_path):
+    res = CliRunner().invoke(degrade_cli, ["make-testset", "--out", str(tmp_path / "s"), "--levels", "2"])
+    assert res.exit_code == 0, res.output
+    ts = open_testset(tmp_path / "s")
+    assert ts.levels == [2] and len(ts.images) == len(degrade.sample_images())
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["HR", "LR", "manifest.json", "params"]
+    res = CliRunner().invoke(degrade_cli, ["make-testset", "--out", str(tmp_path / "t"), "--levels", "two"])
+    assert res.exit_code == 2 and "expected a subset of 1,2,3" in res.output
