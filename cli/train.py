@@ -18,6 +18,33 @@ from degrade.errors import DegradeError
 err_console = Console(stderr=True)
 
 
+# What a --resume does not take from its checkpoint: the data and folder (given), where and how fast this call
+# runs, its time budget, and the start (the trainer keeps the run's record of it); the model is handled apart
+PER_CALL = {"shards", "out", "device", "workers", "max_minutes", "init_from", "init_release", "model"}
+OPTION_OF = {"lr": "learning_rate", "sharpen_gt": "no_sharpen", "ema_warmup": "no_ema_warmup",
+             "compile": "compile_mode"}
+NEGATED = {"sharpen_gt", "ema_warmup"}  # settings whose flag turns them off
+
+
+def resumed_config(ctx: click.Context, cfg, before) -> tuple:
+    """`cfg` with each setting the command line did not give taken from `before` (the checkpoint's config),
+    so a resume continues the run it resumes (its seed, schedule, losses, steps) without retyping them; and
+    the options so taken that differ from this call's defaults, as text."""
+    params = {p.name: p for p in ctx.command.params}
+    keep, kept = {}, []
+    for f in dataclasses.fields(cfg):
+        option = OPTION_OF.get(f.name, f.name)
+        if f.name in PER_CALL or (option in params and ctx.get_parameter_source(option) is not ParameterSource.DEFAULT):
+            continue
+        keep[f.name] = getattr(before, f.name)
+        value = keep[f.name]
+        if value != getattr(cfg, f.name):  # a flag's setting differs from its default: the flag is on
+            flag = params[option].opts[0] if option in params else f.name
+            kept.append(flag if isinstance(value, bool) and (value != (f.name in NEGATED)) and option in params
+                        else f"{flag} {value}")
+    return dataclasses.replace(cfg, **keep), kept
+
+
 def default_workers() -> int:
     """--workers when not given: half the cores this process may use, shared among the processes torchrun
     started on this machine (LOCAL_WORLD_SIZE), at least 1, at most 8."""
@@ -34,7 +61,10 @@ def default_workers() -> int:
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lr-crop", type=click.IntRange(min=4), default=64, show_default=True, help="LR crop side (HR: x4).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--resume", is_flag=True, help="Continue from the newest intact RUN/ckpt-*.pt.")
+@click.option("--resume", is_flag=True,
+              help="Continue from the newest intact RUN/ckpt-*.pt, with the run's own options (model, seed, "
+                   "steps, rate, losses, ...) for those not given again; --device, --workers and --max-minutes "
+                   "are this call's.")
 @click.option("--restart", is_flag=True,
               help="Delete the run's checkpoints, metrics, config and model file in --out, then start over.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
@@ -132,23 +162,24 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
                "mixing": ("mixing", mixing), "mixing_temperature": ("mixing_temperature", mixing_temperature),
                "mapping_gain": ("mapping_gain", mapping_gain), "predictor_input": ("predictor_input", predictor_input)}
     starting = init_from is not None or bool(init_release)
-    # From a source, the model options not given are the source's (a GAN stage keeps its PSNR stage's network)
-    given = {name: value for name, (option, value) in options.items()
-             if not starting or ctx.get_parameter_source(option) is not ParameterSource.DEFAULT}
+    found = None  # with --resume, the run's newest intact checkpoint: the options not given again are its own
     try:
-        if starting:
+        if resume:
             from dasr_model.checkpoints import latest_intact
+
+            found = latest_intact(out)  # None: the trainer says there is none
+        # From a source or a checkpoint, the model options not given are its own (a GAN stage keeps its PSNR
+        # stage's network; a resume its run's)
+        given = {name: value for name, (option, value) in options.items()
+                 if not (starting or found) or ctx.get_parameter_source(option) is not ParameterSource.DEFAULT}
+        if found is not None:  # a resume's model is its checkpoint's (the source it started from may be gone)
+            model_cfg = dataclasses.replace(TrainConfig.from_dict(found[1]["config"]).model, **given)
+        elif starting:  # loaded once: the trainer starts from it too
             from dasr_model.infer import load_model
 
-            # A resume's model is its checkpoint's (the source it started from may be gone by now)
-            found = latest_intact(out) if resume else None
-            if found is not None:
-                base = TrainConfig.from_dict(found[1]["config"]).model
-            else:  # loaded once: the trainer starts from it too
-                source = load_model(init_from, tuple(map(str, init_release)) if init_release else None,
-                                    warn=lambda m: err_console.print(f"warning: {m}"))
-                base = source.model.config
-            model_cfg = dataclasses.replace(base, **given)
+            source = load_model(init_from, tuple(map(str, init_release)) if init_release else None,
+                                warn=lambda m: err_console.print(f"warning: {m}"))
+            model_cfg = dataclasses.replace(source.model.config, **given)
         else:
             model_cfg = DASRConfig(**given)
     except DegradeError as exc:
@@ -168,18 +199,23 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
                       channels_last=channels_last, compile=compile_mode, precision=precision,
                       init_from=str(init_from) if init_from is not None else None,
                       init_release=tuple(map(str, init_release)) if init_release else None, model=model_cfg)
-    if vgg_weights is not None and not vgg_weights.is_file():
-        raise click.ClickException(f"{vgg_weights}: no such file")
+    if found is not None:
+        cfg, kept = resumed_config(ctx, cfg, TrainConfig.from_dict(found[1]["config"]))
+        if kept:
+            err_console.print(f"resuming with the run's own options ({found[0].name}; given ones win): "
+                              + ", ".join(kept), soft_wrap=True)
+    if cfg.vgg_weights is not None and not Path(cfg.vgg_weights).is_file():
+        raise click.ClickException(f"{cfg.vgg_weights}: no such file")
     try:
         import degrade
 
         made = degrade.open_dataset(shards).config
     except (DegradeError, OSError):
         made = None  # the trainer reports a bad dataset folder itself
-    if made is not None and not no_sharpen and not made.sharpen_hr:
+    if made is not None and cfg.sharpen_gt and not made.sharpen_hr:
         err_console.print("note: these shards degrade the plain HR; with the sharpened target, shards made with "
                           "`degrade make-dataset --sharpen-hr` trained better (docs/training.md)")
-    if vgg_weights is None:
+    if cfg.vgg_weights is None:
         err_console.print("perceptual loss off: no --vgg-weights given (VGG19 weights cannot be downloaded here)")
     columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
@@ -189,7 +225,7 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
             err_console.print("note: training on the CPU is slow; a real run (100k steps) needs a CUDA GPU "
                               "(docs/training.md)")
         with Progress(*columns, console=err_console) as bar:
-            task = bar.add_task("train", total=steps, completed=0, info="")
+            task = bar.add_task("train", total=cfg.steps, completed=0, info="")
             first = [True]
 
             def report(step: int, m: dict) -> None:

@@ -178,6 +178,37 @@ def test_validation_during_training_scores_as_dasr_eval_does(shards):
     assert model.training and model.generator.training  # put back as it was
 
 
+def test_a_resume_keeps_the_runs_options_unless_given_again(shards, tmp_path):
+    """`--resume` with only --shards and --out continues the run it resumes: its seed (the batches), rate,
+    GAN term, EMA, teacher steps, model and --steps. Oracle: 2 steps then a resume equals 3 steps in one go
+    with every option given (the same weights), where the defaults (seed 0, no GAN, ...) would differ."""
+    opts = ["--shards", shards, "--batch-size", "2", "--lr-crop", "8", "--workers", "0", "--device", "cpu",
+            "--experts", "2", "--blocks", "1", "--features", "8", "--seed", "3", "--lr", "3e-4", "--gan",
+            "--ema-decay", "0.9", "--teacher-steps", "1", "--no-sharpen"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    for out, steps in ((whole, "3"), (part, "2")):
+        res = CliRunner().invoke(train_cli, [*opts, "--out", str(out), "--steps", steps])
+        assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(part), "--resume", "--workers", "0",
+                                         "--device", "cpu", "--steps", "3"])
+    assert res.exit_code == 0, res.output
+    assert "resuming with the run's own options (ckpt-2.pt" in res.output and "--gan" in res.output
+    assert "--seed 3" in res.output and "--no-sharpen" in res.output
+    config = json.loads((part / "config.json").read_text())
+    assert (config["seed"], config["gan"], config["lr"], config["sharpen_gt"]) == (3, True, 3e-4, False)
+    a, b = (load_checkpoint(d / "ckpt-3.pt") for d in (whole, part))
+    for key in ("model", "ema_generator"):
+        for name, t in a[key].items():
+            assert torch.allclose(t, b[key][name], atol=1e-6), (key, name)
+    res = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(part), "--resume", "--workers", "0",
+                                         "--device", "cpu", "--steps", "4", "--lr", "1e-4"])
+    assert res.exit_code == 0, res.output  # options given again win (and the change is noted)
+    assert json.loads((part / "config.json").read_text())["lr"] == 1e-4 and "continuing with" in res.output
+    res = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(part), "--resume", "--workers", "0",
+                                         "--device", "cpu"])
+    assert res.exit_code == 0 and "already at step 4 (--steps 4)" in res.output  # the run's own end
+
+
 def test_cli_bad_input(tmp_path):
     result = CliRunner().invoke(train_cli, ["--shards", str(tmp_path), "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "not a dataset folder" in result.output
