@@ -113,7 +113,8 @@ def model_options(f):
 @click.option("--device", default="auto", show_default=True)
 @tile_option
 @click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
-              help="Override a field of the predicted v in physical units, e.g. noise1.strength=5.")
+              help="Override a field of the predicted v in physical units, e.g. --set noise1.type=gaussian "
+                   "--set noise1.strength=5 (sigma, of 255).")
 @click.option("--mix", help="Set the expert coefficients a directly: a0,a1,...")
 @click.option("--print-v", is_flag=True, help="Print each image's predicted v, decoded.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,

@@ -72,7 +72,8 @@ def load_model(path: str | Path | None = None, release: tuple[str | Path, str | 
     intact checkpoint, EMA generator; a damaged newer one is skipped with a note to `warn`); or the
     released G and P files."""
     if (path is None) == (release is None):
-        raise DASRError("give a model (file, checkpoint or run folder) or the release weights (G and P), not both")
+        raise DASRError("give a model (--model: a file, checkpoint or run folder) or the release weights (G and P)"
+                        + (", not both" if path is not None else ""))
     if release is not None:
         return LoadedModel(load_release_weights(*release).eval(), f"{release[0]} + {release[1]}", "release weights")
     path = Path(path)
@@ -131,10 +132,12 @@ def edit_vector(v: Tensor, settings: dict[str, str]) -> Tensor:
     from degrade.vector import FIELDS_BY_NAME
 
     v = v.clone()
-    for name, text in settings.items():
-        f = FIELDS_BY_NAME.get(name)
-        if f is None:
-            raise DASRError(f"unknown field {name!r}; names are listed by `degrade inspect --vector` and in docs")
+    unknown = [name for name in settings if name not in FIELDS_BY_NAME]
+    if unknown:
+        raise DASRError(f"unknown field {unknown[0]!r}; names are listed by `degrade inspect --vector` and in docs")
+    # choices first: a strength's units follow its step's noise type, whichever order the settings came in
+    for name, text in sorted(settings.items(), key=lambda item: FIELDS_BY_NAME[item[0]].kind != "onehot"):
+        f = FIELDS_BY_NAME[name]
         if f.kind == "onehot":
             if text not in f.choices:
                 raise DASRError(f"{name}: {text!r} is not one of {', '.join(f.choices)}")
@@ -159,7 +162,8 @@ def edit_vector(v: Tensor, settings: dict[str, str]) -> Tensor:
             st = step_type[row] if step_type else None
             lo, hi = f.range_for(st)
             if not lo <= x <= hi:
-                raise DASRError(f"{name}: {x:g} is outside [{lo:g}, {hi:g}]")
+                units = (f" for {st} noise, the type in v (--set {f.step}.type=... chooses another)" if st else "")
+                raise DASRError(f"{name}: {x:g} is outside [{lo:g}, {hi:g}]{units}")
             v[row, f.index] = f.normalise(x, st)
     return v
 

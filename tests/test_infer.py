@@ -104,6 +104,17 @@ def test_set_changes_exactly_the_named_field():
         edit_vector(v, {"noise1.strength": "50"})
 
 
+def test_set_a_noise_type_and_its_strength_in_either_order():
+    """A strength's units are its step's noise type's: the type set beside it counts, whatever the order
+    (Gaussian sigma 15 of [0, 30] -> 0.5, as above); out of the Poisson range, the message names the type."""
+    v = torch.rand(1, 33)
+    v[:, 20:22] = torch.tensor([0.0, 1.0])  # stage-1 noise is Poisson: strength in [0, 3]
+    with pytest.raises(ValueError, match=r"outside \[0, 3\] for poisson noise, the type in v \(--set noise1.type"):
+        edit_vector(v, {"noise1.strength": "15"})
+    edited = edit_vector(v, {"noise1.strength": "15", "noise1.type": "gaussian"})
+    assert edited[0, 20:22].tolist() == [1.0, 0.0] and edited[0, 18].item() == pytest.approx(0.5)
+
+
 def test_metrics_against_independent_numbers():
     rng = np.random.default_rng(0)
     hr = rng.random((40, 40, 3)).astype(np.float32)
@@ -683,3 +694,14 @@ def test_an_exif_chunk_libpng_ignores_does_not_turn_the_alpha(tmp_path, where):
     expected = cv2.imread(str(tmp_path / "oracle.png"), cv2.IMREAD_GRAYSCALE)
     np.testing.assert_array_equal(expected, alpha)  # OpenCV did not turn it
     np.testing.assert_array_equal(read_image_alpha(tmp_path / "logo.png")[1], expected)
+
+
+def test_no_model_given_is_asked_for_without_a_not_both():
+    """With neither --model nor the release weights the message asked for one "not both" (fresh-user review)."""
+    from dasr_model.infer import load_model
+
+    with pytest.raises(ValueError, match=r"give a model \(--model: a file, checkpoint or run folder\) or the "
+                                         r"release weights \(G and P\)$"):
+        load_model()
+    with pytest.raises(ValueError, match="not both$"):
+        load_model("m.safetensors", ("g.pth", "p.pth"))
