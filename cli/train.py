@@ -149,6 +149,8 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
     require_torch()
     if resume and restart:
         raise click.UsageError("--resume continues a run, --restart deletes it: give one")
+    if out.exists() and not out.is_dir():
+        raise click.ClickException(f"{out}: is a file, not a run folder")
     import torch
 
     from dasr_model.model import DASRConfig

@@ -215,6 +215,9 @@ def test_cli_bad_input(tmp_path):
     result = CliRunner().invoke(train_cli, ["--shards", str(tmp_path), "--out", str(tmp_path / "r"), "--resume"])
     assert result.exit_code == 1 and "not a dataset folder" in result.output
     assert "Usage" in CliRunner().invoke(train_cli, ["--help"]).output
+    (tmp_path / "photo.jpg").write_bytes(b"x")  # refused before the data and model are built
+    result = CliRunner().invoke(train_cli, ["--shards", str(tmp_path), "--out", str(tmp_path / "photo.jpg")])
+    assert result.exit_code == 1 and "photo.jpg: is a file, not a run folder" in result.output
 
 
 def test_dataloader_worker_processes_give_the_same_batches(shards):

@@ -109,7 +109,7 @@ def _regenerate(out: Path, config: DatasetConfig, k: int, seed: int) -> list[str
                             f"({', '.join(IMAGE_SUFFIXES)})")
             continue
         if not src_path.is_file():
-            problems.append(f"sample {i}: source {src_path} not found (give --sources to point at the photos)")
+            problems.append(f"sample {i}: source {src_path} not found (--sources names the folder that holds the photos, if they moved)")
             continue
         try:  # a regular file of bounded size, hashed in blocks
             digest = sha256_file(src_path, max_file_bytes())
