@@ -193,3 +193,11 @@ def test_bench_train_row_out_of_memory_is_reported_and_the_rest_still_run(monkey
     error["stacked"] = RuntimeError("expected scalar type Float but found BFloat16")
     with pytest.raises(RuntimeError, match="expected scalar type"):
         bench.main()
+
+
+def test_bench_validate_smoke_prints_both_paths_and_their_difference():
+    res = subprocess.run([sys.executable, "benchmarks/bench_validate.py", "--small", "--samples", "4", "--repeat", "1"],
+                         cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    assert "| evaluate_pairs (per image, experts fused) |" in res.stdout and "| ValidationSet (batched" in res.stdout
+    diff = float(res.stdout.split("largest PSNR-Y difference per level: ")[1].split()[0])
+    assert diff < 1e-6
