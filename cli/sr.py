@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli.common import max_pixels_option, one_line, os_error, require_torch, set_max_pixels
+from degrade._version import __version__
 from degrade.errors import DegradeError
 
 console = Console()
@@ -107,6 +108,7 @@ def model_options(f):
 
 
 @click.command("dasr-sr", context_settings=SETTINGS)
+@click.version_option(__version__, prog_name="dasr-sr")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False))
 @model_options
@@ -202,6 +204,7 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
 
 
 @click.command("dasr-eval", context_settings=SETTINGS)
+@click.version_option(__version__, prog_name="dasr-eval")
 @model_options
 @click.option("--shards", type=click.Path(path_type=Path), help="Evaluate on a dataset's (HR, LR, v) samples.")
 @click.option("--hr-dir", type=click.Path(path_type=Path, file_okay=False),
@@ -335,6 +338,7 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @click.command("dasr-export", context_settings=SETTINGS)
+@click.version_option(__version__, prog_name="dasr-export")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_file", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="The model file to write (.safetensors).")

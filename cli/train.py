@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cli.common import os_error, require_torch
+from degrade._version import __version__
 from degrade.errors import DegradeError
 
 err_console = Console(stderr=True)
@@ -54,6 +55,7 @@ def default_workers() -> int:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dasr-train")
 @click.option("--shards", required=True, type=click.Path(path_type=Path), help="Training dataset folder.")
 @click.option("--val-shards", type=click.Path(path_type=Path), help="Held-out dataset folder for validation.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder (checkpoints, metrics).")
@@ -240,8 +242,11 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
                     bar.update(task, completed=step)
                     return
                 info = f"loss {m['loss']:.4f}  {m['samples_per_s']:.1f} samples/s (step {m['step']})"
-                if "val" in m:
-                    info += "  val PSNR-Y " + " ".join(f"L{k} {v:.2f}" for k, v in m["val"]["psnr_y"].items())
+                if "val" in m:  # a line of its own, kept above the bar (the bar's line is cut to the terminal)
+                    val = m["val"]
+                    bar.console.print(f"step {m['step']}: val PSNR-Y " + ", ".join(
+                        f"L{k} {v:.2f} (bicubic {val['bicubic_psnr_y'][k]:.2f})" for k, v in val["psnr_y"].items())
+                        + f"; predictor MAE {val['mae']['all']:.4f}", soft_wrap=True)
                 bar.update(task, completed=step, info=info)
 
             last = train(cfg, resume=resume, restart=restart, progress=report, source=source,
@@ -271,6 +276,7 @@ if __name__ == "__main__":
 
 
 @click.command("dasr-curves", context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dasr-curves")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_file", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="The picture to write (.png).")

@@ -219,3 +219,16 @@ def test_inspect_labels_a_sample_by_its_stored_index(run, tmp_path):
     text = " ".join(run("inspect", ds / "shard-00001.h5", "--index", "1").output.split())
     assert "shard-00001.h5 sample 3 (position 1):" in text
     assert "ds sample 1:" in run("inspect", ds, "--index", "1").output
+
+
+@pytest.mark.parametrize("module,name", [("cli.main:main", "degrade"), ("cli.train:main", "dasr-train"),
+                                         ("cli.train:curves_main", "dasr-curves"), ("cli.sr:sr_main", "dasr-sr"),
+                                         ("cli.sr:eval_main", "dasr-eval"), ("cli.sr:export_main", "dasr-export")])
+def test_every_command_says_its_version(module, name):
+    import importlib
+
+    from degrade import __version__
+
+    mod, attr = module.split(":")
+    result = CliRunner().invoke(getattr(importlib.import_module(mod), attr), ["--version"])
+    assert result.exit_code == 0 and result.output == f"{name}, version {__version__}\n"

@@ -149,12 +149,14 @@ def test_pictures_are_valid_pngs_of_the_expected_size(small, tmp_path):
     (["inspect"], "there is no ./degrade-dataset here"),
     (["inspect", "{small}", "--vector", "0.1"], "not both"),
     (["inspect", "{small}", "--grid", "4"], "--grid needs --png"),
+    (["inspect", "{small}", "--png", "nodir/x.png"], "x.png: folder nodir does not exist"),
 ])
 def test_bad_input_is_one_clear_line(small, args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "README.md").write_text("not a shard")
     result = CliRunner().invoke(main, [a.replace("{small}", small) for a in args])
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+    assert "samples (level" not in result.output  # refused before any statistics are printed
 
 
 def test_inspect_defaults_to_the_folder_make_dataset_writes(small, tmp_path, monkeypatch):

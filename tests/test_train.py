@@ -149,6 +149,8 @@ def test_tiny_end_to_end_cli_run(shards, tmp_path):
     assert set(val["mae"]) == {"all", "kernel", "resize", "noise", "jpeg"}
     assert all(np.isfinite(x) for x in val["psnr_y"].values())
     assert "perceptual loss off" in result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("step 3: val PSNR-Y "))  # whole, not cut
+    assert all(f"L{k} {v:.2f} (bicubic " in line for k, v in val["psnr_y"].items()) and "predictor MAE" in line
 
 
 def test_validation_during_training_scores_as_dasr_eval_does(shards):
