@@ -111,6 +111,9 @@ def plot_curves(runs: dict[str, dict[str, Any]], out: str | Path, *, window: int
     (l1, regression, rate), psnr = axes[0][:3], dict(zip(levels, axes[-1]))
     adversarial = axes[0][3] if adversarial_terms else None  # the GAN and perceptual terms, where a run has them
     mae = axes[-1][len(levels)] if rows == 2 else None
+    # the titles name the window the curves had: no run's curve averaged more than its own length
+    shown = min(window, max((len(r["step"]) for r in runs.values()), default=window)) or window
+    mean = f"mean of {shown} logged step{'s' if shown > 1 else ''}"
     for i, (name, r) in enumerate(runs.items()):
         c = colours[i % len(colours)]
         mark = {"marker": "."} if len(r["step"]) == 1 else {}  # one point draws no line
@@ -135,11 +138,11 @@ def plot_curves(runs: dict[str, dict[str, Any]], out: str | Path, *, window: int
         ax.set(title=f"validation PSNR-Y (dB), level {lv}" if lv != "0" else "validation PSNR-Y (dB), no level",
                xlabel="step")
     rate.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useOffset=False)
-    l1.set(title=f"pixel L1 loss (mean of {window} logged steps)", xlabel="step", yscale="log")
-    regression.set(title=f"v regression loss (mean of {window} logged steps)", xlabel="step", yscale="log")
+    l1.set(title=f"pixel L1 loss ({mean})", xlabel="step", yscale="log")
+    regression.set(title=f"v regression loss ({mean})", xlabel="step", yscale="log")
     rate.set(title="learning rate", xlabel="step")
     if adversarial is not None:
-        adversarial.set(title=f"GAN and perceptual terms (mean of {window} logged steps)", xlabel="step")
+        adversarial.set(title=f"GAN and perceptual ({mean})", xlabel="step")
     if mae is not None:
         mae.set(title="predictor MAE of v (validation, all blocks)", xlabel="step")
     for ax in axes.flat:

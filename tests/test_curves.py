@@ -121,3 +121,17 @@ def test_cli_draws_the_runs_and_refuses_what_it_cannot(run, tmp_path):
     assert res.exit_code == 1 and "not a regular file" in res.output
     res = CliRunner().invoke(curves_main, [str(tmp_path / "nothing"), "-o", str(out)])
     assert res.exit_code == 1 and str(tmp_path / "nothing") in res.output and "Traceback" not in res.output
+
+
+def test_the_titles_name_the_window_the_curves_had(run, tmp_path, monkeypatch):
+    """A 4-step run's curves average at most 4 logged steps: the titles said "mean of 50" (fresh-user review)."""
+    pytest.importorskip("matplotlib")
+    import degrade.plots
+    from dasr_model.curves import plot_curves
+
+    figures = []
+    monkeypatch.setattr(degrade.plots, "_save", lambda fig, path: figures.append(fig))
+    plot_curves({"a": read_metrics(run)}, tmp_path / "c.png", window=50)
+    titles = [ax.get_title() for ax in figures[0].axes]
+    assert "pixel L1 loss (mean of 4 logged steps)" in titles
+    assert not any("mean of 50" in t for t in titles)
