@@ -22,27 +22,32 @@ err_console = Console(stderr=True)
 # What a --resume does not take from its checkpoint: the data and folder (given), where and how fast this call
 # runs, its time budget, and the start (the trainer keeps the run's record of it); the model is handled apart
 PER_CALL = {"shards", "out", "device", "workers", "max_minutes", "init_from", "init_release", "model"}
-OPTION_OF = {"lr": "learning_rate", "sharpen_gt": "no_sharpen", "ema_warmup": "no_ema_warmup",
-             "compile": "compile_mode"}
-NEGATED = {"sharpen_gt", "ema_warmup"}  # settings whose flag turns them off
+OPTION_OF = {"lr": "learning_rate", "sharpen_gt": "sharpen", "compile": "compile_mode"}
+OFF_SWITCH = {"val_shards": "no_val", "vgg_weights": "no_vgg"}  # flags that clear a path a resume would keep
 
 
 def resumed_config(ctx: click.Context, cfg, before) -> tuple:
     """`cfg` with each setting the command line did not give taken from `before` (the checkpoint's config),
     so a resume continues the run it resumes (its seed, schedule, losses, steps) without retyping them; and
-    the options so taken that differ from this call's defaults, as text."""
+    the options so taken that differ from this call's defaults, as text. A flag given either way (--gan or
+    --no-gan) counts as given; --no-val / --no-vgg clear the validation set / VGG weights the run had."""
     params = {p.name: p for p in ctx.command.params}
+
+    def given(name: str) -> bool:
+        return name in params and ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
+
     keep, kept = {}, []
     for f in dataclasses.fields(cfg):
         option = OPTION_OF.get(f.name, f.name)
-        if f.name in PER_CALL or (option in params and ctx.get_parameter_source(option) is not ParameterSource.DEFAULT):
+        if f.name in PER_CALL or given(option) or given(OFF_SWITCH.get(f.name, "")):
             continue
-        keep[f.name] = getattr(before, f.name)
-        value = keep[f.name]
-        if value != getattr(cfg, f.name):  # a flag's setting differs from its default: the flag is on
-            flag = params[option].opts[0] if option in params else f.name
-            kept.append(flag if isinstance(value, bool) and (value != (f.name in NEGATED)) and option in params
-                        else f"{flag} {value}")
+        value = keep[f.name] = getattr(before, f.name)
+        if value != getattr(cfg, f.name):
+            p = params.get(option)
+            if isinstance(value, bool) and p is not None and p.secondary_opts:  # an on/off pair: the one in force
+                kept.append(p.opts[0] if value else p.secondary_opts[0])
+            else:
+                kept.append(f"{p.opts[0] if p is not None else f.name} {value}")
     return dataclasses.replace(cfg, **keep), kept
 
 
@@ -95,9 +100,9 @@ def default_workers() -> int:
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="First steps whose learning rate ramps linearly up to --lr.")
 @click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True)
-@click.option("--no-ema-warmup", is_flag=True,
-              help="Use --ema-decay from the first step (default: min(decay, (1 + t) / (10 + t)) at update t, so "
-                   "a short run's EMA does not keep its initial weights).")
+@click.option("--ema-warmup/--no-ema-warmup", default=True, show_default=True,
+              help="--no-ema-warmup: use --ema-decay from the first step (the warm-up: min(decay, (1 + t) / (10 + t)) "
+                   "at update t, so a short run's EMA does not keep its initial weights).")
 @click.option("--mixing", type=click.Choice(["linear", "softmax"]), default="linear", show_default=True,
               help="How v becomes the expert mix: linear (as released) or softmax(. / --mixing-temperature).")
 @click.option("--mixing-temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
@@ -112,7 +117,7 @@ def default_workers() -> int:
               help="How expert convolutions are computed (exact either way; speed differs by device). auto: on a "
                    "GPU the fastest, timed at this run's batch shape before the first step (memory format "
                    "included); on a CPU grouped.")
-@click.option("--channels-last", is_flag=True,
+@click.option("--channels-last/--no-channels-last", default=False,
               help="Batches, predictor and discriminator in channels_last memory (with --expert-impl dense or "
                    "stacked, the generator too): what GPU tensor cores read natively.")
 @click.option("--compile", "compile_mode",
@@ -125,10 +130,13 @@ def default_workers() -> int:
                    "float32. auto: bf16 on CUDA, fp32 on a CPU.")
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True),
               help="Wall-clock budget: save a checkpoint and stop when it is spent.")
-@click.option("--no-sharpen", is_flag=True, help="Train against the plain HR instead of the unsharp-masked one.")
-@click.option("--gan", is_flag=True, help="Add the GAN term (0.1, U-Net SN discriminator).")
+@click.option("--sharpen/--no-sharpen", default=True, show_default=True,
+              help="Train against the unsharp-masked HR (DASR's target), or the plain one.")
+@click.option("--gan/--no-gan", default=False, help="Add the GAN term (0.1, U-Net SN discriminator).")
 @click.option("--vgg-weights", type=click.Path(path_type=Path, dir_okay=False),
               help="Local VGG19 weights (torchvision layout) for the perceptual term; without it the term is off.")
+@click.option("--no-vgg", is_flag=True, help="No perceptual term, even where the resumed run had --vgg-weights.")
+@click.option("--no-val", is_flag=True, help="No validation, even where the resumed run had --val-shards.")
 @click.option("--init-from", type=click.Path(path_type=Path),
               help="Start from this model's weights (a model file, checkpoint or run folder: its EMA generator and "
                    "predictor) instead of a random init, e.g. a GAN stage after a PSNR one. The model options "
@@ -139,8 +147,8 @@ def default_workers() -> int:
 def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resume, restart, seed, workers, val_every,
          val_samples, ckpt_every, log_every, keep_checkpoints, experts, blocks, features, learning_rate, lr_schedule,
          warmup_steps, ema_decay,
-         no_ema_warmup, mixing, mixing_temperature, mapping_gain, predictor_input, teacher_steps, expert_impl,
-         channels_last, compile_mode, precision, max_minutes, no_sharpen, gan, vgg_weights, init_from,
+         ema_warmup, mixing, mixing_temperature, mapping_gain, predictor_input, teacher_steps, expert_impl,
+         channels_last, compile_mode, precision, max_minutes, sharpen, gan, vgg_weights, no_vgg, no_val, init_from,
          init_release) -> None:
     """Train DASR (degradation predictor + expert MSRResNet) on HDF5 shards.
 
@@ -151,6 +159,10 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
     require_torch()
     if resume and restart:
         raise click.UsageError("--resume continues a run, --restart deletes it: give one")
+    for off, path, option in ((no_val, val_shards, "--val-shards"), (no_vgg, vgg_weights, "--vgg-weights")):
+        if off and path is not None:
+            raise click.UsageError(f"--no-{'val' if option == '--val-shards' else 'vgg'} and {option} contradict "
+                                   "each other: give one")
     if out.exists() and not out.is_dir():
         raise click.ClickException(f"{out}: is a file, not a run folder")
     import torch
@@ -195,10 +207,10 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
     cfg = TrainConfig(shards=str(shards), out=str(out), steps=steps, batch_size=batch_size, lr_crop=lr_crop,
                       val_shards=str(val_shards) if val_shards else None, val_every=val_every, val_samples=val_samples,
                       ckpt_every=ckpt_every, log_every=log_every, keep_checkpoints=keep_checkpoints,
-                      seed=seed, workers=workers, device=device, sharpen_gt=not no_sharpen, gan=gan,
+                      seed=seed, workers=workers, device=device, sharpen_gt=sharpen, gan=gan,
                       vgg_weights=str(vgg_weights) if vgg_weights else None, lr=learning_rate, lr_schedule=lr_schedule,
                       warmup_steps=warmup_steps, ema_decay=ema_decay,
-                      ema_warmup=not no_ema_warmup,
+                      ema_warmup=ema_warmup,
                       teacher_steps=teacher_steps, max_minutes=max_minutes, expert_impl=expert_impl,
                       channels_last=channels_last, compile=compile_mode, precision=precision,
                       init_from=str(init_from) if init_from is not None else None,
@@ -208,6 +220,12 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
         if kept:
             err_console.print(f"resuming with the run's own options ({found[0].name}; given ones win): "
                               + ", ".join(kept), soft_wrap=True)
+        for option, path, off in (("--val-shards", cfg.val_shards, "--no-val"),
+                                  ("--vgg-weights", cfg.vgg_weights, "--no-vgg")):
+            if path is not None and ctx.get_parameter_source(option[2:].replace("-", "_")) is ParameterSource.DEFAULT \
+                    and not Path(path).exists():
+                raise click.ClickException(f"{option} {path} (the run's, from {found[0].name}): no such file or "
+                                           f"folder; give {option} again, or {off}")
     if cfg.vgg_weights is not None and not Path(cfg.vgg_weights).is_file():
         raise click.ClickException(f"{cfg.vgg_weights}: no such file")
     try:

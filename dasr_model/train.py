@@ -657,9 +657,12 @@ class StepParts:
 
     def load_state_dict(self, ckpt: dict[str, Any], cfg: TrainConfig, path: Path) -> int:
         """Load a checkpoint's state (:meth:`state_dict`); returns its step. A mismatch is a DASRError."""
-        if TrainConfig.from_dict(ckpt["config"]).model != cfg.model:
-            raise DASRError(f"{path}: the checkpoint's model config differs from this run's (give the model "
-                            "options it was trained with, or repeat --init-from if it started from one)")
+        theirs = TrainConfig.from_dict(ckpt["config"]).model
+        if theirs != cfg.model:
+            differ = [f"{k} {v!r} (asked: {getattr(cfg.model, k)!r})" for k, v in asdict(theirs).items()
+                      if v != getattr(cfg.model, k)]
+            raise DASRError(f"{path}: the checkpoint's model differs from the one asked for: " + ", ".join(differ)
+                            + "; a resume takes its model from the checkpoint: leave those options out")
         if self.disc is not None and "discriminator" not in ckpt:
             raise DASRError(f"{path}: no discriminator in the checkpoint; resume without --gan")
         try:

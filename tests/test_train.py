@@ -211,6 +211,38 @@ def test_a_resume_keeps_the_runs_options_unless_given_again(shards, tmp_path):
     assert res.exit_code == 0 and "already at step 4 (--steps 4)" in res.output  # the run's own end
 
 
+def test_a_resume_can_turn_off_what_the_run_had(shards, tmp_path):
+    """Each flag has its off switch (--no-gan, --no-channels-last, --sharpen, --ema-warmup), --no-val and
+    --no-vgg clear inherited paths, and a run's validation set that is gone is named with its origin."""
+    import shutil
+
+    val = tmp_path / "val"
+    shutil.copytree(shards, val)
+    out = tmp_path / "run"
+    base = ["--shards", shards, "--out", str(out), "--workers", "0", "--device", "cpu"]
+    res = CliRunner().invoke(train_cli, [*base, "--steps", "1", "--batch-size", "2", "--lr-crop", "8",
+                                         "--experts", "2", "--blocks", "1", "--features", "8", "--gan",
+                                         "--channels-last", "--no-ema-warmup", "--no-sharpen",
+                                         "--val-shards", str(val), "--val-samples", "2"])
+    assert res.exit_code == 0, res.output
+    shutil.rmtree(val)
+    res = CliRunner().invoke(train_cli, [*base, "--resume", "--steps", "2"])
+    assert res.exit_code == 1 and f"--val-shards {val} (the run's, from ckpt-1.pt): no such file or folder; " \
+        "give --val-shards again, or --no-val" in res.output.replace("\n", "")
+    res = CliRunner().invoke(train_cli, [*base, "--resume", "--steps", "2", "--no-val", "--val-shards", shards])
+    assert res.exit_code == 2 and "contradict" in res.output
+    res = CliRunner().invoke(train_cli, [*base, "--resume", "--steps", "2", "--no-val", "--no-gan",
+                                         "--no-channels-last", "--ema-warmup", "--sharpen"])
+    assert res.exit_code == 0, res.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["val_shards"] is None and not config["gan"] and not config["channels_last"]
+    assert config["ema_warmup"] and config["sharpen_gt"] and config["batch_size"] == 2
+    assert "--gan" not in res.output.split("resuming with")[1].splitlines()[0]
+    res = CliRunner().invoke(train_cli, [*base, "--resume", "--steps", "3", "--experts", "5"])
+    assert res.exit_code == 1 and "num_experts 2 (asked: 5); a resume takes its model from the checkpoint: " \
+        "leave those options out" in res.output.replace("\n", "")
+
+
 def test_cli_bad_input(tmp_path):
     result = CliRunner().invoke(train_cli, ["--shards", str(tmp_path), "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "not a dataset folder" in result.output
