@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -302,6 +303,11 @@ def make_testset_command(hr_dir: Path | None, out: Path, levels: str, seed: int,
         hr_dir = degrade.sample_images()[0].parent
         err_console.print(f"no HR_DIR given: using the bundled photos in {hr_dir}")
     set_max_pixels(max_pixels)
+
+    def terminate(signum, frame):  # SIGTERM as an exception: make_testset removes its hidden folder
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         with _progress() as progress:
             from degrade.discover import find_images
@@ -314,6 +320,11 @@ def make_testset_command(hr_dir: Path | None, out: Path, levels: str, seed: int,
     except KeyboardInterrupt:
         err_console.print("interrupted: nothing was written")
         sys.exit(130)
+    except SystemExit:
+        err_console.print("terminated: nothing was written")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     console.print(f"{out}: {len(manifest['images'])} HR images at level(s) {', '.join(map(str, manifest['levels']))}"
                   f", seed {seed}")
 

@@ -20,6 +20,7 @@ vectors must be the layout's length and finite.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -58,6 +59,7 @@ MANIFEST_BYTES = 64 << 20  # about 1.2 kB an image at 3 levels: room for 50,000 
 MIN_TEST_SIDE = 64  # an HR side below this leaves an LR under 16 px: too little for the degradations and SSIM
 TEST_LEVELS = (1, 2, 3)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def testset_params(level: int, seed: int, index: int) -> DegradationParams:
@@ -107,8 +109,9 @@ class _Degrade:
 def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequence[int] = TEST_LEVELS,
                  seed: int = 0, jobs: int = 1, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write the test set of the images in folder `src` (searched recursively) into `out`, which must not
-    exist or be an empty folder. The set is built in a hidden folder beside `out` and renamed into place
-    when complete: `out` never holds half a set. The bytes do not depend on `jobs` (worker processes).
+    exist or be an empty folder. The set is built in a hidden folder (beside a new `out`, inside an empty
+    one, which keeps its permissions, owner and mount) and moved into place when complete: `out` never
+    holds half a set, and a failure or an interrupt leaves nothing. The bytes do not depend on `jobs`.
     `progress(n)` is called after each image. Returns the manifest."""
     src, out = Path(src), Path(out)
     levels = _check_levels(levels)
@@ -124,7 +127,8 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
     names = testset_names(files, src)
     from degrade.shards.executor import OrderedMap
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    existing = out.is_dir()
+    tmp = Path(tempfile.mkdtemp(prefix=".make-testset.", suffix=".tmp", dir=out if existing else out.parent))
     try:
         images = []
         with OrderedMap(_Degrade(files, levels, seed), jobs=jobs) as run:
@@ -141,10 +145,19 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
         manifest = {"format": TESTSET_FORMAT, "degrade_version": __version__, "vector_layout": VECTOR_LAYOUT,
                     "scale": SCALE, "seed": seed, "levels": levels, "source": str(src.resolve()), "images": images}
         write_bytes_atomic(tmp / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: give the set the usual permissions
-        os.rename(tmp, out)  # replaces an empty folder; a non-empty one (made meanwhile) fails, nothing lost
+        if existing:  # one filesystem: each move is a rename, the manifest (the set's mark) last
+            for part in ("HR", "LR", "params", MANIFEST_NAME):
+                os.rename(tmp / part, out / part)
+            with contextlib.suppress(OSError):  # the set is complete: an empty hidden folder left is harmless
+                tmp.rmdir()
+        else:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: give the set the usual permissions
+            os.rename(tmp, out)  # a folder made there meanwhile, with files, makes this fail: nothing lost
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if existing:  # parts already moved (a failure between the renames): out was empty, so empty it again
+            for part in ("HR", "LR", "params"):
+                shutil.rmtree(out / part, ignore_errors=True)
         raise
     return manifest
 
@@ -204,17 +217,21 @@ class TestSet:
             raise DegradeError(f"{self.root}: no level {missing[0]} in this test set (it has "
                                f"{', '.join(map(str, self.levels))})")
         for image in self.images:
-            hr = _read_checked(self.hr_path(image), image.hr_sha256)
+            hr = _read_checked(self.root, self.hr_path(image), image.hr_sha256)
             for level in wanted:
                 sha, v = image.lr[level]
-                lr = _read_checked(self.lr_path(image, level), sha)
+                lr = _read_checked(self.root, self.lr_path(image, level), sha)
                 if hr.shape[:2] != (SCALE * lr.shape[0], SCALE * lr.shape[1]):
                     raise DegradeError(f"{self.lr_path(image, level)}: {lr.shape[1]}x{lr.shape[0]} px is not "
                                        f"1/{SCALE} of its HR ({hr.shape[1]}x{hr.shape[0]} px)")
                 yield level, image.name, hr, lr, v
 
 
-def _read_checked(path: Path, sha256: str) -> np.ndarray:
+def _read_checked(root: Path, path: Path, sha256: str) -> np.ndarray:
+    """The image at `path`, which must lie inside the set's folder `root` once links are resolved (a
+    linked folder or file leading out of the set is refused), and whose bytes must match `sha256`."""
+    if root.resolve() not in path.resolve().parents:
+        raise DegradeError(f"{path}: leads out of the test set (a symbolic link); refused")
     img, digest = read_image_sha256(path)
     if digest != sha256:
         raise DegradeError(f"{path}: its bytes differ from the test set's manifest (SHA-256); the set is damaged "
@@ -234,8 +251,8 @@ def open_testset(path: str | os.PathLike) -> TestSet:
         raise DegradeError(f"{where}: cannot read ({exc.strerror or exc})") from None
     try:
         m = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DegradeError(f"{where}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 5000-digit number, nesting 100000 deep
+        raise DegradeError(f"{where}: not a readable JSON manifest ({type(exc).__name__})") from None
 
     def bad(what: str) -> DegradeError:
         return DegradeError(f"{where}: {what}")
@@ -293,5 +310,13 @@ def _sha(x: Any) -> bool:
 
 
 def _vector(v: Any) -> bool:
+    """33 numbers, each finite as float32 (1e300 is finite in Python and infinite once stored as float32)."""
     return (isinstance(v, list) and len(v) == VECTOR_LENGTH
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and _float32(x) for x in v))
+
+
+def _float32(x: int | float) -> bool:
+    try:
+        return math.isfinite(x) and abs(float(x)) <= FLOAT32_MAX
+    except OverflowError:  # an integer too large for a float
+        return False

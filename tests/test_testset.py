@@ -175,3 +175,71 @@ def test_make_testset_cli_writes_a_set_of_the_bundled_photos(tmp_path):
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["HR", "LR", "manifest.json", "params"]
     res = CliRunner().invoke(degrade_cli, ["make-testset", "--out", str(tmp_path / "t"), "--levels", "two"])
     assert res.exit_code == 2 and "expected a subset of 1,2,3" in res.output
+
+
+def test_odd_json_in_a_manifest_is_one_line_never_a_crash(testset, tmp_path):
+    """Numbers Python reads but float32 cannot hold, digits past int's limit, nesting past recursion's."""
+    bad = tmp_path / "bad"
+    shutil.copytree(testset, bad)
+    m = json.loads((testset / "manifest.json").read_text())
+    texts = {}
+    for name, value in (("huge int", 10**400), ("1e300", 1e300)):
+        m["images"][0]["lr"]["1"]["v"] = [value] + [0.0] * 32
+        texts[name] = json.dumps(m)
+    texts["5000 digits"] = json.dumps(m).replace('"seed": 5', '"seed": ' + "9" * 5000)
+    texts["deep"] = json.dumps(m).replace('"levels": [1, 2, 3]', '"levels": ' + "[" * 100000 + "]" * 100000)
+    for name, text in texts.items():
+        (bad / "manifest.json").write_text(text)
+        with pytest.raises(DegradeError, match="finite numbers|not a readable JSON manifest") as info:
+            open_testset(bad)
+        assert "\n" not in str(info.value), name
+
+
+def test_a_link_leading_out_of_the_set_is_refused(testset, tmp_path):
+    linked = tmp_path / "linked"
+    shutil.copytree(testset, linked)
+    outside = tmp_path / "outside"
+    shutil.move(str(linked / "LR" / "level1"), outside)
+    (linked / "LR" / "level1").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(DegradeError, match="leads out of the test set"):
+        list(open_testset(linked).pairs([1]))
+    assert len(list(open_testset(linked).pairs([2]))) == 3  # the other levels still read
+
+
+def test_an_empty_folder_keeps_itself_its_mode_included(hr_dir, tmp_path, monkeypatch):
+    """The set moves into an empty --out instead of replacing it (mode, owner, a mount point stay); `.` too."""
+    out = tmp_path / "shared"
+    out.mkdir()
+    out.chmod(0o2770)
+    inode = out.stat().st_ino
+    make_testset(hr_dir, out, levels=(1,))
+    assert out.stat().st_ino == inode and out.stat().st_mode & 0o7777 == 0o2770
+    assert sorted(p.name for p in out.iterdir()) == ["HR", "LR", "manifest.json", "params"]
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    make_testset(hr_dir, ".", levels=(2,))
+    assert open_testset(here).levels == [2]
+
+
+def test_sigterm_leaves_no_hidden_folder(hr_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(40):
+        shutil.copy(hr_dir / "a.png", big / f"{i:02d}.png")
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "make-testset", str(big), "--out",
+                             str(tmp_path / "set")], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.startswith(".make-testset.") for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "terminated: nothing was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]
