@@ -271,8 +271,8 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
         lv = [int(x) for x in levels.split(",")]
     except ValueError:
         lv = []
-    if not lv or not set(lv) <= {1, 2, 3}:
-        raise click.BadParameter(f"{levels!r}: expected a subset of 1,2,3", param_hint="--levels")
+    if not lv or not set(lv) <= {1, 2, 3} or len(set(lv)) != len(lv):  # a level twice would score twice
+        raise click.BadParameter(f"{levels!r}: expected a subset of 1,2,3, each level once", param_hint="--levels")
     try:
         model, dev = _load(_one_model(model_path, checkpoint), release_weights, device)
         lpips = LPIPS(lpips_alexnet, lpips_lin).to(dev) if lpips_alexnet is not None else None

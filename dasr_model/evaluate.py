@@ -101,7 +101,7 @@ class ValidationSet:
         self.device = device
         self.levels: list[int] = []
         self.lr: list[torch.Tensor] = []  # (3, h, w) float32 on the device
-        self.hr_y: list[torch.Tensor] = []  # (H - 8, W - 8) float64 on the device: HR's Y, cropped
+        self.hr: list[torch.Tensor] = []  # (3, H, W) uint8 on the device (its Y is made per batch)
         self.v: list[torch.Tensor] = []
         bicubic: dict[int, list[float]] = {}
         for level, hr, lr, v in pairs:
@@ -112,7 +112,8 @@ class ValidationSet:
             bicubic.setdefault(level, []).append(psnr_y(bic, hr))
             self.levels.append(level)
             self.lr.append(lr_t[0])
-            self.hr_y.append(_crop_y(to_tensor(hr).to(device))[0])
+            self.hr.append(torch.from_numpy(np.ascontiguousarray(
+                np.round(np.clip(hr, 0, 1) * 255).astype(np.uint8).transpose(2, 0, 1))).to(device))
             self.v.append(torch.from_numpy(np.asarray(v, np.float32)))
         if not self.levels:
             raise DASRError("no validation samples")
@@ -140,9 +141,10 @@ class ValidationSet:
             v_hats = torch.empty(len(self), len(self.v[0]))
             for idx in self.batches:
                 lr = torch.stack([self.lr[i] for i in idx])
-                v_hat, a = model.predict(lr)
+                v_hat, a = predict(model, lr)  # dasr-sr's rule: an LR side over 1024 px is shrunk for P first
                 sr = generator(lr, a)
-                mse = ((_crop_y(sr) - torch.stack([self.hr_y[i] for i in idx])) ** 2).mean(dim=(1, 2))
+                hr_y = _y(torch.stack([self.hr[i] for i in idx]).double())
+                mse = ((_y(torch.round(sr.clamp(0, 1) * 255).double()) - hr_y) ** 2).mean(dim=(1, 2))
                 psnrs[idx] = (10 * torch.log10(255.0**2 / mse)).cpu()  # mse 0: inf, as metrics.psnr
                 v_hats[idx] = v_hat.float().cpu()
         finally:
@@ -157,10 +159,9 @@ class ValidationSet:
 VAL_BATCH_PIXELS = 1 << 16  # LR pixels per validation forward pass (16 samples of 64 x 64)
 
 
-def _crop_y(img: torch.Tensor, crop: int = 4) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, H - 2 crop, W - 2 crop) float64 BT.601 Y on 8-bit levels, as
+def _y(x: torch.Tensor, crop: int = 4) -> torch.Tensor:
+    """(B, 3, H, W) float64 on 8-bit levels (0-255) -> (B, H - 2 crop, W - 2 crop) BT.601 Y, as
     dasr_model.metrics.y_channel computes it (the same operations in the same order)."""
-    x = torch.round(img.clamp(0, 1) * 255).double()
     y = 16 + (65.481 * x[:, 0] + 128.553 * x[:, 1] + 24.966 * x[:, 2]) / 255
     return y[:, crop:-crop, crop:-crop] if crop else y
 

@@ -236,7 +236,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    val_set = ValidationSet(val_pairs, device) if val_pairs is not None else None  # held on the device
+    val_set: list[ValidationSet] = []  # made at the first validation (a run with nothing to train makes none)
     with torch.random.fork_rng(devices=[]):  # the weights' init comes from cfg.seed; the caller's RNG is untouched
         torch.manual_seed(cfg.seed)
         model = DASR(cfg.model)
@@ -356,7 +356,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 "samples_per_s": seen / (time.perf_counter() - t0 - paused[0])}
         if validating:
             clock = time.perf_counter()
-            line["val"] = val_set(model, ema)
+            if not val_set:  # its samples stay on the device for the run (uint8 HR and float32 LR)
+                val_set.append(ValidationSet(val_pairs, device))
+            line["val"] = val_set[0](model, ema)
             line["val_s"] = time.perf_counter() - clock
             paused[0] += line["val_s"]
         if main_rank:
@@ -424,7 +426,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                         + (f"; warning: inside the {cfg.warmup_steps}-step warm-up, so the rate never anneals "
                            "(use fewer --warmup-steps)" if end <= cfg.warmup_steps else ""))
 
-            validating = val_set is not None and (step % cfg.val_every == 0 or step == end)
+            validating = val_pairs is not None and (step % cfg.val_every == 0 or step == end)
             due = step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == end or validating
             if due:
                 last = record(losses, step, validating)

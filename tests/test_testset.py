@@ -105,6 +105,8 @@ def test_dasr_eval_scores_a_testset_as_it_scores_the_hr_folder(ckpt, hr_dir, tes
     assert fresh == saved and set(saved["levels"]) == {"1", "3"} and saved["mae"]
     res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--testset", str(testset), "--seed", "1"])
     assert res.exit_code == 2 and "with --testset the LR images are given" in res.output
+    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--testset", str(testset), "--levels", "1,1"])
+    assert res.exit_code == 2 and "each level once" in res.output
     res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--shards", str(testset), "--levels", "1"])
     assert res.exit_code == 2 and "--levels chooses how --hr-dir is degraded; with --shards" in res.output
 

@@ -180,6 +180,22 @@ def test_validation_during_training_scores_as_dasr_eval_does(shards):
     assert model.training and model.generator.training  # put back as it was
 
 
+def test_validation_shrinks_a_long_lr_for_the_predictor_as_dasr_eval_does():
+    """An LR side over 1024 px is area-shrunk before the predictor (infer.predict), in both paths."""
+    from dasr_model.evaluate import Pairs, ValidationSet, evaluate_pairs
+
+    rng = np.random.default_rng(1)
+    lr = np.round(rng.random((1100, 24, 3)) * 255).astype(np.float32) / 255
+    hr = np.round(rng.random((4400, 96, 3)) * 255).astype(np.float32) / 255
+    pairs = Pairs(1, lambda: iter([(2, hr, lr, np.full(33, 0.5, np.float32))]))
+    torch.manual_seed(0)
+    model = DASR(DASRConfig(num_experts=2, num_block=1, num_feat=8, predictor_feat=8, mapping_gain=1.0))
+    want = evaluate_pairs(model, pairs, torch.device("cpu"))
+    got = ValidationSet(pairs, torch.device("cpu"))(model, model.generator)
+    assert got["psnr_y"]["2"] == pytest.approx(want["levels"]["2"]["psnr_y"], abs=1e-6)
+    assert got["mae"] == pytest.approx(want["mae"], abs=1e-6)
+
+
 def test_a_resume_keeps_the_runs_options_unless_given_again(shards, tmp_path):
     """`--resume` with only --shards and --out continues the run it resumes: its seed (the batches), rate,
     GAN term, EMA, teacher steps, model and --steps. Oracle: 2 steps then a resume equals 3 steps in one go
