@@ -429,14 +429,13 @@ def _check_picture_path(png: Path, target: Path | None) -> None:
     in its folder), which the write would replace."""
     if png.suffix.lower() != ".png":
         raise click.BadParameter(f"{png}: the picture's name must end in .png", param_hint="--png")
+    if target is not None and (_same_file(png, target)
+                               or (target.is_dir() and target.resolve() in png.resolve().parents)):
+        raise click.BadParameter(f"{png}: would overwrite part of the dataset {target}; write the picture "
+                                 "elsewhere", param_hint="--png")
     folder = png.parent if str(png.parent) else Path(".")
     if not folder.is_dir():  # before any statistics are computed and printed
         raise click.ClickException(f"{png}: folder {folder} does not exist")
-    if target is None:
-        return
-    if _same_file(png, target) or (target.is_dir() and target.resolve() in png.resolve().parents):
-        raise click.BadParameter(f"{png}: would overwrite part of the dataset {target}; write the picture "
-                                 "elsewhere", param_hint="--png")
 
 
 def _plots():
