@@ -223,6 +223,11 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
 @click.option("--device", default="auto", show_default=True)
 @tile_option
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (no tables).")
+@click.option("--per-image", "per_image", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also write each image's scores to this CSV file (level, name, then one column per score).")
+@click.option("--save-sr", "save_sr", type=click.Path(path_type=Path, file_okay=False),
+              help="Also save each SR image scored, as DIR/level{L}/NAME.png (DIR/NAME.png for given pairs): "
+                   "the bytes dasr-sr writes for that LR.")
 @click.option("--lpips-alexnet", type=click.Path(path_type=Path, dir_okay=False),
               help="With --lpips-lin: also LPIPS (v0.1, AlexNet). torchvision's AlexNet ImageNet weights file "
                    "(alexnet-owt-7be5be79.pth); nothing is downloaded.")
@@ -234,7 +239,7 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
 @max_pixels_option
 @click.pass_context
 def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_dir, testset, levels, seed, device,
-              tile, as_json, lpips_alexnet, lpips_lin, niqe_params, max_pixels) -> None:
+              tile, as_json, per_image, save_sr, lpips_alexnet, lpips_lin, niqe_params, max_pixels) -> None:
     """PSNR/SSIM on Y (4-px crop) and RGB PSNR per level, for the model and bicubic; predictor MAE per block;
     LPIPS and NIQE when given their files. Given LR/HR pairs (--lr-dir with --hr-dir) have no level: they are
     reported as level 0; so are real LR images alone (--lr-dir with --niqe-params), scored by NIQE only."""
@@ -273,6 +278,24 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
         lv = []
     if not lv or not set(lv) <= {1, 2, 3} or len(set(lv)) != len(lv):  # a level twice would score twice
         raise click.BadParameter(f"{levels!r}: expected a subset of 1,2,3, each level once", param_hint="--levels")
+    for source in (x for x in (shards, hr_dir, lr_dir, testset) if x is not None and save_sr is not None):
+        if save_sr.resolve() == source.resolve() or source.resolve() in save_sr.resolve().parents:
+            raise click.UsageError(f"--save-sr {save_sr} lies inside {source}: the images read would be mixed with "
+                                   "the ones written; save them elsewhere")
+    if per_image is not None and not (per_image.parent if str(per_image.parent) else Path(".")).is_dir():
+        raise click.ClickException(f"{per_image}: folder {per_image.parent} does not exist")
+    rows: list[dict] = []
+
+    def on_image(index: int, scores: dict, sr) -> None:  # pairs: the evaluation's, named
+        name = pairs.names[index]
+        if per_image is not None:
+            rows.append({"level": scores["level"], "name": name, **{k: v for k, v in scores.items() if k != "level"}})
+        if save_sr is not None:
+            from degrade.io import write_image
+
+            path = save_sr / (f"level{scores['level']}" if scores["level"] else "") / f"{name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_image(path, sr)
     try:
         model, dev = _load(_one_model(model_path, checkpoint), release_weights, device)
         lpips = LPIPS(lpips_alexnet, lpips_lin).to(dev) if lpips_alexnet is not None else None
@@ -290,7 +313,10 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
         with _bar() as bar:
             task = bar.add_task("evaluating", total=len(pairs))
             result = evaluate_pairs(model, pairs, dev, tile=tile, lpips=lpips, niqe_params=niqe,
-                                    progress=lambda: bar.advance(task))
+                                    progress=lambda: bar.advance(task),
+                                    on_image=on_image if per_image is not None or save_sr is not None else None)
+        if per_image is not None:
+            _write_csv(per_image, rows)
     except DegradeError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
@@ -322,6 +348,22 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
                   f"between level means {mix['between_level']:.4f}")
     for level, mean in mix["mean_by_level"].items():
         console.print(f"  level {level} mean a: " + " ".join(f"{x:.3f}" for x in mean))
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """The per-image rows as CSV (a score an image has not, or NaN, is an empty cell), written atomically."""
+    import csv
+    import io
+
+    from degrade.io import write_bytes_atomic
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    out = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    out.writeheader()
+    for row in rows:
+        out.writerow({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
+    write_bytes_atomic(path, buf.getvalue().encode())
 
 
 def _finite_or_null(x):

@@ -25,10 +25,12 @@ MIN_HR_SIDE = MIN_TEST_SIDE  # an HR side below this leaves an LR of under 16 px
 
 
 class Pairs:
-    """The pairs to evaluate, with their number known up front (for a progress bar); iterated lazily."""
+    """The pairs to evaluate, with their number known up front (for a progress bar); iterated lazily.
+    `names[i]` names pair i (its image, for per-image scores and saved SR images), where known."""
 
-    def __init__(self, count: int, make: Callable[[], Iterator[Pair]]):
+    def __init__(self, count: int, make: Callable[[], Iterator[Pair]], names: list[str] | None = None):
         self.count, self.make = count, make
+        self.names = names if names is not None else [f"{i:06d}" for i in range(count)]
 
     def __len__(self) -> int:
         return self.count
@@ -49,7 +51,7 @@ def pairs_from_shards(path: str | Path, *, limit: int | None = None) -> Pairs:
             s = ds[i]
             yield int(s.params.level or 0), s.hr.astype(np.float32) / 255, s.lr.astype(np.float32) / 255, s.v
 
-    return Pairs(n, make)
+    return Pairs(n, make, [f"sample-{ds.stored_index(i):08d}" for i in range(n)])
 
 
 def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Pairs:
@@ -69,7 +71,7 @@ def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Pairs
                 params = testset_params(level, seed, i)
                 yield level, hr, degrade.apply(hr, params), degrade.encode(params)
 
-    return Pairs(len(files) * len(levels), make)
+    return Pairs(len(files) * len(levels), make, [n for n in image_names(files, Path(folder)) for _ in levels])
 
 
 def pairs_from_testset(folder: str | Path, levels: list[int] | None = None) -> Pairs:
@@ -84,7 +86,7 @@ def pairs_from_testset(folder: str | Path, levels: list[int] | None = None) -> P
         for level, _, hr, lr, v in ts.pairs(wanted):
             yield level, hr, lr, v
 
-    return Pairs(len(ts.images) * len(wanted), make)
+    return Pairs(len(ts.images) * len(wanted), make, [image.name for image in ts.images for _ in wanted])
 
 
 class ValidationSet:
@@ -166,6 +168,13 @@ def _y(x: torch.Tensor, crop: int = 4) -> torch.Tensor:
     return y[:, crop:-crop, crop:-crop] if crop else y
 
 
+def image_names(files: list[Path], root: Path) -> list[str]:
+    """Each file's path under `root` without its suffix (posix); with the suffix for all where two would
+    share a name (a.png and a.jpg), so that names stay distinct."""
+    stems = [f.relative_to(root).with_suffix("").as_posix() for f in files]
+    return stems if len(set(stems)) == len(stems) else [f.relative_to(root).as_posix() for f in files]
+
+
 # A trailing scale or role tag that names a file of an LR/HR pair (DIV2K's 0801x4 and 0801x4m, RealSR's
 # Canon_001_LR4 and Canon_001_HR, DRealSR's _x1 / _x4): left out when pairing LR and HR files by name
 PAIR_TAG = re.compile(r"(?:[_-]?x\d+[mdw]?|[_-](?:lr|hr)\d*)$", re.IGNORECASE)
@@ -224,7 +233,7 @@ def pairs_from_lr_dir(lr_dir: str | Path) -> Pairs:
         for f in files:
             yield 0, None, degrade.read_image(f), None
 
-    return Pairs(len(files), make)
+    return Pairs(len(files), make, image_names(files, Path(lr_dir)))
 
 
 def pairs_from_lr_hr_dirs(lr_dir: str | Path, hr_dir: str | Path, scale: int = 4) -> Pairs:
@@ -256,14 +265,15 @@ def pairs_from_lr_hr_dirs(lr_dir: str | Path, hr_dir: str | Path, scale: int = 4
             lr, hr = read(lr_file, hr_file)
             yield 0, hr, lr, None
 
-    return Pairs(len(pairs), make)
+    return Pairs(len(pairs), make, image_names([lr for lr, _ in pairs], lr_root))
 
 
 @torch.no_grad()
 def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.device, *,
                    generator: torch.nn.Module | None = None, tile: int | None = DEFAULT_TILE,
                    lpips: torch.nn.Module | None = None, niqe_params: dict[str, np.ndarray] | None = None,
-                   progress: Callable[[], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[], None] | None = None,
+                   on_image: Callable[[int, dict[str, Any], np.ndarray], None] | None = None) -> dict[str, Any]:
     """Scores per level of `model` (its predictor, and `generator` for SR when given, e.g. the trainer's
     EMA generator, else its own), computed as dasr-sr computes its output: v_hat and a from the whole LR
     (area-downscaled above 1024 px a side), the experts fused once per image, tiles of at most `tile`
@@ -271,13 +281,16 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
     With `lpips` (dasr_model.lpips.LPIPS on `device`), also the LPIPS distance of SR and of bicubic to HR,
     on the whole 8-bit images (no crop, as LPIPS is usually reported). With `niqe_params`
     (dasr_model.niqe.load_niqe_params), the no-reference NIQE of SR and of bicubic (Y, 4-px crop). A pair
-    whose HR is None (real LR alone) gets NIQE only. `progress()` is called after each pair."""
+    whose HR is None (real LR alone) gets NIQE only. `progress()` is called after each pair, and
+    `on_image(i, scores, sr)` with pair i's level and scores (the values the means are made of) and its SR
+    image ((H, W, 3) float32 in [0, 1], what dasr-sr writes once rounded)."""
     scores: dict[int, dict[str, list[float]]] = {}
     counts: dict[int, int] = {}
     v_hats, vs, mixes, mix_levels = [], [], [], []
     gen = model.generator if generator is None else generator
     overlap = receptive_radius(model.config)
-    for level, hr, lr, v in pairs:
+    for index, (level, hr, lr, v) in enumerate(pairs):
+        row: dict[str, Any] = {"level": level}
         lr_t = to_tensor(lr).to(device)
         v_hat, a = predict(model, lr_t, tile=tile)
         mixes.append(a.float().cpu())
@@ -289,6 +302,7 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
 
         def add(key: str, value: float) -> None:
             s.setdefault(key, []).append(value)
+            row[key] = value
 
         if hr is not None:
             for prefix, out in (("", sr), ("bicubic_", bic)):
@@ -309,6 +323,8 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
         if v is not None:
             v_hats.append(v_hat.cpu())
             vs.append(torch.from_numpy(np.asarray(v, np.float32))[None])
+        if on_image is not None:
+            on_image(index, row, sr)
         if progress is not None:
             progress()
     if not scores:

@@ -245,3 +245,33 @@ def test_sigterm_leaves_no_hidden_folder(hr_dir, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "terminated: nothing was written" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]
+
+
+def test_dasr_eval_writes_per_image_scores_and_the_sr_images_dasr_sr_would(ckpt, testset, tmp_path):
+    """The CSV's rows average to the table's means; each saved SR image is, byte for byte, what dasr-sr
+    writes for that LR file (an independent path: its own reading, tiling and writing)."""
+    import csv
+
+    pytest.importorskip("torch")
+    from cli.sr import eval_main, sr_main
+
+    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--device", "cpu", "--json", "--testset",
+                                         str(testset), "--levels", "2,3", "--per-image", str(tmp_path / "s.csv"),
+                                         "--save-sr", str(tmp_path / "sr")])
+    assert res.exit_code == 0, res.output
+    means = json.loads(res.stdout)["levels"]
+    rows = list(csv.DictReader((tmp_path / "s.csv").open()))
+    assert [(r["level"], r["name"]) for r in rows] == [(lv, n) for n in ("a", "c", "sub/b") for lv in ("2", "3")]
+    assert list(rows[0])[:7] == ["level", "name", "psnr_y", "ssim_y", "bicubic_psnr_y", "bicubic_ssim_y", "psnr_rgb"]
+    for level in ("2", "3"):
+        for key in ("psnr_y", "ssim_y", "bicubic_psnr_y", "psnr_rgb"):
+            values = [float(r[key]) for r in rows if r["level"] == level]
+            assert np.mean(values) == pytest.approx(means[level][key], rel=1e-12)
+    res = CliRunner().invoke(sr_main, [str(testset / "LR" / "level3" / "sub" / "b.png"), "-o", str(tmp_path / "o"),
+                                       "--model", str(ckpt), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "sr" / "level3" / "sub" / "b.png").read_bytes() == (tmp_path / "o" / "b_x4.png").read_bytes()
+    assert len(list((tmp_path / "sr").rglob("*.png"))) == 6
+    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--testset", str(testset),
+                                         "--save-sr", str(testset / "out")])
+    assert res.exit_code == 2 and "lies inside" in res.output and not (testset / "out").exists()
