@@ -329,7 +329,7 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
         for name in ("level", "images", "PSNR-Y", "SSIM-Y", "PSNR-RGB", "bicubic PSNR-Y", "bicubic SSIM-Y"):
             table.add_column(name, justify="right")
         for level, r in result["levels"].items():
-            table.add_row(level, str(r["images"]), f"{r['psnr_y']:.2f}", f"{r['ssim_y']:.4f}",
+            table.add_row(_label(level), str(r["images"]), f"{r['psnr_y']:.2f}", f"{r['ssim_y']:.4f}",
                           f"{r['psnr_rgb']:.2f}", f"{r['bicubic_psnr_y']:.2f}", f"{r['bicubic_ssim_y']:.4f}")
         console.print(table)
     for key, title in (("lpips", "LPIPS (lower: closer)"), ("niqe", "NIQE (no reference; lower: more natural)")):
@@ -338,7 +338,7 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
             for name in ("level", "images", key.upper(), f"bicubic {key.upper()}"):
                 table.add_column(name, justify="right")
             for level, r in result["levels"].items():  # NIQE's count: the images it could score
-                table.add_row(level, str(r.get(f"{key}_images", r["images"])),
+                table.add_row(_label(level), str(r.get(f"{key}_images", r["images"])),
                               *(f"{r[k]:.4f}" if math.isfinite(r[k]) else "-" for k in (key, "bicubic_" + key)))
             console.print(table)
     console.print("predictor MAE: " + (", ".join(f"{k} {v:.4f}" for k, v in result["mae"].items())
@@ -347,7 +347,13 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
     console.print(f"expert mix a: std over images {mix['std']:.4f} (within a level {mix['std_within_level']:.4f}), "
                   f"between level means {mix['between_level']:.4f}")
     for level, mean in mix["mean_by_level"].items():
-        console.print(f"  level {level} mean a: " + " ".join(f"{x:.3f}" for x in mean))
+        console.print(f"  {'level ' + level if level != '0' else 'given images'} mean a: "
+                      + " ".join(f"{x:.3f}" for x in mean))
+
+
+def _label(level: str) -> str:
+    """A level's name in the tables: given pairs and real LR images have none ("0" in the JSON)."""
+    return "given" if level == "0" else level
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

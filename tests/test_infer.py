@@ -394,6 +394,7 @@ def test_eval_on_given_lr_hr_pairs_equals_an_independent_computation(ckpt, tmp_p
     table = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--lr-dir", str(lr_dir), "--hr-dir", str(hr_dir),
                                            "--device", "cpu"])
     assert table.exit_code == 0 and "predictor MAE: none (the pairs carry no true v)" in table.stdout
+    assert "│ given │" in table.stdout and "given images mean a:" in table.stdout  # not "level 0"
 
 
 @pytest.mark.parametrize("lr_name,hr_name", [("box2x4.png", "box2.png"), ("tile_1920x1080.png", "tile_1920x1080.png"),
