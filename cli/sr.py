@@ -226,8 +226,8 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
 @click.option("--per-image", "per_image", type=click.Path(path_type=Path, dir_okay=False),
               help="Also write each image's scores to this CSV file (level, name, then one column per score).")
 @click.option("--save-sr", "save_sr", type=click.Path(path_type=Path, file_okay=False),
-              help="Also save each SR image scored, as DIR/level{L}/NAME.png (DIR/NAME.png for given pairs): "
-                   "the bytes dasr-sr writes for that LR.")
+              help="Also save each SR image scored, as DIR/level{L}/NAME.png (DIR/NAME.png for given LR "
+                   "images): the bytes dasr-sr writes for that LR (RGB: an alpha channel is not scored).")
 @click.option("--lpips-alexnet", type=click.Path(path_type=Path, dir_okay=False),
               help="With --lpips-lin: also LPIPS (v0.1, AlexNet). torchvision's AlexNet ImageNet weights file "
                    "(alexnet-owt-7be5be79.pth); nothing is downloaded.")
@@ -310,6 +310,8 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
             pairs = pairs_from_testset(testset, lv if "levels" in given else None)
         else:
             pairs = pairs_from_hr_dir(hr_dir, lv, seed)
+        if save_sr is not None:
+            _check_saved_paths(pairs.names)
         with _bar() as bar:
             task = bar.add_task("evaluating", total=len(pairs))
             result = evaluate_pairs(model, pairs, dev, tile=tile, lpips=lpips, niqe_params=niqe,
@@ -349,6 +351,19 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
     for level, mean in mix["mean_by_level"].items():
         console.print(f"  {'level ' + level if level != '0' else 'given images'} mean a: "
                       + " ".join(f"{x:.3f}" for x in mean))
+
+
+def _check_saved_paths(names: list[str]) -> None:
+    """--save-sr writes NAME.png per pair: refuse, before evaluating, a name whose file would be another's
+    folder (x.jpg and x.png/y.png give x.png and x.png/y.png)."""
+    files = {f"{n}.png" for n in names}
+    for n in names:
+        parent = str(Path(n).parent)
+        while parent not in (".", ""):
+            if parent in files:
+                raise DegradeError(f"--save-sr: {parent} would be both an SR image and the folder of {n}.png; "
+                                   "rename one of the images")
+            parent = str(Path(parent).parent)
 
 
 def _label(level: str) -> str:

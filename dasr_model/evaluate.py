@@ -171,8 +171,9 @@ def _y(x: torch.Tensor, crop: int = 4) -> torch.Tensor:
 def image_names(files: list[Path], root: Path) -> list[str]:
     """Each file's path under `root` without its suffix (posix); with the suffix for all where two would
     share a name (a.png and a.jpg), so that names stay distinct."""
-    stems = [f.relative_to(root).with_suffix("").as_posix() for f in files]
-    return stems if len(set(stems)) == len(stems) else [f.relative_to(root).as_posix() for f in files]
+    rel = [f.relative_to(root) if root.is_dir() else Path(f.name) for f in files]  # a file given alone: its name
+    stems = [r.with_suffix("").as_posix() for r in rel]
+    return stems if len(set(stems)) == len(stems) else [r.as_posix() for r in rel]
 
 
 # A trailing scale or role tag that names a file of an LR/HR pair (DIV2K's 0801x4 and 0801x4m, RealSR's

@@ -119,8 +119,7 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
         raise DegradeError(f"seed must be >= 0, got {seed}")
     if not src.is_dir():
         raise DegradeError(f"{src}: not a folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DegradeError(f"{out}: exists and is not an empty folder; a test set is written into a new one")
+    _check_empty(out)
     if not out.parent.is_dir():
         raise DegradeError(f"{out.parent}: no such folder")
     files = find_images([src], what="HR images")
@@ -128,7 +127,8 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
     from degrade.shards.executor import OrderedMap
 
     existing = out.is_dir()
-    tmp = Path(tempfile.mkdtemp(prefix=".make-testset.", suffix=".tmp", dir=out if existing else out.parent))
+    moved: list[str] = []  # what this call moved into an existing `out`: on a failure, exactly that goes
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, suffix=".tmp", dir=out if existing else out.parent))
     try:
         images = []
         with OrderedMap(_Degrade(files, levels, seed), jobs=jobs) as run:
@@ -146,8 +146,10 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
                     "scale": SCALE, "seed": seed, "levels": levels, "source": str(src.resolve()), "images": images}
         write_bytes_atomic(tmp / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
         if existing:  # one filesystem: each move is a rename, the manifest (the set's mark) last
+            _check_empty(out)  # again: another run may have filled it meanwhile
             for part in ("HR", "LR", "params", MANIFEST_NAME):
                 os.rename(tmp / part, out / part)
+                moved.append(part)
             with contextlib.suppress(OSError):  # the set is complete: an empty hidden folder left is harmless
                 tmp.rmdir()
         else:
@@ -155,11 +157,26 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
             os.rename(tmp, out)  # a folder made there meanwhile, with files, makes this fail: nothing lost
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if existing:  # parts already moved (a failure between the renames): out was empty, so empty it again
-            for part in ("HR", "LR", "params"):
-                shutil.rmtree(out / part, ignore_errors=True)
+        for part in moved:  # a failure between the renames: take back what this call put there, nothing else
+            shutil.rmtree(out / part, ignore_errors=True)
         raise
     return manifest
+
+
+TMP_PREFIX = ".make-testset."
+
+
+def _check_empty(out: Path) -> None:
+    """DegradeError unless `out` is absent or an empty folder; a hidden folder another make_testset left
+    there (killed, or still at work) does not count, so a retry after a hard kill is not refused."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DegradeError(f"{out}: exists and is not a folder; a test set is written into a new or empty one")
+    other = next((p for p in out.iterdir() if not (p.name.startswith(TMP_PREFIX) and p.name.endswith(".tmp"))), None)
+    if other is not None:
+        raise DegradeError(f"{out}: exists and is not an empty folder (it holds {other.name}); a test set is written "
+                           "into a new or empty one")
 
 
 def _put(path: Path, data: bytes) -> str:

@@ -275,3 +275,43 @@ def test_dasr_eval_writes_per_image_scores_and_the_sr_images_dasr_sr_would(ckpt,
     res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--testset", str(testset),
                                          "--save-sr", str(testset / "out")])
     assert res.exit_code == 2 and "lies inside" in res.output and not (testset / "out").exists()
+
+
+def test_a_run_that_loses_a_race_for_an_empty_folder_leaves_the_winners_set_whole(hr_dir, tmp_path, monkeypatch):
+    """Two runs into one empty folder: the second to finish is refused and takes back only what it moved
+    (it removed the first one's HR, LR and params). A hidden folder of a killed run does not count as
+    content: a retry is not refused."""
+    import degrade.testset as ts
+
+    out = tmp_path / "shared"
+    (out / ".make-testset.killed.tmp" / "HR").mkdir(parents=True)  # what a SIGKILL leaves
+    real = ts.find_images
+
+    def find_and_let_another_run_finish_first(paths, **kw):
+        monkeypatch.setattr(ts, "find_images", real)
+        make_testset(hr_dir, out, levels=(1,))  # the winner
+        return real(paths, **kw)
+
+    monkeypatch.setattr(ts, "find_images", find_and_let_another_run_finish_first)
+    with pytest.raises(DegradeError, match="is not an empty folder \\(it holds "):
+        make_testset(hr_dir, out, levels=(2,))
+    assert open_testset(out).levels == [1] and len(list(open_testset(out).pairs())) == 3
+    assert sorted(p.name for p in out.iterdir()) == [".make-testset.killed.tmp", "HR", "LR", "manifest.json",
+                                                     "params"]
+
+
+def test_names_of_a_file_given_alone_and_save_paths_that_would_clash(ckpt, hr_dir, tmp_path):
+    pytest.importorskip("torch")
+    from cli.sr import eval_main
+    from dasr_model.evaluate import pairs_from_hr_dir, pairs_from_lr_dir
+
+    assert pairs_from_lr_dir(hr_dir / "a.png").names == ["a"]  # a file, not a folder (the Python API takes it)
+    assert pairs_from_hr_dir(hr_dir / "sub" / "b.png", [1, 2], 0).names == ["b", "b"]
+    odd = tmp_path / "odd"
+    (odd / "x.png").mkdir(parents=True)
+    shutil.copy(hr_dir / "a.png", odd / "x.jpg")
+    shutil.copy(hr_dir / "c.png", odd / "x.png" / "y.png")
+    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--hr-dir", str(odd), "--levels", "1",
+                                         "--save-sr", str(tmp_path / "sr"), "--per-image", str(tmp_path / "s.csv")])
+    assert res.exit_code == 1 and "x.png would be both an SR image and the folder of x.png/y.png" in res.output
+    assert not (tmp_path / "sr").exists()
