@@ -37,6 +37,18 @@ def max_pixels_option(command):
              "from the file's header before decoding.")(command)
 
 
+def parse_levels(text: str) -> list[int]:
+    """--levels "1,2,3": distinct levels among 1, 2 and 3, in the order given (a level twice would be scored
+    or made twice); a usage error otherwise."""
+    try:
+        levels = [int(x) for x in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or not set(levels) <= {1, 2, 3} or len(set(levels)) != len(levels):
+        raise click.BadParameter(f"{text!r}: expected a subset of 1,2,3, each level once", param_hint="--levels")
+    return levels
+
+
 def set_max_pixels(value: int | None) -> None:
     if value is not None:  # through the environment, so worker processes started later see it too
         os.environ[MAX_PIXELS_ENV] = str(value)

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import degrade
-from cli.common import max_pixels_option, one_line, set_max_pixels
+from cli.common import max_pixels_option, one_line, parse_levels, set_max_pixels
 from degrade.allocator import tune_allocator
 from degrade.errors import DegradeError
 from degrade.io import (
@@ -295,10 +295,7 @@ def make_testset_command(hr_dir: Path | None, out: Path, levels: str, seed: int,
     """
     from degrade.testset import make_testset
 
-    try:
-        wanted = [int(x) for x in levels.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"{levels!r}: expected a subset of 1,2,3", param_hint="--levels") from None
+    wanted = parse_levels(levels)
     if hr_dir is None:
         hr_dir = degrade.sample_images()[0].parent
         err_console.print(f"no HR_DIR given: using the bundled photos in {hr_dir}")
@@ -310,11 +307,9 @@ def make_testset_command(hr_dir: Path | None, out: Path, levels: str, seed: int,
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         with _progress() as progress:
-            from degrade.discover import find_images
-
-            task = progress.add_task("test images", total=len(find_images([hr_dir], what="HR images")))
+            task = progress.add_task("test images", total=None)
             manifest = make_testset(hr_dir, out, levels=wanted, seed=seed, jobs=jobs,
-                                    progress=lambda n: progress.advance(task, n))
+                                    progress=lambda done, total: progress.update(task, completed=done, total=total))
     except (DegradeError, OSError) as exc:
         raise click.ClickException(one_line(exc)) from None
     except KeyboardInterrupt:

@@ -15,9 +15,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cli.common import max_pixels_option, one_line, os_error, require_torch, set_max_pixels
+from cli.common import max_pixels_option, one_line, os_error, parse_levels, require_torch, set_max_pixels
 from degrade._version import __version__
 from degrade.errors import DegradeError
+from degrade.io import write_bytes_atomic, write_image
 
 console = Console()
 err_console = Console(stderr=True)
@@ -272,12 +273,7 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
                                    f"--hr-dir is degraded; with {option} the LR images are given")
     if (lpips_alexnet is None) != (lpips_lin is None):
         raise click.UsageError("LPIPS needs both --lpips-alexnet and --lpips-lin")
-    try:
-        lv = [int(x) for x in levels.split(",")]
-    except ValueError:
-        lv = []
-    if not lv or not set(lv) <= {1, 2, 3} or len(set(lv)) != len(lv):  # a level twice would score twice
-        raise click.BadParameter(f"{levels!r}: expected a subset of 1,2,3, each level once", param_hint="--levels")
+    lv = parse_levels(levels)
     for source in (x for x in (shards, hr_dir, lr_dir, testset) if x is not None and save_sr is not None):
         if save_sr.resolve() == source.resolve() or source.resolve() in save_sr.resolve().parents:
             raise click.UsageError(f"--save-sr {save_sr} lies inside {source}: the images read would be mixed with "
@@ -291,8 +287,6 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
         if per_image is not None:
             rows.append({"level": scores["level"], "name": name, **{k: v for k, v in scores.items() if k != "level"}})
         if save_sr is not None:
-            from degrade.io import write_image
-
             path = save_sr / (f"level{scores['level']}" if scores["level"] else "") / f"{name}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             write_image(path, sr)
@@ -375,8 +369,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     """The per-image rows as CSV (a score an image has not, or NaN, is an empty cell), written atomically."""
     import csv
     import io
-
-    from degrade.io import write_bytes_atomic
 
     columns = list(dict.fromkeys(k for row in rows for k in row))
     buf = io.StringIO()

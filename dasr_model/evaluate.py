@@ -18,6 +18,7 @@ from dasr_model.errors import DASRError
 from dasr_model.infer import DEFAULT_TILE, fuse_experts, predict, receptive_radius, tiled, to_image, to_tensor
 from dasr_model.metrics import psnr_rgb, psnr_y, ssim_y, y_channel
 from dasr_model.niqe import niqe
+from degrade.io import to_uint8
 from degrade.testset import MIN_TEST_SIDE
 
 Pair = tuple[int, np.ndarray | None, np.ndarray, np.ndarray | None]  # level, HR or None, LR (float32 [0, 1]), v
@@ -114,8 +115,7 @@ class ValidationSet:
             bicubic.setdefault(level, []).append(psnr_y(bic, hr))
             self.levels.append(level)
             self.lr.append(lr_t[0])
-            self.hr.append(torch.from_numpy(np.ascontiguousarray(
-                np.round(np.clip(hr, 0, 1) * 255).astype(np.uint8).transpose(2, 0, 1))).to(device))
+            self.hr.append(torch.from_numpy(np.ascontiguousarray(to_uint8(hr).transpose(2, 0, 1))).to(device))
             self.v.append(torch.from_numpy(np.asarray(v, np.float32)))
         if not self.levels:
             raise DASRError("no validation samples")
@@ -171,9 +171,10 @@ def _y(x: torch.Tensor, crop: int = 4) -> torch.Tensor:
 def image_names(files: list[Path], root: Path) -> list[str]:
     """Each file's path under `root` without its suffix (posix); with the suffix for all where two would
     share a name (a.png and a.jpg), so that names stay distinct."""
-    rel = [f.relative_to(root) if root.is_dir() else Path(f.name) for f in files]  # a file given alone: its name
-    stems = [r.with_suffix("").as_posix() for r in rel]
-    return stems if len(set(stems)) == len(stems) else [r.as_posix() for r in rel]
+    from degrade.discover import relative_names
+
+    stems = relative_names(files, root)  # a file given alone: its own name
+    return stems if len(set(stems)) == len(stems) else relative_names(files, root, suffix=True)
 
 
 # A trailing scale or role tag that names a file of an LR/HR pair (DIV2K's 0801x4 and 0801x4m, RealSR's
@@ -244,7 +245,6 @@ def pairs_from_lr_hr_dirs(lr_dir: str | Path, hr_dir: str | Path, scale: int = 4
     no level (level 0). The LR is read as dasr-sr reads it; the HR on 8-bit levels."""
     import degrade
     from degrade.discover import find_images
-    from degrade.io import to_uint8
 
     lr_root, hr_root = Path(lr_dir), Path(hr_dir)
     pairs = match_pairs(find_images([lr_root], what="LR images"), lr_root,

@@ -11,6 +11,13 @@ from degrade.errors import DegradeError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
+def relative_names(files: Sequence[Path], root: Path, *, suffix: bool = False) -> list[str]:
+    """Each file's path under the folder `root` as posix, without its suffix unless `suffix` (a file given
+    as `root` itself: its own name)."""
+    rel = [f.relative_to(root) if root.is_dir() else Path(f.name) for f in files]
+    return [(r if suffix else r.with_suffix("")).as_posix() for r in rel]
+
+
 def find_images(paths: Sequence[str | os.PathLike], *, what: str = "input images") -> list[Path]:
     """Each path that is a file, as given (whatever its suffix: reading it says whether it is an image), and
     the files with an image suffix under each folder, sorted by their path relative to it. A path that does

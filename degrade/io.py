@@ -493,7 +493,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
-            mode = 0o666 & ~_umask()  # mkstemp makes 0600: the usual permissions, on our own file where we can
+            mode = 0o666 & ~umask()  # mkstemp makes 0600: the usual permissions, on our own file where we can
             if hasattr(os, "fchmod"):
                 os.fchmod(f.fileno(), mode)
             else:  # Windows before Python 3.13
@@ -516,7 +516,8 @@ def _naming(exc: OSError, path: Path) -> OSError:
     return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from degrade._version import __version__
-from degrade.discover import find_images
+from degrade.discover import find_images, relative_names
 from degrade.errors import DegradeError
 from degrade.io import (
     crop_to_multiple,
@@ -45,6 +45,7 @@ from degrade.io import (
     read_image_sha256,
     read_regular_file,
     to_uint8,
+    umask,
     write_bytes_atomic,
 )
 from degrade.params import DegradationParams
@@ -81,8 +82,7 @@ def testset_names(files: Sequence[Path], root: Path) -> list[str]:
     """Each file's name in a test set: its path under `root` without suffix (posix). Two files that would
     share one (a.png and a.jpg) are a DegradeError."""
     names: dict[str, Path] = {}
-    for f in files:
-        name = f.relative_to(root).with_suffix("").as_posix()
+    for f, name in zip(files, relative_names(files, root)):
         if name in names:
             raise DegradeError(f"{names[name]} and {f}: two images of one name in a test set; keep one")
         names[name] = f
@@ -107,12 +107,14 @@ class _Degrade:
 
 
 def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequence[int] = TEST_LEVELS,
-                 seed: int = 0, jobs: int = 1, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                 seed: int = 0, jobs: int = 1, progress: Callable[[int, int], None] | None = None
+                 ) -> dict[str, Any]:
     """Write the test set of the images in folder `src` (searched recursively) into `out`, which must not
     exist or be an empty folder. The set is built in a hidden folder (beside a new `out`, inside an empty
     one, which keeps its permissions, owner and mount) and moved into place when complete: `out` never
     holds half a set, and a failure or an interrupt leaves nothing. The bytes do not depend on `jobs`.
-    `progress(n)` is called after each image. Returns the manifest."""
+    `progress(done, total)` is called once the images are found (done 0) and after each image. Returns the
+    manifest."""
     src, out = Path(src), Path(out)
     levels = _check_levels(levels)
     if seed < 0:
@@ -124,6 +126,8 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
         raise DegradeError(f"{out.parent}: no such folder")
     files = find_images([src], what="HR images")
     names = testset_names(files, src)
+    if progress is not None:
+        progress(0, len(files))
     from degrade.shards.executor import OrderedMap
 
     existing = out.is_dir()
@@ -141,7 +145,7 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
                     _put(tmp / "params" / f"level{level}" / f"{name}.json", record)
                 images.append(entry)
                 if progress is not None:
-                    progress(1)
+                    progress(len(images), len(files))
         manifest = {"format": TESTSET_FORMAT, "degrade_version": __version__, "vector_layout": VECTOR_LAYOUT,
                     "scale": SCALE, "seed": seed, "levels": levels, "source": str(src.resolve()), "images": images}
         write_bytes_atomic(tmp / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
@@ -153,7 +157,7 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
             with contextlib.suppress(OSError):  # the set is complete: an empty hidden folder left is harmless
                 tmp.rmdir()
         else:
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: give the set the usual permissions
+            os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700: give the set the usual permissions
             os.rename(tmp, out)  # a folder made there meanwhile, with files, makes this fail: nothing lost
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -183,12 +187,6 @@ def _put(path: Path, data: bytes) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _check_levels(levels: Sequence[int]) -> list[int]:
