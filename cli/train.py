@@ -26,6 +26,11 @@ OPTION_OF = {"lr": "learning_rate", "sharpen_gt": "sharpen", "compile": "compile
 OFF_SWITCH = {"val_shards": "no_val", "vgg_weights": "no_vgg"}  # flags that clear a path a resume would keep
 
 
+def _flag(param: str) -> str:
+    """A parameter's option as typed: no_val -> --no-val."""
+    return "--" + param.replace("_", "-")
+
+
 def resumed_config(ctx: click.Context, cfg, before) -> tuple:
     """`cfg` with each setting the command line did not give taken from `before` (the checkpoint's config),
     so a resume continues the run it resumes (its seed, schedule, losses, steps) without retyping them; and
@@ -159,10 +164,9 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
     require_torch()
     if resume and restart:
         raise click.UsageError("--resume continues a run, --restart deletes it: give one")
-    for off, path, option in ((no_val, val_shards, "--val-shards"), (no_vgg, vgg_weights, "--vgg-weights")):
-        if off and path is not None:
-            raise click.UsageError(f"--no-{'val' if option == '--val-shards' else 'vgg'} and {option} contradict "
-                                   "each other: give one")
+    for field, off in OFF_SWITCH.items():
+        if ctx.params[off] and ctx.params[field] is not None:
+            raise click.UsageError(f"{_flag(off)} and {_flag(field)} contradict each other: give one")
     if out.exists() and not out.is_dir():
         raise click.ClickException(f"{out}: is a file, not a run folder")
     import torch
@@ -183,7 +187,8 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
         if resume:
             from dasr_model.checkpoints import latest_intact
 
-            found = latest_intact(out)  # None: the trainer says there is none
+            # read once: the trainer resumes from it (None: the trainer says there is none)
+            found = latest_intact(out, warn=lambda m: err_console.print(m, soft_wrap=True))
         # From a source or a checkpoint, the model options not given are its own (a GAN stage keeps its PSNR
         # stage's network; a resume its run's)
         given = {name: value for name, (option, value) in options.items()
@@ -220,12 +225,12 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
         if kept:
             err_console.print(f"resuming with the run's own options ({found[0].name}; given ones win): "
                               + ", ".join(kept), soft_wrap=True)
-        for option, path, off in (("--val-shards", cfg.val_shards, "--no-val"),
-                                  ("--vgg-weights", cfg.vgg_weights, "--no-vgg")):
-            if path is not None and ctx.get_parameter_source(option[2:].replace("-", "_")) is ParameterSource.DEFAULT \
+        for field, off in OFF_SWITCH.items():  # an inherited path must still be there
+            path = getattr(cfg, field)
+            if path is not None and ctx.get_parameter_source(field) is ParameterSource.DEFAULT \
                     and not Path(path).exists():
-                raise click.ClickException(f"{option} {path} (the run's, from {found[0].name}): no such file or "
-                                           f"folder; give {option} again, or {off}")
+                raise click.ClickException(f"{_flag(field)} {path} (the run's, from {found[0].name}): no such file "
+                                           f"or folder; give {_flag(field)} again, or {_flag(off)}")
     if cfg.vgg_weights is not None and not Path(cfg.vgg_weights).is_file():
         raise click.ClickException(f"{cfg.vgg_weights}: no such file")
     try:
@@ -267,7 +272,7 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
                         + f"; predictor MAE {val['mae']['all']:.4f}", soft_wrap=True)
                 bar.update(task, completed=step, info=info)
 
-            last = train(cfg, resume=resume, restart=restart, progress=report, source=source,
+            last = train(cfg, resume=resume, restart=restart, progress=report, source=source, checkpoint=found,
                          notify=lambda m: err_console.print(m, soft_wrap=True))
     except DegradeError as exc:
         raise click.ClickException(str(exc)) from None

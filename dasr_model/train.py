@@ -192,13 +192,16 @@ def refuse_deleting(cfg: TrainConfig, out: Path) -> None:
 
 def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
           progress: Callable[[int, dict[str, Any]], None] | None = None,
-          notify: Callable[[str], None] | None = None, source: LoadedModel | None = None) -> dict[str, Any]:
+          notify: Callable[[str], None] | None = None, source: LoadedModel | None = None,
+          checkpoint: tuple[Path, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train as `cfg` says; returns the last metrics. SIGINT, SIGTERM or the `max_minutes` budget saves a
     checkpoint, then stops (`last["stopped_by"]` says which). The last step also writes RUN/model.safetensors
     (predictor + EMA generator, bf16). `notify` receives one-line notes: what runs where, where a resume
     starts, a damaged checkpoint skipped. A run folder that already holds a run needs `resume`, or `restart`,
     which deletes that run's files (:func:`start_over`) once the data and the model have passed their checks.
-    `source`: the model cfg.init_from / init_release names, where the caller has loaded it already."""
+    `source`: the model cfg.init_from / init_release names, where the caller has loaded it already;
+    `checkpoint`: for a resume, the run's newest intact checkpoint (latest_intact), where the caller has read
+    it already (a release-size one is about 130 MB)."""
     out = Path(cfg.out)
     say = notify or (lambda message: None)
     if resume and restart:
@@ -270,7 +273,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if gone:
             say(f"--restart: deleted {len(gone)} file(s) of the earlier run in {out}")
     if resume:
-        found = latest_intact(out, warn=say)
+        found = checkpoint if checkpoint is not None else latest_intact(out, warn=say)
         if found is None:
             raise DASRError(f"--resume: no readable checkpoint in {out}")
         step = parts.load_state_dict(found[1], cfg, found[0])
