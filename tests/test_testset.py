@@ -233,8 +233,8 @@ def test_sigterm_leaves_no_hidden_folder(hr_dir, tmp_path):
 
     big = tmp_path / "big"
     big.mkdir()
-    for i in range(40):
-        shutil.copy(hr_dir / "a.png", big / f"{i:02d}.png")
+    for i in range(300):  # seconds of work: the signal lands mid-run, not after it (40 took under a second)
+        (big / f"{i:03d}.png").symlink_to(hr_dir / "a.png")
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "make-testset", str(big), "--out",
                              str(tmp_path / "set")], cwd=Path(__file__).resolve().parents[1],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
