@@ -7,9 +7,13 @@ at the release's init), milliseconds per image, median of --repeats after --warm
 - `experts fp32`: `model.sr(lr, a)`, every layer mixing its K experts for the image (the "grouped"
   expert conv: fused per-sample kernel + grouped conv), float32 (the baseline of the ratio column);
 - `fused fp32`: `dasr_model.infer.super_resolve(model, lr, a)`, which mixes every layer once into a
-  plain MSRResNet (`fuse_experts`) and runs that; the fuse is part of the time and also shown alone;
+  plain MSRResNet (`reused_fused_net`: the thread's network from the last image, overwritten) and runs
+  that; the fuse is part of the time and also shown alone;
 - on CUDA (or with --bf16) also `experts bf16 (autocast)` and `fused bf16 channels_last`
-  (`super_resolve(..., dtype=torch.bfloat16, channels_last=True)`).
+  (`super_resolve(..., dtype=torch.bfloat16, channels_last=True)`);
+- on CUDA, experiments dasr-sr does not run: the bf16 path with cudnn.benchmark (cuDNN times its
+  algorithms per shape), and the fused network's forward as a CUDA graph (fp32 and bf16; the fuse
+  still runs per call, into the weights the graph reads), which removes the per-layer launch cost.
 
 max|diff| is against the `experts fp32` output (float32 images in about [0, 1]). CUDA fp32 convolutions
 use TF32 when torch.backends.cudnn.allow_tf32 is on (printed at the top; PyTorch's default is on).
@@ -31,7 +35,7 @@ from collections.abc import Callable
 
 import torch
 
-from dasr_model.infer import fuse_experts, super_resolve
+from dasr_model.infer import reused_fused_net, super_resolve
 from dasr_model.model import DASR, DASRConfig
 from dasr_model.runs import pick_device
 
@@ -60,6 +64,40 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, rep
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     assert out is not None
     return 1000 * statistics.median(times), out, peak
+
+
+def graphed(model: DASR, lr: torch.Tensor, a: torch.Tensor, dtype: torch.dtype | None,
+            channels_last: bool) -> Callable[[], torch.Tensor]:
+    """The fused network's forward as a CUDA graph, built on the first call (after cuDNN's search, on a
+    side stream, as CUDA graphs need): each call fuses the mix into the same reused network (its weights
+    stay where the graph reads them), copies lr into the graph's input and replays it."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    state: dict[str, object] = {}
+
+    def fuse() -> torch.nn.Module:
+        return reused_fused_net(model, a, dtype=dtype, channels_last=channels_last)
+
+    def run() -> torch.Tensor:
+        net = fuse()
+        if "graph" not in state:
+            static_x = lr.contiguous(memory_format=fmt).clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    net(static_x)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y = net(static_x)
+            state.update(graph=graph, x=static_x, y=static_y, net=net)
+        if state["net"] is not net:
+            raise RuntimeError("the reused network changed under the graph")
+        state["x"].copy_(lr)  # type: ignore[union-attr]
+        state["graph"].replay()  # type: ignore[union-attr]
+        return state["y"].float()  # type: ignore[union-attr]
+
+    return run
 
 
 def main() -> None:
@@ -104,11 +142,25 @@ def main() -> None:
                       ("fused bf16 channels_last",
                        lambda: super_resolve(model, lr, a, dtype=torch.bfloat16, channels_last=True),
                        {"dtype": torch.bfloat16, "channels_last": True})]
+        if cuda:  # experiments, after the paths dasr-sr has: cuDNN's algorithm search, then CUDA graphs
+            paths += [("fused bf16 channels_last, cudnn.benchmark",
+                       lambda: super_resolve(model, lr, a, dtype=torch.bfloat16, channels_last=True),
+                       {"dtype": torch.bfloat16, "channels_last": True, "benchmark": True}),
+                      ("fused fp32, cudnn.benchmark + CUDA graph", graphed(model, lr, a, None, False),
+                       {"benchmark": True}),
+                      ("fused bf16 channels_last, cudnn.benchmark + CUDA graph",
+                       graphed(model, lr, a, torch.bfloat16, True),
+                       {"dtype": torch.bfloat16, "channels_last": True, "benchmark": True})]
         base_ms, base_out = None, None
         for label, fn, fuse_kw in paths:
+            torch.backends.cudnn.benchmark = fuse_kw.pop("benchmark", False)
             with torch.no_grad():
-                ms, out, peak = timed(fn, device, args.warmup, args.repeats)
-                fuse_ms = (timed(lambda: fuse_experts(model, a, **fuse_kw).conv_first.weight, device, 1,
+                try:
+                    ms, out, peak = timed(fn, device, args.warmup, args.repeats)
+                except RuntimeError as e:  # an experiment that fails on this machine: said, and the table goes on
+                    print(f"| {size} | {label} | failed: {str(e).splitlines()[0][:120]} | | | | |", flush=True)
+                    continue
+                fuse_ms = (timed(lambda: reused_fused_net(model, a, **fuse_kw).conv_first.weight, device, 1,
                                  args.repeats)[0] if label.startswith("fused") else None)
             if base_ms is None:
                 base_ms, base_out = ms, out
@@ -117,6 +169,7 @@ def main() -> None:
                   f"{'-' if fuse_ms is None else f'{fuse_ms:.2f}'} | {'-' if peak is None else f'{peak:.0f}'} | "
                   f"{diff:.1e} |", flush=True)
             del out
+        torch.backends.cudnn.benchmark = False
         if cuda:
             torch.cuda.empty_cache()
 

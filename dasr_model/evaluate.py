@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from dasr_model.data import block_mae
 from dasr_model.diagnostics import mixing_stats
 from dasr_model.errors import DASRError
-from dasr_model.infer import DEFAULT_TILE, fuse_experts, predict, receptive_radius, tiled, to_image, to_tensor
+from dasr_model.infer import DEFAULT_TILE, predict, receptive_radius, reused_fused_net, tiled, to_image, to_tensor
 from dasr_model.metrics import psnr_rgb, psnr_y, ssim_y, y_channel
 from dasr_model.niqe import niqe
 from degrade.io import to_uint8
@@ -296,7 +296,7 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
         v_hat, a = predict(model, lr_t, tile=tile)
         mixes.append(a.float().cpu())
         mix_levels.append(level)
-        sr = to_image(tiled(fuse_experts(gen, a), lr_t, model.config.scale, tile, overlap))
+        sr = to_image(tiled(reused_fused_net(gen, a), lr_t, model.config.scale, tile, overlap))
         bic = to_image(F.interpolate(lr_t, scale_factor=4, mode="bicubic", align_corners=False))
         counts[level] = counts.get(level, 0) + 1
         s = scores.setdefault(level, {})

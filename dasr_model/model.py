@@ -240,19 +240,29 @@ class ExpertMSRResNet(nn.Module):
         return x + base
 
     @torch.no_grad()
-    def fuse(self, a: Tensor) -> MSRResNet:
+    def fuse(self, a: Tensor, *, into: MSRResNet | None = None) -> MSRResNet:
         """The plain MSRResNet that this generator is for ONE image's mix a (1, K) or (K,): every expert
         conv mixed once into an ordinary nn.Conv2d (same device and dtype, eval mode, no gradients).
-        `self.fuse(a)(lr)` equals `self(lr, a)` up to float rounding, for any number of images sharing a."""
+        `self.fuse(a)(lr)` equals `self(lr, a)` up to float rounding, for any number of images sharing a.
+        `into`: an MSRResNet of the same size to overwrite instead of building one (building is most of a
+        fuse's time); every weight is written, converted to its dtype and memory format; it is returned."""
         k = self.conv_first.weight.shape[0]
         if a.numel() != k or a.dim() > 2:
             raise DASRError(f"fuse takes one image's mix, (1, {k}) or ({k},); got {tuple(a.shape)}")
         ref = self.conv_first.weight
-        plain = MSRResNet(num_feat=ref.shape[1], num_block=len(self.body), scale=self.scale, device=ref.device,
-                          dtype=ref.dtype)
+        if into is None:
+            plain = MSRResNet(num_feat=ref.shape[1], num_block=len(self.body), scale=self.scale,
+                              device=ref.device, dtype=ref.dtype)
+        elif (len(into.body) != len(self.body) or into.conv_first.weight.shape != ref.shape[1:]
+              or into.scale != self.scale):
+            raise DASRError(f"fuse into: a network of {len(into.body)} blocks x "
+                            f"{into.conv_first.weight.shape[0]} features for one of {len(self.body)} x {ref.shape[1]}")
+        else:
+            plain = into
+        a = a.reshape(1, k).to(ref.device, ref.dtype)
         for name, module in self.named_modules():
             if isinstance(module, ExpertConv2d):
-                w, b = module.fused(a.reshape(1, k).to(ref.device, ref.dtype))
+                w, b = module.fused(a)
                 conv = plain.get_submodule(name)
                 conv.weight.copy_(w[0])
                 conv.bias.copy_(b[0])

@@ -217,6 +217,66 @@ def test_fuse_takes_one_mix():
     model.generator.fuse(torch.rand(5))  # (K,) is one mix too
 
 
+def test_fuse_into_an_existing_network_overwrites_every_weight():
+    """fuse(a, into=net) gives the network a fresh fuse builds, whatever net held (another model's mix,
+    bf16, channels_last); a network of another size is refused."""
+    torch.manual_seed(0)
+    cfg = DASRConfig(num_experts=3, num_feat=8, num_block=2, predictor_feat=8)
+    one, two = DASR(cfg).eval(), DASR(cfg).eval()
+    a1, a2 = torch.rand(1, 3), torch.rand(1, 3)
+    net = one.generator.fuse(a1)
+    assert two.generator.fuse(a2, into=net) is net
+    fresh = two.generator.fuse(a2)
+    for (name, got), (_, want) in zip(net.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(got, want), name
+    low = fuse_experts(one, a1, dtype=torch.bfloat16, channels_last=True)
+    two.generator.fuse(a2, into=low)
+    assert low.conv_first.weight.dtype == torch.bfloat16
+    assert low.body[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    for (name, got), (_, want) in zip(low.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(got, want.to(torch.bfloat16)), name
+    other = DASR(DASRConfig(num_experts=3, num_feat=8, num_block=3, predictor_feat=8)).generator.fuse(a1)
+    with pytest.raises(ValueError, match="3 blocks x 8 features for one of 2 x 8"):
+        one.generator.fuse(a1, into=other)
+
+
+def test_the_fused_network_is_reused_per_thread_and_never_mixes_models():
+    """super_resolve / dasr-eval build one plain network per thread and size, dtype and layout, and
+    overwrite it for the next image: two models and mixes in turn, and two threads at once, each get
+    their own model's output."""
+    import threading
+
+    import dasr_model.infer as infer
+
+    torch.manual_seed(1)
+    cfg = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)
+    models = [DASR(cfg).eval(), DASR(cfg).eval()]
+    lr = torch.rand(1, 3, 9, 10)
+    mixes = [torch.rand(1, 2), torch.rand(1, 2)]
+    with torch.no_grad():
+        want = [m.sr(lr, a) for m, a in zip(models, mixes)]
+        nets = []
+        for i in (0, 1, 0, 1):
+            nets.append(infer.reused_fused_net(models[i], mixes[i]))
+            torch.testing.assert_close(super_resolve(models[i], lr, mixes[i]), want[i], rtol=0, atol=1e-5)
+        assert all(n is nets[0] for n in nets)  # built once
+        assert infer.reused_fused_net(models[0], mixes[0], dtype=torch.bfloat16) is not nets[0]  # another key
+        results: dict[int, list[bool]] = {0: [], 1: []}
+
+        def run(i: int) -> None:
+            with torch.no_grad():
+                for _ in range(20):
+                    out = super_resolve(models[i], lr, mixes[i])
+                    results[i].append(bool((out - want[i]).abs().max() <= 1e-5))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    assert results == {0: [True] * 20, 1: [True] * 20}
+
+
 def test_super_resolve_fuses_per_image_and_keeps_tiling():
     torch.manual_seed(0)
     model = DASR(TINY).eval()

@@ -166,13 +166,13 @@ def test_sr_cli_precision_bf16_runs_the_fused_net_in_bf16(ckpt, tmp_path, monkey
                            "model": model.state_dict(), "ema_generator": model.generator.state_dict()})
     src = tmp_path / "a.png"
     cv2.imwrite(str(src), np.random.default_rng(2).integers(0, 255, (20, 24, 3), dtype=np.uint8))
-    asked, real = [], infer.fuse_experts
+    asked, real = [], infer.reused_fused_net
 
     def spy(*args, **kwargs):
         asked.append((kwargs.get("dtype"), kwargs.get("channels_last")))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(infer, "fuse_experts", spy)
+    monkeypatch.setattr(infer, "reused_fused_net", spy)
     outs = {}
     for precision in ("fp32", "bf16"):
         args = [str(src), "-o", str(tmp_path / precision), "--model", str(path), "--device", "cpu"]
@@ -196,17 +196,19 @@ def test_upscale_channels_last_equals_the_default_layout(ckpt, monkeypatch):
     model = load_checkpoint_model(ckpt)
     img = np.random.default_rng(3).random((19, 23, 3)).astype(np.float32)
     a, _ = upscale(model, img, tile=8)
-    layouts, real = [], infer.fuse_experts
+    layouts, hooks, real = [], [], infer.reused_fused_net
 
     def spy(*args, **kwargs):
         net = real(*args, **kwargs)
-        net.register_forward_pre_hook(lambda m, x: layouts.append(
+        hooks.append(net.register_forward_pre_hook(lambda m, x: layouts.append(
             (x[0].is_contiguous(memory_format=torch.channels_last) and not x[0].is_contiguous(),
-             m.conv_first.weight.is_contiguous(memory_format=torch.channels_last))))
+             m.conv_first.weight.is_contiguous(memory_format=torch.channels_last)))))
         return net
 
-    monkeypatch.setattr(infer, "fuse_experts", spy)
+    monkeypatch.setattr(infer, "reused_fused_net", spy)
     b, _ = upscale(model, img, tile=8, channels_last=True)
+    for hook in hooks:  # the network is kept for the thread's next image: no hook must stay on it
+        hook.remove()
     assert len(layouts) == 9 and all(x and w for x, w in layouts)  # 3 x 3 tiles of at most 8 px
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # the same numbers up to float rounding
 
