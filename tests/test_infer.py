@@ -13,7 +13,7 @@ import cv2  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 import degrade  # noqa: E402
-from cli.sr import eval_main, sr_main  # noqa: E402
+from cli.sr import eval_main, precision_kwargs, sr_main  # noqa: E402
 from dasr_model.checkpoints import save_checkpoint  # noqa: E402
 from dasr_model.infer import edit_vector, load_checkpoint_model, super_resolve, upscale  # noqa: E402
 from dasr_model.metrics import psnr, psnr_y, ssim_y, y_channel  # noqa: E402
@@ -186,6 +186,15 @@ def test_sr_cli_precision_bf16_runs_the_fused_net_in_bf16(ckpt, tmp_path, monkey
     diff = np.abs(outs["bf16"] - outs["fp32"])
     # bf16's 8 mantissa bits on a residual of 7.7 levels on average (45 at most): seen max 1, mean 0.05
     assert 0 < diff.max() <= 3 and diff.mean() < 0.25
+
+
+def test_sr_precision_auto_is_bf16_on_cuda_only():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    bf16_gpu = {"dtype": torch.bfloat16, "channels_last": True}
+    assert precision_kwargs("auto", cuda) == bf16_gpu and precision_kwargs("auto", cpu) == {}
+    assert precision_kwargs("bf16", cuda) == bf16_gpu
+    assert precision_kwargs("bf16", cpu) == {"dtype": torch.bfloat16, "channels_last": False}
+    assert precision_kwargs("fp32", cuda) == {} and precision_kwargs("fp32", cpu) == {}
 
 
 def test_upscale_channels_last_equals_the_default_layout(ckpt, monkeypatch):
