@@ -15,11 +15,14 @@
   compiled by torch.compile in each mode (as `dasr-train --compile`; reduce-overhead adds CUDA graphs),
   warmed up at least 3 steps (--compile-only: those rows without their eager twins). Peak GPU memory
   per step on CUDA; the first step's seconds (cuDNN's algorithm search with cudnn.benchmark, or the
-  compilation, which later rows may shorten by reusing inductor's on-disk caches).
+  compilation, which later rows may shorten by reusing inductor's on-disk caches). --profile adds, after
+  the table, each eager row's step under torch.profiler: wall against device-busy time per step and the
+  operators (CUDA kernels on a GPU) that take the most.
 
 Needs a dataset made with `degrade make-dataset` (patch 256) for the loader part.
 Usage: python benchmarks/bench_train.py --shards DIR [--device auto] [--batch-sizes 6,16,48] [--gan]
        [--impl grouped,dense,stacked,bmm] [--channels-last] [--fp32-baseline] [--compile default,reduce-overhead]
+       [--profile]
 """
 
 from __future__ import annotations
@@ -63,13 +66,9 @@ def bench_loader(shards: str, batch: int, workers: int, steps: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats: int, impl: str = "grouped",
-               channels_last: bool = False, lr_size: int = 64, bf16: bool | None = None,
-               compile_mode: str = "off", compile_backend: str = "inductor") -> tuple[float, float | None, float]:
-    """Median seconds of `dasr_model.train.train_step` (the loop's own step) on random data, with the
-    expert convolutions computed by `impl`; the peak GPU memory in GiB (None on CPU); the first step's
-    seconds. `bf16`: autocast to bfloat16 (default: on CUDA, as dasr-train; False times the float32 step).
-    `compile_mode`: the network through torch.compile as `dasr-train --compile` does ("off": eager)."""
+def setup_step(device: torch.device, batch: int, gan: bool, impl: str = "grouped", channels_last: bool = False,
+               lr_size: int = 64, compile_mode: str = "off", compile_backend: str = "inductor"):
+    """What one training step needs, as dasr-train builds it: (parts, cfg, lr, hr, v) on random data."""
     torch.manual_seed(0)
     cfg = TrainConfig(shards="", out="", gan=gan)
     model = set_expert_impl(DASR(cfg.model), impl).to(device)
@@ -81,36 +80,87 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
     if compile_mode != "off":
         torch._dynamo.reset()  # each row compiles afresh: its first step is its compile time
         parts.net = compile_net(model, compile_mode, compile_backend)
-        warmup = max(warmup, 3)  # CUDA graphs record on the step after the compiled warm-up
     lr = torch.rand(batch, 3, lr_size, lr_size, device=device).contiguous(memory_format=fmt)
     hr = unsharp_mask(torch.rand(batch, 3, 4 * lr_size, 4 * lr_size, device=device)).contiguous(memory_format=fmt)
     v = torch.rand(batch, 33, device=device)
-    bf16 = device.type == "cuda" if bf16 is None else bf16
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as dasr-train: fixed shapes, algorithms timed once
+    return parts, cfg, lr, hr, v
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
-    sync()
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats: int, impl: str = "grouped",
+               channels_last: bool = False, lr_size: int = 64, bf16: bool | None = None,
+               compile_mode: str = "off", compile_backend: str = "inductor") -> tuple[float, float | None, float]:
+    """Median seconds of `dasr_model.train.train_step` (the loop's own step) on random data, with the
+    expert convolutions computed by `impl`; the peak GPU memory in GiB (None on CPU); the first step's
+    seconds. `bf16`: autocast to bfloat16 (default: on CUDA, as dasr-train; False times the float32 step).
+    `compile_mode`: the network through torch.compile as `dasr-train --compile` does ("off": eager)."""
+    parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size, compile_mode, compile_backend)
+    if compile_mode != "off":
+        warmup = max(warmup, 3)  # CUDA graphs record on the step after the compiled warm-up
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    sync(device)
     start = time.perf_counter()
     train_step(parts, cfg, lr, hr, v, bf16)
-    sync()
+    sync(device)
     first = time.perf_counter() - start
     for _ in range(warmup - 1):
         train_step(parts, cfg, lr, hr, v, bf16)
-    sync()
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeats):
-        sync()
+        sync(device)
         start = time.perf_counter()
         train_step(parts, cfg, lr, hr, v, bf16)
-        sync()
+        sync(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return statistics.median(times), peak, first
+
+
+def profile_step(device: torch.device, batch: int, gan: bool, impl: str, channels_last: bool, lr_size: int,
+                 bf16: bool, steps: int = 3, top: int = 15) -> str:
+    """torch.profiler over `steps` eager training steps (after 3 unprofiled ones): per step, the wall time,
+    the time the device was busy (CUDA kernels; the CPU's own operator time on a CPU) and the `top`
+    operators by their own device time, as a markdown table. Busy far below wall: the step waits on the
+    host (launches, Python), which CUDA graphs or compilation remove; busy close to wall: the kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size)
+    for _ in range(3):
+        train_step(parts, cfg, lr, hr, v, bf16)
+    sync(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            train_step(parts, cfg, lr, hr, v, bf16)
+        sync(device)
+        wall = (time.perf_counter() - start) / steps
+    kind = "device" if cuda else "cpu"
+
+    def own_us(e) -> float:  # the attribute's name changed across torch versions (cuda -> device)
+        names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
+        return next(float(getattr(e, n)) for n in names if hasattr(e, n))
+
+    events = prof.key_averages()
+    if cuda:  # the kernels (and copies) themselves: the operators that launched them also carry their time
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    ops = sorted(events, key=own_us, reverse=True)
+    busy = sum(own_us(e) for e in ops) / steps / 1000
+    lines = [f"wall {1000 * wall:.1f} ms per step; {kind} busy {busy:.1f} ms ({100 * busy / (1000 * wall):.0f} %)",
+             "", f"| operator | calls per step | own {kind} ms per step | share of busy |", "|---|---:|---:|---:|"]
+    for e in ops[:top]:
+        ms = own_us(e) / steps / 1000
+        lines.append(f"| `{e.key[:70]}` | {e.count / steps:.0f} | {ms:.2f} | {100 * ms / max(busy, 1e-9):.1f} % |")
+    return "\n".join(lines) + "\n"
 
 
 def compiled_name(mode: str, backend: str) -> str:
@@ -160,6 +210,9 @@ def main() -> None:
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                     help="the step rows' arithmetic, as dasr-train --precision (auto: bf16 autocast on CUDA, "
                          "float32 on CPU; bf16 on a CPU: the GPU's path, for dry runs)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the table, profile each eager row's step (torch.profiler): wall against device-busy "
+                         "time per step and the operators (kernels on CUDA) that take the most")
     ap.add_argument("--fp32-baseline", action="store_true",
                     help="also time the float32 step with the grouped strategy in NCHW (the release's way; on "
                          "CUDA the other rows are bf16), the base of the speed-up column")
@@ -196,6 +249,7 @@ def main() -> None:
         print("| batch | GAN | precision | expert impl | memory format | compile | ms/step "
               f"| speed-up vs {base_name} | peak GiB | first step s |\n"
               "|---:|---|---|---|---|---|---:|---:|---:|---:|")
+        profiles = []
         for b in (int(x) for x in args.batch_sizes.split(",")):
             for gan in ((False, True) if args.gan else (False,)):
                 runs = [("float32", "grouped", False, "off")] if fp32_base else []
@@ -219,12 +273,20 @@ def main() -> None:
                             torch.cuda.empty_cache()
                         continue
                     sec, peak, first = timed
+                    if args.profile and mode == "off":
+                        profiles.append((row, (device, b, gan, impl, cl, args.lr_size, prec != "float32")))
                     if base is None:
                         base = sec  # the first row: the float32 baseline, or the first strategy eager
                     print(f"{row} {1000 * sec:.1f} | {base / sec:.2f}x | {'-' if peak is None else f'{peak:.2f}'} "
                           f"| {first:.1f} |", flush=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
+        for row, how in profiles:
+            cells = [c.strip() for c in row.strip("| ").split("|")]
+            print(f"\n### Profile: batch {cells[0]}, GAN {cells[1]}, {cells[2]}, {cells[3]}, {cells[4]}\n", flush=True)
+            print(profile_step(*how), flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ shares the steps after it keep:
      the GAN term, every expert-conv strategy in NCHW and those that keep it in channels_last (bf16
      autocast), beside the float32 grouped-conv step (the release's way) in the same run; the loader's
      samples/s with 0 to all cores;
+  3a. OUT/profile.md: `bench_train.py --profile`: where a step's time goes, batch 48, bf16 grouped, without
+     and with GAN (and the float32 baseline): wall against GPU-busy time per step, and the kernels that
+     take the most (a busy time far below the wall: the step waits on launches, which graphs remove);
   3b. OUT/compile.md: the fastest eager strategy and memory format of train.md at the largest batch
      without GAN, compiled (`torch.compile`, as `dasr-train --compile`) in the default mode and in
      reduce-overhead (CUDA graphs), with and without GAN, beside the float32 baseline (its eager twin is
@@ -48,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # it left, less the shares the steps after it keep.
 # Compiling is the least known (a cold inductor build of forward and backward, then three rows that may
 # reuse its caches); inference and the bf16 check are a few dozen small timed calls each.
-SHARES = {"dataset": 0.07, "train": 0.43, "compile": 0.32, "infer": 0.11, "bf16": 0.07}
+SHARES = {"dataset": 0.07, "train": 0.39, "profile": 0.05, "compile": 0.31, "infer": 0.11, "bf16": 0.07}
 STEP_COLUMNS = ("batch", "GAN", "precision", "expert impl", "memory format", "compile", "ms/step")
 
 
@@ -244,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     step(out, "train", [py, "benchmarks/bench_train.py", "--device", device, *loader, "--gan",
                         "--impl", "grouped,dense,stacked,bmm", "--channels-last", "--fp32-baseline", *train_args],
          out / "train.md", allowed("train"))
+    # one row in the smoke run (profiling on a CPU is slow); on the GPU without and with GAN, beside float32
+    profile_args = (["--batch-sizes", "2", "--lr-size", "8", "--warmup", "0", "--repeats", "1", "--precision", "bf16"]
+                    if args.smoke else ["--batch-sizes", "48", "--warmup", "3", "--repeats", "5", "--gan",
+                                        "--fp32-baseline"])
+    step(out, "profile", [py, "benchmarks/bench_train.py", "--device", device, "--impl", "grouped", "--profile",
+                          *profile_args], out / "profile.md", allowed("profile"))
     eager_rows = step_rows((out / "train.md").read_text()) if (out / "train.md").exists() else []
     best = fastest_eager(eager_rows) or "dense:cl"
     want = 2 if args.smoke else 48
@@ -272,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     step(out, "bf16", [py, "benchmarks/gpu_speed_run.py", "--bf16-only", "--out", str(out),
                        *(["--model", args.model] if args.model else []), *(["--smoke"] if args.smoke else [])],
          out / "bf16.md", allowed("bf16"))
-    parts = ["environment.txt", "train.md", "compile.md", "infer.md", "bf16.md"]
+    parts = ["environment.txt", "train.md", "profile.md", "compile.md", "infer.md", "bf16.md"]
     rows = [r for p in ("train.md", "compile.md") if (out / p).exists() for r in step_rows((out / p).read_text())]
     (out / "summary.md").write_text("# DASR speed run\n\n## The fastest training step\n\n" + fastest_table(rows)
                                     + "\n" + "\n".join(

@@ -132,7 +132,7 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     subprocess.run([sys.executable, "benchmarks/gpu_speed_run.py", "--smoke", "--out", str(out),
                     "--work", str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert sorted(p.name for p in out.iterdir()) == ["bf16.md", "compile.md", "environment.txt", "infer.md",
-                                                      "log.txt", "summary.md", "train.md"]
+                                                      "log.txt", "profile.md", "summary.md", "train.md"]
     train = (out / "train.md").read_text()
     rows = [r for r in train.splitlines() if r.startswith("| 2 |")]
     # The smoke run takes the GPU's arithmetic (bf16 under CPU autocast) and so its tables' shape: per GAN
@@ -153,7 +153,10 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     assert "| loader workers |" in train and "| 16 | experts fp32 |" in infer
     assert "| 16 | experts bf16 (autocast) |" in infer and "| 16 | fused bf16 channels_last |" in infer
     assert "| mean |" in (out / "bf16.md").read_text()
-    assert all(f"{name}: exit 0" in log for name in ("dataset", "train", "compile", "infer", "bf16"))
+    assert all(f"{name}: exit 0" in log for name in ("dataset", "train", "profile", "compile", "infer", "bf16"))
+    profile = (out / "profile.md").read_text()  # one row profiled: its wall and busy time, its top operators
+    assert profile.count("### Profile: batch 2, GAN no, bf16 autocast, grouped, NCHW") == 1
+    assert "ms per step; cpu busy" in profile and "| `aten::convolution_backward` |" in profile
     summary = (out / "summary.md").read_text()
     fastest_rows = [r for r in summary.split("## environment.txt")[0].splitlines() if r.startswith("| 2 |")]
     assert [r.split("|")[2].strip() for r in fastest_rows] == ["no", "yes"]
