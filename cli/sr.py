@@ -110,13 +110,13 @@ def model_options(f):
 
 def precision_kwargs(precision: str, device) -> dict:
     """dasr-sr's --precision as upscale() keywords: bf16 (channels_last on CUDA) or float32 ({}). auto is
-    bf16 on CUDA, where it was measured faithful (PSNR-Y within 0.008 dB of float32's, mean -0.0008 dB, on
-    the bundled photos with a trained model, H200) at half the memory, and float32 elsewhere (a CPU
-    without bf16 units runs it far slower)."""
+    bf16 on a CUDA GPU with bf16 tensor cores, where it was measured faithful (PSNR-Y within 0.008 dB of
+    float32's, mean -0.0008 dB, on the bundled photos with a trained model, H200) at half the network's
+    memory, and float32 elsewhere (older GPUs and CPUs without bf16 units run it far slower)."""
     import torch
 
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "auto":  # bf16 tensor cores from compute capability 8.0 (A100, RTX 30xx) on
+        precision = "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
     return {"dtype": torch.bfloat16, "channels_last": device.type == "cuda"} if precision == "bf16" else {}
 
 
@@ -133,9 +133,9 @@ def precision_kwargs(precision: str, device) -> dict:
 @click.option("--mix", help="Set the expert coefficients a directly: a0,a1,...")
 @click.option("--print-v", is_flag=True, help="Print each image's predicted v, decoded.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="The fused generator's precision; auto: bf16 on a CUDA GPU (measured within 0.01 dB of fp32 "
-                   "there, at half the memory), fp32 elsewhere. bf16 on a GPU is also channels_last; the "
-                   "predictor and the bilinear base stay fp32.")
+              help="The fused generator's precision; auto: bf16 on a CUDA GPU with bf16 tensor cores (compute "
+                   "capability 8.0 or newer; measured within 0.01 dB of fp32 there, at half the memory), fp32 "
+                   "elsewhere. bf16 on a GPU is also channels_last; the predictor and the bilinear base stay fp32.")
 @click.option("--outscale", type=click.FloatRange(1, 16), default=4.0, show_default=True,
               help="The output's scale: the x4 result resized (area averaging below 4, Lanczos above); "
                    "outputs are named NAME_x{scale}.png.")

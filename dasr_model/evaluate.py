@@ -296,7 +296,8 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
         v_hat, a = predict(model, lr_t, tile=tile)
         mixes.append(a.float().cpu())
         mix_levels.append(level)
-        sr = to_image(tiled(reused_fused_net(gen, a), lr_t, model.config.scale, tile, overlap))
+        with reused_fused_net(gen, a) as net:
+            sr = to_image(tiled(net, lr_t, model.config.scale, tile, overlap))
         bic = to_image(F.interpolate(lr_t, scale_factor=4, mode="bicubic", align_corners=False))
         counts[level] = counts.get(level, 0) + 1
         s = scores.setdefault(level, {})

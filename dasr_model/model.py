@@ -259,17 +259,19 @@ class ExpertMSRResNet(nn.Module):
                             f"{into.conv_first.weight.shape[0]} features for one of {len(self.body)} x {ref.shape[1]}")
         else:
             plain = into
-        # All layers at once with multi-tensor ("foreach") sums, sum_k a_k * expert_k, in the model's dtype:
-        # on a GPU a few kernels for the whole network instead of 4 per layer (the per-layer einsum, 150
-        # small kernels, took 5-6 ms on an H200). The K coefficients become Python numbers (the sums' scalar
-        # factors; one wait for the device), rounded to the model's dtype as the einsum used them.
+        # All layers at once with multi-tensor ("foreach") sums, sum_k a_k * expert_k: on a GPU a few kernels
+        # for the whole network instead of about 150 small ones (per layer an einsum, a matmul, two copies),
+        # with which a fuse took 5-6 ms on an H200. The K coefficients become Python numbers (the sums'
+        # scalar factors; one wait for the device), rounded to the model's dtype as the einsum used them.
         coef = a.reshape(k).to(ref.dtype).tolist()
         pairs = [(m, plain.get_submodule(name)) for name, m in self.named_modules() if isinstance(m, ExpertConv2d)]
         per_layer = [m.weight.unbind(0) for m, _ in pairs] + [m.bias.unbind(0) for m, _ in pairs]  # K views each
         experts = [[views[j] for views in per_layer] for j in range(k)]
         dst = [c.weight for _, c in pairs] + [c.bias for _, c in pairs]
-        direct = all(d.dtype == ref.dtype and d.device == ref.device and d.is_contiguous() for d in dst)
-        acc = dst if direct else [torch.empty_like(e) for e in experts[0]]  # else mixed here, then converted
+        # summed in float32 at least (a bf16 model's weights too, as the einsum accumulated), then converted
+        acc_dtype = torch.promote_types(ref.dtype, torch.float32)
+        direct = all(d.dtype == acc_dtype and d.device == ref.device and d.is_contiguous() for d in dst)
+        acc = dst if direct else [torch.empty_like(e, dtype=acc_dtype) for e in experts[0]]
         torch._foreach_zero_(acc)
         for j in range(k):
             torch._foreach_add_(acc, experts[j], alpha=coef[j])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -235,6 +236,10 @@ def test_fuse_into_an_existing_network_overwrites_every_weight():
     assert low.body[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
     for (name, got), (_, want) in zip(low.state_dict().items(), fresh.state_dict().items(), strict=True):
         assert torch.equal(got, want.to(torch.bfloat16)), name
+    wide = fuse_experts(one, a1, channels_last=True)  # float32 channels_last: summed aside, then copied
+    assert two.generator.fuse(a2, into=wide).body[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    for (name, got), (_, want) in zip(wide.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(got, want), name
     other = DASR(DASRConfig(num_experts=3, num_feat=8, num_block=3, predictor_feat=8)).generator.fuse(a1)
     with pytest.raises(ValueError, match="3 blocks x 8 features for one of 2 x 8"):
         one.generator.fuse(a1, into=other)
@@ -257,10 +262,12 @@ def test_the_fused_network_is_reused_per_thread_and_never_mixes_models():
         want = [m.sr(lr, a) for m, a in zip(models, mixes)]
         nets = []
         for i in (0, 1, 0, 1):
-            nets.append(infer.reused_fused_net(models[i], mixes[i]))
+            with infer.reused_fused_net(models[i], mixes[i]) as net:
+                nets.append(net)
             torch.testing.assert_close(super_resolve(models[i], lr, mixes[i]), want[i], rtol=0, atol=1e-5)
         assert all(n is nets[0] for n in nets)  # built once
-        assert infer.reused_fused_net(models[0], mixes[0], dtype=torch.bfloat16) is not nets[0]  # another key
+        with infer.reused_fused_net(models[0], mixes[0], dtype=torch.bfloat16) as net:
+            assert net is not nets[0]  # another key
         results: dict[int, list[bool]] = {0: [], 1: []}
 
         def run(i: int) -> None:
@@ -275,6 +282,55 @@ def test_the_fused_network_is_reused_per_thread_and_never_mixes_models():
         for th in threads:
             th.join()
     assert results == {0: [True] * 20, 1: [True] * 20}
+
+
+def test_a_reused_network_in_use_is_never_overwritten_by_a_nested_call():
+    """upscale's on_tile runs between tiles while the thread's network is in use: a callback that fuses
+    another model (same size) gets a network of its own, and the outer image keeps its weights."""
+    from dasr_model.infer import upscale
+
+    torch.manual_seed(2)
+    cfg = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)
+    outer, inner = DASR(cfg).eval(), DASR(cfg).eval()
+    with torch.no_grad():
+        for p in inner.generator.parameters():
+            p.mul_(8)  # a visibly different network
+    img = np.random.default_rng(0).random((20, 20, 3)).astype(np.float32)
+    want, _ = upscale(outer, img, tile=8)
+    got, _ = upscale(outer, img, tile=8, on_tile=lambda done, total: upscale(inner, img, tile=8))
+    assert np.array_equal(got, want)
+
+
+def test_the_reused_network_follows_inference_mode():
+    """A network first built inside torch.inference_mode cannot be written outside it; the thread gets one
+    for each mode, in either order."""
+    torch.manual_seed(3)
+    model = DASR(DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)).eval()
+    lr, a = torch.rand(1, 3, 6, 6), torch.rand(1, 2)
+    with torch.no_grad():
+        want = model.sr(lr, a)
+    for first_inference in (True, False):
+        for inference in (first_inference, not first_inference):
+            with torch.inference_mode(inference), torch.no_grad():
+                torch.testing.assert_close(super_resolve(model, lr, a), want, rtol=0, atol=1e-5)
+
+
+def test_a_bf16_model_is_fused_in_float32():
+    """The sums run in float32 whatever the model's dtype, then round once, as the einsum did: a bf16 model
+    fuses to its float32 twin's network rounded to bf16, within one bf16 step of it."""
+    torch.manual_seed(4)
+    model = DASR(DASRConfig(num_experts=5, num_feat=16, num_block=2, predictor_feat=8)).eval()
+    a = torch.softmax(torch.randn(1, 5), 1)
+    low = DASR(model.config).eval()
+    low.load_state_dict(model.state_dict())
+    low.generator.to(torch.bfloat16)
+    twin = DASR(model.config).eval()  # float32 holding exactly the bf16 weights
+    twin.generator.load_state_dict({k: v.float() for k, v in low.generator.state_dict().items()})
+    got = low.generator.fuse(a.to(torch.bfloat16))
+    want = twin.generator.fuse(a.to(torch.bfloat16).float())
+    for (name, g), (_, w) in zip(got.state_dict().items(), want.state_dict().items(), strict=True):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), w.to(torch.bfloat16).float(), rtol=0, atol=0, msg=name)
 
 
 def test_super_resolve_fuses_per_image_and_keeps_tiling():
@@ -333,6 +389,32 @@ def test_cuda_strategies_match_grouped(impl, monkeypatch):
         got = _conv_and_grads(conv, x.contiguous(memory_format=layout), a, g)
         for name in ref:
             assert_rel_close(got[name], ref[name], REL_CUDA, f"cuda {impl} {layout} {name}")
+
+
+@cuda
+def test_cuda_the_reused_network_follows_the_device_and_the_stream():
+    """One thread fuses on the CPU, then on the GPU, then on a side stream: each gets a network on its own
+    device and stream, and the right output."""
+    import dasr_model.infer as infer
+
+    torch.manual_seed(5)
+    model = DASR(DASRConfig(num_experts=3, num_feat=8, num_block=2, predictor_feat=8)).eval()
+    gpu = copy.deepcopy(model).cuda()
+    lr, a = torch.rand(1, 3, 12, 10), torch.rand(1, 3)
+    with torch.no_grad():
+        want = model.sr(lr, a)
+        torch.testing.assert_close(super_resolve(model, lr, a), want, rtol=0, atol=1e-5)
+        with infer.reused_fused_net(gpu, a.cuda()) as net:
+            assert net.conv_first.weight.device.type == "cuda"
+        torch.testing.assert_close(super_resolve(gpu, lr.cuda(), a.cuda()).cpu(), want, rtol=0, atol=1e-4)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = super_resolve(gpu, lr.cuda(), a.cuda())
+            with infer.reused_fused_net(gpu, a.cuda()) as net:
+                assert infer._REUSED.entry[0][6] == side
+        side.synchronize()
+        torch.testing.assert_close(out.cpu(), want, rtol=0, atol=1e-4)
 
 
 @cuda

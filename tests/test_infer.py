@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -188,10 +189,13 @@ def test_sr_cli_precision_bf16_runs_the_fused_net_in_bf16(ckpt, tmp_path, monkey
     assert 0 < diff.max() <= 3 and diff.mean() < 0.25
 
 
-def test_sr_precision_auto_is_bf16_on_cuda_only():
+def test_sr_precision_auto_is_bf16_on_cuda_only(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     bf16_gpu = {"dtype": torch.bfloat16, "channels_last": True}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100 / H200
     assert precision_kwargs("auto", cuda) == bf16_gpu and precision_kwargs("auto", cpu) == {}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no bf16 units
+    assert precision_kwargs("auto", cuda) == {}
     assert precision_kwargs("bf16", cuda) == bf16_gpu
     assert precision_kwargs("bf16", cpu) == {"dtype": torch.bfloat16, "channels_last": False}
     assert precision_kwargs("fp32", cuda) == {} and precision_kwargs("fp32", cpu) == {}
@@ -205,19 +209,21 @@ def test_upscale_channels_last_equals_the_default_layout(ckpt, monkeypatch):
     model = load_checkpoint_model(ckpt)
     img = np.random.default_rng(3).random((19, 23, 3)).astype(np.float32)
     a, _ = upscale(model, img, tile=8)
-    layouts, hooks, real = [], [], infer.reused_fused_net
+    layouts, real = [], infer.reused_fused_net
 
+    @contextmanager
     def spy(*args, **kwargs):
-        net = real(*args, **kwargs)
-        hooks.append(net.register_forward_pre_hook(lambda m, x: layouts.append(
-            (x[0].is_contiguous(memory_format=torch.channels_last) and not x[0].is_contiguous(),
-             m.conv_first.weight.is_contiguous(memory_format=torch.channels_last)))))
-        return net
+        with real(*args, **kwargs) as net:
+            hook = net.register_forward_pre_hook(lambda m, x: layouts.append(
+                (x[0].is_contiguous(memory_format=torch.channels_last) and not x[0].is_contiguous(),
+                 m.conv_first.weight.is_contiguous(memory_format=torch.channels_last))))
+            try:
+                yield net
+            finally:  # the network is kept for the thread's next image: no hook must stay on it
+                hook.remove()
 
     monkeypatch.setattr(infer, "reused_fused_net", spy)
     b, _ = upscale(model, img, tile=8, channels_last=True)
-    for hook in hooks:  # the network is kept for the thread's next image: no hook must stay on it
-        hook.remove()
     assert len(layouts) == 9 and all(x and w for x, w in layouts)  # 3 x 3 tiles of at most 8 px
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # the same numbers up to float rounding
 
