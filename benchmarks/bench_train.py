@@ -17,12 +17,12 @@
   per step on CUDA; the first step's seconds (cuDNN's algorithm search with cudnn.benchmark, or the
   compilation, which later rows may shorten by reusing inductor's on-disk caches). --profile adds, after
   the table, each eager row's step under torch.profiler: wall against device-busy time per step and the
-  operators (CUDA kernels on a GPU) that take the most.
+  operators (CUDA kernels on a GPU) that take the most; --profile-only does that without the table.
 
 Needs a dataset made with `degrade make-dataset` (patch 256) for the loader part.
 Usage: python benchmarks/bench_train.py --shards DIR [--device auto] [--batch-sizes 6,16,48] [--gan]
        [--impl grouped,dense,stacked,bmm] [--channels-last] [--fp32-baseline] [--compile default,reduce-overhead]
-       [--profile]
+       [--profile | --profile-only]
 """
 
 from __future__ import annotations
@@ -126,16 +126,20 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
 
 def profile_step(device: torch.device, batch: int, gan: bool, impl: str, channels_last: bool, lr_size: int,
                  bf16: bool, steps: int = 3, top: int = 15) -> str:
-    """torch.profiler over `steps` eager training steps (after 3 unprofiled ones): per step, the wall time,
-    the time the device was busy (CUDA kernels; the CPU's own operator time on a CPU) and the `top`
-    operators by their own device time, as a markdown table. Busy far below wall: the step waits on the
-    host (launches, Python), which CUDA graphs or compilation remove; busy close to wall: the kernels."""
+    """Where an eager training step's time goes: 3 unprofiled steps (cuDNN's search), `steps` timed ones,
+    then `steps` under torch.profiler; :func:`profile_table` of what the profiler saw."""
     from torch.profiler import ProfilerActivity, profile
 
     parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size)
     for _ in range(3):
         train_step(parts, cfg, lr, hr, v, bf16)
-    sync(device)
+    plain = []
+    for _ in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        train_step(parts, cfg, lr, hr, v, bf16)
+        sync(device)
+        plain.append(time.perf_counter() - start)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -143,20 +147,34 @@ def profile_step(device: torch.device, batch: int, gan: bool, impl: str, channel
         for _ in range(steps):
             train_step(parts, cfg, lr, hr, v, bf16)
         sync(device)
-        wall = (time.perf_counter() - start) / steps
+        profiled = (time.perf_counter() - start) / steps
+    return profile_table(prof.key_averages(), steps, statistics.median(plain), profiled, cuda, top)
+
+
+def profile_table(events, steps: int, wall: float, profiled: float, cuda: bool, top: int = 15) -> str:
+    """Per step: the unprofiled wall time, the time the device was busy (on CUDA the kernels and copies
+    themselves, not the operators that launched them nor annotation spans such as the optimiser's; on a
+    CPU the operators' own time) and the `top` entries by their own time, as a markdown table. Busy far
+    below the wall: the step waits on the host (launches, Python), which CUDA graphs or compilation
+    remove; busy close to it: the kernels themselves."""
     kind = "device" if cuda else "cpu"
 
     def own_us(e) -> float:  # the attribute's name changed across torch versions (cuda -> device)
         names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
         return next(float(getattr(e, n)) for n in names if hasattr(e, n))
 
-    events = prof.key_averages()
-    if cuda:  # the kernels (and copies) themselves: the operators that launched them also carry their time
-        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    if cuda:
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                  and not getattr(e, "is_user_annotation", False)]
+    if not events:
+        return (f"wall {1000 * wall:.1f} ms per step; the profiler recorded no {kind} events (no CUPTI?): "
+                "no breakdown\n")
     ops = sorted(events, key=own_us, reverse=True)
     busy = sum(own_us(e) for e in ops) / steps / 1000
-    lines = [f"wall {1000 * wall:.1f} ms per step; {kind} busy {busy:.1f} ms ({100 * busy / (1000 * wall):.0f} %)",
-             "", f"| operator | calls per step | own {kind} ms per step | share of busy |", "|---|---:|---:|---:|"]
+    lines = [f"wall {1000 * wall:.1f} ms per step ({1000 * profiled:.1f} under the profiler); {kind} busy "
+             f"{busy:.1f} ms, {100 * busy / (1000 * wall):.0f} % of the wall", "",
+             f"| {'kernel' if cuda else 'operator'} | calls per step | own {kind} ms per step | share of busy |",
+             "|---|---:|---:|---:|"]
     for e in ops[:top]:
         ms = own_us(e) / steps / 1000
         lines.append(f"| `{e.key[:70]}` | {e.count / steps:.0f} | {ms:.2f} | {100 * ms / max(busy, 1e-9):.1f} % |")
@@ -213,6 +231,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="after the table, profile each eager row's step (torch.profiler): wall against device-busy "
                          "time per step and the operators (kernels on CUDA) that take the most")
+    ap.add_argument("--profile-only", action="store_true",
+                    help="profile the --impl rows (no float32 baseline) without timing the table first")
     ap.add_argument("--fp32-baseline", action="store_true",
                     help="also time the float32 step with the grouped strategy in NCHW (the release's way; on "
                          "CUDA the other rows are bf16), the base of the speed-up column")
@@ -235,11 +255,21 @@ def main() -> None:
             rate = bench_loader(args.shards, args.loader_batch, w, args.loader_steps)
             print(f"| {w} | {args.loader_batch} | {rate:.1f} |")
         print()
-    if not args.skip_steps:
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    if args.profile_only:  # the rows' order: each batch, without GAN first, each strategy
+        for b in (int(x) for x in args.batch_sizes.split(",")):
+            for gan in ((False, True) if args.gan else (False,)):
+                for impl, cl in impl_runs:
+                    print(f"\n### Profile: batch {b}, GAN {'yes' if gan else 'no'}, "
+                          f"{'bf16 autocast' if bf16 else 'float32'}, {impl}, {'channels_last' if cl else 'NCHW'}\n",
+                          flush=True)
+                    print(profile_step(device, b, gan, impl, cl, args.lr_size, bf16), flush=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    elif not args.skip_steps:
         if device.type == "cuda":
             print(f"TF32 for float32 convolutions / matmuls: {torch.backends.cudnn.allow_tf32} / "
                   f"{torch.backends.cuda.matmul.allow_tf32}")
-        bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
         precision = "bf16 autocast" if bf16 else "float32"
         fp32_base = args.fp32_baseline and bf16  # with float32 rows the first row is the baseline already
         first_impl, first_cl = impl_runs[0]

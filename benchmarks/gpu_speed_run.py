@@ -10,9 +10,9 @@ shares the steps after it keep:
      the GAN term, every expert-conv strategy in NCHW and those that keep it in channels_last (bf16
      autocast), beside the float32 grouped-conv step (the release's way) in the same run; the loader's
      samples/s with 0 to all cores;
-  3a. OUT/profile.md: `bench_train.py --profile`: where a step's time goes, batch 48, bf16 grouped, without
-     and with GAN (and the float32 baseline): wall against GPU-busy time per step, and the kernels that
-     take the most (a busy time far below the wall: the step waits on launches, which graphs remove);
+  3a. OUT/profile.md: `bench_train.py --profile-only`: where a step's time goes, batch 48, bf16 grouped,
+     without and with GAN: wall against GPU-busy time per step, and the kernels that take the most (a
+     busy time far below the wall: the step waits on launches, which graphs remove);
   3b. OUT/compile.md: the fastest eager strategy and memory format of train.md at the largest batch
      without GAN, compiled (`torch.compile`, as `dasr-train --compile`) in the default mode and in
      reduce-overhead (CUDA graphs), with and without GAN, beside the float32 baseline (its eager twin is
@@ -247,11 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     step(out, "train", [py, "benchmarks/bench_train.py", "--device", device, *loader, "--gan",
                         "--impl", "grouped,dense,stacked,bmm", "--channels-last", "--fp32-baseline", *train_args],
          out / "train.md", allowed("train"))
-    # one row in the smoke run (profiling on a CPU is slow); on the GPU without and with GAN, beside float32
-    profile_args = (["--batch-sizes", "2", "--lr-size", "8", "--warmup", "0", "--repeats", "1", "--precision", "bf16"]
-                    if args.smoke else ["--batch-sizes", "48", "--warmup", "3", "--repeats", "5", "--gan",
-                                        "--fp32-baseline"])
-    step(out, "profile", [py, "benchmarks/bench_train.py", "--device", device, "--impl", "grouped", "--profile",
+    # the bf16 grouped step (train.md has its times): on the GPU batch 48 without, then with GAN; one row in
+    # the smoke run (profiling on a CPU is slow)
+    profile_args = (["--batch-sizes", "2", "--lr-size", "8", "--precision", "bf16"] if args.smoke
+                    else ["--batch-sizes", "48", "--gan"])
+    step(out, "profile", [py, "benchmarks/bench_train.py", "--device", device, "--impl", "grouped", "--profile-only",
                           *profile_args], out / "profile.md", allowed("profile"))
     eager_rows = step_rows((out / "train.md").read_text()) if (out / "train.md").exists() else []
     best = fastest_eager(eager_rows) or "dense:cl"

@@ -108,6 +108,18 @@ def model_options(f):
     return click.option("--model", "model_path", type=click.Path(path_type=Path), help=MODEL_HELP)(f)
 
 
+def gpu_has_bf16(device) -> bool:
+    """Whether the CUDA `device` computes bf16 in hardware (NVIDIA: compute capability 8.0 or newer), not
+    emulated through float32."""
+    import torch
+
+    with torch.cuda.device(device):
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch before 2.3: no emulation, no such argument
+            return torch.cuda.is_bf16_supported()
+
+
 def precision_kwargs(precision: str, device) -> dict:
     """dasr-sr's --precision as upscale() keywords: bf16 (channels_last on CUDA) or float32 ({}). auto is
     bf16 on a CUDA GPU with bf16 tensor cores, where it was measured faithful (PSNR-Y within 0.008 dB of
@@ -115,8 +127,8 @@ def precision_kwargs(precision: str, device) -> dict:
     memory, and float32 elsewhere (older GPUs and CPUs without bf16 units run it far slower)."""
     import torch
 
-    if precision == "auto":  # bf16 tensor cores from compute capability 8.0 (A100, RTX 30xx) on
-        precision = "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and gpu_has_bf16(device) else "fp32"
     return {"dtype": torch.bfloat16, "channels_last": device.type == "cuda"} if precision == "bf16" else {}
 
 

@@ -156,7 +156,7 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     assert all(f"{name}: exit 0" in log for name in ("dataset", "train", "profile", "compile", "infer", "bf16"))
     profile = (out / "profile.md").read_text()  # one row profiled: its wall and busy time, its top operators
     assert profile.count("### Profile: batch 2, GAN no, bf16 autocast, grouped, NCHW") == 1
-    assert "ms per step; cpu busy" in profile and "| `aten::convolution_backward` |" in profile
+    assert "under the profiler); cpu busy" in profile and "| `aten::convolution_backward` |" in profile
     summary = (out / "summary.md").read_text()
     fastest_rows = [r for r in summary.split("## environment.txt")[0].splitlines() if r.startswith("| 2 |")]
     assert [r.split("|")[2].strip() for r in fastest_rows] == ["no", "yes"]
@@ -196,6 +196,37 @@ def test_bench_train_row_out_of_memory_is_reported_and_the_rest_still_run(monkey
     error["stacked"] = RuntimeError("expected scalar type Float but found BFloat16")
     with pytest.raises(RuntimeError, match="expected scalar type"):
         bench.main()
+
+
+def test_bench_train_profile_table_counts_kernels_only_on_cuda():
+    """On CUDA the busy time is the kernels' own time: not the CPU operators that launched them, not the
+    optimiser's annotation span (a user annotation of CUDA type whose time includes idle gaps); no kernel
+    events at all is said, not shown as an idle device."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_train_profile", ROOT / "benchmarks" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(key, device_type, us, count=2, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=us, count=count,
+                               is_user_annotation=annotation)
+
+    events = [ev("aten::conv2d", cpu, 9000.0), ev("Optimizer.step#Adam.step", cuda, 50000.0, annotation=True),
+              ev("cudnn_grouped_kernel", cuda, 30000.0, count=74), ev("elementwise_kernel", cuda, 10000.0, count=20)]
+    table = bench.profile_table(events, steps=2, wall=0.040, profiled=0.045, cuda=True)
+    assert table.startswith("wall 40.0 ms per step (45.0 under the profiler); device busy 20.0 ms, 50 % of the wall")
+    rows = [r for r in table.splitlines() if r.startswith("| `")]
+    assert rows == ["| `cudnn_grouped_kernel` | 37 | 15.00 | 75.0 % |", "| `elementwise_kernel` | 10 | 5.00 | 25.0 % |"]
+    assert "no breakdown" in bench.profile_table(events[:2], steps=2, wall=0.04, profiled=0.05, cuda=True)
 
 
 def test_bench_validate_smoke_prints_both_paths_and_their_difference():

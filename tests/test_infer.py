@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -192,10 +193,18 @@ def test_sr_cli_precision_bf16_runs_the_fused_net_in_bf16(ckpt, tmp_path, monkey
 def test_sr_precision_auto_is_bf16_on_cuda_only(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     bf16_gpu = {"dtype": torch.bfloat16, "channels_last": True}
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100 / H200
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # no GPU here to select
+    asked = []
+
+    def supported(including_emulation=True):  # torch 2.3+'s signature: emulated bf16 must not count
+        asked.append(including_emulation)
+        return gpu_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    gpu_bf16 = True  # an A100 / H100 / H200
     assert precision_kwargs("auto", cuda) == bf16_gpu and precision_kwargs("auto", cpu) == {}
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no bf16 units
-    assert precision_kwargs("auto", cuda) == {}
+    gpu_bf16 = False  # a T4 or V100: no bf16 units
+    assert precision_kwargs("auto", cuda) == {} and asked == [False, False]
     assert precision_kwargs("bf16", cuda) == bf16_gpu
     assert precision_kwargs("bf16", cpu) == {"dtype": torch.bfloat16, "channels_last": False}
     assert precision_kwargs("fp32", cuda) == {} and precision_kwargs("fp32", cpu) == {}
