@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # it left, less the shares the steps after it keep.
 # Compiling is the least known (a cold inductor build of forward and backward, then three rows that may
 # reuse its caches); inference and the bf16 check are a few dozen small timed calls each.
-SHARES = {"dataset": 0.07, "train": 0.39, "profile": 0.05, "compile": 0.31, "infer": 0.11, "bf16": 0.07}
+SHARES = {"dataset": 0.07, "train": 0.37, "profile": 0.08, "compile": 0.30, "infer": 0.11, "bf16": 0.07}
 STEP_COLUMNS = ("batch", "GAN", "precision", "expert impl", "memory format", "compile", "ms/step")
 
 
