@@ -151,6 +151,16 @@ def profile_step(device: torch.device, batch: int, gan: bool, impl: str, channel
     return profile_table(prof.key_averages(), steps, statistics.median(plain), profiled, cuda, top)
 
 
+def print_profile(device: torch.device, batch: int, gan: bool, impl: str, channels_last: bool, lr_size: int,
+                  bf16: bool) -> None:
+    """A heading naming the row, then :func:`profile_step`'s table."""
+    print(f"\n### Profile: batch {batch}, GAN {'yes' if gan else 'no'}, {'bf16 autocast' if bf16 else 'float32'}, "
+          f"{impl}, {'channels_last' if channels_last else 'NCHW'}\n", flush=True)
+    print(profile_step(device, batch, gan, impl, channels_last, lr_size, bf16), flush=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def profile_table(events, steps: int, wall: float, profiled: float, cuda: bool, top: int = 15) -> str:
     """Per step: the unprofiled wall time, the time the device was busy (on CUDA the kernels and copies
     themselves, not the operators that launched them nor annotation spans such as the optimiser's; on a
@@ -263,12 +273,7 @@ def main() -> None:
         for b in (int(x) for x in args.batch_sizes.split(",")):
             for gan in ((False, True) if args.gan else (False,)):
                 for impl, cl in impl_runs:
-                    print(f"\n### Profile: batch {b}, GAN {'yes' if gan else 'no'}, "
-                          f"{'bf16 autocast' if bf16 else 'float32'}, {impl}, {'channels_last' if cl else 'NCHW'}\n",
-                          flush=True)
-                    print(profile_step(device, b, gan, impl, cl, args.lr_size, bf16), flush=True)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    print_profile(device, b, gan, impl, cl, args.lr_size, bf16)
     elif not args.skip_steps:
         if device.type == "cuda":
             print(f"TF32 for float32 convolutions / matmuls: {torch.backends.cudnn.allow_tf32} / "
@@ -307,19 +312,15 @@ def main() -> None:
                         continue
                     sec, peak, first = timed
                     if args.profile and mode == "off":
-                        profiles.append((row, (device, b, gan, impl, cl, args.lr_size, prec != "float32")))
+                        profiles.append((device, b, gan, impl, cl, args.lr_size, prec != "float32"))
                     if base is None:
                         base = sec  # the first row: the float32 baseline, or the first strategy eager
                     print(f"{row} {1000 * sec:.1f} | {base / sec:.2f}x | {'-' if peak is None else f'{peak:.2f}'} "
                           f"| {first:.1f} |", flush=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-        for row, how in profiles:
-            cells = [c.strip() for c in row.strip("| ").split("|")]
-            print(f"\n### Profile: batch {cells[0]}, GAN {cells[1]}, {cells[2]}, {cells[3]}, {cells[4]}\n", flush=True)
-            print(profile_step(*how), flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        for how in profiles:
+            print_profile(*how)
 
 
 if __name__ == "__main__":
