@@ -13,7 +13,9 @@
   such a row for each strategy that keeps the format through the generator (dense, stacked; the others
   turn it back into NCHW at every layer). --compile MODES adds, per row, the step with the network
   compiled by torch.compile in each mode (as `dasr-train --compile`; reduce-overhead adds CUDA graphs),
-  warmed up at least 3 steps (--compile-only: those rows without their eager twins). Peak GPU memory
+  warmed up at least 3 steps; --cuda-graph adds the row with the whole step recorded as one CUDA graph
+  and replayed (as `dasr-train --cuda-graph`; CUDA only) (--compile-only: the compiled / graphed rows
+  without their eager twins). Peak GPU memory
   per step on CUDA; the first step's seconds (cuDNN's algorithm search with cudnn.benchmark, or the
   compilation, which later rows may shorten by reusing inductor's on-disk caches). --profile adds, after
   the table, each eager row's step under torch.profiler: wall against device-busy time per step and the
@@ -22,7 +24,7 @@
 Needs a dataset made with `degrade make-dataset` (patch 256) for the loader part.
 Usage: python benchmarks/bench_train.py --shards DIR [--device auto] [--batch-sizes 6,16,48] [--gan]
        [--impl grouped,dense,stacked,bmm] [--channels-last] [--fp32-baseline] [--compile default,reduce-overhead]
-       [--profile | --profile-only]
+       [--cuda-graph] [--profile | --profile-only]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import platform
 import shlex
 import statistics
@@ -40,6 +43,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
+from dasr_model.errors import DASRError
+from dasr_model.graphstep import GraphedStep
 from dasr_model.losses import UNetDiscriminatorSN
 from dasr_model.model import DASR, EXPERT_IMPLS, set_expert_impl
 from dasr_model.runs import pick_device
@@ -77,7 +82,7 @@ def setup_step(device: torch.device, batch: int, gan: bool, impl: str = "grouped
     parts = StepParts(net=model, model=model, ema=copy.deepcopy(model.generator).requires_grad_(False),
                       opt=torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas), disc=disc,
                       opt_d=torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc else None)
-    if compile_mode != "off":
+    if compile_mode not in ("off", "graph"):
         torch._dynamo.reset()  # each row compiles afresh: its first step is its compile time
         parts.net = compile_net(model, compile_mode, compile_backend)
     lr = torch.rand(batch, 3, lr_size, lr_size, device=device).contiguous(memory_format=fmt)
@@ -85,6 +90,17 @@ def setup_step(device: torch.device, batch: int, gan: bool, impl: str = "grouped
     v = torch.rand(batch, 33, device=device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as dasr-train: fixed shapes, algorithms timed once
     return parts, cfg, lr, hr, v
+
+
+def make_runner(parts: StepParts, cfg: TrainConfig, lr, hr, v, bf16: bool, mode: str, device: torch.device):
+    """(step(), the warm-up steps it needs): train_step on the batch, or with mode "graph" the step recorded
+    as a CUDA graph as `dasr-train --cuda-graph` does (its eager warm-up, then the recording, then replays).
+    DASRError without CUDA."""
+    if mode != "graph":
+        return (lambda: train_step(parts, cfg, lr, hr, v, bf16)), (3 if mode != "off" else 0)
+    graphed = GraphedStep(functools.partial(train_step, parts, cfg, bf16=bf16, autocast_cache=False),
+                          [o for o in (parts.opt, parts.opt_d) if o is not None], device)
+    return (lambda: graphed(lr, hr, v, rate=cfg.lr, ema_decay=cfg.ema_decay)), graphed.warmup + 2
 
 
 def sync(device: torch.device) -> None:
@@ -98,22 +114,23 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
     """Median seconds of `dasr_model.train.train_step` (the loop's own step) on random data, with the
     expert convolutions computed by `impl`; the peak GPU memory in GiB (None on CPU); the first step's
     seconds. `bf16`: autocast to bfloat16 (default: on CUDA, as dasr-train; False times the float32 step).
-    `compile_mode`: the network through torch.compile as `dasr-train --compile` does ("off": eager)."""
+    `compile_mode`: the network through torch.compile as `dasr-train --compile` does ("off": eager), or
+    "graph": the whole step as a CUDA graph (`dasr-train --cuda-graph`; DASRError without CUDA)."""
     parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size, compile_mode, compile_backend)
-    if compile_mode != "off":
-        warmup = max(warmup, 3)  # CUDA graphs record on the step after the compiled warm-up
     bf16 = device.type == "cuda" if bf16 is None else bf16
+    run, least = make_runner(parts, cfg, lr, hr, v, bf16, compile_mode, device)
+    warmup = max(warmup, least)  # compiled CUDA graphs record on the step after the compiled warm-up; ours after 3
     sync(device)
     start = time.perf_counter()
-    train_step(parts, cfg, lr, hr, v, bf16)
+    run()
     sync(device)
     first = time.perf_counter() - start
     for _ in range(warmup - 1):
-        train_step(parts, cfg, lr, hr, v, bf16)
+        run()
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = timed_steps(device, repeats, lambda: train_step(parts, cfg, lr, hr, v, bf16))
+    times = timed_steps(device, repeats, run)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return statistics.median(times), peak, first
 
@@ -131,32 +148,38 @@ def timed_steps(device: torch.device, n: int, step) -> list[float]:
 
 
 def profile_step(device: torch.device, batch: int, gan: bool, impl: str, channels_last: bool, lr_size: int,
-                 bf16: bool, steps: int = 3, top: int = 15) -> str:
-    """Where an eager training step's time goes: 3 unprofiled steps (cuDNN's search), `steps` timed ones,
-    then `steps` under torch.profiler; :func:`profile_table` of what the profiler saw."""
+                 bf16: bool, steps: int = 3, top: int = 15, mode: str = "off") -> str:
+    """Where a training step's time goes (eager, or with mode "graph" replayed from a CUDA graph): its
+    warm-up unprofiled (cuDNN's search; the graph's recording), `steps` timed ones, then `steps` under
+    torch.profiler; :func:`profile_table` of what the profiler saw."""
     from torch.profiler import ProfilerActivity, profile
 
     parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size)
-    for _ in range(3):
-        train_step(parts, cfg, lr, hr, v, bf16)
-    plain = timed_steps(device, steps, lambda: train_step(parts, cfg, lr, hr, v, bf16))
+    run, least = make_runner(parts, cfg, lr, hr, v, bf16, mode, device)
+    for _ in range(max(3, least)):
+        run()
+    plain = timed_steps(device, steps, run)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(steps):
-            train_step(parts, cfg, lr, hr, v, bf16)
+            run()
         sync(device)
         profiled = (time.perf_counter() - start) / steps
     return profile_table(prof.key_averages(), steps, statistics.median(plain), profiled, cuda, top)
 
 
 def print_profile(device: torch.device, batch: int, gan: bool, impl: str, channels_last: bool, lr_size: int,
-                  bf16: bool) -> None:
+                  bf16: bool, mode: str = "off") -> None:
     """A heading naming the row, then :func:`profile_step`'s table."""
     print(f"\n### Profile: batch {batch}, GAN {'yes' if gan else 'no'}, {'bf16 autocast' if bf16 else 'float32'}, "
-          f"{impl}, {'channels_last' if channels_last else 'NCHW'}\n", flush=True)
-    print(profile_step(device, batch, gan, impl, channels_last, lr_size, bf16), flush=True)
+          f"{impl}, {'channels_last' if channels_last else 'NCHW'}, {compiled_name(mode, 'inductor')}\n",
+          flush=True)
+    try:
+        print(profile_step(device, batch, gan, impl, channels_last, lr_size, bf16, mode=mode), flush=True)
+    except DASRError as exc:  # a CUDA graph on a CPU
+        print(f"not profiled: {exc}", flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -195,7 +218,9 @@ def profile_table(events, steps: int, wall: float, profiled: float, cuda: bool, 
 
 
 def compiled_name(mode: str, backend: str) -> str:
-    return "eager" if mode == "off" else mode if backend == "inductor" else f"{mode} ({backend})"
+    if mode in ("off", "graph"):
+        return "eager" if mode == "off" else "cuda graph"
+    return mode if backend == "inductor" else f"{mode} ({backend})"
 
 
 def parse_impls(spec: str, channels_last: bool) -> list[tuple[str, bool]]:
@@ -234,8 +259,12 @@ def main() -> None:
                     help=f"also time {' and '.join(KEEPS_CHANNELS_LAST)} (when listed) in channels_last")
     ap.add_argument("--compile", default="", help=f"also time each row compiled in these modes, comma-separated: "
                                                   f"{','.join(COMPILE_MODES[1:])}")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="also time each row as one CUDA graph per step (dasr-train --cuda-graph), after any "
+                         "--compile modes; with --profile(-only), profile those rows too")
     ap.add_argument("--compile-only", action="store_true",
-                    help="with --compile: time the --impl rows compiled only, not eager (the float32 baseline stays)")
+                    help="with --compile or --cuda-graph: time the --impl rows compiled / graphed only, not eager "
+                         "(the float32 baseline stays)")
     ap.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # aot_eager: CPU dry runs
     ap.add_argument("--lr-size", type=int, default=64, help="LR crop side of the timed steps (HR: 4x)")
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
@@ -257,6 +286,7 @@ def main() -> None:
     modes = [m.strip() for m in args.compile.split(",") if m.strip()]
     if unknown := [m for m in modes if m not in COMPILE_MODES[1:]]:
         ap.error(f"--compile: unknown {', '.join(unknown)}; choose from {', '.join(COMPILE_MODES[1:])}")
+    modes += ["graph"] if args.cuda_graph else []
     device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     print(f"command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
@@ -273,7 +303,8 @@ def main() -> None:
         for b in (int(x) for x in args.batch_sizes.split(",")):
             for gan in ((False, True) if args.gan else (False,)):
                 for impl, cl in impl_runs:
-                    print_profile(device, b, gan, impl, cl, args.lr_size, bf16)
+                    for mode in ("off", "graph") if args.cuda_graph else ("off",):
+                        print_profile(device, b, gan, impl, cl, args.lr_size, bf16, mode)
     elif not args.skip_steps:
         if device.type == "cuda":
             print(f"TF32 for float32 convolutions / matmuls: {torch.backends.cudnn.allow_tf32} / "
@@ -301,6 +332,9 @@ def main() -> None:
                         timed = bench_step(device, b, gan, args.warmup, args.repeats, impl, cl, args.lr_size,
                                            bf16=prec != "float32", compile_mode=mode,
                                            compile_backend=args.compile_backend)
+                    except DASRError as exc:  # a CUDA graph on a CPU
+                        print(f"{row} {exc} | - | - | - |", flush=True)
+                        continue
                     except RuntimeError as exc:  # one row out of memory must not cost the rows after it
                         if not out_of_memory(exc):
                             raise
@@ -311,8 +345,8 @@ def main() -> None:
                             torch.cuda.empty_cache()
                         continue
                     sec, peak, first = timed
-                    if args.profile and mode == "off":
-                        profiles.append((device, b, gan, impl, cl, args.lr_size, prec != "float32"))
+                    if args.profile and mode in ("off", "graph"):
+                        profiles.append((device, b, gan, impl, cl, args.lr_size, prec != "float32", mode))
                     if base is None:
                         base = sec  # the first row: the float32 baseline, or the first strategy eager
                     print(f"{row} {1000 * sec:.1f} | {base / sec:.2f}x | {'-' if peak is None else f'{peak:.2f}'} "

@@ -7,24 +7,25 @@ shares the steps after it keep:
   1. OUT/environment.txt: GPU, driver, torch / CUDA / cuDNN versions, cores, date, the command;
   2. a level-2 dataset on all cores (`degrade make-dataset`), for the loader;
   3. OUT/train.md: `benchmarks/bench_train.py`: ms per step at batch 48 / 16 / 6 (LR 64), without and with
-     the GAN term, every expert-conv strategy in NCHW and those that keep it in channels_last (bf16
-     autocast), beside the float32 grouped-conv step (the release's way) in the same run; the loader's
-     samples/s with 0 to all cores;
-  3a. OUT/profile.md: `bench_train.py --profile-only`: where a step's time goes, batch 48, bf16 grouped,
-     without and with GAN: wall against GPU-busy time per step, and the kernels that take the most (a
-     busy time far below the wall: the step waits on launches, which graphs remove);
-  3b. OUT/compile.md: the fastest eager strategy and memory format of train.md at the largest batch
-     without GAN, compiled (`torch.compile`, as `dasr-train --compile`) in the default mode and in
-     reduce-overhead (CUDA graphs), with and without GAN, beside the float32 baseline (its eager twin is
-     in train.md); skipped, and said so, without a C compiler for Triton;
-  4. OUT/infer.md: `benchmarks/bench_infer.py`: ms per image at LR 128 / 256 / 512, per-sample experts
+     the GAN term, grouped expert convs (the strategy that won every 5-expert row on an H200) in bf16
+     autocast, eager and as one CUDA graph per step (`dasr-train --cuda-graph`), beside the float32 eager
+     step (the release's way) in the same run; the loader's samples/s with 0 to all cores;
+  4. OUT/profile.md: `bench_train.py --profile-only --cuda-graph`: where a step's time goes, batch 48, bf16
+     grouped, eager and graphed, without and with GAN: wall against GPU-busy time per step, and the
+     kernels that take the most (a busy time far below the wall: the step waits on launches);
+  5. OUT/infer.md: `benchmarks/bench_infer.py`: ms per image at LR 128 / 256 / 512, per-sample experts
      in float32 (the baseline) against the experts fused once per image, bf16 and channels_last;
-  5. OUT/bf16.md: bf16 against float32 on real images: PSNR-Y of `dasr-sr`'s output (experts fused once,
+  6. OUT/bf16.md: bf16 against float32 on real images: PSNR-Y of `dasr-sr`'s output (experts fused once,
      whole image, rounded to 8 bit) against the HR for each bundled photo (HR: a 256-px centre crop; LR:
      degraded at level 1, fixed seed), and the outputs' largest difference before rounding; with --model
      if given (e.g. issue 11's model.safetensors), else seeded untrained weights, whose output is almost
      the interpolated input, so only the difference before rounding says anything there;
-  6. OUT/summary.md: all of it in one page, led by the fastest training step per batch and GAN setting.
+  7. OUT/compile.md, last (the least known cost: a cold inductor build of forward and backward per row):
+     the fastest eager strategy and memory format of train.md at the largest batch, compiled
+     (`torch.compile`, as `dasr-train --compile`) in the default mode and in reduce-overhead (CUDA graphs
+     of the network alone), without and with GAN, beside the float32 baseline (its eager twin is in
+     train.md); skipped, and said so, without a C compiler for Triton;
+  8. OUT/summary.md: all of it in one page, led by the fastest training step per batch and GAN setting.
 
 Usage (GPU): python benchmarks/gpu_speed_run.py --out $OUT [--model model.safetensors] [--minutes 8]
 CPU dry run of the same path with tiny sizes (under a minute):
@@ -50,8 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Shares of the --minutes budget per step, in order: a step may take its share plus what the steps before
 # it left, less the shares the steps after it keep.
 # Compiling is the least known (a cold inductor build of forward and backward, then three rows that may
-# reuse its caches); inference and the bf16 check are a few dozen small timed calls each.
-SHARES = {"dataset": 0.07, "train": 0.37, "profile": 0.08, "compile": 0.30, "infer": 0.11, "bf16": 0.07}
+# reuse its caches): it runs last, so that a cut costs only its own rows; inference and the bf16 check are
+# a few dozen small timed calls each.
+SHARES = {"dataset": 0.06, "train": 0.30, "profile": 0.12, "infer": 0.14, "bf16": 0.08, "compile": 0.30}
 STEP_COLUMNS = ("batch", "GAN", "precision", "expert impl", "memory format", "compile", "ms/step")
 
 
@@ -244,15 +246,21 @@ def main(argv: list[str] | None = None) -> int:
                       "--loader-workers", ",".join(map(str, workers)), "--loader-batch", "48", "--loader-steps", "30"]
         infer_args = ["--sizes", "128,256,512", "--warmup", "2", "--repeats", "5"]
     loader = ["--shards", str(shards)] if made else []  # without the dataset: the step times alone
-    step(out, "train", [py, "benchmarks/bench_train.py", "--device", device, *loader, "--gan",
-                        "--impl", "grouped,dense,stacked,bmm", "--channels-last", "--fp32-baseline", *train_args],
-         out / "train.md", allowed("train"))
+    # grouped alone: dense, stacked and bmm were slower than it in every 5-expert row on an H200 (2026-11-26,
+    # docs/benchmarks.md); each row eager and as one CUDA graph per step
+    step(out, "train", [py, "benchmarks/bench_train.py", "--device", device, *loader, "--gan", "--impl", "grouped",
+                        "--cuda-graph", "--fp32-baseline", *train_args], out / "train.md", allowed("train"))
     # the bf16 grouped step (train.md has its times): on the GPU batch 48 without, then with GAN; one row in
     # the smoke run (profiling on a CPU is slow)
     profile_args = (["--batch-sizes", "2", "--lr-size", "8", "--precision", "bf16"] if args.smoke
                     else ["--batch-sizes", "48", "--gan"])
     step(out, "profile", [py, "benchmarks/bench_train.py", "--device", device, "--impl", "grouped", "--profile-only",
-                          *profile_args], out / "profile.md", allowed("profile"))
+                          "--cuda-graph", *profile_args], out / "profile.md", allowed("profile"))
+    step(out, "infer", [py, "benchmarks/bench_infer.py", "--device", device, *infer_args],
+         out / "infer.md", allowed("infer"))
+    step(out, "bf16", [py, "benchmarks/gpu_speed_run.py", "--bf16-only", "--out", str(out),
+                       *(["--model", args.model] if args.model else []), *(["--smoke"] if args.smoke else [])],
+         out / "bf16.md", allowed("bf16"))
     eager_rows = step_rows((out / "train.md").read_text()) if (out / "train.md").exists() else []
     best = fastest_eager(eager_rows) or "dense:cl"
     want = 2 if args.smoke else 48
@@ -276,11 +284,6 @@ def main(argv: list[str] | None = None) -> int:
         step(out, "compile", [py, "benchmarks/bench_train.py", "--device", device, "--gan", "--impl", best,
                               "--batch-sizes", str(largest), "--fp32-baseline", "--compile-only", *compile_args],
              out / "compile.md", allowed("compile"))
-    step(out, "infer", [py, "benchmarks/bench_infer.py", "--device", device, *infer_args],
-         out / "infer.md", allowed("infer"))
-    step(out, "bf16", [py, "benchmarks/gpu_speed_run.py", "--bf16-only", "--out", str(out),
-                       *(["--model", args.model] if args.model else []), *(["--smoke"] if args.smoke else [])],
-         out / "bf16.md", allowed("bf16"))
     parts = ["environment.txt", "train.md", "profile.md", "compile.md", "infer.md", "bf16.md"]
     rows = [r for p in ("train.md", "compile.md") if (out / p).exists() for r in step_rows((out / p).read_text())]
     (out / "summary.md").write_text("# DASR speed run\n\n## The fastest training step\n\n" + fastest_table(rows)

@@ -21,7 +21,7 @@ err_console = Console(stderr=True)
 
 # What a --resume does not take from its checkpoint: the data and folder (given), where and how fast this call
 # runs, its time budget, and the start (the trainer keeps the run's record of it); the model is handled apart
-PER_CALL = {"shards", "out", "device", "workers", "max_minutes", "init_from", "init_release", "model"}
+PER_CALL = {"shards", "out", "device", "workers", "max_minutes", "init_from", "init_release", "model", "cuda_graph"}
 OPTION_OF = {"lr": "learning_rate", "sharpen_gt": "sharpen", "compile": "compile_mode"}
 OFF_SWITCH = {"val_shards": "no_val", "vgg_weights": "no_vgg"}  # flags that clear a path a resume would keep
 
@@ -130,6 +130,9 @@ def default_workers() -> int:
               default="off", show_default=True,  # dasr_model.train.COMPILE_MODES
               help="torch.compile the network (predictor + generator) in this inductor mode; reduce-overhead adds "
                    "CUDA graphs. Compiling takes a minute or more at the first step, within --max-minutes.")
+@click.option("--cuda-graph/--no-cuda-graph", default=False, show_default=True,
+              help="Record the whole step (forward, backward, optimisers, EMA) once as a CUDA graph and replay it: "
+                   "one launch per step instead of hundreds. CUDA, one process, --compile off.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="The step's arithmetic: bf16 autocast (weights, optimiser state and EMA stay float32) or "
                    "float32. auto: bf16 on CUDA, fp32 on a CPU.")
@@ -153,8 +156,8 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
          val_samples, ckpt_every, log_every, keep_checkpoints, experts, blocks, features, learning_rate, lr_schedule,
          warmup_steps, ema_decay,
          ema_warmup, mixing, mixing_temperature, mapping_gain, predictor_input, teacher_steps, expert_impl,
-         channels_last, compile_mode, precision, max_minutes, sharpen, gan, vgg_weights, no_vgg, no_val, init_from,
-         init_release) -> None:
+         channels_last, compile_mode, cuda_graph, precision, max_minutes, sharpen, gan, vgg_weights, no_vgg, no_val,
+         init_from, init_release) -> None:
     """Train DASR (degradation predictor + expert MSRResNet) on HDF5 shards.
 
     Losses: L1 + v regression, plus GAN with --gan and perceptual with --vgg-weights. Several GPUs:
@@ -217,7 +220,7 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
                       warmup_steps=warmup_steps, ema_decay=ema_decay,
                       ema_warmup=ema_warmup,
                       teacher_steps=teacher_steps, max_minutes=max_minutes, expert_impl=expert_impl,
-                      channels_last=channels_last, compile=compile_mode, precision=precision,
+                      channels_last=channels_last, compile=compile_mode, cuda_graph=cuda_graph, precision=precision,
                       init_from=str(init_from) if init_from is not None else None,
                       init_release=tuple(map(str, init_release)) if init_release else None, model=model_cfg)
     if found is not None:

@@ -11,6 +11,7 @@ rank takes its slice of the global batch; rank 0 writes metrics and checkpoints.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from dasr_model.checkpoints import (
 from dasr_model.data import PairedShards, StepBatchSampler, as_float, unsharp_mask
 from dasr_model.errors import DASRError
 from dasr_model.evaluate import ValidationSet, pairs_from_shards
+from dasr_model.graphstep import GraphedStep, plain_optimizer_state
 from dasr_model.infer import LoadedModel, load_model
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
 from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, is_channels_last, set_expert_impl
@@ -106,6 +108,10 @@ class TrainConfig:
     # torch.compile the network of the step (predictor + generator): "off", or an inductor mode, one of
     # COMPILE_MODES ("reduce-overhead" adds CUDA graphs). The discriminator and the optimiser stay eager.
     compile: str = "off"
+    # The whole step (forward, backward, optimisers, EMA, discriminator) recorded once as a CUDA graph and
+    # replayed (dasr_model.graphstep): one launch per step instead of a host-bound stream of small ones.
+    # CUDA, a single process, and compile "off" only.
+    cuda_graph: bool = False
     # "bf16": the step under bfloat16 autocast (weights, optimiser state and EMA stay float32); "fp32"; "auto":
     # bf16 on CUDA, fp32 elsewhere (bf16 on a CPU runs, mostly slower; it is there to test the GPU's path)
     precision: str = "auto"
@@ -227,6 +233,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                         "DDP (several processes); use --compile default or max-autotune-no-cudagraphs")
     rank = int(os.environ.get("RANK", "0"))
     device = pick_device(cfg.device)
+    if cfg.cuda_graph and (device.type != "cuda" or world > 1 or cfg.compile != "off"):
+        why = (f"a CUDA device (this run: {device.type})" if device.type != "cuda" else
+               "a single process (DDP's hooks run outside a recording)" if world > 1 else
+               "--compile off (reduce-overhead records graphs of its own; the others trace what it records)")
+        raise DASRError(f"--cuda-graph needs {why}")
     main_rank = rank == 0
 
     # --- data first: a bad dataset or crop is refused before anything is built or written ---
@@ -304,7 +315,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         say(f"resuming from {found[0].name} (step {step} of {end})")
     run_info = {"device": describe_device(device), "dtype": "bfloat16 autocast" if use_bf16 else "float32",
                 "expert_impl": cfg.expert_impl, "memory_format": "channels_last" if cfg.channels_last else "NCHW",
-                "compile": cfg.compile,
+                "compile": cfg.compile, "cuda_graph": cfg.cuda_graph,
                 "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
                 "world_size": world, "samples": len(train_set), "start_step": step, "schedule_steps": end}
     say(f"{run_info['device']}, {run_info['dtype']}, {run_info['parameters']:,} parameters "
@@ -399,17 +410,27 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 parts.disc = DistributedDataParallel(disc)
         if cfg.compile != "off":  # compiled at the first step (and once more where --teacher-steps ends)
             parts.net = compile_net(parts.net, cfg.compile)
+        graphed: GraphedStep | None = None  # with cuda_graph: the step's graph (one per teacher setting)
+        graphed_teacher = False
         for batch in _batches(loader):
             lr_img = as_float(batch["lr"], device).contiguous(memory_format=fmt)
             hr = as_float(batch["hr"], device).contiguous(memory_format=fmt)
             v = batch["v"].to(device, non_blocking=True)
             target = unsharp_mask(hr) if cfg.sharpen_gt else hr
             rate = lr_at(step, cfg, end)  # set every step: a resume restores the checkpoint's rate with Adam's state
-            for group in (g for o in (opt, opt_d) if o is not None for g in o.param_groups):
-                group["lr"] = rate
-
-            losses = train_step(parts, cfg, lr_img, target, v, use_bf16, teacher=step < cfg.teacher_steps,
-                                ema_decay=ema_decay_at(step, cfg))
+            teacher = step < cfg.teacher_steps
+            if cfg.cuda_graph:
+                if graphed is None or graphed_teacher != teacher:
+                    graphed, graphed_teacher = None, teacher  # the teacher phase's graph (and its memory) goes first
+                    graphed = GraphedStep(functools.partial(train_step, parts, cfg, bf16=use_bf16, teacher=teacher,
+                                                            autocast_cache=False),
+                                          [o for o in (opt, opt_d) if o is not None], device)
+                losses = graphed(lr_img, target, v, rate=rate, ema_decay=ema_decay_at(step, cfg))
+            else:
+                for group in (g for o in (opt, opt_d) if o is not None for g in o.param_groups):
+                    group["lr"] = rate
+                losses = train_step(parts, cfg, lr_img, target, v, use_bf16, teacher=teacher,
+                                    ema_decay=ema_decay_at(step, cfg))
             step += 1
             seen += lr_img.shape[0]
             if fitting and step - start_step in (FIT_FROM, FIT_FROM + FIT_STEPS):
@@ -653,11 +674,12 @@ class StepParts:
         no global RNG state is needed: nothing in a step draws from torch's RNG), and the cosine schedule's end
         where it was fitted to max_minutes (whatever this run's steps: a later resume may ask for more)."""
         state = {"config": cfg.to_dict(), "model": self.model.state_dict(), "ema_generator": self.ema.state_dict(),
-                 "optimizer": self.opt.state_dict(), "step": step}
+                 "optimizer": plain_optimizer_state(self.opt.state_dict()), "step": step}
         if fitted is not None:
             state["schedule_steps"] = fitted
         if self.disc is not None and self.opt_d is not None:
-            state["discriminator"], state["optimizer_d"] = _unwrap(self.disc).state_dict(), self.opt_d.state_dict()
+            state["discriminator"] = _unwrap(self.disc).state_dict()
+            state["optimizer_d"] = plain_optimizer_state(self.opt_d.state_dict())
         return state
 
     def load_state_dict(self, ckpt: dict[str, Any], cfg: TrainConfig, path: Path) -> int:
@@ -736,16 +758,20 @@ def ema_decay_at(step: int, cfg: TrainConfig) -> float:
 
 
 def train_step(p: StepParts, cfg: TrainConfig, lr: torch.Tensor, target: torch.Tensor, v: torch.Tensor,
-               bf16: bool, *, teacher: bool = False, ema_decay: float | None = None) -> dict[str, torch.Tensor]:
+               bf16: bool, *, teacher: bool = False, ema_decay: float | None = None,
+               ema_weight: torch.Tensor | None = None, autocast_cache: bool = True) -> dict[str, torch.Tensor]:
     """One step: G (and P) on L1 + regression (+ perceptual, + GAN), then D, then the EMA of G.
 
     lr (B, 3, h, w), target (B, 3, 4h, 4w), v (B, 33), all on the device. `teacher`: the expert mix
     comes from the true v (the predictor still learns v from the regression term). Returns the loss terms
     as detached 0-d tensors: reading them (float) makes the host wait for the device, so the loop does it
-    only when it logs. `ema_decay`: this update's decay (:func:`ema_decay_at`; default cfg.ema_decay).
+    only when it logs. `ema_decay`: this update's decay (:func:`ema_decay_at`; default cfg.ema_decay);
+    `ema_weight`, in its place, 1 - decay as a 0-d float32 tensor on the device (what a CUDA graph reads:
+    dasr_model.graphstep). `autocast_cache`: autocast's cache of cast weights (off while a CUDA graph
+    records: a replay must cast afresh).
     """
     device_type = lr.device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=autocast_cache):
         sr, v_hat = p.net(lr, return_v=True, v_mix=v if teacher else None)
         sr, v_hat = sr.float(), v_hat.float()
         terms = {"l1": F.l1_loss(sr, target), "regression": F.l1_loss(v_hat, v)}
@@ -762,15 +788,19 @@ def train_step(p: StepParts, cfg: TrainConfig, lr: torch.Tensor, target: torch.T
     p.opt.step()
     if p.disc is not None and p.opt_d is not None:
         p.disc.requires_grad_(True)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=autocast_cache):
             d_loss = gan_loss(p.disc(target).float(), real=True) + gan_loss(p.disc(sr.detach()).float(), real=False)
         p.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         p.opt_d.step()
         terms["discriminator"] = d_loss
-    with torch.no_grad():  # one multi-tensor kernel for all parameters, the same numbers as a lerp_ per parameter
-        decay = cfg.ema_decay if ema_decay is None else ema_decay
-        torch._foreach_lerp_(list(p.ema.parameters()), list(p.model.generator.parameters()), 1 - decay)
+    with torch.no_grad():
+        if ema_weight is not None:  # a lerp_ per parameter: a foreach op would read the weight on the host
+            for mine, theirs in zip(p.ema.parameters(), p.model.generator.parameters()):
+                mine.lerp_(theirs, ema_weight)
+        else:  # one multi-tensor kernel for all parameters, the same numbers as a lerp_ per parameter
+            decay = cfg.ema_decay if ema_decay is None else ema_decay
+            torch._foreach_lerp_(list(p.ema.parameters()), list(p.model.generator.parameters()), 1 - decay)
     return {"loss": loss.detach(), **{k: t.detach() for k, t in terms.items()}}
 
 

@@ -1,0 +1,196 @@
+"""dasr-train --cuda-graph: the step recorded once as a CUDA graph trains exactly as the eager step does.
+
+On a CPU: the pieces the graph needs (the EMA from a device-side weight, autocast without its cache, an
+optimiser state that resumes anywhere) give the eager step's numbers, and the refusals are clear. With
+CUDA: the graphed step against the eager one, step by step, alone and inside the trainer."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from click.testing import CliRunner  # noqa: E402
+
+from cli.train import main as train_cli  # noqa: E402
+from dasr_model.checkpoints import load_checkpoint  # noqa: E402
+from dasr_model.errors import DASRError  # noqa: E402
+from dasr_model.graphstep import GraphedStep, plain_optimizer_state  # noqa: E402
+from dasr_model.losses import UNetDiscriminatorSN  # noqa: E402
+from dasr_model.model import DASR, DASRConfig  # noqa: E402
+from dasr_model.train import StepParts, TrainConfig, ema_decay_at, train, train_step  # noqa: E402
+
+from .conftest import make_small_dataset  # noqa: E402
+
+SMALL = DASRConfig(num_experts=3, num_feat=8, num_block=1, predictor_feat=8)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _parts(device, gan: bool, seed: int = 0) -> tuple[StepParts, TrainConfig]:
+    torch.manual_seed(seed)
+    cfg = TrainConfig(shards="", out="", gan=gan, model=SMALL, lr=2e-3)
+    model = DASR(cfg.model).to(device)
+    disc = UNetDiscriminatorSN(num_feat=8).to(device) if gan else None
+    parts = StepParts(net=model, model=model, ema=copy.deepcopy(model.generator).requires_grad_(False),
+                      opt=torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas), disc=disc,
+                      opt_d=torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc else None)
+    return parts, cfg
+
+
+def _batch(i: int, device, batch: int = 3, side: int = 8):
+    g = torch.Generator().manual_seed(100 + i)
+    lr = torch.rand(batch, 3, side, side, generator=g)
+    hr = torch.rand(batch, 3, 4 * side, 4 * side, generator=g)
+    return lr.to(device), hr.to(device), torch.rand(batch, 33, generator=g).to(device)
+
+
+def _state(parts: StepParts) -> dict[str, torch.Tensor]:
+    out = {f"model.{k}": v for k, v in parts.model.state_dict().items()}
+    out.update({f"ema.{k}": v for k, v in parts.ema.state_dict().items()})
+    if parts.disc is not None:
+        out.update({f"disc.{k}": v for k, v in parts.disc.state_dict().items()})
+    return out
+
+
+@pytest.mark.parametrize("decay", [0.999, 0.1, 0.5, 0.75])
+def test_ema_from_a_device_weight_equals_the_float_decay_bit_for_bit(decay):
+    a, cfg = _parts("cpu", gan=False)
+    b = copy.deepcopy(a)
+    train_step(a, cfg, *_batch(0, "cpu"), False, ema_decay=decay)
+    train_step(b, cfg, *_batch(0, "cpu"), False, ema_weight=torch.tensor(1 - decay))
+    ema_a, ema_b = a.ema.state_dict(), b.ema.state_dict()
+    assert any(not torch.equal(ema_a[k], a.model.generator.state_dict()[k]) for k in ema_a)  # a real lerp
+    for name, tensor in ema_a.items():
+        assert torch.equal(tensor, ema_b[name]), name
+
+
+@pytest.mark.parametrize("gan", [False, True])
+def test_autocast_without_its_cache_trains_alike(gan):
+    """The generator's weights are each cast once per step: bit for bit. The discriminator's step runs it
+    twice (real, fake): with the cache both share one bf16 cast, whose gradients meet in bf16; without it,
+    two casts whose gradients meet in float32. So its weights agree to rounding, not bit for bit, and from
+    the second step on so does the generator, which the discriminator's GAN term steers."""
+    a, cfg = _parts("cpu", gan=gan)
+    b = copy.deepcopy(a)
+    for i in range(2):
+        la = train_step(a, cfg, *_batch(i, "cpu"), True)
+        lb = train_step(b, cfg, *_batch(i, "cpu"), True, autocast_cache=False)
+        for k in la:
+            if i == 0 or k not in ("loss", "gan", "discriminator"):  # step 2's GAN terms see step 1's D
+                assert float(la[k]) == float(lb[k]), (i, k)
+    sa, sb = _state(a), _state(b)
+    for name, tensor in sa.items():
+        if gan:
+            torch.testing.assert_close(sb[name], tensor, rtol=0, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(tensor, sb[name]), name
+
+
+def test_a_graphed_runs_optimizer_state_is_saved_as_an_eager_one_and_resumes_on_a_cpu():
+    a, cfg = _parts("cpu", gan=False)
+    train_step(a, cfg, *_batch(0, "cpu"), False)
+    for group in a.opt.param_groups:  # what a GraphedStep leaves in the groups (it cannot step on a CPU)
+        group["lr"], group["capturable"] = torch.tensor(1e-3), True
+    saved = plain_optimizer_state(a.opt.state_dict())
+    assert all(type(g["lr"]) is float and g["lr"] == pytest.approx(1e-3) and g["capturable"] is False
+               for g in saved["param_groups"])
+    assert all(isinstance(g["lr"], torch.Tensor) for g in a.opt.param_groups)  # the live optimiser is untouched
+    b, _ = _parts("cpu", gan=False)
+    b.opt.load_state_dict(saved)
+    train_step(b, cfg, *_batch(1, "cpu"), False)  # a capturable group would refuse a CPU here
+
+
+def test_a_cuda_graph_is_refused_without_cuda(tmp_path):
+    parts, cfg = _parts("cpu", gan=False)
+    step = functools.partial(train_step, parts, cfg, bf16=False, autocast_cache=False)
+    with pytest.raises(DASRError, match="needs a CUDA device"):
+        GraphedStep(step, [parts.opt], torch.device("cpu"))
+    shards = make_small_dataset(tmp_path / "ds", count=4, seed=1, shard_size=4)
+    base = dict(shards=shards, steps=1, batch_size=2, lr_crop=8, workers=0, model=SMALL, cuda_graph=True)
+    with pytest.raises(DASRError, match="--cuda-graph needs a CUDA device"):
+        train(TrainConfig(out=str(tmp_path / "run"), device="cpu", **base))
+    assert not (tmp_path / "run").exists()
+    result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / "run"), "--device", "cpu",
+                                            "--cuda-graph", "--workers", "0"])
+    assert result.exit_code != 0 and "--cuda-graph needs a CUDA device" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
+def test_cuda_graph_is_a_per_call_setting_a_resume_does_not_inherit():
+    from cli.train import PER_CALL
+
+    assert "cuda_graph" in PER_CALL
+
+
+@cuda
+@pytest.mark.parametrize("gan", [False, True])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_graphed_step_trains_like_the_eager_step(gan, bf16):
+    device = torch.device("cuda")
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        eager, cfg = _parts(device, gan)
+        graph_parts = copy.deepcopy(eager)
+        init = {k: v.clone() for k, v in _state(eager).items()}
+        graphed = GraphedStep(functools.partial(train_step, graph_parts, cfg, bf16=bf16, autocast_cache=False),
+                              [o for o in (graph_parts.opt, graph_parts.opt_d) if o is not None], device)
+        for i in range(7):  # 3 eager warm-up steps, the recording, then replays; the rate and decay change
+            rate, decay = cfg.lr * (1 + i) / 7, ema_decay_at(i, cfg)
+            for group in (g for o in (eager.opt, eager.opt_d) if o is not None for g in o.param_groups):
+                group["lr"] = rate
+            lo = train_step(eager, cfg, *_batch(i, device), bf16, ema_decay=decay)
+            lg = graphed(*_batch(i, device), rate=rate, ema_decay=decay)
+            for k in lo:
+                assert float(lg[k]) == pytest.approx(float(lo[k]), rel=1e-3, abs=1e-5), (i, k)
+        assert graphed.graph is not None and graphed.eager_steps == graphed.warmup
+        a, b = _state(eager), _state(graph_parts)
+        moved = max((a[k].float() - init[k].float()).abs().max().item() for k in a if k.startswith("model."))
+        assert moved > 3e-3, f"the steps barely trained ({moved:.2g}): the comparison would say nothing"
+        for name, tensor in a.items():
+            torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-4, msg=name)
+        steps = [s["step"] for s in graph_parts.opt.state.values()]
+        assert all(s.device.type == "cuda" and float(s) == 7 for s in steps)
+    finally:
+        torch.backends.cudnn.deterministic = deterministic
+
+
+@cuda
+def test_a_batch_of_another_shape_runs_eagerly_after_the_recording():
+    device = torch.device("cuda")
+    parts, cfg = _parts(device, gan=False)
+    graphed = GraphedStep(functools.partial(train_step, parts, cfg, bf16=True, autocast_cache=False), [parts.opt],
+                          device, warmup=1)
+    for i in range(3):
+        graphed(*_batch(i, device), rate=cfg.lr, ema_decay=0.999)
+    before = graphed.eager_steps
+    losses = graphed(*_batch(3, device, batch=2), rate=cfg.lr, ema_decay=0.999)
+    assert graphed.eager_steps == before + 1 and torch.isfinite(losses["loss"])
+
+
+@cuda
+def test_dasr_train_cuda_graph_trains_like_eager_and_resumes_either_way(tmp_path):
+    shards = make_small_dataset(tmp_path / "ds", count=12, seed=1, shard_size=12)
+    base = dict(shards=shards, steps=8, batch_size=3, lr_crop=8, workers=0, model=SMALL, device="cuda",
+                ckpt_every=4, teacher_steps=2, lr=2e-3, expert_impl="grouped")  # the teacher phase: a second graph
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        train(TrainConfig(out=str(tmp_path / "eager"), **base))
+        train(TrainConfig(out=str(tmp_path / "graph"), cuda_graph=True, **base))
+        train(TrainConfig(out=str(tmp_path / "half"), cuda_graph=True, **{**base, "steps": 6}))  # its step 6 replayed
+        train(TrainConfig(out=str(tmp_path / "half"), **base), resume=True)  # graphed, then eager
+    finally:
+        torch.backends.cudnn.deterministic = deterministic
+    assert json.loads((tmp_path / "graph" / "config.json").read_text())["run"]["cuda_graph"] is True
+    eager, graph = load_checkpoint(tmp_path / "eager" / "ckpt-8.pt"), load_checkpoint(tmp_path / "graph" / "ckpt-8.pt")
+    half = load_checkpoint(tmp_path / "half" / "ckpt-8.pt")
+    for other in (graph, half):
+        for key in ("model", "ema_generator"):
+            for name, tensor in eager[key].items():
+                torch.testing.assert_close(other[key][name], tensor, rtol=0, atol=1e-3, msg=f"{key} {name}")
+    groups = load_checkpoint(tmp_path / "half" / "ckpt-6.pt")["optimizer"]["param_groups"]
+    assert all(type(g["lr"]) is float and g["capturable"] is False for g in groups)
