@@ -72,12 +72,16 @@ def bench_loader(shards: str, batch: int, workers: int, steps: int) -> float:
 
 
 def setup_step(device: torch.device, batch: int, gan: bool, impl: str = "grouped", channels_last: bool = False,
-               lr_size: int = 64, compile_mode: str = "off", compile_backend: str = "inductor"):
-    """What one training step needs, as dasr-train builds it: (parts, cfg, lr, hr, v) on random data."""
+               lr_size: int = 64, compile_mode: str = "off", compile_backend: str = "inductor",
+               release_upsample: bool = False):
+    """What one training step needs, as dasr-train builds it: (parts, cfg, lr, hr, v) on random data.
+    `release_upsample`: the discriminator up-samples with F.interpolate throughout, the release's way."""
     torch.manual_seed(0)
     cfg = TrainConfig(shards="", out="", gan=gan)
     model = set_expert_impl(DASR(cfg.model), impl).to(device)
     disc = UNetDiscriminatorSN().to(device) if gan else None
+    if disc is not None:
+        disc.release_upsample = release_upsample
     fmt = lay_out(channels_last, model.predictor, disc)  # as dasr-train does
     parts = StepParts(net=model, model=model, ema=copy.deepcopy(model.generator).requires_grad_(False),
                       opt=torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas), disc=disc,
@@ -110,13 +114,15 @@ def sync(device: torch.device) -> None:
 
 def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats: int, impl: str = "grouped",
                channels_last: bool = False, lr_size: int = 64, bf16: bool | None = None,
-               compile_mode: str = "off", compile_backend: str = "inductor") -> tuple[float, float | None, float]:
+               compile_mode: str = "off", compile_backend: str = "inductor",
+               release_upsample: bool = False) -> tuple[float, float | None, float]:
     """Median seconds of `dasr_model.train.train_step` (the loop's own step) on random data, with the
     expert convolutions computed by `impl`; the peak GPU memory in GiB (None on CPU); the first step's
     seconds. `bf16`: autocast to bfloat16 (default: on CUDA, as dasr-train; False times the float32 step).
     `compile_mode`: the network through torch.compile as `dasr-train --compile` does ("off": eager), or
     "graph": the whole step as a CUDA graph (`dasr-train --cuda-graph`; DASRError without CUDA)."""
-    parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size, compile_mode, compile_backend)
+    parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size, compile_mode, compile_backend,
+                                       release_upsample)
     bf16 = device.type == "cuda" if bf16 is None else bf16
     run, least = make_runner(parts, cfg, lr, hr, v, bf16, compile_mode, device)
     warmup = max(warmup, least)  # compiled CUDA graphs record on the step after the compiled warm-up; ours after 3
@@ -276,8 +282,9 @@ def main() -> None:
     ap.add_argument("--profile-only", action="store_true",
                     help="profile the --impl rows (no float32 baseline) without timing the table first")
     ap.add_argument("--fp32-baseline", action="store_true",
-                    help="also time the float32 step with the grouped strategy in NCHW (the release's way; on "
-                         "CUDA the other rows are bf16), the base of the speed-up column")
+                    help="also time the float32 step with the grouped strategy in NCHW and the discriminator's "
+                         "F.interpolate up-sampling (the release's way; on CUDA the other rows are bf16), the base "
+                         "of the speed-up column")
     args = ap.parse_args()
     try:
         impl_runs = parse_impls(args.impl, args.channels_last)
@@ -331,7 +338,8 @@ def main() -> None:
                     try:
                         timed = bench_step(device, b, gan, args.warmup, args.repeats, impl, cl, args.lr_size,
                                            bf16=prec != "float32", compile_mode=mode,
-                                           compile_backend=args.compile_backend)
+                                           compile_backend=args.compile_backend,
+                                           release_upsample=fp32_base and prec == "float32")
                     except DASRError as exc:  # a CUDA graph on a CPU
                         print(f"{row} {exc} | - | - | - |", flush=True)
                         continue

@@ -117,7 +117,8 @@ def default_workers() -> int:
               help="What the degradation predictor sees: the LR (as released) or its high-pass residual.")
 @click.option("--teacher-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="First steps whose expert mix comes from the true v instead of the predicted one.")
-@click.option("--expert-impl", type=click.Choice(["auto", "grouped", "dense", "stacked", "bmm"]), default="auto",
+@click.option("--expert-impl", type=click.Choice(["auto", "grouped", "dense", "stacked", "bmm", "folded"]),
+              default="auto",
               show_default=True,  # auto + dasr_model.config.EXPERT_IMPLS, spelt out: importing it would import torch
               help="How expert convolutions are computed (exact either way; speed differs by device). auto: on a "
                    "GPU the fastest, timed at this run's batch shape before the first step (memory format "

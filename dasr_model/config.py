@@ -11,7 +11,7 @@ from degrade.vector import VECTOR_LENGTH  # 33, layout "dasr33-v1"
 
 MIXINGS = ("linear", "softmax")
 PREDICTOR_INPUTS = ("lr", "highpass")
-ExpertImpl = Literal["grouped", "dense", "stacked", "bmm"]
+ExpertImpl = Literal["grouped", "dense", "stacked", "bmm", "folded"]
 EXPERT_IMPLS: tuple[str, ...] = get_args(ExpertImpl)
 # A config read from a file is data: sizes are bounded before anything is allocated. 100M parameters
 # (400 MB in float32) is 13x the released 5-expert model; larger nets are refused, not attempted.

@@ -12,11 +12,39 @@ from torch.nn.utils import spectral_norm
 from dasr_model.checkpoints import load_weights_state
 
 
+def upsample2x(x: Tensor) -> Tensor:
+    """F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False) for x (N, C, H, W), as slices
+    and lerps: the same numbers up to float rounding, in x's memory format. Output 2i along an axis is
+    0.75 x[i] + 0.25 x[i-1], output 2i+1 is 0.75 x[i] + 0.25 x[i+1], the edge sample standing in for the
+    one beyond it (PyTorch clamps the source coordinate to the image). Why: PyTorch's NCHW kernel walks
+    all N*C channels of an output pixel in one thread, slow for a discriminator's batch x 512 channels (a
+    quarter of a batch-48 GAN step on an H200); these are a few memory-bound element-wise kernels, and
+    their backward has no atomic adds, so it is deterministic."""
+    if x.dim() != 4:
+        raise ValueError(f"upsample2x takes (N, C, H, W), got {tuple(x.shape)}")
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return _upsample_axis(_upsample_axis(x.permute(0, 2, 3, 1), 2), 1).permute(0, 3, 1, 2)
+    return _upsample_axis(_upsample_axis(x, 3), 2)
+
+
+def _upsample_axis(x: Tensor, dim: int) -> Tensor:
+    n = x.shape[dim]
+    before = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)  # x[i-1], x[0] at the edge
+    after = torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)  # x[i+1], x[n-1] at the edge
+    out = torch.stack([torch.lerp(x, before, 0.25), torch.lerp(x, after, 0.25)], dim + 1)
+    return out.flatten(dim, dim + 1)  # output 2i + phase
+
+
 class UNetDiscriminatorSN(nn.Module):
-    """U-Net discriminator with spectral norm (Real-ESRGAN / DASR): per-pixel logits (B, 1, H, W)."""
+    """U-Net discriminator with spectral norm (Real-ESRGAN / DASR): per-pixel logits (B, 1, H, W).
+
+    Its x2 bilinear up-sampling is :func:`upsample2x` on NCHW features and PyTorch's own (vectorised over
+    channels there) on channels_last ones; `release_upsample = True` uses PyTorch's for both, the
+    release's way (a benchmark's baseline)."""
 
     def __init__(self, in_ch: int = 3, num_feat: int = 64):
         super().__init__()
+        self.release_upsample = False
         f = num_feat
         self.conv0 = nn.Conv2d(in_ch, f, 3, 1, 1)
         self.conv1 = spectral_norm(nn.Conv2d(f, f * 2, 4, 2, 1, bias=False))
@@ -31,7 +59,7 @@ class UNetDiscriminatorSN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         act = lambda t: F.leaky_relu(t, 0.2)  # noqa: E731
-        up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)  # noqa: E731
+        up = self._upsample
         x0 = act(self.conv0(x))
         x1 = act(self.conv1(x0))
         x2 = act(self.conv2(x1))
@@ -40,6 +68,15 @@ class UNetDiscriminatorSN(nn.Module):
         x5 = act(self.conv5(up(x4))) + x1
         x6 = act(self.conv6(up(x5))) + x0
         return self.conv9(act(self.conv8(act(self.conv7(x6)))))
+
+    def _upsample(self, x: Tensor) -> Tensor:
+        if self.release_upsample or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
+            return _pytorch_upsample2x(x)
+        return upsample2x(x)
+
+
+def _pytorch_upsample2x(x: Tensor) -> Tensor:
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
 def gan_loss(logits: Tensor, real: bool) -> Tensor:

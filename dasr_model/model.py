@@ -18,7 +18,7 @@ from dasr_model.errors import DASRError
 PREDICTOR_HALO = 32  # input pixels of context per predictor tile: even, and twice its 16-px receptive radius
 
 __all__ = ["DASR", "DASRConfig", "DegradationPredictor", "EXPERT_IMPLS", "ExpertConv2d", "ExpertMSRResNet",
-           "MAX_PARAMETERS", "MSRResNet", "is_channels_last", "set_expert_impl"]
+           "MAX_PARAMETERS", "MSRResNet", "fold_batch", "is_channels_last", "set_expert_impl", "unfold_batch"]
 
 
 class DegradationPredictor(nn.Module):
@@ -98,7 +98,12 @@ class ExpertConv2d(nn.Module):
       convolution with K*in input channels (the weight viewed as (out, K*in, 3, 3)): the sum over experts
       happens inside the convolution's own sum. K times the FLOPs, like "dense", but the large tensor is the
       scaled input rather than K outputs, and no per-expert combination pass follows; keeps channels_last;
-    - "bmm": the fused W_n as one batched GEMM over the im2col columns (F.unfold + torch.baddbmm).
+    - "bmm": the fused W_n as one batched GEMM over the im2col columns (F.unfold + torch.baddbmm);
+    - "folded": "grouped" on the batch folded into the channels, (1, N*in, H, W), in channels_last memory:
+      each pixel holds every sample's channels in a row, which is what the grouped convolution reads and
+      writes, so cuDNN's NHWC kernels take it as it is (in NCHW, "grouped" pays a layout conversion each
+      way per convolution). :class:`ExpertMSRResNet` folds the batch once at its input and unfolds it at
+      its output (:func:`fold_batch`); a layer given a plain batch folds it for itself.
     """
 
     def __init__(self, in_ch: int, out_ch: int, *, num_experts: int, init_scale: float = 0.1,
@@ -136,7 +141,12 @@ class ExpertConv2d(nn.Module):
         return w, b
 
     def forward(self, x: Tensor, a: Tensor) -> Tensor:
-        """x (N, in, H, W), a (N, K) -> (N, out, H, W)."""
+        """x (N, in, H, W), a (N, K) -> (N, out, H, W); with impl "folded" also x (1, N*in, H, W) folded
+        (:func:`fold_batch`) -> (1, N*out, H, W) folded."""
+        if self._impl == "folded":
+            if x.shape[0] == a.shape[0]:  # a plain batch (for N = 1 the two are one): folded for this layer
+                return unfold_batch(self._forward_folded(fold_batch(x), a), a.shape[0])
+            return self._forward_folded(x, a)
         if self._impl == "dense":
             return self._forward_dense(x, a)
         if self._impl == "stacked":
@@ -151,6 +161,12 @@ class ExpertConv2d(nn.Module):
         out = F.conv2d(x.reshape(1, n * c, h, w_), weight.reshape(-1, c, 3, 3), bias.reshape(-1),
                        padding=1, groups=n)
         return out.reshape(n, -1, h, w_)
+
+    def _forward_folded(self, x: Tensor, a: Tensor) -> Tensor:
+        n = a.shape[0]
+        weight, bias = self.fused(a)
+        weight = weight.flatten(0, 1).contiguous(memory_format=torch.channels_last)  # (N*out, in, 3, 3), NHWC
+        return F.conv2d(x, weight, bias.flatten(), padding=1, groups=n)
 
     def _forward_dense(self, x: Tensor, a: Tensor) -> Tensor:
         k, out_ch = self.weight.shape[:2]
@@ -184,6 +200,18 @@ class ExpertConv2d(nn.Module):
         return out.reshape(n, -1, h, w_)
 
 
+def fold_batch(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (1, N*C, H, W), channel n*C + c, in channels_last memory: (H, W, N, C) in memory order.
+    A copy, unless x is already laid out that way (an :func:`unfold_batch` view)."""
+    n, c, h, w = x.shape
+    return x.permute(2, 3, 0, 1).contiguous().view(1, h, w, n * c).permute(0, 3, 1, 2)
+
+
+def unfold_batch(x: Tensor, n: int) -> Tensor:
+    """(1, N*C, H, W) -> (N, C, H, W): :func:`fold_batch` undone, as a view (no copy) of x's memory."""
+    return x[0].unflatten(0, (n, x.shape[1] // n))
+
+
 def is_channels_last(t: Tensor) -> bool:
     """t is laid out channels_last (NHWC) and not also plain contiguous (as a 1x1 image is both)."""
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
@@ -191,8 +219,8 @@ def is_channels_last(t: Tensor) -> bool:
 
 def set_expert_impl(module: nn.Module, impl: ExpertImpl) -> nn.Module:
     """Set how every :class:`ExpertConv2d` inside `module` (a DASR, its generator, an EMA copy) computes
-    itself: "grouped", "dense", "stacked" or "bmm" (see ExpertConv2d). Exact either way; parameters, state-dict keys
-    and checkpoints do not change. Returns `module`."""
+    itself: "grouped", "dense", "stacked", "bmm" or "folded" (see ExpertConv2d). Exact either way; parameters,
+    state-dict keys and checkpoints do not change. Returns `module`."""
     if impl not in EXPERT_IMPLS:
         raise DASRError(f"expert impl must be one of {', '.join(EXPERT_IMPLS)}, got {impl!r}")
     for m in module.modules():
@@ -229,13 +257,16 @@ class ExpertMSRResNet(nn.Module):
 
     def forward(self, lr: Tensor, a: Tensor) -> Tensor:
         act = nn.functional.leaky_relu
-        feat = act(self.conv_first(lr, a), 0.1)
+        folded = self.conv_first.impl == "folded"  # the batch folded into the channels from input to output
+        feat = act(self.conv_first(fold_batch(lr) if folded else lr, a), 0.1)
         x = feat
         for block in self.body:
             x = block(x, a)
         x = act(F.pixel_shuffle(self.upconv1(x, a), 2), 0.1)
         x = act(F.pixel_shuffle(self.upconv2(x, a), 2), 0.1)
         x = self.conv_last(act(self.conv_hr(x, a), 0.1), a)
+        if folded:  # pixel_shuffle keeps the fold: channel n*4C + 4c + i is sample n's 4c + i
+            x = unfold_batch(x, lr.shape[0])
         base = F.interpolate(lr, scale_factor=self.scale, mode="bilinear", align_corners=False)
         return x + base
 

@@ -431,3 +431,55 @@ def test_cuda_fused_bf16_channels_last_is_close():
         torch.testing.assert_close(super_resolve(model, lr, a), ref, rtol=0, atol=1e-3)  # TF32 at most
         fast = super_resolve(model, lr, a, dtype=torch.bfloat16, channels_last=True)
         torch.testing.assert_close(fast, ref, rtol=0, atol=3e-2)
+
+
+# --- "folded": the batch folded into the channels, channels_last, from the generator's input to its output ---
+
+def test_fold_and_unfold_are_inverse_and_lay_each_pixel_out_as_every_samples_channels():
+    from dasr_model.model import fold_batch, unfold_batch
+
+    x = torch.rand(3, 4, 5, 6)
+    f = fold_batch(x)
+    assert f.shape == (1, 12, 5, 6) and f.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(f[0, 2 * 4 + 1], x[2, 1])  # channel n*C + c is sample n's channel c
+    assert torch.equal(f.permute(0, 2, 3, 1).reshape(-1), x.permute(2, 3, 0, 1).reshape(-1))  # (H, W, N, C)
+    back = unfold_batch(f, 3)
+    assert torch.equal(back, x) and back.data_ptr() == f.data_ptr()  # a view
+    assert fold_batch(back).data_ptr() == f.data_ptr()  # folding what unfold_batch gave copies nothing
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_folded_layer_on_a_folded_batch_equals_grouped(n):
+    from dasr_model.model import fold_batch, unfold_batch
+
+    conv, x, a, g = _case(5, n, 4, 6, 7, 11, dtype=torch.float64, seed=4)
+    ref = _conv_and_grads(conv, x, a, g)
+    conv.impl = "folded"
+    xf = fold_batch(x.detach()).requires_grad_(True)
+    out = conv(xf, a)
+    assert out.shape == (1, n * 6, 7, 11) and out.is_contiguous(memory_format=torch.channels_last)
+    unfold_batch(out, n).backward(g)
+    assert_rel_close(unfold_batch(out, n), ref["out"], REL64, "folded out")
+    assert_rel_close(unfold_batch(xf.grad, n), ref["x"], REL64, "folded x grad")
+    assert_rel_close(conv.weight.grad, ref["weight"], REL64, "folded weight grad")
+
+
+def test_the_folded_generator_folds_once_and_keeps_the_fold_through_every_layer():
+    torch.manual_seed(0)
+    model = set_expert_impl(DASR(DASRConfig(num_experts=3, num_feat=8, num_block=2, predictor_feat=8)), "folded")
+    n, seen = 4, []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(args[0])) for m in model.generator.modules()
+             if isinstance(m, ExpertConv2d)]
+    lr = torch.rand(n, 3, 6, 5)
+    with torch.no_grad():
+        a = torch.rand(n, 3)
+        out = model.sr(lr, a)
+        for h in hooks:
+            h.remove()
+        ref = set_expert_impl(copy.deepcopy(model), "grouped").sr(lr, a)
+    # every expert conv (first, 2 x 2 in the body, 2 up, hr, last) took the batch folded: (1, N*C, H, W)
+    assert len(seen) == 2 * 2 + 5 and all(t.shape[0] == 1 and t.shape[1] in (n * 3, n * 8) for t in seen)
+    # in channels_last up to the first up-conv (pixel_shuffle may hand the next one NCHW; the conv converts it)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in seen[:6])
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert out.shape == (n, 3, 24, 20)

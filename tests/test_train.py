@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -340,6 +341,46 @@ def test_discriminator_gives_per_pixel_logits():
     from dasr_model.losses import UNetDiscriminatorSN
 
     assert UNetDiscriminatorSN(num_feat=8)(torch.rand(2, 3, 32, 40)).shape == (2, 1, 32, 40)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 1, 1), (2, 2, 1, 4), (3, 4, 2, 1), (2, 5, 8, 8)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample2x_equals_pytorchs_bilinear_interpolation_and_its_gradient(shape, channels_last):
+    """float64: the two differ by rounding alone (1e-15), edges (1-px images) included."""
+    from dasr_model.losses import upsample2x
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).contiguous(
+        memory_format=fmt).requires_grad_(True)
+    ref = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    got = upsample2x(x)
+    g = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (grad_ref,), (grad_got,) = torch.autograd.grad(ref, x, g), torch.autograd.grad(got, x, g)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-14)
+    torch.testing.assert_close(grad_got, grad_ref, rtol=0, atol=1e-14)
+    if channels_last and min(shape[1], shape[2] * shape[3]) > 1:  # (a 1-channel or 1-pixel tensor is both)
+        assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+
+
+def test_upsample2x_in_bf16_is_within_bf16_rounding_and_the_discriminator_agrees_with_the_release_way():
+    from dasr_model.losses import UNetDiscriminatorSN, upsample2x
+
+    x = torch.rand(2, 4, 6, 5)
+    ref = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(upsample2x(x.bfloat16()).float(), ref, rtol=2 ** -7, atol=2 ** -8)
+    with pytest.raises(ValueError, match="takes \\(N, C, H, W\\)"):
+        upsample2x(torch.rand(3, 4, 5))
+    torch.manual_seed(0)
+    disc = UNetDiscriminatorSN(num_feat=8).double()
+    release = copy.deepcopy(disc)
+    release.release_upsample = True
+    img = torch.rand(2, 3, 32, 24, dtype=torch.float64)
+    ours, theirs = disc(img), release(img)  # (each forward steps its own power iteration, alike)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    ours.sum().backward()
+    theirs.sum().backward()
+    for (name, a), b in zip(disc.named_parameters(), release.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-10, msg=name)
 
 
 def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path):
