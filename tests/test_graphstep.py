@@ -125,35 +125,66 @@ def test_cuda_graph_is_a_per_call_setting_a_resume_does_not_inherit():
     assert "cuda_graph" in PER_CALL
 
 
+def _graphed(parts: StepParts, cfg: TrainConfig, bf16: bool, device, warmup: int = 3) -> GraphedStep:
+    return GraphedStep(functools.partial(train_step, parts, cfg, bf16=bf16, autocast_cache=False),
+                       [o for o in (parts.opt, parts.opt_d) if o is not None], device, warmup=warmup)
+
+
 @cuda
 @pytest.mark.parametrize("gan", [False, True])
 @pytest.mark.parametrize("bf16", [False, True])
 def test_the_graphed_step_trains_like_the_eager_step(gan, bf16):
+    """The reference is the same GraphedStep that never records (its warm-up outlasts the run): the same
+    step, optimiser settings (Adam capturable, its rate a tensor) and EMA weight, run eagerly. So the
+    graph alone differs, and with deterministic kernels the runs agree to the bit, or nearly. (Against
+    plain Adam the runs differ by rounding, which Adam turns into lr-sized steps wherever a gradient is
+    rounding noise: a test of PyTorch's two Adam formulas, not of the graph.)"""
     device = torch.device("cuda")
     deterministic = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True
     try:
-        eager, cfg = _parts(device, gan)
-        graph_parts = copy.deepcopy(eager)
-        init = {k: v.clone() for k, v in _state(eager).items()}
-        graphed = GraphedStep(functools.partial(train_step, graph_parts, cfg, bf16=bf16, autocast_cache=False),
-                              [o for o in (graph_parts.opt, graph_parts.opt_d) if o is not None], device)
+        eager_parts, cfg = _parts(device, gan)
+        graph_parts = copy.deepcopy(eager_parts)
+        init = {k: v.clone() for k, v in _state(eager_parts).items()}
+        eager = _graphed(eager_parts, cfg, bf16, device, warmup=10**9)
+        graphed = _graphed(graph_parts, cfg, bf16, device)
         for i in range(7):  # 3 eager warm-up steps, the recording, then replays; the rate and decay change
             rate, decay = cfg.lr * (1 + i) / 7, ema_decay_at(i, cfg)
-            for group in (g for o in (eager.opt, eager.opt_d) if o is not None for g in o.param_groups):
-                group["lr"] = rate
-            lo = train_step(eager, cfg, *_batch(i, device), bf16, ema_decay=decay)
-            lg = graphed(*_batch(i, device), rate=rate, ema_decay=decay)
-            for k in lo:
-                assert float(lg[k]) == pytest.approx(float(lo[k]), rel=1e-3, abs=1e-5), (i, k)
-        assert graphed.graph is not None and graphed.eager_steps == graphed.warmup
-        a, b = _state(eager), _state(graph_parts)
+            lo = {k: float(v) for k, v in eager(*_batch(i, device), rate=rate, ema_decay=decay).items()}
+            lg = {k: float(v) for k, v in graphed(*_batch(i, device), rate=rate, ema_decay=decay).items()}
+            assert lg == pytest.approx(lo, rel=1e-5, abs=1e-7), i
+        assert graphed.graph is not None and graphed.eager_steps == graphed.warmup and eager.graph is None
+        a, b = _state(eager_parts), _state(graph_parts)
         moved = max((a[k].float() - init[k].float()).abs().max().item() for k in a if k.startswith("model."))
         assert moved > 3e-3, f"the steps barely trained ({moved:.2g}): the comparison would say nothing"
         for name, tensor in a.items():
-            torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-4, msg=name)
+            torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
         steps = [s["step"] for s in graph_parts.opt.state.values()]
         assert all(s.device.type == "cuda" and float(s) == 7 for s in steps)
+    finally:
+        torch.backends.cudnn.deterministic = deterministic
+
+
+@cuda
+def test_the_graphed_step_trains_like_the_plain_eager_step_without_gan():
+    """Against the trainer's own eager step (plain Adam, a float rate): equal to rounding, which without
+    the GAN term stays well inside 1e-4 over 7 steps (on an H200, 2026-11-26)."""
+    device = torch.device("cuda")
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        plain, cfg = _parts(device, gan=False)
+        graph_parts = copy.deepcopy(plain)
+        graphed = _graphed(graph_parts, cfg, True, device)
+        for i in range(7):
+            rate, decay = cfg.lr * (1 + i) / 7, ema_decay_at(i, cfg)
+            for group in plain.opt.param_groups:
+                group["lr"] = rate
+            train_step(plain, cfg, *_batch(i, device), True, ema_decay=decay)
+            graphed(*_batch(i, device), rate=rate, ema_decay=decay)
+        a, b = _state(plain), _state(graph_parts)
+        for name, tensor in a.items():
+            torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     finally:
         torch.backends.cudnn.deterministic = deterministic
 
@@ -162,8 +193,7 @@ def test_the_graphed_step_trains_like_the_eager_step(gan, bf16):
 def test_a_batch_of_another_shape_runs_eagerly_after_the_recording():
     device = torch.device("cuda")
     parts, cfg = _parts(device, gan=False)
-    graphed = GraphedStep(functools.partial(train_step, parts, cfg, bf16=True, autocast_cache=False), [parts.opt],
-                          device, warmup=1)
+    graphed = _graphed(parts, cfg, True, device, warmup=1)
     for i in range(3):
         graphed(*_batch(i, device), rate=cfg.lr, ema_decay=0.999)
     before = graphed.eager_steps
