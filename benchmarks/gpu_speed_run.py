@@ -7,12 +7,15 @@ shares the steps after it keep:
   1. OUT/environment.txt: GPU, driver, torch / CUDA / cuDNN versions, cores, date, the command;
   2. a level-2 dataset on all cores (`degrade make-dataset`), for the loader;
   3. OUT/train.md: `benchmarks/bench_train.py`: ms per step at batch 48 / 16 / 6 (LR 64), without and with
-     the GAN term, grouped expert convs (the strategy that won every 5-expert row on an H200) in bf16
-     autocast, eager and as one CUDA graph per step (`dasr-train --cuda-graph`), beside the float32 eager
-     step (the release's way) in the same run; the loader's samples/s with 0 to all cores;
-  4. OUT/profile.md: `bench_train.py --profile-only --cuda-graph`: where a step's time goes, batch 48, bf16
-     grouped, eager and graphed, without and with GAN: wall against GPU-busy time per step, and the
-     kernels that take the most (a busy time far below the wall: the step waits on launches);
+     the GAN term, in bf16 autocast, for grouped expert convs (which beat dense, stacked and bmm in every
+     5-expert row on an H200), folded, and folded with the predictor and discriminator in channels_last,
+     each eager and as one CUDA graph per step (`dasr-train --cuda-graph`), beside the float32 grouped
+     eager step with the release's up-sampling (the release's way) in the same run; the loader's
+     samples/s with 0 to all cores;
+  4. OUT/profile.md: `bench_train.py --profile-only --cuda-graph`: where a step's time goes, batch 48, bf16,
+     folded in channels_last (the fastest on an H200), eager and graphed, without and with GAN: wall
+     against GPU-busy time per step, and the kernels that take the most (a busy time far below the
+     wall: the step waits on launches);
   5. OUT/infer.md: `benchmarks/bench_infer.py`: ms per image at LR 128 / 256 / 512, per-sample experts
      in float32 (the baseline) against the experts fused once per image, bf16 and channels_last;
   6. OUT/bf16.md: bf16 against float32 on real images: PSNR-Y of `dasr-sr`'s output (experts fused once,
@@ -246,15 +249,16 @@ def main(argv: list[str] | None = None) -> int:
                       "--loader-workers", ",".join(map(str, workers)), "--loader-batch", "48", "--loader-steps", "30"]
         infer_args = ["--sizes", "128,256,512", "--warmup", "2", "--repeats", "5"]
     loader = ["--shards", str(shards)] if made else []  # without the dataset: the step times alone
-    # grouped alone: dense, stacked and bmm were slower than it in every 5-expert row on an H200 (2026-11-26,
+    # dense, stacked and bmm were slower than grouped in every 5-expert row on an H200 (2026-11-26,
     # docs/benchmarks.md); each row eager and as one CUDA graph per step
-    step(out, "train", [py, "benchmarks/bench_train.py", "--device", device, *loader, "--gan", "--impl", "grouped",
-                        "--cuda-graph", "--fp32-baseline", *train_args], out / "train.md", allowed("train"))
+    step(out, "train", [py, "benchmarks/bench_train.py", "--device", device, *loader, "--gan",
+                        "--impl", "grouped,folded,folded:cl", "--cuda-graph", "--fp32-baseline", *train_args],
+         out / "train.md", allowed("train"))
     # the bf16 grouped step (train.md has its times): on the GPU batch 48 without, then with GAN; one row in
     # the smoke run (profiling on a CPU is slow)
     profile_args = (["--batch-sizes", "2", "--lr-size", "8", "--precision", "bf16"] if args.smoke
                     else ["--batch-sizes", "48", "--gan"])
-    step(out, "profile", [py, "benchmarks/bench_train.py", "--device", device, "--impl", "grouped", "--profile-only",
+    step(out, "profile", [py, "benchmarks/bench_train.py", "--device", device, "--impl", "folded:cl", "--profile-only",
                           "--cuda-graph", *profile_args], out / "profile.md", allowed("profile"))
     step(out, "infer", [py, "benchmarks/bench_infer.py", "--device", device, *infer_args],
          out / "infer.md", allowed("infer"))

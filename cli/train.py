@@ -131,9 +131,10 @@ def default_workers() -> int:
               default="off", show_default=True,  # dasr_model.train.COMPILE_MODES
               help="torch.compile the network (predictor + generator) in this inductor mode; reduce-overhead adds "
                    "CUDA graphs. Compiling takes a minute or more at the first step, within --max-minutes.")
-@click.option("--cuda-graph/--no-cuda-graph", default=False, show_default=True,
+@click.option("--cuda-graph/--no-cuda-graph", default=None,
               help="Record the whole step (forward, backward, optimisers, EMA) once as a CUDA graph and replay it: "
-                   "one launch per step instead of hundreds. CUDA, one process, --compile off.")
+                   "one launch per step instead of hundreds. Needs CUDA, one process, --compile off. Default: on "
+                   "wherever it can be.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="The step's arithmetic: bf16 autocast (weights, optimiser state and EMA stay float32) or "
                    "float32. auto: bf16 on CUDA, fp32 on a CPU.")

@@ -268,9 +268,10 @@ class ExpertMSRResNet(nn.Module):
         x = act(F.pixel_shuffle(self.upconv1(x, a), 2), 0.1)
         x = act(F.pixel_shuffle(self.upconv2(x, a), 2), 0.1)
         x = self.conv_last(act(self.conv_hr(x, a), 0.1), a)
-        if folded:  # pixel_shuffle keeps the fold: channel n*4C + 4c + i is sample n's 4c + i
-            x = unfold_batch(x, lr.shape[0])
         base = F.interpolate(lr, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        if folded:  # pixel_shuffle kept the fold (channel n*4C + 4c + i is sample n's 4c + i); base first: the
+            # sum takes the layout of the input (NCHW or channels_last), not the fold's (H, W, N, C)
+            return base + unfold_batch(x, lr.shape[0])
         return x + base
 
     @torch.no_grad()

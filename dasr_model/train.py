@@ -110,8 +110,9 @@ class TrainConfig:
     compile: str = "off"
     # The whole step (forward, backward, optimisers, EMA, discriminator) recorded once as a CUDA graph and
     # replayed (dasr_model.graphstep): one launch per step instead of a host-bound stream of small ones.
-    # CUDA, a single process, and compile "off" only.
-    cuda_graph: bool = False
+    # CUDA, a single process, and compile "off" only; None ("auto"): on wherever it can be (1.04 to 5.0x
+    # faster per step in every row measured on an H200: docs/benchmarks.md).
+    cuda_graph: bool | None = None
     # "bf16": the step under bfloat16 autocast (weights, optimiser state and EMA stay float32); "fp32"; "auto":
     # bf16 on CUDA, fp32 elsewhere (bf16 on a CPU runs, mostly slower; it is there to test the GPU's path)
     precision: str = "auto"
@@ -155,7 +156,7 @@ class TrainConfig:
 
 
 # (strategy, channels_last) pairs that expert_impl "auto" times on a GPU: each strategy in its best layout
-AUTO_CANDIDATES = (("grouped", False), ("dense", True), ("stacked", True), ("bmm", False))
+AUTO_CANDIDATES = (("grouped", False), ("dense", True), ("stacked", True), ("bmm", False), ("folded", True))
 STOP_AGREE_EVERY = 20  # under DDP, the ranks agree on stopping at least every this many steps
 PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCHEDULES = ("constant", "cosine")
@@ -233,7 +234,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                         "DDP (several processes); use --compile default or max-autotune-no-cudagraphs")
     rank = int(os.environ.get("RANK", "0"))
     device = pick_device(cfg.device)
-    if cfg.cuda_graph and (device.type != "cuda" or world > 1 or cfg.compile != "off"):
+    graph_ok = device.type == "cuda" and world == 1 and cfg.compile == "off"
+    use_graph = graph_ok if cfg.cuda_graph is None else cfg.cuda_graph
+    if use_graph and not graph_ok:
         why = (f"a CUDA device (this run: {device.type})" if device.type != "cuda" else
                "a single process (DDP's hooks run outside a recording)" if world > 1 else
                "--compile off (reduce-overhead records graphs of its own; the others trace what it records)")
@@ -315,7 +318,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         say(f"resuming from {found[0].name} (step {step} of {end})")
     run_info = {"device": describe_device(device), "dtype": "bfloat16 autocast" if use_bf16 else "float32",
                 "expert_impl": cfg.expert_impl, "memory_format": "channels_last" if cfg.channels_last else "NCHW",
-                "compile": cfg.compile, "cuda_graph": cfg.cuda_graph,
+                "compile": cfg.compile, "cuda_graph": use_graph,
                 "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__,
                 "world_size": world, "samples": len(train_set), "start_step": step, "schedule_steps": end}
     say(f"{run_info['device']}, {run_info['dtype']}, {run_info['parameters']:,} parameters "
@@ -419,7 +422,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             target = unsharp_mask(hr) if cfg.sharpen_gt else hr
             rate = lr_at(step, cfg, end)  # set every step: a resume restores the checkpoint's rate with Adam's state
             teacher = step < cfg.teacher_steps
-            if cfg.cuda_graph:
+            if use_graph:
                 if graphed is None or graphed_teacher != teacher:
                     graphed, graphed_teacher = None, teacher  # the teacher phase's graph (and its memory) goes first
                     graphed = GraphedStep(functools.partial(train_step, parts, cfg, bf16=use_bf16, teacher=teacher,

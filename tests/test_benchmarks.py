@@ -136,11 +136,13 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     train = (out / "train.md").read_text()
     rows = [r for r in train.splitlines() if r.startswith("| 2 |")]
     # The smoke run takes the GPU's arithmetic (bf16 under CPU autocast) and so its tables' shape: per GAN
-    # setting the float32 grouped baseline, then grouped eager and as a CUDA graph (which a CPU refuses)
-    assert len(rows) == 6 and sum("| float32 | grouped | NCHW | eager |" in r for r in rows) == 2
-    assert sum("| bf16 autocast | grouped | NCHW | eager |" in r for r in rows) == 2
-    assert sum("| bf16 autocast | grouped | NCHW | cuda graph | a CUDA graph needs a CUDA device" in r
-               for r in rows) == 2
+    # setting the float32 grouped baseline, then grouped, folded and folded channels_last, each eager and
+    # as a CUDA graph (which a CPU refuses)
+    assert len(rows) == 14 and sum("| float32 | grouped | NCHW | eager |" in r for r in rows) == 2
+    for impl in ("grouped | NCHW", "folded | NCHW", "folded | channels_last"):
+        assert sum(f"| bf16 autocast | {impl} | eager |" in r for r in rows) == 2
+        assert sum(f"| bf16 autocast | {impl} | cuda graph | a CUDA graph needs a CUDA device" in r
+                   for r in rows) == 2
     log = (out / "log.txt").read_text()
     best = log.split("at batch 2 without GAN: ")[1].split()[0]  # train.md's fastest eager bf16 no-GAN row
     no_gan = [r.split("|") for r in rows if r.startswith("| 2 | no | bf16 autocast |") and "| eager |" in r]
@@ -156,9 +158,9 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     assert "| mean |" in (out / "bf16.md").read_text()
     assert all(f"{name}: exit 0" in log for name in ("dataset", "train", "profile", "compile", "infer", "bf16"))
     profile = (out / "profile.md").read_text()  # one row profiled: its wall and busy time, its top operators
-    assert profile.count("### Profile: batch 2, GAN no, bf16 autocast, grouped, NCHW, eager") == 1
-    assert "### Profile: batch 2, GAN no, bf16 autocast, grouped, NCHW, cuda graph\n\nnot profiled: a CUDA graph" \
-        in profile
+    assert profile.count("### Profile: batch 2, GAN no, bf16 autocast, folded, channels_last, eager") == 1
+    assert "### Profile: batch 2, GAN no, bf16 autocast, folded, channels_last, cuda graph\n\nnot profiled: a CUDA " \
+        "graph" in profile
     assert "under the profiler); cpu busy" in profile and "| `aten::convolution_backward` |" in profile
     summary = (out / "summary.md").read_text()
     fastest_rows = [r for r in summary.split("## environment.txt")[0].splitlines() if r.startswith("| 2 |")]

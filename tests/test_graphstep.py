@@ -224,3 +224,12 @@ def test_dasr_train_cuda_graph_trains_like_eager_and_resumes_either_way(tmp_path
                 torch.testing.assert_close(other[key][name], tensor, rtol=0, atol=1e-3, msg=f"{key} {name}")
     groups = load_checkpoint(tmp_path / "half" / "ckpt-6.pt")["optimizer"]["param_groups"]
     assert all(type(g["lr"]) is float and g["capturable"] is False for g in groups)
+
+
+def test_by_default_a_cpu_run_trains_eagerly_and_says_so(tmp_path):
+    shards = make_small_dataset(tmp_path / "ds", count=4, seed=1, shard_size=4)
+    cfg = TrainConfig(shards=shards, out=str(tmp_path / "run"), steps=1, batch_size=2, lr_crop=8, workers=0,
+                      model=SMALL, device="cpu")
+    assert cfg.cuda_graph is None  # auto: on wherever it can be, which a CPU is not
+    train(cfg)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["run"]["cuda_graph"] is False
