@@ -18,8 +18,12 @@ at the release's init), milliseconds per image, median of --repeats after --warm
 max|diff| is against the `experts fp32` output (float32 images in about [0, 1]). CUDA fp32 convolutions
 use TF32 when torch.backends.cudnn.allow_tf32 is on (printed at the top; PyTorch's default is on).
 
+--profile SIZE: after the table, where the time of dasr-sr's own path goes at LR SIZE (`fused bf16
+channels_last` on CUDA or with --bf16, else `fused fp32`; cudnn.benchmark on CUDA): wall against
+device-busy time per image and the kernels (operators on a CPU) that take the most.
+
 Usage: python benchmarks/bench_infer.py [--device auto] [--sizes 128,256,512] [--experts 5]
-       [--warmup 2] [--repeats 5] [--bf16]
+       [--warmup 2] [--repeats 5] [--bf16] [--profile 512]
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _profile import profile_calls
 
 from dasr_model.infer import reused_fused_net, super_resolve
 from dasr_model.model import DASR, DASRConfig
@@ -115,6 +120,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bf16", action="store_true",
                     help="time the bf16 paths on a CPU too (on CUDA they always run): the GPU's path, for dry runs")
+    ap.add_argument("--profile", type=int, metavar="SIZE",
+                    help="after the table, profile dasr-sr's own path on one LR image of SIZE x SIZE")
     args = ap.parse_args()
     device = pick_device(args.device)
     cuda = device.type == "cuda"
@@ -178,6 +185,30 @@ def main() -> None:
         torch.backends.cudnn.benchmark = False
         if cuda:
             torch.cuda.empty_cache()
+    if args.profile:
+        print_profile(model, device, args.profile, bf16=cuda or args.bf16)
+
+
+def print_profile(model: DASR, device: torch.device, size: int, bf16: bool) -> None:
+    """A heading, then where one image's time goes in dasr-sr's own path (fuse included), after 2 warm-ups."""
+    cuda = device.type == "cuda"
+    what = "fused bf16 channels_last" if bf16 else "fused fp32"
+    print(f"\n### Profile: LR {size}, {what}{', cudnn.benchmark' if cuda else ''}\n", flush=True)
+    lr = torch.rand(1, 3, size, size, device=device)
+    kwargs = {"dtype": torch.bfloat16, "channels_last": True} if bf16 else {}
+    torch.backends.cudnn.benchmark = cuda
+    try:
+        with torch.no_grad():
+            _, a = model.predict(lr)
+
+            def run() -> torch.Tensor:
+                return super_resolve(model, lr, a, **kwargs)
+
+            for _ in range(2):
+                run()
+            print(profile_calls(run, device, unit="image"), flush=True)
+    finally:
+        torch.backends.cudnn.benchmark = False
 
 
 if __name__ == "__main__":

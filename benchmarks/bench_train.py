@@ -40,6 +40,7 @@ import sys
 import time
 
 import torch
+from _profile import profile_calls
 from torch.utils.data import DataLoader
 
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
@@ -156,24 +157,12 @@ def timed_steps(device: torch.device, n: int, step) -> list[float]:
 def profile_step(device: torch.device, batch: int, gan: bool, impl: str, channels_last: bool, lr_size: int,
                  bf16: bool, steps: int = 3, top: int = 15, mode: str = "off") -> str:
     """Where a training step's time goes (eager, or with mode "graph" replayed from a CUDA graph): its
-    warm-up unprofiled (cuDNN's search; the graph's recording), `steps` timed ones, then `steps` under
-    torch.profiler; :func:`profile_table` of what the profiler saw."""
-    from torch.profiler import ProfilerActivity, profile
-
+    warm-up unprofiled (cuDNN's search; the graph's recording), then :func:`_profile.profile_calls`."""
     parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size)
     run, least = make_runner(parts, cfg, lr, hr, v, bf16, mode, device)
     for _ in range(max(3, least)):
         run()
-    plain = timed_steps(device, steps, run)
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            run()
-        sync(device)
-        profiled = (time.perf_counter() - start) / steps
-    return profile_table(prof.key_averages(), steps, statistics.median(plain), profiled, cuda, top)
+    return profile_calls(run, device, steps, top)
 
 
 def print_profile(device: torch.device, batch: int, gan: bool, impl: str, channels_last: bool, lr_size: int,
@@ -188,39 +177,6 @@ def print_profile(device: torch.device, batch: int, gan: bool, impl: str, channe
         print(f"not profiled: {exc}", flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def profile_table(events, steps: int, wall: float, profiled: float, cuda: bool, top: int = 15) -> str:
-    """Per step: the unprofiled wall time, the time the device was busy (on CUDA the kernels and copies
-    themselves, not the operators that launched them nor annotation spans such as the optimiser's; on a
-    CPU the operators' own time) and the `top` entries by their own time, as a markdown table. Busy far
-    below the wall: the step waits on the host (launches, Python), which CUDA graphs or compilation
-    remove; busy close to it: the kernels themselves."""
-    kind = "device" if cuda else "cpu"
-
-    def own_us(e) -> float:  # the attribute's name changed across torch versions (cuda -> device)
-        names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
-        return next(float(getattr(e, n)) for n in names if hasattr(e, n))
-
-    if cuda:
-        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-                  and not getattr(e, "is_user_annotation", False)]
-    if not events:
-        return (f"wall {1000 * wall:.1f} ms per step; the profiler recorded no {kind} events (no CUPTI?): "
-                "no breakdown\n")
-    ops = sorted(events, key=own_us, reverse=True)
-    busy = sum(own_us(e) for e in ops) / steps / 1000
-    # kernels take as long under the profiler as without it, the host's work does not: CUDA's busy time is
-    # set against the unprofiled wall; a CPU's operator times are profiled ones, set against the profiled wall
-    base, which = (wall, "the wall") if cuda else (profiled, "the profiled wall")
-    lines = [f"wall {1000 * wall:.1f} ms per step ({1000 * profiled:.1f} under the profiler); {kind} busy "
-             f"{busy:.1f} ms, {100 * busy / (1000 * base):.0f} % of {which}", "",
-             f"| {'kernel' if cuda else 'operator'} | calls per step | own {kind} ms per step | share of busy |",
-             "|---|---:|---:|---:|"]
-    for e in ops[:top]:
-        ms = own_us(e) / steps / 1000
-        lines.append(f"| `{e.key[:70]}` | {e.count / steps:.0f} | {ms:.2f} | {100 * ms / max(busy, 1e-9):.1f} % |")
-    return "\n".join(lines) + "\n"
 
 
 def compiled_name(mode: str, backend: str) -> str:

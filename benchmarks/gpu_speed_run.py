@@ -17,7 +17,8 @@ shares the steps after it keep:
      against GPU-busy time per step, and the kernels that take the most (a busy time far below the
      wall: the step waits on launches);
   5. OUT/infer.md: `benchmarks/bench_infer.py`: ms per image at LR 128 / 256 / 512, per-sample experts
-     in float32 (the baseline) against the experts fused once per image, bf16 and channels_last;
+     in float32 (the baseline) against the experts fused once per image, bf16 and channels_last; then a
+     profile of dasr-sr's path at LR 512 (where an image's GPU time goes: the 4x target's next lead);
   6. OUT/bf16.md: bf16 against float32 on real images: PSNR-Y of `dasr-sr`'s output (experts fused once,
      whole image, rounded to 8 bit) against the HR for each bundled photo (HR: a 256-px centre crop; LR:
      degraded at level 1, fixed seed), and the outputs' largest difference before rounding; with --model
@@ -241,13 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         # bf16 as on the GPU (CPU autocast), so the smoke run takes the GPU's arithmetic path and tables
         train_args = ["--batch-sizes", "2", "--lr-size", "8", "--warmup", "0", "--repeats", "1", "--precision", "bf16",
                       "--loader-workers", "0", "--loader-batch", "2", "--loader-steps", "2"]
-        infer_args = ["--sizes", "16", "--warmup", "0", "--repeats", "1", "--experts", "2", "--bf16"]
+        infer_args = ["--sizes", "16", "--warmup", "0", "--repeats", "1", "--experts", "2", "--bf16", "--profile", "16"]
     else:
         workers = sorted({0, 4, cores // 2, cores})
         # the largest batch first: the headline rows, and what the compile step builds on, come before any cut
         train_args = ["--batch-sizes", "48,16,6", "--warmup", "3", "--repeats", "5",
                       "--loader-workers", ",".join(map(str, workers)), "--loader-batch", "48", "--loader-steps", "30"]
-        infer_args = ["--sizes", "128,256,512", "--warmup", "2", "--repeats", "5"]
+        infer_args = ["--sizes", "128,256,512", "--warmup", "2", "--repeats", "5", "--profile", "512"]
     loader = ["--shards", str(shards)] if made else []  # without the dataset: the step times alone
     # dense, stacked and bmm were slower than grouped in every 5-expert row on an H200 (2026-11-26,
     # docs/benchmarks.md); each row eager and as one CUDA graph per step

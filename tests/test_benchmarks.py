@@ -155,6 +155,7 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     infer = (out / "infer.md").read_text()
     assert "| loader workers |" in train and "| 16 | experts fp32 |" in infer
     assert "| 16 | experts bf16 (autocast) |" in infer and "| 16 | fused bf16 channels_last |" in infer
+    assert "### Profile: LR 16, fused bf16 channels_last" in infer and "ms per image (" in infer
     assert "| mean |" in (out / "bf16.md").read_text()
     assert all(f"{name}: exit 0" in log for name in ("dataset", "train", "profile", "compile", "infer", "bf16"))
     profile = (out / "profile.md").read_text()  # one row profiled: its wall and busy time, its top operators
@@ -203,7 +204,7 @@ def test_bench_train_row_out_of_memory_is_reported_and_the_rest_still_run(monkey
         bench.main()
 
 
-def test_bench_train_profile_table_counts_kernels_only_on_cuda():
+def test_profile_table_counts_kernels_only_on_cuda():
     """On CUDA the busy time is the kernels' own time: not the CPU operators that launched them, not the
     optimiser's annotation span (a user annotation of CUDA type whose time includes idle gaps); no kernel
     events at all is said, not shown as an idle device."""
@@ -212,13 +213,9 @@ def test_bench_train_profile_table_counts_kernels_only_on_cuda():
 
     import torch
 
-    spec = importlib.util.spec_from_file_location("bench_train_profile", ROOT / "benchmarks" / "bench_train.py")
+    spec = importlib.util.spec_from_file_location("bench_profile", ROOT / "benchmarks" / "_profile.py")
     bench = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    spec.loader.exec_module(bench)
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
     def ev(key, device_type, us, count=2, annotation=False):
@@ -232,6 +229,8 @@ def test_bench_train_profile_table_counts_kernels_only_on_cuda():
     rows = [r for r in table.splitlines() if r.startswith("| `")]
     assert rows == ["| `cudnn_grouped_kernel` | 37 | 15.00 | 75.0 % |", "| `elementwise_kernel` | 10 | 5.00 | 25.0 % |"]
     assert "no breakdown" in bench.profile_table(events[:2], steps=2, wall=0.04, profiled=0.05, cuda=True)
+    image = bench.profile_table(events, steps=2, wall=0.040, profiled=0.045, cuda=True, unit="image")
+    assert image.startswith("wall 40.0 ms per image (") and "| calls per image | own device ms per image |" in image
 
 
 def test_bench_validate_smoke_prints_both_paths_and_their_difference():
