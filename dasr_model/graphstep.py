@@ -18,6 +18,7 @@ reduce-overhead (graphs of its own). A batch of another shape than the recorded 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -64,9 +65,8 @@ class GraphedStep:
         if self.graph is None and self.eager_steps < self.warmup:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
-                out = self.step(*inputs, ema_weight=self.ema_weight)
+                out = self._eager(inputs)
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
-            self.eager_steps += 1
             return out
         if self.graph is None:
             self.inputs = [t.clone() for t in inputs]  # clone keeps each input's memory format
@@ -76,13 +76,18 @@ class GraphedStep:
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.outputs = self.step(*self.inputs, ema_weight=self.ema_weight)
         elif [(t.shape, t.stride()) for t in inputs] != [(t.shape, t.stride()) for t in self.inputs]:
-            self.eager_steps += 1
-            return self.step(*inputs, ema_weight=self.ema_weight)
+            return self._eager(inputs)
         else:
             for mine, theirs in zip(self.inputs, inputs):
                 mine.copy_(theirs, non_blocking=True)
         self.graph.replay()
         return self.outputs
+
+    def _eager(self, inputs: Sequence[Tensor]) -> dict[str, Tensor]:
+        self.eager_steps += 1
+        with warnings.catch_warnings():  # Adam's note that a capturable optimiser steps outside a capture: intended
+            warnings.filterwarnings("ignore", message=".*capturable=True.*", category=UserWarning)
+            return self.step(*inputs, ema_weight=self.ema_weight)
 
 
 def plain_optimizer_state(state: dict) -> dict:

@@ -157,6 +157,12 @@ class TrainConfig:
 
 # (strategy, channels_last) pairs that expert_impl "auto" times on a GPU: each strategy in its best layout
 AUTO_CANDIDATES = (("grouped", False), ("dense", True), ("stacked", True), ("bmm", False), ("folded", True))
+# What expert_impl "auto" takes for a run whose steps replay a CUDA graph (and K > 1), without timing: the
+# probe times eager steps, whose host-side launch cost the graph removes, so its ranking is not the graph's.
+# Graphed, folded in channels_last was the fastest of grouped, folded and itself (the strategies timed that
+# way) at every batch (48, 16, 6) with and without GAN on an H200 with 5 experts (docs/benchmarks.md);
+# eager, its rank among those three varied from first to third.
+GRAPH_CHOICE = ("folded", True)
 STOP_AGREE_EVERY = 20  # under DDP, the ranks agree on stopping at least every this many steps
 PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCHEDULES = ("constant", "cosine")
@@ -395,7 +401,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             grouped = True
         if cfg.expert_impl == "auto":  # before DDP and compile wrap the model
             lr_hw = (cfg.lr_crop, cfg.lr_crop) if cfg.lr_crop else tuple(train_set.data[0].lr.shape[:2])
-            impl, channels_last, probe = choose_expert_impl(parts, cfg, device, use_bf16, lr_hw, world)
+            impl, channels_last, probe = choose_expert_impl(parts, cfg, device, use_bf16, lr_hw, world,
+                                                            graphed=use_graph)
             for module in (model, ema):
                 set_expert_impl(module, impl)
             fmt = lay_out(channels_last, model.predictor, disc)
@@ -404,6 +411,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 run_info["expert_impl_probe_ms"] = probe
                 say("--expert-impl auto: " + ", ".join(f"{k} {v:.1f} ms" for k, v in probe.items())
                     + f" per training step; training with {impl}, {run_info['memory_format']}")
+            elif device.type == "cuda":
+                say(f"--expert-impl auto: {impl}, {run_info['memory_format']} (the fastest with CUDA graphs "
+                    "where measured; not timed here)")
             if main_rank:
                 write_config()
             t0, paused[0] = time.perf_counter(), 0.0  # samples/s is the training's, without the probe's seconds
@@ -505,15 +515,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
 
 
 def choose_expert_impl(parts: StepParts, cfg: TrainConfig, device: torch.device, bf16: bool, lr_hw: tuple[int, int],
-                       world: int = 1) -> tuple[str, bool, dict[str, float]]:
+                       world: int = 1, graphed: bool = False) -> tuple[str, bool, dict[str, float]]:
     """expert_impl "auto": (strategy, channels_last, probe ms per candidate). On a CPU, "grouped" in the
     configured format without timing anything (the K-times-the-work strategies are ~4x slower there). On a
     GPU, the fastest of AUTO_CANDIDATES (channels_last ones only with cfg.channels_last) by
     :func:`probe_expert_impls`, on a batch (per process) of LR crops `lr_hw`; under DDP every candidate
     counts at its slowest rank's time (a rank where it ran out of memory rules it out), so all ranks choose
-    the same."""
+    the same. `graphed` (the steps will replay a CUDA graph) with more than one expert: GRAPH_CHOICE,
+    untimed (an empty probe dict)."""
     if device.type != "cuda":
         return "grouped", cfg.channels_last, {}
+    if graphed and cfg.model.num_experts > 1:
+        return GRAPH_CHOICE[0], GRAPH_CHOICE[1] or cfg.channels_last, {}
     candidates = [(impl, cl or cfg.channels_last) for impl, cl in AUTO_CANDIDATES]
     shape = (cfg.batch_size, 3, *lr_hw)  # --batch-size is per process
     times = probe_expert_impls(parts, cfg, shape, bf16, candidates)

@@ -933,7 +933,7 @@ def test_probe_seconds_count_in_the_budget_but_not_in_samples_per_s(shards, tmp_
     samples/s is the training's: with the probe's second in it, step 1's 2 samples would read under 2/s."""
     import dasr_model.train as train_module
 
-    def slow_choice(*args):
+    def slow_choice(*args, **kwargs):
         time.sleep(1.0)
         return "grouped", False, {"grouped": 1.0}
 
@@ -983,7 +983,7 @@ def test_auto_on_a_gpu_takes_the_fastest_candidate_and_training_applies_it(shard
         train_module.choose_expert_impl(None, cfg, torch.device("cuda"), True, (8, 8))
 
     monkeypatch.setattr(train_module, "choose_expert_impl",
-                        lambda *a: ("stacked", True, {"grouped": 4.0, "stacked channels_last": 2.0}))
+                        lambda *a, **kw: ("stacked", True, {"grouped": 4.0, "stacked channels_last": 2.0}))
     seen = _watch_steps(monkeypatch)
     model = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8, mapping_gain=1.0)
     train(_cfg(shards, tmp_path / "auto", 2, model=model, gan=True, batch_size=3))
