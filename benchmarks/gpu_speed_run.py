@@ -57,7 +57,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Compiling is the least known (a cold inductor build of forward and backward, then three rows that may
 # reuse its caches): it runs last, so that a cut costs only its own rows; inference and the bf16 check are
 # a few dozen small timed calls each.
-SHARES = {"dataset": 0.06, "train": 0.30, "profile": 0.12, "infer": 0.14, "bf16": 0.08, "compile": 0.30}
+# On an H200 (2026-11-26) the dataset took 3 s, 18 step rows 85 s (the table now has 42), 4 profiles 36 s,
+# inference 10 s, the bf16 check 9 s, the compile rows 85 s.
+SHARES = {"dataset": 0.03, "train": 0.45, "profile": 0.12, "infer": 0.08, "bf16": 0.04, "compile": 0.28}
 STEP_COLUMNS = ("batch", "GAN", "precision", "expert impl", "memory format", "compile", "ms/step")
 
 
