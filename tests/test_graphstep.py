@@ -29,6 +29,14 @@ SMALL = DASRConfig(num_experts=3, num_feat=8, num_block=1, predictor_feat=8)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.fixture
+def deterministic_cudnn():
+    before = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    yield
+    torch.backends.cudnn.deterministic = before
+
+
 def _parts(device, gan: bool, seed: int = 0) -> tuple[StepParts, TrainConfig]:
     torch.manual_seed(seed)
     cfg = TrainConfig(shards="", out="", gan=gan, model=SMALL, lr=2e-3)
@@ -149,129 +157,103 @@ def _graphed(parts: StepParts, cfg: TrainConfig, bf16: bool, device, warmup: int
 @cuda
 @pytest.mark.parametrize("gan", [False, True])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_the_graphed_step_trains_like_the_eager_step(gan, bf16):
+def test_the_graphed_step_trains_like_the_eager_step(gan, bf16, deterministic_cudnn):
     """The reference is the same GraphedStep that never records (its warm-up outlasts the run): the same
     step, optimiser settings (Adam capturable, its rate a tensor), EMA weight and side stream, run
     eagerly. So the graph alone differs, and with deterministic kernels the runs agree to 1e-6. (Against
     the plain eager step, with GAN, the weights differed by more than 1e-4 after 7 steps on an H200, in
     float32 and bf16; the test below isolates whether that is the graph's doing.)"""
     device = torch.device("cuda")
-    deterministic = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
-    try:
-        eager_parts, cfg = _parts(device, gan)
-        graph_parts = copy.deepcopy(eager_parts)
-        init = {k: v.clone() for k, v in _state(eager_parts).items()}
-        eager = _graphed(eager_parts, cfg, bf16, device, warmup=10**9)
-        graphed = _graphed(graph_parts, cfg, bf16, device)
-        for i in range(7):  # 3 eager warm-up steps, the recording, then replays; the rate and decay change
-            rate, decay = cfg.lr * (1 + i) / 7, ema_decay_at(i, cfg)
-            lo = {k: float(v) for k, v in eager(*_batch(i, device), rate=rate, ema_decay=decay).items()}
-            lg = {k: float(v) for k, v in graphed(*_batch(i, device), rate=rate, ema_decay=decay).items()}
-            assert lg == pytest.approx(lo, rel=1e-5, abs=1e-7), i
-        assert graphed.graph is not None and graphed.eager_steps == graphed.warmup and eager.graph is None
-        a, b = _state(eager_parts), _state(graph_parts)
-        moved = max((a[k].float() - init[k].float()).abs().max().item() for k in a if k.startswith("model."))
-        assert moved > 3e-3, f"the steps barely trained ({moved:.2g}): the comparison would say nothing"
-        for name, tensor in a.items():
-            torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
-        steps = [s["step"] for s in graph_parts.opt.state.values()]
-        assert all(s.device.type == "cuda" and float(s) == 7 for s in steps)
-    finally:
-        torch.backends.cudnn.deterministic = deterministic
+    eager_parts, cfg = _parts(device, gan)
+    graph_parts = copy.deepcopy(eager_parts)
+    init = {k: v.clone() for k, v in _state(eager_parts).items()}
+    eager = _graphed(eager_parts, cfg, bf16, device, warmup=10**9)
+    graphed = _graphed(graph_parts, cfg, bf16, device)
+    for i in range(7):  # 3 eager warm-up steps, the recording, then replays; the rate and decay change
+        rate, decay = cfg.lr * (1 + i) / 7, ema_decay_at(i, cfg)
+        lo = {k: float(v) for k, v in eager(*_batch(i, device), rate=rate, ema_decay=decay).items()}
+        lg = {k: float(v) for k, v in graphed(*_batch(i, device), rate=rate, ema_decay=decay).items()}
+        assert lg == pytest.approx(lo, rel=1e-5, abs=1e-7), i
+    assert graphed.graph is not None and graphed.eager_steps == graphed.warmup and eager.graph is None
+    a, b = _state(eager_parts), _state(graph_parts)
+    moved = max((a[k].float() - init[k].float()).abs().max().item() for k in a if k.startswith("model."))
+    assert moved > 3e-3, f"the steps barely trained ({moved:.2g}): the comparison would say nothing"
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    steps = [s["step"] for s in graph_parts.opt.state.values()]
+    assert all(s.device.type == "cuda" and float(s) == 7 for s in steps)
+
+
+def _against_plain(gan: bool, bf16: bool, warmup: int, atol: float) -> None:
+    """7 steps (the rate and decay changing) of the trainer's plain eager step (Adam with a float rate, the
+    default stream) against a GraphedStep with `warmup` eager steps, on copies of one model: every weight,
+    EMA and discriminator weight within atol."""
+    device = torch.device("cuda")
+    plain, cfg = _parts(device, gan)
+    other = copy.deepcopy(plain)
+    step = _graphed(other, cfg, bf16, device, warmup=warmup)
+    for i in range(7):
+        rate, decay = cfg.lr * (1 + i) / 7, ema_decay_at(i, cfg)
+        for group in (g for o in (plain.opt, plain.opt_d) if o is not None for g in o.param_groups):
+            group["lr"] = rate
+        train_step(plain, cfg, *_batch(i, device), bf16, ema_decay=decay)
+        step(*_batch(i, device), rate=rate, ema_decay=decay)
+    _assert_alike(plain, other, atol)
+
+
+def _assert_alike(a: StepParts, b: StepParts, atol: float) -> None:
+    sa, sb = _state(a), _state(b)
+    for name, tensor in sa.items():
+        torch.testing.assert_close(sb[name], tensor, rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @cuda
-def test_the_graphed_step_trains_like_the_plain_eager_step_without_gan():
-    """Against the trainer's own eager step (plain Adam, a float rate): equal to rounding, which without
-    the GAN term stays well inside 1e-4 over 7 steps (on an H200, 2026-11-26)."""
-    device = torch.device("cuda")
-    deterministic = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
-    try:
-        plain, cfg = _parts(device, gan=False)
-        graph_parts = copy.deepcopy(plain)
-        graphed = _graphed(graph_parts, cfg, True, device)
-        for i in range(7):
-            rate, decay = cfg.lr * (1 + i) / 7, ema_decay_at(i, cfg)
-            for group in plain.opt.param_groups:
-                group["lr"] = rate
-            train_step(plain, cfg, *_batch(i, device), True, ema_decay=decay)
-            graphed(*_batch(i, device), rate=rate, ema_decay=decay)
-        a, b = _state(plain), _state(graph_parts)
-        for name, tensor in a.items():
-            torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
-    finally:
-        torch.backends.cudnn.deterministic = deterministic
+def test_the_graphed_step_trains_like_the_plain_eager_step_without_gan(deterministic_cudnn):
+    """Against the trainer's own eager step: equal to rounding, which without the GAN term stays well
+    inside 1e-4 over 7 steps (on an H200, 2026-11-26)."""
+    _against_plain(gan=False, bf16=True, warmup=3, atol=1e-4)
 
 
 @cuda
 @pytest.mark.parametrize("bf16", [False, True])
-def test_with_gan_the_eager_graphed_step_setup_trains_like_the_plain_eager_step(bf16):
-    """No graph on either side: the plain step (Adam with a float rate, the default stream) against a
-    GraphedStep that never records (capturable Adam, a tensor rate, its side stream). If this holds
-    where the graph-against-plain comparison with GAN does not, the graph is what differs."""
-    device = torch.device("cuda")
-    deterministic = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
-    try:
-        plain, cfg = _parts(device, gan=True)
-        other = copy.deepcopy(plain)
-        eager = _graphed(other, cfg, bf16, device, warmup=10**9)
-        for i in range(7):
-            rate, decay = cfg.lr * (1 + i) / 7, ema_decay_at(i, cfg)
-            for group in (g for o in (plain.opt, plain.opt_d) for g in o.param_groups):
-                group["lr"] = rate
-            train_step(plain, cfg, *_batch(i, device), bf16, ema_decay=decay)
-            eager(*_batch(i, device), rate=rate, ema_decay=decay)
-        a, b = _state(plain), _state(other)
-        for name, tensor in a.items():
-            torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
-    finally:
-        torch.backends.cudnn.deterministic = deterministic
+def test_with_gan_the_eager_graphed_step_setup_trains_like_the_plain_eager_step(bf16, deterministic_cudnn):
+    """No graph on either side: the plain step against a GraphedStep that never records (capturable Adam,
+    a tensor rate, its side stream). If this holds where the graph-against-plain comparison with GAN does
+    not, the graph is what differs."""
+    _against_plain(gan=True, bf16=bf16, warmup=10**9, atol=1e-4)
 
 
 @cuda
-def test_a_batch_of_another_shape_runs_eagerly_after_the_recording_and_the_replays_go_on_right():
+def test_a_batch_of_another_shape_runs_eagerly_after_the_recording_and_the_replays_go_on_right(deterministic_cudnn):
     """The eager step re-points the gradients (set_to_none); the graph must go on reading and updating its
     own, and train like the same sequence of steps run eagerly."""
     device = torch.device("cuda")
-    deterministic = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
-    try:
-        parts, cfg = _parts(device, gan=False)
-        ref_parts = copy.deepcopy(parts)
-        graphed = _graphed(parts, cfg, True, device, warmup=1)
-        eager = _graphed(ref_parts, cfg, True, device, warmup=10**9)
-        batches = [_batch(0, device), _batch(1, device), _batch(2, device), _batch(3, device, batch=2),
-                   _batch(4, device), _batch(5, device)]
-        for i, batch in enumerate(batches):
-            got = graphed(*batch, rate=cfg.lr, ema_decay=0.999)
-            want = eager(*batch, rate=cfg.lr, ema_decay=0.999)
-            assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-5, abs=1e-7), i
-        assert graphed.graph is not None and graphed.eager_steps == 2  # the warm-up and the odd batch
-        a, b = _state(ref_parts), _state(parts)
-        for name, tensor in a.items():
-            torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
-    finally:
-        torch.backends.cudnn.deterministic = deterministic
+    parts, cfg = _parts(device, gan=False)
+    ref_parts = copy.deepcopy(parts)
+    graphed = _graphed(parts, cfg, True, device, warmup=1)
+    eager = _graphed(ref_parts, cfg, True, device, warmup=10**9)
+    batches = [_batch(0, device), _batch(1, device), _batch(2, device), _batch(3, device, batch=2),
+               _batch(4, device), _batch(5, device)]
+    for i, batch in enumerate(batches):
+        got = graphed(*batch, rate=cfg.lr, ema_decay=0.999)
+        want = eager(*batch, rate=cfg.lr, ema_decay=0.999)
+        assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-5, abs=1e-7), i
+    assert graphed.graph is not None and graphed.eager_steps == 2  # the warm-up and the odd batch
+    a, b = _state(ref_parts), _state(parts)
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @cuda
-def test_dasr_train_cuda_graph_trains_like_eager_and_resumes_either_way(tmp_path):
+def test_dasr_train_cuda_graph_trains_like_eager_and_resumes_either_way(tmp_path, deterministic_cudnn):
     shards = make_small_dataset(tmp_path / "ds", count=12, seed=1, shard_size=12)
     # teacher steps 0-4: 3 eager, step 3 recorded, step 4 replayed; then a second graph: 5-7 eager, 8 recorded
     base = dict(shards=shards, steps=10, batch_size=3, lr_crop=8, workers=0, model=SMALL, device="cuda",
                 ckpt_every=5, teacher_steps=5, lr=2e-3, expert_impl="grouped")
-    deterministic = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
-    try:
-        train(TrainConfig(out=str(tmp_path / "eager"), cuda_graph=False, **base))
-        train(TrainConfig(out=str(tmp_path / "graph"), cuda_graph=True, **base))
-        train(TrainConfig(out=str(tmp_path / "half"), cuda_graph=True, **{**base, "steps": 9}))  # its step 9 replayed
-        train(TrainConfig(out=str(tmp_path / "half"), cuda_graph=False, **base), resume=True)  # graphed, then eager
-    finally:
-        torch.backends.cudnn.deterministic = deterministic
+    train(TrainConfig(out=str(tmp_path / "eager"), cuda_graph=False, **base))
+    train(TrainConfig(out=str(tmp_path / "graph"), cuda_graph=True, **base))
+    train(TrainConfig(out=str(tmp_path / "half"), cuda_graph=True, **{**base, "steps": 9}))  # its step 9 replayed
+    train(TrainConfig(out=str(tmp_path / "half"), cuda_graph=False, **base), resume=True)  # graphed, then eager
     assert json.loads((tmp_path / "graph" / "config.json").read_text())["run"]["cuda_graph"] is True
     eager = load_checkpoint(tmp_path / "eager" / "ckpt-10.pt")
     graph = load_checkpoint(tmp_path / "graph" / "ckpt-10.pt")
@@ -294,20 +276,15 @@ def test_by_default_a_cpu_run_trains_eagerly_and_says_so(tmp_path):
 
 
 @cuda
-def test_dasr_train_by_default_on_a_gpu_takes_folded_channels_last_and_the_graph(tmp_path):
+def test_dasr_train_by_default_on_a_gpu_takes_folded_channels_last_and_the_graph(tmp_path, deterministic_cudnn):
     """The default GPU path: expert_impl auto and cuda_graph auto give folded in channels_last, graphed,
     without the eager probe; it trains like the same settings run eagerly."""
     shards = make_small_dataset(tmp_path / "ds", count=12, seed=1, shard_size=12)
     base = dict(shards=shards, steps=6, batch_size=3, lr_crop=8, workers=0, model=SMALL, device="cuda", lr=2e-3)
-    deterministic = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
-    try:
-        notes: list[str] = []
-        train(TrainConfig(out=str(tmp_path / "auto"), **base), notify=notes.append)
-        train(TrainConfig(out=str(tmp_path / "eager"), expert_impl="folded", channels_last=True, cuda_graph=False,
-                          **base))
-    finally:
-        torch.backends.cudnn.deterministic = deterministic
+    notes: list[str] = []
+    train(TrainConfig(out=str(tmp_path / "auto"), **base), notify=notes.append)
+    train(TrainConfig(out=str(tmp_path / "eager"), expert_impl="folded", channels_last=True, cuda_graph=False,
+                      **base))
     run = json.loads((tmp_path / "auto" / "config.json").read_text())["run"]
     assert (run["expert_impl"], run["memory_format"], run["cuda_graph"]) == ("folded", "channels_last", True)
     assert "expert_impl_probe_ms" not in run and any("not timed here" in n for n in notes)
