@@ -329,7 +329,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 "world_size": world, "samples": len(train_set), "start_step": step, "schedule_steps": end}
     say(f"{run_info['device']}, {run_info['dtype']}, {run_info['parameters']:,} parameters "
         f"({cfg.model.num_experts} experts x {cfg.model.num_block} blocks x {cfg.model.num_feat} features), "
-        f"{len(train_set)} training samples")
+        f"{len(train_set)} training samples" + (", each step replayed from a CUDA graph (recorded after 3 eager "
+                                                 "steps; --no-cuda-graph runs eagerly)" if use_graph else ""))
 
     def write_config() -> None:  # the full config and what this run runs on (rewritten once "auto" has chosen)
         write_bytes_atomic(out / "config.json", json.dumps({**cfg.to_dict(), "run": run_info}, indent=1).encode())

@@ -288,6 +288,7 @@ def test_dasr_train_by_default_on_a_gpu_takes_folded_channels_last_and_the_graph
     run = json.loads((tmp_path / "auto" / "config.json").read_text())["run"]
     assert (run["expert_impl"], run["memory_format"], run["cuda_graph"]) == ("folded", "channels_last", True)
     assert "expert_impl_probe_ms" not in run and any("not timed here" in n for n in notes)
+    assert any("each step replayed from a CUDA graph" in n for n in notes)
     auto, eager = load_checkpoint(tmp_path / "auto" / "ckpt-6.pt"), load_checkpoint(tmp_path / "eager" / "ckpt-6.pt")
     for key in ("model", "ema_generator"):
         for name, tensor in eager[key].items():
