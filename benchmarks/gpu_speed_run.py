@@ -7,8 +7,8 @@ shares the steps after it keep:
   1. OUT/environment.txt: GPU, driver, torch / CUDA / cuDNN versions, cores, date, the command;
   2. a level-2 dataset on all cores (`degrade make-dataset`), for the loader;
   3. OUT/train.md: `benchmarks/bench_train.py`: ms per step at batch 48 / 16 / 6 (LR 64), without and with
-     the GAN term, in bf16 autocast, for grouped expert convs (which beat dense, stacked and bmm in every
-     5-expert row on an H200), folded, and folded with the predictor and discriminator in channels_last,
+     the GAN term, in bf16 autocast, for grouped expert convs (dense, stacked and bmm were slower on an
+     H200: docs/benchmarks.md), folded, and folded with the predictor and discriminator in channels_last,
      each eager and as one CUDA graph per step (`dasr-train --cuda-graph`), beside the float32 grouped
      eager step with the release's up-sampling (the release's way) in the same run; the loader's
      samples/s with 0 to all cores;
@@ -252,13 +252,14 @@ def main(argv: list[str] | None = None) -> int:
                       "--loader-workers", ",".join(map(str, workers)), "--loader-batch", "48", "--loader-steps", "30"]
         infer_args = ["--sizes", "128,256,512", "--warmup", "2", "--repeats", "5", "--profile", "512"]
     loader = ["--shards", str(shards)] if made else []  # without the dataset: the step times alone
-    # dense, stacked and bmm were slower than grouped in every 5-expert row on an H200 (2026-11-26,
-    # docs/benchmarks.md); each row eager and as one CUDA graph per step
+    # not dense, stacked, bmm: on an H200 (2026-11-26, docs/benchmarks.md) dense was slower than grouped in
+    # every 5-expert row of the step table, stacked and bmm in the trainer's probe (batch 48, no GAN); each
+    # row eager and as one CUDA graph per step
     step(out, "train", [py, "benchmarks/bench_train.py", "--device", device, *loader, "--gan",
                         "--impl", "grouped,folded,folded:cl", "--cuda-graph", "--fp32-baseline", *train_args],
          out / "train.md", allowed("train"))
-    # the bf16 grouped step (train.md has its times): on the GPU batch 48 without, then with GAN; one row in
-    # the smoke run (profiling on a CPU is slow)
+    # the bf16 folded channels_last step (train.md has its times), eager and graphed: on the GPU batch 48
+    # without, then with GAN; one batch without GAN in the smoke run (profiling on a CPU is slow)
     profile_args = (["--batch-sizes", "2", "--lr-size", "8", "--precision", "bf16"] if args.smoke
                     else ["--batch-sizes", "48", "--gan"])
     step(out, "profile", [py, "benchmarks/bench_train.py", "--device", device, "--impl", "folded:cl", "--profile-only",
@@ -276,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         log(out, f"compile: train.md has no batch-{want} rows (cut short?): compiling at batch {largest}")
     log(out, f"compile: the fastest eager step at batch {largest} without GAN: {best}")
     if args.smoke:  # inductor needs minutes on a CPU for this model: the same path, traced without codegen
-        if best != "grouped":  # which is fastest on a CPU is noise; tracing bmm takes 4x grouped's 17 s
-            log(out, "compile: smoke: compiling grouped in its place (the quickest to trace on a CPU)")
-            best = "grouped"
+        if best != "folded":  # which is fastest on a CPU is noise; on an H200 folded was (2026-11-26)
+            log(out, "compile: smoke: compiling folded in its place (the GPU's fastest eager step at batch 48)")
+            best = "folded"
         compile_args = ["--lr-size", "8", "--warmup", "0", "--repeats", "1", "--compile", "default",
                         "--compile-backend", "aot_eager", "--precision", "bf16"]
     else:

@@ -121,7 +121,9 @@ def default_workers() -> int:
               default="auto",
               show_default=True,  # auto + dasr_model.config.EXPERT_IMPLS, spelt out: importing it would import torch
               help="How expert convolutions are computed (exact either way; speed differs by device). auto: on a "
-                   "GPU the fastest, timed at this run's batch shape before the first step (memory format "
+                   "GPU with CUDA graphs in bf16 (the default) and more than one expert, folded in channels_last "
+                   "(the fastest graphed on an H200), untimed; otherwise on a GPU the fastest, timed at this "
+                   "run's batch shape before the first step (memory format "
                    "included); on a CPU grouped.")
 @click.option("--channels-last/--no-channels-last", default=False,
               help="Batches, predictor and discriminator in channels_last memory (with --expert-impl dense or "

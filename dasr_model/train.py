@@ -97,8 +97,9 @@ class TrainConfig:
     vgg_weights: str | None = None
     perceptual_weight: float = 1.0
     # How expert convs compute (model.set_expert_impl; exact either way), or "auto": on a GPU the fastest
-    # of AUTO_CANDIDATES timed at the run's batch shape before the first step (memory format included), on a
-    # CPU "grouped" (the fastest there: docs/benchmarks.md)
+    # of AUTO_CANDIDATES timed at the run's batch shape before the first step (memory format included), but
+    # GRAPH_CHOICE untimed where bf16 steps replay a CUDA graph with K > 1; on a CPU "grouped" (the fastest
+    # there: docs/benchmarks.md)
     expert_impl: str = "auto"
     # Batches, the predictor and the discriminator in channels_last (NHWC) memory: what tensor-core
     # convolutions read natively. The expert weights are 5-D and keep theirs; "dense" and "stacked" carry
@@ -157,7 +158,7 @@ class TrainConfig:
 
 # (strategy, channels_last) pairs that expert_impl "auto" times on a GPU: each strategy in its best layout
 AUTO_CANDIDATES = (("grouped", False), ("dense", True), ("stacked", True), ("bmm", False), ("folded", True))
-# What expert_impl "auto" takes for a run whose steps replay a CUDA graph (and K > 1), without timing: the
+# What expert_impl "auto" takes for a run whose bf16 steps replay a CUDA graph (and K > 1), untimed: the
 # probe times eager steps, whose host-side launch cost the graph removes, so its ranking is not the graph's.
 # Graphed, folded in channels_last was the fastest of grouped, folded and itself (the strategies timed that
 # way) at every batch (48, 16, 6) with and without GAN on an H200 with 5 experts (docs/benchmarks.md);
@@ -522,11 +523,11 @@ def choose_expert_impl(parts: StepParts, cfg: TrainConfig, device: torch.device,
     GPU, the fastest of AUTO_CANDIDATES (channels_last ones only with cfg.channels_last) by
     :func:`probe_expert_impls`, on a batch (per process) of LR crops `lr_hw`; under DDP every candidate
     counts at its slowest rank's time (a rank where it ran out of memory rules it out), so all ranks choose
-    the same. `graphed` (the steps will replay a CUDA graph) with more than one expert: GRAPH_CHOICE,
-    untimed (an empty probe dict)."""
+    the same. `graphed` (the steps will replay a CUDA graph) in bf16 with more than one expert:
+    GRAPH_CHOICE, untimed (an empty probe dict), the only setting where it was measured graphed."""
     if device.type != "cuda":
         return "grouped", cfg.channels_last, {}
-    if graphed and cfg.model.num_experts > 1:
+    if graphed and bf16 and cfg.model.num_experts > 1:
         return GRAPH_CHOICE[0], GRAPH_CHOICE[1] or cfg.channels_last, {}
     candidates = [(impl, cl or cfg.channels_last) for impl, cl in AUTO_CANDIDATES]
     shape = (cfg.batch_size, 3, *lr_hw)  # --batch-size is per process
