@@ -4,7 +4,8 @@
 Steps, each writing into OUT as it finishes (a run cut short still leaves what it did), each a separate
 process with a timeout: its share of the --minutes budget plus what the steps before it left, less the
 shares the steps after it keep:
-  1. OUT/environment.txt: GPU, driver, torch / CUDA / cuDNN versions, cores, date, the command;
+  1. OUT/environment.txt: GPU, driver, torch / CUDA / cuDNN versions, cores, date, the command; with
+     --tests, then the CUDA tests of the graphed and folded steps (their output's end in OUT/log.txt);
   2. a level-2 dataset on all cores (`degrade make-dataset`), for the loader;
   3. OUT/train.md: `benchmarks/bench_train.py`: ms per step at batch 48 / 16 / 6 (LR 64), without and with
      the GAN term, in bf16 autocast, for grouped expert convs (dense, stacked and bmm were slower on an
@@ -31,7 +32,7 @@ shares the steps after it keep:
      train.md); skipped, and said so, without a C compiler for Triton;
   8. OUT/summary.md: all of it in one page, led by the fastest training step per batch and GAN setting.
 
-Usage (GPU): python benchmarks/gpu_speed_run.py --out $OUT [--model model.safetensors] [--minutes 8]
+Usage (GPU): python benchmarks/gpu_speed_run.py --out $OUT [--tests] [--model model.safetensors] [--minutes 8]
 CPU dry run of the same path with tiny sizes (under a minute):
        python benchmarks/gpu_speed_run.py --smoke --out /tmp/o
 """
@@ -59,7 +60,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # a few dozen small timed calls each.
 # On an H200 (2026-11-26) the dataset took 3 s, 18 step rows 85 s (the table now has 42), 4 profiles 36 s,
 # inference 10 s, the bf16 check 9 s, the compile rows 85 s.
-SHARES = {"dataset": 0.03, "train": 0.45, "profile": 0.12, "infer": 0.08, "bf16": 0.04, "compile": 0.28}
+# With --tests, the CUDA tests first (25 s on the H200): without it their share goes to the steps after.
+SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.42, "profile": 0.11, "infer": 0.08, "bf16": 0.03,
+          "compile": 0.27}
+GPU_TESTS = ("tests/test_graphstep.py", "tests/test_expert_impl.py")  # what the speed paths' exactness rests on
 STEP_COLUMNS = ("batch", "GAN", "precision", "expert impl", "memory format", "compile", "ms/step")
 
 
@@ -209,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="a trained model for the bf16 check (model file, checkpoint or run folder)")
     ap.add_argument("--minutes", type=float, default=8.0, help="the whole run's budget")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: the same path in under a minute")
+    ap.add_argument("--tests", action="store_true",
+                    help=f"first run {' and '.join(GPU_TESTS)} (their CUDA tests skip elsewhere); the output's "
+                         "end goes into log.txt")
     ap.add_argument("--bf16-only", action="store_true", help=argparse.SUPPRESS)  # step 5, run as its own process
     args = ap.parse_args(argv)
     out = args.out
@@ -234,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         """Seconds for step `name`: what is left of the budget, less the shares of the steps after it."""
         later = list(SHARES)[list(SHARES).index(name) + 1 :]
         return budget_end - time.perf_counter() - total * sum(SHARES[k] for k in later)
+
+    if args.tests:  # before any figure: the graphed and folded steps' exactness on this device
+        step(out, "tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *GPU_TESTS], work / "tests.txt",
+             allowed("tests"))
+        with open(out / "log.txt", "a") as f:  # eight files come back from a device call: the tests join the log
+            f.write((work / "tests.txt").read_text()[-8000:] + "\n")
 
     shards = work / "ds"
     count = 64 if args.smoke else 1200

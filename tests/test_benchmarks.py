@@ -129,7 +129,7 @@ def test_bench_make_dataset_smoke_prints_the_scaling_lines():
 def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     """Issue 10's unattended GPU script, its --smoke path on CPU: every file, every table filled."""
     out = tmp_path / "out"
-    subprocess.run([sys.executable, "benchmarks/gpu_speed_run.py", "--smoke", "--out", str(out),
+    subprocess.run([sys.executable, "benchmarks/gpu_speed_run.py", "--smoke", "--tests", "--out", str(out),
                     "--work", str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert sorted(p.name for p in out.iterdir()) == ["bf16.md", "compile.md", "environment.txt", "infer.md",
                                                       "log.txt", "profile.md", "summary.md", "train.md"]
@@ -157,7 +157,9 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     assert "| 16 | experts bf16 (autocast) |" in infer and "| 16 | fused bf16 channels_last |" in infer
     assert "### Profile: LR 16, fused bf16 channels_last" in infer and "ms per image (" in infer
     assert "| mean |" in (out / "bf16.md").read_text()
-    assert all(f"{name}: exit 0" in log for name in ("dataset", "train", "profile", "compile", "infer", "bf16"))
+    assert all(f"{name}: exit 0" in log for name in ("tests", "dataset", "train", "profile", "compile", "infer",
+                                                     "bf16"))
+    assert " passed" in log.split("tests: exit 0")[1]  # the tests' own summary line, in the log
     profile = (out / "profile.md").read_text()  # one row profiled: its wall and busy time, its top operators
     assert profile.count("### Profile: batch 2, GAN no, bf16 autocast, folded, channels_last, eager") == 1
     assert "### Profile: batch 2, GAN no, bf16 autocast, folded, channels_last, cuda graph\n\nnot profiled: a CUDA " \
