@@ -241,7 +241,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                         "DDP (several processes); use --compile default or max-autotune-no-cudagraphs")
     rank = int(os.environ.get("RANK", "0"))
     device = pick_device(cfg.device)
-    graph_ok = device.type == "cuda" and world == 1 and cfg.compile == "off"
+    graph_ok = graph_possible(device, world, cfg.compile)
     use_graph = graph_ok if cfg.cuda_graph is None else cfg.cuda_graph
     if use_graph and not graph_ok:
         why = (f"a CUDA device (this run: {device.type})" if device.type != "cuda" else
@@ -514,6 +514,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             parts.net, parts.disc = model, disc  # the DDP wrappers hold the group: release them first
             dist.destroy_process_group()
     return last
+
+
+def graph_possible(device: torch.device, world: int, compile_mode: str) -> bool:
+    """Whether a run's steps can replay a CUDA graph (GraphedStep): CUDA, one process, no torch.compile."""
+    return device.type == "cuda" and world == 1 and compile_mode == "off"
 
 
 def choose_expert_impl(parts: StepParts, cfg: TrainConfig, device: torch.device, bf16: bool, lr_hw: tuple[int, int],

@@ -278,3 +278,42 @@ def test_dasr_train_by_default_on_a_gpu_takes_folded_channels_last_and_the_graph
     for key in ("model", "ema_generator"):
         for name, tensor in eager[key].items():
             torch.testing.assert_close(auto[key][name], tensor, rtol=0, atol=1e-3, msg=f"{key} {name}")
+
+
+def test_the_training_loop_drives_its_graph_with_each_steps_batch_rate_and_decay(tmp_path, monkeypatch):
+    """The loop's side of --cuda-graph, on a CPU: GraphedStep replaced by a stand-in that runs the step it is
+    given eagerly (the graph's own exactness is the CUDA tests' business). The loop must build one per
+    teacher phase with the right step, hand it every step's batch, rate and EMA decay, and train exactly as
+    the plain loop does: a warm-up-and-cosine schedule and the EMA warm-up make both change every step."""
+    import dasr_model.train as train_module
+
+    built, calls = [], []
+
+    class EagerStandIn:
+        def __init__(self, step, optimizers, device, *, warmup=3):
+            self.step, self.optimizers = step, optimizers
+            built.append(step.keywords)
+
+        def __call__(self, *inputs, rate, ema_decay):
+            calls.append((rate, ema_decay))
+            for group in (g for o in self.optimizers for g in o.param_groups):
+                group["lr"] = rate
+            return self.step(*inputs, ema_weight=torch.tensor(1 - ema_decay))
+
+    shards = make_small_dataset(tmp_path / "ds", count=8, seed=1, shard_size=8)
+    base = dict(shards=shards, steps=6, batch_size=2, lr_crop=8, workers=0, model=SMALL, device="cpu", gan=True,
+                teacher_steps=2, lr_schedule="cosine", warmup_steps=2, ckpt_every=6)
+    train(TrainConfig(out=str(tmp_path / "plain"), **base))
+    monkeypatch.setattr(train_module, "graph_possible", lambda *args: True)
+    monkeypatch.setattr(train_module, "GraphedStep", EagerStandIn)
+    notes: list[str] = []
+    train(TrainConfig(out=str(tmp_path / "graph"), **base), notify=notes.append)
+    assert [k["teacher"] for k in built] == [True, False]  # one per phase, rebuilt where the teacher ends
+    assert all(k["autocast_cache"] is False and k["bf16"] is False for k in built)
+    cfg = TrainConfig(**base, out="")
+    assert calls == [(train_module.lr_at(i, cfg, 6), train_module.ema_decay_at(i, cfg)) for i in range(6)]
+    assert len(set(calls)) == 6 and any("each step replayed from a CUDA graph" in n for n in notes)
+    plain, graph = load_checkpoint(tmp_path / "plain" / "ckpt-6.pt"), load_checkpoint(tmp_path / "graph" / "ckpt-6.pt")
+    for key in ("model", "ema_generator", "discriminator"):
+        for name, tensor in plain[key].items():
+            assert torch.equal(graph[key][name], tensor), f"{key} {name}"
