@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import functools
 import platform
 import shlex
 import statistics
@@ -45,7 +44,6 @@ from torch.utils.data import DataLoader
 
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
 from dasr_model.errors import DASRError
-from dasr_model.graphstep import GraphedStep
 from dasr_model.losses import UNetDiscriminatorSN
 from dasr_model.model import DASR, EXPERT_IMPLS, set_expert_impl
 from dasr_model.runs import pick_device
@@ -54,6 +52,7 @@ from dasr_model.train import (
     StepParts,
     TrainConfig,
     compile_net,
+    graphed_train_step,
     lay_out,
     out_of_memory,
     train_step,
@@ -103,8 +102,7 @@ def make_runner(parts: StepParts, cfg: TrainConfig, lr, hr, v, bf16: bool, mode:
     DASRError without CUDA."""
     if mode != "graph":
         return (lambda: train_step(parts, cfg, lr, hr, v, bf16)), (3 if mode != "off" else 0)
-    graphed = GraphedStep(functools.partial(train_step, parts, cfg, bf16=bf16, autocast_cache=False),
-                          [o for o in (parts.opt, parts.opt_d) if o is not None], device)
+    graphed = graphed_train_step(parts, cfg, bf16, device)
     return (lambda: graphed(lr, hr, v, rate=cfg.lr, ema_decay=cfg.ema_decay)), graphed.warmup + 2
 
 

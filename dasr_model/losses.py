@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils import spectral_norm
 
 from dasr_model.checkpoints import load_weights_state
+from dasr_model.model import is_channels_last
 
 
 def upsample2x(x: Tensor) -> Tensor:
@@ -22,7 +23,7 @@ def upsample2x(x: Tensor) -> Tensor:
     their backward has no atomic adds, so it is deterministic."""
     if x.dim() != 4:
         raise ValueError(f"upsample2x takes (N, C, H, W), got {tuple(x.shape)}")
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if is_channels_last(x):
         return _upsample_axis(_upsample_axis(x.permute(0, 2, 3, 1), 2), 1).permute(0, 3, 1, 2)
     return _upsample_axis(_upsample_axis(x, 3), 2)
 
@@ -70,13 +71,9 @@ class UNetDiscriminatorSN(nn.Module):
         return self.conv9(act(self.conv8(act(self.conv7(x6)))))
 
     def _upsample(self, x: Tensor) -> Tensor:
-        if self.release_upsample or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
-            return _pytorch_upsample2x(x)
+        if self.release_upsample or is_channels_last(x):
+            return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         return upsample2x(x)
-
-
-def _pytorch_upsample2x(x: Tensor) -> Tensor:
-    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
 def gan_loss(logits: Tensor, real: bool) -> Tensor:

@@ -437,9 +437,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             if use_graph:
                 if graphed is None or graphed_teacher != teacher:
                     graphed, graphed_teacher = None, teacher  # the teacher phase's graph (and its memory) goes first
-                    graphed = GraphedStep(functools.partial(train_step, parts, cfg, bf16=use_bf16, teacher=teacher,
-                                                            autocast_cache=False),
-                                          [o for o in (opt, opt_d) if o is not None], device)
+                    graphed = graphed_train_step(parts, cfg, use_bf16, device, teacher=teacher)
                 losses = graphed(lr_img, target, v, rate=rate, ema_decay=ema_decay_at(step, cfg))
             else:
                 for group in (g for o in (opt, opt_d) if o is not None for g in o.param_groups):
@@ -516,6 +514,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     return last
 
 
+def graphed_train_step(parts: StepParts, cfg: TrainConfig, bf16: bool, device: torch.device, *,
+                       teacher: bool = False, warmup: int = 3) -> GraphedStep:
+    """:func:`train_step` on `parts` as a CUDA graph (dasr_model.graphstep): call it with (lr, target, v,
+    rate=..., ema_decay=...); its first `warmup` steps run eagerly. DASRError without CUDA."""
+    return GraphedStep(functools.partial(train_step, parts, cfg, bf16=bf16, teacher=teacher, autocast_cache=False),
+                       [o for o in (parts.opt, parts.opt_d) if o is not None], device, warmup=warmup)
+
+
 def graph_possible(device: torch.device, world: int, compile_mode: str) -> bool:
     """Whether a run's steps can replay a CUDA graph (GraphedStep): CUDA, one process, no torch.compile."""
     return device.type == "cuda" and world == 1 and compile_mode == "off"
@@ -533,7 +539,7 @@ def choose_expert_impl(parts: StepParts, cfg: TrainConfig, device: torch.device,
     if device.type != "cuda":
         return "grouped", cfg.channels_last, {}
     if graphed and bf16 and cfg.model.num_experts > 1:
-        return GRAPH_CHOICE[0], GRAPH_CHOICE[1] or cfg.channels_last, {}
+        return *GRAPH_CHOICE, {}
     candidates = [(impl, cl or cfg.channels_last) for impl, cl in AUTO_CANDIDATES]
     shape = (cfg.batch_size, 3, *lr_hw)  # --batch-size is per process
     times = probe_expert_impls(parts, cfg, shape, bf16, candidates)

@@ -21,7 +21,14 @@ from dasr_model.errors import DASRError  # noqa: E402
 from dasr_model.graphstep import GraphedStep, plain_optimizer_state  # noqa: E402
 from dasr_model.losses import UNetDiscriminatorSN  # noqa: E402
 from dasr_model.model import DASR, DASRConfig  # noqa: E402
-from dasr_model.train import StepParts, TrainConfig, ema_decay_at, train, train_step  # noqa: E402
+from dasr_model.train import (  # noqa: E402
+    StepParts,
+    TrainConfig,
+    ema_decay_at,
+    graphed_train_step,
+    train,
+    train_step,
+)
 
 from .conftest import make_small_dataset  # noqa: E402
 
@@ -152,11 +159,6 @@ def test_cuda_graph_is_a_per_call_setting_a_resume_does_not_inherit():
     assert "cuda_graph" in PER_CALL
 
 
-def _graphed(parts: StepParts, cfg: TrainConfig, bf16: bool, device, warmup: int = 3) -> GraphedStep:
-    return GraphedStep(functools.partial(train_step, parts, cfg, bf16=bf16, autocast_cache=False),
-                       [o for o in (parts.opt, parts.opt_d) if o is not None], device, warmup=warmup)
-
-
 @cuda
 @pytest.mark.parametrize("gan", [False, True])
 @pytest.mark.parametrize("bf16", [False, True])
@@ -170,8 +172,8 @@ def test_the_graphed_step_trains_like_the_eager_step(gan, bf16, deterministic_cu
     eager_parts, cfg = _parts(device, gan)
     graph_parts = copy.deepcopy(eager_parts)
     init = {k: v.clone() for k, v in _state(eager_parts).items()}
-    eager = _graphed(eager_parts, cfg, bf16, device, warmup=10**9)
-    graphed = _graphed(graph_parts, cfg, bf16, device)
+    eager = graphed_train_step(eager_parts, cfg, bf16, device, warmup=10**9)
+    graphed = graphed_train_step(graph_parts, cfg, bf16, device)
     for i in range(7):  # 3 eager warm-up steps, the recording, then replays; the rate and decay change
         rate, decay = cfg.lr * (1 + i) / 7, ema_decay_at(i, cfg)
         lo = {k: float(v) for k, v in eager(*_batch(i, device), rate=rate, ema_decay=decay).items()}
@@ -200,7 +202,7 @@ def test_the_graphed_step_trains_like_the_plain_eager_step_without_gan(determini
     device = torch.device("cuda")
     plain, cfg = _parts(device, gan=False)
     other = copy.deepcopy(plain)
-    graphed = _graphed(other, cfg, True, device)
+    graphed = graphed_train_step(other, cfg, True, device)
     for i in range(7):
         rate, decay = cfg.lr * (1 + i) / 7, ema_decay_at(i, cfg)
         for group in plain.opt.param_groups:
@@ -217,8 +219,8 @@ def test_a_batch_of_another_shape_runs_eagerly_after_the_recording_and_the_repla
     device = torch.device("cuda")
     parts, cfg = _parts(device, gan=False)
     ref_parts = copy.deepcopy(parts)
-    graphed = _graphed(parts, cfg, True, device, warmup=1)
-    eager = _graphed(ref_parts, cfg, True, device, warmup=10**9)
+    graphed = graphed_train_step(parts, cfg, True, device, warmup=1)
+    eager = graphed_train_step(ref_parts, cfg, True, device, warmup=10**9)
     batches = [_batch(0, device), _batch(1, device), _batch(2, device), _batch(3, device, batch=2),
                _batch(4, device), _batch(5, device)]
     for i, batch in enumerate(batches):
