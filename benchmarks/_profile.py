@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
+from collections import defaultdict
 from collections.abc import Callable
 
 import torch
+from _layouts import layout_of
 
 
 def profile_calls(run: Callable[[], object], device: torch.device, steps: int = 3, top: int = 15,
                   unit: str = "step") -> str:
     """`steps` timed calls of run() (the device synchronised around each), then `steps` under
-    torch.profiler; :func:`profile_table` of what the profiler saw, per `unit` (one call). Warm run() up
-    first."""
+    torch.profiler; :func:`profile_table` of what the profiler saw, per `unit` (one call), and on CUDA
+    :func:`operator_table`, which operators launched those kernels. Warm run() up first."""
     from torch.profiler import ProfilerActivity, profile
 
     def sync() -> None:
@@ -29,13 +32,14 @@ def profile_calls(run: Callable[[], object], device: torch.device, steps: int = 
         plain.append(time.perf_counter() - start)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=cuda) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             run()
         sync()
         profiled = (time.perf_counter() - start) / steps
-    return profile_table(prof.key_averages(), steps, statistics.median(plain), profiled, cuda, top, unit)
+    table = profile_table(prof.key_averages(), steps, statistics.median(plain), profiled, cuda, top, unit)
+    return table + ("\n" + operator_table(prof.events(), steps, top, unit) if cuda else "")
 
 
 def profile_table(events, steps: int, wall: float, profiled: float, cuda: bool, top: int = 15,
@@ -68,5 +72,92 @@ def profile_table(events, steps: int, wall: float, profiled: float, cuda: bool, 
              "|---|---:|---:|---:|"]
     for e in ops[:top]:
         ms = own_us(e) / steps / 1000
-        lines.append(f"| `{e.key[:70]}` | {e.count / steps:.0f} | {ms:.2f} | {100 * ms / max(busy, 1e-9):.1f} % |")
+        name = short_kernel(e.key) if cuda else e.key[:70]
+        lines.append(f"| `{name}` | {e.count / steps:.0f} | {ms:.2f} | {100 * ms / max(busy, 1e-9):.1f} % |")
     return "\n".join(lines) + "\n"
+
+
+# identifiers inside a kernel's templated name that say what it computes (the functor, the operator's own
+# kernel function, a cast on load or store); the rest is namespaces and argument types
+_TELLING = re.compile(r"[Ff]unctor|Cast|^launch_|_kernel(_cuda|_impl)?$|_impl(_nocast)?$|_nocast$|Ops?$")
+_NOISE = {"at", "native", "c10", "std", "void", "memory", "detail", "BFloat16", "Half", "TensorIteratorBase"}
+
+
+def short_kernel(name: str, width: int = 100) -> str:
+    """A CUDA kernel's name, readable in a table: the kernel itself (with its numeric template arguments:
+    `elementwise_kernel<128, 4>` is PyTorch's strided element-wise kernel, `vectorized_elementwise_kernel<8>`
+    its vectorised one) and the identifiers inside its template that say what it computes
+    (`BinaryFunctor, MulFunctor`, `direct_copy_kernel_cuda, LoadWithCast`). Names without templates (cuDNN's,
+    cuBLAS's) stay as they are, cut at `width`."""
+    head = name.removeprefix("void ").replace("(anonymous namespace)::", "")
+    cut = re.search(r"[<(]", head)
+    if cut is None or not re.fullmatch(r"[\w:]+", head[: cut.start()]):  # not a C++ name: "Memcpy HtoD (...)"
+        return head[:width]
+    base = head[: cut.start()].rsplit("::", 1)[-1]
+    rest = head[cut.start() :]
+    nums = re.match(r"<\s*(\d+(?:\s*,\s*\d+)*)\s*[,>]", rest)
+    label = base + (f"<{nums.group(1)}>" if nums else "")
+    seen: list[str] = []
+    for tok in re.findall(r"[A-Za-z_]\w*", rest):
+        if tok != base and tok not in _NOISE and tok not in seen and _TELLING.search(tok):
+            seen.append(tok)
+    text = label + (" · " + ", ".join(seen) if seen else "")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def operator_table(events, steps: int, top: int = 15, unit: str = "step") -> str:
+    """Which operators launched the device time (torch.profiler events recorded with record_shapes): per
+    operator, where it ran (its outermost operator, e.g. an autograd backward node, then its parent), and
+    its tensor inputs (shape, :func:`_layouts.layout_of` of their strides, dtype), the calls, the device time
+    of its own kernels and the kernel that took most of it, largest first. An element-wise operator whose
+    inputs differ in layout runs PyTorch's strided kernel (`elementwise_kernel<128, 4>`), several times
+    slower than the vectorised one. Kernels replayed from a CUDA graph have no launching operator."""
+    total: dict[tuple[str, str], float] = defaultdict(float)
+    calls: dict[tuple[str, str], int] = defaultdict(int)
+    kernels: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for e in events:
+        launched = getattr(e, "kernels", None) or []
+        if e.device_type != torch.autograd.DeviceType.CPU or not launched:
+            continue
+        key = (_where(e), _inputs(e))
+        calls[key] += 1
+        for k in launched:
+            total[key] += k.duration
+            kernels[key][short_kernel(k.name, 80)] += k.duration
+    if not total:
+        return "no operator launched a kernel (a CUDA graph's replay has none): no per-operator table\n"
+    busy = sum(total.values())
+    lines = [f"Operators by the device time of the kernels they launched themselves, per {unit}:", "",
+             f"| operator (outermost > parent > itself) | inputs: shape layout dtype | calls per {unit} "
+             f"| own device ms per {unit} | share | main kernel |", "|---|---|---:|---:|---:|---|"]
+    for key in sorted(total, key=total.get, reverse=True)[:top]:
+        ms = total[key] / steps / 1000
+        main = max(kernels[key], key=kernels[key].get)
+        lines.append(f"| `{key[0]}` | {key[1]} | {calls[key] / steps:.0f} | {ms:.2f} | {100 * total[key] / busy:.1f} % "
+                     f"| `{main}` |")
+    return "\n".join(lines) + "\n"
+
+
+def _where(e) -> str:
+    names = []
+    while e is not None:
+        name = e.name.removeprefix("autograd::engine::evaluate_function: ")
+        if not names or names[-1] != name:
+            names.append(name)
+        e = e.cpu_parent
+    names.reverse()  # outermost first
+    return " > ".join(names if len(names) <= 3 else [names[0], names[-2], names[-1]])
+
+
+def _inputs(e) -> str:
+    shapes = getattr(e, "input_shapes", None) or []
+    strides = getattr(e, "structured_input_strides", None) or [[]] * len(shapes)
+    dtypes = getattr(e, "input_dtypes", None) or [""] * len(shapes)
+    parts = []
+    for shape, stride, dtype in zip(shapes, strides, dtypes):
+        if not isinstance(shape, (list, tuple)) or not shape or not all(isinstance(s, int) for s in shape):
+            continue
+        known = isinstance(stride, (list, tuple)) and len(stride) == len(shape)
+        lay = layout_of(tuple(shape), tuple(stride)) if known else "?"
+        parts.append(f"{'x'.join(map(str, shape))} {lay} {dtype}".rstrip())
+    return ", ".join(parts[:3]) + (", …" if len(parts) > 3 else "") or "-"

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _layouts import layout_table, trace_layouts
 from _profile import profile_calls
 
 from dasr_model.infer import reused_fused_net, super_resolve
@@ -190,7 +191,8 @@ def main() -> None:
 
 
 def print_profile(model: DASR, device: torch.device, size: int, bf16: bool) -> None:
-    """A heading, then where one image's time goes in dasr-sr's own path (fuse included), after 2 warm-ups."""
+    """A heading, then where one image's time goes in dasr-sr's own path (fuse included), after 2 warm-ups,
+    and which of its operators mix memory layouts on feature-map-sized tensors (benchmarks/_layouts.py)."""
     cuda = device.type == "cuda"
     what = "fused bf16 channels_last" if bf16 else "fused fp32"
     print(f"\n### Profile: LR {size}, {what}{', cudnn.benchmark' if cuda else ''}\n", flush=True)
@@ -207,6 +209,9 @@ def print_profile(model: DASR, device: torch.device, size: int, bf16: bool) -> N
             for _ in range(2):
                 run()
             print(profile_calls(run, device, unit="image"), flush=True)
+            # a quarter of the network's LR feature map or more
+            print(layout_table(trace_layouts(run, model.config.num_feat * size * size // 4), unit="image",
+                               flagged_only=True), flush=True)
     finally:
         torch.backends.cudnn.benchmark = False
 

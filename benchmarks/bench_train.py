@@ -18,8 +18,10 @@
   without their eager twins). Peak GPU memory
   per step on CUDA; the first step's seconds (cuDNN's algorithm search with cudnn.benchmark, or the
   compilation, which later rows may shorten by reusing inductor's on-disk caches). --profile adds, after
-  the table, each eager row's step under torch.profiler: wall against device-busy time per step and the
-  operators (CUDA kernels on a GPU) that take the most; --profile-only does that without the table.
+  the table, each eager row's step under torch.profiler: wall against device-busy time per step, the
+  operators (CUDA kernels on a GPU) that take the most, on a GPU which operators launched them (with their
+  inputs' shapes, memory layouts and dtypes), and the operators on batch-sized tensors whose operands differ
+  in memory layout (benchmarks/_layouts.py); --profile-only does that without the table.
 
 Needs a dataset made with `degrade make-dataset` (patch 256) for the loader part.
 Usage: python benchmarks/bench_train.py --shards DIR [--device auto] [--batch-sizes 6,16,48] [--gan]
@@ -39,6 +41,7 @@ import sys
 import time
 
 import torch
+from _layouts import layout_table, trace_layouts
 from _profile import profile_calls
 from torch.utils.data import DataLoader
 
@@ -155,12 +158,19 @@ def timed_steps(device: torch.device, n: int, step) -> list[float]:
 def profile_step(device: torch.device, batch: int, gan: bool, impl: str, channels_last: bool, lr_size: int,
                  bf16: bool, steps: int = 3, top: int = 15, mode: str = "off") -> str:
     """Where a training step's time goes (eager, or with mode "graph" replayed from a CUDA graph): its
-    warm-up unprofiled (cuDNN's search; the graph's recording), then :func:`_profile.profile_calls`."""
+    warm-up unprofiled (cuDNN's search; the graph's recording), then :func:`_profile.profile_calls`; for an
+    eager step then the operators on batch-sized tensors whose operands differ in memory layout
+    (:mod:`_layouts`; a replay dispatches none)."""
     parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size)
     run, least = make_runner(parts, cfg, lr, hr, v, bf16, mode, device)
     for _ in range(max(3, least)):
         run()
-    return profile_calls(run, device, steps, top)
+    table = profile_calls(run, device, steps, top)
+    if mode == "off":  # a graph's replay dispatches no operators
+        # a quarter of the generator's LR feature maps or more: the batch-sized tensors
+        trace = trace_layouts(run, batch * parts.model.config.num_feat * lr_size * lr_size // 4)
+        table += "\n" + layout_table(trace, flagged_only=True)
+    return table
 
 
 def print_profile(device: torch.device, batch: int, gan: bool, impl: str, channels_last: bool, lr_size: int,

@@ -164,6 +164,8 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     assert "### Profile: batch 2, GAN no, bf16 autocast, folded, channels_last, cuda graph\n\nnot profiled: a CUDA " \
         "graph" in profile
     assert "under the profiler); cpu busy" in profile and "| `aten::convolution_backward` |" in profile
+    assert "calls per step on tensors of 2,048 elements or more mix layouts (flagged)" in profile  # the eager row
+    assert "calls per image on tensors of 4,096 elements or more mix layouts (flagged)" in infer
     summary = (out / "summary.md").read_text()
     fastest_rows = [r for r in summary.split("## environment.txt")[0].splitlines() if r.startswith("| 2 |")]
     assert [r.split("|")[2].strip() for r in fastest_rows] == ["no", "yes"]
@@ -205,18 +207,28 @@ def test_bench_train_row_out_of_memory_is_reported_and_the_rest_still_run(monkey
         bench.main()
 
 
+def _bench_module(name: str):
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # _profile imports _layouts as bench_train does
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
 def test_profile_table_counts_kernels_only_on_cuda():
     """On CUDA the busy time is the kernels' own time: not the CPU operators that launched them, not the
     optimiser's annotation span (a user annotation of CUDA type whose time includes idle gaps); no kernel
     events at all is said, not shown as an idle device."""
-    import importlib.util
     from types import SimpleNamespace
 
     import torch
 
-    spec = importlib.util.spec_from_file_location("bench_profile", ROOT / "benchmarks" / "_profile.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_module("_profile")
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
     def ev(key, device_type, us, count=2, annotation=False):
@@ -232,6 +244,116 @@ def test_profile_table_counts_kernels_only_on_cuda():
     assert "no breakdown" in bench.profile_table(events[:2], steps=2, wall=0.04, profiled=0.05, cuda=True)
     image = bench.profile_table(events, steps=2, wall=0.040, profiled=0.045, cuda=True, unit="image")
     assert image.startswith("wall 40.0 ms per image (") and "| calls per image | own device ms per image |" in image
+
+
+# kernel names as CUDA 13 / torch 2.11 report them (shortened where they repeat themselves)
+MUL_STRIDED = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+               "BinaryFunctor<c10::BFloat16, c10::BFloat16, c10::BFloat16, at::native::binary_internal::MulFunctor"
+               "<float> > >(at::TensorIteratorBase&, at::native::BinaryFunctor<c10::BFloat16, c10::BFloat16, "
+               "c10::BFloat16, at::native::binary_internal::MulFunctor<float> > const&)::{lambda(int)#1}>(int, ...)")
+ADD_VECTORISED = ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>, "
+                  "std::array<char*, 3ul> >(int, at::native::CUDAFunctor_add<c10::BFloat16>, std::array<char*, 3ul>)")
+CAST_COPY = ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)"
+             "::{lambda()#3}::operator()() const::{lambda()#12}::operator()() const::{lambda(float)#1}, std::array<"
+             "char*, 2ul>, 4, TrivialOffsetCalculator<1, unsigned int>, TrivialOffsetCalculator<1, unsigned int>, "
+             "at::native::memory::LoadWithCast<1>, at::native::memory::StoreWithCast<1> >(int, ...)")
+CUDNN = "sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1"
+
+
+def test_short_kernel_names_say_what_the_kernel_computes():
+    bench = _bench_module("_profile")
+    assert bench.short_kernel(MUL_STRIDED) == "elementwise_kernel<128, 4> · gpu_kernel_impl_nocast, BinaryFunctor, " \
+        "MulFunctor"
+    assert bench.short_kernel(ADD_VECTORISED) == "vectorized_elementwise_kernel<8> · CUDAFunctor_add"
+    assert bench.short_kernel(CAST_COPY) == "unrolled_elementwise_kernel · direct_copy_kernel_cuda, LoadWithCast, " \
+        "StoreWithCast"
+    clamp = ("void at::native::vectorized_elementwise_kernel<8, at::native::(anonymous namespace)::launch_clamp_scalar("
+             "at::TensorIteratorBase&, c10::Scalar, c10::Scalar, at::native::detail::ClampLimits)::{lambda()#1}>(int)")
+    assert bench.short_kernel(clamp) == "vectorized_elementwise_kernel<8> · launch_clamp_scalar"
+    upsample = ("void at::native::(anonymous namespace)::upsample_bilinear2d_out_frame<c10::BFloat16, float>(int, "
+                "float, float, bool)")
+    assert bench.short_kernel(upsample) == "upsample_bilinear2d_out_frame"
+    assert bench.short_kernel(CUDNN) == CUDNN[:100] and bench.short_kernel("Memcpy HtoD (Pinned -> Device)") == \
+        "Memcpy HtoD (Pinned -> Device)"
+    assert len(bench.short_kernel(MUL_STRIDED, width=30)) == 30
+
+
+def test_operator_table_charges_kernels_to_the_operators_that_launched_them():
+    """On CUDA each operator's own kernels (not its children's), per step, by where it ran (outermost >
+    parent > itself) and its inputs' shapes, layouts (from the recorded strides) and dtypes; a CUDA graph's
+    replay launches from no operator, and says so."""
+    from types import SimpleNamespace
+
+    import torch
+
+    bench = _bench_module("_profile")
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def op(name, parent=None, kernels=(), shapes=(), strides=(), dtypes=()):
+        return SimpleNamespace(name=name, cpu_parent=parent, device_type=cpu, input_shapes=list(shapes),
+                               structured_input_strides=list(strides), input_dtypes=list(dtypes),
+                               kernels=[SimpleNamespace(name=n, duration=us) for n, us in kernels])
+
+    feat, nchw, nhwc = [2, 8, 4, 4], [128, 16, 4, 1], [128, 1, 32, 8]
+    steps = 2
+    node = op("autograd::engine::evaluate_function: MulBackward0")
+    events = []
+    for _ in range(steps):
+        mid = op("MulBackward0", node)
+        events += [op("aten::mul", mid, [(MUL_STRIDED, 700.0)], [feat, feat, []], [nchw, nhwc, []],
+                      ["c10::BFloat16", "c10::BFloat16", "Scalar"]),
+                   op("aten::add", None, [(ADD_VECTORISED, 100.0)], [feat, feat], [nhwc, nhwc], ["float", "float"]),
+                   op("aten::conv2d", None, [], [feat]),  # launches nothing itself: not a row
+                   SimpleNamespace(name="kernel", device_type=cuda, kernels=[])]
+    table = bench.operator_table(events, steps=steps)
+    rows = [r for r in table.splitlines() if r.startswith("| `")]
+    assert rows == [
+        "| `MulBackward0 > aten::mul` | 2x8x4x4 NCHW c10::BFloat16, 2x8x4x4 NHWC c10::BFloat16 | 1 | 0.70 | 87.5 % "
+        "| `elementwise_kernel<128, 4> · gpu_kernel_impl_nocast, BinaryFunctor, MulFunctor` |",
+        "| `aten::add` | 2x8x4x4 NHWC float, 2x8x4x4 NHWC float | 1 | 0.10 | 12.5 % "
+        "| `vectorized_elementwise_kernel<8> · CUDAFunctor_add` |"]
+    assert "no per-operator table" in bench.operator_table(events[3:4], steps=1)
+
+
+def test_layout_names_a_tensors_dimensions_by_stride():
+    import torch
+
+    lay = _bench_module("_layouts")
+    x = torch.zeros(4, 3, 8, 8)
+    assert lay.layout(x) == "NCHW" and lay.layout(x.contiguous(memory_format=torch.channels_last)) == "NHWC"
+    assert lay.layout(x.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)) == "HWNC"
+    assert lay.layout(torch.zeros(1, 12, 8, 8).contiguous(memory_format=torch.channels_last)) == "HWC"  # a fold
+    assert lay.layout(x[:, :, ::2]) == "strided" and lay.layout(x[:1, :1].expand(4, 3, 8, 8)) == "broadcast"
+    assert lay.layout(torch.zeros(())) == "-" and lay.layout(torch.zeros(5)) == "N"
+
+
+def test_layout_trace_flags_operators_whose_large_operands_differ_in_layout():
+    import torch
+
+    lay = _bench_module("_layouts")
+    x = torch.rand(2, 8, 16, 16)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    bias = torch.rand(8, 1, 1)
+
+    def run():
+        (x + x).relu()  # the same layout: not flagged
+        _ = x + cl  # NCHW + NHWC: flagged
+        _ = x + bias  # a small operand does not decide: not flagged
+        _ = x * torch.ones(()).expand(2, 8, 16, 16)  # a broadcast has no order to mismatch: not flagged
+        _ = x[:, :, ::2] + 1  # not dense: flagged
+        _ = torch.rand(2, 2) + 1  # below min_numel: not counted
+
+    trace = lay.trace_layouts(run, min_numel=1000)
+    table = lay.layout_table(trace)
+    assert table.startswith("2 of 6 calls per step on tensors of 1,000 elements or more mix layouts (flagged)")
+    rows = [r for r in table.splitlines() if r.startswith("| `")]
+    assert rows[0] == "| `aten.add.Tensor` | 2x8x16x16 | NCHW, NHWC -> NCHW | 1 | **yes** |"  # flagged first
+    assert rows[1] == "| `aten.add.Tensor` | 2x8x8x16 | strided -> NCHW | 1 | **yes** |"
+    assert "| `aten.mul.Tensor` | 2x8x16x16 | NCHW, broadcast -> NCHW | 1 |  |" in rows
+    assert "| `aten.add.Tensor` | 2x8x16x16 | NCHW, NCHW -> NCHW | 1 |  |" in rows
+    assert "| `aten.add.Tensor` | 2x8x16x16 | NCHW -> NCHW | 1 |  |" in rows  # the bias left out
+    assert "| `aten.relu.default` | 2x8x16x16 | NCHW -> NCHW | 1 |  |" in rows and len(rows) == 6
+    assert [r for r in lay.layout_table(trace, flagged_only=True).splitlines() if r.startswith("| `")] == rows[:2]
 
 
 def test_bench_validate_smoke_prints_both_paths_and_their_difference():
