@@ -76,6 +76,15 @@ class UNetDiscriminatorSN(nn.Module):
         return upsample2x(x)
 
 
+def l1_loss(a: Tensor, b: Tensor) -> Tensor:
+    """The mean absolute difference, as F.l1_loss, whose gradient keeps a and b's memory layout: F.l1_loss's
+    mean broadcasts its gradient into a new NCHW tensor, which for channels_last images then meets the
+    difference's sign in another layout (a strided kernel on a GPU) and goes on into the network NCHW. The
+    sum's broadcast stays a view. The same gradient (1/numel times the sign, exactly); the value may differ
+    from F.l1_loss's in the last bit (a sum divided against a mean)."""
+    return (a - b).abs().sum() / a.numel()
+
+
 def gan_loss(logits: Tensor, real: bool) -> Tensor:
     """Vanilla GAN loss: binary cross-entropy with logits against all-real or all-fake targets."""
     target = torch.ones_like(logits) if real else torch.zeros_like(logits)

@@ -211,8 +211,13 @@ def fold_batch(x: Tensor) -> Tensor:
 
 
 def unfold_batch(x: Tensor, n: int) -> Tensor:
-    """(1, N*C, H, W) -> (N, C, H, W): :func:`fold_batch` undone, as a view (no copy) of x's memory."""
-    return x[0].unflatten(0, (n, x.shape[1] // n))
+    """(1, N*C, H, W) -> (N, C, H, W): :func:`fold_batch` undone, as a view (no copy) of x's memory when x
+    is laid out as fold_batch lays it (channels_last, as the folded convolutions return it), else a copy.
+    A channels_last gradient comes back in the fold's layout, what the convolution that made x computes
+    in, in one copy (an `x[0]` view turned it into an NCHW one, which that convolution's backward then
+    converted again); an NCHW gradient comes back as an NCHW view, which the convolution converts once."""
+    _, nc, h, w = x.shape
+    return x.permute(2, 3, 0, 1).reshape(h, w, n, nc // n).permute(2, 3, 0, 1)
 
 
 def is_channels_last(t: Tensor) -> bool:

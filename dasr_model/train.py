@@ -40,7 +40,7 @@ from dasr_model.errors import DASRError
 from dasr_model.evaluate import ValidationSet, pairs_from_shards
 from dasr_model.graphstep import GraphedStep, plain_optimizer_state
 from dasr_model.infer import LoadedModel, load_model
-from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss
+from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss, l1_loss
 from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, is_channels_last, set_expert_impl
 from dasr_model.modelfile import MODEL_FILE, save_model_file
 from dasr_model.runs import (
@@ -803,7 +803,7 @@ def train_step(p: StepParts, cfg: TrainConfig, lr: torch.Tensor, target: torch.T
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=autocast_cache):
         sr, v_hat = p.net(lr, return_v=True, v_mix=v if teacher else None)
         sr, v_hat = sr.float(), v_hat.float()
-        terms = {"l1": F.l1_loss(sr, target), "regression": F.l1_loss(v_hat, v)}
+        terms = {"l1": l1_loss(sr, target), "regression": F.l1_loss(v_hat, v)}
         loss = cfg.pixel_weight * terms["l1"] + cfg.regression_weight * terms["regression"]
         if p.perceptual is not None:
             terms["perceptual"] = p.perceptual(sr, target)

@@ -356,6 +356,36 @@ def test_layout_trace_flags_operators_whose_large_operands_differ_in_layout():
     assert [r for r in lay.layout_table(trace, flagged_only=True).splitlines() if r.startswith("| `")] == rows[:2]
 
 
+def test_the_folded_channels_last_step_changes_the_images_layout_once_each_way():
+    """dasr-train's default step on a GPU (folded, channels_last), traced on the CPU: at the SR image's
+    size or more only two operators mix layouts (a transposition each on a GPU, of the fold's (H, W, N, C)
+    to the batch's own): the forward's base + residual, and one copy of the gradient back into the fold.
+    F.l1_loss (an NCHW gradient meeting channels_last tensors) and an `x[0]` unfold (its gradient NCHW,
+    converted again by the last convolution) once added more."""
+    import copy
+
+    import torch
+
+    from dasr_model.config import DASRConfig
+    from dasr_model.model import DASR, set_expert_impl
+    from dasr_model.train import StepParts, TrainConfig, lay_out, train_step
+
+    lay = _bench_module("_layouts")
+    torch.manual_seed(0)
+    model = set_expert_impl(DASR(DASRConfig(num_experts=2, num_feat=8, num_block=2, predictor_feat=8)), "folded")
+    fmt = lay_out(True, model.predictor)
+    parts = StepParts(net=model, model=model, ema=copy.deepcopy(model.generator).requires_grad_(False),
+                      opt=torch.optim.Adam(model.parameters(), lr=1e-4), disc=None, opt_d=None)
+    lr, hr = torch.rand(2, 3, 32, 32).contiguous(memory_format=fmt), torch.rand(2, 3, 128, 128).contiguous(
+        memory_format=fmt)
+    cfg = TrainConfig(shards="", out="")
+    train_step(parts, cfg, lr, hr, torch.rand(2, 33), bf16=True)
+    trace = lay.trace_layouts(lambda: train_step(parts, cfg, lr, hr, torch.rand(2, 33), bf16=True), hr.numel())
+    flagged = sorted((op, n) for (op, shape, _, mixed), n in trace.calls.items() if mixed)
+    assert flagged == [("aten.add.Tensor", 1), ("aten.clone.default", 1)], lay.layout_table(trace)
+    assert sum(trace.calls.values()) > 10  # the HR image's and features' operators were seen
+
+
 def test_bench_validate_smoke_prints_both_paths_and_their_difference():
     res = subprocess.run([sys.executable, "benchmarks/bench_validate.py", "--small", "--samples", "4", "--repeat", "1"],
                          cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)

@@ -448,6 +448,21 @@ def test_fold_and_unfold_are_inverse_and_lay_each_pixel_out_as_every_samples_cha
     assert fold_batch(back).data_ptr() == f.data_ptr()  # folding what unfold_batch gave copies nothing
 
 
+def test_unfold_hands_a_channels_last_gradient_back_in_the_folds_layout():
+    """What the folded generator's last convolution receives in backward: the gradient of the unfolded
+    output, the same values, laid out as that convolution computes (channels_last of the fold); an NCHW
+    gradient comes back as the NCHW view it is (the convolution converts it, once)."""
+    from dasr_model.model import fold_batch, is_channels_last, unfold_batch
+
+    x = torch.rand(3, 4, 5, 6, requires_grad=True)
+    for fmt, folded_cl in ((torch.channels_last, True), (torch.contiguous_format, False)):
+        f = fold_batch(x)  # not a leaf: a leaf's .grad is laid out as the leaf, whatever autograd computed
+        g = torch.rand(3, 4, 5, 6).contiguous(memory_format=fmt)
+        (grad,) = torch.autograd.grad(unfold_batch(f, 3), f, g)
+        assert torch.equal(unfold_batch(grad, 3), g)
+        assert is_channels_last(grad) == folded_cl and grad.is_contiguous() != folded_cl
+
+
 @pytest.mark.parametrize("n", [2, 3])  # (N = 1: a folded batch is a plain one; the plain-batch tests cover it)
 def test_folded_layer_on_a_folded_batch_equals_grouped(n):
     from dasr_model.model import fold_batch, unfold_batch

@@ -343,6 +343,25 @@ def test_discriminator_gives_per_pixel_logits():
     assert UNetDiscriminatorSN(num_feat=8)(torch.rand(2, 3, 32, 40)).shape == (2, 1, 32, 40)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_l1_loss_is_pytorchs_with_the_gradient_in_the_images_layout(channels_last):
+    """The same value (to float32 rounding) and the same gradient, bit for bit, as F.l1_loss; the gradient
+    laid out as the image (F.l1_loss's mean makes a channels_last image's gradient NCHW)."""
+    from dasr_model.losses import l1_loss
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator().manual_seed(0)
+    sr = torch.randn(3, 3, 16, 20, generator=gen).contiguous(memory_format=fmt).requires_grad_(True)
+    target = torch.randn(3, 3, 16, 20, generator=gen).contiguous(memory_format=fmt)
+    target[0, 0, 0, :3] = sr[0, 0, 0, :3].detach()  # ties: sign 0, as F.l1_loss
+    ours, ref = l1_loss(sr, target), torch.nn.functional.l1_loss(sr, target)
+    torch.testing.assert_close(ours, ref, rtol=2e-7, atol=0)
+    (g_ours,), (g_ref,) = torch.autograd.grad(ours, sr), torch.autograd.grad(ref, sr)
+    assert torch.equal(g_ours, g_ref) and (g_ours == 0).sum() == 3
+    assert g_ours.is_contiguous(memory_format=fmt)
+    assert g_ref.is_contiguous()  # why: F.l1_loss's gradient is NCHW whatever the image's layout
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 1, 1), (2, 2, 1, 4), (3, 4, 2, 1), (2, 5, 8, 8)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_upsample2x_equals_pytorchs_bilinear_interpolation_and_its_gradient(shape, channels_last):
