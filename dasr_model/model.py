@@ -18,7 +18,8 @@ from dasr_model.errors import DASRError
 PREDICTOR_HALO = 32  # input pixels of context per predictor tile: even, and twice its 16-px receptive radius
 
 __all__ = ["DASR", "DASRConfig", "DegradationPredictor", "EXPERT_IMPLS", "ExpertConv2d", "ExpertMSRResNet",
-           "MAX_PARAMETERS", "MSRResNet", "fold_batch", "is_channels_last", "set_expert_impl", "unfold_batch"]
+           "MAX_PARAMETERS", "MSRResNet", "fold_batch", "is_channels_last", "pixel_shuffle", "set_expert_impl",
+           "unfold_batch"]
 
 
 class DegradationPredictor(nn.Module):
@@ -220,6 +221,20 @@ def unfold_batch(x: Tensor, n: int) -> Tensor:
     return x.permute(2, 3, 0, 1).reshape(h, w, n, nc // n).permute(2, 3, 0, 1)
 
 
+def pixel_shuffle(x: Tensor, r: int) -> Tensor:
+    """F.pixel_shuffle(x, r), the same values, laid out as x: a channels_last x gives a channels_last result.
+    On CUDA PyTorch's returns NCHW whatever x is (its permute-and-copy fallback), so in a channels_last
+    network every layer after it converted again: the next convolution's input, the activation's gradient
+    beside its NCHW output, the gradient back. Here the copy goes straight into channels_last order, and
+    its gradient comes back channels_last."""
+    if not is_channels_last(x):
+        return F.pixel_shuffle(x, r)
+    n, c, h, w = x.shape
+    # channel c' * r * r + i * r + j goes to output channel c', row h * r + i, column w * r + j
+    y = x.permute(0, 2, 3, 1).reshape(n, h, w, c // (r * r), r, r).permute(0, 1, 4, 2, 5, 3)  # (N, H, r, W, r, C')
+    return y.reshape(n, h * r, w * r, c // (r * r)).permute(0, 3, 1, 2)
+
+
 def is_channels_last(t: Tensor) -> bool:
     """t is laid out channels_last (NHWC) and not also plain contiguous (as a 1x1 image is both)."""
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
@@ -270,8 +285,8 @@ class ExpertMSRResNet(nn.Module):
         x = feat
         for block in self.body:
             x = block(x, a)
-        x = act(F.pixel_shuffle(self.upconv1(x, a), 2), 0.1)
-        x = act(F.pixel_shuffle(self.upconv2(x, a), 2), 0.1)
+        x = act(pixel_shuffle(self.upconv1(x, a), 2), 0.1)
+        x = act(pixel_shuffle(self.upconv2(x, a), 2), 0.1)
         x = self.conv_last(act(self.conv_hr(x, a), 0.1), a)
         base = F.interpolate(lr, scale_factor=self.scale, mode="bilinear", align_corners=False)
         if folded:  # pixel_shuffle kept the fold (channel n*4C + 4c + i is sample n's 4c + i); base first: the
@@ -358,8 +373,8 @@ class MSRResNet(nn.Module):
         x = act(self.conv_first(lr.to(self.conv_first.weight.dtype)), 0.1)
         for block in self.body:
             x = block(x)
-        x = act(F.pixel_shuffle(self.upconv1(x), 2), 0.1)
-        x = act(F.pixel_shuffle(self.upconv2(x), 2), 0.1)
+        x = act(pixel_shuffle(self.upconv1(x), 2), 0.1)
+        x = act(pixel_shuffle(self.upconv2(x), 2), 0.1)
         x = self.conv_last(act(self.conv_hr(x), 0.1))
         base = F.interpolate(lr, scale_factor=self.scale, mode="bilinear", align_corners=False)
         return x.to(base.dtype) + base

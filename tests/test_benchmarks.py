@@ -356,15 +356,22 @@ def test_layout_trace_flags_operators_whose_large_operands_differ_in_layout():
     assert [r for r in lay.layout_table(trace, flagged_only=True).splitlines() if r.startswith("| `")] == rows[:2]
 
 
-def test_the_folded_channels_last_step_changes_the_images_layout_once_each_way():
+@pytest.mark.parametrize("cuda_pixel_shuffle", [False, True])
+def test_the_folded_channels_last_step_changes_the_images_layout_once_each_way(monkeypatch, cuda_pixel_shuffle):
     """dasr-train's default step on a GPU (folded, channels_last), traced on the CPU: at the SR image's
     size or more only two operators mix layouts (a transposition each on a GPU, of the fold's (H, W, N, C)
-    to the batch's own): the forward's base + residual, and one copy of the gradient back into the fold.
-    F.l1_loss (an NCHW gradient meeting channels_last tensors) and an `x[0]` unfold (its gradient NCHW,
-    converted again by the last convolution) once added more."""
+    to the batch's own): the forward's base + residual, and one copy of the gradient back into the fold
+    (beside the pixel shuffle's own copies, 6-D). F.l1_loss (an NCHW gradient meeting channels_last
+    tensors) and an `x[0]` unfold (its gradient NCHW, converted again by the last convolution) once added
+    more. `cuda_pixel_shuffle`: F.pixel_shuffle returns NCHW whatever its input, as PyTorch's does on CUDA
+    (a CPU's keeps channels_last), which the generator's own pixel_shuffle must not depend on."""
     import copy
 
     import torch
+
+    if cuda_pixel_shuffle:
+        plain = torch.nn.functional.pixel_shuffle
+        monkeypatch.setattr(torch.nn.functional, "pixel_shuffle", lambda x, r: plain(x, r).contiguous())
 
     from dasr_model.config import DASRConfig
     from dasr_model.model import DASR, set_expert_impl
@@ -381,8 +388,11 @@ def test_the_folded_channels_last_step_changes_the_images_layout_once_each_way()
     cfg = TrainConfig(shards="", out="")
     train_step(parts, cfg, lr, hr, torch.rand(2, 33), bf16=True)
     trace = lay.trace_layouts(lambda: train_step(parts, cfg, lr, hr, torch.rand(2, 33), bf16=True), hr.numel())
-    flagged = sorted((op, n) for (op, shape, _, mixed), n in trace.calls.items() if mixed)
+    flagged = sorted((op, n) for (op, shape, _, mixed), n in trace.calls.items() if mixed and len(shape) == 4)
     assert flagged == [("aten.add.Tensor", 1), ("aten.clone.default", 1)], lay.layout_table(trace)
+    # the 6-D copies: the last pixel shuffle's own (its data must move), forward and backward
+    shuffles = sorted(op for (op, shape, _, mixed) in trace.calls if mixed and len(shape) != 4)
+    assert shuffles == ["aten.clone.default"] * 2
     assert sum(trace.calls.values()) > 10  # the HR image's and features' operators were seen
 
 
