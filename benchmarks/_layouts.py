@@ -1,24 +1,28 @@
 """Which operators of a call move large tensors in mismatched memory layouts: a dispatch-level trace.
 
-A GPU's element-wise kernels are vectorised only when every operand has the same dense layout; an add
-of an NCHW and a channels_last tensor, or a convolution handed a gradient in another layout than it
-computes in (it converts it first), runs a strided kernel that reads memory several times slower.
-torch.profiler names such kernels (`elementwise_kernel<128, 4, ...>`) but not the operator behind
-them; this trace names the operator, its operands' layouts and how often a call runs it.
+A GPU's element-wise kernels are vectorised only when every operand has the same dense layout and none
+is broadcast. An add of an NCHW and a channels_last tensor, or a convolution handed a gradient in
+another layout than it computes in (it converts it first), runs a strided kernel that transposes, which
+reads memory several times slower; an operand broadcast against the others (a bias, a gradient's
+expand) runs the same strided kernel, without the transposition. torch.profiler names such kernels
+(`elementwise_kernel<128, 4, ...>`) but not the operator behind them; this trace names the operator,
+its operands' layouts and how often a call runs it.
 
 Each operand's layout is the order of its dimensions by stride, outermost first, as letters ("NCHW",
 "NHWC"; a size-1 dimension is left out, as it has no order: a folded (1, N*C, H, W) channels_last
 tensor reads "HWC"); "broadcast" for an expanded tensor, "strided" for one otherwise not dense (gaps or
-overlaps). An operator is flagged where two of its operands or outputs of the largest
-one's image size (not its weights) differ in layout. The trace sees operators as dispatched (autograd's
-backward ones included), not what a kernel converts inside itself: a convolution whose operands differ
-is flagged for that reason.
+overlaps). A call mixes layouts where two of its operands or outputs of the largest one's image size
+(not its weights) differ in layout, and broadcasts where an element-wise operator reads an input
+broadcast (:class:`Call`). The trace sees operators as dispatched (autograd's backward ones included),
+not what a kernel converts inside itself: a convolution whose operands differ mixes layouts for that
+reason.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -29,6 +33,10 @@ _NO_DATA = ("view", "_unsafe_view", "permute", "transpose", "t", "squeeze", "uns
             "slice", "as_strided", "alias", "detach", "unflatten", "unbind", "split", "chunk", "narrow",
             "empty", "empty_strided", "new_empty_strided", "new_empty", "empty_like", "_reshape_alias",
             "lift_fresh", "set_", "resize_", "is_same_size", "_to_copy_noop")
+# operators whose smaller operands are weights, biases or other inputs, not broadcast element-wise
+_NOT_ELEMENTWISE = {"convolution", "convolution_backward", "mm", "bmm", "addmm", "baddbmm", "matmul", "cat", "stack",
+                    "upsample_bilinear2d", "upsample_bilinear2d_backward", "pixel_shuffle", "pixel_unshuffle",
+                    "index", "index_put", "scatter", "gather", "embedding", "linear"}
 _LETTERS = {1: "N", 2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}
 
 
@@ -56,16 +64,27 @@ def layout_of(shape: tuple[int, ...], strides: tuple[int, ...]) -> str:
     return "".join(names[d] for d in dims)
 
 
+class Call(NamedTuple):
+    """One kind of call: the operator, its largest tensor's shape, its image-sized operands' layouts ->
+    its outputs', whether those mix layouts (two order their common dimensions differently, or one is
+    not dense) and whether it broadcasts an input (an expanded one, a smaller one such as a bias, a 0-d
+    CUDA tensor) in an element-wise way; on a GPU either runs PyTorch's strided element-wise kernel."""
+
+    op: str
+    shape: tuple[int, ...]
+    layouts: str
+    mixed: bool
+    broadcast: bool
+
+
 class LayoutTrace(TorchDispatchMode):
-    """Counts, per (operator, largest shape, operand layouts -> output layouts, flagged), the calls made
-    under it whose largest tensor (in or out) has at least `min_numel` elements. Flagged: two operands of
-    the largest's image size (see :func:`_like`) order their common dimensions differently, or one is not
-    dense."""
+    """Counts the :class:`Call` s made under it whose largest tensor (in or out) has at least `min_numel`
+    elements."""
 
     def __init__(self, min_numel: int) -> None:
         super().__init__()
         self.min_numel = min_numel
-        self.calls: Counter[tuple[str, tuple[int, ...], str, bool]] = Counter()
+        self.calls: Counter[Call] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -79,10 +98,26 @@ class LayoutTrace(TorchDispatchMode):
         largest = max(ins + outs, key=torch.Tensor.numel)
         if largest.numel() < self.min_numel:
             return out
+        broadcast = name not in _NOT_ELEMENTWISE and any(_broadcasts(t, largest) for t in ins)
         ins, outs = _like(ins, largest), _like(outs, largest)
         mixed = any(not _agree(a, b) for i, a in enumerate(ins + outs) for b in (ins + outs)[i + 1 :])
-        self.calls[(str(func), tuple(largest.shape), f"{_names(ins)} -> {_names(outs)}", mixed)] += 1
+        self.calls[Call(str(func), tuple(largest.shape), f"{_names(ins)} -> {_names(outs)}", mixed, broadcast)] += 1
         return out
+
+
+def _broadcasts(t: torch.Tensor, largest: torch.Tensor) -> bool:
+    """t is read broadcast against `largest`: expanded (a stride-0 dimension), or smaller and broadcastable
+    to it, or a 0-d tensor on a GPU (a CPU 0-d one, as a Python number becomes, a kernel takes as a scalar)."""
+    if t.dim() == 0:
+        return t.device.type != "cpu" and largest.device.type != "cpu"
+    if layout(t) == "broadcast":
+        return True
+    if t.numel() >= largest.numel():
+        return False
+    try:
+        return torch.broadcast_shapes(t.shape, largest.shape) == largest.shape
+    except RuntimeError:
+        return False
 
 
 def _like(tensors: list[torch.Tensor], largest: torch.Tensor) -> list[torch.Tensor]:
@@ -120,18 +155,22 @@ def trace_layouts(run: Callable[[], object], min_numel: int) -> LayoutTrace:
 
 
 def layout_table(trace: LayoutTrace, unit: str = "step", flagged_only: bool = False) -> str:
-    """The trace as a markdown table: flagged rows first, then by elements moved per `unit` (calls times
-    the largest tensor's elements)."""
-    rows = sorted(trace.calls.items(), key=lambda kv: (not kv[0][3], -kv[1] * _numel(kv[0][1])))
-    flagged = sum(n for k, n in trace.calls.items() if k[3])
-    lines = [f"{flagged} of {sum(trace.calls.values())} calls per {unit} on tensors of {trace.min_numel:,} "
-             "elements or more mix layouts (flagged)", "",
-             f"| operator | largest shape | layouts in -> out | calls per {unit} | flagged |",
+    """The trace as a markdown table: calls that mix layouts first, then those that broadcast, then the rest,
+    each by elements moved per `unit` (calls times the largest tensor's elements)."""
+    rows = sorted(trace.calls.items(), key=lambda kv: (not kv[0].mixed, not kv[0].broadcast,
+                                                       -kv[1] * _numel(kv[0].shape)))
+    mixed = sum(n for c, n in trace.calls.items() if c.mixed)
+    broadcast = sum(n for c, n in trace.calls.items() if c.broadcast and not c.mixed)
+    lines = [f"Of {sum(trace.calls.values())} calls per {unit} on tensors of {trace.min_numel:,} elements or more, "
+             f"{mixed} mix layouts and {broadcast} more broadcast an input (on a GPU both run PyTorch's strided "
+             "element-wise kernel; a transposition between layouts is the slow one)", "",
+             f"| operator | largest shape | layouts in -> out | calls per {unit} | strided kernel on a GPU |",
              "|---|---|---|---:|---|"]
-    for (op, shape, lay, mixed), n in rows:
-        if flagged_only and not mixed:
+    for c, n in rows:
+        flag = "**mixed layouts**" if c.mixed else "broadcast" if c.broadcast else ""
+        if flagged_only and not flag:
             continue
-        lines.append(f"| `{op}` | {'x'.join(map(str, shape))} | {lay} | {n} | {'**yes**' if mixed else ''} |")
+        lines.append(f"| `{c.op}` | {'x'.join(map(str, c.shape))} | {c.layouts} | {n} | {flag} |")
     return "\n".join(lines) + "\n"
 
 

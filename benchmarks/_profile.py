@@ -13,10 +13,12 @@ from _layouts import layout_of
 
 
 def profile_calls(run: Callable[[], object], device: torch.device, steps: int = 3, top: int = 15,
-                  unit: str = "step") -> str:
+                  unit: str = "step", operators: bool = True) -> str:
     """`steps` timed calls of run() (the device synchronised around each), then `steps` under
     torch.profiler; :func:`profile_table` of what the profiler saw, per `unit` (one call), and on CUDA
-    :func:`operator_table`, which operators launched those kernels. Warm run() up first."""
+    with `operators` :func:`operator_table`, which operators launched those kernels (leave it out for a
+    CUDA graph's replay: its kernels have no launching operator). On CUDA the profiler records input
+    shapes, which adds to its own wall time, not to the kernels'. Warm run() up first."""
     from torch.profiler import ProfilerActivity, profile
 
     def sync() -> None:
@@ -39,7 +41,7 @@ def profile_calls(run: Callable[[], object], device: torch.device, steps: int = 
         sync()
         profiled = (time.perf_counter() - start) / steps
     table = profile_table(prof.key_averages(), steps, statistics.median(plain), profiled, cuda, top, unit)
-    return table + ("\n" + operator_table(prof.events(), steps, top, unit) if cuda else "")
+    return table + ("\n" + operator_table(prof.events(), steps, top, unit) if cuda and operators else "")
 
 
 def profile_table(events, steps: int, wall: float, profiled: float, cuda: bool, top: int = 15,
@@ -51,13 +53,11 @@ def profile_table(events, steps: int, wall: float, profiled: float, cuda: bool, 
     compilation remove; busy close to it: the kernels themselves."""
     kind = "device" if cuda else "cpu"
 
-    def own_us(e) -> float:  # the attribute's name changed across torch versions (cuda -> device)
-        names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
-        return next(float(getattr(e, n)) for n in names if hasattr(e, n))
+    def own_us(e) -> float:
+        return _own_us(e, cuda)
 
     if cuda:
-        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-                  and not getattr(e, "is_user_annotation", False)]
+        events = _device_events(events)
     if not events:
         return (f"wall {1000 * wall:.1f} ms per {unit}; the profiler recorded no {kind} events (no CUPTI?): "
                 "no breakdown\n")
@@ -77,18 +77,33 @@ def profile_table(events, steps: int, wall: float, profiled: float, cuda: bool, 
     return "\n".join(lines) + "\n"
 
 
+def _own_us(e, cuda: bool) -> float:
+    """An event's own time in µs: on the device, or on the CPU (the attribute's name changed across torch
+    versions: cuda -> device)."""
+    names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
+    return next(float(getattr(e, n)) for n in names if hasattr(e, n))
+
+
+def _device_events(events) -> list:
+    """The kernels and copies themselves: CUDA events that are not annotation spans (the optimiser's step
+    is a CUDA-typed user annotation whose time includes idle gaps)."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False)]
+
+
 # identifiers inside a kernel's templated name that say what it computes (the functor, the operator's own
 # kernel function, a cast on load or store); the rest is namespaces and argument types
 _TELLING = re.compile(r"[Ff]unctor|Cast|^launch_|_kernel(_cuda|_impl)?$|_impl(_nocast)?$|_nocast$|Ops?$")
+_DTYPE = re.compile(r"\b(BFloat16|Half|float|double|bool|long|int|short|(?:un)?signed char)\b")
 _NOISE = {"at", "native", "c10", "std", "void", "memory", "detail", "BFloat16", "Half", "TensorIteratorBase"}
 
 
 def short_kernel(name: str, width: int = 100) -> str:
     """A CUDA kernel's name, readable in a table: the kernel itself (with its numeric template arguments:
     `elementwise_kernel<128, 4>` is PyTorch's strided element-wise kernel, `vectorized_elementwise_kernel<8>`
-    its vectorised one) and the identifiers inside its template that say what it computes
-    (`BinaryFunctor, MulFunctor`, `direct_copy_kernel_cuda, LoadWithCast`). Names without templates (cuDNN's,
-    cuBLAS's) stay as they are, cut at `width`."""
+    its vectorised one), the first element type in its template (`[BFloat16]`) and the identifiers inside
+    it that say what it computes (`BinaryFunctor, MulFunctor`, `direct_copy_kernel_cuda, LoadWithCast`).
+    Names without templates (cuDNN's, cuBLAS's) stay as they are, cut at `width`."""
     head = name.removeprefix("void ").replace("(anonymous namespace)::", "")
     cut = re.search(r"[<(]", head)
     if cut is None or not re.fullmatch(r"[\w:]+", head[: cut.start()]):  # not a C++ name: "Memcpy HtoD (...)"
@@ -97,6 +112,8 @@ def short_kernel(name: str, width: int = 100) -> str:
     rest = head[cut.start() :]
     nums = re.match(r"<\s*(\d+(?:\s*,\s*\d+)*)\s*[,>]", rest)
     label = base + (f"<{nums.group(1)}>" if nums else "")
+    dtype = _DTYPE.search(rest)  # the first element type in the template: a bf16 and a float kernel differ
+    label += f" [{dtype.group(1)}]" if dtype else ""
     seen: list[str] = []
     for tok in re.findall(r"[A-Za-z_]\w*", rest):
         if tok != base and tok not in _NOISE and tok not in seen and _TELLING.search(tok):
@@ -109,31 +126,38 @@ def operator_table(events, steps: int, top: int = 15, unit: str = "step") -> str
     """Which operators launched the device time (torch.profiler events recorded with record_shapes): per
     operator, where it ran (its outermost operator, e.g. an autograd backward node, then its parent), and
     its tensor inputs (shape, :func:`_layouts.layout_of` of their strides, dtype), the calls, the device time
-    of its own kernels and the kernel that took most of it, largest first. An element-wise operator whose
-    inputs differ in layout runs PyTorch's strided kernel (`elementwise_kernel<128, 4>`), several times
-    slower than the vectorised one. Kernels replayed from a CUDA graph have no launching operator."""
+    of its own kernels, its share of all the kernels' time, and the kernel that took most of it, largest
+    first. An element-wise operator whose inputs differ in layout, or that broadcasts one, runs PyTorch's
+    strided kernel (`elementwise_kernel<128, 4>`), several times slower than the vectorised one for a
+    transposition. Kernels replayed from a CUDA graph have no launching operator. Strides and dtypes are
+    there where this torch's profiler hands them to its events (recent ones); else the layouts read "?"."""
     total: dict[tuple[str, str], float] = defaultdict(float)
     calls: dict[tuple[str, str], int] = defaultdict(int)
     kernels: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    strides_known = False
     for e in events:
         launched = getattr(e, "kernels", None) or []
         if e.device_type != torch.autograd.DeviceType.CPU or not launched:
             continue
+        strides_known |= bool(getattr(e, "structured_input_strides", None))
         key = (_where(e), _inputs(e))
         calls[key] += 1
         for k in launched:
             total[key] += k.duration
-            kernels[key][short_kernel(k.name, 80)] += k.duration
+            kernels[key][short_kernel(k.name)] += k.duration
     if not total:
         return "no operator launched a kernel (a CUDA graph's replay has none): no per-operator table\n"
-    busy = sum(total.values())
-    lines = [f"Operators by the device time of the kernels they launched themselves, per {unit}:", "",
+    ran = sum(_own_us(e, True) for e in _device_events(events)) or sum(total.values())
+    mine = sum(total.values())
+    lines = [f"Operators by the device time of the kernels they launched themselves: {mine / steps / 1000:.1f} "
+             f"of the {ran / steps / 1000:.1f} ms the kernels ran per {unit}"
+             + ("" if strides_known else " (this torch's profiler records no strides: layouts read \"?\")") + ":", "",
              f"| operator (outermost > parent > itself) | inputs: shape layout dtype | calls per {unit} "
              f"| own device ms per {unit} | share | main kernel |", "|---|---|---:|---:|---:|---|"]
     for key in sorted(total, key=total.get, reverse=True)[:top]:
         ms = total[key] / steps / 1000
         main = max(kernels[key], key=kernels[key].get)
-        lines.append(f"| `{key[0]}` | {key[1]} | {calls[key] / steps:.0f} | {ms:.2f} | {100 * total[key] / busy:.1f} % "
+        lines.append(f"| `{key[0]}` | {key[1]} | {calls[key] / steps:.0f} | {ms:.2f} | {100 * total[key] / ran:.1f} % "
                      f"| `{main}` |")
     return "\n".join(lines) + "\n"
 
@@ -150,13 +174,21 @@ def _where(e) -> str:
 
 
 def _inputs(e) -> str:
-    shapes = getattr(e, "input_shapes", None) or []
+    """An operator event's tensor inputs as "shape layout dtype", a tensor list's one by one; at most 3."""
+    shapes = getattr(e, "structured_input_shapes", None) or getattr(e, "input_shapes", None) or []
     strides = getattr(e, "structured_input_strides", None) or [[]] * len(shapes)
     dtypes = getattr(e, "input_dtypes", None) or [""] * len(shapes)
-    parts = []
+    tensors = []
     for shape, stride, dtype in zip(shapes, strides, dtypes):
+        if isinstance(shape, (list, tuple)) and shape and all(isinstance(s, (list, tuple)) for s in shape):
+            stride = stride if isinstance(stride, (list, tuple)) and len(stride) == len(shape) else [[]] * len(shape)
+            tensors += [(sh, st, dtype) for sh, st in zip(shape, stride)]  # a tensor list (cat, foreach)
+        else:
+            tensors.append((shape, stride, dtype))
+    parts = []
+    for shape, stride, dtype in tensors:
         if not isinstance(shape, (list, tuple)) or not shape or not all(isinstance(s, int) for s in shape):
-            continue
+            continue  # a scalar, None, an empty list
         known = isinstance(stride, (list, tuple)) and len(stride) == len(shape)
         lay = layout_of(tuple(shape), tuple(stride)) if known else "?"
         parts.append(f"{'x'.join(map(str, shape))} {lay} {dtype}".rstrip())

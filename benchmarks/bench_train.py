@@ -165,7 +165,7 @@ def profile_step(device: torch.device, batch: int, gan: bool, impl: str, channel
     run, least = make_runner(parts, cfg, lr, hr, v, bf16, mode, device)
     for _ in range(max(3, least)):
         run()
-    table = profile_calls(run, device, steps, top)
+    table = profile_calls(run, device, steps, top, operators=mode == "off")  # a replay's kernels have no operator
     if mode == "off":  # a graph's replay dispatches no operators
         # a quarter of the generator's LR feature maps or more: the batch-sized tensors
         trace = trace_layouts(run, batch * parts.model.config.num_feat * lr_size * lr_size // 4)

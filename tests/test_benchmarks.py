@@ -164,8 +164,8 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     assert "### Profile: batch 2, GAN no, bf16 autocast, folded, channels_last, cuda graph\n\nnot profiled: a CUDA " \
         "graph" in profile
     assert "under the profiler); cpu busy" in profile and "| `aten::convolution_backward` |" in profile
-    assert "calls per step on tensors of 2,048 elements or more mix layouts (flagged)" in profile  # the eager row
-    assert "calls per image on tensors of 4,096 elements or more mix layouts (flagged)" in infer
+    assert "calls per step on tensors of 2,048 elements or more, " in profile  # the layout trace of the eager row
+    assert "calls per image on tensors of 4,096 elements or more, " in infer
     summary = (out / "summary.md").read_text()
     fastest_rows = [r for r in summary.split("## environment.txt")[0].splitlines() if r.startswith("| 2 |")]
     assert [r.split("|")[2].strip() for r in fastest_rows] == ["no", "yes"]
@@ -262,17 +262,21 @@ CUDNN = "sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhw
 
 def test_short_kernel_names_say_what_the_kernel_computes():
     bench = _bench_module("_profile")
-    assert bench.short_kernel(MUL_STRIDED) == "elementwise_kernel<128, 4> · gpu_kernel_impl_nocast, BinaryFunctor, " \
-        "MulFunctor"
-    assert bench.short_kernel(ADD_VECTORISED) == "vectorized_elementwise_kernel<8> · CUDAFunctor_add"
-    assert bench.short_kernel(CAST_COPY) == "unrolled_elementwise_kernel · direct_copy_kernel_cuda, LoadWithCast, " \
-        "StoreWithCast"
+    assert bench.short_kernel(MUL_STRIDED) == "elementwise_kernel<128, 4> [BFloat16] · gpu_kernel_impl_nocast, " \
+        "BinaryFunctor, MulFunctor"
+    assert bench.short_kernel(ADD_VECTORISED) == "vectorized_elementwise_kernel<8> [BFloat16] · CUDAFunctor_add"
+    assert bench.short_kernel(ADD_VECTORISED.replace("c10::BFloat16", "float")) == \
+        "vectorized_elementwise_kernel<8> [float] · CUDAFunctor_add"  # not the same row as the bf16 one
+    assert bench.short_kernel(CAST_COPY) == "unrolled_elementwise_kernel [float] · direct_copy_kernel_cuda, " \
+        "LoadWithCast, StoreWithCast"
     clamp = ("void at::native::vectorized_elementwise_kernel<8, at::native::(anonymous namespace)::launch_clamp_scalar("
-             "at::TensorIteratorBase&, c10::Scalar, c10::Scalar, at::native::detail::ClampLimits)::{lambda()#1}>(int)")
-    assert bench.short_kernel(clamp) == "vectorized_elementwise_kernel<8> · launch_clamp_scalar"
+             "at::TensorIteratorBase&, c10::Scalar, c10::Scalar, at::native::detail::ClampLimits)::{lambda()#1}::"
+             "operator()() const::{lambda()#14}::operator()() const::{lambda(c10::BFloat16)#1}, std::array<char*, 2ul>"
+             " >(int, ...)")
+    assert bench.short_kernel(clamp) == "vectorized_elementwise_kernel<8> [BFloat16] · launch_clamp_scalar"
     upsample = ("void at::native::(anonymous namespace)::upsample_bilinear2d_out_frame<c10::BFloat16, float>(int, "
                 "float, float, bool)")
-    assert bench.short_kernel(upsample) == "upsample_bilinear2d_out_frame"
+    assert bench.short_kernel(upsample) == "upsample_bilinear2d_out_frame [BFloat16]"
     assert bench.short_kernel(CUDNN) == CUDNN[:100] and bench.short_kernel("Memcpy HtoD (Pinned -> Device)") == \
         "Memcpy HtoD (Pinned -> Device)"
     assert len(bench.short_kernel(MUL_STRIDED, width=30)) == 30
@@ -280,8 +284,10 @@ def test_short_kernel_names_say_what_the_kernel_computes():
 
 def test_operator_table_charges_kernels_to_the_operators_that_launched_them():
     """On CUDA each operator's own kernels (not its children's), per step, by where it ran (outermost >
-    parent > itself) and its inputs' shapes, layouts (from the recorded strides) and dtypes; a CUDA graph's
-    replay launches from no operator, and says so."""
+    parent > itself) and its inputs' shapes, layouts (from the recorded strides; a tensor list's one by
+    one) and dtypes; shares of all the kernels' time, of which what no operator launched (a CUDA graph's
+    replay) is said; without any launching operator there is no table, and without recorded strides the
+    layouts read "?" and the heading says why."""
     from types import SimpleNamespace
 
     import torch
@@ -290,9 +296,12 @@ def test_operator_table_charges_kernels_to_the_operators_that_launched_them():
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
 
     def op(name, parent=None, kernels=(), shapes=(), strides=(), dtypes=()):
-        return SimpleNamespace(name=name, cpu_parent=parent, device_type=cpu, input_shapes=list(shapes),
+        return SimpleNamespace(name=name, cpu_parent=parent, device_type=cpu, structured_input_shapes=list(shapes),
                                structured_input_strides=list(strides), input_dtypes=list(dtypes),
                                kernels=[SimpleNamespace(name=n, duration=us) for n, us in kernels])
+
+    def kernel(us):  # the kernel's own event, as the profiler lists it beside the operators
+        return SimpleNamespace(name="k", device_type=cuda, self_device_time_total=us, kernels=[])
 
     feat, nchw, nhwc = [2, 8, 4, 4], [128, 16, 4, 1], [128, 1, 32, 8]
     steps = 2
@@ -303,16 +312,27 @@ def test_operator_table_charges_kernels_to_the_operators_that_launched_them():
         events += [op("aten::mul", mid, [(MUL_STRIDED, 700.0)], [feat, feat, []], [nchw, nhwc, []],
                       ["c10::BFloat16", "c10::BFloat16", "Scalar"]),
                    op("aten::add", None, [(ADD_VECTORISED, 100.0)], [feat, feat], [nhwc, nhwc], ["float", "float"]),
+                   op("aten::cat", None, [(CAST_COPY, 100.0)], [[feat, feat, feat, feat], []],
+                      [[nchw, nhwc, nchw, nchw], []], ["float", "Scalar"]),
                    op("aten::conv2d", None, [], [feat]),  # launches nothing itself: not a row
-                   SimpleNamespace(name="kernel", device_type=cuda, kernels=[])]
+                   kernel(700.0), kernel(100.0), kernel(100.0), kernel(100.0)]  # 100 µs from no operator
     table = bench.operator_table(events, steps=steps)
+    assert table.startswith("Operators by the device time of the kernels they launched themselves: 0.9 of the 1.0 "
+                            "ms the kernels ran per step:")
     rows = [r for r in table.splitlines() if r.startswith("| `")]
     assert rows == [
-        "| `MulBackward0 > aten::mul` | 2x8x4x4 NCHW c10::BFloat16, 2x8x4x4 NHWC c10::BFloat16 | 1 | 0.70 | 87.5 % "
-        "| `elementwise_kernel<128, 4> · gpu_kernel_impl_nocast, BinaryFunctor, MulFunctor` |",
-        "| `aten::add` | 2x8x4x4 NHWC float, 2x8x4x4 NHWC float | 1 | 0.10 | 12.5 % "
-        "| `vectorized_elementwise_kernel<8> · CUDAFunctor_add` |"]
-    assert "no per-operator table" in bench.operator_table(events[3:4], steps=1)
+        "| `MulBackward0 > aten::mul` | 2x8x4x4 NCHW c10::BFloat16, 2x8x4x4 NHWC c10::BFloat16 | 1 | 0.70 | 70.0 % "
+        "| `elementwise_kernel<128, 4> [BFloat16] · gpu_kernel_impl_nocast, BinaryFunctor, MulFunctor` |",
+        "| `aten::add` | 2x8x4x4 NHWC float, 2x8x4x4 NHWC float | 1 | 0.10 | 10.0 % "
+        "| `vectorized_elementwise_kernel<8> [BFloat16] · CUDAFunctor_add` |",
+        "| `aten::cat` | 2x8x4x4 NCHW float, 2x8x4x4 NHWC float, 2x8x4x4 NCHW float, … | 1 | 0.10 | 10.0 % "
+        "| `unrolled_elementwise_kernel [float] · direct_copy_kernel_cuda, LoadWithCast, StoreWithCast` |"]
+    assert "no per-operator table" in bench.operator_table([e for e in events if e.device_type == cuda], steps=1)
+    for e in events:
+        e.structured_input_strides = []  # an older torch's events
+    table = bench.operator_table(events, steps=steps)
+    assert "(this torch's profiler records no strides: layouts read \"?\")" in table.splitlines()[0]
+    assert "| `aten::add` | 2x8x4x4 ? float, 2x8x4x4 ? float |" in table
 
 
 def test_layout_names_a_tensors_dimensions_by_stride():
@@ -327,33 +347,38 @@ def test_layout_names_a_tensors_dimensions_by_stride():
     assert lay.layout(torch.zeros(())) == "-" and lay.layout(torch.zeros(5)) == "N"
 
 
-def test_layout_trace_flags_operators_whose_large_operands_differ_in_layout():
+def test_layout_trace_flags_operators_whose_large_operands_differ_in_layout_or_broadcast():
     import torch
 
     lay = _bench_module("_layouts")
     x = torch.rand(2, 8, 16, 16)
     cl = x.contiguous(memory_format=torch.channels_last)
     bias = torch.rand(8, 1, 1)
+    weight = torch.rand(8, 8, 3, 3)
 
     def run():
-        (x + x).relu()  # the same layout: not flagged
-        _ = x + cl  # NCHW + NHWC: flagged
-        _ = x + bias  # a small operand does not decide: not flagged
-        _ = x * torch.ones(()).expand(2, 8, 16, 16)  # a broadcast has no order to mismatch: not flagged
-        _ = x[:, :, ::2] + 1  # not dense: flagged
+        (x + x).relu()  # the same layout: neither
+        _ = x + cl  # NCHW + NHWC: mixed
+        _ = x[:, :, ::2] + 1  # not dense: mixed (a Python number is not a broadcast tensor)
+        _ = x + bias  # a smaller operand read over and over: broadcast; it does not decide a layout
+        _ = x * torch.ones(()).expand(2, 8, 16, 16)  # an expanded one: broadcast
+        _ = torch.nn.functional.conv2d(x, weight, padding=1)  # a weight is not broadcast; not an image either
         _ = torch.rand(2, 2) + 1  # below min_numel: not counted
 
     trace = lay.trace_layouts(run, min_numel=1000)
     table = lay.layout_table(trace)
-    assert table.startswith("2 of 6 calls per step on tensors of 1,000 elements or more mix layouts (flagged)")
+    assert table.startswith("Of 7 calls per step on tensors of 1,000 elements or more, 2 mix layouts and 2 more "
+                            "broadcast an input")
     rows = [r for r in table.splitlines() if r.startswith("| `")]
-    assert rows[0] == "| `aten.add.Tensor` | 2x8x16x16 | NCHW, NHWC -> NCHW | 1 | **yes** |"  # flagged first
-    assert rows[1] == "| `aten.add.Tensor` | 2x8x8x16 | strided -> NCHW | 1 | **yes** |"
-    assert "| `aten.mul.Tensor` | 2x8x16x16 | NCHW, broadcast -> NCHW | 1 |  |" in rows
+    assert rows[:4] == [  # mixed first, then broadcast, each by elements moved
+        "| `aten.add.Tensor` | 2x8x16x16 | NCHW, NHWC -> NCHW | 1 | **mixed layouts** |",
+        "| `aten.add.Tensor` | 2x8x8x16 | strided -> NCHW | 1 | **mixed layouts** |",
+        "| `aten.add.Tensor` | 2x8x16x16 | NCHW -> NCHW | 1 | broadcast |",
+        "| `aten.mul.Tensor` | 2x8x16x16 | NCHW, broadcast -> NCHW | 1 | broadcast |"]
     assert "| `aten.add.Tensor` | 2x8x16x16 | NCHW, NCHW -> NCHW | 1 |  |" in rows
-    assert "| `aten.add.Tensor` | 2x8x16x16 | NCHW -> NCHW | 1 |  |" in rows  # the bias left out
-    assert "| `aten.relu.default` | 2x8x16x16 | NCHW -> NCHW | 1 |  |" in rows and len(rows) == 6
-    assert [r for r in lay.layout_table(trace, flagged_only=True).splitlines() if r.startswith("| `")] == rows[:2]
+    assert "| `aten.relu.default` | 2x8x16x16 | NCHW -> NCHW | 1 |  |" in rows
+    assert "| `aten.convolution.default` | 2x8x16x16 | NCHW -> NCHW | 1 |  |" in rows and len(rows) == 7
+    assert [r for r in lay.layout_table(trace, flagged_only=True).splitlines() if r.startswith("| `")] == rows[:4]
 
 
 @pytest.mark.parametrize("cuda_pixel_shuffle", [False, True])
@@ -388,11 +413,13 @@ def test_the_folded_channels_last_step_changes_the_images_layout_once_each_way(m
     cfg = TrainConfig(shards="", out="")
     train_step(parts, cfg, lr, hr, torch.rand(2, 33), bf16=True)
     trace = lay.trace_layouts(lambda: train_step(parts, cfg, lr, hr, torch.rand(2, 33), bf16=True), hr.numel())
-    flagged = sorted((op, n) for (op, shape, _, mixed), n in trace.calls.items() if mixed and len(shape) == 4)
+    flagged = sorted((c.op, n) for c, n in trace.calls.items() if c.mixed and len(c.shape) == 4)
     assert flagged == [("aten.add.Tensor", 1), ("aten.clone.default", 1)], lay.layout_table(trace)
     # the 6-D copies: the last pixel shuffle's own (its data must move), forward and backward
-    shuffles = sorted(op for (op, shape, _, mixed) in trace.calls if mixed and len(shape) != 4)
-    assert shuffles == ["aten.clone.default"] * 2
+    assert sorted(c.op for c in trace.calls if c.mixed and len(c.shape) != 4) == ["aten.clone.default"] * 2
+    # l1_loss's backward: the sign times the sum's expanded gradient (a broadcast, in the image's layout)
+    assert [(c.op, c.layouts) for c in trace.calls if c.broadcast and c.shape == tuple(hr.shape)] == [
+        ("aten.mul.Tensor", "broadcast, NHWC -> NHWC")], lay.layout_table(trace)
     assert sum(trace.calls.values()) > 10  # the HR image's and features' operators were seen
 
 
