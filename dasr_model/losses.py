@@ -79,10 +79,13 @@ class UNetDiscriminatorSN(nn.Module):
 def l1_loss(a: Tensor, b: Tensor) -> Tensor:
     """The mean absolute difference, as F.l1_loss, whose gradient keeps a and b's memory layout: F.l1_loss's
     mean broadcasts its gradient into a new NCHW tensor, which for channels_last images then meets the
-    difference's sign in another layout (a strided kernel on a GPU) and goes on into the network NCHW. The
-    sum's broadcast stays a view. The same gradient (1/numel times the sign, exactly); the value may differ
-    from F.l1_loss's in the last bit (a sum divided against a mean)."""
-    return (a - b).abs().sum() / a.numel()
+    difference's sign in another layout (a transposing kernel on a GPU) and goes on into the network
+    NCHW. The sum's broadcast stays a view, multiplied into the sign in its layout. The same gradient
+    (1/numel times the sign, exactly); the value may differ from F.l1_loss's in the last bit (a sum
+    divided against a mean). Unlike F.l1_loss, autocast does not raise it to float32: pass float32 (as
+    train_step does) for a float32 loss."""
+    d = a - b
+    return d.abs().sum() / d.numel()
 
 
 def gan_loss(logits: Tensor, real: bool) -> Tensor:

@@ -212,8 +212,7 @@ def fold_batch(x: Tensor) -> Tensor:
 
 
 def unfold_batch(x: Tensor, n: int) -> Tensor:
-    """(1, N*C, H, W) -> (N, C, H, W): :func:`fold_batch` undone, as a view (no copy) of x's memory when x
-    is laid out as fold_batch lays it (channels_last, as the folded convolutions return it), else a copy.
+    """(1, N*C, H, W) -> (N, C, H, W): :func:`fold_batch` undone, as a view (no copy) of x's memory.
     A channels_last gradient comes back in the fold's layout, what the convolution that made x computes
     in, in one copy (an `x[0]` view turned it into an NCHW one, which that convolution's backward then
     converted again); an NCHW gradient comes back as an NCHW view, which the convolution converts once."""
@@ -226,8 +225,8 @@ def pixel_shuffle(x: Tensor, r: int) -> Tensor:
     On CUDA PyTorch's returns NCHW whatever x is (its permute-and-copy fallback), so in a channels_last
     network every layer after it converted again: the next convolution's input, the activation's gradient
     beside its NCHW output, the gradient back. Here the copy goes straight into channels_last order, and
-    its gradient comes back channels_last."""
-    if not is_channels_last(x):
+    its gradient comes back channels_last. Never a view of x, as F.pixel_shuffle."""
+    if not is_channels_last(x) or r == 1 or x.shape[1] % (r * r):  # (PyTorch's: its copy, or its error)
         return F.pixel_shuffle(x, r)
     n, c, h, w = x.shape
     # channel c' * r * r + i * r + j goes to output channel c', row h * r + i, column w * r + j

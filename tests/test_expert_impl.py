@@ -397,13 +397,18 @@ def test_cuda_strategies_match_grouped(impl, monkeypatch):
 @cuda
 def test_cuda_pixel_shuffle_keeps_channels_last_where_pytorchs_does_not():
     """Why the generators use their own: on CUDA F.pixel_shuffle of a channels_last tensor is NCHW (if a
-    later PyTorch keeps channels_last, the first assert fails and says so); ours is channels_last, bf16
-    values bit for bit the same."""
+    later PyTorch keeps channels_last, the first assert fails and says so); ours and its gradient are
+    channels_last, bf16 values bit for bit the same."""
     from dasr_model.model import is_channels_last, pixel_shuffle
 
     x = torch.randn(2, 64, 8, 8, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     assert not is_channels_last(F.pixel_shuffle(x, 2)), "PyTorch's CUDA pixel_shuffle now keeps channels_last"
-    assert is_channels_last(pixel_shuffle(x, 2)) and torch.equal(pixel_shuffle(x, 2), F.pixel_shuffle(x, 2))
+    x.requires_grad_(True)
+    out = pixel_shuffle(x, 2)
+    assert is_channels_last(out) and torch.equal(out, F.pixel_shuffle(x, 2))
+    g = torch.randn_like(out).contiguous(memory_format=torch.channels_last)
+    (grad,) = torch.autograd.grad(out, x, g)
+    assert is_channels_last(grad) and torch.equal(grad, torch.autograd.grad(F.pixel_shuffle(x, 2), x, g)[0])
 
 
 @cuda
@@ -460,24 +465,28 @@ def test_fold_and_unfold_are_inverse_and_lay_each_pixel_out_as_every_samples_cha
     assert fold_batch(back).data_ptr() == f.data_ptr()  # folding what unfold_batch gave copies nothing
 
 
-@pytest.mark.parametrize("shape", [(2, 12, 5, 7), (1, 32, 3, 4), (3, 4, 1, 6), (1, 4, 1, 1)])
+@pytest.mark.parametrize("shape", [(2, 4, 5, 7), (1, 8, 3, 4), (3, 1, 1, 6), (1, 1, 1, 1)])  # channels per r*r
+@pytest.mark.parametrize("r", [1, 2, 3])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_pixel_shuffle_is_pytorchs_laid_out_as_its_input(shape, channels_last):
-    """The same values and gradient as F.pixel_shuffle, bit for bit; a channels_last input gives a
-    channels_last output and gets a channels_last gradient (on CUDA PyTorch's output is NCHW)."""
+def test_pixel_shuffle_is_pytorchs_laid_out_as_its_input(shape, r, channels_last):
+    """The same values and gradient as F.pixel_shuffle, bit for bit, never a view of the input; a
+    channels_last input gives a channels_last output and gets a channels_last gradient (on CUDA
+    PyTorch's output is NCHW); a channel count that r*r does not divide, PyTorch's error."""
     from dasr_model.model import is_channels_last, pixel_shuffle
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen)
+    x = torch.randn(shape[0], shape[1] * r * r, *shape[2:], generator=gen)
     x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     x.requires_grad_(True)
-    ref, out = F.pixel_shuffle(x, 2), pixel_shuffle(x, 2)
-    assert torch.equal(out, ref)
+    ref, out = F.pixel_shuffle(x, r), pixel_shuffle(x, r)
+    assert torch.equal(out, ref) and out.data_ptr() != x.data_ptr()
     g = torch.randn(ref.shape, generator=gen).contiguous(memory_format=torch.channels_last)
     (g_ref,), (g_out,) = torch.autograd.grad(ref, x, g), torch.autograd.grad(out, x, g)
     assert torch.equal(g_out, g_ref)
-    if is_channels_last(x) and shape[1] > 4:  # (one output channel: NCHW and channels_last at once)
+    if is_channels_last(x) and shape[1] > 1 and r > 1:  # (one output channel: NCHW and channels_last at once)
         assert is_channels_last(out) and is_channels_last(g_out)
+    with pytest.raises(RuntimeError, match="divisible"):
+        pixel_shuffle(torch.zeros(1, 6, 2, 2).contiguous(memory_format=torch.channels_last), 2)
 
 
 def test_unfold_hands_a_channels_last_gradient_back_in_the_folds_layout():
