@@ -68,7 +68,8 @@ class Call(NamedTuple):
     """One kind of call: the operator, its largest tensor's shape, its image-sized operands' layouts ->
     its outputs', whether those mix layouts (two order their common dimensions differently, or one is
     not dense) and whether it broadcasts an input (an expanded one, a smaller one such as a bias, a 0-d
-    CUDA tensor) in an element-wise way; on a GPU either runs PyTorch's strided element-wise kernel."""
+    CUDA tensor) in an element-wise way, as a CUDA convolution with a bias does inside (cuDNN computes
+    without it, PyTorch adds it after); on a GPU either runs PyTorch's strided element-wise kernel."""
 
     op: str
     shape: tuple[int, ...]
@@ -99,6 +100,9 @@ class LayoutTrace(TorchDispatchMode):
         if largest.numel() < self.min_numel:
             return out
         broadcast = name not in _NOT_ELEMENTWISE and any(_broadcasts(t, largest) for t in ins)
+        # on a GPU PyTorch adds a convolution's bias after cuDNN's kernel, as an add broadcast inside it (a
+        # CPU's kernels add it themselves)
+        broadcast |= name == "convolution" and largest.device.type != "cpu" and isinstance(args[2], torch.Tensor)
         ins, outs = _like(ins, largest), _like(outs, largest)
         mixed = any(not _agree(a, b) for i, a in enumerate(ins + outs) for b in (ins + outs)[i + 1 :])
         self.calls[Call(str(func), tuple(largest.shape), f"{_names(ins)} -> {_names(outs)}", mixed, broadcast)] += 1

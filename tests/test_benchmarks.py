@@ -381,6 +381,19 @@ def test_layout_trace_flags_operators_whose_large_operands_differ_in_layout_or_b
     assert [r for r in lay.layout_table(trace, flagged_only=True).splitlines() if r.startswith("| `")] == rows[:4]
 
 
+def test_layout_trace_counts_a_gpu_convolutions_bias_as_a_broadcast():
+    """Off the CPU (here the meta device stands in for a GPU) a convolution with a bias adds it after the
+    kernel, broadcast; on a CPU, and without a bias, not."""
+    import torch
+
+    lay = _bench_module("_layouts")
+    for device, bias, want in (("meta", True, True), ("meta", False, False), ("cpu", True, False)):
+        x, w = torch.zeros(2, 8, 16, 16, device=device), torch.zeros(8, 8, 3, 3, device=device)
+        b = torch.zeros(8, device=device) if bias else None
+        trace = lay.trace_layouts(lambda: torch.nn.functional.conv2d(x, w, b, padding=1), 1000)
+        assert [(c.op, c.broadcast) for c in trace.calls] == [("aten.convolution.default", want)], (device, bias)
+
+
 @pytest.mark.parametrize("cuda_pixel_shuffle", [False, True])
 def test_the_folded_channels_last_step_changes_the_images_layout_once_each_way(monkeypatch, cuda_pixel_shuffle):
     """dasr-train's default step on a GPU (folded, channels_last), traced on the CPU: at the SR image's
