@@ -13,7 +13,10 @@ at the release's init), milliseconds per image, median of --repeats after --warm
   (`super_resolve(..., dtype=torch.bfloat16, channels_last=True)`);
 - on CUDA, experiments dasr-sr does not run: the bf16 path with cudnn.benchmark (cuDNN times its
   algorithms per shape), and the fused network's forward as a CUDA graph (fp32 and bf16; the fuse
-  still runs per call, into the weights the graph reads), which removes the per-layer launch cost.
+  still runs per call, into the weights the graph reads), which removes the per-layer launch cost;
+- with --compile SIZES, at those sizes the bf16 channels_last fused network through torch.compile in
+  the default and reduce-overhead modes (inductor fuses the convolutions' bias adds, the activations
+  and the pixel shuffles; the fuse still runs per call); the first call, the compilation, is in the label.
 
 max|diff| is against the `experts fp32` output (float32 images in about [0, 1]). CUDA fp32 convolutions
 use TF32 when torch.backends.cudnn.allow_tf32 is on (printed at the top; PyTorch's default is on).
@@ -23,7 +26,7 @@ channels_last` on CUDA or with --bf16, else `fused fp32`; cudnn.benchmark on CUD
 device-busy time per image and the kernels (operators on a CPU) that take the most.
 
 Usage: python benchmarks/bench_infer.py [--device auto] [--sizes 128,256,512] [--experts 5]
-       [--warmup 2] [--repeats 5] [--bf16] [--profile 512]
+       [--warmup 2] [--repeats 5] [--bf16] [--compile 512] [--profile 512]
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import torch
 from _layouts import layout_table, trace_layouts
 from _profile import profile_calls
 
-from dasr_model.infer import reused_fused_net, super_resolve
+from dasr_model.infer import fuse_experts, reused_fused_net, super_resolve
 from dasr_model.model import DASR, DASRConfig
 from dasr_model.runs import pick_device
 
@@ -112,6 +115,23 @@ def graphed(model: DASR, lr: torch.Tensor, a: torch.Tensor, dtype: torch.dtype |
     return run
 
 
+def compiled(model: DASR, lr: torch.Tensor, a: torch.Tensor, mode: str, backend: str) -> Callable[[], torch.Tensor]:
+    """dasr-sr's bf16 channels_last path on the whole image with the fused network through torch.compile
+    (`mode`; inductor fuses each convolution's bias add, activation and the pixel shuffles into generated
+    kernels; reduce-overhead adds CUDA graphs), compiled on the first call. The network is its own (the
+    thread's reused one changes with the other rows' settings, and a new module is a new compilation);
+    each call fuses the mix into it in place, as dasr-sr does into the reused one, and the compiled code
+    reads its weights as inputs."""
+    net = fuse_experts(model.generator, a, dtype=torch.bfloat16, channels_last=True)
+    fn = torch.compile(net, mode=mode, backend=backend, dynamic=False)
+
+    def run() -> torch.Tensor:
+        model.generator.fuse(a, into=net)
+        return fn(lr.contiguous(memory_format=torch.channels_last)).float()
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
@@ -121,6 +141,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bf16", action="store_true",
                     help="time the bf16 paths on a CPU too (on CUDA they always run): the GPU's path, for dry runs")
+    ap.add_argument("--compile", default="", metavar="SIZES",
+                    help="at these LR sizes also the fused bf16 channels_last network through torch.compile, in the "
+                         "default and reduce-overhead modes (their first call, the compilation, is said in seconds)")
+    ap.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # aot_eager: CPU dry runs
     ap.add_argument("--profile", type=int, metavar="SIZE",
                     help="after the table, profile dasr-sr's own path on one LR image of SIZE x SIZE")
     args = ap.parse_args()
@@ -156,6 +180,15 @@ def main() -> None:
                       ("fused bf16 channels_last",
                        lambda: super_resolve(model, lr, a, dtype=torch.bfloat16, channels_last=True),
                        {"dtype": torch.bfloat16, "channels_last": True})]
+        if str(size) in args.compile.split(","):  # experiments: the fused network compiled
+            for mode in ("default", "reduce-overhead"):
+                run = compiled(model, lr, a, mode, args.compile_backend)
+                with torch.no_grad():
+                    start = time.perf_counter()
+                    run()
+                    first = time.perf_counter() - start
+                paths.append((f"fused bf16 channels_last, torch.compile {mode} (first call {first:.0f} s)", run,
+                              {"dtype": torch.bfloat16, "channels_last": True}))
         if cuda:  # experiments, after the paths dasr-sr has: cuDNN's algorithm search, then CUDA graphs
             paths += [("fused bf16 channels_last, cudnn.benchmark",
                        lambda: super_resolve(model, lr, a, dtype=torch.bfloat16, channels_last=True),

@@ -9,17 +9,18 @@ shares the steps after it keep:
   2. a level-2 dataset on all cores (`degrade make-dataset`), for the loader;
   3. OUT/train.md: `benchmarks/bench_train.py`: ms per step at batch 48 / 16 / 6 (LR 64), without and with
      the GAN term, in bf16 autocast, for grouped expert convs (dense, stacked and bmm were slower on an
-     H200: docs/benchmarks.md), folded, and folded with the predictor and discriminator in channels_last,
-     each eager and as one CUDA graph per step (`dasr-train --cuda-graph`), beside the float32 grouped
-     eager step with the release's up-sampling (the release's way) in the same run; the loader's
-     samples/s with 0 to all cores;
+     H200: docs/benchmarks.md) and folded with the batch, predictor and discriminator in channels_last
+     (dasr-train's default on a GPU), each eager and as one CUDA graph per step (`dasr-train
+     --cuda-graph`), beside the float32 grouped eager step with the release's up-sampling (the release's
+     way) in the same run; the loader's samples/s with 0 to all cores;
   4. OUT/profile.md: `bench_train.py --profile-only --cuda-graph`: where a step's time goes, batch 48, bf16,
      folded in channels_last (the fastest on an H200), eager and graphed, without and with GAN: wall
      against GPU-busy time per step, and the kernels that take the most (a busy time far below the
      wall: the step waits on launches);
   5. OUT/infer.md: `benchmarks/bench_infer.py`: ms per image at LR 128 / 256 / 512, per-sample experts
-     in float32 (the baseline) against the experts fused once per image, bf16 and channels_last; then a
-     profile of dasr-sr's path at LR 512 (where an image's GPU time goes: the 4x target's next lead);
+     in float32 (the baseline) against the experts fused once per image, bf16 and channels_last, and at
+     LR 512 that fused network through torch.compile (default, reduce-overhead); then a profile of
+     dasr-sr's path at LR 512 (where an image's GPU time goes: the 4x target's next lead);
   6. OUT/bf16.md: bf16 against float32 on real images: PSNR-Y of `dasr-sr`'s output (experts fused once,
      whole image, rounded to 8 bit) against the HR for each bundled photo (HR: a 256-px centre crop; LR:
      degraded at level 1, fixed seed), and the outputs' largest difference before rounding; with --model
@@ -58,11 +59,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Compiling is the least known (a cold inductor build of forward and backward, then three rows that may
 # reuse its caches): it runs last, so that a cut costs only its own rows; inference and the bf16 check are
 # a few dozen small timed calls each.
-# On an H200 (2026-11-26) the dataset took 3 s, 18 step rows 85 s (the table now has 42), 4 profiles 36 s,
-# inference 10 s, the bf16 check 9 s, the compile rows 85 s.
+# On an H200 (2026-11-26) the dataset took 3 s, 18 step rows 85 s (the table now has 30), 4 profiles 36 s,
+# inference 10 s (it now compiles the fused network twice at LR 512, some 20-40 s each, a guess from the
+# training step's compilations), the bf16 check 9 s, the compile rows 85 s.
 # With --tests, the CUDA tests first (25 s on the H200): without it their share goes to the steps after.
-SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.42, "profile": 0.11, "infer": 0.08, "bf16": 0.03,
-          "compile": 0.27}
+SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.36, "profile": 0.11, "infer": 0.16, "bf16": 0.03,
+          "compile": 0.25}
 GPU_TESTS = ("tests/test_graphstep.py", "tests/test_expert_impl.py")  # what the speed paths' exactness rests on
 STEP_COLUMNS = ("batch", "GAN", "precision", "expert impl", "memory format", "compile", "ms/step")
 
@@ -257,19 +259,22 @@ def main(argv: list[str] | None = None) -> int:
         # bf16 as on the GPU (CPU autocast), so the smoke run takes the GPU's arithmetic path and tables
         train_args = ["--batch-sizes", "2", "--lr-size", "8", "--warmup", "0", "--repeats", "1", "--precision", "bf16",
                       "--loader-workers", "0", "--loader-batch", "2", "--loader-steps", "2"]
-        infer_args = ["--sizes", "16", "--warmup", "0", "--repeats", "1", "--experts", "2", "--bf16", "--profile", "16"]
+        infer_args = ["--sizes", "16", "--warmup", "0", "--repeats", "1", "--experts", "2", "--bf16", "--profile", "16",
+                      "--compile", "16", "--compile-backend", "aot_eager"]
     else:
         workers = sorted({0, 4, cores // 2, cores})
         # the largest batch first: the headline rows, and what the compile step builds on, come before any cut
         train_args = ["--batch-sizes", "48,16,6", "--warmup", "3", "--repeats", "5",
                       "--loader-workers", ",".join(map(str, workers)), "--loader-batch", "48", "--loader-steps", "30"]
-        infer_args = ["--sizes", "128,256,512", "--warmup", "2", "--repeats", "5", "--profile", "512"]
+        infer_args = ["--sizes", "128,256,512", "--warmup", "2", "--repeats", "5", "--profile", "512",
+                      "--compile", "512"]
     loader = ["--shards", str(shards)] if made else []  # without the dataset: the step times alone
     # not dense, stacked, bmm: on an H200 (2026-11-26, docs/benchmarks.md) dense was slower than grouped in
-    # every 5-expert row of the step table, stacked and bmm in the trainer's probe (batch 48, no GAN); each
-    # row eager and as one CUDA graph per step
+    # every 5-expert row of the step table, stacked and bmm in the trainer's probe (batch 48, no GAN); not
+    # folded with NCHW batches, which only the batch's own layout tells from folded:cl (dasr-train's default
+    # on a GPU); each row eager and as one CUDA graph per step
     step(out, "train", [py, "benchmarks/bench_train.py", "--device", device, *loader, "--gan",
-                        "--impl", "grouped,folded,folded:cl", "--cuda-graph", "--fp32-baseline", *train_args],
+                        "--impl", "grouped,folded:cl", "--cuda-graph", "--fp32-baseline", *train_args],
          out / "train.md", allowed("train"))
     # the bf16 folded channels_last step (train.md has its times), eager and graphed: on the GPU batch 48
     # without, then with GAN; one batch without GAN in the smoke run (profiling on a CPU is slow)
