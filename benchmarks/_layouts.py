@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten
 
 # operators that return views or only metadata: no kernel moves data
 _NO_DATA = ("view", "_unsafe_view", "permute", "transpose", "t", "squeeze", "unsqueeze", "expand", "select",
@@ -92,8 +92,8 @@ class LayoutTrace(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name.rstrip("_") in _NO_DATA or name in _NO_DATA:
             return out
-        ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]  # (tree_leaves: torch 2.2+)
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if not ins + outs:
             return out
         largest = max(ins + outs, key=torch.Tensor.numel)

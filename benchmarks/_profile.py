@@ -41,7 +41,9 @@ def profile_calls(run: Callable[[], object], device: torch.device, steps: int = 
         sync()
         profiled = (time.perf_counter() - start) / steps
     table = profile_table(prof.key_averages(), steps, statistics.median(plain), profiled, cuda, top, unit)
-    return table + ("\n" + operator_table(prof.events(), steps, top, unit) if cuda and operators else "")
+    if not (cuda and operators):
+        return table
+    return table + "\n" + operator_table(prof.events(), steps, top, unit, traced_inputs(prof))
 
 
 def profile_table(events, steps: int, wall: float, profiled: float, cuda: bool, top: int = 15,
@@ -122,15 +124,37 @@ def short_kernel(name: str, width: int = 100) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def operator_table(events, steps: int, top: int = 15, unit: str = "step") -> str:
+def traced_inputs(prof) -> dict[int, tuple[list, list, list]]:
+    """Per operator event id: its inputs' (shapes, strides, dtypes) as the profiler's Chrome trace records
+    them ("Input Dims", "Input Strides", "Input type"): where this torch's events do not carry strides
+    (torch 2.11 does not), its trace does. Empty where the trace has none."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/trace.json"
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    found = {}
+    for ev in trace.get("traceEvents", []):
+        args = ev.get("args") or {}
+        if ev.get("cat") == "cpu_op" and "External id" in args and "Input Strides" in args:
+            found[args["External id"]] = (args.get("Input Dims", []), args["Input Strides"], args.get("Input type", []))
+    return found
+
+
+def operator_table(events, steps: int, top: int = 15, unit: str = "step",
+                   inputs: dict[int, tuple[list, list, list]] | None = None) -> str:
     """Which operators launched the device time (torch.profiler events recorded with record_shapes): per
     operator, where it ran (its outermost operator, e.g. an autograd backward node, then its parent), and
     its tensor inputs (shape, :func:`_layouts.layout_of` of their strides, dtype), the calls, the device time
     of its own kernels, its share of all the kernels' time, and the kernel that took most of it, largest
     first. An element-wise operator whose inputs differ in layout, or that broadcasts one, runs PyTorch's
     strided kernel (`elementwise_kernel<128, 4>`), several times slower than the vectorised one for a
-    transposition. Kernels replayed from a CUDA graph have no launching operator. Strides and dtypes are
-    there where this torch's profiler hands them to its events (recent ones); else the layouts read "?"."""
+    transposition. Kernels replayed from a CUDA graph have no launching operator. Strides and dtypes come
+    from the events where this torch's profiler hands them over (recent ones), else from `inputs`
+    (:func:`traced_inputs`, by event id); without either the layouts read "?"."""
     total: dict[tuple[str, str], float] = defaultdict(float)
     calls: dict[tuple[str, str], int] = defaultdict(int)
     kernels: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -139,8 +163,9 @@ def operator_table(events, steps: int, top: int = 15, unit: str = "step") -> str
         launched = getattr(e, "kernels", None) or []
         if e.device_type != torch.autograd.DeviceType.CPU or not launched:
             continue
-        strides_known |= bool(getattr(e, "structured_input_strides", None))
-        key = (_where(e), _inputs(e))
+        traced = (inputs or {}).get(getattr(e, "id", None))
+        strides_known |= bool(getattr(e, "structured_input_strides", None) or traced)
+        key = (_where(e), _inputs(e, traced))
         calls[key] += 1
         for k in launched:
             total[key] += k.duration
@@ -173,11 +198,15 @@ def _where(e) -> str:
     return " > ".join(names if len(names) <= 3 else [names[0], names[-2], names[-1]])
 
 
-def _inputs(e) -> str:
-    """An operator event's tensor inputs as "shape layout dtype", a tensor list's one by one; at most 3."""
-    shapes = getattr(e, "structured_input_shapes", None) or getattr(e, "input_shapes", None) or []
-    strides = getattr(e, "structured_input_strides", None) or [[]] * len(shapes)
-    dtypes = getattr(e, "input_dtypes", None) or [""] * len(shapes)
+def _inputs(e, traced: tuple[list, list, list] | None = None) -> str:
+    """An operator event's tensor inputs as "shape layout dtype", a tensor list's one by one; at most 3;
+    from the event's own fields, else from `traced` (shapes, strides, dtypes of :func:`traced_inputs`)."""
+    if getattr(e, "structured_input_strides", None) or traced is None:
+        shapes = getattr(e, "structured_input_shapes", None) or getattr(e, "input_shapes", None) or []
+        strides = getattr(e, "structured_input_strides", None) or [[]] * len(shapes)
+        dtypes = getattr(e, "input_dtypes", None) or [""] * len(shapes)
+    else:
+        shapes, strides, dtypes = traced
     tensors = []
     for shape, stride, dtype in zip(shapes, strides, dtypes):
         if isinstance(shape, (list, tuple)) and shape and all(isinstance(s, (list, tuple)) for s in shape):

@@ -298,8 +298,11 @@ def test_operator_table_charges_kernels_to_the_operators_that_launched_them():
     bench = _bench_module("_profile")
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
 
+    ids = iter(range(1, 1000))
+
     def op(name, parent=None, kernels=(), shapes=(), strides=(), dtypes=()):
-        return SimpleNamespace(name=name, cpu_parent=parent, device_type=cpu, structured_input_shapes=list(shapes),
+        return SimpleNamespace(name=name, id=next(ids), cpu_parent=parent, device_type=cpu,
+                               structured_input_shapes=list(shapes),
                                structured_input_strides=list(strides), input_dtypes=list(dtypes),
                                kernels=[SimpleNamespace(name=n, duration=us) for n, us in kernels])
 
@@ -331,11 +334,33 @@ def test_operator_table_charges_kernels_to_the_operators_that_launched_them():
         "| `aten::cat` | 2x8x4x4 NCHW float, 2x8x4x4 NHWC float, 2x8x4x4 NCHW float, … | 1 | 0.10 | 10.0 % "
         "| `unrolled_elementwise_kernel [float] · direct_copy_kernel_cuda, LoadWithCast, StoreWithCast` |"]
     assert "no per-operator table" in bench.operator_table([e for e in events if e.device_type == cuda], steps=1)
+    traced = {e.id: (e.structured_input_shapes, e.structured_input_strides, e.input_dtypes)
+              for e in events if e.device_type == cpu}
     for e in events:
-        e.structured_input_strides = []  # an older torch's events
+        e.structured_input_strides = []  # torch 2.11's events
     table = bench.operator_table(events, steps=steps)
     assert "(this torch's profiler records no strides: layouts read \"?\")" in table.splitlines()[0]
     assert "| `aten::add` | 2x8x4x4 ? float, 2x8x4x4 ? float |" in table
+    # ... whose Chrome trace has the strides (traced_inputs): the same table as from the events' own
+    assert [r for r in bench.operator_table(events, steps=steps, inputs=traced).splitlines() if r.startswith("| `")] \
+        == rows
+
+
+def test_traced_inputs_reads_strides_from_the_profilers_chrome_trace():
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    bench = _bench_module("_profile")
+    x = torch.rand(2, 8, 4, 4)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        _ = x.contiguous(memory_format=torch.channels_last) + x
+    found = bench.traced_inputs(prof)
+    if not found:
+        pytest.skip(f"torch {torch.__version__}'s Chrome trace records no input strides")
+    add = next(e for e in prof.events() if e.name == "aten::add")
+    shapes, strides, dtypes = found[add.id]
+    assert shapes[:2] == [[2, 8, 4, 4]] * 2 and strides[:2] == [[128, 1, 32, 8], [128, 16, 4, 1]]
+    assert dtypes[:2] == ["float", "float"]
 
 
 def test_layout_names_a_tensors_dimensions_by_stride():
