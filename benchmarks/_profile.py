@@ -43,7 +43,10 @@ def profile_calls(run: Callable[[], object], device: torch.device, steps: int = 
     table = profile_table(prof.key_averages(), steps, statistics.median(plain), profiled, cuda, top, unit)
     if not (cuda and operators):
         return table
-    return table + "\n" + operator_table(prof.events(), steps, top, unit, traced_inputs(prof))
+    events = prof.events()
+    # the Chrome trace only where the events lack strides (torch 2.11): exporting a GPU trace takes seconds
+    strides = any(getattr(e, "structured_input_strides", None) for e in events)
+    return table + "\n" + operator_table(events, steps, top, unit, None if strides else traced_inputs(prof))
 
 
 def profile_table(events, steps: int, wall: float, profiled: float, cuda: bool, top: int = 15,
@@ -127,15 +130,19 @@ def short_kernel(name: str, width: int = 100) -> str:
 def traced_inputs(prof) -> dict[int, tuple[list, list, list]]:
     """Per operator event id: its inputs' (shapes, strides, dtypes) as the profiler's Chrome trace records
     them ("Input Dims", "Input Strides", "Input type"): where this torch's events do not carry strides
-    (torch 2.11 does not), its trace does. Empty where the trace has none."""
+    (torch 2.11 does not), its trace does. Empty where the trace has none, or cannot be exported (a
+    profiler exports once)."""
     import json
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = f"{tmp}/trace.json"
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            trace = json.load(f)
+    try:  # (a profiler exports its trace once; a failed export costs the layouts, not the profile)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/trace.json"
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                trace = json.load(f)
+    except (RuntimeError, OSError, ValueError):
+        return {}
     found = {}
     for ev in trace.get("traceEvents", []):
         args = ev.get("args") or {}

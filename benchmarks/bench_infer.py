@@ -14,9 +14,12 @@ at the release's init), milliseconds per image, median of --repeats after --warm
 - on CUDA, experiments dasr-sr does not run: the bf16 path with cudnn.benchmark (cuDNN times its
   algorithms per shape), and the fused network's forward as a CUDA graph (fp32 and bf16; the fuse
   still runs per call, into the weights the graph reads), which removes the per-layer launch cost;
-- with --compile SIZES, at those sizes the bf16 channels_last fused network through torch.compile in
-  the default and reduce-overhead modes (inductor fuses the convolutions' bias adds, the activations
-  and the pixel shuffles; the fuse still runs per call); the first call, the compilation, is in the label.
+- with --compile SIZES, last (after --profile), in a table of its own: at those sizes (also in --sizes)
+  the bf16 channels_last fused network through torch.compile in the default and reduce-overhead modes
+  (inductor fuses the convolutions' bias adds, the activations and the pixel shuffles; the fuse still
+  runs per call), against that size's `experts fp32` row; the first call, the compilation, is in the
+  label; a failed compilation is a row saying so, and without a C compiler (inductor needs one) the
+  rows say they were skipped.
 
 max|diff| is against the `experts fp32` output (float32 images in about [0, 1]). CUDA fp32 convolutions
 use TF32 when torch.backends.cudnn.allow_tf32 is on (printed at the top; PyTorch's default is on).
@@ -35,6 +38,7 @@ import argparse
 import datetime
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -48,27 +52,31 @@ from dasr_model.infer import fuse_experts, reused_fused_net, super_resolve
 from dasr_model.model import DASR, DASRConfig
 from dasr_model.runs import pick_device
 
+TABLE_HEAD = ("| LR | path | ms/image | speed-up vs experts fp32 | fuse ms | peak MiB | max abs diff |\n"
+              "|---:|---|---:|---:|---:|---:|---:|")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 
 def timed(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, repeats: int
           ) -> tuple[float, torch.Tensor, float | None]:
     """Median ms of fn(), its last output, and the peak CUDA memory (MiB) during the timed calls."""
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for _ in range(warmup):
         fn()
-    sync()
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     out = None
     for _ in range(repeats):
-        sync()
+        sync(device)
         start = time.perf_counter()
         out = fn()
-        sync()
+        sync(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     assert out is not None
@@ -127,7 +135,8 @@ def compiled(model: DASR, lr: torch.Tensor, a: torch.Tensor, mode: str, backend:
 
     def run() -> torch.Tensor:
         model.generator.fuse(a, into=net)
-        return fn(lr.contiguous(memory_format=torch.channels_last)).float()
+        # a copy: with reduce-overhead the output lives in the CUDA graph's pool, which the next call overwrites
+        return fn(lr.contiguous(memory_format=torch.channels_last)).clone()
 
     return run
 
@@ -161,8 +170,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = DASR(DASRConfig(num_experts=args.experts)).to(device).eval()
-    print("| LR | path | ms/image | speed-up vs experts fp32 | fuse ms | peak MiB | max abs diff |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print(TABLE_HEAD)
+    bases: dict[int, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]] = {}  # lr, a, ms, output
     for size in (int(s) for s in args.sizes.split(",")):
         lr = torch.rand(1, 3, size, size, device=device)
         with torch.no_grad():
@@ -180,15 +189,6 @@ def main() -> None:
                       ("fused bf16 channels_last",
                        lambda: super_resolve(model, lr, a, dtype=torch.bfloat16, channels_last=True),
                        {"dtype": torch.bfloat16, "channels_last": True})]
-        if str(size) in args.compile.split(","):  # experiments: the fused network compiled
-            for mode in ("default", "reduce-overhead"):
-                run = compiled(model, lr, a, mode, args.compile_backend)
-                with torch.no_grad():
-                    start = time.perf_counter()
-                    run()
-                    first = time.perf_counter() - start
-                paths.append((f"fused bf16 channels_last, torch.compile {mode} (first call {first:.0f} s)", run,
-                              {"dtype": torch.bfloat16, "channels_last": True}))
         if cuda:  # experiments, after the paths dasr-sr has: cuDNN's algorithm search, then CUDA graphs
             paths += [("fused bf16 channels_last, cudnn.benchmark",
                        lambda: super_resolve(model, lr, a, dtype=torch.bfloat16, channels_last=True),
@@ -211,6 +211,7 @@ def main() -> None:
                            if label.startswith("fused") else None)
             if base_ms is None:
                 base_ms, base_out = ms, out
+                bases[size] = (lr, a, ms, out)
             diff = (out.float() - base_out.float()).abs().max().item()
             print(f"| {size} | {label} | {ms:.1f} | {base_ms / ms:.2f}x | "
                   f"{'-' if fuse_ms is None else f'{fuse_ms:.2f}'} | {'-' if peak is None else f'{peak:.0f}'} | "
@@ -221,6 +222,46 @@ def main() -> None:
             torch.cuda.empty_cache()
     if args.profile:
         print_profile(model, device, args.profile, bf16=cuda or args.bf16)
+    if args.compile:  # last: a compilation's cost and failures are the least known
+        print_compiled(model, device, [int(s) for s in args.compile.split(",")], bases, args)
+
+
+def print_compiled(model: DASR, device: torch.device, sizes: list[int],
+                   bases: dict[int, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]],
+                   args: argparse.Namespace) -> None:
+    """The table's rows for the fused bf16 channels_last network through torch.compile (:func:`compiled`),
+    against the same size's `experts fp32` row above: a failed compilation is a row saying so."""
+    print(f"\n### torch.compile ({args.compile_backend}): the fused bf16 channels_last network\n\n{TABLE_HEAD}",
+          flush=True)
+    no_compiler = args.compile_backend == "inductor" and not any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+    for size in sizes:
+        if size not in bases:
+            print(f"| {size} | torch.compile | not in --sizes | | | | |", flush=True)
+            continue
+        lr, a, base_ms, base_out = bases[size]
+        for mode in ("default", "reduce-overhead"):
+            label = f"fused bf16 channels_last, torch.compile {mode}"
+            if no_compiler:  # inductor builds its kernels with the system C compiler
+                print(f"| {size} | {label} | skipped: no C compiler (cc, gcc, clang) | | | | |", flush=True)
+                continue
+            with torch.no_grad():
+                try:
+                    run = compiled(model, lr, a, mode, args.compile_backend)
+                    sync(device)
+                    start = time.perf_counter()
+                    run()
+                    sync(device)
+                    first = time.perf_counter() - start
+                    ms, out, peak = timed(run, device, args.warmup, args.repeats)
+                except RuntimeError as e:  # dynamo's and inductor's failures are RuntimeErrors: said, and on
+                    print(f"| {size} | {label} | failed: {str(e).splitlines()[0][:120]} | | | | |", flush=True)
+                    continue
+                fuse_ms = timed(lambda: fuse_once(model, a, dtype=torch.bfloat16, channels_last=True), device, 1,
+                                args.repeats)[0]
+            diff = (out.float() - base_out.float()).abs().max().item()
+            print(f"| {size} | {label} (first call {first:.0f} s) | {ms:.1f} | {base_ms / ms:.2f}x | {fuse_ms:.2f} | "
+                  f"{'-' if peak is None else f'{peak:.0f}'} | {diff:.1e} |", flush=True)
+            del out
 
 
 def print_profile(model: DASR, device: torch.device, size: int, bf16: bool) -> None:
