@@ -61,10 +61,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # a few dozen small timed calls each.
 # On an H200 (2026-11-26) the dataset took 3 s, 18 step rows 85 s (the table now has 30), 4 profiles 36 s,
 # inference 10 s (it now compiles the fused network twice at LR 512, some 20-40 s each, a guess from the
-# training step's compilations), the bf16 check 9 s, the compile rows 85 s.
+# training step's compilations), the bf16 check 9 s, the compile rows 85 s. The eager profiles now also
+# trace layouts (a step under a dispatch mode) and on torch 2.11 export the profiler's Chrome trace for the
+# strides: a few seconds each, more share for the profiles.
 # With --tests, the CUDA tests first (25 s on the H200): without it their share goes to the steps after.
-SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.36, "profile": 0.11, "infer": 0.16, "bf16": 0.03,
-          "compile": 0.25}
+SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.36, "profile": 0.13, "infer": 0.16, "bf16": 0.03,
+          "compile": 0.23}
 GPU_TESTS = ("tests/test_graphstep.py", "tests/test_expert_impl.py")  # what the speed paths' exactness rests on
 STEP_COLUMNS = ("batch", "GAN", "precision", "expert impl", "memory format", "compile", "ms/step")
 
