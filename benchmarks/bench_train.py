@@ -13,7 +13,9 @@
   such a row for each strategy that keeps the format through the generator (dense, stacked; the others
   turn it back into NCHW at every layer). --compile MODES adds, per row, the step with the network
   compiled by torch.compile in each mode (as `dasr-train --compile`; reduce-overhead adds CUDA graphs),
-  warmed up at least 3 steps; --cuda-graph adds the row with the whole step recorded as one CUDA graph
+  warmed up at least 3 steps; or experiments dasr-train does not run: "blocks", each residual block of
+  the generator compiled alone (one compilation for all 16), the rest eager, and "blocks+graph", that
+  step recorded as one CUDA graph (a failed experiment is a row saying so); --cuda-graph adds the row with the whole step recorded as one CUDA graph
   and replayed (as `dasr-train --cuda-graph`; CUDA only) (--compile-only: the compiled / graphed rows
   without their eager twins). Peak GPU memory
   per step on CUDA; the first step's seconds (cuDNN's algorithm search with cudnn.benchmark, or the
@@ -62,6 +64,12 @@ from dasr_model.train import (
 )
 
 KEEPS_CHANNELS_LAST = ("dense", "stacked")  # the strategies whose generator runs in channels_last throughout
+# --compile experiments dasr-train does not run: each of the generator's residual blocks compiled on its own
+# (regional compilation: one compilation serves the 16 blocks; inductor fuses each convolution's bias add with
+# the ReLU or the residual add after it), the rest eager; "blocks+graph": that step recorded as one CUDA graph
+# (the whole-step graph, which dasr-train --compile rules out)
+BLOCK_MODES = ("blocks", "blocks+graph")
+GRAPHED = ("graph", "blocks+graph")
 
 
 def bench_loader(shards: str, batch: int, workers: int, steps: int) -> float:
@@ -89,7 +97,13 @@ def setup_step(device: torch.device, batch: int, gan: bool, impl: str = "grouped
     parts = StepParts(net=model, model=model, ema=copy.deepcopy(model.generator).requires_grad_(False),
                       opt=torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas), disc=disc,
                       opt_d=torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc else None)
-    if compile_mode not in ("off", "graph"):
+    if compile_mode in BLOCK_MODES:
+        if not hasattr(torch.nn.Module, "compile"):
+            raise DASRError(f"--compile {compile_mode} needs torch 2.2 or later (nn.Module.compile)")
+        torch._dynamo.reset()
+        for block in model.generator.body:  # in place (nn.Module.compile): parameters and EMA untouched
+            block.compile(backend=compile_backend, dynamic=False)
+    elif compile_mode not in ("off", "graph"):
         torch._dynamo.reset()  # each row compiles afresh: its first step is its compile time
         parts.net = compile_net(model, compile_mode, compile_backend)
     lr = torch.rand(batch, 3, lr_size, lr_size, device=device).contiguous(memory_format=fmt)
@@ -103,7 +117,7 @@ def make_runner(parts: StepParts, cfg: TrainConfig, lr, hr, v, bf16: bool, mode:
     """(step(), the warm-up steps it needs): train_step on the batch, or with mode "graph" the step recorded
     as a CUDA graph as `dasr-train --cuda-graph` does (its eager warm-up, then the recording, then replays).
     DASRError without CUDA."""
-    if mode != "graph":
+    if mode not in GRAPHED:
         return (lambda: train_step(parts, cfg, lr, hr, v, bf16)), (3 if mode != "off" else 0)
     graphed = graphed_train_step(parts, cfg, bf16, device)
     return (lambda: graphed(lr, hr, v, rate=cfg.lr, ema_decay=cfg.ema_decay)), graphed.warmup + 2
@@ -188,8 +202,10 @@ def print_profile(device: torch.device, batch: int, gan: bool, impl: str, channe
 
 
 def compiled_name(mode: str, backend: str) -> str:
-    if mode in ("off", "graph"):
-        return "eager" if mode == "off" else "cuda graph"
+    if mode in ("off", "graph", "blocks+graph"):
+        return {"off": "eager", "graph": "cuda graph", "blocks+graph": "blocks compiled + cuda graph"}[mode]
+    if mode == "blocks":
+        return "blocks compiled" + ("" if backend == "inductor" else f" ({backend})")
     return mode if backend == "inductor" else f"{mode} ({backend})"
 
 
@@ -228,7 +244,9 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true",
                     help=f"also time {' and '.join(KEEPS_CHANNELS_LAST)} (when listed) in channels_last")
     ap.add_argument("--compile", default="", help=f"also time each row compiled in these modes, comma-separated: "
-                                                  f"{','.join(COMPILE_MODES[1:])}")
+                                                  f"{','.join(COMPILE_MODES[1:])}; experiments: "
+                                                  f"{','.join(BLOCK_MODES)} (the residual blocks compiled alone, "
+                                                  "eager or in the whole-step CUDA graph)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="also time each row as one CUDA graph per step (dasr-train --cuda-graph), after any "
                          "--compile modes; with --profile(-only), profile those rows too")
@@ -255,8 +273,8 @@ def main() -> None:
     except ValueError as exc:
         ap.error(f"--impl: {exc}")
     modes = [m.strip() for m in args.compile.split(",") if m.strip()]
-    if unknown := [m for m in modes if m not in COMPILE_MODES[1:]]:
-        ap.error(f"--compile: unknown {', '.join(unknown)}; choose from {', '.join(COMPILE_MODES[1:])}")
+    if unknown := [m for m in modes if m not in (*COMPILE_MODES[1:], *BLOCK_MODES)]:
+        ap.error(f"--compile: unknown {', '.join(unknown)}; choose from {', '.join(COMPILE_MODES[1:] + BLOCK_MODES)}")
     modes += ["graph"] if args.cuda_graph else []
     device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
@@ -307,12 +325,13 @@ def main() -> None:
                     except DASRError as exc:  # a CUDA graph on a CPU
                         print(f"{row} {exc} | - | - | - |", flush=True)
                         continue
-                    except RuntimeError as exc:  # one row out of memory must not cost the rows after it
-                        if not out_of_memory(exc):
+                    except RuntimeError as exc:  # one row out of memory must not cost the rows after it, nor an
+                        if not out_of_memory(exc) and mode not in BLOCK_MODES:  # experiment that fails here
                             raise
+                        failure = "out of memory" if out_of_memory(exc) else f"failed: {str(exc).splitlines()[0][:120]}"
                         timed = None
                     if timed is None:  # out of the except block: its traceback no longer holds the row's tensors
-                        print(f"{row} out of memory | - | - | - |", flush=True)
+                        print(f"{row} {failure} | - | - | - |", flush=True)
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                         continue

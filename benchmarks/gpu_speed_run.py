@@ -29,8 +29,9 @@ shares the steps after it keep:
   7. OUT/compile.md, last (the least known cost: a cold inductor build of forward and backward per row):
      the fastest eager strategy and memory format of train.md at the largest batch, compiled
      (`torch.compile`, as `dasr-train --compile`) in the default mode and in reduce-overhead (CUDA graphs
-     of the network alone), without and with GAN, beside the float32 baseline (its eager twin is in
-     train.md); skipped, and said so, without a C compiler for Triton;
+     of the network alone), and an experiment dasr-train does not run: the residual blocks compiled
+     alone inside the whole-step CUDA graph; without and with GAN, beside the float32 baseline (its
+     eager twin is in train.md); skipped, and said so, without a C compiler for Triton;
   8. OUT/summary.md: all of it in one page, led by the fastest training step per batch and GAN setting.
 
 Usage (GPU): python benchmarks/gpu_speed_run.py --out $OUT [--tests] [--model model.safetensors] [--minutes 8]
@@ -302,10 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         if best != "folded":  # which is fastest on a CPU is noise; on an H200 folded was (2026-11-26)
             log(out, "compile: smoke: compiling folded in its place (the GPU's fastest eager step at batch 48)")
             best = "folded"
-        compile_args = ["--lr-size", "8", "--warmup", "0", "--repeats", "1", "--compile", "default",
+        compile_args = ["--lr-size", "8", "--warmup", "0", "--repeats", "1", "--compile", "default,blocks",
                         "--compile-backend", "aot_eager", "--precision", "bf16"]
     else:
-        compile_args = ["--warmup", "3", "--repeats", "5", "--compile", "default,reduce-overhead"]
+        # and an experiment: the residual blocks compiled alone inside the whole-step CUDA graph
+        compile_args = ["--warmup", "3", "--repeats", "5", "--compile", "default,reduce-overhead,blocks+graph"]
     compiler = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     if compiler is None and not args.smoke:  # Triton builds its kernel launchers with the system C compiler
         log(out, "compile: skipped, no C compiler (cc, gcc, clang) for Triton; its time goes to the next steps")

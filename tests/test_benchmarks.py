@@ -149,8 +149,9 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     fastest = min(no_gan, key=lambda c: float(c[7]))
     assert best == fastest[4].strip() + (":cl" if fastest[5].strip() == "channels_last" else "")
     compiled = [r for r in (out / "compile.md").read_text().splitlines() if r.startswith("| 2 |")]
-    assert len(compiled) == 2 and "| bf16 autocast | folded |" in compiled[1]  # no GAN (the smoke traces one row)
+    assert len(compiled) == 3 and "| bf16 autocast | folded |" in compiled[1]  # no GAN (the smoke traces one row)
     assert "| default (aot_eager) |" in compiled[1] and "| float32 | grouped | NCHW | eager |" in compiled[0]
+    assert "| blocks compiled (aot_eager) | " in compiled[2] and re.search(r"\| [\d.]+ \| [\d.]+x \|", compiled[2])
     infer = (out / "infer.md").read_text()
     assert "| loader workers |" in train and "| 16 | experts fp32 |" in infer
     assert "| 16 | experts bf16 (autocast) |" in infer and "| 16 | fused bf16 channels_last |" in infer
@@ -209,6 +210,48 @@ def test_bench_train_row_out_of_memory_is_reported_and_the_rest_still_run(monkey
     error["stacked"] = RuntimeError("expected scalar type Float but found BFloat16")
     with pytest.raises(RuntimeError, match="expected scalar type"):
         bench.main()
+
+
+def test_bench_train_blocks_compiled_train_like_eager_and_a_failed_experiment_is_a_row(monkeypatch, capsys):
+    """The experiment "blocks" (each residual block compiled alone; aot_eager on the CPU) takes the same
+    step as eager, to float rounding; a block experiment that fails is a row saying so, and the rows after
+    it still run (other errors stop the script, as the test above shows)."""
+    import importlib.util
+
+    import torch
+
+    if not hasattr(torch.nn.Module, "compile"):
+        pytest.skip("nn.Module.compile: torch 2.2 or later")
+    spec = importlib.util.spec_from_file_location("bench_train_blocks", ROOT / "benchmarks" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec.loader.exec_module(bench)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    weights = {}
+    for mode in ("off", "blocks"):
+        parts, cfg, lr, hr, v = bench.setup_step(torch.device("cpu"), 2, False, "folded", True, 8, mode, "aot_eager")
+        step, _ = bench.make_runner(parts, cfg, lr, hr, v, False, mode, torch.device("cpu"))
+        step()
+        step()
+        weights[mode] = torch.cat([p.detach().flatten() for p in parts.model.parameters()])
+    torch.testing.assert_close(weights["blocks"], weights["off"], rtol=0, atol=1e-6)
+    # compiled: once for all of the generator's blocks where dynamo inlines modules (torch 2.11, 2.13: 1; 2.1: 16)
+    assert counters["stats"]["unique_graphs"] >= 1
+
+    def fake_step(device, batch, gan, warmup, repeats, impl, *args, compile_mode="off", **kwargs):
+        if compile_mode == "blocks":
+            raise RuntimeError("BackendCompilerFailed: backend='inductor' raised:\nmore")
+        return 0.01, None, 0.1
+
+    monkeypatch.setattr(bench, "bench_step", fake_step)
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--device", "cpu", "--batch-sizes", "2", "--impl", "grouped",
+                                      "--compile", "blocks,default"])
+    bench.main()
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 2 |")]
+    assert [r.split("|")[6].strip() for r in rows] == ["eager", "blocks compiled", "default"]
+    assert "| failed: BackendCompilerFailed: backend='inductor' raised: | - |" in rows[1] and "| 10.0 |" in rows[2]
 
 
 def _bench_module(name: str):
