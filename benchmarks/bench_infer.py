@@ -131,7 +131,8 @@ def compiled(model: DASR, lr: torch.Tensor, a: torch.Tensor, mode: str, backend:
     each call fuses the mix into it in place, as dasr-sr does into the reused one, and the compiled code
     reads its weights as inputs."""
     net = fuse_experts(model.generator, a, dtype=torch.bfloat16, channels_last=True)
-    fn = torch.compile(net, mode=mode, backend=backend, dynamic=False)
+    # a mode is inductor's (the aot_eager of CPU dry runs warns about it, or on torch 2.1 fails)
+    fn = torch.compile(net, backend=backend, dynamic=False, **({"mode": mode} if backend == "inductor" else {}))
 
     def run() -> torch.Tensor:
         model.generator.fuse(a, into=net)
