@@ -20,6 +20,7 @@ reason.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from typing import NamedTuple
@@ -162,7 +163,7 @@ def layout_table(trace: LayoutTrace, unit: str = "step", flagged_only: bool = Fa
     """The trace as a markdown table: calls that mix layouts first, then those that broadcast, then the rest,
     each by elements moved per `unit` (calls times the largest tensor's elements)."""
     rows = sorted(trace.calls.items(), key=lambda kv: (not kv[0].mixed, not kv[0].broadcast,
-                                                       -kv[1] * _numel(kv[0].shape)))
+                                                       -kv[1] * math.prod(kv[0].shape)))
     mixed = sum(n for c, n in trace.calls.items() if c.mixed)
     broadcast = sum(n for c, n in trace.calls.items() if c.broadcast and not c.mixed)
     lines = [f"Of {sum(trace.calls.values())} calls per {unit} on tensors of {trace.min_numel:,} elements or more, "
@@ -176,10 +177,3 @@ def layout_table(trace: LayoutTrace, unit: str = "step", flagged_only: bool = Fa
             continue
         lines.append(f"| `{c.op}` | {'x'.join(map(str, c.shape))} | {c.layouts} | {n} | {flag} |")
     return "\n".join(lines) + "\n"
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -12,6 +12,12 @@ import torch
 from _layouts import layout_of
 
 
+def sync(device: torch.device) -> None:
+    """Wait for `device` (a CUDA one; a CPU's work is done when its call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def profile_calls(run: Callable[[], object], device: torch.device, steps: int = 3, top: int = 15,
                   unit: str = "step", operators: bool = True) -> str:
     """`steps` timed calls of run() (the device synchronised around each), then `steps` under
@@ -21,16 +27,12 @@ def profile_calls(run: Callable[[], object], device: torch.device, steps: int = 
     shapes, which adds to its own wall time, not to the kernels'. Warm run() up first."""
     from torch.profiler import ProfilerActivity, profile
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     plain = []
     for _ in range(steps):
-        sync()
+        sync(device)
         start = time.perf_counter()
         run()
-        sync()
+        sync(device)
         plain.append(time.perf_counter() - start)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -38,7 +40,7 @@ def profile_calls(run: Callable[[], object], device: torch.device, steps: int = 
         start = time.perf_counter()
         for _ in range(steps):
             run()
-        sync()
+        sync(device)
         profiled = (time.perf_counter() - start) / steps
     table = profile_table(prof.key_averages(), steps, statistics.median(plain), profiled, cuda, top, unit)
     if not (cuda and operators):

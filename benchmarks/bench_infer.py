@@ -46,19 +46,27 @@ from collections.abc import Callable
 
 import torch
 from _layouts import layout_table, trace_layouts
-from _profile import profile_calls
+from _profile import profile_calls, sync
 
 from dasr_model.infer import fuse_experts, reused_fused_net, super_resolve
 from dasr_model.model import DASR, DASRConfig
 from dasr_model.runs import pick_device
 
+
+def print_row(size: int, label: str, ms: float, base_ms: float, fuse_ms: float | None, peak: float | None,
+              diff: float) -> None:
+    """One row of TABLE_HEAD's table."""
+    print(f"| {size} | {label} | {ms:.1f} | {base_ms / ms:.2f}x | {'-' if fuse_ms is None else f'{fuse_ms:.2f}'} | "
+          f"{'-' if peak is None else f'{peak:.0f}'} | {diff:.1e} |", flush=True)
+
+
+def print_failed(size: int, label: str, exc: BaseException) -> None:
+    """A row saying that `label` failed at `size`, with the error's first line: the table goes on."""
+    print(f"| {size} | {label} | failed: {str(exc).splitlines()[0][:120]} | | | | |", flush=True)
+
+
 TABLE_HEAD = ("| LR | path | ms/image | speed-up vs experts fp32 | fuse ms | peak MiB | max abs diff |\n"
               "|---:|---|---:|---:|---:|---:|---:|")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, repeats: int
@@ -206,17 +214,14 @@ def main() -> None:
                 try:
                     ms, out, peak = timed(fn, device, args.warmup, args.repeats)
                 except RuntimeError as e:  # an experiment that fails on this machine: said, and the table goes on
-                    print(f"| {size} | {label} | failed: {str(e).splitlines()[0][:120]} | | | | |", flush=True)
+                    print_failed(size, label, e)
                     continue
                 fuse_ms = (timed(lambda: fuse_once(model, a, **fuse_kw), device, 1, args.repeats)[0]
                            if label.startswith("fused") else None)
             if base_ms is None:
                 base_ms, base_out = ms, out
                 bases[size] = (lr, a, ms, out)
-            diff = (out.float() - base_out.float()).abs().max().item()
-            print(f"| {size} | {label} | {ms:.1f} | {base_ms / ms:.2f}x | "
-                  f"{'-' if fuse_ms is None else f'{fuse_ms:.2f}'} | {'-' if peak is None else f'{peak:.0f}'} | "
-                  f"{diff:.1e} |", flush=True)
+            print_row(size, label, ms, base_ms, fuse_ms, peak, (out.float() - base_out.float()).abs().max().item())
             del out
         torch.backends.cudnn.benchmark = False
         if cuda:
@@ -255,13 +260,12 @@ def print_compiled(model: DASR, device: torch.device, sizes: list[int],
                     first = time.perf_counter() - start
                     ms, out, peak = timed(run, device, args.warmup, args.repeats)
                 except RuntimeError as e:  # dynamo's and inductor's failures are RuntimeErrors: said, and on
-                    print(f"| {size} | {label} | failed: {str(e).splitlines()[0][:120]} | | | | |", flush=True)
+                    print_failed(size, label, e)
                     continue
                 fuse_ms = timed(lambda: fuse_once(model, a, dtype=torch.bfloat16, channels_last=True), device, 1,
                                 args.repeats)[0]
-            diff = (out.float() - base_out.float()).abs().max().item()
-            print(f"| {size} | {label} (first call {first:.0f} s) | {ms:.1f} | {base_ms / ms:.2f}x | {fuse_ms:.2f} | "
-                  f"{'-' if peak is None else f'{peak:.0f}'} | {diff:.1e} |", flush=True)
+            print_row(size, f"{label} (first call {first:.0f} s)", ms, base_ms, fuse_ms, peak,
+                      (out.float() - base_out.float()).abs().max().item())
             del out
 
 

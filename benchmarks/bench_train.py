@@ -15,10 +15,10 @@
   compiled by torch.compile in each mode (as `dasr-train --compile`; reduce-overhead adds CUDA graphs),
   warmed up at least 3 steps; or experiments dasr-train does not run: "blocks", each residual block of
   the generator compiled alone (one compilation for all 16), the rest eager, and "blocks+graph", that
-  step recorded as one CUDA graph (a failed experiment is a row saying so); --cuda-graph adds the row with the whole step recorded as one CUDA graph
-  and replayed (as `dasr-train --cuda-graph`; CUDA only) (--compile-only: the compiled / graphed rows
-  without their eager twins). Peak GPU memory
-  per step on CUDA; the first step's seconds (cuDNN's algorithm search with cudnn.benchmark, or the
+  step recorded as one CUDA graph (a failed experiment is a row saying so); --cuda-graph adds the row
+  with the whole step recorded as one CUDA graph and replayed (as `dasr-train --cuda-graph`; CUDA only)
+  (--compile-only: the compiled / graphed rows without their eager twins). Peak GPU memory per step on
+  CUDA; the first step's seconds (cuDNN's algorithm search with cudnn.benchmark, or the
   compilation, which later rows may shorten by reusing inductor's on-disk caches). --profile adds, after
   the table, each eager row's step under torch.profiler: wall against device-busy time per step, the
   operators (CUDA kernels on a GPU) that take the most, on a GPU which operators launched them (with their
@@ -44,7 +44,7 @@ import time
 
 import torch
 from _layouts import layout_table, trace_layouts
-from _profile import profile_calls
+from _profile import profile_calls, sync
 from torch.utils.data import DataLoader
 
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
@@ -121,11 +121,6 @@ def make_runner(parts: StepParts, cfg: TrainConfig, lr, hr, v, bf16: bool, mode:
         return (lambda: train_step(parts, cfg, lr, hr, v, bf16)), (3 if mode != "off" else 0)
     graphed = graphed_train_step(parts, cfg, bf16, device)
     return (lambda: graphed(lr, hr, v, rate=cfg.lr, ema_decay=cfg.ema_decay)), graphed.warmup + 2
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats: int, impl: str = "grouped",
