@@ -179,14 +179,9 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
 def test_bench_train_row_out_of_memory_is_reported_and_the_rest_still_run(monkeypatch, capsys):
     """One row out of GPU memory prints 'out of memory' and the next rows still run; gpu_speed_run's parser
     skips that row. Any other error stops the script."""
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("bench_train_under_test", ROOT / "benchmarks" / "bench_train.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec.loader.exec_module(bench)
+    bench = _bench_module("bench_train")
     error = {"dense": torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")}
 
     def fake_step(device, batch, gan, warmup, repeats, impl, *args, **kwargs):
@@ -201,11 +196,7 @@ def test_bench_train_row_out_of_memory_is_reported_and_the_rest_still_run(monkey
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 2 |")]
     assert [r.split("|")[4].strip() for r in rows] == ["grouped", "dense", "stacked"]
     assert "| out of memory |" in rows[1] and "| 10.0 |" in rows[2]
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from gpu_speed_run import step_rows
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    step_rows = _bench_module("gpu_speed_run").step_rows
     assert [r["expert impl"] for r in step_rows("\n".join(rows))] == ["grouped", "stacked"]
     error["stacked"] = RuntimeError("expected scalar type Float but found BFloat16")
     with pytest.raises(RuntimeError, match="expected scalar type"):
@@ -216,16 +207,11 @@ def test_bench_train_blocks_compiled_train_like_eager_and_a_failed_experiment_is
     """The experiment "blocks" (each residual block compiled alone; aot_eager on the CPU) takes the same
     step as eager, to float rounding; a block experiment that fails is a row saying so, and the rows after
     it still run (other errors stop the script, as the test above shows)."""
-    import importlib.util
-
     import torch
 
     if not hasattr(torch.nn.Module, "compile"):
         pytest.skip("nn.Module.compile: torch 2.2 or later")
-    spec = importlib.util.spec_from_file_location("bench_train_blocks", ROOT / "benchmarks" / "bench_train.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec.loader.exec_module(bench)
+    bench = _bench_module("bench_train")
     from torch._dynamo.utils import counters
 
     counters.clear()
