@@ -18,6 +18,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_steps(device: torch.device, n: int, step: Callable[[], object]) -> list[float]:
+    """Seconds of each of `n` calls of step(), the device synchronised around each."""
+    times = []
+    for _ in range(n):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def profile_calls(run: Callable[[], object], device: torch.device, steps: int = 3, top: int = 15,
                   unit: str = "step", operators: bool = True) -> str:
     """`steps` timed calls of run() (the device synchronised around each), then `steps` under
@@ -27,13 +39,7 @@ def profile_calls(run: Callable[[], object], device: torch.device, steps: int = 
     shapes, which adds to its own wall time, not to the kernels'. Warm run() up first."""
     from torch.profiler import ProfilerActivity, profile
 
-    plain = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        run()
-        sync(device)
-        plain.append(time.perf_counter() - start)
+    plain = timed_steps(device, steps, run)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities, record_shapes=cuda) as prof:

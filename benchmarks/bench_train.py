@@ -44,7 +44,7 @@ import time
 
 import torch
 from _layouts import layout_table, trace_layouts
-from _profile import profile_calls, sync
+from _profile import profile_calls, sync, timed_steps
 from torch.utils.data import DataLoader
 
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
@@ -150,18 +150,6 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
     times = timed_steps(device, repeats, run)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return statistics.median(times), peak, first
-
-
-def timed_steps(device: torch.device, n: int, step) -> list[float]:
-    """Seconds of each of `n` calls of step(), the device synchronised around each."""
-    times = []
-    for _ in range(n):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def profile_step(device: torch.device, batch: int, gan: bool, impl: str, channels_last: bool, lr_size: int,
