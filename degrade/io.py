@@ -19,6 +19,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import re
 import stat
 import struct
 import tempfile
@@ -306,6 +307,9 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.fl
         raise ImageError("not a readable image")
     if img.dtype not in (np.uint8, np.uint16):
         raise ImageError(f"unsupported sample type {img.dtype} (expected 8 or 16 bit)")
+    if img.shape[0] * img.shape[1] > limit:  # the header's size was checked; so is what was decoded
+        raise ImageError(f"decoded {img.shape[1]}x{img.shape[0]} px, above the {limit / 1e6:g} MP limit "
+                         f"(raise it with {MAX_PIXELS_ENV} or a command's --max-pixels)")
     if pam and img.ndim == 3:
         img = img[..., 0] if img.shape[2] <= 2 else np.ascontiguousarray(img[..., 2::-1])  # RGB(A) -> BGR
     # To RGB while still 8/16-bit (a third of the memory of float32); values equal the older float path.
@@ -315,7 +319,10 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.fl
         rgb = np.ascontiguousarray(img[..., 2::-1])
     del img
     out = rgb.astype(np.float32)
-    np.divide(out, np.float32(255 if rgb.dtype == np.uint8 else 65535), out=out)
+    full = _full_scale(data, rgb.dtype)
+    np.divide(out, np.float32(full), out=out)
+    if full not in (255, 65535):  # a PNM sample above its maxval (a damaged file) is full intensity
+        np.minimum(out, np.float32(1), out=out)
     return out
 
 
@@ -351,13 +358,8 @@ def _header_size(d: bytes) -> tuple[int, int] | None:
         return abs(w), abs(h)  # negative height: top-down rows
     if d[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return _tiff_size(d)
-    if d[:1] == b"P" and d[1:2] in b"123456" and d[1:2] != b"":
-        tokens = _pnm_tokens(d[2:], 2)
-        return int(tokens[0]), int(tokens[1])
-    if d[:3] == b"P7\n":  # PAM: WIDTH and HEIGHT lines before ENDHDR
-        fields = dict(line.split(None, 1) for line in d[3:d.index(b"ENDHDR")].decode("ascii").splitlines()
-                      if line.strip() and not line.startswith("#"))
-        return int(fields["WIDTH"]), int(fields["HEIGHT"])
+    if d[:1] == b"P" and d[1:2] in b"1234567" and d[1:2] != b"":
+        return _pnm_header(d)[:2]
     return None
 
 
@@ -426,14 +428,40 @@ def _tiff_size(d: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _pnm_tokens(d: bytes, n: int) -> list[bytes]:
-    """The first `n` whitespace-separated header tokens of a PNM file, skipping # comments."""
+def _pnm_header(d: bytes) -> tuple[int, int, int | None]:
+    """(width, height, maxval) from a PNM (P1-P6; maxval None for the bitmaps P1 and P4) or PAM (P7) header.
+    A comment runs from # to the end of its line, which OpenCV's reader ends at CR as well as LF: a header
+    read otherwise declares another size than the one decoded. ValueError (or KeyError) if it is not one."""
+    if d[:3] == b"P7\n":  # PAM: WIDTH, HEIGHT, MAXVAL lines before ENDHDR
+        lines = re.split(rb"[\r\n]", d[3:d.index(b"ENDHDR", 0, 4096)])
+        fields = dict(line.split(None, 1) for line in lines if line.strip() and not line.startswith(b"#"))
+        return int(fields[b"WIDTH"]), int(fields[b"HEIGHT"]), int(fields[b"MAXVAL"])
+    n = 2 if d[1:2] in (b"1", b"4") else 3
     tokens: list[bytes] = []
-    for line in d[:4096].split(b"\n"):
+    for line in re.split(rb"[\r\n]", d[2:4096]):
         tokens += line.split(b"#", 1)[0].split()
         if len(tokens) >= n:
-            return tokens[:n]
+            values = [int(t) for t in tokens[:n]]
+            if n == 3 and not 0 < values[2] < 65536:
+                raise ValueError("PNM maxval outside 1-65535")
+            return values[0], values[1], values[2] if n == 3 else None
     raise ValueError("short PNM header")
+
+
+def _full_scale(data: bytes, sample: np.dtype) -> int:
+    """The sample value that means full intensity in what OpenCV decoded from `data`: 255 or 65535 by the
+    sample type, but a PNM's maxval where OpenCV returns the file's values as they are. It does for the
+    binary P5/P6 and for PAM at any maxval, and for the ASCII P2/P3 above 255 (below 256 it scales them to
+    0-255 itself); the bitmaps P1/P4 decode to 0 and 255 (tests/test_io.py pins all of these). A PAM of
+    MAXVAL 1 is refused (ImageError)."""
+    full = 255 if sample == np.uint8 else 65535
+    if data[:1] != b"P" or data[1:2] not in (b"2", b"3", b"5", b"6", b"7"):
+        return full
+    maxval = _pnm_header(data)[2]
+    assert maxval is not None
+    if data[1:2] == b"7" and maxval == 1:  # a byte per sample (Netpbm), which OpenCV reads as packed bits
+        raise ImageError("a PAM of MAXVAL 1 (black and white) is not supported: store it as a PBM or PNG")
+    return full if data[1:2] in (b"2", b"3") and maxval < 256 else maxval
 
 
 def to_uint8(img: NDArray[np.floating] | NDArray[np.uint8]) -> NDArray[np.uint8]:

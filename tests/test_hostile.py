@@ -259,6 +259,25 @@ def test_header_sizes_match_the_decoded_sizes(ext):
     assert ok and image_size(buf.tobytes()) == (53, 37)
 
 
+@pytest.mark.parametrize("newline", [b"\n", b"\r", b"\r\n"])
+def test_a_pnm_header_is_read_as_opencv_reads_it(newline):
+    """OpenCV ends a PNM comment at CR as well as LF: a header read only up to LF took the comment's CR
+    line for part of the comment and the maxval for the size (255x1), so a 150 MP file passed a 100 MP cap."""
+    data = b"P5" + newline + b"# a comment" + newline + b"53 37" + newline + b"255" + newline + bytes(53 * 37)
+    assert image_size(data) == (53, 37)
+    assert degrade.io.decode_image(data).shape == (37, 53, 3)
+    with pytest.raises(ImageError, match="above the"):
+        degrade.io.decode_image(data, max_pixels=53 * 37 - 1)
+
+
+def test_what_is_decoded_is_checked_against_the_cap_too(monkeypatch):
+    """Beside the header's claim: a header parser that disagrees with the decoder must not open the cap."""
+    ok, buf = cv2.imencode(".png", np.zeros((40, 50, 3), np.uint8))
+    monkeypatch.setattr(degrade.io, "image_size", lambda data: (1, 1))
+    with pytest.raises(ImageError, match="decoded 50x40 px, above the"):
+        degrade.io.decode_image(buf.tobytes(), max_pixels=1999)
+
+
 @pytest.mark.parametrize("claim", [(100000, 100000), (30000, 30000), (10001, 10000)])
 def test_an_image_claiming_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch, claim):
     path = _png_claiming(tmp_path / "bomb.png", *claim)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import degrade
-from degrade.io import ImageError, crop_to_multiple, read_image, write_image
+from degrade.io import ImageError, crop_to_multiple, decode_image, read_image, write_image
 
 
 def _write_raw(path, array) -> None:
@@ -129,3 +129,36 @@ def test_pam_with_or_without_alpha_reads_its_colour_as_stored(tmp_path, depth, t
                      + samples.tobytes())
     want = samples[..., :3] if depth >= 3 else np.repeat(samples[..., :1], 3, axis=2)
     np.testing.assert_array_equal(np.round(degrade.read_image(path) * 255), want)
+
+
+_PNM_WHITE_GREY = {  # format: (header, samples) of a 2x1 image, full intensity then 7 of maxval
+    "P5": lambda m: b"P5\n2 1\n%d\n" % m + b"".join(v.to_bytes(1 if m < 256 else 2, "big") for v in (m, 7)),
+    "P2": lambda m: b"P2\n2 1\n%d\n%d 7\n" % (m, m),
+    "P6": lambda m: b"P6\n2 1\n%d\n" % m + b"".join(v.to_bytes(1 if m < 256 else 2, "big") * 3 for v in (m, 7)),
+    "P3": lambda m: b"P3\n2 1\n%d\n%d %d %d 7 7 7\n" % (m, m, m, m),
+    "P7": lambda m: b"P7\nWIDTH 2\nHEIGHT 1\nDEPTH 1\nMAXVAL %d\nTUPLTYPE GRAYSCALE\nENDHDR\n" % m
+    + b"".join(v.to_bytes(1 if m < 256 else 2, "big") for v in (m, 7)),
+}
+
+
+@pytest.mark.parametrize("maxval", [1, 15, 200, 255, 1023, 4095, 65535])
+@pytest.mark.parametrize("magic", sorted(_PNM_WHITE_GREY))
+def test_a_pnm_sample_is_scaled_by_its_maxval(magic, maxval):
+    """Netpbm: a sample means sample / maxval. OpenCV returns most PNMs' samples as they are (binary P5/P6
+    and PAM at any maxval, ASCII above 255) and scales only ASCII below 256 to 0-255 itself; either way
+    white reads 1.0 and 7 reads 7 / maxval (to 1/255 where OpenCV scaled: it truncates). A PAM of MAXVAL 1,
+    which OpenCV reads as packed bits where Netpbm has a byte per sample, is refused."""
+    if magic == "P7" and maxval == 1:
+        with pytest.raises(ImageError, match="MAXVAL 1"):
+            decode_image(_PNM_WHITE_GREY[magic](maxval))
+        return
+    img = decode_image(_PNM_WHITE_GREY[magic](maxval))
+    assert img.shape == (1, 2, 3) and np.all(img[0, 0] == 1.0)
+    grey = min(7, maxval) / maxval
+    scaled_by_opencv = magic in ("P2", "P3") and maxval < 256
+    np.testing.assert_allclose(img[0, 1], grey, atol=1 / 255 if scaled_by_opencv else 1e-7)
+
+
+def test_a_pbm_bitmap_reads_black_and_white():
+    for data in (b"P4\n8 1\n" + bytes([0b10100000]), b"P1\n8 1\n1 0 1 0 0 0 0 0\n"):  # 1 is black
+        np.testing.assert_array_equal(decode_image(data)[0, :, 0], [0, 1, 0, 1, 1, 1, 1, 1])
