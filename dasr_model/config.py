@@ -16,6 +16,10 @@ EXPERT_IMPLS: tuple[str, ...] = get_args(ExpertImpl)
 # A config read from a file is data: sizes are bounded before anything is allocated. 100M parameters
 # (400 MB in float32) is 13x the released 5-expert model; larger nets are refused, not attempted.
 MAX_PARAMETERS = 100_000_000
+# Layer counts are bounded apart from the parameters: a file declaring a million 1-feature blocks holds few
+# parameters, yet building its modules took 25 s and 1.6 GB per 100,000 blocks before its tensors were read.
+MAX_BLOCKS = 256  # residual blocks (16 in DASR's MSRResNet)
+MAX_EXPERTS = 64  # experts (5 in DASR)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,9 @@ class DASRConfig:
         for name in ("num_experts", "num_feat", "num_block", "predictor_feat", "mapping_hidden"):
             if getattr(self, name) < 1:
                 raise DASRError(f"model config: {name} must be at least 1, got {getattr(self, name)}")
+        for name, most in (("num_block", MAX_BLOCKS), ("num_experts", MAX_EXPERTS)):
+            if getattr(self, name) > most:
+                raise DASRError(f"model config: {name} must be at most {most}, got {getattr(self, name)}")
         if self.scale != 4:
             raise DASRError(f"model config: only scale 4 is implemented, got {self.scale}")
         if self.mixing not in MIXINGS:

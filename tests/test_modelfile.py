@@ -15,6 +15,7 @@ from click.testing import CliRunner  # noqa: E402
 
 import degrade  # noqa: E402
 from cli.sr import export_main, sr_main  # noqa: E402
+from dasr_model import modelfile  # noqa: E402
 from dasr_model.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
 from dasr_model.errors import DASRError  # noqa: E402
 from dasr_model.infer import load_model  # noqa: E402
@@ -106,10 +107,12 @@ def _deep(n: int) -> bytes:
     ("pickle dtype", "dtype"),
     ("config not a string", "metadata values must be strings"),
     ("float shape", "shape"),
+    ("a million tiny blocks", "num_block must be at most 256"),
+    ("a thousand experts", "num_experts must be at most 64"),
     ("overlapping tensors", "overlap or gap"),
     ("bytes after the last tensor", "after the last tensor"),
 ])
-def test_hostile_model_files_are_refused_in_one_line(tmp_path, case, message):
+def test_hostile_model_files_are_refused_in_one_line(tmp_path, monkeypatch, case, message):
     header, data = _good_header(tmp_path)
     meta = header["__metadata__"]
     first = next(k for k in header if k != "__metadata__")
@@ -129,6 +132,12 @@ def test_hostile_model_files_are_refused_in_one_line(tmp_path, case, message):
             meta["config"] = json.dumps({**TINY.to_dict(), "num_experts": 0})
         elif case == "huge model":  # would be terabytes: refused from the sizes, before anything is allocated
             meta["config"] = json.dumps({**TINY.to_dict(), "num_feat": 100_000})
+        elif case == "a million tiny blocks":  # 1-feature blocks: under the parameter cap, yet 25 s and 1.6 GB
+            # per 100,000 blocks to build before the tensors are checked
+            meta["config"] = json.dumps({**TINY.to_dict(), "num_block": 10**6, "num_feat": 1, "num_experts": 1,
+                                         "predictor_feat": 1, "mapping_hidden": 1})
+        elif case == "a thousand experts":
+            meta["config"] = json.dumps({**TINY.to_dict(), "num_experts": 1000, "num_block": 1, "num_feat": 1})
         elif case == "wrong shape":
             header[first]["shape"] = [1]
         elif case == "byte range outside the file":
@@ -148,6 +157,8 @@ def test_hostile_model_files_are_refused_in_one_line(tmp_path, case, message):
         elif case == "bytes after the last tensor":
             data += b"\0" * 100
         _write(path, header, data)
+    if case in ("a million tiny blocks", "a thousand experts"):  # refused from the config, no model built
+        monkeypatch.setattr(modelfile, "DASR", lambda config: pytest.fail("built the model"))
     with pytest.raises(DASRError, match=message):
         read_model_file(path)
     assert MAX_PARAMETERS < 10**9
