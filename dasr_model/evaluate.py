@@ -143,7 +143,7 @@ class ValidationSet:
             v_hats = torch.empty(len(self), len(self.v[0]))
             for idx in self.batches:
                 lr = torch.stack([self.lr[i] for i in idx])
-                v_hat, a = predict(model, lr)  # dasr-sr's rule: an LR side over 1024 px is shrunk for P first
+                v_hat, a = predict(model, lr)  # as dasr-sr does
                 sr = generator(lr, a)
                 hr_y = _y(torch.stack([self.hr[i] for i in idx]).double())
                 mse = ((_y(torch.round(sr.clamp(0, 1) * 255).double()) - hr_y) ** 2).mean(dim=(1, 2))
@@ -277,7 +277,7 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
                    on_image: Callable[[int, dict[str, Any], np.ndarray], None] | None = None) -> dict[str, Any]:
     """Scores per level of `model` (its predictor, and `generator` for SR when given, e.g. the trainer's
     EMA generator, else its own), computed as dasr-sr computes its output: v_hat and a from the whole LR
-    (area-downscaled above 1024 px a side), the experts fused once per image, tiles of at most `tile`
+    at its own resolution, the experts fused once per image, tiles of at most `tile`
     LR px overlapping by G's receptive-field radius (the whole-image result, in bounded memory).
     With `lpips` (dasr_model.lpips.LPIPS on `device`), also the LPIPS distance of SR and of bicubic to HR,
     on the whole 8-bit images (no crop, as LPIPS is usually reported). With `niqe_params`

@@ -37,6 +37,24 @@ def test_tiled_output_equals_untiled(ckpt):
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-5)
 
 
+def test_the_predictor_sees_a_large_image_at_its_own_resolution(monkeypatch):
+    """dasr-sr's v_hat comes from the LR as it is, whatever its size: a side over 1024 px was once shrunk
+    first, which halved the noise the predictor saw. Oracle: the predictor called on the image itself."""
+    from dasr_model import infer
+
+    torch.manual_seed(0)
+    model = DASR(TINY).eval()
+    lr = torch.rand(1, 3, 6, 1100)
+    seen = []
+    plain = model.predictor.forward
+    monkeypatch.setattr(model.predictor, "forward", lambda x, **kw: seen.append(x.shape) or plain(x, **kw))
+    v_hat, a = infer.predict(model, lr)
+    assert seen == [lr.shape]
+    with torch.no_grad():
+        want = model.predictor(lr)
+    torch.testing.assert_close((v_hat, a), want, rtol=0, atol=0)
+
+
 def _random_generator(config: DASRConfig, seed: int = 0) -> DASR:
     """A model whose every generator weight is random (the release init zeroes the residual's last layers,
     which would hide how far a pixel reaches), in float64."""
