@@ -177,11 +177,15 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
     try:
         files = _inputs(inputs, out_dir)
         names: dict[str, Path] = {}
+        given = {f.resolve() for f in files}
         for f in files:  # NAME_x4.png: two inputs with one stem would silently overwrite each other
             other = names.setdefault(f"{f.stem}{suffix}", f)
             if other != f:
                 raise click.ClickException(f"{other} and {f} would both be written as {f.stem}{suffix}; "
                                            "give them separately with different --out folders")
+            if (out_dir / f"{f.stem}{suffix}").resolve() in given:  # overwritten, then upscaled itself
+                raise click.ClickException(f"{f}'s output would overwrite the input {out_dir / (f.stem + suffix)}; "
+                                           "write to another --out folder")
         overrides = parse_settings(list(settings))
         model, dev = _load(_one_model(model_path, checkpoint), release_weights, device)
         a_fixed = _parse_mix(mix, model.config.num_experts)

@@ -375,12 +375,21 @@ def _tiles(run: Callable[[Tensor], Tensor], lr: Tensor, s: int, tile: int | None
     one `tile` x `tile` LR tile at a time, each run with `overlap` LR pixels of context, which is then cut off."""
     h, w = lr.shape[-2:]
     if tile_count(h, w, tile) == 1:
-        yield (0, 0), run(lr)
+        yield (0, 0), _finite(run(lr))
         return
     for y in range(0, h, tile):
         for x in range(0, w, tile):
             y0, x0 = max(0, y - overlap), max(0, x - overlap)
             y1, x1 = min(h, y + tile + overlap), min(w, x + tile + overlap)
-            part = run(lr[..., y0:y1, x0:x1])
+            part = _finite(run(lr[..., y0:y1, x0:x1]))
             ty, tx = min(tile, h - y), min(tile, w - x)
             yield (y * s, x * s), part[..., (y - y0) * s : (y - y0 + ty) * s, (x - x0) * s : (x - x0 + tx) * s]
+
+
+def _finite(sr: Tensor) -> Tensor:
+    """sr, or DASRError if it holds NaN or infinite values, which 8-bit output would silently turn black
+    (an expert mix too large for the weights: --mix 1e30,1e30 overflows float32 in the first layer)."""
+    if not bool(torch.isfinite(sr).all()):
+        raise DASRError("the network's output holds NaN or infinite values (an expert mix too large for its "
+                        "weights?)")
+    return sr

@@ -172,6 +172,18 @@ def test_sr_cli_writes_x4_pngs_and_prints_v(ckpt, tmp_path):
     assert mixed.exit_code == 0, mixed.output
 
 
+def test_sr_refuses_an_output_of_nan_instead_of_writing_it_black(ckpt, tmp_path):
+    """--mix 1e30,1e30 is finite, but the mixed weights overflow float32: every output value is NaN, which
+    8-bit output turned into an all-black PNG, with exit 0. Now that image is skipped with a reason."""
+    cv2.imwrite(str(tmp_path / "a.png"), np.random.default_rng(1).integers(0, 255, (70, 72, 3), dtype=np.uint8))
+    for tile in ("64", "0"):  # tile by tile (4 tiles), and the whole image at once
+        result = CliRunner().invoke(sr_main, [str(tmp_path / "a.png"), "-o", str(tmp_path / f"o{tile}"), "--model",
+                                              str(ckpt), "--mix", "1e30,1e30", "--tile", tile, "--device", "cpu"])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+        assert "NaN or infinite" in " ".join(result.output.split())
+        assert not list((tmp_path / f"o{tile}").glob("*.png"))
+
+
 def test_sr_cli_precision_bf16_runs_the_fused_net_in_bf16(ckpt, tmp_path, monkeypatch):
     """--precision bf16 hands bf16 to the fused generator (channels_last only on a GPU) and writes what
     fp32 writes within bf16 rounding; the default is fp32. Weights x6, so the residual is not negligible."""

@@ -336,3 +336,19 @@ def test_sr_refuses_two_inputs_that_would_share_an_output_and_honours_max_pixels
     both = CliRunner().invoke(sr_main, [str(tmp_path / "in" / "a.png"), "-o", str(tmp_path / "o3"), "--model",
                                         str(path), "--checkpoint", str(path)])
     assert both.exit_code == 2 and "not both" in both.output
+
+
+def test_sr_never_overwrites_one_of_its_inputs(tmp_path, model):
+    """`dasr-sr dir/* -o dir` over a folder holding x.png and the user's own x_x4.png: x.png's output would
+    overwrite x_x4.png, which would then be upscaled itself. Refused before any work, the files untouched."""
+    from dasr_model.modelfile import save_model_file
+
+    path = save_model_file(model, tmp_path / "m.safetensors")
+    cv2.imwrite(str(tmp_path / "x.png"), np.zeros((16, 20, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "x_x4.png"), np.full((10, 10, 3), 7, np.uint8))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    result = CliRunner().invoke(sr_main, [str(tmp_path / "x.png"), str(tmp_path / "x_x4.png"), "-o", str(tmp_path),
+                                          "--model", str(path)])
+    assert result.exit_code == 1 and "would overwrite the input" in " ".join(result.output.split())
+    assert isinstance(result.exception, SystemExit)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
