@@ -43,8 +43,11 @@ def load_niqe_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if os.fstat(f.fileno()).st_size > MAX_PARAMS_BYTES:
             raise DASRError(f"{path}: not a NIQE parameter file (over {MAX_PARAMS_BYTES} bytes)")
         try:
+            if f.read(4) != b"PK\x03\x04":  # not a zip: np.load would read a lone .npy, allocating its shape
+                raise ValueError("not an .npz archive")
+            f.seek(0)
             npz = np.load(f, allow_pickle=False)
-            if not isinstance(npz, np.lib.npyio.NpzFile):  # a single .npy array
+            if not isinstance(npz, np.lib.npyio.NpzFile):
                 raise ValueError("not an .npz archive")
             with npz:
                 arrays = {}

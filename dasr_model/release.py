@@ -22,11 +22,12 @@ def _state_dict_from(source: dict[str, Tensor] | str | Path, prefer_ema: bool) -
         data = source
     if not isinstance(data, dict):
         raise DASRError(f"{source if isinstance(source, (str, Path)) else 'weights'}: a release file must hold a dict")
-    if prefer_ema and "params_ema" in data:
-        return data["params_ema"]
-    if "params" in data:
-        return data["params"]
-    return data  # already a bare state dict
+    key = "params_ema" if prefer_ema and "params_ema" in data else "params" if "params" in data else None
+    state = data if key is None else data[key]  # without either: already a bare state dict
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(t, Tensor) for k, t in state.items()):
+        where = source if isinstance(source, (str, Path)) else "weights"
+        raise DASRError(f"{where}: {key or 'the file'} must be a dict of named tensors (a release state dict)")
+    return state
 
 
 def load_release_weights(g: dict[str, Tensor] | str | Path, p: dict[str, Tensor] | str | Path, *,

@@ -226,6 +226,10 @@ def test_checkpoint_with_a_bad_config_or_weights_is_refused(tmp_path):
 def test_release_weights_with_wrong_keys_are_one_line():
     with pytest.raises(DASRError, match="conv_first"):
         load_release_weights({"something": torch.zeros(1)}, {})
+    for bad in ([torch.zeros(3)], torch.zeros(3), {"conv_first.weight": "a string"}):  # params not a state dict
+        for g, p in (({"params": bad}, {}), ({"params_ema": bad, "params": {}}, {}), ({}, {"params": bad})):
+            with pytest.raises(DASRError, match="must be a dict of named tensors"):
+                load_release_weights(g, p)
 
 
 def test_export_then_dasr_sr_gives_the_checkpoints_image(tmp_path):

@@ -64,7 +64,9 @@ def test_the_parameter_file_is_read_without_pickles_and_checked(tmp_path):
             load_niqe_params(_save(tmp_path / f"{name}.npz", **arrays))
     (tmp_path / "text.npz").write_text("not a zip")
     np.save(tmp_path / "one.npy", params["cov_pris_param"])
-    for name in ("text.npz", "one.npy"):
+    with open(tmp_path / "huge.npy", "wb") as f:  # 192 bytes whose header declares 728 TiB: np.load allocates it
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (10**7, 10**7)})
+    for name in ("text.npz", "one.npy", "huge.npy"):
         with pytest.raises(DASRError, match="not a readable NIQE parameter file"):
             load_niqe_params(tmp_path / name)
     import zipfile  # a member that inflates far past the file: refused from the archive's directory
