@@ -132,6 +132,13 @@ def precision_kwargs(precision: str, device) -> dict:
     return {"dtype": torch.bfloat16, "channels_last": device.type == "cuda"} if precision == "bf16" else {}
 
 
+precision_option = click.option(
+    "--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+    help="The fused generator's precision; auto: bf16 on a CUDA GPU with bf16 tensor cores (compute capability "
+         "8.0 or newer; measured within 0.01 dB of fp32 there, at half the memory), fp32 elsewhere. bf16 on a GPU "
+         "is also channels_last; the predictor and the bilinear base stay fp32.")
+
+
 @click.command("dasr-sr", context_settings=SETTINGS)
 @click.version_option(__version__, prog_name="dasr-sr")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -144,10 +151,7 @@ def precision_kwargs(precision: str, device) -> dict:
                    "--set noise1.strength=5 (sigma, of 255).")
 @click.option("--mix", help="Set the expert coefficients a directly: a0,a1,...")
 @click.option("--print-v", is_flag=True, help="Print each image's predicted v, decoded.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="The fused generator's precision; auto: bf16 on a CUDA GPU with bf16 tensor cores (compute "
-                   "capability 8.0 or newer; measured within 0.01 dB of fp32 there, at half the memory), fp32 "
-                   "elsewhere. bf16 on a GPU is also channels_last; the predictor and the bilinear base stay fp32.")
+@precision_option
 @click.option("--outscale", type=click.FloatRange(1, 16), default=4.0, show_default=True,
               help="The output's scale: the x4 result resized (area averaging below 4, Lanczos above); "
                    "outputs are named NAME_x{scale}.png.")
@@ -264,10 +268,12 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
 @click.option("--niqe-params", type=click.Path(path_type=Path, dir_okay=False),
               help="Also NIQE (no reference; lower: more natural): the pristine model's .npz (BasicSR's "
                    "niqe_pris_params.npz); nothing is downloaded.")
+@precision_option
 @max_pixels_option
 @click.pass_context
 def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_dir, testset, levels, seed, device,
-              tile, as_json, per_image, save_sr, lpips_alexnet, lpips_lin, niqe_params, max_pixels) -> None:
+              tile, as_json, per_image, save_sr, lpips_alexnet, lpips_lin, niqe_params, precision,
+              max_pixels) -> None:
     """PSNR/SSIM on Y (4-px crop) and RGB PSNR per level, for the model and bicubic; predictor MAE per block;
     LPIPS and NIQE when given their files. Given LR/HR pairs (--lr-dir with --hr-dir) have no level: they are
     reported as level 0; so are real LR images alone (--lr-dir with --niqe-params), scored by NIQE only."""
@@ -336,7 +342,7 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
         with _bar() as bar:
             task = bar.add_task("evaluating", total=len(pairs))
             result = evaluate_pairs(model, pairs, dev, tile=tile, lpips=lpips, niqe_params=niqe,
-                                    progress=lambda: bar.advance(task),
+                                    **precision_kwargs(precision, dev), progress=lambda: bar.advance(task),
                                     on_image=on_image if per_image is not None or save_sr is not None else None)
         if per_image is not None:
             _write_csv(per_image, rows)

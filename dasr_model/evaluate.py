@@ -273,12 +273,14 @@ def pairs_from_lr_hr_dirs(lr_dir: str | Path, hr_dir: str | Path, scale: int = 4
 def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.device, *,
                    generator: torch.nn.Module | None = None, tile: int | None = DEFAULT_TILE,
                    lpips: torch.nn.Module | None = None, niqe_params: dict[str, np.ndarray] | None = None,
+                   dtype: torch.dtype | None = None, channels_last: bool = False,
                    progress: Callable[[], None] | None = None,
                    on_image: Callable[[int, dict[str, Any], np.ndarray], None] | None = None) -> dict[str, Any]:
     """Scores per level of `model` (its predictor, and `generator` for SR when given, e.g. the trainer's
     EMA generator, else its own), computed as dasr-sr computes its output: v_hat and a from the whole LR
     at its own resolution, the experts fused once per image, tiles of at most `tile`
-    LR px overlapping by G's receptive-field radius (the whole-image result, in bounded memory).
+    LR px overlapping by G's receptive-field radius (the whole-image result), the fused generator in
+    `dtype` and, with `channels_last`, that memory format (dasr-sr's --precision; see infer.fuse_experts).
     With `lpips` (dasr_model.lpips.LPIPS on `device`), also the LPIPS distance of SR and of bicubic to HR,
     on the whole 8-bit images (no crop, as LPIPS is usually reported). With `niqe_params`
     (dasr_model.niqe.load_niqe_params), the no-reference NIQE of SR and of bicubic (Y, 4-px crop). A pair
@@ -290,14 +292,16 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
     v_hats, vs, mixes, mix_levels = [], [], [], []
     gen = model.generator if generator is None else generator
     overlap = receptive_radius(model.config)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     for index, (level, hr, lr, v) in enumerate(pairs):
         row: dict[str, Any] = {"level": level}
         lr_t = to_tensor(lr).to(device)
         v_hat, a = predict(model, lr_t, tile=tile)
         mixes.append(a.float().cpu())
         mix_levels.append(level)
-        with reused_fused_net(gen, a) as net:
-            sr = to_image(tiled(net, lr_t, model.config.scale, tile, overlap))
+        with reused_fused_net(gen, a, dtype=dtype, channels_last=channels_last) as net:
+            sr = to_image(tiled(lambda t, net=net: net(t.contiguous(memory_format=fmt)).to(t.dtype), lr_t,
+                                model.config.scale, tile, overlap))
         bic = to_image(F.interpolate(lr_t, scale_factor=4, mode="bicubic", align_corners=False))
         counts[level] = counts.get(level, 0) + 1
         s = scores.setdefault(level, {})

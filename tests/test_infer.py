@@ -220,6 +220,36 @@ def test_sr_cli_precision_bf16_runs_the_fused_net_in_bf16(ckpt, tmp_path, monkey
     assert 0 < diff.max() <= 3 and diff.mean() < 0.25
 
 
+def test_eval_scores_the_bytes_sr_writes_at_each_precision(ckpt, tmp_path):
+    """dasr-eval --precision is dasr-sr's: its --save-sr image equals dasr-sr's output byte for byte, in bf16
+    as in fp32 (before, eval always ran fp32, while dasr-sr's default on a GPU is bf16). Weights x6, so that
+    bf16 shows in the 8-bit output (asserted)."""
+    from cli.sr import eval_main
+
+    model = load_checkpoint_model(ckpt)
+    with torch.no_grad():
+        for p in model.generator.parameters():
+            p.mul_(6)
+    path = tmp_path / "ckpt-1.pt"
+    save_checkpoint(path, {"config": TrainConfig(shards="", out="", model=TINY).to_dict(), "step": 1,
+                           "model": model.state_dict(), "ema_generator": model.generator.state_dict()})
+    for name, size in (("lr", (20, 24, 3)), ("hr", (80, 96, 3))):
+        (tmp_path / name).mkdir()
+        cv2.imwrite(str(tmp_path / name / "a.png"), np.random.default_rng(2).integers(0, 255, size, np.uint8))
+    written = {}
+    for precision in ("fp32", "bf16"):
+        common = ["--model", str(path), "--device", "cpu", "--precision", precision]
+        res = CliRunner().invoke(sr_main, [str(tmp_path / "lr" / "a.png"), "-o", str(tmp_path / f"sr-{precision}"),
+                                           *common])
+        assert res.exit_code == 0, res.output
+        res = CliRunner().invoke(eval_main, ["--lr-dir", str(tmp_path / "lr"), "--hr-dir", str(tmp_path / "hr"),
+                                             "--save-sr", str(tmp_path / f"ev-{precision}"), "--json", *common])
+        assert res.exit_code == 0, res.output
+        written[precision] = (tmp_path / f"sr-{precision}" / "a_x4.png").read_bytes()
+        assert (tmp_path / f"ev-{precision}" / "a.png").read_bytes() == written[precision]
+    assert written["bf16"] != written["fp32"]
+
+
 def test_sr_precision_auto_is_bf16_on_cuda_only(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     bf16_gpu = {"dtype": torch.bfloat16, "channels_last": True}
