@@ -252,7 +252,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
 
     # --- data first: a bad dataset or crop is refused before anything is built or written ---
     train_set = PairedShards(cfg.shards, lr_crop=cfg.lr_crop, seed=cfg.seed)
-    check_crop(train_set, cfg.lr_crop, cfg.shards)
+    check_crop(train_set, cfg.lr_crop, cfg.shards, sharpen=cfg.sharpen_gt, gan=cfg.gan)
     val_pairs = pairs_from_shards(cfg.val_shards, limit=cfg.val_samples) if cfg.val_shards and main_rank else None
 
     # --- model, EMA, optimisers (or their state from the newest intact checkpoint) ---
@@ -661,14 +661,26 @@ def compile_net(net: torch.nn.Module, mode: str, backend: str = "inductor") -> t
     return torch.compile(net, mode=None if mode == "default" else mode, dynamic=False)
 
 
-def check_crop(data: PairedShards, lr_crop: int | None, where: str) -> None:
-    """Refuse an empty dataset, or a crop larger than its LR patches, before the first step."""
+def check_crop(data: PairedShards, lr_crop: int | None, where: str, *, sharpen: bool = False,
+               gan: bool = False) -> None:
+    """Refuse, before the first step, an empty dataset or an LR crop the step cannot take: larger than the
+    dataset's LR patches; with `sharpen`, under 7 (the sharpening blur's reflect padding, 25 px a side,
+    needs an HR side over 25); with `gan`, odd (the U-Net discriminator halves the HR side three times
+    and adds the skips back: 4 x side must divide by 8). Without a crop, the patches' own LR size."""
     if len(data) == 0:
         raise DASRError(f"{where}: the dataset holds no samples")
     h, w = data.data[0].lr.shape[:2]
     if lr_crop is not None and lr_crop > min(h, w):
         raise DASRError(f"--lr-crop {lr_crop} is larger than the dataset's LR patches ({w}x{h}); "
                         f"use at most {min(h, w)}")
+    what = f"--lr-crop {lr_crop}" if lr_crop is not None else f"the dataset's LR patches ({w}x{h}, no --lr-crop)"
+    sides = (lr_crop,) if lr_crop is not None else (h, w)
+    if sharpen and min(sides) < 7:
+        raise DASRError(f"{what}: the sharpened target needs an LR side of at least 7 (HR over 25 px); "
+                        "use a larger --lr-crop, or --no-sharpen")
+    if gan and any(side % 2 for side in sides):
+        raise DASRError(f"{what}: the GAN's discriminator needs an even LR side (HR a multiple of 8)"
+                        + ("; use an even --lr-crop" if lr_crop is not None else "; give an even --lr-crop"))
 
 
 def _batches(loader: DataLoader):

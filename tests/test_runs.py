@@ -129,6 +129,8 @@ def test_old_checkpoints_are_pruned_and_config_records_what_ran(shards, tmp_path
 
 @pytest.mark.parametrize("args,message", [
     (["--lr-crop", "40"], "--lr-crop 40 is larger than the dataset's LR patches (16x16)"),
+    (["--lr-crop", "6"], "--lr-crop 6: the sharpened target needs an LR side of at least 7"),  # was a traceback
+    (["--lr-crop", "9", "--gan"], "--lr-crop 9: the GAN's discriminator needs an even LR side"),  # was a traceback
     (["--features", "4096"], "over the limit"),
     (["--device", "tpu"], "not a device name"),
     (["--device", "cuda:7"], "cuda"),
@@ -140,6 +142,14 @@ def test_bad_runs_are_one_line_before_anything_is_written(shards, tmp_path, args
     result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(run), "--steps", "1", *TINY_ARGS, *args])
     assert result.exit_code == 1 and message in " ".join(result.output.split()), result.output
     assert "Traceback" not in result.output and not run.exists()
+
+
+def test_the_smallest_crops_the_refusals_allow_do_train(shards, tmp_path):
+    """The bounds above are the step's own: 7 with the sharpened target, an even crop with the GAN."""
+    for name, extra in (("sharp", ["--lr-crop", "7"]), ("gan", ["--lr-crop", "10", "--gan", "--no-sharpen"])):
+        result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / name), "--steps", "1",
+                                                *TINY_ARGS, *extra])
+        assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
