@@ -79,7 +79,26 @@ def _half_written(name: str) -> bool:
 
 
 def holds_a_run(out: Path) -> bool:
-    return bool(list_checkpoints(out)) or any((Path(out) / name).exists() for name in ("metrics.jsonl", MODEL_FILE))
+    """A checkpoint, a model file or a logged step in run folder `out`. A run that failed before its first
+    logged step (a bad crop, a NaN at step 0, out of memory) leaves only config.json and an empty
+    metrics.jsonl: not a run, so the corrected retry may start there."""
+    out = Path(out)
+    return bool(list_checkpoints(out)) or (out / MODEL_FILE).exists() or _logs_a_step(out / "metrics.jsonl")
+
+
+def _logs_a_step(path: Path) -> bool:
+    """metrics.jsonl holds a line of a logged step (read only when the folder has no checkpoint)."""
+    if not path.exists():
+        return False
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                row = json.loads(raw)
+            except ValueError:  # a torn line
+                continue
+            if isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 1:
+                return True
+    return False
 
 
 def truncate_metrics(path: Path, step: int) -> int:

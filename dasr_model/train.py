@@ -221,6 +221,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     if resume and restart:
         raise DASRError("resume continues a run, restart deletes it: not both")
     if not resume and not restart and holds_a_run(out):
+        if not list_checkpoints(out) and not (out / MODEL_FILE).exists():  # steps logged, none saved
+            raise DASRError(f"{out} holds a run that stopped before its first checkpoint: start it over with "
+                            "--restart, or choose a new --out")
         raise DASRError(f"{out} already holds a run; continue it with --resume, start it over with --restart, "
                         "or choose a new --out")
     if cfg.expert_impl != "auto" and cfg.expert_impl not in EXPERT_IMPLS:
@@ -296,7 +299,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     if resume:
         found = checkpoint if checkpoint is not None else latest_intact(out, warn=say)
         if found is None:
-            raise DASRError(f"--resume: no readable checkpoint in {out}")
+            raise DASRError(f"--resume: no readable checkpoint in {out} (start it over with --restart)")
         step = parts.load_state_dict(found[1], cfg, found[0])
         fitted = schedule_steps(found[1], found[0])
         before = TrainConfig.from_dict(found[1]["config"])

@@ -53,6 +53,26 @@ def _ckpts(run: Path) -> list[str]:
     return sorted((p.name for p in run.glob("ckpt-*.pt")), key=lambda n: int(n[5:-3]))
 
 
+def test_a_run_that_failed_before_its_first_step_does_not_block_its_folder(shards, tmp_path):
+    """What a run leaves when it fails after its checks but before step 1 (a NaN at step 0, out of device
+    memory): config.json and an empty metrics.jsonl. The corrected retry starts there; a folder whose log
+    has steps but no checkpoint is still a run, and the refusal says --restart, not --resume."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_bytes(b"")
+    retry = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(run), "--steps", "1", *TINY_ARGS])
+    assert retry.exit_code == 0, retry.output
+    assert _steps(run) == [1] and json.loads((run / "config.json").read_text())["steps"] == 1
+    logged = tmp_path / "logged"
+    logged.mkdir()
+    (logged / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')  # the second line torn
+    refused = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(logged), "--steps", "1", *TINY_ARGS])
+    assert refused.exit_code == 1 and "stopped before its first checkpoint" in " ".join(refused.output.split())
+    resumed = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(logged), "--resume", *TINY_ARGS])
+    assert resumed.exit_code == 1 and "--restart" in resumed.output
+
+
 def test_restart_deletes_the_old_run_only_when_asked(shards, tmp_path):
     run = tmp_path / "run"
     train(_cfg(shards, run, 2, ckpt_every=1))
