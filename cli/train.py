@@ -272,7 +272,8 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
                     bar.update(task, completed=step)
                     return
                 info = f"loss {m['loss']:.4f}  {m['samples_per_s']:.1f} samples/s (step {m['step']})"
-                if "val" in m:  # a line of its own, kept above the bar (the bar's line is cut to the terminal)
+                if "val" in m and m["step"] == step:  # a line of its own, above the bar (whose line is cut to the
+                    # terminal); once: with --log-every N the last logged line comes with each step until the next
                     val = m["val"]
                     bar.console.print(f"step {m['step']}: val PSNR-Y " + ", ".join(
                         f"L{k} {v:.2f} (bicubic {val['bicubic_psnr_y'][k]:.2f})" for k, v in val["psnr_y"].items())

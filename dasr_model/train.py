@@ -321,6 +321,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 newer.replace(newer.with_name(newer.name + ".damaged"))
                 say(f"set {newer.name} aside as {newer.name}.damaged")
         end = schedule_end(cfg, fitted)
+        was = schedule_end(before, fitted)
+        if cfg.lr_schedule == before.lr_schedule == "cosine" and end != was and step < end:  # where the cosine
+            # ends sets the rate of every step: a longer run jumps back up (at step 10 of 10: 2.4e-6 -> 5e-5);
+            # a change of schedule has its note above
+            say(f"note: the rate's schedule ended at step {was} and now ends at {end}: the next step's rate is "
+                f"{lr_at(step, cfg, end):.3g}, where the checkpoint's schedule gave {lr_at(step, before, was):.3g}")
         if step >= end:
             why = f"--steps {cfg.steps}" if end == cfg.steps else f"its schedule fitted to --max-minutes ends at {end}"
             say(f"{out} is already at step {step} ({why}): nothing to train")

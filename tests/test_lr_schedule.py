@@ -142,6 +142,23 @@ def test_a_cosine_schedule_is_fitted_to_the_time_budget_and_kept_on_resume(shard
         train(_cfg(shards, run, 1000, lr_schedule="cosine"), resume=True)
 
 
+def test_a_cosine_run_extended_on_resume_says_its_rate_jumps(shards, tmp_path):
+    """--steps sets where the cosine ends, so a resume with more steps raises the rate again (at the end of
+    10 steps 2.4e-6 of 1e-4, then 5e-5): allowed, and said with both rates (it was silent)."""
+    run = tmp_path / "run"
+    train(_cfg(shards, run, 10, lr_schedule="cosine", lr=1e-4))
+    notes = []
+    train(_cfg(shards, run, 20, lr_schedule="cosine", lr=1e-4), resume=True, notify=notes.append)
+    rates = {m["step"]: m["lr"] for m in _metrics(run)}
+    assert rates[10] == pytest.approx(1e-4 * (1 + math.cos(math.pi * 9 / 10)) / 2)
+    assert rates[11] == pytest.approx(1e-4 * (1 + math.cos(math.pi * 10 / 20)) / 2) == pytest.approx(5e-5)
+    assert (f"note: the rate's schedule ended at step 10 and now ends at 20: the next step's rate is {5e-5:.3g}, "
+            f"where the checkpoint's schedule gave {0.0:.3g}") in notes
+    notes.clear()
+    train(_cfg(shards, run, 22, lr=1e-4), resume=True, notify=notes.append)  # constant: its own note
+    assert not any("schedule ended" in n for n in notes)
+
+
 def test_a_run_resumed_before_its_fit_fits_then(shards, tmp_path, monkeypatch):
     """A first session too short to fit (0.5 s: 4 steps) saves no end; the resumed one measures steps 9 to 14
     of the run (its 5th to 10th) and fits where 95 % of the 5.25 s left of its 6 s runs out at 8 steps/s."""

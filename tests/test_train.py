@@ -154,6 +154,18 @@ def test_tiny_end_to_end_cli_run(shards, tmp_path):
     assert all(f"L{k} {v:.2f} (bicubic " in line for k, v in val["psnr_y"].items()) and "predictor MAE" in line
 
 
+def test_each_validation_is_printed_once_with_log_every(shards, tmp_path):
+    """--log-every N hands the last logged line to the progress report on every step until the next; its
+    validation line was printed again each time (3 copies of each at --log-every 4 --val-every 2)."""
+    result = CliRunner().invoke(train_cli, [
+        "--shards", shards, "--val-shards", shards, "--out", str(tmp_path / "run"), "--steps", "6", "--batch-size",
+        "2", "--lr-crop", "8", "--workers", "0", "--val-every", "2", "--log-every", "4", "--val-samples", "3",
+        "--experts", "2", "--blocks", "1", "--features", "8", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    printed = [x.split(":")[0] for x in result.output.splitlines() if ": val PSNR-Y " in x]
+    assert printed == ["step 2", "step 4", "step 6"]
+
+
 def test_validation_during_training_scores_as_dasr_eval_does(shards):
     """ValidationSet (batched, on the device, experts mixed per sample, PSNR-Y reduced in torch) against
     evaluate_pairs (dasr-eval's path: one image at a time, experts fused, numpy metrics) on the same samples:
