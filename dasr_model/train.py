@@ -125,6 +125,34 @@ class TrainConfig:
     init_release: tuple[str, str] | None = None
     model: DASRConfig = field(default_factory=DASRConfig)
 
+    def __post_init__(self) -> None:
+        """Every value of its type and within its bounds (DASRError): a config read from a checkpoint is data,
+        and a bad one failed far from its cause (a batch size of 0: IndexError; 10^11: a 745 GiB allocation;
+        a log_every of 0: ZeroDivisionError)."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), _FIELD_KINDS.get(f.name)
+            if kind is None:
+                continue
+            if kind is float and type(value) is int:
+                value = float(value)
+                object.__setattr__(self, f.name, value)
+            optional = f.name in _OPTIONAL
+            if not (type(value) is kind or (optional and value is None)):
+                raise DASRError(f"train config: {f.name} must be {kind.__name__}{' or null' if optional else ''}, "
+                                f"got {value!r}")
+            low, high = _BOUNDS.get(f.name, (None, None))
+            if value is not None and ((low is not None and not value >= low) or (high is not None and not value <= high)
+                                      or (kind is float and not math.isfinite(value))):
+                bound = f"at least {low}" if high is None else f"from {low} to {high}"
+                raise DASRError(f"train config: {f.name} must be a finite number {bound}, got {value!r}"
+                                if kind is float else f"train config: {f.name} must be {bound}, got {value!r}")
+        if not (len(self.betas) == 2 and all(type(b) is float and 0 <= b < 1 for b in self.betas)):
+            raise DASRError(f"train config: betas must be two numbers in [0, 1), got {self.betas!r}")
+        for name, allowed in (("lr_schedule", LR_SCHEDULES), ("compile", COMPILE_MODES), ("precision", PRECISIONS),
+                              ("expert_impl", ("auto", *EXPERT_IMPLS))):
+            if getattr(self, name) not in allowed:
+                raise DASRError(f"train config: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -155,6 +183,25 @@ class TrainConfig:
         except (TypeError, ValueError) as exc:  # a required field missing, betas not two numbers
             raise DASRError(f"train config: {exc}") from None
 
+
+# TrainConfig's checks: each scalar field's type, the fields that may be None, and bounds (None: open)
+_FIELD_KINDS: dict[str, type] = {
+    **dict.fromkeys(("shards", "out", "lr_schedule", "val_shards", "device", "vgg_weights", "expert_impl", "compile",
+                     "precision", "init_from"), str),
+    **dict.fromkeys(("steps", "batch_size", "lr_crop", "warmup_steps", "teacher_steps", "val_every", "val_samples",
+                     "ckpt_every", "log_every", "keep_checkpoints", "seed", "workers"), int),
+    **dict.fromkeys(("lr", "pixel_weight", "regression_weight", "ema_decay", "max_minutes", "gan_weight",
+                     "perceptual_weight"), float),
+    **dict.fromkeys(("ema_warmup", "sharpen_gt", "gan", "channels_last", "cuda_graph"), bool),
+}
+_OPTIONAL = {"val_shards", "vgg_weights", "init_from", "max_minutes", "cuda_graph"}
+_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "steps": (1, None), "batch_size": (1, 65536), "lr_crop": (4, 65536), "warmup_steps": (0, None),
+    "teacher_steps": (0, None), "val_every": (1, None), "val_samples": (1, None), "ckpt_every": (1, None),
+    "log_every": (1, None), "keep_checkpoints": (0, None), "seed": (0, 2**63 - 1), "workers": (0, 1024),
+    "lr": (0, None), "pixel_weight": (0, None), "regression_weight": (0, None), "ema_decay": (0, 1),
+    "max_minutes": (0, None), "gan_weight": (0, None), "perceptual_weight": (0, None),
+}
 
 # (strategy, channels_last) pairs that expert_impl "auto" times on a GPU: each strategy in its best layout
 AUTO_CANDIDATES = (("grouped", False), ("dense", True), ("stacked", True), ("bmm", False), ("folded", True))
@@ -226,16 +273,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                             "--restart, or choose a new --out")
         raise DASRError(f"{out} already holds a run; continue it with --resume, start it over with --restart, "
                         "or choose a new --out")
-    if cfg.expert_impl != "auto" and cfg.expert_impl not in EXPERT_IMPLS:
-        raise DASRError(f"expert_impl must be auto or one of {', '.join(EXPERT_IMPLS)}, got {cfg.expert_impl!r}")
-    if cfg.compile not in COMPILE_MODES:
-        raise DASRError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile!r}")
-    if cfg.precision not in PRECISIONS:
-        raise DASRError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise DASRError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
-    if cfg.warmup_steps < 0:
-        raise DASRError(f"warmup_steps must be 0 or more, got {cfg.warmup_steps}")
     if cfg.lr_schedule == "cosine" and cfg.warmup_steps >= cfg.steps:
         raise DASRError(f"--warmup-steps {cfg.warmup_steps} leaves no step of --steps {cfg.steps} to anneal")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -746,12 +783,29 @@ class StepParts:
             self.model.load_state_dict(ckpt["model"])
             self.ema.load_state_dict(ckpt["ema_generator"])
             self.opt.load_state_dict(ckpt["optimizer"])
+            _check_adam(self.opt, "optimizer")
             if self.disc is not None and self.opt_d is not None:
                 _unwrap(self.disc).load_state_dict(ckpt["discriminator"])
                 self.opt_d.load_state_dict(ckpt["optimizer_d"])
+                _check_adam(self.opt_d, "optimizer_d")
             return int(ckpt["step"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # a checkpoint is data: its contents can lie
             raise DASRError(f"{path}: does not fit this run ({str(exc).splitlines()[0]})") from None
+
+
+def _check_adam(opt: torch.optim.Optimizer, what: str) -> None:
+    """A loaded Adam state that fits its parameters (ValueError): torch checks the groups' sizes, not the state
+    tensors' shapes or the betas, which then failed at the first step (a RuntimeError, a ValueError)."""
+    for group in opt.param_groups:
+        betas = group.get("betas")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"{what}: betas {betas!r} are not two numbers in [0, 1)")
+        for p in group["params"]:
+            for key, t in opt.state.get(p, {}).items():
+                if key != "step" and isinstance(t, torch.Tensor) and t.shape != p.shape:
+                    raise ValueError(f"{what}: its {key} of shape {tuple(t.shape)} is for another parameter than "
+                                     f"one of shape {tuple(p.shape)}")
 
 
 def lr_at(step: int, cfg: TrainConfig, end: int) -> float:

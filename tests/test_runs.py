@@ -20,7 +20,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from cli.sr import eval_main, sr_main  # noqa: E402
 from cli.train import main as train_cli  # noqa: E402
-from dasr_model.checkpoints import latest_intact, load_checkpoint  # noqa: E402
+from dasr_model.checkpoints import latest_intact, load_checkpoint, save_checkpoint  # noqa: E402
 from dasr_model.evaluate import evaluate_pairs, pairs_from_shards  # noqa: E402
 from dasr_model.infer import load_checkpoint_model, super_resolve, to_image, to_tensor, upscale  # noqa: E402
 from dasr_model.model import DASRConfig  # noqa: E402
@@ -71,6 +71,52 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_its_folder(shard
     assert refused.exit_code == 1 and "stopped before its first checkpoint" in " ".join(refused.output.split())
     resumed = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(logged), "--resume", *TINY_ARGS])
     assert resumed.exit_code == 1 and "--restart" in resumed.output
+
+
+@pytest.fixture(scope="module")
+def one_step_run(shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("one") / "run"
+    train(_cfg(shards, run, 1, gan=True, sharpen_gt=False))
+    return run
+
+
+def _optimizer_state(ckpt: dict, how: str) -> None:
+    state = ckpt["optimizer"]
+    if how == "shape":
+        state["state"][0]["exp_avg"] = torch.zeros(3)
+    else:
+        state["param_groups"][0]["betas"] = (0.9,)
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"steps": "9"}, "steps must be int"),
+    ({"ckpt_every": 0}, "ckpt_every must be at least 1"),
+    ({"log_every": 0}, "log_every must be at least 1"),
+    ({"batch_size": 0}, "batch_size must be from 1 to 65536"),
+    ({"batch_size": 10**11}, "batch_size must be from 1 to 65536"),  # was a 745 GiB allocation
+    ({"teacher_steps": None}, "teacher_steps must be int"),
+    ({"seed": -1}, "seed must be from 0"),
+    ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"gan": "yes"}, "gan must be bool"),
+    ("shape", "exp_avg of shape (3,) is for another parameter"),
+    ("betas", "betas (0.9,) are not two numbers"),
+])
+def test_a_checkpoint_whose_config_or_state_lies_is_refused_in_one_line(one_step_run, shards, tmp_path, edit,
+                                                                        message):
+    """A checkpoint is data: its config and optimiser state are checked before they are used (each of these
+    was a traceback: TypeError, ZeroDivisionError, IndexError, MemoryError, a RuntimeError at the first step)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = load_checkpoint(one_step_run / "ckpt-1.pt")
+    if isinstance(edit, dict):
+        ckpt["config"].update(edit)
+    else:
+        _optimizer_state(ckpt, edit)
+    save_checkpoint(run / "ckpt-1.pt", ckpt)
+    result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(run), "--resume", "--steps", "2",
+                                            "--gan", "--no-sharpen", *TINY_ARGS])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert message in " ".join(result.output.split()), result.output
 
 
 def test_restart_deletes_the_old_run_only_when_asked(shards, tmp_path):
