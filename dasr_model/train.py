@@ -150,8 +150,9 @@ class TrainConfig:
             raise DASRError(f"train config: betas must be two numbers in [0, 1), got {self.betas!r}")
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("compile", COMPILE_MODES), ("precision", PRECISIONS),
                               ("expert_impl", ("auto", *EXPERT_IMPLS))):
-            if getattr(self, name) not in allowed:
-                raise DASRError(f"train config: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if value not in allowed:
+                raise DASRError(f"train config: {name} must be one of {', '.join(allowed)}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
