@@ -55,18 +55,20 @@ class LevelType(click.ParamType):
 PARAMS_FILE_BYTES = 1 << 20  # a parameter record is about 600 bytes
 
 
+def _number(item: str) -> float:
+    """One --vector entry as a float; the only ValueError caught is float()'s own, on the user's text."""
+    try:
+        return float(item)
+    except ValueError:
+        raise DegradeError(f"--vector: {item!r} is not a number") from None
+
+
 def parse_vector(text: str) -> np.ndarray:
     """'v0,v1,...,v32' (commas and/or spaces, optional brackets) -> a checked (33,) vector."""
-    items = [t for t in text.replace("[", " ").replace("]", " ").replace(",", " ").split() if t]
-    values = []
-    for item in items:
-        try:
-            values.append(float(item))
-        except ValueError:
-            raise DegradeError(f"--vector: {item!r} is not a number") from None
+    values = [_number(t) for t in text.replace("[", " ").replace("]", " ").replace(",", " ").split()]
     try:
         return degrade.vector.check_vector(values)
-    except ValueError as exc:  # degrade.vector's refusals are plain ValueErrors
+    except DegradeError as exc:  # only the library's refusals: anything else is a bug and keeps its traceback
         raise DegradeError(f"--vector: {exc}") from None
 
 
@@ -74,7 +76,7 @@ def decode_vector(text: str, noise_seed: int = 0) -> degrade.DegradationParams:
     v = parse_vector(text)
     try:
         return degrade.decode(v, noise_seed=noise_seed)
-    except ValueError as exc:
+    except DegradeError as exc:
         raise DegradeError(f"--vector: {exc}") from None
 
 
@@ -188,7 +190,7 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
     try:
         v = degrade.encode(params)
         console.print("v = " + ",".join(f"{x:.4g}" for x in v), soft_wrap=True)
-    except ValueError as exc:  # a hand-written record may lie outside the layout's ranges
+    except DegradeError as exc:  # a hand-written record may lie outside the layout's ranges
         err_console.print(f"note: no vector: {exc}")
 
 
@@ -227,11 +229,11 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
     from degrade import shards as ds
 
     abandoned = ds.abandoned_writes()
-    set_max_pixels(max_pixels)
     try:
         with _progress() as progress:
             task = progress.add_task("scanning sources", total=None)
-            scan = ds.scan_sources(src, patch_size, lambda n, total: progress.update(task, completed=n, total=total))
+            scan = ds.scan_sources(src, patch_size, lambda n, total: progress.update(task, completed=n, total=total),
+                                   max_pixels=max_pixels)
             for path, reason in scan.unreadable:  # before the config, which refuses a scan with no usable image
                 err_console.print(f"skipped unreadable {path}: {reason}", soft_wrap=True, markup=False)
             for path in scan.too_small[:SHOW_SKIPPED]:
@@ -247,8 +249,9 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
             with _dask_client(dask_scheduler):
                 if jobs is None:  # on a Dask cluster as before: as many tasks at once as this machine's cores
                     jobs = (os.cpu_count() or 1) if dask_scheduler else auto_jobs(count)
+                # The cap travels with the workers' task (a Dask worker does not see this process's settings).
                 report = ds.make_dataset(config, out, jobs=jobs, backend="dask" if dask_scheduler else None,
-                                         progress=lambda n: progress.advance(task, n))
+                                         progress=lambda n: progress.advance(task, n), max_pixels=max_pixels)
     except (DegradeError, OSError) as exc:
         if ds.abandoned_writes() > abandoned:  # HDF5 could crash finalising a failed shard (docs/dataset-format.md)
             click.echo(f"Error: {one_line(exc)}", err=True)
@@ -474,7 +477,7 @@ def _report_dataset(stats: dict, target: Path, as_json: bool) -> None:
         table.add_row(str(f["index"]), escape(f["field"]), num["min"], num["mean"], num["max"],
                       f"{100 * f['present_share']:.0f}%", insp.sparkline(f["histogram"]))
     _print_table(table)
-    console.print("min / mean / max and the histogram are over the samples where the field's step is present")
+    console.print("min / mean / max and the histogram are over the samples where the field is present")
 
 
 def _print_table(table: Table) -> None:

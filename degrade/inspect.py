@@ -160,18 +160,24 @@ def caption(params: DegradationParams) -> str:
 
 
 def _present_matrix(records: list[DegradationParams]) -> NDArray[np.bool_]:
-    """(n, 33) True where the field's step happened in that sample's record."""
+    """(n, 33 fields) True where the field has a value in that sample's record, as read_fields says.
+
+    Per field, not per step: the final step is in every record, but its `order` only in level-3 ones
+    (one-stage records hold order null), so counting the step would call final.order present everywhere.
+    """
     out = np.zeros((len(records), len(VECTOR_FIELDS)), bool)
     for i, r in enumerate(records):
         for j, f in enumerate(VECTOR_FIELDS):
-            out[i, j] = getattr(r, f.step) is not None
+            step = getattr(r, f.step)
+            out[i, j] = step is not None and getattr(step, f.attr) is not None
     return out
 
 
 def dataset_stats(ds: ShardDataset, *, bins: int = 16) -> dict[str, Any]:
-    """Counts per level and, per entry of v: the share of samples where its step is present, and over
-    those samples only, min/mean/max and a histogram over [0, 1] (overall and per level); an absent
-    step's identity value is counted in `absent`, not in the histogram. Plain data, JSON-ready."""
+    """Counts per level and, per entry of v: the share of samples where its field is present (has a
+    value in the record), and over those samples only, min/mean/max and a histogram over [0, 1] (overall
+    and per level); an absent field's identity value is counted in `absent`, not in the histogram. Plain
+    data, JSON-ready."""
     if len(ds) == 0:
         raise DatasetError("the dataset holds no samples yet (no shard is finished)")
     v = ds.column("v").astype(np.float64)

@@ -177,10 +177,15 @@ class DegradationParams:
         unknown = set(data) - known
         if unknown:
             raise DegradeError(f"unknown keys in parameter record: {sorted(unknown)}")
+        # Stage-2 keys may be left out only where the record itself says there is no second stage
+        # (final.order null), as a one-stage record written by hand would; a two-stage record that
+        # lacks one is truncated, not a record whose step was absent.
+        final = data.get("final")
+        one_stage = isinstance(final, Mapping) and final.get("order") is None
         kwargs: dict[str, Any] = {}
-        for name in known:
+        for name in (f.name for f in fields(cls)):  # declaration order: the first missing key is named
             if name not in data:
-                if name in _TWO_STAGE_ONLY:
+                if name in _TWO_STAGE_ONLY and one_stage:
                     continue
                 raise DegradeError(f"parameter record lacks {name!r}")
             value = data[name]

@@ -98,9 +98,8 @@ def sample_figure(path: Path, hr: np.ndarray | None, lr: np.ndarray | None, v: n
 
 
 def histogram_figure(path: Path, stats: dict[str, Any]) -> tuple[int, int]:
-    """A grid of the 33 histograms of v, stacked by level, over the samples where the field's step is
-    present (an absent step's identity value would be a spike that says nothing); titles give the
-    absent count."""
+    """A grid of the 33 histograms of v, stacked by level, over the samples where the field is present
+    (an absent field's identity value would be a spike that says nothing); titles give the absent count."""
     plt = _pyplot()
     fields = stats["fields"]
     cols = 6
@@ -130,8 +129,28 @@ def histogram_figure(path: Path, stats: dict[str, Any]) -> tuple[int, int]:
     return size
 
 
+# A contact sheet draws each image in a cell of about 2.2 x 2.7 inches, some 220 px wide at DPI: a patch is reduced
+# to at most this side as it is read, so the sheet's memory follows the picture, not the patch size a shard
+# declares (64 patches of 2000 px held whole, and copied by matplotlib, took 2 GB).
+CELL_PX = 256
+
+
+def _fit(img: np.ndarray, side: int) -> np.ndarray:
+    """img: (h, w, 3) uint8 -> (side, side, 3) uint8: area-averaged when shrinking, nearest when enlarging
+    (an LR's pixels stay visible as blocks)."""
+    import cv2
+
+    if img.shape[:2] == (side, side):
+        return img.copy()  # never a view that would keep the whole patch alive
+    shrink = img.shape[0] > side
+    return cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_NEAREST)
+
+
 def contact_sheet(path: Path, ds: ShardDataset, indices: list[int]) -> tuple[int, int]:
-    """HR / LR pairs of the given samples, captioned with index, level and main parameters."""
+    """HR / LR pairs of the given samples, captioned with index, level and main parameters.
+
+    Each pair is drawn at most CELL_PX on a side (the LR nearest-upscaled to the HR's side, the HR
+    area-averaged down where larger); one sample's full patches are held at a time."""
     plt = _pyplot()
     cols = min(4, len(indices))
     rows = math.ceil(len(indices) / cols)
@@ -140,12 +159,15 @@ def contact_sheet(path: Path, ds: ShardDataset, indices: list[int]) -> tuple[int
         ax.axis("off")
     for n, i in enumerate(indices):
         s = ds[i]
+        side = min(s.hr.shape[0], CELL_PX)
+        hr, lr, label = _fit(s.hr, side), _fit(s.lr, side), textwrap.fill(caption(s.params), 34)
+        del s  # the full-size patches go before the next sample is read
         r, c = divmod(n, cols)
-        axes[r, 2 * c].imshow(s.hr)
-        axes[r, 2 * c + 1].imshow(_upscale_nearest(s.lr, s.hr.shape[0]), interpolation="nearest")
+        axes[r, 2 * c].imshow(hr)
+        axes[r, 2 * c + 1].imshow(lr, interpolation="nearest")
         axes[r, 2 * c].set_title(f"#{ds.stored_index(i)} HR", fontsize=8)
-        axes[r, 2 * c + 1].set_title(textwrap.fill(caption(s.params), 34), fontsize=7)
-    fig.suptitle("HR / LR (nearest x4) pairs")
+        axes[r, 2 * c + 1].set_title(label, fontsize=7)
+    fig.suptitle("HR / LR (nearest-upscaled) pairs")
     fig.tight_layout(rect=(0, 0.06 / rows, 1, 1))
     fig.text(0.01, 0.01, textwrap.fill("captions: " + CAPTION_LEGEND, 40 * cols), fontsize=7, va="bottom")
     _save(fig, path)

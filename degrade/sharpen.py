@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from degrade.errors import DegradeError
+
 USM_SIZE, USM_SIGMA, USM_WEIGHT, USM_THRESHOLD = 51, 8.0, 0.5, 10.0
 
 
@@ -25,10 +27,12 @@ def _gaussian_blur(img: NDArray[np.float32]) -> NDArray[np.float32]:
 
 def unsharp_mask(img: NDArray[np.float32]) -> NDArray[np.float32]:
     """img (H, W, 3) float32 in [0, 1], both sides > 25 px -> the sharpened image, same shape and dtype.
-    The input is not modified."""
-    if img.dtype != np.float32 or img.ndim != 3 or min(img.shape[:2]) <= USM_SIZE // 2:
-        raise ValueError(f"unsharp_mask takes an (H, W, 3) float32 image with sides > {USM_SIZE // 2}, "
-                         f"got {img.dtype} {img.shape}")
+    The input is not modified. Anything else raises DegradeError (a uint8 patch: pass
+    ``hr.astype(np.float32) / 255``; ``hr / 255`` is float64)."""
+    if (not isinstance(img, np.ndarray) or img.dtype != np.float32 or img.ndim != 3
+            or min(img.shape[:2]) <= USM_SIZE // 2):
+        got = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+        raise DegradeError(f"unsharp_mask takes an (H, W, 3) float32 image with sides > {USM_SIZE // 2}, got {got}")
     residual = img - _gaussian_blur(img)
     soft = _gaussian_blur((np.abs(residual) * 255 > USM_THRESHOLD).astype(np.float32))
     sharp = np.clip(img + USM_WEIGHT * residual, 0, 1)

@@ -232,3 +232,34 @@ def test_every_command_says_its_version(module, name):
     mod, attr = module.split(":")
     result = CliRunner().invoke(getattr(importlib.import_module(mod), attr), ["--version"])
     assert result.exit_code == 0 and result.output == f"{name}, version {__version__}\n"
+
+
+VECTOR_TEXT = ",".join(f"{x:.6f}" for x in degrade.encode(degrade.sample_params(3, np.random.default_rng(4))))
+
+
+def _library_bug(*args, **kwargs):
+    raise ValueError("invalid literal for int() with base 10: 'x'")  # a plain ValueError: a bug, not a refusal
+
+
+@pytest.mark.parametrize("where", ["decode", "check_vector", "encode"])
+def test_a_library_bug_keeps_its_traceback(tmp_path, monkeypatch, where):
+    """The commands catch only DegradeError (and OSError): a plain ValueError raised inside the library must
+    not be printed as if it were the user's bad --vector."""
+    target = degrade.vector if where == "check_vector" else degrade
+    monkeypatch.setattr(target, where, _library_bug)
+    args = ["apply", "-o", str(tmp_path / "o.png")]
+    if where != "encode":
+        args += ["--vector", VECTOR_TEXT]
+    result = CliRunner().invoke(main, args)
+    assert isinstance(result.exception, ValueError) and not isinstance(result.exception, SystemExit), result.output
+    assert "invalid literal" not in result.output  # not turned into an "Error: --vector: ..." line
+    if where != "encode":
+        inspected = CliRunner().invoke(main, ["inspect", "--vector", VECTOR_TEXT])
+        assert isinstance(inspected.exception, ValueError), inspected.output
+
+
+def test_a_bad_vector_is_still_one_line():
+    for text, message in (("1,x", "'x' is not a number"), (",".join(["0.5"] * 32 + ["nan"]), "NaN")):
+        result = CliRunner().invoke(main, ["inspect", "--vector", text])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert message in result.output and len(result.output.strip().splitlines()) == 1

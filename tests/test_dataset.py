@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 import degrade
 from cli.main import main
 from degrade import shards as dsm
+from degrade.io import MAX_PIXELS_ENV
 from degrade.shards.write import _exclusive_lock
 
 
@@ -267,6 +269,27 @@ def test_verify_catches_tampering(reference, tmp_path):
     assert any("row 2: v or level does not match" in p for p in dsm.verify_dataset(vector))
 
 
+def test_verify_lists_a_record_outside_the_vector_ranges_and_goes_on(reference, tmp_path):
+    """A valid record that encode() refuses (sigma 10 px, beyond v's 3 px) is one problem naming its shard
+    and row, not an abort that hides the rest."""
+    bad = _copy(reference, tmp_path / "bad")
+    with h5py.File(bad / "shard-00000.h5", "r+") as f:
+        record = json.loads(f["params"][1])
+        record["blur1"]["sigma_x"] = 10.0
+        f["params"][1] = json.dumps(record)
+        f["v"][4, 18] = 0.99  # and a second, later problem in the same shard
+    with h5py.File(bad / "shard-00002.h5", "r+") as f:
+        f["level"][0] = 7  # and one in another shard
+    problems = dsm.verify_dataset(bad)
+    assert any(p.startswith("shard-00000.h5 row 1: parameter record cannot be encoded as v (blur1.sigma_x")
+               for p in problems), problems
+    assert any(p.startswith("shard-00000.h5 row 4: v or level does not match") for p in problems), problems
+    assert "shard-00002.h5: level outside 1-3" in problems
+    result = CliRunner().invoke(main, ["verify", str(bad)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "shard-00000.h5 row 1" in result.output and "shard-00002.h5: level outside" in result.output
+
+
 def test_verify_refuses_source_paths_that_leave_the_root(reference, tmp_path):
     forged = _copy(reference, tmp_path / "forged")
     manifest = json.loads((forged / "manifest.json").read_text())
@@ -337,6 +360,7 @@ def test_cli_bad_input(tmp_path, monkeypatch, args, message):
     result = CliRunner().invoke(main, args)
     assert (result.exit_code != 0) == (args[-1] != "--help")
     assert message in result.output and "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
 
 
 @pytest.mark.parametrize("command", ["make-dataset", "verify"])
@@ -344,16 +368,48 @@ def test_cli_help(command):
     assert CliRunner().invoke(main, [command, "--help"]).exit_code == 0
 
 
-def test_dask_cluster_on_loopback_gives_the_same_bytes(reference, tmp_path):
+def test_dask_cluster_on_loopback_gives_the_same_bytes(reference, tmp_path, monkeypatch):
+    """The chunks are made by the cluster's workers, and with the --max-pixels given to make-dataset: the workers
+    were started with a DEGRADE_MAX_PIXELS far below the sources, which must not apply to them."""
     distributed = pytest.importorskip("dask.distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None) as cluster:
+                                  dashboard_address=None, env={MAX_PIXELS_ENV: "1000"}) as cluster:
+        # Patched after the workers started: a chunk made in this process is counted, one made by a worker
+        # (which imports its own, unpatched SampleMaker) is not.
+        made_here: list[range] = []
+        chunk = dsm.SampleMaker.chunk
+        monkeypatch.setattr(dsm.SampleMaker, "__call__", lambda self, rows: made_here.append(rows) or chunk(self, rows))
         result = CliRunner().invoke(main, [
             "make-dataset", "--out", str(tmp_path / "dask"), "--level", "mix", "--count", "20", "--patch-size", "64",
             "--seed", "3", "--shard-size", "8", "--compression", "gzip", "--dask-scheduler", cluster.scheduler_address,
+            "--max-pixels", "1000000",
         ])
     assert result.exit_code == 0, result.output
+    assert made_here == []  # joblib ran nothing locally
     assert _digests(tmp_path / "dask") == _digests(reference)
+
+
+def test_the_pixel_cap_travels_with_the_task_not_the_workers_environment(reference, bundled, monkeypatch):
+    """A Dask worker is someone else's long-lived process: make-dataset's cap must reach it inside the task."""
+    from degrade.shards.executor import _call_in_worker
+
+    stored = degrade.open_dataset(reference)
+    expected = np.stack([stored[0].lr, stored[1].lr])
+    task = pickle.loads(pickle.dumps(dsm.SampleMaker(_config(bundled), max_pixels=10**6)))  # as it travels
+    monkeypatch.setenv(MAX_PIXELS_ENV, "1000")  # the worker's own setting, far below the 512 px wide sources
+    np.testing.assert_array_equal(_call_in_worker(task, range(0, 2))["lr"], expected)
+    with pytest.raises(degrade.ImageError, match="above the 0.001 MP limit"):  # without a cap, the worker's own
+        _call_in_worker(dsm.SampleMaker(_config(bundled)), range(0, 2))
+    report = dsm.make_dataset(_config(bundled, count=2), reference.parent / "capped", max_pixels=10**6)
+    assert report.made == 2
+
+
+def test_make_dataset_max_pixels_is_used_and_left_out_of_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(MAX_PIXELS_ENV, "2000000")  # put back after the test whatever the command does
+    result = CliRunner().invoke(main, ["make-dataset", "--out", str(tmp_path / "d"), "--count", "2",
+                                       "--max-pixels", "1000"])
+    assert result.exit_code == 1 and "above the 0.001 MP limit" in result.output, result.output
+    assert os.environ[MAX_PIXELS_ENV] == "2000000"  # handed to the library, not through this process's settings
 
 
 def test_unreachable_dask_scheduler_is_a_clear_error(tmp_path, monkeypatch):

@@ -358,6 +358,7 @@ def test_deeply_nested_json_is_a_refusal(tmp_path):
     (tmp_path / "deep.json").write_text(deep)
     result = CliRunner().invoke(main, ["apply", "-o", str(tmp_path / "o.png"), "--params", str(tmp_path / "deep.json")])
     assert result.exit_code == 1 and "nested too deeply" in result.output and "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)  # CliRunner catches a raw exception: exit 1, no traceback
 
 
 @pytest.mark.parametrize("case", ["fifo params", "params-out is -o", "params-out is the image", "-o is the image"])
@@ -433,6 +434,7 @@ def test_crafted_shards_are_refused_before_any_read(small, forgery, message, mon
     for args in (["inspect", str(small)], ["inspect", str(lone)], ["inspect", str(small), "--index", "4"]):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert isinstance(result.exception, SystemExit), result.exception  # a raw exception also exits 1 here
     if "n" not in forgery:
         assert message in CliRunner().invoke(main, ["inspect", str(small)]).output
     assert any(message in p or "(100000000," in p for p in dsm.verify_dataset(small))
@@ -443,6 +445,63 @@ def test_a_lone_shard_with_a_huge_patch_is_refused(small):
     _forge_shard(lone, hr=(3, 60000, 60000, 3), lr=(3, 15000, 15000, 3))
     with pytest.raises(DatasetError, match="patch size 60000"):
         degrade.open_dataset(lone)
+
+
+def _forge_big_patches(model: Path, path: Path, n: int, p: int) -> None:
+    """A lone shard of `n` real records whose patches are `p` px with no pixel on disk (read back as 0)."""
+    with h5py.File(model, "r") as f:
+        attrs, record = dict(f.attrs), f["params"][0]
+        v = f["v"][0]
+    with h5py.File(path, "w") as f:
+        f.attrs.update(attrs)
+        f.create_dataset("hr", shape=(n, p, p, 3), dtype="u1", chunks=(1, p, p, 3))
+        f.create_dataset("lr", shape=(n, p // 4, p // 4, 3), dtype="u1", chunks=(1, p // 4, p // 4, 3))
+        f.create_dataset("v", data=np.tile(v, (n, 1)))
+        f.create_dataset("level", data=np.ones(n, np.uint8))
+        f.create_dataset("index", data=np.arange(n, dtype=np.int64))
+        f.create_dataset("source", data=np.zeros(n, np.int32))
+        f.create_dataset("crop", data=np.zeros((n, 4), np.int32))
+        f.create_dataset("params", data=[record] * n, dtype=h5py.string_dtype())
+    assert path.stat().st_size < 100_000
+
+
+def test_a_contact_sheet_of_huge_declared_patches_holds_one_patch_at_a_time(small, tmp_path, monkeypatch):
+    """--grid on a 50 KB shard declaring 64 patches of 2000 px took 2 GB and 45 s: every patch was handed
+    to matplotlib whole (which copies it). Now each is reduced to the sheet's cell as it is read and let go
+    before the next one, so memory follows the picture, not the declared data."""
+    pytest.importorskip("matplotlib")
+    import weakref
+
+    from matplotlib.axes import Axes
+
+    from degrade import plots
+
+    n, p = 8, 1024
+    lone = tmp_path / "big.h5"
+    _forge_big_patches(small / "shard-00000.h5", lone, n, p)
+    drawn: list[tuple[int, ...]] = []
+    real_imshow = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda self, img, **kw: drawn.append(img.shape) or real_imshow(self, img, **kw))
+    ds = degrade.open_dataset(lone)
+    handed_out: list[weakref.ref] = []  # every full-size patch the sheet was given
+    alive_at_read: list[int] = []
+
+    class Watched:  # the dataset, counting the patches still alive each time another sample is read
+        def __getitem__(self, i: int):
+            alive_at_read.append(sum(ref() is not None for ref in handed_out))
+            sample = ds[i]
+            handed_out.extend([weakref.ref(sample.hr), weakref.ref(sample.lr)])
+            return sample
+
+        def stored_index(self, i: int) -> int:
+            return ds.stored_index(i)
+
+    plots.contact_sheet(tmp_path / "g.png", Watched(), list(range(n)))
+    assert len(drawn) == 2 * n and all(shape[0] <= 256 and shape[1] <= 256 for shape in drawn)  # a cell is ~220 px
+    assert alive_at_read == [0] * n
+    monkeypatch.setattr(Axes, "imshow", real_imshow)
+    result = CliRunner().invoke(main, ["inspect", str(lone), "--png", str(tmp_path / "cli.png"), "--grid", str(n)])
+    assert result.exit_code == 0, result.output
 
 
 def test_a_byte_flipped_shard_is_caught_when_checksums_are_asked_for(small):
@@ -503,6 +562,7 @@ def test_verify_regenerate_reads_no_file_the_manifest_points_at_outside_images(s
     assert problems and all("refusing source" in p for p in problems), problems
     result = CliRunner().invoke(main, ["verify", str(small), "--regenerate", "6"])
     assert result.exit_code == 1 and "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # a raw exception also exits 1 here
 
 
 def test_sr_and_eval_report_a_bomb_in_one_line(tmp_path):

@@ -84,11 +84,22 @@ def test_dataset_statistics_equal_independent_numbers(small):
     assert stats["levels"] == {str(k): levels.count(k) for k in (1, 2, 3)}
     by_index = {f["index"]: f for f in stats["fields"]}
     assert sorted(by_index) == list(range(33))
-    # Which step each entry belongs to, written out from the layout table in docs/degradation.md.
-    steps = ["blur1"] * 4 + ["blur2"] * 4 + ["sinc"] * 2 + ["resize1"] * 4 + ["resize2"] * 4 + ["noise1"] * 4 \
-        + ["noise2"] * 4 + ["jpeg1", "jpeg2"] + ["final"] * 5
+    # Which record field each entry reads, written out from the layout table in docs/degradation.md. An
+    # entry is present where that field has a value: final.order only in level-3 records, final.mode in all.
+    blur = ["size", "sigma_x", "sigma_y", "theta"]
+    fields = [("blur1", a) for a in blur] + [("blur2", a) for a in blur] + [("sinc", "size"), ("sinc", "omega_c")] \
+        + [("resize1", "scale")] + [("resize1", "mode")] * 3 + [("resize2", "scale")] + [("resize2", "mode")] * 3 \
+        + [("noise1", "strength"), ("noise1", "gray"), ("noise1", "type"), ("noise1", "type")] \
+        + [("noise2", "strength"), ("noise2", "gray"), ("noise2", "type"), ("noise2", "type")] \
+        + [("jpeg1", "quality"), ("jpeg2", "quality")] + [("final", "order")] * 2 + [("final", "mode")] * 3
+
+    def has(params, step: str, attr: str) -> bool:
+        s = getattr(params, step)
+        return s is not None and getattr(s, attr) is not None
+
     for j in range(33):
-        here = np.array([getattr(ds[i].params, steps[j]) is not None for i in range(len(ds))])
+        here = np.array([has(ds[i].params, *fields[j]) for i in range(len(ds))])
+        assert by_index[j]["present_share"] == pytest.approx(here.mean())
         col = v[here, j]
         assert by_index[j]["absent"] == int((~here).sum())
         assert sum(by_index[j]["histogram"]) == here.sum()  # absent steps are not in the histogram
@@ -102,6 +113,12 @@ def test_dataset_statistics_equal_independent_numbers(small):
     blur2_share = sum(ds[i].params.blur2 is not None for i in range(len(ds))) / 40
     assert by_index[4]["present_share"] == pytest.approx(blur2_share)
     assert by_index[0]["present_share"] == 1.0
+    # final.order is set only at level 3: a level-mix dataset must not report it in every sample.
+    level3_share = levels.count(3) / 40
+    assert 0 < level3_share < 1
+    assert by_index[28]["present_share"] == by_index[29]["present_share"] == pytest.approx(level3_share)
+    assert by_index[28]["absent"] == 40 - levels.count(3)
+    assert [by_index[j]["present_share"] for j in (30, 31, 32)] == [1.0] * 3
 
 
 def test_cli_dataset_json_is_valid_and_table_has_sparklines(small):
@@ -156,6 +173,7 @@ def test_bad_input_is_one_clear_line(small, args, message, tmp_path, monkeypatch
     (tmp_path / "README.md").write_text("not a shard")
     result = CliRunner().invoke(main, [a.replace("{small}", small) for a in args])
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # not a raw exception CliRunner caught
     assert "samples (level" not in result.output  # refused before any statistics are printed
 
 

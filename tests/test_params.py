@@ -205,6 +205,27 @@ def test_from_dict_refuses_bad_records(mutate, message):
         DegradationParams.from_dict(d)
 
 
+@pytest.mark.parametrize("key", ["blur2", "resize2", "noise2", "sinc", "jpeg2"])
+def test_two_stage_record_must_hold_every_stage_2_key(key):
+    # A level-3 record with a stage-2 key cut out is truncated: it must not read as "step absent".
+    d = _record_dict()
+    assert d["final"]["order"] is not None
+    del d[key]
+    with pytest.raises(degrade.DegradeError, match=f"lacks '{key}'"):
+        DegradationParams.from_json(json.dumps(d))
+    d.update(level=None)  # the rule follows final.order, not the level
+    with pytest.raises(degrade.DegradeError, match=f"lacks '{key}'"):
+        DegradationParams.from_dict(d)
+
+
+def test_one_stage_record_may_leave_out_stage_2_keys():
+    p = sample_params(1, rng_for(11))
+    d = p.to_dict()
+    for key in ("blur2", "resize2", "noise2", "sinc", "jpeg2"):
+        del d[key]
+    assert DegradationParams.from_dict(d) == p
+
+
 def test_from_json_refuses_non_json_and_non_objects():
     with pytest.raises(ValueError, match="not valid JSON"):
         DegradationParams.from_json("{oops")

@@ -52,18 +52,24 @@ def chunk_ranges(rows: range) -> list[range]:
 class SampleMaker:
     """Makes the samples of one dataset configuration; owns the cache of decoded sources it reads.
 
-    Picklable (the cache travels empty) and compared by configuration only, so a worker process can be
-    handed one at start-up and keep it, and an equal one does not restart the workers.
+    Picklable (the cache travels empty) and compared by configuration and pixel cap only, so a worker
+    process can be handed one at start-up and keep it, and an equal one does not restart the workers.
+
+    `max_pixels` is the decoded-image cap of :func:`degrade.read_image` for the sources (None: the cap of
+    the process that reads, :func:`degrade.io.pixel_limit`). It travels with the task because a Dask
+    worker is someone else's long-lived process: neither this process's environment nor its globals
+    reach it.
     """
 
     config: DatasetConfig
+    max_pixels: int | None = None
     cache: SourceCache = field(default_factory=SourceCache, compare=False, repr=False)
 
     def sample(self, index: int) -> tuple[int, tuple[int, int], Sample]:
         """Sample `index`: (source row, crop corner (y, x), the sample)."""
         config = self.config
         src, (y, x), params = draw_sample(config, index)
-        image = self.cache.load(str(config.source_path(src)))
+        image = self.cache.load(str(config.source_path(src)), max_pixels=self.max_pixels)
         p = config.patch_size
         if image.shape[0] < y + p or image.shape[1] < x + p:
             raise DatasetError(f"{config.sources[src].path}: changed since it was scanned (smaller now)")

@@ -46,10 +46,12 @@ def list_source_files(srcs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def scan_sources(srcs: Sequence[str | os.PathLike], patch_size: int,
-                 progress: Callable[[int, int], None] | None = None) -> SourceScan:
+                 progress: Callable[[int, int], None] | None = None, *,
+                 max_pixels: int | None = None) -> SourceScan:
     """Decode every candidate once: keep readable images with both sides >= `patch_size`.
 
     No SRC means the bundled sample photos. Paths are stored relative to the sources' common folder.
+    `max_pixels` is the decoded-image cap, as in :func:`degrade.read_image` (None: :func:`degrade.io.pixel_limit`).
     """
     if srcs:
         files = list_source_files(srcs)
@@ -62,8 +64,9 @@ def scan_sources(srcs: Sequence[str | os.PathLike], patch_size: int,
     for n, f in enumerate(files):
         rel = f.relative_to(root).as_posix()
         try:
-            data = read_regular_file(f, max_file_bytes())  # never a FIFO or device; bounded size
-            img = decode_image(data)  # the same decoding and checks (pixel cap first) as the workers' read_image
+            data = read_regular_file(f, max_file_bytes(max_pixels))  # never a FIFO or device; bounded size
+            # the same decoding and checks (pixel cap first) as the workers' read_image
+            img = decode_image(data, max_pixels=max_pixels)
         except OSError as exc:
             scan.unreadable.append((rel, exc.strerror or str(exc)))
         except ImageError as exc:
@@ -91,10 +94,11 @@ class SourceCache:
         self.max_bytes = max_bytes
         self._images: OrderedDict[str, NDArray[np.uint8]] = OrderedDict()
 
-    def load(self, path: str) -> NDArray[np.uint8]:
+    def load(self, path: str, *, max_pixels: int | None = None) -> NDArray[np.uint8]:
+        """The decoded image at `path`; `max_pixels` as in :func:`degrade.read_image` (None: this process's cap)."""
         image = self._images.pop(path, None)
         if image is None:
-            image = to_uint8(read_image(path))
+            image = to_uint8(read_image(path, max_pixels=max_pixels))
             image.setflags(write=False)
         self._images[path] = image
         total = sum(a.nbytes for a in self._images.values())

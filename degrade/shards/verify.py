@@ -83,7 +83,12 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
                     except DegradeError as exc:
                         problems.append(f"{name} row {row}: bad parameter record ({exc})")
                         continue
-                    if record.level != level[row] or not np.allclose(encode(record), v[row], atol=1e-6):
+                    try:  # a valid record can still lie outside v's ranges (blur1.sigma_x = 10): one problem more
+                        encoded = encode(record)
+                    except DegradeError as exc:
+                        problems.append(f"{name} row {row}: parameter record cannot be encoded as v ({exc})")
+                        continue
+                    if record.level != level[row] or not np.allclose(encoded, v[row], atol=1e-6):
                         problems.append(f"{name} row {row}: v or level does not match the parameter record")
         except OSError as exc:
             problems.append(f"{name}: unreadable HDF5 ({os_reason(exc)})")
@@ -109,7 +114,8 @@ def _regenerate(out: Path, config: DatasetConfig, k: int, seed: int) -> list[str
                             f"({', '.join(IMAGE_SUFFIXES)})")
             continue
         if not src_path.is_file():
-            problems.append(f"sample {i}: source {src_path} not found (--sources names the folder that holds the photos, if they moved)")
+            problems.append(f"sample {i}: source {src_path} not found (--sources names the folder that holds the "
+                            "photos, if they moved)")
             continue
         try:  # a regular file of bounded size, hashed in blocks
             digest = sha256_file(src_path, max_file_bytes())

@@ -25,7 +25,7 @@ import numpy as np
 
 from degrade._version import __version__
 from degrade.errors import DatasetError
-from degrade.io import write_bytes_atomic
+from degrade.io import pixel_limit, write_bytes_atomic
 from degrade.recipe import LEVELS, MIX_PROBS, SCALE, LevelChoice
 from degrade.shards.executor import OrderedMap
 from degrade.shards.format import (
@@ -63,7 +63,8 @@ class MakeReport:
 
 
 def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1,
-                 progress: Callable[[int], None] | None = None, backend: str | None = None) -> MakeReport:
+                 progress: Callable[[int], None] | None = None, backend: str | None = None,
+                 max_pixels: int | None = None) -> MakeReport:
     """Write (or finish) the dataset `config` in folder `out`; returns what was done.
 
     Shards are written under a temporary name and renamed when complete; the manifest is rewritten
@@ -72,8 +73,15 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
     `progress(n)` is called with the number of samples just made (or found complete). `jobs` is the
     number of degrading workers: 1 is a thread of this process, more are worker processes; this
     process writes the shards meanwhile. `backend` (e.g. "dask") runs the workers through joblib.
+    `max_pixels` caps the decoded source images as in :func:`degrade.read_image`; None means this
+    process's cap (:func:`degrade.io.pixel_limit`, the one `scan_sources` used by default). Either way
+    the workers get the number with their task, so a Dask worker's own environment does not matter.
     """
     out = Path(out)
+    if max_pixels is None:
+        max_pixels = pixel_limit()
+    elif isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise DatasetError(f"max_pixels must be a positive number of pixels, got {max_pixels!r}")
     if config.count > MAX_COUNT or config.shard_count > MAX_SHARDS:  # before any folder or plan is made
         raise DatasetError(f"{config.count} samples in {config.shard_count} shard(s): at most {MAX_COUNT:,} samples "
                            f"in at most {MAX_SHARDS:,} shards (the manifest lists every shard and is rewritten "
@@ -102,7 +110,7 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
                     (out / LOCK).unlink(missing_ok=True)
                 raise
             shards = {int(s["shard"]): s for s in old["shards"]}
-        _make(config, out, shards, report, jobs, progress, backend)
+        _make(config, out, shards, report, jobs, progress, backend, max_pixels)
     report.seconds = time.perf_counter() - start
     report.bytes_on_disk = sum(s["bytes"] for s in shards.values())
     return report
@@ -160,7 +168,7 @@ def _regular(path: Path) -> bool:
 
 
 def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], report: MakeReport, jobs: int,
-          progress: Callable[[int], None] | None, backend: str | None) -> None:
+          progress: Callable[[int], None] | None, backend: str | None, max_pixels: int) -> None:
     for stale in out.glob(".shard-*.partial"):
         stale.unlink()  # left by an interrupted run; never looks complete
 
@@ -188,7 +196,7 @@ def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], r
     # One stream of chunks over all the shards to make: the workers go on with the next shard's chunks
     # while this process closes, hashes and records the previous one (no drain at every shard boundary).
     # The chunk plan is made shard by shard as the stream reaches it: memory does not grow with --count.
-    with OrderedMap(SampleMaker(config), jobs=jobs, backend=backend) as run_chunks, \
+    with OrderedMap(SampleMaker(config, max_pixels=max_pixels), jobs=jobs, backend=backend) as run_chunks, \
             contextlib.closing(run_chunks(r for k in todo for r in chunk_ranges(config.shard_range(k)))) as stream:
         for k in todo:
             final, tmp = out / shard_name(k), out / f".{shard_name(k)}.partial"

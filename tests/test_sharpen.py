@@ -1,0 +1,54 @@
+"""degrade.sharpen: the unsharp mask's refusals, and the documented formulas that pair a stored patch with its LR."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import degrade
+from degrade import shards as dsm
+from degrade.errors import DegradeError
+from degrade.io import to_uint8
+from degrade.sharpen import unsharp_mask
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("img", [
+    np.zeros((64, 64, 3), np.float64),  # hr / 255 of a uint8 patch
+    np.zeros((64, 64, 3), np.uint8),
+    np.zeros((20, 40, 3), np.float32),  # a side not above 25 px
+    np.zeros((64, 64), np.float32),
+    [[0.0]],
+])
+def test_unsharp_mask_refuses_with_the_librarys_error(img):
+    with pytest.raises(DegradeError, match="float32 image"):
+        unsharp_mask(img)
+
+
+def _config(sharpen_hr: bool) -> dsm.DatasetConfig:
+    scan = dsm.scan_sources([], 64)
+    return dsm.DatasetConfig(level="mix", count=4, patch_size=64, seed=8, shard_size=4, compression="none",
+                             source_root=scan.root, sources=tuple(scan.sources), sharpen_hr=sharpen_hr)
+
+
+def test_the_formulas_in_dataset_format_md_give_the_stored_lr():
+    text = (ROOT / "docs" / "dataset-format.md").read_text()
+    plain, sharp = re.findall(r"`lr = (degrade\.apply\([^`]*\))`", text)
+    assert "unsharp_mask" in sharp and "unsharp_mask" not in plain
+    for formula, config in ((plain, _config(False)), (sharp, _config(True))):
+        for i in range(config.count):
+            _, _, s = dsm.make_sample(config, i)  # the sample as make-dataset stores it
+            lr = eval(formula, {"degrade": degrade, "np": np}, {"hr": s.hr, "record": s.params})
+            np.testing.assert_array_equal(to_uint8(lr), s.lr)
+
+
+def test_the_sharpen_hr_formula_in_the_readme_gives_the_stored_lr():
+    line = next(x for x in (ROOT / "README.md").read_text().splitlines() if "--sharpen-hr degraded" in x)
+    sharpened = re.search(r"(degrade\.sharpen\.unsharp_mask\(.*\))\)$", line).group(1)
+    _, _, s = dsm.make_sample(_config(True), 0)
+    hr = eval(sharpened, {"degrade": degrade, "np": np}, {"hr": s.hr})
+    np.testing.assert_array_equal(to_uint8(degrade.apply(hr, s.params)), s.lr)
