@@ -287,7 +287,11 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
     except OSError as exc:
         raise click.ClickException(os_error(exc)) from None
     except FloatingPointError as exc:
-        raise click.ClickException(f"{exc}; the last checkpoint before it is intact (lower --lr?)") from None
+        from dasr_model.checkpoints import list_checkpoints
+
+        saved = list_checkpoints(out)
+        kept = f"the last checkpoint before it, {saved[-1].name}, is intact" if saved else "no checkpoint was written"
+        raise click.ClickException(f"{exc}; {kept} (lower --lr?)") from None
     except torch.OutOfMemoryError:
         raise click.ClickException(f"out of device memory at --batch-size {batch_size} --lr-crop {lr_crop}; "
                                    "lower one of them") from None

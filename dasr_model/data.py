@@ -19,9 +19,11 @@ from torch.utils.data import Dataset, Sampler
 import degrade
 from dasr_model.errors import DASRError
 from degrade.augment import dihedral_image, dihedral_vector
+from degrade.errors import DatasetError
 from degrade.layout import BLOCKS
 from degrade.recipe import SCALE
 from degrade.sharpen import USM_SIGMA, USM_SIZE, USM_THRESHOLD, USM_WEIGHT  # one definition
+from degrade.vector import VECTOR_LENGTH
 
 
 class PairedShards(Dataset):
@@ -55,6 +57,10 @@ class PairedShards(Dataset):
             lr = lr[y : y + c, x : x + c]
             hr = hr[SCALE * y : SCALE * (y + c), SCALE * x : SCALE * (x + c)]
         v = np.asarray(s.v, np.float32)
+        if v.shape != (VECTOR_LENGTH,) or not (np.isfinite(v).all() and v.min() >= 0 and v.max() <= 1):
+            # a label the loss cannot use: NaN would stop the run as a NaN loss, blamed on the learning rate
+            raise DatasetError(f"sample {index}: its v is not {VECTOR_LENGTH} numbers in [0, 1] "
+                               "(a damaged dataset: degrade verify lists such rows)")
         if self.augment:  # one of the 8 flips/rotations, applied to LR and HR alike, and v kept true to them
             turn = {"flip_lr": bool(rng.random() < 0.5), "flip_ud": bool(rng.random() < 0.5),
                     "rot90": int(rng.integers(4))}

@@ -218,6 +218,34 @@ def test_the_smallest_crops_the_refusals_allow_do_train(shards, tmp_path):
         assert result.exit_code == 0, result.output
 
 
+def test_a_damaged_label_stops_training_naming_the_data_not_the_rate(shards, tmp_path, monkeypatch):
+    """A v of NaN in the shards stopped the run as 'loss became nan ... the last checkpoint before it is
+    intact (lower --lr?)', with no checkpoint there. Now the sample is named; a NaN loss says whether a
+    checkpoint exists."""
+    import h5py
+
+    import dasr_model.train as train_module
+
+    src = Path(make_small_dataset(tmp_path / "ds", count=8, seed=3, shard_size=8))
+    with h5py.File(src / "shard-00000.h5", "r+") as f:
+        f["v"][5, 0] = np.nan
+    args = ["--shards", str(src), "--out", str(tmp_path / "run"), "--steps", "8", *TINY_ARGS]
+    result = CliRunner().invoke(train_cli, args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "training data: sample 5: its v is not 33 numbers in [0, 1]" in " ".join(result.output.split())
+    real_step = train_module.train_step
+
+    def nan_loss(*a, **kw):
+        losses = real_step(*a, **kw)
+        losses["loss"] = torch.tensor(float("nan"))
+        return losses
+
+    monkeypatch.setattr(train_module, "train_step", nan_loss)
+    result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / "nan"), *args[4:]])
+    assert result.exit_code == 1 and "loss became nan at step 0; no checkpoint was written" in " ".join(
+        result.output.split()), result.output
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_a_truncated_shard_stops_training_with_one_line(tmp_path, workers):
     src = Path(make_small_dataset(tmp_path / "ds", count=8, seed=3, shard_size=4))
