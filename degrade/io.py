@@ -169,14 +169,18 @@ def decode_alpha(data: bytes, rgb: NDArray[np.float32]) -> NDArray[np.uint8] | N
     alpha, colour = turn(alpha), turn(colour)
     if alpha.shape != rgb.shape[:2]:
         return None
-    # The colour of this decode must be decode_image's (a PAM's comes in file order, so RGB or BGR)
-    scale = np.float32(255 if colour.dtype == np.uint8 else 65535)
+    # The colour of this decode must be decode_image's (a PAM's comes in file order, so RGB or BGR), scaled
+    # as it scales: by the sample type's range, or a PAM's MAXVAL
+    full = _full_scale(data, colour.dtype)
     step = max(1, int(np.sqrt(alpha.size / 4096)))  # a sample of about 4096 pixels: the check costs no copy
-    got, want = colour[::step, ::step].astype(np.float32) / scale, rgb[::step, ::step]
+    got = np.minimum(colour[::step, ::step].astype(np.float32) / np.float32(full), np.float32(1))
+    want = rgb[::step, ::step]
     if not any(np.array_equal(got[..., order], want) for order in ([2, 1, 0], [0, 1, 2], [0, 0, 0])
                if got.shape[2] == 3 or order == [0, 0, 0]):
         return None
-    if alpha.dtype == np.uint16:
+    if full not in (255, 65535):  # a PAM's MAXVAL: to 0-255, rounded to the nearest level
+        alpha = ((np.minimum(alpha.astype(np.uint32), full) * 255 + full // 2) // full).astype(np.uint8)
+    elif alpha.dtype == np.uint16:
         alpha = ((alpha.astype(np.uint32) + 128) // 257).astype(np.uint8)  # rounded to the nearest 8-bit level
     if data[:2] == b"BM" and not alpha.any():
         return None
@@ -428,24 +432,31 @@ def _tiff_size(d: bytes) -> tuple[int, int] | None:
     return None
 
 
+PNM_HEADER_BYTES = 65536  # where a PNM/PAM header (comments included) must end; OpenCV reads longer ones too
+
+
 def _pnm_header(d: bytes) -> tuple[int, int, int | None]:
     """(width, height, maxval) from a PNM (P1-P6; maxval None for the bitmaps P1 and P4) or PAM (P7) header.
     A comment runs from # to the end of its line, which OpenCV's reader ends at CR as well as LF: a header
     read otherwise declares another size than the one decoded. ValueError (or KeyError) if it is not one."""
     if d[:3] == b"P7\n":  # PAM: WIDTH, HEIGHT, MAXVAL lines before ENDHDR
-        lines = re.split(rb"[\r\n]", d[3:d.index(b"ENDHDR", 0, 4096)])
+        lines = re.split(rb"[\r\n]", d[3:d.index(b"ENDHDR", 0, PNM_HEADER_BYTES)])
         fields = dict(line.split(None, 1) for line in lines if line.strip() and not line.startswith(b"#"))
-        return int(fields[b"WIDTH"]), int(fields[b"HEIGHT"]), int(fields[b"MAXVAL"])
-    n = 2 if d[1:2] in (b"1", b"4") else 3
-    tokens: list[bytes] = []
-    for line in re.split(rb"[\r\n]", d[2:4096]):
-        tokens += line.split(b"#", 1)[0].split()
-        if len(tokens) >= n:
-            values = [int(t) for t in tokens[:n]]
-            if n == 3 and not 0 < values[2] < 65536:
-                raise ValueError("PNM maxval outside 1-65535")
-            return values[0], values[1], values[2] if n == 3 else None
-    raise ValueError("short PNM header")
+        size = int(fields[b"WIDTH"]), int(fields[b"HEIGHT"]), int(fields[b"MAXVAL"])
+    else:
+        n = 2 if d[1:2] in (b"1", b"4") else 3
+        tokens: list[bytes] = []
+        for line in re.split(rb"[\r\n]", d[2:PNM_HEADER_BYTES]):
+            tokens += line.split(b"#", 1)[0].split()
+            if len(tokens) >= n:
+                break
+        else:
+            raise ValueError("short PNM header")
+        values = [int(t) for t in tokens[:n]]
+        size = values[0], values[1], values[2] if n == 3 else None
+    if size[2] is not None and not 0 < size[2] < 65536:  # Netpbm's range: 0 or less would divide by it
+        raise ValueError("PNM maxval outside 1-65535")
+    return size
 
 
 def _full_scale(data: bytes, sample: np.dtype) -> int:

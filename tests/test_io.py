@@ -159,6 +159,38 @@ def test_a_pnm_sample_is_scaled_by_its_maxval(magic, maxval):
     np.testing.assert_allclose(img[0, 1], grey, atol=1 / 255 if scaled_by_opencv else 1e-7)
 
 
+@pytest.mark.parametrize("maxval", [15, 255, 1023])
+def test_a_pam_with_alpha_keeps_it_at_any_maxval(tmp_path, maxval):
+    """Colour and alpha scaled by the PAM's MAXVAL alike (the alpha check compares the colour with what
+    decode_image read: scaled by 255 alone it lost the alpha of a MAXVAL 15 file). Oracle: the samples
+    written, alpha to 0-255 rounded."""
+    rng = np.random.default_rng(maxval)
+    samples = rng.integers(0, maxval + 1, (3, 4, 4))
+    path = tmp_path / "a.pam"
+    width = 1 if maxval < 256 else 2
+    path.write_bytes(f"P7\nWIDTH 4\nHEIGHT 3\nDEPTH 4\nMAXVAL {maxval}\nTUPLTYPE RGB_ALPHA\nENDHDR\n".encode()
+                     + b"".join(int(x).to_bytes(width, "big") for x in samples.ravel()))
+    rgb, alpha = degrade.io.read_image_alpha(path)
+    np.testing.assert_allclose(rgb, samples[..., :3] / maxval, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(alpha, np.floor(samples[..., 3] * 255 / maxval + 0.5).astype(np.uint8))
+
+
+@pytest.mark.parametrize("maxval", [b"0", b"-1", b"65536"])
+def test_a_pnm_maxval_outside_1_to_65535_is_refused(maxval):
+    """A MAXVAL of 0 read as NaN pixels, -1 as negative ones (a PAM's MAXVAL went unchecked)."""
+    for data in (b"P7\nWIDTH 2\nHEIGHT 1\nDEPTH 1\nMAXVAL " + maxval + b"\nTUPLTYPE GRAYSCALE\nENDHDR\n\x64\xc8",
+                 b"P5\n2 1\n" + maxval + b"\n\x64\xc8"):
+        with pytest.raises(ImageError, match="not a readable image"):
+            decode_image(data)
+
+
+def test_a_pnm_header_may_hold_long_comments():
+    comments = b"# a comment line\n" * 500  # 8.5 KB: over the 4 KB once searched
+    for data in (b"P7\n" + comments + b"WIDTH 2\nHEIGHT 1\nDEPTH 1\nMAXVAL 255\nTUPLTYPE GRAYSCALE\nENDHDR\n\x64\xc8",
+                 b"P5\n" + comments + b"2 1\n255\n\x64\xc8"):
+        np.testing.assert_allclose(decode_image(data)[0, :, 0], [100 / 255, 200 / 255])
+
+
 def test_a_pbm_bitmap_reads_black_and_white():
     for data in (b"P4\n8 1\n" + bytes([0b10100000]), b"P1\n8 1\n1 0 1 0 0 0 0 0\n"):  # 1 is black
         np.testing.assert_array_equal(decode_image(data)[0, :, 0], [0, 1, 0, 1, 1, 1, 1, 1])
