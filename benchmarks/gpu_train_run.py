@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, run_dir in runs.items():
         cmd = [sys.executable, "-c", "from cli.sr import eval_main; eval_main()", "--model",
                str(run_dir / "model.safetensors"), "--hr-dir", str(held_dir), "--levels", "1,2,3", "--seed", "0",
-               "--json"]
+               "--precision", "fp32", "--json"]  # fp32 as the first run's table (auto is bf16 on a GPU now)
         files = run_dir.with_suffix(".eval.json"), run_dir.with_suffix(".eval.stderr")  # files: no pipe to fill
         with open(files[0], "w") as stdout, open(files[1], "w") as stderr:
             procs[name] = subprocess.Popen(log_cmd(out, cmd), stdout=stdout, stderr=stderr), files

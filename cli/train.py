@@ -70,8 +70,9 @@ def default_workers() -> int:
 @click.option("--val-shards", type=click.Path(path_type=Path), help="Held-out dataset folder for validation.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder (checkpoints, metrics).")
 @click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lr-crop", type=click.IntRange(min=4), default=64, show_default=True, help="LR crop side (HR: x4).")
+@click.option("--batch-size", type=click.IntRange(1, 65536), default=16, show_default=True)
+@click.option("--lr-crop", type=click.IntRange(4, 65536), default=64, show_default=True,
+              help="LR crop side (HR: x4).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--resume", is_flag=True,
               help="Continue from the newest intact RUN/ckpt-*.pt, with the run's own options (model, seed, "
@@ -79,8 +80,8 @@ def default_workers() -> int:
                    "are this call's.")
 @click.option("--restart", is_flag=True,
               help="Delete the run's checkpoints, metrics, config and model file in --out, then start over.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=None,
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True)
+@click.option("--workers", type=click.IntRange(0, 1024), default=None,
               help="Data loader processes (the batches do not depend on it).  [default: half the cores, shared "
                    "among torchrun's processes on this machine, 1 to 8]")
 @click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True)
@@ -216,17 +217,19 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
         raise click.ClickException(os_error(exc)) from None
     if workers is None:  # enough to feed a fast GPU step on a 16-core machine, without crowding a small one
         workers = default_workers()
-    cfg = TrainConfig(shards=str(shards), out=str(out), steps=steps, batch_size=batch_size, lr_crop=lr_crop,
-                      val_shards=str(val_shards) if val_shards else None, val_every=val_every, val_samples=val_samples,
-                      ckpt_every=ckpt_every, log_every=log_every, keep_checkpoints=keep_checkpoints,
-                      seed=seed, workers=workers, device=device, sharpen_gt=sharpen, gan=gan,
-                      vgg_weights=str(vgg_weights) if vgg_weights else None, lr=learning_rate, lr_schedule=lr_schedule,
-                      warmup_steps=warmup_steps, ema_decay=ema_decay,
-                      ema_warmup=ema_warmup,
-                      teacher_steps=teacher_steps, max_minutes=max_minutes, expert_impl=expert_impl,
-                      channels_last=channels_last, compile=compile_mode, cuda_graph=cuda_graph, precision=precision,
-                      init_from=str(init_from) if init_from is not None else None,
-                      init_release=tuple(map(str, init_release)) if init_release else None, model=model_cfg)
+    try:  # the config checks each value's type and bounds (a DASRError): one line, not a traceback
+        cfg = TrainConfig(
+            shards=str(shards), out=str(out), steps=steps, batch_size=batch_size, lr_crop=lr_crop,
+            val_shards=str(val_shards) if val_shards else None, val_every=val_every, val_samples=val_samples,
+            ckpt_every=ckpt_every, log_every=log_every, keep_checkpoints=keep_checkpoints, seed=seed,
+            workers=workers, device=device, sharpen_gt=sharpen, gan=gan,
+            vgg_weights=str(vgg_weights) if vgg_weights else None, lr=learning_rate, lr_schedule=lr_schedule,
+            warmup_steps=warmup_steps, ema_decay=ema_decay, ema_warmup=ema_warmup, teacher_steps=teacher_steps,
+            max_minutes=max_minutes, expert_impl=expert_impl, channels_last=channels_last, compile=compile_mode,
+            cuda_graph=cuda_graph, precision=precision, init_from=str(init_from) if init_from is not None else None,
+            init_release=tuple(map(str, init_release)) if init_release else None, model=model_cfg)
+    except DegradeError as exc:
+        raise click.ClickException(str(exc)) from None
     if found is not None:
         cfg, kept = resumed_config(ctx, cfg, TrainConfig.from_dict(found[1]["config"]))
         if kept:

@@ -14,6 +14,7 @@ import copy
 import functools
 import json
 import math
+import numbers
 import os
 import re
 import signal
@@ -133,8 +134,12 @@ class TrainConfig:
             value, kind = getattr(self, f.name), _FIELD_KINDS.get(f.name)
             if kind is None:
                 continue
-            if kind is float and type(value) is int:
+            # numbers of any real type (numpy's too) become the field's own; bools are not numbers here
+            if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
                 value = float(value)
+                object.__setattr__(self, f.name, value)
+            elif kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                value = int(value)
                 object.__setattr__(self, f.name, value)
             optional = f.name in _OPTIONAL
             if not (type(value) is kind or (optional and value is None)):
@@ -146,7 +151,8 @@ class TrainConfig:
                 bound = f"at least {low}" if high is None else f"from {low} to {high}"
                 raise DASRError(f"train config: {f.name} must be a finite number {bound}, got {value!r}"
                                 if kind is float else f"train config: {f.name} must be {bound}, got {value!r}")
-        if not (len(self.betas) == 2 and all(type(b) is float and 0 <= b < 1 for b in self.betas)):
+        if not (len(self.betas) == 2 and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1
+                                             for b in self.betas)):
             raise DASRError(f"train config: betas must be two numbers in [0, 1), got {self.betas!r}")
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("compile", COMPILE_MODES), ("precision", PRECISIONS),
                               ("expert_impl", ("auto", *EXPERT_IMPLS))):
@@ -181,6 +187,8 @@ class TrainConfig:
                 if len(d["init_release"]) != 2 or not all(isinstance(x, str) for x in d["init_release"]):
                     raise ValueError("init_release must be two paths (G and P)")
             return cls(**d)
+        except DASRError:  # the config's own checks: their message says "train config:" already
+            raise
         except (TypeError, ValueError) as exc:  # a required field missing, betas not two numbers
             raise DASRError(f"train config: {exc}") from None
 
@@ -195,11 +203,12 @@ _FIELD_KINDS: dict[str, type] = {
                      "perceptual_weight"), float),
     **dict.fromkeys(("ema_warmup", "sharpen_gt", "gan", "channels_last", "cuda_graph"), bool),
 }
-_OPTIONAL = {"val_shards", "vgg_weights", "init_from", "max_minutes", "cuda_graph"}
+# lr_crop None: the whole stored patches
+_OPTIONAL = {"lr_crop", "val_shards", "vgg_weights", "init_from", "max_minutes", "cuda_graph"}
 _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "steps": (1, None), "batch_size": (1, 65536), "lr_crop": (4, 65536), "warmup_steps": (0, None),
     "teacher_steps": (0, None), "val_every": (1, None), "val_samples": (1, None), "ckpt_every": (1, None),
-    "log_every": (1, None), "keep_checkpoints": (0, None), "seed": (0, 2**63 - 1), "workers": (0, 1024),
+    "log_every": (1, None), "keep_checkpoints": (0, None), "seed": (0, 2**64 - 1), "workers": (0, 1024),
     "lr": (0, None), "pixel_weight": (0, None), "regression_weight": (0, None), "ema_decay": (0, 1),
     "max_minutes": (0, None), "gan_weight": (0, None), "perceptual_weight": (0, None),
 }

@@ -92,7 +92,7 @@ def _optimizer_state(ckpt: dict, how: str) -> None:
     ({"steps": "9"}, "steps must be int"),
     ({"ckpt_every": 0}, "ckpt_every must be at least 1"),
     ({"log_every": 0}, "log_every must be at least 1"),
-    ({"batch_size": 0}, "batch_size must be from 1 to 65536"),
+    ({"batch_size": 0}, "Error: train config: batch_size must be from 1 to 65536"),  # one prefix, not two
     ({"batch_size": 10**11}, "batch_size must be from 1 to 65536"),  # was a 745 GiB allocation
     ({"teacher_steps": None}, "teacher_steps must be int"),
     ({"seed": -1}, "seed must be from 0"),
@@ -117,6 +117,21 @@ def test_a_checkpoint_whose_config_or_state_lies_is_refused_in_one_line(one_step
                                             "--gan", "--no-sharpen", *TINY_ARGS])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert message in " ".join(result.output.split()), result.output
+
+
+def test_train_config_takes_numpy_numbers_and_no_crop_and_refuses_out_of_bounds_options_in_one_line(shards,
+                                                                                                     tmp_path):
+    """Numbers of numpy's types (a sweep's np.logspace) are numbers; lr_crop None trains on whole patches; an
+    option beyond the config's bounds is one line from the CLI (the config's refusal was a traceback)."""
+    cfg = TrainConfig(shards=shards, out=str(tmp_path / "np"), steps=np.int64(1), batch_size=2, lr=np.float64(1e-4),
+                      lr_crop=None, workers=0, device="cpu", model=TINY)
+    assert type(cfg.steps) is int and type(cfg.lr) is float
+    assert train(cfg)["step"] == 1
+    for option, value in (("--batch-size", "70000"), ("--lr-crop", "70000"), ("--workers", "2000"),
+                          ("--seed", str(2**64))):
+        result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / "r"), "--steps", "1",
+                                                *TINY_ARGS, option, value])
+        assert result.exit_code == 2 and option in result.output and isinstance(result.exception, SystemExit)
 
 
 def test_restart_deletes_the_old_run_only_when_asked(shards, tmp_path):

@@ -205,8 +205,9 @@ def test_validation_during_training_scores_as_dasr_eval_does(shards):
     assert model.training and model.generator.training  # put back as it was
 
 
-def test_validation_shrinks_a_long_lr_for_the_predictor_as_dasr_eval_does():
-    """An LR side over 1024 px is area-shrunk before the predictor (infer.predict), in both paths."""
+def test_validation_predicts_a_long_lr_as_dasr_eval_does():
+    """An LR side over 1024 px (once area-shrunk for the predictor) gives the same scores in both paths:
+    both call infer.predict, which now hands the predictor the image as it is."""
     from dasr_model.evaluate import Pairs, ValidationSet, evaluate_pairs
 
     rng = np.random.default_rng(1)
