@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -176,11 +178,17 @@ def picture(models: dict[str, Path], held: list[Path], path: Path, seed: int) ->
     cv2.imwrite(str(path), np.concatenate(rows, axis=0))
 
 
+# One work folder per checkout: two checkouts sharing one found each other's datasets (made by a different
+# command) and stopped; a rerun in the same checkout resumes its datasets
+DEFAULT_WORK = Path(tempfile.gettempdir()) / f"dasr-gpu-run-{hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]}"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=Path, help="Photo folder (default with --smoke: the bundled samples).")
     ap.add_argument("--out", type=Path, required=True, help="Results (log, tables, model.safetensors, picture).")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/dasr-gpu-run"), help="Datasets and runs.")
+    ap.add_argument("--work", type=Path, default=DEFAULT_WORK,
+                    help="Datasets and runs (default: a temporary folder of this checkout's own, kept for a rerun).")
     ap.add_argument("--minutes", type=float, help="Training budget of each of the two runs (default 3; smoke 0.25).")
     ap.add_argument("--total-minutes", type=float, default=9.5,
                     help="The whole script's budget: where the datasets took long, each run gets less than --minutes "
@@ -235,10 +243,14 @@ def main(argv: list[str] | None = None) -> None:
     crop = patch // 4
     log(out, f"photos: {len(train_files)} for training, {len(held)} held out ({', '.join(p.name for p in held)})")
     t = time.perf_counter()
-    train_ds = make_dataset(train_files, work / "train", level="mix", count=a.train_count, patch=patch, seed=1,
-                            jobs=a.jobs, sharpen_hr=True)  # LR from the sharpened HR: the measured better pairing
-    val_ds = make_dataset(held, work / "val-mix", level="mix", count=8 if a.smoke else 96, patch=patch, seed=7,
-                          jobs=a.jobs)
+    try:
+        train_ds = make_dataset(train_files, work / "train", level="mix", count=a.train_count, patch=patch, seed=1,
+                                jobs=a.jobs, sharpen_hr=True)  # LR from the sharpened HR: the better pairing measured
+        val_ds = make_dataset(held, work / "val-mix", level="mix", count=8 if a.smoke else 96, patch=patch, seed=7,
+                              jobs=a.jobs)
+    except subprocess.CalledProcessError as exc:  # its own error is on the console above: one line here
+        raise SystemExit(f"degrade make-dataset failed (exit {exc.returncode}) in {work}; its error is above "
+                         "(another checkout's datasets there: give --work)") from None
     log(out, f"datasets made in {time.perf_counter() - t:.0f} s")
     held_dir = work / "held-out"
     held_dir.mkdir(exist_ok=True)

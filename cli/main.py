@@ -290,7 +290,7 @@ def make_testset_command(hr_dir: Path | None, out: Path, levels: str, seed: int,
                          max_pixels: int | None) -> None:
     """Degrade whole HR images (a folder, searched recursively; default: the bundled photos) into a test set
     of image folders: OUT/HR/NAME.png, OUT/LR/level{L}/NAME.png, OUT/params/level{L}/NAME.json and
-    OUT/manifest.json (docs/degradation.md).
+    OUT/manifest.json (docs/inference.md, "Test sets to keep and share").
 
     Image i (sorted order) at level L is drawn from (--seed, i, L), as dasr-eval --hr-dir draws it:
     `dasr-eval --testset OUT` scores as `dasr-eval --hr-dir HR_DIR` does, and the folders pair by name for

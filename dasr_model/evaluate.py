@@ -178,8 +178,10 @@ def image_names(files: list[Path], root: Path) -> list[str]:
 
 
 # A trailing scale or role tag that names a file of an LR/HR pair (DIV2K's 0801x4 and 0801x4m, RealSR's
-# Canon_001_LR4 and Canon_001_HR, DRealSR's _x1 / _x4): left out when pairing LR and HR files by name
-PAIR_TAG = re.compile(r"(?:[_-]?x\d+[mdw]?|[_-](?:lr|hr)\d*)$", re.IGNORECASE)
+# Canon_001_LR4 and Canon_001_HR, DRealSR's _x1 / _x4): left out when pairing LR and HR files by name. An
+# x + digits without a separator is a tag only after a digit (0801x4, box2x4): after a letter it is part of
+# the word (fox2, matrix4), which stripping it once turned into "fo" and "matri"
+PAIR_TAG = re.compile(r"(?:(?:[_-]|(?<=\d))x\d+[mdw]?|[_-](?:lr|hr)\d*)$", re.IGNORECASE)
 
 
 def pair_name(path: Path, root: Path, *, strip: bool = True) -> str:

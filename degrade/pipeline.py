@@ -36,6 +36,9 @@ def check_work(hr: object, params: DegradationParams) -> None:
     if hr.dtype != np.float32:
         raise DegradeError(f"HR image must be float32 in [0, 1], got {hr.dtype}")
     h, w = hr.shape[:2]
+    if hr.size and not (hr.min() >= 0 and hr.max() <= 1):  # NaN fails both; 0-255 floats (no / 255) fail max
+        raise DegradeError(f"HR image must be float32 in [0, 1], got values from {hr.min():g} to {hr.max():g} "
+                           "(an 8-bit image: divide by 255, or pass it as uint8)")
     if h % SCALE or w % SCALE:
         raise DegradeError(f"HR size {w}x{h} is not a multiple of {SCALE}; crop it first")
     if min(h, w) < MIN_HR_SIDE:

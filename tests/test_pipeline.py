@@ -11,6 +11,7 @@ import pytest
 
 import degrade
 from degrade import DegradationParams, FinalParams, NoiseParams, apply, sample_params
+from degrade.errors import DegradeError
 
 from .conftest import rng_for
 
@@ -66,10 +67,14 @@ def test_non_square_images_work(photo):
         (np.zeros((28, 28, 3), np.float32), "too small"),
         (np.zeros((128, 128, 3), np.float64), "float32"),
         (np.zeros((128, 128), np.float32), "shape"),
+        # 0-255 floats (the / 255 forgotten) came out almost all white, NaN all black, without a word
+        (np.full((128, 128, 3), 200, np.float32), r"values from 200 to 200 \(an 8-bit image"),
+        (np.full((128, 128, 3), np.nan, np.float32), "in \\[0, 1\\], got values from nan"),
+        (np.full((128, 128, 3), -0.5, np.float32), "in \\[0, 1\\], got values from -0.5"),
     ],
 )
 def test_bad_hr_is_refused(hr, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(DegradeError, match=message):
         apply(hr, sample_params(1, rng_for(0)))
 
 
