@@ -184,18 +184,23 @@ def test_sr_refuses_an_output_of_nan_instead_of_writing_it_black(ckpt, tmp_path)
         assert not list((tmp_path / f"o{tile}").glob("*.png"))
 
 
+def _louder_checkpoint(ckpt, path):
+    """ckpt's model with every generator weight x6, saved at `path`: a residual that shows in 8-bit output."""
+    model = load_checkpoint_model(ckpt)
+    with torch.no_grad():
+        for p in model.generator.parameters():
+            p.mul_(6)
+    save_checkpoint(path, {"config": TrainConfig(shards="", out="", model=TINY).to_dict(), "step": 1,
+                           "model": model.state_dict(), "ema_generator": model.generator.state_dict()})
+    return path
+
+
 def test_sr_cli_precision_bf16_runs_the_fused_net_in_bf16(ckpt, tmp_path, monkeypatch):
     """--precision bf16 hands bf16 to the fused generator (channels_last only on a GPU) and writes what
     fp32 writes within bf16 rounding; the default is fp32. Weights x6, so the residual is not negligible."""
     import dasr_model.infer as infer
 
-    model = load_checkpoint_model(ckpt)
-    with torch.no_grad():
-        for p in model.generator.parameters():
-            p.mul_(6)
-    path = tmp_path / "ckpt-1.pt"
-    save_checkpoint(path, {"config": TrainConfig(shards="", out="", model=TINY).to_dict(), "step": 1,
-                           "model": model.state_dict(), "ema_generator": model.generator.state_dict()})
+    path = _louder_checkpoint(ckpt, tmp_path / "ckpt-1.pt")
     src = tmp_path / "a.png"
     cv2.imwrite(str(src), np.random.default_rng(2).integers(0, 255, (20, 24, 3), dtype=np.uint8))
     asked, real = [], infer.reused_fused_net
@@ -226,13 +231,7 @@ def test_eval_scores_the_bytes_sr_writes_at_each_precision(ckpt, tmp_path):
     bf16 shows in the 8-bit output (asserted)."""
     from cli.sr import eval_main
 
-    model = load_checkpoint_model(ckpt)
-    with torch.no_grad():
-        for p in model.generator.parameters():
-            p.mul_(6)
-    path = tmp_path / "ckpt-1.pt"
-    save_checkpoint(path, {"config": TrainConfig(shards="", out="", model=TINY).to_dict(), "step": 1,
-                           "model": model.state_dict(), "ema_generator": model.generator.state_dict()})
+    path = _louder_checkpoint(ckpt, tmp_path / "ckpt-1.pt")
     for name, size in (("lr", (20, 24, 3)), ("hr", (80, 96, 3))):
         (tmp_path / name).mkdir()
         cv2.imwrite(str(tmp_path / name / "a.png"), np.random.default_rng(2).integers(0, 255, size, np.uint8))
