@@ -5,7 +5,8 @@
     OUT/HR/NAME.png                   each HR image, cropped at the bottom/right to a multiple of 4, 8-bit RGB
     OUT/LR/level{L}/NAME.png          its x4 LR at level L (8-bit RGB, as degrade.apply made it: exact)
     OUT/params/level{L}/NAME.json     the parameter record (`degrade apply HR/NAME.png --params ...` replays it)
-    OUT/manifest.json                 the set: format, seed, levels, and each file's SHA-256 and v
+    OUT/manifest.json                 the set: format, seed, levels, and each file's SHA-256 and v, one
+                                      line per image
 
 NAME is the image's path under HR_DIR without its suffix, so HR and LR files pair by name (the layout of
 DIV2K-style paired folders: BasicSR's paired datasets, `dasr-eval --lr-dir OUT/LR/level2 --hr-dir OUT/HR`).
@@ -15,7 +16,7 @@ gives the numbers `dasr-eval --hr-dir` gives, with v for the predictor's MAE, wi
 
 `open_testset(OUT)` reads a set back. A manifest is data, not instructions: its names must be plain
 relative paths inside the set, every file is read bounded and checked against its SHA-256, and the
-vectors must be the layout's length and finite.
+vectors must be the layout's length, each entry in [0, 1] as encode makes it.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -56,11 +56,13 @@ from degrade.vector import VECTOR_LAYOUT, VECTOR_LENGTH, encode
 
 TESTSET_FORMAT = "degrade-testset-v1"
 MANIFEST_NAME = "manifest.json"
-MANIFEST_BYTES = 64 << 20  # about 1.2 kB an image at 3 levels: room for 50,000 images
+# 1.44 kB an image at 3 levels with short names (measured; v's 99 numbers are half of it): room for some
+# 46,000 images. make_testset measures its manifest before any work and refuses one over this.
+MANIFEST_BYTES = 64 << 20
 MIN_TEST_SIDE = 64  # an HR side below this leaves an LR under 16 px: too little for the degradations and SSIM
 TEST_LEVELS = (1, 2, 3)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-FLOAT32_MAX = float(np.finfo(np.float32).max)
+PARAMS_BYTES = 1 << 20  # a parameter record is about 2 kB
 
 
 def testset_params(level: int, seed: int, index: int) -> DegradationParams:
@@ -80,29 +82,36 @@ def read_test_hr(path: str | os.PathLike) -> np.ndarray:
 
 def testset_names(files: Sequence[Path], root: Path) -> list[str]:
     """Each file's name in a test set: its path under `root` without suffix (posix). Two files that would
-    share one (a.png and a.jpg) are a DegradeError."""
+    share one (a.png and a.jpg), or whose files in the set would be a file and a folder of one path (a.jpg
+    makes HR/a.png, a.png/b.png makes HR/a.png/b.png), are a DegradeError naming both."""
     names: dict[str, Path] = {}
     for f, name in zip(files, relative_names(files, root)):
         if name in names:
             raise DegradeError(f"{names[name]} and {f}: two images of one name in a test set; keep one")
         names[name] = f
+    written = {name + suffix: f for name, f in names.items() for suffix in (".png", ".json")}  # HR, LR, params
+    for name, f in names.items():
+        for folder in PurePosixPath(name).parents[:-1]:  # all but '.'
+            if str(folder) in written:
+                raise DegradeError(f"{written[str(folder)]} and {f}: {folder} would be both a file in the test set "
+                                   f"and the folder holding {name}.png; rename one of them")
     return list(names)
 
 
 class _Degrade:
-    """One image of a test set, in a worker: its HR and each level's LR, encoded, with record and v."""
+    """One image of a test set, in a worker: its HR and each level's LR, encoded, with its record."""
 
     def __init__(self, files: Sequence[Path], levels: Sequence[int], seed: int):
         self.files, self.levels, self.seed = list(files), list(levels), seed
 
-    def __call__(self, index: int) -> tuple[bytes, list[tuple[bytes, bytes, list[float]]]]:
+    def __call__(self, index: int) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         hr = read_test_hr(self.files[index])
         out = []
         for level in self.levels:
             params = testset_params(level, self.seed, index)
             lr = apply(hr, params)
             record = (json.dumps(params.to_dict(), indent=2, sort_keys=True) + "\n").encode()
-            out.append((encode_image(lr), record, [float(x) for x in encode(params)]))
+            out.append((encode_image(lr), record))
         return encode_image(hr), out
 
 
@@ -110,11 +119,12 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
                  seed: int = 0, jobs: int = 1, progress: Callable[[int, int], None] | None = None
                  ) -> dict[str, Any]:
     """Write the test set of the images in folder `src` (searched recursively) into `out`, which must not
-    exist or be an empty folder. The set is built in a hidden folder (beside a new `out`, inside an empty
-    one, which keeps its permissions, owner and mount) and moved into place when complete: `out` never
-    holds half a set, and a failure or an interrupt leaves nothing. The bytes do not depend on `jobs`.
-    `progress(done, total)` is called once the images are found (done 0) and after each image. Returns the
-    manifest."""
+    exist or be an empty folder; missing parents of `out` are made. The set is built in a hidden folder
+    (beside a new `out`, inside an empty one, which keeps its permissions, owner and mount) and moved into
+    place when complete: `out` never holds half a set, and a failure or an interrupt leaves nothing, the
+    parents this call made included. A set whose manifest would be over MANIFEST_BYTES (open_testset's
+    limit) is refused before any image is read. The bytes do not depend on `jobs`. `progress(done, total)`
+    is called once the images are found and checked (done 0) and after each image. Returns the manifest."""
     src, out = Path(src), Path(out)
     levels = _check_levels(levels)
     if seed < 0:
@@ -122,33 +132,46 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
     if not src.is_dir():
         raise DegradeError(f"{src}: not a folder")
     _check_empty(out)
-    if not out.parent.is_dir():
-        raise DegradeError(f"{out.parent}: no such folder")
     files = find_images([src], what="HR images")
     names = testset_names(files, src)
+    # The manifest, drawn before any image is read (a draw takes some 60 us: seconds for 30,000 images) with
+    # each SHA-256 still a placeholder of its length: its size is the final size, so a set open_testset
+    # would refuse is refused here, not after hours of degrading.
+    unknown = "0" * 64
+    images: list[dict[str, Any]] = [
+        {"name": name, "source": f.relative_to(src).as_posix(), "hr": unknown,
+         "lr": {str(level): {"sha256": unknown, "params_sha256": unknown,
+                             "v": [float(x) for x in encode(testset_params(level, seed, i))]} for level in levels}}
+        for i, (name, f) in enumerate(zip(names, files))]
+    manifest = {"format": TESTSET_FORMAT, "degrade_version": __version__, "vector_layout": VECTOR_LAYOUT,
+                "scale": SCALE, "seed": seed, "levels": levels, "source": str(src.resolve()), "images": images}
+    size = len(_manifest_bytes(manifest))
+    if size > MANIFEST_BYTES:
+        fit = len(files) * MANIFEST_BYTES // size
+        raise DegradeError(f"{src}: {len(files)} images at {len(levels)} level(s) make a manifest of "
+                           f"{size / 2**20:.1f} MiB, over the {MANIFEST_BYTES / 2**20:g} MiB a test set may have; "
+                           f"split them into sets of at most about {fit} images")
+    made = _make_parents(out.parent)
     if progress is not None:
         progress(0, len(files))
     from degrade.shards.executor import OrderedMap
 
     existing = out.is_dir()
     moved: list[str] = []  # what this call moved into an existing `out`: on a failure, exactly that goes
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, suffix=".tmp", dir=out if existing else out.parent))
+    tmp: Path | None = None
     try:
-        images = []
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, suffix=".tmp", dir=out if existing else out.parent))
         with OrderedMap(_Degrade(files, levels, seed), jobs=jobs) as run:
-            for name, f, (hr_png, lrs) in zip(names, files, run(range(len(files)))):
-                entry: dict[str, Any] = {"name": name, "source": f.relative_to(src).as_posix(),
-                                         "hr": _put(tmp / "HR" / f"{name}.png", hr_png), "lr": {}}
-                for level, (lr_png, record, v) in zip(levels, lrs):
-                    entry["lr"][str(level)] = {"sha256": _put(tmp / "LR" / f"level{level}" / f"{name}.png", lr_png),
-                                               "v": v}
-                    _put(tmp / "params" / f"level{level}" / f"{name}.json", record)
-                images.append(entry)
+            for done, (entry, (hr_png, lrs)) in enumerate(zip(images, run(range(len(files)))), 1):
+                name = entry["name"]
+                entry["hr"] = _put(tmp / "HR" / f"{name}.png", hr_png)
+                for level, (lr_png, record) in zip(levels, lrs):
+                    item = entry["lr"][str(level)]
+                    item["sha256"] = _put(tmp / "LR" / f"level{level}" / f"{name}.png", lr_png)
+                    item["params_sha256"] = _put(tmp / "params" / f"level{level}" / f"{name}.json", record)
                 if progress is not None:
-                    progress(len(images), len(files))
-        manifest = {"format": TESTSET_FORMAT, "degrade_version": __version__, "vector_layout": VECTOR_LAYOUT,
-                    "scale": SCALE, "seed": seed, "levels": levels, "source": str(src.resolve()), "images": images}
-        write_bytes_atomic(tmp / MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
+                    progress(done, len(files))
+        write_bytes_atomic(tmp / MANIFEST_NAME, _manifest_bytes(manifest))
         if existing:  # one filesystem: each move is a rename, the manifest (the set's mark) last
             _check_empty(out)  # again: another run may have filled it meanwhile
             for part in ("HR", "LR", "params", MANIFEST_NAME):
@@ -160,11 +183,49 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
             os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700: give the set the usual permissions
             os.rename(tmp, out)  # a folder made there meanwhile, with files, makes this fail: nothing lost
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         for part in moved:  # a failure between the renames: take back what this call put there, nothing else
             shutil.rmtree(out / part, ignore_errors=True)
+        for folder in made:  # deepest first; one another run has put something in meanwhile stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return manifest
+
+
+def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The manifest as written: the set's fields one a line, then one line per image ("images" last).
+    json.dumps(indent=1) put each number of v on a line of its own, 2 kB an image: 34,000 images made a
+    manifest over MANIFEST_BYTES, which open_testset then refused."""
+    fields = [f" {json.dumps(key)}: {json.dumps(value)}" for key, value in manifest.items() if key != "images"]
+    images = ",\n".join("  " + json.dumps(e, separators=(",", ":")) for e in manifest["images"])
+    return ("{\n" + ",\n".join(fields) + ',\n "images": [\n' + images + "\n ]\n}\n").encode()
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Make `folder` and its missing parents, as make-dataset does; returns the folders this call made,
+    deepest first, for a failed run to take back. A part that exists and is not a folder is a DegradeError."""
+    missing = []
+    while not folder.is_dir():
+        if folder.exists() or folder.is_symlink():
+            raise DegradeError(f"{folder}: exists and is not a folder")
+        missing.append(folder)
+        folder = folder.parent
+    made: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:  # made meanwhile by another run: not this call's to take back
+                continue
+            made.insert(0, folder)
+    except OSError:  # unwritable, or a file made there meanwhile: take back what this call made
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return made
 
 
 TMP_PREFIX = ".make-testset."
@@ -202,6 +263,8 @@ class TestImage:
     name: str
     hr_sha256: str
     lr: dict[int, tuple[str, np.ndarray]]  # level -> (SHA-256 of the LR file, v)
+    # level -> SHA-256 of the params file; None where the manifest has none (sets written before it had)
+    params_sha256: dict[int, str | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -221,11 +284,15 @@ class TestSet:
     def lr_path(self, image: TestImage, level: int) -> Path:
         return self.root / "LR" / f"level{level}" / f"{image.name}.png"
 
+    def params_path(self, image: TestImage, level: int) -> Path:
+        return self.root / "params" / f"level{level}" / f"{image.name}.json"
+
     def pairs(self, levels: Sequence[int] | None = None
               ) -> Iterator[tuple[int, str, np.ndarray, np.ndarray, np.ndarray]]:
         """(level, name, HR, LR, v) for each image and each of `levels` (default: all the set's), image by
         image; HR and LR as read_image gives them (float32 in [0, 1]). A file whose bytes do not match
-        the manifest's SHA-256 is a DegradeError naming it."""
+        the manifest's SHA-256 is a DegradeError naming it; the params files are checked too (not read
+        otherwise: v is the manifest's), so a set whose records were edited is not scored as if whole."""
         wanted = self.levels if levels is None else list(levels)
         missing = [lv for lv in wanted if lv not in self.levels]
         if missing:
@@ -235,6 +302,12 @@ class TestSet:
             hr = _read_checked(self.root, self.hr_path(image), image.hr_sha256)
             for level in wanted:
                 sha, v = image.lr[level]
+                params_sha = image.params_sha256.get(level)
+                if params_sha is not None:
+                    path = self.params_path(image, level)
+                    _check_inside(self.root, path)
+                    _check_sha256(path, hashlib.sha256(read_regular_file(path, PARAMS_BYTES)).hexdigest(),
+                                  params_sha)
                 lr = _read_checked(self.root, self.lr_path(image, level), sha)
                 if hr.shape[:2] != (SCALE * lr.shape[0], SCALE * lr.shape[1]):
                     raise DegradeError(f"{self.lr_path(image, level)}: {lr.shape[1]}x{lr.shape[0]} px is not "
@@ -245,13 +318,21 @@ class TestSet:
 def _read_checked(root: Path, path: Path, sha256: str) -> np.ndarray:
     """The image at `path`, which must lie inside the set's folder `root` once links are resolved (a
     linked folder or file leading out of the set is refused), and whose bytes must match `sha256`."""
+    _check_inside(root, path)
+    img, digest = read_image_sha256(path)
+    _check_sha256(path, digest, sha256)
+    return img
+
+
+def _check_inside(root: Path, path: Path) -> None:
     if root.resolve() not in path.resolve().parents:
         raise DegradeError(f"{path}: leads out of the test set (a symbolic link); refused")
-    img, digest = read_image_sha256(path)
+
+
+def _check_sha256(path: Path, digest: str, sha256: str) -> None:
     if digest != sha256:
         raise DegradeError(f"{path}: its bytes differ from the test set's manifest (SHA-256); the set is damaged "
                            "or was edited")
-    return img
 
 
 def open_testset(path: str | os.PathLike) -> TestSet:
@@ -302,14 +383,17 @@ def open_testset(path: str | os.PathLike) -> TestSet:
         lr = e.get("lr")
         if not _sha(e.get("hr")) or not isinstance(lr, dict) or sorted(lr) != sorted(map(str, levels)):
             raise bad(f"{name}: expected its HR's SHA-256 and one LR entry per level {levels}")
-        entries = {}
+        entries, params = {}, {}
         for level in levels:
             item = lr[str(level)]
-            v = item.get("v") if isinstance(item, dict) else None
-            if not isinstance(item, dict) or not _sha(item.get("sha256")) or not _vector(v):
-                raise bad(f"{name}, level {level}: expected a SHA-256 and a vector of {VECTOR_LENGTH} finite numbers")
-            entries[level] = (item["sha256"], np.asarray(v, np.float32))
-        out.append(TestImage(name, e["hr"], entries))
+            if not isinstance(item, dict) or not _sha(item.get("sha256")) or not _vector(item.get("v")):
+                raise bad(f"{name}, level {level}: expected the LR's SHA-256 and a vector of {VECTOR_LENGTH} finite "
+                          "numbers in [0, 1]")
+            if "params_sha256" in item and not _sha(item["params_sha256"]):  # absent: a set made before it was kept
+                raise bad(f"{name}, level {level}: params_sha256 {item['params_sha256']!r} is not a SHA-256")
+            entries[level] = (item["sha256"], np.asarray(item["v"], np.float32))
+            params[level] = item.get("params_sha256")
+        out.append(TestImage(name, e["hr"], entries, params))
     return TestSet(root, seed, levels, out)
 
 
@@ -325,13 +409,7 @@ def _sha(x: Any) -> bool:
 
 
 def _vector(v: Any) -> bool:
-    """33 numbers, each finite as float32 (1e300 is finite in Python and infinite once stored as float32)."""
+    """33 numbers, each in [0, 1] as encode makes them (NaN fails the comparison; 1e30 would pass a finite
+    check and give a predictor MAE of 1e28; an integer of 400 digits compares without becoming a float)."""
     return (isinstance(v, list) and len(v) == VECTOR_LENGTH
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and _float32(x) for x in v))
-
-
-def _float32(x: int | float) -> bool:
-    try:
-        return math.isfinite(x) and abs(float(x)) <= FLOAT32_MAX
-    except OverflowError:  # an integer too large for a float
-        return False
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1 for x in v))

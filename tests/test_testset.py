@@ -315,3 +315,120 @@ def test_names_of_a_file_given_alone_and_save_paths_that_would_clash(ckpt, hr_di
                                          "--save-sr", str(tmp_path / "sr"), "--per-image", str(tmp_path / "s.csv")])
     assert res.exit_code == 1 and "x.png would be both an SR image and the folder of x.png/y.png" in res.output
     assert not (tmp_path / "sr").exists()
+
+
+def _failing_degrade(monkeypatch):
+    """Make the second image's degradation fail, as a full disk would."""
+    from degrade.testset import _Degrade
+
+    real, calls = _Degrade.__call__, []
+
+    def fail_second(self, index):
+        calls.append(index)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, index)
+
+    monkeypatch.setattr(_Degrade, "__call__", fail_second)
+
+
+def test_missing_parents_of_out_are_made_and_a_failure_takes_back_those_it_made(hr_dir, tmp_path, monkeypatch):
+    """The documented `make-testset photos/val --out testsets/val` with no testsets/ yet (it said 'no such
+    folder'); a failed run leaves neither set nor the parents it made, and keeps those it found."""
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(degrade_cli, ["make-testset", str(hr_dir), "--out", "testsets/val", "--levels", "1"])
+    assert res.exit_code == 0, res.output
+    assert open_testset(tmp_path / "testsets" / "val").levels == [1]
+    (tmp_path / "keep").mkdir()
+    _failing_degrade(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        make_testset(hr_dir, tmp_path / "keep" / "new" / "deeper" / "set", levels=(1,))
+    assert not any((tmp_path / "keep").iterdir())
+    (tmp_path / "file").write_text("x")
+    res = CliRunner().invoke(degrade_cli, ["make-testset", str(hr_dir), "--out", "file/sub/set"])
+    assert res.exit_code == 1 and res.output.splitlines()[-1] == "Error: file: exists and is not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "keep", "testsets"]
+
+
+def test_the_manifest_is_one_line_an_image_and_a_set_too_big_for_it_is_refused_before_any_work(
+        hr_dir, testset, tmp_path, monkeypatch):
+    """indent=1 put each number of v on a line (2 kB an image: 36,000 images made a manifest open_testset
+    refused). Now one line an image, 40,000 of which fit, and the size is known before any image is read:
+    one byte over the limit is refused up front, the exact size is written and read back."""
+    import degrade.testset as ts
+
+    text = (testset / "manifest.json").read_bytes()
+    lines = text.splitlines()
+    images = [line for line in lines if line.lstrip().startswith(b'{"name"')]
+    assert len(images) == 3 and len(lines) < 20  # indent=1 gave 33 lines to each v alone
+    assert [json.loads(line.rstrip(b",")) for line in images] == json.loads(text)["images"]
+    assert max(map(len, images)) * 40_000 < ts.MANIFEST_BYTES
+    read = []
+    monkeypatch.setattr(ts, "read_test_hr", lambda path: read.append(path) or read_test_hr(path))
+    monkeypatch.setattr(ts, "MANIFEST_BYTES", len(text) - 1)
+    with pytest.raises(DegradeError, match=r"3 images at 3 level\(s\) make a manifest of .* MiB, over the "):
+        make_testset(hr_dir, tmp_path / "set", levels=(1, 2, 3), seed=5)
+    assert not read and not any(tmp_path.iterdir())
+    monkeypatch.setattr(ts, "MANIFEST_BYTES", len(text))
+    make_testset(hr_dir, tmp_path / "set", levels=(1, 2, 3), seed=5)
+    assert len(open_testset(tmp_path / "set").images) == 3 and len(read) == 3
+
+
+def test_a_vector_outside_0_1_is_refused(testset, tmp_path):
+    """v is [0, 1] as encode makes it: 33 x 1e30 was accepted (dasr-eval reported a predictor MAE of 5.6e28)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(testset, bad)
+    m = json.loads((testset / "manifest.json").read_text())
+    for v in ([1e30] * 33, [1.0000001] + [0.0] * 32, [0.0] * 32 + [-1e-9], [0] * 32 + [2]):
+        m["images"][1]["lr"]["2"]["v"] = v
+        (bad / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(DegradeError, match=r"c, level 2: .* 33 finite numbers in \[0, 1\]") as info:
+            open_testset(bad)
+        assert "\n" not in str(info.value)
+    m["images"][1]["lr"]["2"]["v"] = [0] * 32 + [1]  # integers at the ends of the range are fine
+    (bad / "manifest.json").write_text(json.dumps(m))
+    assert open_testset(bad).images[1].lr[2][1][-1] == 1
+
+
+def test_the_params_files_are_checksummed_and_checked_as_they_are_read(testset, tmp_path):
+    """The manifest holds every file's SHA-256, the params records' too: an edited record stops pairs(),
+    naming it. A manifest without params_sha256 (written before it was kept) is read, its records unchecked."""
+    import hashlib
+
+    m = json.loads((testset / "manifest.json").read_text())
+    for e in m["images"]:
+        for level in ("1", "2", "3"):
+            record = (testset / "params" / f"level{level}" / f"{e['name']}.json").read_bytes()
+            assert e["lr"][level]["params_sha256"] == hashlib.sha256(record).hexdigest()
+    bad = tmp_path / "bad"
+    shutil.copytree(testset, bad)
+    record = bad / "params" / "level2" / "sub" / "b.json"
+    record.write_text(record.read_text().replace('"level": 2', '"level": 1'))
+    assert len(list(open_testset(bad).pairs([1, 3]))) == 6  # the other levels' records are whole
+    with pytest.raises(DegradeError, match=r"b\.json: its bytes differ from the test set's manifest"):
+        list(open_testset(bad).pairs([2]))
+    for e in m["images"]:
+        for item in e["lr"].values():
+            del item["params_sha256"]
+    (bad / "manifest.json").write_text(json.dumps(m, indent=1))
+    assert len(list(open_testset(bad).pairs())) == 9
+    m["images"][0]["lr"]["1"]["params_sha256"] = "x" * 64
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DegradeError, match="a, level 1: params_sha256 'x+' is not a SHA-256"):
+        open_testset(bad)
+
+
+@pytest.mark.parametrize("folder", ["a.png", "a.json"])
+def test_a_name_whose_file_would_be_another_names_folder_is_refused_naming_both(hr_dir, tmp_path, folder):
+    """a.jpg makes HR/a.png and params/levelL/a.json; a.png/b.png or a.json/b.png needs a folder there. It
+    failed after the work with 'File exists' on a hidden path; now it is refused before, naming both inputs."""
+    clash = tmp_path / "clash"
+    (clash / folder).mkdir(parents=True)
+    cv2.imwrite(str(clash / "a.jpg"), cv2.imread(str(hr_dir / "a.png")))
+    shutil.copy(hr_dir / "c.png", clash / folder / "b.png")
+    with pytest.raises(DegradeError, match=rf"a\.jpg and .*{folder}/b\.png: {folder} would be both a file in the "
+                                           rf"test set and the folder holding {folder}/b\.png; rename one"):
+        make_testset(clash, tmp_path / "set", levels=(1,))
+    res = CliRunner().invoke(degrade_cli, ["make-testset", str(clash), "--out", str(tmp_path / "set")])
+    assert res.exit_code == 1 and f"{folder} would be both" in res.output and "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clash"]
