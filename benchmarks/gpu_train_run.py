@@ -178,17 +178,21 @@ def picture(models: dict[str, Path], held: list[Path], path: Path, seed: int) ->
     cv2.imwrite(str(path), np.concatenate(rows, axis=0))
 
 
-# One work folder per checkout: two checkouts sharing one found each other's datasets (made by a different
-# command) and stopped; a rerun in the same checkout resumes its datasets
-DEFAULT_WORK = Path(tempfile.gettempdir()) / f"dasr-gpu-run-{hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]}"
+def default_work(photos: Path, train_count: int, smoke: bool) -> Path:
+    """A work folder of this checkout's and these datasets' own, under the temporary folder: two checkouts, or a
+    smoke run and a full one, sharing one found each other's datasets (made by a different command) and
+    stopped; a rerun with the same ones resumes them."""
+    key = f"{ROOT}|{Path(photos).resolve()}|{train_count}|{smoke}".encode()
+    return Path(tempfile.gettempdir()) / f"dasr-gpu-run-{hashlib.sha1(key).hexdigest()[:10]}"
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=Path, help="Photo folder (default with --smoke: the bundled samples).")
     ap.add_argument("--out", type=Path, required=True, help="Results (log, tables, model.safetensors, picture).")
-    ap.add_argument("--work", type=Path, default=DEFAULT_WORK,
-                    help="Datasets and runs (default: a temporary folder of this checkout's own, kept for a rerun).")
+    ap.add_argument("--work", type=Path,
+                    help="Datasets and runs (default: a temporary folder of this checkout's and these datasets' own, "
+                         "kept for a rerun).")
     ap.add_argument("--minutes", type=float, help="Training budget of each of the two runs (default 3; smoke 0.25).")
     ap.add_argument("--total-minutes", type=float, default=9.5,
                     help="The whole script's budget: where the datasets took long, each run gets less than --minutes "
@@ -203,9 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     # the steps' processes (python -m cli.train, ...) import the checkout from any folder, installed or not
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    out, work = a.out, a.work
+    out = a.out
     out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     size = []
     if a.smoke:
@@ -220,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     a.minutes = a.minutes or 3.0
     if a.photos is None:
         ap.error("--photos is required (except with --smoke)")
+    work = a.work or default_work(a.photos, a.train_count, a.smoke)
+    work.mkdir(parents=True, exist_ok=True)
 
     import torch
 
@@ -250,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
                               jobs=a.jobs)
     except subprocess.CalledProcessError as exc:  # its own error is on the console above: one line here
         raise SystemExit(f"degrade make-dataset failed (exit {exc.returncode}) in {work}; its error is above "
-                         "(another checkout's datasets there: give --work)") from None
+                         "(datasets made with other options there: give another --work)") from None
     log(out, f"datasets made in {time.perf_counter() - t:.0f} s")
     held_dir = work / "held-out"
     held_dir.mkdir(exist_ok=True)

@@ -179,21 +179,24 @@ def image_names(files: list[Path], root: Path) -> list[str]:
 
 # A trailing scale or role tag that names a file of an LR/HR pair (DIV2K's 0801x4 and 0801x4m, RealSR's
 # Canon_001_LR4 and Canon_001_HR, DRealSR's _x1 / _x4): left out when pairing LR and HR files by name. An
-# x + digits without a separator is a tag only after a digit (0801x4, box2x4): after a letter it is part of
-# the word (fox2, matrix4), which stripping it once turned into "fo" and "matri"
+# x + digits without a separator is a tag only after a digit (0801x4, box2x4): after a letter it may be part
+# of the word (fox2, matrix4), which stripping it turned into "fo" and "matri". After a letter it is tried
+# only for an LR that pairs no other way (LOOSE_TAG): Set5's and Set14's babyx4 and zebrax4, BasicSR's layout.
 PAIR_TAG = re.compile(r"(?:(?:[_-]|(?<=\d))x\d+[mdw]?|[_-](?:lr|hr)\d*)$", re.IGNORECASE)
+LOOSE_TAG = re.compile(r"x\d+[mdw]?$", re.IGNORECASE)
 
 
-def pair_name(path: Path, root: Path, *, strip: bool = True) -> str:
-    """A file's path relative to its folder, without suffix, and without PAIR_TAG when `strip`."""
+def pair_name(path: Path, root: Path, *, strip: bool = True, tag: re.Pattern = PAIR_TAG) -> str:
+    """A file's path relative to its folder, without suffix, and without `tag` when `strip`."""
     rel = path.relative_to(root)
-    stem = PAIR_TAG.sub("", rel.stem) if strip else rel.stem
+    stem = tag.sub("", rel.stem) if strip else rel.stem
     return (rel.parent / (stem or rel.stem)).as_posix()  # a name that is all tag (x4.png) stays itself
 
 
 def match_pairs(lr_files: list[Path], lr_root: Path, hr_files: list[Path], hr_root: Path) -> list[tuple[Path, Path]]:
     """Each LR file with its HR file, by name: the same name; else the LR's name without its tag equal to an
-    HR's name (0801x4 -> 0801); else both without their tags (Canon_001_LR4 -> Canon_001 <- Canon_001_HR).
+    HR's name (0801x4 -> 0801); else both without their tags (Canon_001_LR4 -> Canon_001 <- Canon_001_HR);
+    else the same two with an x + digits after a letter taken for a tag too (babyx4 -> baby).
     The first rule that finds one partner decides; several at once, an HR claimed twice or a file left
     without a partner is a DASRError naming it."""
     hr_by_name: dict[str, Path] = {}
@@ -206,8 +209,10 @@ def match_pairs(lr_files: list[Path], lr_root: Path, hr_files: list[Path], hr_ro
     pairs, taken = [], {}
     for lr in lr_files:
         name, stem = pair_name(lr, lr_root, strip=False), pair_name(lr, lr_root)
+        loose = pair_name(lr, lr_root, tag=LOOSE_TAG)
         for found in ([hr_by_name[name]] if name in hr_by_name else [],
-                      [hr_by_name[stem]] if stem in hr_by_name else [], hr_by_stem.get(stem, [])):
+                      [hr_by_name[stem]] if stem in hr_by_name else [], hr_by_stem.get(stem, []),
+                      [hr_by_name[loose]] if loose in hr_by_name else [], hr_by_stem.get(loose, [])):
             if found:
                 break
         if len(found) > 1:

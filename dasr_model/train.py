@@ -154,6 +154,8 @@ class TrainConfig:
         if not (len(self.betas) == 2 and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1
                                              for b in self.betas)):
             raise DASRError(f"train config: betas must be two numbers in [0, 1), got {self.betas!r}")
+        # floats, as the other fields: Adam wants two of one type, a checkpoint's weights-only reader no numpy
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("compile", COMPILE_MODES), ("precision", PRECISIONS),
                               ("expert_impl", ("auto", *EXPERT_IMPLS))):
             value = getattr(self, name)
@@ -189,7 +191,7 @@ class TrainConfig:
             return cls(**d)
         except DASRError:  # the config's own checks: their message says "train config:" already
             raise
-        except (TypeError, ValueError) as exc:  # a required field missing, betas not two numbers
+        except (TypeError, ValueError, OverflowError) as exc:  # a field missing, betas not two numbers, 10**400
             raise DASRError(f"train config: {exc}") from None
 
 

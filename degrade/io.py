@@ -446,8 +446,13 @@ def _pnm_header(d: bytes) -> tuple[int, int, int | None]:
     else:
         n = 2 if d[1:2] in (b"1", b"4") else 3
         tokens: list[bytes] = []
-        for line in re.split(rb"[\r\n]", d[2:PNM_HEADER_BYTES]):
-            tokens += line.split(b"#", 1)[0].split()
+        lines = re.split(rb"[\r\n]", d[2:PNM_HEADER_BYTES])
+        for k, line in enumerate(lines):
+            text = line.split(b"#", 1)[0]
+            words = text.split()
+            if k == len(lines) - 1 and len(d) > PNM_HEADER_BYTES and b"#" not in line and not text[-1:].isspace():
+                words = words[:-1]  # cut by the window's end: "255" read as "25" clipped a file to white
+            tokens += words
             if len(tokens) >= n:
                 break
         else:

@@ -151,16 +151,24 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
         raise DegradeError(f"{src}: {len(files)} images at {len(levels)} level(s) make a manifest of "
                            f"{size / 2**20:.1f} MiB, over the {MANIFEST_BYTES / 2**20:g} MiB a test set may have; "
                            f"split them into sets of at most about {fit} images")
-    made = _make_parents(out.parent)
-    if progress is not None:
-        progress(0, len(files))
     from degrade.shards.executor import OrderedMap
 
-    existing = out.is_dir()
+    made: list[Path] = []
     moved: list[str] = []  # what this call moved into an existing `out`: on a failure, exactly that goes
     tmp: Path | None = None
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, suffix=".tmp", dir=out if existing else out.parent))
+    try:  # from the first folder made: whatever stops the call (a progress callback's Ctrl-C too) takes it back
+        made = _make_parents(out.parent)
+        if progress is not None:
+            progress(0, len(files))
+        existing = out.is_dir()
+        for attempt in (0, 1):
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, suffix=".tmp", dir=out if existing else out.parent))
+                break
+            except FileNotFoundError:  # a parent another run made, and took back as it failed, meanwhile
+                if attempt:
+                    raise
+                made += _make_parents(out.parent)
         with OrderedMap(_Degrade(files, levels, seed), jobs=jobs) as run:
             for done, (entry, (hr_png, lrs)) in enumerate(zip(images, run(range(len(files)))), 1):
                 name = entry["name"]
@@ -187,7 +195,8 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
             shutil.rmtree(tmp, ignore_errors=True)
         for part in moved:  # a failure between the renames: take back what this call put there, nothing else
             shutil.rmtree(out / part, ignore_errors=True)
-        for folder in made:  # deepest first; one another run has put something in meanwhile stays
+        for folder in sorted(made, key=lambda f: len(f.parts), reverse=True):  # deepest first; one another
+            # run has put something in meanwhile stays
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise

@@ -485,11 +485,13 @@ def test_eval_on_given_lr_hr_pairs_equals_an_independent_computation(ckpt, tmp_p
 @pytest.mark.parametrize("lr_name,hr_name", [("box2x4.png", "box2.png"), ("tile_1920x1080.png", "tile_1920x1080.png"),
                                              ("0801x4m.png", "0801.png"), ("scene_x4.jpg", "scene_x1.png"),
                                              ("sub/Canon_001_LR4.png", "sub/Canon_001_HR.png"),
-                                             ("fox2.png", "fox2_HR.png"), ("matrix4_LR.png", "matrix4.png")])
+                                             ("fox2.png", "fox2_HR.png"), ("babyx4.png", "baby.png"),
+                                             ("zebrax4.png", "zebra_HR.png")])
 def test_lr_hr_names_pair_by_the_first_rule_that_finds_one_partner(tmp_path, lr_name, hr_name):
     """The same name, else the LR's name without its tag, else both without (a name ending in x + digits,
     such as box2 or tile_1920x1080, is not cut where it pairs as it is; x + digits after a letter, as in fox2,
-    is no tag: fox2.png once lost "x2" and found no partner, or the wrong one, fo.png)."""
+    is no tag at first: fox2.png once lost "x2" and found no partner, or the wrong one, fo.png; it is one
+    for a name that pairs no other way: Set5's babyx4.png with baby.png)."""
     from dasr_model.evaluate import match_pairs
 
     files = {}

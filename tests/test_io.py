@@ -191,6 +191,19 @@ def test_a_pnm_header_may_hold_long_comments():
         np.testing.assert_allclose(decode_image(data)[0, :, 0], [100 / 255, 200 / 255])
 
 
+def test_a_pnm_maxval_cut_by_the_header_window_is_refused_not_misread():
+    """A comment long enough that '255' straddles the window's end read as maxval 25: every pixel white."""
+    from degrade.io import PNM_HEADER_BYTES
+
+    head = b"P5\n2 1\n"
+    data = head + b"#" + b"c" * (PNM_HEADER_BYTES - len(head) - 4) + b"\n255\n" + bytes([100, 200])
+    assert data.index(b"255") < PNM_HEADER_BYTES < data.index(b"255") + 3
+    with pytest.raises(ImageError, match="not a readable image"):
+        decode_image(data)
+    short = head + b"#" + b"c" * (PNM_HEADER_BYTES - len(head) - 6) + b"\n255\n" + bytes([100, 200])  # inside
+    np.testing.assert_allclose(decode_image(short)[0, :, 0], [100 / 255, 200 / 255])
+
+
 def test_a_pbm_bitmap_reads_black_and_white():
     for data in (b"P4\n8 1\n" + bytes([0b10100000]), b"P1\n8 1\n1 0 1 0 0 0 0 0\n"):  # 1 is black
         np.testing.assert_array_equal(decode_image(data)[0, :, 0], [0, 1, 0, 1, 1, 1, 1, 1])

@@ -21,6 +21,7 @@ from click.testing import CliRunner  # noqa: E402
 from cli.sr import eval_main, sr_main  # noqa: E402
 from cli.train import main as train_cli  # noqa: E402
 from dasr_model.checkpoints import latest_intact, load_checkpoint, save_checkpoint  # noqa: E402
+from dasr_model.errors import DASRError  # noqa: E402
 from dasr_model.evaluate import evaluate_pairs, pairs_from_shards  # noqa: E402
 from dasr_model.infer import load_checkpoint_model, super_resolve, to_image, to_tensor, upscale  # noqa: E402
 from dasr_model.model import DASRConfig  # noqa: E402
@@ -124,9 +125,12 @@ def test_train_config_takes_numpy_numbers_and_no_crop_and_refuses_out_of_bounds_
     """Numbers of numpy's types (a sweep's np.logspace) are numbers; lr_crop None trains on whole patches; an
     option beyond the config's bounds is one line from the CLI (the config's refusal was a traceback)."""
     cfg = TrainConfig(shards=shards, out=str(tmp_path / "np"), steps=np.int64(1), batch_size=2, lr=np.float64(1e-4),
-                      lr_crop=None, workers=0, device="cpu", model=TINY)
-    assert type(cfg.steps) is int and type(cfg.lr) is float
+                      betas=(np.float32(0.9), 0), lr_crop=None, workers=0, device="cpu", model=TINY)
+    assert type(cfg.steps) is int and type(cfg.lr) is float and [type(b) for b in cfg.betas] == [float, float]
     assert train(cfg)["step"] == 1
+    assert list(load_checkpoint(tmp_path / "np" / "ckpt-1.pt")["config"]["betas"]) == [0.8999999761581421, 0.0]
+    with pytest.raises(DASRError, match="train config: .*too large|train config: .*overflow"):
+        TrainConfig.from_dict({**cfg.to_dict(), "lr": 10**400, "model": TINY.to_dict()})
     for option, value in (("--batch-size", "70000"), ("--lr-crop", "70000"), ("--workers", "2000"),
                           ("--seed", str(2**64))):
         result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / "r"), "--steps", "1",
@@ -395,8 +399,6 @@ def test_undecodable_metrics_lines_are_dropped_on_resume(shards, tmp_path):
 
 
 def test_checkpoint_configs_are_checked_field_by_field():
-    from dasr_model.errors import DASRError
-
     good = TrainConfig(shards="s", out="o", model=TINY).to_dict()
     assert TrainConfig.from_dict(good) == TrainConfig(shards="s", out="o", model=TINY)
     for bad, message in (({**good, "betas": 5}, "train config"), ({**good, "betas": [1, 2, 3]}, "two numbers"),

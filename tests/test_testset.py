@@ -344,6 +344,13 @@ def test_missing_parents_of_out_are_made_and_a_failure_takes_back_those_it_made(
     with pytest.raises(OSError, match="No space left"):
         make_testset(hr_dir, tmp_path / "keep" / "new" / "deeper" / "set", levels=(1,))
     assert not any((tmp_path / "keep").iterdir())
+
+    def interrupt(done, total):  # Ctrl-C in the progress callback, before any image: the parents go too
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        make_testset(hr_dir, tmp_path / "keep" / "a" / "b" / "set", levels=(1,), progress=interrupt)
+    assert not any((tmp_path / "keep").iterdir())
     (tmp_path / "file").write_text("x")
     res = CliRunner().invoke(degrade_cli, ["make-testset", str(hr_dir), "--out", "file/sub/set"])
     assert res.exit_code == 1 and res.output.splitlines()[-1] == "Error: file: exists and is not a folder"
