@@ -24,15 +24,11 @@
   operators (CUDA kernels on a GPU) that take the most, on a GPU which operators launched them (with their
   inputs' shapes, memory layouts and dtypes), and the operators on batch-sized tensors whose operands differ
   in memory layout (benchmarks/_layouts.py); --profile-only does that without the table.
-  --flat-elementwise, an experiment for every row of the call: in the folded layout the residual blocks'
-  ReLU and add run on a (1, H, W, N*C) view of the same memory (exact): where PyTorch's GPU element-wise
-  kernels do not vectorise the fold's channels_last (1, N*C, H, W) tensors, a plain contiguous view lets
-  them (the folded step's profile has 85 non-vectorised element-wise kernels, 7 ms of a 31 ms step).
 
 Needs a dataset made with `degrade make-dataset` (patch 256) for the loader part.
 Usage: python benchmarks/bench_train.py --shards DIR [--device auto] [--batch-sizes 6,16,48] [--gan]
        [--impl grouped,dense,stacked,bmm] [--channels-last] [--fp32-baseline] [--compile default,reduce-overhead]
-       [--cuda-graph] [--profile | --profile-only] [--flat-elementwise]
+       [--cuda-graph] [--profile | --profile-only]
 """
 
 from __future__ import annotations
@@ -196,25 +192,6 @@ def compiled_name(mode: str, backend: str) -> str:
     return mode if backend == "inductor" else f"{mode} ({backend})"
 
 
-def flat_elementwise() -> None:
-    """--flat-elementwise: ResidualBlock.forward, for this process, with its ReLU and residual add on the
-    (1, H, W, N*C) view of a folded channels_last batch, which is plain contiguous memory; the same values
-    and gradients (tests/test_benchmarks.py). Other inputs (a plain batch, NCHW) take the usual forward."""
-    import torch.nn.functional as F
-
-    from dasr_model.model import ResidualBlock, is_channels_last
-
-    plain = ResidualBlock.forward
-
-    def forward(self: ResidualBlock, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] != 1 or not is_channels_last(x):
-            return plain(self, x, a)
-        y = F.relu(self.conv1(x, a).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return (x.permute(0, 2, 3, 1) + self.conv2(y, a).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-    ResidualBlock.forward = forward  # type: ignore[method-assign]
-
-
 def parse_impls(spec: str, channels_last: bool) -> list[tuple[str, bool]]:
     """--impl items ("dense", "dense:cl") as (strategy, channels_last) pairs, in order; with `channels_last`,
     a channels_last row follows each strategy that keeps the format. ValueError names an unknown item."""
@@ -273,11 +250,7 @@ def main() -> None:
                     help="also time the float32 step with the grouped strategy in NCHW and the discriminator's "
                          "F.interpolate up-sampling (the release's way; on CUDA the other rows are bf16), the base "
                          "of the speed-up column")
-    ap.add_argument("--flat-elementwise", action="store_true",
-                    help="experiment: the folded residual blocks' ReLU and add on a plain contiguous view (exact)")
     args = ap.parse_args()
-    if args.flat_elementwise:
-        flat_elementwise()
     try:
         impl_runs = parse_impls(args.impl, args.channels_last)
     except ValueError as exc:
@@ -291,9 +264,6 @@ def main() -> None:
     print(f"command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
     print(f"date: {datetime.date.today()}; torch {torch.__version__}; device: {device} ({name}); "
           f"machine: {platform.node()}\n")
-    if args.flat_elementwise:
-        print("experiment --flat-elementwise: in the folded layout the residual blocks' ReLU and add run on a "
-              "(1, H, W, N*C) contiguous view of the same memory\n")
     if args.shards:
         print("| loader workers | batch | samples/s |\n|---:|---:|---:|")
         for w in (int(x) for x in args.loader_workers.split(",")):

@@ -17,10 +17,6 @@ shares the steps after it keep:
      folded in channels_last (the fastest on an H200), eager and graphed, without and with GAN: wall
      against GPU-busy time per step, and the kernels that take the most (a busy time far below the
      wall: the step waits on launches);
-     then, appended to it, an experiment, `bench_train.py --flat-elementwise`: the folded channels_last step
-     at batch 48 without GAN, eager and graphed, with the residual blocks' ReLU and add on a plain contiguous
-     view of the fold (beside train.md's rows of the same step: do PyTorch's GPU element-wise kernels
-     vectorise the fold's channels_last tensors?);
   5. OUT/infer.md: `benchmarks/bench_infer.py`: ms per image at LR 128 / 256 / 512, per-sample experts
      in float32 (the baseline) against the experts fused once per image, bf16 and channels_last, and at
      LR 512 that fused network through torch.compile (default, reduce-overhead); then a profile of
@@ -70,9 +66,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # trace layouts (a step under a dispatch mode) and on torch 2.11 export the profiler's Chrome trace for the
 # strides: a few seconds each, more share for the profiles.
 # With --tests, the CUDA tests first (25 s on the H200): without it their share goes to the steps after.
-# The flat experiment: 2 rows of the table (about 7 s on the H200 with its process start).
-SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.36, "profile": 0.13, "flat": 0.03, "infer": 0.16, "bf16": 0.03,
-          "compile": 0.20}
+SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.36, "profile": 0.13, "infer": 0.16, "bf16": 0.03,
+          "compile": 0.23}
 GPU_TESTS = ("tests/test_graphstep.py", "tests/test_expert_impl.py")  # what the speed paths' exactness rests on
 STEP_COLUMNS = ("batch", "GAN", "precision", "expert impl", "memory format", "compile", "ms/step")
 
@@ -292,16 +287,6 @@ def main(argv: list[str] | None = None) -> int:
                     else ["--batch-sizes", "48", "--gan"])
     step(out, "profile", [py, "benchmarks/bench_train.py", "--device", device, "--impl", "folded:cl", "--profile-only",
                           "--cuda-graph", *profile_args], out / "profile.md", allowed("profile"))
-    # an experiment: the folded step with its residual blocks' ReLU and add on a plain contiguous view, beside
-    # train.md's folded channels_last rows (do PyTorch's GPU element-wise kernels vectorise the fold?)
-    flat_args = (["--batch-sizes", "2", "--lr-size", "8", "--precision", "bf16", "--warmup", "0", "--repeats", "1"]
-                 if args.smoke else ["--batch-sizes", "48", "--warmup", "3", "--repeats", "5"])
-    flat = out / "flat.md"  # then appended to profile.md: a device call returns eight files, the run's count
-    step(out, "flat", [py, "benchmarks/bench_train.py", "--device", device, "--impl", "folded:cl", "--cuda-graph",
-                       "--flat-elementwise", *flat_args], flat, allowed("flat"))
-    with open(out / "profile.md", "a") as f:
-        f.write("\n\n## Experiment: bench_train.py --flat-elementwise\n\n" + flat.read_text())
-    flat.unlink()
     step(out, "infer", [py, "benchmarks/bench_infer.py", "--device", device, *infer_args],
          out / "infer.md", allowed("infer"))
     step(out, "bf16", [py, "benchmarks/gpu_speed_run.py", "--bf16-only", "--out", str(out),

@@ -132,11 +132,7 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     subprocess.run([sys.executable, "benchmarks/gpu_speed_run.py", "--smoke", "--tests", "--out", str(out),
                     "--work", str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert sorted(p.name for p in out.iterdir()) == ["bf16.md", "compile.md", "environment.txt", "infer.md",
-                                                      "log.txt", "profile.md", "summary.md", "train.md"]  # 8: a device
-    # call returns no more; the experiment's folded rows, eager (and graphed: a CPU refuses), end profile.md
-    flat = (out / "profile.md").read_text().split("## Experiment: bench_train.py --flat-elementwise")[1]
-    assert "experiment --flat-elementwise" in flat
-    assert "| 2 | no | bf16 autocast | folded | channels_last | eager |" in flat
+                                                      "log.txt", "profile.md", "summary.md", "train.md"]
     train = (out / "train.md").read_text()
     rows = [r for r in train.splitlines() if r.startswith("| 2 |")]
     # The smoke run takes the GPU's arithmetic (bf16 under CPU autocast) and so its tables' shape: per GAN
@@ -165,8 +161,8 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
         assert re.search(rf"\| 16 \| fused bf16 channels_last, torch.compile {mode} \(first call \d+ s\) \| [\d.]+ \|",
                          compiled)
     assert "| mean |" in (out / "bf16.md").read_text()
-    assert all(f"{name}: exit 0" in log for name in ("tests", "dataset", "train", "profile", "flat", "compile",
-                                                     "infer", "bf16"))
+    assert all(f"{name}: exit 0" in log for name in ("tests", "dataset", "train", "profile", "compile", "infer",
+                                                     "bf16"))
     assert " skipped" in log.split("tests: exit 0")[1]  # the CUDA tests' own summary line, in the log
     profile = (out / "profile.md").read_text()  # one row profiled: its wall and busy time, its top operators
     assert profile.count("### Profile: batch 2, GAN no, bf16 autocast, folded, channels_last, eager") == 1
@@ -497,42 +493,6 @@ def test_the_folded_channels_last_step_changes_the_images_layout_once_each_way(m
     assert [(c.op, c.layouts) for c in trace.calls if c.broadcast and c.shape == tuple(hr.shape)] == [
         ("aten.mul.Tensor", "broadcast, NHWC -> NHWC")], lay.layout_table(trace)
     assert sum(trace.calls.values()) > 10  # the HR image's and features' operators were seen
-
-
-def test_flat_elementwise_trains_the_folded_step_exactly_as_it_was(monkeypatch):
-    """bench_train --flat-elementwise (an experiment for the GPU: the folded residual blocks' ReLU and add on
-    a plain contiguous view of the same memory) gives the same loss and the same gradients, bit for bit, and
-    runs on that view: the ReLU's input is contiguous."""
-    import copy
-
-    import torch
-
-    from dasr_model.config import DASRConfig
-    from dasr_model.model import DASR, ResidualBlock, set_expert_impl
-    from dasr_model.train import lay_out
-
-    bench = _bench_module("bench_train")
-    torch.manual_seed(0)
-    model = set_expert_impl(DASR(DASRConfig(num_experts=2, num_feat=8, num_block=2, predictor_feat=8)), "folded")
-    fmt = lay_out(True, model.predictor)
-    lr = torch.rand(3, 3, 12, 12).contiguous(memory_format=fmt)
-    a = torch.rand(3, 2)
-
-    def grads(net):
-        net.zero_grad()
-        out = net.generator(lr, a)
-        (out * torch.linspace(0, 1, out.numel()).view_as(out)).sum().backward()
-        return out, [p.grad.clone() for p in net.generator.parameters()]
-
-    want = grads(model)
-    seen = []
-    monkeypatch.setattr(ResidualBlock, "forward", ResidualBlock.forward)  # put back after the test
-    bench.flat_elementwise()
-    relu = torch.nn.functional.relu
-    monkeypatch.setattr(torch.nn.functional, "relu", lambda t: seen.append(t.is_contiguous()) or relu(t))
-    got = grads(copy.deepcopy(model))
-    assert seen == [True, True]  # one ReLU per block, each on the plain contiguous view
-    assert torch.equal(got[0], want[0]) and all(torch.equal(g, w) for g, w in zip(got[1], want[1]))
 
 
 def test_bench_validate_smoke_prints_both_paths_and_their_difference():
