@@ -47,7 +47,11 @@ class DASRConfig:
             value = getattr(self, f.name)
             want = type(f.default)  # every field has a default of its type (int, float or str)
             if want is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
+                try:
+                    value = float(value)
+                except OverflowError:  # 10**400 from a file's JSON
+                    raise DASRError(f"model config: {f.name} must be a finite number, got an integer of "
+                                    f"{len(str(abs(value)))} digits") from None
                 object.__setattr__(self, f.name, value)
             if type(value) is not want:
                 raise DASRError(f"model config: {f.name} must be {want.__name__}, got {value!r}")

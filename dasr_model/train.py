@@ -136,7 +136,11 @@ class TrainConfig:
                 continue
             # numbers of any real type (numpy's too) become the field's own; bools are not numbers here
             if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
-                value = float(value)
+                try:
+                    value = float(value)
+                except OverflowError:  # 10**400 from a checkpoint's config
+                    raise DASRError(f"train config: {f.name} must be a finite number, got an integer too large "
+                                    "for a float") from None
                 object.__setattr__(self, f.name, value)
             elif kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
                 value = int(value)

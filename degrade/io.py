@@ -450,7 +450,8 @@ def _pnm_header(d: bytes) -> tuple[int, int, int | None]:
         for k, line in enumerate(lines):
             text = line.split(b"#", 1)[0]
             words = text.split()
-            if k == len(lines) - 1 and len(d) > PNM_HEADER_BYTES and b"#" not in line and not text[-1:].isspace():
+            cut = len(d) > PNM_HEADER_BYTES and not d[PNM_HEADER_BYTES:PNM_HEADER_BYTES + 1].isspace()
+            if k == len(lines) - 1 and cut and b"#" not in line and not text[-1:].isspace():
                 words = words[:-1]  # cut by the window's end: "255" read as "25" clipped a file to white
             tokens += words
             if len(tokens) >= n:

@@ -504,6 +504,31 @@ def test_lr_hr_names_pair_by_the_first_rule_that_finds_one_partner(tmp_path, lr_
                                                         ("box_x4.png", "box.png")}
 
 
+def test_an_x_tag_after_a_letter_is_a_tag_only_where_every_lr_name_ends_in_it(tmp_path):
+    """Set5's babyx4/birdx4 pair with baby/bird (every LR ends in x4); a fox2.png among other names is a
+    word, and with its own HR missing it has no partner rather than the HR named fo."""
+    from dasr_model.errors import DASRError
+    from dasr_model.evaluate import match_pairs
+
+    def pair(lrs, hrs):
+        for side, names in (("lr", lrs), ("hr", hrs)):
+            (tmp_path / side).mkdir(exist_ok=True)
+            for n in names:
+                (tmp_path / side / n).touch()
+        try:
+            return sorted((a.name, b.name) for a, b in match_pairs([tmp_path / "lr" / n for n in lrs], tmp_path / "lr",
+                                                                  [tmp_path / "hr" / n for n in hrs], tmp_path / "hr"))
+        finally:
+            for side in ("lr", "hr"):
+                for f in (tmp_path / side).iterdir():
+                    f.unlink()
+
+    assert pair(["babyx4.png", "birdx4.png"], ["baby.png", "bird.png"]) == [("babyx4.png", "baby.png"),
+                                                                             ("birdx4.png", "bird.png")]
+    with pytest.raises(DASRError, match="fox2.png: no HR partner"):
+        pair(["fox2.png", "owl_x4.png"], ["fo.png", "owl.png"])
+
+
 @pytest.mark.parametrize("case,message", [
     ("unpaired", "1 HR image(s) without an LR partner, e.g. "),
     ("twice", "two LR images pair with "),

@@ -202,6 +202,9 @@ def test_a_pnm_maxval_cut_by_the_header_window_is_refused_not_misread():
         decode_image(data)
     short = head + b"#" + b"c" * (PNM_HEADER_BYTES - len(head) - 6) + b"\n255\n" + bytes([100, 200])  # inside
     np.testing.assert_allclose(decode_image(short)[0, :, 0], [100 / 255, 200 / 255])
+    edge = head + b"#" + b"c" * (PNM_HEADER_BYTES - len(head) - 5) + b"\n255\n" + bytes([100, 200])
+    assert edge.index(b"255") + 3 == PNM_HEADER_BYTES  # whole, its newline the first byte past the window
+    np.testing.assert_allclose(decode_image(edge)[0, :, 0], [100 / 255, 200 / 255])
 
 
 def test_a_pbm_bitmap_reads_black_and_white():

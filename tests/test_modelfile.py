@@ -109,6 +109,7 @@ def _deep(n: int) -> bytes:
     ("float shape", "shape"),
     ("a million tiny blocks", "num_block must be at most 256"),
     ("a thousand experts", "num_experts must be at most 64"),
+    ("a float overflowing", "mapping_gain must be a finite number, got an integer of 401 digits"),
     ("overlapping tensors", "overlap or gap"),
     ("bytes after the last tensor", "after the last tensor"),
 ])
@@ -136,6 +137,8 @@ def test_hostile_model_files_are_refused_in_one_line(tmp_path, monkeypatch, case
             # per 100,000 blocks to build before the tensors are checked
             meta["config"] = json.dumps({**TINY.to_dict(), "num_block": 10**6, "num_feat": 1, "num_experts": 1,
                                          "predictor_feat": 1, "mapping_hidden": 1})
+        elif case == "a float overflowing":  # float(10**400) raised OverflowError: a traceback
+            meta["config"] = json.dumps({**TINY.to_dict(), "mapping_gain": 10**400})
         elif case == "a thousand experts":
             meta["config"] = json.dumps({**TINY.to_dict(), "num_experts": 1000, "num_block": 1, "num_feat": 1})
         elif case == "wrong shape":

@@ -71,6 +71,7 @@ def test_non_square_images_work(photo):
         (np.full((128, 128, 3), 200, np.float32), r"values from 200 to 200 \(an 8-bit image"),
         (np.full((128, 128, 3), np.nan, np.float32), "in \\[0, 1\\], got values from nan"),
         (np.full((128, 128, 3), -0.5, np.float32), "in \\[0, 1\\], got values from -0.5 to -0.5$"),
+        (np.full((128, 128, 3), np.inf, np.float32), "got values from inf to inf$"),  # no 8-bit hint
         # a hair above 1 (a float resize's overshoot) is no 8-bit image: the hint says what it is
         (np.full((128, 128, 3), np.nextafter(np.float32(1), np.float32(2))), r"to 1.00000012 \(a resize's overshoot"),
     ],
