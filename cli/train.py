@@ -22,6 +22,8 @@ err_console = Console(stderr=True)
 # What a --resume does not take from its checkpoint: the data and folder (given), where and how fast this call
 # runs, its time budget, and the start (the trainer keeps the run's record of it); the model is handled apart
 PER_CALL = {"shards", "out", "device", "workers", "max_minutes", "init_from", "init_release", "model", "cuda_graph"}
+# TrainConfig's bounds, spelt out: importing dasr_model.train would import torch (tested equal)
+MAX_STEPS, MAX_MINUTES = 10**9, 10**7
 OPTION_OF = {"lr": "learning_rate", "sharpen_gt": "sharpen", "compile": "compile_mode"}
 OFF_SWITCH = {"val_shards": "no_val", "vgg_weights": "no_vgg"}  # flags that clear a path a resume would keep
 
@@ -69,7 +71,7 @@ def default_workers() -> int:
 @click.option("--shards", required=True, type=click.Path(path_type=Path), help="Training dataset folder.")
 @click.option("--val-shards", type=click.Path(path_type=Path), help="Held-out dataset folder for validation.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder (checkpoints, metrics).")
-@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=1000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1, 65536), default=16, show_default=True)
 @click.option("--lr-crop", type=click.IntRange(4, 65536), default=64, show_default=True,
               help="LR crop side (HR: x4).")
@@ -84,14 +86,14 @@ def default_workers() -> int:
 @click.option("--workers", type=click.IntRange(0, 1024), default=None,
               help="Data loader processes (the batches do not depend on it).  [default: half the cores, shared "
                    "among torchrun's processes on this machine, 1 to 8]")
-@click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True)
-@click.option("--val-samples", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--val-every", type=click.IntRange(1, MAX_STEPS), default=500, show_default=True)
+@click.option("--val-samples", type=click.IntRange(1, 10**6), default=64, show_default=True,
               help="Validation samples scored at each --val-every.")
-@click.option("--ckpt-every", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--log-every", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--ckpt-every", type=click.IntRange(1, MAX_STEPS), default=1000, show_default=True)
+@click.option("--log-every", type=click.IntRange(1, MAX_STEPS), default=1, show_default=True,
               help="Read the losses back and write a metrics line every N steps (and at validation, checkpoint "
                    "and final steps); on a GPU, N > 1 spares the device a wait for the host at every step.")
-@click.option("--keep-checkpoints", type=click.IntRange(min=0), default=3, show_default=True,
+@click.option("--keep-checkpoints", type=click.IntRange(0, 10**6), default=3, show_default=True,
               help="Keep the newest N ckpt-*.pt (about 130 MB each at the default size); 0 keeps all.")
 @click.option("--experts", type=click.IntRange(min=1), default=5, show_default=True,
               help="1 = plain SRResNet baseline.")
@@ -103,7 +105,7 @@ def default_workers() -> int:
               help="constant (as released), or cosine: from --lr down to 0 at --steps; with --max-minutes, at the "
                    "step the speed measured over the first steps reaches within the budget (a short run then ends "
                    "annealed instead of cut off; --resume keeps that end).")
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--warmup-steps", type=click.IntRange(0, MAX_STEPS), default=0, show_default=True,
               help="First steps whose learning rate ramps linearly up to --lr.")
 @click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True)
 @click.option("--ema-warmup/--no-ema-warmup", default=True, show_default=True,
@@ -116,7 +118,7 @@ def default_workers() -> int:
               help="Init scale of the mapping net's last layer (0.1: a starts at 1/K for every image).")
 @click.option("--predictor-input", type=click.Choice(["lr", "highpass"]), default="lr", show_default=True,
               help="What the degradation predictor sees: the LR (as released) or its high-pass residual.")
-@click.option("--teacher-steps", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--teacher-steps", type=click.IntRange(0, MAX_STEPS), default=0, show_default=True,
               help="First steps whose expert mix comes from the true v instead of the predicted one.")
 @click.option("--expert-impl", type=click.Choice(["auto", "grouped", "dense", "stacked", "bmm", "folded"]),
               default="auto",
@@ -141,7 +143,7 @@ def default_workers() -> int:
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="The step's arithmetic: bf16 autocast (weights, optimiser state and EMA stay float32) or "
                    "float32. auto: bf16 on CUDA, fp32 on a CPU.")
-@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True),
+@click.option("--max-minutes", type=click.FloatRange(0, MAX_MINUTES, min_open=True),
               help="Wall-clock budget: save a checkpoint and stop when it is spent.")
 @click.option("--sharpen/--no-sharpen", default=True, show_default=True,
               help="Train against the unsharp-masked HR (DASR's target), or the plain one.")

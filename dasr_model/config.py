@@ -51,7 +51,7 @@ class DASRConfig:
                     value = float(value)
                 except OverflowError:  # 10**400 from a file's JSON
                     raise DASRError(f"model config: {f.name} must be a finite number, got an integer of "
-                                    f"{len(str(abs(value)))} digits") from None
+                                    f"{value.bit_length()} bits") from None
                 object.__setattr__(self, f.name, value)
             if type(value) is not want:
                 raise DASRError(f"model config: {f.name} must be {want.__name__}, got {value!r}")

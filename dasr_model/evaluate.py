@@ -193,11 +193,16 @@ def pair_name(path: Path, root: Path, *, strip: bool = True, tag: re.Pattern = P
     return (rel.parent / (stem or rel.stem)).as_posix()  # a name that is all tag (x4.png) stays itself
 
 
+def _loose_tag(path: Path) -> str | None:
+    m = LOOSE_TAG.search(path.stem)
+    return m.group(0).lower() if m else None
+
+
 def match_pairs(lr_files: list[Path], lr_root: Path, hr_files: list[Path], hr_root: Path) -> list[tuple[Path, Path]]:
     """Each LR file with its HR file, by name: the same name; else the LR's name without its tag equal to an
     HR's name (0801x4 -> 0801); else both without their tags (Canon_001_LR4 -> Canon_001 <- Canon_001_HR);
-    else, where every LR name ends in one x + digits tag, the same two with it taken for a tag after a letter
-    too (babyx4 -> baby).
+    else, where the LR names of its folder share its x + digits tag (all of them, or two or more), the same
+    two with it taken for a tag after a letter too (babyx4 -> baby).
     The first rule that finds one partner decides; several at once, an HR claimed twice or a file left
     without a partner is a DASRError naming it."""
     hr_by_name: dict[str, Path] = {}
@@ -207,14 +212,21 @@ def match_pairs(lr_files: list[Path], lr_root: Path, hr_files: list[Path], hr_ro
         if other != f:  # a.png and a.jpg
             raise DASRError(f"{other} and {f}: two HR images of one name; keep one")
         hr_by_stem.setdefault(pair_name(f, hr_root), []).append(f)
-    # x + digits after a letter is a tag only where every LR name ends in the same one (Set5's x4 on each
-    # file): a lone fox2.png beside others would otherwise pair with an HR named fo
-    tags = {m.group(0).lower() if m else None for m in (LOOSE_TAG.search(f.stem) for f in lr_files)}
-    loose_tags = len(tags) == 1 and None not in tags
+    # x + digits after a letter is a tag where its folder's LR names share it (Set5's x4 on each file, or on
+    # two or more): a lone fox2.png among other names would otherwise pair with an HR named fo. Per folder:
+    # one evaluation may hold several benchmarks, each named its own way
+    shared: dict[tuple[Path, str | None], int] = {}
+    sizes: dict[Path, int] = {}
+    for f in lr_files:
+        key = (f.parent, _loose_tag(f))
+        shared[key] = shared.get(key, 0) + 1
+        sizes[f.parent] = sizes.get(f.parent, 0) + 1
     pairs, taken = [], {}
     for lr in lr_files:
         name, stem = pair_name(lr, lr_root, strip=False), pair_name(lr, lr_root)
-        loose = pair_name(lr, lr_root, tag=LOOSE_TAG) if loose_tags else stem
+        n = shared[(lr.parent, _loose_tag(lr))]
+        tagged = _loose_tag(lr) is not None and (n >= 2 or n == sizes[lr.parent])
+        loose = pair_name(lr, lr_root, tag=LOOSE_TAG) if tagged else stem
         for found in ([hr_by_name[name]] if name in hr_by_name else [],
                       [hr_by_name[stem]] if stem in hr_by_name else [], hr_by_stem.get(stem, []),
                       [hr_by_name[loose]] if loose in hr_by_name else [], hr_by_stem.get(loose, [])):

@@ -211,12 +211,16 @@ _FIELD_KINDS: dict[str, type] = {
 }
 # lr_crop None: the whole stored patches
 _OPTIONAL = {"lr_crop", "val_shards", "vgg_weights", "init_from", "max_minutes", "cuda_graph"}
+# Step counts at most a billion and a budget at most MAX_MINUTES: larger ones overflowed floats in the rate
+# schedule, the cosine fit and the progress bar (tracebacks at the first step)
+MAX_STEPS, MAX_MINUTES = 10**9, 10**7
 _BOUNDS: dict[str, tuple[float | None, float | None]] = {
-    "steps": (1, None), "batch_size": (1, 65536), "lr_crop": (4, 65536), "warmup_steps": (0, None),
-    "teacher_steps": (0, None), "val_every": (1, None), "val_samples": (1, None), "ckpt_every": (1, None),
-    "log_every": (1, None), "keep_checkpoints": (0, None), "seed": (0, 2**64 - 1), "workers": (0, 1024),
-    "lr": (0, None), "pixel_weight": (0, None), "regression_weight": (0, None), "ema_decay": (0, 1),
-    "max_minutes": (0, None), "gan_weight": (0, None), "perceptual_weight": (0, None),
+    "steps": (1, MAX_STEPS), "batch_size": (1, 65536), "lr_crop": (4, 65536), "warmup_steps": (0, MAX_STEPS),
+    "teacher_steps": (0, MAX_STEPS), "val_every": (1, MAX_STEPS), "val_samples": (1, 10**6),
+    "ckpt_every": (1, MAX_STEPS), "log_every": (1, MAX_STEPS), "keep_checkpoints": (0, 10**6),
+    "seed": (0, 2**64 - 1), "workers": (0, 1024), "lr": (0, None), "pixel_weight": (0, None),
+    "regression_weight": (0, None), "ema_decay": (0, 1), "max_minutes": (0, MAX_MINUTES), "gan_weight": (0, None),
+    "perceptual_weight": (0, None),
 }
 
 # (strategy, channels_last) pairs that expert_impl "auto" times on a GPU: each strategy in its best layout

@@ -436,33 +436,47 @@ PNM_HEADER_BYTES = 65536  # where a PNM/PAM header (comments included) must end;
 
 
 def _pnm_header(d: bytes) -> tuple[int, int, int | None]:
-    """(width, height, maxval) from a PNM (P1-P6; maxval None for the bitmaps P1 and P4) or PAM (P7) header.
-    A comment runs from # to the end of its line, which OpenCV's reader ends at CR as well as LF: a header
-    read otherwise declares another size than the one decoded. ValueError (or KeyError) if it is not one."""
+    """(width, height, maxval) from a PNM (P1-P6; maxval None for the bitmaps P1 and P4) or PAM (P7) header,
+    read as OpenCV's reader reads it (:func:`_pnm_numbers`): a header read otherwise declares another size or
+    maxval than the one decoded. ValueError (or KeyError) if it is not one."""
     if d[:3] == b"P7\n":  # PAM: WIDTH, HEIGHT, MAXVAL lines before ENDHDR
         lines = re.split(rb"[\r\n]", d[3:d.index(b"ENDHDR", 0, PNM_HEADER_BYTES)])
         fields = dict(line.split(None, 1) for line in lines if line.strip() and not line.startswith(b"#"))
         size = int(fields[b"WIDTH"]), int(fields[b"HEIGHT"]), int(fields[b"MAXVAL"])
     else:
-        n = 2 if d[1:2] in (b"1", b"4") else 3
-        tokens: list[bytes] = []
-        lines = re.split(rb"[\r\n]", d[2:PNM_HEADER_BYTES])
-        for k, line in enumerate(lines):
-            text = line.split(b"#", 1)[0]
-            words = text.split()
-            cut = len(d) > PNM_HEADER_BYTES and not d[PNM_HEADER_BYTES:PNM_HEADER_BYTES + 1].isspace()
-            if k == len(lines) - 1 and cut and b"#" not in line and not text[-1:].isspace():
-                words = words[:-1]  # cut by the window's end: "255" read as "25" clipped a file to white
-            tokens += words
-            if len(tokens) >= n:
-                break
-        else:
-            raise ValueError("short PNM header")
-        values = [int(t) for t in tokens[:n]]
-        size = values[0], values[1], values[2] if n == 3 else None
+        values = _pnm_numbers(d, 2 if d[1:2] in (b"1", b"4") else 3)
+        size = values[0], values[1], values[2] if len(values) == 3 else None
     if size[2] is not None and not 0 < size[2] < 65536:  # Netpbm's range: 0 or less would divide by it
         raise ValueError("PNM maxval outside 1-65535")
     return size
+
+
+_SPACE = frozenset(b" \t\n\r\x0b\x0c")
+
+
+def _pnm_numbers(d: bytes, n: int) -> list[int]:
+    """The first `n` numbers of a P1-P6 header (after its magic), as OpenCV's reader reads them: before a
+    number, whitespace and # comments (to CR or LF: a header split at LF only took a CR-ended comment's line
+    for the comment and declared 255x1 for a 150 MP file) are skipped, anything else is no header; a number
+    is its digits and ends at any other byte, which is consumed ("3 2#1" reads 3, 2 and 1; int() took "1_0"
+    for 10). Within the first PNM_HEADER_BYTES: a number the window cuts is a short header (ValueError)."""
+    end, pos, out = min(len(d), PNM_HEADER_BYTES + 1), 2, []  # + 1: the byte that ends the last number
+    for _ in range(n):
+        while pos < end and not 48 <= d[pos] <= 57:
+            if d[pos] == 35:  # '#': to the end of the line, which is consumed too
+                while pos < end and d[pos] not in (10, 13):
+                    pos += 1
+            elif d[pos] not in _SPACE:
+                raise ValueError("not a PNM header")
+            pos += 1
+        start = pos
+        while pos < end and 48 <= d[pos] <= 57:
+            pos += 1
+        if pos >= end or pos - start > 9:  # cut by the window (or the file's end), or absurd
+            raise ValueError("short PNM header")
+        out.append(int(d[start:pos]))
+        pos += 1  # the byte that ends a number
+    return out
 
 
 def _full_scale(data: bytes, sample: np.dtype) -> int:

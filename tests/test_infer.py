@@ -511,20 +511,25 @@ def test_an_x_tag_after_a_letter_is_a_tag_only_where_every_lr_name_ends_in_it(tm
     from dasr_model.evaluate import match_pairs
 
     def pair(lrs, hrs):
+        import shutil
+
         for side, names in (("lr", lrs), ("hr", hrs)):
-            (tmp_path / side).mkdir(exist_ok=True)
             for n in names:
+                (tmp_path / side / n).parent.mkdir(parents=True, exist_ok=True)
                 (tmp_path / side / n).touch()
         try:
             return sorted((a.name, b.name) for a, b in match_pairs([tmp_path / "lr" / n for n in lrs], tmp_path / "lr",
                                                                   [tmp_path / "hr" / n for n in hrs], tmp_path / "hr"))
         finally:
             for side in ("lr", "hr"):
-                for f in (tmp_path / side).iterdir():
-                    f.unlink()
+                shutil.rmtree(tmp_path / side)
 
     assert pair(["babyx4.png", "birdx4.png"], ["baby.png", "bird.png"]) == [("babyx4.png", "baby.png"),
                                                                              ("birdx4.png", "bird.png")]
+    assert pair(["babyx4.png", "birdx4.png", "head.png"], ["baby.png", "bird.png", "head.png"])[0] == (
+        "babyx4.png", "baby.png")  # two names share x4: a tag, beside an untagged one
+    assert pair(["Set5/babyx4.png", "RealSR/Canon_001_LR4.png"], ["Set5/baby.png", "RealSR/Canon_001_HR.png"]) == [
+        ("Canon_001_LR4.png", "Canon_001_HR.png"), ("babyx4.png", "baby.png")]  # each folder its own way
     with pytest.raises(DASRError, match="fox2.png: no HR partner"):
         pair(["fox2.png", "owl_x4.png"], ["fo.png", "owl.png"])
 

@@ -207,6 +207,25 @@ def test_a_pnm_maxval_cut_by_the_header_window_is_refused_not_misread():
     np.testing.assert_allclose(decode_image(edge)[0, :, 0], [100 / 255, 200 / 255])
 
 
+@pytest.mark.parametrize("header,declared", [
+    (b"P5\n3 2\n1_0\n", (3, 2, 1)),  # int() took "1_0" for 10
+    (b"P5\n3 2#1\n255\n", (3, 2, 1)),  # the byte ending 2 is consumed: "#1" is no comment, 1 the maxval
+    (b"P5\n1_2 3\n255\n", (1, 2, 3)),  # int() took 12 x 3
+    (b"P5 #c\r3 2\n255\n", (3, 2, 255)),  # a comment ends at CR
+    (b"P5\n3\t2\x0b255 ", (3, 2, 255)),
+    (b"P5\n3 2\n 255\n", (3, 2, 255)),
+])
+def test_a_pnm_header_reads_as_opencv_reads_it(header, declared):
+    """OpenCV's reader: whitespace and comments (to CR or LF) before a number, a number its digits, ended by
+    whatever byte follows, which is consumed. Oracle for the size: OpenCV's decode; the maxval from that rule."""
+    from degrade.io import _pnm_header
+
+    data = header + bytes(range(0, 60, 5))
+    ref = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+    assert _pnm_header(data) == declared and ref.shape[:2] == declared[1::-1]
+    np.testing.assert_allclose(decode_image(data)[..., 0], np.minimum(ref / declared[2], 1), rtol=0, atol=1e-7)
+
+
 def test_a_pbm_bitmap_reads_black_and_white():
     for data in (b"P4\n8 1\n" + bytes([0b10100000]), b"P1\n8 1\n1 0 1 0 0 0 0 0\n"):  # 1 is black
         np.testing.assert_array_equal(decode_image(data)[0, :, 0], [0, 1, 0, 1, 1, 1, 1, 1])

@@ -109,7 +109,7 @@ def _deep(n: int) -> bytes:
     ("float shape", "shape"),
     ("a million tiny blocks", "num_block must be at most 256"),
     ("a thousand experts", "num_experts must be at most 64"),
-    ("a float overflowing", "mapping_gain must be a finite number, got an integer of 401 digits"),
+    ("a float overflowing", "mapping_gain must be a finite number, got an integer of 1329 bits"),
     ("overlapping tensors", "overlap or gap"),
     ("bytes after the last tensor", "after the last tensor"),
 ])
