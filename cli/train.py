@@ -23,7 +23,7 @@ err_console = Console(stderr=True)
 # runs, its time budget, and the start (the trainer keeps the run's record of it); the model is handled apart
 PER_CALL = {"shards", "out", "device", "workers", "max_minutes", "init_from", "init_release", "model", "cuda_graph"}
 # TrainConfig's bounds, spelt out: importing dasr_model.train would import torch (tested equal)
-MAX_STEPS, MAX_MINUTES = 10**9, 10**7
+MAX_STEPS, MAX_MINUTES = 10**15, 10**7
 OPTION_OF = {"lr": "learning_rate", "sharpen_gt": "sharpen", "compile": "compile_mode"}
 OFF_SWITCH = {"val_shards": "no_val", "vgg_weights": "no_vgg"}  # flags that clear a path a resume would keep
 

@@ -194,8 +194,9 @@ def pair_name(path: Path, root: Path, *, strip: bool = True, tag: re.Pattern = P
 
 
 def _loose_tag(path: Path) -> str | None:
+    """The x + digits ending of a name that PAIR_TAG leaves alone (after a letter: babyx4), else None."""
     m = LOOSE_TAG.search(path.stem)
-    return m.group(0).lower() if m else None
+    return m.group(0).lower() if m and not PAIR_TAG.search(path.stem) else None
 
 
 def match_pairs(lr_files: list[Path], lr_root: Path, hr_files: list[Path], hr_root: Path) -> list[tuple[Path, Path]]:

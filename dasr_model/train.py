@@ -211,9 +211,10 @@ _FIELD_KINDS: dict[str, type] = {
 }
 # lr_crop None: the whole stored patches
 _OPTIONAL = {"lr_crop", "val_shards", "vgg_weights", "init_from", "max_minutes", "cuda_graph"}
-# Step counts at most a billion and a budget at most MAX_MINUTES: larger ones overflowed floats in the rate
-# schedule, the cosine fit and the progress bar (tracebacks at the first step)
-MAX_STEPS, MAX_MINUTES = 10**9, 10**7
+# Step counts and the budget bounded far above any run (a huge --steps with --max-minutes is how a cosine
+# fit is asked for) yet where floats stay exact: 10^400 steps overflowed the rate schedule, the cosine fit
+# and the progress bar (tracebacks at the first step)
+MAX_STEPS, MAX_MINUTES = 10**15, 10**7
 _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "steps": (1, MAX_STEPS), "batch_size": (1, 65536), "lr_crop": (4, 65536), "warmup_steps": (0, MAX_STEPS),
     "teacher_steps": (0, MAX_STEPS), "val_every": (1, MAX_STEPS), "val_samples": (1, 10**6),

@@ -41,8 +41,9 @@ def check_work(hr: object, params: DegradationParams) -> None:
     low, high = (float(hr.min()), float(hr.max())) if hr.size else (0.0, 0.0)
     if not (low >= 0 and high <= 1):  # NaN fails both; 0-255 floats (no / 255) fail the second
         finite = math.isfinite(low) and math.isfinite(high)  # NaN or inf: no scale fixes it
-        hint = ("an 8-bit image: divide by 255, or pass it as uint8" if finite and high > 1.5 else
-                "a resize's overshoot: np.clip(hr, 0, 1)" if finite and low > -0.5 else "")
+        hint = ("an 8-bit image: divide by 255, or pass it as uint8" if finite and 1.5 < high <= 300 else
+                "a 16-bit image: divide by 65535" if finite and 300 < high <= 70000 else
+                "a resize's overshoot: np.clip(hr, 0, 1)" if finite and low > -0.5 and high <= 1.5 else "")
         raise DegradeError(f"HR image must be float32 in [0, 1], got values from {low:.9g} to {high:.9g}"
                            + (f" ({hint})" if hint else ""))
     if h % SCALE or w % SCALE:

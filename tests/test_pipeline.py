@@ -74,6 +74,7 @@ def test_non_square_images_work(photo):
         (np.full((128, 128, 3), np.inf, np.float32), "got values from inf to inf$"),  # no 8-bit hint
         (np.linspace(-8, 264.7, 128 * 128 * 3, dtype=np.float32).reshape(128, 128, 3),  # a 0-255 float photo
          r"from -8 to 264.7\d* \(an 8-bit image"),  # after a float resize: its overshoot past 255 too
+        (np.full((128, 128, 3), 65535, np.float32), r"to 65535 \(a 16-bit image: divide by 65535\)"),
         # a hair above 1 (a float resize's overshoot) is no 8-bit image: the hint says what it is
         (np.full((128, 128, 3), np.nextafter(np.float32(1), np.float32(2))), r"to 1.00000012 \(a resize's overshoot"),
     ],

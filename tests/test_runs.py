@@ -91,8 +91,8 @@ def _optimizer_state(ckpt: dict, how: str) -> None:
 
 @pytest.mark.parametrize("edit,message", [
     ({"steps": "9"}, "steps must be int"),
-    ({"ckpt_every": 0}, "ckpt_every must be from 1 to 1000000000"),
-    ({"log_every": 0}, "log_every must be from 1 to 1000000000"),
+    ({"ckpt_every": 0}, "ckpt_every must be from 1 to 1000000000000000"),
+    ({"log_every": 0}, "log_every must be from 1 to 1000000000000000"),
     ({"batch_size": 0}, "Error: train config: batch_size must be from 1 to 65536"),  # one prefix, not two
     ({"batch_size": 10**11}, "batch_size must be from 1 to 65536"),  # was a 745 GiB allocation
     ({"teacher_steps": None}, "teacher_steps must be int"),
