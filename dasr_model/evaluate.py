@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -216,17 +217,13 @@ def match_pairs(lr_files: list[Path], lr_root: Path, hr_files: list[Path], hr_ro
     # x + digits after a letter is a tag where its folder's LR names share it (Set5's x4 on each file, or on
     # two or more): a lone fox2.png among other names would otherwise pair with an HR named fo. Per folder:
     # one evaluation may hold several benchmarks, each named its own way
-    shared: dict[tuple[Path, str | None], int] = {}
-    sizes: dict[Path, int] = {}
-    for f in lr_files:
-        key = (f.parent, _loose_tag(f))
-        shared[key] = shared.get(key, 0) + 1
-        sizes[f.parent] = sizes.get(f.parent, 0) + 1
+    tags = {f: _loose_tag(f) for f in lr_files}
+    shared, sizes = Counter((f.parent, t) for f, t in tags.items()), Counter(f.parent for f in lr_files)
     pairs, taken = [], {}
     for lr in lr_files:
         name, stem = pair_name(lr, lr_root, strip=False), pair_name(lr, lr_root)
-        n = shared[(lr.parent, _loose_tag(lr))]
-        tagged = _loose_tag(lr) is not None and (n >= 2 or n == sizes[lr.parent])
+        n = shared[(lr.parent, tags[lr])]
+        tagged = tags[lr] is not None and (n >= 2 or n == sizes[lr.parent])
         loose = pair_name(lr, lr_root, tag=LOOSE_TAG) if tagged else stem
         for found in ([hr_by_name[name]] if name in hr_by_name else [],
                       [hr_by_name[stem]] if stem in hr_by_name else [], hr_by_stem.get(stem, []),

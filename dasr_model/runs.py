@@ -78,16 +78,10 @@ def _half_written(name: str) -> bool:
     return target in RUN_FILES or bool(CHECKPOINT.fullmatch(target))
 
 
-def holds_a_run(out: Path) -> bool:
-    """A checkpoint, a model file or a logged step in run folder `out`. A run that failed before its first
-    logged step (a bad crop, a NaN at step 0, out of memory) leaves only config.json and an empty
-    metrics.jsonl: not a run, so the corrected retry may start there."""
-    out = Path(out)
-    return bool(list_checkpoints(out)) or (out / MODEL_FILE).exists() or _logs_a_step(out / "metrics.jsonl")
-
-
-def _logs_a_step(path: Path) -> bool:
-    """metrics.jsonl holds a line of a logged step (read only when the folder has no checkpoint)."""
+def logs_a_step(path: Path) -> bool:
+    """metrics.jsonl at `path` holds a line of a logged step. A run that failed before its first logged step
+    (a bad crop, a NaN at step 0, out of memory) leaves an empty one beside config.json: no run, so the
+    corrected retry may start there."""
     if not path.exists():
         return False
     with path.open("rb") as f:

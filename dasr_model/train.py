@@ -47,7 +47,7 @@ from dasr_model.modelfile import MODEL_FILE, save_model_file
 from dasr_model.runs import (
     describe_device,
     half_written,
-    holds_a_run,
+    logs_a_step,
     pick_device,
     run_files,
     start_over,
@@ -288,12 +288,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     say = notify or (lambda message: None)
     if resume and restart:
         raise DASRError("resume continues a run, restart deletes it: not both")
-    if not resume and not restart and holds_a_run(out):
-        if not list_checkpoints(out) and not (out / MODEL_FILE).exists():  # steps logged, none saved
+    if not resume and not restart:  # a folder that holds a run: a checkpoint, a model file or a logged step
+        if list_checkpoints(out) or (out / MODEL_FILE).exists():
+            raise DASRError(f"{out} already holds a run; continue it with --resume, start it over with --restart, "
+                            "or choose a new --out")
+        if logs_a_step(out / "metrics.jsonl"):  # steps logged, none saved
             raise DASRError(f"{out} holds a run that stopped before its first checkpoint: start it over with "
                             "--restart, or choose a new --out")
-        raise DASRError(f"{out} already holds a run; continue it with --resume, start it over with --restart, "
-                        "or choose a new --out")
     if cfg.lr_schedule == "cosine" and cfg.warmup_steps >= cfg.steps:
         raise DASRError(f"--warmup-steps {cfg.warmup_steps} leaves no step of --steps {cfg.steps} to anneal")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -746,8 +747,8 @@ def check_crop(data: PairedShards, lr_crop: int | None, where: str, *, sharpen: 
         raise DASRError(f"{what}: the sharpened target needs an LR side of at least 7 (HR over 25 px); "
                         "use a larger --lr-crop, or --no-sharpen")
     if gan and any(side % 2 for side in sides):
-        raise DASRError(f"{what}: the GAN's discriminator needs an even LR side (HR a multiple of 8)"
-                        + ("; use an even --lr-crop" if lr_crop is not None else "; give an even --lr-crop"))
+        raise DASRError(f"{what}: the GAN's discriminator needs an even LR side (HR a multiple of 8); "
+                        "use an even --lr-crop")
 
 
 def _batches(loader: DataLoader):
