@@ -24,11 +24,14 @@
   operators (CUDA kernels on a GPU) that take the most, on a GPU which operators launched them (with their
   inputs' shapes, memory layouts and dtypes), and the operators on batch-sized tensors whose operands differ
   in memory layout (benchmarks/_layouts.py); --profile-only does that without the table.
+  --disc-upsample times each GAN row with each listed x2 up-sampling of the discriminator
+  (`UNetDiscriminatorSN.upsample`: auto, interpolate, lerp, matmul; the same numbers up to rounding,
+  tests/test_train.py), named in the table's last column.
 
 Needs a dataset made with `degrade make-dataset` (patch 256) for the loader part.
 Usage: python benchmarks/bench_train.py --shards DIR [--device auto] [--batch-sizes 6,16,48] [--gan]
        [--impl grouped,dense,stacked,bmm] [--channels-last] [--fp32-baseline] [--compile default,reduce-overhead]
-       [--cuda-graph] [--profile | --profile-only]
+       [--cuda-graph] [--profile | --profile-only] [--disc-upsample auto,matmul]
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from torch.utils.data import DataLoader
 
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
 from dasr_model.errors import DASRError
-from dasr_model.losses import UNetDiscriminatorSN
+from dasr_model.losses import DISC_UPSAMPLES, UNetDiscriminatorSN
 from dasr_model.model import DASR, EXPERT_IMPLS, set_expert_impl
 from dasr_model.runs import pick_device
 from dasr_model.train import (
@@ -84,15 +87,16 @@ def bench_loader(shards: str, batch: int, workers: int, steps: int) -> float:
 
 def setup_step(device: torch.device, batch: int, gan: bool, impl: str = "grouped", channels_last: bool = False,
                lr_size: int = 64, compile_mode: str = "off", compile_backend: str = "inductor",
-               release_upsample: bool = False):
+               disc_upsample: str = "auto"):
     """What one training step needs, as dasr-train builds it: (parts, cfg, lr, hr, v) on random data.
-    `release_upsample`: the discriminator up-samples with F.interpolate throughout, the release's way."""
+    `disc_upsample`: the discriminator's x2 up-sampling (`UNetDiscriminatorSN.upsample`; "interpolate":
+    F.interpolate throughout, the release's way)."""
     torch.manual_seed(0)
     cfg = TrainConfig(shards="", out="", gan=gan)
     model = set_expert_impl(DASR(cfg.model), impl).to(device)
     disc = UNetDiscriminatorSN().to(device) if gan else None
     if disc is not None:
-        disc.release_upsample = release_upsample
+        disc.upsample = disc_upsample
     fmt = lay_out(channels_last, model.predictor, disc)  # as dasr-train does
     parts = StepParts(net=model, model=model, ema=copy.deepcopy(model.generator).requires_grad_(False),
                       opt=torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas), disc=disc,
@@ -126,14 +130,14 @@ def make_runner(parts: StepParts, cfg: TrainConfig, lr, hr, v, bf16: bool, mode:
 def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats: int, impl: str = "grouped",
                channels_last: bool = False, lr_size: int = 64, bf16: bool | None = None,
                compile_mode: str = "off", compile_backend: str = "inductor",
-               release_upsample: bool = False) -> tuple[float, float | None, float]:
+               disc_upsample: str = "auto") -> tuple[float, float | None, float]:
     """Median seconds of `dasr_model.train.train_step` (the loop's own step) on random data, with the
     expert convolutions computed by `impl`; the peak GPU memory in GiB (None on CPU); the first step's
     seconds. `bf16`: autocast to bfloat16 (default: on CUDA, as dasr-train; False times the float32 step).
     `compile_mode`: the network through torch.compile as `dasr-train --compile` does ("off": eager), or
     "graph": the whole step as a CUDA graph (`dasr-train --cuda-graph`; DASRError without CUDA)."""
     parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size, compile_mode, compile_backend,
-                                       release_upsample)
+                                       disc_upsample)
     bf16 = device.type == "cuda" if bf16 is None else bf16
     run, least = make_runner(parts, cfg, lr, hr, v, bf16, compile_mode, device)
     warmup = max(warmup, least)  # compiled CUDA graphs record on the step after the compiled warm-up; ours after 3
@@ -250,11 +254,18 @@ def main() -> None:
                     help="also time the float32 step with the grouped strategy in NCHW and the discriminator's "
                          "F.interpolate up-sampling (the release's way; on CUDA the other rows are bf16), the base "
                          "of the speed-up column")
+    ap.add_argument("--disc-upsample", default="auto",
+                    help="the discriminator's x2 up-sampling in the GAN rows, comma-separated, a row each: "
+                         f"{','.join(DISC_UPSAMPLES)} (UNetDiscriminatorSN.upsample; the float32 baseline: "
+                         "interpolate)")
     args = ap.parse_args()
     try:
         impl_runs = parse_impls(args.impl, args.channels_last)
     except ValueError as exc:
         ap.error(f"--impl: {exc}")
+    ups = list(dict.fromkeys(u.strip() for u in args.disc_upsample.split(",") if u.strip()))
+    if not ups or (unknown := [u for u in ups if u not in DISC_UPSAMPLES]):
+        ap.error(f"--disc-upsample: choose from {', '.join(DISC_UPSAMPLES)}")
     modes = [m.strip() for m in args.compile.split(",") if m.strip()]
     if unknown := [m for m in modes if m not in (*COMPILE_MODES[1:], *BLOCK_MODES)]:
         ap.error(f"--compile: unknown {', '.join(unknown)}; choose from {', '.join(COMPILE_MODES[1:] + BLOCK_MODES)}")
@@ -288,25 +299,26 @@ def main() -> None:
                      f"{precision} {first_impl} {'channels_last' if first_cl else 'NCHW'} "
                      + (compiled_name(modes[0], args.compile_backend) if args.compile_only and modes else "eager"))
         print("| batch | GAN | precision | expert impl | memory format | compile | ms/step "
-              f"| speed-up vs {base_name} | peak GiB | first step s |\n"
-              "|---:|---|---|---|---|---|---:|---:|---:|---:|")
+              f"| speed-up vs {base_name} | peak GiB | first step s | D up-sampling |\n"
+              "|---:|---|---|---|---|---|---:|---:|---:|---:|---|")
         profiles = []
         for b in (int(x) for x in args.batch_sizes.split(",")):
             for gan in ((False, True) if args.gan else (False,)):
-                runs = [("float32", "grouped", False, "off")] if fp32_base else []
+                runs = [("float32", "grouped", False, "off", "interpolate")] if fp32_base else []
                 eager = () if args.compile_only and modes else ("off",)
-                runs += [(precision, impl, cl, mode) for impl, cl in impl_runs for mode in (*eager, *modes)]
+                runs += [(precision, impl, cl, mode, up) for impl, cl in impl_runs for mode in (*eager, *modes)
+                         for up in (ups if gan else ["auto"])]
                 base = None
-                for prec, impl, cl, mode in runs:
+                for prec, impl, cl, mode, up in runs:
                     row = (f"| {b} | {'yes' if gan else 'no'} | {prec} | {impl} | {'channels_last' if cl else 'NCHW'} "
                            f"| {compiled_name(mode, args.compile_backend)} |")
+                    up_cell = f" {up if gan else '-'} |"
                     try:
                         timed = bench_step(device, b, gan, args.warmup, args.repeats, impl, cl, args.lr_size,
                                            bf16=prec != "float32", compile_mode=mode,
-                                           compile_backend=args.compile_backend,
-                                           release_upsample=fp32_base and prec == "float32")
+                                           compile_backend=args.compile_backend, disc_upsample=up)
                     except DASRError as exc:  # a CUDA graph on a CPU
-                        print(f"{row} {exc} | - | - | - |", flush=True)
+                        print(f"{row} {exc} | - | - | - |{up_cell}", flush=True)
                         continue
                     except RuntimeError as exc:  # one row out of memory must not cost the rows after it, nor an
                         if not out_of_memory(exc) and mode not in BLOCK_MODES:  # experiment that fails here
@@ -314,17 +326,17 @@ def main() -> None:
                         failure = "out of memory" if out_of_memory(exc) else f"failed: {str(exc).splitlines()[0][:120]}"
                         timed = None
                     if timed is None:  # out of the except block: its traceback no longer holds the row's tensors
-                        print(f"{row} {failure} | - | - | - |", flush=True)
+                        print(f"{row} {failure} | - | - | - |{up_cell}", flush=True)
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                         continue
                     sec, peak, first = timed
-                    if args.profile and mode in ("off", "graph"):
+                    if args.profile and mode in ("off", "graph") and (not gan or up == ups[0]):  # once per row
                         profiles.append((device, b, gan, impl, cl, args.lr_size, prec != "float32", mode))
                     if base is None:
                         base = sec  # the first row: the float32 baseline, or the first strategy eager
                     print(f"{row} {1000 * sec:.1f} | {base / sec:.2f}x | {'-' if peak is None else f'{peak:.2f}'} "
-                          f"| {first:.1f} |", flush=True)
+                          f"| {first:.1f} |{up_cell}", flush=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
         for how in profiles:

@@ -13,6 +13,9 @@ shares the steps after it keep:
      (dasr-train's default on a GPU), each eager and as one CUDA graph per step (`dasr-train
      --cuda-graph`), beside the float32 grouped eager step with the release's up-sampling (the release's
      way) in the same run; the loader's samples/s with 0 to all cores;
+  3b. appended to OUT/train.md: the discriminator's x2 up-sampling (a quarter of the GAN step on an
+     H200) each way alone (`benchmarks/bench_upsample.py`: PyTorch's F.interpolate, upsample2x's lerps
+     and its matrix products), then the graphed folded channels_last GAN step at batch 48 with each;
   4. OUT/profile.md: `bench_train.py --profile-only --cuda-graph`: where a step's time goes, batch 48, bf16,
      folded in channels_last (the fastest on an H200), eager and graphed, without and with GAN: wall
      against GPU-busy time per step, and the kernels that take the most (a busy time far below the
@@ -66,14 +69,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # trace layouts (a step under a dispatch mode) and on torch 2.11 export the profiler's Chrome trace for the
 # strides: a few seconds each, more share for the profiles.
 # With --tests, the CUDA tests first (25 s on the H200): without it their share goes to the steps after.
-SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.36, "profile": 0.13, "infer": 0.16, "bf16": 0.03,
-          "compile": 0.23}
+# The up-sampling step is a guess: 18 small timed calls (a few s), then 4 graphed batch-48 step rows (some 5 s
+# each, as the table's): its share came from infer, compile, train and profile.
+SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.35, "upsample": 0.07, "profile": 0.12, "infer": 0.14,
+          "bf16": 0.03, "compile": 0.20}
 GPU_TESTS = ("tests/test_graphstep.py", "tests/test_expert_impl.py")  # what the speed paths' exactness rests on
 STEP_COLUMNS = ("batch", "GAN", "precision", "expert impl", "memory format", "compile", "ms/step")
+UPSAMPLE_COLUMN = 10  # bench_train's last column: the discriminator's up-sampling ("-" without GAN)
 
 
 def step_rows(text: str) -> list[dict[str, str]]:
-    """The training-step rows of bench_train's table in `text` (columns STEP_COLUMNS, then more)."""
+    """The training-step rows of bench_train's table in `text` (columns STEP_COLUMNS, then more; the
+    discriminator's up-sampling, where the row has that column, as "D up-sampling")."""
     rows = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -83,6 +90,8 @@ def step_rows(text: str) -> list[dict[str, str]]:
             except ValueError:
                 continue
             rows.append(dict(zip(STEP_COLUMNS, cells)))
+            if len(cells) > UPSAMPLE_COLUMN:
+                rows[-1]["D up-sampling"] = cells[UPSAMPLE_COLUMN]
     return rows
 
 
@@ -108,6 +117,8 @@ def fastest_table(rows: list[dict[str, str]]) -> str:
                 == ("float32", "grouped", "NCHW", "eager")]
         ratio = f"{float(base[0]['ms/step']) / float(best['ms/step']):.2f}x" if base else "-"
         what = f"{best['precision']}, {best['expert impl']}, {best['memory format']}, {best['compile']}"
+        if best.get("D up-sampling", "-") != "-":
+            what += f", D up-sampling {best['D up-sampling']}"
         lines.append(f"| {key[0]} | {key[1]} | {what} | {best['ms/step']} | {ratio} |")
     return "\n".join(lines) + "\n"
 
@@ -281,6 +292,25 @@ def main(argv: list[str] | None = None) -> int:
     step(out, "train", [py, "benchmarks/bench_train.py", "--device", device, *loader, "--gan",
                         "--impl", "grouped,folded:cl", "--cuda-graph", "--fp32-baseline", *train_args],
          out / "train.md", allowed("train"))
+    # the discriminator's x2 up-sampling, a quarter of the GAN step (PyTorch's NHWC kernels: 37 of 134 ms at
+    # batch 48 on an H200): each way alone, then the graphed folded channels_last GAN step with each; both
+    # tables appended to train.md (eight files come back from a device call)
+    if args.smoke:  # eager steps: a CPU records no CUDA graph
+        up_args = ["--batch", "2", "--sr", "32", "--warmup", "0", "--repeats", "1"]
+        up_train = ["--batch-sizes", "2", "--lr-size", "8", "--warmup", "0", "--repeats", "1", "--precision", "bf16"]
+    else:
+        up_args = ["--batch", "48", "--sr", "256"]
+        up_train = ["--batch-sizes", "48", "--warmup", "3", "--repeats", "5", "--cuda-graph", "--compile-only"]
+    step(out, "upsample", [py, "benchmarks/bench_upsample.py", "--device", device, *up_args],
+         work / "upsample.txt", allowed("upsample") / 3)
+    step(out, "upsample-step", [py, "benchmarks/bench_train.py", "--device", device, "--gan", "--impl", "folded:cl",
+                                "--disc-upsample", "auto,lerp,matmul", *up_train],
+         work / "upsample-step.txt", allowed("upsample"))
+    with open(out / "train.md", "a") as f:
+        for name, title in (("upsample.txt", "The discriminator's up-sampling alone (bench_upsample.py)"),
+                            ("upsample-step.txt", "The GAN step with each up-sampling (bench_train.py)")):
+            text = (work / name).read_text() if (work / name).exists() else "(missing)\n"
+            f.write(f"\n\n## {title}\n\n{text}")
     # the bf16 folded channels_last step (train.md has its times), eager and graphed: on the GPU batch 48
     # without, then with GAN; one batch without GAN in the smoke run (profiling on a CPU is slow)
     profile_args = (["--batch-sizes", "2", "--lr-size", "8", "--precision", "bf16"] if args.smoke

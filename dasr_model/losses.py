@@ -12,20 +12,55 @@ from torch.nn.utils import spectral_norm
 from dasr_model.checkpoints import load_weights_state
 from dasr_model.model import is_channels_last
 
+UPSAMPLE_IMPLS = ("lerp", "matmul")  # upsample2x's ways; the discriminator's also "interpolate" and "auto"
 
-def upsample2x(x: Tensor) -> Tensor:
-    """F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False) for x (N, C, H, W), as slices
-    and lerps: the same numbers up to float rounding, in x's memory format. Output 2i along an axis is
-    0.75 x[i] + 0.25 x[i-1], output 2i+1 is 0.75 x[i] + 0.25 x[i+1], the edge sample standing in for the
-    one beyond it (PyTorch clamps the source coordinate to the image). Why: PyTorch's NCHW kernel walks
-    all N*C channels of an output pixel in one thread, slow for a discriminator's batch x 512 channels (a
-    quarter of a batch-48 GAN step on an H200); these are a few memory-bound element-wise kernels, and
-    their backward has no atomic adds, so it is deterministic."""
+
+def upsample2x(x: Tensor, impl: str = "lerp") -> Tensor:
+    """F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False) for x (N, C, H, W): the same
+    numbers up to float rounding, in x's memory format. Output 2i along an axis is 0.75 x[i] + 0.25 x[i-1],
+    output 2i+1 is 0.75 x[i] + 0.25 x[i+1], the edge sample standing in for the one beyond it (PyTorch
+    clamps the source coordinate to the image). Why: PyTorch's NCHW kernel walks all N*C channels of an
+    output pixel in one thread, slow for a discriminator's batch x 512 channels (a quarter of a batch-48
+    GAN step on an H200), and its NHWC kernel and both backwards add atomically (37 of a 134 ms step).
+
+    - "lerp": slices and lerps, a few memory-bound element-wise kernels per axis;
+    - "matmul": each axis as one matrix product with the (2n, n) interpolation matrix
+      (:func:`interp_matrix2x`), H then W, on x's memory as it lies (NCHW or channels_last, no copy):
+      dense GEMMs on tensor cores, n multiply-adds per output where 2 are needed, but each tensor read
+      and written once per axis. Its rounding is a GEMM's: TF32 matmuls, if someone turns them on, round
+      float32 inputs to 10 bits (bf16 rounds to 7 bits either way).
+    Both backwards are the adjoint with no atomic adds: deterministic."""
     if x.dim() != 4:
         raise ValueError(f"upsample2x takes (N, C, H, W), got {tuple(x.shape)}")
+    if impl not in UPSAMPLE_IMPLS:
+        raise ValueError(f"upsample2x impl must be one of {', '.join(UPSAMPLE_IMPLS)}, got {impl!r}")
+    n, c, h, w = x.shape
+    if impl == "matmul":
+        uh = interp_matrix2x(h, dtype=x.dtype, device=x.device)
+        uw = interp_matrix2x(w, dtype=x.dtype, device=x.device)
+        if is_channels_last(x):  # (N, H, W, C) in memory: rows of W*C values, then rows of C values
+            y = torch.matmul(uh, x.permute(0, 2, 3, 1).reshape(n, h, w * c))  # (N, 2H, W*C)
+            y = torch.matmul(uw, y.view(n * 2 * h, w, c))  # (N*2H, 2W, C)
+            return y.view(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+        y = torch.matmul(x.reshape(n * c * h, w), uw.t())  # (N*C*H, 2W): one GEMM over all rows
+        return torch.matmul(uh, y.view(n * c, h, 2 * w)).view(n, c, 2 * h, 2 * w)
     if is_channels_last(x):
         return _upsample_axis(_upsample_axis(x.permute(0, 2, 3, 1), 2), 1).permute(0, 3, 1, 2)
     return _upsample_axis(_upsample_axis(x, 3), 2)
+
+
+def interp_matrix2x(n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+    """(2n, n): row i holds the weights of F.interpolate's x2 bilinear output i (align_corners=False) on
+    an axis of n samples: source coordinate (i + 0.5) / 2 - 0.5, clamped at 0, between floor and the next
+    sample (the last standing in beyond the edge). Weights 1, 0.75 and 0.25, exact in any float type.
+    Built from tensor operations on `device` (nothing copied from the host: capturable in a CUDA graph)."""
+    src = (torch.arange(2 * n, device=device, dtype=torch.float32) + 0.5) / 2 - 0.5
+    src = src.clamp(min=0)
+    lo = src.floor()
+    frac = (src - lo)[:, None]
+    hi = (lo + 1).clamp(max=n - 1)
+    j = torch.arange(n, device=device, dtype=torch.float32)[None, :]
+    return ((1 - frac) * (j == lo[:, None]) + frac * (j == hi[:, None])).to(dtype)
 
 
 def _upsample_axis(x: Tensor, dim: int) -> Tensor:
@@ -36,16 +71,20 @@ def _upsample_axis(x: Tensor, dim: int) -> Tensor:
     return out.flatten(dim, dim + 1)  # output 2i + phase
 
 
+DISC_UPSAMPLES = ("auto", "interpolate", *UPSAMPLE_IMPLS)
+
+
 class UNetDiscriminatorSN(nn.Module):
     """U-Net discriminator with spectral norm (Real-ESRGAN / DASR): per-pixel logits (B, 1, H, W).
 
-    Its x2 bilinear up-sampling is :func:`upsample2x` on NCHW features and PyTorch's own (vectorised over
-    channels there) on channels_last ones; `release_upsample = True` uses PyTorch's for both, the
-    release's way (a benchmark's baseline)."""
+    Its x2 bilinear up-sampling, `upsample` (all the same numbers up to float rounding): "auto",
+    :func:`upsample2x`'s "lerp" on NCHW features and PyTorch's own (vectorised over channels there) on
+    channels_last ones; "interpolate", PyTorch's F.interpolate for both, the release's way (a benchmark's
+    baseline); or upsample2x's "lerp" or "matmul" for both."""
 
     def __init__(self, in_ch: int = 3, num_feat: int = 64):
         super().__init__()
-        self.release_upsample = False
+        self.upsample = "auto"
         f = num_feat
         self.conv0 = nn.Conv2d(in_ch, f, 3, 1, 1)
         self.conv1 = spectral_norm(nn.Conv2d(f, f * 2, 4, 2, 1, bias=False))
@@ -70,10 +109,23 @@ class UNetDiscriminatorSN(nn.Module):
         x6 = act(self.conv6(up(x5))) + x0
         return self.conv9(act(self.conv8(act(self.conv7(x6)))))
 
+    @property
+    def upsample(self) -> str:
+        return self._upsample_impl
+
+    @upsample.setter
+    def upsample(self, impl: str) -> None:
+        if impl not in DISC_UPSAMPLES:
+            raise ValueError(f"discriminator upsample must be one of {', '.join(DISC_UPSAMPLES)}, got {impl!r}")
+        self._upsample_impl = impl
+
     def _upsample(self, x: Tensor) -> Tensor:
-        if self.release_upsample or is_channels_last(x):
+        impl = self._upsample_impl
+        if impl == "auto":
+            impl = "interpolate" if is_channels_last(x) else "lerp"
+        if impl == "interpolate":
             return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        return upsample2x(x)
+        return upsample2x(x, impl)
 
 
 def l1_loss(a: Tensor, b: Tensor) -> Tensor:

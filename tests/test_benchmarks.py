@@ -133,7 +133,7 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
                     "--work", str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert sorted(p.name for p in out.iterdir()) == ["bf16.md", "compile.md", "environment.txt", "infer.md",
                                                       "log.txt", "profile.md", "summary.md", "train.md"]
-    train = (out / "train.md").read_text()
+    train, ups = (out / "train.md").read_text().split("\n## The discriminator's up-sampling alone")
     rows = [r for r in train.splitlines() if r.startswith("| 2 |")]
     # The smoke run takes the GPU's arithmetic (bf16 under CPU autocast) and so its tables' shape: per GAN
     # setting the float32 grouped baseline, then grouped and folded channels_last, each eager and as a CUDA
@@ -161,8 +161,15 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
         assert re.search(rf"\| 16 \| fused bf16 channels_last, torch.compile {mode} \(first call \d+ s\) \| [\d.]+ \|",
                          compiled)
     assert "| mean |" in (out / "bf16.md").read_text()
-    assert all(f"{name}: exit 0" in log for name in ("tests", "dataset", "train", "profile", "compile", "infer",
-                                                     "bf16"))
+    assert all(f"{name}: exit 0" in log for name in ("tests", "dataset", "train", "upsample", "upsample-step",
+                                                     "profile", "compile", "infer", "bf16"))
+    # appended to train.md: each up-sampling alone, 3 ways x 2 formats x 3 shapes, then the GAN step with each
+    assert sum(f"| {way} | " in r for r in ups.splitlines() if r.startswith("| (2, ") for way in
+               ("interpolate", "lerp", "matmul")) == 18
+    alone, steps = ups.split("## The GAN step with each up-sampling")
+    assert "| channels_last | matmul | " in alone.split("A GAN step's 9 up-samplings")[1]
+    gan_rows = [r for r in steps.splitlines() if r.startswith("| 2 | yes | bf16 autocast | folded | channels_last")]
+    assert [r.rstrip(" |").rsplit("|", 1)[1].strip() for r in gan_rows] == ["auto", "lerp", "matmul"]
     assert " skipped" in log.split("tests: exit 0")[1]  # the CUDA tests' own summary line, in the log
     profile = (out / "profile.md").read_text()  # one row profiled: its wall and busy time, its top operators
     assert profile.count("### Profile: batch 2, GAN no, bf16 autocast, folded, channels_last, eager") == 1
@@ -201,6 +208,37 @@ def test_bench_train_row_out_of_memory_is_reported_and_the_rest_still_run(monkey
     error["stacked"] = RuntimeError("expected scalar type Float but found BFloat16")
     with pytest.raises(RuntimeError, match="expected scalar type"):
         bench.main()
+
+
+def test_bench_train_disc_upsample_times_each_gan_row_each_way(monkeypatch, capsys):
+    """--disc-upsample: a GAN row per listed way, each timed with it and named in the last column (the
+    float32 baseline with the release's F.interpolate, rows without GAN once); gpu_speed_run's fastest row
+    names it; an unknown way is refused."""
+    bench = _bench_module("bench_train")
+    speed = _bench_module("gpu_speed_run")
+    seen = []
+
+    def fake_step(device, batch, gan, warmup, repeats, impl, *args, disc_upsample="auto", **kwargs):
+        seen.append((gan, disc_upsample))
+        return {"matmul": 0.005, "lerp": 0.02}.get(disc_upsample, 0.01) if gan else 0.01, None, 0.1
+
+    monkeypatch.setattr(bench, "bench_step", fake_step)
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--device", "cpu", "--batch-sizes", "2", "--gan",
+                                      "--fp32-baseline", "--precision", "bf16", "--disc-upsample", "auto,lerp,matmul"])
+    bench.main()
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 2 |")]
+    assert seen == [(False, "interpolate"), (False, "auto"), (True, "interpolate"), (True, "auto"), (True, "lerp"),
+                    (True, "matmul")]
+    assert [r.rstrip(" |").rsplit("|", 1)[1].strip() for r in rows] == ["-", "-", "interpolate", "auto", "lerp",
+                                                                          "matmul"]
+    parsed = speed.step_rows("\n".join(rows))
+    assert [r["D up-sampling"] for r in parsed] == ["-", "-", "interpolate", "auto", "lerp", "matmul"]
+    assert "| 2 | yes | bf16 autocast, grouped, NCHW, eager, D up-sampling matmul | 5.0 | 2.00x |" in \
+        speed.fastest_table(parsed)
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--device", "cpu", "--disc-upsample", "nearest"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--disc-upsample: choose from auto, interpolate, lerp, matmul" in capsys.readouterr().err
 
 
 def test_bench_train_blocks_compiled_train_like_eager_and_a_failed_experiment_is_a_row(monkeypatch, capsys):

@@ -389,7 +389,8 @@ def test_l1_loss_is_pytorchs_with_the_gradient_in_the_images_layout(channels_las
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 1, 1), (2, 2, 1, 4), (3, 4, 2, 1), (2, 5, 8, 8)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_upsample2x_equals_pytorchs_bilinear_interpolation_and_its_gradient(shape, channels_last):
+@pytest.mark.parametrize("impl", ["lerp", "matmul"])
+def test_upsample2x_equals_pytorchs_bilinear_interpolation_and_its_gradient(shape, channels_last, impl):
     """float64: the two differ by rounding alone (1e-15), edges (1-px images) included."""
     from dasr_model.losses import upsample2x
 
@@ -397,7 +398,7 @@ def test_upsample2x_equals_pytorchs_bilinear_interpolation_and_its_gradient(shap
     x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).contiguous(
         memory_format=fmt).requires_grad_(True)
     ref = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-    got = upsample2x(x)
+    got = upsample2x(x, impl)
     g = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     (grad_ref,), (grad_got,) = torch.autograd.grad(ref, x, g), torch.autograd.grad(got, x, g)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-14)
@@ -406,25 +407,56 @@ def test_upsample2x_equals_pytorchs_bilinear_interpolation_and_its_gradient(shap
         assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
 
 
-def test_upsample2x_in_bf16_is_within_bf16_rounding_and_the_discriminator_agrees_with_the_release_way():
-    from dasr_model.losses import UNetDiscriminatorSN, upsample2x
+@pytest.mark.parametrize("impl", ["lerp", "matmul"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample2x_in_bf16_is_within_bf16_rounding(impl, channels_last):
+    """bf16 in, bf16 out: within one bf16 step (2^-8 on [0.5, 1)) of the float32 up-sampling of the same
+    bf16 input (two roundings: the first axis's result, then the output); the format kept."""
+    from dasr_model.losses import upsample2x
 
-    x = torch.rand(2, 4, 6, 5)
-    ref = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-    torch.testing.assert_close(upsample2x(x.bfloat16()).float(), ref, rtol=2 ** -7, atol=2 ** -8)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.rand(2, 4, 6, 5, generator=torch.Generator().manual_seed(0)).bfloat16().contiguous(memory_format=fmt)
+    ref = torch.nn.functional.interpolate(x.float(), scale_factor=2, mode="bilinear", align_corners=False)
+    got = upsample2x(x, impl)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(got.float(), ref, rtol=0, atol=2 ** -8)
     with pytest.raises(ValueError, match="takes \\(N, C, H, W\\)"):
-        upsample2x(torch.rand(3, 4, 5))
+        upsample2x(torch.rand(3, 4, 5), impl)
+
+
+def test_interp_matrix2x_rows_are_pytorchs_weights():
+    """Row i of the (2n, n) matrix is F.interpolate's x2 output i of the unit vectors (an independent
+    oracle: PyTorch's kernel applied to the identity), for n = 1 (every output copies the one sample) to 9."""
+    from dasr_model.losses import interp_matrix2x
+
+    for n in range(1, 10):
+        eye = torch.eye(n, dtype=torch.float64)[:, None, None, :]  # n images of 1 x n: unit vector j in image j
+        ref = torch.nn.functional.interpolate(eye, size=(1, 2 * n), mode="bilinear", align_corners=False)
+        assert torch.equal(interp_matrix2x(n, dtype=torch.float64), ref[:, 0, 0, :].T)
+    assert set(interp_matrix2x(5).unique().tolist()) == {0.0, 0.25, 0.75, 1.0}
+
+
+@pytest.mark.parametrize("upsample", ["lerp", "matmul", "auto"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_discriminator_upsampling_ways_agree_with_the_release_way(upsample, channels_last):
+    """float64: the discriminator's logits and parameter gradients with each up-sampling agree with
+    F.interpolate's (the release's way) to rounding; an unknown way is refused."""
+    from dasr_model.losses import UNetDiscriminatorSN
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    disc = UNetDiscriminatorSN(num_feat=8).double()
+    disc = UNetDiscriminatorSN(num_feat=8).double().to(memory_format=fmt)
     release = copy.deepcopy(disc)
-    release.release_upsample = True
-    img = torch.rand(2, 3, 32, 24, dtype=torch.float64)
+    disc.upsample, release.upsample = upsample, "interpolate"
+    img = torch.rand(2, 3, 32, 24, dtype=torch.float64).contiguous(memory_format=fmt)
     ours, theirs = disc(img), release(img)  # (each forward steps its own power iteration, alike)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
     ours.sum().backward()
     theirs.sum().backward()
     for (name, a), b in zip(disc.named_parameters(), release.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-10, msg=name)
+    with pytest.raises(ValueError, match="discriminator upsample must be one of auto, interpolate, lerp, matmul"):
+        disc.upsample = "nearest"
 
 
 def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path):
