@@ -132,8 +132,10 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
                compile_mode: str = "off", compile_backend: str = "inductor",
                disc_upsample: str = "auto") -> tuple[float, float | None, float]:
     """Median seconds of `dasr_model.train.train_step` (the loop's own step) on random data, with the
-    expert convolutions computed by `impl`; the peak GPU memory in GiB (None on CPU); the first step's
-    seconds. `bf16`: autocast to bfloat16 (default: on CUDA, as dasr-train; False times the float32 step).
+    expert convolutions computed by `impl`; the peak GPU memory in GiB (None on CPU: over the timed steps,
+    but for rows that replay CUDA graphs from the first step on, warm-up, algorithm search and recording
+    included, since a replay allocates nothing and the graph's memory was allocated while recording); the
+    first step's seconds. `bf16`: autocast to bfloat16 (default: on CUDA, as dasr-train; False times the float32 step).
     `compile_mode`: the network through torch.compile as `dasr-train --compile` does ("off": eager), or
     "graph": the whole step as a CUDA graph (`dasr-train --cuda-graph`; DASRError without CUDA)."""
     parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size, compile_mode, compile_backend,
@@ -141,7 +143,10 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
     bf16 = device.type == "cuda" if bf16 is None else bf16
     run, least = make_runner(parts, cfg, lr, hr, v, bf16, compile_mode, device)
     warmup = max(warmup, least)  # compiled CUDA graphs record on the step after the compiled warm-up; ours after 3
+    replays = compile_mode in (*GRAPHED, "reduce-overhead")
     sync(device)
+    if device.type == "cuda" and replays:
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     run()
     sync(device)
@@ -149,7 +154,7 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
     for _ in range(warmup - 1):
         run()
     sync(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and not replays:
         torch.cuda.reset_peak_memory_stats(device)
     times = timed_steps(device, repeats, run)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -184,6 +189,8 @@ def print_profile(device: torch.device, batch: int, gan: bool, impl: str, channe
         print(profile_step(device, batch, gan, impl, channels_last, lr_size, bf16, mode=mode), flush=True)
     except DASRError as exc:  # a CUDA graph on a CPU
         print(f"not profiled: {exc}", flush=True)
+    except RuntimeError as exc:  # out of memory, a failed recording: the profiles after it still run
+        print(f"not profiled: failed: {str(exc).splitlines()[0][:200]}", flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -278,8 +285,11 @@ def main() -> None:
     if args.shards:
         print("| loader workers | batch | samples/s |\n|---:|---:|---:|")
         for w in (int(x) for x in args.loader_workers.split(",")):
-            rate = bench_loader(args.shards, args.loader_batch, w, args.loader_steps)
-            print(f"| {w} | {args.loader_batch} | {rate:.1f} |")
+            try:  # a worker killed (a small /dev/shm: a bus error) must not cost the step rows after it
+                rate = f"{bench_loader(args.shards, args.loader_batch, w, args.loader_steps):.1f}"
+            except (RuntimeError, OSError) as exc:
+                rate = f"failed: {str(exc).splitlines()[0][:120]}"
+            print(f"| {w} | {args.loader_batch} | {rate} |", flush=True)
         print()
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     if args.profile_only:  # the rows' order: each batch, without GAN first, each strategy
@@ -321,8 +331,8 @@ def main() -> None:
                         print(f"{row} {exc} | - | - | - |{up_cell}", flush=True)
                         continue
                     except RuntimeError as exc:  # one row out of memory must not cost the rows after it, nor an
-                        if not out_of_memory(exc) and mode not in BLOCK_MODES:  # experiment that fails here
-                            raise
+                        if not out_of_memory(exc) and mode not in (*BLOCK_MODES, "graph"):  # experiment, nor a
+                            raise  # recording that fails here (the eager rows are the reference path)
                         failure = "out of memory" if out_of_memory(exc) else f"failed: {str(exc).splitlines()[0][:120]}"
                         timed = None
                     if timed is None:  # out of the except block: its traceback no longer holds the row's tensors

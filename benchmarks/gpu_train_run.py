@@ -48,13 +48,33 @@ OPTIM_ARGS = ["--lr", "2e-4", "--warmup-steps", "100"]
 
 
 RESERVE_S = 120  # of --total-minutes, kept for what --max-minutes does not count: 2 trainer start-ups, evaluation
+SAFETY_NET_S = 30  # the 1-expert run's time cap beyond its budget (it stops at the 5-expert run's step count)
+START_SLACK_S = 120  # a dasr-train beyond its --max-minutes (start-up, recording, last save) before it is stopped
+STOP_GRACE_S = 60  # after SIGTERM (dasr-train finishes its step and saves), before it is killed
 
 
 def run_minutes(asked: float, total_minutes: float, elapsed_s: float) -> float:
-    """Each training run's budget: `asked`, or less where the time left of `total_minutes` after `elapsed_s`
-    and RESERVE_S does not hold two of it; never under a tenth of `asked` (the runs must still train)."""
-    fits = (60 * total_minutes - elapsed_s - RESERVE_S) / 2 / 60
+    """Each training run's budget: `asked`, or less where the time left of `total_minutes` after `elapsed_s`,
+    RESERVE_S and SAFETY_NET_S does not hold two of it; never under a tenth of `asked` (the runs must still
+    train)."""
+    fits = (60 * total_minutes - elapsed_s - RESERVE_S - SAFETY_NET_S) / 2 / 60
     return max(min(asked, fits), asked / 10)
+
+
+def wait_or_stop(out: Path, name: str, proc: subprocess.Popen, limit: float | None) -> int:
+    """proc's exit code; past `limit` seconds (None: no limit) it is asked to stop (SIGTERM: dasr-train then
+    finishes its step, saves its checkpoint and model file, and exits) and killed STOP_GRACE_S later."""
+    try:
+        return proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        log(out, f"{name}: still running after {limit:.0f} s: stopping it (SIGTERM)")
+        proc.terminate()
+        try:
+            return proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            log(out, f"{name}: killed, {STOP_GRACE_S} s after SIGTERM")
+            proc.kill()
+            return proc.wait()
 
 
 def shm_workers(free: int, batch: int, patch: int) -> int:
@@ -77,13 +97,14 @@ def log_cmd(out: Path, cmd: list[str]) -> list[str]:
 
 
 def train_run(out: Path, run_dir: Path, name: str, cmd: list[str]) -> bool:
-    """Run dasr-train `cmd` into a fresh `run_dir` (its console in run_dir.stderr). A failure before the first
-    logged step (a path only the GPU takes, such as the expert-impl probe) is logged with the end of its
-    console and retried once with --expert-impl grouped, the reference path, which needs no probe, and
+    """Run dasr-train `cmd` into a fresh `run_dir` (its console in run_dir.stderr), stopped (wait_or_stop)
+    START_SLACK_S past its --max-minutes. A failure before the first logged step (a path only the GPU
+    takes: the CUDA graph's recording, the expert-impl probe) is logged with the end of its console and
+    retried once on the reference path, --expert-impl grouped --no-cuda-graph (eager, no probe), with
     --max-minutes less the failed attempt's time (the script's total must hold). False when the run
     failed for good, so the caller keeps what the other run made."""
     spent = 0.0  # seconds of a failed first attempt: the retry's --max-minutes gives them back
-    for attempt in ([], ["--expert-impl", "grouped"]):  # click keeps an option's last value
+    for attempt in ([], ["--expert-impl", "grouped", "--no-cuda-graph"]):  # click keeps an option's last value
         if attempt and "--max-minutes" in cmd:
             budget = float(cmd[cmd.index("--max-minutes") + 1])
             if budget - spent / 60 < budget / 10:  # too little left to train anything: keep the total instead
@@ -92,9 +113,13 @@ def train_run(out: Path, run_dir: Path, name: str, cmd: list[str]) -> bool:
             attempt += ["--max-minutes", f"{budget - spent / 60:.3f}"]
         shutil.rmtree(run_dir, ignore_errors=True)  # a rerun of this script starts its runs afresh
         err = run_dir.with_suffix(".stderr")
+        args = cmd + attempt
+        minutes = [float(args[i + 1]) for i, x in enumerate(args[:-1]) if x == "--max-minutes"]
+        limit = 60 * minutes[-1] + START_SLACK_S if minutes else None  # the last one counts, as in click
         with open(err, "w") as console:
             started = time.perf_counter()
-            code = subprocess.run(log_cmd(out, cmd + attempt), stdout=subprocess.DEVNULL, stderr=console).returncode
+            proc = subprocess.Popen(log_cmd(out, args), stdout=subprocess.DEVNULL, stderr=console)
+            code = wait_or_stop(out, name, proc, limit)
         if code == 0:
             return True
         spent = time.perf_counter() - started
@@ -102,8 +127,23 @@ def train_run(out: Path, run_dir: Path, name: str, cmd: list[str]) -> bool:
         log(out, f"{name}: dasr-train exit {code} after {spent:.0f} s; its last lines:\n{tail}")
         if attempt or last_step(run_dir) > 0:  # it trained before failing: a rerun would not fit the budget
             return False
-        log(out, f"{name}: failed before its first logged step; once more with --expert-impl grouped")
+        log(out, f"{name}: failed before its first logged step; once more with --expert-impl grouped "
+                 "--no-cuda-graph")
     return False
+
+
+def salvage(out: Path, run_dir: Path, name: str, experts: str) -> None:
+    """What a failed run leaves into OUT: its metrics so far, and for the 5-expert run a model file made
+    from its newest checkpoint (`dasr-export`; --ckpt-every 1000) where it wrote none itself."""
+    if (run_dir / "metrics.jsonl").exists():
+        shutil.copyfile(run_dir / "metrics.jsonl", out / f"metrics-e{experts}.jsonl")
+    if experts != "5" or (out / "model.safetensors").exists() or not any(run_dir.glob("ckpt-*.pt")):
+        return
+    cmd = [sys.executable, "-c", "from cli.sr import export_main; export_main()", str(run_dir), "-o",
+           str(out / "model.safetensors")]
+    done = subprocess.run(log_cmd(out, cmd), capture_output=True, text=True, timeout=300)
+    log(out, f"{name}: model.safetensors from its newest checkpoint" if done.returncode == 0 else
+        f"{name}: dasr-export exit {done.returncode}: {done.stderr.strip()[-500:]}")
 
 
 def last_step(run_dir: Path) -> int:
@@ -280,12 +320,14 @@ def main(argv: list[str] | None = None) -> None:
                # the 1-expert run stops at the 5-expert run's step count; its time cap is only a safety net
                "--max-minutes", f"{minutes if steps is None else minutes + 0.5:.3f}",
                "--batch-size", str(a.batch_size), "--lr-crop", str(crop),
-               "--workers", str(a.workers), "--val-every", str(a.val_every), "--ckpt-every", "100000",
+               # a checkpoint every 1000 steps: a run that fails late still leaves a model (salvage below)
+               "--workers", str(a.workers), "--val-every", str(a.val_every), "--ckpt-every", "1000",
                "--log-every", "10",  # losses read back every 10 steps: the GPU does not wait for the host
                "--val-samples", "8" if a.smoke else "96", *LEVER_ARGS, *OPTIM_ARGS, *size,
                *shlex.split(a.extra)]
         t = time.perf_counter()
         if not train_run(out, run_dir, name, cmd):
+            salvage(out, run_dir, name, experts)
             if name == "5 experts":
                 raise SystemExit(f"{name}: dasr-train failed (log.txt has its errors)")
             del runs[name]  # the 5-expert model is still evaluated and exported
@@ -342,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
         with open(files[0], "w") as stdout, open(files[1], "w") as stderr:
             procs[name] = subprocess.Popen(log_cmd(out, cmd), stdout=stdout, stderr=stderr), files
     for name, (proc, files) in procs.items():
-        if proc.wait() != 0:
+        left = 60 * a.total_minutes - (time.perf_counter() - started)
+        if wait_or_stop(out, f"{name}: dasr-eval", proc, max(left, 60.0) + 60) != 0:
             tail = files[1].read_text(errors="replace")[-3000:]
             log(out, f"{name}: dasr-eval exit {proc.returncode}; its last lines:\n{tail}")
             continue

@@ -70,11 +70,12 @@ class GraphedStep:
             return out
         if self.graph is None:
             self.inputs = [t.clone() for t in inputs]  # clone keeps each input's memory format
-            self.graph = torch.cuda.CUDAGraph()
+            graph = torch.cuda.CUDAGraph()
             # recorded, not run (the replay below runs this step); "thread_local": the data loader's pinning
             # thread may allocate host memory meanwhile, which the default ("global") would fail
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.outputs = self.step(*self.inputs, ema_weight=self.ema_weight)
+            self.graph = graph  # only a whole recording: one that raised leaves none to replay
         elif [(t.shape, t.stride()) for t in inputs] != [(t.shape, t.stride()) for t in self.inputs]:
             return self._eager(inputs)
         else:

@@ -6,6 +6,18 @@ import pytest
 import degrade
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` (`-m cuda` selects them: what a GPU session runs) skip without a CUDA device."""
+    cuda = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in cuda:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
 @pytest.fixture(scope="session")
 def photo() -> np.ndarray:
     """A bundled sample photo, (H, W, 3) float32 in [0, 1]."""

@@ -373,7 +373,7 @@ def test_super_resolve_in_bfloat16_is_close():
 
 # --- the same checks on a GPU, skipped without CUDA ---
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.cuda  # skipped without a CUDA device (conftest.py)
 # cuDNN picks its float32 algorithms itself (Winograd and FFT ones among them, whose rounding reaches
 # about 1e-5 of the magnitude, and gradient sums in other orders); a wrong strategy is off by O(1)
 REL_CUDA = 1e-4

@@ -33,7 +33,7 @@ from dasr_model.train import (  # noqa: E402
 from .conftest import make_small_dataset  # noqa: E402
 
 SMALL = DASRConfig(num_experts=3, num_feat=8, num_block=1, predictor_feat=8)
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.cuda  # skipped without a CUDA device (conftest.py)
 
 
 @pytest.fixture
