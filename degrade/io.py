@@ -221,7 +221,7 @@ def _alpha_source(d: bytes) -> tuple[bool, int | None]:
         return (d[12:16] == b"VP8X" and len(d) > 20 and bool(d[20] & 0x10)) or d[12:16] == b"VP8L", None
     if d[:2] == b"BM":
         return len(d) >= 30 and struct.unpack("<H", d[28:30])[0] == 32, None
-    return d[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") or d[:3] == b"P7\n", None  # TIFF, PAM
+    return d[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") or _is_pam(d), None  # TIFF, PAM
 
 
 def _exif_orientation(d: bytes) -> int:
@@ -301,7 +301,7 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.fl
     # ANYCOLOR|ANYDEPTH keeps 16 bit and gray, drops alpha and honours EXIF orientation. A PAM with alpha
     # comes out scrambled that way (OpenCV 4.x-5.0): it is read as stored (file order: RGB or gray, then
     # alpha) and its alpha dropped here; a PAM has no EXIF to honour.
-    pam = data[:3] == b"P7\n"
+    pam = _is_pam(data)
     try:
         flags = cv2.IMREAD_UNCHANGED if pam else cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH
         img = cv2.imdecode(buf, flags) if buf.size else None
@@ -437,12 +437,11 @@ PNM_HEADER_BYTES = 65536  # where a PNM/PAM header (comments included) must end;
 
 def _pnm_header(d: bytes) -> tuple[int, int, int | None]:
     """(width, height, maxval) from a PNM (P1-P6; maxval None for the bitmaps P1 and P4) or PAM (P7) header,
-    read as OpenCV's reader reads it (:func:`_pnm_numbers`): a header read otherwise declares another size or
-    maxval than the one decoded. ValueError (or KeyError) if it is not one."""
-    if d[:3] == b"P7\n":  # PAM: WIDTH, HEIGHT, MAXVAL lines before ENDHDR
-        lines = re.split(rb"[\r\n]", d[3:d.index(b"ENDHDR", 0, PNM_HEADER_BYTES)])
-        fields = dict(line.split(None, 1) for line in lines if line.strip() and not line.startswith(b"#"))
-        size = int(fields[b"WIDTH"]), int(fields[b"HEIGHT"]), int(fields[b"MAXVAL"])
+    read as OpenCV's readers read them (:func:`_pnm_numbers`, :func:`_pam_header`): a header read otherwise
+    declares another size or maxval than the one decoded. ValueError if it is not one."""
+    if d[1:2] == b"7":
+        width, height, _, maxval = _pam_header(d)
+        size: tuple[int, int, int | None] = width, height, maxval
     else:
         values = _pnm_numbers(d, 2 if d[1:2] in (b"1", b"4") else 3)
         size = values[0], values[1], values[2] if len(values) == 3 else None
@@ -451,7 +450,8 @@ def _pnm_header(d: bytes) -> tuple[int, int, int | None]:
     return size
 
 
-_SPACE = frozenset(b" \t\n\r\x0b\x0c")
+_SPACE = frozenset(b" \t\n\r\x0b\x0c")  # C's isspace
+INT_MAX = 2**31 - 1  # OpenCV's bound on a PNM/PAM header number
 
 
 def _pnm_numbers(d: bytes, n: int) -> list[int]:
@@ -459,7 +459,8 @@ def _pnm_numbers(d: bytes, n: int) -> list[int]:
     number, whitespace and # comments (to CR or LF: a header split at LF only took a CR-ended comment's line
     for the comment and declared 255x1 for a 150 MP file) are skipped, anything else is no header; a number
     is its digits and ends at any other byte, which is consumed ("3 2#1" reads 3, 2 and 1; int() took "1_0"
-    for 10). Within the first PNM_HEADER_BYTES: a number the window cuts is a short header (ValueError)."""
+    for 10). Any count of digits, leading zeros included, up to a value of INT_MAX (above it OpenCV refuses
+    the file). Within the first PNM_HEADER_BYTES: a number the window cuts is a short header (ValueError)."""
     end, pos, out = min(len(d), PNM_HEADER_BYTES + 1), 2, []  # + 1: the byte that ends the last number
     for _ in range(n):
         while pos < end and not 48 <= d[pos] <= 57:
@@ -472,11 +473,86 @@ def _pnm_numbers(d: bytes, n: int) -> list[int]:
         start = pos
         while pos < end and 48 <= d[pos] <= 57:
             pos += 1
-        if pos >= end or pos - start > 9:  # cut by the window (or the file's end), or absurd
+        if pos >= end:  # cut by the window (or the file's end)
             raise ValueError("short PNM header")
-        out.append(int(d[start:pos]))
+        digits = d[start:pos].lstrip(b"0")  # at most 64 KiB of them; 11 or more left are above INT_MAX
+        if len(digits) > 10 or int(digits or b"0") > INT_MAX:
+            raise ValueError("PNM header number above INT_MAX")
+        out.append(int(digits or b"0"))
         pos += 1  # the byte that ends a number
     return out
+
+
+def _is_pam(d: bytes) -> bool:
+    """Whether OpenCV reads `d` as a PAM: P7, then CR or LF (its reader refuses any other byte there)."""
+    return d[:2] == b"P7" and d[2:3] in (b"\n", b"\r")
+
+
+_PAM_FIELDS = (b"ENDHDR", b"HEIGHT", b"WIDTH", b"DEPTH", b"MAXVAL", b"TUPLTYPE")
+_PAM_TUPLTYPES = (b"", b"BLACKANDWHITE", b"GRAYSCALE", b"GRAYSCALE_ALPHA", b"RGB", b"RGB_ALPHA")
+_SPACES, _A_SPACE, _EOL = re.compile(rb"[ \t\n\r\x0b\x0c]*"), re.compile(rb"[ \t\n\r\x0b\x0c]"), re.compile(rb"[\r\n]")
+
+
+def _pam_header(d: bytes) -> tuple[int, int, int, int]:
+    """(width, height, depth, maxval) of a PAM (P7) header, read as OpenCV's reader (4.11 and later) reads it,
+    line by line to ENDHDR: whitespace (line ends included) is skipped; a '#' starts a comment that runs to CR
+    or LF; else an identifier of at most 8 bytes, ended by whitespace, that must be one of ENDHDR, WIDTH,
+    HEIGHT, DEPTH, MAXVAL, TUPLTYPE exactly; its value runs (after more whitespace, unless CR or LF ended the
+    identifier) to CR or LF, at most 255 bytes, trailing whitespace dropped. A number is an optional '-' and
+    decimal digits, below INT_MAX; an empty value is 0. Refused (ValueError), as OpenCV refuses them: another
+    byte than CR or LF after P7, an unknown identifier, a repeated WIDTH, HEIGHT, DEPTH or MAXVAL, a missing
+    one, a TUPLTYPE other than those OpenCV names (exact case; the last one counts, an empty one is none), a
+    MAXVAL above 65535, a DEPTH outside 1-4 or, without a TUPLTYPE, other than 1 or 3 at a MAXVAL below 256.
+    Whether the TUPLTYPE fits the DEPTH is left to OpenCV's decoder (OpenCV 5 refuses RGB at DEPTH 1; 4.x does
+    not). The header must end within the first PNM_HEADER_BYTES (ValueError)."""
+    if not _is_pam(d):
+        raise ValueError("not a PAM header")
+    w = d[:PNM_HEADER_BYTES]
+    pos, fields, tupltype = 3, {}, b""
+    while True:
+        pos = _SPACES.match(w, pos).end()
+        if pos >= len(w):
+            raise ValueError("short PAM header")
+        if w[pos] == 35:  # '#': a comment, its CR or LF consumed
+            eol = _EOL.search(w, pos)
+            if eol is None:
+                raise ValueError("short PAM header")
+            pos = eol.end()
+            continue
+        space = _A_SPACE.search(w, pos, pos + 9)  # an identifier ends at whitespace within 8 bytes
+        if space is None:
+            raise ValueError("PAM identifier too long, or a short header")
+        ident, pos = w[pos:space.start()].split(b"\0")[0], space.end()  # C strings: a NUL ends one
+        if ident not in _PAM_FIELDS:
+            raise ValueError("unknown PAM header field")
+        value = b""
+        if space.group() not in (b"\n", b"\r"):
+            pos = _SPACES.match(w, pos).end()
+            eol = _EOL.search(w, pos, pos + 256)
+            if eol is None:
+                raise ValueError("PAM header value longer than 255 bytes, or a short header")
+            value, pos = w[pos:eol.start()].rstrip(b" \t\n\r\x0b\x0c").split(b"\0")[0], eol.end()
+        if ident == b"ENDHDR":
+            break
+        if ident == b"TUPLTYPE":
+            if value not in _PAM_TUPLTYPES:
+                raise ValueError("unknown PAM TUPLTYPE")
+            tupltype = value
+            continue
+        if ident in fields:
+            raise ValueError("repeated PAM header field")
+        number = re.fullmatch(rb"-?[0-9]+|[0-9]*", value)
+        if number is None or int(value.lstrip(b"-").lstrip(b"0") or b"0") >= INT_MAX:  # at most 255 digits
+            raise ValueError("PAM header value is not a number below INT_MAX")
+        fields[ident] = int(value or b"0")
+        if ident == b"MAXVAL" and fields[ident] > 65535:
+            raise ValueError("PAM MAXVAL above 65535")
+    if len(fields) < 4:
+        raise ValueError("PAM header lacks WIDTH, HEIGHT, DEPTH or MAXVAL")
+    depth, maxval = fields[b"DEPTH"], fields[b"MAXVAL"]
+    if not 1 <= depth <= 4 or not tupltype and not (depth in (1, 3) and maxval < 256):
+        raise ValueError("PAM DEPTH outside 1-4, or a layout OpenCV cannot tell without a TUPLTYPE")
+    return fields[b"WIDTH"], fields[b"HEIGHT"], depth, maxval
 
 
 def _full_scale(data: bytes, sample: np.dtype) -> int:

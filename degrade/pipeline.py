@@ -27,6 +27,30 @@ def _noise(img: ops.Image, noise: NoiseParams | None) -> ops.Image:
 MAX_GROWTH, MIN_WORK_CAP = 4, 1 << 24  # resize1 may make at most max(4 x the input's pixels, 16.8 MP)
 
 
+def _range_hint(low: float, high: float) -> str:
+    """The likely cause of HR values from `low` to `high` (outside [0, 1]) and its fix, on one line; "" where
+    none fits (NaN, inf, an offset range). A full scale is named only where the values start near 0 (low >=
+    -0.1 x high: a resize's undershoot at most): 255 up to 300 (a resize's overshoot), 1023 or 4095 up to 1.2x
+    each, 16383 up to itself, 65535 past it (a 12-bit image told to divide by 65535 passed, 16x dark). Values
+    well below 0, within +-10, are normalised data (ImageNet's mean/std: about -2.1 to 2.6; [-1, 1]), once told
+    to divide by 255."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return ""
+    if 1.5 < high <= 70000 and low >= -0.1 * high:
+        if high <= 300:
+            return "an 8-bit image: divide by 255, or pass it as uint8"
+        if high > 16383:
+            return "a 16-bit image: divide by 65535"
+        bits = next(b for b in (10, 12, 14) if high <= (1 << b) * 1.2 or b == 14)
+        others = ", ".join(f"{b} bits: {(1 << b) - 1}" for b in (10, 12, 14, 16) if b != bits)
+        return f"likely a {bits}-bit image: divide by its full scale, {(1 << bits) - 1} ({others})"
+    if low > -0.5 and high <= 1.5:
+        return "a resize's overshoot: np.clip(hr, 0, 1)"
+    if -10 <= low < 0 < high <= 10 and low < -0.1 * high:
+        return "normalised data, as by mean/std: undo it, values must be in [0, 1]"
+    return ""
+
+
 def check_work(hr: object, params: DegradationParams) -> None:
     """Refuse (DegradeError) an HR input that degrade.apply cannot take, or a record whose work is out
     of proportion to the image: stage 1's resize may make at most max(MAX_GROWTH x the input's pixels,
@@ -40,10 +64,7 @@ def check_work(hr: object, params: DegradationParams) -> None:
     h, w = hr.shape[:2]
     low, high = (float(hr.min()), float(hr.max())) if hr.size else (0.0, 0.0)
     if not (low >= 0 and high <= 1):  # NaN fails both; 0-255 floats (no / 255) fail the second
-        finite = math.isfinite(low) and math.isfinite(high)  # NaN or inf: no scale fixes it
-        hint = ("an 8-bit image: divide by 255, or pass it as uint8" if finite and 1.5 < high <= 300 else
-                "a 16-bit image: divide by 65535" if finite and 300 < high <= 70000 else
-                "a resize's overshoot: np.clip(hr, 0, 1)" if finite and low > -0.5 and high <= 1.5 else "")
+        hint = _range_hint(low, high)
         raise DegradeError(f"HR image must be float32 in [0, 1], got values from {low:.9g} to {high:.9g}"
                            + (f" ({hint})" if hint else ""))
     if h % SCALE or w % SCALE:

@@ -214,10 +214,14 @@ def test_a_pnm_maxval_cut_by_the_header_window_is_refused_not_misread():
     (b"P5 #c\r3 2\n255\n", (3, 2, 255)),  # a comment ends at CR
     (b"P5\n3\t2\x0b255 ", (3, 2, 255)),
     (b"P5\n3 2\n 255\n", (3, 2, 255)),
+    (b"P5\n3 2\n0000000255\n", (3, 2, 255)),  # 10 digits or more were refused: OpenCV bounds the value
+    (b"P5\n00000000003 2\n255\n", (3, 2, 255)),
+    (b"P5\n3 2\n" + b"0" * 5000 + b"255\n", (3, 2, 255)),  # past int()'s 4300-digit limit
 ])
 def test_a_pnm_header_reads_as_opencv_reads_it(header, declared):
-    """OpenCV's reader: whitespace and comments (to CR or LF) before a number, a number its digits, ended by
-    whatever byte follows, which is consumed. Oracle for the size: OpenCV's decode; the maxval from that rule."""
+    """OpenCV's reader: whitespace and comments (to CR or LF) before a number, a number its digits (any count,
+    leading zeros included), ended by whatever byte follows, which is consumed. Oracle for the size: OpenCV's
+    decode; the maxval from that rule."""
     from degrade.io import _pnm_header
 
     data = header + bytes(range(0, 60, 5))
@@ -229,3 +233,124 @@ def test_a_pnm_header_reads_as_opencv_reads_it(header, declared):
 def test_a_pbm_bitmap_reads_black_and_white():
     for data in (b"P4\n8 1\n" + bytes([0b10100000]), b"P1\n8 1\n1 0 1 0 0 0 0 0\n"):  # 1 is black
         np.testing.assert_array_equal(decode_image(data)[0, :, 0], [0, 1, 0, 1, 1, 1, 1, 1])
+
+
+def _opencv_pam(data: bytes) -> np.ndarray | None:
+    """OpenCV's decode of `data` as stored (IMREAD_UNCHANGED), or None where it refuses it."""
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        return None
+
+
+@pytest.mark.parametrize("header", [
+    b"P5\n3 2\n2147483648\n",  # INT_MAX + 1
+    b"P5\n3 02147483648\n255\n",
+    b"P5\n4294967299 2\n255\n",  # 3 in 32 bits
+])
+def test_a_pnm_number_above_int_max_is_refused_as_opencv_refuses_it(header):
+    """OpenCV bounds a header number by its value (INT_MAX), not its digits. Oracle: OpenCV's decode."""
+    from degrade.io import _pnm_header
+
+    data = header + bytes(range(0, 60, 5))
+    assert _opencv_pam(data) is None
+    with pytest.raises(ValueError, match="INT_MAX"):
+        _pnm_header(data)
+    with pytest.raises(ImageError, match="not a readable image"):
+        decode_image(data)
+
+
+_PAM_FIELDS = b"WIDTH 3\nHEIGHT 2\nDEPTH 1\nMAXVAL 255\n"
+
+
+@pytest.mark.parametrize("header", [
+    b"P7\rWIDTH 3\rHEIGHT 2\rDEPTH 1\rMAXVAL 255\rENDHDR\r",  # CR line ends
+    b"P7\r\nWIDTH 3\r\nHEIGHT 2\r\nDEPTH 1\r\nMAXVAL 255\r\nENDHDR\r\n",
+    b"P7\n# written before ENDHDR was\n" + _PAM_FIELDS + b"ENDHDR\n",  # ENDHDR in a comment
+    b"P7\n  #c\n" + _PAM_FIELDS + b"ENDHDR\n",  # an indented one-word comment
+    b"P7\n#c WIDTH 9\r" + _PAM_FIELDS + b"ENDHDR\n",  # a comment ends at CR
+    b"P7\n\n \x0b\x0c\tWIDTH\t3\n  HEIGHT    2 \t\nDEPTH 1\nMAXVAL 255\nENDHDR\n",
+    b"P7\nWIDTH \n3\nHEIGHT 2\nDEPTH 1\nMAXVAL 255\nENDHDR\n",  # a value on the next line
+    b"P7\nWIDTH 00000000000003\nHEIGHT 2\nDEPTH 1\nMAXVAL " + b"0" * 252 + b"255\nENDHDR\n",  # 255 bytes
+    b"P7\nWIDTH 3\x00x\nHEIGHT\x00z 2\nDEPTH 1\nMAXVAL 255\nENDHDR\n",  # C strings: a NUL ends one
+    b"P7\n" + _PAM_FIELDS + b"TUPLTYPE GRAYSCALE\nTUPLTYPE\nENDHDR anything\n",  # empty TUPLTYPE: none
+    b"P7\nWIDTH 3\nHEIGHT 2\nDEPTH 3\nMAXVAL 1023\nTUPLTYPE RGB\nENDHDR\n",
+    b"P7\nTUPLTYPE GRAYSCALE_ALPHA \nWIDTH 3\nHEIGHT 2\nDEPTH 2\nMAXVAL 255\nENDHDR\n",
+])
+def test_a_pam_header_reads_as_opencv_reads_it(header):
+    """OpenCV's PAM reader: whitespace skipped, a comment to CR or LF, identifiers exact, a value to CR or LF
+    (the header was split at ENDHDR, lines and words: CR line ends, ENDHDR in a comment and an indented
+    comment were refused). Oracle: OpenCV's decode as stored, for size, channels and sample type."""
+    from degrade.io import image_size
+
+    data = header + bytes(range(0, 144, 2))
+    ref = _opencv_pam(data)
+    assert ref is not None and image_size(data) == (ref.shape[1], ref.shape[0]) == (3, 2)
+    maxval = 1023 if ref.dtype == np.uint16 else 255  # the only MAXVALs above
+    colour = ref[..., :3] if ref.ndim == 3 and ref.shape[2] >= 3 else np.repeat(ref.reshape(2, 3, -1)[..., :1], 3, 2)
+    np.testing.assert_allclose(decode_image(data), np.minimum(colour / maxval, 1), rtol=0, atol=1e-7)  # file order
+    from degrade.io import _pam_header
+
+    assert _pam_header(data) == (3, 2, 1 if ref.ndim == 2 else ref.shape[2], maxval)
+
+
+@pytest.mark.parametrize("header", [
+    b"P7 WIDTH 3\nHEIGHT 2\nDEPTH 1\nMAXVAL 255\nENDHDR\n",  # P7, then neither CR nor LF
+    b"P7\nwidth 3\nHEIGHT 2\nDEPTH 1\nMAXVAL 255\nENDHDR\n",  # identifiers are exact
+    b"P7\nFOO 1\n" + _PAM_FIELDS + b"ENDHDR\n",
+    b"P7\nWIDTH 4\n" + _PAM_FIELDS + b"ENDHDR\n",  # repeated: the last one was read
+    b"P7\nWIDTHWIDTH 3\n" + _PAM_FIELDS + b"ENDHDR\n",
+    b"P7\nWIDTH\n3\nHEIGHT 2\nDEPTH 1\nMAXVAL 255\nENDHDR\n",  # WIDTH empty, then 3 an identifier
+    b"P7\nWIDTH 3 # three\nHEIGHT 2\nDEPTH 1\nMAXVAL 255\nENDHDR\n",
+    b"P7\nWIDTH +3\nHEIGHT 2\nDEPTH 1\nMAXVAL 255\nENDHDR\n",
+    b"P7\nWIDTH 1_2\nHEIGHT 2\nDEPTH 1\nMAXVAL 255\nENDHDR\n",  # int() read 12
+    b"P7\nWIDTH 2147483647\nHEIGHT 2\nDEPTH 1\nMAXVAL 255\nENDHDR\n",  # below INT_MAX only
+    b"P7\nWIDTH " + b"0" * 255 + b"3\nHEIGHT 2\nDEPTH 1\nMAXVAL 255\nENDHDR\n",  # a value over 255 bytes
+    b"P7\nWIDTH 3\nHEIGHT 2\nMAXVAL 255\nENDHDR\n",  # no DEPTH
+    b"P7\nENDHDR\n" + _PAM_FIELDS,
+    b"P7\n" + _PAM_FIELDS + b"TUPLTYPE \nENDHDR\n",  # the value is the next line's ENDHDR
+    b"P7\n" + _PAM_FIELDS + b"TUPLTYPE grayscale\nENDHDR\n",
+    b"P7\nWIDTH 3\nHEIGHT 2\nDEPTH 5\nMAXVAL 255\nTUPLTYPE RGB_ALPHA\nENDHDR\n",
+    b"P7\nWIDTH 3\nHEIGHT 2\nDEPTH 2\nMAXVAL 255\nENDHDR\n",  # a layout OpenCV cannot tell
+    b"P7\nWIDTH 3\nHEIGHT 2\nDEPTH 1\nMAXVAL 1023\nENDHDR\n",
+])
+def test_a_pam_header_opencv_refuses_is_refused(header):
+    """Oracle: OpenCV's decode refuses each (the int() and line-split reader took most of them)."""
+    from degrade.io import image_size
+
+    data = header + bytes(range(0, 144, 2))
+    assert _opencv_pam(data) is None
+    for read in (image_size, decode_image):
+        with pytest.raises(ImageError, match="not a readable image"):
+            read(data)
+    from degrade.io import _pam_header
+
+    with pytest.raises(ValueError):
+        _pam_header(data)
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r"])
+def test_a_pam_reads_its_colour_and_alpha_as_stored_at_either_line_end(tmp_path, newline):
+    """A CR-ended PAM is read as stored too, alpha apart. Oracle: the bytes written. (After a CR LF ending
+    ENDHDR, OpenCV takes the LF for the first sample: its image, shifted a byte, is what decode_image reads.)"""
+    samples = np.random.default_rng(7).integers(0, 256, (3, 4, 4), np.uint8)
+    header = b"P7\nWIDTH 4\nHEIGHT 3\nDEPTH 4\nMAXVAL 255\nTUPLTYPE RGB_ALPHA\nENDHDR\n"
+    path = tmp_path / "a.pam"
+    path.write_bytes(header.replace(b"\n", newline) + samples.tobytes())
+    rgb, alpha = degrade.io.read_image_alpha(path)
+    np.testing.assert_array_equal(np.round(rgb * 255), samples[..., :3])
+    np.testing.assert_array_equal(alpha, samples[..., 3])
+
+
+def test_a_pam_claiming_too_many_pixels_is_refused_before_decoding(monkeypatch):
+    """The size read from a PAM header goes through the pixel cap like any other; a header that ends past
+    PNM_HEADER_BYTES is refused unread (OpenCV reads it; the window keeps the header read bounded)."""
+    from degrade.io import PNM_HEADER_BYTES
+
+    claim = b"P7\r#ENDHDR\rWIDTH 100000\rHEIGHT 100000\rDEPTH 3\rMAXVAL 255\rTUPLTYPE RGB\rENDHDR\r"
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded despite the header"))
+    with pytest.raises(ImageError, match="above the 100 MP limit"):
+        decode_image(claim + bytes(30))
+    far = b"P7\n#" + b"c" * PNM_HEADER_BYTES + b"\nWIDTH 1\nHEIGHT 1\nDEPTH 1\nMAXVAL 255\nENDHDR\n\x00"
+    with pytest.raises(ImageError, match="not a readable image"):
+        decode_image(far)

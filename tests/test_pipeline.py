@@ -60,6 +60,18 @@ def test_non_square_images_work(photo):
     assert apply(hr, sample_params(3, rng_for(404))).shape == (24, 40, 3)
 
 
+def _levels(full: int) -> np.ndarray:
+    """A (128, 128, 3) float32 image of random integer levels from 0 to `full` (both present), not divided."""
+    img = np.random.default_rng(full).integers(0, full + 1, (128, 128, 3)).astype(np.float32)
+    img[0, 0] = 0, full, 0
+    return img
+
+
+# Random RGB in [0, 1] normalised by ImageNet's mean and std, as torchvision's Normalize does: about -2.1 to 2.6
+_IMAGENET = ((_levels(255) / 255 - np.float32([0.485, 0.456, 0.406])) / np.float32([0.229, 0.224, 0.225])
+             ).astype(np.float32)
+
+
 @pytest.mark.parametrize(
     "hr,message",
     [
@@ -77,11 +89,21 @@ def test_non_square_images_work(photo):
         (np.full((128, 128, 3), 65535, np.float32), r"to 65535 \(a 16-bit image: divide by 65535\)"),
         # a hair above 1 (a float resize's overshoot) is no 8-bit image: the hint says what it is
         (np.full((128, 128, 3), np.nextafter(np.float32(1), np.float32(2))), r"to 1.00000012 \(a resize's overshoot"),
+        # 10- and 12-bit samples were told to divide by 65535: a 64x or 16x dark image passed
+        (_levels(1023), r"to 1023 \(likely a 10-bit image: divide by its full scale, 1023 \("),
+        (_levels(4095), r"to 4095 \(likely a 12-bit image: divide by its full scale, 4095 \("),
+        (_levels(16383), r"to 16383 \(likely a 14-bit image: divide by its full scale, 16383 \("),
+        (_levels(20000), r"to 20000 \(a 16-bit image: divide by 65535\)$"),
+        # normalised data was told to divide by 255
+        (_IMAGENET, r"-2.1\d* to 2.6\d* \(normalised data, as by mean/std: undo it, values must be in \[0, 1\]\)$"),
+        (_levels(1) * 2 - 1, r"from -1 to 1 \(normalised data"),
+        (_levels(255) - 100, r"from -100 to 155$"),  # an offset: no scale fixes it
     ],
 )
 def test_bad_hr_is_refused(hr, message):
-    with pytest.raises(DegradeError, match=message):
+    with pytest.raises(DegradeError, match=message) as caught:
         apply(hr, sample_params(1, rng_for(0)))
+    assert "\n" not in str(caught.value)
 
 
 def test_a_uint8_hr_is_read_as_x_over_255(hr_patch, tmp_path):
