@@ -194,17 +194,23 @@ def pair_name(path: Path, root: Path, *, strip: bool = True, tag: re.Pattern = P
     return (rel.parent / (stem or rel.stem)).as_posix()  # a name that is all tag (x4.png) stays itself
 
 
+def _x_ending(path: Path) -> str | None:
+    """A name's x + digits ending, whatever precedes it (babyx4, 0801x4, comic_x4: "x4"), else None."""
+    m = LOOSE_TAG.search(path.stem)
+    return m.group(0).lower() if m else None
+
+
 def _loose_tag(path: Path) -> str | None:
     """The x + digits ending of a name that PAIR_TAG leaves alone (after a letter: babyx4), else None."""
-    m = LOOSE_TAG.search(path.stem)
-    return m.group(0).lower() if m and not PAIR_TAG.search(path.stem) else None
+    return _x_ending(path) if not PAIR_TAG.search(path.stem) else None
 
 
 def match_pairs(lr_files: list[Path], lr_root: Path, hr_files: list[Path], hr_root: Path) -> list[tuple[Path, Path]]:
     """Each LR file with its HR file, by name: the same name; else the LR's name without its tag equal to an
     HR's name (0801x4 -> 0801); else both without their tags (Canon_001_LR4 -> Canon_001 <- Canon_001_HR);
-    else, where the LR names of its folder share its x + digits tag (all of them, or two or more), the same
-    two with it taken for a tag after a letter too (babyx4 -> baby).
+    else, for a name with x + digits after a letter, where every LR name of its folder ends in that x + digits
+    (after anything: babyx4 beside 0801x4 and comic_x4) or two or more of them after a letter, the same two
+    with it taken for a tag (babyx4 -> baby).
     The first rule that finds one partner decides; several at once, an HR claimed twice or a file left
     without a partner is a DASRError naming it."""
     hr_by_name: dict[str, Path] = {}
@@ -214,16 +220,18 @@ def match_pairs(lr_files: list[Path], lr_root: Path, hr_files: list[Path], hr_ro
         if other != f:  # a.png and a.jpg
             raise DASRError(f"{other} and {f}: two HR images of one name; keep one")
         hr_by_stem.setdefault(pair_name(f, hr_root), []).append(f)
-    # x + digits after a letter is a tag where its folder's LR names share it (Set5's x4 on each file, or on
-    # two or more): a lone fox2.png among other names would otherwise pair with an HR named fo. Per folder:
-    # one evaluation may hold several benchmarks, each named its own way
+    # x + digits after a letter is a tag where its folder's LR names share it: all of them end in it, whatever
+    # precedes it (Set5's x4 on each file, a DIV2K 0801x4 or a comic_x4 among them), or two or more after a
+    # letter (a PAIR_TAG's owl_x2 or 0801x2 is no company): a lone fox2.png among other names would otherwise
+    # pair with an HR named fo. Per folder: one evaluation may hold several benchmarks, each named its own way
     tags = {f: _loose_tag(f) for f in lr_files}
     shared, sizes = Counter((f.parent, t) for f, t in tags.items()), Counter(f.parent for f in lr_files)
+    endings = Counter((f.parent, _x_ending(f)) for f in lr_files)
     pairs, taken = [], {}
     for lr in lr_files:
         name, stem = pair_name(lr, lr_root, strip=False), pair_name(lr, lr_root)
-        n = shared[(lr.parent, tags[lr])]
-        tagged = tags[lr] is not None and (n >= 2 or n == sizes[lr.parent])
+        tag = tags[lr]
+        tagged = tag is not None and (shared[(lr.parent, tag)] >= 2 or endings[(lr.parent, tag)] == sizes[lr.parent])
         loose = pair_name(lr, lr_root, tag=LOOSE_TAG) if tagged else stem
         for found in ([hr_by_name[name]] if name in hr_by_name else [],
                       [hr_by_name[stem]] if stem in hr_by_name else [], hr_by_stem.get(stem, []),

@@ -172,7 +172,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Any) -> TrainConfig:
         """A config read from a checkpoint: unknown keys, a missing or bad model config and values of the
-        wrong type are refused (DASRError)."""
+        wrong type or out of bounds are refused (DASRError), but for what configs saved before the bounds
+        may hold past them: a count of _CLAMPED reads as its bound (the same run), a max_minutes as None
+        (the saving call's budget: a resume takes its own call's)."""
         if not isinstance(d, dict):
             raise DASRError("train config: expected a mapping")
         unknown = sorted(set(d) - {f.name for f in fields(cls)}, key=str)
@@ -182,6 +184,13 @@ class TrainConfig:
             raise DASRError("train config: no model config")
         d = dict(d)
         d["model"] = DASRConfig.from_dict(d["model"])
+        for name in _CLAMPED:
+            value, high = d.get(name), _BOUNDS[name][1]
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > high:
+                d[name] = high
+        budget = d.get("max_minutes")
+        if isinstance(budget, numbers.Real) and not isinstance(budget, bool) and not 0 <= budget <= MAX_MINUTES:
+            d["max_minutes"] = None  # also inf and nan, which the older --max-minutes took
         d.setdefault("ema_warmup", False)  # configs written before the warm-up existed trained without it
         try:
             if "betas" in d:
@@ -223,6 +232,13 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "regression_weight": (0, None), "ema_decay": (0, 1), "max_minutes": (0, MAX_MINUTES), "gan_weight": (0, None),
     "perceptual_weight": (0, None),
 }
+# Counts that configs saved before the bounds may hold past them (their options were unbounded), read from a
+# checkpoint as their bound: each is compared with a step or a count that no run reaches (10^15 steps, 10^6
+# checkpoints kept), so the run goes on as it was. val_samples scores the shards' first min(n, val_samples):
+# the same where they hold at most 10^6. steps is also an unfitted cosine's end (a fitted one is
+# min(steps, fitted)): the rates agree to the bit for 5.8 million steps past the warm-up, within 3e-14 of lr
+# at 10^8. warmup_steps is not one: the warm-up's rate divides by it (lr_at), clamping would raise every step's rate.
+_CLAMPED = ("steps", "teacher_steps", "val_every", "ckpt_every", "log_every", "keep_checkpoints", "val_samples")
 
 # (strategy, channels_last) pairs that expert_impl "auto" times on a GPU: each strategy in its best layout
 AUTO_CANDIDATES = (("grouped", False), ("dense", True), ("stacked", True), ("bmm", False), ("folded", True))

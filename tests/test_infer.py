@@ -537,6 +537,24 @@ def test_an_x_tag_after_a_letter_is_a_tag_only_where_every_lr_name_ends_in_it(tm
         pair(["fox2.png", "owl_x2.png", "0801x2.png", "cat.png"], ["fo.png", "owl.png", "0801.png", "cat.png"])
 
 
+@pytest.mark.parametrize("lrs,hrs", [
+    (["babyx4.png", "0801x4.png"], ["baby.png", "0801.png"]),  # after a digit: PAIR_TAG's tag, the same x4
+    (["babyx4.png", "comic_x4.png", "img_x4.png"], ["baby.png", "comic.png", "img.png"]),  # after a separator
+])
+def test_an_x_tag_after_a_letter_is_a_tag_where_every_lr_name_ends_in_it_whatever_precedes_it(tmp_path, lrs, hrs):
+    """"All of them" counts every LR name that ends in the x + digits, not only those after a letter: babyx4
+    beside 0801x4 or comic_x4 pairs with baby (it had no partner once PAIR_TAG's names stopped counting)."""
+    from dasr_model.evaluate import match_pairs
+
+    for side, names in (("lr", lrs), ("hr", hrs)):
+        (tmp_path / side).mkdir()
+        for n in names:
+            (tmp_path / side / n).touch()
+    pairs = match_pairs([tmp_path / "lr" / n for n in lrs], tmp_path / "lr", [tmp_path / "hr" / n for n in hrs],
+                        tmp_path / "hr")
+    assert sorted((a.name, b.name) for a, b in pairs) == sorted(zip(lrs, hrs))
+
+
 @pytest.mark.parametrize("case,message", [
     ("unpaired", "1 HR image(s) without an LR partner, e.g. "),
     ("twice", "two LR images pair with "),

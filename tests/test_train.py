@@ -559,6 +559,67 @@ def test_cli_resume_says_from_where_and_stops_when_done(shards, tmp_path):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_checkpoint_saved_before_the_bounds_resumes_and_a_new_run_past_them_is_refused(shards, tmp_path):
+    """A config saved before TrainConfig had bounds may hold values past them: a huge --steps (how a cosine
+    fit to --max-minutes was asked for) and a --max-minutes over 10^7. The budget is the saving call's (a
+    resume takes its own) and a step count past MAX_STEPS reads as MAX_STEPS, which no run reaches: the
+    resume goes on, with --steps or without (its fitted end stops it). A new run past the bounds is refused."""
+    from dasr_model.checkpoints import save_checkpoint
+    from dasr_model.errors import DASRError
+    from dasr_model.train import MAX_STEPS
+
+    args = ["--shards", shards, "--workers", "0", "--device", "cpu", "--blocks", "1", "--features", "8", "--experts",
+            "2", "--lr-crop", "8", "--batch-size", "2", "--lr-schedule", "cosine"]
+    for name, fitted in (("given", None), ("fitted", 3)):
+        run = tmp_path / name
+        assert CliRunner().invoke(train_cli, [*args, "--out", str(run), "--steps", "2"]).exit_code == 0
+        ckpt = load_checkpoint(run / "ckpt-2.pt")
+        ckpt["config"].update(steps=2**63 - 1, max_minutes=1e8)  # as the older version saved them
+        if fitted is not None:
+            ckpt["schedule_steps"] = fitted  # the end it fitted to its budget
+        save_checkpoint(run / "ckpt-2.pt", ckpt)
+    res = CliRunner().invoke(train_cli, [*args[:2], "--out", str(tmp_path / "given"), "--resume", "--workers", "0",
+                                         "--device", "cpu", "--steps", "20", "--max-minutes", "1"])
+    assert res.exit_code == 0 and "resuming from ckpt-2.pt (step 2 of 20)" in " ".join(res.output.split()), res.output
+    assert load_checkpoint(tmp_path / "given" / "ckpt-20.pt")["config"]["max_minutes"] == 1
+    res = CliRunner().invoke(train_cli, [*args[:2], "--out", str(tmp_path / "fitted"), "--resume", "--workers", "0",
+                                         "--device", "cpu", "--max-minutes", "1"])
+    assert res.exit_code == 0 and "resuming from ckpt-2.pt (step 2 of 3)" in " ".join(res.output.split()), res.output
+    assert json.loads((tmp_path / "fitted" / "config.json").read_text())["steps"] == MAX_STEPS
+    res = CliRunner().invoke(train_cli, [*args, "--out", str(tmp_path / "new"), "--steps", str(2**63 - 1)])
+    assert res.exit_code == 2 and "--steps" in res.output and not (tmp_path / "new").exists()
+    with pytest.raises(DASRError, match=f"^train config: steps must be from 1 to {MAX_STEPS}, got {2**63 - 1}$"):
+        TrainConfig(shards=shards, out=str(tmp_path / "new"), steps=2**63 - 1)
+
+
+def test_a_saved_config_reads_counts_past_their_bounds_as_the_bound_and_a_budget_past_it_as_none():
+    """From a checkpoint, the counts that are only compared with a step or a number of things (past their
+    bound they act as it) read as their bound, and a budget past its bound as None; a warm-up past it is
+    refused (the rate divides by it: clamping would change every step's), a wrong type too, and a new config
+    past the bounds in the same line as before."""
+    from dasr_model.errors import DASRError
+    from dasr_model.train import MAX_STEPS
+
+    good = TrainConfig(shards="s", out="o", model=TINY).to_dict()
+    huge = {"steps": 2**63 - 1, "teacher_steps": 10**20, "val_every": 10**16, "ckpt_every": 10**16,
+            "log_every": 10**400, "keep_checkpoints": 10**7, "val_samples": 2_000_000}
+    old = TrainConfig.from_dict({**good, **huge, "max_minutes": 1e8})
+    assert (old.steps, old.teacher_steps, old.val_every, old.ckpt_every, old.log_every) == (MAX_STEPS,) * 5
+    assert (old.keep_checkpoints, old.val_samples, old.max_minutes) == (10**6, 10**6, None)
+    for budget in (float("inf"), float("nan"), 10**400):
+        assert TrainConfig.from_dict({**good, "max_minutes": budget}).max_minutes is None
+    assert TrainConfig.from_dict({**good, "max_minutes": 90.0}).max_minutes == 90.0  # within: kept as saved
+    with pytest.raises(DASRError, match=f"^train config: warmup_steps must be from 0 to {MAX_STEPS}, got 10+1$"):
+        TrainConfig.from_dict({**good, "warmup_steps": MAX_STEPS + 1})
+    with pytest.raises(DASRError, match="^train config: max_minutes must be float or null, got '90'$"):
+        TrainConfig.from_dict({**good, "max_minutes": "90"})  # a wrong type is still refused
+    for name, value in huge.items():
+        with pytest.raises(DASRError, match=f"^train config: {name} must be from "):
+            TrainConfig(shards="s", out="o", **{name: value})
+    with pytest.raises(DASRError, match="^train config: max_minutes must be a finite number from 0 to 10000000, "):
+        TrainConfig(shards="s", out="o", max_minutes=1e8)
+
+
 def test_ema_decay_warms_up_like_tensorflows_and_reaches_the_set_decay():
     from dasr_model.train import ema_decay_at
 
