@@ -1137,7 +1137,7 @@ def test_auto_on_a_gpu_takes_the_fastest_candidate_and_training_applies_it(shard
     assert run["expert_impl_probe_ms"] == {"grouped": 4.0, "stacked channels_last": 2.0}
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # skipped without a CUDA device (conftest.py)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1153,12 +1153,19 @@ def test_probe_times_every_candidate_for_real_under_bf16(device):
     assert set(times) == set(AUTO_CANDIDATES) and all(t > 0 for t in times.values())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_auto_probes_and_trains(shards, tmp_path):
-    from dasr_model.train import AUTO_CANDIDATES
+@pytest.mark.cuda
+def test_cuda_auto_takes_the_graphs_choice_or_probes_and_trains(shards, tmp_path):
+    """dasr-train's defaults on a GPU: bf16, a CUDA graph, and with more than one expert GRAPH_CHOICE untimed;
+    without the graph (--no-cuda-graph) expert_impl auto times every candidate. Both train."""
+    from dasr_model.train import AUTO_CANDIDATES, GRAPH_CHOICE
 
+    assert TINY.num_experts > 1
     train(_cfg(shards, tmp_path / "run", 2, device="cuda"))
     run = json.loads((tmp_path / "run" / "config.json").read_text())["run"]
+    assert (run["expert_impl"], run["memory_format"] == "channels_last") == GRAPH_CHOICE
+    assert not run.get("expert_impl_probe_ms") and run["dtype"] == "bfloat16 autocast"
+    train(_cfg(shards, tmp_path / "eager", 2, device="cuda", cuda_graph=False))
+    run = json.loads((tmp_path / "eager" / "config.json").read_text())["run"]
     assert len(run["expert_impl_probe_ms"]) == len(AUTO_CANDIDATES) and run["dtype"] == "bfloat16 autocast"
 
 
