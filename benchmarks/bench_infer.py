@@ -13,7 +13,8 @@ at the release's init), milliseconds per image, median of --repeats after --warm
   (`super_resolve(..., dtype=torch.bfloat16, channels_last=True)`);
 - on CUDA, experiments dasr-sr does not run: the bf16 path with cudnn.benchmark (cuDNN times its
   algorithms per shape), and the fused network's forward as a CUDA graph (fp32 and bf16; the fuse
-  still runs per call, into the weights the graph reads), which removes the per-layer launch cost;
+  still runs per call, into the weights the graph reads), which removes the per-layer launch cost, and
+  in bf16 the fuse and the network as one graph (the fuse waits for nothing on the host: recordable);
 - with --compile SIZES, last (after --profile), in a table of its own: at those sizes (also in --sizes)
   the bf16 channels_last fused network through torch.compile in the default and reduce-overhead modes
   (inductor fuses the convolutions' bias adds, the activations and the pixel shuffles; the fuse still
@@ -98,10 +99,12 @@ def fuse_once(model: DASR, a: torch.Tensor, **kwargs) -> torch.Tensor:
 
 
 def graphed(model: DASR, lr: torch.Tensor, a: torch.Tensor, dtype: torch.dtype | None,
-            channels_last: bool) -> Callable[[], torch.Tensor]:
+            channels_last: bool, with_fuse: bool = False) -> Callable[[], torch.Tensor]:
     """The fused network's forward as a CUDA graph, built on the first call (after cuDNN's search, on a
     side stream, as CUDA graphs need): each call fuses the mix into the same reused network (its weights
-    stay where the graph reads them), copies lr into the graph's input and replays it."""
+    stay where the graph reads them), copies lr into the graph's input and replays it. `with_fuse`: the
+    fuse is recorded too (it keeps the mix on the device: no host wait), and each call copies lr and a
+    into the graph's inputs and replays the whole of it, on a network of its own."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     state: dict[str, object] = {}
 
@@ -111,23 +114,33 @@ def graphed(model: DASR, lr: torch.Tensor, a: torch.Tensor, dtype: torch.dtype |
 
     def replay(net: torch.nn.Module) -> torch.Tensor:
         if "graph" not in state:
-            static_x = lr.contiguous(memory_format=fmt).clone()
+            static_x, static_a = lr.contiguous(memory_format=fmt).clone(), a.clone()
+
+            def forward() -> torch.Tensor:
+                if with_fuse:
+                    model.generator.fuse(static_a, into=net)
+                return net(static_x)
+
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(3):
-                    net(static_x)
+                    forward()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_y = net(static_x)
-            state.update(graph=graph, x=static_x, y=static_y, net=net)
+                static_y = forward()
+            state.update(graph=graph, x=static_x, a=static_a, y=static_y, net=net)
         if state["net"] is not net:
             raise RuntimeError("the reused network changed under the graph")
         state["x"].copy_(lr)  # type: ignore[union-attr]
+        state["a"].copy_(a)  # type: ignore[union-attr]
         state["graph"].replay()  # type: ignore[union-attr]
         return state["y"].clone()  # type: ignore[union-attr]  # the next replay overwrites the graph's output
 
+    if with_fuse:  # a network of its own, which the graph fuses into (the thread's reused one is another row's)
+        own = fuse_experts(model.generator, a, dtype=dtype, channels_last=channels_last)
+        return lambda: replay(own)
     return run
 
 
@@ -206,6 +219,9 @@ def main() -> None:
                        {"benchmark": True}),
                       ("fused bf16 channels_last, cudnn.benchmark + CUDA graph",
                        graphed(model, lr, a, torch.bfloat16, True),
+                       {"dtype": torch.bfloat16, "channels_last": True, "benchmark": True}),
+                      ("fused bf16 channels_last, cudnn.benchmark + CUDA graph of fuse and network",
+                       graphed(model, lr, a, torch.bfloat16, True, with_fuse=True),
                        {"dtype": torch.bfloat16, "channels_last": True, "benchmark": True})]
         base_ms, base_out = None, None
         for label, fn, fuse_kw in paths:

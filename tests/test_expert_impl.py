@@ -284,6 +284,44 @@ def test_the_fused_network_is_reused_per_thread_and_never_mixes_models():
     assert results == {0: [True] * 20, 1: [True] * 20}
 
 
+def test_fuse_reads_nothing_back_and_follows_the_weights_as_they_change():
+    """The fuse keeps a on the device: nothing reads a value back to the host (.tolist(), .item(), float():
+    on a GPU a wait, and no CUDA graph could record it; and the operator behind them on a device). Its views
+    of the experts and buffer are made once, yet it follows every change of the weights: in place (an
+    optimiser step, or through .data, which leaves the version alone), a new dtype."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    read_back = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__int__,
+                 torch.Tensor.__bool__, torch.Tensor.numpy}
+
+    class NoReadBack(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            assert func not in read_back, f"a value read back to the host: {func.__name__}"
+            return func(*args, **(kwargs or {}))
+
+    class NoScalarOp(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            assert func is not torch.ops.aten._local_scalar_dense.default, "a value read back to the host"
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(3)
+    model = DASR(DASRConfig(num_experts=3, num_feat=8, num_block=2, predictor_feat=8)).eval()
+    lr, a = torch.rand(1, 3, 9, 8), torch.rand(1, 3)
+    gen = model.generator
+    with torch.no_grad():
+        net = gen.fuse(a)
+        with NoReadBack(), NoScalarOp():
+            assert gen.fuse(a, into=net) is net
+        torch.testing.assert_close(net(lr), model.sr(lr, a), rtol=0, atol=1e-5)
+        gen.conv_first.weight.data.mul_(3)  # .data: the parameter's version stays
+        gen.body[1].conv2.bias.add_(0.5)
+        torch.testing.assert_close(gen.fuse(a, into=net)(lr), model.sr(lr, a), rtol=0, atol=1e-5)
+        model.double()  # new storage
+        torch.testing.assert_close(gen.fuse(a.double())(lr.double()), model.sr(lr.double(), a.double()), rtol=0,
+                                   atol=1e-12)
+
+
 def test_a_reused_network_in_use_is_never_overwritten_by_a_nested_call():
     """upscale's on_tile runs between tiles while the thread's network is in use: a callback that fuses
     another model (same size) gets a network of its own, and the outer image keeps its weights."""
@@ -435,6 +473,34 @@ def test_cuda_the_reused_network_follows_the_device_and_the_stream():
                 assert infer._REUSED.entry[0][6] == side
         side.synchronize()
         torch.testing.assert_close(out.cpu(), want, rtol=0, atol=1e-4)
+
+
+@cuda
+def test_cuda_a_graph_records_the_fuse_and_the_network():
+    """The fuse reads nothing back, so a CUDA graph records it with the network: replayed with another mix
+    and image copied into its inputs, it gives what the eager fuse and network give."""
+    torch.manual_seed(6)
+    model = DASR(DASRConfig(num_experts=3, num_feat=16, num_block=2, predictor_feat=8)).cuda().eval()
+    gen = model.generator
+    x, mix = torch.rand(1, 3, 16, 12, device="cuda"), torch.rand(1, 3, device="cuda")
+    with torch.no_grad():
+        net = gen.fuse(mix)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: the fuse's views and buffer, cuDNN's workspaces
+                gen.fuse(mix, into=net)
+                net(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            gen.fuse(mix, into=net)
+            y = net(x)
+        lr, a = torch.rand(1, 3, 16, 12, device="cuda"), torch.rand(1, 3, device="cuda")
+        x.copy_(lr)
+        mix.copy_(a)
+        graph.replay()
+        torch.testing.assert_close(y, gen.fuse(a)(lr), rtol=0, atol=1e-6)
 
 
 @cuda
