@@ -174,7 +174,7 @@ class TrainConfig:
         """A config read from a checkpoint: unknown keys, a missing or bad model config and values of the
         wrong type or out of bounds are refused (DASRError), but for what configs saved before the bounds
         may hold past them: a count of _CLAMPED reads as its bound (the same run), a max_minutes as None
-        (the saving call's budget: a resume takes its own call's)."""
+        and a workers as its bound (the saving call's: a resume takes its own call's)."""
         if not isinstance(d, dict):
             raise DASRError("train config: expected a mapping")
         unknown = sorted(set(d) - {f.name for f in fields(cls)}, key=str)
@@ -191,6 +191,9 @@ class TrainConfig:
         budget = d.get("max_minutes")
         if isinstance(budget, numbers.Real) and not isinstance(budget, bool) and not 0 <= budget <= MAX_MINUTES:
             d["max_minutes"] = None  # also inf and nan, which the older --max-minutes took
+        workers = d.get("workers")  # the saving call's too (a resume takes its own call's): read as the bound
+        if isinstance(workers, numbers.Integral) and not isinstance(workers, bool) and workers > _BOUNDS["workers"][1]:
+            d["workers"] = _BOUNDS["workers"][1]
         d.setdefault("ema_warmup", False)  # configs written before the warm-up existed trained without it
         try:
             if "betas" in d:

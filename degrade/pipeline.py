@@ -30,13 +30,14 @@ MAX_GROWTH, MIN_WORK_CAP = 4, 1 << 24  # resize1 may make at most max(4 x the in
 def _range_hint(low: float, high: float) -> str:
     """The likely cause of HR values from `low` to `high` (outside [0, 1]) and its fix, on one line; "" where
     none fits (NaN, inf, an offset range). A full scale is named only where the values start near 0 (low >=
-    -0.1 x high: a resize's undershoot at most): 255 up to 300 (a resize's overshoot), 1023 or 4095 up to 1.2x
+    -0.25 x high, a resize's undershoot: OpenCV's Lanczos on a 1-px line reaches -18 %; -0.1 x high at most
+    10, where normalised data lies): 255 up to 300 (a resize's overshoot), 1023 or 4095 up to 1.2x
     each, 16383 up to itself, 65535 past it (a 12-bit image told to divide by 65535 passed, 16x dark). Values
     well below 0, within +-10, are normalised data (ImageNet's mean/std: about -2.1 to 2.6; [-1, 1]), once told
     to divide by 255."""
     if not (math.isfinite(low) and math.isfinite(high)):
         return ""
-    if 1.5 < high <= 70000 and low >= -0.1 * high:
+    if 1.5 < high <= 70000 and low >= -(0.25 if high > 10 else 0.1) * high:
         if high <= 300:
             return "an 8-bit image: divide by 255, or pass it as uint8"
         if high > 16383:

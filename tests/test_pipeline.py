@@ -70,6 +70,16 @@ def _levels(full: int) -> np.ndarray:
 # Random RGB in [0, 1] normalised by ImageNet's mean and std, as torchvision's Normalize does: about -2.1 to 2.6
 _IMAGENET = ((_levels(255) / 255 - np.float32([0.485, 0.456, 0.406])) / np.float32([0.229, 0.224, 0.225])
              ).astype(np.float32)
+_STEP = np.zeros((64, 64, 3), np.float32)
+_STEP[:, 32:] = 255  # 8-bit levels, not divided
+_LINE = np.zeros((64, 64, 3), np.float32)
+_LINE[:, 32] = 255
+
+
+def _lanczos_x2(img: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(img, None, fx=2, fy=2, interpolation=cv2.INTER_LANCZOS4)
 
 
 @pytest.mark.parametrize(
@@ -98,6 +108,9 @@ _IMAGENET = ((_levels(255) / 255 - np.float32([0.485, 0.456, 0.406])) / np.float
         (_IMAGENET, r"-2.1\d* to 2.6\d* \(normalised data, as by mean/std: undo it, values must be in \[0, 1\]\)$"),
         (_levels(1) * 2 - 1, r"from -1 to 1 \(normalised data"),
         (_levels(255) - 100, r"from -100 to 155$"),  # an offset: no scale fixes it
+        # 0-255 floats resized by OpenCV's Lanczos: a step edge undershoots by 10 %, a 1-px line by 17 %
+        (_lanczos_x2(_STEP), r"from -28.5\d* to 283.5\d* \(an 8-bit image"),
+        (_lanczos_x2(_LINE), r"from -38.8\d* to 227.8\d* \(an 8-bit image"),
     ],
 )
 def test_bad_hr_is_refused(hr, message):

@@ -609,6 +609,9 @@ def test_a_saved_config_reads_counts_past_their_bounds_as_the_bound_and_a_budget
     for budget in (float("inf"), float("nan"), 10**400):
         assert TrainConfig.from_dict({**good, "max_minutes": budget}).max_minutes is None
     assert TrainConfig.from_dict({**good, "max_minutes": 90.0}).max_minutes == 90.0  # within: kept as saved
+    assert TrainConfig.from_dict({**good, "workers": 2000}).workers == 1024  # the saving call's, as the budget
+    with pytest.raises(DASRError, match="^train config: workers must be from 0 to 1024, got 2000$"):
+        TrainConfig(shards="s", out="o", workers=2000)
     with pytest.raises(DASRError, match=f"^train config: warmup_steps must be from 0 to {MAX_STEPS}, got 10+1$"):
         TrainConfig.from_dict({**good, "warmup_steps": MAX_STEPS + 1})
     with pytest.raises(DASRError, match="^train config: max_minutes must be float or null, got '90'$"):
