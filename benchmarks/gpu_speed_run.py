@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     # the discriminator's x2 up-sampling, a quarter of the GAN step (PyTorch's NHWC kernels: 37 of 134 ms at
     # batch 48 on an H200): each way alone, then the graphed folded channels_last GAN step with each; both
     # tables appended to train.md (eight files come back from a device call)
+    # the step table alone (before the up-sampling tables below are appended): what the compile step builds on
+    eager_rows = step_rows((out / "train.md").read_text()) if (out / "train.md").exists() else []
     if args.smoke:  # eager steps: a CPU records no CUDA graph
         up_args = ["--batch", "2", "--sr", "32", "--warmup", "0", "--repeats", "1"]
         up_train = ["--batch-sizes", "2", "--lr-size", "8", "--warmup", "0", "--repeats", "1", "--precision", "bf16"]
@@ -323,7 +325,6 @@ def main(argv: list[str] | None = None) -> int:
     step(out, "bf16", [py, "benchmarks/gpu_speed_run.py", "--bf16-only", "--out", str(out),
                        *(["--model", args.model] if args.model else []), *(["--smoke"] if args.smoke else [])],
          out / "bf16.md", allowed("bf16"))
-    eager_rows = step_rows((out / "train.md").read_text()) if (out / "train.md").exists() else []
     best = fastest_eager(eager_rows) or "dense:cl"
     want = 2 if args.smoke else 48
     largest = max([int(r["batch"]) for r in eager_rows] or [want])
