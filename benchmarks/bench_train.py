@@ -261,6 +261,7 @@ def main() -> None:
                     help="also time the float32 step with the grouped strategy in NCHW and the discriminator's "
                          "F.interpolate up-sampling (the release's way; on CUDA the other rows are bf16), the base "
                          "of the speed-up column")
+    ap.add_argument("--gan-only", action="store_true", help="time the GAN rows alone (implies --gan)")
     ap.add_argument("--disc-upsample", default="auto",
                     help="the discriminator's x2 up-sampling in the GAN rows, comma-separated, a row each: "
                          f"{','.join(DISC_UPSAMPLES)} (UNetDiscriminatorSN.upsample; the float32 baseline: "
@@ -270,6 +271,7 @@ def main() -> None:
         impl_runs = parse_impls(args.impl, args.channels_last)
     except ValueError as exc:
         ap.error(f"--impl: {exc}")
+    gan_settings = (True,) if args.gan_only else (False, True) if args.gan else (False,)
     ups = list(dict.fromkeys(u.strip() for u in args.disc_upsample.split(",") if u.strip()))
     if not ups or (unknown := [u for u in ups if u not in DISC_UPSAMPLES]):
         ap.error(f"--disc-upsample: choose from {', '.join(DISC_UPSAMPLES)}")
@@ -294,7 +296,7 @@ def main() -> None:
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     if args.profile_only:  # the rows' order: each batch, without GAN first, each strategy
         for b in (int(x) for x in args.batch_sizes.split(",")):
-            for gan in ((False, True) if args.gan else (False,)):
+            for gan in gan_settings:
                 for impl, cl in impl_runs:
                     for mode in ("off", "graph") if args.cuda_graph else ("off",):
                         print_profile(device, b, gan, impl, cl, args.lr_size, bf16, mode)
@@ -313,7 +315,7 @@ def main() -> None:
               "|---:|---|---|---|---|---|---:|---:|---:|---:|---|")
         profiles = []
         for b in (int(x) for x in args.batch_sizes.split(",")):
-            for gan in ((False, True) if args.gan else (False,)):
+            for gan in gan_settings:
                 runs = [("float32", "grouped", False, "off", "interpolate")] if fp32_base else []
                 eager = () if args.compile_only and modes else ("off",)
                 runs += [(precision, impl, cl, mode, up) for impl, cl in impl_runs for mode in (*eager, *modes)

@@ -51,6 +51,7 @@ RESERVE_S = 120  # of --total-minutes, kept for what --max-minutes does not coun
 SAFETY_NET_S = 30  # the 1-expert run's time cap beyond its budget (it stops at the 5-expert run's step count)
 START_SLACK_S = 120  # a dasr-train beyond its --max-minutes (start-up, recording, last save) before it is stopped
 STOP_GRACE_S = 60  # after SIGTERM (dasr-train finishes its step and saves), before it is killed
+MIN_RUN_S = 30  # the least a run or an evaluation gets, however late it starts
 
 
 def run_minutes(asked: float, total_minutes: float, elapsed_s: float) -> float:
@@ -61,20 +62,21 @@ def run_minutes(asked: float, total_minutes: float, elapsed_s: float) -> float:
     return max(min(asked, fits), asked / 10)
 
 
-def wait_or_stop(out: Path, name: str, proc: subprocess.Popen, limit: float | None) -> int:
-    """proc's exit code; past `limit` seconds (None: no limit) it is asked to stop (SIGTERM: dasr-train then
-    finishes its step, saves its checkpoint and model file, and exits) and killed STOP_GRACE_S later."""
+def wait_or_stop(out: Path, name: str, proc: subprocess.Popen, limit: float | None) -> tuple[int, bool]:
+    """(proc's exit code, whether it was stopped): past `limit` seconds (None: no limit) it is asked to stop
+    (SIGTERM: dasr-train then finishes its step, saves its checkpoint and model file, and exits 143) and
+    killed STOP_GRACE_S later."""
     try:
-        return proc.wait(timeout=limit)
+        return proc.wait(timeout=limit), False
     except subprocess.TimeoutExpired:
         log(out, f"{name}: still running after {limit:.0f} s: stopping it (SIGTERM)")
         proc.terminate()
         try:
-            return proc.wait(timeout=STOP_GRACE_S)
+            return proc.wait(timeout=STOP_GRACE_S), True
         except subprocess.TimeoutExpired:
             log(out, f"{name}: killed, {STOP_GRACE_S} s after SIGTERM")
             proc.kill()
-            return proc.wait()
+            return proc.wait(), True
 
 
 def shm_workers(free: int, batch: int, patch: int) -> int:
@@ -96,13 +98,15 @@ def log_cmd(out: Path, cmd: list[str]) -> list[str]:
     return cmd
 
 
-def train_run(out: Path, run_dir: Path, name: str, cmd: list[str]) -> bool:
+def train_run(out: Path, run_dir: Path, name: str, cmd: list[str], deadline: float | None = None) -> bool:
     """Run dasr-train `cmd` into a fresh `run_dir` (its console in run_dir.stderr), stopped (wait_or_stop)
-    START_SLACK_S past its --max-minutes. A failure before the first logged step (a path only the GPU
-    takes: the CUDA graph's recording, the expert-impl probe) is logged with the end of its console and
-    retried once on the reference path, --expert-impl grouped --no-cuda-graph (eager, no probe), with
-    --max-minutes less the failed attempt's time (the script's total must hold). False when the run
-    failed for good, so the caller keeps what the other run made."""
+    START_SLACK_S past its --max-minutes or at `deadline` (time.perf_counter(); at least MIN_RUN_S from
+    its start), whichever comes first; stopped, it saves and counts as done where it wrote its model file.
+    A failure before the first logged step (a path only the GPU takes: the CUDA graph's recording, the
+    expert-impl probe) is logged with the end of its console and retried once on the reference path,
+    --expert-impl grouped --no-cuda-graph (eager, no probe), with --max-minutes less the failed attempt's
+    time (the script's total must hold). False when the run failed for good, so the caller keeps what the
+    other run made."""
     spent = 0.0  # seconds of a failed first attempt: the retry's --max-minutes gives them back
     for attempt in ([], ["--expert-impl", "grouped", "--no-cuda-graph"]):  # click keeps an option's last value
         if attempt and "--max-minutes" in cmd:
@@ -116,11 +120,17 @@ def train_run(out: Path, run_dir: Path, name: str, cmd: list[str]) -> bool:
         args = cmd + attempt
         minutes = [float(args[i + 1]) for i, x in enumerate(args[:-1]) if x == "--max-minutes"]
         limit = 60 * minutes[-1] + START_SLACK_S if minutes else None  # the last one counts, as in click
+        if deadline is not None:
+            left = max(deadline - time.perf_counter(), MIN_RUN_S)
+            limit = left if limit is None else min(limit, left)
         with open(err, "w") as console:
             started = time.perf_counter()
             proc = subprocess.Popen(log_cmd(out, args), stdout=subprocess.DEVNULL, stderr=console)
-            code = wait_or_stop(out, name, proc, limit)
+            code, stopped = wait_or_stop(out, name, proc, limit)
         if code == 0:
+            return True
+        if stopped and (run_dir / "model.safetensors").exists():  # it saved on SIGTERM: a run cut short, kept
+            log(out, f"{name}: stopped (exit {code}) after saving its model at step {last_step(run_dir)}")
             return True
         spent = time.perf_counter() - started
         tail = err.read_text(errors="replace")[-3000:]
@@ -326,7 +336,8 @@ def main(argv: list[str] | None = None) -> None:
                "--val-samples", "8" if a.smoke else "96", *LEVER_ARGS, *OPTIM_ARGS, *size,
                *shlex.split(a.extra)]
         t = time.perf_counter()
-        if not train_run(out, run_dir, name, cmd):
+        # each run stopped a minute before the total's end at the latest: the evaluation still gets its turn
+        if not train_run(out, run_dir, name, cmd, deadline=started + 60 * a.total_minutes - 60):
             salvage(out, run_dir, name, experts)
             if name == "5 experts":
                 raise SystemExit(f"{name}: dasr-train failed (log.txt has its errors)")
@@ -385,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
             procs[name] = subprocess.Popen(log_cmd(out, cmd), stdout=stdout, stderr=stderr), files
     for name, (proc, files) in procs.items():
         left = 60 * a.total_minutes - (time.perf_counter() - started)
-        if wait_or_stop(out, f"{name}: dasr-eval", proc, max(left, 60.0) + 60) != 0:
+        if wait_or_stop(out, f"{name}: dasr-eval", proc, max(left, MIN_RUN_S))[0] != 0:
             tail = files[1].read_text(errors="replace")[-3000:]
             log(out, f"{name}: dasr-eval exit {proc.returncode}; its last lines:\n{tail}")
             continue

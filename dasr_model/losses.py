@@ -28,7 +28,9 @@ def upsample2x(x: Tensor, impl: str = "lerp") -> Tensor:
       (:func:`interp_matrix2x`), H then W, on x's memory as it lies (NCHW or channels_last, no copy):
       dense GEMMs on tensor cores, n multiply-adds per output where 2 are needed, but each tensor read
       and written once per axis. Its rounding is a GEMM's: TF32 matmuls, if someone turns them on, round
-      float32 inputs to 10 bits (bf16 rounds to 7 bits either way).
+      float32 inputs to 10 bits (bf16 rounds to 7 bits either way); under autocast a float32 input comes
+      out in the autocast dtype, as a matrix product does (in the discriminator the features are bf16
+      there already, its convolutions' outputs).
     Both backwards are the adjoint with no atomic adds: deterministic."""
     if x.dim() != 4:
         raise ValueError(f"upsample2x takes (N, C, H, W), got {tuple(x.shape)}")

@@ -7,7 +7,6 @@ Module and parameter names follow the released checkpoints, so a released state 
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -315,76 +314,37 @@ class ExpertMSRResNet(nn.Module):
         else:
             plain = into
         # All layers at once: every expert's weights and biases side by side, one row of a (K, P) bank per
-        # expert (_expert_rows), the mix sum_k a_k * row_k in K element-wise kernels into a buffer of the
-        # network's (_plain_target), then one multi-tensor copy into its weights (their dtype and memory
-        # format). Per layer it took about 150 small kernels and 5-6 ms on an H200, then with a multi-tensor sum
-        # per expert over views of the layers 1-1.8 ms, most of it the host's: views, module look-ups, reading
-        # a's K numbers back (a wait for the device). Here a stays on the device, so the host queues the fuse
-        # and the network behind the predictor without waiting, and the views are made once. Summed in float32
-        # at least (a bf16 model's weights too, as the einsum accumulated); a rounded to the model's dtype
-        # first, as the einsum used it.
+        # expert, the mix sum_k a_k * row_k in K element-wise kernels, then one multi-tensor copy into the
+        # network's weights (their dtype and memory format). Per layer it took about 150 small kernels and
+        # 5-6 ms on an H200, then with a multi-tensor sum per expert over views of the layers 1-1.8 ms, most
+        # of it the host's: module look-ups by name, views, reading a's K numbers back (a wait for the
+        # device). Here a stays on the device, so the host queues the fuse and the network behind the
+        # predictor without waiting (and a CUDA graph can record it). Nothing is kept between calls: the
+        # layers are read from the modules as they are now. Summed in float32 at least (a bf16 model's
+        # weights too, as the einsum accumulated); a rounded to the model's dtype first, as the einsum used it.
         acc = torch.promote_types(ref.dtype, torch.float32)
-        names, layers = _expert_layers(self)
-        bank = torch.cat(_expert_rows(self, layers), dim=1)
+        src = [m for layer in _conv_layers(self) for m in (layer.weight, layer.bias)]
+        dst = [m for layer in _conv_layers(plain) for m in (layer.weight, layer.bias)]
+        bank = torch.cat([t.detach().reshape(k, -1) for t in src], dim=1)
         bank = bank if bank.dtype == acc else bank.to(acc)
         coef = a.reshape(k).to(ref.dtype).to(device=bank.device, dtype=acc)
-        convs = _PLAIN_CONVS.get(plain)
-        if convs is None:
-            convs = _PLAIN_CONVS[plain] = [plain.get_submodule(name) for name in names]
-        dst = [c.weight for c in convs] + [c.bias for c in convs]
-        buf, views = _plain_target(plain, dst, acc, bank.device)
-        torch.mul(bank[0], coef[0], out=buf)
+        mixed = bank[0] * coef[0]
         for j in range(1, k):
-            buf.addcmul_(bank[j], coef[j])
-        torch._foreach_copy_(dst, views)
-        if into is None or plain.training or plain.conv_first.weight.requires_grad:
-            plain.requires_grad_(False).eval()
+            mixed.addcmul_(bank[j], coef[j])
+        pieces = mixed.split_with_sizes([t.numel() for t in dst])
+        torch._foreach_copy_(dst, [v.view(t.shape) for v, t in zip(pieces, dst)])
+        for t in dst:
+            t.requires_grad_(False)
+        if plain.training:
+            plain.eval()
         return plain
 
 
-# What fuse looks up once: per generator its expert layers (the structure is fixed at construction) and views
-# of their weights; per plain network its convolutions in the same order, and a buffer to mix into. Weak keys:
-# gone with the module, never deep-copied with it; an entry is set whole, never changed.
-_EXPERT_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_EXPERT_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_PLAIN_CONVS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_PLAIN_TARGETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _expert_layers(gen: nn.Module) -> tuple[list[str], list[ExpertConv2d]]:
-    """The names and modules of `gen`'s expert convolutions, in module order."""
-    found = _EXPERT_LAYERS.get(gen)
-    if found is None:
-        pairs = [(name, m) for name, m in gen.named_modules() if isinstance(m, ExpertConv2d)]
-        found = _EXPERT_LAYERS[gen] = ([name for name, _ in pairs], [m for _, m in pairs])
-    return found
-
-
-def _expert_rows(gen: nn.Module, layers: list[ExpertConv2d]) -> list[Tensor]:
-    """Views (K, n) of the expert layers' weights, then biases, as the rows of fuse's bank: made once per
-    storage (views of the live parameters, so an in-place change shows; new storage, after .to() or a
-    replaced parameter, makes new ones)."""
-    params = [m.weight for m in layers] + [m.bias for m in layers]
-    key = tuple(p.data_ptr() for p in params)
-    cached = _EXPERT_ROWS.get(gen)
-    if cached is None or cached[0] != key:
-        k = params[0].shape[0]
-        cached = _EXPERT_ROWS[gen] = (key, [p.detach().view(k, -1) for p in params])
-    return cached[1]
-
-
-def _plain_target(plain: nn.Module, dst: list[Tensor], dtype: torch.dtype, device: torch.device
-                  ) -> tuple[Tensor, list[Tensor]]:
-    """A buffer of all `dst`'s values in `dtype` on `device`, and its views shaped as each of them: where
-    fuse mixes before copying into the network (made once per network, dtype and device; the network's
-    own: each thread fuses into its own)."""
-    key = (dtype, device, tuple(d.shape for d in dst))
-    cached = _PLAIN_TARGETS.get(plain)
-    if cached is None or cached[0] != key:
-        buf = torch.empty(sum(d.numel() for d in dst), dtype=dtype, device=device)
-        views = [v.view(d.shape) for v, d in zip(buf.split_with_sizes([d.numel() for d in dst]), dst)]
-        cached = _PLAIN_TARGETS[plain] = (key, buf, views)
-    return cached[1], cached[2]
+def _conv_layers(net: nn.Module) -> list[nn.Module]:
+    """The convolutions of a generator, expert or plain, in one fixed order (read from its modules as they
+    are now): conv_first, each block's conv1 and conv2, upconv1, upconv2, conv_hr, conv_last."""
+    return [net.conv_first, *(c for block in net.body for c in (block.conv1, block.conv2)), net.upconv1, net.upconv2,
+            net.conv_hr, net.conv_last]
 
 
 class PlainResidualBlock(nn.Module):
@@ -407,7 +367,8 @@ class MSRResNet(nn.Module):
             raise DASRError("only x4 is implemented (two PixelShuffle(2) stages)")
 
         def conv(i: int, o: int) -> nn.Conv2d:
-            return torch.nn.utils.skip_init(nn.Conv2d, i, o, 3, padding=1, device=device, dtype=dtype)
+            # (skip_init builds on the meta device, then moves to `device`: None would leave it there)
+            return torch.nn.utils.skip_init(nn.Conv2d, i, o, 3, padding=1, device=device or "cpu", dtype=dtype)
 
         self.conv_first = conv(3, num_feat)
         self.body = nn.ModuleList(PlainResidualBlock(conv(num_feat, num_feat), conv(num_feat, num_feat))

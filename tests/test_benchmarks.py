@@ -89,10 +89,10 @@ def test_gpu_train_run_shrinks_the_runs_to_fit_its_total_budget(monkeypatch):
 
 
 def test_gpu_train_run_stops_an_overrunning_trainer_and_salvages_a_failed_run(tmp_path, monkeypatch, ckpt):
-    """A dasr-train still running START_SLACK_S past its --max-minutes gets SIGTERM (on which dasr-train
-    saves and exits; a stand-in that exits 0 on it passes), one that ignores it is killed; a run that failed
-    after training leaves its metrics in OUT and, for 5 experts, a model file exported from its newest
-    checkpoint."""
+    """A dasr-train still running START_SLACK_S past its --max-minutes, or at the script's deadline, gets
+    SIGTERM, on which dasr-train saves its model and exits 143: that run is kept; one that ignores it is
+    killed; a run that failed after training leaves its metrics in OUT and, for 5 experts, a model file
+    exported from its newest checkpoint."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import gpu_train_run as g
 
@@ -100,11 +100,24 @@ def test_gpu_train_run_stops_an_overrunning_trainer_and_salvages_a_failed_run(tm
     monkeypatch.setattr(g, "STOP_GRACE_S", 2)
     out, run_dir = tmp_path / "out", tmp_path / "run"
     out.mkdir()
-    polite = [sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
-              "time.sleep(60)", "--max-minutes", "0"]
+    # as dasr-train on SIGTERM: its last step's line and model file, then exit 143
+    saves = (f"import json, pathlib, signal, sys, time; d = pathlib.Path({str(run_dir)!r}); d.mkdir(exist_ok=True)\n"
+             "def stop(*a):\n    (d / 'metrics.jsonl').write_text(json.dumps({'step': 7}) + '\\n')\n"
+             "    (d / 'model.safetensors').write_bytes(b'm'); sys.exit(143)\n"
+             "signal.signal(signal.SIGTERM, stop); time.sleep(60)")
     start = time.perf_counter()
-    assert g.train_run(out, run_dir, "5 experts", polite) and time.perf_counter() - start < 30
-    assert "5 experts: still running after 0 s: stopping it (SIGTERM)" in (out / "log.txt").read_text()
+    assert g.train_run(out, run_dir, "5 experts", [sys.executable, "-c", saves, "--max-minutes", "0"])
+    assert time.perf_counter() - start < 30
+    log = (out / "log.txt").read_text()
+    assert "5 experts: still running after 0 s: stopping it (SIGTERM)" in log
+    assert "5 experts: stopped (exit 143) after saving its model at step 7" in log
+    start = time.perf_counter()  # the deadline comes first: past already, the run gets MIN_RUN_S
+    monkeypatch.setattr(g, "START_SLACK_S", 600)
+    monkeypatch.setattr(g, "MIN_RUN_S", 2)
+    assert g.train_run(out, run_dir, "1 expert", [sys.executable, "-c", saves, "--max-minutes", "1"],
+                       deadline=time.perf_counter() - 5)
+    assert 1.9 < time.perf_counter() - start < 30
+    monkeypatch.setattr(g, "START_SLACK_S", 0.5)
     stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                 "time.sleep(60)", "--max-minutes", "0"]
     assert not g.train_run(out, run_dir, "1 expert", stubborn)
@@ -204,7 +217,8 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     alone, steps = ups.split("## The GAN step with each up-sampling")
     assert "| channels_last | matmul | " in alone.split("A GAN step's 9 up-samplings")[1]
     gan_rows = [r for r in steps.splitlines() if r.startswith("| 2 | yes | bf16 autocast | folded | channels_last")]
-    assert [r.rstrip(" |").rsplit("|", 1)[1].strip() for r in gan_rows] == ["auto", "lerp", "matmul"]
+    assert [r.rstrip(" |").rsplit("|", 1)[1].strip() for r in gan_rows] == ["matmul", "auto", "lerp"]
+    assert "| 2 | no |" not in steps  # --gan-only: the step without GAN is in the table above
     assert " skipped" in log.split("tests: exit 0")[1]  # the CUDA tests' own summary line, in the log
     profile = (out / "profile.md").read_text()  # one row profiled: its wall and busy time, its top operators
     assert profile.count("### Profile: batch 2, GAN no, bf16 autocast, folded, channels_last, eager") == 1
@@ -243,6 +257,14 @@ def test_bench_train_row_out_of_memory_is_reported_and_the_rest_still_run(monkey
     error["stacked"] = RuntimeError("expected scalar type Float but found BFloat16")
     with pytest.raises(RuntimeError, match="expected scalar type"):
         bench.main()
+
+
+def test_bench_fuse_prints_a_row_per_network():
+    res = subprocess.run([sys.executable, "benchmarks/bench_fuse.py", "--features", "4", "--repeats", "2",
+                          "--rounds", "1"], cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    rows = [r for r in res.stdout.splitlines() if r.startswith("| 4 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["float32", "bf16 channels_last"]
+    assert "code: " in res.stdout and all(re.search(r"\| [\d.]+ \| [\d.]+ \|$", r) for r in rows)
 
 
 def test_bench_train_a_failed_recording_loader_or_profile_costs_only_its_own_row(monkeypatch, capsys, tmp_path):

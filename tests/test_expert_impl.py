@@ -286,9 +286,10 @@ def test_the_fused_network_is_reused_per_thread_and_never_mixes_models():
 
 def test_fuse_reads_nothing_back_and_follows_the_weights_as_they_change():
     """The fuse keeps a on the device: nothing reads a value back to the host (.tolist(), .item(), float():
-    on a GPU a wait, and no CUDA graph could record it; and the operator behind them on a device). Its views
-    of the experts and buffer are made once, yet it follows every change of the weights: in place (an
-    optimiser step, or through .data, which leaves the version alone), a new dtype."""
+    on a GPU a wait, and no CUDA graph could record it; and the operator behind them on a device). It
+    follows every change of the weights and modules: in place (an optimiser step, or through .data, which
+    leaves the version alone), weights not contiguous, a new dtype, a replaced layer on either side, the
+    same network fused in and out of inference mode, a network's parameters partly frozen."""
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -317,9 +318,25 @@ def test_fuse_reads_nothing_back_and_follows_the_weights_as_they_change():
         gen.conv_first.weight.data.mul_(3)  # .data: the parameter's version stays
         gen.body[1].conv2.bias.add_(0.5)
         torch.testing.assert_close(gen.fuse(a, into=net)(lr), model.sr(lr, a), rtol=0, atol=1e-5)
+        gen.to(memory_format=torch.channels_last_3d)  # the 5-D expert weights no longer contiguous
+        torch.testing.assert_close(gen.fuse(a, into=net)(lr), model.sr(lr, a), rtol=0, atol=1e-5)
+        gen.conv_last = DASR(DASRConfig(num_experts=3, num_feat=8, num_block=2, predictor_feat=8)).generator.conv_last
+        net.body[0].conv1 = torch.nn.Conv2d(8, 8, 3, padding=1)  # a fresh layer in the network, trainable
+        net.train()
+        with torch.inference_mode():
+            torch.testing.assert_close(gen.fuse(a, into=net)(lr), model.sr(lr, a), rtol=0, atol=1e-5)
+        torch.testing.assert_close(gen.fuse(a, into=net)(lr), model.sr(lr, a), rtol=0, atol=1e-5)
+        assert not net.training and not any(p.requires_grad for p in net.parameters())
         model.double()  # new storage
         torch.testing.assert_close(gen.fuse(a.double())(lr.double()), model.sr(lr.double(), a.double()), rtol=0,
                                    atol=1e-12)
+
+
+def test_a_plain_network_built_without_a_device_is_on_the_cpu():
+    """MSRResNet's convolutions skip their init (fuse writes every weight) by building on the meta device
+    first: without a device it must still land on the CPU, not stay meta (where a fuse wrote nothing)."""
+    net = MSRResNet(num_feat=8, num_block=1)
+    assert {p.device.type for p in net.parameters()} == {"cpu"}
 
 
 def test_a_reused_network_in_use_is_never_overwritten_by_a_nested_call():

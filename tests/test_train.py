@@ -26,6 +26,7 @@ from degrade.augment import dihedral_image, dihedral_vector  # noqa: E402
 from .conftest import make_small_dataset  # noqa: E402
 
 TINY = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # skipped without a CUDA device (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -689,7 +690,8 @@ def test_ema_update_is_a_lerp_of_every_generator_parameter():
             assert not torch.equal(new, old)
 
 
-def test_as_float_is_x_over_255_exactly():
+@pytest.mark.parametrize("device", DEVICES)
+def test_as_float_is_x_over_255_exactly(device):
     """Every 8-bit value becomes exactly x / 255 (float32 true division, as the loader did on the CPU);
     anything but uint8 is refused (dividing twice would be silent). On CUDA too, where a plain
     .div_(255) would be 1 ulp off for about half the values."""
@@ -697,11 +699,9 @@ def test_as_float_is_x_over_255_exactly():
 
     x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
     expected = torch.tensor([v / 255 for v in range(256)], dtype=torch.float64).float().reshape(1, 1, 16, 16)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        assert torch.equal(as_float(x, device).cpu(), expected)
+    assert torch.equal(as_float(x, device).cpu(), expected)
     with pytest.raises(TypeError, match="uint8"):
-        as_float(x.float(), "cpu")
+        as_float(x.float(), device)
 
 
 def test_log_every_reads_losses_only_when_it_logs_and_trains_the_same(shards, tmp_path, monkeypatch):
@@ -1138,9 +1138,6 @@ def test_auto_on_a_gpu_takes_the_fastest_candidate_and_training_applies_it(shard
     run = json.loads((tmp_path / "auto" / "config.json").read_text())["run"]
     assert (run["expert_impl"], run["memory_format"]) == ("stacked", "channels_last")
     assert run["expert_impl_probe_ms"] == {"grouped": 4.0, "stacked channels_last": 2.0}
-
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]  # skipped without a CUDA device (conftest.py)
 
 
 @pytest.mark.parametrize("device", DEVICES)
