@@ -51,7 +51,9 @@ RESERVE_S = 120  # of --total-minutes, kept for what --max-minutes does not coun
 SAFETY_NET_S = 30  # the 1-expert run's time cap beyond its budget (it stops at the 5-expert run's step count)
 START_SLACK_S = 120  # a dasr-train beyond its --max-minutes (start-up, recording, last save) before it is stopped
 STOP_GRACE_S = 60  # after SIGTERM (dasr-train finishes its step and saves), before it is killed
-MIN_RUN_S = 30  # the least a run or an evaluation gets, however late it starts
+MIN_RUN_S = 30  # the least a training run gets, however late it starts
+EVAL_RESERVE_S = 45  # of --total-minutes, kept after the training runs' deadline for the evaluation (26-29 s on
+# an H200, 2026-11-26); the runs stop STOP_GRACE_S before that at the latest
 
 
 def run_minutes(asked: float, total_minutes: float, elapsed_s: float) -> float:
@@ -132,6 +134,9 @@ def train_run(out: Path, run_dir: Path, name: str, cmd: list[str], deadline: flo
         if stopped and (run_dir / "model.safetensors").exists():  # it saved on SIGTERM: a run cut short, kept
             log(out, f"{name}: stopped (exit {code}) after saving its model at step {last_step(run_dir)}")
             return True
+        if stopped:  # out of time, not a failed GPU path: no retry
+            log(out, f"{name}: stopped (exit {code}) before it saved a model")
+            return False
         spent = time.perf_counter() - started
         tail = err.read_text(errors="replace")[-3000:]
         log(out, f"{name}: dasr-train exit {code} after {spent:.0f} s; its last lines:\n{tail}")
@@ -323,6 +328,38 @@ def main(argv: list[str] | None = None) -> None:
     steps = None
     done_steps: dict[str, int] = {}  # the steps each run made (the 1-expert run's time cap could stop it early)
     chosen: dict[str, tuple[str, str]] = {}  # --expert-impl asked for (auto; grouped on a retry), what ran
+
+    # the summary, written after each run and after the evaluation (a run cut short still has it so far)
+    evals: dict[str, dict] = {}
+
+    def summary() -> None:
+        lines = head + ["", f"Training: level mix, {a.train_count} patches of {patch} px from {len(train_files)} "
+                        f"photos; batch {a.batch_size}, LR crop {crop}; steps: "
+                        + ", ".join(f"{k} {v}" for k, v in done_steps.items())
+                        + f" ({minutes:.2f} minutes for 5 experts); lever: `{' '.join(LEVER_ARGS)}`; optimiser: "
+                        f"`{' '.join(OPTIM_ARGS)}` {a.extra}".rstrip(), "",
+                        *[f"- expert convolutions ({name}, `--expert-impl {asked}`): {how}"
+                          for name, (asked, how) in chosen.items()],
+                        *([f"- the 1-expert run stopped at step {done_steps['1 expert']} of the 5-expert run's "
+                           f"{steps}: the comparison is not like for like"]
+                          if done_steps.get("1 expert", steps) != steps else []),
+                        ""]
+        for name, run_dir in runs.items():
+            if name in done_steps:  # the runs trained so far
+                lines += [f"## Validation over steps, {name} (held-out mix patches, EMA generator)", "",
+                          *val_table(run_dir), ""]
+        if evals:
+            lines += [f"## Held-out photos ({len(held)}), per level (`dasr-eval --hr-dir`, seed 0)", "",
+                      *final_table(evals), ""]
+        for name, e in evals.items():
+            mix = e["mixing"]
+            lines += [f"- {name}: predictor MAE " + ", ".join(f"{k} {v:.4f}" for k, v in e["mae"].items())
+                      + f"; a std {mix['std']:.4f} (within level {mix['std_within_level']:.4f}), between levels "
+                      f"{mix['between_level']:.4f}; mean a by level {mix['mean_by_level']}"]
+        lines += ["", f"Total wall time: {time.perf_counter() - started:.0f} s"
+                  + ("" if evals else " (before the evaluation)")]
+        (out / "summary.md").write_text("\n".join(lines) + "\n")
+
     for name, run_dir in list(runs.items()):
         experts = "5" if name == "5 experts" else "1"
         cmd = [sys.executable, "-m", "cli.train", "--shards", str(train_ds), "--val-shards", str(val_ds),
@@ -336,8 +373,13 @@ def main(argv: list[str] | None = None) -> None:
                "--val-samples", "8" if a.smoke else "96", *LEVER_ARGS, *OPTIM_ARGS, *size,
                *shlex.split(a.extra)]
         t = time.perf_counter()
-        # each run stopped a minute before the total's end at the latest: the evaluation still gets its turn
-        if not train_run(out, run_dir, name, cmd, deadline=started + 60 * a.total_minutes - 60):
+        # each run stopped (and saved) before the total's end, the evaluation's share kept
+        deadline = started + 60 * a.total_minutes - EVAL_RESERVE_S - STOP_GRACE_S
+        if name == "1 expert" and deadline - t < MIN_RUN_S:
+            log(out, f"{name}: skipped, {max(deadline - t, 0):.0f} s left before the runs' deadline")
+            del runs[name]
+            break
+        if not train_run(out, run_dir, name, cmd, deadline=deadline):
             salvage(out, run_dir, name, experts)
             if name == "5 experts":
                 raise SystemExit(f"{name}: dasr-train failed (log.txt has its errors)")
@@ -356,36 +398,10 @@ def main(argv: list[str] | None = None) -> None:
         shutil.copyfile(run_dir / "metrics.jsonl", out / f"metrics-e{experts}.jsonl")
         if name == "5 experts":  # the product, in OUT before anything else can fail
             shutil.copyfile(run_dir / "model.safetensors", out / "model.safetensors")
+        summary()
 
-    # 4. the summary so far (a run cut short during evaluation still has it), then the evaluation on the
-    # held-out photos per level, both models at once (it degrades on the CPU: the two share the cores)
-    evals: dict[str, dict] = {}
-
-    def summary() -> None:
-        lines = head + ["", f"Training: level mix, {a.train_count} patches of {patch} px from {len(train_files)} "
-                        f"photos; batch {a.batch_size}, LR crop {crop}; steps: "
-                        + ", ".join(f"{k} {v}" for k, v in done_steps.items())
-                        + f" ({minutes:.2f} minutes for 5 experts); lever: `{' '.join(LEVER_ARGS)}`; optimiser: "
-                        f"`{' '.join(OPTIM_ARGS)}` {a.extra}".rstrip(), "",
-                        *[f"- expert convolutions ({name}, `--expert-impl {asked}`): {how}"
-                          for name, (asked, how) in chosen.items()],
-                        ""]
-        for name, run_dir in runs.items():
-            lines += [f"## Validation over steps, {name} (held-out mix patches, EMA generator)", "",
-                      *val_table(run_dir), ""]
-        if evals:
-            lines += [f"## Held-out photos ({len(held)}), per level (`dasr-eval --hr-dir`, seed 0)", "",
-                      *final_table(evals), ""]
-        for name, e in evals.items():
-            mix = e["mixing"]
-            lines += [f"- {name}: predictor MAE " + ", ".join(f"{k} {v:.4f}" for k, v in e["mae"].items())
-                      + f"; a std {mix['std']:.4f} (within level {mix['std_within_level']:.4f}), between levels "
-                      f"{mix['between_level']:.4f}; mean a by level {mix['mean_by_level']}"]
-        lines += ["", f"Total wall time: {time.perf_counter() - started:.0f} s"
-                  + ("" if evals else " (before the evaluation)")]
-        (out / "summary.md").write_text("\n".join(lines) + "\n")
-
-    summary()
+    # the evaluation on the held-out photos per level, both models at once (it degrades on the CPU: the two
+    # share the cores), stopped at the total's end
     procs = {}
     for name, run_dir in runs.items():
         cmd = [sys.executable, "-c", "from cli.sr import eval_main; eval_main()", "--model",
@@ -396,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
             procs[name] = subprocess.Popen(log_cmd(out, cmd), stdout=stdout, stderr=stderr), files
     for name, (proc, files) in procs.items():
         left = 60 * a.total_minutes - (time.perf_counter() - started)
-        if wait_or_stop(out, f"{name}: dasr-eval", proc, max(left, MIN_RUN_S))[0] != 0:
+        if wait_or_stop(out, f"{name}: dasr-eval", proc, max(left, 5.0))[0] != 0:
             tail = files[1].read_text(errors="replace")[-3000:]
             log(out, f"{name}: dasr-eval exit {proc.returncode}; its last lines:\n{tail}")
             continue

@@ -331,8 +331,12 @@ class ExpertMSRResNet(nn.Module):
         mixed = bank[0] * coef[0]
         for j in range(1, k):
             mixed.addcmul_(bank[j], coef[j])
-        pieces = mixed.split_with_sizes([t.numel() for t in dst])
-        torch._foreach_copy_(dst, [v.view(t.shape) for v, t in zip(pieces, dst)])
+        pieces = [v.view(t.shape) for v, t in zip(mixed.split_with_sizes([t.numel() for t in dst]), dst)]
+        if len({t.dtype for t in dst}) == 1:
+            torch._foreach_copy_(dst, pieces)
+        else:  # a network of mixed dtypes: CUDA's multi-tensor copy took the first one's (torch 2.4-2.10)
+            for t, v in zip(dst, pieces):
+                t.copy_(v)
         for t in dst:
             t.requires_grad_(False)
         if plain.training:
@@ -365,10 +369,11 @@ class MSRResNet(nn.Module):
         super().__init__()
         if scale != 4:
             raise DASRError("only x4 is implemented (two PixelShuffle(2) stages)")
+        # skip_init builds on the meta device, then moves to `device`: None would leave it there
+        where = torch.empty(0).device if device is None else device  # None: torch's default device
 
         def conv(i: int, o: int) -> nn.Conv2d:
-            # (skip_init builds on the meta device, then moves to `device`: None would leave it there)
-            return torch.nn.utils.skip_init(nn.Conv2d, i, o, 3, padding=1, device=device or "cpu", dtype=dtype)
+            return torch.nn.utils.skip_init(nn.Conv2d, i, o, 3, padding=1, device=where, dtype=dtype)
 
         self.conv_first = conv(3, num_feat)
         self.body = nn.ModuleList(PlainResidualBlock(conv(num_feat, num_feat), conv(num_feat, num_feat))

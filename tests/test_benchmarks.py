@@ -118,6 +118,10 @@ def test_gpu_train_run_stops_an_overrunning_trainer_and_salvages_a_failed_run(tm
                        deadline=time.perf_counter() - 5)
     assert 1.9 < time.perf_counter() - start < 30
     monkeypatch.setattr(g, "START_SLACK_S", 0.5)
+    starting = [sys.executable, "-c", "import time; time.sleep(60)", "--max-minutes", "0"]  # SIGTERM ends it
+    assert not g.train_run(out, tmp_path / "late", "5 experts", starting)  # out of time: no retry
+    log = (out / "log.txt").read_text()
+    assert "5 experts: stopped (exit -15) before it saved a model" in log and "once more" not in log
     stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                 "time.sleep(60)", "--max-minutes", "0"]
     assert not g.train_run(out, run_dir, "1 expert", stubborn)

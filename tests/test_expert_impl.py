@@ -314,6 +314,8 @@ def test_fuse_reads_nothing_back_and_follows_the_weights_as_they_change():
         net = gen.fuse(a)
         with NoReadBack(), NoScalarOp():
             assert gen.fuse(a, into=net) is net
+        meta = copy.deepcopy(gen).to("meta")  # no values at all: any read-back, copy to the host or sync raises
+        meta.fuse(a.to("meta"), into=meta.fuse(a.to("meta")))
         torch.testing.assert_close(net(lr), model.sr(lr, a), rtol=0, atol=1e-5)
         gen.conv_first.weight.data.mul_(3)  # .data: the parameter's version stays
         gen.body[1].conv2.bias.add_(0.5)
@@ -332,11 +334,23 @@ def test_fuse_reads_nothing_back_and_follows_the_weights_as_they_change():
                                    atol=1e-12)
 
 
-def test_a_plain_network_built_without_a_device_is_on_the_cpu():
+def test_a_plain_network_built_without_a_device_is_on_the_default_device():
     """MSRResNet's convolutions skip their init (fuse writes every weight) by building on the meta device
-    first: without a device it must still land on the CPU, not stay meta (where a fuse wrote nothing)."""
-    net = MSRResNet(num_feat=8, num_block=1)
-    assert {p.device.type for p in net.parameters()} == {"cpu"}
+    first: without a device it must still land on torch's default device (the CPU), not stay meta (where a
+    fuse wrote nothing); a device given is kept; a fuse into a network of mixed dtypes fills each."""
+    assert {p.device.type for p in MSRResNet(num_feat=8, num_block=1).parameters()} == {"cpu"}
+    assert {p.device.type for p in MSRResNet(num_feat=8, num_block=1, device="meta").parameters()} == {"meta"}
+    torch.manual_seed(4)
+    model = DASR(DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)).eval()
+    a = torch.rand(1, 2)
+    with torch.no_grad():
+        net = model.generator.fuse(a).to(torch.bfloat16)
+        net.conv_last = torch.nn.Conv2d(8, 3, 3, padding=1)  # float32 beside bf16
+        model.generator.fuse(a, into=net)
+        want = model.generator.fuse(a)
+        for (name, got), (_, ref) in zip(net.state_dict().items(), want.state_dict().items(), strict=True):
+            assert got.dtype == (torch.float32 if name.startswith("conv_last") else torch.bfloat16)
+            assert torch.equal(got, ref.to(got.dtype)), name
 
 
 def test_a_reused_network_in_use_is_never_overwritten_by_a_nested_call():
