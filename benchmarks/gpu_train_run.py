@@ -102,8 +102,9 @@ def log_cmd(out: Path, cmd: list[str]) -> list[str]:
 
 def train_run(out: Path, run_dir: Path, name: str, cmd: list[str], deadline: float | None = None) -> bool:
     """Run dasr-train `cmd` into a fresh `run_dir` (its console in run_dir.stderr), stopped (wait_or_stop)
-    START_SLACK_S past its --max-minutes or at `deadline` (time.perf_counter(); at least MIN_RUN_S from
-    its start), whichever comes first; stopped, it saves and counts as done where it wrote its model file.
+    START_SLACK_S past its --max-minutes or at `deadline` (time.perf_counter(); a first attempt gets at
+    least MIN_RUN_S, a retry needs that much left), whichever comes first; stopped, it saves and counts as
+    done where it wrote its model file.
     A failure before the first logged step (a path only the GPU takes: the CUDA graph's recording, the
     expert-impl probe) is logged with the end of its console and retried once on the reference path,
     --expert-impl grouped --no-cuda-graph (eager, no probe), with --max-minutes less the failed attempt's
@@ -142,12 +143,16 @@ def train_run(out: Path, run_dir: Path, name: str, cmd: list[str], deadline: flo
         log(out, f"{name}: dasr-train exit {code} after {spent:.0f} s; its last lines:\n{tail}")
         if attempt or last_step(run_dir) > 0:  # it trained before failing: a rerun would not fit the budget
             return False
+        if deadline is not None and deadline - time.perf_counter() < MIN_RUN_S:
+            log(out, f"{name}: failed before its first logged step; no retry, "
+                     f"{max(deadline - time.perf_counter(), 0):.0f} s left before the runs' deadline")
+            return False
         log(out, f"{name}: failed before its first logged step; once more with --expert-impl grouped "
                  "--no-cuda-graph")
     return False
 
 
-def salvage(out: Path, run_dir: Path, name: str, experts: str) -> None:
+def salvage(out: Path, run_dir: Path, name: str, experts: str, end: float) -> None:
     """What a failed run leaves into OUT: its metrics so far, and for the 5-expert run a model file made
     from its newest checkpoint (`dasr-export`; --ckpt-every 1000) where it wrote none itself."""
     if (run_dir / "metrics.jsonl").exists():
@@ -156,7 +161,12 @@ def salvage(out: Path, run_dir: Path, name: str, experts: str) -> None:
         return
     cmd = [sys.executable, "-c", "from cli.sr import export_main; export_main()", str(run_dir), "-o",
            str(out / "model.safetensors")]
-    done = subprocess.run(log_cmd(out, cmd), capture_output=True, text=True, timeout=300)
+    try:  # by `end` (time.perf_counter()), the script's total
+        done = subprocess.run(log_cmd(out, cmd), capture_output=True, text=True,
+                              timeout=max(5.0, end - time.perf_counter()))
+    except subprocess.TimeoutExpired:
+        log(out, f"{name}: dasr-export out of time")
+        return
     log(out, f"{name}: model.safetensors from its newest checkpoint" if done.returncode == 0 else
         f"{name}: dasr-export exit {done.returncode}: {done.stderr.strip()[-500:]}")
 
@@ -181,8 +191,12 @@ def val_table(run_dir: Path) -> list[str]:
 
 
 def final_table(evals: dict[str, dict]) -> list[str]:
+    """Per level: bicubic and each evaluated model, the 5-expert model's gain over bicubic and, where both were
+    evaluated, over the 1-expert model."""
+    both = "5 experts" in evals and "1 expert" in evals
     out = ["| level | bicubic PSNR-Y / SSIM-Y | " + " | ".join(f"{k} PSNR-Y / SSIM-Y" for k in evals)
-           + " | 5 experts - bicubic | 5 experts - 1 expert |", "|---" * (len(evals) + 4) + "|"]
+           + " | 5 experts - bicubic |" + (" 5 experts - 1 expert |" if both else ""),
+           "|---" * (len(evals) + 3 + both) + "|"]
     first = next(iter(evals.values()))["levels"]
     for lv in first:
         b = first[lv]
@@ -191,7 +205,7 @@ def final_table(evals: dict[str, dict]) -> list[str]:
         gain = f"{five['levels'][lv]['psnr_y'] - b['bicubic_psnr_y']:+.2f} dB" if five else "-"
         vs1 = f"{five['levels'][lv]['psnr_y'] - one['levels'][lv]['psnr_y']:+.2f} dB" if five and one else "-"
         out.append(f"| {lv} | {b['bicubic_psnr_y']:.2f} / {b['bicubic_ssim_y']:.4f} | " + " | ".join(cells)
-                   + f" | {gain} | {vs1} |")
+                   + f" | {gain} |" + (f" {vs1} |" if both else ""))
     return out
 
 
@@ -328,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = None
     done_steps: dict[str, int] = {}  # the steps each run made (the 1-expert run's time cap could stop it early)
     chosen: dict[str, tuple[str, str]] = {}  # --expert-impl asked for (auto; grouped on a retry), what ran
+    missing: list[str] = []  # what did not happen, for the summary (log.txt has the details)
 
     # the summary, written after each run and after the evaluation (a run cut short still has it so far)
     evals: dict[str, dict] = {}
@@ -343,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
                         *([f"- the 1-expert run stopped at step {done_steps['1 expert']} of the 5-expert run's "
                            f"{steps}: the comparison is not like for like"]
                           if done_steps.get("1 expert", steps) != steps else []),
+                        *[f"- {m}" for m in missing],
                         ""]
         for name, run_dir in runs.items():
             if name in done_steps:  # the runs trained so far
@@ -375,15 +391,20 @@ def main(argv: list[str] | None = None) -> None:
         t = time.perf_counter()
         # each run stopped (and saved) before the total's end, the evaluation's share kept
         deadline = started + 60 * a.total_minutes - EVAL_RESERVE_S - STOP_GRACE_S
-        if name == "1 expert" and deadline - t < MIN_RUN_S:
-            log(out, f"{name}: skipped, {max(deadline - t, 0):.0f} s left before the runs' deadline")
+        if deadline - t < MIN_RUN_S:  # datasets or the first run took the time: nothing fits any more
+            missing.append(f"{name}: not trained, {max(deadline - t, 0):.0f} s left before the runs' deadline")
+            log(out, missing[-1])
+            if name == "5 experts":
+                raise SystemExit(f"{name}: no time left to train (--total-minutes {a.total_minutes})")
             del runs[name]
             break
         if not train_run(out, run_dir, name, cmd, deadline=deadline):
-            salvage(out, run_dir, name, experts)
+            salvage(out, run_dir, name, experts, started + 60 * a.total_minutes)
             if name == "5 experts":
                 raise SystemExit(f"{name}: dasr-train failed (log.txt has its errors)")
+            missing.append(f"{name}: dasr-train failed or was stopped before it saved a model (log.txt)")
             del runs[name]  # the 5-expert model is still evaluated and exported
+            summary()
             break
         done = done_steps[name] = last_step(run_dir)
         steps = steps or done
@@ -415,6 +436,7 @@ def main(argv: list[str] | None = None) -> None:
         if wait_or_stop(out, f"{name}: dasr-eval", proc, max(left, 5.0))[0] != 0:
             tail = files[1].read_text(errors="replace")[-3000:]
             log(out, f"{name}: dasr-eval exit {proc.returncode}; its last lines:\n{tail}")
+            missing.append(f"{name}: its evaluation failed or ran out of time (log.txt)")
             continue
         evals[name] = json.loads(files[0].read_text())
         (out / "eval.json").write_text(json.dumps(evals, indent=1))
@@ -422,11 +444,9 @@ def main(argv: list[str] | None = None) -> None:
                                          for k, v in evals[name]["levels"].items()))
     if "5 experts" not in evals:
         raise SystemExit("5 experts: dasr-eval failed (log.txt has its errors)")
-    runs = {k: d for k, d in runs.items() if k in evals}  # the 5-expert results still make the summary
-
-    # 5. the summary, then the picture (the model is in OUT already)
+    # 5. the summary, then the picture of the evaluated models (the model is in OUT already)
     summary()
-    picture({k: d / "model.safetensors" for k, d in runs.items()}, held, out / "compare.png", seed=0)
+    picture({k: d / "model.safetensors" for k, d in runs.items() if k in evals}, held, out / "compare.png", seed=0)
     size_mib = (out / "model.safetensors").stat().st_size / 2**20
     log(out, f"done in {time.perf_counter() - started:.0f} s; model.safetensors {size_mib:.1f} MiB")
 

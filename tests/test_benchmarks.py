@@ -118,6 +118,10 @@ def test_gpu_train_run_stops_an_overrunning_trainer_and_salvages_a_failed_run(tm
                        deadline=time.perf_counter() - 5)
     assert 1.9 < time.perf_counter() - start < 30
     monkeypatch.setattr(g, "START_SLACK_S", 0.5)
+    early = [sys.executable, "-c", "import sys; sys.exit(3)", "--max-minutes", "1"]  # fails before a step
+    assert not g.train_run(out, tmp_path / "early", "1 expert", early, deadline=time.perf_counter() + 1)
+    assert re.search(r"1 expert: failed before its first logged step; no retry, [01] s left before the runs' "
+                     "deadline", (out / "log.txt").read_text())  # under MIN_RUN_S
     starting = [sys.executable, "-c", "import time; time.sleep(60)", "--max-minutes", "0"]  # SIGTERM ends it
     assert not g.train_run(out, tmp_path / "late", "5 experts", starting)  # out of time: no retry
     log = (out / "log.txt").read_text()
@@ -129,11 +133,24 @@ def test_gpu_train_run_stops_an_overrunning_trainer_and_salvages_a_failed_run(tm
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
     shutil.copyfile(ckpt, run_dir / "ckpt-1.pt")
-    g.salvage(out, run_dir, "5 experts", "5")
+    g.salvage(out, run_dir, "5 experts", "5", time.perf_counter() + 300)
     assert (out / "metrics-e5.jsonl").read_text() == '{"step": 1}\n'
     from dasr_model.infer import load_checkpoint_model
 
     assert load_checkpoint_model(out / "model.safetensors").config.num_experts == 2  # the checkpoint's model
+
+
+def test_gpu_train_run_compares_with_1_expert_only_where_both_were_evaluated(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from gpu_train_run import final_table
+
+    level = {"psnr_y": 25.0, "ssim_y": 0.7, "bicubic_psnr_y": 24.0, "bicubic_ssim_y": 0.6}
+    five = {"levels": {"1": level}}
+    one = {"levels": {"1": {**level, "psnr_y": 24.5}}}
+    both, alone = final_table({"5 experts": five, "1 expert": one}), final_table({"5 experts": five})
+    assert both[0].endswith("| 5 experts - bicubic | 5 experts - 1 expert |") and both[2].endswith(" +0.50 dB |")
+    assert alone[0].endswith("| 5 experts - bicubic |") and alone[2].endswith("| +1.00 dB |")
+    assert [row.count("|") for row in alone] == [5, 5, 5]
 
 
 def test_gpu_train_run_fits_its_loader_workers_to_dev_shm(monkeypatch):

@@ -337,15 +337,21 @@ def test_fuse_reads_nothing_back_and_follows_the_weights_as_they_change():
 def test_a_plain_network_built_without_a_device_is_on_the_default_device():
     """MSRResNet's convolutions skip their init (fuse writes every weight) by building on the meta device
     first: without a device it must still land on torch's default device (the CPU), not stay meta (where a
-    fuse wrote nothing); a device given is kept; a fuse into a network of mixed dtypes fills each."""
+    fuse wrote nothing); a device given is kept."""
     assert {p.device.type for p in MSRResNet(num_feat=8, num_block=1).parameters()} == {"cpu"}
     assert {p.device.type for p in MSRResNet(num_feat=8, num_block=1, device="meta").parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_a_fuse_into_a_network_of_mixed_dtypes_fills_each(device):
+    """A bf16 network with one float32 layer: every weight gets the mix in its own dtype (CUDA's multi-tensor
+    copy took the first one's for all in torch 2.4-2.10; the CPU's never did, so the CUDA case is the test)."""
     torch.manual_seed(4)
-    model = DASR(DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)).eval()
-    a = torch.rand(1, 2)
+    model = DASR(DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)).to(device).eval()
+    a = torch.rand(1, 2, device=device)
     with torch.no_grad():
         net = model.generator.fuse(a).to(torch.bfloat16)
-        net.conv_last = torch.nn.Conv2d(8, 3, 3, padding=1)  # float32 beside bf16
+        net.conv_last = torch.nn.Conv2d(8, 3, 3, padding=1, device=device)  # float32 beside bf16
         model.generator.fuse(a, into=net)
         want = model.generator.fuse(a)
         for (name, got), (_, ref) in zip(net.state_dict().items(), want.state_dict().items(), strict=True):
