@@ -394,17 +394,18 @@ def main(argv: list[str] | None = None) -> None:
         if deadline - t < MIN_RUN_S:  # datasets or the first run took the time: nothing fits any more
             missing.append(f"{name}: not trained, {max(deadline - t, 0):.0f} s left before the runs' deadline")
             log(out, missing[-1])
+            summary()
             if name == "5 experts":
                 raise SystemExit(f"{name}: no time left to train (--total-minutes {a.total_minutes})")
             del runs[name]
             break
         if not train_run(out, run_dir, name, cmd, deadline=deadline):
             salvage(out, run_dir, name, experts, started + 60 * a.total_minutes)
-            if name == "5 experts":
-                raise SystemExit(f"{name}: dasr-train failed (log.txt has its errors)")
             missing.append(f"{name}: dasr-train failed or was stopped before it saved a model (log.txt)")
             del runs[name]  # the 5-expert model is still evaluated and exported
             summary()
+            if name == "5 experts":
+                raise SystemExit(f"{name}: dasr-train failed (log.txt has its errors)")
             break
         done = done_steps[name] = last_step(run_dir)
         steps = steps or done
@@ -443,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         log(out, f"{name}: " + ", ".join(f"L{k} {v['psnr_y']:.2f} dB (bicubic {v['bicubic_psnr_y']:.2f})"
                                          for k, v in evals[name]["levels"].items()))
     if "5 experts" not in evals:
+        summary()
         raise SystemExit("5 experts: dasr-eval failed (log.txt has its errors)")
     # 5. the summary, then the picture of the evaluated models (the model is in OUT already)
     summary()

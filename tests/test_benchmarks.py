@@ -140,6 +140,26 @@ def test_gpu_train_run_stops_an_overrunning_trainer_and_salvages_a_failed_run(tm
     assert load_checkpoint_model(out / "model.safetensors").config.num_experts == 2  # the checkpoint's model
 
 
+def test_gpu_train_run_says_in_its_summary_what_did_not_happen(tmp_path, monkeypatch):
+    """main() with stand-ins for the datasets and dasr-train: a 5-expert run that fails, and one with no time
+    left to start, each end the script with summary.md saying so (not only log.txt)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_train_run as g
+
+    monkeypatch.setattr(g, "make_dataset", lambda files, out, **kw: str(out))
+    monkeypatch.setattr(g, "train_run", lambda *args, **kw: False)
+    out = tmp_path / "failed"
+    with pytest.raises(SystemExit, match="5 experts: dasr-train failed"):
+        g.main(["--smoke", "--out", str(out), "--work", str(tmp_path / "work")])
+    assert "- 5 experts: dasr-train failed or was stopped before it saved a model (log.txt)" in \
+        (out / "summary.md").read_text()
+    out = tmp_path / "late"
+    with pytest.raises(SystemExit, match="5 experts: no time left to train"):
+        g.main(["--smoke", "--out", str(out), "--work", str(tmp_path / "work"), "--total-minutes", "1"])
+    summary = (out / "summary.md").read_text()
+    assert re.search(r"- 5 experts: not trained, \d+ s left before the runs' deadline", summary)
+
+
 def test_gpu_train_run_compares_with_1_expert_only_where_both_were_evaluated(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from gpu_train_run import final_table
