@@ -26,13 +26,12 @@ import statistics
 import sys
 
 import torch
-import torch.nn.functional as F
 from _profile import timed_steps
 
-from dasr_model.losses import upsample2x
+from dasr_model.losses import UPSAMPLE_IMPLS as WAYS
+from dasr_model.losses import upsample2x as upsample
 from dasr_model.runs import pick_device
 
-WAYS = ("interpolate", "lerp", "matmul")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -40,12 +39,6 @@ def shapes(batch: int, sr: int, feat: int = 64) -> list[tuple[int, int, int, int
     """The inputs of the discriminator's three up-samplings (UNetDiscriminatorSN, num_feat `feat`): x3
     (8 feat, sr/8), x4 (4 feat, sr/4), x5 (2 feat, sr/2)."""
     return [(batch, feat * k, sr // k, sr // k) for k in (8, 4, 2)]
-
-
-def upsample(x: torch.Tensor, way: str) -> torch.Tensor:
-    if way == "interpolate":
-        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-    return upsample2x(x, way)
 
 
 def bench_one(device: torch.device, shape: tuple[int, int, int, int], dtype: torch.dtype, channels_last: bool,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from dasr_model.data import block_mae
 from dasr_model.diagnostics import mixing_stats
 from dasr_model.errors import DASRError
-from dasr_model.infer import DEFAULT_TILE, predict, receptive_radius, reused_fused_net, tiled, to_image, to_tensor
+from dasr_model.infer import DEFAULT_TILE, predict, super_resolve, to_image, to_tensor
 from dasr_model.metrics import psnr_rgb, psnr_y, ssim_y, y_channel
 from dasr_model.niqe import niqe
 from degrade.io import to_uint8
@@ -321,17 +321,14 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
     counts: dict[int, int] = {}
     v_hats, vs, mixes, mix_levels = [], [], [], []
     gen = model.generator if generator is None else generator
-    overlap = receptive_radius(model.config)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     for index, (level, hr, lr, v) in enumerate(pairs):
         row: dict[str, Any] = {"level": level}
         lr_t = to_tensor(lr).to(device)
         v_hat, a = predict(model, lr_t, tile=tile)
         mixes.append(a.float().cpu())
         mix_levels.append(level)
-        with reused_fused_net(gen, a, dtype=dtype, channels_last=channels_last) as net:
-            sr = to_image(tiled(lambda t, net=net: net(t.contiguous(memory_format=fmt)).to(t.dtype), lr_t,
-                                model.config.scale, tile, overlap))
+        sr = to_image(super_resolve(model, lr_t, a, tile=tile, dtype=dtype, channels_last=channels_last,
+                                    generator=gen))
         bic = to_image(F.interpolate(lr_t, scale_factor=4, mode="bicubic", align_corners=False))
         counts[level] = counts.get(level, 0) + 1
         s = scores.setdefault(level, {})

@@ -256,7 +256,8 @@ def receptive_radius(config) -> int:
 
 @torch.no_grad()
 def super_resolve(model: DASR, lr: Tensor, a: Tensor, *, tile: int | None = None, overlap: int | None = None,
-                  dtype: torch.dtype | None = None, channels_last: bool = False) -> Tensor:
+                  dtype: torch.dtype | None = None, channels_last: bool = False,
+                  generator: ExpertMSRResNet | None = None) -> Tensor:
     """G with expert mix `a` (B, K) over the LR images (B, 3, h, w), whole or in `tile`-sized LR tiles.
 
     The experts are fused once per image (:func:`fuse_experts`) and every tile runs the plain network.
@@ -264,7 +265,8 @@ def super_resolve(model: DASR, lr: Tensor, a: Tensor, *, tile: int | None = None
     :func:`receptive_radius`); each output tile keeps only its own region, so the result equals the
     whole-image pass.
     `dtype` / `channels_last` run the fused network in that precision / memory format (on a GPU:
-    torch.bfloat16 and True); the result is returned in lr's dtype and standard layout.
+    torch.bfloat16 and True); the result is returned in lr's dtype and standard layout. `generator`: the
+    expert generator to fuse (default: the model's own; e.g. the trainer's EMA generator).
     """
     if a.shape[0] != lr.shape[0]:
         raise DASRError(f"one expert mix per image: lr has {lr.shape[0]} image(s), a has {a.shape[0]} row(s)")
@@ -272,7 +274,7 @@ def super_resolve(model: DASR, lr: Tensor, a: Tensor, *, tile: int | None = None
     overlap = receptive_radius(model.config) if overlap is None else overlap
     outs = []
     for i in range(lr.shape[0]):
-        with reused_fused_net(model, a[i : i + 1], dtype=dtype, channels_last=channels_last) as net:
+        with reused_fused_net(generator or model, a[i : i + 1], dtype=dtype, channels_last=channels_last) as net:
 
             def run(x: Tensor, net: MSRResNet = net) -> Tensor:  # x float32: the net casts for its convolutions
                 return net(x.contiguous(memory_format=fmt)).to(x.dtype)

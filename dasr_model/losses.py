@@ -12,7 +12,7 @@ from torch.nn.utils import spectral_norm
 from dasr_model.checkpoints import load_weights_state
 from dasr_model.model import is_channels_last
 
-UPSAMPLE_IMPLS = ("lerp", "matmul")  # upsample2x's ways; the discriminator's also "interpolate" and "auto"
+UPSAMPLE_IMPLS = ("interpolate", "lerp", "matmul")  # upsample2x's ways; the discriminator's also "auto"
 
 
 def upsample2x(x: Tensor, impl: str = "lerp") -> Tensor:
@@ -23,6 +23,7 @@ def upsample2x(x: Tensor, impl: str = "lerp") -> Tensor:
     output pixel in one thread, slow for a discriminator's batch x 512 channels (a quarter of a batch-48
     GAN step on an H200), and its NHWC kernel and both backwards add atomically (37 of a 134 ms step).
 
+    - "interpolate": PyTorch's F.interpolate itself (the release's way; a benchmark's baseline);
     - "lerp": slices and lerps, a few memory-bound element-wise kernels per axis;
     - "matmul": each axis as one matrix product with the (2n, n) interpolation matrix
       (:func:`interp_matrix2x`), H then W, on x's memory as it lies (NCHW or channels_last, no copy):
@@ -36,6 +37,8 @@ def upsample2x(x: Tensor, impl: str = "lerp") -> Tensor:
         raise ValueError(f"upsample2x takes (N, C, H, W), got {tuple(x.shape)}")
     if impl not in UPSAMPLE_IMPLS:
         raise ValueError(f"upsample2x impl must be one of {', '.join(UPSAMPLE_IMPLS)}, got {impl!r}")
+    if impl == "interpolate":
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
     n, c, h, w = x.shape
     if impl == "matmul":
         uh = interp_matrix2x(h, dtype=x.dtype, device=x.device)
@@ -73,7 +76,7 @@ def _upsample_axis(x: Tensor, dim: int) -> Tensor:
     return out.flatten(dim, dim + 1)  # output 2i + phase
 
 
-DISC_UPSAMPLES = ("auto", "interpolate", *UPSAMPLE_IMPLS)
+DISC_UPSAMPLES = ("auto", *UPSAMPLE_IMPLS)
 
 
 class UNetDiscriminatorSN(nn.Module):
@@ -125,8 +128,6 @@ class UNetDiscriminatorSN(nn.Module):
         impl = self._upsample_impl
         if impl == "auto":
             impl = "interpolate" if is_channels_last(x) else "lerp"
-        if impl == "interpolate":
-            return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         return upsample2x(x, impl)
 
 

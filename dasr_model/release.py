@@ -16,16 +16,15 @@ from dasr_model.model import DASR
 
 
 def _state_dict_from(source: dict[str, Tensor] | str | Path, prefer_ema: bool) -> dict[str, Tensor]:
-    if isinstance(source, (str, Path)):  # a regular file and a torch zip, else a one-line DASRError
-        data = load_torch_file(Path(source), "weights file")
-    else:
-        data = source
+    from_file = isinstance(source, (str, Path))
+    # a regular file and a torch zip, else a one-line DASRError
+    data = load_torch_file(Path(source), "weights file") if from_file else source
+    where = source if from_file else "weights"
     if not isinstance(data, dict):
-        raise DASRError(f"{source if isinstance(source, (str, Path)) else 'weights'}: a release file must hold a dict")
+        raise DASRError(f"{where}: a release file must hold a dict")
     key = "params_ema" if prefer_ema and "params_ema" in data else "params" if "params" in data else None
     state = data if key is None else data[key]  # without either: already a bare state dict
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(t, Tensor) for k, t in state.items()):
-        where = source if isinstance(source, (str, Path)) else "weights"
         raise DASRError(f"{where}: {key or 'the file'} must be a dict of named tensors (a release state dict)")
     return state
 

@@ -174,7 +174,7 @@ class TrainConfig:
         """A config read from a checkpoint: unknown keys, a missing or bad model config and values of the
         wrong type or out of bounds are refused (DASRError), but for what configs saved before the bounds
         may hold past them: a count of _CLAMPED reads as its bound (the same run), a max_minutes as None
-        and a workers as its bound (the saving call's: a resume takes its own call's)."""
+        (the saving call's budget: a resume takes its own call's)."""
         if not isinstance(d, dict):
             raise DASRError("train config: expected a mapping")
         unknown = sorted(set(d) - {f.name for f in fields(cls)}, key=str)
@@ -191,9 +191,6 @@ class TrainConfig:
         budget = d.get("max_minutes")
         if isinstance(budget, numbers.Real) and not isinstance(budget, bool) and not 0 <= budget <= MAX_MINUTES:
             d["max_minutes"] = None  # also inf and nan, which the older --max-minutes took
-        workers = d.get("workers")  # the saving call's too (a resume takes its own call's): read as the bound
-        if isinstance(workers, numbers.Integral) and not isinstance(workers, bool) and workers > _BOUNDS["workers"][1]:
-            d["workers"] = _BOUNDS["workers"][1]
         d.setdefault("ema_warmup", False)  # configs written before the warm-up existed trained without it
         try:
             if "betas" in d:
@@ -241,7 +238,9 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
 # the same where they hold at most 10^6. steps is also an unfitted cosine's end (a fitted one is
 # min(steps, fitted)): the rates agree to the bit for 5.8 million steps past the warm-up, within 3e-14 of lr
 # at 10^8. warmup_steps is not one: the warm-up's rate divides by it (lr_at), clamping would raise every step's rate.
-_CLAMPED = ("steps", "teacher_steps", "val_every", "ckpt_every", "log_every", "keep_checkpoints", "val_samples")
+# workers is the saving call's (a resume takes its own call's): its bound stands in for it.
+_CLAMPED = ("steps", "teacher_steps", "val_every", "ckpt_every", "log_every", "keep_checkpoints", "val_samples",
+            "workers")
 
 # (strategy, channels_last) pairs that expert_impl "auto" times on a GPU: each strategy in its best layout
 AUTO_CANDIDATES = (("grouped", False), ("dense", True), ("stacked", True), ("bmm", False), ("folded", True))
