@@ -14,7 +14,10 @@ at the release's init), milliseconds per image, median of --repeats after --warm
 - on CUDA, experiments dasr-sr does not run: the bf16 path with cudnn.benchmark (cuDNN times its
   algorithms per shape), and the fused network's forward as a CUDA graph (fp32 and bf16; the fuse
   still runs per call, into the weights the graph reads), which removes the per-layer launch cost, and
-  in bf16 the fuse and the network as one graph (the fuse waits for nothing on the host: recordable);
+  in bf16 the fuse and the network as one graph (the fuse waits for nothing on the host: recordable),
+  also with the element-wise operations on 1-D views of the feature maps (`MSRResNet.pointwise = "flat"`);
+- with CUDA or --bf16, `fused bf16 channels_last, flat element-wise`: that path eager, on a network of its
+  own with `pointwise = "flat"` (an experiment for PyTorch's element-wise kernels, bench_pointwise.py);
 - with --compile SIZES, last (after --profile), in a table of its own: at those sizes (also in --sizes)
   the bf16 channels_last fused network through torch.compile in the default and reduce-overhead modes
   (inductor fuses the convolutions' bias adds, the activations and the pixel shuffles; the fuse still
@@ -99,12 +102,13 @@ def fuse_once(model: DASR, a: torch.Tensor, **kwargs) -> torch.Tensor:
 
 
 def graphed(model: DASR, lr: torch.Tensor, a: torch.Tensor, dtype: torch.dtype | None,
-            channels_last: bool, with_fuse: bool = False) -> Callable[[], torch.Tensor]:
+            channels_last: bool, with_fuse: bool = False, pointwise: str = "4d") -> Callable[[], torch.Tensor]:
     """The fused network's forward as a CUDA graph, built on the first call (after cuDNN's search, on a
     side stream, as CUDA graphs need): each call fuses the mix into the same reused network (its weights
     stay where the graph reads them), copies lr into the graph's input and replays it. `with_fuse`: the
     fuse is recorded too (it keeps the mix on the device: no host wait), and each call copies lr and a
-    into the graph's inputs and replays the whole of it, on a network of its own."""
+    into the graph's inputs and replays the whole of it, on a network of its own, whose element-wise
+    operations run as `pointwise` says (`MSRResNet.pointwise`)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     state: dict[str, object] = {}
 
@@ -140,7 +144,22 @@ def graphed(model: DASR, lr: torch.Tensor, a: torch.Tensor, dtype: torch.dtype |
 
     if with_fuse:  # a network of its own, which the graph fuses into (the thread's reused one is another row's)
         own = fuse_experts(model.generator, a, dtype=dtype, channels_last=channels_last)
+        own.pointwise = pointwise
         return lambda: replay(own)
+    return run
+
+
+def flat_fused(model: DASR, lr: torch.Tensor, a: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """dasr-sr's bf16 channels_last path on the whole image, on a network of its own whose element-wise
+    operations run on 1-D views of the feature maps (`MSRResNet.pointwise = "flat"`, the same bits): the mix
+    fused into it per call, as dasr-sr does into the reused one."""
+    net = fuse_experts(model.generator, a, dtype=torch.bfloat16, channels_last=True)
+    net.pointwise = "flat"
+
+    def run() -> torch.Tensor:
+        model.generator.fuse(a, into=net)
+        return net(lr.contiguous(memory_format=torch.channels_last))
+
     return run
 
 
@@ -210,6 +229,8 @@ def main() -> None:
             paths += [("experts bf16 (autocast)", experts_bf16, {}),
                       ("fused bf16 channels_last",
                        lambda: super_resolve(model, lr, a, dtype=torch.bfloat16, channels_last=True),
+                       {"dtype": torch.bfloat16, "channels_last": True}),
+                      ("fused bf16 channels_last, flat element-wise", flat_fused(model, lr, a),
                        {"dtype": torch.bfloat16, "channels_last": True})]
         if cuda:  # experiments, after the paths dasr-sr has: cuDNN's algorithm search, then CUDA graphs
             paths += [("fused bf16 channels_last, cudnn.benchmark",
@@ -222,6 +243,9 @@ def main() -> None:
                        {"dtype": torch.bfloat16, "channels_last": True, "benchmark": True}),
                       ("fused bf16 channels_last, cudnn.benchmark + CUDA graph of fuse and network",
                        graphed(model, lr, a, torch.bfloat16, True, with_fuse=True),
+                       {"dtype": torch.bfloat16, "channels_last": True, "benchmark": True}),
+                      ("fused bf16 channels_last, cudnn.benchmark + CUDA graph of fuse and network, flat element-wise",
+                       graphed(model, lr, a, torch.bfloat16, True, with_fuse=True, pointwise="flat"),
                        {"dtype": torch.bfloat16, "channels_last": True, "benchmark": True})]
         base_ms, base_out = None, None
         for label, fn, fuse_kw in paths:

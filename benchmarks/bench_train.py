@@ -26,12 +26,14 @@
   in memory layout (benchmarks/_layouts.py); --profile-only does that without the table.
   --disc-upsample times each GAN row with each listed x2 up-sampling of the discriminator
   (`UNetDiscriminatorSN.upsample`: auto, interpolate, lerp, matmul; the same numbers up to rounding,
-  tests/test_train.py), named in the table's last column.
+  tests/test_train.py), named in the table's last column. --pointwise flat runs the generator's activations
+  and residual sums on 1-D views of its feature maps (`ExpertMSRResNet.pointwise`; the same bits,
+  tests/test_expert_impl.py): an experiment for PyTorch's element-wise kernels on CUDA (bench_pointwise.py).
 
 Needs a dataset made with `degrade make-dataset` (patch 256) for the loader part.
 Usage: python benchmarks/bench_train.py --shards DIR [--device auto] [--batch-sizes 6,16,48] [--gan]
        [--impl grouped,dense,stacked,bmm] [--channels-last] [--fp32-baseline] [--compile default,reduce-overhead]
-       [--cuda-graph] [--profile | --profile-only] [--disc-upsample auto,matmul]
+       [--cuda-graph] [--profile | --profile-only] [--disc-upsample auto,matmul] [--pointwise flat]
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from torch.utils.data import DataLoader
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
 from dasr_model.errors import DASRError
 from dasr_model.losses import DISC_UPSAMPLES, UNetDiscriminatorSN
-from dasr_model.model import DASR, EXPERT_IMPLS, set_expert_impl
+from dasr_model.model import DASR, EXPERT_IMPLS, POINTWISE, set_expert_impl
 from dasr_model.runs import pick_device
 from dasr_model.train import (
     COMPILE_MODES,
@@ -87,13 +89,14 @@ def bench_loader(shards: str, batch: int, workers: int, steps: int) -> float:
 
 def setup_step(device: torch.device, batch: int, gan: bool, impl: str = "grouped", channels_last: bool = False,
                lr_size: int = 64, compile_mode: str = "off", compile_backend: str = "inductor",
-               disc_upsample: str = "auto"):
+               disc_upsample: str = "auto", pointwise: str = "4d"):
     """What one training step needs, as dasr-train builds it: (parts, cfg, lr, hr, v) on random data.
     `disc_upsample`: the discriminator's x2 up-sampling (`UNetDiscriminatorSN.upsample`; "interpolate":
-    F.interpolate throughout, the release's way)."""
+    F.interpolate throughout, the release's way); `pointwise`: the generator's (`ExpertMSRResNet.pointwise`)."""
     torch.manual_seed(0)
     cfg = TrainConfig(shards="", out="", gan=gan)
     model = set_expert_impl(DASR(cfg.model), impl).to(device)
+    model.generator.pointwise = pointwise
     disc = UNetDiscriminatorSN().to(device) if gan else None
     if disc is not None:
         disc.upsample = disc_upsample
@@ -130,16 +133,17 @@ def make_runner(parts: StepParts, cfg: TrainConfig, lr, hr, v, bf16: bool, mode:
 def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats: int, impl: str = "grouped",
                channels_last: bool = False, lr_size: int = 64, bf16: bool | None = None,
                compile_mode: str = "off", compile_backend: str = "inductor",
-               disc_upsample: str = "auto") -> tuple[float, float | None, float]:
+               disc_upsample: str = "auto", pointwise: str = "4d") -> tuple[float, float | None, float]:
     """Median seconds of `dasr_model.train.train_step` (the loop's own step) on random data, with the
     expert convolutions computed by `impl`; the peak GPU memory in GiB (None on CPU: over the timed steps,
     but for rows that replay CUDA graphs from the first step on, warm-up, algorithm search and recording
     included, since a replay allocates nothing and the graph's memory was allocated while recording); the
     first step's seconds. `bf16`: autocast to bfloat16 (default: on CUDA, as dasr-train; False times the float32 step).
     `compile_mode`: the network through torch.compile as `dasr-train --compile` does ("off": eager), or
-    "graph": the whole step as a CUDA graph (`dasr-train --cuda-graph`; DASRError without CUDA)."""
+    "graph": the whole step as a CUDA graph (`dasr-train --cuda-graph`; DASRError without CUDA). `disc_upsample`,
+    `pointwise`: as :func:`setup_step`."""
     parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size, compile_mode, compile_backend,
-                                       disc_upsample)
+                                       disc_upsample, pointwise)
     bf16 = device.type == "cuda" if bf16 is None else bf16
     run, least = make_runner(parts, cfg, lr, hr, v, bf16, compile_mode, device)
     warmup = max(warmup, least)  # compiled CUDA graphs record on the step after the compiled warm-up; ours after 3
@@ -162,12 +166,12 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
 
 
 def profile_step(device: torch.device, batch: int, gan: bool, impl: str, channels_last: bool, lr_size: int,
-                 bf16: bool, steps: int = 3, top: int = 15, mode: str = "off") -> str:
+                 bf16: bool, steps: int = 3, top: int = 15, mode: str = "off", pointwise: str = "4d") -> str:
     """Where a training step's time goes (eager, or with mode "graph" replayed from a CUDA graph): its
     warm-up unprofiled (cuDNN's search; the graph's recording), then :func:`_profile.profile_calls`; for an
     eager step then the operators on batch-sized tensors whose operands differ in memory layout
     (:mod:`_layouts`; a replay dispatches none)."""
-    parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size)
+    parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size, pointwise=pointwise)
     run, least = make_runner(parts, cfg, lr, hr, v, bf16, mode, device)
     for _ in range(max(3, least)):
         run()
@@ -180,19 +184,27 @@ def profile_step(device: torch.device, batch: int, gan: bool, impl: str, channel
 
 
 def print_profile(device: torch.device, batch: int, gan: bool, impl: str, channels_last: bool, lr_size: int,
-                  bf16: bool, mode: str = "off") -> None:
+                  bf16: bool, mode: str = "off", pointwise: str = "4d") -> None:
     """A heading naming the row, then :func:`profile_step`'s table."""
     print(f"\n### Profile: batch {batch}, GAN {'yes' if gan else 'no'}, {'bf16 autocast' if bf16 else 'float32'}, "
-          f"{impl}, {'channels_last' if channels_last else 'NCHW'}, {compiled_name(mode, 'inductor')}\n",
+          f"{impl_name(impl, pointwise)}, {'channels_last' if channels_last else 'NCHW'}, "
+          f"{compiled_name(mode, 'inductor')}\n",
           flush=True)
     try:
-        print(profile_step(device, batch, gan, impl, channels_last, lr_size, bf16, mode=mode), flush=True)
+        print(profile_step(device, batch, gan, impl, channels_last, lr_size, bf16, mode=mode, pointwise=pointwise),
+              flush=True)
     except DASRError as exc:  # a CUDA graph on a CPU
         print(f"not profiled: {exc}", flush=True)
     except RuntimeError as exc:  # out of memory, a failed recording: the profiles after it still run
         print(f"not profiled: failed: {str(exc).splitlines()[0][:200]}", flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def impl_name(impl: str, pointwise: str) -> str:
+    """The table's "expert impl" cell: the strategy, and "(flat)" where the generator's element-wise
+    operations run on 1-D views (`ExpertMSRResNet.pointwise`)."""
+    return impl if pointwise == "4d" else f"{impl} ({pointwise})"
 
 
 def compiled_name(mode: str, backend: str) -> str:
@@ -266,6 +278,9 @@ def main() -> None:
                     help="the discriminator's x2 up-sampling in the GAN rows, comma-separated, a row each: "
                          f"{','.join(DISC_UPSAMPLES)} (UNetDiscriminatorSN.upsample; the float32 baseline: "
                          "interpolate)")
+    ap.add_argument("--pointwise", choices=POINTWISE, default="4d",
+                    help="the generator's element-wise operations in every row but the float32 baseline "
+                         "(ExpertMSRResNet.pointwise; flat: on 1-D views; the expert impl column says \"(flat)\")")
     args = ap.parse_args()
     try:
         impl_runs = parse_impls(args.impl, args.channels_last)
@@ -299,7 +314,7 @@ def main() -> None:
             for gan in gan_settings:
                 for impl, cl in impl_runs:
                     for mode in ("off", "graph") if args.cuda_graph else ("off",):
-                        print_profile(device, b, gan, impl, cl, args.lr_size, bf16, mode)
+                        print_profile(device, b, gan, impl, cl, args.lr_size, bf16, mode, args.pointwise)
     elif not args.skip_steps:
         if device.type == "cuda":
             print(f"TF32 for float32 convolutions / matmuls: {torch.backends.cudnn.allow_tf32} / "
@@ -308,7 +323,7 @@ def main() -> None:
         fp32_base = args.fp32_baseline and bf16  # with float32 rows the first row is the baseline already
         first_impl, first_cl = impl_runs[0]
         base_name = ("float32 grouped NCHW eager" if fp32_base else
-                     f"{precision} {first_impl} {'channels_last' if first_cl else 'NCHW'} "
+                     f"{precision} {impl_name(first_impl, args.pointwise)} {'channels_last' if first_cl else 'NCHW'} "
                      + (compiled_name(modes[0], args.compile_backend) if args.compile_only and modes else "eager"))
         print("| batch | GAN | precision | expert impl | memory format | compile | ms/step "
               f"| speed-up vs {base_name} | peak GiB | first step s | D up-sampling |\n"
@@ -322,13 +337,15 @@ def main() -> None:
                          for up in (ups if gan else ["auto"])]
                 base = None
                 for prec, impl, cl, mode, up in runs:
-                    row = (f"| {b} | {'yes' if gan else 'no'} | {prec} | {impl} | {'channels_last' if cl else 'NCHW'} "
+                    pw = "4d" if prec == "float32" and fp32_base else args.pointwise  # the baseline: the release's
+                    row = (f"| {b} | {'yes' if gan else 'no'} | {prec} | {impl_name(impl, pw)} "
+                           f"| {'channels_last' if cl else 'NCHW'} "
                            f"| {compiled_name(mode, args.compile_backend)} |")
                     up_cell = f" {up if gan else '-'} |"
                     try:
                         timed = bench_step(device, b, gan, args.warmup, args.repeats, impl, cl, args.lr_size,
                                            bf16=prec != "float32", compile_mode=mode,
-                                           compile_backend=args.compile_backend, disc_upsample=up)
+                                           compile_backend=args.compile_backend, disc_upsample=up, pointwise=pw)
                     except DASRError as exc:  # a CUDA graph on a CPU
                         print(f"{row} {exc} | - | - | - |{up_cell}", flush=True)
                         continue
@@ -344,7 +361,7 @@ def main() -> None:
                         continue
                     sec, peak, first = timed
                     if args.profile and mode in ("off", "graph") and (not gan or up == ups[0]):  # once per row
-                        profiles.append((device, b, gan, impl, cl, args.lr_size, prec != "float32", mode))
+                        profiles.append((device, b, gan, impl, cl, args.lr_size, prec != "float32", mode, pw))
                     if base is None:
                         base = sec  # the first row: the float32 baseline, or the first strategy eager
                     print(f"{row} {1000 * sec:.1f} | {base / sec:.2f}x | {'-' if peak is None else f'{peak:.2f}'} "

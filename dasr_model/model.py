@@ -18,8 +18,17 @@ from dasr_model.errors import DASRError
 PREDICTOR_HALO = 32  # input pixels of context per predictor tile: even, and twice its 16-px receptive radius
 
 __all__ = ["DASR", "DASRConfig", "DegradationPredictor", "EXPERT_IMPLS", "ExpertConv2d", "ExpertMSRResNet",
-           "MAX_PARAMETERS", "MSRResNet", "fold_batch", "is_channels_last", "pixel_shuffle", "set_expert_impl",
-           "unfold_batch"]
+           "MAX_PARAMETERS", "MSRResNet", "POINTWISE", "flat_view", "fold_batch", "is_channels_last", "pixel_shuffle",
+           "set_expert_impl", "shaped_like", "unfold_batch"]
+
+# How the generators run their element-wise operations (activations, residual adds, and so their
+# gradients): "4d" on the 4-D feature maps; "flat" on 1-D views of their memory (:func:`flat_view`), the
+# same values in the same order. An experiment for CUDA: on an H200 (2026-11-26) the bf16 step with the
+# folded (1, N*C, H, W) channels_last maps ran these operations in PyTorch's strided element-wise kernel
+# (85 calls, 7 of 31 ms per batch-48 step), where NCHW and (N, C, H, W) channels_last maps ran its
+# vectorised one; a 1-D dense tensor can only take the vectorised one. Not yet timed on a GPU
+# (benchmarks/bench_pointwise.py, bench_train.py --pointwise flat, bench_infer.py), so "4d" stays the default.
+POINTWISE = ("4d", "flat")
 
 
 class DegradationPredictor(nn.Module):
@@ -234,6 +243,49 @@ def pixel_shuffle(x: Tensor, r: int) -> Tensor:
     return y.reshape(n, h * r, w * r, c // (r * r)).permute(0, 3, 1, 2)
 
 
+def flat_view(x: Tensor) -> Tensor:
+    """x's elements as a 1-D tensor in the order they lie in memory: a view of a dense NCHW or channels_last
+    (N, C, H, W) x (a fold included), a copy of any other x. :func:`shaped_like` turns it back."""
+    return (x.permute(0, 2, 3, 1) if is_channels_last(x) else x).reshape(-1)
+
+
+def shaped_like(flat: Tensor, like: Tensor) -> Tensor:
+    """:func:`flat_view` undone: `flat` (1-D, like.numel() values in like's memory order) as a tensor of
+    like's shape, channels_last if like is; a view, so gradients pass as views both ways."""
+    if is_channels_last(like):
+        n, c, h, w = like.shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(like.shape)
+
+
+def _trunk(net: nn.Module, feat: Tensor, *a: Tensor) -> Tensor:
+    """A generator (expert, with its mix `a`, or plain) from its first convolution's output `feat` to its
+    last convolution's output, the element-wise operations as `net.pointwise` says."""
+    flat = net.pointwise == "flat"
+
+    def act(t: Tensor) -> Tensor:
+        return shaped_like(F.leaky_relu(flat_view(t), 0.1), t) if flat else F.leaky_relu(t, 0.1)
+
+    if flat:  # the residual stream flat from block to block: each sum, and its gradient's accumulation, 1-D
+        x = F.leaky_relu(flat_view(feat), 0.1)
+        for block in net.body:
+            x = block(x, *a, like=feat)
+        x = shaped_like(x, feat)
+    else:
+        x = act(feat)
+        for block in net.body:
+            x = block(x, *a)
+    x = act(pixel_shuffle(net.upconv1(x, *a), 2))
+    x = act(pixel_shuffle(net.upconv2(x, *a), 2))
+    return net.conv_last(act(net.conv_hr(x, *a)), *a)
+
+
+def _check_pointwise(name: str) -> str:
+    if name not in POINTWISE:
+        raise DASRError(f"pointwise must be one of {', '.join(POINTWISE)}, got {name!r}")
+    return name
+
+
 def is_channels_last(t: Tensor) -> bool:
     """t is laid out channels_last (NHWC) and not also plain contiguous (as a 1x1 image is both)."""
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
@@ -257,8 +309,13 @@ class ResidualBlock(nn.Module):
         self.conv1 = ExpertConv2d(num_feat, num_feat, num_experts=num_experts, negative_slope=0.0)
         self.conv2 = ExpertConv2d(num_feat, num_feat, num_experts=num_experts, negative_slope=0.0)
 
-    def forward(self, x: Tensor, a: Tensor) -> Tensor:
-        return x + self.conv2(F.relu(self.conv1(x, a)), a)
+    def forward(self, x: Tensor, a: Tensor, like: Tensor | None = None) -> Tensor:
+        """x + conv2(relu(conv1(x))). With `like` (a feature map of this block's shape and layout), x and
+        the result are :func:`flat_view` s of such maps and the ReLU and the sum run on those 1-D views."""
+        if like is None:
+            return x + self.conv2(F.relu(self.conv1(x, a)), a)
+        h = F.relu(flat_view(self.conv1(shaped_like(x, like), a)))
+        return x + flat_view(self.conv2(shaped_like(h, like), a))
 
 
 class ExpertMSRResNet(nn.Module):
@@ -276,17 +333,21 @@ class ExpertMSRResNet(nn.Module):
         self.conv_hr = ExpertConv2d(num_feat, num_feat, num_experts=k)
         self.conv_last = ExpertConv2d(num_feat, 3, num_experts=k)
         self.scale = scale
+        self.pointwise = "4d"
+
+    @property
+    def pointwise(self) -> str:
+        """How the element-wise operations run: "4d" (default) or "flat" (see POINTWISE). Exact either way;
+        not saved in state dicts."""
+        return self._pointwise
+
+    @pointwise.setter
+    def pointwise(self, name: str) -> None:
+        self._pointwise = _check_pointwise(name)
 
     def forward(self, lr: Tensor, a: Tensor) -> Tensor:
-        act = nn.functional.leaky_relu
         folded = self.conv_first.impl == "folded"  # the batch folded into the channels from input to output
-        feat = act(self.conv_first(fold_batch(lr) if folded else lr, a), 0.1)
-        x = feat
-        for block in self.body:
-            x = block(x, a)
-        x = act(pixel_shuffle(self.upconv1(x, a), 2), 0.1)
-        x = act(pixel_shuffle(self.upconv2(x, a), 2), 0.1)
-        x = self.conv_last(act(self.conv_hr(x, a), 0.1), a)
+        x = _trunk(self, self.conv_first(fold_batch(lr) if folded else lr, a), a)
         base = F.interpolate(lr, scale_factor=self.scale, mode="bilinear", align_corners=False)
         if folded:  # pixel_shuffle kept the fold (channel n*4C + 4c + i is sample n's 4c + i); base first: the
             # sum takes the layout of the input (NCHW or channels_last), not the fold's (H, W, N, C)
@@ -356,8 +417,12 @@ class PlainResidualBlock(nn.Module):
         super().__init__()
         self.conv1, self.conv2 = conv1, conv2
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv2(F.relu(self.conv1(x)))
+    def forward(self, x: Tensor, like: Tensor | None = None) -> Tensor:
+        """As :meth:`ResidualBlock.forward`, without a mix."""
+        if like is None:
+            return x + self.conv2(F.relu(self.conv1(x)))
+        h = F.relu(flat_view(self.conv1(shaped_like(x, like))))
+        return x + flat_view(self.conv2(shaped_like(h, like)))
 
 
 class MSRResNet(nn.Module):
@@ -383,17 +448,15 @@ class MSRResNet(nn.Module):
         self.conv_hr = conv(num_feat, num_feat)
         self.conv_last = conv(num_feat, 3)
         self.scale = scale
+        self.pointwise = "4d"
+
+    pointwise = ExpertMSRResNet.pointwise
 
     def forward(self, lr: Tensor) -> Tensor:
         """lr (B, 3, h, w) -> (B, 3, 4h, 4w). The convolutions run in the weights' dtype; the bilinear base
-        and the final sum in lr's, so a bf16 net fed float32 keeps full precision around the base."""
-        act = nn.functional.leaky_relu
-        x = act(self.conv_first(lr.to(self.conv_first.weight.dtype)), 0.1)
-        for block in self.body:
-            x = block(x)
-        x = act(pixel_shuffle(self.upconv1(x), 2), 0.1)
-        x = act(pixel_shuffle(self.upconv2(x), 2), 0.1)
-        x = self.conv_last(act(self.conv_hr(x), 0.1))
+        and the final sum in lr's, so a bf16 net fed float32 keeps full precision around the base.
+        `pointwise` as :attr:`ExpertMSRResNet.pointwise`."""
+        x = _trunk(self, self.conv_first(lr.to(self.conv_first.weight.dtype)))
         base = F.interpolate(lr, scale_factor=self.scale, mode="bilinear", align_corners=False)
         return x.to(base.dtype) + base
 

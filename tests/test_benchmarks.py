@@ -244,6 +244,11 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     infer = (out / "infer.md").read_text()
     assert "| loader workers |" in train and "| 16 | experts fp32 |" in infer
     assert "| 16 | experts bf16 (autocast) |" in infer and "| 16 | fused bf16 channels_last |" in infer
+    # the same bits on 1-D views: the largest difference from experts fp32 is the bf16 path's own
+    flat = [r.split("|") for r in infer.splitlines() if r.startswith("| 16 | fused bf16 channels_last")]
+    assert [c[2].strip() for c in flat[:2]] == ["fused bf16 channels_last",
+                                                 "fused bf16 channels_last, flat element-wise"]
+    assert flat[0][-2] == flat[1][-2]
     assert "### Profile: LR 16, fused bf16 channels_last" in infer and "ms per image (" in infer
     compiled = infer.split("### torch.compile (aot_eager): the fused bf16 channels_last network")[1]  # the last table
     for mode in ("default", "reduce-overhead"):  # the fused network compiled (aot_eager in the smoke run)
@@ -251,11 +256,21 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
                          compiled)
     assert "| mean |" in (out / "bf16.md").read_text()
     assert all(f"{name}: exit 0" in log for name in ("tests", "dataset", "train", "upsample", "upsample-step",
-                                                     "profile", "compile", "infer", "bf16"))
+                                                     "pointwise", "pointwise-step", "profile", "compile", "infer",
+                                                     "bf16"))
     # appended to train.md: each up-sampling alone, 3 ways x 2 formats x 3 shapes, then the GAN step with each
     assert sum(f"| {way} | " in r for r in ups.splitlines() if r.startswith("| (2, ") for way in
                ("interpolate", "lerp", "matmul")) == 18
+    ups, pointwise = ups.split("## The element-wise operations alone, per layout")
     alone, steps = ups.split("## The GAN step with each up-sampling")
+    # the element-wise operations: 4 x 5 layouts, the fold's flat view among them; then the flat step
+    ops, flat_steps = pointwise.split("## The step with flat element-wise operations")
+    op_rows = [r for r in ops.splitlines() if r.startswith("| relu |") or r.startswith("| add |")
+               or r.startswith("| leaky_relu |") or r.startswith("| relu backward |")]
+    assert len(op_rows) == 20 and sum("| fold as 1-D (flat_view) | (1,) |" in r for r in op_rows) == 4
+    assert [r.split("|")[2].strip() for r in flat_steps.splitlines() if r.startswith("| 2 |")] == ["no", "yes"]
+    assert all("| bf16 autocast | folded (flat) | channels_last | eager |" in r
+               for r in flat_steps.splitlines() if r.startswith("| 2 |"))
     assert "| channels_last | matmul | " in alone.split("A GAN step's 9 up-samplings")[1]
     gan_rows = [r for r in steps.splitlines() if r.startswith("| 2 | yes | bf16 autocast | folded | channels_last")]
     assert [r.rstrip(" |").rsplit("|", 1)[1].strip() for r in gan_rows] == ["matmul", "auto", "lerp"]

@@ -18,6 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
+from dasr_model.errors import DASRError  # noqa: E402
 from dasr_model.infer import fuse_experts, super_resolve  # noqa: E402
 from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, ExpertConv2d, MSRResNet, set_expert_impl  # noqa: E402
 from dasr_model.release import load_release_weights  # noqa: E402
@@ -642,3 +643,127 @@ def test_the_folded_generator_folds_once_and_keeps_the_fold_through_every_layer(
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in seen[:6])
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     assert out.shape == (n, 3, 24, 20)
+
+
+def _sr_and_grads(model: DASR, lr, a, bf16: bool):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model.sr(lr, a)
+    (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+    return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("impl", ["folded", "grouped"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_flat_pointwise_gives_the_same_bits_forward_and_backward(impl, channels_last, bf16):
+    torch.manual_seed(0)
+    model = set_expert_impl(DASR(DASRConfig(num_experts=3, num_feat=8, num_block=2, predictor_feat=8)), impl)
+    flat = copy.deepcopy(model)
+    flat.generator.pointwise = "flat"
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    lr, a = torch.rand(3, 3, 6, 5).contiguous(memory_format=fmt), torch.rand(3, 3)
+    out, grads = _sr_and_grads(model, lr, a, bf16)
+    out_flat, grads_flat = _sr_and_grads(flat, lr, a, bf16)
+    # the same operations on the same values in the same order: equal, not close
+    assert torch.equal(out_flat, out)
+    assert grads_flat.keys() == grads.keys() and len(grads) == 9 * 2
+    assert all(torch.equal(grads_flat[k], grads[k]) for k in grads)
+
+
+@pytest.mark.parametrize("bf16_cl", [False, True], ids=["fp32", "bf16-cl"])
+def test_flat_pointwise_plain_network_gives_the_same_bits(bf16_cl):
+    torch.manual_seed(0)
+    model = DASR(DASRConfig(num_experts=3, num_feat=8, num_block=2, predictor_feat=8))
+    a = torch.rand(1, 3)
+    kw = {"dtype": torch.bfloat16, "channels_last": True} if bf16_cl else {}
+    net, flat = fuse_experts(model, a, **kw), fuse_experts(model, a, **kw)
+    flat.pointwise = "flat"
+    lr = torch.rand(2, 3, 7, 6)
+    if bf16_cl:
+        lr = lr.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(flat(lr), net(lr))
+
+
+def test_flat_pointwise_runs_the_element_wise_operations_on_1d_views_without_copies():
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    big = 3 * 8 * 6 * 5  # a feature map of the folded batch (N 3, C 8, 6 x 5): the operations on such tensors
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            dims = tuple(t.dim() for t in (*args, out) if isinstance(t, torch.Tensor) and t.numel() >= big)
+            self.calls.append((func.overloadpacket.__name__, dims))
+            return out
+
+    def traced(pointwise):
+        torch.manual_seed(0)
+        model = set_expert_impl(DASR(DASRConfig(num_experts=3, num_feat=8, num_block=2, predictor_feat=8)), "folded")
+        model.generator.pointwise = pointwise
+        lr = torch.rand(3, 3, 6, 5).contiguous(memory_format=torch.channels_last)
+        a = torch.rand(3, 3, requires_grad=True)
+        with Ops() as ops:
+            model.sr(lr, a).sum().backward()
+        return ops.calls
+
+    flat, four = traced("flat"), traced("4d")
+    names = ("relu", "leaky_relu", "threshold_backward", "leaky_relu_backward", "add")
+    ew_flat = Counter((n, d) for n, d in flat if n in names and d)
+    ew_four = Counter((n, d) for n, d in four if n in names and d)
+    # 4-D: 2 ReLUs, 4 leaky ReLUs (first conv, two up-samplings, conv_hr), their gradients, 2 residual sums,
+    # their 2 gradient accumulations and the final base + SR sum; flat: each on 1-D tensors but that last sum
+    assert ew_four == {("relu", (4, 4)): 2, ("threshold_backward", (4, 4, 4)): 2, ("leaky_relu", (4, 4)): 4,
+                       ("leaky_relu_backward", (4, 4, 4)): 4, ("add", (4, 4, 4)): 5}
+    assert ew_flat == {("relu", (1, 1)): 2, ("threshold_backward", (1, 1, 1)): 2, ("leaky_relu", (1, 1)): 4,
+                       ("leaky_relu_backward", (1, 1, 1)): 4, ("add", (1, 1, 1)): 4, ("add", (4, 4, 4)): 1}
+    # the same operations otherwise (copies included: none added), and more views and permutes only
+    views = ("view", "permute", "_unsafe_view", "_reshape_alias")
+    assert Counter(n for n, _ in flat if n not in views) == Counter(n for n, _ in four if n not in views)
+
+
+def test_pointwise_refuses_unknown_names():
+    gen = DASR(TINY).generator
+    with pytest.raises(DASRError, match="pointwise must be one of 4d, flat"):
+        gen.pointwise = "2d"
+    plain = MSRResNet(num_feat=8, num_block=1)
+    assert plain.pointwise == "4d"
+    with pytest.raises(DASRError):
+        plain.pointwise = "1d"
+
+
+@cuda
+def test_cuda_flat_pointwise_gives_the_same_bits(monkeypatch):
+    """dasr-train's GPU path (folded, channels_last, bf16 autocast) and dasr-sr's (the fused network in bf16
+    channels_last) with the element-wise operations on 1-D views: the same output and gradients, bit for
+    bit (cuDNN held to deterministic algorithms, which a weight gradient's atomics may otherwise reorder)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    torch.manual_seed(0)
+    model = set_expert_impl(DASR(DASRConfig(num_experts=3, num_feat=16, num_block=2, predictor_feat=8)), "folded")
+    model = model.cuda()
+    flat = copy.deepcopy(model)
+    flat.generator.pointwise = "flat"
+    lr = torch.rand(4, 3, 16, 12, device="cuda").contiguous(memory_format=torch.channels_last)
+    a = torch.rand(4, 3, device="cuda")
+    results = []
+    for m in (model, flat):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m.sr(lr, a)
+        out.float().square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in m.generator.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(g, h) for g, h in zip(results[0][1], results[1][1]))
+    net = fuse_experts(model, a[:1], dtype=torch.bfloat16, channels_last=True)
+    net_flat = fuse_experts(model, a[:1], dtype=torch.bfloat16, channels_last=True)
+    net_flat.pointwise = "flat"
+    with torch.no_grad():
+        assert torch.equal(net_flat(lr[:1]), net(lr[:1]))
