@@ -16,8 +16,9 @@ at the release's init), milliseconds per image, median of --repeats after --warm
   still runs per call, into the weights the graph reads), which removes the per-layer launch cost, and
   in bf16 the fuse and the network as one graph (the fuse waits for nothing on the host: recordable),
   also with the element-wise operations on 1-D views of the feature maps (`MSRResNet.pointwise = "flat"`);
-- with CUDA or --bf16, `fused bf16 channels_last, flat element-wise`: that path eager, on a network of its
-  own with `pointwise = "flat"` (an experiment for PyTorch's element-wise kernels, bench_pointwise.py);
+- with CUDA or --bf16, `fused bf16 channels_last, network alone`: that network eager on the whole image
+  without super_resolve's harness, then the same with `pointwise = "flat"` (`..., flat element-wise`: an
+  experiment for PyTorch's element-wise kernels, bench_pointwise.py), each on a network of its own;
 - with --compile SIZES, last (after --profile), in a table of its own: at those sizes (also in --sizes)
   the bf16 channels_last fused network through torch.compile in the default and reduce-overhead modes
   (inductor fuses the convolutions' bias adds, the activations and the pixel shuffles; the fuse still
@@ -149,12 +150,13 @@ def graphed(model: DASR, lr: torch.Tensor, a: torch.Tensor, dtype: torch.dtype |
     return run
 
 
-def flat_fused(model: DASR, lr: torch.Tensor, a: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """dasr-sr's bf16 channels_last path on the whole image, on a network of its own whose element-wise
-    operations run on 1-D views of the feature maps (`MSRResNet.pointwise = "flat"`, the same bits): the mix
-    fused into it per call, as dasr-sr does into the reused one."""
+def network_alone(model: DASR, lr: torch.Tensor, a: torch.Tensor, pointwise: str) -> Callable[[], torch.Tensor]:
+    """The fused bf16 channels_last network on the whole image, without super_resolve's harness (its tiling
+    buffer, finiteness check and layout conversions), on a network of its own whose element-wise operations
+    run as `pointwise` says (`MSRResNet.pointwise`; "flat": on 1-D views of the feature maps, the same bits):
+    the mix fused into it per call, as dasr-sr does into the reused one. A row each way: twins."""
     net = fuse_experts(model.generator, a, dtype=torch.bfloat16, channels_last=True)
-    net.pointwise = "flat"
+    net.pointwise = pointwise
 
     def run() -> torch.Tensor:
         model.generator.fuse(a, into=net)
@@ -230,8 +232,10 @@ def main() -> None:
                       ("fused bf16 channels_last",
                        lambda: super_resolve(model, lr, a, dtype=torch.bfloat16, channels_last=True),
                        {"dtype": torch.bfloat16, "channels_last": True}),
-                      ("fused bf16 channels_last, flat element-wise", flat_fused(model, lr, a),
-                       {"dtype": torch.bfloat16, "channels_last": True})]
+                      ("fused bf16 channels_last, network alone", network_alone(model, lr, a, "4d"),
+                       {"dtype": torch.bfloat16, "channels_last": True}),
+                      ("fused bf16 channels_last, network alone, flat element-wise",
+                       network_alone(model, lr, a, "flat"), {"dtype": torch.bfloat16, "channels_last": True})]
         if cuda:  # experiments, after the paths dasr-sr has: cuDNN's algorithm search, then CUDA graphs
             paths += [("fused bf16 channels_last, cudnn.benchmark",
                        lambda: super_resolve(model, lr, a, dtype=torch.bfloat16, channels_last=True),

@@ -9,7 +9,7 @@ kernel (`vectorized_elementwise_kernel<8>`). 85 is about the count of the genera
 adds and their gradients per step. This benchmark runs those operations alone on the same values laid out
 each way: NCHW, channels_last, the fold as `fold_batch` makes it, the fold as a grouped convolution
 returns it (the tensors the step's operations actually get), and a 1-D view of the fold's memory (what
-`ExpertMSRResNet.fold_pointwise = "flat"` runs them on). Per operation and layout: the median ms, the
+`ExpertMSRResNet.pointwise = "flat"` runs them on). Per operation and layout: the median ms, the
 memory rate it reaches (each operand read or written once), the tensor's strides and, on CUDA, the kernel
 that ran (torch.profiler; `vectorized_elementwise_kernel` is PyTorch's vectorised path).
 

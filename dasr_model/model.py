@@ -23,10 +23,11 @@ __all__ = ["DASR", "DASRConfig", "DegradationPredictor", "EXPERT_IMPLS", "Expert
 
 # How the generators run their element-wise operations (activations, residual adds, and so their
 # gradients): "4d" on the 4-D feature maps; "flat" on 1-D views of their memory (:func:`flat_view`), the
-# same values in the same order. An experiment for CUDA: on an H200 (2026-11-26) the bf16 step with the
-# folded (1, N*C, H, W) channels_last maps ran these operations in PyTorch's strided element-wise kernel
-# (85 calls, 7 of 31 ms per batch-48 step), where NCHW and (N, C, H, W) channels_last maps ran its
-# vectorised one; a 1-D dense tensor can only take the vectorised one. Not yet timed on a GPU
+# same values in the same order. An experiment for CUDA: on an H200 (2026-11-26) the bf16 batch-48 step with
+# the folded (1, N*C, H, W) channels_last maps spent 7 of 31 ms in 85 calls of PyTorch's strided
+# element-wise kernel, which by their count and size look like these operations (a reading of the profile,
+# which did not name them), where (N, C, H, W) channels_last maps ran its vectorised kernel. A 1-D dense
+# tensor of one dtype is the plainest case for the vectorised one. Not yet timed on a GPU
 # (benchmarks/bench_pointwise.py, bench_train.py --pointwise flat, bench_infer.py), so "4d" stays the default.
 POINTWISE = ("4d", "flat")
 

@@ -653,7 +653,7 @@ def _sr_and_grads(model: DASR, lr, a, bf16: bool):
     return out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("impl", ["folded", "grouped"])
+@pytest.mark.parametrize("impl", ["folded", "grouped", "dense", "stacked"])  # dense, stacked: channels_last maps
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_flat_pointwise_gives_the_same_bits_forward_and_backward(impl, channels_last, bf16):
