@@ -311,8 +311,9 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
         if save_sr.resolve() == source.resolve() or source.resolve() in save_sr.resolve().parents:
             raise click.UsageError(f"--save-sr {save_sr} lies inside {source}: the images read would be mixed with "
                                    "the ones written; save them elsewhere")
-    if per_image is not None and not (per_image.parent if str(per_image.parent) else Path(".")).is_dir():
-        raise click.ClickException(f"{per_image}: folder {per_image.parent} does not exist")
+    if per_image is not None:
+        _check_per_image(per_image, (model_path, checkpoint, *(release_weights or ()), lpips_alexnet, lpips_lin,
+                                     niqe_params, shards, hr_dir, lr_dir, testset))
     rows: list[dict] = []
 
     def on_image(index: int, scores: dict, sr) -> None:  # pairs: the evaluation's, named
@@ -380,6 +381,22 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
                       + " ".join(f"{x:.3f}" for x in mean))
 
 
+def _check_per_image(path: Path, reads: tuple) -> None:
+    """--per-image: its folder must exist, and it must be none of the files or folders the evaluation
+    reads (`reads`: the model or its run folder, the LPIPS or NIQE weights, the data) and lie in none of
+    them (a test set's manifest, an input image, a run's metrics)."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise click.ClickException(f"{path}: {folder} is not a folder" if folder.exists() else
+                                   f"{path}: folder {folder} does not exist")
+    target = path.resolve()
+    for given in (p for p in reads if p is not None):
+        where = Path(given).resolve()
+        if target == where or where in target.parents:
+            raise click.UsageError(f"--per-image {path} {'is' if target == where else 'lies inside'} {given}, "
+                                   "which the evaluation reads; write it elsewhere")
+
+
 def _check_saved_paths(names: list[str]) -> None:
     """--save-sr writes NAME.png per pair: refuse, before evaluating, a name whose file would be another's
     folder (x.jpg and x.png/y.png give x.png and x.png/y.png)."""
@@ -399,7 +416,8 @@ def _label(level: str) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    """The per-image rows as CSV (a score an image has not, or NaN, is an empty cell), written atomically."""
+    """The per-image rows as CSV (a score an image has not, or NaN, is an empty cell), written atomically; UTF-8,
+    but for a file name that is not (its bytes as they are)."""
     import csv
     import io
 
@@ -409,7 +427,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     out.writeheader()
     for row in rows:
         out.writerow({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
-    write_bytes_atomic(path, buf.getvalue().encode())
+    # an image name that is not UTF-8 (bytes Python holds as surrogates) is written as the bytes it is
+    write_bytes_atomic(path, buf.getvalue().encode("utf-8", "surrogateescape"))
 
 
 def _finite_or_null(x):

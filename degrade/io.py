@@ -16,6 +16,7 @@ read_image's 0.35 GB, 2026-11-26).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
@@ -615,12 +616,27 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     It is a new file with a unique name in `path`'s folder (`.NAME.XXXXXXXX.tmp`, created exclusively:
     never a fixed name, never through a symlink), renamed over `path` at the end (a symlink at `path`
     is replaced, not written through). On any failure it is removed and `path` is left as it was; an
-    OSError then names `path` (with its errno and reason), not the temporary file.
+    OSError then names `path` (with its errno and reason), not the temporary file. Refused before anything
+    is written: a missing folder (ImageError), and a `path` that is there but neither a regular file nor a
+    symlink (an OSError: IsADirectoryError for a folder; for a device such as /dev/null, a FIFO or a
+    socket, which a rename would replace with a file, EEXIST).
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
-        raise ImageError(f"{path}: folder {directory} does not exist")
+        raise ImageError(f"{path}: {directory} is not a folder" if directory.exists() else
+                         f"{path}: folder {directory} does not exist")
+    try:
+        there = os.lstat(path).st_mode
+    except FileNotFoundError:
+        there = None
+    except OSError as exc:
+        raise _naming(exc, path) from None
+    if there is not None and stat.S_ISDIR(there):  # what the rename would fail with, before any write
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if there is not None and not (stat.S_ISREG(there) or stat.S_ISLNK(there)):
+        kind = "a FIFO" if stat.S_ISFIFO(there) else "a socket" if stat.S_ISSOCK(there) else "a device"
+        raise OSError(errno.EEXIST, f"exists and is {kind}, not a regular file; refusing to replace it", str(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     except OSError as exc:

@@ -105,6 +105,41 @@ def test_a_failed_atomic_write_names_the_target_and_leaves_no_temporary_file(tmp
     assert [p.name for p in folder.iterdir()] == ["rgb_x4.png"]  # no .rgb_x4.png.XXXX.tmp left
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "file in place of the folder"])
+def test_an_atomic_write_never_replaces_a_fifo_or_a_device_with_a_file(tmp_path, kind):
+    """A rename over a FIFO or a device node (/dev/null as an output) would put a regular file in its place:
+    refused before anything is written, the node left as it was."""
+    import errno
+    import os
+    import stat
+
+    from degrade.errors import ImageError
+    from degrade.io import write_bytes_atomic
+
+    target = tmp_path / "out.csv"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "device":
+        try:
+            os.mknod(target, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # what /dev/null is
+        except PermissionError:
+            pytest.skip("making a device node needs root")
+    else:
+        target = tmp_path / "afile" / "out.csv"
+        target.parent.write_bytes(b"x")
+        with pytest.raises(ImageError, match="afile is not a folder"):
+            write_bytes_atomic(target, b"data")
+        return
+    before = os.lstat(target)
+    with pytest.raises(FileExistsError) as caught:
+        write_bytes_atomic(target, b"data")
+    assert caught.value.errno == errno.EEXIST and caught.value.filename == str(target)
+    assert "not a regular file; refusing to replace it" in str(caught.value)
+    after = os.lstat(target)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]  # no temporary file left
+
+
 def test_atomic_writer_keeps_the_old_file_when_a_write_fails(tmp_path):
     import errno
 

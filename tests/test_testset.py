@@ -439,3 +439,41 @@ def test_a_name_whose_file_would_be_another_names_folder_is_refused_naming_both(
     res = CliRunner().invoke(degrade_cli, ["make-testset", str(clash), "--out", str(tmp_path / "set")])
     assert res.exit_code == 1 and f"{folder} would be both" in res.output and "Traceback" not in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clash"]
+
+
+def test_dasr_eval_per_image_never_overwrites_what_it_reads(ckpt, testset, hr_dir, tmp_path):
+    pytest.importorskip("torch")
+    from cli.sr import eval_main
+
+    model_bytes, manifest = ckpt.read_bytes(), (testset / "manifest.json").read_bytes()
+    given = ["--testset", str(testset)]
+    for target, source in ((ckpt, given), (testset / "manifest.json", given),
+                           (hr_dir / "a.png", ["--hr-dir", str(hr_dir), "--levels", "1"])):
+        res = CliRunner().invoke(eval_main, ["--model", str(ckpt), *source, "--per-image", str(target)])
+        assert res.exit_code == 2 and "which the evaluation reads; write it elsewhere" in res.output, res.output
+    assert ckpt.read_bytes() == model_bytes and (testset / "manifest.json").read_bytes() == manifest
+    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--testset", str(testset),
+                                         "--per-image", str(tmp_path / "afile" / "s.csv")])
+    assert res.exit_code == 1 and "folder" in res.output and "does not exist" in res.output
+
+
+def test_dasr_eval_per_image_keeps_a_name_that_is_not_utf8(ckpt, hr_dir, tmp_path):
+    """A file name's bytes that are not UTF-8 (Python holds them as surrogates) go into the CSV as they are,
+    instead of failing after the whole evaluation."""
+    import os
+
+    pytest.importorskip("torch")
+    from cli.sr import eval_main
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    name = os.fsdecode(b"b\xffd")
+    try:
+        shutil.copy(hr_dir / "a.png", odd / f"{name}.png")
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses a name that is not UTF-8")
+    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--device", "cpu", "--hr-dir", str(odd), "--levels", "1",
+                                         "--per-image", str(tmp_path / "s.csv")])
+    assert res.exit_code == 0, res.output
+    lines = (tmp_path / "s.csv").read_bytes().splitlines()
+    assert len(lines) == 2 and lines[1].startswith(b"1,b\xffd,")
