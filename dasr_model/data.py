@@ -56,11 +56,7 @@ class PairedShards(Dataset):
             y, x = int(rng.integers(lr.shape[0] - c + 1)), int(rng.integers(lr.shape[1] - c + 1))
             lr = lr[y : y + c, x : x + c]
             hr = hr[SCALE * y : SCALE * (y + c), SCALE * x : SCALE * (x + c)]
-        v = np.asarray(s.v, np.float32)
-        if v.shape != (VECTOR_LENGTH,) or not (v.min() >= 0 and v.max() <= 1):  # NaN fails both comparisons
-            # a label the loss cannot use: NaN would stop the run as a NaN loss, blamed on the learning rate
-            raise DatasetError(f"sample {index}: its v is not {VECTOR_LENGTH} numbers in [0, 1] "
-                               "(a damaged dataset: degrade verify lists such rows)")
+        v = checked_v(s.v, index)
         if self.augment:  # one of the 8 flips/rotations, applied to LR and HR alike, and v kept true to them
             turn = {"flip_lr": bool(rng.random() < 0.5), "flip_ud": bool(rng.random() < 0.5),
                     "rot90": int(rng.integers(4))}
@@ -77,6 +73,17 @@ class PairedShards(Dataset):
 # any device (CUDA divides a tensor by a Python scalar as x * (1 / 255), 1 ulp off for 126 of the 256 values).
 _LEVELS = torch.arange(256, dtype=torch.float32) / 255
 _levels_on: dict[torch.device, Tensor] = {}
+
+
+def checked_v(v, index: int) -> np.ndarray:
+    """Sample `index`'s stored v as float32, or DatasetError where it is not VECTOR_LENGTH numbers in [0, 1]:
+    a label the loss cannot use (NaN would stop a run as a NaN loss, blamed on the learning rate) and a
+    predictor error that means nothing (NaN, or an error above 1)."""
+    v = np.asarray(v, np.float32)
+    if v.shape != (VECTOR_LENGTH,) or not (v.min() >= 0 and v.max() <= 1):  # NaN fails both comparisons
+        raise DatasetError(f"sample {index}: its v is not {VECTOR_LENGTH} numbers in [0, 1] "
+                           "(a damaged dataset: degrade verify lists such rows)")
+    return v
 
 
 def as_float(pixels: Tensor, device: torch.device | str) -> Tensor:

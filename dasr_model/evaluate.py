@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dasr_model.data import block_mae
+from dasr_model.data import block_mae, checked_v
 from dasr_model.diagnostics import mixing_stats
 from dasr_model.errors import DASRError
 from dasr_model.infer import DEFAULT_TILE, predict, super_resolve, to_image, to_tensor
@@ -42,7 +42,8 @@ class Pairs:
 
 
 def pairs_from_shards(path: str | Path, *, limit: int | None = None) -> Pairs:
-    """A dataset's samples (the first `limit` of them), as stored: no crop, no augmentation."""
+    """A dataset's samples (the first `limit` of them), as stored: no crop, no augmentation. A sample whose
+    v is not 33 numbers in [0, 1] is refused as training refuses it (DatasetError, when it is reached)."""
     import degrade
 
     ds = degrade.open_dataset(path)
@@ -51,7 +52,8 @@ def pairs_from_shards(path: str | Path, *, limit: int | None = None) -> Pairs:
     def make() -> Iterator[Pair]:
         for i in range(n):
             s = ds[i]
-            yield int(s.params.level or 0), s.hr.astype(np.float32) / 255, s.lr.astype(np.float32) / 255, s.v
+            v = checked_v(s.v, i)  # as training refuses it: a damaged v would give a predictor error of NaN or > 1
+            yield int(s.params.level or 0), s.hr.astype(np.float32) / 255, s.lr.astype(np.float32) / 255, v
 
     return Pairs(n, make, [f"sample-{ds.stored_index(i):08d}" for i in range(n)])
 

@@ -272,6 +272,31 @@ def test_a_damaged_label_stops_training_naming_the_data_not_the_rate(shards, tmp
         result.output.split()), result.output
 
 
+@pytest.mark.parametrize("value", [np.nan, 5.0])
+def test_a_damaged_label_is_refused_by_evaluation_and_validation_as_by_training(shards, tmp_path, value):
+    """dasr-eval scored a v of 5 (an 'MAE' of 1.49) or NaN (null), and validation logged NaN into
+    metrics.jsonl (not JSON); both now refuse the sample as training does."""
+    import h5py
+
+    src = Path(make_small_dataset(tmp_path / "ds", count=4, seed=3, shard_size=4))
+    with h5py.File(src / "shard-00000.h5", "r+") as f:
+        f["v"][2, 7] = value
+    with pytest.raises(Exception, match="sample 2: its v is not 33 numbers in \\[0, 1\\]") as caught:
+        list(pairs_from_shards(src))
+    assert type(caught.value).__name__ == "DatasetError"
+    run = tmp_path / "run"
+    CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(run), "--steps", "1", *TINY_ARGS])
+    model = run / "model.safetensors"
+    result = CliRunner().invoke(eval_main, ["--model", str(model), "--shards", str(src), "--device", "cpu"])
+    assert result.exit_code == 1 and "sample 2: its v is not 33 numbers" in " ".join(result.output.split())
+    result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / "val"), "--steps", "2",
+                                            "--val-shards", str(src), "--val-every", "1", *TINY_ARGS])
+    assert result.exit_code == 1 and "sample 2: its v is not 33 numbers" in " ".join(result.output.split()), \
+        result.output
+    metrics = tmp_path / "val" / "metrics.jsonl"
+    assert not metrics.exists() or "NaN" not in metrics.read_text()
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_a_truncated_shard_stops_training_with_one_line(tmp_path, workers):
     src = Path(make_small_dataset(tmp_path / "ds", count=8, seed=3, shard_size=4))
