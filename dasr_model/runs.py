@@ -95,6 +95,27 @@ def logs_a_step(path: Path) -> bool:
     return False
 
 
+def foreign_run_file(out: Path) -> str | None:
+    """The name of a file in `out` that a new run would overwrite but no run of this trainer wrote, or None:
+    a config.json that is not a dasr-train config (a JSON object with "shards" and "run"), or a
+    metrics.jsonl with content beside no such config (a run that failed before its first logged step leaves
+    an empty one beside its config.json; a kill, a torn line beside it)."""
+    ours = False
+    config = out / "config.json"
+    if config.exists():
+        try:
+            loaded = json.loads(config.read_bytes())
+        except ValueError:
+            loaded = None
+        ours = isinstance(loaded, dict) and "shards" in loaded and isinstance(loaded.get("run"), dict)
+        if not ours:
+            return config.name
+    metrics = out / "metrics.jsonl"
+    if not ours and metrics.exists() and metrics.read_bytes().strip():
+        return metrics.name
+    return None
+
+
 def truncate_metrics(path: Path, step: int) -> int:
     """Keep the metrics of steps 1..step (a resumed run writes the later ones again); a torn or
     undecodable line from a kill is dropped. Rewritten atomically; returns the number of lines kept."""

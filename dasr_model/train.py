@@ -46,6 +46,7 @@ from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, is_channels_last, s
 from dasr_model.modelfile import MODEL_FILE, save_model_file
 from dasr_model.runs import (
     describe_device,
+    foreign_run_file,
     half_written,
     logs_a_step,
     pick_device,
@@ -313,6 +314,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if logs_a_step(out / "metrics.jsonl"):  # steps logged, none saved
             raise DASRError(f"{out} holds a run that stopped before its first checkpoint: start it over with "
                             "--restart, or choose a new --out")
+        if (foreign := foreign_run_file(out)) is not None:  # a run writes both: not over someone else's
+            raise DASRError(f"{out / foreign} is not a file of a dasr-train run, and a run would overwrite it: "
+                            "choose a new --out")
     if cfg.lr_schedule == "cosine" and cfg.warmup_steps >= cfg.steps:
         raise DASRError(f"--warmup-steps {cfg.warmup_steps} leaves no step of --steps {cfg.steps} to anneal")
     world = int(os.environ.get("WORLD_SIZE", "1"))

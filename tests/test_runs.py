@@ -60,7 +60,7 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_its_folder(shard
     has steps but no checkpoint is still a run, and the refusal says --restart, not --resume."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({"shards": shards, "steps": 5, "run": {"device": "cpu"}}))
     (run / "metrics.jsonl").write_bytes(b"")
     retry = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(run), "--steps", "1", *TINY_ARGS])
     assert retry.exit_code == 0, retry.output
@@ -72,6 +72,23 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_its_folder(shard
     assert refused.exit_code == 1 and "stopped before its first checkpoint" in " ".join(refused.output.split())
     resumed = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(logged), "--resume", *TINY_ARGS])
     assert resumed.exit_code == 1 and "--restart" in resumed.output
+
+
+@pytest.mark.parametrize("files", [{"config.json": '{"my": "important settings"}'},
+                                   {"config.json": "not JSON"},
+                                   {"metrics.jsonl": "my notes\n"},
+                                   {"config.json": '{"my": 1}', "metrics.jsonl": ""}],
+                         ids=["json", "text", "notes", "both"])
+def test_a_new_run_never_overwrites_a_config_or_metrics_it_did_not_write(shards, tmp_path, files):
+    """Without --resume or --restart a run rewrites config.json and metrics.jsonl: refused where they are not a
+    dasr-train run's, both left as they were."""
+    out = tmp_path / "proj"
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).write_text(text)
+    result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(out), "--steps", "1", *TINY_ARGS])
+    assert result.exit_code == 1 and "is not a file of a dasr-train run" in " ".join(result.output.split())
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
 
 
 @pytest.fixture(scope="module")
