@@ -467,7 +467,7 @@ def _report_dataset(stats: dict, target: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(stats, indent=1))
         return
-    levels = ", ".join(f"level {k}: {n}" for k, n in stats["levels"].items())
+    levels = ", ".join(f"level {k}: {n}" if k != "other" else f"other levels: {n}" for k, n in stats["levels"].items())
     table = Table(title=f"{target}: {stats['samples']} samples ({levels})", title_justify="left")
     for name in ("index", "field", "min", "mean", "max", "present", "histogram [0, 1]"):
         table.add_column(name, justify="right" if name in ("min", "mean", "max", "present") else "left",
@@ -478,6 +478,11 @@ def _report_dataset(stats: dict, target: Path, as_json: bool) -> None:
                       f"{100 * f['present_share']:.0f}%", insp.sparkline(f["histogram"]))
     _print_table(table)
     console.print("min / mean / max and the histogram are over the samples where the field is present")
+    outside = sum(f.get("outside", 0) for f in stats["fields"])
+    if outside or "other" in stats["levels"]:
+        err_console.print(f"[yellow]warning:[/yellow] a damaged dataset: {outside} stored v value(s) outside [0, 1] "
+                          f"or NaN (not in the histograms), {stats['levels'].get('other', 0)} sample(s) of a level "
+                          "other than 1-3; degrade verify lists the rows")
 
 
 def _print_table(table: Table) -> None:

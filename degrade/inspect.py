@@ -202,11 +202,16 @@ def dataset_stats(ds: ShardDataset, *, bins: int = 16) -> dict[str, Any]:
                 "present_share": float(here.mean()),
                 "absent": int((~here).sum()),
                 "histogram": np.histogram(col, edges)[0].tolist(),
+                # what the histograms cannot hold: a value outside [0, 1], or NaN (a damaged dataset)
+                "outside": int((~((col >= 0) & (col <= 1))).sum()),
                 "histogram_by_level": {str(n): np.histogram(col[lv == n], edges)[0].tolist() for n in (1, 2, 3)},
             })
+    levels = {str(lv): int((level == lv).sum()) for lv in (1, 2, 3)}
+    if (other := int((~np.isin(level, (1, 2, 3))).sum())) > 0:  # a damaged or foreign level column: counted
+        levels["other"] = other
     return {
         "samples": int(len(level)),
-        "levels": {str(lv): int((level == lv).sum()) for lv in (1, 2, 3)},
+        "levels": levels,
         "bin_edges": edges.tolist(),
         "fields": fields,
     }

@@ -120,7 +120,8 @@ def histogram_figure(path: Path, stats: dict[str, Any]) -> tuple[int, int]:
     for ax in axes.ravel()[len(fields):]:
         ax.axis("off")
     axes.ravel()[0].legend(fontsize=6)
-    levels = ", ".join(f"level {k}: {n}" for k, n in stats["levels"].items() if n)
+    levels = ", ".join(f"level {k}: {n}" if k != "other" else f"other levels: {n}" for k, n in stats["levels"].items()
+                       if n)
     fig.suptitle(f"v over {stats['samples']} samples ({levels})")
     fig.tight_layout()
     _save(fig, path)

@@ -103,6 +103,7 @@ def test_dataset_statistics_equal_independent_numbers(small):
         col = v[here, j]
         assert by_index[j]["absent"] == int((~here).sum())
         assert sum(by_index[j]["histogram"]) == here.sum()  # absent steps are not in the histogram
+        assert by_index[j]["outside"] == 0
         if here.any():
             assert by_index[j]["min"] == pytest.approx(col.min())
             assert by_index[j]["mean"] == pytest.approx(col.mean())
@@ -119,6 +120,27 @@ def test_dataset_statistics_equal_independent_numbers(small):
     assert by_index[28]["present_share"] == by_index[29]["present_share"] == pytest.approx(level3_share)
     assert by_index[28]["absent"] == 40 - levels.count(3)
     assert [by_index[j]["present_share"] for j in (30, 31, 32)] == [1.0] * 3
+
+
+def test_a_damaged_level_or_v_is_counted_and_said_not_dropped(tmp_path):
+    """A level of 7 left the three level counts short of the samples, and a v of 5 or NaN fell out of the
+    histograms without a word: both are counted, and the table warns."""
+    import h5py
+
+    src = make_small_dataset(tmp_path / "ds", count=6, seed=2, shard_size=6)
+    with h5py.File(f"{src}/shard-00000.h5", "r+") as f:
+        f["level"][1] = 7
+        f["v"][0, 30], f["v"][2, 30], f["v"][3, 30] = 5.0, np.nan, -0.5
+    stats = insp.dataset_stats(degrade.open_dataset(src))
+    assert sum(stats["levels"].values()) == 6 and stats["levels"]["other"] == 1
+    field = next(f for f in stats["fields"] if f["index"] == 30)
+    assert field["outside"] == 3 and sum(field["histogram"]) == 3
+    assert sum(f["outside"] for f in stats["fields"]) == 3
+    result = CliRunner().invoke(main, ["inspect", src], catch_exceptions=False)
+    assert result.exit_code == 0 and "other levels: 1" in result.stdout
+    assert "3 stored v value(s) outside [0, 1] or NaN" in " ".join(result.stderr.split())
+    assert "warning" not in CliRunner().invoke(main, ["inspect", make_small_dataset(
+        tmp_path / "ok", count=2, seed=2, shard_size=2)]).stderr
 
 
 def test_cli_dataset_json_is_valid_and_table_has_sparklines(small):
