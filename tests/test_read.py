@@ -181,3 +181,30 @@ def test_each_process_opens_its_own_files(folder):
         assert before == (os.getpid() if method == "fork" else None)  # forked: it saw the parent's, unused
         assert rows == expected
     assert [ds[i].hr.tobytes() for i in (0, 9, 19)] == expected  # the parent's files still work
+
+
+def test_a_damaged_compressed_chunk_is_refused_naming_its_shard_and_rows(tmp_path):
+    """h5py says only "Can't synchronously read data (filter returned failure during read)" for a damaged
+    compressed chunk: the refusal names the shard and the rows, as a DatasetError the CLIs print in one line."""
+    src = Path(make_small_dataset(tmp_path / "ds", count=4, seed=1, shard_size=4))
+    shard = src / "shard-00000.h5"
+    with h5py.File(shard, "r") as f:
+        attrs, data = dict(f.attrs), {k: (f[k][:], f[k].chunks) for k in f}
+    with h5py.File(shard, "w") as f:  # the same shard, its HR patches gzip-compressed (a foreign writer's choice)
+        f.attrs.update(attrs)
+        for key, (values, chunks) in data.items():
+            f.create_dataset(key, data=values, chunks=chunks, compression="gzip" if key == "hr" else None)
+    with h5py.File(shard, "r") as f:
+        chunk = f["hr"].id.get_chunk_info(1)  # row 1's chunk
+    with open(shard, "r+b") as f:
+        f.seek(chunk.byte_offset + chunk.size // 2)
+        f.write(b"\xff" * 64)
+    ds = degrade.open_dataset(src)
+    assert ds[0].hr.shape == (64, 64, 3)  # the other rows read
+    with pytest.raises(DatasetError, match=r"shard-00000.h5: row 1 could not be read \(.*\): a damaged shard"):
+        ds[1]
+    with pytest.raises(DatasetError, match=r"shard-00000.h5: rows 0-2 could not be read"):
+        ds[0:3]
+    with pytest.raises(DatasetError, match=r"shard-00000.h5: rows 1-3 \(every 2\) could not be read"):
+        ds[1:4:2]
+    assert len(ds[0:4:3]) == 2  # rows 0 and 3: the damaged one is not among them

@@ -9,6 +9,7 @@ not open them (a forked or spawned worker) opens its own.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import operator
 import os
 from collections import OrderedDict
@@ -39,13 +40,30 @@ class _OpenShard:
     """One shard file open in this process, with its datasets looked up once (a lookup by name costs
     more than reading a row)."""
 
-    __slots__ = ("file", "hr", "lr", "v", "params", "index", "where")
+    __slots__ = ("file", "hr", "lr", "v", "params", "index", "where", "path")
 
     def __init__(self, file: Any, path: Path):
         self.file = file
         self.hr, self.lr, self.v, self.params = file["hr"], file["lr"], file["v"], file["params"]
         self.index = file["index"]
         self.where = f"{path}: params"  # how as_text names a record that is not UTF-8
+        self.path = path
+
+    @contextlib.contextmanager
+    def reading(self, rows: Any) -> Iterator[None]:
+        """A read of `rows` (a row, a slice, "all"): a failed one (a damaged compressed chunk: h5py says
+        only "Can't synchronously read data (filter returned failure during read)") as DatasetError naming
+        the shard and the rows."""
+        try:
+            yield
+        except OSError as exc:
+            if isinstance(rows, slice):
+                at = f"rows {rows.start}-{rows.stop - 1}" + (f" (every {rows.step})" if rows.step not in (None, 1)
+                                                             else "")
+            else:
+                at = "every row" if rows == "all" else f"row {rows}"
+            raise DatasetError(f"{self.path}: {at} could not be read ({os_reason(exc)}): a damaged shard "
+                               "(degrade verify checks each one)") from None
 
 
 class ShardDataset:
@@ -158,7 +176,9 @@ class ShardDataset:
             raise SampleIndexTypeError(f"a sample index must be an integer or a slice, not {key!r}") from None
         k, row = self.locate(i)
         s = self._shard(k)
-        return Sample(s.hr[row], s.lr[row], s.v[row], record_json=as_text(s.params[row], s.where))
+        with s.reading(row):
+            hr, lr, v, record = s.hr[row], s.lr[row], s.v[row], s.params[row]
+        return Sample(hr, lr, v, record_json=as_text(record, s.where))
 
     def stored_index(self, i: int) -> int:
         """The global sample index stored with the sample at position `i` (its `index` dataset): the key of
@@ -169,7 +189,9 @@ class ShardDataset:
         except TypeError:
             raise SampleIndexTypeError(f"a sample index must be an integer, not {i!r}") from None
         k, row = self.locate(i)
-        return int(self._shard(k).index[row])
+        s = self._shard(k)
+        with s.reading(row):
+            return int(s.index[row])
 
     def _batch(self, indices: range) -> SampleBatch:
         """The samples `indices` (a range of valid indices, any step) stacked, read one run per shard."""
@@ -191,15 +213,17 @@ class ShardDataset:
         flip = slice(None, None, 1 if step > 0 else -1)
         for k, rows, out in runs:
             s = self._shard(k)  # open already, unless the slice spans more than MAX_OPEN shards
-            if step > 0:  # straight into the batch's arrays: no temporary copy
-                s.hr.read_direct(hr, rows, out)
-                s.lr.read_direct(lr, rows, out)
-                s.v.read_direct(v, rows, out)
-                s.index.read_direct(index, rows, out)
-            else:
-                hr[out], lr[out], v[out] = s.hr[rows][flip], s.lr[rows][flip], s.v[rows][flip]
-                index[out] = s.index[rows][flip]
-            texts += [as_text(t, s.where) for t in s.params[rows][flip]]
+            with s.reading(rows):
+                if step > 0:  # straight into the batch's arrays: no temporary copy
+                    s.hr.read_direct(hr, rows, out)
+                    s.lr.read_direct(lr, rows, out)
+                    s.v.read_direct(v, rows, out)
+                    s.index.read_direct(index, rows, out)
+                else:
+                    hr[out], lr[out], v[out] = s.hr[rows][flip], s.lr[rows][flip], s.v[rows][flip]
+                    index[out] = s.index[rows][flip]
+                records = s.params[rows][flip]
+            texts += [as_text(t, s.where) for t in records]
         return SampleBatch(hr, lr, v, index, texts)
 
     def _patch(self) -> int:
@@ -220,9 +244,15 @@ class ShardDataset:
             texts: list[str] = []
             for k in range(len(self.files)):
                 s = self._shard(k)
-                texts += [as_text(x, s.where) for x in s.params[:]]
+                with s.reading("all"):
+                    records = s.params[:]
+                texts += [as_text(x, s.where) for x in records]
             return texts
-        parts = [self._shard(k).file[name][:] for k in range(len(self.files))]
+        parts = []
+        for k in range(len(self.files)):
+            s = self._shard(k)
+            with s.reading("all"):
+                parts.append(s.file[name][:])
         if not parts:  # an incomplete dataset with no finished shard yet
             shape, dtype = ROW_COLUMNS[name]
             return np.empty((0, *shape), dtype)
