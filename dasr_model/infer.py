@@ -44,6 +44,12 @@ class LoadedModel:
                 f"{c.num_feat} features, mixing {c.mixing}")
 
 
+def _checkpoint_kind(ckpt: dict[str, Any]) -> str:
+    """How `describe` names a checkpoint: one without an EMA generator (a run with the EMA off) gives its
+    training generator, and says so."""
+    return "checkpoint" if "ema_generator" in ckpt else "checkpoint without an EMA generator: its training weights"
+
+
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path, *, ema: bool = True) -> DASR:
     """The DASR of a checkpoint's contents (:func:`checkpoints.load_checkpoint`), EMA generator by default."""
     try:
@@ -56,7 +62,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path, *, ema: bool =
         if ema and "ema_generator" in ckpt:
             model.generator.load_state_dict(ckpt["ema_generator"])
     except (RuntimeError, TypeError, AttributeError) as exc:  # the weights do not fit the stored config
-        raise DASRError(f"{path}: its weights do not fit its config ({str(exc).splitlines()[0][:200]})") from None
+        # PyTorch's first line names only the model ("Error(s) in loading state_dict for DASR:"), the keys follow
+        raise DASRError(f"{path}: its weights do not fit its config ({' '.join(str(exc).split())[:300]})") from None
     return model.eval()
 
 
@@ -85,7 +92,8 @@ def load_model(path: str | Path | None = None, release: tuple[str | Path, str | 
                 return load_model(path / MODEL_FILE, warn=warn)
             raise DASRError(f"{path}: no readable ckpt-*.pt or {MODEL_FILE} in this run folder")
         ckpt_path, ckpt = found
-        return LoadedModel(model_from_checkpoint(ckpt, ckpt_path), str(ckpt_path), "checkpoint", int(ckpt["step"]))
+        return LoadedModel(model_from_checkpoint(ckpt, ckpt_path), str(ckpt_path), _checkpoint_kind(ckpt),
+                           int(ckpt["step"]))
     if not path.exists():
         raise FileNotFoundError(2, "no such model file, checkpoint or run folder", str(path))
     if not path.is_file():
@@ -95,7 +103,7 @@ def load_model(path: str | Path | None = None, release: tuple[str | Path, str | 
         step = int(meta["step"]) if re.fullmatch(r"[0-9]{1,18}", meta.get("step", "")) else None
         return LoadedModel(model, str(path), "model file", step)
     ckpt = load_checkpoint(path)
-    return LoadedModel(model_from_checkpoint(ckpt, path), str(path), "checkpoint", ckpt["step"])
+    return LoadedModel(model_from_checkpoint(ckpt, path), str(path), _checkpoint_kind(ckpt), ckpt["step"])
 
 
 def export_model(source: str | Path, out: str | Path, *, dtype: torch.dtype = torch.bfloat16,

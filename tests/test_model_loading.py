@@ -428,3 +428,26 @@ def test_non_finite_weights_are_refused_in_one_line(tmp_path):
     ps[next(iter(ps))].view(-1)[0] = float("inf")
     with pytest.raises(DASRError, match="^release P weights: weight .* holds NaN or infinite values$"):
         load_release_weights(release.generator.state_dict(), ps)
+
+
+def test_a_checkpoint_without_an_ema_generator_says_its_training_weights_are_used(tmp_path):
+    from dasr_model.infer import load_model
+
+    model = _model()
+    state = _state(model)
+    del state["ema_generator"]
+    save_checkpoint(tmp_path / "ckpt-7.pt", state)
+    loaded = load_model(tmp_path / "ckpt-7.pt")
+    assert loaded.kind == "checkpoint without an EMA generator: its training weights"
+    assert "without an EMA generator" in loaded.describe()
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in loaded.model.state_dict().items())
+
+
+def test_weights_that_do_not_fit_name_the_keys(tmp_path):
+    from dasr_model.infer import load_model
+
+    state = _state(_model())
+    state["model"]["generator.extra.weight"] = torch.zeros(2)
+    save_checkpoint(tmp_path / "ckpt-7.pt", state)
+    with pytest.raises(DASRError, match='its weights do not fit its config .*Unexpected key.*"generator.extra.weight"'):
+        load_model(tmp_path / "ckpt-7.pt")
