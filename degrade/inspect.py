@@ -176,45 +176,66 @@ def _present_matrix(records: list[DegradationParams]) -> NDArray[np.bool_]:
 def dataset_stats(ds: ShardDataset, *, bins: int = 16) -> dict[str, Any]:
     """Counts per level and, per entry of v: the share of samples where its field is present (has a
     value in the record), and over those samples only, min/mean/max and a histogram over [0, 1] (overall
-    and per level); an absent field's identity value is counted in `absent`, not in the histogram. Plain
-    data, JSON-ready."""
+    and per level); an absent field's identity value is counted in `absent`, not in the histogram; a
+    value outside [0, 1] or NaN (a damaged dataset) in `outside`. Plain data, JSON-ready. Read one shard at
+    a time: memory follows the largest shard, not the dataset (a parsed record is about 2 KB)."""
     if len(ds) == 0:
         raise DatasetError("the dataset holds no samples yet (no shard is finished)")
-    v = ds.column("v").astype(np.float64)
-    level = ds.column("level").astype(int)
-    records = [DegradationParams.from_json(t) for t in ds.column("params")]
-    present = _present_matrix(records)
     edges = np.linspace(0.0, 1.0, bins + 1)
+    n_fields, n_entries = len(VECTOR_FIELDS), sum(f.width for f in VECTOR_FIELDS)
+    present_count = np.zeros(n_fields, np.int64)
+    total, lo, hi = np.zeros(n_entries), np.full(n_entries, np.inf), np.full(n_entries, -np.inf)
+    nan = np.zeros(n_entries, bool)
+    outside = np.zeros(n_entries, np.int64)
+    hist = np.zeros((n_entries, bins), np.int64)
+    hist_by_level = {n: np.zeros((n_entries, bins), np.int64) for n in (1, 2, 3)}
+    level_counts = {n: 0 for n in (1, 2, 3)}
+    other = samples = 0
+    for k in range(len(ds.files)):
+        v = ds.shard_column("v", k).astype(np.float64)
+        level = ds.shard_column("level", k).astype(int)
+        present = _present_matrix([DegradationParams.from_json(t) for t in ds.shard_column("params", k)])
+        samples += len(level)
+        for n in (1, 2, 3):
+            level_counts[n] += int((level == n).sum())
+        other += int((~np.isin(level, (1, 2, 3))).sum())
+        for j, f in enumerate(VECTOR_FIELDS):
+            here = present[:, j]
+            present_count[j] += int(here.sum())
+            lv = level[here]
+            for e in range(f.index, f.index + f.width):
+                col = v[here, e]
+                if not col.size:
+                    continue
+                nan[e] |= bool(np.isnan(col).any())
+                total[e] += col.sum()
+                lo[e], hi[e] = min(lo[e], col.min()), max(hi[e], col.max())
+                outside[e] += int((~((col >= 0) & (col <= 1))).sum())  # what no histogram bin holds
+                hist[e] += np.histogram(col, edges)[0]
+                for n in (1, 2, 3):
+                    hist_by_level[n][e] += np.histogram(col[lv == n], edges)[0]
     fields = []
     for j, f in enumerate(VECTOR_FIELDS):
-        here = present[:, j]
-        for k in range(f.width):
-            col = v[here, f.index + k]
-            lv = level[here]
-            label = f.name if f.width == 1 else f"{f.name}[{f.choices[k]}]"
+        count = int(present_count[j])
+        for i, e in enumerate(range(f.index, f.index + f.width)):
+            seen = count > 0 and not nan[e]  # a NaN made min, mean and max NaN: null, as JSON has no NaN
             fields.append({
-                "index": f.index + k,
-                "field": label,
+                "index": e,
+                "field": f.name if f.width == 1 else f"{f.name}[{f.choices[i]}]",
                 "block": block_of(f.index),
-                "min": _finite(col.min()) if col.size else None,
-                "mean": _finite(col.mean()) if col.size else None,
-                "max": _finite(col.max()) if col.size else None,
-                "present_share": float(here.mean()),
-                "absent": int((~here).sum()),
-                "histogram": np.histogram(col, edges)[0].tolist(),
-                # what the histograms cannot hold: a value outside [0, 1], or NaN (a damaged dataset)
-                "outside": int((~((col >= 0) & (col <= 1))).sum()),
-                "histogram_by_level": {str(n): np.histogram(col[lv == n], edges)[0].tolist() for n in (1, 2, 3)},
+                "min": _finite(lo[e]) if seen else None,
+                "mean": _finite(total[e] / count) if seen else None,
+                "max": _finite(hi[e]) if seen else None,
+                "present_share": count / samples,
+                "absent": samples - count,
+                "outside": int(outside[e]),
+                "histogram": hist[e].tolist(),
+                "histogram_by_level": {str(n): hist_by_level[n][e].tolist() for n in (1, 2, 3)},
             })
-    levels = {str(lv): int((level == lv).sum()) for lv in (1, 2, 3)}
-    if (other := int((~np.isin(level, (1, 2, 3))).sum())) > 0:  # a damaged or foreign level column: counted
+    levels = {str(n): c for n, c in level_counts.items()}
+    if other:  # a damaged or foreign level column: counted, not dropped
         levels["other"] = other
-    return {
-        "samples": int(len(level)),
-        "levels": levels,
-        "bin_edges": edges.tolist(),
-        "fields": fields,
-    }
+    return {"samples": samples, "levels": levels, "bin_edges": edges.tolist(), "fields": fields}
 
 
 def _finite(x: Any) -> float | None:

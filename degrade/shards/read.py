@@ -237,26 +237,24 @@ class ShardDataset:
 
     def column(self, name: str) -> Any:
         """A per-sample metadata dataset of every shard, concatenated: `v`, `level`, `index`,
-        `source`, `crop` as arrays, `params` as a list of JSON strings."""
-        if name not in ("v", "level", "index", "source", "crop", "params"):
-            raise DatasetError(f"no per-sample metadata column {name!r}")
+        `source`, `crop` as arrays, `params` as a list of JSON strings (all in memory: for a large dataset
+        :meth:`shard_column` one shard at a time)."""
+        parts = [self.shard_column(name, k) for k in range(len(self.files))]
         if name == "params":
-            texts: list[str] = []
-            for k in range(len(self.files)):
-                s = self._shard(k)
-                with s.reading("all"):
-                    records = s.params[:]
-                texts += [as_text(x, s.where) for x in records]
-            return texts
-        parts = []
-        for k in range(len(self.files)):
-            s = self._shard(k)
-            with s.reading("all"):
-                parts.append(s.file[name][:])
+            return [t for part in parts for t in part]
         if not parts:  # an incomplete dataset with no finished shard yet
             shape, dtype = ROW_COLUMNS[name]
             return np.empty((0, *shape), dtype)
         return np.concatenate(parts)
+
+    def shard_column(self, name: str, k: int) -> Any:
+        """:meth:`column` of shard k (in the dataset's order) alone."""
+        if name not in ("v", "level", "index", "source", "crop", "params"):
+            raise DatasetError(f"no per-sample metadata column {name!r}")
+        s = self._shard(k)
+        with s.reading("all"):
+            values = s.file[name][:]
+        return [as_text(x, s.where) for x in values] if name == "params" else values
 
     def close(self) -> None:
         if self._pid == os.getpid():  # close only what this process opened
