@@ -7,7 +7,8 @@ import os
 
 import click
 
-from degrade.io import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
+from degrade.errors import DegradeError
+from degrade.io import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, pixel_limit
 
 
 def os_error(exc: OSError) -> str:
@@ -50,5 +51,11 @@ def parse_levels(text: str) -> list[int]:
 
 
 def set_max_pixels(value: int | None) -> None:
+    """--max-pixels into the environment; without it, $DEGRADE_MAX_PIXELS checked once, up front (a bad
+    value was reported once per image, as each image's read failed)."""
     if value is not None:  # through the environment, so worker processes started later see it too
         os.environ[MAX_PIXELS_ENV] = str(value)
+    try:
+        pixel_limit()
+    except DegradeError as exc:
+        raise click.ClickException(str(exc)) from None

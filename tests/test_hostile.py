@@ -298,6 +298,10 @@ def test_the_pixel_cap_can_be_raised_or_lowered(tmp_path, monkeypatch):
         degrade.read_image(path)
     result = CliRunner().invoke(main, ["apply", str(path), "-o", str(tmp_path / "o.png"), "--max-pixels", "1000"])
     assert result.exit_code == 1 and "above the 0.001 MP limit" in result.output
+    monkeypatch.setenv(MAX_PIXELS_ENV, "abc")  # refused once, up front, not once per image read
+    result = CliRunner().invoke(main, ["apply", str(path), "-o", str(tmp_path / "o.png")])
+    assert result.exit_code == 1 and result.output.count("expected a positive number of pixels") == 1
+    assert not (tmp_path / "o.png").exists()
 
 
 def test_only_regular_files_are_read(tmp_path):
