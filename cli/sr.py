@@ -347,6 +347,10 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
                                     on_image=on_image if per_image is not None or save_sr is not None else None)
         if per_image is not None:
             _write_csv(per_image, rows)
+        if lr_dir is not None and hr_dir is None and not any(r.get("niqe_images") for r in result["levels"].values()):
+            # NIQE is all this run measures: none of it is not a result (too small or flat images have no score)
+            raise DegradeError(f"NIQE could score none of the {len(pairs)} image(s) in {lr_dir}: each needs two "
+                               "textured 96 x 96 blocks at least (the SR image, x4 of the LR)")
     except DegradeError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

@@ -196,3 +196,28 @@ def test_an_image_that_either_column_cannot_score_is_left_out_of_both(ckpt, tmp_
     assert res.exit_code == 0, res.output
     level = json.loads(res.stdout)["levels"]["0"]
     assert (level["niqe"], level["bicubic_niqe"], level["niqe_images"], level["images"]) == (1.0, 2.0, 1, 2)
+
+
+def test_dasr_eval_of_lr_images_alone_fails_when_niqe_scores_none(ckpt, tmp_path, monkeypatch):
+    """With --lr-dir alone NIQE is all a run measures: none scored (every image too small or flat) is an
+    error, not a table of nothing with exit status 0."""
+    import json
+
+    from click.testing import CliRunner
+
+    import dasr_model.evaluate as evaluate
+    import degrade
+    from cli.sr import eval_main
+
+    lr_dir = tmp_path / "lr"
+    lr_dir.mkdir()
+    for i in range(2):
+        degrade.write_image(lr_dir / f"{i}.png", np.full((30, 56, 3), 0.5, np.float32))
+    args = ["--model", str(ckpt), "--lr-dir", str(lr_dir), "--device", "cpu", "--json",
+            "--niqe-params", str(_save(tmp_path / "p.npz", **make_params()))]
+    monkeypatch.setattr(evaluate, "_niqe_or_nan", lambda img, params: math.nan)
+    res = CliRunner().invoke(eval_main, args)
+    assert res.exit_code == 1 and "NIQE could score none of the 2 image(s)" in res.output, res.output
+    monkeypatch.setattr(evaluate, "_niqe_or_nan", lambda img, params: 3.0)
+    res = CliRunner().invoke(eval_main, args)
+    assert res.exit_code == 0 and json.loads(res.stdout)["levels"]["0"]["niqe_images"] == 2
