@@ -465,6 +465,8 @@ def export_main(source, out_file, dtype) -> None:
 
     if out_file.suffix != ".safetensors":
         raise click.BadParameter(f"{out_file}: the model file's name must end in .safetensors", param_hint="-o")
+    if out_file.resolve() == source.resolve():  # a model file re-exported over itself, at another precision
+        raise click.BadParameter(f"{out_file} is SOURCE itself: write the export elsewhere", param_hint="-o")
     try:
         loaded = export_model(source, out_file, dtype=getattr(torch, DTYPES[dtype]),
                               warn=lambda m: err_console.print(f"warning: {m}"))

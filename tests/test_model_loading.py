@@ -451,3 +451,12 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path):
     save_checkpoint(tmp_path / "ckpt-7.pt", state)
     with pytest.raises(DASRError, match='its weights do not fit its config .*Unexpected key.*"generator.extra.weight"'):
         load_model(tmp_path / "ckpt-7.pt")
+
+
+def test_an_export_over_its_own_source_is_refused(tmp_path):
+    model_file = tmp_path / "m.safetensors"
+    save_model_file(_model(), model_file)
+    before = model_file.read_bytes()
+    result = CliRunner().invoke(export_main, [str(model_file), "-o", str(tmp_path / "." / "m.safetensors")])
+    assert result.exit_code == 2 and "is SOURCE itself" in result.output
+    assert model_file.read_bytes() == before
