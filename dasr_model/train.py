@@ -291,6 +291,16 @@ def refuse_deleting(cfg: TrainConfig, out: Path) -> None:
                             f"{out} first, or choose another --out")
 
 
+def workers_note(workers: int, cores: int, world: int = 1) -> str | None:
+    """A note where the loader processes of all `world` ranks on this machine outnumber its `cores`: each
+    is a process with its own memory and start-up (a thousand on two cores took a minute for one step);
+    the batches are the same with any number."""
+    if workers * world <= cores:
+        return None
+    return (f"note: {workers * world} loader processes on {cores} cores: each costs memory and start-up time "
+            "and adds no speed past the cores (--workers; the batches are the same with any number)")
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
           progress: Callable[[int, dict[str, Any]], None] | None = None,
           notify: Callable[[str], None] | None = None, source: LoadedModel | None = None,
@@ -413,6 +423,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             say(f"{out} is already at step {step} ({why}): nothing to train")
             return {"step": step, "nothing_to_train": True}
         say(f"resuming from {found[0].name} (step {step} of {end})")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))  # torchrun's processes on this machine
+    if main_rank and (note := workers_note(cfg.workers, os.cpu_count() or 1, local)) is not None:
+        say(note)
     run_info = {"device": describe_device(device), "dtype": "bfloat16 autocast" if use_bf16 else "float32",
                 "expert_impl": cfg.expert_impl, "memory_format": "channels_last" if cfg.channels_last else "NCHW",
                 "compile": cfg.compile, "cuda_graph": use_graph,

@@ -1272,3 +1272,11 @@ def test_cli_without_workers_uses_the_default(shards, tmp_path, monkeypatch):
             "8", "--experts", "2", "--lr-crop", "8", "--batch-size", "2", "--steps", "1"]
     assert CliRunner().invoke(train_cli, args).exit_code == 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["workers"] == 0
+
+
+def test_more_loader_processes_than_cores_get_a_note():
+    from dasr_model.train import workers_note
+
+    assert workers_note(2, 2) is None and workers_note(0, 1) is None and workers_note(4, 16, world=4) is None
+    assert "1024 loader processes on 2 cores" in workers_note(1024, 2)
+    assert "8 loader processes on 4 cores" in workers_note(4, 4, world=2)
