@@ -228,6 +228,8 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
     """
     from degrade import shards as ds
 
+    if max_pixels is None:  # the environment's cap then: a bad one refused once, up front, not per image
+        set_max_pixels(None)
     abandoned = ds.abandoned_writes()
     try:
         with _progress() as progress:

@@ -386,19 +386,24 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
 
 
 def _check_per_image(path: Path, reads: tuple) -> None:
-    """--per-image: its folder must exist, and it must be none of the files or folders the evaluation
-    reads (`reads`: the model or its run folder, the LPIPS or NIQE weights, the data) and lie in none of
-    them (a test set's manifest, an input image, a run's metrics)."""
+    """--per-image: its folder must exist; it must be none of the files or folders the evaluation reads
+    (`reads`: the model or its run folder, the LPIPS or NIQE weights, the data), and inside one of those
+    folders it must be a .csv, which no reader there takes (a test set's manifest, an input image, a run's
+    checkpoint or metrics were overwritten)."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise click.ClickException(f"{path}: {folder} is not a folder" if folder.exists() else
                                    f"{path}: folder {folder} does not exist")
+    if path.exists() and not path.is_file():  # a FIFO or a device: refused now, not after the whole evaluation
+        raise click.ClickException(f"{path}: not a regular file; --per-image writes a new CSV")
     target = path.resolve()
     for given in (p for p in reads if p is not None):
         where = Path(given).resolve()
-        if target == where or where in target.parents:
-            raise click.UsageError(f"--per-image {path} {'is' if target == where else 'lies inside'} {given}, "
-                                   "which the evaluation reads; write it elsewhere")
+        if target == where:
+            raise click.UsageError(f"--per-image {path} is {given}, which the evaluation reads; write it elsewhere")
+        if where in target.parents and path.suffix.lower() != ".csv":
+            raise click.UsageError(f"--per-image {path} lies inside {given}, which the evaluation reads: name it "
+                                   "*.csv, or write it elsewhere")
 
 
 def _check_saved_paths(names: list[str]) -> None:
@@ -465,8 +470,6 @@ def export_main(source, out_file, dtype) -> None:
 
     if out_file.suffix != ".safetensors":
         raise click.BadParameter(f"{out_file}: the model file's name must end in .safetensors", param_hint="-o")
-    if out_file.resolve() == source.resolve():  # a model file re-exported over itself, at another precision
-        raise click.BadParameter(f"{out_file} is SOURCE itself: write the export elsewhere", param_hint="-o")
     try:
         loaded = export_model(source, out_file, dtype=getattr(torch, DTYPES[dtype]),
                               warn=lambda m: err_console.print(f"warning: {m}"))

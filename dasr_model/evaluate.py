@@ -43,11 +43,20 @@ class Pairs:
 
 def pairs_from_shards(path: str | Path, *, limit: int | None = None) -> Pairs:
     """A dataset's samples (the first `limit` of them), as stored: no crop, no augmentation. A sample whose
-    v is not 33 numbers in [0, 1] is refused as training refuses it (DatasetError, when it is reached)."""
+    v is not 33 numbers in [0, 1] is refused as training refuses it (DatasetError, here, before any is read)."""
     import degrade
 
     ds = degrade.open_dataset(path)
     n = len(ds) if limit is None else min(limit, len(ds))
+    seen = 0  # the labels checked now, one shard's v at a time: a damaged one is refused before any work
+    for k in range(len(ds.files)):
+        if seen >= n:
+            break
+        v = ds.shard_column("v", k)[: n - seen]
+        bad = np.flatnonzero(~((v >= 0) & (v <= 1)).all(axis=1))
+        if bad.size:
+            checked_v(v[bad[0]], seen + int(bad[0]))  # raises, naming the sample as training does
+        seen += len(v)
 
     def make() -> Iterator[Pair]:
         for i in range(n):

@@ -109,8 +109,11 @@ def load_model(path: str | Path | None = None, release: tuple[str | Path, str | 
 def export_model(source: str | Path, out: str | Path, *, dtype: torch.dtype = torch.bfloat16,
                  warn: Callable[[str], None] | None = None) -> LoadedModel:
     """`dasr-export`: the model of a checkpoint or run folder (EMA generator + predictor + config) as a
-    model file in `dtype`; returns what was exported."""
+    model file in `dtype`; returns what was exported. DASRError where `out` is the file the model was read
+    from (a model file, or a run folder's own model.safetensors): an export never replaces its source."""
     loaded = load_model(source, warn=warn)
+    if Path(out).resolve() == Path(loaded.path).resolve():
+        raise DASRError(f"{out} is the file the model was read from ({source}): write the export elsewhere")
     save_model_file(loaded.model, out, dtype=dtype, step=loaded.step, source=Path(loaded.path).name)
     return loaded
 

@@ -4,6 +4,7 @@ metrics back on resume, atomic writes; which device a run uses and how to name i
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -95,9 +96,16 @@ def logs_a_step(path: Path) -> bool:
     return False
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, as a scheduler or taskset sets it; else all), as
+    dasr-train's default --workers counts them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def foreign_run_file(out: Path) -> str | None:
     """The name of a file in `out` that a new run would overwrite but no run of this trainer wrote, or None:
-    a config.json that is not a dasr-train config (a JSON object with "shards" and "run"), or a
+    a config.json that is not a dasr-train config (a JSON object with "shards", and "out" or the "run"
+    record, which older trainers did not write), or a
     metrics.jsonl with content beside no such config (a run that failed before its first logged step leaves
     an empty one beside its config.json; a kill, a torn line beside it)."""
     ours = False
@@ -107,7 +115,7 @@ def foreign_run_file(out: Path) -> str | None:
             loaded = json.loads(config.read_bytes())
         except ValueError:
             loaded = None
-        ours = isinstance(loaded, dict) and "shards" in loaded and isinstance(loaded.get("run"), dict)
+        ours = isinstance(loaded, dict) and "shards" in loaded and ("out" in loaded or "run" in loaded)
         if not ours:
             return config.name
     metrics = out / "metrics.jsonl"

@@ -53,6 +53,7 @@ from dasr_model.runs import (
     run_files,
     start_over,
     truncate_metrics,
+    usable_cores,
 )
 from degrade.errors import DegradeError
 from degrade.io import write_bytes_atomic
@@ -324,9 +325,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if logs_a_step(out / "metrics.jsonl"):  # steps logged, none saved
             raise DASRError(f"{out} holds a run that stopped before its first checkpoint: start it over with "
                             "--restart, or choose a new --out")
-        if (foreign := foreign_run_file(out)) is not None:  # a run writes both: not over someone else's
-            raise DASRError(f"{out / foreign} is not a file of a dasr-train run, and a run would overwrite it: "
-                            "choose a new --out")
+    if not resume and (foreign := foreign_run_file(out)) is not None:  # a run writes (or --restart deletes)
+        raise DASRError(f"{out / foreign} is not a file of a dasr-train run, and a run would "  # both: never
+                        f"{'delete' if restart else 'overwrite'} it: choose a new --out")  # someone else's
     if cfg.lr_schedule == "cosine" and cfg.warmup_steps >= cfg.steps:
         raise DASRError(f"--warmup-steps {cfg.warmup_steps} leaves no step of --steps {cfg.steps} to anneal")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -347,7 +348,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     # --- data first: a bad dataset or crop is refused before anything is built or written ---
     train_set = PairedShards(cfg.shards, lr_crop=cfg.lr_crop, seed=cfg.seed)
     check_crop(train_set, cfg.lr_crop, cfg.shards, sharpen=cfg.sharpen_gt, gan=cfg.gan)
-    val_pairs = pairs_from_shards(cfg.val_shards, limit=cfg.val_samples) if cfg.val_shards and main_rank else None
+    try:  # its labels checked now: a damaged one would otherwise stop the run at its first validation
+        val_pairs = pairs_from_shards(cfg.val_shards, limit=cfg.val_samples) if cfg.val_shards and main_rank else None
+    except DegradeError as exc:
+        raise DASRError(f"validation data: {exc}") from None
 
     # --- model, EMA, optimisers (or their state from the newest intact checkpoint) ---
     if world > 1 and device.type == "cuda":
@@ -424,7 +428,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             return {"step": step, "nothing_to_train": True}
         say(f"resuming from {found[0].name} (step {step} of {end})")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))  # torchrun's processes on this machine
-    if main_rank and (note := workers_note(cfg.workers, os.cpu_count() or 1, local)) is not None:
+    if main_rank and (note := workers_note(cfg.workers, usable_cores(), local)) is not None:
         say(note)
     run_info = {"device": describe_device(device), "dtype": "bfloat16 autocast" if use_bf16 else "float32",
                 "expert_impl": cfg.expert_impl, "memory_format": "channels_last" if cfg.channels_last else "NCHW",

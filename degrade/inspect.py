@@ -199,6 +199,8 @@ def dataset_stats(ds: ShardDataset, *, bins: int = 16) -> dict[str, Any]:
         for n in (1, 2, 3):
             level_counts[n] += int((level == n).sum())
         other += int((~np.isin(level, (1, 2, 3))).sum())
+        # what no histogram bin holds, in any sample (an absent field's entry holds a value too, its identity)
+        outside += (~((v >= 0) & (v <= 1))).sum(axis=0)
         for j, f in enumerate(VECTOR_FIELDS):
             here = present[:, j]
             present_count[j] += int(here.sum())
@@ -208,9 +210,9 @@ def dataset_stats(ds: ShardDataset, *, bins: int = 16) -> dict[str, Any]:
                 if not col.size:
                     continue
                 nan[e] |= bool(np.isnan(col).any())
-                total[e] += col.sum()
+                with np.errstate(invalid="ignore", over="ignore"):  # +inf and -inf: a NaN sum, reported as null
+                    total[e] += col.sum()
                 lo[e], hi[e] = min(lo[e], col.min()), max(hi[e], col.max())
-                outside[e] += int((~((col >= 0) & (col <= 1))).sum())  # what no histogram bin holds
                 hist[e] += np.histogram(col, edges)[0]
                 for n in (1, 2, 3):
                     hist_by_level[n][e] += np.histogram(col[lv == n], edges)[0]

@@ -618,8 +618,9 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     is replaced, not written through). On any failure it is removed and `path` is left as it was; an
     OSError then names `path` (with its errno and reason), not the temporary file. Refused before anything
     is written: a missing folder (ImageError), and a `path` that is there but neither a regular file nor a
-    symlink (an OSError: IsADirectoryError for a folder; for a device such as /dev/null, a FIFO or a
-    socket, which a rename would replace with a file, EEXIST).
+    symlink to one or to nothing (an OSError: IsADirectoryError for a folder; for a device such as
+    /dev/null, a FIFO or a socket, or a symlink to one such as /dev/stdout, which a rename would replace
+    with a file, EEXIST).
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
@@ -634,7 +635,12 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise _naming(exc, path) from None
     if there is not None and stat.S_ISDIR(there):  # what the rename would fail with, before any write
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-    if there is not None and not (stat.S_ISREG(there) or stat.S_ISLNK(there)):
+    if there is not None and stat.S_ISLNK(there):  # the link is replaced, its target left alone: unless the
+        try:  # link stands for a device or a FIFO (/dev/stdout is one), which the name must stay
+            there = os.stat(path).st_mode
+        except OSError:  # dangling, or its target unreachable: only the link is there to replace
+            there = stat.S_IFREG
+    if there is not None and not stat.S_ISREG(there):
         kind = "a FIFO" if stat.S_ISFIFO(there) else "a socket" if stat.S_ISSOCK(there) else "a device"
         raise OSError(errno.EEXIST, f"exists and is {kind}, not a regular file; refusing to replace it", str(path))
     try:

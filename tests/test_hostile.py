@@ -302,6 +302,9 @@ def test_the_pixel_cap_can_be_raised_or_lowered(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["apply", str(path), "-o", str(tmp_path / "o.png")])
     assert result.exit_code == 1 and result.output.count("expected a positive number of pixels") == 1
     assert not (tmp_path / "o.png").exists()
+    result = CliRunner().invoke(main, ["make-dataset", str(path), "--out", str(tmp_path / "ds"), "--count", "2"])
+    assert result.exit_code == 1 and result.output.count("expected a positive number of pixels") == 1
+    assert "skipped" not in result.output and not (tmp_path / "ds").exists()
 
 
 def test_only_regular_files_are_read(tmp_path):

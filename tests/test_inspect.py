@@ -131,14 +131,18 @@ def test_a_damaged_level_or_v_is_counted_and_said_not_dropped(tmp_path):
     with h5py.File(f"{src}/shard-00000.h5", "r+") as f:
         f["level"][1] = 7
         f["v"][0, 30], f["v"][2, 30], f["v"][3, 30] = 5.0, np.nan, -0.5
+        absent = [int(i) for i in np.flatnonzero(~np.any(f["v"][:, 4:8], axis=1))][:1]  # blur2 absent: zeros
+        assert absent  # the entry of a field the sample lacks holds a value too: damaged, it counts
+        f["v"][absent[0], 5] = np.nan
     stats = insp.dataset_stats(degrade.open_dataset(src))
     assert sum(stats["levels"].values()) == 6 and stats["levels"]["other"] == 1
     field = next(f for f in stats["fields"] if f["index"] == 30)
     assert field["outside"] == 3 and sum(field["histogram"]) == 3
-    assert sum(f["outside"] for f in stats["fields"]) == 3
+    assert next(f for f in stats["fields"] if f["index"] == 5)["outside"] == len(absent)
+    assert sum(f["outside"] for f in stats["fields"]) == 3 + len(absent)
     result = CliRunner().invoke(main, ["inspect", src], catch_exceptions=False)
     assert result.exit_code == 0 and "other levels: 1" in result.stdout
-    assert "3 stored v value(s) outside [0, 1] or NaN" in " ".join(result.stderr.split())
+    assert f"{3 + len(absent)} stored v value(s) outside [0, 1] or NaN" in " ".join(result.stderr.split())
     assert "warning" not in CliRunner().invoke(main, ["inspect", make_small_dataset(
         tmp_path / "ok", count=2, seed=2, shard_size=2)]).stderr
 

@@ -140,6 +140,27 @@ def test_an_atomic_write_never_replaces_a_fifo_or_a_device_with_a_file(tmp_path,
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]  # no temporary file left
 
 
+def test_an_atomic_write_replaces_a_symlink_but_never_one_to_a_fifo(tmp_path):
+    """A symlink is replaced, its target left alone (never written through); but a link that stands for a
+    FIFO or a device (/dev/stdout is a symlink) must keep its name: refused."""
+    import os
+
+    from degrade.io import write_bytes_atomic
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "to-fifo").symlink_to(fifo)
+    with pytest.raises(FileExistsError, match="is a FIFO, not a regular file"):
+        write_bytes_atomic(tmp_path / "to-fifo", b"data")
+    assert (tmp_path / "to-fifo").is_symlink()
+    (tmp_path / "victim").write_bytes(b"kept")
+    for name, target in (("to-file", tmp_path / "victim"), ("dangling", tmp_path / "nothing")):
+        (tmp_path / name).symlink_to(target)
+        write_bytes_atomic(tmp_path / name, b"new")
+        assert not (tmp_path / name).is_symlink() and (tmp_path / name).read_bytes() == b"new"
+    assert (tmp_path / "victim").read_bytes() == b"kept"
+
+
 def test_atomic_writer_keeps_the_old_file_when_a_write_fails(tmp_path):
     import errno
 

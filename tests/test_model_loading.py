@@ -458,5 +458,12 @@ def test_an_export_over_its_own_source_is_refused(tmp_path):
     save_model_file(_model(), model_file)
     before = model_file.read_bytes()
     result = CliRunner().invoke(export_main, [str(model_file), "-o", str(tmp_path / "." / "m.safetensors")])
-    assert result.exit_code == 2 and "is SOURCE itself" in result.output
-    assert model_file.read_bytes() == before
+    assert result.exit_code == 1 and "is the file the model was read from" in result.output
+    run = tmp_path / "run"  # a run folder holding only its model file: the model is read from that file
+    run.mkdir()
+    save_model_file(_model(), run / "model.safetensors")
+    before_run = (run / "model.safetensors").read_bytes()
+    result = CliRunner().invoke(export_main, [str(run), "-o", str(run / "model.safetensors")])
+    assert result.exit_code == 1 and "is the file the model was read from (" in result.output
+    assert model_file.read_bytes() == before and (run / "model.safetensors").read_bytes() == before_run
+    assert CliRunner().invoke(export_main, [str(run), "-o", str(tmp_path / "copy.safetensors")]).exit_code == 0

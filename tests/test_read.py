@@ -208,3 +208,14 @@ def test_a_damaged_compressed_chunk_is_refused_naming_its_shard_and_rows(tmp_pat
     with pytest.raises(DatasetError, match=r"shard-00000.h5: rows 1-3 \(every 2\) could not be read"):
         ds[1:4:2]
     assert len(ds[0:4:3]) == 2  # rows 0 and 3: the damaged one is not among them
+
+
+def test_a_column_names_and_shard_numbers_are_checked(folder):
+    ds = degrade.open_dataset(folder)
+    with pytest.raises(DatasetError, match="no per-sample metadata column 'bogus'"):
+        ds.column("bogus")
+    with pytest.raises(DatasetError, match="no shard -1"):
+        ds.shard_column("v", -1)
+    with pytest.raises(DatasetError, match=f"no shard {len(ds.files)}"):
+        ds.shard_column("v", len(ds.files))
+    assert np.array_equal(np.concatenate([ds.shard_column("v", k) for k in range(len(ds.files))]), ds.column("v"))

@@ -4,6 +4,7 @@ checked, and scored by dasr-eval --testset exactly as dasr-eval --hr-dir scores 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -450,18 +451,25 @@ def test_dasr_eval_per_image_never_overwrites_what_it_reads(ckpt, testset, hr_di
     for target, source in ((ckpt, given), (testset / "manifest.json", given),
                            (hr_dir / "a.png", ["--hr-dir", str(hr_dir), "--levels", "1"])):
         res = CliRunner().invoke(eval_main, ["--model", str(ckpt), *source, "--per-image", str(target)])
-        assert res.exit_code == 2 and "which the evaluation reads; write it elsewhere" in res.output, res.output
+        assert res.exit_code == 2 and "which the evaluation reads" in res.output, res.output
     assert ckpt.read_bytes() == model_bytes and (testset / "manifest.json").read_bytes() == manifest
     res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--testset", str(testset),
                                          "--per-image", str(tmp_path / "afile" / "s.csv")])
     assert res.exit_code == 1 and "folder" in res.output and "does not exist" in res.output
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)  # refused before the evaluation, not when the CSV is written after it
+    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--testset", str(testset), "--per-image", str(fifo)])
+    assert res.exit_code == 1 and "not a regular file" in res.output and "evaluating" not in res.output
+    # a CSV beside the inputs is read by none of their readers: as before, allowed
+    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--device", "cpu", "--hr-dir", str(hr_dir),
+                                         "--levels", "1", "--per-image", str(hr_dir / "scores.csv")])
+    assert res.exit_code == 0 and (hr_dir / "scores.csv").exists(), res.output
+    (hr_dir / "scores.csv").unlink()
 
 
 def test_dasr_eval_per_image_keeps_a_name_that_is_not_utf8(ckpt, hr_dir, tmp_path):
     """A file name's bytes that are not UTF-8 (Python holds them as surrogates) go into the CSV as they are,
     instead of failing after the whole evaluation."""
-    import os
-
     pytest.importorskip("torch")
     from cli.sr import eval_main
 

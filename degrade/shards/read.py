@@ -239,6 +239,8 @@ class ShardDataset:
         """A per-sample metadata dataset of every shard, concatenated: `v`, `level`, `index`,
         `source`, `crop` as arrays, `params` as a list of JSON strings (all in memory: for a large dataset
         :meth:`shard_column` one shard at a time)."""
+        if name not in ROW_COLUMNS and name != "params":
+            raise DatasetError(f"no per-sample metadata column {name!r}")
         parts = [self.shard_column(name, k) for k in range(len(self.files))]
         if name == "params":
             return [t for part in parts for t in part]
@@ -248,9 +250,11 @@ class ShardDataset:
         return np.concatenate(parts)
 
     def shard_column(self, name: str, k: int) -> Any:
-        """:meth:`column` of shard k (in the dataset's order) alone."""
+        """:meth:`column` of shard k (0 to the number of finished shards - 1, in the dataset's order) alone."""
         if name not in ("v", "level", "index", "source", "crop", "params"):
             raise DatasetError(f"no per-sample metadata column {name!r}")
+        if not 0 <= k < len(self.files):
+            raise DatasetError(f"no shard {k}: the dataset has {len(self.files)} finished shard(s)")
         s = self._shard(k)
         with s.reading("all"):
             values = s.file[name][:]
