@@ -16,9 +16,12 @@ a quality, which is). Results stay canonical: theta / pi in [0, 1).
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from degrade.errors import DegradeError
 from degrade.vector import FIELDS_BY_NAME, VECTOR_LENGTH
 
 # (theta, sigma_x, sigma_y) indices of each Gaussian kernel in v.
@@ -28,9 +31,20 @@ _KERNELS = tuple(
 )
 
 
+def _turn(flip_lr: object, flip_ud: object, rot90: object) -> tuple[bool, bool, int]:
+    """The transform's arguments as both functions read them: each flip by its truth (None: no flip), the
+    quarter turns an integer (a float such as 1.5 is refused: np.rot90 and the vector read it apart)."""
+    try:
+        turns = operator.index(rot90)  # type: ignore[arg-type]
+    except TypeError:
+        raise DegradeError(f"rot90 must be an integer number of quarter turns, not {rot90!r}") from None
+    return bool(flip_lr), bool(flip_ud), turns
+
+
 def dihedral_image(img: NDArray, *, flip_lr: bool = False, flip_ud: bool = False, rot90: int = 0) -> NDArray:
     """The view of `img` (H, W, ...) with columns reversed (`flip_lr`), then rows (`flip_ud`), then
     ``np.rot90(., rot90)``: the transform :func:`dihedral_vector` describes."""
+    flip_lr, flip_ud, rot90 = _turn(flip_lr, flip_ud, rot90)
     if flip_lr:
         img = img[:, ::-1]
     if flip_ud:
@@ -44,11 +58,15 @@ def dihedral_vector(v: ArrayLike, *, flip_lr: bool = False, flip_ud: bool = Fals
 
     Returns a new float32 array; only the two blur `theta` entries of anisotropic kernels change.
     """
-    arr = np.array(v, dtype=np.float64)  # a copy: the input is never modified
+    flip_lr, flip_ud, rot90 = _turn(flip_lr, flip_ud, rot90)  # read as dihedral_image reads them
+    try:
+        arr = np.array(v, dtype=np.float64)  # a copy: the input is never modified
+    except (TypeError, ValueError):
+        raise DegradeError("v must be numbers") from None
     if arr.shape[-1:] != (VECTOR_LENGTH,):
-        raise ValueError(f"v must have {VECTOR_LENGTH} values in its last axis, got shape {arr.shape}")
+        raise DegradeError(f"v must have {VECTOR_LENGTH} values in its last axis, got shape {arr.shape}")
     sign = -1.0 if flip_lr != flip_ud else 1.0  # two mirrors make a half turn, which leaves theta alone
-    shift = 0.5 * (int(rot90) % 2)  # theta / pi moves by k/2, modulo 1
+    shift = 0.5 * (rot90 % 2)  # theta / pi moves by k/2, modulo 1
     for theta, sx, sy in _KERNELS:
         t = np.mod(sign * arr[..., theta] + shift, 1.0)
         t = np.where(arr[..., sx] == arr[..., sy], 0.0, t)  # isotropic or absent: theta stays 0

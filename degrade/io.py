@@ -581,7 +581,8 @@ def to_uint8(img: NDArray[np.floating] | NDArray[np.uint8]) -> NDArray[np.uint8]
 
 def write_image(path: str | os.PathLike, img: NDArray[np.floating] | NDArray[np.uint8]) -> None:
     """Write (H, W, 3) RGB or (H, W, 4) RGBA, float in [0, 1] or uint8, as 8 bit to a lossless file,
-    atomically (temp + rename)."""
+    atomically (temp + rename). Float values a little outside [0, 1] are clipped; an image of another
+    integer type, an empty one, or floats far outside (a 0-255 scale, NaN) are refused (ImageError)."""
     path = Path(path)
     try:
         data = encode_image(img, path.suffix)
@@ -590,12 +591,28 @@ def write_image(path: str | os.PathLike, img: NDArray[np.floating] | NDArray[np.
     write_bytes_atomic(path, data)
 
 
+def _scale_hint(low: float, high: float) -> str:
+    """What a float image from `low` to `high` likely is (degrade.pipeline's hint, without its import cycle)."""
+    from degrade.pipeline import _range_hint
+
+    return _range_hint(low, high)
+
+
 def encode_image(img: NDArray[np.floating] | NDArray[np.uint8], suffix: str = ".png") -> bytes:
     """The bytes write_image writes for a file with this suffix (8-bit RGB or RGBA, lossless)."""
     if suffix.lower() not in LOSSLESS_SUFFIXES:
         raise ImageError(f"output must be a lossless image ({', '.join(LOSSLESS_SUFFIXES)})")
-    if img.ndim != 3 or img.shape[2] not in (3, 4):
+    if img.ndim != 3 or img.shape[2] not in (3, 4) or 0 in img.shape:
         raise ImageError(f"expected an (H, W, 3) or (H, W, 4) image, got shape {img.shape}")
+    if img.dtype != np.uint8 and not np.issubdtype(img.dtype, np.floating):
+        hint = " (16-bit data: x / 65535)" if img.dtype == np.uint16 else ""
+        raise ImageError(f"an image of dtype {img.dtype}: pass uint8, or float in [0, 1]{hint}")
+    if img.dtype != np.uint8:  # a little outside [0, 1] is clipped (an SR output's overshoot); not a wrong scale
+        low, high = float(img.min()), float(img.max())
+        if not (low >= -1 and high <= 2):  # NaN and inf fail too
+            hint = _scale_hint(low, high)
+            raise ImageError(f"float values from {low:g} to {high:g}, where [0, 1] is expected"
+                             + (f" ({hint})" if hint else ""))
     bgr = cv2.cvtColor(to_uint8(img), cv2.COLOR_RGB2BGR if img.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)  # one copy
     ok, buf = cv2.imencode(suffix.lower(), bgr)
     if not ok:

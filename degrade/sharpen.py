@@ -28,11 +28,14 @@ def _gaussian_blur(img: NDArray[np.float32]) -> NDArray[np.float32]:
 def unsharp_mask(img: NDArray[np.float32]) -> NDArray[np.float32]:
     """img (H, W, 3) float32 in [0, 1], both sides > 25 px -> the sharpened image, same shape and dtype.
     The input is not modified. Anything else raises DegradeError (a uint8 patch: pass
-    ``hr.astype(np.float32) / 255``; ``hr / 255`` is float64)."""
-    if (not isinstance(img, np.ndarray) or img.dtype != np.float32 or img.ndim != 3
+    ``hr.astype(np.float32) / 255``; ``hr / 255`` is float64), values outside [0, 1] or NaN included."""
+    if (not isinstance(img, np.ndarray) or img.dtype != np.float32 or img.ndim != 3 or img.shape[2] != 3
             or min(img.shape[:2]) <= USM_SIZE // 2):
         got = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
         raise DegradeError(f"unsharp_mask takes an (H, W, 3) float32 image with sides > {USM_SIZE // 2}, got {got}")
+    low, high = float(img.min()), float(img.max())
+    if not (low >= 0 and high <= 1):  # NaN fails both
+        raise DegradeError(f"unsharp_mask takes values in [0, 1], got {low:g} to {high:g}")
     residual = img - _gaussian_blur(img)
     soft = _gaussian_blur((np.abs(residual) * 255 > USM_THRESHOLD).astype(np.float32))
     sharp = np.clip(img + USM_WEIGHT * residual, 0, 1)

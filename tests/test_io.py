@@ -161,6 +161,26 @@ def test_an_atomic_write_replaces_a_symlink_but_never_one_to_a_fifo(tmp_path):
     assert (tmp_path / "victim").read_bytes() == b"kept"
 
 
+@pytest.mark.parametrize("img,message", [
+    (np.full((4, 4, 3), 40000, np.uint16), "dtype uint16: pass uint8, or float in \\[0, 1\\] \\(16-bit data"),
+    (np.full((4, 4, 3), 200, np.int64), "dtype int64"),
+    (np.ones((4, 4, 3), bool), "dtype bool"),
+    (np.full((4, 4, 3), 200.0, np.float32), "from 200 to 200, where \\[0, 1\\] is expected \\(an 8-bit image"),
+    (np.full((4, 4, 3), np.nan, np.float32), "from nan to nan"),
+    (np.zeros((0, 4, 3), np.float32), "got shape \\(0, 4, 3\\)"),
+])
+def test_write_image_refuses_what_it_would_write_wrong(tmp_path, img, message):
+    """A uint16 or 0-255 float image was written all white (clipped), NaN black, an empty one raised cv2's
+    error: refused, nothing written. A little outside [0, 1] (an SR output's overshoot) is still clipped."""
+    from degrade.errors import ImageError
+
+    with pytest.raises(ImageError, match=message):
+        write_image(tmp_path / "x.png", img)
+    assert not list(tmp_path.iterdir())
+    write_image(tmp_path / "y.png", np.full((4, 4, 3), 1.04, np.float32))
+    assert (degrade.read_image(tmp_path / "y.png") == 1.0).all()
+
+
 def test_atomic_writer_keeps_the_old_file_when_a_write_fails(tmp_path):
     import errno
 

@@ -22,10 +22,20 @@ ROOT = Path(__file__).resolve().parent.parent
     np.zeros((64, 64, 3), np.uint8),
     np.zeros((20, 40, 3), np.float32),  # a side not above 25 px
     np.zeros((64, 64), np.float32),
+    np.zeros((64, 64, 1), np.float32),  # broadcast into a (64, 64, 64) result before
+    np.zeros((64, 64, 4), np.float32),
     [[0.0]],
 ])
 def test_unsharp_mask_refuses_with_the_librarys_error(img):
     with pytest.raises(DegradeError, match="float32 image"):
+        unsharp_mask(img)
+
+
+@pytest.mark.parametrize("fill", [255.0, np.nan, -0.5])
+def test_unsharp_mask_refuses_values_outside_0_1(fill):
+    img = np.full((64, 64, 3), 0.5, np.float32)
+    img[3, 4, 1] = fill
+    with pytest.raises(DegradeError, match="values in \\[0, 1\\]"):
         unsharp_mask(img)
 
 
