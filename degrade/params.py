@@ -156,6 +156,7 @@ class DegradationParams:
     jpeg2: JpegParams | None = None
 
     def __post_init__(self) -> None:
+        _normalise(self)
         _validate(self)
 
     @property
@@ -262,6 +263,56 @@ _FIELD_PARSERS: dict[type, dict[str, Callable[[str, Any], Any]]] = {
     FinalParams: {"order": _optional_choice, "mode": _choice},
 }
 assert all({f.name for f in fields(t)} == set(p) for t, p in _FIELD_PARSERS.items())  # every field, once
+
+
+def _api_int(where: str, raw: Any) -> int:
+    """An integer field given from Python: int or a numpy integer (not a bool, not 50.5)."""
+    if isinstance(raw, (bool, np.bool_)) or not isinstance(raw, (int, np.integer)):
+        raise DegradeError(f"invalid parameter record: {where}: bad value {raw!r} (expected an integer)")
+    return int(raw)
+
+
+def _api_float(where: str, raw: Any) -> float:
+    """A real field given from Python: int, float or a numpy number (not a bool, not a string)."""
+    if isinstance(raw, (bool, np.bool_)) or not isinstance(raw, (int, float, np.integer, np.floating)):
+        raise DegradeError(f"invalid parameter record: {where}: bad value {raw!r} (expected a number)")
+    return float(raw)
+
+
+def _api_bool(where: str, raw: Any) -> bool:
+    if not isinstance(raw, (bool, np.bool_)):
+        raise DegradeError(f"invalid parameter record: {where}: bad value {raw!r} (expected True or False)")
+    return bool(raw)
+
+
+def _api_choice(where: str, raw: Any) -> Any:  # a name's spelling is _validate's to check
+    return str(raw) if isinstance(raw, str) else raw
+
+
+_API_KINDS = {_strict_int: (_api_int, (int,)), _strict_float: (_api_float, (float,)),
+              _strict_bool: (_api_bool, (bool,)), _choice: (_api_choice, (str,)),
+              _optional_choice: (_api_choice, (str, type(None)))}
+# per step type: (field, how a Python value of it is read, the types it is already in), looked up once
+_API_FIELDS = {t: tuple((name, *_API_KINDS[parse]) for name, parse in parsers.items())
+               for t, parsers in _FIELD_PARSERS.items()}
+
+
+def _normalise(p: DegradationParams) -> None:
+    """A record built from Python holds the types its JSON holds: numpy scalars (np.int64 seeds, np.float32
+    strengths, np.bool_ gray) become int, float and bool, so the record saves and reads back; a value of
+    the wrong kind (a bool level or seed, quality 50.5, size '7', gray 'no') is refused, as from_json
+    refuses it. A record already in those types (every one from_json or sample_params makes) is left as is."""
+    if p.level is not None and type(p.level) is not int:
+        object.__setattr__(p, "level", _api_int("level", p.level))
+    for name, step_type in _STEP_TYPES.items():
+        step = getattr(p, name)
+        if not isinstance(step, step_type):  # a wrong or absent step: _validate's to say
+            continue
+        specs = _API_FIELDS[step_type]
+        if all(type(getattr(step, field)) in exact for field, _, exact in specs):
+            continue
+        object.__setattr__(p, name, step_type(**{field: read(f"{name}.{field}", getattr(step, field))
+                                                 for field, read, _ in specs}))
 
 
 def _validate(p: DegradationParams) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import operator
 import os
 import re
 import shutil
@@ -127,8 +128,9 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
     is called once the images are found and checked (done 0) and after each image. Returns the manifest."""
     src, out = Path(src), Path(out)
     levels = _check_levels(levels)
-    if seed < 0:
-        raise DegradeError(f"seed must be >= 0, got {seed}")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DegradeError(f"seed must be an integer >= 0, got {seed!r}")  # what open_testset reads back
+    seed = int(seed)  # JSON holds no numpy integer
     if not src.is_dir():
         raise DegradeError(f"{src}: not a folder")
     _check_empty(out)
@@ -260,8 +262,11 @@ def _put(path: Path, data: bytes) -> str:
 
 
 def _check_levels(levels: Sequence[int]) -> list[int]:
-    out = [int(x) for x in levels]
-    if not out or len(set(out)) != len(out) or not set(out) <= set(TEST_LEVELS):
+    try:  # integers (numpy's too): 1.7 was read as level 1
+        out = [operator.index(x) for x in levels if not isinstance(x, (bool, np.bool_))]
+    except TypeError:
+        out = []
+    if not out or len(out) != len(levels) or len(set(out)) != len(out) or not set(out) <= set(TEST_LEVELS):
         raise DegradeError(f"levels {list(levels)}: expected distinct levels among 1, 2, 3")
     return out
 

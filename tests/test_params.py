@@ -238,3 +238,29 @@ def test_records_are_frozen():
     with pytest.raises(AttributeError):
         p.level = 2  # type: ignore[misc]
     assert replace(p, level=2).level == 2
+
+
+def test_a_record_built_from_python_holds_jsons_types_or_is_refused():
+    """numpy scalars (a seed np.int64, a strength np.float32, gray np.bool_) made records that applied but
+    could not be saved (to_json: 'int64 is not JSON serializable'); True as a seed saved as true, which
+    from_json refuses; quality 50.5 applied as 50 but was labelled 50.5. Now numpy scalars become Python's
+    and the round trip holds; a value of the wrong kind is refused as from_json refuses it."""
+    import dataclasses
+
+    from degrade.errors import DegradeError
+    from degrade.params import DegradationParams
+
+    p = degrade.sample_params(2, np.random.default_rng(4))
+    q = dataclasses.replace(p, level=np.int64(2), noise1=dataclasses.replace(
+        p.noise1, seed=np.int64(5), strength=np.float32(3.5), gray=np.bool_(True)),
+        jpeg1=dataclasses.replace(p.jpeg1, quality=np.int32(40)))
+    assert (type(q.level), type(q.noise1.seed), type(q.noise1.strength), type(q.noise1.gray),
+            type(q.jpeg1.quality)) == (int, int, float, bool, int)
+    assert DegradationParams.from_json(q.to_json()) == q
+    assert degrade.decode(degrade.encode(p), noise_seed=np.int64(5)).noise1.seed == 5
+    for step, bad in (("noise1", {"seed": True}), ("noise1", {"seed": 1.5}), ("jpeg1", {"quality": 50.5}),
+                      ("noise1", {"gray": "no"}), ("blur1", {"size": "7"}), ("noise1", {"strength": "3"})):
+        with pytest.raises(DegradeError, match=f"{step}.{next(iter(bad))}: bad value"):
+            dataclasses.replace(p, **{step: dataclasses.replace(getattr(p, step), **bad)})
+    with pytest.raises(DegradeError, match="level: bad value True"):
+        dataclasses.replace(p, level=True)

@@ -485,3 +485,20 @@ def test_dasr_eval_per_image_keeps_a_name_that_is_not_utf8(ckpt, hr_dir, tmp_pat
     assert res.exit_code == 0, res.output
     lines = (tmp_path / "s.csv").read_bytes().splitlines()
     assert len(lines) == 2 and lines[1].startswith(b"1,b\xffd,")
+
+
+@pytest.mark.parametrize("kw,message", [({"seed": True}, "seed must be an integer >= 0, got True"),
+                                        ({"seed": 1.5}, "seed must be an integer"),
+                                        ({"levels": (1.7,)}, "expected distinct levels among 1, 2, 3"),
+                                        ({"levels": (True,)}, "expected distinct levels")])
+def test_make_testset_refuses_what_open_testset_would(hr_dir, tmp_path, kw, message):
+    """seed=True wrote a manifest open_testset refuses ("seed": true); levels=(1.7,) became level 1."""
+    with pytest.raises(DegradeError, match=message):
+        make_testset(hr_dir, tmp_path / "t", **kw)
+    assert not (tmp_path / "t").exists()
+
+
+def test_make_testset_takes_numpy_integers(hr_dir, tmp_path):
+    make_testset(hr_dir, tmp_path / "t", seed=np.int64(3), levels=(np.int64(1),))
+    assert open_testset(tmp_path / "t").levels == [1]
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["seed"] == 3
