@@ -50,14 +50,28 @@ def pixel_limit() -> int:
         value = int(raw)
     except ValueError:
         value = 0
-    if value < 1:
-        raise ImageError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive number of pixels")
+    if not 1 <= value <= MAX_PIXELS_CEILING:
+        raise ImageError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive number of pixels, at most "
+                         f"{MAX_PIXELS_CEILING} (2**40)")
     return value
+
+
+MAX_PIXELS_CEILING = 1 << 40  # a limit beyond any image (a 10^23 one overflowed the read of its bytes)
+
+
+def _limit(max_pixels: int | None) -> int:
+    """A read's pixel limit: `max_pixels`, an integer in [1, 2**40], or :func:`pixel_limit` for None."""
+    if max_pixels is None:
+        return pixel_limit()
+    if isinstance(max_pixels, (bool, np.bool_)) or not isinstance(max_pixels, (int, np.integer)) or not (
+            1 <= max_pixels <= MAX_PIXELS_CEILING):
+        raise ImageError(f"max_pixels must be an integer in [1, 2**40], got {max_pixels!r}")
+    return int(max_pixels)
 
 
 def max_file_bytes(pixels: int | None = None) -> int:
     """The largest image file read: an uncompressed 16-bit RGBA image of `pixels` pixels plus 64 MiB."""
-    return 8 * (pixel_limit() if pixels is None else pixels) + (64 << 20)
+    return 8 * _limit(pixels) + (64 << 20)
 
 
 def read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
@@ -293,7 +307,7 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.fl
     Raises ImageError (message without a file name) for undecodable data, unsupported sample types,
     and images whose header declares more than `max_pixels` pixels (checked before decoding).
     """
-    limit = pixel_limit() if max_pixels is None else max_pixels
+    limit = _limit(max_pixels)
     width, height = image_size(data)
     if width * height > limit:
         raise ImageError(f"{width}x{height} is {width * height / 1e6:.1f} MP, above the {limit / 1e6:g} MP limit "

@@ -72,7 +72,13 @@ def _sample_jpeg(quality_range: tuple[float, float], rng: np.random.Generator) -
 
 
 def draw_level(level: LevelChoice, rng: np.random.Generator) -> int:
-    """Resolve "mix" to 1/2/3 with the probabilities of docs/degradation.md; pass 1/2/3 through."""
+    """Resolve "mix" to 1/2/3 with the probabilities of docs/degradation.md; pass 1/2/3 through. DegradeError
+    for another level (True too: it equals 1) or an `rng` that is not a numpy Generator (a seed: pass
+    np.random.default_rng(seed))."""
+    if not isinstance(rng, np.random.Generator):
+        raise DegradeError(f"rng must be a numpy Generator (np.random.default_rng(seed)), not {type(rng).__name__}")
+    if isinstance(level, (bool, np.bool_)):
+        raise DegradeError(f"unknown level {level!r}: expected 1, 2, 3 or 'mix'")
     if level == "mix":
         u = rng.random()
         cumulative = 0.0

@@ -39,8 +39,11 @@ _RANGE_SLACK = 1e-9
 def encode(params: DegradationParams) -> NDArray[np.float32]:
     """Record -> v, a (33,) float32 vector in [0, 1] (layout "dasr33-v1").
 
-    A value outside its field's normalisation range raises ValueError rather than being clipped.
+    A value outside its field's normalisation range raises DegradeError (a ValueError) rather than being
+    clipped; so does anything but a DegradationParams.
     """
+    if not isinstance(params, DegradationParams):
+        raise DegradeError(f"encode takes a DegradationParams, not {type(params).__name__}")
     v = np.zeros(VECTOR_LENGTH, dtype=np.float64)
     for f in VECTOR_FIELDS:
         step = getattr(params, f.step)
@@ -72,9 +75,13 @@ def _odd_size(x: float) -> int:
 
 def check_vector(v: ArrayLike) -> NDArray[np.float64]:
     """Return v as float64 if it is a finite (33,) vector in [0, 1]; otherwise raise DegradeError."""
-    arr = np.asarray(v, dtype=np.float64)
+    try:
+        arr = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DegradeError(f"a {VECTOR_LAYOUT} vector is {VECTOR_LENGTH} numbers") from None
     if arr.shape != (VECTOR_LENGTH,):
-        raise DegradeError(f"a {VECTOR_LAYOUT} vector has {VECTOR_LENGTH} values, got {arr.size}")
+        raise DegradeError(f"a {VECTOR_LAYOUT} vector is {VECTOR_LENGTH} values in one dimension, got shape "
+                           f"{arr.shape}")
     if not np.all(np.isfinite(arr)):
         raise DegradeError("the vector contains NaN or infinite values")
     bad = np.flatnonzero((arr < 0) | (arr > 1))

@@ -603,3 +603,17 @@ def test_a_dataset_too_large_to_plan_is_refused_first(tmp_path, run_cli=None):
     assert not (tmp_path / "big").exists()
     result = CliRunner().invoke(main, ["make-dataset", "--out", str(tmp_path / "big"), "--count", str(10**9)])
     assert result.exit_code == 2 and "--count" in result.output and not (tmp_path / "big").exists()
+
+
+def test_make_sample_refuses_an_index_the_dataset_does_not_hold(tmp_path):
+    """make_sample(cfg, count) returned a sample that is not in the dataset."""
+    from degrade.errors import SampleIndexError
+
+    from .conftest import make_small_dataset
+
+    src = make_small_dataset(tmp_path / "ds", count=4, seed=1, shard_size=4)
+    cfg = degrade.open_dataset(src).config
+    assert dsm.make_sample(cfg, 3)[2].v.shape == (33,)
+    for bad in (4, -1, True, 1.0):
+        with pytest.raises(SampleIndexError, match="out of range: the dataset has 4 samples"):
+            dsm.make_sample(cfg, bad)

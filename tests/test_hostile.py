@@ -298,6 +298,13 @@ def test_the_pixel_cap_can_be_raised_or_lowered(tmp_path, monkeypatch):
         degrade.read_image(path)
     result = CliRunner().invoke(main, ["apply", str(path), "-o", str(tmp_path / "o.png"), "--max-pixels", "1000"])
     assert result.exit_code == 1 and "above the 0.001 MP limit" in result.output
+    monkeypatch.setenv(MAX_PIXELS_ENV, str(10**23))  # overflowed the read of the file's bytes
+    with pytest.raises(ImageError, match="at most 1099511627776"):
+        degrade.read_image(path)
+    monkeypatch.delenv(MAX_PIXELS_ENV)
+    for bad in (1.5, 0, True, 2**41):
+        with pytest.raises(ImageError, match="max_pixels must be an integer in \\[1, 2\\*\\*40\\]"):
+            degrade.read_image(path, max_pixels=bad)
     monkeypatch.setenv(MAX_PIXELS_ENV, "abc")  # refused once, up front, not once per image read
     result = CliRunner().invoke(main, ["apply", str(path), "-o", str(tmp_path / "o.png")])
     assert result.exit_code == 1 and result.output.count("expected a positive number of pixels") == 1

@@ -220,3 +220,20 @@ def test_decode_rules_for_edited_vectors():
     v[28:30] = 0  # no final order: one-stage, stage-2 fields ignored
     p = decode(v)
     assert not p.two_stage and p.blur2 is None and p.sinc is None and p.noise2 is None
+
+
+def test_careless_arguments_get_the_librarys_error():
+    """They raised AttributeError, TypeError or a plain ValueError, with messages such as 'has 33 values,
+    got 33' for a (1, 33) vector."""
+    from degrade.errors import DegradeError
+
+    v = degrade.encode(degrade.sample_params(2, np.random.default_rng(0)))
+    for call, message in ((lambda: degrade.encode({"level": 2}), "encode takes a DegradationParams, not dict"),
+                          (lambda: degrade.encode(None), "not NoneType"),
+                          (lambda: degrade.decode(["a"] * 33), "is 33 numbers"),
+                          (lambda: degrade.decode(v[None]), "got shape \\(1, 33\\)"),
+                          (lambda: degrade.sample_params(2, 0), "rng must be a numpy Generator"),
+                          (lambda: degrade.sample_params(2, None), "not NoneType"),
+                          (lambda: degrade.sample_params(True, np.random.default_rng(0)), "unknown level True")):
+        with pytest.raises(DegradeError, match=message):
+            call()

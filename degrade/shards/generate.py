@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from degrade.errors import DatasetError
+from degrade.errors import DatasetError, SampleIndexError
 from degrade.io import to_uint8
 from degrade.params import DegradationParams
 from degrade.pipeline import apply
@@ -34,7 +34,11 @@ def sample_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def draw_sample(config: DatasetConfig, index: int) -> tuple[int, tuple[int, int], DegradationParams]:
-    """Sample `index`'s source, crop corner (y, x) and record, from its own stream only."""
+    """Sample `index`'s source, crop corner (y, x) and record, from its own stream only. SampleIndexError for an
+    index outside the dataset (0 to count - 1: a sample the dataset does not hold)."""
+    if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)) or not (
+            0 <= index < config.count):
+        raise SampleIndexError(f"sample {index!r} out of range: the dataset has {config.count} samples")
     rng = sample_rng(config.seed, index)
     src = int(rng.integers(len(config.sources)))
     s = config.sources[src]

@@ -71,7 +71,8 @@ class ShardDataset:
 
     `ds[i]` is a :class:`Sample` (hr, lr uint8, v float32, the record parsed on first use of `.params`);
     `ds[a:b]` (any step) a :class:`SampleBatch` with the arrays stacked. Files are opened lazily, once per
-    process, so an instance can be handed to PyTorch DataLoader worker processes.
+    process, so an instance can be handed to PyTorch DataLoader worker processes. Not for threads: its open
+    files are shared and evicted without a lock; give each thread its own (`open_dataset` is cheap).
     """
 
     MAX_OPEN = 32  # shard files kept open per process (LRU); a dataset may have thousands

@@ -31,7 +31,7 @@ class Sample:
     def __init__(self, hr: NDArray[np.uint8], lr: NDArray[np.uint8], v: NDArray[np.float32],
                  params: DegradationParams | None = None, *, record_json: str | None = None):
         if (params is None) == (record_json is None):
-            raise TypeError("give the record or its JSON, not both")
+            raise TypeError("give the record (params) or its JSON (record_json): one of them, not both or neither")
         self.hr, self.lr, self.v = hr, lr, v
         self._params, self._json = params, record_json
 
