@@ -111,17 +111,24 @@ def foreign_run_file(out: Path) -> str | None:
     ours = False
     config = out / "config.json"
     if config.exists():
-        try:
-            loaded = json.loads(config.read_bytes())
-        except ValueError:
-            loaded = None
+        loaded = None
+        if config.stat().st_size <= CONFIG_MAX_BYTES:  # ours is a few KB: a larger file is not read whole
+            try:
+                loaded = json.loads(config.read_bytes())
+            except ValueError:
+                pass
         ours = isinstance(loaded, dict) and "shards" in loaded and ("out" in loaded or "run" in loaded)
         if not ours:
             return config.name
     metrics = out / "metrics.jsonl"
-    if not ours and metrics.exists() and metrics.read_bytes().strip():
-        return metrics.name
+    if not ours and metrics.exists():
+        with metrics.open("rb") as f:  # content: anything but blanks in its first 64 KB
+            if f.read(1 << 16).strip() or f.read(1):
+                return metrics.name
     return None
+
+
+CONFIG_MAX_BYTES = 1 << 20
 
 
 def truncate_metrics(path: Path, step: int) -> int:
