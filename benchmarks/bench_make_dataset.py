@@ -129,7 +129,7 @@ def main() -> None:
           f"1 cold round + median of {args.repeats} warm rounds\n")
 
     maker = dsm.SampleMaker(config("none"))  # one maker: its source cache decodes each photo once
-    for i in range(8):  # warm-up: source cache, Poisson tables
+    for i in range(min(8, args.count)):  # warm-up: source cache, Poisson tables
         maker.sample(i)
     bare = statistics.median(
         args.count / timed(lambda: [maker.sample(i) for i in range(args.count)])

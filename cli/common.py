@@ -33,7 +33,7 @@ def require_torch() -> None:
 def max_pixels_option(command):
     """--max-pixels N: the decoded-image cap of degrade.read_image, for this command and its workers."""
     return click.option(
-        "--max-pixels", type=click.IntRange(min=1), default=None, metavar="N",
+        "--max-pixels", type=click.IntRange(1, 1 << 40), default=None, metavar="N",
         help=f"Largest image decoded, in pixels (default {DEFAULT_MAX_PIXELS:,}, or ${MAX_PIXELS_ENV}); checked "
              "from the file's header before decoding.")(command)
 

@@ -35,6 +35,8 @@ def _turn(flip_lr: object, flip_ud: object, rot90: object) -> tuple[bool, bool, 
     """The transform's arguments as both functions read them: each flip by its truth (None: no flip), the
     quarter turns an integer (a float such as 1.5 is refused: np.rot90 and the vector read it apart)."""
     try:
+        if isinstance(rot90, (bool, np.bool_)):
+            raise TypeError
         turns = operator.index(rot90)  # type: ignore[arg-type]
     except TypeError:
         raise DegradeError(f"rot90 must be an integer number of quarter turns, not {rot90!r}") from None

@@ -86,8 +86,13 @@ def read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
         f = open_regular(path, limit)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
-    with f:
-        data = f.read(limit + 1)
+    with f:  # the file's own size bounds the buffer (a read of limit + 1 bytes allocated that much first)
+        data = f.read(min(limit, os.fstat(f.fileno()).st_size) + 1)
+        while len(data) <= limit:  # grown since its size was read: on, in bounded pieces, to EOF or the limit
+            more = f.read(min(1 << 24, limit + 1 - len(data)))
+            if not more:
+                break
+            data += more
     if len(data) > limit:
         raise ImageError(f"{path}: larger than {limit} bytes")
     return data

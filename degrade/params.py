@@ -220,9 +220,17 @@ def _strict_int(where: str, raw: Any) -> int:
 
 
 def _strict_float(where: str, raw: Any) -> float:
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(_as_float(raw)):
         raise DegradeError(f"{where}: bad value {raw!r} (expected a finite number)")
     return float(raw)
+
+
+def _as_float(raw: int | float) -> float:
+    """float(raw), or inf for an integer beyond float's range (10**400: float() raises OverflowError)."""
+    try:
+        return float(raw)
+    except OverflowError:
+        return math.inf
 
 
 def _step_from_dict(name: str, value: Any) -> Any:
@@ -266,17 +274,21 @@ assert all({f.name for f in fields(t)} == set(p) for t, p in _FIELD_PARSERS.item
 
 
 def _api_int(where: str, raw: Any) -> int:
-    """An integer field given from Python: int or a numpy integer (not a bool, not 50.5)."""
+    """An integer field given from Python: int or a numpy integer, or an integral float (7.0, as JSON's
+    reader takes it); not a bool, not 50.5."""
+    if isinstance(raw, (float, np.floating)) and not isinstance(raw, bool) and math.isfinite(raw) and raw == int(raw):
+        return int(raw)
     if isinstance(raw, (bool, np.bool_)) or not isinstance(raw, (int, np.integer)):
         raise DegradeError(f"invalid parameter record: {where}: bad value {raw!r} (expected an integer)")
     return int(raw)
 
 
 def _api_float(where: str, raw: Any) -> float:
-    """A real field given from Python: int, float or a numpy number (not a bool, not a string)."""
+    """A real field given from Python: int, float or a numpy number (not a bool, not a string); an integer
+    beyond float's range reads as inf, which the range checks then refuse."""
     if isinstance(raw, (bool, np.bool_)) or not isinstance(raw, (int, float, np.integer, np.floating)):
         raise DegradeError(f"invalid parameter record: {where}: bad value {raw!r} (expected a number)")
-    return float(raw)
+    return _as_float(raw)
 
 
 def _api_bool(where: str, raw: Any) -> bool:

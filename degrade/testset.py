@@ -262,6 +262,7 @@ def _put(path: Path, data: bytes) -> str:
 
 
 def _check_levels(levels: Sequence[int]) -> list[int]:
+    levels = list(levels)
     try:  # integers (numpy's too): 1.7 was read as level 1
         out = [operator.index(x) for x in levels if not isinstance(x, (bool, np.bool_))]
     except TypeError:

@@ -88,11 +88,12 @@ def test_input_is_not_modified_and_bad_shapes_are_refused():
 
 
 @pytest.mark.parametrize("flags", [dict(flip_lr=None, flip_ud=True), dict(flip_lr=2, flip_ud=True),
-                                   dict(flip_lr=np.bool_(True), flip_ud=0), dict(flip_lr="", flip_ud=[1])])
+                                   dict(flip_lr=2, flip_ud=1), dict(flip_lr=np.bool_(True), flip_ud=0),
+                                   dict(flip_lr="", flip_ud=[1])])
 def test_image_and_vector_read_the_flags_alike(flags):
-    """The image took a flag by its truth and the vector compared the two flags with !=: flip_lr=None beside
-    flip_ud=True flipped the image once and v's theta twice (a replay 23 8-bit levels off). Oracle: the same
-    transform with the flags as bools."""
+    """The image took a flag by its truth and the vector compared the two flags with !=: flip_lr=2 beside
+    flip_ud=True (or 1) flipped the image twice and v's theta once (a replay 23 8-bit levels off). Oracle:
+    the same transform with the flags as bools."""
     v = encode(_anisotropic_records(1)[0])
     img = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3)
     plain = {k: bool(x) for k, x in flags.items()}
@@ -104,7 +105,8 @@ def test_a_fractional_turn_is_refused():
     from degrade.errors import DegradeError
 
     v = encode(_anisotropic_records(1)[0])
-    for call in (lambda: dihedral_vector(v, rot90=1.5), lambda: dihedral_image(np.zeros((2, 2, 3)), rot90=1.5)):
+    for call in (lambda: dihedral_vector(v, rot90=1.5), lambda: dihedral_image(np.zeros((2, 2, 3)), rot90=1.5),
+                 lambda: dihedral_vector(v, rot90=True)):
         with pytest.raises(DegradeError, match="rot90 must be an integer"):
             call()
     assert dihedral_vector(v, rot90=np.int64(3)).shape == (33,)

@@ -305,6 +305,11 @@ def test_the_pixel_cap_can_be_raised_or_lowered(tmp_path, monkeypatch):
     for bad in (1.5, 0, True, 2**41):
         with pytest.raises(ImageError, match="max_pixels must be an integer in \\[1, 2\\*\\*40\\]"):
             degrade.read_image(path, max_pixels=bad)
+    # the largest cap reads a small file: the buffer follows the file's size, not the cap's 8 TB
+    assert degrade.read_image(path, max_pixels=2**40).shape == (40, 50, 3)
+    result = CliRunner().invoke(main, ["make-dataset", str(path), "--out", str(tmp_path / "ds2"), "--count", "2",
+                                       "--max-pixels", str(2**41)])
+    assert result.exit_code == 2 and "--max-pixels" in result.output and "skipped" not in result.output
     monkeypatch.setenv(MAX_PIXELS_ENV, "abc")  # refused once, up front, not once per image read
     result = CliRunner().invoke(main, ["apply", str(path), "-o", str(tmp_path / "o.png")])
     assert result.exit_code == 1 and result.output.count("expected a positive number of pixels") == 1

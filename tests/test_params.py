@@ -264,3 +264,11 @@ def test_a_record_built_from_python_holds_jsons_types_or_is_refused():
             dataclasses.replace(p, **{step: dataclasses.replace(getattr(p, step), **bad)})
     with pytest.raises(DegradeError, match="level: bad value True"):
         dataclasses.replace(p, level=True)
+    assert dataclasses.replace(p, jpeg1=dataclasses.replace(p.jpeg1, quality=50.0)).jpeg1.quality == 50  # as JSON's
+    huge = dataclasses.replace(p.blur1, sigma_x=10**400)  # float() raised OverflowError; JSON's reader too
+    with pytest.raises(DegradeError, match="sigma"):
+        dataclasses.replace(p, blur1=huge)
+    record = json.loads(p.to_json())
+    record["blur1"]["sigma_x"] = 10**400
+    with pytest.raises(DegradeError, match="blur1.sigma_x: bad value"):
+        DegradationParams.from_json(json.dumps(record))
