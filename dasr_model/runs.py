@@ -12,7 +12,8 @@ import torch
 from dasr_model.checkpoints import CHECKPOINT, list_checkpoints
 from dasr_model.errors import DASRError
 from dasr_model.modelfile import MODEL_FILE
-from degrade.io import write_bytes_atomic
+from degrade.errors import DegradeError
+from degrade.io import open_regular, read_regular_file, write_bytes_atomic
 
 
 def pick_device(name: str) -> torch.device:
@@ -110,21 +111,23 @@ def foreign_run_file(out: Path) -> str | None:
     an empty one beside its config.json; a kill, a torn line beside it)."""
     ours = False
     config = out / "config.json"
-    if config.exists():
+    if config.exists() or config.is_symlink():
         loaded = None
-        if config.stat().st_size <= CONFIG_MAX_BYTES:  # ours is a few KB: a larger file is not read whole
-            try:
-                loaded = json.loads(config.read_bytes())
-            except ValueError:
-                pass
+        try:  # a regular file of at most 1 MiB (ours is a few KB): never a device, a FIFO or a folder
+            loaded = json.loads(read_regular_file(config, CONFIG_MAX_BYTES))
+        except (DegradeError, OSError, ValueError, RecursionError):
+            pass
         ours = isinstance(loaded, dict) and "shards" in loaded and ("out" in loaded or "run" in loaded)
         if not ours:
             return config.name
     metrics = out / "metrics.jsonl"
-    if not ours and metrics.exists():
-        with metrics.open("rb") as f:  # content: anything but blanks in its first 64 KB
-            if f.read(1 << 16).strip() or f.read(1):
-                return metrics.name
+    if not ours and (metrics.exists() or metrics.is_symlink()):
+        try:
+            with open_regular(metrics) as f:  # content: anything but blanks in its first 64 KB
+                if f.read(1 << 16).strip() or f.read(1):
+                    return metrics.name
+        except (DegradeError, OSError):  # not a regular file: not a run's log either
+            return metrics.name
     return None
 
 

@@ -59,8 +59,9 @@ def pixel_limit() -> int:
 MAX_PIXELS_CEILING = 1 << 40  # a limit beyond any image (a 10^23 one overflowed the read of its bytes)
 
 
-def _limit(max_pixels: int | None) -> int:
-    """A read's pixel limit: `max_pixels`, an integer in [1, 2**40], or :func:`pixel_limit` for None."""
+def check_max_pixels(max_pixels: int | None) -> int:
+    """A read's pixel limit: `max_pixels`, an integer in [1, 2**40], or :func:`pixel_limit` for None;
+    ImageError otherwise."""
     if max_pixels is None:
         return pixel_limit()
     if isinstance(max_pixels, (bool, np.bool_)) or not isinstance(max_pixels, (int, np.integer)) or not (
@@ -71,7 +72,7 @@ def _limit(max_pixels: int | None) -> int:
 
 def max_file_bytes(pixels: int | None = None) -> int:
     """The largest image file read: an uncompressed 16-bit RGBA image of `pixels` pixels plus 64 MiB."""
-    return 8 * _limit(pixels) + (64 << 20)
+    return 8 * check_max_pixels(pixels) + (64 << 20)
 
 
 def read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
@@ -87,12 +88,13 @@ def read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     with f:  # the file's own size bounds the buffer (a read of limit + 1 bytes allocated that much first)
-        data = f.read(min(limit, os.fstat(f.fileno()).st_size) + 1)
-        while len(data) <= limit:  # grown since its size was read: on, in bounded pieces, to EOF or the limit
-            more = f.read(min(1 << 24, limit + 1 - len(data)))
-            if not more:
-                break
-            data += more
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(min(limit, size) + 1)
+        if size < len(data) <= limit:  # grown since its size was read: on, in bounded pieces, to EOF or the limit
+            pieces = [data]
+            while (got := sum(map(len, pieces))) <= limit and (more := f.read(min(1 << 24, limit + 1 - got))):
+                pieces.append(more)
+            data = b"".join(pieces)
     if len(data) > limit:
         raise ImageError(f"{path}: larger than {limit} bytes")
     return data
@@ -312,7 +314,7 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.fl
     Raises ImageError (message without a file name) for undecodable data, unsupported sample types,
     and images whose header declares more than `max_pixels` pixels (checked before decoding).
     """
-    limit = _limit(max_pixels)
+    limit = check_max_pixels(max_pixels)
     width, height = image_size(data)
     if width * height > limit:
         raise ImageError(f"{width}x{height} is {width * height / 1e6:.1f} MP, above the {limit / 1e6:g} MP limit "

@@ -214,7 +214,8 @@ class DegradationParams:
 
 def _strict_int(where: str, raw: Any) -> int:
     """A JSON integer (or an integral float such as 7.0); bools, strings and non-finite values are refused."""
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) or raw != int(raw):
+    if (isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(_as_float(raw))
+            or raw != int(raw)):
         raise DegradeError(f"{where}: bad value {raw!r} (expected an integer)")
     return int(raw)
 

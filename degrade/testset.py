@@ -262,11 +262,11 @@ def _put(path: Path, data: bytes) -> str:
 
 
 def _check_levels(levels: Sequence[int]) -> list[int]:
-    levels = list(levels)
     try:  # integers (numpy's too): 1.7 was read as level 1
+        levels = list(levels)
         out = [operator.index(x) for x in levels if not isinstance(x, (bool, np.bool_))]
     except TypeError:
-        out = []
+        levels, out = [levels], []
     if not out or len(out) != len(levels) or len(set(out)) != len(out) or not set(out) <= set(TEST_LEVELS):
         raise DegradeError(f"levels {list(levels)}: expected distinct levels among 1, 2, 3")
     return out

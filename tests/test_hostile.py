@@ -310,6 +310,10 @@ def test_the_pixel_cap_can_be_raised_or_lowered(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["make-dataset", str(path), "--out", str(tmp_path / "ds2"), "--count", "2",
                                        "--max-pixels", str(2**41)])
     assert result.exit_code == 2 and "--max-pixels" in result.output and "skipped" not in result.output
+    from degrade.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="max_pixels must be an integer"):  # from Python: once, not per image
+        dsm.scan_sources([path], 32, max_pixels=2**41)
     monkeypatch.setenv(MAX_PIXELS_ENV, "abc")  # refused once, up front, not once per image read
     result = CliRunner().invoke(main, ["apply", str(path), "-o", str(tmp_path / "o.png")])
     assert result.exit_code == 1 and result.output.count("expected a positive number of pixels") == 1

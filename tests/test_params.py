@@ -272,3 +272,8 @@ def test_a_record_built_from_python_holds_jsons_types_or_is_refused():
     record["blur1"]["sigma_x"] = 10**400
     with pytest.raises(DegradeError, match="blur1.sigma_x: bad value"):
         DegradationParams.from_json(json.dumps(record))
+    for step, key in (("jpeg1", "quality"), ("blur1", "size"), ("noise1", "seed")):  # integer fields too
+        record = json.loads(p.to_json())
+        record[step][key] = -(10**400)
+        with pytest.raises(DegradeError, match=f"{step}.{key}"):
+            DegradationParams.from_json(json.dumps(record))

@@ -94,6 +94,22 @@ def test_a_new_run_never_overwrites_a_config_or_metrics_it_did_not_write(shards,
     assert {p.name: p.read_text() for p in out.iterdir()} == files
 
 
+def test_odd_files_in_a_run_folder_are_never_read_whole_or_waited_on(tmp_path):
+    """A config.json that is /dev/zero (read until MemoryError), deep brackets (RecursionError) or a folder,
+    a metrics.jsonl that is a FIFO (open hung): each is simply not a run's."""
+    import os
+
+    from dasr_model.runs import foreign_run_file
+
+    for name, make in (("config.json", lambda p: p.symlink_to("/dev/zero")),
+                       ("config.json", lambda p: p.write_text("[" * 200_000)), ("config.json", lambda p: p.mkdir()),
+                       ("metrics.jsonl", lambda p: os.mkfifo(p))):
+        out = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+        out.mkdir()
+        make(out / name)
+        assert foreign_run_file(out) == name
+
+
 def test_a_config_of_an_older_trainer_is_a_runs_own(shards, tmp_path):
     """Configs written before the "run" record was added (2026-11-26) are a dasr-train run's: a retry of one
     that failed before its first logged step starts there, as for a newer one."""

@@ -490,7 +490,8 @@ def test_dasr_eval_per_image_keeps_a_name_that_is_not_utf8(ckpt, hr_dir, tmp_pat
 @pytest.mark.parametrize("kw,message", [({"seed": True}, "seed must be an integer >= 0, got True"),
                                         ({"seed": 1.5}, "seed must be an integer"),
                                         ({"levels": (1.7,)}, "expected distinct levels among 1, 2, 3"),
-                                        ({"levels": (True,)}, "expected distinct levels")])
+                                        ({"levels": (True,)}, "expected distinct levels"),
+                                        ({"levels": 2}, "expected distinct levels")])
 def test_make_testset_refuses_what_open_testset_would(hr_dir, tmp_path, kw, message):
     """seed=True wrote a manifest open_testset refuses ("seed": true); levels=(1.7,) became level 1."""
     with pytest.raises(DegradeError, match=message):

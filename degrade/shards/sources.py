@@ -15,7 +15,15 @@ from numpy.typing import NDArray
 
 from degrade.discover import find_images
 from degrade.errors import DatasetError, DegradeError
-from degrade.io import ImageError, decode_image, max_file_bytes, read_image, read_regular_file, to_uint8
+from degrade.io import (
+    ImageError,
+    check_max_pixels,
+    decode_image,
+    max_file_bytes,
+    read_image,
+    read_regular_file,
+    to_uint8,
+)
 from degrade.samples import sample_dir, sample_images
 from degrade.shards.format import BUNDLED, Source
 
@@ -51,8 +59,13 @@ def scan_sources(srcs: Sequence[str | os.PathLike], patch_size: int,
     """Decode every candidate once: keep readable images with both sides >= `patch_size`.
 
     No SRC means the bundled sample photos. Paths are stored relative to the sources' common folder.
-    `max_pixels` is the decoded-image cap, as in :func:`degrade.read_image` (None: :func:`degrade.io.pixel_limit`).
+    `max_pixels` is the decoded-image cap, as in :func:`degrade.read_image` (None: :func:`degrade.io.pixel_limit`);
+    a bad one is refused here, once (DatasetError), not as every image's read failure.
     """
+    try:
+        check_max_pixels(max_pixels)
+    except DegradeError as exc:
+        raise DatasetError(str(exc)) from None
     if srcs:
         files = list_source_files(srcs)
         root = Path(os.path.commonpath([f.parent for f in files]))

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from degrade._version import __version__
-from degrade.errors import DatasetError
-from degrade.io import pixel_limit, write_bytes_atomic
+from degrade.errors import DatasetError, DegradeError
+from degrade.io import check_max_pixels, write_bytes_atomic
 from degrade.recipe import LEVELS, MIX_PROBS, SCALE, LevelChoice
 from degrade.shards.executor import OrderedMap
 from degrade.shards.format import (
@@ -78,10 +78,10 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
     the workers get the number with their task, so a Dask worker's own environment does not matter.
     """
     out = Path(out)
-    if max_pixels is None:
-        max_pixels = pixel_limit()
-    elif isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise DatasetError(f"max_pixels must be a positive number of pixels, got {max_pixels!r}")
+    try:  # None: this process's cap; else an integer in [1, 2**40], numpy's too
+        max_pixels = check_max_pixels(max_pixels)
+    except DegradeError as exc:
+        raise DatasetError(str(exc)) from None
     if config.count > MAX_COUNT or config.shard_count > MAX_SHARDS:  # before any folder or plan is made
         raise DatasetError(f"{config.count} samples in {config.shard_count} shard(s): at most {MAX_COUNT:,} samples "
                            f"in at most {MAX_SHARDS:,} shards (the manifest lists every shard and is rewritten "
