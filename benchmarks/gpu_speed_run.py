@@ -76,8 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The up-sampling step is a guess: 18 small timed calls (a few s), then 4 graphed batch-48 step rows (some 5 s
 # each, as the table's): its share came from infer, compile, train and profile.
 # The element-wise step is a guess too: 20 timed small calls, each profiled once for its kernel (some 10 s with
-# CUDA's start), then 2 graphed batch-48 rows (some
-# 5 s each); its share came from train and compile.
+# CUDA's start), then 2 graphed batch-48 rows (some 5 s each); its share came from train and compile.
 SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.33, "upsample": 0.07, "pointwise": 0.04, "profile": 0.12,
           "infer": 0.14, "bf16": 0.03, "compile": 0.18}
 # what the speed paths' exactness rests on, and dasr-train's default GPU path: their tests marked cuda (-m cuda)
