@@ -71,10 +71,22 @@ def test_a_record_that_does_not_parse_is_refused_when_used(folder, tmp_path):
         (copy / p.name).write_bytes(p.read_bytes())
     with h5py.File(copy / "shard-00000.h5", "r+") as f:
         f["params"][2] = "{"
-    s = degrade.open_dataset(copy)[2]
+    s = degrade.open_dataset(copy)[-18]  # sample 2
     assert s.hr.shape == (64, 64, 3)
-    with pytest.raises(DegradeError):
-        s.params
+    with pytest.raises(DegradeError, match=r"^sample 2 \(shard-00000.h5 row 2\): not valid JSON"):
+        s.params  # which sample, not only what is wrong with it
+    batch = degrade.open_dataset(copy)[1:4]
+    with pytest.raises(DegradeError, match=r"^sample 2: not valid JSON"):
+        batch.params
+    with pytest.raises(DegradeError, match=r"^sample 2: not valid JSON"):
+        batch[1].params
+    assert pickle.loads(pickle.dumps(s)).record_json == "{"  # the location travels with a pickled sample
+    with pytest.raises(DegradeError, match=r"^sample 2 \("):
+        pickle.loads(pickle.dumps(s)).params
+    old = object.__new__(type(s))  # a pickle made before the location was kept: 5 items
+    old.__setstate__(s.__getstate__()[:5])
+    with pytest.raises(DegradeError, match=r"^not valid JSON"):
+        old.params
 
 
 @pytest.mark.parametrize("key", [

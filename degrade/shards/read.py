@@ -179,7 +179,8 @@ class ShardDataset:
         s = self._shard(k)
         with s.reading(row):
             hr, lr, v, record = s.hr[row], s.lr[row], s.v[row], s.params[row]
-        return Sample(hr, lr, v, record_json=as_text(record, s.where))
+        return Sample(hr, lr, v, record_json=as_text(record, s.where),
+                      where=f"sample {self._starts[k] + row} ({s.path.name} row {row})")
 
     def stored_index(self, i: int) -> int:
         """The global sample index stored with the sample at position `i` (its `index` dataset): the key of

@@ -14,7 +14,18 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from degrade.errors import DegradeError
 from degrade.params import DegradationParams
+
+
+def _parse(text: str, where: str | None) -> DegradationParams:
+    """A stored record parsed; its DegradeError led by `where` (which sample), where given."""
+    try:
+        return DegradationParams.from_json(text)
+    except DegradeError as exc:
+        if where is None:
+            raise
+        raise type(exc)(f"{where}: {exc}") from None
 
 
 class Sample:
@@ -23,22 +34,24 @@ class Sample:
     Unpacks like the 4-tuple it replaces: ``hr, lr, v, params = ds[i]``. Build it with the record
     (``Sample(hr, lr, v, params)``) or, as the reader does, with the record's JSON
     (``Sample(hr, lr, v, record_json=text)``): `params` is then parsed on first use (a malformed record
-    raises the DegradeError of :meth:`DegradationParams.from_json` there).
+    raises the DegradeError of :meth:`DegradationParams.from_json` there, led by `where`, e.g. "sample 7
+    (shard-00000.h5 row 7)", where given).
     """
 
-    __slots__ = ("hr", "lr", "v", "_params", "_json")
+    __slots__ = ("hr", "lr", "v", "_params", "_json", "_where")
 
     def __init__(self, hr: NDArray[np.uint8], lr: NDArray[np.uint8], v: NDArray[np.float32],
-                 params: DegradationParams | None = None, *, record_json: str | None = None):
+                 params: DegradationParams | None = None, *, record_json: str | None = None,
+                 where: str | None = None):
         if (params is None) == (record_json is None):
             raise TypeError("give the record (params) or its JSON (record_json): one of them, not both or neither")
         self.hr, self.lr, self.v = hr, lr, v
-        self._params, self._json = params, record_json
+        self._params, self._json, self._where = params, record_json, where
 
     @property
     def params(self) -> DegradationParams:
         if self._params is None:
-            self._params = DegradationParams.from_json(self.record_json)
+            self._params = _parse(self.record_json, self._where)
         return self._params
 
     @property
@@ -60,10 +73,11 @@ class Sample:
         return tuple(self)[i]
 
     def __getstate__(self) -> tuple[Any, ...]:
-        return (self.hr, self.lr, self.v, self._params, self._json)
+        return (self.hr, self.lr, self.v, self._params, self._json, self._where)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.hr, self.lr, self.v, self._params, self._json = state
+        self.hr, self.lr, self.v, self._params, self._json, *where = state  # (pickles before `where`: 5 items)
+        self._where = where[0] if where else None
 
     def __repr__(self) -> str:
         return f"Sample(hr {self.hr.shape} {self.hr.dtype}, lr {self.lr.shape}, v {self.v.shape})"
@@ -88,7 +102,7 @@ class SampleBatch:
     @property
     def params(self) -> list[DegradationParams]:
         if self._params is None:
-            self._params = [DegradationParams.from_json(text) for text in self.record_json]
+            self._params = [_parse(text, f"sample {int(i)}") for text, i in zip(self.record_json, self.indices)]
         return self._params
 
     def __len__(self) -> int:
@@ -98,7 +112,8 @@ class SampleBatch:
         j = range(len(self))[operator.index(j)]  # IndexError (and negative indices) as a sequence has them
         if self._params is not None:
             return Sample(self.hr[j], self.lr[j], self.v[j], self._params[j])
-        return Sample(self.hr[j], self.lr[j], self.v[j], record_json=self.record_json[j])
+        return Sample(self.hr[j], self.lr[j], self.v[j], record_json=self.record_json[j],
+                      where=f"sample {int(self.indices[j])}")
 
     def __iter__(self) -> Iterator[Sample]:
         return (self[j] for j in range(len(self)))
