@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from degrade.layout import block_of as layout_block_of
 from degrade.params import BlurParams, DegradationParams, NoiseParams
 from degrade.recipe import SCALE
 from degrade.shards.read import ShardDataset
+from degrade.shards.sample import parse_record
 from degrade.vector import VECTOR_FIELDS, VectorField, check_vector, decode
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -194,7 +196,9 @@ def dataset_stats(ds: ShardDataset, *, bins: int = 16) -> dict[str, Any]:
     for k in range(len(ds.files)):
         v = ds.shard_column("v", k).astype(np.float64)
         level = ds.shard_column("level", k).astype(int)
-        present = _present_matrix([DegradationParams.from_json(t) for t in ds.shard_column("params", k)])
+        name = Path(ds.files[k]).name
+        present = _present_matrix([parse_record(t, f"sample {samples + r} ({name} row {r})")
+                                   for r, t in enumerate(ds.shard_column("params", k))])
         samples += len(level)
         for n in (1, 2, 3):
             level_counts[n] += int((level == n).sum())

@@ -237,3 +237,17 @@ def test_dataset_statistics_parse_one_shard_of_records_at_a_time(small, monkeypa
     monkeypatch.setattr(insp, "_present_matrix", lambda records: seen.append(len(records)) or real(records))
     assert insp.dataset_stats(degrade.open_dataset(small))["samples"] == 40
     assert seen == [16, 16, 8]
+
+
+def test_a_record_that_does_not_parse_is_named_by_its_sample(tmp_path):
+    import h5py
+
+    from degrade.errors import DegradeError
+
+    src = make_small_dataset(tmp_path / "ds", count=6, seed=2, shard_size=3)
+    with h5py.File(f"{src}/shard-00001.h5", "r+") as f:
+        f["params"][1] = "{"
+    with pytest.raises(DegradeError, match=r"^sample 4 \(shard-00001.h5 row 1\): not valid JSON"):
+        insp.dataset_stats(degrade.open_dataset(src))
+    result = CliRunner().invoke(main, ["inspect", src])
+    assert result.exit_code == 1 and "sample 4 (shard-00001.h5 row 1): not valid JSON" in result.output

@@ -18,7 +18,7 @@ from degrade.errors import DegradeError
 from degrade.params import DegradationParams
 
 
-def _parse(text: str, where: str | None) -> DegradationParams:
+def parse_record(text: str, where: str | None) -> DegradationParams:
     """A stored record parsed; its DegradeError led by `where` (which sample), where given."""
     try:
         return DegradationParams.from_json(text)
@@ -51,7 +51,7 @@ class Sample:
     @property
     def params(self) -> DegradationParams:
         if self._params is None:
-            self._params = _parse(self.record_json, self._where)
+            self._params = parse_record(self.record_json, self._where)
         return self._params
 
     @property
@@ -102,7 +102,7 @@ class SampleBatch:
     @property
     def params(self) -> list[DegradationParams]:
         if self._params is None:
-            self._params = [_parse(text, f"sample {int(i)}") for text, i in zip(self.record_json, self.indices)]
+            self._params = [parse_record(text, f"sample {int(i)}") for text, i in zip(self.record_json, self.indices)]
         return self._params
 
     def __len__(self) -> int:
