@@ -18,7 +18,7 @@ from rich.table import Table
 from cli.common import max_pixels_option, one_line, os_error, parse_levels, require_torch, set_max_pixels
 from degrade._version import __version__
 from degrade.errors import DegradeError
-from degrade.io import write_bytes_atomic, write_image
+from degrade.io import check_write_target, write_bytes_atomic, write_image
 
 console = Console()
 err_console = Console(stderr=True)
@@ -390,12 +390,12 @@ def _check_per_image(path: Path, reads: tuple) -> None:
     (`reads`: the model or its run folder, the LPIPS or NIQE weights, the data), and inside one of those
     folders it must be a .csv, which no reader there takes (a test set's manifest, an input image, a run's
     checkpoint or metrics were overwritten)."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise click.ClickException(f"{path}: {folder} is not a folder" if folder.exists() else
-                                   f"{path}: folder {folder} does not exist")
-    if path.exists() and not path.is_file():  # a FIFO or a device: refused now, not after the whole evaluation
-        raise click.ClickException(f"{path}: not a regular file; --per-image writes a new CSV")
+    try:  # what the CSV's write would refuse (a missing folder, a FIFO): now, not after the whole evaluation
+        check_write_target(path)
+    except DegradeError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(os_error(exc)) from None
     target = path.resolve()
     for given in (p for p in reads if p is not None):
         where = Path(given).resolve()

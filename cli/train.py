@@ -61,7 +61,9 @@ def resumed_config(ctx: click.Context, cfg, before) -> tuple:
 def default_workers() -> int:
     """--workers when not given: half the cores this process may use, shared among the processes torchrun
     started on this machine (LOCAL_WORLD_SIZE), at least 1, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    from dasr_model.runs import usable_cores  # (torch is there by now: this runs after require_torch)
+
+    cores = usable_cores()
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return min(8, max(1, cores // (2 * local)))
 

@@ -612,13 +612,6 @@ def write_image(path: str | os.PathLike, img: NDArray[np.floating] | NDArray[np.
     write_bytes_atomic(path, data)
 
 
-def _scale_hint(low: float, high: float) -> str:
-    """What a float image from `low` to `high` likely is (degrade.pipeline's hint, without its import cycle)."""
-    from degrade.pipeline import _range_hint
-
-    return _range_hint(low, high)
-
-
 def encode_image(img: NDArray[np.floating] | NDArray[np.uint8], suffix: str = ".png") -> bytes:
     """The bytes write_image writes for a file with this suffix (8-bit RGB or RGBA, lossless)."""
     if suffix.lower() not in LOSSLESS_SUFFIXES:
@@ -631,7 +624,9 @@ def encode_image(img: NDArray[np.floating] | NDArray[np.uint8], suffix: str = ".
     if img.dtype != np.uint8:  # a little outside [0, 1] is clipped (an SR output's overshoot); not a wrong scale
         low, high = float(img.min()), float(img.max())
         if not (low >= -1 and high <= 2):  # NaN and inf fail too
-            hint = _scale_hint(low, high)
+            from degrade.pipeline import _range_hint  # (here: pipeline imports this module)
+
+            hint = _range_hint(low, high)
             raise ImageError(f"float values from {low:g} to {high:g}, where [0, 1] is expected"
                              + (f" ({hint})" if hint else ""))
     bgr = cv2.cvtColor(to_uint8(img), cv2.COLOR_RGB2BGR if img.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)  # one copy
@@ -645,6 +640,33 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file in the same folder, so no partial file is left."""
     with atomic_writer(path) as f:
         f.write(data)
+
+
+def check_write_target(path: Path) -> Path:
+    """What :func:`atomic_writer` refuses before it writes, for a caller that checks before long work:
+    `path`'s folder missing or a file (ImageError); `path` a folder (IsADirectoryError), or a device, FIFO or
+    socket, or a symlink to one (OSError EEXIST: a rename would replace it with a file). Returns the folder."""
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise ImageError(f"{path}: {directory} is not a folder" if directory.exists() else
+                         f"{path}: folder {directory} does not exist")
+    try:
+        there = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return directory
+    except OSError as exc:
+        raise _naming(exc, path) from None
+    if stat.S_ISDIR(there):  # what the rename would fail with
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if stat.S_ISLNK(there):  # the link is replaced, its target left alone: unless the link stands for a
+        try:  # device or a FIFO (/dev/stdout is one), which the name must stay
+            there = os.stat(path).st_mode
+        except OSError:  # dangling, or its target unreachable: only the link is there to replace
+            return directory
+    if not stat.S_ISREG(there):
+        kind = "a FIFO" if stat.S_ISFIFO(there) else "a socket" if stat.S_ISSOCK(there) else "a device"
+        raise OSError(errno.EEXIST, f"exists and is {kind}, not a regular file; refusing to replace it", str(path))
+    return directory
 
 
 @contextlib.contextmanager
@@ -661,26 +683,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     with a file, EEXIST).
     """
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise ImageError(f"{path}: {directory} is not a folder" if directory.exists() else
-                         f"{path}: folder {directory} does not exist")
-    try:
-        there = os.lstat(path).st_mode
-    except FileNotFoundError:
-        there = None
-    except OSError as exc:
-        raise _naming(exc, path) from None
-    if there is not None and stat.S_ISDIR(there):  # what the rename would fail with, before any write
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-    if there is not None and stat.S_ISLNK(there):  # the link is replaced, its target left alone: unless the
-        try:  # link stands for a device or a FIFO (/dev/stdout is one), which the name must stay
-            there = os.stat(path).st_mode
-        except OSError:  # dangling, or its target unreachable: only the link is there to replace
-            there = stat.S_IFREG
-    if there is not None and not stat.S_ISREG(there):
-        kind = "a FIFO" if stat.S_ISFIFO(there) else "a socket" if stat.S_ISSOCK(there) else "a device"
-        raise OSError(errno.EEXIST, f"exists and is {kind}, not a regular file; refusing to replace it", str(path))
+    directory = check_write_target(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
