@@ -281,6 +281,16 @@ def _trunk(net: nn.Module, feat: Tensor, *a: Tensor) -> Tensor:
     return net.conv_last(act(net.conv_hr(x, *a)), *a)
 
 
+def _residual(x: Tensor, conv1, conv2, like: Tensor | None) -> Tensor:
+    """A residual block, x + conv2(relu(conv1(x))). With `like` (a feature map of the block's shape and
+    layout), x and the result are :func:`flat_view` s of such maps and the ReLU and the sum run on those
+    1-D views."""
+    if like is None:
+        return x + conv2(F.relu(conv1(x)))
+    h = F.relu(flat_view(conv1(shaped_like(x, like))))
+    return x + flat_view(conv2(shaped_like(h, like)))
+
+
 def _check_pointwise(name: str) -> str:
     if name not in POINTWISE:
         raise DASRError(f"pointwise must be one of {', '.join(POINTWISE)}, got {name!r}")
@@ -311,12 +321,8 @@ class ResidualBlock(nn.Module):
         self.conv2 = ExpertConv2d(num_feat, num_feat, num_experts=num_experts, negative_slope=0.0)
 
     def forward(self, x: Tensor, a: Tensor, like: Tensor | None = None) -> Tensor:
-        """x + conv2(relu(conv1(x))). With `like` (a feature map of this block's shape and layout), x and
-        the result are :func:`flat_view` s of such maps and the ReLU and the sum run on those 1-D views."""
-        if like is None:
-            return x + self.conv2(F.relu(self.conv1(x, a)), a)
-        h = F.relu(flat_view(self.conv1(shaped_like(x, like), a)))
-        return x + flat_view(self.conv2(shaped_like(h, like), a))
+        """x + conv2(relu(conv1(x))), as :func:`_residual` (with `like`: on flat views)."""
+        return _residual(x, lambda t: self.conv1(t, a), lambda t: self.conv2(t, a), like)
 
 
 class ExpertMSRResNet(nn.Module):
@@ -420,10 +426,7 @@ class PlainResidualBlock(nn.Module):
 
     def forward(self, x: Tensor, like: Tensor | None = None) -> Tensor:
         """As :meth:`ResidualBlock.forward`, without a mix."""
-        if like is None:
-            return x + self.conv2(F.relu(self.conv1(x)))
-        h = F.relu(flat_view(self.conv1(shaped_like(x, like))))
-        return x + flat_view(self.conv2(shaped_like(h, like)))
+        return _residual(x, self.conv1, self.conv2, like)
 
 
 class MSRResNet(nn.Module):
