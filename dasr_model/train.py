@@ -498,6 +498,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             metrics_file.flush()
         return line
 
+    batches = _batches(loader)  # its workers start at the first batch; the finally below ends them
     ended = False  # the loop ran to its end (or a stop): every rank is alive for the barrier below
     grouped = False  # a process group is up: the finally below ends it (left to the interpreter's exit, it
     # can abort the process with SIGABRT)
@@ -534,7 +535,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             parts.net = compile_net(parts.net, cfg.compile)
         graphed: GraphedStep | None = None  # with cuda_graph: the step's graph (one per teacher setting)
         graphed_teacher = False
-        for batch in _batches(loader):
+        for batch in batches:
             lr_img = as_float(batch["lr"], device).contiguous(memory_format=fmt)
             hr = as_float(batch["hr"], device).contiguous(memory_format=fmt)
             v = batch["v"].to(device, non_blocking=True)
@@ -607,6 +608,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 break
         ended = True
     finally:
+        batches.close()
         torch.backends.cudnn.benchmark = cudnn_benchmark
         metrics_file.close()
         if in_main_thread:
@@ -791,17 +793,28 @@ def check_crop(data: PairedShards, lr_crop: int | None, where: str, *, sharpen: 
 
 
 def _batches(loader: DataLoader):
-    """The loader's batches; a refusal raised inside a loader worker (a damaged shard) becomes one line."""
+    """The loader's batches; a refusal raised inside a loader worker (a damaged shard) becomes one line.
+    Its worker processes end when the batches do, however they end: the last batch, a stop, an error here
+    or in the step (`train` closes this generator)."""
     it = iter(loader)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except (DegradeError, OSError) as exc:  # from a worker, the message ends with the original's last line
-            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise DASRError("training data: " + ERROR_PREFIX.sub("", message)) from exc
-        yield batch
+    try:
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except (DegradeError, OSError) as exc:  # from a worker, the message ends with the original's last line
+                message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                raise DASRError("training data: " + ERROR_PREFIX.sub("", message)) from exc
+            yield batch
+    finally:
+        # A worker's error holds the iterator in its traceback (the frames of PyTorch's `_next_data`), so
+        # it outlives this generator; PyTorch then ends the workers only when Python's cycle collector
+        # reaches it, which first closes the queues the shutdown speaks through: the shutdown then waits
+        # 5 s per worker, then kills it. So end them here (a single-process iterator has none to end).
+        end_workers = getattr(it, "_shutdown_workers", None)
+        if end_workers is not None:
+            end_workers()
 
 
 @dataclass

@@ -357,6 +357,37 @@ def test_a_truncated_shard_stops_training_with_one_line(tmp_path, workers):
     assert "shard-00001.h5" in last and "truncated" in last and len(last) < 300
 
 
+@pytest.mark.parametrize("where", ["data", "step"])
+def test_a_failed_run_has_ended_its_loader_workers_when_the_error_reaches_the_caller(tmp_path, where):
+    """A damaged shard read by a worker, or an error in the step's own code: either way the loader's worker
+    processes have ended before train() raises, not when Python's cycle collector reaches the loader
+    (which closes its queues first: PyTorch's shutdown then waits 5 s per worker before killing it).
+    The collector is off, so only train() itself can have ended them."""
+    import gc
+    import multiprocessing
+
+    src = Path(make_small_dataset(tmp_path / "ds", count=8, seed=3, shard_size=4))
+    if where == "data":
+        shard = sorted(src.glob("shard-*.h5"))[1]
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size * 2 // 3])
+
+    def fail(step, last):
+        raise RuntimeError("the step's code failed")
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    gc.disable()
+    try:
+        with pytest.raises(DASRError if where == "data" else RuntimeError) as caught:
+            train(TrainConfig(shards=str(src), out=str(tmp_path / "run"), steps=6, batch_size=2, lr_crop=8, workers=2,
+                              device="cpu", model=TINY), progress=fail if where == "step" else None)
+        # still held here: the error, its traceback and every frame it passed through
+        assert caught.value.__traceback__ is not None
+        left = [p for p in multiprocessing.active_children() if p.pid not in before]
+    finally:
+        gc.enable()
+    assert left == []
+
+
 def test_commands_say_when_torch_is_missing(monkeypatch, tmp_path):
     import importlib.util
 
