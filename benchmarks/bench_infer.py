@@ -189,6 +189,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--sizes", default="128,256,512", help="LR sides (square images), comma-separated")
     ap.add_argument("--experts", type=int, default=5)
+    ap.add_argument("--small", action="store_true", help="2 blocks of 8 features (16 of 64): dry runs on a CPU")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bf16", action="store_true",
@@ -208,11 +209,13 @@ def main() -> None:
           f"CPU threads: {torch.get_num_threads()}")
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}"
           + (f"; CUDA {torch.version.cuda}; cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}" if cuda else ""))
-    print(f"model: DASR, {args.experts} experts, 16 blocks, 64 features; one image; "
+    config = DASRConfig(num_experts=args.experts, **(dict(num_feat=8, num_block=2, predictor_feat=8) if args.small
+                                                     else {}))
+    print(f"model: DASR, {args.experts} experts, {config.num_block} blocks, {config.num_feat} features; one image; "
           f"median of {args.repeats} after {args.warmup} warm-up\n")
 
     torch.manual_seed(0)
-    model = DASR(DASRConfig(num_experts=args.experts)).to(device).eval()
+    model = DASR(config).to(device).eval()
     print(TABLE_HEAD)
     bases: dict[int, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]] = {}  # lr, a, ms, output
     for size in (int(s) for s in args.sizes.split(",")):

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
 from dasr_model.errors import DASRError
 from dasr_model.losses import DISC_UPSAMPLES, UNetDiscriminatorSN
-from dasr_model.model import DASR, EXPERT_IMPLS, POINTWISE, set_expert_impl
+from dasr_model.model import DASR, EXPERT_IMPLS, POINTWISE, DASRConfig, set_expert_impl
 from dasr_model.runs import pick_device
 from dasr_model.train import (
     COMPILE_MODES,
@@ -74,6 +74,10 @@ KEEPS_CHANNELS_LAST = ("dense", "stacked")  # the strategies whose generator run
 # the ReLU or the residual add after it), the rest eager; "blocks+graph": that step recorded as one CUDA graph
 # (the whole-step graph, which dasr-train --compile rules out)
 BLOCK_MODES = ("blocks", "blocks+graph")
+# --small: the release's networks with fewer blocks and features (the generator's 5 experts kept), for the GPU
+# scripts' dry runs on a CPU: the same code, less of it to trace and time
+SMALL = DASRConfig(num_feat=8, num_block=2, predictor_feat=8)
+SMALL_NAME = "generator of 5 experts, 2 blocks, 8 features; discriminator of 8 features"
 GRAPHED = ("graph", "blocks+graph")
 
 
@@ -89,15 +93,16 @@ def bench_loader(shards: str, batch: int, workers: int, steps: int) -> float:
 
 def setup_step(device: torch.device, batch: int, gan: bool, impl: str = "grouped", channels_last: bool = False,
                lr_size: int = 64, compile_mode: str = "off", compile_backend: str = "inductor",
-               disc_upsample: str = "auto", pointwise: str = "4d"):
+               disc_upsample: str = "auto", pointwise: str = "4d", small: bool = False):
     """What one training step needs, as dasr-train builds it: (parts, cfg, lr, hr, v) on random data.
     `disc_upsample`: the discriminator's x2 up-sampling (`UNetDiscriminatorSN.upsample`; "interpolate":
-    F.interpolate throughout, the release's way); `pointwise`: the generator's (`ExpertMSRResNet.pointwise`)."""
+    F.interpolate throughout, the release's way); `pointwise`: the generator's (`ExpertMSRResNet.pointwise`);
+    `small`: the networks of `--small` (default: the release's sizes, as dasr-train's)."""
     torch.manual_seed(0)
-    cfg = TrainConfig(shards="", out="", gan=gan)
+    cfg = TrainConfig(shards="", out="", gan=gan, **({"model": SMALL} if small else {}))
     model = set_expert_impl(DASR(cfg.model), impl).to(device)
     model.generator.pointwise = pointwise
-    disc = UNetDiscriminatorSN().to(device) if gan else None
+    disc = UNetDiscriminatorSN(num_feat=SMALL.num_feat if small else 64).to(device) if gan else None
     if disc is not None:
         disc.upsample = disc_upsample
     fmt = lay_out(channels_last, model.predictor, disc)  # as dasr-train does
@@ -133,7 +138,8 @@ def make_runner(parts: StepParts, cfg: TrainConfig, lr, hr, v, bf16: bool, mode:
 def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats: int, impl: str = "grouped",
                channels_last: bool = False, lr_size: int = 64, bf16: bool | None = None,
                compile_mode: str = "off", compile_backend: str = "inductor",
-               disc_upsample: str = "auto", pointwise: str = "4d") -> tuple[float, float | None, float]:
+               disc_upsample: str = "auto", pointwise: str = "4d",
+               small: bool = False) -> tuple[float, float | None, float]:
     """Median seconds of `dasr_model.train.train_step` (the loop's own step) on random data, with the
     expert convolutions computed by `impl`; the peak GPU memory in GiB (None on CPU: over the timed steps,
     but for rows that replay CUDA graphs from the first step on, warm-up, algorithm search and recording
@@ -141,9 +147,9 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
     first step's seconds. `bf16`: autocast to bfloat16 (default: on CUDA, as dasr-train; False times the float32 step).
     `compile_mode`: the network through torch.compile as `dasr-train --compile` does ("off": eager), or
     "graph": the whole step as a CUDA graph (`dasr-train --cuda-graph`; DASRError without CUDA). `disc_upsample`,
-    `pointwise`: as :func:`setup_step`."""
+    `pointwise`, `small`: as :func:`setup_step`."""
     parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size, compile_mode, compile_backend,
-                                       disc_upsample, pointwise)
+                                       disc_upsample, pointwise, small)
     bf16 = device.type == "cuda" if bf16 is None else bf16
     run, least = make_runner(parts, cfg, lr, hr, v, bf16, compile_mode, device)
     warmup = max(warmup, least)  # compiled CUDA graphs record on the step after the compiled warm-up; ours after 3
@@ -166,12 +172,14 @@ def bench_step(device: torch.device, batch: int, gan: bool, warmup: int, repeats
 
 
 def profile_step(device: torch.device, batch: int, gan: bool, impl: str, channels_last: bool, lr_size: int,
-                 bf16: bool, steps: int = 3, top: int = 15, mode: str = "off", pointwise: str = "4d") -> str:
+                 bf16: bool, steps: int = 3, top: int = 15, mode: str = "off", pointwise: str = "4d",
+                 small: bool = False) -> str:
     """Where a training step's time goes (eager, or with mode "graph" replayed from a CUDA graph): its
     warm-up unprofiled (cuDNN's search; the graph's recording), then :func:`_profile.profile_calls`; for an
     eager step then the operators on batch-sized tensors whose operands differ in memory layout
     (:mod:`_layouts`; a replay dispatches none)."""
-    parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size, pointwise=pointwise)
+    parts, cfg, lr, hr, v = setup_step(device, batch, gan, impl, channels_last, lr_size, pointwise=pointwise,
+                                       small=small)
     run, least = make_runner(parts, cfg, lr, hr, v, bf16, mode, device)
     for _ in range(max(3, least)):
         run()
@@ -184,15 +192,15 @@ def profile_step(device: torch.device, batch: int, gan: bool, impl: str, channel
 
 
 def print_profile(device: torch.device, batch: int, gan: bool, impl: str, channels_last: bool, lr_size: int,
-                  bf16: bool, mode: str = "off", pointwise: str = "4d") -> None:
+                  bf16: bool, mode: str = "off", pointwise: str = "4d", small: bool = False) -> None:
     """A heading naming the row, then :func:`profile_step`'s table."""
     print(f"\n### Profile: batch {batch}, GAN {'yes' if gan else 'no'}, {'bf16 autocast' if bf16 else 'float32'}, "
           f"{impl_name(impl, pointwise)}, {'channels_last' if channels_last else 'NCHW'}, "
           f"{compiled_name(mode, 'inductor')}\n",
           flush=True)
     try:
-        print(profile_step(device, batch, gan, impl, channels_last, lr_size, bf16, mode=mode, pointwise=pointwise),
-              flush=True)
+        print(profile_step(device, batch, gan, impl, channels_last, lr_size, bf16, mode=mode, pointwise=pointwise,
+                           small=small), flush=True)
     except DASRError as exc:  # a CUDA graph on a CPU
         print(f"not profiled: {exc}", flush=True)
     except RuntimeError as exc:  # out of memory, a failed recording: the profiles after it still run
@@ -281,6 +289,7 @@ def main() -> None:
     ap.add_argument("--pointwise", choices=POINTWISE, default="4d",
                     help="the generator's element-wise operations in every row but the float32 baseline "
                          "(ExpertMSRResNet.pointwise; flat: on 1-D views; the expert impl column says \"(flat)\")")
+    ap.add_argument("--small", action="store_true", help=f"small networks ({SMALL_NAME}): dry runs on a CPU")
     args = ap.parse_args()
     try:
         impl_runs = parse_impls(args.impl, args.channels_last)
@@ -298,7 +307,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     print(f"command: {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}")
     print(f"date: {datetime.date.today()}; torch {torch.__version__}; device: {device} ({name}); "
-          f"machine: {platform.node()}\n")
+          f"machine: {platform.node()}" + (f"; networks: {SMALL_NAME} (--small)" if args.small else "") + "\n")
     if args.shards:
         print("| loader workers | batch | samples/s |\n|---:|---:|---:|")
         for w in (int(x) for x in args.loader_workers.split(",")):
@@ -314,7 +323,7 @@ def main() -> None:
             for gan in gan_settings:
                 for impl, cl in impl_runs:
                     for mode in ("off", "graph") if args.cuda_graph else ("off",):
-                        print_profile(device, b, gan, impl, cl, args.lr_size, bf16, mode, args.pointwise)
+                        print_profile(device, b, gan, impl, cl, args.lr_size, bf16, mode, args.pointwise, args.small)
     elif not args.skip_steps:
         if device.type == "cuda":
             print(f"TF32 for float32 convolutions / matmuls: {torch.backends.cudnn.allow_tf32} / "
@@ -345,7 +354,8 @@ def main() -> None:
                     try:
                         timed = bench_step(device, b, gan, args.warmup, args.repeats, impl, cl, args.lr_size,
                                            bf16=prec != "float32", compile_mode=mode,
-                                           compile_backend=args.compile_backend, disc_upsample=up, pointwise=pw)
+                                           compile_backend=args.compile_backend, disc_upsample=up, pointwise=pw,
+                                           small=args.small)
                     except DASRError as exc:  # a CUDA graph on a CPU
                         print(f"{row} {exc} | - | - | - |{up_cell}", flush=True)
                         continue
@@ -361,7 +371,8 @@ def main() -> None:
                         continue
                     sec, peak, first = timed
                     if args.profile and mode in ("off", "graph") and (not gan or up == ups[0]):  # once per row
-                        profiles.append((device, b, gan, impl, cl, args.lr_size, prec != "float32", mode, pw))
+                        profiles.append((device, b, gan, impl, cl, args.lr_size, prec != "float32", mode, pw,
+                                         args.small))
                     if base is None:
                         base = sec  # the first row: the float32 baseline, or the first strategy eager
                     print(f"{row} {1000 * sec:.1f} | {base / sec:.2f}x | {'-' if peak is None else f'{peak:.2f}'} "

@@ -280,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
                 work / "dataset.txt", allowed("dataset"))
     if args.smoke:
         # bf16 as on the GPU (CPU autocast), so the smoke run takes the GPU's arithmetic path and tables
+        # and a small network (2 blocks of 8 features): the same code, less of it to trace and time
         train_args = ["--batch-sizes", "2", "--lr-size", "8", "--warmup", "0", "--repeats", "1", "--precision", "bf16",
-                      "--loader-workers", "0", "--loader-batch", "2", "--loader-steps", "2"]
+                      "--loader-workers", "0", "--loader-batch", "2", "--loader-steps", "2", "--small"]
         infer_args = ["--sizes", "16", "--warmup", "0", "--repeats", "1", "--experts", "2", "--bf16", "--profile", "16",
-                      "--compile", "16", "--compile-backend", "aot_eager"]
+                      "--compile", "16", "--compile-backend", "aot_eager", "--small"]
     else:
         workers = sorted({0, 4, cores // 2, cores})
         # the largest batch first: the headline rows, and what the compile step builds on, come before any cut
@@ -306,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     eager_rows = step_rows((out / "train.md").read_text()) if (out / "train.md").exists() else []
     if args.smoke:  # eager steps: a CPU records no CUDA graph
         up_args = ["--batch", "2", "--sr", "32", "--warmup", "0", "--repeats", "1"]
-        up_train = ["--batch-sizes", "2", "--lr-size", "8", "--warmup", "0", "--repeats", "1", "--precision", "bf16"]
+        up_train = ["--batch-sizes", "2", "--lr-size", "8", "--warmup", "0", "--repeats", "1", "--precision", "bf16",
+                    "--small"]
     else:
         up_args = ["--batch", "48", "--sr", "256"]
         up_train = ["--batch-sizes", "48", "--warmup", "3", "--repeats", "5", "--cuda-graph", "--compile-only"]
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(f"\n\n## {title}\n\n{text}")
     # the bf16 folded channels_last step (train.md has its times), eager and graphed: on the GPU batch 48
     # without, then with GAN; one batch without GAN in the smoke run (profiling on a CPU is slow)
-    profile_args = (["--batch-sizes", "2", "--lr-size", "8", "--precision", "bf16"] if args.smoke
+    profile_args = (["--batch-sizes", "2", "--lr-size", "8", "--precision", "bf16", "--small"] if args.smoke
                     else ["--batch-sizes", "48", "--gan"])
     step(out, "profile", [py, "benchmarks/bench_train.py", "--device", device, "--impl", "folded:cl", "--profile-only",
                           "--cuda-graph", *profile_args], out / "profile.md", allowed("profile"))
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             log(out, "compile: smoke: compiling folded in its place (the GPU's fastest eager step at batch 48)")
             best = "folded"
         compile_args = ["--lr-size", "8", "--warmup", "0", "--repeats", "1", "--compile", "default,blocks",
-                        "--compile-backend", "aot_eager", "--precision", "bf16"]
+                        "--compile-backend", "aot_eager", "--precision", "bf16", "--small"]
     else:
         # and an experiment: the residual blocks compiled alone inside the whole-step CUDA graph
         compile_args = ["--warmup", "3", "--repeats", "5", "--compile", "default,reduce-overhead,blocks+graph"]
