@@ -452,8 +452,11 @@ def _report_sample(rows, params, hr_size: int | None, title: str, as_json: bool,
         out = {**(extra or {}), "level": params.level, "pipeline": steps, "fields": insp.readings_to_json(rows)}
         click.echo(json.dumps(out, indent=1))
         return
-    table = Table(title=f"{title}: level {params.level if params.level else 'not recorded (decoded)'}",
-                  title_justify="left")
+    # the heading is a line of its own, not the table's title, which rich folds at the table's width (a long
+    # path broken mid-name)
+    console.print(f"{title}: level {params.level if params.level else 'not recorded (decoded)'}", soft_wrap=True,
+                  markup=False)
+    table = Table()
     for name in ("index", "block", "field", "stored v", "value"):
         table.add_column(name)
     for r in rows:
@@ -470,7 +473,8 @@ def _report_dataset(stats: dict, target: Path, as_json: bool) -> None:
         click.echo(json.dumps(stats, indent=1))
         return
     levels = ", ".join(f"level {k}: {n}" if k != "other" else f"other levels: {n}" for k, n in stats["levels"].items())
-    table = Table(title=f"{target}: {stats['samples']} samples ({levels})", title_justify="left")
+    console.print(f"{target}: {stats['samples']} samples ({levels})", soft_wrap=True, markup=False)
+    table = Table()
     for name in ("index", "field", "min", "mean", "max", "present", "histogram [0, 1]"):
         table.add_column(name, justify="right" if name in ("min", "mean", "max", "present") else "left",
                          no_wrap=True)

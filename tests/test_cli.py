@@ -209,16 +209,18 @@ def test_inspect_png_without_matplotlib_is_one_line_before_any_output(run, tmp_p
 
 def test_inspect_labels_a_sample_by_its_stored_index(run, tmp_path):
     """A lone shard file other than the first: --index is a position in it, the label and --json give the
-    sample's own index (the key of its random stream)."""
+    sample's own index (the key of its random stream). The heading is one line with the path as it is, however
+    long (a table's title was folded at the table's width) and whatever it holds ('[b]' was read as markup)."""
     from .conftest import make_small_dataset
 
-    ds = tmp_path / "ds"
+    ds = tmp_path / ("a" * 90) / "[b]ds"
     make_small_dataset(ds, count=4, seed=0, shard_size=2)
     result = run("inspect", ds / "shard-00001.h5", "--index", "1", "--json")
     assert result.exit_code == 0 and json.loads(result.output)["index"] == 3
-    text = " ".join(run("inspect", ds / "shard-00001.h5", "--index", "1").output.split())
-    assert "shard-00001.h5 sample 3 (position 1):" in text
-    assert "ds sample 1:" in run("inspect", ds, "--index", "1").output
+    lines = run("inspect", ds / "shard-00001.h5", "--index", "1").output.splitlines()
+    assert lines[0] == f"{ds / 'shard-00001.h5'} sample 3 (position 1): level 2"
+    assert run("inspect", ds, "--index", "1").output.startswith(f"{ds} sample 1: level ")
+    assert run("inspect", ds).output.startswith(f"{ds}: 4 samples (level 1: ")
 
 
 @pytest.mark.parametrize("module,name", [("cli.main:main", "degrade"), ("cli.train:main", "dasr-train"),
