@@ -1,4 +1,4 @@
-"""What the dasr-* commands share: one-line errors and the torch check."""
+"""What the commands share: one-line errors, the torch check, consoles that print text as it is."""
 
 from __future__ import annotations
 
@@ -6,9 +6,18 @@ import importlib.util
 import os
 
 import click
+from rich.console import Console
 
 from degrade.errors import DegradeError
 from degrade.io import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, pixel_limit
+
+
+def text_console(*, stderr: bool = False, **kwargs) -> Console:
+    """A rich console that prints strings as they are: without rich's markup (paths, file names and error
+    messages come from users and files, and markup dropped '[x]' from them and failed on '[/b]', a
+    traceback; a style is a rich Text's), and each line whole (soft wrap: the terminal folds a long line,
+    a log or a pipe keeps it; rich broke lines at 80 columns when piped, a path among them)."""
+    return Console(stderr=stderr, markup=False, soft_wrap=True, **kwargs)
 
 
 def os_error(exc: OSError) -> str:

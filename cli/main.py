@@ -16,13 +16,12 @@ from pathlib import Path
 import click
 import numpy as np
 from click.core import ParameterSource
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 import degrade
-from cli.common import max_pixels_option, one_line, parse_levels, set_max_pixels
+from cli.common import max_pixels_option, one_line, parse_levels, set_max_pixels, text_console
 from degrade.allocator import tune_allocator
 from degrade.errors import DegradeError
 from degrade.io import (
@@ -34,12 +33,12 @@ from degrade.io import (
 from degrade.recipe import MIN_HR_SIDE, describe_levels
 from degrade.shards.format import COMPRESSIONS, MAX_COUNT, MAX_SHARDS
 
-console = Console()
+console = text_console()
 PIPED_WIDTH = 400  # columns a table may take when stdout is not a terminal (it is drawn at its natural width)
 SAMPLES_PER_JOB = 500  # make-dataset's automatic --jobs: one worker process per this many samples
 SHOW_SKIPPED = 20  # make-dataset names at most this many sources skipped as too small
 DEFAULT_DATASET = Path("degrade-dataset")  # make-dataset's --out, and what inspect looks at by default
-err_console = Console(stderr=True)
+err_console = text_console(stderr=True)
 
 
 class LevelType(click.ParamType):
@@ -461,7 +460,7 @@ def _report_sample(rows, params, hr_size: int | None, title: str, as_json: bool,
         table.add_column(name)
     for r in rows:
         stored = ", ".join(f"{x:.4f}" for x in r.stored)
-        table.add_row(r.index, r.block, r.name, stored, r.text if r.present else "[dim]absent[/dim]")
+        table.add_row(r.index, r.block, r.name, stored, r.text if r.present else Text("absent", style="dim"))
     _print_table(table)
     console.print("pipeline: " + " -> ".join(steps), soft_wrap=True)
 
@@ -480,13 +479,13 @@ def _report_dataset(stats: dict, target: Path, as_json: bool) -> None:
                          no_wrap=True)
     for f in stats["fields"]:
         num = {k: "-" if f[k] is None else f"{f[k]:.3f}" for k in ("min", "mean", "max")}
-        table.add_row(str(f["index"]), escape(f["field"]), num["min"], num["mean"], num["max"],
+        table.add_row(str(f["index"]), f["field"], num["min"], num["mean"], num["max"],
                       f"{100 * f['present_share']:.0f}%", insp.sparkline(f["histogram"]))
     _print_table(table)
     console.print("min / mean / max and the histogram are over the samples where the field is present")
     outside = sum(f.get("outside", 0) for f in stats["fields"])
     if outside or "other" in stats["levels"]:
-        err_console.print(f"[yellow]warning:[/yellow] a damaged dataset: {outside} stored v value(s) outside [0, 1] "
+        err_console.print(f"warning: a damaged dataset: {outside} stored v value(s) outside [0, 1] "
                           f"or NaN (not in the histograms), {stats['levels'].get('other', 0)} sample(s) of a level "
                           "other than 1-3; degrade verify lists the rows")
 
@@ -497,7 +496,7 @@ def _print_table(table: Table) -> None:
     if console.is_terminal:
         console.print(table)
         return
-    wide = Console(width=PIPED_WIDTH, no_color=True)
+    wide = text_console(width=PIPED_WIDTH, no_color=True)
     with wide.capture() as captured:
         wide.print(table)
     click.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))

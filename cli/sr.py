@@ -11,17 +11,24 @@ from pathlib import Path
 
 import click
 from click.core import ParameterSource
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cli.common import max_pixels_option, one_line, os_error, parse_levels, require_torch, set_max_pixels
+from cli.common import (
+    max_pixels_option,
+    one_line,
+    os_error,
+    parse_levels,
+    require_torch,
+    set_max_pixels,
+    text_console,
+)
 from degrade._version import __version__
 from degrade.errors import DegradeError
 from degrade.io import check_write_target, write_bytes_atomic, write_image
 
-console = Console()
-err_console = Console(stderr=True)
+console = text_console()
+err_console = text_console(stderr=True)
 SETTINGS = {"help_option_names": ["-h", "--help"]}
 MODEL_HELP = "A model file (dasr-export), a dasr-train checkpoint (ckpt-*.pt), or a run folder (its newest checkpoint)."
 

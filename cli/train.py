@@ -9,14 +9,13 @@ from pathlib import Path
 
 import click
 from click.core import ParameterSource
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from cli.common import os_error, require_torch
+from cli.common import os_error, require_torch, text_console
 from degrade._version import __version__
 from degrade.errors import DegradeError
 
-err_console = Console(stderr=True)
+err_console = text_console(stderr=True)
 
 
 # What a --resume does not take from its checkpoint: the data and folder (given), where and how fast this call

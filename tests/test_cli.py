@@ -207,6 +207,20 @@ def test_inspect_png_without_matplotlib_is_one_line_before_any_output(run, tmp_p
         "Error: pictures need matplotlib: pip install 'dasr-toolkit[plot]'")
 
 
+def test_paths_with_brackets_are_printed_as_they_are(run, tmp_path):
+    """Rich's markup read '[x]' in a path as a style and dropped it, and failed on '[/x]' (a MarkupError's
+    traceback): the commands print every path as it is."""
+    folder = tmp_path / "[/x] [b]"
+    out = folder / "ds"
+    made = run("make-dataset", "--out", out, "--count", "4", "--patch-size", "64", "--jobs", "1")
+    assert made.exit_code == 0 and f"{out}: 4 samples in 1 shard(s)" in made.output
+    lr = folder / "[red]lr.png"
+    applied = run("apply", "-o", lr, "--level", "1", "--seed", "1")
+    assert applied.exit_code == 0 and f"wrote {lr} (" in applied.output
+    assert run("inspect", out).output.startswith(f"{out}: 4 samples")
+    assert run("verify", out).output.strip().endswith(f"{out}: OK")
+
+
 def test_inspect_labels_a_sample_by_its_stored_index(run, tmp_path):
     """A lone shard file other than the first: --index is a position in it, the label and --json give the
     sample's own index (the key of its random stream). The heading is one line with the path as it is, however
