@@ -1,9 +1,18 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 import degrade
+
+# Under pytest-xdist (`-n auto`: a worker process per core) each worker computes on one thread, and so do
+# the processes its tests start (the variable is inherited): torch's and OpenMP's default, a thread per
+# core in every worker, oversubscribed the cores (the suite took longer on 2 workers than on 1). Set here,
+# before any test module imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):
