@@ -124,7 +124,7 @@ def test_batches_and_samples_pickle(folder):
     np.testing.assert_array_equal(batch2.lr, batch.lr)
 
 
-@pytest.mark.parametrize("key", [1.5, "3", [1, 2], np.array([1, 2]), None])
+@pytest.mark.parametrize("key", [1.5, "3", [1, 2], np.array([1, 2]), None, True, np.bool_(False)])
 def test_an_index_that_is_not_an_integer_or_a_slice_is_refused(folder, key):
     ds = degrade.open_dataset(folder)
     with pytest.raises(SampleIndexTypeError) as info:

@@ -172,6 +172,8 @@ class ShardDataset:
         if isinstance(key, slice):
             return self._batch(range(len(self))[key])
         try:
+            if isinstance(key, (bool, np.bool_)):  # an integer to Python, but ds[True] is a mistake, not sample 1
+                raise TypeError
             i = operator.index(key)
         except TypeError:
             raise SampleIndexTypeError(f"a sample index must be an integer or a slice, not {key!r}") from None
