@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import re
@@ -28,6 +29,8 @@ from degrade.errors import DegradeError
 from degrade.io import check_write_target, write_bytes_atomic, write_image
 
 console = text_console()
+# write errors that every image's output would meet: dasr-sr stops at the first (others skip that image)
+FOLDER_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 err_console = text_console(stderr=True)
 SETTINGS = {"help_option_names": ["-h", "--help"]}
 MODEL_HELP = "A model file (dasr-export), a dasr-train checkpoint (ckpt-*.pt), or a run folder (its newest checkpoint)."
@@ -168,7 +171,8 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
     """Super-resolve INPUT images or folders x4 (or --outscale) into OUT_DIR as PNG; an alpha channel is
     kept (upscaled bicubic).
 
-    A file that cannot be read is reported and skipped; the exit status is then 1.
+    A file that cannot be read or upscaled, or whose output cannot be written, is reported and skipped;
+    the exit status is then 1. A full disk or a read-only folder stops the run.
     """
     require_torch()
     set_max_pixels(max_pixels)
@@ -222,11 +226,19 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
                 except (DegradeError, OSError) as exc:
                     failed.append(f)
                     text = one_line(exc)
-                    err_console.print(f"skipped {text if text.startswith(str(f)) else f'{f}: {text}'}",
-                                      soft_wrap=True)
+                    err_console.print(f"skipped {text if text.startswith(str(f)) else f'{f}: {text}'}")
                     bar.advance(task)
                     continue
-                degrade.write_image(out_dir / f"{f.stem}{suffix}", sr)
+                target = out_dir / f"{f.stem}{suffix}"
+                try:
+                    degrade.write_image(target, sr)
+                except (DegradeError, OSError) as exc:  # this image's output: a name too long, a folder there
+                    if isinstance(exc, OSError) and exc.errno in FOLDER_ERRORS:  # every image's: stop
+                        raise
+                    failed.append(f)
+                    err_console.print(f"skipped {f}: not written: {one_line(exc)}")
+                    bar.advance(task)
+                    continue
                 if print_v:
                     v = v_hat[0].clamp(0, 1).cpu().numpy()
                     console.print(f"{f.name}: v = " + ",".join(f"{x:.3f}" for x in v), soft_wrap=True)
@@ -238,7 +250,7 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
         raise click.ClickException(os_error(exc)) from None
     err_console.print(f"wrote {len(files) - len(failed)} image(s) to {out_dir}")
     if failed:
-        raise click.ClickException(f"{len(failed)} of {len(files)} input(s) could not be read or upscaled "
+        raise click.ClickException(f"{len(failed)} of {len(files)} input(s) could not be read, upscaled or written "
                                    "(listed above)")
 
 

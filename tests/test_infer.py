@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -381,7 +382,8 @@ def test_a_run_folder_with_only_its_model_file_loads(ckpt, tmp_path):
 
 def test_sr_cli_skips_an_image_it_cannot_upscale_and_names_it(ckpt, tmp_path, monkeypatch):
     """A refusal for one image (a --set value outside the range of that image's predicted noise type) skips
-    that image, named, and the others are still written; exit 1."""
+    that image, named, and the others are still written; exit 1. So does an output that cannot be written,
+    where one image's alone (before, it ended the run); not a full disk, which every image's would meet."""
     import dasr_model.infer as infer
 
     src = tmp_path / "in"
@@ -400,7 +402,29 @@ def test_sr_cli_skips_an_image_it_cannot_upscale_and_names_it(ckpt, tmp_path, mo
                                           "--device", "cpu"])
     assert result.exit_code == 1 and f"skipped {src / 'b.png'}: noise1.strength: 5 is outside" in result.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_x4.png", "c_x4.png"]
-    assert "1 of 3 input(s) could not be read or upscaled" in result.output
+    assert "1 of 3 input(s) could not be read, upscaled or written" in result.output
+
+    # an output that cannot be written is that image's failure (a folder in its place); a full disk stops the run
+    out = tmp_path / "out2"
+    (out / "b_x4.png").mkdir(parents=True)
+    monkeypatch.setattr(infer, "upscale", real)
+    result = CliRunner().invoke(sr_main, [str(src), "-o", str(out), "--model", str(ckpt), "--device", "cpu"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"skipped {src / 'b.png'}: not written: {out / 'b_x4.png'}" in text, text
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["a_x4.png", "c_x4.png"]
+    assert "1 of 3 input(s) could not be read, upscaled or written" in text
+    written = []
+
+    def full_disk(path, img):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written.append(path)
+
+    monkeypatch.setattr(degrade, "write_image", full_disk)
+    result = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / "out3"), "--model", str(ckpt),
+                                          "--device", "cpu"])
+    assert result.exit_code == 1 and len(written) == 1 and "skipped" not in result.output
+    assert result.output.strip().splitlines()[-1] == f"Error: {tmp_path / 'out3' / 'b_x4.png'}: No space left on device"
 
 
 def test_sr_cli_does_not_feed_its_own_outputs_back(ckpt, tmp_path):
