@@ -13,11 +13,12 @@ from degrade.io import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, pixel_limit
 
 
 def text_console(*, stderr: bool = False, **kwargs) -> Console:
-    """A rich console that prints strings as they are: without rich's markup (paths, file names and error
-    messages come from users and files, and markup dropped '[x]' from them and failed on '[/b]', a
-    traceback; a style is a rich Text's), and each line whole (soft wrap: the terminal folds a long line,
-    a log or a pipe keeps it; rich broke lines at 80 columns when piped, a path among them)."""
-    return Console(stderr=stderr, markup=False, soft_wrap=True, **kwargs)
+    """A rich console that prints strings as they are: without rich's markup or emoji codes (paths, file
+    names and error messages come from users and files: markup dropped '[x]' from them and failed on '[/b]',
+    a traceback, and ':ok:' became an emoji; a style is a rich Text's), and each line whole (soft wrap: the
+    terminal folds a long line, a log or a pipe keeps it; rich broke lines at 80 columns when piped, a path
+    among them)."""
+    return Console(stderr=stderr, markup=False, emoji=False, soft_wrap=True, **kwargs)
 
 
 def os_error(exc: OSError) -> str:

@@ -503,8 +503,8 @@ def _print_table(table: Table) -> None:
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err_console)
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console)
 
 
 DASK_CONNECT_TIMEOUT = "10s"  # how long --dask-scheduler waits for the scheduler before saying it is unreachable

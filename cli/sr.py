@@ -73,8 +73,8 @@ def _inputs(inputs: tuple[Path, ...], out_dir: Path) -> list[Path]:
 
 
 def _bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=err_console, transient=True)
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=err_console, transient=True)
 
 
 def _parse_mix(text: str | None, experts: int):

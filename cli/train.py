@@ -257,7 +257,7 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
                           "`degrade make-dataset --sharpen-hr` trained better (docs/training.md)")
     if cfg.vgg_weights is None:
         err_console.print("perceptual loss off: no --vgg-weights given (VGG19 weights cannot be downloaded here)")
-    columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
+    columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}", markup=False),
                TimeRemainingColumn())
 
     try:

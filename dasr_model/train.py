@@ -608,18 +608,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 break
         ended = True
     finally:
-        batches.close()
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-        metrics_file.close()
-        if in_main_thread:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if grouped:
-            if ended:  # a normal end: wait until rank 0 has saved, then tear down together. (Should rank 0
-                # fail in that last save, the others wait here until torchrun, seeing rank 0 fail, stops them.)
-                dist.barrier()
-            parts.net, parts.disc = model, disc  # the DDP wrappers hold the group: release them first
-            dist.destroy_process_group()
+        try:
+            batches.close()  # the loader's workers end
+        finally:  # whatever that did
+            torch.backends.cudnn.benchmark = cudnn_benchmark
+            metrics_file.close()
+            if in_main_thread:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+            if grouped:
+                if ended:  # a normal end: wait until rank 0 has saved, then tear down together. (Should rank 0
+                    # fail in that last save, the others wait here until torchrun, seeing rank 0 fail, stops
+                    # them.)
+                    dist.barrier()
+                parts.net, parts.disc = model, disc  # the DDP wrappers hold the group: release them first
+                dist.destroy_process_group()
     return last
 
 

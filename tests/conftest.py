@@ -2,17 +2,18 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import pytest
-
-import degrade
-
 # Under pytest-xdist (`-n auto`: a worker process per core) each worker computes on one thread, and so do
-# the processes its tests start (the variable is inherited): torch's and OpenMP's default, a thread per
-# core in every worker, oversubscribed the cores (the suite took longer on 2 workers than on 1). Set here,
-# before any test module imports torch.
+# the processes its tests start (the variables are inherited): torch's, OpenMP's and OpenBLAS's default, a
+# thread per core in every worker, oversubscribed the cores (the suite took longer on 2 workers than on 1).
+# Set before numpy (OpenBLAS sizes its pool when loaded) and torch are imported.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import degrade  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -209,8 +209,8 @@ def test_inspect_png_without_matplotlib_is_one_line_before_any_output(run, tmp_p
 
 def test_paths_with_brackets_are_printed_as_they_are(run, tmp_path):
     """Rich's markup read '[x]' in a path as a style and dropped it, and failed on '[/x]' (a MarkupError's
-    traceback): the commands print every path as it is."""
-    folder = tmp_path / "[/x] [b]"
+    traceback), and ':ok:' became an emoji: the commands print every path as it is."""
+    folder = tmp_path / "[/x] [b] :ok:"
     out = folder / "ds"
     made = run("make-dataset", "--out", out, "--count", "4", "--patch-size", "64", "--jobs", "1")
     assert made.exit_code == 0 and f"{out}: 4 samples in 1 shard(s)" in made.output
