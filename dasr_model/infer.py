@@ -371,7 +371,9 @@ def finish(sr: np.ndarray, alpha: np.ndarray | None = None, outscale: float = 4.
 
 
 def tile_count(h: int, w: int, tile: int | None) -> int:
-    """How many pieces :func:`_tiles` cuts an h x w LR image into."""
+    """How many pieces :func:`_tiles` cuts an h x w LR image into. DASRError for a tile under 1 px."""
+    if tile is not None and tile < 1:  # 0 divided by zero; a negative tile left the output unwritten
+        raise DASRError(f"the tile must be at least 1 px a side (None: the whole image), not {tile}")
     return 1 if tile is None or (h <= tile and w <= tile) else math.ceil(h / tile) * math.ceil(w / tile)
 
 
@@ -387,6 +389,8 @@ def _tiles(run: Callable[[Tensor], Tensor], lr: Tensor, s: int, tile: int | None
     """((y, x), SR region) pieces that cover the x`s` output of lr (1, 3, h, w): the whole image at once, or
     one `tile` x `tile` LR tile at a time, each run with `overlap` LR pixels of context, which is then cut off."""
     h, w = lr.shape[-2:]
+    if overlap < 0:  # would cut each tile's own region short
+        raise DASRError(f"the tiles' overlap must be at least 0 px, not {overlap}")
     if tile_count(h, w, tile) == 1:
         yield (0, 0), _finite(run(lr))
         return

@@ -31,7 +31,8 @@ from degrade.io import atomic_writer
 MODEL_FILE = "model.safetensors"  # what dasr-train writes into its run folder at the last step
 FORMAT = "dasr-model"
 VERSION = "1"
-MAX_HEADER = 16 * 2**20  # bytes of JSON; a 100M-parameter model's header is well under 1 MiB
+MAX_HEADER = 2 * 2**20  # bytes of JSON; our largest config's header (256 blocks) is about 0.1 MiB. Bounded
+# tighter than that, since parsing JSON takes some 25x its size in memory
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
 
@@ -120,6 +121,10 @@ def read_model_file(path: str | os.PathLike) -> tuple[DASR, dict[str, str]]:
             config = DASRConfig.from_dict(json.loads(meta.get("config", "")))
         except (ValueError, RecursionError) as exc:
             raise DASRError(f"{path}: {exc}" if isinstance(exc, DASRError) else f"{path}: unreadable config") from None
+        least = 2 * config.parameter_count()  # bytes: every parameter in the narrowest dtype (bf16, fp16)
+        if size - 8 - n < least:  # before building the model: up to MAX_PARAMETERS, some 400 MB and seconds
+            raise DASRError(f"{path}: {size - 8 - n:,} bytes of tensors, where its config needs at least {least:,} "
+                            "(truncated, or not this model's file)")
         model = DASR(config)  # bounded: DASRConfig refuses more than MAX_PARAMETERS
         expected = {k: tuple(t.shape) for k, t in model_state(model).items()}
         spans = _check_entries(path, header, expected, size - 8 - n)
@@ -146,7 +151,7 @@ def _check_entries(path: Path, header: dict[str, Any], expected: dict[str, tuple
         raise DASRError(f"{path}: its tensors do not fit its config ({what})")
     spans = {}
     for name, entry in header.items():
-        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in DTYPES:
             raise DASRError(f"{path}: tensor {name}: dtype must be one of {', '.join(DTYPES)}")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
         if (not isinstance(shape, list) or not all(type(n) is int for n in shape)

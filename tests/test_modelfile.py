@@ -105,6 +105,8 @@ def _deep(n: int) -> bytes:
     ("byte range outside the file", "byte range"),
     ("missing tensor", "missing"),
     ("pickle dtype", "dtype"),
+    ("a list as dtype", "dtype must be one of"),  # looked up in a dict: a TypeError's traceback
+    ("a header without its tensors", "bytes of tensors, where its config needs at least"),
     ("config not a string", "metadata values must be strings"),
     ("float shape", "shape"),
     ("a million tiny blocks", "num_block must be at most 256"),
@@ -149,6 +151,10 @@ def test_hostile_model_files_are_refused_in_one_line(tmp_path, monkeypatch, case
             del header[first]
         elif case == "pickle dtype":
             header[first]["dtype"] = "object"
+        elif case == "a list as dtype":
+            header[first]["dtype"] = ["F32"]
+        elif case == "a header without its tensors":  # refused before the model is built (up to 100M parameters)
+            data = b""
         elif case == "config not a string":
             meta["config"] = TINY.to_dict()
         elif case == "float shape":
@@ -160,7 +166,7 @@ def test_hostile_model_files_are_refused_in_one_line(tmp_path, monkeypatch, case
         elif case == "bytes after the last tensor":
             data += b"\0" * 100
         _write(path, header, data)
-    if case in ("a million tiny blocks", "a thousand experts"):  # refused from the config, no model built
+    if case in ("a million tiny blocks", "a thousand experts", "a header without its tensors"):  # no model built
         monkeypatch.setattr(modelfile, "DASR", lambda config: pytest.fail("built the model"))
     with pytest.raises(DASRError, match=message):
         read_model_file(path)

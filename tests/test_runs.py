@@ -409,6 +409,15 @@ def model(tmp_path_factory):
 
 def test_upscale_assembles_uint8_tiles_equal_to_the_whole_image(model):
     img = np.random.default_rng(5).random((37, 29, 3)).astype(np.float32)
+    # a tile under 1 px divided by zero, or (negative) returned memory never written; a negative overlap
+    # cut each tile's own region short: refused
+    for kw, message in ((dict(tile=0), "at least 1 px a side"), (dict(tile=-12), "at least 1 px a side"),
+                        (dict(tile=12, overlap=-1), "overlap must be at least 0")):
+        with pytest.raises(DASRError, match=message):
+            upscale(model, img, **kw)
+        with torch.no_grad(), pytest.raises(DASRError, match=message):
+            lr = to_tensor(img)
+            super_resolve(model, lr, model.predict(lr)[1], **kw)
     whole, v_hat = upscale(model, img)
     tiled, v_tiled = upscale(model, img, tile=12, overlap=8)  # receptive-field radius of TINY: 6 px
     assert whole.dtype == np.uint8 and whole.shape == (148, 116, 3)
