@@ -107,8 +107,15 @@ def _device_events(events) -> list:
 # identifiers inside a kernel's templated name that say what it computes (the functor, the operator's own
 # kernel function, a cast on load or store); the rest is namespaces and argument types
 _TELLING = re.compile(r"[Ff]unctor|Cast|^launch_|_kernel(_cuda|_impl)?$|_impl(_nocast)?$|_nocast$|Ops?$")
-_DTYPE = re.compile(r"\b(BFloat16|Half|float|double|bool|long|int|short|(?:un)?signed char)\b")
-_NOISE = {"at", "native", "c10", "std", "void", "memory", "detail", "BFloat16", "Half", "TensorIteratorBase"}
+_DTYPE = re.compile(r"\b(BFloat16|__nv_bfloat16|Half|__half|float|double|bool|long|int|short|(?:un)?signed char)\b")
+_DTYPE_NAMES = {"__nv_bfloat16": "BFloat16", "__half": "Half"}  # CUDA's own names (cuDNN's kernels) as PyTorch's
+_NOISE = {"at", "native", "c10", "std", "void", "memory", "detail", "BFloat16", "Half", "TensorIteratorBase",
+          "__nv_bfloat16", "__half"}
+
+
+def first_line(exc: BaseException, width: int = 120) -> str:
+    """An error's first line, cut at `width`, for a table's cell (its type where the message is empty)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:width]
 
 
 def short_kernel(name: str, width: int = 100) -> str:
@@ -126,7 +133,7 @@ def short_kernel(name: str, width: int = 100) -> str:
     nums = re.match(r"<\s*(\d+(?:\s*,\s*\d+)*)\s*[,>]", rest)
     label = base + (f"<{nums.group(1)}>" if nums else "")
     dtype = _DTYPE.search(rest)  # the first element type in the template: a bf16 and a float kernel differ
-    label += f" [{dtype.group(1)}]" if dtype else ""
+    label += f" [{_DTYPE_NAMES.get(dtype.group(1), dtype.group(1))}]" if dtype else ""
     seen: list[str] = []
     for tok in re.findall(r"[A-Za-z_]\w*", rest):
         if tok != base and tok not in _NOISE and tok not in seen and _TELLING.search(tok):

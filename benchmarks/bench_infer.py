@@ -51,7 +51,7 @@ from collections.abc import Callable
 
 import torch
 from _layouts import layout_table, trace_layouts
-from _profile import profile_calls, sync
+from _profile import first_line, profile_calls, sync
 
 from dasr_model.infer import fuse_experts, reused_fused_net, super_resolve
 from dasr_model.model import DASR, DASRConfig
@@ -67,7 +67,7 @@ def print_row(size: int, label: str, ms: float, base_ms: float, fuse_ms: float |
 
 def print_failed(size: int, label: str, exc: BaseException) -> None:
     """A row saying that `label` failed at `size`, with the error's first line: the table goes on."""
-    print(f"| {size} | {label} | failed: {str(exc).splitlines()[0][:120]} | | | | |", flush=True)
+    print(f"| {size} | {label} | failed: {first_line(exc)} | | | | |", flush=True)
 
 
 TABLE_HEAD = ("| LR | path | ms/image | speed-up vs experts fp32 | fuse ms | peak MiB | max abs diff |\n"

@@ -10,8 +10,9 @@ adds and their gradients per step. This benchmark runs those operations alone on
 each way: NCHW, channels_last, the fold as `fold_batch` makes it, the fold as a grouped convolution
 returns it (the tensors the step's operations actually get), and a 1-D view of the fold's memory (what
 `ExpertMSRResNet.pointwise = "flat"` runs them on). Per operation and layout: the median ms, the
-memory rate it reaches (each operand read or written once), the tensor's strides and, on CUDA, the kernel
-that ran (torch.profiler; `vectorized_elementwise_kernel` is PyTorch's vectorised path).
+memory rate it reaches (each operand read or written once) and the tensor's strides; then, in a table of
+its own, on CUDA the kernel that ran (torch.profiler; `vectorized_elementwise_kernel` is PyTorch's
+vectorised path).
 
 Usage: python benchmarks/bench_pointwise.py [--device auto] [--batch 48] [--lr 64] [--feat 64] [--dtype bf16]
        [--warmup 3] [--repeats 10]
@@ -93,15 +94,21 @@ def main() -> None:
     ys = layouts(torch.randn(shape, device=device, dtype=DTYPES[args.dtype], generator=gen))
     size = xs["NCHW (N, C, H, W)"].numel() * xs["NCHW (N, C, H, W)"].element_size()
     print(f"{shape}: {size / 2**20:.1f} MiB per tensor\n")
-    print("| operation | layout | strides | ms | GB/s | kernel (CUDA) |\n|---|---|---|---:|---:|---|")
+    print("| operation | layout | strides | ms | GB/s |\n|---|---|---|---:|---:|")
+    calls = []
     for op in operations(xs["NCHW (N, C, H, W)"], ys["NCHW (N, C, H, W)"]):
         for lay, x in xs.items():
             call, tensors = operations(x, ys[lay])[op]
             for _ in range(args.warmup):
                 call()
             ms = 1000 * statistics.median(timed_steps(device, args.repeats, call))
-            print(f"| {op} | {lay} | {tuple(x.stride())} | {ms:.3f} | {tensors * size / ms / 1e6:.0f} "
-                  f"| {kernel_names(device, call)} |", flush=True)
+            print(f"| {op} | {lay} | {tuple(x.stride())} | {ms:.3f} | {tensors * size / ms / 1e6:.0f} |", flush=True)
+            calls.append((op, lay, call))
+    # the kernels after every timing: a profiler session per call (CUPTI may start each time, some 0.5 s), so
+    # a run cut short for time loses kernel names, not timings
+    print("\n| operation | layout | kernel (CUDA) |\n|---|---|---|")
+    for op, lay, call in calls:
+        print(f"| {op} | {lay} | {kernel_names(device, call)} |", flush=True)
 
 
 if __name__ == "__main__":

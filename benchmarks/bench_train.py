@@ -49,7 +49,7 @@ import time
 
 import torch
 from _layouts import layout_table, trace_layouts
-from _profile import profile_calls, sync, timed_steps
+from _profile import first_line, profile_calls, sync, timed_steps
 from torch.utils.data import DataLoader
 
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
@@ -204,7 +204,7 @@ def print_profile(device: torch.device, batch: int, gan: bool, impl: str, channe
     except DASRError as exc:  # a CUDA graph on a CPU
         print(f"not profiled: {exc}", flush=True)
     except RuntimeError as exc:  # out of memory, a failed recording: the profiles after it still run
-        print(f"not profiled: failed: {str(exc).splitlines()[0][:200]}", flush=True)
+        print(f"not profiled: failed: {first_line(exc, 200)}", flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -314,7 +314,7 @@ def main() -> None:
             try:  # a worker killed (a small /dev/shm: a bus error) must not cost the step rows after it
                 rate = f"{bench_loader(args.shards, args.loader_batch, w, args.loader_steps):.1f}"
             except (RuntimeError, OSError) as exc:
-                rate = f"failed: {str(exc).splitlines()[0][:120]}"
+                rate = f"failed: {first_line(exc)}"
             print(f"| {w} | {args.loader_batch} | {rate} |", flush=True)
         print()
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
@@ -359,10 +359,10 @@ def main() -> None:
                     except DASRError as exc:  # a CUDA graph on a CPU
                         print(f"{row} {exc} | - | - | - |{up_cell}", flush=True)
                         continue
-                    except RuntimeError as exc:  # one row out of memory must not cost the rows after it, nor an
-                        if not out_of_memory(exc) and mode not in (*BLOCK_MODES, "graph"):  # experiment, nor a
-                            raise  # recording that fails here (the eager rows are the reference path)
-                        failure = "out of memory" if out_of_memory(exc) else f"failed: {str(exc).splitlines()[0][:120]}"
+                    except RuntimeError as exc:  # one row out of memory must not cost the rows after it, nor a
+                        if not out_of_memory(exc) and mode == "off":  # compilation (dynamo's and inductor's errors
+                            raise  # are RuntimeErrors) or a recording that fails: the eager rows are the reference
+                        failure = "out of memory" if out_of_memory(exc) else f"failed: {first_line(exc)}"
                         timed = None
                     if timed is None:  # out of the except block: its traceback no longer holds the row's tensors
                         print(f"{row} {failure} | - | - | - |{up_cell}", flush=True)

@@ -267,9 +267,13 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     alone, steps = ups.split("## The GAN step with each up-sampling")
     # the element-wise operations: 4 x 5 layouts, the fold's flat view among them; then the flat step
     ops, flat_steps = pointwise.split("## The step with flat element-wise operations")
-    op_rows = [r for r in ops.splitlines() if r.startswith("| relu |") or r.startswith("| add |")
-               or r.startswith("| leaky_relu |") or r.startswith("| relu backward |")]
-    assert len(op_rows) == 20 and sum("| fold as 1-D (flat_view) | (1,) |" in r for r in op_rows) == 4
+    ops, kernels = ops.split("| operation | layout | kernel (CUDA) |")  # timings first, then the kernels
+
+    def op_rows(table):
+        return [r for r in table.splitlines() if r.startswith(("| relu |", "| add |", "| leaky_relu |",
+                                                                 "| relu backward |"))]
+    assert len(op_rows(ops)) == 20 and sum("| fold as 1-D (flat_view) | (1,) |" in r for r in op_rows(ops)) == 4
+    assert [r.rsplit("|", 2)[1].strip() for r in op_rows(kernels)] == ["-"] * 20  # a CPU's: none
     assert [r.split("|")[2].strip() for r in flat_steps.splitlines() if r.startswith("| 2 |")] == ["no", "yes"]
     assert all("| bf16 autocast | folded (flat) | channels_last | eager |" in r
                for r in flat_steps.splitlines() if r.startswith("| 2 |"))
@@ -415,17 +419,18 @@ def test_bench_train_blocks_compiled_train_like_eager_and_a_failed_experiment_is
     assert counters["stats"]["unique_graphs"] >= 1
 
     def fake_step(device, batch, gan, warmup, repeats, impl, *args, compile_mode="off", **kwargs):
-        if compile_mode == "blocks":
+        if compile_mode in ("blocks", "default"):  # the compile step's rows: default's failure ended the script
             raise RuntimeError("BackendCompilerFailed: backend='inductor' raised:\nmore")
         return 0.01, None, 0.1
 
     monkeypatch.setattr(bench, "bench_step", fake_step)
     monkeypatch.setattr(sys, "argv", ["bench_train.py", "--device", "cpu", "--batch-sizes", "2", "--impl", "grouped",
-                                      "--compile", "blocks,default"])
+                                      "--compile", "blocks,default,reduce-overhead"])
     bench.main()
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 2 |")]
-    assert [r.split("|")[6].strip() for r in rows] == ["eager", "blocks compiled", "default"]
-    assert "| failed: BackendCompilerFailed: backend='inductor' raised: | - |" in rows[1] and "| 10.0 |" in rows[2]
+    assert [r.split("|")[6].strip() for r in rows] == ["eager", "blocks compiled", "default", "reduce-overhead"]
+    assert all("| failed: BackendCompilerFailed: backend='inductor' raised: | - |" in r for r in rows[1:3])
+    assert "| 10.0 |" in rows[3]
 
 
 def _bench_module(name: str):
@@ -501,6 +506,16 @@ def test_short_kernel_names_say_what_the_kernel_computes():
     assert bench.short_kernel(CUDNN) == CUDNN[:100] and bench.short_kernel("Memcpy HtoD (Pinned -> Device)") == \
         "Memcpy HtoD (Pinned -> Device)"
     assert len(bench.short_kernel(MUL_STRIDED, width=30)) == 30
+    # cuDNN's layout transposes name their types in CUDA's words: a bf16 one is not a float one
+    transpose = "void nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, true, false, (cudnnKernelDataType_t)0>(int)"
+    assert bench.short_kernel(transpose) == "nchwToNhwcKernel [BFloat16]"
+    assert bench.short_kernel(transpose.replace("__nv_bfloat16", "__half")) == "nchwToNhwcKernel [Half]"
+
+
+def test_a_table_cell_holds_an_errors_first_line_or_its_type():
+    first_line = _bench_module("_profile").first_line
+    assert first_line(RuntimeError("CUDA error: out of memory\nmore")) == "CUDA error: out of memory"
+    assert first_line(RuntimeError("")) == "RuntimeError" and len(first_line(RuntimeError("x" * 300))) == 120
 
 
 def test_operator_table_charges_kernels_to_the_operators_that_launched_them():
