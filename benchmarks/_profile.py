@@ -123,13 +123,17 @@ def short_kernel(name: str, width: int = 100) -> str:
     `elementwise_kernel<128, 4>` is PyTorch's strided element-wise kernel, `vectorized_elementwise_kernel<8>`
     its vectorised one), the first element type in its template (`[BFloat16]`) and the identifiers inside
     it that say what it computes (`BinaryFunctor, MulFunctor`, `direct_copy_kernel_cuda, LoadWithCast`).
-    Names without templates (cuDNN's, cuBLAS's) stay as they are, cut at `width`."""
+    CUTLASS's generic wrappers (`Kernel2<...>`, `device_kernel<...>`) are named by their first template
+    argument. Names without templates (cuDNN's, cuBLAS's) stay as they are, cut at `width`."""
     head = name.removeprefix("void ").replace("(anonymous namespace)::", "")
     cut = re.search(r"[<(]", head)
     if cut is None or not re.fullmatch(r"[\w:]+", head[: cut.start()]):  # not a C++ name: "Memcpy HtoD (...)"
         return head[:width]
     base = head[: cut.start()].rsplit("::", 1)[-1]
     rest = head[cut.start() :]
+    inner = re.match(r"<\s*([\w:]+)", rest)
+    if re.fullmatch(r"Kernel\d*|device_kernel", base) and inner:  # CUTLASS's wrappers: the kernel is the argument
+        base = inner.group(1).rsplit("::", 1)[-1]
     nums = re.match(r"<\s*(\d+(?:\s*,\s*\d+)*)\s*[,>]", rest)
     label = base + (f"<{nums.group(1)}>" if nums else "")
     dtype = _DTYPE.search(rest)  # the first element type in the template: a bf16 and a float kernel differ

@@ -510,6 +510,8 @@ def test_short_kernel_names_say_what_the_kernel_computes():
     transpose = "void nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, true, false, (cudnnKernelDataType_t)0>(int)"
     assert bench.short_kernel(transpose) == "nchwToNhwcKernel [BFloat16]"
     assert bench.short_kernel(transpose.replace("__nv_bfloat16", "__half")) == "nchwToNhwcKernel [Half]"
+    gemm = "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(Params)"
+    assert bench.short_kernel(gemm) == "cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8"
 
 
 def test_a_table_cell_holds_an_errors_first_line_or_its_type():
