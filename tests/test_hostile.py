@@ -538,6 +538,27 @@ def test_a_byte_flipped_shard_is_caught_when_checksums_are_asked_for(small):
     assert result.exit_code == 1 and "checksum differs" in result.output
 
 
+def test_flipped_bytes_in_a_shards_structure_are_problems_or_refusals_never_a_traceback(small):
+    """A flipped bit in the first 8 KiB of a shard (HDF5's object headers and dataspaces): h5py raises
+    KeyError ("Unable to synchronously open object") or RuntimeError for some, which verify, open_dataset
+    and a sample's read passed on as tracebacks. verify now lists each as a problem, the reader refuses it
+    (DatasetError), and verify never calls such a copy clean."""
+    path = small / "shard-00000.h5"
+    clean = path.read_bytes()
+    rng = np.random.default_rng(1)
+    for position, bit in zip(rng.integers(0, 8192, 40), rng.integers(0, 8, 40)):
+        data = bytearray(clean)
+        data[position] ^= 1 << int(bit)
+        path.write_bytes(bytes(data))
+        assert dsm.verify_dataset(small), f"byte {position} bit {bit}: called clean"  # the checksum differs
+        try:
+            ds = degrade.open_dataset(small)
+            ds[0], ds[len(ds) - 1]
+        except (DatasetError, OSError):
+            pass
+    path.write_bytes(clean)
+
+
 @pytest.mark.parametrize("mutate,message", [
     (lambda m: m["shards"][0].update(file="../../outside.h5"), "does not match the configuration"),
     (lambda m: m["shards"][0].update(count=10**8), "does not match the configuration"),

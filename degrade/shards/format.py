@@ -256,13 +256,32 @@ def _is_int(x: Any) -> bool:
 # --- a shard file -----------------------------------------------------------------------------------
 
 
+# What h5py raises for a damaged file: OSError where data cannot be read, KeyError where an object's header
+# cannot be opened (a flipped byte in a dataspace: "Unable to synchronously open object"), RuntimeError where
+# its internal structures are broken
+H5_DAMAGE = (OSError, KeyError, RuntimeError)
+
+
+def h5_reason(exc: BaseException) -> str:
+    """What h5py said of a damaged file, in one line (see :func:`os_reason`)."""
+    return os_reason(exc) if isinstance(exc, OSError) else " ".join(str(exc).strip("'\"").split())
+
+
 def check_shard(f: Any, path: Path, *, count: int | None, patch_size: int | None) -> int:
     """Check an open shard's datasets (shapes, types) before anything is read; returns its sample count.
 
     `count` and `patch_size` come from the manifest (None for a lone shard file: taken from the file).
     A shard must also be large enough to hold its own per-sample metadata, and a patch must be within
-    the pixel cap, so a small file cannot declare arrays that would take gigabytes to read.
+    the pixel cap, so a small file cannot declare arrays that would take gigabytes to read. A file whose
+    structure h5py cannot read is a DatasetError too.
     """
+    try:
+        return _check_shard(f, path, count=count, patch_size=patch_size)
+    except (KeyError, RuntimeError) as exc:  # OSError: the callers' own, as for a file that cannot be opened
+        raise DatasetError(f"{path}: a damaged shard (HDF5: {h5_reason(exc)})") from None
+
+
+def _check_shard(f: Any, path: Path, *, count: int | None, patch_size: int | None) -> int:
     import h5py
 
     for key in SHARD_DATASETS:

@@ -23,10 +23,12 @@ from degrade.errors import DatasetError, SampleIndexError, SampleIndexTypeError
 from degrade.recipe import SCALE
 from degrade.shards.format import (
     FORMAT_NAME,
+    H5_DAMAGE,
     ROW_COLUMNS,
     DatasetConfig,
     as_text,
     check_shard,
+    h5_reason,
     os_reason,
     read_manifest,
     sha256_file,
@@ -56,13 +58,13 @@ class _OpenShard:
         the shard and the rows."""
         try:
             yield
-        except OSError as exc:
+        except H5_DAMAGE as exc:
             if isinstance(rows, slice):
                 at = f"rows {rows.start}-{rows.stop - 1}" + (f" (every {rows.step})" if rows.step not in (None, 1)
                                                              else "")
             else:
                 at = "every row" if rows == "all" else f"row {rows}"
-            raise DatasetError(f"{self.path}: {at} could not be read ({os_reason(exc)}): a damaged shard "
+            raise DatasetError(f"{self.path}: {at} could not be read ({h5_reason(exc)}): a damaged shard "
                                "(degrade verify checks each one)") from None
 
 

@@ -13,10 +13,11 @@ from degrade.errors import DatasetError, DegradeError
 from degrade.io import max_file_bytes
 from degrade.params import DegradationParams
 from degrade.shards.format import (
+    H5_DAMAGE,
     DatasetConfig,
     as_text,
     check_shard,
-    os_reason,
+    h5_reason,
     read_manifest,
     sha256_file,
     shard_path,
@@ -90,8 +91,8 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
                         continue
                     if record.level != level[row] or not np.allclose(encoded, v[row], atol=1e-6):
                         problems.append(f"{name} row {row}: v or level does not match the parameter record")
-        except OSError as exc:
-            problems.append(f"{name}: unreadable HDF5 ({os_reason(exc)})")
+        except H5_DAMAGE as exc:
+            problems.append(f"{name}: unreadable HDF5 ({h5_reason(exc)})")
     if manifest["complete"] and seen != config.count:
         problems.append(f"the shards hold {seen} samples, the manifest says {config.count}")
     if regenerate and not problems:
