@@ -306,8 +306,9 @@ class TestSet:
               ) -> Iterator[tuple[int, str, np.ndarray, np.ndarray, np.ndarray]]:
         """(level, name, HR, LR, v) for each image and each of `levels` (default: all the set's), image by
         image; HR and LR as read_image gives them (float32 in [0, 1]). A file whose bytes do not match
-        the manifest's SHA-256 is a DegradeError naming it; the params files are checked too (not read
-        otherwise: v is the manifest's), so a set whose records were edited is not scored as if whole."""
+        the manifest's SHA-256 is a DegradeError naming it; the params files are checked too, so a set whose
+        records were edited is not scored as if whole, and v (the manifest's, which has no checksum of its
+        own) must be the encoding of the image's record, as `degrade verify` checks a dataset's."""
         wanted = self.levels if levels is None else list(levels)
         missing = [lv for lv in wanted if lv not in self.levels]
         if missing:
@@ -321,13 +322,29 @@ class TestSet:
                 if params_sha is not None:
                     path = self.params_path(image, level)
                     _check_inside(self.root, path)
-                    _check_sha256(path, hashlib.sha256(read_regular_file(path, PARAMS_BYTES)).hexdigest(),
-                                  params_sha)
+                    raw = read_regular_file(path, PARAMS_BYTES)
+                    _check_sha256(path, hashlib.sha256(raw).hexdigest(), params_sha)
+                    _check_v(path, raw, level, v)
                 lr = _read_checked(self.root, self.lr_path(image, level), sha)
                 if hr.shape[:2] != (SCALE * lr.shape[0], SCALE * lr.shape[1]):
                     raise DegradeError(f"{self.lr_path(image, level)}: {lr.shape[1]}x{lr.shape[0]} px is not "
                                        f"1/{SCALE} of its HR ({hr.shape[1]}x{hr.shape[0]} px)")
                 yield level, image.name, hr, lr, v
+
+
+def _check_v(path: Path, raw: bytes, level: int, v: np.ndarray) -> None:
+    """The manifest's v and level for an image must be its record's (a digit edited in the manifest's v
+    changed the predictor's scores, and nothing said so)."""
+    try:
+        record = DegradationParams.from_json(raw.decode("utf-8"))
+        encoded = encode(record)
+    except UnicodeDecodeError:
+        raise DegradeError(f"{path}: not UTF-8") from None
+    except DegradeError as exc:
+        raise DegradeError(f"{path}: {exc}") from None
+    if record.level != level or not np.allclose(encoded, v, rtol=0, atol=1e-6):
+        raise DegradeError(f"{path}: the manifest's v or level for this image does not match its record "
+                           "(an edited manifest?)")
 
 
 def _read_checked(root: Path, path: Path, sha256: str) -> np.ndarray:

@@ -426,6 +426,22 @@ def test_the_params_files_are_checksummed_and_checked_as_they_are_read(testset, 
         open_testset(bad)
 
 
+def test_a_manifest_whose_v_is_not_its_records_is_refused_as_pairs_are_read(testset, tmp_path):
+    """The manifest has no checksum of its own and dasr-eval scores the predictor against its v: zeros in
+    place of one image's v (which scored an MAE of 0.02 instead of 0.25, exit 0) or one digit changed is
+    refused, naming the record, where the record's checksum holds."""
+    bad = tmp_path / "bad"
+    shutil.copytree(testset, bad)
+    m = json.loads((testset / "manifest.json").read_text())
+    good = list(m["images"][1]["lr"]["2"]["v"])
+    for v in ([0.0] * 33, [good[0] + 0.01, *good[1:]]):
+        m["images"][1]["lr"]["2"]["v"] = v
+        (bad / "manifest.json").write_text(json.dumps(m))
+        assert len(list(open_testset(bad).pairs([1, 3]))) == 6  # the other levels are whole
+        with pytest.raises(DegradeError, match=r"level2/c\.json: the manifest's v or level for this image does not"):
+            list(open_testset(bad).pairs([2]))
+
+
 @pytest.mark.parametrize("folder", ["a.png", "a.json"])
 def test_a_name_whose_file_would_be_another_names_folder_is_refused_naming_both(hr_dir, tmp_path, folder):
     """a.jpg makes HR/a.png and params/levelL/a.json; a.png/b.png or a.json/b.png needs a folder there. It
