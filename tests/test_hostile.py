@@ -54,6 +54,22 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def test_a_source_whose_name_is_not_utf8_is_skipped_as_unreadable(tmp_path):
+    """A dataset stores source names as UTF-8: a name that is not (bytes the OS gives back as lone surrogates)
+    crashed make-dataset with a UnicodeEncodeError's traceback after the scan, leaving a manifest and a lock."""
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    photo = degrade.sample_images()[0].read_bytes()
+    (hr / "good.png").write_bytes(photo)
+    bad = os.fsdecode(b"bad\xff\xfe.png")
+    (hr / bad).write_bytes(photo)
+    done = _cli("make-dataset", str(hr), "--out", str(tmp_path / "ds"), "--count", "2", "--patch-size", "64",
+                "--jobs", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "skipped unreadable bad\\xff\\xfe.png: its name is not UTF-8" in done.stderr, done.stderr
+    assert [s.path for s in degrade.open_dataset(tmp_path / "ds").config.sources] == ["good.png"]
+
+
 # --- disk full --------------------------------------------------------------------------------------
 
 

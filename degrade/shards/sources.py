@@ -73,9 +73,18 @@ def scan_sources(srcs: Sequence[str | os.PathLike], patch_size: int,
     else:
         files = [p.resolve() for p in sample_images()]
         root, root_text = sample_dir().resolve(), BUNDLED
+    if not _utf8(root_text):  # the manifest and the shards' sources table store names as UTF-8
+        shown = os.fsencode(root_text).decode("utf-8", "backslashreplace")
+        raise DatasetError(f"{shown}: the sources' folder has a name that is not UTF-8; rename it")
     scan = SourceScan(root=root_text, sources=[])
     for n, f in enumerate(files):
         rel = f.relative_to(root).as_posix()
+        if not _utf8(rel):
+            shown = os.fsencode(rel).decode("utf-8", "backslashreplace")  # its bytes, as \xff
+            scan.unreadable.append((shown, "its name is not UTF-8, which a dataset stores names as"))
+            if progress:
+                progress(n + 1, len(files))
+            continue
         try:
             data = read_regular_file(f, max_file_bytes(max_pixels))  # never a FIFO or device; bounded size
             # the same decoding and checks (pixel cap first) as the workers' read_image
@@ -93,6 +102,15 @@ def scan_sources(srcs: Sequence[str | os.PathLike], patch_size: int,
         if progress:
             progress(n + 1, len(files))
     return scan
+
+
+def _utf8(name: str) -> bool:
+    """`name` (a path as the OS gave it: bytes that are not UTF-8 become lone surrogates) encodes as UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class SourceCache:
