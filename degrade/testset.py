@@ -64,6 +64,9 @@ MIN_TEST_SIDE = 64  # an HR side below this leaves an LR under 16 px: too little
 TEST_LEVELS = (1, 2, 3)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 PARAMS_BYTES = 1 << 20  # a parameter record is about 2 kB
+# an image's name (its last part) in bytes: its files, NAME.json the longest, are written as
+# .NAME.json.XXXXXXXX.tmp first, and a file's name is at most 255 bytes
+MAX_NAME_BYTES = 255 - len(".") - len(".json") - len(".XXXXXXXX.tmp")
 
 
 def testset_params(level: int, seed: int, index: int) -> DegradationParams:
@@ -87,6 +90,12 @@ def testset_names(files: Sequence[Path], root: Path) -> list[str]:
     makes HR/a.png, a.png/b.png makes HR/a.png/b.png), are a DegradeError naming both."""
     names: dict[str, Path] = {}
     for f, name in zip(files, relative_names(files, root)):
+        if not _plain_name(name):  # the set's own reader refuses it: refused before any work, not after
+            raise DegradeError(f"{f}: its name in a test set would be {name!r}, not a plain relative path "
+                               "(no '.' or '..' part, no backslash); rename it")
+        if len(os.fsencode(PurePosixPath(name).name)) > MAX_NAME_BYTES:  # a file's name at most 255 bytes
+            raise DegradeError(f"{f}: its name is too long for a test set's files (at most {MAX_NAME_BYTES} "
+                               "bytes without the suffix, with room for the temporary name each is written as)")
         if name in names:
             raise DegradeError(f"{names[name]} and {f}: two images of one name in a test set; keep one")
         names[name] = f
@@ -430,8 +439,13 @@ def open_testset(path: str | os.PathLike) -> TestSet:
 
 
 def _plain_name(name: Any) -> bool:
-    """A relative posix path of plain parts: no empty, '.' or '..' part, no backslash, no NUL, not absolute."""
+    """A relative posix path of plain parts: no empty, '.' or '..' part, no backslash, no NUL, not absolute,
+    and one the OS can take (a lone surrogate such as '\\ud800' in a manifest cannot be a file name)."""
     if not isinstance(name, str) or not name or "\\" in name or "\x00" in name or name.startswith("/"):
+        return False
+    try:
+        os.fsencode(name)
+    except UnicodeError:
         return False
     return all(part not in ("", ".", "..") for part in name.split("/")) and not PurePosixPath(name).is_absolute()
 

@@ -503,6 +503,35 @@ def test_dasr_eval_per_image_keeps_a_name_that_is_not_utf8(ckpt, hr_dir, tmp_pat
     assert len(lines) == 2 and lines[1].startswith(b"1,b\xffd,")
 
 
+@pytest.mark.parametrize("name,message", [("a\\b.png", "not a plain relative path"),
+                                          ("..png", "would be '.', not a plain relative path"),
+                                          ("x" * 237 + ".png", "its name is too long")])
+def test_make_testset_refuses_names_its_reader_would_refuse_before_any_work(tmp_path, name, message):
+    """'a\\b.png' (a name with a backslash) and '..png' (named '.') made sets that dasr-eval --testset then
+    refused; a 237-byte name failed at its write, after the work, naming a hidden temporary file."""
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    photo = degrade.sample_images()[0].read_bytes()
+    (hr / "good.png").write_bytes(photo)
+    (hr / name).write_bytes(photo)
+    with pytest.raises(DegradeError, match=message):
+        make_testset(hr, tmp_path / "t", levels=(1,))
+    assert not (tmp_path / "t").exists()
+    (hr / name).rename(hr / ("x" * 236 + ".png"))  # the longest name that fits
+    make_testset(hr, tmp_path / "t", levels=(1,))
+    assert len(open_testset(tmp_path / "t").images) == 2
+
+
+def test_a_manifest_name_the_os_cannot_take_is_refused_in_one_line(testset, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(testset, bad)
+    m = json.loads((testset / "manifest.json").read_text())
+    m["images"][0]["name"] = "a\ud800"
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DegradeError, match="not a plain relative path"):
+        open_testset(bad)
+
+
 @pytest.mark.parametrize("kw,message", [({"seed": True}, "seed must be an integer >= 0, got True"),
                                         ({"seed": 1.5}, "seed must be an integer"),
                                         ({"levels": (1.7,)}, "expected distinct levels among 1, 2, 3"),
