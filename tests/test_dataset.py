@@ -257,7 +257,8 @@ def test_verify_catches_tampering(reference, tmp_path):
     assert any("checksum" in p for p in dsm.verify_dataset(pixels))
     # A forger who also fixes the manifest checksum is caught by regeneration.
     manifest = json.loads((pixels / "manifest.json").read_text())
-    manifest["shards"][1]["sha256"] = hashlib.sha256((pixels / "shard-00001.h5").read_bytes()).hexdigest()
+    manifest["shards"][1].update(sha256=hashlib.sha256((pixels / "shard-00001.h5").read_bytes()).hexdigest(),
+                                 bytes=(pixels / "shard-00001.h5").stat().st_size)
     (pixels / "manifest.json").write_text(json.dumps(manifest))
     assert dsm.verify_dataset(pixels) == []
     assert dsm.verify_dataset(pixels, regenerate=20) == [

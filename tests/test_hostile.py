@@ -590,6 +590,23 @@ def test_a_manifest_cannot_point_outside_or_lie_about_counts(small, mutate, mess
             call()
 
 
+def test_verify_finds_a_manifest_whose_configuration_sources_or_sizes_were_edited(small):
+    """The manifest has no checksum of its own: a seed changed (6 for 5), a source's path and a shard's size
+    were called OK. Each shard records the configuration and sources it was made with; verify compares."""
+    assert dsm.verify_dataset(small) == []
+    manifest = json.loads((small / "manifest.json").read_text())
+    manifest["config"]["seed"] += 1
+    manifest["config"]["sources"][0]["path"] = "elsewhere.png"
+    manifest["shards"][0]["bytes"] += 1
+    (small / "manifest.json").write_text(json.dumps(manifest))
+    problems = dsm.verify_dataset(small)
+    size = (small / "shard-00000.h5").stat().st_size
+    assert f"shard-00000.h5: {size} bytes, the manifest says {size + 1}" in problems
+    for shard in ("shard-00000.h5", "shard-00001.h5"):
+        assert f"{shard}: made with another configuration than the manifest's (seed differs)" in problems
+        assert f"{shard}: its sources table differs from the manifest's sources" in problems
+
+
 def test_a_shard_link_out_of_the_folder_is_refused(small, tmp_path):
     outside = tmp_path / "outside.h5"
     shutil.move(small / "shard-00000.h5", outside)
@@ -617,6 +634,15 @@ def test_verify_regenerate_reads_no_file_the_manifest_points_at_outside_images(s
     sources = manifest["config"]["sources"]
     for i, s in enumerate(sources):
         s["path"] = "passwd" if i % 2 == 0 else "huge.png"
+    # a forgery verify's other checks pass: each shard says it was made so, and the manifest has its new bytes
+    for entry in manifest["shards"]:
+        path = small / entry["file"]
+        with h5py.File(path, "r+") as f:
+            f.attrs["command"] = json.dumps({k: v for k, v in manifest["config"].items() if k != "sources"},
+                                            sort_keys=True)
+            del f["sources"]
+            f.create_dataset("sources", data=np.array([s["path"] for s in sources], dtype=h5py.string_dtype()))
+        entry.update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), bytes=path.stat().st_size)
     (small / "manifest.json").write_text(json.dumps(manifest))
     problems = dsm.verify_dataset(small, regenerate=6)
     assert problems and all("refusing source" in p for p in problems), problems

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -31,8 +32,9 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
                    source_root: str | os.PathLike | None = None) -> list[str]:
     """Check a dataset folder; returns a list of problems (empty when all is well).
 
-    Checks the manifest, every shard's checksum, structure, shapes, dtypes and value ranges, that
-    each stored v equals the encoding of its stored record, and then re-creates `regenerate` random
+    Checks the manifest, every shard's checksum, size, structure, shapes, dtypes and value ranges, that
+    each shard was made with the manifest's configuration and sources (the manifest has no checksum of its
+    own), that each stored v equals the encoding of its stored record, and then re-creates `regenerate` random
     samples from their source, crop, seed and record, comparing bit for bit. `source_root` replaces
     the recorded source folder (for a dataset moved to another machine).
     """
@@ -41,6 +43,9 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
     out = Path(path)
     manifest = read_manifest(out)
     config = DatasetConfig.from_dict(manifest["config"])
+    # what each shard records of the configuration it was made with, as the manifest's writer wrote it
+    command = {k: v for k, v in manifest["config"].items() if k != "sources"}
+    source_paths = [s.path for s in config.sources]
     if source_root is not None:
         config = replace(config, source_root=str(source_root))
     problems: list[str] = []
@@ -59,6 +64,8 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
             continue
         if sha256_file(f_path) != entry["sha256"]:
             problems.append(f"{name}: checksum differs from the manifest")
+        if f_path.stat().st_size != entry["bytes"]:
+            problems.append(f"{name}: {f_path.stat().st_size} bytes, the manifest says {entry['bytes']}")
         try:
             with h5py.File(f_path, "r") as f:
                 rows = config.shard_range(int(entry["shard"]))
@@ -68,6 +75,18 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
                     problems.append(str(exc).replace(str(f_path), name))
                     continue
                 seen += int(entry["count"])
+                try:
+                    made_with = json.loads(as_text(f.attrs["command"], f"{name}'s configuration"))
+                except (ValueError, KeyError):  # DatasetError is a ValueError
+                    made_with = None
+                if made_with != command:
+                    differ = sorted(k for k in command.keys() | (made_with or {}).keys()
+                                    if (made_with or {}).get(k) != command.get(k))
+                    problems.append(f"{name}: made with another configuration than the manifest's"
+                                    + (f" ({', '.join(differ)} {'differs' if len(differ) == 1 else 'differ'})"
+                                       if made_with is not None else ""))
+                if [as_text(x, name) for x in f["sources"][:]] != source_paths:
+                    problems.append(f"{name}: its sources table differs from the manifest's sources")
                 v, level = f["v"][:], f["level"][:]
                 if not (np.all(np.isfinite(v)) and v.min() >= 0 and v.max() <= 1):
                     problems.append(f"{name}: v outside [0, 1]")
