@@ -451,7 +451,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     sampler = StepBatchSampler(len(train_set), cfg.batch_size, start=step, stop=cfg.steps, seed=cfg.seed,
                                rank=rank, world_size=world)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed))
+                        persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed),
+                        worker_init_fn=_worker_ignores_stops)
 
     stop: dict[str, str | None] = {"by": None}
     handled = (signal.SIGINT, signal.SIGTERM)
@@ -793,6 +794,15 @@ def check_crop(data: PairedShards, lr_crop: int | None, where: str, *, sharpen: 
     if gan and any(side % 2 for side in sides):
         raise DASRError(f"{what}: the GAN's discriminator needs an even LR side (HR a multiple of 8); "
                         "use an even --lr-crop")
+
+
+def _worker_ignores_stops(worker_id: int) -> None:
+    """In each loader worker: SIGTERM and SIGINT are the training's to handle (finish the step, save, stop,
+    then end the workers), not the worker's. torchrun's stop and a scheduler's preemption signal the whole
+    process group, and PyTorch's workers died of it, ending the run in a traceback without a checkpoint.
+    A worker still ends when the training does, or when its parent dies (PyTorch's watchdog)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _batches(loader: DataLoader):

@@ -208,16 +208,25 @@ def test_restart_deletes_the_old_run_only_when_asked(shards, tmp_path):
     assert _ckpts(run) == ["ckpt-1.pt"] and _steps(run) == [1] and (run / "notes.txt").read_text() == "mine"
 
 
-def test_sigterm_leaves_a_resumable_checkpoint(shards, tmp_path):
+@pytest.mark.parametrize("to", ["the process", "its group"])
+def test_sigterm_leaves_a_resumable_checkpoint(shards, tmp_path, to):
+    """Also when the signal reaches the loader's worker processes too, as torchrun's stop and a scheduler's
+    preemption of a process group send it: PyTorch's workers died of it, and the run ended in a traceback
+    ('DataLoader worker ... is killed by signal: Terminated') without a checkpoint."""
     run = tmp_path / "run"
+    workers = ["--workers", "2"] if to == "its group" else []
     proc = subprocess.Popen([sys.executable, "-m", "cli.train", "--shards", shards, "--out", str(run),
-                             "--steps", "100000", "--ckpt-every", "100000", *TINY_ARGS],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--steps", "100000", "--ckpt-every", "100000", *TINY_ARGS, *workers],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     deadline = time.monotonic() + 120
     while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2):
         assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else "slow"
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    if to == "its group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 143, output
     assert "SIGTERM: saved" in output
