@@ -100,7 +100,8 @@ def default_workers() -> int:
               help="1 = plain SRResNet baseline.")
 @click.option("--blocks", type=click.IntRange(min=1), default=16, show_default=True, help="Residual blocks.")
 @click.option("--features", type=click.IntRange(min=4), default=64, show_default=True, help="Feature channels.")
-@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, max=1, min_open=True), default=1e-4,
+              show_default=True,
               help="Adam learning rate (the peak, with --lr-schedule cosine or --warmup-steps).")
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
               help="constant (as released), or cosine: from --lr down to 0 at --steps; with --max-minutes, at the "
@@ -296,8 +297,10 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
         from dasr_model.checkpoints import list_checkpoints
 
         saved = list_checkpoints(out)
-        kept = f"the last checkpoint before it, {saved[-1].name}, is intact" if saved else "no checkpoint was written"
-        raise click.ClickException(f"{exc}; {kept} (lower --lr?)") from None
+        kept = (f"the last checkpoint is {saved[-1].name} (its weights may have begun to diverge already: if a "
+                "--resume with a lower --lr fails too, start again with --restart)" if saved
+                else "no checkpoint was written (lower --lr?)")
+        raise click.ClickException(f"{exc}; {kept}") from None
     except torch.OutOfMemoryError:
         raise click.ClickException(f"out of device memory at --batch-size {batch_size} --lr-crop {lr_crop}; "
                                    "lower one of them") from None

@@ -598,6 +598,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             if final and not due:  # a stop between two logged steps: its line (and check) before its checkpoint
                 last = record(losses, step, False)
             if main_rank and (step % cfg.ckpt_every == 0 or final):
+                # the loss is read at logged steps only (no host sync per step): weights that blew up since
+                # are not saved as a checkpoint to resume from
+                if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+                    raise FloatingPointError(f"the weights became NaN or infinite by step {step}")
                 save_checkpoint(out / f"ckpt-{step}.pt", parts.state_dict(cfg, step, fitted))
                 prune_checkpoints(out, cfg.keep_checkpoints)
             if main_rank and final:

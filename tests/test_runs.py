@@ -328,6 +328,34 @@ def test_a_damaged_label_stops_training_naming_the_data_not_the_rate(shards, tmp
         result.output.split()), result.output
 
 
+def test_weights_that_blew_up_between_logged_steps_are_not_saved_and_lr_is_bounded(shards, tmp_path, monkeypatch):
+    """The loss is checked at logged steps only: weights that became NaN since were saved as a checkpoint,
+    which the error then called intact. And --lr 1e39 ended in Adam's overflow traceback."""
+    import dasr_model.train as train_module
+
+    real_step = train_module.train_step
+    calls = []
+
+    def blow_up(parts, *a, **kw):  # the update of step 2 (not a logged step) blows up
+        losses = real_step(parts, *a, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                next(parts.model.parameters()).fill_(float("nan"))
+        return losses
+
+    monkeypatch.setattr(train_module, "train_step", blow_up)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(run), "--steps", "4", "--log-every", "4",
+                                            "--ckpt-every", "2", *TINY_ARGS])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "the weights became NaN or infinite by step 2" in text, text
+    assert not list(run.glob("ckpt-*.pt")) and "no checkpoint was written" in text
+    result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / "lr"), "--lr", "1e39",
+                                            *TINY_ARGS])
+    assert result.exit_code == 2 and "--lr" in result.output and "Traceback" not in result.output
+
+
 @pytest.mark.parametrize("value", [np.nan, 5.0])
 def test_a_damaged_label_is_refused_by_evaluation_and_validation_as_by_training(shards, tmp_path, value):
     """dasr-eval scored a v of 5 (an 'MAE' of 1.49) or NaN (null), and validation logged NaN into
