@@ -674,9 +674,11 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file that becomes `path` when the `with` block ends without an error.
 
     It is a new file with a unique name in `path`'s folder (`.NAME.XXXXXXXX.tmp`, created exclusively:
-    never a fixed name, never through a symlink), renamed over `path` at the end (a symlink at `path`
-    is replaced, not written through). On any failure it is removed and `path` is left as it was; an
-    OSError then names `path` (with its errno and reason), not the temporary file. Refused before anything
+    never a fixed name, never through a symlink), synced to disk, renamed over `path` at the end (a symlink
+    at `path` is replaced, not written through), and then the folder is synced, so that after a power loss
+    `path` holds the old bytes or the new ones, never an empty file. On any failure it is removed and
+    `path` is left as it was; an OSError then names `path` (with its errno and reason), not the temporary
+    file. Refused before anything
     is written: a missing folder (ImageError), and a `path` that is there but neither a regular file nor a
     symlink to one or to nothing (an OSError: IsADirectoryError for a folder; for a device such as
     /dev/null, a FIFO or a socket, or a symlink to one such as /dev/stdout, which a rename would replace
@@ -696,6 +698,8 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
                 os.fchmod(f.fileno(), mode)
             else:  # Windows before Python 3.13
                 os.chmod(tmp, mode)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes on disk before the name points at them
         os.replace(tmp, path)
     except BaseException as exc:
         try:
@@ -705,6 +709,24 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
         if isinstance(exc, OSError):
             raise _naming(exc, path) from None
         raise
+    _sync_folder(directory)
+
+
+def _sync_folder(directory: Path) -> None:
+    """Sync a folder's entries to disk (the rename into it), where the OS can: POSIX opens folders; a
+    file system that cannot sync one (EINVAL) leaves the file in place all the same."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _naming(exc: OSError, path: Path) -> OSError:

@@ -90,6 +90,28 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     assert (tmp_path / "p.png").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+def test_an_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """So that after a power loss the path holds the old bytes or the new ones: without the syncs a
+    rename could reach the disk before the data, leaving an empty checkpoint or shard manifest."""
+    import os
+    from pathlib import Path
+
+    from degrade.io import write_bytes_atomic
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", Path(b))), real_replace(a, b)))
+    target = tmp_path / "ckpt.bin"
+    write_bytes_atomic(target, b"new bytes")
+    assert target.read_bytes() == b"new bytes"
+    (kind0, first), (kind1, renamed), (kind2, folder) = events
+    assert (kind0, kind1, kind2) == ("fsync", "replace", "fsync")
+    assert first.parent == tmp_path and first.name.startswith(".ckpt.bin.") and renamed == target
+    assert folder == tmp_path
+
+
 def test_a_failed_atomic_write_names_the_target_and_leaves_no_temporary_file(tmp_path):
     import errno
 
