@@ -199,8 +199,12 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
         if resume:
             from dasr_model.checkpoints import latest_intact
 
-            # read once: the trainer resumes from it (None: the trainer says there is none)
-            found = latest_intact(out, warn=lambda m: err_console.print(m, soft_wrap=True))
+            # read once: the trainer resumes from it (None: the trainer looks again and says there is none,
+            # with the same warnings, so they are printed here only when one was found)
+            skipped: list[str] = []
+            found = latest_intact(out, warn=skipped.append)
+            for message in skipped if found is not None else []:
+                err_console.print(message)
         # From a source or a checkpoint, the model options not given are its own (a GAN stage keeps its PSNR
         # stage's network; a resume its run's)
         given = {name: value for name, (option, value) in options.items()

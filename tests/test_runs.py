@@ -239,6 +239,18 @@ def test_sigterm_leaves_a_resumable_checkpoint(shards, tmp_path, to):
     assert _steps(run) == list(range(1, step + 2))
 
 
+def test_a_resume_without_a_readable_checkpoint_says_so_and_warns_once(shards, tmp_path):
+    """The command and the trainer each looked for the newest intact checkpoint: each damaged one was
+    warned about twice."""
+    run = tmp_path / "run"
+    args = ["--shards", shards, "--out", str(run), *TINY_ARGS]
+    assert CliRunner().invoke(train_cli, [*args, "--steps", "2"]).exit_code == 0
+    (run / "ckpt-2.pt").write_bytes((run / "ckpt-2.pt").read_bytes()[:500])
+    result = CliRunner().invoke(train_cli, [*args, "--steps", "4", "--resume"])
+    assert result.exit_code == 1 and result.output.count("skipping ckpt-2.pt") == 1, result.output
+    assert "--resume: no readable checkpoint" in result.output
+
+
 def test_resume_after_a_kill_keeps_each_step_once_and_skips_a_damaged_checkpoint(shards, tmp_path):
     run = tmp_path / "run"
     train(_cfg(shards, run, 4, ckpt_every=2))
