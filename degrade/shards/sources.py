@@ -73,44 +73,46 @@ def scan_sources(srcs: Sequence[str | os.PathLike], patch_size: int,
     else:
         files = [p.resolve() for p in sample_images()]
         root, root_text = sample_dir().resolve(), BUNDLED
-    if not _utf8(root_text):  # the manifest and the shards' sources table store names as UTF-8
-        shown = os.fsencode(root_text).decode("utf-8", "backslashreplace")
+    if (shown := _not_utf8(root_text)) is not None:  # the manifest and the shards store names as UTF-8
         raise DatasetError(f"{shown}: the sources' folder has a name that is not UTF-8; rename it")
     scan = SourceScan(root=root_text, sources=[])
     for n, f in enumerate(files):
         rel = f.relative_to(root).as_posix()
-        if not _utf8(rel):
-            shown = os.fsencode(rel).decode("utf-8", "backslashreplace")  # its bytes, as \xff
+        if (shown := _not_utf8(rel)) is not None:
             scan.unreadable.append((shown, "its name is not UTF-8, which a dataset stores names as"))
-            if progress:
-                progress(n + 1, len(files))
-            continue
-        try:
-            data = read_regular_file(f, max_file_bytes(max_pixels))  # never a FIFO or device; bounded size
-            # the same decoding and checks (pixel cap first) as the workers' read_image
-            img = decode_image(data, max_pixels=max_pixels)
-        except OSError as exc:
-            scan.unreadable.append((rel, exc.strerror or str(exc)))
-        except ImageError as exc:
-            scan.unreadable.append((rel, str(exc).removeprefix(f"{f}: ")))  # the reason, without the path
         else:
-            h, w = img.shape[:2]
-            if min(h, w) < patch_size:
-                scan.too_small.append(rel)
-            else:
-                scan.sources.append(Source(rel, hashlib.sha256(data).hexdigest(), h, w))
+            _scan_one(scan, f, rel, patch_size, max_pixels)
         if progress:
             progress(n + 1, len(files))
     return scan
 
 
-def _utf8(name: str) -> bool:
-    """`name` (a path as the OS gave it: bytes that are not UTF-8 become lone surrogates) encodes as UTF-8."""
+def _scan_one(scan: SourceScan, f: Path, rel: str, patch_size: int, max_pixels: int | None) -> None:
+    """File `f` (named `rel`) into `scan`: a source, too small, or unreadable and why."""
+    try:
+        data = read_regular_file(f, max_file_bytes(max_pixels))  # never a FIFO or device; bounded size
+        # the same decoding and checks (pixel cap first) as the workers' read_image
+        img = decode_image(data, max_pixels=max_pixels)
+    except OSError as exc:
+        scan.unreadable.append((rel, exc.strerror or str(exc)))
+    except ImageError as exc:
+        scan.unreadable.append((rel, str(exc).removeprefix(f"{f}: ")))  # the reason, without the path
+    else:
+        h, w = img.shape[:2]
+        if min(h, w) < patch_size:
+            scan.too_small.append(rel)
+        else:
+            scan.sources.append(Source(rel, hashlib.sha256(data).hexdigest(), h, w))
+
+
+def _not_utf8(name: str) -> str | None:
+    """None if `name` (a path as the OS gave it: bytes that are not UTF-8 become lone surrogates) encodes as
+    UTF-8; else the name to show, its bytes as escapes (\\xff)."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    return None
 
 
 class SourceCache:

@@ -64,8 +64,8 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
             continue
         if sha256_file(f_path) != entry["sha256"]:
             problems.append(f"{name}: checksum differs from the manifest")
-        if f_path.stat().st_size != entry["bytes"]:
-            problems.append(f"{name}: {f_path.stat().st_size} bytes, the manifest says {entry['bytes']}")
+        if (size := f_path.stat().st_size) != entry["bytes"]:
+            problems.append(f"{name}: {size} bytes, the manifest says {entry['bytes']}")
         try:
             with h5py.File(f_path, "r") as f:
                 rows = config.shard_range(int(entry["shard"]))
@@ -78,13 +78,11 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
                 try:
                     made_with = json.loads(as_text(f.attrs["command"], f"{name}'s configuration"))
                 except (ValueError, KeyError):  # DatasetError is a ValueError
-                    made_with = None
+                    made_with = {}
                 if made_with != command:
-                    differ = sorted(k for k in command.keys() | (made_with or {}).keys()
-                                    if (made_with or {}).get(k) != command.get(k))
-                    problems.append(f"{name}: made with another configuration than the manifest's"
-                                    + (f" ({', '.join(differ)} {'differs' if len(differ) == 1 else 'differ'})"
-                                       if made_with is not None else ""))
+                    differ = sorted(k for k in command.keys() | made_with.keys() if made_with.get(k) != command.get(k))
+                    problems.append(f"{name}: made with another configuration than the manifest's ({', '.join(differ)} "
+                                    f"{'differs' if len(differ) == 1 else 'differ'})")
                 if [as_text(x, name) for x in f["sources"][:]] != source_paths:
                     problems.append(f"{name}: its sources table differs from the manifest's sources")
                 v, level = f["v"][:], f["level"][:]
