@@ -29,9 +29,9 @@ from degrade.errors import DegradeError
 from degrade.io import check_write_target, write_bytes_atomic, write_image
 
 console = text_console()
+err_console = text_console(stderr=True)
 # write errors that every image's output would meet: dasr-sr stops at the first (others skip that image)
 FOLDER_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
-err_console = text_console(stderr=True)
 SETTINGS = {"help_option_names": ["-h", "--help"]}
 MODEL_HELP = "A model file (dasr-export), a dasr-train checkpoint (ckpt-*.pt), or a run folder (its newest checkpoint)."
 
