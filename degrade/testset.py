@@ -28,6 +28,7 @@ import operator
 import os
 import re
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -174,7 +175,8 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
         existing = out.is_dir()
         for attempt in (0, 1):
             try:
-                tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, suffix=".tmp", dir=out if existing else out.parent))
+                with _signals_held():  # a stop between the folder's making and `tmp` would leave it behind
+                    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, suffix=".tmp", dir=out if existing else out.parent))
                 break
             except FileNotFoundError:  # a parent another run made, and took back as it failed, meanwhile
                 if attempt:
@@ -249,6 +251,20 @@ def _make_parents(folder: Path) -> list[Path]:
 
 
 TMP_PREFIX = ".make-testset."
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held back for the block (POSIX; delivered, and their handlers run, when it ends)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _check_empty(out: Path) -> None:
