@@ -14,7 +14,7 @@ shares the steps after it keep:
      --cuda-graph`), beside the float32 grouped eager step with the release's up-sampling (the release's
      way) in the same run; the loader's samples/s with 0 to all cores;
   3b. appended to OUT/train.md: the discriminator's x2 up-sampling (a quarter of the GAN step on an
-     H200) each way alone (`benchmarks/bench_upsample.py`: PyTorch's F.interpolate, upsample2x's lerps
+     H200 with PyTorch's kernels, a seventh with the matrix products, the default since) each way alone (`benchmarks/bench_upsample.py`: PyTorch's F.interpolate, upsample2x's lerps
      and its matrix products), then the graphed folded channels_last GAN step at batch 48 with each;
   3c. appended to OUT/train.md: the generator's element-wise operations (7 of the folded step's 31 ms on
      an H200, in PyTorch's strided kernel) alone per memory layout, with the kernel each ran
@@ -301,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     step(out, "train", [py, "benchmarks/bench_train.py", "--device", device, *loader, "--gan",
                         "--impl", "grouped,folded:cl", "--cuda-graph", "--fp32-baseline", *train_args],
          out / "train.md", allowed("train"))
-    # the discriminator's x2 up-sampling, a quarter of the GAN step (PyTorch's NHWC kernels: 37 of 134 ms at
-    # batch 48 on an H200): each way alone, then the graphed folded channels_last GAN step with each; both
+    # the discriminator's x2 up-sampling (PyTorch's NHWC kernels: 37 of 134 ms at batch 48 on an H200; the
+    # matrix products, the default since, 12 of 84): each way alone, then the graphed folded channels_last GAN step with each; both
     # tables appended to train.md (eight files come back from a device call)
     # the step table alone (before the up-sampling tables below are appended): what the compile step builds on
     eager_rows = step_rows((out / "train.md").read_text()) if (out / "train.md").exists() else []
@@ -315,9 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         up_train = ["--batch-sizes", "48", "--warmup", "3", "--repeats", "5", "--cuda-graph", "--compile-only"]
     step(out, "upsample", [py, "benchmarks/bench_upsample.py", "--device", device, *up_args],
          work / "upsample.txt", allowed("upsample") / 3)
-    # GAN rows alone (train.md has the step without GAN), the new way first: a cut keeps it
+    # GAN rows alone (train.md has the step without GAN), the default first ("auto": the matrix products on a
+    # GPU since 2026-11-27), then the others: a cut keeps it
     step(out, "upsample-step", [py, "benchmarks/bench_train.py", "--device", device, "--gan-only", "--impl",
-                                "folded:cl", "--disc-upsample", "matmul,auto,lerp", *up_train],
+                                "folded:cl", "--disc-upsample", "auto,interpolate,lerp", *up_train],
          work / "upsample-step.txt", allowed("upsample"))
     # the generator's element-wise operations (85 strided-kernel calls, 7 of 31 ms, in the batch-48 folded
     # step on an H200): alone per layout, with the kernel each ran, then the graphed folded channels_last step

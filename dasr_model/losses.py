@@ -83,11 +83,8 @@ class UNetDiscriminatorSN(nn.Module):
     """U-Net discriminator with spectral norm (Real-ESRGAN / DASR): per-pixel logits (B, 1, H, W).
 
     Its x2 bilinear up-sampling, `upsample` (all the same numbers up to float rounding): "auto", the
-    fastest measured, now :func:`upsample2x`'s "matmul" (a GAN step's 9 up-samplings forward and backward,
-    batch 48, bf16, on an H200: 12.2 ms channels_last, against 43.9 for F.interpolate and 64.4 for "lerp";
-    the graphed step 85.0 against 124.7 ms; on 2 CPU cores, float32, batch 2, 1.05x to 3x faster than
-    either, per shape and layout); "interpolate", PyTorch's F.interpolate, the release's way (a
-    benchmark's baseline); or upsample2x's "lerp" or "matmul"."""
+    fastest measured (:func:`auto_upsample`); "interpolate", PyTorch's F.interpolate, the release's way
+    (a benchmark's baseline); or :func:`upsample2x`'s "lerp" or "matmul"."""
 
     def __init__(self, in_ch: int = 3, num_feat: int = 64):
         super().__init__()
@@ -128,7 +125,24 @@ class UNetDiscriminatorSN(nn.Module):
 
     def _upsample(self, x: Tensor) -> Tensor:
         impl = self._upsample_impl
-        return upsample2x(x, "matmul" if impl == "auto" else impl)
+        if impl == "auto":
+            impl = auto_upsample(x.is_cuda, is_channels_last(x), x.dtype)
+        return upsample2x(x, impl)
+
+
+def auto_upsample(cuda: bool, channels_last: bool, dtype: torch.dtype) -> str:
+    """The discriminator's "auto" x2 up-sampling for its features: the fastest way measured
+    (`benchmarks/bench_upsample.py`, a GAN step's 9 up-samplings forward and 9 backward, summed). On a
+    GPU "matmul" (an H200, bf16, batch 48: 12.2 ms channels_last against 43.9 for F.interpolate and
+    64.4 for "lerp"; 9.7 NCHW against 92.7 and 67.7; the graphed GAN step 85.0 against 124.7 ms). On a
+    CPU (2 cores, batch 2) PyTorch's own on channels_last features (float32: 95 ms against 270 for
+    "matmul" and 756 for "lerp"), "matmul" on NCHW float32 (349 against 630 and 874) and "lerp" on NCHW
+    bf16 (427 against 661 and 1016: a CPU's bf16 matrix products are slow)."""
+    if cuda:
+        return "matmul"
+    if channels_last:
+        return "interpolate"
+    return "matmul" if dtype in (torch.float32, torch.float64) else "lerp"
 
 
 def l1_loss(a: Tensor, b: Tensor) -> Tensor:

@@ -279,7 +279,7 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
                for r in flat_steps.splitlines() if r.startswith("| 2 |"))
     assert "| channels_last | matmul | " in alone.split("A GAN step's 9 up-samplings")[1]
     gan_rows = [r for r in steps.splitlines() if r.startswith("| 2 | yes | bf16 autocast | folded | channels_last")]
-    assert [r.rstrip(" |").rsplit("|", 1)[1].strip() for r in gan_rows] == ["matmul", "auto", "lerp"]
+    assert [r.rstrip(" |").rsplit("|", 1)[1].strip() for r in gan_rows] == ["auto", "interpolate", "lerp"]
     assert "| 2 | no |" not in steps  # --gan-only: the step without GAN is in the table above
     assert " skipped" in log.split("tests: exit 0")[1]  # the CUDA tests' own summary line, in the log
     profile = (out / "profile.md").read_text()  # one row profiled: its wall and busy time, its top operators

@@ -441,7 +441,8 @@ def test_interp_matrix2x_rows_are_pytorchs_weights():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_discriminator_upsampling_ways_agree_with_the_release_way(upsample, channels_last):
     """float64: the discriminator's logits and parameter gradients with each up-sampling agree with
-    F.interpolate's (the release's way) to rounding; "auto" is "matmul"; an unknown way is refused."""
+    F.interpolate's (the release's way) to rounding; "auto" takes the way auto_upsample names; an unknown way
+    is refused."""
     from dasr_model.losses import UNetDiscriminatorSN, upsample2x
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -456,11 +457,37 @@ def test_discriminator_upsampling_ways_agree_with_the_release_way(upsample, chan
     theirs.sum().backward()
     for (name, a), b in zip(disc.named_parameters(), release.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-10, msg=name)
-    if upsample == "auto":  # the fastest measured, on a GPU and on a CPU: the matrix products, bit for bit
+    if upsample == "auto":  # on a CPU, in float64: PyTorch's on channels_last features, else the matrix products
         feats = torch.rand(2, 8, 6, 5, dtype=torch.float64).contiguous(memory_format=fmt)
-        assert torch.equal(disc._upsample(feats), upsample2x(feats, "matmul"))
+        assert torch.equal(disc._upsample(feats), upsample2x(feats, "interpolate" if channels_last else "matmul"))
     with pytest.raises(ValueError, match="discriminator upsample must be one of auto, interpolate, lerp, matmul"):
         disc.upsample = "nearest"
+
+
+def test_auto_upsample_is_the_fastest_way_measured():
+    """The discriminator's "auto" up-sampling (each choice from bench_upsample.py's tables): the matrix
+    products on a GPU; on a CPU PyTorch's kernel for channels_last features, the matrix products for NCHW
+    float32 and float64, the lerps for NCHW bf16 and float16."""
+    from dasr_model.losses import auto_upsample
+
+    for cl in (False, True):
+        for dtype in (torch.float32, torch.bfloat16):
+            assert auto_upsample(True, cl, dtype) == "matmul"
+            assert auto_upsample(False, True, dtype) == "interpolate"
+    assert [auto_upsample(False, False, d) for d in (torch.float32, torch.float64, torch.bfloat16, torch.float16)] == [
+        "matmul", "matmul", "lerp", "lerp"]
+
+
+@pytest.mark.cuda
+def test_auto_upsample_on_a_gpu_is_the_matrix_products():
+    """On CUDA the discriminator's "auto" up-sampling gives upsample2x's "matmul" output, bit for bit, in
+    bf16 channels_last (the training step's case) and float32 NCHW."""
+    from dasr_model.losses import UNetDiscriminatorSN, upsample2x
+
+    disc = UNetDiscriminatorSN(num_feat=8).cuda()
+    for dtype, fmt in ((torch.bfloat16, torch.channels_last), (torch.float32, torch.contiguous_format)):
+        feats = torch.rand(2, 8, 6, 5, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+        assert torch.equal(disc._upsample(feats), upsample2x(feats, "matmul"))
 
 
 def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path):
