@@ -20,11 +20,12 @@ at the release's init), milliseconds per image, median of --repeats after --warm
   without super_resolve's harness, then the same with `pointwise = "flat"` (`..., flat element-wise`: an
   experiment for PyTorch's element-wise kernels, bench_pointwise.py), each on a network of its own;
 - with --compile SIZES, last (after --profile), in a table of its own: at those sizes (also in --sizes)
-  the bf16 channels_last fused network through torch.compile in the default and reduce-overhead modes
-  (inductor fuses the convolutions' bias adds, the activations and the pixel shuffles; the fuse still
-  runs per call), against that size's `experts fp32` row; the first call, the compilation, is in the
-  label; a failed compilation is a row saying so, and without a C compiler (inductor needs one) the
-  rows say they were skipped.
+  the bf16 channels_last fused network through torch.compile in each of --compile-modes (default:
+  default and reduce-overhead; max-autotune also times Triton's convolution templates, whose epilogues
+  can take the bias adds, against cuDNN's kernels; inductor fuses the convolutions' bias adds, the
+  activations and the pixel shuffles; the fuse still runs per call), against that size's `experts fp32`
+  row; the first call, the compilation, is in the label; a failed compilation is a row saying so, and
+  without a C compiler (inductor needs one) the rows say they were skipped.
 
 max|diff| is against the `experts fp32` output (float32 images in about [0, 1]). CUDA fp32 convolutions
 use TF32 when torch.backends.cudnn.allow_tf32 is on (printed at the top; PyTorch's default is on).
@@ -34,7 +35,7 @@ channels_last` on CUDA or with --bf16, else `fused fp32`; cudnn.benchmark on CUD
 device-busy time per image and the kernels (operators on a CPU) that take the most.
 
 Usage: python benchmarks/bench_infer.py [--device auto] [--sizes 128,256,512] [--experts 5]
-       [--warmup 2] [--repeats 5] [--bf16] [--compile 512] [--profile 512]
+       [--warmup 2] [--repeats 5] [--bf16] [--compile 512] [--compile-modes default,max-autotune] [--profile 512]
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from _profile import first_line, profile_calls, sync
 from dasr_model.infer import fuse_experts, reused_fused_net, super_resolve
 from dasr_model.model import DASR, DASRConfig
 from dasr_model.runs import pick_device
+from dasr_model.train import COMPILE_MODES
 
 
 def print_row(size: int, label: str, ms: float, base_ms: float, fuse_ms: float | None, peak: float | None,
@@ -196,11 +198,16 @@ def main() -> None:
                     help="time the bf16 paths on a CPU too (on CUDA they always run): the GPU's path, for dry runs")
     ap.add_argument("--compile", default="", metavar="SIZES",
                     help="at these LR sizes also the fused bf16 channels_last network through torch.compile, in the "
-                         "default and reduce-overhead modes (their first call, the compilation, is said in seconds)")
+                         "--compile-modes (their first call, the compilation, is said in seconds)")
+    ap.add_argument("--compile-modes", default="default,reduce-overhead",
+                    help="torch.compile's modes for --compile, comma-separated, a row each: default, reduce-overhead, "
+                         "max-autotune, max-autotune-no-cudagraphs")
     ap.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # aot_eager: CPU dry runs
     ap.add_argument("--profile", type=int, metavar="SIZE",
                     help="after the table, profile dasr-sr's own path on one LR image of SIZE x SIZE")
     args = ap.parse_args()
+    if unknown := [m for m in args.compile_modes.split(",") if m.strip() not in COMPILE_MODES[1:]]:
+        ap.error(f"--compile-modes: unknown {', '.join(unknown)}; choose from {', '.join(COMPILE_MODES[1:])}")
     device = pick_device(args.device)
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine() or "CPU"
@@ -292,7 +299,7 @@ def print_compiled(model: DASR, device: torch.device, sizes: list[int],
             print(f"| {size} | torch.compile | not in --sizes | | | | |", flush=True)
             continue
         lr, a, base_ms, base_out = bases[size]
-        for mode in ("default", "reduce-overhead"):
+        for mode in (m.strip() for m in args.compile_modes.split(",") if m.strip()):
             label = f"fused bf16 channels_last, torch.compile {mode}"
             if no_compiler:  # inductor builds its kernels with the system C compiler
                 print(f"| {size} | {label} | skipped: no C compiler (cc, gcc, clang) | | | | |", flush=True)

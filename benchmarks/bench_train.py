@@ -14,8 +14,9 @@
   turn it back into NCHW at every layer). --compile MODES adds, per row, the step with the network
   compiled by torch.compile in each mode (as `dasr-train --compile`; reduce-overhead adds CUDA graphs),
   warmed up at least 3 steps; or experiments dasr-train does not run: "blocks", each residual block of
-  the generator compiled alone (one compilation for all 16), the rest eager, and "blocks+graph", that
-  step recorded as one CUDA graph (a failed experiment is a row saying so); --cuda-graph adds the row
+  the generator compiled alone (one compilation for all 16), the rest eager, "blocks+graph", that
+  step recorded as one CUDA graph, and "net+graph", the network compiled in the default mode inside the
+  whole-step CUDA graph (a failed experiment is a row saying so); --cuda-graph adds the row
   with the whole step recorded as one CUDA graph and replayed (as `dasr-train --cuda-graph`; CUDA only)
   (--compile-only: the compiled / graphed rows without their eager twins). Peak GPU memory per step on
   CUDA; the first step's seconds (cuDNN's algorithm search with cudnn.benchmark, or the
@@ -72,13 +73,14 @@ KEEPS_CHANNELS_LAST = ("dense", "stacked")  # the strategies whose generator run
 # --compile experiments dasr-train does not run: each of the generator's residual blocks compiled on its own
 # (regional compilation: one compilation serves the 16 blocks; inductor fuses each convolution's bias add with
 # the ReLU or the residual add after it), the rest eager; "blocks+graph": that step recorded as one CUDA graph
-# (the whole-step graph, which dasr-train --compile rules out)
-BLOCK_MODES = ("blocks", "blocks+graph")
+# (the whole-step graph, which dasr-train --compile rules out); "net+graph": the whole network compiled (inductor's
+# default mode, as dasr-train --compile default) inside the whole-step CUDA graph
+BLOCK_MODES = ("blocks", "blocks+graph", "net+graph")
 # --small: the release's networks with fewer blocks and features (the generator's 5 experts kept), for the GPU
 # scripts' dry runs on a CPU: the same code, less of it to trace and time
 SMALL = DASRConfig(num_feat=8, num_block=2, predictor_feat=8)
 SMALL_NAME = "generator of 5 experts, 2 blocks, 8 features; discriminator of 8 features"
-GRAPHED = ("graph", "blocks+graph")
+GRAPHED = ("graph", "blocks+graph", "net+graph")
 
 
 def bench_loader(shards: str, batch: int, workers: int, steps: int) -> float:
@@ -109,7 +111,7 @@ def setup_step(device: torch.device, batch: int, gan: bool, impl: str = "grouped
     parts = StepParts(net=model, model=model, ema=copy.deepcopy(model.generator).requires_grad_(False),
                       opt=torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas), disc=disc,
                       opt_d=torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas) if disc else None)
-    if compile_mode in BLOCK_MODES:
+    if compile_mode in ("blocks", "blocks+graph"):
         if not hasattr(torch.nn.Module, "compile"):
             raise DASRError(f"--compile {compile_mode} needs torch 2.2 or later (nn.Module.compile)")
         torch._dynamo.reset()
@@ -117,7 +119,7 @@ def setup_step(device: torch.device, batch: int, gan: bool, impl: str = "grouped
             block.compile(backend=compile_backend, dynamic=False)
     elif compile_mode not in ("off", "graph"):
         torch._dynamo.reset()  # each row compiles afresh: its first step is its compile time
-        parts.net = compile_net(model, compile_mode, compile_backend)
+        parts.net = compile_net(model, "default" if compile_mode == "net+graph" else compile_mode, compile_backend)
     lr = torch.rand(batch, 3, lr_size, lr_size, device=device).contiguous(memory_format=fmt)
     hr = unsharp_mask(torch.rand(batch, 3, 4 * lr_size, 4 * lr_size, device=device)).contiguous(memory_format=fmt)
     v = torch.rand(batch, 33, device=device)
@@ -216,8 +218,9 @@ def impl_name(impl: str, pointwise: str) -> str:
 
 
 def compiled_name(mode: str, backend: str) -> str:
-    if mode in ("off", "graph", "blocks+graph"):
-        return {"off": "eager", "graph": "cuda graph", "blocks+graph": "blocks compiled + cuda graph"}[mode]
+    if mode in ("off", "graph", "blocks+graph", "net+graph"):
+        return {"off": "eager", "graph": "cuda graph", "blocks+graph": "blocks compiled + cuda graph",
+                "net+graph": "compiled + cuda graph"}[mode]
     if mode == "blocks":
         return "blocks compiled" + ("" if backend == "inductor" else f" ({backend})")
     return mode if backend == "inductor" else f"{mode} ({backend})"
@@ -260,7 +263,8 @@ def main() -> None:
     ap.add_argument("--compile", default="", help=f"also time each row compiled in these modes, comma-separated: "
                                                   f"{','.join(COMPILE_MODES[1:])}; experiments: "
                                                   f"{','.join(BLOCK_MODES)} (the residual blocks compiled alone, "
-                                                  "eager or in the whole-step CUDA graph)")
+                                                  "eager or in the whole-step CUDA graph; the network compiled "
+                                                  "in that graph)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="also time each row as one CUDA graph per step (dasr-train --cuda-graph), after any "
                          "--compile modes; with --profile(-only), profile those rows too")

@@ -13,9 +13,10 @@ shares the steps after it keep:
      (dasr-train's default on a GPU), each eager and as one CUDA graph per step (`dasr-train
      --cuda-graph`), beside the float32 grouped eager step with the release's up-sampling (the release's
      way) in the same run; the loader's samples/s with 0 to all cores;
-  3b. appended to OUT/train.md: the discriminator's x2 up-sampling (a quarter of the GAN step on an
-     H200 with PyTorch's kernels, a seventh with the matrix products, the default since) each way alone (`benchmarks/bench_upsample.py`: PyTorch's F.interpolate, upsample2x's lerps
-     and its matrix products), then the graphed folded channels_last GAN step at batch 48 with each;
+  3b. appended to OUT/train.md: the discriminator's x2 up-sampling (a quarter of the GAN step on an H200
+     with PyTorch's kernels, a seventh with the matrix products, the default since) each way alone
+     (`benchmarks/bench_upsample.py`: PyTorch's F.interpolate, upsample2x's lerps and its matrix
+     products), then the graphed folded channels_last GAN step at batch 48 with each;
   3c. appended to OUT/train.md: the generator's element-wise operations (7 of the folded step's 31 ms on
      an H200, in PyTorch's strided kernel) alone per memory layout, with the kernel each ran
      (`benchmarks/bench_pointwise.py`), then the graphed folded channels_last step at batch 48, without
@@ -36,8 +37,10 @@ shares the steps after it keep:
   7. OUT/compile.md, last (the least known cost: a cold inductor build of forward and backward per row):
      the fastest eager strategy and memory format of train.md at the largest batch, compiled
      (`torch.compile`, as `dasr-train --compile`) in the default mode and in reduce-overhead (CUDA graphs
-     of the network alone), and an experiment dasr-train does not run: the residual blocks compiled
-     alone inside the whole-step CUDA graph; without and with GAN, beside the float32 baseline (its
+     of the network alone), and two experiments dasr-train does not run: the network compiled (default
+     mode), then the residual blocks compiled alone, each inside the whole-step CUDA graph (the fastest
+     no-GAN batch-48 step on an H200 was reduce-overhead's, 2.97x, short of the 3x target; the whole-step
+     graph beats it with GAN); without and with GAN, beside the float32 baseline (its
      eager twin is in train.md); skipped, and said so, without a C compiler for Triton;
   8. OUT/summary.md: all of it in one page, led by the fastest training step per batch and GAN setting.
 
@@ -291,8 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         # the largest batch first: the headline rows, and what the compile step builds on, come before any cut
         train_args = ["--batch-sizes", "48,16,6", "--warmup", "3", "--repeats", "5",
                       "--loader-workers", ",".join(map(str, workers)), "--loader-batch", "48", "--loader-steps", "30"]
+        # max-autotune last: Triton's convolution templates, timed against cuDNN's (minutes of autotuning?)
         infer_args = ["--sizes", "128,256,512", "--warmup", "2", "--repeats", "5", "--profile", "512",
-                      "--compile", "512"]
+                      "--compile", "512", "--compile-modes", "default,reduce-overhead,max-autotune"]
     loader = ["--shards", str(shards)] if made else []  # without the dataset: the step times alone
     # not dense, stacked, bmm: on an H200 (2026-11-26, docs/benchmarks.md) dense was slower than grouped in
     # every 5-expert row of the step table, stacked and bmm in the trainer's probe (batch 48, no GAN); not
@@ -302,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--impl", "grouped,folded:cl", "--cuda-graph", "--fp32-baseline", *train_args],
          out / "train.md", allowed("train"))
     # the discriminator's x2 up-sampling (PyTorch's NHWC kernels: 37 of 134 ms at batch 48 on an H200; the
-    # matrix products, the default since, 12 of 84): each way alone, then the graphed folded channels_last GAN step with each; both
-    # tables appended to train.md (eight files come back from a device call)
+    # matrix products, the default since, 12 of 84): each way alone, then the graphed folded channels_last GAN
+    # step with each; both tables appended to train.md (eight files come back from a device call)
     # the step table alone (before the up-sampling tables below are appended): what the compile step builds on
     eager_rows = step_rows((out / "train.md").read_text()) if (out / "train.md").exists() else []
     if args.smoke:  # eager steps: a CPU records no CUDA graph
@@ -364,8 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         compile_args = ["--lr-size", "8", "--warmup", "0", "--repeats", "1", "--compile", "default,blocks",
                         "--compile-backend", "aot_eager", "--precision", "bf16", "--small"]
     else:
-        # and an experiment: the residual blocks compiled alone inside the whole-step CUDA graph
-        compile_args = ["--warmup", "3", "--repeats", "5", "--compile", "default,reduce-overhead,blocks+graph"]
+        # and two experiments: the network compiled (default mode), then the residual blocks compiled alone, each
+        # inside the whole-step CUDA graph
+        compile_args = ["--warmup", "3", "--repeats", "5", "--compile",
+                        "default,reduce-overhead,net+graph,blocks+graph"]
     compiler = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     if compiler is None and not args.smoke:  # Triton builds its kernel launchers with the system C compiler
         log(out, "compile: skipped, no C compiler (cc, gcc, clang) for Triton; its time goes to the next steps")

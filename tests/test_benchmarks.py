@@ -433,6 +433,33 @@ def test_bench_train_blocks_compiled_train_like_eager_and_a_failed_experiment_is
     assert "| 10.0 |" in rows[3]
 
 
+def test_bench_train_net_graph_compiles_the_network_for_the_whole_step_graph(monkeypatch, capsys):
+    """The "net+graph" experiment: the network compiled as dasr-train --compile default builds it (inductor's
+    default mode; here the aot_eager backend), its parameters the model's own, then handed to the whole-step
+    CUDA graph, which a CPU refuses: a row saying so, not the end of the table."""
+    import torch
+
+    from dasr_model.errors import DASRError
+
+    bench = _bench_module("bench_train")
+    modes, compile_net = [], bench.compile_net
+    monkeypatch.setattr(bench, "compile_net", lambda net, mode, backend: modes.append(mode) or compile_net(
+        net, mode, backend))
+    parts, cfg, lr, hr, v = bench.setup_step(torch.device("cpu"), 2, False, "folded", True, 8, "net+graph",
+                                             "aot_eager", small=True)
+    assert modes == ["default"]
+    assert isinstance(parts.net, torch._dynamo.eval_frame.OptimizedModule) and parts.net._orig_mod is parts.model
+    with pytest.raises(DASRError, match="CUDA"):
+        bench.make_runner(parts, cfg, lr, hr, v, False, "net+graph", torch.device("cpu"))
+    monkeypatch.setattr(sys, "argv", ["bench_train.py", "--device", "cpu", "--batch-sizes", "2", "--impl", "folded",
+                                      "--lr-size", "8", "--small", "--warmup", "0", "--repeats", "1",
+                                      "--compile", "net+graph", "--compile-backend", "aot_eager"])
+    bench.main()
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 2 |")]
+    assert [r.split("|")[6].strip() for r in rows] == ["eager", "compiled + cuda graph"]
+    assert "CUDA" in rows[1].split("|")[7] and re.search(r"\| [\d.]+ \| 1.00x \|", rows[0])
+
+
 def _bench_module(name: str):
     import importlib.util
 
