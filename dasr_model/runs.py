@@ -43,6 +43,7 @@ def describe_device(device: torch.device) -> str:
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", MODEL_FILE)
+RUN_LOCK = ".lock"  # RUN/.lock, held (flock) by the dasr-train writing the run: never deleted by --restart
 
 
 def start_over(out: Path) -> list[Path]:

@@ -42,9 +42,16 @@ from dasr_model.evaluate import ValidationSet, pairs_from_shards
 from dasr_model.graphstep import GraphedStep, plain_optimizer_state
 from dasr_model.infer import LoadedModel, load_model
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss, l1_loss
-from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, is_channels_last, set_expert_impl
+from dasr_model.model import (
+    DASR,
+    EXPERT_IMPLS,
+    DASRConfig,
+    is_channels_last,
+    set_expert_impl,
+)
 from dasr_model.modelfile import MODEL_FILE, save_model_file
 from dasr_model.runs import (
+    RUN_LOCK,
     describe_device,
     foreign_run_file,
     half_written,
@@ -56,7 +63,7 @@ from dasr_model.runs import (
     usable_cores,
 )
 from degrade.errors import DegradeError
-from degrade.io import write_bytes_atomic
+from degrade.io import exclusive_lock, write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -306,6 +313,41 @@ def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
           progress: Callable[[int, dict[str, Any]], None] | None = None,
           notify: Callable[[str], None] | None = None, source: LoadedModel | None = None,
           checkpoint: tuple[Path, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Train as `cfg` says (:func:`_train`), holding RUN/.lock while it runs (rank 0, which alone writes the
+    run's files): a second dasr-train on the same run folder, a scheduler's requeue while the first still
+    runs say, is refused at once instead of interleaving checkpoints and metrics with it. A run that wrote
+    nothing leaves no folder where it made one."""
+    kwargs = dict(resume=resume, restart=restart, progress=progress, notify=notify, source=source,
+                  checkpoint=checkpoint)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train(cfg, **kwargs)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise DASRError(f"{out}: is a file, not a run folder")
+    top = None  # the outermost folder this call makes
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        top = folder
+    out.mkdir(parents=True, exist_ok=True)
+    try:  # the lock file lives while the run does
+        with exclusive_lock(out / RUN_LOCK, maker="dasr-train", error=DASRError, remove=True,
+                            busy=f"{out}: another dasr-train is running in this folder; wait for it or stop it"):
+            return _train(cfg, **kwargs)
+    finally:
+        for folder in (out, *out.parents) if top is not None else ():  # empty folders this call made: gone
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (the run wrote there), or gone: leave it
+                break
+            if folder == top:
+                break
+
+
+def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
+           progress: Callable[[int, dict[str, Any]], None] | None = None,
+           notify: Callable[[str], None] | None = None, source: LoadedModel | None = None,
+           checkpoint: tuple[Path, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train as `cfg` says; returns the last metrics. SIGINT, SIGTERM or the `max_minutes` budget saves a
     checkpoint, then stops (`last["stopped_by"]` says which). The last step also writes RUN/model.safetensors
     (predictor + EMA generator, bf16). `notify` receives one-line notes: what runs where, where a resume

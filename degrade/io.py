@@ -747,3 +747,55 @@ def crop_to_multiple(img: NDArray, multiple: int) -> NDArray:
     """Crop the bottom/right so both sides are multiples of `multiple` (a view, not a copy)."""
     h, w = img.shape[:2]
     return img[: h - h % multiple, : w - w % multiple]
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, *, maker: str, busy: str, error: type[Exception],
+                   remove: bool = False) -> Iterator[None]:
+    """Hold the lock file `path` exclusively (POSIX flock) for the block, made if missing: a second holder
+    gets `error(busy)` at once, and the kernel lets go when a holder dies, even by kill -9 (the file stays,
+    harmless). `remove`: delete the file at the end, while still held (a holder that opened it before then
+    finds, once it has the lock, that the path no longer names its file, and is refused as busy). Never
+    through a symlink (it could create or touch a file outside the folder), never a FIFO (opening one waits
+    for a reader for ever): `error` names what `path` is instead (`maker` makes its own). Without POSIX
+    locks (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    what = "is not a regular file"
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):  # ENXIO: a FIFO without a reader
+            raise
+        fd, what = None, "is a symlink" if exc.errno == errno.ELOOP else what
+    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd is not None:
+            os.close(fd)
+        raise error(f"{path}: {what}; remove it ({maker} makes its own)")
+    with os.fdopen(fd, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise error(busy) from None
+        try:
+            if not _same_file(path, handle.fileno()):  # removed (or replaced) by the holder before us
+                raise error(busy)
+            yield
+        finally:
+            if remove:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -285,6 +286,59 @@ def test_old_checkpoints_are_pruned_and_config_records_what_ran(shards, tmp_path
     train(_cfg(shards, tmp_path / "all", 3, ckpt_every=1, keep_checkpoints=0))
     assert _ckpts(tmp_path / "all") == ["ckpt-1.pt", "ckpt-2.pt", "ckpt-3.pt"]
     assert latest_intact(tmp_path / "nothing-here") is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX locks")
+def test_a_second_dasr_train_on_a_running_folder_is_refused_and_the_lock_lives_with_the_run(shards, tmp_path):
+    """RUN/.lock, held by the run: another dasr-train on the folder (here the lock held by this test, on a
+    file description of its own, as another process's would be) is refused in one line, with nothing
+    written or deleted, --restart included; once free the run goes ahead, and leaves no lock file. A run
+    refused before it wrote anything leaves no folder where it made one, parents included."""
+    from degrade.io import exclusive_lock
+
+    run = tmp_path / "run"
+    train(_cfg(shards, run, 1))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert ".lock" not in before
+    with exclusive_lock(run / ".lock", maker="test", busy="held", error=RuntimeError):
+        for extra in ([], ["--restart"], ["--resume", "--steps", "2"]):
+            result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(run), "--steps", "1",
+                                                    *TINY_ARGS, *extra])
+            assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+            assert f"{run}: another dasr-train is running in this folder" in " ".join(result.output.split())
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"} == before
+    train(_cfg(shards, run, 2), resume=True)
+    assert _steps(run) == [1, 2] and not (run / ".lock").exists()
+    deep = tmp_path / "a" / "b" / "run"
+    with pytest.raises(DASRError, match="larger than the dataset's LR patches"):
+        train(replace(_cfg(shards, deep, 1), lr_crop=40))
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX locks")
+def test_a_lock_file_removed_by_its_holder_while_we_waited_to_open_it_is_not_ours(tmp_path, monkeypatch):
+    """exclusive_lock(remove=True) deletes the file while still holding it; a process that had opened it just
+    before gets the lock of a file no path names any more, and must be refused, or it and the next run (which
+    makes a new file) would both hold "the" lock. Simulated: the file is replaced right after our open."""
+    import degrade.io as dio
+
+    lock = tmp_path / ".lock"
+    real_open = os.open
+
+    def open_then_replaced(path, flags, mode=0o777):
+        fd = real_open(path, flags, mode)
+        os.unlink(path)
+        lock.write_bytes(b"")  # the next run's lock file
+        return fd
+
+    monkeypatch.setattr(dio.os, "open", open_then_replaced)
+    with pytest.raises(RuntimeError, match="busy"):
+        with dio.exclusive_lock(lock, maker="test", busy="busy", error=RuntimeError):
+            pass
+    monkeypatch.setattr(dio.os, "open", real_open)
+    with dio.exclusive_lock(lock, maker="test", busy="busy", error=RuntimeError, remove=True):
+        assert lock.exists()
+    assert not lock.exists()
 
 
 @pytest.mark.parametrize("args,message", [

@@ -9,7 +9,6 @@ this process writes. Libraries print nothing: progress is reported through a cal
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import json
 import os
@@ -25,7 +24,7 @@ import numpy as np
 
 from degrade._version import __version__
 from degrade.errors import DatasetError, DegradeError
-from degrade.io import check_max_pixels, write_bytes_atomic
+from degrade.io import check_max_pixels, exclusive_lock, write_bytes_atomic
 from degrade.recipe import LEVELS, MIX_PROBS, SCALE, LevelChoice
 from degrade.shards.executor import OrderedMap
 from degrade.shards.format import (
@@ -127,37 +126,10 @@ def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(diffs)
 
 
-@contextlib.contextmanager
-def _exclusive_lock(out: Path) -> Iterator[None]:
+def _exclusive_lock(out: Path) -> contextlib.AbstractContextManager[None]:
     """Hold DIR/.lock exclusively (POSIX flock) so two runs never write one dataset at once."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking
-        yield
-        return
-    # Never through a symlink (it could create or touch a file outside the dataset), never a FIFO (opening
-    # one waits for a reader for ever): O_NOFOLLOW | O_NONBLOCK, then a regular file or a refusal.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    what = "is not a regular file"
-    try:
-        fd = os.open(out / LOCK, flags, 0o644)
-    except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.ENXIO):  # ENXIO: a FIFO without a reader
-            raise
-        fd, what = None, "is a symlink" if exc.errno == errno.ELOOP else what
-    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
-        if fd is not None:
-            os.close(fd)
-        raise DatasetError(f"{out / LOCK}: {what}; remove it (make-dataset makes its own)")
-    with os.fdopen(fd, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DatasetError(f"{out}: another make-dataset run is writing this dataset") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return exclusive_lock(out / LOCK, maker="make-dataset", busy=f"{out}: another make-dataset run is writing this "
+                          "dataset", error=DatasetError)
 
 
 def _regular(path: Path) -> bool:
