@@ -153,6 +153,27 @@ def test_a_sample_maker_is_compared_by_configuration_and_pickles_without_its_cac
     np.testing.assert_array_equal(chunk["lr"][1], dsm.make_sample(_config(bundled), 3)[2].lr)
 
 
+def test_each_shard_is_synced_to_disk_before_its_rename_and_the_manifest_after(tmp_path, monkeypatch):
+    """After a power loss a shard the manifest lists holds its samples: its bytes are synced before the
+    rename gives it its name, and the manifest's atomic write (synced, then its folder) comes after."""
+    from .conftest import make_small_dataset
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    out = tmp_path / "ds"
+    make_small_dataset(out, count=4, seed=1, shard_size=2)
+    shard_events = [(kind, Path(p).name) for kind, p in events if "shard-" in Path(p).name]
+    assert shard_events == [("fsync", ".shard-00000.h5.partial"), ("replace", "shard-00000.h5"),
+                            ("fsync", ".shard-00001.h5.partial"), ("replace", "shard-00001.h5")]
+    manifests = [i for i, (kind, p) in enumerate(events) if kind == "replace" and Path(p).name == "manifest.json"]
+    last_shard = next(i for i, (kind, p) in enumerate(events) if kind == "replace" and p.endswith("shard-00001.h5"))
+    assert manifests and manifests[-1] > last_shard  # the manifest that lists the last shard comes after it
+    assert all(events[i - 1][0] == "fsync" and events[i + 1] == ("fsync", str(out)) for i in manifests)
+
+
 def test_resume_recovers_from_a_crash_between_rename_and_manifest(reference, bundled, tmp_path):
     out = tmp_path / "ds"
     dsm.make_dataset(_config(bundled), out)

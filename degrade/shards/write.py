@@ -176,6 +176,7 @@ def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], r
             try:
                 chunks = len(chunk_ranges(config.shard_range(k)))
                 _write_shard(tmp, config, k, itertools.islice(stream, chunks), count)
+                _sync_file(tmp)  # its bytes on disk before its name; the manifest's write syncs the folder
                 os.replace(tmp, final)
             except OSError as exc:  # disk full, quota, I/O error: earlier shards stay valid, so say how to resume
                 tmp.unlink(missing_ok=True)
@@ -188,6 +189,16 @@ def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], r
                          "count": len(config.shard_range(k)), "bytes": final.stat().st_size,
                          "sha256": sha256_file(final)}
             _save_manifest(out, config, shards)
+
+
+def _sync_file(path: Path) -> None:
+    """Flush a written file to disk: after a power loss a shard the manifest lists holds its samples, not
+    nothing (a rename can reach the disk before the data)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _save_manifest(out: Path, config: DatasetConfig, shards: dict[int, dict[str, Any]]) -> None:
