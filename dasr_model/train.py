@@ -644,6 +644,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 # are not saved as a checkpoint to resume from
                 if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
                     raise FloatingPointError(f"the weights became NaN or infinite by step {step}")
+                os.fsync(metrics_file.fileno())  # the log up to the checkpoint survives a power loss with it
                 save_checkpoint(out / f"ckpt-{step}.pt", parts.state_dict(cfg, step, fitted))
                 prune_checkpoints(out, cfg.keep_checkpoints)
             if main_rank and final:

@@ -273,6 +273,30 @@ def test_resume_after_a_kill_keeps_each_step_once_and_skips_a_damaged_checkpoint
     assert all(torch.equal(t, b["model"][k]) for k, t in a["model"].items())
 
 
+def test_the_metrics_log_is_synced_to_disk_before_each_checkpoint(shards, tmp_path, monkeypatch):
+    """A checkpoint survives a power loss (atomic, synced); the log lines up to its step must too, or a
+    resume after one would continue from a step whose history is gone. Each save is preceded by a sync of
+    metrics.jsonl holding that step's line."""
+    import dasr_model.train as train_module
+
+    run = tmp_path / "run"
+    events = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.endswith("metrics.jsonl"):
+            events.append(("metrics synced", _steps(run)[-1] if (run / "metrics.jsonl").read_text() else None))
+        real_fsync(fd)
+
+    real_save = train_module.save_checkpoint
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(train_module, "save_checkpoint", lambda path, state: (
+        events.append(("saved", int(Path(path).stem[5:]))), real_save(path, state)))
+    train(_cfg(shards, run, 3, ckpt_every=2))
+    assert events == [("metrics synced", 2), ("saved", 2), ("metrics synced", 3), ("saved", 3)]
+
+
 def test_old_checkpoints_are_pruned_and_config_records_what_ran(shards, tmp_path):
     run = tmp_path / "run"
     notes = []
