@@ -42,6 +42,10 @@ shares the steps after it keep:
      no-GAN batch-48 step on an H200 was reduce-overhead's, 2.97x, short of the 3x target; the whole-step
      graph beats it with GAN); without and with GAN, beside the float32 baseline (its
      eager twin is in train.md); skipped, and said so, without a C compiler for Triton;
+  7b. appended to OUT/infer.md, last of all (its autotuning time is unknown, so it takes what the others
+     left and cuts nothing): the fused bf16 channels_last network at LR 512 through torch.compile's
+     max-autotune (Triton's convolution templates, whose epilogues can take the bias adds, timed against
+     cuDNN's kernels; `bench_infer.py --compile-modes max-autotune`);
   8. OUT/summary.md: all of it in one page, led by the fastest training step per batch and GAN setting.
 
 Usage (GPU): python benchmarks/gpu_speed_run.py --out $OUT [--tests] [--model model.safetensors] [--minutes 8]
@@ -80,8 +84,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # each, as the table's): its share came from infer, compile, train and profile.
 # The element-wise step is a guess too: 20 timed small calls, each profiled once for its kernel (some 10 s with
 # CUDA's start), then 2 graphed batch-48 rows (some 5 s each); its share came from train and compile.
-SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.33, "upsample": 0.07, "pointwise": 0.04, "profile": 0.12,
-          "infer": 0.14, "bf16": 0.03, "compile": 0.18}
+# On an H200 (2026-11-27, --tests --minutes 9): tests 31 s, dataset 4, train 116, up-sampling 9 + 23, element-wise
+# 8 + 21, profiles 35, inference 27 (both compilations included), bf16 9, compile 84 (8 rows): 373 s of 540.
+# The compile table has 10 rows since (net+graph); after it, last, inference through max-autotune (Triton's
+# convolution templates autotuned: its time unknown, so it takes what the others left, and cuts nothing).
+SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.30, "upsample": 0.07, "pointwise": 0.04, "profile": 0.10,
+          "infer": 0.12, "bf16": 0.03, "compile": 0.20, "autotune": 0.05}
 # what the speed paths' exactness rests on, and dasr-train's default GPU path: their tests marked cuda (-m cuda)
 GPU_TESTS = ("tests/test_graphstep.py", "tests/test_expert_impl.py", "tests/test_train.py")
 TESTS_FLOOR_S = 90  # the CUDA tests' least time (at most a fifth of the budget), whatever their share
@@ -90,18 +98,22 @@ STEP_COLUMNS = ("batch", "GAN", "precision", "expert impl", "memory format", "co
 UPSAMPLE_COLUMN = 10  # bench_train's last column: the discriminator's up-sampling ("-" without GAN)
 
 
-def step_rows(text: str) -> list[dict[str, str]]:
-    """The training-step rows of bench_train's table in `text` (columns STEP_COLUMNS, then more; the
-    discriminator's up-sampling, where the row has that column, as "D up-sampling")."""
+def step_rows(text: str, source: str = "") -> list[dict[str, str]]:
+    """The training-step rows of bench_train's tables in `text` (columns STEP_COLUMNS, then more; the
+    discriminator's up-sampling, where the row has that column, as "D up-sampling"), each with "table":
+    `source` and the number of its table there (one bench_train process per table: rows compare within one)."""
     rows = []
+    table = 0
     for line in text.splitlines():
+        if line.startswith("| batch | GAN |"):
+            table += 1
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("| ") and len(cells) >= len(STEP_COLUMNS) and cells[0].isdigit():
             try:
                 float(cells[6])
             except ValueError:
                 continue
-            rows.append(dict(zip(STEP_COLUMNS, cells)))
+            rows.append({**dict(zip(STEP_COLUMNS, cells)), "table": f"{source}#{table}"})
             if len(cells) > UPSAMPLE_COLUMN:
                 rows[-1]["D up-sampling"] = cells[UPSAMPLE_COLUMN]
     return rows
@@ -120,18 +132,27 @@ def fastest_eager(rows: list[dict[str, str]]) -> str | None:
 
 
 def fastest_table(rows: list[dict[str, str]]) -> str:
-    """The fastest row per (batch, GAN), with its speed-up over the float32 grouped eager row where present."""
+    """The fastest row per (batch, GAN), with its speed-up over the float32 grouped eager row of its own
+    table (the same process, as bench_train's column); where its table has none, over another table's,
+    marked "*" (another process: machines' and processes' spreads enter the ratio)."""
     lines = ["| batch | GAN | fastest step | ms/step | vs float32 grouped NCHW eager |", "|---:|---|---|---:|---:|"]
+    marked = False
     for key in sorted({(int(r["batch"]), r["GAN"]) for r in rows}):
         group = [r for r in rows if (int(r["batch"]), r["GAN"]) == key]
         best = min(group, key=lambda r: float(r["ms/step"]))
         base = [r for r in group if (r["precision"], r["expert impl"], r["memory format"], r["compile"])
                 == ("float32", "grouped", "NCHW", "eager")]
-        ratio = f"{float(base[0]['ms/step']) / float(best['ms/step']):.2f}x" if base else "-"
+        own = [r for r in base if r.get("table") == best.get("table")]
+        ratio = "-"
+        if base:
+            ratio = f"{float((own or base)[0]['ms/step']) / float(best['ms/step']):.2f}x" + ("" if own else " *")
+            marked = marked or not own
         what = f"{best['precision']}, {best['expert impl']}, {best['memory format']}, {best['compile']}"
         if best.get("D up-sampling", "-") != "-":
             what += f", D up-sampling {best['D up-sampling']}"
         lines.append(f"| {key[0]} | {key[1]} | {what} | {best['ms/step']} | {ratio} |")
+    if marked:
+        lines.append("\n\\* against the float32 step of another table of this run (another process)")
     return "\n".join(lines) + "\n"
 
 
@@ -294,9 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         # the largest batch first: the headline rows, and what the compile step builds on, come before any cut
         train_args = ["--batch-sizes", "48,16,6", "--warmup", "3", "--repeats", "5",
                       "--loader-workers", ",".join(map(str, workers)), "--loader-batch", "48", "--loader-steps", "30"]
-        # max-autotune last: Triton's convolution templates, timed against cuDNN's (minutes of autotuning?)
         infer_args = ["--sizes", "128,256,512", "--warmup", "2", "--repeats", "5", "--profile", "512",
-                      "--compile", "512", "--compile-modes", "default,reduce-overhead,max-autotune"]
+                      "--compile", "512"]
     loader = ["--shards", str(shards)] if made else []  # without the dataset: the step times alone
     # not dense, stacked, bmm: on an H200 (2026-11-26, docs/benchmarks.md) dense was slower than grouped in
     # every 5-expert row of the step table, stacked and bmm in the trainer's probe (batch 48, no GAN); not
@@ -382,8 +402,21 @@ def main(argv: list[str] | None = None) -> int:
                               "--impl", best,
                               "--batch-sizes", str(largest), "--fp32-baseline", "--compile-only", *compile_args],
              out / "compile.md", allowed("compile"))
+    # last: the fused network at LR 512 through max-autotune, appended to infer.md (eight files come back)
+    tune_args = (["--sizes", "16", "--warmup", "0", "--repeats", "1", "--experts", "2", "--bf16", "--small",
+                  "--compile", "16", "--compile-backend", "aot_eager"] if args.smoke
+                 else ["--sizes", "512", "--warmup", "2", "--repeats", "5", "--compile", "512"])
+    if compiler is None and not args.smoke:
+        log(out, "autotune: skipped, no C compiler (cc, gcc, clang) for Triton")
+    else:
+        step(out, "autotune", [py, "benchmarks/bench_infer.py", "--device", device, *tune_args,
+                               "--compile-modes", "max-autotune"], work / "autotune.txt", allowed("autotune"))
+        with open(out / "infer.md", "a") as f:
+            text = (work / "autotune.txt").read_text() if (work / "autotune.txt").exists() else "(missing)\n"
+            f.write(f"\n\n## The fused network through max-autotune (bench_infer.py, after the compile step)\n\n{text}")
     parts = ["environment.txt", "train.md", "profile.md", "compile.md", "infer.md", "bf16.md"]
-    rows = [r for p in ("train.md", "compile.md") if (out / p).exists() for r in step_rows((out / p).read_text())]
+    rows = [r for p in ("train.md", "compile.md") if (out / p).exists()
+            for r in step_rows((out / p).read_text(), p)]
     (out / "summary.md").write_text("# DASR speed run\n\n## The fastest training step\n\n" + fastest_table(rows)
                                     + "\n" + "\n".join(
         f"## {p}\n\n" + ((out / p).read_text() if (out / p).exists() else "(missing)\n") for p in parts))

@@ -185,8 +185,14 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
 
     from dasr_model.model import DASRConfig
     from dasr_model.runs import pick_device
-    from dasr_model.train import TrainConfig, train
+    from dasr_model.train import TrainConfig, hold_run_folder, train
 
+    try:  # the run folder held from here to the end: its checkpoints read below are the ones the run continues
+        ctx.with_resource(hold_run_folder(out))
+    except DegradeError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(os_error(exc)) from None
     if init_from is not None and init_release:
         raise click.UsageError("start from --init-from or from --init-release, not both")
     source = None  # the model --init-from / --init-release names, once read
@@ -292,7 +298,7 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
                 bar.update(task, completed=step, info=info)
 
             last = train(cfg, resume=resume, restart=restart, progress=report, source=source, checkpoint=found,
-                         notify=lambda m: err_console.print(m, soft_wrap=True))
+                         notify=lambda m: err_console.print(m, soft_wrap=True), held=True)
     except DegradeError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

@@ -43,7 +43,7 @@ def describe_device(device: torch.device) -> str:
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", MODEL_FILE)
-RUN_LOCK = ".lock"  # RUN/.lock, held (flock) by the dasr-train writing the run: never deleted by --restart
+RUN_LOCK = ".dasr-train.lock"  # held (flock) by the dasr-train writing the run, while it runs
 
 
 def start_over(out: Path) -> list[Path]:

@@ -10,6 +10,7 @@ rank takes its slice of the global batch; rank 0 writes metrics and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -20,7 +21,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -309,39 +310,54 @@ def workers_note(workers: int, cores: int, world: int = 1) -> str | None:
             "and adds no speed past the cores (--workers; the batches are the same with any number)")
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
-          progress: Callable[[int, dict[str, Any]], None] | None = None,
-          notify: Callable[[str], None] | None = None, source: LoadedModel | None = None,
-          checkpoint: tuple[Path, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Train as `cfg` says (:func:`_train`), holding RUN/.lock while it runs (rank 0, which alone writes the
-    run's files): a second dasr-train on the same run folder, a scheduler's requeue while the first still
-    runs say, is refused at once instead of interleaving checkpoints and metrics with it. A run that wrote
-    nothing leaves no folder where it made one."""
-    kwargs = dict(resume=resume, restart=restart, progress=progress, notify=notify, source=source,
-                  checkpoint=checkpoint)
+@contextlib.contextmanager
+def hold_run_folder(out: str | Path) -> Iterator[None]:
+    """Hold run folder `out` for a dasr-train (rank 0's; other ranks hold nothing, rank 0 alone writes the
+    run's files): `out` is made if missing and RUN/.dasr-train.lock held (:func:`degrade.io.exclusive_lock`)
+    until the block ends, then deleted. A second dasr-train on the same folder, a scheduler's requeue
+    while the first still runs say, is refused at once (DASRError) instead of interleaving checkpoints and
+    metrics with it, or resuming from a checkpoint the first is about to supersede. Folders this call made
+    and the block left empty are removed: a run refused before writing anything leaves none."""
     if int(os.environ.get("RANK", "0")) != 0:
-        return _train(cfg, **kwargs)
-    out = Path(cfg.out)
+        yield
+        return
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise DASRError(f"{out}: is a file, not a run folder")
-    top = None  # the outermost folder this call makes
+    missing = []
     for folder in (out, *out.parents):
         if folder.exists():
             break
-        top = folder
-    out.mkdir(parents=True, exist_ok=True)
-    try:  # the lock file lives while the run does
+        missing.append(folder)
+    made = []  # (a path through ".." names a folder twice: each is made, and removed, once)
+    for folder in reversed(missing):
+        if not folder.exists():
+            folder.mkdir()
+            made.append(folder)
+    try:
         with exclusive_lock(out / RUN_LOCK, maker="dasr-train", error=DASRError, remove=True,
                             busy=f"{out}: another dasr-train is running in this folder; wait for it or stop it"):
-            return _train(cfg, **kwargs)
+            yield
     finally:
-        for folder in (out, *out.parents) if top is not None else ():  # empty folders this call made: gone
+        for folder in reversed(made):
             try:
                 folder.rmdir()
-            except OSError:  # not empty (the run wrote there), or gone: leave it
+            except OSError:  # not empty (the run wrote there), or gone: leave it and what holds it
                 break
-            if folder == top:
-                break
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
+          progress: Callable[[int, dict[str, Any]], None] | None = None,
+          notify: Callable[[str], None] | None = None, source: LoadedModel | None = None,
+          checkpoint: tuple[Path, dict[str, Any]] | None = None, held: bool = False) -> dict[str, Any]:
+    """Train as `cfg` says (:func:`_train`) inside :func:`hold_run_folder`; `held`: the caller holds it
+    already (dasr-train takes it before it reads the folder's checkpoints)."""
+    kwargs = dict(resume=resume, restart=restart, progress=progress, notify=notify, source=source,
+                  checkpoint=checkpoint)
+    if held:
+        return _train(cfg, **kwargs)
+    with hold_run_folder(cfg.out):
+        return _train(cfg, **kwargs)
 
 
 def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,

@@ -753,17 +753,42 @@ def crop_to_multiple(img: NDArray, multiple: int) -> NDArray:
 def exclusive_lock(path: Path, *, maker: str, busy: str, error: type[Exception],
                    remove: bool = False) -> Iterator[None]:
     """Hold the lock file `path` exclusively (POSIX flock) for the block, made if missing: a second holder
-    gets `error(busy)` at once, and the kernel lets go when a holder dies, even by kill -9 (the file stays,
-    harmless). `remove`: delete the file at the end, while still held (a holder that opened it before then
-    finds, once it has the lock, that the path no longer names its file, and is refused as busy). Never
-    through a symlink (it could create or touch a file outside the folder), never a FIFO (opening one waits
-    for a reader for ever): `error` names what `path` is instead (`maker` makes its own). Without POSIX
-    locks (Windows), no lock."""
+    gets `error(busy)` at once. The kernel lets go when the holder's open file is closed everywhere: when
+    the process dies, even by kill -9, and any process it forked (a DataLoader's workers) has ended too.
+    `remove`: delete the file at the end, while still holding it. A process that opened it just before
+    then holds a lock on a file no path names: it sees that and opens the path again (a few times; then
+    `busy`), so two never hold "the" lock. Never through a symlink (it could create or touch a file outside
+    the folder), never a FIFO (opening one waits for a reader for ever): `error` names what `path` is
+    instead (`maker` makes its own). Without POSIX locks (Windows), no lock."""
     try:
         import fcntl
     except ImportError:
         yield
         return
+    for _ in range(5):
+        handle = _open_lock_file(path, maker, error)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise error(busy) from None
+        if _same_file(path, handle.fileno()):
+            break
+        handle.close()  # a file its holder removed, or replaced: the lock that counts is the path's
+    else:
+        raise error(busy)
+    with handle:
+        try:
+            yield
+        finally:
+            if remove and _same_file(path, handle.fileno()):  # ours still: no one else unlinks a held lock file
+                with contextlib.suppress(OSError):  # (a failure here must not hide the block's own error)
+                    os.unlink(path)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _open_lock_file(path: Path, maker: str, error: type[Exception]):
+    """`path` opened for exclusive_lock: a regular file (made if missing), never through a symlink or a FIFO."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     what = "is not a regular file"
     try:
@@ -776,26 +801,13 @@ def exclusive_lock(path: Path, *, maker: str, busy: str, error: type[Exception],
         if fd is not None:
             os.close(fd)
         raise error(f"{path}: {what}; remove it ({maker} makes its own)")
-    with os.fdopen(fd, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise error(busy) from None
-        try:
-            if not _same_file(path, handle.fileno()):  # removed (or replaced) by the holder before us
-                raise error(busy)
-            yield
-        finally:
-            if remove:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return os.fdopen(fd, "a")
 
 
 def _same_file(path: Path, fd: int) -> bool:
     try:
         now = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
+    except OSError:
         return False
     mine = os.fstat(fd)
     return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)

@@ -433,6 +433,28 @@ def test_bench_train_blocks_compiled_train_like_eager_and_a_failed_experiment_is
     assert "| 10.0 |" in rows[3]
 
 
+def test_the_speed_runs_summary_takes_each_rows_speed_up_from_its_own_table():
+    """summary.md's fastest row per (batch, GAN) is compared with the float32 step of its own table (one
+    bench_train process), as bench_train's own column is; a row whose table has none (the up-sampling
+    step's) with another table's, marked. Before, every row took train.md's: a compile.md row read 3.10x
+    where its own table said 2.97x."""
+    speed = _bench_module("gpu_speed_run")
+    head = "| batch | GAN | precision | expert impl | memory format | compile | ms/step | x |\n|---:|\n"
+    train_md = (head + "| 48 | no | float32 | grouped | NCHW | eager | 61.4 | 1.00x |\n"
+                "| 48 | no | bf16 autocast | folded | channels_last | cuda graph | 24.7 | 2.49x |\n"
+                "| 48 | yes | float32 | grouped | NCHW | eager | 302.8 | 1.00x |\n"
+                "| 48 | yes | bf16 autocast | folded | channels_last | cuda graph | 125.0 | 2.42x |\n\n"
+                + head + "| 48 | yes | bf16 autocast | folded | channels_last | cuda graph | 85.0 | 1.00x |\n")
+    compile_md = (head + "| 48 | no | float32 | grouped | NCHW | eager | 58.7 | 1.00x |\n"
+                  "| 48 | no | bf16 autocast | folded | channels_last | reduce-overhead | 19.8 | 2.97x |\n")
+    rows = speed.step_rows(train_md, "train.md") + speed.step_rows(compile_md, "compile.md")
+    assert [r["table"] for r in rows] == ["train.md#1"] * 4 + ["train.md#2", "compile.md#1", "compile.md#1"]
+    summary = speed.fastest_table(rows)
+    assert "| 48 | no | bf16 autocast, folded, channels_last, reduce-overhead | 19.8 | 2.96x |" in summary
+    assert "| 48 | yes | bf16 autocast, folded, channels_last, cuda graph | 85.0 | 3.56x * |" in summary
+    assert "\\* against the float32 step of another table of this run" in summary
+
+
 def test_bench_train_net_graph_compiles_the_network_for_the_whole_step_graph(monkeypatch, capsys):
     """The "net+graph" experiment: the network compiled as dasr-train --compile default builds it (inductor's
     default mode; here the aot_eager backend), its parameters the model's own, then handed to the whole-step

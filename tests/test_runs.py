@@ -314,55 +314,73 @@ def test_old_checkpoints_are_pruned_and_config_records_what_ran(shards, tmp_path
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX locks")
 def test_a_second_dasr_train_on_a_running_folder_is_refused_and_the_lock_lives_with_the_run(shards, tmp_path):
-    """RUN/.lock, held by the run: another dasr-train on the folder (here the lock held by this test, on a
-    file description of its own, as another process's would be) is refused in one line, with nothing
-    written or deleted, --restart included; once free the run goes ahead, and leaves no lock file. A run
-    refused before it wrote anything leaves no folder where it made one, parents included."""
+    """RUN/.dasr-train.lock, held by the run: another dasr-train on the folder (here the lock held by this
+    test, on a file description of its own, as another process's would be) is refused in one line before
+    it reads anything, with nothing written, set aside or deleted, --restart and --resume included; once
+    free the run goes ahead and leaves no lock file. A run refused before it wrote anything leaves no
+    folder where it made one, parents included, also through ".."."""
     from degrade.io import exclusive_lock
 
     run = tmp_path / "run"
-    train(_cfg(shards, run, 1))
+    train(_cfg(shards, run, 2, ckpt_every=1, keep_checkpoints=0))
     before = {p.name: p.read_bytes() for p in run.iterdir()}
-    assert ".lock" not in before
-    with exclusive_lock(run / ".lock", maker="test", busy="held", error=RuntimeError):
-        for extra in ([], ["--restart"], ["--resume", "--steps", "2"]):
+    assert ".dasr-train.lock" not in before and "ckpt-2.pt" in before
+    with exclusive_lock(run / ".dasr-train.lock", maker="test", busy="held", error=RuntimeError):
+        for extra in ([], ["--restart"], ["--resume", "--steps", "3"]):
             result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(run), "--steps", "1",
                                                     *TINY_ARGS, *extra])
             assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-            assert f"{run}: another dasr-train is running in this folder" in " ".join(result.output.split())
-        assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"} == before
-    train(_cfg(shards, run, 2), resume=True)
-    assert _steps(run) == [1, 2] and not (run / ".lock").exists()
-    deep = tmp_path / "a" / "b" / "run"
-    with pytest.raises(DASRError, match="larger than the dataset's LR patches"):
-        train(replace(_cfg(shards, deep, 1), lr_crop=40))
-    assert not (tmp_path / "a").exists()
+            assert result.output.count("\n") == 1 and \
+                f"{run}: another dasr-train is running in this folder" in result.output, result.output
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".dasr-train.lock"} == before
+    train(_cfg(shards, run, 3), resume=True)
+    assert _steps(run) == [1, 2, 3] and not (run / ".dasr-train.lock").exists()
+    for deep in (tmp_path / "a" / "b" / "run", tmp_path / "c" / ".." / "d"):
+        with pytest.raises(DASRError, match="larger than the dataset's LR patches"):
+            train(replace(_cfg(shards, deep, 1), lr_crop=40))
+        refused = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(deep), *TINY_ARGS, "--lr-crop",
+                                                 "40"])
+        assert refused.exit_code == 1 and "larger than" in refused.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX locks")
-def test_a_lock_file_removed_by_its_holder_while_we_waited_to_open_it_is_not_ours(tmp_path, monkeypatch):
-    """exclusive_lock(remove=True) deletes the file while still holding it; a process that had opened it just
-    before gets the lock of a file no path names any more, and must be refused, or it and the next run (which
-    makes a new file) would both hold "the" lock. Simulated: the file is replaced right after our open."""
+@pytest.mark.parametrize("next_holds_it", [False, True])
+def test_a_lock_file_its_holder_removed_while_we_opened_it_is_not_ours(tmp_path, monkeypatch, next_holds_it):
+    """exclusive_lock(remove=True) deletes its file while still holding it. A process that had opened that
+    file just before gets a lock on a file no path names: it must open the path again, and take that
+    lock if it is free, or be refused if the next run holds it, whose file it must leave alone (it
+    deleted it before, and a third run then ran beside the second). Simulated: the file is replaced right
+    after our first open, and held by another open file description or not."""
+    import fcntl
+
     import degrade.io as dio
 
     lock = tmp_path / ".lock"
-    real_open = os.open
+    real_open, opened, held = os.open, [], []
 
     def open_then_replaced(path, flags, mode=0o777):
         fd = real_open(path, flags, mode)
-        os.unlink(path)
-        lock.write_bytes(b"")  # the next run's lock file
+        if not opened:  # the first open: the old holder removes the file, the next run makes its own
+            os.unlink(path)
+            lock.write_bytes(b"next")
+            if next_holds_it:
+                held.append(open(lock, "a"))
+                fcntl.flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        opened.append(fd)
         return fd
 
     monkeypatch.setattr(dio.os, "open", open_then_replaced)
-    with pytest.raises(RuntimeError, match="busy"):
-        with dio.exclusive_lock(lock, maker="test", busy="busy", error=RuntimeError):
-            pass
-    monkeypatch.setattr(dio.os, "open", real_open)
-    with dio.exclusive_lock(lock, maker="test", busy="busy", error=RuntimeError, remove=True):
-        assert lock.exists()
-    assert not lock.exists()
+    if next_holds_it:
+        with pytest.raises(RuntimeError, match="busy"):
+            with dio.exclusive_lock(lock, maker="test", busy="busy", error=RuntimeError, remove=True):
+                pass
+        assert lock.read_bytes() == b"next"  # the next run's lock file, still there
+        held[0].close()
+    else:
+        with dio.exclusive_lock(lock, maker="test", busy="busy", error=RuntimeError, remove=True):
+            assert len(opened) == 2 and lock.read_bytes() == b"next"  # the path's file, opened again
+        assert not lock.exists()
 
 
 @pytest.mark.parametrize("args,message", [
