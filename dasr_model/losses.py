@@ -135,9 +135,9 @@ def auto_upsample(cuda: bool, channels_last: bool, dtype: torch.dtype) -> str:
     (`benchmarks/bench_upsample.py`, a GAN step's 9 up-samplings forward and 9 backward, summed). On a
     GPU "matmul" (an H200, bf16, batch 48: 12.2 ms channels_last against 43.9 for F.interpolate and
     64.4 for "lerp"; 9.7 NCHW against 92.7 and 67.7; the graphed GAN step 85.0 against 124.7 ms). On a
-    CPU (2 cores, batch 2) PyTorch's own on channels_last features (float32: 95 ms against 270 for
-    "matmul" and 756 for "lerp"), "matmul" on NCHW float32 (349 against 630 and 874) and "lerp" on NCHW
-    bf16 (427 against 661 and 1016: a CPU's bf16 matrix products are slow)."""
+    CPU (2 cores, batch 2) PyTorch's own on channels_last features (float32: 63 ms against 342 for
+    "matmul" and 913 for "lerp"), "matmul" on NCHW float32 (288 against 629 and 909) and "lerp" on NCHW
+    bf16 (415 against 686 and 1029: a CPU's bf16 matrix products are slow)."""
     if cuda:
         return "matmul"
     if channels_last:
