@@ -206,7 +206,7 @@ def main() -> None:
     ap.add_argument("--profile", type=int, metavar="SIZE",
                     help="after the table, profile dasr-sr's own path on one LR image of SIZE x SIZE")
     args = ap.parse_args()
-    if unknown := [m for m in args.compile_modes.split(",") if m.strip() not in COMPILE_MODES[1:]]:
+    if unknown := [m for m in args.compile_modes.split(",") if m.strip() and m.strip() not in COMPILE_MODES[1:]]:
         ap.error(f"--compile-modes: unknown {', '.join(unknown)}; choose from {', '.join(COMPILE_MODES[1:])}")
     device = pick_device(args.device)
     cuda = device.type == "cuda"
