@@ -11,7 +11,8 @@
   stacked, bmm; exact alternatives, tests/test_expert_impl.py); an item `IMPL:cl` times that strategy
   with the batch, predictor and discriminator in channels_last memory format, and --channels-last adds
   such a row for each strategy that keeps the format through the generator (dense, stacked; the others
-  turn it back into NCHW at every layer). --compile MODES adds, per row, the step with the network
+  turn it back into NCHW at every layer); `folded+dense-last` (an experiment) is folded but for the
+  generator's last convolution, dense. --compile MODES adds, per row, the step with the network
   compiled by torch.compile in each mode (as `dasr-train --compile`; reduce-overhead adds CUDA graphs),
   warmed up at least 3 steps; or experiments dasr-train does not run: "blocks", each residual block of
   the generator compiled alone (one compilation for all 16), the rest eager, "blocks+graph", that
@@ -81,6 +82,10 @@ BLOCK_MODES = ("blocks", "blocks+graph", "net+graph")
 SMALL = DASRConfig(num_feat=8, num_block=2, predictor_feat=8)
 SMALL_NAME = "generator of 5 experts, 2 blocks, 8 features; discriminator of 8 features"
 GRAPHED = ("graph", "blocks+graph", "net+graph")
+# --impl folded+dense-last: an experiment dasr-train does not run: every expert convolution folded but the
+# generator's last (64 to 3 channels per sample, which cuDNN's grouped kernels ran at some 4 TMAC/s on an H200:
+# 3 of the no-GAN batch-48 step's 24 ms), dense on the batch unfolded (5x its FLOPs, 15 output channels)
+DENSE_LAST = "+dense-last"
 
 
 def bench_loader(shards: str, batch: int, workers: int, steps: int) -> float:
@@ -102,7 +107,9 @@ def setup_step(device: torch.device, batch: int, gan: bool, impl: str = "grouped
     `small`: the networks of `--small` (default: the release's sizes, as dasr-train's)."""
     torch.manual_seed(0)
     cfg = TrainConfig(shards="", out="", gan=gan, **({"model": SMALL} if small else {}))
-    model = set_expert_impl(DASR(cfg.model), impl).to(device)
+    model = set_expert_impl(DASR(cfg.model), impl.removesuffix(DENSE_LAST)).to(device)
+    if impl.endswith(DENSE_LAST):
+        model.generator.conv_last.impl = "dense"
     model.generator.pointwise = pointwise
     disc = UNetDiscriminatorSN(num_feat=SMALL.num_feat if small else 64).to(device) if gan else None
     if disc is not None:
@@ -232,8 +239,9 @@ def parse_impls(spec: str, channels_last: bool) -> list[tuple[str, bool]]:
     runs: list[tuple[str, bool]] = []
     for item in (x.strip() for x in spec.split(",") if x.strip()):
         impl, _, layout = item.partition(":")
-        if impl not in EXPERT_IMPLS or layout not in ("", "cl"):
-            raise ValueError(f"unknown {item!r}; choose from {', '.join(EXPERT_IMPLS)}, each optionally with :cl")
+        if impl.removesuffix(DENSE_LAST) not in EXPERT_IMPLS or layout not in ("", "cl"):
+            raise ValueError(f"unknown {item!r}; choose from {', '.join(EXPERT_IMPLS)}, each optionally with :cl "
+                             f"(and folded{DENSE_LAST})")
         runs.append((impl, layout == "cl"))
     if channels_last:
         runs += [(impl, True) for impl, cl in list(runs) if not cl and impl in KEEPS_CHANNELS_LAST
@@ -257,7 +265,7 @@ def main() -> None:
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--impl", default="grouped",
                     help=f"expert-conv strategies to time, comma-separated: {','.join(EXPERT_IMPLS)}; "
-                         "IMPL:cl for channels_last")
+                         "IMPL:cl for channels_last; folded+dense-last: folded, the last convolution dense")
     ap.add_argument("--channels-last", action="store_true",
                     help=f"also time {' and '.join(KEEPS_CHANNELS_LAST)} (when listed) in channels_last")
     ap.add_argument("--compile", default="", help=f"also time each row compiled in these modes, comma-separated: "

@@ -17,10 +17,9 @@ shares the steps after it keep:
      with PyTorch's kernels, a seventh with the matrix products, the default since) each way alone
      (`benchmarks/bench_upsample.py`: PyTorch's F.interpolate, upsample2x's lerps and its matrix
      products), then the graphed folded channels_last GAN step at batch 48 with each;
-  3c. appended to OUT/train.md: the generator's element-wise operations (7 of the folded step's 31 ms on
-     an H200, in PyTorch's strided kernel) alone per memory layout, with the kernel each ran
-     (`benchmarks/bench_pointwise.py`), then the graphed folded channels_last step at batch 48, without
-     and with GAN, with them on 1-D views of the feature maps (`bench_train.py --pointwise flat`);
+  3c. appended to OUT/train.md: the graphed folded channels_last step at batch 48, without and with GAN,
+     with the generator's last convolution (64 to 3 channels per sample, slow as a grouped convolution)
+     dense on the unfolded batch (`bench_train.py --impl folded+dense-last:cl`, an experiment);
   4. OUT/profile.md: `bench_train.py --profile-only --cuda-graph`: where a step's time goes, batch 48, bf16,
      folded in channels_last (the fastest on an H200), eager and graphed, without and with GAN: wall
      against GPU-busy time per step, and the kernels that take the most (a busy time far below the
@@ -82,13 +81,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # With --tests, the CUDA tests first (25 s on the H200): without it their share goes to the steps after.
 # The up-sampling step is a guess: 18 small timed calls (a few s), then 4 graphed batch-48 step rows (some 5 s
 # each, as the table's): its share came from infer, compile, train and profile.
-# The element-wise step is a guess too: 20 timed small calls, each profiled once for its kernel (some 10 s with
-# CUDA's start), then 2 graphed batch-48 rows (some 5 s each); its share came from train and compile.
-# On an H200 (2026-11-27, --tests --minutes 9): tests 31 s, dataset 4, train 116, up-sampling 9 + 23, element-wise
-# 8 + 21, profiles 35, inference 27 (both compilations included), bf16 9, compile 84 (8 rows): 373 s of 540.
+# The element-wise step was a guess too (20 timed small calls, each profiled, then 2 graphed batch-48 rows);
+# its share went to the dense-last step that replaced it (2 graphed batch-48 rows, some 10 s each).
+# On an H200 (2026-11-27, --tests --minutes 9): tests 31 s, dataset 4, train 116, up-sampling 9 + 23,
+# element-wise 8 + 21 (since replaced), profiles 35, inference 27 (both compilations included), bf16 9, compile 84
+# (8 rows): 373 s of 540.
 # The compile table has 10 rows since (net+graph); after it, last, inference through max-autotune (Triton's
 # convolution templates autotuned: its time unknown, so it takes what the others left, and cuts nothing).
-SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.30, "upsample": 0.07, "pointwise": 0.04, "profile": 0.10,
+SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.30, "upsample": 0.07, "dense-last": 0.04, "profile": 0.10,
           "infer": 0.12, "bf16": 0.03, "compile": 0.20, "autotune": 0.05}
 # what the speed paths' exactness rests on, and dasr-train's default GPU path: their tests marked cuda (-m cuda)
 GPU_TESTS = ("tests/test_graphstep.py", "tests/test_expert_impl.py", "tests/test_train.py")
@@ -344,24 +344,18 @@ def main(argv: list[str] | None = None) -> int:
     step(out, "upsample-step", [py, "benchmarks/bench_train.py", "--device", device, "--gan-only", "--impl",
                                 "folded:cl", "--disc-upsample", "auto,interpolate,lerp", *up_train],
          work / "upsample-step.txt", allowed("upsample"))
-    # the generator's element-wise operations (85 strided-kernel calls, 7 of 31 ms, in the batch-48 folded
-    # step on an H200): alone per layout, with the kernel each ran, then the graphed folded channels_last step
-    # with them on 1-D views (train.md has its "4d" twin); both appended to train.md too
-    if args.smoke:
-        pw_args = ["--batch", "2", "--lr", "8", "--warmup", "0", "--repeats", "1"]
-        pw_train = up_train
-    else:
-        pw_args, pw_train = [], ["--batch-sizes", "48", "--warmup", "3", "--repeats", "5", "--cuda-graph",
-                                 "--compile-only"]
-    step(out, "pointwise", [py, "benchmarks/bench_pointwise.py", "--device", device, *pw_args],
-         work / "pointwise.txt", allowed("pointwise") / 2)  # 20 profiled calls: CUPTI starts once, some 2 s
-    step(out, "pointwise-step", [py, "benchmarks/bench_train.py", "--device", device, "--gan", "--impl", "folded:cl",
-                                 "--pointwise", "flat", *pw_train], work / "pointwise-step.txt", allowed("pointwise"))
+    # the generator's last convolution dense on the unfolded batch, the rest folded (64 to 3 channels per sample:
+    # cuDNN's grouped kernels took 3 of the no-GAN batch-48 step's 24 ms on an H200): the graphed channels_last
+    # step at batch 48, without and with GAN (train.md has its all-folded twin), appended to train.md too. (The
+    # element-wise experiment this step ran before, 2026-11-27, changed nothing: docs/benchmarks.md.)
+    dl_train = up_train if args.smoke else ["--batch-sizes", "48", "--warmup", "3", "--repeats", "5", "--cuda-graph",
+                                            "--compile-only"]
+    step(out, "dense-last", [py, "benchmarks/bench_train.py", "--device", device, "--gan", "--impl",
+                             "folded+dense-last:cl", *dl_train], work / "dense-last.txt", allowed("dense-last"))
     with open(out / "train.md", "a") as f:
         for name, title in (("upsample.txt", "The discriminator's up-sampling alone (bench_upsample.py)"),
                             ("upsample-step.txt", "The GAN step with each up-sampling (bench_train.py)"),
-                            ("pointwise.txt", "The element-wise operations alone, per layout (bench_pointwise.py)"),
-                            ("pointwise-step.txt", "The step with flat element-wise operations (bench_train.py)")):
+                            ("dense-last.txt", "The step with the last convolution dense (bench_train.py)")):
             text = (work / name).read_text() if (work / name).exists() else "(missing)\n"
             f.write(f"\n\n## {title}\n\n{text}")
     # the bf16 folded channels_last step (train.md has its times), eager and graphed: on the GPU batch 48

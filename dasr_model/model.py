@@ -159,7 +159,13 @@ class ExpertConv2d(nn.Module):
                 return unfold_batch(self._forward_folded(fold_batch(x), a), a.shape[0])
             return self._forward_folded(x, a)
         if self._impl == "dense":
+            if x.shape[0] != a.shape[0]:  # a folded batch (the layer after a "folded" one): the samples apart,
+                # channels_last, in one copy; the result is a plain batch (ExpertMSRResNet's last layer takes it)
+                x = unfold_batch(x, a.shape[0]).contiguous(memory_format=torch.channels_last)
             return self._forward_dense(x, a)
+        if x.shape[0] != a.shape[0]:
+            raise DASRError(f"a folded batch ({x.shape[0]} x {x.shape[1]} channels for {a.shape[0]} samples) needs "
+                            f"expert impl folded or dense, not {self._impl}")
         if self._impl == "stacked":
             return self._forward_stacked(x, a)
         if self._impl == "bmm":
@@ -356,10 +362,10 @@ class ExpertMSRResNet(nn.Module):
         folded = self.conv_first.impl == "folded"  # the batch folded into the channels from input to output
         x = _trunk(self, self.conv_first(fold_batch(lr) if folded else lr, a), a)
         base = F.interpolate(lr, scale_factor=self.scale, mode="bilinear", align_corners=False)
-        if folded:  # pixel_shuffle kept the fold (channel n*4C + 4c + i is sample n's 4c + i); base first: the
-            # sum takes the layout of the input (NCHW or channels_last), not the fold's (H, W, N, C)
+        if folded and self.conv_last.impl == "folded":  # pixel_shuffle kept the fold (channel n*4C + 4c + i is
+            # sample n's 4c + i); base first: the sum takes the input's layout, not the fold's (H, W, N, C)
             return base + unfold_batch(x, lr.shape[0])
-        return x + base
+        return x + base  # (a "dense" last layer after folded ones unfolds the batch itself)
 
     @torch.no_grad()
     def fuse(self, a: Tensor, *, into: MSRResNet | None = None) -> MSRResNet:

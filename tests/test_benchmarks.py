@@ -258,25 +258,15 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
                          compiled)
     assert "| mean |" in (out / "bf16.md").read_text()
     assert all(f"{name}: exit 0" in log for name in ("tests", "dataset", "train", "upsample", "upsample-step",
-                                                     "pointwise", "pointwise-step", "profile", "compile", "infer",
-                                                     "bf16"))
+                                                     "dense-last", "profile", "compile", "infer", "bf16", "autotune"))
     # appended to train.md: each up-sampling alone, 3 ways x 2 formats x 3 shapes, then the GAN step with each
     assert sum(f"| {way} | " in r for r in ups.splitlines() if r.startswith("| (2, ") for way in
                ("interpolate", "lerp", "matmul")) == 18
-    ups, pointwise = ups.split("## The element-wise operations alone, per layout")
+    ups, dense_last = ups.split("## The step with the last convolution dense")
     alone, steps = ups.split("## The GAN step with each up-sampling")
-    # the element-wise operations: 4 x 5 layouts, the fold's flat view among them; then the flat step
-    ops, flat_steps = pointwise.split("## The step with flat element-wise operations")
-    ops, kernels = ops.split("| operation | layout | kernel (CUDA) |")  # timings first, then the kernels
-
-    def op_rows(table):
-        return [r for r in table.splitlines() if r.startswith(("| relu |", "| add |", "| leaky_relu |",
-                                                                 "| relu backward |"))]
-    assert len(op_rows(ops)) == 20 and sum("| fold as 1-D (flat_view) | (1,) |" in r for r in op_rows(ops)) == 4
-    assert [r.rsplit("|", 2)[1].strip() for r in op_rows(kernels)] == ["-"] * 20  # a CPU's: none
-    assert [r.split("|")[2].strip() for r in flat_steps.splitlines() if r.startswith("| 2 |")] == ["no", "yes"]
-    assert all("| bf16 autocast | folded (flat) | channels_last | eager |" in r
-               for r in flat_steps.splitlines() if r.startswith("| 2 |"))
+    # the experiment: folded but for the last convolution, without and with GAN
+    assert [r.split("|")[2:5] for r in dense_last.splitlines() if r.startswith("| 2 |")] == [
+        [" no ", " bf16 autocast ", " folded+dense-last "], [" yes ", " bf16 autocast ", " folded+dense-last "]]
     assert "| channels_last | matmul | " in alone.split("A GAN step's 9 up-samplings")[1]
     gan_rows = [r for r in steps.splitlines() if r.startswith("| 2 | yes | bf16 autocast | folded | channels_last")]
     assert [r.rstrip(" |").rsplit("|", 1)[1].strip() for r in gan_rows] == ["auto", "interpolate", "lerp"]

@@ -452,6 +452,40 @@ def test_super_resolve_in_bfloat16_is_close():
 cuda = pytest.mark.cuda  # skipped without a CUDA device (conftest.py)
 # cuDNN picks its float32 algorithms itself (Winograd and FFT ones among them, whose rounding reaches
 # about 1e-5 of the magnitude, and gradient sums in other orders); a wrong strategy is off by O(1)
+@pytest.mark.parametrize("experts", [1, 5])
+def test_a_folded_generator_with_a_dense_last_layer_is_the_grouped_one(experts):
+    """An experiment for the GPU (bench_train.py --impl folded+dense-last): every layer folded but the last
+    (3 output channels, which a grouped convolution per sample runs slowly), which is dense on the batch
+    unfolded from the fold. The same output (float32) and gradients (float64) as grouped, batches of 3 and
+    of 1 (where fold and batch are one shape), NCHW and channels_last input; a folded batch reaching a
+    layer of another impl is refused."""
+    torch.manual_seed(0)
+    model = DASR(DASRConfig(num_experts=experts, num_feat=8, num_block=2, predictor_feat=8, mapping_gain=1.0))
+
+    def run(hybrid, dtype, n, fmt):
+        set_expert_impl(model.to(dtype), "folded" if hybrid else "grouped")
+        if hybrid:
+            model.generator.conv_last.impl = "dense"
+        torch.manual_seed(1)
+        lr, hr = torch.rand(n, 3, 9, 13, dtype=dtype), torch.rand(n, 3, 36, 52, dtype=dtype)
+        model.zero_grad(set_to_none=True)
+        sr, v_hat = model(lr.contiguous(memory_format=fmt), return_v=True)
+        (F.l1_loss(sr, hr) + F.l1_loss(v_hat, torch.full_like(v_hat, 0.5))).backward()
+        return sr.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    for n in (3, 1):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            torch.testing.assert_close(run(True, torch.float32, n, fmt)[0], run(False, torch.float32, n, fmt)[0],
+                                       rtol=0, atol=1e-5)
+            ref = run(False, torch.float64, n, fmt)[1]
+            for k, grad in run(True, torch.float64, n, fmt)[1].items():
+                assert_rel_close(grad, ref[k], REL64, f"folded + dense last, N={n}, grad {k}")
+    set_expert_impl(model.float(), "folded")
+    model.generator.conv_last.impl = "grouped"
+    with pytest.raises(DASRError, match="a folded batch .* needs expert impl folded or dense, not grouped"):
+        model(torch.rand(2, 3, 8, 8))
+
+
 REL_CUDA = 1e-4
 
 
