@@ -490,6 +490,30 @@ REL_CUDA = 1e-4
 
 
 @cuda
+def test_cuda_a_folded_generator_with_a_dense_last_layer_is_the_grouped_one():
+    """The folded+dense-last experiment on the GPU (cuDNN's kernels, channels_last): the whole model's output
+    and gradients as grouped's, in float64 (float32 gradients of a whole network are not a fair test: see
+    test_whole_model_same_output_and_gradients_with_every_strategy)."""
+    device = "cuda"
+    torch.manual_seed(0)
+    model = DASR(DASRConfig(num_experts=5, num_feat=16, num_block=2, predictor_feat=8, mapping_gain=1.0))
+    model = model.to(device, torch.float64)
+    lr = torch.rand(4, 3, 12, 16, device=device, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    results = []
+    for hybrid in (False, True):
+        set_expert_impl(model, "folded" if hybrid else "grouped")
+        model.generator.conv_last.impl = "dense" if hybrid else "grouped"
+        model.zero_grad(set_to_none=True)
+        sr = model(lr)
+        sr.square().mean().backward()
+        results.append((sr.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (ref, ref_grads), (got, grads) = results
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    for k in ref_grads:
+        assert_rel_close(grads[k], ref_grads[k], REL64, f"{device} folded + dense last, grad {k}")
+
+
+@cuda
 @pytest.mark.parametrize("impl", OTHERS)
 def test_cuda_strategies_match_grouped(impl, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # TF32 would round at 1e-3
