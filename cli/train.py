@@ -187,14 +187,14 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
     from dasr_model.runs import pick_device
     from dasr_model.train import TrainConfig, hold_run_folder, train
 
+    if init_from is not None and init_release:
+        raise click.UsageError("start from --init-from or from --init-release, not both")
     try:  # the run folder held from here to the end: its checkpoints read below are the ones the run continues
         ctx.with_resource(hold_run_folder(out))
     except DegradeError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(os_error(exc)) from None
-    if init_from is not None and init_release:
-        raise click.UsageError("start from --init-from or from --init-release, not both")
     source = None  # the model --init-from / --init-release names, once read
     options = {"num_experts": ("experts", experts), "num_block": ("blocks", blocks), "num_feat": ("features", features),
                "mixing": ("mixing", mixing), "mixing_temperature": ("mixing_temperature", mixing_temperature),

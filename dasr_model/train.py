@@ -329,21 +329,31 @@ def hold_run_folder(out: str | Path) -> Iterator[None]:
         if folder.exists():
             break
         missing.append(folder)
-    made = []  # (a path through ".." names a folder twice: each is made, and removed, once)
-    for folder in reversed(missing):
-        if not folder.exists():
-            folder.mkdir()
-            made.append(folder)
+    made: list[Path] = []  # (a path through ".." names a folder twice: each is made, and removed, once)
     try:
-        with exclusive_lock(out / RUN_LOCK, maker="dasr-train", error=DASRError, remove=True,
-                            busy=f"{out}: another dasr-train is running in this folder; wait for it or stop it"):
+        with contextlib.ExitStack() as held:
+            for attempt in range(2):
+                for folder in reversed(missing):
+                    try:
+                        folder.mkdir()
+                        made.append(folder)
+                    except FileExistsError:  # there already, or another run's just now
+                        pass
+                try:
+                    held.enter_context(exclusive_lock(
+                        out / RUN_LOCK, maker="dasr-train", error=DASRError, remove=True,
+                        busy=f"{out}: another dasr-train is running in this folder; wait for it or stop it"))
+                    break
+                except FileNotFoundError:  # another run on the same new folder removed it as it was refused
+                    if attempt or not missing:
+                        raise
             yield
     finally:
         for folder in reversed(made):
             try:
                 folder.rmdir()
             except OSError:  # not empty (the run wrote there), or gone: leave it and what holds it
-                break
+                pass
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
@@ -568,6 +578,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
 
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             grouped = True
+            check_ranks_start_together(step, device)
         if cfg.expert_impl == "auto":  # before DDP and compile wrap the model
             lr_hw = (cfg.lr_crop, cfg.lr_crop) if cfg.lr_crop else tuple(train_set.data[0].lr.shape[:2])
             impl, channels_last, probe = choose_expert_impl(parts, cfg, device, use_bf16, lr_hw, world,
@@ -825,6 +836,21 @@ def lay_out(channels_last: bool, *modules: torch.nn.Module | None) -> torch.memo
         if module is not None:
             module.to(memory_format=fmt)
     return fmt
+
+
+def check_ranks_start_together(step: int, device: torch.device) -> None:
+    """Under torchrun, every rank must start from the same step: rank 0 reads the run's newest checkpoint
+    holding the run folder, the others read it without (they write nothing), so one that read just before
+    the run's previous process saved a newer one would resume elsewhere (its optimiser state, its batches).
+    DASRError on every rank where they differ (one all-reduce)."""
+    import torch.distributed as dist
+
+    bounds = torch.tensor([step, -step], dtype=torch.int64, device=device)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+    latest, earliest = int(bounds[0]), -int(bounds[1])
+    if latest != earliest:
+        raise DASRError(f"the processes start from different steps ({earliest} and {latest}): a checkpoint was "
+                        "saved while they read the run folder; run the command again")
 
 
 def compile_net(net: torch.nn.Module, mode: str, backend: str = "inductor") -> torch.nn.Module:

@@ -759,19 +759,29 @@ def exclusive_lock(path: Path, *, maker: str, busy: str, error: type[Exception],
     then holds a lock on a file no path names: it sees that and opens the path again (a few times; then
     `busy`), so two never hold "the" lock. Never through a symlink (it could create or touch a file outside
     the folder), never a FIFO (opening one waits for a reader for ever): `error` names what `path` is
-    instead (`maker` makes its own). Without POSIX locks (Windows), no lock."""
+    instead (`maker` makes its own). Opened read-only: a lock file another user left behind still locks.
+    A file system without locks (NFS without its lock service, say) is `error` naming it, and a lock
+    file made for the attempt is removed. Without POSIX locks (Windows), no lock."""
     try:
         import fcntl
     except ImportError:
         yield
         return
     for _ in range(5):
-        handle = _open_lock_file(path, maker, error)
+        handle, made = _open_lock_file(path, maker, error)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
             raise error(busy) from None
+        except OSError as exc:  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks on this file system
+            handle.close()
+            if made:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise error(f"{path}: cannot lock it ({reason}); this file system does not lock files: use a folder "
+                        "on a local disk") from None
         if _same_file(path, handle.fileno()):
             break
         handle.close()  # a file its holder removed, or replaced: the lock that counts is the path's
@@ -787,21 +797,26 @@ def exclusive_lock(path: Path, *, maker: str, busy: str, error: type[Exception],
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _open_lock_file(path: Path, maker: str, error: type[Exception]):
-    """`path` opened for exclusive_lock: a regular file (made if missing), never through a symlink or a FIFO."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+def _open_lock_file(path: Path, maker: str, error: type[Exception]) -> tuple[BinaryIO, bool]:
+    """`path` opened read-only for exclusive_lock, and whether this call made it: a regular file, never
+    through a symlink or a FIFO."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     what = "is not a regular file"
+    fd, made = None, False
     try:
-        fd = os.open(path, flags, 0o644)
+        try:
+            fd, made = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            fd = os.open(path, flags)
     except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.ENXIO):  # ENXIO: a FIFO without a reader
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):  # (ENXIO: a FIFO without a reader, opened for writing)
             raise
-        fd, what = None, "is a symlink" if exc.errno == errno.ELOOP else what
+        what = "is a symlink" if exc.errno == errno.ELOOP else what
     if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
         if fd is not None:
             os.close(fd)
         raise error(f"{path}: {what}; remove it ({maker} makes its own)")
-    return os.fdopen(fd, "a")
+    return os.fdopen(fd, "rb"), made
 
 
 def _same_file(path: Path, fd: int) -> bool:

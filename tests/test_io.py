@@ -1,6 +1,8 @@
-"""Image I/O conversions: 16-bit, gray, alpha, bad files, atomic lossless writes."""
+"""Image I/O conversions: 16-bit, gray, alpha, bad files, atomic lossless writes; the lock files."""
 
 from __future__ import annotations
+
+import os
 
 import cv2
 import numpy as np
@@ -452,3 +454,46 @@ def test_a_pam_claiming_too_many_pixels_is_refused_before_decoding(monkeypatch):
     far = b"P7\n#" + b"c" * PNM_HEADER_BYTES + b"\nWIDTH 1\nHEIGHT 1\nDEPTH 1\nMAXVAL 255\nENDHDR\n\x00"
     with pytest.raises(ImageError, match="not a readable image"):
         decode_image(far)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX")
+def test_a_lock_path_that_is_no_lock_file_is_refused_naming_it_and_leaks_nothing(tmp_path, monkeypatch):
+    """exclusive_lock never locks through a symlink, a FIFO or a folder at its path (each a one-line refusal
+    saying what to do); a file system without locks (flock's ENOLCK) is one too, which removes a lock file it
+    made for the attempt and keeps one it found. No path leaks a file descriptor."""
+    import errno
+    import fcntl
+
+    import degrade.io as dio
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def lock(path):
+        with dio.exclusive_lock(path, maker="make-it", busy="busy", error=RuntimeError):
+            pass
+
+    (tmp_path / "target").write_text("")
+    os.symlink(tmp_path / "target", tmp_path / "link")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "folder").mkdir()
+    before = fds()
+    for name, what in (("link", "is a symlink"), ("dangling", "is a symlink"), ("fifo", "is not a regular file"),
+                       ("folder", "is not a regular file")):
+        with pytest.raises(RuntimeError, match=f"{name}: {what}; remove it \\(make-it makes its own\\)"):
+            lock(tmp_path / name)
+    assert not (tmp_path / "nowhere").exists()
+
+    def no_locks(handle, how):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(RuntimeError, match=r"new.lock: cannot lock it \(No locks available\); this file system does "
+                                           r"not lock files"):
+        lock(tmp_path / "new.lock")
+    assert not (tmp_path / "new.lock").exists()
+    (tmp_path / "old.lock").write_text("")
+    with pytest.raises(RuntimeError, match="cannot lock it"):
+        lock(tmp_path / "old.lock")
+    assert (tmp_path / "old.lock").exists() and fds() == before

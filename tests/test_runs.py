@@ -344,6 +344,46 @@ def test_a_second_dasr_train_on_a_running_folder_is_refused_and_the_lock_lives_w
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+@pytest.mark.parametrize("other", [4, 3, 6])
+def test_processes_that_would_resume_from_different_steps_are_stopped(monkeypatch, other):
+    """Under torchrun rank 0 reads the newest checkpoint holding the run folder, the others without: if a
+    checkpoint was saved in between, they would start from different steps. One all-reduce (faked here:
+    another rank at step `other`) finds that, on every rank."""
+    import torch.distributed as dist
+
+    from dasr_model.train import check_ranks_start_together
+
+    def all_reduce(t, op):
+        assert op == dist.ReduceOp.MAX
+        t.copy_(torch.maximum(t, torch.tensor([other, -other])))
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    if other == 4:
+        check_ranks_start_together(4, torch.device("cpu"))
+    else:
+        with pytest.raises(DASRError, match=f"start from different steps \\({min(4, other)} and {max(4, other)}\\)"):
+            check_ranks_start_together(4, torch.device("cpu"))
+
+
+def test_holding_a_run_folder_removes_only_the_empty_folders_it_made(tmp_path, monkeypatch):
+    """hold_run_folder's clean-up: each folder it made that the block left empty goes, also beside a folder
+    the run wrote into (a path through ".."); an error inside the block is the block's (a missing file
+    there is not taken for the race it retries on); ranks other than 0 make and hold nothing."""
+    from dasr_model.train import hold_run_folder
+
+    monkeypatch.chdir(tmp_path)
+    with hold_run_folder("x/c/../d"):
+        Path("x/d/metrics.jsonl").write_text("")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["x", "x/d", "x/d/metrics.jsonl"]
+    with pytest.raises(FileNotFoundError, match="the block's own"):
+        with hold_run_folder("y/run"):
+            raise FileNotFoundError("the block's own")
+    assert not Path("y").exists()
+    monkeypatch.setenv("RANK", "1")
+    with hold_run_folder("z/run"):
+        assert not Path("z").exists()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX locks")
 @pytest.mark.parametrize("next_holds_it", [False, True])
 def test_a_lock_file_its_holder_removed_while_we_opened_it_is_not_ours(tmp_path, monkeypatch, next_holds_it):
