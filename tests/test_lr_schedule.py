@@ -241,7 +241,7 @@ def test_a_resume_takes_the_new_rate_not_the_checkpoints(shards, tmp_path):
 
 def test_cli_bar_follows_the_fitted_end_and_says_why_it_stopped(shards, tmp_path, monkeypatch):
     """The trainer tells the bar where the run ends (a fit moves it); the CLI names the fitted end as the stop."""
-    def fake_train(cfg, *, resume, restart, progress, notify, source, checkpoint):
+    def fake_train(cfg, *, resume, restart, progress, notify, source, checkpoint, held):
         progress(1, {"end": 1000})
         progress(7, {"end": 46})
         progress(46, {"end": 46, "step": 46, "loss": 0.1, "samples_per_s": 1.0})
