@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -168,15 +169,18 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
     made: list[Path] = []
     moved: list[str] = []  # what this call moved into an existing `out`: on a failure, exactly that goes
     tmp: Path | None = None
+    held = contextlib.ExitStack()  # the hidden folder's lock: this run's while it lives (_remove_stale)
     try:  # from the first folder made: whatever stops the call (a progress callback's Ctrl-C too) takes it back
         made = _make_parents(out.parent)
         if progress is not None:
             progress(0, len(files))
         existing = out.is_dir()
+        _remove_stale(out if existing else out.parent)
         for attempt in (0, 1):
             try:
                 with _signals_held():  # a stop between the folder's making and `tmp` would leave it behind
                     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, suffix=".tmp", dir=out if existing else out.parent))
+                    held.enter_context(_hold_folder(tmp))
                 break
             except FileNotFoundError:  # a parent another run made, and took back as it failed, meanwhile
                 if attempt:
@@ -206,6 +210,7 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        held.close()
         for part in moved:  # a failure between the renames: take back what this call put there, nothing else
             shutil.rmtree(out / part, ignore_errors=True)
         for folder in sorted(made, key=lambda f: len(f.parts), reverse=True):  # deepest first; one another
@@ -213,6 +218,7 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+    held.close()
     return manifest
 
 
@@ -251,6 +257,54 @@ def _make_parents(folder: Path) -> list[Path]:
 
 
 TMP_PREFIX = ".make-testset."
+STALE_S = 60  # a hidden folder unlocked for this long is a killed run's: its maker locks it within microseconds
+
+
+@contextlib.contextmanager
+def _hold_folder(folder: Path) -> Iterator[None]:
+    """An exclusive flock on `folder` itself for the block: the hidden folder is this run's while it lives
+    (a kill -9 lets go; so do the --jobs workers, which end within 0.5 s of the run). POSIX only."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        with contextlib.suppress(OSError):  # no locks on this file system: no clean-up of it either
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_stale(where: Path) -> None:
+    """Remove the hidden folders killed make_testset runs left in `where` (kill -9, a power loss: nothing
+    of theirs ran to take them back): each one no run holds (_hold_folder) and older than STALE_S, taken
+    under its lock. Inside an existing `out` they would otherwise stay in the finished set's folder."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    now = time.time()
+    for entry in os.scandir(where):
+        if not (entry.name.startswith(TMP_PREFIX) and entry.name.endswith(".tmp")):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or now - entry.stat(follow_symlinks=False).st_mtime < STALE_S:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:  # gone meanwhile, or not ours to open: leave it
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a run at work holds it (or no locks here): leave it
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager

@@ -548,3 +548,39 @@ def test_make_testset_takes_numpy_integers(hr_dir, tmp_path):
     make_testset(hr_dir, tmp_path / "t", seed=np.int64(3), levels=(np.int64(1),))
     assert open_testset(tmp_path / "t").levels == [1]
     assert json.loads((tmp_path / "t" / "manifest.json").read_text())["seed"] == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX locks")
+def test_a_killed_runs_hidden_folder_is_removed_by_the_next_run_and_no_live_one_is(hr_dir, tmp_path):
+    """kill -9 leaves a run's hidden folder behind, inside an empty OUT, where the next run would then move a
+    whole set in beside it. The next run removes such a folder: one no run holds (each holds its own with
+    a lock) and older than a minute; a held one, a new one and a link named like one stay."""
+    import fcntl
+    import time
+
+    from degrade.testset import TMP_PREFIX
+
+    out = tmp_path / "set"
+    out.mkdir()
+    old = time.time() - 3600
+    folders = {}
+    for kind in ("killed", "held", "new"):
+        folders[kind] = out / f"{TMP_PREFIX}{kind}.tmp"
+        (folders[kind] / "HR").mkdir(parents=True)
+        (folders[kind] / "HR" / "half.png").write_bytes(b"half an image")
+        if kind != "new":
+            os.utime(folders[kind], (old, old))
+    (tmp_path / "elsewhere").mkdir()
+    (out / f"{TMP_PREFIX}link.tmp").symlink_to(tmp_path / "elsewhere")
+    os.utime(out / f"{TMP_PREFIX}link.tmp", (old, old), follow_symlinks=False)
+    fd = os.open(folders["held"], os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a run still at work
+        make_testset(hr_dir, out, levels=(1,), seed=5)
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["HR", "LR", "params", "manifest.json", f"{TMP_PREFIX}held.tmp", f"{TMP_PREFIX}new.tmp",
+         f"{TMP_PREFIX}link.tmp"])
+    assert (tmp_path / "elsewhere").is_dir() and (folders["held"] / "HR" / "half.png").exists()
+    open_testset(out)  # the set itself is whole
