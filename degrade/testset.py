@@ -287,7 +287,11 @@ def _remove_stale(where: Path) -> None:
     except ImportError:
         return
     now = time.time()
-    for entry in os.scandir(where):
+    try:
+        entries = list(os.scandir(where))
+    except OSError:  # not listable (a folder one may write into but not read): nothing to clean there
+        return
+    for entry in entries:
         if not (entry.name.startswith(TMP_PREFIX) and entry.name.endswith(".tmp")):
             continue
         try:
