@@ -322,30 +322,28 @@ def hold_run_folder(out: str | Path) -> Iterator[None]:
         yield
         return
     out = Path(out)
-    if out.exists() and not out.is_dir():
+    if out.is_file():
         raise DASRError(f"{out}: is a file, not a run folder")
-    missing = []
-    for folder in (out, *out.parents):
-        if folder.exists():
-            break
-        missing.append(folder)
-    made: list[Path] = []  # (a path through ".." names a folder twice: each is made, and removed, once)
+    if out.is_symlink() and not out.exists():
+        raise DASRError(f"{out}: is a symlink to nothing; point it at a folder, or choose another --out")
+    made: list[Path] = []  # each folder this call made, once (a path through ".." names one twice)
     try:
         with contextlib.ExitStack() as held:
-            for attempt in range(2):
-                for folder in reversed(missing):
-                    try:
-                        folder.mkdir()
-                        made.append(folder)
-                    except FileExistsError:  # there already, or another run's just now
-                        pass
-                try:
+            for attempt in range(5):  # runs starting on the same new folder: one's clean-up may undo another's
+                try:  # mkdir between the other's checks, as long as none holds the folder yet
+                    for folder in reversed([f for f in (out, *out.parents) if not f.exists()]):
+                        try:
+                            folder.mkdir()
+                        except FileExistsError:  # another run's, just now
+                            continue
+                        if folder not in made:
+                            made.append(folder)
                     held.enter_context(exclusive_lock(
                         out / RUN_LOCK, maker="dasr-train", error=DASRError, remove=True,
                         busy=f"{out}: another dasr-train is running in this folder; wait for it or stop it"))
                     break
-                except FileNotFoundError:  # another run on the same new folder removed it as it was refused
-                    if attempt or not missing:
+                except FileNotFoundError:  # a folder on the way removed meanwhile: make it again
+                    if attempt == 4:
                         raise
             yield
     finally:
@@ -459,6 +457,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         gone = start_over(out)
         if gone:
             say(f"--restart: deleted {len(gone)} file(s) of the earlier run in {out}")
+    nothing_left = False  # a resume already at its end
     if resume:
         found = checkpoint if checkpoint is not None else latest_intact(out, warn=say)
         if found is None:
@@ -493,8 +492,12 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if step >= end:
             why = f"--steps {cfg.steps}" if end == cfg.steps else f"its schedule fitted to --max-minutes ends at {end}"
             say(f"{out} is already at step {step} ({why}): nothing to train")
-            return {"step": step, "nothing_to_train": True}
-        say(f"resuming from {found[0].name} (step {step} of {end})")
+            if world == 1:
+                return {"step": step, "nothing_to_train": True}
+            nothing_left = True  # under torchrun once the ranks agree on the step (below): one alone would
+            # leave the others waiting for it
+        else:
+            say(f"resuming from {found[0].name} (step {step} of {end})")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))  # torchrun's processes on this machine
     if main_rank and (note := workers_note(cfg.workers, usable_cores(), local)) is not None:
         say(note)
@@ -511,7 +514,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     def write_config() -> None:  # the full config and what this run runs on (rewritten once "auto" has chosen)
         write_bytes_atomic(out / "config.json", json.dumps({**cfg.to_dict(), "run": run_info}, indent=1).encode())
 
-    if main_rank:
+    if main_rank and not nothing_left:
         out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(out / "metrics.jsonl", step)
         write_config()
@@ -579,6 +582,9 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             grouped = True
             check_ranks_start_together(step, device)
+            if nothing_left:
+                ended = True  # every rank is here: the barrier below, then the group's end
+                return {"step": step, "nothing_to_train": True}
         if cfg.expert_impl == "auto":  # before DDP and compile wrap the model
             lr_hw = (cfg.lr_crop, cfg.lr_crop) if cfg.lr_crop else tuple(train_set.data[0].lr.shape[:2])
             impl, channels_last, probe = choose_expert_impl(parts, cfg, device, use_bf16, lr_hw, world,

@@ -759,9 +759,9 @@ def exclusive_lock(path: Path, *, maker: str, busy: str, error: type[Exception],
     then holds a lock on a file no path names: it sees that and opens the path again (a few times; then
     `busy`), so two never hold "the" lock. Never through a symlink (it could create or touch a file outside
     the folder), never a FIFO (opening one waits for a reader for ever): `error` names what `path` is
-    instead (`maker` makes its own). Opened read-only: a lock file another user left behind still locks.
-    A file system without locks (NFS without its lock service, say) is `error` naming it, and a lock
-    file made for the attempt is removed. Without POSIX locks (Windows), no lock."""
+    instead (`maker` makes its own); a lock file another user left behind still locks. A file system
+    without locks (NFS without its lock service, say) is `error` naming it; a lock file made for a failed
+    attempt is removed. Without POSIX locks (Windows), no lock."""
     try:
         import fcntl
     except ImportError:
@@ -770,18 +770,22 @@ def exclusive_lock(path: Path, *, maker: str, busy: str, error: type[Exception],
     for _ in range(5):
         handle, made = _open_lock_file(path, maker, error)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise error(busy) from None
-        except OSError as exc:  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks on this file system
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise error(busy) from None
+            except OSError as exc:
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                if exc.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise error(f"{path}: cannot lock it ({reason}); this file system does not lock files: use "
+                                "a folder on a local disk") from None
+                raise error(f"{path}: cannot lock it ({reason})") from None
+        except BaseException:  # (a Ctrl-C too) the attempt's lock file goes with it
             handle.close()
             if made:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise error(f"{path}: cannot lock it ({reason}); this file system does not lock files: use a folder "
-                        "on a local disk") from None
+            raise
         if _same_file(path, handle.fileno()):
             break
         handle.close()  # a file its holder removed, or replaced: the lock that counts is the path's
@@ -798,16 +802,34 @@ def exclusive_lock(path: Path, *, maker: str, busy: str, error: type[Exception],
 
 
 def _open_lock_file(path: Path, maker: str, error: type[Exception]) -> tuple[BinaryIO, bool]:
-    """`path` opened read-only for exclusive_lock, and whether this call made it: a regular file, never
-    through a symlink or a FIFO."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    """`path` opened for exclusive_lock, and whether this call made it: a regular file, never through a
+    symlink or a FIFO. Read-write (NFS locks exclusively only files open for writing); read-only where
+    this user may not write it (a lock file another user left behind, a read-only mount)."""
+    flags = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     what = "is not a regular file"
     fd, made = None, False
     try:
-        try:
-            fd, made = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
-        except FileExistsError:
-            fd = os.open(path, flags)
+        for _ in range(5):
+            try:
+                fd, made = os.open(path, flags | os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+                break
+            except FileExistsError:
+                pass
+            try:
+                try:
+                    fd = os.open(path, flags | os.O_RDWR)
+                except PermissionError:
+                    fd = os.open(path, flags | os.O_RDONLY)
+                break
+            except FileNotFoundError:  # its holder removed it between the two opens: make it again
+                continue
+            except OSError as exc:
+                if exc.errno != errno.EISDIR:
+                    raise
+                fd = os.open(path, flags | os.O_RDONLY)  # a folder: refused below
+                break
+        else:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
     except OSError as exc:
         if exc.errno not in (errno.ELOOP, errno.ENXIO):  # (ENXIO: a FIFO without a reader, opened for writing)
             raise

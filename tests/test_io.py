@@ -497,3 +497,63 @@ def test_a_lock_path_that_is_no_lock_file_is_refused_naming_it_and_leaks_nothing
     with pytest.raises(RuntimeError, match="cannot lock it"):
         lock(tmp_path / "old.lock")
     assert (tmp_path / "old.lock").exists() and fds() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX locks")
+def test_a_lock_file_removed_between_our_two_opens_or_not_ours_to_write_still_locks(tmp_path, monkeypatch):
+    """The lock file is made (O_EXCL) or opened read-write (NFS locks exclusively only files open for
+    writing): removed by its holder between those two opens, it is made again (not "No such file"); one
+    this user may not write (another's, left behind) is opened read-only and still locks. A refusal of
+    flock other than "no locks here" says its reason; an interrupt there removes a lock file it made."""
+    import errno
+    import fcntl
+
+    import degrade.io as dio
+
+    real_open = os.open
+    lock = tmp_path / ".lock"
+    calls = []
+
+    def racing(path, flags, mode=0o777):
+        calls.append(flags)
+        if len(calls) == 1:
+            raise FileExistsError(errno.EEXIST, "exists")  # a holder's file, there at our first open...
+        if len(calls) == 2:
+            raise FileNotFoundError(errno.ENOENT, "gone")  # ...and gone at our second
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(dio.os, "open", racing)
+    with dio.exclusive_lock(lock, maker="t", busy="busy", error=RuntimeError, remove=True):
+        assert lock.exists() and calls[2] & os.O_EXCL
+    monkeypatch.setattr(dio.os, "open", real_open)
+
+    lock.write_text("")
+
+    def not_mine(path, flags, mode=0o777):
+        if flags & os.O_RDWR and not flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "denied")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(dio.os, "open", not_mine)
+    with dio.exclusive_lock(lock, maker="t", busy="busy", error=RuntimeError):
+        with pytest.raises(RuntimeError, match="busy"):  # held read-only, and still exclusive
+            with dio.exclusive_lock(lock, maker="t", busy="busy", error=RuntimeError):
+                pass
+    monkeypatch.setattr(dio.os, "open", real_open)
+
+    def refuse(errno_):
+        def flock(handle, how):
+            if errno_ is None:
+                raise KeyboardInterrupt
+            raise OSError(errno_, os.strerror(errno_))
+        return flock
+
+    monkeypatch.setattr(fcntl, "flock", refuse(errno.EBADF))
+    with pytest.raises(RuntimeError, match=r"cannot lock it \(Bad file descriptor\)$"):
+        with dio.exclusive_lock(lock, maker="t", busy="busy", error=RuntimeError):
+            pass
+    monkeypatch.setattr(fcntl, "flock", refuse(None))
+    with pytest.raises(KeyboardInterrupt):
+        with dio.exclusive_lock(tmp_path / "new.lock", maker="t", busy="busy", error=RuntimeError):
+            pass
+    assert not (tmp_path / "new.lock").exists() and lock.exists()

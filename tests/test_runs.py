@@ -368,7 +368,8 @@ def test_processes_that_would_resume_from_different_steps_are_stopped(monkeypatc
 def test_holding_a_run_folder_removes_only_the_empty_folders_it_made(tmp_path, monkeypatch):
     """hold_run_folder's clean-up: each folder it made that the block left empty goes, also beside a folder
     the run wrote into (a path through ".."); an error inside the block is the block's (a missing file
-    there is not taken for the race it retries on); ranks other than 0 make and hold nothing."""
+    there is not taken for the race it retries on); a link to nothing is refused in one line; ranks other
+    than 0 make and hold nothing."""
     from dasr_model.train import hold_run_folder
 
     monkeypatch.chdir(tmp_path)
@@ -379,6 +380,10 @@ def test_holding_a_run_folder_removes_only_the_empty_folders_it_made(tmp_path, m
         with hold_run_folder("y/run"):
             raise FileNotFoundError("the block's own")
     assert not Path("y").exists()
+    Path("dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(DASRError, match="dangling: is a symlink to nothing"):
+        with hold_run_folder("dangling"):
+            pass
     monkeypatch.setenv("RANK", "1")
     with hold_run_folder("z/run"):
         assert not Path("z").exists()

@@ -496,7 +496,8 @@ def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path
     step 1: the ranks agree on stopping only at logged, checkpoint and last steps (no host sync per step),
     so both stop at step 2, the first logged step, save there, and are compared with a 2-step
     single-process run. Rank 0 alone validates, every step, which must not make it wait for an agreement
-    the other rank does not join (step 1 is no agreement step)."""
+    the other rank does not join (step 1 is no agreement step). Resumed at its end, both ranks have
+    nothing to train and end together."""
     import subprocess
     import sys
 
@@ -507,8 +508,9 @@ def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path
         f"last = train(TrainConfig(shards={shards!r}, out=sys.argv[1], steps=int(sys.argv[3]), lr_crop=8,"
         "batch_size=int(sys.argv[2]), log_every=2, workers=0, ckpt_every=3, device='cpu', "
         f"val_shards={shards!r}, val_every=1, val_samples=4, "
-        "model=DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)), progress=hit);"
-        "result = f\"{last['step']} {last.get('stopped_by')}\";"
+        "model=DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)), progress=hit,"
+        "resume=len(sys.argv) > 4);"
+        "result = f\"{last['step']} {last.get('stopped_by') or last.get('nothing_to_train')}\";"
         "open(sys.argv[1] + '.rank' + os.environ.get('RANK', '0'), 'w').write(result)"
     )
     script = tmp_path / "run.py"
@@ -517,6 +519,12 @@ def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path
                           str(script), str(tmp_path / "ddp"), "1", "6"], capture_output=True, text=True, timeout=240)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert [(tmp_path / f"ddp.rank{r}").read_text() for r in (0, 1)] == ["2 another rank", "2 SIGINT"], ddp.stderr
+    # resumed at its end: every rank has nothing to train, and they end together (none waits for another)
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(script), str(tmp_path / "ddp"), "1", "2", "resume"], capture_output=True, text=True,
+                           timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [(tmp_path / f"ddp.rank{r}").read_text() for r in (0, 1)] == ["2 True", "2 True"], again.stderr
     subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "2", "2"], check=True, capture_output=True,
                    timeout=240)
     assert sorted(p.name for p in (tmp_path / "ddp").glob("ckpt-*.pt")) == ["ckpt-2.pt"]

@@ -92,10 +92,17 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
         raise DatasetError(f"{out}: exists and is not a folder")
     if not (out / MANIFEST).exists() and out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise DatasetError(f"{out}: folder is not empty and holds no {MANIFEST}; choose a new --out")
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock_was_there = os.path.lexists(out / LOCK)
     with contextlib.ExitStack() as held:
-        held.enter_context(_exclusive_lock(out))
+        try:
+            held.enter_context(_exclusive_lock(out))
+        except DatasetError:  # a file system without locks, say: a folder made for nothing goes (not its parents)
+            if made:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
         if (out / MANIFEST).exists():
             try:
                 old = read_manifest(out)
