@@ -239,7 +239,7 @@ def parse_impls(spec: str, channels_last: bool) -> list[tuple[str, bool]]:
     runs: list[tuple[str, bool]] = []
     for item in (x.strip() for x in spec.split(",") if x.strip()):
         impl, _, layout = item.partition(":")
-        if impl.removesuffix(DENSE_LAST) not in EXPERT_IMPLS or layout not in ("", "cl"):
+        if (impl not in EXPERT_IMPLS and impl != "folded" + DENSE_LAST) or layout not in ("", "cl"):
             raise ValueError(f"unknown {item!r}; choose from {', '.join(EXPERT_IMPLS)}, each optionally with :cl "
                              f"(and folded{DENSE_LAST})")
         runs.append((impl, layout == "cl"))

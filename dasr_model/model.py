@@ -154,18 +154,22 @@ class ExpertConv2d(nn.Module):
     def forward(self, x: Tensor, a: Tensor) -> Tensor:
         """x (N, in, H, W), a (N, K) -> (N, out, H, W); with impl "folded" also x (1, N*in, H, W) folded
         (:func:`fold_batch`) -> (1, N*out, H, W) folded."""
+        n = a.shape[0]
+        folded = n > 1 and x.shape[0] == 1 and x.shape[1] == n * self.weight.shape[2]  # (1, N*in, H, W)
+        if not folded and x.shape[0] != n:
+            raise DASRError(f"{x.shape[0]} images with expert mixes for {n}")
         if self._impl == "folded":
-            if x.shape[0] == a.shape[0]:  # a plain batch (for N = 1 the two are one): folded for this layer
-                return unfold_batch(self._forward_folded(fold_batch(x), a), a.shape[0])
+            if not folded:  # a plain batch (for N = 1 the two are one): folded for this layer
+                return unfold_batch(self._forward_folded(fold_batch(x), a), n)
             return self._forward_folded(x, a)
         if self._impl == "dense":
-            if x.shape[0] != a.shape[0]:  # a folded batch (the layer after a "folded" one): the samples apart,
-                # channels_last, in one copy; the result is a plain batch (ExpertMSRResNet's last layer takes it)
-                x = unfold_batch(x, a.shape[0]).contiguous(memory_format=torch.channels_last)
+            if folded:  # the layer after a "folded" one: the samples apart, channels_last, in one copy; the
+                # result is a plain batch (ExpertMSRResNet's last layer takes it so)
+                x = unfold_batch(x, n).contiguous(memory_format=torch.channels_last)
             return self._forward_dense(x, a)
-        if x.shape[0] != a.shape[0]:
-            raise DASRError(f"a folded batch ({x.shape[0]} x {x.shape[1]} channels for {a.shape[0]} samples) needs "
-                            f"expert impl folded or dense, not {self._impl}")
+        if folded:
+            raise DASRError(f"a folded batch ({x.shape[1]} channels for {n} samples) needs expert impl folded or "
+                            f"dense, not {self._impl}")
         if self._impl == "stacked":
             return self._forward_stacked(x, a)
         if self._impl == "bmm":
@@ -362,10 +366,10 @@ class ExpertMSRResNet(nn.Module):
         folded = self.conv_first.impl == "folded"  # the batch folded into the channels from input to output
         x = _trunk(self, self.conv_first(fold_batch(lr) if folded else lr, a), a)
         base = F.interpolate(lr, scale_factor=self.scale, mode="bilinear", align_corners=False)
-        if folded and self.conv_last.impl == "folded":  # pixel_shuffle kept the fold (channel n*4C + 4c + i is
-            # sample n's 4c + i); base first: the sum takes the input's layout, not the fold's (H, W, N, C)
-            return base + unfold_batch(x, lr.shape[0])
-        return x + base  # (a "dense" last layer after folded ones unfolds the batch itself)
+        if folded:  # pixel_shuffle kept the fold (channel n*4C + 4c + i is sample n's 4c + i), unless a "dense"
+            # last layer unfolded it; base first: the sum takes the input's layout, not the fold's (H, W, N, C)
+            return base + (unfold_batch(x, lr.shape[0]) if self.conv_last.impl == "folded" else x)
+        return x + base
 
     @torch.no_grad()
     def fuse(self, a: Tensor, *, into: MSRResNet | None = None) -> MSRResNet:

@@ -180,7 +180,7 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
             try:
                 with _signals_held():  # a stop between the folder's making and `tmp` would leave it behind
                     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, suffix=".tmp", dir=out if existing else out.parent))
-                    held.enter_context(_hold_folder(tmp))
+                    tmp_fd = held.enter_context(_hold_folder(tmp))
                 break
             except FileNotFoundError:  # a parent another run made, and took back as it failed, meanwhile
                 if attempt:
@@ -194,8 +194,10 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
                     item = entry["lr"][str(level)]
                     item["sha256"] = _put(tmp / "LR" / f"level{level}" / f"{name}.png", lr_png)
                     item["params_sha256"] = _put(tmp / "params" / f"level{level}" / f"{name}.json", record)
+                os.utime(tmp)  # alive: _remove_stale leaves a folder touched within STALE_S alone
                 if progress is not None:
                     progress(done, len(files))
+        _check_still_ours(tmp, tmp_fd)
         write_bytes_atomic(tmp / MANIFEST_NAME, _manifest_bytes(manifest))
         if existing:  # one filesystem: each move is a rename, the manifest (the set's mark) last
             _check_empty(out)  # again: another run may have filled it meanwhile
@@ -257,31 +259,51 @@ def _make_parents(folder: Path) -> list[Path]:
 
 
 TMP_PREFIX = ".make-testset."
-STALE_S = 60  # a hidden folder unlocked for this long is a killed run's: its maker locks it within microseconds
+STALE_S = 15 * 60  # a hidden folder unlocked and untouched this long is a killed run's: each run locks its own
+# as it makes it and touches it after each image
 
 
 @contextlib.contextmanager
-def _hold_folder(folder: Path) -> Iterator[None]:
-    """An exclusive flock on `folder` itself for the block: the hidden folder is this run's while it lives
-    (a kill -9 lets go; so do the --jobs workers, which end within 0.5 s of the run). POSIX only."""
+def _hold_folder(folder: Path) -> Iterator[int | None]:
+    """An exclusive flock on `folder` itself for the block, which gets the folder's open descriptor: the
+    hidden folder is this run's while it lives (its --jobs workers are started afresh and hold nothing; a
+    kill -9 of the run lets go). On a file system without locks, no lock; without POSIX (Windows), None."""
     try:
         import fcntl
     except ImportError:
-        yield
+        yield None
         return
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
     try:
-        with contextlib.suppress(OSError):  # no locks on this file system: no clean-up of it either
+        with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        yield
+        yield fd
     finally:
         os.close(fd)
 
 
+def _check_still_ours(tmp: Path, fd: int | None) -> None:
+    """DegradeError unless `tmp` is still the folder this run made (open as `fd`; None: not checked): one
+    removed meanwhile (by hand, or by another machine's make-testset where locks are not shared) was made
+    again by the writes into it, holding only the images after its removal."""
+    if fd is None:
+        return
+    try:
+        now, mine = os.stat(tmp, follow_symlinks=False), os.fstat(fd)
+        same = (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+    except OSError:
+        same = False
+    if not same:
+        raise DegradeError(f"{tmp}: the set's hidden folder was removed while it was written; nothing was written "
+                           "to OUT: run the command again")
+
+
 def _remove_stale(where: Path) -> None:
     """Remove the hidden folders killed make_testset runs left in `where` (kill -9, a power loss: nothing
-    of theirs ran to take them back): each one no run holds (_hold_folder) and older than STALE_S, taken
-    under its lock. Inside an existing `out` they would otherwise stay in the finished set's folder."""
+    of theirs ran to take them back): each one no run holds (_hold_folder) and untouched for STALE_S (a
+    live run touches its own after each image: where locks are not shared between machines, the age
+    still keeps a live one), taken under its lock. Inside an existing `out` they would otherwise stay in
+    the finished set's folder."""
     try:
         import fcntl
     except ImportError:
@@ -301,11 +323,10 @@ def _remove_stale(where: Path) -> None:
         except OSError:  # gone meanwhile, or not ours to open: leave it
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # a run at work holds it (or no locks here): leave it
-            os.close(fd)
-            continue
-        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a run at work holds it (or no locks here): leave it
+                continue
             shutil.rmtree(entry.path, ignore_errors=True)
         finally:
             os.close(fd)

@@ -481,9 +481,18 @@ def test_a_folded_generator_with_a_dense_last_layer_is_the_grouped_one(experts):
             for k, grad in run(True, torch.float64, n, fmt)[1].items():
                 assert_rel_close(grad, ref[k], REL64, f"folded + dense last, N={n}, grad {k}")
     set_expert_impl(model.float(), "folded")
+    model.generator.conv_last.impl = "dense"
+    for fmt in (torch.contiguous_format, torch.channels_last):  # the output in the input's layout, as folded's
+        lr = torch.rand(2, 3, 8, 8).contiguous(memory_format=fmt)
+        assert model(lr).is_contiguous(memory_format=fmt)
     model.generator.conv_last.impl = "grouped"
     with pytest.raises(DASRError, match="a folded batch .* needs expert impl folded or dense, not grouped"):
         model(torch.rand(2, 3, 8, 8))
+    conv = ExpertConv2d(4, 4, num_experts=experts)
+    for impl in EXPERT_IMPLS:  # a mix per image, or a refusal (grouped read 3 images with 2 mixes as 1)
+        conv.impl = impl
+        with pytest.raises(DASRError, match="3 images with expert mixes for 2"):
+            conv(torch.rand(3, 4, 5, 5), torch.rand(2, experts))
 
 
 REL_CUDA = 1e-4

@@ -584,3 +584,21 @@ def test_a_killed_runs_hidden_folder_is_removed_by_the_next_run_and_no_live_one_
          f"{TMP_PREFIX}link.tmp"])
     assert (tmp_path / "elsewhere").is_dir() and (folders["held"] / "HR" / "half.png").exists()
     open_testset(out)  # the set itself is whole
+
+
+def test_a_hidden_folder_removed_mid_run_is_never_taken_for_the_set(hr_dir, tmp_path):
+    """If a run's hidden folder is removed while it works (by hand, or by a make-testset on another machine
+    where locks are not shared), the writes after that would make it again holding only the later images:
+    the run checks it is still the folder it made, and refuses in one line, leaving nothing."""
+    from degrade.testset import TMP_PREFIX
+
+    out = tmp_path / "sets" / "set"
+
+    def remove_it(done, total):
+        if done == 1:
+            (hidden,) = [p for p in out.parent.iterdir() if p.name.startswith(TMP_PREFIX)]
+            shutil.rmtree(hidden)
+
+    with pytest.raises(DegradeError, match="hidden folder was removed while it was written; nothing was written"):
+        make_testset(hr_dir, out, levels=(1,), seed=5, progress=remove_it)
+    assert not (tmp_path / "sets").exists()

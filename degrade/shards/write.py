@@ -201,7 +201,7 @@ def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], r
 def _sync_file(path: Path) -> None:
     """Flush a written file to disk: after a power loss a shard the manifest lists holds its samples, not
     nothing (a rename can reach the disk before the data)."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR)  # (Windows syncs only a file open for writing)
     try:
         os.fsync(fd)
     finally:
