@@ -26,7 +26,7 @@ import torch
 from dasr_model.checkpoints import open_regular
 from dasr_model.errors import DASRError
 from dasr_model.model import DASR, DASRConfig
-from degrade.io import atomic_writer
+from degrade.io import DuplicateKey, atomic_writer, strict_json
 
 MODEL_FILE = "model.safetensors"  # what dasr-train writes into its run folder at the last step
 FORMAT = "dasr-model"
@@ -105,7 +105,9 @@ def read_model_file(path: str | os.PathLike) -> tuple[DASR, dict[str, str]]:
         if n > min(MAX_HEADER, size - 8):
             raise DASRError(f"{path}: not a model file (header length {n} does not fit)")
         try:
-            header = json.loads(f.read(n))
+            header = strict_json(f.read(n))
+        except DuplicateKey as exc:
+            raise DASRError(f"{path}: not a model file (in its header {exc})") from None
         except (ValueError, RecursionError):
             raise DASRError(f"{path}: not a model file (its header is not JSON)") from None
         if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):

@@ -21,6 +21,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from degrade.errors import DegradeError
+from degrade.io import DuplicateKey, strict_json
 from degrade.kernels import gaussian_kernel, sinc_kernel
 from degrade.recipe import (
     FINAL_ORDERS,
@@ -201,9 +202,11 @@ class DegradationParams:
     @classmethod
     def from_json(cls, text: str) -> DegradationParams:
         try:
-            data = json.loads(text)
+            data = strict_json(text)
         except json.JSONDecodeError as exc:
             raise DegradeError(f"not valid JSON: {exc.msg} (line {exc.lineno})") from None
+        except DuplicateKey as exc:
+            raise DegradeError(f"not a parameter record: {exc}") from None
         except RecursionError:  # JSON nested thousands deep: a refusal, not a crash
             raise DegradeError("not a parameter record: JSON nested too deeply") from None
         except ValueError:  # the only other ValueError of json.loads: an integer beyond int's digit limit

@@ -42,11 +42,13 @@ from degrade._version import __version__
 from degrade.discover import find_images, relative_names
 from degrade.errors import DegradeError
 from degrade.io import (
+    DuplicateKey,
     crop_to_multiple,
     encode_image,
     read_image,
     read_image_sha256,
     read_regular_file,
+    strict_json,
     to_uint8,
     umask,
     write_bytes_atomic,
@@ -482,7 +484,9 @@ def open_testset(path: str | os.PathLike) -> TestSet:
     except OSError as exc:
         raise DegradeError(f"{where}: cannot read ({exc.strerror or exc})") from None
     try:
-        m = json.loads(text)
+        m = strict_json(text)
+    except DuplicateKey as exc:
+        raise DegradeError(f"{where}: not a readable JSON manifest ({exc})") from None
     except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 5000-digit number, nesting 100000 deep
         raise DegradeError(f"{where}: not a readable JSON manifest ({type(exc).__name__})") from None
 

@@ -639,3 +639,27 @@ def test_make_sample_refuses_an_index_the_dataset_does_not_hold(tmp_path):
     for bad in (4, -1, True, 1.0):
         with pytest.raises(SampleIndexError, match="out of range: the dataset has 4 samples"):
             dsm.make_sample(cfg, bad)
+
+
+def test_a_manifest_or_record_that_names_a_key_twice_is_refused(tmp_path):
+    """A JSON object naming a key twice says two things (Python keeps the last, other readers the first):
+    a dataset manifest, a test set's manifest and a parameter record doing so are refused in one line."""
+    from degrade.errors import DegradeError
+    from degrade.params import DegradationParams
+
+    from .conftest import make_small_dataset
+
+    out = tmp_path / "ds"
+    make_small_dataset(out, count=2, seed=1, shard_size=2)
+    text = (out / "manifest.json").read_text()
+    (out / "manifest.json").write_text(text.replace('"count": 2,', '"count": 2, "count": 1,', 1))
+    with pytest.raises(dsm.DatasetError, match="unreadable manifest .*'count' appears twice in one object"):
+        degrade.open_dataset(out)
+    with pytest.raises(DegradeError, match="not a parameter record: the key 'level' appears twice"):
+        DegradationParams.from_json('{"level": 1, "level": 2}')
+    ts = tmp_path / "ts"
+    degrade.make_testset(degrade.sample_images()[0].parent, ts, levels=(1,), seed=0)
+    text = (ts / "manifest.json").read_text()
+    (ts / "manifest.json").write_text(text.replace('"seed": 0,', '"seed": 0, "seed": 1,', 1))
+    with pytest.raises(DegradeError, match="not a readable JSON manifest .*'seed' appears twice"):
+        degrade.open_testset(ts)

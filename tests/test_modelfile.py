@@ -114,6 +114,7 @@ def _deep(n: int) -> bytes:
     ("a float overflowing", "mapping_gain must be a finite number, got an integer of 1329 bits"),
     ("overlapping tensors", "overlap or gap"),
     ("bytes after the last tensor", "after the last tensor"),
+    ("a tensor named twice", "in its header the key .* appears twice in one object"),
 ])
 def test_hostile_model_files_are_refused_in_one_line(tmp_path, monkeypatch, case, message):
     header, data = _good_header(tmp_path)
@@ -126,6 +127,11 @@ def test_hostile_model_files_are_refused_in_one_line(tmp_path, monkeypatch, case
         _write(path, b"{nope")
     elif case == "deep JSON":
         _write(path, _deep(100_000))
+    elif case == "a tensor named twice":  # two byte ranges for one name: which one counts is the reader's guess
+        text = json.dumps(header)
+        entry = f'"{first}": {json.dumps(header[first])}'
+        _write(path, text.replace(entry, f'{entry}, "{first}": {json.dumps({**header[first], "data_offsets": [0, 4]})}',
+                                  1).encode(), data)
     else:
         if case == "other format":
             meta["format"] = "something-else"

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from degrade.errors import DatasetError
-from degrade.io import ImageError, pixel_limit, read_regular_file
+from degrade.io import DuplicateKey, ImageError, pixel_limit, read_regular_file, strict_json
 from degrade.recipe import SCALE, LevelChoice
 from degrade.samples import sample_dir
 from degrade.vector import VECTOR_LAYOUT, VECTOR_LENGTH
@@ -207,14 +207,14 @@ def read_manifest(out: Path) -> dict[str, Any]:
     path = out / MANIFEST
     try:
         text = read_regular_file(path, MAX_MANIFEST_BYTES).decode("utf-8")
-        data = json.loads(text)
+        data = strict_json(text)
     except ImageError as exc:
         if not path.exists() and not path.is_symlink():
             raise DatasetError(f"{out}: no {MANIFEST}: not a dataset folder") from None
         raise DatasetError(f"{path}: unreadable manifest ({str(exc).removeprefix(f'{path}: ')})") from None
     except OSError as exc:
         raise DatasetError(f"{path}: unreadable manifest ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, DuplicateKey) as exc:
         raise DatasetError(f"{path}: unreadable manifest ({exc})") from None
     except ValueError:  # the only other ValueError of json.loads: an integer beyond int's digit limit
         raise DatasetError(f"{path}: unreadable manifest (a number of more than "
