@@ -26,7 +26,8 @@ import torch
 from dasr_model.checkpoints import open_regular
 from dasr_model.errors import DASRError
 from dasr_model.model import DASR, DASRConfig
-from degrade.io import DuplicateKey, atomic_writer, strict_json
+from degrade.io import atomic_writer
+from degrade.strictjson import DuplicateKey, strict_json
 
 MODEL_FILE = "model.safetensors"  # what dasr-train writes into its run folder at the last step
 FORMAT = "dasr-model"

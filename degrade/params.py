@@ -21,7 +21,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from degrade.errors import DegradeError
-from degrade.io import DuplicateKey, strict_json
 from degrade.kernels import gaussian_kernel, sinc_kernel
 from degrade.recipe import (
     FINAL_ORDERS,
@@ -31,6 +30,7 @@ from degrade.recipe import (
     NoiseType,
     ResizeMode,
 )
+from degrade.strictjson import DuplicateKey, strict_json
 
 SEED_LIMIT = 2**53  # noise seeds stay exact in JSON readers that hold numbers as doubles
 # Bounds that keep a hand-written record applicable in bounded time and memory (far wider than the

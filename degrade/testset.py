@@ -42,13 +42,11 @@ from degrade._version import __version__
 from degrade.discover import find_images, relative_names
 from degrade.errors import DegradeError
 from degrade.io import (
-    DuplicateKey,
     crop_to_multiple,
     encode_image,
     read_image,
     read_image_sha256,
     read_regular_file,
-    strict_json,
     to_uint8,
     umask,
     write_bytes_atomic,
@@ -57,6 +55,7 @@ from degrade.params import DegradationParams
 from degrade.pipeline import apply
 from degrade.recipe import SCALE
 from degrade.sampling import sample_params
+from degrade.strictjson import DuplicateKey, strict_json
 from degrade.vector import VECTOR_LAYOUT, VECTOR_LENGTH, encode
 
 TESTSET_FORMAT = "degrade-testset-v1"

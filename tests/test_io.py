@@ -562,7 +562,7 @@ def test_a_lock_file_removed_between_our_two_opens_or_not_ours_to_write_still_lo
 def test_strict_json_refuses_a_key_named_twice_at_any_depth():
     """A JSON object naming a key twice says two things (Python keeps the last, other readers the first or
     refuse): our readers of files (model file header, manifests, parameter records) refuse it."""
-    from degrade.io import DuplicateKey, strict_json
+    from degrade.strictjson import DuplicateKey, strict_json
 
     assert strict_json('{"a": 1, "b": [{"c": 2}, {"c": 3}]}') == {"a": 1, "b": [{"c": 2}, {"c": 3}]}
     for text in ('{"a": 1, "a": 2}', '{"x": [{"c": 1, "d": 0, "c": 2}]}', b'{"a": {}, "a": {}}'):

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 
 from degrade.errors import DatasetError
-from degrade.io import DuplicateKey, ImageError, pixel_limit, read_regular_file, strict_json
+from degrade.io import ImageError, pixel_limit, read_regular_file
 from degrade.recipe import SCALE, LevelChoice
 from degrade.samples import sample_dir
+from degrade.strictjson import DuplicateKey, strict_json
 from degrade.vector import VECTOR_LAYOUT, VECTOR_LENGTH
 
 FORMAT_NAME = "degrade-shards"
