@@ -363,6 +363,8 @@ class ExpertMSRResNet(nn.Module):
         self._pointwise = _check_pointwise(name)
 
     def forward(self, lr: Tensor, a: Tensor) -> Tensor:
+        if lr.shape[0] != a.shape[0]:
+            raise DASRError(f"{lr.shape[0]} images with expert mixes for {a.shape[0]}")
         folded = self.conv_first.impl == "folded"  # the batch folded into the channels from input to output
         x = _trunk(self, self.conv_first(fold_batch(lr) if folded else lr, a), a)
         base = F.interpolate(lr, scale_factor=self.scale, mode="bilinear", align_corners=False)

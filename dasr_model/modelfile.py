@@ -121,7 +121,9 @@ def read_model_file(path: str | os.PathLike) -> tuple[DASR, dict[str, str]]:
         if meta.get("version") != VERSION:
             raise DASRError(f"{path}: model file version {meta.get('version')!r}; this version reads {VERSION}")
         try:
-            config = DASRConfig.from_dict(json.loads(meta.get("config", "")))
+            config = DASRConfig.from_dict(strict_json(meta.get("config", "")))
+        except DuplicateKey as exc:
+            raise DASRError(f"{path}: unreadable config ({exc})") from None
         except (ValueError, RecursionError) as exc:
             raise DASRError(f"{path}: {exc}" if isinstance(exc, DASRError) else f"{path}: unreadable config") from None
         least = 2 * config.parameter_count()  # bytes: every parameter in the narrowest dtype (bf16, fp16)

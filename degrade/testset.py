@@ -26,9 +26,12 @@ import hashlib
 import json
 import operator
 import os
+import platform
 import re
+import secrets
 import shutil
 import signal
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -181,7 +184,8 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
             try:
                 with _signals_held():  # a stop between the folder's making and `tmp` would leave it behind
                     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, suffix=".tmp", dir=out if existing else out.parent))
-                    tmp_fd = held.enter_context(_hold_folder(tmp))
+                    held.enter_context(_hold_folder(tmp))
+                    token = _mark_owner(tmp)
                 break
             except FileNotFoundError:  # a parent another run made, and took back as it failed, meanwhile
                 if attempt:
@@ -195,10 +199,12 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
                     item = entry["lr"][str(level)]
                     item["sha256"] = _put(tmp / "LR" / f"level{level}" / f"{name}.png", lr_png)
                     item["params_sha256"] = _put(tmp / "params" / f"level{level}" / f"{name}.json", record)
-                os.utime(tmp)  # alive: _remove_stale leaves a folder touched within STALE_S alone
+                with contextlib.suppress(OSError):  # alive: _remove_stale leaves one touched within STALE_S
+                    os.utime(tmp)
                 if progress is not None:
                     progress(done, len(files))
-        _check_still_ours(tmp, tmp_fd)
+        _check_still_ours(tmp, token)
+        (tmp / OWNER).unlink()  # not part of the set
         write_bytes_atomic(tmp / MANIFEST_NAME, _manifest_bytes(manifest))
         if existing:  # one filesystem: each move is a rename, the manifest (the set's mark) last
             _check_empty(out)  # again: another run may have filled it meanwhile
@@ -260,56 +266,83 @@ def _make_parents(folder: Path) -> list[Path]:
 
 
 TMP_PREFIX = ".make-testset."
-STALE_S = 15 * 60  # a hidden folder unlocked and untouched this long is a killed run's: each run locks its own
-# as it makes it and touches it after each image
+OWNER = ".owner"  # in a hidden folder, while its run works: this machine's boot id, then the run's random token
+STALE_S = 15 * 60  # a hidden folder another machine made, unlocked and untouched this long, is a killed run's:
+# each run touches its own after each image (where locks are not shared between machines, the age still
+# keeps a live one)
+
+
+def _boot_id() -> str:
+    """This running kernel's identity (Linux's boot id; elsewhere the host name): runs under one kernel share
+    its locks, so for them an unlocked folder is a dead run's at once."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "host " + platform.node()
+
+
+def _mark_owner(tmp: Path) -> str:
+    """Write `tmp`/OWNER (the boot id and a new random token); returns the token."""
+    token = secrets.token_hex(16)
+    (tmp / OWNER).write_text(f"{_boot_id()}\n{token}\n")
+    return token
+
+
+def _owner(folder: Path | str) -> tuple[str, str] | None:
+    """(boot id, token) of a hidden folder's OWNER, or None (none, or not ours to read)."""
+    try:
+        fd = os.open(Path(folder) / OWNER, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        lines = os.read(fd, 256).decode("utf-8", "replace").splitlines()
+    finally:
+        os.close(fd)
+    return (lines[0], lines[1]) if len(lines) >= 2 else None
 
 
 @contextlib.contextmanager
-def _hold_folder(folder: Path) -> Iterator[int | None]:
-    """An exclusive flock on `folder` itself for the block, which gets the folder's open descriptor: the
-    hidden folder is this run's while it lives (its --jobs workers are started afresh and hold nothing; a
-    kill -9 of the run lets go). On a file system without locks, no lock; without POSIX (Windows), None."""
+def _hold_folder(folder: Path) -> Iterator[None]:
+    """An exclusive flock on `folder` itself for the block: the hidden folder is this run's while it lives
+    (its --jobs workers are started afresh and hold nothing; a kill -9 of the run lets go). On a file
+    system without locks, or without POSIX (Windows), no lock."""
     try:
         import fcntl
     except ImportError:
-        yield None
+        yield
         return
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
     try:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        yield fd
+        yield
     finally:
         os.close(fd)
 
 
-def _check_still_ours(tmp: Path, fd: int | None) -> None:
-    """DegradeError unless `tmp` is still the folder this run made (open as `fd`; None: not checked): one
-    removed meanwhile (by hand, or by another machine's make-testset where locks are not shared) was made
-    again by the writes into it, holding only the images after its removal."""
-    if fd is None:
-        return
-    try:
-        now, mine = os.stat(tmp, follow_symlinks=False), os.fstat(fd)
-        same = (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
-    except OSError:
-        same = False
-    if not same:
+def _check_still_ours(tmp: Path, token: str) -> None:
+    """DegradeError unless `tmp` still holds this run's OWNER token: a folder removed meanwhile (by hand, or
+    by another machine's make-testset where locks are not shared) was made again by the writes into it,
+    holding only the images after its removal (and no token: an inode number alone may be reused)."""
+    owner = _owner(tmp)
+    if owner is None or owner[1] != token:
         raise DegradeError(f"{tmp}: the set's hidden folder was removed while it was written; nothing was written "
                            "to OUT: run the command again")
 
 
 def _remove_stale(where: Path) -> None:
     """Remove the hidden folders killed make_testset runs left in `where` (kill -9, a power loss: nothing
-    of theirs ran to take them back): each one no run holds (_hold_folder) and untouched for STALE_S (a
-    live run touches its own after each image: where locks are not shared between machines, the age
-    still keeps a live one), taken under its lock. Inside an existing `out` they would otherwise stay in
-    the finished set's folder."""
+    of theirs ran to take them back), each taken under its lock (_hold_folder), if no run holds it: at once
+    if a run under this kernel made it (its OWNER says so: this kernel's locks are the truth), else once
+    untouched for STALE_S. Inside an existing `out` they would otherwise stay in the finished set's folder."""
     try:
         import fcntl
     except ImportError:
         return
-    now = time.time()
+    now, here = time.time(), _boot_id()
     try:
         entries = list(os.scandir(where))
     except OSError:  # not listable (a folder one may write into but not read): nothing to clean there
@@ -318,7 +351,10 @@ def _remove_stale(where: Path) -> None:
         if not (entry.name.startswith(TMP_PREFIX) and entry.name.endswith(".tmp")):
             continue
         try:
-            if not entry.is_dir(follow_symlinks=False) or now - entry.stat(follow_symlinks=False).st_mtime < STALE_S:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            owner = _owner(entry.path)
+            if (owner is None or owner[0] != here) and now - entry.stat(follow_symlinks=False).st_mtime < STALE_S:
                 continue
             fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
         except OSError:  # gone meanwhile, or not ours to open: leave it

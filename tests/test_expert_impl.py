@@ -488,6 +488,10 @@ def test_a_folded_generator_with_a_dense_last_layer_is_the_grouped_one(experts):
     model.generator.conv_last.impl = "grouped"
     with pytest.raises(DASRError, match="a folded batch .* needs expert impl folded or dense, not grouped"):
         model(torch.rand(2, 3, 8, 8))
+    for impl in EXPERT_IMPLS:  # the whole generator too, folded included (it folds the batch first)
+        set_expert_impl(model, impl)
+        with pytest.raises(DASRError, match="3 images with expert mixes for 2"):
+            model.generator(torch.rand(3, 3, 8, 8), torch.rand(2, experts))
     conv = ExpertConv2d(4, 4, num_experts=experts)
     for impl in EXPERT_IMPLS:  # a mix per image, or a refusal (grouped read 3 images with 2 mixes as 1)
         conv.impl = impl

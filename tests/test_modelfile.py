@@ -115,6 +115,7 @@ def _deep(n: int) -> bytes:
     ("overlapping tensors", "overlap or gap"),
     ("bytes after the last tensor", "after the last tensor"),
     ("a tensor named twice", "in its header the key .* appears twice in one object"),
+    ("a config key named twice", "unreadable config \\(the key 'num_block' appears twice"),
 ])
 def test_hostile_model_files_are_refused_in_one_line(tmp_path, monkeypatch, case, message):
     header, data = _good_header(tmp_path)
@@ -147,6 +148,8 @@ def test_hostile_model_files_are_refused_in_one_line(tmp_path, monkeypatch, case
                                          "predictor_feat": 1, "mapping_hidden": 1})
         elif case == "a float overflowing":  # float(10**400) raised OverflowError: a traceback
             meta["config"] = json.dumps({**TINY.to_dict(), "mapping_gain": 10**400})
+        elif case == "a config key named twice":
+            meta["config"] = json.dumps(TINY.to_dict()).replace('"num_block": ', '"num_block": 7, "num_block": ', 1)
         elif case == "a thousand experts":
             meta["config"] = json.dumps({**TINY.to_dict(), "num_experts": 1000, "num_block": 1, "num_feat": 1})
         elif case == "wrong shape":

@@ -586,6 +586,24 @@ def test_a_killed_runs_hidden_folder_is_removed_by_the_next_run_and_no_live_one_
     open_testset(out)  # the set itself is whole
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX locks")
+def test_a_run_killed_on_this_machine_is_cleaned_up_at_once_one_of_another_machine_after_a_while(hr_dir, tmp_path):
+    """Runs under one kernel share its locks: a hidden folder whose owner file names this kernel and that no
+    run holds is a dead run's at once (a retry right after a kill -9 would otherwise finish the set around
+    it, for good). One made on another machine, whose locks this one may not see, only once untouched for
+    STALE_S."""
+    from degrade.testset import OWNER, TMP_PREFIX, _boot_id
+
+    out = tmp_path / "set"
+    for who, boot in (("here", _boot_id()), ("there", "another machine's boot id")):
+        folder = out / f"{TMP_PREFIX}{who}.tmp"
+        (folder / "HR").mkdir(parents=True)
+        (folder / OWNER).write_text(f"{boot}\n{'0' * 32}\n")
+    make_testset(hr_dir, out, levels=(1,), seed=5)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["HR", "LR", "params", "manifest.json", f"{TMP_PREFIX}there.tmp"])
+
+
 def test_a_hidden_folder_removed_mid_run_is_never_taken_for_the_set(hr_dir, tmp_path):
     """If a run's hidden folder is removed while it works (by hand, or by a make-testset on another machine
     where locks are not shared), the writes after that would make it again holding only the later images:

@@ -201,7 +201,8 @@ def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], r
 def _sync_file(path: Path) -> None:
     """Flush a written file to disk: after a power loss a shard the manifest lists holds its samples, not
     nothing (a rename can reach the disk before the data)."""
-    fd = os.open(path, os.O_RDWR)  # (Windows syncs only a file open for writing)
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # (Windows syncs only a file open for
+    # writing; POSIX any, and a umask may have left the shard without its owner's write bit)
     try:
         os.fsync(fd)
     finally:
