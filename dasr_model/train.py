@@ -43,13 +43,7 @@ from dasr_model.evaluate import ValidationSet, pairs_from_shards
 from dasr_model.graphstep import GraphedStep, plain_optimizer_state
 from dasr_model.infer import LoadedModel, load_model
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss, l1_loss
-from dasr_model.model import (
-    DASR,
-    EXPERT_IMPLS,
-    DASRConfig,
-    is_channels_last,
-    set_expert_impl,
-)
+from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, is_channels_last, set_expert_impl
 from dasr_model.modelfile import MODEL_FILE, save_model_file
 from dasr_model.runs import (
     RUN_LOCK,
