@@ -156,6 +156,17 @@ def fastest_table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_or_missing(path: Path) -> str:
+    return path.read_text() if path.exists() else "(missing)\n"
+
+
+def append_sections(target: Path, parts: list[tuple[Path, str]]) -> None:
+    """Each (file, title) appended to `target` as a section (eight files come back from a device call)."""
+    with open(target, "a") as f:
+        for path, title in parts:
+            f.write(f"\n\n## {title}\n\n{read_or_missing(path)}")
+
+
 def log(out: Path, text: str) -> None:
     line = f"[{time.strftime('%H:%M:%S')}] {text}"
     print(line, flush=True)
@@ -352,12 +363,10 @@ def main(argv: list[str] | None = None) -> int:
                                             "--compile-only"]
     step(out, "dense-last", [py, "benchmarks/bench_train.py", "--device", device, "--gan", "--impl",
                              "folded+dense-last:cl", *dl_train], work / "dense-last.txt", allowed("dense-last"))
-    with open(out / "train.md", "a") as f:
-        for name, title in (("upsample.txt", "The discriminator's up-sampling alone (bench_upsample.py)"),
-                            ("upsample-step.txt", "The GAN step with each up-sampling (bench_train.py)"),
-                            ("dense-last.txt", "The step with the last convolution dense (bench_train.py)")):
-            text = (work / name).read_text() if (work / name).exists() else "(missing)\n"
-            f.write(f"\n\n## {title}\n\n{text}")
+    append_sections(out / "train.md", [
+        (work / "upsample.txt", "The discriminator's up-sampling alone (bench_upsample.py)"),
+        (work / "upsample-step.txt", "The GAN step with each up-sampling (bench_train.py)"),
+        (work / "dense-last.txt", "The step with the last convolution dense (bench_train.py)")])
     # the bf16 folded channels_last step (train.md has its times), eager and graphed: on the GPU batch 48
     # without, then with GAN; one batch without GAN in the smoke run (profiling on a CPU is slow)
     profile_args = (["--batch-sizes", "2", "--lr-size", "8", "--precision", "bf16", "--small"] if args.smoke
@@ -405,15 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         step(out, "autotune", [py, "benchmarks/bench_infer.py", "--device", device, *tune_args,
                                "--compile-modes", "max-autotune"], work / "autotune.txt", allowed("autotune"))
-        with open(out / "infer.md", "a") as f:
-            text = (work / "autotune.txt").read_text() if (work / "autotune.txt").exists() else "(missing)\n"
-            f.write(f"\n\n## The fused network through max-autotune (bench_infer.py, after the compile step)\n\n{text}")
+        append_sections(out / "infer.md", [
+            (work / "autotune.txt", "The fused network through max-autotune (bench_infer.py, after the compile step)")])
     parts = ["environment.txt", "train.md", "profile.md", "compile.md", "infer.md", "bf16.md"]
     rows = [r for p in ("train.md", "compile.md") if (out / p).exists()
             for r in step_rows((out / p).read_text(), p)]
     (out / "summary.md").write_text("# DASR speed run\n\n## The fastest training step\n\n" + fastest_table(rows)
                                     + "\n" + "\n".join(
-        f"## {p}\n\n" + ((out / p).read_text() if (out / p).exists() else "(missing)\n") for p in parts))
+        f"## {p}\n\n" + read_or_missing(out / p) for p in parts))
     log(out, "summary.md written")
     return 0
 

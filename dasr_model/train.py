@@ -58,7 +58,7 @@ from dasr_model.runs import (
     usable_cores,
 )
 from degrade.errors import DegradeError
-from degrade.io import exclusive_lock, write_bytes_atomic
+from degrade.io import exclusive_lock, make_folders, write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -320,18 +320,12 @@ def hold_run_folder(out: str | Path) -> Iterator[None]:
         raise DASRError(f"{out}: is a file, not a run folder")
     if out.is_symlink() and not out.exists():
         raise DASRError(f"{out}: is a symlink to nothing; point it at a folder, or choose another --out")
-    made: list[Path] = []  # each folder this call made, once (a path through ".." names one twice)
+    made: list[Path] = []  # each folder this call made, once, deepest first
     try:
         with contextlib.ExitStack() as held:
             for attempt in range(5):  # runs starting on the same new folder: one's clean-up may undo another's
                 try:  # mkdir between the other's checks, as long as none holds the folder yet
-                    for folder in reversed([f for f in (out, *out.parents) if not f.exists()]):
-                        try:
-                            folder.mkdir()
-                        except FileExistsError:  # another run's, just now
-                            continue
-                        if folder not in made:
-                            made.append(folder)
+                    made += [f for f in make_folders(out) if f not in made]
                     held.enter_context(exclusive_lock(
                         out / RUN_LOCK, maker="dasr-train", error=DASRError, remove=True,
                         busy=f"{out}: another dasr-train is running in this folder; wait for it or stop it"))
@@ -341,7 +335,7 @@ def hold_run_folder(out: str | Path) -> Iterator[None]:
                         raise
             yield
     finally:
-        for folder in reversed(made):
+        for folder in made:
             try:
                 folder.rmdir()
             except OSError:  # not empty (the run wrote there), or gone: leave it and what holds it

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from degrade.errors import ImageError
+from degrade.errors import DegradeError, ImageError
 
 LOSSLESS_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: above real photos (a 61 MP full-frame camera), below a 10 GiB decode
@@ -747,6 +747,32 @@ def crop_to_multiple(img: NDArray, multiple: int) -> NDArray:
     """Crop the bottom/right so both sides are multiples of `multiple` (a view, not a copy)."""
     h, w = img.shape[:2]
     return img[: h - h % multiple, : w - w % multiple]
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Make `folder` and its missing parents; returns the folders this call made, deepest first, for a
+    failed run to take back (one another process made meanwhile is not among them). A part that exists
+    and is not a folder is a DegradeError; an OSError takes back what this call made."""
+    missing = []
+    while not folder.is_dir():
+        if folder.exists() or folder.is_symlink():
+            raise DegradeError(f"{folder}: exists and is not a folder")
+        missing.append(folder)
+        folder = folder.parent
+    made: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:  # made meanwhile by another run: not this call's to take back
+                continue
+            made.insert(0, folder)
+    except OSError:  # unwritable, or a file made there meanwhile: take back what this call made
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return made
 
 
 @contextlib.contextmanager

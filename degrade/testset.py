@@ -31,7 +31,6 @@ import re
 import secrets
 import shutil
 import signal
-import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,6 +46,7 @@ from degrade.errors import DegradeError
 from degrade.io import (
     crop_to_multiple,
     encode_image,
+    make_folders,
     read_image,
     read_image_sha256,
     read_regular_file,
@@ -175,7 +175,7 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
     tmp: Path | None = None
     held = contextlib.ExitStack()  # the hidden folder's lock: this run's while it lives (_remove_stale)
     try:  # from the first folder made: whatever stops the call (a progress callback's Ctrl-C too) takes it back
-        made = _make_parents(out.parent)
+        made = make_folders(out.parent)
         if progress is not None:
             progress(0, len(files))
         existing = out.is_dir()
@@ -190,7 +190,7 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
             except FileNotFoundError:  # a parent another run made, and took back as it failed, meanwhile
                 if attempt:
                     raise
-                made += _make_parents(out.parent)
+                made += make_folders(out.parent)
         with OrderedMap(_Degrade(files, levels, seed), jobs=jobs) as run:
             for done, (entry, (hr_png, lrs)) in enumerate(zip(images, run(range(len(files)))), 1):
                 name = entry["name"]
@@ -240,31 +240,6 @@ def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
     return ("{\n" + ",\n".join(fields) + ',\n "images": [\n' + images + "\n ]\n}\n").encode()
 
 
-def _make_parents(folder: Path) -> list[Path]:
-    """Make `folder` and its missing parents, as make-dataset does; returns the folders this call made,
-    deepest first, for a failed run to take back. A part that exists and is not a folder is a DegradeError."""
-    missing = []
-    while not folder.is_dir():
-        if folder.exists() or folder.is_symlink():
-            raise DegradeError(f"{folder}: exists and is not a folder")
-        missing.append(folder)
-        folder = folder.parent
-    made: list[Path] = []
-    try:
-        for folder in reversed(missing):
-            try:
-                folder.mkdir()
-            except FileExistsError:  # made meanwhile by another run: not this call's to take back
-                continue
-            made.insert(0, folder)
-    except OSError:  # unwritable, or a file made there meanwhile: take back what this call made
-        for folder in made:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-    return made
-
-
 TMP_PREFIX = ".make-testset."
 OWNER = ".owner"  # in a hidden folder, while its run works: this machine's boot id, then the run's random token
 STALE_S = 15 * 60  # a hidden folder another machine made, unlocked and untouched this long, is a killed run's:
@@ -292,16 +267,15 @@ def _mark_owner(tmp: Path) -> str:
 def _owner(folder: Path | str) -> tuple[str, str] | None:
     """(boot id, token) of a hidden folder's OWNER, or None (none, or not ours to read)."""
     try:
-        fd = os.open(Path(folder) / OWNER, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
+        lines = read_regular_file(Path(folder) / OWNER, 256).decode("utf-8", "replace").splitlines()
+    except (DegradeError, OSError):
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        lines = os.read(fd, 256).decode("utf-8", "replace").splitlines()
-    finally:
-        os.close(fd)
     return (lines[0], lines[1]) if len(lines) >= 2 else None
+
+
+def _open_folder(folder: Path | str) -> int:
+    """A descriptor of `folder` itself (never through a symlink), to flock it."""
+    return os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
 
 
 @contextlib.contextmanager
@@ -314,7 +288,7 @@ def _hold_folder(folder: Path) -> Iterator[None]:
     except ImportError:
         yield
         return
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+    fd = _open_folder(folder)
     try:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -356,7 +330,7 @@ def _remove_stale(where: Path) -> None:
             owner = _owner(entry.path)
             if (owner is None or owner[0] != here) and now - entry.stat(follow_symlinks=False).st_mtime < STALE_S:
                 continue
-            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+            fd = _open_folder(entry.path)
         except OSError:  # gone meanwhile, or not ours to open: leave it
             continue
         try:
