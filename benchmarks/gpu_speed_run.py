@@ -13,11 +13,7 @@ shares the steps after it keep:
      (dasr-train's default on a GPU), each eager and as one CUDA graph per step (`dasr-train
      --cuda-graph`), beside the float32 grouped eager step with the release's up-sampling (the release's
      way) in the same run; the loader's samples/s with 0 to all cores;
-  3b. appended to OUT/train.md: the discriminator's x2 up-sampling (a quarter of the GAN step on an H200
-     with PyTorch's kernels, a seventh with the matrix products, the default since) each way alone
-     (`benchmarks/bench_upsample.py`: PyTorch's F.interpolate, upsample2x's lerps and its matrix
-     products), then the graphed folded channels_last GAN step at batch 48 with each;
-  3c. appended to OUT/train.md: the graphed folded channels_last step at batch 48, without and with GAN,
+  3b. appended to OUT/train.md: the graphed folded channels_last step at batch 48, without and with GAN,
      with the generator's last convolution (64 to 3 channels per sample, slow as a grouped convolution)
      dense on the unfolded batch (`bench_train.py --impl folded+dense-last:cl`, an experiment);
   4. OUT/profile.md: `bench_train.py --profile-only --cuda-graph`: where a step's time goes, batch 48, bf16,
@@ -41,7 +37,10 @@ shares the steps after it keep:
      no-GAN batch-48 step on an H200 was reduce-overhead's, 2.97x, short of the 3x target; the whole-step
      graph beats it with GAN); without and with GAN, beside the float32 baseline (its
      eager twin is in train.md); skipped, and said so, without a C compiler for Triton;
-  7b. appended to OUT/infer.md, last of all (its autotuning time is unknown, so it takes what the others
+  7b. appended to OUT/compile.md: both experiments for the no-GAN batch-48 step together, the network
+     compiled inside the whole-step CUDA graph with the last convolution dense (`bench_train.py --impl
+     folded+dense-last:cl --compile net+graph`), without and with GAN, beside the float32 baseline;
+  7c. appended to OUT/infer.md, last of all (its autotuning time is unknown, so it takes what the others
      left and cuts nothing): the fused bf16 channels_last network at LR 512 through torch.compile's
      max-autotune (Triton's convolution templates, whose epilogues can take the bias adds, timed against
      cuDNN's kernels; `bench_infer.py --compile-modes max-autotune`);
@@ -88,8 +87,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # (8 rows): 373 s of 540.
 # The compile table has 10 rows since (net+graph); after it, last, inference through max-autotune (Triton's
 # convolution templates autotuned: its time unknown, so it takes what the others left, and cuts nothing).
-SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.30, "upsample": 0.07, "dense-last": 0.04, "profile": 0.10,
-          "infer": 0.12, "bf16": 0.03, "compile": 0.20, "autotune": 0.05}
+# The up-sampling step (32 s, 2026-11-27) settled its question (the matrix products, dasr-train's default on a
+# GPU since): its share goes to the two no-GAN experiments together ("combo": 4 rows, two of them compiled, some
+# 30-40 s each as the compile table's), after the compile step, whose inductor caches they may reuse.
+SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.30, "dense-last": 0.04, "profile": 0.10,
+          "infer": 0.12, "bf16": 0.03, "compile": 0.20, "combo": 0.07, "autotune": 0.05}
 # what the speed paths' exactness rests on, and dasr-train's default GPU path: their tests marked cuda (-m cuda)
 GPU_TESTS = ("tests/test_graphstep.py", "tests/test_expert_impl.py", "tests/test_train.py")
 TESTS_FLOOR_S = 90  # the CUDA tests' least time (at most a fifth of the budget), whatever their share
@@ -336,36 +338,18 @@ def main(argv: list[str] | None = None) -> int:
     step(out, "train", [py, "benchmarks/bench_train.py", "--device", device, *loader, "--gan",
                         "--impl", "grouped,folded:cl", "--cuda-graph", "--fp32-baseline", *train_args],
          out / "train.md", allowed("train"))
-    # the discriminator's x2 up-sampling (PyTorch's NHWC kernels: 37 of 134 ms at batch 48 on an H200; the
-    # matrix products, the default since, 12 of 84): each way alone, then the graphed folded channels_last GAN
-    # step with each; both tables appended to train.md (eight files come back from a device call)
-    # the step table alone (before the up-sampling tables below are appended): what the compile step builds on
+    # the step table alone (before the dense-last table below is appended): what the compile step builds on
     eager_rows = step_rows((out / "train.md").read_text()) if (out / "train.md").exists() else []
-    if args.smoke:  # eager steps: a CPU records no CUDA graph
-        up_args = ["--batch", "2", "--sr", "32", "--warmup", "0", "--repeats", "1"]
-        up_train = ["--batch-sizes", "2", "--lr-size", "8", "--warmup", "0", "--repeats", "1", "--precision", "bf16",
-                    "--small"]
-    else:
-        up_args = ["--batch", "48", "--sr", "256"]
-        up_train = ["--batch-sizes", "48", "--warmup", "3", "--repeats", "5", "--cuda-graph", "--compile-only"]
-    step(out, "upsample", [py, "benchmarks/bench_upsample.py", "--device", device, *up_args],
-         work / "upsample.txt", allowed("upsample") / 3)
-    # GAN rows alone (train.md has the step without GAN), the default first ("auto": the matrix products on a
-    # GPU since 2026-11-27), then the others: a cut keeps it
-    step(out, "upsample-step", [py, "benchmarks/bench_train.py", "--device", device, "--gan-only", "--impl",
-                                "folded:cl", "--disc-upsample", "auto,interpolate,lerp", *up_train],
-         work / "upsample-step.txt", allowed("upsample"))
     # the generator's last convolution dense on the unfolded batch, the rest folded (64 to 3 channels per sample:
     # cuDNN's grouped kernels took 3 of the no-GAN batch-48 step's 24 ms on an H200): the graphed channels_last
     # step at batch 48, without and with GAN (train.md has its all-folded twin), appended to train.md too. (The
     # element-wise experiment this step ran before, 2026-11-27, changed nothing: docs/benchmarks.md.)
-    dl_train = up_train if args.smoke else ["--batch-sizes", "48", "--warmup", "3", "--repeats", "5", "--cuda-graph",
-                                            "--compile-only"]
+    dl_train = (["--batch-sizes", "2", "--lr-size", "8", "--warmup", "0", "--repeats", "1", "--precision", "bf16",
+                 "--small"] if args.smoke  # eager steps: a CPU records no CUDA graph
+                else ["--batch-sizes", "48", "--warmup", "3", "--repeats", "5", "--cuda-graph", "--compile-only"])
     step(out, "dense-last", [py, "benchmarks/bench_train.py", "--device", device, "--gan", "--impl",
                              "folded+dense-last:cl", *dl_train], work / "dense-last.txt", allowed("dense-last"))
     append_sections(out / "train.md", [
-        (work / "upsample.txt", "The discriminator's up-sampling alone (bench_upsample.py)"),
-        (work / "upsample-step.txt", "The GAN step with each up-sampling (bench_train.py)"),
         (work / "dense-last.txt", "The step with the last convolution dense (bench_train.py)")])
     # the bf16 folded channels_last step (train.md has its times), eager and graphed: on the GPU batch 48
     # without, then with GAN; one batch without GAN in the smoke run (profiling on a CPU is slow)
@@ -405,6 +389,20 @@ def main(argv: list[str] | None = None) -> int:
                               "--impl", best,
                               "--batch-sizes", str(largest), "--fp32-baseline", "--compile-only", *compile_args],
              out / "compile.md", allowed("compile"))
+    # both no-GAN batch-48 experiments together: the network compiled inside the whole-step graph, the last
+    # convolution dense (each alone is in compile.md / train.md), beside the float32 baseline; appended to compile.md
+    if args.smoke:  # no CUDA graph on a CPU: the network compiled (traced, aot_eager), as the smoke compile step
+        combo_args = ["--batch-sizes", "2", "--lr-size", "8", "--warmup", "0", "--repeats", "1", "--compile", "default",
+                      "--compile-backend", "aot_eager", "--precision", "bf16", "--small"]
+    else:
+        combo_args = ["--gan", "--batch-sizes", "48", "--warmup", "3", "--repeats", "5", "--compile", "net+graph"]
+    if compiler is None and not args.smoke:
+        log(out, "combo: skipped, no C compiler (cc, gcc, clang) for Triton")
+    else:
+        step(out, "combo", [py, "benchmarks/bench_train.py", "--device", device, "--impl", "folded+dense-last:cl",
+                            "--fp32-baseline", "--compile-only", *combo_args], work / "combo.txt", allowed("combo"))
+        append_sections(out / "compile.md", [
+            (work / "combo.txt", "Compiled in the whole-step graph, the last convolution dense (bench_train.py)")])
     # last: the fused network at LR 512 through max-autotune, appended to infer.md (eight files come back)
     tune_args = (["--sizes", "16", "--warmup", "0", "--repeats", "1", "--experts", "2", "--bf16", "--small",
                   "--compile", "16", "--compile-backend", "aot_eager"] if args.smoke

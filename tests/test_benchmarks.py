@@ -222,7 +222,7 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
                     "--work", str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert sorted(p.name for p in out.iterdir()) == ["bf16.md", "compile.md", "environment.txt", "infer.md",
                                                       "log.txt", "profile.md", "summary.md", "train.md"]
-    train, ups = (out / "train.md").read_text().split("\n## The discriminator's up-sampling alone")
+    train, dense_last = (out / "train.md").read_text().split("\n## The step with the last convolution dense")
     # the smoke run's small networks (bench_train and bench_infer --small), said in each table's header
     assert "networks: generator of 5 experts, 2 blocks, 8 features; discriminator of 8 features (--small)" in train
     assert "model: DASR, 2 experts, 2 blocks, 8 features;" in (out / "infer.md").read_text()
@@ -240,7 +240,9 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
     no_gan = [r.split("|") for r in rows if r.startswith("| 2 | no | bf16 autocast |") and "| eager |" in r]
     fastest = min(no_gan, key=lambda c: float(c[7]))
     assert best == fastest[4].strip() + (":cl" if fastest[5].strip() == "channels_last" else "")
-    compiled = [r for r in (out / "compile.md").read_text().splitlines() if r.startswith("| 2 |")]
+    compiled, combo = (out / "compile.md").read_text().split("## Compiled in the whole-step graph, the last "
+                                                              "convolution dense")
+    compiled = [r for r in compiled.splitlines() if r.startswith("| 2 |")]
     assert len(compiled) == 3 and "| bf16 autocast | folded |" in compiled[1]  # no GAN (the smoke traces one row)
     assert "| default (aot_eager) |" in compiled[1] and "| float32 | grouped | NCHW | eager |" in compiled[0]
     assert "| blocks compiled (aot_eager) | " in compiled[2] and re.search(r"\| [\d.]+ \| [\d.]+x \|", compiled[2])
@@ -257,20 +259,15 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
         assert re.search(rf"\| 16 \| fused bf16 channels_last, torch.compile {mode} \(first call \d+ s\) \| [\d.]+ \|",
                          compiled)
     assert "| mean |" in (out / "bf16.md").read_text()
-    assert all(f"{name}: exit 0" in log for name in ("tests", "dataset", "train", "upsample", "upsample-step",
-                                                     "dense-last", "profile", "compile", "infer", "bf16", "autotune"))
-    # appended to train.md: each up-sampling alone, 3 ways x 2 formats x 3 shapes, then the GAN step with each
-    assert sum(f"| {way} | " in r for r in ups.splitlines() if r.startswith("| (2, ") for way in
-               ("interpolate", "lerp", "matmul")) == 18
-    ups, dense_last = ups.split("## The step with the last convolution dense")
-    alone, steps = ups.split("## The GAN step with each up-sampling")
-    # the experiment: folded but for the last convolution, without and with GAN
+    assert all(f"{name}: exit 0" in log for name in ("tests", "dataset", "train", "dense-last", "profile", "compile",
+                                                     "combo", "infer", "bf16", "autotune"))
+    # appended to train.md, the experiment: folded but for the last convolution, without and with GAN
     assert [r.split("|")[2:5] for r in dense_last.splitlines() if r.startswith("| 2 |")] == [
         [" no ", " bf16 autocast ", " folded+dense-last "], [" yes ", " bf16 autocast ", " folded+dense-last "]]
-    assert "| channels_last | matmul | " in alone.split("A GAN step's 9 up-samplings")[1]
-    gan_rows = [r for r in steps.splitlines() if r.startswith("| 2 | yes | bf16 autocast | folded | channels_last")]
-    assert [r.rstrip(" |").rsplit("|", 1)[1].strip() for r in gan_rows] == ["auto", "interpolate", "lerp"]
-    assert "| 2 | no |" not in steps  # --gan-only: the step without GAN is in the table above
+    # appended to compile.md: both experiments together (the smoke run: compiled without the graph), beside float32
+    combo = [r.split("|")[2:7] for r in combo.splitlines() if r.startswith("| 2 |")]
+    assert combo == [[" no ", " float32 ", " grouped ", " NCHW ", " eager "],
+                     [" no ", " bf16 autocast ", " folded+dense-last ", " channels_last ", " default (aot_eager) "]]
     assert " skipped" in log.split("tests: exit 0")[1]  # the CUDA tests' own summary line, in the log
     profile = (out / "profile.md").read_text()  # one row profiled: its wall and busy time, its top operators
     assert profile.count("### Profile: batch 2, GAN no, bf16 autocast, folded, channels_last, eager") == 1
