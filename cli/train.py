@@ -140,8 +140,9 @@ def default_workers() -> int:
                    "CUDA graphs. Compiling takes a minute or more at the first step, within --max-minutes.")
 @click.option("--cuda-graph/--no-cuda-graph", default=None,
               help="Record the whole step (forward, backward, optimisers, EMA) once as a CUDA graph and replay it: "
-                   "one launch per step instead of hundreds. Needs CUDA, one process, --compile off. Default: on "
-                   "wherever it can be.")
+                   "one launch per step instead of hundreds. Needs CUDA, one process, and --compile off, default or "
+                   "max-autotune-no-cudagraphs (the network's compiled kernels inside the graph: asked for only, "
+                   "not yet timed). Default: on wherever it can be with --compile off.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="The step's arithmetic: bf16 autocast (weights, optimiser state and EMA stay float32) or "
                    "float32. auto: bf16 on CUDA, fp32 on a CPU.")

@@ -116,8 +116,10 @@ class TrainConfig:
     compile: str = "off"
     # The whole step (forward, backward, optimisers, EMA, discriminator) recorded once as a CUDA graph and
     # replayed (dasr_model.graphstep): one launch per step instead of a host-bound stream of small ones.
-    # CUDA, a single process, and compile "off" only; None ("auto"): on wherever it can be (1.04 to 5.0x
-    # faster per step in every row measured on an H200: docs/benchmarks.md).
+    # CUDA and a single process; compile "off", or asked for (True) with a compile mode of GRAPH_COMPILE_MODES
+    # (the network's inductor kernels inside the step's graph: an experiment, not yet timed on a GPU); None
+    # ("auto"): on wherever it can be with compile "off" (1.04 to 5.0x faster per step in every row measured on
+    # an H200: docs/benchmarks.md).
     cuda_graph: bool | None = None
     # "bf16": the step under bfloat16 autocast (weights, optimiser state and EMA stay float32); "fp32"; "auto":
     # bf16 on CUDA, fp32 elsewhere (bf16 on a CPU runs, mostly slower; it is there to test the GPU's path)
@@ -262,6 +264,8 @@ LR_SCHEDULES = ("constant", "cosine")
 # budget left would run out (validations and checkpoints take the rest; the budget still stops the run).
 FIT_FROM, FIT_STEPS, FIT_MARGIN = 5, 50, 0.95
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# the compile modes a whole-step CUDA graph can hold (reduce-overhead and max-autotune record graphs of their own)
+GRAPH_COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
 ERROR_PREFIX = re.compile(r"^[\w.]+(Error|Exception): ")  # "degrade.errors.DatasetError: " in a worker's message
 
 def init_source(cfg: TrainConfig, warn: Callable[[str], None] | None = None) -> LoadedModel | None:
@@ -391,11 +395,12 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     rank = int(os.environ.get("RANK", "0"))
     device = pick_device(cfg.device)
     graph_ok = graph_possible(device, world, cfg.compile)
-    use_graph = graph_ok if cfg.cuda_graph is None else cfg.cuda_graph
+    use_graph = graph_ok and cfg.compile == "off" if cfg.cuda_graph is None else cfg.cuda_graph
     if use_graph and not graph_ok:
-        why = (f"a CUDA device (this run: {device.type})" if device.type != "cuda" else
-               "a single process (DDP's hooks run outside a recording)" if world > 1 else
-               "--compile off (reduce-overhead records graphs of its own; the others trace what it records)")
+        why = (f"--compile {', '.join(GRAPH_COMPILE_MODES[:-1])} or {GRAPH_COMPILE_MODES[-1]} ({cfg.compile} "
+               "records CUDA graphs of its own)" if cfg.compile not in GRAPH_COMPILE_MODES else
+               f"a CUDA device (this run: {device.type})" if device.type != "cuda" else
+               "a single process (DDP's hooks run outside a recording)")
         raise DASRError(f"--cuda-graph needs {why}")
     main_rank = rank == 0
 
@@ -704,8 +709,9 @@ def graphed_train_step(parts: StepParts, cfg: TrainConfig, bf16: bool, device: t
 
 
 def graph_possible(device: torch.device, world: int, compile_mode: str) -> bool:
-    """Whether a run's steps can replay a CUDA graph (GraphedStep): CUDA, one process, no torch.compile."""
-    return device.type == "cuda" and world == 1 and compile_mode == "off"
+    """Whether a run's steps can replay a CUDA graph (GraphedStep): CUDA, one process, and no torch.compile
+    mode that records CUDA graphs of its own (GRAPH_COMPILE_MODES)."""
+    return device.type == "cuda" and world == 1 and compile_mode in GRAPH_COMPILE_MODES
 
 
 def choose_expert_impl(parts: StepParts, cfg: TrainConfig, device: torch.device, bf16: bool, lr_hw: tuple[int, int],

@@ -253,6 +253,32 @@ def test_dasr_train_cuda_graph_trains_like_eager_and_resumes_either_way(tmp_path
     assert all(type(g["lr"]) is float and g["capturable"] is False for g in groups)
 
 
+
+@cuda
+def test_dasr_train_cuda_graph_with_the_network_compiled_trains_like_eager(tmp_path, monkeypatch, deterministic_cudnn):
+    """--compile default --cuda-graph: the compiled network's calls recorded inside the step's graph (dynamo's
+    guards run once, at the recording; the replays skip them). Traced through aot_eager, which keeps the test
+    short (inductor's own kernels in that graph are the speed run's net+graph rows)."""
+    import dasr_model.train as train_module
+
+    real_compile = torch.compile
+    shards = make_small_dataset(tmp_path / "ds", count=12, seed=1, shard_size=12)
+    base = dict(shards=shards, steps=6, batch_size=3, lr_crop=8, workers=0, model=SMALL, device="cuda", lr=2e-3,
+                gan=True, expert_impl="folded", channels_last=True)
+    train(TrainConfig(out=str(tmp_path / "eager"), cuda_graph=False, **base))
+    monkeypatch.setattr(train_module.torch, "compile",
+                        lambda net, mode=None, dynamic=None: real_compile(net, backend="aot_eager", dynamic=dynamic))
+    torch._dynamo.reset()
+    try:
+        train(TrainConfig(out=str(tmp_path / "graph"), cuda_graph=True, compile="default", **base))
+    finally:
+        torch._dynamo.reset()
+    eager, graph = load_checkpoint(tmp_path / "eager" / "ckpt-6.pt"), load_checkpoint(tmp_path / "graph" / "ckpt-6.pt")
+    for key in ("model", "ema_generator", "discriminator"):
+        for name, tensor in eager[key].items():
+            torch.testing.assert_close(graph[key][name], tensor, rtol=0, atol=1e-3, msg=f"{key} {name}")
+
+
 def test_by_default_a_cpu_run_trains_eagerly_and_records_that(tmp_path):
     shards = make_small_dataset(tmp_path / "ds", count=4, seed=1, shard_size=4)
     cfg = TrainConfig(shards=shards, out=str(tmp_path / "run"), steps=1, batch_size=2, lr_crop=8, workers=0,
@@ -319,3 +345,58 @@ def test_the_training_loop_drives_its_graph_with_each_steps_batch_rate_and_decay
     for key in ("model", "ema_generator", "discriminator"):
         for name, tensor in plain[key].items():
             assert torch.equal(graph[key][name], tensor), f"{key} {name}"
+
+
+def test_cuda_graph_holds_the_compiled_network_where_asked_and_auto_leaves_it_out(tmp_path, monkeypatch):
+    """--cuda-graph with --compile default (or max-autotune-no-cudagraphs): the network's inductor kernels
+    inside the whole-step graph, asked for only (auto graphs uncompiled steps alone; reduce-overhead and
+    max-autotune, which record graphs of their own, are refused). On a CPU, with CUDA pretended for the
+    choice, GraphedStep replaced by an eager stand-in and torch.compile tracing through aot_eager: the
+    stand-in gets the compiled network, and the run trains as the plain eager one does (1e-6 after 3 steps)."""
+    import dasr_model.train as train_module
+
+    cuda_device = torch.device("cuda")  # a name only: nothing runs on it here
+    assert [m for m in train_module.COMPILE_MODES if train_module.graph_possible(cuda_device, 1, m)] == [
+        "off", "default", "max-autotune-no-cudagraphs"]
+    assert not train_module.graph_possible(cuda_device, 2, "default")
+    assert not train_module.graph_possible(torch.device("cpu"), 1, "default")
+
+    nets = []
+
+    class EagerStandIn:
+        def __init__(self, step, optimizers, device, *, warmup=3):
+            self.step, self.optimizers = step, optimizers
+            nets.append(step.args[0].net)
+
+        def __call__(self, *inputs, rate, ema_decay):
+            for group in (g for o in self.optimizers for g in o.param_groups):
+                group["lr"] = rate
+            return self.step(*inputs, ema_weight=torch.tensor(1 - ema_decay))
+
+    real_possible, real_compile = train_module.graph_possible, torch.compile
+    shards = make_small_dataset(tmp_path / "ds", count=8, seed=1, shard_size=8)
+    base = dict(shards=shards, steps=3, batch_size=2, lr_crop=8, workers=0, model=SMALL, device="cpu")
+    train(TrainConfig(out=str(tmp_path / "plain"), **base))
+    monkeypatch.setattr(train_module, "graph_possible", lambda device, world, mode: real_possible(cuda_device, world,
+                                                                                                  mode))
+    monkeypatch.setattr(train_module, "GraphedStep", EagerStandIn)
+    monkeypatch.setattr(train_module.torch, "compile",
+                        lambda net, mode=None, dynamic=None: real_compile(net, backend="aot_eager", dynamic=dynamic))
+    torch._dynamo.reset()
+    try:
+        train(TrainConfig(out=str(tmp_path / "auto"), compile="default", **base))  # auto: no graph with compile
+        assert nets == []
+        assert json.loads((tmp_path / "auto" / "config.json").read_text())["run"]["cuda_graph"] is False
+        train(TrainConfig(out=str(tmp_path / "graph"), compile="default", cuda_graph=True, **base))
+        for mode in ("reduce-overhead", "max-autotune"):
+            with pytest.raises(DASRError, match=rf"^--cuda-graph needs --compile off, default or "
+                                                rf"max-autotune-no-cudagraphs \({mode} records CUDA graphs of its"):
+                train(TrainConfig(out=str(tmp_path / mode), compile=mode, cuda_graph=True, **base))
+    finally:
+        torch._dynamo.reset()
+    assert len(nets) == 1 and isinstance(nets[0], torch._dynamo.eval_frame.OptimizedModule)
+    assert json.loads((tmp_path / "graph" / "config.json").read_text())["run"]["cuda_graph"] is True
+    plain, graph = load_checkpoint(tmp_path / "plain" / "ckpt-3.pt"), load_checkpoint(tmp_path / "graph" / "ckpt-3.pt")
+    for key in ("model", "ema_generator"):
+        for name, tensor in plain[key].items():
+            torch.testing.assert_close(graph[key][name], tensor, rtol=0, atol=1e-6, msg=f"{key} {name}")
