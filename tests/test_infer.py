@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import cv2  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 import degrade  # noqa: E402
-from cli.sr import eval_main, precision_kwargs, sr_main  # noqa: E402
+from cli.sr import OrderedWriters, eval_main, precision_kwargs, sr_main  # noqa: E402
 from dasr_model.checkpoints import save_checkpoint  # noqa: E402
 from dasr_model.infer import edit_vector, load_checkpoint_model, super_resolve, upscale  # noqa: E402
 from dasr_model.metrics import psnr, psnr_y, ssim_y, y_channel  # noqa: E402
@@ -425,6 +427,92 @@ def test_sr_cli_skips_an_image_it_cannot_upscale_and_names_it(ckpt, tmp_path, mo
                                           "--device", "cpu"])
     assert result.exit_code == 1 and len(written) == 1 and "skipped" not in result.output
     assert result.output.strip().splitlines()[-1] == f"Error: {tmp_path / 'out3' / 'b_x4.png'}: No space left on device"
+
+
+
+def test_ordered_writers_report_in_order_bound_what_is_in_flight_and_raise_a_jobs_error():
+    """dasr-sr's writer threads: results reported in the order given whatever order the jobs end in, at most
+    2 x threads jobs and `budget` bytes in flight, a job over the budget done alone before submit returns,
+    a job's exception raised in the caller (with the jobs not yet started dropped), and threads 0 the
+    sequential way: each job done and reported inside submit."""
+    lock, running, peak, reports = threading.Lock(), [0], [0], []
+
+    def job(key, seconds):
+        def run():
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(seconds)
+            with lock:
+                running[0] -= 1
+            return f"done {key}"
+        return run
+
+    with OrderedWriters(3, lambda key, result: reports.append((key, result, len(w.pending))), budget=100) as w:
+        for key in range(8):  # the earliest jobs the slowest: they end last
+            w.submit(key, 10, job(key, 0.05 * (8 - key) / 8))
+            assert len(w.pending) <= 6 and w.held <= 100
+        w.submit("big", 150, job("big", 0.01))  # over the budget: waits for every job before it, then alone
+        assert not w.pending and w.held == 0 and reports[-1][:2] == ("big", "done big")
+        w.drain()
+    assert [r[:2] for r in reports] == [(k, f"done {k}") for k in range(8)] + [("big", "done big")]
+    assert peak[0] == 3  # the pool's threads all busy at once
+
+    started = []
+
+    def fails():
+        raise ZeroDivisionError("a bug")
+
+    def slow(key):
+        return lambda: (started.append(key), time.sleep(0.05))
+
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        with OrderedWriters(1, lambda key, result: None) as w:
+            w.submit(0, 1, fails)
+            w.submit(1, 1, slow(1))  # queued behind it
+            w.drain()
+    assert started in ([], [1])  # not started, or already under way: never a later one after the error
+
+    seen = []
+    w = OrderedWriters(0, lambda key, result: seen.append((key, result)))
+    w.submit("a", 10**12, lambda: 1)
+    assert seen == [("a", 1)] and w.pool is None
+
+
+def test_sr_cli_writes_the_same_bytes_with_writer_threads_and_reports_in_input_order(ckpt, tmp_path, monkeypatch):
+    """--write-threads N: outputs written while the next image is upscaled give the bytes --write-threads 0
+    gives; an image that fails after a slow one is still reported after it, and counted."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, name in enumerate("abcde"):
+        cv2.imwrite(str(src / f"{name}.png"), np.random.default_rng(i).integers(0, 255, (20 + i, 24, 3), np.uint8))
+    (src / "c.png").write_bytes(b"not an image")
+    outs = {}
+    for threads in ("0", "3"):
+        result = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / threads), "--model", str(ckpt),
+                                              "--device", "cpu", "--write-threads", threads])
+        assert result.exit_code == 1 and "1 of 5 input(s) could not be read" in " ".join(result.output.split())
+        outs[threads] = {p.name: p.read_bytes() for p in (tmp_path / threads).iterdir()}
+    assert sorted(outs["0"]) == ["a_x4.png", "b_x4.png", "d_x4.png", "e_x4.png"] and outs["0"] == outs["3"]
+
+    real, order = degrade.write_image, []
+
+    def slow_b(path, img):  # b's write fails long after c's refusal and d's write
+        if path.name == "b_x4.png":
+            time.sleep(0.3)
+            order.append(path.name)
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        order.append(path.name)
+        real(path, img)
+
+    monkeypatch.setattr(degrade, "write_image", slow_b)
+    result = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / "slow"), "--model", str(ckpt),
+                                          "--device", "cpu", "--write-threads", "3"])
+    assert result.exit_code == 1 and order.index("d_x4.png") < order.index("b_x4.png")  # really overlapped
+    text = " ".join(result.output.split())  # (long paths wrap)
+    b, c = text.index(f"skipped {src / 'b.png'}: not written: "), text.index(f"skipped {src / 'c.png'}: ")
+    assert b < c < text.index(f"wrote 3 image(s) to {tmp_path / 'slow'}")  # c's after b's, as the inputs come
+    assert "Permission denied" in text[b:c] and text.count("skipped") == 2
 
 
 def test_sr_cli_does_not_feed_its_own_outputs_back(ckpt, tmp_path):
