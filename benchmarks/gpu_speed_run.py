@@ -24,6 +24,8 @@ shares the steps after it keep:
      in float32 (the baseline) against the experts fused once per image, bf16 and channels_last, and at
      LR 512 that fused network through torch.compile (default, reduce-overhead); then a profile of
      dasr-sr's path at LR 512 (where an image's GPU time goes: the 4x target's next lead);
+  5b. appended to OUT/infer.md: `dasr-sr` end to end over a folder of 16 LR-512 images, outputs written
+     one after another (--write-threads 0) against 1, 2 and 4 writer threads (`benchmarks/bench_sr.py`);
   6. OUT/bf16.md: bf16 against float32 on real images: PSNR-Y of `dasr-sr`'s output (experts fused once,
      whole image, rounded to 8 bit) against the HR for each bundled photo (HR: a 256-px centre crop; LR:
      degraded at level 1, fixed seed), and the outputs' largest difference before rounding; with --model
@@ -90,8 +92,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # The up-sampling step (32 s, 2026-11-27) settled its question (the matrix products, dasr-train's default on a
 # GPU since): its share goes to the two no-GAN experiments together ("combo": 4 rows, two of them compiled, some
 # 30-40 s each as the compile table's), after the compile step, whose inductor caches they may reuse.
+# dasr-sr over a folder ("sr-folder": 9 runs of 16 LR-512 images, some 2 s each, a guess from the network's
+# 11 ms and a 2048-px PNG's 0.1 s per image) takes a share from inference, which used 27 s of its 65.
 SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.30, "dense-last": 0.04, "profile": 0.10,
-          "infer": 0.12, "bf16": 0.03, "compile": 0.20, "combo": 0.07, "autotune": 0.05}
+          "infer": 0.09, "sr-folder": 0.03, "bf16": 0.03, "compile": 0.20, "combo": 0.07, "autotune": 0.05}
 # what the speed paths' exactness rests on, and dasr-train's default GPU path: their tests marked cuda (-m cuda)
 GPU_TESTS = ("tests/test_graphstep.py", "tests/test_expert_impl.py", "tests/test_train.py")
 TESTS_FLOOR_S = 90  # the CUDA tests' least time (at most a fifth of the budget), whatever their share
@@ -359,6 +363,13 @@ def main(argv: list[str] | None = None) -> int:
                           "--cuda-graph", *profile_args], out / "profile.md", allowed("profile"))
     step(out, "infer", [py, "benchmarks/bench_infer.py", "--device", device, *infer_args],
          out / "infer.md", allowed("infer"))
+    # dasr-sr end to end over a folder: outputs written one after another, then on writer threads (the PNG
+    # encoding of a x4 output outlasts the network on a GPU), appended to infer.md
+    folder_args = (["--small", "--count", "3", "--size", "32", "--threads", "0,1", "--repeat", "1"] if args.smoke
+                   else ["--count", "16", "--size", "512", "--threads", "0,1,2,4"])
+    step(out, "sr-folder", [py, "benchmarks/bench_sr.py", "--device", device, *folder_args], work / "sr-folder.txt",
+         allowed("sr-folder"))
+    append_sections(out / "infer.md", [(work / "sr-folder.txt", "dasr-sr over a folder (bench_sr.py)")])
     step(out, "bf16", [py, "benchmarks/gpu_speed_run.py", "--bf16-only", "--out", str(out),
                        *(["--model", args.model] if args.model else []), *(["--smoke"] if args.smoke else [])],
          out / "bf16.md", allowed("bf16"))

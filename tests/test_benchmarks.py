@@ -260,7 +260,11 @@ def test_gpu_speed_run_smoke_leaves_every_result(tmp_path):
                          compiled)
     assert "| mean |" in (out / "bf16.md").read_text()
     assert all(f"{name}: exit 0" in log for name in ("tests", "dataset", "train", "dense-last", "profile", "compile",
-                                                     "combo", "infer", "bf16", "autotune"))
+                                                     "combo", "infer", "sr-folder", "bf16", "autotune"))
+    # appended to infer.md: dasr-sr over a folder, outputs written one after another, then on a writer thread
+    folder = infer.split("## dasr-sr over a folder (bench_sr.py)")[1].split("\n## ")[0]
+    assert [r.split("|")[1].strip() for r in folder.splitlines() if re.match(r"\| \d+ \| [\d.]+ \|", r)] == ["0", "1"]
+    assert "outputs byte-identical across rows: yes" in folder
     # appended to train.md, the experiment: folded but for the last convolution, without and with GAN
     assert [r.split("|")[2:5] for r in dense_last.splitlines() if r.startswith("| 2 |")] == [
         [" no ", " bf16 autocast ", " folded+dense-last "], [" yes ", " bf16 autocast ", " folded+dense-last "]]
