@@ -397,10 +397,20 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
     if (lpips_alexnet is None) != (lpips_lin is None):
         raise click.UsageError("LPIPS needs both --lpips-alexnet and --lpips-lin")
     lv = parse_levels(levels)
-    for source in (x for x in (shards, hr_dir, lr_dir, testset) if x is not None and save_sr is not None):
-        if save_sr.resolve() == source.resolve() or source.resolve() in save_sr.resolve().parents:
-            raise click.UsageError(f"--save-sr {save_sr} lies inside {source}: the images read would be mixed with "
-                                   "the ones written; save them elsewhere")
+    if save_sr is not None:  # the images written must never land on the ones read, nor inside a test set
+        from degrade.testset import enclosing_testset
+
+        target = save_sr.resolve()
+        for source in (x for x in (shards, hr_dir, lr_dir, testset) if x is not None):
+            if target == source.resolve() or source.resolve() in target.parents:
+                raise click.UsageError(f"--save-sr {save_sr} lies inside {source}: the images read would be mixed "
+                                       "with the ones written; save them elsewhere")
+            if target in source.resolve().parents:
+                raise click.UsageError(f"--save-sr {save_sr} holds {source}: the SR images could overwrite the "
+                                       "images read; save them elsewhere")
+        if (kept := enclosing_testset(save_sr)) is not None:
+            raise click.UsageError(f"--save-sr {save_sr} lies inside the test set {kept}: the SR images could "
+                                   "overwrite its HR or LR images; save them elsewhere")
     if per_image is not None:
         _check_per_image(per_image, (model_path, checkpoint, *(release_weights or ()), lpips_alexnet, lpips_lin,
                                      niqe_params, shards, hr_dir, lr_dir, testset))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from dasr_model.data import block_mae, checked_v
 from dasr_model.diagnostics import mixing_stats
 from dasr_model.errors import DASRError
-from dasr_model.infer import DEFAULT_TILE, predict, super_resolve, to_image, to_tensor
+from dasr_model.infer import DEFAULT_TILE, predict, refuse_out_of_memory, super_resolve, to_image, to_tensor
 from dasr_model.metrics import psnr_rgb, psnr_y, ssim_y, y_channel
 from dasr_model.niqe import niqe
 from degrade.io import to_uint8
@@ -331,45 +331,55 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
     counts: dict[int, int] = {}
     v_hats, vs, mixes, mix_levels = [], [], [], []
     gen = model.generator if generator is None else generator
-    for index, (level, hr, lr, v) in enumerate(pairs):
-        row: dict[str, Any] = {"level": level}
-        lr_t = to_tensor(lr).to(device)
-        v_hat, a = predict(model, lr_t, tile=tile)
-        mixes.append(a.float().cpu())
-        mix_levels.append(level)
-        sr = to_image(super_resolve(model, lr_t, a, tile=tile, dtype=dtype, channels_last=channels_last,
-                                    generator=gen))
-        bic = to_image(F.interpolate(lr_t, scale_factor=4, mode="bicubic", align_corners=False))
-        counts[level] = counts.get(level, 0) + 1
-        s = scores.setdefault(level, {})
+    names = getattr(pairs, "names", None)
+    at = ["reading the first image"]  # what an allocation failure names
 
-        def add(key: str, value: float) -> None:
-            s.setdefault(key, []).append(value)
-            row[key] = value
+    def score_all() -> None:  # (nested: the failure is raised once this call's tensors are freed)
+        for index, (level, hr, lr, v) in enumerate(pairs):
+            at[:] = [f"scoring {names[index] if names else f'pair {index}'} ({lr.shape[1]}x{lr.shape[0]} px LR)"]
+            row: dict[str, Any] = {"level": level}
+            lr_t = to_tensor(lr).to(device)
+            v_hat, a = predict(model, lr_t, tile=tile)
+            mixes.append(a.float().cpu())
+            mix_levels.append(level)
+            sr = to_image(super_resolve(model, lr_t, a, tile=tile, dtype=dtype, channels_last=channels_last,
+                                        generator=gen))
+            bic = to_image(F.interpolate(lr_t, scale_factor=4, mode="bicubic", align_corners=False))
+            counts[level] = counts.get(level, 0) + 1
+            s = scores.setdefault(level, {})
 
-        if hr is not None:
-            for prefix, out in (("", sr), ("bicubic_", bic)):
-                add(prefix + "psnr_y", psnr_y(out, hr))
-                add(prefix + "ssim_y", ssim_y(out, hr))
-            add("psnr_rgb", psnr_rgb(sr, hr))
-            if lpips is not None:
-                hr_t = to_tensor(hr).to(device)
-                add("lpips", float(lpips(_levels(sr, device), hr_t)[0]))
-                add("bicubic_lpips", float(lpips(_levels(bic, device), hr_t)[0]))
-        if niqe_params is not None:  # an image without a score for either is left out of both columns
-            pair = _niqe_or_nan(sr, niqe_params), _niqe_or_nan(bic, niqe_params)
-            scored = all(math.isfinite(x) for x in pair)
-            add("niqe", pair[0] if scored else math.nan)
-            add("bicubic_niqe", pair[1] if scored else math.nan)
-        elif hr is None:
-            raise DASRError("an image without HR has no score but NIQE: give its parameters")
-        if v is not None:
-            v_hats.append(v_hat.cpu())
-            vs.append(torch.from_numpy(np.asarray(v, np.float32))[None])
-        if on_image is not None:
-            on_image(index, row, sr)
-        if progress is not None:
-            progress()
+            def add(key: str, value: float) -> None:
+                s.setdefault(key, []).append(value)
+                row[key] = value
+
+            if hr is not None:
+                for prefix, out in (("", sr), ("bicubic_", bic)):
+                    add(prefix + "psnr_y", psnr_y(out, hr))
+                    add(prefix + "ssim_y", ssim_y(out, hr))
+                add("psnr_rgb", psnr_rgb(sr, hr))
+                if lpips is not None:
+                    hr_t = to_tensor(hr).to(device)
+                    add("lpips", float(lpips(_levels(sr, device), hr_t)[0]))
+                    add("bicubic_lpips", float(lpips(_levels(bic, device), hr_t)[0]))
+            if niqe_params is not None:  # an image without a score for either is left out of both columns
+                pair = _niqe_or_nan(sr, niqe_params), _niqe_or_nan(bic, niqe_params)
+                scored = all(math.isfinite(x) for x in pair)
+                add("niqe", pair[0] if scored else math.nan)
+                add("bicubic_niqe", pair[1] if scored else math.nan)
+            elif hr is None:
+                raise DASRError("an image without HR has no score but NIQE: give its parameters")
+            if v is not None:
+                v_hats.append(v_hat.cpu())
+                vs.append(torch.from_numpy(np.asarray(v, np.float32))[None])
+            if on_image is not None:
+                on_image(index, row, sr)
+            if progress is not None:
+                progress()
+            at[:] = [f"reading the image after {names[index] if names else f'pair {index}'}"]
+
+    tiles = f"in LR tiles of {tile} px (a smaller --tile" if tile else "for the whole image at once (--tile"
+    refuse_out_of_memory(score_all, device, lambda: f"{at[0]} {tiles} lowers the network's memory; the SR, HR and "
+                         "bicubic images are held whole)")
     if not scores:
         raise DASRError("nothing to evaluate")
     levels = {str(lv): {"images": counts[lv], **{k: _mean(x) if k in NIQE_KEYS else float(np.mean(x))

@@ -294,7 +294,28 @@ def super_resolve(model: DASR, lr: Tensor, a: Tensor, *, tile: int | None = None
     return torch.cat(outs).contiguous()
 
 
-@torch.no_grad()
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: torch's CUDA error, cuDNN's / cuBLAS's (RuntimeErrors), the CPU allocator's
+    (a RuntimeError too), or Python's MemoryError (numpy)."""
+    text = str(exc)
+    return (isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in text
+            or "ALLOC_FAILED" in text or "can't allocate memory" in text)
+
+
+def refuse_out_of_memory(run: Callable[[], Any], device: torch.device | str, what: str | Callable[[], str]) -> Any:
+    """run(), with an allocation failure (:func:`out_of_memory`) turned into a one-line DASRError: "out of
+    memory on DEVICE " + `what` (or what()). It is raised after the failed call's frames, and the tensors
+    they held, are gone, and CUDA's cached blocks freed, so the next call (the next image) starts clean."""
+    try:
+        return run()
+    except (RuntimeError, MemoryError) as exc:
+        if not out_of_memory(exc):
+            raise
+    if torch.device(device).type == "cuda":  # here, past the except block: its traceback is released
+        torch.cuda.empty_cache()
+    raise DASRError(f"out of memory on {device} {what if isinstance(what, str) else what()}")
+
+
 def upscale(model: DASR, image: np.ndarray, *, overrides: dict[str, str] | None = None, mix: Tensor | None = None,
             tile: int | None = DEFAULT_TILE, overlap: int | None = None, device: torch.device | str = "cpu",
             dtype: torch.dtype | None = None, channels_last: bool = False,
@@ -309,7 +330,19 @@ def upscale(model: DASR, image: np.ndarray, *, overrides: dict[str, str] | None 
     (at least 256 px a side) and the output is assembled in 8 bit tile by tile, so memory follows the tile
     size plus the uint8 result. Tiles overlap by `overlap` (default: G's receptive-field radius, which
     gives the whole-image result). `on_tile(done, total)` is called after each output tile (a progress bar).
+    Out of memory: a one-line DASRError that says to lower the tile (:func:`refuse_out_of_memory`).
     """
+    h, w = image.shape[:2]
+    how = (f"upscaling a {w}x{h} px image in LR tiles of {tile} px: use a smaller --tile" if tile else
+           f"upscaling a {w}x{h} px image whole (--tile 0): use --tile")
+    return refuse_out_of_memory(lambda: _upscale(model, image, overrides, mix, tile, overlap, device, dtype,
+                                                 channels_last, on_tile), device, how)
+
+
+@torch.no_grad()
+def _upscale(model: DASR, image: np.ndarray, overrides: dict[str, str] | None, mix: Tensor | None, tile: int | None,
+             overlap: int | None, device: torch.device | str, dtype: torch.dtype | None, channels_last: bool,
+             on_tile: Callable[[int, int], None] | None) -> tuple[np.ndarray, Tensor]:
     if mix is not None and (mix.shape != (1, model.config.num_experts) or not bool(torch.isfinite(mix).all())):
         raise DASRError(f"the expert mix must be {model.config.num_experts} finite numbers")
     lr = to_tensor(image).to(device)

@@ -41,7 +41,7 @@ from dasr_model.data import PairedShards, StepBatchSampler, as_float, unsharp_ma
 from dasr_model.errors import DASRError
 from dasr_model.evaluate import ValidationSet, pairs_from_shards
 from dasr_model.graphstep import GraphedStep, plain_optimizer_state
-from dasr_model.infer import LoadedModel, load_model
+from dasr_model.infer import LoadedModel, load_model, out_of_memory
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss, l1_loss
 from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, is_channels_last, set_expert_impl
 from dasr_model.modelfile import MODEL_FILE, save_model_file
@@ -756,12 +756,6 @@ class _NoStep:
 
     def step(self) -> None:
         pass
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """A CUDA allocation failure: torch's own error, or cuDNN's / cuBLAS's, which arrive as RuntimeError."""
-    text = str(exc)
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
 
 
 def probe_expert_impls(parts: StepParts, cfg: TrainConfig, shape: tuple[int, int, int, int], bf16: bool,

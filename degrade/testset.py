@@ -482,6 +482,18 @@ def _check_sha256(path: Path, digest: str, sha256: str) -> None:
                            "or was edited")
 
 
+def enclosing_testset(path: str | os.PathLike) -> Path | None:
+    """The test set folder (make_testset's) that `path` is or lies inside, resolved; None where there is none.
+    A folder counts where its manifest.json opens with this format's field (only the first 4 kB are read)."""
+    here = Path(path).resolve()
+    for folder in (here, *here.parents):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            with open(folder / MANIFEST_NAME, "rb") as f:
+                if f'"format": "{TESTSET_FORMAT}"' in f.read(4096).decode("utf-8", "replace"):
+                    return folder
+    return None
+
+
 def open_testset(path: str | os.PathLike) -> TestSet:
     """Read the manifest of the test set in folder `path` (make_testset); DegradeError naming what is wrong."""
     root = Path(path)

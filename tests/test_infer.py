@@ -515,6 +515,78 @@ def test_sr_cli_writes_the_same_bytes_with_writer_threads_and_reports_in_input_o
     assert "Permission denied" in text[b:c] and text.count("skipped") == 2
 
 
+
+CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 737280000 bytes. Error code 12"
+
+
+def test_out_of_memory_is_one_line_dasr_sr_skips_that_image_and_dasr_eval_names_it(ckpt, tmp_path, monkeypatch):
+    """An allocation failure (the CPU allocator's RuntimeError, CUDA's OutOfMemoryError, numpy's MemoryError)
+    while upscaling is a one-line DASRError saying what to lower, raised with no traceback of the failed call
+    held (its tensors freed); dasr-sr skips that image and goes on; dasr-eval stops in one line naming the
+    image. Any other RuntimeError keeps its traceback."""
+    import dasr_model.evaluate as evaluate_module
+    import dasr_model.infer as infer
+
+    model = load_checkpoint_model(ckpt)
+    real = infer.super_resolve
+
+    def fails_on_wide(error):
+        def run(model, lr, a, **kw):
+            if lr.shape[-1] > 30:
+                raise error
+            return real(model, lr, a, **kw)
+        return run
+
+    image = np.random.default_rng(0).random((20, 40, 3), dtype=np.float32)
+    for error in (RuntimeError(CPU_OOM), torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate"),
+                  MemoryError()):
+        monkeypatch.setattr(infer, "_tiles", lambda run, lr, *args, error=error: (_ for _ in ()).throw(error))
+        with pytest.raises(infer.DASRError) as caught:
+            upscale(model, image, tile=128)
+        assert str(caught.value) == "out of memory on cpu upscaling a 40x20 px image in LR tiles of 128 px: use a " \
+                                    "smaller --tile"
+        assert caught.value.__context__ is None  # raised past the except block: the failed call's frames are gone
+    with pytest.raises(infer.DASRError, match=r"image whole \(--tile 0\): use --tile$"):
+        upscale(model, image, tile=None)
+    monkeypatch.setattr(infer, "_tiles", lambda *args: (_ for _ in ()).throw(RuntimeError("a shape bug")))
+    with pytest.raises(RuntimeError, match="a shape bug"):  # not an allocation failure: as it was
+        upscale(model, image)
+    monkeypatch.undo()
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, width in (("a", 24), ("b", 40), ("c", 24)):
+        cv2.imwrite(str(src / f"{name}.png"), np.random.default_rng(1).integers(0, 255, (20, width, 3), np.uint8))
+    real_tiles = infer._tiles
+
+    def tiles(run, lr, *args):
+        if lr.shape[-1] > 30:
+            raise RuntimeError(CPU_OOM)
+        return real_tiles(run, lr, *args)
+
+    monkeypatch.setattr(infer, "_tiles", tiles)
+    result = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / "out"), "--model", str(ckpt),
+                                          "--device", "cpu", "--write-threads", "0"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), text
+    assert f"skipped {src / 'b.png'}: out of memory on cpu upscaling a 40x20 px image in LR tiles of 512 px" in text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_x4.png", "c_x4.png"]
+    monkeypatch.undo()
+
+    monkeypatch.setattr(evaluate_module, "super_resolve", fails_on_wide(RuntimeError(CPU_OOM)))
+    lr_dir, hr_dir = tmp_path / "lr", tmp_path / "hr"
+    lr_dir.mkdir(), hr_dir.mkdir()
+    for name, width in (("a", 24), ("b", 40)):
+        rng = np.random.default_rng(2)
+        cv2.imwrite(str(lr_dir / f"{name}.png"), rng.integers(0, 255, (20, width, 3), np.uint8))
+        cv2.imwrite(str(hr_dir / f"{name}.png"), rng.integers(0, 255, (80, 4 * width, 3), np.uint8))
+    result = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--device", "cpu", "--lr-dir", str(lr_dir),
+                                            "--hr-dir", str(hr_dir), "--tile", "0"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), text
+    assert "Error: out of memory on cpu scoring b (40x20 px LR) for the whole image at once (--tile lowers " in text
+
+
 def test_sr_cli_does_not_feed_its_own_outputs_back(ckpt, tmp_path):
     """OUT_DIR inside (or equal to) an input folder: a second run finds NAME_x4.png there but does not
     upscale it again; a NAME_x4.png given by name is still taken."""

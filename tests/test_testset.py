@@ -276,6 +276,16 @@ def test_dasr_eval_writes_per_image_scores_and_the_sr_images_dasr_sr_would(ckpt,
     res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--testset", str(testset),
                                          "--save-sr", str(testset / "out")])
     assert res.exit_code == 2 and "lies inside" in res.output and not (testset / "out").exists()
+    # the SR images never land on images read, nor inside a test set (its LR images have the HR's names)
+    before = {p: p.read_bytes() for p in testset.rglob("*") if p.is_file()}
+    for args, said in ((["--hr-dir", str(testset / "HR"), "--levels", "1", "--save-sr", str(testset / "LR")],
+                        f"lies inside the test set {testset.resolve()}"),
+                       (["--hr-dir", str(testset / "HR"), "--levels", "1", "--save-sr", str(testset)], "holds"),
+                       (["--lr-dir", str(testset / "LR" / "level1"), "--hr-dir", str(testset / "HR"), "--save-sr",
+                         str(testset / "LR")], "holds")):
+        res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--device", "cpu", *args])
+        assert res.exit_code == 2 and said in " ".join(res.output.split()), res.output
+    assert {p: p.read_bytes() for p in testset.rglob("*") if p.is_file()} == before
 
 
 def test_a_run_that_loses_a_race_for_an_empty_folder_leaves_the_winners_set_whole(hr_dir, tmp_path, monkeypatch):
