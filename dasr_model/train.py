@@ -465,6 +465,11 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if (before.lr, before.lr_schedule, before.warmup_steps) != (cfg.lr, cfg.lr_schedule, cfg.warmup_steps):
             say(f"note: {found[0].name} was trained with {schedule_text(before)}; continuing with "
                 f"{schedule_text(cfg)}")
+        was_on, now_on = found[1].get("computed_on"), computed_on(device)
+        if isinstance(was_on, str) and was_on != now_on:  # (older checkpoints do not say)
+            say(f"note: {found[0].name} was computed on {was_on}, this resume on {now_on}: its result equals an "
+                "uninterrupted run's to float rounding, not bit for bit (sums split over other threads or kernels "
+                "round otherwise; on a CPU, OMP_NUM_THREADS sets the threads)")
         if (before.ema_decay, before.ema_warmup) != (cfg.ema_decay, cfg.ema_warmup):
             say(f"note: {found[0].name} was trained with EMA decay {before.ema_decay}"
                 f"{'' if before.ema_warmup else ' without'} warm-up; continuing with {cfg.ema_decay}"
@@ -708,6 +713,13 @@ def graphed_train_step(parts: StepParts, cfg: TrainConfig, bf16: bool, device: t
                        [o for o in (parts.opt, parts.opt_d) if o is not None], device, warmup=warmup)
 
 
+def computed_on(device: torch.device) -> str:
+    """What a step's float rounding depends on beside the run's own settings, as a checkpoint records it:
+    the device (on a CPU its thread count: the backward's sums are split over the threads) and torch's
+    version. A resume computed otherwise equals the uninterrupted run to rounding only."""
+    return f"{describe_device(device)}, torch {torch.__version__}"
+
+
 def graph_possible(device: torch.device, world: int, compile_mode: str) -> bool:
     """Whether a run's steps can replay a CUDA graph (GraphedStep): CUDA, one process, and no torch.compile
     mode that records CUDA graphs of its own (GRAPH_COMPILE_MODES)."""
@@ -931,7 +943,8 @@ class StepParts:
         no global RNG state is needed: nothing in a step draws from torch's RNG), and the cosine schedule's end
         where it was fitted to max_minutes (whatever this run's steps: a later resume may ask for more)."""
         state = {"config": cfg.to_dict(), "model": self.model.state_dict(), "ema_generator": self.ema.state_dict(),
-                 "optimizer": plain_optimizer_state(self.opt.state_dict()), "step": step}
+                 "optimizer": plain_optimizer_state(self.opt.state_dict()), "step": step,
+                 "computed_on": computed_on(next(self.model.parameters()).device)}
         if fitted is not None:
             state["schedule_steps"] = fitted
         if self.disc is not None and self.opt_d is not None:

@@ -109,8 +109,8 @@ def test_batches_are_a_function_of_the_step():
 
 
 def _cfg(shards, out, steps, **kw):
-    kw = {"model": TINY, "ckpt_every": 2, "batch_size": 2, "device": "cpu", **kw}
-    return TrainConfig(shards=shards, out=str(out), steps=steps, lr_crop=8, workers=0, **kw)
+    kw = {"model": TINY, "ckpt_every": 2, "batch_size": 2, "device": "cpu", "workers": 0, **kw}
+    return TrainConfig(shards=shards, out=str(out), steps=steps, lr_crop=8, **kw)
 
 
 def test_resume_equals_uninterrupted(shards, tmp_path):
@@ -122,6 +122,72 @@ def test_resume_equals_uninterrupted(shards, tmp_path):
         for name, tensor in full[key].items():
             assert torch.equal(tensor, split[key][name]), name
     assert full["optimizer"]["state"][0]["step"] == split["optimizer"]["state"][0]["step"]
+
+
+
+def _assert_same_state(a, b, where="checkpoint"):
+    """Every entry of two checkpoints equal: tensors bit for bit (optimiser moments included), the rest ==."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (where, sorted(set(a) ^ set(b)))
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, (where, a, b)
+
+
+def test_a_run_stopped_by_sigterm_mid_schedule_resumes_to_the_same_bits(shards, tmp_path):
+    """Resume is exact: a run with every part whose state a checkpoint carries (GAN, its optimiser, the
+    teacher phase, a cosine schedule inside and past its warm-up, the EMA warm-up, validations, loader
+    workers, 2 then 0, the uninterrupted run 0) stopped by SIGTERM at step 3 of 8 and resumed ends with every
+    tensor of its checkpoint, Adam's moments of both optimisers included, equal to the uninterrupted run's,
+    on one torch thread count (another is a note: see the test after)."""
+    import os
+    import signal
+
+    def stop_at_3(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    kw = dict(gan=True, teacher_steps=4, lr_schedule="cosine", warmup_steps=2, val_shards=shards, val_every=3,
+              val_samples=4, log_every=1, ckpt_every=8, model=DASRConfig(num_experts=2, num_feat=8, num_block=1,
+                                                                          predictor_feat=8, mixing="softmax"))
+    train(_cfg(shards, tmp_path / "full", 8, **kw))
+    last = train(_cfg(shards, tmp_path / "split", 8, workers=2, **kw), progress=stop_at_3)
+    assert last["step"] == 3 and last["stopped_by"] == "SIGTERM"
+    notes: list[str] = []
+    train(_cfg(shards, tmp_path / "split", 8, **kw), resume=True, notify=notes.append)
+    assert not [n for n in notes if "computed on" in n]
+    full, split = (load_checkpoint(tmp_path / run / "ckpt-8.pt") for run in ("full", "split"))
+    assert {"discriminator", "optimizer_d", "computed_on"} <= set(full)
+    _assert_same_state({k: v for k, v in full.items() if k != "config"},
+                       {k: v for k, v in split.items() if k != "config"})
+
+
+def test_a_resume_on_another_thread_count_or_torch_says_it_is_exact_to_rounding_only(shards, tmp_path):
+    """The CPU's backward splits its sums over torch's threads, so a resume computed with another thread
+    count (or another torch, or device) rounds otherwise: about 1e-8 after a few steps, more with GAN. The
+    checkpoint records what it was computed on, and such a resume says so in a note."""
+    train(_cfg(shards, tmp_path / "run", 2))
+    ckpt = load_checkpoint(tmp_path / "run" / "ckpt-2.pt")
+    threads = torch.get_num_threads()
+    assert ckpt["computed_on"] == f"cpu ({threads} threads), torch {torch.__version__}"
+    notes: list[str] = []
+    torch.set_num_threads(threads + 1)
+    try:
+        train(_cfg(shards, tmp_path / "run", 4), resume=True, notify=notes.append)
+    finally:
+        torch.set_num_threads(threads)
+    said = [n for n in notes if "computed on" in n]
+    assert said == [f"note: ckpt-2.pt was computed on cpu ({threads} threads), torch {torch.__version__}, this "
+                    f"resume on cpu ({threads + 1} threads), torch {torch.__version__}: its result equals an "
+                    "uninterrupted run's to float rounding, not bit for bit (sums split over other threads or "
+                    "kernels round otherwise; on a CPU, OMP_NUM_THREADS sets the threads)"]
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(shards, tmp_path, monkeypatch):
