@@ -83,22 +83,27 @@ class OrderedWriters:
     """Jobs (an output's finishing and writing) on `threads` threads while the caller goes on to the next
     image: encoding a x4 PNG takes longer than the network on a GPU (about 0.1 s for 2048 x 2048 px, against
     some 11 ms for the network at LR 512 on an H200). `report(key, result)` gets each job's result in the
-    order the jobs were given, in the caller's thread, so messages and the progress bar read as before;
-    an exception a job raises is raised there, with its traceback, and the jobs not yet started are then
-    dropped. In flight at most 2 x `threads` jobs and `budget` bytes (each job's estimate); a larger job
-    waits for all before it and is done before `submit` returns, as in the sequential way. threads 0: each
-    job at once in the caller's thread (the sequential way)."""
+    order the jobs were given, in the caller's thread, as soon as it and every job before it are done (each
+    `submit` reports what is done first), so messages and the progress bar keep up; an exception a job raises
+    is raised there, with its traceback, and the jobs not yet started are then dropped (a full disk stops the
+    run at the next image). In flight at most 2 x `threads` jobs and `budget` bytes (each job's estimate); a
+    larger job waits for all before it and is done before `submit` returns, as in the sequential way. An
+    exception of the caller's own (or Ctrl-C) lets the jobs given finish first: their images are upscaled
+    already. threads 0: each job at once in the caller's thread (the sequential way)."""
 
     def __init__(self, threads: int, report: Callable[[object, object], None], budget: int = WRITE_AHEAD_BYTES):
         self.threads, self.report, self.budget = threads, report, budget
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="dasr-sr-write") if threads else None
         self.pending: collections.deque[tuple[object, int, Future]] = collections.deque()
         self.held = 0
+        self.job_failed = False
 
     def submit(self, key: object, nbytes: int, job: Callable[[], object]) -> None:
         if self.pool is None:
             self.report(key, job())
             return
+        while self.pending and self.pending[0][2].done():  # what is done: reported now, not jobs later
+            self._collect()
         while self.pending and (len(self.pending) >= 2 * self.threads or self.held + nbytes > self.budget):
             self._collect()
         self.pending.append((key, nbytes, self.pool.submit(job)))
@@ -113,14 +118,19 @@ class OrderedWriters:
     def _collect(self) -> None:
         key, nbytes, future = self.pending.popleft()
         self.held -= nbytes
-        self.report(key, future.result())
+        try:
+            result = future.result()
+        except BaseException as exc:  # re-raised: only marked as the job's own
+            self.job_failed = not isinstance(exc, KeyboardInterrupt)  # Ctrl-C while waiting is the caller's
+            raise
+        self.report(key, result)
 
     def __enter__(self) -> OrderedWriters:
         return self
 
-    def __exit__(self, *exc) -> None:  # an error or Ctrl-C: the writes under way end (each file is atomic)
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, *exc) -> None:  # the writes under way end (each file is atomic); queued ones too, unless
+        if self.pool is not None:  # a job failed (a full disk: the next would fail alike)
+            self.pool.shutdown(wait=True, cancel_futures=self.job_failed)
 
 
 def _bar() -> Progress:
@@ -266,18 +276,24 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
         def skipped(f: Path, text: str) -> str:
             return f"skipped {text if text.startswith(str(f)) else f'{f}: {text}'}"
 
-        def save(f: Path, sr, alpha) -> str | None:  # on a writer thread: None, or the line saying why not
+        def save(f: Path, sr, alpha, said: list[str]) -> tuple[str | None, list[str]]:
+            """On a writer thread: (None, the lines to print once written: --print-v's), or (the line saying
+            why not, [])."""
             try:
                 out = finish(sr, alpha, outscale)
             except DegradeError as exc:
-                return skipped(f, one_line(exc))
+                return skipped(f, one_line(exc)), []
+            except MemoryError:  # the output --outscale makes: that image's, as upscale's is
+                return f"skipped {f}: out of memory making its x{outscale:g} output", []
             try:
                 degrade.write_image(out_dir / f"{f.stem}{suffix}", out)
             except (DegradeError, OSError) as exc:  # this image's output: a name too long, a folder there
                 if isinstance(exc, OSError) and exc.errno in FOLDER_ERRORS:  # every image's: stop
                     raise
-                return f"skipped {f}: not written: {one_line(exc)}"
-            return None
+                return f"skipped {f}: not written: {one_line(exc)}", []
+            except MemoryError:
+                return f"skipped {f}: not written: out of memory encoding it", []
+            return None, said
 
         with _bar() as bar:
             task = bar.add_task("super-resolving", total=len(files))
@@ -286,14 +302,18 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
             def on_tile(done: int, total: int) -> None:
                 bar.update(parts, completed=done, total=total, visible=total > 1 and done < total)
 
-            def saved(f: Path, why: str | None) -> None:  # in the order of the inputs, in this thread
+            def saved(f: Path, result: tuple[str | None, list[str]]) -> None:  # in the inputs' order, here
+                why, said = result
                 if why is not None:
                     failed.append(f)
                     err_console.print(why)
+                for line in said:
+                    console.print(line, soft_wrap=True)
                 bar.advance(task)
 
             with OrderedWriters(threads, saved) as writers:
                 for f in files:
+                    why = None
                     try:
                         img, alpha = read_image_alpha(f)
                         output_size(img.shape[0], img.shape[1], outscale)  # refused before the work, not after
@@ -303,16 +323,18 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
                                             on_tile=on_tile, **fast)
                         del img
                     except (DegradeError, OSError) as exc:
-                        writers.submit(f, 0, functools.partial(skipped, f, one_line(exc)))  # reported in turn
+                        why = skipped(f, one_line(exc))
+                    if why is not None:  # (out of the except block: its exception is no job's context)
+                        writers.submit(f, 0, functools.partial(lambda line: (line, []), why))  # reported in turn
                         continue
+                    said = []
                     if print_v:
                         v = v_hat[0].clamp(0, 1).cpu().numpy()
-                        console.print(f"{f.name}: v = " + ",".join(f"{x:.3f}" for x in v), soft_wrap=True)
-                        console.print(f"  reads as: {' -> '.join(pipeline_steps(degrade.decode(v)))}",
-                                      soft_wrap=True)
+                        said = [f"{f.name}: v = " + ",".join(f"{x:.3f}" for x in v),
+                                f"  reads as: {' -> '.join(pipeline_steps(degrade.decode(v)))}"]
                     # what the job holds: the x4 image, its alpha, and the output --outscale makes of them
                     nbytes = (sr.nbytes + (0 if alpha is None else alpha.nbytes)) * (1 + max(1.0, outscale / 4) ** 2)
-                    writers.submit(f, int(nbytes), functools.partial(save, f, sr, alpha))
+                    writers.submit(f, int(nbytes), functools.partial(save, f, sr, alpha, said))
                     del sr, alpha
                 writers.drain()
     except DegradeError as exc:
@@ -401,16 +423,20 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
         from degrade.testset import enclosing_testset
 
         target = save_sr.resolve()
+        # where the SR images go: DIR/NAME.png for given pairs (level 0), else DIR/levelL/NAME.png (L 1-3),
+        # NAME with the subfolders of its input's
+        roots = [target] if lr_dir is not None else [target / f"level{level}" for level in (1, 2, 3)]
         for source in (x for x in (shards, hr_dir, lr_dir, testset) if x is not None):
             if target == source.resolve() or source.resolve() in target.parents:
                 raise click.UsageError(f"--save-sr {save_sr} lies inside {source}: the images read would be mixed "
                                        "with the ones written; save them elsewhere")
-            if target in source.resolve().parents:
-                raise click.UsageError(f"--save-sr {save_sr} holds {source}: the SR images could overwrite the "
-                                       "images read; save them elsewhere")
+            if any(root == source.resolve() or root in source.resolve().parents for root in roots):
+                raise click.UsageError(f"--save-sr {save_sr} writes into {source}: the SR images could overwrite "
+                                       "the images read; save them elsewhere")
         if (kept := enclosing_testset(save_sr)) is not None:
-            raise click.UsageError(f"--save-sr {save_sr} lies inside the test set {kept}: the SR images could "
-                                   "overwrite its HR or LR images; save them elsewhere")
+            raise click.UsageError(f"--save-sr {save_sr} lies inside the test set {kept}: the SR images would be "
+                                   "mixed with its files, and could overwrite its HR or LR images; save them "
+                                   "elsewhere")
     if per_image is not None:
         _check_per_image(per_image, (model_path, checkpoint, *(release_weights or ()), lpips_alexnet, lpips_lin,
                                      niqe_params, shards, hr_dir, lr_dir, testset))

@@ -478,10 +478,39 @@ def test_ordered_writers_report_in_order_bound_what_is_in_flight_and_raise_a_job
     w.submit("a", 10**12, lambda: 1)
     assert seen == [("a", 1)] and w.pool is None
 
+    # the byte budget binds before the count: 40-byte jobs, 100 bytes, 3 threads: two at a time at most
+    running[0] = peak[0] = 0
+    with OrderedWriters(3, lambda key, result: None, budget=100) as w:
+        for key in range(6):
+            w.submit(key, 40, job(key, 0.03))
+            assert w.held <= 100
+    assert peak[0] == 2
+
+    # what is done is reported at the next submit, not once the queue is full
+    reports.clear()
+    with OrderedWriters(2, lambda key, result: reports.append(key)) as w:
+        w.submit(0, 1, lambda: None)
+        time.sleep(0.05)
+        w.submit(1, 1, lambda: time.sleep(0.05))
+        assert reports == [0]
+        w.drain()
+    assert reports == [0, 1]
+
+    # an error of the caller's own (or Ctrl-C) lets the jobs given finish: their images are upscaled already
+    started.clear()
+    with pytest.raises(KeyError):
+        with OrderedWriters(1, lambda key, result: None) as w:
+            w.submit(1, 1, slow(1))
+            w.submit(2, 1, slow(2))
+            raise KeyError("the caller's")
+    assert started == [1, 2]
+
 
 def test_sr_cli_writes_the_same_bytes_with_writer_threads_and_reports_in_input_order(ckpt, tmp_path, monkeypatch):
     """--write-threads N: outputs written while the next image is upscaled give the bytes --write-threads 0
-    gives; an image that fails after a slow one is still reported after it, and counted."""
+    gives; an image that fails after a slow one is still reported after it, and counted; --print-v's lines
+    follow; a full disk stops the run at the next image."""
+    import dasr_model.infer as infer_module
     src = tmp_path / "in"
     src.mkdir()
     for i, name in enumerate("abcde"):
@@ -507,12 +536,35 @@ def test_sr_cli_writes_the_same_bytes_with_writer_threads_and_reports_in_input_o
 
     monkeypatch.setattr(degrade, "write_image", slow_b)
     result = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / "slow"), "--model", str(ckpt),
-                                          "--device", "cpu", "--write-threads", "3"])
+                                          "--device", "cpu", "--write-threads", "3", "--print-v"])
     assert result.exit_code == 1 and order.index("d_x4.png") < order.index("b_x4.png")  # really overlapped
     text = " ".join(result.output.split())  # (long paths wrap)
     b, c = text.index(f"skipped {src / 'b.png'}: not written: "), text.index(f"skipped {src / 'c.png'}: ")
     assert b < c < text.index(f"wrote 3 image(s) to {tmp_path / 'slow'}")  # c's after b's, as the inputs come
     assert "Permission denied" in text[b:c] and text.count("skipped") == 2
+    # --print-v: an image's v once its output is written, in the inputs' order; none for b, never written
+    assert text.index("a.png: v = ") < b < c < text.index("d.png: v = ") < text.index("e.png: v = ")
+    assert "b.png: v = " not in text
+
+    # a full disk stops the run at the next image, however many writers: the images after it not upscaled
+    upscaled = []
+    real_upscale = infer_module.upscale
+
+    def counted(*args, **kw):  # (slowed: the writer thread has time to fail before the next image's end)
+        upscaled.append(1)
+        time.sleep(0.1)
+        return real_upscale(*args, **kw)
+
+    def full(path, img):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(degrade, "write_image", full)
+    monkeypatch.setattr(infer_module, "upscale", counted)
+    (src / "c.png").unlink()
+    result = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / "full"), "--model", str(ckpt),
+                                          "--device", "cpu", "--write-threads", "3"])
+    assert result.exit_code == 1 and "No space left on device" in result.output and "skipped" not in result.output
+    assert len(upscaled) == 2  # a's write failed while b was upscaled; c and d were not
 
 
 
@@ -571,6 +623,20 @@ def test_out_of_memory_is_one_line_dasr_sr_skips_that_image_and_dasr_eval_names_
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), text
     assert f"skipped {src / 'b.png'}: out of memory on cpu upscaling a 40x20 px image in LR tiles of 512 px" in text
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_x4.png", "c_x4.png"]
+    monkeypatch.undo()
+    real_finish = infer.finish  # the output --outscale makes, on a writer thread: that image's too
+
+    def finish(sr, alpha, outscale):
+        if sr.shape[1] > 120:
+            raise MemoryError
+        return real_finish(sr, alpha, outscale)
+
+    monkeypatch.setattr(infer, "finish", finish)
+    result = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / "out2"), "--model", str(ckpt),
+                                          "--device", "cpu", "--write-threads", "2"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"skipped {src / 'b.png'}: out of memory making its x4 output" in text, text
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["a_x4.png", "c_x4.png"]
     monkeypatch.undo()
 
     monkeypatch.setattr(evaluate_module, "super_resolve", fails_on_wide(RuntimeError(CPU_OOM)))

@@ -280,12 +280,21 @@ def test_dasr_eval_writes_per_image_scores_and_the_sr_images_dasr_sr_would(ckpt,
     before = {p: p.read_bytes() for p in testset.rglob("*") if p.is_file()}
     for args, said in ((["--hr-dir", str(testset / "HR"), "--levels", "1", "--save-sr", str(testset / "LR")],
                         f"lies inside the test set {testset.resolve()}"),
-                       (["--hr-dir", str(testset / "HR"), "--levels", "1", "--save-sr", str(testset)], "holds"),
+                       (["--hr-dir", str(testset / "LR" / "level1"), "--levels", "1", "--save-sr",
+                         str(testset / "LR")], f"writes into {testset / 'LR' / 'level1'}"),
                        (["--lr-dir", str(testset / "LR" / "level1"), "--hr-dir", str(testset / "HR"), "--save-sr",
-                         str(testset / "LR")], "holds")):
+                         str(testset / "LR")], "writes into")):
         res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--device", "cpu", *args])
         assert res.exit_code == 2 and said in " ".join(res.output.split()), res.output
     assert {p: p.read_bytes() for p in testset.rglob("*") if p.is_file()} == before
+    # a folder holding the one read, where the SR images go elsewhere in it (DIR/level1/), is fine
+    shutil.copytree(testset / "HR", tmp_path / "data" / "hr")
+    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--device", "cpu", "--hr-dir",
+                                         str(tmp_path / "data" / "hr"), "--levels", "1", "--save-sr",
+                                         str(tmp_path / "data"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.relative_to(tmp_path / "data").as_posix() for p in (tmp_path / "data").rglob("*.png")) == sorted(
+        [f"hr/{n}.png" for n in ("a", "c", "sub/b")] + [f"level1/{n}.png" for n in ("a", "c", "sub/b")])
 
 
 def test_a_run_that_loses_a_race_for_an_empty_folder_leaves_the_winners_set_whole(hr_dir, tmp_path, monkeypatch):
