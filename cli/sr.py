@@ -85,7 +85,7 @@ class OrderedWriters:
     some 11 ms for the network at LR 512 on an H200). `report(key, result)` gets each job's result in the
     order the jobs were given, in the caller's thread, as soon as it and every job before it are done (each
     `submit` reports what is done first), so messages and the progress bar keep up; an exception a job raises
-    is raised there, with its traceback, and the jobs not yet started are then dropped (a full disk stops the
+    is raised there, with its traceback, and the jobs not yet started then do nothing (a full disk stops the
     run at the next image). In flight at most 2 x `threads` jobs and `budget` bytes (each job's estimate); a
     larger job waits for all before it and is done before `submit` returns, as in the sequential way. An
     exception of the caller's own (or Ctrl-C) lets the jobs given finish first: their images are upscaled
@@ -106,7 +106,7 @@ class OrderedWriters:
             self._collect()
         while self.pending and (len(self.pending) >= 2 * self.threads or self.held + nbytes > self.budget):
             self._collect()
-        self.pending.append((key, nbytes, self.pool.submit(job)))
+        self.pending.append((key, nbytes, self.pool.submit(self._run, job)))
         self.held += nbytes
         while self.held > self.budget:  # a job over the budget alone: done before the caller goes on
             self._collect()
@@ -115,21 +115,25 @@ class OrderedWriters:
         while self.pending:
             self._collect()
 
+    def _run(self, job: Callable[[], object]) -> object:  # on a writer thread
+        if self.job_failed:  # after a failed job (a full disk): the next would fail alike, and go unreported
+            return None
+        try:
+            return job()
+        except BaseException:
+            self.job_failed = True
+            raise
+
     def _collect(self) -> None:
         key, nbytes, future = self.pending.popleft()
         self.held -= nbytes
-        try:
-            result = future.result()
-        except BaseException as exc:  # re-raised: only marked as the job's own
-            self.job_failed = not isinstance(exc, KeyboardInterrupt)  # Ctrl-C while waiting is the caller's
-            raise
-        self.report(key, result)
+        self.report(key, future.result())  # a job's exception: raised here, the jobs after it not reported
 
     def __enter__(self) -> OrderedWriters:
         return self
 
     def __exit__(self, *exc) -> None:  # the writes under way end (each file is atomic); queued ones too, unless
-        if self.pool is not None:  # a job failed (a full disk: the next would fail alike)
+        if self.pool is not None:  # a job failed (a full disk: the next would fail alike; they do nothing then)
             self.pool.shutdown(wait=True, cancel_futures=self.job_failed)
 
 
@@ -240,8 +244,10 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
     """
     require_torch()
     set_max_pixels(max_pixels)
+    import cv2
+
     import degrade
-    from dasr_model.infer import finish, output_size, parse_settings, upscale
+    from dasr_model.infer import finish, out_of_memory, output_size, parse_settings, upscale
     from dasr_model.runs import usable_cores
     from degrade.inspect import pipeline_steps
     from degrade.io import read_image_alpha
@@ -283,7 +289,9 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
                 out = finish(sr, alpha, outscale)
             except DegradeError as exc:
                 return skipped(f, one_line(exc)), []
-            except MemoryError:  # the output --outscale makes: that image's, as upscale's is
+            except (MemoryError, cv2.error) as exc:  # the output --outscale makes: that image's, as upscale's is
+                if not out_of_memory(exc):
+                    raise
                 return f"skipped {f}: out of memory making its x{outscale:g} output", []
             try:
                 degrade.write_image(out_dir / f"{f.stem}{suffix}", out)
@@ -291,7 +299,9 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
                 if isinstance(exc, OSError) and exc.errno in FOLDER_ERRORS:  # every image's: stop
                     raise
                 return f"skipped {f}: not written: {one_line(exc)}", []
-            except MemoryError:
+            except (MemoryError, cv2.error) as exc:
+                if not out_of_memory(exc):
+                    raise
                 return f"skipped {f}: not written: out of memory encoding it", []
             return None, said
 
@@ -423,16 +433,10 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
         from degrade.testset import enclosing_testset
 
         target = save_sr.resolve()
-        # where the SR images go: DIR/NAME.png for given pairs (level 0), else DIR/levelL/NAME.png (L 1-3),
-        # NAME with the subfolders of its input's
-        roots = [target] if lr_dir is not None else [target / f"level{level}" for level in (1, 2, 3)]
         for source in (x for x in (shards, hr_dir, lr_dir, testset) if x is not None):
             if target == source.resolve() or source.resolve() in target.parents:
                 raise click.UsageError(f"--save-sr {save_sr} lies inside {source}: the images read would be mixed "
                                        "with the ones written; save them elsewhere")
-            if any(root == source.resolve() or root in source.resolve().parents for root in roots):
-                raise click.UsageError(f"--save-sr {save_sr} writes into {source}: the SR images could overwrite "
-                                       "the images read; save them elsewhere")
         if (kept := enclosing_testset(save_sr)) is not None:
             raise click.UsageError(f"--save-sr {save_sr} lies inside the test set {kept}: the SR images would be "
                                    "mixed with its files, and could overwrite its HR or LR images; save them "
@@ -466,6 +470,16 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
             pairs = pairs_from_hr_dir(hr_dir, lv, seed)
         if save_sr is not None:
             _check_saved_paths(pairs.names)
+            # where each SR image goes: DIR/NAME.png for given pairs (level 0), else DIR/levelL/NAME.png, NAME
+            # with its input's subfolders; each folder resolved (symlinks followed) must lie in no folder read
+            sources = [x.resolve() for x in (shards, hr_dir, lr_dir, testset) if x is not None]
+            folders = {(save_sr / (f"level{level}" if level else "") / name).parent
+                       for name in pairs.names for level in ((0,) if lr_dir is not None else (1, 2, 3))}
+            for folder in sorted(folders):
+                real = folder.resolve()
+                if (hit := next((x for x in sources if real == x or x in real.parents), None)) is not None:
+                    raise click.UsageError(f"--save-sr {save_sr} would write into {hit} (as {folder}): the SR "
+                                           "images could overwrite the images read; save them elsewhere")
         with _bar() as bar:
             task = bar.add_task("evaluating", total=len(pairs))
             result = evaluate_pairs(model, pairs, dev, tile=tile, lpips=lpips, niqe_params=niqe,

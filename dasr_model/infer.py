@@ -294,12 +294,21 @@ def super_resolve(model: DASR, lr: Tensor, a: Tensor, *, tile: int | None = None
     return torch.cat(outs).contiguous()
 
 
+# how allocation failures read where they arrive as RuntimeErrors: CUDA's and MPS's ("out of memory"), cuBLAS's
+# (CUBLAS_STATUS_ALLOC_FAILED), cuDNN's (..._ALLOCATION_FAILED in cuDNN 9), MIOpen's (miopenStatusAllocFailed),
+# and the CPU allocator's on Linux and on Windows
+OUT_OF_MEMORY_TEXTS = ("out of memory", "ALLOC_FAILED", "ALLOCATION_FAILED", "AllocFailed", "can't allocate memory",
+                       "not enough memory")
+
+
 def out_of_memory(exc: BaseException) -> bool:
-    """An allocation failure: torch's CUDA error, cuDNN's / cuBLAS's (RuntimeErrors), the CPU allocator's
-    (a RuntimeError too), or Python's MemoryError (numpy)."""
-    text = str(exc)
-    return (isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in text
-            or "ALLOC_FAILED" in text or "can't allocate memory" in text)
+    """An allocation failure: torch.cuda.OutOfMemoryError, Python's MemoryError (numpy), OpenCV's (cv2.error
+    with code StsNoMem), or a RuntimeError that reads as one (OUT_OF_MEMORY_TEXTS)."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    if isinstance(exc, cv2.error):
+        return getattr(exc, "code", None) == cv2.Error.StsNoMem
+    return isinstance(exc, RuntimeError) and any(t in str(exc) for t in OUT_OF_MEMORY_TEXTS)
 
 
 def refuse_out_of_memory(run: Callable[[], Any], device: torch.device | str, what: str | Callable[[], str]) -> Any:
@@ -308,7 +317,7 @@ def refuse_out_of_memory(run: Callable[[], Any], device: torch.device | str, wha
     they held, are gone, and CUDA's cached blocks freed, so the next call (the next image) starts clean."""
     try:
         return run()
-    except (RuntimeError, MemoryError) as exc:
+    except (RuntimeError, MemoryError, cv2.error) as exc:
         if not out_of_memory(exc):
             raise
     if torch.device(device).type == "cuda":  # here, past the except block: its traceback is released

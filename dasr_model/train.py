@@ -465,8 +465,8 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if (before.lr, before.lr_schedule, before.warmup_steps) != (cfg.lr, cfg.lr_schedule, cfg.warmup_steps):
             say(f"note: {found[0].name} was trained with {schedule_text(before)}; continuing with "
                 f"{schedule_text(cfg)}")
-        was_on, now_on = found[1].get("computed_on"), computed_on(device)
-        if isinstance(was_on, str) and was_on != now_on:  # (older checkpoints do not say)
+        was_on, now_on = found[1].get("computed_on"), computed_on(device, world)
+        if isinstance(was_on, str) and was_on != now_on and main_rank:  # (older checkpoints do not say)
             say(f"note: {found[0].name} was computed on {was_on}, this resume on {now_on}: its result equals an "
                 "uninterrupted run's to float rounding, not bit for bit (sums split over other threads or kernels "
                 "round otherwise; on a CPU, OMP_NUM_THREADS sets the threads)")
@@ -713,11 +713,21 @@ def graphed_train_step(parts: StepParts, cfg: TrainConfig, bf16: bool, device: t
                        [o for o in (parts.opt, parts.opt_d) if o is not None], device, warmup=warmup)
 
 
-def computed_on(device: torch.device) -> str:
+def computed_on(device: torch.device, world: int = 1) -> str:
     """What a step's float rounding depends on beside the run's own settings, as a checkpoint records it:
-    the device (on a CPU its thread count: the backward's sums are split over the threads) and torch's
-    version. A resume computed otherwise equals the uninterrupted run to rounding only."""
-    return f"{describe_device(device)}, torch {torch.__version__}"
+    the device's kind (on a CPU its thread count: the backward's sums are split over the threads; a GPU's
+    model, not its index, which DDP's ranks differ in), the processes of a DDP run, torch's version. A CPU
+    resume computed otherwise equals the uninterrupted run to rounding only."""
+    kind = describe_device(device)
+    if device.type == "cuda":  # 'cuda:1 (NVIDIA H100 ...)' -> 'cuda (NVIDIA H100 ...)'
+        kind = "cuda" + kind[kind.index(" "):]
+    return f"{kind}{f', {world} processes' if world > 1 else ''}, torch {torch.__version__}"
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def graph_possible(device: torch.device, world: int, compile_mode: str) -> bool:
@@ -944,7 +954,7 @@ class StepParts:
         where it was fitted to max_minutes (whatever this run's steps: a later resume may ask for more)."""
         state = {"config": cfg.to_dict(), "model": self.model.state_dict(), "ema_generator": self.ema.state_dict(),
                  "optimizer": plain_optimizer_state(self.opt.state_dict()), "step": step,
-                 "computed_on": computed_on(next(self.model.parameters()).device)}
+                 "computed_on": computed_on(next(self.model.parameters()).device, _world_size())}
         if fitted is not None:
             state["schedule_steps"] = fitted
         if self.disc is not None and self.opt_d is not None:

@@ -505,6 +505,18 @@ def test_ordered_writers_report_in_order_bound_what_is_in_flight_and_raise_a_job
             raise KeyError("the caller's")
     assert started == [1, 2]
 
+    def full_disk_later():
+        time.sleep(0.05)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    started.clear()  # a job failing while the caller fails too: the jobs after it still do nothing
+    with pytest.raises(KeyError):
+        with OrderedWriters(1, lambda key, result: None) as w:
+            w.submit(0, 1, full_disk_later)
+            w.submit(1, 1, slow(1))
+            raise KeyError("the caller's")
+    assert started == [] and w.job_failed
+
 
 def test_sr_cli_writes_the_same_bytes_with_writer_threads_and_reports_in_input_order(ckpt, tmp_path, monkeypatch):
     """--write-threads N: outputs written while the next image is upscaled give the bytes --write-threads 0
@@ -569,6 +581,29 @@ def test_sr_cli_writes_the_same_bytes_with_writer_threads_and_reports_in_input_o
 
 
 CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 737280000 bytes. Error code 12"
+
+
+
+def test_out_of_memory_knows_each_libraries_allocation_failure_and_nothing_else():
+    from dasr_model.infer import out_of_memory
+
+    def cv2_error(code):
+        try:
+            cv2.resize(np.zeros((2, 2), np.uint8), (0, 0))  # a real cv2.error (an assertion's, -215)
+        except cv2.error as exc:
+            exc.code = code if code is not None else exc.code
+            return exc
+
+    for exc in (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), MemoryError(),
+                RuntimeError(CPU_OOM), RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 8"),
+                RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"),
+                RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+                RuntimeError("MPS backend out of memory"), RuntimeError("miopenStatusAllocFailed"),
+                cv2_error(cv2.Error.StsNoMem)):
+        assert out_of_memory(exc), exc
+    for exc in (RuntimeError("CUDA error: an illegal memory access was encountered"), ValueError("out of memory"),
+                RuntimeError("shape mismatch"), cv2_error(None)):
+        assert not out_of_memory(exc), exc
 
 
 def test_out_of_memory_is_one_line_dasr_sr_skips_that_image_and_dasr_eval_names_it(ckpt, tmp_path, monkeypatch):

@@ -276,25 +276,39 @@ def test_dasr_eval_writes_per_image_scores_and_the_sr_images_dasr_sr_would(ckpt,
     res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--testset", str(testset),
                                          "--save-sr", str(testset / "out")])
     assert res.exit_code == 2 and "lies inside" in res.output and not (testset / "out").exists()
-    # the SR images never land on images read, nor inside a test set (its LR images have the HR's names)
+    # the SR images never land on images read (symlinks followed), nor inside a test set (its LR images have
+    # the HR's names)
     before = {p: p.read_bytes() for p in testset.rglob("*") if p.is_file()}
+    for name in ("d", "link"):
+        shutil.copytree(testset / "HR", tmp_path / name / "HR")
+    shutil.copytree(testset / "HR", tmp_path / "d" / "level1")
+    (tmp_path / "link" / "level1").symlink_to(tmp_path / "link" / "HR")
+    kept = {p: p.read_bytes() for p in tmp_path.glob("[dl]*/**/*.png")}
     for args, said in ((["--hr-dir", str(testset / "HR"), "--levels", "1", "--save-sr", str(testset / "LR")],
                         f"lies inside the test set {testset.resolve()}"),
-                       (["--hr-dir", str(testset / "LR" / "level1"), "--levels", "1", "--save-sr",
-                         str(testset / "LR")], f"writes into {testset / 'LR' / 'level1'}"),
-                       (["--lr-dir", str(testset / "LR" / "level1"), "--hr-dir", str(testset / "HR"), "--save-sr",
-                         str(testset / "LR")], "writes into")):
+                       (["--hr-dir", str(tmp_path / "d" / "level1"), "--levels", "1", "--save-sr", str(tmp_path / "d")],
+                        f"would write into {(tmp_path / 'd' / 'level1').resolve()}"),
+                       (["--hr-dir", str(tmp_path / "link" / "HR"), "--levels", "1", "--save-sr",
+                         str(tmp_path / "link")], f"would write into {(tmp_path / 'link' / 'HR').resolve()}")):
         res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--device", "cpu", *args])
         assert res.exit_code == 2 and said in " ".join(res.output.split()), res.output
     assert {p: p.read_bytes() for p in testset.rglob("*") if p.is_file()} == before
-    # a folder holding the one read, where the SR images go elsewhere in it (DIR/level1/), is fine
+    assert {p: p.read_bytes() for p in tmp_path.glob("[dl]*/**/*.png")} == kept
+    # a folder holding the ones read, where the SR images go elsewhere in it, is fine: DIR/level1/ for an
+    # HR folder, DIR/NAME.png for given pairs
     shutil.copytree(testset / "HR", tmp_path / "data" / "hr")
+    shutil.copytree(testset / "LR" / "level1", tmp_path / "data" / "lr")
     res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--device", "cpu", "--hr-dir",
                                          str(tmp_path / "data" / "hr"), "--levels", "1", "--save-sr",
                                          str(tmp_path / "data"), "--json"])
     assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--device", "cpu", "--lr-dir",
+                                         str(tmp_path / "data" / "lr"), "--hr-dir", str(tmp_path / "data" / "hr"),
+                                         "--save-sr", str(tmp_path / "data"), "--json"])
+    assert res.exit_code == 0, res.output
+    names = ("a", "c", "sub/b")
     assert sorted(p.relative_to(tmp_path / "data").as_posix() for p in (tmp_path / "data").rglob("*.png")) == sorted(
-        [f"hr/{n}.png" for n in ("a", "c", "sub/b")] + [f"level1/{n}.png" for n in ("a", "c", "sub/b")])
+        [f"{d}/{n}.png" for d in ("hr", "lr", "level1") for n in names] + [f"{n}.png" for n in names])
 
 
 def test_a_run_that_loses_a_race_for_an_empty_folder_leaves_the_winners_set_whole(hr_dir, tmp_path, monkeypatch):

@@ -169,7 +169,8 @@ def test_a_run_stopped_by_sigterm_mid_schedule_resumes_to_the_same_bits(shards, 
                        {k: v for k, v in split.items() if k != "config"})
 
 
-def test_a_resume_on_another_thread_count_or_torch_says_it_is_exact_to_rounding_only(shards, tmp_path):
+def test_a_resume_on_another_thread_count_or_torch_says_it_is_exact_to_rounding_only(shards, tmp_path,
+                                                                                         monkeypatch):
     """The CPU's backward splits its sums over torch's threads, so a resume computed with another thread
     count (or another torch, or device) rounds otherwise: about 1e-8 after a few steps, more with GAN. The
     checkpoint records what it was computed on, and such a resume says so in a note."""
@@ -188,6 +189,13 @@ def test_a_resume_on_another_thread_count_or_torch_says_it_is_exact_to_rounding_
                     f"resume on cpu ({threads + 1} threads), torch {torch.__version__}: its result equals an "
                     "uninterrupted run's to float rounding, not bit for bit (sums split over other threads or "
                     "kernels round otherwise; on a CPU, OMP_NUM_THREADS sets the threads)"]
+    # a GPU by its model, not its index (DDP's ranks differ in it), and a DDP run's processes
+    import dasr_model.train as train_module
+
+    monkeypatch.setattr(train_module, "describe_device", lambda device: f"{device} (NVIDIA H200)")
+    assert train_module.computed_on(torch.device("cuda", 3), 4) == \
+        f"cuda (NVIDIA H200), 4 processes, torch {torch.__version__}"
+    assert train_module.computed_on(torch.device("cuda", 0)) == train_module.computed_on(torch.device("cuda", 1))
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(shards, tmp_path, monkeypatch):
