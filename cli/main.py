@@ -28,6 +28,7 @@ from degrade.io import (
     ImageError,
     crop_to_multiple,
     read_regular_file,
+    real_path,
     write_bytes_atomic,
 )
 from degrade.recipe import MIN_HR_SIDE, describe_levels
@@ -87,7 +88,7 @@ def auto_jobs(count: int) -> int:
 
 def _same_file(a: Path, b: Path) -> bool:
     try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+        return real_path(a) == real_path(b) or (a.exists() and b.exists() and os.path.samefile(a, b))
     except OSError:
         return False
 
@@ -438,7 +439,7 @@ def _check_picture_path(png: Path, target: Path | None) -> None:
     if png.suffix.lower() != ".png":
         raise click.BadParameter(f"{png}: the picture's name must end in .png", param_hint="--png")
     if target is not None and (_same_file(png, target)
-                               or (target.is_dir() and target.resolve() in png.resolve().parents)):
+                               or (target.is_dir() and real_path(target) in real_path(png).parents)):
         raise click.BadParameter(f"{png}: would overwrite part of the dataset {target}; write the picture "
                                  "elsewhere", param_hint="--png")
     folder = png.parent if str(png.parent) else Path(".")

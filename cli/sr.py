@@ -30,7 +30,7 @@ from cli.common import (
 )
 from degrade._version import __version__
 from degrade.errors import DegradeError
-from degrade.io import check_write_target, write_bytes_atomic, write_image
+from degrade.io import check_write_target, real_path, write_bytes_atomic, write_image
 
 console = text_console()
 err_console = text_console(stderr=True)
@@ -70,10 +70,10 @@ def _inputs(inputs: tuple[Path, ...], out_dir: Path) -> list[Path]:
     would feed them back in)."""
     from degrade.discover import find_images
 
-    given = {p.resolve() for p in inputs if not p.is_dir()}
-    out = out_dir.resolve()
-    files = [f for f in find_images(inputs) if f.resolve() in given
-             or not (OUTPUT_NAME.fullmatch(f.name) and f.resolve().parent == out)]
+    given = {real_path(p) for p in inputs if not p.is_dir()}
+    out = real_path(out_dir)
+    files = [f for f in find_images(inputs) if real_path(f) in given
+             or not (OUTPUT_NAME.fullmatch(f.name) and real_path(f).parent == out)]
     if not files:
         raise click.ClickException(f"no input images besides this tool's own outputs in {out_dir}")
     return files
@@ -263,13 +263,13 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
     try:
         files = _inputs(inputs, out_dir)
         names: dict[str, Path] = {}
-        given = {f.resolve() for f in files}
+        given = {real_path(f) for f in files}
         for f in files:  # NAME_x4.png: two inputs with one stem would silently overwrite each other
             other = names.setdefault(f"{f.stem}{suffix}", f)
             if other != f:
                 raise click.ClickException(f"{other} and {f} would both be written as {f.stem}{suffix}; "
                                            "give them separately with different --out folders")
-            if (out_dir / f"{f.stem}{suffix}").resolve() in given:  # overwritten, then upscaled itself
+            if real_path(out_dir / f"{f.stem}{suffix}") in given:  # overwritten, then upscaled itself
                 raise click.ClickException(f"{f}'s output would overwrite the input {out_dir / (f.stem + suffix)}; "
                                            "write to another --out folder")
         overrides = parse_settings(list(settings))
@@ -432,9 +432,9 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
     if save_sr is not None:  # the images written must never land on the ones read, nor inside a test set
         from degrade.testset import enclosing_testset
 
-        target = save_sr.resolve()
+        target = real_path(save_sr)
         for source in (x for x in (shards, hr_dir, lr_dir, testset) if x is not None):
-            if target == source.resolve() or source.resolve() in target.parents:
+            if target == real_path(source) or real_path(source) in target.parents:
                 raise click.UsageError(f"--save-sr {save_sr} lies inside {source}: the images read would be mixed "
                                        "with the ones written; save them elsewhere")
         if (kept := enclosing_testset(save_sr)) is not None:
@@ -472,11 +472,11 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
             _check_saved_paths(pairs.names)
             # where each SR image goes: DIR/NAME.png for given pairs (level 0), else DIR/levelL/NAME.png, NAME
             # with its input's subfolders; each folder resolved (symlinks followed) must lie in no folder read
-            sources = [x.resolve() for x in (shards, hr_dir, lr_dir, testset) if x is not None]
+            sources = [real_path(x) for x in (shards, hr_dir, lr_dir, testset) if x is not None]
             folders = {(save_sr / (f"level{level}" if level else "") / name).parent
                        for name in pairs.names for level in ((0,) if lr_dir is not None else (1, 2, 3))}
             for folder in sorted(folders):
-                real = folder.resolve()
+                real = real_path(folder)
                 if (hit := next((x for x in sources if real == x or x in real.parents), None)) is not None:
                     raise click.UsageError(f"--save-sr {save_sr} would write into {hit} (as {folder}): the SR "
                                            "images could overwrite the images read; save them elsewhere")
@@ -536,9 +536,9 @@ def _check_per_image(path: Path, reads: tuple) -> None:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(os_error(exc)) from None
-    target = path.resolve()
+    target = real_path(path)
     for given in (p for p in reads if p is not None):
-        where = Path(given).resolve()
+        where = real_path(given)
         if target == where:
             raise click.UsageError(f"--per-image {path} is {given}, which the evaluation reads; write it elsewhere")
         if where in target.parents and path.suffix.lower() != ".csv":

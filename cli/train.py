@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cli.common import os_error, require_torch, text_console
 from degrade._version import __version__
 from degrade.errors import DegradeError
+from degrade.io import real_path
 
 err_console = text_console(stderr=True)
 
@@ -349,12 +350,12 @@ def curves_main(runs, out_file, labels, smooth) -> None:
         raise click.BadParameter(f"{out_file}: the picture's name must end in .png", param_hint="-o")
     if labels and len(labels) != len(runs):
         raise click.BadParameter(f"{len(labels)} label(s) for {len(runs)} run(s)", param_hint="--label")
-    names = list(labels) or [run.resolve().parent.name if run.name == "metrics.jsonl"  # runs/a/metrics.jsonl: a
-                             else run.stem if run.is_file() else run.resolve().name for run in runs]
+    names = list(labels) or [real_path(run).parent.name if run.name == "metrics.jsonl"  # runs/a/metrics.jsonl: a
+                             else run.stem if run.is_file() else real_path(run).name for run in runs]
     if len(set(names)) != len(names):
         raise click.BadParameter(f"two runs are both called {next(n for n in names if names.count(n) > 1)!r}; "
                                  "name them with --label", param_hint="--label")
-    if any(metrics_path(run).resolve() == out_file.resolve() for run in runs):
+    if any(real_path(metrics_path(run)) == real_path(out_file) for run in runs):
         raise click.BadParameter(f"{out_file}: would overwrite a run's metrics", param_hint="-o")
     try:
         series = {name: read_metrics(run) for name, run in zip(names, runs)}

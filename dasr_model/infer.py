@@ -25,7 +25,7 @@ from dasr_model.errors import DASRError
 from dasr_model.model import DASR, DASRConfig, ExpertMSRResNet, MSRResNet
 from dasr_model.modelfile import MODEL_FILE, is_model_file, read_model_file, save_model_file
 from dasr_model.release import load_release_weights
-from degrade.io import to_uint8
+from degrade.io import real_path, to_uint8
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def export_model(source: str | Path, out: str | Path, *, dtype: torch.dtype = to
     model file in `dtype`; returns what was exported. DASRError where `out` is the file the model was read
     from (a model file, or a run folder's own model.safetensors): an export never replaces its source."""
     loaded = load_model(source, warn=warn)
-    if Path(out).resolve() == Path(loaded.path).resolve():
+    if real_path(out) == real_path(loaded.path):
         raise DASRError(f"{out} is the file the model was read from ({source}): write the export elsewhere")
     save_model_file(loaded.model, out, dtype=dtype, step=loaded.step, source=Path(loaded.path).name)
     return loaded

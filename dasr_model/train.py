@@ -58,7 +58,7 @@ from dasr_model.runs import (
     usable_cores,
 )
 from degrade.errors import DegradeError
-from degrade.io import exclusive_lock, make_folders, write_bytes_atomic
+from degrade.io import exclusive_lock, make_folders, real_path, write_bytes_atomic
 
 
 @dataclass(frozen=True)
@@ -291,9 +291,9 @@ def start_from(model: DASR, source: LoadedModel) -> None:
 
 def refuse_deleting(cfg: TrainConfig, out: Path) -> None:
     """DASRError if --restart would delete the weights the run starts from (`out` itself, or its run files)."""
-    files = {p.resolve() for p in run_files(out)}
+    files = {real_path(p) for p in run_files(out)}
     for path in (Path(p) for p in ([cfg.init_from] if cfg.init_from else cfg.init_release or ())):
-        if path.resolve() == out.resolve() or path.resolve() in files:
+        if real_path(path) == real_path(out) or real_path(path) in files:
             raise DASRError(f"{path}: --restart would delete the weights this run starts from; copy them out of "
                             f"{out} first, or choose another --out")
 

@@ -75,6 +75,13 @@ def max_file_bytes(pixels: int | None = None) -> int:
     return 8 * check_max_pixels(pixels) + (64 << 20)
 
 
+def real_path(path: str | os.PathLike) -> Path:
+    """`path` absolute, with its symlinks followed where they lead somewhere: Path.resolve() as Python 3.13
+    has it, where a symlink loop is left in the path (an open of it then fails with ELOOP, an OSError)
+    instead of raising RuntimeError (Python 3.10-3.12), which no caller expects."""
+    return Path(os.path.realpath(path))
+
+
 def read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
     """The bytes of `path`, which must be a regular file of at most `limit` bytes.
 

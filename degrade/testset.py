@@ -50,6 +50,7 @@ from degrade.io import (
     read_image,
     read_image_sha256,
     read_regular_file,
+    real_path,
     to_uint8,
     umask,
     write_bytes_atomic,
@@ -161,7 +162,7 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
                              "v": [float(x) for x in encode(testset_params(level, seed, i))]} for level in levels}}
         for i, (name, f) in enumerate(zip(names, files))]
     manifest = {"format": TESTSET_FORMAT, "degrade_version": __version__, "vector_layout": VECTOR_LAYOUT,
-                "scale": SCALE, "seed": seed, "levels": levels, "source": str(src.resolve()), "images": images}
+                "scale": SCALE, "seed": seed, "levels": levels, "source": str(real_path(src)), "images": images}
     size = len(_manifest_bytes(manifest))
     if size > MANIFEST_BYTES:
         fit = len(files) * MANIFEST_BYTES // size
@@ -472,7 +473,7 @@ def _read_checked(root: Path, path: Path, sha256: str) -> np.ndarray:
 
 
 def _check_inside(root: Path, path: Path) -> None:
-    if root.resolve() not in path.resolve().parents:
+    if real_path(root) not in real_path(path).parents:
         raise DegradeError(f"{path}: leads out of the test set (a symbolic link); refused")
 
 
@@ -485,7 +486,7 @@ def _check_sha256(path: Path, digest: str, sha256: str) -> None:
 def enclosing_testset(path: str | os.PathLike) -> Path | None:
     """The test set folder (make_testset's) that `path` is or lies inside, resolved; None where there is none.
     A folder counts where its manifest.json opens with this format's field (only the first 4 kB are read)."""
-    here = Path(path).resolve()
+    here = real_path(path)
     for folder in (here, *here.parents):
         with contextlib.suppress(OSError, UnicodeDecodeError):
             with open(folder / MANIFEST_NAME, "rb") as f:

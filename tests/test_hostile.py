@@ -702,3 +702,32 @@ def test_a_write_error_that_h5py_only_reports_as_ignored_fails_the_shard(tmp_pat
     reference = tmp_path / "ref"
     dsm.make_dataset(_config(), reference)
     assert _digests(out) == _digests(reference)
+
+
+def test_a_symlink_loop_is_one_line_wherever_a_path_is_resolved(tmp_path):
+    """Path.resolve() raises RuntimeError on a symlink loop before Python 3.13, which no CLI caught: an image,
+    a shard and a dataset's source that are loops each end in one line, exit 1, never a traceback
+    (degrade.io.real_path keeps the loop in the path, whose open then fails with ELOOP); an output named by
+    a loop is written, its atomic rename replacing the link itself."""
+    for name, to in (("loop.png", "loop.png"), ("a.png", "b.png"), ("b.png", "a.png"), ("pic.png", "pic.png")):
+        (tmp_path / name).symlink_to(to)
+    photo = degrade.sample_images()[0]
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(photo, src / "castle.png")
+    data = tmp_path / "data"
+    assert CliRunner().invoke(main, ["make-dataset", str(src), "--out", str(data), "--count", "4",
+                                     "--patch-size", "64", "--shard-size", "2", "--jobs", "1"]).exit_code == 0
+    for args, link in ((["apply", str(photo), "-o", str(tmp_path / "y.png"), "--params-out", str(tmp_path / "a.png")],
+                        "a.png"), (["inspect", str(data), "--png", str(tmp_path / "pic.png")], "pic.png")):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0 and (tmp_path / link).is_file() and not (tmp_path / link).is_symlink(), args
+    (data / "shard-00001.h5").unlink()
+    (data / "shard-00001.h5").symlink_to("shard-00001.h5")
+    (src / "castle.png").unlink()
+    (src / "castle.png").symlink_to("castle.png")
+    for args in (["apply", str(tmp_path / "loop.png"), "-o", str(tmp_path / "x.png")], ["verify", str(data)],
+                 ["inspect", str(data), "--index", "3"], ["verify", str(data), "--regenerate", "2"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
+        assert "Traceback" not in result.output and "RuntimeError" not in result.output, result.output

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from degrade.errors import DatasetError
-from degrade.io import ImageError, pixel_limit, read_regular_file
+from degrade.io import ImageError, pixel_limit, read_regular_file, real_path
 from degrade.recipe import SCALE, LevelChoice
 from degrade.samples import sample_dir
 from degrade.strictjson import DuplicateKey, strict_json
@@ -53,7 +53,7 @@ def shard_name(k: int) -> str:
 def shard_path(out: Path, name: str) -> Path:
     """DIR/name for a shard file named by a manifest: a plain name, and not a link that leaves DIR."""
     path = out / name
-    if Path(name).name != name or name in ("", ".", "..") or path.resolve().parent != out.resolve():
+    if Path(name).name != name or name in ("", ".", "..") or real_path(path).parent != real_path(out):
         raise DatasetError(f"{out}: refusing shard file {name!r}: shard files must lie inside the dataset folder")
     return path
 
@@ -81,11 +81,11 @@ class Source:
 
 def resolve_source(root: str, rel: str) -> Path:
     """The file of a recorded source path, refusing paths that would leave the recorded root."""
-    base = sample_dir().resolve() if root == BUNDLED else Path(root).resolve()
+    base = real_path(sample_dir()) if root == BUNDLED else real_path(root)
     candidate = Path(rel)
     if candidate.is_absolute() or ".." in candidate.parts:
         raise DatasetError(f"refusing source path {rel!r}: it must be relative and inside {base}")
-    path = (base / candidate).resolve()
+    path = real_path(base / candidate)
     if base not in path.parents:
         raise DatasetError(f"refusing source path {rel!r}: it resolves outside {base}")
     return path

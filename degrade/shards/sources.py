@@ -22,6 +22,7 @@ from degrade.io import (
     max_file_bytes,
     read_image,
     read_regular_file,
+    real_path,
     to_uint8,
 )
 from degrade.samples import sample_dir, sample_images
@@ -49,7 +50,7 @@ def list_source_files(srcs: Sequence[str | os.PathLike]) -> list[Path]:
         raise DatasetError(str(exc)) from None
     unique: dict[Path, Path] = {}
     for f in found:
-        unique.setdefault(f.resolve(), f)
+        unique.setdefault(real_path(f), f)
     return list(unique.keys())
 
 
@@ -71,8 +72,8 @@ def scan_sources(srcs: Sequence[str | os.PathLike], patch_size: int,
         root = Path(os.path.commonpath([f.parent for f in files]))
         root_text = str(root)
     else:
-        files = [p.resolve() for p in sample_images()]
-        root, root_text = sample_dir().resolve(), BUNDLED
+        files = [real_path(p) for p in sample_images()]
+        root, root_text = real_path(sample_dir()), BUNDLED
     if (shown := _not_utf8(root_text)) is not None:  # the manifest and the shards store names as UTF-8
         raise DatasetError(f"{shown}: the sources' folder has a name that is not UTF-8; rename it")
     scan = SourceScan(root=root_text, sources=[])
