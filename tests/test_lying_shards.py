@@ -277,3 +277,23 @@ def test_a_dataset_with_no_finished_shard_is_one_line(small):
     with pytest.raises(DatasetError, match="no samples yet"):
         dataset_stats(ds)
     assert "no samples yet" in _cli("inspect", small)
+
+
+def test_another_vector_layout_is_refused_in_the_manifest_and_in_each_shard(small):
+    """v's 33 numbers mean what the layout says: a dataset or a shard of another layout (a later version's,
+    even at the same length) is refused where it is opened, not read with this version's meaning (the test
+    set's reader did already; the shards' did not: training ran on one)."""
+    assert dsm.open_dataset(small)[0].v.shape == (33,)
+    _edit_manifest(small, lambda m: m.update(vector_layout="dasr33-v2"))
+    assert "vector layout 'dasr33-v2' (this code reads dasr33-v1)" in _cli("verify", small)
+    with pytest.raises(DatasetError, match="vector layout 'dasr33-v2'"):
+        dsm.open_dataset(small)
+    _edit_manifest(small, lambda m: m.update(vector_layout="dasr33-v1"))
+    with h5py.File(small / "shard-00001.h5", "r+") as f:
+        f.attrs["vector_layout"] = "dasr33-v2"
+    ds = dsm.open_dataset(small)  # (checksums are compared on demand only)
+    assert ds[0].v.shape == (33,)  # shard 0 is fine
+    with pytest.raises(DatasetError, match=r"shard-00001.h5: vector layout 'dasr33-v2'"):
+        ds[3]
+    with pytest.raises(DatasetError, match=r"shard-00001.h5: vector layout 'dasr33-v2'"):
+        dsm.open_dataset(small / "shard-00001.h5")  # a lone shard

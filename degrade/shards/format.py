@@ -226,6 +226,8 @@ def read_manifest(out: Path) -> dict[str, Any]:
         raise DatasetError(f"{path}: not a {FORMAT_NAME} manifest")
     if data.get("format_version") != FORMAT_VERSION:
         raise DatasetError(f"{path}: format version {data.get('format_version')} (this code reads {FORMAT_VERSION})")
+    if data.get("vector_layout") != VECTOR_LAYOUT:  # v's 33 numbers would be read by another layout's meaning
+        raise DatasetError(f"{path}: vector layout {data.get('vector_layout')!r} (this code reads {VECTOR_LAYOUT})")
     shards = data.get("shards")
     keys = {"shard", "file", "first_index", "count", "bytes", "sha256"}
     ok = (isinstance(data.get("config"), dict) and isinstance(data.get("complete"), bool) and isinstance(shards, list)
@@ -284,6 +286,10 @@ def check_shard(f: Any, path: Path, *, count: int | None, patch_size: int | None
 
 def _check_shard(f: Any, path: Path, *, count: int | None, patch_size: int | None) -> int:
     import h5py
+
+    layout = f.attrs.get("vector_layout")  # any attribute type: compare only a string
+    if not isinstance(layout, str) or layout != VECTOR_LAYOUT:
+        raise DatasetError(f"{path}: vector layout {layout!r} (this code reads {VECTOR_LAYOUT})")
 
     for key in SHARD_DATASETS:
         # Only plain datasets stored in this file: an external or soft link, external raw storage or a
