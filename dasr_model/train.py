@@ -44,7 +44,7 @@ from dasr_model.graphstep import GraphedStep, plain_optimizer_state
 from dasr_model.infer import LoadedModel, load_model, out_of_memory
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss, l1_loss
 from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, is_channels_last, set_expert_impl
-from dasr_model.modelfile import MODEL_FILE, save_model_file
+from dasr_model.modelfile import MODEL_FILE, read_model_file, save_model_file
 from dasr_model.runs import (
     RUN_LOCK,
     describe_device,
@@ -417,7 +417,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    val_set: list[ValidationSet] = []  # made at the first validation (a run with nothing to train makes none)
+    val_set: list[ValidationSet] = []  # its samples on the device for the run (uint8 HR and float32 LR): below
     with torch.random.fork_rng(devices=[]):  # the weights' init comes from cfg.seed; the caller's RNG is untouched
         torch.manual_seed(cfg.seed)
         model = DASR(cfg.model)
@@ -466,7 +466,13 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             say(f"note: {found[0].name} was trained with {schedule_text(before)}; continuing with "
                 f"{schedule_text(cfg)}")
         was_on, now_on = found[1].get("computed_on"), computed_on(device, world)
-        if isinstance(was_on, str) and was_on != now_on and main_rank:  # (older checkpoints do not say)
+        was_batch = found[1].get("global_batch")  # (older checkpoints say neither)
+        if type(was_batch) is int and was_batch != cfg.batch_size * world and main_rank:  # --batch-size is per
+            say(f"note: {found[0].name} was trained with batches of {was_batch} samples; this resume takes "  # process
+                f"{cfg.batch_size * world} ({world} process(es) x --batch-size {cfg.batch_size}), so its batches, "
+                "and its result, differ from an uninterrupted run's"
+                + (f" (--batch-size {was_batch // world} gives the same batches)" if was_batch % world == 0 else ""))
+        elif isinstance(was_on, str) and was_on != now_on and main_rank:
             say(f"note: {found[0].name} was computed on {was_on}, this resume on {now_on}: its result equals an "
                 "uninterrupted run's to float rounding, not bit for bit (sums split over other threads or kernels "
                 "round otherwise; on a CPU, OMP_NUM_THREADS sets the threads)")
@@ -490,12 +496,20 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if step >= end:
             why = f"--steps {cfg.steps}" if end == cfg.steps else f"its schedule fitted to --max-minutes ends at {end}"
             say(f"{out} is already at step {step} ({why}): nothing to train")
+            if main_rank and not model_file_at(out / MODEL_FILE, step):  # its last write failed (a full disk),
+                write_model_file(parts, out, step)  # or a kill came between it and the checkpoint's
+                say(f"wrote {MODEL_FILE} from {found[0].name}: it was missing or older")
             if world == 1:
                 return {"step": step, "nothing_to_train": True}
             nothing_left = True  # under torchrun once the ranks agree on the step (below): one alone would
             # leave the others waiting for it
         else:
             say(f"resuming from {found[0].name} (step {step} of {end})")
+    if val_pairs is not None and not nothing_left:  # read before the first step: a damaged pixel found at the
+        try:  # first validation would stop the run with the steps since its last checkpoint lost
+            val_set.append(ValidationSet(val_pairs, device))
+        except DegradeError as exc:
+            raise DASRError(f"validation data: {exc}") from None
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))  # torchrun's processes on this machine
     if main_rank and (note := workers_note(cfg.workers, usable_cores(), local)) is not None:
         say(note)
@@ -553,13 +567,13 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         the learning rate its update took)."""
         values = {k: float(t) for k, t in losses.items()}
         if not math.isfinite(values["loss"]):  # checked before any checkpoint can hold it
-            raise FloatingPointError(f"loss became {values['loss']} at step {step - 1}")
+            raise FloatingPointError(f"loss became {values['loss']} "  # steps counted from 1, as metrics.jsonl
+                                     + (f"at step {step}" if cfg.log_every == 1 else  # its loss read at logged
+                                        f"by step {step} (read every --log-every {cfg.log_every} steps)"))
         line = {"step": step, **values, "lr": rate,
                 "samples_per_s": seen / (time.perf_counter() - t0 - paused[0])}
         if validating:
             clock = time.perf_counter()
-            if not val_set:  # its samples stay on the device for the run (uint8 HR and float32 LR)
-                val_set.append(ValidationSet(val_pairs, device))
             line["val"] = val_set[0](model, ema)
             line["val_s"] = time.perf_counter() - clock
             paused[0] += line["val_s"]
@@ -679,7 +693,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 save_checkpoint(out / f"ckpt-{step}.pt", parts.state_dict(cfg, step, fitted))
                 prune_checkpoints(out, cfg.keep_checkpoints)
             if main_rank and final:
-                save_model_file(model, out / MODEL_FILE, ema_generator=ema, step=step, source=f"ckpt-{step}.pt")
+                write_model_file(parts, out, step)
             if stopped_by is None and final and end < cfg.steps:  # only a fitted end is below --steps
                 stopped_by = "schedule"  # the end fitted to --max-minutes
             if stopped_by is not None:
@@ -711,6 +725,23 @@ def graphed_train_step(parts: StepParts, cfg: TrainConfig, bf16: bool, device: t
     rate=..., ema_decay=...); its first `warmup` steps run eagerly. DASRError without CUDA."""
     return GraphedStep(functools.partial(train_step, parts, cfg, bf16=bf16, teacher=teacher, autocast_cache=False),
                        [o for o in (parts.opt, parts.opt_d) if o is not None], device, warmup=warmup)
+
+
+def model_file_at(path: Path, step: int) -> bool:
+    """Whether `path` is a readable model file of step `step`."""
+    try:
+        return read_model_file(path)[1].get("step") == str(step)
+    except (DASRError, OSError):
+        return False
+
+
+def write_model_file(parts: StepParts, out: Path, step: int) -> None:
+    """RUN/model.safetensors of the run at `step` (its checkpoint saved already); a failure says so."""
+    try:
+        save_model_file(parts.model, out / MODEL_FILE, ema_generator=parts.ema, step=step, source=f"ckpt-{step}.pt")
+    except OSError as exc:
+        raise DASRError(f"{out / MODEL_FILE}: not written ({exc.strerror or exc}); ckpt-{step}.pt is saved: "
+                        f"once that is mended, --resume writes the model file (or dasr-export {out})") from None
 
 
 def computed_on(device: torch.device, world: int = 1) -> str:
@@ -954,7 +985,8 @@ class StepParts:
         where it was fitted to max_minutes (whatever this run's steps: a later resume may ask for more)."""
         state = {"config": cfg.to_dict(), "model": self.model.state_dict(), "ema_generator": self.ema.state_dict(),
                  "optimizer": plain_optimizer_state(self.opt.state_dict()), "step": step,
-                 "computed_on": computed_on(next(self.model.parameters()).device, _world_size())}
+                 "computed_on": computed_on(next(self.model.parameters()).device, _world_size()),
+                 "global_batch": cfg.batch_size * _world_size()}
         if fitted is not None:
             state["schedule_steps"] = fitted
         if self.disc is not None and self.opt_d is not None:

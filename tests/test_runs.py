@@ -477,7 +477,7 @@ def test_a_damaged_label_stops_training_naming_the_data_not_the_rate(shards, tmp
 
     monkeypatch.setattr(train_module, "train_step", nan_loss)
     result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / "nan"), *args[4:]])
-    assert result.exit_code == 1 and "loss became nan at step 0; no checkpoint was written" in " ".join(
+    assert result.exit_code == 1 and "loss became nan at step 1; no checkpoint was written" in " ".join(
         result.output.split()), result.output
 
 
@@ -783,3 +783,56 @@ def test_sr_never_overwrites_one_of_its_inputs(tmp_path, model):
     assert result.exit_code == 1 and "would overwrite the input" in " ".join(result.output.split())
     assert isinstance(result.exception, SystemExit)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_model_file_lost_after_the_last_checkpoint_is_written_by_the_resume_with_nothing_to_train(shards, tmp_path,
+                                                                                                   monkeypatch):
+    """The model file is written after the last checkpoint: a full disk (or a kill) between the two left a run
+    at its end with no model file, and --resume had nothing to train and wrote none. Its failure now says the
+    checkpoint is saved and what to do; the resume writes the model file (or one of an older step)."""
+    import dasr_model.train as train_module
+    from dasr_model.modelfile import MODEL_FILE, read_model_file
+
+    real = train_module.save_model_file
+
+    def full(*args, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_module, "save_model_file", full)
+    args = ["--shards", shards, "--out", str(tmp_path / "run"), "--steps", "2", *TINY_ARGS]
+    result = CliRunner().invoke(train_cli, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"{tmp_path / 'run' / MODEL_FILE}: not written (No space left on device); " \
+        "ckpt-2.pt is saved: once that is mended, --resume writes the model file" in text, text
+    assert not (tmp_path / "run" / MODEL_FILE).exists() and (tmp_path / "run" / "ckpt-2.pt").exists()
+    monkeypatch.setattr(train_module, "save_model_file", real)
+    result = CliRunner().invoke(train_cli, [*args, "--resume"])
+    assert result.exit_code == 0 and f"wrote {MODEL_FILE} from ckpt-2.pt" in " ".join(result.output.split())
+    model, meta = read_model_file(tmp_path / "run" / MODEL_FILE)
+    ema = load_checkpoint(tmp_path / "run" / "ckpt-2.pt")["ema_generator"]
+    assert meta["step"] == "2" and all(torch.equal(model.generator.state_dict()[k], v.to(torch.bfloat16).float())
+                                       for k, v in ema.items())  # (the model file holds bf16 weights)
+    result = CliRunner().invoke(train_cli, [*args, "--resume"])  # the model file current: left alone
+    assert result.exit_code == 0 and "wrote" not in result.output
+
+
+def test_damaged_validation_pixels_are_refused_before_the_first_step(tmp_path):
+    """The validation samples' labels were checked up front, their pixels read at the first validation:
+    a damaged chunk stopped the run there, losing every step since its last checkpoint (500 at the
+    defaults). They are read before the first step now, and the error says it is the validation data."""
+    import h5py
+
+    val = Path(make_small_dataset(tmp_path / "val", count=4, seed=5, shard_size=4))
+    train_data = make_small_dataset(tmp_path / "train", count=8, seed=6, shard_size=8)
+    with h5py.File(val / "shard-00000.h5", "r+") as f:  # a dataset whose chunk no longer decodes
+        del f["hr"]
+        f.create_dataset("hr", data=np.zeros((4, 64, 64, 3), np.uint8), chunks=(1, 64, 64, 3), compression="gzip")
+        offset = f["hr"].id.get_chunk_info(2).byte_offset
+    with open(val / "shard-00000.h5", "r+b") as f:
+        f.seek(offset)
+        f.write(b"\\xff" * 64)
+    result = CliRunner().invoke(train_cli, ["--shards", train_data, "--val-shards", str(val), "--out",
+                                            str(tmp_path / "run"), "--steps", "8", "--val-every", "4", *TINY_ARGS])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit) and "validation data: " in text, text
+    assert not list((tmp_path / "run").glob("metrics.jsonl")) or (tmp_path / "run" / "metrics.jsonl").read_text() == ""

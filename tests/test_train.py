@@ -177,7 +177,11 @@ def test_a_resume_on_another_thread_count_or_torch_says_it_is_exact_to_rounding_
     train(_cfg(shards, tmp_path / "run", 2))
     ckpt = load_checkpoint(tmp_path / "run" / "ckpt-2.pt")
     threads = torch.get_num_threads()
-    assert ckpt["computed_on"] == f"cpu ({threads} threads), torch {torch.__version__}"
+
+    def cpu(n):
+        return f"cpu ({n} thread{'s' if n != 1 else ''}), torch {torch.__version__}"
+
+    assert ckpt["computed_on"] == cpu(threads) and ckpt["global_batch"] == 2
     notes: list[str] = []
     torch.set_num_threads(threads + 1)
     try:
@@ -185,10 +189,16 @@ def test_a_resume_on_another_thread_count_or_torch_says_it_is_exact_to_rounding_
     finally:
         torch.set_num_threads(threads)
     said = [n for n in notes if "computed on" in n]
-    assert said == [f"note: ckpt-2.pt was computed on cpu ({threads} threads), torch {torch.__version__}, this "
-                    f"resume on cpu ({threads + 1} threads), torch {torch.__version__}: its result equals an "
-                    "uninterrupted run's to float rounding, not bit for bit (sums split over other threads or "
-                    "kernels round otherwise; on a CPU, OMP_NUM_THREADS sets the threads)"]
+    assert said == [f"note: ckpt-2.pt was computed on {cpu(threads)}, this resume on {cpu(threads + 1)}: its result "
+                    "equals an uninterrupted run's to float rounding, not bit for bit (sums split over other threads "
+                    "or kernels round otherwise; on a CPU, OMP_NUM_THREADS sets the threads)"]
+    # another batch size (or, under torchrun, process count: --batch-size is per process) is another note: the
+    # batches themselves differ
+    notes.clear()
+    train(_cfg(shards, tmp_path / "run", 5, batch_size=3), resume=True, notify=notes.append)
+    assert [n for n in notes if "batches" in n] == [
+        "note: ckpt-4.pt was trained with batches of 2 samples; this resume takes 3 (1 process(es) x --batch-size 3), "
+        "so its batches, and its result, differ from an uninterrupted run's (--batch-size 2 gives the same batches)"]
     # a GPU by its model, not its index (DDP's ranks differ in it), and a DDP run's processes
     import dasr_model.train as train_module
 
