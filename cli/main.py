@@ -227,6 +227,7 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
     DIR/manifest.json (docs/dataset-format.md).
     """
     from degrade import shards as ds
+    from degrade.shards.write import JOBS_PER_CORE
 
     if max_pixels is None:  # the environment's cap then: a bad one refused once, up front, not per image
         set_max_pixels(None)
@@ -267,6 +268,9 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
 
     rate = report.made / report.seconds if report.seconds > 0 else 0.0
     levels = ", ".join(f"level {k}: {v}" for k, v in report.level_counts.items() if v)
+    if report.made and report.workers < jobs:
+        console.print(f"note: {report.workers} worker process(es), not --jobs {jobs}: no more than the chunks of "
+                      f"16 samples left to make, nor {JOBS_PER_CORE} per usable core (more add memory, not speed)")
     console.print(f"{out}: {count} samples in {config.shard_count} shard(s), "
                   f"{report.bytes_on_disk / 1e6:.1f} MB on disk")
     if report.made:

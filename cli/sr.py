@@ -248,9 +248,9 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
 
     import degrade
     from dasr_model.infer import finish, out_of_memory, output_size, parse_settings, upscale
-    from dasr_model.runs import usable_cores
     from degrade.inspect import pipeline_steps
     from degrade.io import read_image_alpha
+    from degrade.shards.executor import usable_cores
 
     if not math.isfinite(outscale):  # click's FloatRange lets nan through
         raise click.BadParameter(f"{outscale}: not a number from 1 to 16", param_hint="--outscale")

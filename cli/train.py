@@ -61,7 +61,7 @@ def resumed_config(ctx: click.Context, cfg, before) -> tuple:
 def default_workers() -> int:
     """--workers when not given: half the cores this process may use, shared among the processes torchrun
     started on this machine (LOCAL_WORLD_SIZE), at least 1, at most 8."""
-    from dasr_model.runs import usable_cores  # (torch is there by now: this runs after require_torch)
+    from degrade.shards.executor import usable_cores
 
     cores = usable_cores()
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

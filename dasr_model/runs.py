@@ -4,7 +4,6 @@ metrics back on resume, atomic writes; which device a run uses and how to name i
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -97,12 +96,6 @@ def logs_a_step(path: Path) -> bool:
             if isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 1:
                 return True
     return False
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity, as a scheduler or taskset sets it; else all), as
-    dasr-train's default --workers counts them."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def foreign_run_file(out: Path) -> str | None:

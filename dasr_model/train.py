@@ -55,10 +55,10 @@ from dasr_model.runs import (
     run_files,
     start_over,
     truncate_metrics,
-    usable_cores,
 )
 from degrade.errors import DegradeError
 from degrade.io import exclusive_lock, make_folders, real_path, write_bytes_atomic
+from degrade.shards.executor import usable_cores
 
 
 @dataclass(frozen=True)

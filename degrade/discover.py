@@ -8,7 +8,7 @@ from pathlib import Path
 
 from degrade.errors import DegradeError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".pbm", ".pgm", ".ppm", ".pnm", ".pam")
 
 
 def relative_names(files: Sequence[Path], root: Path, *, suffix: bool = False) -> list[str]:

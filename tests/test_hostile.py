@@ -731,3 +731,41 @@ def test_a_symlink_loop_is_one_line_wherever_a_path_is_resolved(tmp_path):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
         assert "Traceback" not in result.output and "RuntimeError" not in result.output, result.output
+
+
+def test_a_dataset_made_from_pnm_photos_verifies_with_regeneration(tmp_path):
+    """PNM/PAM photos are read (the README says so) and a folder scan finds them; verify --regenerate used to
+    refuse them as 'not an image file name', failing a valid dataset."""
+    src = tmp_path / "src"
+    src.mkdir()
+    img = cv2.imread(str(degrade.sample_images()[0]))
+    cv2.imwrite(str(src / "castle.ppm"), img)
+    cv2.imwrite(str(src / "gray.pgm"), cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
+    result = CliRunner().invoke(main, ["make-dataset", str(src), "--out", str(tmp_path / "ds"), "--count", "4",
+                                       "--patch-size", "64", "--jobs", "1"])
+    assert result.exit_code == 0 and "sources: 2 used" in " ".join(result.output.split()), result.output
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "ds"), "--regenerate", "4"])
+    assert result.exit_code == 0, result.output
+
+
+def test_jobs_are_capped_at_the_chunks_to_make_and_two_per_core(tmp_path, monkeypatch):
+    """--jobs had no bound: --jobs 1000 started 1000 worker processes (some 65 MB each) for a dataset of 16
+    samples. Workers are capped at the chunks left to make and at 2 per usable core, and the CLI says so."""
+    import degrade.shards.write as write_module
+
+    started = []
+    real = write_module.OrderedMap
+
+    def spy(task, *, jobs, backend=None, ahead=None):
+        started.append(jobs)
+        return real(task, jobs=1, backend=backend, ahead=ahead)  # (the test's own: one process)
+
+    monkeypatch.setattr(write_module, "OrderedMap", spy)
+    monkeypatch.setattr(write_module, "usable_cores", lambda: 3)
+    report = dsm.make_dataset(_config(count=40), tmp_path / "a", jobs=1000)  # 4 shards of 10: 4 chunks
+    assert started == [4] and report.workers == 4
+    report = dsm.make_dataset(_config(count=200), tmp_path / "b", jobs=1000)  # 20 chunks, 3 cores
+    assert started[-1] == 6 and report.workers == 6
+    result = CliRunner().invoke(main, ["make-dataset", "--out", str(tmp_path / "c"), "--count", "20",
+                                       "--patch-size", "64", "--jobs", "9"])
+    assert result.exit_code == 0 and "note: 2 worker process(es), not --jobs 9" in " ".join(result.output.split())

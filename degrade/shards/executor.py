@@ -123,6 +123,12 @@ def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
         thread.join()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, as a scheduler or taskset sets it; else all), as
+    make-dataset caps its workers and dasr-train's default --workers counts them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class OrderedMap(Generic[T, R]):
     """Context manager giving `run(items) -> iterator of task(item), in order` (see the module's docstring)."""
 

@@ -26,7 +26,7 @@ from degrade._version import __version__
 from degrade.errors import DatasetError, DegradeError
 from degrade.io import check_max_pixels, exclusive_lock, write_bytes_atomic
 from degrade.recipe import LEVELS, MIX_PROBS, SCALE, LevelChoice
-from degrade.shards.executor import OrderedMap
+from degrade.shards.executor import OrderedMap, usable_cores
 from degrade.shards.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -44,7 +44,7 @@ from degrade.shards.format import (
     sha256_file,
     shard_name,
 )
-from degrade.shards.generate import SampleMaker, chunk_ranges
+from degrade.shards.generate import CHUNK, SampleMaker, chunk_ranges
 from degrade.vector import VECTOR_LAYOUT
 
 
@@ -57,8 +57,12 @@ class MakeReport:
     level_counts: dict[int, int] = field(default_factory=lambda: {1: 0, 2: 0, 3: 0})
     seconds: float = 0.0
     bytes_on_disk: int = 0
+    workers: int = 0  # the worker processes (or Dask tasks at once) used: --jobs, capped (make_dataset)
 
 
+
+
+JOBS_PER_CORE = 2  # make-dataset's most worker processes per usable core (a larger --jobs is capped)
 
 
 def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1,
@@ -164,6 +168,11 @@ def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], r
         shards.pop(k, None)
         todo.append(k)
     _save_manifest(out, config, shards)  # writes only if it changed
+    # Workers beyond the chunks to make would start idle, and beyond JOBS_PER_CORE x the usable cores only
+    # take memory (some 65 MB each) for no speed: --jobs 1000 would have started 1000 processes.
+    chunks = sum(-(-len(config.shard_range(k)) // CHUNK) for k in todo)
+    jobs = max(1, min(jobs, chunks, jobs if backend else JOBS_PER_CORE * usable_cores()))
+    report.workers = jobs
 
     def count(chunk: dict[str, Any]) -> None:
         report.made += len(chunk["index"])
