@@ -26,6 +26,7 @@ from degrade.allocator import tune_allocator
 from degrade.errors import DegradeError
 from degrade.io import (
     ImageError,
+    check_write_target,
     crop_to_multiple,
     read_regular_file,
     real_path,
@@ -179,6 +180,9 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
         else:
             params = degrade.sample_params(level, np.random.default_rng(np.random.SeedSequence(seed)))
         lr = degrade.apply(hr, params)
+        for target in (output, params_out):  # both checked before either is written: no image without its record
+            if target is not None:
+                check_write_target(Path(target))
         degrade.write_image(output, lr)
         if params_out is not None:
             write_bytes_atomic(params_out, (json.dumps(params.to_dict(), indent=2, sort_keys=True) + "\n").encode())

@@ -149,6 +149,9 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
     seed = int(seed)  # JSON holds no numpy integer
     if not src.is_dir():
         raise DegradeError(f"{src}: not a folder")
+    if real_path(out) == real_path(src) or real_path(src) in real_path(out).parents:  # a later run's search
+        raise DegradeError(f"{out} lies inside {src}: its HR and LR images would be taken for HR photos by the "  # of
+                           "next run on that folder; choose a folder outside it")  # the folder would find them
     _check_empty(out)
     files = find_images([src], what="HR images")
     names = testset_names(files, src)

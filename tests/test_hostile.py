@@ -769,3 +769,12 @@ def test_jobs_are_capped_at_the_chunks_to_make_and_two_per_core(tmp_path, monkey
     result = CliRunner().invoke(main, ["make-dataset", "--out", str(tmp_path / "c"), "--count", "20",
                                        "--patch-size", "64", "--jobs", "9"])
     assert result.exit_code == 0 and "note: 2 worker process(es), not --jobs 9" in " ".join(result.output.split())
+
+
+def test_apply_writes_no_image_whose_parameter_record_it_would_refuse(tmp_path):
+    """-o was written, then --params-out refused (a FIFO there): an LR image without the record it was made
+    with. Both targets are checked before either is written."""
+    os.mkfifo(tmp_path / "fifo.json")
+    result = CliRunner().invoke(main, ["apply", str(degrade.sample_images()[0]), "-o", str(tmp_path / "lr.png"),
+                                       "--params-out", str(tmp_path / "fifo.json")])
+    assert result.exit_code == 1 and "fifo.json" in result.output and not (tmp_path / "lr.png").exists()

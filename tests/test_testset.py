@@ -142,7 +142,12 @@ def test_a_changed_file_or_a_hostile_manifest_is_refused(testset, tmp_path):
 
 def test_make_testset_refuses_and_leaves_nothing_behind(hr_dir, tmp_path, monkeypatch):
     res = CliRunner().invoke(degrade_cli, ["make-testset", str(hr_dir), "--out", str(hr_dir)])
-    assert res.exit_code == 1 and "exists and is not an empty folder" in res.output
+    assert res.exit_code == 1 and "lies inside" in res.output
+    before = sorted(p.relative_to(hr_dir).as_posix() for p in hr_dir.rglob("*"))
+    res = CliRunner().invoke(degrade_cli, ["make-testset", str(hr_dir), "--out", str(hr_dir / "ts")])  # a next run
+    assert res.exit_code == 1 and f"{hr_dir / 'ts'} lies inside {hr_dir}: its HR and LR images would be taken for " \
+        "HR photos" in " ".join(res.output.split())  # would have read the set's images as photos
+    assert sorted(p.relative_to(hr_dir).as_posix() for p in hr_dir.rglob("*")) == before
     twins = tmp_path / "twins"
     twins.mkdir()
     shutil.copy(hr_dir / "a.png", twins / "x.png")
