@@ -51,11 +51,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     ckpt = load_torch_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
         raise DASRError(f"{path}: not a dasr-train checkpoint")
-    if type(ckpt.get("step")) is not int or ckpt["step"] < 0:
-        raise DASRError(f"{path}: not a dasr-train checkpoint (its step is {ckpt.get('step')!r})")
+    if type(ckpt.get("step")) is not int or not 0 <= ckpt["step"] <= MAX_CHECKPOINT_STEP:
+        raise DASRError(f"{path}: not a dasr-train checkpoint (its step is {str(ckpt.get('step'))[:40]!r})")
     for part in ("model", "ema_generator"):  # the weights a model is made of (optimiser state is left alone)
         refuse_non_finite(ckpt.get(part), f"{path}: refused: its {part} weight")
     return ckpt
+
+
+MAX_CHECKPOINT_STEP = 10**15  # dasr-train's bound on --steps: a checkpoint beyond it is no run of ours
 
 
 def refuse_non_finite(state: Any, what: str) -> None:
@@ -346,7 +349,10 @@ def latest_intact(out: Path, warn: Callable[[str], None] | None = None) -> tuple
     """The newest checkpoint that reads, and its contents; each damaged newer one is reported to `warn`."""
     for path in reversed(list_checkpoints(out)):
         try:
-            return path, load_checkpoint(path)
+            ckpt = load_checkpoint(path)
+            if str(ckpt["step"]) != (CHECKPOINT.fullmatch(path.name).group(1).lstrip("0") or "0"):  # (as text)
+                raise DASRError(f"{path}: it holds step {ckpt['step']}, not its name's (a copy or a mix-up)")
+            return path, ckpt
         except DASRError as exc:
             if warn is not None:
                 warn(f"skipping {path.name}: {str(exc).split(': ', 1)[-1]}")

@@ -1031,6 +1031,9 @@ def _check_adam(opt: torch.optim.Optimizer, what: str) -> None:
                 if key != "step" and isinstance(t, torch.Tensor) and t.shape != p.shape:
                     raise ValueError(f"{what}: its {key} of shape {tuple(t.shape)} is for another parameter than "
                                      f"one of shape {tuple(p.shape)}")
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{what}: its {key} holds NaN or infinite values (the first step would "
+                                     "turn the weights to NaN)")
 
 
 def lr_at(step: int, cfg: TrainConfig, end: int) -> float:

@@ -836,3 +836,30 @@ def test_damaged_validation_pixels_are_refused_before_the_first_step(tmp_path):
     text = " ".join(result.output.split())
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit) and "validation data: " in text, text
     assert not list((tmp_path / "run").glob("metrics.jsonl")) or (tmp_path / "run" / "metrics.jsonl").read_text() == ""
+
+
+def test_a_checkpoint_that_lies_about_its_step_or_holds_a_nan_moment_is_refused(shards, tmp_path):
+    """A ckpt-4.pt holding step 2 (a copy, a mix-up) was loaded as step 2, then set aside as damaged itself;
+    a NaN in Adam's moments surfaced as 'loss became nan (lower --lr?)'; a stored step of 10**16 was 'nothing
+    to train'. The first and last are damaged checkpoints now (skipped with a warning, an older one resumed),
+    the second a refusal naming the optimiser's state."""
+    run = tmp_path / "run"
+    args = ["--shards", shards, "--out", str(run), "--ckpt-every", "2", "--keep-checkpoints", "0", *TINY_ARGS]
+    assert CliRunner().invoke(train_cli, [*args, "--steps", "4"]).exit_code == 0
+    good = load_checkpoint(run / "ckpt-4.pt")
+    save_checkpoint(run / "ckpt-4.pt", {**good, "step": 10**16})
+    with pytest.raises(DASRError, match="ckpt-4.pt: not a dasr-train checkpoint \\(its step is '10000000000000000'"):
+        load_checkpoint(run / "ckpt-4.pt")
+    save_checkpoint(run / "ckpt-4.pt", {**good, "step": 2})
+    assert load_checkpoint(run / "ckpt-4.pt")["step"] == 2  # given by name (dasr-export, --init-from): as it is
+    result = CliRunner().invoke(train_cli, [*args, "--steps", "4", "--resume"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "skipping ckpt-4.pt: it holds step 2, not its name's" in text, text
+    assert "resuming from ckpt-2.pt" in text
+    assert load_checkpoint(run / "ckpt-4.pt")["step"] == 4 and (run / "ckpt-4.pt.damaged").exists()
+    bad = load_checkpoint(run / "ckpt-4.pt")
+    next(iter(bad["optimizer"]["state"].values()))["exp_avg_sq"][0] = float("nan")
+    save_checkpoint(run / "ckpt-4.pt", bad)
+    result = CliRunner().invoke(train_cli, [*args, "--steps", "6", "--resume"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "exp_avg_sq holds NaN or infinite values" in text and "lower --lr" not in text
