@@ -278,12 +278,13 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
             err_console.print("note: training on the CPU is slow; a real run (100k steps) needs a CUDA GPU "
                               "(docs/training.md)")
         with Progress(*columns, console=err_console) as bar:
-            task = bar.add_task("train", total=cfg.steps, completed=0, info="")
+            # hidden until the first step: a run refused (or with nothing to train) draws no 'step 0/N' line
+            task = bar.add_task("train", total=cfg.steps, completed=0, info="", visible=False)
             first = [True]
 
             def report(step: int, m: dict) -> None:
                 if first[0]:  # a resumed run starts at its checkpoint's step: no false speed for the ETA
-                    bar.reset(task, total=m["end"], completed=step - 1)
+                    bar.reset(task, total=m["end"], completed=step - 1, visible=True)
                     first[0] = False
                 elif m["end"] != bar.tasks[0].total:  # the end fitted to --max-minutes (--lr-schedule cosine)
                     bar.update(task, total=m["end"])

@@ -71,7 +71,8 @@ def _number(x: Any) -> float:
 
 
 def smooth(y: np.ndarray, n: int) -> np.ndarray:
-    """The running mean of the last `n` values (fewer at the start), values that are not finite left out.
+    """The running mean of the last `n` values (fewer at the start), values that are not finite left out;
+    NaN where y itself is NaN (a point with no value of its own is not drawn; an infinite one is).
     O(len(y)) at any `n`: each window is the tail of one block of `n` plus the head of the next (sums
     within blocks, so one huge value cannot cancel what follows its window)."""
     n = min(n, len(y))
@@ -79,8 +80,9 @@ def smooth(y: np.ndarray, n: int) -> np.ndarray:
         return np.where(np.isfinite(y), y, np.nan)
     ok = np.isfinite(y)
     sums, seen = _window_sums(np.where(ok, y, 0.0), n), _window_sums(ok.astype(np.float64), n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(seen > 0.5, sums / np.maximum(seen, 1), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a point without a value of its own (a term a
+        # resume dropped, --no-gan) is drawn as none, not as the mean of the values before it
+        return np.where((seen > 0.5) & ~np.isnan(y), sums / np.maximum(seen, 1), np.nan)
 
 
 def _window_sums(x: np.ndarray, n: int) -> np.ndarray:

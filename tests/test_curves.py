@@ -65,12 +65,12 @@ def test_a_torn_last_line_is_left_out_and_any_other_bad_line_refused(run, tmp_pa
         read_metrics(tmp_path / "empty.jsonl")
 
 
-def test_smooth_is_the_running_mean_of_the_last_n_values_without_nans():
+def test_smooth_is_the_running_mean_of_the_last_n_values_without_nans_and_none_where_y_has_none():
     y = np.array([1.0, np.nan, 3.0, 5.0, np.nan, np.nan, np.nan, 2.0])
     expected = []
     for i in range(len(y)):
         window = [v for v in y[max(0, i - 2) : i + 1] if not np.isnan(v)]
-        expected.append(np.mean(window) if window else np.nan)
+        expected.append(np.mean(window) if window and not np.isnan(y[i]) else np.nan)  # none where y has none
     np.testing.assert_allclose(smooth(y, 3), expected, equal_nan=True)
     np.testing.assert_array_equal(smooth(y, 1), y)
     np.testing.assert_array_equal(smooth(np.array([np.inf]), 5), [np.nan])  # one value: still not finite
@@ -80,7 +80,7 @@ def test_smooth_is_the_running_mean_of_the_last_n_values_without_nans():
             z = rng.random(length)
             z[rng.random(length) < 0.2] = np.nan
             windows = [z[max(0, i - n + 1) : i + 1] for i in range(length)]
-            want = [np.mean(w[np.isfinite(w)]) if np.isfinite(w).any() else np.nan for w in windows]
+            want = [np.mean(w[np.isfinite(w)]) if not np.isnan(w[-1]) else np.nan for w in windows]
             np.testing.assert_allclose(smooth(z, n), want, equal_nan=True)
     np.testing.assert_allclose(smooth(np.arange(10.0), 10**9), np.arange(10.0) / 2)  # a window past the series
     spiky = np.array([1.0, np.inf, 1.0, 1e20, 1.0, 1.0, 1.0])  # neither poisons nor cancels what follows
