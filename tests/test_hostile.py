@@ -640,6 +640,7 @@ def test_verify_regenerate_reads_no_file_the_manifest_points_at_outside_images(s
         with h5py.File(path, "r+") as f:
             f.attrs["command"] = json.dumps({k: v for k, v in manifest["config"].items() if k != "sources"},
                                             sort_keys=True)
+            f.attrs["sources_sha256"] = dsm.DatasetConfig.from_dict(manifest["config"]).sources_digest()
             del f["sources"]
             f.create_dataset("sources", data=np.array([s["path"] for s in sources], dtype=h5py.string_dtype()))
         entry.update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), bytes=path.stat().st_size)

@@ -3,6 +3,7 @@ anything large is allocated; what reading returns is what the files store."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -297,3 +298,30 @@ def test_another_vector_layout_is_refused_in_the_manifest_and_in_each_shard(smal
         ds[3]
     with pytest.raises(DatasetError, match=r"shard-00001.h5: vector layout 'dasr33-v2'"):
         dsm.open_dataset(small / "shard-00001.h5")  # a lone shard
+
+
+@pytest.mark.parametrize("key,value", [("sha256", "0" * 64), ("height", 9999), ("width", 65)])
+def test_an_edited_source_record_fails_verify_and_regeneration_lists_it(small, key, value):
+    """A manifest whose sources table was edited (a source's SHA-256, height or width) passed a plain verify:
+    each shard pins the table by a digest now. For shards without it (made before), --regenerate ended the
+    whole check at a size edit with one fatal error blaming an unchanged photo; it lists each sample now."""
+    assert CliRunner().invoke(main, ["verify", str(small)]).exit_code == 0
+    _edit_manifest(small, lambda m: m["config"]["sources"][0].update({key: value}))
+    result = CliRunner().invoke(main, ["verify", str(small)])
+    assert result.exit_code == 1 and "its sources table differs from the manifest's sources" in result.output
+    for shard in small.glob("shard-*.h5"):  # shards made before the digest was recorded: the regeneration's
+        with h5py.File(shard, "r+") as f:  # problem to find, sample by sample
+            del f.attrs["sources_sha256"]
+
+    def rehash(m):  # the manifest of those shards
+        for e in m["shards"]:
+            data = (small / e["file"]).read_bytes()
+            e.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    _edit_manifest(small, rehash)
+    if key == "sha256":
+        assert CliRunner().invoke(main, ["verify", str(small)]).exit_code == 0  # what a plain verify cannot see
+    result = CliRunner().invoke(main, ["verify", str(small), "--regenerate", "9"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("problem: sample ") and lines[-1].endswith("problem(s) found"), result.output

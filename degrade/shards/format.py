@@ -147,6 +147,12 @@ class DatasetConfig:
             del d["sharpen_hr"]
         return d
 
+    def sources_digest(self) -> str:
+        """SHA-256 of the sources table (each source's path, SHA-256, height and width), as each shard records it:
+        `degrade verify` compares it with the manifest's, which the shards' paths table alone did not pin."""
+        table = json.dumps([asdict(s) for s in self.sources], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(table.encode()).hexdigest()
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DatasetConfig:
         """The configuration a manifest records: every value of the type and range the writer writes

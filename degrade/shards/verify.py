@@ -46,6 +46,7 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
     # what each shard records of the configuration it was made with, as the manifest's writer wrote it
     command = {k: v for k, v in manifest["config"].items() if k != "sources"}
     source_paths = [s.path for s in config.sources]
+    sources_digest = config.sources_digest()  # (before --sources moves the root: the digest has no root)
     if source_root is not None:
         config = replace(config, source_root=str(source_root))
     problems: list[str] = []
@@ -83,7 +84,9 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
                     differ = sorted(k for k in command.keys() | made_with.keys() if made_with.get(k) != command.get(k))
                     problems.append(f"{name}: made with another configuration than the manifest's ({', '.join(differ)} "
                                     f"{'differs' if len(differ) == 1 else 'differ'})")
-                if [as_text(x, name) for x in f["sources"][:]] != source_paths:
+                pinned = f.attrs.get("sources_sha256")  # (shards made before it was recorded have none)
+                if [as_text(x, name) for x in f["sources"][:]] != source_paths or (
+                        pinned is not None and as_text(pinned, name) != sources_digest):
                     problems.append(f"{name}: its sources table differs from the manifest's sources")
                 v, level = f["v"][:], f["level"][:]
                 if not (np.all(np.isfinite(v)) and v.min() >= 0 and v.max() <= 1):
@@ -143,7 +146,11 @@ def _regenerate(out: Path, config: DatasetConfig, k: int, seed: int) -> list[str
         if digest != config.sources[int(f["source"][row])].sha256:
             problems.append(f"sample {i}: source {src_path} changed since the dataset was made")
             continue
-        src, (y, x), fresh = maker.sample(i)
+        try:  # a source that is not as the manifest records it (its size) is this sample's problem, not the end
+            src, (y, x), fresh = maker.sample(i)
+        except DatasetError as exc:
+            problems.append(f"sample {i}: {exc}")
+            continue
         if src != int(f["source"][row]) or [y, x] != list(f["crop"][row][:2]):
             problems.append(f"sample {i}: source or crop differs from its stream")
         elif fresh.params != stored.params:

@@ -308,6 +308,7 @@ def _write_shard(path: Path, config: DatasetConfig, k: int, chunks: Iterator[dic
         f.attrs["command"] = json.dumps({k_: v_ for k_, v_ in config.to_dict().items() if k_ != "sources"},
                                         sort_keys=True)
         f.attrs["source_root"] = config.source_root
+        f.attrs["sources_sha256"] = config.sources_digest()
         f.attrs["shard"] = k
         f.attrs["first_index"] = rows.start
         at = 0
