@@ -476,6 +476,9 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             say(f"note: {found[0].name} was computed on {was_on}, this resume on {now_on}: its result equals an "
                 "uninterrupted run's to float rounding, not bit for bit (sums split over other threads or kernels "
                 "round otherwise; on a CPU, OMP_NUM_THREADS sets the threads)")
+        if before.gan and not cfg.gan and main_rank:  # the checkpoints written from now on hold no discriminator
+            say(f"note: {found[0].name} has a discriminator, which this resume without --gan drops with its "
+                "optimiser's state: the checkpoints it writes cannot resume with --gan again")
         if (before.ema_decay, before.ema_warmup) != (cfg.ema_decay, cfg.ema_warmup):
             say(f"note: {found[0].name} was trained with EMA decay {before.ema_decay}"
                 f"{'' if before.ema_warmup else ' without'} warm-up; continuing with {cfg.ema_decay}"
@@ -505,6 +508,9 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             # leave the others waiting for it
         else:
             say(f"resuming from {found[0].name} (step {step} of {end})")
+    if cfg.teacher_steps >= end > step and main_rank:  # a run that never trains with its own predictor's mix
+        say(f"note: --teacher-steps {cfg.teacher_steps} covers every step to {end}: the expert mix comes from the "
+            "true v throughout, never from the predictor")
     if val_pairs is not None and not nothing_left:  # read before the first step: a damaged pixel found at the
         try:  # first validation would stop the run with the steps since its last checkpoint lost
             val_set.append(ValidationSet(val_pairs, device))

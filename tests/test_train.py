@@ -1402,3 +1402,19 @@ def test_more_loader_processes_than_cores_get_a_note():
     assert workers_note(2, 2) is None and workers_note(0, 1) is None and workers_note(4, 16, world=4) is None
     assert "1024 loader processes on 2 cores" in workers_note(1024, 2)
     assert "8 loader processes on 4 cores" in workers_note(4, 4, world=2)
+
+
+def test_notes_for_a_dropped_discriminator_and_a_teacher_phase_that_never_ends(shards, tmp_path):
+    """--resume --no-gan drops the discriminator and its optimiser state, which no later --resume --gan gets
+    back; --teacher-steps past the run's end never lets the predictor's mix train: each is said."""
+    notes: list[str] = []
+    train(_cfg(shards, tmp_path / "gan", 2, gan=True))
+    train(_cfg(shards, tmp_path / "gan", 3, gan=False), resume=True, notify=notes.append)
+    assert any("has a discriminator, which this resume without --gan drops" in n for n in notes), notes
+    notes.clear()
+    train(_cfg(shards, tmp_path / "teach", 2, teacher_steps=5), notify=notes.append)
+    assert "note: --teacher-steps 5 covers every step to 2: the expert mix comes from the true v throughout, " \
+        "never from the predictor" in notes
+    notes.clear()
+    train(_cfg(shards, tmp_path / "short", 3, teacher_steps=2), notify=notes.append)
+    assert not [n for n in notes if "teacher" in n]
