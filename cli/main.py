@@ -254,6 +254,7 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
             progress.update(task, description=f"{len(scan.sources)} usable source images")
             task = progress.add_task(f"level {level} samples", total=count)
             with _dask_client(dask_scheduler):
+                asked = jobs  # None: auto (a cap below is then no news)
                 if jobs is None:  # on a Dask cluster as before: as many tasks at once as this machine's cores
                     jobs = (os.cpu_count() or 1) if dask_scheduler else auto_jobs(count)
                 # The cap travels with the workers' task (a Dask worker does not see this process's settings).
@@ -272,9 +273,10 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
 
     rate = report.made / report.seconds if report.seconds > 0 else 0.0
     levels = ", ".join(f"level {k}: {v}" for k, v in report.level_counts.items() if v)
-    if report.made and report.workers < jobs:
-        console.print(f"note: {report.workers} worker process(es), not --jobs {jobs}: no more than the chunks of "
-                      f"16 samples left to make, nor {JOBS_PER_CORE} per usable core (more add memory, not speed)")
+    if report.made and asked is not None and report.workers < asked:
+        cap = "" if dask_scheduler else f", nor {JOBS_PER_CORE} per usable core (more add memory, not speed)"
+        console.print(f"note: {report.workers} {'task(s) at once' if dask_scheduler else 'worker process(es)'}, not "
+                      f"--jobs {asked}: no more than the chunks of 16 samples left to make{cap}")
     console.print(f"{out}: {count} samples in {config.shard_count} shard(s), "
                   f"{report.bytes_on_disk / 1e6:.1f} MB on disk")
     if report.made:

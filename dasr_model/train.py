@@ -499,9 +499,12 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if step >= end:
             why = f"--steps {cfg.steps}" if end == cfg.steps else f"its schedule fitted to --max-minutes ends at {end}"
             say(f"{out} is already at step {step} ({why}): nothing to train")
-            if main_rank and not model_file_at(out / MODEL_FILE, step):  # its last write failed (a full disk),
-                write_model_file(parts, out, step)  # or a kill came between it and the checkpoint's
-                say(f"wrote {MODEL_FILE} from {found[0].name}: it was missing or older")
+            there = model_file_step(out / MODEL_FILE) if main_rank else step
+            if there is None or there < step:  # its last write failed (a full disk), or a kill came between it
+                write_model_file(parts, out, step)  # and the checkpoint's
+                say(f"wrote {MODEL_FILE} from {found[0].name}: it was missing or of an older step")
+            elif there > step:  # the newer checkpoint it was written with was damaged, and set aside
+                say(f"note: {MODEL_FILE} is of step {there}, newer than {found[0].name}: left as it is")
             if world == 1:
                 return {"step": step, "nothing_to_train": True}
             nothing_left = True  # under torchrun once the ranks agree on the step (below): one alone would
@@ -733,12 +736,13 @@ def graphed_train_step(parts: StepParts, cfg: TrainConfig, bf16: bool, device: t
                        [o for o in (parts.opt, parts.opt_d) if o is not None], device, warmup=warmup)
 
 
-def model_file_at(path: Path, step: int) -> bool:
-    """Whether `path` is a readable model file of step `step`."""
+def model_file_step(path: Path) -> int | None:
+    """The step of the readable model file `path`; None for none (missing, unreadable, no step)."""
     try:
-        return read_model_file(path)[1].get("step") == str(step)
+        step = read_model_file(path)[1].get("step", "")
     except (DASRError, OSError):
-        return False
+        return None
+    return int(step) if step.isdigit() and len(step) < 20 else None
 
 
 def write_model_file(parts: StepParts, out: Path, step: int) -> None:
@@ -1020,6 +1024,8 @@ class StepParts:
                 self.opt_d.load_state_dict(ckpt["optimizer_d"])
                 _check_adam(self.opt_d, "optimizer_d")
             return int(ckpt["step"])
+        except DASRError as exc:  # the state is damaged (_check_adam): said as it is
+            raise DASRError(f"{path}: {exc}") from None
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # a checkpoint is data: its contents can lie
             raise DASRError(f"{path}: does not fit this run ({str(exc).splitlines()[0]})") from None
 
@@ -1038,8 +1044,8 @@ def _check_adam(opt: torch.optim.Optimizer, what: str) -> None:
                     raise ValueError(f"{what}: its {key} of shape {tuple(t.shape)} is for another parameter than "
                                      f"one of shape {tuple(p.shape)}")
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"{what}: its {key} holds NaN or infinite values (the first step would "
-                                     "turn the weights to NaN)")
+                    raise DASRError(f"damaged: its {what} state's {key} holds NaN or infinite values (the first "
+                                    "step would turn the weights to NaN)")
 
 
 def lr_at(step: int, cfg: TrainConfig, end: int) -> float:

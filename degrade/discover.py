@@ -8,7 +8,11 @@ from pathlib import Path
 
 from degrade.errors import DegradeError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".pbm", ".pgm", ".ppm", ".pnm", ".pam")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what a folder search finds
+# what a file named directly may be called and still be re-read as a dataset's source (degrade verify):
+# the folder search's suffixes and PNM/PAM, which the reader reads but a folder search leaves out (adding them
+# there would move every later image's position, and so its degradation, in test sets of such folders)
+SOURCE_SUFFIXES = (*IMAGE_SUFFIXES, ".pbm", ".pgm", ".ppm", ".pnm", ".pam")
 
 
 def relative_names(files: Sequence[Path], root: Path, *, suffix: bool = False) -> list[str]:

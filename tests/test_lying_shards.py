@@ -325,3 +325,15 @@ def test_an_edited_source_record_fails_verify_and_regeneration_lists_it(small, k
     assert result.exit_code == 1 and "Traceback" not in result.output
     lines = result.output.strip().splitlines()
     assert lines[0].startswith("problem: sample ") and lines[-1].endswith("problem(s) found"), result.output
+
+
+
+def test_a_malformed_sources_digest_is_a_listed_problem(small):
+    """verify compares a shard's sources_sha256 as text: an array, a number or undecodable bytes there is that
+    shard's listed problem, never a traceback."""
+    for value in (np.array([1, 2]), 7, b"\xff\xfe"):
+        with h5py.File(small / "shard-00000.h5", "r+") as f:
+            f.attrs["sources_sha256"] = value
+        result = CliRunner().invoke(main, ["verify", str(small)])
+        assert result.exit_code == 1 and "Traceback" not in result.output, (value, result.output)
+        assert "shard-00000.h5: its sources table differs from the manifest's sources" in result.output

@@ -814,6 +814,18 @@ def test_a_model_file_lost_after_the_last_checkpoint_is_written_by_the_resume_wi
                                        for k, v in ema.items())  # (the model file holds bf16 weights)
     result = CliRunner().invoke(train_cli, [*args, "--resume"])  # the model file current: left alone
     assert result.exit_code == 0 and "wrote" not in result.output
+    # a model file newer than the checkpoint resumed (the one it was written with damaged): kept, and said so
+    def run(steps):
+        return CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / "run"), "--steps", steps,
+                                              "--ckpt-every", "2", "--keep-checkpoints", "0", *TINY_ARGS, "--resume"])
+
+    assert run("4").exit_code == 0
+    newer = (tmp_path / "run" / MODEL_FILE).read_bytes()
+    (tmp_path / "run" / "ckpt-4.pt").write_bytes((tmp_path / "run" / "ckpt-4.pt").read_bytes()[:1000])
+    result = run("2")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and f"note: {MODEL_FILE} is of step 4, newer than ckpt-2.pt: left as it is" in text
+    assert (tmp_path / "run" / MODEL_FILE).read_bytes() == newer
 
 
 def test_damaged_validation_pixels_are_refused_before_the_first_step(tmp_path):
@@ -830,7 +842,7 @@ def test_damaged_validation_pixels_are_refused_before_the_first_step(tmp_path):
         offset = f["hr"].id.get_chunk_info(2).byte_offset
     with open(val / "shard-00000.h5", "r+b") as f:
         f.seek(offset)
-        f.write(b"\\xff" * 64)
+        f.write(b"\xff" * 64)
     result = CliRunner().invoke(train_cli, ["--shards", train_data, "--val-shards", str(val), "--out",
                                             str(tmp_path / "run"), "--steps", "8", "--val-every", "4", *TINY_ARGS])
     text = " ".join(result.output.split())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from degrade.discover import IMAGE_SUFFIXES
+from degrade.discover import SOURCE_SUFFIXES
 from degrade.errors import DatasetError, DegradeError
 from degrade.io import max_file_bytes
 from degrade.params import DegradationParams
@@ -86,7 +86,7 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
                                     f"{'differs' if len(differ) == 1 else 'differ'})")
                 pinned = f.attrs.get("sources_sha256")  # (shards made before it was recorded have none)
                 if [as_text(x, name) for x in f["sources"][:]] != source_paths or (
-                        pinned is not None and as_text(pinned, name) != sources_digest):
+                        pinned is not None and _text_or_none(pinned) != sources_digest):
                     problems.append(f"{name}: its sources table differs from the manifest's sources")
                 v, level = f["v"][:], f["level"][:]
                 if not (np.all(np.isfinite(v)) and v.min() >= 0 and v.max() <= 1):
@@ -120,6 +120,16 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
     return problems
 
 
+def _text_or_none(value: object) -> str | None:
+    """An HDF5 attribute as text, or None where it is no text (an array, a number, bytes that are not UTF-8)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return None
+    return value if isinstance(value, str) else None
+
+
 def _regenerate(out: Path, config: DatasetConfig, k: int, seed: int) -> list[str]:
     problems = []
     ds = open_dataset(out)
@@ -130,9 +140,9 @@ def _regenerate(out: Path, config: DatasetConfig, k: int, seed: int) -> list[str
         stored = ds[i]
         f = ds._shard(shard).file
         src_path = config.source_path(int(f["source"][row]))  # refuses paths that leave the source root
-        if src_path.suffix.lower() not in IMAGE_SUFFIXES:
+        if src_path.suffix.lower() not in SOURCE_SUFFIXES:
             problems.append(f"sample {i}: refusing source {src_path}: not an image file name "
-                            f"({', '.join(IMAGE_SUFFIXES)})")
+                            f"({', '.join(SOURCE_SUFFIXES)})")
             continue
         if not src_path.is_file():
             problems.append(f"sample {i}: source {src_path} not found (--sources names the folder that holds the "
