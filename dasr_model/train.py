@@ -264,6 +264,10 @@ LR_SCHEDULES = ("constant", "cosine")
 # budget left would run out (validations and checkpoints take the rest; the budget still stops the run).
 FIT_FROM, FIT_STEPS, FIT_MARGIN = 5, 50, 0.95
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# options a resume may change that change what its steps see or compute (beside the rate, the EMA, the batch
+# size and the device, which have notes of their own): said in one note
+RESUME_DATA_OPTIONS = (("seed", "--seed"), ("shards", "--shards"), ("precision", "--precision"),
+                       ("lr_crop", "--lr-crop"), ("sharpen_gt", "--sharpen"))
 # the compile modes a whole-step CUDA graph can hold (reduce-overhead and max-autotune record graphs of their own)
 GRAPH_COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
 ERROR_PREFIX = re.compile(r"^[\w.]+(Error|Exception): ")  # "degrade.errors.DatasetError: " in a worker's message
@@ -476,6 +480,18 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             say(f"note: {found[0].name} was computed on {was_on}, this resume on {now_on}: its result equals an "
                 "uninterrupted run's to float rounding, not bit for bit (sums split over other threads or kernels "
                 "round otherwise; on a CPU, OMP_NUM_THREADS sets the threads)")
+        def shown(value: Any) -> str:
+            return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+        def same(key: str) -> bool:  # the shards' folder by where it leads (one folder, two spellings)
+            was, now = getattr(before, key), getattr(cfg, key)
+            return real_path(was) == real_path(now) if key == "shards" else was == now
+
+        changed = [f"{flag} {shown(getattr(before, key))} -> {shown(getattr(cfg, key))}"
+                   for key, flag in RESUME_DATA_OPTIONS if not same(key)]
+        if changed and main_rank:  # what a resume given again takes from now on: other data or arithmetic
+            say(f"note: {found[0].name} continues with {', '.join(changed)}: its steps from here differ from an "
+                "uninterrupted run's")
         if before.gan and not cfg.gan and main_rank:  # the checkpoints written from now on hold no discriminator
             say(f"note: {found[0].name} has a discriminator, which this resume without --gan drops with its "
                 "optimiser's state: the checkpoints it writes cannot resume with --gan again")

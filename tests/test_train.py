@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -1418,3 +1419,18 @@ def test_notes_for_a_dropped_discriminator_and_a_teacher_phase_that_never_ends(s
     notes.clear()
     train(_cfg(shards, tmp_path / "short", 3, teacher_steps=2), notify=notes.append)
     assert not [n for n in notes if "teacher" in n]
+
+
+def test_a_resume_that_changes_the_data_or_arithmetic_says_so(shards, tmp_path):
+    """A resume given another --seed (other batches), --shards, --precision, --lr-crop or --sharpen continues
+    differently from the uninterrupted run: one note names each change; the same shards spelt another way
+    are the same."""
+    notes: list[str] = []
+    train(_cfg(shards, tmp_path / "run", 2))
+    relative = os.path.relpath(shards)
+    train(_cfg(relative, tmp_path / "run", 3), resume=True, notify=notes.append)
+    assert not [n for n in notes if "continues with" in n]
+    train(_cfg(shards, tmp_path / "run", 4, seed=5, sharpen_gt=False), resume=True, notify=notes.append)
+    assert [n for n in notes if "continues with" in n] == [
+        "note: ckpt-3.pt continues with --seed 0 -> 5, --sharpen on -> off: its steps from here differ from an "
+        "uninterrupted run's"]
