@@ -469,32 +469,8 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         if (before.lr, before.lr_schedule, before.warmup_steps) != (cfg.lr, cfg.lr_schedule, cfg.warmup_steps):
             say(f"note: {found[0].name} was trained with {schedule_text(before)}; continuing with "
                 f"{schedule_text(cfg)}")
-        was_on, now_on = found[1].get("computed_on"), computed_on(device, world)
-        was_batch = found[1].get("global_batch")  # (older checkpoints say neither)
-        if type(was_batch) is int and was_batch != cfg.batch_size * world and main_rank:  # --batch-size is per
-            say(f"note: {found[0].name} was trained with batches of {was_batch} samples; this resume takes "  # process
-                f"{cfg.batch_size * world} ({world} process(es) x --batch-size {cfg.batch_size}), so its batches, "
-                "and its result, differ from an uninterrupted run's"
-                + (f" (--batch-size {was_batch // world} gives the same batches)" if was_batch % world == 0 else ""))
-        elif isinstance(was_on, str) and was_on != now_on and main_rank:
-            say(f"note: {found[0].name} was computed on {was_on}, this resume on {now_on}: its result equals an "
-                "uninterrupted run's to float rounding, not bit for bit (sums split over other threads or kernels "
-                "round otherwise; on a CPU, OMP_NUM_THREADS sets the threads)")
-        def shown(value: Any) -> str:
-            return ("on" if value else "off") if isinstance(value, bool) else str(value)
-
-        def same(key: str) -> bool:  # the shards' folder by where it leads (one folder, two spellings)
-            was, now = getattr(before, key), getattr(cfg, key)
-            return real_path(was) == real_path(now) if key == "shards" else was == now
-
-        changed = [f"{flag} {shown(getattr(before, key))} -> {shown(getattr(cfg, key))}"
-                   for key, flag in RESUME_DATA_OPTIONS if not same(key)]
-        if changed and main_rank:  # what a resume given again takes from now on: other data or arithmetic
-            say(f"note: {found[0].name} continues with {', '.join(changed)}: its steps from here differ from an "
-                "uninterrupted run's")
-        if before.gan and not cfg.gan and main_rank:  # the checkpoints written from now on hold no discriminator
-            say(f"note: {found[0].name} has a discriminator, which this resume without --gan drops with its "
-                "optimiser's state: the checkpoints it writes cannot resume with --gan again")
+        for note in resume_notes(found[0].name, found[1], before, cfg, device, world) if main_rank else ():
+            say(note)
         if (before.ema_decay, before.ema_warmup) != (cfg.ema_decay, cfg.ema_warmup):
             say(f"note: {found[0].name} was trained with EMA decay {before.ema_decay}"
                 f"{'' if before.ema_warmup else ' without'} warm-up; continuing with {cfg.ema_decay}"
@@ -750,6 +726,43 @@ def graphed_train_step(parts: StepParts, cfg: TrainConfig, bf16: bool, device: t
     rate=..., ema_decay=...); its first `warmup` steps run eagerly. DASRError without CUDA."""
     return GraphedStep(functools.partial(train_step, parts, cfg, bf16=bf16, teacher=teacher, autocast_cache=False),
                        [o for o in (parts.opt, parts.opt_d) if o is not None], device, warmup=warmup)
+
+
+def resume_notes(name: str, ckpt: dict[str, Any], before: TrainConfig, cfg: TrainConfig, device: torch.device,
+                 world: int) -> list[str]:
+    """What a resume of checkpoint `name` (`ckpt`, trained as `before`) as `cfg` does otherwise than the
+    uninterrupted run would: other batches (another global batch), other rounding (another device, thread
+    count or torch), other data or arithmetic (RESUME_DATA_OPTIONS), a discriminator dropped."""
+    notes = []
+    was_batch = ckpt.get("global_batch")  # (older checkpoints record neither it nor computed_on)
+    was_on, now_on = ckpt.get("computed_on"), computed_on(device, world)
+    if type(was_batch) is int and was_batch != cfg.batch_size * world:  # --batch-size is per process
+        notes.append(f"note: {name} was trained with batches of {was_batch} samples; this resume takes "
+                     f"{cfg.batch_size * world} ({world} process(es) x --batch-size {cfg.batch_size}), so its "
+                     "batches, and its result, differ from an uninterrupted run's"
+                     + (f" (--batch-size {was_batch // world} gives the same batches)" if was_batch % world == 0
+                        else ""))
+    elif isinstance(was_on, str) and was_on != now_on:
+        notes.append(f"note: {name} was computed on {was_on}, this resume on {now_on}: its result equals an "
+                     "uninterrupted run's to float rounding, not bit for bit (sums split over other threads or "
+                     "kernels round otherwise; on a CPU, OMP_NUM_THREADS sets the threads)")
+
+    def shown(value: Any) -> str:
+        return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+    def same(key: str) -> bool:  # the shards' folder by where it leads (one folder, two spellings)
+        was, now = getattr(before, key), getattr(cfg, key)
+        return real_path(was) == real_path(now) if key == "shards" else was == now
+
+    changed = [f"{flag} {shown(getattr(before, key))} -> {shown(getattr(cfg, key))}"
+               for key, flag in RESUME_DATA_OPTIONS if not same(key)]
+    if changed:
+        notes.append(f"note: {name} continues with {', '.join(changed)}: its steps from here differ from an "
+                     "uninterrupted run's")
+    if before.gan and not cfg.gan:  # the checkpoints written from now on hold no discriminator
+        notes.append(f"note: {name} has a discriminator, which this resume without --gan drops with its "
+                     "optimiser's state: the checkpoints it writes cannot resume with --gan again")
+    return notes
 
 
 def model_file_step(path: Path) -> int | None:
@@ -1009,10 +1022,11 @@ class StepParts:
         """Everything to continue exactly: config, weights, EMA, optimisers, step (the data is keyed by step;
         no global RNG state is needed: nothing in a step draws from torch's RNG), and the cosine schedule's end
         where it was fitted to max_minutes (whatever this run's steps: a later resume may ask for more)."""
+        world = _world_size()
         state = {"config": cfg.to_dict(), "model": self.model.state_dict(), "ema_generator": self.ema.state_dict(),
                  "optimizer": plain_optimizer_state(self.opt.state_dict()), "step": step,
-                 "computed_on": computed_on(next(self.model.parameters()).device, _world_size()),
-                 "global_batch": cfg.batch_size * _world_size()}
+                 "computed_on": computed_on(next(self.model.parameters()).device, world),
+                 "global_batch": cfg.batch_size * world}
         if fitted is not None:
             state["schedule_steps"] = fitted
         if self.disc is not None and self.opt_d is not None:
