@@ -187,7 +187,7 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
 
     from dasr_model.model import DASRConfig
     from dasr_model.runs import pick_device
-    from dasr_model.train import TrainConfig, hold_run_folder, train
+    from dasr_model.train import INIT_ONLY, TrainConfig, hold_run_folder, train
 
     if init_from is not None and init_release:
         raise click.UsageError("start from --init-from or from --init-release, not both")
@@ -218,7 +218,12 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
         given = {name: value for name, (option, value) in options.items()
                  if not (starting or found) or ctx.get_parameter_source(option) is not ParameterSource.DEFAULT}
         if found is not None:  # a resume's model is its checkpoint's (the source it started from may be gone)
-            model_cfg = dataclasses.replace(TrainConfig.from_dict(found[1]["config"]).model, **given)
+            model_cfg = TrainConfig.from_dict(found[1]["config"]).model
+            for name in INIT_ONLY:  # shaped the run's first weights only: the run's own value stays on record
+                if name in given and given.pop(name) != getattr(model_cfg, name):
+                    err_console.print(f"note: --{options[name][0].replace('_', '-')} only scales a new run's initial "
+                                      f"weights: this resume keeps its run's ({getattr(model_cfg, name)})")
+            model_cfg = dataclasses.replace(model_cfg, **given)
         elif starting:  # loaded once: the trainer starts from it too
             from dasr_model.infer import load_model
 

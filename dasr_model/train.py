@@ -270,6 +270,9 @@ RESUME_DATA_OPTIONS = (("seed", "--seed"), ("shards", "--shards"), ("precision",
                        ("lr_crop", "--lr-crop"), ("sharpen_gt", "--sharpen"))
 # the compile modes a whole-step CUDA graph can hold (reduce-overhead and max-autotune record graphs of their own)
 GRAPH_COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
+# model settings that only shape a new run's random initial weights: a run started from weights, a checkpoint's
+# or a model's, may name another value (its weights replace that init)
+INIT_ONLY = ("mapping_gain",)
 ERROR_PREFIX = re.compile(r"^[\w.]+(Error|Exception): ")  # "degrade.errors.DatasetError: " in a worker's message
 
 def init_source(cfg: TrainConfig, warn: Callable[[str], None] | None = None) -> LoadedModel | None:
@@ -286,7 +289,7 @@ def start_from(model: DASR, source: LoadedModel) -> None:
     every model setting but mapping_gain (a scale of the random init, which this replaces), else DASRError."""
     ours, theirs = asdict(model.config), asdict(source.model.config)
     differ = [f"{k} {theirs[k]!r} (this run: {ours[k]!r})" for k in ours
-              if k != "mapping_gain" and ours[k] != theirs[k]]
+              if k not in INIT_ONLY and ours[k] != theirs[k]]
     if differ:
         raise DASRError(f"{source.path}: its model cannot start this run: " + ", ".join(differ))
     with torch.no_grad():
@@ -1037,9 +1040,9 @@ class StepParts:
     def load_state_dict(self, ckpt: dict[str, Any], cfg: TrainConfig, path: Path) -> int:
         """Load a checkpoint's state (:meth:`state_dict`); returns its step. A mismatch is a DASRError."""
         theirs = TrainConfig.from_dict(ckpt["config"]).model
-        if theirs != cfg.model:
-            differ = [f"{k} {v!r} (asked: {getattr(cfg.model, k)!r})" for k, v in asdict(theirs).items()
-                      if v != getattr(cfg.model, k)]
+        differ = [f"{k} {v!r} (asked: {getattr(cfg.model, k)!r})" for k, v in asdict(theirs).items()
+                  if k not in INIT_ONLY and v != getattr(cfg.model, k)]
+        if differ:
             raise DASRError(f"{path}: the checkpoint's model differs from the one asked for: " + ", ".join(differ)
                             + "; a resume takes its model from the checkpoint: leave those options out")
         if self.disc is not None and "discriminator" not in ckpt:

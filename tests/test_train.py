@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -337,6 +338,28 @@ def test_a_resume_keeps_the_runs_options_unless_given_again(shards, tmp_path):
     res = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(part), "--resume", "--workers", "0",
                                          "--device", "cpu"])
     assert res.exit_code == 0 and "already at step 4 (--steps 4)" in res.output  # the run's own end
+
+
+def test_a_resume_given_another_mapping_gain_keeps_the_runs_and_says_so(shards, tmp_path):
+    """--mapping-gain only scales a new run's initial mapping weights: a resume given another value trains on
+    (it was refused as another model) with the run's value on record and a note, and the library's resume
+    accepts a config that differs only there."""
+    out = tmp_path / "run"
+    base = ["--shards", shards, "--out", str(out), "--workers", "0", "--device", "cpu"]
+    res = CliRunner().invoke(train_cli, [*base, "--steps", "1", "--batch-size", "2", "--lr-crop", "8",
+                                         "--experts", "2", "--blocks", "1", "--features", "8", "--mapping-gain", "0.5"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(train_cli, [*base, "--resume", "--steps", "2", "--mapping-gain", "2"])
+    assert res.exit_code == 0, res.output
+    assert "note: --mapping-gain only scales a new run's initial weights: this resume keeps its run's (0.5)" \
+        in " ".join(res.output.split())
+    assert load_checkpoint(out / "ckpt-2.pt")["config"]["model"]["mapping_gain"] == 0.5
+    res = CliRunner().invoke(train_cli, [*base, "--resume", "--steps", "2", "--mapping-gain", "0.5"])
+    assert res.exit_code == 0 and "mapping-gain only" not in res.output  # the run's own value: nothing to say
+    cfg = TrainConfig.from_dict(load_checkpoint(out / "ckpt-2.pt")["config"])
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mapping_gain=3.0), steps=3)
+    train(other, resume=True)  # the library's resume: the checkpoint's model but for the init-only gain
+    assert load_checkpoint(out / "ckpt-3.pt")["step"] == 3
 
 
 def test_a_resume_can_turn_off_what_the_run_had(shards, tmp_path):
