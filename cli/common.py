@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+import warnings
 
 import click
 from rich.console import Console
 
-from degrade.errors import DegradeError
+from degrade.errors import DegradeError, DegradeWarning
 from degrade.io import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, pixel_limit
 
 
@@ -19,6 +21,21 @@ def text_console(*, stderr: bool = False, **kwargs) -> Console:
     terminal folds a long line, a log or a pipe keeps it; rich broke lines at 80 columns when piped, a path
     among them)."""
     return Console(stderr=stderr, markup=False, emoji=False, soft_wrap=True, **kwargs)
+
+
+_show_warning = warnings.showwarning
+
+
+def _show_degrade_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The library's DegradeWarning as the one line the commands print, `warning: ...` on stderr (Python's
+    way adds the file, line and source of the call); any other warning as Python shows it."""
+    if issubclass(category, DegradeWarning):
+        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file, flush=True)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = _show_degrade_warning  # every command imports this module
 
 
 def os_error(exc: OSError) -> str:

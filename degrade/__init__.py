@@ -12,7 +12,7 @@ Importing this package does not import torch.
 """
 
 from degrade._version import __version__ as __version__  # re-exported
-from degrade.errors import DatasetError, DegradeError, ImageError
+from degrade.errors import DatasetError, DegradeError, DegradeWarning, ImageError
 from degrade.io import read_image, write_image
 from degrade.kernels import gaussian_kernel, sinc_kernel
 from degrade.params import (
@@ -42,6 +42,7 @@ __all__ = [
     "BlurParams",
     "DatasetError",
     "DegradeError",
+    "DegradeWarning",
     "DegradationParams",
     "FinalParams",
     "FinalRecipe",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from degrade.errors import DegradeError
+from degrade.errors import DegradeError, DegradeWarning
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what a folder search finds
 # what a file named directly may be called and still be re-read as a dataset's source (degrade verify):
@@ -25,13 +26,23 @@ def relative_names(files: Sequence[Path], root: Path, *, suffix: bool = False) -
 def find_images(paths: Sequence[str | os.PathLike], *, what: str = "input images") -> list[Path]:
     """Each path that is a file, as given (whatever its suffix: reading it says whether it is an image), and
     the files with an image suffix under each folder, sorted by their path relative to it. A path that does
-    not exist, or nothing found at all ("no {what}"), is a DegradeError."""
+    not exist, or nothing found at all ("no {what}"), is a DegradeError.
+
+    A folder search does not enter a symbolic link to a folder inside it (as `find` and Python's rglob do
+    not: no loops, and a folder's images and their positions do not change with what a link leads to); each
+    such link is a :class:`DegradeWarning` naming it. A folder given itself may be a link."""
     found: list[Path] = []
     for src in paths:
         p = Path(src)
         if p.is_dir():
-            found += sorted((f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()),
-                            key=lambda f: f.relative_to(p).as_posix())
+            here = []
+            for f in p.rglob("*"):
+                if f.is_symlink() and f.is_dir():
+                    warnings.warn(f"{f}: a link to a folder, not searched (a folder search does not follow "
+                                  "links to folders)", DegradeWarning, stacklevel=2)
+                elif f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
+                    here.append(f)
+            found += sorted(here, key=lambda f: f.relative_to(p).as_posix())
         elif p.exists():
             found.append(p)
         else:

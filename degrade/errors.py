@@ -25,3 +25,8 @@ class SampleIndexError(DatasetError, IndexError):
 
 class SampleIndexTypeError(DatasetError, TypeError):
     """A dataset index that is neither an integer nor a slice (a TypeError too, as sequences raise)."""
+
+
+class DegradeWarning(UserWarning):
+    """Something the library did that a caller may not expect, and went on (a folder search that left a link
+    to a folder unsearched); the message says what in one line. The CLIs print it as `warning: ...`."""

@@ -569,3 +569,41 @@ def test_strict_json_refuses_a_key_named_twice_at_any_depth():
         with pytest.raises(DuplicateKey, match="appears twice in one object"):
             strict_json(text)
     assert issubclass(DuplicateKey, ValueError)
+
+
+def test_a_folder_search_skips_links_to_folders_with_a_warning_and_the_clis_say_it_in_one_line(tmp_path):
+    """find_images does not enter a symbolic link to a folder inside the folder searched (the images found,
+    and their order, as before), but says so, naming the link (a DegradeWarning; it used to skip it
+    silently). A link to a file is found; a folder given as a link is searched. The CLIs print the warning
+    as one line, `warning: ...`."""
+    import subprocess
+    import sys
+    import warnings
+
+    from degrade.discover import find_images
+
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    (src / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    img = np.full((80, 80, 3), 128, np.uint8)
+    for path in (src / "b.png", src / "sub" / "a.png", elsewhere / "c.png"):
+        write_image(path, img)
+    (src / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (src / "loop").symlink_to(src, target_is_directory=True)
+    (src / "c.png").symlink_to(elsewhere / "c.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = find_images([src])
+    assert [f.relative_to(src).as_posix() for f in found] == ["b.png", "c.png", "sub/a.png"]
+    assert sorted(str(w.message) for w in caught if w.category is degrade.DegradeWarning) == [
+        f"{src / name}: a link to a folder, not searched (a folder search does not follow links to folders)"
+        for name in ("linked", "loop")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning for a folder given as a link
+        assert [f.name for f in find_images([src / "linked"])] == ["c.png"]
+    res = subprocess.run([sys.executable, "-m", "cli.main", "make-testset", str(src), "--out", str(tmp_path / "ts"),
+                          "--levels", "1"], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0, res.stderr
+    assert f"warning: {src / 'linked'}: a link to a folder, not searched" in res.stderr
+    assert "DegradeWarning" not in res.stderr and "warnings.warn" not in res.stderr
