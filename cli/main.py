@@ -236,6 +236,11 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
     if max_pixels is None:  # the environment's cap then: a bad one refused once, up front, not per image
         set_max_pixels(None)
     abandoned = ds.abandoned_writes()
+
+    def terminate(signum, frame):  # SIGTERM (a scheduler's stop) as an exception: stopped as Ctrl-C stops it
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         with _progress() as progress:
             task = progress.add_task("scanning sources", total=None)
@@ -270,6 +275,13 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
     except KeyboardInterrupt:
         err_console.print("interrupted: run the same command again to finish the dataset")
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code != 143:
+            raise
+        err_console.print("terminated: run the same command again to finish the dataset")
+        sys.exit(143)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
     rate = report.made / report.seconds if report.seconds > 0 else 0.0
     levels = ", ".join(f"level {k}: {v}" for k, v in report.level_counts.items() if v)

@@ -180,10 +180,13 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_workers_end_within_seconds_when_make_dataset_is_killed(tmp_path, sig):
+    """A SIGTERM (a scheduler's stop) ends make-dataset as Ctrl-C does: the hint to run it again, exit 143 (it
+    used to die without a word); SIGKILL is sudden. Either way the workers end within seconds."""
     out = tmp_path / "ds"
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "make-dataset", "--out", str(out), "--count", "20000",
-                             "--patch-size", "64", "--jobs", "2"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "make-dataset", "--out", str(out), "--count",
+                                 "20000", "--patch-size", "64", "--jobs", "2"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline, kids = time.monotonic() + 90, []
         while time.monotonic() < deadline:  # wait until the workers are making samples
@@ -204,6 +207,10 @@ def test_workers_end_within_seconds_when_make_dataset_is_killed(tmp_path, sig):
     for k in left:  # do not leave them behind even when the test fails
         os.kill(k, signal.SIGKILL)
     assert not left, f"workers still alive {time.monotonic() - start:.1f} s after the parent died"
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143, (tmp_path / "stderr").read_text()[-2000:]
+        assert (tmp_path / "stderr").read_text().splitlines()[-1] == ("terminated: run the same command again to "
+                                                                      "finish the dataset")
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
