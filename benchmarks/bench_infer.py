@@ -18,13 +18,18 @@ at the release's init), milliseconds per image, median of --repeats after --warm
   also with the element-wise operations on 1-D views of the feature maps (`MSRResNet.pointwise = "flat"`);
 - with CUDA or --bf16, `fused bf16 channels_last, network alone`: that network eager on the whole image
   without super_resolve's harness, then the same with `pointwise = "flat"` (`..., flat element-wise`: an
-  experiment for PyTorch's element-wise kernels, bench_pointwise.py), each on a network of its own;
+  experiment for PyTorch's element-wise kernels, bench_pointwise.py), each on a network of its own, and
+  `..., last conv as 8 channels`: the last convolution (64 -> 3) padded with zero-weight outputs and
+  sliced back (pad_last: cuDNN's 3-channel kernel is slow); on CUDA also each residual block's conv1, bias
+  and ReLU as one cuDNN call (relu_in_cudnn), alone and with the padding, eager and (both) in the CUDA
+  graph of fuse and network: exact experiments, the same sums;
 - with --compile SIZES, last (after --profile), in a table of its own: at those sizes (also in --sizes)
   the bf16 channels_last fused network through torch.compile in each of --compile-modes (default:
   default and reduce-overhead; max-autotune also times Triton's convolution templates, whose epilogues
   can take the bias adds, against cuDNN's kernels; inductor fuses the convolutions' bias adds, the
   activations and the pixel shuffles; the fuse still runs per call), against that size's `experts fp32`
-  row; the first call, the compilation, is in the label; a failed compilation is a row saying so, and
+  row, and with reduce-overhead among them also that mode on the padded network; the first call, the
+  compilation, is in the label; a failed compilation is a row saying so, and
   without a C compiler (inductor needs one) the rows say they were skipped.
 
 max|diff| is against the `experts fp32` output (float32 images in about [0, 1]). CUDA fp32 convolutions
@@ -51,11 +56,12 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from _layouts import layout_table, trace_layouts
 from _profile import first_line, profile_calls, sync
 
 from dasr_model.infer import fuse_experts, reused_fused_net, super_resolve
-from dasr_model.model import DASR, DASRConfig
+from dasr_model.model import DASR, DASRConfig, MSRResNet
 from dasr_model.runs import pick_device
 from dasr_model.train import COMPILE_MODES
 
@@ -104,14 +110,51 @@ def fuse_once(model: DASR, a: torch.Tensor, **kwargs) -> torch.Tensor:
         return net.conv_first.weight
 
 
+LAST_CHANNELS = 8  # the padded last convolution's output channels: 3 real, 5 of zero weights
+
+
+def pad_last(net: MSRResNet) -> None:
+    """An experiment: `net`'s last convolution (64 -> 3 channels) computed with LAST_CHANNELS outputs, the
+    extra ones of zero weights and biases, then sliced back to its 3: exact (each real channel sums the same
+    products; a different kernel may round them otherwise). On the H200 cuDNN ran the 3-channel one at
+    9 TMAC/s (0.80 of the 3.8 ms the convolutions took at LR 512), its outputs unaligned to tensor-core tiles.
+    The padded weights are made from the fused ones on every call, so a fuse into `net` reaches them."""
+    conv = net.conv_last
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        w, b = conv.weight, conv.bias
+        extra = LAST_CHANNELS - w.shape[0]
+        weight = torch.cat([w, w.new_zeros(extra, *w.shape[1:])]).contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, weight, torch.cat([b, b.new_zeros(extra)]), padding=1)[:, :w.shape[0]]
+
+    conv.forward = forward
+
+
+def relu_in_cudnn(net: MSRResNet) -> None:
+    """An experiment (CUDA only): each residual block's first convolution, its bias add and its ReLU as one
+    cuDNN call (torch.cudnn_convolution_relu, the bias in the convolution's epilogue): the same sums, one
+    rounding fewer. In the eager profile at LR 512 those 16 bias adds and ReLUs took 0.9 of 10 ms."""
+    for block in net.body:
+        def forward(x: torch.Tensor, like: torch.Tensor | None = None, c1=block.conv1, c2=block.conv2) -> torch.Tensor:
+            return x + c2(torch.cudnn_convolution_relu(x, c1.weight, c1.bias, (1, 1), (1, 1), (1, 1), 1))
+
+        block.forward = forward
+
+
+def both_tweaks(net: MSRResNet) -> None:
+    pad_last(net)
+    relu_in_cudnn(net)
+
+
 def graphed(model: DASR, lr: torch.Tensor, a: torch.Tensor, dtype: torch.dtype | None,
-            channels_last: bool, with_fuse: bool = False, pointwise: str = "4d") -> Callable[[], torch.Tensor]:
+            channels_last: bool, with_fuse: bool = False, pointwise: str = "4d",
+            tweak: Callable[[MSRResNet], None] | None = None) -> Callable[[], torch.Tensor]:
     """The fused network's forward as a CUDA graph, built on the first call (after cuDNN's search, on a
     side stream, as CUDA graphs need): each call fuses the mix into the same reused network (its weights
     stay where the graph reads them), copies lr into the graph's input and replays it. `with_fuse`: the
     fuse is recorded too (it keeps the mix on the device: no host wait), and each call copies lr and a
     into the graph's inputs and replays the whole of it, on a network of its own, whose element-wise
-    operations run as `pointwise` says (`MSRResNet.pointwise`)."""
+    operations run as `pointwise` says (`MSRResNet.pointwise`) and which `tweak` changes (an experiment)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     state: dict[str, object] = {}
 
@@ -148,17 +191,23 @@ def graphed(model: DASR, lr: torch.Tensor, a: torch.Tensor, dtype: torch.dtype |
     if with_fuse:  # a network of its own, which the graph fuses into (the thread's reused one is another row's)
         own = fuse_experts(model.generator, a, dtype=dtype, channels_last=channels_last)
         own.pointwise = pointwise
+        if tweak is not None:
+            tweak(own)
         return lambda: replay(own)
     return run
 
 
-def network_alone(model: DASR, lr: torch.Tensor, a: torch.Tensor, pointwise: str) -> Callable[[], torch.Tensor]:
+def network_alone(model: DASR, lr: torch.Tensor, a: torch.Tensor, pointwise: str,
+                  tweak: Callable[[MSRResNet], None] | None = None) -> Callable[[], torch.Tensor]:
     """The fused bf16 channels_last network on the whole image, without super_resolve's harness (its tiling
     buffer, finiteness check and layout conversions), on a network of its own whose element-wise operations
     run as `pointwise` says (`MSRResNet.pointwise`; "flat": on 1-D views of the feature maps, the same bits):
-    the mix fused into it per call, as dasr-sr does into the reused one. A row each way: twins."""
+    the mix fused into it per call, as dasr-sr does into the reused one. A row each way: twins. `tweak`
+    changes the network (an experiment: :func:`pad_last`, :func:`relu_in_cudnn`)."""
     net = fuse_experts(model.generator, a, dtype=torch.bfloat16, channels_last=True)
     net.pointwise = pointwise
+    if tweak is not None:
+        tweak(net)
 
     def run() -> torch.Tensor:
         model.generator.fuse(a, into=net)
@@ -167,7 +216,8 @@ def network_alone(model: DASR, lr: torch.Tensor, a: torch.Tensor, pointwise: str
     return run
 
 
-def compiled(model: DASR, lr: torch.Tensor, a: torch.Tensor, mode: str, backend: str) -> Callable[[], torch.Tensor]:
+def compiled(model: DASR, lr: torch.Tensor, a: torch.Tensor, mode: str, backend: str,
+             tweak: Callable[[MSRResNet], None] | None = None) -> Callable[[], torch.Tensor]:
     """dasr-sr's bf16 channels_last path on the whole image with the fused network through torch.compile
     (`mode`; inductor fuses each convolution's bias add, activation and the pixel shuffles into generated
     kernels; reduce-overhead adds CUDA graphs), compiled on the first call. The network is its own (the
@@ -175,6 +225,8 @@ def compiled(model: DASR, lr: torch.Tensor, a: torch.Tensor, mode: str, backend:
     each call fuses the mix into it in place, as dasr-sr does into the reused one, and the compiled code
     reads its weights as inputs."""
     net = fuse_experts(model.generator, a, dtype=torch.bfloat16, channels_last=True)
+    if tweak is not None:  # an experiment (pad_last)
+        tweak(net)
     # a mode is inductor's (the aot_eager of CPU dry runs warns about it, or on torch 2.1 fails)
     fn = torch.compile(net, backend=backend, dynamic=False, **({"mode": mode} if backend == "inductor" else {}))
 
@@ -245,7 +297,9 @@ def main() -> None:
                       ("fused bf16 channels_last, network alone", network_alone(model, lr, a, "4d"),
                        {"dtype": torch.bfloat16, "channels_last": True}),
                       ("fused bf16 channels_last, network alone, flat element-wise",
-                       network_alone(model, lr, a, "flat"), {"dtype": torch.bfloat16, "channels_last": True})]
+                       network_alone(model, lr, a, "flat"), {"dtype": torch.bfloat16, "channels_last": True}),
+                      (f"fused bf16 channels_last, network alone, last conv as {LAST_CHANNELS} channels",
+                       network_alone(model, lr, a, "4d", pad_last), {"dtype": torch.bfloat16, "channels_last": True})]
         if cuda:  # experiments, after the paths dasr-sr has: cuDNN's algorithm search, then CUDA graphs
             paths += [("fused bf16 channels_last, cudnn.benchmark",
                        lambda: super_resolve(model, lr, a, dtype=torch.bfloat16, channels_last=True),
@@ -260,6 +314,16 @@ def main() -> None:
                        {"dtype": torch.bfloat16, "channels_last": True, "benchmark": True}),
                       ("fused bf16 channels_last, cudnn.benchmark + CUDA graph of fuse and network, flat element-wise",
                        graphed(model, lr, a, torch.bfloat16, True, with_fuse=True, pointwise="flat"),
+                       {"dtype": torch.bfloat16, "channels_last": True, "benchmark": True}),
+                      ("fused bf16 channels_last, network alone, conv1 + ReLU in cuDNN",
+                       network_alone(model, lr, a, "4d", relu_in_cudnn),
+                       {"dtype": torch.bfloat16, "channels_last": True}),
+                      (f"fused bf16 channels_last, network alone, last conv as {LAST_CHANNELS} channels + conv1 + ReLU "
+                       "in cuDNN", network_alone(model, lr, a, "4d", both_tweaks),
+                       {"dtype": torch.bfloat16, "channels_last": True}),
+                      (f"fused bf16 channels_last, cudnn.benchmark + CUDA graph of fuse and network, last conv as "
+                       f"{LAST_CHANNELS} channels + conv1 + ReLU in cuDNN",
+                       graphed(model, lr, a, torch.bfloat16, True, with_fuse=True, tweak=both_tweaks),
                        {"dtype": torch.bfloat16, "channels_last": True, "benchmark": True})]
         base_ms, base_out = None, None
         for label, fn, fuse_kw in paths:
@@ -299,14 +363,18 @@ def print_compiled(model: DASR, device: torch.device, sizes: list[int],
             print(f"| {size} | torch.compile | not in --sizes | | | | |", flush=True)
             continue
         lr, a, base_ms, base_out = bases[size]
-        for mode in (m.strip() for m in args.compile_modes.split(",") if m.strip()):
-            label = f"fused bf16 channels_last, torch.compile {mode}"
+        modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
+        # and the experiment: the last convolution padded (pad_last), compiled the way CUDA graphs come with
+        padded = [("reduce-overhead", pad_last)] if "reduce-overhead" in modes else []
+        for mode, tweak in [(m, None) for m in modes] + padded:
+            label = f"fused bf16 channels_last, torch.compile {mode}" + (
+                f", last conv as {LAST_CHANNELS} channels" if tweak is not None else "")
             if no_compiler:  # inductor builds its kernels with the system C compiler
                 print(f"| {size} | {label} | skipped: no C compiler (cc, gcc, clang) | | | | |", flush=True)
                 continue
             with torch.no_grad():
                 try:
-                    run = compiled(model, lr, a, mode, args.compile_backend)
+                    run = compiled(model, lr, a, mode, args.compile_backend, tweak)
                     sync(device)
                     start = time.perf_counter()
                     run()

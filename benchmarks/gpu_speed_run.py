@@ -94,6 +94,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # 30-40 s each as the compile table's), after the compile step, whose inductor caches they may reuse.
 # dasr-sr over a folder ("sr-folder": 9 runs of 16 LR-512 images, some 2 s each, a guess from the network's
 # 11 ms and a 2048-px PNG's 0.1 s per image) takes a share from inference, which used 27 s of its 65.
+# Inference has 4 more rows per size since (the last convolution padded, conv1 + ReLU in cuDNN, eager and in
+# the graph: about 1 s each) and one more reduce-overhead compilation at LR 512 (some 5-10 s): within its share.
 SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.30, "dense-last": 0.04, "profile": 0.10,
           "infer": 0.09, "sr-folder": 0.03, "bf16": 0.03, "compile": 0.20, "combo": 0.07, "autotune": 0.05}
 # what the speed paths' exactness rests on, and dasr-train's default GPU path: their tests marked cuda (-m cuda)

@@ -746,3 +746,36 @@ def test_bench_validate_smoke_prints_both_paths_and_their_difference():
     assert "| evaluate_pairs (per image, experts fused) |" in res.stdout and "| ValidationSet (batched" in res.stdout
     diff = float(res.stdout.split("largest PSNR-Y difference per level: ")[1].split()[0])
     assert diff < 1e-6
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs CUDA"))])
+def test_bench_infer_experiments_compute_the_same_network(device):
+    """bench_infer's inference experiments are the fused network itself: the last convolution padded to
+    LAST_CHANNELS outputs (zero weights, sliced back), and on CUDA each block's conv1 + bias + ReLU in one
+    cuDNN call. Oracle: the untouched network, float64 on a CPU (exact to 1e-12: the same products), bf16
+    channels_last on CUDA (1e-2: other kernels round otherwise); a fuse into the padded network reaches it."""
+    import torch
+
+    from dasr_model.infer import fuse_experts
+    from dasr_model.model import DASR, DASRConfig
+
+    bench = _bench_module("bench_infer")
+    torch.manual_seed(0)
+    model = DASR(DASRConfig(num_experts=2, num_block=2, num_feat=8, predictor_feat=8)).to(device).eval()
+    for p in model.generator.parameters():  # weights far from the 0.1-scaled init: every layer matters
+        p.data.normal_(0, 0.3)
+    lr = torch.rand(1, 3, 12, 10, device=device)
+    dtype = torch.float64 if device == "cpu" else torch.bfloat16
+    tweaks = [bench.pad_last] + ([bench.relu_in_cudnn, bench.both_tweaks] if device == "cuda" else [])
+    with torch.no_grad():
+        a = torch.softmax(torch.randn(1, 2, device=device), 1)
+        ref = fuse_experts(model.generator, a, dtype=dtype, channels_last=True)
+        for tweak in tweaks:
+            net = fuse_experts(model.generator, torch.ones_like(a) / 2, dtype=dtype, channels_last=True)
+            tweak(net)
+            model.generator.fuse(a, into=net)  # the mix fused into it after the change, as the rows do
+            want, got = ref(lr.to(dtype)), net(lr.to(dtype))
+            assert got.shape == want.shape == (1, 3, 48, 40)
+            tol = 1e-12 if device == "cpu" else 1e-2
+            assert (got.double() - want.double()).abs().max().item() <= tol * max(1.0, want.abs().max().item())
