@@ -99,7 +99,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.30, "dense-last": 0.04, "profile": 0.10,
           "infer": 0.09, "sr-folder": 0.03, "bf16": 0.03, "compile": 0.20, "combo": 0.07, "autotune": 0.05}
 # what the speed paths' exactness rests on, and dasr-train's default GPU path: their tests marked cuda (-m cuda)
-GPU_TESTS = ("tests/test_graphstep.py", "tests/test_expert_impl.py", "tests/test_train.py")
+GPU_TESTS = ("tests/test_graphstep.py", "tests/test_expert_impl.py", "tests/test_train.py",
+             "tests/test_benchmarks.py")  # the last: bench_infer's experiments against the plain network
 TESTS_FLOOR_S = 90  # the CUDA tests' least time (at most a fifth of the budget), whatever their share
 DATASET_FLOOR_S = 15  # the loader table's dataset (1,200 samples: 3 s on an H200 machine), however long the tests ran
 STEP_COLUMNS = ("batch", "GAN", "precision", "expert impl", "memory format", "compile", "ms/step")

@@ -748,8 +748,7 @@ def test_bench_validate_smoke_prints_both_paths_and_their_difference():
     assert diff < 1e-6
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not __import__("torch").cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_bench_infer_experiments_compute_the_same_network(device):
     """bench_infer's inference experiments are the fused network itself: the last convolution padded to
     LAST_CHANNELS outputs (zero weights, sliced back), and on CUDA each block's conv1 + bias + ReLU in one
