@@ -105,6 +105,8 @@ class ExpertConv2d(nn.Module):
     - "dense": one ordinary convolution with all K experts as K*out output channels (the weight viewed as
       (K*out, in, 3, 3)), then y combined per sample: out[n] = sum_k a[n, k] y[n, k]. K times the FLOPs,
       but a plain dense conv (cuDNN/oneDNN's best kernels, channels_last, no per-sample weights);
+      on CUDA the K*out channels are padded to a multiple of 8 with zero weights and sliced off again
+      (:func:`dense_alignment`: the last layer's 15 are unaligned for cuDNN's tensor-core kernels);
     - "stacked": the input stacked K times, copy k scaled by a[n, k] (N, K*in, H, W), through one ordinary
       convolution with K*in input channels (the weight viewed as (out, K*in, 3, 3)): the sum over experts
       happens inside the convolution's own sum. K times the FLOPs, like "dense", but the large tensor is the
@@ -195,7 +197,11 @@ class ExpertConv2d(nn.Module):
     def _forward_dense(self, x: Tensor, a: Tensor) -> Tensor:
         k, out_ch = self.weight.shape[:2]
         # (K, out, in, 3, 3) -> (K*out, in, 3, 3) is a view: expert k owns output channels k*out .. k*out+out-1.
-        y = F.conv2d(x, self.weight.flatten(0, 1), self.bias.flatten(), padding=1)  # (N, K*out, H, W)
+        weight, bias = self.weight.flatten(0, 1), self.bias.flatten()
+        if extra := -(k * out_ch) % dense_alignment(x):  # zero-weight channels, sliced off: the same sums
+            weight = torch.cat([weight, weight.new_zeros(extra, *weight.shape[1:])])
+            bias = torch.cat([bias, bias.new_zeros(extra)])
+        y = F.conv2d(x, weight, bias, padding=1)[:, :k * out_ch]  # (N, K*out, H, W)
         y = y.unflatten(1, (k, out_ch))  # (N, K, out, H, W), a view in either memory format
         a = a.to(y.dtype)[:, :, None, None, None]  # (N, K, 1, 1, 1)
         # K element-wise steps rather than (y * a).sum(1): a reduction's output is NCHW-contiguous, these
@@ -222,6 +228,13 @@ class ExpertConv2d(nn.Module):
         cols = F.unfold(x, 3, padding=1)  # (N, in*9, H*W), rows ordered (in, ky, kx) like the kernel
         out = torch.baddbmm(bias.unsqueeze(2).to(cols.dtype), weight.flatten(2).to(cols.dtype), cols)
         return out.reshape(n, -1, h, w_)
+
+
+def dense_alignment(x: Tensor) -> int:
+    """The multiple of output channels the "dense" expert convolution computes for input x: 8 on CUDA, where
+    cuDNN's bf16 tensor-core kernels want channels in multiples of 8 (the last layer's K*3 = 15 ran as a
+    slow kernel), else 1 (no padding)."""
+    return 8 if x.is_cuda else 1
 
 
 def fold_batch(x: Tensor) -> Tensor:

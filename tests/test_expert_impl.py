@@ -88,6 +88,28 @@ def test_strategies_are_exact_in_float64(impl):
         assert_rel_close(got[name], ref[name], REL64, f"{impl} {name}")
 
 
+@pytest.mark.parametrize("align", [8, 16])
+def test_dense_padded_to_aligned_channels_is_grouped(monkeypatch, align):
+    """On CUDA "dense" computes its K*out channels padded to a multiple of 8 (dense_alignment), zero weights
+    sliced off: here forced on the CPU. The K=5, out=3 layer (15 channels, the generator's last) and an
+    aligned one: output and gradients as grouped's in float64, channels_last kept, and in float32 on both
+    layouts; the padding's zeros get no gradient of their own (the parameters keep their shapes)."""
+    import dasr_model.model as m
+
+    monkeypatch.setattr(m, "dense_alignment", lambda x: align)
+    for shape in ((5, 3, 8, 3, 6, 7), (5, 2, 4, 16, 5, 9)):
+        for dtype, rel in ((torch.float64, REL64), (torch.float32, REL32)):
+            conv, x, a, g = _case(*shape, dtype=dtype, seed=3)
+            ref = _conv_and_grads(conv, x, a, g)
+            conv.impl = "dense"
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                got = _conv_and_grads(conv, x.contiguous(memory_format=fmt), a, g)
+                assert got["out"].is_contiguous(memory_format=fmt)
+                for name in ref:
+                    assert got[name].shape == ref[name].shape
+                    assert_rel_close(got[name], ref[name], rel, f"dense aligned to {align}, {shape}, {name}")
+
+
 @pytest.mark.parametrize("impl", ["dense", "stacked"])
 def test_dense_strategies_keep_channels_last(impl):
     conv, x, a, g = _case(5, 3, 4, 6, 7, 11, dtype=torch.float32, seed=2)
