@@ -14,11 +14,23 @@ from numpy.typing import NDArray
 
 from degrade.errors import DegradeError
 
+# The smallest Gaussian sigma computed: 1/sigma^2 stays finite (about 1e-154 is where it overflows), and such a
+# kernel is already a delta (its neighbours' weights underflow to 0). The records' own bound is far above.
+MIN_KERNEL_SIGMA = 1e-150
+
 
 def _grid(size: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    if size < 1 or size % 2 == 0:
-        raise DegradeError(f"kernel size must be a positive odd integer, got {size}")
-    return _cached_grid(size)
+    if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)) or size < 1 or size % 2 == 0:
+        raise DegradeError(f"kernel size must be a positive odd integer, got {size!r}")
+    return _cached_grid(int(size))
+
+
+def _real(name: str, value: float) -> float:
+    """`value` as a finite float (DegradeError otherwise: a string, None, NaN, an infinity)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value):
+        raise DegradeError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 @lru_cache(maxsize=32)
@@ -37,8 +49,9 @@ def gaussian_kernel(size: int, sigma_x: float, sigma_y: float, theta: float) -> 
     R is the rotation by `theta` (radians), so `sigma_x` lies along the direction at angle theta
     from the x axis (towards +y, i.e. downwards in image rows). Sigmas are in pixels and must be > 0.
     """
-    if not (sigma_x > 0 and sigma_y > 0):
-        raise DegradeError(f"Gaussian sigmas must be > 0, got {sigma_x}, {sigma_y}")
+    sigma_x, sigma_y, theta = _real("sigma_x", sigma_x), _real("sigma_y", sigma_y), _real("theta", theta)
+    if not (sigma_x >= MIN_KERNEL_SIGMA and sigma_y >= MIN_KERNEL_SIGMA):  # below, 1/sigma^2 overflows to inf
+        raise DegradeError(f"Gaussian sigmas must be >= {MIN_KERNEL_SIGMA:g}, got {sigma_x}, {sigma_y}")
     x, y = _grid(size)
     c, s = math.cos(theta), math.sin(theta)
     # S^-1 = R diag(1/sx^2, 1/sy^2) R^T, written out to avoid a matrix inverse.
@@ -57,6 +70,7 @@ def sinc_kernel(size: int, omega_c: float) -> NDArray[np.float64]:
     """
     from scipy.special import j1  # here, not at the top: scipy.special is half of `import degrade` (0.12 s)
 
+    omega_c = _real("omega_c", omega_c)
     if not 0 < omega_c <= math.pi:
         raise DegradeError(f"sinc cut-off omega_c must be in (0, pi], got {omega_c}")
     x, y = _grid(size)

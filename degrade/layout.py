@@ -162,21 +162,53 @@ def check_recipe(recipe: LevelRecipe) -> None:
                     f"range [{lo:g}, {hi:g}]"
                 )
 
+    def refuse(what: str) -> None:
+        raise DegradeError(f"level {recipe.level} recipe: {what}")
+
+    def span(name: str, pair: Sequence[float]) -> None:  # a (low, high) range a draw is uniform in
+        if len(pair) != 2 or not pair[0] <= pair[1]:
+            refuse(f"{name} must be a (low, high) pair with low <= high, got {tuple(pair)}")
+
+    def probabilities(name: str, values: Sequence[float]) -> None:
+        if not all(0 <= p <= 1 for p in values):
+            refuse(f"{name} must be probabilities in [0, 1], got {tuple(values)}")
+
+    def quality(name: str, pair: Sequence[float]) -> None:  # a record's quality rounds to 1-99 (100: no JPEG)
+        span(name, pair)
+        need(name, pair)
+        if round(pair[1]) > 99:
+            refuse(f"{name} range {tuple(pair)} reaches quality 100, which means no JPEG: at most 99")
+
     stages: list[tuple[str, StageRecipe]] = [("1", recipe.stage1)]
     if recipe.stage2 is not None:
         stages.append(("2", recipe.stage2))
     for n, st in stages:
+        for field in ("blur_sigma_range", "resize_range", "gaussian_sigma_range", "poisson_scale_range"):
+            span(f"stage {n} {field}", getattr(st, field))
+        probabilities(f"stage {n} blur_prob, isotropic_prob, gaussian_noise_prob, gray_noise_prob",
+                      (st.blur_prob, st.isotropic_prob, st.gaussian_noise_prob, st.gray_noise_prob))
+        probabilities(f"stage {n} resize_probs", st.resize_probs)
+        if len(st.resize_probs) != 3 or not math.isclose(sum(st.resize_probs), 1, abs_tol=1e-9):
+            refuse(f"stage {n} resize_probs must be (up, down, keep) summing to 1, got {tuple(st.resize_probs)}")
+        up, down, _ = st.resize_probs
+        if (up and st.resize_range[1] < 1) or (down and st.resize_range[0] > 1):  # up: U[1, max]; down: U[min, 1]
+            refuse(f"stage {n} resize_range {tuple(st.resize_range)} must hold 1: 'up' draws in [1, high], "
+                   "'down' in [low, 1]")
         need(f"blur{n}.size", st.kernel_sizes)
         need(f"blur{n}.sigma_x", st.blur_sigma_range)
         need(f"resize{n}.scale", st.resize_range)
         need(f"noise{n}.strength", st.gaussian_sigma_range, "gaussian")
         need(f"noise{n}.strength", st.poisson_scale_range, "poisson")
         if st.jpeg_range is not None:
-            need("jpeg1.quality", st.jpeg_range)
+            if n == "2":
+                refuse("stage 2 takes no jpeg_range: a two-stage level's second JPEG is final.jpeg_range")
+            quality("jpeg1.quality", st.jpeg_range)
     if recipe.final is not None:
         need("sinc.size", recipe.final.sinc_sizes)
+        span("final omega_c_range", recipe.final.omega_c_range)
         need("sinc.omega_c", recipe.final.omega_c_range)
-        need("jpeg2.quality", recipe.final.jpeg_range)
+        probabilities("final sinc_prob, order_a_prob", (recipe.final.sinc_prob, recipe.final.order_a_prob))
+        quality("jpeg2.quality", recipe.final.jpeg_range)
 
 
 def _fmt(x: float) -> str:

@@ -9,6 +9,7 @@ same dtype and never modifies its input. Ops that draw random numbers take an ex
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import cv2
@@ -101,9 +102,10 @@ def encode_jpeg(img: Image, quality: int) -> bytes:
 
 def _encode_jpeg(img: Image, quality: int) -> NDArray[np.uint8]:
     check_image(img)
-    q = int(quality)
-    if not 1 <= q <= 100:
-        raise DegradeError(f"JPEG quality must be an integer in [1, 100], got {quality}")
+    if isinstance(quality, (bool, np.bool_)) or not isinstance(quality, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(quality) or not 1 <= round(quality) <= 100:
+        raise DegradeError(f"JPEG quality must be a number that rounds to an integer in [1, 100], got {quality!r}")
+    q = round(quality)  # the nearest integer, as a record's quality is (int() truncated 30.7 to 30)
     bgr = cv2.cvtColor(quantise_8bit(img), cv2.COLOR_RGB2BGR)  # OpenCV encodes BGR
     params = [cv2.IMWRITE_JPEG_QUALITY, q, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420]
     ok, buf = cv2.imencode(".jpg", bgr, params)

@@ -201,6 +201,8 @@ class DegradationParams:
 
     @classmethod
     def from_json(cls, text: str) -> DegradationParams:
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise DegradeError(f"not a parameter record: JSON text expected, got {type(text).__name__}")
         try:
             data = strict_json(text)
         except json.JSONDecodeError as exc:
@@ -358,6 +360,8 @@ def _validate(p: DegradationParams) -> None:
                  f"got {b.sigma_x}, {b.sigma_y}")
         if not 0 <= b.theta < math.pi:
             fail(f"{name}.theta must be in [0, pi), got {b.theta}")
+        if b.isotropic and b.theta != 0:  # canonical: v's theta entry (and decode) say 0 for it
+            fail(f"{name} is isotropic (sigma_x == sigma_y): its theta must be 0, got {b.theta}")
     if p.sinc is not None:
         if not 3 <= p.sinc.size <= MAX_KERNEL_SIZE or p.sinc.size % 2 == 0:
             fail(f"sinc.size must be odd, in [3, {MAX_KERNEL_SIZE}], got {p.sinc.size}")

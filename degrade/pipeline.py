@@ -65,6 +65,8 @@ def check_work(hr: object, params: DegradationParams) -> None:
     h, w = hr.shape[:2]
     low, high = (float(hr.min()), float(hr.max())) if hr.size else (0.0, 0.0)
     if not (low >= 0 and high <= 1):  # NaN fails both; 0-255 floats (no / 255) fail the second
+        if math.isnan(low) or math.isnan(high):  # min and max are NaN for one NaN anywhere
+            raise DegradeError(f"HR image must be float32 in [0, 1], got {int(np.isnan(hr).sum())} NaN value(s)")
         hint = _range_hint(low, high)
         raise DegradeError(f"HR image must be float32 in [0, 1], got values from {low:.9g} to {high:.9g}"
                            + (f" ({hint})" if hint else ""))

@@ -96,8 +96,13 @@ def sample_params(
     level: LevelChoice, rng: np.random.Generator, *, recipes: Mapping[int, LevelRecipe] = LEVELS
 ) -> DegradationParams:
     """Draw one sample's record at `level` (1, 2, 3 or "mix") from `rng` (docs/degradation.md)."""
+    if not isinstance(recipes, Mapping):
+        raise DegradeError(f"recipes must map levels to LevelRecipes (as degrade.LEVELS), got {type(recipes).__name__}")
     lv = draw_level(level, rng)
-    recipe = recipes[lv]
+    recipe = recipes.get(lv)
+    if not isinstance(recipe, LevelRecipe):
+        raise DegradeError(f"recipes has no LevelRecipe for level {lv}" + (", which 'mix' draws" if level == "mix"
+                                                                          else ""))
     check_recipe(recipe)
     s1 = recipe.stage1
     blur1 = _sample_blur(s1, rng)

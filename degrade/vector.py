@@ -103,8 +103,9 @@ def decode(v: ArrayLike, noise_seed: int = 0) -> DegradationParams:
     The level is not in v, so the record's level is None.
     """
     arr = check_vector(v)
-    if not 0 <= noise_seed < SEED_LIMIT:
-        raise DegradeError(f"noise_seed must be in [0, 2**53), got {noise_seed}")
+    if isinstance(noise_seed, (bool, np.bool_)) or not isinstance(noise_seed, (int, np.integer)) \
+            or not 0 <= noise_seed < SEED_LIMIT:
+        raise DegradeError(f"noise_seed must be an integer in [0, 2**53), got {noise_seed!r}")
 
     def value(name: str, step_type: str | None = None) -> float:
         f = FIELDS_BY_NAME[name]

@@ -663,3 +663,28 @@ def test_a_manifest_or_record_that_names_a_key_twice_is_refused(tmp_path):
     (ts / "manifest.json").write_text(text.replace('"seed": 0,', '"seed": 0, "seed": 1,', 1))
     with pytest.raises(DegradeError, match="not a readable JSON manifest .*'seed' appears twice"):
         degrade.open_testset(ts)
+
+
+def test_sharpen_hr_is_said_by_a_folder_and_by_a_lone_shard(tmp_path):
+    """ds.sharpen_hr says whether the LR was degraded from the sharpened HR, for a dataset folder and for a
+    lone shard (whose config is None: the option was only in its raw command attribute, so the documented
+    replay silently gave other bytes); a shard whose command attribute is damaged is refused in one line."""
+    import h5py
+
+    from degrade import shards as dsm
+
+    scan = dsm.scan_sources([], 64)
+    common = dict(level=2, count=2, patch_size=64, seed=4, shard_size=2, compression="none",
+                  source_root=scan.root, sources=tuple(scan.sources))
+    for sharpen in (False, True):
+        out = tmp_path / f"s{sharpen}"
+        dsm.make_dataset(dsm.DatasetConfig(**common, sharpen_hr=sharpen), out)
+        for path in (out, out / "shard-00000.h5"):
+            assert degrade.open_dataset(path).sharpen_hr is sharpen
+    lone = tmp_path / "lone.h5"
+    lone.write_bytes((tmp_path / "sTrue" / "shard-00000.h5").read_bytes())
+    for damaged in ("not json", "[1]", '{"sharpen_hr": "yes"}'):
+        with h5py.File(lone, "r+") as f:
+            f.attrs["command"] = damaged
+        with pytest.raises(dsm.DatasetError, match="does not say whether the HR was sharpened"):
+            degrade.open_dataset(lone)

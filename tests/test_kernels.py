@@ -90,8 +90,9 @@ def test_sinc_is_circularly_symmetric_and_lower_cutoff_spreads_wider():
     assert sinc_kernel(21, math.pi / 3)[10, 10] < sinc_kernel(21, math.pi)[10, 10]
 
 
-@pytest.mark.parametrize("bad", [0, 2, -3])
+@pytest.mark.parametrize("bad", [0, 2, -3, 7.5, "7", True, None])
 def test_bad_sizes_are_refused(bad):
+    """7.5 passed `size % 2` and gave an 8 x 8 kernel; '7' a raw TypeError."""
     with pytest.raises(ValueError):
         gaussian_kernel(bad, 1.0, 1.0, 0.0)
     with pytest.raises(ValueError):
@@ -99,7 +100,17 @@ def test_bad_sizes_are_refused(bad):
 
 
 def test_bad_sigma_and_cutoff_are_refused():
-    with pytest.raises(ValueError):
-        gaussian_kernel(7, 0.0, 1.0, 0.0)
-    with pytest.raises(ValueError):
-        sinc_kernel(7, 4.0)
+    """Each a DegradeError: a NaN theta gave an all-NaN kernel, a sigma of 1e-160 one too (0 x inf), 1e-200 a
+    ZeroDivisionError, a string sigma a TypeError. A tiny sigma still computable is a delta."""
+    from degrade.errors import DegradeError
+
+    for args in [(7, 0.0, 1.0, 0.0), (7, 1.0, 0.5, math.nan), (7, 1.0, 1e-160, 0.0), (7, 1e-200, 1e-200, 0.0),
+                 (7, "1", 1.0, 0.0), (7, math.inf, 1.0, 0.0), (7, 1.0, 1.0, None)]:
+        with pytest.raises(DegradeError):
+            gaussian_kernel(*args)
+    for omega in (4.0, math.nan, "1"):
+        with pytest.raises(DegradeError):
+            sinc_kernel(7, omega)
+    delta = np.zeros((7, 7))
+    delta[3, 3] = 1
+    np.testing.assert_array_equal(gaussian_kernel(np.int64(7), 1e-140, 1e-140, 0.0), delta)

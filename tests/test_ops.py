@@ -223,10 +223,17 @@ def test_jpeg_keeps_rgb_order():
     assert out[..., 0].mean() > 0.9 and out[..., 2].mean() < 0.1
 
 
-@pytest.mark.parametrize("q", [0, 101])
+@pytest.mark.parametrize("q", [0, 101, 0.4, 100.6, "50", math.nan, True])
 def test_jpeg_rejects_bad_quality(q, hr_patch):
     with pytest.raises(ValueError):
         ops.jpeg(hr_patch, q)
+
+
+def test_a_fractional_jpeg_quality_is_rounded_not_truncated(hr_patch):
+    """round(q), as the contract says (int() made 30.7 encode at 30)."""
+    for q, used in ((30.7, 31), (50.2, 50), (89.9, 90), (np.float32(70.6), 71), (np.int64(64), 64)):
+        assert ops.encode_jpeg(hr_patch, q) == ops.encode_jpeg(hr_patch, used)
+    assert ops.encode_jpeg(hr_patch, 30.7) != ops.encode_jpeg(hr_patch, 30)
 
 
 def test_quantise_rounds_to_8bit_levels_and_clips():

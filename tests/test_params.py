@@ -229,6 +229,8 @@ def test_one_stage_record_may_leave_out_stage_2_keys():
 def test_from_json_refuses_non_json_and_non_objects():
     with pytest.raises(ValueError, match="not valid JSON"):
         DegradationParams.from_json("{oops")
+    with pytest.raises(degrade.DegradeError, match="JSON text expected, got NoneType"):  # was a raw TypeError
+        DegradationParams.from_json(None)
     with pytest.raises(ValueError, match="JSON object"):
         DegradationParams.from_json("[1, 2]")
 
@@ -277,3 +279,43 @@ def test_a_record_built_from_python_holds_jsons_types_or_is_refused():
         record[step][key] = -(10**400)
         with pytest.raises(DegradeError, match=f"{step}.{key}"):
             DegradationParams.from_json(json.dumps(record))
+
+
+def test_an_isotropic_blur_with_a_theta_is_refused():
+    """Records are canonical: an isotropic kernel (sigma_x == sigma_y) has theta 0, which v encodes and decode
+    gives back. One with theta 0.5 was accepted, encoded theta 0.159 and decoded to another record."""
+    good = sample_params(2, rng_for(1))
+    blur = BlurParams(size=7, sigma_x=1.0, sigma_y=1.0, theta=0.0)
+    assert replace(good, blur1=blur).blur1.isotropic
+    with pytest.raises(degrade.DegradeError, match="blur1 is isotropic .*its theta must be 0, got 0.5"):
+        replace(good, blur1=replace(blur, theta=0.5))
+    record = json.loads(good.to_json())
+    record["blur1"] = {"size": 7, "sigma_x": 1.0, "sigma_y": 1.0, "theta": 0.5}
+    with pytest.raises(degrade.DegradeError, match="isotropic"):
+        DegradationParams.from_json(json.dumps(record))
+
+
+def test_custom_recipes_are_checked_before_any_draw():
+    """sample_params(recipes=...) refuses, in one DegradeError each, what gave raw KeyError, IndexError or
+    numpy errors, or sometimes a refused draw (quality 100), or passed silently (probabilities)."""
+    from degrade import LevelRecipe
+
+    r2, r3 = LEVELS[2], LEVELS[3]
+    s1 = r2.stage1
+    cases = [
+        ({3: r3}, 2, "recipes has no LevelRecipe for level 2"),
+        (list(LEVELS.values()), 2, "recipes must map levels to LevelRecipes"),
+        ({2: replace(r2, stage1=replace(s1, resize_range=(0.5, 0.9)))}, 2, r"resize_range \(0.5, 0.9\) must hold 1"),
+        ({2: replace(r2, stage1=replace(s1, jpeg_range=(95.0, 100.0)))}, 2, "reaches quality 100"),
+        ({2: replace(r2, stage1=replace(s1, jpeg_range=(95.0, 90.0)))}, 2, "low <= high"),
+        ({2: replace(r2, stage1=replace(s1, resize_probs=(0.5, 0.9, 0.0)))}, 2, "summing to 1"),
+        ({2: replace(r2, stage1=replace(s1, isotropic_prob=1.5))}, 2, "probabilities in"),
+        ({3: replace(r3, stage2=replace(r3.stage2, jpeg_range=(10.0, 20.0)))}, 3, "stage 2 takes no jpeg_range"),
+        ({3: replace(r3, final=replace(r3.final, sinc_prob=-0.1))}, 3, "probabilities in"),
+    ]
+    for recipes, level, message in cases:
+        with pytest.raises(degrade.DegradeError, match=message):
+            sample_params(level, rng_for(0), recipes=recipes)
+    assert isinstance(LEVELS[2], LevelRecipe)
+    for level in (1, 2, 3, "mix"):  # the built-in recipes pass, and the default draws are unchanged
+        assert sample_params(level, rng_for(5), recipes=dict(LEVELS)) == sample_params(level, rng_for(5))

@@ -91,7 +91,7 @@ def _lanczos_x2(img: np.ndarray) -> np.ndarray:
         (np.zeros((128, 128), np.float32), "shape"),
         # 0-255 floats (the / 255 forgotten) came out almost all white, NaN all black, without a word
         (np.full((128, 128, 3), 200, np.float32), r"values from 200 to 200 \(an 8-bit image"),
-        (np.full((128, 128, 3), np.nan, np.float32), "in \\[0, 1\\], got values from nan"),
+        (np.full((128, 128, 3), np.nan, np.float32), r"in \[0, 1\], got 49152 NaN value\(s\)"),
         (np.full((128, 128, 3), -0.5, np.float32), "in \\[0, 1\\], got values from -0.5 to -0.5$"),
         (np.full((128, 128, 3), np.inf, np.float32), "got values from inf to inf$"),  # no 8-bit hint
         (np.linspace(-8, 264.7, 128 * 128 * 3, dtype=np.float32).reshape(128, 128, 3),  # a 0-255 float photo
@@ -108,6 +108,9 @@ def _lanczos_x2(img: np.ndarray) -> np.ndarray:
         (_IMAGENET, r"-2.1\d* to 2.6\d* \(normalised data, as by mean/std: undo it, values must be in \[0, 1\]\)$"),
         (_levels(1) * 2 - 1, r"from -1 to 1 \(normalised data"),
         (_levels(255) - 100, r"from -100 to 155$"),  # an offset: no scale fixes it
+        # one NaN made min and max NaN: 'values from nan to nan' said nothing of where or how many
+        (np.where(np.arange(128 * 128 * 3).reshape(128, 128, 3) == 7, np.nan, 0.5).astype(np.float32),
+         r"got 1 NaN value\(s\)$"),
         # 0-255 floats resized by OpenCV's Lanczos: a step edge undershoots by 10 %, a 1-px line by 17 %
         (_lanczos_x2(_STEP), r"from -28.5\d* to 283.5\d* \(an 8-bit image"),
         (_lanczos_x2(_LINE), r"from -38.8\d* to 227.8\d* \(an 8-bit image"),

@@ -231,3 +231,20 @@ def test_a_column_names_and_shard_numbers_are_checked(folder):
     with pytest.raises(DatasetError, match=f"no shard {len(ds.files)}"):
         ds.shard_column("v", len(ds.files))
     assert np.array_equal(np.concatenate([ds.shard_column("v", k) for k in range(len(ds.files))]), ds.column("v"))
+
+
+def test_a_batch_slices_into_a_batch_and_refuses_what_it_does_not_hold(folder):
+    """batch[a:b] is a batch of the same samples (it was a TypeError); an index past the batch is the
+    dataset's SampleIndexError naming the batch (it was an IndexError about a range object)."""
+    import degrade
+
+    ds = degrade.open_dataset(folder)
+    batch = ds[0:4]
+    sub = batch[1:4:2]
+    assert isinstance(sub, type(batch)) and list(sub.indices) == [1, 3]
+    np.testing.assert_array_equal(sub.lr, ds[1:4:2].lr)
+    assert sub[1].params == ds[3].params and batch[-1].params == ds[3].params
+    with pytest.raises(degrade.shards.SampleIndexError, match="sample 4 is outside this batch of 4"):
+        batch[4]
+    with pytest.raises(SampleIndexTypeError, match="an integer or a slice, got str"):
+        batch["1"]

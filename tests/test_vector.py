@@ -145,6 +145,17 @@ def test_encode_decode_round_trip(records):
         np.testing.assert_allclose(encode(back), v, atol=1e-6)
 
 
+def test_decode_refuses_a_noise_seed_that_is_not_an_integer():
+    """None and '3' were raw TypeErrors (5.5 and -1 were refused as they are)."""
+    from degrade.errors import DegradeError
+
+    v = encode(_golden_record())
+    for seed in (None, "3", 5.5, -1, True, 2**53):
+        with pytest.raises(DegradeError, match="noise_seed must be an integer in"):
+            decode(v, noise_seed=seed)
+    assert decode(v, noise_seed=np.int64(41)) == decode(v, noise_seed=41)
+
+
 def test_decode_sets_noise_seeds():
     p = decode(encode(_golden_record()), noise_seed=41)
     assert p.noise1.seed == 41 and p.noise2.seed == 42

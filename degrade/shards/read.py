@@ -35,6 +35,7 @@ from degrade.shards.format import (
     shard_path,
 )
 from degrade.shards.sample import Sample, SampleBatch
+from degrade.strictjson import DuplicateKey, strict_json
 from degrade.vector import VECTOR_LENGTH
 
 
@@ -75,6 +76,8 @@ class ShardDataset:
     `ds[a:b]` (any step) a :class:`SampleBatch` with the arrays stacked. Files are opened lazily, once per
     process, so an instance can be handed to PyTorch DataLoader worker processes. Not for threads: its open
     files are shared and evicted without a lock; give each thread its own (`open_dataset` is cheap).
+    `sharpen_hr`: the LR images were degraded from the unsharp-masked HR (make-dataset --sharpen-hr), for a
+    folder and for a lone shard (whose `config` is None) alike.
     """
 
     MAX_OPEN = 32  # shard files kept open per process (LRU); a dataset may have thousands
@@ -90,10 +93,11 @@ class ShardDataset:
             counts = [int(s["count"]) for s in manifest["shards"]]
             self.config: DatasetConfig | None = DatasetConfig.from_dict(manifest["config"])
             self.patch_size = self.config.patch_size
+            self.sharpen_hr = self.config.sharpen_hr
             digests = [str(s["sha256"]) for s in manifest["shards"]]
         elif path.is_file():
             self.files = [path]
-            count, self.patch_size = self._shape_of(path)
+            count, self.patch_size, self.sharpen_hr = self._shape_of(path)
             counts = [count]
             self.config = None
             digests = []
@@ -115,8 +119,10 @@ class ShardDataset:
         self._handles: OrderedDict[int, _OpenShard] = OrderedDict()
 
     @staticmethod
-    def _shape_of(path: Path) -> tuple[int, int]:
-        """A lone shard's sample count and patch size, from the file (checked like any shard)."""
+    def _shape_of(path: Path) -> tuple[int, int, bool]:
+        """A lone shard's sample count and patch size, from the file (checked like any shard), and whether its
+        LR was degraded from the sharpened HR (its `command` attribute's sharpen_hr; absent: shards made
+        before the option, which were not)."""
         import h5py
 
         try:
@@ -124,9 +130,18 @@ class ShardDataset:
                 fmt = f.attrs.get("format")  # any attribute type: compare only a string
                 if not isinstance(fmt, str) or fmt != FORMAT_NAME:
                     raise DatasetError(f"{path}: not a {FORMAT_NAME} shard")
-                return check_shard(f, path, count=None, patch_size=None), int(f["hr"].shape[1])
+                count, patch = check_shard(f, path, count=None, patch_size=None), int(f["hr"].shape[1])
+                command = f.attrs.get("command")
         except OSError:
             raise DatasetError(f"{path}: not an HDF5 file") from None
+        try:
+            sharpen = strict_json(command).get("sharpen_hr", False) if isinstance(command, str) else None
+        except (ValueError, AttributeError, RecursionError, DuplicateKey):  # not JSON, or not an object
+            sharpen = None
+        if not isinstance(sharpen, bool):
+            raise DatasetError(f"{path}: its command attribute does not say whether the HR was sharpened "
+                               "(a damaged shard: degrade verify checks each one)")
+        return count, patch, sharpen
 
     def _shard(self, k: int) -> _OpenShard:
         """Shard k, opened lazily in this process (e.g. a DataLoader worker), its structure checked against

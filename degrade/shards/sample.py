@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from degrade.errors import DegradeError
+from degrade.errors import DegradeError, SampleIndexError, SampleIndexTypeError
 from degrade.params import DegradationParams
 
 
@@ -108,8 +108,17 @@ class SampleBatch:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, j: int) -> Sample:
-        j = range(len(self))[operator.index(j)]  # IndexError (and negative indices) as a sequence has them
+    def __getitem__(self, j: int | slice) -> Sample | SampleBatch:
+        """batch[j], a Sample (negative j from the end), or batch[a:b:c], a SampleBatch of views."""
+        if isinstance(j, slice):
+            return SampleBatch(self.hr[j], self.lr[j], self.v[j], self.indices[j], self.record_json[j])
+        try:
+            j = range(len(self))[operator.index(j)]  # negative indices as a sequence has them
+        except TypeError:
+            raise SampleIndexTypeError(f"a batch index must be an integer or a slice, got {type(j).__name__}") \
+                from None
+        except IndexError:
+            raise SampleIndexError(f"sample {j} is outside this batch of {len(self)}") from None
         if self._params is not None:
             return Sample(self.hr[j], self.lr[j], self.v[j], self._params[j])
         return Sample(self.hr[j], self.lr[j], self.v[j], record_json=self.record_json[j],
