@@ -225,7 +225,8 @@ precision_option = click.option(
               help="Override a field of the predicted v in physical units, e.g. --set noise1.type=gaussian "
                    "--set noise1.strength=5 (sigma, of 255).")
 @click.option("--mix", help="Set the expert coefficients a directly: a0,a1,...")
-@click.option("--print-v", is_flag=True, help="Print each image's predicted v, decoded.")
+@click.option("--print-v", is_flag=True,
+              help="Print the v each image is upscaled with (the predicted v, edited by any --set), decoded.")
 @precision_option
 @click.option("--outscale", type=click.FloatRange(1, 16), default=4.0, show_default=True,
               help="The output's scale: the x4 result resized (area averaging below 4, Lanczos above); "

@@ -118,56 +118,87 @@ def export_model(source: str | Path, out: str | Path, *, dtype: torch.dtype = to
     return loaded
 
 
+FIELD_NAMES_HINT = "the names are v's field names, as docs/degradation.md's vector table lists them"
+
+
 def parse_settings(items: list[str]) -> dict[str, str]:
-    """['noise1.strength=5', ...] -> {'noise1.strength': '5'}; unknown field names are refused here, values
-    (whose range may depend on the image's v) by `edit_vector`."""
+    """['noise1.strength=5', ...] -> {'noise1.strength': '5'}. Refused here, before any image is read, with
+    DASRError: an unknown or repeated name, and a value that is wrong whatever the image (not a choice, not
+    a finite number, a flag other than 0 or 1, a kernel size that is not odd, out of its field's range);
+    a noise strength's range follows the image's noise type, so `edit_vector` checks it."""
     from degrade.vector import FIELDS_BY_NAME
 
-    out = {}
+    out: dict[str, str] = {}
     for item in items:
         name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip()
         if not sep or not name or not value:
             raise DASRError(f"--set {item!r}: expected NAME=VALUE, e.g. noise1.strength=5")
-        if name.strip() not in FIELDS_BY_NAME:
-            raise DASRError(f"--set: unknown field {name.strip()!r}; names are listed by `degrade inspect --vector` "
-                            "and in docs/inference.md")
-        out[name.strip()] = value.strip()
+        if name not in FIELDS_BY_NAME:
+            raise DASRError(f"--set: unknown field {name!r}; {FIELD_NAMES_HINT}")
+        if name in out:
+            raise DASRError(f"--set {name} is given twice ({out[name]} and {value}): give it once")
+        f = FIELDS_BY_NAME[name]
+        if f.kind == "onehot":
+            _check_choice(name, value, f.choices)
+        else:
+            x = _number(name, value)
+            if f.kind == "flag" and x not in (0, 1):
+                raise DASRError(f"{name}: {value!r} is a flag: 0 or 1")
+            if name.endswith(".size") and not (x == int(x) and int(x) % 2 == 1):
+                raise DASRError(f"{name}: {value!r} is not an odd kernel size")
+            if f.kind == "scalar" and not f.ranges:
+                lo, hi = f.range_for(None)
+                if not lo <= x <= hi:
+                    raise DASRError(f"{name}: {x:g} is outside [{lo:g}, {hi:g}]")
+        out[name] = value
     return out
+
+
+def _check_choice(name: str, text: str, choices: tuple[str, ...]) -> None:
+    if text not in choices:
+        raise DASRError(f"{name}: {text!r} is not one of {', '.join(choices)}")
+
+
+def _number(name: str, text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise DASRError(f"{name}: {text!r} is not a number") from None
+    if not math.isfinite(x):
+        raise DASRError(f"{name}: {text!r} is not a finite number")
+    return x
 
 
 def edit_vector(v: Tensor, settings: dict[str, str]) -> Tensor:
     """Override named fields of v (B, 33) in physical units, leaving every other entry untouched.
 
     Scalars take a number in the field's units (noise strength in the units of the step's noise type:
-    Gaussian sigma / 255 or Poisson scale); flags take 0/1; one-hot fields take a choice name.
+    Gaussian sigma / 255 or Poisson scale; refused where v sets no type and the settings do not either);
+    flags take 0 or 1; kernel sizes odd integers; one-hot fields take a choice name (:func:`parse_settings`'s
+    checks, DASRError).
     """
     from degrade.vector import FIELDS_BY_NAME
 
     v = v.clone()
-    unknown = [name for name in settings if name not in FIELDS_BY_NAME]
-    if unknown:
-        raise DASRError(f"unknown field {unknown[0]!r}; names are listed by `degrade inspect --vector` and in docs")
+    parse_settings([f"{name}={text}" for name, text in settings.items()])  # names and v-free values
     # choices first: a strength's units follow its step's noise type, whichever order the settings came in
     for name, text in sorted(settings.items(), key=lambda item: FIELDS_BY_NAME[item[0]].kind != "onehot"):
         f = FIELDS_BY_NAME[name]
         if f.kind == "onehot":
-            if text not in f.choices:
-                raise DASRError(f"{name}: {text!r} is not one of {', '.join(f.choices)}")
             v[:, f.slice] = 0
             v[:, f.index + f.choices.index(text)] = 1
             continue
-        try:
-            x = float(text)
-        except ValueError:
-            raise DASRError(f"{name}: {text!r} is not a number") from None
-        if not math.isfinite(x):
-            raise DASRError(f"{name}: {text!r} is not a finite number")
+        x = float(text)
         if f.kind == "flag":
-            v[:, f.index] = 1.0 if x >= 0.5 else 0.0
+            v[:, f.index] = x
             continue
         step_type = None
         if f.ranges:  # noise strength: units follow the noise type currently in v
             group = FIELDS_BY_NAME[f"{f.step}.type"]
+            if bool((v[:, group.slice].clamp(0, 1).sum(dim=1) < 0.5).any()):  # no type: decode reads no noise
+                raise DASRError(f"{name}: this image's v has no {f.step} noise type (it reads as no noise), so "
+                                f"the strength has no units: give --set {f.step}.type=gaussian or poisson too")
             choice = v[:, group.slice].argmax(dim=1)
             step_type = [group.choices[int(c)] for c in choice]
         for row in range(v.shape[0]):

@@ -138,6 +138,48 @@ def test_set_a_noise_type_and_its_strength_in_either_order():
     assert edited[0, 20:22].tolist() == [1.0, 0.0] and edited[0, 18].item() == pytest.approx(0.5)
 
 
+def test_a_strength_for_a_step_whose_v_sets_no_noise_type_is_refused():
+    """A v whose noise1.type entries are all about 0 reads as no stage-1 noise; its strength's units were
+    taken from the larger of two near-zero entries (Poisson here, where the user may have meant a Gaussian
+    sigma): refused, naming the type to give; with the type given it is set."""
+    v = torch.rand(1, 33)
+    v[:, 20:22] = torch.tensor([-0.0103, -0.0056])
+    with pytest.raises(ValueError, match="has no noise1 noise type .* give --set noise1.type=gaussian or poisson"):
+        edit_vector(v, {"noise1.strength": "2"})
+    edited = edit_vector(v, {"noise1.strength": "15", "noise1.type": "gaussian"})
+    assert edited[0, 20:22].tolist() == [1.0, 0.0] and edited[0, 18].item() == pytest.approx(0.5)
+
+
+def test_set_values_no_image_could_take_are_refused_before_any_work(ckpt, tmp_path):
+    """A repeated name, a flag other than 0 or 1 (7 and 0.6 became 1), an even or fractional kernel size, a
+    choice that is no choice, a value out of its field's range: one line before any image is read or the
+    output folder made (a misspelt choice was 'skipped' once per image, and left an empty folder)."""
+    from dasr_model.infer import parse_settings
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b"):
+        cv2.imwrite(str(src / f"{name}.png"), np.full((12, 12, 3), 90, np.uint8))
+    for settings, message in [
+        (["noise1.gray=1", "noise1.gray=0"], "noise1.gray is given twice"),
+        (["noise1.gray=7"], "is a flag: 0 or 1"),
+        (["noise1.gray=0.6"], "is a flag: 0 or 1"),
+        (["blur1.size=4"], "not an odd kernel size"),
+        (["sinc.size=7.5"], "not an odd kernel size"),
+        (["noise1.type=gausian"], "'gausian' is not one of gaussian, poisson"),
+        (["blur1.sigma_x=9"], r"blur1.sigma_x: 9 is outside \[0, 3\]"),
+        (["jpeg1.quality=abc"], "is not a number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_settings(settings)
+        out = tmp_path / "out"
+        args = [str(src), "-o", str(out), "--model", str(ckpt), "--device", "cpu"]
+        result = CliRunner().invoke(sr_main, args + [x for s in settings for x in ("--set", s)])
+        assert result.exit_code != 0 and "skipped" not in result.output and not out.exists(), result.output
+    assert parse_settings(["noise1.gray=1", "blur1.size=7", "noise1.type=gaussian"]) == {
+        "noise1.gray": "1", "blur1.size": "7", "noise1.type": "gaussian"}
+
+
 def test_metrics_against_independent_numbers():
     rng = np.random.default_rng(0)
     hr = rng.random((40, 40, 3)).astype(np.float32)
