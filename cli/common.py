@@ -38,6 +38,19 @@ def _show_degrade_warning(message, category, filename, lineno, file=None, line=N
 warnings.showwarning = _show_degrade_warning  # every command imports this module
 
 
+def _quiet_opencv() -> None:
+    """OpenCV's own log lines off (its '[ WARN:0@1.8] ... PNG input buffer is incomplete' and '[ERROR:0@...]
+    imdecode_' before our one-line refusal of the same file): the commands say what failed, once. The
+    library leaves OpenCV's logging as it finds it; OPENCV_LOG_LEVEL, when set, still wins."""
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        import cv2
+
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+
+_quiet_opencv()
+
+
 def os_error(exc: OSError) -> str:
     """An OSError as one line: 'path: reason'."""
     where = exc.filename if exc.filename is not None else ""

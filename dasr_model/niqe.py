@@ -15,8 +15,10 @@ from __future__ import annotations
 import functools
 import math
 import os
+import tokenize
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +70,13 @@ def load_niqe_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
                     arrays[key] = npz[key]
         except DASRError:
             raise
-        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:  # not an npz, damaged
-            raise DASRError(f"{path}: not a readable NIQE parameter file ({str(exc)[:120]})") from None
+        # not an npz, or damaged: a bad deflate stream (zlib.error), an unsupported or encrypted member
+        # (zipfile's NotImplementedError, RuntimeError), a .npy header that does not parse (numpy's
+        # tokenize.TokenError, SyntaxError): each was a traceback
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+                RuntimeError, tokenize.TokenError, SyntaxError) as exc:
+            raise DASRError(f"{path}: not a readable NIQE parameter file ({' '.join(str(exc).split())[:120]})") \
+                from None
     out = {}
     for key, shape in PARAMS.items():
         a = arrays[key]

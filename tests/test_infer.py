@@ -197,6 +197,50 @@ def test_metrics_against_independent_numbers():
     assert ssim_y(noisy, hr) < ssim_y(np.clip(hr + rng.normal(0, 0.02, hr.shape), 0, 1), hr) < 1
 
 
+def test_metrics_refuse_what_they_would_score_wrong():
+    """uint8 images were clipped to [0, 1] (black and white: 25.8 dB for 31.5), an HR of another shape
+    broadcast against the SR with crop 0, a shape numpy cannot broadcast a raw ValueError, and SSIM of an
+    image too small for its window NaN: each a DASRError now; float images of one shape score as before."""
+    from dasr_model.errors import DASRError
+    from dasr_model.metrics import psnr_rgb
+
+    rng = np.random.default_rng(3)
+    hr = rng.random((40, 40, 3)).astype(np.float32)
+    sr = np.clip(hr + rng.normal(0, 0.02, hr.shape), 0, 1).astype(np.float32)
+    for fn in (psnr_y, psnr_rgb, ssim_y):
+        with pytest.raises(DASRError, match="float in \\[0, 1\\], got uint8"):
+            fn((sr * 255).astype(np.uint8), (hr * 255).astype(np.uint8))
+        with pytest.raises(DASRError, match="differ in shape"):
+            fn(sr, hr[:1], crop=0)
+        with pytest.raises(DASRError, match="differ in shape"):
+            fn(sr, hr[:, :30])
+        with pytest.raises(DASRError, match="crop must be an integer"):
+            fn(sr, hr, crop=-1)
+        assert np.isfinite(fn(sr, hr))
+    with pytest.raises(DASRError, match="leaves less than 11 px a side"):
+        ssim_y(sr[:18, :18], hr[:18, :18])
+    assert np.isfinite(ssim_y(sr[:19, :19], hr[:19, :19]))
+
+
+def test_the_commands_leave_out_opencvs_own_log_lines(tmp_path):
+    """A truncated PNG is one line, our 'not a readable image', without OpenCV's '[ WARN:0@...] ... PNG input
+    buffer is incomplete' before it (OPENCV_LOG_LEVEL, when set, still decides)."""
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "t.png"
+    bad.write_bytes(degrade.sample_images()[0].read_bytes()[:3000])
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_LOG_LEVEL"}
+    run = [sys.executable, "-m", "cli.main", "apply", str(bad), "-o", str(tmp_path / "o.png")]
+    root = Path(__file__).resolve().parents[1]
+    quiet = subprocess.run(run, capture_output=True, text=True, env=env, cwd=root, timeout=60)
+    assert quiet.returncode == 1 and quiet.stderr.strip().splitlines() == [f"Error: {bad}: not a readable image"]
+    loud = subprocess.run(run, capture_output=True, text=True, env={**env, "OPENCV_LOG_LEVEL": "WARNING"}, cwd=root,
+                          timeout=60)
+    assert "WARN" in loud.stderr  # the oracle: OpenCV does log this file
+
+
 def test_sr_cli_writes_x4_pngs_and_prints_v(ckpt, tmp_path):
     src = tmp_path / "in"
     src.mkdir()

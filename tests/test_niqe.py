@@ -93,6 +93,54 @@ def test_the_parameter_file_is_read_without_pickles_and_checked(tmp_path):
         load_niqe_params(_save(tmp_path / "neg.npz", **{**params, "cov_pris_param": -np.eye(36)}))
 
 
+def test_a_damaged_archive_is_one_line_whatever_zipfile_zlib_or_numpy_raise(tmp_path):
+    """Damage that reached dasr-eval as a traceback (from an independent review's fuzzing): a deflate stream
+    that does not inflate (zlib.error), a member of an unsupported compression method (NotImplementedError)
+    or encrypted (RuntimeError), a .npy header that does not parse (tokenize.TokenError). Each is the
+    loader's one-line DASRError."""
+    import io
+    import zipfile
+
+    params = make_params()
+
+    def archive(name: str, method: int, edit, member_edit=bytes):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", method) as z:
+            for key, value in params.items():
+                member = io.BytesIO()
+                np.save(member, value)
+                z.writestr(f"{key}.npy", member_edit(member.getvalue()))  # its CRC that of the edited bytes
+        path = tmp_path / name
+        path.write_bytes(edit(bytearray(buf.getvalue())))
+        return path
+
+    def inflate_fails(data: bytearray) -> bytes:  # the first member's deflate stream, its block type made invalid
+        start = 30 + int.from_bytes(data[26:28], "little") + int.from_bytes(data[28:30], "little")
+        data[start] |= 0b110  # BTYPE 11: reserved, an error in every inflater
+        return bytes(data)
+
+    def method(value: int, flag: int = 0):
+        def edit(data: bytearray) -> bytes:
+            for sig, at in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):  # local headers and the directory
+                i = data.find(sig)
+                while i >= 0:
+                    data[i + at:i + at + 2] = value.to_bytes(2, "little")
+                    data[i + at - 2] |= flag
+                    i = data.find(sig, i + 4)
+            return bytes(data)
+        return edit
+
+    cases = {
+        "zlib.npz": (zipfile.ZIP_DEFLATED, inflate_fails),
+        "deflate64.npz": (zipfile.ZIP_STORED, method(9)),
+        "encrypted.npz": (zipfile.ZIP_STORED, method(0, flag=1)),
+        "header.npz": (zipfile.ZIP_STORED, bytes, lambda d: d.replace(b"), }", b"), (", 1)),  # '{... (' unclosed
+    }
+    for name, (how, *edits) in cases.items():
+        with pytest.raises(DASRError, match="not a readable NIQE parameter file"):
+            load_niqe_params(archive(name, how, *edits))
+
+
 def test_an_image_without_two_textured_blocks_is_refused():
     params = make_params()
     flat = np.full((200, 300), 120.0)

@@ -35,7 +35,7 @@ from degrade.shards.format import (
     shard_path,
 )
 from degrade.shards.sample import Sample, SampleBatch
-from degrade.strictjson import DuplicateKey, strict_json
+from degrade.strictjson import strict_json
 from degrade.vector import VECTOR_LENGTH
 
 
@@ -136,7 +136,7 @@ class ShardDataset:
             raise DatasetError(f"{path}: not an HDF5 file") from None
         try:
             sharpen = strict_json(command).get("sharpen_hr", False) if isinstance(command, str) else None
-        except (ValueError, AttributeError, RecursionError, DuplicateKey):  # not JSON, or not an object
+        except (ValueError, AttributeError, RecursionError):  # not JSON (a key twice too), or not an object
             sharpen = None
         if not isinstance(sharpen, bool):
             raise DatasetError(f"{path}: its command attribute does not say whether the HR was sharpened "
