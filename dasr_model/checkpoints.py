@@ -318,6 +318,16 @@ def _directory(path: Path, f: BinaryIO, size: int, what: str) -> int:
     return cd_offset
 
 
+def is_torch_file(path: str | os.PathLike) -> bool:
+    """True if the file starts as torch.save writes one (a zip archive, or the legacy format's magic)."""
+    try:
+        with open_regular(Path(path)) as f:
+            head = f.read(len(LEGACY_MAGIC))
+    except (OSError, DASRError):
+        return False
+    return head[:4] == ZIP_MAGIC or head == LEGACY_MAGIC
+
+
 def open_regular(path: Path) -> BinaryIO:
     """degrade.io.open_regular (a regular file, opened non-blocking and checked again), its refusal a
     DASRError; a missing or unreadable file is the OSError it is."""

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dasr_model.checkpoints import latest_intact, load_checkpoint
+from dasr_model.checkpoints import is_torch_file, latest_intact, load_checkpoint
 from dasr_model.errors import DASRError
 from dasr_model.model import DASR, DASRConfig, ExpertMSRResNet, MSRResNet
 from dasr_model.modelfile import MODEL_FILE, is_model_file, read_model_file, save_model_file
@@ -102,6 +102,9 @@ def load_model(path: str | Path | None = None, release: tuple[str | Path, str | 
         model, meta = read_model_file(path)
         step = int(meta["step"]) if re.fullmatch(r"[0-9]{1,18}", meta.get("step", "")) else None
         return LoadedModel(model, str(path), "model file", step)
+    if not is_torch_file(path):  # said as what was looked for: either kind (a checkpoint's refusal named one)
+        raise DASRError(f"{path}: neither a model file (dasr-train's or dasr-export's .safetensors) nor a "
+                        "checkpoint (a torch.save file)")
     ckpt = load_checkpoint(path)
     return LoadedModel(model_from_checkpoint(ckpt, path), str(path), _checkpoint_kind(ckpt), ckpt["step"])
 

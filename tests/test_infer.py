@@ -801,7 +801,7 @@ def test_sr_cli_does_not_feed_its_own_outputs_back(ckpt, tmp_path):
     (["x.png", "-o", "out", "--model", "{ckpt}", "--set", "bogus.field=1"], "unknown field"),
     (["x.png", "-o", "out", "--model", "{ckpt}", "--set", "noformat"], "NAME=VALUE"),
     (["x.png", "-o", "out", "--model", "{ckpt}", "--mix", "1,2,3"], "--mix needs 2"),
-    (["x.png", "-o", "out", "--model", "notes.txt"], "not a readable checkpoint"),
+    (["x.png", "-o", "out", "--model", "notes.txt"], "neither a model file (dasr-train's or dasr-export's "),
 ])
 def test_sr_bad_input_is_one_line(ckpt, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
