@@ -25,7 +25,9 @@ shares the steps after it keep:
      LR 512 that fused network through torch.compile (default, reduce-overhead); then a profile of
      dasr-sr's path at LR 512 (where an image's GPU time goes: the 4x target's next lead);
   5b. appended to OUT/infer.md: `dasr-sr` end to end over a folder of 16 LR-512 images, outputs written
-     one after another (--write-threads 0) against 1, 2 and 4 writer threads (`benchmarks/bench_sr.py`);
+     one after another (--write-threads 0) against 1, 2, 4 and 8 writer threads (`benchmarks/bench_sr.py`;
+     the default is at most 4: on this machine a 2048-px PNG took 150-230 ms to encode at any zlib level,
+     so 4 threads may still leave the GPU waiting);
   6. OUT/bf16.md: bf16 against float32 on real images: PSNR-Y of `dasr-sr`'s output (experts fused once,
      whole image, rounded to 8 bit) against the HR for each bundled photo (HR: a 256-px centre crop; LR:
      degraded at level 1, fixed seed), and the outputs' largest difference before rounding; with --model
@@ -92,7 +94,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The up-sampling step (32 s, 2026-11-27) settled its question (the matrix products, dasr-train's default on a
 # GPU since): its share goes to the two no-GAN experiments together ("combo": 4 rows, two of them compiled, some
 # 30-40 s each as the compile table's), after the compile step, whose inductor caches they may reuse.
-# dasr-sr over a folder ("sr-folder": 9 runs of 16 LR-512 images, some 2 s each, a guess from the network's
+# dasr-sr over a folder ("sr-folder": 11 runs of 16 LR-512 images, some 2 s each, a guess from the network's
 # 11 ms and a 2048-px PNG's 0.1 s per image) takes a share from inference, which used 27 s of its 65.
 # Inference has 4 more rows per size since (the last convolution padded, conv1 + ReLU in cuDNN, eager and in
 # the graph: about 1 s each) and one more reduce-overhead compilation at LR 512 (some 5-10 s): within its share.
@@ -369,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     # dasr-sr end to end over a folder: outputs written one after another, then on writer threads (the PNG
     # encoding of a x4 output outlasts the network on a GPU), appended to infer.md
     folder_args = (["--small", "--count", "3", "--size", "32", "--threads", "0,1", "--repeat", "1"] if args.smoke
-                   else ["--count", "16", "--size", "512", "--threads", "0,1,2,4"])
+                   else ["--count", "16", "--size", "512", "--threads", "0,1,2,4,8"])
     step(out, "sr-folder", [py, "benchmarks/bench_sr.py", "--device", device, *folder_args], work / "sr-folder.txt",
          allowed("sr-folder"))
     append_sections(out / "infer.md", [(work / "sr-folder.txt", "dasr-sr over a folder (bench_sr.py)")])
