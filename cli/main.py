@@ -10,6 +10,8 @@ import json
 import os
 import signal
 import sys
+import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -237,10 +239,7 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
         set_max_pixels(None)
     abandoned = ds.abandoned_writes()
 
-    def terminate(signum, frame):  # SIGTERM (a scheduler's stop) as an exception: stopped as Ctrl-C stops it
-        raise SystemExit(143)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
+    restore = _sigterm_as_exit()  # a scheduler's stop ends the run as Ctrl-C does
     try:
         with _progress() as progress:
             task = progress.add_task("scanning sources", total=None)
@@ -281,7 +280,7 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
         err_console.print("terminated: run the same command again to finish the dataset")
         sys.exit(143)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore()
 
     rate = report.made / report.seconds if report.seconds > 0 else 0.0
     levels = ", ".join(f"level {k}: {v}" for k, v in report.level_counts.items() if v)
@@ -328,10 +327,7 @@ def make_testset_command(hr_dir: Path | None, out: Path, levels: str, seed: int,
         err_console.print(f"no HR_DIR given: using the bundled photos in {hr_dir}")
     set_max_pixels(max_pixels)
 
-    def terminate(signum, frame):  # SIGTERM as an exception: make_testset removes its hidden folder
-        raise SystemExit(143)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
+    restore = _sigterm_as_exit()  # as an exception: make_testset removes its hidden folder
     try:
         with _progress() as progress:
             task = progress.add_task("test images", total=None)
@@ -344,9 +340,23 @@ def make_testset_command(hr_dir: Path | None, out: Path, levels: str, seed: int,
     except SystemExit:
         _stopped("terminated: nothing was written", 143)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore()
     console.print(f"{out}: {len(manifest['images'])} HR images at level(s) {', '.join(map(str, manifest['levels']))}"
                   f", seed {seed}")
+
+
+def _sigterm_as_exit() -> Callable[[], object]:
+    """From now, SIGTERM raises SystemExit(143) in the main thread (a stop the command can clean up after);
+    returns what puts the previous handler back. Called from another thread (an embedding program's), it
+    changes nothing: only the main thread may set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def terminate(signum, frame):
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _stopped(message: str, status: int) -> None:

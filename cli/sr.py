@@ -226,7 +226,8 @@ precision_option = click.option(
                    "--set noise1.strength=5 (sigma, of 255).")
 @click.option("--mix", help="Set the expert coefficients a directly: a0,a1,...")
 @click.option("--print-v", is_flag=True,
-              help="Print the v each image is upscaled with (the predicted v, edited by any --set), decoded.")
+              help="Print each image's v, decoded: the predicted one, edited by any --set (which the mix is made "
+                   "from; with --mix, the mix given replaces it), shown clamped to [0, 1].")
 @precision_option
 @click.option("--outscale", type=click.FloatRange(1, 16), default=4.0, show_default=True,
               help="The output's scale: the x4 result resized (area averaging below 4, Lanczos above); "

@@ -129,38 +129,47 @@ def parse_settings(items: list[str]) -> dict[str, str]:
     DASRError: an unknown or repeated name, and a value that is wrong whatever the image (not a choice, not
     a finite number, a flag other than 0 or 1, a kernel size that is not odd, out of its field's range);
     a noise strength's range follows the image's noise type, so `edit_vector` checks it."""
-    from degrade.vector import FIELDS_BY_NAME
-
     out: dict[str, str] = {}
     for item in items:
         name, sep, value = item.partition("=")
         name, value = name.strip(), value.strip()
         if not sep or not name or not value:
             raise DASRError(f"--set {item!r}: expected NAME=VALUE, e.g. noise1.strength=5")
+        if name in out:
+            raise DASRError(f"--set {name} is given twice ({out[name]} and {value}): give it once")
+        out[name] = value
+    return checked_settings(out)
+
+
+def checked_settings(settings: dict[str, Any]) -> dict[str, str]:
+    """`settings` ({name: value}, values as text or numbers, a flag also as a bool) as {name: text}, names
+    and values stripped, each checked as far as no image's v decides it (:func:`parse_settings`)."""
+    from degrade.vector import FIELDS_BY_NAME
+
+    out: dict[str, str] = {}
+    for name, value in settings.items():
+        name = str(name).strip()
+        text = str(int(value)) if isinstance(value, (bool, np.bool_)) else str(value).strip()
         if name not in FIELDS_BY_NAME:
             raise DASRError(f"--set: unknown field {name!r}; {FIELD_NAMES_HINT}")
         if name in out:
-            raise DASRError(f"--set {name} is given twice ({out[name]} and {value}): give it once")
+            raise DASRError(f"--set {name} is given twice: give it once")
         f = FIELDS_BY_NAME[name]
         if f.kind == "onehot":
-            _check_choice(name, value, f.choices)
+            if text not in f.choices:
+                raise DASRError(f"{name}: {text!r} is not one of {', '.join(f.choices)}")
         else:
-            x = _number(name, value)
+            x = _number(name, text)
             if f.kind == "flag" and x not in (0, 1):
-                raise DASRError(f"{name}: {value!r} is a flag: 0 or 1")
+                raise DASRError(f"{name}: {text!r} is a flag: 0 or 1")
             if name.endswith(".size") and not (x == int(x) and int(x) % 2 == 1):
-                raise DASRError(f"{name}: {value!r} is not an odd kernel size")
+                raise DASRError(f"{name}: {text!r} is not an odd kernel size")
             if f.kind == "scalar" and not f.ranges:
                 lo, hi = f.range_for(None)
                 if not lo <= x <= hi:
                     raise DASRError(f"{name}: {x:g} is outside [{lo:g}, {hi:g}]")
-        out[name] = value
+        out[name] = text
     return out
-
-
-def _check_choice(name: str, text: str, choices: tuple[str, ...]) -> None:
-    if text not in choices:
-        raise DASRError(f"{name}: {text!r} is not one of {', '.join(choices)}")
 
 
 def _number(name: str, text: str) -> float:
@@ -184,7 +193,7 @@ def edit_vector(v: Tensor, settings: dict[str, str]) -> Tensor:
     from degrade.vector import FIELDS_BY_NAME
 
     v = v.clone()
-    parse_settings([f"{name}={text}" for name, text in settings.items()])  # names and v-free values
+    settings = checked_settings(settings)  # names and v-free values, stripped
     # choices first: a strength's units follow its step's noise type, whichever order the settings came in
     for name, text in sorted(settings.items(), key=lambda item: FIELDS_BY_NAME[item[0]].kind != "onehot"):
         f = FIELDS_BY_NAME[name]
@@ -200,6 +209,11 @@ def edit_vector(v: Tensor, settings: dict[str, str]) -> Tensor:
         if f.ranges:  # noise strength: units follow the noise type currently in v
             group = FIELDS_BY_NAME[f"{f.step}.type"]
             if bool((v[:, group.slice].clamp(0, 1).sum(dim=1) < 0.5).any()):  # no type: decode reads no noise
+                entries = {f.normalise(x, t) if f.range_for(t)[0] <= x <= f.range_for(t)[1] else None
+                           for t in group.choices}
+                if len(entries) == 1 and None not in entries:  # one entry under either type (0): no units needed
+                    v[:, f.index] = entries.pop()
+                    continue
                 raise DASRError(f"{name}: this image's v has no {f.step} noise type (it reads as no noise), so "
                                 f"the strength has no units: give --set {f.step}.type=gaussian or poisson too")
             choice = v[:, group.slice].argmax(dim=1)

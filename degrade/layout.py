@@ -173,6 +173,14 @@ def check_recipe(recipe: LevelRecipe) -> None:
         if not all(0 <= p <= 1 for p in values):
             refuse(f"{name} must be probabilities in [0, 1], got {tuple(values)}")
 
+    def sizes(name: str, values: Sequence[int]) -> None:  # kernel sizes a draw picks from: what records take
+        if not values or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 3 and k % 2 for k in values):
+            refuse(f"{name} must be odd integers >= 3 to pick from, got {tuple(values)}")
+
+    def modes(name: str, values: Sequence[str]) -> None:
+        if not values or not set(values) <= set(RESIZE_MODES):
+            refuse(f"{name} must be resize modes to pick from ({', '.join(RESIZE_MODES)}), got {tuple(values)}")
+
     def quality(name: str, pair: Sequence[float]) -> None:  # a record's quality rounds to 1-99 (100: no JPEG)
         span(name, pair)
         need(name, pair)
@@ -194,6 +202,8 @@ def check_recipe(recipe: LevelRecipe) -> None:
         if (up and st.resize_range[1] < 1) or (down and st.resize_range[0] > 1):  # up: U[1, max]; down: U[min, 1]
             refuse(f"stage {n} resize_range {tuple(st.resize_range)} must hold 1: 'up' draws in [1, high], "
                    "'down' in [low, 1]")
+        sizes(f"stage {n} kernel_sizes", st.kernel_sizes)
+        modes(f"stage {n} resize_modes", st.resize_modes)
         need(f"blur{n}.size", st.kernel_sizes)
         need(f"blur{n}.sigma_x", st.blur_sigma_range)
         need(f"resize{n}.scale", st.resize_range)
@@ -203,7 +213,9 @@ def check_recipe(recipe: LevelRecipe) -> None:
             if n == "2":
                 refuse("stage 2 takes no jpeg_range: a two-stage level's second JPEG is final.jpeg_range")
             quality("jpeg1.quality", st.jpeg_range)
+    modes("final_modes", recipe.final_modes)
     if recipe.final is not None:
+        sizes("final sinc_sizes", recipe.final.sinc_sizes)
         need("sinc.size", recipe.final.sinc_sizes)
         span("final omega_c_range", recipe.final.omega_c_range)
         need("sinc.omega_c", recipe.final.omega_c_range)

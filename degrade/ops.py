@@ -103,7 +103,7 @@ def encode_jpeg(img: Image, quality: int) -> bytes:
 def _encode_jpeg(img: Image, quality: int) -> NDArray[np.uint8]:
     check_image(img)
     if isinstance(quality, (bool, np.bool_)) or not isinstance(quality, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(quality) or not 1 <= round(quality) <= 100:
+            or not -math.inf < quality < math.inf or not 1 <= round(quality) <= 100:
         raise DegradeError(f"JPEG quality must be a number that rounds to an integer in [1, 100], got {quality!r}")
     q = round(quality)  # the nearest integer, as a record's quality is (int() truncated 30.7 to 30)
     bgr = cv2.cvtColor(quantise_8bit(img), cv2.COLOR_RGB2BGR)  # OpenCV encodes BGR

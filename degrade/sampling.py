@@ -103,6 +103,10 @@ def sample_params(
     if not isinstance(recipe, LevelRecipe):
         raise DegradeError(f"recipes has no LevelRecipe for level {lv}" + (", which 'mix' draws" if level == "mix"
                                                                           else ""))
+    try:
+        hash(recipe)  # check_recipe's cache needs it (a frozen dataclass of tuples is hashable)
+    except TypeError:
+        raise DegradeError(f"level {lv} recipe: its ranges and choices must be tuples, not lists") from None
     check_recipe(recipe)
     s1 = recipe.stage1
     blur1 = _sample_blur(s1, rng)

@@ -279,3 +279,28 @@ def test_a_bad_vector_is_still_one_line():
         result = CliRunner().invoke(main, ["inspect", "--vector", text])
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
         assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_make_dataset_and_make_testset_run_from_another_thread(tmp_path):
+    """Only the main thread may set a signal handler: the SIGTERM handler made make-dataset, called from
+    another thread (an embedding program, a GUI), fail with 'signal only works in main thread'; from
+    there the commands run without one, and the main thread's handler is left as it was."""
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    results = {}
+
+    def run(name, args):
+        results[name] = CliRunner().invoke(main, args)
+
+    threads = [threading.Thread(target=run, args=("dataset", ["make-dataset", "--out", str(tmp_path / "ds"), "--count",
+                                                               "4", "--patch-size", "64", "--jobs", "1"])),
+               threading.Thread(target=run, args=("testset", ["make-testset", "--out", str(tmp_path / "ts"),
+                                                              "--levels", "1"]))]
+    for t in threads:
+        t.start()
+        t.join()
+    for name, result in results.items():
+        assert result.exit_code == 0, (name, result.output, result.exception)
+    assert signal.getsignal(signal.SIGTERM) is before

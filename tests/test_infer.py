@@ -148,6 +148,11 @@ def test_a_strength_for_a_step_whose_v_sets_no_noise_type_is_refused():
         edit_vector(v, {"noise1.strength": "2"})
     edited = edit_vector(v, {"noise1.strength": "15", "noise1.type": "gaussian"})
     assert edited[0, 20:22].tolist() == [1.0, 0.0] and edited[0, 18].item() == pytest.approx(0.5)
+    edited = edit_vector(v, {"noise1.strength": "0"})  # no noise: entry 0 under either type, no type needed
+    assert edited[0, 18].item() == 0 and torch.equal(edited[:, 19:], v[:, 19:])
+    # the library's dict: names and values stripped, a flag also as a bool (as before the checks moved)
+    edited = edit_vector(v, {" noise1.type": "gaussian ", "noise1.gray": True})
+    assert edited[0, 19:22].tolist() == [1.0, 1.0, 0.0]
 
 
 def test_set_values_no_image_could_take_are_refused_before_any_work(ckpt, tmp_path):

@@ -105,10 +105,11 @@ def test_bad_sigma_and_cutoff_are_refused():
     from degrade.errors import DegradeError
 
     for args in [(7, 0.0, 1.0, 0.0), (7, 1.0, 0.5, math.nan), (7, 1.0, 1e-160, 0.0), (7, 1e-200, 1e-200, 0.0),
-                 (7, "1", 1.0, 0.0), (7, math.inf, 1.0, 0.0), (7, 1.0, 1.0, None)]:
+                 (7, "1", 1.0, 0.0), (7, math.inf, 1.0, 0.0), (7, 1.0, 1.0, None), (7, 10**400, 1.0, 0.0),
+                 (7, 1.0, 1.0, 10**400), (2**40 + 1, 1.0, 1.0, 0.0)]:  # OverflowError; an 8 TiB allocation
         with pytest.raises(DegradeError):
             gaussian_kernel(*args)
-    for omega in (4.0, math.nan, "1"):
+    for omega in (4.0, math.nan, "1", 10**400):
         with pytest.raises(DegradeError):
             sinc_kernel(7, omega)
     delta = np.zeros((7, 7))

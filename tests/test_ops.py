@@ -223,7 +223,7 @@ def test_jpeg_keeps_rgb_order():
     assert out[..., 0].mean() > 0.9 and out[..., 2].mean() < 0.1
 
 
-@pytest.mark.parametrize("q", [0, 101, 0.4, 100.6, "50", math.nan, True])
+@pytest.mark.parametrize("q", [0, 101, 0.4, 100.6, "50", math.nan, True, 10**400, math.inf])
 def test_jpeg_rejects_bad_quality(q, hr_patch):
     with pytest.raises(ValueError):
         ops.jpeg(hr_patch, q)

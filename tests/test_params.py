@@ -312,6 +312,14 @@ def test_custom_recipes_are_checked_before_any_draw():
         ({2: replace(r2, stage1=replace(s1, isotropic_prob=1.5))}, 2, "probabilities in"),
         ({3: replace(r3, stage2=replace(r3.stage2, jpeg_range=(10.0, 20.0)))}, 3, "stage 2 takes no jpeg_range"),
         ({3: replace(r3, final=replace(r3.final, sinc_prob=-0.1))}, 3, "probabilities in"),
+        # a draw picking 8 or 7.5 (refused or truncated only on an unlucky draw), from nothing (numpy's error)
+        ({2: replace(r2, stage1=replace(s1, kernel_sizes=(7, 9, 11, 8)))}, 2, "odd integers >= 3"),
+        ({2: replace(r2, stage1=replace(s1, kernel_sizes=(7.5,)))}, 2, "odd integers >= 3"),
+        ({2: replace(r2, stage1=replace(s1, kernel_sizes=()))}, 2, "odd integers >= 3"),
+        ({3: replace(r3, final=replace(r3.final, sinc_sizes=(1, 3)))}, 3, "sinc_sizes must be odd integers >= 3"),
+        ({2: replace(r2, stage1=replace(s1, resize_modes=()))}, 2, "resize_modes must be resize modes"),
+        ({2: replace(r2, final_modes=("nearest",))}, 2, "final_modes must be resize modes"),
+        ({2: replace(r2, stage1=replace(s1, resize_probs=[0.2, 0.7, 0.1]))}, 2, "must be tuples, not lists"),
     ]
     for recipes, level, message in cases:
         with pytest.raises(degrade.DegradeError, match=message):
