@@ -6,6 +6,7 @@ cause (bad files, bad options) end as one line on stderr and exit status 1 (clic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,12 +28,14 @@ from cli.common import max_pixels_option, one_line, parse_levels, set_max_pixels
 from degrade.allocator import tune_allocator
 from degrade.errors import DegradeError
 from degrade.io import (
+    LOSSLESS_SUFFIXES,
     ImageError,
+    atomic_writer,
     check_write_target,
     crop_to_multiple,
+    encode_image,
     read_regular_file,
     real_path,
-    write_bytes_atomic,
 )
 from degrade.recipe import MIN_HR_SIDE, describe_levels
 from degrade.shards.format import COMPRESSIONS, MAX_COUNT, MAX_SHARDS
@@ -157,8 +160,13 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
             raise click.ClickException(f"{params_out}: --params-out would overwrite {what}")
     if _same_file(output, image):
         raise click.ClickException(f"{output}: -o would overwrite the input image")
+    if output.suffix.lower() not in LOSSLESS_SUFFIXES:  # refused before the work, not after it
+        raise click.ClickException(f"{output}: output must be a lossless image ({', '.join(LOSSLESS_SUFFIXES)})")
     set_max_pixels(max_pixels)
     try:
+        for target in (output, params_out):  # what the writes would refuse, before the image is read
+            if target is not None:
+                check_write_target(Path(target))
         hr = degrade.read_image(image)
         h, w = hr.shape[:2]
         if min(h, w) < MIN_HR_SIDE:
@@ -182,12 +190,14 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
         else:
             params = degrade.sample_params(level, np.random.default_rng(np.random.SeedSequence(seed)))
         lr = degrade.apply(hr, params)
-        for target in (output, params_out):  # both checked before either is written: no image without its record
-            if target is not None:
-                check_write_target(Path(target))
-        degrade.write_image(output, lr)
-        if params_out is not None:
-            write_bytes_atomic(params_out, (json.dumps(params.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+        png = encode_image(lr, output.suffix)
+        # No image without its record: both written to temporary files, the record's renamed first, then the
+        # image's; a failure before (a folder that refuses a file, a full disk) leaves neither
+        with atomic_writer(output) as image_file, (atomic_writer(params_out) if params_out is not None
+                                                   else contextlib.nullcontext()) as record_file:
+            image_file.write(png)
+            if record_file is not None:
+                record_file.write((json.dumps(params.to_dict(), indent=2, sort_keys=True) + "\n").encode())
     except (DegradeError, OSError) as exc:
         raise click.ClickException(one_line(exc)) from None
 
@@ -381,6 +391,9 @@ def verify(directory: Path, regenerate: int, sources: Path | None, seed: int) ->
     """Check a dataset: structure, shapes, value ranges, checksums, and optionally regenerate samples."""
     from degrade import shards as ds
 
+    if directory.is_file():  # a lone shard: its manifest, which verify compares it with, is in its folder
+        raise click.UsageError(f"{directory}: verify checks a dataset folder (its manifest and every shard); "
+                               f"give the folder, {directory.parent}")
     try:
         problems = ds.verify_dataset(directory, regenerate=regenerate, seed=seed, source_root=sources)
         checked = min(regenerate, len(ds.open_dataset(directory, allow_incomplete=True))) if regenerate else 0
@@ -440,11 +453,22 @@ def inspect(target: Path | None, index: int | None, vector: str | None, png: Pat
                 err_console.print(f"wrote {png} ({size[0]}x{size[1]})")
             return
         data = ds.open_dataset(target, allow_incomplete=True, checksums=checksums)
+        if data.config is not None and len(data) < data.config.count:
+            err_console.print(f"note: {target} is incomplete: {len(data)} of its {data.config.count} samples are made "
+                              "(run its make-dataset command again to finish it)")
         if index is not None:
+            n, first = len(data), data.stored_index(0) if len(data) else 0
+            if first and not -n <= index < n:  # a lone later shard: --index is a position, its labels not
+                raise DegradeError(f"--index {index} is out of range: {target} holds samples {first} to "
+                                   f"{first + n - 1}, at positions 0 to {n - 1}; --index takes the position")
             sample = data[index]
             stored = data.stored_index(index)  # the sample's own index (a lone later shard: not its position)
             label = f"sample {stored}" + (f" (position {index})" if stored != index else "")
-            rows = insp.read_fields(sample.v, sample.params)
+            try:
+                rows = insp.read_fields(sample.v, sample.params)
+            except DegradeError as exc:  # the stored v, not a --vector: said where it is
+                raise DegradeError(f"{target} {label}: its stored v: {exc} (a damaged shard: degrade verify checks "
+                                   "each one)") from None
             _report_sample(rows, sample.params, sample.hr.shape[0], f"{target} {label}", as_json,
                            extra={"index": stored})
             if png:
@@ -474,9 +498,10 @@ def _check_picture_path(png: Path, target: Path | None) -> None:
                                or (target.is_dir() and real_path(target) in real_path(png).parents)):
         raise click.BadParameter(f"{png}: would overwrite part of the dataset {target}; write the picture "
                                  "elsewhere", param_hint="--png")
-    folder = png.parent if str(png.parent) else Path(".")
-    if not folder.is_dir():  # before any statistics are computed and printed
-        raise click.ClickException(f"{png}: folder {folder} does not exist")
+    try:  # before any statistics are computed and printed: what the write would refuse (a folder there)
+        check_write_target(png)
+    except (DegradeError, OSError) as exc:
+        raise click.ClickException(one_line(exc)) from None
 
 
 def _plots():

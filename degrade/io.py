@@ -713,8 +713,8 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(exc, OSError):
-            raise _naming(exc, path) from None
+        if isinstance(exc, OSError) and exc.filename in (None, tmp):  # ours (a write, the sync, the rename),
+            raise _naming(exc, path) from None  # not one that names another file (a nested writer's)
         raise
     _sync_folder(directory)
 

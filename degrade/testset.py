@@ -364,6 +364,8 @@ def _signals_held() -> Iterator[None]:
 def _check_empty(out: Path) -> None:
     """DegradeError unless `out` is absent or an empty folder; a hidden folder another make_testset left
     there (killed, or still at work) does not count, so a retry after a hard kill is not refused."""
+    if out.is_symlink() and not out.exists():  # a link to nothing: the set's folder could not be made there
+        raise DegradeError(f"{out}: a symbolic link to nothing; a test set is written into a new or empty folder")
     if not out.exists():
         return
     if not out.is_dir():

@@ -193,10 +193,15 @@ def test_pictures_are_valid_pngs_of_the_expected_size(small, tmp_path):
     (["inspect", "{small}", "--vector", "0.1"], "not both"),
     (["inspect", "{small}", "--grid", "4"], "--grid needs --png"),
     (["inspect", "{small}", "--png", "nodir/x.png"], "x.png: folder nodir does not exist"),
+    (["inspect", "{small}", "--png", "dir.png"], "dir.png: Is a directory"),  # was said after the whole table
+    # a lone later shard: its labels say 'sample 16' for position 0, so the refusal says which --index means
+    (["inspect", "{small}/shard-00001.h5", "--index", "16"], "holds samples 16 to 31, at positions 0 to 15"),
+    (["verify", "{small}/shard-00000.h5"], "verify checks a dataset folder"),  # was '.../manifest.json: Not a dir'
 ])
 def test_bad_input_is_one_clear_line(small, args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "README.md").write_text("not a shard")
+    (tmp_path / "dir.png").mkdir()
     result = CliRunner().invoke(main, [a.replace("{small}", small) for a in args])
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
     assert isinstance(result.exception, SystemExit), result.exception  # not a raw exception CliRunner caught
@@ -251,3 +256,26 @@ def test_a_record_that_does_not_parse_is_named_by_its_sample(tmp_path):
         insp.dataset_stats(degrade.open_dataset(src))
     result = CliRunner().invoke(main, ["inspect", src])
     assert result.exit_code == 1 and "sample 4 (shard-00001.h5 row 1): not valid JSON" in result.output
+
+
+def test_a_damaged_stored_v_is_named_and_an_incomplete_dataset_said(small, tmp_path):
+    """A NaN in one sample's stored v was refused as 'the vector contains NaN or infinite values', which reads
+    like a bad --vector: it names the dataset and sample now. An incomplete dataset (a run stopped midway)
+    was shown as if its shards were all there: a note gives the samples made of those planned."""
+    import shutil
+
+    import h5py
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(small, damaged)
+    with h5py.File(damaged / "shard-00001.h5", "r+") as f:
+        f["v"][2, 5] = np.nan
+    result = run("inspect", damaged, "--index", 18)
+    assert result.exit_code == 1
+    assert f"{damaged} sample 18: its stored v: the vector contains NaN" in " ".join(result.output.split())
+    assert "degrade verify" in result.output
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    manifest.update(complete=False, shards=manifest["shards"][:2])
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    result = run("inspect", damaged)
+    assert result.exit_code == 0 and "is incomplete: 32 of its 40 samples are made" in " ".join(result.output.split())

@@ -658,3 +658,14 @@ def test_a_hidden_folder_removed_mid_run_is_never_taken_for_the_set(hr_dir, tmp_
     with pytest.raises(DegradeError, match="hidden folder was removed while it was written; nothing was written"):
         make_testset(hr_dir, out, levels=(1,), seed=5, progress=remove_it)
     assert not (tmp_path / "sets").exists()
+
+
+def test_an_out_that_is_a_link_to_nothing_is_refused_before_any_work(tmp_path):
+    """--out as a symlink to nothing degraded every image, then failed naming its hidden folder
+    ('.make-testset....tmp: Not a directory'): refused up front, naming OUT, with nothing made."""
+    from degrade.testset import make_testset
+
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(DegradeError, match="link: a symbolic link to nothing"):
+        make_testset(degrade.sample_images()[0].parent, tmp_path / "link", levels=[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
