@@ -18,6 +18,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def free_cached(device: torch.device) -> None:
+    """Give the caching allocator's free blocks back (CUDA), between rows. Never fatal: after a failed CUDA
+    graph capture some torch versions leave the allocator thinking a capture is under way, and empty_cache
+    then raises (an INTERNAL ASSERT); the rows after it must still run."""
+    if device.type == "cuda":
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError as exc:
+            print(f"(empty_cache failed: {first_line(exc)}; going on)", flush=True)
+
+
 def timed_steps(device: torch.device, n: int, step: Callable[[], object]) -> list[float]:
     """Seconds of each of `n` calls of step(), the device synchronised around each."""
     times = []

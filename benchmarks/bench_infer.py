@@ -23,7 +23,8 @@ at the release's init), milliseconds per image, median of --repeats after --warm
   sliced back (pad_last: cuDNN's 3-channel kernel is slow); on CUDA also each residual block's conv1, bias
   and ReLU as one cuDNN call (relu_in_cudnn), alone and with the padding, eager and (both) in the CUDA
   graph of fuse and network: exact experiments, the same sums;
-- with --compile SIZES, last (after --profile), in a table of its own: at those sizes (also in --sizes)
+- with --compile SIZES, last (after --profile), in a table of its own (with --compile-only, the only other
+  rows are the `experts fp32` ones): at those sizes (also in --sizes)
   the bf16 channels_last fused network through torch.compile in each of --compile-modes (default:
   default and reduce-overhead; max-autotune also times Triton's convolution templates, whose epilogues
   can take the bias adds, against cuDNN's kernels; inductor fuses the convolutions' bias adds, the
@@ -58,7 +59,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from _layouts import layout_table, trace_layouts
-from _profile import first_line, profile_calls, sync
+from _profile import first_line, free_cached, profile_calls, sync
 
 from dasr_model.infer import fuse_experts, reused_fused_net, super_resolve
 from dasr_model.model import DASR, DASRConfig, MSRResNet
@@ -257,6 +258,8 @@ def main() -> None:
     ap.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # aot_eager: CPU dry runs
     ap.add_argument("--profile", type=int, metavar="SIZE",
                     help="after the table, profile dasr-sr's own path on one LR image of SIZE x SIZE")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="of the table, only the `experts fp32` rows the --compile rows are compared with")
     args = ap.parse_args()
     if unknown := [m for m in args.compile_modes.split(",") if m.strip() and m.strip() not in COMPILE_MODES[1:]]:
         ap.error(f"--compile-modes: unknown {', '.join(unknown)}; choose from {', '.join(COMPILE_MODES[1:])}")
@@ -325,6 +328,8 @@ def main() -> None:
                        f"{LAST_CHANNELS} channels + conv1 + ReLU in cuDNN",
                        graphed(model, lr, a, torch.bfloat16, True, with_fuse=True, tweak=both_tweaks),
                        {"dtype": torch.bfloat16, "channels_last": True, "benchmark": True})]
+        if args.compile_only:  # the baseline alone: the time goes to the compilation (the speed run's last step)
+            paths = paths[:1]
         base_ms, base_out = None, None
         for label, fn, fuse_kw in paths:
             torch.backends.cudnn.benchmark = fuse_kw.pop("benchmark", False)
@@ -342,8 +347,7 @@ def main() -> None:
             print_row(size, label, ms, base_ms, fuse_ms, peak, (out.float() - base_out.float()).abs().max().item())
             del out
         torch.backends.cudnn.benchmark = False
-        if cuda:
-            torch.cuda.empty_cache()
+        free_cached(device)
     if args.profile:
         print_profile(model, device, args.profile, bf16=cuda or args.bf16)
     if args.compile:  # last: a compilation's cost and failures are the least known

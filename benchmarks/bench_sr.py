@@ -79,22 +79,20 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"dasr-sr failed: {result.output}")
             return time.perf_counter() - start
 
+        size = "2 experts x 2 blocks x 8 features (--small)" if a.small else "release size (5 experts x 16 blocks x 64)"
+        print(f"command: {shlex.join(['python', *sys.argv])}")
+        print(f"# dasr-sr: {a.count} images of {a.size}x{a.size} px -> {4 * a.size}x{4 * a.size} PNG, {size}, "
+              f"{a.device} ({cpu_model()}, {os.cpu_count()} cores), torch {torch.__version__}, "
+              f"{time.strftime('%Y-%m-%d')}; best of {a.repeat}")
+        print(f"| --write-threads | seconds | images/s | vs --write-threads {threads[0]} |")
+        print("|---:|---:|---:|---:|", flush=True)
         run(threads[0], tmp / "warm")  # imports, the model's first calls
-        for n in threads:
+        for n in threads:  # each row as it is timed: a run cut short keeps the rows it finished
             best = min(run(n, tmp / f"t{n}-{r}") for r in range(a.repeat))
             digests[n] = hashlib.sha256(b"".join((tmp / f"t{n}-0" / p).read_bytes()
                                                  for p in sorted(os.listdir(tmp / f"t{n}-0")))).hexdigest()
             rows.append((n, best))
-    base = rows[0][1]
-    size = "2 experts x 2 blocks x 8 features (--small)" if a.small else "release size (5 experts x 16 blocks x 64)"
-    print(f"command: {shlex.join(['python', *sys.argv])}")
-    print(f"# dasr-sr: {a.count} images of {a.size}x{a.size} px -> {4 * a.size}x{4 * a.size} PNG, {size}, "
-          f"{a.device} ({cpu_model()}, {os.cpu_count()} cores), torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}; best of {a.repeat}")
-    print(f"| --write-threads | seconds | images/s | vs --write-threads {rows[0][0]} |")
-    print("|---:|---:|---:|---:|")
-    for n, sec in rows:
-        print(f"| {n} | {sec:.2f} | {a.count / sec:.2f} | {base / sec:.2f}x |")
+            print(f"| {n} | {best:.2f} | {a.count / best:.2f} | {rows[0][1] / best:.2f}x |", flush=True)
     same = len(set(digests.values())) == 1
     print(f"outputs byte-identical across rows: {'yes' if same else 'NO'}")
     if not same:

@@ -51,7 +51,7 @@ import time
 
 import torch
 from _layouts import layout_table, trace_layouts
-from _profile import first_line, profile_calls, sync, timed_steps
+from _profile import first_line, free_cached, profile_calls, sync, timed_steps
 from torch.utils.data import DataLoader
 
 from dasr_model.data import PairedShards, StepBatchSampler, unsharp_mask
@@ -214,8 +214,7 @@ def print_profile(device: torch.device, batch: int, gan: bool, impl: str, channe
         print(f"not profiled: {exc}", flush=True)
     except RuntimeError as exc:  # out of memory, a failed recording: the profiles after it still run
         print(f"not profiled: failed: {first_line(exc, 200)}", flush=True)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_cached(device)
 
 
 def impl_name(impl: str, pointwise: str) -> str:
@@ -378,8 +377,7 @@ def main() -> None:
                         timed = None
                     if timed is None:  # out of the except block: its traceback no longer holds the row's tensors
                         print(f"{row} {failure} | - | - | - |{up_cell}", flush=True)
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
+                        free_cached(device)
                         continue
                     sec, peak, first = timed
                     if args.profile and mode in ("off", "graph") and (not gan or up == ups[0]):  # once per row
@@ -389,8 +387,7 @@ def main() -> None:
                         base = sec  # the first row: the float32 baseline, or the first strategy eager
                     print(f"{row} {1000 * sec:.1f} | {base / sec:.2f}x | {'-' if peak is None else f'{peak:.2f}'} "
                           f"| {first:.1f} |{up_cell}", flush=True)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    free_cached(device)
         for how in profiles:
             print_profile(*how)
 

