@@ -66,7 +66,7 @@ def require_torch() -> None:
     """The dasr-* commands need PyTorch, an optional dependency of this package: say how to get it."""
     if importlib.util.find_spec("torch") is None:
         raise click.ClickException("PyTorch is not installed; the dasr-* commands need it: "
-                                   "pip install 'dasr-toolkit[train]' (on a CPU-only machine first: "
+                                   "pip install '.[train]' in the checkout (on a CPU-only machine first: "
                                    "pip install torch --index-url https://download.pytorch.org/whl/cpu)")
 
 

@@ -585,7 +585,7 @@ def _dask_client(address: str | None):
     try:
         from dask.distributed import Client
     except ImportError:
-        raise click.ClickException("--dask-scheduler needs the dask extra: pip install 'dasr-toolkit[dask]'") from None
+        raise click.ClickException("--dask-scheduler needs the dask extra: pip install '.[dask]' in the checkout") from None
     try:
         client = Client(address, timeout=DASK_CONNECT_TIMEOUT)
     except OSError as exc:

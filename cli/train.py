@@ -349,7 +349,7 @@ if __name__ == "__main__":
 def curves_main(runs, out_file, labels, smooth) -> None:
     """Draw training curves from RUNS (dasr-train run folders, or their metrics.jsonl files): the loss, the
     predictor's error, the learning rate, and validation PSNR-Y per level against bicubic, a line per run.
-    Needs matplotlib (pip install 'dasr-toolkit[plot]')."""
+    Needs matplotlib (the plot extra: pip install '.[plot]' in the checkout)."""
     from dasr_model.curves import metrics_path, plot_curves, read_metrics
 
     if out_file.suffix.lower() != ".png":

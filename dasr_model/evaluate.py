@@ -28,10 +28,12 @@ MIN_HR_SIDE = MIN_TEST_SIDE  # an HR side below this leaves an LR of under 16 px
 
 class Pairs:
     """The pairs to evaluate, with their number known up front (for a progress bar); iterated lazily.
-    `names[i]` names pair i (its image, for per-image scores and saved SR images), where known."""
+    `names[i]` names pair i (its image, for per-image scores and saved SR images), where known;
+    `sharpen_hr`: the LR images were degraded from the sharpened HR (a make-dataset --sharpen-hr set)."""
 
-    def __init__(self, count: int, make: Callable[[], Iterator[Pair]], names: list[str] | None = None):
-        self.count, self.make = count, make
+    def __init__(self, count: int, make: Callable[[], Iterator[Pair]], names: list[str] | None = None,
+                 sharpen_hr: bool = False):
+        self.count, self.make, self.sharpen_hr = count, make, sharpen_hr
         self.names = names if names is not None else [f"{i:06d}" for i in range(count)]
 
     def __len__(self) -> int:
@@ -63,7 +65,7 @@ def pairs_from_shards(path: str | Path, *, limit: int | None = None) -> Pairs:
             s = ds[i]
             yield int(s.params.level or 0), s.hr.astype(np.float32) / 255, s.lr.astype(np.float32) / 255, s.v
 
-    return Pairs(n, make, [f"sample-{ds.stored_index(i):08d}" for i in range(n)])
+    return Pairs(n, make, [f"sample-{ds.stored_index(i):08d}" for i in range(n)], sharpen_hr=ds.sharpen_hr)
 
 
 def pairs_from_hr_dir(folder: str | Path, levels: list[int], seed: int) -> Pairs:

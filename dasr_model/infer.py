@@ -80,7 +80,8 @@ def load_model(path: str | Path | None = None, release: tuple[str | Path, str | 
     intact checkpoint, EMA generator; a damaged newer one is skipped with a note to `warn`); or the
     released G and P files."""
     if (path is None) == (release is None):
-        raise DASRError("give a model (--model: a file, checkpoint or run folder) or the release weights (G and P)"
+        raise DASRError("give a model (--model: a file, checkpoint or run folder) or the release weights "
+                        "(--release-weights G P)"
                         + (", not both" if path is not None else ""))
     if release is not None:
         return LoadedModel(load_release_weights(*release).eval(), f"{release[0]} + {release[1]}", "release weights")

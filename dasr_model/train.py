@@ -418,6 +418,9 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
         val_pairs = pairs_from_shards(cfg.val_shards, limit=cfg.val_samples) if cfg.val_shards and main_rank else None
     except DegradeError as exc:
         raise DASRError(f"validation data: {exc}") from None
+    if val_pairs is not None and val_pairs.sharpen_hr:
+        say(f"note: the validation set {cfg.val_shards} was made with --sharpen-hr: its LR images come from the "
+            "sharpened HR but are scored against the plain HR; real images are not sharpened, so make it without")
 
     # --- model, EMA, optimisers (or their state from the newest intact checkpoint) ---
     if world > 1 and device.type == "cuda":

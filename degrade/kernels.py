@@ -17,13 +17,13 @@ from degrade.errors import DegradeError
 # The smallest Gaussian sigma computed: 1/sigma^2 stays finite (about 1e-154 is where it overflows), and such a
 # kernel is already a delta (its neighbours' weights underflow to 0). The records' own bound is far above.
 MIN_KERNEL_SIGMA = 1e-150
-MAX_SIDE = 1001  # the largest kernel side computed (8 MB of float64); records stop far below (51)
+MAX_KERNEL_SIDE = 1001  # the largest kernel side computed (8 MB of float64); records stop far below (51)
 
 
 def _grid(size: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)) or not 1 <= size <= MAX_SIDE \
-            or size % 2 == 0:
-        raise DegradeError(f"kernel size must be an odd integer in [1, {MAX_SIDE}], got {size!r}")
+    if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)) \
+            or not 1 <= size <= MAX_KERNEL_SIDE or size % 2 == 0:
+        raise DegradeError(f"kernel size must be an odd integer in [1, {MAX_KERNEL_SIDE}], got {size!r}")
     return _cached_grid(int(size))
 
 

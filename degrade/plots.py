@@ -1,4 +1,4 @@
-"""Pictures of samples and datasets (matplotlib, an optional extra: pip install 'dasr-toolkit[plot]')."""
+"""Pictures of samples and datasets (matplotlib, an optional extra: pip install '.[plot]' in the checkout)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise DegradeError("pictures need matplotlib: pip install 'dasr-toolkit[plot]'") from None
+        raise DegradeError("pictures need matplotlib: pip install '.[plot]' in the checkout (the plot extra)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -204,7 +204,7 @@ def test_inspect_png_without_matplotlib_is_one_line_before_any_output(run, tmp_p
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     result = CliRunner().invoke(main, ["inspect", ds, "--index", "0", "--png", str(tmp_path / "s.png")])
     assert result.exit_code == 1 and result.output.strip() == (
-        "Error: pictures need matplotlib: pip install 'dasr-toolkit[plot]'")
+        "Error: pictures need matplotlib: pip install '.[plot]' in the checkout (the plot extra)")
 
 
 def test_paths_with_brackets_are_printed_as_they_are(run, tmp_path):

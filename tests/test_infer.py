@@ -1218,7 +1218,7 @@ def test_no_model_given_is_asked_for_without_a_not_both():
     from dasr_model.infer import load_model
 
     with pytest.raises(ValueError, match=r"give a model \(--model: a file, checkpoint or run folder\) or the "
-                                         r"release weights \(G and P\)$"):
+                                         r"release weights \(--release-weights G P\)$"):
         load_model()
     with pytest.raises(ValueError, match="not both$"):
         load_model("m.safetensors", ("g.pth", "p.pth"))

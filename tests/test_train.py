@@ -253,6 +253,23 @@ def test_tiny_end_to_end_cli_run(shards, tmp_path):
     assert all(f"L{k} {v:.2f} (bicubic " in line for k, v in val["psnr_y"].items()) and "predictor MAE" in line
 
 
+def test_a_validation_set_made_with_sharpen_hr_is_noted(shards, tmp_path):
+    """Validation LR from the sharpened HR is scored against the plain HR, which real images are not; the
+    README's walk-through made one so without a word: dasr-train notes it (and not for a plain set)."""
+    from degrade import shards as dsm
+
+    scan = dsm.scan_sources([], 64)
+    sharp = tmp_path / "sharp"
+    dsm.make_dataset(dsm.DatasetConfig(level=2, count=2, patch_size=64, seed=1, shard_size=2, compression="none",
+                                       source_root=scan.root, sources=tuple(scan.sources), sharpen_hr=True), sharp)
+    common = ["--shards", shards, "--steps", "1", "--batch-size", "2", "--lr-crop", "8", "--workers", "0",
+              "--experts", "2", "--blocks", "1", "--features", "8", "--device", "cpu"]
+    for val, noted in ((sharp, True), (shards, False)):
+        res = CliRunner().invoke(train_cli, [*common, "--val-shards", str(val), "--out", str(tmp_path / f"r{noted}")])
+        assert res.exit_code == 0, res.output
+        assert ("was made with --sharpen-hr" in " ".join(res.output.split())) is noted
+
+
 def test_each_validation_is_printed_once_with_log_every(shards, tmp_path):
     """--log-every N hands the last logged line to the progress report on every step until the next; its
     validation line was printed again each time (3 copies of each at --log-every 4 --val-every 2)."""

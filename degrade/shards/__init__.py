@@ -13,7 +13,7 @@ later one in this list):
 - ``verify``: :func:`verify_dataset`.
 """
 
-from degrade.errors import DatasetError, SampleIndexError
+from degrade.errors import DatasetError, SampleIndexError, SampleIndexTypeError
 from degrade.shards.format import COMPRESSIONS, DatasetConfig, Source, read_manifest
 from degrade.shards.generate import SampleMaker, make_sample, sample_rng
 from degrade.shards.read import ShardDataset, open_dataset
@@ -30,6 +30,7 @@ __all__ = [
     "Sample",
     "SampleBatch",
     "SampleIndexError",
+    "SampleIndexTypeError",
     "SampleMaker",
     "ShardDataset",
     "Source",
