@@ -453,7 +453,7 @@ def inspect(target: Path | None, index: int | None, vector: str | None, png: Pat
                 err_console.print(f"wrote {png} ({size[0]}x{size[1]})")
             return
         data = ds.open_dataset(target, allow_incomplete=True, checksums=checksums)
-        if data.config is not None and len(data) < data.config.count:
+        if data.config is not None and 0 < len(data) < data.config.count:  # (none: the error below says so)
             err_console.print(f"note: {target} is incomplete: {len(data)} of its {data.config.count} samples are made "
                               "(run its make-dataset command again to finish it)")
         if index is not None:
@@ -585,7 +585,8 @@ def _dask_client(address: str | None):
     try:
         from dask.distributed import Client
     except ImportError:
-        raise click.ClickException("--dask-scheduler needs the dask extra: pip install '.[dask]' in the checkout") from None
+        raise click.ClickException("--dask-scheduler needs the dask extra: pip install '.[dask]' in the checkout") \
+            from None
     try:
         client = Client(address, timeout=DASK_CONNECT_TIMEOUT)
     except OSError as exc:
