@@ -4,7 +4,7 @@ against writer threads that finish and write each output while the next image is
 images and machine, each in this run, with the outputs' bytes compared.
 
 The network's share of the time decides the gain: on a CPU with the release's network it is most of the
-time; on a GPU the network takes milliseconds and the PNG encoding of a x4 output about 0.1 s (2048 x 2048
+time; on a GPU the network takes milliseconds and the PNG encoding of a x4 output 0.15-0.23 s (2048 x 2048
 px), which the writer threads take off the main thread. `--small` (2 blocks of 8 features) stands for such
 a fast network on a CPU.
 

@@ -95,7 +95,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # GPU since): its share goes to the two no-GAN experiments together ("combo": 4 rows, two of them compiled, some
 # 30-40 s each as the compile table's), after the compile step, whose inductor caches they may reuse.
 # dasr-sr over a folder ("sr-folder": 11 runs of 16 LR-512 images, some 2 s each, a guess from the network's
-# 11 ms and a 2048-px PNG's 0.1 s per image) takes a share from inference, which used 27 s of its 65.
+# 11 ms and a 2048-px PNG's 0.15-0.23 s per image) takes a share from inference, which used 27 s of its 65.
 # Inference has 4 more rows per size since (the last convolution padded, conv1 + ReLU in cuDNN, eager and in
 # the graph: about 1 s each) and one more reduce-overhead compilation at LR 512 (some 5-10 s): within its share.
 # A review's timeline of the run as it is now (2026-11-27, no GPU: the last H200 run plus the new rows) reaches

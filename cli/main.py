@@ -6,7 +6,6 @@ cause (bad files, bad options) end as one line on stderr and exit status 1 (clic
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -88,7 +87,7 @@ def decode_vector(text: str, noise_seed: int = 0) -> degrade.DegradationParams:
 
 def auto_jobs(count: int) -> int:
     """make-dataset's default --jobs: worker processes pay off only when each has enough samples to make
-    (measured on 2 cores: --jobs 2 took 1.2-1.3x as long as --jobs 1 for 256 samples, 0.85-0.89x for 1000)."""
+    (measured on 2 cores: --jobs 2 took 1.11-1.15x as long as --jobs 1 for 256 samples, 0.77-0.85x for 1000)."""
     return max(1, min(os.cpu_count() or 1, count // SAMPLES_PER_JOB))
 
 
@@ -191,13 +190,17 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
             params = degrade.sample_params(level, np.random.default_rng(np.random.SeedSequence(seed)))
         lr = degrade.apply(hr, params)
         png = encode_image(lr, output.suffix)
-        # No image without its record: both written to temporary files, the record's renamed first, then the
-        # image's; a failure before (a folder that refuses a file, a full disk) leaves neither
-        with atomic_writer(output) as image_file, (atomic_writer(params_out) if params_out is not None
-                                                   else contextlib.nullcontext()) as record_file:
+        # No image without its record: the image goes to a temporary file, written and synced (a full disk
+        # or a quota says so here, naming the image), then the record is written and renamed, then the image
+        # renamed. A failed write leaves neither changed; only a failed rename of the image, after the
+        # record's (its folder changed under the run), could leave the record alone.
+        with atomic_writer(output) as image_file:
             image_file.write(png)
-            if record_file is not None:
-                record_file.write((json.dumps(params.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+            image_file.flush()
+            os.fsync(image_file.fileno())
+            if params_out is not None:
+                with atomic_writer(params_out) as record_file:
+                    record_file.write((json.dumps(params.to_dict(), indent=2, sort_keys=True) + "\n").encode())
     except (DegradeError, OSError) as exc:
         raise click.ClickException(one_line(exc)) from None
 
@@ -458,7 +461,8 @@ def inspect(target: Path | None, index: int | None, vector: str | None, png: Pat
                               "(run its make-dataset command again to finish it)")
         if index is not None:
             n, first = len(data), data.stored_index(0) if len(data) else 0
-            if first and not -n <= index < n:  # a lone later shard: --index is a position, its labels not
+            if data.config is None and first and not -n <= index < n:  # a lone later shard: --index is a
+                # position, its labels not (its samples are one run; a folder's may have gaps)
                 raise DegradeError(f"--index {index} is out of range: {target} holds samples {first} to "
                                    f"{first + n - 1}, at positions 0 to {n - 1}; --index takes the position")
             sample = data[index]

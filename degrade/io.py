@@ -670,6 +670,8 @@ def check_write_target(path: Path) -> Path:
             there = os.stat(path).st_mode
         except OSError:  # dangling, or its target unreachable: only the link is there to replace
             return directory
+        if stat.S_ISDIR(there):  # a link to a folder: said as a folder (it read 'is a device')
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     if not stat.S_ISREG(there):
         kind = "a FIFO" if stat.S_ISFIFO(there) else "a socket" if stat.S_ISSOCK(there) else "a device"
         raise OSError(errno.EEXIST, f"exists and is {kind}, not a regular file; refusing to replace it", str(path))

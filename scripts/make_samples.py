@@ -1,8 +1,12 @@
-"""Rebuild the bundled sample photos in degrade/data/samples/ from the project's photo corpus.
+"""Rebuild the bundled sample photos in degrade/data/samples/ from the original photos.
 
-Usage, from the repository root: python scripts/make_samples.py PHOTO_CORPUS_FOLDER. Each photo is
-CC0-1.0 (see the corpus MANIFEST.tsv); it is downscaled with area averaging so its long side is
-512 px and saved as lossless PNG. SOURCES.tsv records origin, licence and processing per file.
+Usage, from the repository root: python scripts/make_samples.py PHOTO_CORPUS_FOLDER. The folder holds
+the GCompris photos that CHOSEN names (the .webp files of Debian's GCompris data package) and a
+tab-separated MANIFEST.tsv with a header row and, per photo, the columns `file` (its name there),
+`license` (which must start with CC0-1.0), `source_package`, `source_version`, `original_path` (its path
+in the package) and `processing` (what was done to it before). Each photo is downscaled with area
+averaging so its long side is 512 px and saved as lossless PNG; SOURCES.tsv records origin, licence and
+processing per file.
 """
 
 from __future__ import annotations

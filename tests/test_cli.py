@@ -330,3 +330,19 @@ def test_apply_refuses_a_lossy_output_before_reading_and_writes_no_image_without
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ro"] and not list(refusing.iterdir())
     res = CliRunner().invoke(main, ["apply", "-o", str(tmp_path / "lr.png"), "--params-out", str(tmp_path / "p.json")])
     assert res.exit_code == 0 and (tmp_path / "lr.png").is_file() and (tmp_path / "p.json").is_file()
+    # the image's own write failing (a full disk, found at its sync): named as the image's, and the pair
+    # there before left as it was (the record was once renamed first and blamed for the image's error)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    real_fsync, calls = dio.os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 1:  # the first sync: the image's, before the record is begun
+            raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(dio.os, "fsync", fsync)
+    res = CliRunner().invoke(main, ["apply", "-o", str(tmp_path / "lr.png"), "--params-out", str(tmp_path / "p.json"),
+                                    "--seed", "3"])
+    assert res.exit_code == 1 and f"{tmp_path / 'lr.png'}: No space left on device" in res.output, res.output
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before

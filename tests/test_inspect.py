@@ -194,6 +194,7 @@ def test_pictures_are_valid_pngs_of_the_expected_size(small, tmp_path):
     (["inspect", "{small}", "--grid", "4"], "--grid needs --png"),
     (["inspect", "{small}", "--png", "nodir/x.png"], "x.png: folder nodir does not exist"),
     (["inspect", "{small}", "--png", "dir.png"], "dir.png: Is a directory"),  # was said after the whole table
+    (["inspect", "{small}", "--png", "link.png"], "link.png: Is a directory"),  # a link to a folder: 'a device'
     # a lone later shard: its labels say 'sample 16' for position 0, so the refusal says which --index means
     (["inspect", "{small}/shard-00001.h5", "--index", "16"], "holds samples 16 to 31, at positions 0 to 15"),
     (["verify", "{small}/shard-00000.h5"], "verify checks a dataset folder"),  # was '.../manifest.json: Not a dir'
@@ -202,6 +203,7 @@ def test_bad_input_is_one_clear_line(small, args, message, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     (tmp_path / "README.md").write_text("not a shard")
     (tmp_path / "dir.png").mkdir()
+    (tmp_path / "link.png").symlink_to(tmp_path / "dir.png", target_is_directory=True)
     result = CliRunner().invoke(main, [a.replace("{small}", small) for a in args])
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
     assert isinstance(result.exception, SystemExit), result.exception  # not a raw exception CliRunner caught
