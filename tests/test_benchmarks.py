@@ -776,7 +776,16 @@ def test_bench_infer_experiments_compute_the_same_network(device):
             net = fuse_experts(model.generator, torch.ones_like(a) / 2, dtype=dtype, channels_last=True)
             tweak(net)
             model.generator.fuse(a, into=net)  # the mix fused into it after the change, as the rows do
-            want, got = ref(lr.to(dtype)), net(lr.to(dtype))
+            want = ref(lr.to(dtype))
+            outputs = []  # every convolution's output channels, seen where the network calls conv2d
+            real_conv2d = bench.F.conv2d
+            bench.F.conv2d = lambda x, w, *args, **kw: outputs.append(w.shape[0]) or real_conv2d(x, w, *args, **kw)
+            try:
+                got = net(lr.to(dtype))
+            finally:
+                bench.F.conv2d = real_conv2d
+            if tweak in (bench.pad_last, bench.both_tweaks):  # the padded last convolution ran, not the plain one
+                assert 3 not in outputs and outputs[-1] == bench.LAST_CHANNELS
             assert got.shape == want.shape == (1, 3, 48, 40)
             tol = 1e-12 if device == "cpu" else 2e-2
             assert (got.double() - want.double()).abs().max().item() <= tol * max(1.0, want.abs().max().item())

@@ -315,6 +315,17 @@ def test_apply_refuses_a_lossy_output_before_reading_and_writes_no_image_without
 
     res = CliRunner().invoke(main, ["apply", str(tmp_path / "missing.png"), "-o", str(tmp_path / "out.jpg")])
     assert res.exit_code == 1 and "out.jpg: output must be a lossless image" in res.output
+    import os
+
+    os.mkfifo(tmp_path / "fifo.json")  # what the write would refuse, too, is refused before the input is read
+    for args in (["-o", str(tmp_path / "fifo.json.png")], ["-o", str(tmp_path / "x.png"), "--params-out",
+                                                           str(tmp_path / "fifo.json")]):
+        if "fifo.json.png" in args[1]:
+            os.mkfifo(args[1])
+        res = CliRunner().invoke(main, ["apply", str(tmp_path / "missing.png"), *args])
+        assert res.exit_code == 1 and "exists and is a FIFO" in res.output and "missing.png" not in res.output
+    for name in ("fifo.json", "fifo.json.png"):
+        (tmp_path / name).unlink()
     refusing = tmp_path / "ro"
     refusing.mkdir()
     real_mkstemp = dio.tempfile.mkstemp

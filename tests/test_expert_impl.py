@@ -97,13 +97,19 @@ def test_dense_padded_to_aligned_channels_is_grouped(monkeypatch, align):
     import dasr_model.model as m
 
     monkeypatch.setattr(m, "dense_alignment", lambda x: align)
+    computed = []  # the output channels the dense convolution computes
+    real_conv2d = m.F.conv2d
+    monkeypatch.setattr(m.F, "conv2d", lambda x, w, *args, **kw: computed.append(w.shape[0]) or
+                        real_conv2d(x, w, *args, **kw))
     for shape in ((5, 3, 8, 3, 6, 7), (5, 2, 4, 16, 5, 9)):
         for dtype, rel in ((torch.float64, REL64), (torch.float32, REL32)):
             conv, x, a, g = _case(*shape, dtype=dtype, seed=3)
             ref = _conv_and_grads(conv, x, a, g)
             conv.impl = "dense"
             for fmt in (torch.contiguous_format, torch.channels_last):
+                computed.clear()
                 got = _conv_and_grads(conv, x.contiguous(memory_format=fmt), a, g)
+                assert computed == [-(-shape[0] * shape[3] // align) * align]  # K*out rounded up: padded
                 assert got["out"].is_contiguous(memory_format=fmt)
                 for name in ref:
                     assert got[name].shape == ref[name].shape

@@ -281,3 +281,7 @@ def test_a_damaged_stored_v_is_named_and_an_incomplete_dataset_said(small, tmp_p
     (damaged / "manifest.json").write_text(json.dumps(manifest))
     result = run("inspect", damaged)
     assert result.exit_code == 0 and "is incomplete: 32 of its 40 samples are made" in " ".join(result.output.split())
+    manifest["shards"] = [manifest["shards"][1]]  # a folder whose first shard is not made yet: samples 16-31
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    result = run("inspect", damaged, "--index", 16)  # a folder's range is not a lone shard's one run
+    assert result.exit_code == 1 and "out of range" in result.output and "holds samples" not in result.output
