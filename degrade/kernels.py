@@ -27,7 +27,7 @@ def _grid(size: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     return _cached_grid(int(size))
 
 
-def _real(name: str, value: float) -> float:
+def finite_number(name: str, value: float) -> float:
     """`value` as a finite float (DegradeError otherwise: a string, None, NaN, an infinity, an integer too
     large for a float)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -57,7 +57,8 @@ def gaussian_kernel(size: int, sigma_x: float, sigma_y: float, theta: float) -> 
     R is the rotation by `theta` (radians), so `sigma_x` lies along the direction at angle theta
     from the x axis (towards +y, i.e. downwards in image rows). Sigmas are in pixels and must be > 0.
     """
-    sigma_x, sigma_y, theta = _real("sigma_x", sigma_x), _real("sigma_y", sigma_y), _real("theta", theta)
+    sigma_x, sigma_y, theta = (finite_number(name, x) for name, x in
+                               (("sigma_x", sigma_x), ("sigma_y", sigma_y), ("theta", theta)))
     if not (sigma_x >= MIN_KERNEL_SIGMA and sigma_y >= MIN_KERNEL_SIGMA):  # below, 1/sigma^2 overflows to inf
         raise DegradeError(f"Gaussian sigmas must be >= {MIN_KERNEL_SIGMA:g}, got {sigma_x}, {sigma_y}")
     x, y = _grid(size)
@@ -78,7 +79,7 @@ def sinc_kernel(size: int, omega_c: float) -> NDArray[np.float64]:
     """
     from scipy.special import j1  # here, not at the top: scipy.special is half of `import degrade` (0.12 s)
 
-    omega_c = _real("omega_c", omega_c)
+    omega_c = finite_number("omega_c", omega_c)
     if not 0 < omega_c <= math.pi:
         raise DegradeError(f"sinc cut-off omega_c must be in (0, pi], got {omega_c}")
     x, y = _grid(size)

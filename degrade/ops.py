@@ -9,7 +9,6 @@ same dtype and never modifies its input. Ops that draw random numbers take an ex
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import cv2
@@ -18,6 +17,7 @@ from numpy.typing import NDArray
 
 from degrade.errors import DegradeError
 from degrade.filters import BLUR_TOLERANCE, blur
+from degrade.kernels import finite_number
 from degrade.noise import add_gaussian_noise, add_poisson_noise, standard_normal
 from degrade.pixels import LUMA, Image, check_image, quantise_8bit
 from degrade.recipe import RESIZE_MODES, ResizeMode
@@ -102,10 +102,9 @@ def encode_jpeg(img: Image, quality: int) -> bytes:
 
 def _encode_jpeg(img: Image, quality: int) -> NDArray[np.uint8]:
     check_image(img)
-    if isinstance(quality, (bool, np.bool_)) or not isinstance(quality, (int, float, np.integer, np.floating)) \
-            or not -math.inf < quality < math.inf or not 1 <= round(quality) <= 100:
-        raise DegradeError(f"JPEG quality must be a number that rounds to an integer in [1, 100], got {quality!r}")
-    q = round(quality)  # the nearest integer, as a record's quality is (int() truncated 30.7 to 30)
+    q = round(finite_number("JPEG quality", quality))  # the nearest integer, as a record's quality (not int())
+    if not 1 <= q <= 100:
+        raise DegradeError(f"JPEG quality must round to an integer in [1, 100], got {quality!r}")
     bgr = cv2.cvtColor(quantise_8bit(img), cv2.COLOR_RGB2BGR)  # OpenCV encodes BGR
     params = [cv2.IMWRITE_JPEG_QUALITY, q, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420]
     ok, buf = cv2.imencode(".jpg", bgr, params)
