@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -42,6 +43,17 @@ def _edit_manifest(folder: Path, edit) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     edit(manifest)
     (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _rehash(folder: Path) -> None:
+    """The manifest's checksum and size of each shard made true again after a shard was edited (a lying dataset
+    whose manifest agrees with its shards)."""
+    def rehash(m):
+        for e in m["shards"]:
+            data = (folder / e["file"]).read_bytes()
+            e.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    _edit_manifest(folder, rehash)
 
 
 def _cli(*args) -> str:
@@ -312,13 +324,7 @@ def test_an_edited_source_record_fails_verify_and_regeneration_lists_it(small, k
     for shard in small.glob("shard-*.h5"):  # shards made before the digest was recorded: the regeneration's
         with h5py.File(shard, "r+") as f:  # problem to find, sample by sample
             del f.attrs["sources_sha256"]
-
-    def rehash(m):  # the manifest of those shards
-        for e in m["shards"]:
-            data = (small / e["file"]).read_bytes()
-            e.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-
-    _edit_manifest(small, rehash)
+    _rehash(small)  # the manifest of those shards
     if key == "sha256":
         assert CliRunner().invoke(main, ["verify", str(small)]).exit_code == 0  # what a plain verify cannot see
     result = CliRunner().invoke(main, ["verify", str(small), "--regenerate", "9"])
@@ -337,3 +343,48 @@ def test_a_malformed_sources_digest_is_a_listed_problem(small):
         result = CliRunner().invoke(main, ["verify", str(small)])
         assert result.exit_code == 1 and "Traceback" not in result.output, (value, result.output)
         assert "shard-00000.h5: its sources table differs from the manifest's sources" in result.output
+
+
+def _replace_sources(shard: Path, make) -> None:
+    with h5py.File(shard, "r+") as f:
+        del f["sources"]
+        make(f)
+
+
+@pytest.mark.parametrize("damage", ["external link", "soft link", "scalar", "huge", "fixed length", "numbers"])
+def test_a_shards_sources_table_is_checked_before_verify_reads_it(small, tmp_path, damage):
+    """verify reads each shard's `sources` table (nothing else does): it gets the row datasets' checks first,
+    so a link to another file (a FIFO here, whose open would block for ever), a scalar, or a declared shape
+    out of proportion to the file is that shard's problem, read from nowhere."""
+    fifo = tmp_path / "fifo.h5"
+    os.mkfifo(fifo)
+    text = h5py.string_dtype()
+    make = {"external link": lambda f: f.__setitem__("sources", h5py.ExternalLink(str(fifo), "sources")),
+            "soft link": lambda f: f.__setitem__("sources", h5py.SoftLink("/params")),
+            "scalar": lambda f: f.create_dataset("sources", data=b"castle.png", dtype=text),
+            "huge": lambda f: f.create_dataset("sources", shape=(30_000_000,), dtype=text),
+            "fixed length": lambda f: f.create_dataset("sources", data=np.array([b"x" * 9] * 6, dtype="S9")),
+            "numbers": lambda f: f.create_dataset("sources", data=np.arange(6))}[damage]
+    _replace_sources(small / "shard-00001.h5", make)
+    _rehash(small)
+    result = CliRunner().invoke(main, ["verify", str(small)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    problems = [line for line in result.output.splitlines() if line.startswith("problem: ")]
+    expected = ("(dataset 'sources' missing or a link)" if "link" in damage else
+                "shard-00001.h5: sources is ")
+    assert len(problems) == 1 and expected in problems[0], result.output
+
+
+@pytest.mark.parametrize("value", [5, "[1]", "not json", "[" * 100_000 + "]" * 100_000, np.array([1, 2]), b"\xff"])
+def test_a_damaged_command_attribute_is_a_listed_problem(small, value):
+    """The configuration a shard records (its `command` attribute, JSON) of another type, not JSON, no object,
+    or nested past the parser's depth: the shard was made with another configuration, said in one listed
+    problem, not a traceback (nor "unreadable HDF5" for the parser's recursion error)."""
+    with h5py.File(small / "shard-00000.h5", "r+") as f:
+        f.attrs["command"] = value
+    _rehash(small)
+    result = CliRunner().invoke(main, ["verify", str(small)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    problems = [line for line in result.output.splitlines() if line.startswith("problem: ")]
+    assert len(problems) == 1 and "shard-00000.h5: made with another configuration than the manifest's (" \
+        in problems[0], result.output

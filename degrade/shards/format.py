@@ -290,6 +290,31 @@ def check_shard(f: Any, path: Path, *, count: int | None, patch_size: int | None
         raise DatasetError(f"{path}: a damaged shard (HDF5: {h5_reason(exc)})") from None
 
 
+def plain_dataset(f: Any, path: Path, key: str) -> Any:
+    """f[key], refused (DatasetError) unless a plain dataset stored in this file: an external or soft link,
+    external raw storage or a virtual dataset would make reading it open other files (or a FIFO)."""
+    import h5py
+
+    if not isinstance(f.get(key, getlink=True), h5py.HardLink) or not isinstance(f[key], h5py.Dataset):
+        raise DatasetError(f"{path}: not a {FORMAT_NAME} shard (dataset {key!r} missing or a link)")
+    if f[key].external or f[key].is_virtual:
+        raise DatasetError(f"{path}: dataset {key!r} keeps its data outside the file; refusing to read it")
+    return f[key]
+
+
+def check_sources_table(f: Any, path: Path, count: int) -> Any:
+    """A shard's `sources` dataset (only `degrade verify` reads it), checked as the row datasets are before
+    anything is read: plain, and `count` variable-length strings (one per manifest source)."""
+    import h5py
+
+    table = plain_dataset(f, path, "sources")
+    info = h5py.check_string_dtype(table.dtype)
+    if table.shape != (count,) or info is None or info.length is not None:
+        raise DatasetError(f"{path}: sources is {table.dtype} {table.shape}, expected variable-length strings "
+                           f"({count},)")
+    return table
+
+
 def _check_shard(f: Any, path: Path, *, count: int | None, patch_size: int | None) -> int:
     import h5py
 
@@ -298,12 +323,7 @@ def _check_shard(f: Any, path: Path, *, count: int | None, patch_size: int | Non
         raise DatasetError(f"{path}: vector layout {layout!r} (this code reads {VECTOR_LAYOUT})")
 
     for key in SHARD_DATASETS:
-        # Only plain datasets stored in this file: an external or soft link, external raw storage or a
-        # virtual dataset would make reading open other files.
-        if not isinstance(f.get(key, getlink=True), h5py.HardLink) or not isinstance(f[key], h5py.Dataset):
-            raise DatasetError(f"{path}: not a {FORMAT_NAME} shard (dataset {key!r} missing or a link)")
-        if f[key].external or f[key].is_virtual:
-            raise DatasetError(f"{path}: dataset {key!r} keeps its data outside the file; refusing to read it")
+        plain_dataset(f, path, key)
     if count is None:  # a lone shard: its sample count is v's first dimension
         if f["v"].ndim != 2:  # a scalar or null dataspace has no first dimension
             raise DatasetError(f"{path}: v is {f['v'].dtype} {f['v'].shape}, expected float32 (n, {VECTOR_LENGTH})")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +17,7 @@ from degrade.shards.format import (
     DatasetConfig,
     as_text,
     check_shard,
+    check_sources_table,
     h5_reason,
     read_manifest,
     sha256_file,
@@ -25,6 +25,7 @@ from degrade.shards.format import (
 )
 from degrade.shards.generate import SampleMaker
 from degrade.shards.read import open_dataset
+from degrade.strictjson import strict_json
 from degrade.vector import encode
 
 
@@ -76,17 +77,19 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
                     problems.append(str(exc).replace(str(f_path), name))
                     continue
                 seen += int(entry["count"])
-                try:
-                    made_with = json.loads(as_text(f.attrs["command"], f"{name}'s configuration"))
-                except (ValueError, KeyError):  # DatasetError is a ValueError
-                    made_with = {}
+                made_with = _made_with(f.attrs.get("command"))
                 if made_with != command:
                     differ = sorted(k for k in command.keys() | made_with.keys() if made_with.get(k) != command.get(k))
                     problems.append(f"{name}: made with another configuration than the manifest's ({', '.join(differ)} "
                                     f"{'differs' if len(differ) == 1 else 'differ'})")
                 pinned = f.attrs.get("sources_sha256")  # (shards made before it was recorded have none)
-                if [as_text(x, name) for x in f["sources"][:]] != source_paths or (
-                        pinned is not None and _text_or_none(pinned) != sources_digest):
+                try:  # checked as the row datasets were before anything is read from it
+                    table = check_sources_table(f, name, len(source_paths))[:]
+                except DatasetError as exc:
+                    problems.append(str(exc))
+                    table = None
+                if table is not None and ([as_text(x, name) for x in table] != source_paths or (
+                        pinned is not None and _text_or_none(pinned) != sources_digest)):
                     problems.append(f"{name}: its sources table differs from the manifest's sources")
                 v, level = f["v"][:], f["level"][:]
                 if not (np.all(np.isfinite(v)) and v.min() >= 0 and v.max() <= 1):
@@ -118,6 +121,17 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
     if regenerate and not problems:
         problems += _regenerate(out, config, regenerate, seed)
     return problems
+
+
+def _made_with(attr: object) -> dict:
+    """A shard's `command` attribute, the configuration it was made with, as a dict; {} where it is no JSON
+    object (missing, another type, damaged, nested past the parser's depth): made with another one."""
+    text = _text_or_none(attr)
+    try:
+        made_with = strict_json(text) if text is not None else {}
+    except (ValueError, RecursionError):
+        return {}
+    return made_with if isinstance(made_with, dict) else {}
 
 
 def _text_or_none(value: object) -> str | None:
