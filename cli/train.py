@@ -58,6 +58,12 @@ def resumed_config(ctx: click.Context, cfg, before) -> tuple:
     return dataclasses.replace(cfg, **keep), kept
 
 
+def absolute(path: Path | None) -> str | None:
+    """A path option as the run records it: absolute (not resolved: a link stays a link), so that a resume
+    started from another folder reads the same validation set, VGG weights and data."""
+    return None if path is None or str(path) == "" else os.path.abspath(path)
+
+
 def default_workers() -> int:
     """--workers when not given: half the cores this process may use, shared among the processes torchrun
     started on this machine (LOCAL_WORLD_SIZE), at least 1, at most 8."""
@@ -240,15 +246,15 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
         workers = default_workers()
     try:  # the config checks each value's type and bounds (a DASRError): one line, not a traceback
         cfg = TrainConfig(
-            shards=str(shards), out=str(out), steps=steps, batch_size=batch_size, lr_crop=lr_crop,
-            val_shards=str(val_shards) if val_shards else None, val_every=val_every, val_samples=val_samples,
+            shards=absolute(shards), out=str(out), steps=steps, batch_size=batch_size, lr_crop=lr_crop,
+            val_shards=absolute(val_shards), val_every=val_every, val_samples=val_samples,
             ckpt_every=ckpt_every, log_every=log_every, keep_checkpoints=keep_checkpoints, seed=seed,
             workers=workers, device=device, sharpen_gt=sharpen, gan=gan,
-            vgg_weights=str(vgg_weights) if vgg_weights else None, lr=learning_rate, lr_schedule=lr_schedule,
+            vgg_weights=absolute(vgg_weights), lr=learning_rate, lr_schedule=lr_schedule,
             warmup_steps=warmup_steps, ema_decay=ema_decay, ema_warmup=ema_warmup, teacher_steps=teacher_steps,
             max_minutes=max_minutes, expert_impl=expert_impl, channels_last=channels_last, compile=compile_mode,
-            cuda_graph=cuda_graph, precision=precision, init_from=str(init_from) if init_from is not None else None,
-            init_release=tuple(map(str, init_release)) if init_release else None, model=model_cfg)
+            cuda_graph=cuda_graph, precision=precision, init_from=absolute(init_from),
+            init_release=tuple(map(absolute, init_release)) if init_release else None, model=model_cfg)
     except DegradeError as exc:
         raise click.ClickException(str(exc)) from None
     if found is not None:
@@ -258,10 +264,14 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
                               + ", ".join(kept), soft_wrap=True)
         for field, off in OFF_SWITCH.items():  # an inherited path must still be there
             path = getattr(cfg, field)
-            if path is not None and ctx.get_parameter_source(field) is ParameterSource.DEFAULT \
-                    and not Path(path).exists():
+            if path is None or ctx.get_parameter_source(field) is not ParameterSource.DEFAULT:
+                continue
+            if not Path(path).exists():
                 raise click.ClickException(f"{_flag(field)} {path} (the run's, from {found[0].name}): no such file "
                                            f"or folder; give {_flag(field)} again, or {_flag(off)}")
+            if not Path(path).is_absolute():  # recorded as typed by an earlier version: read from this folder
+                err_console.print(f"note: {_flag(field)} {path} (the run's) was recorded relative to the folder it "
+                                  f"started in; this resume reads {os.path.abspath(path)}")
     if cfg.vgg_weights is not None and not Path(cfg.vgg_weights).is_file():
         raise click.ClickException(f"{cfg.vgg_weights}: no such file")
     try:

@@ -379,6 +379,39 @@ def test_a_resume_given_another_mapping_gain_keeps_the_runs_and_says_so(shards, 
     assert load_checkpoint(out / "ckpt-3.pt")["step"] == 3
 
 
+def test_a_resume_from_another_folder_reads_the_runs_own_paths(shards, tmp_path, monkeypatch):
+    """Paths typed relative (--val-shards, --vgg-weights, --init-from, --shards) are recorded absolute: a
+    resume started from another folder, which holds another `val` (a level-3 set where the run validated on
+    level 2), validates on the run's own set. They were stored as typed, so that resume validated on the other
+    set without a word. A config recorded relative (by an earlier version) is read from the resume's folder,
+    with a note saying so."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    make_small_dataset(first / "val", count=4, seed=9, shard_size=4, level=2)
+    make_small_dataset(second / "val", count=4, seed=9, shard_size=4, level=3)
+    out = tmp_path / "run"
+    base = ["--out", str(out), "--workers", "0", "--device", "cpu"]
+    monkeypatch.chdir(first)
+    res = CliRunner().invoke(train_cli, [*base, "--shards", os.path.relpath(shards), "--steps", "1",
+                                         "--batch-size", "2", "--lr-crop", "8", "--experts", "2", "--blocks", "1",
+                                         "--features", "8", "--val-shards", "val", "--val-samples", "2",
+                                         "--val-every", "1"])
+    assert res.exit_code == 0, res.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["val_shards"], config["shards"]) == (str(first / "val"), os.path.abspath(shards))
+    monkeypatch.chdir(second)
+    res = CliRunner().invoke(train_cli, [*base, "--shards", shards, "--resume", "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    levels = [set(json.loads(line)["val"]["psnr_y"]) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert levels == [{"2"}, {"2"}]  # the run's own validation set both times (level 3 is the other folder's)
+    ckpt = torch.load(out / "ckpt-2.pt", weights_only=True)  # an earlier version's record: the path as typed
+    ckpt["config"]["val_shards"] = "val"
+    torch.save(ckpt, out / "ckpt-2.pt")
+    res = CliRunner().invoke(train_cli, [*base, "--shards", shards, "--resume", "--steps", "3"])
+    assert res.exit_code == 0, res.output
+    assert f"note: --val-shards val (the run's) was recorded relative to the folder it started in; this resume " \
+           f"reads {second / 'val'}" in " ".join(res.output.split())
+
+
 def test_a_resume_can_turn_off_what_the_run_had(shards, tmp_path):
     """Each flag has its off switch (--no-gan, --no-channels-last, --sharpen, --ema-warmup), --no-val and
     --no-vgg clear inherited paths, and a run's validation set that is gone is named with its origin."""
