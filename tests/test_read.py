@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import re
 from pathlib import Path
 
 import h5py
@@ -248,3 +249,23 @@ def test_a_batch_slices_into_a_batch_and_refuses_what_it_does_not_hold(folder):
         batch[4]
     with pytest.raises(SampleIndexTypeError, match="an integer or a slice, got str"):
         batch["1"]
+
+
+def test_a_shard_cut_shorter_while_open_is_refused_not_read_as_zeros(tmp_path):
+    """HDF5 reads an open file cut shorter (a copy replaced in place, a disk error) as zeros past its new end,
+    without an error: a training run carried on with black LR patches. Every read path now compares the open
+    file's size with its size at open and refuses a shorter one, naming the shard; the untouched shard reads on."""
+    src = Path(make_small_dataset(tmp_path / "ds", count=8, seed=3, shard_size=4))
+    ds = degrade.open_dataset(src)
+    intact = ds[5]
+    ds[0], ds[4]  # both shards open
+    shard = src / "shard-00000.h5"
+    size = shard.stat().st_size
+    os.truncate(shard, size * 2 // 3)
+    message = f"shard-00000.h5: truncated while open ({size * 2 // 3} of its {size} bytes left)"
+    for read in (lambda: ds[3], lambda: ds[0:2], lambda: ds[::-3], lambda: ds.stored_index(1),
+                 lambda: ds.shard_column("v", 0), lambda: ds.column("params")):
+        with pytest.raises(DatasetError, match=re.escape(message)):
+            read()
+    np.testing.assert_array_equal(ds[5].lr, intact.lr)  # the other shard is whole
+    ds.close()

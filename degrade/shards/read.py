@@ -43,7 +43,7 @@ class _OpenShard:
     """One shard file open in this process, with its datasets looked up once (a lookup by name costs
     more than reading a row)."""
 
-    __slots__ = ("file", "hr", "lr", "v", "params", "index", "where", "path")
+    __slots__ = ("file", "hr", "lr", "v", "params", "index", "where", "path", "size")
 
     def __init__(self, file: Any, path: Path):
         self.file = file
@@ -51,12 +51,28 @@ class _OpenShard:
         self.index = file["index"]
         self.where = f"{path}: params"  # how as_text names a record that is not UTF-8
         self.path = path
+        self.size = self._size()
+
+    def _size(self) -> int | None:
+        """The open file's size now (fstat of h5py's descriptor: one system call); None where the driver
+        keeps no descriptor (never for the files read here, opened with the default driver)."""
+        try:
+            return os.fstat(self.file.id.get_vfd_handle()).st_size
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+
+    def _shrunk(self) -> str | None:
+        now = self._size()
+        if self.size is None or now is None or now >= self.size:
+            return None
+        return f"{self.path}: truncated while open ({now} of its {self.size} bytes left)"
 
     @contextlib.contextmanager
     def reading(self, rows: Any) -> Iterator[None]:
         """A read of `rows` (a row, a slice, "all"): a failed one (a damaged compressed chunk: h5py says
         only "Can't synchronously read data (filter returned failure during read)") as DatasetError naming
-        the shard and the rows."""
+        the shard and the rows. A file cut shorter while open reads as zeros past its new end, without an
+        error: its size is compared with the size at open after each read, and a shorter one is refused."""
         try:
             yield
         except H5_DAMAGE as exc:
@@ -65,8 +81,10 @@ class _OpenShard:
                                                              else "")
             else:
                 at = "every row" if rows == "all" else f"row {rows}"
-            raise DatasetError(f"{self.path}: {at} could not be read ({h5_reason(exc)}): a damaged shard "
-                               "(degrade verify checks each one)") from None
+            raise DatasetError(self._shrunk() or f"{self.path}: {at} could not be read ({h5_reason(exc)}): a "
+                               "damaged shard (degrade verify checks each one)") from None
+        if (shrunk := self._shrunk()) is not None:
+            raise DatasetError(shrunk)
 
 
 class ShardDataset:
