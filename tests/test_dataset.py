@@ -688,3 +688,23 @@ def test_sharpen_hr_is_said_by_a_folder_and_by_a_lone_shard(tmp_path):
             f.attrs["command"] = damaged
         with pytest.raises(dsm.DatasetError, match="does not say whether the HR was sharpened"):
             degrade.open_dataset(lone)
+
+
+def test_a_source_replaced_after_the_scan_is_refused_not_stored_under_its_name(tmp_path):
+    """The scan pins each source by its SHA-256; the workers decoded whatever the file held when they read it.
+    A photo replaced by another of the same size between the scan and a worker's read (or another file at the
+    same path on a remote Dask worker) was stored under the first one's name and passed verify. Now the bytes
+    a worker decodes must have the scan's digest; the shards made before the change are kept."""
+    rng = np.random.default_rng(4)
+    photo = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    _write(tmp_path / "src" / "a.png", photo)
+    scan = dsm.scan_sources([tmp_path / "src"], 64)
+    _write(tmp_path / "src" / "a.png", 255 - photo)  # the same size and name, other pixels
+    with pytest.raises(dsm.DatasetError, match=r"a\.png: changed since it was scanned \(its SHA-256 differs"):
+        dsm.make_dataset(_config(scan, count=4, shard_size=2), tmp_path / "ds")
+    _write(tmp_path / "src" / "a.png", photo)  # restored: the same command finishes, with the scanned pixels
+    dsm.make_dataset(_config(scan, count=4, shard_size=2), tmp_path / "ds")
+    ds = degrade.open_dataset(tmp_path / "ds")
+    for i in range(len(ds)):
+        y, x = ds.column("crop")[i][:2]
+        assert np.array_equal(ds[i].hr, photo[y:y + 64, x:x + 64, ::-1])  # (cv2.imwrite took it as BGR)

@@ -73,7 +73,8 @@ class SampleMaker:
         """Sample `index`: (source row, crop corner (y, x), the sample)."""
         config = self.config
         src, (y, x), params = draw_sample(config, index)
-        image = self.cache.load(str(config.source_path(src)), max_pixels=self.max_pixels)
+        image = self.cache.load(str(config.source_path(src)), max_pixels=self.max_pixels,
+                                sha256=config.sources[src].sha256)
         p = config.patch_size
         if image.shape[0] < y + p or image.shape[1] < x + p:
             raise DatasetError(f"{config.sources[src].path}: changed since it was scanned (smaller now)")

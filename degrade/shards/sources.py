@@ -21,6 +21,7 @@ from degrade.io import (
     decode_image,
     max_file_bytes,
     read_image,
+    read_image_sha256,
     read_regular_file,
     real_path,
     to_uint8,
@@ -128,11 +129,21 @@ class SourceCache:
         self.max_bytes = max_bytes
         self._images: OrderedDict[str, NDArray[np.uint8]] = OrderedDict()
 
-    def load(self, path: str, *, max_pixels: int | None = None) -> NDArray[np.uint8]:
-        """The decoded image at `path`; `max_pixels` as in :func:`degrade.read_image` (None: this process's cap)."""
+    def load(self, path: str, *, max_pixels: int | None = None, sha256: str | None = None) -> NDArray[np.uint8]:
+        """The decoded image at `path`; `max_pixels` as in :func:`degrade.read_image` (None: this process's cap).
+        With `sha256` (the scan's), the bytes decoded must have that digest: a source replaced after the scan
+        (or another file at the same path on a remote worker) is a DatasetError, not another photo's pixels
+        stored under this one's name."""
         image = self._images.pop(path, None)
         if image is None:
-            image = to_uint8(read_image(path, max_pixels=max_pixels))
+            if sha256 is None:
+                decoded = read_image(path, max_pixels=max_pixels)
+            else:
+                decoded, digest = read_image_sha256(path, max_pixels=max_pixels)
+                if digest != sha256:
+                    raise DatasetError(f"{path}: changed since it was scanned (its SHA-256 differs from the "
+                                       "manifest's); restore it, or make the dataset anew in a new --out")
+            image = to_uint8(decoded)
             image.setflags(write=False)
         self._images[path] = image
         total = sum(a.nbytes for a in self._images.values())
