@@ -383,7 +383,8 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
               help="Also write each image's scores to this CSV file (level, name, then one column per score).")
 @click.option("--save-sr", "save_sr", type=click.Path(path_type=Path, file_okay=False),
               help="Also save each SR image scored, as DIR/level{L}/NAME.png (DIR/NAME.png for given LR "
-                   "images): the bytes dasr-sr writes for that LR (RGB: an alpha channel is not scored).")
+                   "images): the bytes dasr-sr writes for that LR (RGB: an alpha channel is not scored). DIR "
+                   "must be new or an empty folder.")
 @click.option("--lpips-alexnet", type=click.Path(path_type=Path, dir_okay=False),
               help="With --lpips-lin: also LPIPS (v0.1, AlexNet). torchvision's AlexNet ImageNet weights file "
                    "(alexnet-owt-7be5be79.pth); nothing is downloaded.")
@@ -443,6 +444,7 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
             raise click.UsageError(f"--save-sr {save_sr} lies inside the test set {kept}: the SR images would be "
                                    "mixed with its files, and could overwrite its HR or LR images; save them "
                                    "elsewhere")
+        _check_save_sr(save_sr)
     if per_image is not None:
         _check_per_image(per_image, (model_path, checkpoint, *(release_weights or ()), lpips_alexnet, lpips_lin,
                                      niqe_params, shards, hr_dir, lr_dir, testset))
@@ -472,16 +474,6 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
             pairs = pairs_from_hr_dir(hr_dir, lv, seed)
         if save_sr is not None:
             _check_saved_paths(pairs.names)
-            # where each SR image goes: DIR/NAME.png for given pairs (level 0), else DIR/levelL/NAME.png, NAME
-            # with its input's subfolders; each folder resolved (symlinks followed) must lie in no folder read
-            sources = [real_path(x) for x in (shards, hr_dir, lr_dir, testset) if x is not None]
-            folders = {(save_sr / (f"level{level}" if level else "") / name).parent
-                       for name in pairs.names for level in ((0,) if lr_dir is not None else (1, 2, 3))}
-            for folder in sorted(folders):
-                real = real_path(folder)
-                if (hit := next((x for x in sources if real == x or x in real.parents), None)) is not None:
-                    raise click.UsageError(f"--save-sr {save_sr} would write into {hit} (as {folder}): the SR "
-                                           "images could overwrite the images read; save them elsewhere")
         with _bar() as bar:
             task = bar.add_task("evaluating", total=len(pairs))
             result = evaluate_pairs(model, pairs, dev, tile=tile, lpips=lpips, niqe_params=niqe,
@@ -546,6 +538,29 @@ def _check_per_image(path: Path, reads: tuple) -> None:
         if where in target.parents and path.suffix.lower() != ".csv":
             raise click.UsageError(f"--per-image {path} lies inside {given}, which the evaluation reads: name it "
                                    "*.csv, or write it elsewhere")
+
+
+def _check_save_sr(path: Path) -> None:
+    """--save-sr DIR must be new or an empty folder, as make-testset's OUT: the SR images an earlier run left
+    there (another model's, or levels this run does not score) would lie beside this run's with nothing to
+    tell them apart. An empty DIR is what it is, so no image of this run can land in a folder it reads
+    (DIR itself lies in none: checked before)."""
+    if path.is_symlink() and not path.exists():
+        raise click.ClickException(f"--save-sr {path}: a symbolic link to nothing; the SR images are saved into a "
+                                   "new or empty folder")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise click.ClickException(f"--save-sr {path}: exists and is not a folder; the SR images are saved into a "
+                                   "new or empty one")
+    try:
+        other = next(path.iterdir(), None)
+    except OSError as exc:
+        raise click.ClickException(os_error(exc)) from None
+    if other is not None:
+        raise click.ClickException(f"--save-sr {path}: exists and is not an empty folder (it holds {other.name}); "
+                                   "the SR images are saved into a new or empty one, so that no earlier run's "
+                                   "image is taken for this run's")
 
 
 def _check_saved_paths(names: list[str]) -> None:

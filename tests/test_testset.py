@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -282,38 +283,54 @@ def test_dasr_eval_writes_per_image_scores_and_the_sr_images_dasr_sr_would(ckpt,
                                          "--save-sr", str(testset / "out")])
     assert res.exit_code == 2 and "lies inside" in res.output and not (testset / "out").exists()
     # the SR images never land on images read (symlinks followed), nor inside a test set (its LR images have
-    # the HR's names)
+    # the HR's names); a DIR holding the folders read is not empty, and refused as such
     before = {p: p.read_bytes() for p in testset.rglob("*") if p.is_file()}
     for name in ("d", "link"):
         shutil.copytree(testset / "HR", tmp_path / name / "HR")
     shutil.copytree(testset / "HR", tmp_path / "d" / "level1")
     (tmp_path / "link" / "level1").symlink_to(tmp_path / "link" / "HR")
     kept = {p: p.read_bytes() for p in tmp_path.glob("[dl]*/**/*.png")}
-    for args, said in ((["--hr-dir", str(testset / "HR"), "--levels", "1", "--save-sr", str(testset / "LR")],
-                        f"lies inside the test set {testset.resolve()}"),
-                       (["--hr-dir", str(tmp_path / "d" / "level1"), "--levels", "1", "--save-sr", str(tmp_path / "d")],
-                        f"would write into {(tmp_path / 'd' / 'level1').resolve()}"),
-                       (["--hr-dir", str(tmp_path / "link" / "HR"), "--levels", "1", "--save-sr",
-                         str(tmp_path / "link")], f"would write into {(tmp_path / 'link' / 'HR').resolve()}")):
+    for args, said, status in (
+            (["--hr-dir", str(testset / "HR"), "--levels", "1", "--save-sr", str(testset / "LR")],
+             f"lies inside the test set {testset.resolve()}", 2),
+            (["--hr-dir", str(tmp_path / "d" / "level1"), "--levels", "1", "--save-sr", str(tmp_path / "d")],
+             f"--save-sr {tmp_path / 'd'}: exists and is not an empty folder", 1),
+            (["--hr-dir", str(tmp_path / "link" / "HR"), "--levels", "1", "--save-sr", str(tmp_path / "link")],
+             f"--save-sr {tmp_path / 'link'}: exists and is not an empty folder", 1)):
         res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--device", "cpu", *args])
-        assert res.exit_code == 2 and said in " ".join(res.output.split()), res.output
+        assert res.exit_code == status and said in " ".join(res.output.split()), res.output
     assert {p: p.read_bytes() for p in testset.rglob("*") if p.is_file()} == before
     assert {p: p.read_bytes() for p in tmp_path.glob("[dl]*/**/*.png")} == kept
-    # a folder holding the ones read, where the SR images go elsewhere in it, is fine: DIR/level1/ for an
-    # HR folder, DIR/NAME.png for given pairs
-    shutil.copytree(testset / "HR", tmp_path / "data" / "hr")
-    shutil.copytree(testset / "LR" / "level1", tmp_path / "data" / "lr")
-    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--device", "cpu", "--hr-dir",
-                                         str(tmp_path / "data" / "hr"), "--levels", "1", "--save-sr",
-                                         str(tmp_path / "data"), "--json"])
+
+
+def test_dasr_eval_save_sr_takes_a_new_or_empty_folder_and_refuses_one_holding_anything(ckpt, testset, tmp_path):
+    """A second run into the --save-sr DIR of a first (levels 1-3), scoring level 1 alone, left the first
+    run's level2/ and level3/ beside its own without a word: a DIR that exists and is not empty is refused
+    in one line before any work (the model is not even loaded); a new one, or an empty one, is fine."""
+    pytest.importorskip("torch")
+    from cli.sr import eval_main
+
+    base = ["--model", str(ckpt), "--device", "cpu", "--json", "--testset", str(testset)]
+    res = CliRunner().invoke(eval_main, [*base, "--save-sr", str(tmp_path / "sr")])
     assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--device", "cpu", "--lr-dir",
-                                         str(tmp_path / "data" / "lr"), "--hr-dir", str(tmp_path / "data" / "hr"),
-                                         "--save-sr", str(tmp_path / "data"), "--json"])
+    first = {p: p.read_bytes() for p in (tmp_path / "sr").rglob("*") if p.is_file()}
+    assert sorted({p.parent.name for p in first if p.parent.parent == tmp_path / "sr"}) == [
+        "level1", "level2", "level3"]
+    res = CliRunner().invoke(eval_main, [*base, "--model", str(tmp_path / "no-such-model.pt"), "--levels", "1",
+                                         "--save-sr", str(tmp_path / "sr")])
+    assert res.exit_code == 1 and re.fullmatch(
+        re.escape(f"Error: --save-sr {tmp_path / 'sr'}: exists and is not an empty folder (it holds ") + r"level[123]"
+        + re.escape("); the SR images are saved into a new or empty one, so that no earlier run's image is taken "
+                    "for this run's\n"), res.output), res.output
+    assert {p: p.read_bytes() for p in (tmp_path / "sr").rglob("*") if p.is_file()} == first
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(eval_main, [*base, "--levels", "1", "--save-sr", str(tmp_path / "empty")])
     assert res.exit_code == 0, res.output
-    names = ("a", "c", "sub/b")
-    assert sorted(p.relative_to(tmp_path / "data").as_posix() for p in (tmp_path / "data").rglob("*.png")) == sorted(
-        [f"{d}/{n}.png" for d in ("hr", "lr", "level1") for n in names] + [f"{n}.png" for n in names])
+    assert sorted(p.relative_to(tmp_path / "empty").as_posix() for p in (tmp_path / "empty").rglob("*.png")) == [
+        "level1/a.png", "level1/c.png", "level1/sub/b.png"]
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    res = CliRunner().invoke(eval_main, [*base, "--save-sr", str(tmp_path / "link")])
+    assert res.exit_code == 1 and "a symbolic link to nothing" in res.output, res.output
 
 
 def test_a_run_that_loses_a_race_for_an_empty_folder_leaves_the_winners_set_whole(hr_dir, tmp_path, monkeypatch):
