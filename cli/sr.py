@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import json
@@ -30,7 +31,7 @@ from cli.common import (
 )
 from degrade._version import __version__
 from degrade.errors import DegradeError
-from degrade.io import check_write_target, real_path, write_bytes_atomic, write_image
+from degrade.io import check_write_target, make_folders, real_path, write_bytes_atomic, write_image
 
 console = text_console()
 err_console = text_console(stderr=True)
@@ -449,6 +450,8 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
         _check_per_image(per_image, (model_path, checkpoint, *(release_weights or ()), lpips_alexnet, lpips_lin,
                                      niqe_params, shards, hr_dir, lr_dir, testset))
     rows: list[dict] = []
+    saved: list[Path] = []  # --save-sr's images and the folders made for them: a run that fails takes them back
+    made: list[Path] = []
 
     def on_image(index: int, scores: dict, sr) -> None:  # pairs: the evaluation's, named
         name = pairs.names[index]
@@ -456,8 +459,10 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
             rows.append({"level": scores["level"], "name": name, **{k: v for k, v in scores.items() if k != "level"}})
         if save_sr is not None:
             path = save_sr / (f"level{scores['level']}" if scores["level"] else "") / f"{name}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
+            made.extend(make_folders(path.parent))
             write_image(path, sr)
+            saved.append(path)
+    done = False
     try:
         model, dev = _load(_one_model(model_path, checkpoint), release_weights, device)
         lpips = LPIPS(lpips_alexnet, lpips_lin).to(dev) if lpips_alexnet is not None else None
@@ -479,16 +484,20 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
             result = evaluate_pairs(model, pairs, dev, tile=tile, lpips=lpips, niqe_params=niqe,
                                     **precision_kwargs(precision, dev), progress=lambda: bar.advance(task),
                                     on_image=on_image if per_image is not None or save_sr is not None else None)
-        if per_image is not None:
-            _write_csv(per_image, rows)
         if lr_dir is not None and hr_dir is None and not any(r.get("niqe_images") for r in result["levels"].values()):
             # NIQE is all this run measures: none of it is not a result (too small or flat images have no score)
             raise DegradeError(f"NIQE could score none of the {len(pairs)} image(s) in {lr_dir}: each needs two "
                                "textured 96 x 96 blocks at least (the SR image, x4 of the LR)")
+        if per_image is not None:  # last: a failed run writes no CSV (an earlier one at that path stays)
+            _write_csv(per_image, rows)
+        done = True
     except DegradeError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(os_error(exc)) from None
+    finally:
+        if not done:  # a refusal, an error, Ctrl-C: the SR images saved so far are no run's result
+            _take_back(saved, made)
     if as_json:  # strict JSON: an infinite PSNR (SR equal to HR) is null, as JSON has no Infinity
         click.echo(json.dumps(_finite_or_null(result), indent=1, allow_nan=False))
         return
@@ -561,6 +570,18 @@ def _check_save_sr(path: Path) -> None:
         raise click.ClickException(f"--save-sr {path}: exists and is not an empty folder (it holds {other.name}); "
                                    "the SR images are saved into a new or empty one, so that no earlier run's "
                                    "image is taken for this run's")
+
+
+def _take_back(files: list[Path], folders: list[Path]) -> None:
+    """Remove `files` and then `folders` (those this run made; deepest first, each only if empty: one that
+    another process put something in meanwhile stays), what a failed dasr-eval saved; a file or folder
+    that will not go is left."""
+    for f in files:
+        with contextlib.suppress(OSError):
+            f.unlink()
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _check_saved_paths(names: list[str]) -> None:

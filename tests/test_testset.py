@@ -333,6 +333,64 @@ def test_dasr_eval_save_sr_takes_a_new_or_empty_folder_and_refuses_one_holding_a
     assert res.exit_code == 1 and "a symbolic link to nothing" in res.output, res.output
 
 
+def test_a_failing_dasr_eval_writes_no_csv_and_takes_back_the_sr_images_it_saved(ckpt, testset, tmp_path,
+                                                                                  monkeypatch):
+    """A run that fails late wrote --per-image anyway (replacing an earlier CSV with one of empty rows when
+    NIQE could score none of the images) and left the SR images saved before the failure: now an earlier
+    CSV stays as it was and the run takes back its SR images and the folders it made for them, whether it
+    fails after the evaluation (NIQE none, the CSV's own write) or in the middle (an SR image's write)."""
+    import math
+
+    pytest.importorskip("torch")
+    import cli.sr
+    import dasr_model.evaluate as evaluate
+    from cli.sr import eval_main
+
+    from .niqe_golden import make_params
+
+    with open(tmp_path / "p.npz", "wb") as f:
+        np.savez(f, **make_params())
+    csv_file = tmp_path / "scores.csv"
+    csv_file.write_text("an earlier run's scores\n")
+    (tmp_path / "empty").mkdir()
+    base = ["--model", str(ckpt), "--device", "cpu", "--json", "--per-image", str(csv_file)]
+    niqe = [*base, "--lr-dir", str(testset / "LR" / "level1"), "--niqe-params", str(tmp_path / "p.npz")]
+    monkeypatch.setattr(evaluate, "_niqe_or_nan", lambda img, params: math.nan)
+    for out in (tmp_path / "new" / "sr", tmp_path / "empty"):
+        res = CliRunner().invoke(eval_main, [*niqe, "--save-sr", str(out)])
+        assert res.exit_code == 1 and "NIQE could score none of the 3 image(s)" in res.output, res.output
+        assert csv_file.read_text() == "an earlier run's scores\n"
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["empty", "p.npz", "scores.csv"]
+    monkeypatch.setattr(evaluate, "_niqe_or_nan", lambda img, params: 3.0)  # scored: the run writes both
+    res = CliRunner().invoke(eval_main, [*niqe, "--save-sr", str(tmp_path / "empty")])
+    assert res.exit_code == 0, res.output
+    assert csv_file.read_text().startswith("level,name,") and len(list((tmp_path / "empty").rglob("*.png"))) == 3
+    shutil.rmtree(tmp_path / "empty")
+    csv_file.write_text("an earlier run's scores\n")
+
+    real_write, writes = cli.sr.write_image, []
+
+    def full_disk_at_the_third(path, img):
+        writes.append(path)
+        if len(writes) == 3:
+            raise OSError(28, "No space left on device", str(path))
+        real_write(path, img)
+
+    def failing_csv(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    testset_run = [*base, "--testset", str(testset), "--levels", "1,2", "--save-sr", str(tmp_path / "new" / "sr")]
+    monkeypatch.setattr(cli.sr, "write_image", full_disk_at_the_third)
+    res = CliRunner().invoke(eval_main, testset_run)
+    assert res.exit_code == 1 and "No space left on device" in res.output and len(writes) == 3, res.output
+    monkeypatch.setattr(cli.sr, "write_image", real_write)
+    monkeypatch.setattr(cli.sr, "write_bytes_atomic", failing_csv)
+    res = CliRunner().invoke(eval_main, testset_run)
+    assert res.exit_code == 1 and res.output.splitlines()[-1] == f"Error: {csv_file}: No space left on device"
+    assert csv_file.read_text() == "an earlier run's scores\n"
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["p.npz", "scores.csv"]
+
+
 def test_a_run_that_loses_a_race_for_an_empty_folder_leaves_the_winners_set_whole(hr_dir, tmp_path, monkeypatch):
     """Two runs into one empty folder: the second to finish is refused and takes back only what it moved
     (it removed the first one's HR, LR and params). A hidden folder of a killed run does not count as
