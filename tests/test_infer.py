@@ -410,6 +410,25 @@ def test_eval_on_shards_equals_an_independent_computation(ckpt, tmp_path):
     assert set(data["mae"]) == {"all", "kernel", "resize", "noise", "jpeg"}
 
 
+def test_eval_on_shards_made_with_sharpen_hr_is_noted_and_a_plain_set_is_not(ckpt, tmp_path):
+    """A --sharpen-hr dataset's LR come from the sharpened HR but are scored against the plain HR, which real
+    images are not: dasr-train notes it of a validation set, dasr-eval said nothing. Now it notes it on
+    stderr (the JSON on stdout stays clean) and still scores, exit status 0."""
+    from degrade import shards as dsm
+
+    scan = dsm.scan_sources([], 64)
+    sharp = tmp_path / "sharp"
+    dsm.make_dataset(dsm.DatasetConfig(level=2, count=2, patch_size=64, seed=1, shard_size=2, compression="none",
+                                       source_root=scan.root, sources=tuple(scan.sources), sharpen_hr=True), sharp)
+    plain = make_small_dataset(tmp_path / "plain", count=2, seed=1, shard_size=2, level=2)
+    for data, noted in ((sharp, True), (plain, False)):
+        res = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--shards", str(data), "--json", "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["levels"]["2"]["images"] == 2
+        assert (f"note: the dataset {data} was made with --sharpen-hr: its LR images come from the sharpened HR but "
+                "are scored against the plain HR" in " ".join(res.stderr.split())) is noted, res.stderr
+
+
 def test_eval_from_an_hr_folder_is_reproducible(ckpt, tmp_path):
     hr_dir = tmp_path / "hr"
     hr_dir.mkdir()
