@@ -191,10 +191,12 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
                     held.enter_context(_hold_folder(tmp))
                     token = _mark_owner(tmp)
                 break
-            except FileNotFoundError:  # a parent another run made, and took back as it failed, meanwhile
+            except FileNotFoundError as exc:  # a parent another run made, and took back as it failed, meanwhile
                 if attempt:
-                    raise
+                    raise _hidden_folder_error(exc, out, existing) from None
                 made += make_folders(out.parent)
+            except OSError as exc:
+                raise _hidden_folder_error(exc, out, existing) from None
         with OrderedMap(_Degrade(files, levels, seed), jobs=jobs) as run:
             for done, (entry, (hr_png, lrs)) in enumerate(zip(images, run(range(len(files)))), 1):
                 name = entry["name"]
@@ -233,6 +235,14 @@ def make_testset(src: str | os.PathLike, out: str | os.PathLike, *, levels: Sequ
         raise
     held.close()
     return manifest
+
+
+def _hidden_folder_error(exc: OSError, out: Path, existing: bool) -> OSError:
+    """The failure to make (or mark) the hidden folder, naming `out`: the folder's own path, which the user
+    never gave, said '/sys/kernel/.make-testset.XXXX.tmp: Operation not permitted' (and in /proc 'No such
+    file or directory'). The same OSError subclass, for the same errno."""
+    where = "inside it" if existing else f"beside it in {out.parent}"
+    return OSError(exc.errno, f"cannot create the test set {where}: {exc.strerror or exc}", str(out))
 
 
 def _manifest_bytes(manifest: dict[str, Any]) -> bytes:

@@ -735,6 +735,32 @@ def test_a_hidden_folder_removed_mid_run_is_never_taken_for_the_set(hr_dir, tmp_
     assert not (tmp_path / "sets").exists()
 
 
+def test_a_hidden_folder_that_cannot_be_made_is_reported_naming_out(hr_dir, tmp_path, monkeypatch):
+    """--out /sys/kernel/x said 'Error: /sys/kernel/.make-testset.XXXX.tmp: Operation not permitted', naming a
+    hidden path the user never gave: the error names OUT and where the set was to be built, keeps its
+    OSError subclass, and nothing is left."""
+    import errno
+    import tempfile
+
+    def refused(prefix=None, suffix=None, dir=None):
+        raise PermissionError(errno.EPERM, "Operation not permitted", os.path.join(dir, f"{prefix}abcd{suffix}"))
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    for out, where in ((tmp_path / "new", f"beside it in {tmp_path}"), (tmp_path / "empty", "inside it")):
+        res = CliRunner().invoke(degrade_cli, ["make-testset", str(hr_dir), "--out", str(out), "--levels", "1"])
+        assert res.exit_code == 1 and res.output.splitlines()[-1] == (
+            f"Error: {out}: cannot create the test set {where}: Operation not permitted"), res.output
+        with pytest.raises(PermissionError):
+            make_testset(hr_dir, out, levels=(1,))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any((tmp_path / "empty").iterdir())
+    monkeypatch.undo()
+    if os.path.isdir("/proc/self"):  # a real refusal: /proc takes no folder ('No such file or directory')
+        res = CliRunner().invoke(degrade_cli, ["make-testset", str(hr_dir), "--out", "/proc/x", "--levels", "1"])
+        assert res.exit_code == 1 and res.output.splitlines()[-1].startswith(
+            "Error: /proc/x: cannot create the test set beside it in /proc: "), res.output
+
+
 def test_an_out_that_is_a_link_to_nothing_is_refused_before_any_work(tmp_path):
     """--out as a symlink to nothing degraded every image, then failed naming its hidden folder
     ('.make-testset....tmp: Not a directory'): refused up front, naming OUT, with nothing made."""
