@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import cv2
@@ -192,6 +193,33 @@ def test_a_changed_command_is_refused(reference, bundled):
         with pytest.raises(dsm.DatasetError, match="different command"):
             dsm.make_dataset(_config(bundled, **change), reference)
     assert _digests(reference) == before
+
+
+def test_the_refusal_names_an_option_a_configuration_leaves_out_when_off(bundled, tmp_path):
+    """sharpen_hr is left out of a configuration when off: a dataset made with it, asked again without it,
+    was refused as made 'by a different command ()', naming nothing; and the other way round."""
+    dsm.make_dataset(_config(bundled, count=2, shard_size=2, sharpen_hr=True), tmp_path / "sharp")
+    dsm.make_dataset(_config(bundled, count=2, shard_size=2), tmp_path / "plain")
+    for folder, asked, said in (("sharp", False, "sharpen_hr True -> False"),
+                                ("plain", True, "sharpen_hr False -> True")):
+        with pytest.raises(dsm.DatasetError, match=rf"different command \({said}\)"):
+            dsm.make_dataset(_config(bundled, count=2, shard_size=2, sharpen_hr=asked), tmp_path / folder)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_manifest_write_killed_before_its_rename_leaves_nothing_in_the_way(bundled, reference, tmp_path, first):
+    """kill -9 inside a manifest write leaves its temporary file (.manifest.json.XXXX.tmp). In the first write
+    the folder then held no manifest but that file, and the same command was refused ('not empty, holds no
+    manifest.json'); in a later one the file stayed in the dataset for ever. The resume now takes it away."""
+    out = tmp_path / "ds"
+    if first:
+        out.mkdir()
+        (out / ".lock").write_bytes(b"")
+    else:
+        shutil.copytree(reference, out)
+    (out / ".manifest.json.k1ll3d_.tmp").write_text('{"half": ')
+    dsm.make_dataset(_config(bundled), out)
+    assert _digests(out) == _digests(reference)  # (hidden files included: none is left)
 
 
 def test_a_foreign_non_empty_folder_is_refused(bundled, tmp_path):

@@ -94,7 +94,7 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
     shards: dict[int, dict[str, Any]] = {}
     if out.exists() and not out.is_dir():
         raise DatasetError(f"{out}: exists and is not a folder")
-    if not (out / MANIFEST).exists() and out.exists() and any(p.name != LOCK for p in out.iterdir()):
+    if not (out / MANIFEST).exists() and out.exists() and any(not _ours(p.name) for p in out.iterdir()):
         raise DatasetError(f"{out}: folder is not empty and holds no {MANIFEST}; choose a new --out")
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -126,14 +126,21 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
     return report
 
 
+def _ours(name: str) -> bool:
+    """A name only a make-dataset run leaves in a folder that holds no manifest yet: its lock, and the
+    temporary file of a first manifest write that was killed (kill -9) before its rename."""
+    return name == LOCK or (name.startswith(f".{MANIFEST}.") and name.endswith(".tmp"))
+
+
 def _config_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between the manifest's configuration and this command's, each key of either (an option
+    a configuration leaves out when off, as sharpen_hr, read as off)."""
+    absent = {"sharpen_hr": False}
     diffs = []
-    for key in new:
-        if key == "sources":
-            if old.get(key) != new[key]:
-                diffs.append("the source images")
-        elif old.get(key) != new[key]:
-            diffs.append(f"{key} {old.get(key)!r} -> {new[key]!r}")
+    for key in [*new, *(k for k in old if k not in new)]:
+        was, now = old.get(key, absent.get(key)), new.get(key, absent.get(key))
+        if was != now:
+            diffs.append("the source images" if key == "sources" else f"{key} {was!r} -> {now!r}")
     return ", ".join(diffs)
 
 
@@ -152,8 +159,8 @@ def _regular(path: Path) -> bool:
 
 def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], report: MakeReport, jobs: int,
           progress: Callable[[int], None] | None, backend: str | None, max_pixels: int) -> None:
-    for stale in out.glob(".shard-*.partial"):
-        stale.unlink()  # left by an interrupted run; never looks complete
+    for stale in [*out.glob(".shard-*.partial"), *(p for p in out.glob(f".{MANIFEST}.*.tmp") if _ours(p.name))]:
+        stale.unlink()  # left by an interrupted run (a killed write's temporary file too); never looks complete
 
     todo = []
     for k in range(config.shard_count):
