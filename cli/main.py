@@ -390,10 +390,12 @@ def _stopped(message: str, status: int) -> None:
 @click.option("--sources", type=click.Path(path_type=Path, file_okay=False),
               help="Folder holding the source images, if not where they were when the dataset was made.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Which samples to regenerate.")
-def verify(directory: Path, regenerate: int, sources: Path | None, seed: int) -> None:
+@max_pixels_option
+def verify(directory: Path, regenerate: int, sources: Path | None, seed: int, max_pixels: int | None) -> None:
     """Check a dataset: structure, shapes, value ranges, checksums, and optionally regenerate samples."""
     from degrade import shards as ds
 
+    set_max_pixels(max_pixels)  # the sources --regenerate decodes: as make-dataset's (a larger one: its value)
     if directory.is_file():  # a lone shard: its manifest, which verify compares it with, is in its folder
         raise click.UsageError(f"{directory}: verify checks a dataset folder (its manifest and every shard); "
                                f"give the folder, {directory.parent}")

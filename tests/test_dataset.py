@@ -222,6 +222,39 @@ def test_a_manifest_write_killed_before_its_rename_leaves_nothing_in_the_way(bun
     assert _digests(out) == _digests(reference)  # (hidden files included: none is left)
 
 
+def test_a_source_named_without_an_image_suffix_is_skipped_as_verify_would_refuse_it(tmp_path):
+    """A file named directly is read whatever its name, but verify --regenerate re-reads a source only by an
+    image file name: a dataset made from `castle` or `castle.jfif` could never pass it. The scan now skips such
+    a file as unreadable, saying why; a PNM named directly is still a source."""
+    photo = np.random.default_rng(5).integers(0, 256, (80, 80, 3), dtype=np.uint8)
+    _write(tmp_path / "a.ppm", photo)
+    for name in ("castle", "castle.jfif"):
+        (tmp_path / name).write_bytes((tmp_path / "a.ppm").read_bytes())
+    scan = dsm.scan_sources([tmp_path / "castle", tmp_path / "castle.jfif", tmp_path / "a.ppm"], 64)
+    assert [s.path for s in scan.sources] == ["a.ppm"]
+    assert [(name, reason.split(" (")[0]) for name, reason in scan.unreadable] == [
+        ("castle", "not an image file name"), ("castle.jfif", "not an image file name")]
+    dsm.make_dataset(_config(scan, count=4, shard_size=4), tmp_path / "ds")
+    assert dsm.verify_dataset(tmp_path / "ds", regenerate=4) == []
+
+
+def test_verify_regenerates_sources_past_the_default_cap_with_max_pixels(tmp_path, monkeypatch):
+    """A dataset made with make-dataset --max-pixels from a photo above the default cap could not be verified
+    with --regenerate: verify had no --max-pixels (the error's hint named one), and the source's refusal ended
+    the whole check with one fatal line. verify now takes --max-pixels, and a source above the cap is each
+    sample's listed problem."""
+    _write(tmp_path / "src" / "a.png", np.random.default_rng(6).integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    monkeypatch.setenv("DEGRADE_MAX_PIXELS", "10000")  # the default cap, scaled down: the photo is 12,288 px
+    made = CliRunner().invoke(main, ["make-dataset", str(tmp_path / "src"), "--out", str(tmp_path / "ds"),
+                                     "--count", "3", "--patch-size", "64", "--jobs", "1", "--max-pixels", "20000"])
+    assert made.exit_code == 0, made.output
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "ds"), "--regenerate", "3"])
+    problems = [line for line in result.output.splitlines() if line.startswith("problem: sample ")]
+    assert result.exit_code == 1 and len(problems) == 3 and "above the 0.01 MP limit" in problems[0], result.output
+    result = CliRunner().invoke(main, ["verify", str(tmp_path / "ds"), "--regenerate", "3", "--max-pixels", "20000"])
+    assert result.exit_code == 0 and "OK (3 samples regenerated bit for bit)" in result.output, result.output
+
+
 def test_a_foreign_non_empty_folder_is_refused(bundled, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(dsm.DatasetError, match="not empty"):

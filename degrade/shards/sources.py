@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from degrade.discover import find_images
+from degrade.discover import SOURCE_SUFFIXES, find_images
 from degrade.errors import DatasetError, DegradeError
 from degrade.io import (
     ImageError,
@@ -82,6 +82,9 @@ def scan_sources(srcs: Sequence[str | os.PathLike], patch_size: int,
         rel = f.relative_to(root).as_posix()
         if (shown := _not_utf8(rel)) is not None:
             scan.unreadable.append((shown, "its name is not UTF-8, which a dataset stores names as"))
+        elif f.suffix.lower() not in SOURCE_SUFFIXES:  # a file named directly: any name reaches here
+            scan.unreadable.append((rel, f"not an image file name ({', '.join(SOURCE_SUFFIXES)}), which degrade "
+                                         "verify re-reads a source only by; rename it"))
         else:
             _scan_one(scan, f, rel, patch_size, max_pixels)
         if progress:

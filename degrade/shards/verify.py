@@ -30,14 +30,16 @@ from degrade.vector import encode
 
 
 def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 0,
-                   source_root: str | os.PathLike | None = None) -> list[str]:
+                   source_root: str | os.PathLike | None = None, max_pixels: int | None = None) -> list[str]:
     """Check a dataset folder; returns a list of problems (empty when all is well).
 
     Checks the manifest, every shard's checksum, size, structure, shapes, dtypes and value ranges, that
     each shard was made with the manifest's configuration and sources (the manifest has no checksum of its
     own), that each stored v equals the encoding of its stored record, and then re-creates `regenerate` random
     samples from their source, crop, seed and record, comparing bit for bit. `source_root` replaces
-    the recorded source folder (for a dataset moved to another machine).
+    the recorded source folder (for a dataset moved to another machine). `max_pixels` caps the decoded
+    sources as in :func:`degrade.read_image` (None: this process's cap); a source above it is that sample's
+    problem.
     """
     import h5py
 
@@ -119,7 +121,7 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
     if manifest["complete"] and seen != config.count:
         problems.append(f"the shards hold {seen} samples, the manifest says {config.count}")
     if regenerate and not problems:
-        problems += _regenerate(out, config, regenerate, seed)
+        problems += _regenerate(out, config, regenerate, seed, max_pixels)
     return problems
 
 
@@ -144,10 +146,10 @@ def _text_or_none(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _regenerate(out: Path, config: DatasetConfig, k: int, seed: int) -> list[str]:
+def _regenerate(out: Path, config: DatasetConfig, k: int, seed: int, max_pixels: int | None) -> list[str]:
     problems = []
     ds = open_dataset(out)
-    maker = SampleMaker(config)
+    maker = SampleMaker(config, max_pixels=max_pixels)
     picks = np.random.default_rng(seed).choice(len(ds), size=min(k, len(ds)), replace=False)
     for i in sorted(int(x) for x in picks):
         shard, row = ds.locate(i)
@@ -163,16 +165,16 @@ def _regenerate(out: Path, config: DatasetConfig, k: int, seed: int) -> list[str
                             "photos, if they moved)")
             continue
         try:  # a regular file of bounded size, hashed in blocks
-            digest = sha256_file(src_path, max_file_bytes())
+            digest = sha256_file(src_path, max_file_bytes(max_pixels))
         except DatasetError as exc:
             problems.append(f"sample {i}: refusing source: {exc}")
             continue
         if digest != config.sources[int(f["source"][row])].sha256:
             problems.append(f"sample {i}: source {src_path} changed since the dataset was made")
             continue
-        try:  # a source that is not as the manifest records it (its size) is this sample's problem, not the end
-            src, (y, x), fresh = maker.sample(i)
-        except DatasetError as exc:
+        try:  # a source that is not as the manifest records it (its size), or above the pixel cap, is this
+            src, (y, x), fresh = maker.sample(i)  # sample's problem, not the end of the check
+        except DegradeError as exc:
             problems.append(f"sample {i}: {exc}")
             continue
         if src != int(f["source"][row]) or [y, x] != list(f["crop"][row][:2]):
