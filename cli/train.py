@@ -64,6 +64,15 @@ def absolute(path: Path | None) -> str | None:
     return None if path is None or str(path) == "" else os.path.abspath(path)
 
 
+def out_of_memory_text(cfg, where: str) -> str:
+    """The line for a run that ran out of memory on device `where`: the options of `cfg` (the run's, resumed
+    ones included) that set how much it holds; the validation samples stay on the device for the whole run."""
+    knobs = [f"--batch-size {cfg.batch_size}"] + ([f"--lr-crop {cfg.lr_crop}"] if cfg.lr_crop is not None else [])
+    if cfg.val_shards is not None:
+        knobs.append(f"--val-samples {cfg.val_samples} (the validation set is held whole from the start)")
+    return f"out of memory on {where} at {', '.join(knobs)}; lower {'one of them' if len(knobs) > 1 else 'it'}"
+
+
 def default_workers() -> int:
     """--workers when not given: half the cores this process may use, shared among the processes torchrun
     started on this machine (LOCAL_WORLD_SIZE), at least 1, at most 8."""
@@ -189,7 +198,6 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
             raise click.UsageError(f"{_flag(off)} and {_flag(field)} contradict each other: give one")
     if out.exists() and not out.is_dir():
         raise click.ClickException(f"{out}: is a file, not a run folder")
-    import torch
 
     from dasr_model.model import DASRConfig
     from dasr_model.runs import pick_device
@@ -288,8 +296,10 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
     columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}", markup=False),
                TimeRemainingColumn())
 
+    where = device  # the device the run uses, once picked: an out-of-memory error names it
     try:
-        if pick_device(device).type == "cpu":
+        where = pick_device(device).type
+        if where == "cpu":
             err_console.print("note: training on the CPU is slow; a real run (100k steps) needs a CUDA GPU "
                               "(docs/training.md)")
         with Progress(*columns, console=err_console) as bar:
@@ -329,9 +339,12 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
                 "--resume with a lower --lr fails too, start again with --restart)" if saved
                 else "no checkpoint was written (lower --lr?)")
         raise click.ClickException(f"{exc}; {kept}") from None
-    except torch.OutOfMemoryError:
-        raise click.ClickException(f"out of device memory at --batch-size {batch_size} --lr-crop {lr_crop}; "
-                                   "lower one of them") from None
+    except (RuntimeError, MemoryError) as exc:  # an allocation failure (CUDA's OutOfMemoryError is a RuntimeError)
+        from dasr_model.infer import out_of_memory
+
+        if not out_of_memory(exc):  # anything else is a bug: its traceback stays
+            raise
+        raise click.ClickException(out_of_memory_text(cfg, where)) from None
     if not last or last.get("nothing_to_train"):
         return
     stopped = last.get("stopped_by")

@@ -455,6 +455,34 @@ def test_cli_bad_input(tmp_path):
     assert result.exit_code == 1 and "photo.jpg: is a file, not a run folder" in result.output
 
 
+def test_cli_out_of_memory_is_one_line_naming_what_to_lower(shards, tmp_path, monkeypatch):
+    """The CPU allocator's RuntimeError and Python's MemoryError end dasr-train in one line naming the options
+    that set the memory (--val-samples too with a validation set, held whole from the start), as CUDA's
+    OutOfMemoryError did; any other RuntimeError keeps its traceback."""
+    import dasr_model.train as train_module
+
+    def raising(error):
+        return lambda *args, **kwargs: (_ for _ in ()).throw(error)
+
+    args = ["--shards", shards, "--workers", "0", "--device", "cpu", "--experts", "2", "--blocks", "1",
+            "--features", "8", "--lr-crop", "8", "--batch-size", "2", "--steps", "2"]
+    cpu_oom = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 737280000 bytes. Error code 12"
+    for i, error in enumerate((RuntimeError(cpu_oom), MemoryError())):
+        monkeypatch.setattr(train_module, "train_step", raising(error))
+        res = CliRunner().invoke(train_cli, [*args, "--out", str(tmp_path / f"run{i}")])
+        assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+        assert res.output.strip().splitlines()[-1] == \
+            "Error: out of memory on cpu at --batch-size 2, --lr-crop 8; lower one of them"
+    monkeypatch.setattr(train_module, "ValidationSet", raising(MemoryError()))  # loaded before the first step
+    res = CliRunner().invoke(train_cli, [*args, "--out", str(tmp_path / "val"), "--val-shards", shards,
+                                         "--val-samples", "4"])
+    assert res.exit_code == 1 and "Error: out of memory on cpu at --batch-size 2, --lr-crop 8, --val-samples 4 " \
+        "(the validation set is held whole from the start); lower one of them" in res.output, res.output
+    monkeypatch.setattr(train_module, "train_step", raising(RuntimeError("a shape bug")))
+    res = CliRunner().invoke(train_cli, [*args, "--out", str(tmp_path / "bug")])
+    assert isinstance(res.exception, RuntimeError) and str(res.exception) == "a shape bug"  # a bug: as it was
+
+
 def test_dataloader_worker_processes_give_the_same_batches(shards):
     """The shard reader opens its files lazily per process, and batches depend only on (seed, step)."""
     from torch.utils.data import DataLoader
