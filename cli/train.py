@@ -191,6 +191,8 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
     saves a checkpoint and exits 130 / 143; --resume continues exactly.
     """
     require_torch()
+    # under torchrun, rank 0 alone prints the notes, the progress bar and the last line (every rank's error shows)
+    console = err_console if int(os.environ.get("RANK", "0")) == 0 else text_console(stderr=True, quiet=True)
     if resume and restart:
         raise click.UsageError("--resume continues a run, --restart deletes it: give one")
     for field, off in OFF_SWITCH.items():
@@ -226,7 +228,7 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
             skipped: list[str] = []
             found = latest_intact(out, warn=skipped.append)
             for message in skipped if found is not None else []:
-                err_console.print(message)
+                console.print(message)
         # From a source or a checkpoint, the model options not given are its own (a GAN stage keeps its PSNR
         # stage's network; a resume its run's)
         given = {name: value for name, (option, value) in options.items()
@@ -235,14 +237,14 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
             model_cfg = TrainConfig.from_dict(found[1]["config"]).model
             for name in INIT_ONLY:  # shaped the run's first weights only: the run's own value stays on record
                 if name in given and given.pop(name) != getattr(model_cfg, name):
-                    err_console.print(f"note: --{options[name][0].replace('_', '-')} only scales a new run's initial "
-                                      f"weights: this resume keeps its run's ({getattr(model_cfg, name)})")
+                    console.print(f"note: --{options[name][0].replace('_', '-')} only scales a new run's initial "
+                                  f"weights: this resume keeps its run's ({getattr(model_cfg, name)})")
             model_cfg = dataclasses.replace(model_cfg, **given)
         elif starting:  # loaded once: the trainer starts from it too
             from dasr_model.infer import load_model
 
             source = load_model(init_from, tuple(map(str, init_release)) if init_release else None,
-                                warn=lambda m: err_console.print(f"warning: {m}"))
+                                warn=lambda m: console.print(f"warning: {m}"))
             model_cfg = dataclasses.replace(source.model.config, **given)
         else:
             model_cfg = DASRConfig(**given)
@@ -268,8 +270,8 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
     if found is not None:
         cfg, kept = resumed_config(ctx, cfg, TrainConfig.from_dict(found[1]["config"]))
         if kept:
-            err_console.print(f"resuming with the run's own options ({found[0].name}; given ones win): "
-                              + ", ".join(kept), soft_wrap=True)
+            console.print(f"resuming with the run's own options ({found[0].name}; given ones win): "
+                          + ", ".join(kept), soft_wrap=True)
         for field, off in OFF_SWITCH.items():  # an inherited path must still be there
             path = getattr(cfg, field)
             if path is None or ctx.get_parameter_source(field) is not ParameterSource.DEFAULT:
@@ -289,10 +291,10 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
     except (DegradeError, OSError):
         made = None  # the trainer reports a bad dataset folder itself
     if made is not None and cfg.sharpen_gt and not made.sharpen_hr:
-        err_console.print("note: these shards degrade the plain HR; with the sharpened target, shards made with "
-                          "`degrade make-dataset --sharpen-hr` trained better (docs/training.md)")
+        console.print("note: these shards degrade the plain HR; with the sharpened target, shards made with "
+                      "`degrade make-dataset --sharpen-hr` trained better (docs/training.md)")
     if cfg.vgg_weights is None:
-        err_console.print("perceptual loss off: no --vgg-weights given (VGG19 weights cannot be downloaded here)")
+        console.print("perceptual loss off: no --vgg-weights given (VGG19 weights cannot be downloaded here)")
     columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}", markup=False),
                TimeRemainingColumn())
 
@@ -300,9 +302,9 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
     try:
         where = pick_device(device).type
         if where == "cpu":
-            err_console.print("note: training on the CPU is slow; a real run (100k steps) needs a CUDA GPU "
-                              "(docs/training.md)")
-        with Progress(*columns, console=err_console) as bar:
+            console.print("note: training on the CPU is slow; a real run (100k steps) needs a CUDA GPU "
+                          "(docs/training.md)")
+        with Progress(*columns, console=console) as bar:
             # hidden until the first step: a run refused (or with nothing to train) draws no 'step 0/N' line
             task = bar.add_task("train", total=cfg.steps, completed=0, info="", visible=False)
             first = [True]
@@ -326,7 +328,7 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
                 bar.update(task, completed=step, info=info)
 
             last = train(cfg, resume=resume, restart=restart, progress=report, source=source, checkpoint=found,
-                         notify=lambda m: err_console.print(m, soft_wrap=True), held=True)
+                         notify=lambda m: console.print(m, soft_wrap=True), held=True)
     except DegradeError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
@@ -349,11 +351,11 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
         return
     stopped = last.get("stopped_by")
     if stopped in ("SIGINT", "SIGTERM"):
-        err_console.print(f"{stopped}: saved ckpt-{last['step']}.pt in {out}; continue with --resume")
+        console.print(f"{stopped}: saved ckpt-{last['step']}.pt in {out}; continue with --resume")
         sys.exit(130 if stopped == "SIGINT" else 143)
     reason = {"max_minutes": " (--max-minutes spent)",
               "schedule": " (the end of --lr-schedule, fitted to --max-minutes)"}.get(stopped, "")
-    err_console.print(f"stopped at step {last['step']}{reason}; checkpoints and metrics.jsonl in {out}")
+    console.print(f"stopped at step {last['step']}{reason}; checkpoints and metrics.jsonl in {out}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ discriminator, `gan`) and + 1 perceptual (VGG19, only when a local weights file 
 betas 0.9/0.99) over G, P and the mapping net together; EMA 0.999 of G. bf16 autocast on CUDA,
 float32 on CPU (`precision`). Batches are a pure function of (seed, step) (dasr_model.data), so `resume` continues
 exactly. Under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel and each
-rank takes its slice of the global batch; rank 0 writes metrics and checkpoints.
+rank takes its slice of the global batch; rank 0 writes metrics (the loss terms averaged over the ranks,
+samples/s counting every rank's samples) and checkpoints.
 """
 
 from __future__ import annotations
@@ -571,8 +572,16 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     torch.backends.cudnn.benchmark = cudnn_benchmark or device.type == "cuda"
     def record(losses: dict[str, torch.Tensor], step: int, validating: bool) -> dict[str, Any]:
         """Read a step's loss values (the one host-device sync of a step), check them, write its line (with
-        the learning rate its update took)."""
-        values = {k: float(t) for k, t in losses.items()}
+        the learning rate its update took). Under DDP every rank records the same steps, and the values are
+        the mean of the ranks' (each over its slice of the batch: the global batch's loss), in one all-reduce."""
+        if world > 1:
+            import torch.distributed as dist
+
+            terms = torch.stack([t.float() for t in losses.values()])  # the same terms, in order, on every rank
+            dist.all_reduce(terms)
+            values = dict(zip(losses, (terms / world).tolist()))
+        else:
+            values = {k: float(t) for k, t in losses.items()}
         if not math.isfinite(values["loss"]):  # checked before any checkpoint can hold it
             raise FloatingPointError(f"loss became {values['loss']} "  # steps counted from 1, as metrics.jsonl
                                      + (f"at step {step}" if cfg.log_every == 1 else  # its loss read at logged
@@ -648,7 +657,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                 losses = train_step(parts, cfg, lr_img, target, v, use_bf16, teacher=teacher,
                                     ema_decay=ema_decay_at(step, cfg))
             step += 1
-            seen += lr_img.shape[0]
+            seen += lr_img.shape[0] * world  # every rank's slice of the global batch (all the same size)
             if fitting and step - start_step in (FIT_FROM, FIT_FROM + FIT_STEPS):
                 if device.type == "cuda":  # the device's time, not the host's: queued work finishes first
                     torch.cuda.synchronize(device)
@@ -666,8 +675,11 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
                         + (f"; warning: inside the {cfg.warmup_steps}-step warm-up, so the rate never anneals "
                            "(use fewer --warmup-steps)" if end <= cfg.warmup_steps else ""))
 
-            validating = val_pairs is not None and (step % cfg.val_every == 0 or step == end)
-            due = step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == end or validating
+            # a validation step is a logged step on every rank (each records it: the loss is their mean), though
+            # rank 0 alone validates
+            scoring = bool(cfg.val_shards) and (step % cfg.val_every == 0 or step == end)
+            validating = scoring and val_pairs is not None
+            due = step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == end or scoring
             if due:
                 last = record(losses, step, validating)
             if progress:

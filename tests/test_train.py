@@ -681,24 +681,45 @@ def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path
     asked for 6 steps with metrics every 2 and checkpoints every 3, and rank 1 sends itself SIGINT after
     step 1: the ranks agree on stopping only at logged, checkpoint and last steps (no host sync per step),
     so both stop at step 2, the first logged step, save there, and are compared with a 2-step
-    single-process run. Rank 0 alone validates, every step, which must not make it wait for an agreement
-    the other rank does not join (step 1 is no agreement step). Resumed at its end, both ranks have
-    nothing to train and end together."""
+    single-process run. Rank 0 alone validates, every step: each validation step is a logged step on both
+    ranks (no stop agreement at step 1), and the logged losses are the ranks' mean, the single run's losses
+    of the same global batch; samples/s counts both ranks' samples (a clock that ticks once a reading makes
+    it the single run's exactly). Resumed at its end through dasr-train, both ranks have nothing to train
+    and end together, and rank 0 alone prints the notes."""
     import subprocess
     import sys
 
-    code = (
-        "import os, signal, sys; from dasr_model.train import TrainConfig, train;"
-        "from dasr_model.model import DASRConfig;"
-        "hit = lambda step, m: os.environ.get('RANK') == '1' and step == 1 and os.kill(os.getpid(), signal.SIGINT);"
-        f"last = train(TrainConfig(shards={shards!r}, out=sys.argv[1], steps=int(sys.argv[3]), lr_crop=8,"
-        "batch_size=int(sys.argv[2]), log_every=2, workers=0, ckpt_every=3, device='cpu', "
-        f"val_shards={shards!r}, val_every=1, val_samples=4, "
-        "model=DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)), progress=hit,"
-        "resume=len(sys.argv) > 4);"
-        "result = f\"{last['step']} {last.get('stopped_by') or last.get('nothing_to_train')}\";"
-        "open(sys.argv[1] + '.rank' + os.environ.get('RANK', '0'), 'w').write(result)"
-    )
+    code = f"""
+import os, signal, sys, types
+import dasr_model.train as T
+from dasr_model.model import DASRConfig
+
+out, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ticks = iter(range(10**6))
+T.time = types.SimpleNamespace(perf_counter=lambda: float(next(ticks)))
+
+
+def done(last):
+    result = f"{{last['step']}} {{last.get('stopped_by') or last.get('nothing_to_train')}}"
+    open(out + '.rank' + os.environ.get('RANK', '0'), 'w').write(result)
+    return last
+
+
+if len(sys.argv) > 4:
+    from cli.train import main
+
+    train = T.train
+    T.train = lambda *args, **kwargs: done(train(*args, **kwargs))
+    main(['--shards', {shards!r}, '--out', out, '--resume', '--steps', str(steps), '--workers', '0',
+          '--device', 'cpu'])
+else:
+    hit = lambda step, m: os.environ.get('RANK') == '1' and step == 1 and os.kill(os.getpid(), signal.SIGINT)
+    done(T.train(T.TrainConfig(shards={shards!r}, out=out, steps=steps, lr_crop=8, batch_size=batch, log_every=2,
+                               workers=0, ckpt_every=3, device='cpu', val_shards={shards!r}, val_every=1,
+                               val_samples=4, model=DASRConfig(num_experts=2, num_feat=8, num_block=1,
+                                                               predictor_feat=8)),
+                 progress=hit))
+"""
     script = tmp_path / "run.py"
     script.write_text(code)
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -711,6 +732,9 @@ def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path
                            timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [(tmp_path / f"ddp.rank{r}").read_text() for r in (0, 1)] == ["2 True", "2 True"], again.stderr
+    for note in ("resuming with the run's own options", "perceptual loss off", "training on the CPU is slow",
+                 "is already at step 2 (--steps 2): nothing to train", "training samples"):
+        assert again.stderr.count(note) == 1, (note, again.stderr)  # rank 0's only
     subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "2", "2"], check=True, capture_output=True,
                    timeout=240)
     assert sorted(p.name for p in (tmp_path / "ddp").glob("ckpt-*.pt")) == ["ckpt-2.pt"]
@@ -721,8 +745,37 @@ def test_ddp_with_gloo_equals_one_process_with_the_global_batch(shards, tmp_path
     # by whole steps, 1e-4.
     for name, tensor in a["model"].items():
         torch.testing.assert_close(tensor, b["model"][name], rtol=1e-4, atol=1e-5, msg=name)
-    lines = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2] and all("val" in m for m in lines)
+    lines, single = ([json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                     for run in ("ddp", "single"))
+    assert [m["step"] for m in lines] == [m["step"] for m in single] == [1, 2] and all("val" in m for m in lines)
+    for mine, theirs in zip(lines, single):
+        assert mine["samples_per_s"] == theirs["samples_per_s"]
+        for term in ("loss", "l1", "regression"):  # the same global batch; weights equal to rounding
+            assert mine[term] == pytest.approx(theirs[term], rel=1e-4), (term, mine, theirs)
+
+
+def test_under_torchrun_rank_0_alone_prints_the_notes_bar_and_last_line(shards, tmp_path, monkeypatch):
+    """Every torchrun process runs dasr-train: the others' notes, progress bars and last lines repeated rank 0's
+    (its samples/s and loss were rank 0's own), so rank 0 alone prints them; an error shows on any rank."""
+    import dasr_model.train as train_module
+    from dasr_model.errors import DASRError
+
+    def fake_train(cfg, *, progress, notify, **kwargs):
+        notify("a note from the trainer")
+        progress(1, {"step": 1, "loss": 0.5, "samples_per_s": 2.0, "end": 1})
+        return {"step": 1}
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    args = ["--shards", shards, "--workers", "0", "--device", "cpu", "--steps", "1"]
+    for rank, shown in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        res = CliRunner().invoke(train_cli, [*args, "--out", str(tmp_path / f"run{rank}")])
+        assert res.exit_code == 0, res.output
+        for line in ("a note from the trainer", "loss 0.5000", "perceptual loss off", "stopped at step 1"):
+            assert (line in res.output) == shown, (rank, line, res.output)
+    monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: (_ for _ in ()).throw(DASRError("refused")))
+    res = CliRunner().invoke(train_cli, [*args, "--out", str(tmp_path / "run1")])
+    assert res.exit_code == 1 and res.output.strip() == "Error: refused"
 
 
 def test_time_budget_saves_a_checkpoint_and_a_small_model_file(shards, tmp_path):
