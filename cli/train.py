@@ -26,6 +26,10 @@ PER_CALL = {"shards", "out", "device", "workers", "max_minutes", "init_from", "i
 MAX_STEPS, MAX_MINUTES = 10**15, 10**7
 OPTION_OF = {"lr": "learning_rate", "sharpen_gt": "sharpen", "compile": "compile_mode"}
 OFF_SWITCH = {"val_shards": "no_val", "vgg_weights": "no_vgg"}  # flags that clear a path a resume would keep
+# The model's settings that have an option (DASRConfig field: parameter): a resume or a source gives those not typed
+MODEL_OPTIONS = {"num_experts": "experts", "num_block": "blocks", "num_feat": "features", "mixing": "mixing",
+                 "mixing_temperature": "mixing_temperature", "mapping_gain": "mapping_gain",
+                 "predictor_input": "predictor_input"}
 
 
 def _flag(param: str) -> str:
@@ -36,14 +40,21 @@ def _flag(param: str) -> str:
 def resumed_config(ctx: click.Context, cfg, before) -> tuple:
     """`cfg` with each setting the command line did not give taken from `before` (the checkpoint's config),
     so a resume continues the run it resumes (its seed, schedule, losses, steps) without retyping them; and
-    the options so taken that differ from this call's defaults, as text. A flag given either way (--gan or
-    --no-gan) counts as given; --no-val / --no-vgg clear the validation set / VGG weights the run had."""
+    the options so taken that differ from this call's defaults, as text, the model's first (its settings not
+    given are the checkpoint's already: `cfg.model`). A flag given either way (--gan or --no-gan) counts as
+    given; --no-val / --no-vgg clear the validation set / VGG weights the run had."""
     params = {p.name: p for p in ctx.command.params}
 
     def given(name: str) -> bool:
         return name in params and ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
 
     keep, kept = {}, []
+    defaults = {f.name: f.default for f in dataclasses.fields(before.model)}
+    for name in [*MODEL_OPTIONS, *(n for n in defaults if n not in MODEL_OPTIONS)]:  # the options as --help has them
+        option = MODEL_OPTIONS.get(name)
+        value = getattr(before.model, name)
+        if not given(option) and value != (params[option].default if option else defaults[name]):
+            kept.append(f"{params[option].opts[0] if option else name} {value}")
     for f in dataclasses.fields(cfg):
         option = OPTION_OF.get(f.name, f.name)
         if f.name in PER_CALL or given(option) or given(OFF_SWITCH.get(f.name, "")):
@@ -214,9 +225,7 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
     except OSError as exc:
         raise click.ClickException(os_error(exc)) from None
     source = None  # the model --init-from / --init-release names, once read
-    options = {"num_experts": ("experts", experts), "num_block": ("blocks", blocks), "num_feat": ("features", features),
-               "mixing": ("mixing", mixing), "mixing_temperature": ("mixing_temperature", mixing_temperature),
-               "mapping_gain": ("mapping_gain", mapping_gain), "predictor_input": ("predictor_input", predictor_input)}
+    options = {name: (option, ctx.params[option]) for name, option in MODEL_OPTIONS.items()}
     starting = init_from is not None or bool(init_release)
     found = None  # with --resume, the run's newest intact checkpoint: the options not given again are its own
     try:

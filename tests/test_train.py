@@ -328,11 +328,13 @@ def test_validation_predicts_a_long_lr_as_dasr_eval_does():
 
 def test_a_resume_keeps_the_runs_options_unless_given_again(shards, tmp_path):
     """`--resume` with only --shards and --out continues the run it resumes: its seed (the batches), rate,
-    GAN term, EMA, teacher steps, model and --steps. Oracle: 2 steps then a resume equals 3 steps in one go
-    with every option given (the same weights), where the defaults (seed 0, no GAN, ...) would differ."""
+    GAN term, EMA, teacher steps, model and --steps, listing those that differ from the defaults, the model's
+    first. Oracle: 2 steps then a resume equals 3 steps in one go with every option given (the same weights),
+    where the defaults (seed 0, no GAN, ...) would differ."""
     opts = ["--shards", shards, "--batch-size", "2", "--lr-crop", "8", "--workers", "0", "--device", "cpu",
             "--experts", "2", "--blocks", "1", "--features", "8", "--seed", "3", "--lr", "3e-4", "--gan",
-            "--ema-decay", "0.9", "--teacher-steps", "1", "--no-sharpen"]
+            "--ema-decay", "0.9", "--teacher-steps", "1", "--no-sharpen", "--mixing", "softmax",
+            "--mixing-temperature", "0.5", "--mapping-gain", "1", "--predictor-input", "highpass"]
     whole, part = tmp_path / "whole", tmp_path / "part"
     for out, steps in ((whole, "3"), (part, "2")):
         res = CliRunner().invoke(train_cli, [*opts, "--out", str(out), "--steps", steps])
@@ -342,6 +344,9 @@ def test_a_resume_keeps_the_runs_options_unless_given_again(shards, tmp_path):
     assert res.exit_code == 0, res.output
     assert "resuming with the run's own options (ckpt-2.pt" in res.output and "--gan" in res.output
     assert "--seed 3" in res.output and "--no-sharpen" in res.output
+    kept = " ".join(res.output.split()).split("resuming with the run's own options (ckpt-2.pt; given ones win): ")[1]
+    assert kept.startswith("--experts 2, --blocks 1, --features 8, --mixing softmax, --mixing-temperature 0.5, "
+                           "--mapping-gain 1.0, --predictor-input highpass, --batch-size 2, "), kept  # the model first
     config = json.loads((part / "config.json").read_text())
     assert (config["seed"], config["gan"], config["lr"], config["sharpen_gt"]) == (3, True, 3e-4, False)
     a, b = (load_checkpoint(d / "ckpt-3.pt") for d in (whole, part))
