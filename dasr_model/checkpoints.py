@@ -35,13 +35,38 @@ LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "litt
 MAX_ZIP_DIRECTORY = 4 * 2**20  # bytes; torch.save writes about 100 per tensor, a checkpoint holds hundreds
 
 
+class _KeepsWriteError:
+    """A binary file for torch.save that keeps the OSError a write raised: torch's zip writer turns it into a
+    RuntimeError that has lost the reason (a full disk: "unexpected pos 4093120 vs 4093008")."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save to a new temporary file (degrade.io.atomic_writer), then rename: a kill never leaves a
-    half-written ckpt-*.pt, a failed write leaves nothing, and its error names `path`."""
+    half-written ckpt-*.pt, a failed write leaves nothing, and its error names `path` with the OS's reason
+    (No space left on device)."""
     try:
         with atomic_writer(path) as f:
-            torch.save(state, f)
-    except RuntimeError as exc:  # torch's zip writer reports a failed write (a full disk) as a RuntimeError
+            writer = _KeepsWriteError(f)
+            try:
+                torch.save(state, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise writer.error from None  # the OS's error, which atomic_writer names `path` in
+    except RuntimeError as exc:  # another failure of torch's zip writer
         raise OSError(f"{path}: could not write the checkpoint ({str(exc).splitlines()[0][:200]})") from None
 
 

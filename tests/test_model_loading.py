@@ -3,6 +3,7 @@ name), through unique temporary files, refusing non-finite weights, compressed z
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import subprocess
@@ -70,8 +71,8 @@ def test_a_failed_export_leaves_no_temporary_file_and_names_the_target(tmp_path)
 
 def test_a_failed_checkpoint_write_is_an_os_error_naming_it(tmp_path):
     """torch's zip writer reports a failed write (here a 100 kB file-size limit; a full disk alike) as a
-    RuntimeError naming no file; save_checkpoint makes it an OSError naming the checkpoint, which dasr-train
-    reports in one line, and leaves nothing behind."""
+    RuntimeError naming neither the file nor the reason; save_checkpoint raises the write's own OSError, naming
+    the checkpoint, which dasr-train reports in one line, and leaves nothing behind."""
     script = ("import resource, signal, sys, torch; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
               "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
               "from dasr_model.checkpoints import save_checkpoint; "
@@ -81,7 +82,7 @@ def test_a_failed_checkpoint_write_is_an_os_error_naming_it(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=300)
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("OSError: ") and f"{tmp_path / 'ckpt-1.pt'}: could not write the checkpoint" in last
+    assert last == f"OSError: [Errno {errno.EFBIG}] File too large: '{tmp_path / 'ckpt-1.pt'}'"
     assert list(tmp_path.iterdir()) == []
 
 

@@ -297,6 +297,43 @@ def test_the_metrics_log_is_synced_to_disk_before_each_checkpoint(shards, tmp_pa
     assert events == [("metrics synced", 2), ("saved", 2), ("metrics synced", 3), ("saved", 3)]
 
 
+def test_a_checkpoint_save_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    """torch's zip writer turns a failed write into a RuntimeError that has lost its reason ('unexpected pos
+    4093120 vs 4093008'): the error is the OS's, naming the checkpoint, and the save leaves nothing behind."""
+    import errno
+
+    from cli.common import os_error
+
+    class FullDisk:
+        """The checkpoint's temporary file, on a disk with room for 1000 more bytes."""
+
+        def __init__(self, f):
+            self.f, self.room = f, 1000
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(OSError) as caught:
+        save_checkpoint(tmp_path / "ckpt-2.pt", {"step": 2, "model": {"w": torch.zeros(10_000)}})
+    assert caught.value.errno == errno.ENOSPC
+    assert os_error(caught.value) == f"{tmp_path / 'ckpt-2.pt'}: No space left on device"  # dasr-train's line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_old_checkpoints_are_pruned_and_config_records_what_ran(shards, tmp_path):
     run = tmp_path / "run"
     notes = []
