@@ -24,6 +24,9 @@ err_console = text_console(stderr=True)
 PER_CALL = {"shards", "out", "device", "workers", "max_minutes", "init_from", "init_release", "model", "cuda_graph"}
 # TrainConfig's bounds, spelt out: importing dasr_model.train would import torch (tested equal)
 MAX_STEPS, MAX_MINUTES = 10**15, 10**7
+# Far past any useful mix (the recipe's 0.1 and 1), short of the ones that turn the first step's loss NaN (1e-300,
+# 1e300); a model read from a file keeps its own
+MIN_TEMPERATURE, MAX_GAIN = 1e-3, 1e3
 OPTION_OF = {"lr": "learning_rate", "sharpen_gt": "sharpen", "compile": "compile_mode"}
 OFF_SWITCH = {"val_shards": "no_val", "vgg_weights": "no_vgg"}  # flags that clear a path a resume would keep
 # The model's settings that have an option (DASRConfig field: parameter): a resume or a source gives those not typed
@@ -84,6 +87,17 @@ def out_of_memory_text(cfg, where: str) -> str:
     return f"out of memory on {where} at {', '.join(knobs)}; lower {'one of them' if len(knobs) > 1 else 'it'}"
 
 
+def blow_up_settings(model) -> list[str]:
+    """Beside the rate, the settings of `model` (a DASRConfig) that can make a run's loss NaN, where it has
+    them: a softmax mix sharper than the default temperature (1), a mapping initialised above gain 1."""
+    said = []
+    if model.mixing == "softmax" and model.mixing_temperature < 1:
+        said.append(f"a higher --mixing-temperature than {model.mixing_temperature:g}")
+    if model.mapping_gain > 1:
+        said.append(f"a lower --mapping-gain than {model.mapping_gain:g}")
+    return said
+
+
 def default_workers() -> int:
     """--workers when not given: half the cores this process may use, shared among the processes torchrun
     started on this machine (LOCAL_WORLD_SIZE), at least 1, at most 8."""
@@ -142,8 +156,10 @@ def default_workers() -> int:
                    "at update t, so a short run's EMA does not keep its initial weights).")
 @click.option("--mixing", type=click.Choice(["linear", "softmax"]), default="linear", show_default=True,
               help="How v becomes the expert mix: linear (as released) or softmax(. / --mixing-temperature).")
-@click.option("--mixing-temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--mapping-gain", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+@click.option("--mixing-temperature", type=click.FloatRange(min=MIN_TEMPERATURE), default=1.0, show_default=True,
+              help="With --mixing softmax: lower is a sharper mix, nearer one expert per image.")
+@click.option("--mapping-gain", type=click.FloatRange(min=0, max=MAX_GAIN, min_open=True), default=0.1,
+              show_default=True,
               help="Init scale of the mapping net's last layer (0.1: a starts at 1/K for every image).")
 @click.option("--predictor-input", type=click.Choice(["lr", "highpass"]), default="lr", show_default=True,
               help="What the degradation predictor sees: the LR (as released) or its high-pass residual.")
@@ -346,8 +362,11 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
         from dasr_model.checkpoints import list_checkpoints
 
         saved = list_checkpoints(out)
+        other = " or ".join(blow_up_settings(cfg.model))  # beside the rate, where the run has them
         kept = (f"the last checkpoint is {saved[-1].name} (its weights may have begun to diverge already: if a "
-                "--resume with a lower --lr fails too, start again with --restart)" if saved
+                "--resume with a lower --lr fails too, start again with --restart"
+                + (f", with {other})" if other else ")") if saved
+                else f"no checkpoint was written (lower --lr, or try {other})" if other
                 else "no checkpoint was written (lower --lr?)")
         raise click.ClickException(f"{exc}; {kept}") from None
     except (RuntimeError, MemoryError) as exc:  # an allocation failure (CUDA's OutOfMemoryError is a RuntimeError)

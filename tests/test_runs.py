@@ -546,6 +546,35 @@ def test_weights_that_blew_up_between_logged_steps_are_not_saved_and_lr_is_bound
     assert result.exit_code == 2 and "--lr" in result.output and "Traceback" not in result.output
 
 
+def test_mixing_temperature_and_mapping_gain_are_bounded_and_a_nan_loss_names_them(shards, tmp_path, monkeypatch):
+    """--mixing-temperature 1e-300 and --mapping-gain 1e300 trained into a NaN loss at step 1, whose message
+    blamed --lr alone: both are bounded (the bounds themselves train), and a NaN loss names a sharp mix or a
+    large gain beside the rate where the run has them."""
+    import dasr_model.train as train_module
+
+    base = ["--shards", shards, "--steps", "1", *TINY_ARGS]
+    for option, value in (("--mixing-temperature", "1e-300"), ("--mapping-gain", "1e300")):
+        result = CliRunner().invoke(train_cli, [*base, "--out", str(tmp_path / "run"), option, value])
+        assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
+    result = CliRunner().invoke(train_cli, [*base, "--out", str(tmp_path / "bounds"), "--mixing", "softmax",
+                                            "--mixing-temperature", "1e-3", "--mapping-gain", "1e3"])
+    assert result.exit_code == 0, result.output
+    real_step = train_module.train_step
+
+    def nan_loss(*a, **kw):
+        losses = real_step(*a, **kw)
+        losses["loss"] = torch.tensor(float("nan"))
+        return losses
+
+    monkeypatch.setattr(train_module, "train_step", nan_loss)
+    result = CliRunner().invoke(train_cli, [*base, "--out", str(tmp_path / "nan"), "--mixing", "softmax",
+                                            "--mixing-temperature", "0.01", "--mapping-gain", "10"])
+    assert result.exit_code == 1 and "loss became nan at step 1; no checkpoint was written (lower --lr, or try a " \
+        "higher --mixing-temperature than 0.01 or a lower --mapping-gain than 10)" in " ".join(result.output.split())
+    result = CliRunner().invoke(train_cli, [*base, "--out", str(tmp_path / "nan-linear"), "--mapping-gain", "1"])
+    assert result.exit_code == 1 and "no checkpoint was written (lower --lr?)" in result.output  # the rate alone
+
+
 @pytest.mark.parametrize("value", [np.nan, 5.0])
 def test_a_damaged_label_is_refused_by_evaluation_and_validation_as_by_training(shards, tmp_path, value):
     """dasr-eval scored a v of 5 (an 'MAE' of 1.49) or NaN (null), and validation logged NaN into
