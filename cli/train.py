@@ -6,10 +6,12 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 from click.core import ParameterSource
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from cli.common import os_error, require_torch, text_console
 from degrade._version import __version__
@@ -96,6 +98,22 @@ def blow_up_settings(model) -> list[str]:
     if model.mapping_gain > 1:
         said.append(f"a lower --mapping-gain than {model.mapping_gain:g}")
     return said
+
+
+class TimeLeftColumn(TimeRemainingColumn):
+    """The time left: the estimate from the steps' speed, but never past the --max-minutes budget's end (the
+    task's `deadline`, on the progress display's clock), where the run stops whatever --steps says (a
+    constant-rate run of --steps 1000000 --max-minutes 30 showed hours)."""
+
+    def render(self, task: Any) -> Text:
+        deadline = task.fields.get("deadline")
+        if deadline is None or task.finished:
+            return super().render(task)
+        left = max(0.0, deadline - task.get_time())
+        if task.time_remaining is not None:
+            left = min(left, task.time_remaining)
+        minutes, seconds = divmod(int(left), 60)
+        return Text(f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}", style="progress.remaining")
 
 
 def default_workers() -> int:
@@ -321,7 +339,7 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
     if cfg.vgg_weights is None:
         console.print("perceptual loss off: no --vgg-weights given (VGG19 weights cannot be downloaded here)")
     columns = (TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}", markup=False),
-               TimeRemainingColumn())
+               TimeLeftColumn())
 
     where = device  # the device the run uses, once picked: an out-of-memory error names it
     try:
@@ -331,7 +349,7 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
                           "(docs/training.md)")
         with Progress(*columns, console=console) as bar:
             # hidden until the first step: a run refused (or with nothing to train) draws no 'step 0/N' line
-            task = bar.add_task("train", total=cfg.steps, completed=0, info="", visible=False)
+            task = bar.add_task("train", total=cfg.steps, completed=0, info="", visible=False, deadline=None)
             first = [True]
 
             def report(step: int, m: dict) -> None:
@@ -340,6 +358,8 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
                     first[0] = False
                 elif m["end"] != bar.tasks[0].total:  # the end fitted to --max-minutes (--lr-schedule cosine)
                     bar.update(task, total=m["end"])
+                if "budget_left" in m:  # --max-minutes: the time left is never past the budget's end
+                    bar.update(task, deadline=bar.get_time() + m["budget_left"])
                 if "loss" not in m:  # --log-every N: nothing read back yet
                     bar.update(task, completed=step)
                     return

@@ -682,8 +682,9 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
             due = step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == end or scoring
             if due:
                 last = record(losses, step, validating)
-            if progress:
-                progress(step, {**last, "end": end})  # where the run ends: a fit can move it
+            if progress:  # where the run ends (a fit can move it), and the seconds of --max-minutes left
+                progress(step, {**last, "end": end, **({"budget_left": 60 * cfg.max_minutes - (
+                    time.perf_counter() - started)} if cfg.max_minutes is not None else {})})
             if cfg.max_minutes is not None and time.perf_counter() - started >= 60 * cfg.max_minutes:
                 stop["by"] = stop["by"] or "max_minutes"
             stopped_by = stop["by"]  # read once: a signal arriving below waits for the next step

@@ -460,6 +460,31 @@ def test_cli_bad_input(tmp_path):
     assert result.exit_code == 1 and "photo.jpg: is a file, not a run folder" in result.output
 
 
+def test_the_time_left_never_passes_the_max_minutes_budget(shards, tmp_path):
+    """With --max-minutes the run stops when the budget is spent, whatever --steps says: the bar's time left
+    is the smaller of the steps' estimate and the budget left (a constant-rate run of --steps 1000000
+    --max-minutes 30 showed hours). The trainer reports the budget left with each step; the column takes it."""
+    from rich.progress import Progress
+
+    from cli.train import TimeLeftColumn
+
+    clock = [0.0]
+    for deadline, shown in ((None, "277:46:20"), (60.0, "0:00:40"), (5.0, "0:00:00")):
+        bar = Progress(TimeLeftColumn(), get_time=lambda: clock[0])
+        task = bar.add_task("train", total=10**6, deadline=deadline)
+        for clock[0] in (0.0, 10.0, 20.0):
+            bar.update(task, completed=int(clock[0]))  # 1 step a second: 999,980 s for the rest
+        assert str(TimeLeftColumn().render(bar.tasks[0])) == shown, deadline
+    seen = []
+    cfg = TrainConfig(shards=shards, out=str(tmp_path / "run"), steps=2, batch_size=2, lr_crop=8, workers=0,
+                      device="cpu", max_minutes=60, model=TINY)
+    train(cfg, progress=lambda step, m: seen.append(m.get("budget_left")))
+    assert len(seen) == 2 and 3500 < seen[1] <= seen[0] <= 3600
+    train(dataclasses.replace(cfg, out=str(tmp_path / "free"), max_minutes=None),
+          progress=lambda step, m: seen.append(m.get("budget_left")))
+    assert seen[2:] == [None, None]  # no budget, no deadline: rich's own estimate
+
+
 def test_cli_out_of_memory_is_one_line_naming_what_to_lower(shards, tmp_path, monkeypatch):
     """The CPU allocator's RuntimeError and Python's MemoryError end dasr-train in one line naming the options
     that set the memory (--val-samples too with a validation set, held whole from the start), as CUDA's
