@@ -496,8 +496,6 @@ def test_a_damaged_label_stops_training_naming_the_data_not_the_rate(shards, tmp
     checkpoint exists."""
     import h5py
 
-    import dasr_model.train as train_module
-
     src = Path(make_small_dataset(tmp_path / "ds", count=8, seed=3, shard_size=8))
     with h5py.File(src / "shard-00000.h5", "r+") as f:
         f["v"][5, 0] = np.nan
@@ -505,6 +503,16 @@ def test_a_damaged_label_stops_training_naming_the_data_not_the_rate(shards, tmp
     result = CliRunner().invoke(train_cli, args)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "training data: sample 5: its v is not 33 numbers in [0, 1]" in " ".join(result.output.split())
+    _losses_become_nan(monkeypatch)
+    result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / "nan"), *args[4:]])
+    assert result.exit_code == 1 and "loss became nan at step 1; no checkpoint was written" in " ".join(
+        result.output.split()), result.output
+
+
+def _losses_become_nan(monkeypatch) -> None:
+    """Every training step's loss reads NaN from here (the step itself runs as ever)."""
+    import dasr_model.train as train_module
+
     real_step = train_module.train_step
 
     def nan_loss(*a, **kw):
@@ -513,9 +521,6 @@ def test_a_damaged_label_stops_training_naming_the_data_not_the_rate(shards, tmp
         return losses
 
     monkeypatch.setattr(train_module, "train_step", nan_loss)
-    result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / "nan"), *args[4:]])
-    assert result.exit_code == 1 and "loss became nan at step 1; no checkpoint was written" in " ".join(
-        result.output.split()), result.output
 
 
 def test_weights_that_blew_up_between_logged_steps_are_not_saved_and_lr_is_bounded(shards, tmp_path, monkeypatch):
@@ -550,7 +555,6 @@ def test_mixing_temperature_and_mapping_gain_are_bounded_and_a_nan_loss_names_th
     """--mixing-temperature 1e-300 and --mapping-gain 1e300 trained into a NaN loss at step 1, whose message
     blamed --lr alone: both are bounded (the bounds themselves train), and a NaN loss names a sharp mix or a
     large gain beside the rate where the run has them."""
-    import dasr_model.train as train_module
 
     base = ["--shards", shards, "--steps", "1", *TINY_ARGS]
     for option, value in (("--mixing-temperature", "1e-300"), ("--mapping-gain", "1e300")):
@@ -559,14 +563,7 @@ def test_mixing_temperature_and_mapping_gain_are_bounded_and_a_nan_loss_names_th
     result = CliRunner().invoke(train_cli, [*base, "--out", str(tmp_path / "bounds"), "--mixing", "softmax",
                                             "--mixing-temperature", "1e-3", "--mapping-gain", "1e3"])
     assert result.exit_code == 0, result.output
-    real_step = train_module.train_step
-
-    def nan_loss(*a, **kw):
-        losses = real_step(*a, **kw)
-        losses["loss"] = torch.tensor(float("nan"))
-        return losses
-
-    monkeypatch.setattr(train_module, "train_step", nan_loss)
+    _losses_become_nan(monkeypatch)
     result = CliRunner().invoke(train_cli, [*base, "--out", str(tmp_path / "nan"), "--mixing", "softmax",
                                             "--mixing-temperature", "0.01", "--mapping-gain", "10"])
     assert result.exit_code == 1 and "loss became nan at step 1; no checkpoint was written (lower --lr, or try a " \
