@@ -224,16 +224,22 @@ def test_a_manifest_write_killed_before_its_rename_leaves_nothing_in_the_way(bun
 
 def test_a_source_named_without_an_image_suffix_is_skipped_as_verify_would_refuse_it(tmp_path):
     """A file named directly is read whatever its name, but verify --regenerate re-reads a source only by an
-    image file name: a dataset made from `castle` or `castle.jfif` could never pass it. The scan now skips such
-    a file as unreadable, saying why; a PNM named directly is still a source."""
+    image file name: a dataset made from `castle` or `castle.jfif` (or a link to a cache's blob, whose name the
+    dataset records) could never pass it. The scan now skips such a file as unreadable, saying why; a PNM named
+    directly is still a source."""
     photo = np.random.default_rng(5).integers(0, 256, (80, 80, 3), dtype=np.uint8)
     _write(tmp_path / "a.ppm", photo)
-    for name in ("castle", "castle.jfif"):
+    for name in ("castle", "castle.jfif", "2c987c5c"):
         (tmp_path / name).write_bytes((tmp_path / "a.ppm").read_bytes())
-    scan = dsm.scan_sources([tmp_path / "castle", tmp_path / "castle.jfif", tmp_path / "a.ppm"], 64)
+    (tmp_path / "links").mkdir()  # a content-addressed cache's layout (DVC, git-annex): the dataset records the
+    (tmp_path / "links" / "kite.png").symlink_to(tmp_path / "2c987c5c")  # target's name, which verify refuses
+    scan = dsm.scan_sources([tmp_path / "castle", tmp_path / "castle.jfif", tmp_path / "a.ppm",
+                             tmp_path / "links"], 64)
     assert [s.path for s in scan.sources] == ["a.ppm"]
     assert [(name, reason.split(" (")[0]) for name, reason in scan.unreadable] == [
-        ("castle", "not an image file name"), ("castle.jfif", "not an image file name")]
+        ("castle", "not an image file name"), ("castle.jfif", "not an image file name"),
+        ("2c987c5c", f"not an image file name, the target of the link {tmp_path / 'links' / 'kite.png'}")]
+    assert scan.unreadable[2][1].endswith("give a copy of the file")
     dsm.make_dataset(_config(scan, count=4, shard_size=4), tmp_path / "ds")
     assert dsm.verify_dataset(tmp_path / "ds", regenerate=4) == []
 

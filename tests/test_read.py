@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import h5py
@@ -269,3 +270,19 @@ def test_a_shard_cut_shorter_while_open_is_refused_not_read_as_zeros(tmp_path):
             read()
     np.testing.assert_array_equal(ds[5].lr, intact.lr)  # the other shard is whole
     ds.close()
+
+
+def test_a_shard_replaced_in_place_while_open_is_refused(tmp_path):
+    """A shard overwritten in place by another of the same size (cp, rsync --inplace: truncated, then written
+    back) while open read the new file's pixels beside the old one's v from HDF5's cache, without an error;
+    its modification time, compared after each read, now refuses it."""
+    a = Path(make_small_dataset(tmp_path / "a", count=8, seed=1, shard_size=8))
+    b = Path(make_small_dataset(tmp_path / "b", count=8, seed=2, shard_size=8))
+    assert (a / "shard-00000.h5").stat().st_size == (b / "shard-00000.h5").stat().st_size
+    ds = degrade.open_dataset(a)
+    ds[0]
+    shutil.copyfile(b / "shard-00000.h5", a / "shard-00000.h5")
+    with pytest.raises(DatasetError, match=r"shard-00000.h5: written to while open \(its modification time"):
+        ds[1]
+    ds.close()
+    assert np.array_equal(degrade.open_dataset(a)[1].lr, degrade.open_dataset(b)[1].lr)  # reopened: the new file

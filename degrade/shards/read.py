@@ -43,7 +43,7 @@ class _OpenShard:
     """One shard file open in this process, with its datasets looked up once (a lookup by name costs
     more than reading a row)."""
 
-    __slots__ = ("file", "hr", "lr", "v", "params", "index", "where", "path", "size")
+    __slots__ = ("file", "hr", "lr", "v", "params", "index", "where", "path", "stat")
 
     def __init__(self, file: Any, path: Path):
         self.file = file
@@ -51,28 +51,34 @@ class _OpenShard:
         self.index = file["index"]
         self.where = f"{path}: params"  # how as_text names a record that is not UTF-8
         self.path = path
-        self.size = self._size()
+        self.stat = self._stat()
 
-    def _size(self) -> int | None:
-        """The open file's size now (fstat of h5py's descriptor: one system call); None where the driver
-        keeps no descriptor (never for the files read here, opened with the default driver)."""
+    def _stat(self) -> tuple[int, int] | None:
+        """The open file's size and modification time now (fstat of h5py's descriptor: one system call);
+        None where the driver keeps no descriptor (never for the files read here: the default driver)."""
         try:
-            return os.fstat(self.file.id.get_vfd_handle()).st_size
+            st = os.fstat(self.file.id.get_vfd_handle())
         except (OSError, ValueError, TypeError, AttributeError):
             return None
+        return st.st_size, st.st_mtime_ns
 
-    def _shrunk(self) -> str | None:
-        now = self._size()
-        if self.size is None or now is None or now >= self.size:
+    def _changed(self) -> str | None:
+        """Why the open file is no longer the one checked at open, or None: cut shorter, or written to (a copy
+        replaced in place, `cp` or `rsync --inplace`: truncated, then written back to any size)."""
+        now = self._stat()
+        if self.stat is None or now is None or now == self.stat:
             return None
-        return f"{self.path}: truncated while open ({now} of its {self.size} bytes left)"
+        if now[0] < self.stat[0]:
+            return f"{self.path}: truncated while open ({now[0]} of its {self.stat[0]} bytes left)"
+        return f"{self.path}: written to while open (its modification time changed): a shard replaced in place"
 
     @contextlib.contextmanager
     def reading(self, rows: Any) -> Iterator[None]:
         """A read of `rows` (a row, a slice, "all"): a failed one (a damaged compressed chunk: h5py says
         only "Can't synchronously read data (filter returned failure during read)") as DatasetError naming
-        the shard and the rows. A file cut shorter while open reads as zeros past its new end, without an
-        error: its size is compared with the size at open after each read, and a shorter one is refused."""
+        the shard and the rows. A file cut shorter while open reads as zeros past its new end, and one
+        rewritten in place reads as the new file's bytes under the old one's cached structure, without an
+        error: after each read the file's size and modification time are compared with those at open."""
         try:
             yield
         except H5_DAMAGE as exc:
@@ -81,10 +87,10 @@ class _OpenShard:
                                                              else "")
             else:
                 at = "every row" if rows == "all" else f"row {rows}"
-            raise DatasetError(self._shrunk() or f"{self.path}: {at} could not be read ({h5_reason(exc)}): a "
+            raise DatasetError(self._changed() or f"{self.path}: {at} could not be read ({h5_reason(exc)}): a "
                                "damaged shard (degrade verify checks each one)") from None
-        if (shrunk := self._shrunk()) is not None:
-            raise DatasetError(shrunk)
+        if (changed := self._changed()) is not None:
+            raise DatasetError(changed)
 
 
 class ShardDataset:

@@ -42,9 +42,10 @@ class SourceScan:
     too_small: list[str] = field(default_factory=list)
 
 
-def list_source_files(srcs: Sequence[str | os.PathLike]) -> list[Path]:
+def list_source_files(srcs: Sequence[str | os.PathLike]) -> dict[Path, Path]:
     """Files named directly, plus image files under folders (recursive), in a stable sorted order
-    (`degrade.discover.find_images`), each file once (resolved)."""
+    (`degrade.discover.find_images`), each file once: resolved (what a dataset records), to the path it was
+    first found as (a link's own name, what the user sees)."""
     try:
         found = find_images(srcs, what="source images")
     except DegradeError as exc:  # a missing path or nothing found: a dataset's refusal
@@ -52,7 +53,7 @@ def list_source_files(srcs: Sequence[str | os.PathLike]) -> list[Path]:
     unique: dict[Path, Path] = {}
     for f in found:
         unique.setdefault(real_path(f), f)
-    return list(unique.keys())
+    return unique
 
 
 def scan_sources(srcs: Sequence[str | os.PathLike], patch_size: int,
@@ -69,11 +70,13 @@ def scan_sources(srcs: Sequence[str | os.PathLike], patch_size: int,
     except DegradeError as exc:
         raise DatasetError(str(exc)) from None
     if srcs:
-        files = list_source_files(srcs)
+        found = list_source_files(srcs)
+        files = list(found)
         root = Path(os.path.commonpath([f.parent for f in files]))
         root_text = str(root)
     else:
         files = [real_path(p) for p in sample_images()]
+        found = dict(zip(files, files))
         root, root_text = real_path(sample_dir()), BUNDLED
     if (shown := _not_utf8(root_text)) is not None:  # the manifest and the shards store names as UTF-8
         raise DatasetError(f"{shown}: the sources' folder has a name that is not UTF-8; rename it")
@@ -82,9 +85,12 @@ def scan_sources(srcs: Sequence[str | os.PathLike], patch_size: int,
         rel = f.relative_to(root).as_posix()
         if (shown := _not_utf8(rel)) is not None:
             scan.unreadable.append((shown, "its name is not UTF-8, which a dataset stores names as"))
-        elif f.suffix.lower() not in SOURCE_SUFFIXES:  # a file named directly: any name reaches here
-            scan.unreadable.append((rel, f"not an image file name ({', '.join(SOURCE_SUFFIXES)}), which degrade "
-                                         "verify re-reads a source only by; rename it"))
+        elif f.suffix.lower() not in SOURCE_SUFFIXES:  # a file named directly, or a link's target: any name
+            link = found[f] != f  # (a link named castle.png to a cache's blob: the blob's name is recorded)
+            via = f", the target of the link {found[f]}" if link else ""
+            scan.unreadable.append((rel, f"not an image file name{via} ({', '.join(SOURCE_SUFFIXES)}), which a "
+                                         "dataset records and degrade verify re-reads a source only by; "
+                                         + ("give a copy of the file" if link else "rename it")))
         else:
             _scan_one(scan, f, rel, patch_size, max_pixels)
         if progress:
