@@ -322,9 +322,10 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
             if not Path(path).exists():
                 raise click.ClickException(f"{_flag(field)} {path} (the run's, from {found[0].name}): no such file "
                                            f"or folder; give {_flag(field)} again, or {_flag(off)}")
-            if not Path(path).is_absolute():  # recorded as typed by an earlier version: read from this folder
-                err_console.print(f"note: {_flag(field)} {path} (the run's) was recorded relative to the folder it "
-                                  f"started in; this resume reads {os.path.abspath(path)}")
+            if not Path(path).is_absolute():  # recorded as typed by an earlier version: read from this folder,
+                cfg = dataclasses.replace(cfg, **{field: absolute(Path(path))})  # and recorded so from here on
+                console.print(f"note: {_flag(field)} {path} (the run's) was recorded relative to the folder it "
+                              f"started in; this resume reads, and records, {getattr(cfg, field)}")
     if cfg.vgg_weights is not None and not Path(cfg.vgg_weights).is_file():
         raise click.ClickException(f"{cfg.vgg_weights}: no such file")
     try:
@@ -382,7 +383,9 @@ def main(ctx, shards, val_shards, out, steps, batch_size, lr_crop, device, resum
         from dasr_model.checkpoints import list_checkpoints
 
         saved = list_checkpoints(out)
-        other = " or ".join(blow_up_settings(cfg.model))  # beside the rate, where the run has them
+        # beside the rate, where the run has them; not for a run started from weights, whose mix is its source's
+        # (another temperature is refused) and whose gain shaped no weight
+        other = "" if cfg.init_from or cfg.init_release else " or ".join(blow_up_settings(cfg.model))
         kept = (f"the last checkpoint is {saved[-1].name} (its weights may have begun to diverge already: if a "
                 "--resume with a lower --lr fails too, start again with --restart"
                 + (f", with {other})" if other else ")") if saved

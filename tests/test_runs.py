@@ -570,6 +570,11 @@ def test_mixing_temperature_and_mapping_gain_are_bounded_and_a_nan_loss_names_th
         "higher --mixing-temperature than 0.01 or a lower --mapping-gain than 10)" in " ".join(result.output.split())
     result = CliRunner().invoke(train_cli, [*base, "--out", str(tmp_path / "nan-linear"), "--mapping-gain", "1"])
     assert result.exit_code == 1 and "no checkpoint was written (lower --lr?)" in result.output  # the rate alone
+    # started from a model of that sharp mix and large gain: its temperature cannot change (refused as another
+    # model) and its gain shaped no weight, so the rate alone is named
+    result = CliRunner().invoke(train_cli, [*base, "--out", str(tmp_path / "nan-init"), "--init-from",
+                                            str(tmp_path / "bounds")])
+    assert result.exit_code == 1 and "no checkpoint was written (lower --lr?)" in result.output, result.output
 
 
 @pytest.mark.parametrize("value", [np.nan, 5.0])

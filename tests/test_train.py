@@ -414,7 +414,13 @@ def test_a_resume_from_another_folder_reads_the_runs_own_paths(shards, tmp_path,
     res = CliRunner().invoke(train_cli, [*base, "--shards", shards, "--resume", "--steps", "3"])
     assert res.exit_code == 0, res.output
     assert f"note: --val-shards val (the run's) was recorded relative to the folder it started in; this resume " \
-           f"reads {second / 'val'}" in " ".join(res.output.split())
+           f"reads, and records, {second / 'val'}" in " ".join(res.output.split())
+    assert torch.load(out / "ckpt-3.pt", weights_only=True)["config"]["val_shards"] == str(second / "val")
+    monkeypatch.chdir(first)  # recorded absolute by that resume: the next one, from anywhere, reads the same set
+    res = CliRunner().invoke(train_cli, [*base, "--shards", shards, "--resume", "--steps", "4"])
+    assert res.exit_code == 0 and "recorded relative" not in res.output, res.output
+    levels = [set(json.loads(line)["val"]["psnr_y"]) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert levels[2:] == [{"3"}, {"3"}]
 
 
 def test_a_resume_can_turn_off_what_the_run_had(shards, tmp_path):
