@@ -9,6 +9,7 @@ import errno
 import functools
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -464,6 +465,9 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
             saved.append(path)
     done = False
     try:
+        if save_sr is not None:  # DIR claimed for this run alone, before any work (another run is refused)
+            made.extend(make_folders(save_sr))
+            saved.append(_claim_save_sr(save_sr))
         model, dev = _load(_one_model(model_path, checkpoint), release_weights, device)
         lpips = LPIPS(lpips_alexnet, lpips_lin).to(dev) if lpips_alexnet is not None else None
         niqe = load_niqe_params(niqe_params) if niqe_params is not None else None
@@ -502,6 +506,8 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
     finally:
         if not done:  # a refusal, an error, Ctrl-C: the SR images saved so far are no run's result
             _take_back(saved, made)
+        elif save_sr is not None:  # the claim's marker, first of `saved`
+            _take_back(saved[:1], [])
     if as_json:  # strict JSON: an infinite PSNR (SR equal to HR) is null, as JSON has no Infinity
         click.echo(json.dumps(_finite_or_null(result), indent=1, allow_nan=False))
         return
@@ -574,6 +580,30 @@ def _check_save_sr(path: Path) -> None:
         raise click.ClickException(f"--save-sr {path}: exists and is not an empty folder (it holds {other.name}); "
                                    "the SR images are saved into a new or empty one, so that no earlier run's "
                                    "image is taken for this run's")
+
+
+SAVE_SR_CLAIM = ".dasr-eval.writing"  # in a --save-sr DIR while a run writes into it
+
+
+def _claim_save_sr(path: Path) -> Path:
+    """Claim the new or empty folder `path` for this run: its marker file, made exclusively, so that of two
+    runs given the same DIR (each found it empty) one writes and the other is refused; then DIR must hold
+    the marker alone (a run that claimed it, wrote and ended meanwhile left its images). Returns the marker,
+    which the run removes when it ends (with its images too, if it failed)."""
+    marker = path / SAVE_SR_CLAIM
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        raise click.ClickException(f"--save-sr {path}: another dasr-eval is writing into it (or one that was "
+                                   f"killed left {SAVE_SR_CLAIM} there); save into a new or empty folder") from None
+    except OSError as exc:
+        raise click.ClickException(os_error(exc)) from None
+    other = next((p for p in path.iterdir() if p.name != SAVE_SR_CLAIM), None)
+    if other is not None:
+        marker.unlink()
+        raise click.ClickException(f"--save-sr {path}: exists and is not an empty folder (it holds {other.name}, "
+                                   "written since this run looked); save into a new or empty one")
+    return marker
 
 
 def _take_back(files: list[Path], folders: list[Path]) -> None:

@@ -333,6 +333,44 @@ def test_dasr_eval_save_sr_takes_a_new_or_empty_folder_and_refuses_one_holding_a
     assert res.exit_code == 1 and "a symbolic link to nothing" in res.output, res.output
 
 
+def test_two_dasr_evals_given_one_new_save_sr_folder_cannot_both_write_into_it(ckpt, testset, tmp_path,
+                                                                               monkeypatch):
+    """Two runs given the same new DIR each found it empty before either wrote: both wrote into it (two
+    models' images side by side), and the one that failed took back the other's. A run now claims DIR with
+    a marker made exclusively before any work, and removes it when it ends: a run that finds the marker is
+    refused; one that claims DIR after another wrote and ended there is refused too."""
+    pytest.importorskip("torch")
+    import cli.sr
+    from cli.sr import SAVE_SR_CLAIM, eval_main
+
+    base = ["--model", str(ckpt), "--device", "cpu", "--json", "--testset", str(testset), "--levels", "1"]
+    out = tmp_path / "sr"
+    inner: list = []
+    real_check = cli.sr._check_save_sr
+
+    def a_run_meanwhile(path):  # run B's early check finds DIR empty; run A runs to its end meanwhile
+        real_check(path)
+        if not inner:
+            inner.append(None)
+            inner[0] = CliRunner().invoke(eval_main, [*base, "--save-sr", str(path)])
+            assert SAVE_SR_CLAIM not in {p.name for p in path.iterdir()}  # A's marker gone with A
+
+    monkeypatch.setattr(cli.sr, "_check_save_sr", a_run_meanwhile)
+    res = CliRunner().invoke(eval_main, [*base, "--save-sr", str(out)])
+    assert inner[0].exit_code == 0, inner[0].output
+    assert res.exit_code == 1 and "is not an empty folder (it holds level1, written since this run looked)" in \
+        " ".join(res.output.split()), res.output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "level1", "level1/a.png", "level1/c.png", "level1/sub", "level1/sub/b.png"]  # A's images, untouched
+    monkeypatch.setattr(cli.sr, "_check_save_sr", real_check)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / SAVE_SR_CLAIM).touch()  # a run writing there now (its claim alone, so far)
+    monkeypatch.setattr(cli.sr, "_check_save_sr", lambda path: None)  # past the early check, as a run racing it
+    res = CliRunner().invoke(eval_main, [*base, "--save-sr", str(tmp_path / "busy")])
+    assert res.exit_code == 1 and "another dasr-eval is writing into it" in res.output, res.output
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == [SAVE_SR_CLAIM]  # the other run's claim stays
+
+
 def test_a_failing_dasr_eval_writes_no_csv_and_takes_back_the_sr_images_it_saved(ckpt, testset, tmp_path,
                                                                                   monkeypatch):
     """A run that fails late wrote --per-image anyway (replacing an earlier CSV with one of empty rows when
