@@ -90,6 +90,8 @@ def main() -> None:
             shards.make_dataset(config, folder, jobs=min(2, os.cpu_count() or 1))
         ds = degrade.open_dataset(folder)
         compression = ds.config.compression if ds.config is not None else "?"
+        patch = ds[0].hr.shape[0]  # the dataset's own (--data), not --patch
+        files = len(getattr(ds, "files", ())) or "?"  # (an older reader may not say)
         raw = RawReader(folder)
         n = len(ds)
         rng = np.random.default_rng(0)
@@ -116,11 +118,11 @@ def main() -> None:
         raw.close()
         ds.close()
 
-    sample = f"{args.patch}x{args.patch} HR + {args.patch // 4}x{args.patch // 4} LR uint8, v, record"
+    sample = f"{patch}x{patch} HR + {patch // 4}x{patch // 4} LR uint8, v, record"
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(f"cpu: {cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}, numpy {np.__version__}, "
           f"h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version}), degrade {degrade.__version__}")
-    print(f"{n} samples ({sample}), compression {compression}, {args.reads} random reads per pass, "
+    print(f"{n} samples ({sample}) in {files} shard(s), compression {compression}, {args.reads} random reads per pass, "
           f"median of {args.repeats} passes\n")
     floor = statistics.median(times["raw h5py (cached datasets)"])
     print("| read | us/sample (median) | min-max | vs raw h5py |")

@@ -547,6 +547,30 @@ def test_many_shards_keep_few_files_open(bundled, tmp_path, monkeypatch):
     assert len(ds._handles) == 2
 
 
+def test_a_reopened_shard_is_checked_again_only_if_its_file_changed(bundled, tmp_path, monkeypatch):
+    """Random draws over more shards than stay open reopen them all the time, and each reopen ran the whole
+    structural check again (4.6 of a reopen's 4.8 ms: training over 60 shards ran at a third of its speed).
+    A shard is now checked once per process while its file is the one checked (device, inode, size,
+    modification time), and again once it is not. Open shards keep no chunk cache (8 MiB per dataset held
+    for reads that never come back to a chunk)."""
+    import degrade.shards.read as read
+
+    monkeypatch.setattr(dsm.ShardDataset, "MAX_OPEN", 1)
+    checks = []
+    real = read.check_shard
+    monkeypatch.setattr(read, "check_shard", lambda f, path, **kw: checks.append(path.name) or real(f, path, **kw))
+    dsm.make_dataset(_config(bundled, count=4, shard_size=2), tmp_path / "ds")
+    ds = degrade.open_dataset(tmp_path / "ds")
+    for i in (0, 2, 1, 3, 0, 2):  # each read reopens its shard
+        ds[i]
+    assert checks == ["shard-00000.h5", "shard-00001.h5"]
+    assert ds._shard(0).file.id.get_access_plist().get_cache()[2] == 0  # (slots, unused, bytes, w0)
+    ds[2]  # shard 0 closed again
+    os.utime(tmp_path / "ds" / "shard-00000.h5", ns=(1, 1))  # another file there, as far as a reader can tell
+    ds[0]
+    assert checks == ["shard-00000.h5", "shard-00001.h5", "shard-00000.h5"]
+
+
 def test_float_tiff_is_reported_unreadable_by_the_scan(tmp_path):
     _write(tmp_path / "src" / "ok.png", np.zeros((64, 64, 3), np.uint8))
     floats = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
