@@ -141,9 +141,12 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> NDA
     return _read(path, max_pixels, lambda data: decode_image(data, max_pixels=max_pixels))
 
 
-def read_image_sha256(path: str | os.PathLike, *, max_pixels: int | None = None) -> tuple[NDArray[np.float32], str]:
-    """read_image's result and the SHA-256 (hex) of the bytes it was decoded from (one read)."""
-    return _read(path, max_pixels, lambda data: (decode_image(data, max_pixels=max_pixels),
+def read_image_sha256(path: str | os.PathLike, *, max_pixels: int | None = None,
+                      uint8: bool = False) -> tuple[NDArray[np.float32] | NDArray[np.uint8], str]:
+    """read_image's result (with `uint8`: as to_uint8 rounds it, decoded without the float image) and the
+    SHA-256 (hex) of the bytes it was decoded from (one read)."""
+    decode = decode_image_uint8 if uint8 else decode_image
+    return _read(path, max_pixels, lambda data: (decode(data, max_pixels=max_pixels),
                                                  hashlib.sha256(data).hexdigest()))
 
 
@@ -321,6 +324,30 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.fl
     Raises ImageError (message without a file name) for undecodable data, unsupported sample types,
     and images whose header declares more than `max_pixels` pixels (checked before decoding).
     """
+    rgb, full = _decode_rgb(data, max_pixels)
+    out = rgb.astype(np.float32)
+    np.divide(out, np.float32(full), out=out)
+    if full not in (255, 65535):  # a PNM sample above its maxval (a damaged file) is full intensity
+        np.minimum(out, np.float32(1), out=out)
+    return out
+
+
+def decode_image_uint8(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.uint8]:
+    """to_uint8(decode_image(data)), the same bytes, without the float32 image (4 bytes a sample, and the
+    passes over it: 34 bytes a pixel at the peak against about 7): 8-bit RGB at full scale 255 as decoded
+    (to_uint8 of x / 255 is x), any other sample through a table of to_uint8 of each value's float."""
+    rgb, full = _decode_rgb(data, max_pixels)
+    if rgb.dtype == np.uint8 and full == 255:
+        return rgb
+    values = np.arange(np.iinfo(rgb.dtype).max + 1, dtype=np.float32)  # each sample value, as decode_image
+    np.divide(values, np.float32(full), out=values)  # scales it
+    if full not in (255, 65535):
+        np.minimum(values, np.float32(1), out=values)
+    return to_uint8(values)[rgb]
+
+
+def _decode_rgb(data: bytes, max_pixels: int | None) -> tuple[NDArray[np.uint8] | NDArray[np.uint16], int]:
+    """decode_image's RGB before scaling (8 or 16 bit, as stored) and the sample value of full intensity."""
     limit = check_max_pixels(max_pixels)
     width, height = image_size(data)
     if width * height > limit:
@@ -351,12 +378,7 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.fl
     else:  # BGR or BGRA (defensive: some decoders keep alpha)
         rgb = np.ascontiguousarray(img[..., 2::-1])
     del img
-    out = rgb.astype(np.float32)
-    full = _full_scale(data, rgb.dtype)
-    np.divide(out, np.float32(full), out=out)
-    if full not in (255, 65535):  # a PNM sample above its maxval (a damaged file) is full intensity
-        np.minimum(out, np.float32(1), out=out)
-    return out
+    return rgb, _full_scale(data, rgb.dtype)
 
 
 def image_size(data: bytes) -> tuple[int, int]:

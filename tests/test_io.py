@@ -607,3 +607,39 @@ def test_a_folder_search_skips_links_to_folders_with_a_warning_and_the_clis_say_
     assert res.returncode == 0, res.stderr
     assert f"warning: {src / 'linked'}: a link to a folder, not searched" in res.stderr
     assert "DegradeWarning" not in res.stderr and "warnings.warn" not in res.stderr
+
+
+def _pnm_every_value(maxval: int, depth: int) -> bytes:
+    """A binary PGM holding every sample value 0 .. 2**depth - 1 (those above maxval too: a damaged file)."""
+    n = 2 ** depth
+    values = np.arange(n, dtype=">u2" if depth == 16 else np.uint8)
+    return b"P5\n%d 1\n%d\n" % (n, maxval) + values.tobytes()
+
+
+@pytest.mark.parametrize("case", ["8-bit PNG", "16-bit PNG", "gray 16-bit PNG", "JPEG", "BMP", "TIFF with alpha",
+                                  "PGM maxval 1023", "PGM maxval 100", "PGM maxval 65535", "PGM maxval 255"])
+def test_the_8_bit_decode_gives_the_bytes_of_the_float_decode_rounded(tmp_path, case):
+    """decode_image_uint8 (make-dataset's sources: without the float32 image, 34 bytes a pixel at the peak)
+    must give a dataset the bytes it had: to_uint8(decode_image(data)) exactly, for every sample value of
+    every depth and full scale (a 16-bit or PNM sample through a table of the float path's own rounding)."""
+    from degrade.io import decode_image_uint8, to_uint8
+
+    rng = np.random.default_rng(3)
+    every16 = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    if case.startswith("PGM"):
+        maxval = int(case.split()[-1])
+        data = _pnm_every_value(maxval, 16 if maxval > 255 else 8)
+    else:
+        array = {"8-bit PNG": rng.integers(0, 256, (40, 50, 3), dtype=np.uint8),
+                 "16-bit PNG": np.stack([every16, every16.T, 65535 - every16], axis=2),
+                 "gray 16-bit PNG": every16,
+                 "JPEG": rng.integers(0, 256, (40, 50, 3), dtype=np.uint8),
+                 "BMP": rng.integers(0, 256, (40, 50, 3), dtype=np.uint8),
+                 "TIFF with alpha": rng.integers(0, 256, (40, 50, 4), dtype=np.uint8)}[case]
+        suffix = {"JPEG": ".jpg", "BMP": ".bmp", "TIFF with alpha": ".tiff"}.get(case, ".png")
+        ok, buf = cv2.imencode(suffix, array)
+        assert ok
+        data = buf.tobytes()
+    fast, slow = decode_image_uint8(data), to_uint8(decode_image(data))
+    assert fast.dtype == np.uint8 and fast.shape == slow.shape and np.array_equal(fast, slow)
+    assert np.array_equal(to_uint8(np.arange(256, dtype=np.float32) / np.float32(255)), np.arange(256))  # 8 bit
