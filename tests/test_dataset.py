@@ -222,7 +222,7 @@ def test_a_manifest_write_killed_before_its_rename_leaves_nothing_in_the_way(bun
     assert _digests(out) == _digests(reference)  # (hidden files included: none is left)
 
 
-def test_a_source_named_without_an_image_suffix_is_skipped_as_verify_would_refuse_it(tmp_path):
+def test_a_source_named_without_an_image_suffix_is_skipped_as_verify_would_refuse_it(tmp_path, monkeypatch):
     """A file named directly is read whatever its name, but verify --regenerate re-reads a source only by an
     image file name: a dataset made from `castle` or `castle.jfif` (or a link to a cache's blob, whose name the
     dataset records) could never pass it. The scan now skips such a file as unreadable, saying why; a PNM named
@@ -240,6 +240,9 @@ def test_a_source_named_without_an_image_suffix_is_skipped_as_verify_would_refus
         ("castle", "not an image file name"), ("castle.jfif", "not an image file name"),
         ("2c987c5c", f"not an image file name, the target of the link {tmp_path / 'links' / 'kite.png'}")]
     assert scan.unreadable[2][1].endswith("give a copy of the file")
+    monkeypatch.chdir(tmp_path)  # a plain file given by a relative path is no link (its resolved path differs)
+    scan = dsm.scan_sources(["castle.jfif", "a.ppm"], 64)
+    assert scan.unreadable[0][1].startswith("not an image file name (") and scan.unreadable[0][1].endswith("rename it")
     dsm.make_dataset(_config(scan, count=4, shard_size=4), tmp_path / "ds")
     assert dsm.verify_dataset(tmp_path / "ds", regenerate=4) == []
 
@@ -564,11 +567,24 @@ def test_a_reopened_shard_is_checked_again_only_if_its_file_changed(bundled, tmp
     for i in (0, 2, 1, 3, 0, 2):  # each read reopens its shard
         ds[i]
     assert checks == ["shard-00000.h5", "shard-00001.h5"]
-    assert ds._shard(0).file.id.get_access_plist().get_cache()[2] == 0  # (slots, unused, bytes, w0)
+    # HDF5's chunk cache only where chunks are compressed (this dataset: gzip), to spare a decompression when
+    # a chunk is read again (the next epoch); none for plain ones: (metadata, slots, bytes, w0)
+    assert ds._shard(0).file.id.get_access_plist().get_cache()[2] == 8 << 20
     ds[2]  # shard 0 closed again
     os.utime(tmp_path / "ds" / "shard-00000.h5", ns=(1, 1))  # another file there, as far as a reader can tell
     ds[0]
     assert checks == ["shard-00000.h5", "shard-00001.h5", "shard-00000.h5"]
+    monkeypatch.setattr(dsm.ShardDataset, "MAX_OPEN", 3)
+    dsm.make_dataset(_config(bundled, count=8, shard_size=2, compression="none"), tmp_path / "plain")
+    plain = degrade.open_dataset(tmp_path / "plain")
+    assert plain._shard(0).file.id.get_access_plist().get_cache()[2] == 0
+    for i in range(8):
+        plain[i]
+    assert len(plain._handles) == 3  # MAX_OPEN plain shards; compressed ones at most MAX_OPEN_COMPRESSED
+    monkeypatch.setattr(dsm.ShardDataset, "MAX_OPEN_COMPRESSED", 2)
+    for i in range(4):
+        ds[i]
+    assert len(ds._handles) == 2
 
 
 def test_float_tiff_is_reported_unreadable_by_the_scan(tmp_path):

@@ -13,9 +13,9 @@ import contextlib
 import operator
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -37,6 +37,12 @@ from degrade.shards.format import (
 from degrade.shards.sample import Sample, SampleBatch
 from degrade.strictjson import strict_json
 from degrade.vector import VECTOR_LENGTH
+
+T = TypeVar("T")
+
+
+class _Rewritten(DatasetError):
+    """An open shard's file was written to (or touched) while it was read: ShardDataset._read reopens it."""
 
 
 class _OpenShard:
@@ -62,15 +68,17 @@ class _OpenShard:
             return None
         return st.st_size, st.st_mtime_ns
 
-    def _changed(self) -> str | None:
-        """Why the open file is no longer the one checked at open, or None: cut shorter, or written to (a copy
-        replaced in place, `cp` or `rsync --inplace`: truncated, then written back to any size)."""
+    def _changed(self) -> None:
+        """Raise if the open file is no longer as it was at open: cut shorter (DatasetError: what is gone is
+        gone), or written to at its size or larger (_Rewritten: a copy over it with `cp` or `rsync --inplace`,
+        or only touched; the caller reopens it, checks it again and reads once more)."""
         now = self._stat()
         if self.stat is None or now is None or now == self.stat:
-            return None
+            return
         if now[0] < self.stat[0]:
-            return f"{self.path}: truncated while open ({now[0]} of its {self.stat[0]} bytes left)"
-        return f"{self.path}: written to while open (its modification time changed): a shard replaced in place"
+            raise DatasetError(f"{self.path}: truncated while open ({now[0]} of its {self.stat[0]} bytes left)")
+        raise _Rewritten(f"{self.path}: written to while open (its modification time changed), and again when "
+                         "read once more")
 
     @contextlib.contextmanager
     def reading(self, rows: Any) -> Iterator[None]:
@@ -78,19 +86,20 @@ class _OpenShard:
         only "Can't synchronously read data (filter returned failure during read)") as DatasetError naming
         the shard and the rows. A file cut shorter while open reads as zeros past its new end, and one
         rewritten in place reads as the new file's bytes under the old one's cached structure, without an
-        error: after each read the file's size and modification time are compared with those at open."""
+        error: after each read the file's size and modification time are compared with those at open
+        (ShardDataset._read reopens a rewritten one and reads again)."""
         try:
             yield
         except H5_DAMAGE as exc:
+            self._changed()  # a file cut or rewritten under the read: said as such, or read once more
             if isinstance(rows, slice):
                 at = f"rows {rows.start}-{rows.stop - 1}" + (f" (every {rows.step})" if rows.step not in (None, 1)
                                                              else "")
             else:
                 at = "every row" if rows == "all" else f"row {rows}"
-            raise DatasetError(self._changed() or f"{self.path}: {at} could not be read ({h5_reason(exc)}): a "
-                               "damaged shard (degrade verify checks each one)") from None
-        if (changed := self._changed()) is not None:
-            raise DatasetError(changed)
+            raise DatasetError(f"{self.path}: {at} could not be read ({h5_reason(exc)}): a damaged shard "
+                               "(degrade verify checks each one)") from None
+        self._changed()
 
 
 class ShardDataset:
@@ -104,10 +113,15 @@ class ShardDataset:
     folder and for a lone shard (whose `config` is None) alike.
     """
 
-    # Shard files kept open per process (LRU; a dataset may have thousands): each holds under 1 MB of HDF5's
-    # own state (no chunk cache: see _shard), and a reopen costs about 1.2 ms against 0.15 for a read of an
-    # open one; 128 keeps the README's 100-shard recipe open (about 100 MB per loader process more than 32)
+    # Shard files kept open per process (LRU; a dataset may have thousands). A plain shard (compression
+    # "none", the default) holds under 1 MB of HDF5's state, read without a chunk cache (each sample is a
+    # chunk of its own, and a read of one is a copy either way: HDF5's default 8 MiB per image dataset bought
+    # nothing but memory); a reopen costs about 1.2 ms against 0.15 for a read of an open one, and 128 keep
+    # the README's 100-shard recipe open (some 60-100 MB more per loader process than 32). A compressed one
+    # keeps HDF5's default cache, which spares decompressing a chunk read again (the next epoch of a shard
+    # that fits it: 4-18x faster there), and so MAX_OPEN_COMPRESSED of them at most (16 MiB each).
     MAX_OPEN = 128
+    MAX_OPEN_COMPRESSED = 32
 
     def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False, checksums: bool = False):
         path = Path(path)
@@ -145,6 +159,9 @@ class ShardDataset:
         self._pid: int | None = None
         self._handles: OrderedDict[int, _OpenShard] = OrderedDict()
         self._checked: dict[int, tuple[int, ...]] = {}  # shard -> the file (device, inode, size, mtime) checked
+        # plain shards: no chunk cache and MAX_OPEN open; compressed ones (or a lone shard, which does not say):
+        # HDF5's default cache, and fewer open (see MAX_OPEN)
+        self._plain = self.config is not None and self.config.compression == "none"
 
     @staticmethod
     def _shape_of(path: Path) -> tuple[int, int, bool]:
@@ -182,8 +199,8 @@ class ShardDataset:
             return shard
         import h5py
 
-        try:  # no chunk cache: each sample is a chunk of its own, read once per draw (8 MiB a dataset, kept
-            handle = h5py.File(self.files[k], "r", rdcc_nbytes=0)  # per open shard, bought nothing but memory)
+        try:
+            handle = h5py.File(self.files[k], "r", rdcc_nbytes=0 if self._plain else None)
         except OSError as exc:
             raise DatasetError(f"{self.files[k]}: unreadable shard ({os_reason(exc)})") from None
         try:
@@ -198,7 +215,7 @@ class ShardDataset:
         except BaseException:
             handle.close()
             raise
-        while len(self._handles) >= self.MAX_OPEN:
+        while len(self._handles) >= (self.MAX_OPEN if self._plain else min(self.MAX_OPEN, self.MAX_OPEN_COMPRESSED)):
             self._handles.popitem(last=False)[1].file.close()
         self._handles[k] = shard
         return shard
@@ -229,11 +246,25 @@ class ShardDataset:
         except TypeError:
             raise SampleIndexTypeError(f"a sample index must be an integer or a slice, not {key!r}") from None
         k, row = self.locate(i)
-        s = self._shard(k)
-        with s.reading(row):
-            hr, lr, v, record = s.hr[row], s.lr[row], s.v[row], s.params[row]
+        s, (hr, lr, v, record) = self._read(k, row, lambda s: (s.hr[row], s.lr[row], s.v[row], s.params[row]))
         return Sample(hr, lr, v, record_json=as_text(record, s.where),
                       where=f"sample {self._starts[k] + row} ({s.path.name} row {row})")
+
+    def _read(self, k: int, rows: Any, read: Callable[[_OpenShard], T]) -> tuple[_OpenShard, T]:
+        """(shard k, read(shard k)) under the shard's read check (_OpenShard.reading). A file written to or
+        touched while open (its modification time changed, its size not smaller) is closed, reopened,
+        checked again as a file never seen and read once more: the read then sees one file, consistently;
+        a second change meanwhile is a DatasetError."""
+        for again in (False, True):
+            s = self._shard(k)
+            try:
+                with s.reading(rows):
+                    return s, read(s)
+            except _Rewritten:
+                self._handles.pop(k).file.close()
+                if again:
+                    raise
+        raise AssertionError("unreachable")
 
     def stored_index(self, i: int) -> int:
         """The global sample index stored with the sample at position `i` (its `index` dataset): the key of
@@ -244,9 +275,7 @@ class ShardDataset:
         except TypeError:
             raise SampleIndexTypeError(f"a sample index must be an integer, not {i!r}") from None
         k, row = self.locate(i)
-        s = self._shard(k)
-        with s.reading(row):
-            return int(s.index[row])
+        return int(self._read(k, row, lambda s: s.index[row])[1])
 
     def _batch(self, indices: range) -> SampleBatch:
         """The samples `indices` (a range of valid indices, any step) stacked, read one run per shard."""
@@ -267,8 +296,8 @@ class ShardDataset:
         v, index, texts = np.empty((n, VECTOR_LENGTH), np.float32), np.empty(n, np.int64), []
         flip = slice(None, None, 1 if step > 0 else -1)
         for k, rows, out in runs:
-            s = self._shard(k)  # open already, unless the slice spans more than MAX_OPEN shards
-            with s.reading(rows):
+
+            def run(s: _OpenShard, rows: slice = rows, out: slice = out) -> Any:
                 if step > 0:  # straight into the batch's arrays: no temporary copy
                     s.hr.read_direct(hr, rows, out)
                     s.lr.read_direct(lr, rows, out)
@@ -277,7 +306,9 @@ class ShardDataset:
                 else:
                     hr[out], lr[out], v[out] = s.hr[rows][flip], s.lr[rows][flip], s.v[rows][flip]
                     index[out] = s.index[rows][flip]
-                records = s.params[rows][flip]
+                return s.params[rows][flip]
+
+            s, records = self._read(k, rows, run)  # open already, unless the slice spans more than MAX_OPEN shards
             texts += [as_text(t, s.where) for t in records]
         return SampleBatch(hr, lr, v, index, texts)
 
@@ -310,9 +341,7 @@ class ShardDataset:
             raise DatasetError(f"no per-sample metadata column {name!r}")
         if not 0 <= k < len(self.files):
             raise DatasetError(f"no shard {k}: the dataset has {len(self.files)} finished shard(s)")
-        s = self._shard(k)
-        with s.reading("all"):
-            values = s.file[name][:]
+        s, values = self._read(k, "all", lambda s: s.file[name][:])
         return [as_text(x, s.where) for x in values] if name == "params" else values
 
     def close(self) -> None:

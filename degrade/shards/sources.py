@@ -84,7 +84,9 @@ def scan_sources(srcs: Sequence[str | os.PathLike], patch_size: int,
         if (shown := _not_utf8(rel)) is not None:
             scan.unreadable.append((shown, "its name is not UTF-8, which a dataset stores names as"))
         elif f.suffix.lower() not in SOURCE_SUFFIXES:  # a file named directly, or a link's target: any name
-            link = found[f] != f  # (a link named castle.png to a cache's blob: the blob's name is recorded)
+            # given by an image name that resolves to another (a link castle.png to a cache's blob, whose name
+            # the dataset records): the name given is what the user knows
+            link = found[f].suffix.lower() in SOURCE_SUFFIXES
             via = f", the target of the link {found[f]}" if link else ""
             scan.unreadable.append((rel, f"not an image file name{via} ({', '.join(SOURCE_SUFFIXES)}), which a "
                                          "dataset records and degrade verify re-reads a source only by; "
