@@ -15,7 +15,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -37,8 +37,6 @@ from degrade.shards.format import (
 from degrade.shards.sample import Sample, SampleBatch
 from degrade.strictjson import strict_json
 from degrade.vector import VECTOR_LENGTH
-
-T = TypeVar("T")
 
 
 class _Rewritten(DatasetError):
@@ -250,7 +248,7 @@ class ShardDataset:
         return Sample(hr, lr, v, record_json=as_text(record, s.where),
                       where=f"sample {self._starts[k] + row} ({s.path.name} row {row})")
 
-    def _read(self, k: int, rows: Any, read: Callable[[_OpenShard], T]) -> tuple[_OpenShard, T]:
+    def _read(self, k: int, rows: Any, read: Callable[[_OpenShard], Any]) -> tuple[_OpenShard, Any]:
         """(shard k, read(shard k)) under the shard's read check (_OpenShard.reading). A file written to or
         touched while open (its modification time changed, its size not smaller) is closed, reopened,
         checked again as a file never seen and read once more: the read then sees one file, consistently;
