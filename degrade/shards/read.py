@@ -188,7 +188,8 @@ class ShardDataset:
 
     def _shard(self, k: int) -> _OpenShard:
         """Shard k, opened lazily in this process (e.g. a DataLoader worker), its structure checked against
-        the manifest before any data is read; at most MAX_OPEN stay open (least recently used closed)."""
+        the manifest before any data is read; at most MAX_OPEN stay open, MAX_OPEN_COMPRESSED of compressed
+        shards (least recently used closed)."""
         if self._pid != os.getpid():  # a fresh process: files the parent opened are not ours to use
             self._handles, self._pid, self._checked = OrderedDict(), os.getpid(), {}
         shard = self._handles.get(k)
