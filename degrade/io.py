@@ -325,11 +325,7 @@ def decode_image(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.fl
     and images whose header declares more than `max_pixels` pixels (checked before decoding).
     """
     rgb, full = _decode_rgb(data, max_pixels)
-    out = rgb.astype(np.float32)
-    np.divide(out, np.float32(full), out=out)
-    if full not in (255, 65535):  # a PNM sample above its maxval (a damaged file) is full intensity
-        np.minimum(out, np.float32(1), out=out)
-    return out
+    return _to_unit(rgb.astype(np.float32), full)
 
 
 def decode_image_uint8(data: bytes, *, max_pixels: int | None = None) -> NDArray[np.uint8]:
@@ -340,10 +336,15 @@ def decode_image_uint8(data: bytes, *, max_pixels: int | None = None) -> NDArray
     if rgb.dtype == np.uint8 and full == 255:
         return rgb
     values = np.arange(np.iinfo(rgb.dtype).max + 1, dtype=np.float32)  # each sample value, as decode_image
-    np.divide(values, np.float32(full), out=values)  # scales it
-    if full not in (255, 65535):
-        np.minimum(values, np.float32(1), out=values)
-    return to_uint8(values)[rgb]
+    return to_uint8(_to_unit(values, full))[rgb]  # scales it
+
+
+def _to_unit(samples: NDArray[np.float32], full: int) -> NDArray[np.float32]:
+    """Decoded samples (as float32, scaled in place) over their full-intensity value: [0, 1]."""
+    np.divide(samples, np.float32(full), out=samples)
+    if full not in (255, 65535):  # a PNM sample above its maxval (a damaged file) is full intensity
+        np.minimum(samples, np.float32(1), out=samples)
+    return samples
 
 
 def _decode_rgb(data: bytes, max_pixels: int | None) -> tuple[NDArray[np.uint8] | NDArray[np.uint16], int]:

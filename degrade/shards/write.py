@@ -159,7 +159,7 @@ def _regular(path: Path) -> bool:
 
 def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], report: MakeReport, jobs: int,
           progress: Callable[[int], None] | None, backend: str | None, max_pixels: int) -> None:
-    for stale in [*out.glob(".shard-*.partial"), *(p for p in out.glob(f".{MANIFEST}.*.tmp") if _ours(p.name))]:
+    for stale in [*out.glob(".shard-*.partial"), *out.glob(f".{MANIFEST}.*.tmp")]:
         stale.unlink()  # left by an interrupted run (a killed write's temporary file too); never looks complete
 
     todo = []
