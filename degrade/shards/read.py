@@ -43,28 +43,55 @@ class _Rewritten(DatasetError):
     """An open shard's file was written to (or touched) while it was read: ShardDataset._read reopens it."""
 
 
+def attr_text(value: object) -> str | None:
+    """An HDF5 attribute as text, or None where it is no text (an array, a number, bytes that are not UTF-8)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return None
+    return value if isinstance(value, str) else None
+
+
+def shard_command(value: object) -> dict[str, Any] | None:
+    """A shard's `command` attribute, the configuration it was made with (JSON), as a dict; None where it is
+    none (missing, another type, not JSON, a key twice, no object, nested past the parser's depth)."""
+    text = attr_text(value)
+    try:
+        made_with = strict_json(text) if text is not None else None
+    except (ValueError, RecursionError):
+        return None
+    return made_with if isinstance(made_with, dict) else None
+
+
+def _file_stat(file: Any) -> os.stat_result | None:
+    """fstat of an open h5py file's descriptor (one system call); None where the driver keeps no descriptor
+    (never for the files read here: the default driver)."""
+    try:
+        return os.fstat(file.id.get_vfd_handle())
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
 class _OpenShard:
     """One shard file open in this process, with its datasets looked up once (a lookup by name costs
     more than reading a row)."""
 
     __slots__ = ("file", "hr", "lr", "v", "params", "index", "where", "path", "stat")
 
-    def __init__(self, file: Any, path: Path):
+    def __init__(self, file: Any, path: Path, opened: os.stat_result | None):
+        """`opened`: the file's fstat when it was opened (_file_stat)."""
         self.file = file
         self.hr, self.lr, self.v, self.params = file["hr"], file["lr"], file["v"], file["params"]
         self.index = file["index"]
         self.where = f"{path}: params"  # how as_text names a record that is not UTF-8
         self.path = path
-        self.stat = self._stat()
+        self.stat = None if opened is None else (opened.st_size, opened.st_mtime_ns)
 
     def _stat(self) -> tuple[int, int] | None:
-        """The open file's size and modification time now (fstat of h5py's descriptor: one system call);
-        None where the driver keeps no descriptor (never for the files read here: the default driver)."""
-        try:
-            st = os.fstat(self.file.id.get_vfd_handle())
-        except (OSError, ValueError, TypeError, AttributeError):
-            return None
-        return st.st_size, st.st_mtime_ns
+        """The open file's size and modification time now."""
+        st = _file_stat(self.file)
+        return None if st is None else (st.st_size, st.st_mtime_ns)
 
     def _changed(self) -> None:
         """Raise if the open file is no longer as it was at open: cut shorter (DatasetError: what is gone is
@@ -177,10 +204,8 @@ class ShardDataset:
                 command = f.attrs.get("command")
         except OSError:
             raise DatasetError(f"{path}: not an HDF5 file") from None
-        try:
-            sharpen = strict_json(command).get("sharpen_hr", False) if isinstance(command, str) else None
-        except (ValueError, AttributeError, RecursionError):  # not JSON (a key twice too), or not an object
-            sharpen = None
+        made_with = shard_command(command)
+        sharpen = made_with.get("sharpen_hr", False) if made_with is not None else None
         if not isinstance(sharpen, bool):
             raise DatasetError(f"{path}: its command attribute does not say whether the HR was sharpened "
                                "(a damaged shard: degrade verify checks each one)")
@@ -205,16 +230,18 @@ class ShardDataset:
         try:
             # Checked once per process while the file stays the one checked: a training run's random draws
             # over more shards than MAX_OPEN reopen them all the time (the check took 4.6 of a reopen's 4.8 ms)
-            st = os.fstat(handle.id.get_vfd_handle())
-            seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            if seen != self._checked.get(k):
+            st = _file_stat(handle)
+            seen = None if st is None else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if seen is None or seen != self._checked.get(k):
                 check_shard(handle, self.files[k], count=self.counts[k], patch_size=self.patch_size)
-                self._checked[k] = seen
-            shard = _OpenShard(handle, self.files[k])
+                if seen is not None:
+                    self._checked[k] = seen
+            shard = _OpenShard(handle, self.files[k], st)
         except BaseException:
             handle.close()
             raise
-        while len(self._handles) >= (self.MAX_OPEN if self._plain else min(self.MAX_OPEN, self.MAX_OPEN_COMPRESSED)):
+        limit = self.MAX_OPEN if self._plain else min(self.MAX_OPEN, self.MAX_OPEN_COMPRESSED)
+        while len(self._handles) >= limit:
             self._handles.popitem(last=False)[1].file.close()
         self._handles[k] = shard
         return shard

@@ -24,8 +24,7 @@ from degrade.shards.format import (
     shard_path,
 )
 from degrade.shards.generate import SampleMaker
-from degrade.shards.read import open_dataset
-from degrade.strictjson import strict_json
+from degrade.shards.read import attr_text, open_dataset, shard_command
 from degrade.vector import encode
 
 
@@ -79,7 +78,7 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
                     problems.append(str(exc).replace(str(f_path), name))
                     continue
                 seen += int(entry["count"])
-                made_with = _made_with(f.attrs.get("command"))
+                made_with = shard_command(f.attrs.get("command")) or {}  # none: another one
                 if made_with != command:
                     differ = sorted(k for k in command.keys() | made_with.keys() if made_with.get(k) != command.get(k))
                     problems.append(f"{name}: made with another configuration than the manifest's ({', '.join(differ)} "
@@ -91,7 +90,7 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
                     problems.append(str(exc))
                     table = None
                 if table is not None and ([as_text(x, name) for x in table] != source_paths or (
-                        pinned is not None and _text_or_none(pinned) != sources_digest)):
+                        pinned is not None and attr_text(pinned) != sources_digest)):
                     problems.append(f"{name}: its sources table differs from the manifest's sources")
                 v, level = f["v"][:], f["level"][:]
                 if not (np.all(np.isfinite(v)) and v.min() >= 0 and v.max() <= 1):
@@ -123,27 +122,6 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
     if regenerate and not problems:
         problems += _regenerate(out, config, regenerate, seed, max_pixels)
     return problems
-
-
-def _made_with(attr: object) -> dict:
-    """A shard's `command` attribute, the configuration it was made with, as a dict; {} where it is no JSON
-    object (missing, another type, damaged, nested past the parser's depth): made with another one."""
-    text = _text_or_none(attr)
-    try:
-        made_with = strict_json(text) if text is not None else {}
-    except (ValueError, RecursionError):
-        return {}
-    return made_with if isinstance(made_with, dict) else {}
-
-
-def _text_or_none(value: object) -> str | None:
-    """An HDF5 attribute as text, or None where it is no text (an array, a number, bytes that are not UTF-8)."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode()
-        except UnicodeDecodeError:
-            return None
-    return value if isinstance(value, str) else None
 
 
 def _regenerate(out: Path, config: DatasetConfig, k: int, seed: int, max_pixels: int | None) -> list[str]:
