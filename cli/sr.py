@@ -413,6 +413,7 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
         pairs_from_lr_hr_dirs,
         pairs_from_shards,
         pairs_from_testset,
+        sharpened_note,
     )
     from dasr_model.lpips import LPIPS
     from dasr_model.niqe import load_niqe_params
@@ -474,9 +475,7 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
         if shards is not None:
             pairs = pairs_from_shards(shards)
             if pairs.sharpen_hr:  # as dasr-train notes it of a validation set: the scores are not real images'
-                err_console.print(f"note: the dataset {shards} was made with --sharpen-hr: its LR images come from "
-                                  "the sharpened HR but are scored against the plain HR; real images are not "
-                                  "sharpened, so make it without", soft_wrap=True)
+                err_console.print(sharpened_note(f"the dataset {shards}"), soft_wrap=True)
         elif lr_dir is not None and hr_dir is None:
             pairs = pairs_from_lr_dir(lr_dir)
         elif lr_dir is not None:

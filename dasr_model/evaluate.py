@@ -43,6 +43,12 @@ class Pairs:
         return self.make()
 
 
+def sharpened_note(what: str) -> str:
+    """The note for scores on pairs whose LR was degraded from the sharpened HR (`what`: the dataset, named)."""
+    return (f"note: {what} was made with --sharpen-hr: its LR images come from the sharpened HR but are scored "
+            "against the plain HR; real images are not sharpened, so make it without")
+
+
 def pairs_from_shards(path: str | Path, *, limit: int | None = None) -> Pairs:
     """A dataset's samples (the first `limit` of them), as stored: no crop, no augmentation. A sample whose
     v is not 33 numbers in [0, 1] is refused as training refuses it (DatasetError, here, before any is read)."""

@@ -40,7 +40,7 @@ from dasr_model.checkpoints import (
 )
 from dasr_model.data import PairedShards, StepBatchSampler, as_float, unsharp_mask
 from dasr_model.errors import DASRError
-from dasr_model.evaluate import ValidationSet, pairs_from_shards
+from dasr_model.evaluate import ValidationSet, pairs_from_shards, sharpened_note
 from dasr_model.graphstep import GraphedStep, plain_optimizer_state
 from dasr_model.infer import LoadedModel, load_model, out_of_memory
 from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss, l1_loss
@@ -420,8 +420,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     except DegradeError as exc:
         raise DASRError(f"validation data: {exc}") from None
     if val_pairs is not None and val_pairs.sharpen_hr:
-        say(f"note: the validation set {cfg.val_shards} was made with --sharpen-hr: its LR images come from the "
-            "sharpened HR but are scored against the plain HR; real images are not sharpened, so make it without")
+        say(sharpened_note(f"the validation set {cfg.val_shards}"))
 
     # --- model, EMA, optimisers (or their state from the newest intact checkpoint) ---
     if world > 1 and device.type == "cuda":
