@@ -464,11 +464,12 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
             made.extend(make_folders(path.parent))
             write_image(path, sr)
             saved.append(path)
-    done = False
+    done, claim = False, None
     try:
         if save_sr is not None:  # DIR claimed for this run alone, before any work (another run is refused)
             made.extend(make_folders(save_sr))
-            saved.append(_claim_save_sr(save_sr))
+            claim = _claim_save_sr(save_sr)
+            saved.append(claim)
         model, dev = _load(_one_model(model_path, checkpoint), release_weights, device)
         lpips = LPIPS(lpips_alexnet, lpips_lin).to(dev) if lpips_alexnet is not None else None
         niqe = load_niqe_params(niqe_params) if niqe_params is not None else None
@@ -505,8 +506,8 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
     finally:
         if not done:  # a refusal, an error, Ctrl-C: the SR images saved so far are no run's result
             _take_back(saved, made)
-        elif save_sr is not None:  # the claim's marker, first of `saved`
-            _take_back(saved[:1], [])
+        elif claim is not None:  # the run's images stay; its claim goes
+            _take_back([claim], [])
     if as_json:  # strict JSON: an infinite PSNR (SR equal to HR) is null, as JSON has no Infinity
         click.echo(json.dumps(_finite_or_null(result), indent=1, allow_nan=False))
         return
