@@ -17,7 +17,7 @@ from dasr_model.data import block_mae, checked_v
 from dasr_model.diagnostics import mixing_stats
 from dasr_model.errors import DASRError
 from dasr_model.infer import DEFAULT_TILE, predict, refuse_out_of_memory, super_resolve, to_image, to_tensor
-from dasr_model.metrics import psnr_rgb, psnr_y, ssim_y, y_channel
+from dasr_model.metrics import CROP, cropped_y, psnr, psnr_rgb, psnr_y, ssim
 from dasr_model.niqe import niqe
 from degrade.io import to_uint8
 from degrade.testset import MIN_TEST_SIDE
@@ -360,17 +360,25 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
                 s.setdefault(key, []).append(value)
                 row[key] = value
 
+            # Y once per image (the 4-px crop PSNR, SSIM and NIQE all take), one at a time beside HR's
+            y_hr = None if hr is None else cropped_y(hr, crop=CROP, like=sr)
+            pair = []
+            for prefix, out in (("", sr), ("bicubic_", bic)):
+                y = cropped_y(out, crop=CROP)
+                if y_hr is not None:
+                    add(prefix + "psnr_y", psnr(y, y_hr))
+                    add(prefix + "ssim_y", ssim(y, y_hr))
+                if niqe_params is not None:
+                    pair.append(_niqe_or_nan(y, niqe_params))
+                del y
+            del y_hr
             if hr is not None:
-                for prefix, out in (("", sr), ("bicubic_", bic)):
-                    add(prefix + "psnr_y", psnr_y(out, hr))
-                    add(prefix + "ssim_y", ssim_y(out, hr))
-                add("psnr_rgb", psnr_rgb(sr, hr))
+                add("psnr_rgb", psnr_rgb(sr, hr, crop=CROP))
                 if lpips is not None:
                     hr_t = to_tensor(hr).to(device)
                     add("lpips", float(lpips(_levels(sr, device), hr_t)[0]))
                     add("bicubic_lpips", float(lpips(_levels(bic, device), hr_t)[0]))
             if niqe_params is not None:  # an image without a score for either is left out of both columns
-                pair = _niqe_or_nan(sr, niqe_params), _niqe_or_nan(bic, niqe_params)
                 scored = all(math.isfinite(x) for x in pair)
                 add("niqe", pair[0] if scored else math.nan)
                 add("bicubic_niqe", pair[1] if scored else math.nan)
@@ -401,11 +409,12 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Iterable[Pair], device: torch.
     return {"levels": levels, "mae": mae, "mixing": mixing}
 
 
-def _niqe_or_nan(img: np.ndarray, params: dict[str, np.ndarray]) -> float:
-    """NIQE of an RGB image (BT.601 Y on 8-bit levels, 4-px crop), or NaN where it has no score (fewer than
-    two textured 96-px blocks): such an image is left out of the level's mean, not the end of the run."""
+def _niqe_or_nan(y: np.ndarray, params: dict[str, np.ndarray]) -> float:
+    """NIQE of an image's Y (metrics.cropped_y: BT.601 on 8-bit levels, 4-px crop), or NaN where it has no
+    score (fewer than two textured 96-px blocks): such an image is left out of the level's mean, not the end
+    of the run."""
     try:
-        return niqe(y_channel(img)[4:-4, 4:-4], params)
+        return niqe(y, params)
     except DASRError:
         return math.nan
 

@@ -99,7 +99,8 @@ def niqe(y: np.ndarray, params: dict[str, np.ndarray]) -> float:
     needed (a flat block has none, and the covariance of one block is undefined), else DASRError."""
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a flat block's features are NaN: left out below
-        return _niqe(np.floor(np.asarray(y, np.float64) + 0.5), params)
+        img = np.asarray(y, np.float64) + 0.5  # a new array: the caller's is left as it is
+        return _niqe(np.floor(img, out=img), params)
 
 
 def _niqe(img: np.ndarray, params: dict[str, np.ndarray]) -> float:
@@ -109,17 +110,8 @@ def _niqe(img: np.ndarray, params: dict[str, np.ndarray]) -> float:
                         "image")
     img = img[: rows * BLOCK, : cols * BLOCK]
     window = params["gaussian_window"]
-    per_scale = []
-    for scale in (1, 2):
-        mu = ndimage.convolve(img, window, mode="nearest")
-        sigma = np.sqrt(np.abs(ndimage.convolve(img * img, window, mode="nearest") - mu * mu))
-        normalised = (img - mu) / (sigma + 1)
-        side = BLOCK // scale
-        per_scale.append(np.array([_features(normalised[r * side:(r + 1) * side, c * side:(c + 1) * side])
-                                   for c in range(cols) for r in range(rows)]))
-        if scale == 1:
-            img = imresize_half(img / 255) * 255
-    feats = np.concatenate(per_scale, axis=1)
+    feats = np.concatenate([_scale_features(img, window, BLOCK),
+                            _scale_features(imresize_half(img, unit=255), window, BLOCK // 2)], axis=1)
     whole = feats[np.isfinite(feats).all(axis=1)]
     if len(whole) < 2:
         raise DASRError(f"NIQE needs two {BLOCK} x {BLOCK} blocks with texture, and this image has "
@@ -129,6 +121,24 @@ def _niqe(img: np.ndarray, params: dict[str, np.ndarray]) -> float:
     d = np.ravel(params["mu_pris_param"]) - mu_d  # the mean as (36,) or BasicSR's (1, 36)
     quality = d @ np.linalg.pinv((params["cov_pris_param"] + cov_d) / 2) @ d
     return float(np.sqrt(quality))
+
+
+def _scale_features(img: np.ndarray, window: np.ndarray, side: int) -> np.ndarray:
+    """The 18 features of each side x side block of img (a whole number of blocks a side), blocks in
+    column-major order (as the release lists them), after the local mean and contrast normalisation by
+    `window`. One row of blocks at a time, with the window's reach of rows around it (the image's own
+    edge rows at its top and bottom, as mode "nearest" gives the whole image): the same numbers, with
+    memory that follows a row of blocks, not the image."""
+    reach = window.shape[0] // 2
+    per_row = []
+    for top in range(0, img.shape[0], side):
+        start = max(top - reach, 0)
+        strip = img[start:top + side + reach]
+        mu = ndimage.convolve(strip, window, mode="nearest")
+        sigma = np.sqrt(np.abs(ndimage.convolve(strip * strip, window, mode="nearest") - mu * mu))
+        normalised = ((strip - mu) / (sigma + 1))[top - start:top - start + side]
+        per_row.append([_features(normalised[:, c:c + side]) for c in range(0, img.shape[1], side)])
+    return np.array(per_row).transpose(1, 0, 2).reshape(-1, FEATURES // 2)
 
 
 @functools.lru_cache(maxsize=1)
@@ -162,11 +172,21 @@ def _features(block: np.ndarray) -> list[float]:
     return out
 
 
-def imresize_half(img: np.ndarray) -> np.ndarray:
+def imresize_half(img: np.ndarray, *, unit: float = 1.0) -> np.ndarray:
     """MATLAB's imresize(img, 0.5) (bicubic, a = -0.5, antialiased: the kernel stretched by 2; edges
-    mirrored) of a 2-D float image; each output side is the input's halved, rounded up."""
-    img = _half_weights(img.shape[0]) @ img
-    return (_half_weights(img.shape[1]) @ img.T).T
+    mirrored) of a 2-D float image; each output side is the input's halved, rounded up. With `unit`, of
+    img / unit, times unit (NIQE resizes its 0-255 image on the 0-1 scale). Done in strips of output rows,
+    each from the input rows it weighs, so no whole-image temporary but the output is made."""
+    from dasr_model.metrics import STRIP_ROWS
+
+    down, across = _half_weights(img.shape[0]), _half_weights(img.shape[1])
+    out = np.empty((down.shape[0], across.shape[0]))
+    for start in range(0, len(out), STRIP_ROWS):
+        weights = down[start:start + STRIP_ROWS]
+        first, last = weights.indices.min(), weights.indices.max() + 1
+        part = weights[:, first:last] @ (img[first:last] / unit)
+        out[start:start + len(part)] = (across @ part.T).T * unit
+    return out
 
 
 @functools.lru_cache(maxsize=8)

@@ -33,6 +33,28 @@ def test_the_block_features_and_the_half_scale_equal_basicsr():
     np.testing.assert_allclose(imresize_half(np.full((9, 8), 3.0)), 3.0)  # weights sum to 1 at the edges too
 
 
+def test_block_rows_and_half_scale_strips_equal_the_whole_image(monkeypatch):
+    """NIQE normalises a row of blocks at a time (the window's reach of rows around it) and halves the
+    image in strips, so its memory follows a strip. Oracle: the whole-image normalisation and MATLAB's
+    separable resize as two dense matrix products, on 5 x 3 blocks with strips of 7 rows."""
+    from scipy import ndimage
+
+    from dasr_model import metrics
+    from dasr_model import niqe as niqe_module
+
+    rng = np.random.default_rng(2)
+    img = np.round(ndimage.gaussian_filter(rng.random((5 * 96, 3 * 96)), 1.0) * 255)  # some texture
+    window = make_params()["gaussian_window"]
+    mu = ndimage.convolve(img, window, mode="nearest")
+    normalised = (img - mu) / (np.sqrt(np.abs(ndimage.convolve(img * img, window, mode="nearest") - mu * mu)) + 1)
+    expected = [_features(normalised[r:r + 96, c:c + 96]) for c in range(0, 288, 96) for r in range(0, 480, 96)]
+    np.testing.assert_array_equal(niqe_module._scale_features(img, window, 96), expected)
+    down, across = (niqe_module._half_weights(n).toarray() for n in img.shape)
+    monkeypatch.setattr(metrics, "STRIP_ROWS", 7)
+    np.testing.assert_allclose(imresize_half(img, unit=255), down @ (img / 255) @ across.T * 255, rtol=1e-13,
+                               atol=1e-10)
+
+
 def test_too_small_an_image_is_refused():
     params = make_params()
     with pytest.raises(DASRError, match="two 96 x 96 blocks at least"):
