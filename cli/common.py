@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Callable
 
 import click
 from rich.console import Console
@@ -99,3 +102,17 @@ def set_max_pixels(value: int | None) -> None:
         pixel_limit()
     except DegradeError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def sigterm_as_exit() -> Callable[[], object]:
+    """From now, SIGTERM raises SystemExit(143) in the main thread (a stop the command can clean up after);
+    returns what puts the previous handler back. Called from another thread (an embedding program's), it
+    changes nothing: only the main thread may set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def terminate(signum, frame):
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    return lambda: signal.signal(signal.SIGTERM, previous)

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 import degrade
-from cli.common import max_pixels_option, one_line, parse_levels, set_max_pixels, text_console
+from cli.common import max_pixels_option, one_line, parse_levels, set_max_pixels, sigterm_as_exit, text_console
 from degrade.allocator import tune_allocator
 from degrade.errors import DegradeError
 from degrade.io import (
@@ -252,7 +249,7 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
         set_max_pixels(None)
     abandoned = ds.abandoned_writes()
 
-    restore = _sigterm_as_exit()  # a scheduler's stop ends the run as Ctrl-C does
+    restore = sigterm_as_exit()  # a scheduler's stop ends the run as Ctrl-C does
     try:
         with _progress() as progress:
             task = progress.add_task("scanning sources", total=None)
@@ -340,7 +337,7 @@ def make_testset_command(hr_dir: Path | None, out: Path, levels: str, seed: int,
         err_console.print(f"no HR_DIR given: using the bundled photos in {hr_dir}")
     set_max_pixels(max_pixels)
 
-    restore = _sigterm_as_exit()  # as an exception: make_testset removes its hidden folder
+    restore = sigterm_as_exit()  # as an exception: make_testset removes its hidden folder
     try:
         with _progress() as progress:
             task = progress.add_task("test images", total=None)
@@ -356,20 +353,6 @@ def make_testset_command(hr_dir: Path | None, out: Path, levels: str, seed: int,
         restore()
     console.print(f"{out}: {len(manifest['images'])} HR images at level(s) {', '.join(map(str, manifest['levels']))}"
                   f", seed {seed}")
-
-
-def _sigterm_as_exit() -> Callable[[], object]:
-    """From now, SIGTERM raises SystemExit(143) in the main thread (a stop the command can clean up after);
-    returns what puts the previous handler back. Called from another thread (an embedding program's), it
-    changes nothing: only the main thread may set a handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def terminate(signum, frame):
-        raise SystemExit(143)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _stopped(message: str, status: int) -> None:

@@ -28,6 +28,7 @@ from cli.common import (
     parse_levels,
     require_torch,
     set_max_pixels,
+    sigterm_as_exit,
     text_console,
 )
 from degrade._version import __version__
@@ -67,14 +68,17 @@ OUTPUT_NAME = re.compile(r".+_x[0-9]+(\.[0-9]+)?\.png")  # NAME_x4.png, NAME_x2.
 
 
 def _inputs(inputs: tuple[Path, ...], out_dir: Path) -> list[Path]:
-    """The images to upscale: files as given, folders searched, but not this tool's own outputs (NAME_x4.png,
-    or at any other --outscale) found in OUT_DIR by a folder search (an output folder inside an input folder
-    would feed them back in)."""
+    """The images to upscale: files as given, folders searched, each file once, but not this tool's own
+    outputs (NAME_x4.png, or at any other --outscale) found in OUT_DIR by a folder search (an output folder
+    inside an input folder would feed them back in)."""
     from degrade.discover import find_images
 
     given = {real_path(p) for p in inputs if not p.is_dir()}
     out = real_path(out_dir)
-    files = [f for f in find_images(inputs) if real_path(f) in given
+    found = {}  # one path named twice (a.png and ./a.png, or given and found in a folder): upscaled once (a
+    for f in find_images(inputs):  # link is a name of its own, with an output of its own)
+        found.setdefault(os.path.abspath(f), f)
+    files = [f for f in found.values() if real_path(f) in given
              or not (OUTPUT_NAME.fullmatch(f.name) and real_path(f).parent == out)]
     if not files:
         raise click.ClickException(f"no input images besides this tool's own outputs in {out_dir}")
@@ -264,6 +268,7 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
         raise click.UsageError("--set edits v, which only chooses the expert mix; --mix sets the mix directly: "
                                "give one of them")
     failed = []
+    restore = sigterm_as_exit()  # a scheduler's stop ends the run as Ctrl-C does: no partial file left
     try:
         files = _inputs(inputs, out_dir)
         names: dict[str, Path] = {}
@@ -338,6 +343,10 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
                         del img
                     except (DegradeError, OSError) as exc:
                         why = skipped(f, one_line(exc))
+                    except (MemoryError, cv2.error) as exc:  # reading it (upscale turns its own into a refusal)
+                        if not out_of_memory(exc):
+                            raise
+                        why = skipped(f, "out of memory reading it")
                     if why is not None:  # (out of the except block: its exception is no job's context)
                         writers.submit(f, 0, functools.partial(lambda line: (line, []), why))  # reported in turn
                         continue
@@ -355,6 +364,8 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(os_error(exc)) from None
+    finally:
+        restore()
     err_console.print(f"wrote {len(files) - len(failed)} image(s) to {out_dir}")
     if failed:
         raise click.ClickException(f"{len(failed)} of {len(files)} input(s) could not be read, upscaled or written "
@@ -465,6 +476,7 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
             write_image(path, sr)
             saved.append(path)
     done, claim = False, None
+    restore = sigterm_as_exit()  # a scheduler's stop takes the saved images back, as Ctrl-C does
     try:
         if save_sr is not None:  # DIR claimed for this run alone, before any work (another run is refused)
             made.extend(make_folders(save_sr))
@@ -504,7 +516,8 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
     except OSError as exc:
         raise click.ClickException(os_error(exc)) from None
     finally:
-        if not done:  # a refusal, an error, Ctrl-C: the SR images saved so far are no run's result
+        restore()
+        if not done:  # a refusal, an error, Ctrl-C, SIGTERM: the SR images saved so far are no run's result
             _take_back(saved, made)
         elif claim is not None:  # the run's images stay; its claim goes
             _take_back([claim], [])

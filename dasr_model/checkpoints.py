@@ -381,7 +381,8 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def latest_intact(out: Path, warn: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that reads, and its contents; each damaged newer one is reported to `warn`."""
+    """The newest checkpoint that reads, and its contents; each damaged or vanished newer one is reported to
+    `warn`."""
     for path in reversed(list_checkpoints(out)):
         try:
             ckpt = load_checkpoint(path)
@@ -391,6 +392,9 @@ def latest_intact(out: Path, warn: Callable[[str], None] | None = None) -> tuple
         except DASRError as exc:
             if warn is not None:
                 warn(f"skipping {path.name}: {str(exc).split(': ', 1)[-1]}")
+        except FileNotFoundError:  # gone since the listing (a run's pruning) or a link to nothing
+            if warn is not None:
+                warn(f"skipping {path.name}: not there (removed, or a link to nothing)")
     return None
 
 

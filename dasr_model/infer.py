@@ -56,6 +56,17 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path, *, ema: bool =
         config = DASRConfig.from_dict(ckpt["config"].get("model"))
     except DASRError as exc:
         raise DASRError(f"{path}: {exc}") from None
+    with torch.device("meta"):  # shapes without memory: a small file's config may ask for 100 M parameters
+        expected = {k: tuple(t.shape) for k, t in DASR(config).state_dict().items()}
+    weights = ckpt["model"] if isinstance(ckpt["model"], dict) else {}
+    got = {k: tuple(t.shape) for k, t in weights.items() if isinstance(t, torch.Tensor)}
+    if got != expected:  # checked before the model is built
+        missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+        parts = [f"{what} key(s) {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for what, keys in (("missing", missing), ("unexpected", extra)) if keys]
+        parts += [f"{k} of shape {got[k]}, not {shape}" for k, shape in expected.items()
+                  if got.get(k, shape) != shape][:3]
+        raise DASRError(f"{path}: its weights do not fit its config ({'; '.join(parts)})")
     model = DASR(config)
     try:
         model.load_state_dict(ckpt["model"])
@@ -397,13 +408,29 @@ def upscale(model: DASR, image: np.ndarray, *, overrides: dict[str, str] | None 
                                                  channels_last, on_tile), device, how)
 
 
+def _check_image(image: np.ndarray) -> None:
+    """upscale's input: (H, W, 3) float32 in [0, 1] (what degrade.read_image gives), else a DASRError; a
+    0-255 float image would come out white, a uint8 or gray one a torch error."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.float32:
+        raise DASRError(f"an image must be an (H, W, 3) float32 array in [0, 1] (degrade.read_image's), got "
+                        f"{getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
+    if image.size and not 0 <= float(image.min()) <= float(image.max()) <= 1:  # NaN fails both
+        raise DASRError(f"an image must be in [0, 1], got values from {float(image.min()):g} to "
+                        f"{float(image.max()):g} (divide 8-bit values by 255)")
+
+
 @torch.no_grad()
 def _upscale(model: DASR, image: np.ndarray, overrides: dict[str, str] | None, mix: Tensor | None, tile: int | None,
              overlap: int | None, device: torch.device | str, dtype: torch.dtype | None, channels_last: bool,
              on_tile: Callable[[int, int], None] | None) -> tuple[np.ndarray, Tensor]:
     if mix is not None and (mix.shape != (1, model.config.num_experts) or not bool(torch.isfinite(mix).all())):
         raise DASRError(f"the expert mix must be {model.config.num_experts} finite numbers")
+    _check_image(image)
     lr = to_tensor(image).to(device)
+    held = next(model.parameters()).device
+    if held != lr.device:  # (torch.device("cuda") names no index: compared as the image landed, cuda:0)
+        raise DASRError(f"the model is on {held} and device is {lr.device}: move the model first "
+                        f"(model.to({str(lr.device)!r}); load_model gives it on the CPU)")
     v_hat, a = predict(model, lr, tile=tile)
     if overrides:
         v_hat = edit_vector(v_hat, overrides)
@@ -424,9 +451,12 @@ def _upscale(model: DASR, image: np.ndarray, overrides: dict[str, str] | None, m
     return out, v_hat
 
 
+PNG_MAX_SIDE = 1_000_000  # px: libpng (as OpenCV builds it) refuses to write a wider or taller image
+
+
 def output_size(h: int, w: int, outscale: float) -> tuple[int, int]:
-    """(width, height) of `outscale` x an h x w input, rounded; DASRError outside 1-16 or above 16 x
-    pixel_limit() pixels (what x4 of the largest readable input makes)."""
+    """(width, height) of `outscale` x an h x w input, rounded; DASRError outside 1-16, above 16 x
+    pixel_limit() pixels (what x4 of the largest readable input makes) or a side above PNG_MAX_SIDE."""
     from degrade.io import pixel_limit
 
     if not 1 <= outscale <= 16:
@@ -435,6 +465,9 @@ def output_size(h: int, w: int, outscale: float) -> tuple[int, int]:
     if size[0] * size[1] > 16 * pixel_limit():
         raise DASRError(f"x{outscale:g} of {w}x{h} px is {size[0]}x{size[1]} px, above 16 x the "
                         f"{pixel_limit() / 1e6:g} MP input limit")
+    if max(size) > PNG_MAX_SIDE:
+        raise DASRError(f"x{outscale:g} of {w}x{h} px is {size[0]}x{size[1]} px: a PNG side can be at most "
+                        f"{PNG_MAX_SIDE:,} px (libpng's limit)")
     return size
 
 

@@ -701,11 +701,22 @@ def check_write_target(path: Path) -> Path:
     return directory
 
 
+TMP_NAME_EXTRA = len("..XXXXXXXX.tmp")  # atomic_writer's temporary name: the target's with these bytes around it
+
+
+def _tmp_stem(name: str) -> str:
+    """`name` cut to leave its temporary name within a file name's 255 bytes: a name of 242-255 bytes could
+    be written, but its temporary one could not (File name too long)."""
+    raw = os.fsencode(name)
+    return name if len(raw) <= 255 - TMP_NAME_EXTRA else os.fsdecode(raw[: 255 - TMP_NAME_EXTRA])
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file that becomes `path` when the `with` block ends without an error.
 
-    It is a new file with a unique name in `path`'s folder (`.NAME.XXXXXXXX.tmp`, created exclusively:
+    It is a new file with a unique name in `path`'s folder (`.NAME.XXXXXXXX.tmp`, NAME cut to fit 255
+    bytes, created exclusively:
     never a fixed name, never through a symlink), synced to disk, renamed over `path` at the end (a symlink
     at `path` is replaced, not written through), and then the folder is synced, so that after a power loss
     `path` holds the old bytes or the new ones, never an empty file. On any failure it is removed and
@@ -719,7 +730,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     path = Path(path)
     directory = check_write_target(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{_tmp_stem(path.name)}.", suffix=".tmp", dir=directory)
     except OSError as exc:
         raise _naming(exc, path) from None
     try:

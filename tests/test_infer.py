@@ -1285,3 +1285,119 @@ def test_no_model_given_is_asked_for_without_a_not_both():
         load_model()
     with pytest.raises(ValueError, match="not both$"):
         load_model("m.safetensors", ("g.pth", "p.pth"))
+
+
+def test_dasr_sr_skips_an_image_it_has_no_memory_to_read_and_goes_on(ckpt, tmp_path, monkeypatch):
+    """numpy's MemoryError or OpenCV's StsNoMem while reading an input was a traceback that ended the run
+    (the images after it never made); now that image is skipped in one line, as one that fails upscaling."""
+    import degrade.io as io
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b", "c"):
+        cv2.imwrite(str(src / f"{name}.png"), np.random.default_rng(1).integers(0, 255, (20, 24, 3), np.uint8))
+    real = io.read_image_alpha
+    for error in (MemoryError(), cv2.error("Insufficient memory")):
+        if isinstance(error, cv2.error):
+            error.code = cv2.Error.StsNoMem
+
+        def read(path, *args, error=error, **kwargs):
+            if Path(path).name == "b.png":
+                raise error
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(io, "read_image_alpha", read)
+        out = tmp_path / f"out-{type(error).__name__}"
+        result = CliRunner().invoke(sr_main, [str(src), "-o", str(out), "--model", str(ckpt), "--device", "cpu"])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 1 and f"skipped {src / 'b.png'}: out of memory reading it" in text, text
+        assert sorted(p.name for p in out.iterdir()) == ["a_x4.png", "c_x4.png"]
+    monkeypatch.setattr(io, "read_image_alpha", lambda *a, **k: (_ for _ in ()).throw(cv2.error("a bug")))
+    result = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / "o3"), "--model", str(ckpt),
+                                          "--device", "cpu"])
+    assert isinstance(result.exception, cv2.error)  # not an allocation failure: a bug keeps its traceback
+
+
+def test_dasr_sr_stopped_by_sigterm_leaves_no_partial_file(ckpt, tmp_path):
+    """SIGTERM (a scheduler, `timeout`, `docker stop`) killed dasr-sr mid-write and left its hidden
+    temporary file (134 MB in a review); now it ends the run as Ctrl-C does: the file being written is
+    removed, exit status 143. The signal is sent from inside the PNG write, in a child process."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "a.png"
+    cv2.imwrite(str(src), np.random.default_rng(1).integers(0, 255, (20, 24, 3), np.uint8))
+    out = tmp_path / "out"
+    script = (
+        "import os, signal, sys\n"
+        "import degrade.io as io\n"
+        "real = io.write_bytes_atomic\n"
+        "def write(path, data):\n"
+        "    with io.atomic_writer(path) as f:\n"
+        "        f.write(data[:10])\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        f.write(data[10:])\n"
+        "io.write_bytes_atomic = write\n"
+        "from cli.sr import sr_main\n"
+        f"sr_main([{str(src)!r}, '-o', {str(out)!r}, '--model', {str(ckpt)!r}, '--device', 'cpu',"
+        " '--write-threads', '0'])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 143, done.stderr
+    assert out.is_dir() and list(out.iterdir()) == []  # no a_x4.png, no .a_x4.png.XXXXXXXX.tmp
+
+
+def test_upscale_refuses_a_model_elsewhere_and_an_image_it_would_get_wrong():
+    """From Python: a model on another device than `device` was torch's device-mismatch error (the docs'
+    own GPU example did that: load_model gives the model on the CPU); a 0-255 float image came out all
+    white, a uint8 or gray one was a torch error. Each is a one-line DASRError now."""
+    from dasr_model.errors import DASRError
+
+    torch.manual_seed(0)
+    model = DASR(TINY).eval()
+    image = np.random.default_rng(0).random((8, 8, 3), dtype=np.float32)
+    with pytest.raises(DASRError, match=r"the model is on cpu and device is meta: move the model first "
+                                        r"\(model.to\('meta'\)"):
+        upscale(model, image, device="meta")
+    for bad, why in ((image * 255, "values from .* to 2[0-9.]+ \\(divide 8-bit values by 255\\)"),
+                     ((image * 255).astype(np.uint8), "float32 array in \\[0, 1\\].*got uint8"),
+                     (image[..., 0], "got float32 \\(8, 8\\)"), (image.astype(np.float64), "got float64"),
+                     (np.full((8, 8, 3), np.nan, np.float32), "values from nan")):
+        with pytest.raises(DASRError, match=why):
+            upscale(model, bad)
+    sr, _ = upscale(model, image)
+    assert sr.shape == (32, 32, 3) and sr.dtype == np.uint8
+
+
+def test_outputs_too_wide_for_png_and_names_near_the_limit(ckpt, tmp_path):
+    """A PNG side is at most 1,000,000 px (libpng): a 2 x 260,000 input was upscaled and then failed with
+    libpng's own lines; it is refused before the work now. And an output name of 242-255 bytes could not be
+    written, its temporary name being 14 bytes longer: the temporary name is cut to fit."""
+    from dasr_model.errors import DASRError
+    from dasr_model.infer import output_size
+
+    with pytest.raises(DASRError, match="is 1000004x8 px: a PNG side can be at most 1,000,000 px"):
+        output_size(2, 250_001, 4.0)
+    assert output_size(2, 250_000, 4.0) == (1_000_000, 8)
+    with pytest.raises(DASRError, match="a PNG side can be at most"):
+        output_size(62_501, 2, 16.0)
+    src = tmp_path / "in"
+    src.mkdir()
+    name = "a" * (255 - len("_x4.png"))  # the output's name: 255 bytes
+    cv2.imwrite(str(src / f"{name}.png"), np.zeros((8, 8, 3), np.uint8))
+    result = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / "out"), "--model", str(ckpt),
+                                          "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [f"{name}_x4.png"]
+
+
+def test_a_file_named_twice_is_upscaled_once(ckpt, tmp_path, monkeypatch):
+    """`dasr-sr a.png a.png` upscaled and wrote it twice ("wrote 2 image(s)"); `a.png ./a.png` was refused
+    as two inputs of one output name. A link keeps an output of its own."""
+    monkeypatch.chdir(tmp_path)
+    cv2.imwrite("a.png", np.zeros((8, 8, 3), np.uint8))
+    Path("b.png").symlink_to("a.png")
+    result = CliRunner().invoke(sr_main, ["a.png", "./a.png", str(tmp_path / "a.png"), ".", "-o", "out",
+                                          "--model", str(ckpt), "--device", "cpu"])
+    assert result.exit_code == 0 and "wrote 2 image(s)" in result.output, result.output
+    assert sorted(p.name for p in Path("out").iterdir()) == ["a_x4.png", "b_x4.png"]

@@ -171,6 +171,14 @@ def test_release_weights_must_be_regular_torch_files(tmp_path):
     notes = []
     found = latest_intact(run, warn=notes.append)
     assert found is not None and found[0].name == "ckpt-1.pt" and notes == ["skipping ckpt-5.pt: not a regular file"]
+    # a link to nothing (or a checkpoint pruned between the listing and the read) was an OSError that ended
+    # dasr-sr --model RUN, where the newest checkpoint that reads is what it promises
+    (run / "ckpt-5.pt").unlink()
+    (run / "ckpt-6.pt").symlink_to(tmp_path / "nowhere.pt")
+    notes.clear()
+    found = latest_intact(run, warn=notes.append)
+    assert found is not None and found[0].name == "ckpt-1.pt"
+    assert notes == ["skipping ckpt-6.pt: not there (removed, or a link to nothing)"]
     with pytest.raises(FileNotFoundError):
         load_release_weights(tmp_path / "missing.pth", p)
 
@@ -450,8 +458,31 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path):
     state = _state(_model())
     state["model"]["generator.extra.weight"] = torch.zeros(2)
     save_checkpoint(tmp_path / "ckpt-7.pt", state)
-    with pytest.raises(DASRError, match='its weights do not fit its config .*Unexpected key.*"generator.extra.weight"'):
+    with pytest.raises(DASRError, match="do not fit its config \\(unexpected key\\(s\\) generator.extra.weight\\)"):
         load_model(tmp_path / "ckpt-7.pt")
+    del state["model"]["generator.extra.weight"], state["model"]["generator.conv_first.bias"]
+    state["model"]["generator.conv_last.bias"] = torch.zeros(5)
+    save_checkpoint(tmp_path / "ckpt-7.pt", state)
+    with pytest.raises(DASRError, match="\\(missing key\\(s\\) generator.conv_first.bias; generator.conv_last.bias "
+                                        "of shape \\(5,\\), not \\(\\d+, \\d+\\)\\)"):
+        load_model(tmp_path / "ckpt-7.pt")
+
+
+def test_a_small_checkpoint_asking_for_a_large_model_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    """A 2 kB checkpoint whose config asks for 64 experts made the loader build a 98 M-parameter model
+    (635 MB) before it found the weights missing: the shapes are now compared on the meta device first."""
+    from dasr_model import infer
+    from dasr_model.infer import load_model
+
+    state = _state(_model())
+    state["config"]["model"]["num_experts"] = 64
+    state["model"] = {}
+    save_checkpoint(tmp_path / "ckpt-7.pt", state)
+    built = []
+    monkeypatch.setattr(infer, "DASR", lambda config: built.append(torch.empty(0).device) or DASR(config))
+    with pytest.raises(DASRError, match="its weights do not fit its config \\(missing key"):
+        load_model(tmp_path / "ckpt-7.pt")
+    assert built == [torch.device("meta")]  # never on the CPU
 
 
 def test_an_export_over_its_own_source_is_refused(tmp_path):
