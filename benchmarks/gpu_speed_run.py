@@ -61,6 +61,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -281,6 +282,14 @@ def bf16_table(model_path: str | None, device_name: str, smoke: bool) -> str:
             + "\n")
 
 
+def tests_for_log(text: str, tail: int = 8000) -> str:
+    """What of the tests' output joins log.txt: every test's outcome line (PASSED, FAILED, ERROR, SKIPPED)
+    and pytest's summary lines first, which a long traceback would push out of the tail, then the tail."""
+    lines = [x for x in text.splitlines() if re.search(r"(^(FAILED|ERROR|SKIPPED) )|( (PASSED|FAILED|ERROR|SKIPPED)"
+                                                       r"( |$))", x)]
+    return "\n".join(["test outcomes:", *lines, "", "the output's tail:", text[-tail:]])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -319,10 +328,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.tests:  # before any figure: the graphed and folded steps' exactness on this device
         # the tests marked cuda alone (they skip on a CPU, as in the smoke run; CI runs the rest of those files)
-        step(out, "tests", [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "cuda", *GPU_TESTS],
-             work / "tests.txt", max(allowed("tests"), min(TESTS_FLOOR_S, 0.2 * total)))
+        # -v: a test that hangs to the step's limit is named by the last line; -rfEs: pytest's -r replaces
+        # its default fE, so -rs alone dropped the FAILED lines from the summary
+        step(out, "tests", [py, "-m", "pytest", "-v", "-rfEs", "--tb=short", "-p", "no:cacheprovider", "-m", "cuda",
+                            *GPU_TESTS], work / "tests.txt", max(allowed("tests"), min(TESTS_FLOOR_S, 0.2 * total)))
         with open(out / "log.txt", "a") as f:  # eight files come back from a device call: the tests join the log
-            f.write((work / "tests.txt").read_text()[-8000:] + "\n")
+            f.write(tests_for_log((work / "tests.txt").read_text()) + "\n")
 
     shards = work / "ds"
     count = 64 if args.smoke else 1200

@@ -789,3 +789,24 @@ def test_bench_infer_experiments_compute_the_same_network(device):
             assert got.shape == want.shape == (1, 3, 48, 40)
             tol = 1e-12 if device == "cpu" else 2e-2
             assert (got.double() - want.double()).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+
+
+def test_gpu_speed_run_keeps_every_test_outcome_in_the_log(tmp_path):
+    """The GPU run's tests ran with -q -rs: pytest's -r replaces its default fE, so no FAILED line was
+    printed, and only the output's last 8,000 characters reached log.txt (a review: two failures with long
+    tracebacks came back naming one). Each outcome line now comes first. Oracle: a real pytest run."""
+    (tmp_path / "test_x.py").write_text(
+        "import pytest\n"
+        "def test_a(): assert 1 == 2, 'x' * 12000\n"
+        "def test_b(): pass\n"
+        "@pytest.mark.skip(reason='needs CUDA')\n"
+        "def test_c(): pass\n"
+        "def test_d(): raise RuntimeError('y' * 9000)\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-rfEs", "--tb=short", "-p", "no:cacheprovider",
+                           "test_x.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    logged = _bench_module("gpu_speed_run").tests_for_log(done.stdout, tail=2000)
+    head = logged.split("the output's tail:")[0]
+    for line in ("test_x.py::test_a FAILED", "test_x.py::test_b PASSED", "test_x.py::test_c SKIPPED (needs CUDA)",
+                 "FAILED test_x.py::test_a - AssertionError", "FAILED test_x.py::test_d - RuntimeError"):
+        assert line in head, line
+    assert len(logged) < 4000
