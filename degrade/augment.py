@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from degrade.errors import DegradeError
-from degrade.vector import FIELDS_BY_NAME, VECTOR_LENGTH
+from degrade.vector import FIELDS_BY_NAME, VECTOR_LENGTH, real_array
 
 # (theta, sigma_x, sigma_y) indices of each Gaussian kernel in v.
 _KERNELS = tuple(
@@ -61,12 +61,11 @@ def dihedral_vector(v: ArrayLike, *, flip_lr: bool = False, flip_ud: bool = Fals
     Returns a new float32 array; only the two blur `theta` entries of anisotropic kernels change.
     """
     flip_lr, flip_ud, rot90 = _turn(flip_lr, flip_ud, rot90)  # read as dihedral_image reads them
-    try:
-        arr = np.array(v, dtype=np.float64)  # a copy: the input is never modified
-    except (TypeError, ValueError):
-        raise DegradeError("v must be numbers") from None
+    arr = real_array(v, "v must be numbers", copy=True)  # a copy: the input is never modified
     if arr.shape[-1:] != (VECTOR_LENGTH,):
         raise DegradeError(f"v must have {VECTOR_LENGTH} values in its last axis, got shape {arr.shape}")
+    if not np.isfinite(arr).all():  # NaN came back as NaN
+        raise DegradeError("v must be finite numbers")
     sign = -1.0 if flip_lr != flip_ud else 1.0  # two mirrors make a half turn, which leaves theta alone
     shift = 0.5 * (rot90 % 2)  # theta / pi moves by k/2, modulo 1
     for theta, sx, sy in _KERNELS:

@@ -219,8 +219,12 @@ def blur(img: Image, kernel: NDArray[np.floating]) -> Image:
     2-D correlation. (Kernels larger than 21 that are not rank 1 are applied whole, exactly.)
     """
     check_image(img)
+    if not isinstance(kernel, np.ndarray) or kernel.dtype.kind not in "fiu":
+        raise DegradeError(f"kernel must be a 2-D array of real numbers, got {getattr(kernel, 'dtype', type(kernel))}")
     if kernel.ndim != 2 or kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
         raise DegradeError(f"kernel must be 2-D with odd sides, got shape {kernel.shape}")
+    if not np.isfinite(kernel).all() or not kernel.any():  # NaN made the whole image NaN; zeros an IndexError
+        raise DegradeError("kernel must be finite and not all zero")
     plan = _blur_plan(kernel, img.size)
     border = cv2.BORDER_REFLECT_101
     if plan is None:

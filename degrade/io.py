@@ -646,6 +646,8 @@ def encode_image(img: NDArray[np.floating] | NDArray[np.uint8], suffix: str = ".
     """The bytes write_image writes for a file with this suffix (8-bit RGB or RGBA, lossless)."""
     if suffix.lower() not in LOSSLESS_SUFFIXES:
         raise ImageError(f"output must be a lossless image ({', '.join(LOSSLESS_SUFFIXES)})")
+    if not isinstance(img, np.ndarray):
+        raise ImageError(f"expected an (H, W, 3) or (H, W, 4) image array, got a {type(img).__name__}")
     if img.ndim != 3 or img.shape[2] not in (3, 4) or 0 in img.shape:
         raise ImageError(f"expected an (H, W, 3) or (H, W, 4) image, got shape {img.shape}")
     if img.dtype != np.uint8 and not np.issubdtype(img.dtype, np.floating):

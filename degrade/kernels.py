@@ -17,6 +17,7 @@ from degrade.errors import DegradeError
 # The smallest Gaussian sigma computed: 1/sigma^2 stays finite (about 1e-154 is where it overflows), and such a
 # kernel is already a delta (its neighbours' weights underflow to 0). The records' own bound is far above.
 MIN_KERNEL_SIGMA = 1e-150
+MAX_KERNEL_SIGMA = 1e6  # px: far beyond any kernel side (a 1e6-px Gaussian over 21 taps is a box)
 MAX_KERNEL_SIDE = 1001  # the largest kernel side computed (8 MB of float64); records stop far below (51)
 
 
@@ -61,6 +62,8 @@ def gaussian_kernel(size: int, sigma_x: float, sigma_y: float, theta: float) -> 
                                (("sigma_x", sigma_x), ("sigma_y", sigma_y), ("theta", theta)))
     if not (sigma_x >= MIN_KERNEL_SIGMA and sigma_y >= MIN_KERNEL_SIGMA):  # below, 1/sigma^2 overflows to inf
         raise DegradeError(f"Gaussian sigmas must be >= {MIN_KERNEL_SIGMA:g}, got {sigma_x}, {sigma_y}")
+    if max(sigma_x, sigma_y) > MAX_KERNEL_SIGMA:  # sigma^2 overflowed (OverflowError) from about 1.3e154
+        raise DegradeError(f"Gaussian sigmas must be <= {MAX_KERNEL_SIGMA:g}, got {sigma_x}, {sigma_y}")
     x, y = _grid(size)
     c, s = math.cos(theta), math.sin(theta)
     # S^-1 = R diag(1/sx^2, 1/sy^2) R^T, written out to avoid a matrix inverse.
@@ -87,4 +90,7 @@ def sinc_kernel(size: int, omega_c: float) -> NDArray[np.float64]:
     centre = r == 0
     r_safe = np.where(centre, 1.0, r)
     k = np.where(centre, omega_c**2 / (4 * math.pi), omega_c * j1(omega_c * r_safe) / (2 * math.pi * r_safe))
-    return k / k.sum()
+    total = k.sum()
+    if not total > 0:  # omega_c so small that omega_c^2 underflowed: the kernel was all NaN
+        raise DegradeError(f"sinc cut-off omega_c {omega_c:g} is too small to make a kernel")
+    return k / total

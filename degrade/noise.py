@@ -11,7 +11,9 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from degrade.pixels import LUMA, Image, check_image, quantise_8bit
+from degrade.errors import DegradeError
+from degrade.kernels import finite_number
+from degrade.pixels import LUMA, Image, check_image, check_rng, quantise_8bit
 
 
 def standard_normal(shape: tuple[int, ...], rng: np.random.Generator) -> NDArray[np.float32]:
@@ -41,6 +43,14 @@ def standard_normal(shape: tuple[int, ...], rng: np.random.Generator) -> NDArray
     return out[:n].reshape(shape)
 
 
+def _strength(name: str, value: float) -> float:
+    """A noise strength: a finite number >= 0 (a NaN made the whole image NaN), else DegradeError."""
+    x = finite_number(name, value)
+    if x < 0:
+        raise DegradeError(f"noise {name} must be >= 0, got {x:g}")
+    return x
+
+
 def add_gaussian_noise(img: Image, sigma: float, *, gray: bool, rng: np.random.Generator) -> Image:
     """img + N(0, 1) * sigma / 255; `sigma` in 0-255 units. Gray: one field copied to all channels.
 
@@ -48,6 +58,8 @@ def add_gaussian_noise(img: Image, sigma: float, *, gray: bool, rng: np.random.G
     clamps after every noise step (docs/degradation.md).
     """
     check_image(img)
+    check_rng(rng)
+    sigma = _strength("sigma", sigma)
     h, w = img.shape[:2]
     field = standard_normal((h, w, 1 if gray else 3), rng)
     field *= np.float32(sigma / 255.0)  # in place: the field is ours, so no temporaries
@@ -217,6 +229,8 @@ def add_poisson_noise(img: Image, scale: float, *, gray: bool, rng: np.random.Ge
     on the luma, copied to the three channels. Not clipped (the pipeline clamps).
     """
     check_image(img)
+    check_rng(rng)
+    scale = _strength("scale", scale)
     src = img @ LUMA if gray else img  # (H, W) or (H, W, 3)
     q = quantise_8bit(src)
     hist = cv2.calcHist([q.reshape(q.shape[0], -1)], [0], None, [256], [0, 256])  # one channel view

@@ -26,6 +26,7 @@ __all__ = ["BLUR_TOLERANCE", "LUMA", "Image", "add_gaussian_noise", "add_poisson
            "encode_jpeg", "jpeg", "quantise", "resize", "scaled_size", "standard_normal"]
 
 _CV_MODES: dict[str, int] = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+JPEG_MAX_SIDE = 65500  # px: libjpeg's JPEG_MAX_DIMENSION (OpenCV then fails to encode)
 
 
 def scaled_size(shape: tuple[int, ...], scale: float) -> tuple[int, int]:
@@ -79,6 +80,9 @@ def resize(img: Image, size: tuple[int, int], *, mode: ResizeMode) -> Image:
     check_image(img)
     if mode not in RESIZE_MODES:
         raise DegradeError(f"unknown resize mode {mode!r}: expected one of {list(RESIZE_MODES)}")
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or any(isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) for n in size)):
+        raise DegradeError(f"resize target must be (height, width) integers, got {size!r}")
     h, w = size
     if h < 1 or w < 1:
         raise DegradeError(f"resize target must be at least 1x1, got {w}x{h}")
@@ -105,6 +109,9 @@ def _encode_jpeg(img: Image, quality: int) -> NDArray[np.uint8]:
     q = round(finite_number("JPEG quality", quality))  # the nearest integer, as a record's quality (not int())
     if not 1 <= q <= 100:
         raise DegradeError(f"JPEG quality must round to an integer in [1, 100], got {quality!r}")
+    if max(img.shape[:2]) > JPEG_MAX_SIDE:
+        raise DegradeError(f"a JPEG side can be at most {JPEG_MAX_SIDE} px (libjpeg's limit), got "
+                           f"{img.shape[1]}x{img.shape[0]}")
     bgr = cv2.cvtColor(quantise_8bit(img), cv2.COLOR_RGB2BGR)  # OpenCV encodes BGR
     params = [cv2.IMWRITE_JPEG_QUALITY, q, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420]
     ok, buf = cv2.imencode(".jpg", bgr, params)

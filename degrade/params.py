@@ -178,7 +178,7 @@ class DegradationParams:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise DegradeError(f"unknown keys in parameter record: {sorted(unknown)}")
+            raise DegradeError(f"unknown keys in parameter record: {sorted(unknown, key=repr)}")
         # Stage-2 keys may be left out only where the record itself says there is no second stage
         # (final.order null), as a one-stage record written by hand would; a two-stage record that
         # lacks one is truncated, not a record whose step was absent.
@@ -211,6 +211,8 @@ class DegradationParams:
             raise DegradeError(f"not a parameter record: {exc}") from None
         except RecursionError:  # JSON nested thousands deep: a refusal, not a crash
             raise DegradeError("not a parameter record: JSON nested too deeply") from None
+        except UnicodeDecodeError:  # bytes that are not UTF-8 (a ValueError too: before the digit limit's)
+            raise DegradeError("not a parameter record: the JSON is not UTF-8 text") from None
         except ValueError:  # the only other ValueError of json.loads: an integer beyond int's digit limit
             raise DegradeError(f"not a parameter record: a number of more than {sys.get_int_max_str_digits()} "
                                "digits") from None
@@ -245,7 +247,7 @@ def _step_from_dict(name: str, value: Any) -> Any:
         raise DegradeError(f"{name}: expected an object, got {type(value).__name__}")
     expected = {f.name: f for f in fields(step_type)}
     if set(value) != set(expected):
-        raise DegradeError(f"{name}: expected keys {sorted(expected)}, got {sorted(value)}")
+        raise DegradeError(f"{name}: expected keys {sorted(expected)}, got {sorted(value, key=repr)}")
     parsers = _FIELD_PARSERS[step_type]
     return step_type(**{key: parsers[key](f"{name}.{key}", raw) for key, raw in value.items()})
 
@@ -380,8 +382,8 @@ def _validate(p: DegradationParams) -> None:
             if n.type not in NOISE_TYPES:
                 fail(f"{name}.type must be one of {NOISE_TYPES}, got {n.type!r}")
             top = MAX_GAUSSIAN_SIGMA if n.type == "gaussian" else MAX_POISSON_SCALE
-            if not (math.isfinite(n.strength) and 0 <= n.strength <= top):
-                fail(f"{name}.strength must be in [0, {top:g}] for {n.type} noise, got {n.strength}")
+            if not (math.isfinite(n.strength) and 0 < n.strength <= top):  # 0 is no noise: None, as v reads it
+                fail(f"{name}.strength must be in (0, {top:g}] for {n.type} noise (no noise: None), got {n.strength}")
             if not 0 <= n.seed < SEED_LIMIT:
                 fail(f"{name}.seed must be in [0, 2**53), got {n.seed}")
     for name in ("jpeg1", "jpeg2"):

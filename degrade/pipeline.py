@@ -56,7 +56,8 @@ def check_work(hr: object, params: DegradationParams) -> None:
     """Refuse (DegradeError) an HR input that degrade.apply cannot take, or a record whose work is out
     of proportion to the image: stage 1's resize may make at most max(MAX_GROWTH x the input's pixels,
     MIN_WORK_CAP) pixels (recipes reach 2.25x). Every other step works on at most that many pixels with
-    kernels of at most MAX_KERNEL_SIZE taps a side, so time and memory stay proportional to the input.
+    kernels of at most MAX_KERNEL_SIZE taps a side, so time and memory stay proportional to the input. A
+    JPEG step must encode at most ops.JPEG_MAX_SIDE px a side.
     """
     if not isinstance(hr, np.ndarray) or hr.ndim != 3 or hr.shape[2] != 3:
         raise DegradeError(f"HR image must be an (H, W, 3) array, got shape {getattr(hr, 'shape', None)}")
@@ -83,6 +84,16 @@ def check_work(hr: object, params: DegradationParams) -> None:
         if made > cap:
             raise DegradeError(f"resize1 x{s:g} would turn the {w}x{h} image into {made / 1e6:.1f} MP, more than "
                                f"{cap / 1e6:.1f} MP (max({MAX_GROWTH} x the input, {MIN_WORK_CAP / 1e6:.1f} MP))")
+    encoded = []  # the sizes JPEG steps encode: libjpeg refuses a side above 65,500 px, after all the work before
+    if params.jpeg1 is not None:
+        encoded.append(ops.scaled_size((h, w), params.resize1.scale) if params.resize1 is not None else (h, w))
+    if params.jpeg2 is not None and params.resize2 is not None:
+        target = (h // SCALE, w // SCALE)
+        encoded.append(target if params.final.order == "A" else ops.scaled_size(target, params.resize2.scale))
+    for eh, ew in encoded:
+        if max(eh, ew) > ops.JPEG_MAX_SIDE:
+            raise DegradeError(f"a JPEG step would encode the {w}x{h} image at {ew}x{eh} px: a JPEG side can be at "
+                               f"most {ops.JPEG_MAX_SIDE} px (libjpeg's limit); crop the image first")
 
 
 def apply(hr: NDArray[np.float32] | NDArray[np.uint8], params: DegradationParams) -> NDArray[np.float32]:

@@ -16,8 +16,18 @@ LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def check_image(img: NDArray) -> None:
-    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.float32:
-        raise DegradeError(f"expected an (H, W, 3) float32 image, got shape {img.shape} dtype {img.dtype}")
+    """An op's input: a non-empty (H, W, 3) float32 array, else DegradeError."""
+    if not isinstance(img, np.ndarray):
+        raise DegradeError(f"expected an (H, W, 3) float32 image, got a {type(img).__name__}")
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.float32 or img.size == 0:
+        raise DegradeError(f"expected a non-empty (H, W, 3) float32 image, got shape {img.shape} dtype {img.dtype}")
+
+
+def check_rng(rng: object) -> None:
+    """A drawing op's `rng`: a numpy.random.Generator (np.random.default_rng(seed)), else DegradeError."""
+    if not isinstance(rng, np.random.Generator):
+        raise DegradeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got "
+                           f"{type(rng).__name__}")
 
 
 def quantise_8bit(x: NDArray[np.float32]) -> NDArray[np.uint8]:

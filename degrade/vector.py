@@ -73,12 +73,21 @@ def _odd_size(x: float) -> int:
     return min(21, max(1, 2 * math.floor((x - 1) / 2 + 0.5) + 1))
 
 
+def real_array(v: ArrayLike, refusal: str, *, copy: bool = False) -> NDArray[np.float64]:
+    """v as float64 (a copy with `copy`) if it holds real numbers; strings ("0.5", which numpy would
+    convert), complex numbers (their imaginary part dropped with a warning) and objects: DegradeError."""
+    try:
+        raw = np.asarray(v)
+        if raw.dtype.kind not in "biuf":
+            raise TypeError
+        return np.array(raw, dtype=np.float64, copy=copy or None)
+    except (TypeError, ValueError):
+        raise DegradeError(refusal) from None
+
+
 def check_vector(v: ArrayLike) -> NDArray[np.float64]:
     """Return v as float64 if it is a finite (33,) vector in [0, 1]; otherwise raise DegradeError."""
-    try:
-        arr = np.asarray(v, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise DegradeError(f"a {VECTOR_LAYOUT} vector is {VECTOR_LENGTH} numbers") from None
+    arr = real_array(v, f"a {VECTOR_LAYOUT} vector is {VECTOR_LENGTH} numbers")
     if arr.shape != (VECTOR_LENGTH,):
         raise DegradeError(f"a {VECTOR_LAYOUT} vector is {VECTOR_LENGTH} values in one dimension, got shape "
                            f"{arr.shape}")
