@@ -45,10 +45,9 @@ def _pair(sr: np.ndarray, hr: np.ndarray, crop: int, least: int = 1) -> None:
                         f"cropping {crop} px off each border")
 
 
-def _strips(rows: int, step: int | None = None):
-    """(start, stop) of consecutive row strips covering `rows` rows."""
-    step = step or STRIP_ROWS
-    return ((start, min(start + step, rows)) for start in range(0, rows, step))
+def _strips(rows: int):
+    """(start, stop) of consecutive strips of STRIP_ROWS rows covering `rows` rows."""
+    return ((start, min(start + STRIP_ROWS, rows)) for start in range(0, rows, STRIP_ROWS))
 
 
 def y_channel(img: np.ndarray) -> np.ndarray:
@@ -90,7 +89,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def psnr_y(sr: np.ndarray, hr: np.ndarray, crop: int = CROP) -> float:
     _pair(sr, hr, crop)
-    return psnr(_crop(y_channel(sr), crop), _crop(y_channel(hr), crop))
+    return psnr(cropped_y(sr, crop=crop), cropped_y(hr, crop=crop))
 
 
 def psnr_rgb(sr: np.ndarray, hr: np.ndarray, crop: int = CROP) -> float:
@@ -103,7 +102,7 @@ def psnr_rgb(sr: np.ndarray, hr: np.ndarray, crop: int = CROP) -> float:
 def ssim_y(sr: np.ndarray, hr: np.ndarray, crop: int = CROP) -> float:
     """SSIM on Y (Wang et al. 2004): Gaussian window 11, sigma 1.5, valid region, C1/C2 for range 255."""
     _pair(sr, hr, crop, SSIM_WINDOW)
-    return ssim(_crop(y_channel(sr), crop), _crop(y_channel(hr), crop))
+    return ssim(cropped_y(sr, crop=crop), cropped_y(hr, crop=crop))
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
