@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     train_files, held = split_photos(a.photos)
     work = a.work
     (work / "results").mkdir(parents=True, exist_ok=True)
-    jobs_make = 2
+    # datasets on 2 processes; the smoke run's (48 + 3 x 4 samples) on one: a worker pool's start-up costs more
+    # there than it saves
+    jobs_make = 1 if a.smoke else 2
     print(f"photos: {len(train_files)} for training, {len(held)} held out; making datasets in {work}", flush=True)
     cfg = vars(a) | {"work": str(work), "threads": 1}
     cfg["train"] = str(make_dataset(train_files, work / "train", level="mix", count=a.train_count, patch=4 * a.crop,

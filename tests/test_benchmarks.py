@@ -19,8 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_train_run_smoke_leaves_every_result(tmp_path):
     out = tmp_path / "out"
+    # --jobs 1: the smoke's datasets (64 + 8 samples) on one process, a worker pool's start-up saved (make-dataset's
+    # --jobs is its own tests'); the rest as on the GPU
     subprocess.run([sys.executable, "benchmarks/gpu_train_run.py", "--smoke", "--minutes", "0.02", "--out", str(out),
-                    "--work", str(tmp_path / "work")], cwd=ROOT, check=True, capture_output=True, timeout=300)
+                    "--work", str(tmp_path / "work"), "--jobs", "1"], cwd=ROOT, check=True, capture_output=True,
+                   timeout=300)
     files = sorted(p.name for p in out.iterdir())
     assert files == ["compare.png", "eval.json", "log.txt", "metrics-e1.jsonl", "metrics-e5.jsonl",
                      "model.safetensors", "summary.md"]
