@@ -15,9 +15,21 @@ import pytest  # noqa: E402
 
 import degrade  # noqa: E402
 
+# The longest tests (20-60 s each on 2 cores, 2026-11-27; the rest take under 15 s), longest first. Under
+# pytest-xdist they run first: one of them handed out among the last tests would leave the other workers idle
+# at the end (the suite's wall time is its tests' time over the workers only while the ends are short ones).
+LONGEST = ("test_benchmarks.py::test_gpu_speed_run_smoke_leaves_every_result",
+           "test_benchmarks.py::test_gpu_train_run_smoke_leaves_every_result",
+           "test_train.py::test_ddp_with_gloo_equals_one_process_with_the_global_batch",
+           "test_benchmarks.py::test_expert_study_smoke_writes_results_and_a_table")
+
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` (`-m cuda` selects them: what a GPU session runs) skip without a CUDA device."""
+    """Tests marked `cuda` (`-m cuda` selects them: what a GPU session runs) skip without a CUDA device. Under
+    pytest-xdist the LONGEST tests come first (each worker collects, in the same order)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: i for i, name in enumerate(LONGEST)}
+        items.sort(key=lambda item: rank.get(item.nodeid.rpartition("/")[2], len(rank)))  # stable: the rest as is
     cuda = [item for item in items if item.get_closest_marker("cuda")]
     if not cuda:
         return
