@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import signal
@@ -55,7 +56,10 @@ _quiet_opencv()
 
 
 def os_error(exc: OSError) -> str:
-    """An OSError as one line: 'path: reason'."""
+    """An OSError as one line: 'path: reason'. A broken pipe (the reader of the output gone: `| head`) is
+    raised again instead, for click's quiet exit (status 1, no 'Error: [Errno 32] Broken pipe')."""
+    if exc.errno == errno.EPIPE:
+        raise exc
     where = exc.filename if exc.filename is not None else ""
     return f"{where}: {exc.strerror}" if where and exc.strerror else " ".join(str(exc).split())
 

@@ -27,7 +27,7 @@ from degrade.io import (
     LOSSLESS_SUFFIXES,
     ImageError,
     atomic_writer,
-    check_write_target,
+    check_can_write,
     crop_to_multiple,
     encode_image,
     read_regular_file,
@@ -144,8 +144,10 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
     if ctx.get_parameter_source("noise_seed") != ParameterSource.DEFAULT and vector is None:
         raise click.UsageError("--noise-seed only applies to --vector replays")
     for target in (output, params_out):
-        if target is not None and not (target.parent if str(target.parent) else Path(".")).is_dir():
-            raise click.ClickException(f"{target}: folder {target.parent} does not exist")
+        folder = None if target is None else target.parent if str(target.parent) else Path(".")
+        if folder is not None and not folder.is_dir():  # (a file there was 'does not exist')
+            raise click.ClickException(f"{target}: {folder} is not a folder" if folder.exists() else
+                                       f"{target}: folder {folder} does not exist")
         if target is not None and target.is_dir():
             raise click.ClickException(f"{target}: is a folder")
     if image is None:
@@ -162,7 +164,7 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
     try:
         for target in (output, params_out):  # what the writes would refuse, before the image is read
             if target is not None:
-                check_write_target(Path(target))
+                check_can_write(Path(target))
         hr = degrade.read_image(image)
         h, w = hr.shape[:2]
         if min(h, w) < MIN_HR_SIDE:
@@ -488,7 +490,7 @@ def _check_picture_path(png: Path, target: Path | None) -> None:
         raise click.BadParameter(f"{png}: would overwrite part of the dataset {target}; write the picture "
                                  "elsewhere", param_hint="--png")
     try:  # before any statistics are computed and printed: what the write would refuse (a folder there)
-        check_write_target(png)
+        check_can_write(png)
     except (DegradeError, OSError) as exc:
         raise click.ClickException(one_line(exc)) from None
 

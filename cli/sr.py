@@ -33,7 +33,7 @@ from cli.common import (
 )
 from degrade._version import __version__
 from degrade.errors import DegradeError
-from degrade.io import check_write_target, make_folders, real_path, write_bytes_atomic, write_image
+from degrade.io import check_can_write, make_folders, real_path, write_bytes_atomic, write_image
 
 console = text_console()
 err_console = text_console(stderr=True)
@@ -429,8 +429,10 @@ def eval_main(ctx, model_path, checkpoint, release_weights, shards, hr_dir, lr_d
     from dasr_model.lpips import LPIPS
     from dasr_model.niqe import load_niqe_params
 
-    if sum(x is not None for x in (shards, hr_dir or lr_dir, testset)) != 1:
-        raise click.UsageError("give --shards, --hr-dir, --lr-dir or --testset")
+    sources = sum(x is not None for x in (shards, hr_dir or lr_dir, testset))
+    if sources != 1:  # (--hr-dir with --lr-dir is one: given pairs)
+        hint = ", one of them (--hr-dir with --lr-dir: given pairs)" if sources else ""
+        raise click.UsageError("give --shards, --hr-dir, --lr-dir or --testset" + hint)
     if lr_dir is not None and hr_dir is None and niqe_params is None:
         raise click.UsageError("--lr-dir alone has nothing to compare with: add --hr-dir (PSNR, SSIM) or "
                                "--niqe-params (no-reference NIQE)")
@@ -556,8 +558,8 @@ def _check_per_image(path: Path, reads: tuple) -> None:
     (`reads`: the model or its run folder, the LPIPS or NIQE weights, the data), and inside one of those
     folders it must be a .csv, which no reader there takes (a test set's manifest, an input image, a run's
     checkpoint or metrics were overwritten)."""
-    try:  # what the CSV's write would refuse (a missing folder, a FIFO): now, not after the whole evaluation
-        check_write_target(path)
+    try:  # what the CSV's write would refuse (a missing or read-only folder, a FIFO): now, not after the evaluation
+        check_can_write(path)
     except DegradeError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

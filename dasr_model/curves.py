@@ -140,11 +140,11 @@ def plot_curves(runs: dict[str, dict[str, Any]], out: str | Path, *, window: int
         ax.set(title=f"validation PSNR-Y (dB), level {lv}" if lv != "0" else "validation PSNR-Y (dB), no level",
                xlabel="step")
     rate.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useOffset=False)
-    l1.set(title=f"pixel L1 loss ({mean})", xlabel="step", yscale="log")
-    regression.set(title=f"v regression loss ({mean})", xlabel="step", yscale="log")
+    l1.set(title=f"pixel L1 loss\n({mean})", xlabel="step", yscale="log")
+    regression.set(title=f"v regression loss\n({mean})", xlabel="step", yscale="log")
     rate.set(title="learning rate", xlabel="step")
     if adversarial is not None:
-        adversarial.set(title=f"GAN and perceptual ({mean})", xlabel="step")
+        adversarial.set(title=f"GAN and perceptual\n({mean})", xlabel="step")
     if mae is not None:
         mae.set(title="predictor MAE of v (validation, all blocks)", xlabel="step")
     for ax in axes.flat:

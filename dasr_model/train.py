@@ -47,6 +47,7 @@ from dasr_model.losses import UNetDiscriminatorSN, VGGPerceptualLoss, gan_loss, 
 from dasr_model.model import DASR, EXPERT_IMPLS, DASRConfig, is_channels_last, set_expert_impl
 from dasr_model.modelfile import MODEL_FILE, read_model_file, save_model_file
 from dasr_model.runs import (
+    RUN_FILES,
     RUN_LOCK,
     describe_device,
     foreign_run_file,
@@ -463,6 +464,9 @@ def _train(cfg: TrainConfig, *, resume: bool = False, restart: bool = False,
     nothing_left = False  # a resume already at its end
     if resume:
         found = checkpoint if checkpoint is not None else latest_intact(out, warn=say)
+        if found is None and not list_checkpoints(out) and not any((out / name).exists() for name in RUN_FILES):
+            # no run's file there (a new folder, a typo): nothing to start over
+            raise DASRError(f"--resume: {out} holds no checkpoint to resume; start a run there without --resume")
         if found is None:
             raise DASRError(f"--resume: no readable checkpoint in {out} (start it over with --restart)")
         step = parts.load_state_dict(found[1], cfg, found[0])

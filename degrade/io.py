@@ -703,6 +703,19 @@ def check_write_target(path: Path) -> Path:
     return directory
 
 
+def check_can_write(path: Path) -> None:
+    """check_write_target, and a file can be made in `path`'s folder (a read-only folder or file system, or
+    no permission, was found only by the write, after the long work it follows): an OSError naming `path`.
+    A hidden file is made and removed to find out, as atomic_writer's own first step makes one."""
+    directory = check_write_target(path)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{_tmp_stem(path.name)}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise _naming(exc, path) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 TMP_NAME_EXTRA = len("..XXXXXXXX.tmp")  # atomic_writer's temporary name: the target's with these bytes around it
 
 

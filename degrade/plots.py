@@ -155,7 +155,9 @@ def contact_sheet(path: Path, ds: ShardDataset, indices: list[int]) -> tuple[int
     plt = _pyplot()
     cols = min(4, len(indices))
     rows = math.ceil(len(indices) / cols)
-    fig, axes = plt.subplots(rows, 2 * cols, figsize=(4.4 * cols, 2.7 * rows), squeeze=False)
+    # constrained layout: tight_layout left the suptitle over a one-row sheet's captions, and three-line
+    # captions over the row above
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(4.4 * cols, 2.7 * rows), squeeze=False, layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     for n, i in enumerate(indices):
@@ -169,8 +171,7 @@ def contact_sheet(path: Path, ds: ShardDataset, indices: list[int]) -> tuple[int
         axes[r, 2 * c].set_title(f"#{ds.stored_index(i)} HR", fontsize=8)
         axes[r, 2 * c + 1].set_title(label, fontsize=7)
     fig.suptitle("HR / LR (nearest-upscaled) pairs")
-    fig.tight_layout(rect=(0, 0.06 / rows, 1, 1))
-    fig.text(0.01, 0.01, textwrap.fill("captions: " + CAPTION_LEGEND, 40 * cols), fontsize=7, va="bottom")
+    fig.supxlabel(textwrap.fill("captions: " + CAPTION_LEGEND, 40 * cols), fontsize=7, x=0.01, ha="left")
     _save(fig, path)
     size = fig.canvas.get_width_height()
     plt.close(fig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -11,6 +12,8 @@ from click.testing import CliRunner
 
 import degrade
 from cli.main import main
+
+from .conftest import make_small_dataset
 
 
 @pytest.fixture()
@@ -357,3 +360,58 @@ def test_apply_refuses_a_lossy_output_before_reading_and_writes_no_image_without
                                     "--seed", "3"])
     assert res.exit_code == 1 and f"{tmp_path / 'lr.png'}: No space left on device" in res.output, res.output
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_outputs_in_a_folder_that_takes_no_file_are_refused_before_the_work(tmp_path, monkeypatch):
+    """A read-only folder (or file system, or one without permission) was found only by the write: `degrade
+    inspect --png` printed its whole table first, `dasr-eval --per-image` ran the whole evaluation and then
+    lost it (a review). degrade.io.check_can_write makes and removes a file there first. (As root chmod
+    does not refuse a write, so the folder's refusal is the file system's EROFS, made here.)"""
+    import errno
+    import tempfile
+
+    import degrade.io as dio
+
+    made = []
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if Path(dir).name == "ro":
+            raise OSError(errno.EROFS, "Read-only file system")
+        made.append(real(*args, dir=dir, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(dio.tempfile, "mkstemp", mkstemp)
+    (tmp_path / "ro").mkdir()
+    with pytest.raises(OSError, match="Read-only file system") as caught:
+        dio.check_can_write(tmp_path / "ro" / "x.png")
+    assert caught.value.filename == str(tmp_path / "ro" / "x.png")  # named as the output, not the probe
+    dio.check_can_write(tmp_path / "ok.png")
+    assert len(made) == 1 and not Path(made[0][1]).exists() and list(tmp_path.iterdir()) == [tmp_path / "ro"]
+    ds = make_small_dataset(tmp_path / "ok-ds", count=4, seed=0, shard_size=4)
+    result = CliRunner().invoke(main, ["inspect", ds, "--png", str(tmp_path / "ro" / "h.png")])
+    assert result.exit_code == 1 and "ro/h.png: Read-only file system" in result.output
+    assert "samples" not in result.output  # before the statistics, not after
+    result = CliRunner().invoke(main, ["apply", "-o", str(tmp_path / "ro" / "lr.png")])
+    assert result.exit_code == 1 and "ro/lr.png: Read-only file system" in result.output
+    (tmp_path / "a-file.png").write_bytes(b"x")  # a file where the folder should be: it said 'does not exist'
+    result = CliRunner().invoke(main, ["apply", "-o", str(tmp_path / "a-file.png" / "lr.png")])
+    assert result.exit_code == 1 and f"{tmp_path / 'a-file.png'} is not a folder" in result.output, result.output
+
+
+def test_a_reader_gone_from_the_pipe_is_no_error_line(tmp_path, monkeypatch):
+    """`degrade inspect DS | head -1` printed 'Error: [Errno 32] Broken pipe' and exited 1: the commands
+    turn an OSError into one line, a closed pipe included. It is now click's own quiet exit."""
+    import errno
+
+    from cli import main as cli_main
+
+    ds = make_small_dataset(tmp_path / "ds", count=4, seed=0, shard_size=4)
+
+    def gone(*args, **kwargs):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(cli_main.console, "print", gone)
+    result = CliRunner().invoke(main, ["inspect", ds])
+    assert result.exit_code == 1 and "Broken pipe" not in result.output and "Error" not in result.output
+    assert isinstance(result.exception, SystemExit)

@@ -133,5 +133,29 @@ def test_the_titles_name_the_window_the_curves_had(run, tmp_path, monkeypatch):
     monkeypatch.setattr(degrade.plots, "_save", lambda fig, path: figures.append(fig))
     plot_curves({"a": read_metrics(run)}, tmp_path / "c.png", window=50)
     titles = [ax.get_title() for ax in figures[0].axes]
-    assert "pixel L1 loss (mean of 4 logged steps)" in titles
+    assert "pixel L1 loss\n(mean of 4 logged steps)" in titles
     assert not any("mean of 50" in t for t in titles)
+
+
+def test_every_title_fits_its_picture(run, tmp_path, monkeypatch):
+    """With GAN terms the fourth panel's title, 'GAN and perceptual (mean of 6 logged steps)' on one line,
+    ran off the picture's right edge (a review). Oracle: the rendered extents of the titles and the figure."""
+    pytest.importorskip("matplotlib")
+    import degrade.plots
+    from dasr_model.curves import plot_curves
+
+    gan = tmp_path / "gan.jsonl"
+    gan.write_text("".join(json.dumps({"step": i, "l1": 0.1, "regression": 0.2, "gan": 0.7, "perceptual": 0.3,
+                                       "lr": 1e-4}) + "\n" for i in range(1, 7)))
+    def boxes(fig):  # measured before plot_curves closes the figure
+        fig.canvas.draw()
+        return fig.bbox, [(ax.get_title(), ax.title.get_window_extent(fig.canvas.get_renderer()))
+                          for ax in fig.axes if ax.get_visible() and ax.get_title()]
+
+    drawn = []
+    monkeypatch.setattr(degrade.plots, "_save", lambda fig, path: drawn.append(boxes(fig)))
+    plot_curves({"gan": read_metrics(gan), "a": read_metrics(run)}, tmp_path / "c.png")
+    whole, titles = drawn[0]
+    assert any(text.startswith("GAN and perceptual") for text, _ in titles)
+    for text, box in titles:
+        assert whole.x0 <= box.x0 and box.x1 <= whole.x1 and box.y1 <= whole.y1, text

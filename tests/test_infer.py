@@ -1401,3 +1401,32 @@ def test_a_file_named_twice_is_upscaled_once(ckpt, tmp_path, monkeypatch):
                                           "--model", str(ckpt), "--device", "cpu"])
     assert result.exit_code == 0 and "wrote 2 image(s)" in result.output, result.output
     assert sorted(p.name for p in Path("out").iterdir()) == ["a_x4.png", "b_x4.png"]
+
+
+def test_dasr_eval_refuses_a_csv_it_could_not_write_and_two_sources_before_any_work(ckpt, tmp_path, monkeypatch):
+    """--per-image in a read-only folder ran the whole evaluation, then lost it: now refused first. Two data
+    sources were told 'give --shards, --hr-dir, --lr-dir or --testset', as if none were given."""
+    import errno
+    import tempfile
+
+    import dasr_model.evaluate as evaluate_module
+    import degrade.io as dio
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if Path(dir).name == "ro":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(dio.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(evaluate_module, "evaluate_pairs", lambda *a, **k: pytest.fail("evaluated"))
+    (tmp_path / "ro").mkdir()
+    shards = make_small_dataset(tmp_path / "ds", count=2, seed=0, shard_size=2)
+    result = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--shards", shards, "--device", "cpu",
+                                            "--per-image", str(tmp_path / "ro" / "x.csv")])
+    assert result.exit_code == 1 and "ro/x.csv: Read-only file system" in result.output, result.output
+    result = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--shards", shards, "--hr-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "one of them (--hr-dir with --lr-dir: given pairs)" in result.output
+    result = CliRunner().invoke(eval_main, ["--model", str(ckpt)])
+    assert result.exit_code == 2 and "give --shards, --hr-dir, --lr-dir or --testset\n" in result.output

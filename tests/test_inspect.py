@@ -184,6 +184,35 @@ def test_pictures_are_valid_pngs_of_the_expected_size(small, tmp_path):
     assert _png_size(tmp_path / "g.png") == (1760, math.ceil(6 / 4) * 270)
 
 
+def test_the_contact_sheets_text_overlaps_no_picture(tmp_path, monkeypatch):
+    """Level-3 captions take two lines: tight_layout drew a one-row sheet's title over them and a second
+    row's captions over the pictures above (a review, and the docs' own sheet). Oracle: matplotlib's
+    rendered extents of every text and every picture on the figure, pairwise."""
+    pytest.importorskip("matplotlib")
+    from degrade import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (fig.canvas.draw(), drawn.append(_boxes(fig))))
+    ds = degrade.ShardDataset(make_small_dataset(tmp_path / "l3", count=8, seed=3, shard_size=8, level=3))
+    for indices in ([0, 1, 2], list(range(8))):  # one row, two rows
+        plots.contact_sheet(tmp_path / "g.png", ds, indices)
+    for texts, pictures in drawn:
+        assert texts and pictures
+        for name, box in texts:
+            assert not any(box.overlaps(p) for p in pictures), name
+    assert any("\n" in name for texts, _ in drawn for name, _box in texts)  # two-line captions were drawn
+
+
+def _boxes(fig):
+    """The figure's texts (suptitle, titles, the legend) and the axes' image areas, as display boxes."""
+    renderer = fig.canvas.get_renderer()
+    texts = [(t.get_text(), t.get_window_extent(renderer)) for t in [fig._suptitle, fig._supxlabel,
+                                                                     *(ax.title for ax in fig.axes)]
+             if t is not None and t.get_text()]
+    pictures = [ax.get_window_extent(renderer) for ax in fig.axes if ax.images]
+    return texts, pictures
+
+
 @pytest.mark.parametrize("args,message", [
     (["inspect", "missing-folder"], "no such file"),
     (["inspect", "README.md"], "not an HDF5 file"),

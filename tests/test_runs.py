@@ -250,6 +250,11 @@ def test_a_resume_without_a_readable_checkpoint_says_so_and_warns_once(shards, t
     result = CliRunner().invoke(train_cli, [*args, "--steps", "4", "--resume"])
     assert result.exit_code == 1 and result.output.count("skipping ckpt-2.pt") == 1, result.output
     assert "--resume: no readable checkpoint" in result.output
+    # a folder that never held a run (a new one, a typo) has nothing to start over: --restart was the advice
+    result = CliRunner().invoke(train_cli, ["--shards", shards, "--out", str(tmp_path / "new"), *TINY_ARGS,
+                                            "--steps", "2", "--resume"])
+    assert result.exit_code == 1 and "holds no checkpoint to resume; start a run there without --resume" in \
+        result.output and "--restart" not in result.output, result.output
 
 
 def test_resume_after_a_kill_keeps_each_step_once_and_skips_a_damaged_checkpoint(shards, tmp_path):
