@@ -814,3 +814,13 @@ def test_gpu_speed_run_keeps_every_test_outcome_in_the_log(tmp_path):
                  "FAILED test_x.py::test_a - AssertionError", "FAILED test_x.py::test_d - RuntimeError"):
         assert line in head, line
     assert len(logged) < 4000
+
+
+def test_bench_eval_prints_both_ways_and_their_agreement(capsys):
+    """benchmarks/bench_eval.py: the strips against the whole-image baseline, on a small pair, agree."""
+    _bench_module("bench_eval").main(["--width", "200", "--height", "120", "--niqe"])
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| PSNR") or line.startswith("| NIQE")]
+    assert len(rows) == 2 and "dasr-eval scores of one 200x120 pair" in out
+    for row in rows:
+        assert float(row[-2]) < 1e-12  # the largest difference between the two ways
