@@ -388,3 +388,53 @@ def test_a_damaged_command_attribute_is_a_listed_problem(small, value):
     problems = [line for line in result.output.splitlines() if line.startswith("problem: ")]
     assert len(problems) == 1 and "shard-00000.h5: made with another configuration than the manifest's (" \
         in problems[0], result.output
+
+
+def _share_one_string(path: Path, dataset: str, size: int) -> None:
+    """Every row of a shard's variable-length string dataset pointed at one `size`-byte string: it is
+    written once (row 0), then row 0's 16-byte pointer (length, heap address, object index) copied over
+    the others, as a crafted file would hold it."""
+    with h5py.File(path, "r+") as f:
+        f[dataset][0] = "x" * size
+        at, rows = f[dataset].id.get_offset(), f[dataset].shape[0]
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        pointer = fh.read(16)
+        fh.seek(at)
+        fh.write(pointer * rows)
+
+
+def test_rows_sharing_one_long_string_are_refused_without_inflating(tmp_path):
+    """A 10 MB shard whose 2,000 params rows all point at one 2 MB string read as 4-8 GB (a security
+    review): verify, inspect and batch reads read the whole column. Rows are now read 8 at a time, each
+    checked against PARAMS_JSON_BYTES. Oracle: numpy's peak (tracemalloc) against the inflated size."""
+    import tracemalloc
+
+    folder = Path(make_small_dataset(tmp_path / "ds", count=64, seed=2, shard_size=64))
+    shard = folder / "shard-00000.h5"
+    _share_one_string(shard, "params", 1 << 18)
+    _rehash(folder)
+    with h5py.File(shard, "r") as f:
+        assert len(f["params"][5]) == 1 << 18 and shard.stat().st_size < 2 << 20  # 64 x 256 kB = 16 MB inflated
+    ds = dsm.open_dataset(folder)
+    tracemalloc.start()
+    with pytest.raises(DatasetError, match="params: row 0 holds a string of 262144 bytes, more than 1024"):
+        ds.shard_column("params", 0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * (1 << 18) + (1 << 20), peak  # a block of 8 rows at most, not 64
+    with pytest.raises(DatasetError, match="holds a string of 262144 bytes"):
+        ds[0:16]
+    out = _cli("verify", folder)
+    assert "shard-00000.h5: params: row 0 holds a string of 262144 bytes, more than 1024" in out, out
+
+
+def test_an_array_attribute_is_not_read(small):
+    """An array attribute can point every element at one long string (8 GB from a 10 MB shard in the
+    review): attributes are read only where they hold one value; an array is named by its shape."""
+    with h5py.File(small / "shard-00000.h5", "r+") as f:
+        del f.attrs["vector_layout"]
+        f.attrs.create("vector_layout", ["dasr33-v1"] * 64, dtype=h5py.string_dtype())
+    _rehash(small)
+    with pytest.raises(DatasetError, match=r"vector layout <an array attribute of shape \(64,\), not read>"):
+        dsm.open_dataset(small)[0]

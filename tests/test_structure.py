@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("degrade", "dasr_model")
-SHARDS_MODULES = ["format", "sample", "sources", "generate", "executor", "write", "read", "verify"]  # import order
+SHARDS_MODULES = ["strings", "format", "sample", "sources", "generate", "executor", "write", "read", "verify"]  # import order
 
 
 def _module_name(root: Path, path: Path) -> str:

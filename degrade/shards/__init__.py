@@ -3,6 +3,7 @@
 docs/dataset-format.md is the public contract. The package, one job per module (no module imports a
 later one in this list):
 
+- ``strings``: a shard's attributes and string rows, read so that shared strings cannot inflate;
 - ``format``: the format's constants, :class:`DatasetConfig`, the manifest, the checks of a shard file;
 - ``sample``: :class:`Sample` and :class:`SampleBatch`, what reading gives;
 - ``sources``: the scan of the source images and the per-worker cache of decoded ones;

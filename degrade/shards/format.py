@@ -23,6 +23,7 @@ from degrade.errors import DatasetError
 from degrade.io import ImageError, pixel_limit, read_regular_file, real_path
 from degrade.recipe import SCALE, LevelChoice
 from degrade.samples import sample_dir
+from degrade.shards.strings import scalar_attr
 from degrade.strictjson import DuplicateKey, strict_json
 from degrade.vector import VECTOR_LAYOUT, VECTOR_LENGTH
 
@@ -318,9 +319,9 @@ def check_sources_table(f: Any, path: Path, count: int) -> Any:
 def _check_shard(f: Any, path: Path, *, count: int | None, patch_size: int | None) -> int:
     import h5py
 
-    layout = f.attrs.get("vector_layout")  # any attribute type: compare only a string
+    layout = scalar_attr(f, "vector_layout")  # any attribute type: compare only a string
     if not isinstance(layout, str) or layout != VECTOR_LAYOUT:
-        raise DatasetError(f"{path}: vector layout {layout!r} (this code reads {VECTOR_LAYOUT})")
+        raise DatasetError(f"{path}: vector layout {layout!r:.60} (this code reads {VECTOR_LAYOUT})")
 
     for key in SHARD_DATASETS:
         plain_dataset(f, path, key)

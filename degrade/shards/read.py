@@ -24,6 +24,7 @@ from degrade.recipe import SCALE
 from degrade.shards.format import (
     FORMAT_NAME,
     H5_DAMAGE,
+    PARAMS_JSON_BYTES,
     ROW_COLUMNS,
     DatasetConfig,
     as_text,
@@ -35,6 +36,7 @@ from degrade.shards.format import (
     shard_path,
 )
 from degrade.shards.sample import Sample, SampleBatch
+from degrade.shards.strings import scalar_attr, string_rows
 from degrade.strictjson import strict_json
 from degrade.vector import VECTOR_LENGTH
 
@@ -197,11 +199,11 @@ class ShardDataset:
 
         try:
             with h5py.File(path, "r") as f:
-                fmt = f.attrs.get("format")  # any attribute type: compare only a string
+                fmt = scalar_attr(f, "format")  # any attribute type: compare only a string
                 if not isinstance(fmt, str) or fmt != FORMAT_NAME:
                     raise DatasetError(f"{path}: not a {FORMAT_NAME} shard")
                 count, patch = check_shard(f, path, count=None, patch_size=None), int(f["hr"].shape[1])
-                command = f.attrs.get("command")
+                command = scalar_attr(f, "command")
         except OSError:
             raise DatasetError(f"{path}: not an HDF5 file") from None
         made_with = shard_command(command)
@@ -332,7 +334,8 @@ class ShardDataset:
                 else:
                     hr[out], lr[out], v[out] = s.hr[rows][flip], s.lr[rows][flip], s.v[rows][flip]
                     index[out] = s.index[rows][flip]
-                return s.params[rows][flip]
+                texts = string_rows(s.params, rows, limit=PARAMS_JSON_BYTES, where=s.where)
+                return texts[flip]
 
             s, records = self._read(k, rows, run)  # open already, unless the slice spans more than MAX_OPEN shards
             texts += [as_text(t, s.where) for t in records]
@@ -367,7 +370,11 @@ class ShardDataset:
             raise DatasetError(f"no per-sample metadata column {name!r}")
         if not 0 <= k < len(self.files):
             raise DatasetError(f"no shard {k}: the dataset has {len(self.files)} finished shard(s)")
-        s, values = self._read(k, "all", lambda s: s.file[name][:])
+        if name == "params":  # a few rows at a time, each checked: rows may share one long string
+            s, values = self._read(k, "all", lambda s: string_rows(s.params, slice(None), limit=PARAMS_JSON_BYTES,
+                                                                    where=s.where))
+        else:
+            s, values = self._read(k, "all", lambda s: s.file[name][:])
         return [as_text(x, s.where) for x in values] if name == "params" else values
 
     def close(self) -> None:

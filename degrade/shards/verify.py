@@ -14,6 +14,7 @@ from degrade.io import max_file_bytes
 from degrade.params import DegradationParams
 from degrade.shards.format import (
     H5_DAMAGE,
+    PARAMS_JSON_BYTES,
     DatasetConfig,
     as_text,
     check_shard,
@@ -25,6 +26,7 @@ from degrade.shards.format import (
 )
 from degrade.shards.generate import SampleMaker
 from degrade.shards.read import attr_text, open_dataset, shard_command
+from degrade.shards.strings import MAX_SOURCE_BYTES, scalar_attr, string_rows
 from degrade.vector import encode
 
 
@@ -78,14 +80,15 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
                     problems.append(str(exc).replace(str(f_path), name))
                     continue
                 seen += int(entry["count"])
-                made_with = shard_command(f.attrs.get("command")) or {}  # none: another one
+                made_with = shard_command(scalar_attr(f, "command")) or {}  # none: another one
                 if made_with != command:
                     differ = sorted(k for k in command.keys() | made_with.keys() if made_with.get(k) != command.get(k))
                     problems.append(f"{name}: made with another configuration than the manifest's ({', '.join(differ)} "
                                     f"{'differs' if len(differ) == 1 else 'differ'})")
-                pinned = f.attrs.get("sources_sha256")  # (shards made before it was recorded have none)
+                pinned = scalar_attr(f, "sources_sha256")  # (shards made before it was recorded have none)
                 try:  # checked as the row datasets were before anything is read from it
-                    table = check_sources_table(f, name, len(source_paths))[:]
+                    table = string_rows(check_sources_table(f, name, len(source_paths)), slice(None),
+                                        limit=MAX_SOURCE_BYTES, where=f"{name}: sources")
                 except DatasetError as exc:
                     problems.append(str(exc))
                     table = None
@@ -102,7 +105,8 @@ def verify_dataset(path: str | os.PathLike, *, regenerate: int = 0, seed: int = 
                 sources = f["source"][:]
                 if sources.size and not (sources.min() >= 0 and sources.max() < len(config.sources)):
                     problems.append(f"{name}: source rows outside 0..{len(config.sources) - 1}")
-                for row, raw in enumerate(f["params"][:]):
+                for row, raw in enumerate(string_rows(f["params"], slice(None), limit=PARAMS_JSON_BYTES,
+                                                      where=f"{name}: params")):
                     try:
                         record = DegradationParams.from_json(as_text(raw))
                     except DegradeError as exc:
