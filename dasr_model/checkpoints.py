@@ -216,10 +216,14 @@ def _legacy_keys(stream: Any, path: Path, what: str) -> set[str]:
 
 def _storages(data: Any) -> tuple[int, int]:
     """The number and bytes of the distinct non-empty storages of the tensors in `data` (dicts, lists and
-    tuples walked without recursion: a pickle can nest deeper than Python's stack)."""
-    total, seen, stack = 0, set(), [data]
+    tuples walked without recursion, as a pickle can nest deeper than Python's stack, and each once)."""
+    total, seen, stack, walked = 0, set(), [data], set()
     while stack:
         x = stack.pop()
+        if isinstance(x, (dict, list, tuple, set, frozenset)):  # each container once: lists nested 60 deep,
+            if id(x) in walked:  # each holding the one below twice, are 2 kB of pickle and 2^61 visits
+                continue
+            walked.add(id(x))
         if isinstance(x, torch.Tensor):
             storage = x.untyped_storage()
             key = (storage.data_ptr(), storage.nbytes())

@@ -4,7 +4,9 @@ metrics back on resume, atomic writes; which device a run uses and how to name i
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -12,7 +14,7 @@ from dasr_model.checkpoints import CHECKPOINT, list_checkpoints
 from dasr_model.errors import DASRError
 from dasr_model.modelfile import MODEL_FILE
 from degrade.errors import DegradeError
-from degrade.io import open_regular, read_regular_file, write_bytes_atomic
+from degrade.io import atomic_writer, open_regular, read_regular_file
 
 
 def pick_device(name: str) -> torch.device:
@@ -87,15 +89,38 @@ def logs_a_step(path: Path) -> bool:
     corrected retry may start there."""
     if not path.exists():
         return False
-    with path.open("rb") as f:
-        for raw in f:
-            try:
-                row = json.loads(raw)
-            except ValueError:  # a torn line
-                continue
-            if isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 1:
-                return True
+    for raw in metric_lines(path):
+        try:
+            row = json.loads(raw)
+        except ValueError:  # a torn line
+            continue
+        if isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 1:
+            return True
     return False
+
+
+METRICS_LINE_BYTES = 1 << 16  # a logged step's line is about 0.3-2 kB; a longer one is none of ours
+
+
+def metric_lines(path: Path) -> Iterator[bytes]:
+    """The lines of a run's metrics.jsonl, read one at a time, each of at most METRICS_LINE_BYTES (a longer
+    one is skipped whole: no run writes it). A FIFO, device or folder there is a DASRError (a handed-over
+    run's metrics.jsonl linked to /dev/zero filled memory; a FIFO hung the resume)."""
+    try:
+        f = open_regular(path)  # now, not at the first line: a caller's refusal comes before its work
+    except DegradeError:
+        raise DASRError(f"{path}: not a regular file") from None
+    return _lines(f)
+
+
+def _lines(f: BinaryIO) -> Iterator[bytes]:
+    with f:
+        while raw := f.readline(METRICS_LINE_BYTES):
+            if len(raw) == METRICS_LINE_BYTES and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # the rest of an overlong line
+                    raw = f.readline(METRICS_LINE_BYTES)
+                continue
+            yield raw
 
 
 def foreign_run_file(out: Path) -> str | None:
@@ -134,14 +159,15 @@ def truncate_metrics(path: Path, step: int) -> int:
     undecodable line from a kill is dropped. Rewritten atomically; returns the number of lines kept."""
     if not path.exists():
         return 0
-    kept = []
-    for raw in path.read_bytes().splitlines():
-        try:
-            line = raw.decode()
-            row = json.loads(line)
-        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            continue
-        if isinstance(row, dict) and type(row.get("step")) is int and 1 <= row["step"] <= step:
-            kept.append(line)
-    write_bytes_atomic(path, "".join(f"{line}\n" for line in kept).encode())
-    return len(kept)
+    kept, lines = 0, metric_lines(path)
+    with atomic_writer(path) as out:  # line by line: memory follows a line, not the log
+        for raw in lines:
+            try:
+                line = raw.decode().rstrip("\n")
+                row = json.loads(line)
+            except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                continue
+            if isinstance(row, dict) and type(row.get("step")) is int and 1 <= row["step"] <= step:
+                out.write(f"{line}\n".encode())
+                kept += 1
+    return kept

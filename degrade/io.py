@@ -460,7 +460,8 @@ def _webp_size(d: bytes) -> tuple[int, int] | None:
 
 
 def _tiff_size(d: bytes) -> tuple[int, int] | None:
-    """ImageWidth (256) and ImageLength (257) of the first IFD (the page OpenCV decodes); BigTIFF too."""
+    """ImageWidth (256) and ImageLength (257) of the first IFD (the page OpenCV decodes); BigTIFF too. None
+    where either is missing, of another type, or given twice."""
     e = "<" if d[:2] == b"II" else ">"
     big = struct.unpack(e + "H", d[2:4])[0] == 43
     if big:
@@ -474,6 +475,8 @@ def _tiff_size(d: bytes) -> tuple[int, int] | None:
         entry = d[at + n * size:at + (n + 1) * size]
         tag, kind = struct.unpack(e + "HH", entry[:4])
         if tag in (256, 257):
+            if tag in found:  # said twice: libtiff takes the first, a 16 x 16 second hid 32768 x 32768 (12 GB)
+                return None
             value = entry[12:] if big else entry[8:]
             fmt = {3: "H", 4: "I", 16: "Q"}.get(kind)
             if fmt is None:

@@ -47,6 +47,7 @@ from degrade.io import (
     crop_to_multiple,
     encode_image,
     make_folders,
+    open_regular,
     read_image,
     read_image_sha256,
     read_regular_file,
@@ -503,8 +504,8 @@ def enclosing_testset(path: str | os.PathLike) -> Path | None:
     A folder counts where its manifest.json opens with this format's field (only the first 4 kB are read)."""
     here = real_path(path)
     for folder in (here, *here.parents):
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            with open(folder / MANIFEST_NAME, "rb") as f:
+        with contextlib.suppress(OSError, DegradeError):  # a FIFO there hung dasr-eval --save-sr: not opened
+            with open_regular(folder / MANIFEST_NAME) as f:
                 if f'"format": "{TESTSET_FORMAT}"' in f.read(4096).decode("utf-8", "replace"):
                     return folder
     return None

@@ -790,3 +790,17 @@ def test_apply_writes_no_image_whose_parameter_record_it_would_refuse(tmp_path):
     result = CliRunner().invoke(main, ["apply", str(degrade.sample_images()[0]), "-o", str(tmp_path / "lr.png"),
                                        "--params-out", str(tmp_path / "fifo.json")])
     assert result.exit_code == 1 and "fifo.json" in result.output and not (tmp_path / "lr.png").exists()
+
+
+def test_a_tiff_that_gives_its_size_twice_is_refused_from_its_header():
+    """libtiff takes a TIFF directory's first ImageWidth / ImageLength; the header check took the last: a
+    6 MB file saying 32768 x 32768, then 16 x 16, decoded to 12.6 GB under a 4 MP cap (a security review)."""
+    import struct
+
+    def tiff(*sizes):
+        entries = [struct.pack("<HHII", tag, 4, 1, value) for w, h in sizes for tag, value in ((256, w), (257, h))]
+        return b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(entries)) + b"".join(entries) + bytes(4)
+
+    assert image_size(tiff((16, 16))) == (16, 16)
+    with pytest.raises(DegradeError, match="not a readable image"):
+        image_size(tiff((32768, 32768), (16, 16)))

@@ -948,3 +948,23 @@ def test_a_checkpoint_that_lies_about_its_step_or_holds_a_nan_moment_is_refused(
     result = CliRunner().invoke(train_cli, [*args, "--steps", "6", "--resume"])
     text = " ".join(result.output.split())
     assert result.exit_code == 1 and "exp_avg_sq holds NaN or infinite values" in text and "lower --lr" not in text
+
+
+def test_a_handed_over_metrics_log_is_read_a_bounded_line_at_a_time(tmp_path):
+    """truncate_metrics read the whole metrics.jsonl and logs_a_step any line's length: linked to /dev/zero
+    it filled memory ('out of memory ... lower --batch-size'), a FIFO hung the resume (a security review).
+    Now a regular file alone, a line at a time, an overlong line skipped whole."""
+    from dasr_model.runs import METRICS_LINE_BYTES, logs_a_step, truncate_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": i, "l1": 0.1}) for i in (1, 2, 3)]
+    log.write_bytes((rows[0] + "\n" + "x" * (3 * METRICS_LINE_BYTES) + "\n" + rows[1] + "\n" + rows[2] + "\n"
+                     + '{"step": 4, "l1"').encode())
+    assert logs_a_step(log) and truncate_metrics(log, 2) == 2
+    assert log.read_text() == rows[0] + "\n" + rows[1] + "\n"
+    for name, make in (("zero.jsonl", lambda p: p.symlink_to("/dev/zero")), ("fifo.jsonl", os.mkfifo)):
+        make(tmp_path / name)
+        for read in (logs_a_step, lambda p: truncate_metrics(p, 2)):
+            with pytest.raises(DASRError, match="not a regular file"):
+                read(tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.jsonl", "metrics.jsonl", "zero.jsonl"]  # no .tmp

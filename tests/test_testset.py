@@ -808,3 +808,30 @@ def test_an_out_that_is_a_link_to_nothing_is_refused_before_any_work(tmp_path):
     with pytest.raises(DegradeError, match="link: a symbolic link to nothing"):
         make_testset(degrade.sample_images()[0].parent, tmp_path / "link", levels=[1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
+
+
+def test_a_fifo_named_manifest_json_above_a_folder_is_not_opened(tmp_path):
+    """enclosing_testset opened each parent's manifest.json plainly: a FIFO there (a shared folder, an
+    unpacked archive) hung dasr-eval --save-sr before it did anything (a security review)."""
+    import os
+
+    from degrade.testset import enclosing_testset
+
+    import signal
+
+    os.mkfifo(tmp_path / "manifest.json")
+    (tmp_path / "sr").mkdir()
+
+    class Stuck(Exception):  # not an OSError (TimeoutError is one), which the function passes over
+        pass
+
+    def stuck(signum, frame):
+        raise Stuck("opened the FIFO and waits for a writer")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(10)  # fails the test instead of hanging it
+    try:
+        assert enclosing_testset(tmp_path / "sr") is None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
