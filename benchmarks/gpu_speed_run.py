@@ -282,6 +282,9 @@ def bf16_table(model_path: str | None, device_name: str, smoke: bool) -> str:
             + "\n")
 
 
+PYTEST_ARGS = ("-v", "-rfEs", "--tb=short", "-p", "no:cacheprovider")  # the CUDA tests' run (see main)
+
+
 def tests_for_log(text: str, tail: int = 8000) -> str:
     """What of the tests' output joins log.txt: every test's outcome line (PASSED, FAILED, ERROR, SKIPPED)
     and pytest's summary lines first, which a long traceback would push out of the tail, then the tail."""
@@ -330,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         # the tests marked cuda alone (they skip on a CPU, as in the smoke run; CI runs the rest of those files)
         # -v: a test that hangs to the step's limit is named by the last line; -rfEs: pytest's -r replaces
         # its default fE, so -rs alone dropped the FAILED lines from the summary
-        step(out, "tests", [py, "-m", "pytest", "-v", "-rfEs", "--tb=short", "-p", "no:cacheprovider", "-m", "cuda",
-                            *GPU_TESTS], work / "tests.txt", max(allowed("tests"), min(TESTS_FLOOR_S, 0.2 * total)))
+        step(out, "tests", [py, "-m", "pytest", *PYTEST_ARGS, "-m", "cuda", *GPU_TESTS], work / "tests.txt",
+             max(allowed("tests"), min(TESTS_FLOOR_S, 0.2 * total)))
         with open(out / "log.txt", "a") as f:  # eight files come back from a device call: the tests join the log
             f.write(tests_for_log((work / "tests.txt").read_text()) + "\n")
 

@@ -6,6 +6,7 @@ import errno
 import importlib.util
 import os
 import signal
+import stat
 import sys
 import threading
 import warnings
@@ -56,12 +57,20 @@ _quiet_opencv()
 
 
 def os_error(exc: OSError) -> str:
-    """An OSError as one line: 'path: reason'. A broken pipe (the reader of the output gone: `| head`) is
-    raised again instead, for click's quiet exit (status 1, no 'Error: [Errno 32] Broken pipe')."""
-    if exc.errno == errno.EPIPE:
+    """An OSError as one line: 'path: reason'. A broken pipe while the output goes to a pipe (its reader
+    gone: `| head`) is raised again instead, for click's quiet exit (status 1, no 'Error: [Errno 32] Broken
+    pipe'); another process's pipe breaking, with the output on a terminal or in a file, is said."""
+    if exc.errno == errno.EPIPE and exc.filename is None and _stdout_is_a_pipe():
         raise exc
     where = exc.filename if exc.filename is not None else ""
     return f"{where}: {exc.strerror}" if where and exc.strerror else " ".join(str(exc).split())
+
+
+def _stdout_is_a_pipe() -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # closed, or replaced by an object without a descriptor
+        return False
 
 
 def one_line(exc: BaseException) -> str:

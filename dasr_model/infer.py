@@ -401,6 +401,7 @@ def upscale(model: DASR, image: np.ndarray, *, overrides: dict[str, str] | None 
     gives the whole-image result). `on_tile(done, total)` is called after each output tile (a progress bar).
     Out of memory: a one-line DASRError that says to lower the tile (:func:`refuse_out_of_memory`).
     """
+    _check_image(image)  # before its shape is read: a list or a 1-D array was a Python error
     h, w = image.shape[:2]
     how = (f"upscaling a {w}x{h} px image in LR tiles of {tile} px: use a smaller --tile" if tile else
            f"upscaling a {w}x{h} px image whole (--tile 0): use --tile")
@@ -425,7 +426,6 @@ def _upscale(model: DASR, image: np.ndarray, overrides: dict[str, str] | None, m
              on_tile: Callable[[int, int], None] | None) -> tuple[np.ndarray, Tensor]:
     if mix is not None and (mix.shape != (1, model.config.num_experts) or not bool(torch.isfinite(mix).all())):
         raise DASRError(f"the expert mix must be {model.config.num_experts} finite numbers")
-    _check_image(image)
     lr = to_tensor(image).to(device)
     held = next(model.parameters()).device
     if held != lr.device:  # (torch.device("cuda") names no index: compared as the image landed, cuda:0)

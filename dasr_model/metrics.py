@@ -80,7 +80,7 @@ def _psnr(sse: float, size: int) -> float:
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR of two arrays of one shape on the 0-255 scale."""
-    a, b = np.asarray(a), np.asarray(b)
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)  # (uint8 squares wrapped around)
     if a.shape != b.shape or a.ndim == 0 or a.size == 0:
         raise DASRError(f"PSNR needs two non-empty arrays of one shape: got {a.shape} and {b.shape}")
     sse = sum(float(np.sum((a[i:j] - b[i:j]) ** 2)) for i, j in _strips(len(a)))
@@ -109,6 +109,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """SSIM of two (H, W) planes on the 0-255 scale (ssim_y's after Y and the crop), each side at least
     SSIM_WINDOW: the mean of the map over the valid region, computed in strips of the map's rows (a strip
     reads its rows and the window's 10 below)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)  # (gaussian_filter keeps uint8, and squares wrap)
     if a.shape != b.shape or a.ndim != 2 or min(a.shape) < SSIM_WINDOW:
         raise DASRError(f"SSIM needs two planes of one shape, each side at least {SSIM_WINDOW}: got {a.shape} "
                         f"and {b.shape}")

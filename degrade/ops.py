@@ -80,6 +80,8 @@ def resize(img: Image, size: tuple[int, int], *, mode: ResizeMode) -> Image:
     check_image(img)
     if mode not in RESIZE_MODES:
         raise DegradeError(f"unknown resize mode {mode!r}: expected one of {list(RESIZE_MODES)}")
+    if isinstance(size, np.ndarray) and size.shape == (2,):  # np.array([h, w]) of integers, as before
+        size = tuple(size.tolist()) if size.dtype.kind in "iu" else size
     if (not isinstance(size, (tuple, list)) or len(size) != 2
             or any(isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) for n in size)):
         raise DegradeError(f"resize target must be (height, width) integers, got {size!r}")

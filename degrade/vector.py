@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -78,7 +79,9 @@ def real_array(v: ArrayLike, refusal: str, *, copy: bool = False) -> NDArray[np.
     convert), complex numbers (their imaginary part dropped with a warning) and objects: DegradeError."""
     try:
         raw = np.asarray(v)
-        if raw.dtype.kind not in "biuf":
+        if raw.dtype.kind == "O" and not all(isinstance(x, numbers.Real) for x in raw.ravel()):
+            raise TypeError  # an object array of real numbers (Fractions, say) converts, as before
+        if raw.dtype.kind not in "biufO":
             raise TypeError
         return np.array(raw, dtype=np.float64, copy=copy or None)
     except (TypeError, ValueError):

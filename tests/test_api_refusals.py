@@ -111,6 +111,7 @@ def test_ops_refuse_what_they_would_get_wrong():
             call()
     before = img.copy()  # what they take still works, as before
     assert ops.resize(img, (np.int64(8), 8), mode="area").shape == (8, 8, 3)
+    assert ops.resize(img, np.array([8, 12]), mode="bilinear").shape == (8, 12, 3)
     assert ops.blur(img, np.ones((3, 3)) / 9).shape == img.shape
     assert ops.add_gaussian_noise(img, 0.0, gray=True, rng=rng).shape == img.shape
     assert np.array_equal(img, before)
@@ -131,4 +132,7 @@ def test_vectors_must_hold_real_finite_numbers():
     v = degrade.encode(dataclasses.replace(_jpeg_only(), blur1=BlurParams.canonical(size=7, sigma_x=2.0, sigma_y=0.5,
                                                                                     theta=0.3)))
     assert degrade.decode([float(x) for x in v]) == degrade.decode(v)  # a list of floats, as before
+    from fractions import Fraction
+
+    assert degrade.decode([Fraction(float(x)) for x in v]) == degrade.decode(v)  # real numbers of any type
     assert dihedral_vector(v[None], flip_lr=True).shape == (1, 33)

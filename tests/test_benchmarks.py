@@ -806,9 +806,10 @@ def test_gpu_speed_run_keeps_every_test_outcome_in_the_log(tmp_path):
         "@pytest.mark.skip(reason='needs CUDA')\n"
         "def test_c(): pass\n"
         "def test_d(): raise RuntimeError('y' * 9000)\n")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-rfEs", "--tb=short", "-p", "no:cacheprovider",
-                           "test_x.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    logged = _bench_module("gpu_speed_run").tests_for_log(done.stdout, tail=2000)
+    speed = _bench_module("gpu_speed_run")
+    done = subprocess.run([sys.executable, "-m", "pytest", *speed.PYTEST_ARGS, "test_x.py"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    logged = speed.tests_for_log(done.stdout, tail=2000)
     head = logged.split("the output's tail:")[0]
     for line in ("test_x.py::test_a FAILED", "test_x.py::test_b PASSED", "test_x.py::test_c SKIPPED (needs CUDA)",
                  "FAILED test_x.py::test_a - AssertionError", "FAILED test_x.py::test_d - RuntimeError"):

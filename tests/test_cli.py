@@ -404,6 +404,7 @@ def test_a_reader_gone_from_the_pipe_is_no_error_line(tmp_path, monkeypatch):
     turn an OSError into one line, a closed pipe included. It is now click's own quiet exit."""
     import errno
 
+    from cli import common
     from cli import main as cli_main
 
     ds = make_small_dataset(tmp_path / "ds", count=4, seed=0, shard_size=4)
@@ -412,6 +413,11 @@ def test_a_reader_gone_from_the_pipe_is_no_error_line(tmp_path, monkeypatch):
         raise BrokenPipeError(errno.EPIPE, "Broken pipe")
 
     monkeypatch.setattr(cli_main.console, "print", gone)
+    monkeypatch.setattr(common, "_stdout_is_a_pipe", lambda: True)
     result = CliRunner().invoke(main, ["inspect", ds])
     assert result.exit_code == 1 and "Broken pipe" not in result.output and "Error" not in result.output
     assert isinstance(result.exception, SystemExit)
+    # with the output on a terminal or in a file, a broken pipe is another process's: said, as before
+    monkeypatch.setattr(common, "_stdout_is_a_pipe", lambda: False)
+    result = CliRunner().invoke(main, ["inspect", ds])
+    assert result.exit_code == 1 and "Error: [Errno 32] Broken pipe" in result.output

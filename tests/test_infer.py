@@ -198,6 +198,11 @@ def test_metrics_against_independent_numbers():
     for a, b in ((np.ones((5, 5)), np.ones((5, 6))), (np.ones((0, 5)), np.ones((0, 5))), (np.ones(()), np.ones(()))):
         with pytest.raises(DASRError, match="non-empty arrays of one shape"):  # was numpy's error, inf or NaN
             psnr(a, b)
+    from dasr_model.metrics import ssim
+
+    planes = rng.integers(0, 256, (2, 40, 40)).astype(np.uint8)  # uint8 planes score as their float64 values
+    assert psnr(*planes) == psnr(*planes.astype(np.float64))  # (their squares wrapped around: 30.9 dB for 13.5)
+    assert ssim(*planes) == ssim(*planes.astype(np.float64))  # (gaussian_filter kept uint8: SSIM 1.92)
     # Flat images: the variance terms vanish, SSIM = (2 mu_a mu_b + C1) / (mu_a^2 + mu_b^2 + C1).
     a, b = np.full((40, 40, 3), 100 / 255, np.float32), np.full((40, 40, 3), 150 / 255, np.float32)
     ya, yb = y_channel(a)[0, 0], y_channel(b)[0, 0]
@@ -1364,6 +1369,9 @@ def test_upscale_refuses_a_model_elsewhere_and_an_image_it_would_get_wrong():
                      (image[..., 0], "got float32 \\(8, 8\\)"), (image.astype(np.float64), "got float64"),
                      (np.full((8, 8, 3), np.nan, np.float32), "values from nan")):
         with pytest.raises(DASRError, match=why):
+            upscale(model, bad)
+    for bad in (image.tolist(), image[0, 0], np.float32(0.5)):  # read for its shape first: Python errors
+        with pytest.raises(DASRError, match="an image must be an \\(H, W, 3\\) float32 array"):
             upscale(model, bad)
     sr, _ = upscale(model, image)
     assert sr.shape == (32, 32, 3) and sr.dtype == np.uint8
