@@ -89,38 +89,38 @@ def logs_a_step(path: Path) -> bool:
     corrected retry may start there."""
     if not path.exists():
         return False
-    for raw in metric_lines(path):
-        try:
-            row = json.loads(raw)
-        except ValueError:  # a torn line
-            continue
-        if isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 1:
-            return True
+    with open_metrics(path) as f:
+        for raw in metric_lines(f):
+            try:
+                row = json.loads(raw)
+            except ValueError:  # a torn line
+                continue
+            if isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 1:
+                return True
     return False
 
 
 METRICS_LINE_BYTES = 1 << 16  # a logged step's line is about 0.3-2 kB; a longer one is none of ours
 
 
-def metric_lines(path: Path) -> Iterator[bytes]:
-    """The lines of a run's metrics.jsonl, read one at a time, each of at most METRICS_LINE_BYTES (a longer
-    one is skipped whole: no run writes it). A FIFO, device or folder there is a DASRError (a handed-over
-    run's metrics.jsonl linked to /dev/zero filled memory; a FIFO hung the resume)."""
+def open_metrics(path: Path) -> BinaryIO:
+    """A run's metrics.jsonl opened for reading: a regular file, else a DASRError (a handed-over run's
+    metrics.jsonl linked to /dev/zero filled memory; a FIFO hung the resume)."""
     try:
-        f = open_regular(path)  # now, not at the first line: a caller's refusal comes before its work
+        return open_regular(path)
     except DegradeError:
         raise DASRError(f"{path}: not a regular file") from None
-    return _lines(f)
 
 
-def _lines(f: BinaryIO) -> Iterator[bytes]:
-    with f:
-        while raw := f.readline(METRICS_LINE_BYTES):
-            if len(raw) == METRICS_LINE_BYTES and not raw.endswith(b"\n"):
-                while raw and not raw.endswith(b"\n"):  # the rest of an overlong line
-                    raw = f.readline(METRICS_LINE_BYTES)
-                continue
-            yield raw
+def metric_lines(f: BinaryIO) -> Iterator[bytes]:
+    """The lines of an open metrics.jsonl, read one at a time, each of at most METRICS_LINE_BYTES (a longer
+    one is skipped whole: no run writes it)."""
+    while raw := f.readline(METRICS_LINE_BYTES):
+        if len(raw) == METRICS_LINE_BYTES and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):  # the rest of an overlong line
+                raw = f.readline(METRICS_LINE_BYTES)
+            continue
+        yield raw
 
 
 def foreign_run_file(out: Path) -> str | None:
@@ -159,9 +159,9 @@ def truncate_metrics(path: Path, step: int) -> int:
     undecodable line from a kill is dropped. Rewritten atomically; returns the number of lines kept."""
     if not path.exists():
         return 0
-    kept, lines = 0, metric_lines(path)
-    with atomic_writer(path) as out:  # line by line: memory follows a line, not the log
-        for raw in lines:
+    kept = 0
+    with open_metrics(path) as f, atomic_writer(path) as out:  # line by line: memory follows a line
+        for raw in metric_lines(f):
             try:
                 line = raw.decode().rstrip("\n")
                 row = json.loads(line)

@@ -404,11 +404,14 @@ def _share_one_string(path: Path, dataset: str, size: int) -> None:
         fh.write(pointer * rows)
 
 
-def test_rows_sharing_one_long_string_are_refused_without_inflating(tmp_path):
+def test_rows_sharing_one_long_string_are_refused_without_inflating(tmp_path, monkeypatch):
     """A 10 MB shard whose 2,000 params rows all point at one 2 MB string read as 4-8 GB (a security
-    review): verify, inspect and batch reads read the whole column. Rows are now read 8 at a time, each
-    checked against PARAMS_JSON_BYTES. Oracle: numpy's peak (tracemalloc) against the inflated size."""
+    review): verify, inspect and batch reads read the whole column. Rows are now read in blocks whose
+    worst case (each row the file's size) fits STRING_BUDGET, here made 4 files' worth, each row checked
+    against PARAMS_JSON_BYTES. Oracle: numpy's peak (tracemalloc) against the inflated size."""
     import tracemalloc
+
+    from degrade.shards import strings
 
     folder = Path(make_small_dataset(tmp_path / "ds", count=64, seed=2, shard_size=64))
     shard = folder / "shard-00000.h5"
@@ -417,14 +420,17 @@ def test_rows_sharing_one_long_string_are_refused_without_inflating(tmp_path):
     with h5py.File(shard, "r") as f:
         assert len(f["params"][5]) == 1 << 18 and shard.stat().st_size < 2 << 20  # 64 x 256 kB = 16 MB inflated
     ds = dsm.open_dataset(folder)
+    monkeypatch.setattr(strings, "STRING_BUDGET", 4 * shard.stat().st_size)
     tracemalloc.start()
     with pytest.raises(DatasetError, match="params: row 0 holds a string of 262144 bytes, more than 1024"):
         ds.shard_column("params", 0)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert peak < 8 * (1 << 18) + (1 << 20), peak  # a block of 8 rows at most, not 64
+    assert peak < 4 * (1 << 18) + (1 << 20), peak  # a block of 4 rows at most, not 64
     with pytest.raises(DatasetError, match="holds a string of 262144 bytes"):
         ds[0:16]
+    with pytest.raises(DatasetError, match="row 5 holds a string of 262144 bytes"):  # one sample alike
+        ds[5]
     out = _cli("verify", folder)
     assert "shard-00000.h5: params: row 0 holds a string of 262144 bytes, more than 1024" in out, out
 

@@ -36,7 +36,7 @@ from degrade.shards.format import (
     shard_path,
 )
 from degrade.shards.sample import Sample, SampleBatch
-from degrade.shards.strings import scalar_attr, string_rows
+from degrade.shards.strings import one_string, scalar_attr, string_rows
 from degrade.strictjson import strict_json
 from degrade.vector import VECTOR_LENGTH
 
@@ -274,7 +274,8 @@ class ShardDataset:
         except TypeError:
             raise SampleIndexTypeError(f"a sample index must be an integer or a slice, not {key!r}") from None
         k, row = self.locate(i)
-        s, (hr, lr, v, record) = self._read(k, row, lambda s: (s.hr[row], s.lr[row], s.v[row], s.params[row]))
+        s, (hr, lr, v, record) = self._read(k, row, lambda s: (s.hr[row], s.lr[row], s.v[row], one_string(
+            s.params, row, limit=PARAMS_JSON_BYTES, where=s.where)))
         return Sample(hr, lr, v, record_json=as_text(record, s.where),
                       where=f"sample {self._starts[k] + row} ({s.path.name} row {row})")
 
