@@ -143,13 +143,13 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
         raise click.UsageError(f"--{explicit[0]} draws new parameters; it cannot be combined with a replay")
     if ctx.get_parameter_source("noise_seed") != ParameterSource.DEFAULT and vector is None:
         raise click.UsageError("--noise-seed only applies to --vector replays")
-    for target in (output, params_out):
-        folder = None if target is None else target.parent if str(target.parent) else Path(".")
-        if folder is not None and not folder.is_dir():  # (a file there was 'does not exist')
-            raise click.ClickException(f"{target}: {folder} is not a folder" if folder.exists() else
-                                       f"{target}: folder {folder} does not exist")
-        if target is not None and target.is_dir():
+    for target in (t for t in (output, params_out) if t is not None):  # what the writes would refuse, first
+        if target.is_dir():
             raise click.ClickException(f"{target}: is a folder")
+        try:
+            check_can_write(Path(target))
+        except (DegradeError, OSError) as exc:
+            raise click.ClickException(one_line(exc)) from None
     if image is None:
         image = degrade.sample_images()[0]
         err_console.print(f"no IMAGE given: using the bundled sample {image.name}")
@@ -162,9 +162,6 @@ def apply(ctx: click.Context, image: Path | None, output: Path, level, seed: int
         raise click.ClickException(f"{output}: output must be a lossless image ({', '.join(LOSSLESS_SUFFIXES)})")
     set_max_pixels(max_pixels)
     try:
-        for target in (output, params_out):  # what the writes would refuse, before the image is read
-            if target is not None:
-                check_can_write(Path(target))
         hr = degrade.read_image(image)
         h, w = hr.shape[:2]
         if min(h, w) < MIN_HR_SIDE:
