@@ -710,13 +710,19 @@ def check_can_write(path: Path) -> None:
     """check_write_target, and a file can be made in `path`'s folder (a read-only folder or file system, or
     no permission, was found only by the write, after the long work it follows): an OSError naming `path`.
     A hidden file is made and removed to find out, as atomic_writer's own first step makes one."""
-    directory = check_write_target(path)
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{_tmp_stem(path.name)}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise _naming(exc, path) from None
+    fd, probe = _temporary(path)
     os.close(fd)
     os.unlink(probe)
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    """atomic_writer's first step: check_write_target, then a new hidden file in `path`'s folder
+    (`.NAME.XXXXXXXX.tmp`), as (descriptor, name); an OSError making it names `path`."""
+    directory = check_write_target(path)
+    try:
+        return tempfile.mkstemp(prefix=f".{_tmp_stem(path.name)}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise _naming(exc, path) from None
 
 
 TMP_NAME_EXTRA = len("..XXXXXXXX.tmp")  # atomic_writer's temporary name: the target's with these bytes around it
@@ -746,11 +752,8 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     with a file, EEXIST).
     """
     path = Path(path)
-    directory = check_write_target(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{_tmp_stem(path.name)}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise _naming(exc, path) from None
+    fd, tmp = _temporary(path)
+    directory = Path(tmp).parent
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
