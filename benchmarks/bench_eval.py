@@ -110,7 +110,7 @@ def _whole_image_niqe(y: np.ndarray, params: dict) -> float:
     """The baseline NIQE: the local normalisation and the half size of the whole image at once."""
     from scipy import ndimage
 
-    from dasr_model.niqe import BLOCK, _features, _half_weights
+    from dasr_model.niqe import BLOCK, _features, _half_weights, quality
 
     img = np.floor(y + 0.5)
     rows, cols = img.shape[0] // BLOCK, img.shape[1] // BLOCK
@@ -126,11 +126,7 @@ def _whole_image_niqe(y: np.ndarray, params: dict) -> float:
         if scale == 1:
             half = _half_weights(img.shape[0]) @ (img / 255)
             img = (_half_weights(img.shape[1]) @ half.T).T * 255
-    feats = np.concatenate(per_scale, axis=1)
-    whole = feats[np.isfinite(feats).all(axis=1)]
-    d = np.ravel(params["mu_pris_param"]) - np.nanmean(feats, axis=0)
-    cov = (params["cov_pris_param"] + np.cov(whole, rowvar=False)) / 2
-    return float(np.sqrt(d @ np.linalg.pinv(cov) @ d))
+    return quality(np.concatenate(per_scale, axis=1), params)
 
 
 if __name__ == "__main__":

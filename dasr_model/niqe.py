@@ -110,8 +110,15 @@ def _niqe(img: np.ndarray, params: dict[str, np.ndarray]) -> float:
                         "image")
     img = img[: rows * BLOCK, : cols * BLOCK]
     window = params["gaussian_window"]
-    feats = np.concatenate([_scale_features(img, window, BLOCK),
-                            _scale_features(imresize_half(img, unit=255), window, BLOCK // 2)], axis=1)
+    return quality(np.concatenate([_scale_features(img, window, BLOCK),
+                                   _scale_features(imresize_half(img, unit=255), window, BLOCK // 2)], axis=1),
+                   params)
+
+
+def quality(feats: np.ndarray, params: dict[str, np.ndarray]) -> float:
+    """NIQE from the blocks' features (n, 36): the distance of their multivariate Gaussian to the pristine
+    model's. Blocks with a non-finite feature (flat ones) are left out of the covariance; fewer than two
+    left: DASRError."""
     whole = feats[np.isfinite(feats).all(axis=1)]
     if len(whole) < 2:
         raise DASRError(f"NIQE needs two {BLOCK} x {BLOCK} blocks with texture, and this image has "
@@ -119,8 +126,7 @@ def _niqe(img: np.ndarray, params: dict[str, np.ndarray]) -> float:
     mu_d = np.nanmean(feats, axis=0)
     cov_d = np.cov(whole, rowvar=False)
     d = np.ravel(params["mu_pris_param"]) - mu_d  # the mean as (36,) or BasicSR's (1, 36)
-    quality = d @ np.linalg.pinv((params["cov_pris_param"] + cov_d) / 2) @ d
-    return float(np.sqrt(quality))
+    return float(np.sqrt(d @ np.linalg.pinv((params["cov_pris_param"] + cov_d) / 2) @ d))
 
 
 def _scale_features(img: np.ndarray, window: np.ndarray, side: int) -> np.ndarray:
