@@ -90,14 +90,7 @@ def logs_a_step(path: Path) -> bool:
     if not path.exists():
         return False
     with open_metrics(path) as f:
-        for raw in metric_lines(f):
-            try:
-                row = json.loads(raw)
-            except ValueError:  # a torn line
-                continue
-            if isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 1:
-                return True
-    return False
+        return any(step >= 1 for _, step in logged_steps(f))
 
 
 METRICS_LINE_BYTES = 1 << 16  # a logged step's line is about 0.3-2 kB; a longer one is none of ours
@@ -121,6 +114,19 @@ def metric_lines(f: BinaryIO) -> Iterator[bytes]:
                 raw = f.readline(METRICS_LINE_BYTES)
             continue
         yield raw
+
+
+def logged_steps(f: BinaryIO) -> Iterator[tuple[str, int]]:
+    """(line without its newline, step) of each line of an open metrics.jsonl that logs a step (a JSON
+    object with an integer "step"); torn or undecodable lines (a kill) are passed over."""
+    for raw in metric_lines(f):
+        try:
+            line = raw.decode().rstrip("\n")
+            row = json.loads(line)
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            continue
+        if isinstance(row, dict) and type(row.get("step")) is int:
+            yield line, row["step"]
 
 
 def foreign_run_file(out: Path) -> str | None:
@@ -161,13 +167,8 @@ def truncate_metrics(path: Path, step: int) -> int:
         return 0
     kept = 0
     with open_metrics(path) as f, atomic_writer(path) as out:  # line by line: memory follows a line
-        for raw in metric_lines(f):
-            try:
-                line = raw.decode().rstrip("\n")
-                row = json.loads(line)
-            except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-                continue
-            if isinstance(row, dict) and type(row.get("step")) is int and 1 <= row["step"] <= step:
+        for line, logged in logged_steps(f):
+            if 1 <= logged <= step:
                 out.write(f"{line}\n".encode())
                 kept += 1
     return kept
