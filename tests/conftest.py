@@ -69,6 +69,24 @@ def make_small_dataset(out, *, count: int, seed: int, shard_size: int, level="mi
     return str(out)
 
 
+def refuse_files_in(monkeypatch, folder, error: OSError) -> list:
+    """degrade.io's files in `folder` (temporary ones, what every write of ours makes first) refused with
+    `error`: a read-only file system, say, which chmod cannot make for root. Returns the (descriptor,
+    name) of each file made elsewhere."""
+    import degrade.io as dio
+
+    real, made = dio.tempfile.mkstemp, []
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and dio.real_path(dir) == dio.real_path(folder):
+            raise error
+        made.append(real(*args, dir=dir, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(dio.tempfile, "mkstemp", mkstemp)
+    return made
+
+
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory):
     """A dasr-train checkpoint of a tiny untrained model (2 experts, 1 block, 8 features; seed 0), for the

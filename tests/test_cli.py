@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import degrade
 from cli.main import main
 
-from .conftest import make_small_dataset
+from .conftest import make_small_dataset, refuse_files_in
 
 
 @pytest.fixture()
@@ -181,8 +181,6 @@ def test_make_dataset_picks_worker_processes_by_the_work(run, tmp_path, monkeypa
 def test_inspect_png_never_overwrites_the_dataset(run, tmp_path):
     """--png writes a new .png outside the dataset: a shard, the manifest or a file inside the dataset
     folder is refused before anything is written (a shard given as --png became a PNG, exit 0)."""
-    from .conftest import make_small_dataset
-
     ds = tmp_path / "ds"
     make_small_dataset(ds, count=4, seed=0, shard_size=2)
     before = {p.name: p.read_bytes() for p in ds.iterdir()}
@@ -200,8 +198,6 @@ def test_inspect_png_without_matplotlib_is_one_line_before_any_output(run, tmp_p
     """The picture needs the optional matplotlib: without it, a one-line error and exit 1 before the
     table (it was a RuntimeError traceback after the table)."""
     import sys
-
-    from .conftest import make_small_dataset
 
     ds = make_small_dataset(tmp_path / "ds", count=2, seed=0, shard_size=2)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
@@ -228,8 +224,6 @@ def test_inspect_labels_a_sample_by_its_stored_index(run, tmp_path):
     """A lone shard file other than the first: --index is a position in it, the label and --json give the
     sample's own index (the key of its random stream). The heading is one line with the path as it is, however
     long (a table's title was folded at the table's width) and whatever it holds ('[b]' was read as markup)."""
-    from .conftest import make_small_dataset
-
     ds = tmp_path / ("a" * 90) / "[b]ds"
     make_small_dataset(ds, count=4, seed=0, shard_size=2)
     result = run("inspect", ds / "shard-00001.h5", "--index", "1", "--json")
@@ -331,14 +325,7 @@ def test_apply_refuses_a_lossy_output_before_reading_and_writes_no_image_without
         (tmp_path / name).unlink()
     refusing = tmp_path / "ro"
     refusing.mkdir()
-    real_mkstemp = dio.tempfile.mkstemp
-
-    def mkstemp(*args, dir=None, **kwargs):
-        if dir is not None and dio.real_path(dir) == dio.real_path(refusing):
-            raise PermissionError(1, "Operation not permitted")
-        return real_mkstemp(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(dio.tempfile, "mkstemp", mkstemp)
+    refuse_files_in(monkeypatch, refusing, PermissionError(1, "Operation not permitted"))
     res = CliRunner().invoke(main, ["apply", "-o", str(tmp_path / "lr.png"), "--params-out", str(refusing / "p.json")])
     assert res.exit_code == 1 and "p.json: Operation not permitted" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ro"] and not list(refusing.iterdir())
@@ -368,21 +355,11 @@ def test_outputs_in_a_folder_that_takes_no_file_are_refused_before_the_work(tmp_
     lost it (a review). degrade.io.check_can_write makes and removes a file there first. (As root chmod
     does not refuse a write, so the folder's refusal is the file system's EROFS, made here.)"""
     import errno
-    import tempfile
 
     import degrade.io as dio
 
-    made = []
-    real = tempfile.mkstemp
-
-    def mkstemp(*args, dir=None, **kwargs):
-        if Path(dir).name == "ro":
-            raise OSError(errno.EROFS, "Read-only file system")
-        made.append(real(*args, dir=dir, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(dio.tempfile, "mkstemp", mkstemp)
     (tmp_path / "ro").mkdir()
+    made = refuse_files_in(monkeypatch, tmp_path / "ro", OSError(errno.EROFS, "Read-only file system"))
     with pytest.raises(OSError, match="Read-only file system") as caught:
         dio.check_can_write(tmp_path / "ro" / "x.png")
     assert caught.value.filename == str(tmp_path / "ro" / "x.png")  # named as the output, not the probe

@@ -25,7 +25,7 @@ from dasr_model.metrics import psnr, psnr_y, ssim_y, y_channel  # noqa: E402
 from dasr_model.model import DASR, DASRConfig  # noqa: E402
 from dasr_model.train import TrainConfig  # noqa: E402
 
-from .conftest import make_small_dataset  # noqa: E402
+from .conftest import make_small_dataset, refuse_files_in  # noqa: E402
 
 TINY = DASRConfig(num_experts=2, num_feat=8, num_block=1, predictor_feat=8)
 
@@ -1415,21 +1415,12 @@ def test_dasr_eval_refuses_a_csv_it_could_not_write_and_two_sources_before_any_w
     """--per-image in a read-only folder ran the whole evaluation, then lost it: now refused first. Two data
     sources were told 'give --shards, --hr-dir, --lr-dir or --testset', as if none were given."""
     import errno
-    import tempfile
 
     import dasr_model.evaluate as evaluate_module
-    import degrade.io as dio
 
-    real = tempfile.mkstemp
-
-    def mkstemp(*args, dir=None, **kwargs):
-        if Path(dir).name == "ro":
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(dio.tempfile, "mkstemp", mkstemp)
-    monkeypatch.setattr(evaluate_module, "evaluate_pairs", lambda *a, **k: pytest.fail("evaluated"))
     (tmp_path / "ro").mkdir()
+    refuse_files_in(monkeypatch, tmp_path / "ro", OSError(errno.EROFS, "Read-only file system"))
+    monkeypatch.setattr(evaluate_module, "evaluate_pairs", lambda *a, **k: pytest.fail("evaluated"))
     shards = make_small_dataset(tmp_path / "ds", count=2, seed=0, shard_size=2)
     result = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--shards", shards, "--device", "cpu",
                                             "--per-image", str(tmp_path / "ro" / "x.csv")])
