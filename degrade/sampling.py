@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import lru_cache
 
 import numpy as np
 
@@ -31,6 +32,7 @@ def _pick(options: tuple, rng: np.random.Generator):
     return options[int(rng.integers(len(options)))]
 
 
+@lru_cache(maxsize=64)  # once per recipe, as check_recipe: sample_params runs for every sample
 def _check_draws(recipe: LevelRecipe) -> None:
     """Refuse a recipe whose draws a record would refuse, though the layout's ranges hold them: a blur sigma
     below MIN_SIGMA (a (0, 1) range failed about 1 seed in 1,250, mid-run), a noise strength of 0 (no
