@@ -285,11 +285,12 @@ def bf16_table(model_path: str | None, device_name: str, smoke: bool) -> str:
 PYTEST_ARGS = ("-v", "-rfEs", "--tb=short", "-p", "no:cacheprovider")  # the CUDA tests' run (see main)
 
 
-def tests_for_log(text: str, tail: int = 8000) -> str:
+def tests_for_log(text: str, tail: int = 8000, width: int = 300) -> str:
     """What of the tests' output joins log.txt: every test's outcome line (PASSED, FAILED, ERROR, SKIPPED)
-    and pytest's summary lines first, which a long traceback would push out of the tail, then the tail."""
-    lines = [x for x in text.splitlines() if re.search(r"(^(FAILED|ERROR|SKIPPED) )|( (PASSED|FAILED|ERROR|SKIPPED)"
-                                                       r"( |$))", x)]
+    and pytest's summary lines first, which a long traceback would push out of the tail, then the tail. Each
+    line is cut at `width` characters: where CI is set, pytest prints a failure's whole message on its line."""
+    lines = [x[:width] for x in text.splitlines() if re.search(r"(^(FAILED|ERROR|SKIPPED) )|( (PASSED|FAILED|ERROR"
+                                                               r"|SKIPPED)( |$))", x)]
     return "\n".join(["test outcomes:", *lines, "", "the output's tail:", text[-tail:]])
 
 

@@ -795,10 +795,17 @@ def test_bench_infer_experiments_compute_the_same_network(device):
             assert (got.double() - want.double()).abs().max().item() <= tol * max(1.0, want.abs().max().item())
 
 
-def test_gpu_speed_run_keeps_every_test_outcome_in_the_log(tmp_path):
+@pytest.mark.parametrize("ci", ["", "1"])
+def test_gpu_speed_run_keeps_every_test_outcome_in_the_log(tmp_path, monkeypatch, ci):
     """The GPU run's tests ran with -q -rs: pytest's -r replaces its default fE, so no FAILED line was
     printed, and only the output's last 8,000 characters reached log.txt (a review: two failures with long
-    tracebacks came back naming one). Each outcome line now comes first. Oracle: a real pytest run."""
+    tracebacks came back naming one). Each outcome line now comes first. Oracle: a real pytest run, with and
+    without CI set (pytest then prints a failure's whole message on its summary line: it made the log 23 kB)."""
+    if ci:
+        monkeypatch.setenv("CI", ci)
+    else:
+        monkeypatch.delenv("CI", raising=False)
+        monkeypatch.delenv("BUILD_NUMBER", raising=False)
     (tmp_path / "test_x.py").write_text(
         "import pytest\n"
         "def test_a(): assert 1 == 2, 'x' * 12000\n"
