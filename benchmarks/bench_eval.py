@@ -107,10 +107,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _whole_image_niqe(y: np.ndarray, params: dict) -> float:
-    """The baseline NIQE: the local normalisation and the half size of the whole image at once."""
+    """The baseline NIQE: the local normalisation and the half size of the whole image at once, and the
+    features a block at a time with the shape searched over the whole table (the release's way)."""
     from scipy import ndimage
 
-    from dasr_model.niqe import BLOCK, _features, _half_weights, quality
+    from dasr_model.niqe import BLOCK, _half_weights, quality
+    from tests.niqe_golden import one_block_features
 
     img = np.floor(y + 0.5)
     rows, cols = img.shape[0] // BLOCK, img.shape[1] // BLOCK
@@ -121,7 +123,7 @@ def _whole_image_niqe(y: np.ndarray, params: dict) -> float:
         sigma = np.sqrt(np.abs(ndimage.convolve(img * img, window, mode="nearest") - mu * mu))
         norm = (img - mu) / (sigma + 1)
         side = BLOCK // scale
-        per_scale.append(np.array([_features(norm[r * side:(r + 1) * side, c * side:(c + 1) * side])
+        per_scale.append(np.array([one_block_features(norm[r * side:(r + 1) * side, c * side:(c + 1) * side])
                                    for c in range(cols) for r in range(rows)]))
         if scale == 1:
             half = _half_weights(img.shape[0]) @ (img / 255)

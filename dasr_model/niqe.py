@@ -21,8 +21,9 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import cv2
 import numpy as np
-from scipy import ndimage, sparse
+from scipy import sparse
 from scipy.special import gamma
 
 from dasr_model.errors import DASRError
@@ -136,46 +137,68 @@ def _scale_features(img: np.ndarray, window: np.ndarray, side: int) -> np.ndarra
     edge rows at its top and bottom, as mode "nearest" gives the whole image): the same numbers, with
     memory that follows a row of blocks, not the image."""
     reach = window.shape[0] // 2
+    kernel = np.ascontiguousarray(window[::-1, ::-1])  # filter2D correlates; the release convolves
+
+    def convolve(x: np.ndarray) -> np.ndarray:  # scipy.ndimage.convolve(x, window, mode="nearest"), faster
+        return cv2.filter2D(x, -1, kernel, borderType=cv2.BORDER_REPLICATE)
+
     per_row = []
     for top in range(0, img.shape[0], side):
         start = max(top - reach, 0)
         strip = img[start:top + side + reach]
-        mu = ndimage.convolve(strip, window, mode="nearest")
-        sigma = np.sqrt(np.abs(ndimage.convolve(strip * strip, window, mode="nearest") - mu * mu))
+        mu = convolve(strip)
+        sigma = np.sqrt(np.abs(convolve(strip * strip) - mu * mu))
         normalised = ((strip - mu) / (sigma + 1))[top - start:top - start + side]
-        per_row.append([_features(normalised[:, c:c + side]) for c in range(0, img.shape[1], side)])
+        per_row.append(_features(normalised.reshape(side, -1, side).transpose(1, 0, 2)))
     return np.array(per_row).transpose(1, 0, 2).reshape(-1, FEATURES // 2)
 
 
 @functools.lru_cache(maxsize=1)
 def _shape_table() -> tuple[np.ndarray, np.ndarray]:
-    """The shape parameters searched (0.2 to 10 by 0.001) and the moment ratio of each."""
+    """The shape parameters searched (0.2 to 10 by 0.001) and the moment ratio of each (it rises with the
+    shape, strictly: tests/test_niqe.py checks it, and _nearest relies on it)."""
     shape = np.arange(0.2, 10.001, 0.001)
     return shape, gamma(2 / shape) ** 2 / (gamma(1 / shape) * gamma(3 / shape))
 
 
-def _aggd(x: np.ndarray) -> tuple[float, float, float]:
-    """Shape, left and right scale of an asymmetric generalised Gaussian fitted to x by moment matching."""
-    x = x.ravel()
-    left, right = np.sqrt(np.mean(x[x < 0] ** 2)), np.sqrt(np.mean(x[x > 0] ** 2))
+def _nearest(ratios: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """For each r, argmin((ratios - r) ** 2) over the rising ratios, as the release's search over the whole
+    table: of the two neighbours searchsorted finds, the nearer, the first on a tie. An r not finite becomes
+    0, below the table, so it gets index 0 as from argmin (where every difference is NaN or infinite, argmin
+    gives the first)."""
+    r = np.where(np.isfinite(r), r, 0.0)
+    above = np.clip(np.searchsorted(ratios, r), 1, len(ratios) - 1)
+    below = above - 1
+    return np.where((ratios[below] - r) ** 2 <= (ratios[above] - r) ** 2, below, above)
+
+
+def _aggd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shape, left and right scale of an asymmetric generalised Gaussian fitted by moment matching to each
+    row of x (n, m)."""
+    sq = x * x
+    below, above = x < 0, x > 0
+    left = np.sqrt(np.where(below, sq, 0.0).sum(axis=1) / below.sum(axis=1))
+    right = np.sqrt(np.where(above, sq, 0.0).sum(axis=1) / above.sum(axis=1))
     g = left / right
-    r = np.mean(np.abs(x)) ** 2 / np.mean(x * x)
+    r = np.abs(x).mean(axis=1) ** 2 / sq.mean(axis=1)
     r_norm = r * (g**3 + 1) * (g + 1) / (g**2 + 1) ** 2
     shapes, ratios = _shape_table()
-    a = shapes[np.argmin((ratios - r_norm) ** 2)]
-    spread = math.sqrt(gamma(1 / a) / gamma(3 / a))
-    return float(a), float(left * spread), float(right * spread)
+    a = shapes[_nearest(ratios, r_norm)]
+    spread = np.sqrt(gamma(1 / a) / gamma(3 / a))
+    return a, left * spread, right * spread
 
 
-def _features(block: np.ndarray) -> list[float]:
-    """The 18 features of a block: its own AGGD fit (shape, mean scale), then for the products with its four
-    neighbours (circularly shifted, as MATLAB's circshift) shape, mean, left and right scales."""
-    a, left, right = _aggd(block)
+def _features(blocks: np.ndarray) -> np.ndarray:
+    """The 18 features of each block of blocks (n, side, side), as (n, 18): its own AGGD fit (shape, mean
+    scale), then for the products with its four neighbours (circularly shifted within the block, as MATLAB's
+    circshift) shape, mean, left and right scales."""
+    flat = blocks.reshape(len(blocks), -1)
+    a, left, right = _aggd(flat)
     out = [a, (left + right) / 2]
     for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):
-        a, left, right = _aggd(block * np.roll(block, shift, axis=(0, 1)))
+        a, left, right = _aggd(flat * np.roll(blocks, shift, axis=(1, 2)).reshape(len(blocks), -1))
         out += [a, (right - left) * gamma(2 / a) / gamma(1 / a), left, right]
-    return out
+    return np.stack(out, axis=1)
 
 
 def imresize_half(img: np.ndarray, *, unit: float = 1.0) -> np.ndarray:

@@ -15,6 +15,7 @@ more than those two files need.)
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -60,6 +61,33 @@ def luma_images() -> dict[str, np.ndarray]:
     images = {"photo": photo, "blurred": cv2.GaussianBlur(photo, (0, 0), 2.0),
               "noisy": np.clip(photo + rng.normal(0, 0.04, photo.shape), 0, 1)}
     return {name: y_channel(img) for name, img in images.items()}
+
+
+def one_block_features(block: np.ndarray) -> list[float]:
+    """The release's features of one block, a block at a time and the shape by a search of the whole table
+    (BasicSR's estimate_aggd_param and compute_feature, written out again): the oracle for the batched
+    _features, and bench_eval's baseline."""
+    from scipy.special import gamma
+
+    from dasr_model.niqe import _shape_table
+
+    shapes, ratios = _shape_table()
+
+    def aggd(x):
+        x = x.ravel()
+        left, right = np.sqrt(np.mean(x[x < 0] ** 2)), np.sqrt(np.mean(x[x > 0] ** 2))
+        g = left / right
+        r = np.mean(np.abs(x)) ** 2 / np.mean(x * x)
+        a = shapes[np.argmin((ratios - r * (g**3 + 1) * (g + 1) / (g**2 + 1) ** 2) ** 2)]
+        spread = math.sqrt(gamma(1 / a) / gamma(3 / a))
+        return a, left * spread, right * spread
+
+    a, left, right = aggd(block)
+    out = [a, (left + right) / 2]
+    for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        a, left, right = aggd(block * np.roll(block, shift, axis=(0, 1)))
+        out += [a, (right - left) * gamma(2 / a) / gamma(1 / a), left, right]
+    return out
 
 
 def _load_basicsr(root: Path):

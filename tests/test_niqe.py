@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
 
 from dasr_model.errors import DASRError
-from dasr_model.niqe import _features, imresize_half, load_niqe_params, niqe
+from dasr_model.niqe import _features, _nearest, _shape_table, imresize_half, load_niqe_params, niqe
 
-from .niqe_golden import FEATURES, GOLDEN, HALF, feature_block, half_input, luma_images, make_params
+from .niqe_golden import FEATURES, GOLDEN, HALF, feature_block, half_input, luma_images, make_params, one_block_features
 
 
 def test_scores_equal_basicsr():
@@ -27,16 +28,50 @@ def test_scores_equal_basicsr():
 
 
 def test_the_block_features_and_the_half_scale_equal_basicsr():
-    np.testing.assert_allclose(_features(feature_block()), FEATURES, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(_features(feature_block()[None])[0], FEATURES, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(imresize_half(half_input()), HALF, atol=2e-7)  # BasicSR's float32
     assert imresize_half(np.ones((13, 10))).shape == (7, 5)
     np.testing.assert_allclose(imresize_half(np.full((9, 8), 3.0)), 3.0)  # weights sum to 1 at the edges too
 
 
+def test_batched_block_features_equal_a_block_at_a_time():
+    """_features fits all blocks of a row at once, and finds each shape by bisection of the rising ratio
+    table. Oracle: the release's way, block by block with a search of the whole table, on textured blocks
+    of several kinds and on the odd ones (flat: NaN; no negative values; a ratio beyond the table's end).
+    Tolerance 1e-12 relative: the sums are taken in another order; the shapes, grid values, are equal."""
+    rng = np.random.default_rng(5)
+    blocks = [rng.standard_normal((96, 96)), rng.laplace(size=(96, 96)) ** 3, rng.random((96, 96)) - 0.3,
+              np.sign(rng.standard_normal((96, 96))), np.zeros((96, 96)), rng.random((96, 96)),
+              np.where(rng.random((96, 96)) < 0.999, 0.0, 1.0) * rng.standard_normal((96, 96))]
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the flat and one-signed blocks' empty means
+        got = _features(np.stack(blocks))
+        expected = np.array([one_block_features(b) for b in blocks])
+    assert got.shape == (len(blocks), 18)
+    np.testing.assert_array_equal(got[:, [0, 2, 6, 10, 14]], expected[:, [0, 2, 6, 10, 14]])  # every shape
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0, equal_nan=True)
+    assert np.isnan(got[4]).sum() == 13 and np.isfinite(got[:4]).all()  # flat: only the shapes are numbers
+
+
+def test_the_shape_search_is_the_whole_table_search():
+    """_nearest bisects the ratio table, which must rise strictly, and picks what argmin over the whole
+    table picks: in range, between two entries, on an entry, beyond either end, NaN and infinite."""
+    _, ratios = _shape_table()
+    assert (np.diff(ratios) > 0).all()
+    rng = np.random.default_rng(0)
+    r = np.concatenate([rng.uniform(0, 1, 5000), ratios[::97], (ratios[:-1:89] + ratios[1::89]) / 2,
+                        [-1.0, 0.0, ratios[0], ratios[-1], 2.0, np.nan, np.inf, -np.inf]])
+    with np.errstate(invalid="ignore"):
+        expected = [np.argmin((ratios - x) ** 2) for x in r]
+    np.testing.assert_array_equal(_nearest(ratios, r), expected)
+
+
 def test_block_rows_and_half_scale_strips_equal_the_whole_image(monkeypatch):
     """NIQE normalises a row of blocks at a time (the window's reach of rows around it) and halves the
-    image in strips, so its memory follows a strip. Oracle: the whole-image normalisation and MATLAB's
-    separable resize as two dense matrix products, on 5 x 3 blocks with strips of 7 rows."""
+    image in strips, so its memory follows a strip. Oracle: the whole-image normalisation by
+    scipy.ndimage.convolve (the release's, which this takes from OpenCV's filter2D) with the Gaussian window
+    and a lopsided one, and MATLAB's separable resize as two dense matrix products, on 5 x 3 blocks with
+    strips of 7 rows."""
     from scipy import ndimage
 
     from dasr_model import metrics
@@ -44,11 +79,14 @@ def test_block_rows_and_half_scale_strips_equal_the_whole_image(monkeypatch):
 
     rng = np.random.default_rng(2)
     img = np.round(ndimage.gaussian_filter(rng.random((5 * 96, 3 * 96)), 1.0) * 255)  # some texture
-    window = make_params()["gaussian_window"]
-    mu = ndimage.convolve(img, window, mode="nearest")
-    normalised = (img - mu) / (np.sqrt(np.abs(ndimage.convolve(img * img, window, mode="nearest") - mu * mu)) + 1)
-    expected = [_features(normalised[r:r + 96, c:c + 96]) for c in range(0, 288, 96) for r in range(0, 480, 96)]
-    np.testing.assert_array_equal(niqe_module._scale_features(img, window, 96), expected)
+    lopsided = rng.random((7, 7)) * np.arange(1, 8)[:, None] ** 2  # a window a flip or transpose would change
+    for window in (make_params()["gaussian_window"], lopsided / lopsided.sum()):
+        mu = ndimage.convolve(img, window, mode="nearest")
+        sigma = np.sqrt(np.abs(ndimage.convolve(img * img, window, mode="nearest") - mu * mu))
+        normalised = (img - mu) / (sigma + 1)
+        expected = [_features(normalised[None, r:r + 96, c:c + 96])[0] for c in range(0, 288, 96)
+                    for r in range(0, 480, 96)]
+        np.testing.assert_allclose(niqe_module._scale_features(img, window, 96), expected, rtol=1e-12, atol=0)
     down, across = (niqe_module._half_weights(n).toarray() for n in img.shape)
     monkeypatch.setattr(metrics, "STRIP_ROWS", 7)
     np.testing.assert_allclose(imresize_half(img, unit=255), down @ (img / 255) @ across.T * 255, rtol=1e-13,
