@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import os
 import queue
+import signal
 import threading
 import time
 from collections import deque
@@ -61,8 +62,16 @@ class _WorkerSlot:
 
     @classmethod
     def install(cls, task: Callable[[Any], Any], parent: int | None) -> None:
+        """Set up a worker process: its task, its allocator, the watch on its parent, and SIGTERM ignored.
+
+        A SIGTERM to the whole process group (`timeout`, a scheduler's stop) killed the workers at once,
+        one of them at times in the middle of sending a result: loky's reader then waited for the rest
+        for ever, and make-dataset hung at its shutdown holding the dataset's lock (1 run in 3-6). The
+        consuming process alone handles SIGTERM now: it lets the items in flight finish and ends the
+        workers (loky kills them with SIGKILL), and an orphaned worker ends itself (watch_parent)."""
         cls.task = task
         tune_allocator()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if parent is not None:
             watch_parent(parent)
 
