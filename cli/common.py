@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import errno
 import importlib.util
 import os
@@ -117,15 +118,57 @@ def set_max_pixels(value: int | None) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+class Terminated(SystemExit):
+    """SystemExit(143), raised by sigterm_as_exit's handler."""
+
+
 def sigterm_as_exit() -> Callable[[], object]:
-    """From now, SIGTERM raises SystemExit(143) in the main thread (a stop the command can clean up after);
-    returns what puts the previous handler back. Called from another thread (an embedding program's), it
-    changes nothing: only the main thread may set a handler."""
+    """From now, SIGTERM raises SystemExit(143) (Terminated) in the main thread (a stop the command can clean
+    up after); returns what puts the previous handlers back. Called from another thread (an embedding
+    program's), it changes nothing: only the main thread may set a handler.
+
+    A signal's exception raised while Python runs a finaliser (a __del__, a weakref callback) is printed as
+    "Exception ignored in ..." and dropped, and the command ran on: a make-dataset stopped by `timeout`
+    finished its dataset. While this is in force, such a dropped Terminated or KeyboardInterrupt (Ctrl-C,
+    where SIGINT had Python's own handler) is delivered again: its signal is simulated anew 10 ms later,
+    from a timer thread, and a handler that would raise inside the hook that arranges it waits again."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
-    def terminate(signum, frame):
-        raise SystemExit(143)
+    def later(signum: int) -> None:
+        timer = threading.Timer(0.01, _thread.interrupt_main, args=(signum,))
+        timer.daemon = True
+        timer.start()
 
-    previous = signal.signal(signal.SIGTERM, terminate)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    def in_hook(frame) -> bool:
+        while frame is not None and frame.f_code is not redeliver.__code__:
+            frame = frame.f_back
+        return frame is not None
+
+    def stop(signum, frame):
+        if in_hook(frame):  # raised here, it would be dropped as well
+            later(signum)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        else:
+            raise Terminated(143)
+
+    def redeliver(unraisable) -> None:
+        if isinstance(unraisable.exc_value, (Terminated, KeyboardInterrupt)):
+            later(signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT)
+        else:
+            hook(unraisable)
+
+    hook = sys.unraisablehook
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, stop)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, stop)
+    sys.unraisablehook = redeliver
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if sys.unraisablehook is redeliver:
+            sys.unraisablehook = hook
+
+    return restore

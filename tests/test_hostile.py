@@ -178,28 +178,38 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_workers_end_within_seconds_when_make_dataset_is_killed(tmp_path, sig):
+@pytest.mark.parametrize("sig,group", [(signal.SIGKILL, False), (signal.SIGTERM, False), (signal.SIGTERM, True)])
+def test_workers_end_within_seconds_when_make_dataset_is_killed(tmp_path, sig, group):
     """A SIGTERM (a scheduler's stop) ends make-dataset as Ctrl-C does: the hint to run it again, exit 143 (it
-    used to die without a word); SIGKILL is sudden. Either way the workers end within seconds."""
+    used to die without a word); SIGKILL is sudden. Either way the workers end within seconds. A SIGTERM to
+    the whole process group (`timeout`, Slurm, systemd) hung it at times (a worker killed while it sent a
+    256-px chunk: loky's reader waited for ever), or was dropped in a finaliser and the run went on."""
     out = tmp_path / "ds"
     with open(tmp_path / "stderr", "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "cli.main", "make-dataset", "--out", str(out), "--count",
-                                 "20000", "--patch-size", "64", "--jobs", "2"], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=err)
+                                 "20000", "--jobs", "2", *(["--patch-size", "256", "--shard-size", "16"] if group
+                                                          else ["--patch-size", "64"])], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=group)
     try:
         deadline, kids = time.monotonic() + 90, []
         while time.monotonic() < deadline:  # wait until the workers are making samples
             kids = _children(proc.pid)
-            if len(kids) >= 2 and (out / ".shard-00000.h5.partial").exists():
+            if len(kids) >= 2 and (out / ("shard-00001.h5" if group else ".shard-00000.h5.partial")).exists():
                 break
             time.sleep(0.2)
         assert len(kids) >= 2, "the workers never started"
     except BaseException:
         proc.kill()
         raise
-    proc.send_signal(sig)
-    proc.wait(timeout=30)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
+        raise
     start = time.monotonic()
     while any(_alive(k) for k in kids) and time.monotonic() - start < 10:
         time.sleep(0.1)
