@@ -195,6 +195,25 @@ def test_a_changed_command_is_refused(reference, bundled):
     assert _digests(reference) == before
 
 
+def test_another_version_refuses_to_finish_a_dataset(bundled, tmp_path, monkeypatch):
+    """Resumed by another degrade version, a dataset mixed two versions' shards (its samples could differ)
+    with no word, and verify passed it (a review). Refused now in one line naming both; nothing changes."""
+    import degrade.shards.write as write
+
+    out = tmp_path / "ds"
+    dsm.make_dataset(_config(bundled, count=4, shard_size=2), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"], manifest["complete"] = manifest["shards"][:1], False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "shard-00001.h5").unlink()
+    before = _digests(out)
+    monkeypatch.setattr(write, "__version__", "9.9.9")
+    with pytest.raises(dsm.DatasetError, match=rf"^{out} was made by degrade {manifest['package_version']}, "
+                                               "and this is 9.9.9: finish it with that version, or use a new"):
+        dsm.make_dataset(_config(bundled, count=4, shard_size=2), out)
+    assert _digests(out) == before and not (out / "shard-00001.h5").exists()
+
+
 def test_the_refusal_names_an_option_a_configuration_leaves_out_when_off(bundled, tmp_path):
     """sharpen_hr is left out of a configuration when off: a dataset made with it, asked again without it,
     was refused as made 'by a different command ()', naming nothing; and the other way round."""

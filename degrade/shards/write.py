@@ -115,6 +115,9 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
                         f"{out} holds a dataset made by a different command "
                         f"({_config_difference(old['config'], config.to_dict())}); use a new --out or the "
                         "original options")
+                if old.get("package_version") != __version__:  # the samples of two versions may differ
+                    raise DatasetError(f"{out} was made by degrade {str(old.get('package_version'))[:40]}, and this "
+                                       f"is {__version__}: finish it with that version, or use a new --out")
             except DatasetError:  # not ours to write: leave the folder as it was found
                 if not lock_was_there:
                     (out / LOCK).unlink(missing_ok=True)
