@@ -30,7 +30,8 @@ def find_images(paths: Sequence[str | os.PathLike], *, what: str = "input images
 
     A folder search does not enter a symbolic link to a folder inside it (as `find` and Python's rglob do
     not: no loops, and a folder's images and their positions do not change with what a link leads to); each
-    such link is a :class:`DegradeWarning` naming it. A folder given itself may be a link."""
+    such link is a :class:`DegradeWarning` naming it, as is each entry with an image suffix that is not a
+    regular file (a link to nothing, a FIFO, a device), left out. A folder given itself may be a link."""
     found: list[Path] = []
     for src in paths:
         p = Path(src)
@@ -42,6 +43,9 @@ def find_images(paths: Sequence[str | os.PathLike], *, what: str = "input images
                                   "links to folders)", DegradeWarning, stacklevel=2)
                 elif f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
                     here.append(f)
+                elif f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir():
+                    warnings.warn(f"{f}: not a regular file (a link to nothing, a FIFO, a device), skipped",
+                                  DegradeWarning, stacklevel=2)
             found += sorted(here, key=lambda f: f.relative_to(p).as_posix())
         elif p.exists():
             found.append(p)

@@ -591,13 +591,19 @@ def test_a_folder_search_skips_links_to_folders_with_a_warning_and_the_clis_say_
     (src / "linked").symlink_to(elsewhere, target_is_directory=True)
     (src / "loop").symlink_to(src, target_is_directory=True)
     (src / "c.png").symlink_to(elsewhere / "c.png")
+    (src / "gone.png").symlink_to(elsewhere / "gone.png")  # entries no reader reads were left out silently
+    (src / "sub" / "dev.jpg").symlink_to(os.devnull)
+    os.mkfifo(src / "fifo.png")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         found = find_images([src])
     assert [f.relative_to(src).as_posix() for f in found] == ["b.png", "c.png", "sub/a.png"]
     assert sorted(str(w.message) for w in caught if w.category is degrade.DegradeWarning) == [
-        f"{src / name}: a link to a folder, not searched (a folder search does not follow links to folders)"
-        for name in ("linked", "loop")]
+        *(f"{src / name}: not a regular file (a link to nothing, a FIFO, a device), skipped"
+          for name in ("fifo.png", "gone.png")),
+        *(f"{src / name}: a link to a folder, not searched (a folder search does not follow links to folders)"
+          for name in ("linked", "loop")),
+        f"{src / 'sub' / 'dev.jpg'}: not a regular file (a link to nothing, a FIFO, a device), skipped"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning for a folder given as a link
         assert [f.name for f in find_images([src / "linked"])] == ["c.png"]
@@ -606,6 +612,7 @@ def test_a_folder_search_skips_links_to_folders_with_a_warning_and_the_clis_say_
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert res.returncode == 0, res.stderr
     assert f"warning: {src / 'linked'}: a link to a folder, not searched" in res.stderr
+    assert f"warning: {src / 'fifo.png'}: not a regular file" in res.stderr
     assert "DegradeWarning" not in res.stderr and "warnings.warn" not in res.stderr
 
 
