@@ -57,6 +57,15 @@ def _quiet_opencv() -> None:
 _quiet_opencv()
 
 
+_CONTROL = {**{c: f"\\x{c:02x}" for c in [*range(32), 127]}, 9: "\\t", 10: "\\n", 13: "\\r"}
+
+
+def shown(name: object) -> str:
+    """A file name as a line of output shows it: control characters escaped as Python writes them (a
+    newline in a source's name printed a line of its own, a fake `Error: ...` line among them)."""
+    return str(name).translate(_CONTROL)
+
+
 def os_error(exc: OSError) -> str:
     """An OSError as one line: 'path: reason'. A broken pipe while the output goes to a pipe (its reader
     gone: `| head`) is raised again instead, for click's quiet exit (status 1, no 'Error: [Errno 32] Broken
@@ -64,7 +73,7 @@ def os_error(exc: OSError) -> str:
     if exc.errno == errno.EPIPE and exc.filename is None and _stdout_is_a_pipe():
         raise exc
     where = exc.filename if exc.filename is not None else ""
-    return f"{where}: {exc.strerror}" if where and exc.strerror else " ".join(str(exc).split())
+    return f"{shown(where)}: {exc.strerror}" if where and exc.strerror else " ".join(str(exc).split())
 
 
 def _stdout_is_a_pipe() -> bool:

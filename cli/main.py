@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 import degrade
-from cli.common import max_pixels_option, one_line, parse_levels, set_max_pixels, sigterm_as_exit, text_console
+from cli.common import max_pixels_option, one_line, parse_levels, set_max_pixels, shown, sigterm_as_exit, text_console
 from degrade.allocator import tune_allocator
 from degrade.errors import DegradeError
 from degrade.io import (
@@ -255,9 +255,9 @@ def make_dataset_command(src: tuple[Path, ...], out: Path, level, count: int, pa
             scan = ds.scan_sources(src, patch_size, lambda n, total: progress.update(task, completed=n, total=total),
                                    max_pixels=max_pixels)
             for path, reason in scan.unreadable:  # before the config, which refuses a scan with no usable image
-                err_console.print(f"skipped unreadable {path}: {reason}", soft_wrap=True, markup=False)
+                err_console.print(f"skipped unreadable {shown(path)}: {reason}", soft_wrap=True, markup=False)
             for path in scan.too_small[:SHOW_SKIPPED]:
-                err_console.print(f"skipped {path}: smaller than --patch-size {patch_size}", soft_wrap=True,
+                err_console.print(f"skipped {shown(path)}: smaller than --patch-size {patch_size}", soft_wrap=True,
                                   markup=False)
             if len(scan.too_small) > SHOW_SKIPPED:
                 err_console.print(f"... and {len(scan.too_small) - SHOW_SKIPPED} more smaller than {patch_size} px")

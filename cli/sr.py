@@ -28,6 +28,7 @@ from cli.common import (
     parse_levels,
     require_torch,
     set_max_pixels,
+    shown,
     sigterm_as_exit,
     text_console,
 )
@@ -289,7 +290,7 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
         threads = min(4, max(1, usable_cores() // 2)) if write_threads is None else write_threads
 
         def skipped(f: Path, text: str) -> str:
-            return f"skipped {text if text.startswith(str(f)) else f'{f}: {text}'}"
+            return f"skipped {text if text.startswith(str(f)) else f'{shown(f)}: {text}'}"
 
         def save(f: Path, sr, alpha, said: list[str]) -> tuple[str | None, list[str]]:
             """On a writer thread: (None, the lines to print once written: --print-v's), or (the line saying
@@ -301,17 +302,17 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
             except (MemoryError, cv2.error) as exc:  # the output --outscale makes: that image's, as upscale's is
                 if not out_of_memory(exc):
                     raise
-                return f"skipped {f}: out of memory making its x{outscale:g} output", []
+                return f"skipped {shown(f)}: out of memory making its x{outscale:g} output", []
             try:
                 degrade.write_image(out_dir / f"{f.stem}{suffix}", out)
             except (DegradeError, OSError) as exc:  # this image's output: a name too long, a folder there
                 if isinstance(exc, OSError) and exc.errno in FOLDER_ERRORS:  # every image's: stop
                     raise
-                return f"skipped {f}: not written: {one_line(exc)}", []
+                return f"skipped {shown(f)}: not written: {one_line(exc)}", []
             except (MemoryError, cv2.error) as exc:
                 if not out_of_memory(exc):
                     raise
-                return f"skipped {f}: not written: out of memory encoding it", []
+                return f"skipped {shown(f)}: not written: out of memory encoding it", []
             return None, said
 
         with _bar() as bar:

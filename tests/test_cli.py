@@ -163,6 +163,25 @@ def test_make_dataset_names_the_sources_it_skips(run, tmp_path):
     assert "skipped unreadable" in text and "broken.png" in text
 
 
+def test_a_name_with_a_newline_stays_on_its_line(run, tmp_path):
+    """A source named 'bad\nError: fake.png' printed a line of its own, a fake `Error: ...` among the skip
+    lines, with exit status 0 (a review). Names are shown with control characters escaped."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    cv2.imwrite(str(src / "big.png"), np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8))
+    cv2.imwrite(str(src / "tiny\nError: small.png"), np.zeros((40, 40, 3), np.uint8))
+    (src / "bad\nError: fake.png").write_bytes(b"not a png")
+    result = run("make-dataset", str(src), "--out", str(tmp_path / "ds"), "--count", "2", "--patch-size", "64")
+    assert result.exit_code == 0, result.output
+    assert not [line for line in result.output.splitlines() if line.startswith("Error")], result.output
+    assert "skipped unreadable bad\\nError: fake.png: not a readable image" in result.output
+    assert "skipped tiny\\nError: small.png: smaller than --patch-size 64" in result.output
+    from cli.common import os_error
+
+    assert os_error(FileNotFoundError(2, "No such file or directory", "a\nb\x1b[2J")) == (
+        "a\\nb\\x1b[2J: No such file or directory")  # (an escape sequence is shown, not run, as well)
+
+
 def test_make_dataset_picks_worker_processes_by_the_work(run, tmp_path, monkeypatch):
     import os
 
