@@ -448,3 +448,25 @@ def test_a_stop_that_lands_in_a_finaliser_still_ends_the_command(signum):
     assert time.monotonic() - start < 5
     if signum == "SIGTERM":
         assert caught.value.code == 143
+
+
+def test_make_dataset_refuses_what_needs_no_source_before_its_scan(run, tmp_path, monkeypatch):
+    """The scan reads every source image (3 s for three 48 MP photos, hours for a large corpus), and a
+    --patch-size of 66 or an --out that is a file was refused only after it (a review)."""
+    from degrade import shards as ds
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("scanned")
+
+    monkeypatch.setattr(ds, "scan_sources", no_scan)
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    for args, message in ((["--patch-size", "66"], "--patch-size must be a multiple of 4 and >= 32, got 66"),
+                          (["--out", str(tmp_path / "a-file")], f"{tmp_path / 'a-file'}: exists and is not a folder"),
+                          (["--out", str(tmp_path / "other")], "folder is not empty and holds no manifest.json"),
+                          (["--count", "200000", "--shard-size", "1", "--out", str(tmp_path / "new")],
+                           "in at most 100,000 shards")):
+        result = run("make-dataset", "--out", str(tmp_path / "ds"), *args)
+        assert result.exit_code == 1 and message in result.output and "scanned" not in result.output, result.output
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "new").exists()

@@ -108,17 +108,7 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         # Exact types and ranges, nothing coerced: a configuration also comes from a manifest, which is data.
-        if not (self.level == "mix" or _is_int(self.level) and self.level in (1, 2, 3)):
-            raise DatasetError(f"--level must be 1, 2, 3 or mix, got {self.level!r}")
-        _check_int("--count", self.count, 1, INT64_LIMIT)
-        _check_int("--patch-size", self.patch_size, 32, MAX_SIDE)
-        if self.patch_size % SCALE:
-            raise DatasetError(f"--patch-size must be a multiple of {SCALE} and >= 32, got {self.patch_size}")
-        if not _is_int(self.seed) or self.seed < 0:  # any size: SeedSequence takes it, and earlier versions did
-            raise DatasetError(f"--seed must be a non-negative integer, got {self.seed!r}")
-        _check_int("--shard-size", self.shard_size, 1, INT64_LIMIT)
-        if not isinstance(self.compression, str) or self.compression not in COMPRESSIONS:
-            raise DatasetError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
+        self.check_options(self.level, self.count, self.patch_size, self.seed, self.shard_size, self.compression)
         if not isinstance(self.source_root, str):
             raise DatasetError(f"source_root must be a string, got {self.source_root!r}")
         if not isinstance(self.sharpen_hr, bool):
@@ -133,6 +123,21 @@ class DatasetConfig:
             if min(s.height, s.width) < self.patch_size:
                 raise DatasetError(f"source {s.path!r} is {s.height}x{s.width}, smaller than the "
                                    f"{self.patch_size}-px patch")
+
+    @staticmethod
+    def check_options(level: Any, count: Any, patch_size: Any, seed: Any, shard_size: Any, compression: Any) -> None:
+        """The checks that need no source (make-dataset runs them before its scan, which reads every image)."""
+        if not (level == "mix" or _is_int(level) and level in (1, 2, 3)):
+            raise DatasetError(f"--level must be 1, 2, 3 or mix, got {level!r}")
+        _check_int("--count", count, 1, INT64_LIMIT)
+        _check_int("--patch-size", patch_size, 32, MAX_SIDE)
+        if patch_size % SCALE:
+            raise DatasetError(f"--patch-size must be a multiple of {SCALE} and >= 32, got {patch_size}")
+        if not _is_int(seed) or seed < 0:  # any size: SeedSequence takes it, and earlier versions did
+            raise DatasetError(f"--seed must be a non-negative integer, got {seed!r}")
+        _check_int("--shard-size", shard_size, 1, INT64_LIMIT)
+        if not isinstance(compression, str) or compression not in COMPRESSIONS:
+            raise DatasetError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
 
     @property
     def shard_count(self) -> int:

@@ -85,17 +85,10 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
         max_pixels = check_max_pixels(max_pixels)
     except DegradeError as exc:
         raise DatasetError(str(exc)) from None
-    if config.count > MAX_COUNT or config.shard_count > MAX_SHARDS:  # before any folder or plan is made
-        raise DatasetError(f"{config.count} samples in {config.shard_count} shard(s): at most {MAX_COUNT:,} samples "
-                           f"in at most {MAX_SHARDS:,} shards (the manifest lists every shard and is rewritten "
-                           "after each); raise --shard-size or make several datasets")
+    check_target(out, config.count, config.shard_size)  # before any folder or plan is made
     start = time.perf_counter()
     report = MakeReport()
     shards: dict[int, dict[str, Any]] = {}
-    if out.exists() and not out.is_dir():
-        raise DatasetError(f"{out}: exists and is not a folder")
-    if not (out / MANIFEST).exists() and out.exists() and any(not _ours(p.name) for p in out.iterdir()):
-        raise DatasetError(f"{out}: folder is not empty and holds no {MANIFEST}; choose a new --out")
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock_was_there = os.path.lexists(out / LOCK)
@@ -127,6 +120,19 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
     report.seconds = time.perf_counter() - start
     report.bytes_on_disk = sum(s["bytes"] for s in shards.values())
     return report
+
+
+def check_target(out: Path, count: int, shard_size: int) -> None:
+    """make_dataset's refusals that need no source (make-dataset runs them before its scan too): too many
+    samples or shards, an `out` that is a file or a folder of something else."""
+    if count > MAX_COUNT or -(-count // shard_size) > MAX_SHARDS:
+        raise DatasetError(f"{count} samples in {-(-count // shard_size)} shard(s): at most {MAX_COUNT:,} samples "
+                           f"in at most {MAX_SHARDS:,} shards (the manifest lists every shard and is rewritten "
+                           "after each); raise --shard-size or make several datasets")
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out}: exists and is not a folder")
+    if not (out / MANIFEST).exists() and out.exists() and any(not _ours(p.name) for p in out.iterdir()):
+        raise DatasetError(f"{out}: folder is not empty and holds no {MANIFEST}; choose a new --out")
 
 
 def _ours(name: str) -> bool:
