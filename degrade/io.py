@@ -237,6 +237,26 @@ def _png_chunks(d: bytes, past_idat: bool = False) -> Iterator[tuple[bytes, byte
         i += 12 + n
 
 
+def _png_damage(d: bytes) -> str | None:
+    """What makes libpng fail on a PNG, found first: its chunks, followed by their lengths, end before a whole
+    IEND chunk, or a critical chunk before it (IHDR, PLTE, IDAT: an upper-case first letter) fails its CRC
+    (IEND's own CRC libpng reads but does not check).
+    OpenCV fails on such a file anyway, but libpng first printed "libpng error: PNG input buffer is
+    incomplete" or "libpng error: IDAT: CRC error" on the terminal, a line no caller can take back."""
+    i, view = 8, memoryview(d)  # (slices of a view copy nothing)
+    while i + 12 <= len(d):
+        n = struct.unpack(">I", d[i:i + 4])[0]
+        kind = d[i + 4:i + 8]
+        if i + 12 + n > len(d):
+            break
+        if kind == b"IEND":
+            return None
+        if kind[:1].isupper() and zlib.crc32(view[i + 4:i + 8 + n]) != struct.unpack(">I", d[i + 8 + n:i + 12 + n])[0]:
+            return f"its {kind.decode('latin-1')!r} chunk fails its CRC"
+        i += 12 + n
+    return "it ends before its IEND chunk"
+
+
 def _alpha_source(d: bytes) -> tuple[bool, int | None]:
     """Whether the file's format can hold alpha, and a gray PNG's transparent level (its tRNS), if any."""
     if d[:8] == b"\x89PNG\r\n\x1a\n":
@@ -359,6 +379,9 @@ def _decode_rgb(data: bytes, max_pixels: int | None) -> tuple[NDArray[np.uint8] 
     # comes out scrambled that way (OpenCV 4.x-5.0): it is read as stored (file order: RGB or gray, then
     # alpha) and its alpha dropped here; a PAM has no EXIF to honour.
     pam = _is_pam(data)
+    damage = _png_damage(data) if data[:8] == b"\x89PNG\r\n\x1a\n" else None
+    if damage:
+        raise ImageError(f"not a readable image (a damaged PNG: {damage})")
     try:
         flags = cv2.IMREAD_UNCHANGED if pam else cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH
         img = cv2.imdecode(buf, flags) if buf.size else None

@@ -62,6 +62,51 @@ def test_bad_files_raise_image_error(tmp_path, content, message):
         read_image(path)
 
 
+def test_a_damaged_png_is_refused_before_libpng_prints_a_line(tmp_path):
+    """OpenCV fails on a PNG cut anywhere before the end of its IEND chunk, or with a critical chunk's CRC
+    wrong, but libpng first printed "libpng error: PNG input buffer is incomplete" (or "IDAT: CRC error") on
+    stderr, a stray line before the command's own (a review). A walk over the chunks refuses such a file
+    first. Oracle: OpenCV's own decode, which fails on exactly the files refused: every cut of the last 40
+    bytes and some in the pixel data, a byte flipped in each chunk (the CRCs of an ancillary chunk and of
+    IEND, which libpng does not check, too), and bytes after IEND, which it reads as the image."""
+    import struct
+    import subprocess
+    import sys
+    import zlib
+
+    from degrade.io import _png_damage
+
+    img = np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    data = cv2.imencode(".png", img)[1].tobytes()
+    text = b"Comment\0a photo"
+    at = data.index(b"IDAT") - 4  # a tEXt chunk before the pixels: ancillary
+    chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", zlib.crc32(b"tEXt" + text))
+    data = data[:at] + chunk + data[at:]
+    np.testing.assert_array_equal(decode_image(data + b"trailing bytes"), img[..., ::-1] / np.float32(255))
+    starts = [i for i in range(8, len(data) - 8) if data[i + 4:i + 8] in (b"IHDR", b"tEXt", b"IDAT", b"IEND")]
+    cases = {f"cut at {cut}": data[:cut] for cut in [*range(len(data) - 40, len(data) + 1), 60, len(data) // 2]}
+    for i in starts:  # a byte of the chunk's data (IEND has none: its CRC) flipped
+        j = i + (11 if data[i + 4:i + 8] == b"IEND" else 9)
+        cases[f"{data[i + 4:i + 8]} at {i} flipped"] = data[:j] + bytes([data[j] ^ 1]) + data[j + 1:]
+    assert {data[i + 4:i + 8] for i in starts} == {b"IHDR", b"tEXt", b"IDAT", b"IEND"}
+    for name, d in cases.items():
+        cv_reads = cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_ANYCOLOR) is not None
+        assert (_png_damage(d) is None) == cv_reads, name
+        if not cv_reads:
+            with pytest.raises(ImageError, match=r"^not a readable image \(a damaged PNG: (it ends before its IEND "
+                                                 r"chunk|its '(IHDR|IDAT)' chunk fails its CRC)\)$"):
+                decode_image(d)
+    assert _png_damage(cases[f"b'tEXt' at {data.index(b'tEXt') - 4} flipped"]) is None
+    assert _png_damage(cases[f"cut at {len(data)}"]) is None
+    (tmp_path / "cut.png").write_bytes(cases[f"cut at {len(data) // 2}"])
+    (tmp_path / "crc.png").write_bytes(cases[f"b'IDAT' at {data.index(b'IDAT') - 4} flipped"])
+    code = ("import degrade\nfor name in ('cut.png', 'crc.png'):\n    try:\n        degrade.read_image(name)\n"
+            "    except degrade.ImageError as e:\n        print(e)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+    assert done.stderr == "" and done.stdout.count("a damaged PNG") == 2, done.stderr
+
+
 def test_directory_raises_image_error(tmp_path):
     with pytest.raises(ImageError, match="directory"):
         read_image(tmp_path)
