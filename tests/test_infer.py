@@ -127,6 +127,25 @@ def test_set_changes_exactly_the_named_field():
         edit_vector(v, {"noise1.strength": "50"})
 
 
+def test_set_changes_the_expert_mix_the_generator_runs():
+    """--set edits v, and the image must be made with the mix of the edited v: with the mix left at the
+    predicted v's, only the printed reading changed (a mutation audit: no test looked at the image).
+    Oracle: upscale with the mix of the returned v given explicitly; and the edit changes the image."""
+    torch.manual_seed(0)
+    model = DASR(TINY).eval()
+    with torch.no_grad():  # experts far apart, so that another mix makes another image
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    img = np.random.default_rng(0).random((24, 24, 3), dtype=np.float32)
+    plain, v = upscale(model, img, tile=None)
+    edited, v2 = upscale(model, img, tile=None, overrides={"noise1.type": "gaussian", "noise1.strength": "25",
+                                                           "blur1.sigma_x": "3"})
+    assert not torch.equal(model.mix(v2), model.mix(v))
+    with torch.no_grad():
+        want, _ = upscale(model, img, tile=None, mix=model.mix(v2))
+    assert np.array_equal(edited, want) and not np.array_equal(edited, plain)
+
+
 def test_set_a_noise_type_and_its_strength_in_either_order():
     """A strength's units are its step's noise type's: the type set beside it counts, whatever the order
     (Gaussian sigma 15 of [0, 30] -> 0.5, as above); out of the Poisson range, the message names the type."""

@@ -1624,3 +1624,26 @@ def test_a_resume_that_changes_the_data_or_arithmetic_says_so(shards, tmp_path):
     assert [n for n in notes if "continues with" in n] == [
         "note: ckpt-3.pt continues with --seed 0 -> 5, --sharpen on -> off: its steps from here differ from an "
         "uninterrupted run's"]
+
+
+def test_the_loss_is_the_weighted_sum_and_the_predictor_learns_from_the_regression_term():
+    """train_step's loss is pixel_weight x L1 + regression_weight x the L1 between v_hat and v, and the
+    regression term is what teaches the predictor: with its gradient cut (detached), every test passed (a
+    mutation audit). Oracle: with pixel_weight 0 the loss is the regression term and the predictor's
+    parameters alone move (the generator has no gradient: Adam moves it by exactly 0); with other weights,
+    the sum of the terms the step reports."""
+    from dasr_model.train import train_step
+
+    from .test_graphstep import _batch, _parts
+
+    parts, cfg = _parts("cpu", gan=False)
+    cfg = dataclasses.replace(cfg, pixel_weight=0.0, regression_weight=1.0)
+    before = {k: p.detach().clone() for k, p in parts.model.named_parameters()}
+    out = train_step(parts, cfg, *_batch(0, "cpu"), False)
+    assert out["loss"].item() == out["regression"].item() > 0
+    moved = {k for k, p in parts.model.named_parameters() if not torch.equal(p, before[k])}
+    assert moved and {k.split(".")[0] for k in moved} == {"predictor"}, sorted(moved)[:5]
+    parts, cfg = _parts("cpu", gan=False)
+    cfg = dataclasses.replace(cfg, pixel_weight=0.3, regression_weight=2.0)
+    out = train_step(parts, cfg, *_batch(1, "cpu"), False)
+    assert out["loss"].item() == pytest.approx(0.3 * out["l1"].item() + 2 * out["regression"].item(), rel=1e-6)
