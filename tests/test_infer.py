@@ -270,6 +270,31 @@ def test_metrics_in_strips_equal_the_whole_image_formulas(monkeypatch):
     assert 0 < ssim_map.mean() < 1 and ssim_map.shape == (43, 27)
 
 
+def test_metrics_clip_the_sr_image_and_crop_the_border_asked():
+    """An SR image that overshoots [0, 1] scores as its clipped 8-bit rendering (a value of 1.2 would read
+    as 306), and `crop` is the border each metric leaves out: with the clip removed, or the crop ignored by
+    psnr_y and ssim_y, every test passed (a mutation audit: all images were in range, all crops 4). Oracle:
+    the formulas written out on the clipped image's Y, cropped by 0, 4 and 8 px."""
+    from dasr_model.metrics import ssim
+
+    rng = np.random.default_rng(9)
+    hr = rng.random((40, 36, 3)).astype(np.float32)
+    sr = (hr + rng.normal(0, 0.2, hr.shape)).astype(np.float32)  # beyond [0, 1] in places
+    assert sr.min() < 0 and sr.max() > 1
+
+    def y_of(img, c):
+        x = np.round(np.clip(img, 0, 1) * 255).astype(np.float64)
+        y = 16 + (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) / 255
+        return y[c:y.shape[0] - c, c:y.shape[1] - c]
+
+    for c in (0, 4, 8):
+        a, b = y_of(sr, c), y_of(hr, c)
+        assert psnr_y(sr, hr, crop=c) == pytest.approx(10 * np.log10(255**2 / np.mean((a - b) ** 2)), rel=1e-12)
+        assert ssim_y(sr, hr, crop=c) == pytest.approx(ssim(a, b), rel=1e-12)
+    assert psnr_y(sr, hr) == psnr_y(np.clip(sr, 0, 1), hr) and ssim_y(sr, hr) == ssim_y(np.clip(sr, 0, 1), hr)
+    assert len({psnr_y(sr, hr, crop=c) for c in (0, 4, 8)}) == 3
+
+
 def test_metrics_refuse_what_they_would_score_wrong():
     """uint8 images were clipped to [0, 1] (black and white: 25.8 dB for 31.5), an HR of another shape
     broadcast against the SR with crop 0, a shape numpy cannot broadcast a raw ValueError, and SSIM of an

@@ -93,6 +93,15 @@ def test_block_rows_and_half_scale_strips_equal_the_whole_image(monkeypatch):
                                atol=1e-10)
 
 
+def test_the_luma_is_rounded_halves_up_as_matlab_rounds():
+    """NIQE rounds the luma first, halves up (MATLAB's round of non-negative values); numpy's round sends
+    halves to the even neighbour, and with it every test passed (a mutation audit). Oracle: an integer
+    image plus 0.5 scores as that image plus 1, and differs from the image itself."""
+    params = make_params()
+    y = np.round(luma_images()["photo"][:200, :300])
+    assert niqe(y + 0.5, params) == niqe(y + 1, params) != niqe(y, params)
+
+
 def test_too_small_an_image_is_refused():
     params = make_params()
     with pytest.raises(DASRError, match="two 96 x 96 blocks at least"):

@@ -968,3 +968,18 @@ def test_a_handed_over_metrics_log_is_read_a_bounded_line_at_a_time(tmp_path):
             with pytest.raises(DASRError, match="not a regular file"):
                 read(tmp_path / name)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.jsonl", "metrics.jsonl", "zero.jsonl"]  # no .tmp
+
+
+def test_the_newest_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
+    """Checkpoint names are not zero-padded, so by name ckpt-9.pt sorts after ckpt-10.pt: a resume would
+    go back to step 9 and pruning to one checkpoint would delete the newest. Sorted by name, every test
+    passed (a mutation audit). Oracle: the steps as numbers."""
+    from dasr_model.checkpoints import latest_checkpoint, list_checkpoints, prune_checkpoints
+
+    for step in (9, 10, 100, 2):
+        save_checkpoint(tmp_path / f"ckpt-{step}.pt", {"config": {}, "model": {}, "step": step})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-2.pt", "ckpt-9.pt", "ckpt-10.pt", "ckpt-100.pt"]
+    assert latest_checkpoint(tmp_path).name == "ckpt-100.pt"
+    (tmp_path / "ckpt-100.pt").write_bytes(b"damaged")
+    assert latest_intact(tmp_path)[1]["step"] == 10
+    assert [p.name for p in prune_checkpoints(tmp_path, 2)] == ["ckpt-2.pt", "ckpt-9.pt"]
