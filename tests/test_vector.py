@@ -233,6 +233,81 @@ def test_decode_rules_for_edited_vectors():
     assert not p.two_stage and p.blur2 is None and p.sinc is None and p.noise2 is None
 
 
+def _one_stage_vector() -> np.ndarray:
+    """v of a one-stage record with every step absent but the final resize (float64, for hand edits)."""
+    plain = DegradationParams(level=1, blur1=None, resize1=None, noise1=None, jpeg1=None,
+                              final=FinalParams(order=None, mode="area"))
+    return encode(plain).astype(np.float64)
+
+
+def test_decoded_kernel_sizes_at_a_tie_go_up():
+    """Missed: `_odd_size` rounding ties to even (Python's round) went unnoticed; no test decoded a size
+    exactly between two odd sizes. Oracle: the rule "nearest odd size, ties go up" (vector._odd_size),
+    worked by hand: size 1 + 20 v at v = 0.05 is 2, between 1 and 3 -> 3 (ties to even gave 1: no blur);
+    at v = 0.25 it is 6, between 5 and 7 -> 7 (ties to even gave 5). Just below a tie rounds down."""
+    v = _one_stage_vector()
+    v[1:3] = [0.5, 0.5]  # sigma 1.5 px, isotropic: a blur whenever the size is 3 or more
+    for entry, size in ((0.05, 3), (0.25, 7), (0.45, 11), (0.049, None), (0.249, 5)):
+        v[0] = entry
+        blur = decode(v).blur1
+        assert (None if blur is None else blur.size) == size, entry
+
+
+def test_a_one_hot_group_summing_exactly_one_half_is_set():
+    """Missed: the threshold "sum >= 0.5" read as "> 0.5" survived; the tests used sums of 0.3 and 0.9.
+    Oracle: docs/degradation.md, "a one-hot group is set when its entries sum to at least 0.5, and
+    picks its largest entry". 0.5 is exact in binary, so the sum is 0.5 itself."""
+    v = _one_stage_vector()
+    v[18] = 0.5  # noise1 strength 15 (Gaussian) or 1.5 (Poisson)
+    v[20:22] = [0.0, 0.5]
+    assert decode(v).noise1.type == "poisson"
+    v[20:22] = [0.25, 0.25]  # a tie inside the group: the first entry (argmax)
+    assert decode(v).noise1.type == "gaussian"
+    v[11:14] = [0.0, 0.0, 0.5]
+    assert decode(v).resize1.mode == "bicubic"
+    v[28:30] = [0.0, 0.5]
+    assert decode(v).final.order == "B" and decode(v).two_stage
+    v[20:22], v[11:14], v[28:30] = [0.0, 0.4999], [0.0, 0.0, 0.4999], [0.0, 0.4999]  # below: unset
+    p = decode(v)
+    assert p.noise1 is None and p.resize1 is None and not p.two_stage
+
+
+def test_a_gray_flag_of_exactly_one_half_is_gray():
+    """Missed: "gray when its flag >= 0.5" read as "> 0.5" survived; no test decoded a flag of 0.5.
+    Oracle: docs/degradation.md's decoding rules, "gray when its flag >= 0.5"."""
+    v = _one_stage_vector()
+    v[18], v[20:22] = 0.5, [1.0, 0.0]  # Gaussian noise1, sigma 15
+    for flag, gray in ((0.5, True), (0.4999, False), (1.0, True), (0.0, False)):
+        v[19] = flag
+        assert decode(v).noise1.gray is gray, flag
+    v[28:30], v[22], v[24:26], v[23] = [1.0, 0.0], 0.5, [0.0, 1.0], 0.5  # noise2, stage 2
+    assert decode(v).noise2.gray is True
+
+
+def test_a_blur_with_one_zero_sigma_is_a_line_kernel():
+    """Missed: "a blur with zero sigma is absent" read on the smaller sigma (min) instead of both survived;
+    every decoded blur had two positive sigmas. Oracle: docs/degradation.md, "a blur with zero sigma
+    means no blur; a zero minor sigma is kept at 0.001 px (a line kernel)": size 7, sigma_x 2, sigma_y 0
+    is BlurParams(7, 2, 0.001, 0), whose kernel has all its weight on the middle row (a vertical line
+    for sigma_x 0, sigma_y 2); both sigmas 0 is no blur."""
+    v = _one_stage_vector()
+    v[0], v[3] = 0.3, 0.0  # size 1 + 6 = 7, theta 0
+    v[1:3] = [2 / 3, 0.0]
+    blur = decode(v).blur1
+    assert blur is not None and blur.size == 7 and blur.sigma_y == 1e-3 and blur.theta == 0.0
+    assert blur.sigma_x == pytest.approx(2.0, rel=1e-12)
+    kernel = blur.kernel()
+    assert kernel[3].sum() == pytest.approx(1.0, abs=1e-9) and kernel[3, 0] > 0.01
+    v[1:3] = [0.0, 2 / 3]
+    column = decode(v).blur1
+    assert column is not None and column.sigma_y == 1e-3
+    assert column.kernel()[:, 3].sum() == pytest.approx(1.0, abs=1e-9)
+    v[1:3] = [0.0, 0.0]
+    assert decode(v).blur1 is None
+    v[28:30], v[4], v[5:7] = [1.0, 0.0], 0.3, [0.0, 1 / 3]  # stage 2 reads the same rule
+    assert decode(v).blur2 is not None and decode(v).blur2.sigma_y == 1e-3
+
+
 def test_careless_arguments_get_the_librarys_error():
     """They raised AttributeError, TypeError or a plain ValueError, with messages such as 'has 33 values,
     got 33' for a (1, 33) vector."""
