@@ -20,6 +20,8 @@ OPS = {
     "resize_area": lambda x: ops.resize(x, (50, 70), mode="area"),
     "resize_bilinear": lambda x: ops.resize(x, (150, 90), mode="bilinear"),
     "resize_bicubic": lambda x: ops.resize(x, (33, 200), mode="bicubic"),
+    # Same size: a copy, never the input itself (a mutant returning `img` passed before this row).
+    "resize_same": lambda x: ops.resize(x, x.shape[:2], mode="bilinear"),
     "gaussian_color": lambda x: ops.add_gaussian_noise(x, 12.0, gray=False, rng=rng_for(1)),
     "gaussian_gray": lambda x: ops.add_gaussian_noise(x, 12.0, gray=True, rng=rng_for(1)),
     "poisson_color": lambda x: ops.add_poisson_noise(x, 1.0, gray=False, rng=rng_for(1)),
@@ -42,7 +44,8 @@ def test_op_contract(name, hr_patch):
     assert out is not hr_patch and not np.shares_memory(out, hr_patch)
     assert np.all(np.isfinite(out))
     if name.startswith("resize"):
-        assert out.shape[:2] == {"resize_area": (50, 70), "resize_bilinear": (150, 90), "resize_bicubic": (33, 200)}[name]
+        assert out.shape[:2] == {"resize_area": (50, 70), "resize_bilinear": (150, 90), "resize_bicubic": (33, 200),
+                                 "resize_same": hr_patch.shape[:2]}[name]
     else:
         assert out.shape == hr_patch.shape
     if name not in UNBOUNDED:
@@ -151,15 +154,24 @@ def test_poisson_noise_variance_matches_shot_noise(level, scale):
     assert abs(noise.mean()) < 5 * math.sqrt(expected_var / noise.size)
 
 
-def test_poisson_levels_follow_the_distinct_value_count():
-    # 3 distinct values -> V = 4: the noisy flat region is (k / 4 - x_q) * scale + x, k an integer.
+@pytest.mark.parametrize("extra,levels", [((0.0, 1.0), 4), ((0.0, 0.25, 0.75, 1.0), 8)])
+def test_poisson_levels_follow_the_distinct_value_count(extra, levels):
+    """V = 2^ceil(log2 d) for d distinct 8-bit values (docs/degradation.md): 3 values -> V = 4, 5 -> V = 8.
+
+    The flat region is (k / V - x_q) * scale + x with k ~ Poisson(x_q V). The test once checked only that
+    k is an integer on the 1/V grid, which V / 2 (a floor in place of the ceil) also passes (k then
+    even). Oracles: some k is odd; the variance of the noise is x_q / V (Poisson(x_q V) / V), within
+    10 % (12,096 draws: the standard error is 1.4 %; V / 2 doubles it).
+    """
     img = np.full((64, 64, 3), 0.5, np.float32)
-    img[0, 0], img[0, 1] = 0.0, 1.0
+    img[0, : len(extra)] = np.asarray(extra, np.float32)[:, None]
     out = ops.add_poisson_noise(img, 1.0, gray=False, rng=rng_for(5))
     x_q = round(0.5 * 255) / 255
-    k = (out[1:] - 0.5 + x_q) * 4
+    k = (out[1:] - 0.5 + x_q) * levels
     np.testing.assert_allclose(k, np.round(k), atol=1e-4)
     assert np.round(k).std() > 0.5
+    assert np.any(np.round(k) % 2 == 1)
+    assert (out[1:] - 0.5).var() == pytest.approx(x_q / levels, rel=0.1)
 
 
 def test_gray_poisson_noise_is_one_field_on_the_luma():
@@ -234,6 +246,19 @@ def test_a_fractional_jpeg_quality_is_rounded_not_truncated(hr_patch):
     for q, used in ((30.7, 31), (50.2, 50), (89.9, 90), (np.float32(70.6), 71), (np.int64(64), 64)):
         assert ops.encode_jpeg(hr_patch, q) == ops.encode_jpeg(hr_patch, used)
     assert ops.encode_jpeg(hr_patch, 30.7) != ops.encode_jpeg(hr_patch, 30)
+
+
+def test_clamp_clips_both_ends_to_the_unit_interval():
+    """Missed: clamp clipping only below 0 (clip(0, None)) survived; the op contract clamps a photo
+    already in [0, 1]. Oracle: docs/degradation.md, "clamp" to [0, 1] after noise: values written out
+    by hand, below 0 -> 0, inside kept bit for bit, above 1 -> 1; float32 out, the input untouched."""
+    x = np.array([[[-0.5, -1e-6, 0.0], [0.3, 1.0, 1.0 + 1e-6], [2.5, 0.999, 40.0]]], np.float32)
+    before = x.copy()
+    out = ops.clamp(x)
+    expected = np.array([[[0.0, 0.0, 0.0], [0.3, 1.0, 1.0], [1.0, 0.999, 1.0]]], np.float32)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(x, before)
 
 
 def test_quantise_rounds_to_8bit_levels_and_clips():
