@@ -37,6 +37,43 @@ def test_the_arguments_name_all_eight_transforms():
     assert len({dihedral_image(img, **t).tobytes() + bytes(dihedral_image(img, **t).shape) for t in TURNS}) == 8
 
 
+def test_each_argument_is_the_transform_its_name_says():
+    """Missed: the flips swapped, or a turn the other way, passed (the tests compared dihedral_image only with
+    itself). Oracle: the docstring's order (columns reversed, then rows, then np.rot90, counter-clockwise),
+    on a 2x3 array with every result written out by hand."""
+    img = np.array([[1, 2, 3], [4, 5, 6]])
+    cases = [
+        (dict(flip_lr=True), [[3, 2, 1], [6, 5, 4]]),
+        (dict(flip_ud=True), [[4, 5, 6], [1, 2, 3]]),
+        (dict(rot90=1), [[3, 6], [2, 5], [1, 4]]),
+        (dict(rot90=-1), [[4, 1], [5, 2], [6, 3]]),
+        (dict(flip_lr=True, rot90=1), [[1, 4], [2, 5], [3, 6]]),  # flip first: rot90 then flip gives [[6, 3], ...]
+        (dict(flip_ud=True, rot90=1), [[6, 3], [5, 2], [4, 1]]),
+        (dict(flip_lr=True, flip_ud=True), [[6, 5, 4], [3, 2, 1]]),
+    ]
+    for turn, expected in cases:
+        np.testing.assert_array_equal(dihedral_image(img, **turn), expected, err_msg=str(turn))
+    np.testing.assert_array_equal(dihedral_image(img), img)
+
+
+def test_a_theta_just_above_zero_flipped_stays_below_one():
+    """Missed: dropping the fix-up of float32 rounding (an entry that rounds to 1.0 set to 0) survived; no
+    test turned a theta within float32's reach of 0. Oracle: the canonical range theta / pi in [0, 1)
+    (docs/degradation.md, module docstring): theta = 1e-9 rad mirrored is -1e-9 = pi - 1e-9 rad, whose
+    theta / pi, 1 - 3e-10, is 1.0 in float32, i.e. theta = pi = 0; it must be stored as 0."""
+    v = encode(DegradationParams(level=1, blur1=BlurParams(size=21, sigma_x=3.0, sigma_y=0.3, theta=0.0),
+                                 resize1=None, noise1=None, jpeg1=None, final=FinalParams(order=None, mode="area")))
+    v = v.astype(np.float64)
+    theta = FIELDS_BY_NAME["blur1.theta"].index
+    v[theta] = 1e-9 / np.pi
+    for turn in (dict(flip_lr=True), dict(flip_ud=True), dict(flip_lr=True, rot90=2)):
+        out = dihedral_vector(v, **turn)
+        assert out[theta] == 0.0, turn
+        assert 0.0 <= decode(out).blur1.theta < np.pi
+    batch = dihedral_vector(np.stack([v, v]), flip_lr=True)  # the same in a batch
+    np.testing.assert_array_equal(batch[:, theta], 0.0)
+
+
 @pytest.mark.parametrize("turn", TURNS, ids=lambda t: f"lr{int(t['flip_lr'])}ud{int(t['flip_ud'])}r{t['rot90']}")
 def test_kernel_decoded_from_the_turned_vector_is_the_turned_kernel(turn):
     """Independent oracle: np.flip / np.rot90 of the original kernel array, 1e-6, 40 anisotropic records."""
