@@ -85,6 +85,25 @@ def test_stored_hr_is_the_source_crop_and_lr_its_degradation(reference, bundled)
     np.testing.assert_array_equal(sample.lr, degrade.io.to_uint8(lr))
 
 
+def test_each_sample_draws_source_crop_and_record_from_one_stream_in_the_documented_order(reference, bundled):
+    """Missed: drawing the record from a fresh copy of the sample's stream (not after the source and crop
+    draws) survived; every test regenerated samples with the code that made them. Oracle: the draws of
+    docs/dataset-format.md ("How each sample is drawn") redone here: one generator
+    default_rng(SeedSequence(S, spawn_key=(i,))), then rng.integers(n_sources), rng.integers(H - P + 1),
+    rng.integers(W - P + 1), sample_params(level, rng), compared with the stored source, crop and record."""
+    config = _config(bundled)
+    with h5py.File(reference / "shard-00000.h5", "r") as f:
+        stored = [(int(f["source"][i]), tuple(int(c) for c in f["crop"][i]),
+                   degrade.DegradationParams.from_json(f["params"][i].decode())) for i in range(5)]
+    for i, (source, crop, params) in enumerate(stored):
+        rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(i,)))
+        src = int(rng.integers(len(bundled.sources)))
+        y = int(rng.integers(bundled.sources[src].height - 64 + 1))
+        x = int(rng.integers(bundled.sources[src].width - 64 + 1))
+        assert (source, crop) == (src, (y, x, 64, 64)), i
+        assert params == degrade.sample_params("mix", rng), i
+
+
 def test_same_bytes_for_any_number_of_jobs(reference, bundled, tmp_path):
     dsm.make_dataset(_config(bundled), tmp_path / "j2", jobs=2)
     assert _digests(tmp_path / "j2") == _digests(reference)
