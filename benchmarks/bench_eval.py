@@ -75,8 +75,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--height", type=int, default=4000)
     ap.add_argument("--niqe", action="store_true", help="Also NIQE of the SR image (with a stand-in pristine "
                     "model of the real file's layout), whole-image steps against a row of blocks at a time.")
+    ap.add_argument("--cv-threads", type=int, default=1, help="OpenCV's threads (the strips' filters; default 1, "
+                    "as numpy and scipy here: the same work per core)")
     a = ap.parse_args(argv)
 
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(a.cv_threads)
+    try:
+        _run(a)
+    finally:  # (main also runs inside the test suite's processes)
+        cv2.setNumThreads(before)
+
+
+def _run(a: argparse.Namespace) -> None:
     import cv2
 
     import degrade
@@ -84,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     photo = degrade.read_image(degrade.sample_images()[0])
     hr = np.clip(cv2.resize(photo, (a.width, a.height), interpolation=cv2.INTER_CUBIC), 0, 1)
     sr = np.clip(hr + np.random.default_rng(0).normal(0, 0.02, hr.shape).astype(np.float32), 0, 1)
-    print(f"# dasr-eval scores of one {a.width}x{a.height} pair; {cpu_model()}; "
+    print(f"# dasr-eval scores of one {a.width}x{a.height} pair; OpenCV threads {a.cv_threads}; {cpu_model()}; "
           f"{datetime.date.today().isoformat()}; python {' '.join(sys.argv)}")
     small = (sr[:64, :64], hr[:64, :64])  # imports (dasr_model brings torch) and first calls, before timing
     whole_image_scores(*small), strip_scores(*small)
