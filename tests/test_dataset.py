@@ -214,23 +214,41 @@ def test_a_changed_command_is_refused(reference, bundled):
     assert _digests(reference) == before
 
 
-def test_another_version_refuses_to_finish_a_dataset(bundled, tmp_path, monkeypatch):
-    """Resumed by another degrade version, a dataset mixed two versions' shards (its samples could differ)
-    with no word, and verify passed it (a review). Refused now in one line naming both; nothing changes."""
+def test_another_version_refuses_to_finish_a_dataset_and_keeps_a_complete_ones_record(bundled, tmp_path,
+                                                                                       monkeypatch):
+    """Resumed by another degrade version, a dataset mixed two versions' shards (their samples could
+    differ) with no word, and verify passed it (a review). Shards to make (missing, or damaged and to be
+    made again) are refused now, in one line naming both versions, with nothing changed; an unfinished
+    dataset's refusal comes from check_target, which make-dataset runs before its scan. A complete dataset
+    is left as it is, its manifest still naming the version that made it (a second review: the first fix
+    refused it too, and _study's datasets, reused when complete, with it)."""
     import degrade.shards.write as write
 
     out = tmp_path / "ds"
     dsm.make_dataset(_config(bundled, count=4, shard_size=2), out)
+    made_by = json.loads((out / "manifest.json").read_text())["package_version"]
+    complete = _digests(out)
+    monkeypatch.setattr(write, "__version__", "9.9.9")
+    assert dsm.make_dataset(_config(bundled, count=4, shard_size=2), out).reused_shards == 2
+    assert _digests(out) == complete
+    refusal = rf"^{out} was made by degrade {made_by}, and this is 9.9.9: its %s shards would be another version's"
+    with (out / "shard-00001.h5").open("r+b") as f:  # damaged: to be made again
+        f.seek(4000)
+        f.write(b"\xff" * 8)
+    damaged = _digests(out)
+    with pytest.raises(dsm.DatasetError, match=refusal % "missing or damaged"):
+        dsm.make_dataset(_config(bundled, count=4, shard_size=2), out)
+    assert _digests(out) == damaged
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["shards"], manifest["complete"] = manifest["shards"][:1], False
     (out / "manifest.json").write_text(json.dumps(manifest))
     (out / "shard-00001.h5").unlink()
-    before = _digests(out)
-    monkeypatch.setattr(write, "__version__", "9.9.9")
-    with pytest.raises(dsm.DatasetError, match=rf"^{out} was made by degrade {manifest['package_version']}, "
-                                               "and this is 9.9.9: finish it with that version, or use a new"):
-        dsm.make_dataset(_config(bundled, count=4, shard_size=2), out)
-    assert _digests(out) == before and not (out / "shard-00001.h5").exists()
+    unfinished = _digests(out)
+    for make in (lambda: write.check_target(out, 4, 2), lambda: dsm.make_dataset(_config(bundled, count=4,
+                                                                                         shard_size=2), out)):
+        with pytest.raises(dsm.DatasetError, match=refusal % "missing"):
+            make()
+    assert _digests(out) == unfinished
 
 
 def test_the_refusal_names_an_option_a_configuration_leaves_out_when_off(bundled, tmp_path):

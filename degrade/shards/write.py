@@ -89,7 +89,7 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
     start = time.perf_counter()
     report = MakeReport()
     shards: dict[int, dict[str, Any]] = {}
-    made = not out.exists()
+    made, made_by = not out.exists(), __version__
     out.mkdir(parents=True, exist_ok=True)
     lock_was_there = os.path.lexists(out / LOCK)
     with contextlib.ExitStack() as held:
@@ -108,15 +108,12 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
                         f"{out} holds a dataset made by a different command "
                         f"({_config_difference(old['config'], config.to_dict())}); use a new --out or the "
                         "original options")
-                if old.get("package_version") != __version__:  # the samples of two versions may differ
-                    raise DatasetError(f"{out} was made by degrade {str(old.get('package_version'))[:40]}, and this "
-                                       f"is {__version__}: finish it with that version, or use a new --out")
             except DatasetError:  # not ours to write: leave the folder as it was found
                 if not lock_was_there:
                     (out / LOCK).unlink(missing_ok=True)
                 raise
-            shards = {int(s["shard"]): s for s in old["shards"]}
-        _make(config, out, shards, report, jobs, progress, backend, max_pixels)
+            shards, made_by = {int(s["shard"]): s for s in old["shards"]}, str(old.get("package_version"))
+        _make(config, out, shards, report, jobs, progress, backend, max_pixels, made_by)
     report.seconds = time.perf_counter() - start
     report.bytes_on_disk = sum(s["bytes"] for s in shards.values())
     return report
@@ -133,6 +130,15 @@ def check_target(out: Path, count: int, shard_size: int) -> None:
         raise DatasetError(f"{out}: exists and is not a folder")
     if not (out / MANIFEST).exists() and out.exists() and any(not _ours(p.name) for p in out.iterdir()):
         raise DatasetError(f"{out}: folder is not empty and holds no {MANIFEST}; choose a new --out")
+    if (out / MANIFEST).exists() and not (old := read_manifest(out))["complete"]:
+        _check_version(out, str(old.get("package_version")), "missing")
+
+
+def _check_version(out: Path, made_by: str, what: str) -> None:
+    """Shards to make in a dataset another version began: refused (the samples of two versions may differ)."""
+    if made_by != __version__:
+        raise DatasetError(f"{out} was made by degrade {made_by[:40]}, and this is {__version__}: its {what} "
+                           "shards would be another version's; finish it with that version, or use a new --out")
 
 
 def _ours(name: str) -> bool:
@@ -167,7 +173,7 @@ def _regular(path: Path) -> bool:
 
 
 def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], report: MakeReport, jobs: int,
-          progress: Callable[[int], None] | None, backend: str | None, max_pixels: int) -> None:
+          progress: Callable[[int], None] | None, backend: str | None, max_pixels: int, made_by: str) -> None:
     for stale in [*out.glob(".shard-*.partial"), *out.glob(f".{MANIFEST}.*.tmp")]:
         stale.unlink()  # left by an interrupted run (a killed write's temporary file too); never looks complete
 
@@ -183,7 +189,9 @@ def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], r
             continue
         shards.pop(k, None)
         todo.append(k)
-    _save_manifest(out, config, shards)  # writes only if it changed
+    if todo:
+        _check_version(out, made_by, "missing or damaged")
+    _save_manifest(out, config, shards, made_by)  # writes only if it changed (a version's record too)
     # Workers beyond the chunks to make would start idle, and beyond JOBS_PER_CORE x the usable cores only
     # take memory (some 65 MB each) for no speed: --jobs 1000 would have started 1000 processes.
     chunks = sum(-(-len(config.shard_range(k)) // CHUNK) for k in todo)
@@ -220,7 +228,7 @@ def _make(config: DatasetConfig, out: Path, shards: dict[int, dict[str, Any]], r
             shards[k] = {"shard": k, "file": final.name, "first_index": config.shard_range(k).start,
                          "count": len(config.shard_range(k)), "bytes": final.stat().st_size,
                          "sha256": sha256_file(final)}
-            _save_manifest(out, config, shards)
+            _save_manifest(out, config, shards, made_by)
 
 
 def _sync_file(path: Path) -> None:
@@ -234,8 +242,8 @@ def _sync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _save_manifest(out: Path, config: DatasetConfig, shards: dict[int, dict[str, Any]]) -> None:
-    text = json.dumps(manifest_dict(config, shards, __version__), indent=1, sort_keys=True) + "\n"
+def _save_manifest(out: Path, config: DatasetConfig, shards: dict[int, dict[str, Any]], version: str) -> None:
+    text = json.dumps(manifest_dict(config, shards, version), indent=1, sort_keys=True) + "\n"
     path = out / MANIFEST
     if path.is_file() and path.read_text() == text:
         return
