@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import _thread
 import errno
 import importlib.util
 import os
+import queue
 import signal
 import stat
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 
@@ -139,15 +140,19 @@ def sigterm_as_exit() -> Callable[[], object]:
     A signal's exception raised while Python runs a finaliser (a __del__, a weakref callback) is printed as
     "Exception ignored in ..." and dropped, and the command ran on: a make-dataset stopped by `timeout`
     finished its dataset. While this is in force, such a dropped Terminated or KeyboardInterrupt (Ctrl-C,
-    where SIGINT had Python's own handler) is delivered again: its signal is simulated anew 10 ms later,
-    from a timer thread, and a handler that would raise inside the hook that arranges it waits again."""
+    where SIGINT had Python's own handler) is sent again as its signal to the main thread, 10 ms later,
+    by a thread kept for it: a real signal, so it also ends a blocking wait, and after restore() it meets
+    the previous handler (the default one ends the process, 143). The finaliser's hook only puts the
+    signal on a SimpleQueue (safe there: it takes no lock), and a handler that would raise inside the hook
+    sends its signal again too."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
+    main, requests = threading.main_thread().ident, queue.SimpleQueue()
 
-    def later(signum: int) -> None:
-        timer = threading.Timer(0.01, _thread.interrupt_main, args=(signum,))
-        timer.daemon = True
-        timer.start()
+    def courier() -> None:
+        while (signum := requests.get()) is not None:
+            time.sleep(0.01)
+            signal.pthread_kill(main, signum)
 
     def in_hook(frame) -> bool:
         while frame is not None and frame.f_code is not redeliver.__code__:
@@ -156,7 +161,7 @@ def sigterm_as_exit() -> Callable[[], object]:
 
     def stop(signum, frame):
         if in_hook(frame):  # raised here, it would be dropped as well
-            later(signum)
+            requests.put(signum)
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
         else:
@@ -164,10 +169,11 @@ def sigterm_as_exit() -> Callable[[], object]:
 
     def redeliver(unraisable) -> None:
         if isinstance(unraisable.exc_value, (Terminated, KeyboardInterrupt)):
-            later(signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT)
+            requests.put(signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT)
         else:
             hook(unraisable)
 
+    threading.Thread(target=courier, name="degrade-stop-courier", daemon=True).start()
     hook = sys.unraisablehook
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, stop)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -179,5 +185,6 @@ def sigterm_as_exit() -> Callable[[], object]:
             signal.signal(signum, handler)
         if sys.unraisablehook is redeliver:
             sys.unraisablehook = hook
+        requests.put(None)  # the courier ends after any stop still to send
 
     return restore

@@ -424,9 +424,15 @@ def test_a_reader_gone_from_the_pipe_is_no_error_line(tmp_path, monkeypatch):
 def test_a_stop_that_lands_in_a_finaliser_still_ends_the_command(signum):
     """A signal's exception raised while Python runs a finaliser is printed as "Exception ignored" and
     dropped: a make-dataset stopped by `timeout` ran on and finished its dataset (a review saw it once in 8
-    runs, in a weakref callback). Under sigterm_as_exit such a stop is delivered again and raised in the
-    code that runs next. Here the signal is raised inside a __del__ (raise_signal runs the handler there)."""
+    runs, in a weakref callback). Under sigterm_as_exit such a stop is sent again as a signal, and raised
+    in the code that runs next, a blocking wait too (a second review: a stop re-raised by interrupt_main
+    waited for the wait to end). Here the signal is raised inside a __del__ (raise_signal runs the handler
+    there); the code after it waits on an Event for 10 s. Restored at once after the drop, the stop meets
+    the default handler and ends the process with SIGTERM (it was lost, exit 0)."""
     import signal
+    import subprocess
+    import sys
+    import threading
 
     from cli.common import sigterm_as_exit
 
@@ -440,14 +446,19 @@ def test_a_stop_that_lands_in_a_finaliser_still_ends_the_command(signum):
     try:
         with pytest.raises(KeyboardInterrupt if signum == "SIGINT" else SystemExit) as caught:
             StopsWhenCollected()
-            while time.monotonic() < start + 10:  # the code after the finaliser: the stop must end it
-                time.sleep(0.001)
+            threading.Event().wait(10)  # the code after the finaliser: the stop must end it
     finally:
         restore()
         signal.signal(signal.SIGINT, previous_int)
     assert time.monotonic() - start < 5
     if signum == "SIGTERM":
         assert caught.value.code == 143
+        code = ("import signal, time\nfrom cli.common import sigterm_as_exit\nclass S:\n    def __del__(self):\n"
+                "        signal.raise_signal(signal.SIGTERM)\nrestore = sigterm_as_exit()\nS()\nrestore()\n"
+                "time.sleep(10)\nprint('ran on')")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                              cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == -signal.SIGTERM and "ran on" not in done.stdout, (done.returncode, done.stderr)
 
 
 def test_make_dataset_refuses_what_needs_no_source_before_its_scan(run, tmp_path, monkeypatch):
