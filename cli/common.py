@@ -37,7 +37,7 @@ def _show_degrade_warning(message, category, filename, lineno, file=None, line=N
     """The library's DegradeWarning as the one line the commands print, `warning: ...` on stderr (Python's
     way adds the file, line and source of the call); any other warning as Python shows it."""
     if issubclass(category, DegradeWarning):
-        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file, flush=True)
+        print(f"warning: {' '.join(shown(message).split())}", file=sys.stderr if file is None else file, flush=True)
     else:
         _show_warning(message, category, filename, lineno, file, line)
 
@@ -58,12 +58,13 @@ def _quiet_opencv() -> None:
 _quiet_opencv()
 
 
-_CONTROL = {**{c: f"\\x{c:02x}" for c in [*range(32), 127]}, 9: "\\t", 10: "\\n", 13: "\\r"}
+_CONTROL = {**{c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)]}, 9: "\\t", 10: "\\n", 13: "\\r"}
 
 
 def shown(name: object) -> str:
-    """A file name as a line of output shows it: control characters escaped as Python writes them (a
-    newline in a source's name printed a line of its own, a fake `Error: ...` line among them)."""
+    """A file name as a line of output shows it: control characters (C0, DEL and C1) escaped as Python
+    writes them (a newline in a source's name printed a line of its own, a fake `Error: ...` line among
+    them; an escape sequence in one reached the terminal)."""
     return str(name).translate(_CONTROL)
 
 
@@ -85,8 +86,8 @@ def _stdout_is_a_pipe() -> bool:
 
 
 def one_line(exc: BaseException) -> str:
-    """A refusal (DegradeError) or an OSError as the one line the commands print."""
-    return os_error(exc) if isinstance(exc, OSError) else " ".join(str(exc).split())
+    """A refusal (DegradeError) or an OSError as the one line the commands print (names in it shown)."""
+    return os_error(exc) if isinstance(exc, OSError) else " ".join(shown(exc).split())
 
 
 def require_torch() -> None:

@@ -290,7 +290,7 @@ def sr_main(inputs, out_dir, model_path, checkpoint, release_weights, device, ti
         threads = min(4, max(1, usable_cores() // 2)) if write_threads is None else write_threads
 
         def skipped(f: Path, text: str) -> str:
-            return f"skipped {text if text.startswith(str(f)) else f'{shown(f)}: {text}'}"
+            return f"skipped {text if text.startswith(shown(f)) else f'{shown(f)}: {text}'}"
 
         def save(f: Path, sr, alpha, said: list[str]) -> tuple[str | None, list[str]]:
             """On a writer thread: (None, the lines to print once written: --print-v's), or (the line saying

@@ -171,9 +171,20 @@ def test_a_name_with_a_newline_stays_on_its_line(run, tmp_path):
     cv2.imwrite(str(src / "big.png"), np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8))
     cv2.imwrite(str(src / "tiny\nError: small.png"), np.zeros((40, 40, 3), np.uint8))
     (src / "bad\nError: fake.png").write_bytes(b"not a png")
+    (src / "esc\x1b[31mred.png").write_bytes(b"not a png")  # an escape sequence, and a C1 one (CSI), in a name
     result = run("make-dataset", str(src), "--out", str(tmp_path / "ds"), "--count", "2", "--patch-size", "64")
     assert result.exit_code == 0, result.output
     assert not [line for line in result.output.splitlines() if line.startswith("Error")], result.output
+    assert "\x1b" not in result.output and "skipped unreadable esc\\x1b[31mred.png: not a readable" in result.output
+    import io
+
+    from cli.common import _show_degrade_warning, one_line
+
+    printed = io.StringIO()  # the warnings the commands print (a folder search's names a file)
+    _show_degrade_warning(degrade.DegradeWarning("gone\x9b2J\nx.png: skipped"), degrade.DegradeWarning, "f", 1,
+                          file=printed)
+    assert printed.getvalue() == "warning: gone\\x9b2J\\nx.png: skipped\n"
+    assert one_line(degrade.ImageError("a\x1b[2J.png: not a readable image")) == "a\\x1b[2J.png: not a readable image"
     assert "skipped unreadable bad\\nError: fake.png: not a readable image" in result.output
     assert "skipped tiny\\nError: small.png: smaller than --patch-size 64" in result.output
     from cli.common import os_error

@@ -1474,3 +1474,19 @@ def test_dasr_eval_refuses_a_csv_it_could_not_write_and_two_sources_before_any_w
     assert result.exit_code == 2 and "one of them (--hr-dir with --lr-dir: given pairs)" in result.output
     result = CliRunner().invoke(eval_main, ["--model", str(ckpt)])
     assert result.exit_code == 2 and "give --shards, --hr-dir, --lr-dir or --testset\n" in result.output
+
+
+def test_dasr_sr_shows_a_name_with_control_characters_escaped_once(ckpt, tmp_path):
+    """dasr-sr's skip line printed a name's escape sequence raw (a second review: `esc^[[31mred.png` reached
+    the terminal), and a name with a newline twice. Names are shown escaped, once."""
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.png"), np.random.default_rng(1).integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    (src / "esc\x1b[31mred.png").write_bytes(b"not a png")
+    (src / "two\nlines.png").write_bytes(b"not a png")
+    result = CliRunner().invoke(sr_main, [str(src), "-o", str(tmp_path / "out"), "--model", str(ckpt), "--device",
+                                          "cpu"])
+    assert "\x1b" not in result.output and "\nlines.png" not in result.output, result.output
+    for name in ("esc\\x1b[31mred.png", "two\\nlines.png"):
+        lines = [line for line in result.output.splitlines() if line.startswith("skipped") and name in line]
+        assert len(lines) == 1 and lines[0].count("red.png" if "red" in name else "lines.png") == 1, result.output
