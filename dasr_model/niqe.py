@@ -165,7 +165,8 @@ def _nearest(ratios: np.ndarray, r: np.ndarray) -> np.ndarray:
     """For each r, argmin((ratios - r) ** 2) over the rising ratios, as the release's search over the whole
     table: of the two neighbours searchsorted finds, the nearer, the first on a tie. An r not finite becomes
     0, below the table, so it gets index 0 as from argmin (where every difference is NaN or infinite, argmin
-    gives the first)."""
+    gives the first). (A finite r above about 1e150, whose squared distances overflow, would differ:
+    _aggd's ratios are at most about 1.)"""
     r = np.where(np.isfinite(r), r, 0.0)
     above = np.clip(np.searchsorted(ratios, r), 1, len(ratios) - 1)
     below = above - 1

@@ -238,20 +238,23 @@ def _png_chunks(d: bytes, past_idat: bool = False) -> Iterator[tuple[bytes, byte
 
 
 def _png_damage(d: bytes) -> str | None:
-    """What makes libpng fail on a PNG, found first: its chunks, followed by their lengths, end before a whole
-    IEND chunk, or a critical chunk before it (IHDR, PLTE, IDAT: an upper-case first letter) fails its CRC
-    (IEND's own CRC libpng reads but does not check).
-    OpenCV fails on such a file anyway, but libpng first printed "libpng error: PNG input buffer is
-    incomplete" or "libpng error: IDAT: CRC error" on the terminal, a line no caller can take back."""
-    i, view = 8, memoryview(d)  # (slices of a view copy nothing)
+    """What makes libpng fail on a still PNG, found first: its chunks, followed by their lengths, end before
+    a whole IEND chunk, or a critical chunk before it (IHDR, PLTE, IDAT: an upper-case first letter) fails
+    its CRC. OpenCV fails on such a file anyway, but libpng first printed "libpng error: PNG input buffer is
+    incomplete" or "libpng error: IDAT: CRC error" on the terminal, a line no caller can take back. Not
+    caught, so still a libpng line: damage libpng only warns about (the CRC of IEND or of an ancillary
+    chunk: the image is read) and damage inside a chunk whose CRC holds. An animated PNG (acTL before the
+    first IDAT) is left to OpenCV, which reads its first frame by itself, without those checks."""
+    i, view = 8, memoryview(d)  # (slices of a view copy nothing; d may be any bytes-like object)
     while i + 12 <= len(d):
-        n = struct.unpack(">I", d[i:i + 4])[0]
-        kind = d[i + 4:i + 8]
+        n = struct.unpack(">I", view[i:i + 4])[0]
+        kind = bytes(view[i + 4:i + 8])
         if i + 12 + n > len(d):
             break
-        if kind == b"IEND":
+        if kind in (b"IEND", b"acTL"):
             return None
-        if kind[:1].isupper() and zlib.crc32(view[i + 4:i + 8 + n]) != struct.unpack(">I", d[i + 8 + n:i + 12 + n])[0]:
+        crc = struct.unpack(">I", view[i + 8 + n:i + 12 + n])[0]
+        if 65 <= kind[0] <= 90 and zlib.crc32(view[i + 4:i + 8 + n]) != crc:  # critical: upper-case first letter
             return f"its {kind.decode('latin-1')!r} chunk fails its CRC"
         i += 12 + n
     return "it ends before its IEND chunk"

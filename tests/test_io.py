@@ -67,8 +67,8 @@ def test_a_damaged_png_is_refused_before_libpng_prints_a_line(tmp_path):
     wrong, but libpng first printed "libpng error: PNG input buffer is incomplete" (or "IDAT: CRC error") on
     stderr, a stray line before the command's own (a review). A walk over the chunks refuses such a file
     first. Oracle: OpenCV's own decode, which fails on exactly the files refused: every cut of the last 40
-    bytes and some in the pixel data, a byte flipped in each chunk (the CRCs of an ancillary chunk and of
-    IEND, which libpng does not check, too), and bytes after IEND, which it reads as the image."""
+    bytes and some in the pixel data, a byte flipped in each chunk (in an ancillary chunk and in IEND's CRC
+    libpng only warns, and reads the image), and bytes after IEND, which it reads as the image."""
     import struct
     import subprocess
     import sys
@@ -105,6 +105,35 @@ def test_a_damaged_png_is_refused_before_libpng_prints_a_line(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
     assert done.stderr == "" and done.stdout.count("a damaged PNG") == 2, done.stderr
+
+
+def test_an_animated_png_is_left_to_opencv_and_any_bytes_like_input_is_read():
+    """OpenCV reads an animated PNG's first frame by itself, without libpng's checks: a damaged second frame,
+    or even the first frame's IDAT CRC, still read, and the chunk walk refused them (a second review). An
+    acTL chunk before the pixels leaves the file to OpenCV. decode_image took a memoryview before the walk
+    (an AttributeError since). Oracle: OpenCV's decode, the first frame's pixels."""
+    import struct
+    import zlib
+
+    from degrade.io import _png_damage
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    img = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    png = cv2.imencode(".png", img)[1].tobytes()
+    at = png.index(b"IDAT") - 4
+    idat = png[at:png.index(b"IEND") - 4]
+    frame = struct.pack(">IIIIIHHBB", 0, 16, 16, 0, 0, 1, 1, 0, 0)
+    head = png[:at] + chunk(b"acTL", struct.pack(">II", 2, 0)) + chunk(b"fcTL", frame)
+    second = chunk(b"fcTL", struct.pack(">I", 1) + frame[4:]) + chunk(b"fdAT", struct.pack(">I", 2) + idat[8:-4])
+    bad_idat = idat[:-4] + bytes([idat[-4] ^ 1]) + idat[-3:]
+    for d in (head + idat + second + png[-12:], head + bad_idat + second + png[-12:], head + idat + second[:38]):
+        assert _png_damage(d) is None
+        assert cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_ANYCOLOR) is not None
+        np.testing.assert_array_equal(decode_image(d), img[..., ::-1] / np.float32(255))
+    np.testing.assert_array_equal(decode_image(memoryview(png)), img[..., ::-1] / np.float32(255))
+    assert _png_damage(memoryview(png[:-20])) == "it ends before its IEND chunk"
 
 
 def test_directory_raises_image_error(tmp_path):
