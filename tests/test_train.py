@@ -110,6 +110,48 @@ def test_batches_are_a_function_of_the_step():
     assert [h0 + h1 for h0, h1 in zip(*halves)] == a
 
 
+def test_each_step_draws_its_own_batch():
+    """Step s's indices are drawn from (seed, s): with the step left out of the seed every step took the same
+    batch (one batch for the whole run) and every test passed (a mutation audit: the tests compared a run
+    with itself). Oracle: 50 steps of 8 from 1000 are 50 different batches, and their 400 draws hold about
+    1000 (1 - e^-0.4) = 330 distinct indices (a repeated batch: 8)."""
+    batches = list(StepBatchSampler(1000, 8, start=0, stop=50, seed=1))
+    assert len({tuple(i for _, _, i in b) for b in batches}) == 50
+    assert len({i for b in batches for _, _, i in b}) > 300
+
+
+def test_a_crop_the_size_of_the_patch_is_the_patch_and_every_offset_is_drawn():
+    """The crop's corner is drawn from 0..L-c inclusive: drawn from 0..L-c-1, a crop the size of the
+    patch raised and the last row and column were never the edge of a crop, and every test passed (a
+    mutation audit: their crops were smaller, any offset looked right). Oracle: the stored LR itself for
+    lr_crop 8 of an 8x8 patch; for lr_crop 6, all 3 x 3 corners, found by matching the crop against the
+    stored LR's windows."""
+    lr = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    whole = PairedShards([_Sample(lr)], lr_crop=8, augment=False)[(0, 0, 0)]
+    np.testing.assert_array_equal(whole["lr"].numpy().transpose(1, 2, 0), lr)
+    ds = PairedShards([_Sample(lr)], lr_crop=6, augment=False)
+    corners = set()
+    for step in range(200):
+        got = ds[(step, 0, 0)]["lr"].numpy().transpose(1, 2, 0)
+        corners |= {(y, x) for y in range(3) for x in range(3) if np.array_equal(lr[y : y + 6, x : x + 6], got)}
+    assert corners == {(y, x) for y in range(3) for x in range(3)}
+
+
+def test_block_mae_is_each_blocks_own_mean():
+    """block_mae's per-block MAE is the mean over that block's entries alone: taking one entry of the next
+    block in (lo:hi + 1) passed every test (a mutation audit: the errors compared were equal in both paths).
+    Oracle: an error of i / 100 at entry i, whose block means are worked from the layout's bounds with numpy."""
+    from dasr_model.data import block_mae
+    from degrade.layout import BLOCKS
+
+    err = np.arange(33) / 100
+    got = block_mae(torch.zeros(2, 33) + torch.tensor(err, dtype=torch.float32), torch.zeros(2, 33))
+    assert got["all"] == pytest.approx(err.mean(), rel=1e-6)
+    assert set(got) == {"all", *BLOCKS}
+    for name, (lo, hi) in BLOCKS.items():
+        assert got[name] == pytest.approx(err[lo:hi].mean(), rel=1e-6), name
+
+
 def _cfg(shards, out, steps, **kw):
     kw = {"model": TINY, "ckpt_every": 2, "batch_size": 2, "device": "cpu", "workers": 0, **kw}
     return TrainConfig(shards=shards, out=str(out), steps=steps, lr_crop=8, **kw)
@@ -280,6 +322,15 @@ def test_each_validation_is_printed_once_with_log_every(shards, tmp_path):
     assert result.exit_code == 0, result.output
     printed = [x.split(":")[0] for x in result.output.splitlines() if ": val PSNR-Y " in x]
     assert printed == ["step 2", "step 4", "step 6"]
+
+
+def test_the_last_step_is_validated_when_val_every_does_not_divide_steps(shards, tmp_path):
+    """A run scores its validation set every val_every steps and at its last step: without the last step,
+    every test passed (a mutation audit: their steps were multiples of val_every). Oracle: steps 3 with
+    val_every 2 logs validation at steps 2 and 3, read from metrics.jsonl."""
+    train(_cfg(shards, tmp_path / "run", 3, val_shards=shards, val_every=2, val_samples=2))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "val" in x] == [2, 3]
 
 
 def test_validation_during_training_scores_as_dasr_eval_does(shards):
