@@ -61,6 +61,17 @@ def test_the_files_are_the_degradations_of_the_cropped_hr(hr_dir, testset):
     assert read_test_hr(hr_dir / "c.png").shape == (200, 300, 3)
 
 
+def test_the_draw_is_the_documented_seed_sequence():
+    """Image i at level L is drawn from SeedSequence([seed, i, L]) (this module's docstring, docs/inference.md):
+    the order is the set's public contract, so a set can be rebuilt from its seed. With [seed, L, i], every
+    test passed (a mutation audit: the tests' oracle drew through testset_params itself). Oracle:
+    degrade.sample_params with the documented SeedSequence, written out."""
+    for i in range(3):
+        for level in (1, 2, 3):
+            want = degrade.sample_params(level, np.random.default_rng(np.random.SeedSequence([5, i, level])))
+            assert draw(level, 5, i) == want, (i, level)
+
+
 def test_a_record_replays_to_the_same_lr_bytes(testset, tmp_path):
     """`degrade apply HR/NAME.png --params params/levelL/NAME.json` writes the set's LR file, byte for byte."""
     out = tmp_path / "replay.png"
