@@ -485,13 +485,16 @@ def test_upscale_channels_last_equals_the_default_layout(ckpt, monkeypatch):
 
 
 def test_eval_on_shards_equals_an_independent_computation(ckpt, tmp_path):
+    """dasr-eval's PSNR-Y and PSNR-RGB on shards, against the formulas written out on the model's 8-bit SR:
+    each over the image less a 4-px border. PSNR-RGB was not checked, and scored over the whole image
+    (crop 0) every test passed (a mutation audit)."""
     shards = make_small_dataset(tmp_path / "ds", count=6, seed=2, shard_size=6, level=2)
     result = CliRunner().invoke(eval_main, ["--model", str(ckpt), "--shards", shards, "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     model = load_checkpoint_model(ckpt)
     ds = degrade.open_dataset(shards)
-    ours = []
+    ours, rgb = [], []
     with torch.no_grad():
         for s in ds:
             lr = torch.from_numpy(s.lr.astype(np.float32).transpose(2, 0, 1) / 255)[None]
@@ -499,8 +502,11 @@ def test_eval_on_shards_equals_an_independent_computation(ckpt, tmp_path):
             y_sr = 16 + (np.round(sr * 255) @ np.array([65.481, 128.553, 24.966])) / 255
             y_hr = 16 + (s.hr.astype(np.float64) @ np.array([65.481, 128.553, 24.966])) / 255
             ours.append(10 * np.log10(255**2 / np.mean((y_sr[4:-4, 4:-4] - y_hr[4:-4, 4:-4]) ** 2)))
+            diff = np.round(sr * 255).astype(np.float64) - s.hr.astype(np.float64)
+            rgb.append(10 * np.log10(255**2 / np.mean(diff[4:-4, 4:-4] ** 2)))
     assert data["levels"]["2"]["images"] == 6
     assert data["levels"]["2"]["psnr_y"] == pytest.approx(np.mean(ours), abs=1e-6)
+    assert data["levels"]["2"]["psnr_rgb"] == pytest.approx(np.mean(rgb), abs=1e-6)
     assert set(data["mae"]) == {"all", "kernel", "resize", "noise", "jpeg"}
 
 
