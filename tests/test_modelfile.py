@@ -182,6 +182,64 @@ def test_hostile_model_files_are_refused_in_one_line(tmp_path, monkeypatch, case
     assert MAX_PARAMETERS < 10**9
 
 
+def test_a_model_file_of_another_version_is_refused_naming_it(tmp_path):
+    """A file of format version "2" is refused, naming its version and the one this reader reads: with the
+    version check dropped, every test passed (a mutation audit: no test wrote another version) and such a
+    file would be read as if its layout were version 1's. Oracle: the module's VERSION, "1", written out."""
+    header, data = _good_header(tmp_path)
+    header["__metadata__"]["version"] = "2"
+    with pytest.raises(DASRError, match="model file version '2'; this version reads 1$"):
+        read_model_file(_write(tmp_path / "v2.safetensors", header, data))
+
+
+def test_a_dtype_whose_byte_range_does_not_hold_its_shape_is_one_line(tmp_path):
+    """A tensor's byte range must be exactly its shape's element count times its dtype's size: a header
+    claiming F16 over the span of F32 bytes (twice what F16 needs) got past the check with the size
+    comparison dropped, and the reshape raised torch's RuntimeError, a traceback; every test passed (a
+    mutation audit). Oracle: the safetensors layout (a span of prod(shape) x itemsize bytes), refused as a
+    one-line DASRError naming the byte range."""
+    header, data = _good_header(tmp_path)
+    first = next(k for k in header if k != "__metadata__")
+    begin, end = header[first]["data_offsets"]
+    assert header[first]["dtype"] == "F32" and end - begin == 4 * np.prod(header[first]["shape"])
+    header[first]["dtype"] = "F16"
+    with pytest.raises(DASRError, match="byte range") as exc:
+        read_model_file(_write(tmp_path / "f16.safetensors", header, data))
+    assert "\n" not in str(exc.value)
+
+
+def test_tensors_that_overlap_without_leaving_a_gap_are_refused(tmp_path):
+    """The byte ranges tile the data exactly: a range that starts before the one before it ends is an
+    overlap. With only a range starting past the last end refused (a gap), every test passed (a mutation
+    audit: the overlap case also left a gap, refused as one). Oracle: the last tensor moved 4 bytes back over
+    the one before and the data cut by 4 bytes, so the ranges overlap and cover the data with no gap or tail."""
+    header, data = _good_header(tmp_path)
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    begin, end = header[last]["data_offsets"]
+    assert end == len(data) and begin > 0
+    header[last]["data_offsets"] = [begin - 4, end - 4]
+    with pytest.raises(DASRError, match=f"byte range starts at {begin - 4}, expected {begin} \\(overlap or gap\\)"):
+        read_model_file(_write(tmp_path / "overlap.safetensors", header, data[:-4]))
+
+
+def test_the_header_is_padded_so_the_data_starts_8_byte_aligned(tmp_path):
+    """The safetensors format pads the header with spaces so the tensors start at a multiple of 8 bytes:
+    padding by len % 8 instead of -len % 8 passed every test (a mutation audit: it is right when the JSON's
+    length is 0 or 4 mod 8, and our reader does not need the alignment). Oracle: (8 + header length) % 8 == 0
+    and the header's JSON followed by spaces only, for sources of 0 to 7 characters (every length mod 8)."""
+    model = _model()
+    residues = set()
+    for k in range(8):
+        raw = save_model_file(model, tmp_path / f"m{k}.safetensors", source="x" * k).read_bytes()
+        n = struct.unpack("<Q", raw[:8])[0]
+        text = raw[8 : 8 + n].decode()
+        assert (8 + n) % 8 == 0, k
+        assert text.rstrip(" ").endswith("}") and len(text) - len(text.rstrip(" ")) < 8
+        residues.add(len(text.rstrip(" ")) % 8)
+        assert json.loads(text)["__metadata__"]["source"] == "x" * k
+    assert residues == set(range(8))  # the unpadded lengths took every value mod 8
+
+
 def test_truncated_model_file_is_refused(tmp_path):
     path = save_model_file(_model(), tmp_path / "m.safetensors")
     path.write_bytes(path.read_bytes()[:-100])
