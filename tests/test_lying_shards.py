@@ -444,3 +444,54 @@ def test_an_array_attribute_is_not_read(small):
     _rehash(small)
     with pytest.raises(DatasetError, match=r"vector layout <an array attribute of shape \(64,\), not read>"):
         dsm.open_dataset(small)[0]
+
+
+# --- 9: columns a forger edited, the manifest's checksums made to agree ---------------------------------------
+
+
+def _forge_crop(f) -> None:
+    y, x = (int(n) for n in f["crop"][1][:2])
+    f["crop"][1, 0] = y - 1 if y > 0 else y + 1  # a crop the source would allow, not the one its stream drew
+
+
+FORGED = {  # column: (its forgery in row 1 of shard-00001.h5, --regenerate, the problem verify lists)
+    "index": (lambda f: f["index"].__setitem__(1, 3), 0, "shard-00001.h5: sample indices are not 3..5"),
+    "level": (lambda f: f["level"].__setitem__(1, 1 + f["level"][1] % 3), 0,
+              "shard-00001.h5 row 1: v or level does not match the parameter record"),
+    "source": (lambda f: f["source"].__setitem__(1, 6), 0, "shard-00001.h5: source rows outside 0..5"),
+    "crop": (_forge_crop, 9, "sample 4: source or crop differs from its stream"),
+}
+
+
+@pytest.mark.parametrize("column", FORGED)
+def test_verify_lists_a_forged_column_whose_checksum_the_forger_fixed(small, column):
+    """A shard's index, level, source and crop columns, each edited in one row with the manifest's checksum
+    and size made true again (_rehash), are verify's one problem: with the index check dropped, the level
+    left out of the record comparison, a source row of len(sources) let through (<= for <), or the crop left
+    out of --regenerate's comparison, every test passed (a mutation audit: their tampering changed pixels, v
+    or a level outside 1-3). Oracle: the stored values (row 1 of shard 1 is sample 4; 6 sources; 9 samples),
+    and the one line each check writes."""
+    assert json.loads((small / "manifest.json").read_text())["config"]["count"] == 9
+    assert len(json.loads((small / "manifest.json").read_text())["config"]["sources"]) == 6
+    forge, regenerate, problem = FORGED[column]
+    assert dsm.verify_dataset(small, regenerate=regenerate) == []
+    with h5py.File(small / "shard-00001.h5", "r+") as f:
+        before = f[column][1].copy()
+        forge(f)
+        assert not np.array_equal(f[column][1], before)
+    _rehash(small)
+    assert dsm.verify_dataset(small, regenerate=regenerate) == [problem]
+
+
+def test_verify_counts_the_samples_the_shards_hold_against_the_manifest(small):
+    """verify adds up the samples of the shards it could read and lists a shortfall against the manifest's
+    count: without that line every test passed (a mutation audit). A forged count alone cannot reach it:
+    the manifest's shard list must be what its count implies (a count of 10 over 3 shards of 3 is refused
+    before anything is opened), so the line comes with the missing shard it adds up. Oracle: 9 samples in
+    shards of 3, one shard gone: 6 held."""
+    _edit_manifest(small, lambda m: m["config"].update(count=10))
+    with pytest.raises(DatasetError, match="says complete=True but lists 3 of 4 shards"):
+        dsm.verify_dataset(small)
+    _edit_manifest(small, lambda m: m["config"].update(count=9))
+    (small / "shard-00001.h5").unlink()
+    assert dsm.verify_dataset(small) == ["shard-00001.h5: missing", "the shards hold 6 samples, the manifest says 9"]
