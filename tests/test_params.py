@@ -123,6 +123,33 @@ def test_level3_stage2_and_final_block_match_spec_section_3(draws):
     assert min(q) == fin.jpeg_range[0] and max(q) == fin.jpeg_range[1]
 
 
+def test_sinc_sizes_cutoffs_and_anisotropic_sigmas_are_uniform(draws):
+    """The sinc's size is uniform over the recipe's sizes, its cutoff omega_c uniform over its range, and an
+    anisotropic blur's two sigmas each uniform over the stage's range before the canonical order puts the
+    larger first: dropping the largest sinc size, squaring omega_c's uniform draw and halving the sigmas'
+    range each passed every test (a mutation audit: the tests checked ranges and membership only). Oracle:
+    the distributions written out, within 4.5 standard errors on the fixed-seed draws: each of the 8 sizes
+    1/8; omega_c's mean at the middle of its range (SE (hi - lo) / sqrt(12 n)); sigma_x, the larger of two
+    U[lo, hi], mean lo + 2 (hi - lo) / 3, and sigma_y, the smaller, lo + (hi - lo) / 3 (each SE
+    (hi - lo) / sqrt(18 n))."""
+    fin = LEVELS[3].final
+    sincs = [p.sinc for p in draws[3] if p.sinc]
+    assert len(fin.sinc_sizes) == 8
+    for size in fin.sinc_sizes:
+        assert_share(sum(s.size == size for s in sincs), len(sincs), 1 / 8)
+    lo, hi = fin.omega_c_range
+    omega = np.array([s.omega_c for s in sincs])
+    assert abs(omega.mean() - (lo + hi) / 2) < 4.5 * (hi - lo) / math.sqrt(12 * omega.size)
+    stages = [(LEVELS[level].stage1, [p.blur1 for p in draws[level]]) for level in (1, 2, 3)]
+    for stage, blurs in [*stages, (LEVELS[3].stage2, [p.blur2 for p in draws[3]])]:
+        lo, hi = stage.blur_sigma_range
+        aniso = [b for b in blurs if b is not None and not b.isotropic]
+        sx, sy = np.array([b.sigma_x for b in aniso]), np.array([b.sigma_y for b in aniso])
+        se = (hi - lo) / math.sqrt(18 * len(aniso))
+        assert abs(sx.mean() - (lo + 2 * (hi - lo) / 3)) < 4.5 * se, (stage, sx.mean())
+        assert abs(sy.mean() - (lo + (hi - lo) / 3)) < 4.5 * se, (stage, sy.mean())
+
+
 def test_mix_draws_levels_with_spec_probabilities(draws):
     levels = [p.level for p in draws["mix"]]
     for level, prob in degrade.MIX_PROBS.items():
