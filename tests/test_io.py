@@ -279,6 +279,18 @@ def test_write_image_refuses_what_it_would_write_wrong(tmp_path, img, message):
     assert (degrade.read_image(tmp_path / "y.png") == 1.0).all()
 
 
+def test_write_image_clips_a_small_undershoot_to_black(tmp_path):
+    """An SR output a little below 0 is written black, as one a little above 1 is white: with the lower clip
+    dropped, -0.04 became -10 and wrapped to 246 in uint8 (near white), and every test passed (a mutation
+    audit: only the overshoot was written). Oracle: the 8-bit levels of the clipped values, worked by hand:
+    -0.04 -> 0, 0.2 -> 51, 1.04 -> 255."""
+    img = np.zeros((4, 6, 3), np.float32)
+    img[:, :2], img[:, 2:4], img[:, 4:] = -0.04, 0.2, 1.04
+    write_image(tmp_path / "y.png", img)
+    back = np.round(read_image(tmp_path / "y.png") * 255)
+    assert (back[:, :2] == 0).all() and (back[:, 2:4] == 51).all() and (back[:, 4:] == 255).all()
+
+
 def test_atomic_writer_keeps_the_old_file_when_a_write_fails(tmp_path):
     import errno
 
