@@ -582,10 +582,12 @@ def test_mixing_temperature_and_mapping_gain_are_bounded_and_a_nan_loss_names_th
     assert result.exit_code == 1 and "no checkpoint was written (lower --lr?)" in result.output, result.output
 
 
-@pytest.mark.parametrize("value", [np.nan, 5.0])
+@pytest.mark.parametrize("value", [np.nan, 5.0, -0.5])
 def test_a_damaged_label_is_refused_by_evaluation_and_validation_as_by_training(shards, tmp_path, value):
     """dasr-eval scored a v of 5 (an 'MAE' of 1.49) or NaN (null), and validation logged NaN into
-    metrics.jsonl (not JSON); both now refuse the sample as training does."""
+    metrics.jsonl (not JSON); both now refuse the sample as training does. A negative entry (-0.5) is
+    refused too: with the lower bound dropped from the check, every test passed (a mutation audit: the
+    damaged values were NaN and above 1). Oracle: v's documented range, [0, 1]."""
     import h5py
 
     src = Path(make_small_dataset(tmp_path / "ds", count=4, seed=3, shard_size=4))
