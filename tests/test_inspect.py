@@ -76,6 +76,10 @@ def test_pipeline_steps_follow_the_record_order():
 
 
 def test_dataset_statistics_equal_independent_numbers(small):
+    """Every statistic against numbers worked from the records and v directly. The histogram per level
+    holds that level's samples only: histogramming every sample into each level's passed every test (a
+    mutation audit: no test read histogram_by_level). Oracle for it: numpy's histogram over 16 equal bins
+    of [0, 1] of the entry's values in the samples of that level whose field is present."""
     ds = degrade.open_dataset(small)
     stats = insp.dataset_stats(ds)
     v = np.stack([ds[i].v for i in range(len(ds))]).astype(np.float64)
@@ -103,6 +107,9 @@ def test_dataset_statistics_equal_independent_numbers(small):
         col = v[here, j]
         assert by_index[j]["absent"] == int((~here).sum())
         assert sum(by_index[j]["histogram"]) == here.sum()  # absent steps are not in the histogram
+        for n in (1, 2, 3):
+            at, got = here & (np.array(levels) == n), by_index[j]["histogram_by_level"][str(n)]
+            assert got == np.histogram(v[at, j], np.linspace(0, 1, 17))[0].tolist() and sum(got) == at.sum()
         assert by_index[j]["outside"] == 0
         if here.any():
             assert by_index[j]["min"] == pytest.approx(col.min())
@@ -120,6 +127,21 @@ def test_dataset_statistics_equal_independent_numbers(small):
     assert by_index[28]["present_share"] == by_index[29]["present_share"] == pytest.approx(level3_share)
     assert by_index[28]["absent"] == 40 - levels.count(3)
     assert [by_index[j]["present_share"] for j in (30, 31, 32)] == [1.0] * 3
+
+
+def test_a_blur_angle_reads_in_degrees():
+    """A blur's theta, stored in radians, reads in degrees: printing the radians with "deg" after them
+    passed every test (a mutation audit: no test read the angle's text). Oracle: pi / 4 is 45 degrees, to
+    one decimal "45.0 deg"; pi / 2 - 0.0001 reads "90.0 deg"."""
+    from dataclasses import replace
+
+    from degrade.params import BlurParams
+
+    record = degrade.sample_params(1, np.random.default_rng(0))
+    for theta, text in ((math.pi / 4, "45.0 deg"), (math.pi / 2 - 1e-4, "90.0 deg")):
+        p = replace(record, blur1=BlurParams.canonical(size=7, sigma_x=2.0, sigma_y=0.5, theta=theta))
+        row = next(r for r in insp.read_fields(degrade.encode(p), p) if r.name == "blur1.theta")
+        assert row.present and row.value == theta and row.text == text
 
 
 def test_a_damaged_level_or_v_is_counted_and_said_not_dropped(tmp_path):
