@@ -31,6 +31,19 @@ def test_unsharp_mask_refuses_with_the_librarys_error(img):
         unsharp_mask(img)
 
 
+def test_unsharp_mask_takes_sides_above_25_px_and_refuses_25():
+    """The blur's window is 51 px, 25 on each side of the centre, and its reflected border needs an image side
+    above 25 px (the docstring's "both sides > 25 px"): letting 25 through (< for <=) passed every test (a
+    mutation audit: the refusal tested was at 20 px). Oracle: the documented bound, 25 refused on either
+    side with the library's message, 26 sharpened to an image of the same shape and dtype in [0, 1]."""
+    for shape in ((25, 40, 3), (40, 25, 3)):
+        with pytest.raises(DegradeError, match=re.escape(f"with sides > 25, got float32 {shape}")):
+            unsharp_mask(np.full(shape, 0.5, np.float32))
+    img = np.random.default_rng(0).random((26, 26, 3)).astype(np.float32)
+    out = unsharp_mask(img)
+    assert out.shape == img.shape and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+
+
 @pytest.mark.parametrize("fill", [255.0, np.nan, -0.5])
 def test_unsharp_mask_refuses_values_outside_0_1(fill):
     img = np.full((64, 64, 3), 0.5, np.float32)
