@@ -816,11 +816,14 @@ def test_restart_also_removes_half_written_files_and_a_model_file_counts_as_a_ru
     (run / ".model.safetensors.q0w9e8r7.tmp").write_bytes(b"half")
     (run / "keep.txt").write_text("mine")
     (run / ".notes.txt.abcdefgh.tmp").write_text("not ours")
+    (run / "ckpt-7.pt.damaged").write_bytes(b"half")  # set aside by a resume: goes too (kept, it passed every
+    (run / "notes.damaged").write_text("not ours")  # test: a mutation audit); a name not ours stays
     with pytest.raises(ValueError, match="already holds a run"):
         train(_cfg(shards, run, 1))
     train(_cfg(shards, run, 1), restart=True)
     assert sorted(p.name for p in run.iterdir()) == [".notes.txt.abcdefgh.tmp", "ckpt-1.pt", "config.json",
-                                                       "keep.txt", "metrics.jsonl", "model.safetensors"]
+                                                       "keep.txt", "metrics.jsonl", "model.safetensors",
+                                                       "notes.damaged"]
 
 
 def test_sr_refuses_two_inputs_that_would_share_an_output_and_honours_max_pixels(tmp_path, model, monkeypatch):
