@@ -225,16 +225,34 @@ ORIENTATIONS = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::
                 7: lambda a: np.rot90(a[:, ::-1], -1), 8: lambda a: np.rot90(a, 1)}
 
 
+def _png_walk(d: bytes) -> Iterator[tuple[bytes, memoryview, int]]:
+    """(type, data, stored CRC) of each whole chunk of a PNG, in order, through IEND; it ends early where the
+    file ends inside a chunk. Each step moves on, so the walk is bounded by the file; slices of the view copy
+    nothing (d may be any bytes-like object)."""
+    i, view = 8, memoryview(d)
+    while i + 12 <= len(d):
+        n = struct.unpack(">I", view[i:i + 4])[0]
+        if i + 12 + n > len(d):
+            return
+        kind = bytes(view[i + 4:i + 8])
+        yield kind, view[i + 8:i + 8 + n], struct.unpack(">I", view[i + 8 + n:i + 12 + n])[0]
+        if kind == b"IEND":
+            return
+        i += 12 + n
+
+
+def _crc_holds(kind: bytes, data: memoryview, crc: int) -> bool:
+    return zlib.crc32(data, zlib.crc32(kind)) == crc
+
+
 def _png_chunks(d: bytes, past_idat: bool = False) -> Iterator[tuple[bytes, bytes]]:
     """(type, data) of a PNG's chunks whose CRC holds (libpng drops the others), up to its first IDAT, or up
-    to IEND (what follows is not the image's); each step moves on, so the walk is bounded by the file."""
-    i = 8
-    while i + 8 <= len(d) and (past_idat or d[i + 4:i + 8] != b"IDAT") and d[i + 4:i + 8] != b"IEND":
-        n = struct.unpack(">I", d[i:i + 4])[0]
-        kind, data, crc = d[i + 4:i + 8], d[i + 8:i + 8 + n], d[i + 8 + n:i + 12 + n]
-        if len(crc) == 4 and zlib.crc32(kind + data) == struct.unpack(">I", crc)[0]:
-            yield kind, data
-        i += 12 + n
+    to IEND (what follows is not the image's)."""
+    for kind, data, crc in _png_walk(d):
+        if kind == b"IEND" or kind == b"IDAT" and not past_idat:
+            return
+        if _crc_holds(kind, data, crc):
+            yield kind, bytes(data)
 
 
 def _png_damage(d: bytes) -> str | None:
@@ -245,18 +263,11 @@ def _png_damage(d: bytes) -> str | None:
     caught, so still a libpng line: damage libpng only warns about (the CRC of IEND or of an ancillary
     chunk: the image is read) and damage inside a chunk whose CRC holds. An animated PNG (acTL before the
     first IDAT) is left to OpenCV, which reads its first frame by itself, without those checks."""
-    i, view = 8, memoryview(d)  # (slices of a view copy nothing; d may be any bytes-like object)
-    while i + 12 <= len(d):
-        n = struct.unpack(">I", view[i:i + 4])[0]
-        kind = bytes(view[i + 4:i + 8])
-        if i + 12 + n > len(d):
-            break
+    for kind, data, crc in _png_walk(d):
         if kind in (b"IEND", b"acTL"):
             return None
-        crc = struct.unpack(">I", view[i + 8 + n:i + 12 + n])[0]
-        if 65 <= kind[0] <= 90 and zlib.crc32(view[i + 4:i + 8 + n]) != crc:  # critical: upper-case first letter
+        if 65 <= kind[0] <= 90 and not _crc_holds(kind, data, crc):  # critical: upper-case first letter
             return f"its {kind.decode('latin-1')!r} chunk fails its CRC"
-        i += 12 + n
     return "it ends before its IEND chunk"
 
 
