@@ -122,8 +122,9 @@ def make_dataset(config: DatasetConfig, out: str | os.PathLike, *, jobs: int = 1
 def check_target(out: Path, count: int, shard_size: int) -> None:
     """make_dataset's refusals that need no source (make-dataset runs them before its scan too): too many
     samples or shards, an `out` that is a file or a folder of something else."""
-    if count > MAX_COUNT or -(-count // shard_size) > MAX_SHARDS:
-        raise DatasetError(f"{count} samples in {-(-count // shard_size)} shard(s): at most {MAX_COUNT:,} samples "
+    shards = -(-count // shard_size)
+    if count > MAX_COUNT or shards > MAX_SHARDS:
+        raise DatasetError(f"{count} samples in {shards} shard(s): at most {MAX_COUNT:,} samples "
                            f"in at most {MAX_SHARDS:,} shards (the manifest lists every shard and is rewritten "
                            "after each); raise --shard-size or make several datasets")
     if out.exists() and not out.is_dir():
